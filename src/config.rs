@@ -1,0 +1,980 @@
+//! `config.toml`: read once into a serde file struct, then validated into a typed
+//! [`Config`] so that nothing on the hot path ever parses a string.
+//!
+//! Every validation error names the file, the key and the line, because the
+//! person reading it is about to start a sale and needs to fix the file fast.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Why a config file was refused: where (file, key, line) and what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read at all.
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        /// The file that was asked for.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The file was read but a key is missing, unknown, or has a bad value.
+    #[error("{path}:{line}: `{key}`: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The key, dotted (`node[2].weight`).
+        key: String,
+        /// The 1-based line the key (or its table) stands on.
+        line: usize,
+        /// What is wrong, in words a user can act on.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// The key the error is about, for tests and for logs.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Read { .. } => None,
+            ConfigError::Invalid { key, .. } => Some(key),
+        }
+    }
+    /// The line the error is about.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            ConfigError::Read { .. } => None,
+            ConfigError::Invalid { line, .. } => Some(*line),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The file as written. Spanned where a later check needs to say which line.
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    sale: Option<Spanned<SaleFile>>,
+    redis: Option<Spanned<RedisFile>>,
+    #[serde(default)]
+    node: Vec<Spanned<NodeFile>>,
+    balancer: Option<Spanned<BalancerFile>>,
+    server: Option<Spanned<ServerFile>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SaleFile {
+    event: Spanned<String>,
+    total: Spanned<i64>,
+    #[serde(default)]
+    per_user_limit: Option<Spanned<i64>>,
+    buffer: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RedisFile {
+    url: Spanned<String>,
+    timeout: Option<Spanned<String>>,
+    pool_size: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeFile {
+    name: Spanned<String>,
+    listen: Spanned<String>,
+    weight: Option<Spanned<i64>>,
+    stock: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BalancerFile {
+    listen: Option<Spanned<String>>,
+    strategy: Option<Spanned<String>>,
+    admin: Option<Spanned<String>>,
+    connect_timeout: Option<Spanned<String>>,
+    response_timeout: Option<Spanned<String>>,
+    keepalive: Option<Spanned<i64>>,
+    keepalive_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    trusted_proxies: Vec<Spanned<String>>,
+    #[serde(default)]
+    upstream: Vec<Spanned<UpstreamFile>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamFile {
+    addr: Spanned<String>,
+    weight: Option<Spanned<i64>>,
+    max_fails: Option<Spanned<i64>>,
+    fail_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    backup: bool,
+    #[serde(default)]
+    down: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerFile {
+    max_connections: Option<Spanned<i64>>,
+    header_read_timeout: Option<Spanned<String>>,
+    grace_period: Option<Spanned<String>>,
+    max_body: Option<Spanned<i64>>,
+}
+
+// ---------------------------------------------------------------------------
+// The validated config.
+// ---------------------------------------------------------------------------
+
+/// A config that has passed every check; what the rest of spike runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it was read from, for reloads and messages.
+    pub path: PathBuf,
+    /// The sale, when the file has one (the balancer alone needs none).
+    pub sale: Option<SaleConfig>,
+    /// Redis, when configured; absent means the embedded store.
+    pub redis: Option<RedisConfig>,
+    /// The ticket-selling nodes, in file order.
+    pub nodes: Vec<NodeConfig>,
+    /// The balancer; present whenever the file has `[balancer]` or `[[node]]`s.
+    pub balancer: Option<BalancerConfig>,
+    /// Limits of the HTTP servers (both modes).
+    pub server: ServerConfig,
+}
+
+/// What is on sale and under which rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SaleConfig {
+    /// The event name; every Redis key of the sale is hash-tagged with it.
+    pub event: String,
+    /// Tickets on sale.
+    pub total: u64,
+    /// Tickets one buyer may hold; 0 means anonymous buyers are allowed.
+    pub per_user_limit: u64,
+    /// Extra tickets of local allowance per node, beyond its weighted share.
+    pub buffer: u64,
+}
+
+/// How to reach Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// A `redis://` URL.
+    pub url: String,
+    /// Bound on one command, so a stalled Redis becomes a 503, not a hang.
+    pub timeout: Duration,
+    /// Connections per node process.
+    pub pool_size: usize,
+}
+
+/// One ticket-selling node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Unique name; goes into every order it sells.
+    pub name: String,
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// Its share of traffic and of stock.
+    pub weight: u32,
+    /// Its local allowance: the weighted share plus the buffer, or `stock` from the file.
+    pub allowance: u64,
+}
+
+/// How the balancer picks an upstream; the names are Nginx's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// Every upstream in turn, weights taken as 1.
+    RoundRobin,
+    /// Nginx's smooth weighted round-robin.
+    WeightedRoundRobin,
+    /// Nginx's ip_hash over the client's /24 (IPv4) or whole address (IPv6).
+    IpHash,
+    /// Fewest active requests relative to weight.
+    LeastConn,
+}
+
+impl Strategy {
+    /// The name used in the file and in `/status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::RoundRobin => "round_robin",
+            Strategy::WeightedRoundRobin => "weighted_round_robin",
+            Strategy::IpHash => "ip_hash",
+            Strategy::LeastConn => "least_conn",
+        }
+    }
+}
+
+/// One upstream, as Nginx's `server` line describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    /// Resolved address.
+    pub addr: SocketAddr,
+    /// Weight, at least 1.
+    pub weight: u32,
+    /// Failures within `fail_timeout` that mark it failed; 0 disables marking.
+    pub max_fails: u32,
+    /// The window for counting failures, and how long a failed peer rests.
+    pub fail_timeout: Duration,
+    /// Takes traffic only when no primary can.
+    pub backup: bool,
+    /// Never takes traffic.
+    pub down: bool,
+}
+
+/// The balancer's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BalancerConfig {
+    /// Where clients connect.
+    pub listen: SocketAddr,
+    /// Where `/healthz`, `/status`, `/metrics` are served.
+    pub admin: SocketAddr,
+    /// How upstreams are picked.
+    pub strategy: Strategy,
+    /// Bound on connecting to an upstream.
+    pub connect_timeout: Duration,
+    /// Bound on waiting for an upstream's response head.
+    pub response_timeout: Duration,
+    /// Idle keep-alive connections kept per upstream.
+    pub keepalive: usize,
+    /// How long an idle upstream connection is kept.
+    pub keepalive_timeout: Duration,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// The upstreams, in file order (order matters to Nginx's algorithms).
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+/// Limits shared by the node and balancer HTTP servers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Open client connections at most; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// A client that has not sent its request head by then is closed.
+    pub header_read_timeout: Duration,
+    /// On SIGTERM, how long in-flight requests may take to finish.
+    pub grace_period: Duration,
+    /// Largest request body accepted on `/buy`.
+    pub max_body: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_connections: 20_000,
+            header_read_timeout: Duration::from_secs(5),
+            grace_period: Duration::from_secs(10),
+            max_body: 4096,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates `text` as if read from `path` (tests and fuzzing use this).
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let cx = Cx { path, text };
+        let file: FileConfig = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| cx.line(s.start)).unwrap_or(1);
+            ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: key_from_toml_error(text, &e),
+                line,
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        cx.validate(file)
+    }
+
+    /// The sale, or an error that says this mode needs one.
+    pub fn require_sale(&self) -> Result<&SaleConfig, ConfigError> {
+        self.sale.as_ref().ok_or_else(|| ConfigError::Invalid {
+            path: self.path.clone(),
+            key: "sale".into(),
+            line: 1,
+            message: "this command sells tickets and needs a [sale] section".into(),
+        })
+    }
+
+    /// The node named `name`, or an error listing the names there are.
+    pub fn node(&self, name: &str) -> Result<&NodeConfig, ConfigError> {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| ConfigError::Invalid {
+                path: self.path.clone(),
+                key: "node.name".into(),
+                line: 1,
+                message: format!(
+                    "no [[node]] is named {name:?}; the file has: {}",
+                    self.nodes
+                        .iter()
+                        .map(|n| n.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })
+    }
+
+    /// The balancer section, or an error that says this mode needs one.
+    pub fn require_balancer(&self) -> Result<&BalancerConfig, ConfigError> {
+        self.balancer.as_ref().ok_or_else(|| ConfigError::Invalid {
+            path: self.path.clone(),
+            key: "balancer".into(),
+            line: 1,
+            message: "the balancer needs a [balancer] section with upstreams, or [[node]] entries"
+                .into(),
+        })
+    }
+}
+
+/// The largest a toml integer may be for a count of tickets (keeps Lua's
+/// doubles exact: 2^53).
+const MAX_COUNT: i64 = 1 << 53;
+
+struct Cx<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Cx<'_> {
+    fn line(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn err(&self, key: impl Into<String>, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_path_buf(),
+            key: key.into(),
+            line: self.line(span.start),
+            message: message.into(),
+        }
+    }
+
+    fn count(&self, key: &str, v: &Spanned<i64>, min: i64) -> Result<u64, ConfigError> {
+        let n = *v.get_ref();
+        if n < min || n > MAX_COUNT {
+            return Err(self.err(
+                key,
+                v.span(),
+                format!("must be a whole number from {min} to {MAX_COUNT}, not {n}"),
+            ));
+        }
+        Ok(n as u64)
+    }
+
+    fn duration(&self, key: &str, v: &Spanned<String>) -> Result<Duration, ConfigError> {
+        let d = humantime::parse_duration(v.get_ref().trim()).map_err(|e| {
+            self.err(
+                key,
+                v.span(),
+                format!("{:?} is not a duration like \"500ms\" or \"10s\": {e}", v.get_ref()),
+            )
+        })?;
+        if d.is_zero() {
+            return Err(self.err(key, v.span(), "must be longer than zero"));
+        }
+        Ok(d)
+    }
+
+    fn socket_addr(&self, key: &str, v: &Spanned<String>) -> Result<SocketAddr, ConfigError> {
+        let s = v.get_ref().trim();
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            return Ok(a);
+        }
+        // A hostname is resolved once, here, so the hot path only ever sees addresses.
+        let bad = |why: String| {
+            self.err(
+                key,
+                v.span(),
+                format!("{s:?} is not an address like \"127.0.0.1:3001\": {why}"),
+            )
+        };
+        if !s.contains(':') {
+            return Err(bad("a port is required".into()));
+        }
+        let mut addrs = s.to_socket_addrs().map_err(|e| bad(e.to_string()))?;
+        addrs.next().ok_or_else(|| bad("the name resolved to no address".into()))
+    }
+
+    fn validate(&self, file: FileConfig) -> Result<Config, ConfigError> {
+        let server = match &file.server {
+            None => ServerConfig::default(),
+            Some(s) => {
+                let d = ServerConfig::default();
+                let s = s.get_ref();
+                ServerConfig {
+                    max_connections: match &s.max_connections {
+                        Some(v) => self.count("server.max_connections", v, 1)? as usize,
+                        None => d.max_connections,
+                    },
+                    header_read_timeout: match &s.header_read_timeout {
+                        Some(v) => self.duration("server.header_read_timeout", v)?,
+                        None => d.header_read_timeout,
+                    },
+                    grace_period: match &s.grace_period {
+                        Some(v) => self.duration("server.grace_period", v)?,
+                        None => d.grace_period,
+                    },
+                    max_body: match &s.max_body {
+                        Some(v) => self.count("server.max_body", v, 0)?,
+                        None => d.max_body,
+                    },
+                }
+            }
+        };
+
+        let redis = match &file.redis {
+            None => None,
+            Some(r) => {
+                let r = r.get_ref();
+                let url = r.url.get_ref().trim();
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    return Err(self.err(
+                        "redis.url",
+                        r.url.span(),
+                        format!("{url:?} is not a redis:// URL"),
+                    ));
+                }
+                Some(RedisConfig {
+                    url: url.to_string(),
+                    timeout: match &r.timeout {
+                        Some(v) => self.duration("redis.timeout", v)?,
+                        None => Duration::from_millis(1000),
+                    },
+                    pool_size: match &r.pool_size {
+                        Some(v) => self.count("redis.pool_size", v, 1)?.min(64) as usize,
+                        None => 4,
+                    },
+                })
+            }
+        };
+
+        // Nodes first without allowances: the allowance needs the whole list.
+        let mut names = HashSet::new();
+        let mut listens = HashSet::new();
+        let mut nodes = Vec::with_capacity(file.node.len());
+        let mut explicit_stock = Vec::with_capacity(file.node.len());
+        for (i, n) in file.node.iter().enumerate() {
+            let n = n.get_ref();
+            let name = n.name.get_ref().trim().to_string();
+            if name.is_empty() || name.len() > 32 || !name.bytes().all(is_name_byte) {
+                return Err(self.err(
+                    format!("node[{i}].name"),
+                    n.name.span(),
+                    "must be 1 to 32 characters of letters, digits, '-', '_' or '.'",
+                ));
+            }
+            if !names.insert(name.clone()) {
+                return Err(self.err(
+                    format!("node[{i}].name"),
+                    n.name.span(),
+                    format!("duplicate node name {name:?}"),
+                ));
+            }
+            let listen = self.socket_addr(&format!("node[{i}].listen"), &n.listen)?;
+            if !listens.insert(listen) {
+                return Err(self.err(
+                    format!("node[{i}].listen"),
+                    n.listen.span(),
+                    format!("{listen} is already used by another node"),
+                ));
+            }
+            let weight = match &n.weight {
+                Some(w) => self.weight(&format!("node[{i}].weight"), w)?,
+                None => 1,
+            };
+            explicit_stock.push(match &n.stock {
+                Some(s) => Some(self.count(&format!("node[{i}].stock"), s, 0)?),
+                None => None,
+            });
+            nodes.push(NodeConfig {
+                name,
+                listen,
+                weight,
+                allowance: 0,
+            });
+        }
+
+        let sale = match &file.sale {
+            None => None,
+            Some(s) => {
+                let s = s.get_ref();
+                let event = s.event.get_ref().trim().to_string();
+                if event.is_empty() || event.len() > 64 || !event.bytes().all(is_name_byte) {
+                    return Err(self.err(
+                        "sale.event",
+                        s.event.span(),
+                        "must be 1 to 64 characters of letters, digits, '-', '_' or '.' (it becomes part of every Redis key)",
+                    ));
+                }
+                let total = self.count("sale.total", &s.total, 1)?;
+                let per_user_limit = match &s.per_user_limit {
+                    Some(v) => self.count("sale.per_user_limit", v, 0)?,
+                    None => 1,
+                };
+                let buffer = match &s.buffer {
+                    Some(v) => self.count("sale.buffer", v, 0)?,
+                    None => default_buffer(total, &nodes),
+                };
+                Some(SaleConfig {
+                    event,
+                    total,
+                    per_user_limit,
+                    buffer,
+                })
+            }
+        };
+
+        if let Some(sale) = &sale {
+            let shares = weighted_shares(sale.total, &nodes);
+            for ((node, share), explicit) in nodes.iter_mut().zip(shares).zip(&explicit_stock) {
+                node.allowance = match explicit {
+                    Some(s) => *s,
+                    None => (share + sale.buffer).min(sale.total),
+                };
+            }
+        }
+
+        let balancer = self.balancer(file.balancer.as_ref(), &nodes)?;
+
+        Ok(Config {
+            path: self.path.to_path_buf(),
+            sale,
+            redis,
+            nodes,
+            balancer,
+            server,
+        })
+    }
+
+    fn weight(&self, key: &str, w: &Spanned<i64>) -> Result<u32, ConfigError> {
+        let n = *w.get_ref();
+        if !(1..=1_000_000).contains(&n) {
+            return Err(self.err(
+                key,
+                w.span(),
+                format!("must be from 1 to 1000000, not {n}"),
+            ));
+        }
+        Ok(n as u32)
+    }
+
+    fn balancer(
+        &self,
+        file: Option<&Spanned<BalancerFile>>,
+        nodes: &[NodeConfig],
+    ) -> Result<Option<BalancerConfig>, ConfigError> {
+        let Some(b) = file else {
+            if nodes.is_empty() {
+                return Ok(None);
+            }
+            return Ok(Some(BalancerConfig {
+                upstreams: nodes_as_upstreams(nodes),
+                ..default_balancer()
+            }));
+        };
+        let (span, b) = (b.span(), b.get_ref());
+        let d = default_balancer();
+        let listen = match &b.listen {
+            Some(v) => self.socket_addr("balancer.listen", v)?,
+            None => d.listen,
+        };
+        let admin = match &b.admin {
+            Some(v) => self.socket_addr("balancer.admin", v)?,
+            None => d.admin,
+        };
+        let strategy = match &b.strategy {
+            None => d.strategy,
+            Some(v) => match v.get_ref().trim() {
+                "round_robin" => Strategy::RoundRobin,
+                "weighted_round_robin" => Strategy::WeightedRoundRobin,
+                "ip_hash" => Strategy::IpHash,
+                "least_conn" => Strategy::LeastConn,
+                other => {
+                    return Err(self.err(
+                        "balancer.strategy",
+                        v.span(),
+                        format!(
+                            "{other:?} is not one of round_robin, weighted_round_robin, ip_hash, least_conn"
+                        ),
+                    ));
+                }
+            },
+        };
+        let mut trusted_proxies = Vec::with_capacity(b.trusted_proxies.len());
+        for (i, t) in b.trusted_proxies.iter().enumerate() {
+            let s = t.get_ref().trim();
+            let net = s
+                .parse::<IpNet>()
+                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    self.err(
+                        format!("balancer.trusted_proxies[{i}]"),
+                        t.span(),
+                        format!("{s:?} is not an IP address or CIDR like \"10.0.0.0/8\""),
+                    )
+                })?;
+            trusted_proxies.push(net);
+        }
+        let mut upstreams = Vec::with_capacity(b.upstream.len());
+        let mut seen = HashSet::new();
+        for (i, u) in b.upstream.iter().enumerate() {
+            let (uspan, u) = (u.span(), u.get_ref());
+            let key = |k: &str| format!("balancer.upstream[{i}].{k}");
+            let addr = self.socket_addr(&key("addr"), &u.addr)?;
+            if !seen.insert(addr) {
+                return Err(self.err(
+                    key("addr"),
+                    u.addr.span(),
+                    format!("{addr} is listed twice"),
+                ));
+            }
+            if u.backup && strategy == Strategy::IpHash {
+                return Err(self.err(
+                    key("backup"),
+                    uspan,
+                    "ip_hash cannot have backup upstreams (Nginx refuses this too): remove `backup` or pick another strategy",
+                ));
+            }
+            upstreams.push(UpstreamConfig {
+                addr,
+                weight: match &u.weight {
+                    Some(w) => self.weight(&key("weight"), w)?,
+                    None => 1,
+                },
+                max_fails: match &u.max_fails {
+                    Some(v) => self.count(&key("max_fails"), v, 0)?.min(u32::MAX as u64) as u32,
+                    None => 1,
+                },
+                fail_timeout: match &u.fail_timeout {
+                    Some(v) => self.duration(&key("fail_timeout"), v)?,
+                    None => Duration::from_secs(10),
+                },
+                backup: u.backup,
+                down: u.down,
+            });
+        }
+        if upstreams.is_empty() {
+            upstreams = nodes_as_upstreams(nodes);
+        }
+        if upstreams.is_empty() {
+            return Err(self.err(
+                "balancer.upstream",
+                span,
+                "the balancer has no upstreams: add [[balancer.upstream]] entries or [[node]] entries",
+            ));
+        }
+        if upstreams.iter().all(|u| u.backup) {
+            return Err(self.err(
+                "balancer.upstream",
+                span,
+                "every upstream is a backup: at least one must be a primary",
+            ));
+        }
+        Ok(Some(BalancerConfig {
+            listen,
+            admin,
+            strategy,
+            connect_timeout: match &b.connect_timeout {
+                Some(v) => self.duration("balancer.connect_timeout", v)?,
+                None => d.connect_timeout,
+            },
+            response_timeout: match &b.response_timeout {
+                Some(v) => self.duration("balancer.response_timeout", v)?,
+                None => d.response_timeout,
+            },
+            keepalive: match &b.keepalive {
+                Some(v) => self.count("balancer.keepalive", v, 0)? as usize,
+                None => d.keepalive,
+            },
+            keepalive_timeout: match &b.keepalive_timeout {
+                Some(v) => self.duration("balancer.keepalive_timeout", v)?,
+                None => d.keepalive_timeout,
+            },
+            trusted_proxies,
+            upstreams,
+        }))
+    }
+}
+
+fn is_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')
+}
+
+fn default_balancer() -> BalancerConfig {
+    BalancerConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+        admin: SocketAddr::from(([127, 0, 0, 1], 8001)),
+        strategy: Strategy::WeightedRoundRobin,
+        connect_timeout: Duration::from_secs(2),
+        response_timeout: Duration::from_secs(10),
+        keepalive: 64,
+        keepalive_timeout: Duration::from_secs(60),
+        trusted_proxies: Vec::new(),
+        upstreams: Vec::new(),
+    }
+}
+
+fn nodes_as_upstreams(nodes: &[NodeConfig]) -> Vec<UpstreamConfig> {
+    nodes
+        .iter()
+        .map(|n| UpstreamConfig {
+            addr: n.listen,
+            weight: n.weight,
+            max_fails: 1,
+            fail_timeout: Duration::from_secs(10),
+            backup: false,
+            down: false,
+        })
+        .collect()
+}
+
+/// Splits `total` by weight so that the shares add up to exactly `total`
+/// (largest remainders get the leftover tickets, ties to the earlier node).
+pub fn weighted_shares(total: u64, nodes: &[NodeConfig]) -> Vec<u64> {
+    let sum: u128 = nodes.iter().map(|n| n.weight as u128).sum();
+    if sum == 0 {
+        return Vec::new();
+    }
+    let mut shares: Vec<(u64, u128, usize)> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let exact = total as u128 * n.weight as u128;
+            ((exact / sum) as u64, exact % sum, i)
+        })
+        .collect();
+    let given: u64 = shares.iter().map(|s| s.0).sum();
+    let mut order: Vec<usize> = (0..shares.len()).collect();
+    order.sort_by(|&a, &b| shares[b].1.cmp(&shares[a].1).then(a.cmp(&b)));
+    for &i in order.iter().take((total - given) as usize) {
+        shares[i].0 += 1;
+    }
+    shares.into_iter().map(|s| s.0).collect()
+}
+
+/// The smallest per-node buffer with which any one node can die holding its
+/// whole allowance and the others can still sell every ticket:
+/// `sum over the others of (share + buffer) >= total`, i.e.
+/// `buffer >= largest share / (nodes - 1)`.
+pub fn default_buffer(total: u64, nodes: &[NodeConfig]) -> u64 {
+    if nodes.len() < 2 {
+        return 0;
+    }
+    let largest = weighted_shares(total, nodes).into_iter().max().unwrap_or(0);
+    largest.div_ceil(nodes.len() as u64 - 1)
+}
+
+/// Finds the dotted key a toml error is about, from the text around its span,
+/// because toml's own message does not always name it.
+fn key_from_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message();
+    // "unknown field `foo`, expected ..." names the key itself.
+    if let Some(rest) = msg.strip_prefix("unknown field `")
+        && let Some(end) = rest.find('`')
+    {
+        return with_table(text, e.span(), &rest[..end]);
+    }
+    if let Some(rest) = msg.strip_prefix("missing field `")
+        && let Some(end) = rest.find('`')
+    {
+        return with_table(text, e.span(), &rest[..end]);
+    }
+    let Some(span) = e.span() else {
+        return "(file)".into();
+    };
+    let line_start = text[..span.start.min(text.len())]
+        .rfind('\n')
+        .map(|i| i + 1)
+        .unwrap_or(0);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    match line.split_once('=') {
+        Some((k, _)) => with_table(text, Some(span), k.trim()),
+        None => line.trim().trim_matches(['[', ']']).to_string(),
+    }
+}
+
+fn with_table(text: &str, span: Option<Range<usize>>, key: &str) -> String {
+    let upto = span.map(|s| s.start.min(text.len())).unwrap_or(0);
+    let table = text[..upto]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(['[', ']']).trim().to_string());
+    match table {
+        Some(t) if !t.is_empty() && !key.starts_with(&t) => format!("{t}.{key}"),
+        _ => key.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("test.toml"), text)
+    }
+
+    const FOUR: &str = r#"
+[sale]
+event = "G1"
+total = 1000
+
+[[node]]
+name = "n1"
+listen = "127.0.0.1:3001"
+weight = 1
+[[node]]
+name = "n2"
+listen = "127.0.0.1:3002"
+weight = 2
+[[node]]
+name = "n3"
+listen = "127.0.0.1:3003"
+weight = 3
+[[node]]
+name = "n4"
+listen = "127.0.0.1:3004"
+weight = 4
+"#;
+
+    #[test]
+    fn allowance_is_share_plus_a_buffer_that_survives_any_one_death() {
+        let c = parse(FOUR).expect("valid");
+        let sale = c.sale.as_ref().expect("sale");
+        // The largest share is 400; 3 survivors must cover it: ceil(400/3) = 134.
+        assert_eq!(sale.buffer, 134);
+        let allowances: Vec<u64> = c.nodes.iter().map(|n| n.allowance).collect();
+        assert_eq!(allowances, vec![234, 334, 434, 534]);
+        for dead in 0..4 {
+            let rest: u64 = (0..4).filter(|&i| i != dead).map(|i| allowances[i]).sum();
+            assert!(rest >= 1000, "node {dead} dying leaves {rest}");
+        }
+    }
+
+    #[test]
+    fn shares_add_up_to_the_total() {
+        let c = parse(FOUR).expect("valid");
+        for total in [1, 7, 10, 999, 1001] {
+            assert_eq!(weighted_shares(total, &c.nodes).iter().sum::<u64>(), total);
+        }
+        assert_eq!(weighted_shares(10, &c.nodes), vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn nodes_become_upstreams_when_the_balancer_lists_none() {
+        let c = parse(FOUR).expect("valid");
+        let b = c.balancer.expect("balancer");
+        assert_eq!(b.upstreams.len(), 4);
+        assert_eq!(b.upstreams[3].weight, 4);
+        assert_eq!(b.strategy, Strategy::WeightedRoundRobin);
+    }
+
+    fn expect_err(text: &str, key: &str, line: usize) -> String {
+        let e = parse(text).expect_err("must be refused");
+        let msg = e.to_string();
+        assert_eq!(e.key(), Some(key), "{msg}");
+        assert_eq!(e.line(), Some(line), "{msg}");
+        assert!(msg.starts_with(&format!("test.toml:{line}:")), "{msg}");
+        msg
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let m = expect_err("[sale]\nevent = \"e\"\ntotal = 5\ncolour = 1\n", "sale.colour", 4);
+        assert!(m.contains("unknown field"), "{m}");
+    }
+
+    #[test]
+    fn zero_weight_is_refused() {
+        expect_err(
+            "[[node]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nweight = 0\n",
+            "node[0].weight",
+            4,
+        );
+    }
+
+    #[test]
+    fn duplicate_name_is_refused() {
+        let m = expect_err(
+            "[[node]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\n[[node]]\nname = \"a\"\nlisten = \"127.0.0.1:2\"\n",
+            "node[1].name",
+            5,
+        );
+        assert!(m.contains("duplicate"), "{m}");
+    }
+
+    #[test]
+    fn bad_address_is_refused() {
+        expect_err(
+            "[[node]]\nname = \"a\"\nlisten = \"nowhere\"\n",
+            "node[0].listen",
+            3,
+        );
+    }
+
+    #[test]
+    fn total_below_one_is_refused() {
+        expect_err("[sale]\nevent = \"e\"\ntotal = 0\n", "sale.total", 3);
+    }
+
+    #[test]
+    fn ip_hash_with_backup_is_refused() {
+        let m = expect_err(
+            "[balancer]\nstrategy = \"ip_hash\"\n[[balancer.upstream]]\naddr = \"127.0.0.1:1\"\n[[balancer.upstream]]\naddr = \"127.0.0.1:2\"\nbackup = true\n",
+            "balancer.upstream[1].backup",
+            5,
+        );
+        assert!(m.contains("ip_hash"), "{m}");
+    }
+
+    #[test]
+    fn balancer_alone_is_a_valid_file() {
+        let c = parse(
+            "[balancer]\nlisten = \"127.0.0.1:0\"\nstrategy = \"round_robin\"\nadmin = \"127.0.0.1:0\"\n[[balancer.upstream]]\naddr = \"127.0.0.1:9\"\nfail_timeout = \"3s\"\n",
+        )
+        .expect("valid");
+        assert!(c.sale.is_none());
+        let b = c.balancer.expect("balancer");
+        assert_eq!(b.upstreams[0].fail_timeout, Duration::from_secs(3));
+        assert_eq!(b.upstreams[0].max_fails, 1);
+    }
+
+    #[test]
+    fn bad_duration_is_refused() {
+        expect_err(
+            "[balancer]\n[[balancer.upstream]]\naddr = \"127.0.0.1:1\"\nfail_timeout = \"soon\"\n",
+            "balancer.upstream[0].fail_timeout",
+            4,
+        );
+    }
+}

@@ -1,0 +1,12 @@
+//! spike: a flash-sale ticket seller and an Nginx-compatible load balancer in
+//! one binary. The library holds everything; `main.rs` only parses the command
+//! line and dispatches here, so tests drive the same code the binary runs.
+
+pub mod balancer;
+pub mod cli;
+pub mod config;
+pub mod nginx_conf;
+pub mod node;
+pub mod server;
+pub mod stock;
+pub mod up;

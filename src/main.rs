@@ -1,0 +1,35 @@
+//! The `spike` binary: parse the command line and hand over to the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use spike::cli::{Cli, Command, StockAction};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result: anyhow::Result<ExitCode> = match cli.command {
+        Command::Node { config, name } => spike::node::main(&config.config, &name),
+        Command::Balancer { config } => spike::balancer::main(&config.config),
+        Command::Up { config } => spike::up::main(&config.config),
+        Command::Stock { action } => match action {
+            StockAction::Init { config, force } => spike::stock::init(&config.config, force),
+            StockAction::Show { config } => spike::stock::show(&config.config),
+            StockAction::Audit { config } => spike::stock::audit(&config.config),
+        },
+        Command::NginxConf { config, listen } => spike::nginx_conf::main(&config.config, listen),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("spike: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! Fixtures shared by the integration tests: a real redis-server on a free
+//! port, tiny HTTP backends that answer with their own name, and `spike`
+//! processes. Every fixture cleans up on drop so tests can run in parallel.
+#![allow(dead_code)]
+
+pub mod backend;
+pub mod redis;
+pub mod spike;
+
+/// A port nobody is listening on right now (the OS picks it).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}

@@ -1,0 +1,96 @@
+//! `spike` processes started from the real binary, killed on drop.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The path of the binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_spike")
+}
+
+/// Writes `text` to a fresh config file in a fresh temp dir.
+pub fn write_config(text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "spike-test-{}-{}",
+        std::process::id(),
+        super::free_port()
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("config.toml");
+    let mut f = std::fs::File::create(&path).expect("create config");
+    f.write_all(text.as_bytes()).expect("write config");
+    path
+}
+
+/// Runs `spike ARGS` to completion.
+pub fn run(args: &[&str]) -> Output {
+    Command::new(bin()).args(args).output().expect("run spike")
+}
+
+/// A long-running `spike` process.
+pub struct SpikeProcess {
+    /// The child process.
+    pub child: Child,
+}
+
+impl SpikeProcess {
+    /// Starts `spike ARGS`; logs go to the test's stderr.
+    pub fn start(args: &[&str]) -> SpikeProcess {
+        let child = Command::new(bin())
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("spawn spike");
+        SpikeProcess { child }
+    }
+
+    /// Sends a signal by name (TERM, KILL, HUP, STOP, CONT).
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
+    /// Waits for exit, at most `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for SpikeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+pub fn wait_listening(addr: &str, limit: Duration) {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nothing listening on {addr} after {limit:?}");
+}
+
+/// Removes a config's temp dir.
+pub fn remove_config(path: &Path) {
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
