@@ -1,9 +1,90 @@
-//! `spike stock`: init, show and audit a sale.
+//! `spike stock`: write a sale's total, show it, and audit its invariants.
+//! These talk to Redis through the same scripts the nodes use, so what they
+//! report is exactly what the nodes see.
+
 use std::path::Path;
 use std::process::ExitCode;
-/// `spike stock init`.
-pub fn init(_c: &Path, _force: bool) -> anyhow::Result<ExitCode> { anyhow::bail!("todo") }
-/// `spike stock show`.
-pub fn show(_c: &Path) -> anyhow::Result<ExitCode> { anyhow::bail!("todo") }
-/// `spike stock audit`.
-pub fn audit(_c: &Path) -> anyhow::Result<ExitCode> { anyhow::bail!("todo") }
+
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::node::store::{Snapshot, Store};
+
+fn with_store<T>(
+    config_path: &Path,
+    f: impl AsyncFnOnce(&Config, Store) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let config = Config::load(config_path)?;
+    let sale = config.require_sale()?.clone();
+    let Some(redis) = config.redis.clone() else {
+        anyhow::bail!(
+            "{}: no [redis] section: the embedded store lives inside the running `spike up` process; read it at a node's GET /sale",
+            config.path.display()
+        );
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let store = Store::open(&sale, Some(&redis)).await?;
+        f(&config, store).await
+    })
+}
+
+/// `spike stock init`: refuses to touch a started sale unless `force`.
+pub fn init(config_path: &Path, force: bool) -> anyhow::Result<ExitCode> {
+    with_store(config_path, async |config, store| {
+        let sale = config.require_sale()?;
+        if store.init(force).await.context("stock init")? {
+            println!(
+                "{{\"event\":\"{}\",\"total\":{},\"initialised\":true}}",
+                sale.event, sale.total
+            );
+            Ok(ExitCode::SUCCESS)
+        } else {
+            let snap = store.snapshot().await?;
+            eprintln!(
+                "spike: the sale {} has started ({} of {} sold, {} orders); use --force to wipe it and start again",
+                sale.event, snap.sold, snap.total, snap.orders
+            );
+            Ok(ExitCode::FAILURE)
+        }
+    })
+}
+
+/// `spike stock show`: one JSON object.
+pub fn show(config_path: &Path) -> anyhow::Result<ExitCode> {
+    with_store(config_path, async |_, store| {
+        let snap = store.snapshot().await.context("stock show")?;
+        println!("{}", serde_json::to_string(&snap)?);
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `spike stock audit`: prints what it found; non-zero exit when anything is off.
+pub fn audit(config_path: &Path) -> anyhow::Result<ExitCode> {
+    with_store(config_path, async |config, store| {
+        let limit = config.require_sale()?.per_user_limit;
+        let snap: Snapshot = store.snapshot().await.context("stock audit")?;
+        let problems = snap.audit(limit);
+        println!(
+            "{}",
+            serde_json::json!({
+                "event": snap.event,
+                "total": snap.total,
+                "sold": snap.sold,
+                "orders": snap.orders,
+                "buyers": snap.buyers,
+                "most_by_one_buyer": snap.most_by_one_buyer,
+                "per_user_limit": limit,
+                "ok": problems.is_empty(),
+                "problems": problems,
+            })
+        );
+        Ok(if problems.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
+    })
+}

@@ -1,5 +1,135 @@
-//! The ticket-selling node.
+//! The ticket-selling node: local pre-deduction, then one atomic Lua script
+//! in Redis (or the embedded store), then the answer.
+
+pub mod allowance;
+pub mod handler;
+pub mod store;
+
+use std::future::Future;
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
+
+use hyper::service::service_fn;
+use tokio::net::TcpListener;
+
+pub use handler::Node;
+pub use store::{Store, StoreError};
+
+use crate::config::{Config, ConfigError, ServerConfig};
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The config does not describe a node that can run.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The store could not be set up.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// Several nodes were configured without Redis, which would sell the
+    /// stock once per process.
+    #[error(
+        "{path}: the file has {nodes} [[node]] entries and no [redis]: the embedded store lives in one process, so separate `spike node` processes would each sell the whole stock. Add a [redis] section, or run them all with `spike up`"
+    )]
+    EmbeddedNeedsOneProcess {
+        /// The config file.
+        path: std::path::PathBuf,
+        /// How many nodes it lists.
+        nodes: usize,
+    },
+}
+
+/// Builds node `name` of `config` over `store`.
+pub fn build(config: &Config, name: &str, store: Store) -> Result<Arc<Node>, ConfigError> {
+    let sale = config.require_sale()?;
+    let node = config.node(name)?;
+    Ok(Arc::new(Node::new(
+        &node.name,
+        node.allowance,
+        sale.per_user_limit,
+        config.server.max_body,
+        store,
+    )))
+}
+
+/// Serves `node` on `listener` until `shutdown`; in-flight purchases finish
+/// within the grace period.
+pub async fn run(
+    listener: TcpListener,
+    node: Arc<Node>,
+    limits: &ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) {
+    crate::server::serve(
+        listener,
+        limits,
+        move |_peer| {
+            let node = node.clone();
+            service_fn(move |req| node.clone().handle(req))
+        },
+        shutdown,
+    )
+    .await;
+}
+
 /// Entry point of `spike node`.
-pub fn main(_c: &Path, _name: &str) -> anyhow::Result<ExitCode> { anyhow::bail!("todo") }
+pub fn main(config_path: &Path, name: &str) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config_path)?;
+    let sale = config.require_sale()?.clone();
+    let node_cfg = config.node(name)?.clone();
+    if config.redis.is_none() && config.nodes.len() > 1 {
+        return Err(NodeError::EmbeddedNeedsOneProcess {
+            path: config.path.clone(),
+            nodes: config.nodes.len(),
+        }
+        .into());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let store = Store::open(&sale, config.redis.as_ref()).await?;
+        match &store {
+            Store::Embedded(e) => {
+                e.init(false);
+            }
+            Store::Redis(_) => match store.snapshot().await {
+                Ok(s) if !s.initialised => tracing::warn!(
+                    event = %sale.event,
+                    "the sale is not initialised in redis; buyers get 503 until `spike stock init`"
+                ),
+                _ => {}
+            },
+        }
+        let listener = crate::server::bind(node_cfg.listen).map_err(|source| NodeError::Bind {
+            addr: node_cfg.listen,
+            source,
+        })?;
+        let node = build(&config, name, store)?;
+        tracing::info!(
+            node = %node_cfg.name,
+            listen = %node_cfg.listen,
+            allowance = node_cfg.allowance,
+            store = if config.redis.is_some() { "redis" } else { "embedded" },
+            "node selling"
+        );
+        run(
+            listener,
+            node,
+            &config.server,
+            crate::server::shutdown_signal(),
+        )
+        .await;
+        tracing::info!(node = %node_cfg.name, "node stopped");
+        Ok(ExitCode::SUCCESS)
+    })
+}
