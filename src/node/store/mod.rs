@@ -139,7 +139,7 @@ impl SaleKeys {
 #[derive(Clone)]
 pub enum Store {
     /// Redis through fred: the production store, shared by every node.
-    Redis(RedisStore),
+    Redis(Arc<RedisStore>),
     /// In-process: one process (e.g. `spike up`) only.
     Embedded(Arc<EmbeddedStore>),
 }
@@ -151,7 +151,7 @@ impl Store {
         redis: Option<&crate::config::RedisConfig>,
     ) -> Result<Store, StoreError> {
         match redis {
-            Some(r) => Ok(Store::Redis(RedisStore::connect(sale, r).await?)),
+            Some(r) => Ok(Store::Redis(Arc::new(RedisStore::connect(sale, r).await?))),
             None => Ok(Store::Embedded(Arc::new(EmbeddedStore::new(sale)))),
         }
     }
