@@ -56,6 +56,9 @@ pub enum Command {
         /// Listen on this address instead of [balancer] listen.
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// worker_processes (default: one per CPU, as spike's runtime threads).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        workers: Option<u16>,
     },
 }
 

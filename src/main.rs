@@ -23,7 +23,11 @@ fn main() -> ExitCode {
             StockAction::Show { config } => spike::stock::show(&config.config),
             StockAction::Audit { config } => spike::stock::audit(&config.config),
         },
-        Command::NginxConf { config, listen } => spike::nginx_conf::main(&config.config, listen),
+        Command::NginxConf {
+            config,
+            listen,
+            workers,
+        } => spike::nginx_conf::run(&config.config, listen, workers.map(usize::from)),
     };
     match result {
         Ok(code) => code,

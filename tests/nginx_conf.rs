@@ -1,0 +1,312 @@
+//! `spike nginx-conf` against the real Nginx: every generated file must pass
+//! `nginx -t`, and one must actually balance traffic the way spike would.
+//!
+//! Nginx is a required test dependency (Debian's `nginx` package): a missing
+//! binary fails the test instead of skipping it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::backend::Backend;
+use common::spike::{remove_config, run, wait_listening, write_config};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+/// The Nginx binary, or a failure that says how to get it.
+fn nginx() -> PathBuf {
+    let debian = PathBuf::from("/usr/sbin/nginx");
+    if debian.is_file() {
+        return debian;
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let candidate = dir.join("nginx");
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    panic!(
+        "nginx must be installed for these tests (run scripts/test.sh, or apt-get install nginx)"
+    );
+}
+
+/// Runs `spike nginx-conf --config CONFIG ARGS` and writes its output next to
+/// the config as `nginx.conf`; returns the prefix dir.
+fn generate(config: &Path, extra: &[&str]) -> PathBuf {
+    let config_arg = config.to_str().expect("utf-8 temp path");
+    let mut args = vec!["nginx-conf", "--config", config_arg];
+    args.extend_from_slice(extra);
+    let out = run(&args);
+    assert!(
+        out.status.success(),
+        "spike nginx-conf failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = config.parent().expect("config dir").to_path_buf();
+    std::fs::write(dir.join("nginx.conf"), &out.stdout).expect("write nginx.conf");
+    dir
+}
+
+fn conf_text(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("nginx.conf")).expect("read nginx.conf")
+}
+
+/// `nginx -t` on the generated file, with everything under `dir`.
+fn nginx_t(dir: &Path) {
+    let out = Command::new(nginx())
+        .arg("-t")
+        .arg("-p")
+        .arg(dir)
+        .args(["-c", "nginx.conf", "-e", "stderr"])
+        .output()
+        .expect("run nginx -t");
+    assert!(
+        out.status.success(),
+        "nginx -t refused the generated file:\n{}\n--- nginx.conf ---\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        conf_text(dir)
+    );
+}
+
+fn balancer_config(strategy: &str, port: u16, upstreams: &str) -> String {
+    format!(
+        "[balancer]\nlisten = \"127.0.0.1:{port}\"\nstrategy = \"{strategy}\"\nadmin = \"127.0.0.1:0\"\n{upstreams}"
+    )
+}
+
+const THREE: &str = r#"
+[[balancer.upstream]]
+addr = "127.0.0.1:3001"
+weight = 2
+max_fails = 3
+fail_timeout = "30s"
+[[balancer.upstream]]
+addr = "127.0.0.1:3002"
+weight = 3
+down = true
+[[balancer.upstream]]
+addr = "127.0.0.1:3003"
+max_fails = 0
+fail_timeout = "1500ms"
+"#;
+
+const BACKUP: &str = r#"
+[[balancer.upstream]]
+addr = "127.0.0.1:3004"
+backup = true
+"#;
+
+fn check_strategy(strategy: &str, with_backup: bool) -> String {
+    let ups = if with_backup {
+        format!("{THREE}{BACKUP}")
+    } else {
+        THREE.to_string()
+    };
+    let config = write_config(&balancer_config(strategy, common::free_port(), &ups));
+    let dir = generate(&config, &["--workers", "2"]);
+    nginx_t(&dir);
+    let text = conf_text(&dir);
+    remove_config(&config);
+    text
+}
+
+#[test]
+fn weighted_round_robin_passes_nginx_t() {
+    let c = check_strategy("weighted_round_robin", true);
+    assert!(
+        c.contains("server 127.0.0.1:3001 weight=2 max_fails=3 fail_timeout=30s;"),
+        "{c}"
+    );
+    assert!(
+        c.contains("server 127.0.0.1:3002 weight=3 max_fails=1 fail_timeout=10s down;"),
+        "{c}"
+    );
+    assert!(
+        c.contains("server 127.0.0.1:3003 weight=1 max_fails=0 fail_timeout=2s;"),
+        "{c}"
+    );
+    assert!(
+        c.contains("server 127.0.0.1:3004 weight=1 max_fails=1 fail_timeout=10s backup;"),
+        "{c}"
+    );
+    assert!(c.contains("worker_processes 2;"), "{c}");
+}
+
+#[test]
+fn round_robin_passes_nginx_t() {
+    let c = check_strategy("round_robin", true);
+    assert!(!c.contains("weight=2") && !c.contains("weight=3"), "{c}");
+}
+
+#[test]
+fn ip_hash_passes_nginx_t() {
+    let c = check_strategy("ip_hash", false);
+    assert!(c.contains("    ip_hash;"), "{c}");
+}
+
+#[test]
+fn least_conn_passes_nginx_t() {
+    let c = check_strategy("least_conn", true);
+    assert!(c.contains("    least_conn;"), "{c}");
+}
+
+#[test]
+fn nodes_trusted_proxies_ipv6_and_listen_flag_pass_nginx_t() {
+    let port = common::free_port();
+    let config = write_config(
+        r#"
+[balancer]
+strategy = "ip_hash"
+trusted_proxies = ["10.0.0.0/8", "::1", "192.168.1.7"]
+connect_timeout = "250ms"
+response_timeout = "3s"
+keepalive = 0
+
+[[node]]
+name = "a"
+listen = "127.0.0.1:3101"
+weight = 1
+[[node]]
+name = "b"
+listen = "[::1]:3102"
+weight = 4
+"#,
+    );
+    let listen = format!("127.0.0.1:{port}");
+    let dir = generate(&config, &["--listen", &listen]);
+    nginx_t(&dir);
+    let c = conf_text(&dir);
+    remove_config(&config);
+    assert!(c.contains(&format!("listen {listen};")), "{c}");
+    assert!(c.contains("server [::1]:3102 weight=4"), "{c}");
+    assert!(c.contains("set_real_ip_from ::1/128;"), "{c}");
+    assert!(c.contains("set_real_ip_from 192.168.1.7/32;"), "{c}");
+    assert!(c.contains("real_ip_recursive on;"), "{c}");
+    assert!(c.contains("proxy_connect_timeout 250ms;"), "{c}");
+    assert!(c.contains("proxy_read_timeout 3s;"), "{c}");
+    assert!(!c.contains("keepalive 0"), "{c}");
+}
+
+#[test]
+fn bad_config_exits_non_zero_with_file_line_and_key() {
+    let config = write_config(
+        "[balancer]\nstrategy = \"fastest\"\n[[balancer.upstream]]\naddr = \"127.0.0.1:1\"\n",
+    );
+    let path = config.to_str().expect("utf-8 temp path");
+    let out = run(&["nginx-conf", "--config", path]);
+    remove_config(&config);
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "no half config on stdout");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{path}:2: `balancer.strategy`")),
+        "{err}"
+    );
+}
+
+#[test]
+fn zero_workers_is_refused() {
+    let config = write_config(&balancer_config("round_robin", 1, THREE));
+    let path = config.to_str().expect("utf-8 temp path");
+    let out = run(&["nginx-conf", "--config", path, "--workers", "0"]);
+    remove_config(&config);
+    assert!(!out.status.success());
+}
+
+/// A running Nginx master (daemon off, so this is the master's pid), stopped
+/// with SIGTERM on drop: a SIGKILL would leave its workers holding the port.
+struct Nginx {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Nginx {
+    fn start(dir: &Path) -> Nginx {
+        let log = std::fs::File::create(dir.join("nginx.stderr")).expect("log file");
+        let child = Command::new(nginx())
+            .arg("-p")
+            .arg(dir)
+            .args(["-c", "nginx.conf", "-e", "stderr", "-g", "daemon off;"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn nginx");
+        Nginx {
+            child,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("nginx.stderr")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_nginx_honours_the_weights() {
+    let light = Backend::start("light").await;
+    let heavy = Backend::start("heavy").await;
+    let port = common::free_port();
+    let config = write_config(&balancer_config(
+        "weighted_round_robin",
+        port,
+        &format!(
+            "[[balancer.upstream]]\naddr = \"{}\"\nweight = 1\n[[balancer.upstream]]\naddr = \"{}\"\nweight = 3\n",
+            light.addr, heavy.addr
+        ),
+    ));
+    let dir = generate(&config, &["--workers", "1"]);
+    let nginx = Nginx::start(&dir);
+    let addr = format!("127.0.0.1:{port}");
+    tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || wait_listening(&addr, Duration::from_secs(10))
+    })
+    .await
+    .expect("wait for nginx");
+
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let uri: hyper::Uri = format!("http://{addr}/").parse().expect("uri");
+    let (mut light_answers, mut heavy_answers) = (0, 0);
+    for i in 0..400 {
+        let resp = client
+            .get(uri.clone())
+            .await
+            .unwrap_or_else(|e| panic!("request {i} through nginx failed: {e}\n{}", nginx.log()));
+        assert_eq!(resp.status(), 200, "request {i}\n{}", nginx.log());
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        match &body[..] {
+            b"light" => light_answers += 1,
+            b"heavy" => heavy_answers += 1,
+            other => panic!("unexpected body {:?}", String::from_utf8_lossy(other)),
+        }
+    }
+    assert_eq!((light_answers, heavy_answers), (100, 300));
+    assert_eq!((light.hits(), heavy.hits()), (100, 300));
+    drop(nginx);
+    remove_config(&config);
+}
