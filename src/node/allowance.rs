@@ -10,6 +10,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 #[derive(Debug)]
 pub struct Allowance {
     left: AtomicU64,
+    in_flight: AtomicU64,
+}
+
+/// Why no unit could be taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoUnit {
+    /// Every unit is spent on a sale: this node has nothing more to sell.
+    Spent,
+    /// The remaining units are held by purchases still in flight; some may
+    /// come back, so "sold out" would be a lie. The buyer should retry.
+    InFlight,
 }
 
 impl Allowance {
@@ -17,20 +28,34 @@ impl Allowance {
     pub fn new(units: u64) -> Allowance {
         Allowance {
             left: AtomicU64::new(units),
+            in_flight: AtomicU64::new(0),
         }
     }
 
     /// Takes one unit; `None` when none is left. The unit goes back when the
     /// returned [`Unit`] is dropped without [`Unit::keep`], so a failed or
     /// abandoned purchase (Redis down, client gone) never leaks stock.
-    pub fn take(&self) -> Option<Unit<'_>> {
-        self.left
+    pub fn take(&self) -> Result<Unit<'_>, NoUnit> {
+        // Count the unit as in flight before it leaves `left`, so a failed
+        // take never sees both counters at zero while a unit is out.
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        match self
+            .left
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-            .ok()
-            .map(|_| Unit {
+        {
+            Ok(_) => Ok(Unit {
                 allowance: self,
                 kept: false,
-            })
+            }),
+            Err(_) => {
+                let others = self.in_flight.fetch_sub(1, Ordering::AcqRel) - 1;
+                Err(if others > 0 {
+                    NoUnit::InFlight
+                } else {
+                    NoUnit::Spent
+                })
+            }
+        }
     }
 
     /// Units left.
@@ -59,6 +84,7 @@ impl Drop for Unit<'_> {
         if !self.kept {
             self.allowance.left.fetch_add(1, Ordering::AcqRel);
         }
+        self.allowance.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -76,7 +102,7 @@ mod tests {
                 let (a, kept) = (a.clone(), kept.clone());
                 std::thread::spawn(move || {
                     for _ in 0..500 {
-                        if let Some(u) = a.take() {
+                        if let Ok(u) = a.take() {
                             u.keep();
                             kept.fetch_add(1, Ordering::Relaxed);
                         }
@@ -89,7 +115,7 @@ mod tests {
         }
         assert_eq!(kept.load(Ordering::Relaxed), 1000);
         assert_eq!(a.left(), 0);
-        assert!(a.take().is_none());
+        assert_eq!(a.take().err(), Some(NoUnit::Spent));
     }
 
     #[test]
@@ -98,6 +124,7 @@ mod tests {
         {
             let _u = a.take().expect("one unit");
             assert_eq!(a.left(), 0);
+            assert_eq!(a.take().err(), Some(NoUnit::InFlight));
         }
         assert_eq!(a.left(), 1);
         a.take().expect("unit").keep();

@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use hyper::header::{ALLOW, CONTENT_LENGTH, HeaderValue, TRANSFER_ENCODING};
 use hyper::{Method, Request, Response, StatusCode};
 
-use super::allowance::Allowance;
+use super::allowance::{Allowance, NoUnit};
 use super::store::{Outcome, Store};
 use crate::server::json;
 
@@ -35,6 +35,8 @@ pub struct Stats {
     pub store_calls: AtomicU64,
     /// Requests refused as malformed.
     pub bad_requests: AtomicU64,
+    /// 429 answers: the allowance was all held by purchases in flight.
+    pub busy: AtomicU64,
 }
 
 /// One node's selling state, shared by all its connections.
@@ -142,8 +144,19 @@ impl Node {
         if self.sold_out.load(Ordering::Acquire) {
             return self.sold_out_answer();
         }
-        let Some(unit) = self.allowance.take() else {
-            return self.sold_out_answer();
+        let unit = match self.allowance.take() {
+            Ok(unit) => unit,
+            Err(NoUnit::Spent) => return self.sold_out_answer(),
+            Err(NoUnit::InFlight) => {
+                self.stats.busy.fetch_add(1, Ordering::Relaxed);
+                let mut res = json(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    Bytes::from_static(b"{\"status\":\"busy\",\"reason\":\"purchases in flight hold this node's stock; retry\"}"),
+                );
+                res.headers_mut()
+                    .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return res;
+            }
         };
         self.stats.store_calls.fetch_add(1, Ordering::Relaxed);
         // `unit` goes back to the allowance on every path but a sale,
@@ -226,6 +239,7 @@ impl Node {
             "store_calls": s.store_calls.load(Ordering::Relaxed),
             "store_errors": s.store_errors.load(Ordering::Relaxed),
             "bad_requests": s.bad_requests.load(Ordering::Relaxed),
+            "busy": s.busy.load(Ordering::Relaxed),
         });
         json(StatusCode::OK, body.to_string())
     }

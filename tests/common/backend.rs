@@ -29,7 +29,9 @@ pub struct Backend {
 impl Backend {
     /// Starts a backend on a free port.
     pub async fn start(name: &str) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
         Self::serve(listener, name)
     }
 

@@ -4,7 +4,9 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod http;
 pub mod redis;
+pub mod sale;
 pub mod spike;
 
 /// A port nobody is listening on right now (the OS picks it).

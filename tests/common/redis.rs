@@ -42,7 +42,11 @@ impl RedisServer {
         // Another process may grab the port between our probe and redis's
         // bind, so try a few ports.
         for _ in 0..5 {
-            let port = if self.port == 0 { super::free_port() } else { self.port };
+            let port = if self.port == 0 {
+                super::free_port()
+            } else {
+                self.port
+            };
             let child = Command::new("redis-server")
                 .arg("--port")
                 .arg(port.to_string())
@@ -141,7 +145,10 @@ impl RedisServer {
                 return;
             }
             self.kill();
-            assert!(start.elapsed() < Duration::from_secs(20), "redis-server did not restart");
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "redis-server did not restart"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -151,7 +158,10 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         if let Some(c) = self.child.as_ref() {
             // A stopped server ignores SIGKILL until continued on some kernels.
-            let _ = Command::new("kill").arg("-CONT").arg(c.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-CONT")
+                .arg(c.id().to_string())
+                .status();
         }
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);

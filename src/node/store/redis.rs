@@ -27,6 +27,7 @@ pub struct RedisStore {
     audit: Script,
     init: Script,
     timeout: Duration,
+    options: Options,
 }
 
 impl RedisStore {
@@ -84,6 +85,16 @@ impl RedisStore {
             audit: Script::from_lua(AUDIT),
             init: Script::from_lua(INIT),
             timeout,
+            options: Options {
+                // While disconnected, fail now instead of queueing: a queued
+                // deduction would run after its buyer was told 503.
+                fail_fast: true,
+                // fred's own timeout marks the command as timed out so it is
+                // never written late; an outer tokio timeout would not.
+                timeout: Some(timeout),
+                max_attempts: Some(1),
+                ..Options::default()
+            },
         };
         Ok(store)
     }
@@ -157,11 +168,13 @@ impl RedisStore {
 
     /// PING within the timeout.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        match tokio::time::timeout(self.timeout, self.pool.next().ping::<Value>(None)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(map_error(e)),
-            Err(_) => Err(StoreError::Timeout),
-        }
+        self.pool
+            .next()
+            .with_options(&self.options)
+            .ping::<Value>(None)
+            .await
+            .map(|_| ())
+            .map_err(map_error)
     }
 }
 

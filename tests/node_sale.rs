@@ -1,0 +1,483 @@
+//! The node's promises under real concurrency, against a real redis-server and
+//! against the embedded store: never more than the total, every 200 has its
+//! order, no buyer over the limit, no local stock leaked when Redis fails.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::http::{client, get, json};
+use common::redis::RedisServer;
+use common::sale::{Answer, InProcessSale, count, sale_config, storm};
+use hyper::StatusCode;
+use spike::node::Store;
+
+/// Checks every invariant a finished sale must satisfy, from the answers the
+/// buyers got and from the store itself.
+async fn check_invariants(
+    sale: &InProcessSale,
+    answers: &[Answer],
+    redis: Option<&RedisServer>,
+) -> usize {
+    check_invariants_with(sale, answers, redis, 0).await
+}
+
+/// As [`check_invariants`], where `recovered` tickets were sold to buyers
+/// whose answer was lost (a 503 after the script ran) and found on retry.
+async fn check_invariants_with(
+    sale: &InProcessSale,
+    answers: &[Answer],
+    redis: Option<&RedisServer>,
+    recovered: usize,
+) -> usize {
+    let total = sale.config.sale.as_ref().expect("sale").total;
+    let limit = sale.config.sale.as_ref().expect("sale").per_user_limit;
+    let transport_errors: Vec<_> = answers.iter().filter(|a| a.status.is_none()).collect();
+    assert!(
+        transport_errors.is_empty(),
+        "transport errors: {:?}",
+        &transport_errors[..transport_errors.len().min(3)]
+    );
+
+    let mut orders = HashSet::new();
+    let mut per_buyer: HashMap<&str, u64> = HashMap::new();
+    for a in answers.iter().filter(|a| a.status == Some(StatusCode::OK)) {
+        let v = json(&a.body);
+        assert_eq!(v["status"], "sold", "{}", a.body);
+        assert_eq!(v["buyer"], a.buyer.as_str(), "{}", a.body);
+        let order = v["order"].as_str().expect("order id").to_string();
+        assert!(orders.insert(order), "order id issued twice: {}", a.body);
+        *per_buyer.entry(&a.buyer).or_default() += 1;
+    }
+    for a in answers
+        .iter()
+        .filter(|a| a.status == Some(StatusCode::TOO_MANY_REQUESTS))
+    {
+        assert_eq!(json(&a.body)["status"], "busy", "{}", a.body);
+    }
+    for a in answers
+        .iter()
+        .filter(|a| a.status == Some(StatusCode::CONFLICT))
+    {
+        let status = json(&a.body)["status"].as_str().map(str::to_string);
+        assert!(
+            matches!(status.as_deref(), Some("sold_out" | "already_bought")),
+            "unexpected 409: {}",
+            a.body
+        );
+    }
+    if limit > 0 {
+        let over: Vec<_> = per_buyer.iter().filter(|(_, n)| **n > limit).collect();
+        assert!(over.is_empty(), "buyers over the limit: {over:?}");
+    }
+    // Every 200 answer's order is in the store.
+    match (&sale.store, redis) {
+        (Store::Redis(_), Some(r)) => {
+            let mut c = r.connection().expect("redis connection");
+            let key = format!(
+                "spike:{{{}}}:orders",
+                sale.config.sale.as_ref().expect("sale").event
+            );
+            let stored: HashSet<String> =
+                redis::cmd("HKEYS").arg(&key).query(&mut c).expect("HKEYS");
+            for o in &orders {
+                assert!(
+                    stored.contains(o),
+                    "order {o} answered 200 but missing in redis"
+                );
+            }
+        }
+        (Store::Embedded(e), _) => {
+            for o in &orders {
+                assert!(e.order(o).is_some(), "order {o} answered 200 but missing");
+            }
+        }
+        _ => panic!("redis store without a server"),
+    }
+    let snap = sale.store.snapshot().await.expect("snapshot");
+    assert!(snap.sold <= total, "oversold: {snap:?}");
+    assert_eq!(
+        snap.sold,
+        (orders.len() + recovered) as u64,
+        "sold vs 200 answers: {snap:?}"
+    );
+    assert_eq!(snap.orders, snap.sold, "{snap:?}");
+    assert_eq!(snap.audit(limit), Vec::<String>::new());
+    orders.len()
+}
+
+async fn four_nodes_sell_exactly_the_total(redis: Option<&RedisServer>) {
+    let url = redis.map(|r| r.url());
+    let text = sale_config("four", 1000, 1, &[1, 2, 3, 4], url.as_deref(), "");
+    let sale = InProcessSale::start(&text).await;
+    let c = client();
+    let answers = storm(&c, &sale.addrs(), 20_000, 5_000, 256, "buyer").await;
+    let sold = check_invariants(&sale, &answers, redis).await;
+    assert_eq!(sold, 1000);
+    assert_eq!(count(&answers, StatusCode::OK), 1000);
+    assert_eq!(
+        count(&answers, StatusCode::OK)
+            + count(&answers, StatusCode::CONFLICT)
+            + count(&answers, StatusCode::TOO_MANY_REQUESTS),
+        20_000
+    );
+    sale.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_nodes_sell_exactly_the_total_redis() {
+    let redis = RedisServer::start();
+    four_nodes_sell_exactly_the_total(Some(&redis)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_nodes_sell_exactly_the_total_embedded() {
+    four_nodes_sell_exactly_the_total(None).await;
+}
+
+/// The reference design checked `>=` in its Lua and sold N+1. The local
+/// allowances here are larger than the total, so only the store's own check
+/// stands between the buyers and ticket N+1.
+async fn total_n_sells_exactly_n(redis: Option<&RedisServer>) {
+    let url = redis.map(|r| r.url());
+    for total in [1u64, 2, 7] {
+        let mut text = sale_config(
+            &format!("exact{total}"),
+            total,
+            1,
+            &[1, 1],
+            url.as_deref(),
+            "",
+        );
+        text = text.replace(
+            "weight = 1\n",
+            &format!("weight = 1\nstock = {}\n", total + 50),
+        );
+        let sale = InProcessSale::start(&text).await;
+        assert!(
+            sale.nodes
+                .iter()
+                .all(|(_, n)| n.allowance_left() == total + 50)
+        );
+        let answers = storm(&client(), &sale.addrs(), 400, 400, 64, "b").await;
+        let sold = check_invariants(&sale, &answers, redis).await;
+        assert_eq!(sold as u64, total, "total {total}");
+        assert_eq!(sale.store.snapshot().await.expect("snapshot").sold, total);
+        sale.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn total_n_sells_exactly_n_redis() {
+    let redis = RedisServer::start();
+    total_n_sells_exactly_n(Some(&redis)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn total_n_sells_exactly_n_embedded() {
+    total_n_sells_exactly_n(None).await;
+}
+
+async fn one_buyer_many_requests_gets_one_ticket(redis: Option<&RedisServer>) {
+    let url = redis.map(|r| r.url());
+    let text = sale_config("greedy", 100, 1, &[1, 2, 3], url.as_deref(), "");
+    let sale = InProcessSale::start(&text).await;
+    // 200 concurrent requests, all by buyer "greedy0", spread over the nodes.
+    let answers = storm(&client(), &sale.addrs(), 200, 1, 200, "greedy").await;
+    check_invariants(&sale, &answers, redis).await;
+    assert_eq!(count(&answers, StatusCode::OK), 1);
+    let sold = answers
+        .iter()
+        .find(|a| a.status == Some(StatusCode::OK))
+        .map(|a| json(&a.body)["order"].clone())
+        .expect("one sale");
+    // Every other answer finds the order that exists, or (when in-flight
+    // requests hold a node's whole allowance) says "busy, retry": never
+    // "sold out" while 99 tickets remain.
+    for a in answers.iter().filter(|a| a.status != Some(StatusCode::OK)) {
+        let v = json(&a.body);
+        if a.status == Some(StatusCode::TOO_MANY_REQUESTS) {
+            assert_eq!(v["status"], "busy", "{}", a.body);
+            continue;
+        }
+        assert_eq!(v["status"], "already_bought", "{}", a.body);
+        assert_eq!(v["order"], sold, "a retry must find the order that exists");
+    }
+    let spent: u64 = sale
+        .config
+        .nodes
+        .iter()
+        .zip(&sale.nodes)
+        .map(|(c, (_, n))| c.allowance - n.allowance_left())
+        .sum();
+    assert_eq!(
+        spent, 1,
+        "allowance spent across nodes must equal tickets sold"
+    );
+    sale.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_buyer_many_requests_gets_one_ticket_redis() {
+    let redis = RedisServer::start();
+    one_buyer_many_requests_gets_one_ticket(Some(&redis)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_buyer_many_requests_gets_one_ticket_embedded() {
+    one_buyer_many_requests_gets_one_ticket(None).await;
+}
+
+fn evalsha_calls(redis: &RedisServer) -> u64 {
+    let mut c = redis.connection().expect("redis");
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut c)
+        .expect("INFO");
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn sold_out_is_answered_from_memory(redis: Option<&RedisServer>) {
+    let url = redis.map(|r| r.url());
+    // Two nodes whose allowances (10 each) exceed what is left, so it is the
+    // store, not the allowance, that says "sold out" first.
+    let text = sale_config("memo", 10, 1, &[1, 1], url.as_deref(), "");
+    let sale = InProcessSale::start(&text).await;
+    let c = client();
+    let answers = storm(&c, &sale.addrs(), 40, 40, 8, "early").await;
+    assert_eq!(check_invariants(&sale, &answers, redis).await, 10);
+    // Make sure each node has heard "sold out" from the store once.
+    for (addr, node) in &sale.nodes {
+        let (status, body) = get(&c, *addr, "/buy/ticket?user=probe")
+            .await
+            .expect("probe");
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        let (_, stats) = get(&c, *addr, "/stats").await.expect("stats");
+        assert_eq!(json(&stats)["sold_out"], true, "{stats}");
+        assert!(
+            node.allowance_left() > 0,
+            "the allowance must not be what says sold out"
+        );
+    }
+    let calls_before: Vec<u64> = sale
+        .nodes
+        .iter()
+        .map(|(_, n)| {
+            n.stats
+                .store_calls
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .collect();
+    let redis_before = redis.map(evalsha_calls);
+    let late = storm(&c, &sale.addrs(), 1000, 1000, 64, "late").await;
+    assert_eq!(count(&late, StatusCode::CONFLICT), 1000);
+    assert!(late.iter().all(|a| json(&a.body)["status"] == "sold_out"));
+    let calls_after: Vec<u64> = sale
+        .nodes
+        .iter()
+        .map(|(_, n)| {
+            n.stats
+                .store_calls
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .collect();
+    assert_eq!(calls_before, calls_after, "no store call after sold out");
+    if let (Some(r), Some(before)) = (redis, redis_before) {
+        // The INFO call itself is not an EVALSHA, so the count must not move.
+        assert_eq!(
+            evalsha_calls(r),
+            before,
+            "Redis saw deductions after sold out"
+        );
+        assert!(
+            before >= 12,
+            "the first phase did reach Redis ({before} calls)"
+        );
+    }
+    sale.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sold_out_is_answered_from_memory_redis() {
+    let redis = RedisServer::start();
+    sold_out_is_answered_from_memory(Some(&redis)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sold_out_is_answered_from_memory_embedded() {
+    sold_out_is_answered_from_memory(None).await;
+}
+
+fn assert_no_unit_leaked(sale: &InProcessSale) {
+    for (cfg, (_, node)) in sale.config.nodes.iter().zip(&sale.nodes) {
+        let sold = node.stats.sold.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(
+            node.allowance_left(),
+            cfg.allowance - sold,
+            "node {} leaked allowance",
+            cfg.name
+        );
+    }
+}
+
+/// Redis dies in the middle of the sale (append-only on, so it comes back
+/// with what it had): buyers get 503, no unit leaks, nothing oversells, and
+/// once Redis is back the sale completes to exactly the total.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_mid_sale_loses_nothing() {
+    let mut redis = RedisServer::start_with(&[
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+    ]);
+    let text = sale_config("outage", 300, 1, &[1, 2, 3, 4], Some(&redis.url()), "");
+    let sale = InProcessSale::start(&text).await;
+    let c = client();
+    let first = storm(&c, &sale.addrs(), 200, 200, 32, "first").await;
+    assert_eq!(count(&first, StatusCode::OK), 200);
+
+    redis.kill();
+    let during = storm(&c, &sale.addrs(), 200, 200, 32, "during").await;
+    assert_eq!(
+        count(&during, StatusCode::SERVICE_UNAVAILABLE),
+        200,
+        "every buyer gets 503 while redis is down"
+    );
+    assert!(
+        during
+            .iter()
+            .all(|a| json(&a.body)["status"] == "unavailable")
+    );
+    assert_no_unit_leaked(&sale);
+    let (status, _) = get(&c, sale.addrs()[0], "/healthz").await.expect("healthz");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+
+    redis.restart();
+    // Buyers keep coming until the store says sold out.
+    let mut after = Vec::new();
+    for round in 0..50 {
+        let answers = storm(&c, &sale.addrs(), 100, 100, 32, &format!("after{round}-")).await;
+        let done = answers
+            .iter()
+            .any(|a| json(&a.body)["status"] == "sold_out");
+        after.extend(answers);
+        let snap = sale.store.snapshot().await;
+        if done && snap.as_ref().is_ok_and(|s| s.sold == s.total) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, _) = get(&c, sale.addrs()[0], "/healthz").await.expect("healthz");
+    assert_eq!(status, StatusCode::OK);
+    let mut all = first;
+    all.extend(during);
+    all.extend(after);
+    // A 503 can come after the script ran (its reply was late): such a
+    // buyer holds exactly one ticket and its order exists; nobody else got
+    // a ticket without a 200. The node may by now answer "sold out" from
+    // memory, so look in Redis, as the buyer's order page would.
+    let got_200: HashSet<&str> = all
+        .iter()
+        .filter(|a| a.status == Some(StatusCode::OK))
+        .map(|a| a.buyer.as_str())
+        .collect();
+    let mut conn = redis.connection().expect("redis");
+    let holders: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg("spike:{outage}:buyer_order")
+        .query(&mut conn)
+        .expect("HGETALL");
+    let mut recovered = 0;
+    for (buyer, order) in &holders {
+        if got_200.contains(buyer.as_str()) {
+            continue;
+        }
+        let theirs: Vec<_> = all.iter().filter(|a| &a.buyer == buyer).collect();
+        assert!(
+            theirs
+                .iter()
+                .all(|a| a.status == Some(StatusCode::SERVICE_UNAVAILABLE)),
+            "{buyer} holds {order} without a 200 or a 503: {theirs:?}"
+        );
+        assert!(
+            !buyer.starts_with("during"),
+            "{buyer} was told 503 while redis was down, and sold later: {theirs:?}"
+        );
+        let exists: bool = redis::cmd("HEXISTS")
+            .arg("spike:{outage}:orders")
+            .arg(order)
+            .query(&mut conn)
+            .expect("HEXISTS");
+        assert!(exists, "order {order} must exist");
+        recovered += 1;
+    }
+    let sold = check_invariants_with(&sale, &all, Some(&redis), recovered).await;
+    assert_eq!(
+        sold + recovered,
+        300,
+        "the sale completes to exactly the total"
+    );
+    eprintln!("outage: {sold} answered 200, {recovered} found on retry after a late reply");
+    assert_no_unit_leaked(&sale);
+    sale.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_4xx_and_cost_nothing() {
+    let text = sale_config("bad", 10, 1, &[1], None, "");
+    let sale = InProcessSale::start(&text).await;
+    let addr = sale.addrs()[0];
+    let c = client();
+    let long = "x".repeat(65);
+    let cases: [(&str, StatusCode); 6] = [
+        ("/buy/ticket", StatusCode::BAD_REQUEST),
+        ("/buy/ticket?user=", StatusCode::BAD_REQUEST),
+        ("/buy/ticket?user=a%20b", StatusCode::BAD_REQUEST),
+        ("/buy/ticket?user=a{b}", StatusCode::BAD_REQUEST),
+        ("/nope", StatusCode::NOT_FOUND),
+        ("/buy/ticket?user=ok", StatusCode::OK),
+    ];
+    for (path, want) in cases {
+        let (status, body) = get(&c, addr, path).await.expect("answer");
+        assert_eq!(status, want, "{path}: {body}");
+    }
+    let (status, _) = get(&c, addr, &format!("/buy/ticket?user={long}"))
+        .await
+        .expect("answer");
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // Wrong method and an oversized body, over a raw socket.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for (raw, want) in [
+        (
+            "DELETE /buy/ticket?user=z HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            "405",
+        ),
+        (
+            "POST /buy/ticket?user=z HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\nConnection: close\r\n\r\n",
+            "413",
+        ),
+        ("GET /buy/ticket?user=h10 HTTP/1.0\r\n\r\n", "200"),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(raw.as_bytes()).await.expect("write");
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        let head = String::from_utf8_lossy(&buf);
+        assert!(
+            head.starts_with(&format!("HTTP/1.")) && head[9..12] == *want,
+            "{raw:?} -> {head}"
+        );
+    }
+    let snap = sale.store.snapshot().await.expect("snapshot");
+    assert_eq!(snap.sold, 2);
+    assert_no_unit_leaked(&sale);
+    sale.stop().await;
+}
