@@ -369,7 +369,12 @@ impl Cx<'_> {
             + 1
     }
 
-    fn err(&self, key: impl Into<String>, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+    fn err(
+        &self,
+        key: impl Into<String>,
+        span: Range<usize>,
+        message: impl Into<String>,
+    ) -> ConfigError {
         ConfigError::Invalid {
             path: self.path.to_path_buf(),
             key: key.into(),
@@ -395,7 +400,10 @@ impl Cx<'_> {
             self.err(
                 key,
                 v.span(),
-                format!("{:?} is not a duration like \"500ms\" or \"10s\": {e}", v.get_ref()),
+                format!(
+                    "{:?} is not a duration like \"500ms\" or \"10s\": {e}",
+                    v.get_ref()
+                ),
             )
         })?;
         if d.is_zero() {
@@ -421,7 +429,9 @@ impl Cx<'_> {
             return Err(bad("a port is required".into()));
         }
         let mut addrs = s.to_socket_addrs().map_err(|e| bad(e.to_string()))?;
-        addrs.next().ok_or_else(|| bad("the name resolved to no address".into()))
+        addrs
+            .next()
+            .ok_or_else(|| bad("the name resolved to no address".into()))
     }
 
     fn validate(&self, file: FileConfig) -> Result<Config, ConfigError> {
@@ -578,11 +588,7 @@ impl Cx<'_> {
     fn weight(&self, key: &str, w: &Spanned<i64>) -> Result<u32, ConfigError> {
         let n = *w.get_ref();
         if !(1..=1_000_000).contains(&n) {
-            return Err(self.err(
-                key,
-                w.span(),
-                format!("must be from 1 to 1000000, not {n}"),
-            ));
+            return Err(self.err(key, w.span(), format!("must be from 1 to 1000000, not {n}")));
         }
         Ok(n as u32)
     }
@@ -910,7 +916,11 @@ weight = 4
 
     #[test]
     fn unknown_key_names_key_and_line() {
-        let m = expect_err("[sale]\nevent = \"e\"\ntotal = 5\ncolour = 1\n", "sale.colour", 4);
+        let m = expect_err(
+            "[sale]\nevent = \"e\"\ntotal = 5\ncolour = 1\n",
+            "sale.colour",
+            4,
+        );
         assert!(m.contains("unknown field"), "{m}");
     }
 
@@ -976,5 +986,20 @@ weight = 4
             "balancer.upstream[0].fail_timeout",
             4,
         );
+    }
+}
+
+#[cfg(test)]
+mod example_file {
+    use super::*;
+
+    /// The config.toml the README tells a new user to run must stay valid.
+    #[test]
+    fn the_committed_config_toml_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+        let c = Config::load(&path).expect("config.toml must validate");
+        assert_eq!(c.nodes.len(), 4);
+        assert!(c.redis.is_none(), "the example runs with no Redis installed");
+        assert_eq!(c.balancer.expect("balancer").upstreams.len(), 4);
     }
 }

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The one command that passes the tests on a fresh machine: installs what the
+# tests need when it is missing (redis-server and nginx, from Debian's
+# packages), then runs the whole suite. CI calls this same script.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+if [ "${#missing[@]}" -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "scripts/test.sh: installing ${missing[*]}"
+  $sudo apt-get update
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+
+# Two test threads: the machine this runs on has two cores, and many tests
+# start their own redis-server and spike processes.
+cargo test --all-targets -- --test-threads 2

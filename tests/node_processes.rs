@@ -1,0 +1,205 @@
+//! The node and `spike stock` as a user runs them: real `spike` processes, a
+//! real redis-server, real HTTP.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::http::{client, json};
+use common::redis::RedisServer;
+use common::sale::{count, sale_config, storm};
+use common::spike::{SpikeProcess, remove_config, run, wait_listening, write_config};
+use hyper::StatusCode;
+
+fn cfg(path: &std::path::Path) -> &str {
+    path.to_str().expect("utf-8 temp path")
+}
+
+fn stdout_json(out: &std::process::Output) -> serde_json::Value {
+    json(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+fn node_addrs(text: &str) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("listen = \""))
+        .map(|a| a.trim_end_matches('"').parse().expect("addr"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_node_processes_sell_exactly_the_total() {
+    let redis = RedisServer::start();
+    let text = sale_config("G1234-2026-02-10", 1000, 1, &[1, 2, 3, 4], Some(&redis.url()), "");
+    let path = write_config(&text);
+    let c = cfg(&path);
+
+    let init = run(&["stock", "init", "--config", c]);
+    assert!(init.status.success(), "{init:?}");
+    let addrs = node_addrs(&text);
+    let _nodes: Vec<SpikeProcess> = (1..=4)
+        .map(|i| SpikeProcess::start(&["node", "--config", c, "--name", &format!("n{i}")]))
+        .collect();
+    for a in &addrs {
+        wait_listening(&a.to_string(), Duration::from_secs(10));
+    }
+
+    let answers = storm(&client(), &addrs, 20_000, 5_000, 256, "buyer").await;
+    assert!(answers.iter().all(|a| a.status.is_some()), "transport errors");
+    assert_eq!(count(&answers, StatusCode::OK), 1000);
+    let mut per_buyer: HashMap<&str, usize> = HashMap::new();
+    for a in answers.iter().filter(|a| a.status == Some(StatusCode::OK)) {
+        *per_buyer.entry(&a.buyer).or_default() += 1;
+    }
+    assert!(per_buyer.values().all(|&n| n == 1), "a buyer bought twice");
+    // Every node took part, in proportion to its weight (loosely: the storm
+    // sends each node the same number of requests).
+    let by_node: HashMap<String, usize> = answers
+        .iter()
+        .filter(|a| a.status == Some(StatusCode::OK))
+        .fold(HashMap::new(), |mut m, a| {
+            *m.entry(json(&a.body)["node"].as_str().unwrap_or("?").to_string()).or_default() += 1;
+            m
+        });
+    assert_eq!(by_node.len(), 4, "{by_node:?}");
+
+    let show = run(&["stock", "show", "--config", c]);
+    assert!(show.status.success(), "{show:?}");
+    let snap = stdout_json(&show);
+    assert_eq!(snap["event"], "G1234-2026-02-10");
+    assert_eq!(snap["total"], 1000);
+    assert_eq!(snap["sold"], 1000);
+    assert_eq!(snap["remaining"], 0);
+    assert_eq!(snap["orders"], 1000);
+
+    let audit = run(&["stock", "audit", "--config", c]);
+    assert!(audit.status.success(), "{audit:?}");
+    assert_eq!(stdout_json(&audit)["ok"], true);
+
+    // A started sale is not overwritten by accident...
+    let again = run(&["stock", "init", "--config", c]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"), "{again:?}");
+    // ...but is reset on purpose.
+    let forced = run(&["stock", "init", "--config", c, "--force"]);
+    assert!(forced.status.success(), "{forced:?}");
+    let snap = stdout_json(&run(&["stock", "show", "--config", c]));
+    assert_eq!(snap["sold"], 0);
+    assert_eq!(snap["orders"], 0);
+    assert_eq!(snap["buyers"], 0);
+    remove_config(&path);
+}
+
+#[test]
+fn audit_fails_on_a_broken_sale() {
+    let redis = RedisServer::start();
+    let text = sale_config("broken", 5, 1, &[1], Some(&redis.url()), "");
+    let path = write_config(&text);
+    let c = cfg(&path);
+    assert!(run(&["stock", "init", "--config", c]).status.success());
+    assert!(run(&["stock", "audit", "--config", c]).status.success());
+    // Something outside spike sells a ticket without an order record.
+    let mut conn = redis.connection().expect("redis");
+    let _: i64 = redis::cmd("HINCRBY")
+        .arg("spike:{broken}:stock")
+        .arg("sold")
+        .arg(6)
+        .query(&mut conn)
+        .expect("HINCRBY");
+    let audit = run(&["stock", "audit", "--config", c]);
+    assert!(!audit.status.success(), "audit must fail: {audit:?}");
+    let report = stdout_json(&audit);
+    assert_eq!(report["ok"], false);
+    let problems = report["problems"].to_string();
+    assert!(problems.contains("oversold"), "{problems}");
+    assert!(problems.contains("order records"), "{problems}");
+    remove_config(&path);
+}
+
+#[test]
+fn a_node_stops_cleanly_on_sigterm() {
+    let redis = RedisServer::start();
+    let text = sale_config("term", 5, 1, &[1], Some(&redis.url()), "");
+    let path = write_config(&text);
+    let c = cfg(&path);
+    assert!(run(&["stock", "init", "--config", c]).status.success());
+    let mut node = SpikeProcess::start(&["node", "--config", c, "--name", "n1"]);
+    wait_listening(&node_addrs(&text)[0].to_string(), Duration::from_secs(10));
+    node.signal("TERM");
+    let status = node.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert!(status.success(), "{status:?}");
+    remove_config(&path);
+}
+
+/// Each bad file is refused with the file, the key and the line, and a
+/// non-zero exit, by every command that reads it.
+#[test]
+fn bad_config_files_are_refused_with_file_key_and_line() {
+    let node = "[[node]]\nname = \"n1\"\nlisten = \"127.0.0.1:3001\"\n";
+    let sale = "[sale]\nevent = \"e\"\ntotal = 10\n";
+    let cases: Vec<(String, &str, usize)> = vec![
+        (format!("{sale}colour = \"red\"\n{node}"), "sale.colour", 4),
+        (format!("{sale}[[node]]\nname = \"n1\"\nlisten = \"localhost\"\n"), "node[0].listen", 6),
+        (format!("{sale}[[node]]\nname = \"n1\"\nlisten = \"300.1.1.1:80\"\n"), "node[0].listen", 6),
+        (format!("{sale}{node}[[node]]\nname = \"n1\"\nlisten = \"127.0.0.1:3002\"\n"), "node[1].name", 8),
+        (format!("{sale}{node}weight = 0\n"), "node[0].weight", 7),
+        (format!("[sale]\nevent = \"e\"\ntotal = 0\n{node}"), "sale.total", 3),
+        (format!("[sale]\nevent = \"e\"\ntotal = -4\n{node}"), "sale.total", 3),
+        (format!("{sale}{node}[redis]\nurl = \"http://x\"\n"), "redis.url", 8),
+        ("[sale]\nevent = \"e\"\ntotal = \n".to_string(), "sale.total", 3),
+    ];
+    for (text, key, line) in cases {
+        let path = write_config(&text);
+        let c = cfg(&path);
+        for args in [
+            vec!["node", "--config", c, "--name", "n1"],
+            vec!["stock", "show", "--config", c],
+        ] {
+            let out = run(&args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{args:?} accepted:\n{text}");
+            let want = format!("{c}:{line}: `{key}`");
+            assert!(err.contains(&want), "{args:?}: want {want:?} in {err}\n--- file:\n{text}");
+        }
+        remove_config(&path);
+    }
+    // A missing file names itself.
+    let out = run(&["node", "--config", "/nonexistent/spike.toml", "--name", "n1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/spike.toml"));
+}
+
+#[test]
+fn separate_node_processes_refuse_the_embedded_store() {
+    let text = sale_config("emb", 10, 1, &[1, 1], None, "");
+    let path = write_config(&text);
+    let out = run(&["node", "--config", cfg(&path), "--name", "n1"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("[redis]") && err.contains("spike up"), "{err}");
+    let out = run(&["stock", "show", "--config", cfg(&path)]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("GET /sale"));
+    remove_config(&path);
+}
+
+#[test]
+fn every_command_has_help() {
+    for args in [
+        vec!["--help"],
+        vec!["node", "--help"],
+        vec!["balancer", "--help"],
+        vec!["up", "--help"],
+        vec!["stock", "--help"],
+        vec!["stock", "init", "--help"],
+        vec!["stock", "show", "--help"],
+        vec!["stock", "audit", "--help"],
+        vec!["nginx-conf", "--help"],
+    ] {
+        let out = run(&args);
+        assert!(out.status.success(), "{args:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("Usage: spike"), "{args:?}: {text}");
+    }
+}
