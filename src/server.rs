@@ -59,7 +59,10 @@ pub async fn serve<F, S, B>(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .keep_alive(true)
-        .max_buf_size(64 * 1024);
+        // Request heads over this are answered 431 by hyper, and targets
+        // over its 64k URI limit 414, before any service code runs.
+        .max_buf_size(96 * 1024)
+        .max_headers(100);
     tokio::pin!(shutdown);
     loop {
         // Take a permit before accepting: over the cap, clients wait in the
@@ -84,9 +87,25 @@ pub async fn serve<F, S, B>(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn = builder.serve_connection(TokioIo::new(stream), make_service(peer));
-        let conn = graceful.watch(conn);
+        let service = make_service(peer);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let first_byte_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
+            // A spawned task reserves room for its largest state, and the
+            // hyper connection (with the service's future inside) is ~16 KiB.
+            // Until a client sends its first byte it costs only this small
+            // task; the connection is boxed, once, when there is work. One
+            // that sends nothing in time is closed.
+            // `peek`, not `readable`: readiness can be reported before any
+            // byte has arrived.
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(first_byte_timeout, stream.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+            let conn =
+                Box::pin(watcher.watch(builder.serve_connection(TokioIo::new(stream), service)));
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }

@@ -481,3 +481,73 @@ async fn malformed_requests_get_4xx_and_cost_nothing() {
     assert_no_unit_leaked(&sale);
     sale.stop().await;
 }
+
+/// A reply lost after the script ran: the buyer gets 503, fred does not send
+/// the deduction again on its own (one attempt), and the buyer's retry, on
+/// the same node or another, gets `already_bought` with the order that
+/// exists. The order id is never issued twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_reply_never_sells_twice() {
+    let redis = RedisServer::start();
+    let upstream: std::net::SocketAddr = format!("127.0.0.1:{}", redis.port).parse().expect("addr");
+    let proxy = common::cut_proxy::CutProxy::start(upstream).await;
+    let url = format!("redis://{}", proxy.addr);
+    let text = sale_config("lost", 100, 1, &[1, 1], Some(&url), "");
+    let sale = InProcessSale::start(&text).await;
+    let c = client();
+    let [a, b] = [sale.addrs()[0], sale.addrs()[1]];
+    let (status, body) = get(&c, a, "/buy/ticket?user=warmup")
+        .await
+        .expect("warm-up");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let calls_before = evalsha_calls(&redis);
+
+    proxy.cut_next_reply();
+    let (status, body) = get(&c, a, "/buy/ticket?user=unlucky")
+        .await
+        .expect("answer");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    // Redis ran the script exactly once: fred did not resend it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        evalsha_calls(&redis) - calls_before,
+        1,
+        "the deduction was sent again"
+    );
+    let mut conn = redis.connection().expect("redis");
+    let held: Option<String> = redis::cmd("HGET")
+        .arg("spike:{lost}:buyer_order")
+        .arg("unlucky")
+        .query(&mut conn)
+        .expect("HGET");
+    let order = held.expect("the script ran and recorded the order");
+
+    // The retry, on the other node and on the same one, finds that order.
+    for node in [b, a] {
+        let mut answer = get(&c, node, "/buy/ticket?user=unlucky")
+            .await
+            .expect("retry");
+        // fred may still be reconnecting through the proxy.
+        for _ in 0..20 {
+            if answer.0 != StatusCode::SERVICE_UNAVAILABLE {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            answer = get(&c, node, "/buy/ticket?user=unlucky")
+                .await
+                .expect("retry");
+        }
+        let v = json(&answer.1);
+        assert_eq!(answer.0, StatusCode::CONFLICT, "{}", answer.1);
+        assert_eq!(v["status"], "already_bought");
+        assert_eq!(v["order"], order.as_str());
+    }
+    // Later sales get new ids; the lost one is not reissued.
+    let (status, body) = get(&c, b, "/buy/ticket?user=next").await.expect("next");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_ne!(json(&body)["order"], order.as_str());
+    let snap = sale.store.snapshot().await.expect("snapshot");
+    assert_eq!((snap.sold, snap.orders), (3, 3));
+    assert!(snap.audit(1).is_empty());
+    sale.stop().await;
+}

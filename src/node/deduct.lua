@@ -4,7 +4,15 @@
 -- KEYS[3] orders hash (order id -> JSON)    KEYS[4] buyer_order hash (buyer -> last order id)
 -- ARGV[1] buyer ('' when anonymous)  ARGV[2] per-user limit (0 = none)
 -- ARGV[3] node name                  ARGV[4] time, Unix milliseconds
--- Returns {code, order id, sold}: 1 sold, 2 sold out, 3 already bought, 4 no sale.
+-- ARGV[5] deadline, Unix milliseconds: after it the node has told the buyer 503
+-- Returns {code, order id, sold}: 1 sold, 2 sold out, 3 already bought, 4 no sale,
+-- 5 too late (nothing done).
+-- A client library can deliver a command late (queued across a reconnect);
+-- by then the buyer was told 503, so a late deduction must not sell.
+local now = redis.call('TIME')
+if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[5]) then
+  return {5, '', 0}
+end
 local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
 if not total then
   return {4, '', 0}

@@ -20,6 +20,10 @@ use crate::server::json;
 /// Longest buyer id accepted; it becomes a Redis hash field.
 pub const MAX_BUYER_LEN: usize = 64;
 
+/// Longest request target accepted (Nginx's default header buffer is 8k);
+/// nothing legitimate on a node comes near it.
+pub const MAX_URI_LEN: usize = 8192;
+
 /// Counters for `/stats`.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -97,6 +101,14 @@ impl Node {
         self: Arc<Self>,
         req: Request<Incoming>,
     ) -> Result<Response<Full<Bytes>>, Infallible> {
+        let target_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+        if target_len > MAX_URI_LEN {
+            self.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+            return Ok(json(
+                StatusCode::URI_TOO_LONG,
+                Bytes::from_static(b"{\"status\":\"uri_too_long\"}"),
+            ));
+        }
         Ok(match req.uri().path() {
             "/buy/ticket" => match *req.method() {
                 Method::GET | Method::POST => self.buy(&req).await,

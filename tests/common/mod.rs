@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod cut_proxy;
 pub mod http;
 pub mod redis;
 pub mod sale;

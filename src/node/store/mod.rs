@@ -44,6 +44,12 @@ pub enum StoreError {
     /// Redis could not be reached or the connection broke.
     #[error("the store is unreachable: {0}")]
     Unavailable(String),
+    /// The deduction reached Redis after its deadline and was refused
+    /// without effect (delivered late, or this host's clock is behind Redis's).
+    #[error(
+        "the deduction reached the store after its deadline and did nothing (check clock sync if this persists)"
+    )]
+    TooLate,
     /// Redis answered something this version of spike does not understand.
     #[error("unexpected answer from the store: {0}")]
     Protocol(String),

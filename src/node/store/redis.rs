@@ -113,11 +113,14 @@ impl RedisStore {
 
     /// See `deduct.lua`.
     pub async fn deduct(&self, buyer: &str, node: &str) -> Result<Outcome, StoreError> {
+        let now = now_millis();
+        let deadline = now + self.timeout.as_millis() as u64;
         let args = vec![
             Value::from(buyer),
             self.per_user_limit.clone(),
             Value::from(node),
-            Value::from(now_millis() as i64),
+            Value::from(now as i64),
+            Value::from(deadline as i64),
         ];
         let reply = self.eval(&self.deduct, args).await?;
         let mut fields = array(reply, 3)?.into_iter();
@@ -129,6 +132,7 @@ impl RedisStore {
             2 => Ok(Outcome::SoldOut),
             3 => Ok(Outcome::AlreadyBought { order }),
             4 => Ok(Outcome::NoSale),
+            5 => Err(StoreError::TooLate),
             other => Err(StoreError::Protocol(format!(
                 "deduct returned code {other}"
             ))),
