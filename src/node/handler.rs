@@ -39,7 +39,7 @@ pub struct Stats {
     pub store_calls: AtomicU64,
     /// Requests refused as malformed.
     pub bad_requests: AtomicU64,
-    /// 429 answers: the allowance was all held by purchases in flight.
+    /// 503 busy answers: the allowance was all held by purchases in flight.
     pub busy: AtomicU64,
 }
 
@@ -162,7 +162,7 @@ impl Node {
             Err(NoUnit::InFlight) => {
                 self.stats.busy.fetch_add(1, Ordering::Relaxed);
                 let mut res = json(
-                    StatusCode::TOO_MANY_REQUESTS,
+                    StatusCode::SERVICE_UNAVAILABLE,
                     Bytes::from_static(b"{\"status\":\"busy\",\"reason\":\"purchases in flight hold this node's stock; retry\"}"),
                 );
                 res.headers_mut()
