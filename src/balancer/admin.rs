@@ -1,0 +1,222 @@
+//! The admin listener: `GET /healthz`, `GET /status` (JSON), `GET /metrics`
+//! (Prometheus text). Off the hot path, so it formats freely.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+
+use super::reload::Shared;
+use super::upstream::now_ms;
+
+/// Upper bounds of the latency histogram buckets, in seconds.
+const BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+/// Time from a request's arrival to its upstream's response head.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Per-bucket counts (not cumulative); the last slot is `+Inf`.
+    counts: [AtomicU64; BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation (a few relaxed atomic adds).
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(BUCKETS.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Balancer-wide counters (per-upstream ones live in `LiveState`).
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Open client connections.
+    pub connections: AtomicU64,
+    /// Upstream latency.
+    pub latency: Histogram,
+    /// Answers the balancer made itself: 400, 502, 504.
+    local_400: AtomicU64,
+    local_502: AtomicU64,
+    local_504: AtomicU64,
+}
+
+impl Metrics {
+    /// Counts an answer the balancer made itself.
+    pub fn count_local(&self, status: u16) {
+        let c = match status {
+            400 => &self.local_400,
+            504 => &self.local_504,
+            _ => &self.local_502,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts an open client connection for as long as it lives.
+#[derive(Debug)]
+pub struct ConnectionGuard(std::sync::Arc<Shared>);
+
+impl ConnectionGuard {
+    /// Counts one more open connection.
+    pub fn new(shared: std::sync::Arc<Shared>) -> ConnectionGuard {
+        shared.metrics.connections.fetch_add(1, Ordering::Relaxed);
+        ConnectionGuard(shared)
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Answers one admin request.
+pub async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let get = matches!(*req.method(), Method::GET | Method::HEAD);
+    match (get, req.uri().path()) {
+        (true, "/healthz") => crate::server::json(StatusCode::OK, r#"{"status":"ok"}"#),
+        (true, "/status") => crate::server::json(StatusCode::OK, status(shared)),
+        (true, "/metrics") => {
+            let mut res = Response::new(Full::new(Bytes::from(metrics(shared))));
+            res.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            res
+        }
+        _ => crate::server::json(StatusCode::NOT_FOUND, r#"{"status":"not_found"}"#),
+    }
+}
+
+fn status(shared: &Shared) -> String {
+    let active = shared.current.load();
+    let now = now_ms();
+    let upstreams: Vec<serde_json::Value> = active
+        .selector
+        .upstreams()
+        .map(|u| {
+            serde_json::json!({
+                "address": u.config.addr.to_string(),
+                "weight": u.config.weight,
+                "state": u.state_name(now),
+                "active": u.live.active.load(Ordering::Relaxed),
+                "requests": u.live.requests.load(Ordering::Relaxed),
+                "failures": u.live.failures.load(Ordering::Relaxed),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "strategy": active.selector.strategy().as_str(),
+        "version": active.version,
+        "connections": shared.metrics.connections.load(Ordering::Relaxed),
+        "upstreams": upstreams,
+    })
+    .to_string()
+}
+
+fn metrics(shared: &Shared) -> String {
+    let active = shared.current.load();
+    let m = &shared.metrics;
+    let mut out = String::with_capacity(4096);
+    // Writing to a String cannot fail; results are ignored below.
+    out.push_str(
+        "# HELP spike_balancer_requests_total Upstream responses by upstream and status class.\n",
+    );
+    out.push_str("# TYPE spike_balancer_requests_total counter\n");
+    for u in active.selector.upstreams() {
+        for (i, class) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "spike_balancer_requests_total{{upstream=\"{}\",class=\"{class}\"}} {}",
+                u.config.addr,
+                u.live.responses[i].load(Ordering::Relaxed)
+            );
+        }
+    }
+    out.push_str("# HELP spike_balancer_upstream_errors_total Failed attempts (connect errors, resets, timeouts) by upstream.\n");
+    out.push_str("# TYPE spike_balancer_upstream_errors_total counter\n");
+    for u in active.selector.upstreams() {
+        let _ = writeln!(
+            out,
+            "spike_balancer_upstream_errors_total{{upstream=\"{}\"}} {}",
+            u.config.addr,
+            u.live.failures.load(Ordering::Relaxed)
+        );
+    }
+    out.push_str("# HELP spike_balancer_upstream_active Requests in flight by upstream.\n");
+    out.push_str("# TYPE spike_balancer_upstream_active gauge\n");
+    for u in active.selector.upstreams() {
+        let _ = writeln!(
+            out,
+            "spike_balancer_upstream_active{{upstream=\"{}\"}} {}",
+            u.config.addr,
+            u.live.active.load(Ordering::Relaxed)
+        );
+    }
+    out.push_str(
+        "# HELP spike_balancer_local_responses_total Answers made by the balancer itself.\n",
+    );
+    out.push_str("# TYPE spike_balancer_local_responses_total counter\n");
+    for (code, c) in [
+        (400, &m.local_400),
+        (502, &m.local_502),
+        (504, &m.local_504),
+    ] {
+        let _ = writeln!(
+            out,
+            "spike_balancer_local_responses_total{{code=\"{code}\"}} {}",
+            c.load(Ordering::Relaxed)
+        );
+    }
+    out.push_str(
+        "# HELP spike_balancer_upstream_latency_seconds Time to the upstream's response head.\n",
+    );
+    out.push_str("# TYPE spike_balancer_upstream_latency_seconds histogram\n");
+    let mut cumulative = 0;
+    for (i, bound) in BUCKETS.iter().enumerate() {
+        cumulative += m.latency.counts[i].load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "spike_balancer_upstream_latency_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
+        );
+    }
+    cumulative += m.latency.counts[BUCKETS.len()].load(Ordering::Relaxed);
+    let _ = writeln!(
+        out,
+        "spike_balancer_upstream_latency_seconds_bucket{{le=\"+Inf\"}} {cumulative}"
+    );
+    let _ = writeln!(
+        out,
+        "spike_balancer_upstream_latency_seconds_sum {}",
+        m.latency.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+    );
+    let _ = writeln!(
+        out,
+        "spike_balancer_upstream_latency_seconds_count {cumulative}"
+    );
+    out.push_str("# HELP spike_balancer_active_connections Open client connections.\n");
+    out.push_str("# TYPE spike_balancer_active_connections gauge\n");
+    let _ = writeln!(
+        out,
+        "spike_balancer_active_connections {}",
+        m.connections.load(Ordering::Relaxed)
+    );
+    out.push_str("# HELP spike_balancer_config_version Config version in force.\n");
+    out.push_str("# TYPE spike_balancer_config_version gauge\n");
+    let _ = writeln!(out, "spike_balancer_config_version {}", active.version);
+    out
+}

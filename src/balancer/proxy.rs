@@ -1,0 +1,456 @@
+//! The hot path: one client request in, one upstream picked (and more on
+//! failure), the response streamed back.
+//!
+//! Failover follows Nginx's `proxy_next_upstream error timeout`:
+//! - a connect error or connect timeout: the request was not sent, so the
+//!   next upstream is tried whatever the method;
+//! - any other error (reset, closed mid-response) or a response timeout: the
+//!   request may have reached the upstream, so only idempotent methods
+//!   (GET, HEAD, OPTIONS, PUT, DELETE, TRACE) go on to the next upstream;
+//! - nothing left: 502, or 504 when the last failure was a timeout.
+//!
+//! Before an idempotent request gives up on an upstream after a non-connect
+//! error, it is sent once more to the same upstream on a fresh (unpooled)
+//! connection: the error may only mean that a pooled keep-alive connection
+//! went stale, which must never turn into a client-visible error or a failure
+//! mark. (Requests that were provably not sent on a reused connection are
+//! already retried by hyper-util's pool.)
+//!
+//! Request bodies: a body of at most [`REPLAY_LIMIT`] bytes with a declared
+//! `Content-Length` is read first so it can be replayed on another upstream
+//! (Nginx buffers request bodies for the same reason). Larger or chunked
+//! bodies are streamed straight through and get exactly one attempt.
+//! Response bodies are always streamed.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{
+    CONNECTION, CONTENT_LENGTH, HOST, HeaderName, HeaderValue, TE, TRAILER, TRANSFER_ENCODING,
+    UPGRADE,
+};
+use hyper::http::uri::{self, PathAndQuery, Scheme};
+use hyper::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use ipnet::IpNet;
+
+use crate::config::BalancerConfig;
+
+use super::reload::Shared;
+use super::strategy::{Attempt, Pick};
+use super::upstream::{Upstream, now_ms};
+
+/// Largest request body kept in memory so that it can be sent again to
+/// another upstream; bigger bodies are streamed and not retried.
+pub const REPLAY_LIMIT: u64 = 64 * 1024;
+
+/// What goes to upstreams: a small replayable body, or the client's stream.
+pub type ReqBody = Either<Full<Bytes>, Incoming>;
+
+/// What goes back to clients: an upstream's streamed body, or our own answer.
+pub type RespBody = Either<Tracked, Full<Bytes>>;
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// Headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus
+/// the non-standard ones old clients still send.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
+];
+
+const BAD_GATEWAY: &[u8] = br#"{"status":"bad_gateway","error":"no upstream could answer"}"#;
+const GATEWAY_TIMEOUT: &[u8] =
+    br#"{"status":"gateway_timeout","error":"the upstream did not answer in time"}"#;
+const BAD_REQUEST: &[u8] = br#"{"status":"bad_request","error":"the request could not be read"}"#;
+
+/// The upstream HTTP clients of one set of pool settings. Kept across
+/// reloads when the settings stay, so the keep-alive pools stay too.
+#[derive(Debug)]
+pub struct Clients {
+    pooled: Client<HttpConnector, ReqBody>,
+    fresh: Client<HttpConnector, ReqBody>,
+    settings: (Duration, usize, Duration),
+}
+
+impl Clients {
+    /// Builds the pooled client (and an unpooled one for stale-connection
+    /// retries) from the balancer's timeouts and keep-alive settings.
+    pub fn new(config: &BalancerConfig) -> Clients {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.enforce_http(true);
+        let pooled = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(config.keepalive)
+            .pool_idle_timeout(config.keepalive_timeout)
+            .pool_timer(TokioTimer::new())
+            .build(connector.clone());
+        let fresh = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .build(connector);
+        Clients {
+            pooled,
+            fresh,
+            settings: Self::settings_of(config),
+        }
+    }
+
+    fn settings_of(c: &BalancerConfig) -> (Duration, usize, Duration) {
+        (c.connect_timeout, c.keepalive, c.keepalive_timeout)
+    }
+
+    /// Whether these clients were built with `config`'s pool settings.
+    pub fn fits(&self, config: &BalancerConfig) -> bool {
+        self.settings == Self::settings_of(config)
+    }
+}
+
+/// An upstream's response body on its way to the client. Holding the
+/// [`Pick`] keeps the request counted as active until the body is done,
+/// which is what least_conn balances on.
+pub struct Tracked {
+    inner: Incoming,
+    _pick: Pick,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+enum Outgoing {
+    Replay(Bytes),
+    Stream(Option<Incoming>),
+}
+
+enum SendError {
+    /// Connecting failed or timed out: the request was not sent.
+    Connect(hyper_util::client::legacy::Error),
+    /// No response head within `response_timeout`.
+    Timeout,
+    /// Anything else; the request may have been sent.
+    Other(hyper_util::client::legacy::Error),
+}
+
+/// Whether a method may be sent twice (RFC 9110 9.2.2).
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// Proxies one client request. Never fails: errors become 502/504 answers.
+pub async fn handle(
+    shared: &Shared,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<RespBody> {
+    let start = Instant::now();
+    let active = shared.current.load_full();
+    let config = &active.config;
+    let (mut parts, body) = req.into_parts();
+    let peer_ip = peer.ip().to_canonical();
+    let client = client_ip(peer_ip, &parts.headers, &config.trusted_proxies);
+    prepare_request_headers(&mut parts.headers, peer_ip, client);
+    let idempotent = is_idempotent(&parts.method);
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+
+    let mut outgoing = if body.is_end_stream() {
+        Outgoing::Replay(Bytes::new())
+    } else if content_length(&parts.headers).is_some_and(|n| n <= REPLAY_LIMIT) {
+        match tokio::time::timeout(config.response_timeout, body.collect()).await {
+            Ok(Ok(collected)) => Outgoing::Replay(collected.to_bytes()),
+            _ => return local(shared, StatusCode::BAD_REQUEST, BAD_REQUEST),
+        }
+    } else {
+        Outgoing::Stream(Some(body))
+    };
+
+    let mut attempt = Attempt::new(client);
+    let mut timed_out = false;
+    while let Some(pick) = active.selector.pick(&mut attempt, now_ms()) {
+        let upstream = active.selector.upstream(&pick);
+        let Some(first) = next_body(&mut outgoing) else {
+            break;
+        };
+        let req = build(&parts.method, &path, &parts.headers, upstream, first);
+        let mut result = send(&active.clients.pooled, req, config.response_timeout).await;
+        if let Err(SendError::Other(e)) = &result
+            && idempotent
+            && let Some(again) = next_body(&mut outgoing)
+        {
+            tracing::debug!(upstream = %upstream.config.addr, error = %e, "retrying once on a fresh connection");
+            let req = build(&parts.method, &path, &parts.headers, upstream, again);
+            result = send(&active.clients.fresh, req, config.response_timeout).await;
+        }
+        match result {
+            Ok(resp) => {
+                active.selector.release(&pick, false, now_ms());
+                return respond(shared, resp, pick, start);
+            }
+            Err(e) => {
+                active.selector.release(&pick, true, now_ms());
+                let retry = match &e {
+                    SendError::Connect(err) => {
+                        tracing::warn!(upstream = %upstream.config.addr, error = %err, "upstream connect failed");
+                        timed_out = false;
+                        true
+                    }
+                    SendError::Timeout => {
+                        tracing::warn!(upstream = %upstream.config.addr, "upstream response timed out");
+                        timed_out = true;
+                        idempotent
+                    }
+                    SendError::Other(err) => {
+                        tracing::warn!(upstream = %upstream.config.addr, error = %err, "upstream request failed");
+                        timed_out = false;
+                        idempotent
+                    }
+                };
+                if !retry {
+                    break;
+                }
+            }
+        }
+    }
+    if timed_out {
+        local(shared, StatusCode::GATEWAY_TIMEOUT, GATEWAY_TIMEOUT)
+    } else {
+        local(shared, StatusCode::BAD_GATEWAY, BAD_GATEWAY)
+    }
+}
+
+/// The body for the next attempt, or `None` when a streamed body was
+/// already used up by an earlier attempt.
+fn next_body(outgoing: &mut Outgoing) -> Option<ReqBody> {
+    match outgoing {
+        Outgoing::Replay(b) => Some(Either::Left(Full::new(b.clone()))),
+        Outgoing::Stream(s) => s.take().map(Either::Right),
+    }
+}
+
+fn build(
+    method: &Method,
+    path: &PathAndQuery,
+    headers: &HeaderMap,
+    upstream: &Upstream,
+    body: ReqBody,
+) -> Request<ReqBody> {
+    let mut p = uri::Parts::default();
+    p.scheme = Some(Scheme::HTTP);
+    p.authority = Some(upstream.authority.clone());
+    p.path_and_query = Some(path.clone());
+    let mut req = Request::new(body);
+    // Scheme, authority and an origin path always make a valid URI; if the
+    // client sent something odd ("*"), it falls back to "/".
+    *req.uri_mut() = Uri::from_parts(p).unwrap_or_else(|_| Uri::from_static("/"));
+    *req.method_mut() = method.clone();
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = headers.clone();
+    req
+}
+
+async fn send(
+    client: &Client<HttpConnector, ReqBody>,
+    req: Request<ReqBody>,
+    timeout: Duration,
+) -> Result<Response<Incoming>, SendError> {
+    match tokio::time::timeout(timeout, client.request(req)).await {
+        Err(_) => Err(SendError::Timeout),
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(e)) if e.is_connect() => Err(SendError::Connect(e)),
+        Ok(Err(e)) => Err(SendError::Other(e)),
+    }
+}
+
+fn respond(
+    shared: &Shared,
+    resp: Response<Incoming>,
+    pick: Pick,
+    start: Instant,
+) -> Response<RespBody> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    pick.live().count_response(parts.status.as_u16());
+    shared.metrics.latency.observe(start.elapsed());
+    Response::from_parts(
+        parts,
+        Either::Left(Tracked {
+            inner: body,
+            _pick: pick,
+        }),
+    )
+}
+
+fn local(shared: &Shared, status: StatusCode, body: &'static [u8]) -> Response<RespBody> {
+    shared.metrics.count_local(status.as_u16());
+    crate::server::json(status, Bytes::from_static(body)).map(Either::Right)
+}
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+}
+
+/// The client's address: the TCP peer, unless the peer is a trusted proxy,
+/// then the last address in `X-Forwarded-For` that is not a trusted proxy
+/// (Nginx's realip with `real_ip_recursive on`).
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let mut client = peer;
+    for value in headers.get_all(X_FORWARDED_FOR).iter().rev() {
+        let Ok(s) = value.to_str() else {
+            return client;
+        };
+        for item in s.rsplit(',') {
+            let Ok(ip) = item.trim().parse::<IpAddr>() else {
+                return client;
+            };
+            client = ip.to_canonical();
+            if !is_trusted(&client) {
+                return client;
+            }
+        }
+    }
+    client
+}
+
+/// Removes hop-by-hop headers, including those named in `Connection`.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Collected first (rarely anything: allocation only when a client names
+    // an unusual header), since the map cannot change while being read.
+    let mut listed: Vec<HeaderName> = Vec::new();
+    for v in h.get_all(CONNECTION) {
+        let Ok(s) = v.to_str() else { continue };
+        for token in s.split(',') {
+            let token = token.trim();
+            if token.is_empty()
+                || token.eq_ignore_ascii_case("close")
+                || token.eq_ignore_ascii_case("keep-alive")
+                || token.eq_ignore_ascii_case("upgrade")
+            {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes())
+                && name != HOST
+            {
+                listed.push(name);
+            }
+        }
+    }
+    for name in listed {
+        h.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        h.remove(name);
+    }
+}
+
+/// Hop-by-hop headers out, `X-Forwarded-For` appended, `X-Real-IP` set;
+/// `Host` is left as the client sent it.
+fn prepare_request_headers(h: &mut HeaderMap, peer: IpAddr, client: IpAddr) {
+    strip_hop_by_hop(h);
+    let mut xff = BytesMut::with_capacity(64);
+    for v in h.get_all(X_FORWARDED_FOR) {
+        xff.extend_from_slice(v.as_bytes());
+        xff.extend_from_slice(b", ");
+    }
+    // Writing an IpAddr into a BytesMut cannot fail.
+    let _ = write!(xff, "{peer}");
+    let split = xff.len();
+    let _ = write!(xff, "{client}");
+    let mut xff = xff.freeze();
+    let real = xff.split_off(split);
+    if let Ok(v) = HeaderValue::from_maybe_shared(xff) {
+        h.insert(X_FORWARDED_FOR, v);
+    }
+    if let Ok(v) = HeaderValue::from_maybe_shared(real) {
+        h.insert(X_REAL_IP, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_listed_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("keep-alive, X-Secret"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(HOST, HeaderValue::from_static("example.com"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["host", "x-keep"]);
+    }
+
+    #[test]
+    fn forwarded_for_is_appended_and_real_ip_set() {
+        let mut h = HeaderMap::new();
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static("2.2.2.2"));
+        let peer: IpAddr = "10.0.0.1".parse().expect("ip");
+        prepare_request_headers(&mut h, peer, peer);
+        assert_eq!(h.get_all(X_FORWARDED_FOR).iter().count(), 1);
+        assert_eq!(h[X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 10.0.0.1");
+        assert_eq!(h[X_REAL_IP], "10.0.0.1");
+    }
+
+    #[test]
+    fn client_ip_skips_trusted_proxies_from_the_right() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().expect("net")];
+        let mut h = HeaderMap::new();
+        h.insert(
+            X_FORWARDED_FOR,
+            HeaderValue::from_static("6.6.6.6, 5.5.5.5, 10.1.1.1"),
+        );
+        let proxy: IpAddr = "10.0.0.2".parse().expect("ip");
+        assert_eq!(
+            client_ip(proxy, &h, &trusted),
+            "5.5.5.5".parse::<IpAddr>().expect("ip")
+        );
+        let stranger: IpAddr = "7.7.7.7".parse().expect("ip");
+        assert_eq!(client_ip(stranger, &h, &trusted), stranger);
+        assert_eq!(client_ip(proxy, &HeaderMap::new(), &trusted), proxy);
+    }
+}

@@ -1,0 +1,216 @@
+//! Hot reload: SIGHUP or a change of the file on disk reads `config.toml`
+//! again; a file that validates replaces the config in force through an
+//! `ArcSwap` (the next request sees it, in-flight ones finish on the old one),
+//! a file that does not is refused with a logged error and the old one stays.
+//!
+//! The per-upstream live state is carried over by address and the HTTP
+//! clients are kept when their settings did not change, so failure marks,
+//! counters and keep-alive pools of the upstreams that stay survive.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+
+use crate::config::{BalancerConfig, Config, ServerConfig};
+
+use super::BalancerError;
+use super::admin::Metrics;
+use super::proxy::Clients;
+use super::strategy::Selector;
+use super::upstream::{LiveState, Upstream};
+
+/// How often the file's modification time is looked at.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// One config version in force: what the file said, built into a selector.
+#[derive(Debug)]
+pub struct Active {
+    /// Starts at 1, one more per successful reload.
+    pub version: u64,
+    /// The validated balancer section.
+    pub config: BalancerConfig,
+    /// The upstreams and their picking state.
+    pub selector: Selector,
+    /// The upstream HTTP clients (with their keep-alive pools).
+    pub clients: Arc<Clients>,
+}
+
+impl Active {
+    fn build(version: u64, config: BalancerConfig, old: Option<&Active>) -> Active {
+        let previous: HashMap<SocketAddr, Arc<LiveState>> = old
+            .map(|o| {
+                o.selector
+                    .upstreams()
+                    .map(|u| (u.config.addr, u.live.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|c| {
+                let live = previous
+                    .get(&c.addr)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(LiveState::new(c.addr)));
+                Upstream::new(c.clone(), live)
+            })
+            .collect();
+        let clients = match old {
+            Some(o) if o.clients.fits(&config) => o.clients.clone(),
+            _ => Arc::new(Clients::new(&config)),
+        };
+        Active {
+            version,
+            selector: Selector::new(config.strategy, upstreams),
+            clients,
+            config,
+        }
+    }
+}
+
+/// What a file looked like last time: modification time and length.
+type Stamp = Option<(SystemTime, u64)>;
+
+fn stamp(path: &std::path::Path) -> Stamp {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// Everything the proxy, the admin endpoints and the reloaders share.
+#[derive(Debug)]
+pub struct Shared {
+    /// The config version in force.
+    pub current: ArcSwap<Active>,
+    /// Counters that are not per upstream.
+    pub metrics: Metrics,
+    /// Server limits, fixed at start (a reload cannot rebind sockets).
+    pub server: ServerConfig,
+    path: PathBuf,
+    reloading: Mutex<()>,
+    seen: Mutex<Stamp>,
+}
+
+impl Shared {
+    /// Builds version 1 from a loaded config.
+    pub fn new(config: Config) -> Result<Shared, BalancerError> {
+        let balancer = config.require_balancer()?.clone();
+        Ok(Shared {
+            current: ArcSwap::from_pointee(Active::build(1, balancer, None)),
+            metrics: Metrics::default(),
+            server: config.server.clone(),
+            seen: Mutex::new(stamp(&config.path)),
+            path: config.path,
+            reloading: Mutex::new(()),
+        })
+    }
+
+    /// Reads and validates the file again and, if it is good, puts it in
+    /// force. Blocking (file and DNS): async callers use `spawn_blocking`.
+    pub fn reload(&self) -> Result<u64, BalancerError> {
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = stamp(&self.path);
+        let config = Config::load(&self.path)?;
+        let balancer = config.require_balancer()?.clone();
+        let old = self.current.load_full();
+        if balancer.listen != old.config.listen || balancer.admin != old.config.admin {
+            tracing::warn!(
+                "a change of balancer.listen or balancer.admin takes effect only after a restart"
+            );
+        }
+        let next = Active::build(old.version + 1, balancer, Some(&old));
+        let version = next.version;
+        tracing::info!(
+            version,
+            strategy = next.config.strategy.as_str(),
+            upstreams = next.config.upstreams.len(),
+            "config reloaded"
+        );
+        self.current.store(Arc::new(next));
+        Ok(version)
+    }
+
+    /// Whether the file changed since the last load or reload attempt.
+    fn changed_on_disk(&self) -> bool {
+        let now = stamp(&self.path);
+        now.is_some() && now != *self.seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A handle to reload the balancer from its file, for SIGHUP, the file
+/// watcher, tests and `spike up`.
+#[derive(Debug, Clone)]
+pub struct Reloader {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Reloader {
+    /// Reloads now; returns the new version, or why the file was refused
+    /// (then the old config stays in force). Blocking: call it from
+    /// `spawn_blocking` or a plain thread inside a runtime.
+    pub fn reload_now(&self) -> Result<u64, BalancerError> {
+        self.shared.reload()
+    }
+
+    /// The config version in force (1 until the first successful reload).
+    pub fn version(&self) -> u64 {
+        self.shared.current.load().version
+    }
+}
+
+/// Reloads off the async threads and logs the outcome.
+pub async fn reload_logged(shared: &Arc<Shared>, why: &'static str) {
+    let s = shared.clone();
+    match tokio::task::spawn_blocking(move || s.reload()).await {
+        Ok(Ok(version)) => tracing::info!(version, trigger = why, "new config in force"),
+        Ok(Err(e)) => tracing::error!(
+            trigger = why,
+            version = shared.current.load().version,
+            "config refused, the old one stays in force: {e}"
+        ),
+        Err(e) => tracing::error!(trigger = why, "config reload crashed: {e}"),
+    }
+}
+
+/// Reloads on every SIGHUP until the task is aborted.
+pub async fn watch_sighup(shared: Arc<Shared>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGHUP, reload by editing the file: {e}");
+                return;
+            }
+        };
+        while hup.recv().await.is_some() {
+            reload_logged(&shared, "SIGHUP").await;
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = shared;
+    }
+}
+
+/// Reloads when the file's modification time or length changes, polled every
+/// [`POLL_INTERVAL`] (cheap, and needs no platform file-watching API).
+pub async fn watch_file(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        let s = shared.clone();
+        let changed = tokio::task::spawn_blocking(move || s.changed_on_disk())
+            .await
+            .unwrap_or(false);
+        if changed {
+            reload_logged(&shared, "file changed").await;
+        }
+    }
+}

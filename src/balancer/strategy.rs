@@ -1,0 +1,665 @@
+//! Picking an upstream the way Nginx's upstream modules do, so that spike can
+//! stand where Nginx stood and produce the same traffic split.
+//!
+//! - smooth weighted round-robin (`ngx_http_upstream_get_peer`): every
+//!   eligible peer gains its effective weight, the largest current weight
+//!   wins and loses the total; a failed peer's effective weight drops by
+//!   `weight / max_fails` and climbs back by one per pick it takes part in;
+//! - round-robin: the same with every weight taken as 1;
+//! - ip_hash (`ngx_http_upstream_ip_hash_module`): hash 89, then
+//!   `hash = (hash * 113 + byte) % 6271` over the first three octets of IPv4
+//!   (all 16 of IPv6), then a walk over the weights; an unusable peer
+//!   rehashes, and after 20 tries it falls back to weighted round-robin;
+//! - least_conn (`ngx_http_upstream_least_conn_module`): fewest active
+//!   requests relative to weight, ties broken by smooth weighted round-robin.
+//!
+//! All strategies honour `down`, `max_fails`/`fail_timeout` and `backup`
+//! (backups are a second tier used only when no primary can be picked).
+//!
+//! The pick state is one small `std::sync::Mutex` per tier, global across the
+//! runtime's threads (so the sequence is Nginx's one-worker sequence). It is
+//! only ever held inside [`Selector::pick`] / [`Selector::release`], which
+//! never await.
+
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::config::Strategy;
+
+use super::upstream::{LiveState, Upstream};
+
+/// How many times ip_hash rehashes before it falls back to round-robin.
+const IP_HASH_TRIES: u32 = 20;
+
+/// The smooth weighted round-robin numbers of one peer (Nginx's
+/// `current_weight` and `effective_weight`).
+#[derive(Debug, Clone, Copy, Default)]
+struct Smooth {
+    current: i64,
+    effective: i64,
+}
+
+/// One set of peers: the primaries, or the backups.
+#[derive(Debug)]
+struct Tier {
+    peers: Vec<Upstream>,
+    /// The weight each peer counts with (1 for plain round-robin).
+    weights: Vec<i64>,
+    /// Sum of `weights`, down peers included, as Nginx's `total_weight`.
+    total_weight: u64,
+    state: Mutex<Vec<Smooth>>,
+}
+
+impl Tier {
+    fn new(peers: Vec<Upstream>, unweighted: bool) -> Tier {
+        let weights: Vec<i64> = peers
+            .iter()
+            .map(|p| {
+                if unweighted {
+                    1
+                } else {
+                    p.config.weight as i64
+                }
+            })
+            .collect();
+        let total_weight = weights.iter().map(|&w| w as u64).sum();
+        let state = weights
+            .iter()
+            .map(|&w| Smooth {
+                current: 0,
+                effective: w,
+            })
+            .collect();
+        Tier {
+            peers,
+            weights,
+            total_weight,
+            state: Mutex::new(state),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Smooth>> {
+        // The state is a few integers; a panic elsewhere cannot leave it in a
+        // state worse than "slightly unfair", so a poisoned lock is used as is.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether peer `i` may be picked now (not tried, not down, not failed).
+    fn usable(&self, i: usize, tried: &Tried, now: u64) -> bool {
+        let p = &self.peers[i];
+        !tried.has(i) && !p.config.down && !p.is_failed(now)
+    }
+
+    /// Nginx's `ngx_http_upstream_get_peer`.
+    fn smooth(&self, state: &mut [Smooth], tried: &Tried, now: u64) -> Option<usize> {
+        let mut best: Option<usize> = None;
+        let mut total: i64 = 0;
+        for i in 0..self.peers.len() {
+            if !self.usable(i, tried, now) {
+                continue;
+            }
+            let s = &mut state[i];
+            s.current += s.effective;
+            total += s.effective;
+            if s.effective < self.weights[i] {
+                s.effective += 1;
+            }
+            let current = s.current;
+            // Strictly greater: on a tie the earlier peer keeps the lead.
+            if best.is_none_or(|b| current > state[b].current) {
+                best = Some(i);
+            }
+        }
+        let b = best?;
+        state[b].current -= total;
+        Some(b)
+    }
+
+    /// Nginx's least_conn: fewest active relative to weight; ties by smooth WRR.
+    fn least_conn(&self, state: &mut [Smooth], tried: &Tried, now: u64) -> Option<usize> {
+        let active = |i: usize| self.peers[i].live.active.load(Ordering::Relaxed) as u128;
+        let weight = |i: usize| self.weights[i] as u128;
+        let mut best: Option<usize> = None;
+        let mut many = false;
+        for i in 0..self.peers.len() {
+            if !self.usable(i, tried, now) {
+                continue;
+            }
+            match best {
+                None => best = Some(i),
+                Some(b) => {
+                    let (lhs, rhs) = (active(i) * weight(b), active(b) * weight(i));
+                    if lhs < rhs {
+                        best = Some(i);
+                        many = false;
+                    } else if lhs == rhs {
+                        many = true;
+                    }
+                }
+            }
+        }
+        let mut b = best?;
+        if many {
+            let first = b;
+            let mut total: i64 = 0;
+            for i in first..self.peers.len() {
+                if !self.usable(i, tried, now)
+                    || active(i) * weight(first) != active(first) * weight(i)
+                {
+                    continue;
+                }
+                let s = &mut state[i];
+                s.current += s.effective;
+                total += s.effective;
+                if s.effective < self.weights[i] {
+                    s.effective += 1;
+                }
+                if state[i].current > state[b].current {
+                    b = i;
+                }
+            }
+            state[b].current -= total;
+        }
+        Some(b)
+    }
+
+    /// Nginx's ip_hash walk; `None` means "fall back to round-robin".
+    fn ip_hash(&self, attempt: &mut Attempt, now: u64) -> Option<usize> {
+        if attempt.hash_tries > IP_HASH_TRIES || self.peers.len() < 2 || self.total_weight == 0 {
+            return None;
+        }
+        let mut hash = attempt.hash;
+        loop {
+            hash = ip_hash_step(hash, attempt.key());
+            let mut w = hash as u64 % self.total_weight;
+            let mut p = 0;
+            while w >= self.weights[p] as u64 {
+                w -= self.weights[p] as u64;
+                p += 1;
+            }
+            if self.usable(p, &attempt.tried, now) {
+                attempt.hash = hash;
+                return Some(p);
+            }
+            attempt.hash_tries += 1;
+            if attempt.hash_tries > IP_HASH_TRIES {
+                return None;
+            }
+        }
+    }
+}
+
+/// One round of Nginx's ip_hash over the client's key bytes.
+pub fn ip_hash_step(mut hash: u32, key: &[u8]) -> u32 {
+    for &b in key {
+        hash = (hash * 113 + b as u32) % 6271;
+    }
+    hash
+}
+
+/// Which peers one request already tried, like Nginx's `tried` bitmap. The
+/// first 128 peers need no allocation.
+#[derive(Debug, Default)]
+struct Tried {
+    low: u128,
+    high: Vec<u64>,
+}
+
+impl Tried {
+    fn has(&self, i: usize) -> bool {
+        if i < 128 {
+            return self.low & (1u128 << i) != 0;
+        }
+        let j = i - 128;
+        self.high
+            .get(j / 64)
+            .is_some_and(|w| w & (1u64 << (j % 64)) != 0)
+    }
+
+    fn set(&mut self, i: usize) {
+        if i < 128 {
+            self.low |= 1u128 << i;
+            return;
+        }
+        let j = i - 128;
+        if self.high.len() <= j / 64 {
+            self.high.resize(j / 64 + 1, 0);
+        }
+        self.high[j / 64] |= 1u64 << (j % 64);
+    }
+
+    fn clear(&mut self) {
+        self.low = 0;
+        self.high.clear();
+    }
+}
+
+/// The per-request picking state (Nginx's per-request peer data): which
+/// tier is in use, which peers were tried, and ip_hash's running hash.
+#[derive(Debug)]
+pub struct Attempt {
+    tier: usize,
+    tried: Tried,
+    key: [u8; 16],
+    key_len: u8,
+    hash: u32,
+    hash_tries: u32,
+}
+
+impl Attempt {
+    /// A fresh attempt for a request from `client` (used by ip_hash only).
+    pub fn new(client: IpAddr) -> Attempt {
+        let mut key = [0u8; 16];
+        let key_len = match client.to_canonical() {
+            IpAddr::V4(v4) => {
+                key[..3].copy_from_slice(&v4.octets()[..3]);
+                3
+            }
+            IpAddr::V6(v6) => {
+                key = v6.octets();
+                16
+            }
+        };
+        Attempt {
+            tier: 0,
+            tried: Tried::default(),
+            key,
+            key_len,
+            hash: 89,
+            hash_tries: 0,
+        }
+    }
+
+    fn key(&self) -> &[u8] {
+        &self.key[..self.key_len as usize]
+    }
+}
+
+/// A picked upstream. While it lives, the upstream counts one more active
+/// request (least_conn reads that, `/status` shows it).
+#[derive(Debug)]
+pub struct Pick {
+    tier: usize,
+    index: usize,
+    live: Arc<LiveState>,
+}
+
+impl Pick {
+    /// The upstream's live state (counters, address).
+    pub fn live(&self) -> &Arc<LiveState> {
+        &self.live
+    }
+}
+
+impl Drop for Pick {
+    fn drop(&mut self) {
+        self.live.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The upstreams of one config version and how to pick among them.
+#[derive(Debug)]
+pub struct Selector {
+    strategy: Strategy,
+    tiers: Vec<Tier>,
+    /// One primary and no backup: Nginx then skips failure accounting.
+    single: bool,
+    /// (tier, index) of each upstream in file order, for `/status`.
+    order: Vec<(usize, usize)>,
+}
+
+impl Selector {
+    /// Builds a selector over `upstreams` (file order matters: it is the
+    /// order Nginx walks peers in).
+    pub fn new(strategy: Strategy, upstreams: Vec<Upstream>) -> Selector {
+        let unweighted = strategy == Strategy::RoundRobin;
+        let mut primary = Vec::new();
+        let mut backup = Vec::new();
+        let mut order = Vec::with_capacity(upstreams.len());
+        for u in upstreams {
+            if u.config.backup {
+                order.push((1, backup.len()));
+                backup.push(u);
+            } else {
+                order.push((0, primary.len()));
+                primary.push(u);
+            }
+        }
+        let single = primary.len() == 1 && backup.is_empty();
+        let mut tiers = vec![Tier::new(primary, unweighted)];
+        if !backup.is_empty() {
+            tiers.push(Tier::new(backup, unweighted));
+        }
+        Selector {
+            strategy,
+            tiers,
+            single,
+            order,
+        }
+    }
+
+    /// The strategy in force.
+    pub fn strategy(&self) -> Strategy {
+        self.strategy
+    }
+
+    /// Every upstream, in file order.
+    pub fn upstreams(&self) -> impl Iterator<Item = &Upstream> {
+        self.order.iter().map(|&(t, i)| &self.tiers[t].peers[i])
+    }
+
+    /// The upstream a pick refers to.
+    pub fn upstream(&self, pick: &Pick) -> &Upstream {
+        &self.tiers[pick.tier].peers[pick.index]
+    }
+
+    /// Picks the next upstream for this request, or `None` when every
+    /// primary and backup was tried or is unusable (then, as Nginx does,
+    /// all failure marks are cleared for a quick recovery).
+    pub fn pick(&self, attempt: &mut Attempt, now: u64) -> Option<Pick> {
+        loop {
+            let tier = self.tiers.get(attempt.tier)?;
+            let found = if self.single {
+                let p = &tier.peers[0];
+                (!attempt.tried.has(0) && !p.config.down).then_some(0)
+            } else {
+                let mut state = tier.lock();
+                let found = match self.strategy {
+                    Strategy::RoundRobin | Strategy::WeightedRoundRobin => {
+                        tier.smooth(&mut state, &attempt.tried, now)
+                    }
+                    Strategy::LeastConn => tier.least_conn(&mut state, &attempt.tried, now),
+                    Strategy::IpHash => match tier.ip_hash(attempt, now) {
+                        Some(i) => Some(i),
+                        None => tier.smooth(&mut state, &attempt.tried, now),
+                    },
+                };
+                if let Some(i) = found {
+                    // Nginx: a pick after the window restarts the window.
+                    let live = &tier.peers[i].live;
+                    let window = tier.peers[i].config.fail_timeout.as_millis() as u64;
+                    if now.saturating_sub(live.checked.load(Ordering::Relaxed)) > window {
+                        live.checked.store(now, Ordering::Relaxed);
+                    }
+                    // Counted under the lock so least_conn sees its own picks.
+                    live.active.fetch_add(1, Ordering::Relaxed);
+                }
+                found
+            };
+            if let Some(i) = found {
+                attempt.tried.set(i);
+                let live = tier.peers[i].live.clone();
+                if self.single {
+                    live.active.fetch_add(1, Ordering::Relaxed);
+                }
+                live.requests.fetch_add(1, Ordering::Relaxed);
+                return Some(Pick {
+                    tier: attempt.tier,
+                    index: i,
+                    live,
+                });
+            }
+            if attempt.tier + 1 < self.tiers.len() {
+                attempt.tier += 1;
+                attempt.tried.clear();
+                continue;
+            }
+            for t in &self.tiers {
+                let _state = t.lock();
+                for p in &t.peers {
+                    p.live.fails.store(0, Ordering::Relaxed);
+                }
+            }
+            return None;
+        }
+    }
+
+    /// Records how an attempt ended (Nginx's `free` of the round-robin
+    /// peer): a failure counts towards `max_fails` and lowers the effective
+    /// weight; a success after a fresh window clears the failures.
+    pub fn release(&self, pick: &Pick, failed: bool, now: u64) {
+        let tier = &self.tiers[pick.tier];
+        let peer = &tier.peers[pick.index];
+        if failed {
+            peer.live.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.single {
+            return;
+        }
+        let live = &peer.live;
+        let mut state = tier.lock();
+        if failed {
+            live.fails.fetch_add(1, Ordering::Relaxed);
+            live.accessed.store(now, Ordering::Relaxed);
+            live.checked.store(now, Ordering::Relaxed);
+            let max_fails = peer.config.max_fails as i64;
+            if max_fails != 0 {
+                let s = &mut state[pick.index];
+                s.effective = (s.effective - tier.weights[pick.index] / max_fails).max(0);
+            }
+        } else if live.accessed.load(Ordering::Relaxed) < live.checked.load(Ordering::Relaxed) {
+            live.fails.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::UpstreamConfig;
+    use std::net::{Ipv4Addr, SocketAddr};
+    use std::time::Duration;
+
+    fn up(port: u16, weight: u32) -> UpstreamConfig {
+        UpstreamConfig {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            weight,
+            max_fails: 1,
+            fail_timeout: Duration::from_secs(10),
+            backup: false,
+            down: false,
+        }
+    }
+
+    fn selector(strategy: Strategy, ups: Vec<UpstreamConfig>) -> Selector {
+        let ups = ups
+            .into_iter()
+            .map(|c| {
+                let live = Arc::new(LiveState::new(c.addr));
+                Upstream::new(c, live)
+            })
+            .collect();
+        Selector::new(strategy, ups)
+    }
+
+    fn port(s: &Selector, p: &Pick) -> u16 {
+        s.upstream(p).config.addr.port()
+    }
+
+    fn one(s: &Selector, now: u64) -> u16 {
+        let mut a = Attempt::new(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let p = s.pick(&mut a, now).expect("a peer");
+        port(s, &p)
+    }
+
+    /// The smooth WRR sequence computed by hand from Nginx's rule for
+    /// weights a=1, b=2, c=3, d=4 (see the balancer tests for the table).
+    const NGINX_1234: [u16; 10] = [4, 3, 2, 4, 1, 3, 4, 2, 3, 4];
+
+    #[test]
+    fn smooth_weighted_follows_nginx_sequence() {
+        let s = selector(
+            Strategy::WeightedRoundRobin,
+            vec![up(1, 1), up(2, 2), up(3, 3), up(4, 4)],
+        );
+        let picks: Vec<u16> = (0..20).map(|_| one(&s, 0)).collect();
+        assert_eq!(&picks[..10], &NGINX_1234);
+        assert_eq!(&picks[10..], &NGINX_1234);
+    }
+
+    #[test]
+    fn round_robin_ignores_weights() {
+        let s = selector(Strategy::RoundRobin, vec![up(1, 1), up(2, 5), up(3, 9)]);
+        let picks: Vec<u16> = (0..6).map(|_| one(&s, 0)).collect();
+        assert_eq!(picks, vec![1, 2, 3, 1, 2, 3]);
+    }
+
+    #[test]
+    fn failed_peer_is_skipped_until_fail_timeout_then_probed() {
+        let s = selector(Strategy::WeightedRoundRobin, vec![up(1, 1), up(2, 1)]);
+        let mut a = Attempt::new(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let p = s.pick(&mut a, 100).expect("peer");
+        assert_eq!(port(&s, &p), 1);
+        s.release(&p, true, 100);
+        // Same request goes on to the other peer.
+        let p2 = s.pick(&mut a, 100).expect("peer");
+        assert_eq!(port(&s, &p2), 2);
+        drop((p, p2));
+        // Within the window only peer 2 takes traffic.
+        for _ in 0..5 {
+            assert_eq!(one(&s, 5_000), 2);
+        }
+        // After the window peer 1 is probed once (the pick restarts its
+        // window, as in Nginx), and a success clears its failures.
+        let mut probe = None;
+        for _ in 0..4 {
+            let mut a = Attempt::new(IpAddr::V4(Ipv4Addr::LOCALHOST));
+            let p = s.pick(&mut a, 10_200).expect("peer");
+            if port(&s, &p) == 1 {
+                probe = Some(p);
+                break;
+            }
+        }
+        let probe = probe.expect("peer 1 probed after fail_timeout");
+        s.release(&probe, false, 10_200);
+        assert_eq!(s.upstream(&probe).live.fails.load(Ordering::Relaxed), 0);
+        let picks: Vec<u16> = (0..4).map(|_| one(&s, 10_300)).collect();
+        assert_eq!(picks.iter().filter(|&&p| p == 1).count(), 2, "{picks:?}");
+    }
+
+    #[test]
+    fn failure_lowers_effective_weight_which_climbs_back() {
+        let mut a = up(1, 10);
+        a.max_fails = 2;
+        let s = selector(Strategy::WeightedRoundRobin, vec![a, up(2, 10)]);
+        let mut at = Attempt::new(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let p = s.pick(&mut at, 0).expect("peer");
+        assert_eq!(port(&s, &p), 1);
+        s.release(&p, true, 0);
+        assert_eq!(s.tiers[0].lock()[0].effective, 5);
+        one(&s, 0);
+        assert_eq!(s.tiers[0].lock()[0].effective, 6);
+    }
+
+    #[test]
+    fn backups_only_when_no_primary_can() {
+        let mut b = up(9, 1);
+        b.backup = true;
+        let mut d = up(2, 1);
+        d.down = true;
+        let s = selector(Strategy::WeightedRoundRobin, vec![up(1, 1), d, b]);
+        assert_eq!(one(&s, 0), 1);
+        let mut a = Attempt::new(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let p = s.pick(&mut a, 0).expect("peer");
+        s.release(&p, true, 0);
+        let p = s.pick(&mut a, 0).expect("backup");
+        assert_eq!(port(&s, &p), 9);
+        assert_eq!(one(&s, 1), 9);
+        // Nothing left: None, and the failure marks are cleared.
+        s.release(&p, true, 1);
+        assert!(s.pick(&mut a, 1).is_none());
+        assert_eq!(one(&s, 2), 1);
+    }
+
+    /// An independent transcription of Nginx's ip_hash for the test.
+    fn nginx_ip_hash(ip: [u8; 4], weights: &[u64]) -> usize {
+        let mut hash: u64 = 89;
+        for &b in &ip[..3] {
+            hash = (hash * 113 + b as u64) % 6271;
+        }
+        let total: u64 = weights.iter().sum();
+        let mut w = hash % total;
+        let mut i = 0;
+        while w >= weights[i] {
+            w -= weights[i];
+            i += 1;
+        }
+        i
+    }
+
+    #[test]
+    fn ip_hash_matches_nginx_formula_and_groups_by_24() {
+        let weights = [1u32, 2, 3, 1];
+        let ups = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| up(i as u16 + 1, w))
+            .collect();
+        let s = selector(Strategy::IpHash, ups);
+        let w64: Vec<u64> = weights.iter().map(|&w| w as u64).collect();
+        for a in [10u8, 127, 192] {
+            for b in 0..=255u8 {
+                for c in [0u8, 7, 255] {
+                    let ip = [a, b, c, 1];
+                    let expect = nginx_ip_hash(ip, &w64) as u16 + 1;
+                    for d in [1u8, 200] {
+                        let mut at = Attempt::new(IpAddr::from([a, b, c, d]));
+                        let p = s.pick(&mut at, 0).expect("peer");
+                        assert_eq!(port(&s, &p), expect, "{a}.{b}.{c}.{d}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn ip_hash_rehashes_past_a_down_peer() {
+        let mut d = up(1, 1);
+        d.down = true;
+        let s = selector(Strategy::IpHash, vec![d, up(2, 1), up(3, 1)]);
+        for i in 0..=255u8 {
+            let mut at = Attempt::new(IpAddr::from([10, 0, i, 1]));
+            let p = s.pick(&mut at, 0).expect("peer");
+            assert_ne!(port(&s, &p), 1);
+        }
+    }
+
+    #[test]
+    fn least_conn_prefers_fewest_active_relative_to_weight() {
+        let s = selector(Strategy::LeastConn, vec![up(1, 1), up(2, 1), up(3, 2)]);
+        let mut held = Vec::new();
+        // Ties start as smooth WRR: weight 2 wins first.
+        let mut a = Attempt::new(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        held.push(s.pick(&mut a, 0).expect("peer"));
+        assert_eq!(port(&s, &held[0]), 3);
+        // 3 has 1 active of weight 2 (0.5); 1 and 2 have 0: one of them next.
+        let mut a = Attempt::new(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let p = s.pick(&mut a, 0).expect("peer");
+        assert_ne!(port(&s, &p), 3);
+        held.push(p);
+        let mut a = Attempt::new(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let p = s.pick(&mut a, 0).expect("peer");
+        assert_ne!(port(&s, &p), port(&s, &held[1]));
+        held.push(p);
+        // Now 1,1 and 1/2: peer 3 is least loaded.
+        let mut a = Attempt::new(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        assert_eq!(port(&s, &s.pick(&mut a, 0).expect("peer")), 3);
+        drop(held);
+        for u in s.upstreams() {
+            assert_eq!(u.live.active.load(Ordering::Relaxed), 0);
+        }
+    }
+
+    #[test]
+    fn many_peers_beyond_128_are_tracked() {
+        let ups: Vec<UpstreamConfig> = (1..=300).map(|p| up(p, 1)).collect();
+        let s = selector(Strategy::RoundRobin, ups);
+        let mut a = Attempt::new(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let mut seen = std::collections::HashSet::new();
+        while let Some(p) = s.pick(&mut a, 0) {
+            assert!(seen.insert(port(&s, &p)));
+        }
+        assert_eq!(seen.len(), 300);
+    }
+}

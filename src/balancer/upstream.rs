@@ -1,0 +1,118 @@
+//! An upstream: its static config (from the file) and its live state
+//! (failures, active requests, counters).
+//!
+//! The live state is shared through an `Arc` and looked up by address when a
+//! new config is built, so a reload keeps the failure marks, counters and
+//! keep-alive pools of every upstream that stays.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Instant;
+
+use hyper::http::uri::Authority;
+
+use crate::config::UpstreamConfig;
+
+/// Milliseconds on a monotonic clock that starts with the process; what the
+/// failure windows are measured in (Nginx uses whole seconds; finer is fine).
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// The per-address state that survives reloads.
+///
+/// `fails`, `checked` and `accessed` are Nginx's fields of the same names;
+/// they are only written while the picking lock of a selector is held, and are
+/// atomics so that the old and the new selector can share them across a reload.
+#[derive(Debug)]
+pub struct LiveState {
+    /// The upstream's address (the key).
+    pub addr: SocketAddr,
+    /// Failures counted in the current window (Nginx `fails`).
+    pub fails: AtomicU32,
+    /// When the window was last (re)started, in [`now_ms`] (Nginx `checked`).
+    pub checked: AtomicU64,
+    /// When the last failure happened, in [`now_ms`] (Nginx `accessed`).
+    pub accessed: AtomicU64,
+    /// Requests picked for this upstream and not finished yet.
+    pub active: AtomicU64,
+    /// Attempts sent to this upstream, ever.
+    pub requests: AtomicU64,
+    /// Failed attempts (connect errors, resets, timeouts), ever.
+    pub failures: AtomicU64,
+    /// Responses by status class: index 0 is 1xx ... index 4 is 5xx.
+    pub responses: [AtomicU64; 5],
+}
+
+impl LiveState {
+    /// Fresh state for an upstream never seen before.
+    pub fn new(addr: SocketAddr) -> LiveState {
+        LiveState {
+            addr,
+            fails: AtomicU32::new(0),
+            checked: AtomicU64::new(0),
+            accessed: AtomicU64::new(0),
+            active: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            responses: Default::default(),
+        }
+    }
+
+    /// Counts one response by its status class.
+    pub fn count_response(&self, status: u16) {
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        self.responses[class].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One upstream as the selector and the proxy see it.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// What the file says.
+    pub config: UpstreamConfig,
+    /// The address as a URI authority, built once so no request formats it.
+    pub authority: Authority,
+    /// The state that outlives reloads.
+    pub live: Arc<LiveState>,
+}
+
+impl Upstream {
+    /// Builds an upstream around existing (or fresh) live state.
+    pub fn new(config: UpstreamConfig, live: Arc<LiveState>) -> Upstream {
+        // A SocketAddr always prints as a valid authority ("1.2.3.4:5" or "[::1]:5").
+        let authority = Authority::try_from(config.addr.to_string().as_str())
+            .unwrap_or_else(|_| Authority::from_static("127.0.0.1"));
+        Upstream {
+            config,
+            authority,
+            live,
+        }
+    }
+
+    /// Whether passive health checking currently keeps this upstream out
+    /// (Nginx: `max_fails && fails >= max_fails && now - checked <= fail_timeout`).
+    pub fn is_failed(&self, now: u64) -> bool {
+        let c = &self.config;
+        c.max_fails != 0
+            && self.live.fails.load(Ordering::Relaxed) >= c.max_fails
+            && now.saturating_sub(self.live.checked.load(Ordering::Relaxed))
+                <= c.fail_timeout.as_millis() as u64
+    }
+
+    /// The state shown by `/status`: `down`, `failed`, `backup` or `up`.
+    pub fn state_name(&self, now: u64) -> &'static str {
+        if self.config.down {
+            "down"
+        } else if self.is_failed(now) {
+            "failed"
+        } else if self.config.backup {
+            "backup"
+        } else {
+            "up"
+        }
+    }
+}
