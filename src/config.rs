@@ -999,7 +999,10 @@ mod example_file {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
         let c = Config::load(&path).expect("config.toml must validate");
         assert_eq!(c.nodes.len(), 4);
-        assert!(c.redis.is_none(), "the example runs with no Redis installed");
+        assert!(
+            c.redis.is_none(),
+            "the example runs with no Redis installed"
+        );
         assert_eq!(c.balancer.expect("balancer").upstreams.len(), 4);
     }
 }

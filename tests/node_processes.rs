@@ -31,7 +31,14 @@ fn node_addrs(text: &str) -> Vec<SocketAddr> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_node_processes_sell_exactly_the_total() {
     let redis = RedisServer::start();
-    let text = sale_config("G1234-2026-02-10", 1000, 1, &[1, 2, 3, 4], Some(&redis.url()), "");
+    let text = sale_config(
+        "G1234-2026-02-10",
+        1000,
+        1,
+        &[1, 2, 3, 4],
+        Some(&redis.url()),
+        "",
+    );
     let path = write_config(&text);
     let c = cfg(&path);
 
@@ -46,7 +53,10 @@ async fn four_node_processes_sell_exactly_the_total() {
     }
 
     let answers = storm(&client(), &addrs, 20_000, 5_000, 256, "buyer").await;
-    assert!(answers.iter().all(|a| a.status.is_some()), "transport errors");
+    assert!(
+        answers.iter().all(|a| a.status.is_some()),
+        "transport errors"
+    );
     assert_eq!(count(&answers, StatusCode::OK), 1000);
     let mut per_buyer: HashMap<&str, usize> = HashMap::new();
     for a in answers.iter().filter(|a| a.status == Some(StatusCode::OK)) {
@@ -59,7 +69,8 @@ async fn four_node_processes_sell_exactly_the_total() {
         .iter()
         .filter(|a| a.status == Some(StatusCode::OK))
         .fold(HashMap::new(), |mut m, a| {
-            *m.entry(json(&a.body)["node"].as_str().unwrap_or("?").to_string()).or_default() += 1;
+            *m.entry(json(&a.body)["node"].as_str().unwrap_or("?").to_string())
+                .or_default() += 1;
             m
         });
     assert_eq!(by_node.len(), 4, "{by_node:?}");
@@ -80,7 +91,10 @@ async fn four_node_processes_sell_exactly_the_total() {
     // A started sale is not overwritten by accident...
     let again = run(&["stock", "init", "--config", c]);
     assert!(!again.status.success());
-    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"), "{again:?}");
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("--force"),
+        "{again:?}"
+    );
     // ...but is reset on purpose.
     let forced = run(&["stock", "init", "--config", c, "--force"]);
     assert!(forced.status.success(), "{forced:?}");
@@ -140,14 +154,42 @@ fn bad_config_files_are_refused_with_file_key_and_line() {
     let sale = "[sale]\nevent = \"e\"\ntotal = 10\n";
     let cases: Vec<(String, &str, usize)> = vec![
         (format!("{sale}colour = \"red\"\n{node}"), "sale.colour", 4),
-        (format!("{sale}[[node]]\nname = \"n1\"\nlisten = \"localhost\"\n"), "node[0].listen", 6),
-        (format!("{sale}[[node]]\nname = \"n1\"\nlisten = \"300.1.1.1:80\"\n"), "node[0].listen", 6),
-        (format!("{sale}{node}[[node]]\nname = \"n1\"\nlisten = \"127.0.0.1:3002\"\n"), "node[1].name", 8),
+        (
+            format!("{sale}[[node]]\nname = \"n1\"\nlisten = \"localhost\"\n"),
+            "node[0].listen",
+            6,
+        ),
+        (
+            format!("{sale}[[node]]\nname = \"n1\"\nlisten = \"300.1.1.1:80\"\n"),
+            "node[0].listen",
+            6,
+        ),
+        (
+            format!("{sale}{node}[[node]]\nname = \"n1\"\nlisten = \"127.0.0.1:3002\"\n"),
+            "node[1].name",
+            8,
+        ),
         (format!("{sale}{node}weight = 0\n"), "node[0].weight", 7),
-        (format!("[sale]\nevent = \"e\"\ntotal = 0\n{node}"), "sale.total", 3),
-        (format!("[sale]\nevent = \"e\"\ntotal = -4\n{node}"), "sale.total", 3),
-        (format!("{sale}{node}[redis]\nurl = \"http://x\"\n"), "redis.url", 8),
-        ("[sale]\nevent = \"e\"\ntotal = \n".to_string(), "sale.total", 3),
+        (
+            format!("[sale]\nevent = \"e\"\ntotal = 0\n{node}"),
+            "sale.total",
+            3,
+        ),
+        (
+            format!("[sale]\nevent = \"e\"\ntotal = -4\n{node}"),
+            "sale.total",
+            3,
+        ),
+        (
+            format!("{sale}{node}[redis]\nurl = \"http://x\"\n"),
+            "redis.url",
+            8,
+        ),
+        (
+            "[sale]\nevent = \"e\"\ntotal = \n".to_string(),
+            "sale.total",
+            3,
+        ),
     ];
     for (text, key, line) in cases {
         let path = write_config(&text);
@@ -160,12 +202,21 @@ fn bad_config_files_are_refused_with_file_key_and_line() {
             let err = String::from_utf8_lossy(&out.stderr);
             assert!(!out.status.success(), "{args:?} accepted:\n{text}");
             let want = format!("{c}:{line}: `{key}`");
-            assert!(err.contains(&want), "{args:?}: want {want:?} in {err}\n--- file:\n{text}");
+            assert!(
+                err.contains(&want),
+                "{args:?}: want {want:?} in {err}\n--- file:\n{text}"
+            );
         }
         remove_config(&path);
     }
     // A missing file names itself.
-    let out = run(&["node", "--config", "/nonexistent/spike.toml", "--name", "n1"]);
+    let out = run(&[
+        "node",
+        "--config",
+        "/nonexistent/spike.toml",
+        "--name",
+        "n1",
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/spike.toml"));
 }
