@@ -1,0 +1,158 @@
+//! `spike up` as a new user runs it: one process, a balancer in front of
+//! every node, a whole sale, and a clean stop on Ctrl-C.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::http::{client, get, json};
+use common::redis::RedisServer;
+use common::sale::{count, storm};
+use common::spike::{SpikeProcess, remove_config, run, wait_listening, write_config};
+use hyper::StatusCode;
+
+struct Ports {
+    balancer: SocketAddr,
+    admin: SocketAddr,
+    nodes: Vec<SocketAddr>,
+}
+
+fn up_config(total: u64, redis: Option<&str>) -> (String, Ports) {
+    let p = || -> SocketAddr {
+        format!("127.0.0.1:{}", common::free_port())
+            .parse()
+            .expect("addr")
+    };
+    let ports = Ports {
+        balancer: p(),
+        admin: p(),
+        nodes: (0..4).map(|_| p()).collect(),
+    };
+    let mut text = format!(
+        "[sale]\nevent = \"up\"\ntotal = {total}\nper_user_limit = 1\n\n[balancer]\nlisten = \"{}\"\nadmin = \"{}\"\nstrategy = \"weighted_round_robin\"\n",
+        ports.balancer, ports.admin
+    );
+    if let Some(url) = redis {
+        text.push_str(&format!("\n[redis]\nurl = \"{url}\"\n"));
+    }
+    for (i, a) in ports.nodes.iter().enumerate() {
+        text.push_str(&format!(
+            "\n[[node]]\nname = \"n{}\"\nlisten = \"{a}\"\nweight = {}\n",
+            i + 1,
+            i + 1
+        ));
+    }
+    (text, ports)
+}
+
+fn closed(addr: SocketAddr) -> bool {
+    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_runs_a_whole_sale_with_the_embedded_store_and_stops_cleanly() {
+    let (text, ports) = up_config(500, None);
+    let path = write_config(&text);
+    let mut up = SpikeProcess::start(&["up", "--config", path.to_str().expect("path")]);
+    wait_listening(&ports.balancer.to_string(), Duration::from_secs(15));
+    for n in &ports.nodes {
+        wait_listening(&n.to_string(), Duration::from_secs(5));
+    }
+    let c = client();
+    let answers = storm(&c, &[ports.balancer], 3000, 1500, 64, "up-buyer").await;
+    assert!(
+        answers.iter().all(|a| a.status.is_some()),
+        "transport errors through the balancer"
+    );
+    assert_eq!(count(&answers, StatusCode::OK), 500);
+    // The sale, read from a node (the embedded store lives in this process).
+    let (status, body) = get(&c, ports.nodes[0], "/sale").await.expect("sale");
+    assert_eq!(status, StatusCode::OK);
+    let sale = json(&body);
+    assert_eq!(sale["sold"], 500);
+    assert_eq!(sale["orders"], 500);
+    // Every node sold some: the balancer spread the buyers by weight.
+    let mut by_node = std::collections::HashMap::new();
+    for a in answers.iter().filter(|a| a.status == Some(StatusCode::OK)) {
+        *by_node
+            .entry(json(&a.body)["node"].as_str().unwrap_or("").to_string())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(by_node.len(), 4, "{by_node:?}");
+    let (status, _) = get(&c, ports.admin, "/status").await.expect("admin");
+    assert_eq!(status, StatusCode::OK);
+
+    up.signal("INT");
+    let exit = up
+        .wait_exit(Duration::from_secs(15))
+        .expect("spike up exits on Ctrl-C");
+    assert!(exit.success(), "{exit:?}");
+    assert!(closed(ports.balancer));
+    for n in &ports.nodes {
+        assert!(closed(*n), "node {n} still listening");
+    }
+    remove_config(&path);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_with_redis_initialises_once_and_never_wipes_a_started_sale() {
+    let redis = RedisServer::start();
+    let (text, ports) = up_config(50, Some(&redis.url()));
+    let path = write_config(&text);
+    let cfg = path.to_str().expect("path");
+    let c = client();
+    {
+        let _up = SpikeProcess::start(&["up", "--config", cfg]);
+        wait_listening(&ports.balancer.to_string(), Duration::from_secs(15));
+        let answers = storm(&c, &[ports.balancer], 20, 20, 4, "first").await;
+        assert_eq!(count(&answers, StatusCode::OK), 20);
+    }
+    // A second `spike up` over the same Redis continues the sale.
+    let mut up = SpikeProcess::start(&["up", "--config", cfg]);
+    wait_listening(&ports.balancer.to_string(), Duration::from_secs(15));
+    let show = run(&["stock", "show", "--config", cfg]);
+    let snap = json(String::from_utf8_lossy(&show.stdout).trim());
+    assert_eq!(snap["sold"], 20, "the restart must not reset the sale");
+    let answers = storm(&c, &[ports.balancer], 200, 200, 16, "second").await;
+    assert_eq!(count(&answers, StatusCode::OK), 30);
+    let audit = run(&["stock", "audit", "--config", cfg]);
+    assert!(audit.status.success(), "{audit:?}");
+    up.signal("TERM");
+    assert!(
+        up.wait_exit(Duration::from_secs(15))
+            .expect("exits")
+            .success()
+    );
+    remove_config(&path);
+}
+
+#[test]
+fn up_refuses_a_taken_port_by_name() {
+    let (text, ports) = up_config(10, None);
+    let _holder = std::net::TcpListener::bind(ports.nodes[2]).expect("take the port");
+    let path = write_config(&text);
+    let out = run(&["up", "--config", path.to_str().expect("path")]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&ports.nodes[2].to_string()) && err.contains("node n3"),
+        "{err}"
+    );
+    remove_config(&path);
+}
+
+#[test]
+fn the_committed_config_runs_with_up() {
+    // The README's first command runs config.toml as it is; check it loads
+    // and names a balancer and four nodes (ports are fixed there, so it is
+    // not started here, where tests run in parallel).
+    let out = run(&[
+        "nginx-conf",
+        "--config",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let conf = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(conf.matches("server 127.0.0.1:300").count(), 4, "{conf}");
+}
