@@ -13,6 +13,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// A running backend.
@@ -24,6 +25,8 @@ pub struct Backend {
     /// Requests it answered.
     pub hits: Arc<AtomicU64>,
     task: JoinHandle<()>,
+    /// Set to true to make every open connection drop, like a killed process.
+    kill: watch::Sender<bool>,
 }
 
 impl Backend {
@@ -37,7 +40,19 @@ impl Backend {
 
     /// Starts a backend on a given address (to revive a stopped one).
     pub async fn start_on(addr: SocketAddr, name: &str) -> Backend {
-        let listener = TcpListener::bind(addr).await.expect("rebind backend");
+        // The stopped listener closes when its aborted task is dropped, which
+        // the runtime does shortly after stop(): retry for a moment.
+        let mut tries = 0;
+        let listener = loop {
+            match TcpListener::bind(addr).await {
+                Ok(l) => break l,
+                Err(_) if tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("rebind backend on {addr}: {e}"),
+            }
+        };
         Self::serve(listener, name)
     }
 
@@ -46,6 +61,7 @@ impl Backend {
         let hits = Arc::new(AtomicU64::new(0));
         let body = Bytes::from(name.to_string());
         let h = hits.clone();
+        let (kill, killed) = watch::channel(false);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -54,15 +70,19 @@ impl Backend {
                 let _ = stream.set_nodelay(true);
                 let body = body.clone();
                 let h = h.clone();
+                let mut killed = killed.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |_req: Request<hyper::body::Incoming>| {
                         h.fetch_add(1, Ordering::Relaxed);
                         let body = body.clone();
                         async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
                     });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+                    // A kill drops the connection (and its socket) at once.
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = killed.wait_for(|k| *k) => {}
+                    }
                 });
             }
         });
@@ -71,6 +91,7 @@ impl Backend {
             name: name.to_string(),
             hits,
             task,
+            kill,
         }
     }
 
@@ -79,9 +100,11 @@ impl Backend {
         self.hits.load(Ordering::Relaxed)
     }
 
-    /// Stops accepting (open connections end with the runtime's tasks).
+    /// Stops like a killed process: no more accepts, and every open
+    /// connection is dropped (clients see resets or EOF).
     pub fn stop(self) -> SocketAddr {
         self.task.abort();
+        let _ = self.kill.send(true);
         self.addr
     }
 }
