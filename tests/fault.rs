@@ -1,0 +1,397 @@
+//! A sale under fire: a live sale through a `spike balancer` process to four
+//! `spike node` processes and a real Redis with append-only persistence,
+//! while a node is SIGKILLed (and later restarted), Redis is stopped for
+//! longer than the command timeout, Redis is restarted, and the balancer is
+//! reloaded with a changed upstream list. Afterwards every promise is checked
+//! from Redis and from every answer the buyers got.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::http::{client, get, json};
+use common::redis::RedisServer;
+use common::spike::{SpikeProcess, remove_config, run, wait_listening, write_config};
+use hyper::StatusCode;
+use tokio::sync::Mutex;
+
+const TOTAL: usize = 2000;
+const BUYERS: usize = 20_000;
+const WORKERS: usize = 16;
+/// Far above the balancer's response timeout: an answer slower than this is a hang.
+const HANG: Duration = Duration::from_secs(8);
+
+struct Ports {
+    balancer: SocketAddr,
+    admin: SocketAddr,
+    nodes: Vec<SocketAddr>,
+}
+
+fn config_text(redis: &str, ports: &Ports, upstreams: &[usize]) -> String {
+    let mut t = format!(
+        "[sale]\nevent = \"fault\"\ntotal = {TOTAL}\nper_user_limit = 1\n\n\
+         [redis]\nurl = \"{redis}\"\ntimeout = \"300ms\"\n\n\
+         [balancer]\nlisten = \"{}\"\nadmin = \"{}\"\nstrategy = \"weighted_round_robin\"\n\
+         connect_timeout = \"500ms\"\nresponse_timeout = \"2s\"\n",
+        ports.balancer, ports.admin
+    );
+    for &i in upstreams {
+        t.push_str(&format!(
+            "\n[[balancer.upstream]]\naddr = \"{}\"\nweight = {}\nmax_fails = 1\nfail_timeout = \"2s\"\n",
+            ports.nodes[i],
+            i + 1
+        ));
+    }
+    for (i, a) in ports.nodes.iter().enumerate() {
+        t.push_str(&format!(
+            "\n[[node]]\nname = \"n{}\"\nlisten = \"{a}\"\nweight = {}\n",
+            i + 1,
+            i + 1
+        ));
+    }
+    t
+}
+
+/// Replaces the file in one step, so the balancer's file watcher never reads
+/// half of it.
+fn rewrite(path: &Path, text: &str) {
+    let tmp = path.with_extension("toml.new");
+    std::fs::write(&tmp, text).expect("write config");
+    std::fs::rename(&tmp, path).expect("rename config");
+}
+
+#[derive(Debug)]
+struct Answer {
+    buyer: usize,
+    status: Option<StatusCode>,
+    body: String,
+    took: Duration,
+}
+
+fn start_node(cfg: &str, i: usize) -> SpikeProcess {
+    SpikeProcess::start(&["node", "--config", cfg, "--name", &format!("n{}", i + 1)])
+}
+
+async fn version(c: &common::http::TestClient, admin: SocketAddr) -> u64 {
+    let (_, body) = get(c, admin, "/status").await.expect("status");
+    json(&body)["version"].as_u64().expect("version")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sale_survives_node_death_redis_stalls_restarts_and_reloads() {
+    let mut redis = RedisServer::start_with(&[
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+    ]);
+    let p = || -> SocketAddr {
+        format!("127.0.0.1:{}", common::free_port())
+            .parse()
+            .expect("addr")
+    };
+    let ports = Ports {
+        balancer: p(),
+        admin: p(),
+        nodes: (0..4).map(|_| p()).collect(),
+    };
+    let path = write_config(&config_text(&redis.url(), &ports, &[0, 1, 2, 3]));
+    let cfg = path.to_str().expect("path").to_string();
+    assert!(run(&["stock", "init", "--config", &cfg]).status.success());
+    let mut nodes: Vec<Option<SpikeProcess>> = (0..4).map(|i| Some(start_node(&cfg, i))).collect();
+    for a in &ports.nodes {
+        wait_listening(&a.to_string(), Duration::from_secs(10));
+    }
+    let balancer = SpikeProcess::start(&["balancer", "--config", &cfg]);
+    wait_listening(&ports.balancer.to_string(), Duration::from_secs(10));
+
+    let c = client();
+    let sold = Arc::new(AtomicUsize::new(0));
+    let next_buyer = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let answers = Arc::new(Mutex::new(Vec::<Answer>::new()));
+    let mut workers = Vec::new();
+    for _ in 0..WORKERS {
+        let (c, sold, next_buyer, stop, answers) = (
+            c.clone(),
+            sold.clone(),
+            next_buyer.clone(),
+            stop.clone(),
+            answers.clone(),
+        );
+        let target = ports.balancer;
+        workers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let buyer = next_buyer.fetch_add(1, Ordering::Relaxed);
+                if buyer >= BUYERS {
+                    break;
+                }
+                // A real buyer retries a 502/503 a few times, then gives up.
+                for _attempt in 0..4 {
+                    let start = Instant::now();
+                    let path = format!("/buy/ticket?user=f{buyer}");
+                    let answer = match tokio::time::timeout(HANG, get(&c, target, &path)).await {
+                        Ok(Ok((status, body))) => Answer {
+                            buyer,
+                            status: Some(status),
+                            body,
+                            took: start.elapsed(),
+                        },
+                        Ok(Err(e)) => Answer {
+                            buyer,
+                            status: None,
+                            body: e,
+                            took: start.elapsed(),
+                        },
+                        Err(_) => Answer {
+                            buyer,
+                            status: None,
+                            body: "hang".into(),
+                            took: start.elapsed(),
+                        },
+                    };
+                    let status = answer.status;
+                    answers.lock().await.push(answer);
+                    match status {
+                        Some(StatusCode::OK) => {
+                            sold.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                        Some(StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE) => {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        _ => break,
+                    }
+                }
+                // Pace the crowd while tickets remain, so the faults land in
+                // the middle of the sale; after that, everyone else rushes in.
+                if sold.load(Ordering::Relaxed) < TOTAL {
+                    tokio::time::sleep(Duration::from_millis(8)).await;
+                }
+            }
+        }));
+    }
+
+    let wait_for = |fraction: f64| {
+        let sold = sold.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while (sold.load(Ordering::Relaxed) as f64) < fraction * TOTAL as f64 {
+                assert!(
+                    Instant::now() < deadline,
+                    "the sale stalled before {fraction}"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let mut faults = Vec::new();
+
+    // 1. A node dies holding its allowance; the balancer is then reloaded
+    //    without it.
+    wait_for(0.10).await;
+    let dead = 1; // n2, weight 2
+    if let Some(mut n) = nodes[dead].take() {
+        n.signal("KILL");
+        n.wait_exit(Duration::from_secs(5));
+    }
+    faults.push(format!(
+        "SIGKILL n2 at {} sold",
+        sold.load(Ordering::Relaxed)
+    ));
+    let v0 = version(&c, ports.admin).await;
+    rewrite(&path, &config_text(&redis.url(), &ports, &[0, 2, 3]));
+    balancer.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while version(&c, ports.admin).await == v0 {
+        assert!(Instant::now() < deadline, "the balancer did not reload");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    faults.push("balancer reloaded without n2".into());
+
+    // 2. Redis stalls for longer than the command timeout.
+    wait_for(0.30).await;
+    redis.signal("STOP");
+    faults.push(format!(
+        "SIGSTOP redis for 1s at {} sold",
+        sold.load(Ordering::Relaxed)
+    ));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    redis.signal("CONT");
+
+    // 3. Redis restarts (from its append-only file).
+    wait_for(0.50).await;
+    faults.push(format!(
+        "redis restarted at {} sold",
+        sold.load(Ordering::Relaxed)
+    ));
+    redis.restart();
+
+    // 4. The dead node comes back (outside the balancer for now).
+    wait_for(0.70).await;
+    nodes[dead] = Some(start_node(&cfg, dead));
+    wait_listening(&ports.nodes[dead].to_string(), Duration::from_secs(10));
+    faults.push(format!(
+        "n2 restarted at {} sold",
+        sold.load(Ordering::Relaxed)
+    ));
+
+    // The crowd runs out or the sale completes.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while next_buyer.load(Ordering::Relaxed) < BUYERS {
+        assert!(
+            Instant::now() < deadline,
+            "the sale did not complete in time"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.expect("worker");
+    }
+
+    // 5. n2 rejoins the balancer; latecomers all hear "sold out".
+    let v1 = version(&c, ports.admin).await;
+    rewrite(&path, &config_text(&redis.url(), &ports, &[0, 1, 2, 3]));
+    balancer.signal("HUP");
+    while version(&c, ports.admin).await == v1 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    faults.push("balancer reloaded with n2 back".into());
+    let mut late = HashMap::new();
+    for i in 0..200 {
+        let (status, body) = get(&c, ports.balancer, &format!("/buy/ticket?user=late{i}"))
+            .await
+            .expect("late buyer");
+        *late
+            .entry((
+                status.as_u16(),
+                json(&body)["status"].as_str().unwrap_or("").to_string(),
+            ))
+            .or_insert(0) += 1;
+    }
+    assert_eq!(
+        late.get(&(409, "sold_out".to_string())),
+        Some(&200),
+        "latecomers: {late:?}"
+    );
+
+    // ---- The record ----
+    let answers = answers.lock().await;
+    let mut by_status: HashMap<String, usize> = HashMap::new();
+    for a in answers.iter() {
+        let key = match a.status {
+            Some(s) => format!(
+                "{} {}",
+                s.as_u16(),
+                json(&a.body)["status"].as_str().unwrap_or("?")
+            ),
+            None => format!("error: {}", a.body),
+        };
+        *by_status.entry(key).or_default() += 1;
+    }
+    let hangs: Vec<_> = answers.iter().filter(|a| a.status.is_none()).collect();
+    assert!(
+        hangs.is_empty(),
+        "transport errors or hangs: {:?}",
+        &hangs[..hangs.len().min(5)]
+    );
+    let slowest = answers.iter().map(|a| a.took).max().unwrap_or_default();
+    assert!(
+        slowest < Duration::from_secs(5),
+        "an answer took {slowest:?}"
+    );
+    for a in answers.iter() {
+        let s = a.status.map(|s| s.as_u16());
+        assert!(
+            matches!(s, Some(200 | 409 | 502 | 503)),
+            "unexpected answer {a:?}"
+        );
+    }
+
+    let mut conn = redis.connection().expect("redis");
+    let orders: HashSet<String> = redis::cmd("HKEYS")
+        .arg("spike:{fault}:orders")
+        .query(&mut conn)
+        .expect("HKEYS");
+    let holders: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg("spike:{fault}:buyer_order")
+        .query(&mut conn)
+        .expect("HGETALL");
+    let mut ok_buyers = HashSet::new();
+    for a in answers.iter().filter(|a| a.status == Some(StatusCode::OK)) {
+        let v = json(&a.body);
+        let order = v["order"].as_str().expect("order");
+        assert!(
+            orders.contains(order),
+            "200 for order {order}, missing in redis"
+        );
+        assert!(
+            ok_buyers.insert(a.buyer),
+            "buyer f{} got two tickets",
+            a.buyer
+        );
+    }
+    // Anyone holding a ticket without a 200 got only 503s (a reply lost
+    // after the script ran); their order exists.
+    let mut ambiguous = 0;
+    for (buyer, order) in &holders {
+        let id: usize = buyer.trim_start_matches('f').parse().expect("buyer id");
+        if ok_buyers.contains(&id) {
+            continue;
+        }
+        let theirs: Vec<_> = answers.iter().filter(|a| a.buyer == id).collect();
+        assert!(
+            theirs
+                .iter()
+                .all(|a| a.status == Some(StatusCode::SERVICE_UNAVAILABLE)
+                    || a.status == Some(StatusCode::CONFLICT)),
+            "{buyer} holds {order} with answers {theirs:?}"
+        );
+        assert!(orders.contains(order));
+        ambiguous += 1;
+    }
+    let show = run(&["stock", "show", "--config", &cfg]);
+    let snap = json(String::from_utf8_lossy(&show.stdout).trim());
+    let audit = run(&["stock", "audit", "--config", &cfg]);
+    assert!(
+        audit.status.success(),
+        "audit: {}",
+        String::from_utf8_lossy(&audit.stdout)
+    );
+    let sold_total = snap["sold"].as_u64().expect("sold") as usize;
+    assert!(sold_total <= TOTAL, "oversold: {snap}");
+    assert_eq!(sold_total, ok_buyers.len() + ambiguous);
+    assert_eq!(snap["orders"].as_u64(), Some(sold_total as u64));
+    assert_eq!(sold_total, TOTAL, "undersold with one node dead: {snap}");
+
+    let mut statuses: Vec<_> = by_status.into_iter().collect();
+    statuses.sort();
+    eprintln!("\n=== fault test record ===");
+    eprintln!(
+        "buyers: {} distinct asked (of {BUYERS}), tickets: {TOTAL}",
+        next_buyer.load(Ordering::Relaxed).min(BUYERS)
+    );
+    eprintln!("faults: {}", faults.join("; "));
+    eprintln!("answers ({} requests):", answers.len());
+    for (k, n) in &statuses {
+        eprintln!("  {k}: {n}");
+    }
+    eprintln!("slowest answer: {slowest:?}");
+    eprintln!(
+        "sold: {sold_total}, orders: {}, answered 200: {}, sold with a lost reply: {ambiguous}, undersell: {}",
+        snap["orders"],
+        ok_buyers.len(),
+        TOTAL - sold_total
+    );
+    eprintln!("latecomers after n2 rejoined: {late:?}");
+    drop(nodes);
+    remove_config(&path);
+}
