@@ -1,0 +1,35 @@
+//! Any text given as config.toml is either a valid Config or a ConfigError
+//! that names a line inside the file: never a panic.
+#![no_main]
+
+use std::path::Path;
+
+use libfuzzer_sys::fuzz_target;
+use spike::config::{Config, ConfigError};
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    match Config::parse(Path::new("fuzz.toml"), text) {
+        Ok(config) => {
+            // Validated configs keep their promises.
+            if let Some(sale) = &config.sale {
+                assert!(sale.total >= 1);
+                let explicit = text.contains("stock");
+                for n in &config.nodes {
+                    assert!(n.weight >= 1);
+                    // A computed allowance never exceeds the total.
+                    assert!(explicit || n.allowance <= sale.total);
+                }
+            }
+            if let Some(b) = &config.balancer {
+                assert!(!b.upstreams.is_empty());
+            }
+        }
+        Err(ConfigError::Invalid { line, .. }) => {
+            assert!(line >= 1 && line <= text.lines().count().max(1) + 1, "line {line} outside the file");
+        }
+        Err(ConfigError::Read { .. }) => unreachable!("parse reads no file"),
+    }
+});
