@@ -254,3 +254,50 @@ fn every_command_has_help() {
         assert!(text.contains("Usage: spike"), "{args:?}: {text}");
     }
 }
+
+/// SIGTERM while a purchase is in flight (Redis is stalled, so the purchase
+/// is waiting on it): the node stops accepting, lets the purchase finish, and
+/// exits 0. The buyer gets an answer, and the store agrees with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_in_flight_purchase_finish() {
+    let redis = RedisServer::start();
+    let text = sale_config("inflight", 5, 1, &[1], Some(&redis.url()), "")
+        .replace("timeout = \"300ms\"", "timeout = \"3s\"");
+    let path = write_config(&text);
+    let c = cfg(&path);
+    assert!(run(&["stock", "init", "--config", c]).status.success());
+    let mut node = SpikeProcess::start(&["node", "--config", c, "--name", "n1"]);
+    let addr = node_addrs(&text)[0];
+    wait_listening(&addr.to_string(), Duration::from_secs(10));
+    let http = client();
+    // Warm the connection pool so the in-flight request is already accepted.
+    let (status, _) = common::http::get(&http, addr, "/healthz")
+        .await
+        .expect("healthz");
+    assert_eq!(status, StatusCode::OK);
+
+    redis.signal("STOP");
+    let buying = {
+        let http = http.clone();
+        tokio::spawn(
+            async move { common::http::get(&http, addr, "/buy/ticket?user=inflight").await },
+        )
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    node.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Stopped accepting: a new connection is refused while the purchase waits.
+    assert!(std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_err());
+    redis.signal("CONT");
+    let (status, body) = buying
+        .await
+        .expect("task")
+        .expect("the in-flight buyer gets an answer");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let exit = node.wait_exit(Duration::from_secs(10)).expect("node exits");
+    assert!(exit.success(), "{exit:?}");
+    let snap = stdout_json(&run(&["stock", "show", "--config", c]));
+    assert_eq!(snap["sold"], 1);
+    assert_eq!(snap["orders"], 1);
+    remove_config(&path);
+}
