@@ -149,3 +149,38 @@ async fn post_goes_to_the_next_upstream_when_connect_fails() {
     assert_eq!(body_of(&res), "live");
     lb.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_never_answers_is_a_504() {
+    // Accepts connections and reads, but never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    let holder = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            open.push(s);
+        }
+    });
+    let text = config_text(
+        "round_robin",
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &[up(silent_addr, 1)],
+    )
+    .replace("response_timeout = \"5s\"", "response_timeout = \"300ms\"");
+    let lb = Running::start(&text).await;
+    let started = std::time::Instant::now();
+    let res = raw(
+        None,
+        lb.addr,
+        b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(res.starts_with("HTTP/1.1 504"), "{res}");
+    assert!(body_of(&res).contains("gateway_timeout"), "{res}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    holder.abort();
+    lb.shutdown().await;
+}
