@@ -376,8 +376,9 @@ def render_md(s):
             )
     for side, m in s.get("memory", {}).items():
         notes.append(
-            f"Memory, {side}: {m.get('rss_kib', 0) / 1024.0:.1f} MiB resident "
-            f"({m.get('processes', 1)} process(es)) holding {m.get('connections')} of {m.get('wanted')} "
+            f"Memory, {side}: {m.get('rss_kib', 0) / 1024.0:.1f} MiB resident, "
+            f"{m.get('pss_kib', 0) / 1024.0:.1f} MiB proportional (shared pages counted once) "
+            f"over {m.get('processes', 1)} process(es), holding {m.get('connections')} of {m.get('wanted')} "
             "idle keep-alive client connections."
         )
     for n in notes:
@@ -434,8 +435,8 @@ def render_svg(s):
         )
     for name, d in s.get("direct", {}).items():
         groups.append((f"direct {name}", {"spike_rps": d["rps"], "spike_p99": d["p99"], "direct": True}))
-    W, panel_h, top, left = 60 + 110 * max(len(groups), 1), 260, 50, 70
-    H = top + 2 * (panel_h + 90) + 30
+    W, panel_h, top, left = 60 + 110 * max(len(groups), 1), 260, 50, 120
+    H = top + 2 * (panel_h + 150) + 10
     o = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{W + left}" height="{H}" '
         'font-family="sans-serif" font-size="11">',
@@ -452,7 +453,7 @@ def render_svg(s):
     )
     colors = {"spike": "#d9480f", "nginx": "#1c7ed6", "direct": "#868e96"}
     for pi, (metric, title) in enumerate((("rps", "requests/s (higher is better)"), ("p99", "p99 latency, ms (lower is better)"))):
-        y0 = top + pi * (panel_h + 90)
+        y0 = top + pi * (panel_h + 150)
         vals = []
         for _, g in groups:
             for side in ("spike", "nginx"):
@@ -489,9 +490,10 @@ def render_svg(s):
                 t = f"{v:.0f}" if metric == "rps" else f"{v:.2f}"
                 o.append(f'<text x="{bx + 18}" y="{base - h - 3:.1f}" text-anchor="middle">{t}</text>')
             o.append(
-                f'<text x="{x + 38}" y="{base + 14}" text-anchor="middle">{esc(name)}</text>'
+                f'<text x="{x + 40}" y="{base + 14}" text-anchor="end" '
+                f'transform="rotate(-25 {x + 40} {base + 14})">{esc(name)}</text>'
             )
-        ly = base + 34
+        ly = base + 110
         for li, (side, label) in enumerate((("spike", "spike"), ("nginx", "nginx"), ("direct", "direct to one backend"))):
             lx = left + li * 120
             o.append(f'<rect x="{lx}" y="{ly - 9}" width="10" height="10" fill="{colors[side]}"/>')
