@@ -26,7 +26,7 @@ pub fn sale_config(
         "[sale]\nevent = \"{event}\"\ntotal = {total}\nper_user_limit = {per_user_limit}\n{extra_sale}\n"
     );
     if let Some(url) = redis_url {
-        text.push_str(&format!("[redis]\nurl = \"{url}\"\ntimeout = \"300ms\"\n"));
+        text.push_str(&format!("[redis]\nurl = \"{url}\"\ntimeout = \"1s\"\n"));
     }
     for (i, w) in weights.iter().enumerate() {
         text.push_str(&format!(
