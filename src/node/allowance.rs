@@ -9,8 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// How many more tickets this node may try to sell.
 #[derive(Debug)]
 pub struct Allowance {
+    initial: u64,
     left: AtomicU64,
-    in_flight: AtomicU64,
+    spent: AtomicU64,
 }
 
 /// Why no unit could be taken.
@@ -27,8 +28,9 @@ impl Allowance {
     /// An allowance of `units`.
     pub fn new(units: u64) -> Allowance {
         Allowance {
+            initial: units,
             left: AtomicU64::new(units),
-            in_flight: AtomicU64::new(0),
+            spent: AtomicU64::new(0),
         }
     }
 
@@ -36,9 +38,6 @@ impl Allowance {
     /// returned [`Unit`] is dropped without [`Unit::keep`], so a failed or
     /// abandoned purchase (Redis down, client gone) never leaks stock.
     pub fn take(&self) -> Result<Unit<'_>, NoUnit> {
-        // Count the unit as in flight before it leaves `left`, so a failed
-        // take never sees both counters at zero while a unit is out.
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
         match self
             .left
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
@@ -47,14 +46,11 @@ impl Allowance {
                 allowance: self,
                 kept: false,
             }),
-            Err(_) => {
-                let others = self.in_flight.fetch_sub(1, Ordering::AcqRel) - 1;
-                Err(if others > 0 {
-                    NoUnit::InFlight
-                } else {
-                    NoUnit::Spent
-                })
-            }
+            // Units that are neither left nor spent are out with purchases in
+            // flight. Counting spent units (not in-flight ones) keeps two
+            // failed takes from mistaking each other for a purchase.
+            Err(_) if self.spent.load(Ordering::Acquire) >= self.initial => Err(NoUnit::Spent),
+            Err(_) => Err(NoUnit::InFlight),
         }
     }
 
@@ -76,6 +72,7 @@ impl Unit<'_> {
     /// The ticket was sold: the unit stays spent.
     pub fn keep(mut self) {
         self.kept = true;
+        self.allowance.spent.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -84,7 +81,6 @@ impl Drop for Unit<'_> {
         if !self.kept {
             self.allowance.left.fetch_add(1, Ordering::AcqRel);
         }
-        self.allowance.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -116,6 +112,34 @@ mod tests {
         assert_eq!(kept.load(Ordering::Relaxed), 1000);
         assert_eq!(a.left(), 0);
         assert_eq!(a.take().err(), Some(NoUnit::Spent));
+        assert_eq!(a.take().err(), Some(NoUnit::Spent));
+    }
+
+    /// Many failed takes at once on a spent allowance all say "spent":
+    /// none mistakes another's attempt for a purchase in flight.
+    #[test]
+    fn concurrent_failed_takes_on_a_spent_allowance_all_say_spent() {
+        let a = Arc::new(Allowance::new(3));
+        for _ in 0..3 {
+            a.take().expect("unit").keep();
+        }
+        let busy = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (a, busy) = (a.clone(), busy.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..10_000 {
+                        if a.take().err() == Some(NoUnit::InFlight) {
+                            busy.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        assert_eq!(busy.load(Ordering::Relaxed), 0);
     }
 
     #[test]
