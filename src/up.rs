@@ -102,15 +102,12 @@ pub async fn run(
     let mut node_tasks = Vec::new();
     for (cfg, listener) in config.nodes.iter().zip(listeners.nodes) {
         let node = crate::node::build(&config, &cfg.name, store.clone())?;
-        let mut rx = nodes_rx.clone();
-        let limits = config.server.clone();
-        let serving = node.clone();
-        node_tasks.push(tokio::spawn(async move {
-            crate::node::run(listener, serving, &limits, async move {
-                let _ = rx.changed().await;
-            })
-            .await;
-        }));
+        node_tasks.push(crate::node::spawn(
+            listener,
+            node.clone(),
+            config.server.clone(),
+            nodes_rx.clone(),
+        ));
         nodes.push(node);
     }
     let (stop_balancer, balancer_rx) = watch::channel(());

@@ -13,6 +13,26 @@ use common::sale::{Answer, InProcessSale, count, sale_config, storm};
 use hyper::StatusCode;
 use spike::node::Store;
 
+/// Runs one correctness check twice, as `<check>::redis` against a real
+/// redis-server and `<check>::embedded` against the embedded store, which
+/// must keep the same promises.
+macro_rules! against_both_stores {
+    ($check:ident) => {
+        mod $check {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                let redis = super::RedisServer::start();
+                super::$check(Some(&redis)).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$check(None).await;
+            }
+        }
+    };
+}
+
 /// What a finished sale's answers add up to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Tally {
@@ -167,16 +187,7 @@ async fn four_nodes_sell_exactly_the_total(redis: Option<&RedisServer>) {
     sale.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn four_nodes_sell_exactly_the_total_redis() {
-    let redis = RedisServer::start();
-    four_nodes_sell_exactly_the_total(Some(&redis)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn four_nodes_sell_exactly_the_total_embedded() {
-    four_nodes_sell_exactly_the_total(None).await;
-}
+against_both_stores!(four_nodes_sell_exactly_the_total);
 
 /// The reference design checked `>=` in its Lua and sold N+1. The local
 /// allowances here are larger than the total, so only the store's own check
@@ -210,16 +221,7 @@ async fn total_n_sells_exactly_n(redis: Option<&RedisServer>) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn total_n_sells_exactly_n_redis() {
-    let redis = RedisServer::start();
-    total_n_sells_exactly_n(Some(&redis)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn total_n_sells_exactly_n_embedded() {
-    total_n_sells_exactly_n(None).await;
-}
+against_both_stores!(total_n_sells_exactly_n);
 
 async fn one_buyer_many_requests_gets_one_ticket(redis: Option<&RedisServer>) {
     let url = redis.map(|r| r.url());
@@ -260,16 +262,7 @@ async fn one_buyer_many_requests_gets_one_ticket(redis: Option<&RedisServer>) {
     sale.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_buyer_many_requests_gets_one_ticket_redis() {
-    let redis = RedisServer::start();
-    one_buyer_many_requests_gets_one_ticket(Some(&redis)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_buyer_many_requests_gets_one_ticket_embedded() {
-    one_buyer_many_requests_gets_one_ticket(None).await;
-}
+against_both_stores!(one_buyer_many_requests_gets_one_ticket);
 
 fn evalsha_calls(redis: &RedisServer) -> u64 {
     let mut c = redis.connection().expect("redis");
@@ -344,16 +337,7 @@ async fn sold_out_is_answered_from_memory(redis: Option<&RedisServer>) {
     sale.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sold_out_is_answered_from_memory_redis() {
-    let redis = RedisServer::start();
-    sold_out_is_answered_from_memory(Some(&redis)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sold_out_is_answered_from_memory_embedded() {
-    sold_out_is_answered_from_memory(None).await;
-}
+against_both_stores!(sold_out_is_answered_from_memory);
 
 fn assert_no_unit_leaked(sale: &InProcessSale) {
     for (cfg, (_, node)) in sale.config.nodes.iter().zip(&sale.nodes) {

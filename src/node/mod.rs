@@ -81,6 +81,23 @@ pub async fn run(
     .await;
 }
 
+/// Serves `node` on `listener` in a task of its own until `stop` fires (or
+/// its sender is dropped): how `spike up` and in-process tests run several
+/// nodes side by side.
+pub fn spawn(
+    listener: TcpListener,
+    node: Arc<Node>,
+    limits: ServerConfig,
+    mut stop: tokio::sync::watch::Receiver<()>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        run(listener, node, &limits, async move {
+            let _ = stop.changed().await;
+        })
+        .await;
+    })
+}
+
 /// Entry point of `spike node`.
 pub fn main(config_path: &Path, name: &str) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;

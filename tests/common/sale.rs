@@ -68,15 +68,12 @@ impl InProcessSale {
                 .await
                 .expect("bind");
             let addr = listener.local_addr().expect("addr");
-            let mut rx = rx.clone();
-            let limits = config.server.clone();
-            let serving = node.clone();
-            tasks.push(tokio::spawn(async move {
-                spike::node::run(listener, serving, &limits, async move {
-                    let _ = rx.changed().await;
-                })
-                .await;
-            }));
+            tasks.push(spike::node::spawn(
+                listener,
+                node.clone(),
+                config.server.clone(),
+                rx.clone(),
+            ));
             nodes.push((addr, node));
         }
         InProcessSale {
