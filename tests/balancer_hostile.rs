@@ -25,12 +25,6 @@ fn balancer_config(listen: SocketAddr, admin: &str, extra: &str, backends: &[&Ba
     t
 }
 
-fn free_addr() -> SocketAddr {
-    format!("127.0.0.1:{}", common::free_port())
-        .parse()
-        .expect("addr")
-}
-
 /// Which backend answered each forged X-Forwarded-For.
 async fn picks_by_forwarded_for(
     balancer: SocketAddr,
@@ -64,10 +58,10 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
         .collect();
 
     // Untrusted: every forged address is ignored; all come from 127.0.0.1.
-    let listen = free_addr();
+    let listen = common::free_addr();
     let path = write_config(&balancer_config(
         listen,
-        &free_addr().to_string(),
+        &common::free_addr().to_string(),
         "",
         &refs,
     ));
@@ -85,10 +79,10 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
 
     // Trusted: the forged (now believed) addresses spread over the
     // upstreams, and each sticks.
-    let listen = free_addr();
+    let listen = common::free_addr();
     let path = write_config(&balancer_config(
         listen,
-        &free_addr().to_string(),
+        &common::free_addr().to_string(),
         "trusted_proxies = [\"127.0.0.0/8\"]",
         &refs,
     ));
@@ -122,10 +116,10 @@ fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_http_gets_4xx_and_the_balancer_keeps_serving() {
     let backend = Backend::start("only").await;
-    let listen = free_addr();
+    let listen = common::free_addr();
     let path = write_config(&balancer_config(
         listen,
-        &free_addr().to_string(),
+        &common::free_addr().to_string(),
         "",
         &[&backend],
     ));
@@ -164,7 +158,7 @@ fn a_bad_balancer_file_is_refused_at_start_with_key_and_line() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_off_loopback_is_said_in_the_log() {
     let backend = Backend::start("x").await;
-    let listen = free_addr();
+    let listen = common::free_addr();
     let admin = format!("0.0.0.0:{}", common::free_port());
     let path = write_config(&balancer_config(listen, &admin, "", &[&backend]));
     let child = Command::new(bin())

@@ -84,19 +84,8 @@ async fn version(c: &common::http::TestClient, admin: SocketAddr) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sale_survives_node_death_redis_stalls_restarts_and_reloads() {
-    let mut redis = RedisServer::start_with(&[
-        "--save",
-        "",
-        "--appendonly",
-        "yes",
-        "--appendfsync",
-        "always",
-    ]);
-    let p = || -> SocketAddr {
-        format!("127.0.0.1:{}", common::free_port())
-            .parse()
-            .expect("addr")
-    };
+    let mut redis = RedisServer::start_durable();
+    let p = common::free_addr;
     let ports = Ports {
         balancer: p(),
         admin: p(),

@@ -356,14 +356,7 @@ fn assert_no_unit_leaked(sale: &InProcessSale) {
 /// once Redis is back the sale completes to exactly the total.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_mid_sale_loses_nothing() {
-    let mut redis = RedisServer::start_with(&[
-        "--save",
-        "",
-        "--appendonly",
-        "yes",
-        "--appendfsync",
-        "always",
-    ]);
+    let mut redis = RedisServer::start_durable();
     let text = sale_config("outage", 300, 1, &[1, 2, 3, 4], Some(&redis.url()), "");
     let sale = InProcessSale::start(&text).await;
     let c = client();

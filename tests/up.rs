@@ -19,11 +19,7 @@ struct Ports {
 }
 
 fn up_config(total: u64, redis: Option<&str>) -> (String, Ports) {
-    let p = || -> SocketAddr {
-        format!("127.0.0.1:{}", common::free_port())
-            .parse()
-            .expect("addr")
-    };
+    let p = common::free_addr;
     let ports = Ports {
         balancer: p(),
         admin: p(),

@@ -10,6 +10,11 @@ pub mod redis;
 pub mod sale;
 pub mod spike;
 
+/// `127.0.0.1` and a port nobody is listening on right now.
+pub fn free_addr() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
 /// A port nobody is listening on right now (the OS picks it).
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");

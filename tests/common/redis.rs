@@ -20,7 +20,20 @@ impl RedisServer {
         Self::start_with(&["--save", "", "--appendonly", "no"])
     }
 
-    /// Starts redis-server with extra arguments (e.g. append-only on).
+    /// Starts redis-server with append-only persistence, every write synced,
+    /// so a restart comes back with everything it acknowledged.
+    pub fn start_durable() -> RedisServer {
+        Self::start_with(&[
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+        ])
+    }
+
+    /// Starts redis-server with extra arguments.
     pub fn start_with(extra: &[&str]) -> RedisServer {
         let dir = std::env::temp_dir().join(format!(
             "spike-redis-{}-{}",
