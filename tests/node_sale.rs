@@ -299,28 +299,22 @@ async fn sold_out_is_answered_from_memory(redis: Option<&RedisServer>) {
             "the allowance must not be what says sold out"
         );
     }
-    let calls_before: Vec<u64> = sale
-        .nodes
-        .iter()
-        .map(|(_, n)| {
-            n.stats
-                .store_calls
-                .load(std::sync::atomic::Ordering::Relaxed)
-        })
-        .collect();
+    let store_calls = || -> Vec<u64> {
+        sale.nodes
+            .iter()
+            .map(|(_, n)| {
+                n.stats
+                    .store_calls
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .collect()
+    };
+    let calls_before = store_calls();
     let redis_before = redis.map(evalsha_calls);
     let late = storm(&c, &sale.addrs(), 1000, 1000, 64, "late").await;
     assert_eq!(count(&late, StatusCode::CONFLICT), 1000);
     assert!(late.iter().all(|a| json(&a.body)["status"] == "sold_out"));
-    let calls_after: Vec<u64> = sale
-        .nodes
-        .iter()
-        .map(|(_, n)| {
-            n.stats
-                .store_calls
-                .load(std::sync::atomic::Ordering::Relaxed)
-        })
-        .collect();
+    let calls_after = store_calls();
     assert_eq!(calls_before, calls_after, "no store call after sold out");
     if let (Some(r), Some(before)) = (redis, redis_before) {
         // The INFO call itself is not an EVALSHA, so the count must not move.

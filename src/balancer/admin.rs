@@ -11,7 +11,8 @@ use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 
-use super::reload::Shared;
+use super::reload::{Active, Shared};
+use super::upstream::Upstream;
 use super::upstream::now_ms;
 
 /// Upper bounds of the latency histogram buckets, in seconds.
@@ -147,26 +148,22 @@ fn metrics(shared: &Shared) -> String {
             );
         }
     }
-    out.push_str("# HELP spike_balancer_upstream_errors_total Failed attempts (connect errors, resets, timeouts) by upstream.\n");
-    out.push_str("# TYPE spike_balancer_upstream_errors_total counter\n");
-    for u in active.selector.upstreams() {
-        let _ = writeln!(
-            out,
-            "spike_balancer_upstream_errors_total{{upstream=\"{}\"}} {}",
-            u.config.addr,
-            u.live.failures.load(Ordering::Relaxed)
-        );
-    }
-    out.push_str("# HELP spike_balancer_upstream_active Requests in flight by upstream.\n");
-    out.push_str("# TYPE spike_balancer_upstream_active gauge\n");
-    for u in active.selector.upstreams() {
-        let _ = writeln!(
-            out,
-            "spike_balancer_upstream_active{{upstream=\"{}\"}} {}",
-            u.config.addr,
-            u.live.active.load(Ordering::Relaxed)
-        );
-    }
+    per_upstream(
+        &mut out,
+        &active,
+        "spike_balancer_upstream_errors_total",
+        "Failed attempts (connect errors, resets, timeouts) by upstream.",
+        "counter",
+        |u| u.live.failures.load(Ordering::Relaxed),
+    );
+    per_upstream(
+        &mut out,
+        &active,
+        "spike_balancer_upstream_active",
+        "Requests in flight by upstream.",
+        "gauge",
+        |u| u.live.active.load(Ordering::Relaxed),
+    );
     out.push_str(
         "# HELP spike_balancer_local_responses_total Answers made by the balancer itself.\n",
     );
@@ -219,4 +216,19 @@ fn metrics(shared: &Shared) -> String {
     out.push_str("# TYPE spike_balancer_config_version gauge\n");
     let _ = writeln!(out, "spike_balancer_config_version {}", active.version);
     out
+}
+
+/// One Prometheus metric with a sample per upstream.
+fn per_upstream<V: std::fmt::Display>(
+    out: &mut String,
+    active: &Active,
+    name: &str,
+    help: &str,
+    kind: &str,
+    value: impl Fn(&Upstream) -> V,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for u in active.selector.upstreams() {
+        let _ = writeln!(out, "{name}{{upstream=\"{}\"}} {}", u.config.addr, value(u));
+    }
 }

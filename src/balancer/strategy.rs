@@ -40,6 +40,21 @@ struct Smooth {
     effective: i64,
 }
 
+impl Smooth {
+    /// One peer's part of an Nginx smooth-WRR round: its current weight grows
+    /// by its effective weight, and an effective weight lowered by failures
+    /// climbs back one toward `weight`. Returns what it adds to the round's
+    /// total.
+    fn step(&mut self, weight: i64) -> i64 {
+        self.current += self.effective;
+        let added = self.effective;
+        if self.effective < weight {
+            self.effective += 1;
+        }
+        added
+    }
+}
+
 /// One set of peers: the primaries, or the backups.
 #[derive(Debug)]
 struct Tier {
@@ -99,13 +114,8 @@ impl Tier {
             if !self.usable(i, tried, now) {
                 continue;
             }
-            let s = &mut state[i];
-            s.current += s.effective;
-            total += s.effective;
-            if s.effective < self.weights[i] {
-                s.effective += 1;
-            }
-            let current = s.current;
+            total += state[i].step(self.weights[i]);
+            let current = state[i].current;
             // Strictly greater: on a tie the earlier peer keeps the lead.
             if best.is_none_or(|b| current > state[b].current) {
                 best = Some(i);
@@ -149,12 +159,7 @@ impl Tier {
                 {
                     continue;
                 }
-                let s = &mut state[i];
-                s.current += s.effective;
-                total += s.effective;
-                if s.effective < self.weights[i] {
-                    s.effective += 1;
-                }
+                total += state[i].step(self.weights[i]);
                 if state[i].current > state[b].current {
                     b = i;
                 }
