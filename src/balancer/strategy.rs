@@ -20,6 +20,21 @@
 //! runtime's threads (so the sequence is Nginx's one-worker sequence). It is
 //! only ever held inside [`Selector::pick`] / [`Selector::release`], which
 //! never await.
+//!
+//! Nginx walks every peer on every pick, so its cost grows with the number of
+//! upstreams. Spike gives the same answers without the walk where it can:
+//! - smooth WRR and round-robin: while every peer is healthy at full weight,
+//!   only the current weights decide, and the walk returns to the state it
+//!   started from after at most about `total_weight` picks. Those calm picks
+//!   are recorded once, and from then on a pick replays the next one. A
+//!   failure, or a retry that must skip tried peers, writes the current
+//!   weights out and hands back to the walk, which records again once calm.
+//!   A test drives both side by side with a transcription of Nginx's C;
+//! - ip_hash: the walk over the weights is a binary search over their
+//!   running sums (the same peer for every hash);
+//! - least_conn still walks: its tie-break advances only the tied peers,
+//!   whose set changes with every pick and release, so there is no fixed
+//!   order to replay.
 
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
@@ -31,6 +46,9 @@ use super::upstream::{LiveState, Upstream};
 
 /// How many times ip_hash rehashes before it falls back to round-robin.
 const IP_HASH_TRIES: u32 = 20;
+
+/// Longest smooth-WRR cycle recorded (4 bytes a pick): 1 MiB.
+const MAX_CYCLE: u64 = 1 << 18;
 
 /// The smooth weighted round-robin numbers of one peer (Nginx's
 /// `current_weight` and `effective_weight`).
@@ -55,6 +73,30 @@ impl Smooth {
     }
 }
 
+/// A run of smooth-WRR picks that ends in the state it started from, so
+/// that it repeats for as long as nothing but the current weights decides.
+#[derive(Debug)]
+struct Cycle {
+    /// The current weights at the start.
+    start: Vec<i64>,
+    /// The peer picked at each position.
+    order: Vec<u32>,
+}
+
+/// The smooth-WRR state of a tier.
+#[derive(Debug)]
+struct PickState {
+    /// Nginx's per-peer numbers; stale while `at` is `Some`.
+    smooth: Vec<Smooth>,
+    /// The last cycle recorded.
+    cycle: Option<Cycle>,
+    /// `Some(p)`: the state is that of `cycle` after `p` picks, and the next
+    /// pick is `cycle.order[p]`.
+    at: Option<usize>,
+    /// The calm walk since `start`, until it comes back there.
+    recording: Option<Cycle>,
+}
+
 /// One set of peers: the primaries, or the backups.
 #[derive(Debug)]
 struct Tier {
@@ -63,7 +105,13 @@ struct Tier {
     weights: Vec<i64>,
     /// Sum of `weights`, down peers included, as Nginx's `total_weight`.
     total_weight: u64,
-    state: Mutex<Vec<Smooth>>,
+    /// Running sums of `weights`: `ends[i]` is the sum up to and with `i`.
+    ends: Vec<u64>,
+    /// Sum of the weights of the peers that are not `down`.
+    up_weight: i64,
+    /// How many picks a recording may take before it starts again.
+    max_recording: u64,
+    state: Mutex<PickState>,
 }
 
 impl Tier {
@@ -79,7 +127,24 @@ impl Tier {
             })
             .collect();
         let total_weight = weights.iter().map(|&w| w as u64).sum();
-        let state = weights
+        let ends = weights
+            .iter()
+            .scan(0u64, |sum, &w| {
+                *sum += w as u64;
+                Some(*sum)
+            })
+            .collect();
+        let up: Vec<bool> = peers.iter().map(|p| !p.config.down).collect();
+        let up_weight = weights
+            .iter()
+            .zip(&up)
+            .filter(|(_, u)| **u)
+            .map(|(w, _)| w)
+            .sum();
+        // A cycle from all-zero takes `up_weight` picks (fewer when the
+        // weights share a divisor); other cycles take as long.
+        let max_recording = (2 * up_weight as u64).clamp(64, MAX_CYCLE);
+        let smooth = weights
             .iter()
             .map(|&w| Smooth {
                 current: 0,
@@ -90,11 +155,19 @@ impl Tier {
             peers,
             weights,
             total_weight,
-            state: Mutex::new(state),
+            ends,
+            up_weight,
+            max_recording,
+            state: Mutex::new(PickState {
+                smooth,
+                cycle: None,
+                at: None,
+                recording: None,
+            }),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Vec<Smooth>> {
+    fn lock(&self) -> MutexGuard<'_, PickState> {
         // The state is a few integers; a panic elsewhere cannot leave it in a
         // state worse than "slightly unfair", so a poisoned lock is used as is.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -106,8 +179,80 @@ impl Tier {
         !tried.has(i) && !p.config.down && !p.is_failed(now)
     }
 
-    /// Nginx's `ngx_http_upstream_get_peer`.
-    fn smooth(&self, state: &mut [Smooth], tried: &Tried, now: u64) -> Option<usize> {
+    /// Whether every peer that is not `down` is healthy at full weight: then
+    /// nothing but the current weights decides the picks, and a cycle
+    /// recorded in such a calm replays them.
+    fn calm(&self, smooth: &[Smooth], now: u64) -> bool {
+        smooth
+            .iter()
+            .zip(&self.weights)
+            .zip(&self.peers)
+            .all(|((s, &w), p)| p.config.down || (s.effective == w && !p.is_failed(now)))
+    }
+
+    /// Writes out the current weights of the cycle position the state is at,
+    /// so that the walk can take over: from the cycle's start, `p` picks of
+    /// which `k` went to peer `i` have added `p * w` and taken `k * total`.
+    fn materialize(&self, st: &mut PickState) {
+        let (Some(p), Some(cycle)) = (st.at.take(), &st.cycle) else {
+            return;
+        };
+        for (i, s) in st.smooth.iter_mut().enumerate() {
+            let gained = if self.peers[i].config.down {
+                0
+            } else {
+                self.weights[i]
+            };
+            s.current = cycle.start[i] + p as i64 * gained;
+            s.effective = self.weights[i];
+        }
+        for &i in &cycle.order[..p] {
+            st.smooth[i as usize].current -= self.up_weight;
+        }
+    }
+
+    /// Nginx's `ngx_http_upstream_get_peer`, replayed from the recorded
+    /// cycle when the state allows it.
+    fn smooth(&self, st: &mut PickState, tried: &Tried, now: u64) -> Option<usize> {
+        if let (Some(p), Some(cycle)) = (st.at, &st.cycle) {
+            let i = cycle.order[p] as usize;
+            // Failure marks are shared with the selector of the previous
+            // config, whose release may mark a peer behind this one's back.
+            if tried.is_empty() && !self.peers[i].is_failed(now) {
+                st.at = Some((p + 1) % cycle.order.len());
+                return Some(i);
+            }
+            self.materialize(st);
+        }
+        if !tried.is_empty() || !self.calm(&st.smooth, now) {
+            st.recording = None;
+            return self.walk(&mut st.smooth, tried, now);
+        }
+        let recording = st.recording.get_or_insert_with(|| Cycle {
+            start: st.smooth.iter().map(|s| s.current).collect(),
+            order: Vec::new(),
+        });
+        let b = self.walk(&mut st.smooth, tried, now)?;
+        recording.order.push(b as u32);
+        if st
+            .smooth
+            .iter()
+            .zip(&recording.start)
+            .all(|(s, &c)| s.current == c)
+        {
+            st.cycle = st.recording.take();
+            st.at = Some(0);
+        } else if recording.order.len() as u64 > self.max_recording {
+            // Not back yet: the start may lie before the states repeat;
+            // start again from a later state.
+            st.recording = None;
+        }
+        Some(b)
+    }
+
+    /// Nginx's walk: every usable peer gains its effective weight, the
+    /// largest current weight wins and loses the round's total.
+    fn walk(&self, state: &mut [Smooth], tried: &Tried, now: u64) -> Option<usize> {
         let mut best: Option<usize> = None;
         let mut total: i64 = 0;
         for i in 0..self.peers.len() {
@@ -127,7 +272,9 @@ impl Tier {
     }
 
     /// Nginx's least_conn: fewest active relative to weight; ties by smooth WRR.
-    fn least_conn(&self, state: &mut [Smooth], tried: &Tried, now: u64) -> Option<usize> {
+    fn least_conn(&self, st: &mut PickState, tried: &Tried, now: u64) -> Option<usize> {
+        self.materialize(st);
+        let state = &mut st.smooth;
         let active = |i: usize| self.peers[i].live.active.load(Ordering::Relaxed) as u128;
         let weight = |i: usize| self.weights[i] as u128;
         let mut best: Option<usize> = None;
@@ -177,12 +324,10 @@ impl Tier {
         let mut hash = attempt.hash;
         loop {
             hash = ip_hash_step(hash, attempt.key());
-            let mut w = hash as u64 % self.total_weight;
-            let mut p = 0;
-            while w >= self.weights[p] as u64 {
-                w -= self.weights[p] as u64;
-                p += 1;
-            }
+            // Nginx subtracts weights until the rest is smaller than the
+            // peer's: that is the first peer whose running sum exceeds it.
+            let w = hash as u64 % self.total_weight;
+            let p = self.ends.partition_point(|&end| end <= w);
             if self.usable(p, &attempt.tried, now) {
                 attempt.hash = hash;
                 return Some(p);
@@ -232,6 +377,10 @@ impl Tried {
             self.high.resize(j / 64 + 1, 0);
         }
         self.high[j / 64] |= 1u64 << (j % 64);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.low == 0 && self.high.iter().all(|&w| w == 0)
     }
 
     fn clear(&mut self) {
@@ -440,7 +589,10 @@ impl Selector {
             live.checked.store(now, Ordering::Relaxed);
             let max_fails = peer.config.max_fails as i64;
             if max_fails != 0 {
-                let s = &mut state[pick.index];
+                // The walk takes over: the failure lowers a weight and
+                // takes the peer out of the rounds.
+                tier.materialize(&mut state);
+                let s = &mut state.smooth[pick.index];
                 s.effective = (s.effective - tier.weights[pick.index] / max_fails).max(0);
             }
         } else if live.accessed.load(Ordering::Relaxed) < live.checked.load(Ordering::Relaxed) {
@@ -552,9 +704,9 @@ mod tests {
         let p = s.pick(&mut at, 0).expect("peer");
         assert_eq!(port(&s, &p), 1);
         s.release(&p, true, 0);
-        assert_eq!(s.tiers[0].lock()[0].effective, 5);
+        assert_eq!(s.tiers[0].lock().smooth[0].effective, 5);
         one(&s, 0);
-        assert_eq!(s.tiers[0].lock()[0].effective, 6);
+        assert_eq!(s.tiers[0].lock().smooth[0].effective, 6);
     }
 
     #[test]
@@ -666,5 +818,165 @@ mod tests {
             assert!(seen.insert(port(&s, &p)));
         }
         assert_eq!(seen.len(), 300);
+    }
+
+    /// An independent transcription of Nginx's `ngx_http_upstream_get_peer`
+    /// and `ngx_http_upstream_free_round_robin_peer` for one tier, with the
+    /// all-failed reset of `ngx_http_upstream_get_round_robin_peer`.
+    struct NginxRoundRobin {
+        weight: Vec<i64>,
+        down: Vec<bool>,
+        max_fails: Vec<u32>,
+        fail_timeout: u64,
+        current: Vec<i64>,
+        effective: Vec<i64>,
+        fails: Vec<u32>,
+        checked: Vec<u64>,
+        accessed: Vec<u64>,
+    }
+
+    impl NginxRoundRobin {
+        fn get_peer(&mut self, tried: &[bool], now: u64) -> Option<usize> {
+            let mut best: Option<usize> = None;
+            let mut total = 0;
+            for (i, &tried) in tried.iter().enumerate() {
+                if tried || self.down[i] {
+                    continue;
+                }
+                if self.max_fails[i] != 0
+                    && self.fails[i] >= self.max_fails[i]
+                    && now - self.checked[i] <= self.fail_timeout
+                {
+                    continue;
+                }
+                self.current[i] += self.effective[i];
+                total += self.effective[i];
+                if self.effective[i] < self.weight[i] {
+                    self.effective[i] += 1;
+                }
+                if best.is_none_or(|b| self.current[i] > self.current[b]) {
+                    best = Some(i);
+                }
+            }
+            let Some(b) = best else {
+                self.fails.iter_mut().for_each(|f| *f = 0);
+                return None;
+            };
+            self.current[b] -= total;
+            if now - self.checked[b] > self.fail_timeout {
+                self.checked[b] = now;
+            }
+            Some(b)
+        }
+
+        fn free(&mut self, i: usize, failed: bool, now: u64) {
+            if failed {
+                self.fails[i] += 1;
+                self.accessed[i] = now;
+                self.checked[i] = now;
+                if self.max_fails[i] != 0 {
+                    self.effective[i] -= self.weight[i] / self.max_fails[i] as i64;
+                }
+                self.effective[i] = self.effective[i].max(0);
+            } else if self.accessed[i] < self.checked[i] {
+                self.fails[i] = 0;
+            }
+        }
+    }
+
+    /// A small deterministic generator, so a failing case can be replayed.
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    /// The cycle, its write-out on failures and retries, and the return to
+    /// it give exactly Nginx's picks, through failures, retries, down peers
+    /// and failure windows that open and close.
+    #[test]
+    fn fast_smooth_wrr_picks_exactly_what_nginx_walks() {
+        let mut rng = Lcg(7);
+        let mut on_cycle = 0u32;
+        let mut picks = 0u32;
+        for case in 0..300 {
+            // Now and then many peers, past the 128 that Tried keeps inline.
+            let n = if case % 50 == 0 {
+                150
+            } else {
+                2 + rng.below(9) as usize
+            };
+            let strategy = if case % 3 == 0 {
+                Strategy::RoundRobin
+            } else {
+                Strategy::WeightedRoundRobin
+            };
+            let fail_timeout = 1000;
+            let mut model = NginxRoundRobin {
+                weight: vec![0; n],
+                down: vec![false; n],
+                max_fails: vec![0; n],
+                fail_timeout,
+                current: vec![0; n],
+                effective: vec![0; n],
+                fails: vec![0; n],
+                checked: vec![0; n],
+                accessed: vec![0; n],
+            };
+            let mut ups = Vec::new();
+            for i in 0..n {
+                let mut u = up(i as u16 + 1, 1 + rng.below(5) as u32);
+                u.down = rng.below(8) == 0;
+                u.max_fails = rng.below(4) as u32;
+                u.fail_timeout = Duration::from_millis(fail_timeout);
+                model.weight[i] = if strategy == Strategy::RoundRobin {
+                    1
+                } else {
+                    u.weight as i64
+                };
+                model.effective[i] = model.weight[i];
+                model.down[i] = u.down;
+                model.max_fails[i] = u.max_fails;
+                ups.push(u);
+            }
+            let s = selector(strategy, ups);
+            let mut now = 1;
+            for step in 0..600 {
+                now += rng.below(40);
+                let mut a = Attempt::new(IpAddr::V4(Ipv4Addr::LOCALHOST));
+                let mut tried = vec![false; n];
+                loop {
+                    if step >= 400 {
+                        picks += 1;
+                        on_cycle += u32::from(s.tiers[0].lock().at.is_some());
+                    }
+                    let got = s.pick(&mut a, now).map(|p| (p.index, p));
+                    let want = model.get_peer(&tried, now);
+                    assert_eq!(got.as_ref().map(|g| g.0), want, "case {case} step {step}");
+                    let Some((i, pick)) = got else { break };
+                    tried[i] = true;
+                    // Failures in the first half, then a calm in which every
+                    // failure window closes.
+                    let failed = step < 200 && rng.below(25) == 0;
+                    s.release(&pick, failed, now);
+                    model.free(i, failed, now);
+                    if !failed {
+                        break;
+                    }
+                }
+            }
+        }
+        // Long after the last failure, picks must come from the cycle again,
+        // or the return to it is not working.
+        assert!(
+            on_cycle * 10 > picks * 9,
+            "{on_cycle} of {picks} calm picks from the cycle"
+        );
     }
 }
