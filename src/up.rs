@@ -204,15 +204,11 @@ pub fn main(config_path: &Path) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
+        let shutdown = crate::server::shutdown_signal();
         let listeners = Listeners::bind(&config)?;
-        run(
-            config,
-            listeners,
-            crate::server::shutdown_signal(),
-            |c, nodes| {
-                println!("{}", banner(c, nodes));
-            },
-        )
+        run(config, listeners, shutdown, |c, nodes| {
+            println!("{}", banner(c, nodes));
+        })
         .await?;
         eprintln!("spike up: stopped");
         Ok(ExitCode::SUCCESS)

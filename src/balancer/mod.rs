@@ -18,8 +18,11 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use hyper::service::service_fn;
+use hyper::body::Incoming;
+use hyper::service::{Service, service_fn};
+use hyper::{Request, Response};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::config::{Config, ConfigError};
 
@@ -54,9 +57,21 @@ pub struct Balancer {
 
 impl Balancer {
     /// Builds config version 1 (needs a balancer section or `[[node]]`s).
+    /// It serves clients on the runtime that calls [`Balancer::run`].
     pub fn new(config: Config) -> Result<Balancer, BalancerError> {
+        Balancer::with_workers(config, 1)
+    }
+
+    /// Like [`Balancer::new`], but [`Balancer::run`] serves clients on
+    /// `workers` threads: the caller's, plus `workers - 1` threads that each
+    /// run a single-threaded runtime of their own, accept on a duplicate of
+    /// the same listening socket and keep their own upstream keep-alive
+    /// pools, so a request never leaves the thread that accepted its
+    /// connection (Nginx's worker processes, as threads). `spike balancer`
+    /// uses one worker per CPU.
+    pub fn with_workers(config: Config, workers: usize) -> Result<Balancer, BalancerError> {
         Ok(Balancer {
-            shared: Arc::new(reload::Shared::new(config)?),
+            shared: Arc::new(reload::Shared::new(config, workers)?),
         })
     }
 
@@ -68,7 +83,9 @@ impl Balancer {
     }
 
     /// Serves clients on `listener` and the admin endpoints on `admin` until
-    /// `shutdown` resolves, reloading on SIGHUP and on file changes.
+    /// `shutdown` resolves, reloading on SIGHUP and on file changes. With
+    /// more than one worker it also starts the worker threads, and returns
+    /// once all of them have finished.
     pub async fn run(
         self,
         listener: TcpListener,
@@ -87,19 +104,44 @@ impl Balancer {
         let poll = tokio::spawn(reload::watch_file(shared.clone()));
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|stop| *stop).await;
+        let limits = shared.server.clone();
+        let permits = Arc::new(Semaphore::new(limits.max_connections));
+        let (listener, others) = if shared.workers > 1 {
+            // Every worker accepts on its own descriptor of the one listening
+            // socket (not SO_REUSEPORT: that would let a second balancer
+            // bind the same port without an error and take half the
+            // clients). Whichever worker is free first takes a new
+            // connection.
+            let std = listener.into_std()?;
+            let mut others = Vec::with_capacity(shared.workers - 1);
+            for _ in 1..shared.workers {
+                others.push(std.try_clone()?);
+            }
+            (TcpListener::from_std(std)?, others)
+        } else {
+            (listener, Vec::new())
         };
+        let mut finished = Vec::with_capacity(others.len());
+        for (i, other) in others.into_iter().enumerate() {
+            let worker = i + 1;
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+            let shared = shared.clone();
+            let permits = permits.clone();
+            let stop = stop_rx.clone();
+            let started = std::thread::Builder::new()
+                .name(format!("spike-worker-{worker}"))
+                .spawn(move || {
+                    run_worker(shared, worker, other, permits, stop);
+                    let _ = done_tx.send(());
+                });
+            match started {
+                Ok(_) => finished.push(done_rx),
+                Err(e) => {
+                    tracing::error!(worker, error = %e, "cannot start a worker thread; serving with fewer")
+                }
+            }
+        }
         let proxy_shared = shared.clone();
-        let make_proxy = move |peer: SocketAddr| {
-            let shared = proxy_shared.clone();
-            let conn = admin::ConnectionGuard::new(shared.clone());
-            service_fn(move |req| {
-                let _counted_while_open = &conn;
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(proxy::handle(&shared, peer, req).await) }
-            })
-        };
         let admin_shared = shared.clone();
         let make_admin = move |_peer: SocketAddr| {
             let shared = admin_shared.clone();
@@ -108,20 +150,94 @@ impl Balancer {
                 async move { Ok::<_, Infallible>(admin::handle(&shared, req).await) }
             })
         };
-        let limits = shared.server.clone();
         let trigger = async move {
             shutdown.await;
             let _ = stop_tx.send(true);
         };
         tokio::join!(
-            crate::server::serve(listener, &limits, make_proxy, stopped(stop_rx.clone())),
+            crate::server::serve_with(
+                listener,
+                &limits,
+                permits,
+                move |peer| proxy_connection(&proxy_shared, 0, peer),
+                stopped(stop_rx.clone())
+            ),
             crate::server::serve(admin, &limits, make_admin, stopped(stop_rx)),
             trigger,
         );
+        for done in finished {
+            let _ = done.await;
+        }
         hup.abort();
         poll.abort();
         Ok(())
     }
+}
+
+/// Resolves once the balancer is told to stop (or the stopping side is gone).
+async fn stopped(mut rx: tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// The service of one client connection on worker `worker`; it counts the
+/// connection as open for as long as it lives.
+fn proxy_connection(
+    shared: &Arc<reload::Shared>,
+    worker: usize,
+    peer: SocketAddr,
+) -> impl Service<
+    Request<Incoming>,
+    Response = Response<proxy::RespBody>,
+    Error = Infallible,
+    Future: Send + 'static,
+> + Send
++ use<> {
+    let shared = shared.clone();
+    let conn = admin::ConnectionGuard::new(shared.clone());
+    service_fn(move |req| {
+        let _counted_while_open = &conn;
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(proxy::handle(&shared, worker, peer, req).await) }
+    })
+}
+
+/// One extra worker thread: a single-threaded runtime serving `listener`
+/// until `stop`, then its in-flight requests for the grace period.
+fn run_worker(
+    shared: Arc<reload::Shared>,
+    worker: usize,
+    listener: std::net::TcpListener,
+    permits: Arc<Semaphore>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(worker, error = %e, "cannot start a worker's runtime; serving with fewer");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(worker, error = %e, "a worker cannot use the listener; serving with fewer");
+                return;
+            }
+        };
+        let limits = shared.server.clone();
+        crate::server::serve_with(
+            listener,
+            &limits,
+            permits,
+            move |peer| proxy_connection(&shared, worker, peer),
+            stopped(stop),
+        )
+        .await;
+    });
 }
 
 /// Runs the balancer on bound listeners until `shutdown` resolves. For
@@ -139,11 +255,16 @@ pub async fn run(
 pub fn main(config_path: &Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;
     let b = config.require_balancer()?.clone();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // One single-threaded runtime per CPU (see `Balancer::with_workers`);
+    // `available_parallelism` follows CPU affinity (taskset) and cgroup
+    // quotas, which is how to give the balancer fewer cores.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(BalancerError::Io)?;
     runtime.block_on(async {
+        let shutdown = crate::server::shutdown_signal();
         let listener = crate::server::bind(b.listen).map_err(|source| BalancerError::Bind {
             what: "clients",
             addr: b.listen,
@@ -159,9 +280,12 @@ pub fn main(config_path: &Path) -> anyhow::Result<ExitCode> {
             admin = %b.admin,
             strategy = b.strategy.as_str(),
             upstreams = b.upstreams.len(),
+            workers,
             "balancer listening"
         );
-        run(listener, admin, config, crate::server::shutdown_signal()).await
+        Balancer::with_workers(config, workers)?
+            .run(listener, admin, shutdown)
+            .await
     })?;
     Ok(ExitCode::SUCCESS)
 }

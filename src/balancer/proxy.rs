@@ -170,15 +170,18 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-/// Proxies one client request. Never fails: errors become 502/504 answers.
+/// Proxies one client request on worker `worker`'s upstream clients. Never
+/// fails: errors become 502/504 answers.
 pub async fn handle(
     shared: &Shared,
+    worker: usize,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<RespBody> {
     let start = Instant::now();
     let active = shared.current.load_full();
     let config = &active.config;
+    let clients = active.clients(worker);
     let (mut parts, body) = req.into_parts();
     let peer_ip = peer.ip().to_canonical();
     let client = client_ip(peer_ip, &parts.headers, &config.trusted_proxies);
@@ -209,14 +212,14 @@ pub async fn handle(
             break;
         };
         let req = build(&parts.method, &path, &parts.headers, upstream, first);
-        let mut result = send(&active.clients.pooled, req, config.response_timeout).await;
+        let mut result = send(&clients.pooled, req, config.response_timeout).await;
         if let Err(SendError::Other(e)) = &result
             && idempotent
             && let Some(again) = next_body(&mut outgoing)
         {
             tracing::debug!(upstream = %upstream.config.addr, error = %e, "retrying once on a fresh connection");
             let req = build(&parts.method, &path, &parts.headers, upstream, again);
-            result = send(&active.clients.fresh, req, config.response_timeout).await;
+            result = send(&clients.fresh, req, config.response_timeout).await;
         }
         match result {
             Ok(resp) => {

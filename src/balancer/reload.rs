@@ -5,7 +5,8 @@
 //!
 //! The per-upstream live state is carried over by address and the HTTP
 //! clients are kept when their settings did not change, so failure marks,
-//! counters and keep-alive pools of the upstreams that stay survive.
+//! counters and keep-alive pools of the upstreams that stay survive. There is
+//! one set of clients per worker thread (see [`Active::clients`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -35,12 +36,20 @@ pub struct Active {
     pub config: BalancerConfig,
     /// The upstreams and their picking state.
     pub selector: Selector,
-    /// The upstream HTTP clients (with their keep-alive pools).
-    pub clients: Arc<Clients>,
+    /// The upstream HTTP clients (with their keep-alive pools), one set per
+    /// worker: a pooled connection's task lives on the runtime that opened
+    /// it, so a worker that used another worker's pool would wake that
+    /// worker's thread for every request. Never empty.
+    clients: Vec<Arc<Clients>>,
 }
 
 impl Active {
-    fn build(version: u64, config: BalancerConfig, old: Option<&Active>) -> Active {
+    /// The clients of worker `worker` (worker numbers start at 0).
+    pub fn clients(&self, worker: usize) -> &Clients {
+        &self.clients[worker % self.clients.len()]
+    }
+
+    fn build(version: u64, config: BalancerConfig, old: Option<&Active>, workers: usize) -> Active {
         let previous: HashMap<SocketAddr, Arc<LiveState>> = old
             .map(|o| {
                 o.selector
@@ -60,10 +69,12 @@ impl Active {
                 Upstream::new(c.clone(), live)
             })
             .collect();
-        let clients = match old {
-            Some(o) if o.clients.fits(&config) => o.clients.clone(),
-            _ => Arc::new(Clients::new(&config)),
-        };
+        let clients = (0..workers.max(1))
+            .map(|w| match old.and_then(|o| o.clients.get(w)) {
+                Some(c) if c.fits(&config) => c.clone(),
+                _ => Arc::new(Clients::new(&config)),
+            })
+            .collect();
         Active {
             version,
             selector: Selector::new(config.strategy, upstreams),
@@ -90,19 +101,25 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Server limits, fixed at start (a reload cannot rebind sockets).
     pub server: ServerConfig,
+    /// Worker threads serving clients, fixed at start; each has its own
+    /// upstream clients in every [`Active`].
+    pub workers: usize,
     path: PathBuf,
     reloading: Mutex<()>,
     seen: Mutex<Stamp>,
 }
 
 impl Shared {
-    /// Builds version 1 from a loaded config.
-    pub fn new(config: Config) -> Result<Shared, BalancerError> {
+    /// Builds version 1 from a loaded config, for `workers` worker threads
+    /// (at least one).
+    pub fn new(config: Config, workers: usize) -> Result<Shared, BalancerError> {
         let balancer = config.require_balancer()?.clone();
+        let workers = workers.max(1);
         Ok(Shared {
-            current: ArcSwap::from_pointee(Active::build(1, balancer, None)),
+            current: ArcSwap::from_pointee(Active::build(1, balancer, None, workers)),
             metrics: Metrics::default(),
             server: config.server.clone(),
+            workers,
             seen: Mutex::new(stamp(&config.path)),
             path: config.path,
             reloading: Mutex::new(()),
@@ -122,7 +139,7 @@ impl Shared {
                 "a change of balancer.listen or balancer.admin takes effect only after a restart"
             );
         }
-        let next = Active::build(old.version + 1, balancer, Some(&old));
+        let next = Active::build(old.version + 1, balancer, Some(&old), self.workers);
         let version = next.version;
         tracing::info!(
             version,

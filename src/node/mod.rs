@@ -114,6 +114,7 @@ pub fn main(config_path: &Path, name: &str) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
+        let shutdown = crate::server::shutdown_signal();
         let store = Store::open(&sale, config.redis.as_ref()).await?;
         match &store {
             Store::Embedded(e) => {
@@ -139,13 +140,7 @@ pub fn main(config_path: &Path, name: &str) -> anyhow::Result<ExitCode> {
             store = if config.redis.is_some() { "redis" } else { "embedded" },
             "node selling"
         );
-        run(
-            listener,
-            node,
-            &config.server,
-            crate::server::shutdown_signal(),
-        )
-        .await;
+        run(listener, node, &config.server, shutdown).await;
         tracing::info!(node = %node_cfg.name, "node stopped");
         Ok(ExitCode::SUCCESS)
     })

@@ -74,9 +74,15 @@ impl Running {
     /// Writes `text` to a fresh file and runs a balancer from it on
     /// `127.0.0.1:0` listeners.
     pub async fn start(text: &str) -> Running {
+        Running::start_workers(text, 1).await
+    }
+
+    /// Like [`Running::start`], with `workers` client worker threads (the
+    /// test's runtime plus `workers - 1` threads of their own).
+    pub async fn start_workers(text: &str, workers: usize) -> Running {
         let path = write_config(text);
         let config = Config::load(&path).expect("valid test config");
-        let balancer = Balancer::new(config).expect("balancer");
+        let balancer = Balancer::with_workers(config, workers).expect("balancer");
         let reloader = balancer.reloader();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
