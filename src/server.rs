@@ -81,8 +81,12 @@ pub async fn serve_with<F, S, B>(
         .keep_alive(true)
         // Request heads over this are answered 431 by hyper, and targets
         // over its 64k URI limit 414, before any service code runs.
-        .max_buf_size(96 * 1024)
-        .max_headers(100);
+        // More than 100 headers is a 431 too: hyper's default limit. It is
+        // deliberately not set with `max_headers(100)`, which gives the same
+        // limit but makes hyper fill a 100-slot array on every request
+        // (~3% of a node's CPU on the sold-out path) instead of leaving it
+        // uninitialised.
+        .max_buf_size(96 * 1024);
     tokio::pin!(shutdown);
     loop {
         // Take a permit before accepting: over the cap, clients wait in the
