@@ -192,12 +192,20 @@ fn proxy_connection(
     Future: Send + 'static,
 > + Send
 + use<> {
-    let shared = shared.clone();
-    let conn = admin::ConnectionGuard::new(shared.clone());
+    /// What every request of the connection needs, behind one `Arc`.
+    struct Connection {
+        shared: Arc<reload::Shared>,
+        peer: proxy::Peer,
+        _counted_while_open: admin::ConnectionGuard,
+    }
+    let conn = Arc::new(Connection {
+        shared: shared.clone(),
+        peer: proxy::Peer::new(peer),
+        _counted_while_open: admin::ConnectionGuard::new(shared.clone()),
+    });
     service_fn(move |req| {
-        let _counted_while_open = &conn;
-        let shared = shared.clone();
-        async move { Ok::<_, Infallible>(proxy::handle(&shared, worker, peer, req).await) }
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(proxy::handle(&conn.shared, worker, &conn.peer, req).await) }
     })
 }
 

@@ -22,7 +22,6 @@
 //! bodies are streamed straight through and get exactly one attempt.
 //! Response bodies are always streamed.
 
-use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -148,6 +147,33 @@ impl Body for Tracked {
     }
 }
 
+/// The client end of one connection, with its address already formatted for
+/// `X-Forwarded-For` / `X-Real-IP`: made once per connection, so a request
+/// from a direct client copies a shared value instead of formatting an IP.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    ip: IpAddr,
+    value: HeaderValue,
+}
+
+impl Peer {
+    /// The peer of a connection accepted from `addr`.
+    pub fn new(addr: SocketAddr) -> Peer {
+        let ip = addr.ip().to_canonical();
+        Peer {
+            ip,
+            value: ip_value(ip),
+        }
+    }
+}
+
+/// An IP address as a header value.
+fn ip_value(ip: IpAddr) -> HeaderValue {
+    // An IP address is always a valid header value.
+    HeaderValue::from_maybe_shared(Bytes::from(ip.to_string()))
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
 enum Outgoing {
     Replay(Bytes),
     Stream(Option<Incoming>),
@@ -175,7 +201,7 @@ fn is_idempotent(m: &Method) -> bool {
 pub async fn handle(
     shared: &Shared,
     worker: usize,
-    peer: SocketAddr,
+    peer: &Peer,
     req: Request<Incoming>,
 ) -> Response<RespBody> {
     let start = Instant::now();
@@ -183,9 +209,8 @@ pub async fn handle(
     let config = &active.config;
     let clients = active.clients(worker);
     let (mut parts, body) = req.into_parts();
-    let peer_ip = peer.ip().to_canonical();
-    let client = client_ip(peer_ip, &parts.headers, &config.trusted_proxies);
-    prepare_request_headers(&mut parts.headers, peer_ip, client);
+    let client = client_ip(peer.ip, &parts.headers, &config.trusted_proxies);
+    prepare_request_headers(&mut parts.headers, peer, client);
     let idempotent = is_idempotent(&parts.method);
     let path = parts
         .uri
@@ -357,56 +382,88 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
 
 /// Removes hop-by-hop headers, including those named in `Connection`.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Collected first (rarely anything: allocation only when a client names
-    // an unusual header), since the map cannot change while being read.
-    let mut listed: Vec<HeaderName> = Vec::new();
-    for v in h.get_all(CONNECTION) {
-        let Ok(s) = v.to_str() else { continue };
-        for token in s.split(',') {
-            let token = token.trim();
-            if token.is_empty()
-                || token.eq_ignore_ascii_case("close")
-                || token.eq_ignore_ascii_case("keep-alive")
-                || token.eq_ignore_ascii_case("upgrade")
-            {
-                continue;
-            }
-            if let Ok(name) = HeaderName::from_bytes(token.as_bytes())
-                && name != HOST
-            {
-                listed.push(name);
-            }
+    // One pass over the (few) names present first: most messages carry at
+    // most `Connection`, and a removal of an absent name still hashes it.
+    let mut present = 0u8;
+    for name in h.keys() {
+        if let Some(i) = hop_by_hop_index(name) {
+            present |= 1 << i;
         }
     }
-    for name in listed {
-        h.remove(name);
+    if present == 0 {
+        return;
     }
-    for name in &HOP_BY_HOP {
-        h.remove(name);
+    if present & 1 != 0 {
+        // Collected first (rarely anything: allocation only when a client
+        // names an unusual header), since the map cannot change while read.
+        let mut listed: Vec<HeaderName> = Vec::new();
+        for v in h.get_all(CONNECTION) {
+            let Ok(s) = v.to_str() else { continue };
+            for token in s.split(',') {
+                let token = token.trim();
+                if token.is_empty()
+                    || token.eq_ignore_ascii_case("close")
+                    || token.eq_ignore_ascii_case("keep-alive")
+                    || token.eq_ignore_ascii_case("upgrade")
+                {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(token.as_bytes())
+                    && name != HOST
+                {
+                    listed.push(name);
+                }
+            }
+        }
+        for name in listed {
+            h.remove(name);
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            h.remove(name);
+        }
+    }
+}
+
+/// Where `name` is in [`HOP_BY_HOP`] (`Connection` is 0).
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    match name.as_str() {
+        "connection" => Some(0),
+        "keep-alive" => Some(1),
+        "proxy-connection" => Some(2),
+        "te" => Some(3),
+        "trailer" => Some(4),
+        "transfer-encoding" => Some(5),
+        "upgrade" => Some(6),
+        _ => None,
     }
 }
 
 /// Hop-by-hop headers out, `X-Forwarded-For` appended, `X-Real-IP` set;
 /// `Host` is left as the client sent it.
-fn prepare_request_headers(h: &mut HeaderMap, peer: IpAddr, client: IpAddr) {
+fn prepare_request_headers(h: &mut HeaderMap, peer: &Peer, client: IpAddr) {
     strip_hop_by_hop(h);
-    let mut xff = BytesMut::with_capacity(64);
-    for v in h.get_all(X_FORWARDED_FOR) {
-        xff.extend_from_slice(v.as_bytes());
-        xff.extend_from_slice(b", ");
-    }
-    // Writing an IpAddr into a BytesMut cannot fail.
-    let _ = write!(xff, "{peer}");
-    let split = xff.len();
-    let _ = write!(xff, "{client}");
-    let mut xff = xff.freeze();
-    let real = xff.split_off(split);
-    if let Ok(v) = HeaderValue::from_maybe_shared(xff) {
+    let xff = if h.contains_key(X_FORWARDED_FOR) {
+        let mut xff = BytesMut::with_capacity(64);
+        for v in h.get_all(X_FORWARDED_FOR) {
+            xff.extend_from_slice(v.as_bytes());
+            xff.extend_from_slice(b", ");
+        }
+        xff.extend_from_slice(peer.value.as_bytes());
+        HeaderValue::from_maybe_shared(xff.freeze()).ok()
+    } else {
+        Some(peer.value.clone())
+    };
+    if let Some(v) = xff {
         h.insert(X_FORWARDED_FOR, v);
     }
-    if let Ok(v) = HeaderValue::from_maybe_shared(real) {
-        h.insert(X_REAL_IP, v);
-    }
+    let real = if client == peer.ip {
+        peer.value.clone()
+    } else {
+        ip_value(client)
+    };
+    h.insert(X_REAL_IP, real);
 }
 
 #[cfg(test)]
@@ -425,6 +482,16 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["host", "x-keep"]);
+
+        // Every hop-by-hop name goes, with or without `Connection`.
+        let mut h = HeaderMap::new();
+        for name in &HOP_BY_HOP[1..] {
+            h.insert(name, HeaderValue::from_static("x"));
+        }
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-keep"]);
     }
 
     #[test]
@@ -432,11 +499,25 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append(X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
         h.append(X_FORWARDED_FOR, HeaderValue::from_static("2.2.2.2"));
-        let peer: IpAddr = "10.0.0.1".parse().expect("ip");
-        prepare_request_headers(&mut h, peer, peer);
+        let peer = Peer::new("10.0.0.1:5000".parse().expect("addr"));
+        prepare_request_headers(&mut h, &peer, peer.ip);
         assert_eq!(h.get_all(X_FORWARDED_FOR).iter().count(), 1);
         assert_eq!(h[X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 10.0.0.1");
         assert_eq!(h[X_REAL_IP], "10.0.0.1");
+
+        // A direct client: both headers are its address; a client behind a
+        // trusted proxy: X-Real-IP is the client, X-Forwarded-For ends with
+        // the proxy.
+        let mut h = HeaderMap::new();
+        prepare_request_headers(&mut h, &peer, peer.ip);
+        assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1");
+        assert_eq!(h[X_REAL_IP], "10.0.0.1");
+        let mut h = HeaderMap::new();
+        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("5.5.5.5"));
+        let v4mapped = Peer::new("[::ffff:10.0.0.2]:1".parse().expect("addr"));
+        prepare_request_headers(&mut h, &v4mapped, "5.5.5.5".parse().expect("ip"));
+        assert_eq!(h[X_FORWARDED_FOR], "5.5.5.5, 10.0.0.2");
+        assert_eq!(h[X_REAL_IP], "5.5.5.5");
     }
 
     #[test]
