@@ -132,6 +132,7 @@ struct UpstreamFile {
 struct ServerFile {
     max_connections: Option<Spanned<i64>>,
     header_read_timeout: Option<Spanned<String>>,
+    keepalive_timeout: Option<Spanned<String>>,
     grace_period: Option<Spanned<String>>,
     max_body: Option<Spanned<i64>>,
 }
@@ -266,6 +267,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// A client that has not sent its request head by then is closed.
     pub header_read_timeout: Duration,
+    /// A keep-alive client that sends no next request by then is closed
+    /// (Nginx's `keepalive_timeout`, whose default this is).
+    pub keepalive_timeout: Duration,
     /// On SIGTERM, how long in-flight requests may take to finish.
     pub grace_period: Duration,
     /// Largest request body accepted on `/buy`.
@@ -277,6 +281,7 @@ impl Default for ServerConfig {
         ServerConfig {
             max_connections: 20_000,
             header_read_timeout: Duration::from_secs(5),
+            keepalive_timeout: Duration::from_secs(75),
             grace_period: Duration::from_secs(10),
             max_body: 4096,
         }
@@ -448,6 +453,10 @@ impl Cx<'_> {
                     header_read_timeout: match &s.header_read_timeout {
                         Some(v) => self.duration("server.header_read_timeout", v)?,
                         None => d.header_read_timeout,
+                    },
+                    keepalive_timeout: match &s.keepalive_timeout {
+                        Some(v) => self.duration("server.keepalive_timeout", v)?,
+                        None => d.keepalive_timeout,
                     },
                     grace_period: match &s.grace_period {
                         Some(v) => self.duration("server.grace_period", v)?,

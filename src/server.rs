@@ -1,23 +1,28 @@
 //! The accept loop that the node and the balancer share: bind, `TCP_NODELAY`,
-//! a connection cap, hyper's HTTP/1 with a header-read timeout, and graceful
-//! shutdown. One loop, so both modes keep the same promises to clients.
+//! a connection cap, hyper's HTTP/1 with a header-read timeout, an idle
+//! keep-alive timeout, no buffers held by idle connections ([`recycle`]), and
+//! graceful shutdown. One loop, so both modes keep the same promises to
+//! clients.
+
+mod recycle;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body_util::Full;
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::Service;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::config::ServerConfig;
 
@@ -34,8 +39,9 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(4096)
 }
 
-/// Serves HTTP/1 on `listener` until `shutdown` resolves, then stops accepting
-/// and gives in-flight requests `limits.grace_period` to finish.
+/// Serves HTTP/1 on `listener` until `shutdown` resolves, then stops accepting,
+/// closes idle connections, and gives in-flight requests
+/// `limits.grace_period` to finish (their responses say `Connection: close`).
 ///
 /// `make_service` is called once per connection with the client's address,
 /// so services can see the TCP peer (ip_hash, `X-Forwarded-For`).
@@ -73,7 +79,10 @@ pub async fn serve_with<F, S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let graceful = GracefulShutdown::new();
+    let stopping = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // Every connection task holds a sender; when all are gone, so are they.
+    let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -111,36 +120,192 @@ pub async fn serve_with<F, S, B>(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = make_service(peer);
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let first_byte_timeout = limits.header_read_timeout;
+        let turn = Arc::new(recycle::Turn::default());
+        let service = recycle::Turnstile::new(make_service(peer), turn.clone(), stopping.clone());
+        let connection = Connection {
+            builder: builder.clone(),
+            turn,
+            stop: stop_rx.clone(),
+            first_byte_timeout: limits.header_read_timeout,
+            keepalive_timeout: limits.keepalive_timeout,
+            peer,
+            permits: permits.clone(),
+            most: limits.max_connections,
+        };
+        let open = open_tx.clone();
         tokio::spawn(async move {
-            // A spawned task reserves room for its largest state, and the
-            // hyper connection (with the service's future inside) is ~16 KiB.
-            // Until a client sends its first byte it costs only this small
-            // task; the connection is boxed, once, when there is work. One
-            // that sends nothing in time is closed.
-            // `peek`, not `readable`: readiness can be reported before any
-            // byte has arrived.
-            let mut first = [0u8; 1];
-            match tokio::time::timeout(first_byte_timeout, stream.peek(&mut first)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                _ => return,
-            }
-            let conn =
-                Box::pin(watcher.watch(builder.serve_connection(TokioIo::new(stream), service)));
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
-            }
+            connection.run(stream, service).await;
             drop(permit);
+            drop(open);
         });
     }
     drop(listener);
+    stopping.store(true, Ordering::Relaxed);
+    let _ = stop_tx.send(true);
+    drop(open_tx);
     tokio::select! {
-        () = graceful.shutdown() => {}
+        _ = open_rx.recv() => {}
         () = tokio::time::sleep(limits.grace_period) => {
             tracing::warn!("grace period over with requests still in flight");
+        }
+    }
+}
+
+/// One client connection, served one request at a time by a fresh hyper
+/// connection, and holding no buffer while it waits for the next request.
+struct Connection {
+    builder: http1::Builder,
+    turn: Arc<recycle::Turn>,
+    stop: watch::Receiver<bool>,
+    first_byte_timeout: Duration,
+    keepalive_timeout: Duration,
+    peer: SocketAddr,
+    permits: Arc<Semaphore>,
+    most: usize,
+}
+
+impl Connection {
+    async fn run<S, B>(mut self, mut stream: TcpStream, mut service: recycle::Turnstile<S>)
+    where
+        S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
+        S::Future: Send + 'static,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        // The first request: `peek`, not `readable`, since a fresh socket
+        // counts as readable before any byte has arrived. A client that
+        // sends nothing in time (or closes) is closed.
+        let mut first = [0u8; 1];
+        tokio::select! {
+            peeked = tokio::time::timeout(self.first_byte_timeout, stream.peek(&mut first)) => match peeked {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            },
+            _ = self.stop.wait_for(|stop| *stop) => return,
+        }
+        // The keep-alive deadline is one timer per connection, moved only
+        // when it fires early, not set again for every request.
+        let idle_limit = tokio::time::sleep(self.keepalive_timeout);
+        tokio::pin!(idle_limit);
+        let mut ahead = Bytes::new();
+        let mut waiting = false;
+        loop {
+            if waiting {
+                // hyper's last read found nothing, so `readable` now waits
+                // for the next byte (or the client's close, which the next
+                // read reports).
+                let since = tokio::time::Instant::now();
+                loop {
+                    tokio::select! {
+                        ready = stream.readable() => match ready {
+                            Ok(()) => break,
+                            Err(_) => return,
+                        },
+                        () = &mut idle_limit => {
+                            let deadline = since + self.keepalive_timeout;
+                            if tokio::time::Instant::now() >= deadline {
+                                return;
+                            }
+                            idle_limit.as_mut().reset(deadline);
+                        }
+                        _ = self.stop.wait_for(|stop| *stop) => return,
+                    }
+                }
+            }
+            self.turn.reset();
+            let io = recycle::HandBack::new(
+                stream,
+                ahead,
+                self.turn.clone(),
+                self.permits.clone(),
+                self.most,
+            );
+            // Boxed: the connection and its buffers exist only while there is
+            // a request, and the task stays small between requests.
+            let mut conn = Box::pin(
+                self.builder
+                    .serve_connection(TokioIo::new(io), service)
+                    .without_shutdown(),
+            );
+            // hyper has no idle timeout: one lazy timer per hyper connection
+            // checks for silence, moved on when it fires early.
+            let started = recycle::now_ms();
+            let limit_ms = u64::try_from(self.keepalive_timeout.as_millis()).unwrap_or(u64::MAX);
+            idle_limit
+                .as_mut()
+                .reset(tokio::time::Instant::now() + self.keepalive_timeout);
+            let stopped = self.stop.clone();
+            let stopped = async move {
+                let mut stopped = stopped;
+                let _ = stopped.wait_for(|stop| *stop).await;
+            };
+            tokio::pin!(stopped);
+            let turn = &self.turn;
+            let mut stopping = false;
+            // Set to the start of the last request when the silence ran out.
+            let mut expired: Option<u64> = None;
+            let ended = std::future::poll_fn(|cx| {
+                loop {
+                    if let Poll::Ready(ended) = conn.as_mut().poll(cx) {
+                        return Poll::Ready(ended);
+                    }
+                    if expired.is_some_and(|at| at != turn.begun_at()) {
+                        // A request came in just as the silence ran out.
+                        expired = None;
+                    }
+                    if stopping || expired.is_some() {
+                        // Busy when the stop came: its answer says
+                        // `Connection: close`, then hyper ends. Or idle and
+                        // wanted back: hyper's next read ends it.
+                        return Poll::Pending;
+                    }
+                    stopping = stopped.as_mut().poll(cx).is_ready();
+                    if !stopping && idle_limit.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    let deadline = turn.begun_at().max(started).saturating_add(limit_ms);
+                    let now = recycle::now_ms();
+                    if turn.idle() && (stopping || now >= deadline) {
+                        if !stopping {
+                            expired = Some(turn.begun_at());
+                        }
+                        turn.want_back();
+                    } else if !stopping {
+                        let wait = Duration::from_millis(deadline.saturating_sub(now).max(1));
+                        idle_limit
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + wait);
+                    }
+                }
+            })
+            .await;
+            let parts = match ended {
+                Ok(parts) => parts,
+                Err(e) => {
+                    tracing::debug!(error = %e, peer = %self.peer, "connection ended with an error");
+                    return;
+                }
+            };
+            if expired.is_some() || !self.turn.handed_back() || *self.stop.borrow() {
+                // The client closed, or hyper did (`Connection: close`, an
+                // HTTP/1.0 client): dropping the socket closes it.
+                return;
+            }
+            service = parts.service;
+            let (s, rest) = parts.io.into_inner().into_parts();
+            stream = s;
+            // Copied, never kept as is: an empty `Bytes` cut from hyper's
+            // read buffer still holds all 8 KiB of it.
+            ahead = if parts.read_buf.is_empty() {
+                rest
+            } else {
+                let mut both = BytesMut::with_capacity(parts.read_buf.len() + rest.len());
+                both.extend_from_slice(&parts.read_buf);
+                both.extend_from_slice(&rest);
+                both.freeze()
+            };
+            waiting = ahead.is_empty();
         }
     }
 }
