@@ -349,7 +349,7 @@ if wants proxy || wants memory; then
     if wants memory && [ "$strategy" = round_robin ]; then
       for side in spike nginx; do
         if [ "$side" = spike ]; then port=$SP pid=$SPIKE_PID; else port=$NP pid=$NGINX_PID; fi
-        m=$(python3 "$HERE/idle_conns.py" 127.0.0.1 "$port" "$IDLE_CONNS" "$pid")
+        m=$(python3 "$HERE/idle_conns.py" 127.0.0.1 "$port" "$IDLE_CONNS" "$pid" "$CONC")
         say "  memory, $side: $m"
         # shellcheck disable=SC2046
         record kind=memory side="$side" $(python3 -c 'import json,sys; print(" ".join(f"{k}={v}" for k, v in json.loads(sys.argv[1]).items()))' "$m")

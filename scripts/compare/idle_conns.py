@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """Memory of a balancer holding idle keep-alive clients (standard library only).
 
-    idle_conns.py HOST PORT N PID
+    idle_conns.py HOST PORT N PID [BATCH]
 
-Opens N client connections to HOST:PORT, sends one keep-alive GET on each and
-reads its answer (so every connection has been through the proxy and is now an
-idle keep-alive connection), waits a second, then prints one JSON object with
+Opens N client connections to HOST:PORT, BATCH (default 100, the other
+scenarios' concurrency) at a time: sends one keep-alive GET on each of a batch,
+reads the batch's answers, then opens the next. Every connection has then been
+through the proxy and is an idle keep-alive connection (what the figure is
+about; sending all N requests at once would measure a 10,000-request burst
+instead). Waits a second, then prints one JSON object with
 the memory of PID and its child processes (Nginx's workers): resident set
 (VmRSS, summed) and proportional set (Pss, summed, which does not count shared
 pages once per worker). The connections are closed on exit.
@@ -52,22 +55,28 @@ def main():
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     request = f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+    batch = int(sys.argv[5]) if len(sys.argv) > 5 else 100
     socks, answered, errors = [], 0, 0
-    for _ in range(n):
-        try:
-            s = socket.create_connection((host, port), timeout=10)
-            s.sendall(request)
-            socks.append(s)
-        except OSError:
-            errors += 1
+    while len(socks) < n:
+        group, wanted = [], min(batch, n - len(socks))
+        for _ in range(wanted):
+            try:
+                s = socket.create_connection((host, port), timeout=10)
+                s.sendall(request)
+                group.append(s)
+            except OSError:
+                errors += 1
+                break
+        for s in group:
+            try:
+                data = s.recv(4096)
+                if data.startswith(b"HTTP/1.1 200"):
+                    answered += 1
+            except OSError:
+                errors += 1
+        socks.extend(group)
+        if len(group) < wanted:
             break
-    for s in socks:
-        try:
-            data = s.recv(4096)
-            if data.startswith(b"HTTP/1.1 200"):
-                answered += 1
-        except OSError:
-            errors += 1
     time.sleep(1.0)
     # Still open on the server side? A closed one reads as EOF right away.
     held = 0
