@@ -11,24 +11,19 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use common::spike::{SpikeProcess, remove_config, wait_listening, write_config};
+use common::spike::{SpikeProcess, remove_config};
 
 fn start_node(event: &str, server: &str) -> (SpikeProcess, SocketAddr, std::path::PathBuf) {
-    let port = common::free_port();
-    let text = format!(
-        "[sale]\nevent = \"{event}\"\ntotal = 100000\n[server]\n{server}\n[[node]]\nname = \"n1\"\nlisten = \"127.0.0.1:{port}\"\n"
-    );
-    let path = write_config(&text);
-    let node = SpikeProcess::start(&[
-        "node",
-        "--config",
-        path.to_str().expect("path"),
-        "--name",
-        "n1",
-    ]);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    wait_listening(&addr.to_string(), Duration::from_secs(10));
-    (node, addr, path)
+    common::spike::start_node(event, 100_000, &format!("[server]\n{server}"))
+}
+
+/// `server` with `max_connections = 16` added when `crowd` is set.
+fn crowd_or_not(crowd: bool, server: &str) -> String {
+    if crowd {
+        format!("{server}\n{CROWDED}")
+    } else {
+        server.to_string()
+    }
 }
 
 /// One response read off a kept-alive connection: status, whether it asked
@@ -203,11 +198,7 @@ fn a_body_tail_that_arrives_late_is_never_read_as_a_request() {
 #[test]
 fn an_idle_keep_alive_connection_is_closed_after_keepalive_timeout() {
     for crowd in [false, true] {
-        let server = if crowd {
-            format!("keepalive_timeout = \"400ms\"\n{CROWDED}")
-        } else {
-            "keepalive_timeout = \"400ms\"".to_string()
-        };
+        let server = crowd_or_not(crowd, "keepalive_timeout = \"400ms\"");
         let (_node, addr, path) = start_node("ka-timeout", &server);
         let _crowd = crowd.then(|| crowded(addr));
         let (mut s, mut r) = connect(addr);
@@ -230,11 +221,7 @@ fn an_idle_keep_alive_connection_is_closed_after_keepalive_timeout() {
 #[test]
 fn idle_keep_alive_connections_are_closed_at_shutdown_without_waiting_for_grace() {
     for crowd in [false, true] {
-        let server = if crowd {
-            format!("grace_period = \"20s\"\n{CROWDED}")
-        } else {
-            "grace_period = \"20s\"".to_string()
-        };
+        let server = crowd_or_not(crowd, "grace_period = \"20s\"");
         let (mut node, addr, path) = start_node("ka-stop", &server);
         let _crowd = crowd.then(|| crowded(addr));
         let (mut s, mut r) = connect(addr);

@@ -7,24 +7,10 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::spike::{SpikeProcess, remove_config, wait_listening, write_config};
+use common::spike::{SpikeProcess, remove_config};
 
 fn start_node(extra: &str) -> (SpikeProcess, SocketAddr, std::path::PathBuf) {
-    let port = common::free_port();
-    let text = format!(
-        "[sale]\nevent = \"hostile\"\ntotal = 1000\n{extra}\n[[node]]\nname = \"n1\"\nlisten = \"127.0.0.1:{port}\"\n"
-    );
-    let path = write_config(&text);
-    let node = SpikeProcess::start(&[
-        "node",
-        "--config",
-        path.to_str().expect("path"),
-        "--name",
-        "n1",
-    ]);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    wait_listening(&addr.to_string(), Duration::from_secs(10));
-    (node, addr, path)
+    common::spike::start_node("hostile", 1000, extra)
 }
 
 /// Sends raw bytes and returns what came back before the server closed or

@@ -24,6 +24,31 @@ pub fn write_config(text: &str) -> PathBuf {
     path
 }
 
+/// Starts one `spike node` process (embedded store) selling `total` tickets
+/// of `event` on a free port, with `extra` TOML (a `[server]` section, say)
+/// between the sale and the node; returns it once it listens.
+pub fn start_node(
+    event: &str,
+    total: u64,
+    extra: &str,
+) -> (SpikeProcess, std::net::SocketAddr, PathBuf) {
+    let port = super::free_port();
+    let text = format!(
+        "[sale]\nevent = \"{event}\"\ntotal = {total}\n{extra}\n[[node]]\nname = \"n1\"\nlisten = \"127.0.0.1:{port}\"\n"
+    );
+    let path = write_config(&text);
+    let node = SpikeProcess::start(&[
+        "node",
+        "--config",
+        path.to_str().expect("path"),
+        "--name",
+        "n1",
+    ]);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    wait_listening(&addr.to_string(), Duration::from_secs(10));
+    (node, addr, path)
+}
+
 /// Runs `spike ARGS` to completion.
 pub fn run(args: &[&str]) -> Output {
     Command::new(bin()).args(args).output().expect("run spike")
