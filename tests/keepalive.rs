@@ -90,15 +90,6 @@ fn closed_within(reader: &mut BufReader<TcpStream>, limit: Duration) -> bool {
     matches!(reader.read(&mut byte), Ok(0))
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
-
 /// `max_connections = 16` makes two open connections a crowd (more than a
 /// sixteenth), so every idle connection is handed back between requests:
 /// the path under test. `crowd` is that second connection.
@@ -247,7 +238,7 @@ fn idle_keep_alive_connections_are_closed_at_shutdown_without_waiting_for_grace(
 fn ten_thousand_idle_keep_alive_clients_cost_little() {
     let (node, addr, path) = start_node("ka-memory", "");
     let pid = node.child.id();
-    let before = rss_kib(pid);
+    let before = common::rss_kib(pid);
     let mut held = Vec::with_capacity(10_000);
     for batch in 0..100 {
         let mut group = Vec::with_capacity(100);
@@ -265,7 +256,7 @@ fn ten_thousand_idle_keep_alive_clients_cost_little() {
         }
     }
     std::thread::sleep(Duration::from_millis(500));
-    let after = rss_kib(pid);
+    let after = common::rss_kib(pid);
     let grown_mib = after.saturating_sub(before) / 1024;
     eprintln!("rss {before} KiB -> {after} KiB with 10,000 idle keep-alive clients");
     assert!(

@@ -37,15 +37,6 @@ fn buy(addr: SocketAddr, user: &str) -> String {
     )
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
-
 #[test]
 fn oversized_and_malformed_requests_get_4xx() {
     let (_node, addr, path) = start_node("");
@@ -168,7 +159,7 @@ fn slow_header_dribblers_are_cut_off() {
 fn ten_thousand_idle_connections_cost_little() {
     let (node, addr, path) = start_node("[server]\nheader_read_timeout = \"4s\"\n");
     let pid = node.child.id();
-    let before = rss_kib(pid);
+    let before = common::rss_kib(pid);
     let idle: Vec<TcpStream> = (0..10_000)
         .map(|_| TcpStream::connect(addr).expect("idle connect"))
         .collect();
@@ -178,7 +169,7 @@ fn ten_thousand_idle_connections_cost_little() {
         "200",
         "a new client is served"
     );
-    let with_idle = rss_kib(pid);
+    let with_idle = common::rss_kib(pid);
     let grown_mib = with_idle.saturating_sub(before) / 1024;
     eprintln!("rss {before} KiB -> {with_idle} KiB with 10,000 idle connections");
     assert!(
