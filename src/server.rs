@@ -120,8 +120,8 @@ pub async fn serve_with<F, S, B>(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let turn = Arc::new(recycle::Turn::default());
-        let service = recycle::Turnstile::new(make_service(peer), turn.clone(), stopping.clone());
+        let turn = Arc::new(recycle::Turn::new(stopping.clone()));
+        let service = recycle::Turnstile::new(make_service(peer), turn.clone());
         let connection = Connection {
             builder: builder.clone(),
             turn,

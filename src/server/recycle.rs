@@ -81,14 +81,25 @@ pub(super) fn now_ms() -> u64 {
 
 /// Where one connection is between requests, shared by its [`HandBack`] and
 /// its [`Turnstile`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Turn {
     state: AtomicU8,
     /// When the last request began, in [`now_ms`].
     begun_at: AtomicU64,
+    /// The server is stopping: answers ask the client to close.
+    stopping: Arc<AtomicBool>,
 }
 
 impl Turn {
+    /// A connection's turn, seeing the server's `stopping` flag.
+    pub(super) fn new(stopping: Arc<AtomicBool>) -> Turn {
+        Turn {
+            state: AtomicU8::new(0),
+            begun_at: AtomicU64::new(0),
+            stopping,
+        }
+    }
+
     fn set(&self, bits: u8) {
         self.state.fetch_or(bits, Ordering::AcqRel);
     }
@@ -251,16 +262,11 @@ impl AsyncWrite for HandBack {
 pub(super) struct Turnstile<S> {
     inner: S,
     turn: Arc<Turn>,
-    stopping: Arc<AtomicBool>,
 }
 
 impl<S> Turnstile<S> {
-    pub(super) fn new(inner: S, turn: Arc<Turn>, stopping: Arc<AtomicBool>) -> Turnstile<S> {
-        Turnstile {
-            inner,
-            turn,
-            stopping,
-        }
+    pub(super) fn new(inner: S, turn: Arc<Turn>) -> Turnstile<S> {
+        Turnstile { inner, turn }
     }
 }
 
@@ -284,7 +290,6 @@ where
         Responding {
             inner: self.inner.call(req),
             turn: Some(self.turn.clone()),
-            stopping: self.stopping.clone(),
         }
     }
 }
@@ -295,7 +300,6 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         turn: Option<Arc<Turn>>,
-        stopping: Arc<AtomicBool>,
     }
 }
 
@@ -313,7 +317,11 @@ where
             Poll::Ready(Ok(res)) => res,
         };
         let (mut parts, body) = res.into_parts();
-        if this.stopping.load(Ordering::Relaxed) {
+        if this
+            .turn
+            .as_ref()
+            .is_some_and(|t| t.stopping.load(Ordering::Relaxed))
+        {
             // hyper closes after a response that says so, and the client
             // knows not to send another request on it.
             parts
