@@ -4,8 +4,9 @@
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -14,7 +15,7 @@ use hyper::header::{ALLOW, CONTENT_LENGTH, HeaderValue, TRANSFER_ENCODING};
 use hyper::{Method, Request, Response, StatusCode};
 
 use super::allowance::{Allowance, NoUnit};
-use super::store::{Outcome, Store};
+use super::store::{Holders, Outcome, Store};
 use crate::server::json;
 
 /// Longest buyer id accepted; it becomes a Redis hash field.
@@ -49,6 +50,11 @@ pub struct Node {
     store: Store,
     allowance: Allowance,
     sold_out: AtomicBool,
+    /// Once sold out: the buyers at their limit and their orders, read from
+    /// the store once, so that a buyer who bought (perhaps without hearing
+    /// the answer) is told "already bought" from memory, as the script would
+    /// have, instead of "sold out".
+    holders: Arc<OnceLock<Holders>>,
     per_user_limit: u64,
     max_body: u64,
     /// What the node has done, for `/stats`.
@@ -80,6 +86,7 @@ impl Node {
             store,
             allowance: Allowance::new(allowance),
             sold_out: AtomicBool::new(false),
+            holders: Arc::new(OnceLock::new()),
             per_user_limit,
             max_body,
             stats: Stats::default(),
@@ -154,11 +161,11 @@ impl Node {
             }
         };
         if self.sold_out.load(Ordering::Acquire) {
-            return self.sold_out_answer();
+            return self.sold_out_answer(buyer);
         }
         let unit = match self.allowance.take() {
             Ok(unit) => unit,
-            Err(NoUnit::Spent) => return self.sold_out_answer(),
+            Err(NoUnit::Spent) => return self.sold_out_answer(buyer),
             Err(NoUnit::InFlight) => {
                 self.stats.busy.fetch_add(1, Ordering::Relaxed);
                 let mut res = json(
@@ -188,18 +195,15 @@ impl Node {
                 json(StatusCode::OK, body)
             }
             Ok(Outcome::SoldOut) => {
-                self.sold_out.store(true, Ordering::Release);
+                if !self.sold_out.swap(true, Ordering::AcqRel) {
+                    self.learn_holders();
+                }
                 drop(unit);
-                self.sold_out_answer()
+                self.sold_out_answer(buyer)
             }
             Ok(Outcome::AlreadyBought { order }) => {
                 drop(unit);
-                self.stats.already_bought.fetch_add(1, Ordering::Relaxed);
-                let mut body = String::with_capacity(48 + order.len());
-                body.push_str("{\"status\":\"already_bought\",\"order\":\"");
-                body.push_str(&order);
-                body.push_str("\"}");
-                json(StatusCode::CONFLICT, body)
+                self.already_bought_answer(&order)
             }
             Ok(Outcome::NoSale) => {
                 drop(unit);
@@ -221,7 +225,49 @@ impl Node {
         }
     }
 
-    fn sold_out_answer(&self) -> Response<Full<Bytes>> {
+    /// Reads the holders once, in the background; until they are in,
+    /// sold-out answers are plain "sold out". Retried while the store is
+    /// unreachable, since nothing changes once the sale is sold out.
+    fn learn_holders(&self) {
+        if self.per_user_limit == 0 {
+            return;
+        }
+        let (store, holders, limit) = (
+            self.store.clone(),
+            self.holders.clone(),
+            self.per_user_limit,
+        );
+        let name = self.name.clone();
+        tokio::spawn(async move {
+            for attempt in 1..=30 {
+                match store.holders(limit).await {
+                    Ok(found) => {
+                        tracing::info!(node = %name, buyers = found.len(), "sold out: buyers at their limit read into memory");
+                        let _ = holders.set(found);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = %name, error = %e, attempt, "reading the buyers after sold out failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+    }
+
+    fn already_bought_answer(&self, order: &str) -> Response<Full<Bytes>> {
+        self.stats.already_bought.fetch_add(1, Ordering::Relaxed);
+        let mut body = String::with_capacity(48 + order.len());
+        body.push_str("{\"status\":\"already_bought\",\"order\":\"");
+        body.push_str(order);
+        body.push_str("\"}");
+        json(StatusCode::CONFLICT, body)
+    }
+
+    fn sold_out_answer(&self, buyer: &str) -> Response<Full<Bytes>> {
+        if let Some(order) = self.holders.get().and_then(|h| h.get(buyer)) {
+            return self.already_bought_answer(order);
+        }
         self.stats.sold_out.fetch_add(1, Ordering::Relaxed);
         json(
             StatusCode::CONFLICT,
@@ -245,6 +291,7 @@ impl Node {
             "node": self.name,
             "allowance": self.allowance.left(),
             "sold_out": self.sold_out.load(Ordering::Acquire),
+            "holders_known": self.holders.get().map(|h| h.len()),
             "sold": s.sold.load(Ordering::Relaxed),
             "sold_out_answers": s.sold_out.load(Ordering::Relaxed),
             "already_bought": s.already_bought.load(Ordering::Relaxed),

@@ -109,6 +109,16 @@ impl EmbeddedStore {
         true
     }
 
+    /// See [`Store::holders`](super::Store::holders).
+    pub fn holders(&self, per_user_limit: u64) -> super::Holders {
+        let s = self.lock();
+        s.buyers
+            .iter()
+            .filter(|&(_, &held)| per_user_limit > 0 && held >= per_user_limit)
+            .filter_map(|(b, _)| Some((b.clone(), s.buyer_order.get(b)?.clone())))
+            .collect()
+    }
+
     /// See `audit.lua`.
     pub fn snapshot(&self) -> Snapshot {
         let s = self.lock();

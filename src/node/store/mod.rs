@@ -141,6 +141,9 @@ impl SaleKeys {
     }
 }
 
+/// Buyer id → order id of the buyers at their limit (see [`Store::holders`]).
+pub type Holders = std::collections::HashMap<String, String>;
+
 /// The store a node sells from.
 #[derive(Clone)]
 pub enum Store {
@@ -183,6 +186,17 @@ impl Store {
         match self {
             Store::Redis(r) => r.snapshot().await,
             Store::Embedded(e) => Ok(e.snapshot()),
+        }
+    }
+
+    /// Buyers holding `per_user_limit` tickets or more, each with their last
+    /// order id. Read once a node knows the sale is sold out: from then on
+    /// nothing changes, and the node can tell them "already bought" from
+    /// memory as the script would.
+    pub async fn holders(&self, per_user_limit: u64) -> Result<Holders, StoreError> {
+        match self {
+            Store::Redis(r) => r.holders(per_user_limit).await,
+            Store::Embedded(e) => Ok(e.holders(per_user_limit)),
         }
     }
 

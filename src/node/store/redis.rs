@@ -3,6 +3,7 @@
 //! The script is loaded once and called by SHA (`EVALSHA`), reloaded when
 //! Redis answers NOSCRIPT (after a restart or `SCRIPT FLUSH`).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use fred::prelude::*;
@@ -168,6 +169,34 @@ impl RedisStore {
             most_by_one_buyer: int(f.next())?,
             epoch: text(f.next())?,
         })
+    }
+
+    /// See [`Store::holders`](super::Store::holders). Two `HGETALL`s, not
+    /// one script: after sold out neither hash changes, and a bulk read
+    /// should not hold Redis's single thread for a whole script. Retried,
+    /// unlike a deduction: it only reads.
+    pub async fn holders(&self, per_user_limit: u64) -> Result<super::Holders, StoreError> {
+        if per_user_limit == 0 {
+            return Ok(super::Holders::new());
+        }
+        let options = Options {
+            timeout: Some(self.timeout.max(Duration::from_secs(5))),
+            max_attempts: Some(3),
+            ..Options::default()
+        };
+        let client = self.pool.next().with_options(&options);
+        let held: HashMap<String, u64> = client
+            .hgetall(self.keys[1].clone())
+            .await
+            .map_err(map_error)?;
+        let orders: HashMap<String, String> = client
+            .hgetall(self.keys[3].clone())
+            .await
+            .map_err(map_error)?;
+        Ok(orders
+            .into_iter()
+            .filter(|(buyer, _)| held.get(buyer).is_some_and(|&h| h >= per_user_limit))
+            .collect())
     }
 
     /// PING within the timeout.
