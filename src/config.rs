@@ -250,7 +250,8 @@ pub struct BalancerConfig {
     pub connect_timeout: Duration,
     /// Bound on waiting for an upstream's response head.
     pub response_timeout: Duration,
-    /// Idle keep-alive connections kept per upstream.
+    /// Idle keep-alive connections kept per upstream and worker thread (as
+    /// Nginx's `keepalive`, which counts per upstream block and worker).
     pub keepalive: usize,
     /// How long an idle upstream connection is kept.
     pub keepalive_timeout: Duration,

@@ -186,7 +186,10 @@ http {{
     let keepalive = balancer.keepalive > 0;
     if keepalive {
         // After the method line: Nginx wants the method before `keepalive`.
-        line(&mut o, 2, &format!("keepalive {};", balancer.keepalive));
+        // Nginx's cache is per upstream block and worker; spike keeps
+        // `keepalive` idle connections per upstream and worker.
+        let cache = balancer.keepalive * balancer.upstreams.len().max(1);
+        line(&mut o, 2, &format!("keepalive {cache};"));
         let timeout = nginx_time(balancer.keepalive_timeout);
         line(&mut o, 2, &format!("keepalive_timeout {timeout};"));
         line(&mut o, 2, "keepalive_requests 1000000;");
@@ -355,10 +358,12 @@ mod tests {
             let method = ds.iter().position(|l| *l == d).expect(d);
             let keepalive = ds
                 .iter()
-                .position(|l| *l == "keepalive 64;")
+                .position(|l| *l == "keepalive 128;")
                 .expect("keepalive");
             assert!(method < keepalive, "{c}");
             assert!(c.contains("weight=3"), "{c}");
+            // 64 per upstream and worker is 128 for Nginx's whole block.
+            assert!(c.contains("keepalive 128;"), "{c}");
         }
     }
 
@@ -418,7 +423,7 @@ mod tests {
     fn keepalive_and_headers() {
         let c = render_default(&balancer(Strategy::WeightedRoundRobin));
         for d in [
-            "keepalive 64;",
+            "keepalive 128;",
             "keepalive_timeout 60s;",
             "proxy_http_version 1.1;",
             "proxy_set_header Connection \"\";",

@@ -6,6 +6,7 @@
 //! [`Balancer::reloader`] hands out a [`Reloader`] for reloads in-process.
 
 pub mod admin;
+pub mod pool;
 pub mod proxy;
 pub mod reload;
 pub mod strategy;
@@ -17,6 +18,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::service::{Service, service_fn};
@@ -102,6 +104,7 @@ impl Balancer {
         }
         let hup = tokio::spawn(reload::watch_sighup(shared.clone()));
         let poll = tokio::spawn(reload::watch_file(shared.clone()));
+        let expiry = tokio::spawn(expire_idle(shared.clone(), 0));
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let limits = shared.server.clone();
@@ -170,6 +173,7 @@ impl Balancer {
         }
         hup.abort();
         poll.abort();
+        expiry.abort();
         Ok(())
     }
 }
@@ -209,6 +213,24 @@ fn proxy_connection(
     })
 }
 
+/// Closes worker `worker`'s upstream connections that stayed idle for longer
+/// than `keepalive_timeout`, as Nginx's keepalive cache does, also when no
+/// request comes along to find them expired.
+async fn expire_idle(shared: Arc<reload::Shared>, worker: usize) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let active = shared.current.load();
+        let now = upstream::now_ms();
+        for u in active.selector.upstreams() {
+            u.live
+                .idle
+                .expire(worker, now, active.config.keepalive_timeout);
+        }
+    }
+}
+
 /// One extra worker thread: a single-threaded runtime serving `listener`
 /// until `stop`, then its in-flight requests for the grace period.
 fn run_worker(
@@ -237,6 +259,8 @@ fn run_worker(
             }
         };
         let limits = shared.server.clone();
+        // Dropped with the runtime when the worker ends.
+        tokio::spawn(expire_idle(shared.clone(), worker));
         crate::server::serve_with(
             listener,
             &limits,

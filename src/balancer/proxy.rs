@@ -13,8 +13,9 @@
 //! error, it is sent once more to the same upstream on a fresh (unpooled)
 //! connection: the error may only mean that a pooled keep-alive connection
 //! went stale, which must never turn into a client-visible error or a failure
-//! mark. (Requests that were provably not sent on a reused connection are
-//! already retried by hyper-util's pool.)
+//! mark. (A request that hyper hands back unsent, because the reused
+//! connection closed first, simply goes on the next idle or a new connection;
+//! see [`send`].)
 //!
 //! Request bodies: a body of at most [`REPLAY_LIMIT`] bytes with a declared
 //! `Content-Length` is read first so it can be replayed on another upstream
@@ -24,28 +25,28 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
 use hyper::header::{
     CONNECTION, CONTENT_LENGTH, HOST, HeaderName, HeaderValue, TE, TRAILER, TRANSFER_ENCODING,
     UPGRADE,
 };
-use hyper::http::uri::{self, PathAndQuery, Scheme};
+use hyper::http::uri::PathAndQuery;
 use hyper::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use ipnet::IpNet;
 
 use crate::config::BalancerConfig;
 
+use super::pool::{self, ConnectError};
 use super::reload::Shared;
 use super::strategy::{Attempt, Pick};
-use super::upstream::{Upstream, now_ms};
+use super::upstream::{LiveState, Upstream, now_ms};
 
 /// Largest request body kept in memory so that it can be sent again to
 /// another upstream; bigger bodies are streamed and not retried.
@@ -77,54 +78,44 @@ const GATEWAY_TIMEOUT: &[u8] =
     br#"{"status":"gateway_timeout","error":"the upstream did not answer in time"}"#;
 const BAD_REQUEST: &[u8] = br#"{"status":"bad_request","error":"the request could not be read"}"#;
 
-/// The upstream HTTP clients of one set of pool settings. Kept across
-/// reloads when the settings stay, so the keep-alive pools stay too.
-#[derive(Debug)]
-pub struct Clients {
-    pooled: Client<HttpConnector, ReqBody>,
-    fresh: Client<HttpConnector, ReqBody>,
-    settings: (Duration, usize, Duration),
-}
-
-impl Clients {
-    /// Builds the pooled client (and an unpooled one for stale-connection
-    /// retries) from the balancer's timeouts and keep-alive settings.
-    pub fn new(config: &BalancerConfig) -> Clients {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.enforce_http(true);
-        let pooled = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(config.keepalive)
-            .pool_idle_timeout(config.keepalive_timeout)
-            .pool_timer(TokioTimer::new())
-            .build(connector.clone());
-        let fresh = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(0)
-            .build(connector);
-        Clients {
-            pooled,
-            fresh,
-            settings: Self::settings_of(config),
-        }
-    }
-
-    fn settings_of(c: &BalancerConfig) -> (Duration, usize, Duration) {
-        (c.connect_timeout, c.keepalive, c.keepalive_timeout)
-    }
-
-    /// Whether these clients were built with `config`'s pool settings.
-    pub fn fits(&self, config: &BalancerConfig) -> bool {
-        self.settings == Self::settings_of(config)
-    }
-}
-
 /// An upstream's response body on its way to the client. Holding the
 /// [`Pick`] keeps the request counted as active until the body is done,
-/// which is what least_conn balances on.
+/// which is what least_conn balances on; holding the connection lets it go
+/// back to the idle stack once the body has been read to the end (a body
+/// dropped half-read closes it, as hyper must).
 pub struct Tracked {
     inner: Incoming,
     _pick: Pick,
+    homeward: Option<Homeward>,
+}
+
+/// A connection on its way back to its upstream's idle stack.
+struct Homeward {
+    sender: SendRequest<ReqBody>,
+    live: Arc<LiveState>,
+    worker: usize,
+    workers: usize,
+    max_idle: usize,
+}
+
+impl Homeward {
+    fn arrive(self) {
+        self.live.idle.put(
+            self.worker,
+            self.workers,
+            self.sender,
+            now_ms(),
+            self.max_idle,
+        );
+    }
+}
+
+impl Tracked {
+    fn give_back(&mut self) {
+        if let Some(h) = self.homeward.take() {
+            h.arrive();
+        }
+    }
 }
 
 impl Body for Tracked {
@@ -135,7 +126,13 @@ impl Body for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.give_back(),
+            Poll::Ready(Some(Err(_))) => self.homeward = None,
+            _ => {}
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -144,6 +141,16 @@ impl Body for Tracked {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        // A body known to be empty (HEAD, 204, 304, Content-Length: 0) is
+        // never polled: the connection is free as soon as the head is in.
+        if self.inner.is_end_stream() {
+            self.give_back();
+        }
     }
 }
 
@@ -181,11 +188,20 @@ enum Outgoing {
 
 enum SendError {
     /// Connecting failed or timed out: the request was not sent.
-    Connect(hyper_util::client::legacy::Error),
+    Connect(ConnectError),
     /// No response head within `response_timeout`.
     Timeout,
     /// Anything else; the request may have been sent.
-    Other(hyper_util::client::legacy::Error),
+    Other(hyper::Error),
+}
+
+/// Which connection a request may go on.
+#[derive(Clone, Copy, PartialEq)]
+enum Conn {
+    /// An idle keep-alive connection, or a new one if none is left.
+    Pooled,
+    /// A new connection (the retry after a pooled one failed).
+    Fresh,
 }
 
 /// Whether a method may be sent twice (RFC 9110 9.2.2).
@@ -207,7 +223,7 @@ pub async fn handle(
     let start = Instant::now();
     let active = shared.current.load_full();
     let config = &active.config;
-    let clients = active.clients(worker);
+    let workers = shared.workers;
     let (mut parts, body) = req.into_parts();
     let client = client_ip(peer.ip, &parts.headers, &config.trusted_proxies);
     prepare_request_headers(&mut parts.headers, peer, client);
@@ -237,19 +253,26 @@ pub async fn handle(
             break;
         };
         let req = build(&parts.method, &path, &parts.headers, upstream, first);
-        let mut result = send(&clients.pooled, req, config.response_timeout).await;
+        let mut result = send(upstream, worker, workers, config, req, Conn::Pooled).await;
         if let Err(SendError::Other(e)) = &result
             && idempotent
             && let Some(again) = next_body(&mut outgoing)
         {
             tracing::debug!(upstream = %upstream.config.addr, error = %e, "retrying once on a fresh connection");
             let req = build(&parts.method, &path, &parts.headers, upstream, again);
-            result = send(&clients.fresh, req, config.response_timeout).await;
+            result = send(upstream, worker, workers, config, req, Conn::Fresh).await;
         }
         match result {
-            Ok(resp) => {
+            Ok((resp, sender)) => {
                 active.selector.release(&pick, false, now_ms());
-                return respond(shared, resp, pick, start);
+                let homeward = Homeward {
+                    sender,
+                    live: upstream.live.clone(),
+                    worker,
+                    workers,
+                    max_idle: config.keepalive,
+                };
+                return respond(shared, resp, pick, homeward, start);
             }
             Err(e) => {
                 active.selector.release(&pick, true, now_ms());
@@ -299,37 +322,71 @@ fn build(
     upstream: &Upstream,
     body: ReqBody,
 ) -> Request<ReqBody> {
-    let mut p = uri::Parts::default();
-    p.scheme = Some(Scheme::HTTP);
-    p.authority = Some(upstream.authority.clone());
-    p.path_and_query = Some(path.clone());
     let mut req = Request::new(body);
-    // Scheme, authority and an origin path always make a valid URI; if the
-    // client sent something odd ("*"), it falls back to "/".
-    *req.uri_mut() = Uri::from_parts(p).unwrap_or_else(|_| Uri::from_static("/"));
+    // Origin form: the connection already says which upstream.
+    *req.uri_mut() = Uri::from(path.clone());
     *req.method_mut() = method.clone();
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = headers.clone();
+    if !req.headers().contains_key(HOST) {
+        req.headers_mut().insert(HOST, upstream.host.clone());
+    }
     req
 }
 
+/// Sends `req` to `upstream` on worker `worker`'s connections, within
+/// `response_timeout` for the response head. A pooled request goes on the
+/// most recently used idle connection; one that closed under it hands the
+/// request back unsent, and it goes on the next, then on a new connection.
+/// Returns the connection with the response so that it can go back idle
+/// once the body is read.
 async fn send(
-    client: &Client<HttpConnector, ReqBody>,
+    upstream: &Upstream,
+    worker: usize,
+    workers: usize,
+    config: &BalancerConfig,
     req: Request<ReqBody>,
-    timeout: Duration,
-) -> Result<Response<Incoming>, SendError> {
-    match tokio::time::timeout(timeout, client.request(req)).await {
-        Err(_) => Err(SendError::Timeout),
-        Ok(Ok(resp)) => Ok(resp),
-        Ok(Err(e)) if e.is_connect() => Err(SendError::Connect(e)),
-        Ok(Err(e)) => Err(SendError::Other(e)),
-    }
+    conn: Conn,
+) -> Result<(Response<Incoming>, SendRequest<ReqBody>), SendError> {
+    let attempt = async {
+        let mut req = req;
+        if conn == Conn::Pooled {
+            while let Some(mut sender) =
+                upstream
+                    .live
+                    .idle
+                    .take(worker, workers, now_ms(), config.keepalive_timeout)
+            {
+                if sender.ready().await.is_err() {
+                    continue;
+                }
+                match sender.try_send_request(req).await {
+                    Ok(resp) => return Ok((resp, sender)),
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) => req = unsent,
+                        None => return Err(SendError::Other(e.into_error())),
+                    },
+                }
+            }
+        }
+        let mut sender = pool::connect(upstream.config.addr, config.connect_timeout)
+            .await
+            .map_err(SendError::Connect)?;
+        match sender.try_send_request(req).await {
+            Ok(resp) => Ok((resp, sender)),
+            Err(e) => Err(SendError::Other(e.into_error())),
+        }
+    };
+    tokio::time::timeout(config.response_timeout, attempt)
+        .await
+        .unwrap_or(Err(SendError::Timeout))
 }
 
 fn respond(
     shared: &Shared,
     resp: Response<Incoming>,
     pick: Pick,
+    homeward: Homeward,
     start: Instant,
 ) -> Response<RespBody> {
     let (mut parts, body) = resp.into_parts();
@@ -341,6 +398,7 @@ fn respond(
         Either::Left(Tracked {
             inner: body,
             _pick: pick,
+            homeward: Some(homeward),
         }),
     )
 }

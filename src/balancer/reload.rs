@@ -3,10 +3,9 @@
 //! `ArcSwap` (the next request sees it, in-flight ones finish on the old one),
 //! a file that does not is refused with a logged error and the old one stays.
 //!
-//! The per-upstream live state is carried over by address and the HTTP
-//! clients are kept when their settings did not change, so failure marks,
-//! counters and keep-alive pools of the upstreams that stay survive. There is
-//! one set of clients per worker thread (see [`Active::clients`]).
+//! The per-upstream live state is carried over by address, so the failure
+//! marks, counters and idle keep-alive connections of the upstreams that stay
+//! survive.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,7 +19,6 @@ use crate::config::{BalancerConfig, Config, ServerConfig};
 
 use super::BalancerError;
 use super::admin::Metrics;
-use super::proxy::Clients;
 use super::strategy::Selector;
 use super::upstream::{LiveState, Upstream};
 
@@ -36,20 +34,10 @@ pub struct Active {
     pub config: BalancerConfig,
     /// The upstreams and their picking state.
     pub selector: Selector,
-    /// The upstream HTTP clients (with their keep-alive pools), one set per
-    /// worker: a pooled connection's task lives on the runtime that opened
-    /// it, so a worker that used another worker's pool would wake that
-    /// worker's thread for every request. Never empty.
-    clients: Vec<Arc<Clients>>,
 }
 
 impl Active {
-    /// The clients of worker `worker` (worker numbers start at 0).
-    pub fn clients(&self, worker: usize) -> &Clients {
-        &self.clients[worker % self.clients.len()]
-    }
-
-    fn build(version: u64, config: BalancerConfig, old: Option<&Active>, workers: usize) -> Active {
+    fn build(version: u64, config: BalancerConfig, old: Option<&Active>) -> Active {
         let previous: HashMap<SocketAddr, Arc<LiveState>> = old
             .map(|o| {
                 o.selector
@@ -69,16 +57,9 @@ impl Active {
                 Upstream::new(c.clone(), live)
             })
             .collect();
-        let clients = (0..workers.max(1))
-            .map(|w| match old.and_then(|o| o.clients.get(w)) {
-                Some(c) if c.fits(&config) => c.clone(),
-                _ => Arc::new(Clients::new(&config)),
-            })
-            .collect();
         Active {
             version,
             selector: Selector::new(config.strategy, upstreams),
-            clients,
             config,
         }
     }
@@ -102,7 +83,7 @@ pub struct Shared {
     /// Server limits, fixed at start (a reload cannot rebind sockets).
     pub server: ServerConfig,
     /// Worker threads serving clients, fixed at start; each has its own
-    /// upstream clients in every [`Active`].
+    /// idle upstream connections (see [`super::pool`]).
     pub workers: usize,
     path: PathBuf,
     reloading: Mutex<()>,
@@ -116,7 +97,7 @@ impl Shared {
         let balancer = config.require_balancer()?.clone();
         let workers = workers.max(1);
         Ok(Shared {
-            current: ArcSwap::from_pointee(Active::build(1, balancer, None, workers)),
+            current: ArcSwap::from_pointee(Active::build(1, balancer, None)),
             metrics: Metrics::default(),
             server: config.server.clone(),
             workers,
@@ -139,7 +120,7 @@ impl Shared {
                 "a change of balancer.listen or balancer.admin takes effect only after a restart"
             );
         }
-        let next = Active::build(old.version + 1, balancer, Some(&old), self.workers);
+        let next = Active::build(old.version + 1, balancer, Some(&old));
         let version = next.version;
         tracing::info!(
             version,

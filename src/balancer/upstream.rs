@@ -3,7 +3,8 @@
 //!
 //! The live state is shared through an `Arc` and looked up by address when a
 //! new config is built, so a reload keeps the failure marks, counters and
-//! keep-alive pools of every upstream that stays.
+//! idle keep-alive connections of every upstream that stays (and closes those
+//! of an upstream that goes, with its last reference).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,9 +12,11 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
 
-use hyper::http::uri::Authority;
+use hyper::header::HeaderValue;
 
 use crate::config::UpstreamConfig;
+
+use super::pool::IdleConns;
 
 /// Milliseconds on a monotonic clock that starts with the process; what the
 /// failure windows are measured in (Nginx uses whole seconds; finer is fine).
@@ -45,6 +48,8 @@ pub struct LiveState {
     pub failures: AtomicU64,
     /// Responses by status class: index 0 is 1xx ... index 4 is 5xx.
     pub responses: [AtomicU64; 5],
+    /// Idle keep-alive connections to this upstream, per worker.
+    pub idle: IdleConns,
 }
 
 impl LiveState {
@@ -59,6 +64,7 @@ impl LiveState {
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             responses: Default::default(),
+            idle: IdleConns::default(),
         }
     }
 
@@ -74,8 +80,9 @@ impl LiveState {
 pub struct Upstream {
     /// What the file says.
     pub config: UpstreamConfig,
-    /// The address as a URI authority, built once so no request formats it.
-    pub authority: Authority,
+    /// The address as a `Host` value, for the rare client that sends none
+    /// (HTTP/1.1 upstreams require one); built once so no request formats it.
+    pub host: HeaderValue,
     /// The state that outlives reloads.
     pub live: Arc<LiveState>,
 }
@@ -83,14 +90,10 @@ pub struct Upstream {
 impl Upstream {
     /// Builds an upstream around existing (or fresh) live state.
     pub fn new(config: UpstreamConfig, live: Arc<LiveState>) -> Upstream {
-        // A SocketAddr always prints as a valid authority ("1.2.3.4:5" or "[::1]:5").
-        let authority = Authority::try_from(config.addr.to_string().as_str())
-            .unwrap_or_else(|_| Authority::from_static("127.0.0.1"));
-        Upstream {
-            config,
-            authority,
-            live,
-        }
+        // A SocketAddr always prints as a valid header value ("1.2.3.4:5").
+        let host = HeaderValue::try_from(config.addr.to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
+        Upstream { config, host, live }
     }
 
     /// Whether passive health checking currently keeps this upstream out

@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -24,9 +24,16 @@ pub struct Backend {
     pub name: String,
     /// Requests it answered.
     pub hits: Arc<AtomicU64>,
+    /// Connections it accepted.
+    pub accepts: Arc<AtomicU64>,
+    /// Connections open now.
+    pub open: Arc<AtomicI64>,
     task: JoinHandle<()>,
     /// Set to true to make every open connection drop, like a killed process.
     kill: watch::Sender<bool>,
+    /// Bumped to make every open connection drop while the backend goes on
+    /// accepting, like a server closing its idle keep-alive connections.
+    hang_up: watch::Sender<u64>,
 }
 
 impl Backend {
@@ -60,17 +67,25 @@ impl Backend {
         let addr = listener.local_addr().expect("addr");
         let hits = Arc::new(AtomicU64::new(0));
         let body = Bytes::from(name.to_string());
-        let h = hits.clone();
+        let accepts = Arc::new(AtomicU64::new(0));
+        let open = Arc::new(AtomicI64::new(0));
+        let (h, a, o) = (hits.clone(), accepts.clone(), open.clone());
         let (kill, killed) = watch::channel(false);
+        let (hang_up, hung_up) = watch::channel(0u64);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                a.fetch_add(1, Ordering::Relaxed);
+                o.fetch_add(1, Ordering::Relaxed);
                 let _ = stream.set_nodelay(true);
                 let body = body.clone();
                 let h = h.clone();
+                let o = o.clone();
                 let mut killed = killed.clone();
+                let mut hung_up = hung_up.clone();
+                hung_up.mark_unchanged();
                 tokio::spawn(async move {
                     let svc = service_fn(move |_req: Request<hyper::body::Incoming>| {
                         h.fetch_add(1, Ordering::Relaxed);
@@ -82,7 +97,9 @@ impl Backend {
                     tokio::select! {
                         _ = conn => {}
                         _ = killed.wait_for(|k| *k) => {}
+                        _ = hung_up.changed() => {}
                     }
+                    o.fetch_sub(1, Ordering::Relaxed);
                 });
             }
         });
@@ -90,9 +107,27 @@ impl Backend {
             addr,
             name: name.to_string(),
             hits,
+            accepts,
+            open,
             task,
             kill,
+            hang_up,
         }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepts(&self) -> u64 {
+        self.accepts.load(Ordering::Relaxed)
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> i64 {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Closes every open connection, and goes on serving new ones.
+    pub fn hang_up_all(&self) {
+        self.hang_up.send_modify(|g| *g += 1);
     }
 
     /// Requests served so far.
