@@ -59,17 +59,23 @@ pub async fn serve<F, S, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    serve_with(listener, limits, permits, make_service, shutdown).await;
+    serve_with(listener, limits, permits, make_service, || true, shutdown).await;
 }
 
-/// [`serve`] with the connection cap's permits passed in, so that several
-/// accept loops on one port (the balancer's worker threads) share one
-/// `max_connections`.
+/// How long an accept loop that should leave the next connection to
+/// another loop waits before it looks again.
+const FAIR_SHARE_PAUSE: Duration = Duration::from_millis(1);
+
+/// [`serve`] for one of several accept loops on one port (the balancer's
+/// worker threads): they share the connection cap's `permits`, and a loop
+/// takes the next connection only while `fair_turn()` says so (it is
+/// asked again every millisecond otherwise).
 pub async fn serve_with<F, S, B>(
     listener: TcpListener,
     limits: &ServerConfig,
     permits: Arc<Semaphore>,
     make_service: F,
+    fair_turn: impl Fn() -> bool,
     shutdown: impl Future<Output = ()>,
 ) where
     F: Fn(SocketAddr) -> S,
@@ -97,7 +103,7 @@ pub async fn serve_with<F, S, B>(
         // uninitialised.
         .max_buf_size(96 * 1024);
     tokio::pin!(shutdown);
-    loop {
+    'accepting: loop {
         // Take a permit before accepting: over the cap, clients wait in the
         // kernel's backlog instead of costing us memory.
         let permit = tokio::select! {
@@ -107,6 +113,12 @@ pub async fn serve_with<F, S, B>(
             },
             () = &mut shutdown => break,
         };
+        while !fair_turn() {
+            tokio::select! {
+                () = tokio::time::sleep(FAIR_SHARE_PAUSE) => {}
+                () = &mut shutdown => break 'accepting,
+            }
+        }
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,

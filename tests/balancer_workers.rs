@@ -80,3 +80,76 @@ async fn several_workers_serve_reload_and_stop() {
         "the port still accepts after shutdown"
     );
 }
+
+/// Open connections from `/metrics`, per worker.
+async fn worker_connections(lb: &Running) -> Vec<u64> {
+    let (_, text) = get(&http(), &format!("http://{}/metrics", lb.admin))
+        .await
+        .expect("metrics");
+    text.lines()
+        .filter(|l| l.starts_with("spike_balancer_worker_connections{"))
+        .map(|l| {
+            l.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .expect("a count")
+        })
+        .collect()
+}
+
+/// A burst of connections (a load tester starting) is shared among the
+/// workers instead of going mostly to the one that woke first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_connections_is_shared_evenly_by_the_workers() {
+    let a = Backend::start("a").await;
+    let lb = Running::start_workers(
+        &config_text(
+            "round_robin",
+            "127.0.0.1:0",
+            "127.0.0.1:0",
+            &[up(a.addr, 1)],
+        ),
+        3,
+    )
+    .await;
+    for round in 0..3 {
+        // 60 connections opened at once, each kept open after its request.
+        let mut held = Vec::new();
+        let mut tasks = Vec::new();
+        for _ in 0..60 {
+            let addr = lb.addr;
+            tasks.push(tokio::spawn(async move {
+                let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                    .await
+                    .expect("write");
+                let mut buf = [0u8; 512];
+                let n = s.read(&mut buf).await.expect("read");
+                assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "round {round}");
+                s
+            }));
+        }
+        for t in tasks {
+            held.push(t.await.expect("client"));
+        }
+        // The admin connection is not a client connection.
+        let counts = worker_connections(&lb).await;
+        assert_eq!(counts.len(), 3, "{counts:?}");
+        assert_eq!(counts.iter().sum::<u64>(), 60, "{counts:?}");
+        let (min, max) = (
+            counts.iter().copied().min().unwrap_or(0),
+            counts.iter().copied().max().unwrap_or(0),
+        );
+        // A worker takes a connection only while it holds at most one more
+        // than the least loaded: at most two apart.
+        assert!(max - min <= 2, "round {round}: {counts:?}");
+        drop(held);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while worker_connections(&lb).await.iter().sum::<u64>() != 0 {
+            assert!(Instant::now() < deadline, "connections never closed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    lb.shutdown().await;
+}

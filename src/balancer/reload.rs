@@ -98,7 +98,7 @@ impl Shared {
         let workers = workers.max(1);
         Ok(Shared {
             current: ArcSwap::from_pointee(Active::build(1, balancer, None)),
-            metrics: Metrics::default(),
+            metrics: Metrics::new(workers),
             server: config.server.clone(),
             workers,
             seen: Mutex::new(stamp(&config.path)),
