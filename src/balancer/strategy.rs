@@ -535,6 +535,12 @@ impl Selector {
                     let window = tier.peers[i].config.fail_timeout.as_millis() as u64;
                     if now.saturating_sub(live.checked.load(Ordering::Relaxed)) > window {
                         live.checked.store(now, Ordering::Relaxed);
+                        // A probe of a failed peer shuts its window again
+                        // until it answers: the picks in between skip it,
+                        // which only the walk knows.
+                        if tier.peers[i].is_failed(now) {
+                            tier.materialize(&mut state);
+                        }
                     }
                     // Counted under the lock so least_conn sees its own picks.
                     live.active.fetch_add(1, Ordering::Relaxed);
@@ -898,8 +904,8 @@ mod tests {
     }
 
     /// The cycle, its write-out on failures and retries, and the return to
-    /// it give exactly Nginx's picks, through failures, retries, down peers
-    /// and failure windows that open and close.
+    /// it give exactly Nginx's picks, through failures, retries, down peers,
+    /// failure windows that open and close, and probes answered late.
     #[test]
     fn fast_smooth_wrr_picks_exactly_what_nginx_walks() {
         let mut rng = Lcg(7);
@@ -947,8 +953,17 @@ mod tests {
             }
             let s = selector(strategy, ups);
             let mut now = 1;
+            // Successful picks whose response is still on its way: a probe
+            // of a peer whose window closed is answered only later, and
+            // other picks must skip that peer meanwhile.
+            let mut held: Vec<(usize, Pick)> = Vec::new();
             for step in 0..600 {
                 now += rng.below(40);
+                while !held.is_empty() && rng.below(3) == 0 {
+                    let (i, pick) = held.swap_remove(rng.below(held.len() as u64) as usize);
+                    s.release(&pick, false, now);
+                    model.free(i, false, now);
+                }
                 let mut a = Attempt::new(IpAddr::V4(Ipv4Addr::LOCALHOST));
                 let mut tried = vec![false; n];
                 loop {
@@ -961,9 +976,13 @@ mod tests {
                     assert_eq!(got.as_ref().map(|g| g.0), want, "case {case} step {step}");
                     let Some((i, pick)) = got else { break };
                     tried[i] = true;
-                    // Failures in the first half, then a calm in which every
-                    // failure window closes.
+                    // Failures in the first third, then a calm in which
+                    // every failure window closes.
                     let failed = step < 200 && rng.below(25) == 0;
+                    if !failed && rng.below(2) == 0 {
+                        held.push((i, pick));
+                        break;
+                    }
                     s.release(&pick, failed, now);
                     model.free(i, failed, now);
                     if !failed {
