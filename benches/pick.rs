@@ -1,8 +1,13 @@
-//! What one pick costs (lock, pick, release) for each strategy at 4, 64 and
-//! 1,024 upstreams, every upstream healthy. Round-robin and smooth WRR replay
-//! a recorded cycle and ip_hash searches the running sums of the weights, so
-//! their cost barely grows; least_conn walks every peer, as Nginx does.
-//! (The warm-up is far longer than one cycle, so it is measured replaying.)
+//! What one pick costs (lock, pick, release, and the drop that ends the
+//! request) for each strategy at 4, 64 and 1,024 upstreams, every upstream
+//! healthy. Round-robin and smooth WRR replay a recorded cycle, ip_hash
+//! searches the running sums of the weights, and least_conn keeps its peers
+//! sorted by count and current weight (it walks tiers of a few peers, as
+//! Nginx does), so their cost barely grows. (The warm-up is far longer than
+//! one cycle, so it is measured replaying.) Each request ends before the
+//! next pick, so every least_conn pick is a tie between all the peers: a
+//! whole smooth-WRR round for the walk, the largest heaps for the sorted
+//! peers.
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

@@ -41,9 +41,20 @@
 //!   A test drives both side by side with a transcription of Nginx's C;
 //! - ip_hash: the walk over the weights is a binary search over their
 //!   running sums (the same peer for every hash);
-//! - least_conn still walks: its tie-break advances only the tied peers,
-//!   whose set changes with every pick and release, so there is no fixed
-//!   order to replay.
+//! - least_conn: its tie-break advances only the tied peers, whose set
+//!   changes with every pick and release, so there is no fixed order to
+//!   replay. Instead the peers that are healthy at full weight are kept
+//!   sorted, per weight, into levels by their count, each level a heap on
+//!   the current weight. The lowest level of each weight holds its lowest
+//!   `count / weight`, so the minimum and the peers tied at it are found
+//!   across the weights, and a tie-break round is counted once per level
+//!   instead of added to each peer. Peers that may be failed, are warming
+//!   up after a failure, or were tried by the attempt stay out ("loose")
+//!   and are looked at one by one, as the walk does. A pick or a finished
+//!   request costs O(distinct weights + log n + loose peers); tiers of a few
+//!   peers just walk. A test drives it side by side with a transcription of
+//!   Nginx's C through failures, retries and requests that finish in any
+//!   order.
 
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
@@ -58,6 +69,21 @@ const IP_HASH_TRIES: u32 = 20;
 
 /// Longest smooth-WRR cycle recorded (4 bytes a pick): 1 MiB.
 const MAX_CYCLE: u64 = 1 << 18;
+
+/// Up to this many peers in a tier least_conn walks them, as Nginx does:
+/// so few are walked faster than they are kept sorted (measured).
+const LEAST_CONN_WALK_MAX: usize = 6;
+
+/// `Levels::set_of` of a `down` peer, which is in no level.
+const NO_SET: u32 = u32::MAX;
+
+/// Rounds a level counts before it folds them into its bases, so that
+/// weight × rounds stays far inside 64 bits (weights are at most 10^6).
+#[cfg(not(test))]
+const MAX_ROUNDS: i64 = 1 << 32;
+/// Tests fold all the time, so that the differential test covers it.
+#[cfg(test)]
+const MAX_ROUNDS: i64 = 3;
 
 /// The smooth weighted round-robin numbers of one peer (Nginx's
 /// `current_weight` and `effective_weight`).
@@ -95,7 +121,8 @@ struct Cycle {
 /// The picking state of a tier.
 #[derive(Debug)]
 struct PickState {
-    /// Nginx's per-peer numbers; stale while `at` is `Some`.
+    /// Nginx's per-peer numbers; stale while `at` is `Some`, and for the
+    /// peers least_conn keeps sorted.
     smooth: Vec<Smooth>,
     /// The last cycle recorded.
     cycle: Option<Cycle>,
@@ -104,7 +131,7 @@ struct PickState {
     at: Option<usize>,
     /// The calm walk since `start`, until it comes back there.
     recording: Option<Cycle>,
-    /// least_conn's counts (empty for the others).
+    /// least_conn's counts and its sorted peers (empty for the others).
     lc: LeastConn,
 }
 
@@ -114,6 +141,276 @@ struct LeastConn {
     /// Requests this selector picked for each peer and that are not finished
     /// (Nginx's `conns`): what least_conn compares.
     conns: Vec<u64>,
+    /// The sorted peers (in tiers large enough for the fast path).
+    levels: Levels,
+    /// The peers (not `down`) kept out of `levels`, because they may fail
+    /// (`fails >= max_fails`), are warming up after a failure (effective
+    /// below weight), or were tried by the attempt at hand. Their weights
+    /// are in `smooth`, and each pick looks at each of them, as the walk does.
+    loose: Vec<u32>,
+    /// Whether each peer is in `loose`.
+    is_loose: Vec<bool>,
+    /// The loose peers usable for the pick at hand (kept for its memory).
+    usable: Vec<u32>,
+}
+
+/// least_conn's healthy peers sorted so that a pick needs no walk.
+///
+/// Nginx picks among the peers with the lowest `conns / weight` (a class),
+/// and breaks ties by a smooth-WRR round over that class only. A class is
+/// the union of "levels", one per weight: the peers of weight `w` with `c`
+/// requests. A round adds `w` to the current weight of every healthy peer
+/// of the class, so a level counts its rounds instead, and keeps of each
+/// peer its `base` = current weight - `w` × rounds. Within a level the
+/// largest base is the largest current weight; across the levels of a
+/// class only the top of each can win. A pick or a finished request costs
+/// O(distinct weights + log n).
+#[derive(Debug, Default)]
+struct Levels {
+    /// One per distinct weight among the peers that are not `down`.
+    sets: Vec<WeightSet>,
+    /// The set of each peer (`NO_SET` for `down` peers).
+    set_of: Vec<u32>,
+    /// Each peer's position in its level's heap.
+    pos: Vec<u32>,
+}
+
+/// The sorted peers of one weight, by how many requests they have.
+#[derive(Debug)]
+struct WeightSet {
+    weight: i64,
+    /// `levels[c]`: the peers with `c` requests.
+    levels: Vec<Level>,
+    /// How many peers the levels hold.
+    members: usize,
+    /// The lowest level that has a peer, when there is one: the only level
+    /// of this weight that can be in the lowest class.
+    low: usize,
+}
+
+/// The sorted peers of one weight with one number of requests.
+#[derive(Debug, Default)]
+struct Level {
+    /// How many tie-break rounds these peers took part in (since the last
+    /// fold, see `MAX_ROUNDS`).
+    rounds: i64,
+    /// A binary heap of peers, the largest base (then the lowest index, as
+    /// Nginx's strict comparison keeps the first) on top.
+    heap: Vec<Entry>,
+}
+
+/// A peer in a level's heap.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    /// The peer's current weight minus its weight times the level's rounds.
+    base: i64,
+    peer: u32,
+}
+
+/// One least_conn pick, worked out before it is applied.
+#[derive(Debug)]
+struct Round {
+    winner: usize,
+    /// The winner's current weight after the round's additions.
+    value: i64,
+    /// Usable peers in the lowest class: with one, Nginx runs no tie-break.
+    members: usize,
+    /// The sum of their effective weights (the tie-break's total).
+    total: i64,
+    /// The class: `conns / weight`.
+    conns: u64,
+    weight: i64,
+}
+
+/// Nginx's comparison of `conns / weight`, cross-multiplied in unsigned
+/// 64 bits as Nginx does (weights are at most 1,000,000).
+fn ratio_cmp(c1: u64, w1: i64, c2: u64, w2: i64) -> std::cmp::Ordering {
+    (c1 * w2 as u64).cmp(&(c2 * w1 as u64))
+}
+
+impl Round {
+    /// Whether a peer with these numbers is in the round's class.
+    fn holds(&self, conns: u64, weight: i64) -> bool {
+        ratio_cmp(conns, weight, self.conns, self.weight).is_eq()
+    }
+
+    /// Offers some usable peers of one class, as a round of their own: a
+    /// lower class starts the round afresh, the same class joins it, where
+    /// the leader has the largest current weight, or the same and a lower
+    /// index.
+    fn offer(round: &mut Option<Round>, more: Round) {
+        let Some(r) = round else {
+            *round = Some(more);
+            return;
+        };
+        match ratio_cmp(more.conns, more.weight, r.conns, r.weight) {
+            std::cmp::Ordering::Less => *r = more,
+            std::cmp::Ordering::Equal => {
+                if more.value > r.value || (more.value == r.value && more.winner < r.winner) {
+                    r.winner = more.winner;
+                    r.value = more.value;
+                }
+                r.members += more.members;
+                r.total += more.total;
+            }
+            std::cmp::Ordering::Greater => {}
+        }
+    }
+}
+
+/// Whether entry `a` sits above entry `b` in a level's heap. Without
+/// short-circuits: the outcome is a coin toss, which a branch would mispredict.
+fn above(a: Entry, b: Entry) -> bool {
+    (a.base > b.base) | ((a.base == b.base) & (a.peer < b.peer))
+}
+
+impl Level {
+    fn sift_up(&mut self, pos: &mut [u32], mut k: usize) {
+        let item = self.heap[k];
+        while k > 0 {
+            let parent = (k - 1) / 2;
+            if !above(item, self.heap[parent]) {
+                break;
+            }
+            self.heap[k] = self.heap[parent];
+            pos[self.heap[k].peer as usize] = k as u32;
+            k = parent;
+        }
+        self.heap[k] = item;
+        pos[item.peer as usize] = k as u32;
+    }
+
+    fn push(&mut self, pos: &mut [u32], entry: Entry) {
+        self.heap.push(entry);
+        self.sift_up(pos, self.heap.len() - 1);
+    }
+
+    /// Takes peer `i` out (it must be in this level); returns its base.
+    /// The hole it leaves sinks to the bottom along the larger children,
+    /// and the last entry fills it from there (Floyd's way: the last entry
+    /// mostly belongs near the bottom, so this saves a comparison a level).
+    fn remove(&mut self, pos: &mut [u32], i: usize) -> i64 {
+        let mut k = pos[i] as usize;
+        let base = self.heap[k].base;
+        let last = self.heap.pop().expect("a peer is in the level it leaves");
+        let n = self.heap.len();
+        if k == n {
+            return base;
+        }
+        loop {
+            let left = 2 * k + 1;
+            if left >= n {
+                break;
+            }
+            let right = left + 1;
+            let child = left + usize::from(right < n && above(self.heap[right], self.heap[left]));
+            self.heap[k] = self.heap[child];
+            pos[self.heap[k].peer as usize] = k as u32;
+            k = child;
+        }
+        self.heap[k] = last;
+        self.sift_up(pos, k);
+        base
+    }
+
+    /// One more tie-break round for these peers of weight `w`.
+    fn round(&mut self, w: i64) {
+        self.rounds += 1;
+        if self.rounds == MAX_ROUNDS {
+            // The same shift for every base keeps the heap in order.
+            for e in &mut self.heap {
+                e.base += w * self.rounds;
+            }
+            self.rounds = 0;
+        }
+    }
+}
+
+impl Levels {
+    /// The sets of a tier's peers, with no peer in them yet.
+    fn new(weights: &[i64], down: impl Fn(usize) -> bool) -> Levels {
+        let mut sets: Vec<WeightSet> = Vec::new();
+        let set_of = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| {
+                if down(i) {
+                    return NO_SET;
+                }
+                match sets.iter().position(|s| s.weight == w) {
+                    Some(s) => s as u32,
+                    None => {
+                        sets.push(WeightSet {
+                            weight: w,
+                            levels: Vec::new(),
+                            members: 0,
+                            low: 0,
+                        });
+                        (sets.len() - 1) as u32
+                    }
+                }
+            })
+            .collect();
+        Levels {
+            sets,
+            set_of,
+            pos: vec![0; weights.len()],
+        }
+    }
+
+    /// Puts peer `i` in the level of its count, with that current weight.
+    fn insert(&mut self, conns: &[u64], i: usize, current: i64) {
+        let set = &mut self.sets[self.set_of[i] as usize];
+        let c = conns[i] as usize;
+        if set.levels.len() <= c {
+            set.levels.resize_with(c + 1, Level::default);
+        }
+        let level = &mut set.levels[c];
+        let entry = Entry {
+            base: current - set.weight * level.rounds,
+            peer: i as u32,
+        };
+        level.push(&mut self.pos, entry);
+        set.low = if set.members == 0 { c } else { set.low.min(c) };
+        set.members += 1;
+    }
+
+    /// Takes peer `i` out of its level; returns its current weight.
+    fn remove(&mut self, conns: &[u64], i: usize) -> i64 {
+        let set = &mut self.sets[self.set_of[i] as usize];
+        let c = conns[i] as usize;
+        let level = &mut set.levels[c];
+        let current = level.remove(&mut self.pos, i) + set.weight * level.rounds;
+        set.members -= 1;
+        if set.members > 0 && set.low == c && set.levels[c].heap.is_empty() {
+            // Only failures and retries take a peer out, and the counts of
+            // the peers of one weight are seldom far apart.
+            set.low = (c + 1..set.levels.len())
+                .find(|&l| !set.levels[l].heap.is_empty())
+                .expect("a set with members has a level with a peer");
+        }
+        current
+    }
+
+    /// Moves peer `i` a level up (a pick, which took `taken` off its current
+    /// weight) or down (a finished request).
+    fn shift(&mut self, conns: &mut [u64], i: usize, up: bool, taken: i64) {
+        let set = &mut self.sets[self.set_of[i] as usize];
+        let c = conns[i] as usize;
+        let level = &mut set.levels[c];
+        let current = level.remove(&mut self.pos, i) + set.weight * level.rounds - taken;
+        set.members -= 1;
+        if set.low == c && set.levels[c].heap.is_empty() {
+            // Up, the peer is the one above; down, `insert` lowers it.
+            set.low = c + 1;
+        }
+        if up {
+            conns[i] += 1;
+        } else {
+            conns[i] -= 1;
+        }
+        self.insert(conns, i, current);
+    }
 }
 
 /// One set of peers: the primaries, or the backups.
@@ -130,11 +427,14 @@ struct Tier {
     up_weight: i64,
     /// How many picks a recording may take before it starts again.
     max_recording: u64,
+    /// least_conn only: whether the tier has enough peers for the fast path.
+    lc_fast: bool,
     state: Mutex<PickState>,
 }
 
 impl Tier {
-    fn new(peers: Vec<Upstream>, strategy: Strategy) -> Tier {
+    /// `walk_max`: up to how many peers least_conn always walks.
+    fn new(peers: Vec<Upstream>, strategy: Strategy, walk_max: usize) -> Tier {
         let unweighted = strategy == Strategy::RoundRobin;
         let weights: Vec<i64> = peers
             .iter()
@@ -171,8 +471,26 @@ impl Tier {
                 effective: w,
             })
             .collect();
-        let lc = LeastConn {
-            conns: vec![0; peers.len()],
+        let lc_fast = strategy == Strategy::LeastConn && peers.len() > walk_max;
+        let lc = if lc_fast {
+            // Every peer starts loose; the first pick sorts those that can be.
+            let loose: Vec<u32> = (0..peers.len() as u32)
+                .filter(|&i| !peers[i as usize].config.down)
+                .collect();
+            let mut is_loose = vec![false; peers.len()];
+            loose.iter().for_each(|&i| is_loose[i as usize] = true);
+            LeastConn {
+                conns: vec![0; peers.len()],
+                levels: Levels::new(&weights, |i| peers[i].config.down),
+                loose,
+                is_loose,
+                usable: Vec::new(),
+            }
+        } else {
+            LeastConn {
+                conns: vec![0; peers.len()],
+                ..LeastConn::default()
+            }
         };
         Tier {
             peers,
@@ -181,6 +499,7 @@ impl Tier {
             ends,
             up_weight,
             max_recording,
+            lc_fast,
             state: Mutex::new(PickState {
                 smooth,
                 cycle: None,
@@ -295,13 +614,145 @@ impl Tier {
         Some(b)
     }
 
+    /// Makes peer `i`'s weights plain numbers in `smooth` (where the walk
+    /// and the loose peers keep them), before a failure changes them or
+    /// shuts the peer's window: the cycle is written out, and least_conn
+    /// takes the peer out of its levels.
+    fn detach(&self, st: &mut PickState, i: usize) {
+        self.materialize(st);
+        if self.lc_fast {
+            Self::loosen(&mut st.smooth, &mut st.lc, i);
+        }
+    }
+
+    /// Whether peer `i` can be failed: only such a peer's usability depends
+    /// on the clock, so it stays loose, where each pick looks at it.
+    fn suspect(&self, i: usize) -> bool {
+        let p = &self.peers[i];
+        p.config.max_fails != 0 && p.live.fails.load(Ordering::Relaxed) >= p.config.max_fails
+    }
+
+    /// Takes peer `i` out of the levels (if it is in them).
+    fn loosen(smooth: &mut [Smooth], lc: &mut LeastConn, i: usize) {
+        if lc.levels.set_of[i] == NO_SET || lc.is_loose[i] {
+            return;
+        }
+        smooth[i].current = lc.levels.remove(&lc.conns, i);
+        lc.is_loose[i] = true;
+        lc.loose.push(i as u32);
+    }
+
+    /// Sorts back the loose peers that need not be loose any more, and
+    /// takes out those the attempt tried.
+    fn settle(&self, smooth: &mut [Smooth], lc: &mut LeastConn, tried: &Tried) {
+        let mut k = 0;
+        while k < lc.loose.len() {
+            let i = lc.loose[k] as usize;
+            if tried.has(i) || smooth[i].effective < self.weights[i] || self.suspect(i) {
+                k += 1;
+                continue;
+            }
+            lc.loose.swap_remove(k);
+            lc.is_loose[i] = false;
+            lc.levels.insert(&lc.conns, i, smooth[i].current);
+        }
+        for i in tried.iter() {
+            Self::loosen(smooth, lc, i);
+        }
+    }
+
     /// Nginx's least_conn: fewest requests relative to weight; ties by
     /// smooth WRR. Counts the pick.
     fn least_conn(&self, st: &mut PickState, tried: &Tried, now: u64) -> Option<usize> {
-        self.materialize(st);
+        if self.lc_fast {
+            return self.least_conn_fast(st, tried, now);
+        }
         let b = self.least_conn_walk(&mut st.smooth, &st.lc.conns, tried, now)?;
         st.lc.conns[b] += 1;
         Some(b)
+    }
+
+    /// The walk's pick, worked out from the sorted peers and the loose ones.
+    fn least_conn_fast(&self, st: &mut PickState, tried: &Tried, now: u64) -> Option<usize> {
+        let PickState { smooth, lc, .. } = st;
+        self.settle(smooth, lc, tried);
+        lc.usable.clear();
+        for &i in &lc.loose {
+            if !tried.has(i as usize) && !self.peers[i as usize].is_failed(now) {
+                lc.usable.push(i);
+            }
+        }
+        loop {
+            let round = self.least_conn_round(smooth, lc)?;
+            let i = round.winner;
+            // Failure marks are shared with the selector of the previous
+            // config, whose release may mark a peer behind this one's back.
+            if !lc.is_loose[i] && self.peers[i].is_failed(now) {
+                Self::loosen(smooth, lc, i);
+                continue;
+            }
+            let many = round.members > 1;
+            let mut taken = 0;
+            if many {
+                for set in &mut lc.levels.sets {
+                    if set.members > 0 && round.holds(set.low as u64, set.weight) {
+                        set.levels[set.low].round(set.weight);
+                    }
+                }
+                for &j in &lc.usable {
+                    let j = j as usize;
+                    if round.holds(lc.conns[j], self.weights[j]) {
+                        smooth[j].step(self.weights[j]);
+                    }
+                }
+                taken = round.total;
+            }
+            if lc.is_loose[i] {
+                smooth[i].current -= taken;
+                lc.conns[i] += 1;
+            } else {
+                lc.levels.shift(&mut lc.conns, i, true, taken);
+            }
+            return Some(i);
+        }
+    }
+
+    /// Works out the next least_conn pick: the lowest class among the
+    /// lowest level of each set and the usable loose peers, and the winner
+    /// of its tie-break one round later.
+    fn least_conn_round(&self, smooth: &[Smooth], lc: &LeastConn) -> Option<Round> {
+        let mut round: Option<Round> = None;
+        for set in &lc.levels.sets {
+            if set.members == 0 {
+                continue;
+            }
+            let level = &set.levels[set.low];
+            let top = level.heap[0];
+            let size = level.heap.len();
+            let more = Round {
+                winner: top.peer as usize,
+                value: top.base + set.weight * (level.rounds + 1),
+                members: size,
+                total: size as i64 * set.weight,
+                conns: set.low as u64,
+                weight: set.weight,
+            };
+            Round::offer(&mut round, more);
+        }
+        for &i in &lc.usable {
+            let i = i as usize;
+            let s = smooth[i];
+            let more = Round {
+                winner: i,
+                value: s.current + s.effective,
+                members: 1,
+                total: s.effective,
+                conns: lc.conns[i],
+                weight: self.weights[i],
+            };
+            Round::offer(&mut round, more);
+        }
+        round
     }
 
     /// Nginx's `ngx_http_upstream_get_least_conn_peer` as written: the
@@ -364,7 +815,11 @@ impl Tier {
         if lc.conns[i] == 0 {
             return;
         }
-        lc.conns[i] -= 1;
+        if self.lc_fast && !lc.is_loose[i] {
+            lc.levels.shift(&mut lc.conns, i, false, 0);
+        } else {
+            lc.conns[i] -= 1;
+        }
     }
 
     /// Nginx's ip_hash walk; `None` means "fall back to round-robin".
@@ -432,6 +887,19 @@ impl Tried {
 
     fn is_empty(&self) -> bool {
         self.low == 0 && self.high.iter().all(|&w| w == 0)
+    }
+
+    /// The peers tried, in order.
+    fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        let low = std::iter::successors(Some(self.low), |&b| Some(b & b.wrapping_sub(1)))
+            .take_while(|&b| b != 0)
+            .map(|b| b.trailing_zeros() as usize);
+        let high = self.high.iter().enumerate().flat_map(|(k, &word)| {
+            std::iter::successors(Some(word), |&b| Some(b & b.wrapping_sub(1)))
+                .take_while(|&b| b != 0)
+                .map(move |b| 128 + k * 64 + b.trailing_zeros() as usize)
+        });
+        low.chain(high)
     }
 
     fn clear(&mut self) {
@@ -537,6 +1005,12 @@ impl Selector {
     /// Builds a selector over `upstreams` (file order matters: it is the
     /// order Nginx walks peers in).
     pub fn new(strategy: Strategy, upstreams: Vec<Upstream>) -> Selector {
+        Selector::build(strategy, upstreams, LEAST_CONN_WALK_MAX)
+    }
+
+    /// `new` with the size up to which least_conn walks (tests lower it to
+    /// drive the fast path with few peers).
+    fn build(strategy: Strategy, upstreams: Vec<Upstream>, walk_max: usize) -> Selector {
         let mut primary = Vec::new();
         let mut backup = Vec::new();
         let mut order = Vec::with_capacity(upstreams.len());
@@ -550,9 +1024,9 @@ impl Selector {
             }
         }
         let single = primary.len() == 1 && backup.is_empty();
-        let mut tiers = vec![Arc::new(Tier::new(primary, strategy))];
+        let mut tiers = vec![Arc::new(Tier::new(primary, strategy, walk_max))];
         if !backup.is_empty() {
-            tiers.push(Arc::new(Tier::new(backup, strategy)));
+            tiers.push(Arc::new(Tier::new(backup, strategy, walk_max)));
         }
         Selector {
             strategy,
@@ -606,9 +1080,9 @@ impl Selector {
                         live.checked.store(now, Ordering::Relaxed);
                         // A probe of a failed peer shuts its window again
                         // until it answers: the picks in between skip it,
-                        // which only the walk knows.
+                        // which the fast paths do not follow by themselves.
                         if tier.peers[i].is_failed(now) {
-                            tier.materialize(&mut state);
+                            tier.detach(&mut state, i);
                         }
                     }
                 }
@@ -661,9 +1135,9 @@ impl Selector {
             live.checked.store(now, Ordering::Relaxed);
             let max_fails = peer.config.max_fails as i64;
             if max_fails != 0 {
-                // The walk takes over: the failure lowers a weight and
-                // takes the peer out of the rounds.
-                tier.materialize(&mut state);
+                // The failure lowers a weight and may take the peer out of
+                // the rounds: what the fast paths do not follow.
+                tier.detach(&mut state, pick.index);
                 let s = &mut state.smooth[pick.index];
                 s.effective = (s.effective - tier.weights[pick.index] / max_fails).max(0);
             }
@@ -1145,22 +1619,44 @@ mod tests {
         }
     }
 
-    /// The current and effective weights, and the counts.
+    /// The current and effective weights as the walk would see them, and
+    /// the counts.
     fn least_conn_state(s: &Selector) -> (Vec<i64>, Vec<i64>, Vec<u64>) {
-        let st = s.tiers[0].lock();
-        let current = st.smooth.iter().map(|s| s.current).collect();
+        let t = &s.tiers[0];
+        let st = t.lock();
+        let lc = &st.lc;
+        let current = (0..t.peers.len())
+            .map(|i| {
+                if t.lc_fast && lc.levels.set_of[i] != NO_SET && !lc.is_loose[i] {
+                    assert_eq!(
+                        st.smooth[i].effective, t.weights[i],
+                        "sorted at full weight"
+                    );
+                    let levels = &lc.levels;
+                    let set = &levels.sets[levels.set_of[i] as usize];
+                    let level = &set.levels[lc.conns[i] as usize];
+                    level.heap[levels.pos[i] as usize].base + set.weight * level.rounds
+                } else {
+                    st.smooth[i].current
+                }
+            })
+            .collect();
         let effective = st.smooth.iter().map(|s| s.effective).collect();
-        (current, effective, st.lc.conns.clone())
+        (current, effective, lc.conns.clone())
     }
 
-    /// The walk over the selector's own counts gives exactly Nginx's picks
-    /// (and current weights) through weights of all kinds, down peers,
-    /// failures, retries, failure windows that open and close, and requests
-    /// that stay open for a while and finish in any order, so counts rise
-    /// and fall.
+    /// The sorted peers, their lazy rounds and the return to them give
+    /// exactly Nginx's picks (and current weights) through weights of all
+    /// kinds, down peers, failures, retries, failure windows that open and
+    /// close, and requests that stay open for a while and finish in any
+    /// order, so counts rise and fall.
     #[test]
-    fn least_conn_picks_exactly_what_nginx_walks() {
+    fn fast_least_conn_picks_exactly_what_nginx_walks() {
         let mut rng = Lcg(11);
+        let mut fast = 0u32;
+        let mut loose = 0u64;
+        let mut peers = 0u64;
+        let mut picks = 0u32;
         for case in 0..300 {
             // Now and then many peers, past the 128 that Tried keeps inline.
             let n = match case % 50 {
@@ -1170,6 +1666,13 @@ mod tests {
             };
             // All equal, a few, or many distinct weights.
             let max_weight = [1, 5, 5, 40][case % 4];
+            // Mostly the fast path at every size; now and then the walk
+            // for few peers, as in production.
+            let walk_max = if case % 7 == 0 {
+                LEAST_CONN_WALK_MAX
+            } else {
+                0
+            };
             let fail_timeout = 1000;
             let mut model = NginxLeastConn {
                 rr: NginxRoundRobin {
@@ -1197,7 +1700,7 @@ mod tests {
                 model.rr.max_fails[i] = u.max_fails;
                 ups.push(u);
             }
-            let s = Selector::new(Strategy::LeastConn, upstreams(ups));
+            let s = Selector::build(Strategy::LeastConn, upstreams(ups), walk_max);
             let mut now = 1;
             // Requests whose response is still on its way, and whether their
             // headers came (then `release` has run).
@@ -1224,6 +1727,13 @@ mod tests {
                     let want = model.get_peer(&tried, now);
                     assert_eq!(got.as_ref().map(|g| g.0), want, "case {case} step {step}");
                     let Some((i, pick)) = got else { break };
+                    if step >= 500 && s.tiers[0].lc_fast {
+                        let st = s.tiers[0].lock();
+                        picks += 1;
+                        fast += u32::from(!st.lc.is_loose[i]);
+                        loose += st.lc.loose.len() as u64;
+                        peers += (0..n).filter(|&i| !model.rr.down[i]).count() as u64;
+                    }
                     tried[i] = true;
                     // Failures in the first part, then a calm in which every
                     // failure window closes.
@@ -1263,6 +1773,12 @@ mod tests {
                 assert_eq!(u.live.active.load(Ordering::Relaxed), 0);
             }
         }
+        // Long after the last failure, the peers must be sorted again and
+        // win most picks from there, or the fast path is not working.
+        assert!(
+            fast * 10 > picks * 8 && loose * 8 < peers,
+            "{fast} of {picks} calm picks from the sorted peers; {loose} of {peers} peers loose"
+        );
     }
 
     /// A lone upstream is picked without the tier's lock (as Nginx's
@@ -1287,9 +1803,9 @@ mod tests {
     #[test]
     fn least_conn_skips_a_peer_the_previous_selector_failed() {
         let configs: Vec<UpstreamConfig> = (1..=3).map(|p| up(p, 1)).collect();
-        let old = Selector::new(Strategy::LeastConn, upstreams(configs));
+        let old = Selector::build(Strategy::LeastConn, upstreams(configs), 0);
         let carried: Vec<Upstream> = old.upstreams().cloned().collect();
-        let new = Selector::new(Strategy::LeastConn, carried);
+        let new = Selector::build(Strategy::LeastConn, carried, 0);
         // Sorts the peers of the new selector.
         let mut a = Attempt::new(IpAddr::V4(Ipv4Addr::LOCALHOST));
         assert_eq!(port(&new, &new.pick(&mut a, 0).expect("peer")), 1);
@@ -1315,7 +1831,7 @@ mod tests {
     #[test]
     fn least_conn_picks_outlive_a_reload() {
         let configs: Vec<UpstreamConfig> = (1..=12).map(|p| up(p, 1 + p as u32 % 3)).collect();
-        let old = Selector::new(Strategy::LeastConn, upstreams(configs.clone()));
+        let old = Selector::build(Strategy::LeastConn, upstreams(configs.clone()), 0);
         let mut held = Vec::new();
         for _ in 0..20 {
             let mut a = Attempt::new(IpAddr::V4(Ipv4Addr::LOCALHOST));
@@ -1323,8 +1839,8 @@ mod tests {
         }
         let carried: Vec<Upstream> = old.upstreams().cloned().collect();
         let mut old = Some(old);
-        let new = Selector::new(Strategy::LeastConn, carried);
-        let fresh = Selector::new(Strategy::LeastConn, upstreams(configs));
+        let new = Selector::build(Strategy::LeastConn, carried, 0);
+        let fresh = Selector::build(Strategy::LeastConn, upstreams(configs), 0);
         let mut new_held = Vec::new();
         for k in 0..30 {
             if k == 10 {
