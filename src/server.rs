@@ -10,7 +10,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -22,7 +22,7 @@ use hyper::service::Service;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 
 use crate::config::ServerConfig;
 
@@ -59,23 +59,112 @@ pub async fn serve<F, S, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    serve_with(listener, limits, permits, make_service, || true, shutdown).await;
+    serve_with(listener, limits, permits, None, make_service, shutdown).await;
 }
 
-/// How long an accept loop that should leave the next connection to
-/// another loop waits before it looks again.
-const FAIR_SHARE_PAUSE: Duration = Duration::from_millis(1);
+/// How several accept loops on one port (the balancer's worker threads)
+/// share new connections: a loop takes the next one only while it holds at
+/// most one more open connection than the least loaded loop.
+///
+/// All loops wait on the same listening socket and the kernel wakes them
+/// all, so without this the first one awake takes a whole burst (60
+/// connections opened at once split 57/2/1 over three workers), and its
+/// clients queue behind each other while another worker idles: the reason
+/// Nginx has `accept_mutex` and `EPOLLEXCLUSIVE`. A loop that must leave
+/// its turn is woken as soon as any count changes, since with short
+/// connections (`ab`, one request per connection) the counts change faster
+/// than any polling interval, and a loop that sleeps while it is its turn
+/// stalls every accept.
+#[derive(Debug)]
+pub struct AcceptShare {
+    open: Box<[AtomicU64]>,
+    /// Loops waiting for their turn; counts changes only notify when some.
+    waiting: AtomicUsize,
+    turn_changed: Notify,
+}
+
+impl AcceptShare {
+    /// A share among `loops` accept loops, numbered from 0.
+    pub fn new(loops: usize) -> AcceptShare {
+        AcceptShare {
+            open: (0..loops.max(1)).map(|_| AtomicU64::new(0)).collect(),
+            waiting: AtomicUsize::new(0),
+            turn_changed: Notify::new(),
+        }
+    }
+
+    /// Open connections of each loop (for `/metrics`).
+    pub fn open(&self) -> impl Iterator<Item = u64> + '_ {
+        self.open.iter().map(|c| c.load(Ordering::SeqCst))
+    }
+
+    fn is_turn_of(&self, me: usize) -> bool {
+        let Some(mine) = self.open.get(me) else {
+            return true;
+        };
+        let mine = mine.load(Ordering::SeqCst);
+        self.open
+            .iter()
+            .enumerate()
+            .all(|(w, c)| w == me || mine <= c.load(Ordering::SeqCst) + 1)
+    }
+
+    /// Resolves once loop `me` may take the next connection.
+    async fn turn(&self, me: usize) {
+        while !self.is_turn_of(me) {
+            let changed = self.turn_changed.notified();
+            tokio::pin!(changed);
+            // Registered before the second look: a change after it wakes us
+            // (every change is SeqCst and then reads `waiting`).
+            changed.as_mut().enable();
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            if !self.is_turn_of(me) {
+                changed.await;
+            }
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn change(&self, me: usize, opened: bool) {
+        if let Some(c) = self.open.get(me) {
+            if opened {
+                c.fetch_add(1, Ordering::SeqCst);
+            } else {
+                c.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.turn_changed.notify_waiters();
+        }
+    }
+}
+
+/// Counts a connection as open on its loop until dropped.
+struct OpenOnLoop(Arc<AcceptShare>, usize);
+
+impl OpenOnLoop {
+    fn new(share: &Arc<AcceptShare>, me: usize) -> OpenOnLoop {
+        share.change(me, true);
+        OpenOnLoop(share.clone(), me)
+    }
+}
+
+impl Drop for OpenOnLoop {
+    fn drop(&mut self) {
+        self.0.change(self.1, false);
+    }
+}
 
 /// [`serve`] for one of several accept loops on one port (the balancer's
-/// worker threads): they share the connection cap's `permits`, and a loop
-/// takes the next connection only while `fair_turn()` says so (it is
-/// asked again every millisecond otherwise).
+/// worker threads): they share the connection cap's `permits`, and with
+/// `share = Some((share, me))` new connections are shared evenly as
+/// [`AcceptShare`] says.
 pub async fn serve_with<F, S, B>(
     listener: TcpListener,
     limits: &ServerConfig,
     permits: Arc<Semaphore>,
+    share: Option<(Arc<AcceptShare>, usize)>,
     make_service: F,
-    fair_turn: impl Fn() -> bool,
     shutdown: impl Future<Output = ()>,
 ) where
     F: Fn(SocketAddr) -> S,
@@ -113,9 +202,9 @@ pub async fn serve_with<F, S, B>(
             },
             () = &mut shutdown => break,
         };
-        while !fair_turn() {
+        if let Some((share, me)) = &share {
             tokio::select! {
-                () = tokio::time::sleep(FAIR_SHARE_PAUSE) => {}
+                () = share.turn(*me) => {}
                 () = &mut shutdown => break 'accepting,
             }
         }
@@ -131,6 +220,9 @@ pub async fn serve_with<F, S, B>(
             },
             () = &mut shutdown => break,
         };
+        let on_loop = share
+            .as_ref()
+            .map(|(share, me)| OpenOnLoop::new(share, *me));
         let _ = stream.set_nodelay(true);
         let turn = Arc::new(recycle::Turn::new(stopping.clone()));
         let service = recycle::Turnstile::new(make_service(peer), turn.clone());
@@ -147,6 +239,7 @@ pub async fn serve_with<F, S, B>(
         let open = open_tx.clone();
         tokio::spawn(async move {
             connection.run(stream, service).await;
+            drop(on_loop);
             drop(permit);
             drop(open);
         });
@@ -366,4 +459,53 @@ pub fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>>
         hyper::header::HeaderValue::from_static("application/json"),
     );
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::pin;
+    use std::sync::atomic::AtomicBool;
+    use std::task::{Context, Wake, Waker};
+
+    #[derive(Default)]
+    struct Woken(AtomicBool);
+
+    impl Wake for Woken {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// A loop that is not its turn waits, and the change that makes it its
+    /// turn wakes it (no timer: with one request per connection the counts
+    /// change faster than any polling would notice).
+    #[test]
+    fn a_loop_waiting_for_its_turn_is_woken_by_the_change_that_gives_it() {
+        let share = Arc::new(AcceptShare::new(2));
+        let _a = OpenOnLoop::new(&share, 0);
+        let b = OpenOnLoop::new(&share, 0);
+        // Loop 0 holds 2, loop 1 none: only loop 1 may accept.
+        let woken = Arc::new(Woken::default());
+        let waker = Waker::from(woken.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(pin!(share.turn(1)).poll(&mut cx).is_ready());
+        let mut turn = pin!(share.turn(0));
+        assert!(turn.as_mut().poll(&mut cx).is_pending());
+        assert!(!woken.0.load(Ordering::SeqCst));
+        // A connection of loop 0 closes: 1 against 0, loop 0's turn again.
+        drop(b);
+        assert!(woken.0.load(Ordering::SeqCst), "not woken by the close");
+        assert!(turn.as_mut().poll(&mut cx).is_ready());
+        assert_eq!(share.open().collect::<Vec<_>>(), vec![1, 0]);
+
+        // The same when the other loop accepts.
+        let _c = OpenOnLoop::new(&share, 0);
+        woken.0.store(false, Ordering::SeqCst);
+        let mut turn = pin!(share.turn(0));
+        assert!(turn.as_mut().poll(&mut cx).is_pending());
+        let _d = OpenOnLoop::new(&share, 1);
+        assert!(woken.0.load(Ordering::SeqCst), "not woken by the accept");
+        assert!(turn.as_mut().poll(&mut cx).is_ready());
+    }
 }

@@ -47,9 +47,6 @@ impl Histogram {
 pub struct Metrics {
     /// Open client connections.
     pub connections: AtomicU64,
-    /// Open client connections of each worker thread: what the workers
-    /// share new connections by (see [`Metrics::fair_to_accept`]).
-    pub worker_connections: Box<[AtomicU64]>,
     /// Upstream latency.
     pub latency: Histogram,
     /// Answers the balancer made itself: 400, 502, 504.
@@ -59,33 +56,6 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Counters for `workers` worker threads.
-    pub fn new(workers: usize) -> Metrics {
-        Metrics {
-            worker_connections: (0..workers.max(1)).map(|_| AtomicU64::new(0)).collect(),
-            ..Metrics::default()
-        }
-    }
-
-    /// Whether worker `worker` should take the next client connection: not
-    /// while it holds more than one connection over the least loaded
-    /// worker. All workers wait on the same listening socket and the kernel
-    /// wakes them all, so without this the first one awake takes a whole
-    /// burst (a load tester's 100 connections split 70/30), and its clients
-    /// queue behind each other while the other worker idles: the same
-    /// reason Nginx has `accept_mutex` and `EPOLLEXCLUSIVE`.
-    pub fn fair_to_accept(&self, worker: usize) -> bool {
-        let counts = &self.worker_connections;
-        let Some(mine) = counts.get(worker) else {
-            return true;
-        };
-        let mine = mine.load(Ordering::Relaxed);
-        counts
-            .iter()
-            .enumerate()
-            .all(|(w, c)| w == worker || mine <= c.load(Ordering::Relaxed) + 1)
-    }
-
     /// Counts an answer the balancer made itself.
     pub fn count_local(&self, status: u16) {
         let c = match status {
@@ -97,29 +67,21 @@ impl Metrics {
     }
 }
 
-/// Counts an open client connection (in all, and for its worker) for as
-/// long as it lives.
+/// Counts an open client connection for as long as it lives.
 #[derive(Debug)]
-pub struct ConnectionGuard(std::sync::Arc<Shared>, usize);
+pub struct ConnectionGuard(std::sync::Arc<Shared>);
 
 impl ConnectionGuard {
-    /// Counts one more open connection on worker `worker`.
-    pub fn new(shared: std::sync::Arc<Shared>, worker: usize) -> ConnectionGuard {
+    /// Counts one more open connection.
+    pub fn new(shared: std::sync::Arc<Shared>) -> ConnectionGuard {
         shared.metrics.connections.fetch_add(1, Ordering::Relaxed);
-        if let Some(c) = shared.metrics.worker_connections.get(worker) {
-            c.fetch_add(1, Ordering::Relaxed);
-        }
-        ConnectionGuard(shared, worker)
+        ConnectionGuard(shared)
     }
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        let m = &self.0.metrics;
-        m.connections.fetch_sub(1, Ordering::Relaxed);
-        if let Some(c) = m.worker_connections.get(self.1) {
-            c.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.0.metrics.connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -254,11 +216,10 @@ fn metrics(shared: &Shared) -> String {
         "# HELP spike_balancer_worker_connections Open client connections per worker thread.\n",
     );
     out.push_str("# TYPE spike_balancer_worker_connections gauge\n");
-    for (w, c) in m.worker_connections.iter().enumerate() {
+    for (w, open) in shared.accept_share.open().enumerate() {
         let _ = writeln!(
             out,
-            "spike_balancer_worker_connections{{worker=\"{w}\"}} {}",
-            c.load(Ordering::Relaxed)
+            "spike_balancer_worker_connections{{worker=\"{w}\"}} {open}"
         );
     }
     out.push_str("# HELP spike_balancer_config_version Config version in force.\n");

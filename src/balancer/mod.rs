@@ -145,7 +145,6 @@ impl Balancer {
             }
         }
         let proxy_shared = shared.clone();
-        let fair_shared = shared.clone();
         let admin_shared = shared.clone();
         let make_admin = move |_peer: SocketAddr| {
             let shared = admin_shared.clone();
@@ -163,8 +162,8 @@ impl Balancer {
                 listener,
                 &limits,
                 permits,
+                Some((shared.accept_share.clone(), 0)),
                 move |peer| proxy_connection(&proxy_shared, 0, peer),
-                move || fair_shared.metrics.fair_to_accept(0),
                 stopped(stop_rx.clone())
             ),
             crate::server::serve(admin, &limits, make_admin, stopped(stop_rx)),
@@ -207,7 +206,7 @@ fn proxy_connection(
     let conn = Arc::new(Connection {
         shared: shared.clone(),
         peer: proxy::Peer::new(peer),
-        _counted_while_open: admin::ConnectionGuard::new(shared.clone(), worker),
+        _counted_while_open: admin::ConnectionGuard::new(shared.clone()),
     });
     service_fn(move |req| {
         let conn = conn.clone();
@@ -263,13 +262,13 @@ fn run_worker(
         let limits = shared.server.clone();
         // Dropped with the runtime when the worker ends.
         tokio::spawn(expire_idle(shared.clone(), worker));
-        let fair = shared.clone();
+        let share = Some((shared.accept_share.clone(), worker));
         crate::server::serve_with(
             listener,
             &limits,
             permits,
+            share,
             move |peer| proxy_connection(&shared, worker, peer),
-            move || fair.metrics.fair_to_accept(worker),
             stopped(stop),
         )
         .await;

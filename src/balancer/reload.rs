@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 
 use crate::config::{BalancerConfig, Config, ServerConfig};
+use crate::server::AcceptShare;
 
 use super::BalancerError;
 use super::admin::Metrics;
@@ -80,6 +81,8 @@ pub struct Shared {
     pub current: ArcSwap<Active>,
     /// Counters that are not per upstream.
     pub metrics: Metrics,
+    /// How the workers share new client connections.
+    pub accept_share: Arc<AcceptShare>,
     /// Server limits, fixed at start (a reload cannot rebind sockets).
     pub server: ServerConfig,
     /// Worker threads serving clients, fixed at start; each has its own
@@ -98,7 +101,8 @@ impl Shared {
         let workers = workers.max(1);
         Ok(Shared {
             current: ArcSwap::from_pointee(Active::build(1, balancer, None)),
-            metrics: Metrics::new(workers),
+            metrics: Metrics::default(),
+            accept_share: Arc::new(AcceptShare::new(workers)),
             server: config.server.clone(),
             workers,
             seen: Mutex::new(stamp(&config.path)),
