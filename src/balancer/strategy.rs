@@ -1384,6 +1384,21 @@ mod tests {
     }
 
     impl NginxRoundRobin {
+        /// `n` peers, weights and limits to be filled in by the test.
+        fn new(n: usize, fail_timeout: u64) -> NginxRoundRobin {
+            NginxRoundRobin {
+                weight: vec![0; n],
+                down: vec![false; n],
+                max_fails: vec![0; n],
+                fail_timeout,
+                current: vec![0; n],
+                effective: vec![0; n],
+                fails: vec![0; n],
+                checked: vec![0; n],
+                accessed: vec![0; n],
+            }
+        }
+
         fn get_peer(&mut self, tried: &[bool], now: u64) -> Option<usize> {
             let mut best: Option<usize> = None;
             let mut total = 0;
@@ -1466,17 +1481,7 @@ mod tests {
                 Strategy::WeightedRoundRobin
             };
             let fail_timeout = 1000;
-            let mut model = NginxRoundRobin {
-                weight: vec![0; n],
-                down: vec![false; n],
-                max_fails: vec![0; n],
-                fail_timeout,
-                current: vec![0; n],
-                effective: vec![0; n],
-                fails: vec![0; n],
-                checked: vec![0; n],
-                accessed: vec![0; n],
-            };
+            let mut model = NginxRoundRobin::new(n, fail_timeout);
             let mut ups = Vec::new();
             for i in 0..n {
                 let mut u = up(i as u16 + 1, 1 + rng.below(5) as u32);
@@ -1675,17 +1680,7 @@ mod tests {
             };
             let fail_timeout = 1000;
             let mut model = NginxLeastConn {
-                rr: NginxRoundRobin {
-                    weight: vec![0; n],
-                    down: vec![false; n],
-                    max_fails: vec![0; n],
-                    fail_timeout,
-                    current: vec![0; n],
-                    effective: vec![0; n],
-                    fails: vec![0; n],
-                    checked: vec![0; n],
-                    accessed: vec![0; n],
-                },
+                rr: NginxRoundRobin::new(n, fail_timeout),
                 conns: vec![0; n],
             };
             let mut ups = Vec::new();
