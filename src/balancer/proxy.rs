@@ -25,7 +25,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -46,7 +45,7 @@ use crate::config::BalancerConfig;
 use super::pool::{self, ConnectError};
 use super::reload::Shared;
 use super::strategy::{Attempt, Pick};
-use super::upstream::{LiveState, Upstream, now_ms};
+use super::upstream::{Upstream, now_ms};
 
 /// Largest request body kept in memory so that it can be sent again to
 /// another upstream; bigger bodies are streamed and not retried.
@@ -85,35 +84,24 @@ const BAD_REQUEST: &[u8] = br#"{"status":"bad_request","error":"the request coul
 /// dropped half-read closes it, as hyper must).
 pub struct Tracked {
     inner: Incoming,
-    _pick: Pick,
+    pick: Pick,
     homeward: Option<Homeward>,
 }
 
-/// A connection on its way back to its upstream's idle stack.
+/// A connection on its way back to its upstream's idle stack (the
+/// upstream is the one of the [`Pick`] beside it).
 struct Homeward {
     sender: SendRequest<ReqBody>,
-    live: Arc<LiveState>,
     worker: usize,
     workers: usize,
     max_idle: usize,
 }
 
-impl Homeward {
-    fn arrive(self) {
-        self.live.idle.put(
-            self.worker,
-            self.workers,
-            self.sender,
-            now_ms(),
-            self.max_idle,
-        );
-    }
-}
-
 impl Tracked {
     fn give_back(&mut self) {
         if let Some(h) = self.homeward.take() {
-            h.arrive();
+            let idle = &self.pick.live().idle;
+            idle.put(h.worker, h.workers, h.sender, now_ms(), h.max_idle);
         }
     }
 }
@@ -267,7 +255,6 @@ pub async fn handle(
                 active.selector.release(&pick, false, now_ms());
                 let homeward = Homeward {
                     sender,
-                    live: upstream.live.clone(),
                     worker,
                     workers,
                     max_idle: config.keepalive,
@@ -397,7 +384,7 @@ fn respond(
         parts,
         Either::Left(Tracked {
             inner: body,
-            _pick: pick,
+            pick,
             homeward: Some(homeward),
         }),
     )
