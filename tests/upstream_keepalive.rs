@@ -39,7 +39,7 @@ fn keepalive_config(backend: &Backend, keepalive: usize, timeout: &str) -> Strin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_connections_are_reused_capped_and_expired() {
     let backend = Backend::start("b").await;
-    let lb = Running::start(&keepalive_config(&backend, 2, "1s")).await;
+    let lb = Running::start(&keepalive_config(&backend, 2, "2s")).await;
 
     // One client, one request after another: one upstream connection.
     let client = http();
@@ -72,11 +72,17 @@ async fn upstream_connections_are_reused_capped_and_expired() {
         backend.open()
     );
     assert!(backend.open() >= 1, "the idle ones are kept");
+    let (_, status) = get(&client, &format!("http://{}/status", lb.admin))
+        .await
+        .expect("status");
+    let status: serde_json::Value = serde_json::from_str(&status).expect("json");
+    let idle = status["upstreams"][0]["idle_connections"].as_u64();
+    assert!(matches!(idle, Some(1..=2)), "/status: {status}");
 
-    // Idle past keepalive_timeout (1s; expiry looks every second): closed,
+    // Idle past keepalive_timeout (2s; expiry looks every second): closed,
     // with no request coming along to notice.
     assert!(
-        eventually(Duration::from_secs(4), || backend.open() == 0).await,
+        eventually(Duration::from_secs(6), || backend.open() == 0).await,
         "{} idle upstream connections outlived keepalive_timeout",
         backend.open()
     );

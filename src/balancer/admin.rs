@@ -117,6 +117,7 @@ fn status(shared: &Shared) -> String {
                 "active": u.live.active.load(Ordering::Relaxed),
                 "requests": u.live.requests.load(Ordering::Relaxed),
                 "failures": u.live.failures.load(Ordering::Relaxed),
+                "idle_connections": u.live.idle.len(),
             })
         })
         .collect();
