@@ -265,13 +265,19 @@ async fn one_buyer_many_requests_gets_one_ticket(redis: Option<&RedisServer>) {
 against_both_stores!(one_buyer_many_requests_gets_one_ticket);
 
 fn evalsha_calls(redis: &RedisServer) -> u64 {
+    command_calls(redis, "evalsha")
+}
+
+/// How often Redis ran `command` (`INFO commandstats`).
+fn command_calls(redis: &RedisServer, command: &str) -> u64 {
     let mut c = redis.connection().expect("redis");
     let info: String = redis::cmd("INFO")
         .arg("commandstats")
         .query(&mut c)
         .expect("INFO");
+    let prefix = format!("cmdstat_{command}:calls=");
     info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
         .and_then(|rest| rest.split(',').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
@@ -369,6 +375,63 @@ async fn sold_out_is_answered_from_memory(redis: Option<&RedisServer>) {
 }
 
 against_both_stores!(sold_out_is_answered_from_memory);
+
+/// A sale big enough that Redis keeps its buyer hashes as real hash tables
+/// and `HSCAN` answers them in several pages: every holder is still read
+/// (none lost or doubled between pages) and told "already bought".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holders_of_a_big_sale_are_all_read_in_pages() {
+    let redis = RedisServer::start();
+    let total = 2_500;
+    // Two nodes, each allowed the whole total, so that the store (not an
+    // allowance) says "sold out" to both.
+    let text = sale_config(
+        "pages",
+        total,
+        1,
+        &[1, 1],
+        Some(&redis.url()),
+        "buffer = 1250",
+    );
+    let sale = InProcessSale::start(&text).await;
+    let c = client();
+    let answers = storm(
+        &c,
+        &sale.addrs(),
+        total as usize + 200,
+        total as usize + 200,
+        32,
+        "p",
+    )
+    .await;
+    assert_eq!(count(&answers, StatusCode::OK), total as usize);
+    let (addr, _) = sale.nodes[0];
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, stats) = get(&c, addr, "/stats").await.expect("stats");
+        if json(&stats)["holders_known"] == total {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "holders never read: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for a in answers
+        .iter()
+        .filter(|a| a.status == Some(StatusCode::OK))
+        .step_by(97)
+    {
+        let order = json(&a.body)["order"].as_str().expect("order").to_owned();
+        let (status, body) = get(&c, addr, &format!("/buy/ticket?user={}", a.buyer))
+            .await
+            .expect("retry");
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        assert_eq!(json(&body)["order"], order.as_str(), "{body}");
+    }
+    sale.stop().await;
+}
 
 fn assert_no_unit_leaked(sale: &InProcessSale) {
     for (cfg, (_, node)) in sale.config.nodes.iter().zip(&sale.nodes) {

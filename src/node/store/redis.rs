@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use fred::prelude::*;
 use fred::types::scripts::Script;
+use fred::types::{ClusterHash, CustomCommand};
 
 use super::{Outcome, SaleKeys, Snapshot, StoreError, now_millis};
 use crate::config::{RedisConfig, SaleConfig};
@@ -171,10 +172,11 @@ impl RedisStore {
         })
     }
 
-    /// See [`Store::holders`](super::Store::holders). Two `HGETALL`s, not
-    /// one script: after sold out neither hash changes, and a bulk read
-    /// should not hold Redis's single thread for a whole script. Retried,
-    /// unlike a deduction: it only reads.
+    /// See [`Store::holders`](super::Store::holders). Two hashes read in
+    /// `HSCAN` pages, not one script nor `HGETALL`: after sold out neither
+    /// hash changes, and a bulk read of a field per buyer must not hold
+    /// Redis's single thread (other sales on the same Redis would time
+    /// out meanwhile). Retried, unlike a deduction: it only reads.
     pub async fn holders(&self, per_user_limit: u64) -> Result<super::Holders, StoreError> {
         if per_user_limit == 0 {
             return Ok(super::Holders::new());
@@ -185,17 +187,15 @@ impl RedisStore {
             ..Options::default()
         };
         let client = self.pool.next().with_options(&options);
-        let held: HashMap<String, u64> = client
-            .hgetall(self.keys[1].clone())
-            .await
-            .map_err(map_error)?;
-        let orders: HashMap<String, String> = client
-            .hgetall(self.keys[3].clone())
-            .await
-            .map_err(map_error)?;
+        let held = scan_hash(&client, &self.keys[1]).await?;
+        let orders = scan_hash(&client, &self.keys[3]).await?;
         Ok(orders
             .into_iter()
-            .filter(|(buyer, _)| held.get(buyer).is_some_and(|&h| h >= per_user_limit))
+            .filter(|(buyer, _)| {
+                held.get(buyer)
+                    .and_then(|h| h.parse::<u64>().ok())
+                    .is_some_and(|h| h >= per_user_limit)
+            })
             .collect())
     }
 
@@ -221,6 +221,44 @@ fn map_error(e: Error) -> StoreError {
     }
 }
 
+/// Fields per `HSCAN` page: Redis's work per call stays small.
+const SCAN_PAGE: u32 = 1000;
+
+/// A whole hash, read one `HSCAN` page per call. (A field that `HSCAN`
+/// returns twice, as it may while Redis rehashes, is kept once.)
+async fn scan_hash<C: ClientLike>(
+    client: &C,
+    key: &Key,
+) -> Result<HashMap<String, String>, StoreError> {
+    let hscan = CustomCommand::new_static("HSCAN", ClusterHash::FirstKey, false);
+    let mut fields = HashMap::new();
+    let mut cursor = String::from("0");
+    loop {
+        let args: Vec<Value> = vec![
+            key.clone().into(),
+            cursor.as_str().into(),
+            "COUNT".into(),
+            SCAN_PAGE.into(),
+        ];
+        let reply: Value = client
+            .custom(hscan.clone(), args)
+            .await
+            .map_err(map_error)?;
+        let mut page = array(reply, 2)?.into_iter();
+        cursor = text(page.next())?;
+        let Some(Value::Array(pairs)) = page.next() else {
+            return Err(StoreError::Protocol("HSCAN page without fields".into()));
+        };
+        let mut pairs = pairs.into_iter();
+        while let (Some(field), Some(value)) = (pairs.next(), pairs.next()) {
+            fields.insert(text(Some(field))?, text(Some(value))?);
+        }
+        if cursor == "0" {
+            return Ok(fields);
+        }
+    }
+}
+
 fn array(v: Value, len: usize) -> Result<Vec<Value>, StoreError> {
     match v {
         Value::Array(a) if a.len() == len => Ok(a),
@@ -243,7 +281,7 @@ fn text(v: Option<Value>) -> Result<String, StoreError> {
     match v {
         Some(v @ (Value::String(_) | Value::Bytes(_))) => v
             .into_string()
-            .ok_or_else(|| StoreError::Protocol("order id is not UTF-8".into())),
+            .ok_or_else(|| StoreError::Protocol("a string from Redis is not UTF-8".into())),
         other => Err(StoreError::Protocol(format!(
             "expected a string, got {other:?}"
         ))),
