@@ -376,6 +376,57 @@ async fn sold_out_is_answered_from_memory(redis: Option<&RedisServer>) {
 
 against_both_stores!(sold_out_is_answered_from_memory);
 
+/// A node whose own allowance runs out while another still sells never
+/// hears "sold out" from the store; its buyers who retry there still learn
+/// their orders (read when the allowance ran out), with no store call.
+async fn a_spent_node_still_knows_its_buyers(redis: Option<&RedisServer>) {
+    let url = redis.map(|r| r.url());
+    // Two nodes of 10 each, no buffer: the first one's 10 leave 10 in store.
+    let text = sale_config("spent", 20, 1, &[1, 1], url.as_deref(), "buffer = 0");
+    let sale = InProcessSale::start(&text).await;
+    let c = client();
+    let (first, _) = sale.nodes[0];
+    let answers = storm(&c, &[first], 10, 10, 4, "s").await;
+    assert_eq!(count(&answers, StatusCode::OK), 10);
+    // The next buyer finds the allowance spent, which starts the read.
+    let (status, body) = get(&c, first, "/buy/ticket?user=late").await.expect("late");
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(json(&body)["status"], "sold_out", "{body}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, stats) = get(&c, first, "/stats").await.expect("stats");
+        let stats = json(&stats);
+        if stats["holders_known"] == 10 {
+            assert_eq!(stats["store_calls"], 10, "{stats}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never read: {stats}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for a in &answers {
+        let order = json(&a.body)["order"].as_str().expect("order").to_owned();
+        let (status, body) = get(&c, first, &format!("/buy/ticket?user={}", a.buyer))
+            .await
+            .expect("retry");
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        assert_eq!(json(&body)["status"], "already_bought", "{body}");
+        assert_eq!(json(&body)["order"], order.as_str(), "{body}");
+    }
+    let (_, stats) = get(&c, first, "/stats").await.expect("stats");
+    assert_eq!(
+        json(&stats)["store_calls"],
+        10,
+        "no store call after: {stats}"
+    );
+    // The other node goes on selling what is left.
+    let (second, _) = sale.nodes[1];
+    let rest = storm(&c, &[second], 10, 10, 4, "t").await;
+    assert_eq!(count(&rest, StatusCode::OK), 10);
+    sale.stop().await;
+}
+
+against_both_stores!(a_spent_node_still_knows_its_buyers);
+
 /// A sale big enough that Redis keeps its buyer hashes as real hash tables
 /// and `HSCAN` answers them in several pages: every holder is still read
 /// (none lost or doubled between pages) and told "already bought".

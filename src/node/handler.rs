@@ -55,6 +55,8 @@ pub struct Node {
     /// the answer) is told "already bought" from memory, as the script would
     /// have, instead of "sold out".
     holders: Arc<OnceLock<Holders>>,
+    /// Whether that read has been started (it is started once).
+    learning: AtomicBool,
     per_user_limit: u64,
     max_body: u64,
     /// What the node has done, for `/stats`.
@@ -87,6 +89,7 @@ impl Node {
             allowance: Allowance::new(allowance),
             sold_out: AtomicBool::new(false),
             holders: Arc::new(OnceLock::new()),
+            learning: AtomicBool::new(false),
             per_user_limit,
             max_body,
             stats: Stats::default(),
@@ -165,7 +168,15 @@ impl Node {
         }
         let unit = match self.allowance.take() {
             Ok(unit) => unit,
-            Err(NoUnit::Spent) => return self.sold_out_answer(buyer),
+            Err(NoUnit::Spent) => {
+                // This node never asks the store again, so it will not hear
+                // "sold out" from it: read the holders now. Some may still
+                // buy elsewhere and be missed, but a buyer at the limit
+                // stays there with the same order, so whoever is read is
+                // answered right.
+                self.learn_holders();
+                return self.sold_out_answer(buyer);
+            }
             Err(NoUnit::InFlight) => {
                 self.stats.busy.fetch_add(1, Ordering::Relaxed);
                 let mut res = json(
@@ -195,9 +206,8 @@ impl Node {
                 json(StatusCode::OK, body)
             }
             Ok(Outcome::SoldOut) => {
-                if !self.sold_out.swap(true, Ordering::AcqRel) {
-                    self.learn_holders();
-                }
+                self.sold_out.store(true, Ordering::Release);
+                self.learn_holders();
                 drop(unit);
                 self.sold_out_answer(buyer)
             }
@@ -225,11 +235,15 @@ impl Node {
         }
     }
 
-    /// Reads the holders once, in the background; until they are in,
-    /// sold-out answers are plain "sold out". Retried while the store is
-    /// unreachable, since nothing changes once the sale is sold out.
+    /// Reads the holders once, in the background (later calls do nothing);
+    /// until they are in, sold-out answers are plain "sold out". Retried
+    /// while the store is unreachable: a buyer at the limit stays there.
     fn learn_holders(&self) {
-        if self.per_user_limit == 0 {
+        // A load first: this runs on every answer of a spent node.
+        if self.per_user_limit == 0
+            || self.learning.load(Ordering::Relaxed)
+            || self.learning.swap(true, Ordering::AcqRel)
+        {
             return;
         }
         let (store, holders, limit) = (
