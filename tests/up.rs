@@ -125,8 +125,15 @@ async fn up_with_redis_initialises_once_and_never_wipes_a_started_sale() {
 
 #[test]
 fn up_refuses_a_taken_port_by_name() {
-    let (text, ports) = up_config(10, None);
-    let _holder = std::net::TcpListener::bind(ports.nodes[2]).expect("take the port");
+    // A port picked as free can be taken (by another test's outgoing
+    // connection, say) before we bind it: then pick again.
+    let (text, ports, _holder) = (0..20)
+        .find_map(|_| {
+            let (text, ports) = up_config(10, None);
+            let holder = std::net::TcpListener::bind(ports.nodes[2]).ok()?;
+            Some((text, ports, holder))
+        })
+        .expect("take the port");
     let path = write_config(&text);
     let out = run(&["up", "--config", path.to_str().expect("path")]);
     assert!(!out.status.success());
