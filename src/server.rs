@@ -192,7 +192,7 @@ pub async fn serve_with<F, S, B>(
         // uninitialised.
         .max_buf_size(96 * 1024);
     tokio::pin!(shutdown);
-    'accepting: loop {
+    loop {
         // Take a permit before accepting: over the cap, clients wait in the
         // kernel's backlog instead of costing us memory.
         let permit = tokio::select! {
@@ -205,7 +205,7 @@ pub async fn serve_with<F, S, B>(
         if let Some((share, me)) = &share {
             tokio::select! {
                 () = share.turn(*me) => {}
-                () = &mut shutdown => break 'accepting,
+                () = &mut shutdown => break,
             }
         }
         let (stream, peer) = tokio::select! {

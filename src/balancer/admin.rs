@@ -45,8 +45,6 @@ impl Histogram {
 /// Balancer-wide counters (per-upstream ones live in `LiveState`).
 #[derive(Debug, Default)]
 pub struct Metrics {
-    /// Open client connections.
-    pub connections: AtomicU64,
     /// Upstream latency.
     pub latency: Histogram,
     /// Answers the balancer made itself: 400, 502, 504.
@@ -64,24 +62,6 @@ impl Metrics {
             _ => &self.local_502,
         };
         c.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// Counts an open client connection for as long as it lives.
-#[derive(Debug)]
-pub struct ConnectionGuard(std::sync::Arc<Shared>);
-
-impl ConnectionGuard {
-    /// Counts one more open connection.
-    pub fn new(shared: std::sync::Arc<Shared>) -> ConnectionGuard {
-        shared.metrics.connections.fetch_add(1, Ordering::Relaxed);
-        ConnectionGuard(shared)
-    }
-}
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        self.0.metrics.connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -124,7 +104,7 @@ fn status(shared: &Shared) -> String {
     serde_json::json!({
         "strategy": active.selector.strategy().as_str(),
         "version": active.version,
-        "connections": shared.metrics.connections.load(Ordering::Relaxed),
+        "connections": shared.accept_share.open().sum::<u64>(),
         "upstreams": upstreams,
     })
     .to_string()
@@ -211,7 +191,7 @@ fn metrics(shared: &Shared) -> String {
     let _ = writeln!(
         out,
         "spike_balancer_active_connections {}",
-        m.connections.load(Ordering::Relaxed)
+        shared.accept_share.open().sum::<u64>()
     );
     out.push_str(
         "# HELP spike_balancer_worker_connections Open client connections per worker thread.\n",

@@ -184,8 +184,8 @@ async fn stopped(mut rx: tokio::sync::watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
-/// The service of one client connection on worker `worker`; it counts the
-/// connection as open for as long as it lives.
+/// The service of one client connection on worker `worker` (the accept
+/// loop counts it as open, see [`crate::server::AcceptShare`]).
 fn proxy_connection(
     shared: &Arc<reload::Shared>,
     worker: usize,
@@ -201,12 +201,10 @@ fn proxy_connection(
     struct Connection {
         shared: Arc<reload::Shared>,
         peer: proxy::Peer,
-        _counted_while_open: admin::ConnectionGuard,
     }
     let conn = Arc::new(Connection {
         shared: shared.clone(),
         peer: proxy::Peer::new(peer),
-        _counted_while_open: admin::ConnectionGuard::new(shared.clone()),
     });
     service_fn(move |req| {
         let conn = conn.clone();

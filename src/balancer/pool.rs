@@ -75,11 +75,9 @@ pub struct IdleConns {
 
 impl std::fmt::Debug for IdleConns {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let idle: usize = self
-            .stacks
-            .get()
-            .map_or(0, |s| s.iter().map(|m| lock(m).len()).sum());
-        f.debug_struct("IdleConns").field("idle", &idle).finish()
+        f.debug_struct("IdleConns")
+            .field("idle", &self.len())
+            .finish()
     }
 }
 

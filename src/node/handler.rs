@@ -50,7 +50,7 @@ pub struct Node {
     store: Store,
     allowance: Allowance,
     sold_out: AtomicBool,
-    /// Once sold out: the buyers at their limit and their orders, read from
+    /// Once sold out (or spent): the buyers at their limit and their orders, read from
     /// the store once, so that a buyer who bought (perhaps without hearing
     /// the answer) is told "already bought" from memory, as the script would
     /// have, instead of "sold out".
@@ -256,12 +256,12 @@ impl Node {
             for attempt in 1..=30 {
                 match store.holders(limit).await {
                     Ok(found) => {
-                        tracing::info!(node = %name, buyers = found.len(), "sold out: buyers at their limit read into memory");
+                        tracing::info!(node = %name, buyers = found.len(), "buyers at their limit read into memory");
                         let _ = holders.set(found);
                         return;
                     }
                     Err(e) => {
-                        tracing::warn!(node = %name, error = %e, attempt, "reading the buyers after sold out failed; retrying");
+                        tracing::warn!(node = %name, error = %e, attempt, "reading the buyers at their limit failed; retrying");
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                 }

@@ -190,9 +190,10 @@ impl Store {
     }
 
     /// Buyers holding `per_user_limit` tickets or more, each with their last
-    /// order id. Read once a node knows the sale is sold out: from then on
-    /// nothing changes, and the node can tell them "already bought" from
-    /// memory as the script would.
+    /// order id. Read once a node will not ask the store again (sold out,
+    /// or its allowance spent): a buyer at the limit stays there with the
+    /// same order, so the node can tell them "already bought" from memory
+    /// as the script would.
     pub async fn holders(&self, per_user_limit: u64) -> Result<Holders, StoreError> {
         match self {
             Store::Redis(r) => r.holders(per_user_limit).await,
