@@ -692,3 +692,65 @@ async fn a_lost_reply_never_sells_twice() {
     assert!(snap.audit(1).is_empty());
     sale.stop().await;
 }
+
+/// Purchases that queue while a call is in flight go to Redis together, as
+/// one script call (one call slot here, so they must queue). The script
+/// decides them in order: a buyer twice in one batch is held to the limit,
+/// and the batch that crosses the total sells exactly up to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_purchases_go_to_redis_in_one_call_and_keep_every_rule() {
+    let redis = RedisServer::start();
+    // 100 buyers want 2 tickets each, 6 requests apiece; 150 are on sale.
+    let text = sale_config("batch", 150, 2, &[1], Some(&redis.url()), "")
+        .replace("timeout = \"1s\"\n", "timeout = \"1s\"\npool_size = 1\n")
+        .replace("weight = 1\n", "weight = 1\nstock = 1000\n");
+    let sale = InProcessSale::start(&text).await;
+    let calls_before = evalsha_calls(&redis);
+    let c = client();
+    let answers = storm(&c, &sale.addrs(), 600, 100, 128, "pair").await;
+    let tally = check_invariants(&sale, &answers, Some(&redis)).await;
+    assert_eq!(tally.sold(), 150, "the batches sell exactly the total");
+
+    let node = &sale.nodes[0].1;
+    let purchases = node
+        .stats
+        .store_calls
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let (_, stats) = get(&c, sale.nodes[0].0, "/stats").await.expect("stats");
+    let calls = json(&stats)["redis_calls"].as_u64().expect("redis_calls");
+    assert!(
+        calls * 2 <= purchases,
+        "{purchases} purchases took {calls} calls: they did not go together"
+    );
+    // Redis ran them (its count also has the audit and a NOSCRIPT retry).
+    let ran = evalsha_calls(&redis) - calls_before;
+    assert!(
+        calls <= ran && ran <= calls + 3,
+        "node {calls}, redis {ran}"
+    );
+
+    // Whoever holds two tickets was told "already bought" with their last
+    // order on every later request, batch or not.
+    let mut conn = redis.connection().expect("redis");
+    let held: HashMap<String, u64> = redis::cmd("HGETALL")
+        .arg("spike:{batch}:buyers")
+        .query(&mut conn)
+        .expect("HGETALL");
+    let last: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg("spike:{batch}:buyer_order")
+        .query(&mut conn)
+        .expect("HGETALL");
+    assert_eq!(held.values().sum::<u64>(), 150);
+    for a in answers
+        .iter()
+        .filter(|a| a.status == Some(StatusCode::CONFLICT))
+    {
+        let v = json(&a.body);
+        if v["status"] == "already_bought" {
+            assert_eq!(held.get(&a.buyer), Some(&2), "{}", a.body);
+            assert_eq!(v["order"], last[&a.buyer].as_str(), "{}", a.body);
+        }
+    }
+    assert_no_unit_leaked(&sale);
+    sale.stop().await;
+}

@@ -36,7 +36,8 @@ pub struct Stats {
     pub already_bought: AtomicU64,
     /// Store calls that failed (each a 503).
     pub store_errors: AtomicU64,
-    /// Store calls made (one per purchase that passed the local gates).
+    /// Purchases sent to the store (one per purchase that passed the local
+    /// gates; with Redis several go out in one call, see `redis_calls`).
     pub store_calls: AtomicU64,
     /// Requests refused as malformed.
     pub bad_requests: AtomicU64,
@@ -310,6 +311,7 @@ impl Node {
             "sold_out_answers": s.sold_out.load(Ordering::Relaxed),
             "already_bought": s.already_bought.load(Ordering::Relaxed),
             "store_calls": s.store_calls.load(Ordering::Relaxed),
+            "redis_calls": self.store.deduct_calls(),
             "store_errors": s.store_errors.load(Ordering::Relaxed),
             "bad_requests": s.bad_requests.load(Ordering::Relaxed),
             "busy": s.busy.load(Ordering::Relaxed),

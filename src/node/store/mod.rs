@@ -173,6 +173,16 @@ impl Store {
         }
     }
 
+    /// Deduction calls this process's Redis store has sent, each carrying
+    /// one or more purchases (None for the embedded store, which has no
+    /// calls). Shared by the nodes of one process (`spike up`).
+    pub fn deduct_calls(&self) -> Option<u64> {
+        match self {
+            Store::Redis(r) => Some(r.calls()),
+            Store::Embedded(_) => None,
+        }
+    }
+
     /// Writes the total; `Ok(false)` when the sale has started and `force` is off.
     pub async fn init(&self, force: bool) -> Result<bool, StoreError> {
         match self {

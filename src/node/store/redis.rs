@@ -1,10 +1,24 @@
-//! The sale in Redis: one Lua script per purchase, through a fred pool.
+//! The sale in Redis: one Lua script per batch of purchases, through a fred
+//! pool.
+//!
+//! Purchases queue on the store; a batch task sends whatever has queued as
+//! one `EVALSHA` as soon as one of `pool_size` call slots is free. Under a
+//! rush, calls carry many purchases each and Redis's single thread pays the
+//! call, the parsing and the sale's key lookups once per batch; one lone
+//! buyer still goes out at once, alone. Each purchase is still decided in
+//! one round trip, and the batch is atomic: the script runs every purchase
+//! in arrival order, and a batch that fails or times out is a 503 for each
+//! of its buyers, who get their local unit back.
 //!
 //! The script is loaded once and called by SHA (`EVALSHA`), reloaded when
 //! Redis answers NOSCRIPT (after a restart or `SCRIPT FLUSH`).
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use fred::prelude::*;
 use fred::types::scripts::Script;
@@ -17,9 +31,20 @@ const DEDUCT: &str = include_str!("../deduct.lua");
 const AUDIT: &str = include_str!("../audit.lua");
 const INIT: &str = include_str!("../init.lua");
 
+/// Most purchases in one call: the script holds Redis's single thread
+/// for the whole batch (a few microseconds a purchase), so other clients of
+/// the same Redis wait at most that long behind it.
+pub const MAX_BATCH: usize = 128;
+
 /// A fred pool plus the sale's keys and scripts, built once per process.
 #[derive(Clone)]
 pub struct RedisStore {
+    /// Purchases waiting for the batch task. Unbounded on purpose: every
+    /// purchase in it holds a unit of a node's allowance, so the allowance
+    /// bounds it.
+    queue: mpsc::UnboundedSender<Pending>,
+    /// Deduction calls sent, for `/stats` (purchases ÷ calls = batch size).
+    calls: Arc<AtomicU64>,
     pool: Pool,
     keys: Vec<Key>,
     event: String,
@@ -72,7 +97,11 @@ impl RedisStore {
             }
         }
         let keys = SaleKeys::new(&sale.event);
+        let (queue, pending) = mpsc::unbounded_channel();
+        let calls = Arc::new(AtomicU64::new(0));
         let store = RedisStore {
+            queue,
+            calls: calls.clone(),
             pool,
             keys: vec![
                 Key::from(keys.stock),
@@ -98,7 +127,33 @@ impl RedisStore {
                 ..Options::default()
             },
         };
+        // It ends when the last clone of the store (and so of `queue`) is
+        // dropped.
+        tokio::spawn(send_batches(
+            store.clone_for_batches(),
+            pending,
+            Arc::new(Semaphore::new(cfg.pool_size)),
+        ));
         Ok(store)
+    }
+
+    /// What the batch task needs: everything but the queue's sender, whose
+    /// last clone going away is what stops the task.
+    fn clone_for_batches(&self) -> Batcher {
+        Batcher {
+            calls: self.calls.clone(),
+            pool: self.pool.clone(),
+            keys: self.keys.clone(),
+            per_user_limit: self.per_user_limit.clone(),
+            deduct: self.deduct.clone(),
+            timeout: self.timeout,
+        }
+    }
+
+    /// Deduction calls sent to Redis so far (each carries one or more
+    /// purchases).
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
     }
 
     async fn eval(&self, script: &Script, args: Vec<Value>) -> Result<Value, StoreError> {
@@ -113,31 +168,28 @@ impl RedisStore {
         }
     }
 
-    /// See `deduct.lua`.
+    /// One purchase, decided with the others of its batch (see `deduct.lua`).
+    /// The deadline starts now, queueing included: a buyer is answered
+    /// within `timeout`, and a batch that reaches Redis after its first
+    /// buyer's deadline does nothing.
     pub async fn deduct(&self, buyer: &str, node: &str) -> Result<Outcome, StoreError> {
-        let now = now_millis();
-        let deadline = now + self.timeout.as_millis() as u64;
-        let args = vec![
-            Value::from(buyer),
-            self.per_user_limit.clone(),
-            Value::from(node),
-            Value::from(now as i64),
-            Value::from(deadline as i64),
-        ];
-        let reply = self.eval(&self.deduct, args).await?;
-        let mut fields = array(reply, 3)?.into_iter();
-        let code = int(fields.next())?;
-        let order = text(fields.next())?;
-        let sold = int(fields.next())?;
-        match code {
-            1 => Ok(Outcome::Sold { order, sold }),
-            2 => Ok(Outcome::SoldOut),
-            3 => Ok(Outcome::AlreadyBought { order }),
-            4 => Ok(Outcome::NoSale),
-            5 => Err(StoreError::TooLate),
-            other => Err(StoreError::Protocol(format!(
-                "deduct returned code {other}"
-            ))),
+        let waited = tokio::time::Instant::now() + self.timeout;
+        let (reply, answer) = oneshot::channel();
+        let purchase = Pending {
+            buyer: Value::from(buyer),
+            node: Value::from(node),
+            deadline: now_millis() + self.timeout.as_millis() as u64,
+            reply,
+        };
+        if self.queue.send(purchase).is_err() {
+            return Err(StoreError::Unavailable("the batch task has stopped".into()));
+        }
+        match tokio::time::timeout_at(waited, answer).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err(StoreError::Unavailable(
+                "the batch task dropped the purchase".into(),
+            )),
+            Err(_) => Err(StoreError::Timeout),
         }
     }
 
@@ -209,6 +261,162 @@ impl RedisStore {
             .map(|_| ())
             .map_err(map_error)
     }
+}
+
+/// One purchase waiting in the queue, its arguments already built.
+struct Pending {
+    buyer: Value,
+    node: Value,
+    /// Unix milliseconds after which the buyer has been told 503.
+    deadline: u64,
+    reply: oneshot::Sender<Result<Outcome, StoreError>>,
+}
+
+/// The batch task's share of the store.
+#[derive(Clone)]
+struct Batcher {
+    calls: Arc<AtomicU64>,
+    pool: Pool,
+    keys: Vec<Key>,
+    per_user_limit: Value,
+    deduct: Script,
+    timeout: Duration,
+}
+
+/// Takes a free call slot, then everything queued (up to [`MAX_BATCH`]), and
+/// sends it as one call. Waiting for the slot first is what makes batches:
+/// while every slot is busy, purchases pile up for the next call.
+async fn send_batches(
+    batcher: Batcher,
+    mut queue: mpsc::UnboundedReceiver<Pending>,
+    slots: Arc<Semaphore>,
+) {
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = queue.recv().await else {
+            return;
+        };
+        let mut batch = Vec::with_capacity(queue.len().min(MAX_BATCH - 1) + 1);
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let batcher = batcher.clone();
+        tokio::spawn(async move {
+            batcher.send(batch).await;
+            drop(slot);
+        });
+    }
+}
+
+impl Batcher {
+    /// One call for `batch`; every purchase in it gets its answer.
+    async fn send(&self, batch: Vec<Pending>) {
+        let now = now_millis();
+        let mut args = Vec::with_capacity(3 + 2 * batch.len());
+        args.push(self.per_user_limit.clone());
+        args.push(Value::from(now as i64));
+        args.push(Value::Null); // the deadline, once known
+        let mut replies = Vec::with_capacity(batch.len());
+        let mut deadline = u64::MAX;
+        for p in batch {
+            // A buyer who left (the handler was dropped, the unit went
+            // back) or whose deadline passed in the queue is not sold a
+            // ticket nobody will hear of.
+            if p.reply.is_closed() {
+                continue;
+            }
+            if p.deadline <= now {
+                let _ = p.reply.send(Err(StoreError::Timeout));
+                continue;
+            }
+            deadline = deadline.min(p.deadline);
+            args.push(p.buyer);
+            args.push(p.node);
+            replies.push(p.reply);
+        }
+        if replies.is_empty() {
+            return;
+        }
+        args[2] = Value::from(deadline as i64);
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let call = self.deduct.evalsha_with_reload::<Value, _, _>(
+            self.pool.next(),
+            self.keys.clone(),
+            args,
+        );
+        // fred enforces the command timeout too; this bound also covers the
+        // NOSCRIPT reload round trip.
+        let left = Duration::from_millis(deadline.saturating_sub(now));
+        let answers = match tokio::time::timeout(left.min(self.timeout), call).await {
+            Ok(Ok(v)) => outcomes(v, replies.len()),
+            Ok(Err(e)) => Err(map_error(e)),
+            Err(_) => Err(StoreError::Timeout),
+        };
+        match answers {
+            Ok(outcomes) => {
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(outcome);
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// The script's answer, one outcome per purchase (see `deduct.lua`).
+fn outcomes(
+    reply: Value,
+    purchases: usize,
+) -> Result<Vec<Result<Outcome, StoreError>>, StoreError> {
+    let fields = match reply {
+        Value::Array(a) => a,
+        other => {
+            return Err(StoreError::Protocol(format!(
+                "deduct returned {other:?}, not an array"
+            )));
+        }
+    };
+    if fields.len() == 1 {
+        return match int(fields.into_iter().next())? {
+            4 => Ok(vec![Ok(Outcome::NoSale); purchases]),
+            5 => Err(StoreError::TooLate),
+            other => Err(StoreError::Protocol(format!(
+                "deduct returned code {other} for the batch"
+            ))),
+        };
+    }
+    if fields.len() != 3 * purchases {
+        return Err(StoreError::Protocol(format!(
+            "deduct returned {} fields for {purchases} purchases",
+            fields.len()
+        )));
+    }
+    let mut fields = fields.into_iter();
+    let mut out = Vec::with_capacity(purchases);
+    for _ in 0..purchases {
+        let code = int(fields.next())?;
+        let order = text(fields.next())?;
+        let sold = int(fields.next())?;
+        out.push(match code {
+            1 => Ok(Outcome::Sold { order, sold }),
+            2 => Ok(Outcome::SoldOut),
+            3 => Ok(Outcome::AlreadyBought { order }),
+            other => Err(StoreError::Protocol(format!(
+                "deduct returned code {other}"
+            ))),
+        });
+    }
+    Ok(out)
 }
 
 fn map_error(e: Error) -> StoreError {
