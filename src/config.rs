@@ -96,6 +96,7 @@ struct NodeFile {
     listen: Spanned<String>,
     weight: Option<Spanned<i64>>,
     stock: Option<Spanned<i64>>,
+    threads: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -193,6 +194,11 @@ pub struct NodeConfig {
     pub weight: u32,
     /// Its local allowance: the weighted share plus the buffer, or `stock` from the file.
     pub allowance: u64,
+    /// Runtime threads of a `spike node` process; `None` is one per CPU.
+    /// Several nodes sharing a few CPUs (a benchmark on one machine) run
+    /// cheaper with one each: every hand-off between threads of a process
+    /// is a wake-up and a context switch.
+    pub threads: Option<usize>,
 }
 
 /// How the balancer picks an upstream; the names are Nginx's.
@@ -535,11 +541,18 @@ impl Cx<'_> {
                 Some(s) => Some(self.count(&format!("node[{i}].stock"), s, 0)?),
                 None => None,
             });
+            let threads = match &n.threads {
+                Some(t) => {
+                    Some(self.count(&format!("node[{i}].threads"), t, 1)?.min(1024) as usize)
+                }
+                None => None,
+            };
             nodes.push(NodeConfig {
                 name,
                 listen,
                 weight,
                 allowance: 0,
+                threads,
             });
         }
 

@@ -189,6 +189,7 @@ fn bad_config_files_are_refused_with_file_key_and_line() {
             8,
         ),
         (format!("{sale}{node}weight = 0\n"), "node[0].weight", 7),
+        (format!("{sale}{node}threads = 0\n"), "node[0].threads", 7),
         (
             format!("[sale]\nevent = \"e\"\ntotal = 0\n{node}"),
             "sale.total",
@@ -319,4 +320,35 @@ async fn sigterm_lets_an_in_flight_purchase_finish() {
     assert_eq!(snap["sold"], 1);
     assert_eq!(snap["orders"], 1);
     remove_config(&path);
+}
+
+/// `threads` sets how many runtime threads a `spike node` process runs
+/// (one per CPU without it), as the process's own thread list shows.
+#[test]
+fn node_threads_sets_the_runtime_threads() {
+    for threads in [1usize, 3] {
+        let port = common::free_port();
+        let text = format!(
+            "[sale]\nevent = \"threads{threads}\"\ntotal = 5\n[[node]]\nname = \"n1\"\nlisten = \"127.0.0.1:{port}\"\nthreads = {threads}\n"
+        );
+        let path = write_config(&text);
+        let mut node = SpikeProcess::start(&["node", "--config", cfg(&path), "--name", "n1"]);
+        wait_listening(&format!("127.0.0.1:{port}"), Duration::from_secs(10));
+        let workers = std::fs::read_dir(format!("/proc/{}/task", node.child.id()))
+            .expect("/proc task list")
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            // tokio names its worker threads so (older versions "tokio-runtime-worker").
+            .filter(|name| {
+                name.starts_with("tokio-rt-worker") || name.starts_with("tokio-runtime-w")
+            })
+            .count();
+        assert_eq!(workers, threads, "threads = {threads}");
+        node.signal("TERM");
+        assert!(
+            node.wait_exit(Duration::from_secs(10))
+                .expect("exits")
+                .success()
+        );
+        remove_config(&path);
+    }
 }

@@ -110,9 +110,11 @@ pub fn main(config_path: &Path, name: &str) -> anyhow::Result<ExitCode> {
         }
         .into());
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = node_cfg.threads {
+        runtime.worker_threads(threads);
+    }
+    let runtime = runtime.enable_all().build()?;
     runtime.block_on(async move {
         let shutdown = crate::server::shutdown_signal();
         let store = Store::open(&sale, config.redis.as_ref()).await?;
@@ -137,6 +139,7 @@ pub fn main(config_path: &Path, name: &str) -> anyhow::Result<ExitCode> {
             node = %node_cfg.name,
             listen = %node_cfg.listen,
             allowance = node_cfg.allowance,
+            threads = %node_cfg.threads.map_or_else(|| "one per CPU".to_string(), |t| t.to_string()),
             store = if config.redis.is_some() { "redis" } else { "embedded" },
             "node selling"
         );
