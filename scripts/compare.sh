@@ -226,7 +226,10 @@ write_proxy_config() { # FILE STRATEGY LISTEN ADMIN
 }
 
 # A sale config: four nodes (weight 1) on NODE_PORTS, Redis, a balancer.
-# STOCK, when given, overrides every node's allowance.
+# STOCK, when given, overrides every node's allowance. Each node runs one
+# runtime thread: four node processes share these few CPUs with everything
+# else, and a second thread per node only adds wake-ups between threads
+# (measured: node CPU per sale 20.8 -> 18 us). Both proxies use the same nodes.
 write_sale_config() { # FILE EVENT TOTAL PER_USER LISTEN ADMIN [STOCK]
   {
     echo "[sale]"
@@ -245,6 +248,7 @@ write_sale_config() { # FILE EVENT TOTAL PER_USER LISTEN ADMIN [STOCK]
       echo "name = \"n$((i + 1))\""
       echo "listen = \"127.0.0.1:${NODE_PORTS[$i]}\""
       echo "weight = 1"
+      echo "threads = 1"
       [ -z "${7:-}" ] || echo "stock = $7"
     done
     echo "[server]"
