@@ -179,7 +179,9 @@ pub struct RedisConfig {
     pub url: String,
     /// Bound on one command, so a stalled Redis becomes a 503, not a hang.
     pub timeout: Duration,
-    /// Connections per node process.
+    /// Connections per node process, and deduction calls in flight at once
+    /// (default 2: one on the wire while the last one's answers go out;
+    /// more slots make smaller batches, and more work for Redis per sale).
     pub pool_size: usize,
 }
 
@@ -497,7 +499,7 @@ impl Cx<'_> {
                     },
                     pool_size: match &r.pool_size {
                         Some(v) => self.count("redis.pool_size", v, 1)?.min(64) as usize,
-                        None => 4,
+                        None => 2,
                     },
                 })
             }
