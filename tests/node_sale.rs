@@ -701,7 +701,9 @@ async fn a_lost_reply_never_sells_twice() {
 async fn queued_purchases_go_to_redis_in_one_call_and_keep_every_rule() {
     let redis = RedisServer::start();
     // 100 buyers want 2 tickets each, 6 requests apiece; 150 are on sale.
-    let text = sale_config("batch", 150, 2, &[1], Some(&redis.url()), "")
+    // Two nodes over one store, as in `spike up`: a batch mixes their
+    // purchases, and each order must still name the node that sold it.
+    let text = sale_config("batch", 150, 2, &[1, 1], Some(&redis.url()), "")
         .replace("timeout = \"1s\"\n", "timeout = \"1s\"\npool_size = 1\n")
         .replace("weight = 1\n", "weight = 1\nstock = 1000\n");
     let sale = InProcessSale::start(&text).await;
@@ -711,11 +713,15 @@ async fn queued_purchases_go_to_redis_in_one_call_and_keep_every_rule() {
     let tally = check_invariants(&sale, &answers, Some(&redis)).await;
     assert_eq!(tally.sold(), 150, "the batches sell exactly the total");
 
-    let node = &sale.nodes[0].1;
-    let purchases = node
-        .stats
-        .store_calls
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let purchases: u64 = sale
+        .nodes
+        .iter()
+        .map(|(_, n)| {
+            n.stats
+                .store_calls
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .sum();
     let (_, stats) = get(&c, sale.nodes[0].0, "/stats").await.expect("stats");
     let calls = json(&stats)["redis_calls"].as_u64().expect("redis_calls");
     assert!(
@@ -741,6 +747,16 @@ async fn queued_purchases_go_to_redis_in_one_call_and_keep_every_rule() {
         .query(&mut conn)
         .expect("HGETALL");
     assert_eq!(held.values().sum::<u64>(), 150);
+    let orders: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg("spike:{batch}:orders")
+        .query(&mut conn)
+        .expect("HGETALL");
+    for a in answers.iter().filter(|a| a.status == Some(StatusCode::OK)) {
+        let v = json(&a.body);
+        let record = json(&orders[v["order"].as_str().expect("order")]);
+        assert_eq!(record["node"], v["node"], "{}", a.body);
+        assert_eq!(record["buyer"], a.buyer.as_str(), "{}", a.body);
+    }
     for a in answers
         .iter()
         .filter(|a| a.status == Some(StatusCode::CONFLICT))
