@@ -770,3 +770,52 @@ async fn queued_purchases_go_to_redis_in_one_call_and_keep_every_rule() {
     assert_no_unit_leaked(&sale);
     sale.stop().await;
 }
+
+/// Each purchase in a batch carries its own deadline: one that reaches Redis
+/// too late does nothing, and the purchases beside it still sell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purchase_past_its_deadline_does_nothing_and_spares_its_batch() {
+    let redis = RedisServer::start();
+    let text = sale_config("late", 10, 1, &[1], Some(&redis.url()), "");
+    let sale = InProcessSale::start(&text).await;
+    let now = spike::node::store::now_millis();
+    let mut conn = redis.connection().expect("redis");
+    let reply: Vec<redis::Value> = redis::cmd("EVAL")
+        .arg(include_str!("../src/node/deduct.lua"))
+        .arg(4)
+        .arg("spike:{late}:stock")
+        .arg("spike:{late}:buyers")
+        .arg("spike:{late}:orders")
+        .arg("spike:{late}:buyer_order")
+        .arg(1) // per-user limit
+        .arg(now)
+        .arg("gone")
+        .arg("n1")
+        .arg(now - 1) // told 503 already
+        .arg("waiting")
+        .arg("n1")
+        .arg(now + 60_000)
+        .query(&mut conn)
+        .expect("EVAL");
+    let codes: Vec<String> = reply
+        .iter()
+        .map(|v| match v {
+            redis::Value::Int(i) => i.to_string(),
+            redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(codes.len(), 6, "{codes:?}");
+    assert_eq!(codes[..3], ["5", "", "0"], "the late one does nothing");
+    assert_eq!(codes[3], "1", "the one on time sells: {codes:?}");
+    assert_eq!(codes[5], "1", "{codes:?}");
+    let snap = sale.store.snapshot().await.expect("snapshot");
+    assert_eq!((snap.sold, snap.orders, snap.buyers), (1, 1, 1), "{snap:?}");
+    let held: Option<u64> = redis::cmd("HGET")
+        .arg("spike:{late}:buyers")
+        .arg("gone")
+        .query(&mut conn)
+        .expect("HGET");
+    assert_eq!(held, None);
+    sale.stop().await;
+}

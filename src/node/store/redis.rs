@@ -39,9 +39,10 @@ pub const MAX_BATCH: usize = 128;
 /// A fred pool plus the sale's keys and scripts, built once per process.
 #[derive(Clone)]
 pub struct RedisStore {
-    /// Purchases waiting for the batch task. Unbounded on purpose: every
-    /// purchase in it holds a unit of a node's allowance, so the allowance
-    /// bounds it.
+    /// Purchases waiting for the batch task. Unbounded on purpose: a live
+    /// purchase in it holds a unit of a node's allowance, so the allowances
+    /// bound it; a purchase whose buyer gave up (its unit went back) stays
+    /// until the batch task drops it, unsent, at its next call.
     queue: mpsc::UnboundedSender<Pending>,
     /// Deduction calls sent, for `/stats` (purchases ÷ calls = batch size).
     calls: Arc<AtomicU64>,
@@ -146,7 +147,7 @@ impl RedisStore {
             keys: self.keys.clone(),
             per_user_limit: self.per_user_limit.clone(),
             deduct: self.deduct.clone(),
-            timeout: self.timeout,
+            options: self.options.clone(),
         }
     }
 
@@ -173,18 +174,21 @@ impl RedisStore {
     /// within `timeout`, and a batch that reaches Redis after its first
     /// buyer's deadline does nothing.
     pub async fn deduct(&self, buyer: &str, node: &str) -> Result<Outcome, StoreError> {
-        let waited = tokio::time::Instant::now() + self.timeout;
+        // Wall clock first, then the timer: the handler gives up no earlier
+        // than the deadline the script checks against Redis's clock.
+        let deadline = now_millis() + self.timeout.as_millis() as u64;
+        let give_up = tokio::time::Instant::now() + self.timeout;
         let (reply, answer) = oneshot::channel();
         let purchase = Pending {
             buyer: Value::from(buyer),
             node: Value::from(node),
-            deadline: now_millis() + self.timeout.as_millis() as u64,
+            deadline,
             reply,
         };
         if self.queue.send(purchase).is_err() {
             return Err(StoreError::Unavailable("the batch task has stopped".into()));
         }
-        match tokio::time::timeout_at(waited, answer).await {
+        match tokio::time::timeout_at(give_up, answer).await {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(_)) => Err(StoreError::Unavailable(
                 "the batch task dropped the purchase".into(),
@@ -280,7 +284,7 @@ struct Batcher {
     keys: Vec<Key>,
     per_user_limit: Value,
     deduct: Script,
-    timeout: Duration,
+    options: Options,
 }
 
 /// Takes a free call slot, then everything queued (up to [`MAX_BATCH`]), and
@@ -318,12 +322,11 @@ impl Batcher {
     /// One call for `batch`; every purchase in it gets its answer.
     async fn send(&self, batch: Vec<Pending>) {
         let now = now_millis();
-        let mut args = Vec::with_capacity(3 + 2 * batch.len());
+        let mut args = Vec::with_capacity(2 + 3 * batch.len());
         args.push(self.per_user_limit.clone());
         args.push(Value::from(now as i64));
-        args.push(Value::Null); // the deadline, once known
         let mut replies = Vec::with_capacity(batch.len());
-        let mut deadline = u64::MAX;
+        let mut latest = now;
         for p in batch {
             // A buyer who left (the handler was dropped, the unit went
             // back) or whose deadline passed in the queue is not sold a
@@ -335,25 +338,30 @@ impl Batcher {
                 let _ = p.reply.send(Err(StoreError::Timeout));
                 continue;
             }
-            deadline = deadline.min(p.deadline);
+            latest = latest.max(p.deadline);
             args.push(p.buyer);
             args.push(p.node);
+            args.push(Value::from(p.deadline as i64));
             replies.push(p.reply);
         }
         if replies.is_empty() {
             return;
         }
-        args[2] = Value::from(deadline as i64);
         self.calls.fetch_add(1, Ordering::Relaxed);
-        let call = self.deduct.evalsha_with_reload::<Value, _, _>(
-            self.pool.next(),
-            self.keys.clone(),
-            args,
-        );
+        // Each purchase carries its own deadline, which the script checks:
+        // one buyer about to give up does not cut the others' wait short.
+        let left = Duration::from_millis(latest - now);
+        let options = Options {
+            timeout: Some(left),
+            ..self.options.clone()
+        };
+        let client = self.pool.next().with_options(&options);
+        let call = self
+            .deduct
+            .evalsha_with_reload::<Value, _, _>(&client, self.keys.clone(), args);
         // fred enforces the command timeout too; this bound also covers the
         // NOSCRIPT reload round trip.
-        let left = Duration::from_millis(deadline.saturating_sub(now));
-        let answers = match tokio::time::timeout(left.min(self.timeout), call).await {
+        let answers = match tokio::time::timeout(left, call).await {
             Ok(Ok(v)) => outcomes(v, replies.len()),
             Ok(Err(e)) => Err(map_error(e)),
             Err(_) => Err(StoreError::Timeout),
@@ -389,7 +397,6 @@ fn outcomes(
     if fields.len() == 1 {
         return match int(fields.into_iter().next())? {
             4 => Ok(vec![Ok(Outcome::NoSale); purchases]),
-            5 => Err(StoreError::TooLate),
             other => Err(StoreError::Protocol(format!(
                 "deduct returned code {other} for the batch"
             ))),
@@ -411,6 +418,7 @@ fn outcomes(
             1 => Ok(Outcome::Sold { order, sold }),
             2 => Ok(Outcome::SoldOut),
             3 => Ok(Outcome::AlreadyBought { order }),
+            5 => Err(StoreError::TooLate),
             other => Err(StoreError::Protocol(format!(
                 "deduct returned code {other}"
             ))),
