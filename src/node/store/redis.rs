@@ -44,18 +44,12 @@ pub struct RedisStore {
     /// bound it; a purchase whose buyer gave up (its unit went back) stays
     /// until the batch task drops it, unsent, at its next call.
     queue: mpsc::UnboundedSender<Pending>,
-    /// Deduction calls sent, for `/stats` (purchases ÷ calls = batch size).
-    calls: Arc<AtomicU64>,
-    pool: Pool,
-    keys: Vec<Key>,
+    link: Link,
     event: String,
     total: u64,
-    per_user_limit: Value,
-    deduct: Script,
     audit: Script,
     init: Script,
     timeout: Duration,
-    options: Options,
 }
 
 impl RedisStore {
@@ -98,11 +92,8 @@ impl RedisStore {
             }
         }
         let keys = SaleKeys::new(&sale.event);
-        let (queue, pending) = mpsc::unbounded_channel();
-        let calls = Arc::new(AtomicU64::new(0));
-        let store = RedisStore {
-            queue,
-            calls: calls.clone(),
+        let link = Link {
+            calls: Arc::new(AtomicU64::new(0)),
             pool,
             keys: vec![
                 Key::from(keys.stock),
@@ -110,13 +101,8 @@ impl RedisStore {
                 Key::from(keys.orders),
                 Key::from(keys.buyer_order),
             ],
-            event: sale.event.clone(),
-            total: sale.total,
             per_user_limit: Value::from(sale.per_user_limit as i64),
             deduct: Script::from_lua(DEDUCT),
-            audit: Script::from_lua(AUDIT),
-            init: Script::from_lua(INIT),
-            timeout,
             options: Options {
                 // While disconnected, fail now instead of queueing: a queued
                 // deduction would run after its buyer was told 503.
@@ -128,38 +114,37 @@ impl RedisStore {
                 ..Options::default()
             },
         };
-        // It ends when the last clone of the store (and so of `queue`) is
-        // dropped.
+        let (queue, pending) = mpsc::unbounded_channel();
+        // The task holds no sender: it ends when the last clone of the
+        // store (and so of `queue`) is dropped.
         tokio::spawn(send_batches(
-            store.clone_for_batches(),
+            link.clone(),
             pending,
             Arc::new(Semaphore::new(cfg.pool_size)),
         ));
-        Ok(store)
-    }
-
-    /// What the batch task needs: everything but the queue's sender, whose
-    /// last clone going away is what stops the task.
-    fn clone_for_batches(&self) -> Batcher {
-        Batcher {
-            calls: self.calls.clone(),
-            pool: self.pool.clone(),
-            keys: self.keys.clone(),
-            per_user_limit: self.per_user_limit.clone(),
-            deduct: self.deduct.clone(),
-            options: self.options.clone(),
-        }
+        Ok(RedisStore {
+            queue,
+            link,
+            event: sale.event.clone(),
+            total: sale.total,
+            audit: Script::from_lua(AUDIT),
+            init: Script::from_lua(INIT),
+            timeout,
+        })
     }
 
     /// Deduction calls sent to Redis so far (each carries one or more
     /// purchases).
     pub fn calls(&self) -> u64 {
-        self.calls.load(Ordering::Relaxed)
+        self.link.calls.load(Ordering::Relaxed)
     }
 
     async fn eval(&self, script: &Script, args: Vec<Value>) -> Result<Value, StoreError> {
-        let call =
-            script.evalsha_with_reload::<Value, _, _>(self.pool.next(), self.keys.clone(), args);
+        let call = script.evalsha_with_reload::<Value, _, _>(
+            self.link.pool.next(),
+            self.link.keys.clone(),
+            args,
+        );
         // fred enforces the command timeout too; this bound also covers the
         // NOSCRIPT reload round trip.
         match tokio::time::timeout(self.timeout, call).await {
@@ -171,8 +156,8 @@ impl RedisStore {
 
     /// One purchase, decided with the others of its batch (see `deduct.lua`).
     /// The deadline starts now, queueing included: a buyer is answered
-    /// within `timeout`, and a batch that reaches Redis after its first
-    /// buyer's deadline does nothing.
+    /// within `timeout`, and a purchase that reaches Redis at or after its
+    /// deadline does nothing.
     pub async fn deduct(&self, buyer: &str, node: &str) -> Result<Outcome, StoreError> {
         // Wall clock first, then the timer: the handler gives up no earlier
         // than the deadline the script checks against Redis's clock.
@@ -242,9 +227,9 @@ impl RedisStore {
             max_attempts: Some(3),
             ..Options::default()
         };
-        let client = self.pool.next().with_options(&options);
-        let held = scan_hash(&client, &self.keys[1]).await?;
-        let orders = scan_hash(&client, &self.keys[3]).await?;
+        let client = self.link.pool.next().with_options(&options);
+        let held = scan_hash(&client, &self.link.keys[1]).await?;
+        let orders = scan_hash(&client, &self.link.keys[3]).await?;
         Ok(orders
             .into_iter()
             .filter(|(buyer, _)| {
@@ -257,9 +242,10 @@ impl RedisStore {
 
     /// PING within the timeout.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.pool
+        self.link
+            .pool
             .next()
-            .with_options(&self.options)
+            .with_options(&self.link.options)
             .ping::<Value>(None)
             .await
             .map(|_| ())
@@ -271,14 +257,16 @@ impl RedisStore {
 struct Pending {
     buyer: Value,
     node: Value,
-    /// Unix milliseconds after which the buyer has been told 503.
+    /// Unix milliseconds from which the buyer has been told 503.
     deadline: u64,
     reply: oneshot::Sender<Result<Outcome, StoreError>>,
 }
 
-/// The batch task's share of the store.
+/// The pool and the sale's keys, plus what deductions need: shared by the
+/// store and its batch task (which must not hold the queue's sender).
 #[derive(Clone)]
-struct Batcher {
+struct Link {
+    /// Deduction calls sent, for `/stats` (purchases ÷ calls = batch size).
     calls: Arc<AtomicU64>,
     pool: Pool,
     keys: Vec<Key>,
@@ -291,7 +279,7 @@ struct Batcher {
 /// sends it as one call. Waiting for the slot first is what makes batches:
 /// while every slot is busy, purchases pile up for the next call.
 async fn send_batches(
-    batcher: Batcher,
+    link: Link,
     mut queue: mpsc::UnboundedReceiver<Pending>,
     slots: Arc<Semaphore>,
 ) {
@@ -310,15 +298,15 @@ async fn send_batches(
                 Err(_) => break,
             }
         }
-        let batcher = batcher.clone();
+        let link = link.clone();
         tokio::spawn(async move {
-            batcher.send(batch).await;
+            link.send(batch).await;
             drop(slot);
         });
     }
 }
 
-impl Batcher {
+impl Link {
     /// One call for `batch`; every purchase in it gets its answer.
     async fn send(&self, batch: Vec<Pending>) {
         let now = now_millis();
