@@ -310,10 +310,7 @@ async fn a_sale_survives_node_death_redis_stalls_restarts_and_reloads() {
         .arg("spike:{fault}:orders")
         .query(&mut conn)
         .expect("HKEYS");
-    let holders: HashMap<String, String> = redis::cmd("HGETALL")
-        .arg("spike:{fault}:buyer_order")
-        .query(&mut conn)
-        .expect("HGETALL");
+    let holders: HashMap<String, String> = redis.hash("spike:{fault}:buyer_order");
     let mut ok_buyers = HashSet::new();
     for a in answers.iter().filter(|a| a.status == Some(StatusCode::OK)) {
         let v = json(&a.body);

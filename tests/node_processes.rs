@@ -59,11 +59,7 @@ async fn four_node_processes_sell_exactly_the_total() {
     );
     // Every ticket holder was told 200, except a reply that outran the Redis
     // timeout on a loaded machine: that buyer was told only 503s.
-    let mut conn = redis.connection().expect("redis");
-    let holders: HashMap<String, String> = redis::cmd("HGETALL")
-        .arg("spike:{G1234-2026-02-10}:buyer_order")
-        .query(&mut conn)
-        .expect("HGETALL");
+    let holders: HashMap<String, String> = redis.hash("spike:{G1234-2026-02-10}:buyer_order");
     let lost_replies = holders
         .keys()
         .filter(|b| {

@@ -121,10 +121,8 @@ async fn check_invariants(
                     "order {o} answered 200 but missing in redis"
                 );
             }
-            let holders: HashMap<String, String> = redis::cmd("HGETALL")
-                .arg(format!("spike:{{{event}}}:buyer_order"))
-                .query(&mut c)
-                .expect("HGETALL");
+            let holders: HashMap<String, String> =
+                r.hash(&format!("spike:{{{event}}}:buyer_order"));
             for (buyer, order) in &holders {
                 if per_buyer.contains_key(buyer.as_str()) {
                     continue;
@@ -552,11 +550,7 @@ async fn redis_outage_mid_sale_loses_nothing() {
         .filter(|a| a.status == Some(StatusCode::OK))
         .map(|a| a.buyer.as_str())
         .collect();
-    let mut conn = redis.connection().expect("redis");
-    let holders: HashMap<String, String> = redis::cmd("HGETALL")
-        .arg("spike:{outage}:buyer_order")
-        .query(&mut conn)
-        .expect("HGETALL");
+    let holders: HashMap<String, String> = redis.hash("spike:{outage}:buyer_order");
     for (buyer, order) in &holders {
         assert!(
             got_200.contains(buyer.as_str()) || !buyer.starts_with("during"),
@@ -737,20 +731,10 @@ async fn queued_purchases_go_to_redis_in_one_call_and_keep_every_rule() {
 
     // Whoever holds two tickets was told "already bought" with their last
     // order on every later request, batch or not.
-    let mut conn = redis.connection().expect("redis");
-    let held: HashMap<String, u64> = redis::cmd("HGETALL")
-        .arg("spike:{batch}:buyers")
-        .query(&mut conn)
-        .expect("HGETALL");
-    let last: HashMap<String, String> = redis::cmd("HGETALL")
-        .arg("spike:{batch}:buyer_order")
-        .query(&mut conn)
-        .expect("HGETALL");
+    let held: HashMap<String, u64> = redis.hash("spike:{batch}:buyers");
+    let last: HashMap<String, String> = redis.hash("spike:{batch}:buyer_order");
     assert_eq!(held.values().sum::<u64>(), 150);
-    let orders: HashMap<String, String> = redis::cmd("HGETALL")
-        .arg("spike:{batch}:orders")
-        .query(&mut conn)
-        .expect("HGETALL");
+    let orders: HashMap<String, String> = redis.hash("spike:{batch}:orders");
     for a in answers.iter().filter(|a| a.status == Some(StatusCode::OK)) {
         let v = json(&a.body);
         let record = json(&orders[v["order"].as_str().expect("order")]);

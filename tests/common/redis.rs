@@ -112,6 +112,18 @@ impl RedisServer {
         redis::Client::open(self.url())?.get_connection()
     }
 
+    /// A whole hash (`HGETALL`), for checks on what a sale wrote.
+    pub fn hash<V: redis::FromRedisValue>(
+        &self,
+        key: &str,
+    ) -> std::collections::HashMap<String, V> {
+        let mut c = self.connection().expect("redis connection");
+        redis::cmd("HGETALL")
+            .arg(key)
+            .query(&mut c)
+            .expect("HGETALL")
+    }
+
     /// The OS pid, for SIGSTOP/SIGCONT.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).expect("running")
