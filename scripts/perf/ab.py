@@ -20,6 +20,9 @@ OUT/name.stat), THREADS=1 (per-thread CPU ticks), OUT (default: cwd).
 Build the binaries to compare from separate trees/target dirs first."""
 import json, os, socket, subprocess, sys, tempfile, time, statistics, signal
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from procstat import HZ, cpu, free_ports, tree  # noqa: E402
+
 mode, rounds, dur = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 sides = []
 for a in sys.argv[4:]:
@@ -38,14 +41,6 @@ CONC = int(os.environ.get("CONC", "100"))
 WORK = tempfile.mkdtemp(prefix="perfab.")
 procs = []
 
-def free_ports(n):
-    ss = []
-    for _ in range(n):
-        s = socket.socket(); s.bind(("127.0.0.1", 0)); ss.append(s)
-    ps = [s.getsockname()[1] for s in ss]
-    for s in ss: s.close()
-    return ps
-
 def wait_port(p, proc):
     for _ in range(200):
         if proc.poll() is not None:
@@ -61,36 +56,9 @@ def spawn(args, log, env=None):
     p = subprocess.Popen(args, stdout=open(f"{WORK}/{log}.log", "w"), stderr=subprocess.STDOUT, env=e)
     procs.append(p); return p
 
-def cpu_split(pids):
-    u = s = 0
-    for pid in pids:
-        try:
-            f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-            u += int(f[11]); s += int(f[12])
-        except FileNotFoundError:
-            pass
-    return u, s
-
 def cpu_ticks(pids):
-    t = 0
-    for pid in pids:
-        try:
-            f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-            t += int(f[11]) + int(f[12])  # utime stime
-        except FileNotFoundError:
-            pass
-    return t
+    return sum(cpu(pids))
 
-def tree(pid):
-    out = [pid]
-    try:
-        for c in open(f"/proc/{pid}/task/{pid}/children").read().split():
-            out += tree(int(c))
-    except FileNotFoundError:
-        pass
-    return out
-
-HZ = os.sysconf("SC_CLK_TCK")
 try:
     bports = free_ports(4)
     conf = f"{WORK}/backends.conf"
@@ -143,7 +111,7 @@ try:
         for n, _ in order:
             p, lp = servers[n]
             pids = tree(p.pid)
-            c0 = cpu_ticks(pids); u0, s0 = cpu_split(pids)
+            c0 = cpu_ticks(pids); u0, s0 = cpu(pids)
             perf = None
             if os.environ.get("PERF") == n and r == 0:
                 perf = subprocess.Popen(["perf", "record", "-F", "2000"] + os.environ.get("PERFARGS", "").split() + ["-o", os.path.join(os.environ.get("OUT", "."), f"{n}.perf.data"), "-p", ",".join(map(str, pids))], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -152,7 +120,7 @@ try:
                 perf = subprocess.Popen(["perf", "stat", "-e", "raw_syscalls:sys_enter,context-switches,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_recvfrom,syscalls:sys_enter_read,syscalls:sys_enter_writev,syscalls:sys_enter_sendto,syscalls:sys_enter_write,syscalls:sys_enter_futex", "-o", os.path.join(os.environ.get("OUT", "."), f"{n}.stat"), "-p", ",".join(map(str, pids))], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(0.3)
             out = subprocess.run(["oha", "-z", dur, "-c", str(CONC), "--no-tui", "--output-format", "json", f"http://127.0.0.1:{lp}{path}"], capture_output=True, text=True).stdout
-            c1 = cpu_ticks(pids); u1, s1 = cpu_split(pids)
+            c1 = cpu_ticks(pids); u1, s1 = cpu(pids)
             if os.environ.get("THREADS"):
                 th = []
                 for t in sorted(os.listdir(f"/proc/{p.pid}/task")):

@@ -14,22 +14,14 @@ these add up to (CPUs ÷ requests/s): the budget the issue's ratios are
 checked against. Everything started is stopped on exit."""
 import json, os, resource, signal, socket, subprocess, sys, tempfile, time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from procstat import cpu, free_ports, tree, HZ  # noqa: E402
+
 SPIKE = sys.argv[1]
 ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else 3
 DUR = sys.argv[3] if len(sys.argv) > 3 else "4s"
 WORK = tempfile.mkdtemp(prefix="breakdown.")
-HZ = os.sysconf("SC_CLK_TCK")
 procs = []
-
-
-def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def wait_port(port):
@@ -49,23 +41,8 @@ def spawn(args):
     return p
 
 
-def tree(pid):
-    out = [pid]
-    try:
-        for c in open(f"/proc/{pid}/task/{pid}/children").read().split():
-            out += tree(int(c))
-    except FileNotFoundError:
-        pass
-    return out
-
-
 def ticks(group):
-    u = s = 0
-    for p in group:
-        for pid in tree(p.pid):
-            f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-            u, s = u + int(f[11]), s + int(f[12])
-    return u, s
+    return cpu([pid for p in group for pid in tree(p.pid)])
 
 
 def evalsha(port):
