@@ -1,7 +1,6 @@
 //! The node's HTTP routes and answers. The hot path (`/buy/ticket`) touches
 //! only atomics until its one Redis call (shared with the purchases queued
-//! beside it), and answers from memory once Redis
-//! has said the sale is over.
+//! beside it), and answers from memory once Redis has said the sale is over.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;

@@ -1,6 +1,6 @@
 //! Where the sale's truth lives: Redis (one Lua script through fred, a call
-//! per batch of purchases) or, with
-//! no `[redis]` configured, an embedded in-process store with the same rules.
+//! per batch of purchases) or, with no `[redis]` configured, an embedded
+//! in-process store with the same rules.
 //!
 //! An enum rather than a trait object, so the hot path pays no boxing for
 //! the async call.
