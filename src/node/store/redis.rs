@@ -5,10 +5,10 @@
 //! one `EVALSHA` as soon as one of `pool_size` call slots is free. Under a
 //! rush, calls carry many purchases each and Redis's single thread pays the
 //! call, the parsing and the sale's key lookups once per batch; one lone
-//! buyer still goes out at once, alone. Each purchase is still decided in
-//! one round trip, and the batch is atomic: the script runs every purchase
-//! in arrival order, and a batch that fails or times out is a 503 for each
-//! of its buyers, who get their local unit back.
+//! buyer still goes out at once, alone. Each purchase is still decided by
+//! one call, and the batch is atomic: the script runs every purchase in
+//! arrival order, each against its own deadline, and a batch that fails or
+//! times out is a 503 for each of its buyers, who get their local unit back.
 //!
 //! The script is loaded once and called by SHA (`EVALSHA`), reloaded when
 //! Redis answers NOSCRIPT (after a restart or `SCRIPT FLUSH`).
