@@ -913,6 +913,23 @@ weight = 4
     }
 
     #[test]
+    fn redis_and_node_threads_defaults_and_overrides() {
+        let with_redis = format!("{FOUR}[redis]\nurl = \"redis://127.0.0.1:6379\"\n");
+        let c = parse(&with_redis).expect("valid");
+        let r = c.redis.as_ref().expect("redis");
+        // Two call slots: bigger batches than more slots would make.
+        assert_eq!((r.pool_size, r.timeout), (2, Duration::from_secs(1)));
+        assert!(c.nodes.iter().all(|n| n.threads.is_none()));
+        let tuned = with_redis
+            .replace("weight = 1\n", "weight = 1\nthreads = 1\n")
+            .replace("6379\"\n", "6379\"\npool_size = 5\n");
+        let c = parse(&tuned).expect("valid");
+        assert_eq!(c.redis.as_ref().expect("redis").pool_size, 5);
+        assert_eq!(c.nodes[0].threads, Some(1));
+        assert_eq!(c.nodes[1].threads, None);
+    }
+
+    #[test]
     fn shares_add_up_to_the_total() {
         let c = parse(FOUR).expect("valid");
         for total in [1, 7, 10, 999, 1001] {
