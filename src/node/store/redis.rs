@@ -50,6 +50,8 @@ pub struct RedisStore {
     audit: Script,
     init: Script,
     timeout: Duration,
+    /// For `/healthz`: fail fast while disconnected, one attempt.
+    ping: Options,
 }
 
 impl RedisStore {
@@ -103,16 +105,6 @@ impl RedisStore {
             ],
             per_user_limit: Value::from(sale.per_user_limit as i64),
             deduct: Script::from_lua(DEDUCT),
-            options: Options {
-                // While disconnected, fail now instead of queueing: a queued
-                // deduction would run after its buyer was told 503.
-                fail_fast: true,
-                // fred's own timeout marks the command as timed out so it is
-                // never written late; an outer tokio timeout would not.
-                timeout: Some(timeout),
-                max_attempts: Some(1),
-                ..Options::default()
-            },
         };
         let (queue, pending) = mpsc::unbounded_channel();
         // The task holds no sender: it ends when the last clone of the
@@ -130,6 +122,13 @@ impl RedisStore {
             audit: Script::from_lua(AUDIT),
             init: Script::from_lua(INIT),
             timeout,
+            ping: Options {
+                // While disconnected, fail now instead of queueing.
+                fail_fast: true,
+                timeout: Some(timeout),
+                max_attempts: Some(1),
+                ..Options::default()
+            },
         })
     }
 
@@ -140,18 +139,7 @@ impl RedisStore {
     }
 
     async fn eval(&self, script: &Script, args: Vec<Value>) -> Result<Value, StoreError> {
-        let call = script.evalsha_with_reload::<Value, _, _>(
-            self.link.pool.next(),
-            self.link.keys.clone(),
-            args,
-        );
-        // fred enforces the command timeout too; this bound also covers the
-        // NOSCRIPT reload round trip.
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(map_error(e)),
-            Err(_) => Err(StoreError::Timeout),
-        }
+        self.link.eval(script, args, self.timeout).await
     }
 
     /// One purchase, decided with the others of its batch (see `deduct.lua`).
@@ -245,7 +233,7 @@ impl RedisStore {
         self.link
             .pool
             .next()
-            .with_options(&self.link.options)
+            .with_options(&self.ping)
             .ping::<Value>(None)
             .await
             .map(|_| ())
@@ -272,7 +260,6 @@ struct Link {
     keys: Vec<Key>,
     per_user_limit: Value,
     deduct: Script,
-    options: Options,
 }
 
 /// Takes a free call slot, then everything queued (up to [`MAX_BATCH`]), and
@@ -307,6 +294,26 @@ async fn send_batches(
 }
 
 impl Link {
+    /// `script` by SHA (loaded again on NOSCRIPT), answered within `limit`.
+    /// fred enforces its command timeout too; this bound also covers the
+    /// reload round trip. A call given up on may still reach Redis late
+    /// (fred does not resend it, but may have queued it across a
+    /// reconnect): `deduct.lua`'s deadlines are what make that harmless.
+    async fn eval(
+        &self,
+        script: &Script,
+        args: Vec<Value>,
+        limit: Duration,
+    ) -> Result<Value, StoreError> {
+        let call =
+            script.evalsha_with_reload::<Value, _, _>(self.pool.next(), self.keys.clone(), args);
+        match tokio::time::timeout(limit, call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(map_error(e)),
+            Err(_) => Err(StoreError::Timeout),
+        }
+    }
+
     /// One call for `batch`; every purchase in it gets its answer.
     async fn send(&self, batch: Vec<Pending>) {
         let now = now_millis();
@@ -339,21 +346,10 @@ impl Link {
         // Each purchase carries its own deadline, which the script checks:
         // one buyer about to give up does not cut the others' wait short.
         let left = Duration::from_millis(latest - now);
-        let options = Options {
-            timeout: Some(left),
-            ..self.options.clone()
-        };
-        let client = self.pool.next().with_options(&options);
-        let call = self
-            .deduct
-            .evalsha_with_reload::<Value, _, _>(&client, self.keys.clone(), args);
-        // fred enforces the command timeout too; this bound also covers the
-        // NOSCRIPT reload round trip.
-        let answers = match tokio::time::timeout(left, call).await {
-            Ok(Ok(v)) => outcomes(v, replies.len()),
-            Ok(Err(e)) => Err(map_error(e)),
-            Err(_) => Err(StoreError::Timeout),
-        };
+        let answers = self
+            .eval(&self.deduct, args, left)
+            .await
+            .and_then(|v| outcomes(v, replies.len()));
         match answers {
             Ok(outcomes) => {
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
