@@ -78,7 +78,10 @@ struct SaleFile {
     total: Spanned<i64>,
     #[serde(default)]
     per_user_limit: Option<Spanned<i64>>,
+    /// Read so that old files still load; it no longer does anything.
     buffer: Option<Spanned<i64>>,
+    lease: Option<Spanned<i64>>,
+    lease_ttl: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -87,6 +90,7 @@ struct RedisFile {
     url: Spanned<String>,
     timeout: Option<Spanned<String>>,
     pool_size: Option<Spanned<i64>>,
+    max_clock_offset: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,6 +99,7 @@ struct NodeFile {
     name: Spanned<String>,
     listen: Spanned<String>,
     weight: Option<Spanned<i64>>,
+    /// Read so that old files still load; it no longer does anything.
     stock: Option<Spanned<i64>>,
     threads: Option<Spanned<i64>>,
 }
@@ -157,6 +162,9 @@ pub struct Config {
     pub balancer: Option<BalancerConfig>,
     /// Limits of the HTTP servers (both modes).
     pub server: ServerConfig,
+    /// Keys the file sets that no longer do anything, each with what to
+    /// do instead: logged at start, so an old file still runs.
+    pub warnings: Vec<String>,
 }
 
 /// What is on sale and under which rules.
@@ -167,9 +175,14 @@ pub struct SaleConfig {
     /// Tickets on sale.
     pub total: u64,
     /// Tickets one buyer may hold; 0 means anonymous buyers are allowed.
+    /// Written into the store by `stock init`; nodes enforce the stored one.
     pub per_user_limit: u64,
-    /// Extra tickets of local allowance per node, beyond its weighted share.
-    pub buffer: u64,
+    /// Units a node asks for when its lease runs low: a node sends at most
+    /// this many purchases before it asks the store again.
+    pub lease: u64,
+    /// How long a lease lives unless its node calls the store again, so the
+    /// units of a node that died come back by themselves.
+    pub lease_ttl: Duration,
 }
 
 /// How to reach Redis.
@@ -183,6 +196,10 @@ pub struct RedisConfig {
     /// (default 2: one on the wire while the last one's answers go out;
     /// more slots make smaller batches, and more work for Redis per sale).
     pub pool_size: usize,
+    /// A node whose wall clock is further than this from Redis's reports
+    /// itself unhealthy (deadlines are safe either way: they are kept in
+    /// Redis's clock).
+    pub max_clock_offset: Duration,
 }
 
 /// One ticket-selling node.
@@ -192,10 +209,8 @@ pub struct NodeConfig {
     pub name: String,
     /// Where it listens.
     pub listen: SocketAddr,
-    /// Its share of traffic and of stock.
+    /// Its share of the traffic (the balancer's weight for it).
     pub weight: u32,
-    /// Its local allowance: the weighted share plus the buffer, or `stock` from the file.
-    pub allowance: u64,
     /// Runtime threads of a `spike node` process; `None` is one per CPU.
     /// Several nodes sharing a few CPUs (a benchmark on one machine) run
     /// cheaper with one each: every hand-off between threads of a process
@@ -494,8 +509,25 @@ impl Cx<'_> {
                 Some(RedisConfig {
                     url: url.to_string(),
                     timeout: match &r.timeout {
-                        Some(v) => self.duration("redis.timeout", v)?,
+                        Some(v) => {
+                            let d = self.duration("redis.timeout", v)?;
+                            // Deadlines are whole milliseconds in Redis's
+                            // clock: a shorter timeout makes every purchase
+                            // "too late" before it is sent.
+                            if d < Duration::from_millis(1) {
+                                return Err(self.err(
+                                    "redis.timeout",
+                                    v.span(),
+                                    format!("must be at least 1ms, not {:?}", v.get_ref()),
+                                ));
+                            }
+                            d
+                        }
                         None => Duration::from_millis(1000),
+                    },
+                    max_clock_offset: match &r.max_clock_offset {
+                        Some(v) => self.duration("redis.max_clock_offset", v)?,
+                        None => Duration::from_secs(1),
                     },
                     pool_size: match &r.pool_size {
                         Some(v) => self.count("redis.pool_size", v, 1)?.min(64) as usize,
@@ -505,11 +537,10 @@ impl Cx<'_> {
             }
         };
 
-        // Nodes first without allowances: the allowance needs the whole list.
+        let mut warnings = Vec::new();
         let mut names = HashSet::new();
         let mut listens = HashSet::new();
         let mut nodes = Vec::with_capacity(file.node.len());
-        let mut explicit_stock = Vec::with_capacity(file.node.len());
         for (i, n) in file.node.iter().enumerate() {
             let n = n.get_ref();
             let name = n.name.get_ref().trim().to_string();
@@ -539,10 +570,13 @@ impl Cx<'_> {
                 Some(w) => self.weight(&format!("node[{i}].weight"), w)?,
                 None => 1,
             };
-            explicit_stock.push(match &n.stock {
-                Some(s) => Some(self.count(&format!("node[{i}].stock"), s, 0)?),
-                None => None,
-            });
+            if let Some(s) = &n.stock {
+                warnings.push(format!(
+                    "{}:{}: `node[{i}].stock` no longer does anything: a node leases its stock from the store as it sells (see [sale] lease); remove it",
+                    self.path.display(),
+                    self.line(s.span().start)
+                ));
+            }
             let threads = match &n.threads {
                 Some(t) => {
                     Some(self.count(&format!("node[{i}].threads"), t, 1)?.min(1024) as usize)
@@ -553,7 +587,6 @@ impl Cx<'_> {
                 name,
                 listen,
                 weight,
-                allowance: 0,
                 threads,
             });
         }
@@ -575,28 +608,40 @@ impl Cx<'_> {
                     Some(v) => self.count("sale.per_user_limit", v, 0)?,
                     None => 1,
                 };
-                let buffer = match &s.buffer {
-                    Some(v) => self.count("sale.buffer", v, 0)?,
-                    None => default_buffer(total, &nodes),
+                if let Some(b) = &s.buffer {
+                    warnings.push(format!(
+                        "{}:{}: `sale.buffer` no longer does anything: nodes lease stock from the store as they sell, and a dead node's lease comes back by itself (see [sale] lease and lease_ttl); remove it",
+                        self.path.display(),
+                        self.line(b.span().start)
+                    ));
+                }
+                let lease = match &s.lease {
+                    Some(v) => self.count("sale.lease", v, 1)?,
+                    None => default_lease(total, nodes.len()),
+                };
+                let lease_ttl = match &s.lease_ttl {
+                    Some(v) => {
+                        let d = self.duration("sale.lease_ttl", v)?;
+                        if d < Duration::from_secs(1) {
+                            return Err(self.err(
+                                "sale.lease_ttl",
+                                v.span(),
+                                format!("must be at least 1s (a live node renews its lease at least once a second), not {:?}", v.get_ref()),
+                            ));
+                        }
+                        d
+                    }
+                    None => Duration::from_secs(10),
                 };
                 Some(SaleConfig {
                     event,
                     total,
                     per_user_limit,
-                    buffer,
+                    lease,
+                    lease_ttl,
                 })
             }
         };
-
-        if let Some(sale) = &sale {
-            let shares = weighted_shares(sale.total, &nodes);
-            for ((node, share), explicit) in nodes.iter_mut().zip(shares).zip(&explicit_stock) {
-                node.allowance = match explicit {
-                    Some(s) => *s,
-                    None => (share + sale.buffer).min(sale.total),
-                };
-            }
-        }
 
         let balancer = self.balancer(file.balancer.as_ref(), &nodes)?;
 
@@ -607,6 +652,7 @@ impl Cx<'_> {
             nodes,
             balancer,
             server,
+            warnings,
         })
     }
 
@@ -788,40 +834,12 @@ fn nodes_as_upstreams(nodes: &[NodeConfig]) -> Vec<UpstreamConfig> {
         .collect()
 }
 
-/// Splits `total` by weight so that the shares add up to exactly `total`
-/// (largest remainders get the leftover tickets, ties to the earlier node).
-pub fn weighted_shares(total: u64, nodes: &[NodeConfig]) -> Vec<u64> {
-    let sum: u128 = nodes.iter().map(|n| n.weight as u128).sum();
-    if sum == 0 {
-        return Vec::new();
-    }
-    let mut shares: Vec<(u64, u128, usize)> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| {
-            let exact = total as u128 * n.weight as u128;
-            ((exact / sum) as u64, exact % sum, i)
-        })
-        .collect();
-    let given: u64 = shares.iter().map(|s| s.0).sum();
-    let mut order: Vec<usize> = (0..shares.len()).collect();
-    order.sort_by(|&a, &b| shares[b].1.cmp(&shares[a].1).then(a.cmp(&b)));
-    for &i in order.iter().take((total - given) as usize) {
-        shares[i].0 += 1;
-    }
-    shares.into_iter().map(|s| s.0).collect()
-}
-
-/// The smallest per-node buffer with which any one node can die holding its
-/// whole allowance and the others can still sell every ticket:
-/// `sum over the others of (share + buffer) >= total`, i.e.
-/// `buffer >= largest share / (nodes - 1)`.
-pub fn default_buffer(total: u64, nodes: &[NodeConfig]) -> u64 {
-    if nodes.len() < 2 {
-        return 0;
-    }
-    let largest = weighted_shares(total, nodes).into_iter().max().unwrap_or(0);
-    largest.div_ceil(nodes.len() as u64 - 1)
+/// A node's lease when the file sets none: a tenth of a node's even share,
+/// between 1 and 100. Small enough that the last tickets are spread over
+/// the nodes that have buyers, large enough that a lease call is rare next
+/// to the purchases it covers.
+pub fn default_lease(total: u64, nodes: usize) -> u64 {
+    (total / (10 * nodes.max(1) as u64)).clamp(1, 100)
 }
 
 /// Finds the dotted key a toml error is about, from the text around its span,
@@ -899,17 +917,50 @@ weight = 4
 "#;
 
     #[test]
-    fn allowance_is_share_plus_a_buffer_that_survives_any_one_death() {
+    fn leases_default_to_a_tenth_of_an_even_share_and_old_keys_only_warn() {
         let c = parse(FOUR).expect("valid");
         let sale = c.sale.as_ref().expect("sale");
-        // The largest share is 400; 3 survivors must cover it: ceil(400/3) = 134.
-        assert_eq!(sale.buffer, 134);
-        let allowances: Vec<u64> = c.nodes.iter().map(|n| n.allowance).collect();
-        assert_eq!(allowances, vec![234, 334, 434, 534]);
-        for dead in 0..4 {
-            let rest: u64 = (0..4).filter(|&i| i != dead).map(|i| allowances[i]).sum();
-            assert!(rest >= 1000, "node {dead} dying leaves {rest}");
-        }
+        // 1,000 tickets over 4 nodes: a tenth of 250.
+        assert_eq!((sale.lease, sale.lease_ttl), (25, Duration::from_secs(10)));
+        assert!(c.warnings.is_empty());
+        assert_eq!(default_lease(10_000_000, 4), 100);
+        assert_eq!(default_lease(3, 4), 1);
+
+        let old = FOUR
+            .replace("total = 1000\n", "total = 1000\nbuffer = 134\n")
+            .replace("weight = 2\n", "weight = 2\nstock = 500\n");
+        let c = parse(&old).expect("an old file still loads");
+        assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+        assert!(c.warnings[0].contains("test.toml:") && c.warnings[0].contains("stock"));
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("`sale.buffer` no longer does anything"))
+        );
+
+        let tuned = FOUR.replace(
+            "total = 1000\n",
+            "total = 1000\nlease = 7\nlease_ttl = \"3s\"\n",
+        );
+        let c = parse(&tuned).expect("valid");
+        let sale = c.sale.as_ref().expect("sale");
+        assert_eq!((sale.lease, sale.lease_ttl), (7, Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn a_sub_millisecond_store_timeout_or_short_lease_is_refused() {
+        let with =
+            |extra: &str| format!("{FOUR}[redis]\nurl = \"redis://127.0.0.1:6379\"\n{extra}");
+        let e = parse(&with("timeout = \"500us\"\n")).expect_err("refused");
+        assert_eq!(e.key(), Some("redis.timeout"));
+        assert!(e.to_string().contains("at least 1ms"), "{e}");
+        parse(&with("timeout = \"1ms\"\n")).expect("1ms is enough");
+        let e = parse(&FOUR.replace("total = 1000\n", "total = 1000\nlease_ttl = \"200ms\"\n"))
+            .expect_err("refused");
+        assert_eq!(e.key(), Some("sale.lease_ttl"));
+        let e = parse(&FOUR.replace("total = 1000\n", "total = 1000\nlease = 0\n"))
+            .expect_err("refused");
+        assert_eq!(e.key(), Some("sale.lease"));
     }
 
     #[test]
@@ -927,15 +978,6 @@ weight = 4
         assert_eq!(c.redis.as_ref().expect("redis").pool_size, 5);
         assert_eq!(c.nodes[0].threads, Some(1));
         assert_eq!(c.nodes[1].threads, None);
-    }
-
-    #[test]
-    fn shares_add_up_to_the_total() {
-        let c = parse(FOUR).expect("valid");
-        for total in [1, 7, 10, 999, 1001] {
-            assert_eq!(weighted_shares(total, &c.nodes).iter().sum::<u64>(), total);
-        }
-        assert_eq!(weighted_shares(10, &c.nodes), vec![1, 2, 3, 4]);
     }
 
     #[test]

@@ -35,10 +35,16 @@ fn with_store<T>(
 pub fn init(config_path: &Path, force: bool) -> anyhow::Result<ExitCode> {
     with_store(config_path, async |config, store| {
         let sale = config.require_sale()?;
-        if store.init(force).await.context("stock init")? {
+        if let Some(epoch) = store.init(force).await.context("stock init")? {
             println!(
-                "{{\"event\":\"{}\",\"total\":{},\"initialised\":true}}",
-                sale.event, sale.total
+                "{}",
+                serde_json::json!({
+                    "event": sale.event,
+                    "total": sale.total,
+                    "per_user_limit": sale.per_user_limit,
+                    "epoch": epoch,
+                    "initialised": true,
+                })
             );
             Ok(ExitCode::SUCCESS)
         } else {
@@ -63,10 +69,10 @@ pub fn show(config_path: &Path) -> anyhow::Result<ExitCode> {
 
 /// `spike stock audit`: prints what it found; non-zero exit when anything is off.
 pub fn audit(config_path: &Path) -> anyhow::Result<ExitCode> {
-    with_store(config_path, async |config, store| {
-        let limit = config.require_sale()?.per_user_limit;
+    with_store(config_path, async |_, store| {
         let snap: Snapshot = store.snapshot().await.context("stock audit")?;
-        let problems = snap.audit(limit);
+        let buyers = store.tally_buyers().await.context("stock audit")?;
+        let problems = snap.audit(Some(buyers));
         println!(
             "{}",
             serde_json::json!({
@@ -75,8 +81,12 @@ pub fn audit(config_path: &Path) -> anyhow::Result<ExitCode> {
                 "sold": snap.sold,
                 "orders": snap.orders,
                 "buyers": snap.buyers,
-                "most_by_one_buyer": snap.most_by_one_buyer,
-                "per_user_limit": limit,
+                "most_by_one_buyer": buyers.most_by_one_buyer,
+                "tickets_held": buyers.tickets_held,
+                "leased": snap.leased,
+                "keys": snap.keys,
+                "epoch": snap.epoch,
+                "per_user_limit": snap.per_user_limit,
                 "ok": problems.is_empty(),
                 "problems": problems,
             })

@@ -139,7 +139,7 @@ pub async fn run(
 
 /// What `spike up` prints once the sale is open: where things listen and two
 /// lines to paste.
-pub fn banner(config: &Config, nodes: &[Arc<Node>]) -> String {
+pub fn banner(config: &Config) -> String {
     let mut s = String::new();
     let (Some(b), Some(sale)) = (config.balancer.as_ref(), config.sale.as_ref()) else {
         return s;
@@ -164,13 +164,10 @@ pub fn banner(config: &Config, nodes: &[Arc<Node>]) -> String {
         b.strategy.as_str(),
         b.admin
     ));
-    for (cfg, node) in config.nodes.iter().zip(nodes) {
+    for cfg in &config.nodes {
         s.push_str(&format!(
-            "  node {:<4}  http://{}  weight {}, allowance {}\n",
-            cfg.name,
-            cfg.listen,
-            cfg.weight,
-            node.allowance_left()
+            "  node {:<4}  http://{}  weight {}, leases {} tickets at a time\n",
+            cfg.name, cfg.listen, cfg.weight, sale.lease
         ));
     }
     s.push_str(&format!(
@@ -205,9 +202,12 @@ pub fn main(config_path: &Path) -> anyhow::Result<ExitCode> {
         .build()?;
     runtime.block_on(async move {
         let shutdown = crate::server::shutdown_signal();
+        for w in &config.warnings {
+            tracing::warn!("{w}");
+        }
         let listeners = Listeners::bind(&config)?;
-        run(config, listeners, shutdown, |c, nodes| {
-            println!("{}", banner(c, nodes));
+        run(config, listeners, shutdown, |c, _nodes| {
+            println!("{}", banner(c));
         })
         .await?;
         eprintln!("spike up: stopped");

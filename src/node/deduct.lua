@@ -1,60 +1,201 @@
--- A batch of purchases, atomically, in arrival order: one call carries every
--- purchase that queued on a node while its previous calls were in flight, so
--- Redis's single thread pays the call and the sale's lookups once per batch,
--- not once per ticket. Every key shares the sale's hash tag, so this runs
--- unchanged on Redis Cluster.
--- KEYS[1] stock hash (total, sold, epoch)   KEYS[2] buyers hash (buyer -> tickets held)
--- KEYS[3] orders hash (order id -> JSON)    KEYS[4] buyer_order hash (buyer -> last order id)
--- ARGV[1] per-user limit (0 = none)  ARGV[2] time, Unix milliseconds
--- ARGV[3], ARGV[4], ARGV[5], ...: triples of buyer ('' when anonymous), node
--- name, and deadline (Unix milliseconds: from then on the node has told that
--- buyer 503).
--- Returns {code, order id, sold} for each purchase, in order: 1 sold,
--- 2 sold out, 3 already bought, 5 too late (nothing done for it); or {4}
--- for the whole batch when there is no sale.
--- A client library can deliver a command late (queued across a reconnect);
--- by then its buyers were told 503, so a late purchase must not sell.
-local now = redis.call('TIME')
-now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
+-- A batch of entries from one node process, decided atomically in arrival
+-- order: one call carries every purchase (and lease request) that queued while
+-- the process's previous calls were in flight, so Redis's single thread pays
+-- the call and the sale's lookups once per batch, not once per ticket. Every
+-- key shares the sale's hash tag, so this runs unchanged on Redis Cluster.
+--
+-- KEYS[1] stock hash (total, sold, epoch, limit, held, most)
+-- KEYS[2] buyers hash (buyer -> tickets held)
+-- KEYS[3] orders hash (order id -> JSON)
+-- KEYS[4] buyer_order hash (buyer -> last order id)
+-- KEYS[5] leases hash (holder -> "units:expires_ms")
+-- KEYS[6] keys hash (Idempotency-Key -> "order id buyer")
+-- ARGV[1] lease lifetime in milliseconds
+-- Then groups of 6: kind ('p' purchase, 'l' lease request), holder (a node
+-- process's lease name), node name, buyer ('' when anonymous), Idempotency-Key
+-- ('' when none), and for 'p' the deadline (Redis milliseconds: from then on
+-- the buyer has been told 503) or for 'l' "units wanted:deadline".
+--
+-- Returns {0, epoch, limit, sold, total} then, per entry, {code, order id,
+-- count, units the holder's lease has left}:
+--   1 sold (count = the ticket's number)      2 sold out
+--   3 already bought (order = the last one)   5 too late: nothing done
+--   6 this key already bought (order = its)   7 this key belongs to another buyer
+--   8 lease answer (count = units granted)
+-- or {4} for the whole batch when there is no sale.
+--
+-- The sale's rule is `sold <= total`, and leases never promise more than is
+-- left: `sold + units leased <= total`. A lease is a node's right to send
+-- that many purchases without asking first; it is not a reservation that
+-- can strand a buyer: a purchase sells whenever `sold < total`, taking its
+-- unit from its own lease, else from what nobody holds, else from the
+-- largest other lease. So the sale sells exactly its total, whichever nodes
+-- the buyers reach, and a lease of a node that died comes back by itself
+-- (it expires unless renewed, and can be taken from before that).
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local stock = redis.call('HMGET', KEYS[1], 'total', 'sold', 'epoch', 'limit')
+local total = tonumber(stock[1])
 if not total then
   return {4}
 end
-local limit = tonumber(ARGV[1])
-local time = tonumber(ARGV[2])
-local sold = tonumber(redis.call('HGET', KEYS[1], 'sold') or '0')
-local epoch = redis.call('HGET', KEYS[1], 'epoch') or '0'
-local out = {}
--- One answer per purchase: its code, its order id ('' when none), and the
--- sold count it saw.
-local function answer(code, id, count)
+local sold = tonumber(stock[2] or '0')
+local epoch = stock[3] or '0'
+local limit = tonumber(stock[4] or '0')
+local ttl = tonumber(ARGV[1])
+
+-- Leases, read once: a handful of fields, one per live node process.
+local leases, expiry, leased = {}, {}, 0
+local raw = redis.call('HGETALL', KEYS[5])
+for i = 1, #raw, 2 do
+  local units, expires = string.match(raw[i + 1], '^(%d+):(%d+)$')
+  units, expires = tonumber(units), tonumber(expires)
+  if units and expires > now then
+    leases[raw[i]] = units
+    expiry[raw[i]] = expires
+    leased = leased + units
+  else
+    redis.call('HDEL', KEYS[5], raw[i])
+  end
+end
+-- Holders whose lease changed; those that spoke in this batch are renewed,
+-- one that only lost units keeps its expiry (a dead node's lease must run out).
+local touched = {}
+local function renew(holder)
+  touched[holder] = true
+  expiry[holder] = now + ttl
+end
+
+-- One unit for `holder`'s sale: its own lease, else the free stock, else
+-- the largest other lease. Only called while sold < total, and then some
+-- unit exists (sold + leased <= total).
+local function take_unit(holder)
+  local own = leases[holder] or 0
+  if own > 0 then
+    leases[holder] = own - 1
+    leased = leased - 1
+  elseif total - sold - leased <= 0 then
+    local victim, most = nil, 0
+    for h, u in pairs(leases) do
+      if u > most then victim, most = h, u end
+    end
+    if victim then
+      leases[victim] = most - 1
+      leased = leased - 1
+      touched[victim] = true
+    end
+  end
+  renew(holder)
+end
+
+-- Up to `want` units for `holder`: half of what is free at most, so that the
+-- last tickets are not all handed to one node; when nothing is free, half
+-- of the largest other lease (the buyers are here, not there).
+local function grant(holder, want)
+  renew(holder)
+  if want <= 0 or sold >= total then
+    return 0
+  end
+  local free = total - sold - leased
+  local g = 0
+  if free > 0 then
+    g = math.min(want, math.max(1, math.floor(free / 2)))
+  else
+    local victim, most = nil, 0
+    for h, u in pairs(leases) do
+      if h ~= holder and u > most then victim, most = h, u end
+    end
+    if victim then
+      g = math.min(want, math.ceil(most / 2))
+      leases[victim] = most - g
+      touched[victim] = true
+      leased = leased - g
+    end
+  end
+  leases[holder] = (leases[holder] or 0) + g
+  leased = leased + g
+  return g
+end
+
+local out = {0, epoch, limit, 0, total}
+local function answer(code, id, count, holder)
   out[#out + 1] = code
   out[#out + 1] = id
   out[#out + 1] = count
+  out[#out + 1] = leases[holder] or 0
 end
-for i = 3, #ARGV, 3 do
-  local buyer, node, deadline = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  local limited = buyer ~= '' and limit > 0
-  if now >= deadline then
-    answer(5, '', 0)
-  elseif limited and tonumber(redis.call('HGET', KEYS[2], buyer) or '0') >= limit then
-    answer(3, redis.call('HGET', KEYS[4], buyer) or '', 0)
-  elseif sold + 1 > total then
-    -- The reference design's bug was a `>=` that let sale N+1 through; the
-    -- test is "one more would exceed the total".
-    answer(2, '', sold)
-  else
-    -- `sold` is written first, sale by sale: Redis does not roll a script
-    -- back, so if a later write fails, what was sold is still counted and
-    -- no order id is handed out twice.
-    sold = redis.call('HINCRBY', KEYS[1], 'sold', 1)
-    local id = epoch .. '-' .. string.format('%d', sold)
-    if buyer ~= '' then
-      redis.call('HINCRBY', KEYS[2], buyer, 1)
-      redis.call('HSET', KEYS[4], buyer, id)
+
+local held_added, most = 0, 0
+for i = 2, #ARGV, 6 do
+  local kind, holder, node, buyer, key = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  if kind == 'l' then
+    local want, deadline = string.match(ARGV[i + 5], '^(%d+):(%d+)$')
+    if now >= tonumber(deadline) then
+      answer(5, '', 0, holder)
+    else
+      answer(8, '', grant(holder, tonumber(want)), holder)
     end
-    redis.call('HSET', KEYS[3], id, cjson.encode({id = id, buyer = buyer, node = node, time = time}))
-    answer(1, id, sold)
+  else
+    local deadline = tonumber(ARGV[i + 5])
+    local limited = buyer ~= '' and limit > 0
+    local seen = key ~= '' and redis.call('HGET', KEYS[6], key)
+    local seen_order, seen_buyer
+    if seen then
+      seen_order, seen_buyer = string.match(seen, '^(%S+) ?(.*)$')
+    end
+    if now >= deadline then
+      -- A client library can deliver a command late (queued across a
+      -- reconnect); by then the buyer was told 503, so it must not sell.
+      answer(5, '', 0, holder)
+    elseif seen then
+      if seen_buyer == buyer then
+        answer(6, seen_order, tonumber(string.match(seen_order, '(%d+)$')) or 0, holder)
+      else
+        answer(7, '', 0, holder)
+      end
+    elseif limited and tonumber(redis.call('HGET', KEYS[2], buyer) or '0') >= limit then
+      answer(3, redis.call('HGET', KEYS[4], buyer) or '', 0, holder)
+    elseif sold + 1 > total then
+      -- The reference design's bug was a `>=` that let sale N+1 through;
+      -- the test is "one more would exceed the total".
+      answer(2, '', sold, holder)
+    else
+      take_unit(holder)
+      -- `sold` is written first, sale by sale: Redis does not roll a script
+      -- back, so if a later write fails, what was sold is still counted and
+      -- no order id is handed out twice.
+      sold = redis.call('HINCRBY', KEYS[1], 'sold', 1)
+      local id = epoch .. '-' .. string.format('%d', sold)
+      if buyer ~= '' then
+        local held = redis.call('HINCRBY', KEYS[2], buyer, 1)
+        redis.call('HSET', KEYS[4], buyer, id)
+        held_added = held_added + 1
+        if held > most then most = held end
+      end
+      if key ~= '' then
+        redis.call('HSET', KEYS[6], key, id .. ' ' .. buyer)
+      end
+      redis.call('HSET', KEYS[3], id, cjson.encode({id = id, buyer = buyer, node = node, time = now, key = key}))
+      answer(1, id, sold, holder)
+    end
   end
 end
+
+-- A lease lives while its node keeps calling; one with no units left is
+-- dropped, so the hash holds only the nodes that hold stock.
+for h in pairs(touched) do
+  local units = leases[h] or 0
+  if units > 0 then
+    redis.call('HSET', KEYS[5], h, string.format('%d:%d', units, expiry[h]))
+  else
+    redis.call('HDEL', KEYS[5], h)
+  end
+end
+if held_added > 0 then
+  redis.call('HINCRBY', KEYS[1], 'held', held_added)
+  if most > tonumber(redis.call('HGET', KEYS[1], 'most') or '0') then
+    redis.call('HSET', KEYS[1], 'most', most)
+  end
+end
+out[4] = sold
 return out

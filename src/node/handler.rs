@@ -1,65 +1,149 @@
 //! The node's HTTP routes and answers. The hot path (`/buy/ticket`) touches
-//! only atomics until its one Redis call (shared with the purchases queued
-//! beside it), and answers from memory once Redis has said the sale is over.
+//! only atomics until its one store call (shared with the purchases queued
+//! beside it), and answers from memory once the store has said the sale is
+//! over.
+//!
+//! What a node holds is never the truth, only a lease on it: units it may
+//! send without asking (taken from the store in chunks, coalesced), the
+//! sale's epoch and limit as the last store answer gave them, and, once
+//! the sale is sold out, who holds what. Every store answer carries the
+//! sale's state, and a poll refreshes it once a second when no purchase
+//! does, so a reset or returned stock reaches a node within about a second.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{ALLOW, CONTENT_LENGTH, HeaderValue, TRANSFER_ENCODING};
+use hyper::header::{ALLOW, CONTENT_LENGTH, HeaderName, HeaderValue, TRANSFER_ENCODING};
 use hyper::{Method, Request, Response, StatusCode};
+use tokio::time::Instant;
 
-use super::allowance::{Allowance, NoUnit};
-use super::store::{Holders, Outcome, Store};
+use super::lease::{Lease, Unit};
+use super::store::{Holders, Outcome, Purchase, SaleState, Snapshot, Store, StoreError};
 use crate::server::json;
 
 /// Longest buyer id accepted; it becomes a Redis hash field.
 pub const MAX_BUYER_LEN: usize = 64;
 
+/// Longest `Idempotency-Key` accepted (a UUID is 36).
+pub const MAX_KEY_LEN: usize = 64;
+
 /// Longest request target accepted (Nginx's default header buffer is 8k);
 /// nothing legitimate on a node comes near it.
 pub const MAX_URI_LEN: usize = 8192;
+
+/// The IETF httpapi draft's header: one purchase however often it is sent.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// On an answer that repeats the first answer to the same key.
+const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// How often a node that has not heard from the store asks for the sale's
+/// state (and so renews its lease).
+pub const POLL_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a cached `/sale` answer is served: a flood of it costs the store
+/// a few calls a second, not one per request.
+const SALE_CACHE: Duration = Duration::from_millis(500);
 
 /// Counters for `/stats`.
 #[derive(Debug, Default)]
 pub struct Stats {
     /// Tickets this node sold.
     pub sold: AtomicU64,
-    /// Sold-out answers (from Redis or from memory).
+    /// Sold-out answers (from the store or from memory).
     pub sold_out: AtomicU64,
     /// Answers to buyers at their limit.
     pub already_bought: AtomicU64,
+    /// Answers that repeated a key's first answer.
+    pub replayed: AtomicU64,
     /// Store calls that failed (each a 503).
     pub store_errors: AtomicU64,
-    /// Purchases sent to the store (one per purchase that passed the local
-    /// gates; with Redis several go out in one call, see `redis_calls`).
+    /// Purchases sent to the store (several go out in one call, see
+    /// `redis_calls`).
     pub store_calls: AtomicU64,
+    /// Lease requests sent to the store (polls included).
+    pub lease_calls: AtomicU64,
     /// Requests refused as malformed.
     pub bad_requests: AtomicU64,
-    /// 503 busy answers: the allowance was all held by purchases in flight.
+    /// 503 busy answers: every unit left is held by purchases in flight.
     pub busy: AtomicU64,
+}
+
+/// How the last lease request ended, for the buyers waiting on it.
+const REFILL_GRANTED: u8 = 0;
+const REFILL_NONE: u8 = 1;
+const REFILL_FAILED: u8 = 2;
+
+/// The holders of one epoch of the sale.
+struct KnownHolders {
+    epoch: u64,
+    holders: Holders,
+}
+
+/// A `/sale` answer and when it was read.
+struct CachedSale {
+    at: Instant,
+    body: Bytes,
+}
+
+/// What a node needs to sell, beside its store.
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    /// The node's name, recorded with every order it sells.
+    pub name: String,
+    /// The per-user limit of the file: used until the store's is known.
+    pub per_user_limit: u64,
+    /// Units asked for per lease request.
+    pub lease: u64,
+    /// How long a buyer may wait for the store.
+    pub timeout: Duration,
+    /// Largest body accepted on `/buy/ticket`.
+    pub max_body: u64,
+    /// `/healthz` fails past this clock offset to Redis.
+    pub max_clock_offset: Option<Duration>,
 }
 
 /// One node's selling state, shared by all its connections.
 pub struct Node {
+    /// Itself, for the background tasks it starts.
+    me: std::sync::Weak<Node>,
     name: String,
+    /// This process's lease name in the store: the node's name and a
+    /// random part, so a restarted node never inherits the lease of its
+    /// previous life (that one runs out by itself).
+    holder: String,
     store: Store,
-    allowance: Allowance,
+    lease: Lease,
+    lease_chunk: u64,
+    /// A lease request is in flight (buyers who find no unit wait for it).
+    refilling: AtomicBool,
+    refill_result: AtomicU8,
+    /// The sale's epoch as last heard; 0 before the first answer.
+    epoch: AtomicU64,
+    /// The per-user limit as last heard (the file's until then).
+    limit: AtomicU64,
     sold_out: AtomicBool,
-    /// Once sold out (or spent): the buyers at their limit and their orders, read from
-    /// the store once, so that a buyer who bought (perhaps without hearing
-    /// the answer) is told "already bought" from memory, as the script would
-    /// have, instead of "sold out".
-    holders: Arc<OnceLock<Holders>>,
-    /// Whether that read has been started (it is started once).
-    learning: AtomicBool,
-    per_user_limit: u64,
+    /// Once sold out: the buyers at their limit and the keys that bought,
+    /// read from the store, so that they are answered from memory as the
+    /// script would answer them.
+    holders: ArcSwapOption<KnownHolders>,
+    /// The epoch whose holders are being read (0: none).
+    learning: AtomicU64,
+    /// Milliseconds since `born` of the last store answer.
+    last_heard: AtomicU64,
+    born: Instant,
+    timeout: Duration,
     max_body: u64,
+    max_clock_offset: Option<Duration>,
+    sale_cache: Mutex<Option<CachedSale>>,
+    sale_refreshing: AtomicBool,
     /// What the node has done, for `/stats`.
     pub stats: Stats,
 }
@@ -75,26 +159,57 @@ pub enum BuyerError {
     Malformed,
 }
 
+/// Why an `Idempotency-Key` was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// Sent more than once, or not 1 to 64 characters of `[A-Za-z0-9_.:@-]`
+    /// (optionally in double quotes).
+    #[error(
+        "an Idempotency-Key is one header of 1 to 64 characters of letters, digits, '_', '.', ':', '@' or '-', optionally in double quotes"
+    )]
+    Malformed,
+}
+
+/// A random 64-bit value from the standard library's per-process hasher
+/// keys (seeded by the OS), without a random-number dependency.
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish()
+}
+
 impl Node {
-    /// A node named `name` with `allowance` tickets of local stock.
-    pub fn new(
-        name: &str,
-        allowance: u64,
-        per_user_limit: u64,
-        max_body: u64,
-        store: Store,
-    ) -> Node {
-        Node {
-            name: name.to_string(),
+    /// A node selling from `store` under `settings`.
+    pub fn new(settings: NodeSettings, store: Store) -> Arc<Node> {
+        Arc::new_cyclic(|me| Node {
+            me: me.clone(),
+            holder: format!("{}/{:016x}", settings.name, random_u64()),
+            name: settings.name,
             store,
-            allowance: Allowance::new(allowance),
+            lease: Lease::new(),
+            lease_chunk: settings.lease.max(1),
+            refilling: AtomicBool::new(false),
+            refill_result: AtomicU8::new(REFILL_GRANTED),
+            epoch: AtomicU64::new(0),
+            limit: AtomicU64::new(settings.per_user_limit),
             sold_out: AtomicBool::new(false),
-            holders: Arc::new(OnceLock::new()),
-            learning: AtomicBool::new(false),
-            per_user_limit,
-            max_body,
+            holders: ArcSwapOption::empty(),
+            learning: AtomicU64::new(0),
+            last_heard: AtomicU64::new(0),
+            born: Instant::now(),
+            timeout: settings.timeout,
+            max_body: settings.max_body,
+            max_clock_offset: settings.max_clock_offset,
+            sale_cache: Mutex::new(None),
+            sale_refreshing: AtomicBool::new(false),
             stats: Stats::default(),
-        }
+        })
     }
 
     /// The store this node sells from.
@@ -102,9 +217,68 @@ impl Node {
         &self.store
     }
 
-    /// Units of local allowance left.
-    pub fn allowance_left(&self) -> u64 {
-        self.allowance.left()
+    /// Units of the node's lease not yet sent.
+    pub fn lease_left(&self) -> u64 {
+        self.lease.left()
+    }
+
+    /// The sale's epoch as this node last heard it (0 before any answer).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// The per-user limit this node enforces (the store's once heard).
+    pub fn per_user_limit(&self) -> u64 {
+        self.limit.load(Ordering::Acquire)
+    }
+
+    /// This process's lease name in the store.
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    /// Takes in what a store answer says about the sale: a new epoch drops
+    /// everything the node knew of the old sale; the limit is the stored
+    /// one; sold out or not is the store's word.
+    fn observe(&self, sale: &SaleState) {
+        let known = self.epoch.load(Ordering::Acquire);
+        if sale.epoch < known {
+            // An answer from before a reset, overtaken by a newer one.
+            return;
+        }
+        if sale.epoch > known
+            && self
+                .epoch
+                .compare_exchange(known, sale.epoch, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            if known != 0 {
+                tracing::info!(node = %self.name, old = known, new = sale.epoch, "the sale was reset; lease, sold-out flag and holders dropped");
+            }
+            self.lease.reset();
+            self.sold_out.store(false, Ordering::Release);
+            self.holders.store(None);
+            self.learning.store(0, Ordering::Release);
+            self.clear_sale_cache();
+        }
+        self.limit.store(sale.limit, Ordering::Release);
+        if sale.sold_out() {
+            // Sold out, no lease holds a unit any more (`sold + leased <=
+            // total`).
+            self.lease.clamp(self.lease.generation(), 0);
+            if !self.sold_out.swap(true, Ordering::AcqRel) {
+                self.learn_holders(sale.epoch);
+                self.lease.wake();
+            }
+        } else if self.sold_out.load(Ordering::Acquire) {
+            // Stock came back (returned units, or a reset of the same epoch
+            // count): the node sells again.
+            self.sold_out.store(false, Ordering::Release);
+            self.holders.store(None);
+            self.learning.store(0, Ordering::Release);
+        }
+        self.last_heard
+            .store(self.born.elapsed().as_millis() as u64, Ordering::Release);
     }
 
     /// Serves one request.
@@ -136,6 +310,11 @@ impl Node {
         })
     }
 
+    fn bad_request(&self, body: &'static [u8]) -> Response<Full<Bytes>> {
+        self.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+        json(StatusCode::BAD_REQUEST, Bytes::from_static(body))
+    }
+
     async fn buy(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         // The body is never needed: refuse big ones by their declared size,
         // and chunked ones outright, before any work.
@@ -153,117 +332,245 @@ impl Node {
                 Bytes::from_static(b"{\"status\":\"payload_too_large\"}"),
             );
         }
-        let buyer = match buyer_of(req, self.per_user_limit > 0) {
+        let buyer = match buyer_of(req, self.per_user_limit() > 0) {
             Ok(b) => b,
-            Err(e) => {
-                self.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
-                let reason = match e {
-                    BuyerError::Missing => &b"{\"status\":\"bad_request\",\"reason\":\"a buyer id is required: ?user=ID or X-User-Id\"}"[..],
-                    BuyerError::Malformed => &b"{\"status\":\"bad_request\",\"reason\":\"a buyer id is 1 to 64 characters of [A-Za-z0-9_.:@-]\"}"[..],
-                };
-                return json(StatusCode::BAD_REQUEST, Bytes::from_static(reason));
+            Err(BuyerError::Missing) => {
+                return self.bad_request(b"{\"status\":\"bad_request\",\"reason\":\"a buyer id is required: ?user=ID or X-User-Id\"}");
+            }
+            Err(BuyerError::Malformed) => {
+                return self.bad_request(b"{\"status\":\"bad_request\",\"reason\":\"a buyer id is 1 to 64 characters of [A-Za-z0-9_.:@-]\"}");
             }
         };
-        if self.sold_out.load(Ordering::Acquire) {
-            return self.sold_out_answer(buyer);
-        }
-        let unit = match self.allowance.take() {
-            Ok(unit) => unit,
-            Err(NoUnit::Spent) => {
-                // This node never asks the store again, so it will not hear
-                // "sold out" from it: read the holders now. Some may still
-                // buy elsewhere and be missed, but a buyer at the limit
-                // stays there with the same order, so whoever is read is
-                // answered right.
-                self.learn_holders();
-                return self.sold_out_answer(buyer);
+        let key = match key_of(req) {
+            Ok(k) => k,
+            Err(KeyError::Malformed) => {
+                return self.bad_request(b"{\"status\":\"bad_request\",\"reason\":\"an Idempotency-Key is one header of 1 to 64 characters of [A-Za-z0-9_.:@-], optionally in double quotes\"}");
             }
-            Err(NoUnit::InFlight) => {
+        };
+        let give_up = Instant::now() + self.timeout;
+        loop {
+            if self.sold_out.load(Ordering::Acquire) {
+                return self.sold_out_answer(buyer, key, give_up).await;
+            }
+            if let Some(unit) = self.lease.take() {
+                if self.lease.left() < self.lease_chunk.div_ceil(4) {
+                    // Ask for more before the lease is empty, so that
+                    // buyers seldom wait for it.
+                    self.refill();
+                }
+                return self.purchase(buyer, key, Some(unit), give_up).await;
+            }
+            // No unit: one lease request for all the buyers here (the
+            // first starts it), then look again.
+            let started = self.refill();
+            let woke = self
+                .lease
+                .changed(give_up, || {
+                    self.lease.left() > 0
+                        || self.sold_out.load(Ordering::Acquire)
+                        || (!started && !self.refilling.load(Ordering::Acquire))
+                })
+                .await;
+            if !woke {
                 self.stats.busy.fetch_add(1, Ordering::Relaxed);
-                let mut res = json(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    Bytes::from_static(b"{\"status\":\"busy\",\"reason\":\"purchases in flight hold this node's stock; retry\"}"),
-                );
-                res.headers_mut()
-                    .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
-                return res;
+                return busy();
+            }
+            if self.lease.left() == 0
+                && !self.sold_out.load(Ordering::Acquire)
+                && !self.refilling.load(Ordering::Acquire)
+                && self.refill_result.load(Ordering::Acquire) == REFILL_FAILED
+            {
+                self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                return unavailable();
+            }
+            if self.lease.left() == 0
+                && !self.sold_out.load(Ordering::Acquire)
+                && self.refill_result.load(Ordering::Acquire) == REFILL_NONE
+            {
+                // Every unit left is out with purchases in flight (this
+                // node's or others'): wait for one of them to end, then ask
+                // again.
+                if !self
+                    .lease
+                    .changed(give_up, || {
+                        self.lease.left() > 0 || self.sold_out.load(Ordering::Acquire)
+                    })
+                    .await
+                {
+                    self.stats.busy.fetch_add(1, Ordering::Relaxed);
+                    return busy();
+                }
+            }
+        }
+    }
+
+    /// Starts a lease request unless one is in flight; true when this call
+    /// started it.
+    fn refill(&self) -> bool {
+        if self.refilling.load(Ordering::Relaxed) || self.refilling.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        let store = self.store.clone();
+        let holder = self.holder.clone();
+        let (chunk, timeout) = (self.lease_chunk, self.timeout);
+        let generation = self.lease.generation();
+        // A task of its own: the buyer who started it may leave, the
+        // others still wait for it.
+        let node = NodeRef::of(self);
+        tokio::spawn(async move {
+            let result = store.lease(&holder, chunk, Instant::now() + timeout).await;
+            node.with(|n| n.refilled(generation, result));
+        });
+        true
+    }
+
+    fn refilled(&self, generation: u64, result: Result<super::store::Reply<u64>, StoreError>) {
+        self.stats.lease_calls.fetch_add(1, Ordering::Relaxed);
+        let outcome = match result {
+            Ok(reply) => {
+                self.observe(&reply.sale);
+                // Units granted in the epoch the node now knows count; a
+                // reset in between made a new generation.
+                let now = self.lease.generation();
+                let generation = if reply.sale.epoch == self.epoch() {
+                    now
+                } else {
+                    generation
+                };
+                if !reply.sale.sold_out() && !self.sold_out.load(Ordering::Acquire) {
+                    self.lease.add(generation, reply.answer);
+                }
+                if reply.answer > 0 {
+                    REFILL_GRANTED
+                } else {
+                    REFILL_NONE
+                }
+            }
+            Err(e) => {
+                tracing::warn!(node = %self.name, error = %e, "lease request failed");
+                REFILL_FAILED
             }
         };
+        self.refill_result.store(outcome, Ordering::Release);
+        self.refilling.store(false, Ordering::Release);
+        self.lease.wake();
+    }
+
+    /// One purchase at the store, with a unit of the lease (or none, for a
+    /// buyer who may hold a ticket when the node is sold out).
+    async fn purchase(
+        &self,
+        buyer: &str,
+        key: &str,
+        unit: Option<Unit<'_>>,
+        give_up: Instant,
+    ) -> Response<Full<Bytes>> {
         self.stats.store_calls.fetch_add(1, Ordering::Relaxed);
-        // `unit` goes back to the allowance on every path but a sale,
+        // `unit` goes back to the lease on every path but a sale,
         // including this future being dropped because the client left.
-        match self.store.deduct(buyer, &self.name).await {
-            Ok(Outcome::Sold { order, sold }) => {
-                unit.keep();
-                self.stats.sold.fetch_add(1, Ordering::Relaxed);
-                let mut body = String::with_capacity(96 + buyer.len() + order.len());
-                body.push_str("{\"status\":\"sold\",\"order\":\"");
-                body.push_str(&order);
-                body.push_str("\",\"node\":\"");
-                body.push_str(&self.name);
-                body.push_str("\",\"buyer\":\"");
-                body.push_str(buyer);
-                let _ = write!(body, "\",\"sold\":{sold}}}");
-                json(StatusCode::OK, body)
-            }
-            Ok(Outcome::SoldOut) => {
-                self.sold_out.store(true, Ordering::Release);
-                self.learn_holders();
+        let result = self
+            .store
+            .deduct(Purchase {
+                holder: &self.holder,
+                node: &self.name,
+                buyer,
+                key,
+                give_up,
+            })
+            .await;
+        let reply = match result {
+            Ok(reply) => reply,
+            Err(e) => {
                 drop(unit);
-                self.sold_out_answer(buyer)
+                self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                if matches!(e, StoreError::NoSale) {
+                    return json(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Bytes::from_static(b"{\"status\":\"unavailable\",\"reason\":\"the sale is not initialised: run spike stock init\"}"),
+                    );
+                }
+                tracing::warn!(error = %e, node = %self.name, "store call failed; unit returned");
+                return unavailable();
             }
-            Ok(Outcome::AlreadyBought { order }) => {
+        };
+        self.observe(&reply.sale);
+        match reply.answer {
+            Outcome::Sold { order, sold } => {
+                if let Some(u) = unit {
+                    u.keep();
+                }
+                self.stats.sold.fetch_add(1, Ordering::Relaxed);
+                sold_answer(&order, &self.name, buyer, sold, false)
+            }
+            Outcome::Replayed { order, sold } => {
+                drop(unit);
+                self.stats.replayed.fetch_add(1, Ordering::Relaxed);
+                sold_answer(&order, &self.name, buyer, sold, true)
+            }
+            Outcome::SoldOut => {
+                drop(unit);
+                self.stats.sold_out.fetch_add(1, Ordering::Relaxed);
+                sold_out()
+            }
+            Outcome::AlreadyBought { order } => {
                 drop(unit);
                 self.already_bought_answer(&order)
             }
-            Ok(Outcome::NoSale) => {
+            Outcome::KeyConflict => {
                 drop(unit);
-                self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                self.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
                 json(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    Bytes::from_static(b"{\"status\":\"unavailable\",\"reason\":\"the sale is not initialised: run spike stock init\"}"),
-                )
-            }
-            Err(e) => {
-                drop(unit);
-                self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, node = %self.name, "store call failed; unit returned");
-                json(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    Bytes::from_static(b"{\"status\":\"unavailable\"}"),
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    Bytes::from_static(b"{\"status\":\"idempotency_key_reused\",\"reason\":\"this Idempotency-Key was used by another buyer\"}"),
                 )
             }
         }
     }
 
-    /// Reads the holders once, in the background (later calls do nothing);
-    /// until they are in, sold-out answers are plain "sold out". Retried
-    /// while the store is unreachable: a buyer at the limit stays there.
-    fn learn_holders(&self) {
-        // A load first: this runs on every answer of a spent node.
-        if self.per_user_limit == 0
-            || self.learning.load(Ordering::Relaxed)
-            || self.learning.swap(true, Ordering::AcqRel)
+    /// Reads the holders of `epoch` once, in the background, retrying with
+    /// backoff until it lands (a buyer at the limit stays there, a key
+    /// that bought keeps its order) or the sale is reset.
+    fn learn_holders(&self, epoch: u64) {
+        let learning = self.learning.load(Ordering::Acquire);
+        if learning == epoch
+            || self
+                .learning
+                .compare_exchange(learning, epoch, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
         {
             return;
         }
-        let (store, holders, limit) = (
-            self.store.clone(),
-            self.holders.clone(),
-            self.per_user_limit,
-        );
+        let node = NodeRef::of(self);
+        let store = self.store.clone();
         let name = self.name.clone();
         tokio::spawn(async move {
-            for attempt in 1..=30 {
+            let mut pause = Duration::from_millis(100);
+            loop {
+                let Some(limit) = node
+                    .with(|n| {
+                        (n.learning.load(Ordering::Acquire) == epoch).then(|| n.per_user_limit())
+                    })
+                    .flatten()
+                else {
+                    return;
+                };
                 match store.holders(limit).await {
                     Ok(found) => {
-                        tracing::info!(node = %name, buyers = found.len(), "buyers at their limit read into memory");
-                        let _ = holders.set(found);
+                        tracing::info!(node = %name, buyers = found.buyers.len(), keys = found.keys.len(), "holders read into memory");
+                        node.with(|n| {
+                            if n.epoch() == epoch && n.learning.load(Ordering::Acquire) == epoch {
+                                n.holders.store(Some(Arc::new(KnownHolders {
+                                    epoch,
+                                    holders: found,
+                                })));
+                            }
+                        });
                         return;
                     }
                     Err(e) => {
-                        tracing::warn!(node = %name, error = %e, attempt, "reading the buyers at their limit failed; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        tracing::warn!(node = %name, error = %e, retry_in = ?pause, "reading the holders failed; retrying");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(5));
                     }
                 }
             }
@@ -279,61 +586,233 @@ impl Node {
         json(StatusCode::CONFLICT, body)
     }
 
-    fn sold_out_answer(&self, buyer: &str) -> Response<Full<Bytes>> {
-        if let Some(order) = self.holders.get().and_then(|h| h.get(buyer)) {
-            return self.already_bought_answer(order);
+    /// The answer once the store said the sale is sold out: from memory
+    /// when the holders are known; before that, a buyer who may hold a
+    /// ticket (a key, or a named buyer under a limit) asks the store, which
+    /// sells nothing more but knows.
+    async fn sold_out_answer(
+        &self,
+        buyer: &str,
+        key: &str,
+        give_up: Instant,
+    ) -> Response<Full<Bytes>> {
+        let known = self.holders.load();
+        match known.as_deref() {
+            Some(k) if k.epoch == self.epoch() => {
+                if !key.is_empty()
+                    && let Some((order, owner)) = k.holders.keys.get(key)
+                {
+                    if owner != buyer {
+                        self.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+                        return json(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            Bytes::from_static(b"{\"status\":\"idempotency_key_reused\",\"reason\":\"this Idempotency-Key was used by another buyer\"}"),
+                        );
+                    }
+                    self.stats.replayed.fetch_add(1, Ordering::Relaxed);
+                    return sold_answer(
+                        order,
+                        &self.name,
+                        buyer,
+                        super::store::embedded::ticket_number(order),
+                        true,
+                    );
+                }
+                if let Some(order) = k.holders.buyers.get(buyer) {
+                    return self.already_bought_answer(order);
+                }
+            }
+            _ if !key.is_empty() || (self.per_user_limit() > 0 && !buyer.is_empty()) => {
+                self.learn_holders(self.epoch());
+                return self.purchase(buyer, key, None, give_up).await;
+            }
+            _ => {}
         }
         self.stats.sold_out.fetch_add(1, Ordering::Relaxed);
-        json(
-            StatusCode::CONFLICT,
-            Bytes::from_static(b"{\"status\":\"sold_out\"}"),
-        )
+        sold_out()
+    }
+
+    /// Once a second, when no store answer came in that second, asks the
+    /// store for the sale's state (renewing the lease): how a node that
+    /// answers from memory learns of a reset or of stock coming back.
+    pub async fn watch(self: Arc<Self>) {
+        let mut every = tokio::time::interval(POLL_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let heard = self.last_heard.load(Ordering::Acquire);
+            let now = self.born.elapsed().as_millis() as u64;
+            if heard != 0 && now.saturating_sub(heard) < POLL_EVERY.as_millis() as u64 {
+                continue;
+            }
+            self.stats.lease_calls.fetch_add(1, Ordering::Relaxed);
+            match self
+                .store
+                .lease(&self.holder, 0, Instant::now() + self.timeout)
+                .await
+            {
+                Ok(reply) => self.observe(&reply.sale),
+                Err(StoreError::NoSale) => {}
+                Err(e) => tracing::debug!(node = %self.name, error = %e, "sale poll failed"),
+            }
+        }
     }
 
     async fn healthz(&self) -> Response<Full<Bytes>> {
-        match self.store.ping().await {
-            Ok(()) => json(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}")),
-            Err(_) => json(
-                StatusCode::SERVICE_UNAVAILABLE,
-                Bytes::from_static(b"{\"status\":\"unavailable\"}"),
-            ),
+        if let Err(e) = self.store.ping().await {
+            let body = serde_json::json!({"status": "unavailable", "reason": e.to_string()});
+            return json(StatusCode::SERVICE_UNAVAILABLE, body.to_string());
         }
+        let offset = self.store.clock_offset_ms();
+        if let (Some(off), Some(max)) = (offset, self.max_clock_offset)
+            && off.unsigned_abs() > max.as_millis() as u64
+        {
+            let body = serde_json::json!({
+                "status": "unavailable",
+                "reason": format!("this host's clock is {off} ms behind Redis's (more than max_clock_offset {max:?}); deadlines stay safe, but fix the clock"),
+                "clock_offset_ms": off,
+            });
+            return json(StatusCode::SERVICE_UNAVAILABLE, body.to_string());
+        }
+        let body = serde_json::json!({"status": "ok", "clock_offset_ms": offset});
+        json(StatusCode::OK, body.to_string())
     }
 
     fn stats_json(&self) -> Response<Full<Bytes>> {
         let s = &self.stats;
+        let holders = self.holders.load();
         let body = serde_json::json!({
             "node": self.name,
-            "allowance": self.allowance.left(),
+            "epoch": self.epoch(),
+            "per_user_limit": self.per_user_limit(),
+            "lease": self.lease.left(),
             "sold_out": self.sold_out.load(Ordering::Acquire),
-            "holders_known": self.holders.get().map(|h| h.len()),
+            "holders_known": holders.as_deref().map(|h| h.holders.buyers.len()),
+            "keys_known": holders.as_deref().map(|h| h.holders.keys.len()),
             "sold": s.sold.load(Ordering::Relaxed),
             "sold_out_answers": s.sold_out.load(Ordering::Relaxed),
             "already_bought": s.already_bought.load(Ordering::Relaxed),
+            "replayed": s.replayed.load(Ordering::Relaxed),
             "store_calls": s.store_calls.load(Ordering::Relaxed),
+            "lease_calls": s.lease_calls.load(Ordering::Relaxed),
             "redis_calls": self.store.deduct_calls(),
             "store_errors": s.store_errors.load(Ordering::Relaxed),
             "bad_requests": s.bad_requests.load(Ordering::Relaxed),
             "busy": s.busy.load(Ordering::Relaxed),
+            "clock_offset_ms": self.store.clock_offset_ms(),
         });
         json(StatusCode::OK, body.to_string())
     }
 
+    fn clear_sale_cache(&self) {
+        *self.sale_cache.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// The sale's snapshot, at most [`SALE_CACHE`] old: one store call at a
+    /// time refreshes it, whatever the number of callers.
     async fn sale(&self) -> Response<Full<Bytes>> {
-        match self.store.snapshot().await {
-            Ok(snap) => match serde_json::to_string(&snap) {
-                Ok(body) => json(StatusCode::OK, body),
-                Err(_) => json(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    Bytes::from_static(b"{\"status\":\"error\"}"),
-                ),
-            },
-            Err(_) => json(
-                StatusCode::SERVICE_UNAVAILABLE,
-                Bytes::from_static(b"{\"status\":\"unavailable\"}"),
+        let cached = || {
+            self.sale_cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(|c| (c.at, c.body.clone()))
+        };
+        let now = Instant::now();
+        let stale = match cached() {
+            Some((at, body)) if now.duration_since(at) < SALE_CACHE => {
+                return json(StatusCode::OK, body);
+            }
+            other => other,
+        };
+        if self.sale_refreshing.swap(true, Ordering::AcqRel) {
+            // Another request is reading it: the last answer will do.
+            if let Some((_, body)) = stale {
+                return json(StatusCode::OK, body);
+            }
+            return unavailable();
+        }
+        let result = self.store.snapshot().await;
+        self.sale_refreshing.store(false, Ordering::Release);
+        match result.map(|snap: Snapshot| serde_json::to_vec(&snap)) {
+            Ok(Ok(body)) => {
+                let body = Bytes::from(body);
+                *self.sale_cache.lock().unwrap_or_else(|p| p.into_inner()) = Some(CachedSale {
+                    at: now,
+                    body: body.clone(),
+                });
+                json(StatusCode::OK, body)
+            }
+            Ok(Err(_)) => json(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Bytes::from_static(b"{\"status\":\"error\"}"),
             ),
+            Err(_) => unavailable(),
         }
     }
+}
+
+/// A weak reference for background tasks: they must not keep a stopped
+/// node alive.
+struct NodeRef(std::sync::Weak<Node>);
+
+impl NodeRef {
+    fn of(node: &Node) -> NodeRef {
+        NodeRef(node.me.clone())
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Node) -> T) -> Option<T> {
+        self.0.upgrade().map(|n| f(&n))
+    }
+}
+
+fn sold_answer(
+    order: &str,
+    node: &str,
+    buyer: &str,
+    sold: u64,
+    replayed: bool,
+) -> Response<Full<Bytes>> {
+    let mut body = String::with_capacity(96 + buyer.len() + order.len());
+    body.push_str("{\"status\":\"sold\",\"order\":\"");
+    body.push_str(order);
+    body.push_str("\",\"node\":\"");
+    body.push_str(node);
+    body.push_str("\",\"buyer\":\"");
+    body.push_str(buyer);
+    let _ = write!(body, "\",\"sold\":{sold}}}");
+    let mut res = json(StatusCode::OK, body);
+    if replayed {
+        res.headers_mut()
+            .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    }
+    res
+}
+
+fn sold_out() -> Response<Full<Bytes>> {
+    json(
+        StatusCode::CONFLICT,
+        Bytes::from_static(b"{\"status\":\"sold_out\"}"),
+    )
+}
+
+fn busy() -> Response<Full<Bytes>> {
+    let mut res = json(
+        StatusCode::SERVICE_UNAVAILABLE,
+        Bytes::from_static(
+            b"{\"status\":\"busy\",\"reason\":\"every ticket left is held by purchases in flight; retry\"}",
+        ),
+    );
+    res.headers_mut()
+        .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    res
+}
+
+fn unavailable() -> Response<Full<Bytes>> {
+    json(
+        StatusCode::SERVICE_UNAVAILABLE,
+        Bytes::from_static(b"{\"status\":\"unavailable\",\"reason\":\"the store did not answer; nothing was sold\"}"),
+    )
 }
 
 fn not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
@@ -381,6 +860,28 @@ pub fn check_buyer(id: &str) -> Result<&str, BuyerError> {
     } else {
         Err(BuyerError::Malformed)
     }
+}
+
+/// The request's `Idempotency-Key`, `""` when it has none. The draft's
+/// structured-field form (`"…"`) and the bare token are the same key.
+pub fn key_of<B>(req: &Request<B>) -> Result<&str, KeyError> {
+    let mut values = req.headers().get_all(IDEMPOTENCY_KEY).iter();
+    let Some(v) = values.next() else {
+        return Ok("");
+    };
+    if values.next().is_some() {
+        return Err(KeyError::Malformed);
+    }
+    let v = v.to_str().map_err(|_| KeyError::Malformed)?.trim();
+    let v = v
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .unwrap_or(v);
+    let ok = !v.is_empty()
+        && v.len() <= MAX_KEY_LEN
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'-'));
+    if ok { Ok(v) } else { Err(KeyError::Malformed) }
 }
 
 #[cfg(test)]

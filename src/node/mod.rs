@@ -1,8 +1,8 @@
 //! The ticket-selling node: local pre-deduction, then one atomic Lua script
 //! in Redis (or the embedded store), then the answer.
 
-pub mod allowance;
 pub mod handler;
+pub mod lease;
 pub mod store;
 
 use std::future::Future;
@@ -13,7 +13,7 @@ use std::sync::Arc;
 use hyper::service::service_fn;
 use tokio::net::TcpListener;
 
-pub use handler::Node;
+pub use handler::{Node, NodeSettings};
 pub use store::{Store, StoreError};
 
 use crate::config::{Config, ConfigError, ServerConfig};
@@ -52,23 +52,32 @@ pub enum NodeError {
 pub fn build(config: &Config, name: &str, store: Store) -> Result<Arc<Node>, ConfigError> {
     let sale = config.require_sale()?;
     let node = config.node(name)?;
-    Ok(Arc::new(Node::new(
-        &node.name,
-        node.allowance,
-        sale.per_user_limit,
-        config.server.max_body,
+    Ok(Node::new(
+        NodeSettings {
+            name: node.name.clone(),
+            per_user_limit: sale.per_user_limit,
+            lease: sale.lease,
+            timeout: config
+                .redis
+                .as_ref()
+                .map_or(std::time::Duration::from_secs(1), |r| r.timeout),
+            max_body: config.server.max_body,
+            max_clock_offset: config.redis.as_ref().map(|r| r.max_clock_offset),
+        },
         store,
-    )))
+    ))
 }
 
 /// Serves `node` on `listener` until `shutdown`; in-flight purchases finish
-/// within the grace period.
+/// within the grace period. Beside it, the node keeps up with the sale
+/// (see [`Node::watch`]).
 pub async fn run(
     listener: TcpListener,
     node: Arc<Node>,
     limits: &ServerConfig,
     shutdown: impl Future<Output = ()>,
 ) {
+    let watch = tokio::spawn(node.clone().watch());
     crate::server::serve(
         listener,
         limits,
@@ -79,6 +88,7 @@ pub async fn run(
         shutdown,
     )
     .await;
+    watch.abort();
 }
 
 /// Serves `node` on `listener` in a task of its own until `stop` fires (or
@@ -118,6 +128,9 @@ pub fn main(config_path: &Path, name: &str) -> anyhow::Result<ExitCode> {
     runtime.block_on(async move {
         let shutdown = crate::server::shutdown_signal();
         let store = Store::open(&sale, config.redis.as_ref()).await?;
+        for w in &config.warnings {
+            tracing::warn!("{w}");
+        }
         match &store {
             Store::Embedded(e) => {
                 e.init(false);
@@ -126,6 +139,14 @@ pub fn main(config_path: &Path, name: &str) -> anyhow::Result<ExitCode> {
                 Ok(s) if !s.initialised => tracing::warn!(
                     event = %sale.event,
                     "the sale is not initialised in redis; buyers get 503 until `spike stock init`"
+                ),
+                Ok(s) if s.per_user_limit != sale.per_user_limit => tracing::warn!(
+                    event = %sale.event,
+                    stored = s.per_user_limit,
+                    file = sale.per_user_limit,
+                    "the sale in redis has per_user_limit {}, this file says {}: the stored limit is the sale's, and this node enforces it",
+                    s.per_user_limit,
+                    sale.per_user_limit
                 ),
                 _ => {}
             },
@@ -138,7 +159,7 @@ pub fn main(config_path: &Path, name: &str) -> anyhow::Result<ExitCode> {
         tracing::info!(
             node = %node_cfg.name,
             listen = %node_cfg.listen,
-            allowance = node_cfg.allowance,
+            lease = sale.lease,
             threads = %node_cfg.threads.map_or_else(|| "one per CPU".to_string(), |t| t.to_string()),
             store = if config.redis.is_some() { "redis" } else { "embedded" },
             "node selling"

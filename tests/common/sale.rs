@@ -58,7 +58,7 @@ impl InProcessSale {
         let store = Store::open(&sale, config.redis.as_ref())
             .await
             .expect("store");
-        assert!(store.init(true).await.expect("init"), "init");
+        assert!(store.init(true).await.expect("init").is_some(), "init");
         let (stop, rx) = watch::channel(());
         let mut nodes = Vec::new();
         let mut tasks = Vec::new();

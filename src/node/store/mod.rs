@@ -5,24 +5,35 @@
 //! An enum rather than a trait object, so the hot path pays no boxing for
 //! the async call.
 
+pub mod clock;
 pub mod embedded;
 pub mod redis;
 
 use std::sync::Arc;
+
+use tokio::time::Instant;
 
 use crate::config::SaleConfig;
 
 pub use embedded::EmbeddedStore;
 pub use redis::RedisStore;
 
-/// What the store said about one purchase.
+/// What the store decided for one purchase.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// A ticket was sold and its order recorded.
     Sold {
         /// The order id, unique for the life of the sale.
         order: String,
-        /// Tickets sold so far, this one included.
+        /// The ticket's number (tickets sold when it was sold).
+        sold: u64,
+    },
+    /// The purchase's `Idempotency-Key` had already bought this order: the
+    /// same answer again, and no second ticket.
+    Replayed {
+        /// The order the key bought.
+        order: String,
+        /// That ticket's number.
         sold: u64,
     },
     /// Every ticket is gone.
@@ -32,8 +43,60 @@ pub enum Outcome {
         /// The buyer's last order id, so a retry after a lost answer finds it.
         order: String,
     },
-    /// The sale was never initialised (`spike stock init`).
-    NoSale,
+    /// The `Idempotency-Key` was used by another buyer: the request is not
+    /// the retry it claims to be.
+    KeyConflict,
+}
+
+/// What every answer of the store says about the sale as a whole, so that a
+/// node keeps up with it (a reset, the stored limit, sold out) without
+/// asking separately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SaleState {
+    /// Which incarnation of the sale this is; grows at every `stock init`.
+    pub epoch: u64,
+    /// The per-user limit stored with the sale (the one enforced).
+    pub limit: u64,
+    /// Tickets sold.
+    pub sold: u64,
+    /// Tickets on sale.
+    pub total: u64,
+}
+
+impl SaleState {
+    /// No ticket is left to sell.
+    pub fn sold_out(&self) -> bool {
+        self.sold >= self.total
+    }
+}
+
+/// One answer of the store: what it decided, the sale's state, and how many
+/// units the asking node's lease holds now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply<T> {
+    /// The decision for this request.
+    pub answer: T,
+    /// The sale as the store saw it.
+    pub sale: SaleState,
+    /// Units left in the asking holder's lease (purchases of its still in
+    /// flight included).
+    pub lease: u64,
+}
+
+/// One purchase as a node sends it.
+#[derive(Debug, Clone, Copy)]
+pub struct Purchase<'a> {
+    /// The node process's lease name (see [`crate::node::Node`]).
+    pub holder: &'a str,
+    /// The node's name, recorded with the order.
+    pub node: &'a str,
+    /// The buyer, `""` when anonymous.
+    pub buyer: &'a str,
+    /// The `Idempotency-Key`, `""` when none.
+    pub key: &'a str,
+    /// When the node tells the buyer 503: from then on the purchase must
+    /// do nothing.
+    pub give_up: Instant,
 }
 
 /// Why the store could not answer; each becomes a 503 and the local unit goes back.
@@ -45,18 +108,24 @@ pub enum StoreError {
     /// Redis could not be reached or the connection broke.
     #[error("the store is unreachable: {0}")]
     Unavailable(String),
-    /// The deduction reached Redis after its deadline and was refused
-    /// without effect (delivered late, or this host's clock is behind Redis's).
-    #[error(
-        "the deduction reached the store after its deadline and did nothing (check clock sync if this persists)"
-    )]
+    /// The request reached Redis at or after its deadline (in Redis's own
+    /// clock) and did nothing.
+    #[error("the request reached the store after its deadline and did nothing")]
     TooLate,
+    /// The node has not yet measured its clock against Redis's, so it
+    /// cannot give a purchase a deadline Redis understands.
+    #[error("the store's clock is not known yet")]
+    NoClock,
+    /// The sale was never initialised (`spike stock init`).
+    #[error("the sale is not initialised: run spike stock init")]
+    NoSale,
     /// Redis answered something this version of spike does not understand.
     #[error("unexpected answer from the store: {0}")]
     Protocol(String),
 }
 
-/// A consistent snapshot of the sale, for `stock show`, `stock audit` and `/sale`.
+/// The sale in constant time, for `stock show`, `/sale` and the start of
+/// `stock audit`: counters the script keeps, never a pass over the buyers.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Snapshot {
     /// The event on sale.
@@ -73,18 +142,35 @@ pub struct Snapshot {
     pub orders: u64,
     /// Distinct named buyers.
     pub buyers: u64,
-    /// Tickets held by named buyers, added up.
+    /// Tickets held by named buyers, added up (kept by the script).
     pub tickets_held: u64,
-    /// The most tickets any one buyer holds.
+    /// The most tickets any one buyer holds (kept by the script).
     pub most_by_one_buyer: u64,
     /// The sale's epoch (the first part of every order id).
     pub epoch: String,
+    /// The per-user limit stored with the sale, which every node enforces.
+    pub per_user_limit: u64,
+    /// Unsold units that live leases hold (counted in `remaining`).
+    pub leased: u64,
+    /// Idempotency keys recorded (one per sale that carried one).
+    pub keys: u64,
+}
+
+/// What a full audit reads beyond the snapshot: a pass over every buyer, in
+/// pages, so that it never holds Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BuyerTally {
+    /// Tickets held by named buyers, added up from the buyers themselves.
+    pub tickets_held: u64,
+    /// The most any one buyer holds.
+    pub most_by_one_buyer: u64,
 }
 
 impl Snapshot {
     /// The invariants that must hold whatever happened during the sale; each
-    /// broken one is a sentence in the result.
-    pub fn audit(&self, per_user_limit: u64) -> Vec<String> {
+    /// broken one is a sentence in the result. `buyers`, when given, is the
+    /// full pass over the buyers, checked against the kept counters.
+    pub fn audit(&self, buyers: Option<BuyerTally>) -> Vec<String> {
         let mut problems = Vec::new();
         if !self.initialised {
             problems.push("the sale is not initialised (run `spike stock init`)".to_string());
@@ -92,16 +178,29 @@ impl Snapshot {
         if self.sold > self.total {
             problems.push(format!("oversold: sold {} of {}", self.sold, self.total));
         }
+        if self.sold + self.leased > self.total {
+            problems.push(format!(
+                "leases promise more than is left: sold {} + leased {} > total {}",
+                self.sold, self.leased, self.total
+            ));
+        }
         if self.sold != self.orders {
             problems.push(format!(
                 "sold {} but {} order records",
                 self.sold, self.orders
             ));
         }
-        if per_user_limit > 0 {
-            if self.most_by_one_buyer > per_user_limit {
+        if self.keys > self.sold {
+            problems.push(format!(
+                "{} idempotency keys recorded for {} sales",
+                self.keys, self.sold
+            ));
+        }
+        let limit = self.per_user_limit;
+        if limit > 0 {
+            if self.most_by_one_buyer > limit {
                 problems.push(format!(
-                    "a buyer holds {} tickets, over the limit of {per_user_limit}",
+                    "a buyer holds {} tickets, over the limit of {limit}",
                     self.most_by_one_buyer
                 ));
             }
@@ -109,6 +208,20 @@ impl Snapshot {
                 problems.push(format!(
                     "buyers hold {} tickets but {} were sold",
                     self.tickets_held, self.sold
+                ));
+            }
+        }
+        if let Some(b) = buyers {
+            if b.tickets_held != self.tickets_held {
+                problems.push(format!(
+                    "the buyers hold {} tickets but the sale counted {}",
+                    b.tickets_held, self.tickets_held
+                ));
+            }
+            if limit > 0 && b.most_by_one_buyer > limit {
+                problems.push(format!(
+                    "a buyer holds {} tickets, over the limit of {limit}",
+                    b.most_by_one_buyer
                 ));
             }
         }
@@ -120,7 +233,7 @@ impl Snapshot {
 /// hash tag so the script's keys land in one Cluster slot.
 #[derive(Debug, Clone)]
 pub struct SaleKeys {
-    /// `total`, `sold`, `epoch`.
+    /// `total`, `sold`, `epoch`, `limit`, `held`, `most`.
     pub stock: String,
     /// buyer → tickets held.
     pub buyers: String,
@@ -128,6 +241,10 @@ pub struct SaleKeys {
     pub orders: String,
     /// buyer → last order id.
     pub buyer_order: String,
+    /// lease holder → `units:expires_ms`.
+    pub leases: String,
+    /// Idempotency-Key → `order id` and `buyer`, space-separated.
+    pub keys: String,
 }
 
 impl SaleKeys {
@@ -138,12 +255,45 @@ impl SaleKeys {
             buyers: format!("spike:{{{event}}}:buyers"),
             orders: format!("spike:{{{event}}}:orders"),
             buyer_order: format!("spike:{{{event}}}:buyer_order"),
+            leases: format!("spike:{{{event}}}:leases"),
+            keys: format!("spike:{{{event}}}:keys"),
         }
+    }
+
+    /// In the order every script takes them.
+    pub fn all(&self) -> [&str; 6] {
+        [
+            &self.stock,
+            &self.buyers,
+            &self.orders,
+            &self.buyer_order,
+            &self.leases,
+            &self.keys,
+        ]
     }
 }
 
-/// Buyer id → order id of the buyers at their limit (see [`Store::holders`]).
-pub type Holders = std::collections::HashMap<String, String>;
+/// What a node that no longer asks the store must know to answer as the
+/// store would (see [`Store::holders`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Holders {
+    /// Buyer id → last order id, of the buyers at the limit.
+    pub buyers: std::collections::HashMap<String, String>,
+    /// Idempotency-Key → (order id, buyer), of every key that bought.
+    pub keys: std::collections::HashMap<String, (String, String)>,
+}
+
+impl Holders {
+    /// Entries known.
+    pub fn len(&self) -> usize {
+        self.buyers.len() + self.keys.len()
+    }
+
+    /// Whether nothing is known.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// The store a node sells from.
 #[derive(Clone)]
@@ -166,11 +316,26 @@ impl Store {
         }
     }
 
-    /// One purchase: check stock and the buyer's limit, sell, record the order.
-    pub async fn deduct(&self, buyer: &str, node: &str) -> Result<Outcome, StoreError> {
+    /// One purchase: check the key, the buyer's limit and the stock, sell,
+    /// record the order.
+    pub async fn deduct(&self, p: Purchase<'_>) -> Result<Reply<Outcome>, StoreError> {
         match self {
-            Store::Redis(r) => r.deduct(buyer, node).await,
-            Store::Embedded(e) => Ok(e.deduct(buyer, node)),
+            Store::Redis(r) => r.deduct(p).await,
+            Store::Embedded(e) => e.deduct(p),
+        }
+    }
+
+    /// Asks for up to `want` more units on `holder`'s lease (0: only renew
+    /// it and hear the sale's state). Answers the units granted.
+    pub async fn lease(
+        &self,
+        holder: &str,
+        want: u64,
+        give_up: Instant,
+    ) -> Result<Reply<u64>, StoreError> {
+        match self {
+            Store::Redis(r) => r.lease(holder, want, give_up).await,
+            Store::Embedded(e) => e.lease(holder, want),
         }
     }
 
@@ -184,15 +349,16 @@ impl Store {
         }
     }
 
-    /// Writes the total; `Ok(false)` when the sale has started and `force` is off.
-    pub async fn init(&self, force: bool) -> Result<bool, StoreError> {
+    /// Writes the sale (its total and limit from the file); `Ok(None)` when
+    /// the sale has started and `force` is off, else its new epoch.
+    pub async fn init(&self, force: bool) -> Result<Option<u64>, StoreError> {
         match self {
             Store::Redis(r) => r.init(force).await,
             Store::Embedded(e) => Ok(e.init(force)),
         }
     }
 
-    /// Reads the sale in one consistent step.
+    /// Reads the sale in one consistent step, in constant time.
     pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
         match self {
             Store::Redis(r) => r.snapshot().await,
@@ -200,11 +366,19 @@ impl Store {
         }
     }
 
-    /// Buyers holding `per_user_limit` tickets or more, each with their last
-    /// order id. Read once a node will not ask the store again (sold out,
-    /// or its allowance spent): a buyer at the limit stays there with the
-    /// same order, so the node can tell them "already bought" from memory
-    /// as the script would.
+    /// Adds up every buyer's tickets, in pages (for `stock audit`).
+    pub async fn tally_buyers(&self) -> Result<BuyerTally, StoreError> {
+        match self {
+            Store::Redis(r) => r.tally_buyers().await,
+            Store::Embedded(e) => Ok(e.tally_buyers()),
+        }
+    }
+
+    /// The buyers holding `per_user_limit` tickets or more, each with their
+    /// last order id, and every idempotency key that bought. Read once a
+    /// node knows the sale is sold out: neither changes after that, so the
+    /// node can answer "already bought" and replay keys from memory as the
+    /// script would.
     pub async fn holders(&self, per_user_limit: u64) -> Result<Holders, StoreError> {
         match self {
             Store::Redis(r) => r.holders(per_user_limit).await,
@@ -219,9 +393,18 @@ impl Store {
             Store::Embedded(_) => Ok(()),
         }
     }
+
+    /// How far the store's clock is ahead of this host's, in milliseconds
+    /// (None for the embedded store, or before the first measurement).
+    pub fn clock_offset_ms(&self) -> Option<i64> {
+        match self {
+            Store::Redis(r) => r.clock_offset_ms(),
+            Store::Embedded(_) => None,
+        }
+    }
 }
 
-/// Milliseconds since the Unix epoch, for order times and sale epochs.
+/// Milliseconds since the Unix epoch, for the embedded store's clock.
 pub fn now_millis() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -14,40 +14,50 @@
 //! Redis answers NOSCRIPT (after a restart or `SCRIPT FLUSH`).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
 
 use fred::prelude::*;
 use fred::types::scripts::Script;
 use fred::types::{ClusterHash, CustomCommand};
 
-use super::{Outcome, SaleKeys, Snapshot, StoreError, now_millis};
+use super::clock::StoreClock;
+use super::embedded::ticket_number;
+use super::{
+    BuyerTally, Holders, Outcome, Purchase, Reply, SaleKeys, SaleState, Snapshot, StoreError,
+};
 use crate::config::{RedisConfig, SaleConfig};
 
 const DEDUCT: &str = include_str!("../deduct.lua");
-const AUDIT: &str = include_str!("../audit.lua");
+const SHOW: &str = include_str!("../show.lua");
 const INIT: &str = include_str!("../init.lua");
 
-/// Most purchases in one call: the script holds Redis's single thread
+/// Most entries in one call: the script holds Redis's single thread
 /// for the whole batch (a few microseconds a purchase), so other clients of
 /// the same Redis wait at most that long behind it.
 pub const MAX_BATCH: usize = 128;
 
+/// How often a node reads Redis's `TIME` to keep its deadlines in Redis's
+/// clock.
+const CLOCK_EVERY: Duration = Duration::from_secs(1);
+
 /// A fred pool plus the sale's keys and scripts, built once per process.
 #[derive(Clone)]
 pub struct RedisStore {
-    /// Purchases waiting for the batch task. Unbounded on purpose: a live
-    /// purchase in it holds a unit of a node's allowance, so the allowances
-    /// bound it; a purchase whose buyer gave up (its unit went back) stays
-    /// until the batch task drops it, unsent, at its next call.
+    /// Entries waiting for the batch task. Unbounded on purpose: a live
+    /// purchase in it holds a unit of a node's lease, so the leases bound
+    /// it; one whose buyer gave up (its unit went back) stays until the
+    /// batch task drops it, unsent, at its next call.
     queue: mpsc::UnboundedSender<Pending>,
     link: Link,
     event: String,
     total: u64,
-    audit: Script,
+    per_user_limit: u64,
+    show: Script,
     init: Script,
     timeout: Duration,
     /// For `/healthz`: fail fast while disconnected, one attempt.
@@ -69,8 +79,8 @@ impl RedisStore {
                 c.internal_command_timeout = timeout;
                 // A deduction whose connection broke may already have run.
                 // fred would silently send it again; one attempt means the
-                // buyer gets a 503 and retries, and the script's per-buyer
-                // check turns that retry into `already_bought` with the order.
+                // buyer gets a 503 and retries, and the script's key and
+                // per-buyer checks turn that retry into the same order.
                 c.max_command_attempts = 1;
                 c.tcp = TcpConfig {
                     nodelay: Some(true),
@@ -94,18 +104,31 @@ impl RedisStore {
             }
         }
         let keys = SaleKeys::new(&sale.event);
+        let ping = Options {
+            // While disconnected, fail now instead of queueing.
+            fail_fast: true,
+            timeout: Some(timeout),
+            max_attempts: Some(1),
+            ..Options::default()
+        };
+        let clock = Arc::new(StoreClock::new());
         let link = Link {
             calls: Arc::new(AtomicU64::new(0)),
             pool,
-            keys: vec![
-                Key::from(keys.stock),
-                Key::from(keys.buyers),
-                Key::from(keys.orders),
-                Key::from(keys.buyer_order),
-            ],
-            per_user_limit: Value::from(sale.per_user_limit as i64),
+            slot: fred::util::redis_keyslot(keys.stock.as_bytes()),
+            keys: keys.all().map(Key::from).to_vec(),
+            lease_ttl: Value::from(sale.lease_ttl.as_millis() as i64),
             deduct: Script::from_lua(DEDUCT),
+            clock,
         };
+        // The first reading before any purchase, then one a second.
+        link.sample_clock(&ping).await;
+        tokio::spawn(keep_clock(
+            link.pool.clone(),
+            link.slot,
+            Arc::downgrade(&link.clock),
+            ping.clone(),
+        ));
         let (queue, pending) = mpsc::unbounded_channel();
         // The task holds no sender: it ends when the last clone of the
         // store (and so of `queue`) is dropped.
@@ -119,71 +142,141 @@ impl RedisStore {
             link,
             event: sale.event.clone(),
             total: sale.total,
-            audit: Script::from_lua(AUDIT),
+            per_user_limit: sale.per_user_limit,
+            show: Script::from_lua(SHOW),
             init: Script::from_lua(INIT),
             timeout,
-            ping: Options {
-                // While disconnected, fail now instead of queueing.
-                fail_fast: true,
-                timeout: Some(timeout),
-                max_attempts: Some(1),
-                ..Options::default()
-            },
+            ping,
         })
     }
 
     /// Deduction calls sent to Redis so far (each carries one or more
-    /// purchases).
+    /// purchases or lease requests).
     pub fn calls(&self) -> u64 {
         self.link.calls.load(Ordering::Relaxed)
+    }
+
+    /// Redis's clock minus this host's, in milliseconds.
+    pub fn clock_offset_ms(&self) -> Option<i64> {
+        self.link.clock.offset_ms()
     }
 
     async fn eval(&self, script: &Script, args: Vec<Value>) -> Result<Value, StoreError> {
         self.link.eval(script, args, self.timeout).await
     }
 
-    /// One purchase, decided with the others of its batch (see `deduct.lua`).
-    /// The deadline starts now, queueing included: a buyer is answered
-    /// within `timeout`, and a purchase that reaches Redis at or after its
-    /// deadline does nothing.
-    pub async fn deduct(&self, buyer: &str, node: &str) -> Result<Outcome, StoreError> {
-        // Wall clock first, then the timer: the handler gives up no earlier
-        // than the deadline the script checks against Redis's clock.
-        let deadline = now_millis() + self.timeout.as_millis() as u64;
-        let give_up = tokio::time::Instant::now() + self.timeout;
+    /// Queues one entry and waits for its answer until `give_up`.
+    async fn queued(
+        &self,
+        entry: Entry,
+        holder: &str,
+        node: &str,
+        give_up: Instant,
+    ) -> Result<Reply<Raw>, StoreError> {
         let (reply, answer) = oneshot::channel();
-        let purchase = Pending {
-            buyer: Value::from(buyer),
+        let pending = Pending {
+            entry,
+            holder: Value::from(holder),
             node: Value::from(node),
-            deadline,
+            give_up,
             reply,
         };
-        if self.queue.send(purchase).is_err() {
+        if self.queue.send(pending).is_err() {
             return Err(StoreError::Unavailable("the batch task has stopped".into()));
         }
         match tokio::time::timeout_at(give_up, answer).await {
-            Ok(Ok(outcome)) => outcome,
+            Ok(Ok(raw)) => raw,
             Ok(Err(_)) => Err(StoreError::Unavailable(
-                "the batch task dropped the purchase".into(),
+                "the batch task dropped the request".into(),
             )),
             Err(_) => Err(StoreError::Timeout),
         }
     }
 
-    /// See `init.lua`.
-    pub async fn init(&self, force: bool) -> Result<bool, StoreError> {
-        let args = vec![
-            Value::from(self.total as i64),
-            Value::from(now_millis() as i64),
-            Value::from(if force { "1" } else { "0" }),
-        ];
-        Ok(int(Some(self.eval(&self.init, args).await?))? == 1)
+    /// One purchase, decided with the others of its batch (see `deduct.lua`).
+    /// A purchase that reaches Redis at or after `give_up` (in Redis's clock)
+    /// does nothing.
+    pub async fn deduct(&self, p: Purchase<'_>) -> Result<Reply<Outcome>, StoreError> {
+        let entry = Entry::Purchase {
+            buyer: Value::from(p.buyer),
+            key: Value::from(p.key),
+        };
+        let r = self.queued(entry, p.holder, p.node, p.give_up).await?;
+        let answer = match r.answer.code {
+            1 => Outcome::Sold {
+                order: r.answer.order,
+                sold: r.answer.count,
+            },
+            2 => Outcome::SoldOut,
+            3 => Outcome::AlreadyBought {
+                order: r.answer.order,
+            },
+            5 => return Err(StoreError::TooLate),
+            6 => Outcome::Replayed {
+                sold: ticket_number(&r.answer.order),
+                order: r.answer.order,
+            },
+            7 => Outcome::KeyConflict,
+            other => {
+                return Err(StoreError::Protocol(format!(
+                    "deduct returned code {other} for a purchase"
+                )));
+            }
+        };
+        Ok(Reply {
+            answer,
+            sale: r.sale,
+            lease: r.lease,
+        })
     }
 
-    /// See `audit.lua`.
+    /// A lease request (see `deduct.lua`), batched with the purchases.
+    pub async fn lease(
+        &self,
+        holder: &str,
+        want: u64,
+        give_up: Instant,
+    ) -> Result<Reply<u64>, StoreError> {
+        let r = self
+            .queued(Entry::Lease { want }, holder, "", give_up)
+            .await?;
+        match r.answer.code {
+            8 => Ok(Reply {
+                answer: r.answer.count,
+                sale: r.sale,
+                lease: r.lease,
+            }),
+            5 => Err(StoreError::TooLate),
+            other => Err(StoreError::Protocol(format!(
+                "deduct returned code {other} for a lease"
+            ))),
+        }
+    }
+
+    /// See `init.lua`.
+    pub async fn init(&self, force: bool) -> Result<Option<u64>, StoreError> {
+        let args = vec![
+            Value::from(self.total as i64),
+            Value::from(self.per_user_limit as i64),
+            Value::from(if force { "1" } else { "0" }),
+        ];
+        let reply = self.eval(&self.init, args).await?;
+        let Value::Array(fields) = reply else {
+            return Err(StoreError::Protocol(format!(
+                "init returned {reply:?}, not an array"
+            )));
+        };
+        let mut f = fields.into_iter();
+        match int(f.next())? {
+            1 => Ok(Some(int(f.next())?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// See `show.lua`.
     pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        let reply = self.eval(&self.audit, Vec::new()).await?;
-        let mut f = array(reply, 8)?.into_iter();
+        let reply = self.eval(&self.show, Vec::new()).await?;
+        let mut f = array(reply, 11)?.into_iter();
         let initialised = int(f.next())? == 1;
         let total = int(f.next())?;
         let sold = int(f.next())?;
@@ -198,34 +291,68 @@ impl RedisStore {
             tickets_held: int(f.next())?,
             most_by_one_buyer: int(f.next())?,
             epoch: text(f.next())?,
+            per_user_limit: int(f.next())?,
+            leased: int(f.next())?,
+            keys: int(f.next())?,
         })
     }
 
-    /// See [`Store::holders`](super::Store::holders). Two hashes read in
-    /// `HSCAN` pages, not one script nor `HGETALL`: after sold out neither
-    /// hash changes, and a bulk read of a field per buyer must not hold
-    /// Redis's single thread (other sales on the same Redis would time
-    /// out meanwhile). Retried, unlike a deduction: it only reads.
-    pub async fn holders(&self, per_user_limit: u64) -> Result<super::Holders, StoreError> {
-        if per_user_limit == 0 {
-            return Ok(super::Holders::new());
-        }
+    fn reader(&self) -> fred::clients::WithOptions<Client> {
         let options = Options {
             timeout: Some(self.timeout.max(Duration::from_secs(5))),
             max_attempts: Some(3),
             ..Options::default()
         };
-        let client = self.link.pool.next().with_options(&options);
+        self.link.pool.next().with_options(&options)
+    }
+
+    /// Every buyer's tickets, read in `HSCAN` pages so that a big sale never
+    /// holds Redis (for `stock audit`).
+    pub async fn tally_buyers(&self) -> Result<BuyerTally, StoreError> {
+        let held = scan_hash(&self.reader(), &self.link.keys[1]).await?;
+        let mut tally = BuyerTally::default();
+        for v in held.values() {
+            let n: u64 = v
+                .parse()
+                .map_err(|_| StoreError::Protocol(format!("a buyer holds {v:?} tickets")))?;
+            tally.tickets_held += n;
+            tally.most_by_one_buyer = tally.most_by_one_buyer.max(n);
+        }
+        Ok(tally)
+    }
+
+    /// See [`Store::holders`](super::Store::holders). Hashes read in
+    /// `HSCAN` pages, not one script nor `HGETALL`: after sold out they do
+    /// not change, and a bulk read of a field per buyer must not hold
+    /// Redis's single thread (other sales on the same Redis would time
+    /// out meanwhile). Retried, unlike a deduction: it only reads.
+    pub async fn holders(&self, per_user_limit: u64) -> Result<Holders, StoreError> {
+        let client = self.reader();
+        let keys = scan_hash(&client, &self.link.keys[5])
+            .await?
+            .into_iter()
+            .map(|(key, v)| {
+                let (order, buyer) = v.split_once(' ').unwrap_or((v.as_str(), ""));
+                (key, (order.to_string(), buyer.to_string()))
+            })
+            .collect();
+        if per_user_limit == 0 {
+            return Ok(Holders {
+                buyers: HashMap::new(),
+                keys,
+            });
+        }
         let held = scan_hash(&client, &self.link.keys[1]).await?;
         let orders = scan_hash(&client, &self.link.keys[3]).await?;
-        Ok(orders
+        let buyers = orders
             .into_iter()
             .filter(|(buyer, _)| {
                 held.get(buyer)
                     .and_then(|h| h.parse::<u64>().ok())
                     .is_some_and(|h| h >= per_user_limit)
             })
-            .collect())
+            .collect();
+        Ok(Holders { buyers, keys })
     }
 
     /// PING within the timeout.
@@ -241,13 +368,29 @@ impl RedisStore {
     }
 }
 
-/// One purchase waiting in the queue, its arguments already built.
+/// What an entry asks.
+enum Entry {
+    /// A purchase by `buyer` (maybe anonymous), with its key (maybe '').
+    Purchase { buyer: Value, key: Value },
+    /// Up to `want` more units on the holder's lease.
+    Lease { want: u64 },
+}
+
+/// One answer of the script, before it is read as a purchase's or a lease's.
+struct Raw {
+    code: u64,
+    order: String,
+    count: u64,
+}
+
+/// One entry waiting in the queue, its arguments already built.
 struct Pending {
-    buyer: Value,
+    entry: Entry,
+    holder: Value,
     node: Value,
-    /// Unix milliseconds from which the buyer has been told 503.
-    deadline: u64,
-    reply: oneshot::Sender<Result<Outcome, StoreError>>,
+    /// When the node tells its buyer 503 (or stops waiting for a lease).
+    give_up: Instant,
+    reply: oneshot::Sender<Result<Reply<Raw>, StoreError>>,
 }
 
 /// The pool and the sale's keys, plus what deductions need: shared by the
@@ -257,9 +400,47 @@ struct Link {
     /// Deduction calls sent, for `/stats` (purchases ÷ calls = batch size).
     calls: Arc<AtomicU64>,
     pool: Pool,
+    /// The Cluster slot of the sale's keys, where `TIME` is read too: the
+    /// clock that matters is the one of the Redis that runs the script.
+    slot: u16,
     keys: Vec<Key>,
-    per_user_limit: Value,
+    lease_ttl: Value,
     deduct: Script,
+    clock: Arc<StoreClock>,
+}
+
+/// Reads Redis's `TIME` once a second while the store lives.
+async fn keep_clock(pool: Pool, slot: u16, clock: Weak<StoreClock>, options: Options) {
+    let mut every = tokio::time::interval(CLOCK_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        let Some(clock) = clock.upgrade() else {
+            return;
+        };
+        sample(&pool, slot, &clock, &options).await;
+    }
+}
+
+/// One `TIME` reading into `clock` (nothing when Redis does not answer).
+async fn sample(pool: &Pool, slot: u16, clock: &StoreClock, options: &Options) {
+    let time = CustomCommand::new_static("TIME", ClusterHash::Custom(slot), false);
+    let sent = Instant::now();
+    let reply: Result<Value, _> = pool
+        .next()
+        .with_options(options)
+        .custom(time, Vec::<Value>::new())
+        .await;
+    let received = Instant::now();
+    if let Ok(Value::Array(parts)) = reply {
+        let mut parts = parts.into_iter();
+        let secs = parts.next().and_then(|v| v.as_u64());
+        let micros = parts.next().and_then(|v| v.as_u64());
+        if let (Some(s), Some(us)) = (secs, micros) {
+            clock.record(sent, s * 1_000_000 + us, received);
+        }
+    }
 }
 
 /// Takes a free call slot, then everything queued (up to [`MAX_BATCH`]), and
@@ -314,12 +495,15 @@ impl Link {
         }
     }
 
-    /// One call for `batch`; every purchase in it gets its answer.
+    async fn sample_clock(&self, options: &Options) {
+        sample(&self.pool, self.slot, &self.clock, options).await;
+    }
+
+    /// One call for `batch`; every entry in it gets its answer.
     async fn send(&self, batch: Vec<Pending>) {
-        let now = now_millis();
-        let mut args = Vec::with_capacity(2 + 3 * batch.len());
-        args.push(self.per_user_limit.clone());
-        args.push(Value::from(now as i64));
+        let now = Instant::now();
+        let mut args = Vec::with_capacity(1 + 6 * batch.len());
+        args.push(self.lease_ttl.clone());
         let mut replies = Vec::with_capacity(batch.len());
         let mut latest = now;
         for p in batch {
@@ -329,31 +513,51 @@ impl Link {
             if p.reply.is_closed() {
                 continue;
             }
-            if p.deadline <= now {
+            if p.give_up <= now {
                 let _ = p.reply.send(Err(StoreError::Timeout));
                 continue;
             }
-            latest = latest.max(p.deadline);
-            args.push(p.buyer);
-            args.push(p.node);
-            args.push(Value::from(p.deadline as i64));
+            // The deadline in Redis's clock: the earliest Redis time that
+            // the moment this buyer is told 503 can be.
+            let Some(deadline) = self.clock.redis_ms_at(p.give_up) else {
+                let _ = p.reply.send(Err(StoreError::NoClock));
+                continue;
+            };
+            latest = latest.max(p.give_up);
+            match p.entry {
+                Entry::Purchase { buyer, key } => {
+                    args.push(Value::from_static_str("p"));
+                    args.push(p.holder);
+                    args.push(p.node);
+                    args.push(buyer);
+                    args.push(key);
+                    args.push(Value::from(deadline as i64));
+                }
+                Entry::Lease { want } => {
+                    args.push(Value::from_static_str("l"));
+                    args.push(p.holder);
+                    args.push(p.node);
+                    args.push(Value::from_static_str(""));
+                    args.push(Value::from_static_str(""));
+                    args.push(Value::from(format!("{want}:{deadline}")));
+                }
+            }
             replies.push(p.reply);
         }
         if replies.is_empty() {
             return;
         }
         self.calls.fetch_add(1, Ordering::Relaxed);
-        // Each purchase carries its own deadline, which the script checks:
+        // Each entry carries its own deadline, which the script checks:
         // one buyer about to give up does not cut the others' wait short.
-        let left = Duration::from_millis(latest - now);
         let answers = self
-            .eval(&self.deduct, args, left)
+            .eval(&self.deduct, args, latest - now)
             .await
-            .and_then(|v| outcomes(v, replies.len()));
+            .and_then(|v| answers(v, replies.len()));
         match answers {
-            Ok(outcomes) => {
-                for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                    let _ = reply.send(outcome);
+            Ok(answers) => {
+                for (reply, answer) in replies.into_iter().zip(answers) {
+                    let _ = reply.send(Ok(answer));
                 }
             }
             Err(e) => {
@@ -365,11 +569,9 @@ impl Link {
     }
 }
 
-/// The script's answer, one outcome per purchase (see `deduct.lua`).
-fn outcomes(
-    reply: Value,
-    purchases: usize,
-) -> Result<Vec<Result<Outcome, StoreError>>, StoreError> {
+/// The script's answer: the sale's state, then one answer per entry (see
+/// `deduct.lua`).
+fn answers(reply: Value, entries: usize) -> Result<Vec<Reply<Raw>>, StoreError> {
     let fields = match reply {
         Value::Array(a) => a,
         other => {
@@ -380,32 +582,39 @@ fn outcomes(
     };
     if fields.len() == 1 {
         return match int(fields.into_iter().next())? {
-            4 => Ok(vec![Ok(Outcome::NoSale); purchases]),
+            4 => Err(StoreError::NoSale),
             other => Err(StoreError::Protocol(format!(
                 "deduct returned code {other} for the batch"
             ))),
         };
     }
-    if fields.len() != 3 * purchases {
+    if fields.len() != 5 + 4 * entries {
         return Err(StoreError::Protocol(format!(
-            "deduct returned {} fields for {purchases} purchases",
+            "deduct returned {} fields for {entries} entries",
             fields.len()
         )));
     }
     let mut fields = fields.into_iter();
-    let mut out = Vec::with_capacity(purchases);
-    for _ in 0..purchases {
+    let _status = int(fields.next())?;
+    let epoch = text(fields.next())?;
+    let sale = SaleState {
+        epoch: epoch
+            .parse()
+            .map_err(|_| StoreError::Protocol(format!("the sale's epoch is {epoch:?}")))?,
+        limit: int(fields.next())?,
+        sold: int(fields.next())?,
+        total: int(fields.next())?,
+    };
+    let mut out = Vec::with_capacity(entries);
+    for _ in 0..entries {
         let code = int(fields.next())?;
         let order = text(fields.next())?;
-        let sold = int(fields.next())?;
-        out.push(match code {
-            1 => Ok(Outcome::Sold { order, sold }),
-            2 => Ok(Outcome::SoldOut),
-            3 => Ok(Outcome::AlreadyBought { order }),
-            5 => Err(StoreError::TooLate),
-            other => Err(StoreError::Protocol(format!(
-                "deduct returned code {other}"
-            ))),
+        let count = int(fields.next())?;
+        let lease = int(fields.next())?;
+        out.push(Reply {
+            answer: Raw { code, order, count },
+            sale,
+            lease,
         });
     }
     Ok(out)

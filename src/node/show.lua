@@ -1,0 +1,17 @@
+-- The sale's state in constant time, for `stock show`, a node's `/sale` and
+-- the start of `stock audit`: counters the deduction script keeps, and hash
+-- lengths, never a pass over the buyers. KEYS as in deduct.lua.
+-- Returns {exists, total, sold, orders, buyers, tickets held by named buyers,
+-- the most any one buyer holds, epoch, limit, units leased, keys recorded}.
+local s = redis.call('HMGET', KEYS[1], 'total', 'sold', 'held', 'most', 'epoch', 'limit')
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local leased = 0
+local raw = redis.call('HGETALL', KEYS[5])
+for i = 2, #raw, 2 do
+  local units, expires = string.match(raw[i], '^(%d+):(%d+)$')
+  if units and tonumber(expires) > now then leased = leased + tonumber(units) end
+end
+return {s[1] and 1 or 0, tonumber(s[1] or '0'), tonumber(s[2] or '0'),
+  redis.call('HLEN', KEYS[3]), redis.call('HLEN', KEYS[2]), tonumber(s[3] or '0'),
+  tonumber(s[4] or '0'), s[5] or '', tonumber(s[6] or '0'), leased, redis.call('HLEN', KEYS[6])}
