@@ -326,7 +326,8 @@ async fn a_sale_survives_node_death_redis_stalls_restarts_and_reloads() {
         );
     }
     // Anyone holding a ticket without a 200 got only 503s (a reply lost
-    // after the script ran); their order exists.
+    // after the script ran) or a 409; their order exists, and asking again
+    // gives `already_bought` with exactly that order.
     let mut ambiguous = 0;
     for (buyer, order) in &holders {
         let id: usize = buyer.trim_start_matches('f').parse().expect("buyer id");
@@ -342,6 +343,17 @@ async fn a_sale_survives_node_death_redis_stalls_restarts_and_reloads() {
             "{buyer} holds {order} with answers {theirs:?}"
         );
         assert!(orders.contains(order));
+        let (status, body) = get(&c, ports.balancer, &format!("/buy/ticket?user={buyer}"))
+            .await
+            .expect("the holder asks again");
+        let v = json(&body);
+        assert_eq!(status, StatusCode::CONFLICT, "{buyer}: {body}");
+        assert_eq!(v["status"], "already_bought", "{buyer}: {body}");
+        assert_eq!(
+            v["order"],
+            order.as_str(),
+            "{buyer} must get their own order back"
+        );
         ambiguous += 1;
     }
     let show = run(&["stock", "show", "--config", &cfg]);

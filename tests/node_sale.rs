@@ -813,3 +813,117 @@ async fn a_purchase_past_its_deadline_does_nothing_and_spares_its_batch() {
     assert_eq!(held, None);
     sale.stop().await;
 }
+
+/// Issue 10, case 2: with a per-user limit of 0 or 2, a buyer whose reply
+/// was lost and who sends the purchase again used to get a second ticket.
+/// With the same `Idempotency-Key`, sent again to the same node, to
+/// another, or many times at once, it is one sale with one order id; the
+/// key used by another buyer is refused; and once the sale is sold out the
+/// key still gets its order back, from memory.
+async fn a_key_buys_once_whatever_the_limit(redis: Option<&RedisServer>) {
+    use common::http::send;
+    use hyper::Method;
+    let url = redis.map(|r| r.url());
+    for limit in [0u64, 2] {
+        let event = format!("keys{limit}");
+        let text = sale_config(&event, 6, limit, &[1, 1], url.as_deref(), "");
+        let sale = InProcessSale::start(&text).await;
+        let c = client();
+        let [a, b] = [sale.addrs()[0], sale.addrs()[1]];
+        // With a limit the buyer is named; without one, anonymous.
+        let (alice, carol) = if limit > 0 {
+            ("?user=alice", "?user=carol")
+        } else {
+            ("", "?user=carol")
+        };
+        let buy = |node, who: &'static str, key: &'static str, method: Method| {
+            let c = c.clone();
+            async move {
+                let path = format!("/buy/ticket{who}");
+                send(&c, method, node, &path, &[("Idempotency-Key", key)])
+                    .await
+                    .expect("answer")
+            }
+        };
+        // Sequentially, to both nodes, GET and POST, bare and quoted.
+        let first = buy(a, alice, "k-1", Method::POST).await;
+        assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+        assert!(first.headers.get("idempotent-replayed").is_none());
+        let order = json(&first.body)["order"].clone();
+        for (node, method, key) in [
+            (a, Method::POST, "k-1"),
+            (b, Method::GET, "k-1"),
+            (b, Method::POST, "\"k-1\""),
+        ] {
+            let again = buy(node, alice, key, method).await;
+            assert_eq!(again.status, StatusCode::OK, "{}", again.body);
+            assert_eq!(json(&again.body)["order"], order, "{}", again.body);
+            assert_eq!(again.headers["idempotent-replayed"], "true");
+        }
+        // Concurrently: 40 sends of one new key over both nodes.
+        let sends: Vec<_> = (0..40)
+            .map(|i| {
+                tokio::spawn(buy(
+                    if i % 2 == 0 { a } else { b },
+                    alice,
+                    "k-2",
+                    Method::POST,
+                ))
+            })
+            .collect();
+        let mut orders = HashSet::new();
+        for s in sends {
+            let r = s.await.expect("send");
+            assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+            orders.insert(json(&r.body)["order"].as_str().expect("order").to_string());
+        }
+        assert_eq!(orders.len(), 1, "one key, one order: {orders:?}");
+        assert!(!orders.contains(order.as_str().expect("order")));
+        // Another buyer with a key that bought is not its retry.
+        let stolen = buy(a, carol, "k-1", Method::POST).await;
+        assert_eq!(
+            stolen.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{}",
+            stolen.body
+        );
+        // A malformed key is a 400, and sells nothing.
+        let bad = buy(a, alice, "no spaces", Method::POST).await;
+        assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{}", bad.body);
+        let snap = sale.store.snapshot().await.expect("snapshot");
+        assert_eq!((snap.sold, snap.keys), (2, 2), "{snap:?}");
+        // Sell the rest, then the first key, answered from memory.
+        let rest = storm(&c, &sale.addrs(), 20, 20, 4, "rest").await;
+        assert_eq!(count(&rest, StatusCode::OK), 4);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, stats) = get(&c, a, "/stats").await.expect("stats");
+            if json(&stats)["keys_known"] == 2 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "keys never read: {stats}"
+            );
+            // A purchase that finds the sale sold out starts the read.
+            let _ = get(&c, a, "/buy/ticket?user=nudge").await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let late = buy(a, alice, "k-1", Method::GET).await;
+        assert_eq!(late.status, StatusCode::OK, "{}", late.body);
+        assert_eq!(json(&late.body)["order"], order);
+        let stolen = buy(a, carol, "k-1", Method::GET).await;
+        assert_eq!(
+            stolen.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{}",
+            stolen.body
+        );
+        let snap = sale.store.snapshot().await.expect("snapshot");
+        assert_eq!(snap.sold, 6);
+        assert_eq!(snap.audit(None), Vec::<String>::new());
+        sale.stop().await;
+    }
+}
+
+against_both_stores!(a_key_buys_once_whatever_the_limit);

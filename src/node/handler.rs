@@ -725,15 +725,16 @@ impl Node {
             }
             other => other,
         };
-        if self.sale_refreshing.swap(true, Ordering::AcqRel) {
+        let refreshing = self.sale_refreshing.swap(true, Ordering::AcqRel);
+        if refreshing && let Some((_, body)) = stale {
             // Another request is reading it: the last answer will do.
-            if let Some((_, body)) = stale {
-                return json(StatusCode::OK, body);
-            }
-            return unavailable();
+            return json(StatusCode::OK, body);
         }
+        // (With no answer at all yet, each early caller reads for itself.)
         let result = self.store.snapshot().await;
-        self.sale_refreshing.store(false, Ordering::Release);
+        if !refreshing {
+            self.sale_refreshing.store(false, Ordering::Release);
+        }
         match result.map(|snap: Snapshot| serde_json::to_vec(&snap)) {
             Ok(Ok(body)) => {
                 let body = Bytes::from(body);
