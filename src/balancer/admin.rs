@@ -55,6 +55,18 @@ fn status(shared: &Shared) -> String {
         "strategy": active.selector.strategy().as_str(),
         "version": active.version,
         "connections": shared.accept_share.open().sum::<u64>(),
+        "last_reload": shared.last_reload().map(|r| {
+            let mut v = serde_json::json!({
+                "ok": r.error.is_none(),
+                "at": humantime::format_rfc3339_seconds(r.at).to_string(),
+            });
+            if let Some(error) = r.error {
+                v["error"] = error.into();
+            } else {
+                v["unchanged"] = r.unchanged.into();
+            }
+            v
+        }),
         "upstreams": upstreams,
     })
     .to_string()

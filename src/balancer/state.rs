@@ -91,6 +91,21 @@ pub struct Shared {
     path: PathBuf,
     reloading: Mutex<()>,
     seen: Mutex<Stamp>,
+    last_reload: Mutex<Option<LastReload>>,
+}
+
+/// How the last reload attempt ended, for `/status`: whoever saved the file
+/// or sent SIGHUP needs to see whether it went in force, and if not, why
+/// (the log may be out of reach).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastReload {
+    /// When the attempt was made.
+    pub at: SystemTime,
+    /// Why the file was refused; `None` when it went in force (or was
+    /// the config in force already).
+    pub error: Option<String>,
+    /// The file validated to the config in force: no new version was made.
+    pub unchanged: bool,
 }
 
 impl Shared {
@@ -108,17 +123,48 @@ impl Shared {
             seen: Mutex::new(stamp(&config.path)),
             path: config.path,
             reloading: Mutex::new(()),
+            last_reload: Mutex::new(None),
         })
     }
 
-    /// Reads and validates the file again and, if it is good, puts it in
-    /// force. Blocking (file and DNS): async callers use `spawn_blocking`.
+    /// Reads and validates the file again and, if it is good and says
+    /// something new, puts it in force as the next version; returns the
+    /// version in force. A file that validates to the config in force
+    /// (saved without changes, or changed only in comments or in the
+    /// server limits, which need a restart) makes no new version. Blocking
+    /// (file and DNS): async callers use `spawn_blocking`.
     pub fn reload(&self) -> Result<u64, BalancerError> {
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        let at = SystemTime::now();
+        let before = self.current.load().version;
+        let result = self.reload_locked();
+        let outcome = LastReload {
+            at,
+            error: result.as_ref().err().map(|e| e.to_string()),
+            unchanged: matches!(result, Ok(v) if v == before),
+        };
+        *self.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+        result
+    }
+
+    /// How the last reload attempt ended (`None` before the first).
+    pub fn last_reload(&self) -> Option<LastReload> {
+        self.last_reload
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// [`Shared::reload`] under its lock.
+    fn reload_locked(&self) -> Result<u64, BalancerError> {
         *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = stamp(&self.path);
         let config = Config::load(&self.path)?;
         let balancer = config.require_balancer()?.clone();
         let old = self.current.load_full();
+        if balancer == old.config {
+            tracing::info!(version = old.version, "config unchanged, no new version");
+            return Ok(old.version);
+        }
         if balancer.listen != old.config.listen || balancer.admin != old.config.admin {
             tracing::warn!(
                 "a change of balancer.listen or balancer.admin takes effect only after a restart"
