@@ -37,20 +37,31 @@ pub enum ConfigError {
         /// What is wrong, in words a user can act on.
         message: String,
     },
+    /// The command asks for something the file does not have (a node named
+    /// on the command line, a section the command needs): there is no line
+    /// to point at, and blaming line 1 would send the reader to the wrong
+    /// place.
+    #[error("{path}: {message}")]
+    Lacks {
+        /// The file.
+        path: PathBuf,
+        /// What is missing, and what the file has instead.
+        message: String,
+    },
 }
 
 impl ConfigError {
     /// The key the error is about, for tests and for logs.
     pub fn key(&self) -> Option<&str> {
         match self {
-            ConfigError::Read { .. } => None,
+            ConfigError::Read { .. } | ConfigError::Lacks { .. } => None,
             ConfigError::Invalid { key, .. } => Some(key),
         }
     }
     /// The line the error is about.
     pub fn line(&self) -> Option<usize> {
         match self {
-            ConfigError::Read { .. } => None,
+            ConfigError::Read { .. } | ConfigError::Lacks { .. } => None,
             ConfigError::Invalid { line, .. } => Some(*line),
         }
     }
@@ -324,10 +335,8 @@ impl Config {
 
     /// The sale, or an error that says this mode needs one.
     pub fn require_sale(&self) -> Result<&SaleConfig, ConfigError> {
-        self.sale.as_ref().ok_or_else(|| ConfigError::Invalid {
+        self.sale.as_ref().ok_or_else(|| ConfigError::Lacks {
             path: self.path.clone(),
-            key: "sale".into(),
-            line: 1,
             message: "this command sells tickets and needs a [sale] section".into(),
         })
     }
@@ -337,12 +346,10 @@ impl Config {
         self.nodes
             .iter()
             .find(|n| n.name == name)
-            .ok_or_else(|| ConfigError::Invalid {
+            .ok_or_else(|| ConfigError::Lacks {
                 path: self.path.clone(),
-                key: "node.name".into(),
-                line: 1,
                 message: format!(
-                    "no [[node]] is named {name:?}; the file has: {}",
+                    "--name {name}: no [[node]] is named {name:?}; the file has: {}",
                     self.nodes
                         .iter()
                         .map(|n| n.name.as_str())
@@ -354,10 +361,8 @@ impl Config {
 
     /// The balancer section, or an error that says this mode needs one.
     pub fn require_balancer(&self) -> Result<&BalancerConfig, ConfigError> {
-        self.balancer.as_ref().ok_or_else(|| ConfigError::Invalid {
+        self.balancer.as_ref().ok_or_else(|| ConfigError::Lacks {
             path: self.path.clone(),
-            key: "balancer".into(),
-            line: 1,
             message: "the balancer needs a [balancer] section with upstreams, or [[node]] entries"
                 .into(),
         })
