@@ -1200,21 +1200,3 @@ weight = 4
         );
     }
 }
-
-#[cfg(test)]
-mod example_file {
-    use super::*;
-
-    /// The config.toml the README tells a new user to run must stay valid.
-    #[test]
-    fn the_committed_config_toml_is_valid() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
-        let c = Config::load(&path).expect("config.toml must validate");
-        assert_eq!(c.nodes.len(), 4);
-        assert!(
-            c.redis.is_none(),
-            "the example runs with no Redis installed"
-        );
-        assert_eq!(c.balancer.expect("balancer").upstreams.len(), 4);
-    }
-}
