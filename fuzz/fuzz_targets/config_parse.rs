@@ -28,8 +28,12 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         Err(ConfigError::Invalid { line, .. }) => {
-            assert!(line >= 1 && line <= text.lines().count().max(1) + 1, "line {line} outside the file");
+            assert!(
+                line >= 1 && line <= text.lines().count().max(1) + 1,
+                "line {line} outside the file"
+            );
         }
         Err(ConfigError::Read { .. }) => unreachable!("parse reads no file"),
+        Err(ConfigError::Lacks { .. }) => unreachable!("only a command asks for what a file lacks"),
     }
 });
