@@ -35,7 +35,10 @@ impl Reloader {
 /// Reloads off the async threads and logs the outcome.
 pub async fn reload_logged(shared: &Arc<Shared>, why: &'static str) {
     let s = shared.clone();
+    let before = shared.current.load().version;
     match tokio::task::spawn_blocking(move || s.reload()).await {
+        // `reload` said so already.
+        Ok(Ok(version)) if version == before => {}
         Ok(Ok(version)) => tracing::info!(version, trigger = why, "new config in force"),
         Ok(Err(e)) => tracing::error!(
             trigger = why,
