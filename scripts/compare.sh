@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# scripts/compare.sh: spike vs Nginx on this machine (issue 4, "The comparison").
+# scripts/compare.sh: spike vs Nginx on this machine, as the README's
+# "Benchmark" section describes.
 #
-#   scripts/compare.sh            # full run, ~6-8 minutes on 2 cores
-#   QUICK=1 scripts/compare.sh    # smoke run: 1 pair, 1-second runs
+#   scripts/compare.sh            # full run, ~9 minutes on 2 cores
+#   QUICK=1 scripts/compare.sh    # smoke run: 1 pair of 1-second runs, ~2 minutes
+#
+# (The first run also builds spike in release and installs what is missing.)
 #
 # Builds spike in release, installs what is missing (oha with cargo; nginx,
 # redis-server, redis-cli, ab with apt-get), starts everything on free loopback
@@ -68,7 +71,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends "${missing[@]}"
 fi
 if ! have oha; then
-  # oha: the HTTP load generator the issue asks for (JSON output, random URLs
+  # oha: the HTTP load generator used here (JSON output, random URLs
   # from a regex for distinct buyers). Not packaged by Debian; built by cargo.
   if ! cargo install --list | grep -q '^oha v'; then
     say "compare.sh: installing oha with cargo install oha --locked"
@@ -438,7 +441,7 @@ if wants soldout; then
   cfg=$WORK/sale-soldout.toml
   # Every node's allowance (stock = 2000) exceeds the total, so each one keeps
   # asking Redis until Redis says "sold out" and then knows it: the path the
-  # issue's target is about (no Redis call once a node knows the sale is
+  # sold-out target is about (no Redis call once a node knows the sale is
   # over). With the default buffer a node can instead run out of allowance
   # first; see the README for what that path does under load.
   write_sale_config "$cfg" bench-soldout 1000 1 "$SP" "$SA" 2000

@@ -6,9 +6,71 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+/// What `spike --help` adds under the commands: what an operator needs
+/// before running any of them, said once for all.
+const MAIN_HELP: &str = "\
+Configuration: one config.toml (--config FILE picks another); every error
+names the file, the key and the line.
+
+Signals:
+  SIGTERM, SIGINT  stop gracefully: stop accepting, let requests in flight
+                   finish for [server] grace_period, then exit
+  SIGHUP           reload the balancer's config (`balancer`, `up`); saving
+                   the file does the same
+
+Admin endpoints of the balancer ([balancer] admin, 127.0.0.1:8001 by
+default): GET /healthz, GET /status (JSON), GET /metrics (Prometheus).
+
+Exit codes: 0 success; 1 an error (config, bind, store), printed on stderr
+as one line; `spike stock audit` exits 1 when the sale breaks an invariant.
+
+Logs go to stderr. RUST_LOG sets what is logged (default info, e.g.
+RUST_LOG=warn or RUST_LOG=spike=debug); colour only on a terminal, and never
+when NO_COLOR is set.";
+
+/// What `spike balancer --help` adds.
+const BALANCER_HELP: &str = "\
+Reload: SIGHUP, or saving the file (polled every 500 ms), reads it again; a
+valid file goes in force for the next request, an invalid one is refused and
+the old config stays (GET /status shows last_reload and why). A file that
+validates to the config in force is no new version. listen and admin need a
+restart.
+
+Admin endpoints on [balancer] admin: GET /healthz, GET /status (strategy,
+version, last_reload, upstreams), GET /metrics (Prometheus text).
+
+SIGTERM/SIGINT: stop accepting, let requests in flight finish for [server]
+grace_period, then exit 0. Exit code 1 when the file is invalid or an
+address cannot be bound.";
+
+/// What `spike node --help` adds.
+const NODE_HELP: &str = "\
+Endpoints on the node's listen address: POST|GET /buy/ticket?user=ID,
+GET /healthz, GET /stats, GET /sale.
+
+SIGTERM/SIGINT: stop accepting, let purchases in flight finish for [server]
+grace_period, then exit 0. Exit code 1 when the file is invalid, --name is
+not one of its [[node]]s, or the address cannot be bound.";
+
+/// What `spike up --help` adds.
+const UP_HELP: &str = "\
+Runs the balancer and one node per [[node]] in this process, with the
+embedded store unless the file has [redis].
+
+SIGHUP, or saving the file, reloads the balancer's config (see `spike
+balancer --help`); its admin endpoints /healthz, /status and /metrics are on
+[balancer] admin. SIGTERM/SIGINT stops everything gracefully within [server]
+grace_period and exits 0. Exit code 1 on an error.";
+
+/// What `spike stock audit --help` adds.
+const AUDIT_HELP: &str = "\
+Exit codes: 0 when sold == orders, sold <= total and no buyer holds more than
+per_user_limit; 1 when any of these is broken (the JSON it prints lists the
+problems) or the store cannot be read.";
+
 /// spike: sell a few thousand tickets to a million buyers without selling one twice.
 #[derive(Debug, Parser)]
-#[command(name = "spike", version, about, long_about = None)]
+#[command(name = "spike", version, about, long_about = None, after_help = MAIN_HELP)]
 pub struct Cli {
     /// What to run.
     #[command(subcommand)]
@@ -27,6 +89,7 @@ pub struct ConfigArg {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run one ticket-selling node from the file's [[node]] entries.
+    #[command(after_help = NODE_HELP)]
     Node {
         #[command(flatten)]
         config: ConfigArg,
@@ -35,11 +98,13 @@ pub enum Command {
         name: String,
     },
     /// Run the HTTP load balancer from the file's [balancer] section.
+    #[command(after_help = BALANCER_HELP)]
     Balancer {
         #[command(flatten)]
         config: ConfigArg,
     },
     /// Run a whole sale on this machine: the balancer and every [[node]].
+    #[command(after_help = UP_HELP)]
     Up {
         #[command(flatten)]
         config: ConfigArg,
@@ -79,8 +144,60 @@ pub enum StockAction {
         config: ConfigArg,
     },
     /// Check the sale's invariants; exits non-zero when any is broken.
+    #[command(after_help = AUDIT_HELP)]
     Audit {
         #[command(flatten)]
         config: ConfigArg,
     },
+}
+
+/// An error and its causes on one line, each said once. Library errors
+/// often put their source in their own message as well as expose it as the
+/// source (`cannot read: No such file or directory`), so anyhow's `{:#}`
+/// would print it twice.
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+/// Whether log lines may carry ANSI colour codes: only on a terminal (in a
+/// file, a pipe or journald the codes are noise), and never when `NO_COLOR`
+/// is set to anything but the empty string (<https://no-color.org>).
+pub fn colour_logs(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(colour_logs(true, None));
+        assert!(colour_logs(true, Some(OsStr::new(""))));
+        assert!(!colour_logs(true, Some(OsStr::new("1"))));
+        assert!(!colour_logs(false, None));
+    }
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "gone");
+        let config = crate::config::ConfigError::Read {
+            path: "x.toml".into(),
+            source: io,
+        };
+        let e = anyhow::Error::new(config).context("starting");
+        assert_eq!(error_line(&e), "starting: x.toml: cannot read: gone");
+    }
 }

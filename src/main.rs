@@ -1,5 +1,6 @@
 //! The `spike` binary: parse the command line and hand over to the library.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -13,6 +14,10 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(spike::cli::colour_logs(
+            std::io::stderr().is_terminal(),
+            std::env::var_os("NO_COLOR").as_deref(),
+        ))
         .init();
     let result: anyhow::Result<ExitCode> = match cli.command {
         Command::Node { config, name } => spike::node::main(&config.config, &name),
@@ -32,7 +37,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("spike: {e:#}");
+            eprintln!("spike: {}", spike::cli::error_line(&e));
             ExitCode::FAILURE
         }
     }

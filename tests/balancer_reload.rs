@@ -196,3 +196,88 @@ async fn sighup_reloads_a_real_process_under_load() {
     );
     remove_config(&path);
 }
+
+/// `/status` of a real `spike balancer` tells how the last reload went: a
+/// file saved without changes is no new version, a broken one is refused
+/// with the reason, and a changed one is the next version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_the_last_reload_and_an_unchanged_file_is_no_new_version() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let listen = SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+    let admin = SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+    let (l, ad) = (listen.to_string(), admin.to_string());
+    let text = config_text("round_robin", &l, &ad, &[up(a.addr, 1)]);
+    let path = write_config(&text);
+    let mut spike = SpikeProcess::start(&["balancer", "--config", path.to_str().expect("utf-8")]);
+    tokio::task::spawn_blocking(move || {
+        wait_listening(&admin.to_string(), Duration::from_secs(20));
+    })
+    .await
+    .expect("join");
+    let client = http();
+    let url = format!("http://{admin}/status");
+    let status = async || -> serde_json::Value {
+        serde_json::from_str(&get_ok(&client, &url).await).expect("json")
+    };
+    let v = status().await;
+    assert_eq!(v["version"], 1);
+    assert!(v["last_reload"].is_null(), "{v}");
+
+    // The same bytes again, with a new modification time: the watcher
+    // reloads, and finds nothing new.
+    let touch = |text: &str, secs: u64| {
+        std::fs::write(&path, text).expect("write");
+        let f = std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .expect("open");
+        f.set_modified(std::time::SystemTime::now() + Duration::from_secs(secs))
+            .expect("mtime");
+    };
+    touch(&text, 10);
+    let mut v = serde_json::Value::Null;
+    wait_for("the unchanged reload", Duration::from_secs(5), async || {
+        v = status().await;
+        !v["last_reload"].is_null()
+    })
+    .await;
+    assert_eq!(v["version"], 1, "{v}");
+    assert_eq!(v["last_reload"]["ok"], true, "{v}");
+    assert_eq!(v["last_reload"]["unchanged"], true, "{v}");
+    assert!(v["last_reload"].get("error").is_none(), "{v}");
+    let at = v["last_reload"]["at"].as_str().expect("at").to_string();
+    assert!(at.ends_with('Z') && at.len() == 20, "RFC 3339: {at}");
+
+    // A broken file is refused, and /status says why.
+    touch("[balancer]\nstrategy = \"fastest\"\n", 20);
+    wait_for("the refused reload", Duration::from_secs(5), async || {
+        v = status().await;
+        v["last_reload"]["ok"] == false
+    })
+    .await;
+    assert_eq!(v["version"], 1, "{v}");
+    let error = v["last_reload"]["error"].as_str().expect("error");
+    assert!(
+        error.contains("balancer.strategy") && error.contains("config.toml"),
+        "{error}"
+    );
+
+    // A real change is the next version.
+    touch(
+        &config_text("round_robin", &l, &ad, &[up(a.addr, 1), up(b.addr, 1)]),
+        30,
+    );
+    wait_for("the changed reload", Duration::from_secs(5), async || {
+        v = status().await;
+        v["version"] == 2
+    })
+    .await;
+    assert_eq!(v["last_reload"]["ok"], true, "{v}");
+    assert_eq!(v["last_reload"]["unchanged"], false, "{v}");
+    assert_eq!(v["upstreams"].as_array().expect("list").len(), 2);
+
+    spike.signal("TERM");
+    assert!(spike.wait_exit(Duration::from_secs(15)).is_some());
+    remove_config(&path);
+}

@@ -9,7 +9,9 @@ use std::time::Duration;
 use common::http::{client, get, json};
 use common::redis::RedisServer;
 use common::sale::{count, storm};
-use common::spike::{SpikeProcess, remove_config, run, wait_listening, write_config};
+use common::spike::{
+    SpikeProcess, committed, committed_config, remove_config, run, wait_listening, write_config,
+};
 use hyper::StatusCode;
 
 struct Ports {
@@ -150,12 +152,42 @@ fn the_committed_config_runs_with_up() {
     // The README's first command runs config.toml as it is; check it loads
     // and names a balancer and four nodes (ports are fixed there, so it is
     // not started here, where tests run in parallel).
-    let out = run(&[
-        "nginx-conf",
-        "--config",
-        concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"),
-    ]);
+    let path = write_config(&committed_config());
+    let out = run(&["nginx-conf", "--config", path.to_str().expect("path")]);
     assert!(out.status.success(), "{out:?}");
     let conf = String::from_utf8_lossy(&out.stdout);
     assert_eq!(conf.matches("server 127.0.0.1:300").count(), 4, "{conf}");
+    remove_config(&path);
+}
+
+/// The config.toml the README tells a new user to run must stay valid.
+#[test]
+fn the_committed_config_toml_is_valid() {
+    let path = write_config(&committed_config());
+    let c = spike::config::Config::load(&path).expect("config.toml must validate");
+    assert_eq!(c.nodes.len(), 4);
+    assert!(
+        c.redis.is_none(),
+        "the example runs with no Redis installed"
+    );
+    assert_eq!(c.balancer.expect("balancer").upstreams.len(), 4);
+    remove_config(&path);
+}
+
+/// The copy the tests read where git is not available is the committed
+/// example (both as committed: neither working copy is read).
+#[test]
+fn the_copy_of_the_example_config_is_the_committed_one() {
+    let (Some(example), Some(copy)) = (
+        committed("config.toml"),
+        committed("tests/data/config.toml"),
+    ) else {
+        // Without git, or before the copy is committed, there is nothing
+        // to compare; the other tests read the copy then.
+        return;
+    };
+    assert!(
+        example == copy,
+        "tests/data/config.toml differs from config.toml: cp config.toml tests/data/config.toml"
+    );
 }

@@ -16,20 +16,27 @@ fuzz_target!(|data: &[u8]| {
             // Validated configs keep their promises.
             if let Some(sale) = &config.sale {
                 assert!(sale.total >= 1);
-                let explicit = text.contains("stock");
+                // A lease asks for at least one unit and lives at least a second.
+                assert!(sale.lease >= 1);
+                assert!(sale.lease_ttl >= std::time::Duration::from_secs(1));
                 for n in &config.nodes {
                     assert!(n.weight >= 1);
-                    // A computed allowance never exceeds the total.
-                    assert!(explicit || n.allowance <= sale.total);
                 }
+            }
+            if let Some(r) = &config.redis {
+                assert!(r.timeout >= std::time::Duration::from_millis(1));
             }
             if let Some(b) = &config.balancer {
                 assert!(!b.upstreams.is_empty());
             }
         }
         Err(ConfigError::Invalid { line, .. }) => {
-            assert!(line >= 1 && line <= text.lines().count().max(1) + 1, "line {line} outside the file");
+            assert!(
+                line >= 1 && line <= text.lines().count().max(1) + 1,
+                "line {line} outside the file"
+            );
         }
         Err(ConfigError::Read { .. }) => unreachable!("parse reads no file"),
+        Err(ConfigError::Lacks { .. }) => unreachable!("only a command asks for what a file lacks"),
     }
 });

@@ -13,6 +13,7 @@ when both of its runs passed.
 """
 
 import json
+import math
 import os
 import statistics
 import sys
@@ -217,7 +218,7 @@ def summarize_ab(runs):
 
 
 def targets(summary):
-    """The issue's targets that this comparison measures, met or missed."""
+    """The targets spike is measured against here, met or missed."""
     t = []
     for s in STRATEGIES:
         p = summary["proxy"].get(s)
@@ -397,7 +398,7 @@ def render_md(s):
         for f in failed:
             lines.append(f"- {f}")
     lines.append("")
-    lines.append("Targets (issue 4):")
+    lines.append("Targets:")
     lines.append("")
     for t in s["targets"]:
         mark = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
@@ -408,6 +409,28 @@ def render_md(s):
 
 def esc(t):
     return str(t).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def nice_axis(top, most=6):
+    """An axis from 0 that holds `top` with a little room, in at most `most`
+    steps of a round size (1, 2, 2.5 or 5 times a power of ten), so that
+    every tick reads as a round number. Returns (axis maximum, step)."""
+    top = top * 1.05 if top > 0 else 1.0
+    power = 10.0 ** math.floor(math.log10(top / most))
+    for m in (1, 2, 2.5, 5, 10):
+        step = m * power
+        if math.ceil(top / step) <= most:
+            break
+    return math.ceil(top / step) * step, step
+
+
+def tick_label(v, step):
+    """A tick's label with as many decimals as the step needs (none for
+    whole steps; thousands separated)."""
+    decimals = 0
+    while decimals < 3 and abs(step * 10**decimals - round(step * 10**decimals)) > 1e-9:
+        decimals += 1
+    return f"{v:,.{decimals}f}"
 
 
 def render_svg(s):
@@ -460,16 +483,16 @@ def render_svg(s):
                 v = g.get(f"{side}_{metric}")
                 if v is not None:
                     vals.append(v)
-        vmax = max(vals) if vals else 1.0
-        vmax = vmax * 1.1 or 1.0
+        vmax, step = nice_axis(max(vals) if vals else 1.0)
+        ticks = round(vmax / step)
         o.append(f'<text x="{left}" y="{y0 + 12}" font-size="13" font-weight="bold">{esc(title)}</text>')
         base = y0 + 20 + panel_h
         o.append(f'<line x1="{left}" y1="{base}" x2="{left + W - 40}" y2="{base}" stroke="#333"/>')
-        for k in range(5):
-            v = vmax * k / 4
-            y = base - panel_h * k / 4
+        for k in range(ticks + 1):
+            v = step * k
+            y = base - panel_h * k / ticks
             o.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + W - 40}" y2="{y:.1f}" stroke="#eee"/>')
-            label = f"{v:.0f}" if metric == "rps" else f"{v:.1f}"
+            label = tick_label(v, step)
             o.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" fill="#555">{label}</text>')
         for gi, (name, g) in enumerate(groups):
             x = left + 20 + gi * 110

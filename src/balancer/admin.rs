@@ -2,8 +2,7 @@
 //! (Prometheus text). Off the hot path, so it formats freely.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -11,59 +10,10 @@ use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 
-use super::reload::{Active, Shared};
+use super::metrics::BUCKETS;
+use super::state::{Active, Shared};
 use super::upstream::Upstream;
 use super::upstream::now_ms;
-
-/// Upper bounds of the latency histogram buckets, in seconds.
-const BUCKETS: [f64; 12] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
-];
-
-/// Time from a request's arrival to its upstream's response head.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    /// Per-bucket counts (not cumulative); the last slot is `+Inf`.
-    counts: [AtomicU64; BUCKETS.len() + 1],
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    /// Records one observation (a few relaxed atomic adds).
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        let i = BUCKETS
-            .iter()
-            .position(|&b| secs <= b)
-            .unwrap_or(BUCKETS.len());
-        self.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-    }
-}
-
-/// Balancer-wide counters (per-upstream ones live in `LiveState`).
-#[derive(Debug, Default)]
-pub struct Metrics {
-    /// Upstream latency.
-    pub latency: Histogram,
-    /// Answers the balancer made itself: 400, 502, 504.
-    local_400: AtomicU64,
-    local_502: AtomicU64,
-    local_504: AtomicU64,
-}
-
-impl Metrics {
-    /// Counts an answer the balancer made itself.
-    pub fn count_local(&self, status: u16) {
-        let c = match status {
-            400 => &self.local_400,
-            504 => &self.local_504,
-            _ => &self.local_502,
-        };
-        c.fetch_add(1, Ordering::Relaxed);
-    }
-}
 
 /// Answers one admin request.
 pub async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -105,6 +55,18 @@ fn status(shared: &Shared) -> String {
         "strategy": active.selector.strategy().as_str(),
         "version": active.version,
         "connections": shared.accept_share.open().sum::<u64>(),
+        "last_reload": shared.last_reload().map(|r| {
+            let mut v = serde_json::json!({
+                "ok": r.error.is_none(),
+                "at": humantime::format_rfc3339_seconds(r.at).to_string(),
+            });
+            if let Some(error) = r.error {
+                v["error"] = error.into();
+            } else {
+                v["unchanged"] = r.unchanged.into();
+            }
+            v
+        }),
         "upstreams": upstreams,
     })
     .to_string()

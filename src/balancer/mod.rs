@@ -4,11 +4,25 @@
 //! [`run`] (or [`Balancer::run`]) serves already-bound listeners, so tests and
 //! `spike up` can bind `127.0.0.1:0` and drive the real thing;
 //! [`Balancer::reloader`] hands out a [`Reloader`] for reloads in-process.
-
+//!
+//! The modules are layered, and each imports only from the layers below it,
+//! so that any of them can be read (and changed) knowing only what it stands
+//! on:
+//! 1. [`error`], [`pool`] (idle upstream connections), [`metrics`];
+//! 2. [`upstream`]: an upstream's config and the live state that survives
+//!    reloads (with its idle connections);
+//! 3. [`strategy`]: picking among the upstreams;
+//! 4. [`state`]: the config version in force, built into a selector, and
+//!    how a reload replaces it;
+//! 5. [`proxy`], [`admin`] and [`reload`] (the triggers), and this module,
+//!    which wires them to the listeners.
 pub mod admin;
+pub mod error;
+pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod reload;
+pub mod state;
 pub mod strategy;
 pub mod upstream;
 
@@ -26,35 +40,15 @@ use hyper::{Request, Response};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::config::{Config, ConfigError};
+use crate::config::Config;
 
+pub use error::BalancerError;
 pub use reload::Reloader;
-
-/// Why the balancer could not start or reload.
-#[derive(Debug, thiserror::Error)]
-pub enum BalancerError {
-    /// The config file is unreadable or invalid, or has no balancer.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// A listener could not be bound.
-    #[error("cannot listen for {what} on {addr}: {source}")]
-    Bind {
-        /// "clients" or "admin".
-        what: &'static str,
-        /// The address from the file.
-        addr: SocketAddr,
-        /// What the OS said.
-        source: std::io::Error,
-    },
-    /// Any other I/O failure (runtime start, listener address).
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-}
 
 /// A balancer built from a config, not yet serving.
 #[derive(Debug)]
 pub struct Balancer {
-    shared: Arc<reload::Shared>,
+    shared: Arc<state::Shared>,
 }
 
 impl Balancer {
@@ -73,7 +67,7 @@ impl Balancer {
     /// uses one worker per CPU.
     pub fn with_workers(config: Config, workers: usize) -> Result<Balancer, BalancerError> {
         Ok(Balancer {
-            shared: Arc::new(reload::Shared::new(config, workers)?),
+            shared: Arc::new(state::Shared::new(config, workers)?),
         })
     }
 
@@ -187,7 +181,7 @@ async fn stopped(mut rx: tokio::sync::watch::Receiver<bool>) {
 /// The service of one client connection on worker `worker` (the accept
 /// loop counts it as open, see [`crate::server::AcceptShare`]).
 fn proxy_connection(
-    shared: &Arc<reload::Shared>,
+    shared: &Arc<state::Shared>,
     worker: usize,
     peer: SocketAddr,
 ) -> impl Service<
@@ -199,7 +193,7 @@ fn proxy_connection(
 + use<> {
     /// What every request of the connection needs, behind one `Arc`.
     struct Connection {
-        shared: Arc<reload::Shared>,
+        shared: Arc<state::Shared>,
         peer: proxy::Peer,
     }
     let conn = Arc::new(Connection {
@@ -215,7 +209,7 @@ fn proxy_connection(
 /// Closes worker `worker`'s upstream connections that stayed idle for longer
 /// than `keepalive_timeout`, as Nginx's keepalive cache does, also when no
 /// request comes along to find them expired.
-async fn expire_idle(shared: Arc<reload::Shared>, worker: usize) {
+async fn expire_idle(shared: Arc<state::Shared>, worker: usize) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -233,7 +227,7 @@ async fn expire_idle(shared: Arc<reload::Shared>, worker: usize) {
 /// One extra worker thread: a single-threaded runtime serving `listener`
 /// until `stop`, then its in-flight requests for the grace period.
 fn run_worker(
-    shared: Arc<reload::Shared>,
+    shared: Arc<state::Shared>,
     worker: usize,
     listener: std::net::TcpListener,
     permits: Arc<Semaphore>,

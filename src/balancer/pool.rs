@@ -22,7 +22,14 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::proxy::ReqBody;
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+/// What goes to upstreams: a small replayable body, or the client's stream.
+/// Defined here, with the connections that carry it, so that the pool needs
+/// nothing from the proxy above it.
+pub type ReqBody = Either<Full<Bytes>, Incoming>;
 
 /// Why no connection to an upstream could be made: the request was not
 /// sent, so any method may go on to the next upstream.

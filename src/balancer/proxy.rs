@@ -43,7 +43,7 @@ use ipnet::IpNet;
 use crate::config::BalancerConfig;
 
 use super::pool::{self, ConnectError};
-use super::reload::Shared;
+use super::state::Shared;
 use super::strategy::{Attempt, Pick};
 use super::upstream::{Upstream, now_ms};
 
@@ -51,8 +51,7 @@ use super::upstream::{Upstream, now_ms};
 /// another upstream; bigger bodies are streamed and not retried.
 pub const REPLAY_LIMIT: u64 = 64 * 1024;
 
-/// What goes to upstreams: a small replayable body, or the client's stream.
-pub type ReqBody = Either<Full<Bytes>, Incoming>;
+pub use super::pool::ReqBody;
 
 /// What goes back to clients: an upstream's streamed body, or our own answer.
 pub type RespBody = Either<Tracked, Full<Bytes>>;

@@ -1,147 +1,15 @@
-//! Hot reload: SIGHUP or a change of the file on disk reads `config.toml`
-//! again; a file that validates replaces the config in force through an
-//! `ArcSwap` (the next request sees it, in-flight ones finish on the old one),
-//! a file that does not is refused with a logged error and the old one stays.
-//!
-//! The per-upstream live state is carried over by address, so the failure
-//! marks, counters and idle keep-alive connections of the upstreams that stay
-//! survive.
+//! Hot reload triggers: SIGHUP, a change of the file on disk, and the
+//! [`Reloader`] handle for tests and `spike up`. Each reads `config.toml`
+//! again through [`Shared::reload`], which decides whether it goes in force.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
-use arc_swap::ArcSwap;
-
-use crate::config::{BalancerConfig, Config, ServerConfig};
-use crate::server::AcceptShare;
-
-use super::BalancerError;
-use super::admin::Metrics;
-use super::strategy::Selector;
-use super::upstream::{LiveState, Upstream};
+use super::error::BalancerError;
+use super::state::Shared;
 
 /// How often the file's modification time is looked at.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
-
-/// One config version in force: what the file said, built into a selector.
-#[derive(Debug)]
-pub struct Active {
-    /// Starts at 1, one more per successful reload.
-    pub version: u64,
-    /// The validated balancer section.
-    pub config: BalancerConfig,
-    /// The upstreams and their picking state.
-    pub selector: Selector,
-}
-
-impl Active {
-    fn build(version: u64, config: BalancerConfig, old: Option<&Active>) -> Active {
-        let previous: HashMap<SocketAddr, Arc<LiveState>> = old
-            .map(|o| {
-                o.selector
-                    .upstreams()
-                    .map(|u| (u.config.addr, u.live.clone()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let upstreams = config
-            .upstreams
-            .iter()
-            .map(|c| {
-                let live = previous
-                    .get(&c.addr)
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(LiveState::new(c.addr)));
-                Upstream::new(c.clone(), live)
-            })
-            .collect();
-        Active {
-            version,
-            selector: Selector::new(config.strategy, upstreams),
-            config,
-        }
-    }
-}
-
-/// What a file looked like last time: modification time and length.
-type Stamp = Option<(SystemTime, u64)>;
-
-fn stamp(path: &std::path::Path) -> Stamp {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len()))
-}
-
-/// Everything the proxy, the admin endpoints and the reloaders share.
-#[derive(Debug)]
-pub struct Shared {
-    /// The config version in force.
-    pub current: ArcSwap<Active>,
-    /// Counters that are not per upstream.
-    pub metrics: Metrics,
-    /// How the workers share new client connections.
-    pub accept_share: Arc<AcceptShare>,
-    /// Server limits, fixed at start (a reload cannot rebind sockets).
-    pub server: ServerConfig,
-    /// Worker threads serving clients, fixed at start; each has its own
-    /// idle upstream connections (see [`super::pool`]).
-    pub workers: usize,
-    path: PathBuf,
-    reloading: Mutex<()>,
-    seen: Mutex<Stamp>,
-}
-
-impl Shared {
-    /// Builds version 1 from a loaded config, for `workers` worker threads
-    /// (at least one).
-    pub fn new(config: Config, workers: usize) -> Result<Shared, BalancerError> {
-        let balancer = config.require_balancer()?.clone();
-        let workers = workers.max(1);
-        Ok(Shared {
-            current: ArcSwap::from_pointee(Active::build(1, balancer, None)),
-            metrics: Metrics::default(),
-            accept_share: Arc::new(AcceptShare::new(workers)),
-            server: config.server.clone(),
-            workers,
-            seen: Mutex::new(stamp(&config.path)),
-            path: config.path,
-            reloading: Mutex::new(()),
-        })
-    }
-
-    /// Reads and validates the file again and, if it is good, puts it in
-    /// force. Blocking (file and DNS): async callers use `spawn_blocking`.
-    pub fn reload(&self) -> Result<u64, BalancerError> {
-        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
-        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = stamp(&self.path);
-        let config = Config::load(&self.path)?;
-        let balancer = config.require_balancer()?.clone();
-        let old = self.current.load_full();
-        if balancer.listen != old.config.listen || balancer.admin != old.config.admin {
-            tracing::warn!(
-                "a change of balancer.listen or balancer.admin takes effect only after a restart"
-            );
-        }
-        let next = Active::build(old.version + 1, balancer, Some(&old));
-        let version = next.version;
-        tracing::info!(
-            version,
-            strategy = next.config.strategy.as_str(),
-            upstreams = next.config.upstreams.len(),
-            "config reloaded"
-        );
-        self.current.store(Arc::new(next));
-        Ok(version)
-    }
-
-    /// Whether the file changed since the last load or reload attempt.
-    fn changed_on_disk(&self) -> bool {
-        let now = stamp(&self.path);
-        now.is_some() && now != *self.seen.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
 
 /// A handle to reload the balancer from its file, for SIGHUP, the file
 /// watcher, tests and `spike up`.
@@ -167,7 +35,10 @@ impl Reloader {
 /// Reloads off the async threads and logs the outcome.
 pub async fn reload_logged(shared: &Arc<Shared>, why: &'static str) {
     let s = shared.clone();
+    let before = shared.current.load().version;
     match tokio::task::spawn_blocking(move || s.reload()).await {
+        // `reload` said so already.
+        Ok(Ok(version)) if version == before => {}
         Ok(Ok(version)) => tracing::info!(version, trigger = why, "new config in force"),
         Ok(Err(e)) => tracing::error!(
             trigger = why,

@@ -372,8 +372,7 @@ impl Node {
                 })
                 .await;
             if !woke {
-                self.stats.busy.fetch_add(1, Ordering::Relaxed);
-                return busy();
+                return self.gave_up_waiting();
             }
             if self.lease.left() == 0
                 && !self.sold_out.load(Ordering::Acquire)
@@ -397,11 +396,24 @@ impl Node {
                     })
                     .await
                 {
-                    self.stats.busy.fetch_add(1, Ordering::Relaxed);
-                    return busy();
+                    return self.gave_up_waiting();
                 }
             }
         }
+    }
+
+    /// A buyer waited for a unit until its deadline: "busy" when the store
+    /// said every unit left is out with purchases in flight, "unavailable"
+    /// when the store did not answer (slow, down, or failed).
+    fn gave_up_waiting(&self) -> Response<Full<Bytes>> {
+        if !self.refilling.load(Ordering::Acquire)
+            && self.refill_result.load(Ordering::Acquire) == REFILL_NONE
+        {
+            self.stats.busy.fetch_add(1, Ordering::Relaxed);
+            return busy();
+        }
+        self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+        unavailable()
     }
 
     /// Starts a lease request unless one is in flight; true when this call

@@ -113,6 +113,37 @@ pub fn wait_listening(addr: &str, limit: Duration) {
     panic!("nothing listening on {addr} after {limit:?}");
 }
 
+/// `git show HEAD:PATH` in this checkout, or `None` without git or a commit.
+pub fn committed(path: &str) -> Option<String> {
+    let out = Command::new("git")
+        .args([
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "show",
+            &format!("HEAD:{path}"),
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    Some(String::from_utf8(out.stdout).expect("utf-8"))
+}
+
+/// The example `config.toml` as committed, never the working copy (which
+/// the README invites the user to edit, and which must not fail the
+/// tests): from git, or without git from the copy in `tests/data/`.
+pub fn committed_config() -> String {
+    committed("config.toml").unwrap_or_else(|| {
+        std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/config.toml"
+        ))
+        .expect("tests/data/config.toml")
+    })
+}
+
 /// Removes a config's temp dir.
 pub fn remove_config(path: &Path) {
     if let Some(dir) = path.parent() {

@@ -1,0 +1,27 @@
+//! Why the balancer could not start or reload: at the bottom, so that every
+//! module may return it.
+
+use std::net::SocketAddr;
+
+use crate::config::ConfigError;
+
+/// Why the balancer could not start or reload.
+#[derive(Debug, thiserror::Error)]
+pub enum BalancerError {
+    /// The config file is unreadable or invalid, or has no balancer.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A listener could not be bound.
+    #[error("cannot listen for {what} on {addr}: {source}")]
+    Bind {
+        /// "clients" or "admin".
+        what: &'static str,
+        /// The address from the file.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// Any other I/O failure (runtime start, listener address).
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}

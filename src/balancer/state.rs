@@ -1,0 +1,190 @@
+//! The state every part of the balancer shares: the config version in force
+//! (swapped whole by a reload), the balancer-wide counters and the fixed
+//! server limits. The proxy and the admin endpoints read it; the reload
+//! triggers above it (SIGHUP, the file watcher, `Reloader`, in `reload.rs`) call
+//! [`Shared::reload`]. A file that validates replaces the config in force
+//! through an `ArcSwap` (the next request sees it, in-flight ones finish on
+//! the old one); a file that does not is refused and the old one stays.
+//!
+//! The per-upstream live state is carried over by address, so the failure
+//! marks, counters and idle keep-alive connections of the upstreams that stay
+//! survive.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+
+use crate::config::{BalancerConfig, Config, ServerConfig};
+use crate::server::AcceptShare;
+
+use super::error::BalancerError;
+use super::metrics::Metrics;
+use super::strategy::Selector;
+use super::upstream::{LiveState, Upstream};
+
+/// One config version in force: what the file said, built into a selector.
+#[derive(Debug)]
+pub struct Active {
+    /// Starts at 1, one more per successful reload.
+    pub version: u64,
+    /// The validated balancer section.
+    pub config: BalancerConfig,
+    /// The upstreams and their picking state.
+    pub selector: Selector,
+}
+
+impl Active {
+    fn build(version: u64, config: BalancerConfig, old: Option<&Active>) -> Active {
+        let previous: HashMap<SocketAddr, Arc<LiveState>> = old
+            .map(|o| {
+                o.selector
+                    .upstreams()
+                    .map(|u| (u.config.addr, u.live.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|c| {
+                let live = previous
+                    .get(&c.addr)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(LiveState::new(c.addr)));
+                Upstream::new(c.clone(), live)
+            })
+            .collect();
+        Active {
+            version,
+            selector: Selector::new(config.strategy, upstreams),
+            config,
+        }
+    }
+}
+
+/// What a file looked like last time: modification time and length.
+type Stamp = Option<(SystemTime, u64)>;
+
+fn stamp(path: &std::path::Path) -> Stamp {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// Everything the proxy, the admin endpoints and the reloaders share.
+#[derive(Debug)]
+pub struct Shared {
+    /// The config version in force.
+    pub current: ArcSwap<Active>,
+    /// Counters that are not per upstream.
+    pub metrics: Metrics,
+    /// How the workers share new client connections.
+    pub accept_share: Arc<AcceptShare>,
+    /// Server limits, fixed at start (a reload cannot rebind sockets).
+    pub server: ServerConfig,
+    /// Worker threads serving clients, fixed at start; each has its own
+    /// idle upstream connections (see [`super::pool`]).
+    pub workers: usize,
+    path: PathBuf,
+    reloading: Mutex<()>,
+    seen: Mutex<Stamp>,
+    last_reload: Mutex<Option<LastReload>>,
+}
+
+/// How the last reload attempt ended, for `/status`: whoever saved the file
+/// or sent SIGHUP needs to see whether it went in force, and if not, why
+/// (the log may be out of reach).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastReload {
+    /// When the attempt was made.
+    pub at: SystemTime,
+    /// Why the file was refused; `None` when it went in force (or was
+    /// the config in force already).
+    pub error: Option<String>,
+    /// The file validated to the config in force: no new version was made.
+    pub unchanged: bool,
+}
+
+impl Shared {
+    /// Builds version 1 from a loaded config, for `workers` worker threads
+    /// (at least one).
+    pub fn new(config: Config, workers: usize) -> Result<Shared, BalancerError> {
+        let balancer = config.require_balancer()?.clone();
+        let workers = workers.max(1);
+        Ok(Shared {
+            current: ArcSwap::from_pointee(Active::build(1, balancer, None)),
+            metrics: Metrics::default(),
+            accept_share: Arc::new(AcceptShare::new(workers)),
+            server: config.server.clone(),
+            workers,
+            seen: Mutex::new(stamp(&config.path)),
+            path: config.path,
+            reloading: Mutex::new(()),
+            last_reload: Mutex::new(None),
+        })
+    }
+
+    /// Reads and validates the file again and, if it is good and says
+    /// something new, puts it in force as the next version; returns the
+    /// version in force. A file that validates to the config in force
+    /// (saved without changes, or changed only in comments or in the
+    /// server limits, which need a restart) makes no new version. Blocking
+    /// (file and DNS): async callers use `spawn_blocking`.
+    pub fn reload(&self) -> Result<u64, BalancerError> {
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        let at = SystemTime::now();
+        let before = self.current.load().version;
+        let result = self.reload_locked();
+        let outcome = LastReload {
+            at,
+            error: result.as_ref().err().map(|e| e.to_string()),
+            unchanged: matches!(result, Ok(v) if v == before),
+        };
+        *self.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+        result
+    }
+
+    /// How the last reload attempt ended (`None` before the first).
+    pub fn last_reload(&self) -> Option<LastReload> {
+        self.last_reload
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// [`Shared::reload`] under its lock.
+    fn reload_locked(&self) -> Result<u64, BalancerError> {
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = stamp(&self.path);
+        let config = Config::load(&self.path)?;
+        let balancer = config.require_balancer()?.clone();
+        let old = self.current.load_full();
+        if balancer == old.config {
+            tracing::info!(version = old.version, "config unchanged, no new version");
+            return Ok(old.version);
+        }
+        if balancer.listen != old.config.listen || balancer.admin != old.config.admin {
+            tracing::warn!(
+                "a change of balancer.listen or balancer.admin takes effect only after a restart"
+            );
+        }
+        let next = Active::build(old.version + 1, balancer, Some(&old));
+        let version = next.version;
+        tracing::info!(
+            version,
+            strategy = next.config.strategy.as_str(),
+            upstreams = next.config.upstreams.len(),
+            "config reloaded"
+        );
+        self.current.store(Arc::new(next));
+        Ok(version)
+    }
+
+    /// Whether the file changed since the last load or reload attempt.
+    pub fn changed_on_disk(&self) -> bool {
+        let now = stamp(&self.path);
+        now.is_some() && now != *self.seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
