@@ -6,6 +6,7 @@
 //! [`Balancer::reloader`] hands out a [`Reloader`] for reloads in-process.
 
 pub mod admin;
+pub mod idempotency;
 pub mod pool;
 pub mod proxy;
 pub mod reload;

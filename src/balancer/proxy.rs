@@ -5,17 +5,27 @@
 //! - a connect error or connect timeout: the request was not sent, so the
 //!   next upstream is tried whatever the method;
 //! - any other error (reset, closed mid-response) or a response timeout: the
-//!   request may have reached the upstream, so only idempotent methods
-//!   (GET, HEAD, OPTIONS, PUT, DELETE, TRACE) go on to the next upstream;
+//!   request may have reached the upstream, so only requests that may be
+//!   sent twice go on to the next upstream: idempotent methods (GET, HEAD,
+//!   OPTIONS, PUT, DELETE, TRACE), and purchases (`/buy/ticket`) carrying
+//!   an `Idempotency-Key`, whatever their method, because the node decides
+//!   a key once (see [`super::idempotency`]; a purchase without a key gets
+//!   one here, kept across its attempts);
 //! - nothing left: 502, or 504 when the last failure was a timeout.
 //!
-//! Before an idempotent request gives up on an upstream after a non-connect
-//! error, it is sent once more to the same upstream on a fresh (unpooled)
-//! connection: the error may only mean that a pooled keep-alive connection
-//! went stale, which must never turn into a client-visible error or a failure
-//! mark. (A request that hyper hands back unsent, because the reused
-//! connection closed first, simply goes on the next idle or a new connection;
-//! see [`send`].)
+//! Before such a request gives up on an upstream, it is sent once more to
+//! the same upstream on a fresh (unpooled) connection, but only when the
+//! failed attempt went on a reused keep-alive connection and failed before
+//! a response came (closed or reset): that may only mean the idle connection
+//! went stale, which must never turn into a client-visible error or a
+//! failure mark. A failure on a fresh connection, or a malformed response,
+//! is the upstream's own and is not repeated there. (A request that hyper
+//! hands back unsent, because the reused connection closed first, simply
+//! goes on the next idle or a new connection; see [`send`].)
+//!
+//! A client whose own request body fails (cut off, malformed chunk) gets a
+//! 400, and the upstream it was streaming to is not marked failed: a client
+//! must not be able to take healthy upstreams out of the rotation.
 //!
 //! Request bodies: a body of at most [`REPLAY_LIMIT`] bytes with a declared
 //! `Content-Length` is read first so it can be replayed on another upstream
@@ -25,6 +35,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -42,6 +54,7 @@ use ipnet::IpNet;
 
 use crate::config::BalancerConfig;
 
+use super::idempotency;
 use super::pool::{self, ConnectError};
 use super::reload::Shared;
 use super::strategy::{Attempt, Pick};
@@ -52,7 +65,39 @@ use super::upstream::{Upstream, now_ms};
 pub const REPLAY_LIMIT: u64 = 64 * 1024;
 
 /// What goes to upstreams: a small replayable body, or the client's stream.
-pub type ReqBody = Either<Full<Bytes>, Incoming>;
+pub type ReqBody = Either<Full<Bytes>, ClientBody>;
+
+/// A client's request body streamed to an upstream, which records whether
+/// the client's side of it failed (cut off, malformed chunk): the attempt
+/// then fails too, and that failure is the client's, not the upstream's.
+pub struct ClientBody {
+    inner: Incoming,
+    failed: Arc<AtomicBool>,
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &polled {
+            self.failed.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// What goes back to clients: an upstream's streamed body, or our own answer.
 pub type RespBody = Either<Tracked, Full<Bytes>>;
@@ -171,7 +216,19 @@ fn ip_value(ip: IpAddr) -> HeaderValue {
 
 enum Outgoing {
     Replay(Bytes),
-    Stream(Option<Incoming>),
+    /// The client's body (until an attempt takes it), and whether the
+    /// client's side of it failed.
+    Stream(Option<ClientBody>, Arc<AtomicBool>),
+}
+
+impl Outgoing {
+    /// Whether the client's own body failed: the client's fault.
+    fn client_failed(&self) -> bool {
+        match self {
+            Outgoing::Replay(_) => false,
+            Outgoing::Stream(_, failed) => failed.load(Ordering::Relaxed),
+        }
+    }
 }
 
 enum SendError {
@@ -180,7 +237,21 @@ enum SendError {
     /// No response head within `response_timeout`.
     Timeout,
     /// Anything else; the request may have been sent.
-    Other(hyper::Error),
+    Other {
+        error: hyper::Error,
+        /// Whether it went on a reused keep-alive connection (which may
+        /// have gone stale while idle).
+        reused: bool,
+    },
+}
+
+/// Whether `e` says the connection closed or broke before any response
+/// came: not a malformed response (the upstream answered, so it did the
+/// work) nor our own or the client's error. hyper reports a connection
+/// closed after part of a response head the same way, so this errs on the
+/// side of "before".
+fn before_response(e: &hyper::Error) -> bool {
+    !e.is_parse() && !e.is_parse_status() && !e.is_user() && !e.is_timeout()
 }
 
 /// Which connection a request may go on.
@@ -215,7 +286,9 @@ pub async fn handle(
     let (mut parts, body) = req.into_parts();
     let client = client_ip(peer.ip, &parts.headers, &config.trusted_proxies);
     prepare_request_headers(&mut parts.headers, peer, client);
-    let idempotent = is_idempotent(&parts.method);
+    // A purchase with a key may be sent twice: the node decides a key once.
+    let keyed = idempotency::ensure_key(&parts.method, parts.uri.path(), &mut parts.headers);
+    let retryable = keyed || is_idempotent(&parts.method);
     let path = parts
         .uri
         .path_and_query()
@@ -230,7 +303,12 @@ pub async fn handle(
             _ => return local(shared, StatusCode::BAD_REQUEST, BAD_REQUEST),
         }
     } else {
-        Outgoing::Stream(Some(body))
+        let failed = Arc::new(AtomicBool::new(false));
+        let body = ClientBody {
+            inner: body,
+            failed: failed.clone(),
+        };
+        Outgoing::Stream(Some(body), failed)
     };
 
     let mut attempt = Attempt::new(client);
@@ -242,11 +320,15 @@ pub async fn handle(
         };
         let req = build(&parts.method, &path, &parts.headers, upstream, first);
         let mut result = send(upstream, worker, workers, config, req, Conn::Pooled).await;
-        if let Err(SendError::Other(e)) = &result
-            && idempotent
+        if let Err(SendError::Other {
+            error,
+            reused: true,
+        }) = &result
+            && retryable
+            && before_response(error)
             && let Some(again) = next_body(&mut outgoing)
         {
-            tracing::debug!(upstream = %upstream.config.addr, error = %e, "retrying once on a fresh connection");
+            tracing::debug!(upstream = %upstream.config.addr, %error, "retrying once on a fresh connection");
             let req = build(&parts.method, &path, &parts.headers, upstream, again);
             result = send(upstream, worker, workers, config, req, Conn::Fresh).await;
         }
@@ -261,6 +343,12 @@ pub async fn handle(
                 };
                 return respond(shared, resp, pick, homeward, start);
             }
+            Err(_) if outgoing.client_failed() => {
+                // The client's body broke the attempt: a 400 for the
+                // client, no mark on an upstream that did nothing wrong.
+                active.selector.release(&pick, false, now_ms());
+                return local(shared, StatusCode::BAD_REQUEST, BAD_REQUEST);
+            }
             Err(e) => {
                 active.selector.release(&pick, true, now_ms());
                 let retry = match &e {
@@ -272,12 +360,12 @@ pub async fn handle(
                     SendError::Timeout => {
                         tracing::warn!(upstream = %upstream.config.addr, "upstream response timed out");
                         timed_out = true;
-                        idempotent
+                        retryable
                     }
-                    SendError::Other(err) => {
-                        tracing::warn!(upstream = %upstream.config.addr, error = %err, "upstream request failed");
+                    SendError::Other { error, .. } => {
+                        tracing::warn!(upstream = %upstream.config.addr, %error, "upstream request failed");
                         timed_out = false;
-                        idempotent
+                        retryable
                     }
                 };
                 if !retry {
@@ -298,7 +386,7 @@ pub async fn handle(
 fn next_body(outgoing: &mut Outgoing) -> Option<ReqBody> {
     match outgoing {
         Outgoing::Replay(b) => Some(Either::Left(Full::new(b.clone()))),
-        Outgoing::Stream(s) => s.take().map(Either::Right),
+        Outgoing::Stream(s, _) => s.take().map(Either::Right),
     }
 }
 
@@ -351,7 +439,12 @@ async fn send(
                     Ok(resp) => return Ok((resp, sender)),
                     Err(mut e) => match e.take_message() {
                         Some(unsent) => req = unsent,
-                        None => return Err(SendError::Other(e.into_error())),
+                        None => {
+                            return Err(SendError::Other {
+                                error: e.into_error(),
+                                reused: true,
+                            });
+                        }
                     },
                 }
             }
@@ -361,7 +454,10 @@ async fn send(
             .map_err(SendError::Connect)?;
         match sender.try_send_request(req).await {
             Ok(resp) => Ok((resp, sender)),
-            Err(e) => Err(SendError::Other(e.into_error())),
+            Err(e) => Err(SendError::Other {
+                error: e.into_error(),
+                reused: false,
+            }),
         }
     };
     tokio::time::timeout(config.response_timeout, attempt)

@@ -1,0 +1,201 @@
+//! The findings of probing the balancer beside Nginx (issue 13), each with
+//! the bytes that showed it: a client's broken body is the client's fault,
+//! retries on the same upstream only after a stale keep-alive connection,
+//! and the rest of the list.
+
+mod balancer_support;
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use balancer_support::recorder::{Recorder, Then};
+use balancer_support::*;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A backend that reads each request body to the end before it answers
+/// (as the node does), and counts the bodies it got whole.
+async fn reading_backend() -> (SocketAddr, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let whole = Arc::new(AtomicU64::new(0));
+    let count = whole.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let count = count.clone();
+                    async move {
+                        let body = req.into_body().collect().await;
+                        let status = if body.is_ok() {
+                            count.fetch_add(1, Ordering::Relaxed);
+                            200
+                        } else {
+                            400
+                        };
+                        let mut resp = Response::new(Full::new(Bytes::from_static(b"read")));
+                        *resp.status_mut() = hyper::StatusCode::from_u16(status).expect("status");
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, whole)
+}
+
+/// Sends `bytes`, half-closes when `close` says so, and reads until the
+/// balancer closes (at most 10 s).
+async fn send_raw(to: SocketAddr, bytes: &[u8], close: bool) -> String {
+    let mut s = TcpStream::connect(to).await.expect("connect");
+    s.write_all(bytes).await.expect("write");
+    if close {
+        let _ = s.shutdown().await;
+    }
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The balancer's view of upstream `i` in `/status`.
+async fn upstream_state(lb: &Running, i: usize) -> String {
+    let (_, status) = get(&http(), &format!("http://{}/status", lb.admin))
+        .await
+        .expect("status");
+    let v: serde_json::Value = serde_json::from_str(&status).expect("json");
+    v["upstreams"][i]["state"]
+        .as_str()
+        .unwrap_or("?")
+        .to_string()
+}
+
+fn two_upstreams(a: SocketAddr, b: SocketAddr) -> String {
+    // A long fail_timeout: a wrong mark stays visible for the whole test.
+    config_text(
+        "round_robin",
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &[up(a, 1), up(b, 1)],
+    )
+    .replace("fail_timeout = \"1s\"", "fail_timeout = \"60s\"")
+}
+
+/// Finding 1: a chunked POST cut off mid-body marked the upstream failed;
+/// two of them took every upstream out and the next honest GET got 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_s_broken_body_never_marks_an_upstream_failed() {
+    let (a, _) = reading_backend().await;
+    let (b, _) = reading_backend().await;
+    let lb = Running::start(&two_upstreams(a, b)).await;
+    let cut = b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n";
+    for _ in 0..2 {
+        send_raw(lb.addr, cut, true).await;
+    }
+    // A malformed chunk size: the client hears 400.
+    let bad_chunk = send_raw(
+        lb.addr,
+        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        false,
+    )
+    .await;
+    assert!(bad_chunk.starts_with("HTTP/1.1 400"), "{bad_chunk}");
+    assert_eq!(upstream_state(&lb, 0).await, "up");
+    assert_eq!(upstream_state(&lb, 1).await, "up");
+    let res = raw(
+        None,
+        lb.addr,
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    // A whole chunked body still goes through.
+    let ok = raw(
+        None,
+        lb.addr,
+        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert_eq!(body_of(&ok), "read");
+    lb.shutdown().await;
+}
+
+/// Finding 7: a GET that failed on a fresh connection was sent again to the
+/// same upstream; it now goes on to the next one at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_on_a_fresh_connection_is_not_repeated_on_that_upstream() {
+    let dies = Recorder::start("dies", Then::Drop).await;
+    let lives = Recorder::start("lives", Then::Answer).await;
+    let lb = Running::start(&two_upstreams(dies.addr, lives.addr)).await;
+    let res = raw(
+        None,
+        lb.addr,
+        b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    assert_eq!(body_of(&res), "lives");
+    assert_eq!(dies.seen().len(), 1, "{:?}", dies.seen());
+    assert_eq!(lives.seen().len(), 1);
+    lb.shutdown().await;
+}
+
+/// Finding 7: a malformed response means the upstream did the work; it is
+/// not asked again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_response_is_not_repeated_on_that_upstream() {
+    let garbage = Recorder::start("garbage", Then::Garbage).await;
+    let lives = Recorder::start("lives", Then::Answer).await;
+    let lb = Running::start(&two_upstreams(garbage.addr, lives.addr)).await;
+    let res = raw(
+        None,
+        lb.addr,
+        b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    assert_eq!(garbage.seen().len(), 1, "{:?}", garbage.seen());
+    lb.shutdown().await;
+}
+
+/// Finding 7, the case that stays: a reused keep-alive connection that the
+/// upstream closed before answering is retried there on a new connection,
+/// and the client sees nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_keep_alive_connection_is_retried_on_the_same_upstream() {
+    let stale = Recorder::start("stale", Then::AnswerThenDrop(1)).await;
+    let lb = Running::start(&config_text(
+        "round_robin",
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &[up(stale.addr, 1)],
+    ))
+    .await;
+    for _ in 0..2 {
+        let res = raw(
+            None,
+            lb.addr,
+            b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+        assert_eq!(body_of(&res), "stale");
+    }
+    // First request, second (dropped on the reused connection), its retry.
+    assert_eq!(stale.seen().len(), 3, "{:?}", stale.seen());
+    lb.shutdown().await;
+}
