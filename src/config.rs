@@ -110,6 +110,8 @@ struct BalancerFile {
     keepalive: Option<Spanned<i64>>,
     keepalive_timeout: Option<Spanned<String>>,
     #[serde(default)]
+    underscores_in_headers: bool,
+    #[serde(default)]
     trusted_proxies: Vec<Spanned<String>>,
     #[serde(default)]
     upstream: Vec<Spanned<UpstreamFile>>,
@@ -265,6 +267,11 @@ pub struct BalancerConfig {
     pub keepalive_timeout: Duration,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpNet>,
+    /// Whether request headers with `_` in their name are forwarded. Off
+    /// (Nginx's `underscores_in_headers off`): CGI-style backends read
+    /// `X_Real_IP` as `X-Real-IP`, so a client could spoof the headers the
+    /// balancer sets.
+    pub underscores_in_headers: bool,
     /// The upstreams, in file order (order matters to Nginx's algorithms).
     pub upstreams: Vec<UpstreamConfig>,
 }
@@ -750,6 +757,7 @@ impl Cx<'_> {
                 Some(v) => self.duration("balancer.keepalive_timeout", v)?,
                 None => d.keepalive_timeout,
             },
+            underscores_in_headers: b.underscores_in_headers,
             trusted_proxies,
             upstreams,
         }))
@@ -769,6 +777,7 @@ fn default_balancer() -> BalancerConfig {
         response_timeout: Duration::from_secs(10),
         keepalive: 64,
         keepalive_timeout: Duration::from_secs(60),
+        underscores_in_headers: false,
         trusted_proxies: Vec::new(),
         upstreams: Vec::new(),
     }
@@ -1027,6 +1036,26 @@ weight = 4
             "[balancer]\n[[balancer.upstream]]\naddr = \"127.0.0.1:1\"\nfail_timeout = \"soon\"\n",
             "balancer.upstream[0].fail_timeout",
             4,
+        );
+    }
+
+    #[test]
+    fn balancer_request_limits_parse_and_are_checked() {
+        const UP: &str = "[[balancer.upstream]]\naddr = \"127.0.0.1:9\"\n";
+        let b = parse(&format!("[balancer]\n{UP}"))
+            .expect("valid")
+            .balancer
+            .expect("balancer");
+        assert!(!b.underscores_in_headers);
+        let b = parse(&format!("[balancer]\nunderscores_in_headers = true\n{UP}"))
+            .expect("valid")
+            .balancer
+            .expect("balancer");
+        assert!(b.underscores_in_headers);
+        expect_err(
+            &format!("[balancer]\nunderscores_in_headers = \"yes\"\n{UP}"),
+            "balancer.underscores_in_headers",
+            2,
         );
     }
 }

@@ -207,6 +207,11 @@ http {{
     } else {
         "$proxy_add_x_forwarded_for"
     };
+    let underscores = if balancer.underscores_in_headers {
+        "underscores_in_headers on;"
+    } else {
+        "# spike drops request headers with `_` in the name, as Nginx does."
+    };
     let connect_timeout = nginx_time(balancer.connect_timeout);
     let read_timeout = nginx_time(balancer.response_timeout);
     let _ = write!(
@@ -214,6 +219,7 @@ http {{
         "
     server {{
         listen {listen};
+        {underscores}
 
         location / {{
             proxy_pass http://{UPSTREAM_NAME};
@@ -293,6 +299,7 @@ mod tests {
             response_timeout: Duration::from_secs(10),
             keepalive: 64,
             keepalive_timeout: Duration::from_secs(60),
+            underscores_in_headers: false,
             trusted_proxies: Vec::new(),
             upstreams: vec![upstream("127.0.0.1:3001", 1), upstream("127.0.0.1:3002", 3)],
         }

@@ -199,3 +199,74 @@ async fn a_stale_keep_alive_connection_is_retried_on_the_same_upstream() {
     assert_eq!(stale.seen().len(), 3, "{:?}", stale.seen());
     lb.shutdown().await;
 }
+
+fn one_upstream(addr: SocketAddr, extra: &str) -> String {
+    config_text("round_robin", "127.0.0.1:0", "127.0.0.1:0", &[up(addr, 1)])
+        .replace("[balancer]\n", &format!("[balancer]\n{extra}\n"))
+}
+
+/// Finding 3: two Hosts reached the backend joined, a missing Host was
+/// replaced by the upstream's address, and empty Hosts, Hosts with spaces
+/// or `/../` passed. All are 400s (RFC 9112 3.2), and reach no backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_must_be_one_plain_authority() {
+    let node = Recorder::start("n", Then::Answer).await;
+    let lb = Running::start(&one_upstream(node.addr, "")).await;
+    for bad in [
+        &b"GET / HTTP/1.1\r\nHost: good.example\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
+            [..],
+        b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: \r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a b\r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a/../b\r\nConnection: close\r\n\r\n",
+    ] {
+        let res = raw(None, lb.addr, bad).await;
+        assert!(
+            res.starts_with("HTTP/1.1 400"),
+            "{}: {res}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    assert!(node.seen().is_empty(), "{:?}", node.seen());
+    // HTTP/1.0 may leave Host out; a plain one passes as it came.
+    let res = raw(None, lb.addr, b"GET / HTTP/1.0\r\n\r\n").await;
+    assert_eq!(res.get(9..12), Some("200"), "{res}");
+    let res = raw(
+        None,
+        lb.addr,
+        b"GET / HTTP/1.1\r\nHost: shop.example:8080\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    let seen = node.seen();
+    assert_eq!(seen.len(), 2);
+    assert!(
+        seen[1].head.contains("\r\nhost: shop.example:8080\r\n"),
+        "{}",
+        seen[1].head
+    );
+    lb.shutdown().await;
+}
+
+/// Finding 4: `X_Real_IP: 6.6.6.6` reached a WSGI backend as
+/// `HTTP_X_REAL_IP`: dropped by default, passed with the switch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn underscored_headers_are_dropped_unless_allowed() {
+    let spoof = b"GET / HTTP/1.1\r\nHost: a\r\nX_Real_IP: 6.6.6.6\r\nConnection: close\r\n\r\n";
+    let node = Recorder::start("n", Then::Answer).await;
+    let lb = Running::start(&one_upstream(node.addr, "")).await;
+    let res = raw(None, lb.addr, spoof).await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    let head = node.seen()[0].head.to_ascii_lowercase();
+    assert!(!head.contains("x_real_ip"), "{head}");
+    assert!(head.contains("\r\nx-real-ip: 127.0.0.1\r\n"), "{head}");
+    lb.shutdown().await;
+
+    let node = Recorder::start("n", Then::Answer).await;
+    let lb = Running::start(&one_upstream(node.addr, "underscores_in_headers = true")).await;
+    let res = raw(None, lb.addr, spoof).await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    let head = node.seen()[0].head.to_ascii_lowercase();
+    assert!(head.contains("\r\nx_real_ip: 6.6.6.6\r\n"), "{head}");
+    lb.shutdown().await;
+}

@@ -121,6 +121,8 @@ const BAD_GATEWAY: &[u8] = br#"{"status":"bad_gateway","error":"no upstream coul
 const GATEWAY_TIMEOUT: &[u8] =
     br#"{"status":"gateway_timeout","error":"the upstream did not answer in time"}"#;
 const BAD_REQUEST: &[u8] = br#"{"status":"bad_request","error":"the request could not be read"}"#;
+const BAD_HOST: &[u8] =
+    br#"{"status":"bad_request","error":"the request needs exactly one valid Host header"}"#;
 
 /// An upstream's response body on its way to the client. Holding the
 /// [`Pick`] keeps the request counted as active until the body is done,
@@ -284,6 +286,12 @@ pub async fn handle(
     let config = &active.config;
     let workers = shared.workers;
     let (mut parts, body) = req.into_parts();
+    if !host_is_valid(&parts.headers, parts.version) {
+        return local(shared, StatusCode::BAD_REQUEST, BAD_HOST);
+    }
+    if !config.underscores_in_headers {
+        drop_underscored(&mut parts.headers);
+    }
     let client = client_ip(peer.ip, &parts.headers, &config.trusted_proxies);
     prepare_request_headers(&mut parts.headers, peer, client);
     // A purchase with a key may be sent twice: the node decides a key once.
@@ -521,6 +529,71 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
     client
 }
 
+/// Whether the request's `Host` is acceptable (RFC 9112 3.2): exactly one,
+/// required from HTTP/1.1 clients (an HTTP/1.0 one may send none), and a
+/// plain authority: a name or address and an optional port, no spaces, no
+/// `/` and no `..`. Two Hosts would reach the backend as one joined value,
+/// a missing one would be replaced by the upstream's address, and a path in
+/// it reaches whatever builds URLs from it; all three are 400s in Nginx.
+fn host_is_valid(h: &HeaderMap, version: Version) -> bool {
+    let mut hosts = h.get_all(HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) => version < Version::HTTP_11,
+        (Some(_), Some(_)) => false,
+        (Some(v), None) => is_authority(v.as_bytes()),
+    }
+}
+
+/// `host [":" port]` as RFC 3986 allows it (reg-name, IPv4, `[IPv6]`),
+/// without `..`.
+fn is_authority(b: &[u8]) -> bool {
+    !b.is_empty()
+        && !b.windows(2).any(|w| w == b"..")
+        && b.iter().all(|&c| {
+            c.is_ascii_alphanumeric()
+                || matches!(
+                    c,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'%'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                        | b':'
+                        | b'['
+                        | b']'
+                )
+        })
+}
+
+/// Removes request headers whose name has an underscore (Nginx's
+/// `underscores_in_headers off`): CGI and WSGI backends turn `-` and `_`
+/// alike into `_`, so `X_Real_IP` would override the `X-Real-IP` the
+/// balancer sets.
+fn drop_underscored(h: &mut HeaderMap) {
+    if !h.keys().any(|k| k.as_str().contains('_')) {
+        return;
+    }
+    // Rare: collected first, since the map cannot change while read.
+    let names: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for name in names {
+        h.remove(name);
+    }
+}
+
 /// Removes hop-by-hop headers, including those named in `Connection`.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     // One pass over the (few) names present first: most messages carry at
@@ -631,6 +704,37 @@ mod tests {
         }
         h.insert("x-keep", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-keep"]);
+    }
+
+    #[test]
+    fn host_must_be_one_plain_authority() {
+        let with = |hosts: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in hosts {
+                h.append(HOST, HeaderValue::from_static(v));
+            }
+            h
+        };
+        for ok in ["a", "example.com:8080", "10.0.0.1", "[::1]:80", "my_host"] {
+            assert!(host_is_valid(&with(&[ok]), Version::HTTP_11), "{ok}");
+        }
+        for bad in ["", "a b", "a/../b", "a/b", "..", "a..b"] {
+            assert!(!host_is_valid(&with(&[bad]), Version::HTTP_11), "{bad:?}");
+        }
+        let two = with(&["good.example", "evil.example"]);
+        assert!(!host_is_valid(&two, Version::HTTP_11));
+        assert!(!host_is_valid(&HeaderMap::new(), Version::HTTP_11));
+        assert!(host_is_valid(&HeaderMap::new(), Version::HTTP_10));
+    }
+
+    #[test]
+    fn underscored_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert("x_real_ip", HeaderValue::from_static("6.6.6.6"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        drop_underscored(&mut h);
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["x-keep"]);
     }

@@ -19,6 +19,8 @@ pub struct Seen {
     pub keys: Vec<String>,
     /// The body (Content-Length framed).
     pub body: Vec<u8>,
+    /// The whole head as it came, request line and header lines.
+    pub head: String,
 }
 
 /// What a [`Recorder`] does with a request once it has read it.
@@ -110,6 +112,7 @@ async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<Seen> {
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
     let mut lines = head.split("\r\n");
+    let head = head.clone();
     let request_line = lines.next().unwrap_or("").to_string();
     let mut keys = Vec::new();
     let mut length = 0usize;
@@ -135,5 +138,6 @@ async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<Seen> {
         request_line,
         keys,
         body,
+        head,
     })
 }
