@@ -270,3 +270,35 @@ async fn underscored_headers_are_dropped_unless_allowed() {
     assert!(head.contains("\r\nx_real_ip: 6.6.6.6\r\n"), "{head}");
     lb.shutdown().await;
 }
+
+/// Finding 6: a response with both Content-Length and Transfer-Encoding
+/// was cut to the length; the chunked framing wins (RFC 9112 6.1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_length_beside_chunked_is_dropped() {
+    let node = Recorder::start(
+        "n",
+        Then::Raw(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\nb\r\nhello world\r\n0\r\n\r\n"),
+    )
+    .await;
+    let lb = Running::start(&one_upstream(node.addr, "")).await;
+    let res = raw(
+        None,
+        lb.addr,
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    let head = res
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    assert!(!head.contains("content-length: 5"), "{res}");
+    assert!(body_of(&res).contains("hello world"), "{res}");
+    // Decoded by a client: the whole body.
+    assert_eq!(
+        get(&http(), &lb.url("/")).await,
+        Ok((200, "hello world".to_string()))
+    );
+    lb.shutdown().await;
+}

@@ -481,6 +481,12 @@ fn respond(
     start: Instant,
 ) -> Response<RespBody> {
     let (mut parts, body) = resp.into_parts();
+    if parts.headers.contains_key(TRANSFER_ENCODING) {
+        // hyper framed the body by Transfer-Encoding (RFC 9112 6.1: it
+        // overrides a Content-Length), and the client gets it re-framed by
+        // hyper; a length left in would cut the body short.
+        parts.headers.remove(CONTENT_LENGTH);
+    }
     strip_hop_by_hop(&mut parts.headers);
     pick.live().count_response(parts.status.as_u16());
     shared.metrics.latency.observe(start.elapsed());

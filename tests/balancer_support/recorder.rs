@@ -36,6 +36,8 @@ pub enum Then {
     AnswerThenDrop(usize),
     /// Answers bytes that are not HTTP.
     Garbage,
+    /// Answers these bytes, then closes.
+    Raw(&'static [u8]),
 }
 
 /// A raw backend that records every request it reads, then does `Then`.
@@ -65,6 +67,10 @@ impl Recorder {
                             Then::AnswerThenDrop(n) if served >= n => return,
                             Then::Garbage => {
                                 let _ = stream.write_all(b"HTTP/1.1 2xx nonsense\r\n\r\n").await;
+                                return;
+                            }
+                            Then::Raw(bytes) => {
+                                let _ = stream.write_all(bytes).await;
                                 return;
                             }
                             _ => {}
