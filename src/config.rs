@@ -109,6 +109,8 @@ struct BalancerFile {
     response_timeout: Option<Spanned<String>>,
     keepalive: Option<Spanned<i64>>,
     keepalive_timeout: Option<Spanned<String>>,
+    read_timeout: Option<Spanned<String>>,
+    send_timeout: Option<Spanned<String>>,
     #[serde(default)]
     underscores_in_headers: bool,
     #[serde(default)]
@@ -265,6 +267,14 @@ pub struct BalancerConfig {
     pub keepalive: usize,
     /// How long an idle upstream connection is kept.
     pub keepalive_timeout: Duration,
+    /// Longest silence between two reads of an upstream's response body
+    /// (Nginx's `proxy_read_timeout` once the head is in): a backend that
+    /// stalls mid-body must not hold its client forever.
+    pub read_timeout: Duration,
+    /// Longest wait for a client to take more of a response (Nginx's
+    /// `send_timeout`): a client that stops reading must not hold a
+    /// connection and an upstream forever. Read at start.
+    pub send_timeout: Duration,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpNet>,
     /// Whether request headers with `_` in their name are forwarded. Off
@@ -757,6 +767,14 @@ impl Cx<'_> {
                 Some(v) => self.duration("balancer.keepalive_timeout", v)?,
                 None => d.keepalive_timeout,
             },
+            read_timeout: match &b.read_timeout {
+                Some(v) => self.duration("balancer.read_timeout", v)?,
+                None => d.read_timeout,
+            },
+            send_timeout: match &b.send_timeout {
+                Some(v) => self.duration("balancer.send_timeout", v)?,
+                None => d.send_timeout,
+            },
             underscores_in_headers: b.underscores_in_headers,
             trusted_proxies,
             upstreams,
@@ -777,6 +795,8 @@ fn default_balancer() -> BalancerConfig {
         response_timeout: Duration::from_secs(10),
         keepalive: 64,
         keepalive_timeout: Duration::from_secs(60),
+        read_timeout: Duration::from_secs(60),
+        send_timeout: Duration::from_secs(60),
         underscores_in_headers: false,
         trusted_proxies: Vec::new(),
         upstreams: Vec::new(),
@@ -1047,6 +1067,21 @@ weight = 4
             .balancer
             .expect("balancer");
         assert!(!b.underscores_in_headers);
+        assert_eq!(b.read_timeout, Duration::from_secs(60));
+        assert_eq!(b.send_timeout, Duration::from_secs(60));
+        let b = parse(&format!(
+            "[balancer]\nread_timeout = \"2s\"\nsend_timeout = \"300ms\"\n{UP}"
+        ))
+        .expect("valid")
+        .balancer
+        .expect("balancer");
+        assert_eq!(b.read_timeout, Duration::from_secs(2));
+        assert_eq!(b.send_timeout, Duration::from_millis(300));
+        expect_err(
+            &format!("[balancer]\nlisten = \"127.0.0.1:0\"\nsend_timeout = \"never\"\n{UP}"),
+            "balancer.send_timeout",
+            3,
+        );
         let b = parse(&format!("[balancer]\nunderscores_in_headers = true\n{UP}"))
             .expect("valid")
             .balancer

@@ -299,6 +299,8 @@ mod tests {
             response_timeout: Duration::from_secs(10),
             keepalive: 64,
             keepalive_timeout: Duration::from_secs(60),
+            read_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
             underscores_in_headers: false,
             trusted_proxies: Vec::new(),
             upstreams: vec![upstream("127.0.0.1:3001", 1), upstream("127.0.0.1:3002", 3)],

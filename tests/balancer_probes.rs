@@ -302,3 +302,82 @@ async fn a_response_length_beside_chunked_is_dropped() {
     );
     lb.shutdown().await;
 }
+
+/// Finding 2: a backend that sent a head and part of a body, then stalled,
+/// held its client until the backend closed. `read_timeout` closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_stalled_mid_body_is_cut_after_read_timeout() {
+    let node = Recorder::start(
+        "n",
+        Then::Stall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npart of it"),
+    )
+    .await;
+    let lb = Running::start(&one_upstream(node.addr, "read_timeout = \"500ms\"")).await;
+    // `raw` panics unless the balancer closes within 10 s; the backend
+    // holds on for 60.
+    let res = raw(
+        None,
+        lb.addr,
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    assert_eq!(body_of(&res), "part of it", "{res}");
+    lb.shutdown().await;
+}
+
+/// Finding 2: a client that never read an endless body was still connected
+/// at 70 s. `send_timeout` closes it, and with it the upstream connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_closed_after_send_timeout() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let backend = listener.local_addr().expect("addr");
+    let (gone_tx, gone_rx) = tokio::sync::oneshot::channel::<u64>();
+    tokio::spawn(async move {
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        let mut head = [0u8; 1024];
+        let _ = s.read(&mut head).await;
+        let chunk = format!("10000\r\n{}\r\n", "x".repeat(0x10000));
+        let mut sent = 0u64;
+        if s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .await
+            .is_ok()
+        {
+            // Endless, until the balancer lets go of the connection.
+            while s.write_all(chunk.as_bytes()).await.is_ok() {
+                sent += 1;
+            }
+        }
+        let _ = gone_tx.send(sent);
+    });
+    let lb = Running::start(&one_upstream(backend, "send_timeout = \"500ms\"")).await;
+    let mut client = TcpStream::connect(lb.addr).await.expect("connect");
+    client
+        .write_all(b"GET /endless HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    // The client reads nothing; the balancer gives up on it, drops the
+    // upstream's response, and the backend's writes fail.
+    let sent = tokio::time::timeout(Duration::from_secs(30), gone_rx)
+        .await
+        .expect("the balancer let go of a client that stopped reading")
+        .expect("backend task");
+    assert!(sent > 0, "the response had started");
+    // And the client's connection is closed: reading drains what was
+    // buffered, then ends.
+    let mut sink = vec![0u8; 1 << 16];
+    let drained = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match client.read(&mut sink).await {
+                Ok(0) | Err(_) => return true,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert_eq!(drained, Ok(true));
+    drop(client);
+    lb.shutdown().await;
+}

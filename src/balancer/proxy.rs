@@ -38,7 +38,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Either, Full};
@@ -51,6 +51,7 @@ use hyper::header::{
 use hyper::http::uri::PathAndQuery;
 use hyper::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use ipnet::IpNet;
+use tokio::time::Sleep;
 
 use crate::config::BalancerConfig;
 
@@ -133,7 +134,20 @@ pub struct Tracked {
     inner: Incoming,
     pick: Pick,
     homeward: Option<Homeward>,
+    /// Longest silence of the upstream between two frames.
+    read_timeout: Duration,
+    /// The read deadline, made the first time the upstream kept us waiting
+    /// (a small response is usually whole in hyper's buffer by then, so
+    /// most never need one) and moved for every later wait.
+    stalled: Option<Pin<Box<Sleep>>>,
+    /// Whether `stalled` runs for the wait now.
+    waiting: bool,
 }
+
+/// An upstream that sent nothing of its response body for `read_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream sent nothing for {0:?} in the middle of a response")]
+pub struct ReadTimeout(Duration);
 
 /// A connection on its way back to its upstream's idle stack (the
 /// upstream is the one of the [`Pick`] beside it).
@@ -155,19 +169,46 @@ impl Tracked {
 
 impl Body for Tracked {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => self.give_back(),
-            Poll::Ready(Some(Err(_))) => self.homeward = None,
-            _ => {}
+        match polled {
+            Poll::Ready(None) => {
+                self.give_back();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.homeward = None;
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                self.waiting = false;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending => {
+                let this = &mut *self;
+                if !this.waiting {
+                    this.waiting = true;
+                    let deadline = tokio::time::Instant::now() + this.read_timeout;
+                    match &mut this.stalled {
+                        Some(s) => s.as_mut().reset(deadline),
+                        None => this.stalled = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                    }
+                }
+                if let Some(s) = &mut this.stalled
+                    && s.as_mut().poll(cx).is_ready()
+                {
+                    // The connection is mid-response: it cannot be reused.
+                    this.homeward = None;
+                    return Poll::Ready(Some(Err(Box::new(ReadTimeout(this.read_timeout)))));
+                }
+                Poll::Pending
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -349,7 +390,7 @@ pub async fn handle(
                     workers,
                     max_idle: config.keepalive,
                 };
-                return respond(shared, resp, pick, homeward, start);
+                return respond(shared, resp, pick, homeward, start, config.read_timeout);
             }
             Err(_) if outgoing.client_failed() => {
                 // The client's body broke the attempt: a 400 for the
@@ -479,6 +520,7 @@ fn respond(
     pick: Pick,
     homeward: Homeward,
     start: Instant,
+    read_timeout: Duration,
 ) -> Response<RespBody> {
     let (mut parts, body) = resp.into_parts();
     if parts.headers.contains_key(TRANSFER_ENCODING) {
@@ -496,6 +538,9 @@ fn respond(
             inner: body,
             pick,
             homeward: Some(homeward),
+            read_timeout,
+            stalled: None,
+            waiting: false,
         }),
     )
 }

@@ -46,6 +46,7 @@ use hyper::{Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
+use tokio::time::Sleep;
 
 /// A request is being served: its response body is still alive.
 const BUSY: u8 = 1;
@@ -153,6 +154,13 @@ pub(super) struct HandBack {
     permits: Arc<Semaphore>,
     /// The most connections the server allows.
     most: usize,
+    /// How long a write may wait for the client to take bytes.
+    send_timeout: Option<std::time::Duration>,
+    /// The send deadline, made on the first write that had to wait (most
+    /// connections never wait) and moved for every later one.
+    stalled: Option<Pin<Box<Sleep>>>,
+    /// Whether `stalled` runs for the write waiting now.
+    waiting: bool,
 }
 
 impl HandBack {
@@ -162,6 +170,7 @@ impl HandBack {
         turn: Arc<Turn>,
         permits: Arc<Semaphore>,
         most: usize,
+        send_timeout: Option<std::time::Duration>,
     ) -> HandBack {
         HandBack {
             stream,
@@ -169,7 +178,45 @@ impl HandBack {
             turn,
             permits,
             most,
+            send_timeout,
+            stalled: None,
+            waiting: false,
         }
+    }
+
+    /// After a write: one that went through ends the wait; one that must
+    /// wait starts (or goes on with) the send deadline, and fails the
+    /// connection once the client took nothing for `send_timeout`.
+    fn send_deadline<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.waiting = false;
+            return polled;
+        }
+        let Some(limit) = self.send_timeout else {
+            return polled;
+        };
+        let deadline = tokio::time::Instant::now() + limit;
+        if !self.waiting {
+            self.waiting = true;
+            match &mut self.stalled {
+                Some(s) => s.as_mut().reset(deadline),
+                None => self.stalled = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        if let Some(s) = &mut self.stalled
+            && s.as_mut().poll(cx).is_ready()
+        {
+            self.turn.set(CLOSED);
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took no response byte within send_timeout",
+            )));
+        }
+        polled
     }
 
     fn crowded(&self) -> bool {
@@ -227,7 +274,8 @@ impl AsyncWrite for HandBack {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         self.turn.set(UNFLUSHED);
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.send_deadline(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -236,7 +284,8 @@ impl AsyncWrite for HandBack {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         self.turn.set(UNFLUSHED);
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.send_deadline(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {

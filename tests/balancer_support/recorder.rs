@@ -38,6 +38,9 @@ pub enum Then {
     Garbage,
     /// Answers these bytes, then closes.
     Raw(&'static [u8]),
+    /// Answers these bytes, then holds the connection open for a minute
+    /// without another byte (a backend stalled mid-response).
+    Stall(&'static [u8]),
 }
 
 /// A raw backend that records every request it reads, then does `Then`.
@@ -71,6 +74,11 @@ impl Recorder {
                             }
                             Then::Raw(bytes) => {
                                 let _ = stream.write_all(bytes).await;
+                                return;
+                            }
+                            Then::Stall(bytes) => {
+                                let _ = stream.write_all(bytes).await;
+                                tokio::time::sleep(std::time::Duration::from_secs(60)).await;
                                 return;
                             }
                             _ => {}
