@@ -111,6 +111,8 @@ struct BalancerFile {
     keepalive_timeout: Option<Spanned<String>>,
     read_timeout: Option<Spanned<String>>,
     send_timeout: Option<Spanned<String>>,
+    body_timeout: Option<Spanned<String>>,
+    max_body: Option<Spanned<i64>>,
     #[serde(default)]
     underscores_in_headers: bool,
     #[serde(default)]
@@ -275,6 +277,13 @@ pub struct BalancerConfig {
     /// `send_timeout`): a client that stops reading must not hold a
     /// connection and an upstream forever. Read at start.
     pub send_timeout: Duration,
+    /// Longest silence of a client between two reads of its request body
+    /// (Nginx's `client_body_timeout`): slow is fine, stalled is not.
+    pub body_timeout: Duration,
+    /// Largest request body in bytes, 0 for no limit (Nginx's
+    /// `client_max_body_size`): more is a 413, so no client can stream
+    /// without end through the balancer.
+    pub max_body: u64,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpNet>,
     /// Whether request headers with `_` in their name are forwarded. Off
@@ -775,6 +784,14 @@ impl Cx<'_> {
                 Some(v) => self.duration("balancer.send_timeout", v)?,
                 None => d.send_timeout,
             },
+            body_timeout: match &b.body_timeout {
+                Some(v) => self.duration("balancer.body_timeout", v)?,
+                None => d.body_timeout,
+            },
+            max_body: match &b.max_body {
+                Some(v) => self.count("balancer.max_body", v, 0)?,
+                None => d.max_body,
+            },
             underscores_in_headers: b.underscores_in_headers,
             trusted_proxies,
             upstreams,
@@ -797,6 +814,8 @@ fn default_balancer() -> BalancerConfig {
         keepalive_timeout: Duration::from_secs(60),
         read_timeout: Duration::from_secs(60),
         send_timeout: Duration::from_secs(60),
+        body_timeout: Duration::from_secs(60),
+        max_body: 1024 * 1024,
         underscores_in_headers: false,
         trusted_proxies: Vec::new(),
         upstreams: Vec::new(),
@@ -1069,6 +1088,21 @@ weight = 4
         assert!(!b.underscores_in_headers);
         assert_eq!(b.read_timeout, Duration::from_secs(60));
         assert_eq!(b.send_timeout, Duration::from_secs(60));
+        assert_eq!(b.body_timeout, Duration::from_secs(60));
+        assert_eq!(b.max_body, 1024 * 1024);
+        let b = parse(&format!(
+            "[balancer]\nmax_body = 0\nbody_timeout = \"5s\"\n{UP}"
+        ))
+        .expect("valid")
+        .balancer
+        .expect("balancer");
+        assert_eq!(b.max_body, 0);
+        assert_eq!(b.body_timeout, Duration::from_secs(5));
+        expect_err(
+            &format!("[balancer]\nmax_body = -1\n{UP}"),
+            "balancer.max_body",
+            2,
+        );
         let b = parse(&format!(
             "[balancer]\nread_timeout = \"2s\"\nsend_timeout = \"300ms\"\n{UP}"
         ))

@@ -301,6 +301,8 @@ mod tests {
             keepalive_timeout: Duration::from_secs(60),
             read_timeout: Duration::from_secs(60),
             send_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(60),
+            max_body: 1024 * 1024,
             underscores_in_headers: false,
             trusted_proxies: Vec::new(),
             upstreams: vec![upstream("127.0.0.1:3001", 1), upstream("127.0.0.1:3002", 3)],

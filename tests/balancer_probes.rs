@@ -381,3 +381,134 @@ async fn a_client_that_stops_reading_is_closed_after_send_timeout() {
     drop(client);
     lb.shutdown().await;
 }
+
+/// Reads until a whole response head is in (at most 10 s), leaving the
+/// connection open: for answers that come while a body is still unsent.
+async fn read_head(s: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while !out.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Finding 8: no cap on request bodies (2 MB and 2^63 declared, a chunk
+/// size of 2^64-1 streamed). Over `max_body` is a 413, before or while the
+/// body comes, and no upstream is marked for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_max_body_are_413() {
+    let (node, _) = reading_backend().await;
+    let lb = Running::start(&one_upstream(node, "")).await;
+    for declared in [
+        &b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 2000000\r\nConnection: close\r\n\r\n"[..],
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 9223372036854775808\r\nConnection: close\r\n\r\n",
+    ] {
+        let res = raw(None, lb.addr, declared).await;
+        assert!(res.starts_with("HTTP/1.1 413"), "{res}");
+    }
+    lb.shutdown().await;
+
+    let (node, whole) = reading_backend().await;
+    let lb = Running::start(&one_upstream(node, "max_body = 1000")).await;
+    let mut s = TcpStream::connect(lb.addr).await.expect("connect");
+    s.write_all(
+        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\n",
+    )
+    .await
+    .expect("write");
+    // Written alongside: the answer may come before all of it is taken.
+    let writer = tokio::spawn(async move {
+        let _ = s.write_all(&[b'x'; 4000]).await;
+        s
+    });
+    let mut s = writer.await.expect("writer");
+    let res = read_head(&mut s).await;
+    assert!(res.starts_with("HTTP/1.1 413"), "{res}");
+    assert_eq!(whole.load(Ordering::Relaxed), 0);
+    // Under the cap, a chunked body still goes through.
+    let ok = raw(
+        None,
+        lb.addr,
+        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert_eq!(upstream_state(&lb, 0).await, "up");
+    lb.shutdown().await;
+}
+
+/// Finding 8: a small body had to arrive within `response_timeout` in all,
+/// so a slow upload got 400. Now only a silence of `body_timeout` between
+/// reads is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_is_fine_and_a_stalled_one_is_400() {
+    let node = Recorder::start("n", Then::Answer).await;
+    let text = one_upstream(node.addr, "body_timeout = \"1500ms\"")
+        .replace("response_timeout = \"5s\"", "response_timeout = \"500ms\"");
+    let lb = Running::start(&text).await;
+    let mut s = TcpStream::connect(lb.addr).await.expect("connect");
+    s.write_all(
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\nConnection: close\r\n\r\nhello",
+    )
+    .await
+    .expect("write");
+    // Longer than response_timeout, shorter than body_timeout.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    s.write_all(b"world").await.expect("write");
+    let res = read_head(&mut s).await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    assert_eq!(node.seen().len(), 1);
+    assert_eq!(node.seen()[0].body, b"helloworld");
+
+    let mut s = TcpStream::connect(lb.addr).await.expect("connect");
+    s.write_all(
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\nConnection: close\r\n\r\nhello",
+    )
+    .await
+    .expect("write");
+    let res = read_head(&mut s).await;
+    assert!(res.starts_with("HTTP/1.1 400"), "{res}");
+    assert_eq!(node.seen().len(), 1, "a stalled body reaches no upstream");
+    lb.shutdown().await;
+}
+
+/// Finding 8: CONNECT and TRACE are 405s, as in Nginx, and reach no
+/// backend; a backend's `HTTP/1.0` status line goes out as HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_and_trace_are_405_and_responses_are_http_1_1() {
+    let node = Recorder::start("n", Then::Answer).await;
+    let lb = Running::start(&one_upstream(node.addr, "")).await;
+    for req in [
+        &b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\nConnection: close\r\n\r\n"[..],
+        b"TRACE / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    ] {
+        let res = raw(None, lb.addr, req).await;
+        assert!(res.starts_with("HTTP/1.1 405"), "{res}");
+        assert!(res.to_ascii_lowercase().contains("\r\nallow: "), "{res}");
+    }
+    assert!(node.seen().is_empty(), "{:?}", node.seen());
+    lb.shutdown().await;
+
+    let old = Recorder::start(
+        "old",
+        Then::Raw(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+    )
+    .await;
+    let lb = Running::start(&one_upstream(old.addr, "")).await;
+    let res = raw(
+        None,
+        lb.addr,
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    assert_eq!(body_of(&res), "ok");
+    lb.shutdown().await;
+}

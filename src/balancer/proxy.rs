@@ -36,7 +36,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -45,8 +45,8 @@ use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 use hyper::header::{
-    CONNECTION, CONTENT_LENGTH, HOST, HeaderName, HeaderValue, TE, TRAILER, TRANSFER_ENCODING,
-    UPGRADE,
+    ALLOW, CONNECTION, CONTENT_LENGTH, HOST, HeaderName, HeaderValue, TE, TRAILER,
+    TRANSFER_ENCODING, UPGRADE,
 };
 use hyper::http::uri::PathAndQuery;
 use hyper::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
@@ -69,26 +69,85 @@ pub const REPLAY_LIMIT: u64 = 64 * 1024;
 pub type ReqBody = Either<Full<Bytes>, ClientBody>;
 
 /// A client's request body streamed to an upstream, which records whether
-/// the client's side of it failed (cut off, malformed chunk): the attempt
-/// then fails too, and that failure is the client's, not the upstream's.
+/// the client's side of it failed (cut off, malformed chunk, silent for
+/// `body_timeout`, more than `max_body`): the attempt then fails too, and
+/// that failure is the client's, not the upstream's.
 pub struct ClientBody {
     inner: Incoming,
-    failed: Arc<AtomicBool>,
+    failed: Arc<AtomicU8>,
+    /// Bytes passed on so far, against `max_body` (0: no limit).
+    read: u64,
+    max_body: u64,
+    body_timeout: Duration,
+    /// The read deadline, made the first time the client kept us waiting.
+    stalled: Option<Pin<Box<Sleep>>>,
+    waiting: bool,
+}
+
+/// [`ClientBody::failed`]: the client's body broke (a 400).
+const BODY_BROKEN: u8 = 1;
+/// [`ClientBody::failed`]: the client's body is over `max_body` (a 413).
+const BODY_TOO_LARGE: u8 = 2;
+
+/// Why the balancer gave up on a client's streamed body.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBodyError {
+    /// More than `max_body` bytes.
+    #[error("the request body is larger than max_body ({0} bytes)")]
+    TooLarge(u64),
+    /// Nothing for `body_timeout`.
+    #[error("the client sent nothing of its body for {0:?}")]
+    Timeout(Duration),
 }
 
 impl Body for ClientBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Err(_))) = &polled {
-            self.failed.store(true, Ordering::Relaxed);
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.waiting = false;
+                if let Some(data) = frame.data_ref() {
+                    this.read = this.read.saturating_add(data.len() as u64);
+                    if this.max_body != 0 && this.read > this.max_body {
+                        this.failed.store(BODY_TOO_LARGE, Ordering::Relaxed);
+                        return Poll::Ready(Some(Err(Box::new(ClientBodyError::TooLarge(
+                            this.max_body,
+                        )))));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.failed.store(BODY_BROKEN, Ordering::Relaxed);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                if !this.waiting {
+                    this.waiting = true;
+                    let deadline = tokio::time::Instant::now() + this.body_timeout;
+                    match &mut this.stalled {
+                        Some(s) => s.as_mut().reset(deadline),
+                        None => this.stalled = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                    }
+                }
+                if let Some(s) = &mut this.stalled
+                    && s.as_mut().poll(cx).is_ready()
+                {
+                    this.failed.store(BODY_BROKEN, Ordering::Relaxed);
+                    return Poll::Ready(Some(Err(Box::new(ClientBodyError::Timeout(
+                        this.body_timeout,
+                    )))));
+                }
+                Poll::Pending
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -122,6 +181,10 @@ const BAD_GATEWAY: &[u8] = br#"{"status":"bad_gateway","error":"no upstream coul
 const GATEWAY_TIMEOUT: &[u8] =
     br#"{"status":"gateway_timeout","error":"the upstream did not answer in time"}"#;
 const BAD_REQUEST: &[u8] = br#"{"status":"bad_request","error":"the request could not be read"}"#;
+const TOO_LARGE: &[u8] =
+    br#"{"status":"payload_too_large","error":"the request body is larger than max_body"}"#;
+const NOT_ALLOWED: &[u8] =
+    br#"{"status":"method_not_allowed","error":"CONNECT and TRACE are not proxied"}"#;
 const BAD_HOST: &[u8] =
     br#"{"status":"bad_request","error":"the request needs exactly one valid Host header"}"#;
 
@@ -259,16 +322,16 @@ fn ip_value(ip: IpAddr) -> HeaderValue {
 
 enum Outgoing {
     Replay(Bytes),
-    /// The client's body (until an attempt takes it), and whether the
-    /// client's side of it failed.
-    Stream(Option<ClientBody>, Arc<AtomicBool>),
+    /// The client's body (until an attempt takes it), and whether (and
+    /// how) the client's side of it failed.
+    Stream(Option<ClientBody>, Arc<AtomicU8>),
 }
 
 impl Outgoing {
-    /// Whether the client's own body failed: the client's fault.
-    fn client_failed(&self) -> bool {
+    /// How the client's own body failed, if it did: the client's fault.
+    fn client_failed(&self) -> u8 {
         match self {
-            Outgoing::Replay(_) => false,
+            Outgoing::Replay(_) => 0,
             Outgoing::Stream(_, failed) => failed.load(Ordering::Relaxed),
         }
     }
@@ -330,6 +393,20 @@ pub async fn handle(
     if !host_is_valid(&parts.headers, parts.version) {
         return local(shared, StatusCode::BAD_REQUEST, BAD_HOST);
     }
+    if parts.method == Method::CONNECT || parts.method == Method::TRACE {
+        // Nginx's answer too: a tunnel or an echo of the request (with
+        // whatever credentials it carries) is not what a balancer is for.
+        let mut resp = local(shared, StatusCode::METHOD_NOT_ALLOWED, NOT_ALLOWED);
+        resp.headers_mut().insert(
+            ALLOW,
+            HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH"),
+        );
+        return resp;
+    }
+    let declared = content_length(&parts.headers);
+    if config.max_body != 0 && declared.is_some_and(|n| n > config.max_body) {
+        return local(shared, StatusCode::PAYLOAD_TOO_LARGE, TOO_LARGE);
+    }
     if !config.underscores_in_headers {
         drop_underscored(&mut parts.headers);
     }
@@ -346,16 +423,21 @@ pub async fn handle(
 
     let mut outgoing = if body.is_end_stream() {
         Outgoing::Replay(Bytes::new())
-    } else if content_length(&parts.headers).is_some_and(|n| n <= REPLAY_LIMIT) {
-        match tokio::time::timeout(config.response_timeout, body.collect()).await {
-            Ok(Ok(collected)) => Outgoing::Replay(collected.to_bytes()),
-            _ => return local(shared, StatusCode::BAD_REQUEST, BAD_REQUEST),
+    } else if declared.is_some_and(|n| n <= REPLAY_LIMIT) {
+        match read_small_body(body, config.body_timeout).await {
+            Some(bytes) => Outgoing::Replay(bytes),
+            None => return local(shared, StatusCode::BAD_REQUEST, BAD_REQUEST),
         }
     } else {
-        let failed = Arc::new(AtomicBool::new(false));
+        let failed = Arc::new(AtomicU8::new(0));
         let body = ClientBody {
             inner: body,
             failed: failed.clone(),
+            read: 0,
+            max_body: config.max_body,
+            body_timeout: config.body_timeout,
+            stalled: None,
+            waiting: false,
         };
         Outgoing::Stream(Some(body), failed)
     };
@@ -392,10 +474,13 @@ pub async fn handle(
                 };
                 return respond(shared, resp, pick, homeward, start, config.read_timeout);
             }
-            Err(_) if outgoing.client_failed() => {
-                // The client's body broke the attempt: a 400 for the
+            Err(_) if outgoing.client_failed() != 0 => {
+                // The client's body broke the attempt: a 4xx for the
                 // client, no mark on an upstream that did nothing wrong.
                 active.selector.release(&pick, false, now_ms());
+                if outgoing.client_failed() == BODY_TOO_LARGE {
+                    return local(shared, StatusCode::PAYLOAD_TOO_LARGE, TOO_LARGE);
+                }
                 return local(shared, StatusCode::BAD_REQUEST, BAD_REQUEST);
             }
             Err(e) => {
@@ -428,6 +513,39 @@ pub async fn handle(
     } else {
         local(shared, StatusCode::BAD_GATEWAY, BAD_GATEWAY)
     }
+}
+
+/// Reads a small declared-length body whole, so that it can be sent again;
+/// `None` if the client breaks it or sends nothing for `body_timeout`
+/// (a slow upload is fine, a stalled one is not). A body that arrives in
+/// one frame is kept as it came, without a copy.
+async fn read_small_body(mut body: Incoming, body_timeout: Duration) -> Option<Bytes> {
+    let mut first: Option<Bytes> = None;
+    let mut more: Option<BytesMut> = None;
+    loop {
+        let frame = match tokio::time::timeout(body_timeout, body.frame()).await {
+            Ok(Some(Ok(frame))) => frame,
+            Ok(None) => break,
+            Ok(Some(Err(_))) | Err(_) => return None,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        match (&first, &mut more) {
+            (None, _) => first = Some(data),
+            (Some(f), None) => {
+                let mut m = BytesMut::with_capacity(f.len() + data.len());
+                m.extend_from_slice(f);
+                m.extend_from_slice(&data);
+                more = Some(m);
+            }
+            (Some(_), Some(m)) => m.extend_from_slice(&data),
+        }
+    }
+    Some(match more {
+        Some(m) => m.freeze(),
+        None => first.unwrap_or_default(),
+    })
 }
 
 /// The body for the next attempt, or `None` when a streamed body was
@@ -523,6 +641,9 @@ fn respond(
     read_timeout: Duration,
 ) -> Response<RespBody> {
     let (mut parts, body) = resp.into_parts();
+    // The client talks to us, and we speak HTTP/1.1 (an HTTP/1.0 backend's
+    // status line is not passed on; hyper still answers a 1.0 client in 1.0).
+    parts.version = Version::HTTP_11;
     if parts.headers.contains_key(TRANSFER_ENCODING) {
         // hyper framed the body by Transfer-Encoding (RFC 9112 6.1: it
         // overrides a Content-Length), and the client gets it re-framed by
