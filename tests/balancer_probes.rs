@@ -512,3 +512,70 @@ async fn connect_and_trace_are_405_and_responses_are_http_1_1() {
     assert_eq!(body_of(&res), "ok");
     lb.shutdown().await;
 }
+
+/// Reads one response with a Content-Length body (at most 10 s).
+async fn read_response(s: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&out[..end]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if out.len() >= end + 4 + length {
+                    return;
+                }
+            }
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Finding 5: with many connections open (here `max_connections = 16`, so
+/// more than one counts as crowded), a second pipelined request whose head
+/// came partly with the first was never answered: the idle connection was
+/// handed back with its first bytes still in hyper's buffer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_pipelined_request_survives_a_crowded_balancer() {
+    let node = Recorder::start("n", Then::Answer).await;
+    let text = format!(
+        "{}\n[server]\nmax_connections = 16\n",
+        one_upstream(node.addr, "")
+    );
+    let lb = Running::start(&text).await;
+    // Another client, open and idle: the balancer is now crowded.
+    let mut other = TcpStream::connect(lb.addr).await.expect("connect");
+    other
+        .write_all(b"GET /other HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    assert!(read_response(&mut other).await.starts_with("HTTP/1.1 200"));
+
+    let mut s = TcpStream::connect(lb.addr).await.expect("connect");
+    s.write_all(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHo")
+        .await
+        .expect("write");
+    let first = read_response(&mut s).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    // Time for the balancer to go idle on this connection.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.write_all(b"st: a\r\n\r\n").await.expect("write");
+    let second = read_response(&mut s).await;
+    assert!(
+        second.starts_with("HTTP/1.1 200"),
+        "second request lost: {second:?}"
+    );
+    let lines: Vec<String> = node.seen().iter().map(|r| r.request_line.clone()).collect();
+    assert!(lines.contains(&"GET /b HTTP/1.1".to_string()), "{lines:?}");
+    drop(other);
+    lb.shutdown().await;
+}

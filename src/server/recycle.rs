@@ -26,7 +26,10 @@
 //!
 //! What the client sees does not change: the response already went out with
 //! keep-alive, and a pipelined request already in the socket is read by the
-//! same hyper connection (a read that finds bytes is never cut short). A
+//! same hyper connection (a read that finds bytes is never cut short). Nor
+//! is a connection handed back while the bytes hyper got do not end with a
+//! request head's blank line: hyper may hold the first part of a pipelined
+//! request that came in the same read as the last one, and would drop it. A
 //! connection whose last request carried a body is not handed back until its
 //! next request: hyper drains a body the service left unread after the
 //! response, and only hyper knows where that body ends (handing back early
@@ -38,7 +41,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{CONNECTION, HeaderValue};
 use hyper::service::Service;
@@ -63,6 +66,15 @@ const HANDED_BACK: u8 = 16;
 const CLOSED: u8 = 32;
 /// The accept loop wants the socket back at hyper's next idle read.
 const WANTED: u8 = 64;
+/// The bytes hyper got so far do not end where a request head ends, so its
+/// buffer may hold the start of a next request that came in the same read
+/// as the end of the last one (pipelining). [`FRESH`] cannot say so, since
+/// the request that begins after that read clears it; handing the socket
+/// back then would make hyper drop those bytes with an error.
+const PARTIAL: u8 = 128;
+
+/// The last four bytes of a request head.
+const HEAD_END: u32 = u32::from_be_bytes(*b"\r\n\r\n");
 
 /// Open connections (across the server's workers) above which every idle
 /// connection gives its hyper connection and buffers back at once: 1,024,
@@ -121,7 +133,7 @@ impl Turn {
     /// Whether hyper holds nothing of a request: no response alive or
     /// unflushed, no byte of a next request, no body it may still drain.
     pub(super) fn idle(&self) -> bool {
-        !self.has(BUSY | FRESH | UNFLUSHED | BODY)
+        !self.has(BUSY | FRESH | UNFLUSHED | BODY | PARTIAL)
     }
 
     /// When the last request began, in [`now_ms`].
@@ -161,6 +173,9 @@ pub(super) struct HandBack {
     stalled: Option<Pin<Box<Sleep>>>,
     /// Whether `stalled` runs for the write waiting now.
     waiting: bool,
+    /// The last four bytes handed to hyper (a new hyper connection starts
+    /// where a request head ended), for [`PARTIAL`].
+    last4: u32,
 }
 
 impl HandBack {
@@ -181,6 +196,22 @@ impl HandBack {
             send_timeout,
             stalled: None,
             waiting: false,
+            last4: HEAD_END,
+        }
+    }
+
+    /// Notes bytes handed to hyper: whether they end where a head ends.
+    /// Over-cautious on purpose (a body that ends otherwise also counts as
+    /// partial until the next head): that only keeps hyper's buffers for
+    /// one more request, where the opposite mistake loses a request.
+    fn delivered(&mut self, bytes: &[u8]) {
+        for &b in bytes.iter().rev().take(4).rev() {
+            self.last4 = (self.last4 << 8) | u32::from(b);
+        }
+        if self.last4 == HEAD_END {
+            self.turn.clear(PARTIAL);
+        } else {
+            self.turn.set(PARTIAL);
         }
     }
 
@@ -237,8 +268,9 @@ impl AsyncRead for HandBack {
     ) -> Poll<io::Result<()>> {
         if !self.ahead.is_empty() {
             let n = self.ahead.len().min(buf.remaining());
-            buf.put_slice(&self.ahead[..n]);
-            self.ahead.advance(n);
+            let ahead = self.ahead.split_to(n);
+            buf.put_slice(&ahead);
+            self.delivered(&ahead);
             self.turn.set(FRESH);
             return Poll::Ready(Ok(()));
         }
@@ -247,6 +279,11 @@ impl AsyncRead for HandBack {
             Poll::Ready(Ok(())) => {
                 let got = buf.filled().len() - before;
                 self.turn.set(if got == 0 { CLOSED } else { FRESH });
+                if got > 0 {
+                    let filled = buf.filled();
+                    let from = filled.len().saturating_sub(4).max(before);
+                    self.delivered(&filled[from..]);
+                }
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => {
