@@ -579,3 +579,47 @@ async fn a_split_pipelined_request_survives_a_crowded_balancer() {
     drop(other);
     lb.shutdown().await;
 }
+
+/// Finding 1, the slow upload: a streamed body that took longer than
+/// `response_timeout` was a 504 and a failure mark. The wait for the
+/// response now counts from the end of the body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_streamed_upload_is_no_upstream_timeout() {
+    let (node, whole) = reading_backend().await;
+    let text =
+        one_upstream(node, "").replace("response_timeout = \"5s\"", "response_timeout = \"500ms\"");
+    let lb = Running::start(&text).await;
+    let mut s = TcpStream::connect(lb.addr).await.expect("connect");
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    for _ in 0..5 {
+        s.write_all(b"5\r\nhello\r\n").await.expect("write");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    s.write_all(b"0\r\n\r\n").await.expect("write");
+    let res = read_response(&mut s).await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    assert_eq!(whole.load(Ordering::Relaxed), 1);
+    assert_eq!(upstream_state(&lb, 0).await, "up");
+    lb.shutdown().await;
+}
+
+/// Finding 1 and 8: a streamed body that stalls for `body_timeout` is the
+/// client's 400, and no mark on the upstream that waited for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_streamed_upload_is_the_client_s_400() {
+    let (node, whole) = reading_backend().await;
+    let lb = Running::start(&one_upstream(node, "body_timeout = \"300ms\"")).await;
+    let mut s = TcpStream::connect(lb.addr).await.expect("connect");
+    s.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    )
+    .await
+    .expect("write");
+    let res = read_head(&mut s).await;
+    assert!(res.starts_with("HTTP/1.1 400"), "{res}");
+    assert_eq!(whole.load(Ordering::Relaxed), 0);
+    assert_eq!(upstream_state(&lb, 0).await, "up");
+    lb.shutdown().await;
+}

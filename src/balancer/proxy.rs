@@ -36,7 +36,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -74,7 +74,7 @@ pub type ReqBody = Either<Full<Bytes>, ClientBody>;
 /// that failure is the client's, not the upstream's.
 pub struct ClientBody {
     inner: Incoming,
-    failed: Arc<AtomicU8>,
+    state: Arc<BodyState>,
     /// Bytes passed on so far, against `max_body` (0: no limit).
     read: u64,
     max_body: u64,
@@ -84,9 +84,47 @@ pub struct ClientBody {
     waiting: bool,
 }
 
-/// [`ClientBody::failed`]: the client's body broke (a 400).
+/// What the request handler learns about a streamed client body from the
+/// upstream connection's task, which is the one reading it.
+#[derive(Debug, Default)]
+struct BodyState {
+    /// 0, or how the client's side failed: [`BODY_BROKEN`], [`BODY_TOO_LARGE`].
+    failed: AtomicU8,
+    /// When the body was read to its end, in [`now_ms`] plus one; 0 while
+    /// it is still coming.
+    ended_at: AtomicU64,
+}
+
+impl BodyState {
+    fn end(&self) {
+        if self.ended_at.load(Ordering::Relaxed) == 0 {
+            self.ended_at.store(now_ms() + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// How much longer to wait for the response head: `response_timeout`
+    /// counts from the end of the client's body, not from its start, so a
+    /// long (or slow but steady) upload is not an upstream timeout. `None`:
+    /// time is up, or the body failed.
+    fn more_time(&self, response_timeout: Duration) -> Option<Duration> {
+        if self.failed.load(Ordering::Relaxed) != 0 {
+            return None;
+        }
+        let limit = response_timeout.as_millis() as u64;
+        match self.ended_at.load(Ordering::Relaxed) {
+            0 => Some(response_timeout),
+            ended => {
+                let deadline = (ended - 1).saturating_add(limit);
+                let now = now_ms();
+                (now < deadline).then(|| Duration::from_millis(deadline - now))
+            }
+        }
+    }
+}
+
+/// [`BodyState::failed`]: the client's body broke (a 400).
 const BODY_BROKEN: u8 = 1;
-/// [`ClientBody::failed`]: the client's body is over `max_body` (a 413).
+/// [`BodyState::failed`]: the client's body is over `max_body` (a 413).
 const BODY_TOO_LARGE: u8 = 2;
 
 /// Why the balancer gave up on a client's streamed body.
@@ -115,19 +153,25 @@ impl Body for ClientBody {
                 if let Some(data) = frame.data_ref() {
                     this.read = this.read.saturating_add(data.len() as u64);
                     if this.max_body != 0 && this.read > this.max_body {
-                        this.failed.store(BODY_TOO_LARGE, Ordering::Relaxed);
+                        this.state.failed.store(BODY_TOO_LARGE, Ordering::Relaxed);
                         return Poll::Ready(Some(Err(Box::new(ClientBodyError::TooLarge(
                             this.max_body,
                         )))));
                     }
                 }
+                if this.inner.is_end_stream() {
+                    this.state.end();
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                this.failed.store(BODY_BROKEN, Ordering::Relaxed);
+                this.state.failed.store(BODY_BROKEN, Ordering::Relaxed);
                 Poll::Ready(Some(Err(e.into())))
             }
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(None) => {
+                this.state.end();
+                Poll::Ready(None)
+            }
             Poll::Pending => {
                 if !this.waiting {
                     this.waiting = true;
@@ -140,7 +184,7 @@ impl Body for ClientBody {
                 if let Some(s) = &mut this.stalled
                     && s.as_mut().poll(cx).is_ready()
                 {
-                    this.failed.store(BODY_BROKEN, Ordering::Relaxed);
+                    this.state.failed.store(BODY_BROKEN, Ordering::Relaxed);
                     return Poll::Ready(Some(Err(Box::new(ClientBodyError::Timeout(
                         this.body_timeout,
                     )))));
@@ -322,9 +366,9 @@ fn ip_value(ip: IpAddr) -> HeaderValue {
 
 enum Outgoing {
     Replay(Bytes),
-    /// The client's body (until an attempt takes it), and whether (and
-    /// how) the client's side of it failed.
-    Stream(Option<ClientBody>, Arc<AtomicU8>),
+    /// The client's body (until an attempt takes it), and what became of
+    /// it.
+    Stream(Option<ClientBody>, Arc<BodyState>),
 }
 
 impl Outgoing {
@@ -332,7 +376,15 @@ impl Outgoing {
     fn client_failed(&self) -> u8 {
         match self {
             Outgoing::Replay(_) => 0,
-            Outgoing::Stream(_, failed) => failed.load(Ordering::Relaxed),
+            Outgoing::Stream(_, state) => state.failed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The streamed body's state, which `send` needs for its deadline.
+    fn streaming(&self) -> Option<&BodyState> {
+        match self {
+            Outgoing::Replay(_) => None,
+            Outgoing::Stream(_, state) => Some(state),
         }
     }
 }
@@ -429,17 +481,17 @@ pub async fn handle(
             None => return local(shared, StatusCode::BAD_REQUEST, BAD_REQUEST),
         }
     } else {
-        let failed = Arc::new(AtomicU8::new(0));
+        let state = Arc::new(BodyState::default());
         let body = ClientBody {
             inner: body,
-            failed: failed.clone(),
+            state: state.clone(),
             read: 0,
             max_body: config.max_body,
             body_timeout: config.body_timeout,
             stalled: None,
             waiting: false,
         };
-        Outgoing::Stream(Some(body), failed)
+        Outgoing::Stream(Some(body), state)
     };
 
     let mut attempt = Attempt::new(client);
@@ -450,7 +502,17 @@ pub async fn handle(
             break;
         };
         let req = build(&parts.method, &path, &parts.headers, upstream, first);
-        let mut result = send(upstream, worker, workers, config, req, Conn::Pooled).await;
+        let streaming = outgoing.streaming();
+        let mut result = send(
+            upstream,
+            worker,
+            workers,
+            config,
+            req,
+            Conn::Pooled,
+            streaming,
+        )
+        .await;
         if let Err(SendError::Other {
             error,
             reused: true,
@@ -461,7 +523,7 @@ pub async fn handle(
         {
             tracing::debug!(upstream = %upstream.config.addr, %error, "retrying once on a fresh connection");
             let req = build(&parts.method, &path, &parts.headers, upstream, again);
-            result = send(upstream, worker, workers, config, req, Conn::Fresh).await;
+            result = send(upstream, worker, workers, config, req, Conn::Fresh, None).await;
         }
         match result {
             Ok((resp, sender)) => {
@@ -581,7 +643,9 @@ fn build(
 /// most recently used idle connection; one that closed under it hands the
 /// request back unsent, and it goes on the next, then on a new connection.
 /// Returns the connection with the response so that it can go back idle
-/// once the body is read.
+/// once the body is read. With a `streaming` client body, the
+/// `response_timeout` counts from the end of that body (see
+/// [`BodyState::more_time`]).
 async fn send(
     upstream: &Upstream,
     worker: usize,
@@ -589,6 +653,7 @@ async fn send(
     config: &BalancerConfig,
     req: Request<ReqBody>,
     conn: Conn,
+    streaming: Option<&BodyState>,
 ) -> Result<(Response<Incoming>, SendRequest<ReqBody>), SendError> {
     let attempt = async {
         let mut req = req;
@@ -627,9 +692,23 @@ async fn send(
             }),
         }
     };
-    tokio::time::timeout(config.response_timeout, attempt)
-        .await
-        .unwrap_or(Err(SendError::Timeout))
+    let Some(body) = streaming else {
+        return tokio::time::timeout(config.response_timeout, attempt)
+            .await
+            .unwrap_or(Err(SendError::Timeout));
+    };
+    tokio::pin!(attempt);
+    let limit = tokio::time::sleep(config.response_timeout);
+    tokio::pin!(limit);
+    loop {
+        tokio::select! {
+            result = &mut attempt => return result,
+            () = &mut limit => match body.more_time(config.response_timeout) {
+                Some(more) => limit.as_mut().reset(tokio::time::Instant::now() + more),
+                None => return Err(SendError::Timeout),
+            },
+        }
+    }
 }
 
 fn respond(
