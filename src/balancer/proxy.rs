@@ -7,7 +7,7 @@
 //! - any other error (reset, closed mid-response) or a response timeout: the
 //!   request may have reached the upstream, so only requests that may be
 //!   sent twice go on to the next upstream: idempotent methods (GET, HEAD,
-//!   OPTIONS, PUT, DELETE, TRACE), and purchases (`/buy/ticket`) carrying
+//!   OPTIONS, PUT, DELETE; TRACE is refused), and purchases (`/buy/ticket`) carrying
 //!   an `Idempotency-Key`, whatever their method, because the node decides
 //!   a key once (see [`super::idempotency`]; a purchase without a key gets
 //!   one here, kept across its attempts);
@@ -29,9 +29,17 @@
 //!
 //! Request bodies: a body of at most [`REPLAY_LIMIT`] bytes with a declared
 //! `Content-Length` is read first so it can be replayed on another upstream
-//! (Nginx buffers request bodies for the same reason). Larger or chunked
-//! bodies are streamed straight through and get exactly one attempt.
-//! Response bodies are always streamed.
+//! (Nginx buffers request bodies for the same reason), with `body_timeout`
+//! between reads. Larger or chunked bodies are streamed straight through,
+//! counted against `max_body`, and get exactly one attempt. Response bodies
+//! are always streamed, with `read_timeout` between reads from the upstream
+//! (`send_timeout`, for a client that stops reading, is on the client's
+//! socket: see `crate::server`).
+//!
+//! Before any of that, what Nginx refuses is refused here too: a missing,
+//! repeated or malformed `Host` (400), CONNECT and TRACE (405), a declared
+//! body over `max_body` (413); and headers with `_` in their name are
+//! dropped unless `underscores_in_headers` is on.
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
