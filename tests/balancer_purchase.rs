@@ -2,8 +2,9 @@
 //! when the client sent none (the same on every attempt), a client's own is
 //! passed on unchanged, and a purchase whose node closed the connection
 //! after reading it (a node SIGKILLed after its script ran) is sent again
-//! to another node with the same key, GET or POST. Other POSTs are still
-//! never sent twice.
+//! to another node with the same key, GET or POST; so is one whose node
+//! never answers, and one whose pooled connection went stale is sent again
+//! to the same node with its key. Other POSTs are still never sent twice.
 
 mod balancer_support;
 mod common;
@@ -140,4 +141,49 @@ async fn other_posts_are_still_not_sent_twice() {
         assert!(dies.seen()[0].request_line.starts_with("POST /buy"));
         lb.shutdown().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_purchase_on_a_stale_connection_is_sent_again_with_its_key() {
+    // Answers the first request of each connection, then reads the next
+    // and drops it: the second purchase finds its pooled connection stale.
+    let node = Recorder::start("n", Then::AnswerThenDrop(1)).await;
+    let lb = balancer(&[node.addr]).await;
+    for _ in 0..2 {
+        let res = raw(None, lb.addr, POST_BUY).await;
+        assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    }
+    let seen = node.seen();
+    // The first purchase; the second, dropped; the second again.
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(
+        seen[1].keys, seen[2].keys,
+        "the same key on the new connection"
+    );
+    assert_ne!(seen[0].keys, seen[1].keys, "two purchases, two keys");
+    assert!(is_generated_key(&seen[1].keys[0]), "{seen:?}");
+    lb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_purchase_whose_node_never_answers_goes_to_the_next_with_its_key() {
+    let silent = Recorder::start("silent", Then::Stall(b"")).await;
+    let lives = Recorder::start("lives", Then::Answer).await;
+    let text = config_text(
+        "round_robin",
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &[up(silent.addr, 1), up(lives.addr, 1)],
+    )
+    .replace("response_timeout = \"5s\"", "response_timeout = \"300ms\"");
+    let lb = Running::start(&text).await;
+    let res = raw(None, lb.addr, POST_BUY).await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    assert_eq!(body_of(&res), "lives");
+    let (first, second) = (silent.seen(), lives.seen());
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(second.len(), 1, "{second:?}");
+    assert_eq!(first[0].keys, second[0].keys);
+    assert!(is_generated_key(&first[0].keys[0]), "{first:?}");
+    lb.shutdown().await;
 }
