@@ -623,3 +623,19 @@ async fn a_stalled_streamed_upload_is_the_client_s_400() {
     assert_eq!(upstream_state(&lb, 0).await, "up");
     lb.shutdown().await;
 }
+
+/// Finding 7: a reused connection on which the upstream began to answer
+/// (part of a head) and then closed is not a stale connection: the
+/// upstream did the work, and is not asked again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_connection_that_began_to_answer_is_not_retried_there() {
+    let node = Recorder::start("n", Then::AnswerThenRaw(1, b"HTTP/1.1 200 OK\r\nContent-")).await;
+    let lb = Running::start(&one_upstream(node.addr, "")).await;
+    let get = b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let first = raw(None, lb.addr, get).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    let second = raw(None, lb.addr, get).await;
+    assert!(second.starts_with("HTTP/1.1 502"), "{second}");
+    assert_eq!(node.seen().len(), 2, "{:?}", node.seen());
+    lb.shutdown().await;
+}

@@ -51,7 +51,6 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::SendRequest;
 use hyper::header::{
     ALLOW, CONNECTION, CONTENT_LENGTH, HOST, HeaderName, HeaderValue, TE, TRAILER,
     TRANSFER_ENCODING, UPGRADE,
@@ -64,7 +63,7 @@ use tokio::time::Sleep;
 use crate::config::BalancerConfig;
 
 use super::idempotency;
-use super::pool::{self, ConnectError};
+use super::pool::{self, ConnectError, UpstreamConn};
 use super::reload::Shared;
 use super::strategy::{Attempt, Pick};
 use super::upstream::{Upstream, now_ms};
@@ -267,7 +266,7 @@ pub struct ReadTimeout(Duration);
 /// A connection on its way back to its upstream's idle stack (the
 /// upstream is the one of the [`Pick`] beside it).
 struct Homeward {
-    sender: SendRequest<ReqBody>,
+    conn: UpstreamConn,
     worker: usize,
     workers: usize,
     max_idle: usize,
@@ -277,7 +276,7 @@ impl Tracked {
     fn give_back(&mut self) {
         if let Some(h) = self.homeward.take() {
             let idle = &self.pick.live().idle;
-            idle.put(h.worker, h.workers, h.sender, now_ms(), h.max_idle);
+            idle.put(h.worker, h.workers, h.conn, now_ms(), h.max_idle);
         }
     }
 }
@@ -405,17 +404,17 @@ enum SendError {
     /// Anything else; the request may have been sent.
     Other {
         error: hyper::Error,
-        /// Whether it went on a reused keep-alive connection (which may
-        /// have gone stale while idle).
-        reused: bool,
+        /// Whether it went on a reused keep-alive connection that failed
+        /// before any byte of the response came: it may only have gone
+        /// stale while idle.
+        stale: bool,
     },
 }
 
-/// Whether `e` says the connection closed or broke before any response
-/// came: not a malformed response (the upstream answered, so it did the
-/// work) nor our own or the client's error. hyper reports a connection
-/// closed after part of a response head the same way, so this errs on the
-/// side of "before".
+/// Whether `e` is the connection closing or breaking: not a malformed
+/// response (the upstream answered, so it did the work) nor our own or the
+/// client's error. (hyper reports a close after part of a response head
+/// like one before any byte; [`UpstreamConn::received`] tells them apart.)
 fn before_response(e: &hyper::Error) -> bool {
     !e.is_parse() && !e.is_parse_status() && !e.is_user() && !e.is_timeout()
 }
@@ -521,10 +520,7 @@ pub async fn handle(
             streaming,
         )
         .await;
-        if let Err(SendError::Other {
-            error,
-            reused: true,
-        }) = &result
+        if let Err(SendError::Other { error, stale: true }) = &result
             && retryable
             && before_response(error)
             && let Some(again) = next_body(&mut outgoing)
@@ -534,10 +530,10 @@ pub async fn handle(
             result = send(upstream, worker, workers, config, req, Conn::Fresh, None).await;
         }
         match result {
-            Ok((resp, sender)) => {
+            Ok((resp, conn)) => {
                 active.selector.release(&pick, false, now_ms());
                 let homeward = Homeward {
-                    sender,
+                    conn,
                     worker,
                     workers,
                     max_idle: config.keepalive,
@@ -662,41 +658,42 @@ async fn send(
     req: Request<ReqBody>,
     conn: Conn,
     streaming: Option<&BodyState>,
-) -> Result<(Response<Incoming>, SendRequest<ReqBody>), SendError> {
+) -> Result<(Response<Incoming>, UpstreamConn), SendError> {
     let attempt = async {
         let mut req = req;
         if conn == Conn::Pooled {
-            while let Some(mut sender) =
+            while let Some(mut conn) =
                 upstream
                     .live
                     .idle
                     .take(worker, workers, now_ms(), config.keepalive_timeout)
             {
-                if sender.ready().await.is_err() {
+                if conn.sender.ready().await.is_err() {
                     continue;
                 }
-                match sender.try_send_request(req).await {
-                    Ok(resp) => return Ok((resp, sender)),
+                let received = conn.received();
+                match conn.sender.try_send_request(req).await {
+                    Ok(resp) => return Ok((resp, conn)),
                     Err(mut e) => match e.take_message() {
                         Some(unsent) => req = unsent,
                         None => {
                             return Err(SendError::Other {
                                 error: e.into_error(),
-                                reused: true,
+                                stale: conn.received() == received,
                             });
                         }
                     },
                 }
             }
         }
-        let mut sender = pool::connect(upstream.config.addr, config.connect_timeout)
+        let mut conn = pool::connect(upstream.config.addr, config.connect_timeout)
             .await
             .map_err(SendError::Connect)?;
-        match sender.try_send_request(req).await {
-            Ok(resp) => Ok((resp, sender)),
+        match conn.sender.try_send_request(req).await {
+            Ok(resp) => Ok((resp, conn)),
             Err(e) => Err(SendError::Other {
                 error: e.into_error(),
-                reused: false,
+                stale: false,
             }),
         }
     };

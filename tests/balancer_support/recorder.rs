@@ -38,6 +38,9 @@ pub enum Then {
     Garbage,
     /// Answers these bytes, then closes.
     Raw(&'static [u8]),
+    /// Answers the first `n` requests of each connection, then answers
+    /// these bytes and closes.
+    AnswerThenRaw(usize, &'static [u8]),
     /// Answers these bytes, then holds the connection open for a minute
     /// without another byte (a backend stalled mid-response).
     Stall(&'static [u8]),
@@ -68,6 +71,10 @@ impl Recorder {
                         match then {
                             Then::Drop => return,
                             Then::AnswerThenDrop(n) if served >= n => return,
+                            Then::AnswerThenRaw(n, bytes) if served >= n => {
+                                let _ = stream.write_all(bytes).await;
+                                return;
+                            }
                             Then::Garbage => {
                                 let _ = stream.write_all(b"HTTP/1.1 2xx nonsense\r\n\r\n").await;
                                 return;
