@@ -230,9 +230,9 @@ impl HandBack {
         let Some(limit) = self.send_timeout else {
             return polled;
         };
-        let deadline = tokio::time::Instant::now() + limit;
         if !self.waiting {
             self.waiting = true;
+            let deadline = tokio::time::Instant::now() + limit;
             match &mut self.stalled {
                 Some(s) => s.as_mut().reset(deadline),
                 None => self.stalled = Some(Box::pin(tokio::time::sleep_until(deadline))),
