@@ -125,6 +125,12 @@ struct BalancerFile {
     response_timeout: Option<Spanned<String>>,
     keepalive: Option<Spanned<i64>>,
     keepalive_timeout: Option<Spanned<String>>,
+    read_timeout: Option<Spanned<String>>,
+    send_timeout: Option<Spanned<String>>,
+    body_timeout: Option<Spanned<String>>,
+    max_body: Option<Spanned<i64>>,
+    #[serde(default)]
+    underscores_in_headers: bool,
     #[serde(default)]
     trusted_proxies: Vec<Spanned<String>>,
     #[serde(default)]
@@ -289,8 +295,28 @@ pub struct BalancerConfig {
     pub keepalive: usize,
     /// How long an idle upstream connection is kept.
     pub keepalive_timeout: Duration,
+    /// Longest silence between two reads of an upstream's response body
+    /// (Nginx's `proxy_read_timeout` once the head is in): a backend that
+    /// stalls mid-body must not hold its client forever.
+    pub read_timeout: Duration,
+    /// Longest wait for a client to take more of a response (Nginx's
+    /// `send_timeout`): a client that stops reading must not hold a
+    /// connection and an upstream forever. Read at start.
+    pub send_timeout: Duration,
+    /// Longest silence of a client between two reads of its request body
+    /// (Nginx's `client_body_timeout`): slow is fine, stalled is not.
+    pub body_timeout: Duration,
+    /// Largest request body in bytes, 0 for no limit (Nginx's
+    /// `client_max_body_size`): more is a 413, so no client can stream
+    /// without end through the balancer.
+    pub max_body: u64,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpNet>,
+    /// Whether request headers with `_` in their name are forwarded. Off
+    /// (Nginx's `underscores_in_headers off`): CGI-style backends read
+    /// `X_Real_IP` as `X-Real-IP`, so a client could spoof the headers the
+    /// balancer sets.
+    pub underscores_in_headers: bool,
     /// The upstreams, in file order (order matters to Nginx's algorithms).
     pub upstreams: Vec<UpstreamConfig>,
 }
@@ -885,6 +911,23 @@ impl Cx<'_> {
                 Some(v) => self.duration("balancer.keepalive_timeout", v)?,
                 None => d.keepalive_timeout,
             },
+            read_timeout: match &b.read_timeout {
+                Some(v) => self.duration("balancer.read_timeout", v)?,
+                None => d.read_timeout,
+            },
+            send_timeout: match &b.send_timeout {
+                Some(v) => self.duration("balancer.send_timeout", v)?,
+                None => d.send_timeout,
+            },
+            body_timeout: match &b.body_timeout {
+                Some(v) => self.duration("balancer.body_timeout", v)?,
+                None => d.body_timeout,
+            },
+            max_body: match &b.max_body {
+                Some(v) => self.count("balancer.max_body", v, 0)?,
+                None => d.max_body,
+            },
+            underscores_in_headers: b.underscores_in_headers,
             trusted_proxies,
             upstreams,
         }))
@@ -985,6 +1028,11 @@ fn default_balancer() -> BalancerConfig {
         response_timeout: Duration::from_secs(10),
         keepalive: 64,
         keepalive_timeout: Duration::from_secs(60),
+        read_timeout: Duration::from_secs(60),
+        send_timeout: Duration::from_secs(60),
+        body_timeout: Duration::from_secs(60),
+        max_body: 1024 * 1024,
+        underscores_in_headers: false,
         trusted_proxies: Vec::new(),
         upstreams: Vec::new(),
     }
@@ -1239,6 +1287,56 @@ weight = 4
             "[balancer]\n[[balancer.upstream]]\naddr = \"127.0.0.1:1\"\nfail_timeout = \"soon\"\n",
             "balancer.upstream[0].fail_timeout",
             4,
+        );
+    }
+
+    #[test]
+    fn balancer_request_limits_parse_and_are_checked() {
+        const UP: &str = "[[balancer.upstream]]\naddr = \"127.0.0.1:9\"\n";
+        let b = parse(&format!("[balancer]\n{UP}"))
+            .expect("valid")
+            .balancer
+            .expect("balancer");
+        assert!(!b.underscores_in_headers);
+        assert_eq!(b.read_timeout, Duration::from_secs(60));
+        assert_eq!(b.send_timeout, Duration::from_secs(60));
+        assert_eq!(b.body_timeout, Duration::from_secs(60));
+        assert_eq!(b.max_body, 1024 * 1024);
+        let b = parse(&format!(
+            "[balancer]\nmax_body = 0\nbody_timeout = \"5s\"\n{UP}"
+        ))
+        .expect("valid")
+        .balancer
+        .expect("balancer");
+        assert_eq!(b.max_body, 0);
+        assert_eq!(b.body_timeout, Duration::from_secs(5));
+        expect_err(
+            &format!("[balancer]\nmax_body = -1\n{UP}"),
+            "balancer.max_body",
+            2,
+        );
+        let b = parse(&format!(
+            "[balancer]\nread_timeout = \"2s\"\nsend_timeout = \"300ms\"\n{UP}"
+        ))
+        .expect("valid")
+        .balancer
+        .expect("balancer");
+        assert_eq!(b.read_timeout, Duration::from_secs(2));
+        assert_eq!(b.send_timeout, Duration::from_millis(300));
+        expect_err(
+            &format!("[balancer]\nlisten = \"127.0.0.1:0\"\nsend_timeout = \"never\"\n{UP}"),
+            "balancer.send_timeout",
+            3,
+        );
+        let b = parse(&format!("[balancer]\nunderscores_in_headers = true\n{UP}"))
+            .expect("valid")
+            .balancer
+            .expect("balancer");
+        assert!(b.underscores_in_headers);
+        expect_err(
+            &format!("[balancer]\nunderscores_in_headers = \"yes\"\n{UP}"),
+            "balancer.underscores_in_headers",
+            2,
         );
     }
 }

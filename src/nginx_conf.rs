@@ -207,6 +207,14 @@ http {{
     } else {
         "$proxy_add_x_forwarded_for"
     };
+    let underscores = if balancer.underscores_in_headers {
+        "underscores_in_headers on;"
+    } else {
+        "# spike drops request headers with `_` in the name, as Nginx does."
+    };
+    let max_body = balancer.max_body;
+    let body_timeout = nginx_time(balancer.body_timeout);
+    let send_timeout = nginx_time(balancer.send_timeout);
     let connect_timeout = nginx_time(balancer.connect_timeout);
     let read_timeout = nginx_time(balancer.response_timeout);
     let _ = write!(
@@ -214,6 +222,10 @@ http {{
         "
     server {{
         listen {listen};
+        {underscores}
+        client_max_body_size {max_body};
+        client_body_timeout {body_timeout};
+        send_timeout {send_timeout};
 
         location / {{
             proxy_pass http://{UPSTREAM_NAME};
@@ -225,6 +237,9 @@ http {{
             proxy_set_header X-Real-IP $remote_addr;
             # spike's failover: the next upstream on a connect error or timeout;
             # non-idempotent requests are not retried once sent (Nginx's default).
+            # Not equivalent: spike adds an Idempotency-Key to /buy/ticket
+            # purchases and retries those (POST too); Nginx adds no key, so it
+            # must not retry them.
             proxy_next_upstream error timeout;
             proxy_connect_timeout {connect_timeout};
             # spike bounds the wait for the response head; Nginx each read.
@@ -293,6 +308,11 @@ mod tests {
             response_timeout: Duration::from_secs(10),
             keepalive: 64,
             keepalive_timeout: Duration::from_secs(60),
+            read_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(60),
+            max_body: 1024 * 1024,
+            underscores_in_headers: false,
             trusted_proxies: Vec::new(),
             upstreams: vec![upstream("127.0.0.1:3001", 1), upstream("127.0.0.1:3002", 3)],
         }
@@ -408,6 +428,15 @@ mod tests {
         let c = render_default(&b);
         assert!(has(&c, "proxy_connect_timeout 250ms;"), "{c}");
         assert!(has(&c, "proxy_read_timeout 30s;"), "{c}");
+        assert!(has(&c, "client_max_body_size 1048576;"), "{c}");
+        assert!(has(&c, "client_body_timeout 60s;"), "{c}");
+        assert!(has(&c, "send_timeout 60s;"), "{c}");
+        assert!(!has(&c, "underscores_in_headers on;"), "{c}");
+        b.underscores_in_headers = true;
+        b.max_body = 0;
+        let c = render_default(&b);
+        assert!(has(&c, "underscores_in_headers on;"), "{c}");
+        assert!(has(&c, "client_max_body_size 0;"), "{c}");
         assert!(has(&c, "keepalive_timeout 90500ms;"), "{c}");
         assert!(
             has(

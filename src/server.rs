@@ -59,7 +59,16 @@ pub async fn serve<F, S, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    serve_with(listener, limits, permits, None, make_service, shutdown).await;
+    serve_with(
+        listener,
+        limits,
+        permits,
+        None,
+        None,
+        make_service,
+        shutdown,
+    )
+    .await;
 }
 
 /// How several accept loops on one port (the balancer's worker threads)
@@ -158,12 +167,15 @@ impl Drop for OpenOnLoop {
 /// [`serve`] for one of several accept loops on one port (the balancer's
 /// worker threads): they share the connection cap's `permits`, and with
 /// `share = Some((share, me))` new connections are shared evenly as
-/// [`AcceptShare`] says.
+/// [`AcceptShare`] says. With `send_timeout`, a connection whose client
+/// takes no byte of a response for that long is closed (Nginx's
+/// `send_timeout`).
 pub async fn serve_with<F, S, B>(
     listener: TcpListener,
     limits: &ServerConfig,
     permits: Arc<Semaphore>,
     share: Option<(Arc<AcceptShare>, usize)>,
+    send_timeout: Option<Duration>,
     make_service: F,
     shutdown: impl Future<Output = ()>,
 ) where
@@ -235,6 +247,7 @@ pub async fn serve_with<F, S, B>(
             peer,
             permits: permits.clone(),
             most: limits.max_connections,
+            send_timeout,
         };
         let open = open_tx.clone();
         tokio::spawn(async move {
@@ -267,6 +280,7 @@ struct Connection {
     peer: SocketAddr,
     permits: Arc<Semaphore>,
     most: usize,
+    send_timeout: Option<Duration>,
 }
 
 impl Connection {
@@ -325,6 +339,7 @@ impl Connection {
                 self.turn.clone(),
                 self.permits.clone(),
                 self.most,
+                self.send_timeout,
             );
             // Boxed: the connection and its buffers exist only while there is
             // a request, and the task stays small between requests.

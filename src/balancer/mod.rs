@@ -17,7 +17,10 @@
 //! 5. [`proxy`], [`admin`] and [`reload`] (the triggers), and this module,
 //!    which wires them to the listeners.
 pub mod admin;
+pub mod body;
+pub mod clock;
 pub mod error;
+pub mod idempotency;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
@@ -102,6 +105,7 @@ impl Balancer {
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let limits = shared.server.clone();
+        let send_timeout = shared.current.load().config.send_timeout;
         let permits = Arc::new(Semaphore::new(limits.max_connections));
         let (listener, others) = if shared.workers > 1 {
             // Every worker accepts on its own descriptor of the one listening
@@ -157,6 +161,7 @@ impl Balancer {
                 &limits,
                 permits,
                 Some((shared.accept_share.clone(), 0)),
+                Some(send_timeout),
                 move |peer| proxy_connection(&proxy_shared, 0, peer),
                 stopped(stop_rx.clone())
             ),
@@ -255,11 +260,13 @@ fn run_worker(
         // Dropped with the runtime when the worker ends.
         tokio::spawn(expire_idle(shared.clone(), worker));
         let share = Some((shared.accept_share.clone(), worker));
+        let send_timeout = shared.current.load().config.send_timeout;
         crate::server::serve_with(
             listener,
             &limits,
             permits,
             share,
+            Some(send_timeout),
             move |peer| proxy_connection(&shared, worker, peer),
             stopped(stop),
         )

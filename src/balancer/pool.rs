@@ -14,22 +14,27 @@
 //! its response body has been read to the end. The HTTP itself is hyper's.
 
 use std::collections::VecDeque;
+use std::io;
 use std::net::SocketAddr;
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::body::ClientBody;
 use bytes::Bytes;
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 
 /// What goes to upstreams: a small replayable body, or the client's stream.
 /// Defined here, with the connections that carry it, so that the pool needs
 /// nothing from the proxy above it.
-pub type ReqBody = Either<Full<Bytes>, Incoming>;
+pub type ReqBody = Either<Full<Bytes>, ClientBody>;
 
 /// Why no connection to an upstream could be made: the request was not
 /// sent, so any method may go on to the next upstream.
@@ -46,17 +51,91 @@ pub enum ConnectError {
     Handshake(#[from] hyper::Error),
 }
 
+/// One connection to an upstream: hyper's handle to send on it, and a count
+/// of the bytes that came in on it. The count tells a reused keep-alive
+/// connection that went stale (closed before any byte of the response)
+/// from an upstream that began to answer and then failed: only the first
+/// is worth the same request again on that upstream.
+pub struct UpstreamConn {
+    /// hyper's handle.
+    pub sender: SendRequest<ReqBody>,
+    /// Bytes read from the upstream so far.
+    pub received: Arc<AtomicU64>,
+}
+
+impl UpstreamConn {
+    /// Bytes read from the upstream so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+}
+
+/// The upstream socket, counting what it reads (one relaxed add per read,
+/// on the worker that owns the connection).
+struct Counting {
+    stream: TcpStream,
+    received: Arc<AtomicU64>,
+}
+
+impl AsyncRead for Counting {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        let got = buf.filled().len() - before;
+        if got > 0 {
+            self.received.fetch_add(got as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Counting {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
 /// Opens a connection to `addr` (with `TCP_NODELAY`) and starts its task on
 /// the current runtime, so it is served by the worker that will use it.
-pub async fn connect(
-    addr: SocketAddr,
-    timeout: Duration,
-) -> Result<SendRequest<ReqBody>, ConnectError> {
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<UpstreamConn, ConnectError> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| ConnectError::Timeout(timeout))??;
     stream.set_nodelay(true)?;
-    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+    let received = Arc::new(AtomicU64::new(0));
+    let io = Counting {
+        stream,
+        received: received.clone(),
+    };
+    let (sender, conn) = http1::handshake(TokioIo::new(io)).await?;
     tokio::spawn(async move {
         // An error here is also the error of the request in flight, which
         // reports it; an idle connection closed by the upstream is normal.
@@ -64,11 +143,11 @@ pub async fn connect(
             tracing::debug!(upstream = %addr, error = %e, "upstream connection ended");
         }
     });
-    Ok(sender)
+    Ok(UpstreamConn { sender, received })
 }
 
 struct Idle {
-    sender: SendRequest<ReqBody>,
+    conn: UpstreamConn,
     /// When it went idle, in [`now_ms`](super::upstream::now_ms).
     since: u64,
 }
@@ -113,15 +192,15 @@ impl IdleConns {
         workers: usize,
         now: u64,
         timeout: Duration,
-    ) -> Option<SendRequest<ReqBody>> {
+    ) -> Option<UpstreamConn> {
         let mut stack = lock(self.stack(worker, workers));
         while let Some(idle) = stack.pop_back() {
             if now.saturating_sub(idle.since) > timeout.as_millis() as u64 {
                 stack.clear();
                 return None;
             }
-            if !idle.sender.is_closed() {
-                return Some(idle.sender);
+            if !idle.conn.sender.is_closed() {
+                return Some(idle.conn);
             }
         }
         None
@@ -133,18 +212,18 @@ impl IdleConns {
         &self,
         worker: usize,
         workers: usize,
-        sender: SendRequest<ReqBody>,
+        conn: UpstreamConn,
         now: u64,
         max_idle: usize,
     ) {
-        if max_idle == 0 || sender.is_closed() {
+        if max_idle == 0 || conn.sender.is_closed() {
             return;
         }
         let mut stack = lock(self.stack(worker, workers));
         while stack.len() >= max_idle {
             stack.pop_front();
         }
-        stack.push_back(Idle { sender, since: now });
+        stack.push_back(Idle { conn, since: now });
     }
 
     /// Closes `worker`'s connections idle for longer than `timeout` (the

@@ -5,44 +5,66 @@
 //! - a connect error or connect timeout: the request was not sent, so the
 //!   next upstream is tried whatever the method;
 //! - any other error (reset, closed mid-response) or a response timeout: the
-//!   request may have reached the upstream, so only idempotent methods
-//!   (GET, HEAD, OPTIONS, PUT, DELETE, TRACE) go on to the next upstream;
+//!   request may have reached the upstream, so only requests that may be
+//!   sent twice go on to the next upstream: idempotent methods (GET, HEAD,
+//!   OPTIONS, PUT, DELETE; TRACE is refused), and purchases (`/buy/ticket`) carrying
+//!   an `Idempotency-Key`, whatever their method, because the node decides
+//!   a key once (see [`super::idempotency`]; a purchase without a key gets
+//!   one here, kept across its attempts);
 //! - nothing left: 502, or 504 when the last failure was a timeout.
 //!
-//! Before an idempotent request gives up on an upstream after a non-connect
-//! error, it is sent once more to the same upstream on a fresh (unpooled)
-//! connection: the error may only mean that a pooled keep-alive connection
-//! went stale, which must never turn into a client-visible error or a failure
-//! mark. (A request that hyper hands back unsent, because the reused
-//! connection closed first, simply goes on the next idle or a new connection;
-//! see [`send`].)
+//! Before such a request gives up on an upstream, it is sent once more to
+//! the same upstream on a fresh (unpooled) connection, but only when the
+//! failed attempt went on a reused keep-alive connection and failed before
+//! a response came (closed or reset): that may only mean the idle connection
+//! went stale, which must never turn into a client-visible error or a
+//! failure mark. A failure on a fresh connection, or a malformed response,
+//! is the upstream's own and is not repeated there. (A request that hyper
+//! hands back unsent, because the reused connection closed first, simply
+//! goes on the next idle or a new connection; see [`send`].)
+//!
+//! A client whose own request body fails (cut off, malformed chunk) gets a
+//! 400, and the upstream it was streaming to is not marked failed: a client
+//! must not be able to take healthy upstreams out of the rotation.
 //!
 //! Request bodies: a body of at most [`REPLAY_LIMIT`] bytes with a declared
 //! `Content-Length` is read first so it can be replayed on another upstream
-//! (Nginx buffers request bodies for the same reason). Larger or chunked
-//! bodies are streamed straight through and get exactly one attempt.
-//! Response bodies are always streamed.
+//! (Nginx buffers request bodies for the same reason), with `body_timeout`
+//! between reads. Larger or chunked bodies are streamed straight through,
+//! counted against `max_body`, and get exactly one attempt. Response bodies
+//! are always streamed, with `read_timeout` between reads from the upstream
+//! (`send_timeout`, for a client that stops reading, is on the client's
+//! socket: see `crate::server`).
+//!
+//! Before any of that, what Nginx refuses is refused here too: a missing,
+//! repeated or malformed `Host` (400), CONNECT and TRACE (405), a declared
+//! body over `max_body` (413); and headers with `_` in their name are
+//! dropped unless `underscores_in_headers` is on.
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::SendRequest;
 use hyper::header::{
-    CONNECTION, CONTENT_LENGTH, HOST, HeaderName, HeaderValue, TE, TRAILER, TRANSFER_ENCODING,
-    UPGRADE,
+    ALLOW, CONNECTION, CONTENT_LENGTH, HOST, HeaderName, HeaderValue, TE, TRAILER,
+    TRANSFER_ENCODING, UPGRADE,
 };
 use hyper::http::uri::PathAndQuery;
 use hyper::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use ipnet::IpNet;
+use tokio::time::Sleep;
 
 use crate::config::BalancerConfig;
 
-use super::pool::{self, ConnectError};
+use super::body::{BODY_TOO_LARGE, BodyState, ClientBody};
+use super::idempotency;
+use super::pool::{self, ConnectError, UpstreamConn};
 use super::state::Shared;
 use super::strategy::{Attempt, Pick};
 use super::upstream::{Upstream, now_ms};
@@ -75,6 +97,12 @@ const BAD_GATEWAY: &[u8] = br#"{"status":"bad_gateway","error":"no upstream coul
 const GATEWAY_TIMEOUT: &[u8] =
     br#"{"status":"gateway_timeout","error":"the upstream did not answer in time"}"#;
 const BAD_REQUEST: &[u8] = br#"{"status":"bad_request","error":"the request could not be read"}"#;
+const TOO_LARGE: &[u8] =
+    br#"{"status":"payload_too_large","error":"the request body is larger than max_body"}"#;
+const NOT_ALLOWED: &[u8] =
+    br#"{"status":"method_not_allowed","error":"CONNECT and TRACE are not proxied"}"#;
+const BAD_HOST: &[u8] =
+    br#"{"status":"bad_request","error":"the request needs exactly one valid Host header"}"#;
 
 /// An upstream's response body on its way to the client. Holding the
 /// [`Pick`] keeps the request counted as active until the body is done,
@@ -85,12 +113,25 @@ pub struct Tracked {
     inner: Incoming,
     pick: Pick,
     homeward: Option<Homeward>,
+    /// Longest silence of the upstream between two frames.
+    read_timeout: Duration,
+    /// The read deadline, made the first time the upstream kept us waiting
+    /// (a small response is usually whole in hyper's buffer by then, so
+    /// most never need one) and moved for every later wait.
+    stalled: Option<Pin<Box<Sleep>>>,
+    /// Whether `stalled` runs for the wait now.
+    waiting: bool,
 }
+
+/// An upstream that sent nothing of its response body for `read_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream sent nothing for {0:?} in the middle of a response")]
+pub struct ReadTimeout(Duration);
 
 /// A connection on its way back to its upstream's idle stack (the
 /// upstream is the one of the [`Pick`] beside it).
 struct Homeward {
-    sender: SendRequest<ReqBody>,
+    conn: UpstreamConn,
     worker: usize,
     workers: usize,
     max_idle: usize,
@@ -100,26 +141,53 @@ impl Tracked {
     fn give_back(&mut self) {
         if let Some(h) = self.homeward.take() {
             let idle = &self.pick.live().idle;
-            idle.put(h.worker, h.workers, h.sender, now_ms(), h.max_idle);
+            idle.put(h.worker, h.workers, h.conn, now_ms(), h.max_idle);
         }
     }
 }
 
 impl Body for Tracked {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => self.give_back(),
-            Poll::Ready(Some(Err(_))) => self.homeward = None,
-            _ => {}
+        match polled {
+            Poll::Ready(None) => {
+                self.give_back();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.homeward = None;
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                self.waiting = false;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending => {
+                let this = &mut *self;
+                if !this.waiting {
+                    this.waiting = true;
+                    let deadline = tokio::time::Instant::now() + this.read_timeout;
+                    match &mut this.stalled {
+                        Some(s) => s.as_mut().reset(deadline),
+                        None => this.stalled = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                    }
+                }
+                if let Some(s) = &mut this.stalled
+                    && s.as_mut().poll(cx).is_ready()
+                {
+                    // The connection is mid-response: it cannot be reused.
+                    this.homeward = None;
+                    return Poll::Ready(Some(Err(Box::new(ReadTimeout(this.read_timeout)))));
+                }
+                Poll::Pending
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -170,7 +238,27 @@ fn ip_value(ip: IpAddr) -> HeaderValue {
 
 enum Outgoing {
     Replay(Bytes),
-    Stream(Option<Incoming>),
+    /// The client's body (until an attempt takes it), and what became of
+    /// it.
+    Stream(Option<ClientBody>, Arc<BodyState>),
+}
+
+impl Outgoing {
+    /// How the client's own body failed, if it did: the client's fault.
+    fn client_failed(&self) -> u8 {
+        match self {
+            Outgoing::Replay(_) => 0,
+            Outgoing::Stream(_, state) => state.failed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The streamed body's state, which `send` needs for its deadline.
+    fn streaming(&self) -> Option<&BodyState> {
+        match self {
+            Outgoing::Replay(_) => None,
+            Outgoing::Stream(_, state) => Some(state),
+        }
+    }
 }
 
 enum SendError {
@@ -179,7 +267,21 @@ enum SendError {
     /// No response head within `response_timeout`.
     Timeout,
     /// Anything else; the request may have been sent.
-    Other(hyper::Error),
+    Other {
+        error: hyper::Error,
+        /// Whether it went on a reused keep-alive connection that failed
+        /// before any byte of the response came: it may only have gone
+        /// stale while idle.
+        stale: bool,
+    },
+}
+
+/// Whether `e` is the connection closing or breaking: not a malformed
+/// response (the upstream answered, so it did the work) nor our own or the
+/// client's error. (hyper reports a close after part of a response head
+/// like one before any byte; [`UpstreamConn::received`] tells them apart.)
+fn before_response(e: &hyper::Error) -> bool {
+    !e.is_parse() && !e.is_parse_status() && !e.is_user() && !e.is_timeout()
 }
 
 /// Which connection a request may go on.
@@ -212,9 +314,31 @@ pub async fn handle(
     let config = &active.config;
     let workers = shared.workers;
     let (mut parts, body) = req.into_parts();
+    if !host_is_valid(&parts.headers, parts.version) {
+        return local(shared, StatusCode::BAD_REQUEST, BAD_HOST);
+    }
+    if parts.method == Method::CONNECT || parts.method == Method::TRACE {
+        // Nginx's answer too: a tunnel or an echo of the request (with
+        // whatever credentials it carries) is not what a balancer is for.
+        let mut resp = local(shared, StatusCode::METHOD_NOT_ALLOWED, NOT_ALLOWED);
+        resp.headers_mut().insert(
+            ALLOW,
+            HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH"),
+        );
+        return resp;
+    }
+    let declared = content_length(&parts.headers);
+    if config.max_body != 0 && declared.is_some_and(|n| n > config.max_body) {
+        return local(shared, StatusCode::PAYLOAD_TOO_LARGE, TOO_LARGE);
+    }
+    if !config.underscores_in_headers {
+        drop_underscored(&mut parts.headers);
+    }
     let client = client_ip(peer.ip, &parts.headers, &config.trusted_proxies);
     prepare_request_headers(&mut parts.headers, peer, client);
-    let idempotent = is_idempotent(&parts.method);
+    // A purchase with a key may be sent twice: the node decides a key once.
+    let keyed = idempotency::ensure_key(&parts.method, parts.uri.path(), &mut parts.headers);
+    let retryable = keyed || is_idempotent(&parts.method);
     let path = parts
         .uri
         .path_and_query()
@@ -223,13 +347,23 @@ pub async fn handle(
 
     let mut outgoing = if body.is_end_stream() {
         Outgoing::Replay(Bytes::new())
-    } else if content_length(&parts.headers).is_some_and(|n| n <= REPLAY_LIMIT) {
-        match tokio::time::timeout(config.response_timeout, body.collect()).await {
-            Ok(Ok(collected)) => Outgoing::Replay(collected.to_bytes()),
-            _ => return local(shared, StatusCode::BAD_REQUEST, BAD_REQUEST),
+    } else if declared.is_some_and(|n| n <= REPLAY_LIMIT) {
+        match read_small_body(body, config.body_timeout).await {
+            Some(bytes) => Outgoing::Replay(bytes),
+            None => return local(shared, StatusCode::BAD_REQUEST, BAD_REQUEST),
         }
     } else {
-        Outgoing::Stream(Some(body))
+        let state = Arc::new(BodyState::default());
+        let body = ClientBody {
+            inner: body,
+            state: state.clone(),
+            read: 0,
+            max_body: config.max_body,
+            body_timeout: config.body_timeout,
+            stalled: None,
+            waiting: false,
+        };
+        Outgoing::Stream(Some(body), state)
     };
 
     let mut attempt = Attempt::new(client);
@@ -240,25 +374,45 @@ pub async fn handle(
             break;
         };
         let req = build(&parts.method, &path, &parts.headers, upstream, first);
-        let mut result = send(upstream, worker, workers, config, req, Conn::Pooled).await;
-        if let Err(SendError::Other(e)) = &result
-            && idempotent
+        let streaming = outgoing.streaming();
+        let mut result = send(
+            upstream,
+            worker,
+            workers,
+            config,
+            req,
+            Conn::Pooled,
+            streaming,
+        )
+        .await;
+        if let Err(SendError::Other { error, stale: true }) = &result
+            && retryable
+            && before_response(error)
             && let Some(again) = next_body(&mut outgoing)
         {
-            tracing::debug!(upstream = %upstream.config.addr, error = %e, "retrying once on a fresh connection");
+            tracing::debug!(upstream = %upstream.config.addr, %error, "retrying once on a fresh connection");
             let req = build(&parts.method, &path, &parts.headers, upstream, again);
-            result = send(upstream, worker, workers, config, req, Conn::Fresh).await;
+            result = send(upstream, worker, workers, config, req, Conn::Fresh, None).await;
         }
         match result {
-            Ok((resp, sender)) => {
+            Ok((resp, conn)) => {
                 active.selector.release(&pick, false, now_ms());
                 let homeward = Homeward {
-                    sender,
+                    conn,
                     worker,
                     workers,
                     max_idle: config.keepalive,
                 };
-                return respond(shared, resp, pick, homeward, start);
+                return respond(shared, resp, pick, homeward, start, config.read_timeout);
+            }
+            Err(_) if outgoing.client_failed() != 0 => {
+                // The client's body broke the attempt: a 4xx for the
+                // client, no mark on an upstream that did nothing wrong.
+                active.selector.release(&pick, false, now_ms());
+                if outgoing.client_failed() == BODY_TOO_LARGE {
+                    return local(shared, StatusCode::PAYLOAD_TOO_LARGE, TOO_LARGE);
+                }
+                return local(shared, StatusCode::BAD_REQUEST, BAD_REQUEST);
             }
             Err(e) => {
                 active.selector.release(&pick, true, now_ms());
@@ -271,12 +425,12 @@ pub async fn handle(
                     SendError::Timeout => {
                         tracing::warn!(upstream = %upstream.config.addr, "upstream response timed out");
                         timed_out = true;
-                        idempotent
+                        retryable
                     }
-                    SendError::Other(err) => {
-                        tracing::warn!(upstream = %upstream.config.addr, error = %err, "upstream request failed");
+                    SendError::Other { error, .. } => {
+                        tracing::warn!(upstream = %upstream.config.addr, %error, "upstream request failed");
                         timed_out = false;
-                        idempotent
+                        retryable
                     }
                 };
                 if !retry {
@@ -292,12 +446,45 @@ pub async fn handle(
     }
 }
 
+/// Reads a small declared-length body whole, so that it can be sent again;
+/// `None` if the client breaks it or sends nothing for `body_timeout`
+/// (a slow upload is fine, a stalled one is not). A body that arrives in
+/// one frame is kept as it came, without a copy.
+async fn read_small_body(mut body: Incoming, body_timeout: Duration) -> Option<Bytes> {
+    let mut first: Option<Bytes> = None;
+    let mut more: Option<BytesMut> = None;
+    loop {
+        let frame = match tokio::time::timeout(body_timeout, body.frame()).await {
+            Ok(Some(Ok(frame))) => frame,
+            Ok(None) => break,
+            Ok(Some(Err(_))) | Err(_) => return None,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        match (&first, &mut more) {
+            (None, _) => first = Some(data),
+            (Some(f), None) => {
+                let mut m = BytesMut::with_capacity(f.len() + data.len());
+                m.extend_from_slice(f);
+                m.extend_from_slice(&data);
+                more = Some(m);
+            }
+            (Some(_), Some(m)) => m.extend_from_slice(&data),
+        }
+    }
+    Some(match more {
+        Some(m) => m.freeze(),
+        None => first.unwrap_or_default(),
+    })
+}
+
 /// The body for the next attempt, or `None` when a streamed body was
 /// already used up by an earlier attempt.
 fn next_body(outgoing: &mut Outgoing) -> Option<ReqBody> {
     match outgoing {
         Outgoing::Replay(b) => Some(Either::Left(Full::new(b.clone()))),
-        Outgoing::Stream(s) => s.take().map(Either::Right),
+        Outgoing::Stream(s, _) => s.take().map(Either::Right),
     }
 }
 
@@ -325,7 +512,9 @@ fn build(
 /// most recently used idle connection; one that closed under it hands the
 /// request back unsent, and it goes on the next, then on a new connection.
 /// Returns the connection with the response so that it can go back idle
-/// once the body is read.
+/// once the body is read. With a `streaming` client body, the
+/// `response_timeout` counts from the end of that body (see
+/// [`BodyState::more_time`]).
 async fn send(
     upstream: &Upstream,
     worker: usize,
@@ -333,39 +522,63 @@ async fn send(
     config: &BalancerConfig,
     req: Request<ReqBody>,
     conn: Conn,
-) -> Result<(Response<Incoming>, SendRequest<ReqBody>), SendError> {
+    streaming: Option<&BodyState>,
+) -> Result<(Response<Incoming>, UpstreamConn), SendError> {
     let attempt = async {
         let mut req = req;
         if conn == Conn::Pooled {
-            while let Some(mut sender) =
+            while let Some(mut conn) =
                 upstream
                     .live
                     .idle
                     .take(worker, workers, now_ms(), config.keepalive_timeout)
             {
-                if sender.ready().await.is_err() {
+                if conn.sender.ready().await.is_err() {
                     continue;
                 }
-                match sender.try_send_request(req).await {
-                    Ok(resp) => return Ok((resp, sender)),
+                let received = conn.received();
+                match conn.sender.try_send_request(req).await {
+                    Ok(resp) => return Ok((resp, conn)),
                     Err(mut e) => match e.take_message() {
                         Some(unsent) => req = unsent,
-                        None => return Err(SendError::Other(e.into_error())),
+                        None => {
+                            return Err(SendError::Other {
+                                error: e.into_error(),
+                                stale: conn.received() == received,
+                            });
+                        }
                     },
                 }
             }
         }
-        let mut sender = pool::connect(upstream.config.addr, config.connect_timeout)
+        let mut conn = pool::connect(upstream.config.addr, config.connect_timeout)
             .await
             .map_err(SendError::Connect)?;
-        match sender.try_send_request(req).await {
-            Ok(resp) => Ok((resp, sender)),
-            Err(e) => Err(SendError::Other(e.into_error())),
+        match conn.sender.try_send_request(req).await {
+            Ok(resp) => Ok((resp, conn)),
+            Err(e) => Err(SendError::Other {
+                error: e.into_error(),
+                stale: false,
+            }),
         }
     };
-    tokio::time::timeout(config.response_timeout, attempt)
-        .await
-        .unwrap_or(Err(SendError::Timeout))
+    let Some(body) = streaming else {
+        return tokio::time::timeout(config.response_timeout, attempt)
+            .await
+            .unwrap_or(Err(SendError::Timeout));
+    };
+    tokio::pin!(attempt);
+    let limit = tokio::time::sleep(config.response_timeout);
+    tokio::pin!(limit);
+    loop {
+        tokio::select! {
+            result = &mut attempt => return result,
+            () = &mut limit => match body.more_time(config.response_timeout) {
+                Some(more) => limit.as_mut().reset(tokio::time::Instant::now() + more),
+                None => return Err(SendError::Timeout),
+            },
+        }
+    }
 }
 
 fn respond(
@@ -374,8 +587,18 @@ fn respond(
     pick: Pick,
     homeward: Homeward,
     start: Instant,
+    read_timeout: Duration,
 ) -> Response<RespBody> {
     let (mut parts, body) = resp.into_parts();
+    // The client talks to us, and we speak HTTP/1.1 (an HTTP/1.0 backend's
+    // status line is not passed on; hyper still answers a 1.0 client in 1.0).
+    parts.version = Version::HTTP_11;
+    if parts.headers.contains_key(TRANSFER_ENCODING) {
+        // hyper framed the body by Transfer-Encoding (RFC 9112 6.1: it
+        // overrides a Content-Length), and the client gets it re-framed by
+        // hyper; a length left in would cut the body short.
+        parts.headers.remove(CONTENT_LENGTH);
+    }
     strip_hop_by_hop(&mut parts.headers);
     pick.live().count_response(parts.status.as_u16());
     shared.metrics.latency.observe(start.elapsed());
@@ -385,6 +608,9 @@ fn respond(
             inner: body,
             pick,
             homeward: Some(homeward),
+            read_timeout,
+            stalled: None,
+            waiting: false,
         }),
     )
 }
@@ -422,6 +648,71 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
         }
     }
     client
+}
+
+/// Whether the request's `Host` is acceptable (RFC 9112 3.2): exactly one,
+/// required from HTTP/1.1 clients (an HTTP/1.0 one may send none), and a
+/// plain authority: a name or address and an optional port, no spaces, no
+/// `/` and no `..`. Two Hosts would reach the backend as one joined value,
+/// a missing one would be replaced by the upstream's address, and a path in
+/// it reaches whatever builds URLs from it; all three are 400s in Nginx.
+fn host_is_valid(h: &HeaderMap, version: Version) -> bool {
+    let mut hosts = h.get_all(HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) => version < Version::HTTP_11,
+        (Some(_), Some(_)) => false,
+        (Some(v), None) => is_authority(v.as_bytes()),
+    }
+}
+
+/// `host [":" port]` as RFC 3986 allows it (reg-name, IPv4, `[IPv6]`),
+/// without `..`.
+fn is_authority(b: &[u8]) -> bool {
+    !b.is_empty()
+        && !b.windows(2).any(|w| w == b"..")
+        && b.iter().all(|&c| {
+            c.is_ascii_alphanumeric()
+                || matches!(
+                    c,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'%'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                        | b':'
+                        | b'['
+                        | b']'
+                )
+        })
+}
+
+/// Removes request headers whose name has an underscore (Nginx's
+/// `underscores_in_headers off`): CGI and WSGI backends turn `-` and `_`
+/// alike into `_`, so `X_Real_IP` would override the `X-Real-IP` the
+/// balancer sets.
+fn drop_underscored(h: &mut HeaderMap) {
+    if !h.keys().any(|k| k.as_str().contains('_')) {
+        return;
+    }
+    // Rare: collected first, since the map cannot change while read.
+    let names: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for name in names {
+        h.remove(name);
+    }
 }
 
 /// Removes hop-by-hop headers, including those named in `Connection`.
@@ -534,6 +825,37 @@ mod tests {
         }
         h.insert("x-keep", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-keep"]);
+    }
+
+    #[test]
+    fn host_must_be_one_plain_authority() {
+        let with = |hosts: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in hosts {
+                h.append(HOST, HeaderValue::from_static(v));
+            }
+            h
+        };
+        for ok in ["a", "example.com:8080", "10.0.0.1", "[::1]:80", "my_host"] {
+            assert!(host_is_valid(&with(&[ok]), Version::HTTP_11), "{ok}");
+        }
+        for bad in ["", "a b", "a/../b", "a/b", "..", "a..b"] {
+            assert!(!host_is_valid(&with(&[bad]), Version::HTTP_11), "{bad:?}");
+        }
+        let two = with(&["good.example", "evil.example"]);
+        assert!(!host_is_valid(&two, Version::HTTP_11));
+        assert!(!host_is_valid(&HeaderMap::new(), Version::HTTP_11));
+        assert!(host_is_valid(&HeaderMap::new(), Version::HTTP_10));
+    }
+
+    #[test]
+    fn underscored_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert("x_real_ip", HeaderValue::from_static("6.6.6.6"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        drop_underscored(&mut h);
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["x-keep"]);
     }

@@ -8,9 +8,8 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::OnceLock;
+
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::Instant;
 
 use hyper::header::HeaderValue;
 
@@ -18,12 +17,7 @@ use crate::config::UpstreamConfig;
 
 use super::pool::IdleConns;
 
-/// Milliseconds on a monotonic clock that starts with the process; what the
-/// failure windows are measured in (Nginx uses whole seconds; finer is fine).
-pub fn now_ms() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
-}
+pub use super::clock::now_ms;
 
 /// The per-address state that survives reloads.
 ///

@@ -26,7 +26,10 @@
 //!
 //! What the client sees does not change: the response already went out with
 //! keep-alive, and a pipelined request already in the socket is read by the
-//! same hyper connection (a read that finds bytes is never cut short). A
+//! same hyper connection (a read that finds bytes is never cut short). Nor
+//! is a connection handed back while the bytes hyper got do not end with a
+//! request head's blank line: hyper may hold the first part of a pipelined
+//! request that came in the same read as the last one, and would drop it. A
 //! connection whose last request carried a body is not handed back until its
 //! next request: hyper drains a body the service left unread after the
 //! response, and only hyper knows where that body ends (handing back early
@@ -38,7 +41,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{CONNECTION, HeaderValue};
 use hyper::service::Service;
@@ -46,6 +49,7 @@ use hyper::{Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
+use tokio::time::Sleep;
 
 /// A request is being served: its response body is still alive.
 const BUSY: u8 = 1;
@@ -62,6 +66,15 @@ const HANDED_BACK: u8 = 16;
 const CLOSED: u8 = 32;
 /// The accept loop wants the socket back at hyper's next idle read.
 const WANTED: u8 = 64;
+/// The bytes hyper got so far do not end where a request head ends, so its
+/// buffer may hold the start of a next request that came in the same read
+/// as the end of the last one (pipelining). [`FRESH`] cannot say so, since
+/// the request that begins after that read clears it; handing the socket
+/// back then would make hyper drop those bytes with an error.
+const PARTIAL: u8 = 128;
+
+/// The last four bytes of a request head.
+const HEAD_END: u32 = u32::from_be_bytes(*b"\r\n\r\n");
 
 /// Open connections (across the server's workers) above which every idle
 /// connection gives its hyper connection and buffers back at once: 1,024,
@@ -120,7 +133,7 @@ impl Turn {
     /// Whether hyper holds nothing of a request: no response alive or
     /// unflushed, no byte of a next request, no body it may still drain.
     pub(super) fn idle(&self) -> bool {
-        !self.has(BUSY | FRESH | UNFLUSHED | BODY)
+        !self.has(BUSY | FRESH | UNFLUSHED | BODY | PARTIAL)
     }
 
     /// When the last request began, in [`now_ms`].
@@ -153,6 +166,16 @@ pub(super) struct HandBack {
     permits: Arc<Semaphore>,
     /// The most connections the server allows.
     most: usize,
+    /// How long a write may wait for the client to take bytes.
+    send_timeout: Option<std::time::Duration>,
+    /// The send deadline, made on the first write that had to wait (most
+    /// connections never wait) and moved for every later one.
+    stalled: Option<Pin<Box<Sleep>>>,
+    /// Whether `stalled` runs for the write waiting now.
+    waiting: bool,
+    /// The last four bytes handed to hyper (a new hyper connection starts
+    /// where a request head ended), for [`PARTIAL`].
+    last4: u32,
 }
 
 impl HandBack {
@@ -162,6 +185,7 @@ impl HandBack {
         turn: Arc<Turn>,
         permits: Arc<Semaphore>,
         most: usize,
+        send_timeout: Option<std::time::Duration>,
     ) -> HandBack {
         HandBack {
             stream,
@@ -169,7 +193,61 @@ impl HandBack {
             turn,
             permits,
             most,
+            send_timeout,
+            stalled: None,
+            waiting: false,
+            last4: HEAD_END,
         }
+    }
+
+    /// Notes bytes handed to hyper: whether they end where a head ends.
+    /// Over-cautious on purpose (a body that ends otherwise also counts as
+    /// partial until the next head): that only keeps hyper's buffers for
+    /// one more request, where the opposite mistake loses a request.
+    fn delivered(&mut self, bytes: &[u8]) {
+        for &b in bytes.iter().rev().take(4).rev() {
+            self.last4 = (self.last4 << 8) | u32::from(b);
+        }
+        if self.last4 == HEAD_END {
+            self.turn.clear(PARTIAL);
+        } else {
+            self.turn.set(PARTIAL);
+        }
+    }
+
+    /// After a write: one that went through ends the wait; one that must
+    /// wait starts (or goes on with) the send deadline, and fails the
+    /// connection once the client took nothing for `send_timeout`.
+    fn send_deadline<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.waiting = false;
+            return polled;
+        }
+        let Some(limit) = self.send_timeout else {
+            return polled;
+        };
+        if !self.waiting {
+            self.waiting = true;
+            let deadline = tokio::time::Instant::now() + limit;
+            match &mut self.stalled {
+                Some(s) => s.as_mut().reset(deadline),
+                None => self.stalled = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        if let Some(s) = &mut self.stalled
+            && s.as_mut().poll(cx).is_ready()
+        {
+            self.turn.set(CLOSED);
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took no response byte within send_timeout",
+            )));
+        }
+        polled
     }
 
     fn crowded(&self) -> bool {
@@ -190,8 +268,9 @@ impl AsyncRead for HandBack {
     ) -> Poll<io::Result<()>> {
         if !self.ahead.is_empty() {
             let n = self.ahead.len().min(buf.remaining());
-            buf.put_slice(&self.ahead[..n]);
-            self.ahead.advance(n);
+            let ahead = self.ahead.split_to(n);
+            buf.put_slice(&ahead);
+            self.delivered(&ahead);
             self.turn.set(FRESH);
             return Poll::Ready(Ok(()));
         }
@@ -200,6 +279,11 @@ impl AsyncRead for HandBack {
             Poll::Ready(Ok(())) => {
                 let got = buf.filled().len() - before;
                 self.turn.set(if got == 0 { CLOSED } else { FRESH });
+                if got > 0 {
+                    let filled = buf.filled();
+                    let from = filled.len().saturating_sub(4).max(before);
+                    self.delivered(&filled[from..]);
+                }
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => {
@@ -227,7 +311,8 @@ impl AsyncWrite for HandBack {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         self.turn.set(UNFLUSHED);
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.send_deadline(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -236,7 +321,8 @@ impl AsyncWrite for HandBack {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         self.turn.set(UNFLUSHED);
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.send_deadline(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -23,6 +23,8 @@ use tokio::task::JoinHandle;
 
 use crate::common::spike::write_config;
 
+pub mod recorder;
+
 /// One upstream line of a test config.
 pub struct Up {
     /// Its address.

@@ -1,0 +1,641 @@
+//! The findings of probing the balancer beside Nginx (issue 13), each with
+//! the bytes that showed it: a client's broken body is the client's fault,
+//! retries on the same upstream only after a stale keep-alive connection,
+//! and the rest of the list.
+
+mod balancer_support;
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use balancer_support::recorder::{Recorder, Then};
+use balancer_support::*;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A backend that reads each request body to the end before it answers
+/// (as the node does), and counts the bodies it got whole.
+async fn reading_backend() -> (SocketAddr, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let whole = Arc::new(AtomicU64::new(0));
+    let count = whole.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let count = count.clone();
+                    async move {
+                        let body = req.into_body().collect().await;
+                        let status = if body.is_ok() {
+                            count.fetch_add(1, Ordering::Relaxed);
+                            200
+                        } else {
+                            400
+                        };
+                        let mut resp = Response::new(Full::new(Bytes::from_static(b"read")));
+                        *resp.status_mut() = hyper::StatusCode::from_u16(status).expect("status");
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, whole)
+}
+
+/// Sends `bytes`, half-closes when `close` says so, and reads until the
+/// balancer closes (at most 10 s).
+async fn send_raw(to: SocketAddr, bytes: &[u8], close: bool) -> String {
+    let mut s = TcpStream::connect(to).await.expect("connect");
+    s.write_all(bytes).await.expect("write");
+    if close {
+        let _ = s.shutdown().await;
+    }
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The balancer's view of upstream `i` in `/status`.
+async fn upstream_state(lb: &Running, i: usize) -> String {
+    let (_, status) = get(&http(), &format!("http://{}/status", lb.admin))
+        .await
+        .expect("status");
+    let v: serde_json::Value = serde_json::from_str(&status).expect("json");
+    v["upstreams"][i]["state"]
+        .as_str()
+        .unwrap_or("?")
+        .to_string()
+}
+
+fn two_upstreams(a: SocketAddr, b: SocketAddr) -> String {
+    // A long fail_timeout: a wrong mark stays visible for the whole test.
+    config_text(
+        "round_robin",
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &[up(a, 1), up(b, 1)],
+    )
+    .replace("fail_timeout = \"1s\"", "fail_timeout = \"60s\"")
+}
+
+/// Finding 1: a chunked POST cut off mid-body marked the upstream failed;
+/// two of them took every upstream out and the next honest GET got 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_s_broken_body_never_marks_an_upstream_failed() {
+    let (a, _) = reading_backend().await;
+    let (b, _) = reading_backend().await;
+    let lb = Running::start(&two_upstreams(a, b)).await;
+    let cut = b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n";
+    for _ in 0..2 {
+        send_raw(lb.addr, cut, true).await;
+    }
+    // A malformed chunk size: the client hears 400.
+    let bad_chunk = send_raw(
+        lb.addr,
+        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        false,
+    )
+    .await;
+    assert!(bad_chunk.starts_with("HTTP/1.1 400"), "{bad_chunk}");
+    assert_eq!(upstream_state(&lb, 0).await, "up");
+    assert_eq!(upstream_state(&lb, 1).await, "up");
+    let res = raw(
+        None,
+        lb.addr,
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    // A whole chunked body still goes through.
+    let ok = raw(
+        None,
+        lb.addr,
+        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert_eq!(body_of(&ok), "read");
+    lb.shutdown().await;
+}
+
+/// Finding 7: a GET that failed on a fresh connection was sent again to the
+/// same upstream; it now goes on to the next one at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_on_a_fresh_connection_is_not_repeated_on_that_upstream() {
+    let dies = Recorder::start("dies", Then::Drop).await;
+    let lives = Recorder::start("lives", Then::Answer).await;
+    let lb = Running::start(&two_upstreams(dies.addr, lives.addr)).await;
+    let res = raw(
+        None,
+        lb.addr,
+        b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    assert_eq!(body_of(&res), "lives");
+    assert_eq!(dies.seen().len(), 1, "{:?}", dies.seen());
+    assert_eq!(lives.seen().len(), 1);
+    lb.shutdown().await;
+}
+
+/// Finding 7: a malformed response means the upstream did the work; it is
+/// not asked again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_response_is_not_repeated_on_that_upstream() {
+    let garbage = Recorder::start("garbage", Then::Garbage).await;
+    let lives = Recorder::start("lives", Then::Answer).await;
+    let lb = Running::start(&two_upstreams(garbage.addr, lives.addr)).await;
+    let res = raw(
+        None,
+        lb.addr,
+        b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    assert_eq!(garbage.seen().len(), 1, "{:?}", garbage.seen());
+    lb.shutdown().await;
+}
+
+/// Finding 7, the case that stays: a reused keep-alive connection that the
+/// upstream closed before answering is retried there on a new connection,
+/// and the client sees nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_keep_alive_connection_is_retried_on_the_same_upstream() {
+    let stale = Recorder::start("stale", Then::AnswerThenDrop(1)).await;
+    let lb = Running::start(&config_text(
+        "round_robin",
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &[up(stale.addr, 1)],
+    ))
+    .await;
+    for _ in 0..2 {
+        let res = raw(
+            None,
+            lb.addr,
+            b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+        assert_eq!(body_of(&res), "stale");
+    }
+    // First request, second (dropped on the reused connection), its retry.
+    assert_eq!(stale.seen().len(), 3, "{:?}", stale.seen());
+    lb.shutdown().await;
+}
+
+fn one_upstream(addr: SocketAddr, extra: &str) -> String {
+    config_text("round_robin", "127.0.0.1:0", "127.0.0.1:0", &[up(addr, 1)])
+        .replace("[balancer]\n", &format!("[balancer]\n{extra}\n"))
+}
+
+/// Finding 3: two Hosts reached the backend joined, a missing Host was
+/// replaced by the upstream's address, and empty Hosts, Hosts with spaces
+/// or `/../` passed. All are 400s (RFC 9112 3.2), and reach no backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_must_be_one_plain_authority() {
+    let node = Recorder::start("n", Then::Answer).await;
+    let lb = Running::start(&one_upstream(node.addr, "")).await;
+    for bad in [
+        &b"GET / HTTP/1.1\r\nHost: good.example\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
+            [..],
+        b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: \r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a b\r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a/../b\r\nConnection: close\r\n\r\n",
+    ] {
+        let res = raw(None, lb.addr, bad).await;
+        assert!(
+            res.starts_with("HTTP/1.1 400"),
+            "{}: {res}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    assert!(node.seen().is_empty(), "{:?}", node.seen());
+    // HTTP/1.0 may leave Host out; a plain one passes as it came.
+    let res = raw(None, lb.addr, b"GET / HTTP/1.0\r\n\r\n").await;
+    assert_eq!(res.get(9..12), Some("200"), "{res}");
+    let res = raw(
+        None,
+        lb.addr,
+        b"GET / HTTP/1.1\r\nHost: shop.example:8080\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    let seen = node.seen();
+    assert_eq!(seen.len(), 2);
+    assert!(
+        seen[1].head.contains("\r\nhost: shop.example:8080\r\n"),
+        "{}",
+        seen[1].head
+    );
+    lb.shutdown().await;
+}
+
+/// Finding 4: `X_Real_IP: 6.6.6.6` reached a WSGI backend as
+/// `HTTP_X_REAL_IP`: dropped by default, passed with the switch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn underscored_headers_are_dropped_unless_allowed() {
+    let spoof = b"GET / HTTP/1.1\r\nHost: a\r\nX_Real_IP: 6.6.6.6\r\nConnection: close\r\n\r\n";
+    let node = Recorder::start("n", Then::Answer).await;
+    let lb = Running::start(&one_upstream(node.addr, "")).await;
+    let res = raw(None, lb.addr, spoof).await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    let head = node.seen()[0].head.to_ascii_lowercase();
+    assert!(!head.contains("x_real_ip"), "{head}");
+    assert!(head.contains("\r\nx-real-ip: 127.0.0.1\r\n"), "{head}");
+    lb.shutdown().await;
+
+    let node = Recorder::start("n", Then::Answer).await;
+    let lb = Running::start(&one_upstream(node.addr, "underscores_in_headers = true")).await;
+    let res = raw(None, lb.addr, spoof).await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    let head = node.seen()[0].head.to_ascii_lowercase();
+    assert!(head.contains("\r\nx_real_ip: 6.6.6.6\r\n"), "{head}");
+    lb.shutdown().await;
+}
+
+/// Finding 6: a response with both Content-Length and Transfer-Encoding
+/// was cut to the length; the chunked framing wins (RFC 9112 6.1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_length_beside_chunked_is_dropped() {
+    let node = Recorder::start(
+        "n",
+        Then::Raw(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\nb\r\nhello world\r\n0\r\n\r\n"),
+    )
+    .await;
+    let lb = Running::start(&one_upstream(node.addr, "")).await;
+    let res = raw(
+        None,
+        lb.addr,
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    let head = res
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    assert!(!head.contains("content-length: 5"), "{res}");
+    assert!(body_of(&res).contains("hello world"), "{res}");
+    // Decoded by a client: the whole body.
+    assert_eq!(
+        get(&http(), &lb.url("/")).await,
+        Ok((200, "hello world".to_string()))
+    );
+    lb.shutdown().await;
+}
+
+/// Finding 2: a backend that sent a head and part of a body, then stalled,
+/// held its client until the backend closed. `read_timeout` closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_stalled_mid_body_is_cut_after_read_timeout() {
+    let node = Recorder::start(
+        "n",
+        Then::Stall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npart of it"),
+    )
+    .await;
+    let lb = Running::start(&one_upstream(node.addr, "read_timeout = \"500ms\"")).await;
+    // `raw` panics unless the balancer closes within 10 s; the backend
+    // holds on for 60.
+    let res = raw(
+        None,
+        lb.addr,
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    assert_eq!(body_of(&res), "part of it", "{res}");
+    lb.shutdown().await;
+}
+
+/// Finding 2: a client that never read an endless body was still connected
+/// at 70 s. `send_timeout` closes it, and with it the upstream connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_closed_after_send_timeout() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let backend = listener.local_addr().expect("addr");
+    let (gone_tx, gone_rx) = tokio::sync::oneshot::channel::<u64>();
+    tokio::spawn(async move {
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        let mut head = [0u8; 1024];
+        let _ = s.read(&mut head).await;
+        let chunk = format!("10000\r\n{}\r\n", "x".repeat(0x10000));
+        let mut sent = 0u64;
+        if s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .await
+            .is_ok()
+        {
+            // Endless, until the balancer lets go of the connection.
+            while s.write_all(chunk.as_bytes()).await.is_ok() {
+                sent += 1;
+            }
+        }
+        let _ = gone_tx.send(sent);
+    });
+    let lb = Running::start(&one_upstream(backend, "send_timeout = \"500ms\"")).await;
+    let mut client = TcpStream::connect(lb.addr).await.expect("connect");
+    client
+        .write_all(b"GET /endless HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    // The client reads nothing; the balancer gives up on it, drops the
+    // upstream's response, and the backend's writes fail.
+    let sent = tokio::time::timeout(Duration::from_secs(30), gone_rx)
+        .await
+        .expect("the balancer let go of a client that stopped reading")
+        .expect("backend task");
+    assert!(sent > 0, "the response had started");
+    // And the client's connection is closed: reading drains what was
+    // buffered, then ends.
+    let mut sink = vec![0u8; 1 << 16];
+    let drained = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match client.read(&mut sink).await {
+                Ok(0) | Err(_) => return true,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert_eq!(drained, Ok(true));
+    drop(client);
+    lb.shutdown().await;
+}
+
+/// Reads until a whole response head is in (at most 10 s), leaving the
+/// connection open: for answers that come while a body is still unsent.
+async fn read_head(s: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while !out.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Finding 8: no cap on request bodies (2 MB and 2^63 declared, a chunk
+/// size of 2^64-1 streamed). Over `max_body` is a 413, before or while the
+/// body comes, and no upstream is marked for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_max_body_are_413() {
+    let (node, _) = reading_backend().await;
+    let lb = Running::start(&one_upstream(node, "")).await;
+    for declared in [
+        &b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 2000000\r\nConnection: close\r\n\r\n"[..],
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 9223372036854775808\r\nConnection: close\r\n\r\n",
+    ] {
+        let res = raw(None, lb.addr, declared).await;
+        assert!(res.starts_with("HTTP/1.1 413"), "{res}");
+    }
+    lb.shutdown().await;
+
+    let (node, whole) = reading_backend().await;
+    let lb = Running::start(&one_upstream(node, "max_body = 1000")).await;
+    let mut s = TcpStream::connect(lb.addr).await.expect("connect");
+    s.write_all(
+        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\n",
+    )
+    .await
+    .expect("write");
+    // Written alongside: the answer may come before all of it is taken.
+    let writer = tokio::spawn(async move {
+        let _ = s.write_all(&[b'x'; 4000]).await;
+        s
+    });
+    let mut s = writer.await.expect("writer");
+    let res = read_head(&mut s).await;
+    assert!(res.starts_with("HTTP/1.1 413"), "{res}");
+    assert_eq!(whole.load(Ordering::Relaxed), 0);
+    // Under the cap, a chunked body still goes through.
+    let ok = raw(
+        None,
+        lb.addr,
+        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert_eq!(upstream_state(&lb, 0).await, "up");
+    lb.shutdown().await;
+}
+
+/// Finding 8: a small body had to arrive within `response_timeout` in all,
+/// so a slow upload got 400. Now only a silence of `body_timeout` between
+/// reads is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_is_fine_and_a_stalled_one_is_400() {
+    let node = Recorder::start("n", Then::Answer).await;
+    let text = one_upstream(node.addr, "body_timeout = \"1500ms\"")
+        .replace("response_timeout = \"5s\"", "response_timeout = \"500ms\"");
+    let lb = Running::start(&text).await;
+    let mut s = TcpStream::connect(lb.addr).await.expect("connect");
+    s.write_all(
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\nConnection: close\r\n\r\nhello",
+    )
+    .await
+    .expect("write");
+    // Longer than response_timeout, shorter than body_timeout.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    s.write_all(b"world").await.expect("write");
+    let res = read_head(&mut s).await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    assert_eq!(node.seen().len(), 1);
+    assert_eq!(node.seen()[0].body, b"helloworld");
+
+    let mut s = TcpStream::connect(lb.addr).await.expect("connect");
+    s.write_all(
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\nConnection: close\r\n\r\nhello",
+    )
+    .await
+    .expect("write");
+    let res = read_head(&mut s).await;
+    assert!(res.starts_with("HTTP/1.1 400"), "{res}");
+    assert_eq!(node.seen().len(), 1, "a stalled body reaches no upstream");
+    lb.shutdown().await;
+}
+
+/// Finding 8: CONNECT and TRACE are 405s, as in Nginx, and reach no
+/// backend; a backend's `HTTP/1.0` status line goes out as HTTP/1.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_and_trace_are_405_and_responses_are_http_1_1() {
+    let node = Recorder::start("n", Then::Answer).await;
+    let lb = Running::start(&one_upstream(node.addr, "")).await;
+    for req in [
+        &b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\nConnection: close\r\n\r\n"[..],
+        b"TRACE / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    ] {
+        let res = raw(None, lb.addr, req).await;
+        assert!(res.starts_with("HTTP/1.1 405"), "{res}");
+        assert!(res.to_ascii_lowercase().contains("\r\nallow: "), "{res}");
+    }
+    assert!(node.seen().is_empty(), "{:?}", node.seen());
+    lb.shutdown().await;
+
+    let old = Recorder::start(
+        "old",
+        Then::Raw(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+    )
+    .await;
+    let lb = Running::start(&one_upstream(old.addr, "")).await;
+    let res = raw(
+        None,
+        lb.addr,
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    assert_eq!(body_of(&res), "ok");
+    lb.shutdown().await;
+}
+
+/// Reads one response with a Content-Length body (at most 10 s).
+async fn read_response(s: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&out[..end]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if out.len() >= end + 4 + length {
+                    return;
+                }
+            }
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Finding 5: with many connections open (here `max_connections = 16`, so
+/// more than one counts as crowded), a second pipelined request whose head
+/// came partly with the first was never answered: the idle connection was
+/// handed back with its first bytes still in hyper's buffer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_pipelined_request_survives_a_crowded_balancer() {
+    let node = Recorder::start("n", Then::Answer).await;
+    let text = format!(
+        "{}\n[server]\nmax_connections = 16\n",
+        one_upstream(node.addr, "")
+    );
+    let lb = Running::start(&text).await;
+    // Another client, open and idle: the balancer is now crowded.
+    let mut other = TcpStream::connect(lb.addr).await.expect("connect");
+    other
+        .write_all(b"GET /other HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    assert!(read_response(&mut other).await.starts_with("HTTP/1.1 200"));
+
+    let mut s = TcpStream::connect(lb.addr).await.expect("connect");
+    s.write_all(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHo")
+        .await
+        .expect("write");
+    let first = read_response(&mut s).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    // Time for the balancer to go idle on this connection.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.write_all(b"st: a\r\n\r\n").await.expect("write");
+    let second = read_response(&mut s).await;
+    assert!(
+        second.starts_with("HTTP/1.1 200"),
+        "second request lost: {second:?}"
+    );
+    let lines: Vec<String> = node.seen().iter().map(|r| r.request_line.clone()).collect();
+    assert!(lines.contains(&"GET /b HTTP/1.1".to_string()), "{lines:?}");
+    drop(other);
+    lb.shutdown().await;
+}
+
+/// Finding 1, the slow upload: a streamed body that took longer than
+/// `response_timeout` was a 504 and a failure mark. The wait for the
+/// response now counts from the end of the body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_streamed_upload_is_no_upstream_timeout() {
+    let (node, whole) = reading_backend().await;
+    let text =
+        one_upstream(node, "").replace("response_timeout = \"5s\"", "response_timeout = \"500ms\"");
+    let lb = Running::start(&text).await;
+    let mut s = TcpStream::connect(lb.addr).await.expect("connect");
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    for _ in 0..5 {
+        s.write_all(b"5\r\nhello\r\n").await.expect("write");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    s.write_all(b"0\r\n\r\n").await.expect("write");
+    let res = read_response(&mut s).await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    assert_eq!(whole.load(Ordering::Relaxed), 1);
+    assert_eq!(upstream_state(&lb, 0).await, "up");
+    lb.shutdown().await;
+}
+
+/// Finding 1 and 8: a streamed body that stalls for `body_timeout` is the
+/// client's 400, and no mark on the upstream that waited for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_streamed_upload_is_the_client_s_400() {
+    let (node, whole) = reading_backend().await;
+    let lb = Running::start(&one_upstream(node, "body_timeout = \"300ms\"")).await;
+    let mut s = TcpStream::connect(lb.addr).await.expect("connect");
+    s.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    )
+    .await
+    .expect("write");
+    let res = read_head(&mut s).await;
+    assert!(res.starts_with("HTTP/1.1 400"), "{res}");
+    assert_eq!(whole.load(Ordering::Relaxed), 0);
+    assert_eq!(upstream_state(&lb, 0).await, "up");
+    lb.shutdown().await;
+}
+
+/// Finding 7: a reused connection on which the upstream began to answer
+/// (part of a head) and then closed is not a stale connection: the
+/// upstream did the work, and is not asked again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_connection_that_began_to_answer_is_not_retried_there() {
+    let node = Recorder::start("n", Then::AnswerThenRaw(1, b"HTTP/1.1 200 OK\r\nContent-")).await;
+    let lb = Running::start(&one_upstream(node.addr, "")).await;
+    let get = b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let first = raw(None, lb.addr, get).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    let second = raw(None, lb.addr, get).await;
+    assert!(second.starts_with("HTTP/1.1 502"), "{second}");
+    assert_eq!(node.seen().len(), 2, "{:?}", node.seen());
+    lb.shutdown().await;
+}
