@@ -229,11 +229,11 @@ write_proxy_config() { # FILE STRATEGY LISTEN ADMIN
 }
 
 # A sale config: four nodes (weight 1) on NODE_PORTS, Redis, a balancer.
-# STOCK, when given, overrides every node's allowance. Each node runs one
+# Each node leases its stock from Redis as it sells. Each node runs one
 # runtime thread: four node processes share these few CPUs with everything
 # else, and a second thread per node only adds wake-ups between threads
 # (measured: node CPU per sale 20.8 -> 18 us). Both proxies use the same nodes.
-write_sale_config() { # FILE EVENT TOTAL PER_USER LISTEN ADMIN [STOCK]
+write_sale_config() { # FILE EVENT TOTAL PER_USER LISTEN ADMIN
   {
     echo "[sale]"
     echo "event = \"$2\""
@@ -252,7 +252,6 @@ write_sale_config() { # FILE EVENT TOTAL PER_USER LISTEN ADMIN [STOCK]
       echo "listen = \"127.0.0.1:${NODE_PORTS[$i]}\""
       echo "weight = 1"
       echo "threads = 1"
-      [ -z "${7:-}" ] || echo "stock = $7"
     done
     echo "[server]"
     echo "grace_period = \"1s\""
@@ -439,12 +438,10 @@ if wants soldout; then
   read -r -a NODE_PORTS <<<"$(free_ports 4)"
   read -r SP SA NP <<<"$(free_ports 3)"
   cfg=$WORK/sale-soldout.toml
-  # Every node's allowance (stock = 2000) exceeds the total, so each one keeps
-  # asking Redis until Redis says "sold out" and then knows it: the path the
-  # sold-out target is about (no Redis call once a node knows the sale is
-  # over). With the default buffer a node can instead run out of allowance
-  # first; see the README for what that path does under load.
-  write_sale_config "$cfg" bench-soldout 1000 1 "$SP" "$SA" 2000
+  # Each node learns "sold out" from Redis (a lease request or a purchase)
+  # and from then on answers from memory: the sold-out path (no Redis call
+  # but the once-a-second poll of an idle node).
+  write_sale_config "$cfg" bench-soldout 1000 1 "$SP" "$SA"
   rcli FLUSHALL >/dev/null
   "$SPIKE" stock init --config "$cfg" >/dev/null
   start_nodes "$cfg"

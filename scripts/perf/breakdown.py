@@ -103,7 +103,7 @@ try:
     proxy = spawn([SPIKE, "balancer", "--config", f"{WORK}/proxy.toml"])
     wait_port(plisten)
 
-    def sale(name, total, stock):
+    def sale(name, total):
         nports = free_ports(4)
         listen, admin = free_ports(2)
         path = f"{WORK}/{name}.toml"
@@ -113,21 +113,19 @@ try:
                     f'[balancer]\nlisten = "127.0.0.1:{listen}"\nadmin = "127.0.0.1:{admin}"\n')
             for i, p in enumerate(nports):
                 f.write(f'[[node]]\nname = "n{i + 1}"\nlisten = "127.0.0.1:{p}"\nthreads = 1\n')
-                if stock:
-                    f.write(f"stock = {stock}\n")
         subprocess.run([SPIKE, "stock", "init", "--config", path, "--force"], check=True, capture_output=True)
         nodes = [spawn([SPIKE, "node", "--config", path, "--name", f"n{i + 1}"]) for i in range(4)]
         for p in nports:
             wait_port(p)
         return path, nodes, nports, listen
 
-    # Sold out: every node's stock exceeds the total, so each hears it from Redis.
-    sold_cfg, sold_nodes, sold_ports, _ = sale("soldout", 1000, 2000)
+    # Sold out: each node hears it from Redis, then answers from memory.
+    sold_cfg, sold_nodes, sold_ports, _ = sale("soldout", 1000)
     for p in sold_ports:
         subprocess.run(["oha", "--no-tui", "-n", "3000", "-c", "20", "--rand-regex-url",
                         f"http://127.0.0.1:{p}/buy/ticket\\?user=[a-z0-9]{{16}}"], capture_output=True)
     sold_bal = spawn([SPIKE, "balancer", "--config", sold_cfg])
-    succ_cfg, succ_nodes, _, succ_listen = sale("success", 100_000_000, None)
+    succ_cfg, succ_nodes, _, succ_listen = sale("success", 100_000_000)
     succ_bal = spawn([SPIKE, "balancer", "--config", succ_cfg])
     time.sleep(0.5)
     sold_listen = int(open(sold_cfg).read().split('[balancer]\nlisten = "127.0.0.1:')[1].split('"')[0])
