@@ -15,9 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::http::{client, get, json, send};
-use hyper::Method;
 use common::redis::RedisServer;
 use common::spike::{SpikeProcess, remove_config, run, wait_listening, write_config};
+use hyper::Method;
 use hyper::StatusCode;
 use tokio::sync::Mutex;
 
@@ -130,7 +130,11 @@ async fn a_sale_survives_node_death_redis_stalls_restarts_and_reloads() {
                     // Half the buyers POST, as a browser form would: the
                     // balancer keys every purchase, so a POST that dies
                     // with a node is retried on another like a GET.
-                    let method = if buyer % 2 == 0 { Method::GET } else { Method::POST };
+                    let method = if buyer % 2 == 0 {
+                        Method::GET
+                    } else {
+                        Method::POST
+                    };
                     let sent = send(&c, method, target, &path, &[]);
                     let answer = match tokio::time::timeout(HANG, sent).await {
                         Ok(Ok(common::http::Reply { status, body, .. })) => Answer {
