@@ -16,6 +16,38 @@ use tokio::time::Sleep;
 
 use super::clock::now_ms;
 
+/// A deadline between reads of a stream: armed when a read first has to
+/// wait, disarmed by progress. The timer is made the first time a read
+/// waits and reset after, so a stream that never waits costs nothing.
+#[derive(Default)]
+pub struct StallTimer {
+    sleep: Option<Pin<Box<Sleep>>>,
+    waiting: bool,
+}
+
+impl StallTimer {
+    /// Something arrived: the next wait starts a new deadline.
+    pub fn progress(&mut self) {
+        self.waiting = false;
+    }
+
+    /// Called when a read is pending: true once `limit` has passed since
+    /// the read began to wait (and then the task is woken at the deadline).
+    pub fn expired(&mut self, limit: Duration, cx: &mut Context<'_>) -> bool {
+        if !self.waiting {
+            self.waiting = true;
+            let deadline = tokio::time::Instant::now() + limit;
+            match &mut self.sleep {
+                Some(s) => s.as_mut().reset(deadline),
+                None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        self.sleep
+            .as_mut()
+            .is_some_and(|s| s.as_mut().poll(cx).is_ready())
+    }
+}
+
 /// A client's request body streamed to an upstream, which records whether
 /// the client's side of it failed (cut off, malformed chunk, silent for
 /// `body_timeout`, more than `max_body`): the attempt then fails too, and
@@ -27,9 +59,8 @@ pub struct ClientBody {
     pub(super) read: u64,
     pub(super) max_body: u64,
     pub(super) body_timeout: Duration,
-    /// The read deadline, made the first time the client kept us waiting.
-    pub(super) stalled: Option<Pin<Box<Sleep>>>,
-    pub(super) waiting: bool,
+    /// `body_timeout` between reads.
+    pub(super) stall: StallTimer,
 }
 
 /// What the request handler learns about a streamed client body from the
@@ -98,7 +129,7 @@ impl Body for ClientBody {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                this.waiting = false;
+                this.stall.progress();
                 if let Some(data) = frame.data_ref() {
                     this.read = this.read.saturating_add(data.len() as u64);
                     if this.max_body != 0 && this.read > this.max_body {
@@ -122,17 +153,7 @@ impl Body for ClientBody {
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                if !this.waiting {
-                    this.waiting = true;
-                    let deadline = tokio::time::Instant::now() + this.body_timeout;
-                    match &mut this.stalled {
-                        Some(s) => s.as_mut().reset(deadline),
-                        None => this.stalled = Some(Box::pin(tokio::time::sleep_until(deadline))),
-                    }
-                }
-                if let Some(s) = &mut this.stalled
-                    && s.as_mut().poll(cx).is_ready()
-                {
+                if this.stall.expired(this.body_timeout, cx) {
                     this.state.failed.store(BODY_BROKEN, Ordering::Relaxed);
                     return Poll::Ready(Some(Err(Box::new(ClientBodyError::Timeout(
                         this.body_timeout,

@@ -58,11 +58,10 @@ use hyper::header::{
 use hyper::http::uri::PathAndQuery;
 use hyper::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use ipnet::IpNet;
-use tokio::time::Sleep;
 
 use crate::config::BalancerConfig;
 
-use super::body::{BODY_TOO_LARGE, BodyState, ClientBody};
+use super::body::{BODY_TOO_LARGE, BodyState, ClientBody, StallTimer};
 use super::idempotency;
 use super::pool::{self, ConnectError, UpstreamConn};
 use super::state::Shared;
@@ -115,12 +114,8 @@ pub struct Tracked {
     homeward: Option<Homeward>,
     /// Longest silence of the upstream between two frames.
     read_timeout: Duration,
-    /// The read deadline, made the first time the upstream kept us waiting
-    /// (a small response is usually whole in hyper's buffer by then, so
-    /// most never need one) and moved for every later wait.
-    stalled: Option<Pin<Box<Sleep>>>,
-    /// Whether `stalled` runs for the wait now.
-    waiting: bool,
+    /// `read_timeout` between reads of the upstream's body.
+    stall: StallTimer,
 }
 
 /// An upstream that sent nothing of its response body for `read_timeout`.
@@ -165,22 +160,12 @@ impl Body for Tracked {
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(Some(Ok(frame))) => {
-                self.waiting = false;
+                self.stall.progress();
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Pending => {
                 let this = &mut *self;
-                if !this.waiting {
-                    this.waiting = true;
-                    let deadline = tokio::time::Instant::now() + this.read_timeout;
-                    match &mut this.stalled {
-                        Some(s) => s.as_mut().reset(deadline),
-                        None => this.stalled = Some(Box::pin(tokio::time::sleep_until(deadline))),
-                    }
-                }
-                if let Some(s) = &mut this.stalled
-                    && s.as_mut().poll(cx).is_ready()
-                {
+                if this.stall.expired(this.read_timeout, cx) {
                     // The connection is mid-response: it cannot be reused.
                     this.homeward = None;
                     return Poll::Ready(Some(Err(Box::new(ReadTimeout(this.read_timeout)))));
@@ -360,8 +345,7 @@ pub async fn handle(
             read: 0,
             max_body: config.max_body,
             body_timeout: config.body_timeout,
-            stalled: None,
-            waiting: false,
+            stall: StallTimer::default(),
         };
         Outgoing::Stream(Some(body), state)
     };
@@ -609,8 +593,7 @@ fn respond(
             pick,
             homeward: Some(homeward),
             read_timeout,
-            stalled: None,
-            waiting: false,
+            stall: StallTimer::default(),
         }),
     )
 }
