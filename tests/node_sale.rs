@@ -927,3 +927,37 @@ async fn a_key_buys_once_whatever_the_limit(redis: Option<&RedisServer>) {
 }
 
 against_both_stores!(a_key_buys_once_whatever_the_limit);
+
+/// A lease granted in the store whose answer never reached the node (the
+/// reply lost on the way back) leaves units in the store that the node does
+/// not know of, and since the node renews its lease they would never
+/// expire. Here the store is put in exactly that state (the whole stock
+/// leased to the node, which holds nothing), and the node must take the
+/// units back and sell every ticket, not answer "busy" for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_whose_answer_was_lost_is_not_stranded() {
+    let redis = RedisServer::start();
+    let text = sale_config("stranded", 5, 1, &[1], Some(&redis.url()), "");
+    let sale = InProcessSale::start(&text).await;
+    let c = client();
+    let node = sale.addrs()[0];
+    let holder = sale.nodes[0].1.holder().to_string();
+    let mut conn = redis.connection().expect("redis");
+    let (secs, _): (u64, u64) = redis::cmd("TIME").query(&mut conn).expect("TIME");
+    let _: () = redis::cmd("HSET")
+        .arg("spike:{stranded}:leases")
+        .arg(&holder)
+        .arg(format!("5:{}", secs * 1000 + 60_000))
+        .query(&mut conn)
+        .expect("HSET");
+    assert_eq!(sale.nodes[0].1.lease_left(), 0);
+    for i in 0..5 {
+        let (status, body) = get(&c, node, &format!("/buy/ticket?user=b{i}"))
+            .await
+            .expect("answer");
+        assert_eq!(status, StatusCode::OK, "buyer {i}: {body}");
+    }
+    let (_, body) = get(&c, node, "/buy/ticket?user=late").await.expect("late");
+    assert_eq!(json(&body)["status"], "sold_out", "{body}");
+    sale.stop().await;
+}

@@ -449,10 +449,21 @@ impl Node {
                 } else {
                     generation
                 };
-                if !reply.sale.sold_out() && !self.sold_out.load(Ordering::Acquire) {
-                    self.lease.add(generation, reply.answer);
+                let mut granted = reply.answer;
+                if granted == 0 && reply.sale.epoch == self.epoch() {
+                    // Units the store holds for this node that it does not
+                    // know of (a grant whose answer was lost) would be
+                    // stranded: nobody else asks for them while this node
+                    // renews its lease. Taken back here. (Answers handled
+                    // out of order can only make the count too high, which
+                    // costs nothing: the store decides every sale.)
+                    let known = self.lease.left() + self.lease.in_flight();
+                    granted = reply.lease.saturating_sub(known);
                 }
-                if reply.answer > 0 {
+                if !reply.sale.sold_out() && !self.sold_out.load(Ordering::Acquire) {
+                    self.lease.add(generation, granted);
+                }
+                if granted > 0 {
                     REFILL_GRANTED
                 } else {
                     REFILL_NONE

@@ -27,6 +27,8 @@ fn join(generation: u64, left: u64) -> u64 {
 #[derive(Debug, Default)]
 pub struct Lease {
     word: AtomicU64,
+    /// Units taken and not yet kept or given back: purchases in flight.
+    in_flight: AtomicU64,
     changed: Notify,
     waiting: AtomicUsize,
 }
@@ -47,11 +49,19 @@ impl Lease {
                 left.checked_sub(1).map(|l| join(g, l))
             })
             .ok()
-            .map(|w| Unit {
-                lease: self,
-                generation: split(w).0,
-                kept: false,
+            .map(|w| {
+                self.in_flight.fetch_add(1, Ordering::AcqRel);
+                Unit {
+                    lease: self,
+                    generation: split(w).0,
+                    kept: false,
+                }
             })
+    }
+
+    /// Units out with purchases in flight.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Acquire)
     }
 
     /// Units left.
@@ -147,6 +157,7 @@ impl Unit<'_> {
     /// The ticket was sold: the unit is spent.
     pub fn keep(mut self) {
         self.kept = true;
+        self.lease.in_flight.fetch_sub(1, Ordering::AcqRel);
         self.lease.wake();
     }
 }
@@ -154,6 +165,7 @@ impl Unit<'_> {
 impl Drop for Unit<'_> {
     fn drop(&mut self) {
         if !self.kept {
+            self.lease.in_flight.fetch_sub(1, Ordering::AcqRel);
             self.lease.update(self.generation, |left| left + 1);
         }
     }
