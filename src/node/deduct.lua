@@ -175,7 +175,9 @@ for i = 2, #ARGV, 6 do
       if key ~= '' then
         redis.call('HSET', KEYS[6], key, id .. ' ' .. buyer)
       end
-      redis.call('HSET', KEYS[3], id, cjson.encode({id = id, buyer = buyer, node = node, time = now, key = key}))
+      local order = {id = id, buyer = buyer, node = node, time = now}
+      if key ~= '' then order.key = key end
+      redis.call('HSET', KEYS[3], id, cjson.encode(order))
       answer(1, id, sold, holder)
     end
   end

@@ -85,17 +85,12 @@ impl StoreClock {
     /// The earliest Redis time (Unix milliseconds) that local moment `when`
     /// can be, or None before the first sample.
     pub fn redis_ms_at(&self, when: Instant) -> Option<u64> {
-        let s = self.best()?;
-        // Redis read `redis_us` before the answer came in, so at `received`
-        // its clock showed at least that.
-        let margin = drift_margin(when.saturating_duration_since(s.received)).as_micros() as u64;
-        let us = if when >= s.received {
-            s.redis_us + (when - s.received).as_micros() as u64
-        } else {
-            s.redis_us
-                .saturating_sub((s.received - when).as_micros() as u64)
-        };
-        Some(us.saturating_sub(margin) / 1000)
+        Some(self.reading()?.redis_ms_at(when))
+    }
+
+    /// The sample in use, to map many moments with one look (a batch).
+    pub fn reading(&self) -> Option<Reading> {
+        self.best().map(Reading)
     }
 
     /// Redis's clock minus this host's wall clock, in milliseconds, from the
@@ -107,6 +102,29 @@ impl StoreClock {
     /// The round trip of the sample in use.
     pub fn rtt(&self) -> Option<Duration> {
         self.best().map(|s| s.rtt)
+    }
+}
+
+/// One `TIME` sample, as used to map local moments onto Redis's clock.
+#[derive(Debug, Clone, Copy)]
+pub struct Reading(Sample);
+
+impl Reading {
+    /// The earliest Redis time (Unix milliseconds) that local moment `when`
+    /// can be.
+    pub fn redis_ms_at(&self, when: Instant) -> u64 {
+        // Redis read `redis_us` before the answer came in, so at `received`
+        // its clock showed at least that.
+        let margin =
+            drift_margin(when.saturating_duration_since(self.0.received)).as_micros() as u64;
+        let us = if when >= self.0.received {
+            self.0.redis_us + (when - self.0.received).as_micros() as u64
+        } else {
+            self.0
+                .redis_us
+                .saturating_sub((self.0.received - when).as_micros() as u64)
+        };
+        us.saturating_sub(margin) / 1000
     }
 }
 

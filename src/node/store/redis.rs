@@ -502,6 +502,8 @@ impl Link {
     /// One call for `batch`; every entry in it gets its answer.
     async fn send(&self, batch: Vec<Pending>) {
         let now = Instant::now();
+        // One look at the clock for the whole batch.
+        let reading = self.clock.reading();
         let mut args = Vec::with_capacity(1 + 6 * batch.len());
         args.push(self.lease_ttl.clone());
         let mut replies = Vec::with_capacity(batch.len());
@@ -519,7 +521,7 @@ impl Link {
             }
             // The deadline in Redis's clock: the earliest Redis time that
             // the moment this buyer is told 503 can be.
-            let Some(deadline) = self.clock.redis_ms_at(p.give_up) else {
+            let Some(deadline) = reading.map(|r| r.redis_ms_at(p.give_up)) else {
                 let _ = p.reply.send(Err(StoreError::NoClock));
                 continue;
             };
