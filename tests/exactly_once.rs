@@ -442,8 +442,9 @@ async fn a_sale_flood_does_not_starve_purchases() {
     let deductions = json(&stats)["redis_calls"].as_u64().expect("calls") - redis_calls_before;
     let snapshots = evalsha(&mut conn) - evalsha_before - deductions;
     assert!(answered >= 200, "the flood made {answered} requests");
+    // One read at first, then one each time the 500 ms copy is stale.
     assert!(
-        (snapshots as f64) <= 2.0 * seconds + 3.0,
+        (snapshots as f64) <= 2.0 * seconds + 2.0,
         "{answered} /sale answers in {seconds:.1}s cost Redis {snapshots} calls"
     );
     tokio::time::sleep(Duration::from_millis(600)).await;

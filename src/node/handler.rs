@@ -144,6 +144,8 @@ pub struct Node {
     max_clock_offset: Option<Duration>,
     sale_cache: Mutex<Option<CachedSale>>,
     sale_refreshing: AtomicBool,
+    /// Wakes the `/sale` callers waiting for the first snapshot.
+    sale_ready: tokio::sync::Notify,
     /// What the node has done, for `/stats`.
     pub stats: Stats,
 }
@@ -208,6 +210,7 @@ impl Node {
             max_clock_offset: settings.max_clock_offset,
             sale_cache: Mutex::new(None),
             sale_refreshing: AtomicBool::new(false),
+            sale_ready: tokio::sync::Notify::new(),
             stats: Stats::default(),
         })
     }
@@ -748,16 +751,26 @@ impl Node {
             }
             other => other,
         };
-        let refreshing = self.sale_refreshing.swap(true, Ordering::AcqRel);
-        if refreshing && let Some((_, body)) = stale {
-            // Another request is reading it: the last answer will do.
-            return json(StatusCode::OK, body);
+        if self.sale_refreshing.swap(true, Ordering::AcqRel) {
+            // Another request is reading it: the last answer will do, or,
+            // with none yet, the one being read.
+            if let Some((_, body)) = stale {
+                return json(StatusCode::OK, body);
+            }
+            let ready = self.sale_ready.notified();
+            tokio::pin!(ready);
+            ready.as_mut().enable();
+            if let Some((_, body)) = cached() {
+                return json(StatusCode::OK, body);
+            }
+            let _ = tokio::time::timeout(self.timeout, ready).await;
+            return match cached() {
+                Some((_, body)) => json(StatusCode::OK, body),
+                None => unavailable(),
+            };
         }
-        // (With no answer at all yet, each early caller reads for itself.)
         let result = self.store.snapshot().await;
-        if !refreshing {
-            self.sale_refreshing.store(false, Ordering::Release);
-        }
+        self.sale_refreshing.store(false, Ordering::Release);
         match result.map(|snap: Snapshot| serde_json::to_vec(&snap)) {
             Ok(Ok(body)) => {
                 let body = Bytes::from(body);
@@ -765,6 +778,7 @@ impl Node {
                     at: now,
                     body: body.clone(),
                 });
+                self.sale_ready.notify_waiters();
                 json(StatusCode::OK, body)
             }
             Ok(Err(_)) => json(
