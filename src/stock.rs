@@ -70,9 +70,24 @@ pub fn show(config_path: &Path) -> anyhow::Result<ExitCode> {
 /// `spike stock audit`: prints what it found; non-zero exit when anything is off.
 pub fn audit(config_path: &Path) -> anyhow::Result<ExitCode> {
     with_store(config_path, async |_, store| {
-        let snap: Snapshot = store.snapshot().await.context("stock audit")?;
-        let buyers = store.tally_buyers().await.context("stock audit")?;
-        let problems = snap.audit(Some(buyers));
+        // The pass over the buyers is paged, so on a live sale it is
+        // compared with the counters only when no ticket sold while it ran
+        // (the snapshot before and after agree); a sale that never stands
+        // still for it gets the constant-time checks alone.
+        let mut snap: Snapshot = store.snapshot().await.context("stock audit")?;
+        let mut tally = None;
+        for _ in 0..5 {
+            let buyers = store.tally_buyers().await.context("stock audit")?;
+            let after = store.snapshot().await.context("stock audit")?;
+            let still = after.sold == snap.sold && after.tickets_held == snap.tickets_held;
+            snap = after;
+            if still {
+                tally = Some(buyers);
+                break;
+            }
+        }
+        let problems = snap.audit(tally);
+        let buyers = tally.unwrap_or_default();
         println!(
             "{}",
             serde_json::json!({
@@ -81,8 +96,9 @@ pub fn audit(config_path: &Path) -> anyhow::Result<ExitCode> {
                 "sold": snap.sold,
                 "orders": snap.orders,
                 "buyers": snap.buyers,
-                "most_by_one_buyer": buyers.most_by_one_buyer,
-                "tickets_held": buyers.tickets_held,
+                "buyers_checked": tally.is_some(),
+                "most_by_one_buyer": if tally.is_some() { buyers.most_by_one_buyer } else { snap.most_by_one_buyer },
+                "tickets_held": if tally.is_some() { buyers.tickets_held } else { snap.tickets_held },
                 "leased": snap.leased,
                 "keys": snap.keys,
                 "epoch": snap.epoch,

@@ -263,8 +263,38 @@ async fn a_node_whose_file_says_another_limit_enforces_the_sales() {
         (show["sold"].as_u64(), show["per_user_limit"].as_u64()),
         (Some(1), Some(1))
     );
+
+    // A node whose file allows anonymous buyers (limit 0) sells nothing to
+    // nobody in particular, from its very first request on.
+    let ports0 = Ports::new(1);
+    let open = write_config(&sale_file(
+        "limits",
+        10,
+        0,
+        &redis.url(),
+        &ports0,
+        "round_robin",
+        &[1],
+        "",
+    ));
+    let _anon = start_node(open.to_str().expect("path"), 0);
+    wait_listening(&ports0.nodes[0].to_string(), Duration::from_secs(10));
+    let (status, body) = get(&c, ports0.nodes[0], "/buy/ticket").await.expect("buy");
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "an anonymous ticket: {body}"
+    );
+    let show = stdout_json(&run(&[
+        "stock",
+        "show",
+        "--config",
+        lax.to_str().expect("path"),
+    ]));
+    assert_eq!(show["sold"], 1, "{show}");
     remove_config(&init_path);
     remove_config(&lax);
+    remove_config(&open);
 }
 
 /// libfaketime's multi-threaded library, from Debian's `faketime` package.
@@ -521,7 +551,7 @@ async fn a_lease_of_a_killed_node_comes_back_and_sells() {
         &ports,
         "round_robin",
         &[1, 1],
-        "lease = 30\nlease_ttl = \"2s\"",
+        "lease = 30\nlease_ttl = \"3s\"",
     ));
     let cfg = path.to_str().expect("path").to_string();
     stdout_json(&run(&["stock", "init", "--config", &cfg]));

@@ -22,6 +22,7 @@
 --   3 already bought (order = the last one)   5 too late: nothing done
 --   6 this key already bought (order = its)   7 this key belongs to another buyer
 --   8 lease answer (count = units granted)
+--   9 no buyer named, and the sale's limit needs one (nothing done)
 -- or {4} for the whole batch when there is no sale.
 --
 -- The sale's rule is `sold <= total`, and leases never promise more than is
@@ -138,7 +139,7 @@ for i = 2, #ARGV, 6 do
   else
     local deadline = tonumber(ARGV[i + 5])
     local limited = buyer ~= '' and limit > 0
-    local seen = key ~= '' and redis.call('HGET', KEYS[6], key)
+    local seen = now < deadline and key ~= '' and redis.call('HGET', KEYS[6], key)
     local seen_order, seen_buyer
     if seen then
       seen_order, seen_buyer = string.match(seen, '^(%S+) ?(.*)$')
@@ -147,6 +148,10 @@ for i = 2, #ARGV, 6 do
       -- A client library can deliver a command late (queued across a
       -- reconnect); by then the buyer was told 503, so it must not sell.
       answer(5, '', 0, holder)
+    elseif buyer == '' and limit > 0 then
+      -- A node that does not know the stored limit yet (it goes by its
+      -- file until the first answer) must not sell to nobody in particular.
+      answer(9, '', 0, holder)
     elseif seen then
       if seen_buyer == buyer then
         answer(6, seen_order, tonumber(string.match(seen_order, '(%d+)$')) or 0, holder)

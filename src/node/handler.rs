@@ -129,15 +129,17 @@ pub struct Node {
     epoch: AtomicU64,
     /// The per-user limit as last heard (the file's until then).
     limit: AtomicU64,
-    sold_out: AtomicBool,
+    /// The epoch the store said is sold out (0: none).
+    sold_out_epoch: AtomicU64,
     /// Once sold out: the buyers at their limit and the keys that bought,
     /// read from the store, so that they are answered from memory as the
     /// script would answer them.
     holders: ArcSwapOption<KnownHolders>,
     /// The epoch whose holders are being read (0: none).
     learning: AtomicU64,
-    /// Milliseconds since `born` of the last store answer.
-    last_heard: AtomicU64,
+    /// Milliseconds since `born` of the last store answer that renewed
+    /// this node's lease (a sale, a lease request or a poll).
+    last_renewed: AtomicU64,
     born: Instant,
     timeout: Duration,
     max_body: u64,
@@ -200,10 +202,10 @@ impl Node {
             refill_result: AtomicU8::new(REFILL_GRANTED),
             epoch: AtomicU64::new(0),
             limit: AtomicU64::new(settings.per_user_limit),
-            sold_out: AtomicBool::new(false),
+            sold_out_epoch: AtomicU64::new(0),
             holders: ArcSwapOption::empty(),
             learning: AtomicU64::new(0),
-            last_heard: AtomicU64::new(0),
+            last_renewed: AtomicU64::new(0),
             born: Instant::now(),
             timeout: settings.timeout,
             max_body: settings.max_body,
@@ -242,11 +244,12 @@ impl Node {
 
     /// Takes in what a store answer says about the sale: a new epoch drops
     /// everything the node knew of the old sale; the limit is the stored
-    /// one; sold out or not is the store's word.
+    /// one; sold out or not is the store's word. An answer about an older
+    /// epoch than the node knows changes nothing (answers can be handled
+    /// out of the store's order).
     fn observe(&self, sale: &SaleState) {
         let known = self.epoch.load(Ordering::Acquire);
         if sale.epoch < known {
-            // An answer from before a reset, overtaken by a newer one.
             return;
         }
         if sale.epoch > known
@@ -258,30 +261,34 @@ impl Node {
             if known != 0 {
                 tracing::info!(node = %self.name, old = known, new = sale.epoch, "the sale was reset; lease, sold-out flag and holders dropped");
             }
-            self.lease.reset();
-            self.sold_out.store(false, Ordering::Release);
+            // What the node knew goes first, then the lease wakes its
+            // waiters: none of them may see the old sale's flag.
             self.holders.store(None);
             self.learning.store(0, Ordering::Release);
             self.clear_sale_cache();
+            self.lease.reset();
         }
-        self.limit.store(sale.limit, Ordering::Release);
-        if sale.sold_out() {
-            // Sold out, no lease holds a unit any more (`sold + leased <=
-            // total`).
+        if sale.epoch != self.epoch() {
+            // A newer epoch arrived meanwhile.
+            return;
+        }
+        if self.limit.load(Ordering::Relaxed) != sale.limit {
+            self.limit.store(sale.limit, Ordering::Release);
+        }
+        // Within an epoch `sold` only grows, so sold out stays sold out
+        // until the next epoch; the flag carries the epoch it is about.
+        if sale.sold_out() && self.sold_out_epoch.swap(sale.epoch, Ordering::AcqRel) != sale.epoch {
+            // No lease holds a unit any more (`sold + leased <= total`).
             self.lease.clamp(self.lease.generation(), 0);
-            if !self.sold_out.swap(true, Ordering::AcqRel) {
-                self.learn_holders(sale.epoch);
-                self.lease.wake();
-            }
-        } else if self.sold_out.load(Ordering::Acquire) {
-            // Stock came back (returned units, or a reset of the same epoch
-            // count): the node sells again.
-            self.sold_out.store(false, Ordering::Release);
-            self.holders.store(None);
-            self.learning.store(0, Ordering::Release);
+            self.learn_holders(sale.epoch);
+            self.lease.wake();
         }
-        self.last_heard
-            .store(self.born.elapsed().as_millis() as u64, Ordering::Release);
+    }
+
+    /// The store has said this epoch of the sale is sold out.
+    fn is_sold_out(&self) -> bool {
+        let e = self.sold_out_epoch.load(Ordering::Acquire);
+        e != 0 && e == self.epoch.load(Ordering::Acquire)
     }
 
     /// Serves one request.
@@ -352,7 +359,7 @@ impl Node {
         };
         let give_up = Instant::now() + self.timeout;
         loop {
-            if self.sold_out.load(Ordering::Acquire) {
+            if self.is_sold_out() {
                 return self.sold_out_answer(buyer, key, give_up).await;
             }
             if let Some(unit) = self.lease.take() {
@@ -365,20 +372,20 @@ impl Node {
             }
             // No unit: one lease request for all the buyers here (the
             // first starts it), then look again.
-            let started = self.refill();
+            self.refill();
             let woke = self
                 .lease
                 .changed(give_up, || {
                     self.lease.left() > 0
-                        || self.sold_out.load(Ordering::Acquire)
-                        || (!started && !self.refilling.load(Ordering::Acquire))
+                        || self.is_sold_out()
+                        || !self.refilling.load(Ordering::Acquire)
                 })
                 .await;
             if !woke {
                 return self.gave_up_waiting();
             }
             if self.lease.left() == 0
-                && !self.sold_out.load(Ordering::Acquire)
+                && !self.is_sold_out()
                 && !self.refilling.load(Ordering::Acquire)
                 && self.refill_result.load(Ordering::Acquire) == REFILL_FAILED
             {
@@ -386,7 +393,7 @@ impl Node {
                 return unavailable();
             }
             if self.lease.left() == 0
-                && !self.sold_out.load(Ordering::Acquire)
+                && !self.is_sold_out()
                 && self.refill_result.load(Ordering::Acquire) == REFILL_NONE
             {
                 // Every unit left is out with purchases in flight (this
@@ -394,9 +401,7 @@ impl Node {
                 // again.
                 if !self
                     .lease
-                    .changed(give_up, || {
-                        self.lease.left() > 0 || self.sold_out.load(Ordering::Acquire)
-                    })
+                    .changed(give_up, || self.lease.left() > 0 || self.is_sold_out())
                     .await
                 {
                     return self.gave_up_waiting();
@@ -433,10 +438,21 @@ impl Node {
         // others still wait for it.
         let node = NodeRef::of(self);
         tokio::spawn(async move {
+            // Should this task end without an answer (cancelled when the
+            // runtime stops), the flag must not stay set: buyers would wait
+            // for a request that never ends.
+            let mut guard = RefillGuard(Some(NodeRef(node.0.clone())));
             let result = store.lease(&holder, chunk, Instant::now() + timeout).await;
+            guard.0 = None;
             node.with(|n| n.refilled(generation, result));
         });
         true
+    }
+
+    /// Notes that the store renewed this node's lease just now.
+    fn renewed(&self) {
+        self.last_renewed
+            .store(self.born.elapsed().as_millis() as u64, Ordering::Release);
     }
 
     fn refilled(&self, generation: u64, result: Result<super::store::Reply<u64>, StoreError>) {
@@ -444,6 +460,7 @@ impl Node {
         let outcome = match result {
             Ok(reply) => {
                 self.observe(&reply.sale);
+                self.renewed();
                 // Units granted in the epoch the node now knows count; a
                 // reset in between made a new generation.
                 let now = self.lease.generation();
@@ -463,7 +480,7 @@ impl Node {
                     let known = self.lease.left() + self.lease.in_flight();
                     granted = reply.lease.saturating_sub(known);
                 }
-                if !reply.sale.sold_out() && !self.sold_out.load(Ordering::Acquire) {
+                if !reply.sale.sold_out() && !self.is_sold_out() {
                     self.lease.add(generation, granted);
                 }
                 if granted > 0 {
@@ -520,11 +537,29 @@ impl Node {
             }
         };
         self.observe(&reply.sale);
-        match reply.answer {
+        let answer = self.answer(reply.answer, unit, buyer);
+        if reply.sale.sold_out() && self.is_sold_out() {
+            // A unit that came back just now (its purchase heard "sold
+            // out") is no unit: no lease holds anything after sold out.
+            self.lease.clamp(self.lease.generation(), 0);
+        }
+        answer
+    }
+
+    /// The answer to a purchase the store decided; `unit` is kept on a sale
+    /// and goes back on anything else.
+    fn answer(
+        &self,
+        outcome: Outcome,
+        unit: Option<Unit<'_>>,
+        buyer: &str,
+    ) -> Response<Full<Bytes>> {
+        match outcome {
             Outcome::Sold { order, sold } => {
                 if let Some(u) = unit {
                     u.keep();
                 }
+                self.renewed();
                 self.stats.sold.fetch_add(1, Ordering::Relaxed);
                 sold_answer(&order, &self.name, buyer, sold, false)
             }
@@ -541,6 +576,10 @@ impl Node {
             Outcome::AlreadyBought { order } => {
                 drop(unit);
                 self.already_bought_answer(&order)
+            }
+            Outcome::BuyerRequired => {
+                drop(unit);
+                self.bad_request(b"{\"status\":\"bad_request\",\"reason\":\"a buyer id is required: ?user=ID or X-User-Id\"}")
             }
             Outcome::KeyConflict => {
                 drop(unit);
@@ -658,15 +697,16 @@ impl Node {
         sold_out()
     }
 
-    /// Once a second, when no store answer came in that second, asks the
-    /// store for the sale's state (renewing the lease): how a node that
-    /// answers from memory learns of a reset or of stock coming back.
+    /// Once a second, when the lease was not renewed in that second (by a
+    /// sale or a lease request), asks the store for the sale's state,
+    /// renewing the lease: how a node that answers from memory learns of a
+    /// reset, and how a quiet node keeps its lease.
     pub async fn watch(self: Arc<Self>) {
         let mut every = tokio::time::interval(POLL_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             every.tick().await;
-            let heard = self.last_heard.load(Ordering::Acquire);
+            let heard = self.last_renewed.load(Ordering::Acquire);
             let now = self.born.elapsed().as_millis() as u64;
             if heard != 0 && now.saturating_sub(heard) < POLL_EVERY.as_millis() as u64 {
                 continue;
@@ -677,7 +717,10 @@ impl Node {
                 .lease(&self.holder, 0, Instant::now() + self.timeout)
                 .await
             {
-                Ok(reply) => self.observe(&reply.sale),
+                Ok(reply) => {
+                    self.observe(&reply.sale);
+                    self.renewed();
+                }
                 Err(StoreError::NoSale) => {}
                 Err(e) => tracing::debug!(node = %self.name, error = %e, "sale poll failed"),
             }
@@ -695,7 +738,7 @@ impl Node {
         {
             let body = serde_json::json!({
                 "status": "unavailable",
-                "reason": format!("this host's clock is {off} ms behind Redis's (more than max_clock_offset {max:?}); deadlines stay safe, but fix the clock"),
+                "reason": format!("Redis's clock is {off} ms from this host's (more than max_clock_offset {max:?}); deadlines stay safe, but fix the clock"),
                 "clock_offset_ms": off,
             });
             return json(StatusCode::SERVICE_UNAVAILABLE, body.to_string());
@@ -712,7 +755,7 @@ impl Node {
             "epoch": self.epoch(),
             "per_user_limit": self.per_user_limit(),
             "lease": self.lease.left(),
-            "sold_out": self.sold_out.load(Ordering::Acquire),
+            "sold_out": self.is_sold_out(),
             "holders_known": holders.as_deref().map(|h| h.holders.buyers.len()),
             "keys_known": holders.as_deref().map(|h| h.holders.keys.len()),
             "sold": s.sold.load(Ordering::Relaxed),
@@ -769,8 +812,8 @@ impl Node {
                 None => unavailable(),
             };
         }
+        let refresh = SaleRefresh(self);
         let result = self.store.snapshot().await;
-        self.sale_refreshing.store(false, Ordering::Release);
         match result.map(|snap: Snapshot| serde_json::to_vec(&snap)) {
             Ok(Ok(body)) => {
                 let body = Bytes::from(body);
@@ -778,7 +821,7 @@ impl Node {
                     at: now,
                     body: body.clone(),
                 });
-                self.sale_ready.notify_waiters();
+                drop(refresh);
                 json(StatusCode::OK, body)
             }
             Ok(Err(_)) => json(
@@ -787,6 +830,33 @@ impl Node {
             ),
             Err(_) => unavailable(),
         }
+    }
+}
+
+/// Clears the lease-request flag (and wakes the buyers waiting on it) if
+/// the request's task ends without handing its answer over.
+struct RefillGuard(Option<NodeRef>);
+
+impl Drop for RefillGuard {
+    fn drop(&mut self) {
+        if let Some(node) = self.0.take() {
+            node.with(|n| {
+                n.refill_result.store(REFILL_FAILED, Ordering::Release);
+                n.refilling.store(false, Ordering::Release);
+                n.lease.wake();
+            });
+        }
+    }
+}
+
+/// Clears the `/sale` refresh flag however the refresh ends (a caller that
+/// hangs up mid-read drops it), and wakes the callers waiting for it.
+struct SaleRefresh<'a>(&'a Node);
+
+impl Drop for SaleRefresh<'_> {
+    fn drop(&mut self) {
+        self.0.sale_refreshing.store(false, Ordering::Release);
+        self.0.sale_ready.notify_waiters();
     }
 }
 
@@ -849,7 +919,7 @@ fn busy() -> Response<Full<Bytes>> {
 fn unavailable() -> Response<Full<Bytes>> {
     json(
         StatusCode::SERVICE_UNAVAILABLE,
-        Bytes::from_static(b"{\"status\":\"unavailable\",\"reason\":\"the store did not answer; nothing was sold\"}"),
+        Bytes::from_static(b"{\"status\":\"unavailable\",\"reason\":\"the store did not answer in time; if a ticket was sold, the same purchase sent again (same Idempotency-Key) gets its order\"}"),
     )
 }
 

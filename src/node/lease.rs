@@ -135,12 +135,22 @@ impl Lease {
         tokio::pin!(notified);
         notified.as_mut().enable();
         self.waiting.fetch_add(1, Ordering::SeqCst);
+        // Counted down however the wait ends, a buyer who hangs up included:
+        // a count left up would make every `wake` take Notify's lock.
+        let _waiting = Waiting(&self.waiting);
         std::sync::atomic::fence(Ordering::SeqCst);
         // Checked after registering, so a change between the caller's look
         // and this wait is not missed.
-        let woke = check() || tokio::time::timeout_at(until, notified).await.is_ok();
-        self.waiting.fetch_sub(1, Ordering::AcqRel);
-        woke
+        check() || tokio::time::timeout_at(until, notified).await.is_ok()
+    }
+}
+
+/// One buyer counted as waiting, until dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

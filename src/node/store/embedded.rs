@@ -163,7 +163,9 @@ impl EmbeddedStore {
             return Err(StoreError::TooLate);
         }
         s.drop_expired(now);
-        let answer = if let Some(order) = (!p.key.is_empty()).then(|| s.keys.get(p.key)).flatten() {
+        let answer = if p.buyer.is_empty() && s.limit > 0 {
+            Outcome::BuyerRequired
+        } else if let Some(order) = (!p.key.is_empty()).then(|| s.keys.get(p.key)).flatten() {
             let same_buyer = s.orders.get(order).is_some_and(|o| o.buyer == p.buyer);
             if same_buyer {
                 Outcome::Replayed {

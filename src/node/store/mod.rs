@@ -46,6 +46,8 @@ pub enum Outcome {
     /// The `Idempotency-Key` was used by another buyer: the request is not
     /// the retry it claims to be.
     KeyConflict,
+    /// The sale's limit needs a named buyer and the purchase had none.
+    BuyerRequired,
 }
 
 /// What every answer of the store says about the sale as a whole, so that a

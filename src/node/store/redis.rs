@@ -217,6 +217,7 @@ impl RedisStore {
                 order: r.answer.order,
             },
             7 => Outcome::KeyConflict,
+            9 => Outcome::BuyerRequired,
             other => {
                 return Err(StoreError::Protocol(format!(
                     "deduct returned code {other} for a purchase"
