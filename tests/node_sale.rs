@@ -989,3 +989,60 @@ async fn a_lease_whose_answer_was_lost_is_not_stranded() {
     assert_eq!(json(&body)["status"], "sold_out", "{body}");
     sale.stop().await;
 }
+
+/// Issue 10, case 7: the read of the holders once the sale is sold out gave
+/// up after 30 tries a second apart, and never again: a buyer whose reply
+/// was lost then heard `sold_out` for good. Here Redis refuses `HSCAN` (the
+/// command renamed away) for longer than that, then comes back whole (from
+/// its append-only file): the read, retried with backoff, lands, and the
+/// holder hears `already_bought` with their order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_holders_read_retries_until_it_lands() {
+    let durable = [
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+    ];
+    let mut no_scan = durable.to_vec();
+    no_scan.extend(["--rename-command", "HSCAN", ""]);
+    let mut redis = RedisServer::start_with(&no_scan);
+    let text = sale_config("holders", 3, 1, &[1], Some(&redis.url()), "");
+    let sale = InProcessSale::start(&text).await;
+    let c = client();
+    let node = sale.addrs()[0];
+    let mut orders = Vec::new();
+    for i in 0..3 {
+        let (status, body) = get(&c, node, &format!("/buy/ticket?user=h{i}"))
+            .await
+            .expect("buy");
+        assert_eq!(status, StatusCode::OK, "{body}");
+        orders.push(json(&body)["order"].clone());
+    }
+    let (_, body) = get(&c, node, "/buy/ticket?user=late").await.expect("late");
+    assert_eq!(json(&body)["status"], "sold_out", "{body}");
+    // Longer than the 30 one-second tries of old.
+    tokio::time::sleep(Duration::from_secs(35)).await;
+    let (_, stats) = get(&c, node, "/stats").await.expect("stats");
+    assert_eq!(
+        json(&stats)["holders_known"],
+        serde_json::Value::Null,
+        "{stats}"
+    );
+    redis.restart_with(&durable);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, stats) = get(&c, node, "/stats").await.expect("stats");
+        if json(&stats)["holders_known"] == 3 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never read: {stats}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, body) = get(&c, node, "/buy/ticket?user=h1").await.expect("retry");
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(json(&body)["order"], orders[1], "{body}");
+    sale.stop().await;
+}

@@ -148,6 +148,13 @@ impl RedisServer {
         }
     }
 
+    /// Starts it again on the same port and directory, with other extra
+    /// arguments from now on.
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        self.restart();
+    }
+
     /// Starts it again on the same port and directory.
     pub fn restart(&mut self) {
         self.kill();
