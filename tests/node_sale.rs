@@ -246,6 +246,19 @@ async fn one_buyer_many_requests_gets_one_ticket(redis: Option<&RedisServer>) {
 
 against_both_stores!(one_buyer_many_requests_gets_one_ticket);
 
+/// Lease requests and polls the sale's nodes have sent (each an `EVALSHA`,
+/// or part of one).
+fn lease_calls(sale: &InProcessSale) -> u64 {
+    sale.nodes
+        .iter()
+        .map(|(_, n)| {
+            n.stats
+                .lease_calls
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .sum()
+}
+
 fn evalsha_calls(redis: &RedisServer) -> u64 {
     command_calls(redis, "evalsha")
 }
@@ -293,16 +306,7 @@ async fn sold_out_is_answered_from_memory(redis: Option<&RedisServer>) {
             })
             .collect()
     };
-    let polls = || -> u64 {
-        sale.nodes
-            .iter()
-            .map(|(_, n)| {
-                n.stats
-                    .lease_calls
-                    .load(std::sync::atomic::Ordering::Relaxed)
-            })
-            .sum()
-    };
+    let polls = || lease_calls(&sale);
     // Each node reads the buyers at their limit once, in the background.
     for (addr, _) in &sale.nodes {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -642,16 +646,7 @@ async fn a_lost_reply_never_sells_twice() {
         .await
         .expect("warm-up");
     assert_eq!(status, StatusCode::OK, "{body}");
-    let polls = || -> u64 {
-        sale.nodes
-            .iter()
-            .map(|(_, n)| {
-                n.stats
-                    .lease_calls
-                    .load(std::sync::atomic::Ordering::Relaxed)
-            })
-            .sum()
-    };
+    let polls = || lease_calls(&sale);
     // The next script reply is cut. The nodes' once-a-second polls go
     // through the same proxy, so the cut may land on a poll instead: then
     // the buyer simply bought, and another tries.
@@ -998,14 +993,7 @@ async fn a_lease_whose_answer_was_lost_is_not_stranded() {
 /// holder hears `already_bought` with their order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_holders_read_retries_until_it_lands() {
-    let durable = [
-        "--save",
-        "",
-        "--appendonly",
-        "yes",
-        "--appendfsync",
-        "always",
-    ];
+    let durable = RedisServer::DURABLE;
     let mut no_scan = durable.to_vec();
     no_scan.extend(["--rename-command", "HSCAN", ""]);
     let mut redis = RedisServer::start_with(&no_scan);

@@ -20,17 +20,20 @@ impl RedisServer {
         Self::start_with(&["--save", "", "--appendonly", "no"])
     }
 
+    /// The arguments of [`RedisServer::start_durable`].
+    pub const DURABLE: [&'static str; 6] = [
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+    ];
+
     /// Starts redis-server with append-only persistence, every write synced,
     /// so a restart comes back with everything it acknowledged.
     pub fn start_durable() -> RedisServer {
-        Self::start_with(&[
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-        ])
+        Self::start_with(&Self::DURABLE)
     }
 
     /// Starts redis-server with extra arguments.
