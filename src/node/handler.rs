@@ -424,11 +424,10 @@ impl Node {
         unavailable()
     }
 
-    /// Starts a lease request unless one is in flight; true when this call
-    /// started it.
-    fn refill(&self) -> bool {
+    /// Starts a lease request unless one is in flight.
+    fn refill(&self) {
         if self.refilling.load(Ordering::Relaxed) || self.refilling.swap(true, Ordering::AcqRel) {
-            return false;
+            return;
         }
         let store = self.store.clone();
         let holder = self.holder.clone();
@@ -446,7 +445,6 @@ impl Node {
             guard.0 = None;
             node.with(|n| n.refilled(generation, result));
         });
-        true
     }
 
     /// Notes that the store renewed this node's lease just now.

@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -320,11 +319,6 @@ impl EmbeddedStore {
         let mut s = self.lock();
         s.drop_expired(now_millis());
         s.units(holder)
-    }
-
-    /// How long a lease lives unless renewed.
-    pub fn lease_ttl(&self) -> Duration {
-        Duration::from_millis(self.lease_ttl)
     }
 }
 

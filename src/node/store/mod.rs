@@ -285,18 +285,6 @@ pub struct Holders {
     pub keys: std::collections::HashMap<String, (String, String)>,
 }
 
-impl Holders {
-    /// Entries known.
-    pub fn len(&self) -> usize {
-        self.buyers.len() + self.keys.len()
-    }
-
-    /// Whether nothing is known.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 /// The store a node sells from.
 #[derive(Clone)]
 pub enum Store {
