@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod nginx_conf;
 pub mod node;
+pub mod prometheus;
 pub mod server;
 pub mod stock;
 pub mod up;

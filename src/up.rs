@@ -101,7 +101,14 @@ pub async fn run(
     let (stop_nodes, nodes_rx) = watch::channel(());
     let mut node_tasks = Vec::new();
     for (cfg, listener) in config.nodes.iter().zip(listeners.nodes) {
-        let node = crate::node::build(&config, &cfg.name, store.clone())?;
+        // With Redis, each node its own connection and batch queue, as
+        // separate `spike node` processes would have: its `redis_calls`
+        // are its own. The embedded store lives once per process.
+        let node_store = match config.redis.as_ref() {
+            Some(r) => Store::open(&sale, Some(r)).await?,
+            None => store.clone(),
+        };
+        let node = crate::node::build(&config, &cfg.name, node_store)?;
         node_tasks.push(crate::node::spawn(
             listener,
             node.clone(),

@@ -234,7 +234,7 @@ async fn admin_endpoints_report_status_and_metrics() {
         .expect("metrics");
     assert_eq!(code, 200);
     let line = format!(
-        "spike_balancer_requests_total{{upstream=\"{}\",class=\"2xx\"}} 10",
+        "spike_balancer_requests_total{{upstream=\"{}\",code=\"200\"}} 10",
         a.addr
     );
     assert!(text.contains(&line), "{text}");

@@ -12,37 +12,8 @@ use common::sale::{count, storm};
 use common::spike::{
     SpikeProcess, committed, committed_config, remove_config, run, wait_listening, write_config,
 };
+use common::up::up_config;
 use hyper::StatusCode;
-
-struct Ports {
-    balancer: SocketAddr,
-    admin: SocketAddr,
-    nodes: Vec<SocketAddr>,
-}
-
-fn up_config(total: u64, redis: Option<&str>) -> (String, Ports) {
-    let p = common::free_addr;
-    let ports = Ports {
-        balancer: p(),
-        admin: p(),
-        nodes: (0..4).map(|_| p()).collect(),
-    };
-    let mut text = format!(
-        "[sale]\nevent = \"up\"\ntotal = {total}\nper_user_limit = 1\n\n[balancer]\nlisten = \"{}\"\nadmin = \"{}\"\nstrategy = \"weighted_round_robin\"\n",
-        ports.balancer, ports.admin
-    );
-    if let Some(url) = redis {
-        text.push_str(&format!("\n[redis]\nurl = \"{url}\"\n"));
-    }
-    for (i, a) in ports.nodes.iter().enumerate() {
-        text.push_str(&format!(
-            "\n[[node]]\nname = \"n{}\"\nlisten = \"{a}\"\nweight = {}\n",
-            i + 1,
-            i + 1
-        ));
-    }
-    (text, ports)
-}
 
 fn closed(addr: SocketAddr) -> bool {
     std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err()
@@ -50,7 +21,7 @@ fn closed(addr: SocketAddr) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_runs_a_whole_sale_with_the_embedded_store_and_stops_cleanly() {
-    let (text, ports) = up_config(500, None);
+    let (text, ports) = up_config(500, 4, None);
     let path = write_config(&text);
     let mut up = SpikeProcess::start(&["up", "--config", path.to_str().expect("path")]);
     wait_listening(&ports.balancer.to_string(), Duration::from_secs(15));
@@ -96,7 +67,7 @@ async fn up_runs_a_whole_sale_with_the_embedded_store_and_stops_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_with_redis_initialises_once_and_never_wipes_a_started_sale() {
     let redis = RedisServer::start();
-    let (text, ports) = up_config(50, Some(&redis.url()));
+    let (text, ports) = up_config(50, 4, Some(&redis.url()));
     let path = write_config(&text);
     let cfg = path.to_str().expect("path");
     let c = client();
@@ -131,7 +102,7 @@ fn up_refuses_a_taken_port_by_name() {
     // connection, say) before we bind it: then pick again.
     let (text, ports, _holder) = (0..20)
         .find_map(|_| {
-            let (text, ports) = up_config(10, None);
+            let (text, ports) = up_config(10, 4, None);
             let holder = std::net::TcpListener::bind(ports.nodes[2]).ok()?;
             Some((text, ports, holder))
         })

@@ -7,10 +7,8 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 
-use super::metrics::BUCKETS;
 use super::state::{Active, Shared};
 use super::upstream::Upstream;
 use super::upstream::now_ms;
@@ -21,14 +19,7 @@ pub async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<By
     match (get, req.uri().path()) {
         (true, "/healthz") => crate::server::json(StatusCode::OK, r#"{"status":"ok"}"#),
         (true, "/status") => crate::server::json(StatusCode::OK, status(shared)),
-        (true, "/metrics") => {
-            let mut res = Response::new(Full::new(Bytes::from(metrics(shared))));
-            res.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4"),
-            );
-            res
-        }
+        (true, "/metrics") => crate::prometheus::response(metrics(shared)),
         _ => crate::server::json(StatusCode::NOT_FOUND, r#"{"status":"not_found"}"#),
     }
 }
@@ -48,6 +39,11 @@ fn status(shared: &Shared) -> String {
                 "requests": u.live.requests.load(Ordering::Relaxed),
                 "failures": u.live.failures.load(Ordering::Relaxed),
                 "idle_connections": u.live.idle.len(),
+                "responses": u
+                    .live
+                    .responses_by_code()
+                    .map(|(code, n)| (code.to_string(), serde_json::Value::from(n)))
+                    .collect::<serde_json::Map<_, _>>(),
             })
         })
         .collect();
@@ -78,16 +74,15 @@ fn metrics(shared: &Shared) -> String {
     let mut out = String::with_capacity(4096);
     // Writing to a String cannot fail; results are ignored below.
     out.push_str(
-        "# HELP spike_balancer_requests_total Upstream responses by upstream and status class.\n",
+        "# HELP spike_balancer_requests_total Upstream responses by upstream and status code.\n",
     );
     out.push_str("# TYPE spike_balancer_requests_total counter\n");
     for u in active.selector.upstreams() {
-        for (i, class) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
+        for (code, n) in u.live.responses_by_code() {
             let _ = writeln!(
                 out,
-                "spike_balancer_requests_total{{upstream=\"{}\",class=\"{class}\"}} {}",
+                "spike_balancer_requests_total{{upstream=\"{}\",code=\"{code}\"}} {n}",
                 u.config.addr,
-                u.live.responses[i].load(Ordering::Relaxed)
             );
         }
     }
@@ -122,38 +117,17 @@ fn metrics(shared: &Shared) -> String {
             c.load(Ordering::Relaxed)
         );
     }
-    out.push_str(
-        "# HELP spike_balancer_upstream_latency_seconds Time to the upstream's response head.\n",
+    m.latency.write(
+        &mut out,
+        "spike_balancer_upstream_latency_seconds",
+        "Time to the upstream's response head.",
     );
-    out.push_str("# TYPE spike_balancer_upstream_latency_seconds histogram\n");
-    let mut cumulative = 0;
-    for (i, bound) in BUCKETS.iter().enumerate() {
-        cumulative += m.latency.counts[i].load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "spike_balancer_upstream_latency_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
-        );
-    }
-    cumulative += m.latency.counts[BUCKETS.len()].load(Ordering::Relaxed);
-    let _ = writeln!(
-        out,
-        "spike_balancer_upstream_latency_seconds_bucket{{le=\"+Inf\"}} {cumulative}"
-    );
-    let _ = writeln!(
-        out,
-        "spike_balancer_upstream_latency_seconds_sum {}",
-        m.latency.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
-    );
-    let _ = writeln!(
-        out,
-        "spike_balancer_upstream_latency_seconds_count {cumulative}"
-    );
-    out.push_str("# HELP spike_balancer_active_connections Open client connections.\n");
-    out.push_str("# TYPE spike_balancer_active_connections gauge\n");
-    let _ = writeln!(
-        out,
-        "spike_balancer_active_connections {}",
-        shared.accept_share.open().sum::<u64>()
+    crate::prometheus::single(
+        &mut out,
+        "spike_balancer_active_connections",
+        "Open client connections.",
+        "gauge",
+        shared.accept_share.open().sum::<u64>(),
     );
     out.push_str(
         "# HELP spike_balancer_worker_connections Open client connections per worker thread.\n",
@@ -165,9 +139,13 @@ fn metrics(shared: &Shared) -> String {
             "spike_balancer_worker_connections{{worker=\"{w}\"}} {open}"
         );
     }
-    out.push_str("# HELP spike_balancer_config_version Config version in force.\n");
-    out.push_str("# TYPE spike_balancer_config_version gauge\n");
-    let _ = writeln!(out, "spike_balancer_config_version {}", active.version);
+    crate::prometheus::single(
+        &mut out,
+        "spike_balancer_config_version",
+        "Config version in force.",
+        "gauge",
+        active.version,
+    );
     out
 }
 

@@ -2,34 +2,8 @@
 //! endpoints read: kept apart from both so that neither imports the other.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
-/// Upper bounds of the latency histogram buckets, in seconds.
-pub const BUCKETS: [f64; 12] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
-];
-
-/// Time from a request's arrival to its upstream's response head.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    /// Per-bucket counts (not cumulative); the last slot is `+Inf`.
-    pub(super) counts: [AtomicU64; BUCKETS.len() + 1],
-    pub(super) sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    /// Records one observation (a few relaxed atomic adds).
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        let i = BUCKETS
-            .iter()
-            .position(|&b| secs <= b)
-            .unwrap_or(BUCKETS.len());
-        self.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-    }
-}
+pub use crate::prometheus::Histogram;
 
 /// Balancer-wide counters (per-upstream ones live in `LiveState`).
 #[derive(Debug, Default)]

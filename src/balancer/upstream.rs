@@ -40,8 +40,10 @@ pub struct LiveState {
     pub requests: AtomicU64,
     /// Failed attempts (connect errors, resets, timeouts), ever.
     pub failures: AtomicU64,
-    /// Responses by status class: index 0 is 1xx ... index 4 is 5xx.
-    pub responses: [AtomicU64; 5],
+    /// Responses by status code, index `code - 100` (100 to 599): an
+    /// operator tells a sold-out 409 from a 400 or a 404, which a count by
+    /// class would lump together. Boxed: 4 KB per upstream, allocated once.
+    pub responses: Box<[AtomicU64; STATUS_CODES]>,
     /// Idle keep-alive connections to this upstream, per worker.
     pub idle: IdleConns,
 }
@@ -57,17 +59,29 @@ impl LiveState {
             active: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
-            responses: Default::default(),
+            responses: Box::new(std::array::from_fn(|_| AtomicU64::new(0))),
             idle: IdleConns::default(),
         }
     }
 
-    /// Counts one response by its status class.
+    /// Counts one response by its status code (codes outside 100..600,
+    /// which hyper does not produce, count as 599).
     pub fn count_response(&self, status: u16) {
-        let class = (status / 100).clamp(1, 5) as usize - 1;
-        self.responses[class].fetch_add(1, Ordering::Relaxed);
+        let i = (status.clamp(100, 599) - 100) as usize;
+        self.responses[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The status codes answered so far with their counts, lowest first.
+    pub fn responses_by_code(&self) -> impl Iterator<Item = (u16, u64)> + '_ {
+        self.responses.iter().enumerate().filter_map(|(i, c)| {
+            let n = c.load(Ordering::Relaxed);
+            (n > 0).then_some((i as u16 + 100, n))
+        })
     }
 }
+
+/// How many status codes are counted apart: 100 to 599.
+pub const STATUS_CODES: usize = 500;
 
 /// One upstream as the selector and the proxy see it.
 #[derive(Debug, Clone)]

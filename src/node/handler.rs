@@ -74,12 +74,19 @@ pub struct Stats {
     pub bad_requests: AtomicU64,
     /// 503 busy answers: every unit left is held by purchases in flight.
     pub busy: AtomicU64,
+    /// 503 answers because the sale was never initialised (not a store
+    /// error: the store answered).
+    pub not_initialised: AtomicU64,
+    /// How long purchases and lease requests waited for the store.
+    pub store_latency: crate::prometheus::Histogram,
 }
 
 /// How the last lease request ended, for the buyers waiting on it.
 const REFILL_GRANTED: u8 = 0;
 const REFILL_NONE: u8 = 1;
 const REFILL_FAILED: u8 = 2;
+/// The store holds no sale: the buyers are told so, not "the store is slow".
+const REFILL_NO_SALE: u8 = 3;
 
 /// The holders of one epoch of the sale.
 struct KnownHolders {
@@ -237,6 +244,11 @@ impl Node {
         self.limit.load(Ordering::Acquire)
     }
 
+    /// The node's name in the file.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// This process's lease name in the store.
     pub fn holder(&self) -> &str {
         &self.holder
@@ -286,7 +298,7 @@ impl Node {
     }
 
     /// The store has said this epoch of the sale is sold out.
-    fn is_sold_out(&self) -> bool {
+    pub fn is_sold_out(&self) -> bool {
         let e = self.sold_out_epoch.load(Ordering::Acquire);
         e != 0 && e == self.epoch.load(Ordering::Acquire)
     }
@@ -311,8 +323,11 @@ impl Node {
             },
             "/healthz" if req.method() == Method::GET => self.healthz().await,
             "/stats" if req.method() == Method::GET => self.stats_json(),
+            "/metrics" if req.method() == Method::GET => {
+                crate::prometheus::response(super::metrics::render(&self))
+            }
             "/sale" if req.method() == Method::GET => self.sale().await,
-            "/healthz" | "/stats" | "/sale" => not_allowed("GET"),
+            "/healthz" | "/stats" | "/sale" | "/metrics" => not_allowed("GET"),
             _ => json(
                 StatusCode::NOT_FOUND,
                 Bytes::from_static(b"{\"status\":\"not_found\"}"),
@@ -387,10 +402,15 @@ impl Node {
             if self.lease.left() == 0
                 && !self.is_sold_out()
                 && !self.refilling.load(Ordering::Acquire)
-                && self.refill_result.load(Ordering::Acquire) == REFILL_FAILED
             {
-                self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                return unavailable();
+                match self.refill_result.load(Ordering::Acquire) {
+                    REFILL_FAILED => {
+                        self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                        return unavailable();
+                    }
+                    REFILL_NO_SALE => return self.not_initialised(),
+                    _ => {}
+                }
             }
             if self.lease.left() == 0
                 && !self.is_sold_out()
@@ -420,8 +440,23 @@ impl Node {
             self.stats.busy.fetch_add(1, Ordering::Relaxed);
             return busy();
         }
+        if !self.refilling.load(Ordering::Acquire)
+            && self.refill_result.load(Ordering::Acquire) == REFILL_NO_SALE
+        {
+            return self.not_initialised();
+        }
         self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
         unavailable()
+    }
+
+    /// The 503 for a store that holds no sale (counted apart from store
+    /// errors: nothing failed, the operator has a command to run).
+    fn not_initialised(&self) -> Response<Full<Bytes>> {
+        self.stats.not_initialised.fetch_add(1, Ordering::Relaxed);
+        json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Bytes::from_static(b"{\"status\":\"unavailable\",\"reason\":\"the sale is not initialised: run spike stock init\"}"),
+        )
     }
 
     /// Starts a lease request unless one is in flight.
@@ -441,8 +476,10 @@ impl Node {
             // runtime stops), the flag must not stay set: buyers would wait
             // for a request that never ends.
             let mut guard = RefillGuard(Some(NodeRef(node.0.clone())));
-            let result = store.lease(&holder, chunk, Instant::now() + timeout).await;
+            let asked = Instant::now();
+            let result = store.lease(&holder, chunk, asked + timeout).await;
             guard.0 = None;
+            node.with(|n| n.stats.store_latency.observe(asked.elapsed()));
             node.with(|n| n.refilled(generation, result));
         });
     }
@@ -487,6 +524,7 @@ impl Node {
                     REFILL_NONE
                 }
             }
+            Err(StoreError::NoSale) => REFILL_NO_SALE,
             Err(e) => {
                 tracing::warn!(node = %self.name, error = %e, "lease request failed");
                 REFILL_FAILED
@@ -507,6 +545,7 @@ impl Node {
         give_up: Instant,
     ) -> Response<Full<Bytes>> {
         self.stats.store_calls.fetch_add(1, Ordering::Relaxed);
+        let asked = Instant::now();
         // `unit` goes back to the lease on every path but a sale,
         // including this future being dropped because the client left.
         let result = self
@@ -519,17 +558,15 @@ impl Node {
                 give_up,
             })
             .await;
+        self.stats.store_latency.observe(asked.elapsed());
         let reply = match result {
             Ok(reply) => reply,
             Err(e) => {
                 drop(unit);
-                self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
                 if matches!(e, StoreError::NoSale) {
-                    return json(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        Bytes::from_static(b"{\"status\":\"unavailable\",\"reason\":\"the sale is not initialised: run spike stock init\"}"),
-                    );
+                    return self.not_initialised();
                 }
+                self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, node = %self.name, "store call failed; unit returned");
                 return unavailable();
             }
@@ -725,50 +762,29 @@ impl Node {
         }
     }
 
+    /// Whether the node can sell: the store answers and holds an
+    /// initialised sale, and its clock is near this host's. A 503 says why.
     async fn healthz(&self) -> Response<Full<Bytes>> {
-        if let Err(e) = self.store.ping().await {
-            let body = serde_json::json!({"status": "unavailable", "reason": e.to_string()});
-            return json(StatusCode::SERVICE_UNAVAILABLE, body.to_string());
-        }
-        let offset = self.store.clock_offset_ms();
-        if let (Some(off), Some(max)) = (offset, self.max_clock_offset)
-            && off.unsigned_abs() > max.as_millis() as u64
-        {
-            let body = serde_json::json!({
-                "status": "unavailable",
-                "reason": format!("Redis's clock is {off} ms from this host's (more than max_clock_offset {max:?}); deadlines stay safe, but fix the clock"),
-                "clock_offset_ms": off,
-            });
-            return json(StatusCode::SERVICE_UNAVAILABLE, body.to_string());
-        }
-        let body = serde_json::json!({"status": "ok", "clock_offset_ms": offset});
-        json(StatusCode::OK, body.to_string())
+        let (status, body) = super::metrics::health(self).await;
+        json(status, body)
+    }
+
+    /// The buyers and keys read into memory once sold out, when read.
+    pub fn holders_known(&self) -> Option<(usize, usize)> {
+        let holders = self.holders.load();
+        holders
+            .as_deref()
+            .filter(|h| h.epoch == self.epoch())
+            .map(|h| (h.holders.buyers.len(), h.holders.keys.len()))
+    }
+
+    /// `/healthz` fails past this clock offset to Redis.
+    pub fn max_clock_offset(&self) -> Option<Duration> {
+        self.max_clock_offset
     }
 
     fn stats_json(&self) -> Response<Full<Bytes>> {
-        let s = &self.stats;
-        let holders = self.holders.load();
-        let body = serde_json::json!({
-            "node": self.name,
-            "epoch": self.epoch(),
-            "per_user_limit": self.per_user_limit(),
-            "lease": self.lease.left(),
-            "sold_out": self.is_sold_out(),
-            "holders_known": holders.as_deref().map(|h| h.holders.buyers.len()),
-            "keys_known": holders.as_deref().map(|h| h.holders.keys.len()),
-            "sold": s.sold.load(Ordering::Relaxed),
-            "sold_out_answers": s.sold_out.load(Ordering::Relaxed),
-            "already_bought": s.already_bought.load(Ordering::Relaxed),
-            "replayed": s.replayed.load(Ordering::Relaxed),
-            "store_calls": s.store_calls.load(Ordering::Relaxed),
-            "lease_calls": s.lease_calls.load(Ordering::Relaxed),
-            "redis_calls": self.store.deduct_calls(),
-            "store_errors": s.store_errors.load(Ordering::Relaxed),
-            "bad_requests": s.bad_requests.load(Ordering::Relaxed),
-            "busy": s.busy.load(Ordering::Relaxed),
-            "clock_offset_ms": self.store.clock_offset_ms(),
-        });
-        json(StatusCode::OK, body.to_string())
+        json(StatusCode::OK, super::metrics::stats(self))
     }
 
     fn clear_sale_cache(&self) {

@@ -3,6 +3,7 @@
 
 pub mod handler;
 pub mod lease;
+pub mod metrics;
 pub mod store;
 
 use std::future::Future;

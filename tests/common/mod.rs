@@ -9,6 +9,7 @@ pub mod http;
 pub mod redis;
 pub mod sale;
 pub mod spike;
+pub mod up;
 
 /// `127.0.0.1` and a port nobody is listening on right now.
 pub fn free_addr() -> std::net::SocketAddr {

@@ -1,0 +1,207 @@
+//! The node's `GET /metrics` (Prometheus text format 0.0.4): what `/stats`
+//! counts, in the form a scraper wants, plus the store's latency. Written
+//! off the hot path; the hot path only bumps the atomics of [`Stats`].
+//!
+//! [`Stats`]: super::handler::Stats
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+
+use hyper::StatusCode;
+
+use super::Node;
+use crate::prometheus::{header, single};
+
+/// The node's metrics as Prometheus text.
+pub fn render(node: &Node) -> String {
+    let s = &node.stats;
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let mut out = String::with_capacity(3072);
+    let counters = [
+        (
+            "spike_node_sold_total",
+            "Tickets this node sold.",
+            load(&s.sold),
+        ),
+        (
+            "spike_node_sold_out_total",
+            "409 sold-out answers (from the store or from memory).",
+            load(&s.sold_out),
+        ),
+        (
+            "spike_node_already_bought_total",
+            "409 answers to buyers at their limit.",
+            load(&s.already_bought),
+        ),
+        (
+            "spike_node_replayed_total",
+            "Answers that repeated an Idempotency-Key's first answer.",
+            load(&s.replayed),
+        ),
+        (
+            "spike_node_bad_requests_total",
+            "Requests refused as malformed (400, 413, 414, 422).",
+            load(&s.bad_requests),
+        ),
+        (
+            "spike_node_store_purchases_total",
+            "Purchases sent to the store (several may share one call).",
+            load(&s.store_calls),
+        ),
+        (
+            "spike_node_lease_calls_total",
+            "Lease requests sent to the store, polls included.",
+            load(&s.lease_calls),
+        ),
+        (
+            "spike_node_store_errors_total",
+            "Store calls that failed or did not answer in time (each a 503).",
+            load(&s.store_errors),
+        ),
+    ];
+    for (name, help, value) in counters {
+        single(&mut out, name, help, "counter", value);
+    }
+    if let Some(calls) = node.store().deduct_calls() {
+        single(
+            &mut out,
+            "spike_node_redis_calls_total",
+            "Calls to Redis that carried purchases and lease requests.",
+            "counter",
+            calls,
+        );
+    }
+    let name = "spike_node_unavailable_total";
+    header(
+        &mut out,
+        name,
+        "503 answers to purchases, by reason.",
+        "counter",
+    );
+    for (reason, n) in [
+        ("busy", load(&s.busy)),
+        ("store", load(&s.store_errors)),
+        ("not_initialised", load(&s.not_initialised)),
+    ] {
+        let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {n}");
+    }
+    single(
+        &mut out,
+        "spike_node_lease_units",
+        "Units of this node's lease not yet sent to the store.",
+        "gauge",
+        node.lease_left(),
+    );
+    single(
+        &mut out,
+        "spike_node_epoch",
+        "The sale's epoch as this node last heard it (0 before any answer).",
+        "gauge",
+        node.epoch(),
+    );
+    s.store_latency.write(
+        &mut out,
+        "spike_node_store_latency_seconds",
+        "Time a purchase or lease request waited for the store's answer.",
+    );
+    out
+}
+
+/// The node's `/stats`: every field always present with one meaning, except
+/// those that only exist with Redis or once read (absent, never `null`).
+#[derive(serde::Serialize)]
+struct StatsBody<'a> {
+    node: &'a str,
+    epoch: u64,
+    per_user_limit: u64,
+    lease: u64,
+    sold_out: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    holders_known: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    keys_known: Option<usize>,
+    sold: u64,
+    sold_out_answers: u64,
+    already_bought: u64,
+    replayed: u64,
+    store_calls: u64,
+    lease_calls: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis_calls: Option<u64>,
+    store_errors: u64,
+    bad_requests: u64,
+    busy: u64,
+    not_initialised: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    clock_offset_ms: Option<i64>,
+}
+
+/// The JSON body of `GET /stats`.
+pub fn stats(node: &Node) -> String {
+    let s = &node.stats;
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let known = node.holders_known();
+    let body = StatsBody {
+        node: node.name(),
+        epoch: node.epoch(),
+        per_user_limit: node.per_user_limit(),
+        lease: node.lease_left(),
+        sold_out: node.is_sold_out(),
+        holders_known: known.map(|k| k.0),
+        keys_known: known.map(|k| k.1),
+        sold: load(&s.sold),
+        sold_out_answers: load(&s.sold_out),
+        already_bought: load(&s.already_bought),
+        replayed: load(&s.replayed),
+        store_calls: load(&s.store_calls),
+        lease_calls: load(&s.lease_calls),
+        redis_calls: node.store().deduct_calls(),
+        store_errors: load(&s.store_errors),
+        bad_requests: load(&s.bad_requests),
+        busy: load(&s.busy),
+        not_initialised: load(&s.not_initialised),
+        clock_offset_ms: node.store().clock_offset_ms(),
+    };
+    serde_json::to_string(&body).unwrap_or_default()
+}
+
+/// `GET /healthz`: 200 when the node can sell; otherwise 503 and the
+/// reason (the store unreachable, the sale not initialised, Redis's clock
+/// too far from this host's).
+pub async fn health(node: &Node) -> (StatusCode, String) {
+    let unavailable = |reason: String, offset: Option<i64>| {
+        let mut body = serde_json::json!({"status": "unavailable", "reason": reason});
+        if let Some(off) = offset {
+            body["clock_offset_ms"] = off.into();
+        }
+        (StatusCode::SERVICE_UNAVAILABLE, body.to_string())
+    };
+    // A snapshot, not a bare ping: it proves the store answers and says
+    // whether there is a sale to sell from, in one constant-time call.
+    match node.store().snapshot().await {
+        Err(e) => return unavailable(format!("the store is unreachable: {e}"), None),
+        Ok(snap) if !snap.initialised => {
+            return unavailable(
+                "the sale is not initialised: run spike stock init".to_string(),
+                None,
+            );
+        }
+        Ok(_) => {}
+    }
+    let offset = node.store().clock_offset_ms();
+    if let (Some(off), Some(max)) = (offset, node.max_clock_offset())
+        && off.unsigned_abs() > max.as_millis() as u64
+    {
+        return unavailable(
+            format!(
+                "Redis's clock is {off} ms from this host's (more than max_clock_offset {max:?}); deadlines stay safe, but fix the clock"
+            ),
+            Some(off),
+        );
+    }
+    let mut body = serde_json::json!({"status": "ok"});
+    if let Some(off) = offset {
+        body["clock_offset_ms"] = off.into();
+    }
+    (StatusCode::OK, body.to_string())
+}
