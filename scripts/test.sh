@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command that passes the tests on a fresh machine: installs what the
-# tests need when it is missing (redis-server, nginx and faketime, from
-# Debian's packages), then runs the whole suite. CI calls this same script.
+# tests need when it is missing (redis-server, nginx, faketime, and chromium
+# for the status page test, from Debian's packages), then runs the whole suite. CI calls this same script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +9,7 @@ missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v faketime >/dev/null 2>&1 || missing+=(faketime)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ "${#missing[@]}" -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -1,4 +1,5 @@
-//! The admin listener: `GET /healthz`, `GET /status` (JSON), `GET /metrics`
+//! The admin listener: `GET /` (the live status page), `GET /healthz`,
+//! `GET /status` (JSON), `GET /sale` (a node's snapshot), `GET /metrics`
 //! (Prometheus text). Off the hot path, so it formats freely.
 
 use std::fmt::Write as _;
@@ -13,10 +14,26 @@ use super::state::{Active, Shared};
 use super::upstream::Upstream;
 use super::upstream::now_ms;
 
+/// The live status page: one self-contained HTML file (no framework, no
+/// CDN) that fetches `/status` and `/sale` and redraws itself.
+const STATUS_PAGE: &str = include_str!("status.html");
+
 /// Answers one admin request.
 pub async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let get = matches!(*req.method(), Method::GET | Method::HEAD);
     match (get, req.uri().path()) {
+        (true, "/") => {
+            let mut res = Response::new(Full::new(Bytes::from_static(STATUS_PAGE.as_bytes())));
+            res.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            res
+        }
+        (true, "/sale") => {
+            let (status, body) = super::sale::sale(shared).await;
+            crate::server::json(status, body)
+        }
         (true, "/healthz") => crate::server::json(StatusCode::OK, r#"{"status":"ok"}"#),
         (true, "/status") => crate::server::json(StatusCode::OK, status(shared)),
         (true, "/metrics") => crate::prometheus::response(metrics(shared)),

@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod reload;
+pub mod sale;
 pub mod state;
 pub mod strategy;
 pub mod upstream;

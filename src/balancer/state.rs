@@ -88,6 +88,8 @@ pub struct Shared {
     /// Worker threads serving clients, fixed at start; each has its own
     /// idle upstream connections (see [`super::pool`]).
     pub workers: usize,
+    /// The file in force has a `[sale]` (the status page shows it).
+    has_sale: std::sync::atomic::AtomicBool,
     path: PathBuf,
     reloading: Mutex<()>,
     seen: Mutex<Stamp>,
@@ -121,6 +123,7 @@ impl Shared {
             server: config.server.clone(),
             workers,
             seen: Mutex::new(stamp(&config.path)),
+            has_sale: std::sync::atomic::AtomicBool::new(config.sale.is_some()),
             path: config.path,
             reloading: Mutex::new(()),
             last_reload: Mutex::new(None),
@@ -160,6 +163,8 @@ impl Shared {
         *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = stamp(&self.path);
         let config = Config::load(&self.path)?;
         let balancer = config.require_balancer()?.clone();
+        self.has_sale
+            .store(config.sale.is_some(), std::sync::atomic::Ordering::Relaxed);
         let old = self.current.load_full();
         if balancer == old.config {
             tracing::info!(version = old.version, "config unchanged, no new version");
@@ -180,6 +185,11 @@ impl Shared {
         );
         self.current.store(Arc::new(next));
         Ok(version)
+    }
+
+    /// Whether the file in force has a `[sale]`.
+    pub fn has_sale(&self) -> bool {
+        self.has_sale.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether the file changed since the last load or reload attempt.
