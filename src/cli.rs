@@ -58,8 +58,11 @@ Runs the balancer and one node per [[node]] in this process, with the
 embedded store unless the file has [redis].
 
 SIGHUP, or saving the file, reloads the balancer's config (see `spike
-balancer --help`); its admin endpoints /healthz, /status and /metrics are on
-[balancer] admin. SIGTERM/SIGINT stops everything gracefully within [server]
+balancer --help`) and follows the [[node]] entries: an added node is started
+before the balancer routes to it, a removed one is taken out of the balancer
+and stopped once its requests have finished; a node that cannot listen
+refuses the whole file. The admin endpoints (/ the status page, /healthz,
+/status, /sale, /metrics) are on [balancer] admin. SIGTERM/SIGINT stops everything gracefully within [server]
 grace_period and exits 0. Exit code 1 on an error.";
 
 /// What `spike stock audit --help` adds.

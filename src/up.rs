@@ -6,11 +6,12 @@
 //! but the binary. Separate `spike node` processes (with Redis) are the way
 //! to spread nodes over machines.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -98,48 +99,169 @@ pub async fn run(
         store.init(false).await?;
     }
     let mut nodes = Vec::with_capacity(config.nodes.len());
-    let (stop_nodes, nodes_rx) = watch::channel(());
-    let mut node_tasks = Vec::new();
+    let fleet = Arc::new(Fleet {
+        store: store.clone(),
+        running: Mutex::new(HashMap::new()),
+    });
     for (cfg, listener) in config.nodes.iter().zip(listeners.nodes) {
-        // With Redis, each node its own connection and batch queue, as
-        // separate `spike node` processes would have: its `redis_calls`
-        // are its own. The embedded store lives once per process.
-        let node_store = match config.redis.as_ref() {
-            Some(r) => Store::open(&sale, Some(r)).await?,
-            None => store.clone(),
-        };
-        let node = crate::node::build(&config, &cfg.name, node_store)?;
-        node_tasks.push(crate::node::spawn(
-            listener,
-            node.clone(),
-            config.server.clone(),
-            nodes_rx.clone(),
-        ));
-        nodes.push(node);
+        nodes.push(fleet.start(&config, &cfg.name, listener).await?);
     }
+    let balancer = crate::balancer::Balancer::new(config.clone())?;
+    balancer.set_reload_hook(Box::new(FleetHook {
+        fleet: fleet.clone(),
+        runtime: tokio::runtime::Handle::current(),
+    }));
     let (stop_balancer, balancer_rx) = watch::channel(());
-    let balancer = tokio::spawn(crate::balancer::run(
-        listeners.balancer,
-        listeners.admin,
-        config.clone(),
-        async move {
+    let balancer = tokio::spawn(
+        balancer.run(listeners.balancer, listeners.admin, async move {
             let mut rx = balancer_rx;
             let _ = rx.changed().await;
-        },
-    ));
+        }),
+    );
     ready(&config, &nodes);
     shutdown.await;
     let _ = stop_balancer.send(());
     let balancer_result = balancer.await;
-    let _ = stop_nodes.send(());
-    for t in node_tasks {
-        let _ = t.await;
+    let all: Vec<Running> = fleet.lock().drain().map(|(_, r)| r).collect();
+    for r in &all {
+        let _ = r.stop.send(());
+    }
+    for r in all {
+        let _ = r.task.await;
     }
     match balancer_result {
         Ok(r) => r.map_err(UpError::from),
         Err(e) => {
             tracing::error!(error = %e, "balancer task failed");
             Ok(())
+        }
+    }
+}
+
+/// One node serving in this process.
+struct Running {
+    stop: watch::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The nodes `spike up` runs, by listen address: what a reload of the file
+/// starts and stops.
+struct Fleet {
+    /// The store the nodes sell from (each Redis node opens its own
+    /// connection to the same Redis).
+    store: Store,
+    running: Mutex<HashMap<SocketAddr, Running>>,
+}
+
+impl Fleet {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Running>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts node `name` of `config` on `listener`.
+    async fn start(
+        &self,
+        config: &Config,
+        name: &str,
+        listener: TcpListener,
+    ) -> Result<Arc<Node>, UpError> {
+        // With Redis, each node its own connection and batch queue, as
+        // separate `spike node` processes would have: its `redis_calls`
+        // are its own. The embedded store lives once per process.
+        let store = match config.redis.as_ref() {
+            Some(r) => Store::open(config.require_sale()?, Some(r)).await?,
+            None => self.store.clone(),
+        };
+        let node = crate::node::build(config, name, store)?;
+        // Keyed by the file's address, which the reload compares against.
+        let addr = config.node(name)?.listen;
+        let (stop, rx) = watch::channel(());
+        let task = crate::node::spawn(listener, node.clone(), config.server.clone(), rx);
+        self.lock().insert(addr, Running { stop, task });
+        Ok(node)
+    }
+}
+
+/// Follows the file's `[[node]]` entries on reload: an added node is bound
+/// and serving before the balancer routes to it; a removed one is stopped
+/// once the balancer routes nothing to it and its requests in flight have
+/// ended. A node that cannot start refuses the whole file.
+struct FleetHook {
+    fleet: Arc<Fleet>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl crate::balancer::state::ReloadHook for FleetHook {
+    fn before(&self, config: &Config) -> Result<(), String> {
+        if config.nodes.is_empty() {
+            return Err(format!(
+                "{}: `spike up` runs the file's [[node]] entries and there are none",
+                config.path.display()
+            ));
+        }
+        let added: Vec<_> = {
+            let running = self.fleet.lock();
+            config
+                .nodes
+                .iter()
+                .filter(|n| !running.contains_key(&n.listen))
+                .collect()
+        };
+        // Bind them all before starting any: a taken port refuses the file
+        // with nothing started.
+        let _in_runtime = self.runtime.enter();
+        let mut bound = Vec::with_capacity(added.len());
+        for n in added {
+            let listener = crate::server::bind(n.listen).map_err(|e| {
+                format!(
+                    "node {} cannot listen on {}: {e}; the file is refused",
+                    n.name, n.listen
+                )
+            })?;
+            bound.push((n.name.clone(), listener));
+        }
+        for (name, listener) in bound {
+            self.runtime
+                .block_on(self.fleet.start(config, &name, listener))
+                .map_err(|e| format!("node {name} cannot start: {e}; the file is refused"))?;
+            tracing::info!(node = %name, "node added by the reload is serving");
+        }
+        Ok(())
+    }
+
+    fn after(&self, config: &Config, gone: Vec<Arc<crate::balancer::upstream::LiveState>>) {
+        let removed: Vec<(SocketAddr, Running)> = {
+            let mut running = self.fleet.lock();
+            let stale: Vec<SocketAddr> = running
+                .keys()
+                .filter(|a| !config.nodes.iter().any(|n| n.listen == **a))
+                .copied()
+                .collect();
+            stale
+                .into_iter()
+                .filter_map(|a| running.remove(&a).map(|r| (a, r)))
+                .collect()
+        };
+        let grace = config.server.grace_period;
+        for (addr, r) in removed {
+            let live = gone.iter().find(|l| l.addr == addr).cloned();
+            self.runtime.spawn(async move {
+                // Requests the balancer sent before the reload finish
+                // first (bounded by the grace period), then the node stops
+                // the way a SIGTERM stops it.
+                let until = tokio::time::Instant::now() + grace;
+                while let Some(l) = &live {
+                    if l.active.load(std::sync::atomic::Ordering::Acquire) == 0
+                        || tokio::time::Instant::now() >= until
+                    {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                let _ = r.stop.send(());
+                let _ = r.task.await;
+                tracing::info!(%addr, "node removed by the reload has stopped");
+            });
         }
     }
 }

@@ -8,23 +8,14 @@
 mod balancer_support;
 mod common;
 
+use common::wait_for;
+
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use balancer_support::*;
 use common::backend::Backend;
 use common::spike::{SpikeProcess, remove_config, wait_listening, write_config};
-
-async fn wait_for(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{what} did not happen within {limit:?}");
-}
 
 /// Sends `n` sequential requests; returns how many each backend got.
 async fn split(url: &str, n: usize, backends: &[&Backend]) -> Vec<u64> {

@@ -162,3 +162,99 @@ fn the_copy_of_the_example_config_is_the_committed_one() {
         "tests/data/config.toml differs from config.toml: cp config.toml tests/data/config.toml"
     );
 }
+
+/// `spike up` follows its file on SIGHUP: a `[[node]]` added is started and
+/// then routed to; one removed is taken out of the balancer, then stopped
+/// (its port closes); a file whose new node cannot listen is refused with
+/// the reason. Buyers keep coming all along and none gets a 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_reload_starts_added_nodes_and_stops_removed_ones() {
+    let (text, ports) = up_config(100_000, 2, None);
+    let (up, path) = common::up::start_up(&text, &ports);
+    let c = client();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let buyers = {
+        let (c, stop, lb) = (c.clone(), stop.clone(), ports.balancer);
+        tokio::spawn(async move {
+            let mut answers = Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let got = get(&c, lb, &format!("/buy/ticket?user=r{i}")).await;
+                answers.push(got.map(|(s, b)| (s, json(&b)["node"].clone())));
+                i += 1;
+            }
+            answers
+        })
+    };
+    let version = async |c: &common::http::TestClient| {
+        let (_, body) = get(c, ports.admin, "/status").await.expect("status");
+        json(&body)
+    };
+
+    // Add n3.
+    let n3 = common::free_addr();
+    let with_n3 = format!("{text}{}", common::up::node_entry(3, n3));
+    std::fs::write(&path, &with_n3).expect("write");
+    up.signal("HUP");
+    common::wait_for("version 2", Duration::from_secs(10), async || {
+        version(&c).await["version"] == 2
+    })
+    .await;
+    let (status, _) = get(&c, n3, "/healthz").await.expect("n3 answers");
+    assert_eq!(status, StatusCode::OK);
+
+    // Remove n2.
+    let n2 = ports.nodes[1];
+    let without_n2: String = with_n3.replace(&common::up::node_entry(2, n2), "");
+    assert_ne!(without_n2, with_n3);
+    std::fs::write(&path, &without_n2).expect("write");
+    up.signal("HUP");
+    common::wait_for("version 3", Duration::from_secs(10), async || {
+        version(&c).await["version"] == 3
+    })
+    .await;
+    common::wait_for("n2's port closes", Duration::from_secs(15), async || {
+        closed(n2)
+    })
+    .await;
+
+    // A new node whose port is taken: refused, nothing changes.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken_addr = taken.local_addr().expect("addr");
+    std::fs::write(
+        &path,
+        format!("{without_n2}{}", common::up::node_entry(4, taken_addr)),
+    )
+    .expect("write");
+    up.signal("HUP");
+    common::wait_for("the refusal", Duration::from_secs(10), async || {
+        version(&c).await["last_reload"]["ok"] == false
+    })
+    .await;
+    let v = version(&c).await;
+    assert_eq!(v["version"], 3, "{v}");
+    let error = v["last_reload"]["error"].as_str().unwrap_or("");
+    assert!(error.contains("node n4 cannot listen"), "{v}");
+    let addrs: Vec<&str> = v["upstreams"]
+        .as_array()
+        .expect("upstreams")
+        .iter()
+        .filter_map(|u| u["address"].as_str())
+        .collect();
+    assert_eq!(addrs, [ports.nodes[0].to_string(), n3.to_string()], "{v}");
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let answers = buyers.await.expect("buyers");
+    assert!(answers.len() > 20, "{}", answers.len());
+    let mut from_n3 = 0;
+    for a in &answers {
+        let (status, node) = a.as_ref().expect("no transport error");
+        assert_eq!(*status, StatusCode::OK, "{node}");
+        if node == "n3" {
+            from_n3 += 1;
+        }
+    }
+    assert!(from_n3 > 0, "the balancer routed to the added node");
+    remove_config(&path);
+}

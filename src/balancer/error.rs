@@ -21,6 +21,10 @@ pub enum BalancerError {
         /// What the OS said.
         source: std::io::Error,
     },
+    /// What runs beside the balancer (`spike up`'s nodes) could not follow
+    /// the new file, so it was refused.
+    #[error("{0}")]
+    Refused(String),
     /// Any other I/O failure (runtime start, listener address).
     #[error("{0}")]
     Io(#[from] std::io::Error),

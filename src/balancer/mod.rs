@@ -75,6 +75,12 @@ impl Balancer {
         })
     }
 
+    /// Lets `hook` start and stop what runs beside the balancer around
+    /// each reload (see [`state::ReloadHook`]).
+    pub fn set_reload_hook(&self, hook: Box<dyn state::ReloadHook>) {
+        self.shared.set_reload_hook(hook);
+    }
+
     /// A handle to reload from the config file while running.
     pub fn reloader(&self) -> Reloader {
         Reloader {

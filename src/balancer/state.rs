@@ -66,6 +66,28 @@ impl Active {
     }
 }
 
+/// Work around a reload outside the balancer: `spike up` starts the nodes
+/// a file adds before they are routed to, and stops the ones it removes
+/// once nothing is routed to them, so the balancer never routes to a node
+/// that does not exist.
+pub trait ReloadHook: Send + Sync {
+    /// The validated file, before it goes in force; an error refuses it
+    /// (the old config stays in force).
+    fn before(&self, config: &Config) -> Result<(), String>;
+    /// The file is in force; `gone` are the upstreams it took out, with
+    /// their requests in flight.
+    fn after(&self, config: &Config, gone: Vec<Arc<LiveState>>);
+}
+
+/// The hook, printable for `Shared`'s `Debug`.
+struct Hook(Box<dyn ReloadHook>);
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReloadHook")
+    }
+}
+
 /// What a file looked like last time: modification time and length.
 type Stamp = Option<(SystemTime, u64)>;
 
@@ -88,6 +110,8 @@ pub struct Shared {
     /// Worker threads serving clients, fixed at start; each has its own
     /// idle upstream connections (see [`super::pool`]).
     pub workers: usize,
+    /// Called around every reload that makes a new version.
+    hook: std::sync::OnceLock<Hook>,
     /// The file in force has a `[sale]` (the status page shows it).
     has_sale: std::sync::atomic::AtomicBool,
     path: PathBuf,
@@ -124,6 +148,7 @@ impl Shared {
             workers,
             seen: Mutex::new(stamp(&config.path)),
             has_sale: std::sync::atomic::AtomicBool::new(config.sale.is_some()),
+            hook: std::sync::OnceLock::new(),
             path: config.path,
             reloading: Mutex::new(()),
             last_reload: Mutex::new(None),
@@ -175,6 +200,10 @@ impl Shared {
                 "a change of balancer.listen or balancer.admin takes effect only after a restart"
             );
         }
+        let hook = self.hook.get();
+        if let Some(h) = hook {
+            h.0.before(&config).map_err(BalancerError::Refused)?;
+        }
         let next = Active::build(old.version + 1, balancer, Some(&old));
         let version = next.version;
         tracing::info!(
@@ -183,8 +212,27 @@ impl Shared {
             upstreams = next.config.upstreams.len(),
             "config reloaded"
         );
+        let gone: Vec<Arc<LiveState>> = old
+            .selector
+            .upstreams()
+            .filter(|u| {
+                !next
+                    .selector
+                    .upstreams()
+                    .any(|n| n.config.addr == u.config.addr)
+            })
+            .map(|u| u.live.clone())
+            .collect();
         self.current.store(Arc::new(next));
+        if let Some(h) = hook {
+            h.0.after(&config, gone);
+        }
         Ok(version)
+    }
+
+    /// Sets the reload hook (once; a second is ignored).
+    pub fn set_reload_hook(&self, hook: Box<dyn ReloadHook>) {
+        let _ = self.hook.set(Hook(hook));
     }
 
     /// Whether the file in force has a `[sale]`.

@@ -11,6 +11,23 @@ pub mod sale;
 pub mod spike;
 pub mod up;
 
+/// Checks `check` every 50 ms until it holds; fails the test, naming
+/// `what`, when it has not held within `limit`.
+pub async fn wait_for(
+    what: &str,
+    limit: std::time::Duration,
+    mut check: impl AsyncFnMut() -> bool,
+) {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("{what} did not happen within {limit:?}");
+}
+
 /// `127.0.0.1` and a port nobody is listening on right now.
 pub fn free_addr() -> std::net::SocketAddr {
     std::net::SocketAddr::from(([127, 0, 0, 1], free_port()))
