@@ -180,11 +180,7 @@ async fn sighup_reloads_a_real_process_under_load() {
     let v: serde_json::Value = serde_json::from_str(&get_ok(&client, &status).await).expect("json");
     assert_eq!(v["upstreams"].as_array().expect("list").len(), 3);
 
-    spike.signal("TERM");
-    assert!(
-        spike.wait_exit(Duration::from_secs(15)).is_some(),
-        "spike exits on SIGTERM"
-    );
+    spike.stop("TERM", Duration::from_secs(15));
     remove_config(&path);
 }
 
@@ -268,7 +264,6 @@ async fn status_reports_the_last_reload_and_an_unchanged_file_is_no_new_version(
     assert_eq!(v["last_reload"]["unchanged"], false, "{v}");
     assert_eq!(v["upstreams"].as_array().expect("list").len(), 2);
 
-    spike.signal("TERM");
-    assert!(spike.wait_exit(Duration::from_secs(15)).is_some());
+    spike.stop("TERM", Duration::from_secs(15));
     remove_config(&path);
 }

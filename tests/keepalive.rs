@@ -223,8 +223,7 @@ fn idle_keep_alive_connections_are_closed_at_shutdown_without_waiting_for_grace(
             closed_within(&mut r, Duration::from_secs(3)),
             "crowd {crowd}"
         );
-        let exit = node.wait_exit(Duration::from_secs(5)).expect("exits");
-        assert!(exit.success(), "{exit:?}");
+        node.expect_clean_exit(Duration::from_secs(5));
         remove_config(&path);
     }
 }

@@ -155,9 +155,7 @@ fn a_node_stops_cleanly_on_sigterm() {
     assert!(run(&["stock", "init", "--config", c]).status.success());
     let mut node = SpikeProcess::start(&["node", "--config", c, "--name", "n1"]);
     wait_listening(&node_addrs(&text)[0].to_string(), Duration::from_secs(10));
-    node.signal("TERM");
-    let status = node.wait_exit(Duration::from_secs(10)).expect("exits");
-    assert!(status.success(), "{status:?}");
+    node.stop("TERM", Duration::from_secs(10));
     remove_config(&path);
 }
 
@@ -339,12 +337,7 @@ fn node_threads_sets_the_runtime_threads() {
             })
             .count();
         assert_eq!(workers, threads, "threads = {threads}");
-        node.signal("TERM");
-        assert!(
-            node.wait_exit(Duration::from_secs(10))
-                .expect("exits")
-                .success()
-        );
+        node.stop("TERM", Duration::from_secs(10));
         remove_config(&path);
     }
 }

@@ -22,12 +22,7 @@ fn closed(addr: SocketAddr) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_runs_a_whole_sale_with_the_embedded_store_and_stops_cleanly() {
     let (text, ports) = up_config(500, 4, None);
-    let path = write_config(&text);
-    let mut up = SpikeProcess::start(&["up", "--config", path.to_str().expect("path")]);
-    wait_listening(&ports.balancer.to_string(), Duration::from_secs(15));
-    for n in &ports.nodes {
-        wait_listening(&n.to_string(), Duration::from_secs(5));
-    }
+    let (mut up, path) = common::up::start_up(&text, &ports);
     let c = client();
     let answers = storm(&c, &[ports.balancer], 3000, 1500, 64, "up-buyer").await;
     assert!(
@@ -52,11 +47,7 @@ async fn up_runs_a_whole_sale_with_the_embedded_store_and_stops_cleanly() {
     let (status, _) = get(&c, ports.admin, "/status").await.expect("admin");
     assert_eq!(status, StatusCode::OK);
 
-    up.signal("INT");
-    let exit = up
-        .wait_exit(Duration::from_secs(15))
-        .expect("spike up exits on Ctrl-C");
-    assert!(exit.success(), "{exit:?}");
+    up.stop("INT", Duration::from_secs(15));
     assert!(closed(ports.balancer));
     for n in &ports.nodes {
         assert!(closed(*n), "node {n} still listening");
@@ -87,12 +78,7 @@ async fn up_with_redis_initialises_once_and_never_wipes_a_started_sale() {
     assert_eq!(count(&answers, StatusCode::OK), 30);
     let audit = run(&["stock", "audit", "--config", cfg]);
     assert!(audit.status.success(), "{audit:?}");
-    up.signal("TERM");
-    assert!(
-        up.wait_exit(Duration::from_secs(15))
-            .expect("exits")
-            .success()
-    );
+    up.stop("TERM", Duration::from_secs(15));
     remove_config(&path);
 }
 

@@ -823,7 +823,7 @@ impl Node {
             let _ = tokio::time::timeout(self.timeout, ready).await;
             return match cached() {
                 Some((_, body)) => json(StatusCode::OK, body),
-                None => unavailable(),
+                None => sale_unavailable(),
             };
         }
         let refresh = SaleRefresh(self);
@@ -842,7 +842,7 @@ impl Node {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 Bytes::from_static(b"{\"status\":\"error\"}"),
             ),
-            Err(_) => unavailable(),
+            Err(_) => sale_unavailable(),
         }
     }
 }
@@ -934,6 +934,17 @@ fn unavailable() -> Response<Full<Bytes>> {
     json(
         StatusCode::SERVICE_UNAVAILABLE,
         Bytes::from_static(b"{\"status\":\"unavailable\",\"reason\":\"the store did not answer in time; if a ticket was sold, the same purchase sent again (same Idempotency-Key) gets its order\"}"),
+    )
+}
+
+/// `/sale` could not be read: not the purchase's 503, whose reason is
+/// about retrying a purchase.
+fn sale_unavailable() -> Response<Full<Bytes>> {
+    json(
+        StatusCode::SERVICE_UNAVAILABLE,
+        Bytes::from_static(
+            b"{\"status\":\"unavailable\",\"reason\":\"the store did not answer in time\"}",
+        ),
     )
 }
 

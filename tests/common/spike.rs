@@ -81,6 +81,21 @@ impl SpikeProcess {
             .status();
     }
 
+    /// Sends `sig` (TERM or INT) and fails the test unless the process
+    /// exits 0 within `limit`: the graceful stop every command promises.
+    pub fn stop(&mut self, sig: &str, limit: Duration) {
+        self.signal(sig);
+        self.expect_clean_exit(limit);
+    }
+
+    /// Fails the test unless the process exits 0 within `limit`.
+    pub fn expect_clean_exit(&mut self, limit: Duration) {
+        match self.wait_exit(limit) {
+            Some(status) => assert!(status.success(), "exited with {status:?}"),
+            None => panic!("still running after {limit:?}"),
+        }
+    }
+
     /// Waits for exit, at most `limit`.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let start = Instant::now();
