@@ -187,3 +187,25 @@ async fn healthz_says_why_a_node_cannot_sell() {
     );
     remove_config(&path);
 }
+
+/// The balancer's one 503 (its admin `/sale` when no upstream answers it)
+/// says why, naming the upstream it asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_balancer_says_why_it_has_no_sale_to_show() {
+    let (listen, admin, dead) = (
+        common::free_addr(),
+        common::free_addr(),
+        common::free_addr(),
+    );
+    let text = format!(
+        "[sale]\nevent = \"nobody\"\ntotal = 5\n\n[balancer]\nlisten = \"{listen}\"\nadmin = \"{admin}\"\n\n[[balancer.upstream]]\naddr = \"{dead}\"\n"
+    );
+    let path = write_config(&text);
+    let _lb = SpikeProcess::start(&["balancer", "--config", path.to_str().expect("path")]);
+    wait_listening(&admin.to_string(), Duration::from_secs(10));
+    let (status, body) = get(&client(), admin, "/sale").await.expect("sale");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let reason = json(&body)["reason"].as_str().unwrap_or("").to_string();
+    assert!(reason.contains(&dead.to_string()), "{body}");
+    remove_config(&path);
+}
