@@ -188,10 +188,10 @@ impl Shared {
         *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = stamp(&self.path);
         let config = Config::load(&self.path)?;
         let balancer = config.require_balancer()?.clone();
-        self.has_sale
-            .store(config.sale.is_some(), std::sync::atomic::Ordering::Relaxed);
         let old = self.current.load_full();
         if balancer == old.config {
+            // Whether the page shows a sale is no part of the version.
+            self.set_has_sale(&config);
             tracing::info!(version = old.version, "config unchanged, no new version");
             return Ok(old.version);
         }
@@ -224,6 +224,7 @@ impl Shared {
             .map(|u| u.live.clone())
             .collect();
         self.current.store(Arc::new(next));
+        self.set_has_sale(&config);
         if let Some(h) = hook {
             h.0.after(&config, gone);
         }
@@ -233,6 +234,11 @@ impl Shared {
     /// Sets the reload hook (once; a second is ignored).
     pub fn set_reload_hook(&self, hook: Box<dyn ReloadHook>) {
         let _ = self.hook.set(Hook(hook));
+    }
+
+    fn set_has_sale(&self, config: &Config) {
+        self.has_sale
+            .store(config.sale.is_some(), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether the file in force has a `[sale]`.
