@@ -62,8 +62,20 @@ fn element<'a>(dom: &'a str, marker: &str) -> &'a str {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_shows_the_balancer_its_upstreams_and_the_sale() {
     let (text, ports) = up_config(50, 2, None);
-    let (_up, path) = start_up(&text, &ports);
+    let (up, path) = start_up(&text, &ports);
     let c = client();
+    // A reload refused: the page says when and why.
+    std::fs::write(&path, format!("{text}\nnonsense = 1\n")).expect("write");
+    up.signal("HUP");
+    common::wait_for(
+        "the refusal",
+        std::time::Duration::from_secs(10),
+        async || {
+            let (_, body) = get(&c, ports.admin, "/status").await.expect("status");
+            json(&body)["last_reload"]["ok"] == false
+        },
+    )
+    .await;
     for i in 0..12 {
         let (status, _) = get(&c, ports.balancer, &format!("/buy/ticket?user=p{i}"))
             .await
@@ -81,6 +93,10 @@ async fn the_status_page_shows_the_balancer_its_upstreams_and_the_sale() {
 
     assert_eq!(element(&dom, "id=\"strategy\""), "weighted_round_robin");
     assert_eq!(element(&dom, "id=\"version\""), "1");
+    let reload = element(&dom, "id=\"reload\"");
+    let error = status["last_reload"]["error"].as_str().expect("error");
+    assert!(reload.contains("refused"), "{reload}");
+    assert!(reload.contains("nonsense"), "{reload} / {error}");
     for u in status["upstreams"].as_array().expect("upstreams") {
         let addr = u["address"].as_str().expect("address");
         let row = element(&dom, &format!("data-address=\"{addr}\""));
