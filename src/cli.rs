@@ -19,7 +19,8 @@ Signals:
                    the file does the same
 
 Admin endpoints of the balancer ([balancer] admin, 127.0.0.1:8001 by
-default): GET /healthz, GET /status (JSON), GET /metrics (Prometheus).
+default): GET / (a live status page for a browser), GET /healthz, GET /status
+(JSON), GET /sale (a node's /sale), GET /metrics (Prometheus).
 
 Exit codes: 0 success; 1 an error (config, bind, store), printed on stderr
 as one line; `spike stock audit` exits 1 when the sale breaks an invariant.
@@ -36,8 +37,10 @@ the old config stays (GET /status shows last_reload and why). A file that
 validates to the config in force is no new version. listen and admin need a
 restart.
 
-Admin endpoints on [balancer] admin: GET /healthz, GET /status (strategy,
-version, last_reload, upstreams), GET /metrics (Prometheus text).
+Admin endpoints on [balancer] admin: GET / (the live status page), GET
+/healthz, GET /status (strategy, version, last_reload, upstreams), GET /sale
+(a node's /sale, when the file has [sale]), GET /metrics (Prometheus text,
+answers counted by status code).
 
 SIGTERM/SIGINT: stop accepting, let requests in flight finish for [server]
 grace_period, then exit 0. Exit code 1 when the file is invalid or an
@@ -46,7 +49,8 @@ address cannot be bound.";
 /// What `spike node --help` adds.
 const NODE_HELP: &str = "\
 Endpoints on the node's listen address: POST|GET /buy/ticket?user=ID,
-GET /healthz, GET /stats, GET /sale.
+GET /healthz (503 with the reason when the store is unreachable or the sale
+not initialised), GET /stats, GET /sale, GET /metrics (Prometheus text).
 
 SIGTERM/SIGINT: stop accepting, let purchases in flight finish for [server]
 grace_period, then exit 0. Exit code 1 when the file is invalid, --name is
