@@ -192,7 +192,7 @@ start_backends() {
 start_redis() {
   read -r REDIS_PORT <<<"$(free_ports 1)"
   mkdir -p "$WORK/redis"
-  spawn redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$WORK/redis"
+  spawn redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly yes --dir "$WORK/redis"
   REDIS_PID=$LAST_PID
   wait_port "$REDIS_PORT" "$REDIS_PID" redis
 }

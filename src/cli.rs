@@ -144,6 +144,11 @@ pub enum StockAction {
         /// Reset a started sale: total, sold count, buyers and orders.
         #[arg(long)]
         force: bool,
+        /// Write the sale even to a Redis that may forget answered orders
+        /// (no append-only file, or an eviction policy that may drop the
+        /// sale's keys): for a throwaway test only.
+        #[arg(long)]
+        allow_volatile: bool,
     },
     /// Print the sale's state as one JSON object.
     Show {

@@ -24,7 +24,11 @@ fn main() -> ExitCode {
         Command::Balancer { config } => spike::balancer::main(&config.config),
         Command::Up { config } => spike::up::main(&config.config),
         Command::Stock { action } => match action {
-            StockAction::Init { config, force } => spike::stock::init(&config.config, force),
+            StockAction::Init {
+                config,
+                force,
+                allow_volatile,
+            } => spike::stock::init(&config.config, force, allow_volatile),
             StockAction::Show { config } => spike::stock::show(&config.config),
             StockAction::Audit { config } => spike::stock::audit(&config.config),
         },

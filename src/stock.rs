@@ -31,10 +31,32 @@ fn with_store<T>(
     })
 }
 
-/// `spike stock init`: refuses to touch a started sale unless `force`.
-pub fn init(config_path: &Path, force: bool) -> anyhow::Result<ExitCode> {
+/// `spike stock init`: refuses to touch a started sale unless `force`, and
+/// a Redis that may forget answered orders unless `allow_volatile`.
+pub fn init(config_path: &Path, force: bool, allow_volatile: bool) -> anyhow::Result<ExitCode> {
     with_store(config_path, async |config, store| {
         let sale = config.require_sale()?;
+        let problems = store
+            .durability()
+            .await
+            .context("stock init: reading Redis's durability")?
+            .map(|d| d.problems())
+            .unwrap_or_default();
+        for problem in &problems {
+            eprintln!("spike: {problem}");
+        }
+        if !problems.is_empty() {
+            if !allow_volatile {
+                eprintln!(
+                    "spike: refusing to start the sale {} on a Redis that may lose answered orders; fix the above, or pass --allow-volatile for a throwaway test",
+                    sale.event
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            eprintln!(
+                "spike: --allow-volatile: starting the sale anyway; answered orders may be lost"
+            );
+        }
         if let Some(epoch) = store.init(force).await.context("stock init")? {
             println!(
                 "{}",
@@ -88,6 +110,14 @@ pub fn audit(config_path: &Path) -> anyhow::Result<ExitCode> {
         }
         let problems = snap.audit(tally);
         let buyers = tally.unwrap_or_default();
+        // Reported beside the sale's invariants, not counted among them:
+        // the sale can be exact today on a Redis that would forget it
+        // tomorrow, and the operator should see both.
+        let durability = store.durability().await.context("stock audit")?;
+        let durability_problems = durability
+            .as_ref()
+            .map(|d| d.problems())
+            .unwrap_or_default();
         println!(
             "{}",
             serde_json::json!({
@@ -105,6 +135,8 @@ pub fn audit(config_path: &Path) -> anyhow::Result<ExitCode> {
                 "per_user_limit": snap.per_user_limit,
                 "ok": problems.is_empty(),
                 "problems": problems,
+                "durability": durability,
+                "durability_problems": durability_problems,
             })
         );
         Ok(if problems.is_empty() {

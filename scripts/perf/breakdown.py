@@ -94,7 +94,7 @@ try:
         wait_port(p)
     rport, plisten, padmin = free_ports(3)
     redis = spawn(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
-                   "--appendonly", "no", "--dir", WORK])
+                   "--appendonly", "yes", "--dir", WORK])
     wait_port(rport)
     with open(f"{WORK}/proxy.toml", "w") as f:
         f.write(f'[balancer]\nlisten = "127.0.0.1:{plisten}"\nadmin = "127.0.0.1:{padmin}"\n')

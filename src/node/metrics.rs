@@ -203,5 +203,11 @@ pub async fn health(node: &Node) -> (StatusCode, String) {
     if let Some(off) = offset {
         body["clock_offset_ms"] = off.into();
     }
+    // Reported, not failed: a Redis that may forget is the operator's to
+    // fix, and failing every node's health would stop the sale outright.
+    if let Ok(Some(durability)) = node.store().durability().await {
+        body["durability_problems"] = durability.problems().into();
+        body["durability"] = serde_json::json!(durability);
+    }
     (StatusCode::OK, body.to_string())
 }

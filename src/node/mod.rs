@@ -152,6 +152,13 @@ pub fn main(config_path: &Path, name: &str) -> anyhow::Result<ExitCode> {
                 _ => {}
             },
         }
+        // Not a refusal: `stock init` is the gate, and a node refusing a
+        // sale already under way would only take itself out of it.
+        if let Ok(Some(durability)) = store.durability().await {
+            for problem in durability.problems() {
+                tracing::warn!(event = %sale.event, "redis may lose answered orders: {problem}");
+            }
+        }
         let listener = crate::server::bind(node_cfg.listen).map_err(|source| NodeError::Bind {
             addr: node_cfg.listen,
             source,

@@ -15,8 +15,15 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
-    /// Starts redis-server with persistence off.
+    /// Starts redis-server with an append-only file synced every second
+    /// (Redis's default fsync): the setup `spike stock init` accepts.
     pub fn start() -> RedisServer {
+        Self::start_with(&["--save", "", "--appendonly", "yes"])
+    }
+
+    /// Starts redis-server with persistence off, a Redis that forgets
+    /// everything on restart (`spike stock init` refuses it).
+    pub fn start_volatile() -> RedisServer {
         Self::start_with(&["--save", "", "--appendonly", "no"])
     }
 

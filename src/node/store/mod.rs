@@ -6,6 +6,7 @@
 //! the async call.
 
 pub mod clock;
+pub mod durability;
 pub mod embedded;
 pub mod redis;
 
@@ -15,6 +16,7 @@ use tokio::time::Instant;
 
 use crate::config::SaleConfig;
 
+pub use durability::Durability;
 pub use embedded::EmbeddedStore;
 pub use redis::RedisStore;
 
@@ -373,6 +375,16 @@ impl Store {
         match self {
             Store::Redis(r) => r.holders(per_user_limit).await,
             Store::Embedded(e) => Ok(e.holders(per_user_limit)),
+        }
+    }
+
+    /// What Redis says about keeping what it acknowledged (None for the
+    /// embedded store, which keeps nothing past its process and says so in
+    /// the README).
+    pub async fn durability(&self) -> Result<Option<Durability>, StoreError> {
+        match self {
+            Store::Redis(r) => r.durability().await.map(Some),
+            Store::Embedded(_) => Ok(None),
         }
     }
 

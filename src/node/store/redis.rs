@@ -356,6 +356,37 @@ impl RedisStore {
         Ok(Holders { buyers, keys })
     }
 
+    /// What Redis says about its own durability: `INFO persistence`,
+    /// `memory` and `replication` (sent to the node that holds the sale's
+    /// slot), and `CONFIG GET appendfsync` where `CONFIG` is allowed; where
+    /// it is renamed or refused, that field stays unknown and the policy
+    /// comes from `INFO memory` alone.
+    pub async fn durability(&self) -> Result<super::Durability, StoreError> {
+        let client = self.link.pool.next().with_options(&self.ping);
+        let info = CustomCommand::new_static("INFO", ClusterHash::Custom(self.link.slot), false);
+        let text: String = client
+            .custom(info, vec!["persistence", "memory", "replication"])
+            .await
+            .map_err(map_error)?;
+        let mut durability = super::Durability::from_info(&text);
+        let config =
+            CustomCommand::new_static("CONFIG", ClusterHash::Custom(self.link.slot), false);
+        let fsync: Result<Vec<String>, _> = client
+            .custom(config.clone(), vec!["GET", "appendfsync"])
+            .await;
+        if let Ok(pair) = fsync {
+            durability.appendfsync = pair.get(1).cloned();
+        }
+        if durability.maxmemory_policy.is_none() {
+            let policy: Result<Vec<String>, _> =
+                client.custom(config, vec!["GET", "maxmemory-policy"]).await;
+            if let Ok(pair) = policy {
+                durability.maxmemory_policy = pair.get(1).cloned();
+            }
+        }
+        Ok(durability)
+    }
+
     /// PING within the timeout.
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.link

@@ -1,0 +1,232 @@
+//! A Redis that may forget answered orders is refused by `spike stock init`
+//! (no append-only file, or an eviction policy that can drop the sale's
+//! keys), reported by a node's `/healthz` and by `stock audit`; and a Redis
+//! restarted from its append-only file mid-sale keeps every order it
+//! answered. Real redis-server and spike processes throughout.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::http::{client, get, json};
+use common::redis::RedisServer;
+use common::spike::{SpikeProcess, run, wait_listening, write_config};
+use hyper::StatusCode;
+
+fn sale_file(event: &str, total: u64, redis: &RedisServer, node: std::net::SocketAddr) -> String {
+    let text = format!(
+        "[sale]\nevent = \"{event}\"\ntotal = {total}\nper_user_limit = 1\n\n[redis]\nurl = \"{}\"\ntimeout = \"500ms\"\n\n[[node]]\nname = \"n1\"\nlisten = \"{node}\"\n",
+        redis.url()
+    );
+    write_config(&text).to_str().expect("path").to_string()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn initialised(cfg: &str) -> bool {
+    let show = run(&["stock", "show", "--config", cfg]);
+    assert!(show.status.success(), "{}", stderr(&show));
+    json(&String::from_utf8_lossy(&show.stdout))["initialised"]
+        .as_bool()
+        .expect("initialised")
+}
+
+#[test]
+fn stock_init_refuses_a_redis_without_an_append_only_file_unless_allowed() {
+    let volatile = RedisServer::start_volatile();
+    let cfg = sale_file("volatile", 10, &volatile, common::free_addr());
+    let refused = run(&["stock", "init", "--config", &cfg]);
+    assert!(!refused.status.success(), "a volatile redis was accepted");
+    let said = stderr(&refused);
+    assert!(said.contains("appendonly is off"), "{said}");
+    assert!(said.contains("--appendonly yes"), "the fix: {said}");
+    assert!(said.contains("--allow-volatile"), "{said}");
+    assert!(!initialised(&cfg), "a refused init wrote the sale");
+
+    let allowed = run(&["stock", "init", "--allow-volatile", "--config", &cfg]);
+    assert!(allowed.status.success(), "{}", stderr(&allowed));
+    assert!(stderr(&allowed).contains("appendonly is off"));
+    assert!(initialised(&cfg));
+
+    // The audit reports the store's durability beside the sale's checks.
+    let audit = run(&["stock", "audit", "--config", &cfg]);
+    let report = json(&String::from_utf8_lossy(&audit.stdout));
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["durability"]["appendonly"], false, "{report}");
+    assert_eq!(report["durability"]["maxmemory_policy"], "noeviction");
+    assert!(
+        report["durability_problems"][0]
+            .as_str()
+            .is_some_and(|p| p.contains("appendonly")),
+        "{report}"
+    );
+}
+
+#[test]
+fn stock_init_accepts_a_redis_with_an_append_only_file() {
+    let durable = RedisServer::start();
+    let cfg = sale_file("durable", 10, &durable, common::free_addr());
+    let init = run(&["stock", "init", "--config", &cfg]);
+    assert!(init.status.success(), "{}", stderr(&init));
+    assert_eq!(stderr(&init), "", "no warning for a durable redis");
+    let audit = run(&["stock", "audit", "--config", &cfg]);
+    let report = json(&String::from_utf8_lossy(&audit.stdout));
+    assert_eq!(report["durability"]["appendonly"], true, "{report}");
+    assert_eq!(report["durability"]["appendfsync"], "everysec", "{report}");
+    assert_eq!(report["durability_problems"], serde_json::json!([]));
+}
+
+#[test]
+fn stock_init_refuses_an_eviction_policy_that_can_drop_the_sale() {
+    let evicting = RedisServer::start_with(&[
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--maxmemory-policy",
+        "allkeys-lru",
+    ]);
+    let cfg = sale_file("evicting", 10, &evicting, common::free_addr());
+    let refused = run(&["stock", "init", "--config", &cfg]);
+    assert!(!refused.status.success());
+    let said = stderr(&refused);
+    assert!(said.contains("maxmemory-policy is allkeys-lru"), "{said}");
+    assert!(said.contains("noeviction"), "the fix: {said}");
+    assert!(!initialised(&cfg));
+}
+
+#[test]
+fn a_renamed_config_command_still_gives_the_policy_from_info() {
+    // Managed Redis often renames CONFIG: the eviction policy comes from
+    // INFO memory, and only appendfsync stays unknown.
+    let managed = RedisServer::start_with(&[
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--rename-command",
+        "CONFIG",
+        "",
+    ]);
+    let cfg = sale_file("managed", 10, &managed, common::free_addr());
+    let init = run(&["stock", "init", "--config", &cfg]);
+    assert!(init.status.success(), "{}", stderr(&init));
+    let audit = run(&["stock", "audit", "--config", &cfg]);
+    let report = json(&String::from_utf8_lossy(&audit.stdout));
+    assert_eq!(report["durability"]["maxmemory_policy"], "noeviction");
+    assert!(
+        report["durability"].get("appendfsync").is_none(),
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reports_a_volatile_redis_in_healthz() {
+    let volatile = RedisServer::start_volatile();
+    let addr = common::free_addr();
+    let cfg = sale_file("healthz-volatile", 10, &volatile, addr);
+    assert!(
+        run(&["stock", "init", "--allow-volatile", "--config", &cfg])
+            .status
+            .success()
+    );
+    let _node = SpikeProcess::start(&["node", "--config", &cfg, "--name", "n1"]);
+    wait_listening(&addr.to_string(), Duration::from_secs(10));
+    let (status, body) = get(&client(), addr, "/healthz").await.expect("healthz");
+    // Reported, not failed: the node can sell, the operator must fix Redis.
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let health = json(&body);
+    assert_eq!(health["durability"]["appendonly"], false, "{body}");
+    assert!(
+        health["durability_problems"][0]
+            .as_str()
+            .is_some_and(|p| p.contains("appendonly is off")),
+        "{body}"
+    );
+}
+
+/// Redis SIGKILLed mid-sale and started again on the same directory (its
+/// append-only file, Redis's default `appendfsync everysec`): every buyer
+/// told 200 still has that order, and no order id is handed out twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_from_its_append_only_file_keeps_every_answered_order() {
+    const TOTAL: u64 = 300;
+    let mut redis = RedisServer::start();
+    let addr = common::free_addr();
+    let event = "aof-restart";
+    let cfg = sale_file(event, TOTAL, &redis, addr);
+    assert!(run(&["stock", "init", "--config", &cfg]).status.success());
+    let _node = SpikeProcess::start(&["node", "--config", &cfg, "--name", "n1"]);
+    wait_listening(&addr.to_string(), Duration::from_secs(10));
+
+    let c = client();
+    let sold: Arc<std::sync::Mutex<Vec<(String, String)>>> = Arc::default();
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut buyers = Vec::new();
+    for _ in 0..8 {
+        let (c, sold, next, stop) = (c.clone(), sold.clone(), next.clone(), stop.clone());
+        buyers.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let buyer = format!("b{n}");
+                let Ok((status, body)) = get(&c, addr, &format!("/buy/ticket?user={buyer}")).await
+                else {
+                    continue;
+                };
+                if status == StatusCode::OK {
+                    let order = json(&body)["order"].as_str().expect("order").to_string();
+                    sold.lock().expect("sold").push((buyer, order));
+                } else if status == StatusCode::CONFLICT {
+                    break;
+                } else {
+                    // 503 while Redis is down: not a sale; slow down a little.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }));
+    }
+    common::wait_for("a third of the sale", Duration::from_secs(30), async || {
+        sold.lock().expect("sold").len() as u64 >= TOTAL / 3
+    })
+    .await;
+    redis.kill();
+    let answered_before = sold.lock().expect("sold").len();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.restart();
+    common::wait_for(
+        "the sale to sell out",
+        Duration::from_secs(60),
+        async || buyers.iter().all(|b| b.is_finished()),
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+
+    let answered = sold.lock().expect("sold").clone();
+    assert!(
+        answered.len() > answered_before,
+        "the sale went on after the restart"
+    );
+    let orders: HashMap<String, String> = redis.hash(&format!("spike:{{{event}}}:orders"));
+    let mut ids = HashSet::new();
+    for (buyer, order) in &answered {
+        assert!(ids.insert(order.clone()), "order id {order} answered twice");
+        let stored = orders
+            .get(order)
+            .unwrap_or_else(|| panic!("answered order {order} of {buyer} lost in the restart"));
+        assert_eq!(json(stored)["buyer"], buyer.as_str(), "{stored}");
+    }
+    let stock: HashMap<String, u64> = redis.hash(&format!("spike:{{{event}}}:stock"));
+    assert!(stock["sold"] <= TOTAL, "{stock:?}");
+    assert_eq!(stock["sold"], orders.len() as u64, "{stock:?}");
+    let audit = run(&["stock", "audit", "--config", &cfg]);
+    assert!(
+        audit.status.success(),
+        "{}",
+        String::from_utf8_lossy(&audit.stdout)
+    );
+}
