@@ -102,6 +102,7 @@ struct RedisFile {
     timeout: Option<Spanned<String>>,
     pool_size: Option<Spanned<i64>>,
     max_clock_offset: Option<Spanned<String>>,
+    replicas: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -217,6 +218,10 @@ pub struct RedisConfig {
     /// itself unhealthy (deadlines are safe either way: they are kept in
     /// Redis's clock).
     pub max_clock_offset: Duration,
+    /// Replicas that must acknowledge a sale (`WAIT`) before its buyer
+    /// hears 200, so that a failover cannot lose an answered order; 0
+    /// answers as soon as the primary has it.
+    pub replicas: u64,
 }
 
 /// One ticket-selling node.
@@ -564,6 +569,10 @@ impl Cx<'_> {
                     pool_size: match &r.pool_size {
                         Some(v) => self.count("redis.pool_size", v, 1)?.min(64) as usize,
                         None => 2,
+                    },
+                    replicas: match &r.replicas {
+                        Some(v) => self.count("redis.replicas", v, 0)?,
+                        None => 0,
                     },
                 })
             }

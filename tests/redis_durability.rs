@@ -16,8 +16,19 @@ use common::spike::{SpikeProcess, run, wait_listening, write_config};
 use hyper::StatusCode;
 
 fn sale_file(event: &str, total: u64, redis: &RedisServer, node: std::net::SocketAddr) -> String {
+    sale_file_with(event, total, redis, node, "")
+}
+
+/// A sale file with `redis_extra` lines in its `[redis]` section.
+fn sale_file_with(
+    event: &str,
+    total: u64,
+    redis: &RedisServer,
+    node: std::net::SocketAddr,
+    redis_extra: &str,
+) -> String {
     let text = format!(
-        "[sale]\nevent = \"{event}\"\ntotal = {total}\nper_user_limit = 1\n\n[redis]\nurl = \"{}\"\ntimeout = \"500ms\"\n\n[[node]]\nname = \"n1\"\nlisten = \"{node}\"\n",
+        "[sale]\nevent = \"{event}\"\ntotal = {total}\nper_user_limit = 1\n\n[redis]\nurl = \"{}\"\ntimeout = \"500ms\"\n{redis_extra}\n[[node]]\nname = \"n1\"\nlisten = \"{node}\"\n",
         redis.url()
     );
     write_config(&text).to_str().expect("path").to_string()
@@ -228,5 +239,124 @@ async fn redis_restarted_from_its_append_only_file_keeps_every_answered_order() 
         audit.status.success(),
         "{}",
         String::from_utf8_lossy(&audit.stdout)
+    );
+}
+
+/// A replica of `primary`, once its link is up.
+fn replica_of(primary: &RedisServer) -> RedisServer {
+    let port = primary.port.to_string();
+    let replica = RedisServer::start_with(&[
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--replicaof",
+        "127.0.0.1",
+        &port,
+    ]);
+    let start = std::time::Instant::now();
+    loop {
+        let mut c = replica.connection().expect("replica connection");
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query(&mut c)
+            .expect("INFO");
+        if info.contains("master_link_status:up") {
+            return replica;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the replica did not sync: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `[redis] replicas = 1`: a 200 means the replica has the order; a replica
+/// that does not acknowledge in time turns the sale into a 503 that says
+/// so (counted in /stats), and the buyer's retry with the same key gets
+/// the order that was made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_replicas_a_200_is_on_the_replica_and_an_unacknowledged_sale_is_a_503() {
+    let primary = RedisServer::start();
+    let replica = replica_of(&primary);
+    let addr = common::free_addr();
+    let event = "wait-replica";
+    let cfg = sale_file_with(event, 10, &primary, addr, "replicas = 1\n");
+    assert!(run(&["stock", "init", "--config", &cfg]).status.success());
+    let _node = SpikeProcess::start(&["node", "--config", &cfg, "--name", "n1"]);
+    wait_listening(&addr.to_string(), Duration::from_secs(10));
+    let c = client();
+    let orders_key = format!("spike:{{{event}}}:orders");
+    for i in 0..3 {
+        let (status, body) = get(&c, addr, &format!("/buy/ticket?user=ok{i}"))
+            .await
+            .expect("buy");
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let order = json(&body)["order"].as_str().expect("order").to_string();
+        // Read at once from the replica: WAIT said it has the write.
+        let mut r = replica.connection().expect("replica");
+        let stored: Option<String> = redis::cmd("HGET")
+            .arg(&orders_key)
+            .arg(&order)
+            .query(&mut r)
+            .expect("HGET");
+        assert!(
+            stored.is_some(),
+            "order {order} answered 200 but not on the replica"
+        );
+    }
+
+    // A replica that stops acknowledging: the sale is made on the primary,
+    // but its buyer hears 503 with the reason, not 200.
+    replica.signal("STOP");
+    let key = "k-unreplicated-1";
+    let reply = common::http::send(
+        &c,
+        hyper::Method::GET,
+        addr,
+        "/buy/ticket?user=late",
+        &[("Idempotency-Key", key)],
+    )
+    .await
+    .expect("buy");
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.body
+    );
+    assert!(reply.body.contains("not replicated"), "{}", reply.body);
+    let (_, stats) = get(&c, addr, "/stats").await.expect("stats");
+    assert_eq!(json(&stats)["not_replicated"], 1, "{stats}");
+    let buyers: HashMap<String, u64> = primary.hash(&format!("spike:{{{event}}}:buyers"));
+    assert_eq!(
+        buyers.get("late"),
+        Some(&1),
+        "the sale was made on the primary"
+    );
+
+    // Replication resumes; the retry with the same key learns its order.
+    replica.signal("CONT");
+    let retry = common::http::send(
+        &c,
+        hyper::Method::GET,
+        addr,
+        "/buy/ticket?user=late",
+        &[("Idempotency-Key", key)],
+    )
+    .await
+    .expect("retry");
+    assert_eq!(retry.status, StatusCode::OK, "{}", retry.body);
+    let order = json(&retry.body)["order"]
+        .as_str()
+        .expect("order")
+        .to_string();
+    let orders: HashMap<String, String> = primary.hash(&orders_key);
+    assert_eq!(json(&orders[&order])["buyer"], "late");
+    assert_eq!(
+        orders.len(),
+        4,
+        "one ticket for the ambiguous buyer, not two"
     );
 }

@@ -77,6 +77,9 @@ pub struct Stats {
     /// 503 answers because the sale was never initialised (not a store
     /// error: the store answered).
     pub not_initialised: AtomicU64,
+    /// 503 answers for sales made on the primary that fewer than
+    /// `[redis] replicas` acknowledged in time (ambiguous: the order exists).
+    pub not_replicated: AtomicU64,
     /// How long purchases and lease requests waited for the store.
     pub store_latency: crate::prometheus::Histogram,
 }
@@ -561,6 +564,15 @@ impl Node {
         self.stats.store_latency.observe(asked.elapsed());
         let reply = match result {
             Ok(reply) => reply,
+            Err(StoreError::NotReplicated { wanted, acked }) => {
+                // The script sold: the unit is spent, not returned.
+                if let Some(u) = unit {
+                    u.keep();
+                }
+                self.stats.not_replicated.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(node = %self.name, wanted, acked, "a sale was not replicated in time; answered 503");
+                return not_replicated();
+            }
             Err(e) => {
                 drop(unit);
                 if matches!(e, StoreError::NoSale) {
@@ -935,6 +947,23 @@ fn unavailable() -> Response<Full<Bytes>> {
         StatusCode::SERVICE_UNAVAILABLE,
         Bytes::from_static(b"{\"status\":\"unavailable\",\"reason\":\"the store did not answer in time; if a ticket was sold, the same purchase sent again (same Idempotency-Key) gets its order\"}"),
     )
+}
+
+/// The 503 for a sale the replicas did not acknowledge in time: unlike
+/// the other 503s, the ticket may be the buyer's, and the retry with the
+/// same key (or the per-user limit) says so.
+fn not_replicated() -> Response<Full<Bytes>> {
+    let mut res = json(
+        StatusCode::SERVICE_UNAVAILABLE,
+        Bytes::from_static(
+            b"{\"status\":\"unavailable\",\"reason\":\"the sale may have been made but was not replicated in time: retry with the same Idempotency-Key to learn its order\"}",
+        ),
+    );
+    res.headers_mut().insert(
+        hyper::header::RETRY_AFTER,
+        hyper::header::HeaderValue::from_static("1"),
+    );
+    res
 }
 
 /// `/sale` could not be read: not the purchase's 503, whose reason is

@@ -82,6 +82,7 @@ pub fn render(node: &Node) -> String {
         ("busy", load(&s.busy)),
         ("store", load(&s.store_errors)),
         ("not_initialised", load(&s.not_initialised)),
+        ("not_replicated", load(&s.not_replicated)),
     ] {
         let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {n}");
     }
@@ -132,6 +133,7 @@ struct StatsBody<'a> {
     bad_requests: u64,
     busy: u64,
     not_initialised: u64,
+    not_replicated: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     clock_offset_ms: Option<i64>,
 }
@@ -160,6 +162,7 @@ pub fn stats(node: &Node) -> String {
         bad_requests: load(&s.bad_requests),
         busy: load(&s.busy),
         not_initialised: load(&s.not_initialised),
+        not_replicated: load(&s.not_replicated),
         clock_offset_ms: node.store().clock_offset_ms(),
     };
     serde_json::to_string(&body).unwrap_or_default()

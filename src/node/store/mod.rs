@@ -123,6 +123,20 @@ pub enum StoreError {
     /// The sale was never initialised (`spike stock init`).
     #[error("the sale is not initialised: run spike stock init")]
     NoSale,
+    /// The sale was made on the primary, but fewer than `[redis] replicas`
+    /// replicas acknowledged it in time: a failover now could lose it, so
+    /// the buyer is not told 200. The outcome is ambiguous (the order
+    /// exists on the primary); a retry with the same `Idempotency-Key`, or
+    /// the per-user limit, finds it.
+    #[error(
+        "the sale was not replicated to {wanted} replica(s) in time ({acked} acknowledged); it may exist: retry with the same Idempotency-Key"
+    )]
+    NotReplicated {
+        /// Replicas the sale needed.
+        wanted: u64,
+        /// Replicas that acknowledged it.
+        acked: u64,
+    },
     /// Redis answered something this version of spike does not understand.
     #[error("unexpected answer from the store: {0}")]
     Protocol(String),

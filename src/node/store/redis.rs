@@ -120,6 +120,7 @@ impl RedisStore {
             lease_ttl: Value::from(sale.lease_ttl.as_millis() as i64),
             deduct: Script::from_lua(DEDUCT),
             clock,
+            replicas: cfg.replicas,
         };
         // The first reading before any purchase, then one a second.
         link.sample_clock(&ping).await;
@@ -218,6 +219,12 @@ impl RedisStore {
             },
             7 => Outcome::KeyConflict,
             9 => Outcome::BuyerRequired,
+            NOT_REPLICATED => {
+                return Err(StoreError::NotReplicated {
+                    wanted: self.link.replicas,
+                    acked: r.answer.count,
+                });
+            }
             other => {
                 return Err(StoreError::Protocol(format!(
                     "deduct returned code {other} for a purchase"
@@ -439,6 +446,8 @@ struct Link {
     lease_ttl: Value,
     deduct: Script,
     clock: Arc<StoreClock>,
+    /// `[redis] replicas`: a batch that sold waits for this many replicas.
+    replicas: u64,
 }
 
 /// Reads Redis's `TIME` once a second while the store lives.
@@ -518,8 +527,19 @@ impl Link {
         args: Vec<Value>,
         limit: Duration,
     ) -> Result<Value, StoreError> {
-        let call =
-            script.evalsha_with_reload::<Value, _, _>(self.pool.next(), self.keys.clone(), args);
+        self.eval_on(self.pool.next(), script, args, limit).await
+    }
+
+    /// [`Link::eval`] on a given client, for a `WAIT` that must follow on
+    /// the same connection.
+    async fn eval_on(
+        &self,
+        client: &Client,
+        script: &Script,
+        args: Vec<Value>,
+        limit: Duration,
+    ) -> Result<Value, StoreError> {
+        let call = script.evalsha_with_reload::<Value, _, _>(client, self.keys.clone(), args);
         match tokio::time::timeout(limit, call).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(map_error(e)),
@@ -584,10 +604,17 @@ impl Link {
         self.calls.fetch_add(1, Ordering::Relaxed);
         // Each entry carries its own deadline, which the script checks:
         // one buyer about to give up does not cut the others' wait short.
-        let answers = self
-            .eval(&self.deduct, args, latest - now)
+        let client = self.pool.next();
+        let mut answers = self
+            .eval_on(client, &self.deduct, args, latest - now)
             .await
             .and_then(|v| answers(v, replies.len()));
+        if self.replicas > 0
+            && let Ok(list) = &mut answers
+            && list.iter().any(|a| a.answer.code == SOLD)
+        {
+            self.replicated(client, list, latest).await;
+        }
         match answers {
             Ok(answers) => {
                 for (reply, answer) in replies.into_iter().zip(answers) {
@@ -602,6 +629,41 @@ impl Link {
         }
     }
 }
+
+/// `deduct.lua`'s code for a sale.
+const SOLD: u64 = 1;
+
+impl Link {
+    /// `WAIT replicas` on the connection that ran the script (WAIT covers
+    /// that connection's writes), within the batch's deadline; when fewer
+    /// acknowledge, every sale of the batch becomes
+    /// [`StoreError::NotReplicated`]: made, but not safe to announce.
+    async fn replicated(&self, client: &Client, answers: &mut [Reply<Raw>], latest: Instant) {
+        // WAIT's timeout is whole milliseconds, and 0 would block forever.
+        let ms = latest
+            .saturating_duration_since(Instant::now())
+            .as_millis()
+            .max(1) as i64;
+        let wait = CustomCommand::new_static("WAIT", ClusterHash::Custom(self.slot), true);
+        let acked: Result<u64, _> = client
+            .custom(
+                wait,
+                vec![Value::from(self.replicas as i64), Value::from(ms)],
+            )
+            .await;
+        let acked = acked.unwrap_or(0);
+        if acked >= self.replicas {
+            return;
+        }
+        for a in answers.iter_mut().filter(|a| a.answer.code == SOLD) {
+            a.answer.code = NOT_REPLICATED;
+            a.answer.count = acked;
+        }
+    }
+}
+
+/// Not a code of the script: a sale `WAIT` did not see replicated.
+const NOT_REPLICATED: u64 = 100;
 
 /// The script's answer: the sale's state, then one answer per entry (see
 /// `deduct.lua`).
