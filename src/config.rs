@@ -206,7 +206,8 @@ pub struct SaleConfig {
 /// How to reach Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisConfig {
-    /// A `redis://` URL.
+    /// A `redis://` (or `rediss://`) URL, or fred's `redis-cluster://` and
+    /// `redis-sentinel://` forms.
     pub url: String,
     /// Bound on one command, so a stalled Redis becomes a 503, not a hang.
     pub timeout: Duration,
@@ -535,12 +536,25 @@ impl Cx<'_> {
             Some(r) => {
                 let r = r.get_ref();
                 let url = r.url.get_ref().trim();
-                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                const SCHEMES: [&str; 4] = [
+                    "redis://",
+                    "rediss://",
+                    "redis-cluster://",
+                    "redis-sentinel://",
+                ];
+                if !SCHEMES.iter().any(|s| url.starts_with(s)) {
                     return Err(self.err(
                         "redis.url",
                         r.url.span(),
-                        format!("{url:?} is not a redis:// URL"),
+                        format!(
+                            "{url:?} is not a redis://, rediss://, redis-cluster:// or redis-sentinel:// URL"
+                        ),
                     ));
+                }
+                // fred reads the URL when a store opens; checking it here
+                // names the line instead of failing later with no place.
+                if let Err(e) = fred::types::config::Config::from_url(url) {
+                    return Err(self.err("redis.url", r.url.span(), format!("{url:?}: {e}")));
                 }
                 Some(RedisConfig {
                     url: url.to_string(),
@@ -1173,6 +1187,24 @@ weight = 4
         let c = parse(&tuned).expect("valid");
         let sale = c.sale.as_ref().expect("sale");
         assert_eq!((sale.lease, sale.lease_ttl), (7, Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn redis_urls_of_every_deployment_are_read_and_bad_ones_named() {
+        let with = |url: &str| format!("{FOUR}[redis]\nurl = \"{url}\"\nreplicas = 1\n");
+        for url in [
+            "redis://127.0.0.1:6379",
+            "redis-cluster://127.0.0.1:7000?node=127.0.0.1:7001&node=127.0.0.1:7002",
+            "redis-sentinel://127.0.0.1:26379/0?sentinelServiceName=sale&node=127.0.0.1:26380",
+        ] {
+            let c = parse(&with(url)).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(c.redis.as_ref().expect("redis").replicas, 1);
+        }
+        let e = parse(&with("http://127.0.0.1:6379")).expect_err("not redis");
+        assert_eq!(e.key(), Some("redis.url"));
+        let e = parse(&with("redis-sentinel://127.0.0.1:26379/0")).expect_err("no service name");
+        assert_eq!(e.key(), Some("redis.url"));
+        assert!(e.to_string().contains(":23:"), "the line: {e}");
     }
 
     #[test]
