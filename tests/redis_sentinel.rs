@@ -1,0 +1,268 @@
+//! A sale through Sentinel (`redis-sentinel://`, fred's URL form) with
+//! `[redis] replicas = 1`: the primary is SIGKILLed mid-sale, Sentinel
+//! promotes the replica, and every buyer who heard 200 still holds that
+//! exact order on the new primary; the sale goes on (once the old primary
+//! is back, as the new one's replica, sales are acknowledged again) and
+//! never sells past the total.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::http::{client, get, json};
+use common::redis::RedisServer;
+use common::spike::{SpikeProcess, run, wait_listening, write_config};
+use hyper::StatusCode;
+
+/// One Sentinel process (`redis-server CONF --sentinel`), killed on drop.
+struct Sentinel {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Sentinel {
+    fn start(service: &str, primary: u16) -> Sentinel {
+        let port = common::free_port();
+        let dir =
+            std::env::temp_dir().join(format!("spike-sentinel-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("sentinel dir");
+        // Sentinel rewrites its file, so each has its own.
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                 sentinel monitor {service} 127.0.0.1 {primary} 2\n\
+                 sentinel down-after-milliseconds {service} 1000\n\
+                 sentinel failover-timeout {service} 5000\n\
+                 sentinel parallel-syncs {service} 1\n",
+                dir.display()
+            ),
+        )
+        .expect("sentinel conf");
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (run scripts/test.sh)");
+        Sentinel { child, port, dir }
+    }
+
+    fn ask(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
+        let mut c =
+            redis::Client::open(format!("redis://127.0.0.1:{}", self.port))?.get_connection()?;
+        redis::cmd("SENTINEL").arg(args).query(&mut c)
+    }
+
+    /// The primary this Sentinel names for `service`, as a port.
+    fn primary(&self, service: &str) -> Option<u16> {
+        match self.ask(&["get-master-addr-by-name", service]) {
+            Ok(redis::Value::Array(parts)) => match parts.get(1) {
+                Some(redis::Value::BulkString(p)) => String::from_utf8_lossy(p).parse().ok(),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Whether it knows the other two Sentinels and the replica.
+    fn settled(&self, service: &str) -> bool {
+        let Ok(redis::Value::Array(fields)) = self.ask(&["master", service]) else {
+            return false;
+        };
+        let text: Vec<String> = fields
+            .iter()
+            .map(|v| match v {
+                redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                _ => String::new(),
+            })
+            .collect();
+        let field = |name: &str| {
+            text.iter()
+                .position(|f| f == name)
+                .and_then(|i| text.get(i + 1))
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        field("num-other-sentinels") == Some(2) && field("num-slaves") == Some(1)
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(
+            start.elapsed() < limit,
+            "{what} did not happen within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sale_survives_a_sentinel_failover_with_every_answered_order() {
+    const TOTAL: u64 = 150;
+    const SERVICE: &str = "sale";
+    let mut primary = RedisServer::start();
+    let replica_port = primary.port.to_string();
+    let replica = RedisServer::start_with(&[
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--replicaof",
+        "127.0.0.1",
+        &replica_port,
+    ]);
+    let sentinels: Vec<Sentinel> = (0..3)
+        .map(|_| Sentinel::start(SERVICE, primary.port))
+        .collect();
+    wait_until(
+        "the sentinels to find each other and the replica",
+        Duration::from_secs(30),
+        || sentinels.iter().all(|s| s.settled(SERVICE)),
+    );
+
+    let node = common::free_addr();
+    let url = format!(
+        "redis-sentinel://127.0.0.1:{}/0?sentinelServiceName={SERVICE}&node=127.0.0.1:{}&node=127.0.0.1:{}",
+        sentinels[0].port, sentinels[1].port, sentinels[2].port
+    );
+    let text = format!(
+        "[sale]\nevent = \"failover\"\ntotal = {TOTAL}\nper_user_limit = 1\n\n\
+         [redis]\nurl = \"{url}\"\ntimeout = \"500ms\"\nreplicas = 1\n\n\
+         [[node]]\nname = \"n1\"\nlisten = \"{node}\"\n"
+    );
+    let path = write_config(&text);
+    let cfg = path.to_str().expect("path").to_string();
+    let init = run(&["stock", "init", "--config", &cfg]);
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let _node = SpikeProcess::start(&["node", "--config", &cfg, "--name", "n1"]);
+    wait_listening(&node.to_string(), Duration::from_secs(10));
+
+    // Buyers one after another on 8 lanes; a buyer told 503 asks again
+    // (same buyer: with a limit of 1, a sale made but not acknowledged
+    // comes back as already_bought with its order).
+    let c = client();
+    let answered: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+    let after_failover = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sold_after = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut lanes = Vec::new();
+    for lane in 0..8u64 {
+        let (c, answered, after, sold_after) = (
+            c.clone(),
+            answered.clone(),
+            after_failover.clone(),
+            sold_after.clone(),
+        );
+        lanes.push(tokio::spawn(async move {
+            let started = Instant::now();
+            for b in (lane..).step_by(8) {
+                let buyer = format!("f{b}");
+                loop {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(90),
+                        "the sale did not end"
+                    );
+                    let Ok((status, body)) =
+                        get(&c, node, &format!("/buy/ticket?user={buyer}")).await
+                    else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    let v = json(&body);
+                    match (status, v["status"].as_str()) {
+                        (StatusCode::OK, _) | (StatusCode::CONFLICT, Some("already_bought")) => {
+                            let order = v["order"].as_str().expect("order").to_string();
+                            if status == StatusCode::OK {
+                                if after.load(std::sync::atomic::Ordering::Relaxed) {
+                                    sold_after.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                }
+                                answered
+                                    .lock()
+                                    .expect("answered")
+                                    .insert(buyer.clone(), order);
+                            }
+                            break;
+                        }
+                        (StatusCode::CONFLICT, Some("sold_out")) => return,
+                        (StatusCode::SERVICE_UNAVAILABLE, _) => {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        _ => panic!("unexpected {status}: {body}"),
+                    }
+                }
+            }
+        }));
+    }
+
+    let sold_now = || answered.lock().expect("answered").len() as u64;
+    let start = Instant::now();
+    while sold_now() < TOTAL / 3 {
+        assert!(start.elapsed() < Duration::from_secs(30), "no sales");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let old_port = primary.port;
+    primary.kill();
+    let before_failover = sold_now();
+    wait_until(
+        "Sentinel to promote the replica",
+        Duration::from_secs(30),
+        || sentinels[0].primary(SERVICE) == Some(replica.port),
+    );
+    after_failover.store(true, std::sync::atomic::Ordering::Relaxed);
+    // The old primary comes back; Sentinel makes it the new one's replica,
+    // so `replicas = 1` can be met again.
+    primary.restart();
+    assert_eq!(primary.port, old_port);
+    for lane in lanes {
+        lane.await.expect("buyers");
+    }
+    assert!(
+        sold_after.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "the sale went on after the failover ({before_failover} sold before it)"
+    );
+
+    // Every buyer told 200 still holds that exact order on the new primary.
+    for (buyer, order) in answered.lock().expect("answered").iter() {
+        let (status, body) = get(&c, node, &format!("/buy/ticket?user={buyer}"))
+            .await
+            .expect("ask again");
+        assert_eq!(status, StatusCode::CONFLICT, "{buyer}: {body}");
+        let v = json(&body);
+        assert_eq!(v["status"], "already_bought", "{buyer}: {body}");
+        assert_eq!(
+            v["order"],
+            order.as_str(),
+            "{buyer} lost their order: {body}"
+        );
+    }
+    let show = run(&["stock", "show", "--config", &cfg]);
+    let snap = json(&String::from_utf8_lossy(&show.stdout));
+    assert!(snap["sold"].as_u64().expect("sold") <= TOTAL, "{snap}");
+    let audit = run(&["stock", "audit", "--config", &cfg]);
+    assert!(
+        audit.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&audit.stdout),
+        String::from_utf8_lossy(&audit.stderr)
+    );
+}
