@@ -242,7 +242,8 @@ async fn a_sale_survives_a_sentinel_failover_with_every_answered_order() {
     );
 
     // Every buyer told 200 still holds that exact order on the new primary.
-    for (buyer, order) in answered.lock().expect("answered").iter() {
+    let answered = answered.lock().expect("answered").clone();
+    for (buyer, order) in &answered {
         let (status, body) = get(&c, node, &format!("/buy/ticket?user={buyer}"))
             .await
             .expect("ask again");
