@@ -23,7 +23,9 @@ default): GET / (a live status page for a browser), GET /healthz, GET /status
 (JSON), GET /sale (a node's /sale), GET /metrics (Prometheus).
 
 Exit codes: 0 success; 1 an error (config, bind, store), printed on stderr
-as one line; `spike stock audit` exits 1 when the sale breaks an invariant.
+as one line; `spike stock audit` exits 1 when the sale breaks an invariant;
+`spike stock init` exits 1 on a started sale (without --force) and on a Redis
+that may forget answered orders (without --allow-volatile).
 
 Logs go to stderr. RUST_LOG sets what is logged (default info, e.g.
 RUST_LOG=warn or RUST_LOG=spike=debug); colour only on a terminal, and never

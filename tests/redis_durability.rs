@@ -16,10 +16,11 @@ use common::spike::{SpikeProcess, run, wait_listening, write_config};
 use hyper::StatusCode;
 
 fn sale_file(event: &str, total: u64, redis: &RedisServer, node: std::net::SocketAddr) -> String {
-    sale_file_with(event, total, redis, node, "")
+    sale_file_with(event, total, redis, node, "timeout = \"500ms\"\n")
 }
 
-/// A sale file with `redis_extra` lines in its `[redis]` section.
+/// A sale file with `redis_extra` lines (its timeout among them) in its
+/// `[redis]` section.
 fn sale_file_with(
     event: &str,
     total: u64,
@@ -28,7 +29,7 @@ fn sale_file_with(
     redis_extra: &str,
 ) -> String {
     let text = format!(
-        "[sale]\nevent = \"{event}\"\ntotal = {total}\nper_user_limit = 1\n\n[redis]\nurl = \"{}\"\ntimeout = \"500ms\"\n{redis_extra}\n[[node]]\nname = \"n1\"\nlisten = \"{node}\"\n",
+        "[sale]\nevent = \"{event}\"\ntotal = {total}\nper_user_limit = 1\n\n[redis]\nurl = \"{}\"\n{redis_extra}\n[[node]]\nname = \"n1\"\nlisten = \"{node}\"\n",
         redis.url()
     );
     write_config(&text).to_str().expect("path").to_string()
@@ -282,7 +283,15 @@ async fn with_replicas_a_200_is_on_the_replica_and_an_unacknowledged_sale_is_a_5
     let replica = replica_of(&primary);
     let addr = common::free_addr();
     let event = "wait-replica";
-    let cfg = sale_file_with(event, 10, &primary, addr, "replicas = 1\n");
+    // A longer timeout than the other tests: the WAIT must end (a quarter
+    // of it early) well before the node's own timeout on a loaded machine.
+    let cfg = sale_file_with(
+        event,
+        10,
+        &primary,
+        addr,
+        "replicas = 1\ntimeout = \"2s\"\n",
+    );
     assert!(run(&["stock", "init", "--config", &cfg]).status.success());
     let _node = SpikeProcess::start(&["node", "--config", &cfg, "--name", "n1"]);
     wait_listening(&addr.to_string(), Duration::from_secs(10));

@@ -639,11 +639,13 @@ impl Link {
     /// acknowledge, every sale of the batch becomes
     /// [`StoreError::NotReplicated`]: made, but not safe to announce.
     async fn replicated(&self, client: &Client, answers: &mut [Reply<Raw>], latest: Instant) {
-        // WAIT's timeout is whole milliseconds, and 0 would block forever.
-        let ms = latest
-            .saturating_duration_since(Instant::now())
-            .as_millis()
-            .max(1) as i64;
+        // WAIT ends a quarter of the time left (at least 5 ms) before the
+        // buyers are told 503 anyway, so a short count is reported as such
+        // rather than lost in the node's own timeout. Whole milliseconds,
+        // and never 0, which would block forever.
+        let left = latest.saturating_duration_since(Instant::now());
+        let margin = (left / 4).max(Duration::from_millis(5));
+        let ms = left.saturating_sub(margin).as_millis().max(1) as i64;
         let wait = CustomCommand::new_static("WAIT", ClusterHash::Custom(self.slot), true);
         let acked: Result<u64, _> = client
             .custom(
