@@ -592,3 +592,62 @@ async fn a_lease_of_a_killed_node_comes_back_and_sells() {
     assert!(audit.status.success(), "{audit:?}");
     remove_config(&path);
 }
+
+/// Issue 12's groundwork: a node that answers `sold_out` from memory learns
+/// from its idle poll that stock came back (here a ticket returned by hand,
+/// as a release will), and sells it within a few seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sold_out_node_reopens_when_stock_comes_back() {
+    const TOTAL: usize = 3;
+    let redis = RedisServer::start();
+    let ports = Ports::new(1);
+    let path = write_config(&sale_file(
+        "reopen",
+        TOTAL as u64,
+        0,
+        &redis.url(),
+        &ports,
+        "round_robin",
+        &[1],
+        "",
+    ));
+    let cfg = path.to_str().expect("path").to_string();
+    stdout_json(&run(&["stock", "init", "--config", &cfg]));
+    let _node = start_node(&cfg, 0);
+    wait_listening(&ports.nodes[0].to_string(), Duration::from_secs(10));
+    let c = client();
+    for i in 0..TOTAL {
+        let (status, body) = get(&c, ports.nodes[0], &format!("/buy/ticket?user=r{i}"))
+            .await
+            .expect("buy");
+        assert_eq!(status, StatusCode::OK, "buyer {i}: {body}");
+    }
+    let (_, body) = get(&c, ports.nodes[0], "/buy/ticket?user=late")
+        .await
+        .expect("buy");
+    assert_eq!(json(&body)["status"], "sold_out", "{body}");
+    let mut conn = redis.connection().expect("redis");
+    let _: i64 = redis::cmd("HINCRBY")
+        .arg("spike:{reopen}:stock")
+        .arg("sold")
+        .arg(-1)
+        .query(&mut conn)
+        .expect("return a ticket");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = get(&c, ports.nodes[0], "/buy/ticket?user=late")
+            .await
+            .expect("buy");
+        if status == StatusCode::OK {
+            break;
+        }
+        assert_eq!(json(&body)["status"], "sold_out", "{body}");
+        assert!(Instant::now() < deadline, "the returned ticket never sold");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, body) = get(&c, ports.nodes[0], "/buy/ticket?user=later")
+        .await
+        .expect("buy");
+    assert_eq!(json(&body)["status"], "sold_out", "{body}");
+    remove_config(&path);
+}

@@ -290,9 +290,19 @@ impl Node {
         if self.limit.load(Ordering::Relaxed) != sale.limit {
             self.limit.store(sale.limit, Ordering::Release);
         }
-        // Within an epoch `sold` only grows, so sold out stays sold out
-        // until the next epoch; the flag carries the epoch it is about.
-        if sale.sold_out() && self.sold_out_epoch.swap(sale.epoch, Ordering::AcqRel) != sale.epoch {
+        // The flag carries the epoch it is about. A store answer with stock
+        // free again (a ticket went back on sale) clears it, so the idle
+        // poll reopens a node that answers `sold_out` from memory within
+        // about a second. An older answer arriving late may clear it too:
+        // that costs one store call, which sets it again.
+        if !sale.sold_out() {
+            let _ = self.sold_out_epoch.compare_exchange(
+                sale.epoch,
+                0,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        } else if self.sold_out_epoch.swap(sale.epoch, Ordering::AcqRel) != sale.epoch {
             // No lease holds a unit any more (`sold + leased <= total`).
             self.lease.clamp(self.lease.generation(), 0);
             self.learn_holders(sale.epoch);
