@@ -243,36 +243,6 @@ async fn redis_restarted_from_its_append_only_file_keeps_every_answered_order() 
     );
 }
 
-/// A replica of `primary`, once its link is up.
-fn replica_of(primary: &RedisServer) -> RedisServer {
-    let port = primary.port.to_string();
-    let replica = RedisServer::start_with(&[
-        "--save",
-        "",
-        "--appendonly",
-        "yes",
-        "--replicaof",
-        "127.0.0.1",
-        &port,
-    ]);
-    let start = std::time::Instant::now();
-    loop {
-        let mut c = replica.connection().expect("replica connection");
-        let info: String = redis::cmd("INFO")
-            .arg("replication")
-            .query(&mut c)
-            .expect("INFO");
-        if info.contains("master_link_status:up") {
-            return replica;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the replica did not sync: {info}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// `[redis] replicas = 1`: a 200 means the replica has the order; a replica
 /// that does not acknowledge in time turns the sale into a 503 that says
 /// so (counted in /stats), and the buyer's retry with the same key gets
@@ -280,7 +250,7 @@ fn replica_of(primary: &RedisServer) -> RedisServer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_replicas_a_200_is_on_the_replica_and_an_unacknowledged_sale_is_a_503() {
     let primary = RedisServer::start();
-    let replica = replica_of(&primary);
+    let replica = RedisServer::start_replica_of(&primary);
     let addr = common::free_addr();
     let event = "wait-replica";
     // A longer timeout than the other tests: the WAIT must end (a quarter

@@ -118,16 +118,7 @@ async fn a_sale_survives_a_sentinel_failover_with_every_answered_order() {
     const TOTAL: u64 = 150;
     const SERVICE: &str = "sale";
     let mut primary = RedisServer::start();
-    let replica_port = primary.port.to_string();
-    let replica = RedisServer::start_with(&[
-        "--save",
-        "",
-        "--appendonly",
-        "yes",
-        "--replicaof",
-        "127.0.0.1",
-        &replica_port,
-    ]);
+    let replica = RedisServer::start_replica_of(&primary);
     let sentinels: Vec<Sentinel> = (0..3)
         .map(|_| Sentinel::start(SERVICE, primary.port))
         .collect();

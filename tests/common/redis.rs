@@ -43,6 +43,37 @@ impl RedisServer {
         Self::start_with(&Self::DURABLE)
     }
 
+    /// Starts a replica of `primary` (append-only too) and returns it once
+    /// its link to the primary is up.
+    pub fn start_replica_of(primary: &RedisServer) -> RedisServer {
+        let port = primary.port.to_string();
+        let replica = Self::start_with(&[
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--replicaof",
+            "127.0.0.1",
+            &port,
+        ]);
+        let start = Instant::now();
+        loop {
+            let mut c = replica.connection().expect("replica connection");
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query(&mut c)
+                .expect("INFO");
+            if info.contains("master_link_status:up") {
+                return replica;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the replica did not sync: {info}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Starts redis-server with extra arguments.
     pub fn start_with(extra: &[&str]) -> RedisServer {
         let dir = std::env::temp_dir().join(format!(
