@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The one command that passes the tests on a fresh machine: installs what the
-# tests need when it is missing (redis-server, nginx, faketime, and chromium
-# for the status page test, from Debian's packages), then runs the whole suite. CI calls this same script.
+# tests need when it is missing (redis-server, with redis-cli for the Cluster
+# test and Sentinel in the same binary; nginx; faketime; and chromium for the
+# status page test; all from Debian's packages), then runs the whole suite.
+# CI calls this same script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v faketime >/dev/null 2>&1 || missing+=(faketime)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
