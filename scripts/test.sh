@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command that passes the tests on a fresh machine: installs what the
 # tests need when it is missing (redis-server, with redis-cli for the Cluster
-# test and Sentinel in the same binary; nginx; faketime; and chromium for the
+# test and Sentinel in the same binary; nginx; haproxy; faketime; and chromium for the
 # status page test; all from Debian's packages), then runs the whole suite.
 # CI calls this same script.
 set -euo pipefail
@@ -11,6 +11,7 @@ missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
 command -v faketime >/dev/null 2>&1 || missing+=(faketime)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ "${#missing[@]}" -gt 0 ]; then

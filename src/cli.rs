@@ -134,6 +134,18 @@ pub enum Command {
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         workers: Option<u16>,
     },
+    /// Print the haproxy.cfg nearest to the [balancer] section (comments
+    /// mark what HAProxy cannot express exactly).
+    HaproxyConf {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Listen on this address instead of [balancer] listen.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// nbthread (default: one per CPU, as spike's runtime threads).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        threads: Option<u16>,
+    },
 }
 
 /// What `spike stock` can do.

@@ -5,6 +5,7 @@
 pub mod balancer;
 pub mod cli;
 pub mod config;
+pub mod haproxy_conf;
 pub mod nginx_conf;
 pub mod node;
 pub mod prometheus;

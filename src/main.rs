@@ -37,6 +37,11 @@ fn main() -> ExitCode {
             listen,
             workers,
         } => spike::nginx_conf::run(&config.config, listen, workers.map(usize::from)),
+        Command::HaproxyConf {
+            config,
+            listen,
+            threads,
+        } => spike::haproxy_conf::run(&config.config, listen, threads.map(usize::from)),
     };
     match result {
         Ok(code) => code,
