@@ -17,6 +17,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::config::{BalancerConfig, Config, ServerConfig, Strategy};
+use crate::nginx_conf::line;
 
 /// HAProxy's largest server weight.
 pub const MAX_WEIGHT: u32 = 256;
@@ -237,15 +238,6 @@ fn scaled_weight(weight: u32, most: u32) -> u32 {
     }
     let scaled = u64::from(weight) * u64::from(MAX_WEIGHT) / u64::from(most);
     (scaled as u32).max(1)
-}
-
-/// Appends `text` as one line, indented by `indent` levels of 4 spaces.
-fn line(out: &mut String, indent: usize, text: &str) {
-    for _ in 0..indent {
-        out.push_str("    ");
-    }
-    out.push_str(text);
-    out.push('\n');
 }
 
 /// A duration in HAProxy's time syntax: whole milliseconds, rounded up, so a

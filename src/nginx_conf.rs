@@ -255,8 +255,9 @@ http {{
     o
 }
 
-/// Appends `text` as one line, indented by `indent` levels of 4 spaces.
-fn line(out: &mut String, indent: usize, text: &str) {
+/// Appends `text` as one line, indented by `indent` levels of 4 spaces
+/// (also used by `haproxy_conf`, whose file is indented the same way).
+pub(crate) fn line(out: &mut String, indent: usize, text: &str) {
     for _ in 0..indent {
         out.push_str("    ");
     }
