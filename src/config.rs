@@ -93,6 +93,8 @@ struct SaleFile {
     buffer: Option<Spanned<i64>>,
     lease: Option<Spanned<i64>>,
     lease_ttl: Option<Spanned<String>>,
+    pay_within: Option<Spanned<String>>,
+    events_max: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -201,6 +203,13 @@ pub struct SaleConfig {
     /// How long a lease lives unless its node calls the store again, so the
     /// units of a node that died come back by themselves.
     pub lease_ttl: Duration,
+    /// With it, a purchase is a reservation the buyer must pay within this
+    /// long, or its ticket goes back on sale; without it, purchases are
+    /// final. Written into the store by `stock init`, like the limit.
+    pub pay_within: Option<Duration>,
+    /// About how many events the sale's stream keeps (`MAXLEN ~`): the
+    /// hand-off to an order service must not grow without bound.
+    pub events_max: u64,
 }
 
 /// How to reach Redis.
@@ -680,12 +689,32 @@ impl Cx<'_> {
                     }
                     None => Duration::from_secs(10),
                 };
+                let pay_within = match &s.pay_within {
+                    Some(v) => {
+                        let d = self.duration("sale.pay_within", v)?;
+                        if d < Duration::from_secs(1) {
+                            return Err(self.err(
+                                "sale.pay_within",
+                                v.span(),
+                                format!("must be at least 1s (expiry runs about every half second), not {:?}", v.get_ref()),
+                            ));
+                        }
+                        Some(d)
+                    }
+                    None => None,
+                };
+                let events_max = match &s.events_max {
+                    Some(v) => self.count("sale.events_max", v, 1000)?,
+                    None => 100_000,
+                };
                 Some(SaleConfig {
                     event,
                     total,
                     per_user_limit,
                     lease,
                     lease_ttl,
+                    pay_within,
+                    events_max,
                 })
             }
         };

@@ -64,6 +64,7 @@ pub fn init(config_path: &Path, force: bool, allow_volatile: bool) -> anyhow::Re
                     "event": sale.event,
                     "total": sale.total,
                     "per_user_limit": sale.per_user_limit,
+                    "pay_within": sale.pay_within.map(|d| humantime::format_duration(d).to_string()),
                     "epoch": epoch,
                     "initialised": true,
                 })
@@ -98,17 +99,21 @@ pub fn audit(config_path: &Path) -> anyhow::Result<ExitCode> {
         // still for it gets the constant-time checks alone.
         let mut snap: Snapshot = store.snapshot().await.context("stock audit")?;
         let mut tally = None;
+        let mut events = None;
         for _ in 0..5 {
             let buyers = store.tally_buyers().await.context("stock audit")?;
+            let streamed = store.tally_events().await.context("stock audit")?;
             let after = store.snapshot().await.context("stock audit")?;
-            let still = after.sold == snap.sold && after.tickets_held == snap.tickets_held;
+            let still = (after.sold, after.tickets_held, after.seq, after.paid, after.released)
+                == (snap.sold, snap.tickets_held, snap.seq, snap.paid, snap.released);
             snap = after;
             if still {
                 tally = Some(buyers);
+                events = streamed;
                 break;
             }
         }
-        let problems = snap.audit(tally);
+        let problems = snap.audit(tally, events);
         let buyers = tally.unwrap_or_default();
         // Reported beside the sale's invariants, not counted among them:
         // the sale can be exact today on a Redis that would forget it
@@ -131,6 +136,12 @@ pub fn audit(config_path: &Path) -> anyhow::Result<ExitCode> {
                 "tickets_held": if tally.is_some() { buyers.tickets_held } else { snap.tickets_held },
                 "leased": snap.leased,
                 "keys": snap.keys,
+                "reserved": snap.reserved,
+                "paid": snap.paid,
+                "released": snap.released,
+                "due": snap.due,
+                "events_checked": events.is_some(),
+                "events": events,
                 "epoch": snap.epoch,
                 "per_user_limit": snap.per_user_limit,
                 "ok": problems.is_empty(),

@@ -142,7 +142,7 @@ async fn check_invariants(
         }
         (Store::Embedded(e), _) => {
             for o in &orders {
-                assert!(e.order(o).is_some(), "order {o} answered 200 but missing");
+                assert!(e.record(o).is_some(), "order {o} answered 200 but missing");
             }
         }
         _ => panic!("redis store without a server"),
@@ -156,7 +156,7 @@ async fn check_invariants(
     );
     assert_eq!(snap.orders, snap.sold, "{snap:?}");
     let buyers = sale.store.tally_buyers().await.expect("tally");
-    assert_eq!(snap.audit(Some(buyers)), Vec::<String>::new());
+    assert_eq!(snap.audit(Some(buyers), None), Vec::<String>::new());
     assert_eq!(snap.per_user_limit, limit, "the stored limit is the file's");
     if lost_replies > 0 {
         eprintln!("{lost_replies} tickets sold with a lost reply (503 after the script ran)");
@@ -713,7 +713,7 @@ async fn a_lost_reply_never_sells_twice() {
     // poll took the cut.
     assert_eq!(snap.sold, snap.orders);
     assert!((3..=7).contains(&snap.sold), "{snap:?}");
-    assert!(snap.audit(None).is_empty());
+    assert!(snap.audit(None, None).is_empty());
     sale.stop().await;
 }
 
@@ -796,8 +796,17 @@ async fn a_purchase_past_its_deadline_does_nothing_and_spares_its_batch() {
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query(&mut conn).expect("TIME");
     let now = secs * 1000 + micros / 1000;
     let mut eval = redis::cmd("EVAL");
-    eval.arg(include_str!("../src/node/deduct.lua")).arg(6);
-    for key in ["stock", "buyers", "orders", "buyer_order", "leases", "keys"] {
+    eval.arg(include_str!("../src/node/deduct.lua")).arg(8);
+    for key in [
+        "stock",
+        "buyers",
+        "orders",
+        "buyer_order",
+        "leases",
+        "keys",
+        "due",
+        "events",
+    ] {
         eval.arg(format!("spike:{{late}}:{key}"));
     }
     eval.arg(10_000) // lease lifetime
@@ -822,10 +831,11 @@ async fn a_purchase_past_its_deadline_does_nothing_and_spares_its_batch() {
             other => format!("{other:?}"),
         })
         .collect();
-    assert_eq!(codes.len(), 5 + 8, "{codes:?}");
-    assert_eq!(codes[5..8], ["5", "", "0"], "the late one does nothing");
-    assert_eq!(codes[9], "1", "the one on time sells: {codes:?}");
-    assert!(codes[10].ends_with("-1"), "{codes:?}");
+    // The sale's state (7 fields), then 6 per entry.
+    assert_eq!(codes.len(), 7 + 12, "{codes:?}");
+    assert_eq!(codes[7..10], ["5", "", "0"], "the late one does nothing");
+    assert_eq!(codes[13], "1", "the one on time sells: {codes:?}");
+    assert!(codes[14].ends_with("-1"), "{codes:?}");
     let snap = sale.store.snapshot().await.expect("snapshot");
     assert_eq!((snap.sold, snap.orders, snap.buyers), (1, 1, 1), "{snap:?}");
     let held: Option<u64> = redis::cmd("HGET")
@@ -944,7 +954,7 @@ async fn a_key_buys_once_whatever_the_limit(redis: Option<&RedisServer>) {
         );
         let snap = sale.store.snapshot().await.expect("snapshot");
         assert_eq!(snap.sold, 6);
-        assert_eq!(snap.audit(None), Vec::<String>::new());
+        assert_eq!(snap.audit(None, None), Vec::<String>::new());
         sale.stop().await;
     }
 }

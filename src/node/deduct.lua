@@ -4,23 +4,29 @@
 -- the call and the sale's lookups once per batch, not once per ticket. Every
 -- key shares the sale's hash tag, so this runs unchanged on Redis Cluster.
 --
--- KEYS[1] stock hash (total, sold, epoch, limit, held, most)
+-- KEYS[1] stock hash (total, sold, epoch, limit, held, most, seq,
+--         pay_within, reserved, paid, released, stream_max)
 -- KEYS[2] buyers hash (buyer -> tickets held)
 -- KEYS[3] orders hash (order id -> JSON)
 -- KEYS[4] buyer_order hash (buyer -> last order id)
 -- KEYS[5] leases hash (holder -> "units:expires_ms")
--- KEYS[6] keys hash (Idempotency-Key -> "order id buyer")
+-- KEYS[6] keys hash (Idempotency-Key -> "order id buyer", and with a
+--         payment window " state pay_by" after it)
+-- KEYS[7] due sorted set (reserved order id -> pay_by, Redis ms)
+-- KEYS[8] events stream (every order's creation and state change)
 -- ARGV[1] lease lifetime in milliseconds
 -- Then groups of 6: kind ('p' purchase, 'l' lease request), holder (a node
 -- process's lease name), node name, buyer ('' when anonymous), Idempotency-Key
 -- ('' when none), and for 'p' the deadline (Redis milliseconds: from then on
 -- the buyer has been told 503) or for 'l' "units wanted:deadline".
 --
--- Returns {0, epoch, limit, sold, total} then, per entry, {code, order id,
--- count, units the holder's lease has left}:
+-- Returns {0, epoch, limit, sold, total, released, pay_within} then, per
+-- entry, {code, order id, count, units the holder's lease has left, pay_by
+-- (0 when the sale is final), order state ('' when final)}:
 --   1 sold (count = the ticket's number)      2 sold out
 --   3 already bought (order = the last one)   5 too late: nothing done
---   6 this key already bought (order = its)   7 this key belongs to another buyer
+--   6 this key already bought (order = its, with its state now)
+--   7 this key belongs to another buyer
 --   8 lease answer (count = units granted)
 --   9 no buyer named, and the sale's limit needs one (nothing done)
 -- or {4} for the whole batch when there is no sale.
@@ -33,9 +39,15 @@
 -- largest other lease. So the sale sells exactly its total, whichever nodes
 -- the buyers reach, and a lease of a node that died comes back by itself
 -- (it expires unless renewed, and can be taken from before that).
+--
+-- With a payment window (`pay_within` > 0) a sale is a reservation: the
+-- order is `reserved` until `pay_by`, and `orders.lua` pays, cancels or
+-- expires it. `sold` counts tickets taken (reserved + paid) and goes down
+-- when one comes back; `seq` only grows, so an order id is never reused.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local stock = redis.call('HMGET', KEYS[1], 'total', 'sold', 'epoch', 'limit')
+local stock = redis.call('HMGET', KEYS[1], 'total', 'sold', 'epoch', 'limit', 'seq',
+  'pay_within', 'released', 'stream_max')
 local total = tonumber(stock[1])
 if not total then
   return {4}
@@ -43,6 +55,11 @@ end
 local sold = tonumber(stock[2] or '0')
 local epoch = stock[3] or '0'
 local limit = tonumber(stock[4] or '0')
+-- A sale written before `seq` existed numbered its orders by `sold`.
+local seq = tonumber(stock[5] or stock[2] or '0')
+local pay_within = tonumber(stock[6] or '0')
+local released = tonumber(stock[7] or '0')
+local stream_max = stock[8] or '100000'
 local ttl = tonumber(ARGV[1])
 
 -- Leases, read once: a handful of fields, one per live node process.
@@ -118,12 +135,14 @@ local function grant(holder, want)
   return g
 end
 
-local out = {0, epoch, limit, 0, total}
-local function answer(code, id, count, holder)
+local out = {0, epoch, limit, 0, total, released, pay_within}
+local function answer(code, id, count, holder, pay_by, state)
   out[#out + 1] = code
   out[#out + 1] = id
   out[#out + 1] = count
   out[#out + 1] = leases[holder] or 0
+  out[#out + 1] = pay_by or 0
+  out[#out + 1] = state or ''
 end
 
 local held_added, most = 0, 0
@@ -140,9 +159,10 @@ for i = 2, #ARGV, 6 do
     local deadline = tonumber(ARGV[i + 5])
     local limited = buyer ~= '' and limit > 0
     local seen = now < deadline and key ~= '' and redis.call('HGET', KEYS[6], key)
-    local seen_order, seen_buyer
+    local seen_order, seen_buyer, seen_state, seen_pay_by
     if seen then
-      seen_order, seen_buyer = string.match(seen, '^(%S+) ?(.*)$')
+      seen_order, seen_buyer, seen_state, seen_pay_by =
+        string.match(seen, '^(%S+) (%S*) ?(%a*) ?(%d*)$')
     end
     if now >= deadline then
       -- A client library can deliver a command late (queued across a
@@ -154,7 +174,8 @@ for i = 2, #ARGV, 6 do
       answer(9, '', 0, holder)
     elseif seen then
       if seen_buyer == buyer then
-        answer(6, seen_order, tonumber(string.match(seen_order, '(%d+)$')) or 0, holder)
+        answer(6, seen_order, tonumber(string.match(seen_order, '(%d+)$')) or 0, holder,
+          tonumber(seen_pay_by) or 0, seen_state)
       else
         answer(7, '', 0, holder)
       end
@@ -170,7 +191,15 @@ for i = 2, #ARGV, 6 do
       -- back, so if a later write fails, what was sold is still counted and
       -- no order id is handed out twice.
       sold = redis.call('HINCRBY', KEYS[1], 'sold', 1)
-      local id = epoch .. '-' .. string.format('%d', sold)
+      seq = seq + 1
+      redis.call('HSET', KEYS[1], 'seq', seq)
+      local id = epoch .. '-' .. string.format('%d', seq)
+      local pay_by, state = 0, ''
+      if pay_within > 0 then
+        pay_by, state = now + pay_within, 'reserved'
+        redis.call('ZADD', KEYS[7], pay_by, id)
+        redis.call('HINCRBY', KEYS[1], 'reserved', 1)
+      end
       if buyer ~= '' then
         local held = redis.call('HINCRBY', KEYS[2], buyer, 1)
         redis.call('HSET', KEYS[4], buyer, id)
@@ -178,12 +207,22 @@ for i = 2, #ARGV, 6 do
         if held > most then most = held end
       end
       if key ~= '' then
-        redis.call('HSET', KEYS[6], key, id .. ' ' .. buyer)
+        local v = id .. ' ' .. buyer
+        if state ~= '' then v = v .. ' ' .. state .. ' ' .. string.format('%d', pay_by) end
+        redis.call('HSET', KEYS[6], key, v)
       end
       local order = {id = id, buyer = buyer, node = node, time = now}
       if key ~= '' then order.key = key end
+      if state ~= '' then
+        order.state = state
+        order.pay_by = pay_by
+      end
       redis.call('HSET', KEYS[3], id, cjson.encode(order))
-      answer(1, id, sold, holder)
+      -- The hand-off to an order or payment service, in the same step.
+      redis.call('XADD', KEYS[8], 'MAXLEN', '~', stream_max, '*', 'type',
+        state ~= '' and state or 'sold', 'order', id, 'buyer', buyer, 'node', node,
+        'at', string.format('%d', now), 'pay_by', string.format('%d', pay_by))
+      answer(1, id, seq, holder, pay_by, state)
     end
   end
 end

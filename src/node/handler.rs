@@ -25,7 +25,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use tokio::time::Instant;
 
 use super::lease::{Lease, Unit};
-use super::store::{Holders, Outcome, Purchase, SaleState, Snapshot, Store, StoreError};
+use super::store::{
+    Holders, OrderState, Outcome, Purchase, SaleState, Snapshot, Store, StoreError,
+};
 use crate::server::json;
 
 /// Longest buyer id accepted; it becomes a Redis hash field.
@@ -82,6 +84,10 @@ pub struct Stats {
     pub not_replicated: AtomicU64,
     /// How long purchases and lease requests waited for the store.
     pub store_latency: crate::prometheus::Histogram,
+    /// Reservations this node's sweeps expired.
+    pub expired: AtomicU64,
+    /// Order calls (pay, cancel, read) this node answered from the store.
+    pub order_calls: AtomicU64,
 }
 
 /// How the last lease request ended, for the buyers waiting on it.
@@ -141,6 +147,12 @@ pub struct Node {
     limit: AtomicU64,
     /// The epoch the store said is sold out (0: none).
     sold_out_epoch: AtomicU64,
+    /// Tickets that came back so far, as last heard: when it grows, the
+    /// holders read into memory are stale.
+    released: AtomicU64,
+    /// The sale's payment window in ms as last heard (0: final sales, and
+    /// no sweep).
+    pay_within: AtomicU64,
     /// Once sold out: the buyers at their limit and the keys that bought,
     /// read from the store, so that they are answered from memory as the
     /// script would answer them.
@@ -186,7 +198,7 @@ pub enum KeyError {
 
 /// A random 64-bit value from the standard library's per-process hasher
 /// keys (seeded by the OS), without a random-number dependency.
-fn random_u64() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(
@@ -213,6 +225,8 @@ impl Node {
             epoch: AtomicU64::new(0),
             limit: AtomicU64::new(settings.per_user_limit),
             sold_out_epoch: AtomicU64::new(0),
+            released: AtomicU64::new(0),
+            pay_within: AtomicU64::new(0),
             holders: ArcSwapOption::empty(),
             learning: AtomicU64::new(0),
             last_renewed: AtomicU64::new(0),
@@ -278,8 +292,8 @@ impl Node {
             }
             // What the node knew goes first, then the lease wakes its
             // waiters: none of them may see the old sale's flag.
-            self.holders.store(None);
-            self.learning.store(0, Ordering::Release);
+            self.forget_holders();
+            self.released.store(0, Ordering::Release);
             self.clear_sale_cache();
             self.lease.reset();
         }
@@ -290,24 +304,54 @@ impl Node {
         if self.limit.load(Ordering::Relaxed) != sale.limit {
             self.limit.store(sale.limit, Ordering::Release);
         }
+        if self.pay_within.load(Ordering::Relaxed) != sale.pay_within_ms {
+            self.pay_within.store(sale.pay_within_ms, Ordering::Release);
+        }
+        // A ticket came back: a buyer may be under the limit again, a key's
+        // order released. What memory says of them is stale; it is read
+        // again at the next sold out.
+        if self.released.fetch_max(sale.released, Ordering::AcqRel) < sale.released {
+            self.forget_holders();
+        }
         // The flag carries the epoch it is about. A store answer with stock
         // free again (a ticket went back on sale) clears it, so the idle
         // poll reopens a node that answers `sold_out` from memory within
         // about a second. An older answer arriving late may clear it too:
         // that costs one store call, which sets it again.
         if !sale.sold_out() {
-            let _ = self.sold_out_epoch.compare_exchange(
-                sale.epoch,
-                0,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            );
+            if self
+                .sold_out_epoch
+                .compare_exchange(sale.epoch, 0, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                self.forget_holders();
+            }
         } else if self.sold_out_epoch.swap(sale.epoch, Ordering::AcqRel) != sale.epoch {
             // No lease holds a unit any more (`sold + leased <= total`).
             self.lease.clamp(self.lease.generation(), 0);
             self.learn_holders(sale.epoch);
             self.lease.wake();
         }
+    }
+
+    /// Drops the holders read into memory (and any read in flight), so the
+    /// next sold out reads them again.
+    fn forget_holders(&self) {
+        self.holders.store(None);
+        self.learning.store(0, Ordering::Release);
+    }
+
+    /// The sale's payment window as last heard (None: purchases are final).
+    pub fn pay_within(&self) -> Option<Duration> {
+        match self.pay_within.load(Ordering::Acquire) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    /// Takes in a store answer's view of the sale (for the order routes).
+    pub(super) fn heard(&self, sale: &SaleState) {
+        self.observe(sale);
     }
 
     /// The store has said this epoch of the sale is sold out.
@@ -341,6 +385,7 @@ impl Node {
             }
             "/sale" if req.method() == Method::GET => self.sale().await,
             "/healthz" | "/stats" | "/sale" | "/metrics" => not_allowed("GET"),
+            path if path.starts_with("/orders/") => super::orders::handle(&self, &req).await,
             _ => json(
                 StatusCode::NOT_FOUND,
                 Bytes::from_static(b"{\"status\":\"not_found\"}"),
@@ -612,18 +657,32 @@ impl Node {
         buyer: &str,
     ) -> Response<Full<Bytes>> {
         match outcome {
-            Outcome::Sold { order, sold } => {
+            Outcome::Sold {
+                order,
+                sold,
+                pay_by,
+            } => {
                 if let Some(u) = unit {
                     u.keep();
                 }
                 self.renewed();
                 self.stats.sold.fetch_add(1, Ordering::Relaxed);
-                sold_answer(&order, &self.name, buyer, sold, false)
+                let state = if pay_by.is_some() {
+                    OrderState::Reserved
+                } else {
+                    OrderState::Final
+                };
+                sold_answer(&order, &self.name, buyer, sold, false, state, pay_by)
             }
-            Outcome::Replayed { order, sold } => {
+            Outcome::Replayed {
+                order,
+                sold,
+                state,
+                pay_by,
+            } => {
                 drop(unit);
                 self.stats.replayed.fetch_add(1, Ordering::Relaxed);
-                sold_answer(&order, &self.name, buyer, sold, true)
+                sold_answer(&order, &self.name, buyer, sold, true, state, pay_by)
             }
             Outcome::SoldOut => {
                 drop(unit);
@@ -722,9 +781,9 @@ impl Node {
         match known.as_deref() {
             Some(k) if k.epoch == self.epoch() => {
                 if !key.is_empty()
-                    && let Some((order, owner)) = k.holders.keys.get(key)
+                    && let Some(order) = k.holders.keys.get(key)
                 {
-                    if owner != buyer {
+                    if order.buyer != buyer {
                         self.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
                         return json(
                             StatusCode::UNPROCESSABLE_ENTITY,
@@ -733,11 +792,13 @@ impl Node {
                     }
                     self.stats.replayed.fetch_add(1, Ordering::Relaxed);
                     return sold_answer(
-                        order,
+                        &order.order,
                         &self.name,
                         buyer,
-                        super::store::embedded::ticket_number(order),
+                        super::store::embedded::ticket_number(&order.order),
                         true,
+                        order.state,
+                        order.pay_by,
                     );
                 }
                 if let Some(order) = k.holders.buyers.get(buyer) {
@@ -910,27 +971,59 @@ impl NodeRef {
     }
 }
 
+/// The 200 of a purchase (or its replay). With a payment window it is a
+/// reservation, and says until when it must be paid. A replay whose order
+/// went back on sale is a 409 naming the order: the key bought it, and the
+/// buyer holds nothing now.
 fn sold_answer(
     order: &str,
     node: &str,
     buyer: &str,
     sold: u64,
     replayed: bool,
+    state: OrderState,
+    pay_by: Option<u64>,
 ) -> Response<Full<Bytes>> {
-    let mut body = String::with_capacity(96 + buyer.len() + order.len());
+    if state.released() {
+        let mut body = String::with_capacity(40 + order.len());
+        body.push_str("{\"status\":\"");
+        body.push_str(state.as_str());
+        body.push_str("\",\"order\":\"");
+        body.push_str(order);
+        body.push_str("\"}");
+        let mut res = json(StatusCode::CONFLICT, body);
+        res.headers_mut()
+            .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+        return res;
+    }
+    let mut body = String::with_capacity(150 + buyer.len() + order.len());
     body.push_str("{\"status\":\"sold\",\"order\":\"");
     body.push_str(order);
     body.push_str("\",\"node\":\"");
     body.push_str(node);
     body.push_str("\",\"buyer\":\"");
     body.push_str(buyer);
-    let _ = write!(body, "\",\"sold\":{sold}}}");
+    let _ = write!(body, "\",\"sold\":{sold}");
+    if state != OrderState::Final {
+        body.push_str(",\"state\":\"");
+        body.push_str(state.as_str());
+        body.push('"');
+    }
+    if let Some(ms) = pay_by {
+        let _ = write!(body, ",\"pay_by\":\"{}\"", rfc3339(ms));
+    }
+    body.push('}');
     let mut res = json(StatusCode::OK, body);
     if replayed {
         res.headers_mut()
             .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     }
     res
+}
+
+/// Unix milliseconds as RFC 3339 (UTC, to the millisecond).
+pub fn rfc3339(ms: u64) -> humantime::Rfc3339Timestamp {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms))
 }
 
 fn sold_out() -> Response<Full<Bytes>> {

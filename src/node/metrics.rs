@@ -54,6 +54,16 @@ pub fn render(node: &Node) -> String {
             load(&s.lease_calls),
         ),
         (
+            "spike_node_expired_total",
+            "Unpaid reservations this node's sweeps expired (their tickets went back on sale).",
+            load(&s.expired),
+        ),
+        (
+            "spike_node_order_calls_total",
+            "Order calls (pay, cancel, read) sent to the store.",
+            load(&s.order_calls),
+        ),
+        (
             "spike_node_store_errors_total",
             "Store calls that failed or did not answer in time (each a 503).",
             load(&s.store_errors),
@@ -134,6 +144,8 @@ struct StatsBody<'a> {
     busy: u64,
     not_initialised: u64,
     not_replicated: u64,
+    expired: u64,
+    order_calls: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     clock_offset_ms: Option<i64>,
 }
@@ -163,6 +175,8 @@ pub fn stats(node: &Node) -> String {
         busy: load(&s.busy),
         not_initialised: load(&s.not_initialised),
         not_replicated: load(&s.not_replicated),
+        expired: load(&s.expired),
+        order_calls: load(&s.order_calls),
         clock_offset_ms: node.store().clock_offset_ms(),
     };
     serde_json::to_string(&body).unwrap_or_default()

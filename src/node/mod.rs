@@ -4,6 +4,7 @@
 pub mod handler;
 pub mod lease;
 pub mod metrics;
+pub mod orders;
 pub mod store;
 
 use std::future::Future;
@@ -79,6 +80,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) {
     let watch = tokio::spawn(node.clone().watch());
+    let sweep = tokio::spawn(orders::sweep(Arc::downgrade(&node)));
     crate::server::serve(
         listener,
         limits,
@@ -90,6 +92,7 @@ pub async fn run(
     )
     .await;
     watch.abort();
+    sweep.abort();
 }
 
 /// Serves `node` on `listener` in a task of its own until `stop` fires (or

@@ -1,9 +1,12 @@
 -- The sale's state in constant time, for `stock show`, a node's `/sale` and
--- the start of `stock audit`: counters the deduction script keeps, and hash
+-- the start of `stock audit`: counters the scripts keep, and hash and set
 -- lengths, never a pass over the buyers. KEYS as in deduct.lua.
 -- Returns {exists, total, sold, orders, buyers, tickets held by named buyers,
--- the most any one buyer holds, epoch, limit, units leased, keys recorded}.
-local s = redis.call('HMGET', KEYS[1], 'total', 'sold', 'held', 'most', 'epoch', 'limit')
+-- the most any one buyer holds, epoch, limit, units leased, keys recorded,
+-- order ids handed out (seq), payment window ms, reserved, paid, released,
+-- deadline entries, events in the stream now}.
+local s = redis.call('HMGET', KEYS[1], 'total', 'sold', 'held', 'most', 'epoch', 'limit',
+  'seq', 'pay_within', 'reserved', 'paid', 'released')
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local leased = 0
@@ -14,4 +17,7 @@ for i = 2, #raw, 2 do
 end
 return {s[1] and 1 or 0, tonumber(s[1] or '0'), tonumber(s[2] or '0'),
   redis.call('HLEN', KEYS[3]), redis.call('HLEN', KEYS[2]), tonumber(s[3] or '0'),
-  tonumber(s[4] or '0'), s[5] or '', tonumber(s[6] or '0'), leased, redis.call('HLEN', KEYS[6])}
+  tonumber(s[4] or '0'), s[5] or '', tonumber(s[6] or '0'), leased, redis.call('HLEN', KEYS[6]),
+  tonumber(s[7] or s[2] or '0'), tonumber(s[8] or '0'), tonumber(s[9] or '0'),
+  tonumber(s[10] or '0'), tonumber(s[11] or '0'), redis.call('ZCARD', KEYS[7]),
+  redis.call('XLEN', KEYS[8])}

@@ -1,48 +1,42 @@
 //! The sale kept in process memory, for a whole sale on one machine with no
-//! Redis. It follows `deduct.lua` rule for rule (leases, idempotency keys,
-//! epochs, the stored limit), so every correctness test runs against both
-//! stores.
+//! Redis. It follows `deduct.lua` and `orders.lua` rule for rule (leases,
+//! idempotency keys, epochs, the stored limit, reservations and their
+//! expiry), so every correctness test runs against both stores. It has no
+//! event stream: that is the hand-off to other services, which need Redis.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 
 use tokio::time::Instant;
 
 use super::{
-    BuyerTally, Holders, Outcome, Purchase, Reply, SaleState, Snapshot, StoreError, now_millis,
+    BuyerTally, Holders, KeyHolder, OrderAnswer, OrderOp, OrderRecord, OrderState, Outcome,
+    Purchase, Reply, SaleState, Snapshot, StoreError, Swept, now_millis,
 };
 use crate::config::SaleConfig;
-
-/// One order, as `deduct.lua` records it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Order {
-    /// The order id.
-    pub id: String,
-    /// Who bought ('' when anonymous).
-    pub buyer: String,
-    /// The node that sold it.
-    pub node: String,
-    /// Unix milliseconds.
-    pub time: u64,
-    /// The purchase's Idempotency-Key ('' when none).
-    pub key: String,
-}
 
 #[derive(Default)]
 struct Sale {
     initialised: bool,
     total: u64,
     sold: u64,
+    seq: u64,
     epoch: u64,
     limit: u64,
     held: u64,
     most: u64,
+    pay_within: u64,
+    reserved: u64,
+    paid: u64,
+    released: u64,
     buyers: HashMap<String, u64>,
     buyer_order: HashMap<String, String>,
-    orders: HashMap<String, Order>,
+    orders: HashMap<String, OrderRecord>,
     /// holder → (units, expires at, Unix ms).
     leases: HashMap<String, (u64, u64)>,
     keys: HashMap<String, String>,
+    /// (pay_by, order id) of every reservation.
+    due: BTreeSet<(u64, String)>,
 }
 
 impl Sale {
@@ -52,6 +46,44 @@ impl Sale {
             limit: self.limit,
             sold: self.sold,
             total: self.total,
+            released: self.released,
+            pay_within_ms: self.pay_within,
+        }
+    }
+
+    /// See `release` in `orders.lua`.
+    fn release(&mut self, id: &str, state: OrderState, now: u64) {
+        let Some(o) = self.orders.get_mut(id) else {
+            return;
+        };
+        o.state = Some(state);
+        match state {
+            OrderState::Cancelled => o.cancelled_at = Some(now),
+            _ => o.expired_at = Some(now),
+        }
+        let (buyer, pay_by) = (o.buyer.clone(), o.pay_by.unwrap_or(0));
+        self.due.remove(&(pay_by, id.to_string()));
+        self.sold -= 1;
+        self.reserved -= 1;
+        self.released += 1;
+        if !buyer.is_empty() {
+            if let Some(h) = self.buyers.get_mut(&buyer) {
+                *h -= 1;
+                if *h == 0 {
+                    self.buyers.remove(&buyer);
+                }
+            }
+            self.held -= 1;
+        }
+    }
+
+    /// See `expire_if_due` in `orders.lua`.
+    fn expire_if_due(&mut self, id: &str, now: u64) {
+        let due = self.orders.get(id).is_some_and(|o| {
+            o.state == Some(OrderState::Reserved) && o.pay_by.is_some_and(|p| now >= p)
+        });
+        if due {
+            self.release(id, OrderState::Expired, now);
         }
     }
 
@@ -129,6 +161,8 @@ pub struct EmbeddedStore {
     event: String,
     configured_total: u64,
     configured_limit: u64,
+    /// `[sale] pay_within` in ms (0: final sales).
+    pay_within: u64,
     lease_ttl: u64,
     sale: Mutex<Sale>,
 }
@@ -140,6 +174,7 @@ impl EmbeddedStore {
             event: sale.event.clone(),
             configured_total: sale.total,
             configured_limit: sale.per_user_limit,
+            pay_within: sale.pay_within.map_or(0, |d| d.as_millis() as u64),
             lease_ttl: sale.lease_ttl.as_millis() as u64,
             sale: Mutex::new(Sale::default()),
         }
@@ -165,14 +200,14 @@ impl EmbeddedStore {
         let answer = if p.buyer.is_empty() && s.limit > 0 {
             Outcome::BuyerRequired
         } else if let Some(order) = (!p.key.is_empty()).then(|| s.keys.get(p.key)).flatten() {
-            let same_buyer = s.orders.get(order).is_some_and(|o| o.buyer == p.buyer);
-            if same_buyer {
-                Outcome::Replayed {
+            match s.orders.get(order).filter(|o| o.buyer == p.buyer) {
+                Some(o) => Outcome::Replayed {
                     order: order.clone(),
                     sold: ticket_number(order),
-                }
-            } else {
-                Outcome::KeyConflict
+                    state: o.state(),
+                    pay_by: o.pay_by,
+                },
+                None => Outcome::KeyConflict,
             }
         } else if !p.buyer.is_empty()
             && s.limit > 0
@@ -186,8 +221,14 @@ impl EmbeddedStore {
         } else {
             s.take_unit(p.holder, now, self.lease_ttl);
             s.sold += 1;
-            let sold = s.sold;
-            let id = format!("{}-{}", s.epoch, sold);
+            s.seq += 1;
+            let seq = s.seq;
+            let id = format!("{}-{}", s.epoch, seq);
+            let pay_by = (s.pay_within > 0).then(|| now + s.pay_within);
+            if let Some(pay_by) = pay_by {
+                s.due.insert((pay_by, id.clone()));
+                s.reserved += 1;
+            }
             if !p.buyer.is_empty() {
                 let held = {
                     let h = s.buyers.entry(p.buyer.to_string()).or_insert(0);
@@ -203,15 +244,25 @@ impl EmbeddedStore {
             }
             s.orders.insert(
                 id.clone(),
-                Order {
+                OrderRecord {
                     id: id.clone(),
                     buyer: p.buyer.to_string(),
                     node: p.node.to_string(),
                     time: now,
-                    key: p.key.to_string(),
+                    key: (!p.key.is_empty()).then(|| p.key.to_string()),
+                    state: pay_by.map(|_| OrderState::Reserved),
+                    pay_by,
+                    paid_at: None,
+                    cancelled_at: None,
+                    expired_at: None,
+                    payment_ref: None,
                 },
             );
-            Outcome::Sold { order: id, sold }
+            Outcome::Sold {
+                order: id,
+                sold: seq,
+                pay_by,
+            }
         };
         Ok(Reply {
             answer,
@@ -236,6 +287,91 @@ impl EmbeddedStore {
         })
     }
 
+    /// See `orders.lua`.
+    pub fn order(
+        &self,
+        op: OrderOp,
+        id: &str,
+        buyer: &str,
+        payment_ref: &str,
+    ) -> Result<Reply<OrderAnswer>, StoreError> {
+        let now = now_millis();
+        let mut s = self.lock();
+        if !s.initialised {
+            return Err(StoreError::NoSale);
+        }
+        let answer = match s.orders.get(id) {
+            None => OrderAnswer::NotFound,
+            Some(o) if !o.buyer.is_empty() && o.buyer != buyer => OrderAnswer::NotTheBuyer,
+            Some(o) if o.state.is_none() => OrderAnswer::Final(o.clone()),
+            Some(_) => {
+                s.expire_if_due(id, now);
+                let state = s.orders.get(id).map(OrderRecord::state);
+                let done = match (op, state) {
+                    (OrderOp::Pay, Some(OrderState::Reserved)) => {
+                        let pay_by = s.orders.get(id).and_then(|o| o.pay_by).unwrap_or(0);
+                        s.due.remove(&(pay_by, id.to_string()));
+                        s.reserved -= 1;
+                        s.paid += 1;
+                        if let Some(o) = s.orders.get_mut(id) {
+                            o.state = Some(OrderState::Paid);
+                            o.paid_at = Some(now);
+                            if !payment_ref.is_empty() {
+                                o.payment_ref = Some(payment_ref.to_string());
+                            }
+                        }
+                        true
+                    }
+                    (OrderOp::Pay, Some(OrderState::Paid)) => true,
+                    (OrderOp::Cancel, Some(OrderState::Reserved)) => {
+                        s.release(id, OrderState::Cancelled, now);
+                        true
+                    }
+                    (OrderOp::Cancel, Some(OrderState::Cancelled)) => true,
+                    (OrderOp::Get, _) => true,
+                    _ => false,
+                };
+                match s.orders.get(id).cloned() {
+                    Some(o) if done => OrderAnswer::Done(o),
+                    Some(o) => OrderAnswer::Conflict(o),
+                    None => OrderAnswer::NotFound,
+                }
+            }
+        };
+        Ok(Reply {
+            answer,
+            sale: s.state(),
+            lease: 0,
+        })
+    }
+
+    /// See the sweep of `orders.lua`.
+    pub fn sweep(&self, most: u64) -> Result<Reply<Swept>, StoreError> {
+        let now = now_millis();
+        let mut s = self.lock();
+        if !s.initialised {
+            return Err(StoreError::NoSale);
+        }
+        let due: Vec<String> = s
+            .due
+            .iter()
+            .take_while(|(pay_by, _)| *pay_by <= now)
+            .take(most as usize)
+            .map(|(_, id)| id.clone())
+            .collect();
+        for id in &due {
+            s.expire_if_due(id, now);
+        }
+        Ok(Reply {
+            answer: Swept {
+                expired: due.len() as u64,
+                more: due.len() as u64 == most,
+            },
+            sale: s.state(),
+            lease: 0,
+        })
+    }
+
     /// See `init.lua`.
     pub fn init(&self, force: bool) -> Option<u64> {
         let mut s = self.lock();
@@ -247,6 +383,7 @@ impl EmbeddedStore {
             initialised: true,
             total: self.configured_total,
             limit: self.configured_limit,
+            pay_within: self.pay_within,
             epoch,
             ..Sale::default()
         };
@@ -267,7 +404,16 @@ impl EmbeddedStore {
                 .keys
                 .iter()
                 .filter_map(|(k, id)| {
-                    Some((k.clone(), (id.clone(), s.orders.get(id)?.buyer.clone())))
+                    let o = s.orders.get(id)?;
+                    Some((
+                        k.clone(),
+                        KeyHolder {
+                            order: id.clone(),
+                            buyer: o.buyer.clone(),
+                            state: o.state(),
+                            pay_by: o.pay_by,
+                        },
+                    ))
                 })
                 .collect(),
         }
@@ -296,6 +442,14 @@ impl EmbeddedStore {
             per_user_limit: s.limit,
             leased: s.leased(),
             keys: s.keys.len() as u64,
+            seq: s.seq,
+            pay_within_ms: s.pay_within,
+            reserved: s.reserved,
+            paid: s.paid,
+            released: s.released,
+            due: s.due.len() as u64,
+            events: None,
+            finished: s.initialised && s.sold >= s.total && s.reserved == 0,
         }
     }
 
@@ -309,7 +463,7 @@ impl EmbeddedStore {
     }
 
     /// The order with this id, for tests that check every 200 has its order.
-    pub fn order(&self, id: &str) -> Option<Order> {
+    pub fn record(&self, id: &str) -> Option<OrderRecord> {
         self.lock().orders.get(id).cloned()
     }
 

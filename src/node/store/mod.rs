@@ -20,23 +20,79 @@ pub use durability::Durability;
 pub use embedded::EmbeddedStore;
 pub use redis::RedisStore;
 
+/// Where an order is in its life. Without a payment window every order is
+/// [`OrderState::Final`]; with one it starts `Reserved` and ends in one of
+/// the other three, for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OrderState {
+    /// Sold for good: the sale has no payment window.
+    #[serde(rename = "sold")]
+    Final,
+    /// Held for the buyer until its `pay_by`.
+    Reserved,
+    /// Paid in time: the buyer's for good.
+    Paid,
+    /// Given back by the buyer; the ticket went back on sale.
+    Cancelled,
+    /// Not paid in time; the ticket went back on sale.
+    Expired,
+}
+
+impl OrderState {
+    /// The name in answers, the store and the event stream.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderState::Final => "sold",
+            OrderState::Reserved => "reserved",
+            OrderState::Paid => "paid",
+            OrderState::Cancelled => "cancelled",
+            OrderState::Expired => "expired",
+        }
+    }
+
+    /// Reads the scripts' spelling ('' for a final order).
+    pub fn parse(s: &str) -> Option<OrderState> {
+        Some(match s {
+            "" | "sold" => OrderState::Final,
+            "reserved" => OrderState::Reserved,
+            "paid" => OrderState::Paid,
+            "cancelled" => OrderState::Cancelled,
+            "expired" => OrderState::Expired,
+            _ => return None,
+        })
+    }
+
+    /// The ticket went back on sale (the order holds nothing).
+    pub fn released(self) -> bool {
+        matches!(self, OrderState::Cancelled | OrderState::Expired)
+    }
+}
+
 /// What the store decided for one purchase.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// A ticket was sold and its order recorded.
+    /// A ticket was sold (or, with a payment window, reserved) and its
+    /// order recorded.
     Sold {
         /// The order id, unique for the life of the sale.
         order: String,
-        /// The ticket's number (tickets sold when it was sold).
+        /// The ticket's number (order ids handed out when it was sold).
         sold: u64,
+        /// With a payment window: the deadline, Unix ms in Redis's clock.
+        pay_by: Option<u64>,
     },
     /// The purchase's `Idempotency-Key` had already bought this order: the
-    /// same answer again, and no second ticket.
+    /// same order again, in its state now, and no second ticket.
     Replayed {
         /// The order the key bought.
         order: String,
         /// That ticket's number.
         sold: u64,
+        /// Where the order is now (a released one is not the buyer's).
+        state: OrderState,
+        /// With a payment window: the deadline, Unix ms.
+        pay_by: Option<u64>,
     },
     /// Every ticket is gone.
     SoldOut,
@@ -61,17 +117,113 @@ pub struct SaleState {
     pub epoch: u64,
     /// The per-user limit stored with the sale (the one enforced).
     pub limit: u64,
-    /// Tickets sold.
+    /// Tickets taken (with a payment window: reserved or paid).
     pub sold: u64,
     /// Tickets on sale.
     pub total: u64,
+    /// Tickets that came back (cancelled or expired reservations), ever:
+    /// when it grows, what a node learned about holders is stale.
+    pub released: u64,
+    /// The payment window stored with the sale, in ms (0: final sales).
+    pub pay_within_ms: u64,
 }
 
 impl SaleState {
-    /// No ticket is left to sell.
+    /// No ticket is free right now. With a payment window that may change:
+    /// a reservation that is cancelled or expires comes back.
     pub fn sold_out(&self) -> bool {
         self.sold >= self.total
     }
+}
+
+/// One order as the store records it: the JSON the scripts write, read by
+/// both stores and rendered by the order endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OrderRecord {
+    /// The order id.
+    pub id: String,
+    /// Who bought (`""` when anonymous).
+    #[serde(default)]
+    pub buyer: String,
+    /// The node that sold it.
+    #[serde(default)]
+    pub node: String,
+    /// When it was sold or reserved, Unix ms in the store's clock.
+    pub time: u64,
+    /// The purchase's Idempotency-Key, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Absent for a final sale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<OrderState>,
+    /// The payment deadline, Unix ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pay_by: Option<u64>,
+    /// When it was paid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paid_at: Option<u64>,
+    /// When it was cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancelled_at: Option<u64>,
+    /// When it expired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expired_at: Option<u64>,
+    /// The payment's reference, as the payer sent it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment_ref: Option<String>,
+}
+
+impl OrderRecord {
+    /// Where the order is now.
+    pub fn state(&self) -> OrderState {
+        self.state.unwrap_or(OrderState::Final)
+    }
+}
+
+/// What can be done to an order after its purchase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderOp {
+    /// Pay a reservation (again: the same answer).
+    Pay,
+    /// Give a reservation back.
+    Cancel,
+    /// Read it (expiring it first when its deadline has passed).
+    Get,
+}
+
+impl OrderOp {
+    /// The name `orders.lua` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderOp::Pay => "pay",
+            OrderOp::Cancel => "cancel",
+            OrderOp::Get => "get",
+        }
+    }
+}
+
+/// What the store did with an [`OrderOp`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrderAnswer {
+    /// Done, or already so (paying twice is one payment): the order now.
+    Done(OrderRecord),
+    /// Its state does not allow it (paying an expired order): the order.
+    Conflict(OrderRecord),
+    /// A final sale: there is nothing to pay or cancel.
+    Final(OrderRecord),
+    /// No order has this id.
+    NotFound,
+    /// The order is another buyer's.
+    NotTheBuyer,
+}
+
+/// What one sweep did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Swept {
+    /// Reservations expired (their tickets went back on sale).
+    pub expired: u64,
+    /// More were due than one sweep takes: sweep again now.
+    pub more: bool,
 }
 
 /// One answer of the store: what it decided, the sale's state, and how many
@@ -152,11 +304,11 @@ pub struct Snapshot {
     pub initialised: bool,
     /// Tickets on sale.
     pub total: u64,
-    /// Tickets sold.
+    /// Tickets taken: with a payment window, reserved or paid.
     pub sold: u64,
     /// `total - sold` (never negative in the output).
     pub remaining: u64,
-    /// Order records.
+    /// Order records (every order id handed out, released ones included).
     pub orders: u64,
     /// Distinct named buyers.
     pub buyers: u64,
@@ -172,6 +324,24 @@ pub struct Snapshot {
     pub leased: u64,
     /// Idempotency keys recorded (one per sale that carried one).
     pub keys: u64,
+    /// Order ids handed out (never goes down).
+    pub seq: u64,
+    /// The payment window stored with the sale, in ms (0: sales are final).
+    pub pay_within_ms: u64,
+    /// Orders waiting for payment.
+    pub reserved: u64,
+    /// Orders paid.
+    pub paid: u64,
+    /// Reservations cancelled or expired: their tickets went back on sale.
+    pub released: u64,
+    /// Deadline entries (one per reservation).
+    pub due: u64,
+    /// Events in the sale's stream now (None for the embedded store, which
+    /// has no stream).
+    pub events: Option<u64>,
+    /// Sold out for good: nothing free and nothing reserved that could come
+    /// back.
+    pub finished: bool,
 }
 
 /// What a full audit reads beyond the snapshot: a pass over every buyer, in
@@ -184,12 +354,54 @@ pub struct BuyerTally {
     pub most_by_one_buyer: u64,
 }
 
+/// What the sale's event stream holds, read in pages for `stock audit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct EventTally {
+    /// Events ever appended, trimmed ones included (Redis 7's
+    /// `entries-added`; None when Redis does not say).
+    pub added: Option<u64>,
+    /// Events in the stream now.
+    pub length: u64,
+    /// Order creations (`sold` or `reserved`) among them.
+    pub created: u64,
+    /// Payments among them.
+    pub paid: u64,
+    /// Cancels and expiries among them.
+    pub released: u64,
+}
+
 impl Snapshot {
     /// The invariants that must hold whatever happened during the sale; each
     /// broken one is a sentence in the result. `buyers`, when given, is the
-    /// full pass over the buyers, checked against the kept counters.
-    pub fn audit(&self, buyers: Option<BuyerTally>) -> Vec<String> {
+    /// full pass over the buyers, checked against the kept counters;
+    /// `events`, the pass over the event stream.
+    pub fn audit(&self, buyers: Option<BuyerTally>, events: Option<EventTally>) -> Vec<String> {
         let mut problems = Vec::new();
+        if let Some(e) = events {
+            // One event per order created, per payment, per release.
+            let changes = self.seq + self.paid + self.released;
+            if e.added.is_some_and(|a| a != changes) {
+                problems.push(format!(
+                    "the event stream had {} events appended for {changes} order changes",
+                    e.added.unwrap_or(0)
+                ));
+            }
+            if e.added.is_none_or(|a| a == e.length) {
+                // Nothing trimmed: every change is there, once.
+                let counted = [
+                    ("creations", e.created, self.seq),
+                    ("payments", e.paid, self.paid),
+                    ("releases", e.released, self.released),
+                ];
+                for (what, streamed, kept) in counted {
+                    if streamed != kept {
+                        problems.push(format!(
+                            "the event stream holds {streamed} {what} but the sale counted {kept}"
+                        ));
+                    }
+                }
+            }
+        }
         if !self.initialised {
             problems.push("the sale is not initialised (run `spike stock init`)".to_string());
         }
@@ -202,16 +414,41 @@ impl Snapshot {
                 self.sold, self.leased, self.total
             ));
         }
-        if self.sold != self.orders {
+        if self.sold + self.released != self.orders {
             problems.push(format!(
-                "sold {} but {} order records",
-                self.sold, self.orders
+                "sold {} and released {} but {} order records",
+                self.sold, self.released, self.orders
             ));
         }
-        if self.keys > self.sold {
+        if self.orders != self.seq {
             problems.push(format!(
-                "{} idempotency keys recorded for {} sales",
-                self.keys, self.sold
+                "{} order ids handed out but {} order records",
+                self.seq, self.orders
+            ));
+        }
+        if self.keys > self.orders {
+            problems.push(format!(
+                "{} idempotency keys recorded for {} orders",
+                self.keys, self.orders
+            ));
+        }
+        if self.pay_within_ms > 0 {
+            if self.sold != self.reserved + self.paid {
+                problems.push(format!(
+                    "sold {} but reserved {} + paid {}",
+                    self.sold, self.reserved, self.paid
+                ));
+            }
+            if self.due != self.reserved {
+                problems.push(format!(
+                    "{} reservations but {} deadline entries",
+                    self.reserved, self.due
+                ));
+            }
+        } else if self.reserved + self.paid + self.released > 0 {
+            problems.push(format!(
+                "final sales, yet reserved {}, paid {}, released {}",
+                self.reserved, self.paid, self.released
             ));
         }
         let limit = self.per_user_limit;
@@ -261,8 +498,14 @@ pub struct SaleKeys {
     pub buyer_order: String,
     /// lease holder → `units:expires_ms`.
     pub leases: String,
-    /// Idempotency-Key → `order id` and `buyer`, space-separated.
+    /// Idempotency-Key → `order id` and `buyer`, space-separated (with a
+    /// payment window, then the order's state and `pay_by`).
     pub keys: String,
+    /// Reserved order id → its deadline (sorted set, Unix ms).
+    pub due: String,
+    /// Every order's creation and state change (stream), for an order or
+    /// payment service.
+    pub events: String,
 }
 
 impl SaleKeys {
@@ -275,11 +518,13 @@ impl SaleKeys {
             buyer_order: format!("spike:{{{event}}}:buyer_order"),
             leases: format!("spike:{{{event}}}:leases"),
             keys: format!("spike:{{{event}}}:keys"),
+            due: format!("spike:{{{event}}}:due"),
+            events: format!("spike:{{{event}}}:events"),
         }
     }
 
     /// In the order every script takes them.
-    pub fn all(&self) -> [&str; 6] {
+    pub fn all(&self) -> [&str; 8] {
         [
             &self.stock,
             &self.buyers,
@@ -287,6 +532,8 @@ impl SaleKeys {
             &self.buyer_order,
             &self.leases,
             &self.keys,
+            &self.due,
+            &self.events,
         ]
     }
 }
@@ -297,8 +544,42 @@ impl SaleKeys {
 pub struct Holders {
     /// Buyer id → last order id, of the buyers at the limit.
     pub buyers: std::collections::HashMap<String, String>,
-    /// Idempotency-Key → (order id, buyer), of every key that bought.
-    pub keys: std::collections::HashMap<String, (String, String)>,
+    /// Idempotency-Key → what it bought, of every key that bought.
+    pub keys: std::collections::HashMap<String, KeyHolder>,
+}
+
+/// What an Idempotency-Key bought, as a node remembers it once sold out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyHolder {
+    /// The order id.
+    pub order: String,
+    /// Its buyer (`""` when anonymous).
+    pub buyer: String,
+    /// The order's state when read.
+    pub state: OrderState,
+    /// Its payment deadline, with a window.
+    pub pay_by: Option<u64>,
+}
+
+impl KeyHolder {
+    /// Reads the keys hash's value: `order buyer` and, with a payment
+    /// window, ` state pay_by` after it.
+    pub fn parse(value: &str) -> KeyHolder {
+        let mut parts = value.split(' ');
+        let order = parts.next().unwrap_or_default().to_string();
+        let buyer = parts.next().unwrap_or_default().to_string();
+        let state = parts
+            .next()
+            .and_then(OrderState::parse)
+            .unwrap_or(OrderState::Final);
+        let pay_by = parts.next().and_then(|p| p.parse().ok());
+        KeyHolder {
+            order,
+            buyer,
+            state,
+            pay_by,
+        }
+    }
 }
 
 /// The store a node sells from.
@@ -372,6 +653,30 @@ impl Store {
         }
     }
 
+    /// Reads the sale's event stream in pages (for `stock audit`; None for
+    /// the embedded store, which has no stream).
+    pub async fn tally_events(&self) -> Result<Option<EventTally>, StoreError> {
+        let Store::Redis(r) = self else {
+            return Ok(None);
+        };
+        let added = r.events_added().await?;
+        let events = r.events().await?;
+        let mut tally = EventTally {
+            added,
+            length: events.len() as u64,
+            ..EventTally::default()
+        };
+        for (kind, _) in &events {
+            match kind.as_str() {
+                "sold" | "reserved" => tally.created += 1,
+                "paid" => tally.paid += 1,
+                "cancelled" | "expired" => tally.released += 1,
+                _ => {}
+            }
+        }
+        Ok(Some(tally))
+    }
+
     /// Adds up every buyer's tickets, in pages (for `stock audit`).
     pub async fn tally_buyers(&self) -> Result<BuyerTally, StoreError> {
         match self {
@@ -389,6 +694,30 @@ impl Store {
         match self {
             Store::Redis(r) => r.holders(per_user_limit).await,
             Store::Embedded(e) => Ok(e.holders(per_user_limit)),
+        }
+    }
+
+    /// Pays, cancels or reads an order (see `orders.lua`); `buyer` is who
+    /// asks, and must be the order's buyer when it has one.
+    pub async fn order(
+        &self,
+        op: OrderOp,
+        id: &str,
+        buyer: &str,
+        payment_ref: &str,
+    ) -> Result<Reply<OrderAnswer>, StoreError> {
+        match self {
+            Store::Redis(r) => r.order(op, id, buyer, payment_ref).await,
+            Store::Embedded(e) => e.order(op, id, buyer, payment_ref),
+        }
+    }
+
+    /// Expires up to `most` reservations whose deadline has passed; any
+    /// node may call it any time, as often as it likes.
+    pub async fn sweep(&self, most: u64) -> Result<Reply<Swept>, StoreError> {
+        match self {
+            Store::Redis(r) => r.sweep(most).await,
+            Store::Embedded(e) => e.sweep(most),
         }
     }
 

@@ -28,13 +28,15 @@ use fred::types::{ClusterHash, CustomCommand};
 use super::clock::StoreClock;
 use super::embedded::ticket_number;
 use super::{
-    BuyerTally, Holders, Outcome, Purchase, Reply, SaleKeys, SaleState, Snapshot, StoreError,
+    BuyerTally, Holders, KeyHolder, OrderAnswer, OrderOp, OrderRecord, OrderState, Outcome,
+    Purchase, Reply, SaleKeys, SaleState, Snapshot, StoreError, Swept,
 };
 use crate::config::{RedisConfig, SaleConfig};
 
 const DEDUCT: &str = include_str!("../deduct.lua");
 const SHOW: &str = include_str!("../show.lua");
 const INIT: &str = include_str!("../init.lua");
+const ORDERS: &str = include_str!("../orders.lua");
 
 /// Most entries in one call: the script holds Redis's single thread
 /// for the whole batch (a few microseconds a purchase), so other clients of
@@ -57,8 +59,12 @@ pub struct RedisStore {
     event: String,
     total: u64,
     per_user_limit: u64,
+    /// `[sale] pay_within` in ms (0: final sales), written by `init`.
+    pay_within_ms: u64,
+    events_max: u64,
     show: Script,
     init: Script,
+    orders: Script,
     timeout: Duration,
     /// For `/healthz`: fail fast while disconnected, one attempt.
     ping: Options,
@@ -144,8 +150,11 @@ impl RedisStore {
             event: sale.event.clone(),
             total: sale.total,
             per_user_limit: sale.per_user_limit,
+            pay_within_ms: sale.pay_within.map_or(0, |d| d.as_millis() as u64),
+            events_max: sale.events_max,
             show: Script::from_lua(SHOW),
             init: Script::from_lua(INIT),
+            orders: Script::from_lua(ORDERS),
             timeout,
             ping,
         })
@@ -203,10 +212,12 @@ impl RedisStore {
             key: Value::from(p.key),
         };
         let r = self.queued(entry, p.holder, p.node, p.give_up).await?;
+        let pay_by = (r.answer.pay_by > 0).then_some(r.answer.pay_by);
         let answer = match r.answer.code {
             1 => Outcome::Sold {
                 order: r.answer.order,
                 sold: r.answer.count,
+                pay_by,
             },
             2 => Outcome::SoldOut,
             3 => Outcome::AlreadyBought {
@@ -216,6 +227,10 @@ impl RedisStore {
             6 => Outcome::Replayed {
                 sold: ticket_number(&r.answer.order),
                 order: r.answer.order,
+                state: OrderState::parse(&r.answer.state).ok_or_else(|| {
+                    StoreError::Protocol(format!("an order in state {:?}", r.answer.state))
+                })?,
+                pay_by,
             },
             7 => Outcome::KeyConflict,
             9 => Outcome::BuyerRequired,
@@ -267,6 +282,8 @@ impl RedisStore {
             Value::from(self.total as i64),
             Value::from(self.per_user_limit as i64),
             Value::from(if force { "1" } else { "0" }),
+            Value::from(self.pay_within_ms as i64),
+            Value::from(self.events_max as i64),
         ];
         let reply = self.eval(&self.init, args).await?;
         let Value::Array(fields) = reply else {
@@ -284,11 +301,11 @@ impl RedisStore {
     /// See `show.lua`.
     pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
         let reply = self.eval(&self.show, Vec::new()).await?;
-        let mut f = array(reply, 11)?.into_iter();
+        let mut f = array(reply, 18)?.into_iter();
         let initialised = int(f.next())? == 1;
         let total = int(f.next())?;
         let sold = int(f.next())?;
-        Ok(Snapshot {
+        let mut snap = Snapshot {
             event: self.event.clone(),
             initialised,
             total,
@@ -302,7 +319,141 @@ impl RedisStore {
             per_user_limit: int(f.next())?,
             leased: int(f.next())?,
             keys: int(f.next())?,
+            seq: int(f.next())?,
+            pay_within_ms: int(f.next())?,
+            reserved: int(f.next())?,
+            paid: int(f.next())?,
+            released: int(f.next())?,
+            due: int(f.next())?,
+            events: Some(int(f.next())?),
+            finished: false,
+        };
+        snap.finished = snap.initialised && snap.sold >= snap.total && snap.reserved == 0;
+        Ok(snap)
+    }
+
+    /// See `orders.lua`.
+    pub async fn order(
+        &self,
+        op: OrderOp,
+        id: &str,
+        buyer: &str,
+        payment_ref: &str,
+    ) -> Result<Reply<OrderAnswer>, StoreError> {
+        let args = vec![
+            Value::from_static_str(op.as_str()),
+            Value::from(id),
+            Value::from(buyer),
+            Value::from(payment_ref),
+        ];
+        let reply = self.eval(&self.orders, args).await?;
+        let (sale, mut rest) = header(reply, 2)?;
+        let code = int(rest.next())?;
+        let record = text(rest.next())?;
+        let parsed = || {
+            serde_json::from_str::<OrderRecord>(&record)
+                .map_err(|e| StoreError::Protocol(format!("an order record {record:?}: {e}")))
+        };
+        let answer = match code {
+            0 => OrderAnswer::NotFound,
+            5 => OrderAnswer::NotTheBuyer,
+            1 => OrderAnswer::Done(parsed()?),
+            2 => OrderAnswer::Conflict(parsed()?),
+            3 => OrderAnswer::Final(parsed()?),
+            other => {
+                return Err(StoreError::Protocol(format!(
+                    "orders.lua returned code {other}"
+                )));
+            }
+        };
+        Ok(Reply {
+            answer,
+            sale,
+            lease: 0,
         })
+    }
+
+    /// See the sweep of `orders.lua`.
+    pub async fn sweep(&self, most: u64) -> Result<Reply<Swept>, StoreError> {
+        let args = vec![Value::from_static_str("sweep"), Value::from(most as i64)];
+        let reply = self.eval(&self.orders, args).await?;
+        let (sale, mut rest) = header(reply, 2)?;
+        let expired = int(rest.next())?;
+        let more = int(rest.next())? == 1;
+        Ok(Reply {
+            answer: Swept { expired, more },
+            sale,
+            lease: 0,
+        })
+    }
+
+    /// The events in the sale's stream, oldest first, in pages (for
+    /// `stock audit`): each event's type and order id.
+    pub async fn events(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let client = self.reader();
+        let xrange = CustomCommand::new_static("XRANGE", ClusterHash::FirstKey, false);
+        let mut out = Vec::new();
+        let mut start = String::from("-");
+        loop {
+            let args: Vec<Value> = vec![
+                self.link.keys[7].clone().into(),
+                start.as_str().into(),
+                "+".into(),
+                "COUNT".into(),
+                SCAN_PAGE.into(),
+            ];
+            let reply: Value = client
+                .custom(xrange.clone(), args)
+                .await
+                .map_err(map_error)?;
+            let Value::Array(entries) = reply else {
+                return Ok(out);
+            };
+            let page = entries.len();
+            let mut last = None;
+            for entry in entries {
+                let mut e = array(entry, 2)?.into_iter();
+                let id = text(e.next())?;
+                let Some(Value::Array(fields)) = e.next() else {
+                    return Err(StoreError::Protocol("a stream entry without fields".into()));
+                };
+                let mut fields = fields.into_iter();
+                let (mut kind, mut order) = (String::new(), String::new());
+                while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+                    match text(Some(name))?.as_str() {
+                        "type" => kind = text(Some(value))?,
+                        "order" => order = text(Some(value))?,
+                        _ => {}
+                    }
+                }
+                out.push((kind, order));
+                last = Some(id);
+            }
+            match last {
+                // Exclusive start: the next page begins after this id.
+                Some(id) if page == SCAN_PAGE as usize => start = format!("({id}"),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// How many events were ever appended to the sale's stream, trimmed
+    /// ones included (`XINFO STREAM`'s `entries-added`, Redis 7 and later;
+    /// None before, or when the stream does not exist).
+    pub async fn events_added(&self) -> Result<Option<u64>, StoreError> {
+        let xinfo = CustomCommand::new_static("XINFO", ClusterHash::Custom(self.link.slot), false);
+        let args: Vec<Value> = vec!["STREAM".into(), self.link.keys[7].clone().into()];
+        let reply: Result<Value, _> = self.reader().custom(xinfo, args).await;
+        let Ok(Value::Array(fields)) = reply else {
+            return Ok(None);
+        };
+        let mut fields = fields.into_iter();
+        while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+            if name.as_str().is_some_and(|n| n == "entries-added") {
+                return Ok(value.as_u64());
+            }
+        }
+        Ok(None)
     }
 
     fn reader(&self) -> fred::clients::WithOptions<Client> {
@@ -339,10 +490,7 @@ impl RedisStore {
         let keys = scan_hash(&client, &self.link.keys[5])
             .await?
             .into_iter()
-            .map(|(key, v)| {
-                let (order, buyer) = v.split_once(' ').unwrap_or((v.as_str(), ""));
-                (key, (order.to_string(), buyer.to_string()))
-            })
+            .map(|(key, v)| (key, KeyHolder::parse(&v)))
             .collect();
         if per_user_limit == 0 {
             return Ok(Holders {
@@ -420,6 +568,10 @@ struct Raw {
     code: u64,
     order: String,
     count: u64,
+    /// The payment deadline (0: a final sale).
+    pay_by: u64,
+    /// The order's state ('' when final).
+    state: String,
 }
 
 /// One entry waiting in the queue, its arguments already built.
@@ -556,7 +708,7 @@ impl Link {
         let now = Instant::now();
         // One look at the clock for the whole batch.
         let reading = self.clock.reading();
-        let mut args = Vec::with_capacity(1 + 6 * batch.len());
+        let mut args = Vec::with_capacity(1 + ENTRY_ARGS * batch.len());
         args.push(self.lease_ttl.clone());
         let mut replies = Vec::with_capacity(batch.len());
         let mut latest = now;
@@ -667,14 +819,24 @@ impl Link {
 /// Not a code of the script: a sale `WAIT` did not see replicated.
 const NOT_REPLICATED: u64 = 100;
 
-/// The script's answer: the sale's state, then one answer per entry (see
-/// `deduct.lua`).
-fn answers(reply: Value, entries: usize) -> Result<Vec<Reply<Raw>>, StoreError> {
+/// Arguments per entry of `deduct.lua`.
+const ENTRY_ARGS: usize = 6;
+/// Fields of the sale's state that every script answer starts with.
+const HEADER_FIELDS: usize = 7;
+/// Fields per entry in `deduct.lua`'s answer.
+const ANSWER_FIELDS: usize = 6;
+
+/// The header every script answer starts with (the sale's state), and the
+/// `rest` fields after it; `{4}` is [`StoreError::NoSale`].
+fn header(
+    reply: Value,
+    rest: usize,
+) -> Result<(SaleState, std::vec::IntoIter<Value>), StoreError> {
     let fields = match reply {
         Value::Array(a) => a,
         other => {
             return Err(StoreError::Protocol(format!(
-                "deduct returned {other:?}, not an array"
+                "a script returned {other:?}, not an array"
             )));
         }
     };
@@ -682,14 +844,15 @@ fn answers(reply: Value, entries: usize) -> Result<Vec<Reply<Raw>>, StoreError> 
         return match int(fields.into_iter().next())? {
             4 => Err(StoreError::NoSale),
             other => Err(StoreError::Protocol(format!(
-                "deduct returned code {other} for the batch"
+                "a script returned code {other} for the call"
             ))),
         };
     }
-    if fields.len() != 5 + 4 * entries {
+    if fields.len() != HEADER_FIELDS + rest {
         return Err(StoreError::Protocol(format!(
-            "deduct returned {} fields for {entries} entries",
-            fields.len()
+            "a script returned {} fields, not {}",
+            fields.len(),
+            HEADER_FIELDS + rest
         )));
     }
     let mut fields = fields.into_iter();
@@ -702,15 +865,32 @@ fn answers(reply: Value, entries: usize) -> Result<Vec<Reply<Raw>>, StoreError> 
         limit: int(fields.next())?,
         sold: int(fields.next())?,
         total: int(fields.next())?,
+        released: int(fields.next())?,
+        pay_within_ms: int(fields.next())?,
     };
+    Ok((sale, fields))
+}
+
+/// The script's answer: the sale's state, then one answer per entry (see
+/// `deduct.lua`).
+fn answers(reply: Value, entries: usize) -> Result<Vec<Reply<Raw>>, StoreError> {
+    let (sale, mut fields) = header(reply, ANSWER_FIELDS * entries)?;
     let mut out = Vec::with_capacity(entries);
     for _ in 0..entries {
         let code = int(fields.next())?;
         let order = text(fields.next())?;
         let count = int(fields.next())?;
         let lease = int(fields.next())?;
+        let pay_by = int(fields.next())?;
+        let state = text(fields.next())?;
         out.push(Reply {
-            answer: Raw { code, order, count },
+            answer: Raw {
+                code,
+                order,
+                count,
+                pay_by,
+                state,
+            },
             sale,
             lease,
         });
