@@ -123,6 +123,11 @@ pub enum Command {
         #[command(subcommand)]
         action: StockAction,
     },
+    /// Follow the sale's orders (Redis only).
+    Orders {
+        #[command(subcommand)]
+        action: OrdersAction,
+    },
     /// Print the nginx.conf equivalent to the [balancer] section.
     NginxConf {
         #[command(flatten)]
@@ -145,6 +150,26 @@ pub enum Command {
         /// nbthread (default: one per CPU, as spike's runtime threads).
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         threads: Option<u16>,
+    },
+}
+
+/// What `spike orders` can do.
+#[derive(Debug, Subcommand)]
+pub enum OrdersAction {
+    /// Print every order event of the sale's stream as a JSON line
+    /// (created, paid, cancelled, expired), acknowledging what it printed:
+    /// stopped and started again, it goes on where it stopped.
+    Tail {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The consumer group: tails of one group share the events, each
+        /// group gets all of them.
+        #[arg(long, default_value = "spike-orders")]
+        group: String,
+        /// This reader's name in the group (its unacknowledged events are
+        /// its own to print again after a restart).
+        #[arg(long, default_value = "tail")]
+        consumer: String,
     },
 }
 

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod haproxy_conf;
 pub mod nginx_conf;
+pub mod orders_tail;
 pub mod node;
 pub mod prometheus;
 pub mod server;

@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use spike::cli::{Cli, Command, StockAction};
+use spike::cli::{Cli, Command, OrdersAction, StockAction};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -32,6 +32,14 @@ fn main() -> ExitCode {
             StockAction::Show { config } => spike::stock::show(&config.config),
             StockAction::Audit { config } => spike::stock::audit(&config.config),
         },
+        Command::Orders {
+            action:
+                OrdersAction::Tail {
+                    config,
+                    group,
+                    consumer,
+                },
+        } => spike::orders_tail::main(&config.config, &group, &consumer),
         Command::NginxConf {
             config,
             listen,

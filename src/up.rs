@@ -303,6 +303,13 @@ pub fn banner(config: &Config) -> String {
         "\nbuy one:   curl -s 'http://{}/buy/ticket?user=alice'\n",
         b.listen
     ));
+    if let Some(window) = sale.pay_within {
+        s.push_str(&format!(
+            "pay it:    curl -s -X POST 'http://{}/orders/ORDER/pay?user=alice'   (ORDER from the answer; unpaid, it goes back on sale after {})\n",
+            b.listen,
+            humantime::format_duration(window)
+        ));
+    }
     s.push_str(&format!(
         "load test: oha -n 20000 -c 100 --rand-regex-url 'http://{}/buy/ticket\\?user=u[0-9]{{6}}'\n",
         b.listen
