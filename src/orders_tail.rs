@@ -102,7 +102,11 @@ impl Tail {
             "0".into(),
             "MKSTREAM".into(),
         ];
-        match self.client.custom::<Value, _>(self.command("XGROUP"), args).await {
+        match self
+            .client
+            .custom::<Value, _>(self.command("XGROUP"), args)
+            .await
+        {
             Ok(_) => Ok(()),
             Err(e) if e.details().contains("BUSYGROUP") => Ok(()),
             Err(e) => Err(e.into()),
@@ -199,7 +203,10 @@ fn entries(reply: Value) -> Result<Vec<(String, Fields)>, TailError> {
                 return Err(TailError::Protocol("a stream entry is not an array".into()));
             };
             if e.len() != 2 {
-                return Err(TailError::Protocol(format!("a stream entry of {}", e.len())));
+                return Err(TailError::Protocol(format!(
+                    "a stream entry of {}",
+                    e.len()
+                )));
             }
             let values = e.pop().unwrap_or(Value::Null);
             let id = e

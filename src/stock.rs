@@ -104,8 +104,19 @@ pub fn audit(config_path: &Path) -> anyhow::Result<ExitCode> {
             let buyers = store.tally_buyers().await.context("stock audit")?;
             let streamed = store.tally_events().await.context("stock audit")?;
             let after = store.snapshot().await.context("stock audit")?;
-            let still = (after.sold, after.tickets_held, after.seq, after.paid, after.released)
-                == (snap.sold, snap.tickets_held, snap.seq, snap.paid, snap.released);
+            let still = (
+                after.sold,
+                after.tickets_held,
+                after.seq,
+                after.paid,
+                after.released,
+            ) == (
+                snap.sold,
+                snap.tickets_held,
+                snap.seq,
+                snap.paid,
+                snap.released,
+            );
             snap = after;
             if still {
                 tally = Some(buyers);

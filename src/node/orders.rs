@@ -35,7 +35,9 @@ pub enum OrderRequestError {
     #[error("an order id is two numbers joined by '-', as the purchase answered it")]
     BadId,
     /// The payment reference has characters that cannot be stored as is.
-    #[error("a payment reference is 1 to 64 characters of letters, digits, '_', '.', ':', '@' or '-'")]
+    #[error(
+        "a payment reference is 1 to 64 characters of letters, digits, '_', '.', ':', '@' or '-'"
+    )]
     BadRef,
     /// The buyer id is malformed.
     #[error("a buyer id is 1 to 64 characters of letters, digits, '_', '.', ':', '@' or '-'")]
@@ -74,11 +76,12 @@ fn query_value<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
 fn payment_ref(req: &Request<Incoming>) -> Result<&str, OrderRequestError> {
     match query_value(req, "ref") {
         None => Ok(""),
-        Some(r) if !r.is_empty()
-            && r.len() <= MAX_REF_LEN
-            && r.bytes().all(|b| {
-                b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'-')
-            }) =>
+        Some(r)
+            if !r.is_empty()
+                && r.len() <= MAX_REF_LEN
+                && r.bytes().all(|b| {
+                    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'-')
+                }) =>
         {
             Ok(r)
         }
@@ -293,7 +296,17 @@ mod tests {
         for ok in ["1732838400123-1", "1-99999"] {
             assert!(valid_id(ok), "{ok}");
         }
-        for bad in ["", "-", "1-", "-1", "a-1", "1-1-1", "1--1", "1 -1", "123456789012345678901-1"] {
+        for bad in [
+            "",
+            "-",
+            "1-",
+            "-1",
+            "a-1",
+            "1-1-1",
+            "1--1",
+            "1 -1",
+            "123456789012345678901-1",
+        ] {
             assert!(!valid_id(bad), "{bad}");
         }
     }

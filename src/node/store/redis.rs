@@ -828,10 +828,7 @@ const ANSWER_FIELDS: usize = 6;
 
 /// The header every script answer starts with (the sale's state), and the
 /// `rest` fields after it; `{4}` is [`StoreError::NoSale`].
-fn header(
-    reply: Value,
-    rest: usize,
-) -> Result<(SaleState, std::vec::IntoIter<Value>), StoreError> {
+fn header(reply: Value, rest: usize) -> Result<(SaleState, std::vec::IntoIter<Value>), StoreError> {
     let fields = match reply {
         Value::Array(a) => a,
         other => {
