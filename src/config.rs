@@ -1219,6 +1219,26 @@ weight = 4
     }
 
     #[test]
+    fn a_payment_window_is_read_and_a_bad_one_named() {
+        let with =
+            |extra: &str| FOUR.replace("total = 1000\n", &format!("total = 1000\n{extra}\n"));
+        let c = parse(&with("pay_within = \"15m\"\nevents_max = 5000")).expect("valid");
+        let sale = c.sale.as_ref().expect("sale");
+        assert_eq!(sale.pay_within, Some(Duration::from_secs(900)));
+        assert_eq!(sale.events_max, 5000);
+        let c = parse(FOUR).expect("valid");
+        let sale = c.sale.as_ref().expect("sale");
+        assert_eq!((sale.pay_within, sale.events_max), (None, 100_000));
+        for bad in ["\"500ms\"", "\"0s\"", "\"soon\"", "15"] {
+            let e = parse(&with(&format!("pay_within = {bad}"))).expect_err(bad);
+            assert_eq!(e.key(), Some("sale.pay_within"), "{bad}: {e}");
+            assert!(e.to_string().starts_with("test.toml:"), "{e}");
+        }
+        let e = parse(&with("events_max = 10")).expect_err("too small a stream");
+        assert_eq!(e.key(), Some("sale.events_max"));
+    }
+
+    #[test]
     fn redis_urls_of_every_deployment_are_read_and_bad_ones_named() {
         let with = |url: &str| format!("{FOUR}[redis]\nurl = \"{url}\"\nreplicas = 1\n");
         for url in [
