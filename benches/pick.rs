@@ -28,6 +28,7 @@ fn selector(strategy: Strategy, n: usize) -> Selector {
                 weight: 1 + (i % 5) as u32,
                 max_fails: 1,
                 fail_timeout: Duration::from_secs(10),
+                max_conns: 0,
                 backup: false,
                 down: false,
             };

@@ -136,6 +136,16 @@ struct BalancerFile {
     underscores_in_headers: bool,
     #[serde(default)]
     trusted_proxies: Vec<Spanned<String>>,
+    sold_out_at_edge: Option<bool>,
+    max_conns: Option<Spanned<i64>>,
+    queue: Option<Spanned<i64>>,
+    queue_timeout: Option<Spanned<String>>,
+    health_check: Option<Spanned<String>>,
+    health_interval: Option<Spanned<String>>,
+    health_timeout: Option<Spanned<String>>,
+    health_fails: Option<Spanned<i64>>,
+    health_passes: Option<Spanned<i64>>,
+    slow_start: Option<Spanned<String>>,
     #[serde(default)]
     upstream: Vec<Spanned<UpstreamFile>>,
 }
@@ -147,6 +157,7 @@ struct UpstreamFile {
     weight: Option<Spanned<i64>>,
     max_fails: Option<Spanned<i64>>,
     fail_timeout: Option<Spanned<String>>,
+    max_conns: Option<Spanned<i64>>,
     #[serde(default)]
     backup: bool,
     #[serde(default)]
@@ -286,6 +297,9 @@ pub struct UpstreamConfig {
     pub max_fails: u32,
     /// The window for counting failures, and how long a failed peer rests.
     pub fail_timeout: Duration,
+    /// Requests in flight to it at most (Nginx's `max_conns`, HAProxy's
+    /// `maxconn`); 0: no limit. More wait in the balancer's queue.
+    pub max_conns: u32,
     /// Takes traffic only when no primary can.
     pub backup: bool,
     /// Never takes traffic.
@@ -332,8 +346,41 @@ pub struct BalancerConfig {
     /// `X_Real_IP` as `X-Real-IP`, so a client could spoof the headers the
     /// balancer sets.
     pub underscores_in_headers: bool,
+    /// With a `[sale]` in the file: answer `sold_out` (and `already_bought`
+    /// for holders) here once the nodes say the sale is sold out, instead
+    /// of sending the flood to them (see `crate::balancer::edge`).
+    pub sold_out_at_edge: bool,
+    /// Requests that may wait for an upstream below its `max_conns` (Nginx
+    /// Plus's `queue`); 0: none wait, they get 503 at once.
+    pub queue: usize,
+    /// How long a request waits in that queue before its 503.
+    pub queue_timeout: Duration,
+    /// Active health checks, when configured.
+    pub health: Option<HealthCheck>,
+    /// After an upstream comes back (its health check passes again, or its
+    /// `fail_timeout` ends), its share of the traffic grows from a tenth to
+    /// all of it over this long (Nginx Plus's `slow_start`); zero: at once.
+    pub slow_start: Duration,
     /// The upstreams, in file order (order matters to Nginx's algorithms).
     pub upstreams: Vec<UpstreamConfig>,
+}
+
+/// An active health check (Nginx Plus's `health_check`, HAProxy's `check`):
+/// a `GET` of `path` on every upstream every `interval`; an upstream that
+/// fails `fails` in a row is taken out before buyers hit it, and one that
+/// passes `passes` in a row comes back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// The path asked (a node's is `/healthz`).
+    pub path: String,
+    /// Between two checks of one upstream.
+    pub interval: Duration,
+    /// A check that has no 2xx answer by then fails.
+    pub timeout: Duration,
+    /// Failed checks in a row that take an upstream out.
+    pub fails: u32,
+    /// Passed checks in a row that bring it back.
+    pub passes: u32,
 }
 
 /// Limits shared by the node and balancer HTTP servers.
@@ -832,6 +879,66 @@ impl Cx<'_> {
         Ok(n as u32)
     }
 
+    fn health_check(&self, b: &BalancerFile) -> Result<Option<HealthCheck>, ConfigError> {
+        let Some(path) = &b.health_check else {
+            let stray = [
+                (
+                    "balancer.health_interval",
+                    b.health_interval.as_ref().map(|v| v.span()),
+                ),
+                (
+                    "balancer.health_timeout",
+                    b.health_timeout.as_ref().map(|v| v.span()),
+                ),
+                (
+                    "balancer.health_fails",
+                    b.health_fails.as_ref().map(|v| v.span()),
+                ),
+                (
+                    "balancer.health_passes",
+                    b.health_passes.as_ref().map(|v| v.span()),
+                ),
+            ];
+            if let Some((key, Some(span))) = stray.into_iter().find(|(_, s)| s.is_some()) {
+                return Err(self.err(
+                    key,
+                    span,
+                    "has no effect without `health_check` (the path to ask, e.g. \"/healthz\")",
+                ));
+            }
+            return Ok(None);
+        };
+        let p = path.get_ref().trim();
+        if !p.starts_with('/') || p.len() > 1024 || !p.bytes().all(|c| c.is_ascii_graphic()) {
+            return Err(self.err(
+                "balancer.health_check",
+                path.span(),
+                format!("{p:?} is not a path like \"/healthz\""),
+            ));
+        }
+        let interval = match &b.health_interval {
+            Some(v) => self.duration("balancer.health_interval", v)?,
+            None => Duration::from_secs(1),
+        };
+        let timeout = match &b.health_timeout {
+            Some(v) => self.duration("balancer.health_timeout", v)?,
+            None => interval.min(Duration::from_secs(1)),
+        };
+        Ok(Some(HealthCheck {
+            path: p.to_string(),
+            interval,
+            timeout,
+            fails: match &b.health_fails {
+                Some(v) => self.count("balancer.health_fails", v, 1)?.min(1000) as u32,
+                None => 1,
+            },
+            passes: match &b.health_passes {
+                Some(v) => self.count("balancer.health_passes", v, 1)?.min(1000) as u32,
+                None => 1,
+            },
+        }))
+    }
+
     fn balancer(
         &self,
         file: Option<&Spanned<BalancerFile>>,
@@ -889,6 +996,10 @@ impl Cx<'_> {
                 })?;
             trusted_proxies.push(net);
         }
+        let max_conns = match &b.max_conns {
+            Some(v) => self.count("balancer.max_conns", v, 0)?.min(u32::MAX as u64) as u32,
+            None => 0,
+        };
         let mut upstreams = Vec::with_capacity(b.upstream.len());
         let mut seen = HashSet::new();
         for (i, u) in b.upstream.iter().enumerate() {
@@ -923,12 +1034,17 @@ impl Cx<'_> {
                     Some(v) => self.duration(&key("fail_timeout"), v)?,
                     None => Duration::from_secs(10),
                 },
+                max_conns: match &u.max_conns {
+                    Some(v) => self.count(&key("max_conns"), v, 0)?.min(u32::MAX as u64) as u32,
+                    None => max_conns,
+                },
                 backup: u.backup,
                 down: u.down,
             });
         }
         if upstreams.is_empty() {
             upstreams = nodes_as_upstreams(nodes);
+            upstreams.iter_mut().for_each(|u| u.max_conns = max_conns);
         }
         if upstreams.is_empty() {
             return Err(self.err(
@@ -982,6 +1098,21 @@ impl Cx<'_> {
             },
             underscores_in_headers: b.underscores_in_headers,
             trusted_proxies,
+            sold_out_at_edge: b.sold_out_at_edge.unwrap_or(d.sold_out_at_edge),
+            queue: match &b.queue {
+                Some(v) => self.count("balancer.queue", v, 0)? as usize,
+                None => d.queue,
+            },
+            queue_timeout: match &b.queue_timeout {
+                Some(v) => self.duration("balancer.queue_timeout", v)?,
+                None => d.queue_timeout,
+            },
+            health: self.health_check(b)?,
+            slow_start: match &b.slow_start {
+                Some(v) if v.get_ref().trim() == "0s" => Duration::ZERO,
+                Some(v) => self.duration("balancer.slow_start", v)?,
+                None => d.slow_start,
+            },
             upstreams,
         }))
     }
@@ -1087,6 +1218,11 @@ fn default_balancer() -> BalancerConfig {
         max_body: 1024 * 1024,
         underscores_in_headers: false,
         trusted_proxies: Vec::new(),
+        sold_out_at_edge: true,
+        queue: 0,
+        queue_timeout: Duration::from_secs(10),
+        health: None,
+        slow_start: Duration::ZERO,
         upstreams: Vec::new(),
     }
 }
@@ -1099,6 +1235,7 @@ fn nodes_as_upstreams(nodes: &[NodeConfig]) -> Vec<UpstreamConfig> {
             weight: n.weight,
             max_fails: 1,
             fail_timeout: Duration::from_secs(10),
+            max_conns: 0,
             backup: false,
             down: false,
         })

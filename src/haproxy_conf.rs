@@ -267,6 +267,7 @@ mod tests {
                 weight,
                 max_fails: 1,
                 fail_timeout: Duration::from_secs(10),
+                max_conns: 0,
                 backup: false,
                 down: false,
             })

@@ -295,6 +295,7 @@ mod tests {
             weight,
             max_fails: 1,
             fail_timeout: Duration::from_secs(10),
+            max_conns: 0,
             backup: false,
             down: false,
         }
@@ -315,6 +316,11 @@ mod tests {
             max_body: 1024 * 1024,
             underscores_in_headers: false,
             trusted_proxies: Vec::new(),
+            sold_out_at_edge: true,
+            queue: 0,
+            queue_timeout: Duration::from_secs(10),
+            health: None,
+            slow_start: Duration::ZERO,
             upstreams: vec![upstream("127.0.0.1:3001", 1), upstream("127.0.0.1:3002", 3)],
         }
     }

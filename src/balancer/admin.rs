@@ -80,6 +80,11 @@ fn status(shared: &Shared) -> String {
             }
             v
         }),
+        "edge": {
+            "answering": shared.edge.active(),
+            "sold_out_answers": shared.edge.sold_out_answers.load(Ordering::Relaxed),
+            "already_bought_answers": shared.edge.already_bought_answers.load(Ordering::Relaxed),
+        },
         "upstreams": upstreams,
     })
     .to_string()
@@ -156,6 +161,25 @@ fn metrics(shared: &Shared) -> String {
             "spike_balancer_worker_connections{{worker=\"{w}\"}} {open}"
         );
     }
+    out.push_str("# HELP spike_balancer_edge_answers_total Purchases answered by the balancer itself once the sale was sold out.\n");
+    out.push_str("# TYPE spike_balancer_edge_answers_total counter\n");
+    for (status, c) in [
+        ("sold_out", &shared.edge.sold_out_answers),
+        ("already_bought", &shared.edge.already_bought_answers),
+    ] {
+        let _ = writeln!(
+            out,
+            "spike_balancer_edge_answers_total{{status=\"{status}\"}} {}",
+            c.load(Ordering::Relaxed)
+        );
+    }
+    crate::prometheus::single(
+        &mut out,
+        "spike_balancer_edge_answering",
+        "1 while the balancer answers the sold-out sale itself.",
+        "gauge",
+        u64::from(shared.edge.active()),
+    );
     crate::prometheus::single(
         &mut out,
         "spike_balancer_config_version",

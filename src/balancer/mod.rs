@@ -19,6 +19,7 @@
 pub mod admin;
 pub mod body;
 pub mod clock;
+pub mod edge;
 pub mod error;
 pub mod idempotency;
 pub mod metrics;
@@ -109,6 +110,7 @@ impl Balancer {
         let hup = tokio::spawn(reload::watch_sighup(shared.clone()));
         let poll = tokio::spawn(reload::watch_file(shared.clone()));
         let expiry = tokio::spawn(expire_idle(shared.clone(), 0));
+        let edge = tokio::spawn(sale::watch_edge(shared.clone()));
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let limits = shared.server.clone();
@@ -181,6 +183,7 @@ impl Balancer {
         hup.abort();
         poll.abort();
         expiry.abort();
+        edge.abort();
         Ok(())
     }
 }

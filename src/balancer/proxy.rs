@@ -60,6 +60,7 @@ use hyper::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use ipnet::IpNet;
 
 use crate::config::BalancerConfig;
+use crate::node::handler::SOLD_OUT_HEADER;
 
 use super::body::{BODY_TOO_LARGE, BodyState, ClientBody, StallTimer};
 use super::idempotency;
@@ -100,6 +101,7 @@ const TOO_LARGE: &[u8] =
     br#"{"status":"payload_too_large","error":"the request body is larger than max_body"}"#;
 const NOT_ALLOWED: &[u8] =
     br#"{"status":"method_not_allowed","error":"CONNECT and TRACE are not proxied"}"#;
+const SOLD_OUT: &[u8] = br#"{"status":"sold_out"}"#;
 const BAD_HOST: &[u8] =
     br#"{"status":"bad_request","error":"the request needs exactly one valid Host header"}"#;
 
@@ -319,6 +321,14 @@ pub async fn handle(
     if !config.underscores_in_headers {
         drop_underscored(&mut parts.headers);
     }
+    let is_buy = idempotency::is_purchase(parts.uri.path());
+    if is_buy
+        && shared.edge.active()
+        && config.sold_out_at_edge
+        && let Some(resp) = edge_answer(shared, &parts)
+    {
+        return resp;
+    }
     let client = client_ip(peer.ip, &parts.headers, &config.trusted_proxies);
     prepare_request_headers(&mut parts.headers, peer, client);
     // A purchase with a key may be sent twice: the node decides a key once.
@@ -381,6 +391,12 @@ pub async fn handle(
         match result {
             Ok((resp, conn)) => {
                 active.selector.release(&pick, false, now_ms());
+                if is_buy
+                    && resp.status() == StatusCode::CONFLICT
+                    && resp.headers().contains_key(SOLD_OUT_HEADER)
+                {
+                    shared.edge.poke();
+                }
                 let homeward = Homeward {
                     conn,
                     worker,
@@ -596,6 +612,36 @@ fn respond(
             stall: StallTimer::default(),
         }),
     )
+}
+
+/// The answer the edge gives for a sold-out sale (see [`super::edge`]):
+/// `already_bought` with the order for a buyer at the limit, `sold_out`
+/// for everyone else; `None` (go to a node) for what only a node may
+/// answer: a purchase with the client's own `Idempotency-Key` (it may be
+/// the retry of a purchase that got an order), or a buyer id the node
+/// would refuse (the node says why).
+fn edge_answer(shared: &Shared, parts: &hyper::http::request::Parts) -> Option<Response<RespBody>> {
+    if !matches!(parts.method, Method::GET | Method::POST)
+        || parts.headers.contains_key(idempotency::IDEMPOTENCY_KEY)
+    {
+        return None;
+    }
+    let sale = shared.edge.current()?;
+    let limited = sale.per_user_limit > 0;
+    let buyer = crate::node::handler::buyer_in(&parts.uri, &parts.headers, limited).ok()?;
+    if limited && let Some(order) = sale.buyers.get(buyer) {
+        shared
+            .edge
+            .already_bought_answers
+            .fetch_add(1, Ordering::Relaxed);
+        let body = format!("{{\"status\":\"already_bought\",\"order\":\"{order}\"}}");
+        return Some(crate::server::json(StatusCode::CONFLICT, body).map(Either::Right));
+    }
+    shared.edge.sold_out_answers.fetch_add(1, Ordering::Relaxed);
+    let mut resp = crate::server::json(StatusCode::CONFLICT, Bytes::from_static(SOLD_OUT));
+    resp.headers_mut()
+        .insert(SOLD_OUT_HEADER, HeaderValue::from_static("1"));
+    Some(resp.map(Either::Right))
 }
 
 fn local(shared: &Shared, status: StatusCode, body: &'static [u8]) -> Response<RespBody> {

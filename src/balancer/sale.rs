@@ -3,6 +3,7 @@
 //! its `/sale` (cached there, so a refreshing page costs the store little).
 //! Admin-only: nothing here runs on the proxy's path.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,16 +12,27 @@ use hyper::StatusCode;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use super::edge::SoldOut;
 use super::state::Shared;
 use super::upstream::now_ms;
+
+/// How often the edge asks a node while it answers for the sale: how soon
+/// returned stock or a reset sends buyers to the nodes again, beyond the
+/// node's own poll of the store.
+const EDGE_RECHECK: Duration = Duration::from_millis(250);
+
+/// How often it reads the sale while the sale is open, to notice one that
+/// sold out without a sold-out answer passing through (sold out before
+/// this balancer started, or through another balancer).
+const EDGE_OPEN_POLL: Duration = Duration::from_secs(1);
 
 /// How long one upstream may take to answer `/sale` before the next is
 /// asked.
 const ASK_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Largest `/sale` body taken from a node (a snapshot is a few hundred
-/// bytes).
-const MAX_SALE_BODY: usize = 64 * 1024;
+/// Largest body taken from a node: a snapshot is a few hundred bytes, the
+/// holders of a big sale a few tens of bytes each.
+const MAX_SALE_BODY: usize = 64 * 1024 * 1024;
 
 /// The answer to the admin's `GET /sale`: a node's snapshot as it sent it;
 /// 404 when the file has no `[sale]`; 503 with the reason when no live
@@ -32,23 +44,10 @@ pub async fn sale(shared: &Shared) -> (StatusCode, Bytes) {
             Bytes::from_static(b"{\"status\":\"no_sale\",\"reason\":\"the file has no [sale]\"}"),
         );
     }
-    let active = shared.current.load_full();
-    let now = now_ms();
-    // Live upstreams first; a failed one may still answer.
-    let mut order: Vec<_> = active
-        .selector
-        .upstreams()
-        .filter(|u| !u.config.down)
-        .collect();
-    order.sort_by_key(|u| u.is_failed(now));
-    let mut last_error = String::from("no upstream to ask");
-    for u in order {
-        match tokio::time::timeout(ASK_TIMEOUT, ask(u.config.addr)).await {
-            Ok(Ok(body)) => return (StatusCode::OK, body),
-            Ok(Err(e)) => last_error = format!("{}: {e}", u.config.addr),
-            Err(_) => last_error = format!("{}: no answer in {ASK_TIMEOUT:?}", u.config.addr),
-        }
-    }
+    let last_error = match ask_any(shared, "/sale").await {
+        Ok(body) => return (StatusCode::OK, body),
+        Err(e) => e,
+    };
     let body = serde_json::json!({
         "status": "unavailable",
         "reason": format!("no upstream answered /sale ({last_error})"),
@@ -59,14 +58,129 @@ pub async fn sale(shared: &Shared) -> (StatusCode, Bytes) {
     )
 }
 
-/// One `GET /sale` on a fresh connection to `addr`.
-async fn ask(addr: std::net::SocketAddr) -> Result<Bytes, String> {
+/// `GET path` of the first upstream that answers 200: live ones first (a
+/// failed one may still answer), each within [`ASK_TIMEOUT`].
+async fn ask_any(shared: &Shared, path: &'static str) -> Result<Bytes, String> {
+    let active = shared.current.load_full();
+    let now = now_ms();
+    let mut order: Vec<_> = active
+        .selector
+        .upstreams()
+        .filter(|u| !u.config.down)
+        .collect();
+    order.sort_by_key(|u| u.is_failed(now));
+    let mut last_error = String::from("no upstream to ask");
+    for u in order {
+        match tokio::time::timeout(ASK_TIMEOUT, ask(u.config.addr, path)).await {
+            Ok(Ok(body)) => return Ok(body),
+            Ok(Err(e)) => last_error = format!("{}: {e}", u.config.addr),
+            Err(_) => last_error = format!("{}: no answer in {ASK_TIMEOUT:?}", u.config.addr),
+        }
+    }
+    Err(last_error)
+}
+
+/// Keeps the edge's view of the sale (see [`super::edge`]): while it
+/// answers, asks a node every [`EDGE_RECHECK`] whether it still answers
+/// `sold_out` from memory, and lets go at the first sign of stock (or when
+/// no node answers); while open, asks every [`EDGE_OPEN_POLL`], or at once
+/// when a node said `sold_out`, and takes over once a node says it is sold
+/// out and has read its holders. A node's view is never older than its
+/// own poll of the store (a second, a quarter of one with a payment
+/// window), and the node is what the buyers would otherwise hear.
+pub async fn watch_edge(shared: Arc<Shared>) {
+    loop {
+        let answering = shared.edge.active();
+        let pause = if answering {
+            EDGE_RECHECK
+        } else {
+            EDGE_OPEN_POLL
+        };
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = shared.edge.poked(), if !answering => {}
+        }
+        let enabled = shared.has_sale() && shared.current.load().config.sold_out_at_edge;
+        if !enabled {
+            shared
+                .edge
+                .clear("sold_out_at_edge is off or the file has no [sale]");
+            continue;
+        }
+        let Some(now) = read_sold_out(&shared).await else {
+            shared.edge.clear("no node answered /sold_out");
+            continue;
+        };
+        match shared.edge.current() {
+            Some(known) => {
+                if !now.sold_out {
+                    shared.edge.clear("the nodes sell again");
+                } else if now.epoch != known.epoch {
+                    shared.edge.clear("the sale was reset");
+                } else if now.released != known.released {
+                    shared.edge.clear("tickets came back");
+                }
+            }
+            None if now.sold_out => learn(&shared).await,
+            None => {}
+        }
+    }
+}
+
+/// What a node says of the sale from memory (`GET /sold_out`): the same
+/// view it answers its buyers from.
+struct NodeView {
+    sold_out: bool,
+    epoch: u64,
+    released: u64,
+}
+
+async fn read_sold_out(shared: &Shared) -> Option<NodeView> {
+    let body = ask_any(shared, "/sold_out").await.ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    Some(NodeView {
+        sold_out: v["sold_out"].as_bool()?,
+        epoch: v["epoch"].as_u64()?,
+        released: v["released"].as_u64()?,
+    })
+}
+
+/// Reads the holders from a node that answers from memory, and starts
+/// answering for the sale (nothing when no node has them yet: the next
+/// sold-out answer or poll tries again).
+async fn learn(shared: &Shared) {
+    if !shared.edge.start_learning() {
+        return;
+    }
+    let read = async {
+        let body = ask_any(shared, "/holders").await.ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+        let buyers = v["buyers"]
+            .as_object()?
+            .iter()
+            .filter_map(|(b, o)| Some((b.clone(), o.as_str()?.to_string())))
+            .collect();
+        Some(SoldOut {
+            epoch: v["epoch"].as_u64()?,
+            released: v["released"].as_u64()?,
+            per_user_limit: v["per_user_limit"].as_u64()?,
+            buyers,
+        })
+    };
+    if let Some(sold_out) = read.await {
+        shared.edge.set(sold_out);
+    }
+    shared.edge.done_learning();
+}
+
+/// One `GET path` on a fresh connection to `addr`.
+async fn ask(addr: std::net::SocketAddr, path: &'static str) -> Result<Bytes, String> {
     let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
-    let req = hyper::Request::get("/sale")
+    let req = hyper::Request::get(path)
         .header(hyper::header::HOST, addr.to_string())
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;

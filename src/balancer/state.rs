@@ -103,6 +103,8 @@ pub struct Shared {
     pub current: ArcSwap<Active>,
     /// Counters that are not per upstream.
     pub metrics: Metrics,
+    /// Sold out at the edge (see [`super::edge`]).
+    pub edge: super::edge::Edge,
     /// How the workers share new client connections.
     pub accept_share: Arc<AcceptShare>,
     /// Server limits, fixed at start (a reload cannot rebind sockets).
@@ -143,6 +145,7 @@ impl Shared {
         Ok(Shared {
             current: ArcSwap::from_pointee(Active::build(1, balancer, None)),
             metrics: Metrics::default(),
+            edge: super::edge::Edge::default(),
             accept_share: Arc::new(AcceptShare::new(workers)),
             server: config.server.clone(),
             workers,

@@ -388,7 +388,11 @@ impl Node {
                 crate::prometheus::response(super::metrics::render(&self))
             }
             "/sale" if req.method() == Method::GET => self.sale().await,
-            "/healthz" | "/stats" | "/sale" | "/metrics" => not_allowed("GET"),
+            "/holders" if req.method() == Method::GET => self.holders_json(),
+            "/sold_out" if req.method() == Method::GET => self.sold_out_json(),
+            "/healthz" | "/stats" | "/sale" | "/metrics" | "/holders" | "/sold_out" => {
+                not_allowed("GET")
+            }
             path if path.starts_with("/orders/") => super::orders::handle(&self, &req).await,
             _ => json(
                 StatusCode::NOT_FOUND,
@@ -866,6 +870,46 @@ impl Node {
         json(status, body)
     }
 
+    /// `GET /sold_out`: whether this node answers `sold_out` from memory,
+    /// for which epoch, and how many tickets had come back when it last
+    /// heard from the store. From memory, no store call: a balancer asks a
+    /// few times a second (see `crate::balancer::edge`).
+    fn sold_out_json(&self) -> Response<Full<Bytes>> {
+        let body = serde_json::json!({
+            "sold_out": self.is_sold_out(),
+            "epoch": self.epoch(),
+            "released": self.released.load(Ordering::Acquire),
+        });
+        json(StatusCode::OK, body.to_string())
+    }
+
+    /// `GET /holders`: once the node answers `sold_out` from memory, the
+    /// buyers at the limit and their last orders, as it knows them, so a
+    /// balancer can answer `already_bought` for them without a node. 409
+    /// while the sale is open; 503 while the node is still reading them.
+    fn holders_json(&self) -> Response<Full<Bytes>> {
+        if !self.is_sold_out() {
+            return json(
+                StatusCode::CONFLICT,
+                Bytes::from_static(b"{\"status\":\"open\"}"),
+            );
+        }
+        let known = self.holders.load();
+        let Some(k) = known.as_deref().filter(|k| k.epoch == self.epoch()) else {
+            return json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Bytes::from_static(b"{\"status\":\"learning\",\"reason\":\"the node is still reading the holders\"}"),
+            );
+        };
+        let body = serde_json::json!({
+            "epoch": k.epoch,
+            "released": self.released.load(Ordering::Acquire),
+            "per_user_limit": self.per_user_limit(),
+            "buyers": k.holders.buyers,
+        });
+        json(StatusCode::OK, body.to_string())
+    }
+
     /// The buyers and keys read into memory once sold out, when read.
     pub fn holders_known(&self) -> Option<(usize, usize)> {
         let holders = self.holders.load();
@@ -1040,11 +1084,19 @@ pub fn rfc3339(ms: u64) -> humantime::Rfc3339Timestamp {
     humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms))
 }
 
+/// On every `sold_out` answer: how a balancer in front learns, from the
+/// traffic it already carries, that it may ask for the holders and answer
+/// the sold-out flood itself (see `crate::balancer::edge`).
+pub const SOLD_OUT_HEADER: HeaderName = HeaderName::from_static("spike-sold-out");
+
 fn sold_out() -> Response<Full<Bytes>> {
-    json(
+    let mut res = json(
         StatusCode::CONFLICT,
         Bytes::from_static(b"{\"status\":\"sold_out\"}"),
-    )
+    );
+    res.headers_mut()
+        .insert(SOLD_OUT_HEADER, HeaderValue::from_static("1"));
+    res
 }
 
 fn busy() -> Response<Full<Bytes>> {
@@ -1107,13 +1159,21 @@ fn not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
 /// The buyer of a request: the `user` query parameter, else `X-User-Id`.
 /// Returns `""` for an anonymous buyer when none is required.
 pub fn buyer_of<B>(req: &Request<B>, required: bool) -> Result<&str, BuyerError> {
-    let from_query = req
-        .uri()
+    buyer_in(req.uri(), req.headers(), required)
+}
+
+/// [`buyer_of`] from a request's parts (the balancer's edge reads it there).
+pub fn buyer_in<'a>(
+    uri: &'a hyper::Uri,
+    headers: &'a hyper::HeaderMap,
+    required: bool,
+) -> Result<&'a str, BuyerError> {
+    let from_query = uri
         .query()
         .and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("user=")));
     let raw = match from_query {
         Some(v) => Some(v),
-        None => match req.headers().get("x-user-id") {
+        None => match headers.get("x-user-id") {
             Some(h) => Some(h.to_str().map_err(|_| BuyerError::Malformed)?),
             None => None,
         },

@@ -16,6 +16,7 @@ pub(super) fn up(port: u16, weight: u32) -> UpstreamConfig {
         weight,
         max_fails: 1,
         fail_timeout: Duration::from_secs(10),
+        max_conns: 0,
         backup: false,
         down: false,
     }

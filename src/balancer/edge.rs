@@ -1,0 +1,107 @@
+//! Sold out at the edge: once the nodes say the sale is sold out, the
+//! balancer answers the flood of late buyers itself (`409 sold_out`, and
+//! `409 already_bought` with the order for a buyer at the limit) instead of
+//! sending each of them to a node.
+//!
+//! The balancer has no store; what it knows comes from the nodes: a
+//! `Spike-Sold-Out` header on their sold-out answers (the traffic it
+//! carries anyway) or its poll of a node's `/sale`, then one read of a
+//! node's `/holders`. It lets go as soon as the sale may have stock again:
+//! its poll of `/sale` (a few times a second while it answers) sees the
+//! epoch change (a reset), tickets come back (`released` grew, a cancel or
+//! an expiry) or `sold < total`, and the next request goes to a node, which
+//! stays the authority for every purchase it is sent. Only what a node
+//! would answer from memory is answered here; a purchase that carries the
+//! client's own `Idempotency-Key` (a retry that may own an order) always
+//! goes to a node.
+//!
+//! This module holds the state only; the polling is in [`super::sale`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use arc_swap::ArcSwapOption;
+use tokio::sync::Notify;
+
+/// What the balancer knows of a sold-out sale.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SoldOut {
+    /// The sale's epoch the holders belong to.
+    pub epoch: u64,
+    /// Tickets that had come back when the holders were read.
+    pub released: u64,
+    /// The stored per-user limit (0: no buyer is ever at a limit).
+    pub per_user_limit: u64,
+    /// Buyer → last order, of the buyers at the limit.
+    pub buyers: HashMap<String, String>,
+}
+
+/// The edge's state, shared by every worker.
+#[derive(Debug, Default)]
+pub struct Edge {
+    sold_out: ArcSwapOption<SoldOut>,
+    /// A read of `/holders` is under way.
+    learning: AtomicBool,
+    /// Answers made here, for `/status` and `/metrics`.
+    pub sold_out_answers: AtomicU64,
+    /// `already_bought` answers made here.
+    pub already_bought_answers: AtomicU64,
+    /// A node just said `sold_out`: the watcher should read the holders now
+    /// rather than at its next poll.
+    hint: Notify,
+    hinted: AtomicBool,
+}
+
+impl Edge {
+    /// The sold-out sale, while the edge answers for it.
+    pub fn current(&self) -> Option<Arc<SoldOut>> {
+        self.sold_out.load_full()
+    }
+
+    /// Whether the edge answers now (cheaper than [`Edge::current`] on
+    /// the hot path's common, open case).
+    pub fn active(&self) -> bool {
+        self.sold_out.load().is_some()
+    }
+
+    /// Starts answering for `sale`.
+    pub fn set(&self, sale: SoldOut) {
+        tracing::info!(
+            epoch = sale.epoch,
+            holders = sale.buyers.len(),
+            "sold out: the balancer answers late buyers itself"
+        );
+        self.sold_out.store(Some(Arc::new(sale)));
+    }
+
+    /// Stops answering: requests go to the nodes again.
+    pub fn clear(&self, why: &str) {
+        if self.sold_out.swap(None).is_some() {
+            tracing::info!(why, "the sale may have stock again: buyers go to the nodes");
+        }
+    }
+
+    /// A node answered `sold_out` (its header): wake the watcher, once.
+    pub fn poke(&self) {
+        if !self.hinted.swap(true, Ordering::AcqRel) {
+            self.hint.notify_one();
+        }
+    }
+
+    /// Waits for a [`Edge::poke`] (the watcher's other wake-up is its timer).
+    pub async fn poked(&self) {
+        self.hint.notified().await;
+        self.hinted.store(false, Ordering::Release);
+    }
+
+    /// Claims the one read of the holders; false when one is under way.
+    pub fn start_learning(&self) -> bool {
+        !self.learning.swap(true, Ordering::AcqRel)
+    }
+
+    /// The read of the holders ended (either way).
+    pub fn done_learning(&self) {
+        self.learning.store(false, Ordering::Release);
+    }
+}
