@@ -197,6 +197,25 @@ frontend spike
         1,
         "# error-limit errors and brings it back by a TCP check every fail_timeout.",
     );
+    if let Some(h) = &balancer.health {
+        line(&mut o, 1, &format!("option httpchk GET {}", h.path));
+    }
+    if balancer.upstreams.iter().any(|u| u.max_conns > 0) {
+        line(
+            &mut o,
+            1,
+            &format!("timeout queue {}", haproxy_time(balancer.queue_timeout)),
+        );
+        line(
+            &mut o,
+            1,
+            &format!(
+                "# Not exact: spike's queue holds at most {} requests for the whole balancer;",
+                balancer.queue
+            ),
+        );
+        line(&mut o, 1, "# HAProxy's maxqueue bounds each server's queue.");
+    }
     for (i, u) in balancer.upstreams.iter().enumerate() {
         let weight = match balancer.strategy {
             Strategy::RoundRobin => 1,
@@ -211,13 +230,38 @@ frontend spike
                 haproxy_time(balancer.keepalive_timeout)
             );
         }
-        if u.max_fails > 0 {
-            let _ = write!(
-                s,
-                " check inter {} observe layer4 error-limit {} on-error mark-down",
-                haproxy_time(u.fail_timeout),
-                u.max_fails
-            );
+        match (&balancer.health, u.max_fails > 0) {
+            (Some(h), passive) => {
+                let _ = write!(
+                    s,
+                    " check inter {} fall {} rise {}",
+                    haproxy_time(h.interval),
+                    h.fails,
+                    h.passes
+                );
+                if passive {
+                    let _ = write!(
+                        s,
+                        " observe layer4 error-limit {} on-error mark-down",
+                        u.max_fails
+                    );
+                }
+            }
+            (None, true) => {
+                let _ = write!(
+                    s,
+                    " check inter {} observe layer4 error-limit {} on-error mark-down",
+                    haproxy_time(u.fail_timeout),
+                    u.max_fails
+                );
+            }
+            (None, false) => {}
+        }
+        if u.max_conns > 0 {
+            let _ = write!(s, " maxconn {}", u.max_conns);
+        }
+        if !balancer.slow_start.is_zero() {
+            let _ = write!(s, " slowstart {}", haproxy_time(balancer.slow_start));
         }
         if u.backup {
             s.push_str(" backup");

@@ -55,6 +55,11 @@ pub fn run(
         None => default_workers(),
     };
     let text = render(balancer, listen.unwrap_or(balancer.listen), workers);
+    if config.sale.is_some() && balancer.sold_out_at_edge {
+        println!("# Not in any Nginx: once the sale is sold out, spike's balancer answers");
+        println!("# late buyers itself (sold_out_at_edge); this Nginx forwards every one");
+        println!("# of them to a node.");
+    }
     print!("{text}");
     Ok(ExitCode::SUCCESS)
 }
@@ -174,6 +179,9 @@ http {{
             "server {} weight={weight} max_fails={} fail_timeout={fail_timeout}s",
             u.addr, u.max_fails
         );
+        if u.max_conns > 0 {
+            let _ = write!(server, " max_conns={}", u.max_conns);
+        }
         if u.backup {
             server.push_str(" backup");
         }
@@ -182,6 +190,9 @@ http {{
         }
         server.push(';');
         line(&mut o, 2, &server);
+    }
+    for note in oss_cannot(balancer) {
+        line(&mut o, 2, note);
     }
     let keepalive = balancer.keepalive > 0;
     if keepalive {
@@ -275,6 +286,27 @@ pub fn nginx_time(d: Duration) -> String {
     } else {
         format!("{ms}ms")
     }
+}
+
+/// What the `[balancer]` section asks that Nginx OSS cannot express, as
+/// comments for the upstream block (Nginx Plus has all three).
+fn oss_cannot(balancer: &BalancerConfig) -> Vec<&'static str> {
+    let mut notes = Vec::new();
+    if balancer.queue > 0 {
+        notes.push("# Not in Nginx OSS: spike queues requests while every upstream is at");
+        notes.push("# max_conns (queue, queue_timeout); Nginx Plus: `queue N timeout=T;`.");
+        notes.push("# Nginx OSS answers 502 at once.");
+    }
+    if balancer.health.is_some() {
+        notes.push("# Not in Nginx OSS: spike's active health_check takes an upstream out");
+        notes.push("# before a buyer hits it; Nginx Plus: `health_check uri=... interval=");
+        notes.push("# fails= passes=;` in the location. Nginx OSS only marks failures passively.");
+    }
+    if !balancer.slow_start.is_zero() {
+        notes.push("# Not in Nginx OSS: slow_start (an upstream that comes back ramps its");
+        notes.push("# share); Nginx Plus: `slow_start=T` on each server.");
+    }
+    notes
 }
 
 /// `fail_timeout` in whole seconds (Nginx parses it in seconds only, no `ms`),

@@ -56,6 +56,8 @@ fn status(shared: &Shared) -> String {
                 "requests": u.live.requests.load(Ordering::Relaxed),
                 "failures": u.live.failures.load(Ordering::Relaxed),
                 "idle_connections": u.live.idle.len(),
+                "max_conns": u.config.max_conns,
+                "share_permille": u.ramp_permille(now, active.config.slow_start.as_millis() as u64),
                 "responses": u
                     .live
                     .responses_by_code()
@@ -80,6 +82,13 @@ fn status(shared: &Shared) -> String {
             }
             v
         }),
+        "queue": {
+            "waiting": shared.metrics.queue.waiting.load(Ordering::Relaxed),
+            "limit": active.config.queue,
+            "queued": shared.metrics.queue.queued.load(Ordering::Relaxed),
+            "full": shared.metrics.queue.full.load(Ordering::Relaxed),
+            "timed_out": shared.metrics.queue.timed_out.load(Ordering::Relaxed),
+        },
         "edge": {
             "answering": shared.edge.active(),
             "sold_out_answers": shared.edge.sold_out_answers.load(Ordering::Relaxed),
@@ -161,6 +170,40 @@ fn metrics(shared: &Shared) -> String {
             "spike_balancer_worker_connections{{worker=\"{w}\"}} {open}"
         );
     }
+    let q = &m.queue;
+    crate::prometheus::single(
+        &mut out,
+        "spike_balancer_queue_waiting",
+        "Requests waiting for an upstream below its max_conns.",
+        "gauge",
+        q.waiting.load(Ordering::Relaxed) as u64,
+    );
+    out.push_str("# HELP spike_balancer_queue_total Requests that waited in the queue, and the 503s it gave, by outcome.\n");
+    out.push_str("# TYPE spike_balancer_queue_total counter\n");
+    for (what, c) in [
+        ("queued", &q.queued),
+        ("full", &q.full),
+        ("timed_out", &q.timed_out),
+    ] {
+        let _ = writeln!(
+            out,
+            "spike_balancer_queue_total{{outcome=\"{what}\"}} {}",
+            c.load(Ordering::Relaxed)
+        );
+    }
+    q.wait.write(
+        &mut out,
+        "spike_balancer_queue_wait_seconds",
+        "How long the requests that waited in the queue waited.",
+    );
+    per_upstream(
+        &mut out,
+        &active,
+        "spike_balancer_upstream_healthy",
+        "1 while the active health check lets the upstream take requests.",
+        "gauge",
+        |u| u64::from(u.live.healthy.load(Ordering::Relaxed)),
+    );
     out.push_str("# HELP spike_balancer_edge_answers_total Purchases answered by the balancer itself once the sale was sold out.\n");
     out.push_str("# TYPE spike_balancer_edge_answers_total counter\n");
     for (status, c) in [

@@ -14,6 +14,24 @@ pub struct Metrics {
     pub(super) local_400: AtomicU64,
     pub(super) local_502: AtomicU64,
     pub(super) local_504: AtomicU64,
+    /// The admission queue (requests waiting for an upstream below its
+    /// `max_conns`).
+    pub queue: QueueCounters,
+}
+
+/// What the admission queue holds and has done.
+#[derive(Debug, Default)]
+pub struct QueueCounters {
+    /// Requests waiting now.
+    pub waiting: std::sync::atomic::AtomicUsize,
+    /// Requests that waited, ever (and then got an upstream or a 503).
+    pub queued: AtomicU64,
+    /// 503s because the queue was full.
+    pub full: AtomicU64,
+    /// 503s because the wait passed `queue_timeout`.
+    pub timed_out: AtomicU64,
+    /// How long the requests that waited waited.
+    pub wait: Histogram,
 }
 
 impl Metrics {

@@ -21,6 +21,7 @@ pub mod body;
 pub mod clock;
 pub mod edge;
 pub mod error;
+pub mod health;
 pub mod idempotency;
 pub mod metrics;
 pub mod pool;
@@ -111,6 +112,7 @@ impl Balancer {
         let poll = tokio::spawn(reload::watch_file(shared.clone()));
         let expiry = tokio::spawn(expire_idle(shared.clone(), 0));
         let edge = tokio::spawn(sale::watch_edge(shared.clone()));
+        let health = tokio::spawn(health::run(shared.clone()));
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let limits = shared.server.clone();
@@ -184,6 +186,7 @@ impl Balancer {
         poll.abort();
         expiry.abort();
         edge.abort();
+        health.abort();
         Ok(())
     }
 }

@@ -102,6 +102,8 @@ const TOO_LARGE: &[u8] =
 const NOT_ALLOWED: &[u8] =
     br#"{"status":"method_not_allowed","error":"CONNECT and TRACE are not proxied"}"#;
 const SOLD_OUT: &[u8] = br#"{"status":"sold_out"}"#;
+const QUEUE_FULL: &[u8] = br#"{"status":"busy","reason":"every upstream is at its max_conns and the queue is full; retry after a second"}"#;
+const QUEUE_TIMEOUT: &[u8] = br#"{"status":"busy","reason":"every upstream stayed at its max_conns for queue_timeout; retry after a second"}"#;
 const BAD_HOST: &[u8] =
     br#"{"status":"bad_request","error":"the request needs exactly one valid Host header"}"#;
 
@@ -362,7 +364,31 @@ pub async fn handle(
 
     let mut attempt = Attempt::new(client);
     let mut timed_out = false;
-    while let Some(pick) = active.selector.pick(&mut attempt, now_ms()) {
+    let mut sent = false;
+    let mut queue: Option<QueueSlot> = None;
+    loop {
+        let Some(pick) = active.selector.pick(&mut attempt, now_ms()) else {
+            if sent || !attempt.busy {
+                break;
+            }
+            // Every upstream that could take it is at its `max_conns`:
+            // wait in the queue for a free slot, then look again.
+            let slot = match queue.take() {
+                Some(slot) => slot,
+                None => match QueueSlot::take(shared, config) {
+                    Ok(slot) => slot,
+                    Err(refusal) => return refusal,
+                },
+            };
+            if let Err(refusal) = slot.wait(&active.selector).await {
+                return refusal;
+            }
+            queue = Some(slot);
+            attempt = Attempt::new(client);
+            continue;
+        };
+        sent = true;
+        drop(queue.take());
         let upstream = active.selector.upstream(&pick);
         let Some(first) = next_body(&mut outgoing) else {
             break;
@@ -642,6 +668,78 @@ fn edge_answer(shared: &Shared, parts: &hyper::http::request::Parts) -> Option<R
     resp.headers_mut()
         .insert(SOLD_OUT_HEADER, HeaderValue::from_static("1"));
     Some(resp.map(Either::Right))
+}
+
+/// A request's place in the admission queue, from its first wait to its
+/// pick (or its 503): the queue's length counts it while it lives.
+struct QueueSlot<'a> {
+    shared: &'a Shared,
+    since: Instant,
+    deadline: tokio::time::Instant,
+}
+
+impl<'a> QueueSlot<'a> {
+    /// A place in the queue, or the 503 when it is full (`queue = 0`: it
+    /// always is).
+    fn take(shared: &'a Shared, config: &BalancerConfig) -> Result<Self, Response<RespBody>> {
+        let q = &shared.metrics.queue;
+        if q.waiting.fetch_add(1, Ordering::AcqRel) >= config.queue {
+            q.waiting.fetch_sub(1, Ordering::AcqRel);
+            q.full.fetch_add(1, Ordering::Relaxed);
+            return Err(busy(QUEUE_FULL));
+        }
+        q.queued.fetch_add(1, Ordering::Relaxed);
+        Ok(QueueSlot {
+            shared,
+            since: Instant::now(),
+            deadline: tokio::time::Instant::now() + config.queue_timeout,
+        })
+    }
+
+    /// Until some upstream may have a free slot (a request to one with
+    /// `max_conns` ended), or the 503 once `queue_timeout` has passed.
+    /// Looks again at least every 50 ms, so a wake-up taken by a request
+    /// that then went elsewhere is never waited for.
+    async fn wait(&self, selector: &super::strategy::Selector) -> Result<(), Response<RespBody>> {
+        loop {
+            let freed = super::upstream::FREED.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if !selector.any_busy() {
+                return Ok(());
+            }
+            let now = tokio::time::Instant::now();
+            if now >= self.deadline {
+                self.shared
+                    .metrics
+                    .queue
+                    .timed_out
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(busy(QUEUE_TIMEOUT));
+            }
+            let nap = (self.deadline - now).min(Duration::from_millis(50));
+            if tokio::time::timeout(nap, freed).await.is_ok() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl Drop for QueueSlot<'_> {
+    fn drop(&mut self) {
+        let q = &self.shared.metrics.queue;
+        q.waiting.fetch_sub(1, Ordering::AcqRel);
+        q.wait.observe(self.since.elapsed());
+    }
+}
+
+/// The admission 503: every upstream is at its `max_conns`, and the queue
+/// is full or the wait too long. Retry-After, as a client should.
+fn busy(body: &'static [u8]) -> Response<RespBody> {
+    let mut resp = crate::server::json(StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(body));
+    resp.headers_mut()
+        .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp.map(Either::Right)
 }
 
 fn local(shared: &Shared, status: StatusCode, body: &'static [u8]) -> Response<RespBody> {

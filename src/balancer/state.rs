@@ -23,7 +23,7 @@ use crate::server::AcceptShare;
 
 use super::error::BalancerError;
 use super::metrics::Metrics;
-use super::strategy::Selector;
+use super::strategy::{Gate, Selector};
 use super::upstream::{LiveState, Upstream};
 
 /// One config version in force: what the file said, built into a selector.
@@ -58,9 +58,22 @@ impl Active {
                 Upstream::new(c.clone(), live)
             })
             .collect();
+        let gate = Gate {
+            on: config.health.is_some()
+                || !config.slow_start.is_zero()
+                || config.upstreams.iter().any(|u| u.max_conns != 0),
+            slow_start_ms: config.slow_start.as_millis() as u64,
+        };
+        if config.health.is_none() {
+            // Nothing checks them any more: what the last check said no
+            // longer holds.
+            for live in previous.values() {
+                live.healthy.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
         Active {
             version,
-            selector: Selector::new(config.strategy, upstreams),
+            selector: Selector::new(config.strategy, upstreams).gated(gate),
             config,
         }
     }

@@ -9,9 +9,10 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use hyper::header::HeaderValue;
+use tokio::sync::Notify;
 
 use crate::config::UpstreamConfig;
 
@@ -46,7 +47,22 @@ pub struct LiveState {
     pub responses: Box<[AtomicU64; STATUS_CODES]>,
     /// Idle keep-alive connections to this upstream, per worker.
     pub idle: IdleConns,
+    /// What the active health check says (true until it says otherwise).
+    pub healthy: AtomicBool,
+    /// Health checks failed in a row.
+    pub check_fails: AtomicU32,
+    /// Health checks passed in a row.
+    pub check_passes: AtomicU32,
+    /// When it last came back (its check passed again, or its failure
+    /// window ended), in [`now_ms`]; 0: never. `slow_start` ramps from here.
+    pub back_since: AtomicU64,
 }
+
+/// Rung whenever a request to an upstream with `max_conns` ends: the
+/// requests waiting in the balancer's queue look again. One for the whole
+/// process (every balancer in it): a wake-up meant for another only costs
+/// a look.
+pub static FREED: Notify = Notify::const_new();
 
 impl LiveState {
     /// Fresh state for an upstream never seen before.
@@ -61,6 +77,10 @@ impl LiveState {
             failures: AtomicU64::new(0),
             responses: Box::new(std::array::from_fn(|_| AtomicU64::new(0))),
             idle: IdleConns::default(),
+            healthy: AtomicBool::new(true),
+            check_fails: AtomicU32::new(0),
+            check_passes: AtomicU32::new(0),
+            back_since: AtomicU64::new(0),
         }
     }
 
@@ -114,10 +134,34 @@ impl Upstream {
                 <= c.fail_timeout.as_millis() as u64
     }
 
-    /// The state shown by `/status`: `down`, `failed`, `backup` or `up`.
+    /// Whether it is at its `max_conns`.
+    pub fn is_busy(&self) -> bool {
+        self.config.max_conns != 0
+            && self.live.active.load(Ordering::Relaxed) >= u64::from(self.config.max_conns)
+    }
+
+    /// Its share of the traffic while it ramps up after coming back
+    /// (`slow_start`): from a tenth to all of it, in per mille; 1000 when
+    /// not ramping.
+    pub fn ramp_permille(&self, now: u64, slow_start_ms: u64) -> u64 {
+        let since = self.live.back_since.load(Ordering::Relaxed);
+        if slow_start_ms == 0 || since == 0 {
+            return 1000;
+        }
+        let elapsed = now.saturating_sub(since);
+        if elapsed >= slow_start_ms {
+            return 1000;
+        }
+        100 + 900 * elapsed / slow_start_ms
+    }
+
+    /// The state shown by `/status`: `down`, `unhealthy`, `failed`,
+    /// `backup` or `up`.
     pub fn state_name(&self, now: u64) -> &'static str {
         if self.config.down {
             "down"
+        } else if !self.live.healthy.load(Ordering::Relaxed) {
+            "unhealthy"
         } else if self.is_failed(now) {
             "failed"
         } else if self.config.backup {

@@ -62,7 +62,7 @@ mod selector;
 mod smooth;
 
 pub use ip_hash::ip_hash_step;
-pub use selector::{Attempt, Pick, Selector};
+pub use selector::{Attempt, Gate, Pick, Selector};
 
 /// What the tests of every strategy build selectors and models from.
 #[cfg(test)]

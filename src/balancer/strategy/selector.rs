@@ -231,6 +231,11 @@ impl Tried {
 /// tier is in use, which peers were tried, and ip_hash's running hash.
 #[derive(Debug)]
 pub struct Attempt {
+    /// A peer was left out because it is at its `max_conns`: nothing to
+    /// pick may only mean "wait" (see [`Selector::pick`]).
+    pub busy: bool,
+    /// Picks made so far: which draw of `slow_start` this is.
+    pub(super) draws: u64,
     pub(super) tier: usize,
     pub(super) tried: Tried,
     pub(super) key: [u8; 16],
@@ -254,6 +259,8 @@ impl Attempt {
             }
         };
         Attempt {
+            busy: false,
+            draws: 0,
             tier: 0,
             tried: Tried::default(),
             key,
@@ -305,7 +312,21 @@ impl Drop for Pick {
         if self.counted {
             self.owner.finish(self.index);
         }
+        if self.owner.peers[self.index].config.max_conns != 0 {
+            crate::balancer::upstream::FREED.notify_one();
+        }
     }
+}
+
+/// What leaves peers out before a strategy picks: health checks,
+/// `max_conns` and `slow_start`. Off (and free) unless one of them is
+/// configured.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gate {
+    /// Any of the three is configured.
+    pub on: bool,
+    /// `slow_start` in ms (0: none).
+    pub slow_start_ms: u64,
 }
 
 /// The upstreams of one config version and how to pick among them.
@@ -318,6 +339,7 @@ pub struct Selector {
     pub(super) single: bool,
     /// (tier, index) of each upstream in file order, for `/status`.
     pub(super) order: Vec<(usize, usize)>,
+    pub(super) gate: Gate,
 }
 
 impl Selector {
@@ -352,7 +374,53 @@ impl Selector {
             tiers,
             single,
             order,
+            gate: Gate::default(),
         }
+    }
+
+    /// The selector with `gate` in force: peers that are unhealthy, at
+    /// their `max_conns`, or ramping up (a share of the picks) are left out
+    /// as if this request had tried them, so every strategy, fast paths
+    /// included, goes on to the next as Nginx does for a busy peer.
+    pub fn gated(mut self, gate: Gate) -> Selector {
+        self.gate = gate;
+        self
+    }
+
+    /// Marks the peers of `tier` that the gate keeps out of this attempt.
+    fn gate_out(&self, tier: &Tier, attempt: &mut Attempt, now: u64) {
+        for (i, p) in tier.peers.iter().enumerate() {
+            if attempt.tried.has(i) || p.config.down {
+                continue;
+            }
+            let out = if !p.live.healthy.load(Ordering::Relaxed) {
+                true
+            } else if p.is_busy() {
+                attempt.busy = true;
+                true
+            } else {
+                let share = p.ramp_permille(now, self.gate.slow_start_ms);
+                // A draw from the request's own numbers (its picks and the
+                // clock), spread by a multiplicative hash: no shared state.
+                share < 1000 && {
+                    attempt.draws += 1;
+                    let x = (now ^ attempt.draws.rotate_left(17) ^ (i as u64).rotate_left(40))
+                        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                    (x >> 32) % 1000 >= share
+                }
+            };
+            if out {
+                attempt.tried.set(i);
+            }
+        }
+    }
+
+    /// Whether some upstream that could take requests is only at its
+    /// `max_conns` now (a request that found nothing to pick may wait).
+    pub fn any_busy(&self) -> bool {
+        self.upstreams().any(|u| {
+            !u.config.down && u.live.healthy.load(Ordering::Relaxed) && u.is_busy()
+        })
     }
 
     /// The strategy in force.
@@ -376,6 +444,9 @@ impl Selector {
     pub fn pick(&self, attempt: &mut Attempt, now: u64) -> Option<Pick> {
         loop {
             let tier = self.tiers.get(attempt.tier)?;
+            if self.gate.on {
+                self.gate_out(tier, attempt, now);
+            }
             let found = if self.single {
                 let p = &tier.peers[0];
                 (!attempt.tried.has(0) && !p.config.down).then_some(0)
@@ -424,6 +495,11 @@ impl Selector {
                 attempt.tried.clear();
                 continue;
             }
+            if attempt.busy {
+                // Busy, not broken: the failure marks stand (the request
+                // may wait in the queue for a free slot).
+                return None;
+            }
             for t in &self.tiers {
                 let _state = t.lock();
                 for p in &t.peers {
@@ -461,7 +537,11 @@ impl Selector {
                 s.effective = (s.effective - tier.weights[pick.index] / max_fails).max(0);
             }
         } else if live.accessed.load(Ordering::Relaxed) < live.checked.load(Ordering::Relaxed) {
-            live.fails.store(0, Ordering::Relaxed);
+            // Back after its failure window: `slow_start` ramps from here.
+            let fails = live.fails.swap(0, Ordering::Relaxed);
+            if peer.config.max_fails != 0 && fails >= peer.config.max_fails {
+                live.back_since.store(now, Ordering::Relaxed);
+            }
         }
     }
 }
