@@ -214,7 +214,11 @@ frontend spike
                 balancer.queue
             ),
         );
-        line(&mut o, 1, "# HAProxy's maxqueue bounds each server's queue.");
+        line(
+            &mut o,
+            1,
+            "# HAProxy's maxqueue bounds each server's queue.",
+        );
     }
     for (i, u) in balancer.upstreams.iter().enumerate() {
         let weight = match balancer.strategy {

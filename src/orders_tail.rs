@@ -58,8 +58,12 @@ pub fn main(config_path: &Path, group: &str, consumer: &str) -> anyhow::Result<E
         .build()?;
     runtime.block_on(async move {
         let url = fred::types::config::Config::from_url(&redis.url).map_err(TailError::Redis)?;
+        let timeout = redis.timeout.max(Duration::from_secs(1));
         let client = Builder::from_config(url)
-            .with_connection_config(|c| c.connection_timeout = redis.timeout)
+            .with_connection_config(|c| c.connection_timeout = timeout)
+            .with_performance_config(|p| p.default_command_timeout = timeout)
+            // Redis restarting or failing over is a pause, not the end.
+            .set_policy(ReconnectPolicy::new_constant(0, 500))
             .build()?;
         client.init().await?;
         let keys = SaleKeys::new(&sale.event);
@@ -141,7 +145,13 @@ impl Tail {
                     from = "0";
                     continue;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    // Redis away (restarting, failing over): nothing was
+                    // read, so nothing is lost; ask again.
+                    eprintln!("spike: orders tail: {e}; retrying in 1s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
             };
             let entries = entries(reply)?;
             if entries.is_empty() {
@@ -169,12 +179,18 @@ impl Tail {
             }
             out.flush()?;
             drop(out);
-            self.client
-                .custom::<Value, _>(
-                    CustomCommand::new_static("XACK", ClusterHash::FirstKey, false),
-                    ids,
-                )
-                .await?;
+            // Printed, so acknowledged; should the acknowledgement fail,
+            // the events stay pending and print again after a restart
+            // (at least once, never lost).
+            let xack = CustomCommand::new_static("XACK", ClusterHash::FirstKey, false);
+            while let Err(e) = self
+                .client
+                .custom::<Value, _>(xack.clone(), ids.clone())
+                .await
+            {
+                eprintln!("spike: orders tail: acknowledging: {e}; retrying in 1s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
         }
     }
 }

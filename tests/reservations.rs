@@ -864,3 +864,157 @@ async fn twenty_times_oversubscribed_with_non_payers_ends_fully_paid() {
     );
     sale.stop().await;
 }
+
+/// A purchase's `Idempotency-Key` sent again: the same order in its state
+/// now: 200 while reserved (and past its deadline, expired even before a
+/// sweep), 200 once paid, 409 `expired` once it went back on sale; never a
+/// second ticket.
+async fn a_key_replays_the_order_in_its_state(redis: Option<&RedisServer>) {
+    let url = redis.map(|r| r.url());
+    let text = sale_config(
+        "replay",
+        10,
+        0,
+        &[1, 1],
+        url.as_deref(),
+        "pay_within = \"1s\"",
+    );
+    let sale = InProcessSale::start(&text).await;
+    let nodes = sale.addrs();
+    let c = client();
+    let buy_with = |key: &'static str, node: SocketAddr| {
+        let c = c.clone();
+        async move {
+            send(
+                &c,
+                Method::GET,
+                node,
+                "/buy/ticket?user=kim",
+                &[("Idempotency-Key", key)],
+            )
+            .await
+            .expect("buy")
+        }
+    };
+    let first = buy_with("k-paid", nodes[0]).await;
+    let id = order_id(&first);
+    let again = buy_with("k-paid", nodes[1]).await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.body);
+    let v = json(&again.body);
+    assert_eq!(
+        (v["order"].as_str(), v["state"].as_str()),
+        (Some(id.as_str()), Some("reserved"))
+    );
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(
+        order(&c, nodes[0], &id, "pay", "user=kim").await.status,
+        StatusCode::OK
+    );
+    let paid = buy_with("k-paid", nodes[1]).await;
+    assert_eq!(
+        (paid.status, json(&paid.body)["state"].clone()),
+        (StatusCode::OK, "paid".into())
+    );
+
+    let unpaid = order_id(&buy_with("k-unpaid", nodes[0]).await);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let late = buy_with("k-unpaid", nodes[1]).await;
+    assert_eq!(late.status, StatusCode::CONFLICT, "{}", late.body);
+    let v = json(&late.body);
+    assert_eq!(
+        (v["status"].as_str(), v["order"].as_str()),
+        (Some("expired"), Some(unpaid.as_str()))
+    );
+    let snap = sale.store.snapshot().await.expect("snapshot");
+    assert_eq!(snap.seq, 2, "a replay sold a second ticket: {snap:?}");
+    sale.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_replays_the_order_in_its_state_redis() {
+    let redis = RedisServer::start();
+    a_key_replays_the_order_in_its_state(Some(&redis)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_replays_the_order_in_its_state_embedded() {
+    a_key_replays_the_order_in_its_state(None).await;
+}
+
+/// With `[redis] replicas = 1`, a payment is answered 200 only once the
+/// replica has it: with the replica stopped, the payer hears 503 (the
+/// payment is on the primary), and the same payment sent again once it is
+/// back gets 200, the same payment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_replicas_a_payment_is_answered_once_replicated() {
+    let primary = RedisServer::start();
+    let replica = RedisServer::start_replica_of(&primary);
+    let mut text = sale_config(
+        "paywait",
+        5,
+        1,
+        &[1],
+        Some(&primary.url()),
+        "pay_within = \"30s\"",
+    );
+    text = text.replace("timeout = \"1s\"\n", "timeout = \"2s\"\nreplicas = 1\n");
+    let sale = InProcessSale::start(&text).await;
+    let node = sale.addrs()[0];
+    let c = client();
+    let id = order_id(&buy(&c, node, "pat").await);
+    replica.signal("STOP");
+    let r = order(&c, node, &id, "pay", "user=pat&ref=p1").await;
+    replica.signal("CONT");
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+    assert!(
+        json(&r.body)["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not replicated"),
+        "{}",
+        r.body
+    );
+    let r = order(&c, node, &id, "pay", "user=pat&ref=p1").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(json(&r.body)["payment_ref"], "p1");
+    let snap = sale.store.snapshot().await.expect("snapshot");
+    assert_eq!((snap.paid, snap.reserved), (1, 0));
+    sale.stop().await;
+}
+
+/// A sale written by the version before reservations (no `seq`, no event
+/// stream) goes on: order ids continue after the last one, never reused,
+/// and the audit does not count a stream that did not exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sale_started_before_reservations_goes_on_without_reusing_ids() {
+    let redis = RedisServer::start();
+    let text = sale_config("legacy", 10, 1, &[1], Some(&redis.url()), "");
+    let sale = InProcessSale::start(&text).await;
+    let node = sale.addrs()[0];
+    let c = client();
+    let mut ids = HashSet::new();
+    for i in 0..3 {
+        ids.insert(order_id(&buy(&c, node, &format!("old{i}")).await));
+    }
+    // What the old init and deduct left: no seq, no stream, no bound.
+    let mut conn = redis.connection().expect("redis");
+    let _: () = redis::cmd("HDEL")
+        .arg("spike:{legacy}:stock")
+        .arg("seq")
+        .arg("stream_max")
+        .query(&mut conn)
+        .expect("HDEL");
+    let _: () = redis::cmd("DEL")
+        .arg("spike:{legacy}:events")
+        .query(&mut conn)
+        .expect("DEL");
+    for i in 0..3 {
+        let id = order_id(&buy(&c, node, &format!("new{i}")).await);
+        assert!(ids.insert(id.clone()), "order id {id} handed out twice");
+    }
+    let snap = sale.store.snapshot().await.expect("snapshot");
+    assert_eq!((snap.sold, snap.orders, snap.seq), (6, 6, 6), "{snap:?}");
+    let events = sale.store.tally_events().await.expect("events");
+    assert_eq!(snap.audit(None, events), Vec::<String>::new());
+    sale.stop().await;
+}

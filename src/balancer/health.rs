@@ -65,7 +65,10 @@ async fn probe(u: &Upstream, check: &HealthCheck) -> bool {
         let res = sender.send_request(req).await.ok()?;
         Some(res.status().is_success())
     };
-    matches!(tokio::time::timeout(check.timeout, asked).await, Ok(Some(true)))
+    matches!(
+        tokio::time::timeout(check.timeout, asked).await,
+        Ok(Some(true))
+    )
 }
 
 /// Counts the result in a row, and moves the upstream out or back in.

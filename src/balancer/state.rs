@@ -68,7 +68,8 @@ impl Active {
             // Nothing checks them any more: what the last check said no
             // longer holds.
             for live in previous.values() {
-                live.healthy.store(true, std::sync::atomic::Ordering::Relaxed);
+                live.healthy
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
             }
         }
         Active {

@@ -56,7 +56,8 @@ local sold = tonumber(stock[2] or '0')
 local epoch = stock[3] or '0'
 local limit = tonumber(stock[4] or '0')
 -- A sale written before `seq` existed numbered its orders by `sold`.
-local seq = tonumber(stock[5] or stock[2] or '0')
+-- (and a node of that version still numbers them so: never go below it).
+local seq = math.max(tonumber(stock[5] or '0'), sold)
 local pay_within = tonumber(stock[6] or '0')
 local released = tonumber(stock[7] or '0')
 local stream_max = stock[8] or '100000'
@@ -174,8 +175,12 @@ for i = 2, #ARGV, 6 do
       answer(9, '', 0, holder)
     elseif seen then
       if seen_buyer == buyer then
+        local pay_by = tonumber(seen_pay_by) or 0
+        -- Past its deadline, a reservation is expired whether or not a
+        -- sweep has run yet (as orders.lua treats it).
+        if seen_state == 'reserved' and now >= pay_by then seen_state = 'expired' end
         answer(6, seen_order, tonumber(string.match(seen_order, '(%d+)$')) or 0, holder,
-          tonumber(seen_pay_by) or 0, seen_state)
+          pay_by, seen_state)
       else
         answer(7, '', 0, holder)
       end

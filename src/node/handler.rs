@@ -163,6 +163,9 @@ pub struct Node {
     holders: ArcSwapOption<KnownHolders>,
     /// The epoch whose holders are being read (0: none).
     learning: AtomicU64,
+    /// Grows every time the holders are forgotten: a read that started
+    /// before is stale and must not land.
+    holders_gen: AtomicU64,
     /// Milliseconds since `born` of the last store answer that renewed
     /// this node's lease (a sale, a lease request or a poll).
     last_renewed: AtomicU64,
@@ -233,6 +236,7 @@ impl Node {
             pay_within: AtomicU64::new(0),
             holders: ArcSwapOption::empty(),
             learning: AtomicU64::new(0),
+            holders_gen: AtomicU64::new(0),
             last_renewed: AtomicU64::new(0),
             born: Instant::now(),
             timeout: settings.timeout,
@@ -314,7 +318,9 @@ impl Node {
         // A ticket came back: a buyer may be under the limit again, a key's
         // order released. What memory says of them is stale; it is read
         // again at the next sold out.
-        if self.released.fetch_max(sale.released, Ordering::AcqRel) < sale.released {
+        if self.released.load(Ordering::Acquire) < sale.released
+            && self.released.fetch_max(sale.released, Ordering::AcqRel) < sale.released
+        {
             self.forget_holders();
         }
         // The flag carries the epoch it is about. A store answer with stock
@@ -341,6 +347,7 @@ impl Node {
     /// Drops the holders read into memory (and any read in flight), so the
     /// next sold out reads them again.
     fn forget_holders(&self) {
+        self.holders_gen.fetch_add(1, Ordering::AcqRel);
         self.holders.store(None);
         self.learning.store(0, Ordering::Release);
     }
@@ -732,13 +739,16 @@ impl Node {
         let node = NodeRef::of(self);
         let store = self.store.clone();
         let name = self.name.clone();
+        let generation = self.holders_gen.load(Ordering::Acquire);
+        let current = move |n: &Node| {
+            n.learning.load(Ordering::Acquire) == epoch
+                && n.holders_gen.load(Ordering::Acquire) == generation
+        };
         tokio::spawn(async move {
             let mut pause = Duration::from_millis(100);
             loop {
                 let Some(limit) = node
-                    .with(|n| {
-                        (n.learning.load(Ordering::Acquire) == epoch).then(|| n.per_user_limit())
-                    })
+                    .with(|n| current(n).then(|| n.per_user_limit()))
                     .flatten()
                 else {
                     return;
@@ -747,7 +757,7 @@ impl Node {
                     Ok(found) => {
                         tracing::info!(node = %name, buyers = found.buyers.len(), keys = found.keys.len(), "holders read into memory");
                         node.with(|n| {
-                            if n.epoch() == epoch && n.learning.load(Ordering::Acquire) == epoch {
+                            if n.epoch() == epoch && current(n) {
                                 n.holders.store(Some(Arc::new(KnownHolders {
                                     epoch,
                                     holders: found,
@@ -791,6 +801,11 @@ impl Node {
                 if !key.is_empty()
                     && let Some(order) = k.holders.keys.get(key)
                 {
+                    if order.state == OrderState::Reserved {
+                        // Paid or expired since it was read, maybe: the
+                        // store knows (a retry of a reservation is rare).
+                        return self.purchase(buyer, key, None, give_up).await;
+                    }
                     if order.buyer != buyer {
                         self.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
                         return json(

@@ -165,6 +165,17 @@ async fn call(
                 json!({"status": "unavailable", "reason": "the sale is not initialised: run spike stock init"}),
             );
         }
+        Err(e @ StoreError::NotReplicated { .. }) => {
+            node.stats.not_replicated.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(node = %node.name(), error = %e, "an order change was not replicated in time; answered 503");
+            let mut res = answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"status": "unavailable", "reason": "the change was made but not replicated in time: send the same request again to learn where the order stands"}),
+            );
+            res.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            return res;
+        }
         Err(e) => {
             node.stats.store_errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(node = %node.name(), error = %e, "order call failed");

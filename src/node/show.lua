@@ -4,9 +4,10 @@
 -- Returns {exists, total, sold, orders, buyers, tickets held by named buyers,
 -- the most any one buyer holds, epoch, limit, units leased, keys recorded,
 -- order ids handed out (seq), payment window ms, reserved, paid, released,
--- deadline entries, events in the stream now}.
+-- deadline entries, events in the stream now, the stream's bound (0: a sale
+-- written before the stream existed)}.
 local s = redis.call('HMGET', KEYS[1], 'total', 'sold', 'held', 'most', 'epoch', 'limit',
-  'seq', 'pay_within', 'reserved', 'paid', 'released')
+  'seq', 'pay_within', 'reserved', 'paid', 'released', 'stream_max')
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local leased = 0
@@ -18,6 +19,6 @@ end
 return {s[1] and 1 or 0, tonumber(s[1] or '0'), tonumber(s[2] or '0'),
   redis.call('HLEN', KEYS[3]), redis.call('HLEN', KEYS[2]), tonumber(s[3] or '0'),
   tonumber(s[4] or '0'), s[5] or '', tonumber(s[6] or '0'), leased, redis.call('HLEN', KEYS[6]),
-  tonumber(s[7] or s[2] or '0'), tonumber(s[8] or '0'), tonumber(s[9] or '0'),
+  math.max(tonumber(s[7] or '0'), tonumber(s[2] or '0')), tonumber(s[8] or '0'), tonumber(s[9] or '0'),
   tonumber(s[10] or '0'), tonumber(s[11] or '0'), redis.call('ZCARD', KEYS[7]),
-  redis.call('XLEN', KEYS[8])}
+  redis.call('XLEN', KEYS[8]), tonumber(s[12] or '0')}

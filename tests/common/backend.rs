@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU16, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -28,6 +28,14 @@ pub struct Backend {
     pub accepts: Arc<AtomicU64>,
     /// Connections open now.
     pub open: Arc<AtomicI64>,
+    /// What `GET /healthz` says: 200 while true, 503 after.
+    pub healthy: Arc<AtomicBool>,
+    /// The status of every other answer (200 to start with).
+    pub status: Arc<AtomicU16>,
+    /// How long every other answer takes, in ms (0 to start with).
+    pub delay_ms: Arc<AtomicU64>,
+    /// Requests other than `/healthz` it answered.
+    pub served: Arc<AtomicU64>,
     task: JoinHandle<()>,
     /// Set to true to make every open connection drop, like a killed process.
     kill: watch::Sender<bool>,
@@ -70,6 +78,16 @@ impl Backend {
         let accepts = Arc::new(AtomicU64::new(0));
         let open = Arc::new(AtomicI64::new(0));
         let (h, a, o) = (hits.clone(), accepts.clone(), open.clone());
+        let healthy = Arc::new(AtomicBool::new(true));
+        let status = Arc::new(AtomicU16::new(200));
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let served = Arc::new(AtomicU64::new(0));
+        let knobs = (
+            healthy.clone(),
+            status.clone(),
+            delay_ms.clone(),
+            served.clone(),
+        );
         let (kill, killed) = watch::channel(false);
         let (hang_up, hung_up) = watch::channel(0u64);
         let task = tokio::spawn(async move {
@@ -83,14 +101,38 @@ impl Backend {
                 let body = body.clone();
                 let h = h.clone();
                 let o = o.clone();
+                let knobs = knobs.clone();
                 let mut killed = killed.clone();
                 let mut hung_up = hung_up.clone();
                 hung_up.mark_unchanged();
                 tokio::spawn(async move {
-                    let svc = service_fn(move |_req: Request<hyper::body::Incoming>| {
+                    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                         h.fetch_add(1, Ordering::Relaxed);
                         let body = body.clone();
-                        async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
+                        let (healthy, status, delay, served) = knobs.clone();
+                        async move {
+                            if req.uri().path() == "/healthz" {
+                                let code = if healthy.load(Ordering::Relaxed) {
+                                    200
+                                } else {
+                                    503
+                                };
+                                let mut res = Response::new(Full::new(body));
+                                *res.status_mut() =
+                                    hyper::StatusCode::from_u16(code).expect("code");
+                                return Ok::<_, Infallible>(res);
+                            }
+                            served.fetch_add(1, Ordering::Relaxed);
+                            let ms = delay.load(Ordering::Relaxed);
+                            if ms > 0 {
+                                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                            }
+                            let mut res = Response::new(Full::new(body));
+                            *res.status_mut() =
+                                hyper::StatusCode::from_u16(status.load(Ordering::Relaxed))
+                                    .expect("code");
+                            Ok::<_, Infallible>(res)
+                        }
                     });
                     let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
                     // A kill drops the connection (and its socket) at once.
@@ -109,6 +151,10 @@ impl Backend {
             hits,
             accepts,
             open,
+            healthy,
+            status,
+            delay_ms,
+            served,
             task,
             kill,
             hang_up,

@@ -418,9 +418,8 @@ impl Selector {
     /// Whether some upstream that could take requests is only at its
     /// `max_conns` now (a request that found nothing to pick may wait).
     pub fn any_busy(&self) -> bool {
-        self.upstreams().any(|u| {
-            !u.config.down && u.live.healthy.load(Ordering::Relaxed) && u.is_busy()
-        })
+        self.upstreams()
+            .any(|u| !u.config.down && u.live.healthy.load(Ordering::Relaxed) && u.is_busy())
     }
 
     /// The strategy in force.

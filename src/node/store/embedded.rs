@@ -204,7 +204,12 @@ impl EmbeddedStore {
                 Some(o) => Outcome::Replayed {
                     order: order.clone(),
                     sold: ticket_number(order),
-                    state: o.state(),
+                    // Past its deadline a reservation is expired, swept
+                    // or not (as `deduct.lua` answers).
+                    state: match (o.state(), o.pay_by) {
+                        (OrderState::Reserved, Some(p)) if now >= p => OrderState::Expired,
+                        (state, _) => state,
+                    },
                     pay_by: o.pay_by,
                 },
                 None => Outcome::KeyConflict,
@@ -449,6 +454,7 @@ impl EmbeddedStore {
             released: s.released,
             due: s.due.len() as u64,
             events: None,
+            events_max: 0,
             finished: s.initialised && s.sold >= s.total && s.reserved == 0,
         }
     }

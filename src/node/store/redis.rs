@@ -301,7 +301,7 @@ impl RedisStore {
     /// See `show.lua`.
     pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
         let reply = self.eval(&self.show, Vec::new()).await?;
-        let mut f = array(reply, 18)?.into_iter();
+        let mut f = array(reply, 19)?.into_iter();
         let initialised = int(f.next())? == 1;
         let total = int(f.next())?;
         let sold = int(f.next())?;
@@ -326,6 +326,7 @@ impl RedisStore {
             released: int(f.next())?,
             due: int(f.next())?,
             events: Some(int(f.next())?),
+            events_max: int(f.next())?,
             finished: false,
         };
         snap.finished = snap.initialised && snap.sold >= snap.total && snap.reserved == 0;
@@ -346,10 +347,26 @@ impl RedisStore {
             Value::from(buyer),
             Value::from(payment_ref),
         ];
-        let reply = self.eval(&self.orders, args).await?;
+        let client = self.link.pool.next();
+        let reply = self
+            .link
+            .eval_on(client, &self.orders, args, self.timeout)
+            .await?;
         let (sale, mut rest) = header(reply, 2)?;
         let code = int(rest.next())?;
         let record = text(rest.next())?;
+        // A payment or a cancel is answered 200 only once the replicas
+        // have it, as a sale is: a failover must not turn a paid order
+        // back into a reservation that expires.
+        if code == 1 && op != OrderOp::Get && self.link.replicas > 0 {
+            let acked = self.link.acked(client, Instant::now() + self.timeout).await;
+            if acked < self.link.replicas {
+                return Err(StoreError::NotReplicated {
+                    wanted: self.link.replicas,
+                    acked,
+                });
+            }
+        }
         let parsed = || {
             serde_json::from_str::<OrderRecord>(&record)
                 .map_err(|e| StoreError::Protocol(format!("an order record {record:?}: {e}")))
@@ -791,10 +808,22 @@ impl Link {
     /// acknowledge, every sale of the batch becomes
     /// [`StoreError::NotReplicated`]: made, but not safe to announce.
     async fn replicated(&self, client: &Client, answers: &mut [Reply<Raw>], latest: Instant) {
-        // WAIT ends a quarter of the time left (at least 5 ms) before the
-        // buyers are told 503 anyway, so a short count is reported as such
-        // rather than lost in the node's own timeout. Whole milliseconds,
-        // and never 0, which would block forever.
+        let acked = self.acked(client, latest).await;
+        if acked >= self.replicas {
+            return;
+        }
+        for a in answers.iter_mut().filter(|a| a.answer.code == SOLD) {
+            a.answer.code = NOT_REPLICATED;
+            a.answer.count = acked;
+        }
+    }
+
+    /// `WAIT replicas` on `client` (WAIT covers that connection's writes),
+    /// ending a quarter of the time left before `latest` (at least 5 ms
+    /// before it), so a short count is reported as such rather than lost in
+    /// the caller's own timeout. Whole milliseconds, and never 0, which
+    /// would block forever. Answers how many replicas acknowledged.
+    async fn acked(&self, client: &Client, latest: Instant) -> u64 {
         let left = latest.saturating_duration_since(Instant::now());
         let margin = (left / 4).max(Duration::from_millis(5));
         let ms = left.saturating_sub(margin).as_millis().max(1) as i64;
@@ -805,14 +834,7 @@ impl Link {
                 vec![Value::from(self.replicas as i64), Value::from(ms)],
             )
             .await;
-        let acked = acked.unwrap_or(0);
-        if acked >= self.replicas {
-            return;
-        }
-        for a in answers.iter_mut().filter(|a| a.answer.code == SOLD) {
-            a.answer.code = NOT_REPLICATED;
-            a.answer.count = acked;
-        }
+        acked.unwrap_or(0)
     }
 }
 
