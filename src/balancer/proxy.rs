@@ -377,11 +377,11 @@ pub async fn handle(
                 Some(slot) => slot,
                 None => match QueueSlot::take(shared, config) {
                     Ok(slot) => slot,
-                    Err(refusal) => return refusal,
+                    Err(why) => return busy(why),
                 },
             };
-            if let Err(refusal) = slot.wait(&active.selector).await {
-                return refusal;
+            if let Err(why) = slot.wait(&active.selector).await {
+                return busy(why);
             }
             queue = Some(slot);
             attempt = Attempt::new(client);
@@ -679,14 +679,14 @@ struct QueueSlot<'a> {
 }
 
 impl<'a> QueueSlot<'a> {
-    /// A place in the queue, or the 503 when it is full (`queue = 0`: it
-    /// always is).
-    fn take(shared: &'a Shared, config: &BalancerConfig) -> Result<Self, Response<RespBody>> {
+    /// A place in the queue, or the 503's body when it is full (`queue =
+    /// 0`: it always is).
+    fn take(shared: &'a Shared, config: &BalancerConfig) -> Result<Self, &'static [u8]> {
         let q = &shared.metrics.queue;
         if q.waiting.fetch_add(1, Ordering::AcqRel) >= config.queue {
             q.waiting.fetch_sub(1, Ordering::AcqRel);
             q.full.fetch_add(1, Ordering::Relaxed);
-            return Err(busy(QUEUE_FULL));
+            return Err(QUEUE_FULL);
         }
         q.queued.fetch_add(1, Ordering::Relaxed);
         Ok(QueueSlot {
@@ -697,10 +697,11 @@ impl<'a> QueueSlot<'a> {
     }
 
     /// Until some upstream may have a free slot (a request to one with
-    /// `max_conns` ended), or the 503 once `queue_timeout` has passed.
+    /// `max_conns` ended), or the 503's body once `queue_timeout` has
+    /// passed.
     /// Looks again at least every 50 ms, so a wake-up taken by a request
     /// that then went elsewhere is never waited for.
-    async fn wait(&self, selector: &super::strategy::Selector) -> Result<(), Response<RespBody>> {
+    async fn wait(&self, selector: &super::strategy::Selector) -> Result<(), &'static [u8]> {
         loop {
             let freed = super::upstream::FREED.notified();
             tokio::pin!(freed);
@@ -715,7 +716,7 @@ impl<'a> QueueSlot<'a> {
                     .queue
                     .timed_out
                     .fetch_add(1, Ordering::Relaxed);
-                return Err(busy(QUEUE_TIMEOUT));
+                return Err(QUEUE_TIMEOUT);
             }
             let nap = (self.deadline - now).min(Duration::from_millis(50));
             if tokio::time::timeout(nap, freed).await.is_ok() {
