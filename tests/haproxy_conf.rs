@@ -74,6 +74,43 @@ fn every_strategy_passes_haproxy_c() {
     }
 }
 
+/// Admission and health checks map to HAProxy's own `maxconn`, `timeout
+/// queue`, `option httpchk` with `check inter fall rise`, and `slowstart`,
+/// and the result passes `haproxy -c`.
+#[test]
+fn admission_and_health_checks_pass_haproxy_c() {
+    let upstreams = "queue = 10\nqueue_timeout = \"3s\"\nhealth_check = \"/healthz\"\n\
+                     health_interval = \"2s\"\nhealth_fails = 3\nhealth_passes = 2\nslow_start = \"20s\"\n\
+                     [[balancer.upstream]]\naddr = \"127.0.0.1:3001\"\nmax_conns = 4\n\
+                     [[balancer.upstream]]\naddr = \"127.0.0.1:3002\"\n";
+    let config = balancer_file("least_conn", common::free_port(), upstreams);
+    let cfg = generate(&config, &[]);
+    let out = Command::new(haproxy())
+        .arg("-c")
+        .arg("-f")
+        .arg(&cfg)
+        .output()
+        .expect("run haproxy -c");
+    let text = std::fs::read_to_string(&cfg).expect("read");
+    assert!(
+        out.status.success(),
+        "haproxy -c refused it:\n{}{}\n--- haproxy.cfg ---\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        "option httpchk GET /healthz",
+        "timeout queue 3000ms",
+        "check inter 2000ms fall 3 rise 2",
+        "maxconn 4",
+        "slowstart 20000ms",
+    ] {
+        assert!(text.contains(expected), "{expected} missing:\n{text}");
+    }
+    let _ = std::fs::remove_file(&cfg);
+    remove_config(&config);
+}
+
 /// A HAProxy process in the foreground, killed on drop.
 struct HaProxy(Child);
 

@@ -310,3 +310,29 @@ async fn real_nginx_honours_the_weights() {
     drop(nginx);
     remove_config(&config);
 }
+
+/// Admission and health checks: `max_conns` is Nginx OSS's own (on each
+/// server line, and `nginx -t` takes it); the queue, active health checks,
+/// slow start and the sold-out edge are not, and the file says so.
+#[test]
+fn admission_and_health_checks_are_mapped_or_named() {
+    let ups = "[[balancer.upstream]]\naddr = \"127.0.0.1:3001\"\nmax_conns = 2\n\
+               [[balancer.upstream]]\naddr = \"127.0.0.1:3002\"\n";
+    let text = balancer_config("least_conn", common::free_port(), ups).replacen(
+        "[[balancer.upstream]]",
+        "queue = 50\nqueue_timeout = \"5s\"\nhealth_check = \"/healthz\"\nslow_start = \"10s\"\n\n[[balancer.upstream]]",
+        1,
+    );
+    let config = write_config(&text);
+    let dir = generate(&config, &["--workers", "2"]);
+    nginx_t(&dir);
+    let c = conf_text(&dir);
+    assert!(
+        c.contains("server 127.0.0.1:3001 weight=1 max_fails=1 fail_timeout=10s max_conns=2;"),
+        "{c}"
+    );
+    for named in ["queue N timeout=T", "health_check uri=", "slow_start=T"] {
+        assert!(c.contains(named), "{named} not named: {c}");
+    }
+    remove_config(&config);
+}

@@ -16,10 +16,10 @@ use super::edge::SoldOut;
 use super::state::Shared;
 use super::upstream::now_ms;
 
-/// How often the edge asks a node while it answers for the sale: how soon
-/// returned stock or a reset sends buyers to the nodes again, beyond the
-/// node's own poll of the store.
-const EDGE_RECHECK: Duration = Duration::from_millis(250);
+/// The pause between two long polls of a node while the edge answers for
+/// the sale (each comes back as soon as the node's view changes, or after
+/// the node's wait): it only bounds the asking when a node does not wait.
+const EDGE_RECHECK: Duration = Duration::from_millis(20);
 
 /// How often it reads the sale while the sale is open, to notice one that
 /// sold out without a sold-out answer passing through (sold out before
@@ -60,7 +60,7 @@ pub async fn sale(shared: &Shared) -> (StatusCode, Bytes) {
 
 /// `GET path` of the first upstream that answers 200: live ones first (a
 /// failed one may still answer), each within [`ASK_TIMEOUT`].
-async fn ask_any(shared: &Shared, path: &'static str) -> Result<Bytes, String> {
+async fn ask_any(shared: &Shared, path: &str) -> Result<Bytes, String> {
     let active = shared.current.load_full();
     let now = now_ms();
     let mut order: Vec<_> = active
@@ -81,24 +81,24 @@ async fn ask_any(shared: &Shared, path: &'static str) -> Result<Bytes, String> {
 }
 
 /// Keeps the edge's view of the sale (see [`super::edge`]): while it
-/// answers, asks a node every [`EDGE_RECHECK`] whether it still answers
-/// `sold_out` from memory, and lets go at the first sign of stock (or when
-/// no node answers); while open, asks every [`EDGE_OPEN_POLL`], or at once
+/// answers, keeps a long poll on a node's `/sold_out` (the node answers as
+/// soon as its view changes) and lets go at the first sign of stock: a
+/// reset, returned tickets, the node selling again, or no node answering.
+/// While open, it asks every [`EDGE_OPEN_POLL`], or at once
 /// when a node said `sold_out`, and takes over once a node says it is sold
 /// out and has read its holders. A node's view is never older than its
 /// own poll of the store (a second, a quarter of one with a payment
 /// window), and the node is what the buyers would otherwise hear.
 pub async fn watch_edge(shared: Arc<Shared>) {
     loop {
-        let answering = shared.edge.active();
-        let pause = if answering {
-            EDGE_RECHECK
-        } else {
-            EDGE_OPEN_POLL
-        };
-        tokio::select! {
-            () = tokio::time::sleep(pause) => {}
-            () = shared.edge.poked(), if !answering => {}
+        let known = shared.edge.current();
+        match &known {
+            // Then a long poll: the node answers as soon as its view changes.
+            Some(_) => tokio::time::sleep(EDGE_RECHECK).await,
+            None => tokio::select! {
+                () = tokio::time::sleep(EDGE_OPEN_POLL) => {}
+                () = shared.edge.poked() => {}
+            },
         }
         let enabled = shared.has_sale() && shared.current.load().config.sold_out_at_edge;
         if !enabled {
@@ -107,11 +107,11 @@ pub async fn watch_edge(shared: Arc<Shared>) {
                 .clear("sold_out_at_edge is off or the file has no [sale]");
             continue;
         }
-        let Some(now) = read_sold_out(&shared).await else {
+        let Some(now) = read_sold_out(&shared, known.as_deref()).await else {
             shared.edge.clear("no node answered /sold_out");
             continue;
         };
-        match shared.edge.current() {
+        match known {
             Some(known) => {
                 if !now.sold_out {
                     shared.edge.clear("the nodes sell again");
@@ -135,8 +135,14 @@ struct NodeView {
     released: u64,
 }
 
-async fn read_sold_out(shared: &Shared) -> Option<NodeView> {
-    let body = ask_any(shared, "/sold_out").await.ok()?;
+/// The node's view; with `known`, a long poll that comes back when the
+/// node's view is no longer `known` (or after the node's wait).
+async fn read_sold_out(shared: &Shared, known: Option<&SoldOut>) -> Option<NodeView> {
+    let path = match known {
+        Some(k) => format!("/sold_out?epoch={}&released={}", k.epoch, k.released),
+        None => String::from("/sold_out"),
+    };
+    let body = ask_any(shared, &path).await.ok()?;
     let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
     Some(NodeView {
         sold_out: v["sold_out"].as_bool()?,
@@ -174,7 +180,7 @@ async fn learn(shared: &Shared) {
 }
 
 /// One `GET path` on a fresh connection to `addr`.
-async fn ask(addr: std::net::SocketAddr, path: &'static str) -> Result<Bytes, String> {
+async fn ask(addr: std::net::SocketAddr, path: &str) -> Result<Bytes, String> {
     let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await

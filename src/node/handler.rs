@@ -50,6 +50,10 @@ const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-repl
 /// state (and so renews its lease).
 pub const POLL_EVERY: Duration = Duration::from_secs(1);
 
+/// Longest a `/sold_out` long poll waits for a change (under the
+/// balancer's one-second bound on asking a node).
+pub const VIEW_WAIT: Duration = Duration::from_millis(700);
+
 /// How often a node asks instead, while it answers `sold_out` from memory
 /// and reservations may come back (the sale has a payment window).
 pub const POLL_SOLD_OUT_EVERY: Duration = Duration::from_millis(250);
@@ -166,6 +170,10 @@ pub struct Node {
     /// Grows every time the holders are forgotten: a read that started
     /// before is stale and must not land.
     holders_gen: AtomicU64,
+    /// Rung when what `/sold_out` says changes for the worse for a
+    /// balancer answering from it (a reset, returned stock, open again):
+    /// its long poll answers at once.
+    view_changed: tokio::sync::Notify,
     /// Milliseconds since `born` of the last store answer that renewed
     /// this node's lease (a sale, a lease request or a poll).
     last_renewed: AtomicU64,
@@ -237,6 +245,7 @@ impl Node {
             holders: ArcSwapOption::empty(),
             learning: AtomicU64::new(0),
             holders_gen: AtomicU64::new(0),
+            view_changed: tokio::sync::Notify::new(),
             last_renewed: AtomicU64::new(0),
             born: Instant::now(),
             timeout: settings.timeout,
@@ -350,6 +359,7 @@ impl Node {
         self.holders_gen.fetch_add(1, Ordering::AcqRel);
         self.holders.store(None);
         self.learning.store(0, Ordering::Release);
+        self.view_changed.notify_waiters();
     }
 
     /// The sale's payment window as last heard (None: purchases are final).
@@ -396,7 +406,7 @@ impl Node {
             }
             "/sale" if req.method() == Method::GET => self.sale().await,
             "/holders" if req.method() == Method::GET => self.holders_json(),
-            "/sold_out" if req.method() == Method::GET => self.sold_out_json(),
+            "/sold_out" if req.method() == Method::GET => self.sold_out_json(&req).await,
             "/healthz" | "/stats" | "/sale" | "/metrics" | "/holders" | "/sold_out" => {
                 not_allowed("GET")
             }
@@ -887,9 +897,30 @@ impl Node {
 
     /// `GET /sold_out`: whether this node answers `sold_out` from memory,
     /// for which epoch, and how many tickets had come back when it last
-    /// heard from the store. From memory, no store call: a balancer asks a
-    /// few times a second (see `crate::balancer::edge`).
-    fn sold_out_json(&self) -> Response<Full<Bytes>> {
+    /// heard from the store. From memory, no store call. With
+    /// `?epoch=E&released=R` (what the caller knows) it is a long poll: it
+    /// answers when that view stops holding (a reset, returned stock, the
+    /// node open again), or after [`VIEW_WAIT`], so a balancer answering
+    /// for a sold-out sale hears of a change as soon as this node does
+    /// (see `crate::balancer::edge`).
+    async fn sold_out_json(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let param = |name: &str| -> Option<u64> {
+            req.uri()
+                .query()?
+                .split('&')
+                .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+        };
+        if let (Some(epoch), Some(released)) = (param("epoch"), param("released")) {
+            let changed = self.view_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let same = self.is_sold_out()
+                && self.epoch() == epoch
+                && self.released.load(Ordering::Acquire) == released;
+            if same {
+                let _ = tokio::time::timeout(VIEW_WAIT, changed).await;
+            }
+        }
         let body = serde_json::json!({
             "sold_out": self.is_sold_out(),
             "epoch": self.epoch(),
