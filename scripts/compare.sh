@@ -16,7 +16,8 @@
 #
 # Knobs (environment): QUICK=1, PAIRS (3), DUR (oha -z, 5s), CONC (100),
 # IDLE_CONNS (10000), WORKERS (nginx workers; default nproc = spike's tokio
-# worker threads), SCENARIOS (default "proxy success soldout ab memory").
+# worker threads), SCENARIOS (default "proxy success soldout ab memory
+# payments"), PAY_TOTAL (2000).
 #
 # The client (oha/ab), the proxy under test, the backends and Redis all share
 # this machine's CPUs; the numbers compare spike and Nginx under the same
@@ -40,7 +41,8 @@ fi
 CONC=${CONC:-100}
 AB_N=10000 # the article's command: ab -n 10000 -c 100
 AB_TOTAL=5000
-SCENARIOS=${SCENARIOS:-proxy success soldout ab memory}
+SCENARIOS=${SCENARIOS:-proxy success soldout ab memory payments}
+PAY_TOTAL=${PAY_TOTAL:-2000} # tickets of the sale with payments
 STRATEGIES=(round_robin weighted_round_robin ip_hash least_conn)
 SALE_STRATEGY=round_robin
 
@@ -369,7 +371,7 @@ fi
 # ---------------------------------------------------------------------------
 # 2. The sale through the balancer (and 4. direct to one node).
 # ---------------------------------------------------------------------------
-if wants success || wants soldout || wants ab; then
+if wants success || wants soldout || wants ab || wants payments; then
   start_redis
 fi
 
@@ -512,10 +514,64 @@ if wants ab; then
   done
 fi
 
+# ---------------------------------------------------------------------------
+# 5. A sale with payments (`pay_within`): the rush reserves every ticket,
+#    then every reservation is paid (POST /orders/ID/pay, URLs read from
+#    Redis; oha picks among them at random, so some are paid twice, which
+#    is one payment). Requests/s of each phase and Redis calls per paid
+#    ticket, through spike's balancer and through Nginx, same nodes.
+# ---------------------------------------------------------------------------
+if wants payments; then
+  [ -n "${REDIS_PID:-}" ] || start_redis
+  read -r -a NODE_PORTS <<<"$(free_ports 4)"
+  read -r SP SA NP <<<"$(free_ports 3)"
+  cfg=$WORK/sale-payments.toml
+  write_sale_config "$cfg" bench-payments "$PAY_TOTAL" 1 "$SP" "$SA"
+  sed -i 's/^per_user_limit = 1$/per_user_limit = 1\npay_within = "15m"/' "$cfg"
+  grep -q '^pay_within' "$cfg" || die "could not add pay_within to $cfg"
+  rcli FLUSHALL >/dev/null
+  "$SPIKE" stock init --config "$cfg" >/dev/null
+  start_nodes "$cfg"
+  start_spike "$cfg" "$SP"
+  start_nginx "$cfg" "$NP"
+  payments_run() { # SIDE PAIR PORT
+    local side=$1 pair=$2 port=$3 rush pay urls evalsha all paid reserved
+    rush=raw/payments-rush-$side-$pair.json
+    pay=raw/payments-pay-$side-$pair.json
+    urls=$WORK/pay-urls-$side-$pair.txt
+    rcli FLUSHALL >/dev/null
+    "$SPIKE" stock init --config "$cfg" >/dev/null
+    sleep 1.5 # every node hears of the new sale (its poll is once a second)
+    rcli CONFIG RESETSTAT >/dev/null
+    buyers "$port"
+    oha --no-tui --output-format json -n $((PAY_TOTAL * 4)) -c "$CONC" --rand-regex-url "$BUYERS" \
+      >"$OUT/$rush" 2>>"$OUT/logs/oha.log" || true
+    python3 "$HERE/payments.py" urls "$REDIS_PORT" bench-payments "$port" >"$urls"
+    [ -s "$urls" ] || die "no reservation to pay after the rush through $side"
+    oha --no-tui --output-format json -m POST -n $(($(wc -l <"$urls") * 3)) -c "$CONC" \
+      --urls-from-file "$urls" >"$OUT/$pay" 2>>"$OUT/logs/oha.log" || true
+    read -r evalsha all <<<"$(redis_calls)"
+    paid=$(stock_field "$cfg" paid)
+    reserved=$(stock_field "$cfg" reserved)
+    local label=pair$pair
+    [ "$pair" = 0 ] && label=warm-up
+    printf '  %-26s %-6s %-8s paid %s of %s (reserved %s), redis evalsha %s\n' \
+      "sale/payments" "$side" "$label" "$paid" "$PAY_TOTAL" "$reserved" "$evalsha" >&2
+    record kind=payments scenario=sale/payments side="$side" pair="$pair" rush="$rush" pay="$pay" \
+      paid="$paid" reserved="$reserved" total="$PAY_TOTAL" redis_evalsha="$evalsha" redis_all="$all"
+  }
+  for ((pair = 0; pair <= PAIRS; pair++)); do
+    payments_run spike "$pair" "$SP"
+    payments_run nginx "$pair" "$NP"
+  done
+  stop "$SPIKE_PID" "$NGINX_PID" "${NODE_PIDS[@]}"
+fi
+
 [ -n "${REDIS_PID:-}" ] && stop "$REDIS_PID"
 
 # ---------------------------------------------------------------------------
 # The table.
 # ---------------------------------------------------------------------------
 python3 "$HERE/report.py" summarize "$OUT"
+wants payments && python3 "$HERE/payments.py" summarize "$OUT"
 say "compare.sh: raw oha JSON, runs.jsonl, summary.json, summary.md and chart.svg in $OUT"

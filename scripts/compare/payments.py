@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""The "sale with payments" part of scripts/compare.sh.
+
+  payments.py urls REDIS_PORT EVENT PORT   the pay URL of every reservation
+  payments.py summarize OUT                 the table, appended to summary.md
+
+Figures are medians over the pairs (the warm-up pair excluded), and
+spike's are given as ratios of Nginx's measured in the same run.
+"""
+import json
+import statistics
+import subprocess
+import sys
+
+
+def urls(redis_port, event, port):
+    out = subprocess.run(
+        ["redis-cli", "-h", "127.0.0.1", "-p", redis_port, "--raw", "HGETALL",
+         f"spike:{{{event}}}:orders"],
+        check=True, capture_output=True, text=True,
+    ).stdout.splitlines()
+    for order_id, record in zip(out[0::2], out[1::2]):
+        buyer = json.loads(record).get("buyer", "")
+        print(f"http://127.0.0.1:{port}/orders/{order_id}/pay?user={buyer}")
+
+
+def oha(path):
+    with open(path) as f:
+        s = json.load(f)["summary"]
+    return s.get("requestsPerSec") or 0.0
+
+
+def summarize(out):
+    runs = [json.loads(line) for line in open(f"{out}/runs.jsonl") if line.strip()]
+    rs = [r for r in runs if r.get("kind") == "payments" and int(r.get("pair", 0)) > 0]
+    sides = {}
+    for r in rs:
+        paid = int(r["paid"])
+        sides.setdefault(r["side"], []).append({
+            "rush": oha(f"{out}/{r['rush']}"),
+            "pay": oha(f"{out}/{r['pay']}"),
+            "paid": paid,
+            "total": int(r["total"]),
+            "calls_per_paid": int(r["redis_evalsha"]) / paid if paid else None,
+        })
+    med = lambda side, k: statistics.median(x[k] for x in sides[side] if x[k] is not None)
+    if "spike" not in sides or "nginx" not in sides:
+        print("payments: no complete pair", file=sys.stderr)
+        return
+    lines = [
+        "",
+        "### Sale with payments (`pay_within`)",
+        "",
+        "Rush: random buyers until sold out (every 200 a reservation); then the pay URL of every",
+        "reservation, picked at random by oha (a second payment of an order is the same payment).",
+        "",
+        "| | spike | nginx | spike / nginx |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, k, fmt in [
+        ("rush, requests/s", "rush", "{:,.0f}"),
+        ("payments, requests/s", "pay", "{:,.0f}"),
+        ("Redis calls per paid ticket", "calls_per_paid", "{:.2f}"),
+        ("paid (of the total)", "paid", "{:,.0f}"),
+    ]:
+        s, n = med("spike", k), med("nginx", k)
+        ratio = f"{s / n:.2f}" if n else "n/a"
+        lines.append(f"| {label} | {fmt.format(s)} | {fmt.format(n)} | {ratio} |")
+    text = "\n".join(lines) + "\n"
+    with open(f"{out}/summary.md", "a") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "urls":
+        urls(*sys.argv[2:5])
+    elif sys.argv[1] == "summarize":
+        summarize(sys.argv[2])
+    else:
+        sys.exit(__doc__)
