@@ -201,6 +201,7 @@ start_backends() {
     echo "http { access_log off; server_tokens off; keepalive_requests 1000000; default_type text/plain;"
     echo "  client_body_temp_path cbt; proxy_temp_path pt; fastcgi_temp_path ft; uwsgi_temp_path ut; scgi_temp_path st;"
     for i in 0 1 2 3; do
+      # shellcheck disable=SC2028 # the \n is for Nginx's string, not for echo
       echo "  server { listen 127.0.0.1:${BACKEND_PORTS[$i]}; location / { return 200 \"b$((i + 1))\n\"; } }"
     done
     echo "}"
@@ -305,28 +306,31 @@ pick_ports() { # sets PORT[side] for every proxy, and ADMIN (spike's admin port)
   ADMIN=${ports[$i]}
 }
 start_proxy() { # SIDE CONFIG
-  local side=$1 cfg=$2 port=${PORT[$1]} d=$WORK/$1-${PORT[$1]}
+  local side=$1 cfg=$2 port=${PORT[$1]} d=$WORK/$1-${PORT[$1]} log
   mkdir -p "$d"
   case $side in
     spike)
-      spawn spike-balancer env RUST_LOG=warn "$SPIKE" balancer --config "$cfg"
+      log=spike-balancer
+      spawn $log env RUST_LOG=warn "$SPIKE" balancer --config "$cfg"
       ;;
     nginx)
+      log=nginx-proxy
       "$SPIKE" nginx-conf --config "$cfg" --listen "127.0.0.1:$port" --workers "$WORKERS" >"$d/nginx.conf"
       cp "$d/nginx.conf" "$OUT/logs/nginx-$(basename "$cfg" .toml).conf"
-      spawn nginx-proxy nginx -p "$d" -c "$d/nginx.conf" -e stderr -g 'daemon off;'
+      spawn $log nginx -p "$d" -c "$d/nginx.conf" -e stderr -g 'daemon off;'
       ;;
     haproxy)
+      log=haproxy-proxy
       "$SPIKE" haproxy-conf --config "$cfg" --listen "127.0.0.1:$port" --threads "$WORKERS" >"$d/haproxy.cfg"
       cp "$d/haproxy.cfg" "$OUT/logs/haproxy-$(basename "$cfg" .toml).cfg"
-      haproxy -c -q -f "$d/haproxy.cfg" >>"$OUT/logs/haproxy-proxy.log" 2>&1 ||
-        die "haproxy -c refuses the haproxy.cfg of $cfg; see $OUT/logs/haproxy-proxy.log"
+      haproxy -c -q -f "$d/haproxy.cfg" >>"$OUT/logs/$log.log" 2>&1 ||
+        die "haproxy -c refuses the haproxy.cfg of $cfg; see $OUT/logs/$log.log"
       # -db: in the foreground, one process (its threads), no master.
-      spawn haproxy-proxy haproxy -f "$d/haproxy.cfg" -db
+      spawn $log haproxy -f "$d/haproxy.cfg" -db
       ;;
   esac
   PID[$side]=$LAST_PID
-  wait_port "$port" "$LAST_PID" "$side-proxy"
+  wait_port "$port" "$LAST_PID" "$log"
 }
 start_proxies() { # CONFIG
   local side
@@ -546,7 +550,9 @@ if wants ab; then
       start_nodes "$cfg"
       start_proxy "$side" "$cfg"
       file=$OUT/raw/ab-$side-$round.txt
+      read -r u0 s0 hz <<<"$(cpu_ticks "${PID[$side]}")"
       ab -n "$AB_N" -c 100 "http://127.0.0.1:${PORT[$side]}/buy/ticket" >"$file" 2>&1 || true
+      read -r u1 s1 hz <<<"$(cpu_ticks "${PID[$side]}")"
       sold=$(stock_field "$cfg" sold)
       # shellcheck disable=SC2046
       set -- $(awk '
@@ -562,7 +568,8 @@ if wants ab; then
       printf '  %-26s %-7s %-8s %10.0f req/s  99%% %s ms  complete %s/%s, sold %s of %s, non-2xx %s\n' \
         "ab -n $AB_N -c 100" "$side" "$label" "$2" "$4" "$1" "$AB_N" "$sold" "$AB_TOTAL" "$3" >&2
       record kind=ab scenario=ab side="$side" round="$round" rps="$2" p99="$4" non2xx="$3" \
-        failed_conn="$5" complete="$complete" sold="$sold" total="$AB_TOTAL" file="raw/ab-$side-$round.txt"
+        failed_conn="$5" complete="$complete" sold="$sold" total="$AB_TOTAL" file="raw/ab-$side-$round.txt" \
+        requests="$1" cpu_user_ticks="$((u1 - u0))" cpu_sys_ticks="$((s1 - s0))" hz="$hz"
       stop "${PID[$side]}" "${NODE_PIDS[@]}"
     done
   done

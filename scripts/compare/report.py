@@ -215,6 +215,7 @@ def summarize_rounds(runs, scenario, sides, keys=RATIO_KEYS, per_side=PER_SIDE):
 def summarize_ab(runs, sides):
     rs = [r for r in runs if r.get("kind") == "ab" and r.get("round", 0) > 0]
     for r in rs:
+        cpu_per_request(r)  # ab's requests: every one it completed, 200 or 409
         r["ok"] = bool(r.get("complete")) and r.get("sold") == r.get("total") and not r.get(
             "failed_conn"
         )
@@ -222,7 +223,7 @@ def summarize_ab(runs, sides):
             f"complete={r.get('complete')} sold={r.get('sold')}/{r.get('total')} "
             f"non2xx={r.get('non2xx')}"
         )
-    out = summarize_rounds(runs, "ab", sides, keys=(("rps", "rps"), ("p99", "p99")), per_side=("rps", "p99"))
+    out = summarize_rounds(runs, "ab", sides, per_side=("rps", "p99", "cpu_us", "user_us", "sys_us"))
     for side, v in out["sides"].items():
         mine = [r for r in rs if r["side"] == side]
         v.update(
@@ -448,7 +449,8 @@ def render_md(s):
                 continue
             cells = [label]
             for key in ("cpu", "rps", "p99"):
-                cells += [f"**{fmt(rat.get(o, {}).get(key), '.2f')}**" for o in others]
+                vs = [rat.get(o, {}).get(key) for o in others]
+                cells += ["—" if v is None else f"**{v:.2f}**" for v in vs]
             cells.append(
                 f"{p['n_rounds']}/{p['n_rounds_planned']}"
                 + (f", {len(p['failed'])} FAILED run(s)" if p["failed"] else "")
