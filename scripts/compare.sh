@@ -403,7 +403,7 @@ if runs haproxy; then C_HAPROXY=$(haproxy -v | awk 'NR == 1 { print "haproxy " $
 C_REDIS=$(redis-server --version | awk '{ print "redis " $3 }' | sed 's/v=//')
 C_OHA=$(oha --version | head -1)
 C_RUSTC=$(rustc --version | cut -d' ' -f1-2)
-C_AB=$(ab -V | head -1 | awk '{ print "ab " $4 }' | tr -d ',')
+C_AB=$(ab -V | awk 'NR == 1 { print "ab " $5 }')
 python3 - "$OUT/env.json" "$ROUNDS" "$DUR" "$CONC" "$WORKERS" "$SALE_STRATEGY" "$QUICK" "${SIDES[*]}" <<'EOF'
 import json, os, sys
 e = {k[2:].lower(): v for k, v in os.environ.items() if k.startswith("C_")}

@@ -402,7 +402,7 @@ def render_md(s):
     versions = [f"spike {e.get('spike_rev', '?')}", e.get("nginx", "?")]
     if e.get("haproxy"):
         versions.append(e["haproxy"])
-    versions += [e.get("redis", "?"), e.get("oha", "?"), e.get("rustc", "?")]
+    versions += [e.get("redis", "?"), e.get("oha", "?"), e.get("ab", "?"), e.get("rustc", "?")]
     lines.append(f"Versions: {', '.join(versions)}  ")
     rounds = e.get("rounds", e.get("pairs", "?"))
     lines.append(
@@ -499,7 +499,13 @@ def render_md(s):
             f"Memory, {NAMES.get(side, side)}: {m.get('rss_kib', 0) / 1024.0:.1f} MiB resident, "
             f"{m.get('pss_kib', 0) / 1024.0:.1f} MiB proportional (shared pages counted once) "
             f"over {m.get('processes', 1)} process(es), holding {m.get('connections')} of {m.get('wanted')} "
-            "idle keep-alive client connections."
+            "idle keep-alive client connections"
+            + (
+                "."
+                if m.get("connections", 0) >= m.get("wanted", 0)
+                else f" (the proxy closed or refused the rest, {m.get('errors', 0)} error(s): "
+                "not comparable with a proxy that held them all)."
+            )
         )
     ne = s.get("haproxy_not_exact") or {}
     if ne:
