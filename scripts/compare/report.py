@@ -405,13 +405,17 @@ def render_md(s):
     versions += [e.get("redis", "?"), e.get("oha", "?"), e.get("ab", "?"), e.get("rustc", "?")]
     lines.append(f"Versions: {', '.join(versions)}  ")
     rounds = e.get("rounds", e.get("pairs", "?"))
+    threads = {"spike": "spike worker threads", "nginx": "Nginx workers", "haproxy": "HAProxy nbthread"}
+    files = {"nginx": "nginx.conf (`spike nginx-conf`)", "haproxy": "haproxy.cfg (`spike haproxy-conf`)"}
     lines.append(
         f"Runs: {rounds} round(s) after a discarded warm-up round; each round runs "
         f"{', '.join(NAMES.get(x, x) for x in sides)} once, in an order that rotates from round to round; "
         f"{e.get('duration', '?')} each, -c {e.get('concurrency', '?')}; "
-        f"spike worker threads = Nginx workers = HAProxy nbthread = {e.get('workers', '?')}; "
-        "nginx.conf and haproxy.cfg as `spike nginx-conf` / `spike haproxy-conf` print them "
-        "(copies in logs/).  "
+        + " = ".join(threads[x] for x in sides if x in threads)
+        + f" = {e.get('workers', '?')}; "
+        + "the other proxies' files as spike prints them: "
+        + ", ".join(files[x] for x in sides if x in files)
+        + " (copies in logs/).  "
     )
     lines.append(
         "The client (oha/ab), the proxy, the backends and Redis all share these "
