@@ -643,7 +643,7 @@ def render_svg(s):
         ly = base + 110
         for li, side in enumerate(list(sides) + ["direct"]):
             lx = left + li * 120
-            label = "direct to one backend" if side == "direct" else NAMES.get(side, side)
+            label = NAMES.get(side, side)
             o.append(f'<rect x="{lx}" y="{ly - 9}" width="10" height="10" fill="{COLORS[side]}"/>')
             o.append(f'<text x="{lx + 14}" y="{ly}">{esc(label)}</text>')
     o.append("</svg>")
