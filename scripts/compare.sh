@@ -1,27 +1,30 @@
 #!/usr/bin/env bash
-# scripts/compare.sh: spike vs Nginx on this machine, as the README's
-# "Benchmark" section describes.
+# scripts/compare.sh: spike vs Nginx vs HAProxy on this machine, as the
+# README's "Benchmark" section describes.
 #
-#   scripts/compare.sh            # full run, ~9 minutes on 2 cores
-#   QUICK=1 scripts/compare.sh    # smoke run: 1 pair of 1-second runs, ~2 minutes
+#   scripts/compare.sh            # full run, ~13 minutes on 2 cores
+#   QUICK=1 scripts/compare.sh    # smoke run: 1 round of 1-second runs, ~3 minutes
 #
 # (The first run also builds spike in release and installs what is missing.)
 #
 # Builds spike in release, installs what is missing (oha with cargo; nginx,
-# redis-server, redis-cli, ab with apt-get), starts everything on free loopback
-# ports, runs spike and Nginx in turns (a discarded warm-up pair, then PAIRS
-# pairs), checks every answer, and writes raw oha JSON, runs.jsonl,
+# haproxy, redis-server, redis-cli, ab with apt-get), starts everything on free
+# loopback ports, runs the proxies in turns (a discarded warm-up round, then
+# ROUNDS rounds; each round runs every proxy once, the order rotating from
+# round to round), reads each proxy's CPU time from /proc before and after
+# each of its runs, checks every answer, and writes raw oha JSON, runs.jsonl,
 # summary.{json,md} and chart.svg under results/<date>/. Prints the table.
 # Everything it starts is stopped on exit, error or Ctrl-C.
 #
-# Knobs (environment): QUICK=1, PAIRS (3), DUR (oha -z, 5s), CONC (100),
-# IDLE_CONNS (10000), WORKERS (nginx workers; default nproc = spike's tokio
-# worker threads), SCENARIOS (default "proxy success soldout ab memory
-# payments"), PAY_TOTAL (2000).
+# Knobs (environment): QUICK=1, ROUNDS (3; PAIRS is its old name), DUR (oha
+# -z, 5s), CONC (100), IDLE_CONNS (10000), WORKERS (nginx workers and HAProxy
+# threads; default nproc = spike's worker threads), PROXIES (default "spike
+# nginx haproxy"; spike is always one), SCENARIOS (default "proxy success
+# soldout ab memory payments"), PAY_TOTAL (2000).
 #
 # The client (oha/ab), the proxy under test, the backends and Redis all share
-# this machine's CPUs; the numbers compare spike and Nginx under the same
-# squeeze, they are not what either does on dedicated hardware.
+# this machine's CPUs; the numbers compare the proxies under the same
+# squeeze, they are not what any of them does on dedicated hardware.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -30,11 +33,11 @@ cd "$ROOT"
 
 QUICK=${QUICK:-0}
 if [ "$QUICK" = 1 ]; then
-  PAIRS=${PAIRS:-1}
+  ROUNDS=${ROUNDS:-${PAIRS:-1}}
   DUR=${DUR:-1s}
   IDLE_CONNS=${IDLE_CONNS:-1000}
 else
-  PAIRS=${PAIRS:-3}
+  ROUNDS=${ROUNDS:-${PAIRS:-3}}
   DUR=${DUR:-5s}
   IDLE_CONNS=${IDLE_CONNS:-10000}
 fi
@@ -43,6 +46,7 @@ AB_N=10000 # the article's command: ab -n 10000 -c 100
 AB_TOTAL=5000
 SCENARIOS=${SCENARIOS:-proxy success soldout ab memory payments}
 PAY_TOTAL=${PAY_TOTAL:-2000} # tickets of the sale with payments
+read -r -a SIDES <<<"${PROXIES:-spike nginx haproxy}"
 STRATEGIES=(round_robin weighted_round_robin ip_hash least_conn)
 SALE_STRATEGY=round_robin
 
@@ -53,6 +57,12 @@ die() {
 }
 have() { command -v "$1" >/dev/null 2>&1; }
 wants() { [[ " $SCENARIOS " == *" $1 "* ]]; }
+runs() { [[ " ${SIDES[*]} " == *" $1 "* ]]; }
+
+for side in "${SIDES[@]}"; do
+  case $side in spike | nginx | haproxy) ;; *) die "PROXIES: unknown proxy '$side' (spike, nginx, haproxy)" ;; esac
+done
+runs spike || die "PROXIES must include spike, the proxy the others are compared with"
 
 # ---------------------------------------------------------------------------
 # Tools.
@@ -61,6 +71,7 @@ export PATH="$PATH:/usr/sbin:/sbin:${CARGO_HOME:-$HOME/.cargo}/bin"
 
 missing=()
 have nginx || missing+=(nginx)
+if runs haproxy && ! have haproxy; then missing+=(haproxy); fi
 have redis-server || missing+=(redis-server)
 have redis-cli || missing+=(redis-tools)
 have ab || missing+=(apache2-utils)
@@ -71,6 +82,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
   say "compare.sh: installing ${missing[*]} with apt-get"
   $sudo apt-get update
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+for tool in nginx redis-server redis-cli ab python3; do
+  have "$tool" || die "$tool is still missing after apt-get"
+done
+if runs haproxy; then
+  have haproxy || die "haproxy is still missing after apt-get (or leave it out: PROXIES=\"spike nginx\")"
 fi
 if ! have oha; then
   # oha: the HTTP load generator used here (JSON output, random URLs
@@ -90,6 +107,9 @@ cargo build --release --bin spike >&2
 SPIKE=${CARGO_TARGET_DIR:-$ROOT/target}/release/spike
 [ -x "$SPIKE" ] || die "no binary at $SPIKE"
 "$SPIKE" balancer --help >/dev/null 2>&1 || die "this spike has no balancer command yet"
+if runs haproxy; then
+  "$SPIKE" haproxy-conf --help >/dev/null 2>&1 || die "this spike has no haproxy-conf command yet"
+fi
 
 NPROC=$(nproc)
 WORKERS=${WORKERS:-$NPROC}
@@ -182,6 +202,7 @@ start_backends() {
     echo "http { access_log off; server_tokens off; keepalive_requests 1000000; default_type text/plain;"
     echo "  client_body_temp_path cbt; proxy_temp_path pt; fastcgi_temp_path ft; uwsgi_temp_path ut; scgi_temp_path st;"
     for i in 0 1 2 3; do
+      # shellcheck disable=SC2028 # the \n is for Nginx's string, not for echo
       echo "  server { listen 127.0.0.1:${BACKEND_PORTS[$i]}; location / { return 200 \"b$((i + 1))\n\"; } }"
     done
     echo "}"
@@ -270,37 +291,115 @@ start_nodes() { # CONFIG
   for i in 0 1 2 3; do wait_port "${NODE_PORTS[$i]}" "${NODE_PIDS[$i]}" "node-n$((i + 1))"; done
 }
 
-# The two proxies under test, started from the same config file.
-start_spike() { # CONFIG PORT
-  spawn spike-balancer env RUST_LOG=warn "$SPIKE" balancer --config "$1"
-  SPIKE_PID=$LAST_PID
-  wait_port "$2" "$SPIKE_PID" spike-balancer
+# The proxies under test, all started from the same config file: spike
+# itself, and the nginx.conf and haproxy.cfg that spike prints for its
+# [balancer], used as printed (the generators' --listen puts them on their own
+# port; --workers/--threads = WORKERS). Each proxy's port and pid are in
+# PORT[side] and PID[side].
+declare -A PORT PID
+pick_ports() { # sets PORT[side] for every proxy, and ADMIN (spike's admin port)
+  local ports side i=0
+  read -r -a ports <<<"$(free_ports $((${#SIDES[@]} + 1)))"
+  for side in "${SIDES[@]}"; do
+    PORT[$side]=${ports[$i]}
+    i=$((i + 1))
+  done
+  ADMIN=${ports[$i]}
 }
-start_nginx() { # CONFIG PORT
-  local d=$WORK/nginx-$2
+start_proxy() { # SIDE CONFIG
+  local side=$1 cfg=$2 port=${PORT[$1]} d=$WORK/$1-${PORT[$1]} log
   mkdir -p "$d"
-  "$SPIKE" nginx-conf --config "$1" --listen "127.0.0.1:$2" --workers "$WORKERS" >"$d/nginx.conf"
-  spawn nginx-proxy nginx -p "$d" -c "$d/nginx.conf" -e stderr -g 'daemon off;'
-  NGINX_PID=$LAST_PID
-  wait_port "$2" "$NGINX_PID" nginx-proxy
+  case $side in
+    spike)
+      log=spike-balancer
+      spawn $log env RUST_LOG=warn "$SPIKE" balancer --config "$cfg"
+      ;;
+    nginx)
+      log=nginx-proxy
+      "$SPIKE" nginx-conf --config "$cfg" --listen "127.0.0.1:$port" --workers "$WORKERS" >"$d/nginx.conf"
+      cp "$d/nginx.conf" "$OUT/logs/nginx-$(basename "$cfg" .toml).conf"
+      spawn $log nginx -p "$d" -c "$d/nginx.conf" -e stderr -g 'daemon off;'
+      ;;
+    haproxy)
+      log=haproxy-proxy
+      "$SPIKE" haproxy-conf --config "$cfg" --listen "127.0.0.1:$port" --threads "$WORKERS" >"$d/haproxy.cfg"
+      cp "$d/haproxy.cfg" "$OUT/logs/haproxy-$(basename "$cfg" .toml).cfg"
+      haproxy -c -q -f "$d/haproxy.cfg" >>"$OUT/logs/$log.log" 2>&1 ||
+        die "haproxy -c refuses the haproxy.cfg of $cfg; see $OUT/logs/$log.log"
+      # -db: in the foreground, one process (its threads), no master.
+      spawn $log haproxy -f "$d/haproxy.cfg" -db
+      ;;
+  esac
+  PID[$side]=$LAST_PID
+  wait_port "$port" "$LAST_PID" "$log"
+}
+start_proxies() { # CONFIG
+  local side
+  for side in "${SIDES[@]}"; do start_proxy "$side" "$1"; done
+}
+stop_proxies() {
+  local side pids=()
+  for side in "${SIDES[@]}"; do pids+=("${PID[$side]}"); done
+  stop "${pids[@]}"
+}
+# The proxies in round R's order: rotated by one every round, so that no
+# proxy always runs first (or right after the same one).
+in_turn() { # R
+  local i n=${#SIDES[@]}
+  for ((i = 0; i < n; i++)); do printf '%s\n' "${SIDES[$(((i + $1) % n))]}"; done
 }
 
-# One oha run, checked and recorded. Extra key=value pairs come from REC.
-REC=()
-oha_run() { # SCENARIO SIDE PAIR EXPECT URL [oha args...]
-  local scen=$1 side=$2 pair=$3 expect=$4 url=$5
-  shift 5
-  local file
-  file=raw/${scen//\//_}-$side-$pair.json
+# The nodes' sold-out answers so far (their /stats), added up: how much of a
+# sold-out flood reached them.
+node_sold_out_answers() {
+  python3 - "${NODE_PORTS[@]}" <<'EOF'
+import json, sys, urllib.request
+n = 0
+for port in sys.argv[1:]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as r:
+        n += json.load(r)["sold_out_answers"]
+print(n)
+EOF
+}
+
+cpu_ticks() { python3 "$ROOT/scripts/perf/procstat.py" cpu "$1"; } # PID -> "USER SYS HZ"
+
+# One oha run, checked and recorded. PID is the proxy's (its CPU, and its
+# workers', is read from /proc right before and right after the run), or ""
+# when no proxy is in the path. With SALE_CFG set, also Redis's call counters
+# (reset before the run) and the tickets sold in the run, of that sale.
+oha_run() { # SCENARIO SIDE ROUND EXPECT PID URL [oha args...]
+  local scen=$1 side=$2 round=$3 expect=$4 pid=$5 url=$6
+  shift 6
+  local file=raw/${scen//\//_}-$side-$round.json rec=() extra="" cpu=()
+  local before sold evalsha all u0 s0 u1 s1 hz answered0 answered
+  if [ -n "${SALE_CFG:-}" ]; then
+    before=$(stock_field "$SALE_CFG" sold)
+    answered0=$(node_sold_out_answers)
+    rcli CONFIG RESETSTAT >/dev/null
+  fi
+  [ -z "$pid" ] || read -r u0 s0 hz <<<"$(cpu_ticks "$pid")"
   oha --no-tui --output-format json -z "$DUR" -c "$CONC" "${OHA_WAIT[@]+"${OHA_WAIT[@]}"}" "$@" "$url" \
     >"$OUT/$file" 2>"$OUT/logs/oha.log" || true
-  local label=pair$pair
-  [ "$pair" = 0 ] && label=warm-up
-  printf '  %-26s %-6s %-8s %s\n' "$scen" "$side" "$label" \
-    "$(python3 "$HERE/report.py" check "$OUT/$file" "$expect")" >&2
-  record kind=oha scenario="$scen" side="$side" pair="$pair" expect="$expect" file="$file" \
-    "${REC[@]+"${REC[@]}"}"
-  REC=()
+  if [ -n "${SALE_CFG:-}" ]; then
+    # Redis's counters before anything else talks to it.
+    read -r evalsha all <<<"$(redis_calls)"
+    sold=$(($(stock_field "$SALE_CFG" sold) - before))
+    answered=$(($(node_sold_out_answers) - answered0))
+    rec+=(redis_evalsha="$evalsha" redis_all="$all" sold_delta="$sold" node_sold_out="$answered")
+    extra="  redis evalsha $evalsha, sold $sold, nodes' sold_out answers $answered in the run"
+  fi
+  if [ -n "$pid" ]; then
+    read -r u1 s1 hz <<<"$(cpu_ticks "$pid")"
+    cpu=("$((u1 - u0))" "$((s1 - s0))" "$hz")
+    rec+=(cpu_user_ticks="${cpu[0]}" cpu_sys_ticks="${cpu[1]}" hz="$hz")
+  fi
+  local label=round$round
+  [ "$round" = 0 ] && label=warm-up
+  printf '  %-26s %-7s %-8s %s%s\n' "$scen" "$side" "$label" \
+    "$(python3 "$HERE/report.py" check "$OUT/$file" "$expect" "${cpu[@]+"${cpu[@]}"}")" "$extra" >&2
+  record kind=oha scenario="$scen" side="$side" round="$round" expect="$expect" file="$file" \
+    "${rec[@]+"${rec[@]}"}"
 }
 
 # ---------------------------------------------------------------------------
@@ -308,27 +407,29 @@ oha_run() { # SCENARIO SIDE PAIR EXPECT URL [oha args...]
 # ---------------------------------------------------------------------------
 rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 [ -n "$(git status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null)" ] && rev="$rev+uncommitted"
-export C_DATE C_NPROC C_CPU C_LOAD C_REV C_NGINX C_REDIS C_OHA C_RUSTC C_AB
+export C_DATE C_NPROC C_CPU C_LOAD C_REV C_NGINX C_HAPROXY C_REDIS C_OHA C_RUSTC C_AB
 C_DATE=$(date '+%Y-%m-%d %H:%M:%S %Z')
 C_NPROC=$NPROC
 C_CPU=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 C_LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
 C_REV=$rev
 C_NGINX=$(nginx -v 2>&1 | sed 's/^nginx version: //')
+C_HAPROXY=
+if runs haproxy; then C_HAPROXY=$(haproxy -v | awk 'NR == 1 { print "haproxy " $3 }'); fi
 C_REDIS=$(redis-server --version | awk '{ print "redis " $3 }' | sed 's/v=//')
 C_OHA=$(oha --version | head -1)
 C_RUSTC=$(rustc --version | cut -d' ' -f1-2)
-C_AB=$(ab -V | head -1 | awk '{ print "ab " $4 }' | tr -d ',')
-python3 - "$OUT/env.json" "$PAIRS" "$DUR" "$CONC" "$WORKERS" "$SALE_STRATEGY" "$QUICK" <<'EOF'
+C_AB=$(ab -V | awk 'NR == 1 { print "ab " $5 }')
+python3 - "$OUT/env.json" "$ROUNDS" "$DUR" "$CONC" "$WORKERS" "$SALE_STRATEGY" "$QUICK" "${SIDES[*]}" <<'EOF'
 import json, os, sys
 e = {k[2:].lower(): v for k, v in os.environ.items() if k.startswith("C_")}
-e.update(pairs=int(sys.argv[2]), duration=sys.argv[3], concurrency=int(sys.argv[4]),
+e.update(rounds=int(sys.argv[2]), duration=sys.argv[3], concurrency=int(sys.argv[4]),
          workers=int(sys.argv[5]), sale_strategy=sys.argv[6], quick=sys.argv[7] == "1",
-         spike_rev=e.pop("rev"))
+         proxies=sys.argv[8].split(), spike_rev=e.pop("rev"))
 json.dump(e, open(sys.argv[1], "w"), indent=2, sort_keys=True)
 EOF
-say "compare.sh: $C_DATE; $NPROC CPUs ($C_CPU); load $C_LOAD; spike $rev; $C_NGINX; $C_REDIS; $C_OHA; $C_RUSTC"
-say "compare.sh: results in $OUT; $PAIRS pair(s) of $DUR after a warm-up pair, -c $CONC, nginx workers $WORKERS"
+say "compare.sh: $C_DATE; $NPROC CPUs ($C_CPU); load $C_LOAD; spike $rev; $C_NGINX; ${C_HAPROXY:-no haproxy}; $C_REDIS; $C_OHA; $C_RUSTC"
+say "compare.sh: results in $OUT; proxies ${SIDES[*]}; $ROUNDS round(s) of $DUR after a warm-up round, -c $CONC, nginx workers = haproxy threads = $WORKERS"
 say "compare.sh: oha, the proxy, the backends and Redis share these $NPROC CPUs"
 
 # ---------------------------------------------------------------------------
@@ -340,30 +441,29 @@ if wants proxy || wants memory; then
     if ! wants proxy; then
       [ "$strategy" = round_robin ] || continue
     fi
-    read -r SP SA NP <<<"$(free_ports 3)"
+    pick_ports
     cfg=$WORK/proxy-$strategy.toml
-    write_proxy_config "$cfg" "$strategy" "$SP" "$SA"
-    start_spike "$cfg" "$SP"
-    start_nginx "$cfg" "$NP"
+    write_proxy_config "$cfg" "$strategy" "${PORT[spike]}" "$ADMIN"
+    start_proxies "$cfg"
     if wants proxy; then
-      for ((pair = 0; pair <= PAIRS; pair++)); do
-        oha_run "proxy/$strategy" spike "$pair" 200 "http://127.0.0.1:$SP/"
-        oha_run "proxy/$strategy" nginx "$pair" 200 "http://127.0.0.1:$NP/"
+      for ((round = 0; round <= ROUNDS; round++)); do
+        for side in $(in_turn "$round"); do
+          oha_run "proxy/$strategy" "$side" "$round" 200 "${PID[$side]}" "http://127.0.0.1:${PORT[$side]}/"
+        done
         if [ "$strategy" = round_robin ]; then
-          oha_run direct/static_backend direct "$pair" 200 "http://127.0.0.1:${BACKEND_PORTS[0]}/"
+          oha_run direct/static_backend direct "$round" 200 "" "http://127.0.0.1:${BACKEND_PORTS[0]}/"
         fi
       done
     fi
     if wants memory && [ "$strategy" = round_robin ]; then
-      for side in spike nginx; do
-        if [ "$side" = spike ]; then port=$SP pid=$SPIKE_PID; else port=$NP pid=$NGINX_PID; fi
-        m=$(python3 "$HERE/idle_conns.py" 127.0.0.1 "$port" "$IDLE_CONNS" "$pid" "$CONC")
+      for side in "${SIDES[@]}"; do
+        m=$(python3 "$HERE/idle_conns.py" 127.0.0.1 "${PORT[$side]}" "$IDLE_CONNS" "${PID[$side]}" "$CONC")
         say "  memory, $side: $m"
         # shellcheck disable=SC2046
         record kind=memory side="$side" $(python3 -c 'import json,sys; print(" ".join(f"{k}={v}" for k, v in json.loads(sys.argv[1]).items()))' "$m")
       done
     fi
-    stop "$SPIKE_PID" "$NGINX_PID"
+    stop_proxies
   done
   stop "$BACKENDS_PID"
 fi
@@ -374,30 +474,6 @@ fi
 if wants success || wants soldout || wants ab || wants payments; then
   start_redis
 fi
-
-# One oha run on the sale: also reads Redis's call counters and the sold count
-# (of the sale in $cfg) right after it.
-oha_run_sale() {
-  local scen=$1 side=$2 pair=$3 expect=$4 url=$5
-  shift 5
-  local file=$OUT/raw/${scen//\//_}-$side-$pair.json
-  # run, then read Redis's counters before anything else talks to it
-  local before sold evalsha all
-  before=$(stock_field "$cfg" sold)
-  rcli CONFIG RESETSTAT >/dev/null
-  oha --no-tui --output-format json -z "$DUR" -c "$CONC" "${OHA_WAIT[@]+"${OHA_WAIT[@]}"}" "$@" "$url" \
-    >"$file" 2>"$OUT/logs/oha.log" || true
-  read -r evalsha all <<<"$(redis_calls)"
-  sold=$(($(stock_field "$cfg" sold) - before))
-  REC=(redis_evalsha="$evalsha" redis_all="$all" sold_delta="$sold")
-  local label=pair$pair
-  [ "$pair" = 0 ] && label=warm-up
-  printf '  %-26s %-6s %-8s %s  redis evalsha %s, sold %s in the run\n' "$scen" "$side" "$label" \
-    "$(python3 "$HERE/report.py" check "$file" "$expect")" "$evalsha" "$sold" >&2
-  record kind=oha scenario="$scen" side="$side" pair="$pair" expect="$expect" \
-    file="raw/${scen//\//_}-$side-$pair.json" "${REC[@]}"
-  REC=()
-}
 
 # oha's URL regex for distinct buyers: 16 random characters per request. In
 # oha's --rand-regex-url the dot is literal; `\?` is the query's `?`. Every
@@ -411,39 +487,51 @@ buyers() { # PORT: sets BUYERS
   BUYERS=$re
 }
 
+# Every proxy in turn, then one node directly, ROUNDS times after a warm-up
+# round, on the sale in $cfg. FRESH=1: a fresh sale (FLUSHALL + stock init)
+# before every run.
+sale_rounds() { # SCENARIO DIRECT_SCENARIO EXPECT FRESH
+  local round side port pid
+  for ((round = 0; round <= ROUNDS; round++)); do
+    for side in $(in_turn "$round") direct; do
+      if [ "$side" = direct ]; then port=${NODE_PORTS[0]} pid=""; else port=${PORT[$side]} pid=${PID[$side]}; fi
+      if [ "$4" = 1 ]; then
+        rcli FLUSHALL >/dev/null
+        "$SPIKE" stock init --config "$cfg" >/dev/null
+      fi
+      buyers "$port"
+      if [ "$side" = direct ]; then
+        SALE_CFG=$cfg oha_run "$2" direct "$round" "$3" "" "$BUYERS" --rand-regex-url
+      else
+        SALE_CFG=$cfg oha_run "$1" "$side" "$round" "$3" "$pid" "$BUYERS" --rand-regex-url
+      fi
+    done
+  done
+}
+
 if wants success; then
   # More tickets than all runs together can sell; a fresh sale before every
-  # run (FLUSHALL + stock init), so every run starts from the same Redis.
+  # run, so every run starts from the same Redis.
   read -r -a NODE_PORTS <<<"$(free_ports 4)"
-  read -r SP SA NP <<<"$(free_ports 3)"
+  pick_ports
   cfg=$WORK/sale-success.toml
-  write_sale_config "$cfg" bench-success 100000000 1 "$SP" "$SA"
+  write_sale_config "$cfg" bench-success 100000000 1 "${PORT[spike]}" "$ADMIN"
   "$SPIKE" stock init --config "$cfg" --force >/dev/null
   start_nodes "$cfg"
-  start_spike "$cfg" "$SP"
-  start_nginx "$cfg" "$NP"
-  success_run() { # SIDE PAIR PORT SCENARIO
-    rcli FLUSHALL >/dev/null
-    "$SPIKE" stock init --config "$cfg" >/dev/null
-    buyers "$3"
-    oha_run_sale "$4" "$1" "$2" 200 "$BUYERS" --rand-regex-url
-  }
-  for ((pair = 0; pair <= PAIRS; pair++)); do
-    success_run spike "$pair" "$SP" sale/success
-    success_run nginx "$pair" "$NP" sale/success
-    success_run direct "$pair" "${NODE_PORTS[0]}" direct/node_success
-  done
-  stop "$SPIKE_PID" "$NGINX_PID" "${NODE_PIDS[@]}"
+  start_proxies "$cfg"
+  sale_rounds sale/success direct/node_success 200 1
+  stop_proxies
+  stop "${NODE_PIDS[@]}"
 fi
 
 if wants soldout; then
   read -r -a NODE_PORTS <<<"$(free_ports 4)"
-  read -r SP SA NP <<<"$(free_ports 3)"
+  pick_ports
   cfg=$WORK/sale-soldout.toml
   # Each node learns "sold out" from Redis (a lease request or a purchase)
   # and from then on answers from memory: the sold-out path (no Redis call
   # but the once-a-second poll of an idle node).
-  write_sale_config "$cfg" bench-soldout 1000 1 "$SP" "$SA"
+  write_sale_config "$cfg" bench-soldout 1000 1 "${PORT[spike]}" "$ADMIN"
   rcli FLUSHALL >/dev/null
   "$SPIKE" stock init --config "$cfg" >/dev/null
   start_nodes "$cfg"
@@ -456,18 +544,10 @@ if wants soldout; then
   done
   sold=$(stock_field "$cfg" sold)
   [ "$sold" = 1000 ] || die "the sold-out sale sold $sold of 1000 after draining"
-  start_spike "$cfg" "$SP"
-  start_nginx "$cfg" "$NP"
-  soldout_run() { # SIDE PAIR PORT SCENARIO
-    buyers "$3"
-    oha_run_sale "$4" "$1" "$2" 409 "$BUYERS" --rand-regex-url
-  }
-  for ((pair = 0; pair <= PAIRS; pair++)); do
-    soldout_run spike "$pair" "$SP" sale/sold_out
-    soldout_run nginx "$pair" "$NP" sale/sold_out
-    soldout_run direct "$pair" "${NODE_PORTS[0]}" direct/node_sold_out
-  done
-  stop "$SPIKE_PID" "$NGINX_PID" "${NODE_PIDS[@]}"
+  start_proxies "$cfg"
+  sale_rounds sale/sold_out direct/node_sold_out 409 0
+  stop_proxies
+  stop "${NODE_PIDS[@]}"
 fi
 
 # ---------------------------------------------------------------------------
@@ -476,23 +556,19 @@ fi
 # ---------------------------------------------------------------------------
 if wants ab; then
   read -r -a NODE_PORTS <<<"$(free_ports 4)"
-  for ((pair = 0; pair <= PAIRS; pair++)); do
-    for side in spike nginx; do
-      read -r SP SA NP <<<"$(free_ports 3)"
+  for ((round = 0; round <= ROUNDS; round++)); do
+    for side in $(in_turn "$round"); do
+      pick_ports
       cfg=$WORK/sale-ab.toml
-      write_sale_config "$cfg" bench-ab "$AB_TOTAL" 0 "$SP" "$SA"
+      write_sale_config "$cfg" bench-ab "$AB_TOTAL" 0 "${PORT[spike]}" "$ADMIN"
       rcli FLUSHALL >/dev/null
       "$SPIKE" stock init --config "$cfg" >/dev/null
       start_nodes "$cfg"
-      if [ "$side" = spike ]; then
-        start_spike "$cfg" "$SP"
-        port=$SP pid=$SPIKE_PID
-      else
-        start_nginx "$cfg" "$NP"
-        port=$NP pid=$NGINX_PID
-      fi
-      file=$OUT/raw/ab-$side-$pair.txt
-      ab -n "$AB_N" -c 100 "http://127.0.0.1:$port/buy/ticket" >"$file" 2>&1 || true
+      start_proxy "$side" "$cfg"
+      file=$OUT/raw/ab-$side-$round.txt
+      read -r u0 s0 hz <<<"$(cpu_ticks "${PID[$side]}")"
+      ab -n "$AB_N" -c 100 "http://127.0.0.1:${PORT[$side]}/buy/ticket" >"$file" 2>&1 || true
+      read -r u1 s1 hz <<<"$(cpu_ticks "${PID[$side]}")"
       sold=$(stock_field "$cfg" sold)
       # shellcheck disable=SC2046
       set -- $(awk '
@@ -503,13 +579,14 @@ if wants ab; then
         /^Failed requests:/ && $3 > 0 { getline; gsub(/[(),]/, " "); for (i = 1; i <= NF; i++) { if ($i == "Connect:" || $i == "Receive:" || $i == "Exceptions:") f += $(i + 1) } }
         END { printf "%s %s %s %s %d\n", (c == "" ? 0 : c), (r == "" ? 0 : r), (n == "" ? 0 : n), (p == "" ? 0 : p), f }' "$file")
       complete=$([ "$1" = "$AB_N" ] && echo true || echo false)
-      label=pair$pair
-      [ "$pair" = 0 ] && label=warm-up
-      printf '  %-26s %-6s %-8s %10.0f req/s  99%% %s ms  complete %s/%s, sold %s of %s, non-2xx %s\n' \
+      label=round$round
+      [ "$round" = 0 ] && label=warm-up
+      printf '  %-26s %-7s %-8s %10.0f req/s  99%% %s ms  complete %s/%s, sold %s of %s, non-2xx %s\n' \
         "ab -n $AB_N -c 100" "$side" "$label" "$2" "$4" "$1" "$AB_N" "$sold" "$AB_TOTAL" "$3" >&2
-      record kind=ab scenario=ab side="$side" pair="$pair" rps="$2" p99="$4" non2xx="$3" \
-        failed_conn="$5" complete="$complete" sold="$sold" total="$AB_TOTAL" file="raw/ab-$side-$pair.txt"
-      stop "$pid" "${NODE_PIDS[@]}"
+      record kind=ab scenario=ab side="$side" round="$round" rps="$2" p99="$4" non2xx="$3" \
+        failed_conn="$5" complete="$complete" sold="$sold" total="$AB_TOTAL" file="raw/ab-$side-$round.txt" \
+        requests="$1" cpu_user_ticks="$((u1 - u0))" cpu_sys_ticks="$((s1 - s0))" hz="$hz"
+      stop "${PID[$side]}" "${NODE_PIDS[@]}"
     done
   done
 fi
@@ -522,23 +599,21 @@ fi
 #    ticket, through spike's balancer and through Nginx, same nodes.
 # ---------------------------------------------------------------------------
 if wants payments; then
-  [ -n "${REDIS_PID:-}" ] || start_redis
   read -r -a NODE_PORTS <<<"$(free_ports 4)"
-  read -r SP SA NP <<<"$(free_ports 3)"
+  pick_ports
   cfg=$WORK/sale-payments.toml
-  write_sale_config "$cfg" bench-payments "$PAY_TOTAL" 1 "$SP" "$SA"
+  write_sale_config "$cfg" bench-payments "$PAY_TOTAL" 1 "${PORT[spike]}" "$ADMIN"
   sed -i 's/^per_user_limit = 1$/per_user_limit = 1\npay_within = "15m"/' "$cfg"
   grep -q '^pay_within' "$cfg" || die "could not add pay_within to $cfg"
   rcli FLUSHALL >/dev/null
   "$SPIKE" stock init --config "$cfg" >/dev/null
   start_nodes "$cfg"
-  start_spike "$cfg" "$SP"
-  start_nginx "$cfg" "$NP"
-  payments_run() { # SIDE PAIR PORT
-    local side=$1 pair=$2 port=$3 rush pay urls evalsha all paid reserved
-    rush=raw/payments-rush-$side-$pair.json
-    pay=raw/payments-pay-$side-$pair.json
-    urls=$WORK/pay-urls-$side-$pair.txt
+  start_proxies "$cfg"
+  payments_run() { # SIDE ROUND
+    local side=$1 round=$2 port=${PORT[$1]} rush pay urls evalsha all paid reserved
+    rush=raw/payments-rush-$side-$round.json
+    pay=raw/payments-pay-$side-$round.json
+    urls=$WORK/pay-urls-$side-$round.txt
     rcli FLUSHALL >/dev/null
     "$SPIKE" stock init --config "$cfg" >/dev/null
     sleep 1.5 # every node hears of the new sale (its poll is once a second)
@@ -553,18 +628,18 @@ if wants payments; then
     read -r evalsha all <<<"$(redis_calls)"
     paid=$(stock_field "$cfg" paid)
     reserved=$(stock_field "$cfg" reserved)
-    local label=pair$pair
-    [ "$pair" = 0 ] && label=warm-up
-    printf '  %-26s %-6s %-8s paid %s of %s (reserved %s), redis evalsha %s\n' \
+    local label=round$round
+    [ "$round" = 0 ] && label=warm-up
+    printf '  %-26s %-7s %-8s paid %s of %s (reserved %s), redis evalsha %s\n' \
       "sale/payments" "$side" "$label" "$paid" "$PAY_TOTAL" "$reserved" "$evalsha" >&2
-    record kind=payments scenario=sale/payments side="$side" pair="$pair" rush="$rush" pay="$pay" \
+    record kind=payments scenario=sale/payments side="$side" round="$round" rush="$rush" pay="$pay" \
       paid="$paid" reserved="$reserved" total="$PAY_TOTAL" redis_evalsha="$evalsha" redis_all="$all"
   }
-  for ((pair = 0; pair <= PAIRS; pair++)); do
-    payments_run spike "$pair" "$SP"
-    payments_run nginx "$pair" "$NP"
+  for ((round = 0; round <= ROUNDS; round++)); do
+    for side in $(in_turn "$round"); do payments_run "$side" "$round"; done
   done
-  stop "$SPIKE_PID" "$NGINX_PID" "${NODE_PIDS[@]}"
+  stop_proxies
+  stop "${NODE_PIDS[@]}"
 fi
 
 [ -n "${REDIS_PID:-}" ] && stop "$REDIS_PID"

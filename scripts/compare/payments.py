@@ -4,8 +4,8 @@
   payments.py urls REDIS_PORT EVENT PORT   the pay URL of every reservation
   payments.py summarize OUT                 the table, appended to summary.md
 
-Figures are medians over the pairs (the warm-up pair excluded), and
-spike's are given as ratios of Nginx's measured in the same run.
+Figures are medians over the rounds (the warm-up round excluded), and
+spike's are given as ratios of the other proxies' measured in the same run.
 """
 import json
 import statistics
@@ -32,7 +32,7 @@ def oha(path):
 
 def summarize(out):
     runs = [json.loads(line) for line in open(f"{out}/runs.jsonl") if line.strip()]
-    rs = [r for r in runs if r.get("kind") == "payments" and int(r.get("pair", 0)) > 0]
+    rs = [r for r in runs if r.get("kind") == "payments" and int(r.get("round", r.get("pair", 0))) > 0]
     sides = {}
     for r in rs:
         paid = int(r["paid"])
@@ -43,9 +43,13 @@ def summarize(out):
             "total": int(r["total"]),
             "calls_per_paid": int(r["redis_evalsha"]) / paid if paid else None,
         })
-    med = lambda side, k: statistics.median(x[k] for x in sides[side] if x[k] is not None)
-    if "spike" not in sides or "nginx" not in sides:
-        print("payments: no complete pair", file=sys.stderr)
+    def med(side, k):
+        xs = [x[k] for x in sides.get(side, []) if x[k] is not None]
+        return statistics.median(xs) if xs else None
+
+    others = [p for p in ("nginx", "haproxy") if p in sides]
+    if "spike" not in sides or not others:
+        print("payments: no complete round", file=sys.stderr)
         return
     lines = [
         "",
@@ -54,8 +58,8 @@ def summarize(out):
         "Rush: random buyers until sold out (every 200 a reservation); then the pay URL of every",
         "reservation, picked at random by oha (a second payment of an order is the same payment).",
         "",
-        "| | spike | nginx | spike / nginx |",
-        "|---|---:|---:|---:|",
+        "| | spike | " + " | ".join(others) + " | " + " | ".join(f"spike / {p}" for p in others) + " |",
+        "|---|---:|" + "---:|" * (2 * len(others)),
     ]
     for label, k, fmt in [
         ("rush, requests/s", "rush", "{:,.0f}"),
@@ -63,9 +67,11 @@ def summarize(out):
         ("Redis calls per paid ticket", "calls_per_paid", "{:.2f}"),
         ("paid (of the total)", "paid", "{:,.0f}"),
     ]:
-        s, n = med("spike", k), med("nginx", k)
-        ratio = f"{s / n:.2f}" if n else "n/a"
-        lines.append(f"| {label} | {fmt.format(s)} | {fmt.format(n)} | {ratio} |")
+        s = med("spike", k)
+        vals = [med(p, k) for p in others]
+        show = lambda v: "n/a" if v is None else fmt.format(v)
+        ratios = [f"{s / v:.2f}" if (s is not None and v) else "n/a" for v in vals]
+        lines.append(f"| {label} | {show(s)} | " + " | ".join(show(v) for v in vals) + " | " + " | ".join(ratios) + " |")
     text = "\n".join(lines) + "\n"
     with open(f"{out}/summary.md", "a") as f:
         f.write(text)

@@ -1,17 +1,23 @@
 #!/usr/bin/env python3
 """The arithmetic of scripts/compare.sh: standard library only.
 
-    report.py check FILE EXPECT          one oha JSON run -> one line for the log
-    report.py record RUNS key=value ...  append one run record (JSON line) to RUNS
-    report.py summarize DIR              DIR/runs.jsonl -> summary.json, summary.md, chart.svg
+    report.py check FILE EXPECT [USER SYS HZ]  one oha JSON run -> one line for the log
+                                               (with the proxy's CPU ticks in the run)
+    report.py record RUNS key=value ...        append one run record (JSON line) to RUNS
+    report.py summarize DIR                    DIR/runs.jsonl -> summary.json, summary.md, chart.svg
 
 A run is verified before it counts: every answer must carry the status code the
 scenario expects (EXPECT, e.g. 200 or 409) and no request may fail, apart from
 the ones oha itself cancels at its -z deadline. A run that fails the check is
-reported as FAILED and left out of every median and ratio; a pair counts only
-when both of its runs passed.
+reported as FAILED and left out of every median and ratio; a ratio of spike to
+another proxy is taken within a round, and only when both runs passed.
+
+CPU per request = the user + system clock ticks the proxy's processes (every
+thread, and Nginx's workers) spent during the run, read from /proc before and
+after it by compare.sh, in µs, ÷ the requests answered in the run.
 """
 
+import glob
 import json
 import math
 import os
@@ -63,11 +69,27 @@ def read_oha(path, expect):
     }
 
 
-def cmd_check(path, expect):
+def cpu_per_request(r):
+    """Adds cpu_us, user_us and sys_us (µs of the proxy's CPU per answered
+    request) to run r, when it carries the proxy's clock ticks."""
+    if "cpu_user_ticks" in r and r.get("requests") and r.get("hz"):
+        us = 1e6 / r["hz"] / r["requests"]
+        r["user_us"] = r["cpu_user_ticks"] * us
+        r["sys_us"] = r["cpu_sys_ticks"] * us
+        r["cpu_us"] = r["user_us"] + r["sys_us"]
+    return r
+
+
+def cmd_check(path, expect, cpu=()):
     r = read_oha(path, expect)
     codes = " ".join(f"{k}:{v}" for k, v in sorted(r.get("codes", {}).items()))
     if r["ok"]:
-        print(f"{r['rps']:10.0f} req/s  p99 {r['p99']:7.2f} ms  [{codes}]")
+        extra = ""
+        if cpu:
+            r.update(cpu_user_ticks=int(cpu[0]), cpu_sys_ticks=int(cpu[1]), hz=int(cpu[2]))
+            cpu_per_request(r)
+            extra = f"  cpu {r['cpu_us']:5.1f} µs/req ({r['user_us']:.1f} user + {r['sys_us']:.1f} sys)"
+        print(f"{r['rps']:10.0f} req/s  p99 {r['p99']:7.2f} ms{extra}  [{codes}]")
     else:
         print(f"FAILED: {r['reason']}  [{codes}]")
 
@@ -116,130 +138,148 @@ def load_runs(d):
             if line:
                 runs.append(json.loads(line))
     for r in runs:
+        # Results of the two-proxy script called a round a pair.
+        if "round" not in r and "pair" in r:
+            r["round"] = r.pop("pair")
         if r.get("kind") == "oha":
             r.update(read_oha(os.path.join(d, r["file"]), r["expect"]))
+            cpu_per_request(r)
             if r["ok"] and "redis_evalsha" in r and r.get("requests"):
                 sold = r.get("sold_delta", 0)
                 r["redis_per_sale"] = (r["redis_evalsha"] / sold) if sold else None
     return runs
 
 
-def summarize_pairs(runs, scenario):
-    """Spike/Nginx ratios pair by pair (warm-up, pair 0, excluded)."""
-    rs = [r for r in runs if r.get("scenario") == scenario and r.get("pair", 0) > 0]
-    out = {"scenario": scenario, "pairs": [], "failed": []}
-    by_pair = {}
+SUBJECT = "spike"  # the proxy every ratio is about: spike ÷ each of the others
+NAMES = {"spike": "spike", "nginx": "Nginx", "haproxy": "HAProxy", "direct": "direct, no proxy"}
+# Medians kept per proxy, and the ratios taken round by round (name, run key).
+PER_SIDE = ("rps", "p99", "cpu_us", "user_us", "sys_us", "redis_per_sale", "redis_evalsha")
+RATIO_KEYS = (("cpu", "cpu_us"), ("user", "user_us"), ("sys", "sys_us"), ("rps", "rps"), ("p99", "p99"))
+
+
+def by_round(rs):
+    out = {}
     for r in rs:
-        by_pair.setdefault(r["pair"], {})[r["side"]] = r
-        if not r.get("ok"):
-            out["failed"].append(f"{r['side']} pair {r['pair']}: {r.get('reason')}")
-    for p in sorted(by_pair):
-        s, n = by_pair[p].get("spike"), by_pair[p].get("nginx")
-        if not (s and n and s.get("ok") and n.get("ok")):
+        out.setdefault(r["round"], {})[r["side"]] = r
+    return out
+
+
+def ratios(rounds, sides, keys):
+    """spike ÷ each other proxy, taken within each round where both runs
+    passed, for every key both runs carry; the median over those rounds."""
+    out = {}
+    for other in sides:
+        if other == SUBJECT:
             continue
-        out["pairs"].append(
-            {
-                "pair": p,
-                "spike_rps": s["rps"],
-                "nginx_rps": n["rps"],
-                "spike_p99": s["p99"],
-                "nginx_p99": n["p99"],
-                "rps_ratio": s["rps"] / n["rps"] if n["rps"] else None,
-                "p99_ratio": s["p99"] / n["p99"] if n["p99"] else None,
-                "spike_redis_per_sale": s.get("redis_per_sale"),
-                "nginx_redis_per_sale": n.get("redis_per_sale"),
-                "spike_redis_calls": s.get("redis_evalsha"),
-                "nginx_redis_calls": n.get("redis_evalsha"),
-            }
+        per = []
+        for rd in sorted(rounds):
+            a, b = rounds[rd].get(SUBJECT), rounds[rd].get(other)
+            if a and b and a.get("ok") and b.get("ok"):
+                per.append(
+                    {
+                        name: a[k] / b[k] if a.get(k) is not None and b.get(k) else None
+                        for name, k in keys
+                    }
+                )
+        out[other] = {name: median([p[name] for p in per]) for name, _ in keys}
+        out[other]["rounds"] = len(per)
+    return out
+
+
+def summarize_rounds(runs, scenario, sides, keys=RATIO_KEYS, per_side=PER_SIDE):
+    """Every proxy's medians over its passed runs, and spike's ratios to the
+    others round by round (warm-up, round 0, excluded)."""
+    rs = [r for r in runs if r.get("scenario") == scenario and r.get("round", 0) > 0]
+    rounds = by_round(rs)
+    out = {
+        "scenario": scenario,
+        "failed": [f"{r['side']} round {r['round']}: {r.get('reason')}" for r in rs if not r.get("ok")],
+        "sides": {},
+    }
+    for side in sides:
+        mine = [r for r in rs if r["side"] == side]
+        if mine:
+            ok = [r for r in mine if r.get("ok")]
+            out["sides"][side] = {k: median([r.get(k) for r in ok]) for k in per_side}
+            out["sides"][side]["runs"] = len(ok)
+    present = list(out["sides"])
+    out["ratios"] = ratios(rounds, present, keys)
+    out["n_rounds_planned"] = len(rounds)
+    out["n_rounds"] = sum(
+        1 for rd in rounds.values() if all(rd.get(s, {}).get("ok") for s in present)
+    )
+    out["status"] = "ok" if out["sides"].get(SUBJECT, {}).get("runs") else "FAILED"
+    return out
+
+
+def summarize_ab(runs, sides):
+    rs = [r for r in runs if r.get("kind") == "ab" and r.get("round", 0) > 0]
+    for r in rs:
+        cpu_per_request(r)  # ab's requests: every one it completed, 200 or 409
+        r["ok"] = bool(r.get("complete")) and r.get("sold") == r.get("total") and not r.get(
+            "failed_conn"
         )
-    ps = out["pairs"]
-    for k in (
-        "spike_rps",
-        "nginx_rps",
-        "spike_p99",
-        "nginx_p99",
-        "rps_ratio",
-        "p99_ratio",
-        "spike_redis_per_sale",
-        "nginx_redis_per_sale",
-        "spike_redis_calls",
-        "nginx_redis_calls",
-    ):
-        out[k] = median([p[k] for p in ps])
-    out["status"] = "ok" if ps else "FAILED"
-    out["n_pairs"] = len(ps)
-    out["n_pairs_planned"] = len({r["pair"] for r in rs})
+        r["reason"] = (
+            f"complete={r.get('complete')} sold={r.get('sold')}/{r.get('total')} "
+            f"non2xx={r.get('non2xx')}"
+        )
+    out = summarize_rounds(runs, "ab", sides, per_side=("rps", "p99", "cpu_us", "user_us", "sys_us"))
+    for side, v in out["sides"].items():
+        mine = [r for r in rs if r["side"] == side]
+        v.update(
+            sold_equals_total=all(r.get("sold") == r.get("total") for r in mine),
+            sold=[r.get("sold") for r in mine],
+            total=mine[0].get("total"),
+        )
     return out
 
 
 def summarize_single(runs, scenario):
-    rs = [r for r in runs if r.get("scenario") == scenario and r.get("pair", 0) > 0]
+    rs = [r for r in runs if r.get("scenario") == scenario and r.get("round", 0) > 0]
     ok = [r for r in rs if r.get("ok")]
     return {
         "scenario": scenario,
-        "rps": median([r["rps"] for r in ok]),
-        "p99": median([r["p99"] for r in ok]),
-        "runs": len(ok),
-        "failed": [f"run {r['pair']}: {r.get('reason')}" for r in rs if not r.get("ok")],
+        "sides": {"direct": {"rps": median([r["rps"] for r in ok]), "p99": median([r["p99"] for r in ok]), "runs": len(ok)}},
+        "failed": [f"run {r['round']}: {r.get('reason')}" for r in rs if not r.get("ok")],
         "status": "ok" if ok else "FAILED",
     }
 
 
-def summarize_ab(runs):
-    out = {"pairs": [], "failed": [], "runs": {}}
-    rs = [r for r in runs if r.get("kind") == "ab" and r.get("pair", 0) > 0]
-    by_pair = {}
-    for r in rs:
-        r["ok"] = bool(r.get("complete")) and r.get("sold") == r.get("total") and not r.get(
-            "failed_conn"
-        )
-        if not r["ok"]:
-            out["failed"].append(
-                f"{r['side']} pair {r['pair']}: complete={r.get('complete')} "
-                f"sold={r.get('sold')}/{r.get('total')} non2xx={r.get('non2xx')}"
-            )
-        by_pair.setdefault(r["pair"], {})[r["side"]] = r
-    for side in ("spike", "nginx"):
-        mine = [r for r in rs if r["side"] == side]
-        out["runs"][side] = {
-            "rps": median([r["rps"] for r in mine if r["ok"]]),
-            "p99": median([r.get("p99") for r in mine if r["ok"]]),
-            "sold_equals_total": all(r.get("sold") == r.get("total") for r in mine) if mine else None,
-            "sold": [r.get("sold") for r in mine],
-            "total": mine[0].get("total") if mine else None,
-        }
-    for p in sorted(by_pair):
-        s, n = by_pair[p].get("spike"), by_pair[p].get("nginx")
-        if s and n and s["ok"] and n["ok"]:
-            out["pairs"].append({"pair": p, "rps_ratio": s["rps"] / n["rps"]})
-    out["rps_ratio"] = median([p["rps_ratio"] for p in out["pairs"]])
-    out["status"] = "ok" if out["pairs"] else "FAILED"
-    return out
+def spike(p, key):
+    """spike's median `key` in scenario summary p (None when not measured)."""
+    return ((p or {}).get("sides", {}).get(SUBJECT) or {}).get(key)
 
 
 def targets(summary):
-    """The targets spike is measured against here, met or missed."""
+    """Issue 13's targets (proxy only, against HAProxy in the same run), and
+    the sale path and memory figures kept from before, met or missed."""
     t = []
     for s in STRATEGIES:
-        p = summary["proxy"].get(s)
-        if not p or p["status"] != "ok":
-            t.append((f"proxy {s}: req/s ≥ 1.3× Nginx", None, "no valid pair"))
-            t.append((f"proxy {s}: p99 ≤ Nginx", None, "no valid pair"))
-            continue
-        t.append((f"proxy {s}: req/s ≥ 1.3× Nginx", p["rps_ratio"] >= 1.3, f"{p['rps_ratio']:.2f}×"))
-        t.append((f"proxy {s}: p99 ≤ Nginx", p["p99_ratio"] <= 1.0, f"{p['p99_ratio']:.2f}×"))
-    base = summary["proxy"].get(summary.get("sale_strategy", "round_robin"))
-    base_rps = base.get("spike_rps") if base else None
+        r = ((summary["proxy"].get(s) or {}).get("ratios") or {}).get("haproxy") or {}
+        for name, key, better in (
+            ("CPU per request ≤ HAProxy's", "cpu", lambda v: v <= 1.0),
+            ("req/s ≥ HAProxy's", "rps", lambda v: v >= 1.0),
+            ("p99 ≤ HAProxy's", "p99", lambda v: v <= 1.0),
+        ):
+            v = r.get(key) if r.get("rounds") else None
+            t.append(
+                (
+                    f"proxy {s}: {name}",
+                    None if v is None else better(v),
+                    "no valid round with HAProxy" if v is None else f"{v:.2f}×",
+                )
+            )
+    base_rps = spike(summary["proxy"].get(summary.get("sale_strategy", "round_robin")), "rps")
     so, su = summary.get("sale_sold_out"), summary.get("sale_success")
-    if so and so["status"] == "ok" and base_rps:
-        r = so["spike_rps"] / base_rps
+    if spike(so, "rps") and base_rps:
+        r = spike(so, "rps") / base_rps
         t.append(("sold-out path ≥ 0.9× proxy-only (spike)", r >= 0.9, f"{r:.2f}×"))
     else:
         t.append(("sold-out path ≥ 0.9× proxy-only (spike)", None, "not measured"))
-    if su and su["status"] == "ok" and base_rps:
-        r = su["spike_rps"] / base_rps
+    if spike(su, "rps") and base_rps:
+        r = spike(su, "rps") / base_rps
         t.append(("success path ≥ 0.7× proxy-only (spike)", r >= 0.7, f"{r:.2f}×"))
-        c = su.get("spike_redis_per_sale")
+        c = spike(su, "redis_per_sale")
         t.append(
             (
                 "success path: at most one Redis call per sale",
@@ -249,7 +289,7 @@ def targets(summary):
         )
     else:
         t.append(("success path ≥ 0.7× proxy-only (spike)", None, "not measured"))
-    m = summary.get("memory", {}).get("spike")
+    m = summary.get("memory", {}).get(SUBJECT)
     if m:
         ok = m.get("connections", 0) >= m.get("wanted", 0)
         t.append(
@@ -262,6 +302,33 @@ def targets(summary):
     return t
 
 
+def not_exact(d):
+    """Where HAProxy is not exact, in the words of the comments `spike
+    haproxy-conf` printed ("Not exact: …", "Not equivalent: …") in each
+    haproxy.cfg compare.sh ran (it keeps a copy as logs/haproxy-NAME.cfg):
+    {NAME: [comment, ...]}."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(d, "logs", "haproxy-*.cfg"))):
+        name = os.path.basename(path)[len("haproxy-") : -len(".cfg")]
+        blocks, cur = [], None
+        with open(path) as f:
+            for line in f:
+                t = line.strip()
+                if not t.startswith("#"):
+                    cur = None
+                    continue
+                text = t.lstrip("#").strip()
+                if text.startswith(("Not exact", "Not equivalent")):
+                    cur = [text]
+                    blocks.append(cur)
+                elif cur is not None and not cur[-1].endswith("."):
+                    cur.append(text)  # the same sentence, on the next line
+                else:
+                    cur = None
+        out[name] = [" ".join(b) for b in blocks]
+    return out
+
+
 def summarize(d):
     runs = load_runs(d)
     env = {}
@@ -269,22 +336,30 @@ def summarize(d):
     if os.path.exists(env_path):
         with open(env_path) as f:
             env = json.load(f)
-    summary = {"env": env, "proxy": {}, "sale_strategy": env.get("sale_strategy", "round_robin")}
+    seen = {r["side"] for r in runs if r.get("side") not in (None, "direct")}
+    sides = env.get("proxies") or [SUBJECT] + sorted(seen - {SUBJECT})
+    summary = {
+        "env": env,
+        "proxies": sides,
+        "proxy": {},
+        "sale_strategy": env.get("sale_strategy", "round_robin"),
+    }
     scen = {r.get("scenario") for r in runs}
     for s in STRATEGIES:
         if f"proxy/{s}" in scen:
-            summary["proxy"][s] = summarize_pairs(runs, f"proxy/{s}")
+            summary["proxy"][s] = summarize_rounds(runs, f"proxy/{s}", sides)
     if "sale/success" in scen:
-        summary["sale_success"] = summarize_pairs(runs, "sale/success")
+        summary["sale_success"] = summarize_rounds(runs, "sale/success", sides)
     if "sale/sold_out" in scen:
-        summary["sale_sold_out"] = summarize_pairs(runs, "sale/sold_out")
+        summary["sale_sold_out"] = summarize_rounds(runs, "sale/sold_out", sides)
     if any(r.get("kind") == "ab" for r in runs):
-        summary["ab"] = summarize_ab(runs)
+        summary["ab"] = summarize_ab(runs, sides)
     summary["direct"] = {}
     for s in sorted(x for x in scen if x and x.startswith("direct/")):
         summary["direct"][s.split("/", 1)[1]] = summarize_single(runs, s)
     mem = [r for r in runs if r.get("kind") == "memory"]
     summary["memory"] = {r["side"]: r for r in mem}
+    summary["haproxy_not_exact"] = not_exact(d)
     summary["targets"] = [
         {"target": n, "met": m, "value": v} for (n, m, v) in targets(summary)
     ]
@@ -298,100 +373,159 @@ def summarize(d):
     print(md)
 
 
+def scenarios(s):
+    """(label, short label, summary) of every scenario measured, in order."""
+    out = []
+    for st in STRATEGIES:
+        if st in s["proxy"]:
+            out.append((f"1. proxy only, {st}", f"proxy {st}", s["proxy"][st]))
+    if "sale_success" in s:
+        out.append(("2. sale, success path (200 sold)", "sale success", s["sale_success"]))
+    if "sale_sold_out" in s:
+        out.append(("2. sale, sold-out path (409)", "sale sold-out", s["sale_sold_out"]))
+    ab = s.get("ab")
+    if ab:
+        total = (ab["sides"].get(SUBJECT) or {}).get("total")
+        out.append((f"3. `ab -n 10000 -c 100`, sale of {total}", "ab -n 10000", ab))
+    for name, d in s.get("direct", {}).items():
+        out.append((f"4. direct, no proxy: {name}", f"direct {name}", d))
+    return out
+
+
 def render_md(s):
     e = s["env"]
+    sides = s["proxies"]
+    others = [x for x in sides if x != SUBJECT]
     lines = []
     lines.append(f"Date: {e.get('date', '?')}  ")
     lines.append(f"Machine: {e.get('nproc', '?')} CPUs, {e.get('cpu', '?')}; load before: {e.get('load', '?')}  ")
+    versions = [f"spike {e.get('spike_rev', '?')}", e.get("nginx", "?")]
+    if e.get("haproxy"):
+        versions.append(e["haproxy"])
+    versions += [e.get("redis", "?"), e.get("oha", "?"), e.get("ab", "?"), e.get("rustc", "?")]
+    lines.append(f"Versions: {', '.join(versions)}  ")
+    rounds = e.get("rounds", e.get("pairs", "?"))
+    threads = {"spike": "spike worker threads", "nginx": "Nginx workers", "haproxy": "HAProxy nbthread"}
+    files = {"nginx": "nginx.conf (`spike nginx-conf`)", "haproxy": "haproxy.cfg (`spike haproxy-conf`)"}
     lines.append(
-        f"Versions: spike {e.get('spike_rev', '?')}, {e.get('nginx', '?')}, "
-        f"{e.get('redis', '?')}, {e.get('oha', '?')}, {e.get('rustc', '?')}  "
-    )
-    lines.append(
-        f"Runs: {e.get('pairs', '?')} spike/nginx pairs after a discarded warm-up pair, "
+        f"Runs: {rounds} round(s) after a discarded warm-up round; each round runs "
+        f"{', '.join(NAMES.get(x, x) for x in sides)} once, in an order that rotates from round to round; "
         f"{e.get('duration', '?')} each, -c {e.get('concurrency', '?')}; "
-        f"nginx workers = spike runtime threads = {e.get('workers', '?')}.  "
+        + " = ".join(threads[x] for x in sides if x in threads)
+        + f" = {e.get('workers', '?')}; "
+        + "the other proxies' files as spike prints them: "
+        + ", ".join(files[x] for x in sides if x in files)
+        + " (copies in logs/).  "
     )
     lines.append(
         "The client (oha/ab), the proxy, the backends and Redis all share these "
         f"{e.get('nproc', '?')} CPUs: every number is a same-machine figure.  "
     )
-    lines.append("")
     lines.append(
-        "| scenario | spike req/s | nginx req/s | req/s spike÷nginx | spike p99 ms | nginx p99 ms | p99 spike÷nginx | pairs |"
+        "CPU per request: user + system time of the proxy's processes (all threads; Nginx's "
+        "master and workers) during the run, from /proc/PID/stat, ÷ the requests answered; "
+        "medians of the rounds. Ratios are spike ÷ the other proxy, taken within each round.  "
     )
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
-
-    def row(name, p, extra=""):
-        if not p or p["status"] != "ok":
-            why = "; ".join((p or {}).get("failed", [])[:2]) or "not run"
-            lines.append(f"| {name} | FAILED | | | | | | 0 ({why}) |")
-            return
-        failed = f", {len(p['failed'])} FAILED run(s)" if p["failed"] else ""
-        lines.append(
-            f"| {name}{extra} | {fmt(p['spike_rps'])} | {fmt(p['nginx_rps'])} | "
-            f"**{fmt(p['rps_ratio'], '.2f')}** | {fmt(p['spike_p99'], '.2f')} | "
-            f"{fmt(p['nginx_p99'], '.2f')} | **{fmt(p['p99_ratio'], '.2f')}** | "
-            f"{p['n_pairs']}/{p['n_pairs_planned']}{failed} |"
+    lines.append("")
+    lines.append("| scenario | proxy | CPU µs per request | user | sys | req/s | p99 ms | runs |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
+    for label, _, p in scenarios(s):
+        for side, v in p["sides"].items():
+            if not v.get("runs"):
+                lines.append(f"| {label} | {NAMES.get(side, side)} | FAILED | | | | | 0 |")
+                continue
+            lines.append(
+                f"| {label} | {NAMES.get(side, side)} | {fmt(v.get('cpu_us'), '.1f')} | "
+                f"{fmt(v.get('user_us'), '.1f')} | {fmt(v.get('sys_us'), '.1f')} | "
+                f"{fmt(v.get('rps'))} | {fmt(v.get('p99'), '.2f')} | {v['runs']} |"
+            )
+    lines.append("")
+    if others:
+        head = ["scenario"]
+        for what in ("CPU", "req/s", "p99"):
+            head += [f"{what} spike÷{NAMES.get(o, o)}" for o in others]
+        head.append("rounds")
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|---|" + "---:|" * (len(head) - 1))
+        for label, _, p in scenarios(s):
+            rat = p.get("ratios")
+            if rat is None:
+                continue
+            cells = [label]
+            for key in ("cpu", "rps", "p99"):
+                vs = [rat.get(o, {}).get(key) for o in others]
+                cells += ["—" if v is None else f"**{v:.2f}**" for v in vs]
+            cells.append(
+                f"{p['n_rounds']}/{p['n_rounds_planned']}"
+                + (f", {len(p['failed'])} FAILED run(s)" if p["failed"] else "")
+            )
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    notes = []
+    rr = s["proxy"].get(s.get("sale_strategy", "round_robin"))
+    if rr:
+        split = [
+            f"{fmt(r.get('user'), '.2f')}× / {fmt(r.get('sys'), '.2f')}× {NAMES.get(o, o)}'s"
+            for o, r in rr["ratios"].items()
+            if r.get("rounds")
+        ]
+        if split:
+            notes.append(
+                f"Proxy only, {rr['scenario'].split('/', 1)[1]}: spike's user / system time per request is "
+                + "; ".join(split)
+                + "."
+            )
+    su = s.get("sale_success")
+    if su:
+        notes.append(
+            "Redis calls per sale (EVALSHA ÷ tickets sold, success path): "
+            + ", ".join(f"{NAMES.get(x, x)} {fmt(v.get('redis_per_sale'), '.3f')}" for x, v in su["sides"].items())
+            + " (the nodes make the calls; the proxy only passes them through; spike's balancer "
+            "adds an Idempotency-Key to each purchase, the others do not)."
         )
-
-    for st in STRATEGIES:
-        if st in s["proxy"]:
-            row(f"1. proxy only, {st}", s["proxy"][st])
-    if "sale_success" in s:
-        row("2. sale, success path (200 sold)", s["sale_success"])
-    if "sale_sold_out" in s:
-        row("2. sale, sold-out path (409)", s["sale_sold_out"])
+    so = s.get("sale_sold_out")
+    if so:
+        notes.append(
+            "Redis calls during a sold-out run: "
+            + ", ".join(f"{NAMES.get(x, x)} {fmt(v.get('redis_evalsha'))}" for x, v in so["sides"].items())
+            + "."
+        )
     ab = s.get("ab")
     if ab:
-        sp, ng = ab["runs"].get("spike", {}), ab["runs"].get("nginx", {})
-        lines.append(
-            f"| 3. `ab -n 10000 -c 100`, sale of {sp.get('total')} | {fmt(sp.get('rps'))} | "
-            f"{fmt(ng.get('rps'))} | **{fmt(ab.get('rps_ratio'), '.2f')}** | "
-            f"{fmt(sp.get('p99'), '.0f')} | {fmt(ng.get('p99'), '.0f')} | | {len(ab['pairs'])} |"
-        )
-    for name, d in s.get("direct", {}).items():
-        lines.append(
-            f"| 4. direct, no balancer: {name} | {fmt(d['rps'])} | | | {fmt(d['p99'], '.2f')} | | | {d['runs']} runs |"
-        )
-    lines.append("")
-    notes = []
-    if "sale_success" in s and s["sale_success"]["status"] == "ok":
-        su = s["sale_success"]
-        notes.append(
-            f"Redis calls per sale (EVALSHA ÷ tickets sold, success path): spike {fmt(su['spike_redis_per_sale'], '.3f')}, "
-            f"nginx {fmt(su['nginx_redis_per_sale'], '.3f')} (the nodes make the calls; the proxy only passes them through)."
-        )
-    if "sale_sold_out" in s and s["sale_sold_out"]["status"] == "ok":
-        so = s["sale_sold_out"]
-        notes.append(
-            f"Redis calls during a sold-out run: spike {fmt(so['spike_redis_calls'])}, nginx {fmt(so['nginx_redis_calls'])}."
-        )
-    if ab:
-        for side in ("spike", "nginx"):
-            r = ab["runs"].get(side, {})
+        for side, r in ab["sides"].items():
             notes.append(
-                f"ab through {side}: sold equals total after every run: "
+                f"ab through {NAMES.get(side, side)}: sold equals total after every run: "
                 f"{'yes' if r.get('sold_equals_total') else 'NO'} (sold {r.get('sold')} of {r.get('total')}); "
                 "p99 column is ab's 99% in ms."
             )
     for side, m in s.get("memory", {}).items():
         notes.append(
-            f"Memory, {side}: {m.get('rss_kib', 0) / 1024.0:.1f} MiB resident, "
+            f"Memory, {NAMES.get(side, side)}: {m.get('rss_kib', 0) / 1024.0:.1f} MiB resident, "
             f"{m.get('pss_kib', 0) / 1024.0:.1f} MiB proportional (shared pages counted once) "
             f"over {m.get('processes', 1)} process(es), holding {m.get('connections')} of {m.get('wanted')} "
-            "idle keep-alive client connections."
+            "idle keep-alive client connections"
+            + (
+                "."
+                if m.get("connections", 0) >= m.get("wanted", 0)
+                else f" (the proxy closed or refused the rest, {m.get('errors', 0)} error(s): "
+                "not comparable with a proxy that held them all)."
+            )
         )
+    ne = s.get("haproxy_not_exact") or {}
+    if ne:
+        common = set.intersection(*(set(v) for v in ne.values()))
+        for c in sorted(common):
+            notes.append(f"HAProxy, every config run: {c}")
+        for name, blocks in ne.items():
+            for b in blocks:
+                if b not in common:
+                    notes.append(f"HAProxy, {name}: {b}")
     for n in notes:
         lines.append(f"- {n}")
     failed = []
-    for key, p in list(("proxy/" + k, v) for k, v in s["proxy"].items()) + [
-        ("sale/success", s.get("sale_success")),
-        ("sale/sold_out", s.get("sale_sold_out")),
-        ("ab", s.get("ab")),
-    ] + [("direct/" + k, v) for k, v in s.get("direct", {}).items()]:
-        for f in (p or {}).get("failed", []):
-            failed.append(f"{key}: {f}")
+    for _, short, p in scenarios(s):
+        for f in p.get("failed", []):
+            failed.append(f"{short}: {f}")
     if failed:
         lines.append("")
         lines.append("FAILED runs (left out of the medians):")
@@ -405,7 +539,6 @@ def render_md(s):
         lines.append(f"- {t['target']}: {t['value']} — {mark}")
     lines.append("")
     return "\n".join(lines)
-
 
 def esc(t):
     return str(t).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
@@ -433,56 +566,41 @@ def tick_label(v, step):
     return f"{v:,.{decimals}f}"
 
 
+COLORS = {"spike": "#d9480f", "nginx": "#1c7ed6", "haproxy": "#2f9e44", "direct": "#868e96"}
+PANELS = (
+    ("rps", "requests/s (higher is better)"),
+    ("p99", "p99 latency, ms (lower is better)"),
+    ("cpu_us", "proxy CPU per request, µs (lower is better; solid: user, light: system)"),
+)
+
+
 def render_svg(s):
-    """Two grouped bar charts (req/s, p99), spike next to nginx per scenario."""
-    groups = []
-    for st in STRATEGIES:
-        p = s["proxy"].get(st)
-        if p:
-            groups.append((f"proxy {st}", p))
-    for key, name in (("sale_success", "sale success"), ("sale_sold_out", "sale sold-out")):
-        if key in s:
-            groups.append((name, s[key]))
-    ab = s.get("ab")
-    if ab:
-        groups.append(
-            (
-                "ab -n 10000",
-                {
-                    "spike_rps": ab["runs"].get("spike", {}).get("rps"),
-                    "nginx_rps": ab["runs"].get("nginx", {}).get("rps"),
-                    "spike_p99": ab["runs"].get("spike", {}).get("p99"),
-                    "nginx_p99": ab["runs"].get("nginx", {}).get("p99"),
-                },
-            )
-        )
-    for name, d in s.get("direct", {}).items():
-        groups.append((f"direct {name}", {"spike_rps": d["rps"], "spike_p99": d["p99"], "direct": True}))
-    W, panel_h, top, left = 60 + 110 * max(len(groups), 1), 260, 50, 120
-    H = top + 2 * (panel_h + 150) + 10
+    """Three grouped bar charts (req/s, p99, CPU per request), the proxies
+    side by side per scenario."""
+    sides = s["proxies"]
+    groups = [(short, p) for _, short, p in scenarios(s)]
+    bar, gw = 40, 40 * len(sides) + 30
+    W, panel_h, top, left = 60 + gw * max(len(groups), 1), 260, 50, 120
+    H = top + len(PANELS) * (panel_h + 150) + 10
     o = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{W + left}" height="{H}" '
         'font-family="sans-serif" font-size="11">',
         '<rect width="100%" height="100%" fill="white"/>',
     ]
     e = s["env"]
+    title = " vs ".join(NAMES.get(x, x) for x in sides)
     o.append(
-        f'<text x="{left}" y="20" font-size="14" font-weight="bold">spike vs Nginx — '
+        f'<text x="{left}" y="20" font-size="14" font-weight="bold">{esc(title)} — '
         f'{esc(e.get("date", ""))}, {esc(e.get("nproc", "?"))} CPUs ({esc(e.get("cpu", ""))})</text>'
     )
     o.append(
-        f'<text x="{left}" y="36" fill="#555">medians of {esc(e.get("pairs", "?"))} pairs; '
+        f'<text x="{left}" y="36" fill="#555">medians of {esc(e.get("rounds", e.get("pairs", "?")))} rounds; '
         "client, proxy, backends and Redis share the same CPUs; FAILED runs excluded</text>"
     )
-    colors = {"spike": "#d9480f", "nginx": "#1c7ed6", "direct": "#868e96"}
-    for pi, (metric, title) in enumerate((("rps", "requests/s (higher is better)"), ("p99", "p99 latency, ms (lower is better)"))):
+    for pi, (metric, title) in enumerate(PANELS):
         y0 = top + pi * (panel_h + 150)
-        vals = []
-        for _, g in groups:
-            for side in ("spike", "nginx"):
-                v = g.get(f"{side}_{metric}")
-                if v is not None:
-                    vals.append(v)
+        vals = [v.get(metric) for _, g in groups for v in g["sides"].values()]
+        vals = [v for v in vals if v is not None]
         vmax, step = nice_axis(max(vals) if vals else 1.0)
         ticks = round(vmax / step)
         o.append(f'<text x="{left}" y="{y0 + 12}" font-size="13" font-weight="bold">{esc(title)}</text>')
@@ -495,39 +613,45 @@ def render_svg(s):
             label = tick_label(v, step)
             o.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" fill="#555">{label}</text>')
         for gi, (name, g) in enumerate(groups):
-            x = left + 20 + gi * 110
-            sides = [("direct", g.get(f"spike_{metric}"))] if g.get("direct") else [
-                ("spike", g.get(f"spike_{metric}")),
-                ("nginx", g.get(f"nginx_{metric}")),
-            ]
-            for si, (side, v) in enumerate(sides):
-                bx = x + si * 40
+            x = left + 20 + gi * gw
+            for si, (side, sv) in enumerate(g["sides"].items()):
+                bx = x + si * bar
+                v = sv.get(metric)
                 if v is None:
-                    o.append(f'<text x="{bx + 18}" y="{base - 4}" text-anchor="middle" fill="#c00">FAILED</text>')
+                    # CPU is not read for ab's runs nor without a proxy.
+                    if metric != "cpu_us" or sv.get("runs") == 0:
+                        o.append(f'<text x="{bx + 18}" y="{base - 4}" text-anchor="middle" fill="#c00">FAILED</text>')
                     continue
                 h = panel_h * v / vmax
-                o.append(
-                    f'<rect x="{bx}" y="{base - h:.1f}" width="36" height="{h:.1f}" fill="{colors[side]}">'
-                    f"<title>{esc(name)} {side}: {v:.2f}</title></rect>"
-                )
-                t = f"{v:.0f}" if metric == "rps" else f"{v:.2f}"
+                parts = [(v, 1.0)]
+                if metric == "cpu_us" and sv.get("user_us") is not None:
+                    parts = [(sv["user_us"], 1.0), (sv["sys_us"], 0.45)]
+                y = base
+                for pv, opacity in parts:
+                    ph = panel_h * pv / vmax
+                    y -= ph
+                    o.append(
+                        f'<rect x="{bx}" y="{y:.1f}" width="36" height="{ph:.1f}" fill="{COLORS[side]}" '
+                        f'fill-opacity="{opacity}"><title>{esc(name)} {side}: {pv:.2f}</title></rect>'
+                    )
+                t = f"{v:.0f}" if metric == "rps" else (f"{v:.1f}" if metric == "cpu_us" else f"{v:.2f}")
                 o.append(f'<text x="{bx + 18}" y="{base - h - 3:.1f}" text-anchor="middle">{t}</text>')
             o.append(
-                f'<text x="{x + 40}" y="{base + 14}" text-anchor="end" '
-                f'transform="rotate(-25 {x + 40} {base + 14})">{esc(name)}</text>'
+                f'<text x="{x + bar}" y="{base + 14}" text-anchor="end" '
+                f'transform="rotate(-25 {x + bar} {base + 14})">{esc(name)}</text>'
             )
         ly = base + 110
-        for li, (side, label) in enumerate((("spike", "spike"), ("nginx", "nginx"), ("direct", "direct to one backend"))):
+        for li, side in enumerate(list(sides) + ["direct"]):
             lx = left + li * 120
-            o.append(f'<rect x="{lx}" y="{ly - 9}" width="10" height="10" fill="{colors[side]}"/>')
+            label = NAMES.get(side, side)
+            o.append(f'<rect x="{lx}" y="{ly - 9}" width="10" height="10" fill="{COLORS[side]}"/>')
             o.append(f'<text x="{lx + 14}" y="{ly}">{esc(label)}</text>')
     o.append("</svg>")
     return "\n".join(o) + "\n"
 
-
 def main(argv):
-    if len(argv) >= 3 and argv[1] == "check":
-        cmd_check(argv[2], argv[3])
+    if len(argv) in (4, 7) and argv[1] == "check":
+        cmd_check(argv[2], argv[3], argv[4:])
     elif len(argv) >= 3 and argv[1] == "record":
         cmd_record(argv[2], argv[3:])
     elif len(argv) == 3 and argv[1] == "summarize":

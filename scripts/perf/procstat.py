@@ -1,7 +1,14 @@
 """What the perf scripts share: free loopback ports, and the CPU a process
-tree has used, from /proc (in clock ticks; HZ of them a second)."""
+tree has used, from /proc (in clock ticks; HZ of them a second).
+
+    procstat.py cpu PID    prints "USER SYS HZ": the clock ticks PID and its
+                           descendants have spent in user and system mode
+
+(scripts/compare.sh reads it before and after each run of a proxy.)
+"""
 import os
 import socket
+import sys
 
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -30,7 +37,9 @@ def tree(pid):
 
 
 def cpu(pids):
-    """(user, system) clock ticks used by pids; a process gone counts 0."""
+    """(user, system) clock ticks used by pids; a process gone counts 0.
+    /proc/PID/stat's utime and stime (fields 14 and 15) are the whole
+    process's: every thread, live or finished, is in them."""
     u = s = 0
     for pid in pids:
         try:
@@ -39,3 +48,9 @@ def cpu(pids):
             continue
         u, s = u + int(f[11]), s + int(f[12])
     return u, s
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "cpu":
+        sys.exit(__doc__)
+    print(*cpu(tree(int(sys.argv[2]))), HZ)
