@@ -920,9 +920,11 @@ impl Cx<'_> {
             Some(v) => self.duration("balancer.health_interval", v)?,
             None => Duration::from_secs(1),
         };
+        // A node's /healthz asks its store: give it a second, as HAProxy's
+        // `timeout check` would be at the default interval.
         let timeout = match &b.health_timeout {
             Some(v) => self.duration("balancer.health_timeout", v)?,
-            None => interval.min(Duration::from_secs(1)),
+            None => Duration::from_secs(1),
         };
         Ok(Some(HealthCheck {
             path: p.to_string(),

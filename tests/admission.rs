@@ -31,21 +31,21 @@ async fn status(lb: &Running) -> serde_json::Value {
 async fn max_conns_queues_then_answers_503_with_retry_after() {
     let slow = Backend::start("slow").await;
     slow.delay_ms.store(600, Ordering::Relaxed);
-    let text = config_text(
-        "round_robin",
-        "127.0.0.1:0",
-        "127.0.0.1:0",
-        &[Up {
-            addr: slow.addr,
-            weight: 1,
-            extra: "max_conns = 1",
-        }],
-    );
-    let lb = Running::start(&with_balancer_keys(
-        text,
-        "queue = 1\nqueue_timeout = \"3s\"",
-    ))
-    .await;
+    // One slow upstream that takes one request at a time.
+    let one_at_a_time = |queue: &str| {
+        let text = config_text(
+            "round_robin",
+            "127.0.0.1:0",
+            "127.0.0.1:0",
+            &[Up {
+                addr: slow.addr,
+                weight: 1,
+                extra: "max_conns = 1",
+            }],
+        );
+        with_balancer_keys(text, queue)
+    };
+    let lb = Running::start(&one_at_a_time("queue = 1\nqueue_timeout = \"3s\"")).await;
     let send = |delay: u64| {
         let url = lb.url("/x");
         tokio::spawn(async move {
@@ -102,21 +102,7 @@ async fn max_conns_queues_then_answers_503_with_retry_after() {
     lb.shutdown().await;
 
     // A wait past queue_timeout.
-    let text = config_text(
-        "round_robin",
-        "127.0.0.1:0",
-        "127.0.0.1:0",
-        &[Up {
-            addr: slow.addr,
-            weight: 1,
-            extra: "max_conns = 1",
-        }],
-    );
-    let lb = Running::start(&with_balancer_keys(
-        text,
-        "queue = 5\nqueue_timeout = \"200ms\"",
-    ))
-    .await;
+    let lb = Running::start(&one_at_a_time("queue = 5\nqueue_timeout = \"200ms\"")).await;
     let (client, url_a, url_b) = (http(), lb.url("/a"), lb.url("/b"));
     let (_, late) = tokio::join!(get(&client, &url_a), async {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -207,4 +193,137 @@ async fn a_failing_health_check_takes_an_upstream_out_and_it_comes_back_ramped()
         "never ramped up: b took {late:.2} after slow_start"
     );
     lb.shutdown().await;
+}
+
+async fn node_sold(node: std::net::SocketAddr) -> u64 {
+    let (_, body) = get(&http(), &format!("http://{node}/stats"))
+        .await
+        .expect("stats");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("stats JSON");
+    v["sold"].as_u64().expect("sold")
+}
+
+/// Real processes: a `spike node` whose `/healthz` starts failing (its
+/// wall clock drifts 5 s from Redis's, past `max_clock_offset`; libfaketime
+/// moves it while it runs) is taken out by a `spike balancer`'s health check;
+/// then it hangs (SIGSTOP) and no buyer notices, not even as a wait; fixed
+/// and resumed, it comes back with a ramped share of the buyers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_failing_its_healthz_is_taken_out_and_comes_back_ramped() {
+    use common::spike::{SpikeProcess, bin, run, wait_listening, write_config};
+    let redis = common::redis::RedisServer::start();
+    let addrs: Vec<std::net::SocketAddr> = (0..4).map(|_| common::free_addr()).collect();
+    let text = format!(
+        "[sale]\nevent = \"health\"\ntotal = 100000000\nper_user_limit = 0\n\n\
+         [redis]\nurl = \"{}\"\ntimeout = \"500ms\"\nmax_clock_offset = \"1s\"\n\n\
+         [balancer]\nlisten = \"{}\"\nadmin = \"{}\"\nstrategy = \"round_robin\"\nresponse_timeout = \"3s\"\n\
+         health_check = \"/healthz\"\nhealth_interval = \"100ms\"\nhealth_fails = 1\nhealth_passes = 2\nslow_start = \"3s\"\n\n\
+         [[node]]\nname = \"n1\"\nlisten = \"{}\"\n\n[[node]]\nname = \"n2\"\nlisten = \"{}\"\n",
+        redis.url(),
+        addrs[0],
+        addrs[1],
+        addrs[2],
+        addrs[3]
+    );
+    let path = write_config(&text);
+    let cfg = path.to_str().expect("path").to_string();
+    assert!(run(&["stock", "init", "--config", &cfg]).status.success());
+    let _n1 = SpikeProcess::start(&["node", "--config", &cfg, "--name", "n1"]);
+    let shift = path.with_extension("faketime");
+    std::fs::write(&shift, "+0").expect("faketime file");
+    let n2 = std::process::Command::new(bin())
+        .args(["node", "--config", &cfg, "--name", "n2"])
+        .env("LD_PRELOAD", common::spike::faketime_library())
+        .env("FAKETIME_TIMESTAMP_FILE", &shift)
+        .env("FAKETIME_CACHE_DURATION", "0")
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn n2");
+    let n2 = SpikeProcess { child: n2 };
+    let _balancer = SpikeProcess::start(&["balancer", "--config", &cfg]);
+    for a in &addrs {
+        wait_listening(&a.to_string(), Duration::from_secs(10));
+    }
+    let admin = addrs[1];
+    let upstream = |i: usize| async move {
+        let (_, body) = get(&http(), &format!("http://{admin}/status"))
+            .await
+            .expect("status");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
+        v["upstreams"][i].clone()
+    };
+    let state = |i: usize| async move {
+        upstream(i).await["state"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    common::wait_for(
+        "both nodes checked healthy",
+        Duration::from_secs(10),
+        async || state(0).await == "up" && state(1).await == "up",
+    )
+    .await;
+    let load = Load::start(format!("http://{}/buy/ticket", addrs[0]), 2);
+    common::wait_for("n2 to sell", Duration::from_secs(10), async || {
+        node_sold(addrs[3]).await > 20
+    })
+    .await;
+
+    // n2's clock drifts: its /healthz fails, and the balancer takes it out.
+    std::fs::write(&shift, "+5").expect("faketime file");
+    common::wait_for("n2 taken out", Duration::from_secs(10), async || {
+        state(1).await == "unhealthy"
+    })
+    .await;
+    // Then it hangs: with nobody sent to it, nobody waits for it.
+    n2.signal("STOP");
+    let n1_before = node_sold(addrs[2]).await;
+    let sent_before = upstream(1).await["requests"].clone();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        node_sold(addrs[2]).await > n1_before + 20,
+        "n1 took the buyers"
+    );
+    assert_eq!(
+        upstream(1).await["requests"],
+        sent_before,
+        "a buyer was sent to the hung node"
+    );
+
+    // Fixed and resumed: back in, with a small share first.
+    std::fs::write(&shift, "+0").expect("faketime file");
+    n2.signal("CONT");
+    // Its clock estimate keeps the drifted readings for a few seconds.
+    common::wait_for("n2 back in", Duration::from_secs(20), async || {
+        state(1).await == "up"
+    })
+    .await;
+    let share = async || {
+        let (a0, b0) = (node_sold(addrs[2]).await, node_sold(addrs[3]).await);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let (a, b) = (
+            node_sold(addrs[2]).await - a0,
+            node_sold(addrs[3]).await - b0,
+        );
+        b as f64 / (a + b).max(1) as f64
+    };
+    let early = share().await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let late = share().await;
+    let (ok, failed, errors) = load.finish().await;
+    eprintln!("n2's share: {early:.2} just back, {late:.2} after slow_start; {ok} sold");
+    assert_eq!(failed, 0, "a buyer saw an error: {errors:?}");
+    assert!(
+        early < 0.35,
+        "not ramped: n2 took {early:.2} just after coming back"
+    );
+    assert!(
+        late > 0.4,
+        "never ramped up: n2 took {late:.2} after slow_start"
+    );
+    let _ = std::fs::remove_file(&shift);
+    common::spike::remove_config(&path);
 }

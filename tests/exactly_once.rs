@@ -297,22 +297,12 @@ async fn a_node_whose_file_says_another_limit_enforces_the_sales() {
     remove_config(&open);
 }
 
-/// libfaketime's multi-threaded library, from Debian's `faketime` package.
-fn faketime_library() -> std::path::PathBuf {
-    std::fs::read_dir("/usr/lib")
-        .expect("/usr/lib")
-        .filter_map(Result::ok)
-        .map(|e| e.path().join("faketime/libfaketimeMT.so.1"))
-        .find(|p| p.exists())
-        .expect("libfaketime must be installed (run scripts/test.sh)")
-}
-
 /// A `spike node` whose clock is shifted by `shift` (libfaketime preloaded
 /// into the process itself, so that killing the child kills the node).
 fn start_skewed_node(cfg: &str, shift: &str) -> Child {
     Command::new(bin())
         .args(["node", "--config", cfg, "--name", "n1"])
-        .env("LD_PRELOAD", faketime_library())
+        .env("LD_PRELOAD", common::spike::faketime_library())
         .env("FAKETIME", shift)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

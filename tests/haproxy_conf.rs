@@ -43,6 +43,24 @@ fn generate(config: &Path, extra: &[&str]) -> PathBuf {
     path
 }
 
+/// The file at `cfg`, after `haproxy -c` accepted it (`what` names it if not).
+fn checked(cfg: &Path, what: &str) -> String {
+    let out = Command::new(haproxy())
+        .arg("-c")
+        .arg("-f")
+        .arg(cfg)
+        .output()
+        .expect("run haproxy -c");
+    let text = std::fs::read_to_string(cfg).expect("read");
+    assert!(
+        out.status.success(),
+        "{what}: haproxy -c refused it:\n{}{}\n--- haproxy.cfg ---\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 #[test]
 fn every_strategy_passes_haproxy_c() {
     let upstreams = "[[balancer.upstream]]\naddr = \"127.0.0.1:3001\"\nweight = 2\n\
@@ -55,19 +73,7 @@ fn every_strategy_passes_haproxy_c() {
     ] {
         let config = balancer_file(strategy, common::free_port(), upstreams);
         let cfg = generate(&config, &[]);
-        let out = Command::new(haproxy())
-            .arg("-c")
-            .arg("-f")
-            .arg(&cfg)
-            .output()
-            .expect("run haproxy -c");
-        let text = std::fs::read_to_string(&cfg).expect("read");
-        assert!(
-            out.status.success(),
-            "{strategy}: haproxy -c refused it:\n{}{}\n--- haproxy.cfg ---\n{text}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = checked(&cfg, strategy);
         assert!(text.contains(&format!("# strategy = {strategy}")), "{text}");
         let _ = std::fs::remove_file(&cfg);
         remove_config(&config);
@@ -85,19 +91,7 @@ fn admission_and_health_checks_pass_haproxy_c() {
                      [[balancer.upstream]]\naddr = \"127.0.0.1:3002\"\n";
     let config = balancer_file("least_conn", common::free_port(), upstreams);
     let cfg = generate(&config, &[]);
-    let out = Command::new(haproxy())
-        .arg("-c")
-        .arg("-f")
-        .arg(&cfg)
-        .output()
-        .expect("run haproxy -c");
-    let text = std::fs::read_to_string(&cfg).expect("read");
-    assert!(
-        out.status.success(),
-        "haproxy -c refused it:\n{}{}\n--- haproxy.cfg ---\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = checked(&cfg, "least_conn with admission and checks");
     for expected in [
         "option httpchk GET /healthz",
         "timeout queue 3000ms",

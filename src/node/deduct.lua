@@ -196,12 +196,20 @@ for i = 2, #ARGV, 6 do
       -- back, so if a later write fails, what was sold is still counted and
       -- no order id is handed out twice.
       sold = redis.call('HINCRBY', KEYS[1], 'sold', 1)
-      seq = seq + 1
-      redis.call('HSET', KEYS[1], 'seq', seq)
-      local id = epoch .. '-' .. string.format('%d', seq)
+      -- A final sale never gives a ticket back, so its count is its
+      -- sequence (readers take max(seq, sold)); only a sale with a window,
+      -- where `sold` goes down, keeps `seq` apart. The default path stays
+      -- as cheap as before.
       local pay_by, state = 0, ''
       if pay_within > 0 then
+        seq = seq + 1
+        redis.call('HSET', KEYS[1], 'seq', seq)
         pay_by, state = now + pay_within, 'reserved'
+      else
+        seq = sold
+      end
+      local id = epoch .. '-' .. string.format('%d', seq)
+      if state ~= '' then
         redis.call('ZADD', KEYS[7], pay_by, id)
         redis.call('HINCRBY', KEYS[1], 'reserved', 1)
       end
@@ -223,10 +231,12 @@ for i = 2, #ARGV, 6 do
         order.pay_by = pay_by
       end
       redis.call('HSET', KEYS[3], id, cjson.encode(order))
-      -- The hand-off to an order or payment service, in the same step.
-      redis.call('XADD', KEYS[8], 'MAXLEN', '~', stream_max, '*', 'type',
-        state ~= '' and state or 'sold', 'order', id, 'buyer', buyer, 'node', node,
-        'at', string.format('%d', now), 'pay_by', string.format('%d', pay_by))
+      if state ~= '' then
+        -- The hand-off to an order or payment service, in the same step.
+        redis.call('XADD', KEYS[8], 'MAXLEN', '~', stream_max, '*', 'type', state,
+          'order', id, 'buyer', buyer, 'node', node, 'at', string.format('%d', now),
+          'pay_by', string.format('%d', pay_by))
+      end
       answer(1, id, seq, holder, pay_by, state)
     end
   end

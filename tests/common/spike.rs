@@ -165,3 +165,14 @@ pub fn remove_config(path: &Path) {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+/// libfaketime's multi-threaded library, from Debian's `faketime` package,
+/// to preload into a `spike` process whose clock a test shifts.
+pub fn faketime_library() -> std::path::PathBuf {
+    std::fs::read_dir("/usr/lib")
+        .expect("/usr/lib")
+        .filter_map(Result::ok)
+        .map(|e| e.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|p| p.exists())
+        .expect("libfaketime must be installed (run scripts/test.sh)")
+}

@@ -236,6 +236,12 @@ pub struct Attempt {
     pub busy: bool,
     /// Picks made so far: which draw of `slow_start` this is.
     pub(super) draws: u64,
+    /// Peers (of the first 128) left out by a `slow_start` draw in this
+    /// tier: given back when nothing else can be picked, because a small
+    /// share is still a share.
+    pub(super) ramped_out: u128,
+    /// The draws are off for the rest of this attempt (see `ramped_out`).
+    pub(super) no_ramp: bool,
     pub(super) tier: usize,
     pub(super) tried: Tried,
     pub(super) key: [u8; 16],
@@ -261,6 +267,8 @@ impl Attempt {
         Attempt {
             busy: false,
             draws: 0,
+            ramped_out: 0,
+            no_ramp: false,
             tier: 0,
             tried: Tried::default(),
             key,
@@ -398,16 +406,22 @@ impl Selector {
             } else if p.is_busy() {
                 attempt.busy = true;
                 true
+            } else if attempt.no_ramp || i >= 128 {
+                false
             } else {
                 let share = p.ramp_permille(now, self.gate.slow_start_ms);
                 // A draw from the request's own numbers (its picks and the
                 // clock), spread by a multiplicative hash: no shared state.
-                share < 1000 && {
+                let out = share < 1000 && {
                     attempt.draws += 1;
                     let x = (now ^ attempt.draws.rotate_left(17) ^ (i as u64).rotate_left(40))
                         .wrapping_mul(0x9e37_79b9_7f4a_7c15);
                     (x >> 32) % 1000 >= share
+                };
+                if out {
+                    attempt.ramped_out |= 1u128 << i;
                 }
+                out
             };
             if out {
                 attempt.tried.set(i);
@@ -444,6 +458,7 @@ impl Selector {
         loop {
             let tier = self.tiers.get(attempt.tier)?;
             if self.gate.on {
+                attempt.ramped_out = 0;
                 self.gate_out(tier, attempt, now);
             }
             let found = if self.single {
@@ -488,6 +503,13 @@ impl Selector {
                     owner: tier.clone(),
                     counted: self.strategy == Strategy::LeastConn && !self.single,
                 });
+            }
+            if attempt.ramped_out != 0 {
+                // Only peers ramping up were left: they take it.
+                attempt.tried.low &= !attempt.ramped_out;
+                attempt.ramped_out = 0;
+                attempt.no_ramp = true;
+                continue;
             }
             if attempt.tier + 1 < self.tiers.len() {
                 attempt.tier += 1;
@@ -620,6 +642,47 @@ mod tests {
         s.release(&p, true, 1);
         assert!(s.pick(&mut a, 1).is_none());
         assert_eq!(one(&s, 2), 1);
+    }
+
+    #[test]
+    fn a_peer_ramping_up_is_still_picked_when_it_is_the_only_one() {
+        use crate::balancer::strategy::Gate;
+        for strategy in [
+            Strategy::RoundRobin,
+            Strategy::WeightedRoundRobin,
+            Strategy::IpHash,
+            Strategy::LeastConn,
+        ] {
+            let s = selector(strategy, vec![up(1, 1), up(2, 1)]).gated(Gate {
+                on: true,
+                slow_start_ms: 60_000,
+            });
+            let now = 1_000_000;
+            s.tiers[0].peers[0]
+                .live
+                .healthy
+                .store(false, Ordering::Relaxed);
+            s.tiers[0].peers[1]
+                .live
+                .back_since
+                .store(now, Ordering::Relaxed);
+            for _ in 0..200 {
+                assert_eq!(one(&s, now), 2, "{strategy:?}");
+            }
+            // With both ramping, roughly a tenth of the picks would go to
+            // each by the draw alone; none may be refused.
+            s.tiers[0].peers[0]
+                .live
+                .healthy
+                .store(true, Ordering::Relaxed);
+            s.tiers[0].peers[0]
+                .live
+                .back_since
+                .store(now, Ordering::Relaxed);
+            for _ in 0..200 {
+                one(&s, now);
+            }
+        }
     }
 
     #[test]
