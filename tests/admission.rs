@@ -101,6 +101,29 @@ async fn max_conns_queues_then_answers_503_with_retry_after() {
     );
     lb.shutdown().await;
 
+    // Many at once on two worker threads, room for all in the queue: every
+    // one is served, and never two at the upstream together.
+    let lb =
+        Running::start_workers(&one_at_a_time("queue = 100\nqueue_timeout = \"20s\""), 2).await;
+    slow.delay_ms.store(5, Ordering::Relaxed);
+    let burst: Vec<_> = (0..60)
+        .map(|i| {
+            let url = lb.url(&format!("/burst{i}"));
+            tokio::spawn(async move { get(&http(), &url).await })
+        })
+        .collect();
+    for t in burst {
+        let (code, body) = t.await.expect("task").expect("answer");
+        assert_eq!(code, 200, "{body}");
+    }
+    assert_eq!(
+        slow.most_at_once.load(Ordering::Relaxed),
+        1,
+        "max_conns = 1 was passed"
+    );
+    lb.shutdown().await;
+    slow.delay_ms.store(600, Ordering::Relaxed);
+
     // A wait past queue_timeout.
     let lb = Running::start(&one_at_a_time("queue = 5\nqueue_timeout = \"200ms\"")).await;
     let (client, url_a, url_b) = (http(), lb.url("/a"), lb.url("/b"));

@@ -36,6 +36,8 @@ pub struct Backend {
     pub delay_ms: Arc<AtomicU64>,
     /// Requests other than `/healthz` it answered.
     pub served: Arc<AtomicU64>,
+    /// The most requests (other than `/healthz`) it had in hand at once.
+    pub most_at_once: Arc<AtomicU64>,
     task: JoinHandle<()>,
     /// Set to true to make every open connection drop, like a killed process.
     kill: watch::Sender<bool>,
@@ -82,11 +84,14 @@ impl Backend {
         let status = Arc::new(AtomicU16::new(200));
         let delay_ms = Arc::new(AtomicU64::new(0));
         let served = Arc::new(AtomicU64::new(0));
+        let most_at_once = Arc::new(AtomicU64::new(0));
+        let in_hand = Arc::new(AtomicU64::new(0));
         let knobs = (
             healthy.clone(),
             status.clone(),
             delay_ms.clone(),
             served.clone(),
+            (in_hand, most_at_once.clone()),
         );
         let (kill, killed) = watch::channel(false);
         let (hang_up, hung_up) = watch::channel(0u64);
@@ -109,7 +114,7 @@ impl Backend {
                     let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                         h.fetch_add(1, Ordering::Relaxed);
                         let body = body.clone();
-                        let (healthy, status, delay, served) = knobs.clone();
+                        let (healthy, status, delay, served, (in_hand, most)) = knobs.clone();
                         async move {
                             if req.uri().path() == "/healthz" {
                                 let code = if healthy.load(Ordering::Relaxed) {
@@ -123,10 +128,13 @@ impl Backend {
                                 return Ok::<_, Infallible>(res);
                             }
                             served.fetch_add(1, Ordering::Relaxed);
+                            let now = in_hand.fetch_add(1, Ordering::AcqRel) + 1;
+                            most.fetch_max(now, Ordering::AcqRel);
                             let ms = delay.load(Ordering::Relaxed);
                             if ms > 0 {
                                 tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
                             }
+                            in_hand.fetch_sub(1, Ordering::AcqRel);
                             let mut res = Response::new(Full::new(body));
                             *res.status_mut() =
                                 hyper::StatusCode::from_u16(status.load(Ordering::Relaxed))
@@ -155,6 +163,7 @@ impl Backend {
             status,
             delay_ms,
             served,
+            most_at_once,
             task,
             kill,
             hang_up,

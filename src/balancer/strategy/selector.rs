@@ -495,14 +495,24 @@ impl Selector {
             if let Some(i) = found {
                 attempt.tried.set(i);
                 let live = &tier.peers[i].live;
-                live.active.fetch_add(1, Ordering::Relaxed);
-                live.requests.fetch_add(1, Ordering::Relaxed);
-                return Some(Pick {
+                let before = live.active.fetch_add(1, Ordering::Relaxed);
+                let pick = Pick {
                     tier: attempt.tier,
                     index: i,
                     owner: tier.clone(),
                     counted: self.strategy == Strategy::LeastConn && !self.single,
-                });
+                };
+                let max_conns = u64::from(tier.peers[i].config.max_conns);
+                if max_conns != 0 && before >= max_conns {
+                    // Another request took its last slot between the gate
+                    // and here: the count decides, so `max_conns` is never
+                    // passed. (Dropping the pick undoes its counts.)
+                    attempt.busy = true;
+                    drop(pick);
+                    continue;
+                }
+                live.requests.fetch_add(1, Ordering::Relaxed);
+                return Some(pick);
             }
             if attempt.ramped_out != 0 {
                 // Only peers ramping up were left: they take it.
