@@ -84,7 +84,9 @@ impl Edge {
 
     /// A node answered `sold_out` (its header): wake the watcher, once.
     pub fn poke(&self) {
-        if !self.hinted.swap(true, Ordering::AcqRel) {
+        // A load first: under a flood of forwarded sold-out answers most
+        // pokes find it set, and a plain read shares the cache line.
+        if !self.hinted.load(Ordering::Acquire) && !self.hinted.swap(true, Ordering::AcqRel) {
             self.hint.notify_one();
         }
     }

@@ -36,10 +36,14 @@ pub async fn run(shared: Arc<Shared>) {
         };
         let mut probes = JoinSet::new();
         for u in active.selector.upstreams().filter(|u| !u.config.down) {
-            let (u, check) = (u.clone(), check.clone());
+            let (u, check, shared) = (u.clone(), check.clone(), shared.clone());
             probes.spawn(async move {
                 let passed = probe(&u, &check).await;
-                record(&u, &check, passed);
+                // A reload that removed (or changed) the check while this
+                // one ran has reset what the checks said: this one is moot.
+                if shared.current.load().config.health.as_ref() == Some(&check) {
+                    record(&u, &check, passed);
+                }
             });
         }
         drop(active);

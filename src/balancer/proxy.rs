@@ -418,6 +418,7 @@ pub async fn handle(
             Ok((resp, conn)) => {
                 active.selector.release(&pick, false, now_ms());
                 if is_buy
+                    && config.sold_out_at_edge
                     && resp.status() == StatusCode::CONFLICT
                     && resp.headers().contains_key(SOLD_OUT_HEADER)
                 {
@@ -697,32 +698,30 @@ impl<'a> QueueSlot<'a> {
     }
 
     /// Until some upstream may have a free slot (a request to one with
-    /// `max_conns` ended), or the 503's body once `queue_timeout` has
-    /// passed.
-    /// Looks again at least every 50 ms, so a wake-up taken by a request
-    /// that then went elsewhere is never waited for.
+    /// `max_conns` ended, or 50 ms passed: the caller picks again either
+    /// way), or the 503's body once `queue_timeout` has passed.
     async fn wait(&self, selector: &super::strategy::Selector) -> Result<(), &'static [u8]> {
-        loop {
-            let freed = super::upstream::FREED.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
-            if !selector.any_busy() {
-                return Ok(());
-            }
-            let now = tokio::time::Instant::now();
-            if now >= self.deadline {
-                self.shared
-                    .metrics
-                    .queue
-                    .timed_out
-                    .fetch_add(1, Ordering::Relaxed);
-                return Err(QUEUE_TIMEOUT);
-            }
-            let nap = (self.deadline - now).min(Duration::from_millis(50));
-            if tokio::time::timeout(nap, freed).await.is_ok() {
-                return Ok(());
-            }
+        let freed = super::upstream::FREED.notified();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        if !selector.any_busy() {
+            return Ok(());
         }
+        let now = tokio::time::Instant::now();
+        if now >= self.deadline {
+            self.shared
+                .metrics
+                .queue
+                .timed_out
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(QUEUE_TIMEOUT);
+        }
+        // Woken or not, the caller looks again: an upstream may have come
+        // back (its check passed, its failure window ended) without a
+        // request ending anywhere.
+        let nap = (self.deadline - now).min(Duration::from_millis(50));
+        let _ = tokio::time::timeout(nap, freed).await;
+        Ok(())
     }
 }
 

@@ -68,7 +68,13 @@ async fn ask_any(shared: &Shared, path: &str) -> Result<Bytes, String> {
         .upstreams()
         .filter(|u| !u.config.down)
         .collect();
-    order.sort_by_key(|u| u.is_failed(now));
+    // Healthy and live ones first; a failed one may still answer.
+    order.sort_by_key(|u| {
+        (
+            !u.live.healthy.load(std::sync::atomic::Ordering::Relaxed),
+            u.is_failed(now),
+        )
+    });
     let mut last_error = String::from("no upstream to ask");
     for u in order {
         match tokio::time::timeout(ASK_TIMEOUT, ask(u.config.addr, path)).await {

@@ -895,6 +895,15 @@ impl Node {
         json(status, body)
     }
 
+    /// Whether the store answered this node within the last few polls: a
+    /// node that cannot reach it keeps its sold-out flag, and a balancer
+    /// must not answer for the whole sale from that stale view.
+    fn heard_lately(&self) -> bool {
+        let heard = self.last_renewed.load(Ordering::Acquire);
+        let now = self.born.elapsed().as_millis() as u64;
+        heard != 0 && now.saturating_sub(heard) < 3 * POLL_EVERY.as_millis() as u64
+    }
+
     /// `GET /sold_out`: whether this node answers `sold_out` from memory,
     /// for which epoch, and how many tickets had come back when it last
     /// heard from the store. From memory, no store call. With
@@ -915,6 +924,7 @@ impl Node {
             tokio::pin!(changed);
             changed.as_mut().enable();
             let same = self.is_sold_out()
+                && self.heard_lately()
                 && self.epoch() == epoch
                 && self.released.load(Ordering::Acquire) == released;
             if same {
@@ -922,7 +932,7 @@ impl Node {
             }
         }
         let body = serde_json::json!({
-            "sold_out": self.is_sold_out(),
+            "sold_out": self.is_sold_out() && self.heard_lately(),
             "epoch": self.epoch(),
             "released": self.released.load(Ordering::Acquire),
         });

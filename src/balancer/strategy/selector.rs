@@ -237,8 +237,9 @@ pub struct Attempt {
     /// Picks made so far: which draw of `slow_start` this is.
     pub(super) draws: u64,
     /// Peers (of the first 128) left out by a `slow_start` draw in this
-    /// tier: given back when nothing else can be picked, because a small
-    /// share is still a share.
+    /// tier, by this pick or an earlier one of the same request: given back
+    /// when nothing else can be picked (a failover included), because a
+    /// small share is still a share.
     pub(super) ramped_out: u128,
     /// The draws are off for the rest of this attempt (see `ramped_out`).
     pub(super) no_ramp: bool,
@@ -458,7 +459,6 @@ impl Selector {
         loop {
             let tier = self.tiers.get(attempt.tier)?;
             if self.gate.on {
-                attempt.ramped_out = 0;
                 self.gate_out(tier, attempt, now);
             }
             let found = if self.single {
@@ -524,6 +524,8 @@ impl Selector {
             if attempt.tier + 1 < self.tiers.len() {
                 attempt.tier += 1;
                 attempt.tried.clear();
+                attempt.ramped_out = 0;
+                attempt.no_ramp = false;
                 continue;
             }
             if attempt.busy {
@@ -692,6 +694,32 @@ mod tests {
             for _ in 0..200 {
                 one(&s, now);
             }
+        }
+    }
+
+    #[test]
+    fn a_failover_still_reaches_a_peer_ramping_up() {
+        use crate::balancer::strategy::Gate;
+        let s = selector(Strategy::RoundRobin, vec![up(1, 1), up(2, 1)]).gated(Gate {
+            on: true,
+            slow_start_ms: 60_000,
+        });
+        let now = 1_000_000;
+        s.tiers[0].peers[1]
+            .live
+            .back_since
+            .store(now, Ordering::Relaxed);
+        for _ in 0..100 {
+            let mut a = Attempt::new(IpAddr::V4(Ipv4Addr::LOCALHOST));
+            let first = s.pick(&mut a, now).expect("a peer");
+            if port(&s, &first) != 1 {
+                continue;
+            }
+            // Peer 1 fails: the request goes on to the ramping peer 2,
+            // even when the first pick's draw left it out.
+            drop(first);
+            let second = s.pick(&mut a, now).expect("the ramping peer");
+            assert_eq!(port(&s, &second), 2);
         }
     }
 
