@@ -133,21 +133,17 @@ fn metrics(shared: &Shared) -> String {
         "gauge",
         |u| u.live.active.load(Ordering::Relaxed),
     );
-    out.push_str(
-        "# HELP spike_balancer_local_responses_total Answers made by the balancer itself.\n",
+    counters(
+        &mut out,
+        "spike_balancer_local_responses_total",
+        "Answers made by the balancer itself.",
+        "code",
+        &[
+            ("400", &m.local_400),
+            ("502", &m.local_502),
+            ("504", &m.local_504),
+        ],
     );
-    out.push_str("# TYPE spike_balancer_local_responses_total counter\n");
-    for (code, c) in [
-        (400, &m.local_400),
-        (502, &m.local_502),
-        (504, &m.local_504),
-    ] {
-        let _ = writeln!(
-            out,
-            "spike_balancer_local_responses_total{{code=\"{code}\"}} {}",
-            c.load(Ordering::Relaxed)
-        );
-    }
     m.latency.write(
         &mut out,
         "spike_balancer_upstream_latency_seconds",
@@ -178,19 +174,17 @@ fn metrics(shared: &Shared) -> String {
         "gauge",
         q.waiting.load(Ordering::Relaxed) as u64,
     );
-    out.push_str("# HELP spike_balancer_queue_total Requests that waited in the queue, and the 503s it gave, by outcome.\n");
-    out.push_str("# TYPE spike_balancer_queue_total counter\n");
-    for (what, c) in [
-        ("queued", &q.queued),
-        ("full", &q.full),
-        ("timed_out", &q.timed_out),
-    ] {
-        let _ = writeln!(
-            out,
-            "spike_balancer_queue_total{{outcome=\"{what}\"}} {}",
-            c.load(Ordering::Relaxed)
-        );
-    }
+    counters(
+        &mut out,
+        "spike_balancer_queue_total",
+        "Requests that waited in the queue, and the 503s it gave, by outcome.",
+        "outcome",
+        &[
+            ("queued", &q.queued),
+            ("full", &q.full),
+            ("timed_out", &q.timed_out),
+        ],
+    );
     q.wait.write(
         &mut out,
         "spike_balancer_queue_wait_seconds",
@@ -204,18 +198,16 @@ fn metrics(shared: &Shared) -> String {
         "gauge",
         |u| u64::from(u.live.healthy.load(Ordering::Relaxed)),
     );
-    out.push_str("# HELP spike_balancer_edge_answers_total Purchases answered by the balancer itself once the sale was sold out.\n");
-    out.push_str("# TYPE spike_balancer_edge_answers_total counter\n");
-    for (status, c) in [
-        ("sold_out", &shared.edge.sold_out_answers),
-        ("already_bought", &shared.edge.already_bought_answers),
-    ] {
-        let _ = writeln!(
-            out,
-            "spike_balancer_edge_answers_total{{status=\"{status}\"}} {}",
-            c.load(Ordering::Relaxed)
-        );
-    }
+    counters(
+        &mut out,
+        "spike_balancer_edge_answers_total",
+        "Purchases answered by the balancer itself once the sale was sold out.",
+        "status",
+        &[
+            ("sold_out", &shared.edge.sold_out_answers),
+            ("already_bought", &shared.edge.already_bought_answers),
+        ],
+    );
     crate::prometheus::single(
         &mut out,
         "spike_balancer_edge_answering",
@@ -231,6 +223,24 @@ fn metrics(shared: &Shared) -> String {
         active.version,
     );
     out
+}
+
+/// One Prometheus counter with a sample per value of `label`.
+fn counters(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    samples: &[(&str, &std::sync::atomic::AtomicU64)],
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (value, c) in samples {
+        let _ = writeln!(
+            out,
+            "{name}{{{label}=\"{value}\"}} {}",
+            c.load(Ordering::Relaxed)
+        );
+    }
 }
 
 /// One Prometheus metric with a sample per upstream.
