@@ -134,6 +134,7 @@ struct BalancerFile {
     max_body: Option<Spanned<i64>>,
     #[serde(default)]
     underscores_in_headers: bool,
+    fast_path: Option<bool>,
     #[serde(default)]
     trusted_proxies: Vec<Spanned<String>>,
     sold_out_at_edge: Option<bool>,
@@ -346,6 +347,10 @@ pub struct BalancerConfig {
     /// `X_Real_IP` as `X-Real-IP`, so a client could spoof the headers the
     /// balancer sets.
     pub underscores_in_headers: bool,
+    /// Whether ordinary requests take the balancer's own HTTP/1 path
+    /// (`crate::balancer::h1`); off, hyper's server and client carry
+    /// every request, as before that path existed.
+    pub fast_path: bool,
     /// With a `[sale]` in the file: answer `sold_out` (and `already_bought`
     /// for holders) here once the nodes say the sale is sold out, instead
     /// of sending the flood to them (see `crate::balancer::edge`).
@@ -1099,6 +1104,7 @@ impl Cx<'_> {
                 None => d.max_body,
             },
             underscores_in_headers: b.underscores_in_headers,
+            fast_path: b.fast_path.unwrap_or(d.fast_path),
             trusted_proxies,
             sold_out_at_edge: b.sold_out_at_edge.unwrap_or(d.sold_out_at_edge),
             queue: match &b.queue {
@@ -1219,6 +1225,7 @@ fn default_balancer() -> BalancerConfig {
         body_timeout: Duration::from_secs(60),
         max_body: 1024 * 1024,
         underscores_in_headers: false,
+        fast_path: true,
         trusted_proxies: Vec::new(),
         sold_out_at_edge: true,
         queue: 0,

@@ -347,6 +347,7 @@ mod tests {
             body_timeout: Duration::from_secs(60),
             max_body: 1024 * 1024,
             underscores_in_headers: false,
+            fast_path: true,
             trusted_proxies: Vec::new(),
             sold_out_at_edge: true,
             queue: 0,

@@ -65,6 +65,7 @@ pub async fn serve<F, S, B>(
         permits,
         None,
         None,
+        None,
         make_service,
         shutdown,
     )
@@ -164,18 +165,56 @@ impl Drop for OpenOnLoop {
     }
 }
 
+/// What the first owner of a new connection (a [`Front`]) knows of the
+/// server it belongs to: its limits and whether it is stopping.
+pub struct ConnContext {
+    /// Becomes true when the server stops: an idle connection closes.
+    pub stop: watch::Receiver<bool>,
+    /// Set when the server stops: answers ask the client to close.
+    pub stopping: Arc<AtomicBool>,
+    /// A client that has not sent its request head by then is closed.
+    pub header_read_timeout: Duration,
+    /// A keep-alive client that sends no next request by then is closed.
+    pub keepalive_timeout: Duration,
+    permits: Arc<Semaphore>,
+    most: usize,
+}
+
+impl ConnContext {
+    /// Whether so many connections are open that an idle one should give
+    /// its buffers back (see [`recycle`]).
+    pub fn crowded(&self) -> bool {
+        self.most.saturating_sub(self.permits.available_permits()) > recycle::crowd(self.most)
+    }
+}
+
+/// What a [`Front`] ends with: nothing (the connection is done), or the
+/// socket and the bytes it read ahead, for hyper's server.
+pub type Handover = std::pin::Pin<Box<dyn Future<Output = Option<(TcpStream, Bytes)>> + Send>>;
+
+/// A connection's first owner, before hyper's server: it serves what it
+/// can itself and hands the socket on, with the bytes it read ahead, for
+/// the request it leaves to hyper (the balancer's own HTTP/1 path).
+pub trait Front: Send + Sync + 'static {
+    /// Serves `stream` until it closes (`None`), or until a request is for
+    /// hyper (`Some`: the socket, and the bytes read that belong to it).
+    fn serve(&self, stream: TcpStream, peer: SocketAddr, ctx: ConnContext) -> Handover;
+}
+
 /// [`serve`] for one of several accept loops on one port (the balancer's
 /// worker threads): they share the connection cap's `permits`, and with
 /// `share = Some((share, me))` new connections are shared evenly as
 /// [`AcceptShare`] says. With `send_timeout`, a connection whose client
 /// takes no byte of a response for that long is closed (Nginx's
-/// `send_timeout`).
+/// `send_timeout`). With a `front`, every connection goes to it first.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve_with<F, S, B>(
     listener: TcpListener,
     limits: &ServerConfig,
     permits: Arc<Semaphore>,
     share: Option<(Arc<AcceptShare>, usize)>,
     send_timeout: Option<Duration>,
+    front: Option<Arc<dyn Front>>,
     make_service: F,
     shutdown: impl Future<Output = ()>,
 ) where
@@ -250,8 +289,29 @@ pub async fn serve_with<F, S, B>(
             send_timeout,
         };
         let open = open_tx.clone();
+        let ctx = front.as_ref().map(|_| ConnContext {
+            stop: stop_rx.clone(),
+            stopping: stopping.clone(),
+            header_read_timeout: limits.header_read_timeout,
+            keepalive_timeout: limits.keepalive_timeout,
+            permits: permits.clone(),
+            most: limits.max_connections,
+        });
+        let front = front.clone();
         tokio::spawn(async move {
-            connection.run(stream, service).await;
+            let (stream, ahead) = match (front, ctx) {
+                (Some(front), Some(ctx)) => match front.serve(stream, peer, ctx).await {
+                    Some(handed) => handed,
+                    None => {
+                        drop(on_loop);
+                        drop(permit);
+                        drop(open);
+                        return;
+                    }
+                },
+                _ => (stream, Bytes::new()),
+            };
+            connection.run(stream, ahead, service).await;
             drop(on_loop);
             drop(permit);
             drop(open);
@@ -284,8 +344,12 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run<S, B>(mut self, mut stream: TcpStream, mut service: recycle::Turnstile<S>)
-    where
+    async fn run<S, B>(
+        mut self,
+        mut stream: TcpStream,
+        ahead: Bytes,
+        mut service: recycle::Turnstile<S>,
+    ) where
         S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
         S::Future: Send + 'static,
         B: Body + Send + 'static,
@@ -295,19 +359,22 @@ impl Connection {
         // The first request: `peek`, not `readable`, since a fresh socket
         // counts as readable before any byte has arrived. A client that
         // sends nothing in time (or closes) is closed.
+        // (Bytes read ahead by a front are that request's first.)
         let mut first = [0u8; 1];
-        tokio::select! {
-            peeked = tokio::time::timeout(self.first_byte_timeout, stream.peek(&mut first)) => match peeked {
-                Ok(Ok(n)) if n > 0 => {}
-                _ => return,
-            },
-            _ = self.stop.wait_for(|stop| *stop) => return,
+        if ahead.is_empty() {
+            tokio::select! {
+                peeked = tokio::time::timeout(self.first_byte_timeout, stream.peek(&mut first)) => match peeked {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return,
+                },
+                _ = self.stop.wait_for(|stop| *stop) => return,
+            }
         }
         // The keep-alive deadline is one timer per connection, moved only
         // when it fires early, not set again for every request.
         let idle_limit = tokio::time::sleep(self.keepalive_timeout);
         tokio::pin!(idle_limit);
-        let mut ahead = Bytes::new();
+        let mut ahead = ahead;
         let mut waiting = false;
         loop {
             if waiting {

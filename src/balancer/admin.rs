@@ -55,7 +55,7 @@ fn status(shared: &Shared) -> String {
                 "active": u.live.active.load(Ordering::Relaxed),
                 "requests": u.live.requests.load(Ordering::Relaxed),
                 "failures": u.live.failures.load(Ordering::Relaxed),
-                "idle_connections": u.live.idle.len(),
+                "idle_connections": u.live.idle.len() + u.live.raw_idle.len(),
                 "max_conns": u.config.max_conns,
                 "share_permille": u.ramp_permille(now, active.config.slow_start.as_millis() as u64),
                 "responses": u
@@ -88,6 +88,10 @@ fn status(shared: &Shared) -> String {
             "queued": shared.metrics.queue.queued.load(Ordering::Relaxed),
             "full": shared.metrics.queue.full.load(Ordering::Relaxed),
             "timed_out": shared.metrics.queue.timed_out.load(Ordering::Relaxed),
+        },
+        "fast_path": {
+            "on": active.config.fast_path,
+            "general_connections": shared.metrics.general_connections.load(Ordering::Relaxed),
         },
         "edge": {
             "answering": shared.edge.active(),
@@ -166,6 +170,13 @@ fn metrics(shared: &Shared) -> String {
             "spike_balancer_worker_connections{{worker=\"{w}\"}} {open}"
         );
     }
+    crate::prometheus::single(
+        &mut out,
+        "spike_balancer_general_path_connections_total",
+        "Client connections handed from the fast path to hyper's server, for a request the fast path does not take.",
+        "counter",
+        m.general_connections.load(Ordering::Relaxed),
+    );
     let q = &m.queue;
     crate::prometheus::single(
         &mut out,

@@ -55,7 +55,11 @@ fn write_hex(out: &mut [u8], v: u64) {
 /// `[A-Za-z0-9_.:@-]`, optionally inside double quotes (the draft's
 /// sf-string form).
 pub fn is_valid(value: &HeaderValue) -> bool {
-    let b = value.as_bytes();
+    is_valid_bytes(value.as_bytes())
+}
+
+/// [`is_valid`] of a value as it came on the wire.
+pub fn is_valid_bytes(b: &[u8]) -> bool {
     let inner = match b {
         [b'"', inner @ .., b'"'] => inner,
         _ => b,

@@ -17,6 +17,9 @@ pub struct Metrics {
     /// The admission queue (requests waiting for an upstream below its
     /// `max_conns`).
     pub queue: QueueCounters,
+    /// Client connections the fast path ([`super::h1`]) handed to hyper's
+    /// server for a request it does not take (they stay there).
+    pub general_connections: AtomicU64,
 }
 
 /// What the admission queue holds and has done.

@@ -21,6 +21,7 @@ pub mod body;
 pub mod clock;
 pub mod edge;
 pub mod error;
+pub mod h1;
 pub mod health;
 pub mod idempotency;
 pub mod metrics;
@@ -173,6 +174,10 @@ impl Balancer {
                 permits,
                 Some((shared.accept_share.clone(), 0)),
                 Some(send_timeout),
+                Some(Arc::new(h1::FastPath {
+                    shared: shared.clone(),
+                    worker: 0,
+                }) as Arc<dyn crate::server::Front>),
                 move |peer| proxy_connection(&proxy_shared, 0, peer),
                 stopped(stop_rx.clone())
             ),
@@ -238,6 +243,9 @@ async fn expire_idle(shared: Arc<state::Shared>, worker: usize) {
             u.live
                 .idle
                 .expire(worker, now, active.config.keepalive_timeout);
+            u.live
+                .raw_idle
+                .expire(worker, now, active.config.keepalive_timeout);
         }
     }
 }
@@ -280,6 +288,10 @@ fn run_worker(
             permits,
             share,
             Some(send_timeout),
+            Some(Arc::new(h1::FastPath {
+                shared: shared.clone(),
+                worker,
+            }) as Arc<dyn crate::server::Front>),
             move |peer| proxy_connection(&shared, worker, peer),
             stopped(stop),
         )

@@ -146,20 +146,70 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<UpstreamConn
     Ok(UpstreamConn { sender, received })
 }
 
-struct Idle {
-    conn: UpstreamConn,
+/// A connection that can sit on an idle stack: it must be able to tell,
+/// without waiting, that its upstream closed it meanwhile.
+pub trait Reusable {
+    /// Whether the upstream is known to have closed it.
+    fn is_closed(&self) -> bool;
+}
+
+impl Reusable for UpstreamConn {
+    fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+}
+
+/// A bare upstream socket, for the balancer's own HTTP/1 path
+/// ([`super::h1`]): the request task writes and reads it itself, with no
+/// connection task and no channel between them.
+pub struct RawConn {
+    /// The socket, `TCP_NODELAY` set.
+    pub stream: TcpStream,
+}
+
+impl Reusable for RawConn {
+    fn is_closed(&self) -> bool {
+        // An idle connection has nothing to say: readable means the
+        // upstream closed it (or broke the protocol). While tokio has not
+        // seen it readable this makes no system call.
+        let mut byte = [0u8; 1];
+        !matches!(self.stream.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
+/// Opens a bare connection to `addr` with `TCP_NODELAY`.
+pub async fn connect_raw(addr: SocketAddr, timeout: Duration) -> Result<RawConn, ConnectError> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| ConnectError::Timeout(timeout))??;
+    stream.set_nodelay(true)?;
+    Ok(RawConn { stream })
+}
+
+struct Idle<C> {
+    conn: C,
     /// When it went idle, in [`now_ms`](super::upstream::now_ms).
     since: u64,
 }
 
+/// One worker's idle connections, oldest first.
+type Stack<C> = Mutex<VecDeque<Idle<C>>>;
+
 /// The idle connections of one upstream, one stack per worker thread.
-#[derive(Default)]
-pub struct IdleConns {
+pub struct IdleConns<C = UpstreamConn> {
     /// Sized on first use, to the number of workers.
-    stacks: OnceLock<Box<[Mutex<VecDeque<Idle>>]>>,
+    stacks: OnceLock<Box<[Stack<C>]>>,
 }
 
-impl std::fmt::Debug for IdleConns {
+impl<C> Default for IdleConns<C> {
+    fn default() -> Self {
+        IdleConns {
+            stacks: OnceLock::new(),
+        }
+    }
+}
+
+impl<C: Reusable> std::fmt::Debug for IdleConns<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IdleConns")
             .field("idle", &self.len())
@@ -167,14 +217,14 @@ impl std::fmt::Debug for IdleConns {
     }
 }
 
-fn lock(m: &Mutex<VecDeque<Idle>>) -> MutexGuard<'_, VecDeque<Idle>> {
+fn lock<C>(m: &Mutex<VecDeque<Idle<C>>>) -> MutexGuard<'_, VecDeque<Idle<C>>> {
     // A panic while holding it leaves at worst a connection too many or too
     // few on the stack.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl IdleConns {
-    fn stack(&self, worker: usize, workers: usize) -> &Mutex<VecDeque<Idle>> {
+impl<C: Reusable> IdleConns<C> {
+    fn stack(&self, worker: usize, workers: usize) -> &Mutex<VecDeque<Idle<C>>> {
         let stacks = self.stacks.get_or_init(|| {
             (0..workers.max(1))
                 .map(|_| Mutex::new(VecDeque::new()))
@@ -186,20 +236,14 @@ impl IdleConns {
     /// The most recently used idle connection of `worker` that is still
     /// open and idle for at most `timeout`. Older ones than an expired one
     /// are expired too, and are closed.
-    pub fn take(
-        &self,
-        worker: usize,
-        workers: usize,
-        now: u64,
-        timeout: Duration,
-    ) -> Option<UpstreamConn> {
+    pub fn take(&self, worker: usize, workers: usize, now: u64, timeout: Duration) -> Option<C> {
         let mut stack = lock(self.stack(worker, workers));
         while let Some(idle) = stack.pop_back() {
             if now.saturating_sub(idle.since) > timeout.as_millis() as u64 {
                 stack.clear();
                 return None;
             }
-            if !idle.conn.sender.is_closed() {
+            if !idle.conn.is_closed() {
                 return Some(idle.conn);
             }
         }
@@ -208,15 +252,8 @@ impl IdleConns {
 
     /// Puts a connection whose response was read to the end back on
     /// `worker`'s stack; beyond `max_idle` the oldest is closed.
-    pub fn put(
-        &self,
-        worker: usize,
-        workers: usize,
-        conn: UpstreamConn,
-        now: u64,
-        max_idle: usize,
-    ) {
-        if max_idle == 0 || conn.sender.is_closed() {
+    pub fn put(&self, worker: usize, workers: usize, conn: C, now: u64, max_idle: usize) {
+        if max_idle == 0 || conn.is_closed() {
             return;
         }
         let mut stack = lock(self.stack(worker, workers));

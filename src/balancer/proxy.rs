@@ -93,15 +93,17 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     UPGRADE,
 ];
 
-const BAD_GATEWAY: &[u8] = br#"{"status":"bad_gateway","error":"no upstream could answer"}"#;
-const GATEWAY_TIMEOUT: &[u8] =
+pub(super) const BAD_GATEWAY: &[u8] =
+    br#"{"status":"bad_gateway","error":"no upstream could answer"}"#;
+pub(super) const GATEWAY_TIMEOUT: &[u8] =
     br#"{"status":"gateway_timeout","error":"the upstream did not answer in time"}"#;
-const BAD_REQUEST: &[u8] = br#"{"status":"bad_request","error":"the request could not be read"}"#;
+pub(super) const BAD_REQUEST: &[u8] =
+    br#"{"status":"bad_request","error":"the request could not be read"}"#;
 const TOO_LARGE: &[u8] =
     br#"{"status":"payload_too_large","error":"the request body is larger than max_body"}"#;
 const NOT_ALLOWED: &[u8] =
     br#"{"status":"method_not_allowed","error":"CONNECT and TRACE are not proxied"}"#;
-const SOLD_OUT: &[u8] = br#"{"status":"sold_out"}"#;
+pub(super) const SOLD_OUT: &[u8] = br#"{"status":"sold_out"}"#;
 const QUEUE_FULL: &[u8] = br#"{"status":"busy","reason":"every upstream is at its max_conns and the queue is full; retry after a second"}"#;
 const QUEUE_TIMEOUT: &[u8] = br#"{"status":"busy","reason":"every upstream stayed at its max_conns for queue_timeout; retry after a second"}"#;
 const BAD_HOST: &[u8] =
@@ -203,8 +205,8 @@ impl Drop for Tracked {
 /// from a direct client copies a shared value instead of formatting an IP.
 #[derive(Debug, Clone)]
 pub struct Peer {
-    ip: IpAddr,
-    value: HeaderValue,
+    pub(super) ip: IpAddr,
+    pub(super) value: HeaderValue,
 }
 
 impl Peer {
@@ -219,7 +221,7 @@ impl Peer {
 }
 
 /// An IP address as a header value.
-fn ip_value(ip: IpAddr) -> HeaderValue {
+pub(super) fn ip_value(ip: IpAddr) -> HeaderValue {
     // An IP address is always a valid header value.
     HeaderValue::from_maybe_shared(Bytes::from(ip.to_string()))
         .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
@@ -283,7 +285,7 @@ enum Conn {
 }
 
 /// Whether a method may be sent twice (RFC 9110 9.2.2).
-fn is_idempotent(m: &Method) -> bool {
+pub(super) fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
@@ -673,7 +675,7 @@ fn edge_answer(shared: &Shared, parts: &hyper::http::request::Parts) -> Option<R
 
 /// A request's place in the admission queue, from its first wait to its
 /// pick (or its 503): the queue's length counts it while it lives.
-struct QueueSlot<'a> {
+pub(super) struct QueueSlot<'a> {
     shared: &'a Shared,
     since: Instant,
     deadline: tokio::time::Instant,
@@ -682,7 +684,7 @@ struct QueueSlot<'a> {
 impl<'a> QueueSlot<'a> {
     /// A place in the queue, or the 503's body when it is full (`queue =
     /// 0`: it always is).
-    fn take(shared: &'a Shared, config: &BalancerConfig) -> Result<Self, &'static [u8]> {
+    pub(super) fn take(shared: &'a Shared, config: &BalancerConfig) -> Result<Self, &'static [u8]> {
         let q = &shared.metrics.queue;
         if q.waiting.fetch_add(1, Ordering::AcqRel) >= config.queue {
             q.waiting.fetch_sub(1, Ordering::AcqRel);
@@ -700,7 +702,10 @@ impl<'a> QueueSlot<'a> {
     /// Until some upstream may have a free slot (a request to one with
     /// `max_conns` ended, or 50 ms passed: the caller picks again either
     /// way), or the 503's body once `queue_timeout` has passed.
-    async fn wait(&self, selector: &super::strategy::Selector) -> Result<(), &'static [u8]> {
+    pub(super) async fn wait(
+        &self,
+        selector: &super::strategy::Selector,
+    ) -> Result<(), &'static [u8]> {
         let freed = super::upstream::FREED.notified();
         tokio::pin!(freed);
         freed.as_mut().enable();
@@ -755,13 +760,29 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
 /// then the last address in `X-Forwarded-For` that is not a trusted proxy
 /// (Nginx's realip with `real_ip_recursive on`).
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    client_ip_from(
+        peer,
+        headers
+            .get_all(X_FORWARDED_FOR)
+            .iter()
+            .map(HeaderValue::as_bytes),
+        trusted,
+    )
+}
+
+/// [`client_ip`] over the `X-Forwarded-For` values as they came, in order.
+pub fn client_ip_from<'a>(
+    peer: IpAddr,
+    forwarded_for: impl DoubleEndedIterator<Item = &'a [u8]>,
+    trusted: &[IpNet],
+) -> IpAddr {
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
-    if !is_trusted(&peer) {
+    if trusted.is_empty() || !is_trusted(&peer) {
         return peer;
     }
     let mut client = peer;
-    for value in headers.get_all(X_FORWARDED_FOR).iter().rev() {
-        let Ok(s) = value.to_str() else {
+    for value in forwarded_for.rev() {
+        let Ok(s) = std::str::from_utf8(value) else {
             return client;
         };
         for item in s.rsplit(',') {

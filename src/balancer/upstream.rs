@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 
 use crate::config::UpstreamConfig;
 
-use super::pool::IdleConns;
+use super::pool::{IdleConns, RawConn};
 
 pub use super::clock::now_ms;
 
@@ -47,6 +47,9 @@ pub struct LiveState {
     pub responses: Box<[AtomicU64; STATUS_CODES]>,
     /// Idle keep-alive connections to this upstream, per worker.
     pub idle: IdleConns,
+    /// Idle keep-alive connections of the balancer's own HTTP/1 path
+    /// ([`super::h1`]), per worker.
+    pub raw_idle: IdleConns<RawConn>,
     /// What the active health check says (true until it says otherwise).
     pub healthy: AtomicBool,
     /// Health checks failed in a row.
@@ -77,6 +80,7 @@ impl LiveState {
             failures: AtomicU64::new(0),
             responses: Box::new(std::array::from_fn(|_| AtomicU64::new(0))),
             idle: IdleConns::default(),
+            raw_idle: IdleConns::default(),
             healthy: AtomicBool::new(true),
             check_fails: AtomicU32::new(0),
             check_passes: AtomicU32::new(0),

@@ -79,7 +79,7 @@ const HEAD_END: u32 = u32::from_be_bytes(*b"\r\n\r\n");
 /// Open connections (across the server's workers) above which every idle
 /// connection gives its hyper connection and buffers back at once: 1,024,
 /// or a sixteenth of `max_connections` when that is less.
-fn crowd(most: usize) -> usize {
+pub(super) fn crowd(most: usize) -> usize {
     (most / 16).min(1024)
 }
 

@@ -1,0 +1,779 @@
+//! The balancer's own HTTP/1 forwarding path: one task per client
+//! connection that parses each request head in place, writes it to an
+//! upstream connection it owns for the request (one write, head and body),
+//! reads the response head in place and relays the body by its framing
+//! without re-encoding it. No HTTP state machine on either side, no
+//! channel, no connection task per upstream connection: what hyper's
+//! server and client cost per proxied request (two state machines, a
+//! header map built and encoded on each side, a channel and a task wake
+//! between them) is what this path saves.
+//!
+//! It takes only the requests whose framing has one reading (see
+//! [`request`]); the first request that is anything else (HTTP/1.0, a
+//! chunked or large body, `Expect`, an upgrade, an odd target or `Host`,
+//! a head longer than 16 KiB, or anything `httparse` refuses) is handed,
+//! with every byte read so far, to hyper's server and the general path in
+//! [`super::proxy`], which keeps the connection from then on. So the
+//! general path stays the reference for every rule about what is refused,
+//! and the fast path can only be narrower, never more lenient. `[balancer]
+//! fast_path = false` sends every connection to the general path.
+//!
+//! Everything else is the general path's, rule for rule: the sold-out
+//! edge, the admission queue, failover and retries (a connect failure goes
+//! to the next upstream; anything after sending only for a request that
+//! may be sent twice; the same upstream again only after a reused
+//! connection failed before any response byte), `response_timeout` for the
+//! head, `read_timeout` and `send_timeout` between reads and writes of the
+//! body, `X-Forwarded-For`, `X-Real-IP`, the generated `Idempotency-Key`,
+//! hop-by-hop headers both ways, and a 502 for a response that cannot be
+//! framed in one way.
+
+pub mod date;
+pub mod request;
+pub mod response;
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use hyper::{Method, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::node::handler::check_buyer;
+use crate::server::ConnContext;
+
+use super::idempotency;
+use super::pool::{self, RawConn};
+use super::proxy::{self, Peer, QueueSlot, REPLAY_LIMIT};
+use super::state::Shared;
+use super::strategy::Attempt;
+use super::upstream::{Upstream, now_ms};
+use request::{Kind, Parsed, RequestHead};
+use response::{ChunkedScan, Framing, Malformed, ParsedResponse, ResponseHead};
+
+/// Room kept for reading: a request head, or a response's head and the
+/// first part of its body.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// The balancer's fast path as the accept loop sees it.
+pub struct FastPath {
+    /// The balancer's state.
+    pub shared: Arc<Shared>,
+    /// The worker thread whose upstream connections this uses.
+    pub worker: usize,
+}
+
+impl crate::server::Front for FastPath {
+    fn serve(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        ctx: ConnContext,
+    ) -> crate::server::Handover {
+        Box::pin(serve(self.shared.clone(), self.worker, stream, peer, ctx))
+    }
+}
+
+/// One client connection's reusable buffers.
+#[derive(Default)]
+struct Buffers {
+    /// Bytes from the client not yet used.
+    input: BytesMut,
+    /// What is written next, to the upstream or the client.
+    out: Vec<u8>,
+    /// Bytes from the upstream.
+    resp: BytesMut,
+    head: RequestHead,
+    rhead: ResponseHead,
+}
+
+impl Buffers {
+    /// Gives the memory back between requests when many connections are
+    /// open (ten thousand idle clients must not hold 20 KiB each).
+    fn shrink(&mut self) {
+        if self.input.is_empty() {
+            self.input = BytesMut::new();
+        }
+        self.out = Vec::new();
+        self.resp = BytesMut::new();
+        self.head.headers = Vec::new();
+        self.rhead.headers = Vec::new();
+    }
+}
+
+/// Serves `stream` until it closes (`None`) or a request needs the general
+/// path (`Some`: the socket and the bytes read ahead, that request's first).
+pub async fn serve(
+    shared: Arc<Shared>,
+    worker: usize,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    mut ctx: ConnContext,
+) -> Option<(TcpStream, bytes::Bytes)> {
+    if !shared.current.load().config.fast_path {
+        return Some((stream, bytes::Bytes::new()));
+    }
+    let peer = Peer::new(peer);
+    let mut b = Buffers::default();
+    let mut first = true;
+    loop {
+        if b.input.is_empty() {
+            if !first && ctx.crowded() {
+                b.shrink();
+            }
+            let limit = if first {
+                ctx.header_read_timeout
+            } else {
+                ctx.keepalive_timeout
+            };
+            tokio::select! {
+                ready = tokio::time::timeout(limit, stream.readable()) => match ready {
+                    Ok(Ok(())) => {}
+                    _ => return None,
+                },
+                _ = ctx.stop.wait_for(|stop| *stop) => return None,
+            }
+            b.input.reserve(READ_CHUNK);
+            match stream.try_read_buf(&mut b.input) {
+                Ok(0) => return None,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(_) => return None,
+            }
+        }
+        first = false;
+        let active = shared.current.load_full();
+        let config = &active.config;
+        // The head, within `header_read_timeout` of its first byte.
+        let deadline = tokio::time::Instant::now() + ctx.header_read_timeout;
+        loop {
+            match request::parse(
+                &b.input,
+                &mut b.head,
+                REPLAY_LIMIT,
+                config.max_body,
+                config.underscores_in_headers,
+            ) {
+                Parsed::Fast => break,
+                Parsed::General => {
+                    shared
+                        .metrics
+                        .general_connections
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Some((stream, b.input.freeze()));
+                }
+                Parsed::Partial => {
+                    b.input.reserve(READ_CHUNK);
+                    match tokio::time::timeout_at(deadline, stream.read_buf(&mut b.input)).await {
+                        Ok(Ok(n)) if n > 0 => {}
+                        _ => return None,
+                    }
+                }
+            }
+        }
+        // A small declared body, read whole so that it can be sent again,
+        // with `body_timeout` between reads.
+        let end = b.head.len + b.head.content_length as usize;
+        while b.input.len() < end {
+            b.input.reserve(end - b.input.len());
+            match tokio::time::timeout(config.body_timeout, stream.read_buf(&mut b.input)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => {
+                    shared.metrics.count_local(400);
+                    local(
+                        &mut b.out,
+                        StatusCode::BAD_REQUEST,
+                        proxy::BAD_REQUEST,
+                        &[],
+                        true,
+                    );
+                    let _ = send(&mut stream, &b.out, config.send_timeout).await;
+                    return None;
+                }
+            }
+        }
+        let closing = b.head.close || ctx.stopping.load(Ordering::Relaxed);
+        let keep = forward(
+            &shared,
+            &active,
+            worker,
+            &peer,
+            &mut stream,
+            &mut b,
+            end,
+            closing,
+        )
+        .await;
+        b.input.advance(end);
+        if !keep || closing {
+            let _ = stream.shutdown().await;
+            return None;
+        }
+    }
+}
+
+/// Why one attempt at an upstream failed.
+enum Failure {
+    /// No connection: the request was not sent.
+    Connect(pool::ConnectError),
+    /// No response head within `response_timeout`.
+    Timeout,
+    /// The connection broke; `stale`: it was a reused one and not a byte
+    /// of the response came, so it may only have gone stale while idle.
+    Broken { stale: bool, error: io::Error },
+    /// The upstream answered, but not in a form with one meaning.
+    Malformed(Malformed),
+}
+
+/// Proxies the request in `b` (its bytes are `b.input[..end]`); returns
+/// whether the client connection may serve another request.
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    shared: &Shared,
+    active: &super::state::Active,
+    worker: usize,
+    peer: &Peer,
+    client: &mut TcpStream,
+    b: &mut Buffers,
+    end: usize,
+    closing: bool,
+) -> bool {
+    let start = Instant::now();
+    let config = &active.config;
+    let head = &b.head;
+    let input = &b.input[..end];
+    let path = &input[head.target.start..head.path_end];
+    let is_buy = path == idempotency::PURCHASE_PATH.as_bytes();
+    if is_buy
+        && shared.edge.active()
+        && config.sold_out_at_edge
+        && edge_answer(shared, head, input, &mut b.out, closing)
+    {
+        return send(client, &b.out, config.send_timeout).await.is_ok();
+    }
+    let client_addr = proxy::client_ip_from(
+        peer.ip,
+        head.headers
+            .iter()
+            .filter(|h| h.kind == Kind::ForwardedFor)
+            .map(|h| &input[h.value.clone()]),
+        &config.trusted_proxies,
+    );
+    // A purchase with a key may be sent twice: the node decides a key once.
+    let mut generated = None;
+    let keyed = is_buy
+        && match head.keys {
+            0 if head.method == Method::GET || head.method == Method::POST => {
+                generated = Some(idempotency::generate());
+                true
+            }
+            1 => idempotency::is_valid_bytes(&input[head.headers[head.key_at].value.clone()]),
+            _ => false,
+        };
+    let retryable = keyed || proxy::is_idempotent(&head.method);
+    write_request(
+        &mut b.out,
+        head,
+        input,
+        peer,
+        client_addr,
+        generated.as_ref().map(|v| v.as_bytes()),
+    );
+    let to_head = head.method == Method::HEAD;
+
+    let mut attempt = Attempt::new(client_addr);
+    let mut timed_out = false;
+    let mut sent = false;
+    let mut queue: Option<QueueSlot<'_>> = None;
+    loop {
+        let Some(pick) = active.selector.pick(&mut attempt, now_ms()) else {
+            if sent || !attempt.busy {
+                break;
+            }
+            let slot = match queue.take() {
+                Some(slot) => slot,
+                None => match QueueSlot::take(shared, config) {
+                    Ok(slot) => slot,
+                    Err(why) => {
+                        return busy(client, &mut b.out, why, closing, config.send_timeout).await;
+                    }
+                },
+            };
+            if let Err(why) = slot.wait(&active.selector).await {
+                return busy(client, &mut b.out, why, closing, config.send_timeout).await;
+            }
+            queue = Some(slot);
+            attempt = Attempt::new(client_addr);
+            continue;
+        };
+        sent = true;
+        drop(queue.take());
+        let upstream = active.selector.upstream(&pick);
+        let mut result = exchange(upstream, worker, shared.workers, config, b, true, to_head).await;
+        if let Err(Failure::Broken { stale: true, error }) = &result
+            && retryable
+        {
+            tracing::debug!(upstream = %upstream.config.addr, %error, "retrying once on a fresh connection");
+            result = exchange(upstream, worker, shared.workers, config, b, false, to_head).await;
+        }
+        match result {
+            Ok(conn) => {
+                active.selector.release(&pick, false, now_ms());
+                let status = b.rhead.status;
+                if is_buy
+                    && config.sold_out_at_edge
+                    && status == 409
+                    && has_sold_out_mark(&b.rhead, &b.resp)
+                {
+                    shared.edge.poke();
+                }
+                pick.live().count_response(status);
+                shared.metrics.latency.observe(start.elapsed());
+                let (keep_client, conn) = relay(client, conn, b, config, closing).await;
+                if let Some(conn) = conn {
+                    pick.live().raw_idle.put(
+                        worker,
+                        shared.workers,
+                        conn,
+                        now_ms(),
+                        config.keepalive,
+                    );
+                }
+                // The pick (least_conn's count) ends with the body.
+                drop(pick);
+                return keep_client;
+            }
+            Err(e) => {
+                active.selector.release(&pick, true, now_ms());
+                let retry = match &e {
+                    Failure::Connect(err) => {
+                        tracing::warn!(upstream = %upstream.config.addr, error = %err, "upstream connect failed");
+                        timed_out = false;
+                        true
+                    }
+                    Failure::Timeout => {
+                        tracing::warn!(upstream = %upstream.config.addr, "upstream response timed out");
+                        timed_out = true;
+                        retryable
+                    }
+                    Failure::Broken { error, .. } => {
+                        tracing::warn!(upstream = %upstream.config.addr, %error, "upstream request failed");
+                        timed_out = false;
+                        retryable
+                    }
+                    Failure::Malformed(error) => {
+                        tracing::warn!(upstream = %upstream.config.addr, %error, "upstream request failed");
+                        timed_out = false;
+                        retryable
+                    }
+                };
+                if !retry {
+                    break;
+                }
+            }
+        }
+    }
+    let (status, body) = if timed_out {
+        (StatusCode::GATEWAY_TIMEOUT, proxy::GATEWAY_TIMEOUT)
+    } else {
+        (StatusCode::BAD_GATEWAY, proxy::BAD_GATEWAY)
+    };
+    shared.metrics.count_local(status.as_u16());
+    local(&mut b.out, status, body, &[], closing);
+    send(client, &b.out, config.send_timeout).await.is_ok()
+}
+
+/// One attempt: the request in `b.out` to `upstream` (on an idle
+/// connection when `pooled`, else a new one), and its response head into
+/// `b.rhead`, all within `response_timeout`.
+async fn exchange(
+    upstream: &Upstream,
+    worker: usize,
+    workers: usize,
+    config: &crate::config::BalancerConfig,
+    b: &mut Buffers,
+    pooled: bool,
+    to_head: bool,
+) -> Result<RawConn, Failure> {
+    let attempt = async {
+        let reused = if pooled {
+            upstream
+                .live
+                .raw_idle
+                .take(worker, workers, now_ms(), config.keepalive_timeout)
+        } else {
+            None
+        };
+        let stale_possible = reused.is_some();
+        let mut conn = match reused {
+            Some(conn) => conn,
+            None => pool::connect_raw(upstream.config.addr, config.connect_timeout)
+                .await
+                .map_err(Failure::Connect)?,
+        };
+        let broken = |error: io::Error, got: bool| Failure::Broken {
+            stale: stale_possible && !got,
+            error,
+        };
+        if let Err(e) = conn.stream.write_all(&b.out).await {
+            return Err(broken(e, false));
+        }
+        b.resp.clear();
+        loop {
+            if b.resp.capacity() - b.resp.len() < 1024 {
+                b.resp.reserve(READ_CHUNK);
+            }
+            match conn.stream.read_buf(&mut b.resp).await {
+                Ok(0) => {
+                    let got = !b.resp.is_empty();
+                    return Err(broken(
+                        io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the upstream closed before a response",
+                        ),
+                        got,
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let got = !b.resp.is_empty();
+                    return Err(broken(e, got));
+                }
+            }
+            loop {
+                match response::parse(&b.resp, &mut b.rhead, to_head) {
+                    Ok(ParsedResponse::Complete) => return Ok(conn),
+                    Ok(ParsedResponse::Informational(n)) => b.resp.advance(n),
+                    Ok(ParsedResponse::Partial) => break,
+                    Err(m) => return Err(Failure::Malformed(m)),
+                }
+            }
+        }
+    };
+    tokio::time::timeout(config.response_timeout, attempt)
+        .await
+        .unwrap_or(Err(Failure::Timeout))
+}
+
+/// Writes the response in `b.rhead`/`b.resp` to the client and relays its
+/// body. Returns whether the client connection may go on, and the upstream
+/// connection if it may be used again.
+async fn relay(
+    client: &mut TcpStream,
+    mut conn: RawConn,
+    b: &mut Buffers,
+    config: &crate::config::BalancerConfig,
+    closing: bool,
+) -> (bool, Option<RawConn>) {
+    let rh = &b.rhead;
+    let framing = rh.framing;
+    let close_client = closing || framing == Framing::Close;
+    let out = &mut b.out;
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    let mut code = itoa::Buffer::new();
+    out.extend_from_slice(code.format(rh.status).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(&b.resp[rh.reason.clone()]);
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &rh.headers {
+        lowercase_into(out, &b.resp[name.clone()]);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(&b.resp[value.clone()]);
+        out.extend_from_slice(b"\r\n");
+    }
+    if framing == Framing::Chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if !rh.has_date {
+        date::write_header(out);
+    }
+    if close_client {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    let mut reusable = rh.keep_alive;
+    b.resp.advance(rh.len);
+    // How much of the body is still to come, and where it ends in what
+    // was read.
+    let mut left = match framing {
+        Framing::Length(n) => n,
+        _ => 0,
+    };
+    let mut chunks = ChunkedScan::default();
+    let mut done = framing == Framing::Empty;
+    let mut first = true;
+    loop {
+        let take = if done {
+            0
+        } else {
+            match framing {
+                Framing::Empty => 0,
+                Framing::Length(_) => {
+                    let n = (b.resp.len() as u64).min(left) as usize;
+                    left -= n as u64;
+                    done = left == 0;
+                    n
+                }
+                Framing::Chunked => match chunks.scan(&b.resp) {
+                    Ok(Some(n)) => {
+                        done = true;
+                        n
+                    }
+                    Ok(None) => b.resp.len(),
+                    Err(error) => {
+                        tracing::warn!(upstream = %peer_of(&conn), %error, "upstream body cut off");
+                        return (false, None);
+                    }
+                },
+                Framing::Close => b.resp.len(),
+            }
+        };
+        if done && take < b.resp.len() {
+            // Bytes after the response: the upstream is out of step.
+            reusable = false;
+        }
+        let sent = if first {
+            first = false;
+            out.extend_from_slice(&b.resp[..take]);
+            send(client, out, config.send_timeout).await
+        } else if take > 0 {
+            send(client, &b.resp[..take], config.send_timeout).await
+        } else {
+            Ok(())
+        };
+        if sent.is_err() {
+            return (false, None);
+        }
+        b.resp.clear();
+        if done {
+            return (!close_client, reusable.then_some(conn));
+        }
+        b.resp.reserve(READ_CHUNK);
+        match tokio::time::timeout(config.read_timeout, conn.stream.read_buf(&mut b.resp)).await {
+            Ok(Ok(0)) if framing == Framing::Close => return (false, None),
+            Ok(Ok(n)) if n > 0 => {}
+            Ok(_) => {
+                tracing::warn!(upstream = %peer_of(&conn), "upstream closed in the middle of a response");
+                return (false, None);
+            }
+            Err(_) => {
+                tracing::warn!(upstream = %peer_of(&conn), timeout = ?config.read_timeout, "the upstream sent nothing in the middle of a response");
+                return (false, None);
+            }
+        }
+    }
+}
+
+fn peer_of(conn: &RawConn) -> String {
+    conn.stream
+        .peer_addr()
+        .map_or_else(|_| "?".to_owned(), |a| a.to_string())
+}
+
+/// Appends a header name in lower case: how hyper writes names, so that
+/// an upstream sees the same bytes from either path.
+fn lowercase_into(out: &mut Vec<u8>, name: &[u8]) {
+    out.extend(name.iter().map(u8::to_ascii_lowercase));
+}
+
+/// Whether the response head carries the node's sold-out mark.
+fn has_sold_out_mark(rh: &ResponseHead, resp: &[u8]) -> bool {
+    let mark = b"spike-sold-out";
+    debug_assert_eq!(
+        crate::node::handler::SOLD_OUT_HEADER.as_str().as_bytes(),
+        mark
+    );
+    rh.headers
+        .iter()
+        .any(|(name, _)| resp[name.clone()].eq_ignore_ascii_case(mark))
+}
+
+/// The request as the upstream gets it, into `out`: the request line with
+/// HTTP/1.1, the client's headers as they came less the hop-by-hop ones
+/// and `X-Real-IP`, one `X-Forwarded-For` (the client's, then the peer),
+/// `X-Real-IP`, a generated `Idempotency-Key` if any, and the body.
+fn write_request(
+    out: &mut Vec<u8>,
+    head: &RequestHead,
+    input: &[u8],
+    peer: &Peer,
+    client: IpAddr,
+    generated_key: Option<&[u8]>,
+) {
+    out.clear();
+    out.extend_from_slice(head.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(&input[head.target.clone()]);
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut forwarded = false;
+    for h in &head.headers {
+        match h.kind {
+            Kind::Plain => {
+                lowercase_into(out, &input[h.name.clone()]);
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(&input[h.value.clone()]);
+                out.extend_from_slice(b"\r\n");
+            }
+            Kind::Dropped => {}
+            Kind::ForwardedFor if forwarded => {}
+            Kind::ForwardedFor => {
+                // One line where the first was: every value the client
+                // sent, in order, then the peer.
+                forwarded = true;
+                out.extend_from_slice(b"x-forwarded-for: ");
+                for v in head.headers.iter().filter(|h| h.kind == Kind::ForwardedFor) {
+                    out.extend_from_slice(&input[v.value.clone()]);
+                    out.extend_from_slice(b", ");
+                }
+                out.extend_from_slice(peer.value.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+    if !forwarded {
+        out.extend_from_slice(b"x-forwarded-for: ");
+        out.extend_from_slice(peer.value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"x-real-ip: ");
+    if client == peer.ip {
+        out.extend_from_slice(peer.value.as_bytes());
+    } else {
+        out.extend_from_slice(proxy::ip_value(client).as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    if let Some(key) = generated_key {
+        out.extend_from_slice(b"idempotency-key: ");
+        out.extend_from_slice(key);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&input[head.len..]);
+}
+
+/// The edge's answer for a sold-out sale (see [`super::edge`]), into
+/// `out`; false (go to a node) for what only a node may answer, as in
+/// [`super::proxy`].
+fn edge_answer(
+    shared: &Shared,
+    head: &RequestHead,
+    input: &[u8],
+    out: &mut Vec<u8>,
+    closing: bool,
+) -> bool {
+    if !(head.method == Method::GET || head.method == Method::POST) || head.keys > 0 {
+        return false;
+    }
+    let Some(sale) = shared.edge.current() else {
+        return false;
+    };
+    let limited = sale.per_user_limit > 0;
+    let query = input
+        .get(head.path_end + 1..head.target.end)
+        .unwrap_or_default();
+    let from_query = query
+        .split(|&c| c == b'&')
+        .find_map(|pair| pair.strip_prefix(b"user="));
+    let raw = from_query.or_else(|| head.user_at.map(|i| &input[head.headers[i].value.clone()]));
+    let buyer = match raw {
+        None if limited => return false,
+        None => "",
+        Some(raw) => match std::str::from_utf8(raw)
+            .ok()
+            .and_then(|s| check_buyer(s).ok())
+        {
+            Some(b) => b,
+            None => return false,
+        },
+    };
+    if limited && let Some(order) = sale.buyers.get(buyer) {
+        shared
+            .edge
+            .already_bought_answers
+            .fetch_add(1, Ordering::Relaxed);
+        let body = format!("{{\"status\":\"already_bought\",\"order\":\"{order}\"}}");
+        local(out, StatusCode::CONFLICT, body.as_bytes(), &[], closing);
+        return true;
+    }
+    shared.edge.sold_out_answers.fetch_add(1, Ordering::Relaxed);
+    local(
+        out,
+        StatusCode::CONFLICT,
+        proxy::SOLD_OUT,
+        &[(crate::node::handler::SOLD_OUT_HEADER.as_str(), "1")],
+        closing,
+    );
+    true
+}
+
+/// The admission 503, with Retry-After.
+async fn busy(
+    client: &mut TcpStream,
+    out: &mut Vec<u8>,
+    body: &'static [u8],
+    closing: bool,
+    send_timeout: Duration,
+) -> bool {
+    local(
+        out,
+        StatusCode::SERVICE_UNAVAILABLE,
+        body,
+        &[("retry-after", "1")],
+        closing,
+    );
+    send(client, out, send_timeout).await.is_ok()
+}
+
+/// An answer of the balancer's own, a JSON body, into `out`.
+fn local(out: &mut Vec<u8>, status: StatusCode, body: &[u8], extra: &[(&str, &str)], close: bool) {
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\ncontent-type: application/json\r\n");
+    for (name, value) in extra {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"content-length: ");
+    let mut n = itoa::Buffer::new();
+    out.extend_from_slice(n.format(body.len()).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    date::write_header(out);
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+}
+
+/// Writes all of `bytes` to the client, failing once it took nothing for
+/// `limit` (Nginx's `send_timeout`). Most writes go through at once and
+/// never make a timer.
+async fn send(stream: &mut TcpStream, bytes: &[u8], limit: Duration) -> io::Result<()> {
+    let mut done = 0;
+    while done < bytes.len() {
+        match stream.try_write(&bytes[done..]) {
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    while done < bytes.len() {
+        match tokio::time::timeout(limit, stream.write(&bytes[done..])).await {
+            Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(Ok(n)) => done += n,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(io::ErrorKind::TimedOut.into()),
+        }
+    }
+    Ok(())
+}
