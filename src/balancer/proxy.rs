@@ -99,7 +99,9 @@ pub(super) const GATEWAY_TIMEOUT: &[u8] =
     br#"{"status":"gateway_timeout","error":"the upstream did not answer in time"}"#;
 pub(super) const BAD_REQUEST: &[u8] =
     br#"{"status":"bad_request","error":"the request could not be read"}"#;
-const TOO_LARGE: &[u8] =
+pub(super) const BAD_CHUNK: &[u8] =
+    br#"{"status":"bad_request","error":"the chunked request body is malformed or a chunk size is too large"}"#;
+pub(super) const TOO_LARGE: &[u8] =
     br#"{"status":"payload_too_large","error":"the request body is larger than max_body"}"#;
 const NOT_ALLOWED: &[u8] =
     br#"{"status":"method_not_allowed","error":"CONNECT and TRACE are not proxied"}"#;

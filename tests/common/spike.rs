@@ -12,8 +12,12 @@ pub fn bin() -> &'static str {
 
 /// Writes `text` to a fresh config file in a fresh temp dir.
 pub fn write_config(text: &str) -> PathBuf {
+    // A counter, not only a free port: two tests that ask at once may be
+    // given the same port, and would then share (and rewrite) one file.
+    static WRITTEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITTEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!(
-        "spike-test-{}-{}",
+        "spike-test-{}-{}-{n}",
         std::process::id(),
         super::free_port()
     ));

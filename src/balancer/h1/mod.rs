@@ -160,6 +160,21 @@ pub async fn serve(
             ) {
                 Parsed::Fast => break,
                 Parsed::General => {
+                    if b.head.chunked_body
+                        && let Err(why) =
+                            check_chunks(&mut stream, &mut b.input, b.head.len, config).await
+                    {
+                        let (status, body) = match why {
+                            Malformed::TooLarge => {
+                                (StatusCode::PAYLOAD_TOO_LARGE, proxy::TOO_LARGE)
+                            }
+                            _ => (StatusCode::BAD_REQUEST, proxy::BAD_CHUNK),
+                        };
+                        shared.metrics.count_local(status.as_u16());
+                        local(&mut b.out, status, body, &[], true);
+                        let _ = send(&mut stream, &b.out, config.send_timeout).await;
+                        return None;
+                    }
                     shared
                         .metrics
                         .general_connections
@@ -212,6 +227,39 @@ pub async fn serve(
         if !keep || closing {
             let _ = stream.shutdown().await;
             return None;
+        }
+    }
+}
+
+/// Checks the chunk sizes of a chunked request body before hyper reads
+/// it: what has arrived of the body, and more as it comes, until the body
+/// ends, its first [`REPLAY_LIMIT`] bytes are in, or the client pauses for
+/// `body_timeout` (hyper then reads the rest as it did before). A size
+/// past 2^63 - 1 or junk in the framing is the client's 400, and sizes
+/// that add up past `max_body` its 413, before a byte of the body goes
+/// anywhere: hyper takes any size up to 2^64 - 1 and would stream until
+/// `max_body` ran out.
+async fn check_chunks(
+    stream: &mut TcpStream,
+    input: &mut BytesMut,
+    head_len: usize,
+    config: &crate::config::BalancerConfig,
+) -> Result<(), Malformed> {
+    let mut scan = ChunkedScan::with_limit(config.max_body);
+    let mut scanned = head_len;
+    loop {
+        if scan.scan(&input[scanned..])?.is_some() {
+            return Ok(());
+        }
+        scanned = input.len();
+        if scanned - head_len >= REPLAY_LIMIT as usize {
+            return Ok(());
+        }
+        input.reserve(READ_CHUNK);
+        match tokio::time::timeout(config.body_timeout, stream.read_buf(input)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            // Cut off or paused: hyper answers as it always has.
+            _ => return Ok(()),
         }
     }
 }

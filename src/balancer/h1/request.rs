@@ -70,6 +70,11 @@ pub struct RequestHead {
     pub key_at: usize,
     /// Index of the `X-User-Id` line, if there is one.
     pub user_at: Option<usize>,
+    /// For a request handed to hyper: its body is framed by exactly one
+    /// `Transfer-Encoding: chunked` and no `Content-Length`, so its chunk
+    /// sizes can be checked before hyper reads them (see
+    /// [`super::response::ChunkedScan::with_limit`]).
+    pub chunked_body: bool,
 }
 
 /// What to do with the bytes read so far.
@@ -96,6 +101,7 @@ pub fn parse(
 ) -> Parsed {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
+    head.chunked_body = false;
     let len = match req.parse_with_uninit_headers(buf, &mut slots) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Parsed::Partial,
@@ -141,6 +147,11 @@ pub fn parse(
     head.user_at = None;
     let mut hosts = 0;
     let mut lengths = 0;
+    // `Transfer-Encoding` lines, and whether the one there is says just
+    // `chunked`.
+    let mut codings = 0;
+    let mut chunked = false;
+    let mut general = false;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         let mut kind = Kind::Plain;
@@ -153,13 +164,10 @@ pub fn parse(
             }
             14 if name.eq_ignore_ascii_case(b"content-length") => {
                 lengths += 1;
-                let Some(n) = digits(h.value) else {
-                    return Parsed::General;
-                };
-                if n > replay || (limit != 0 && n > limit) {
-                    return Parsed::General;
+                match digits(h.value) {
+                    Some(n) if n <= replay && (limit == 0 || n <= limit) => head.content_length = n,
+                    _ => general = true,
                 }
-                head.content_length = n;
             }
             10 if name.eq_ignore_ascii_case(b"connection") => {
                 kind = Kind::Dropped;
@@ -167,7 +175,10 @@ pub fn parse(
                     return Parsed::General;
                 }
             }
-            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => return Parsed::General,
+            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+                codings += 1;
+                chunked = h.value.trim_ascii().eq_ignore_ascii_case(b"chunked");
+            }
             6 if name.eq_ignore_ascii_case(b"expect") => return Parsed::General,
             7 if name.eq_ignore_ascii_case(b"upgrade") => return Parsed::General,
             2 if name.eq_ignore_ascii_case(b"te") => kind = Kind::Dropped,
@@ -201,7 +212,11 @@ pub fn parse(
             kind,
         });
     }
-    if hosts != 1 || lengths > 1 {
+    if codings > 0 {
+        head.chunked_body = codings == 1 && chunked && lengths == 0;
+        return Parsed::General;
+    }
+    if general || hosts != 1 || lengths > 1 {
         return Parsed::General;
     }
     if head
@@ -383,6 +398,22 @@ mod tests {
                 "{}",
                 String::from_utf8_lossy(raw)
             );
+        }
+    }
+
+    #[test]
+    fn a_plain_chunked_body_is_marked_for_its_check() {
+        let (p, head) = parsed(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n");
+        assert_eq!(p, Parsed::General);
+        assert!(head.chunked_body);
+        for raw in [
+            &b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\n",
+        ] {
+            let (_, head) = parsed(raw);
+            assert!(!head.chunked_body, "{}", String::from_utf8_lossy(raw));
         }
     }
 

@@ -48,8 +48,12 @@ pub enum Malformed {
     #[error("the upstream's Content-Length is ambiguous")]
     Length,
     /// A chunked body that breaks its framing.
-    #[error("the upstream's chunked body is malformed")]
+    #[error("the chunked body is malformed")]
     Chunk,
+    /// A chunk, or the chunks together, larger than the scan's limit
+    /// (a request's `max_body`).
+    #[error("the chunked body is larger than allowed")]
+    TooLarge,
 }
 
 /// A response head as offsets into the buffer it was read into.
@@ -247,6 +251,10 @@ pub struct ChunkedScan {
     digits: u8,
     /// Bytes of extensions and trailers so far, against [`MAX_META`].
     meta: usize,
+    /// Most data bytes in all, 0 for no limit beyond [`MAX_CHUNK`].
+    limit: u64,
+    /// Data bytes declared so far.
+    data: u64,
 }
 
 /// Most bytes of chunk extensions and trailers in one body (hyper's limit
@@ -271,6 +279,16 @@ enum ChunkState {
 }
 
 impl ChunkedScan {
+    /// A scan that also fails with [`Malformed::TooLarge`] once the chunk
+    /// sizes declared add up to more than `limit` (0: no limit), as soon
+    /// as the size line says so (Nginx's 413 for `client_max_body_size`).
+    pub fn with_limit(limit: u64) -> ChunkedScan {
+        ChunkedScan {
+            limit,
+            ..ChunkedScan::default()
+        }
+    }
+
     /// Reads `buf` onward from where the last call stopped: `Ok(Some(n))`
     /// when the body ends after the first `n` bytes of `buf`, `Ok(None)`
     /// when all of it belongs to the body and more is to come.
@@ -317,6 +335,10 @@ impl ChunkedScan {
                 SizeLf => {
                     if b != b'\n' {
                         return Err(Malformed::Chunk);
+                    }
+                    self.data = self.data.saturating_add(self.size);
+                    if self.limit != 0 && self.data > self.limit {
+                        return Err(Malformed::TooLarge);
                     }
                     self.state = if self.size == 0 { TrailerStart } else { Data };
                     self.digits = 0;
@@ -504,5 +526,10 @@ mod tests {
         }
         let mut scan = ChunkedScan::default();
         assert_eq!(scan.scan(b"7fffffffffffffff\r\n"), Ok(None));
+        let mut scan = ChunkedScan::with_limit(10);
+        assert_eq!(scan.scan(b"5\r\nhello\r\n5\r\nworld\r\n"), Ok(None));
+        assert_eq!(scan.scan(b"1\r\n"), Err(Malformed::TooLarge));
+        let mut scan = ChunkedScan::with_limit(10);
+        assert_eq!(scan.scan(b"ffffffffffffffff\r\n"), Err(Malformed::Chunk));
     }
 }
