@@ -575,6 +575,11 @@ async fn relay(
                     Ok(None) => b.resp.len(),
                     Err(error) => {
                         tracing::warn!(upstream = %peer_of(&conn), %error, "upstream body cut off");
+                        if first {
+                            // The head is good: the client learns of the
+                            // failure from a body that ends too soon.
+                            let _ = send(client, out, config.send_timeout).await;
+                        }
                         return (false, None);
                     }
                 },
