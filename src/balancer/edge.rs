@@ -59,6 +59,14 @@ impl Edge {
         self.sold_out.load_full()
     }
 
+    /// Runs `f` on the sold-out sale while the edge answers for it, without
+    /// taking a reference count: the flood path's read, which on every
+    /// worker at once would otherwise bounce one counter between cores.
+    pub fn with_current<R>(&self, f: impl FnOnce(Option<&SoldOut>) -> R) -> R {
+        let guard = self.sold_out.load();
+        f(guard.as_deref())
+    }
+
     /// Whether the edge answers now (cheaper than [`Edge::current`] on
     /// the hot path's common, open case).
     pub fn active(&self) -> bool {

@@ -722,9 +722,20 @@ fn edge_answer(
     if !(head.method == Method::GET || head.method == Method::POST) || head.keys > 0 {
         return false;
     }
-    let Some(sale) = shared.edge.current() else {
-        return false;
-    };
+    shared.edge.with_current(|sale| {
+        sale.is_some_and(|sale| edge_answer_for(shared, sale, head, input, out, closing))
+    })
+}
+
+/// [`edge_answer`] for the sold-out `sale`.
+fn edge_answer_for(
+    shared: &Shared,
+    sale: &super::edge::SoldOut,
+    head: &RequestHead,
+    input: &[u8],
+    out: &mut Vec<u8>,
+    closing: bool,
+) -> bool {
     let limited = sale.per_user_limit > 0;
     let query = input
         .get(head.path_end + 1..head.target.end)
