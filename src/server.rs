@@ -311,7 +311,9 @@ pub async fn serve_with<F, S, B>(
                 },
                 _ => (stream, Bytes::new()),
             };
-            connection.run(stream, ahead, service).await;
+            // Boxed: behind a front it is the rare case, and a connection
+            // the front keeps should not carry room for it.
+            Box::pin(connection.run(stream, ahead, service)).await;
             drop(on_loop);
             drop(permit);
             drop(open);

@@ -214,7 +214,10 @@ pub async fn serve(
             }
         }
         let closing = b.head.close || ctx.stopping.load(Ordering::Relaxed);
-        let keep = forward(
+        // Boxed: the request's state (an attempt, its upstream exchange and
+        // relay) lives only while there is a request, so ten thousand idle
+        // keep-alive clients do not each hold room for it.
+        let keep = Box::pin(forward(
             &shared,
             &active,
             worker,
@@ -223,7 +226,7 @@ pub async fn serve(
             &mut b,
             end,
             closing,
-        )
+        ))
         .await;
         b.input.advance(end);
         if !keep || closing {
