@@ -386,19 +386,18 @@ async fn forward(
                 }
                 pick.live().count_response(status);
                 shared.metrics.latency.observe(start.elapsed());
-                let (keep_client, conn) = relay(client, conn, b, config, closing).await;
-                if let Some(conn) = conn {
-                    pick.live().raw_idle.put(
-                        worker,
-                        shared.workers,
-                        conn,
-                        now_ms(),
-                        config.keepalive,
-                    );
-                }
-                // The pick (least_conn's count) ends with the body.
-                drop(pick);
-                return keep_client;
+                let (workers, keepalive) = (shared.workers, config.keepalive);
+                // The pick (least_conn's count) ends with the upstream's
+                // body, and the connection goes back idle then.
+                let finish = move |conn: Option<RawConn>| {
+                    if let Some(conn) = conn {
+                        pick.live()
+                            .raw_idle
+                            .put(worker, workers, conn, now_ms(), keepalive);
+                    }
+                    drop(pick);
+                };
+                return relay(client, conn, b, config, closing, finish).await;
             }
             Err(e) => {
                 active.selector.release(&pick, true, now_ms());
@@ -513,15 +512,19 @@ async fn exchange(
 }
 
 /// Writes the response in `b.rhead`/`b.resp` to the client and relays its
-/// body. Returns whether the client connection may go on, and the upstream
-/// connection if it may be used again.
+/// body; returns whether the client connection may go on. Once the last
+/// byte has come from the upstream, and before the client is sent the end
+/// of the response, `finish` gets the connection if it may be used again
+/// (so a client's next request finds it idle, and least_conn sees the
+/// request over); a relay that fails drops `finish` uncalled.
 async fn relay(
     client: &mut TcpStream,
     conn: RawConn,
     b: &mut Buffers,
     config: &crate::config::BalancerConfig,
     closing: bool,
-) -> (bool, Option<RawConn>) {
+    finish: impl FnOnce(Option<RawConn>),
+) -> bool {
     let rh = &b.rhead;
     let framing = rh.framing;
     let close_client = closing || framing == Framing::Close;
@@ -585,15 +588,25 @@ async fn relay(
                             // failure from a body that ends too soon.
                             let _ = send(client, out, config.send_timeout).await;
                         }
-                        return (false, None);
+                        return false;
                     }
                 },
                 Framing::Close => b.resp.len(),
             }
         };
-        if done && take < b.resp.len() {
+        if done {
             // Bytes after the response: the upstream is out of step.
-            reusable = false;
+            reusable &= take == b.resp.len();
+            let conn = reusable.then_some(conn);
+            finish(conn);
+            let sent = if first {
+                out.extend_from_slice(&b.resp[..take]);
+                send(client, out, config.send_timeout).await
+            } else {
+                send(client, &b.resp[..take], config.send_timeout).await
+            };
+            b.resp.clear();
+            return sent.is_ok() && !close_client;
         }
         let sent = if first {
             first = false;
@@ -605,24 +618,24 @@ async fn relay(
             Ok(())
         };
         if sent.is_err() {
-            return (false, None);
+            return false;
         }
         b.resp.clear();
-        if done {
-            return (!close_client, reusable.then_some(conn));
-        }
         b.resp.reserve(READ_CHUNK);
         match tokio::time::timeout(config.read_timeout, read_some(&conn.stream, &mut b.resp)).await
         {
-            Ok(Ok(0)) if framing == Framing::Close => return (false, None),
+            Ok(Ok(0)) if framing == Framing::Close => {
+                finish(None);
+                return false;
+            }
             Ok(Ok(n)) if n > 0 => {}
             Ok(_) => {
                 tracing::warn!(upstream = %peer_of(&conn), "upstream closed in the middle of a response");
-                return (false, None);
+                return false;
             }
             Err(_) => {
                 tracing::warn!(upstream = %peer_of(&conn), timeout = ?config.read_timeout, "the upstream sent nothing in the middle of a response");
-                return (false, None);
+                return false;
             }
         }
     }
