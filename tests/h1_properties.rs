@@ -950,16 +950,7 @@ fn ambiguous_response_lengths_are_refused() {
 /// The known discrepancies not fixed yet (fuzz/regressions/README.md).
 /// A fix takes its class out of this list: its saved inputs must then
 /// pass every check.
-const OPEN: &[u32] = &[
-    h1::known::REASON,
-    h1::known::SIZE_DIGITS,
-    h1::known::STATUS,
-    h1::known::HTTP10_TE,
-    h1::known::CLOSE_THEN_KEEP_ALIVE,
-    h1::known::TE_EMPTY_ELEMENT,
-    h1::known::DATE_DROPPED,
-    h1::known::TINY_TRAILERS,
-];
+const OPEN: &[u32] = &[];
 
 /// The class of a saved input, from its file name.
 fn class_of(name: &str) -> u32 {

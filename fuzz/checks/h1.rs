@@ -1223,6 +1223,16 @@ pub fn check_response(buf: &[u8], to_head: bool, opts: Opts) -> ResponseOutcome 
         Err(e @ (Malformed::Chunk | Malformed::TooLarge)) => {
             panic!("parse returned {e:?}\n  input: {}", esc(buf))
         }
+        Err(Malformed::Status) => {
+            ensure!(
+                matches!(theirs, Ok(httparse::Status::Complete(_)))
+                    && res.code.is_some_and(|c| c < 100),
+                buf,
+                "Malformed::Status, but the status is {:?} ({theirs:?})",
+                res.code
+            );
+            ResponseOutcome::Malformed(Malformed::Status)
+        }
         Err(Malformed::Switched) => {
             ensure!(
                 matches!(theirs, Ok(httparse::Status::Complete(_))) && res.code == Some(101),
@@ -1416,6 +1426,8 @@ fn check_complete(
     } else {
         any_keep && !any_close
     };
+    // RFC 9112 6.1: never after Transfer-Encoding in HTTP/1.0.
+    let persists = persists && (version == 1 || te.is_empty());
     let want_keep = persists && head.framing != Framing::Close;
     if head.keep_alive != want_keep {
         let known_order = opts.skips(known::CLOSE_THEN_KEEP_ALIVE)
@@ -1485,24 +1497,20 @@ fn check_complete(
         !te.is_empty()
     );
     // The client gets a Date (RFC 9110 6.6.1): the upstream's, passed on,
-    // or one the relay writes when `has_date` is false.
-    let has_date = headers.clone().any(|(n, _)| is(n, "date"));
-    ensure!(
-        head.has_date == has_date,
-        buf,
-        "has_date {} but Date {has_date}",
-        head.has_date
-    );
+    // or one the relay writes when `has_date` is false. So `has_date` must
+    // say exactly whether a Date is passed on (one named in Connection is
+    // not).
     let date_passed = head
         .headers
         .iter()
         .any(|(n, _)| is(&buf[n.clone()], "date"));
-    if head.has_date && !date_passed {
-        ensure!(
-            opts.skips(known::DATE_DROPPED),
-            buf,
-            "the upstream's Date is dropped (Connection names it) and has_date keeps the relay \
-             from writing one: the client gets no Date (RFC 9110 6.6.1)"
-        );
-    }
+    let upstream_date = headers.clone().any(|(n, _)| is(n, "date"));
+    ensure!(
+        head.has_date == date_passed
+            || (opts.skips(known::DATE_DROPPED) && head.has_date == upstream_date),
+        buf,
+        "has_date {} but a Date passed on {date_passed}: the client gets {} Date          (RFC 9110 6.6.1)",
+        head.has_date,
+        if date_passed { "two" } else { "no" }
+    );
 }

@@ -41,6 +41,10 @@ pub enum Malformed {
     /// A head longer than [`MAX_RESPONSE_HEAD`].
     #[error("the upstream's response head is too long")]
     TooLong,
+    /// A status under 100: three digits, but no status a client can be
+    /// told (hyper's client refuses it too).
+    #[error("the upstream's status code is under 100")]
+    Status,
     /// `101 Switching Protocols` to a request that asked for no upgrade.
     #[error("the upstream switched protocols unasked")]
     Switched,
@@ -114,6 +118,9 @@ pub fn parse(
     if status == 101 {
         return Err(Malformed::Switched);
     }
+    if status < 100 {
+        return Err(Malformed::Status);
+    }
     if (100..200).contains(&status) {
         return Ok(ParsedResponse::Informational(len));
     }
@@ -124,11 +131,22 @@ pub fn parse(
     };
     head.len = len;
     head.status = status;
-    head.reason = offset(res.reason.unwrap_or("").as_bytes());
+    // httparse gives a reason that is missing, or has bytes past 0x7e, as
+    // a static "" outside `buf`: no reason then.
+    head.reason = match res.reason {
+        Some(r) if (base..=base + buf.len()).contains(&(r.as_ptr() as usize)) => {
+            offset(r.as_bytes())
+        }
+        _ => 0..0,
+    };
     head.headers.clear();
     head.has_date = false;
-    let mut keep_alive = version == 1;
-    let mut chunked = None;
+    let (mut close, mut keep) = (false, false);
+    // The last non-empty coding of all `Transfer-Encoding` lines together
+    // (RFC 9110 5.6.1: empty list elements do not count), and whether
+    // there was any such line.
+    let mut coding: Option<&[u8]> = None;
+    let mut codings = false;
     let mut length: Option<u64> = None;
     // Names listed in `Connection` are hop-by-hop too; rare, so looked
     // for only when some `Connection` lists more than close/keep-alive.
@@ -140,9 +158,9 @@ pub fn parse(
                 for token in h.value.split(|&b| b == b',') {
                     let token = token.trim_ascii();
                     if token.eq_ignore_ascii_case(b"close") {
-                        keep_alive = false;
+                        close = true;
                     } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                        keep_alive |= version == 0;
+                        keep = true;
                     } else if !token.is_empty() {
                         listed = true;
                     }
@@ -152,8 +170,13 @@ pub fn parse(
                 // Only the last coding decides whether it is chunked
                 // (RFC 9112 6.3): `gzip, chunked` is; `chunked, gzip`
                 // ends at close.
-                let last = h.value.rsplit(|&b| b == b',').next().unwrap_or(b"");
-                chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                codings = true;
+                for c in h.value.split(|&b| b == b',') {
+                    let c = c.trim_ascii();
+                    if !c.is_empty() {
+                        coding = Some(c);
+                    }
+                }
             }
             14 if name.eq_ignore_ascii_case(b"content-length") => {
                 for part in h.value.split(|&b| b == b',') {
@@ -169,7 +192,6 @@ pub fn parse(
                 }
                 continue;
             }
-            4 if name.eq_ignore_ascii_case(b"date") => head.has_date = true,
             _ => {}
         }
         if !is_hop_by_hop(name) {
@@ -179,6 +201,11 @@ pub fn parse(
     if listed {
         drop_listed(buf, &res, head);
     }
+    head.has_date = head
+        .headers
+        .iter()
+        .any(|(name, _)| buf[name.clone()].eq_ignore_ascii_case(b"date"));
+    let chunked = codings.then(|| coding.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")));
     if chunked.is_none() && length.is_some() {
         // The length goes on (RFC 9112 6.1: beside Transfer-Encoding it is
         // dropped, since the coding decides).
@@ -201,7 +228,15 @@ pub fn parse(
             (None, None) => Framing::Close,
         }
     };
-    head.keep_alive = keep_alive && head.framing != Framing::Close;
+    // RFC 9112 9.3: an HTTP/1.1 connection persists unless `close`; an
+    // HTTP/1.0 one only with `keep-alive`, and never after a
+    // Transfer-Encoding (6.1: faulty framing in HTTP/1.0).
+    let persists = if version == 1 {
+        !close
+    } else {
+        keep && !close && !codings
+    };
+    head.keep_alive = persists && head.framing != Framing::Close;
     Ok(ParsedResponse::Complete)
 }
 
@@ -305,11 +340,13 @@ impl ChunkedScan {
                             b'a'..=b'f' => b - b'a' + 10,
                             _ => b - b'A' + 10,
                         };
+                        // Any number of leading zeros (as hyper and
+                        // Nginx), but no size past MAX_CHUNK.
                         if self.size > MAX_CHUNK >> 4 {
                             return Err(Malformed::Chunk);
                         }
                         self.size = (self.size << 4) | u64::from(d);
-                        self.digits += 1;
+                        self.digits = self.digits.saturating_add(1);
                     }
                     _ if self.digits == 0 => return Err(Malformed::Chunk),
                     b' ' | b'\t' => self.state = SizeSpace,
@@ -370,18 +407,25 @@ impl ChunkedScan {
                     b'\n' => return Err(Malformed::Chunk),
                     _ => {
                         self.meta += 1;
+                        if self.meta > MAX_META {
+                            return Err(Malformed::Chunk);
+                        }
                         self.state = Trailer;
                     }
                 },
-                Trailer => {
-                    self.meta += 1;
-                    match b {
-                        b'\r' => self.state = TrailerLf,
-                        b'\n' => return Err(Malformed::Chunk),
-                        _ if self.meta > MAX_META => return Err(Malformed::Chunk),
-                        _ => {}
+                Trailer => match b {
+                    b'\r' => {
+                        self.meta += 1;
+                        self.state = TrailerLf;
                     }
-                }
+                    b'\n' => return Err(Malformed::Chunk),
+                    _ => {
+                        self.meta += 1;
+                        if self.meta > MAX_META {
+                            return Err(Malformed::Chunk);
+                        }
+                    }
+                },
                 TrailerLf => {
                     if b != b'\n' {
                         return Err(Malformed::Chunk);
