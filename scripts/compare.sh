@@ -20,7 +20,9 @@
 # -z, 5s), CONC (100), IDLE_CONNS (10000), WORKERS (nginx workers and HAProxy
 # threads; default nproc = spike's worker threads), PROXIES (default "spike
 # nginx haproxy"; spike is always one), SCENARIOS (default "proxy success
-# soldout ab memory payments"), PAY_TOTAL (2000).
+# soldout ab memory payments"), STRATEGIES (default "round_robin
+# weighted_round_robin ip_hash least_conn", for the proxy-only scenario),
+# PAY_TOTAL (2000).
 #
 # The client (oha/ab), the proxy under test, the backends and Redis all share
 # this machine's CPUs; the numbers compare the proxies under the same
@@ -47,7 +49,7 @@ AB_TOTAL=5000
 SCENARIOS=${SCENARIOS:-proxy success soldout ab memory payments}
 PAY_TOTAL=${PAY_TOTAL:-2000} # tickets of the sale with payments
 read -r -a SIDES <<<"${PROXIES:-spike nginx haproxy}"
-STRATEGIES=(round_robin weighted_round_robin ip_hash least_conn)
+read -r -a STRATEGIES <<<"${STRATEGIES:-round_robin weighted_round_robin ip_hash least_conn}"
 SALE_STRATEGY=round_robin
 
 say() { printf '%s\n' "$*" >&2; }
