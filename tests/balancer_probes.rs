@@ -172,6 +172,42 @@ async fn a_malformed_response_is_not_repeated_on_that_upstream() {
     lb.shutdown().await;
 }
 
+/// Finding 7 on the fast path (found by review): an upstream that sent an
+/// informational response on a reused connection and then closed had
+/// begun to answer, so it is not asked again on a fresh connection (the
+/// 1xx is dropped from the buffer, but it counts as a response byte).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_informational_answer_then_a_close_is_not_a_stale_connection() {
+    let hints = Recorder::start(
+        "hints",
+        Then::AnswerThenRaw(1, b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"),
+    )
+    .await;
+    let lb = Running::start(&config_text(
+        "round_robin",
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &[up(hints.addr, 1)],
+    ))
+    .await;
+    let first = raw(
+        None,
+        lb.addr,
+        b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    let second = raw(
+        None,
+        lb.addr,
+        b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(second.starts_with("HTTP/1.1 502"), "{second}");
+    assert_eq!(hints.seen().len(), 2, "asked again: {:?}", hints.seen());
+    lb.shutdown().await;
+}
+
 /// Finding 7, the case that stays: a reused keep-alive connection that the
 /// upstream closed before answering is retried there on a new connection,
 /// and the client sees nothing of it.

