@@ -811,39 +811,8 @@ fn host_is_valid(h: &HeaderMap, version: Version) -> bool {
     match (hosts.next(), hosts.next()) {
         (None, _) => version < Version::HTTP_11,
         (Some(_), Some(_)) => false,
-        (Some(v), None) => is_authority(v.as_bytes()),
+        (Some(v), None) => super::h1::request::is_authority(v.as_bytes()),
     }
-}
-
-/// `host [":" port]` as RFC 3986 allows it (reg-name, IPv4, `[IPv6]`),
-/// without `..`.
-fn is_authority(b: &[u8]) -> bool {
-    !b.is_empty()
-        && !b.windows(2).any(|w| w == b"..")
-        && b.iter().all(|&c| {
-            c.is_ascii_alphanumeric()
-                || matches!(
-                    c,
-                    b'-' | b'.'
-                        | b'_'
-                        | b'~'
-                        | b'%'
-                        | b'!'
-                        | b'$'
-                        | b'&'
-                        | b'\''
-                        | b'('
-                        | b')'
-                        | b'*'
-                        | b'+'
-                        | b','
-                        | b';'
-                        | b'='
-                        | b':'
-                        | b'['
-                        | b']'
-                )
-        })
 }
 
 /// Removes request headers whose name has an underscore (Nginx's

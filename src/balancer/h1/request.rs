@@ -265,62 +265,44 @@ fn connection_is_plain(v: &[u8], close: &mut bool) -> bool {
 /// braces, bytes over 0x7e) is for hyper's path to accept or refuse.
 pub fn is_plain_target(t: &[u8]) -> bool {
     t.first() == Some(&b'/')
-        && t.iter().all(|&c| {
-            c.is_ascii_alphanumeric()
-                || matches!(
-                    c,
-                    b'-' | b'.'
-                        | b'_'
-                        | b'~'
-                        | b'%'
-                        | b'!'
-                        | b'$'
-                        | b'&'
-                        | b'\''
-                        | b'('
-                        | b')'
-                        | b'*'
-                        | b'+'
-                        | b','
-                        | b';'
-                        | b'='
-                        | b':'
-                        | b'@'
-                        | b'/'
-                        | b'?'
-                )
-        })
+        && t.iter()
+            .all(|&c| is_plain_uri_char(c) || matches!(c, b'@' | b'/' | b'?'))
 }
 
 /// `host [":" port]` as RFC 3986 allows it (reg-name, IPv4, `[IPv6]`),
-/// without `..`: the Host that [`crate::balancer::proxy`] accepts.
+/// without `..`: the one rule for `Host`, in this path and in
+/// [`crate::balancer::proxy`]. Two Hosts would reach the backend as one
+/// joined value, and a path in it reaches whatever builds URLs from it.
 pub fn is_authority(b: &[u8]) -> bool {
     !b.is_empty()
         && !b.windows(2).any(|w| w == b"..")
-        && b.iter().all(|&c| {
-            c.is_ascii_alphanumeric()
-                || matches!(
-                    c,
-                    b'-' | b'.'
-                        | b'_'
-                        | b'~'
-                        | b'%'
-                        | b'!'
-                        | b'$'
-                        | b'&'
-                        | b'\''
-                        | b'('
-                        | b')'
-                        | b'*'
-                        | b'+'
-                        | b','
-                        | b';'
-                        | b'='
-                        | b':'
-                        | b'['
-                        | b']'
-                )
-        })
+        && b.iter()
+            .all(|&c| is_plain_uri_char(c) || matches!(c, b'[' | b']'))
+}
+
+/// RFC 3986's unreserved characters, sub-delims, `%` and `:`: what both a
+/// plain target and a plain authority may hold.
+fn is_plain_uri_char(c: u8) -> bool {
+    c.is_ascii_alphanumeric()
+        || matches!(
+            c,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'%'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b';'
+                | b'='
+                | b':'
+        )
 }
 
 #[cfg(test)]
