@@ -665,7 +665,7 @@ fn edge_answer(shared: &Shared, parts: &hyper::http::request::Parts) -> Option<R
             .edge
             .already_bought_answers
             .fetch_add(1, Ordering::Relaxed);
-        let body = format!("{{\"status\":\"already_bought\",\"order\":\"{order}\"}}");
+        let body = super::edge::already_bought_body(order);
         return Some(crate::server::json(StatusCode::CONFLICT, body).map(Either::Right));
     }
     shared.edge.sold_out_answers.fetch_add(1, Ordering::Relaxed);

@@ -1224,13 +1224,27 @@ pub fn buyer_in<'a>(
     headers: &'a hyper::HeaderMap,
     required: bool,
 ) -> Result<&'a str, BuyerError> {
-    let from_query = uri
-        .query()
-        .and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("user=")));
+    buyer_from(
+        uri.query(),
+        headers.get("x-user-id").map(HeaderValue::as_bytes),
+        required,
+    )
+}
+
+/// [`buyer_of`] from a request's query and `X-User-Id` value as they came:
+/// the balancer's own HTTP/1 path reads the buyer the same way without
+/// building hyper's types. A value that is not text is malformed (as
+/// [`check_buyer`] would find it anyway).
+pub fn buyer_from<'a>(
+    query: Option<&'a str>,
+    user_id: Option<&'a [u8]>,
+    required: bool,
+) -> Result<&'a str, BuyerError> {
+    let from_query = query.and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("user=")));
     let raw = match from_query {
         Some(v) => Some(v),
-        None => match headers.get("x-user-id") {
-            Some(h) => Some(h.to_str().map_err(|_| BuyerError::Malformed)?),
+        None => match user_id {
+            Some(h) => Some(std::str::from_utf8(h).map_err(|_| BuyerError::Malformed)?),
             None => None,
         },
     };

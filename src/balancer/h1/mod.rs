@@ -43,7 +43,7 @@ use hyper::{Method, StatusCode};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::node::handler::check_buyer;
+use crate::node::handler::buyer_from;
 use crate::server::ConnContext;
 
 use super::idempotency;
@@ -756,30 +756,20 @@ fn edge_answer_for(
     closing: bool,
 ) -> bool {
     let limited = sale.per_user_limit > 0;
-    let query = input
-        .get(head.path_end + 1..head.target.end)
-        .unwrap_or_default();
-    let from_query = query
-        .split(|&c| c == b'&')
-        .find_map(|pair| pair.strip_prefix(b"user="));
-    let raw = from_query.or_else(|| head.user_at.map(|i| &input[head.headers[i].value.clone()]));
-    let buyer = match raw {
-        None if limited => return false,
-        None => "",
-        Some(raw) => match std::str::from_utf8(raw)
-            .ok()
-            .and_then(|s| check_buyer(s).ok())
-        {
-            Some(b) => b,
-            None => return false,
-        },
+    let query = (head.path_end < head.target.end)
+        .then(|| &input[head.path_end + 1..head.target.end])
+        .and_then(|q| std::str::from_utf8(q).ok());
+    let user_id = head.user_at.map(|i| &input[head.headers[i].value.clone()]);
+    let Ok(buyer) = buyer_from(query, user_id, limited) else {
+        // Missing where required, or malformed: the node says why.
+        return false;
     };
     if limited && let Some(order) = sale.buyers.get(buyer) {
         shared
             .edge
             .already_bought_answers
             .fetch_add(1, Ordering::Relaxed);
-        let body = format!("{{\"status\":\"already_bought\",\"order\":\"{order}\"}}");
+        let body = super::edge::already_bought_body(order);
         local(out, StatusCode::CONFLICT, body.as_bytes(), &[], closing);
         return true;
     }
