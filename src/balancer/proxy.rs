@@ -369,30 +369,13 @@ pub async fn handle(
     let mut attempt = Attempt::new(client);
     let mut timed_out = false;
     let mut sent = false;
-    let mut queue: Option<QueueSlot> = None;
     loop {
-        let Some(pick) = active.selector.pick(&mut attempt, now_ms()) else {
-            if sent || !attempt.busy {
-                break;
-            }
-            // Every upstream that could take it is at its `max_conns`:
-            // wait in the queue for a free slot, then look again.
-            let slot = match queue.take() {
-                Some(slot) => slot,
-                None => match QueueSlot::take(shared, config) {
-                    Ok(slot) => slot,
-                    Err(why) => return busy(why),
-                },
-            };
-            if let Err(why) = slot.wait(&active.selector).await {
-                return busy(why);
-            }
-            queue = Some(slot);
-            attempt = Attempt::new(client);
-            continue;
+        let pick = match next_pick(shared, &active, &mut attempt, client, sent).await {
+            Ok(Some(pick)) => pick,
+            Ok(None) => break,
+            Err(why) => return busy(why),
         };
         sent = true;
-        drop(queue.take());
         let upstream = active.selector.upstream(&pick);
         let Some(first) = next_body(&mut outgoing) else {
             break;
@@ -675,9 +658,40 @@ fn edge_answer(shared: &Shared, parts: &hyper::http::request::Parts) -> Option<R
     Some(resp.map(Either::Right))
 }
 
+/// The next upstream for a request, on either path: a pick; or, while
+/// every upstream that could take it is at its `max_conns` and nothing has
+/// been sent yet, a wait in the admission queue for a free slot and
+/// another look. `Ok(None)`: nothing left to try; `Err`: the 503's body
+/// (the queue is full, or the wait reached `queue_timeout`). The queue
+/// slot ends with the pick.
+pub(super) async fn next_pick(
+    shared: &Shared,
+    active: &super::state::Active,
+    attempt: &mut Attempt,
+    client: IpAddr,
+    sent: bool,
+) -> Result<Option<Pick>, &'static [u8]> {
+    let mut queue: Option<QueueSlot<'_>> = None;
+    loop {
+        if let Some(pick) = active.selector.pick(attempt, now_ms()) {
+            return Ok(Some(pick));
+        }
+        if sent || !attempt.busy {
+            return Ok(None);
+        }
+        let slot = match queue.take() {
+            Some(slot) => slot,
+            None => QueueSlot::take(shared, &active.config)?,
+        };
+        slot.wait(&active.selector).await?;
+        queue = Some(slot);
+        *attempt = Attempt::new(client);
+    }
+}
+
 /// A request's place in the admission queue, from its first wait to its
 /// pick (or its 503): the queue's length counts it while it lives.
-pub(super) struct QueueSlot<'a> {
+struct QueueSlot<'a> {
     shared: &'a Shared,
     since: Instant,
     deadline: tokio::time::Instant,
@@ -686,7 +700,7 @@ pub(super) struct QueueSlot<'a> {
 impl<'a> QueueSlot<'a> {
     /// A place in the queue, or the 503's body when it is full (`queue =
     /// 0`: it always is).
-    pub(super) fn take(shared: &'a Shared, config: &BalancerConfig) -> Result<Self, &'static [u8]> {
+    fn take(shared: &'a Shared, config: &BalancerConfig) -> Result<Self, &'static [u8]> {
         let q = &shared.metrics.queue;
         if q.waiting.fetch_add(1, Ordering::AcqRel) >= config.queue {
             q.waiting.fetch_sub(1, Ordering::AcqRel);

@@ -48,7 +48,7 @@ use crate::server::ConnContext;
 
 use super::idempotency;
 use super::pool::{self, RawConn};
-use super::proxy::{self, Peer, QueueSlot, REPLAY_LIMIT};
+use super::proxy::{self, Peer, REPLAY_LIMIT};
 use super::state::Shared;
 use super::strategy::Attempt;
 use super::upstream::{Upstream, now_ms};
@@ -341,30 +341,13 @@ async fn forward(
     let mut attempt = Attempt::new(client_addr);
     let mut timed_out = false;
     let mut sent = false;
-    let mut queue: Option<QueueSlot<'_>> = None;
     loop {
-        let Some(pick) = active.selector.pick(&mut attempt, now_ms()) else {
-            if sent || !attempt.busy {
-                break;
-            }
-            let slot = match queue.take() {
-                Some(slot) => slot,
-                None => match QueueSlot::take(shared, config) {
-                    Ok(slot) => slot,
-                    Err(why) => {
-                        return busy(client, &mut b.out, why, closing, config.send_timeout).await;
-                    }
-                },
-            };
-            if let Err(why) = slot.wait(&active.selector).await {
-                return busy(client, &mut b.out, why, closing, config.send_timeout).await;
-            }
-            queue = Some(slot);
-            attempt = Attempt::new(client_addr);
-            continue;
+        let pick = match proxy::next_pick(shared, active, &mut attempt, client_addr, sent).await {
+            Ok(Some(pick)) => pick,
+            Ok(None) => break,
+            Err(why) => return busy(client, &mut b.out, why, closing, config.send_timeout).await,
         };
         sent = true;
-        drop(queue.take());
         let upstream = active.selector.upstream(&pick);
         let mut result = exchange(upstream, worker, shared.workers, config, b, true, to_head).await;
         if let Err(Failure::Broken { stale: true, error }) = &result
