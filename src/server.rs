@@ -174,6 +174,9 @@ pub struct ConnContext {
     pub stopping: Arc<AtomicBool>,
     /// A client that has not sent its request head by then is closed.
     pub header_read_timeout: Duration,
+    /// The first request's head must be in by then (`header_read_timeout`
+    /// after the accept, as Nginx's `client_header_timeout`).
+    pub first_head_deadline: tokio::time::Instant,
     /// A keep-alive client that sends no next request by then is closed.
     pub keepalive_timeout: Duration,
     permits: Arc<Semaphore>,
@@ -188,16 +191,28 @@ impl ConnContext {
     }
 }
 
+/// A connection a [`Front`] leaves to hyper's server.
+pub struct Handed {
+    /// The client's socket.
+    pub stream: TcpStream,
+    /// The bytes read ahead: the start of the request left to hyper.
+    pub ahead: Bytes,
+    /// When that request's head must be in: a head the front began to
+    /// read keeps its deadline instead of getting a fresh period.
+    pub head_deadline: tokio::time::Instant,
+}
+
 /// What a [`Front`] ends with: nothing (the connection is done), or the
-/// socket and the bytes it read ahead, for hyper's server.
-pub type Handover = std::pin::Pin<Box<dyn Future<Output = Option<(TcpStream, Bytes)>> + Send>>;
+/// connection for hyper's server.
+pub type Handover = std::pin::Pin<Box<dyn Future<Output = Option<Handed>> + Send>>;
 
 /// A connection's first owner, before hyper's server: it serves what it
 /// can itself and hands the socket on, with the bytes it read ahead, for
 /// the request it leaves to hyper (the balancer's own HTTP/1 path).
 pub trait Front: Send + Sync + 'static {
     /// Serves `stream` until it closes (`None`), or until a request is for
-    /// hyper (`Some`: the socket, and the bytes read that belong to it).
+    /// hyper (`Some`: the socket, the bytes read that belong to it, and
+    /// that request's head deadline).
     fn serve(&self, stream: TcpStream, peer: SocketAddr, ctx: ConnContext) -> Handover;
 }
 
@@ -275,13 +290,15 @@ pub async fn serve_with<F, S, B>(
             .as_ref()
             .map(|(share, me)| OpenOnLoop::new(share, *me));
         let _ = stream.set_nodelay(true);
+        // The first head counts from the accept, not from its first byte.
+        let first_head_deadline = tokio::time::Instant::now() + limits.header_read_timeout;
         let turn = Arc::new(recycle::Turn::new(stopping.clone()));
         let service = recycle::Turnstile::new(make_service(peer), turn.clone());
         let connection = Connection {
             builder: builder.clone(),
             turn,
             stop: stop_rx.clone(),
-            first_byte_timeout: limits.header_read_timeout,
+            header_read_timeout: limits.header_read_timeout,
             keepalive_timeout: limits.keepalive_timeout,
             peer,
             permits: permits.clone(),
@@ -293,13 +310,14 @@ pub async fn serve_with<F, S, B>(
             stop: stop_rx.clone(),
             stopping: stopping.clone(),
             header_read_timeout: limits.header_read_timeout,
+            first_head_deadline,
             keepalive_timeout: limits.keepalive_timeout,
             permits: permits.clone(),
             most: limits.max_connections,
         });
         let front = front.clone();
         tokio::spawn(async move {
-            let (stream, ahead) = match (front, ctx) {
+            let handed = match (front, ctx) {
                 (Some(front), Some(ctx)) => match front.serve(stream, peer, ctx).await {
                     Some(handed) => handed,
                     None => {
@@ -309,11 +327,15 @@ pub async fn serve_with<F, S, B>(
                         return;
                     }
                 },
-                _ => (stream, Bytes::new()),
+                _ => Handed {
+                    stream,
+                    ahead: Bytes::new(),
+                    head_deadline: first_head_deadline,
+                },
             };
             // Boxed: behind a front it is the rare case, and a connection
             // the front keeps should not carry room for it.
-            Box::pin(connection.run(stream, ahead, service)).await;
+            Box::pin(connection.run(handed, service)).await;
             drop(on_loop);
             drop(permit);
             drop(open);
@@ -337,7 +359,7 @@ struct Connection {
     builder: http1::Builder,
     turn: Arc<recycle::Turn>,
     stop: watch::Receiver<bool>,
-    first_byte_timeout: Duration,
+    header_read_timeout: Duration,
     keepalive_timeout: Duration,
     peer: SocketAddr,
     permits: Arc<Semaphore>,
@@ -346,12 +368,8 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run<S, B>(
-        mut self,
-        mut stream: TcpStream,
-        ahead: Bytes,
-        mut service: recycle::Turnstile<S>,
-    ) where
+    async fn run<S, B>(mut self, handed: Handed, mut service: recycle::Turnstile<S>)
+    where
         S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
         S::Future: Send + 'static,
         B: Body + Send + 'static,
@@ -362,10 +380,15 @@ impl Connection {
         // counts as readable before any byte has arrived. A client that
         // sends nothing in time (or closes) is closed.
         // (Bytes read ahead by a front are that request's first.)
+        let Handed {
+            mut stream,
+            ahead,
+            head_deadline,
+        } = handed;
         let mut first = [0u8; 1];
         if ahead.is_empty() {
             tokio::select! {
-                peeked = tokio::time::timeout(self.first_byte_timeout, stream.peek(&mut first)) => match peeked {
+                peeked = tokio::time::timeout_at(head_deadline, stream.peek(&mut first)) => match peeked {
                     Ok(Ok(n)) if n > 0 => {}
                     _ => return,
                 },
@@ -378,6 +401,9 @@ impl Connection {
         tokio::pin!(idle_limit);
         let mut ahead = ahead;
         let mut waiting = false;
+        // hyper's header timer starts with its connection: for the first
+        // request that is after the wait above, so it gets what is left.
+        let mut first_head = Some(head_deadline);
         loop {
             if waiting {
                 // hyper's last read found nothing, so `readable` now waits
@@ -412,8 +438,21 @@ impl Connection {
             );
             // Boxed: the connection and its buffers exist only while there is
             // a request, and the task stays small between requests.
+            let shortened;
+            let builder = match first_head.take() {
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    let mut b = self.builder.clone();
+                    b.header_read_timeout(
+                        left.clamp(Duration::from_millis(1), self.header_read_timeout),
+                    );
+                    shortened = b;
+                    &shortened
+                }
+                None => &self.builder,
+            };
             let mut conn = Box::pin(
-                self.builder
+                builder
                     .serve_connection(TokioIo::new(io), service)
                     .without_shutdown(),
             );

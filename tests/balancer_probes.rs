@@ -687,3 +687,48 @@ async fn a_reused_connection_that_began_to_answer_is_not_retried_there() {
     assert_eq!(node.seen().len(), 2, "{:?}", node.seen());
     lb.shutdown().await;
 }
+
+/// A client's first request head must be in within `header_read_timeout`
+/// of the accept (Nginx's `client_header_timeout`). The fast path started
+/// a second full period at the first byte, so a client that sent a byte
+/// just before the limit was held for almost twice as long. Both paths:
+/// the fast one and hyper's (`fast_path = false`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_head_counts_from_the_accept() {
+    let node = Recorder::start("n", Then::Answer).await;
+    for fast in [true, false] {
+        let text = format!(
+            "{}\n[server]\nheader_read_timeout = \"2s\"\n",
+            one_upstream(node.addr, &format!("fast_path = {fast}"))
+        );
+        let lb = Running::start(&text).await;
+        let started = tokio::time::Instant::now();
+        let mut s = TcpStream::connect(lb.addr).await.expect("connect");
+        tokio::time::sleep(Duration::from_millis(1400)).await;
+        // A start, then nothing more: the head never ends.
+        s.write_all(b"GET /late HTTP/1.1\r\n").await.expect("write");
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        let held = started.elapsed();
+        // 2 s from the accept, not 1.4 s + 2 s; the margin is for a busy
+        // machine's timers.
+        assert!(
+            held < Duration::from_millis(2900),
+            "fast_path = {fast}: the unfinished first head was held {held:?}"
+        );
+        assert!(
+            held >= Duration::from_millis(1900),
+            "fast_path = {fast}: closed after {held:?}, before header_read_timeout"
+        );
+        let answer = String::from_utf8_lossy(&out);
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+            "fast_path = {fast}: {answer:?}"
+        );
+        lb.shutdown().await;
+    }
+    assert!(
+        node.seen().is_empty(),
+        "an unfinished head reached the backend"
+    );
+}

@@ -44,7 +44,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::node::handler::buyer_from;
-use crate::server::ConnContext;
+use crate::server::{ConnContext, Handed};
 
 use super::idempotency;
 use super::pool::{self, RawConn};
@@ -113,9 +113,17 @@ pub async fn serve(
     mut stream: TcpStream,
     peer: SocketAddr,
     mut ctx: ConnContext,
-) -> Option<(TcpStream, bytes::Bytes)> {
+) -> Option<Handed> {
+    // The first head must be in within `header_read_timeout` of the
+    // accept, as Nginx's `client_header_timeout`: a client that sends its
+    // first byte late does not get a second full period for the rest.
+    let first_deadline = ctx.first_head_deadline;
     if !shared.current.load().config.fast_path {
-        return Some((stream, bytes::Bytes::new()));
+        return Some(Handed {
+            stream,
+            ahead: bytes::Bytes::new(),
+            head_deadline: first_deadline,
+        });
     }
     let peer = Peer::new(peer);
     let mut b = Buffers::default();
@@ -125,13 +133,13 @@ pub async fn serve(
             if !first && ctx.crowded() {
                 b.shrink();
             }
-            let limit = if first {
-                ctx.header_read_timeout
+            let until = if first {
+                first_deadline
             } else {
-                ctx.keepalive_timeout
+                tokio::time::Instant::now() + ctx.keepalive_timeout
             };
             tokio::select! {
-                ready = tokio::time::timeout(limit, stream.readable()) => match ready {
+                ready = tokio::time::timeout_at(until, stream.readable()) => match ready {
                     Ok(Ok(())) => {}
                     _ => return None,
                 },
@@ -145,11 +153,15 @@ pub async fn serve(
                 Err(_) => return None,
             }
         }
-        first = false;
         let active = shared.current.load_full();
         let config = &active.config;
-        // The head, within `header_read_timeout` of its first byte.
-        let deadline = tokio::time::Instant::now() + ctx.header_read_timeout;
+        // A later head, within `header_read_timeout` of its first byte.
+        let deadline = if first {
+            first_deadline
+        } else {
+            tokio::time::Instant::now() + ctx.header_read_timeout
+        };
+        first = false;
         loop {
             match request::parse(
                 &b.input,
@@ -179,7 +191,11 @@ pub async fn serve(
                         .metrics
                         .general_connections
                         .fetch_add(1, Ordering::Relaxed);
-                    return Some((stream, b.input.freeze()));
+                    return Some(Handed {
+                        stream,
+                        ahead: b.input.freeze(),
+                        head_deadline: deadline,
+                    });
                 }
                 Parsed::Partial => {
                     b.input.reserve(READ_CHUNK);
