@@ -146,7 +146,7 @@ async fn dribbled_bytes_both_ways_never_wait_for_a_timeout() {
             let mut r = 0;
             while r < REQUESTS {
                 // One request, or two pipelined.
-                let batch = if rng.next() % 5 == 0 { 2 } else { 1 }.min(REQUESTS - r);
+                let batch = if rng.next().is_multiple_of(5) { 2 } else { 1 }.min(REQUESTS - r);
                 let mut bytes = Vec::new();
                 for k in 0..batch {
                     bytes.extend_from_slice(
