@@ -51,7 +51,7 @@ pub async fn serve<F, S, B>(
     make_service: F,
     shutdown: impl Future<Output = ()>,
 ) where
-    F: Fn(SocketAddr) -> S,
+    F: Fn(SocketAddr) -> S + Send + Sync + 'static,
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
     S::Future: Send + 'static,
     B: Body + Send + 'static,
@@ -233,13 +233,14 @@ pub async fn serve_with<F, S, B>(
     make_service: F,
     shutdown: impl Future<Output = ()>,
 ) where
-    F: Fn(SocketAddr) -> S,
+    F: Fn(SocketAddr) -> S + Send + Sync + 'static,
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
     S::Future: Send + 'static,
     B: Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let make_service = Arc::new(make_service);
     let stopping = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
     // Every connection task holds a sender; when all are gone, so are they.
@@ -292,18 +293,36 @@ pub async fn serve_with<F, S, B>(
         let _ = stream.set_nodelay(true);
         // The first head counts from the accept, not from its first byte.
         let first_head_deadline = tokio::time::Instant::now() + limits.header_read_timeout;
-        let turn = Arc::new(recycle::Turn::new(stopping.clone()));
-        let service = recycle::Turnstile::new(make_service(peer), turn.clone());
-        let connection = Connection {
-            builder: builder.clone(),
-            turn,
-            stop: stop_rx.clone(),
-            header_read_timeout: limits.header_read_timeout,
-            keepalive_timeout: limits.keepalive_timeout,
-            peer,
-            permits: permits.clone(),
-            most: limits.max_connections,
-            send_timeout,
+        // hyper's side of the connection (its service, the turn it takes
+        // requests by) is made only when hyper gets the connection: behind a
+        // front, most connections never get to it.
+        let for_hyper = {
+            let builder = builder.clone();
+            let stopping = stopping.clone();
+            let stop = stop_rx.clone();
+            let permits = permits.clone();
+            let make_service = make_service.clone();
+            let (header_read_timeout, keepalive_timeout, most) = (
+                limits.header_read_timeout,
+                limits.keepalive_timeout,
+                limits.max_connections,
+            );
+            move || {
+                let turn = Arc::new(recycle::Turn::new(stopping));
+                let service = recycle::Turnstile::new(make_service(peer), turn.clone());
+                let connection = Connection {
+                    builder,
+                    turn,
+                    stop,
+                    header_read_timeout,
+                    keepalive_timeout,
+                    peer,
+                    permits,
+                    most,
+                    send_timeout,
+                };
+                (connection, service)
+            }
         };
         let open = open_tx.clone();
         let ctx = front.as_ref().map(|_| ConnContext {
@@ -333,6 +352,7 @@ pub async fn serve_with<F, S, B>(
                     head_deadline: first_head_deadline,
                 },
             };
+            let (connection, service) = for_hyper();
             // Boxed: behind a front it is the rare case, and a connection
             // the front keeps should not carry room for it.
             Box::pin(connection.run(handed, service)).await;
