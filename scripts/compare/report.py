@@ -454,7 +454,12 @@ def render_md(s):
             cells = [label]
             for key in ("cpu", "rps", "p99"):
                 vs = [rat.get(o, {}).get(key) for o in others]
-                cells += ["—" if v is None else f"**{v:.2f}**" for v in vs]
+                # Bold where spike is ahead: less CPU or p99, more req/s.
+                ahead = (lambda v: v > 1) if key == "rps" else (lambda v: v < 1)
+                cells += [
+                    "—" if v is None else (f"**{v:.2f}**" if ahead(round(v, 2)) else f"{v:.2f}")
+                    for v in vs
+                ]
             cells.append(
                 f"{p['n_rounds']}/{p['n_rounds_planned']}"
                 + (f", {len(p['failed'])} FAILED run(s)" if p["failed"] else "")
