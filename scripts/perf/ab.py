@@ -1,22 +1,24 @@
 #!/usr/bin/env python3
 """CPU per request, A/B: the steadiest figure on a shared machine.
 
-  scripts/perf/ab.py proxy ROUNDS DUR name=BINARY[@ENV=VAL,...] ... [nginx]
+  scripts/perf/ab.py proxy ROUNDS DUR name=BINARY[@ENV=VAL,...] ... [nginx] [haproxy]
   scripts/perf/ab.py node  ROUNDS DUR name=BINARY ...
 
 proxy: each spike binary runs `spike balancer` over four static Nginx
 backends (`return 200`, 2 workers); `nginx` adds the `spike nginx-conf`
-proxy of the same config. node: each binary runs one sold-out `spike node`
+proxy of the same config, `haproxy` the `spike haproxy-conf` one. node: each binary runs one sold-out `spike node`
 (embedded store) and is asked `/buy/ticket?user=buyer1` (409 from memory).
 Every side gets a 1 s warm-up, then ROUNDS rounds of `oha -z DUR -c $CONC`
 (100), the order reversed every other round. Per run: CPU per request =
 utime+stime of the server's process tree from /proc ÷ answered requests
 (split into user and sys), req/s and p99; medians at the end. Loopback only.
 
-Options (environment): CONC, STRATEGY (round_robin), PERF=name (perf record
+Options (environment): CONC, OHA_ARGS (more oha options for the measured
+runs, e.g. "--disable-keepalive --http-version 1.0"), STRATEGY (round_robin), PERF=name (perf record
 the first round of that side into OUT/name.perf.data; PERFARGS adds
-options, e.g. -g), SYSC=name (perf stat syscalls and context switches into
-OUT/name.stat), THREADS=1 (per-thread CPU ticks), OUT (default: cwd).
+options, e.g. -g), SYSC=name[,name...] (perf stat system calls and context
+switches of those sides in the first round into OUT/name.stat, and printed
+per answered request), THREADS=1 (per-thread CPU ticks), OUT (default: cwd).
 Build the binaries to compare from separate trees/target dirs first."""
 import json, os, socket, subprocess, sys, tempfile, time, statistics, signal
 
@@ -26,8 +28,8 @@ from procstat import HZ, cpu, free_ports, tree  # noqa: E402
 mode, rounds, dur = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 sides = []
 for a in sys.argv[4:]:
-    if a == "nginx":
-        sides.append(("nginx", None))
+    if a in ("nginx", "haproxy"):
+        sides.append((a, None))
     else:
         n, b = a.split("=", 1)
         sides.append((n, b))
@@ -85,7 +87,12 @@ try:
             else:
                 f.write(f'[sale]\nevent = "e"\ntotal = 1\nper_user_limit = 1\n[[node]]\nname = "n1"\nlisten = "127.0.0.1:{lp}"\nweight = 1\nstock = 3\n')
             f.write('[server]\ngrace_period = "1s"\n')
-        if binary is None:
+        if binary is None and name == "haproxy":
+            d = f"{WORK}/hap-{lp}"; os.makedirs(d)
+            hc = subprocess.run([sides[0][1], "haproxy-conf", "--config", cfg, "--listen", f"127.0.0.1:{lp}", "--threads", "2"], capture_output=True, text=True, check=True).stdout
+            open(f"{d}/haproxy.cfg", "w").write(hc)
+            p = spawn(["haproxy", "-f", f"{d}/haproxy.cfg", "-db"], name)
+        elif binary is None:
             d = f"{WORK}/ngx-{lp}"; os.makedirs(d)
             nc = subprocess.run([sides[0][1], "nginx-conf", "--config", cfg, "--listen", f"127.0.0.1:{lp}", "--workers", "2"], capture_output=True, text=True, check=True).stdout
             open(f"{d}/nginx.conf", "w").write(nc)
@@ -116,10 +123,12 @@ try:
             if os.environ.get("PERF") == n and r == 0:
                 perf = subprocess.Popen(["perf", "record", "-F", "2000"] + os.environ.get("PERFARGS", "").split() + ["-o", os.path.join(os.environ.get("OUT", "."), f"{n}.perf.data"), "-p", ",".join(map(str, pids))], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(0.3)
-            if os.environ.get("SYSC") == n and r == 0:
-                perf = subprocess.Popen(["perf", "stat", "-e", "raw_syscalls:sys_enter,context-switches,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_recvfrom,syscalls:sys_enter_read,syscalls:sys_enter_writev,syscalls:sys_enter_sendto,syscalls:sys_enter_write,syscalls:sys_enter_futex", "-o", os.path.join(os.environ.get("OUT", "."), f"{n}.stat"), "-p", ",".join(map(str, pids))], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            sysc = None
+            if n in os.environ.get("SYSC", "").split(",") and r == 0:
+                sysc = os.path.join(os.environ.get("OUT", "."), f"{n}.stat")
+                perf = subprocess.Popen(["perf", "stat", "-e", "raw_syscalls:sys_enter,context-switches,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_recvfrom,syscalls:sys_enter_read,syscalls:sys_enter_writev,syscalls:sys_enter_sendto,syscalls:sys_enter_write,syscalls:sys_enter_futex", "-o", sysc, "-p", ",".join(map(str, pids))], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(0.3)
-            out = subprocess.run(["oha", "-z", dur, "-c", str(CONC), "--no-tui", "--output-format", "json", f"http://127.0.0.1:{lp}{path}"], capture_output=True, text=True).stdout
+            out = subprocess.run(["oha", "-z", dur, "-c", str(CONC), "--no-tui", "--output-format", "json"] + os.environ.get("OHA_ARGS", "").split() + [f"http://127.0.0.1:{lp}{path}"], capture_output=True, text=True).stdout
             c1 = cpu_ticks(pids); u1, s1 = cpu(pids)
             if os.environ.get("THREADS"):
                 th = []
@@ -139,6 +148,13 @@ try:
             us = (c1 - c0) / HZ * 1e6 / ok if ok else float("nan")
             res[n].append((us, rps, p99))
             print(f"round {r} {n:12s} cpu {us:6.2f} us/req  {rps:9.0f} req/s  p99 {p99:6.2f} ms  user {(u1-u0)/HZ*1e6/ok:5.2f} sys {(s1-s0)/HZ*1e6/ok:5.2f} codes {st}", flush=True)
+            if sysc and ok:
+                counts = {}
+                for line in open(sysc):
+                    f = line.split()
+                    if len(f) >= 2 and f[0].replace(",", "").isdigit():
+                        counts[f[1].replace("syscalls:sys_enter_", "").replace("raw_syscalls:sys_enter", "all")] = int(f[0].replace(",", ""))
+                print("   per request: " + "  ".join(f"{k} {v / ok:.2f}" for k, v in counts.items() if v), flush=True)
     print("--- medians over", rounds, "rounds")
     for n, _ in sides:
         xs = res[n]
