@@ -421,15 +421,29 @@ impl Connection {
         tokio::pin!(idle_limit);
         let mut ahead = ahead;
         let mut waiting = false;
+        // When the client last began a request, for the keep-alive wait.
+        let mut quiet_since = tokio::time::Instant::now();
         // hyper's header timer starts with its connection: for the first
         // request that is after the wait above, so it gets what is left.
         let mut first_head = Some(head_deadline);
+        // hyper runs its header timer from the moment a connection goes
+        // idle, so a client that waits longer than `header_read_timeout`
+        // between requests would be closed by it, and a late next head
+        // would get less than its period. So an idle connection is handed
+        // back after this long (or at once, after a first request whose
+        // timer was cut short): the next request gets a new hyper
+        // connection, whose timer starts at its first byte. A request
+        // sooner than that keeps the hyper connection, and its head at
+        // least `header_read_timeout` less this.
+        let recycle_ms = u64::try_from((self.header_read_timeout / 4).as_millis())
+            .unwrap_or(u64::MAX)
+            .min(250);
         loop {
             if waiting {
                 // hyper's last read found nothing, so `readable` now waits
                 // for the next byte (or the client's close, which the next
                 // read reports).
-                let since = tokio::time::Instant::now();
+                let since = quiet_since;
                 loop {
                     tokio::select! {
                         ready = stream.readable() => match ready {
@@ -459,14 +473,20 @@ impl Connection {
             // Boxed: the connection and its buffers exist only while there is
             // a request, and the task stays small between requests.
             let shortened;
+            let mut window_ms = recycle_ms;
             let builder = match first_head.take() {
                 Some(deadline) => {
-                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    let left = deadline
+                        .saturating_duration_since(tokio::time::Instant::now())
+                        .min(self.header_read_timeout)
+                        .max(Duration::from_millis(1));
                     let mut b = self.builder.clone();
-                    b.header_read_timeout(
-                        left.clamp(Duration::from_millis(1), self.header_read_timeout),
-                    );
+                    b.header_read_timeout(left);
                     shortened = b;
+                    if left < self.header_read_timeout {
+                        // This timer is for the first head only.
+                        window_ms = 0;
+                    }
                     &shortened
                 }
                 None => &self.builder,
@@ -477,7 +497,8 @@ impl Connection {
                     .without_shutdown(),
             );
             // hyper has no idle timeout: one lazy timer per hyper connection
-            // checks for silence, moved on when it fires early.
+            // checks for silence (and for the hand-back above), moved on when
+            // it fires early.
             let started = recycle::now_ms();
             let limit_ms = u64::try_from(self.keepalive_timeout.as_millis()).unwrap_or(u64::MAX);
             idle_limit
@@ -493,6 +514,8 @@ impl Connection {
             let mut stopping = false;
             // Set to the start of the last request when the silence ran out.
             let mut expired: Option<u64> = None;
+            // Set to the start of the last request when it is handed back.
+            let mut handing_back: Option<u64> = None;
             let ended = std::future::poll_fn(|cx| {
                 loop {
                     if let Poll::Ready(ended) = conn.as_mut().poll(cx) {
@@ -502,28 +525,50 @@ impl Connection {
                         // A request came in just as the silence ran out.
                         expired = None;
                     }
-                    if stopping || expired.is_some() {
+                    if handing_back.is_some_and(|at| at != turn.begun_at()) {
+                        // A request came in just as it was handed back.
+                        handing_back = None;
+                    }
+                    if stopping || expired.is_some() || handing_back.is_some() {
                         // Busy when the stop came: its answer says
                         // `Connection: close`, then hyper ends. Or idle and
                         // wanted back: hyper's next read ends it.
                         return Poll::Pending;
                     }
                     stopping = stopped.as_mut().poll(cx).is_ready();
-                    if !stopping && idle_limit.as_mut().poll(cx).is_pending() {
+                    let idle = turn.idle();
+                    if !stopping && !idle && idle_limit.as_mut().poll(cx).is_pending() {
                         return Poll::Pending;
                     }
-                    let deadline = turn.begun_at().max(started).saturating_add(limit_ms);
+                    let last = turn.begun_at().max(started);
+                    let deadline = last.saturating_add(limit_ms);
                     let now = recycle::now_ms();
-                    if turn.idle() && (stopping || now >= deadline) {
+                    if idle && (stopping || now >= deadline) {
                         if !stopping {
                             expired = Some(turn.begun_at());
                         }
                         turn.want_back();
-                    } else if !stopping {
-                        let wait = Duration::from_millis(deadline.saturating_sub(now).max(1));
-                        idle_limit
-                            .as_mut()
-                            .reset(tokio::time::Instant::now() + wait);
+                        continue;
+                    }
+                    let hand_back_at = last.saturating_add(window_ms);
+                    if idle && now >= hand_back_at {
+                        handing_back = Some(turn.begun_at());
+                        turn.want_back();
+                        continue;
+                    }
+                    if stopping {
+                        continue;
+                    }
+                    let next = if idle { hand_back_at } else { deadline };
+                    let at = tokio::time::Instant::now()
+                        + Duration::from_millis(next.saturating_sub(now).max(1));
+                    // Moved only later than due when it fired: a timer that
+                    // fires early looks again and moves on.
+                    if idle_limit.is_elapsed() || idle_limit.deadline() > at {
+                        idle_limit.as_mut().reset(at);
+                    }
+                    if idle_limit.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
                     }
                 }
             })
@@ -540,6 +585,12 @@ impl Connection {
                 // HTTP/1.0 client): dropping the socket closes it.
                 return;
             }
+            // The keep-alive wait counts from the last request, not from
+            // the hand-back.
+            let quiet_ms = recycle::now_ms().saturating_sub(self.turn.begun_at().max(started));
+            quiet_since = tokio::time::Instant::now()
+                .checked_sub(Duration::from_millis(quiet_ms))
+                .unwrap_or_else(tokio::time::Instant::now);
             service = parts.service;
             let (s, rest) = parts.io.into_inner().into_parts();
             stream = s;

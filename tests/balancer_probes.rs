@@ -732,3 +732,45 @@ async fn the_first_head_counts_from_the_accept() {
         "an unfinished head reached the backend"
     );
 }
+
+/// A keep-alive client is closed after `keepalive_timeout` of silence, not
+/// after `header_read_timeout`: that one counts from the first byte of a
+/// head (and, for the first request, from the accept), never over the
+/// wait between requests. A first head that came late (most of its
+/// `header_read_timeout` gone) does not shorten the waits after it either.
+/// Both paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wait_between_requests_is_keepalive_timeout_s() {
+    let node = Recorder::start("n", Then::Answer).await;
+    for (fast, late) in [(true, 0), (true, 700), (false, 0), (false, 700)] {
+        let text = format!(
+            "{}\n[server]\nheader_read_timeout = \"1s\"\nkeepalive_timeout = \"30s\"\n",
+            one_upstream(node.addr, &format!("fast_path = {fast}"))
+        );
+        let lb = Running::start(&text).await;
+        let mut s = TcpStream::connect(lb.addr).await.expect("connect");
+        // The first head on time, or ending just before its deadline.
+        tokio::time::sleep(Duration::from_millis(late)).await;
+        s.write_all(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .expect("write");
+        let first = read_response(&mut s).await;
+        assert!(
+            first.starts_with("HTTP/1.1 200"),
+            "fast_path = {fast}, {late} ms late: {first}"
+        );
+        for round in 0..2 {
+            // Silence longer than header_read_timeout, well within keepalive.
+            tokio::time::sleep(Duration::from_millis(1600)).await;
+            s.write_all(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+                .await
+                .expect("write");
+            let next = read_response(&mut s).await;
+            assert!(
+                next.starts_with("HTTP/1.1 200"),
+                "fast_path = {fast}, first head {late} ms late, wait {round}: the kept-alive connection was closed: {next:?}"
+            );
+        }
+        lb.shutdown().await;
+    }
+}

@@ -18,11 +18,15 @@
 //!
 //! Setting up a hyper connection per request costs about a fifth more
 //! user-space work per request (callgrind: 44k to 52k instructions per
-//! proxied request), so it is only done when it saves real memory: while at
-//! most 1,024 connections are open (fewer when `max_connections` is small),
-//! idle ones keep their hyper connection (at most 16 MiB of buffers). The accept loop also takes the socket back
-//! (with [`Turn::want_back`]) from a connection that has been silent for
-//! `keepalive_timeout`, to close it; hyper has no idle timeout of its own.
+//! proxied request), so it is only done at once when it saves real memory:
+//! while at most 1,024 connections are open (fewer when `max_connections` is
+//! small), a connection keeps its hyper connection for a next request that
+//! comes soon (at most 16 MiB of buffers). The accept loop takes the socket
+//! back (with [`Turn::want_back`]) from a connection idle for a quarter of
+//! `header_read_timeout` (at most 250 ms), since hyper's header timer runs
+//! over the idle time and would close a client that waits longer than
+//! `header_read_timeout` between requests; and from one silent for
+//! `keepalive_timeout`, to close it (hyper has no idle timeout of its own).
 //!
 //! What the client sees does not change: the response already went out with
 //! keep-alive, and a pipelined request already in the socket is read by the
