@@ -431,10 +431,13 @@ impl Connection {
         // between requests would be closed by it, and a late next head
         // would get less than its period. So an idle connection is handed
         // back after this long (or at once, after a first request whose
-        // timer was cut short): the next request gets a new hyper
-        // connection, whose timer starts at its first byte. A request
+        // timer was cut by more than this): the next request gets a new
+        // hyper connection, whose timer starts at its first byte. A request
         // sooner than that keeps the hyper connection, and its head at
-        // least `header_read_timeout` less this.
+        // least `header_read_timeout` less twice this (half of it). Not
+        // for a connection whose last request had a body: hyper may still
+        // drain it, so it is not handed back (see `recycle`), and hyper's
+        // timer closes it after `header_read_timeout` of silence.
         let recycle_ms = u64::try_from((self.header_read_timeout / 4).as_millis())
             .unwrap_or(u64::MAX)
             .min(250);
@@ -483,8 +486,9 @@ impl Connection {
                     let mut b = self.builder.clone();
                     b.header_read_timeout(left);
                     shortened = b;
-                    if left < self.header_read_timeout {
-                        // This timer is for the first head only.
+                    if left + Duration::from_millis(recycle_ms) < self.header_read_timeout {
+                        // This timer is for the first head only: cut by
+                        // more than the window, it would cut the next too.
                         window_ms = 0;
                     }
                     &shortened
@@ -512,58 +516,59 @@ impl Connection {
             tokio::pin!(stopped);
             let turn = &self.turn;
             let mut stopping = false;
-            // Set to the start of the last request when the silence ran out.
-            let mut expired: Option<u64> = None;
-            // Set to the start of the last request when it is handed back.
-            let mut handing_back: Option<u64> = None;
+            // The silence ran out: wanted back, to be closed.
+            let mut expired = false;
+            // Wanted back, to wait for the next request outside hyper.
+            let mut handing_back = false;
             let ended = std::future::poll_fn(|cx| {
                 loop {
                     if let Poll::Ready(ended) = conn.as_mut().poll(cx) {
                         return Poll::Ready(ended);
                     }
-                    if expired.is_some_and(|at| at != turn.begun_at()) {
-                        // A request came in just as the silence ran out.
-                        expired = None;
+                    if !turn.wanted() {
+                        // Not asked for, or a request began since it was
+                        // (`call` clears the mark).
+                        expired = false;
+                        handing_back = false;
                     }
-                    if handing_back.is_some_and(|at| at != turn.begun_at()) {
-                        // A request came in just as it was handed back.
-                        handing_back = None;
-                    }
-                    if stopping || expired.is_some() || handing_back.is_some() {
-                        // Busy when the stop came: its answer says
-                        // `Connection: close`, then hyper ends. Or idle and
-                        // wanted back: hyper's next read ends it.
+                    if expired || handing_back {
+                        // Idle and wanted back: hyper's next read ends it.
                         return Poll::Pending;
                     }
-                    stopping = stopped.as_mut().poll(cx).is_ready();
-                    let idle = turn.idle();
-                    if !stopping && !idle && idle_limit.as_mut().poll(cx).is_pending() {
+                    if !stopping {
+                        stopping = stopped.as_mut().poll(cx).is_ready();
+                    }
+                    if !turn.idle() {
+                        // Busy: it turns idle inside `conn.poll`, which
+                        // then brings us here. An answer begun after a stop
+                        // says `Connection: close`, and hyper ends.
                         return Poll::Pending;
+                    }
+                    if stopping {
+                        // Idle at the stop: closed (the caller sees the stop).
+                        handing_back = true;
+                        turn.want_back();
+                        continue;
                     }
                     let last = turn.begun_at().max(started);
                     let deadline = last.saturating_add(limit_ms);
                     let now = recycle::now_ms();
-                    if idle && (stopping || now >= deadline) {
-                        if !stopping {
-                            expired = Some(turn.begun_at());
-                        }
+                    if now >= deadline {
+                        expired = true;
                         turn.want_back();
                         continue;
                     }
                     let hand_back_at = last.saturating_add(window_ms);
-                    if idle && now >= hand_back_at {
-                        handing_back = Some(turn.begun_at());
+                    if now >= hand_back_at {
+                        handing_back = true;
                         turn.want_back();
                         continue;
                     }
-                    if stopping {
-                        continue;
-                    }
-                    let next = if idle { hand_back_at } else { deadline };
+                    let next = hand_back_at.min(deadline);
                     let at = tokio::time::Instant::now()
                         + Duration::from_millis(next.saturating_sub(now).max(1));
-                    // Moved only later than due when it fired: a timer that
-                    // fires early looks again and moves on.
+                    // Moved only when it fired or is due later than needed:
+                    // a timer that fires early looks again and moves on.
                     if idle_limit.is_elapsed() || idle_limit.deadline() > at {
                         idle_limit.as_mut().reset(at);
                     }
@@ -580,7 +585,7 @@ impl Connection {
                     return;
                 }
             };
-            if expired.is_some() || !self.turn.handed_back() || *self.stop.borrow() {
+            if expired || !self.turn.handed_back() || *self.stop.borrow() {
                 // The client closed, or hyper did (`Connection: close`, an
                 // HTTP/1.0 client): dropping the socket closes it.
                 return;

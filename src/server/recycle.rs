@@ -27,6 +27,9 @@
 //! over the idle time and would close a client that waits longer than
 //! `header_read_timeout` between requests; and from one silent for
 //! `keepalive_timeout`, to close it (hyper has no idle timeout of its own).
+//! A connection whose last request had a body is never handed back (below),
+//! so a client that then waits longer than `header_read_timeout` is still
+//! closed by hyper's timer, as before.
 //!
 //! What the client sees does not change: the response already went out with
 //! keep-alive, and a pipelined request already in the socket is read by the
@@ -149,6 +152,11 @@ impl Turn {
     /// the caller polls the hyper connection again right after.
     pub(super) fn want_back(&self) {
         self.set(WANTED);
+    }
+
+    /// Whether the socket is wanted back (no request began since).
+    pub(super) fn wanted(&self) -> bool {
+        self.has(WANTED)
     }
 
     /// Whether the last hyper connection ended because we handed the socket
