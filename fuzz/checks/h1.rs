@@ -897,6 +897,26 @@ pub fn reference_chunked(b: &[u8], count_cr: bool, limit: u64) -> (Chunked, u64)
             }
         }};
     }
+    // The rest of an extension or trailer line, up to its CR (every byte
+    // counted; the CR too with `count_cr`); a bare LF is `Invalid`.
+    macro_rules! to_cr {
+        () => {{
+            loop {
+                match b.get(i) {
+                    None => return (Incomplete, data),
+                    Some(b'\n') => return (Invalid, data),
+                    Some(b'\r') => break,
+                    Some(_) => {
+                        count!();
+                        i += 1;
+                    }
+                }
+            }
+            if count_cr {
+                meta += 1;
+            }
+        }};
+    }
     loop {
         // chunk-size
         let mut size: u64 = 0;
@@ -929,20 +949,7 @@ pub fn reference_chunked(b: &[u8], count_cr: bool, limit: u64) -> (Chunked, u64)
             None => return (Incomplete, data),
             Some(b';') => {
                 i += 1;
-                loop {
-                    match b.get(i) {
-                        None => return (Incomplete, data),
-                        Some(b'\n') => return (Invalid, data),
-                        Some(b'\r') => break,
-                        Some(_) => {
-                            count!();
-                            i += 1;
-                        }
-                    }
-                }
-                if count_cr {
-                    meta += 1;
-                }
+                to_cr!();
             }
             Some(b'\r') => {}
             Some(_) => return (Invalid, data),
@@ -989,20 +996,7 @@ pub fn reference_chunked(b: &[u8], count_cr: bool, limit: u64) -> (Chunked, u64)
             Some(b'\n') => return (Invalid, data),
             Some(_) => {}
         }
-        loop {
-            match b.get(i) {
-                None => return (Incomplete, data),
-                Some(b'\n') => return (Invalid, data),
-                Some(b'\r') => break,
-                Some(_) => {
-                    count!();
-                    i += 1;
-                }
-            }
-        }
-        if count_cr {
-            meta += 1;
-        }
+        to_cr!();
         match b.get(i + 1) {
             None => return (Incomplete, data),
             Some(b'\n') => i += 2,
