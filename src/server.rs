@@ -240,7 +240,6 @@ pub async fn serve_with<F, S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let make_service = Arc::new(make_service);
     let stopping = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
     // Every connection task holds a sender; when all are gone, so are they.
@@ -258,6 +257,17 @@ pub async fn serve_with<F, S, B>(
         // (~3% of a node's CPU on the sold-out path) instead of leaving it
         // uninitialised.
         .max_buf_size(96 * 1024);
+    let hyper_side = Arc::new(HyperSide {
+        builder,
+        make_service,
+        stopping: stopping.clone(),
+        stop: stop_rx.clone(),
+        permits: permits.clone(),
+        header_read_timeout: limits.header_read_timeout,
+        keepalive_timeout: limits.keepalive_timeout,
+        most: limits.max_connections,
+        send_timeout,
+    });
     tokio::pin!(shutdown);
     loop {
         // Take a permit before accepting: over the cap, clients wait in the
@@ -293,37 +303,7 @@ pub async fn serve_with<F, S, B>(
         let _ = stream.set_nodelay(true);
         // The first head counts from the accept, not from its first byte.
         let first_head_deadline = tokio::time::Instant::now() + limits.header_read_timeout;
-        // hyper's side of the connection (its service, the turn it takes
-        // requests by) is made only when hyper gets the connection: behind a
-        // front, most connections never get to it.
-        let for_hyper = {
-            let builder = builder.clone();
-            let stopping = stopping.clone();
-            let stop = stop_rx.clone();
-            let permits = permits.clone();
-            let make_service = make_service.clone();
-            let (header_read_timeout, keepalive_timeout, most) = (
-                limits.header_read_timeout,
-                limits.keepalive_timeout,
-                limits.max_connections,
-            );
-            move || {
-                let turn = Arc::new(recycle::Turn::new(stopping));
-                let service = recycle::Turnstile::new(make_service(peer), turn.clone());
-                let connection = Connection {
-                    builder,
-                    turn,
-                    stop,
-                    header_read_timeout,
-                    keepalive_timeout,
-                    peer,
-                    permits,
-                    most,
-                    send_timeout,
-                };
-                (connection, service)
-            }
-        };
+        let hyper_side = hyper_side.clone();
         let open = open_tx.clone();
         let ctx = front.as_ref().map(|_| ConnContext {
             stop: stop_rx.clone(),
@@ -352,7 +332,10 @@ pub async fn serve_with<F, S, B>(
                     head_deadline: first_head_deadline,
                 },
             };
-            let (connection, service) = for_hyper();
+            // hyper's side of the connection (its service, the turn it
+            // takes requests by) is made only now: behind a front, most
+            // connections never get here.
+            let (connection, service) = hyper_side.connection(peer);
             // Boxed: behind a front it is the rare case, and a connection
             // the front keeps should not carry room for it.
             Box::pin(connection.run(handed, service)).await;
@@ -370,6 +353,45 @@ pub async fn serve_with<F, S, B>(
         () = tokio::time::sleep(limits.grace_period) => {
             tracing::warn!("grace period over with requests still in flight");
         }
+    }
+}
+
+/// What hyper's side of every connection of one server is made from,
+/// shared by them all: a connection takes its copies only when it reaches
+/// hyper ([`HyperSide::connection`]).
+struct HyperSide<F> {
+    builder: http1::Builder,
+    make_service: F,
+    stopping: Arc<AtomicBool>,
+    stop: watch::Receiver<bool>,
+    permits: Arc<Semaphore>,
+    header_read_timeout: Duration,
+    keepalive_timeout: Duration,
+    most: usize,
+    send_timeout: Option<Duration>,
+}
+
+impl<F, S> HyperSide<F>
+where
+    F: Fn(SocketAddr) -> S,
+{
+    /// hyper's side of the connection from `peer`: its service, behind the
+    /// turn it takes requests by.
+    fn connection(&self, peer: SocketAddr) -> (Connection, recycle::Turnstile<S>) {
+        let turn = Arc::new(recycle::Turn::new(self.stopping.clone()));
+        let service = recycle::Turnstile::new((self.make_service)(peer), turn.clone());
+        let connection = Connection {
+            builder: self.builder.clone(),
+            turn,
+            stop: self.stop.clone(),
+            header_read_timeout: self.header_read_timeout,
+            keepalive_timeout: self.keepalive_timeout,
+            peer,
+            permits: self.permits.clone(),
+            most: self.most,
+            send_timeout: self.send_timeout,
+        };
+        (connection, service)
     }
 }
 
