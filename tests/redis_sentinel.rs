@@ -8,110 +8,14 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::http::{client, get, json};
 use common::redis::RedisServer;
+use common::sentinel::{Sentinel, wait_until};
 use common::spike::{SpikeProcess, run, wait_listening, write_config};
 use hyper::StatusCode;
-
-/// One Sentinel process (`redis-server CONF --sentinel`), killed on drop.
-struct Sentinel {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Sentinel {
-    fn start(service: &str, primary: u16) -> Sentinel {
-        let port = common::free_port();
-        let dir =
-            std::env::temp_dir().join(format!("spike-sentinel-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("sentinel dir");
-        // Sentinel rewrites its file, so each has its own.
-        let conf = dir.join("sentinel.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "port {port}\nbind 127.0.0.1\ndir {}\n\
-                 sentinel monitor {service} 127.0.0.1 {primary} 2\n\
-                 sentinel down-after-milliseconds {service} 1000\n\
-                 sentinel failover-timeout {service} 5000\n\
-                 sentinel parallel-syncs {service} 1\n",
-                dir.display()
-            ),
-        )
-        .expect("sentinel conf");
-        let child = Command::new("redis-server")
-            .arg(&conf)
-            .arg("--sentinel")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (run scripts/test.sh)");
-        Sentinel { child, port, dir }
-    }
-
-    fn ask(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
-        let mut c =
-            redis::Client::open(format!("redis://127.0.0.1:{}", self.port))?.get_connection()?;
-        redis::cmd("SENTINEL").arg(args).query(&mut c)
-    }
-
-    /// The primary this Sentinel names for `service`, as a port.
-    fn primary(&self, service: &str) -> Option<u16> {
-        match self.ask(&["get-master-addr-by-name", service]) {
-            Ok(redis::Value::Array(parts)) => match parts.get(1) {
-                Some(redis::Value::BulkString(p)) => String::from_utf8_lossy(p).parse().ok(),
-                _ => None,
-            },
-            _ => None,
-        }
-    }
-
-    /// Whether it knows the other two Sentinels and the replica.
-    fn settled(&self, service: &str) -> bool {
-        let Ok(redis::Value::Array(fields)) = self.ask(&["master", service]) else {
-            return false;
-        };
-        let text: Vec<String> = fields
-            .iter()
-            .map(|v| match v {
-                redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-                _ => String::new(),
-            })
-            .collect();
-        let field = |name: &str| {
-            text.iter()
-                .position(|f| f == name)
-                .and_then(|i| text.get(i + 1))
-                .and_then(|v| v.parse::<u64>().ok())
-        };
-        field("num-other-sentinels") == Some(2) && field("num-slaves") == Some(1)
-    }
-}
-
-impl Drop for Sentinel {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(
-            start.elapsed() < limit,
-            "{what} did not happen within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sale_survives_a_sentinel_failover_with_every_answered_order() {

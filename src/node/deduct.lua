@@ -4,7 +4,7 @@
 -- the call and the sale's lookups once per batch, not once per ticket. Every
 -- key shares the sale's hash tag, so this runs unchanged on Redis Cluster.
 --
--- KEYS[1] stock hash (total, sold, epoch, limit, held, most, seq,
+-- KEYS[1] stock hash (total, sold, epoch, limit, held, most, seq, barriers,
 --         pay_within, reserved, paid, released, stream_max)
 -- KEYS[2] buyers hash (buyer -> tickets held)
 -- KEYS[3] orders hash (order id -> JSON)

@@ -644,13 +644,19 @@ impl Node {
         self.stats.store_latency.observe(asked.elapsed());
         let reply = match result {
             Ok(reply) => reply,
-            Err(StoreError::NotReplicated { wanted, acked }) => {
-                // The script sold: the unit is spent, not returned.
-                if let Some(u) = unit {
-                    u.keep();
+            Err(StoreError::NotReplicated {
+                wanted,
+                acked,
+                sold,
+            }) => {
+                // A sale spent its unit; a replay of an earlier order
+                // took none, so its unit goes back.
+                match unit {
+                    Some(u) if sold => u.keep(),
+                    other => drop(other),
                 }
                 self.stats.not_replicated.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(node = %self.name, wanted, acked, "a sale was not replicated in time; answered 503");
+                tracing::warn!(node = %self.name, wanted, acked, sold, "a purchase's answer was not replicated in time; answered 503");
                 return not_replicated();
             }
             Err(e) => {

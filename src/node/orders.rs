@@ -167,10 +167,10 @@ async fn call(
         }
         Err(e @ StoreError::NotReplicated { .. }) => {
             node.stats.not_replicated.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(node = %node.name(), error = %e, "an order change was not replicated in time; answered 503");
+            tracing::warn!(node = %node.name(), error = %e, "an order answer was not replicated in time; answered 503");
             let mut res = answer(
                 StatusCode::SERVICE_UNAVAILABLE,
-                json!({"status": "unavailable", "reason": "the change was made but not replicated in time: send the same request again to learn where the order stands"}),
+                json!({"status": "unavailable", "reason": "the order, as it stands, was not replicated in time (a change asked for may have been made): send the same request again to learn where it stands"}),
             );
             res.headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from_static("1"));

@@ -8,6 +8,7 @@ pub mod cut_proxy;
 pub mod http;
 pub mod redis;
 pub mod sale;
+pub mod sentinel;
 pub mod spike;
 pub mod up;
 

@@ -275,19 +275,24 @@ pub enum StoreError {
     /// The sale was never initialised (`spike stock init`).
     #[error("the sale is not initialised: run spike stock init")]
     NoSale,
-    /// The sale was made on the primary, but fewer than `[redis] replicas`
-    /// replicas acknowledged it in time: a failover now could lose it, so
-    /// the buyer is not told 200. The outcome is ambiguous (the order
-    /// exists on the primary); a retry with the same `Idempotency-Key`, or
-    /// the per-user limit, finds it.
+    /// An answer that would tell a buyer they hold a ticket (a sale made
+    /// on the primary, or an earlier order: a replayed key, `already_bought`,
+    /// an order's state) was acknowledged by fewer than `[redis] replicas`
+    /// replicas in time: a failover now could lose it, so the buyer is not
+    /// told. The outcome is ambiguous (the order exists on the primary); a
+    /// retry with the same `Idempotency-Key`, or the per-user limit, finds
+    /// it once the replicas have it.
     #[error(
-        "the sale was not replicated to {wanted} replica(s) in time ({acked} acknowledged); it may exist: retry with the same Idempotency-Key"
+        "the answer was not replicated to {wanted} replica(s) in time ({acked} acknowledged); the order may exist: retry with the same Idempotency-Key"
     )]
     NotReplicated {
-        /// Replicas the sale needed.
+        /// Replicas the answer needed.
         wanted: u64,
         /// Replicas that acknowledged it.
         acked: u64,
+        /// Whether this call sold (its lease unit is spent), rather than
+        /// naming an order sold before.
+        sold: bool,
     },
     /// Redis answered something this version of spike does not understand.
     #[error("unexpected answer from the store: {0}")]

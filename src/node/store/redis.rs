@@ -234,10 +234,11 @@ impl RedisStore {
             },
             7 => Outcome::KeyConflict,
             9 => Outcome::BuyerRequired,
-            NOT_REPLICATED => {
+            NOT_REPLICATED | NOT_REPLICATED_EARLIER => {
                 return Err(StoreError::NotReplicated {
                     wanted: self.link.replicas,
                     acked: r.answer.count,
+                    sold: r.answer.code == NOT_REPLICATED,
                 });
             }
             other => {
@@ -355,15 +356,22 @@ impl RedisStore {
         let (sale, mut rest) = header(reply, 2)?;
         let code = int(rest.next())?;
         let record = text(rest.next())?;
-        // A payment or a cancel is answered 200 only once the replicas
-        // have it, as a sale is: a failover must not turn a paid order
-        // back into a reservation that expires.
-        if code == 1 && op != OrderOp::Get && self.link.replicas > 0 {
-            let acked = self.link.acked(client, Instant::now() + self.timeout).await;
+        // An answer about an order is given only once the replicas have
+        // the order as it says, as a sale is: a failover must not turn a
+        // paid order back into a reservation that expires, nor take back
+        // an order that `GET` (or a second payment, which writes nothing)
+        // described. The barrier's write makes the `WAIT` cover the
+        // order's state whichever connection wrote it.
+        if matches!(code, 1..=3) && self.link.replicas > 0 {
+            let acked = self
+                .link
+                .barrier(client, Instant::now() + self.timeout)
+                .await;
             if acked < self.link.replicas {
                 return Err(StoreError::NotReplicated {
                     wanted: self.link.replicas,
                     acked,
+                    sold: false,
                 });
             }
         }
@@ -502,9 +510,36 @@ impl RedisStore {
     /// not change, and a bulk read of a field per buyer must not hold
     /// Redis's single thread (other sales on the same Redis would time
     /// out meanwhile). Retried, unlike a deduction: it only reads.
+    ///
+    /// With `[redis] replicas`, the holders are kept only once a barrier
+    /// after the read is acknowledged: a node answers `already_bought` (or
+    /// a replay) from them, and hands them to the balancer's edge, so they
+    /// must hold nothing a failover can take back.
     pub async fn holders(&self, per_user_limit: u64) -> Result<Holders, StoreError> {
         let client = self.reader();
-        let keys = scan_hash(&client, &self.link.keys[5])
+        let holders = self.read_holders(&client, per_user_limit).await?;
+        if self.link.replicas > 0 {
+            let acked = self
+                .link
+                .barrier(&client, Instant::now() + self.timeout)
+                .await;
+            if acked < self.link.replicas {
+                return Err(StoreError::NotReplicated {
+                    wanted: self.link.replicas,
+                    acked,
+                    sold: false,
+                });
+            }
+        }
+        Ok(holders)
+    }
+
+    async fn read_holders<C: ClientLike>(
+        &self,
+        client: &C,
+        per_user_limit: u64,
+    ) -> Result<Holders, StoreError> {
+        let keys = scan_hash(client, &self.link.keys[5])
             .await?
             .into_iter()
             .map(|(key, v)| (key, KeyHolder::parse(&v)))
@@ -515,8 +550,8 @@ impl RedisStore {
                 keys,
             });
         }
-        let held = scan_hash(&client, &self.link.keys[1]).await?;
-        let orders = scan_hash(&client, &self.link.keys[3]).await?;
+        let held = scan_hash(client, &self.link.keys[1]).await?;
+        let orders = scan_hash(client, &self.link.keys[3]).await?;
         let buyers = orders
             .into_iter()
             .filter(|(buyer, _)| {
@@ -780,7 +815,6 @@ impl Link {
             .and_then(|v| answers(v, replies.len()));
         if self.replicas > 0
             && let Ok(list) = &mut answers
-            && list.iter().any(|a| a.answer.code == SOLD)
         {
             self.replicated(client, list, latest).await;
         }
@@ -801,21 +835,67 @@ impl Link {
 
 /// `deduct.lua`'s code for a sale.
 const SOLD: u64 = 1;
+/// `deduct.lua`'s code for a buyer at the limit (with their last order).
+const ALREADY_BOUGHT: u64 = 3;
+/// `deduct.lua`'s code for a key that already bought (with its order).
+const REPLAYED: u64 = 6;
+
+/// Whether `raw` tells its buyer they hold a ticket written by an earlier
+/// call, maybe on another connection: a replay of a key, or
+/// `already_bought` naming an order. Such an answer writes nothing, so the
+/// `WAIT` of its own connection would cover nothing.
+fn names_an_earlier_order(raw: &Raw) -> bool {
+    raw.code == REPLAYED || (raw.code == ALREADY_BOUGHT && !raw.order.is_empty())
+}
 
 impl Link {
-    /// `WAIT replicas` on the connection that ran the script (WAIT covers
-    /// that connection's writes), within the batch's deadline; when fewer
-    /// acknowledge, every sale of the batch becomes
-    /// [`StoreError::NotReplicated`]: made, but not safe to announce.
+    /// With `[redis] replicas`, holds every answer of a batch that tells
+    /// a buyer they hold a ticket until that many replicas acknowledge it:
+    /// a sale by its own write, an earlier order through a
+    /// [barrier](Link::barrier). Those not acknowledged in time become
+    /// [`StoreError::NotReplicated`]: never an answer a failover can take
+    /// back.
     async fn replicated(&self, client: &Client, answers: &mut [Reply<Raw>], latest: Instant) {
-        let acked = self.acked(client, latest).await;
+        let earlier = answers.iter().any(|a| names_an_earlier_order(&a.answer));
+        let sold = answers.iter().any(|a| a.answer.code == SOLD);
+        let acked = if earlier {
+            self.barrier(client, latest).await
+        } else if sold {
+            self.acked(client, latest).await
+        } else {
+            return;
+        };
         if acked >= self.replicas {
             return;
         }
-        for a in answers.iter_mut().filter(|a| a.answer.code == SOLD) {
-            a.answer.code = NOT_REPLICATED;
+        for a in answers.iter_mut() {
+            if a.answer.code == SOLD {
+                a.answer.code = NOT_REPLICATED;
+            } else if names_an_earlier_order(&a.answer) {
+                a.answer.code = NOT_REPLICATED_EARLIER;
+            } else {
+                continue;
+            }
             a.answer.count = acked;
         }
+    }
+
+    /// `WAIT replicas` after one small write on `client`. `WAIT` covers
+    /// the writes of its own connection only, up to the primary's
+    /// replication offset at that connection's last write; the write here
+    /// (a counter in the stock hash) moves that offset past everything
+    /// the primary had when it ran, so the `WAIT` covers what this
+    /// connection read before it too: a replayed order, or holders
+    /// another node sold. Answers how many replicas acknowledged (0 when
+    /// the write failed).
+    async fn barrier<C: ClientLike>(&self, client: &C, latest: Instant) -> u64 {
+        let hincrby = CustomCommand::new_static("HINCRBY", ClusterHash::FirstKey, false);
+        let args: Vec<Value> = vec![self.keys[0].clone().into(), "barriers".into(), 1.into()];
+        let wrote: Result<i64, _> = client.custom(hincrby, args).await;
+        if wrote.is_err() {
+            return 0;
+        }
+        self.acked(client, latest).await
     }
 
     /// `WAIT replicas` on `client` (WAIT covers that connection's writes),
@@ -823,7 +903,7 @@ impl Link {
     /// before it), so a short count is reported as such rather than lost in
     /// the caller's own timeout. Whole milliseconds, and never 0, which
     /// would block forever. Answers how many replicas acknowledged.
-    async fn acked(&self, client: &Client, latest: Instant) -> u64 {
+    async fn acked<C: ClientLike>(&self, client: &C, latest: Instant) -> u64 {
         let left = latest.saturating_duration_since(Instant::now());
         let margin = (left / 4).max(Duration::from_millis(5));
         let ms = left.saturating_sub(margin).as_millis().max(1) as i64;
@@ -840,6 +920,9 @@ impl Link {
 
 /// Not a code of the script: a sale `WAIT` did not see replicated.
 const NOT_REPLICATED: u64 = 100;
+/// Not a code of the script: an earlier order (a replay, `already_bought`)
+/// that a barrier did not see replicated; nothing was sold.
+const NOT_REPLICATED_EARLIER: u64 = 101;
 
 /// Arguments per entry of `deduct.lua`.
 const ENTRY_ARGS: usize = 6;
