@@ -24,8 +24,9 @@ default): GET / (a live status page for a browser), GET /healthz, GET /status
 
 Exit codes: 0 success; 1 an error (config, bind, store), printed on stderr
 as one line; `spike stock audit` exits 1 when the sale breaks an invariant;
-`spike stock init` exits 1 on a started sale (without --force) and on a Redis
-that may forget answered orders (without --allow-volatile).
+`spike stock init` and `spike up` exit 1 on a Redis that may forget answered
+orders (without --allow-volatile), `stock init` also on a started sale
+(without --force); `spike check` exits 1 when any check fails.
 
 Logs go to stderr. RUST_LOG sets what is logged (default info, e.g.
 RUST_LOG=warn or RUST_LOG=spike=debug); colour only on a terminal, and never
@@ -69,7 +70,24 @@ before the balancer routes to it, a removed one is taken out of the balancer
 and stopped once its requests have finished; a node that cannot listen
 refuses the whole file. The admin endpoints (/ the status page, /healthz,
 /status, /sale, /metrics) are on [balancer] admin. SIGTERM/SIGINT stops everything gracefully within [server]
-grace_period and exits 0. Exit code 1 on an error.";
+grace_period and exits 0. Exit code 1 on an error.
+
+With [redis], a sale not yet in Redis is started as `spike stock init`
+starts it, and refused on a Redis that may forget answered orders unless
+--allow-volatile; a sale already there is joined as it is: [sale] is the
+store's, and the banner shows the stored figures (change them with `spike
+stock init --force`, which starts a new sale).";
+
+/// What `spike check --help` adds.
+const CHECK_HELP: &str = "\
+Prints one line per check on stderr: the file (every error names the file,
+the key and the line), Redis reached (its URL), the stored sale (or that
+none is initialised), Redis's durability (the problems `stock init`
+refuses), and whether the file's [sale] differs from the stored one (a
+warning: [sale] is the store's). Writes nothing anywhere.
+
+Exit codes: 0 when the file is valid and, with [redis], Redis answers and
+keeps what it acknowledges; 1 otherwise.";
 
 /// What `spike stock audit --help` adds.
 const AUDIT_HELP: &str = "\
@@ -115,6 +133,18 @@ pub enum Command {
     /// Run a whole sale on this machine: the balancer and every [[node]].
     #[command(after_help = UP_HELP)]
     Up {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Start a new sale even on a Redis that may forget answered
+        /// orders (as `stock init --allow-volatile`): a throwaway test only.
+        #[arg(long)]
+        allow_volatile: bool,
+    },
+    /// Check the file without starting anything (as `nginx -t`): validate
+    /// it, reach Redis when it has [redis], report its durability and the
+    /// stored sale; exit 0 when all is well, 1 otherwise.
+    #[command(after_help = CHECK_HELP)]
+    Check {
         #[command(flatten)]
         config: ConfigArg,
     },

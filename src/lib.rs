@@ -3,6 +3,7 @@
 //! line and dispatches here, so tests drive the same code the binary runs.
 
 pub mod balancer;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod haproxy_conf;

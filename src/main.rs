@@ -22,7 +22,11 @@ fn main() -> ExitCode {
     let result: anyhow::Result<ExitCode> = match cli.command {
         Command::Node { config, name } => spike::node::main(&config.config, &name),
         Command::Balancer { config } => spike::balancer::main(&config.config),
-        Command::Up { config } => spike::up::main(&config.config),
+        Command::Up {
+            config,
+            allow_volatile,
+        } => spike::up::main(&config.config, allow_volatile),
+        Command::Check { config } => spike::check::run(&config.config),
         Command::Stock { action } => match action {
             StockAction::Init {
                 config,

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
-use crate::config::Config;
-use crate::node::store::{Snapshot, Store};
+use crate::config::{Config, SaleConfig};
+use crate::node::store::{Snapshot, Store, StoreError};
 
 fn with_store<T>(
     config_path: &Path,
@@ -31,31 +31,103 @@ fn with_store<T>(
     })
 }
 
+/// Why a sale may not start on a store: the one gate of every way a sale
+/// starts (`stock init`, `spike up`), so that neither can start a sale on
+/// a Redis that `stock init` would refuse.
+#[derive(Debug, thiserror::Error)]
+pub enum StartRefused {
+    /// The store may forget answered orders, and the operator did not
+    /// allow it.
+    #[error(
+        "refusing to start the sale {event} on a Redis that may lose answered orders; fix the above, or pass --allow-volatile for a throwaway test"
+    )]
+    Volatile {
+        /// The sale.
+        event: String,
+    },
+    /// Redis's durability could not be read.
+    #[error("reading Redis's durability: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// The durability gate before a new sale: every problem that lets the
+/// store forget an answered order, printed on stderr (`spike: PROBLEM`,
+/// as `stock init` always has), then a refusal unless `allow_volatile`.
+/// The embedded store has nothing to check (it ends with its process, and
+/// says so elsewhere).
+pub async fn start_gate(
+    store: &Store,
+    event: &str,
+    allow_volatile: bool,
+) -> Result<(), StartRefused> {
+    let problems = store
+        .durability()
+        .await?
+        .map(|d| d.problems())
+        .unwrap_or_default();
+    for problem in &problems {
+        eprintln!("spike: {problem}");
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    if !allow_volatile {
+        return Err(StartRefused::Volatile {
+            event: event.to_string(),
+        });
+    }
+    eprintln!("spike: --allow-volatile: starting the sale anyway; answered orders may be lost");
+    Ok(())
+}
+
+/// How the file's `[sale]` differs from the sale the store holds, as one
+/// sentence (`None` when they agree). The stored sale is the one in force
+/// (`stock init` wrote it, and every node enforces it), so a file edited
+/// afterwards changes nothing until a new sale is started.
+pub fn sale_differs(file: &SaleConfig, stored: &Snapshot) -> Option<String> {
+    let file_window = file.pay_within.map_or(0, |d| d.as_millis() as u64);
+    let mut diffs = Vec::new();
+    if file.total != stored.total {
+        diffs.push(format!("total {} (stored: {})", file.total, stored.total));
+    }
+    if file.per_user_limit != stored.per_user_limit {
+        diffs.push(format!(
+            "per_user_limit {} (stored: {})",
+            file.per_user_limit, stored.per_user_limit
+        ));
+    }
+    if file_window != stored.pay_within_ms {
+        let show = |ms: u64| match ms {
+            0 => "none".to_string(),
+            ms => humantime::format_duration(std::time::Duration::from_millis(ms)).to_string(),
+        };
+        diffs.push(format!(
+            "pay_within {} (stored: {})",
+            show(file_window),
+            show(stored.pay_within_ms)
+        ));
+    }
+    (!diffs.is_empty()).then(|| {
+        format!(
+            "the file's [sale] says {}, but [sale] is the store's: the stored sale {} is in force; to change it use `spike stock init --force` (a new sale: the old one's orders are wiped)",
+            diffs.join(", "),
+            stored.event
+        )
+    })
+}
+
 /// `spike stock init`: refuses to touch a started sale unless `force`, and
 /// a Redis that may forget answered orders unless `allow_volatile`.
 pub fn init(config_path: &Path, force: bool, allow_volatile: bool) -> anyhow::Result<ExitCode> {
     with_store(config_path, async |config, store| {
         let sale = config.require_sale()?;
-        let problems = store
-            .durability()
-            .await
-            .context("stock init: reading Redis's durability")?
-            .map(|d| d.problems())
-            .unwrap_or_default();
-        for problem in &problems {
-            eprintln!("spike: {problem}");
-        }
-        if !problems.is_empty() {
-            if !allow_volatile {
-                eprintln!(
-                    "spike: refusing to start the sale {} on a Redis that may lose answered orders; fix the above, or pass --allow-volatile for a throwaway test",
-                    sale.event
-                );
+        match start_gate(&store, &sale.event, allow_volatile).await {
+            Ok(()) => {}
+            Err(e @ StartRefused::Volatile { .. }) => {
+                eprintln!("spike: {e}");
                 return Ok(ExitCode::FAILURE);
             }
-            eprintln!(
-                "spike: --allow-volatile: starting the sale anyway; answered orders may be lost"
-            );
+            Err(e) => return Err(anyhow::Error::new(e).context("stock init")),
         }
         if let Some(epoch) = store.init(force).await.context("stock init")? {
             println!(

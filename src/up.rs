@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::node::store::Snapshot;
 use crate::node::{Node, NodeError, Store};
 
 /// Why `spike up` could not start.
@@ -44,6 +45,9 @@ pub enum UpError {
     /// The balancer failed.
     #[error(transparent)]
     Balancer(#[from] crate::balancer::BalancerError),
+    /// The store may forget answered orders (the gate `stock init` has).
+    #[error(transparent)]
+    Refused(#[from] crate::stock::StartRefused),
 }
 
 /// Everything `spike up` listens on, bound before anything starts serving so
@@ -83,21 +87,34 @@ impl Listeners {
 /// Runs the sale until `shutdown`, then stops the balancer first (so no new
 /// purchase reaches a node that is stopping) and the nodes after it, each
 /// letting in-flight requests finish. `ready` is called once everything
-/// listens, with the nodes, so callers can print or test.
+/// listens, with the sale as the store holds it (the one in force, whatever
+/// the file says) and the nodes, so callers can print or test.
+///
+/// A sale not yet in the store is started as `spike stock init` starts
+/// it, through the same durability gate (`allow_volatile` as its
+/// `--allow-volatile`); a sale already there is joined, never wiped.
 pub async fn run(
     config: Config,
     listeners: Listeners,
+    allow_volatile: bool,
     shutdown: impl Future<Output = ()>,
-    ready: impl FnOnce(&Config, &[Arc<Node>]),
+    ready: impl FnOnce(&Config, &Snapshot, &[Arc<Node>]),
 ) -> Result<(), UpError> {
     let sale = config.require_sale()?.clone();
     let store = Store::open(&sale, config.redis.as_ref()).await?;
-    // Initialise only a sale that is not there yet: `up` must never wipe a
-    // sale in progress in a shared Redis.
     let snap = store.snapshot().await?;
-    if !snap.initialised {
+    let snap = if snap.initialised {
+        if let Ok(Some(durability)) = store.durability().await {
+            for problem in durability.problems() {
+                tracing::warn!(event = %sale.event, "redis may lose answered orders: {problem}");
+            }
+        }
+        snap
+    } else {
+        crate::stock::start_gate(&store, &sale.event, allow_volatile).await?;
         store.init(false).await?;
-    }
+        store.snapshot().await?
+    };
     let mut nodes = Vec::with_capacity(config.nodes.len());
     let fleet = Arc::new(Fleet {
         store: store.clone(),
@@ -118,7 +135,7 @@ pub async fn run(
             let _ = rx.changed().await;
         }),
     );
-    ready(&config, &nodes);
+    ready(&config, &snap, &nodes);
     shutdown.await;
     let _ = stop_balancer.send(());
     let balancer_result = balancer.await;
@@ -266,9 +283,12 @@ impl crate::balancer::state::ReloadHook for FleetHook {
     }
 }
 
-/// What `spike up` prints once the sale is open: where things listen and two
-/// lines to paste.
-pub fn banner(config: &Config) -> String {
+/// What `spike up` prints once the sale is open: the sale as the store
+/// holds it, where things listen and lines to paste. When the file's
+/// `[sale]` differs from the stored sale it says so: the stored one is in
+/// force.
+pub fn banner(config: &Config, stored: &Snapshot) -> String {
+    use std::fmt::Write as _;
     let mut s = String::new();
     let (Some(b), Some(sale)) = (config.balancer.as_ref(), config.sale.as_ref()) else {
         return s;
@@ -277,53 +297,71 @@ pub fn banner(config: &Config) -> String {
         Some(r) => format!("redis at {}", r.url),
         None => "the embedded in-process store".to_string(),
     };
-    s.push_str(&format!(
-        "spike up: selling {} tickets of {} (at most {} per buyer) from {store}\n",
-        sale.total,
-        sale.event,
-        if sale.per_user_limit == 0 {
+    let _ = writeln!(
+        s,
+        "spike up: selling {} tickets of {} (at most {} per buyer) from {store}",
+        stored.total,
+        stored.event,
+        if stored.per_user_limit == 0 {
             "any number".to_string()
         } else {
-            sale.per_user_limit.to_string()
+            stored.per_user_limit.to_string()
         }
-    ));
-    s.push_str(&format!(
-        "  balancer  http://{}  ({}, admin on http://{})\n",
+    );
+    if stored.sold > 0 {
+        let _ = writeln!(
+            s,
+            "  a sale under way: {} sold, {} left",
+            stored.sold, stored.remaining
+        );
+    }
+    if let Some(differs) = crate::stock::sale_differs(sale, stored) {
+        let _ = writeln!(s, "  note: {differs}");
+    }
+    let _ = writeln!(
+        s,
+        "  balancer  http://{}  ({}, admin on http://{})",
         b.listen,
         b.strategy.as_str(),
         b.admin
-    ));
+    );
     for cfg in &config.nodes {
-        s.push_str(&format!(
-            "  node {:<4}  http://{}  weight {}, leases {} tickets at a time\n",
+        let _ = writeln!(
+            s,
+            "  node {:<4}  http://{}  weight {}, leases {} tickets at a time",
             cfg.name, cfg.listen, cfg.weight, sale.lease
-        ));
+        );
     }
-    s.push_str(&format!(
-        "\nbuy one:   curl -s 'http://{}/buy/ticket?user=alice'\n",
+    let _ = writeln!(
+        s,
+        "\nbuy one:   curl -s 'http://{}/buy/ticket?user=alice'",
         b.listen
-    ));
-    if let Some(window) = sale.pay_within {
-        s.push_str(&format!(
-            "pay it:    curl -s -X POST 'http://{}/orders/ORDER/pay?user=alice'   (ORDER from the answer; unpaid, it goes back on sale after {})\n",
+    );
+    if stored.pay_within_ms > 0 {
+        let window = std::time::Duration::from_millis(stored.pay_within_ms);
+        let _ = writeln!(
+            s,
+            "pay it:    curl -s -X POST 'http://{}/orders/ORDER/pay?user=alice'   (ORDER from the answer; unpaid, it goes back on sale after {})",
             b.listen,
             humantime::format_duration(window)
-        ));
+        );
     }
-    s.push_str(&format!(
-        "load test: oha -n 20000 -c 100 --rand-regex-url 'http://{}/buy/ticket\\?user=u[0-9]{{6}}'\n",
+    let _ = writeln!(
+        s,
+        "load test: oha -n 20000 -c 100 --rand-regex-url 'http://{}/buy/ticket\\?user=u[0-9]{{6}}'",
         b.listen
-    ));
-    s.push_str(&format!(
-        "state:     curl -s http://{}/sale    status: curl -s http://{}/status\n",
+    );
+    let _ = writeln!(
+        s,
+        "state:     curl -s http://{}/sale    status: curl -s http://{}/status",
         config.nodes[0].listen, b.admin
-    ));
+    );
     s.push_str("Ctrl-C stops everything.\n");
     s
 }
 
 /// Entry point of `spike up`.
-pub fn main(config_path: &Path) -> anyhow::Result<ExitCode> {
+pub fn main(config_path: &Path, allow_volatile: bool) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;
     config.require_sale()?;
     config.require_balancer()?;
@@ -342,9 +380,15 @@ pub fn main(config_path: &Path) -> anyhow::Result<ExitCode> {
             tracing::warn!("{w}");
         }
         let listeners = Listeners::bind(&config)?;
-        run(config, listeners, shutdown, |c, _nodes| {
-            println!("{}", banner(c));
-        })
+        run(
+            config,
+            listeners,
+            allow_volatile,
+            shutdown,
+            |c, stored, _nodes| {
+                println!("{}", banner(c, stored));
+            },
+        )
         .await?;
         eprintln!("spike up: stopped");
         Ok(ExitCode::SUCCESS)

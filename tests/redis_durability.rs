@@ -249,7 +249,10 @@ async fn redis_restarted_from_its_append_only_file_keeps_every_answered_order() 
 /// the order that was made.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_replicas_a_200_is_on_the_replica_and_an_unacknowledged_sale_is_a_503() {
-    let primary = RedisServer::start();
+    // Redis takes writes while the stopped replica is within the lag (60 s),
+    // so the sale is made and its WAIT is what falls short.
+    let args = RedisServer::replicated_args(1, 60);
+    let primary = RedisServer::start_with(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let replica = RedisServer::start_replica_of(&primary);
     let addr = common::free_addr();
     let event = "wait-replica";

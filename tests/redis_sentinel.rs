@@ -21,8 +21,12 @@ use hyper::StatusCode;
 async fn a_sale_survives_a_sentinel_failover_with_every_answered_order() {
     const TOTAL: u64 = 150;
     const SERVICE: &str = "sale";
-    let mut primary = RedisServer::start();
-    let replica = RedisServer::start_replica_of(&primary);
+    let mut primary = RedisServer::start_primary_for(1);
+    let args = RedisServer::replicated_args(1, 10);
+    let replica = RedisServer::start_replica_with(
+        &primary,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     let sentinels: Vec<Sentinel> = (0..3)
         .map(|_| Sentinel::start(SERVICE, primary.port))
         .collect();
@@ -163,4 +167,149 @@ async fn a_sale_survives_a_sentinel_failover_with_every_answered_order() {
         String::from_utf8_lossy(&audit.stdout),
         String::from_utf8_lossy(&audit.stderr)
     );
+}
+
+/// `[redis] replicas = 1` through a Sentinel failover, with `replicas`
+/// replicas behind the primary, every server refusing writes while fewer
+/// than one replica is within reach (`min-replicas-to-write 1`, which
+/// `stock init` asks for). Buyers come one at a time, each asking once;
+/// the primary is SIGKILLed between two of them. Returns what the buyers
+/// heard after the kill: `(told 200, told 503)`, once every buyer told 503
+/// was checked to hold no ticket on the new primary and every buyer told
+/// 200 to hold theirs.
+async fn buyers_through_a_failover(replicas: usize, after: Duration) -> (usize, usize) {
+    const SERVICE: &str = "held";
+    let args = RedisServer::replicated_args(1, 10);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut primary = RedisServer::start_with(&args);
+    let standby: Vec<RedisServer> = (0..replicas)
+        .map(|_| RedisServer::start_replica_with(&primary, &args))
+        .collect();
+    let sentinels: Vec<Sentinel> = (0..3)
+        .map(|_| Sentinel::start(SERVICE, primary.port))
+        .collect();
+    wait_until(
+        "the sentinels to find each other and the replicas",
+        Duration::from_secs(30),
+        || {
+            sentinels
+                .iter()
+                .all(|s| s.settled_with(SERVICE, replicas as u64))
+        },
+    );
+    let node = common::free_addr();
+    let url = format!(
+        "redis-sentinel://127.0.0.1:{}/0?sentinelServiceName={SERVICE}&node=127.0.0.1:{}&node=127.0.0.1:{}",
+        sentinels[0].port, sentinels[1].port, sentinels[2].port
+    );
+    let event = format!("held-{replicas}");
+    let text = format!(
+        "[sale]\nevent = \"{event}\"\ntotal = 1000\nper_user_limit = 1\n\n\
+         [redis]\nurl = \"{url}\"\ntimeout = \"1s\"\nreplicas = 1\n\n\
+         [[node]]\nname = \"n1\"\nlisten = \"{node}\"\n"
+    );
+    let path = write_config(&text);
+    let cfg = path.to_str().expect("path").to_string();
+    let init = run(&["stock", "init", "--config", &cfg]);
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let _node = SpikeProcess::start(&["node", "--config", &cfg, "--name", "n1"]);
+    wait_listening(&node.to_string(), Duration::from_secs(10));
+    let c = client();
+    let (_, health) = get(&c, node, "/healthz").await.expect("healthz");
+    assert_eq!(
+        json(&health)["replicas"],
+        format!("{replicas} of 1"),
+        "{health}"
+    );
+
+    let mut next = 0u64;
+    let mut buy = async || {
+        next += 1;
+        let buyer = format!("h{next}");
+        let key = format!("key-{next}");
+        let reply = common::http::send(
+            &c,
+            hyper::Method::POST,
+            node,
+            &format!("/buy/ticket?user={buyer}"),
+            &[("Idempotency-Key", &key)],
+        )
+        .await;
+        (buyer, reply.map(|r| (r.status, r.body)))
+    };
+    for _ in 0..10 {
+        let (buyer, reply) = buy().await;
+        let (status, body) = reply.expect("before the failover");
+        assert_eq!(status, StatusCode::OK, "{buyer}: {body}");
+    }
+    primary.kill();
+    let mut told_200 = Vec::new();
+    let mut told_503 = Vec::new();
+    let mut degraded_seen = false;
+    let start = Instant::now();
+    while start.elapsed() < after {
+        let (buyer, reply) = buy().await;
+        match reply {
+            Ok((StatusCode::OK, _)) => told_200.push(buyer),
+            Ok((StatusCode::SERVICE_UNAVAILABLE, _)) => told_503.push(buyer),
+            Ok((status, body)) => panic!("{buyer}: unexpected {status}: {body}"),
+            Err(_) => told_503.push(buyer),
+        }
+        if !degraded_seen && sentinels[0].primary(SERVICE) != Some(primary.port) {
+            let (status, body) = get(&c, node, "/healthz").await.expect("healthz");
+            degraded_seen = status == StatusCode::SERVICE_UNAVAILABLE
+                && json(&body)["replicas"] == "0 of 1"
+                && json(&body)["status"] == "degraded";
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let promoted = sentinels[0].primary(SERVICE).expect("a primary");
+    let new_primary = standby
+        .iter()
+        .find(|r| r.port == promoted)
+        .expect("a replica was promoted");
+    let buyers: HashMap<String, u64> = new_primary.hash(&format!("spike:{{{event}}}:buyers"));
+    for b in &told_503 {
+        assert!(
+            !buyers.contains_key(b),
+            "{b} was told 503 yet holds a ticket ({} replicas)",
+            replicas
+        );
+    }
+    for b in &told_200 {
+        assert_eq!(
+            buyers.get(b),
+            Some(&1),
+            "{b} was told 200 but holds nothing"
+        );
+    }
+    if replicas == 1 {
+        assert!(
+            degraded_seen,
+            "the node's /healthz never said `replicas: 0 of 1` (degraded)"
+        );
+    }
+    (told_200.len(), told_503.len())
+}
+
+/// One replica is not enough to keep selling through a failover: the
+/// promoted replica has none of its own, so Redis refuses every sale (503,
+/// nothing sold) and the node says it is degraded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_replica_a_failover_stops_the_sale_and_no_503_holds_a_ticket() {
+    let (sold, refused) = buyers_through_a_failover(1, Duration::from_secs(12)).await;
+    assert_eq!(sold, 0, "sales were acknowledged with no replica left");
+    assert!(refused > 0);
+}
+
+/// With two replicas the promoted one keeps the other, and the sale goes
+/// on; still, no buyer told 503 holds a ticket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_replicas_the_sale_goes_on_through_a_failover_and_no_503_holds_a_ticket() {
+    let (sold, _) = buyers_through_a_failover(2, Duration::from_secs(20)).await;
+    assert!(sold > 0, "no sale after the failover");
 }

@@ -97,8 +97,12 @@ fn fill_replication_link(primary: &RedisServer) {
 /// not answers either until the replica has it. Once it has, they are.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_answer_names_an_order_the_replica_does_not_have() {
-    let primary = RedisServer::start();
-    let replica = RedisServer::start_replica_of(&primary);
+    // The stopped replica stays within Redis's lag (60 s) for the whole
+    // test, so Redis takes the writes and the WAITs are what fall short.
+    let args = RedisServer::replicated_args(1, 60);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let primary = RedisServer::start_with(&args);
+    let replica = RedisServer::start_replica_with(&primary, &args);
     let (n1, n2) = (common::free_addr(), common::free_addr());
     let event = "replay-ack";
     let cfg = two_node_sale(event, 2, &primary.url(), n1, n2);
@@ -177,8 +181,10 @@ async fn no_answer_names_an_order_the_replica_does_not_have() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_purchase_is_not_answered_before_a_failover_can_lose_it() {
     const SERVICE: &str = "replay";
-    let mut primary = RedisServer::start();
-    let replica = RedisServer::start_replica_of(&primary);
+    let args = RedisServer::replicated_args(1, 10);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut primary = RedisServer::start_with(&args);
+    let replica = RedisServer::start_replica_with(&primary, &args);
     let sentinels: Vec<Sentinel> = (0..3)
         .map(|_| Sentinel::start(SERVICE, primary.port))
         .collect();

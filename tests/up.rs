@@ -244,3 +244,82 @@ async fn up_reload_starts_added_nodes_and_stops_removed_ones() {
     assert!(from_n3 > 0, "the balancer routed to the added node");
     remove_config(&path);
 }
+
+/// One rule for every way a sale starts: `spike up` with `[redis]` on a
+/// Redis that may forget answered orders (no append-only file) refuses to
+/// start the sale, naming the problem, as `spike stock init` does, unless
+/// `--allow-volatile`; and it initialises nothing when it refuses.
+#[test]
+fn up_refuses_a_volatile_redis_as_stock_init_does() {
+    let redis = RedisServer::start_volatile();
+    let (text, ports) = up_config(50, 2, Some(&redis.url()));
+    let path = write_config(&text);
+    let cfg = path.to_str().expect("path");
+    let out = run(&["up", "--config", cfg]);
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("appendonly is off"), "{err}");
+    assert!(err.contains("--allow-volatile"), "{err}");
+    assert!(closed(ports.balancer), "nothing may be left listening");
+    let show = run(&["stock", "show", "--config", cfg]);
+    let snap = json(String::from_utf8_lossy(&show.stdout).trim());
+    assert_eq!(
+        snap["initialised"], false,
+        "refused, yet initialised: {snap}"
+    );
+
+    let (mut up, out) = SpikeProcess::start_captured(&["up", "--config", cfg, "--allow-volatile"]);
+    wait_listening(&ports.balancer.to_string(), Duration::from_secs(15));
+    out.wait_for("appendonly is off", Duration::from_secs(5));
+    up.stop("TERM", Duration::from_secs(15));
+    remove_config(&path);
+}
+
+/// `[sale]` is the store's: over a sale already in Redis, `spike up`
+/// prints the stored figures (not the file's) and says that the file's
+/// differ and how to change them; a reload that changes only `[sale]` says
+/// the same instead of "config unchanged".
+#[test]
+fn up_over_a_stored_sale_prints_the_stored_figures_and_says_sale_is_the_stores() {
+    let redis = RedisServer::start();
+    let (stored_text, _ports) = up_config(50, 2, Some(&redis.url()));
+    let path = write_config(&stored_text);
+    let cfg = path.to_str().expect("path");
+    assert!(run(&["stock", "init", "--config", cfg]).status.success());
+    let file_text = stored_text
+        .replace("total = 50\n", "total = 20000\n")
+        .replace("per_user_limit = 1\n", "per_user_limit = 3\n");
+    assert_ne!(file_text, stored_text);
+    std::fs::write(&path, &file_text).expect("write");
+
+    let (mut up, out) = SpikeProcess::start_captured(&["up", "--config", cfg]);
+    out.wait_for("Ctrl-C stops everything", Duration::from_secs(15));
+    let banner = out.stdout();
+    assert!(
+        banner.contains("selling 50 tickets") && banner.contains("at most 1 per buyer"),
+        "the banner must show the stored sale: {banner}"
+    );
+    let first = banner.lines().next().unwrap_or("");
+    assert!(
+        !first.contains("20000") && !first.contains("at most 3"),
+        "the file's figures are not the sale's: {banner}"
+    );
+    assert!(banner.contains("[sale] is the store's"), "{banner}");
+    assert!(banner.contains("spike stock"), "{banner}");
+
+    // Raise the total in the file and reload.
+    std::fs::write(
+        &path,
+        file_text.replace("total = 20000\n", "total = 30000\n"),
+    )
+    .expect("write");
+    up.signal("HUP");
+    out.wait_for("a reload does not change the sale", Duration::from_secs(10));
+    assert!(
+        !out.stderr().contains("config unchanged"),
+        "{}",
+        out.stderr()
+    );
+    up.stop("TERM", Duration::from_secs(15));
+    remove_config(&path);
+}

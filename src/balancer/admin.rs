@@ -80,6 +80,9 @@ fn status(shared: &Shared) -> String {
             } else {
                 v["unchanged"] = r.unchanged.into();
             }
+            if let Some(note) = r.note {
+                v["note"] = note.into();
+            }
             v
         }),
         "queue": {

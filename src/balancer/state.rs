@@ -130,6 +130,9 @@ pub struct Shared {
     hook: std::sync::OnceLock<Hook>,
     /// The file in force has a `[sale]` (the status page shows it).
     has_sale: std::sync::atomic::AtomicBool,
+    /// The file's `[sale]` as last read, to say when a reload changes it
+    /// (which changes no sale: the stored one is in force).
+    sale: Mutex<Option<crate::config::SaleConfig>>,
     path: PathBuf,
     reloading: Mutex<()>,
     seen: Mutex<Stamp>,
@@ -148,6 +151,9 @@ pub struct LastReload {
     pub error: Option<String>,
     /// The file validated to the config in force: no new version was made.
     pub unchanged: bool,
+    /// What the reload did not do though the file asked for it (a changed
+    /// `[sale]`: the stored sale is the one in force).
+    pub note: Option<String>,
 }
 
 impl Shared {
@@ -165,6 +171,7 @@ impl Shared {
             workers,
             seen: Mutex::new(stamp(&config.path)),
             has_sale: std::sync::atomic::AtomicBool::new(config.sale.is_some()),
+            sale: Mutex::new(config.sale.clone()),
             hook: std::sync::OnceLock::new(),
             path: config.path,
             reloading: Mutex::new(()),
@@ -182,11 +189,13 @@ impl Shared {
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         let at = SystemTime::now();
         let before = self.current.load().version;
-        let result = self.reload_locked();
+        let mut note = None;
+        let result = self.reload_locked(&mut note);
         let outcome = LastReload {
             at,
             error: result.as_ref().err().map(|e| e.to_string()),
-            unchanged: matches!(result, Ok(v) if v == before),
+            unchanged: matches!(result, Ok(v) if v == before) && note.is_none(),
+            note,
         };
         *self.last_reload.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
         result
@@ -201,15 +210,21 @@ impl Shared {
     }
 
     /// [`Shared::reload`] under its lock.
-    fn reload_locked(&self) -> Result<u64, BalancerError> {
+    fn reload_locked(&self, note: &mut Option<String>) -> Result<u64, BalancerError> {
         *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = stamp(&self.path);
         let config = Config::load(&self.path)?;
         let balancer = config.require_balancer()?.clone();
+        *note = self.sale_changed(&config);
+        if let Some(n) = note {
+            tracing::warn!("{n}");
+        }
         let old = self.current.load_full();
         if balancer == old.config {
             // Whether the page shows a sale is no part of the version.
             self.set_has_sale(&config);
-            tracing::info!(version = old.version, "config unchanged, no new version");
+            if note.is_none() {
+                tracing::info!(version = old.version, "config unchanged, no new version");
+            }
             return Ok(old.version);
         }
         if balancer.listen != old.config.listen || balancer.admin != old.config.admin {
@@ -251,6 +266,45 @@ impl Shared {
     /// Sets the reload hook (once; a second is ignored).
     pub fn set_reload_hook(&self, hook: Box<dyn ReloadHook>) {
         let _ = self.hook.set(Hook(hook));
+    }
+
+    /// What a reload says when the file's `[sale]` changed: a sale is
+    /// started by `stock init` (or `spike up`, once) and then lives in the
+    /// store, so an edited total or limit in the file changes nothing.
+    fn sale_changed(&self, config: &Config) -> Option<String> {
+        let mut kept = self.sale.lock().unwrap_or_else(|e| e.into_inner());
+        let (Some(old), Some(new)) = (kept.as_ref(), config.sale.as_ref()) else {
+            kept.clone_from(&config.sale);
+            return None;
+        };
+        if old == new {
+            return None;
+        }
+        let mut changed = Vec::new();
+        if old.total != new.total {
+            changed.push(format!("total {} -> {}", old.total, new.total));
+        }
+        if old.per_user_limit != new.per_user_limit {
+            changed.push(format!(
+                "per_user_limit {} -> {}",
+                old.per_user_limit, new.per_user_limit
+            ));
+        }
+        if old.pay_within != new.pay_within {
+            changed.push("pay_within".to_string());
+        }
+        if old.event != new.event {
+            changed.push(format!("event {} -> {}", old.event, new.event));
+        }
+        if changed.is_empty() {
+            changed.push("a setting".to_string());
+        }
+        let text = format!(
+            "the file's [sale] changed ({}), but a reload does not change the sale: [sale] is the store's, and the stored sale stays in force; use `spike stock init --force` to start a new sale with these figures",
+            changed.join(", ")
+        );
+        kept.clone_from(&config.sale);
+        Some(text)
     }
 
     fn set_has_sale(&self, config: &Config) {

@@ -664,6 +664,11 @@ impl Node {
                 if matches!(e, StoreError::NoSale) {
                     return self.not_initialised();
                 }
+                if matches!(e, StoreError::NoReplicas) {
+                    self.stats.not_replicated.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(node = %self.name, "Redis refused the sale: too few replicas connected; answered 503, nothing sold");
+                    return no_replicas();
+                }
                 self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, node = %self.name, "store call failed; unit returned");
                 return unavailable();
@@ -1178,6 +1183,22 @@ fn unavailable() -> Response<Full<Bytes>> {
         StatusCode::SERVICE_UNAVAILABLE,
         Bytes::from_static(b"{\"status\":\"unavailable\",\"reason\":\"the store did not answer in time; if a ticket was sold, the same purchase sent again (same Idempotency-Key) gets its order\"}"),
     )
+}
+
+/// The 503 while Redis refuses writes for want of replicas
+/// (`min-replicas-to-write`): unlike [`not_replicated`], nothing was sold.
+fn no_replicas() -> Response<Full<Bytes>> {
+    let mut res = json(
+        StatusCode::SERVICE_UNAVAILABLE,
+        Bytes::from_static(
+            b"{\"status\":\"unavailable\",\"reason\":\"too few Redis replicas are connected to acknowledge a sale; nothing was sold: try again shortly\"}",
+        ),
+    );
+    res.headers_mut().insert(
+        hyper::header::RETRY_AFTER,
+        hyper::header::HeaderValue::from_static("1"),
+    );
+    res
 }
 
 /// The 503 for a sale the replicas did not acknowledge in time: unlike

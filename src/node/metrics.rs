@@ -222,9 +222,27 @@ pub async fn health(node: &Node) -> (StatusCode, String) {
     }
     // Reported, not failed: a Redis that may forget is the operator's to
     // fix, and failing every node's health would stop the sale outright.
+    // Too few replicas is another matter: no sale can be acknowledged, so
+    // the node cannot sell, and a balancer should know it.
+    let mut status = StatusCode::OK;
     if let Ok(Some(durability)) = node.store().durability().await {
+        if durability.replicas_wanted > 0 {
+            let able = durability
+                .replicas_good
+                .or(durability.replicas_connected)
+                .unwrap_or(0);
+            body["replicas"] = format!("{able} of {}", durability.replicas_wanted).into();
+        }
+        if let Some((able, wanted)) = durability.replicas_short() {
+            status = StatusCode::SERVICE_UNAVAILABLE;
+            body["status"] = "degraded".into();
+            body["reason"] = format!(
+                "{able} of the {wanted} Redis replica(s) that must acknowledge a sale are connected: no sale can be answered 200"
+            )
+            .into();
+        }
         body["durability_problems"] = durability.problems().into();
         body["durability"] = serde_json::json!(durability);
     }
-    (StatusCode::OK, body.to_string())
+    (status, body.to_string())
 }

@@ -176,6 +176,16 @@ async fn call(
                 .insert(RETRY_AFTER, HeaderValue::from_static("1"));
             return res;
         }
+        Err(StoreError::NoReplicas) => {
+            node.stats.not_replicated.fetch_add(1, Ordering::Relaxed);
+            let mut res = answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"status": "unavailable", "reason": "too few Redis replicas are connected to acknowledge a change; nothing was changed: try again shortly"}),
+            );
+            res.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            return res;
+        }
         Err(e) => {
             node.stats.store_errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(node = %node.name(), error = %e, "order call failed");

@@ -43,19 +43,48 @@ impl RedisServer {
         Self::start_with(&Self::DURABLE)
     }
 
-    /// Starts a replica of `primary` (append-only too) and returns it once
-    /// its link to the primary is up.
-    pub fn start_replica_of(primary: &RedisServer) -> RedisServer {
-        let port = primary.port.to_string();
-        let replica = Self::start_with(&[
+    /// The arguments of a server of a replicated group that takes a write
+    /// only while `min-replicas-to-write` replicas are within
+    /// `min-replicas-max-lag` seconds: what `stock init` asks of a Redis
+    /// for `[redis] replicas = N` (N and the lag as given).
+    pub fn replicated_args(replicas: u64, max_lag: u64) -> Vec<String> {
+        [
             "--save",
             "",
             "--appendonly",
             "yes",
-            "--replicaof",
-            "127.0.0.1",
-            &port,
-        ]);
+            "--min-replicas-to-write",
+            &replicas.to_string(),
+            "--min-replicas-max-lag",
+            &max_lag.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// A primary for `[redis] replicas = N`: append-only, and refusing
+    /// writes while fewer than N replicas are within 10 s of it.
+    pub fn start_primary_for(replicas: u64) -> RedisServer {
+        let args = Self::replicated_args(replicas, 10);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::start_with(&args)
+    }
+
+    /// Starts a replica of `primary` (append-only too) and returns it once
+    /// its link to the primary is up.
+    pub fn start_replica_of(primary: &RedisServer) -> RedisServer {
+        Self::start_replica_with(primary, &["--save", "", "--appendonly", "yes"])
+    }
+
+    /// [`RedisServer::start_replica_of`] with the replica's own arguments
+    /// (`--replicaof` is added), e.g. [`RedisServer::replicated_args`] so
+    /// that it keeps the rule once Sentinel promotes it.
+    pub fn start_replica_with(primary: &RedisServer, args: &[&str]) -> RedisServer {
+        let port = primary.port.to_string();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--replicaof", "127.0.0.1", &port]);
+        let replica = Self::start_with(&all);
         let start = Instant::now();
         loop {
             let mut c = replica.connection().expect("replica connection");

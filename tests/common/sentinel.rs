@@ -65,6 +65,11 @@ impl Sentinel {
 
     /// Whether it knows the other two Sentinels and the replica.
     pub fn settled(&self, service: &str) -> bool {
+        self.settled_with(service, 1)
+    }
+
+    /// Whether it knows the other two Sentinels and `replicas` replicas.
+    pub fn settled_with(&self, service: &str, replicas: u64) -> bool {
         let Ok(redis::Value::Array(fields)) = self.ask(&["master", service]) else {
             return false;
         };
@@ -81,7 +86,7 @@ impl Sentinel {
                 .and_then(|i| text.get(i + 1))
                 .and_then(|v| v.parse::<u64>().ok())
         };
-        field("num-other-sentinels") == Some(2) && field("num-slaves") == Some(1)
+        field("num-other-sentinels") == Some(2) && field("num-slaves") == Some(replicas)
     }
 }
 

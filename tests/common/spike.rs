@@ -77,6 +77,28 @@ impl SpikeProcess {
         SpikeProcess { child }
     }
 
+    /// Starts `spike ARGS` with its standard output and error written to
+    /// files, for tests about what it prints ([`SpikeProcess::output`]).
+    pub fn start_captured(args: &[&str]) -> (SpikeProcess, Captured) {
+        let dir = std::env::temp_dir().join(format!(
+            "spike-out-{}-{}",
+            std::process::id(),
+            super::free_port()
+        ));
+        std::fs::create_dir_all(&dir).expect("output dir");
+        let captured = Captured { dir };
+        let out = std::fs::File::create(captured.dir.join("stdout")).expect("stdout file");
+        let err = std::fs::File::create(captured.dir.join("stderr")).expect("stderr file");
+        let child = Command::new(bin())
+            .args(args)
+            .stdout(out)
+            .stderr(err)
+            .env("RUST_LOG", "info")
+            .spawn()
+            .expect("spawn spike");
+        (SpikeProcess { child }, captured)
+    }
+
     /// Sends a signal by name (TERM, KILL, HUP, STOP, CONT).
     pub fn signal(&self, sig: &str) {
         let _ = Command::new("kill")
@@ -110,6 +132,47 @@ impl SpikeProcess {
             std::thread::sleep(Duration::from_millis(20));
         }
         None
+    }
+}
+
+/// Where [`SpikeProcess::start_captured`] writes a process's output;
+/// removed on drop.
+pub struct Captured {
+    dir: PathBuf,
+}
+
+impl Captured {
+    /// Everything the process printed so far on standard output.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stdout")).unwrap_or_default()
+    }
+
+    /// Everything the process printed so far on standard error.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
+    }
+
+    /// Waits until standard output or error contains `text`; fails the
+    /// test with both after `limit`.
+    pub fn wait_for(&self, text: &str, limit: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if self.stdout().contains(text) || self.stderr().contains(text) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "{text:?} not printed within {limit:?}\nstdout:\n{}\nstderr:\n{}",
+            self.stdout(),
+            self.stderr()
+        );
+    }
+}
+
+impl Drop for Captured {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

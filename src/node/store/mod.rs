@@ -294,6 +294,14 @@ pub enum StoreError {
         /// naming an order sold before.
         sold: bool,
     },
+    /// Redis refused to write (`NOREPLICAS`): fewer replicas than its
+    /// `min-replicas-to-write` are in reach, so nothing was sold or
+    /// changed. How `[redis] replicas` keeps a primary without replicas
+    /// (after a failover) from selling what it cannot acknowledge.
+    #[error(
+        "Redis refused the write: fewer replicas than its min-replicas-to-write are connected; nothing was sold"
+    )]
+    NoReplicas,
     /// Redis answered something this version of spike does not understand.
     #[error("unexpected answer from the store: {0}")]
     Protocol(String),

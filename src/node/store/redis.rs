@@ -584,6 +584,15 @@ impl RedisStore {
         if let Ok(pair) = fsync {
             durability.appendfsync = pair.get(1).cloned();
         }
+        durability.replicas_wanted = self.link.replicas;
+        if self.link.replicas > 0 {
+            let min: Result<Vec<String>, _> = client
+                .custom(config.clone(), vec!["GET", "min-replicas-to-write"])
+                .await;
+            if let Ok(pair) = min {
+                durability.min_replicas_to_write = pair.get(1).and_then(|v| v.parse().ok());
+            }
+        }
         if durability.maxmemory_policy.is_none() {
             let policy: Result<Vec<String>, _> =
                 client.custom(config, vec!["GET", "maxmemory-policy"]).await;
@@ -1001,6 +1010,12 @@ fn answers(reply: Value, entries: usize) -> Result<Vec<Reply<Raw>>, StoreError> 
 }
 
 fn map_error(e: Error) -> StoreError {
+    // Redis refuses a write (a script's first one, so nothing of the call
+    // was done) while fewer replicas than `min-replicas-to-write` are in
+    // reach.
+    if e.details().contains("NOREPLICAS") {
+        return StoreError::NoReplicas;
+    }
     match e.kind() {
         ErrorKind::Timeout => StoreError::Timeout,
         ErrorKind::IO | ErrorKind::Canceled | ErrorKind::Routing | ErrorKind::Backpressure => {

@@ -1,0 +1,126 @@
+//! `spike check`: what `nginx -t` and `haproxy -c` are to their files. An
+//! operator about to start (or reload) a sale learns, without starting
+//! anything or writing anywhere, whether the file is valid, whether Redis
+//! answers, whether it keeps what it acknowledges, and whether the file's
+//! `[sale]` is the sale the store holds.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use crate::config::Config;
+use crate::node::store::Store;
+
+/// Runs every check, printing one line each on stderr; exit 0 when all
+/// pass, 1 otherwise.
+pub fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
+    let file = config_path.display();
+    let config = match Config::load(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("spike: {e}");
+            eprintln!("spike: configuration file {file} test failed");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    eprintln!("spike: the configuration file {file} syntax is ok");
+    for warning in &config.warnings {
+        eprintln!("spike: warning: {warning}");
+    }
+    let passed = match (config.sale.as_ref(), config.redis.as_ref()) {
+        (Some(sale), Some(redis)) => {
+            let url = redacted(&redis.url);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let store = match Store::open(sale, Some(redis)).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("spike: redis at {url}: {e}");
+                        return false;
+                    }
+                };
+                let snap = match store.snapshot().await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("spike: redis at {url}: {e}");
+                        return false;
+                    }
+                };
+                eprintln!("spike: redis at {url} answers");
+                if snap.initialised {
+                    eprintln!(
+                        "spike: the sale {} is stored: {} tickets, {} sold, at most {} per buyer (epoch {})",
+                        snap.event, snap.total, snap.sold, snap.per_user_limit, snap.epoch
+                    );
+                    if let Some(differs) = crate::stock::sale_differs(sale, &snap) {
+                        eprintln!("spike: warning: {differs}");
+                    }
+                } else {
+                    eprintln!(
+                        "spike: the sale {} is not initialised: `spike stock init` starts it",
+                        sale.event
+                    );
+                }
+                match store.durability().await {
+                    Ok(Some(d)) => {
+                        let problems = d.problems();
+                        for problem in &problems {
+                            eprintln!("spike: {problem}");
+                        }
+                        if problems.is_empty() {
+                            eprintln!("spike: redis keeps what it acknowledges (append-only file, no eviction of the sale's keys)");
+                        }
+                        problems.is_empty()
+                    }
+                    Ok(None) => true,
+                    Err(e) => {
+                        eprintln!("spike: reading redis's durability at {url}: {e}");
+                        false
+                    }
+                }
+            })
+        }
+        (Some(_), None) => {
+            eprintln!(
+                "spike: no [redis]: the embedded store, inside the `spike up` process (nothing to reach; it ends with the process)"
+            );
+            true
+        }
+        (None, _) => true,
+    };
+    if passed {
+        eprintln!("spike: configuration file {file} test is successful");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("spike: configuration file {file} test failed");
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// `url` with its password (if any) replaced by `***`, for messages.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    fn passwords_are_not_printed() {
+        assert_eq!(redacted("redis://u:secret@h:1/0"), "redis://u:***@h:1/0");
+        assert_eq!(redacted("redis://:secret@h:1"), "redis://:***@h:1");
+        assert_eq!(redacted("redis://h:1"), "redis://h:1");
+        assert_eq!(redacted("nonsense"), "nonsense");
+    }
+}
