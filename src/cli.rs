@@ -52,8 +52,11 @@ address cannot be bound.";
 /// What `spike node --help` adds.
 const NODE_HELP: &str = "\
 Endpoints on the node's listen address: POST|GET /buy/ticket?user=ID,
-GET /healthz (503 with the reason when the store is unreachable or the sale
-not initialised), GET /stats, GET /sale, GET /metrics (Prometheus text).
+with a payment window GET /orders/ID?user=ID, POST
+/orders/ID/pay?user=ID[&ref=R] and POST /orders/ID/cancel?user=ID; GET
+/healthz (503 with the reason when the store is unreachable, the sale not
+initialised, or too few Redis replicas connected), GET /stats, GET /sale,
+GET /sold_out, GET /holders, GET /metrics (Prometheus text).
 
 SIGTERM/SIGINT: stop accepting, let purchases in flight finish for [server]
 grace_period, then exit 0. Exit code 1 when the file is invalid, --name is
@@ -91,9 +94,20 @@ keeps what it acknowledges; 1 otherwise.";
 
 /// What `spike stock audit --help` adds.
 const AUDIT_HELP: &str = "\
-Exit codes: 0 when sold == orders, sold <= total and no buyer holds more than
-per_user_limit; 1 when any of these is broken (the JSON it prints lists the
-problems) or the store cannot be read.";
+Checks, each a sentence in \"problems\" when broken:
+  the sale is initialised; sold <= total; sold + leased <= total;
+  sold + released == orders; orders == the order sequence; keys recorded
+  <= orders; with a payment window: sold == reserved + paid and the
+  deadlines set holds every reservation; without one: nothing reserved,
+  paid or released; with a per_user_limit: no buyer over it, and the
+  tickets buyers hold == sold; a pass over the buyers agrees with the
+  counters (when the sale stood still while it ran); a pass over the
+  order stream agrees with the orders, payments and releases (when
+  nothing was trimmed).
+It also prints what Redis says of its durability (durability_problems).
+
+Exit codes: 0 when every check holds; 1 when any is broken (the JSON it
+prints lists the problems) or the store cannot be read.";
 
 /// spike: sell a few thousand tickets to a million buyers without selling one twice.
 #[derive(Debug, Parser)]

@@ -55,6 +55,15 @@ impl OrderRequestError {
             _ => StatusCode::BAD_REQUEST,
         }
     }
+
+    /// The `status` field of the JSON answer, naming the same thing as
+    /// the HTTP status.
+    pub fn label(self) -> &'static str {
+        match self {
+            OrderRequestError::Body => "payload_too_large",
+            _ => "bad_request",
+        }
+    }
 }
 
 /// An order id as spike makes them: the epoch, '-', the ticket's number.
@@ -119,7 +128,7 @@ pub async fn handle(node: &Node, req: &Request<Incoming>) -> Response<Full<Bytes
             node.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
             answer(
                 e.status(),
-                json!({"status": "bad_request", "reason": e.to_string()}),
+                json!({"status": e.label(), "reason": e.to_string()}),
             )
         }
     }
@@ -218,9 +227,13 @@ async fn call(
             answer(StatusCode::CONFLICT, v)
         }
         OrderAnswer::NotFound => answer(StatusCode::NOT_FOUND, json!({"status": "not_found"})),
+        OrderAnswer::NotTheBuyer if buyer.is_empty() => answer(
+            StatusCode::FORBIDDEN,
+            json!({"status": "forbidden", "reason": "the order has a buyer: name them with ?user= or X-User-Id"}),
+        ),
         OrderAnswer::NotTheBuyer => answer(
             StatusCode::FORBIDDEN,
-            json!({"status": "forbidden", "reason": "the order is another buyer's: name its buyer with ?user= or X-User-Id"}),
+            json!({"status": "forbidden", "reason": "the order is another buyer's"}),
         ),
     }
 }

@@ -439,11 +439,7 @@ impl EmbeddedStore {
             buyers: s.buyers.len() as u64,
             tickets_held: s.held,
             most_by_one_buyer: s.most,
-            epoch: if s.initialised {
-                s.epoch.to_string()
-            } else {
-                String::new()
-            },
+            epoch: if s.initialised { s.epoch } else { 0 },
             per_user_limit: s.limit,
             leased: s.leased(),
             keys: s.keys.len() as u64,

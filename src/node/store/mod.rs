@@ -329,8 +329,9 @@ pub struct Snapshot {
     pub tickets_held: u64,
     /// The most tickets any one buyer holds (kept by the script).
     pub most_by_one_buyer: u64,
-    /// The sale's epoch (the first part of every order id).
-    pub epoch: String,
+    /// The sale's epoch (the first part of every order id; 0 before the
+    /// sale is initialised). A number wherever it is shown.
+    pub epoch: u64,
     /// The per-user limit stored with the sale, which every node enforces.
     pub per_user_limit: u64,
     /// Unsold units that live leases hold (counted in `remaining`).

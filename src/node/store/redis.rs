@@ -316,7 +316,17 @@ impl RedisStore {
             buyers: int(f.next())?,
             tickets_held: int(f.next())?,
             most_by_one_buyer: int(f.next())?,
-            epoch: text(f.next())?,
+            // A number, as in `/stats` and `stock init`'s answer; '' (no
+            // sale yet) is 0.
+            epoch: {
+                let e = text(f.next())?;
+                if e.is_empty() {
+                    0
+                } else {
+                    e.parse()
+                        .map_err(|_| StoreError::Protocol(format!("the sale's epoch is {e:?}")))?
+                }
+            },
             per_user_limit: int(f.next())?,
             leased: int(f.next())?,
             keys: int(f.next())?,

@@ -1,0 +1,82 @@
+//! Small answers that must say what happened (issue 22, point 10): the
+//! help of `node` and `stock audit`, the order routes' refusals, and one
+//! type for the sale's epoch wherever it is shown.
+
+mod common;
+
+use common::http::{client, get, json};
+use common::sale::{InProcessSale, sale_config};
+use common::spike::run;
+use hyper::StatusCode;
+
+#[test]
+fn node_help_names_the_order_routes_and_audit_help_every_check() {
+    let node = String::from_utf8_lossy(&run(&["node", "--help"]).stdout).into_owned();
+    for route in ["/orders/ID/pay", "/orders/ID/cancel", "GET /orders/ID"] {
+        assert!(node.contains(route), "node --help lacks {route}: {node}");
+    }
+    let audit = String::from_utf8_lossy(&run(&["stock", "audit", "--help"]).stdout).into_owned();
+    for check in [
+        "sold <= total",
+        "sold + leased <= total",
+        "sold + released == orders",
+        "reserved + paid",
+        "no buyer over it",
+        "stream",
+    ] {
+        assert!(
+            audit.contains(check),
+            "stock audit --help lacks {check:?}: {audit}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_routes_say_what_they_refuse_and_the_epoch_is_one_type() {
+    let text = sale_config("small", 5, 1, &[1], None, "pay_within = \"15m\"\n");
+    let sale = InProcessSale::start(&text).await;
+    let node = sale.addrs()[0];
+    let c = client();
+    let (status, body) = get(&c, node, "/buy/ticket?user=alice").await.expect("buy");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let order = json(&body)["order"].as_str().expect("order").to_string();
+
+    // No buyer named: not "another buyer's".
+    let (status, body) = get(&c, node, &format!("/orders/{order}"))
+        .await
+        .expect("get");
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let reason = json(&body)["reason"].as_str().unwrap_or("").to_string();
+    assert!(!reason.contains("another buyer"), "{body}");
+    assert!(reason.contains("?user="), "{body}");
+    // Another buyer named: it is another buyer's.
+    let (status, body) = get(&c, node, &format!("/orders/{order}?user=bob"))
+        .await
+        .expect("get");
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("another buyer"), "{body}");
+
+    // A body on an order route: 413, and the JSON says so too.
+    let mut stream = tokio::net::TcpStream::connect(node).await.expect("connect");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req = format!(
+        "POST /orders/{order}/pay?user=alice HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+    );
+    stream.write_all(req.as_bytes()).await.expect("write");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.expect("read");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer.contains("\"status\":\"payload_too_large\""),
+        "{answer}"
+    );
+
+    // The epoch: a number in /stats and in /sale alike.
+    let (_, stats) = get(&c, node, "/stats").await.expect("stats");
+    let (_, snap) = get(&c, node, "/sale").await.expect("sale");
+    let (stats, snap) = (json(&stats), json(&snap));
+    assert!(stats["epoch"].is_u64(), "{stats}");
+    assert!(snap["epoch"].is_u64(), "{snap}");
+    assert_eq!(stats["epoch"], snap["epoch"]);
+    sale.stop().await;
+}
