@@ -2,6 +2,7 @@
 //! one binary. The library holds everything; `main.rs` only parses the command
 //! line and dispatches here, so tests drive the same code the binary runs.
 
+pub mod auth;
 pub mod balancer;
 pub mod check;
 pub mod cli;
