@@ -95,6 +95,7 @@ struct SaleFile {
     lease_ttl: Option<Spanned<String>>,
     pay_within: Option<Spanned<String>>,
     events_max: Option<Spanned<i64>>,
+    stream: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -222,6 +223,12 @@ pub struct SaleConfig {
     /// About how many events the sale's stream keeps (`MAXLEN ~`): the
     /// hand-off to an order service must not grow without bound.
     pub events_max: u64,
+    /// Final sales are appended to the event stream too (a `sold` event per
+    /// order), for an order service that must hear of every order; off by
+    /// default because the append costs Redis time on every sale. A sale
+    /// with a payment window always streams. Stored with the sale by
+    /// `stock init`, so every node agrees.
+    pub stream: bool,
 }
 
 /// How to reach Redis.
@@ -759,6 +766,20 @@ impl Cx<'_> {
                     Some(v) => self.count("sale.events_max", v, 1000)?,
                     None => 100_000,
                 };
+                let stream = s.stream.as_ref().is_some_and(|v| *v.get_ref());
+                if let Some(v) = s.stream.as_ref().filter(|v| *v.get_ref())
+                    && file.redis.is_none()
+                {
+                    // Not refused: the same file may run with and without
+                    // [redis] (a rehearsal under `spike up`), and nothing
+                    // sold is at risk; but the operator must not believe
+                    // orders are handed off.
+                    warnings.push(format!(
+                        "{}:{}: `sale.stream` does nothing without [redis]: the embedded store has no event stream (read orders at GET /orders/ID)",
+                        self.path.display(),
+                        self.line(v.span().start)
+                    ));
+                }
                 Some(SaleConfig {
                     event,
                     total,
@@ -767,6 +788,7 @@ impl Cx<'_> {
                     lease_ttl,
                     pay_within,
                     events_max,
+                    stream,
                 })
             }
         };
@@ -1382,6 +1404,31 @@ weight = 4
         }
         let e = parse(&with("events_max = 10")).expect_err("too small a stream");
         assert_eq!(e.key(), Some("sale.events_max"));
+    }
+
+    #[test]
+    fn a_stream_of_final_sales_is_read_and_said_useless_without_redis() {
+        let with =
+            |extra: &str| FOUR.replace("total = 1000\n", &format!("total = 1000\n{extra}\n"));
+        let c = parse(FOUR).expect("valid");
+        assert!(!c.sale.as_ref().expect("sale").stream);
+        let c = parse(&with("stream = true")).expect("valid");
+        assert!(c.sale.as_ref().expect("sale").stream);
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.starts_with("test.toml:") && w.contains("`sale.stream` does nothing")),
+            "{:?}",
+            c.warnings
+        );
+        let redis = format!(
+            "{}\n[redis]\nurl = \"redis://127.0.0.1:6379\"\n",
+            with("stream = true")
+        );
+        let c = parse(&redis).expect("valid");
+        assert!(c.sale.as_ref().expect("sale").stream && c.warnings.is_empty());
+        let e = parse(&with("stream = 1")).expect_err("not a boolean");
+        assert_eq!(e.key(), Some("sale.stream"), "{e}");
     }
 
     #[test]

@@ -137,6 +137,7 @@ pub fn init(config_path: &Path, force: bool, allow_volatile: bool) -> anyhow::Re
                     "total": sale.total,
                     "per_user_limit": sale.per_user_limit,
                     "pay_within": sale.pay_within.map(|d| humantime::format_duration(d).to_string()),
+                    "stream": sale.stream || sale.pay_within.is_some(),
                     "epoch": epoch,
                     "initialised": true,
                 })

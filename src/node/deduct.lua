@@ -5,7 +5,8 @@
 -- key shares the sale's hash tag, so this runs unchanged on Redis Cluster.
 --
 -- KEYS[1] stock hash (total, sold, epoch, limit, held, most, seq, barriers,
---         pay_within, reserved, paid, released, stream_max)
+--         pay_within, reserved, paid, released, stream_max, stream,
+--         events_from, events_base)
 -- KEYS[2] buyers hash (buyer -> tickets held)
 -- KEYS[3] orders hash (order id -> JSON)
 -- KEYS[4] buyer_order hash (buyer -> last order id)
@@ -13,7 +14,8 @@
 -- KEYS[6] keys hash (Idempotency-Key -> "order id buyer", and with a
 --         payment window " state pay_by" after it)
 -- KEYS[7] due sorted set (reserved order id -> pay_by, Redis ms)
--- KEYS[8] events stream (every order's creation and state change)
+-- KEYS[8] events stream (with a payment window, every order's creation and
+--         state change; with `stream` = 1, every final sale too)
 -- ARGV[1] lease lifetime in milliseconds
 -- Then groups of 6: kind ('p' purchase, 'l' lease request), holder (a node
 -- process's lease name), node name, buyer ('' when anonymous), Idempotency-Key
@@ -47,7 +49,7 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local stock = redis.call('HMGET', KEYS[1], 'total', 'sold', 'epoch', 'limit', 'seq',
-  'pay_within', 'released', 'stream_max')
+  'pay_within', 'released', 'stream_max', 'stream')
 local total = tonumber(stock[1])
 if not total then
   return {4}
@@ -61,6 +63,9 @@ local seq = math.max(tonumber(stock[5] or '0'), sold)
 local pay_within = tonumber(stock[6] or '0')
 local released = tonumber(stock[7] or '0')
 local stream_max = stock[8] or '100000'
+-- Final sales streamed too (`[sale] stream`): an order service hears of
+-- every order, at the price of one XADD per sale.
+local stream_final = stock[9] == '1'
 local ttl = tonumber(ARGV[1])
 
 -- Leases, read once: a handful of fields, one per live node process.
@@ -231,11 +236,14 @@ for i = 2, #ARGV, 6 do
         order.pay_by = pay_by
       end
       redis.call('HSET', KEYS[3], id, cjson.encode(order))
+      -- The hand-off to an order or payment service, in the same step.
       if state ~= '' then
-        -- The hand-off to an order or payment service, in the same step.
         redis.call('XADD', KEYS[8], 'MAXLEN', '~', stream_max, '*', 'type', state,
           'order', id, 'buyer', buyer, 'node', node, 'at', string.format('%d', now),
           'pay_by', string.format('%d', pay_by))
+      elseif stream_final then
+        redis.call('XADD', KEYS[8], 'MAXLEN', '~', stream_max, '*', 'type', 'sold',
+          'order', id, 'buyer', buyer, 'node', node, 'at', string.format('%d', now))
       end
       answer(1, id, seq, holder, pay_by, state)
     end

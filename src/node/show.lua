@@ -5,9 +5,9 @@
 -- the most any one buyer holds, epoch, limit, units leased, keys recorded,
 -- order ids handed out (seq), payment window ms, reserved, paid, released,
 -- deadline entries, events in the stream now, the stream's bound (0: a sale
--- written before the stream existed)}.
+-- written before the stream existed), 1 when final sales are streamed}.
 local s = redis.call('HMGET', KEYS[1], 'total', 'sold', 'held', 'most', 'epoch', 'limit',
-  'seq', 'pay_within', 'reserved', 'paid', 'released', 'stream_max')
+  'seq', 'pay_within', 'reserved', 'paid', 'released', 'stream_max', 'stream')
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local leased = 0
@@ -21,4 +21,4 @@ return {s[1] and 1 or 0, tonumber(s[1] or '0'), tonumber(s[2] or '0'),
   tonumber(s[4] or '0'), s[5] or '', tonumber(s[6] or '0'), leased, redis.call('HLEN', KEYS[6]),
   math.max(tonumber(s[7] or '0'), tonumber(s[2] or '0')), tonumber(s[8] or '0'), tonumber(s[9] or '0'),
   tonumber(s[10] or '0'), tonumber(s[11] or '0'), redis.call('ZCARD', KEYS[7]),
-  redis.call('XLEN', KEYS[8]), tonumber(s[12] or '0')}
+  redis.call('XLEN', KEYS[8]), tonumber(s[12] or '0'), tonumber(s[13] or '0')}

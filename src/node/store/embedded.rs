@@ -451,6 +451,8 @@ impl EmbeddedStore {
             due: s.due.len() as u64,
             events: None,
             events_max: 0,
+            // No stream here, whatever the file says (config warns).
+            stream: false,
             finished: s.initialised && s.sold >= s.total && s.reserved == 0,
         }
     }

@@ -357,6 +357,9 @@ pub struct Snapshot {
     /// store, or a sale written before the stream existed, whose stream
     /// holds only what came after).
     pub events_max: u64,
+    /// Final sales are streamed too (`[sale] stream`, stored by `stock
+    /// init`); a sale with a payment window streams either way.
+    pub stream: bool,
     /// Sold out for good: nothing free and nothing reserved that could come
     /// back.
     pub finished: bool,
@@ -372,13 +375,15 @@ pub struct BuyerTally {
     pub most_by_one_buyer: u64,
 }
 
-/// What the sale's event stream holds, read in pages for `stock audit`.
+/// What the sale's event stream holds since this sale began (the stream
+/// outlives a reset: what came before belongs to older epochs), read in
+/// pages for `stock audit`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct EventTally {
-    /// Events ever appended, trimmed ones included (Redis 7's
-    /// `entries-added`; None when Redis does not say).
+    /// Events appended since the sale began, trimmed ones included (from
+    /// Redis 7's `entries-added`; None when Redis does not say).
     pub added: Option<u64>,
-    /// Events in the stream now.
+    /// Events of this sale in the stream now.
     pub length: u64,
     /// Order creations (`sold` or `reserved`) among them.
     pub created: u64,
@@ -395,9 +400,11 @@ impl Snapshot {
     /// `events`, the pass over the event stream.
     pub fn audit(&self, buyers: Option<BuyerTally>, events: Option<EventTally>) -> Vec<String> {
         let mut problems = Vec::new();
-        // The stream carries the orders of a sale with a payment window
-        // (written by this version: it has a bound).
-        if let Some(e) = events.filter(|_| self.events_max > 0 && self.pay_within_ms > 0) {
+        // The stream carries the orders of a sale with a payment window,
+        // or of one with `stream` (written by this version: it has a bound).
+        if let Some(e) =
+            events.filter(|_| self.events_max > 0 && (self.pay_within_ms > 0 || self.stream))
+        {
             // One event per order created, per payment, per release.
             let changes = self.seq + self.paid + self.released;
             if e.added.is_some_and(|a| a != changes) {

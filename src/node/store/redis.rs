@@ -62,6 +62,8 @@ pub struct RedisStore {
     /// `[sale] pay_within` in ms (0: final sales), written by `init`.
     pay_within_ms: u64,
     events_max: u64,
+    /// `[sale] stream`, written by `init`.
+    stream: bool,
     show: Script,
     init: Script,
     orders: Script,
@@ -152,6 +154,7 @@ impl RedisStore {
             per_user_limit: sale.per_user_limit,
             pay_within_ms: sale.pay_within.map_or(0, |d| d.as_millis() as u64),
             events_max: sale.events_max,
+            stream: sale.stream,
             show: Script::from_lua(SHOW),
             init: Script::from_lua(INIT),
             orders: Script::from_lua(ORDERS),
@@ -285,6 +288,7 @@ impl RedisStore {
             Value::from(if force { "1" } else { "0" }),
             Value::from(self.pay_within_ms as i64),
             Value::from(self.events_max as i64),
+            Value::from(if self.stream { "1" } else { "0" }),
         ];
         let reply = self.eval(&self.init, args).await?;
         let Value::Array(fields) = reply else {
@@ -302,7 +306,7 @@ impl RedisStore {
     /// See `show.lua`.
     pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
         let reply = self.eval(&self.show, Vec::new()).await?;
-        let mut f = array(reply, 19)?.into_iter();
+        let mut f = array(reply, 20)?.into_iter();
         let initialised = int(f.next())? == 1;
         let total = int(f.next())?;
         let sold = int(f.next())?;
@@ -338,6 +342,7 @@ impl RedisStore {
             due: int(f.next())?,
             events: Some(int(f.next())?),
             events_max: int(f.next())?,
+            stream: int(f.next())? == 1,
             finished: false,
         };
         snap.finished = snap.initialised && snap.sold >= snap.total && snap.reserved == 0;
@@ -422,13 +427,45 @@ impl RedisStore {
         })
     }
 
-    /// The events in the sale's stream, oldest first, in pages (for
+    /// Where this sale's events begin in the stream, as `init.lua` wrote
+    /// it: the last id before them (`0-0` for a stream begun with this
+    /// sale), and how many events had been appended by then (None from a
+    /// Redis before 7, or a sale written before the stream outlived resets,
+    /// whose stream began with it).
+    async fn events_start(&self) -> Result<(String, Option<u64>), StoreError> {
+        let hmget = CustomCommand::new_static("HMGET", ClusterHash::FirstKey, false);
+        let args: Vec<Value> = vec![
+            self.link.keys[0].clone().into(),
+            "events_from".into(),
+            "events_base".into(),
+        ];
+        let reply: Value = self.reader().custom(hmget, args).await.map_err(map_error)?;
+        let mut f = match reply {
+            Value::Array(f) => f.into_iter(),
+            other => {
+                return Err(StoreError::Protocol(format!(
+                    "HMGET returned {other:?}, not an array"
+                )));
+            }
+        };
+        let from = f.next().and_then(|v| v.into_string());
+        let base = f.next().and_then(|v| v.into_string());
+        Ok(match (from, base) {
+            (Some(from), Some(base)) => (from, base.parse().ok()),
+            (Some(from), None) => (from, None),
+            (None, _) => ("0-0".to_string(), Some(0)),
+        })
+    }
+
+    /// The events of this sale in its stream, oldest first, in pages (for
     /// `stock audit`): each event's type and order id.
     pub async fn events(&self) -> Result<Vec<(String, String)>, StoreError> {
         let client = self.reader();
         let xrange = CustomCommand::new_static("XRANGE", ClusterHash::FirstKey, false);
         let mut out = Vec::new();
-        let mut start = String::from("-");
+        let (from, _) = self.events_start().await?;
+        // Exclusive: the entry at `from` is the last of an older sale.
+        let mut start = format!("({from}");
         loop {
             let args: Vec<Value> = vec![
                 self.link.keys[7].clone().into(),
@@ -472,10 +509,23 @@ impl RedisStore {
         }
     }
 
-    /// How many events were ever appended to the sale's stream, trimmed
-    /// ones included (`XINFO STREAM`'s `entries-added`, Redis 7 and later;
-    /// None before, or when the stream does not exist).
+    /// How many events this sale appended to its stream, trimmed ones
+    /// included (`XINFO STREAM`'s `entries-added` less what older sales
+    /// appended, Redis 7 and later; None before, or when the stream does
+    /// not exist).
     pub async fn events_added(&self) -> Result<Option<u64>, StoreError> {
+        let (_, base) = self.events_start().await?;
+        let Some(base) = base else {
+            return Ok(None);
+        };
+        Ok(self
+            .stream_entries_added()
+            .await?
+            .map(|added| added.saturating_sub(base)))
+    }
+
+    /// `XINFO STREAM`'s `entries-added` (Redis 7 and later).
+    async fn stream_entries_added(&self) -> Result<Option<u64>, StoreError> {
         let xinfo = CustomCommand::new_static("XINFO", ClusterHash::Custom(self.link.slot), false);
         let args: Vec<Value> = vec!["STREAM".into(), self.link.keys[7].clone().into()];
         let reply: Result<Value, _> = self.reader().custom(xinfo, args).await;
