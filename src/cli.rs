@@ -197,12 +197,36 @@ pub enum Command {
     },
 }
 
+/// What `spike orders tail --help` adds.
+const TAIL_HELP: &str = "\
+Events (the `type` field): reserved (a purchase with a payment window, with
+pay_by), sold (a final purchase, with [sale] stream = true), paid (with
+payment_ref when one was given), cancelled, expired, and reset (`spike stock
+init --force`: epoch, old_epoch, and voided, the reservations of the old
+sale that were still open and never will close; voided_orders lists them
+when there are at most 100). Each line has the stream's `id`; a line may
+come twice (a tail killed between printing and acknowledging, or a claim),
+never not at all.
+
+Exit codes: 1 when the sale was never initialised, when it writes no stream
+(final purchases without [sale] stream = true), or when Redis cannot be
+reached at start; 0 on SIGTERM/SIGINT. Once running, a Redis that goes away
+is waited for.";
+
+/// `--claim-after`: a humantime duration ("30s", "2m"); "0s" turns claiming
+/// off.
+fn claim_after(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| format!("{e} (a duration such as 30s)"))
+}
+
 /// What `spike orders` can do.
 #[derive(Debug, Subcommand)]
 pub enum OrdersAction {
     /// Print every order event of the sale's stream as a JSON line
-    /// (created, paid, cancelled, expired), acknowledging what it printed:
-    /// stopped and started again, it goes on where it stopped.
+    /// (reserved or sold, paid, cancelled, expired, reset), acknowledging
+    /// what it printed: stopped and started again, it goes on where it
+    /// stopped.
+    #[command(after_help = TAIL_HELP)]
     Tail {
         #[command(flatten)]
         config: ConfigArg,
@@ -214,6 +238,11 @@ pub enum OrdersAction {
         /// its own to print again after a restart).
         #[arg(long, default_value = "tail")]
         consumer: String,
+        /// Take over (and print) events another consumer of the group read
+        /// but has not acknowledged for this long: that consumer died, or
+        /// stalls. "0s": never.
+        #[arg(long, default_value = "30s", value_parser = claim_after)]
+        claim_after: std::time::Duration,
     },
 }
 

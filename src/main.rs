@@ -42,8 +42,9 @@ fn main() -> ExitCode {
                     config,
                     group,
                     consumer,
+                    claim_after,
                 },
-        } => spike::orders_tail::main(&config.config, &group, &consumer),
+        } => spike::orders_tail::main(&config.config, &group, &consumer, claim_after),
         Command::NginxConf {
             config,
             listen,

@@ -273,13 +273,7 @@ fn orders_tail_help_names_the_events_as_the_stream_does() {
 async fn a_reset_writes_what_became_of_the_open_reservations_into_the_stream() {
     let redis = RedisServer::start();
     let at = common::free_addr();
-    let path = write_config(&file(
-        "reset",
-        10,
-        "pay_within = \"30s\"",
-        &redis.url(),
-        at,
-    ));
+    let path = write_config(&file("reset", 10, "pay_within = \"30s\"", &redis.url(), at));
     stock_init(&path, false);
     let node = start_node(&path, at);
     let tail = Tail::start(&path, &[], false);
@@ -310,7 +304,9 @@ async fn a_reset_writes_what_became_of_the_open_reservations_into_the_stream() {
 
     stock_init(&path, true);
     tail.read_until(&mut got, Duration::from_secs(10), |g| g.len() >= 5);
-    let reset = got.get(4).unwrap_or_else(|| panic!("no reset event: {got:?}"));
+    let reset = got
+        .get(4)
+        .unwrap_or_else(|| panic!("no reset event: {got:?}"));
     assert_eq!(reset["type"], "reset", "{reset}");
     assert_eq!(reset["old_epoch"], old_epoch, "{reset}");
     let epoch = reset["epoch"].as_u64().expect("a new epoch");
