@@ -471,3 +471,115 @@ async fn a_dead_consumers_events_are_claimed_by_another() {
     drop(second);
     remove_config(&path);
 }
+
+/// Redis's time per sale (`INFO commandstats`' `usec` of `EVALSHA` ÷
+/// tickets sold) of a final sale by today's `deduct.lua` (git's
+/// `$SPIKE_COST_BASE`, `main` by default), by this one without and with
+/// `[sale] stream = true`, and of a reservation for reference: the script
+/// called as a node calls it, with batches of 1 and of 10 purchases (about
+/// what a busy node sends), 20,000 distinct buyers per run. Modes
+/// alternate, five rounds each; the ratios are of medians measured in this
+/// one run. Not a regression test (its numbers depend on the machine):
+/// `cargo test --test order_stream stream_cost -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn stream_cost() {
+    const N: usize = 20_000;
+    let base_ref = std::env::var("SPIKE_COST_BASE").unwrap_or_else(|_| "main".into());
+    let out = Command::new("git")
+        .args(["-C", env!("CARGO_MANIFEST_DIR"), "show"])
+        .arg(format!("{base_ref}:src/node/deduct.lua"))
+        .output()
+        .expect("git");
+    assert!(out.status.success(), "git show {base_ref}: {out:?}");
+    let today_code = String::from_utf8(out.stdout).expect("utf-8");
+    let this_code = include_str!("../src/node/deduct.lua");
+    let today = redis::Script::new(&today_code);
+    let this = redis::Script::new(this_code);
+    let init = redis::Script::new(include_str!("../src/node/init.lua"));
+    let modes: [(&str, &redis::Script, &str, &str, &str); 4] = [
+        ("final, today", &today, &today_code, "0", "0"),
+        ("final", &this, this_code, "0", "0"),
+        ("final + stream", &this, this_code, "0", "1"),
+        ("reserved", &this, this_code, "3600000", "0"),
+    ];
+    let redis = RedisServer::start();
+    let mut c = redis.connection().expect("redis");
+    let mut results: HashMap<(&str, usize), Vec<f64>> = HashMap::new();
+    for round in 0..5 {
+        for (name, script, code, window, stream) in modes {
+            for batch in [1usize, 10] {
+                let keys = spike::node::store::SaleKeys::new(&format!("cost{round}-{batch}"));
+                let keys = keys.all();
+                let mut call = init.prepare_invoke();
+                call.key(&keys[..]);
+                call.arg(N)
+                    .arg(1)
+                    .arg("1")
+                    .arg(window)
+                    .arg(100_000)
+                    .arg(stream);
+                let _: redis::Value = call.invoke(&mut c).expect("init");
+                let (secs, micros): (u64, u64) = redis::cmd("TIME").query(&mut c).expect("TIME");
+                let deadline = secs * 1000 + micros / 1000 + 600_000;
+                // Loaded before the stats are reset: only the sales count.
+                let _: () = redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(code)
+                    .query(&mut c)
+                    .map(|_: String| ())
+                    .expect("SCRIPT LOAD");
+                let _: () = redis::cmd("CONFIG")
+                    .arg("RESETSTAT")
+                    .query(&mut c)
+                    .expect("RESETSTAT");
+                for first in (0..N).step_by(batch) {
+                    let mut call = script.prepare_invoke();
+                    call.key(&keys[..]).arg(10_000);
+                    for i in first..(first + batch).min(N) {
+                        call.arg("p")
+                            .arg("cost")
+                            .arg("n1")
+                            .arg(format!("b{i}"))
+                            .arg("")
+                            .arg(deadline);
+                    }
+                    let answer: Vec<redis::Value> = call.invoke(&mut c).expect("deduct");
+                    assert_eq!(answer.len(), 7 + 6 * (first + batch).min(N) - 6 * first);
+                    assert_eq!(answer[7], redis::Value::Int(1), "sold: {answer:?}");
+                }
+                let info: String = redis::cmd("INFO")
+                    .arg("commandstats")
+                    .query(&mut c)
+                    .expect("INFO");
+                let line = info
+                    .lines()
+                    .find(|l| l.starts_with("cmdstat_evalsha:"))
+                    .expect("evalsha stats");
+                let usec: f64 = line
+                    .split([':', ','])
+                    .find_map(|kv| kv.strip_prefix("usec="))
+                    .and_then(|v| v.parse().ok())
+                    .expect("usec");
+                let per_sale = usec / N as f64;
+                eprintln!("round {round} {name:>15} batch {batch:>2}: {per_sale:.2} µs per sale");
+                results.entry((name, batch)).or_default().push(per_sale);
+            }
+        }
+    }
+    let median = |xs: &Vec<f64>| {
+        let mut xs = xs.clone();
+        xs.sort_by(f64::total_cmp);
+        xs[xs.len() / 2]
+    };
+    for batch in [1usize, 10] {
+        let base = median(&results[&("final, today", batch)]);
+        for (name, ..) in modes {
+            let m = median(&results[&(name, batch)]);
+            eprintln!(
+                "batch {batch:>2} {name:>15}: median {m:.2} µs of Redis per sale, {:.2}× today's final",
+                m / base
+            );
+        }
+    }
+}
