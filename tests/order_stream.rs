@@ -320,6 +320,18 @@ async fn a_reset_writes_what_became_of_the_open_reservations_into_the_stream() {
         .collect();
     assert_eq!(voided, HashSet::from([ids[1].as_str(), ids[2].as_str()]));
 
+    // A voided reservation cannot be paid: its order went with the old sale.
+    let late = send(
+        &c,
+        Method::POST,
+        at,
+        &format!("/orders/{}/pay?user=u2", ids[1]),
+        &[],
+    )
+    .await
+    .expect("pay");
+    assert_eq!(late.status, StatusCode::NOT_FOUND, "{}", late.body);
+
     // The new sale goes on in the same stream, and the tail with it.
     let new = buy(&c, at, "u1").await;
     assert!(new.starts_with(&format!("{epoch}-")), "{new}");
