@@ -345,6 +345,38 @@ async fn a_reset_writes_what_became_of_the_open_reservations_into_the_stream() {
     remove_config(&path);
 }
 
+/// A reset to a sale that writes no stream (final purchases, no `stream =
+/// true`) ends a running tail as one started on it would end: nothing
+/// more will come.
+#[test]
+fn a_reset_to_a_sale_without_a_stream_ends_the_tail() {
+    let redis = RedisServer::start();
+    let at = common::free_addr();
+    let path = write_config(&file("ends", 5, "stream = true", &redis.url(), at));
+    stock_init(&path, false);
+    let mut tail = Tail::start(&path, &[], false);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(tail.child.try_wait().expect("wait").is_none(), "it follows");
+    std::fs::write(&path, file("ends", 5, "", &redis.url(), at)).expect("rewrite");
+    stock_init(&path, true);
+    let mut got = Vec::new();
+    tail.read_until(&mut got, Duration::from_secs(10), |g| !g.is_empty());
+    assert_eq!(got.first().map(|e| &e["type"]), Some(&"reset".into()));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = tail.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the tail goes on after a reset to a sale without a stream"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(1));
+    remove_config(&path);
+}
+
 /// A reset of many open reservations says how many it voided without
 /// listing them (one field must not grow with the sale).
 #[test]
