@@ -101,9 +101,10 @@ Checks, each a sentence in \"problems\" when broken:
   deadlines set holds every reservation; without one: nothing reserved,
   paid or released; with a per_user_limit: no buyer over it, and the
   tickets buyers hold == sold; a pass over the buyers agrees with the
-  counters (when the sale stood still while it ran); a pass over the
-  order stream agrees with the orders, payments and releases (when
-  nothing was trimmed).
+  counters (when the sale stood still while it ran); with a payment
+  window or [sale] stream = true, a pass over this sale's part of the
+  order stream (since its last reset) agrees with the orders, payments
+  and releases (when nothing was trimmed).
 It also prints what Redis says of its durability (durability_problems).
 
 Exit codes: 0 when every check holds; 1 when any is broken (the JSON it

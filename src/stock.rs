@@ -107,6 +107,18 @@ pub fn sale_differs(file: &SaleConfig, stored: &Snapshot) -> Option<String> {
             show(stored.pay_within_ms)
         ));
     }
+    // Only Redis stores `stream` (the embedded store has no stream), and
+    // only a sale of final purchases is changed by it.
+    if stored.events.is_some()
+        && file_window == 0
+        && stored.pay_within_ms == 0
+        && file.stream != stored.stream
+    {
+        diffs.push(format!(
+            "stream = {} (stored: {})",
+            file.stream, stored.stream
+        ));
+    }
     (!diffs.is_empty()).then(|| {
         format!(
             "the file's [sale] says {}, but [sale] is the store's: the stored sale {} is in force; to change it use `spike stock init --force` (a new sale: the old one's orders are wiped)",

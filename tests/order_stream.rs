@@ -447,6 +447,11 @@ async fn a_final_sale_with_stream_true_hands_every_order_off() {
     assert!(out.status.success(), "{out:?}");
     let audit = json(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(audit["events"]["created"], 3, "{audit}");
+    // The stored sale is in force: a file edited since says how it differs.
+    std::fs::write(&path, file("finals", 3, "", &redis.url(), at)).expect("rewrite");
+    let out = run(&["check", "--config", p(&path)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("stream = false (stored: true)"), "{err}");
     drop(tail);
     drop(node);
     remove_config(&path);
