@@ -428,10 +428,10 @@ impl RedisStore {
     }
 
     /// Where this sale's events begin in the stream, as `init.lua` wrote
-    /// it: the last id before them (`0-0` for a stream begun with this
-    /// sale), and how many events had been appended by then (None from a
-    /// Redis before 7, or a sale written before the stream outlived resets,
-    /// whose stream began with it).
+    /// it: the last id before them, and how many events had been appended
+    /// by then (None when a Redis before 7 did not say). A sale written
+    /// before the stream outlived resets has neither: its stream began
+    /// with it (`0-0`, 0).
     async fn events_start(&self) -> Result<(String, Option<u64>), StoreError> {
         let hmget = CustomCommand::new_static("HMGET", ClusterHash::FirstKey, false);
         let args: Vec<Value> = vec![
