@@ -377,6 +377,40 @@ fn a_reset_to_a_sale_without_a_stream_ends_the_tail() {
     remove_config(&path);
 }
 
+/// Redis restarted without its data (no persistence): the group is gone,
+/// and so is the sale; the running tail says so and exits 1 rather than
+/// recreate a group and wait on a sale nobody will write.
+#[test]
+fn a_redis_that_lost_the_sale_ends_the_tail() {
+    let mut redis = RedisServer::start_volatile();
+    let path = write_config(&file(
+        "lost",
+        5,
+        "pay_within = \"30s\"",
+        &redis.url(),
+        common::free_addr(),
+    ));
+    let out = run(&["stock", "init", "--allow-volatile", "--config", p(&path)]);
+    assert!(out.status.success(), "{out:?}");
+    let mut tail = Tail::start(&path, &[], false);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(tail.child.try_wait().expect("wait").is_none(), "it follows");
+    redis.restart();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = tail.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the tail waits on a sale Redis lost"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(1));
+    remove_config(&path);
+}
+
 /// A reset of many open reservations says how many it voided without
 /// listing them (one field must not grow with the sale).
 #[test]
