@@ -8,10 +8,16 @@ use spike::cli::{Cli, Command, OrdersAction, StockAction};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `orders tail` says itself, in words, what Redis did; fred's own
+    // warnings would repeat it as a Rust struct on the same stderr.
+    let default_filter = match cli.command {
+        Command::Orders { .. } => "info,fred=error",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(spike::cli::colour_logs(

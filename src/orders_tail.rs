@@ -299,6 +299,12 @@ impl Tail {
                             continue;
                         }
                     }
+                    Err(e) if e.details().contains("NOGROUP") => {
+                        self.regroup().await?;
+                        from = "0";
+                        cursor = String::from("0-0");
+                        continue;
+                    }
                     Err(e) if e.details().to_ascii_lowercase().contains("unknown command") => {
                         eprintln!(
                             "spike: orders tail: Redis at {} has no XAUTOCLAIM (Redis 6.2 and later): events a dead consumer of group {} had read stay pending until it comes back",
@@ -329,8 +335,7 @@ impl Tail {
             {
                 Ok(v) => v,
                 Err(e) if e.details().contains("NOGROUP") => {
-                    // The stream was deleted (by hand: a reset keeps it).
-                    self.create_group().await?;
+                    self.regroup().await?;
                     from = "0";
                     continue;
                 }
@@ -352,6 +357,18 @@ impl Tail {
             }
             self.hand_off(entries).await?;
         }
+    }
+
+    /// The stream or the group is gone: deleted by hand (a reset keeps
+    /// them), or Redis came back without its data. A sale gone with them
+    /// ends the tail as at start; otherwise the group is made again.
+    async fn regroup(&self) -> Result<(), TailError> {
+        eprintln!(
+            "spike: orders tail: the stream or group {} is gone from Redis at {}; making it again",
+            self.group, self.url
+        );
+        self.check_sale().await?;
+        self.create_group().await
     }
 
     /// Says that Redis failed `what`, and waits a second before the next try.
@@ -571,7 +588,7 @@ fn cause(e: &fred::error::Error) -> String {
         }
     }
     match e.kind() {
-        fred::error::ErrorKind::Timeout => format!("no answer in time ({details})"),
+        fred::error::ErrorKind::Timeout => "no answer in time".to_string(),
         fred::error::ErrorKind::Auth => format!("authentication failed: {details}"),
         _ if details.is_empty() => format!("{:?} error", e.kind()),
         _ => details.to_string(),
