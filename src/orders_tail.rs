@@ -77,8 +77,12 @@ pub enum TailError {
     /// The sale's purchases are final and it does not stream them: no
     /// event will ever come.
     #[error(
-        "the sale {event} in Redis at {url} writes no order stream: its purchases are final (no pay_within) and it was initialised without [sale] stream = true; set it in {} and run `spike stock init` (with --force once the sale has started)",
-        path.display()
+        "the sale {event} in Redis at {url} writes no order stream: its purchases are final (no pay_within) and it was initialised without [sale] stream = true; {}",
+        if *file_streams {
+            format!("{} says it now, but the stored sale is in force: `spike stock init --force` starts a new sale with it (the old one's orders are wiped)", path.display())
+        } else {
+            format!("set it in {} and run `spike stock init` (with --force once the sale has started)", path.display())
+        }
     )]
     NoStream {
         /// The file.
@@ -87,6 +91,9 @@ pub enum TailError {
         url: String,
         /// `[sale] event`.
         event: String,
+        /// The file already says `stream = true` (edited after `stock
+        /// init`): the hint is then a new sale, not an edit.
+        file_streams: bool,
     },
     /// Redis refused a command the tail cannot do without (a wrong key
     /// type, an ACL), at start.
@@ -162,6 +169,7 @@ pub fn main(
             consumer: consumer.to_string(),
             claim_after,
             event: sale.event.clone(),
+            file_streams: sale.stream,
             path,
             url,
             client,
@@ -183,6 +191,8 @@ struct Tail {
     consumer: String,
     claim_after: Duration,
     event: String,
+    /// `[sale] stream` in the file (the stored one is what counts).
+    file_streams: bool,
     path: PathBuf,
     url: String,
 }
@@ -244,6 +254,7 @@ impl Tail {
                 path: self.path.clone(),
                 url: self.url.clone(),
                 event: self.event.clone(),
+                file_streams: self.file_streams,
             });
         }
         Ok(())

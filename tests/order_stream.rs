@@ -220,6 +220,20 @@ fn orders_tail_on_a_final_sale_without_a_stream_says_so_and_exits_non_zero() {
         err.contains("final") && err.contains("stream = true") && err.contains(p(&path)),
         "{err}"
     );
+    // The file edited since: the stored sale is what counts, and the hint
+    // is a new sale.
+    let text = std::fs::read_to_string(&path).expect("read");
+    std::fs::write(
+        &path,
+        text.replace(
+            "per_user_limit = 1\n",
+            "per_user_limit = 1\nstream = true\n",
+        ),
+    )
+    .expect("rewrite");
+    let (status, err) = tail_exits(&path, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("stock init --force"), "{err}");
     remove_config(&path);
 }
 
