@@ -374,11 +374,11 @@ impl Tail {
     /// them), or Redis came back without its data. A sale gone with them
     /// ends the tail as at start; otherwise the group is made again.
     async fn regroup(&self) -> Result<(), TailError> {
+        self.check_sale().await?;
         eprintln!(
             "spike: orders tail: the stream or group {} is gone from Redis at {}; making it again",
             self.group, self.url
         );
-        self.check_sale().await?;
         self.create_group().await
     }
 
