@@ -237,6 +237,9 @@ pub struct RedisConfig {
     /// A `redis://` (or `rediss://`) URL, or fred's `redis-cluster://` and
     /// `redis-sentinel://` forms.
     pub url: String,
+    /// Where `url` is set (`FILE:LINE`), so that a Redis that cannot be
+    /// reached is reported with the line to fix.
+    pub origin: String,
     /// Bound on one command, so a stalled Redis becomes a 503, not a hang.
     pub timeout: Duration,
     /// Connections per node process, and deduction calls in flight at once
@@ -610,22 +613,24 @@ impl Cx<'_> {
                     "redis-cluster://",
                     "redis-sentinel://",
                 ];
+                let shown = crate::redis_client::redacted(url);
                 if !SCHEMES.iter().any(|s| url.starts_with(s)) {
                     return Err(self.err(
                         "redis.url",
                         r.url.span(),
                         format!(
-                            "{url:?} is not a redis://, rediss://, redis-cluster:// or redis-sentinel:// URL"
+                            "{shown:?} is not a redis://, rediss://, redis-cluster:// or redis-sentinel:// URL"
                         ),
                     ));
                 }
                 // fred reads the URL when a store opens; checking it here
                 // names the line instead of failing later with no place.
                 if let Err(e) = fred::types::config::Config::from_url(url) {
-                    return Err(self.err("redis.url", r.url.span(), format!("{url:?}: {e}")));
+                    return Err(self.err("redis.url", r.url.span(), format!("{shown:?}: {e}")));
                 }
                 Some(RedisConfig {
                     url: url.to_string(),
+                    origin: format!("{}:{}", self.path.display(), self.line(r.url.span().start)),
                     timeout: match &r.timeout {
                         Some(v) => {
                             let d = self.duration("redis.timeout", v)?;

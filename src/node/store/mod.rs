@@ -264,6 +264,19 @@ pub enum StoreError {
     /// Redis could not be reached or the connection broke.
     #[error("the store is unreachable: {0}")]
     Unavailable(String),
+    /// Redis is disconnected and the last try to connect failed: what an
+    /// operator needs to fix it (where, which line names it, and why),
+    /// rather than a timeout that hides a refused connection or a TLS
+    /// handshake that failed.
+    #[error("cannot connect to Redis at {url} (`redis.url` in {origin}): {cause}")]
+    Unreachable {
+        /// The URL, its password hidden.
+        url: String,
+        /// Where the config file sets it (`FILE:LINE`).
+        origin: String,
+        /// Why the last try failed, as fred reports it.
+        cause: String,
+    },
     /// The request reached Redis at or after its deadline (in Redis's own
     /// clock) and did nothing.
     #[error("the request reached the store after its deadline and did nothing")]

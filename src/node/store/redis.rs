@@ -101,14 +101,20 @@ impl RedisStore {
             .set_policy(ReconnectPolicy::new_constant(0, 100))
             .build_pool(cfg.pool_size)
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let reach = Reach::watch(&pool, cfg);
         let _connections = pool.connect_pool();
-        match tokio::time::timeout(timeout, pool.wait_for_connect()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, url = %cfg.url, "redis is not reachable yet; answering 503 until it is")
+        tokio::select! {
+            connected = pool.wait_for_connect() => {
+                if let Err(e) = connected {
+                    tracing::warn!("{}; answering 503 until it can", reach.unreachable(e.to_string()));
+                }
             }
-            Err(_) => {
-                tracing::warn!(url = %cfg.url, "redis did not answer in time; answering 503 until it does")
+            () = reach.failed.notified() => {
+                let cause = reach.cause().unwrap_or_default();
+                tracing::warn!("{}; answering 503 until it can", reach.unreachable(cause));
+            }
+            () = tokio::time::sleep(timeout) => {
+                tracing::warn!(url = %reach.url, "redis did not answer in time; answering 503 until it does");
             }
         }
         let keys = SaleKeys::new(&sale.event);
@@ -129,6 +135,7 @@ impl RedisStore {
             deduct: Script::from_lua(DEDUCT),
             clock,
             replicas: cfg.replicas,
+            reach,
         };
         // The first reading before any purchase, then one a second.
         link.sample_clock(&ping).await;
@@ -202,7 +209,7 @@ impl RedisStore {
             Ok(Err(_)) => Err(StoreError::Unavailable(
                 "the batch task dropped the request".into(),
             )),
-            Err(_) => Err(StoreError::Timeout),
+            Err(_) => Err(self.link.explain(StoreError::Timeout)),
         }
     }
 
@@ -477,7 +484,7 @@ impl RedisStore {
             let reply: Value = client
                 .custom(xrange.clone(), args)
                 .await
-                .map_err(map_error)?;
+                .map_err(|e| self.link.explain(map_error(e)))?;
             let Value::Array(entries) = reply else {
                 return Ok(out);
             };
@@ -553,7 +560,9 @@ impl RedisStore {
     /// Every buyer's tickets, read in `HSCAN` pages so that a big sale never
     /// holds Redis (for `stock audit`).
     pub async fn tally_buyers(&self) -> Result<BuyerTally, StoreError> {
-        let held = scan_hash(&self.reader(), &self.link.keys[1]).await?;
+        let held = scan_hash(&self.reader(), &self.link.keys[1])
+            .await
+            .map_err(|e| self.link.explain(e))?;
         let mut tally = BuyerTally::default();
         for v in held.values() {
             let n: u64 = v
@@ -577,7 +586,10 @@ impl RedisStore {
     /// must hold nothing a failover can take back.
     pub async fn holders(&self, per_user_limit: u64) -> Result<Holders, StoreError> {
         let client = self.reader();
-        let holders = self.read_holders(&client, per_user_limit).await?;
+        let holders = self
+            .read_holders(&client, per_user_limit)
+            .await
+            .map_err(|e| self.link.explain(e))?;
         if self.link.replicas > 0 {
             let acked = self
                 .link
@@ -634,7 +646,7 @@ impl RedisStore {
         let text: String = client
             .custom(info, vec!["persistence", "memory", "replication"])
             .await
-            .map_err(map_error)?;
+            .map_err(|e| self.link.explain(map_error(e)))?;
         let mut durability = super::Durability::from_info(&text);
         let config =
             CustomCommand::new_static("CONFIG", ClusterHash::Custom(self.link.slot), false);
@@ -672,7 +684,7 @@ impl RedisStore {
             .ping::<Value>(None)
             .await
             .map(|_| ())
-            .map_err(map_error)
+            .map_err(|e| self.link.explain(map_error(e)))
     }
 }
 
@@ -721,6 +733,82 @@ struct Link {
     clock: Arc<StoreClock>,
     /// `[redis] replicas`: a batch that sold waits for this many replicas.
     replicas: u64,
+    reach: Arc<Reach>,
+}
+
+/// Where the pool connects and why its last try failed, so that an error
+/// while disconnected says "connection refused" (or the TLS handshake's
+/// complaint) with the URL, instead of the timeout the waiting command
+/// ends in.
+struct Reach {
+    /// The URL, its password hidden.
+    url: String,
+    /// Where the config file sets it.
+    origin: String,
+    /// The last connection error any client of the pool reported.
+    cause: std::sync::Mutex<Option<String>>,
+    /// Woken at each such error: `connect` stops waiting at the first.
+    failed: tokio::sync::Notify,
+}
+
+/// fred's connection error in words: an OS error arrives as its `Debug`
+/// form (`Os { code: 111, kind: ConnectionRefused, message: "Connection
+/// refused" }`), shown here as `Connection refused (os error 111)`.
+fn plain_cause(e: &Error) -> String {
+    let details = e.details();
+    let message = details
+        .split_once("message: \"")
+        .and_then(|(_, rest)| rest.split_once('"'))
+        .map(|(message, _)| message);
+    let code = details
+        .split_once("code: ")
+        .and_then(|(_, rest)| rest.split_once(','))
+        .map(|(code, _)| code);
+    match (message, code) {
+        (Some(m), Some(c)) => format!("{m} (os error {c})"),
+        (Some(m), None) => m.to_string(),
+        _ => e.to_string(),
+    }
+}
+
+impl Reach {
+    /// Listens to the connection errors of every client of `pool`; call
+    /// before connecting, so the first is not missed.
+    fn watch(pool: &Pool, cfg: &RedisConfig) -> Arc<Reach> {
+        let reach = Arc::new(Reach {
+            url: crate::redis_client::redacted(&cfg.url),
+            origin: cfg.origin.clone(),
+            cause: std::sync::Mutex::new(None),
+            failed: tokio::sync::Notify::new(),
+        });
+        for client in pool.clients() {
+            // The listener holds a weak link: it must not keep the store's
+            // state alive, and it ends with the client's channel.
+            let weak = Arc::downgrade(&reach);
+            let _listener = client.on_error(move |(e, _server)| {
+                if let Some(reach) = weak.upgrade() {
+                    if let Ok(mut cause) = reach.cause.lock() {
+                        *cause = Some(plain_cause(&e));
+                    }
+                    reach.failed.notify_one();
+                }
+                async { Ok(()) }
+            });
+        }
+        reach
+    }
+
+    fn cause(&self) -> Option<String> {
+        self.cause.lock().ok().and_then(|c| c.clone())
+    }
+
+    fn unreachable(&self, cause: String) -> StoreError {
+        StoreError::Unreachable {
+            url: self.url.clone(),
+            origin: self.origin.clone(),
+            cause,
+        }
+    }
 }
 
 /// Reads Redis's `TIME` once a second while the store lives.
@@ -789,6 +877,21 @@ async fn send_batches(
 }
 
 impl Link {
+    /// `e`, or what made it when the pool is disconnected and its last
+    /// try to connect failed: a timeout or a broken call then is that
+    /// failure, and the operator needs its cause.
+    fn explain(&self, e: StoreError) -> StoreError {
+        if !matches!(e, StoreError::Timeout | StoreError::Unavailable(_))
+            || self.pool.clients().iter().all(|c| c.is_connected())
+        {
+            return e;
+        }
+        match self.reach.cause() {
+            Some(cause) => self.reach.unreachable(cause),
+            None => e,
+        }
+    }
+
     /// `script` by SHA (loaded again on NOSCRIPT), answered within `limit`.
     /// fred enforces its command timeout too; this bound also covers the
     /// reload round trip. A call given up on may still reach Redis late
@@ -815,8 +918,8 @@ impl Link {
         let call = script.evalsha_with_reload::<Value, _, _>(client, self.keys.clone(), args);
         match tokio::time::timeout(limit, call).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(map_error(e)),
-            Err(_) => Err(StoreError::Timeout),
+            Ok(Err(e)) => Err(self.explain(map_error(e))),
+            Err(_) => Err(self.explain(StoreError::Timeout)),
         }
     }
 
