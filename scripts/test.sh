@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one command that passes the tests on a fresh machine: installs what the
 # tests need when it is missing (redis-server, with redis-cli for the Cluster
-# test and Sentinel in the same binary; nginx; haproxy; faketime; and chromium for the
-# status page test; all from Debian's packages), then runs the whole suite.
+# test and Sentinel in the same binary; nginx; haproxy; faketime; chromium for the
+# status page test; and openssl, which makes the certificates of the TLS
+# tests; all from Debian's packages), then runs the whole suite.
 # CI calls this same script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,7 @@ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
 command -v faketime >/dev/null 2>&1 || missing+=(faketime)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ "${#missing[@]}" -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

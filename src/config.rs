@@ -106,6 +106,9 @@ struct RedisFile {
     pool_size: Option<Spanned<i64>>,
     max_clock_offset: Option<Spanned<String>>,
     replicas: Option<Spanned<i64>>,
+    tls_ca_file: Option<Spanned<String>>,
+    tls_cert_file: Option<Spanned<String>>,
+    tls_key_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -235,11 +238,16 @@ pub struct SaleConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisConfig {
     /// A `redis://` (or `rediss://`) URL, or fred's `redis-cluster://` and
-    /// `redis-sentinel://` forms.
+    /// `redis-sentinel://` forms (`rediss-cluster://`, `rediss-sentinel://`
+    /// over TLS).
     pub url: String,
     /// Where `url` is set (`FILE:LINE`), so that a Redis that cannot be
     /// reached is reported with the line to fix.
     pub origin: String,
+    /// The CA and client certificate of a TLS URL, when the file names
+    /// them (`tls_ca_file`, `tls_cert_file`, `tls_key_file`); `None` with a
+    /// TLS URL trusts the system's roots.
+    pub tls: Option<crate::redis_client::RedisTls>,
     /// Bound on one command, so a stalled Redis becomes a 503, not a hang.
     pub timeout: Duration,
     /// Connections per node process, and deduction calls in flight at once
@@ -571,6 +579,103 @@ impl Cx<'_> {
             .ok_or_else(|| bad("the name resolved to no address".into()))
     }
 
+    /// The `tls_*` files of `[redis]`, read and checked now: each is
+    /// refused with its key and line when the URL is not TLS (it would be
+    /// ignored, and the link left in plaintext), when it cannot be read or
+    /// parsed, or when a certificate comes without its key. Relative paths
+    /// are from the config file's folder.
+    fn redis_tls(
+        &self,
+        r: &RedisFile,
+        tls_url: bool,
+    ) -> Result<Option<crate::redis_client::RedisTls>, ConfigError> {
+        use crate::redis_client::{
+            ClientIdentity, RedisTls, TlsFileError, read_ca, read_certs, read_key,
+        };
+        let files = [
+            ("redis.tls_ca_file", &r.tls_ca_file),
+            ("redis.tls_cert_file", &r.tls_cert_file),
+            ("redis.tls_key_file", &r.tls_key_file),
+        ];
+        for (key, v) in files {
+            if let Some(v) = v {
+                if !tls_url {
+                    return Err(self.err(
+                        key,
+                        v.span(),
+                        "needs a TLS URL (rediss://, rediss-cluster:// or rediss-sentinel://): with this URL the connection is plaintext and the file would be ignored",
+                    ));
+                }
+                if v.get_ref().trim().is_empty() {
+                    return Err(self.err(key, v.span(), "must name a PEM file"));
+                }
+            }
+        }
+        let path = |v: &Spanned<String>| {
+            let p = Path::new(v.get_ref().trim());
+            match self.path.parent() {
+                Some(dir) if p.is_relative() => dir.join(p),
+                _ => p.to_path_buf(),
+            }
+        };
+        let ca = match &r.tls_ca_file {
+            Some(v) => {
+                let file = path(v);
+                let roots = read_ca(&file)
+                    .map_err(|e| self.err("redis.tls_ca_file", v.span(), e.to_string()))?;
+                Some((file, roots))
+            }
+            None => None,
+        };
+        let client = match (&r.tls_cert_file, &r.tls_key_file) {
+            (None, None) => None,
+            (Some(c), None) => {
+                return Err(self.err(
+                    "redis.tls_cert_file",
+                    c.span(),
+                    "needs `tls_key_file`, the certificate's private key",
+                ));
+            }
+            (None, Some(k)) => {
+                return Err(self.err(
+                    "redis.tls_key_file",
+                    k.span(),
+                    "needs `tls_cert_file`, the certificate of this key",
+                ));
+            }
+            (Some(c), Some(k)) => {
+                let (cert_file, key_file) = (path(c), path(k));
+                let chain = read_certs(&cert_file)
+                    .map_err(|e| self.err("redis.tls_cert_file", c.span(), e.to_string()))?;
+                let key = read_key(&key_file)
+                    .map_err(|e| self.err("redis.tls_key_file", k.span(), e.to_string()))?;
+                Some((
+                    k.span(),
+                    ClientIdentity {
+                        cert_file,
+                        chain,
+                        key_file,
+                        key,
+                    },
+                ))
+            }
+        };
+        if ca.is_none() && client.is_none() {
+            return Ok(None);
+        }
+        let (key_span, client) = match client {
+            Some((span, id)) => (Some(span), Some(id)),
+            None => (None, None),
+        };
+        RedisTls::new(ca, client).map(Some).map_err(|e| {
+            let (key, span) = match (&e, key_span) {
+                (TlsFileError::SystemRoots(_), _) | (_, None) => ("redis.url", r.url.span()),
+                (_, Some(span)) => ("redis.tls_key_file", span),
+            };
+            self.err(key, span, e.to_string())
+        })
+    }
+
     fn validate(&self, file: FileConfig) -> Result<Config, ConfigError> {
         let server = match &file.server {
             None => ServerConfig::default(),
@@ -607,11 +712,13 @@ impl Cx<'_> {
             Some(r) => {
                 let r = r.get_ref();
                 let url = r.url.get_ref().trim();
-                const SCHEMES: [&str; 4] = [
+                const SCHEMES: [&str; 6] = [
                     "redis://",
                     "rediss://",
                     "redis-cluster://",
+                    "rediss-cluster://",
                     "redis-sentinel://",
+                    "rediss-sentinel://",
                 ];
                 let shown = crate::redis_client::redacted(url);
                 if !SCHEMES.iter().any(|s| url.starts_with(s)) {
@@ -619,7 +726,7 @@ impl Cx<'_> {
                         "redis.url",
                         r.url.span(),
                         format!(
-                            "{shown:?} is not a redis://, rediss://, redis-cluster:// or redis-sentinel:// URL"
+                            "{shown:?} is not a redis://, rediss://, redis-cluster://, rediss-cluster://, redis-sentinel:// or rediss-sentinel:// URL"
                         ),
                     ));
                 }
@@ -628,9 +735,11 @@ impl Cx<'_> {
                 if let Err(e) = fred::types::config::Config::from_url(url) {
                     return Err(self.err("redis.url", r.url.span(), format!("{shown:?}: {e}")));
                 }
+                let tls = self.redis_tls(r, url.starts_with("rediss"))?;
                 Some(RedisConfig {
                     url: url.to_string(),
                     origin: format!("{}:{}", self.path.display(), self.line(r.url.span().start)),
+                    tls,
                     timeout: match &r.timeout {
                         Some(v) => {
                             let d = self.duration("redis.timeout", v)?;
@@ -1443,10 +1552,19 @@ weight = 4
             "redis://127.0.0.1:6379",
             "redis-cluster://127.0.0.1:7000?node=127.0.0.1:7001&node=127.0.0.1:7002",
             "redis-sentinel://127.0.0.1:26379/0?sentinelServiceName=sale&node=127.0.0.1:26380",
+            "rediss://127.0.0.1:6380",
+            "rediss-cluster://127.0.0.1:7000?node=127.0.0.1:7001",
+            "rediss-sentinel://127.0.0.1:26379/0?sentinelServiceName=sale",
         ] {
             let c = parse(&with(url)).unwrap_or_else(|e| panic!("{url}: {e}"));
-            assert_eq!(c.redis.as_ref().expect("redis").replicas, 1);
+            let r = c.redis.as_ref().expect("redis");
+            assert_eq!(r.replicas, 1);
+            assert_eq!(r.origin, "test.toml:23");
+            // TLS by the URL alone: fred's defaults, no files of spike's.
+            assert!(r.tls.is_none());
         }
+        let e = parse(&with("redis://u:hunter2@127.0.0.1:6379/x")).expect_err("bad db");
+        assert!(!e.to_string().contains("hunter2"), "the password: {e}");
         let e = parse(&with("http://127.0.0.1:6379")).expect_err("not redis");
         assert_eq!(e.key(), Some("redis.url"));
         let e = parse(&with("redis-sentinel://127.0.0.1:26379/0")).expect_err("no service name");

@@ -269,3 +269,148 @@ impl Drop for RedisServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A throwaway PKI made with the `openssl` CLI in a fresh directory
+/// (removed on drop): a CA, a server certificate for 127.0.0.1 and
+/// localhost, and a client certificate, all signed by the CA. A second
+/// one is an unrelated CA, whose certificates must be refused.
+pub struct TestPki {
+    /// The directory holding every file.
+    pub dir: PathBuf,
+}
+
+impl TestPki {
+    /// Makes the files (EC P-256 keys: quick to generate).
+    pub fn new() -> TestPki {
+        static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("spike-pki-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create pki dir");
+        let pki = TestPki { dir };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        pki.openssl(
+            &[
+                &["req", "-x509"],
+                &ec[..],
+                &["-keyout", "ca.key", "-out", "ca.crt"],
+            ]
+            .concat(),
+            "/CN=spike-test-ca",
+        );
+        for (name, cn, ext) in [
+            (
+                "server",
+                "/CN=localhost",
+                "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+            ),
+            (
+                "client",
+                "/CN=spike-test-client",
+                "extendedKeyUsage=clientAuth\n",
+            ),
+        ] {
+            let (key, csr, crt, extfile) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.crt"),
+                format!("{name}.ext"),
+            );
+            std::fs::write(pki.dir.join(&extfile), ext).expect("write ext");
+            pki.openssl(
+                &[&["req"], &ec[..], &["-keyout", &key, "-out", &csr]].concat(),
+                cn,
+            );
+            pki.openssl(
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    "ca.crt",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-days",
+                    "2",
+                    "-out",
+                    &crt,
+                    "-extfile",
+                    &extfile,
+                ],
+                "",
+            );
+        }
+        pki
+    }
+
+    fn openssl(&self, args: &[&str], subject: &str) {
+        let mut cmd = Command::new("openssl");
+        cmd.args(args)
+            .current_dir(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if !subject.is_empty() {
+            cmd.args(["-subj", subject, "-days", "2"]);
+        }
+        let ok = cmd
+            .status()
+            .expect("openssl must be installed (run scripts/test.sh)")
+            .success();
+        assert!(ok, "openssl {args:?} failed");
+    }
+
+    /// The path of one of its files (`ca.crt`, `server.key`, `client.crt`…).
+    pub fn file(&self, name: &str) -> String {
+        self.dir
+            .join(name)
+            .to_str()
+            .expect("utf-8 path")
+            .to_string()
+    }
+}
+
+impl Drop for TestPki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl RedisServer {
+    /// Starts redis-server (append-only, as [`RedisServer::start`]) with a
+    /// TLS port beside its plaintext one, its certificate from `pki`;
+    /// `auth_clients` makes it demand a client certificate signed by
+    /// `pki`'s CA. Returns it and its TLS port. (The plaintext port, the
+    /// one [`RedisServer::url`] names, is for the test's own checks.)
+    pub fn start_tls(pki: &TestPki, auth_clients: bool) -> (RedisServer, u16) {
+        let tls_port = super::free_port().to_string();
+        let (cert, key, ca) = (
+            pki.file("server.crt"),
+            pki.file("server.key"),
+            pki.file("ca.crt"),
+        );
+        let redis = Self::start_with(&[
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--tls-port",
+            &tls_port,
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            if auth_clients { "yes" } else { "no" },
+        ]);
+        (redis, tls_port.parse().expect("port"))
+    }
+}

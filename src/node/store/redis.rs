@@ -76,8 +76,8 @@ impl RedisStore {
     /// Builds the pool and starts connecting. A Redis that is down at start
     /// is not fatal: the node answers 503 until it comes back.
     pub async fn connect(sale: &SaleConfig, cfg: &RedisConfig) -> Result<RedisStore, StoreError> {
-        let mut config =
-            Config::from_url(&cfg.url).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let mut config = crate::redis_client::fred_config(cfg)
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         // Keep reconnecting in the background instead of failing the node.
         config.fail_fast = false;
         let timeout = cfg.timeout;
@@ -113,8 +113,15 @@ impl RedisStore {
                 let cause = reach.cause().unwrap_or_default();
                 tracing::warn!("{}; answering 503 until it can", reach.unreachable(cause));
             }
-            () = tokio::time::sleep(timeout) => {
-                tracing::warn!(url = %reach.url, "redis did not answer in time; answering 503 until it does");
+            // Longer than fred's own connection timeout (the same
+            // `timeout`), so that a connection that times out is reported
+            // with fred's reason.
+            () = tokio::time::sleep(timeout + timeout / 2) => {
+                tracing::warn!(
+                    "Redis at {} (`redis.url` in {}) did not answer in time; answering 503 until it does",
+                    reach.url,
+                    reach.origin
+                );
             }
         }
         let keys = SaleKeys::new(&sale.event);
@@ -751,24 +758,45 @@ struct Reach {
     failed: tokio::sync::Notify,
 }
 
-/// fred's connection error in words: an OS error arrives as its `Debug`
-/// form (`Os { code: 111, kind: ConnectionRefused, message: "Connection
-/// refused" }`), shown here as `Connection refused (os error 111)`.
-fn plain_cause(e: &Error) -> String {
+/// fred's connection error in words, with what to check: an OS error
+/// arrives as its `Debug` form (`Os { code: 111, kind: ConnectionRefused,
+/// message: "Connection refused" }`, shown as `Connection refused (os error
+/// 111)`), a TLS failure as rustls's (`Custom { kind: InvalidData, error:
+/// InvalidCertificate(UnknownIssuer) }`).
+fn plain_cause(e: &Error, tls_url: bool) -> String {
     let details = e.details();
-    let message = details
-        .split_once("message: \"")
-        .and_then(|(_, rest)| rest.split_once('"'))
-        .map(|(message, _)| message);
-    let code = details
-        .split_once("code: ")
-        .and_then(|(_, rest)| rest.split_once(','))
-        .map(|(code, _)| code);
-    match (message, code) {
-        (Some(m), Some(c)) => format!("{m} (os error {c})"),
-        (Some(m), None) => m.to_string(),
-        _ => e.to_string(),
+    let between = |start: &str, end: char| {
+        details
+            .split_once(start)
+            .and_then(|(_, rest)| rest.split_once(end))
+            .map(|(inside, _)| inside)
+    };
+    if let (Some(message), Some(code)) = (between("message: \"", '"'), between("code: ", ',')) {
+        return format!("{message} (os error {code})");
     }
+    let custom = details
+        .split_once("error: ")
+        .map(|(_, rest)| rest.trim_end().trim_end_matches('}').trim_end());
+    // A resolver's error is a quoted message; rustls's is an enum variant.
+    if let Some(message) = custom.and_then(|c| c.strip_prefix('"')?.strip_suffix('"')) {
+        return message.to_string();
+    }
+    if let Some(tls) = custom.filter(|_| tls_url) {
+        let hint = if tls.starts_with("InvalidCertificate") {
+            "Redis's certificate was refused (is `tls_ca_file` the CA that signed it?)"
+        } else if tls.contains("CertificateRequired") {
+            "Redis asks for a client certificate (`tls-auth-clients`): set `tls_cert_file` and `tls_key_file`"
+        } else {
+            "the TLS handshake failed"
+        };
+        return format!("TLS: {hint}: {tls}");
+    }
+    if tls_url && *e.kind() == ErrorKind::Timeout {
+        return format!(
+            "{e} (no TLS handshake in time: is the port Redis's `tls-port`, not its plaintext one?)"
+        );
+    }
+    e.to_string()
 }
 
 impl Reach {
@@ -781,6 +809,7 @@ impl Reach {
             cause: std::sync::Mutex::new(None),
             failed: tokio::sync::Notify::new(),
         });
+        let tls_url = cfg.url.starts_with("rediss");
         for client in pool.clients() {
             // The listener holds a weak link: it must not keep the store's
             // state alive, and it ends with the client's channel.
@@ -788,7 +817,7 @@ impl Reach {
             let _listener = client.on_error(move |(e, _server)| {
                 if let Some(reach) = weak.upgrade() {
                     if let Ok(mut cause) = reach.cause.lock() {
-                        *cause = Some(plain_cause(&e));
+                        *cause = Some(plain_cause(&e, tls_url));
                     }
                     reach.failed.notify_one();
                 }
@@ -1252,5 +1281,44 @@ fn text(v: Option<Value>) -> Result<String, StoreError> {
         other => Err(StoreError::Protocol(format!(
             "expected a string, got {other:?}"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_errors_read_as_words() {
+        let refused = Error::new(
+            ErrorKind::IO,
+            r#"Os { code: 111, kind: ConnectionRefused, message: "Connection refused" }"#,
+        );
+        assert_eq!(
+            plain_cause(&refused, false),
+            "Connection refused (os error 111)"
+        );
+        let dns = Error::new(
+            ErrorKind::IO,
+            r#"Custom { kind: Uncategorized, error: "failed to lookup address information: Name or service not known" }"#,
+        );
+        assert_eq!(
+            plain_cause(&dns, true),
+            "failed to lookup address information: Name or service not known"
+        );
+        let untrusted = Error::new(
+            ErrorKind::IO,
+            "Custom { kind: InvalidData, error: InvalidCertificate(UnknownIssuer) }",
+        );
+        let said = plain_cause(&untrusted, true);
+        assert!(said.starts_with("TLS: "), "{said}");
+        assert!(said.contains("tls_ca_file"), "{said}");
+        assert!(
+            said.ends_with("InvalidCertificate(UnknownIssuer)"),
+            "{said}"
+        );
+        let silent = Error::new(ErrorKind::Timeout, "Request timed out.");
+        assert!(plain_cause(&silent, true).contains("tls-port"));
+        assert!(!plain_cause(&silent, false).contains("tls-port"));
     }
 }
