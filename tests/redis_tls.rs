@@ -4,7 +4,8 @@
 //! `SSL_CERT_FILE`) through `spike orders tail` too; a certificate from the
 //! wrong CA, a missing client certificate and a `rediss://` URL to a
 //! plaintext port each refused with a clear error, never a plaintext
-//! fallback; and bad `tls_*` keys refused at load with file, key and line.
+//! fallback; a Sentinel reached over TLS; and bad `tls_*` keys refused at
+//! load with file, key and line.
 //! Real redis-server (its `--tls-port`), certificates made by `openssl` at
 //! test time, real spike processes.
 
@@ -292,4 +293,74 @@ fn bad_tls_settings_are_refused_with_file_key_and_line() {
         );
         assert!(said.contains(why), "{lines}: {said}");
     }
+}
+
+/// A Sentinel that listens on TLS only and watches `primary`'s TLS port
+/// over TLS (`tls-replication`), its certificate from `pki`; killed on drop.
+struct TlsSentinel {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl TlsSentinel {
+    fn start(pki: &TestPki, service: &str, primary: u16) -> TlsSentinel {
+        let port = common::free_port();
+        // Sentinel rewrites its file, so each has its own.
+        let conf = pki.dir.join(format!("sentinel-{port}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "port 0\ntls-port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                 tls-cert-file {cert}\ntls-key-file {key}\ntls-ca-cert-file {ca}\n\
+                 tls-auth-clients no\ntls-replication yes\n\
+                 sentinel monitor {service} 127.0.0.1 {primary} 1\n",
+                dir = pki.dir.display(),
+                cert = pki.file("server.crt"),
+                key = pki.file("server.key"),
+                ca = pki.file("ca.crt"),
+            ),
+        )
+        .expect("sentinel conf");
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (run scripts/test.sh)");
+        wait_listening(&format!("127.0.0.1:{port}"), Duration::from_secs(10));
+        TlsSentinel { child, port }
+    }
+}
+
+impl Drop for TlsSentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `rediss-sentinel://`: the Sentinel and the primary it names are both
+/// reached over TLS with the same `[redis]` files.
+#[test]
+fn a_sale_through_sentinel_over_tls() {
+    let pki = TestPki::new();
+    let (_redis, tls_port) = RedisServer::start_tls(&pki, false);
+    let sentinel = TlsSentinel::start(&pki, "sale", tls_port);
+    let cfg = sale_config(
+        "tls-sentinel",
+        &format!(
+            "rediss-sentinel://127.0.0.1:{}/0?sentinelServiceName=sale",
+            sentinel.port
+        ),
+        &format!("tls_ca_file = \"{}\"\n", pki.file("ca.crt")),
+        common::free_addr(),
+    );
+    let init = run_env(&["stock", "init", "--config", &cfg], &[]);
+    assert!(init.status.success(), "stock init: {}", stderr(&init));
+    let show = run_env(&["stock", "show", "--config", &cfg], &[]);
+    assert!(show.status.success(), "stock show: {}", stderr(&show));
+    let snap = json(&String::from_utf8_lossy(&show.stdout));
+    assert_eq!(snap["initialised"], true, "{snap}");
+    assert_eq!(snap["total"], 5, "{snap}");
 }
