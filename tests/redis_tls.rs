@@ -1,13 +1,13 @@
 //! TLS to Redis (`rediss://`): a sale over TLS through `spike stock init`,
-//! `spike node` and a purchase, with the operator's CA file, with a client
-//! certificate when Redis demands one, and with the system's roots (here
-//! `SSL_CERT_FILE`) through `spike orders tail` too; a certificate from the
-//! wrong CA, a missing client certificate and a `rediss://` URL to a
-//! plaintext port each refused with a clear error, never a plaintext
-//! fallback; a Sentinel reached over TLS; and bad `tls_*` keys refused at
-//! load with file, key and line.
-//! Real redis-server (its `--tls-port`), certificates made by `openssl` at
-//! test time, real spike processes.
+//! `spike node` and a purchase (and through `spike up`), with the
+//! operator's CA file, with a client certificate when Redis demands one,
+//! and with the system's roots (here `SSL_CERT_FILE`) through `spike
+//! orders tail` too; a certificate from the wrong CA, a missing client
+//! certificate and a `rediss://` URL to a plaintext port each refused with
+//! a clear error, never a plaintext fallback; a Sentinel reached over TLS;
+//! and bad `tls_*` keys refused at load with file, key and line. Real
+//! redis-server (its `--tls-port`), certificates made by `openssl` at test
+//! time, real spike processes.
 
 mod common;
 
@@ -363,4 +363,26 @@ fn a_sale_through_sentinel_over_tls() {
     let snap = json(&String::from_utf8_lossy(&show.stdout));
     assert_eq!(snap["initialised"], true, "{snap}");
     assert_eq!(snap["total"], 5, "{snap}");
+}
+
+/// `spike up` with a `rediss://` `[redis]`: the one-machine sale reaches
+/// Redis over TLS as the separate commands do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spike_up_sells_over_tls() {
+    let pki = TestPki::new();
+    let (_redis, tls_port) = RedisServer::start_tls(&pki, false);
+    let url = format!("rediss://127.0.0.1:{tls_port}");
+    let (text, ports) = common::up::up_config(5, 1, Some(&url));
+    let text = text.replace(
+        &format!("url = \"{url}\"\n"),
+        &format!(
+            "url = \"{url}\"\ntls_ca_file = \"{}\"\n",
+            pki.file("ca.crt")
+        ),
+    );
+    let (_up, _path) = common::up::start_up(&text, &ports);
+    let (status, body) = get(&client(), ports.balancer, "/buy/ticket?user=bob")
+        .await
+        .expect("buy");
+    assert_eq!(status, StatusCode::OK, "{body}");
 }
