@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use crate::config::Config;
 use crate::node::store::Store;
+use crate::redis_client::redacted;
 
 /// Runs every check, printing one line each on stderr; exit 0 when all
 /// pass, 1 otherwise.
@@ -95,32 +96,5 @@ pub fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
     } else {
         eprintln!("spike: configuration file {file} test failed");
         Ok(ExitCode::FAILURE)
-    }
-}
-
-/// `url` with its password (if any) replaced by `***`, for messages.
-pub fn redacted(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let Some((userinfo, host)) = rest.split_once('@') else {
-        return url.to_string();
-    };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redacted;
-
-    #[test]
-    fn passwords_are_not_printed() {
-        assert_eq!(redacted("redis://u:secret@h:1/0"), "redis://u:***@h:1/0");
-        assert_eq!(redacted("redis://:secret@h:1"), "redis://:***@h:1");
-        assert_eq!(redacted("redis://h:1"), "redis://h:1");
-        assert_eq!(redacted("nonsense"), "nonsense");
     }
 }

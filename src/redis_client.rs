@@ -222,7 +222,8 @@ pub fn redacted(url: &str) -> String {
     let authority = match authority.rsplit_once('@') {
         Some((user_info, host)) => match user_info.split_once(':') {
             Some((user, _password)) => format!("{user}:***@{host}"),
-            // A lone user info is a password to Redis (`AUTH password`).
+            // A lone user info is a user name to fred, but some clients
+            // read it as the password: hidden either way.
             None => format!("***@{host}"),
         },
         None => authority.to_string(),
