@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use crate::config::Config;
-use crate::node::store::Store;
+use crate::node::store::{Store, StoreError};
 use crate::redis_client::redacted;
 
 /// Runs every check, printing one line each on stderr; exit 0 when all
@@ -34,17 +34,23 @@ pub fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()?;
             runtime.block_on(async {
+                // An unreachable Redis's error names the URL and its line
+                // already.
+                let say = |e: &StoreError| match e {
+                    StoreError::Unreachable { .. } => eprintln!("spike: {e}"),
+                    _ => eprintln!("spike: redis at {url}: {e}"),
+                };
                 let store = match Store::open(sale, Some(redis)).await {
                     Ok(s) => s,
                     Err(e) => {
-                        eprintln!("spike: redis at {url}: {e}");
+                        say(&e);
                         return false;
                     }
                 };
                 let snap = match store.snapshot().await {
                     Ok(s) => s,
                     Err(e) => {
-                        eprintln!("spike: redis at {url}: {e}");
+                        say(&e);
                         return false;
                     }
                 };
