@@ -1,8 +1,8 @@
 //! A Redis that cannot be reached is reported as what happened: a refused
 //! connection says so, with the URL (its password hidden) and the config
-//! file that names it, from `spike stock` and in a node's log; never as
-//! "did not answer in time". Real spike processes against a port nobody
-//! listens on.
+//! file that names it, from `spike stock`, `spike check` and in a node's
+//! log; never as "did not answer in time". Real spike processes against a
+//! port nobody listens on.
 
 mod common;
 
@@ -48,11 +48,16 @@ fn says_refused(said: &str, cfg: &str, port: u16) {
 }
 
 #[test]
-fn stock_commands_say_the_connection_was_refused_with_url_and_file() {
+fn stock_commands_and_check_say_the_connection_was_refused_with_url_and_file() {
     let (cfg, port) = refused_config();
-    for command in ["init", "show", "audit"] {
-        let out = run(&["stock", command, "--config", &cfg]);
-        assert!(!out.status.success(), "stock {command} succeeded");
+    for command in [
+        &["stock", "init"][..],
+        &["stock", "show"],
+        &["stock", "audit"],
+        &["check"],
+    ] {
+        let out = run(&[command, &["--config", &cfg]].concat());
+        assert!(!out.status.success(), "{command:?} succeeded");
         let said = String::from_utf8_lossy(&out.stderr);
         says_refused(&said, &cfg, port);
     }
