@@ -579,103 +579,6 @@ impl Cx<'_> {
             .ok_or_else(|| bad("the name resolved to no address".into()))
     }
 
-    /// The `tls_*` files of `[redis]`, read and checked now: each is
-    /// refused with its key and line when the URL is not TLS (it would be
-    /// ignored, and the link left in plaintext), when it cannot be read or
-    /// parsed, or when a certificate comes without its key. Relative paths
-    /// are from the config file's folder.
-    fn redis_tls(
-        &self,
-        r: &RedisFile,
-        tls_url: bool,
-    ) -> Result<Option<crate::redis_client::RedisTls>, ConfigError> {
-        use crate::redis_client::{
-            ClientIdentity, RedisTls, TlsFileError, read_ca, read_certs, read_key,
-        };
-        let files = [
-            ("redis.tls_ca_file", &r.tls_ca_file),
-            ("redis.tls_cert_file", &r.tls_cert_file),
-            ("redis.tls_key_file", &r.tls_key_file),
-        ];
-        for (key, v) in files {
-            if let Some(v) = v {
-                if !tls_url {
-                    return Err(self.err(
-                        key,
-                        v.span(),
-                        "needs a TLS URL (rediss://, rediss-cluster:// or rediss-sentinel://): with this URL the connection is plaintext and the file would be ignored",
-                    ));
-                }
-                if v.get_ref().trim().is_empty() {
-                    return Err(self.err(key, v.span(), "must name a PEM file"));
-                }
-            }
-        }
-        let path = |v: &Spanned<String>| {
-            let p = Path::new(v.get_ref().trim());
-            match self.path.parent() {
-                Some(dir) if p.is_relative() => dir.join(p),
-                _ => p.to_path_buf(),
-            }
-        };
-        let ca = match &r.tls_ca_file {
-            Some(v) => {
-                let file = path(v);
-                let roots = read_ca(&file)
-                    .map_err(|e| self.err("redis.tls_ca_file", v.span(), e.to_string()))?;
-                Some((file, roots))
-            }
-            None => None,
-        };
-        let client = match (&r.tls_cert_file, &r.tls_key_file) {
-            (None, None) => None,
-            (Some(c), None) => {
-                return Err(self.err(
-                    "redis.tls_cert_file",
-                    c.span(),
-                    "needs `tls_key_file`, the certificate's private key",
-                ));
-            }
-            (None, Some(k)) => {
-                return Err(self.err(
-                    "redis.tls_key_file",
-                    k.span(),
-                    "needs `tls_cert_file`, the certificate of this key",
-                ));
-            }
-            (Some(c), Some(k)) => {
-                let (cert_file, key_file) = (path(c), path(k));
-                let chain = read_certs(&cert_file)
-                    .map_err(|e| self.err("redis.tls_cert_file", c.span(), e.to_string()))?;
-                let key = read_key(&key_file)
-                    .map_err(|e| self.err("redis.tls_key_file", k.span(), e.to_string()))?;
-                Some((
-                    k.span(),
-                    ClientIdentity {
-                        cert_file,
-                        chain,
-                        key_file,
-                        key,
-                    },
-                ))
-            }
-        };
-        if ca.is_none() && client.is_none() {
-            return Ok(None);
-        }
-        let (key_span, client) = match client {
-            Some((span, id)) => (Some(span), Some(id)),
-            None => (None, None),
-        };
-        RedisTls::new(ca, client).map(Some).map_err(|e| {
-            let (key, span) = match (&e, key_span) {
-                (TlsFileError::SystemRoots(_), _) | (_, None) => ("redis.url", r.url.span()),
-                (_, Some(span)) => ("redis.tls_key_file", span),
-            };
-            self.err(key, span, e.to_string())
-        })
-    }
-
     fn validate(&self, file: FileConfig) -> Result<Config, ConfigError> {
         let server = match &file.server {
             None => ServerConfig::default(),
@@ -735,7 +638,13 @@ impl Cx<'_> {
                 if let Err(e) = fred::types::config::Config::from_url(url) {
                     return Err(self.err("redis.url", r.url.span(), format!("{shown:?}: {e}")));
                 }
-                let tls = self.redis_tls(r, url.starts_with("rediss"))?;
+                let tls = crate::redis_client::tls_files(
+                    self.path.parent(),
+                    (url.starts_with("rediss"), r.url.span()),
+                    [&r.tls_ca_file, &r.tls_cert_file, &r.tls_key_file]
+                        .map(|v| v.as_ref().map(|v| (v.get_ref().as_str(), v.span()))),
+                )
+                .map_err(|e| self.err(e.key, e.span, e.message))?;
                 Some(RedisConfig {
                     url: url.to_string(),
                     origin: format!("{}:{}", self.path.display(), self.line(r.url.span().start)),

@@ -5,11 +5,11 @@
 //! print it, without its password.
 //!
 //! The PEM files are read and checked when the config file is loaded
-//! ([`read_ca`], [`read_certs`], [`read_key`], [`RedisTls::new`]), so a bad
-//! one is an error that names the key and the line, before anything
-//! connects.
+//! ([`tls_files`]), so a bad one is an error that names the key and the
+//! line, before anything connects.
 
 use std::fmt;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -195,6 +195,123 @@ impl RedisTls {
             config: Arc::new(config),
         })
     }
+}
+
+/// A `tls_*` setting refused at load: the key and the bytes of the file to
+/// point at (the config turns them into its `FILE:LINE: key:` error), and
+/// why.
+#[derive(Debug)]
+pub struct TlsRefusal {
+    /// The dotted key (`redis.tls_ca_file`).
+    pub key: &'static str,
+    /// Where in the config file.
+    pub span: Range<usize>,
+    /// What is wrong, naming the PEM file.
+    pub message: String,
+}
+
+/// The `tls_*` settings of `[redis]` (`tls_ca_file`, `tls_cert_file`,
+/// `tls_key_file`, each its value and span), read and checked at load:
+/// each is refused when the URL (`url`: whether TLS, and its span) is not
+/// TLS (the file would be ignored, and the link left in plaintext), when
+/// its file cannot be read or parsed, or when a certificate comes without
+/// its key. Relative paths are from `dir`, the config file's folder. None
+/// set: `None`, and a TLS URL trusts the system's roots through fred.
+pub fn tls_files(
+    dir: Option<&Path>,
+    url: (bool, Range<usize>),
+    [ca, cert, key]: [Option<(&str, Range<usize>)>; 3],
+) -> Result<Option<RedisTls>, TlsRefusal> {
+    const CA: &str = "redis.tls_ca_file";
+    const CERT: &str = "redis.tls_cert_file";
+    const KEY: &str = "redis.tls_key_file";
+    let refuse = |key: &'static str, span: &Range<usize>, message: String| TlsRefusal {
+        key,
+        span: span.clone(),
+        message,
+    };
+    for (name, setting) in [(CA, &ca), (CERT, &cert), (KEY, &key)] {
+        let Some((value, span)) = setting else {
+            continue;
+        };
+        if !url.0 {
+            return Err(refuse(
+                name,
+                span,
+                "needs a TLS URL (rediss://, rediss-cluster:// or rediss-sentinel://): with this URL the connection is plaintext and the file would be ignored".into(),
+            ));
+        }
+        if value.trim().is_empty() {
+            return Err(refuse(name, span, "must name a PEM file".into()));
+        }
+    }
+    let path = |value: &str| {
+        let p = Path::new(value.trim());
+        match dir {
+            Some(dir) if p.is_relative() => dir.join(p),
+            _ => p.to_path_buf(),
+        }
+    };
+    let ca = match &ca {
+        Some((value, span)) => {
+            let file = path(value);
+            let roots = read_ca(&file).map_err(|e| refuse(CA, span, e.to_string()))?;
+            Some((file, roots))
+        }
+        None => None,
+    };
+    let client = match (&cert, &key) {
+        (None, None) => None,
+        (Some((_, span)), None) => {
+            return Err(refuse(
+                CERT,
+                span,
+                "needs `tls_key_file`, the certificate's private key".into(),
+            ));
+        }
+        (None, Some((_, span))) => {
+            return Err(refuse(
+                KEY,
+                span,
+                "needs `tls_cert_file`, the certificate of this key".into(),
+            ));
+        }
+        (Some((cert, cert_span)), Some((key, key_span))) => {
+            let (cert_file, key_file) = (path(cert), path(key));
+            let chain =
+                read_certs(&cert_file).map_err(|e| refuse(CERT, cert_span, e.to_string()))?;
+            let key = read_key(&key_file).map_err(|e| refuse(KEY, key_span, e.to_string()))?;
+            Some((
+                key_span.clone(),
+                ClientIdentity {
+                    cert_file,
+                    chain,
+                    key_file,
+                    key,
+                },
+            ))
+        }
+    };
+    if ca.is_none() && client.is_none() {
+        return Ok(None);
+    }
+    let (key_span, client) = match client {
+        Some((span, id)) => (Some(span), Some(id)),
+        None => (None, None),
+    };
+    RedisTls::new(ca, client).map(Some).map_err(|e| {
+        // The system's roots are the URL's doing; anything else here is
+        // the client identity, whose key did not fit.
+        let (key, span) = match (&e, key_span) {
+            (TlsFileError::SystemRoots(_), _) | (_, None) => ("redis.url", url.1.clone()),
+            (_, Some(span)) => (KEY, span),
+        };
+        TlsRefusal {
+            key,
+            span,
+            message: e.to_string(),
+        }
+    })
 }
 
 /// fred's config for `[redis]`: the URL's (a `rediss` scheme alone
