@@ -107,3 +107,47 @@ fn a_node_logs_the_refused_connection_with_url_and_file() {
         "a refused connection logged as a timeout:\n{log}"
     );
 }
+
+/// A refusal while Redis is still starting is no verdict: `stock init`
+/// started just before its Redis waits out `[redis] timeout` and succeeds.
+#[test]
+fn a_redis_that_starts_a_moment_later_is_waited_for() {
+    let port = common::free_port();
+    let text = format!(
+        "[sale]\nevent = \"late\"\ntotal = 10\n\n[redis]\nurl = \"redis://127.0.0.1:{port}\"\ntimeout = \"1s\"\n"
+    );
+    let cfg = write_config(&text).to_str().expect("path").to_string();
+    let init = Command::new(bin())
+        .args(["stock", "init", "--config", &cfg])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn stock init");
+    std::thread::sleep(Duration::from_millis(300));
+    let dir = std::path::Path::new(&cfg)
+        .parent()
+        .expect("dir")
+        .to_path_buf();
+    let mut redis = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args(["--appendonly", "yes", "--dir", dir.to_str().expect("dir")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server must be installed (run scripts/test.sh)");
+    let out = init.wait_with_output().expect("stock init");
+    let _ = redis.kill();
+    let _ = redis.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

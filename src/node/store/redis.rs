@@ -103,26 +103,28 @@ impl RedisStore {
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let reach = Reach::watch(&pool, cfg);
         let _connections = pool.connect_pool();
-        tokio::select! {
-            connected = pool.wait_for_connect() => {
-                if let Err(e) = connected {
-                    tracing::warn!("{}; answering 503 until it can", reach.unreachable(e.to_string()));
-                }
-            }
-            () = reach.failed.notified() => {
-                let cause = reach.cause().unwrap_or_default();
-                tracing::warn!("{}; answering 503 until it can", reach.unreachable(cause));
-            }
-            // Longer than fred's own connection timeout (the same
-            // `timeout`), so that a connection that times out is reported
-            // with fred's reason.
-            () = tokio::time::sleep(timeout + timeout / 2) => {
+        // A Redis still starting gets the whole wait, not just its first
+        // refusal; the wait is longer than fred's own connection timeout
+        // (the same `timeout`), so that one that times out is reported
+        // with fred's reason.
+        match tokio::time::timeout(timeout + timeout / 2, pool.wait_for_connect()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
                 tracing::warn!(
+                    "{}; answering 503 until it can",
+                    reach.unreachable(e.to_string())
+                );
+            }
+            Err(_) => match reach.cause() {
+                Some(cause) => {
+                    tracing::warn!("{}; answering 503 until it can", reach.unreachable(cause));
+                }
+                None => tracing::warn!(
                     "Redis at {} (`redis.url` in {}) did not answer in time; answering 503 until it does",
                     reach.url,
                     reach.origin
-                );
-            }
+                ),
+            },
         }
         let keys = SaleKeys::new(&sale.event);
         let ping = Options {
@@ -754,8 +756,6 @@ struct Reach {
     origin: String,
     /// The last connection error any client of the pool reported.
     cause: std::sync::Mutex<Option<String>>,
-    /// Woken at each such error: `connect` stops waiting at the first.
-    failed: tokio::sync::Notify,
 }
 
 /// fred's connection error in words, with what to check: an OS error
@@ -807,7 +807,6 @@ impl Reach {
             url: crate::redis_client::redacted(&cfg.url),
             origin: cfg.origin.clone(),
             cause: std::sync::Mutex::new(None),
-            failed: tokio::sync::Notify::new(),
         });
         let tls_url = cfg.url.starts_with("rediss");
         for client in pool.clients() {
@@ -819,7 +818,6 @@ impl Reach {
                     if let Ok(mut cause) = reach.cause.lock() {
                         *cause = Some(plain_cause(&e, tls_url));
                     }
-                    reach.failed.notify_one();
                 }
                 async { Ok(()) }
             });
