@@ -814,10 +814,10 @@ impl Reach {
             // state alive, and it ends with the client's channel.
             let weak = Arc::downgrade(&reach);
             let _listener = client.on_error(move |(e, _server)| {
-                if let Some(reach) = weak.upgrade() {
-                    if let Ok(mut cause) = reach.cause.lock() {
-                        *cause = Some(plain_cause(&e, tls_url));
-                    }
+                if let Some(reach) = weak.upgrade()
+                    && let Ok(mut cause) = reach.cause.lock()
+                {
+                    *cause = Some(plain_cause(&e, tls_url));
                 }
                 async { Ok(()) }
             });
