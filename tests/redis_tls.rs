@@ -4,7 +4,8 @@
 //! and with the system's roots (here `SSL_CERT_FILE`) through `spike
 //! orders tail` too; a certificate from the wrong CA, a missing client
 //! certificate and a `rediss://` URL to a plaintext port each refused with
-//! a clear error, never a plaintext fallback; a Sentinel reached over TLS;
+//! a clear error, never a plaintext fallback; a Sentinel and a Cluster
+//! reached over TLS;
 //! and bad `tls_*` keys refused at load with file, key and line. Real
 //! redis-server (its `--tls-port`), certificates made by `openssl` at test
 //! time, real spike processes.
@@ -425,4 +426,103 @@ async fn orders_tail_reads_the_ca_file() {
         .recv_timeout(Duration::from_secs(10))
         .unwrap_or_else(|_| panic!("no event within {:?}", start.elapsed()));
     assert!(json(&line)["order"].is_string(), "{line}");
+}
+
+/// `rediss-cluster://`: three masters that speak TLS to clients and to
+/// each other (`tls-cluster yes`, so `CLUSTER SLOTS` names their TLS
+/// ports), joined by `redis-cli --tls --cluster create`; `stock init` and
+/// `stock show` reach the shard of the sale over TLS.
+#[test]
+fn a_sale_on_a_cluster_over_tls() {
+    let pki = TestPki::new();
+    let (cert, key, ca) = (
+        pki.file("server.crt"),
+        pki.file("server.key"),
+        pki.file("ca.crt"),
+    );
+    let shards: Vec<(RedisServer, u16)> = (0..3)
+        .map(|_| {
+            // The cluster bus listens 10000 above the TLS port.
+            let tls_port = loop {
+                let p = common::free_port();
+                if p <= 55535 {
+                    break p;
+                }
+            };
+            let redis = RedisServer::start_with(&[
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--tls-port",
+                &tls_port.to_string(),
+                "--tls-cluster",
+                "yes",
+                "--tls-replication",
+                "yes",
+                "--tls-cert-file",
+                &cert,
+                "--tls-key-file",
+                &key,
+                "--tls-ca-cert-file",
+                &ca,
+                "--tls-auth-clients",
+                "no",
+            ]);
+            (redis, tls_port)
+        })
+        .collect();
+    let addrs: Vec<String> = shards
+        .iter()
+        .map(|(_, p)| format!("127.0.0.1:{p}"))
+        .collect();
+    let created = Command::new("redis-cli")
+        .args(["--tls", "--cacert", &ca, "--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .expect("redis-cli must be installed (run scripts/test.sh)");
+    assert!(
+        created.status.success(),
+        "redis-cli --cluster create: {}",
+        String::from_utf8_lossy(&created.stdout)
+    );
+    let start = Instant::now();
+    for (shard, _) in &shards {
+        loop {
+            let mut c = shard.connection().expect("shard connection");
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query(&mut c)
+                .expect("CLUSTER INFO");
+            if info.contains("cluster_state:ok") {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "the cluster did not form: {info}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let cfg = sale_config(
+        "tls-cluster",
+        &format!(
+            "rediss-cluster://{}?node={}&node={}",
+            addrs[0], addrs[1], addrs[2]
+        ),
+        &format!("tls_ca_file = \"{ca}\"\n"),
+        common::free_addr(),
+    );
+    let init = run_env(&["stock", "init", "--config", &cfg], &[]);
+    assert!(init.status.success(), "stock init: {}", stderr(&init));
+    let show = run_env(&["stock", "show", "--config", &cfg], &[]);
+    assert!(show.status.success(), "stock show: {}", stderr(&show));
+    let snap = json(&String::from_utf8_lossy(&show.stdout));
+    assert_eq!(snap["initialised"], true, "{snap}");
+    assert_eq!(snap["total"], 5, "{snap}");
 }
