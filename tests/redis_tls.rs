@@ -5,10 +5,9 @@
 //! orders tail` too; a certificate from the wrong CA, a missing client
 //! certificate and a `rediss://` URL to a plaintext port each refused with
 //! a clear error, never a plaintext fallback; a Sentinel and a Cluster
-//! reached over TLS;
-//! and bad `tls_*` keys refused at load with file, key and line. Real
-//! redis-server (its `--tls-port`), certificates made by `openssl` at test
-//! time, real spike processes.
+//! reached over TLS; and bad `tls_*` keys refused at load with file, key
+//! and line. Real redis-server (its `--tls-port`), certificates made by
+//! `openssl` at test time, real spike processes.
 
 mod common;
 
