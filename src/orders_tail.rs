@@ -135,17 +135,18 @@ pub fn main(
         return Err(TailError::NoRedis(config.path.clone()).into());
     };
     let path = config.path.clone();
-    let url = redacted(&redis.url);
+    let url = crate::redis_client::redacted(&redis.url);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let parsed =
-            fred::types::config::Config::from_url(&redis.url).map_err(|e| TailError::BadUrl {
-                path: path.clone(),
-                url: url.clone(),
-                cause: cause(&e),
-            })?;
+        // The store's own client config: the same URL forms and the same
+        // TLS files (`[redis] tls_*`) as every other command.
+        let parsed = crate::redis_client::fred_config(&redis).map_err(|e| TailError::BadUrl {
+            path: path.clone(),
+            url: url.clone(),
+            cause: cause(&e),
+        })?;
         let timeout = redis.timeout.max(Duration::from_secs(1));
         let connect = |e: fred::error::Error| TailError::Connect {
             path: path.clone(),
@@ -554,38 +555,6 @@ fn entry_list(list: Vec<Value>) -> Result<Vec<Entry>, String> {
     Ok(out)
 }
 
-/// `url` with any password replaced by `***` (in the user info, and in a
-/// query parameter such as fred's `sentinelPassword`), for messages.
-pub fn redacted(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
-    let authority = match authority.rsplit_once('@') {
-        Some((info, hosts)) => match info.split_once(':') {
-            Some((user, _)) => format!("{user}:***@{hosts}"),
-            None => format!("{info}@{hosts}"),
-        },
-        None => authority.to_string(),
-    };
-    let tail = match tail.split_once('?') {
-        Some((path, query)) => {
-            let query: Vec<String> = query
-                .split('&')
-                .map(|pair| match pair.split_once('=') {
-                    Some((k, _)) if k.to_ascii_lowercase().contains("password") => {
-                        format!("{k}=***")
-                    }
-                    _ => pair.to_string(),
-                })
-                .collect();
-            format!("{path}?{}", query.join("&"))
-        }
-        None => tail.to_string(),
-    };
-    format!("{scheme}://{authority}{tail}")
-}
-
 /// A fred error in words. fred keeps an I/O error as its `Debug` form
 /// (`Os { code: 111, kind: ConnectionRefused, message: "Connection
 /// refused" }`); the message inside is what a person reads.
@@ -609,28 +578,6 @@ fn cause(e: &fred::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_password_never_reaches_a_message() {
-        for (url, shown) in [
-            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
-            (
-                "redis://app:hunter2@127.0.0.1:6379/0",
-                "redis://app:***@127.0.0.1:6379/0",
-            ),
-            (
-                "rediss://:hunter2@r.example:6380",
-                "rediss://:***@r.example:6380",
-            ),
-            (
-                "redis-sentinel://:hunter2@s1:26379,s2:26379/0?sentinelServiceName=m&sentinelPassword=hunter2",
-                "redis-sentinel://:***@s1:26379,s2:26379/0?sentinelServiceName=m&sentinelPassword=***",
-            ),
-            ("not a url", "not a url"),
-        ] {
-            assert_eq!(redacted(url), shown);
-        }
-    }
 
     #[test]
     fn an_io_error_is_said_in_words() {

@@ -392,7 +392,6 @@ async fn spike_up_sells_over_tls() {
 /// fred's `Config::from_url` itself, so it trusts the system's roots only
 /// and refuses this Redis's certificate).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "orders_tail.rs does not read the tls_* files yet"]
 async fn orders_tail_reads_the_ca_file() {
     let pki = TestPki::new();
     let (_redis, tls_port) = RedisServer::start_tls(&pki, false);
