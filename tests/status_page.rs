@@ -1,8 +1,10 @@
 //! The balancer's live status page, loaded in a real headless browser
 //! (Debian's `chromium`, which scripts/test.sh installs): after its script
-//! ran, the page shows the strategy, each upstream by address with its
-//! numbers, and the sale's sold and remaining, as `/status` and the store
-//! have them.
+//! ran, the page shows the strategy, each upstream by node name and address
+//! with its state in colour and its numbers, the sale's sold and remaining
+//! as the store has them, the edge's answers during a sold-out flood with
+//! the request rate, and, when a section has nothing to show, why (issue
+//! 22, point 5).
 
 mod common;
 
@@ -40,6 +42,31 @@ fn rendered(url: &str) -> String {
     let _ = std::fs::remove_dir_all(&profile);
     assert!(out.status.success(), "chromium failed: {out:?}");
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The cells of the upstream row of `addr`, as HTML.
+fn row_cells<'a>(dom: &'a str, addr: &str) -> Vec<&'a str> {
+    element(dom, &format!("data-address=\"{addr}\""))
+        .split("<td")
+        .skip(1)
+        .map(|c| &c[..c.find("</td>").expect("/td")])
+        .collect()
+}
+
+/// The text of a cell from [`row_cells`].
+fn cell_text(cell: &str) -> &str {
+    &cell[cell.find('>').expect("td") + 1..]
+}
+
+/// The number an element of the page starts with (`"12.5/s"` is 12.5).
+fn number(text: &str) -> f64 {
+    let end = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ','))
+        .unwrap_or(text.len());
+    text[..end]
+        .replace(',', "")
+        .parse()
+        .unwrap_or_else(|e| panic!("{text:?} is no number: {e}"))
 }
 
 /// The text of the element `<... id="ID">TEXT<`, or of the table row whose
@@ -97,26 +124,28 @@ async fn the_status_page_shows_the_balancer_its_upstreams_and_the_sale() {
     let error = status["last_reload"]["error"].as_str().expect("error");
     assert!(reload.contains("refused"), "{reload}");
     assert!(reload.contains("nonsense"), "{reload} / {error}");
-    for u in status["upstreams"].as_array().expect("upstreams") {
+    for (i, u) in status["upstreams"]
+        .as_array()
+        .expect("upstreams")
+        .iter()
+        .enumerate()
+    {
         let addr = u["address"].as_str().expect("address");
-        let row = element(&dom, &format!("data-address=\"{addr}\""));
-        let cells: Vec<&str> = row
-            .split("<td")
-            .skip(1)
-            .map(|c| {
-                let c = &c[c.find('>').expect("td") + 1..];
-                &c[..c.find("</td>").expect("/td")]
-            })
-            .collect();
+        let cells = row_cells(&dom, addr);
+        let row: Vec<&str> = cells.iter().map(|c| cell_text(c)).collect();
         let weight = u["weight"].to_string();
         let requests = u["requests"].to_string();
         let ok = format!("200: {}", u["responses"]["200"]);
-        assert_eq!(cells[0], addr, "{row}");
-        assert_eq!(cells[1], "up", "{row}");
-        assert_eq!(cells[2], weight, "{row}");
-        assert_eq!(cells[5], requests, "{row}");
-        assert_eq!(cells[6], "0", "{row}");
-        assert!(cells[7].contains(&ok), "{row}");
+        // The node's name from the file, then its address.
+        assert_eq!(row[0], format!("n{}", i + 1), "{row:?}");
+        assert_eq!(u["name"], format!("n{}", i + 1), "{u}");
+        assert_eq!(row[1], addr, "{row:?}");
+        assert_eq!(row[2], "up", "{row:?}");
+        assert!(cells[2].contains("class=\"state ok\""), "{row:?}");
+        assert_eq!(row[3], weight, "{row:?}");
+        assert_eq!(row[6], requests, "{row:?}");
+        assert_eq!(row[7], "0", "{row:?}");
+        assert!(row[8].contains(&ok), "{row:?}");
     }
     // The two rows' requests add up to what the test sent.
     let sent: u64 = status["upstreams"]
@@ -135,7 +164,8 @@ async fn the_status_page_shows_the_balancer_its_upstreams_and_the_sale() {
 }
 
 /// Without a `[sale]` the admin's `/sale` is a 404 with the reason, and the
-/// page leaves the sale out.
+/// page says so where the sale would be, and that the edge has no sale to
+/// answer for; an upstream that is not a node shows its address alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_sale_the_page_shows_no_sale() {
     let backend = common::backend::Backend::start("b1").await;
@@ -162,6 +192,153 @@ async fn without_a_sale_the_page_shows_no_sale() {
         dom.contains(&format!("data-address=\"{}\"", backend.addr)),
         "{dom}"
     );
-    assert!(dom.contains("<section id=\"sale\" hidden"), "{dom}");
+    let reason = element(&dom, "id=\"sale-reason\"");
+    assert!(reason.contains("no sale configured"), "{reason}");
+    let edge = element(&dom, "id=\"edge-state\"");
+    assert!(edge.contains("no [sale]"), "{edge}");
+    let row = row_cells(&dom, &backend.addr.to_string());
+    assert_eq!(cell_text(row[0]), "", "{row:?}");
+    assert_eq!(cell_text(row[1]), backend.addr.to_string(), "{row:?}");
+    remove_config(&path);
+}
+
+/// A sold-out flood answered at the edge: the page shows the edge's
+/// answers, a request rate that counts them, the 5xx rate, the p99, the
+/// queue and the balancer's own answers; `/metrics` has the sale's tickets
+/// and what is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sold_out_flood_answered_at_the_edge_shows_on_the_page() {
+    let (text, ports) = up_config(10, 2, None);
+    let (_up, path) = start_up(&text, &ports);
+    let c = client();
+    for i in 0..10 {
+        let (status, _) = get(&c, ports.balancer, &format!("/buy/ticket?user=b{i}"))
+            .await
+            .expect("buy");
+        assert_eq!(status, StatusCode::OK);
+    }
+    let (status, _) = get(&c, ports.balancer, "/buy/ticket?user=first-late")
+        .await
+        .expect("buy");
+    assert_eq!(status, StatusCode::CONFLICT);
+    common::wait_for(
+        "the edge to answer",
+        std::time::Duration::from_secs(5),
+        async || {
+            let (_, body) = get(&c, ports.admin, "/status").await.expect("status");
+            json(&body)["edge"]["answering"] == true
+        },
+    )
+    .await;
+    let flood: Vec<_> = (0..4)
+        .map(|t| {
+            let c = c.clone();
+            let b = ports.balancer;
+            tokio::spawn(async move {
+                for i in 0..500 {
+                    let (status, _) = get(&c, b, &format!("/buy/ticket?user=late-{t}-{i}"))
+                        .await
+                        .expect("buy");
+                    assert_eq!(status, StatusCode::CONFLICT);
+                }
+            })
+        })
+        .collect();
+    for f in flood {
+        f.await.expect("flood");
+    }
+    let (_, body) = get(&c, ports.admin, "/status").await.expect("status");
+    let status = json(&body);
+    let answered = status["edge"]["sold_out_answers"].as_u64().expect("edge");
+    assert!(answered >= 1900, "{status}");
+    assert!(
+        status["rates"]["requests_per_second"].as_f64().expect("rate") > 0.0,
+        "{status}"
+    );
+    let (_, metrics) = get(&c, ports.admin, "/metrics").await.expect("metrics");
+    assert_eq!(common::up::sample(&metrics, "spike_sale_tickets"), 10, "{metrics}");
+    assert!(metrics.contains("\nspike_sale_remaining 0\n"), "{metrics}");
+
+    let dom = rendered(&format!("http://{}/", ports.admin));
+    assert_eq!(element(&dom, "id=\"edge-state\""), "answering");
+    assert_eq!(
+        number(element(&dom, "id=\"edge-sold_out\"")) as u64,
+        answered,
+        "{dom}"
+    );
+    let rate = element(&dom, "id=\"rate-requests\"");
+    assert!(number(rate) > 0.0, "{rate}");
+    assert!(rate.ends_with("/s"), "{rate}");
+    let errors = element(&dom, "id=\"rate-errors\"");
+    assert_eq!(number(errors), 0.0, "{errors}");
+    let p99 = element(&dom, "id=\"p99\"");
+    assert!(p99.ends_with(" ms"), "{p99}");
+    element(&dom, "id=\"rate-sales\"");
+    assert_eq!(element(&dom, "id=\"queue-waiting\""), "0");
+    let local = element(&dom, "id=\"local-reason\"");
+    assert!(local.contains("none"), "{local}");
+    assert_eq!(element(&dom, "id=\"sale-remaining\""), "0");
+    for (i, n) in ports.nodes.iter().enumerate() {
+        let row = row_cells(&dom, &n.to_string());
+        assert_eq!(cell_text(row[0]), format!("n{}", i + 1), "{row:?}");
+    }
+    remove_config(&path);
+}
+
+/// Every node down: the sale section stays and says why it has no
+/// figures, and every upstream is drawn in red.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_node_down_the_page_says_why_and_draws_them_red() {
+    let listen = common::free_addr();
+    let admin = common::free_addr();
+    let nodes = [common::free_addr(), common::free_addr()];
+    let text = format!(
+        "[sale]\nevent = \"down\"\ntotal = 10\n\n[balancer]\nlisten = \"{listen}\"\nadmin = \"{admin}\"\n\
+         health_check = \"/healthz\"\nhealth_interval = \"100ms\"\n\n\
+         [[node]]\nname = \"n1\"\nlisten = \"{}\"\n\n[[node]]\nname = \"n2\"\nlisten = \"{}\"\n",
+        nodes[0], nodes[1]
+    );
+    let path = common::spike::write_config(&text);
+    let _lb = common::spike::SpikeProcess::start(&[
+        "balancer",
+        "--config",
+        path.to_str().expect("utf-8 path"),
+    ]);
+    common::spike::wait_listening(&admin.to_string(), std::time::Duration::from_secs(10));
+    let c = client();
+    common::wait_for(
+        "every node unhealthy",
+        std::time::Duration::from_secs(10),
+        async || {
+            let (_, body) = get(&c, admin, "/status").await.expect("status");
+            json(&body)["upstreams"]
+                .as_array()
+                .expect("upstreams")
+                .iter()
+                .all(|u| u["state"] == "unhealthy")
+        },
+    )
+    .await;
+    let (status, _) = get(&c, listen, "/buy/ticket?user=u").await.expect("buy");
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let (_, metrics) = get(&c, admin, "/metrics").await.expect("metrics");
+    assert!(!metrics.contains("\nspike_sale_remaining "), "{metrics}");
+
+    let dom = rendered(&format!("http://{admin}/"));
+    assert!(!dom.contains("<section id=\"sale\" hidden"), "{dom}");
+    let reason = element(&dom, "id=\"sale-reason\"");
+    assert!(reason.contains("every node is down"), "{reason}");
+    for (i, n) in nodes.iter().enumerate() {
+        let row = row_cells(&dom, &n.to_string());
+        assert_eq!(cell_text(row[0]), format!("n{}", i + 1), "{row:?}");
+        assert_eq!(cell_text(row[2]), "unhealthy", "{row:?}");
+        assert!(row[2].contains("class=\"state bad\""), "{row:?}");
+    }
+    // `bad` is red on the page.
+    assert!(dom.contains(".bad { color: #c00"), "{dom}");
+    // The balancer's own 502 is on the page, and counted as a 5xx.
+    assert_eq!(element(&dom, "id=\"local-502\""), "1");
+    let errors = element(&dom, "id=\"rate-errors\"");
+    assert!(number(errors) > 0.0, "{errors}");
     remove_config(&path);
 }
