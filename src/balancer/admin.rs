@@ -140,17 +140,16 @@ fn metrics(shared: &Shared) -> String {
         "gauge",
         |u| u.live.active.load(Ordering::Relaxed),
     );
-    counters(
+    let name = "spike_balancer_local_responses_total";
+    crate::prometheus::header(
         &mut out,
-        "spike_balancer_local_responses_total",
-        "Answers made by the balancer itself.",
-        "code",
-        &[
-            ("400", &m.local_400),
-            ("502", &m.local_502),
-            ("504", &m.local_504),
-        ],
+        name,
+        "Answers made by the balancer itself (the queue's 503s are in spike_balancer_queue_total).",
+        "counter",
     );
+    for (code, n) in m.local_answers() {
+        let _ = writeln!(out, "{name}{{code=\"{code}\"}} {n}");
+    }
     m.latency.write(
         &mut out,
         "spike_balancer_upstream_latency_seconds",

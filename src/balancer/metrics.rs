@@ -10,8 +10,12 @@ pub use crate::prometheus::Histogram;
 pub struct Metrics {
     /// Upstream latency.
     pub latency: Histogram,
-    /// Answers the balancer made itself: 400, 502, 504.
+    /// Answers the balancer made itself: 400, 405, 413, 502, 504 (the
+    /// queue's 503s are in [`QueueCounters`], the edge's 409s in
+    /// [`super::edge::Edge`]).
     pub(super) local_400: AtomicU64,
+    pub(super) local_405: AtomicU64,
+    pub(super) local_413: AtomicU64,
     pub(super) local_502: AtomicU64,
     pub(super) local_504: AtomicU64,
     /// The admission queue (requests waiting for an upstream below its
@@ -42,9 +46,24 @@ impl Metrics {
     pub fn count_local(&self, status: u16) {
         let c = match status {
             400 => &self.local_400,
+            405 => &self.local_405,
+            413 => &self.local_413,
             504 => &self.local_504,
             _ => &self.local_502,
         };
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The answers the balancer made itself, by status (every status it
+    /// makes, zeros included): for `/status`, `/metrics` and the page.
+    pub fn local_answers(&self) -> [(u16, u64); 5] {
+        [
+            (400, &self.local_400),
+            (405, &self.local_405),
+            (413, &self.local_413),
+            (502, &self.local_502),
+            (504, &self.local_504),
+        ]
+        .map(|(code, c)| (code, c.load(Ordering::Relaxed)))
     }
 }
