@@ -41,6 +41,13 @@ impl Histogram {
         self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
     }
 
+    /// The per-bucket counts (not cumulative; the last is `+Inf`): what the
+    /// balancer's status samples to tell the p99 of the last seconds from
+    /// the p99 since start.
+    pub fn counts(&self) -> [u64; BUCKETS.len() + 1] {
+        std::array::from_fn(|i| self.counts[i].load(Ordering::Relaxed))
+    }
+
     /// Writes the histogram as metric `name` (its `_bucket`, `_sum` and
     /// `_count` samples).
     pub fn write(&self, out: &mut String, name: &str, help: &str) {

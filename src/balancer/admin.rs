@@ -44,11 +44,13 @@ pub async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<By
 fn status(shared: &Shared) -> String {
     let active = shared.current.load();
     let now = now_ms();
+    let names = shared.node_names();
     let upstreams: Vec<serde_json::Value> = active
         .selector
         .upstreams()
         .map(|u| {
             serde_json::json!({
+                "name": names.get(&u.config.addr),
                 "address": u.config.addr.to_string(),
                 "weight": u.config.weight,
                 "state": u.state_name(now),
@@ -66,6 +68,18 @@ fn status(shared: &Shared) -> String {
             })
         })
         .collect();
+    // The balancer's own answers by status; the queue's 503s with them.
+    let q = &shared.metrics.queue;
+    let mut local: serde_json::Map<String, serde_json::Value> = shared
+        .metrics
+        .local_answers()
+        .iter()
+        .map(|(code, n)| (code.to_string(), (*n).into()))
+        .collect();
+    local.insert(
+        "503".into(),
+        (q.full.load(Ordering::Relaxed) + q.timed_out.load(Ordering::Relaxed)).into(),
+    );
     serde_json::json!({
         "strategy": active.selector.strategy().as_str(),
         "version": active.version,
@@ -97,10 +111,14 @@ fn status(shared: &Shared) -> String {
             "general_connections": shared.metrics.general_connections.load(Ordering::Relaxed),
         },
         "edge": {
+            "on": active.config.sold_out_at_edge,
             "answering": shared.edge.active(),
             "sold_out_answers": shared.edge.sold_out_answers.load(Ordering::Relaxed),
             "already_bought_answers": shared.edge.already_bought_answers.load(Ordering::Relaxed),
         },
+        "local": local,
+        "rates": super::recent::rates(shared),
+        "sale": super::recent::sale(shared),
         "upstreams": upstreams,
     })
     .to_string()
@@ -228,6 +246,29 @@ fn metrics(shared: &Shared) -> String {
         "gauge",
         u64::from(shared.edge.active()),
     );
+    if let Some(sale) = shared.recent.sale_figures() {
+        // Gauges, not counters: sold goes down when tickets come back. Every
+        // balancer reports the same sale: take the max, never the sum.
+        for (name, help, value) in [
+            (
+                "spike_sale_tickets",
+                "The sale's tickets, as a node last read them from the store.",
+                sale.total,
+            ),
+            (
+                "spike_sale_sold",
+                "The sale's tickets taken (reserved or paid), as a node last read them.",
+                sale.sold,
+            ),
+            (
+                "spike_sale_remaining",
+                "The sale's tickets left, as a node last read them.",
+                sale.remaining,
+            ),
+        ] {
+            crate::prometheus::single(&mut out, name, help, "gauge", value);
+        }
+    }
     crate::prometheus::single(
         &mut out,
         "spike_balancer_config_version",

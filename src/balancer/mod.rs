@@ -27,6 +27,7 @@ pub mod idempotency;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
+pub mod recent;
 pub mod reload;
 pub mod sale;
 pub mod state;
@@ -113,6 +114,7 @@ impl Balancer {
         let poll = tokio::spawn(reload::watch_file(shared.clone()));
         let expiry = tokio::spawn(expire_idle(shared.clone(), 0));
         let edge = tokio::spawn(sale::watch_edge(shared.clone()));
+        let recent = tokio::spawn(recent::run(shared.clone()));
         let health = tokio::spawn(health::run(shared.clone()));
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -191,6 +193,7 @@ impl Balancer {
         poll.abort();
         expiry.abort();
         edge.abort();
+        recent.abort();
         health.abort();
         Ok(())
     }

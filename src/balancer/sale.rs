@@ -185,8 +185,9 @@ async fn learn(shared: &Shared) {
     shared.edge.done_learning();
 }
 
-/// One `GET path` on a fresh connection to `addr`.
-async fn ask(addr: std::net::SocketAddr, path: &str) -> Result<Bytes, String> {
+/// One `GET path` on a fresh connection to `addr` (also the status's read
+/// of the sale, [`super::recent`]).
+pub(super) async fn ask(addr: std::net::SocketAddr, path: &str) -> Result<Bytes, String> {
     let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await

@@ -110,6 +110,15 @@ fn stamp(path: &std::path::Path) -> Stamp {
     Some((m.modified().ok()?, m.len()))
 }
 
+/// The file's `[[node]]` names by listen address.
+fn node_names(config: &Config) -> HashMap<SocketAddr, String> {
+    config
+        .nodes
+        .iter()
+        .map(|n| (n.listen, n.name.clone()))
+        .collect()
+}
+
 /// Everything the proxy, the admin endpoints and the reloaders share.
 #[derive(Debug)]
 pub struct Shared {
@@ -119,6 +128,9 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Sold out at the edge (see [`super::edge`]).
     pub edge: super::edge::Edge,
+    /// Rates, p99 and the sale's figures of the last seconds, for the
+    /// status page (see [`super::recent`]).
+    pub recent: super::recent::Recent,
     /// How the workers share new client connections.
     pub accept_share: Arc<AcceptShare>,
     /// Server limits, fixed at start (a reload cannot rebind sockets).
@@ -133,6 +145,9 @@ pub struct Shared {
     /// The file's `[sale]` as last read, to say when a reload changes it
     /// (which changes no sale: the stored one is in force).
     sale: Mutex<Option<crate::config::SaleConfig>>,
+    /// The file's `[[node]]` names by listen address: an operator knows
+    /// the nodes by name, and `/status` names the upstreams that are nodes.
+    node_names: ArcSwap<HashMap<SocketAddr, String>>,
     path: PathBuf,
     reloading: Mutex<()>,
     seen: Mutex<Stamp>,
@@ -166,12 +181,14 @@ impl Shared {
             current: ArcSwap::from_pointee(Active::build(1, balancer, None)),
             metrics: Metrics::default(),
             edge: super::edge::Edge::default(),
+            recent: super::recent::Recent::default(),
             accept_share: Arc::new(AcceptShare::new(workers)),
             server: config.server.clone(),
             workers,
             seen: Mutex::new(stamp(&config.path)),
             has_sale: std::sync::atomic::AtomicBool::new(config.sale.is_some()),
             sale: Mutex::new(config.sale.clone()),
+            node_names: ArcSwap::from_pointee(node_names(&config)),
             hook: std::sync::OnceLock::new(),
             path: config.path,
             reloading: Mutex::new(()),
@@ -310,6 +327,12 @@ impl Shared {
     fn set_has_sale(&self, config: &Config) {
         self.has_sale
             .store(config.sale.is_some(), std::sync::atomic::Ordering::Relaxed);
+        self.node_names.store(Arc::new(node_names(config)));
+    }
+
+    /// The `[[node]]` names of the file in force, by listen address.
+    pub fn node_names(&self) -> Arc<HashMap<SocketAddr, String>> {
+        self.node_names.load_full()
     }
 
     /// Whether the file in force has a `[sale]`.
