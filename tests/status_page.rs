@@ -114,6 +114,16 @@ async fn the_status_page_shows_the_balancer_its_upstreams_and_the_sale() {
         .expect("buy again");
     assert_eq!(status, StatusCode::CONFLICT);
 
+    // The balancer reads the sale from a node once a second.
+    common::wait_for(
+        "the balancer to read the 12 sold",
+        std::time::Duration::from_secs(5),
+        async || {
+            let (_, body) = get(&c, ports.admin, "/status").await.expect("status");
+            json(&body)["sale"]["snapshot"]["sold"] == 12
+        },
+    )
+    .await;
     let (_, status) = get(&c, ports.admin, "/status").await.expect("status");
     let status = json(&status);
     let dom = rendered(&format!("http://{}/", ports.admin));
@@ -247,17 +257,33 @@ async fn a_sold_out_flood_answered_at_the_edge_shows_on_the_page() {
     for f in flood {
         f.await.expect("flood");
     }
+    // One answer from a node in the window, for the p99.
+    let (status, _) = get(&c, ports.balancer, "/sale").await.expect("sale");
+    assert_eq!(status, StatusCode::OK);
     let (_, body) = get(&c, ports.admin, "/status").await.expect("status");
     let status = json(&body);
     let answered = status["edge"]["sold_out_answers"].as_u64().expect("edge");
     assert!(answered >= 1900, "{status}");
     assert!(
-        status["rates"]["requests_per_second"].as_f64().expect("rate") > 0.0,
+        status["rates"]["requests_per_second"]
+            .as_f64()
+            .expect("rate")
+            > 0.0,
         "{status}"
     );
-    let (_, metrics) = get(&c, ports.admin, "/metrics").await.expect("metrics");
-    assert_eq!(common::up::sample(&metrics, "spike_sale_tickets"), 10, "{metrics}");
-    assert!(metrics.contains("\nspike_sale_remaining 0\n"), "{metrics}");
+    // The sale as a node last read it (once a second, from a node's
+    // half-second cache): what is left reaches 0 shortly.
+    common::wait_for(
+        "/metrics to say the sale is sold out",
+        std::time::Duration::from_secs(5),
+        async || {
+            let (_, metrics) = get(&c, ports.admin, "/metrics").await.expect("metrics");
+            common::up::sample(&metrics, "spike_sale_tickets") == 10
+                && metrics.contains("\nspike_sale_remaining 0\n")
+                && metrics.contains("\nspike_sale_sold 10\n")
+        },
+    )
+    .await;
 
     let dom = rendered(&format!("http://{}/", ports.admin));
     assert_eq!(element(&dom, "id=\"edge-state\""), "answering");
@@ -321,8 +347,22 @@ async fn with_every_node_down_the_page_says_why_and_draws_them_red() {
     .await;
     let (status, _) = get(&c, listen, "/buy/ticket?user=u").await.expect("buy");
     assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let trace = common::http::send(&c, hyper::Method::TRACE, listen, "/", &[])
+        .await
+        .expect("trace");
+    assert_eq!(trace.status, StatusCode::METHOD_NOT_ALLOWED);
     let (_, metrics) = get(&c, admin, "/metrics").await.expect("metrics");
     assert!(!metrics.contains("\nspike_sale_remaining "), "{metrics}");
+    // The 405 counted as itself, not as a 502.
+    let local = "spike_balancer_local_responses_total";
+    assert_eq!(
+        common::up::sample(&metrics, &format!("{local}{{code=\"405\"}}")),
+        1
+    );
+    assert_eq!(
+        common::up::sample(&metrics, &format!("{local}{{code=\"502\"}}")),
+        1
+    );
 
     let dom = rendered(&format!("http://{admin}/"));
     assert!(!dom.contains("<section id=\"sale\" hidden"), "{dom}");
@@ -338,6 +378,7 @@ async fn with_every_node_down_the_page_says_why_and_draws_them_red() {
     assert!(dom.contains(".bad { color: #c00"), "{dom}");
     // The balancer's own 502 is on the page, and counted as a 5xx.
     assert_eq!(element(&dom, "id=\"local-502\""), "1");
+    assert_eq!(element(&dom, "id=\"local-405\""), "1");
     let errors = element(&dom, "id=\"rate-errors\"");
     assert!(number(errors) > 0.0, "{errors}");
     remove_config(&path);
