@@ -15,7 +15,7 @@ use super::upstream::Upstream;
 use super::upstream::now_ms;
 
 /// The live status page: one self-contained HTML file (no framework, no
-/// CDN) that fetches `/status` and `/sale` and redraws itself.
+/// CDN) that fetches `/status` every 2 s and redraws itself.
 const STATUS_PAGE: &str = include_str!("status.html");
 
 /// Answers one admin request.

@@ -1,6 +1,7 @@
-//! The sale as the status page shows it: the balancer has no store, but its
-//! upstreams are nodes that do, so the admin listener asks one of them for
-//! its `/sale` (cached there, so a refreshing page costs the store little).
+//! The admin's `/sale` (the status page has the sale from
+//! [`super::recent`]): the balancer has no store, but its upstreams are
+//! nodes that do, so the admin listener asks one of them for its `/sale`
+//! (cached there, so asking often costs the store little).
 //! Admin-only: nothing here runs on the proxy's path.
 
 use std::sync::Arc;
