@@ -72,9 +72,8 @@ fn status(shared: &Shared) -> String {
     let q = &shared.metrics.queue;
     let mut local: serde_json::Map<String, serde_json::Value> = shared
         .metrics
-        .local_answers()
-        .iter()
-        .map(|(code, n)| (code.to_string(), (*n).into()))
+        .local_counts()
+        .map(|(code, n)| (code.to_string(), n.load(Ordering::Relaxed).into()))
         .collect();
     local.insert(
         "503".into(),
@@ -158,16 +157,14 @@ fn metrics(shared: &Shared) -> String {
         "gauge",
         |u| u.live.active.load(Ordering::Relaxed),
     );
-    let name = "spike_balancer_local_responses_total";
-    crate::prometheus::header(
+    let local: Vec<_> = m.local_counts().collect();
+    counters(
         &mut out,
-        name,
-        "Answers made by the balancer itself (the queue's 503s are in spike_balancer_queue_total).",
-        "counter",
+        "spike_balancer_local_responses_total",
+        "Answers made by the balancer itself.",
+        "code",
+        &local,
     );
-    for (code, n) in m.local_answers() {
-        let _ = writeln!(out, "{name}{{code=\"{code}\"}} {n}");
-    }
     m.latency.write(
         &mut out,
         "spike_balancer_upstream_latency_seconds",

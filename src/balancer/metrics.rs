@@ -54,16 +54,16 @@ impl Metrics {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The answers the balancer made itself, by status (every status it
-    /// makes, zeros included): for `/status`, `/metrics` and the page.
-    pub fn local_answers(&self) -> [(u16, u64); 5] {
+    /// The answers the balancer made itself, by status code (every status
+    /// it makes, zeros included): for `/status`, `/metrics` and the page.
+    pub fn local_counts(&self) -> impl Iterator<Item = (&'static str, &AtomicU64)> {
         [
-            (400, &self.local_400),
-            (405, &self.local_405),
-            (413, &self.local_413),
-            (502, &self.local_502),
-            (504, &self.local_504),
+            ("400", &self.local_400),
+            ("405", &self.local_405),
+            ("413", &self.local_413),
+            ("502", &self.local_502),
+            ("504", &self.local_504),
         ]
-        .map(|(code, c)| (code, c.load(Ordering::Relaxed)))
+        .into_iter()
     }
 }

@@ -61,9 +61,10 @@ impl Counters {
                 }
             }
         }
-        for (code, n) in shared.metrics.local_answers() {
+        for (code, n) in shared.metrics.local_counts() {
+            let n = n.load(std::sync::atomic::Ordering::Relaxed);
             c.requests += n;
-            if code >= 500 {
+            if code.starts_with('5') {
                 c.errors += n;
             }
         }
