@@ -333,15 +333,20 @@ async fn with_every_node_down_the_page_says_why_and_draws_them_red() {
     common::spike::wait_listening(&admin.to_string(), std::time::Duration::from_secs(10));
     let c = client();
     common::wait_for(
-        "every node unhealthy",
+        "every node unhealthy, and the sale unread",
         std::time::Duration::from_secs(10),
         async || {
             let (_, body) = get(&c, admin, "/status").await.expect("status");
-            json(&body)["upstreams"]
-                .as_array()
-                .expect("upstreams")
-                .iter()
-                .all(|u| u["state"] == "unhealthy")
+            let status = json(&body);
+            // The balancer tries the nodes for the sale once a second.
+            status["sale"]["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("every node is down"))
+                && status["upstreams"]
+                    .as_array()
+                    .expect("upstreams")
+                    .iter()
+                    .all(|u| u["state"] == "unhealthy")
         },
     )
     .await;
