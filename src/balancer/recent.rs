@@ -147,7 +147,8 @@ impl Recent {
         let mut sale = self.sale.lock().unwrap_or_else(|e| e.into_inner());
         match result {
             Ok(v) => {
-                let epoch = v["epoch"].as_str().unwrap_or_default().to_string();
+                // As JSON text: a number or a string, whichever the node sends.
+                let epoch = v["epoch"].to_string();
                 let sold = v["sold"].as_u64().unwrap_or(0);
                 while sale
                     .reads
