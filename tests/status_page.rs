@@ -388,3 +388,28 @@ async fn with_every_node_down_the_page_says_why_and_draws_them_red() {
     assert!(number(errors) > 0.0, "{errors}");
     remove_config(&path);
 }
+
+/// A reload that changes `[sale]` changes no sale (the stored one is in
+/// force): the page says so beside the reload, in amber.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_the_sale_says_so_on_the_page() {
+    let (text, ports) = up_config(50, 1, None);
+    let (up, path) = start_up(&text, &ports);
+    let c = client();
+    std::fs::write(&path, text.replace("total = 50", "total = 60")).expect("write");
+    up.signal("HUP");
+    common::wait_for(
+        "the reload's note",
+        std::time::Duration::from_secs(10),
+        async || {
+            let (_, body) = get(&c, ports.admin, "/status").await.expect("status");
+            json(&body)["last_reload"]["note"].is_string()
+        },
+    )
+    .await;
+    let dom = rendered(&format!("http://{}/", ports.admin));
+    assert!(dom.contains("id=\"reload\" class=\"warn\""), "{dom}");
+    let reload = element(&dom, "id=\"reload\"");
+    assert!(reload.contains("total 50 -&gt; 60"), "{reload}");
+    remove_config(&path);
+}
