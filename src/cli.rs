@@ -41,7 +41,8 @@ validates to the config in force is no new version. listen and admin need a
 restart.
 
 Admin endpoints on [balancer] admin: GET / (the live status page), GET
-/healthz, GET /status (strategy, version, last_reload, upstreams), GET /sale
+/healthz, GET /status (strategy, version, last_reload, rates and p99 of the
+last 10 s, edge, sale, upstreams by node name), GET /sale
 (a node's /sale, when the file has [sale]), GET /metrics (Prometheus text,
 answers counted by status code).
 
