@@ -87,6 +87,30 @@ impl Counters {
     }
 }
 
+impl Counters {
+    /// `self` plus what each counter grew by from `from` to `to`: a total
+    /// that only grows, though an upstream a reload removed takes its
+    /// counts with it (that second's growth is lost, not the window's).
+    fn grown(&self, from: &Counters, to: &Counters) -> Counters {
+        Counters {
+            requests: self.requests + to.requests.saturating_sub(from.requests),
+            errors: self.errors + to.errors.saturating_sub(from.errors),
+            edge: self.edge + to.edge.saturating_sub(from.edge),
+            latency: std::array::from_fn(|i| {
+                self.latency[i] + to.latency[i].saturating_sub(from.latency[i])
+            }),
+        }
+    }
+}
+
+/// The samples of the last [`WINDOW`]: totals that only grow (see
+/// [`Counters::grown`]), and the counters as last read.
+#[derive(Debug, Default)]
+struct Ring {
+    samples: VecDeque<(Instant, Counters)>,
+    last_read: Counters,
+}
+
 /// One node's `/sale` answer, when it was read.
 #[derive(Debug)]
 struct SaleRead {
@@ -111,7 +135,7 @@ struct SaleState {
 /// only by the sampling task and the admin endpoints.
 #[derive(Debug, Default)]
 pub struct Recent {
-    samples: Mutex<VecDeque<(Instant, Counters)>>,
+    ring: Mutex<Ring>,
     sale: Mutex<SaleState>,
 }
 
@@ -127,20 +151,29 @@ pub struct SaleFigures {
 }
 
 impl Recent {
-    fn push(&self, at: Instant, c: Counters) {
-        let mut samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
-        while samples
+    fn push(&self, at: Instant, read: Counters) {
+        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let total = match ring.samples.back() {
+            Some((_, last)) => last.grown(&ring.last_read, &read),
+            None => read,
+        };
+        ring.last_read = read;
+        while ring
+            .samples
             .front()
             .is_some_and(|(t, _)| at.duration_since(*t) > WINDOW)
         {
-            samples.pop_front();
+            ring.samples.pop_front();
         }
-        samples.push_back((at, c));
+        ring.samples.push_back((at, total));
     }
 
-    fn oldest(&self) -> Option<(Instant, Counters)> {
-        let samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
-        samples.front().copied()
+    /// The oldest sample and the totals now, given the counters now.
+    fn span(&self, read: &Counters) -> Option<(Instant, Counters, Counters)> {
+        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let (oldest, then) = ring.samples.front()?;
+        let (_, last) = ring.samples.back()?;
+        Some((*oldest, *then, last.grown(&ring.last_read, read)))
     }
 
     fn sale_read(&self, at: Instant, result: Result<serde_json::Value, String>) {
@@ -273,11 +306,11 @@ fn quantile(q: f64, counts: &[u64; BUCKETS.len() + 1]) -> Option<f64> {
 /// [`WINDOW`]), and the p99 of the upstream answers in it (`null` when
 /// there were none).
 pub fn rates(shared: &Shared) -> serde_json::Value {
-    let now = Counters::take(shared);
+    let read = Counters::take(shared);
     let at = Instant::now();
-    let (seconds, then) = match shared.recent.oldest() {
-        Some((t, c)) if at.duration_since(t) >= Duration::from_millis(200) => {
-            (at.duration_since(t).as_secs_f64(), c)
+    let (seconds, then, now) = match shared.recent.span(&read) {
+        Some((t, then, now)) if at.duration_since(t) >= Duration::from_millis(200) => {
+            (at.duration_since(t).as_secs_f64(), then, now)
         }
         // The balancer started a moment ago: nothing to compare with yet.
         _ => return serde_json::json!({ "window_seconds": 0.0 }),
@@ -360,6 +393,23 @@ fn round(x: f64, digits: i32) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_upstream_a_reload_removes_costs_one_second_of_growth_not_the_window() {
+        let recent = Recent::default();
+        let at = |s: u64| Instant::now() + Duration::from_secs(s);
+        let read = |requests: u64| Counters {
+            requests,
+            ..Counters::default()
+        };
+        recent.push(at(0), read(100));
+        // A reload took an upstream with 60 answers; the other grew by 10.
+        recent.push(at(1), read(50));
+        recent.push(at(2), read(60));
+        let (_, then, now) = recent.span(&read(70)).expect("samples");
+        assert_eq!(then.requests, 100);
+        assert_eq!(now.requests, 120);
+    }
 
     #[test]
     fn the_p99_interpolates_inside_its_bucket_as_prometheus_does() {
