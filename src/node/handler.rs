@@ -551,6 +551,9 @@ impl Node {
         let holder = self.holder.clone();
         let (chunk, timeout) = (self.lease_chunk, self.timeout);
         let generation = self.lease.generation();
+        // Counted when sent, as the poll is: a call whose answer is still
+        // on its way has reached the store all the same.
+        self.stats.lease_calls.fetch_add(1, Ordering::Relaxed);
         // A task of its own: the buyer who started it may leave, the
         // others still wait for it.
         let node = NodeRef::of(self);
@@ -574,7 +577,6 @@ impl Node {
     }
 
     fn refilled(&self, generation: u64, result: Result<super::store::Reply<u64>, StoreError>) {
-        self.stats.lease_calls.fetch_add(1, Ordering::Relaxed);
         let outcome = match result {
             Ok(reply) => {
                 self.observe(&reply.sale);
