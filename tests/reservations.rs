@@ -239,12 +239,22 @@ async fn sale_of_five(redis: Option<&RedisServer>) {
     let r = buy(&c, b, "b4").await;
     assert_eq!(json(&r.body)["status"], "sold_out", "{}", r.body);
 
-    let sale = json(
-        &common::http::get(&c, addrs[2], "/sale")
-            .await
-            .expect("/sale")
-            .1,
-    );
+    // A node's /sale may be up to 500 ms old (its cache, which the
+    // balancer's own once-a-second read may just have filled): read until
+    // it has the last purchase.
+    let mut sale = serde_json::Value::Null;
+    for _ in 0..20 {
+        sale = json(
+            &common::http::get(&c, addrs[2], "/sale")
+                .await
+                .expect("/sale")
+                .1,
+        );
+        if sale["seq"] == 8 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(
         (
             &sale["sold"],
