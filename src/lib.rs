@@ -12,6 +12,7 @@ pub mod nginx_conf;
 pub mod node;
 pub mod orders_tail;
 pub mod prometheus;
+pub mod protocol;
 pub mod redis_client;
 pub mod server;
 pub mod stock;

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use spike::node::handler::{MAX_BUYER_LEN, buyer_of};
+use spike::protocol::{MAX_BUYER_LEN, buyer_of};
 
 fuzz_target!(|data: &[u8]| {
     // First byte: whether a buyer is required; then target, a NUL, header.

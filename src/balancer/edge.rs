@@ -37,12 +37,6 @@ pub struct SoldOut {
     pub buyers: HashMap<String, String>,
 }
 
-/// The edge's answer to a buyer at the limit: `already_bought` with their
-/// order, as the node answers it.
-pub fn already_bought_body(order: &str) -> String {
-    format!("{{\"status\":\"already_bought\",\"order\":\"{order}\"}}")
-}
-
 /// The edge's state, shared by every worker.
 #[derive(Debug, Default)]
 pub struct Edge {

@@ -15,17 +15,10 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use hyper::header::{HeaderName, HeaderValue};
+use hyper::header::HeaderValue;
 use hyper::{HeaderMap, Method};
 
-/// The header's name (lower case, as hyper stores names).
-pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
-
-/// The one path on which a request is a purchase.
-pub const PURCHASE_PATH: &str = "/buy/ticket";
-
-/// Longest key the node accepts, without the optional quotes.
-pub const MAX_KEY_LEN: usize = 64;
+use crate::protocol::{IDEMPOTENCY_KEY, PURCHASE_PATH};
 
 /// A fresh key: 32 lowercase hex digits, never the same twice in a process
 /// and unpredictable across processes.
@@ -58,16 +51,10 @@ pub fn is_valid(value: &HeaderValue) -> bool {
     is_valid_bytes(value.as_bytes())
 }
 
-/// [`is_valid`] of a value as it came on the wire.
+/// [`is_valid`] of a value as it came on the wire (see
+/// [`crate::protocol::key_token`]).
 pub fn is_valid_bytes(b: &[u8]) -> bool {
-    let inner = match b {
-        [b'"', inner @ .., b'"'] => inner,
-        _ => b,
-    };
-    (1..=MAX_KEY_LEN).contains(&inner.len())
-        && inner
-            .iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b':' | b'@' | b'-'))
+    crate::protocol::key_token(b).is_some()
 }
 
 /// Whether `path` (without the query) is the purchase endpoint.

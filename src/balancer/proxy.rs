@@ -60,7 +60,7 @@ use hyper::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use ipnet::IpNet;
 
 use crate::config::BalancerConfig;
-use crate::node::handler::SOLD_OUT_HEADER;
+use crate::protocol::{self, IDEMPOTENCY_KEY, SOLD_OUT_HEADER};
 
 use super::body::{BODY_TOO_LARGE, BodyState, ClientBody, StallTimer};
 use super::idempotency;
@@ -105,7 +105,6 @@ pub(super) const TOO_LARGE: &[u8] =
     br#"{"status":"payload_too_large","error":"the request body is larger than max_body"}"#;
 const NOT_ALLOWED: &[u8] =
     br#"{"status":"method_not_allowed","error":"CONNECT and TRACE are not proxied"}"#;
-pub(super) const SOLD_OUT: &[u8] = br#"{"status":"sold_out"}"#;
 const QUEUE_FULL: &[u8] = br#"{"status":"busy","reason":"every upstream is at its max_conns and the queue is full; retry after a second"}"#;
 const QUEUE_TIMEOUT: &[u8] = br#"{"status":"busy","reason":"every upstream stayed at its max_conns for queue_timeout; retry after a second"}"#;
 const BAD_HOST: &[u8] =
@@ -636,23 +635,26 @@ fn respond(
 /// would refuse (the node says why).
 fn edge_answer(shared: &Shared, parts: &hyper::http::request::Parts) -> Option<Response<RespBody>> {
     if !matches!(parts.method, Method::GET | Method::POST)
-        || parts.headers.contains_key(idempotency::IDEMPOTENCY_KEY)
+        || parts.headers.contains_key(IDEMPOTENCY_KEY)
     {
         return None;
     }
     let sale = shared.edge.current()?;
     let limited = sale.per_user_limit > 0;
-    let buyer = crate::node::handler::buyer_in(&parts.uri, &parts.headers, limited).ok()?;
+    let buyer = protocol::buyer_in(&parts.uri, &parts.headers, limited).ok()?;
     if limited && let Some(order) = sale.buyers.get(buyer) {
         shared
             .edge
             .already_bought_answers
             .fetch_add(1, Ordering::Relaxed);
-        let body = super::edge::already_bought_body(order);
+        let body = protocol::already_bought_body(order);
         return Some(crate::server::json(StatusCode::CONFLICT, body).map(Either::Right));
     }
     shared.edge.sold_out_answers.fetch_add(1, Ordering::Relaxed);
-    let mut resp = crate::server::json(StatusCode::CONFLICT, Bytes::from_static(SOLD_OUT));
+    let mut resp = crate::server::json(
+        StatusCode::CONFLICT,
+        Bytes::from_static(protocol::SOLD_OUT_BODY),
+    );
     resp.headers_mut()
         .insert(SOLD_OUT_HEADER, HeaderValue::from_static("1"));
     Some(resp.map(Either::Right))

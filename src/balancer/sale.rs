@@ -13,6 +13,8 @@ use hyper::StatusCode;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::protocol::{self, HoldersView, SoldOutView};
+
 use super::edge::SoldOut;
 use super::state::Shared;
 use super::upstream::now_ms;
@@ -45,7 +47,7 @@ pub async fn sale(shared: &Shared) -> (StatusCode, Bytes) {
             Bytes::from_static(b"{\"status\":\"no_sale\",\"reason\":\"the file has no [sale]\"}"),
         );
     }
-    let last_error = match ask_any(shared, "/sale").await {
+    let last_error = match ask_any(shared, protocol::SALE_PATH).await {
         Ok(body) => return (StatusCode::OK, body),
         Err(e) => e,
     };
@@ -134,28 +136,17 @@ pub async fn watch_edge(shared: Arc<Shared>) {
     }
 }
 
-/// What a node says of the sale from memory (`GET /sold_out`): the same
-/// view it answers its buyers from.
-struct NodeView {
-    sold_out: bool,
-    epoch: u64,
-    released: u64,
-}
-
-/// The node's view; with `known`, a long poll that comes back when the
-/// node's view is no longer `known` (or after the node's wait).
-async fn read_sold_out(shared: &Shared, known: Option<&SoldOut>) -> Option<NodeView> {
+/// What a node says of the sale from memory (`GET /sold_out`, the same
+/// view it answers its buyers from); with `known`, a long poll that comes
+/// back when the node's view is no longer `known` (or after the node's
+/// wait).
+async fn read_sold_out(shared: &Shared, known: Option<&SoldOut>) -> Option<SoldOutView> {
     let path = match known {
-        Some(k) => format!("/sold_out?epoch={}&released={}", k.epoch, k.released),
-        None => String::from("/sold_out"),
+        Some(k) => protocol::sold_out_poll(k.epoch, k.released),
+        None => String::from(protocol::SOLD_OUT_PATH),
     };
     let body = ask_any(shared, &path).await.ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
-    Some(NodeView {
-        sold_out: v["sold_out"].as_bool()?,
-        epoch: v["epoch"].as_u64()?,
-        released: v["released"].as_u64()?,
-    })
+    serde_json::from_slice(&body).ok()
 }
 
 /// Reads the holders from a node that answers from memory, and starts
@@ -166,18 +157,13 @@ async fn learn(shared: &Shared) {
         return;
     }
     let read = async {
-        let body = ask_any(shared, "/holders").await.ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
-        let buyers = v["buyers"]
-            .as_object()?
-            .iter()
-            .filter_map(|(b, o)| Some((b.clone(), o.as_str()?.to_string())))
-            .collect();
+        let body = ask_any(shared, protocol::HOLDERS_PATH).await.ok()?;
+        let v: HoldersView<'static> = serde_json::from_slice(&body).ok()?;
         Some(SoldOut {
-            epoch: v["epoch"].as_u64()?,
-            released: v["released"].as_u64()?,
-            per_user_limit: v["per_user_limit"].as_u64()?,
-            buyers,
+            epoch: v.epoch,
+            released: v.released,
+            per_user_limit: v.per_user_limit,
+            buyers: v.buyers.into_owned(),
         })
     };
     if let Some(sold_out) = read.await {

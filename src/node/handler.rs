@@ -28,20 +28,15 @@ use super::lease::{Lease, Unit};
 use super::store::{
     Holders, OrderState, Outcome, Purchase, SaleState, Snapshot, Store, StoreError,
 };
+use crate::protocol::{
+    self, BuyerError, HOLDERS_PATH, HoldersView, KeyError, PURCHASE_PATH, SALE_PATH,
+    SOLD_OUT_HEADER, SOLD_OUT_PATH, SoldOutView, buyer_of,
+};
 use crate::server::json;
-
-/// Longest buyer id accepted; it becomes a Redis hash field.
-pub const MAX_BUYER_LEN: usize = 64;
-
-/// Longest `Idempotency-Key` accepted (a UUID is 36).
-pub const MAX_KEY_LEN: usize = 64;
 
 /// Longest request target accepted (Nginx's default header buffer is 8k);
 /// nothing legitimate on a node comes near it.
 pub const MAX_URI_LEN: usize = 8192;
-
-/// The IETF httpapi draft's header: one purchase however often it is sent.
-pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 /// On an answer that repeats the first answer to the same key.
 const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
@@ -187,28 +182,6 @@ pub struct Node {
     sale_ready: tokio::sync::Notify,
     /// What the node has done, for `/stats`.
     pub stats: Stats,
-}
-
-/// Why a buyer id was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum BuyerError {
-    /// No `user` parameter and no `X-User-Id`, but the sale needs one.
-    #[error("a buyer id is required: ?user=ID or the X-User-Id header")]
-    Missing,
-    /// Empty, too long, or with characters outside `[A-Za-z0-9_.:@-]`.
-    #[error("a buyer id is 1 to 64 characters of letters, digits, '_', '.', ':', '@' or '-'")]
-    Malformed,
-}
-
-/// Why an `Idempotency-Key` was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum KeyError {
-    /// Sent more than once, or not 1 to 64 characters of `[A-Za-z0-9_.:@-]`
-    /// (optionally in double quotes).
-    #[error(
-        "an Idempotency-Key is one header of 1 to 64 characters of letters, digits, '_', '.', ':', '@' or '-', optionally in double quotes"
-    )]
-    Malformed,
 }
 
 /// A random 64-bit value from the standard library's per-process hasher
@@ -395,7 +368,7 @@ impl Node {
             ));
         }
         Ok(match req.uri().path() {
-            "/buy/ticket" => match *req.method() {
+            PURCHASE_PATH => match *req.method() {
                 Method::GET | Method::POST => self.buy(&req).await,
                 _ => not_allowed("GET, POST"),
             },
@@ -404,10 +377,10 @@ impl Node {
             "/metrics" if req.method() == Method::GET => {
                 crate::prometheus::response(super::metrics::render(&self))
             }
-            "/sale" if req.method() == Method::GET => self.sale().await,
-            "/holders" if req.method() == Method::GET => self.holders_json(),
-            "/sold_out" if req.method() == Method::GET => self.sold_out_json(&req).await,
-            "/healthz" | "/stats" | "/sale" | "/metrics" | "/holders" | "/sold_out" => {
+            SALE_PATH if req.method() == Method::GET => self.sale().await,
+            HOLDERS_PATH if req.method() == Method::GET => self.holders_json(),
+            SOLD_OUT_PATH if req.method() == Method::GET => self.sold_out_json(&req).await,
+            "/healthz" | "/stats" | SALE_PATH | "/metrics" | HOLDERS_PATH | SOLD_OUT_PATH => {
                 not_allowed("GET")
             }
             path if path.starts_with("/orders/") => super::orders::handle(&self, &req).await,
@@ -449,7 +422,7 @@ impl Node {
                 return self.bad_request(b"{\"status\":\"bad_request\",\"reason\":\"a buyer id is 1 to 64 characters of [A-Za-z0-9_.:@-]\"}");
             }
         };
-        let key = match key_of(req) {
+        let key = match protocol::key_in(req.headers()) {
             Ok(k) => k,
             Err(KeyError::Malformed) => {
                 return self.bad_request(b"{\"status\":\"bad_request\",\"reason\":\"an Idempotency-Key is one header of 1 to 64 characters of [A-Za-z0-9_.:@-], optionally in double quotes\"}");
@@ -801,11 +774,7 @@ impl Node {
 
     fn already_bought_answer(&self, order: &str) -> Response<Full<Bytes>> {
         self.stats.already_bought.fetch_add(1, Ordering::Relaxed);
-        let mut body = String::with_capacity(48 + order.len());
-        body.push_str("{\"status\":\"already_bought\",\"order\":\"");
-        body.push_str(order);
-        body.push_str("\"}");
-        json(StatusCode::CONFLICT, body)
+        json(StatusCode::CONFLICT, protocol::already_bought_body(order))
     }
 
     /// The answer once the store said the sale is sold out: from memory
@@ -926,13 +895,7 @@ impl Node {
     /// for a sold-out sale hears of a change as soon as this node does
     /// (see `crate::balancer::edge`).
     async fn sold_out_json(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-        let param = |name: &str| -> Option<u64> {
-            req.uri()
-                .query()?
-                .split('&')
-                .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
-        };
-        if let (Some(epoch), Some(released)) = (param("epoch"), param("released")) {
+        if let Some((epoch, released)) = protocol::sold_out_poll_params(req.uri().query()) {
             let changed = self.view_changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
@@ -944,12 +907,12 @@ impl Node {
                 let _ = tokio::time::timeout(VIEW_WAIT, changed).await;
             }
         }
-        let body = serde_json::json!({
-            "sold_out": self.is_sold_out() && self.heard_lately(),
-            "epoch": self.epoch(),
-            "released": self.released.load(Ordering::Acquire),
-        });
-        json(StatusCode::OK, body.to_string())
+        let view = SoldOutView {
+            sold_out: self.is_sold_out() && self.heard_lately(),
+            epoch: self.epoch(),
+            released: self.released.load(Ordering::Acquire),
+        };
+        json_of(&view)
     }
 
     /// `GET /holders`: once the node answers `sold_out` from memory, the
@@ -970,13 +933,12 @@ impl Node {
                 Bytes::from_static(b"{\"status\":\"learning\",\"reason\":\"the node is still reading the holders\"}"),
             );
         };
-        let body = serde_json::json!({
-            "epoch": k.epoch,
-            "released": self.released.load(Ordering::Acquire),
-            "per_user_limit": self.per_user_limit(),
-            "buyers": k.holders.buyers,
-        });
-        json(StatusCode::OK, body.to_string())
+        json_of(&HoldersView {
+            epoch: k.epoch,
+            released: self.released.load(Ordering::Acquire),
+            per_user_limit: self.per_user_limit(),
+            buyers: std::borrow::Cow::Borrowed(&k.holders.buyers),
+        })
     }
 
     /// The buyers and keys read into memory once sold out, when read.
@@ -1153,15 +1115,21 @@ pub fn rfc3339(ms: u64) -> humantime::Rfc3339Timestamp {
     humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms))
 }
 
-/// On every `sold_out` answer: how a balancer in front learns, from the
-/// traffic it already carries, that it may ask for the holders and answer
-/// the sold-out flood itself (see `crate::balancer::edge`).
-pub const SOLD_OUT_HEADER: HeaderName = HeaderName::from_static("spike-sold-out");
+/// A 200 with `body` (a contract type, see [`crate::protocol`]) as JSON.
+fn json_of(body: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_vec(body) {
+        Ok(body) => json(StatusCode::OK, body),
+        Err(_) => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Bytes::from_static(b"{\"status\":\"error\"}"),
+        ),
+    }
+}
 
 fn sold_out() -> Response<Full<Bytes>> {
     let mut res = json(
         StatusCode::CONFLICT,
-        Bytes::from_static(b"{\"status\":\"sold_out\"}"),
+        Bytes::from_static(protocol::SOLD_OUT_BODY),
     );
     res.headers_mut()
         .insert(SOLD_OUT_HEADER, HeaderValue::from_static("1"));
@@ -1239,136 +1207,4 @@ fn not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
     res.headers_mut()
         .insert(ALLOW, HeaderValue::from_static(allow));
     res
-}
-
-/// The buyer of a request: the `user` query parameter, else `X-User-Id`.
-/// Returns `""` for an anonymous buyer when none is required.
-pub fn buyer_of<B>(req: &Request<B>, required: bool) -> Result<&str, BuyerError> {
-    buyer_in(req.uri(), req.headers(), required)
-}
-
-/// [`buyer_of`] from a request's parts (the balancer's edge reads it there).
-pub fn buyer_in<'a>(
-    uri: &'a hyper::Uri,
-    headers: &'a hyper::HeaderMap,
-    required: bool,
-) -> Result<&'a str, BuyerError> {
-    buyer_from(
-        uri.query(),
-        headers.get("x-user-id").map(HeaderValue::as_bytes),
-        required,
-    )
-}
-
-/// [`buyer_of`] from a request's query and `X-User-Id` value as they came:
-/// the balancer's own HTTP/1 path reads the buyer the same way without
-/// building hyper's types. A value that is not text is malformed (as
-/// [`check_buyer`] would find it anyway).
-pub fn buyer_from<'a>(
-    query: Option<&'a str>,
-    user_id: Option<&'a [u8]>,
-    required: bool,
-) -> Result<&'a str, BuyerError> {
-    let from_query = query.and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("user=")));
-    let raw = match from_query {
-        Some(v) => Some(v),
-        None => match user_id {
-            Some(h) => Some(std::str::from_utf8(h).map_err(|_| BuyerError::Malformed)?),
-            None => None,
-        },
-    };
-    match raw {
-        None if required => Err(BuyerError::Missing),
-        None => Ok(""),
-        Some(id) => check_buyer(id),
-    }
-}
-
-/// Accepts only ids that are safe as a Redis hash field and in JSON without
-/// escaping; percent-encoding is refused rather than decoded, so one buyer
-/// has exactly one spelling.
-pub fn check_buyer(id: &str) -> Result<&str, BuyerError> {
-    let ok = !id.is_empty()
-        && id.len() <= MAX_BUYER_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'-'));
-    if ok {
-        Ok(id)
-    } else {
-        Err(BuyerError::Malformed)
-    }
-}
-
-/// The request's `Idempotency-Key`, `""` when it has none. The draft's
-/// structured-field form (`"…"`) and the bare token are the same key.
-pub fn key_of<B>(req: &Request<B>) -> Result<&str, KeyError> {
-    let mut values = req.headers().get_all(IDEMPOTENCY_KEY).iter();
-    let Some(v) = values.next() else {
-        return Ok("");
-    };
-    if values.next().is_some() {
-        return Err(KeyError::Malformed);
-    }
-    let v = v.to_str().map_err(|_| KeyError::Malformed)?.trim();
-    let v = v
-        .strip_prefix('"')
-        .and_then(|v| v.strip_suffix('"'))
-        .unwrap_or(v);
-    let ok = !v.is_empty()
-        && v.len() <= MAX_KEY_LEN
-        && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'-'));
-    if ok { Ok(v) } else { Err(KeyError::Malformed) }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn req(uri: &str, header: Option<&str>) -> Request<()> {
-        let mut b = Request::builder().uri(uri);
-        if let Some(h) = header {
-            b = b.header("X-User-Id", h);
-        }
-        b.body(()).expect("request")
-    }
-
-    #[test]
-    fn buyer_comes_from_query_then_header() {
-        assert_eq!(
-            buyer_of(&req("/buy/ticket?a=1&user=u7", None), true),
-            Ok("u7")
-        );
-        assert_eq!(buyer_of(&req("/buy/ticket", Some("h9")), true), Ok("h9"));
-        assert_eq!(
-            buyer_of(&req("/buy/ticket?user=q", Some("h")), true),
-            Ok("q")
-        );
-    }
-
-    #[test]
-    fn buyer_is_required_only_with_a_limit() {
-        assert_eq!(
-            buyer_of(&req("/buy/ticket", None), true),
-            Err(BuyerError::Missing)
-        );
-        assert_eq!(buyer_of(&req("/buy/ticket", None), false), Ok(""));
-    }
-
-    #[test]
-    fn bad_buyer_ids_are_refused() {
-        let long = "x".repeat(MAX_BUYER_LEN + 1);
-        for bad in ["", "a b", "a%20b", "ä", "a\"b", "a{b}", long.as_str()] {
-            assert_eq!(check_buyer(bad), Err(BuyerError::Malformed), "{bad:?}");
-        }
-        assert_eq!(
-            check_buyer(&"y".repeat(MAX_BUYER_LEN)).map(str::len),
-            Ok(MAX_BUYER_LEN)
-        );
-        assert_eq!(
-            buyer_of(&req("/buy/ticket?user=", None), true),
-            Err(BuyerError::Malformed)
-        );
-    }
 }

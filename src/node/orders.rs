@@ -18,8 +18,9 @@ use hyper::header::{ALLOW, CONTENT_LENGTH, HeaderValue, RETRY_AFTER, TRANSFER_EN
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{Map, Value, json};
 
-use super::handler::{BuyerError, Node, buyer_of, rfc3339};
+use super::handler::{Node, rfc3339};
 use super::store::{OrderAnswer, OrderOp, OrderRecord, OrderState, StoreError};
+use crate::protocol::{BuyerError, buyer_of};
 
 /// Reservations one sweep call expires at most: the call holds Redis's one
 /// thread for that many small updates, no more.

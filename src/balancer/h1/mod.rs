@@ -43,7 +43,7 @@ use hyper::{Method, StatusCode};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::node::handler::buyer_from;
+use crate::protocol::{self, SOLD_OUT_HEADER, buyer_from};
 use crate::server::{ConnContext, Handed};
 
 use super::idempotency;
@@ -316,7 +316,7 @@ async fn forward(
     let head = &b.head;
     let input = &b.input[..end];
     let path = &input[head.target.start..head.path_end];
-    let is_buy = path == idempotency::PURCHASE_PATH.as_bytes();
+    let is_buy = path == protocol::PURCHASE_PATH.as_bytes();
     if is_buy
         && shared.edge.active()
         && config.sold_out_at_edge
@@ -655,10 +655,7 @@ fn lowercase_into(out: &mut Vec<u8>, name: &[u8]) {
 /// Whether the response head carries the node's sold-out mark.
 fn has_sold_out_mark(rh: &ResponseHead, resp: &[u8]) -> bool {
     let mark = b"spike-sold-out";
-    debug_assert_eq!(
-        crate::node::handler::SOLD_OUT_HEADER.as_str().as_bytes(),
-        mark
-    );
+    debug_assert_eq!(SOLD_OUT_HEADER.as_str().as_bytes(), mark);
     rh.headers
         .iter()
         .any(|(name, _)| resp[name.clone()].eq_ignore_ascii_case(mark))
@@ -768,7 +765,7 @@ fn edge_answer_for(
             .edge
             .already_bought_answers
             .fetch_add(1, Ordering::Relaxed);
-        let body = super::edge::already_bought_body(order);
+        let body = protocol::already_bought_body(order);
         local(out, StatusCode::CONFLICT, body.as_bytes(), &[], closing);
         return true;
     }
@@ -776,8 +773,8 @@ fn edge_answer_for(
     local(
         out,
         StatusCode::CONFLICT,
-        proxy::SOLD_OUT,
-        &[(crate::node::handler::SOLD_OUT_HEADER.as_str(), "1")],
+        protocol::SOLD_OUT_BODY,
+        &[(SOLD_OUT_HEADER.as_str(), "1")],
         closing,
     );
     true

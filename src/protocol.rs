@@ -1,0 +1,323 @@
+//! The contract between the two roles: what a node serves and what a
+//! balancer in front of it reads, in one module that imports neither.
+//!
+//! - the paths and header names both sides use ([`PURCHASE_PATH`],
+//!   [`SOLD_OUT_HEADER`], ...);
+//! - the buyer id and the `Idempotency-Key`, parsed one way with one
+//!   character set ([`buyer_from`], [`key_token`]): the node refuses what
+//!   the balancer would not answer for, and the other way round;
+//! - the bodies of `GET /sold_out` ([`SoldOutView`]) and `GET /holders`
+//!   ([`HoldersView`]) as `serde` structs: the node writes them and the
+//!   balancer reads them with the same type, so a renamed field is a
+//!   compile error on both sides, not an edge that silently stays off.
+//!
+//! (The sale's snapshot, `GET /sale`, is the store's `Snapshot`: the
+//! balancer passes its bytes on without reading them.)
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use hyper::header::{HeaderName, HeaderValue};
+use serde::{Deserialize, Serialize};
+
+/// The one path on which a request is a purchase.
+pub const PURCHASE_PATH: &str = "/buy/ticket";
+
+/// A node's view of the sale from memory ([`SoldOutView`]); with
+/// `?epoch=E&released=R`, a long poll (see [`sold_out_poll`]).
+pub const SOLD_OUT_PATH: &str = "/sold_out";
+
+/// The buyers at the limit once sold out ([`HoldersView`]).
+pub const HOLDERS_PATH: &str = "/holders";
+
+/// The sale's snapshot (the store's `Snapshot`, as JSON).
+pub const SALE_PATH: &str = "/sale";
+
+/// On every `sold_out` answer of a node: how a balancer in front learns,
+/// from the traffic it already carries, that it may ask for the holders and
+/// answer the sold-out flood itself.
+pub const SOLD_OUT_HEADER: HeaderName = HeaderName::from_static("spike-sold-out");
+
+/// The purchase's idempotency key (IETF httpapi draft; lower case, as
+/// hyper stores names).
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// The buyer's id when the query has no `user=`.
+pub const USER_ID: HeaderName = HeaderName::from_static("x-user-id");
+
+/// Longest buyer id.
+pub const MAX_BUYER_LEN: usize = 64;
+
+/// Longest `Idempotency-Key`, without the optional quotes.
+pub const MAX_KEY_LEN: usize = 64;
+
+/// The body of a `sold_out` answer (409, with [`SOLD_OUT_HEADER`]), from a
+/// node or from the balancer's edge.
+pub const SOLD_OUT_BODY: &[u8] = br#"{"status":"sold_out"}"#;
+
+/// The body of an `already_bought` answer (409) for a buyer at the limit,
+/// with their last order.
+pub fn already_bought_body(order: &str) -> String {
+    let mut body = String::with_capacity(48 + order.len());
+    body.push_str("{\"status\":\"already_bought\",\"order\":\"");
+    body.push_str(order);
+    body.push_str("\"}");
+    body
+}
+
+/// Whether `b` may be in a buyer id or a key: `[A-Za-z0-9_.:@-]`, safe as
+/// a Redis hash field and in JSON without escaping.
+pub fn is_id_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'-')
+}
+
+/// Whether `id` is 1 to `max` bytes of [`is_id_byte`].
+fn is_id(id: &[u8], max: usize) -> bool {
+    (1..=max).contains(&id.len()) && id.iter().all(|&b| is_id_byte(b))
+}
+
+/// Why a buyer id was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BuyerError {
+    /// No `user` parameter and no `X-User-Id`, but the sale needs one.
+    #[error("a buyer id is required: ?user=ID or the X-User-Id header")]
+    Missing,
+    /// Empty, too long, or with characters outside `[A-Za-z0-9_.:@-]`.
+    #[error("a buyer id is 1 to 64 characters of letters, digits, '_', '.', ':', '@' or '-'")]
+    Malformed,
+}
+
+/// The buyer of a request: the `user` query parameter, else `X-User-Id`.
+/// Returns `""` for an anonymous buyer when none is required.
+pub fn buyer_of<B>(req: &hyper::Request<B>, required: bool) -> Result<&str, BuyerError> {
+    buyer_in(req.uri(), req.headers(), required)
+}
+
+/// [`buyer_of`] from a request's parts (the balancer's edge reads it there).
+pub fn buyer_in<'a>(
+    uri: &'a hyper::Uri,
+    headers: &'a hyper::HeaderMap,
+    required: bool,
+) -> Result<&'a str, BuyerError> {
+    buyer_from(
+        uri.query(),
+        headers.get(USER_ID).map(HeaderValue::as_bytes),
+        required,
+    )
+}
+
+/// [`buyer_of`] from a request's query and `X-User-Id` value as they came:
+/// the balancer's own HTTP/1 path reads the buyer the same way without
+/// building hyper's types. A value that is not text is malformed (as
+/// [`check_buyer`] would find it anyway).
+pub fn buyer_from<'a>(
+    query: Option<&'a str>,
+    user_id: Option<&'a [u8]>,
+    required: bool,
+) -> Result<&'a str, BuyerError> {
+    let from_query = query.and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("user=")));
+    let raw = match from_query {
+        Some(v) => Some(v),
+        None => match user_id {
+            Some(h) => Some(std::str::from_utf8(h).map_err(|_| BuyerError::Malformed)?),
+            None => None,
+        },
+    };
+    match raw {
+        None if required => Err(BuyerError::Missing),
+        None => Ok(""),
+        Some(id) => check_buyer(id),
+    }
+}
+
+/// Accepts only ids that are safe as a Redis hash field and in JSON without
+/// escaping; percent-encoding is refused rather than decoded, so one buyer
+/// has exactly one spelling.
+pub fn check_buyer(id: &str) -> Result<&str, BuyerError> {
+    if is_id(id.as_bytes(), MAX_BUYER_LEN) {
+        Ok(id)
+    } else {
+        Err(BuyerError::Malformed)
+    }
+}
+
+/// Why an `Idempotency-Key` was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// Sent more than once, or not 1 to 64 characters of `[A-Za-z0-9_.:@-]`
+    /// (optionally in double quotes).
+    #[error(
+        "an Idempotency-Key is one header of 1 to 64 characters of letters, digits, '_', '.', ':', '@' or '-', optionally in double quotes"
+    )]
+    Malformed,
+}
+
+/// The key in one `Idempotency-Key` value as it came: 1 to 64 characters
+/// from `[A-Za-z0-9_.:@-]`, optionally inside double quotes (the draft's
+/// sf-string form; `"k"` and `k` are the same key). `None`: malformed.
+pub fn key_token(value: &[u8]) -> Option<&[u8]> {
+    let inner = match value {
+        [b'"', inner @ .., b'"'] => inner,
+        _ => value,
+    };
+    is_id(inner, MAX_KEY_LEN).then_some(inner)
+}
+
+/// The request's `Idempotency-Key`, `""` when it has none (surrounding
+/// spaces ignored).
+pub fn key_in(headers: &hyper::HeaderMap) -> Result<&str, KeyError> {
+    let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
+    let Some(v) = values.next() else {
+        return Ok("");
+    };
+    if values.next().is_some() {
+        return Err(KeyError::Malformed);
+    }
+    let v = v.to_str().map_err(|_| KeyError::Malformed)?.trim();
+    match key_token(v.as_bytes()) {
+        // The token is part of `v`, which is text.
+        Some(k) => std::str::from_utf8(k).map_err(|_| KeyError::Malformed),
+        None => Err(KeyError::Malformed),
+    }
+}
+
+/// `GET /sold_out`: whether the node answers `sold_out` from memory, for
+/// which epoch, and how many tickets had come back when it last heard from
+/// the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SoldOutView {
+    /// The node answers `sold_out` from memory (and heard from the store
+    /// lately).
+    pub sold_out: bool,
+    /// The sale's epoch (a reset starts a new one).
+    pub epoch: u64,
+    /// Tickets that came back (cancels, expiries), ever, in this epoch.
+    pub released: u64,
+}
+
+/// The long poll of `GET /sold_out`: answered once the node's view is no
+/// longer `epoch` and `released` (or after the node's wait).
+pub fn sold_out_poll(epoch: u64, released: u64) -> String {
+    format!("{SOLD_OUT_PATH}?epoch={epoch}&released={released}")
+}
+
+/// The view a [`sold_out_poll`] asks about, from the request's query;
+/// `None` for a plain `GET /sold_out`.
+pub fn sold_out_poll_params(query: Option<&str>) -> Option<(u64, u64)> {
+    let param = |name: &str| -> Option<u64> {
+        query?
+            .split('&')
+            .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+    };
+    Some((param("epoch")?, param("released")?))
+}
+
+/// `GET /holders` (200, once the node answers `sold_out` from memory and
+/// has read them): the buyers at the limit and their last orders.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldersView<'a> {
+    /// The epoch the holders belong to.
+    pub epoch: u64,
+    /// Tickets that had come back when the node last heard from the store.
+    pub released: u64,
+    /// The stored per-user limit (0: no buyer is ever at a limit).
+    pub per_user_limit: u64,
+    /// Buyer id → last order id.
+    pub buyers: Cow<'a, HashMap<String, String>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(uri: &str, header: Option<&str>) -> hyper::Request<()> {
+        let mut b = hyper::Request::builder().uri(uri);
+        if let Some(h) = header {
+            b = b.header("X-User-Id", h);
+        }
+        b.body(()).expect("request")
+    }
+
+    #[test]
+    fn buyer_comes_from_query_then_header() {
+        assert_eq!(
+            buyer_of(&req("/buy/ticket?a=1&user=u7", None), true),
+            Ok("u7")
+        );
+        assert_eq!(buyer_of(&req("/buy/ticket", Some("h9")), true), Ok("h9"));
+        assert_eq!(
+            buyer_of(&req("/buy/ticket?user=q", Some("h")), true),
+            Ok("q")
+        );
+    }
+
+    #[test]
+    fn buyer_is_required_only_with_a_limit() {
+        assert_eq!(
+            buyer_of(&req("/buy/ticket", None), true),
+            Err(BuyerError::Missing)
+        );
+        assert_eq!(buyer_of(&req("/buy/ticket", None), false), Ok(""));
+    }
+
+    #[test]
+    fn bad_buyer_ids_are_refused() {
+        let long = "x".repeat(MAX_BUYER_LEN + 1);
+        for bad in ["", "a b", "a%20b", "ä", "a\"b", "a{b}", long.as_str()] {
+            assert_eq!(check_buyer(bad), Err(BuyerError::Malformed), "{bad:?}");
+        }
+        assert_eq!(
+            check_buyer(&"y".repeat(MAX_BUYER_LEN)).map(str::len),
+            Ok(MAX_BUYER_LEN)
+        );
+        assert_eq!(
+            buyer_of(&req("/buy/ticket?user=", None), true),
+            Err(BuyerError::Malformed)
+        );
+    }
+
+    #[test]
+    fn keys_quoted_or_bare_are_one_key() {
+        assert_eq!(key_token(b"k1"), Some(&b"k1"[..]));
+        assert_eq!(key_token(b"\"k1\""), Some(&b"k1"[..]));
+        for bad in [&b""[..], b"\"\"", b"a b", b"\"a", b"a/b"] {
+            assert_eq!(key_token(bad), None, "{bad:?}");
+        }
+        let mut h = hyper::HeaderMap::new();
+        assert_eq!(key_in(&h), Ok(""));
+        h.insert(IDEMPOTENCY_KEY, HeaderValue::from_static("\"abc\""));
+        assert_eq!(key_in(&h), Ok("abc"));
+        h.append(IDEMPOTENCY_KEY, HeaderValue::from_static("abc"));
+        assert_eq!(key_in(&h), Err(KeyError::Malformed));
+    }
+
+    #[test]
+    fn the_views_read_back_what_was_written() {
+        let view = SoldOutView {
+            sold_out: true,
+            epoch: 3,
+            released: 2,
+        };
+        let text = serde_json::to_string(&view).expect("json");
+        assert_eq!(
+            serde_json::from_str::<SoldOutView>(&text).expect("read"),
+            view
+        );
+        assert_eq!(
+            sold_out_poll_params(sold_out_poll(3, 2).split_once('?').map(|(_, q)| q)),
+            Some((3, 2))
+        );
+        assert_eq!(sold_out_poll_params(None), None);
+
+        let buyers = HashMap::from([("b1".to_owned(), "o1".to_owned())]);
+        let holders = HoldersView {
+            epoch: 3,
+            released: 2,
+            per_user_limit: 1,
+            buyers: Cow::Borrowed(&buyers),
+        };
+        let text = serde_json::to_string(&holders).expect("json");
+        let back: HoldersView<'static> = serde_json::from_str(&text).expect("read");
+        assert_eq!(back, holders);
+    }
+}
