@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use spike::balancer::strategy::{Attempt, Selector};
+use spike::balancer::select::{Attempt, Selector};
 use spike::balancer::upstream::{LiveState, Upstream, now_ms};
 use spike::config::{Strategy, UpstreamConfig};
 

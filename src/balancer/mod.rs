@@ -11,7 +11,7 @@
 //! 1. [`error`], [`pool`] (idle upstream connections), [`metrics`];
 //! 2. [`upstream`]: an upstream's config and the live state that survives
 //!    reloads (with its idle connections);
-//! 3. [`strategy`]: picking among the upstreams;
+//! 3. [`select`]: picking among the upstreams;
 //! 4. [`state`]: the config version in force, built into a selector, and
 //!    how a reload replaces it;
 //! 5. [`proxy`], [`admin`] and [`reload`] (the triggers), and this module,
@@ -30,8 +30,9 @@ pub mod proxy;
 pub mod recent;
 pub mod reload;
 pub mod sale;
+pub mod select;
 pub mod state;
-pub mod strategy;
+
 pub mod upstream;
 
 use std::convert::Infallible;

@@ -65,8 +65,8 @@ use crate::protocol::{self, IDEMPOTENCY_KEY, SOLD_OUT_HEADER};
 use super::body::{BODY_TOO_LARGE, BodyState, ClientBody, StallTimer};
 use super::idempotency;
 use super::pool::{self, ConnectError, UpstreamConn};
+use super::select::{Attempt, Pick};
 use super::state::Shared;
-use super::strategy::{Attempt, Pick};
 use super::upstream::{Upstream, now_ms};
 
 /// Largest request body kept in memory so that it can be sent again to
@@ -722,7 +722,7 @@ impl<'a> QueueSlot<'a> {
     /// way), or the 503's body once `queue_timeout` has passed.
     pub(super) async fn wait(
         &self,
-        selector: &super::strategy::Selector,
+        selector: &super::select::Selector,
     ) -> Result<(), &'static [u8]> {
         let freed = super::upstream::FREED.notified();
         tokio::pin!(freed);

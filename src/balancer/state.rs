@@ -23,7 +23,7 @@ use crate::server::AcceptShare;
 
 use super::error::BalancerError;
 use super::metrics::Metrics;
-use super::strategy::{Gate, Selector};
+use super::select::{Gate, Selector};
 use super::upstream::{LiveState, Upstream};
 
 /// One config version in force: what the file said, built into a selector.

@@ -56,14 +56,28 @@
 //!   Nginx's C through failures, retries and requests that finish in any
 //!   order.
 
+//!
+//! The modules are layered, each importing only from those above it here:
+//! - `peers` (a tier's peers and weights, and which ones a request tried)
+//!   and `attempt` (the per-request state);
+//! - `algorithm`: the one interface a strategy's state sits behind;
+//! - `smooth`, then `least_conn` (whose tie-breaks are smooth WRR's) and
+//!   `ip_hash` (which falls back to smooth WRR): each owns its state;
+//! - `selector`: the tiers, the gate, the picks, and the dispatch to the
+//!   strategy in force.
+
+mod algorithm;
+mod attempt;
 mod ip_hash;
 mod least_conn;
+mod peers;
 mod selector;
 mod smooth;
 
+pub use attempt::Attempt;
 pub use ip_hash::ip_hash_step;
-pub use selector::{Attempt, Gate, Pick, Selector};
+pub use selector::{Gate, Pick, Selector};
 
-/// What the tests of every strategy build selectors and models from.
+/// The strategies' tests, above them all, and what they build from.
 #[cfg(test)]
-mod testing;
+mod tests;

@@ -1,5 +1,11 @@
-//! What the tests of every strategy build selectors from, and the
+//! The strategies' tests, above every strategy (they drive whole
+//! selectors), and what they build selectors from: the helpers here and the
 //! transcription of Nginx's round-robin the differential tests compare with.
+
+mod ip_hash;
+mod least_conn;
+mod selector;
+mod smooth;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -8,7 +14,27 @@ use std::time::Duration;
 use crate::balancer::upstream::{LiveState, Upstream};
 use crate::config::{Strategy, UpstreamConfig};
 
+use super::least_conn::LeastConnState;
+use super::selector::State;
+use super::smooth::SmoothState;
 use super::{Attempt, Pick, Selector};
+
+/// `f` of the smooth WRR state of `s`'s first tier (ip_hash's fallback's).
+pub(super) fn with_smooth<R>(s: &Selector, f: impl FnOnce(&SmoothState) -> R) -> R {
+    match &*s.tiers[0].lock() {
+        State::Smooth(st) => f(st),
+        State::IpHash(st) => f(&st.fallback),
+        State::LeastConn(_) => panic!("least_conn keeps no smooth WRR state of its own"),
+    }
+}
+
+/// `f` of the least_conn state of `s`'s first tier.
+pub(super) fn with_least_conn<R>(s: &Selector, f: impl FnOnce(&LeastConnState) -> R) -> R {
+    match &*s.tiers[0].lock() {
+        State::LeastConn(st) => f(st),
+        _ => panic!("not least_conn"),
+    }
+}
 
 pub(super) fn up(port: u16, weight: u32) -> UpstreamConfig {
     UpstreamConfig {
