@@ -561,6 +561,46 @@ async fn connect_and_trace_are_405_and_responses_are_http_1_1() {
     lb.shutdown().await;
 }
 
+/// Issue 23: the balancer's own 405 and 413 answers (from either path:
+/// a declared body over `max_body`, and a chunked one whose sizes add up
+/// past it) are counted under their own codes in
+/// `spike_balancer_local_responses_total`, not as 502s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_405_and_413_are_counted_under_their_own_codes() {
+    let node = Recorder::start("n", Then::Answer).await;
+    let lb = Running::start(&one_upstream(node.addr, "max_body = 1000")).await;
+    for (req, status) in [
+        (
+            &b"TRACE / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"[..],
+            "405",
+        ),
+        (
+            b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5000\r\nConnection: close\r\n\r\n",
+            "413",
+        ),
+        (
+            b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n1000\r\n",
+            "413",
+        ),
+    ] {
+        let res = raw(None, lb.addr, req).await;
+        assert_eq!(res.get(9..12), Some(status), "{res}");
+    }
+    let metrics = get_ok(&http(), &format!("http://{}/metrics", lb.admin)).await;
+    let sample = |code: &str| {
+        let name = format!("spike_balancer_local_responses_total{{code=\"{code}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name.as_str()))
+            .map(str::to_owned)
+    };
+    assert_eq!(sample("502").as_deref(), Some("0"), "{metrics}");
+    assert_eq!(sample("405").as_deref(), Some("1"), "{metrics}");
+    assert_eq!(sample("413").as_deref(), Some("2"), "{metrics}");
+    assert!(node.seen().is_empty(), "{:?}", node.seen());
+    lb.shutdown().await;
+}
+
 /// Reads one response with a Content-Length body (at most 10 s).
 async fn read_response(s: &mut TcpStream) -> String {
     let mut out = Vec::new();

@@ -5,19 +5,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use crate::prometheus::Histogram;
 
+use super::answer::{LOCAL_LABELS, LocalAnswer};
+
 /// Balancer-wide counters (per-upstream ones live in `LiveState`).
 #[derive(Debug, Default)]
 pub struct Metrics {
     /// Upstream latency.
     pub latency: Histogram,
-    /// Answers the balancer made itself: 400, 405, 413, 502, 504 (the
-    /// queue's 503s are in [`QueueCounters`], the edge's 409s in
-    /// [`super::edge::Edge`]).
-    pub(super) local_400: AtomicU64,
-    pub(super) local_405: AtomicU64,
-    pub(super) local_413: AtomicU64,
-    pub(super) local_502: AtomicU64,
-    pub(super) local_504: AtomicU64,
+    /// Answers the balancer made itself, by status code (see
+    /// [`LocalAnswer::slot`]): 400, 405, 413, 502, 504 (the queue's 503s
+    /// are in [`QueueCounters`], the edge's 409s in [`super::edge::Edge`]).
+    pub(super) local: [AtomicU64; LOCAL_LABELS.len()],
     /// The admission queue (requests waiting for an upstream below its
     /// `max_conns`).
     pub queue: QueueCounters,
@@ -42,28 +40,17 @@ pub struct QueueCounters {
 }
 
 impl Metrics {
-    /// Counts an answer the balancer made itself.
-    pub fn count_local(&self, status: u16) {
-        let c = match status {
-            400 => &self.local_400,
-            405 => &self.local_405,
-            413 => &self.local_413,
-            504 => &self.local_504,
-            _ => &self.local_502,
-        };
-        c.fetch_add(1, Ordering::Relaxed);
+    /// Counts an answer the balancer made itself (the admission 503s are
+    /// counted by the queue instead).
+    pub fn count_local(&self, answer: LocalAnswer) {
+        if let Some(i) = answer.slot() {
+            self.local[i].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The answers the balancer made itself, by status code (every status
     /// it makes, zeros included): for `/status`, `/metrics` and the page.
     pub fn local_counts(&self) -> impl Iterator<Item = (&'static str, &AtomicU64)> {
-        [
-            ("400", &self.local_400),
-            ("405", &self.local_405),
-            ("413", &self.local_413),
-            ("502", &self.local_502),
-            ("504", &self.local_504),
-        ]
-        .into_iter()
+        LOCAL_LABELS.into_iter().zip(&self.local)
     }
 }

@@ -8,7 +8,8 @@
 //! The modules are layered, and each imports only from the layers below it,
 //! so that any of them can be read (and changed) knowing only what it stands
 //! on:
-//! 1. [`error`], [`pool`] (idle upstream connections), [`metrics`];
+//! 1. [`error`], [`answer`] (the balancer's own answers), [`pool`] (idle
+//!    upstream connections), [`metrics`];
 //! 2. [`upstream`]: an upstream's config and the live state that survives
 //!    reloads (with its idle connections);
 //! 3. [`select`]: picking among the upstreams;
@@ -17,6 +18,7 @@
 //! 5. [`proxy`], [`admin`] and [`reload`] (the triggers), and this module,
 //!    which wires them to the listeners.
 pub mod admin;
+pub mod answer;
 pub mod body;
 pub mod clock;
 pub mod edge;

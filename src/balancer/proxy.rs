@@ -52,8 +52,8 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{
-    ALLOW, CONNECTION, CONTENT_LENGTH, HOST, HeaderName, HeaderValue, TE, TRAILER,
-    TRANSFER_ENCODING, UPGRADE,
+    CONNECTION, CONTENT_LENGTH, HOST, HeaderName, HeaderValue, TE, TRAILER, TRANSFER_ENCODING,
+    UPGRADE,
 };
 use hyper::http::uri::PathAndQuery;
 use hyper::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
@@ -62,6 +62,7 @@ use ipnet::IpNet;
 use crate::config::BalancerConfig;
 use crate::protocol::{self, IDEMPOTENCY_KEY, SOLD_OUT_HEADER};
 
+use super::answer::LocalAnswer;
 use super::body::{BODY_TOO_LARGE, BodyState, ClientBody, StallTimer};
 use super::idempotency;
 use super::pool::{self, ConnectError, UpstreamConn};
@@ -92,23 +93,6 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     TRANSFER_ENCODING,
     UPGRADE,
 ];
-
-pub(super) const BAD_GATEWAY: &[u8] =
-    br#"{"status":"bad_gateway","error":"no upstream could answer"}"#;
-pub(super) const GATEWAY_TIMEOUT: &[u8] =
-    br#"{"status":"gateway_timeout","error":"the upstream did not answer in time"}"#;
-pub(super) const BAD_REQUEST: &[u8] =
-    br#"{"status":"bad_request","error":"the request could not be read"}"#;
-pub(super) const BAD_CHUNK: &[u8] =
-    br#"{"status":"bad_request","error":"the chunked request body is malformed or a chunk size is too large"}"#;
-pub(super) const TOO_LARGE: &[u8] =
-    br#"{"status":"payload_too_large","error":"the request body is larger than max_body"}"#;
-const NOT_ALLOWED: &[u8] =
-    br#"{"status":"method_not_allowed","error":"CONNECT and TRACE are not proxied"}"#;
-const QUEUE_FULL: &[u8] = br#"{"status":"busy","reason":"every upstream is at its max_conns and the queue is full; retry after a second"}"#;
-const QUEUE_TIMEOUT: &[u8] = br#"{"status":"busy","reason":"every upstream stayed at its max_conns for queue_timeout; retry after a second"}"#;
-const BAD_HOST: &[u8] =
-    br#"{"status":"bad_request","error":"the request needs exactly one valid Host header"}"#;
 
 /// An upstream's response body on its way to the client. Holding the
 /// [`Pick`] keeps the request counted as active until the body is done,
@@ -307,21 +291,16 @@ pub async fn handle(
     let workers = shared.workers;
     let (mut parts, body) = req.into_parts();
     if !host_is_valid(&parts.headers, parts.version) {
-        return local(shared, StatusCode::BAD_REQUEST, BAD_HOST);
+        return local(shared, LocalAnswer::BadHost);
     }
     if parts.method == Method::CONNECT || parts.method == Method::TRACE {
         // Nginx's answer too: a tunnel or an echo of the request (with
         // whatever credentials it carries) is not what a balancer is for.
-        let mut resp = local(shared, StatusCode::METHOD_NOT_ALLOWED, NOT_ALLOWED);
-        resp.headers_mut().insert(
-            ALLOW,
-            HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH"),
-        );
-        return resp;
+        return local(shared, LocalAnswer::MethodNotAllowed);
     }
     let declared = content_length(&parts.headers);
     if config.max_body != 0 && declared.is_some_and(|n| n > config.max_body) {
-        return local(shared, StatusCode::PAYLOAD_TOO_LARGE, TOO_LARGE);
+        return local(shared, LocalAnswer::PayloadTooLarge);
     }
     if !config.underscores_in_headers {
         drop_underscored(&mut parts.headers);
@@ -350,7 +329,7 @@ pub async fn handle(
     } else if declared.is_some_and(|n| n <= REPLAY_LIMIT) {
         match read_small_body(body, config.body_timeout).await {
             Some(bytes) => Outgoing::Replay(bytes),
-            None => return local(shared, StatusCode::BAD_REQUEST, BAD_REQUEST),
+            None => return local(shared, LocalAnswer::BadRequest),
         }
     } else {
         let state = Arc::new(BodyState::default());
@@ -372,7 +351,7 @@ pub async fn handle(
         let pick = match next_pick(shared, &active, &mut attempt, client, sent).await {
             Ok(Some(pick)) => pick,
             Ok(None) => break,
-            Err(why) => return busy(why),
+            Err(why) => return local(shared, why),
         };
         sent = true;
         let upstream = active.selector.upstream(&pick);
@@ -423,9 +402,9 @@ pub async fn handle(
                 // client, no mark on an upstream that did nothing wrong.
                 active.selector.release(&pick, false, now_ms());
                 if outgoing.client_failed() == BODY_TOO_LARGE {
-                    return local(shared, StatusCode::PAYLOAD_TOO_LARGE, TOO_LARGE);
+                    return local(shared, LocalAnswer::PayloadTooLarge);
                 }
-                return local(shared, StatusCode::BAD_REQUEST, BAD_REQUEST);
+                return local(shared, LocalAnswer::BadRequest);
             }
             Err(e) => {
                 active.selector.release(&pick, true, now_ms());
@@ -453,9 +432,9 @@ pub async fn handle(
         }
     }
     if timed_out {
-        local(shared, StatusCode::GATEWAY_TIMEOUT, GATEWAY_TIMEOUT)
+        local(shared, LocalAnswer::GatewayTimeout)
     } else {
-        local(shared, StatusCode::BAD_GATEWAY, BAD_GATEWAY)
+        local(shared, LocalAnswer::BadGateway)
     }
 }
 
@@ -672,7 +651,7 @@ pub(super) async fn next_pick(
     attempt: &mut Attempt,
     client: IpAddr,
     sent: bool,
-) -> Result<Option<Pick>, &'static [u8]> {
+) -> Result<Option<Pick>, LocalAnswer> {
     let mut queue: Option<QueueSlot<'_>> = None;
     loop {
         if let Some(pick) = active.selector.pick(attempt, now_ms()) {
@@ -702,12 +681,12 @@ struct QueueSlot<'a> {
 impl<'a> QueueSlot<'a> {
     /// A place in the queue, or the 503's body when it is full (`queue =
     /// 0`: it always is).
-    fn take(shared: &'a Shared, config: &BalancerConfig) -> Result<Self, &'static [u8]> {
+    fn take(shared: &'a Shared, config: &BalancerConfig) -> Result<Self, LocalAnswer> {
         let q = &shared.metrics.queue;
         if q.waiting.fetch_add(1, Ordering::AcqRel) >= config.queue {
             q.waiting.fetch_sub(1, Ordering::AcqRel);
             q.full.fetch_add(1, Ordering::Relaxed);
-            return Err(QUEUE_FULL);
+            return Err(LocalAnswer::QueueFull);
         }
         q.queued.fetch_add(1, Ordering::Relaxed);
         Ok(QueueSlot {
@@ -720,10 +699,7 @@ impl<'a> QueueSlot<'a> {
     /// Until some upstream may have a free slot (a request to one with
     /// `max_conns` ended, or 50 ms passed: the caller picks again either
     /// way), or the 503's body once `queue_timeout` has passed.
-    pub(super) async fn wait(
-        &self,
-        selector: &super::select::Selector,
-    ) -> Result<(), &'static [u8]> {
+    pub(super) async fn wait(&self, selector: &super::select::Selector) -> Result<(), LocalAnswer> {
         let freed = super::upstream::FREED.notified();
         tokio::pin!(freed);
         freed.as_mut().enable();
@@ -737,7 +713,7 @@ impl<'a> QueueSlot<'a> {
                 .queue
                 .timed_out
                 .fetch_add(1, Ordering::Relaxed);
-            return Err(QUEUE_TIMEOUT);
+            return Err(LocalAnswer::QueueTimeout);
         }
         // Woken or not, the caller looks again: an upstream may have come
         // back (its check passed, its failure window ended) without a
@@ -756,18 +732,17 @@ impl Drop for QueueSlot<'_> {
     }
 }
 
-/// The admission 503: every upstream is at its `max_conns`, and the queue
-/// is full or the wait too long. Retry-After, as a client should.
-fn busy(body: &'static [u8]) -> Response<RespBody> {
-    let mut resp = crate::server::json(StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(body));
-    resp.headers_mut()
-        .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+/// An answer of the balancer's own, counted.
+fn local(shared: &Shared, answer: LocalAnswer) -> Response<RespBody> {
+    shared.metrics.count_local(answer);
+    let mut resp = crate::server::json(answer.status(), Bytes::from_static(answer.body()));
+    if let Some((name, value)) = answer.header() {
+        resp.headers_mut().insert(
+            HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        );
+    }
     resp.map(Either::Right)
-}
-
-fn local(shared: &Shared, status: StatusCode, body: &'static [u8]) -> Response<RespBody> {
-    shared.metrics.count_local(status.as_u16());
-    crate::server::json(status, Bytes::from_static(body)).map(Either::Right)
 }
 
 fn content_length(h: &HeaderMap) -> Option<u64> {

@@ -46,6 +46,7 @@ use tokio::net::TcpStream;
 use crate::protocol::{self, SOLD_OUT_HEADER, buyer_from};
 use crate::server::{ConnContext, Handed};
 
+use super::answer::LocalAnswer;
 use super::idempotency;
 use super::pool::{self, RawConn};
 use super::proxy::{self, Peer, REPLAY_LIMIT};
@@ -176,14 +177,11 @@ pub async fn serve(
                         && let Err(why) =
                             check_chunks(&mut stream, &mut b.input, b.head.len, config).await
                     {
-                        let (status, body) = match why {
-                            Malformed::TooLarge => {
-                                (StatusCode::PAYLOAD_TOO_LARGE, proxy::TOO_LARGE)
-                            }
-                            _ => (StatusCode::BAD_REQUEST, proxy::BAD_CHUNK),
+                        let answer = match why {
+                            Malformed::TooLarge => LocalAnswer::PayloadTooLarge,
+                            _ => LocalAnswer::BadChunk,
                         };
-                        shared.metrics.count_local(status.as_u16());
-                        local(&mut b.out, status, body, &[], true);
+                        write_local(&shared, &mut b.out, answer, true);
                         let _ = send(&mut stream, &b.out, config.send_timeout).await;
                         return None;
                     }
@@ -216,14 +214,7 @@ pub async fn serve(
             {
                 Ok(Ok(n)) if n > 0 => {}
                 _ => {
-                    shared.metrics.count_local(400);
-                    local(
-                        &mut b.out,
-                        StatusCode::BAD_REQUEST,
-                        proxy::BAD_REQUEST,
-                        &[],
-                        true,
-                    );
+                    write_local(&shared, &mut b.out, LocalAnswer::BadRequest, true);
                     let _ = send(&mut stream, &b.out, config.send_timeout).await;
                     return None;
                 }
@@ -361,7 +352,10 @@ async fn forward(
         let pick = match proxy::next_pick(shared, active, &mut attempt, client_addr, sent).await {
             Ok(Some(pick)) => pick,
             Ok(None) => break,
-            Err(why) => return busy(client, &mut b.out, why, closing, config.send_timeout).await,
+            Err(why) => {
+                write_local(shared, &mut b.out, why, closing);
+                return send(client, &b.out, config.send_timeout).await.is_ok();
+            }
         };
         sent = true;
         let upstream = active.selector.upstream(&pick);
@@ -428,13 +422,12 @@ async fn forward(
             }
         }
     }
-    let (status, body) = if timed_out {
-        (StatusCode::GATEWAY_TIMEOUT, proxy::GATEWAY_TIMEOUT)
+    let answer = if timed_out {
+        LocalAnswer::GatewayTimeout
     } else {
-        (StatusCode::BAD_GATEWAY, proxy::BAD_GATEWAY)
+        LocalAnswer::BadGateway
     };
-    shared.metrics.count_local(status.as_u16());
-    local(&mut b.out, status, body, &[], closing);
+    write_local(shared, &mut b.out, answer, closing);
     send(client, &b.out, config.send_timeout).await.is_ok()
 }
 
@@ -780,22 +773,16 @@ fn edge_answer_for(
     true
 }
 
-/// The admission 503, with Retry-After.
-async fn busy(
-    client: &mut TcpStream,
-    out: &mut Vec<u8>,
-    body: &'static [u8],
-    closing: bool,
-    send_timeout: Duration,
-) -> bool {
+/// An answer of the balancer's own, counted, into `out`.
+fn write_local(shared: &Shared, out: &mut Vec<u8>, answer: LocalAnswer, close: bool) {
+    shared.metrics.count_local(answer);
     local(
         out,
-        StatusCode::SERVICE_UNAVAILABLE,
-        body,
-        &[("retry-after", "1")],
-        closing,
+        answer.status(),
+        answer.body(),
+        answer.header().as_slice(),
+        close,
     );
-    send(client, out, send_timeout).await.is_ok()
 }
 
 /// An answer of the balancer's own, a JSON body, into `out`.
