@@ -8,6 +8,7 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod haproxy_conf;
+pub mod http1;
 pub mod nginx_conf;
 pub mod node;
 pub mod orders_tail;

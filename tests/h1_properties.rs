@@ -29,7 +29,7 @@ mod h1;
 use std::path::Path;
 
 use h1::{Chunked, HyperChunked, Opts, RequestOutcome, ResponseOutcome};
-use spike::balancer::h1::response::{Framing, Malformed};
+use spike::http1::response::{Framing, Malformed};
 
 /// xorshift64: small, fixed, good enough to pick cases.
 struct Rng(u64);
@@ -413,8 +413,8 @@ fn requests_the_fast_path_takes_are_read_alike_by_hyper() {
         match h1::check_request(&raw, h1::REPLAY, limit, Opts::STRICT) {
             RequestOutcome::Fast => {
                 fast += 1;
-                let mut head = spike::balancer::h1::request::RequestHead::default();
-                spike::balancer::h1::request::parse(&raw, &mut head, h1::REPLAY, limit, false);
+                let mut head = spike::http1::request::RequestHead::default();
+                spike::http1::request::parse(&raw, &mut head, h1::REPLAY, limit, false);
                 if head.content_length > 0 {
                     fast_with_body += 1;
                 }

@@ -2,7 +2,7 @@
 //! `response_head` (fuzz/fuzz_targets/) and behind tests/h1_properties.rs,
 //! which includes this file with `#[path]`: one copy of each rule, so the
 //! stable test and the fuzzer hold the balancer's HTTP/1 fast path
-//! (`spike::balancer::h1`) to the same contract.
+//! (`spike::http1`, driven by `spike::balancer::h1`) to the same contract.
 //!
 //! - A request head the fast path takes (`Parsed::Fast`) is read the same
 //!   way by an independent reading (httparse on its own, `http`'s types,
@@ -38,8 +38,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use spike::balancer::h1::request::{self, Kind, MAX_HEAD, MAX_HEADERS, Parsed, RequestHead};
-use spike::balancer::h1::response::{
+use spike::http1::request::{self, Kind, MAX_HEAD, MAX_HEADERS, Parsed, RequestHead};
+use spike::http1::response::{
     self, ChunkedScan, Framing, MAX_CHUNK, MAX_RESPONSE_HEAD, Malformed, ParsedResponse,
     ResponseHead,
 };

@@ -18,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
         (h1::ResponseOutcome::Complete(_), h1::ResponseOutcome::Complete(f)) => {
             assert_eq!(
                 f,
-                spike::balancer::h1::response::Framing::Empty,
+                spike::http1::response::Framing::Empty,
                 "a HEAD answer with a body"
             );
         }

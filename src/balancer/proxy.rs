@@ -802,7 +802,7 @@ fn host_is_valid(h: &HeaderMap, version: Version) -> bool {
     match (hosts.next(), hosts.next()) {
         (None, _) => version < Version::HTTP_11,
         (Some(_), Some(_)) => false,
-        (Some(v), None) => super::h1::request::is_authority(v.as_bytes()),
+        (Some(v), None) => crate::http1::request::is_authority(v.as_bytes()),
     }
 }
 

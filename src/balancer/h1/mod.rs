@@ -9,7 +9,7 @@
 //! between them) is what this path saves.
 //!
 //! It takes only the requests whose framing has one reading (see
-//! [`request`]); the first request that is anything else (HTTP/1.0, a
+//! [`request`](crate::http1::request)); the first request that is anything else (HTTP/1.0, a
 //! chunked or large body, `Expect`, an upgrade, an odd target or `Host`,
 //! a head longer than 16 KiB, or anything `httparse` refuses) is handed,
 //! with every byte read so far, to hyper's server and the general path in
@@ -27,10 +27,6 @@
 //! body, `X-Forwarded-For`, `X-Real-IP`, the generated `Idempotency-Key`,
 //! hop-by-hop headers both ways, and a 502 for a response that cannot be
 //! framed in one way.
-
-pub mod date;
-pub mod request;
-pub mod response;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -53,8 +49,9 @@ use super::proxy::{self, Peer, REPLAY_LIMIT};
 use super::select::Attempt;
 use super::state::Shared;
 use super::upstream::{Upstream, now_ms};
-use request::{Kind, Parsed, RequestHead};
-use response::{ChunkedScan, Framing, Malformed, ParsedResponse, ResponseHead};
+use crate::http1::date;
+use crate::http1::request::{self, Kind, Parsed, RequestHead};
+use crate::http1::response::{self, ChunkedScan, Framing, Malformed, ParsedResponse, ResponseHead};
 
 /// Room kept for reading: a request head, or a response's head and the
 /// first part of its body.
