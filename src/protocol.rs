@@ -36,7 +36,11 @@ pub const SALE_PATH: &str = "/sale";
 /// On every `sold_out` answer of a node: how a balancer in front learns,
 /// from the traffic it already carries, that it may ask for the holders and
 /// answer the sold-out flood itself.
-pub const SOLD_OUT_HEADER: HeaderName = HeaderName::from_static("spike-sold-out");
+pub const SOLD_OUT_HEADER: HeaderName = HeaderName::from_static(SOLD_OUT_HEADER_NAME);
+
+/// [`SOLD_OUT_HEADER`] as text (lower case), for a path that writes and
+/// reads header lines as bytes.
+pub const SOLD_OUT_HEADER_NAME: &str = "spike-sold-out";
 
 /// The purchase's idempotency key (IETF httpapi draft; lower case, as
 /// hyper stores names).

@@ -44,8 +44,8 @@ use spike::http1::response::{
     ResponseHead,
 };
 
-/// The replay limit the balancer passes (`proxy::REPLAY_LIMIT`).
-pub const REPLAY: u64 = spike::balancer::proxy::REPLAY_LIMIT;
+/// The replay limit the balancer passes (`forward::REPLAY_LIMIT`).
+pub const REPLAY: u64 = spike::balancer::forward::REPLAY_LIMIT;
 
 /// Bytes of chunk extensions and trailers a chunked body may carry
 /// (`response::MAX_META`, private there; 16 KiB as documented).

@@ -62,29 +62,62 @@ pub fn is_purchase(path: &str) -> bool {
     path == PURCHASE_PATH
 }
 
+/// What an `Idempotency-Key` makes of a request, on either path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyPlan {
+    /// An ordinary request: not a purchase, a purchase with a malformed or
+    /// repeated key, or one whose method gets no key.
+    Unkeyed,
+    /// A purchase with exactly one well-formed key of the client's.
+    Client,
+    /// A `GET` or `POST` purchase without a key: it gets one here.
+    Generate,
+}
+
+impl KeyPlan {
+    /// Whether the request is a purchase with one well-formed key (the
+    /// node then decides it once, however often it is sent, so it may be
+    /// retried on another upstream).
+    pub fn keyed(self) -> bool {
+        self != KeyPlan::Unkeyed
+    }
+}
+
+/// The plan for a request (`is_buy`: to the purchase path) with `keys`
+/// `Idempotency-Key` values; `valid` says whether the one value is
+/// well-formed (asked only when there is exactly one).
+pub fn plan(is_buy: bool, method: &Method, keys: usize, valid: impl FnOnce() -> bool) -> KeyPlan {
+    if !is_buy {
+        return KeyPlan::Unkeyed;
+    }
+    match keys {
+        0 if *method == Method::GET || *method == Method::POST => KeyPlan::Generate,
+        1 if valid() => KeyPlan::Client,
+        _ => KeyPlan::Unkeyed,
+    }
+}
+
 /// For a request to `path`: adds a generated key to a `GET` or `POST`
 /// purchase that has none, and says whether the request is a purchase that
-/// carries exactly one well-formed key (the node then decides it once,
-/// however often it is sent, so it may be retried on another upstream).
-/// A client's own key is left exactly as it came; a malformed or repeated
+/// carries exactly one well-formed key (see [`KeyPlan::keyed`]). A
+/// client's own key is left exactly as it came; a malformed or repeated
 /// one makes the request an ordinary, non-retried one.
 pub fn ensure_key(method: &Method, path: &str, headers: &mut HeaderMap) -> bool {
     if !is_purchase(path) {
         return false;
     }
     let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
-    match (values.next(), values.next()) {
-        (Some(v), None) => is_valid(v),
-        (Some(_), Some(_)) => false,
-        (None, _) => {
-            if *method == Method::GET || *method == Method::POST {
-                headers.insert(IDEMPOTENCY_KEY, generate());
-                true
-            } else {
-                false
-            }
-        }
+    let first = values.next();
+    let keys = match (first, values.next()) {
+        (None, _) => 0,
+        (Some(_), None) => 1,
+        (Some(_), Some(_)) => 2,
+    };
+    let plan = plan(true, method, keys, || first.is_some_and(is_valid));
+    if plan == KeyPlan::Generate {
+        headers.insert(IDEMPOTENCY_KEY, generate());
     }
+    plan.keyed()
 }
 
 #[cfg(test)]

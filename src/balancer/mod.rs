@@ -15,14 +15,18 @@
 //! 3. [`select`]: picking among the upstreams;
 //! 4. [`state`]: the config version in force, built into a selector, and
 //!    how a reload replaces it;
-//! 5. [`proxy`], [`admin`] and [`reload`] (the triggers), and this module,
-//!    which wires them to the listeners.
+//! 5. [`forward`]: the forwarding policy, once for both paths;
+//! 6. the two paths that carry it, [`h1`] (the fast path over raw TCP, with
+//!    the framing of `crate::http1`) and [`proxy`] (hyper's); [`admin`] and
+//!    [`reload`] (the triggers); and this module, which wires them to the
+//!    listeners.
 pub mod admin;
 pub mod answer;
 pub mod body;
 pub mod clock;
 pub mod edge;
 pub mod error;
+pub mod forward;
 pub mod h1;
 pub mod health;
 pub mod idempotency;
@@ -223,11 +227,11 @@ fn proxy_connection(
     /// What every request of the connection needs, behind one `Arc`.
     struct Connection {
         shared: Arc<state::Shared>,
-        peer: proxy::Peer,
+        peer: forward::client::Peer,
     }
     let conn = Arc::new(Connection {
         shared: shared.clone(),
-        peer: proxy::Peer::new(peer),
+        peer: forward::client::Peer::new(peer),
     });
     service_fn(move |req| {
         let conn = conn.clone();

@@ -9,24 +9,25 @@
 //! between them) is what this path saves.
 //!
 //! It takes only the requests whose framing has one reading (see
-//! [`request`](crate::http1::request)); the first request that is anything else (HTTP/1.0, a
-//! chunked or large body, `Expect`, an upgrade, an odd target or `Host`,
-//! a head longer than 16 KiB, or anything `httparse` refuses) is handed,
-//! with every byte read so far, to hyper's server and the general path in
-//! [`super::proxy`], which keeps the connection from then on. So the
-//! general path stays the reference for every rule about what is refused,
-//! and the fast path can only be narrower, never more lenient. `[balancer]
-//! fast_path = false` sends every connection to the general path.
+//! [`crate::http1::request`]); the first request that is anything else
+//! (HTTP/1.0, a chunked or large body, `Expect`, an upgrade, an odd target
+//! or `Host`, a head longer than 16 KiB, or anything `httparse` refuses)
+//! is handed, with every byte read so far, to hyper's server and the
+//! general path in [`super::proxy`], which keeps the connection from then
+//! on. So the general path stays the reference for every rule about what
+//! is refused, and the fast path can only be narrower, never more
+//! lenient. `[balancer] fast_path = false` sends every connection to the
+//! general path.
 //!
-//! Everything else is the general path's, rule for rule: the sold-out
-//! edge, the admission queue, failover and retries (a connect failure goes
-//! to the next upstream; anything after sending only for a request that
-//! may be sent twice; the same upstream again only after a reused
-//! connection failed before any response byte), `response_timeout` for the
-//! head, `read_timeout` and `send_timeout` between reads and writes of the
-//! body, `X-Forwarded-For`, `X-Real-IP`, the generated `Idempotency-Key`,
-//! hop-by-hop headers both ways, and a 502 for a response that cannot be
-//! framed in one way.
+//! Everything else is the policy's in [`super::forward`], the same for
+//! both paths: this module is its [`Transport`] over raw TCP (the sold-out
+//! edge, the admission queue, failover and retries, the 502/504 choice are
+//! decided there), plus what only bytes on a socket need: the framing of
+//! [`crate::http1`], `response_timeout` for the head, `read_timeout` and
+//! `send_timeout` between reads and writes of the body, the request
+//! written once with `X-Forwarded-For`, `X-Real-IP` and the generated
+//! `Idempotency-Key`, hop-by-hop headers dropped both ways, and a 502 for
+//! a response that cannot be framed in one way.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -35,18 +36,20 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use hyper::{Method, StatusCode};
+use hyper::Method;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::protocol::{self, SOLD_OUT_HEADER, buyer_from};
+use crate::protocol::{self, SOLD_OUT_HEADER_NAME, buyer_from};
 use crate::server::{ConnContext, Handed};
 
 use super::answer::LocalAnswer;
-use super::idempotency;
+use super::forward::client::{Peer, client_ip_from};
+use super::forward::headers::{write_forwarded_for, write_real_ip};
+use super::forward::{self, Conn, Failure, Plan, REPLAY_LIMIT, Reply, Transport};
+use super::idempotency::{self, KeyPlan};
 use super::pool::{self, RawConn};
-use super::proxy::{self, Peer, REPLAY_LIMIT};
-use super::select::Attempt;
+use super::select::Pick;
 use super::state::Shared;
 use super::upstream::{Upstream, now_ms};
 use crate::http1::date;
@@ -221,7 +224,7 @@ pub async fn serve(
         // Boxed: the request's state (an attempt, its upstream exchange and
         // relay) lives only while there is a request, so ten thousand idle
         // keep-alive clients do not each hold room for it.
-        let keep = Box::pin(forward(
+        let keep = Box::pin(forward_request(
             &shared,
             &active,
             worker,
@@ -273,23 +276,27 @@ async fn check_chunks(
     }
 }
 
-/// Why one attempt at an upstream failed.
-enum Failure {
-    /// No connection: the request was not sent.
-    Connect(pool::ConnectError),
-    /// No response head within `response_timeout`.
-    Timeout,
-    /// The connection broke; `stale`: it was a reused one and not a byte
-    /// of the response came, so it may only have gone stale while idle.
-    Broken { stale: bool, error: io::Error },
-    /// The upstream answered, but not in a form with one meaning.
+/// How an exchange with an upstream broke: its socket, or a response
+/// that cannot be framed one way.
+#[derive(Debug)]
+enum RawError {
+    Io(io::Error),
     Malformed(Malformed),
+}
+
+impl std::fmt::Display for RawError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RawError::Io(e) => e.fmt(f),
+            RawError::Malformed(m) => m.fmt(f),
+        }
+    }
 }
 
 /// Proxies the request in `b` (its bytes are `b.input[..end]`); returns
 /// whether the client connection may serve another request.
 #[allow(clippy::too_many_arguments)]
-async fn forward(
+async fn forward_request(
     shared: &Shared,
     active: &super::state::Active,
     worker: usize,
@@ -305,14 +312,36 @@ async fn forward(
     let input = &b.input[..end];
     let path = &input[head.target.start..head.path_end];
     let is_buy = path == protocol::PURCHASE_PATH.as_bytes();
-    if is_buy
-        && shared.edge.active()
-        && config.sold_out_at_edge
-        && edge_answer(shared, head, input, &mut b.out, closing)
-    {
-        return send(client, &b.out, config.send_timeout).await.is_ok();
+    let edge = forward::edge::answer(
+        shared,
+        config,
+        is_buy,
+        &head.method,
+        head.keys > 0,
+        |limited| {
+            let query = (head.path_end < head.target.end)
+                .then(|| &input[head.path_end + 1..head.target.end])
+                .and_then(|q| std::str::from_utf8(q).ok());
+            let user_id = head.user_at.map(|i| &input[head.headers[i].value.clone()]);
+            buyer_from(query, user_id, limited)
+        },
+    );
+    let mut raw = Raw {
+        worker,
+        workers: shared.workers,
+        config,
+        client,
+        b,
+        closing,
+        to_head: false,
+    };
+    if let Some(edge) = edge {
+        return raw.reply(edge.into()).await;
     }
-    let client_addr = proxy::client_ip_from(
+    let b = &mut *raw.b;
+    let head = &b.head;
+    let input = &b.input[..end];
+    let client_addr = client_ip_from(
         peer.ip,
         head.headers
             .iter()
@@ -321,17 +350,11 @@ async fn forward(
         &config.trusted_proxies,
     );
     // A purchase with a key may be sent twice: the node decides a key once.
-    let mut generated = None;
-    let keyed = is_buy
-        && match head.keys {
-            0 if head.method == Method::GET || head.method == Method::POST => {
-                generated = Some(idempotency::generate());
-                true
-            }
-            1 => idempotency::is_valid_bytes(&input[head.headers[head.key_at].value.clone()]),
-            _ => false,
-        };
-    let retryable = keyed || proxy::is_idempotent(&head.method);
+    let key = idempotency::plan(is_buy, &head.method, head.keys, || {
+        idempotency::is_valid_bytes(&input[head.headers[head.key_at].value.clone()])
+    });
+    let generated = (key == KeyPlan::Generate).then(idempotency::generate);
+    let plan = Plan::new(start, is_buy, client_addr, &head.method, key.keyed());
     write_request(
         &mut b.out,
         head,
@@ -340,92 +363,87 @@ async fn forward(
         client_addr,
         generated.as_ref().map(|v| v.as_bytes()),
     );
-    let to_head = head.method == Method::HEAD;
+    raw.to_head = head.method == Method::HEAD;
+    forward::run(shared, active, &mut raw, plan).await
+}
 
-    let mut attempt = Attempt::new(client_addr);
-    let mut timed_out = false;
-    let mut sent = false;
-    loop {
-        let pick = match proxy::next_pick(shared, active, &mut attempt, client_addr, sent).await {
-            Ok(Some(pick)) => pick,
-            Ok(None) => break,
-            Err(why) => {
-                write_local(shared, &mut b.out, why, closing);
-                return send(client, &b.out, config.send_timeout).await.is_ok();
-            }
-        };
-        sent = true;
-        let upstream = active.selector.upstream(&pick);
-        let mut result = exchange(upstream, worker, shared.workers, config, b, true, to_head).await;
-        if let Err(Failure::Broken { stale: true, error }) = &result
-            && retryable
-        {
-            tracing::debug!(upstream = %upstream.config.addr, %error, "retrying once on a fresh connection");
-            result = exchange(upstream, worker, shared.workers, config, b, false, to_head).await;
-        }
-        match result {
-            Ok(conn) => {
-                active.selector.release(&pick, false, now_ms());
-                let status = b.rhead.status;
-                if is_buy
-                    && config.sold_out_at_edge
-                    && status == 409
-                    && has_sold_out_mark(&b.rhead, &b.resp)
-                {
-                    shared.edge.poke();
-                }
-                pick.live().count_response(status);
-                shared.metrics.latency.observe(start.elapsed());
-                let (workers, keepalive) = (shared.workers, config.keepalive);
-                // The pick (least_conn's count) ends with the upstream's
-                // body, and the connection goes back idle then.
-                let finish = move |conn: Option<RawConn>| {
-                    if let Some(conn) = conn {
-                        pick.live()
-                            .raw_idle
-                            .put(worker, workers, conn, now_ms(), keepalive);
-                    }
-                    drop(pick);
-                };
-                return relay(client, conn, b, config, closing, finish).await;
-            }
-            Err(e) => {
-                active.selector.release(&pick, true, now_ms());
-                let retry = match &e {
-                    Failure::Connect(err) => {
-                        tracing::warn!(upstream = %upstream.config.addr, error = %err, "upstream connect failed");
-                        timed_out = false;
-                        true
-                    }
-                    Failure::Timeout => {
-                        tracing::warn!(upstream = %upstream.config.addr, "upstream response timed out");
-                        timed_out = true;
-                        retryable
-                    }
-                    Failure::Broken { error, .. } => {
-                        tracing::warn!(upstream = %upstream.config.addr, %error, "upstream request failed");
-                        timed_out = false;
-                        retryable
-                    }
-                    Failure::Malformed(error) => {
-                        tracing::warn!(upstream = %upstream.config.addr, %error, "upstream request failed");
-                        timed_out = false;
-                        retryable
-                    }
-                };
-                if !retry {
-                    break;
-                }
-            }
-        }
+/// One request on the fast path, as the policy's [`Transport`]: the
+/// request is written once into `b.out`, and each attempt sends those
+/// bytes.
+struct Raw<'a> {
+    worker: usize,
+    workers: usize,
+    config: &'a crate::config::BalancerConfig,
+    client: &'a mut TcpStream,
+    b: &'a mut Buffers,
+    /// The client's connection closes after this request.
+    closing: bool,
+    /// The request is a HEAD: its response has no body.
+    to_head: bool,
+}
+
+impl Transport for Raw<'_> {
+    type Request = ();
+    type Response = RawConn;
+    type Error = RawError;
+    type Output = bool;
+
+    fn request(&mut self, _upstream: &Upstream) -> Option<()> {
+        Some(())
     }
-    let answer = if timed_out {
-        LocalAnswer::GatewayTimeout
-    } else {
-        LocalAnswer::BadGateway
-    };
-    write_local(shared, &mut b.out, answer, closing);
-    send(client, &b.out, config.send_timeout).await.is_ok()
+
+    async fn send(
+        &mut self,
+        upstream: &Upstream,
+        (): (),
+        conn: Conn,
+    ) -> Result<RawConn, Failure<RawError>> {
+        exchange(
+            upstream,
+            self.worker,
+            self.workers,
+            self.config,
+            self.b,
+            conn == Conn::Pooled,
+            self.to_head,
+        )
+        .await
+    }
+
+    fn client_fault(&self) -> Option<LocalAnswer> {
+        // The body was read whole before the first attempt.
+        None
+    }
+
+    fn status(&self, _conn: &RawConn) -> u16 {
+        self.b.rhead.status
+    }
+
+    fn sold_out_mark(&self, _conn: &RawConn) -> bool {
+        has_sold_out_mark(&self.b.rhead, &self.b.resp)
+    }
+
+    async fn deliver(&mut self, conn: RawConn, pick: Pick) -> bool {
+        let (worker, workers, keepalive) = (self.worker, self.workers, self.config.keepalive);
+        // The pick (least_conn's count) ends with the upstream's body, and
+        // the connection goes back idle then.
+        let finish = move |conn: Option<RawConn>| {
+            if let Some(conn) = conn {
+                pick.live()
+                    .raw_idle
+                    .put(worker, workers, conn, now_ms(), keepalive);
+            }
+            drop(pick);
+        };
+        relay(self.client, conn, self.b, self.config, self.closing, finish).await
+    }
+
+    async fn reply(&mut self, reply: Reply) -> bool {
+        write_reply(&mut self.b.out, &reply, self.closing);
+        send(self.client, &self.b.out, self.config.send_timeout)
+            .await
+            .is_ok()
+    }
 }
 
 /// One attempt: the request in `b.out` to `upstream` (on an idle
@@ -439,7 +457,7 @@ async fn exchange(
     b: &mut Buffers,
     pooled: bool,
     to_head: bool,
-) -> Result<RawConn, Failure> {
+) -> Result<RawConn, Failure<RawError>> {
     let attempt = async {
         let reused = if pooled {
             upstream
@@ -458,7 +476,7 @@ async fn exchange(
         };
         let broken = |error: io::Error, got: bool| Failure::Broken {
             stale: stale_possible && !got,
-            error,
+            error: RawError::Io(error),
         };
         if let Err(e) = conn.stream.write_all(&b.out).await {
             return Err(broken(e, false));
@@ -490,7 +508,12 @@ async fn exchange(
                     Ok(ParsedResponse::Complete) => return Ok(conn),
                     Ok(ParsedResponse::Informational(n)) => b.resp.advance(n),
                     Ok(ParsedResponse::Partial) => break,
-                    Err(m) => return Err(Failure::Malformed(m)),
+                    Err(m) => {
+                        return Err(Failure::Broken {
+                            stale: false,
+                            error: RawError::Malformed(m),
+                        });
+                    }
                 }
             }
         }
@@ -644,8 +667,7 @@ fn lowercase_into(out: &mut Vec<u8>, name: &[u8]) {
 
 /// Whether the response head carries the node's sold-out mark.
 fn has_sold_out_mark(rh: &ResponseHead, resp: &[u8]) -> bool {
-    let mark = b"spike-sold-out";
-    debug_assert_eq!(SOLD_OUT_HEADER.as_str().as_bytes(), mark);
+    let mark = SOLD_OUT_HEADER_NAME.as_bytes();
     rh.headers
         .iter()
         .any(|(name, _)| resp[name.clone()].eq_ignore_ascii_case(mark))
@@ -683,28 +705,19 @@ fn write_request(
                 // One line where the first was: every value the client
                 // sent, in order, then the peer.
                 forwarded = true;
-                out.extend_from_slice(b"x-forwarded-for: ");
-                for v in head.headers.iter().filter(|h| h.kind == Kind::ForwardedFor) {
-                    out.extend_from_slice(&input[v.value.clone()]);
-                    out.extend_from_slice(b", ");
-                }
-                out.extend_from_slice(peer.value.as_bytes());
-                out.extend_from_slice(b"\r\n");
+                let values = head
+                    .headers
+                    .iter()
+                    .filter(|h| h.kind == Kind::ForwardedFor)
+                    .map(|v| &input[v.value.clone()]);
+                write_forwarded_for(out, values, peer);
             }
         }
     }
     if !forwarded {
-        out.extend_from_slice(b"x-forwarded-for: ");
-        out.extend_from_slice(peer.value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        write_forwarded_for(out, std::iter::empty(), peer);
     }
-    out.extend_from_slice(b"x-real-ip: ");
-    if client == peer.ip {
-        out.extend_from_slice(peer.value.as_bytes());
-    } else {
-        out.extend_from_slice(proxy::ip_value(client).as_bytes());
-    }
-    out.extend_from_slice(b"\r\n");
+    write_real_ip(out, peer, client);
     if let Some(key) = generated_key {
         out.extend_from_slice(b"idempotency-key: ");
         out.extend_from_slice(key);
@@ -714,83 +727,22 @@ fn write_request(
     out.extend_from_slice(&input[head.len..]);
 }
 
-/// The edge's answer for a sold-out sale (see [`super::edge`]), into
-/// `out`; false (go to a node) for what only a node may answer, as in
-/// [`super::proxy`].
-fn edge_answer(
-    shared: &Shared,
-    head: &RequestHead,
-    input: &[u8],
-    out: &mut Vec<u8>,
-    closing: bool,
-) -> bool {
-    if !(head.method == Method::GET || head.method == Method::POST) || head.keys > 0 {
-        return false;
-    }
-    shared.edge.with_current(|sale| {
-        sale.is_some_and(|sale| edge_answer_for(shared, sale, head, input, out, closing))
-    })
-}
-
-/// [`edge_answer`] for the sold-out `sale`.
-fn edge_answer_for(
-    shared: &Shared,
-    sale: &super::edge::SoldOut,
-    head: &RequestHead,
-    input: &[u8],
-    out: &mut Vec<u8>,
-    closing: bool,
-) -> bool {
-    let limited = sale.per_user_limit > 0;
-    let query = (head.path_end < head.target.end)
-        .then(|| &input[head.path_end + 1..head.target.end])
-        .and_then(|q| std::str::from_utf8(q).ok());
-    let user_id = head.user_at.map(|i| &input[head.headers[i].value.clone()]);
-    let Ok(buyer) = buyer_from(query, user_id, limited) else {
-        // Missing where required, or malformed: the node says why.
-        return false;
-    };
-    if limited && let Some(order) = sale.buyers.get(buyer) {
-        shared
-            .edge
-            .already_bought_answers
-            .fetch_add(1, Ordering::Relaxed);
-        let body = protocol::already_bought_body(order);
-        local(out, StatusCode::CONFLICT, body.as_bytes(), &[], closing);
-        return true;
-    }
-    shared.edge.sold_out_answers.fetch_add(1, Ordering::Relaxed);
-    local(
-        out,
-        StatusCode::CONFLICT,
-        protocol::SOLD_OUT_BODY,
-        &[(SOLD_OUT_HEADER.as_str(), "1")],
-        closing,
-    );
-    true
-}
-
 /// An answer of the balancer's own, counted, into `out`.
 fn write_local(shared: &Shared, out: &mut Vec<u8>, answer: LocalAnswer, close: bool) {
-    shared.metrics.count_local(answer);
-    local(
-        out,
-        answer.status(),
-        answer.body(),
-        answer.header().as_slice(),
-        close,
-    );
+    write_reply(out, &forward::local(shared, answer), close);
 }
 
 /// An answer of the balancer's own, a JSON body, into `out`.
-fn local(out: &mut Vec<u8>, status: StatusCode, body: &[u8], extra: &[(&str, &str)], close: bool) {
+fn write_reply(out: &mut Vec<u8>, reply: &Reply, close: bool) {
+    let status = reply.status;
+    let body = reply.body.as_bytes();
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\ncontent-type: application/json\r\n");
-    for (name, value) in extra {
+    if let Some((name, value)) = reply.header {
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());

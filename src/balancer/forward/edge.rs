@@ -1,0 +1,63 @@
+//! The edge's decision for a purchase while the sale is sold out (see
+//! [`crate::balancer::edge`]): answered here, or sent to a node.
+
+use std::sync::atomic::Ordering;
+
+use hyper::Method;
+
+use crate::balancer::state::Shared;
+use crate::config::BalancerConfig;
+use crate::protocol::{self, BuyerError};
+
+/// The edge's answer to a late buyer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EdgeAnswer {
+    /// `409 sold_out`, with the node's sold-out mark.
+    SoldOut,
+    /// `409 already_bought` for a buyer at the limit: the body, with their
+    /// last order.
+    AlreadyBought(String),
+}
+
+/// The answer the edge gives for a sold-out sale: `already_bought` with
+/// the order for a buyer at the limit, `sold_out` for everyone else;
+/// `None` (go to a node) while the edge is not answering, and for what
+/// only a node may answer: a request that is not a `GET` or `POST`
+/// purchase, a purchase with the client's own `Idempotency-Key`
+/// (`client_key`: it may be the retry of a purchase that got an order), or
+/// a buyer id the node would refuse (the node says why). `buyer` reads the
+/// buyer id, required or not (see [`protocol::buyer_from`]); it is asked
+/// only while the edge answers. Counts the answer it gives.
+pub fn answer<'a>(
+    shared: &Shared,
+    config: &BalancerConfig,
+    is_buy: bool,
+    method: &Method,
+    client_key: bool,
+    buyer: impl FnOnce(bool) -> Result<&'a str, BuyerError>,
+) -> Option<EdgeAnswer> {
+    if !(is_buy && shared.edge.active() && config.sold_out_at_edge) {
+        return None;
+    }
+    if !(*method == Method::GET || *method == Method::POST) || client_key {
+        return None;
+    }
+    // Read without taking a reference count: on every worker at once
+    // under the flood, that would bounce one counter between cores.
+    shared.edge.with_current(|sale| {
+        let sale = sale?;
+        let limited = sale.per_user_limit > 0;
+        let buyer = buyer(limited).ok()?;
+        if limited && let Some(order) = sale.buyers.get(buyer) {
+            shared
+                .edge
+                .already_bought_answers
+                .fetch_add(1, Ordering::Relaxed);
+            return Some(EdgeAnswer::AlreadyBought(protocol::already_bought_body(
+                order,
+            )));
+        }
+        shared.edge.sold_out_answers.fetch_add(1, Ordering::Relaxed);
+        Some(EdgeAnswer::SoldOut)
+    })
+}

@@ -1,0 +1,337 @@
+//! The forwarding policy, once for both forwarding paths: the fast path
+//! over raw TCP ([`crate::balancer::h1`]) and hyper's
+//! ([`crate::balancer::proxy`]). Each path is a [`Transport`]: it reads the
+//! request its own way and carries bytes, and asks this module what to do;
+//! [`run`] is the one attempt loop, generic over the transport (static
+//! dispatch, nothing boxed, nothing allocated here per request).
+//!
+//! What is decided here:
+//! - the edge's answer to a late buyer ([`edge`]), the client's address
+//!   ([`client`]), the header policy ([`headers`]), the purchase's
+//!   `Idempotency-Key` ([`crate::balancer::idempotency::plan`]) and so
+//!   whether the request may be sent twice ([`Plan::retryable`]);
+//! - what is refused before anything is sent ([`refusal`]); the answers
+//!   the balancer makes itself are [`LocalAnswer`]s, counted here;
+//! - the attempts, following Nginx's `proxy_next_upstream error timeout`:
+//!   - a connect error or connect timeout: the request was not sent, so
+//!     the next upstream is tried whatever the method;
+//!   - any other error (reset, closed mid-response, a response that cannot
+//!     be framed one way) or a response timeout: the request may have
+//!     reached the upstream, so only requests that may be sent twice go on
+//!     to the next upstream: idempotent methods (GET, HEAD, OPTIONS, PUT,
+//!     DELETE; TRACE is refused), and purchases (`/buy/ticket`) carrying an
+//!     `Idempotency-Key`, whatever their method, because the node decides
+//!     a key once (see [`crate::balancer::idempotency`]; a purchase
+//!     without a key gets one, kept across its attempts);
+//!   - nothing left: 502, or 504 when the last failure was a timeout.
+//!
+//!   Before such a request gives up on an upstream, it is sent once more
+//!   to the same upstream on a fresh (unpooled) connection, but only when
+//!   the failed attempt went on a reused keep-alive connection and failed
+//!   before a response came (closed or reset): that may only mean the idle
+//!   connection went stale, which must never turn into a client-visible
+//!   error or a failure mark. A failure on a fresh connection, or a
+//!   malformed response, is the upstream's own and is not repeated there.
+//!
+//!   A client whose own request body fails (cut off, malformed chunk, past
+//!   `max_body`) gets a 4xx, and the upstream it was streaming to is not
+//!   marked failed: a client must not be able to take healthy upstreams
+//!   out of the rotation.
+//! - admission ([`admission`]): while every upstream is at its
+//!   `max_conns`, a request waits for a slot, or gets a 503.
+
+pub mod admission;
+pub mod client;
+pub mod edge;
+pub mod headers;
+
+use std::fmt::Display;
+use std::net::IpAddr;
+use std::time::Instant;
+
+use hyper::{Method, StatusCode};
+
+use crate::config::BalancerConfig;
+
+use super::answer::LocalAnswer;
+
+use super::pool::ConnectError;
+use super::select::{Attempt, Pick};
+use super::state::{Active, Shared};
+use super::upstream::{Upstream, now_ms};
+use edge::EdgeAnswer;
+
+/// Largest request body kept in memory so that it can be sent again to
+/// another upstream; bigger bodies are streamed and not retried.
+pub const REPLAY_LIMIT: u64 = 64 * 1024;
+
+/// Whether a method may be sent twice (RFC 9110 9.2.2).
+pub fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// What Nginx refuses before anything is sent, in its order: a missing,
+/// repeated or malformed `Host` (`host_ok` false), CONNECT and TRACE, and
+/// a declared body over `max_body`. (The fast path takes none of these: it
+/// hands them to hyper's path, which asks here.)
+pub fn refusal(
+    method: &Method,
+    host_ok: bool,
+    declared: Option<u64>,
+    config: &BalancerConfig,
+) -> Option<LocalAnswer> {
+    if !host_ok {
+        return Some(LocalAnswer::BadHost);
+    }
+    if *method == Method::CONNECT || *method == Method::TRACE {
+        // Nginx's answer too: a tunnel or an echo of the request (with
+        // whatever credentials it carries) is not what a balancer is for.
+        return Some(LocalAnswer::MethodNotAllowed);
+    }
+    if config.max_body != 0 && declared.is_some_and(|n| n > config.max_body) {
+        return Some(LocalAnswer::PayloadTooLarge);
+    }
+    None
+}
+
+/// What the policy knows of one request once its transport has read it.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    /// When the request began (latency counts from here).
+    pub start: Instant,
+    /// To the purchase path.
+    pub is_buy: bool,
+    /// The client's address (see [`client`]); ip_hash hashes it.
+    pub client: IpAddr,
+    /// Whether it may be sent twice: an idempotent method, or a purchase
+    /// with one well-formed key.
+    pub retryable: bool,
+}
+
+impl Plan {
+    /// The plan of a request from `client` with `method`; `keyed`: a
+    /// purchase with one well-formed `Idempotency-Key` (see
+    /// [`KeyPlan::keyed`](super::idempotency::KeyPlan::keyed)).
+    pub fn new(start: Instant, is_buy: bool, client: IpAddr, method: &Method, keyed: bool) -> Plan {
+        Plan {
+            start,
+            is_buy,
+            client,
+            retryable: keyed || is_idempotent(method),
+        }
+    }
+}
+
+/// Which connection an attempt may go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conn {
+    /// An idle keep-alive connection, or a new one if none is left.
+    Pooled,
+    /// A new connection (the retry after a pooled one went stale).
+    Fresh,
+}
+
+/// How one attempt at an upstream failed, as the policy sees it; `E` is
+/// the transport's own error, for the log.
+#[derive(Debug)]
+pub enum Failure<E> {
+    /// No connection: the request was not sent.
+    Connect(ConnectError),
+    /// No response head within `response_timeout`.
+    Timeout,
+    /// The connection broke, or the response cannot be framed one way:
+    /// the request may have been sent. `stale`: it went on a reused
+    /// keep-alive connection that broke before any byte of a response
+    /// came, so it may only have gone stale while idle.
+    Broken { stale: bool, error: E },
+}
+
+/// An answer the balancer makes itself, as a transport writes it: a JSON
+/// body and at most one header besides `Content-Type`.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub body: ReplyBody,
+    /// Name (lower case) and value.
+    pub header: Option<(&'static str, &'static str)>,
+}
+
+/// A [`Reply`]'s body.
+#[derive(Debug)]
+pub enum ReplyBody {
+    Static(&'static [u8]),
+    Owned(String),
+}
+
+impl ReplyBody {
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            ReplyBody::Static(b) => b,
+            ReplyBody::Owned(s) => s.as_bytes(),
+        }
+    }
+}
+
+impl From<LocalAnswer> for Reply {
+    fn from(a: LocalAnswer) -> Reply {
+        Reply {
+            status: a.status(),
+            body: ReplyBody::Static(a.body()),
+            header: a.header(),
+        }
+    }
+}
+
+impl From<EdgeAnswer> for Reply {
+    fn from(a: EdgeAnswer) -> Reply {
+        match a {
+            EdgeAnswer::SoldOut => Reply {
+                status: StatusCode::CONFLICT,
+                body: ReplyBody::Static(crate::protocol::SOLD_OUT_BODY),
+                header: Some((crate::protocol::SOLD_OUT_HEADER_NAME, "1")),
+            },
+            EdgeAnswer::AlreadyBought(body) => Reply {
+                status: StatusCode::CONFLICT,
+                body: ReplyBody::Owned(body),
+                header: None,
+            },
+        }
+    }
+}
+
+/// Counts `answer` and makes it a [`Reply`].
+pub fn local(shared: &Shared, answer: LocalAnswer) -> Reply {
+    shared.metrics.count_local(answer);
+    answer.into()
+}
+
+/// How one forwarding path carries a request to upstreams and an answer
+/// back to its client: the mechanics, with no decision of its own (those
+/// are [`run`]'s).
+#[allow(async_fn_in_trait)]
+pub trait Transport {
+    /// The request as it goes to an upstream, once per attempt.
+    type Request;
+    /// An upstream's response head, and the connection it came on.
+    type Response;
+    /// How an exchange broke, for the log.
+    type Error: Display;
+    /// What the request ends with, for the client's connection.
+    type Output;
+
+    /// The request for one attempt at `upstream`; `None` when it cannot be
+    /// sent again (a streamed body went with an earlier attempt).
+    fn request(&mut self, upstream: &Upstream) -> Option<Self::Request>;
+
+    /// One attempt: `request` to `upstream` on `conn`, until its response
+    /// head, within `response_timeout`.
+    async fn send(
+        &mut self,
+        upstream: &Upstream,
+        request: Self::Request,
+        conn: Conn,
+    ) -> Result<Self::Response, Failure<Self::Error>>;
+
+    /// After a failed attempt: the client's own fault, if it was (its body
+    /// broke or ran past `max_body`).
+    fn client_fault(&self) -> Option<LocalAnswer>;
+
+    /// The response's status, and whether it carries the node's sold-out
+    /// mark.
+    fn status(&self, response: &Self::Response) -> u16;
+    fn sold_out_mark(&self, response: &Self::Response) -> bool;
+
+    /// Passes the response on to the client; `pick` must live until the
+    /// upstream's body is done (least_conn counts it until then).
+    async fn deliver(&mut self, response: Self::Response, pick: Pick) -> Self::Output;
+
+    /// Answers the client itself.
+    async fn reply(&mut self, reply: Reply) -> Self::Output;
+}
+
+/// The attempt loop: picks upstreams (waiting for a free slot when all are
+/// at their `max_conns`), sends the request through `t`, retries as the
+/// policy allows, and hands on the first response or answers 502/504.
+pub async fn run<T: Transport>(
+    shared: &Shared,
+    active: &Active,
+    t: &mut T,
+    plan: Plan,
+) -> T::Output {
+    let config = &active.config;
+    let mut attempt = Attempt::new(plan.client);
+    let mut timed_out = false;
+    let mut sent = false;
+    loop {
+        let pick = match admission::next_pick(shared, active, &mut attempt, plan.client, sent).await
+        {
+            Ok(Some(pick)) => pick,
+            Ok(None) => break,
+            Err(why) => return t.reply(local(shared, why)).await,
+        };
+        sent = true;
+        let upstream = active.selector.upstream(&pick);
+        let Some(request) = t.request(upstream) else {
+            break;
+        };
+        let mut result = t.send(upstream, request, Conn::Pooled).await;
+        if let Err(Failure::Broken { stale: true, error }) = &result
+            && plan.retryable
+            && let Some(again) = t.request(upstream)
+        {
+            tracing::debug!(upstream = %upstream.config.addr, %error, "retrying once on a fresh connection");
+            result = t.send(upstream, again, Conn::Fresh).await;
+        }
+        let failure = match result {
+            Ok(response) => {
+                active.selector.release(&pick, false, now_ms());
+                let status = t.status(&response);
+                if plan.is_buy
+                    && config.sold_out_at_edge
+                    && status == StatusCode::CONFLICT.as_u16()
+                    && t.sold_out_mark(&response)
+                {
+                    shared.edge.poke();
+                }
+                pick.live().count_response(status);
+                shared.metrics.latency.observe(plan.start.elapsed());
+                return t.deliver(response, pick).await;
+            }
+            Err(failure) => failure,
+        };
+        if let Some(answer) = t.client_fault() {
+            // The client's body broke the attempt: a 4xx for the client,
+            // no mark on an upstream that did nothing wrong.
+            active.selector.release(&pick, false, now_ms());
+            return t.reply(local(shared, answer)).await;
+        }
+        active.selector.release(&pick, true, now_ms());
+        timed_out = matches!(failure, Failure::Timeout);
+        let retry = match &failure {
+            Failure::Connect(error) => {
+                tracing::warn!(upstream = %upstream.config.addr, %error, "upstream connect failed");
+                true
+            }
+            Failure::Timeout => {
+                tracing::warn!(upstream = %upstream.config.addr, "upstream response timed out");
+                plan.retryable
+            }
+            Failure::Broken { error, .. } => {
+                tracing::warn!(upstream = %upstream.config.addr, %error, "upstream request failed");
+                plan.retryable
+            }
+        };
+        if !retry {
+            break;
+        }
+    }
+    let answer = if timed_out {
+        LocalAnswer::GatewayTimeout
+    } else {
+        LocalAnswer::BadGateway
+    };
+    t.reply(local(shared, answer)).await
+}
