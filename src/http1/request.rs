@@ -245,9 +245,8 @@ fn digits(v: &[u8]) -> Option<u64> {
 /// with optional spaces); `close` sets `close`. A header named there (or
 /// `upgrade`) sends the request to hyper's path, which removes the names.
 fn connection_is_plain(v: &[u8], close: &mut bool) -> bool {
-    for token in v.split(|&b| b == b',') {
-        let token = token.trim_ascii();
-        if token.is_empty() || token.eq_ignore_ascii_case(b"keep-alive") {
+    for token in super::hop::connection_tokens(v) {
+        if token.eq_ignore_ascii_case(b"keep-alive") {
             continue;
         }
         if token.eq_ignore_ascii_case(b"close") {

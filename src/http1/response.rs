@@ -240,17 +240,10 @@ pub fn parse(
     Ok(ParsedResponse::Complete)
 }
 
-/// Hop-by-hop response headers (RFC 9110 7.6.1), plus the old
-/// non-standard ones; `Transfer-Encoding` is written anew when chunked.
+/// Hop-by-hop response headers (see [`super::hop`]); `Transfer-Encoding`
+/// is written anew when chunked.
 fn is_hop_by_hop(name: &[u8]) -> bool {
-    match name.len() {
-        10 => name.eq_ignore_ascii_case(b"connection") || name.eq_ignore_ascii_case(b"keep-alive"),
-        16 => name.eq_ignore_ascii_case(b"proxy-connection"),
-        2 => name.eq_ignore_ascii_case(b"te"),
-        7 => name.eq_ignore_ascii_case(b"trailer") || name.eq_ignore_ascii_case(b"upgrade"),
-        17 => name.eq_ignore_ascii_case(b"transfer-encoding"),
-        _ => false,
-    }
+    super::hop::hop_by_hop_index(name).is_some()
 }
 
 /// Removes from `head` the headers named in the response's `Connection`.
@@ -258,10 +251,8 @@ fn drop_listed(buf: &[u8], res: &httparse::Response<'_, '_>, head: &mut Response
     let mut names: Vec<&[u8]> = Vec::new();
     for h in res.headers.iter() {
         if h.name.eq_ignore_ascii_case("connection") {
-            for token in h.value.split(|&b| b == b',') {
-                let token = token.trim_ascii();
-                if !token.is_empty()
-                    && !token.eq_ignore_ascii_case(b"close")
+            for token in super::hop::connection_tokens(h.value) {
+                if !token.eq_ignore_ascii_case(b"close")
                     && !token.eq_ignore_ascii_case(b"keep-alive")
                 {
                     names.push(token);

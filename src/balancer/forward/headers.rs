@@ -10,26 +10,26 @@
 use std::net::IpAddr;
 
 use bytes::BytesMut;
-use hyper::header::{
-    CONNECTION, HOST, HeaderName, HeaderValue, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
-};
+use hyper::header::{CONNECTION, HOST, HeaderName, HeaderValue};
 use hyper::{HeaderMap, Version};
+
+use crate::http1::hop;
 
 use super::client::{Peer, X_FORWARDED_FOR, ip_value};
 
 /// The client's address as the balancer believes it.
 pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
-/// Headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus
-/// the non-standard ones old clients still send.
+/// Headers that describe one hop, never forwarded: [`hop::HOP_BY_HOP`]'s
+/// names, as hyper's.
 const HOP_BY_HOP: [HeaderName; 7] = [
-    CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    TE,
-    TRAILER,
-    TRANSFER_ENCODING,
-    UPGRADE,
+    HeaderName::from_static(hop::HOP_BY_HOP[0]),
+    HeaderName::from_static(hop::HOP_BY_HOP[1]),
+    HeaderName::from_static(hop::HOP_BY_HOP[2]),
+    HeaderName::from_static(hop::HOP_BY_HOP[3]),
+    HeaderName::from_static(hop::HOP_BY_HOP[4]),
+    HeaderName::from_static(hop::HOP_BY_HOP[5]),
+    HeaderName::from_static(hop::HOP_BY_HOP[6]),
 ];
 
 /// Whether the request's `Host` is acceptable (RFC 9112 3.2): exactly one,
@@ -72,7 +72,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     // most `Connection`, and a removal of an absent name still hashes it.
     let mut present = 0u8;
     for name in h.keys() {
-        if let Some(i) = hop_by_hop_index(name) {
+        if let Some(i) = hop::hop_by_hop_index(name.as_str().as_bytes()) {
             present |= 1 << i;
         }
     }
@@ -84,17 +84,17 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
         // names an unusual header), since the map cannot change while read.
         let mut listed: Vec<HeaderName> = Vec::new();
         for v in h.get_all(CONNECTION) {
-            let Ok(s) = v.to_str() else { continue };
-            for token in s.split(',') {
-                let token = token.trim();
-                if token.is_empty()
-                    || token.eq_ignore_ascii_case("close")
-                    || token.eq_ignore_ascii_case("keep-alive")
-                    || token.eq_ignore_ascii_case("upgrade")
+            if v.to_str().is_err() {
+                continue;
+            }
+            for token in hop::connection_tokens(v.as_bytes()) {
+                if token.eq_ignore_ascii_case(b"close")
+                    || token.eq_ignore_ascii_case(b"keep-alive")
+                    || token.eq_ignore_ascii_case(b"upgrade")
                 {
                     continue;
                 }
-                if let Ok(name) = HeaderName::from_bytes(token.as_bytes())
+                if let Ok(name) = HeaderName::from_bytes(token)
                     && name != HOST
                 {
                     listed.push(name);
@@ -109,20 +109,6 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
         if present & (1 << i) != 0 {
             h.remove(name);
         }
-    }
-}
-
-/// Where `name` is in [`HOP_BY_HOP`] (`Connection` is 0).
-fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
-    match name.as_str() {
-        "connection" => Some(0),
-        "keep-alive" => Some(1),
-        "proxy-connection" => Some(2),
-        "te" => Some(3),
-        "trailer" => Some(4),
-        "transfer-encoding" => Some(5),
-        "upgrade" => Some(6),
-        _ => None,
     }
 }
 
@@ -184,6 +170,7 @@ pub fn write_real_ip(out: &mut Vec<u8>, peer: &Peer, client: IpAddr) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper::header::TRANSFER_ENCODING;
 
     #[test]
     fn hop_by_hop_and_listed_headers_go() {
