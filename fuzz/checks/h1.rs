@@ -567,7 +567,7 @@ fn check_fast(buf: &[u8], head: &RequestHead, replay: u64, limit: u64, underscor
     );
 }
 
-/// The general path's rule for `Host` (proxy.rs `host_is_valid`), written
+/// The general path's rule for `Host` (`forward::headers::host_is_valid`), written
 /// anew: a reg-name, IPv4 or `[IPv6]` and an optional port, nothing that
 /// could be a path or two values, no `..`.
 fn plain_authority(v: &[u8]) -> bool {

@@ -6,7 +6,7 @@
 //!
 //! A request that hyper hands back unsent, because the reused connection
 //! closed first, simply goes on the next idle or a new connection (see
-//! [`send`]).
+//! `send`).
 //!
 //! Request bodies: a body of at most [`REPLAY_LIMIT`] bytes with a declared
 //! `Content-Length` is read first so it can be replayed on another upstream

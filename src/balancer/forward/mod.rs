@@ -45,6 +45,10 @@ pub mod client;
 pub mod edge;
 pub mod headers;
 
+/// The policy through a scripted transport.
+#[cfg(test)]
+mod tests;
+
 use std::fmt::Display;
 use std::net::IpAddr;
 use std::time::Instant;

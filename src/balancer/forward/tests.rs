@@ -1,0 +1,205 @@
+//! The policy alone, through a scripted transport: which upstream and
+//! connection each attempt goes on, and what the client gets, with no
+//! socket and no HTTP.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use hyper::Method;
+
+use super::{Conn, Failure, Plan, Reply, Transport, run};
+use crate::balancer::answer::LocalAnswer;
+use crate::balancer::pool::ConnectError;
+use crate::balancer::select::Pick;
+use crate::balancer::state::Shared;
+use crate::balancer::upstream::Upstream;
+use crate::config::Config;
+
+/// How one scripted attempt ends.
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    Answer(u16),
+    Connect,
+    Timeout,
+    Broken { stale: bool },
+}
+
+/// A transport that plays a script and records where each attempt went.
+struct Script {
+    outcomes: VecDeque<Outcome>,
+    /// How many more times the request can be sent (a streamed body: 1).
+    sendable: usize,
+    fault: Option<LocalAnswer>,
+    sent: Vec<(u16, Conn)>,
+}
+
+impl Script {
+    fn new(outcomes: &[Outcome]) -> Script {
+        Script {
+            outcomes: outcomes.iter().copied().collect(),
+            sendable: usize::MAX,
+            fault: None,
+            sent: Vec::new(),
+        }
+    }
+}
+
+impl Transport for Script {
+    type Request = ();
+    type Response = u16;
+    type Error = &'static str;
+    /// The upstream's status, or the balancer's own.
+    type Output = Result<u16, u16>;
+
+    fn request(&mut self, _upstream: &Upstream) -> Option<()> {
+        self.sendable = self.sendable.checked_sub(1)?;
+        Some(())
+    }
+
+    async fn send(
+        &mut self,
+        upstream: &Upstream,
+        (): (),
+        conn: Conn,
+    ) -> Result<u16, Failure<&'static str>> {
+        self.sent.push((upstream.config.addr.port(), conn));
+        match self.outcomes.pop_front().expect("a scripted outcome") {
+            Outcome::Answer(status) => Ok(status),
+            Outcome::Connect => Err(Failure::Connect(ConnectError::Timeout(
+                Duration::from_secs(1),
+            ))),
+            Outcome::Timeout => Err(Failure::Timeout),
+            Outcome::Broken { stale } => Err(Failure::Broken {
+                stale,
+                error: "reset",
+            }),
+        }
+    }
+
+    fn client_fault(&self) -> Option<LocalAnswer> {
+        self.fault
+    }
+
+    fn status(&self, status: &u16) -> u16 {
+        *status
+    }
+
+    fn sold_out_mark(&self, _: &u16) -> bool {
+        false
+    }
+
+    async fn deliver(&mut self, status: u16, _pick: Pick) -> Result<u16, u16> {
+        Ok(status)
+    }
+
+    async fn reply(&mut self, reply: Reply) -> Result<u16, u16> {
+        Err(reply.status.as_u16())
+    }
+}
+
+/// A balancer's state over upstreams on ports 1 and 2 (never connected
+/// to), round-robin.
+fn shared() -> Shared {
+    let text = "[balancer]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nstrategy = \"round_robin\"\n\
+        [[balancer.upstream]]\naddr = \"127.0.0.1:1\"\n[[balancer.upstream]]\naddr = \"127.0.0.1:2\"\n";
+    let config = Config::parse(Path::new("forward-test.toml"), text).expect("config");
+    Shared::new(config, 1).expect("shared")
+}
+
+async fn forward(shared: &Shared, method: Method, t: &mut Script) -> Result<u16, u16> {
+    let client = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let plan = Plan::new(Instant::now(), false, client, &method, false);
+    let active = shared.current.load_full();
+    run(shared, &active, t, plan).await
+}
+
+fn failures(shared: &Shared, port: u16) -> u64 {
+    let active = shared.current.load();
+    let u = active
+        .selector
+        .upstreams()
+        .find(|u| u.config.addr == SocketAddr::from(([127, 0, 0, 1], port)))
+        .expect("upstream");
+    u.live.failures.load(Ordering::Relaxed)
+}
+
+#[tokio::test]
+async fn a_connect_failure_goes_on_whatever_the_method() {
+    let s = shared();
+    let mut t = Script::new(&[Outcome::Connect, Outcome::Answer(201)]);
+    assert_eq!(forward(&s, Method::POST, &mut t).await, Ok(201));
+    assert_eq!(t.sent, [(1, Conn::Pooled), (2, Conn::Pooled)]);
+}
+
+#[tokio::test]
+async fn after_sending_only_what_may_be_sent_twice_goes_on() {
+    let s = shared();
+    let mut t = Script::new(&[Outcome::Broken { stale: false }]);
+    assert_eq!(forward(&s, Method::POST, &mut t).await, Err(502));
+    assert_eq!(t.sent, [(1, Conn::Pooled)]);
+
+    let s = shared();
+    let mut t = Script::new(&[Outcome::Broken { stale: false }, Outcome::Answer(200)]);
+    assert_eq!(forward(&s, Method::GET, &mut t).await, Ok(200));
+    assert_eq!(t.sent, [(1, Conn::Pooled), (2, Conn::Pooled)]);
+}
+
+#[tokio::test]
+async fn a_stale_connection_is_retried_once_on_a_fresh_one() {
+    let s = shared();
+    let mut t = Script::new(&[Outcome::Broken { stale: true }, Outcome::Answer(200)]);
+    assert_eq!(forward(&s, Method::GET, &mut t).await, Ok(200));
+    assert_eq!(t.sent, [(1, Conn::Pooled), (1, Conn::Fresh)]);
+    assert_eq!(failures(&s, 1), 0, "a stale connection is no failure");
+
+    // Not for a request that may not be sent twice.
+    let s = shared();
+    let mut t = Script::new(&[Outcome::Broken { stale: true }]);
+    assert_eq!(forward(&s, Method::POST, &mut t).await, Err(502));
+    assert_eq!(t.sent, [(1, Conn::Pooled)]);
+}
+
+#[tokio::test]
+async fn a_streamed_body_gets_one_attempt() {
+    let s = shared();
+    let mut t = Script::new(&[Outcome::Broken { stale: true }]);
+    t.sendable = 1;
+    assert_eq!(forward(&s, Method::PUT, &mut t).await, Err(502));
+    assert_eq!(t.sent, [(1, Conn::Pooled)]);
+}
+
+#[tokio::test]
+async fn the_last_failure_decides_502_or_504_and_each_is_counted() {
+    let s = shared();
+    let mut t = Script::new(&[Outcome::Connect, Outcome::Timeout]);
+    assert_eq!(forward(&s, Method::GET, &mut t).await, Err(504));
+    let s2 = shared();
+    let mut t = Script::new(&[Outcome::Timeout, Outcome::Connect]);
+    assert_eq!(forward(&s2, Method::GET, &mut t).await, Err(502));
+    let counted = |s: &Shared, code: &str| {
+        s.metrics
+            .local_counts()
+            .find(|(label, _)| *label == code)
+            .map(|(_, n)| n.load(Ordering::Relaxed))
+    };
+    assert_eq!(counted(&s, "504"), Some(1));
+    assert_eq!(counted(&s, "502"), Some(0));
+    assert_eq!(counted(&s2, "502"), Some(1));
+}
+
+#[tokio::test]
+async fn the_client_s_own_fault_is_its_4xx_and_marks_no_upstream() {
+    let s = shared();
+    let mut t = Script::new(&[Outcome::Broken { stale: false }]);
+    t.fault = Some(LocalAnswer::PayloadTooLarge);
+    assert_eq!(forward(&s, Method::PUT, &mut t).await, Err(413));
+    assert_eq!(failures(&s, 1), 0);
+
+    let s = shared();
+    let mut t = Script::new(&[Outcome::Broken { stale: false }]);
+    assert_eq!(forward(&s, Method::POST, &mut t).await, Err(502));
+    assert_eq!(failures(&s, 1), 1);
+}
