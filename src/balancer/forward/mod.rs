@@ -215,6 +215,10 @@ pub fn local(shared: &Shared, answer: LocalAnswer) -> Reply {
 /// How one forwarding path carries a request to upstreams and an answer
 /// back to its client: the mechanics, with no decision of its own (those
 /// are [`run`]'s).
+///
+/// `async fn`s, so [`run`] is monomorphized per transport and nothing is
+/// boxed; a future's `Send` is checked where a concrete transport's is
+/// needed (hyper's service), hence no `Send` bound here.
 #[allow(async_fn_in_trait)]
 pub trait Transport {
     /// The request as it goes to an upstream, once per attempt.
