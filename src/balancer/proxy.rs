@@ -241,7 +241,7 @@ pub async fn handle(
         };
         Outgoing::Stream(Some(body), state)
     };
-    let mut t = Hyper {
+    let t = Hyper {
         worker,
         workers: shared.workers,
         config,
@@ -250,7 +250,7 @@ pub async fn handle(
         headers: parts.headers,
         outgoing,
     };
-    forward::run(shared, &active, &mut t, plan).await
+    forward::run(shared, &active, t, plan).await
 }
 
 /// One request on hyper's path, as the policy's [`Transport`].

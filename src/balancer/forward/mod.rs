@@ -216,9 +216,10 @@ pub fn local(shared: &Shared, answer: LocalAnswer) -> Reply {
 /// back to its client: the mechanics, with no decision of its own (those
 /// are [`run`]'s).
 ///
-/// `async fn`s, so [`run`] is monomorphized per transport and nothing is
-/// boxed; a future's `Send` is checked where a concrete transport's is
-/// needed (hyper's service), hence no `Send` bound here.
+/// `async fn`s (an implementation may return its future directly, so as
+/// not to wrap it in another), so [`run`] is monomorphized per transport
+/// and nothing is boxed; a future's `Send` is checked where a concrete
+/// transport's is needed (hyper's service), hence no `Send` bound here.
 #[allow(async_fn_in_trait)]
 pub trait Transport {
     /// The request as it goes to an upstream, once per attempt.
@@ -263,83 +264,95 @@ pub trait Transport {
 /// The attempt loop: picks upstreams (waiting for a free slot when all are
 /// at their `max_conns`), sends the request through `t`, retries as the
 /// policy allows, and hands on the first response or answers 502/504.
-pub async fn run<T: Transport>(
-    shared: &Shared,
-    active: &Active,
-    t: &mut T,
+///
+/// A plain `fn` returning an `async` block, which holds its captures once:
+/// an `async fn` would keep its arguments twice, and the fast path boxes
+/// this future per request.
+#[allow(clippy::manual_async_fn)]
+pub fn run<'a, T: Transport + 'a>(
+    shared: &'a Shared,
+    active: &'a Active,
+    mut t: T,
     plan: Plan,
-) -> T::Output {
-    let config = &active.config;
-    let mut attempt = Attempt::new(plan.client);
-    let mut timed_out = false;
-    let mut sent = false;
-    loop {
-        let pick = match admission::next_pick(shared, active, &mut attempt, plan.client, sent).await
-        {
-            Ok(Some(pick)) => pick,
-            Ok(None) => break,
-            Err(why) => return t.reply(local(shared, why)).await,
-        };
-        sent = true;
-        let upstream = active.selector.upstream(&pick);
-        let Some(request) = t.request(upstream) else {
-            break;
-        };
-        let mut result = t.send(upstream, request, Conn::Pooled).await;
-        if let Err(Failure::Broken { stale: true, error }) = &result
-            && plan.retryable
-            && let Some(again) = t.request(upstream)
-        {
-            tracing::debug!(upstream = %upstream.config.addr, %error, "retrying once on a fresh connection");
-            result = t.send(upstream, again, Conn::Fresh).await;
-        }
-        let failure = match result {
-            Ok(response) => {
-                active.selector.release(&pick, false, now_ms());
-                let status = t.status(&response);
-                if plan.is_buy
-                    && config.sold_out_at_edge
-                    && status == StatusCode::CONFLICT.as_u16()
-                    && t.sold_out_mark(&response)
+) -> impl Future<Output = T::Output> + 'a {
+    async move {
+        let mut attempt = Attempt::new(plan.client);
+        let mut timed_out = false;
+        let mut sent = false;
+        loop {
+            let pick =
+                match admission::next_pick(shared, active, &mut attempt, plan.client, sent).await {
+                    Ok(Some(pick)) => pick,
+                    Ok(None) => break,
+                    Err(why) => return t.reply(local(shared, why)).await,
+                };
+            sent = true;
+            let upstream = active.selector.upstream(&pick);
+            let Some(request) = t.request(upstream) else {
+                break;
+            };
+            // In a block of its own, so that the attempt's result is not
+            // kept beside the response's relay.
+            let response = {
+                let mut result = t.send(upstream, request, Conn::Pooled).await;
+                if let Err(Failure::Broken { stale: true, error }) = &result
+                    && plan.retryable
+                    && let Some(again) = t.request(upstream)
                 {
-                    shared.edge.poke();
+                    tracing::debug!(upstream = %upstream.config.addr, %error, "retrying once on a fresh connection");
+                    result = t.send(upstream, again, Conn::Fresh).await;
                 }
-                pick.live().count_response(status);
-                shared.metrics.latency.observe(plan.start.elapsed());
-                return t.deliver(response, pick).await;
-            }
-            Err(failure) => failure,
-        };
-        if let Some(answer) = t.client_fault() {
-            // The client's body broke the attempt: a 4xx for the client,
-            // no mark on an upstream that did nothing wrong.
+                match result {
+                    Ok(response) => response,
+                    Err(failure) => {
+                        if let Some(answer) = t.client_fault() {
+                            // The client's body broke the attempt: a 4xx
+                            // for the client, no mark on an upstream that
+                            // did nothing wrong.
+                            active.selector.release(&pick, false, now_ms());
+                            return t.reply(local(shared, answer)).await;
+                        }
+                        active.selector.release(&pick, true, now_ms());
+                        timed_out = matches!(failure, Failure::Timeout);
+                        let retry = match &failure {
+                            Failure::Connect(error) => {
+                                tracing::warn!(upstream = %upstream.config.addr, %error, "upstream connect failed");
+                                true
+                            }
+                            Failure::Timeout => {
+                                tracing::warn!(upstream = %upstream.config.addr, "upstream response timed out");
+                                plan.retryable
+                            }
+                            Failure::Broken { error, .. } => {
+                                tracing::warn!(upstream = %upstream.config.addr, %error, "upstream request failed");
+                                plan.retryable
+                            }
+                        };
+                        if retry {
+                            continue;
+                        }
+                        break;
+                    }
+                }
+            };
             active.selector.release(&pick, false, now_ms());
-            return t.reply(local(shared, answer)).await;
+            let status = t.status(&response);
+            if plan.is_buy
+                && active.config.sold_out_at_edge
+                && status == StatusCode::CONFLICT.as_u16()
+                && t.sold_out_mark(&response)
+            {
+                shared.edge.poke();
+            }
+            pick.live().count_response(status);
+            shared.metrics.latency.observe(plan.start.elapsed());
+            return t.deliver(response, pick).await;
         }
-        active.selector.release(&pick, true, now_ms());
-        timed_out = matches!(failure, Failure::Timeout);
-        let retry = match &failure {
-            Failure::Connect(error) => {
-                tracing::warn!(upstream = %upstream.config.addr, %error, "upstream connect failed");
-                true
-            }
-            Failure::Timeout => {
-                tracing::warn!(upstream = %upstream.config.addr, "upstream response timed out");
-                plan.retryable
-            }
-            Failure::Broken { error, .. } => {
-                tracing::warn!(upstream = %upstream.config.addr, %error, "upstream request failed");
-                plan.retryable
-            }
+        let answer = if timed_out {
+            LocalAnswer::GatewayTimeout
+        } else {
+            LocalAnswer::BadGateway
         };
-        if !retry {
-            break;
-        }
+        t.reply(local(shared, answer)).await
     }
-    let answer = if timed_out {
-        LocalAnswer::GatewayTimeout
-    } else {
-        LocalAnswer::BadGateway
-    };
-    t.reply(local(shared, answer)).await
 }

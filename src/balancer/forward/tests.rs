@@ -47,7 +47,7 @@ impl Script {
     }
 }
 
-impl Transport for Script {
+impl Transport for &mut Script {
     type Request = ();
     type Response = u16;
     type Error = &'static str;

@@ -221,20 +221,30 @@ pub async fn serve(
             }
         }
         let closing = b.head.close || ctx.stopping.load(Ordering::Relaxed);
-        // Boxed: the request's state (an attempt, its upstream exchange and
-        // relay) lives only while there is a request, so ten thousand idle
-        // keep-alive clients do not each hold room for it.
-        let keep = Box::pin(forward_request(
-            &shared,
-            &active,
-            worker,
-            &peer,
-            &mut stream,
-            &mut b,
-            end,
-            closing,
-        ))
-        .await;
+        let keep = match prepare(&shared, &active, &peer, &mut b, end) {
+            Next::Answer(reply) => {
+                write_reply(&mut b.out, &reply, closing);
+                send(&mut stream, &b.out, active.config.send_timeout)
+                    .await
+                    .is_ok()
+            }
+            Next::Forward(plan) => {
+                let raw = Raw {
+                    worker,
+                    workers: shared.workers,
+                    config: &active.config,
+                    to_head: b.head.method == Method::HEAD,
+                    client: &mut stream,
+                    b: &mut b,
+                    closing,
+                };
+                // Boxed: the request's state (an attempt, its upstream
+                // exchange and relay) lives only while there is a request,
+                // so ten thousand idle keep-alive clients do not each hold
+                // room for it.
+                Box::pin(forward::run(&shared, &active, raw, plan)).await
+            }
+        };
         b.input.advance(end);
         if !keep || closing {
             let _ = stream.shutdown().await;
@@ -293,25 +303,30 @@ impl std::fmt::Display for RawError {
     }
 }
 
-/// Proxies the request in `b` (its bytes are `b.input[..end]`); returns
-/// whether the client connection may serve another request.
-#[allow(clippy::too_many_arguments)]
-async fn forward_request(
+/// What becomes of the request in `b` once it has been read.
+enum Next {
+    /// The edge answers it.
+    Answer(Reply),
+    /// It goes to upstreams: written into `b.out`, as every attempt sends
+    /// it.
+    Forward(Plan),
+}
+
+/// The policy's decisions for the request in `b` (its bytes are
+/// `b.input[..end]`), all made before anything is sent or awaited: the
+/// edge's answer, or the request as the upstreams get it, written once.
+fn prepare(
     shared: &Shared,
     active: &super::state::Active,
-    worker: usize,
     peer: &Peer,
-    client: &mut TcpStream,
     b: &mut Buffers,
     end: usize,
-    closing: bool,
-) -> bool {
+) -> Next {
     let start = Instant::now();
     let config = &active.config;
     let head = &b.head;
     let input = &b.input[..end];
-    let path = &input[head.target.start..head.path_end];
-    let is_buy = path == protocol::PURCHASE_PATH.as_bytes();
+    let is_buy = &input[head.target.start..head.path_end] == protocol::PURCHASE_PATH.as_bytes();
     let edge = forward::edge::answer(
         shared,
         config,
@@ -326,21 +341,9 @@ async fn forward_request(
             buyer_from(query, user_id, limited)
         },
     );
-    let mut raw = Raw {
-        worker,
-        workers: shared.workers,
-        config,
-        client,
-        b,
-        closing,
-        to_head: false,
-    };
     if let Some(edge) = edge {
-        return raw.reply(edge.into()).await;
+        return Next::Answer(edge.into());
     }
-    let b = &mut *raw.b;
-    let head = &b.head;
-    let input = &b.input[..end];
     let client_addr = client_ip_from(
         peer.ip,
         head.headers
@@ -354,7 +357,6 @@ async fn forward_request(
         idempotency::is_valid_bytes(&input[head.headers[head.key_at].value.clone()])
     });
     let generated = (key == KeyPlan::Generate).then(idempotency::generate);
-    let plan = Plan::new(start, is_buy, client_addr, &head.method, key.keyed());
     write_request(
         &mut b.out,
         head,
@@ -363,8 +365,13 @@ async fn forward_request(
         client_addr,
         generated.as_ref().map(|v| v.as_bytes()),
     );
-    raw.to_head = head.method == Method::HEAD;
-    forward::run(shared, active, &mut raw, plan).await
+    Next::Forward(Plan::new(
+        start,
+        is_buy,
+        client_addr,
+        &head.method,
+        key.keyed(),
+    ))
 }
 
 /// One request on the fast path, as the policy's [`Transport`]: the
@@ -392,12 +399,12 @@ impl Transport for Raw<'_> {
         Some(())
     }
 
-    async fn send(
+    fn send(
         &mut self,
         upstream: &Upstream,
         (): (),
         conn: Conn,
-    ) -> Result<RawConn, Failure<RawError>> {
+    ) -> impl Future<Output = Result<RawConn, Failure<RawError>>> {
         exchange(
             upstream,
             self.worker,
@@ -407,7 +414,6 @@ impl Transport for Raw<'_> {
             conn == Conn::Pooled,
             self.to_head,
         )
-        .await
     }
 
     fn client_fault(&self) -> Option<LocalAnswer> {
@@ -423,7 +429,7 @@ impl Transport for Raw<'_> {
         has_sold_out_mark(&self.b.rhead, &self.b.resp)
     }
 
-    async fn deliver(&mut self, conn: RawConn, pick: Pick) -> bool {
+    fn deliver(&mut self, conn: RawConn, pick: Pick) -> impl Future<Output = bool> {
         let (worker, workers, keepalive) = (self.worker, self.workers, self.config.keepalive);
         // The pick (least_conn's count) ends with the upstream's body, and
         // the connection goes back idle then.
@@ -435,7 +441,7 @@ impl Transport for Raw<'_> {
             }
             drop(pick);
         };
-        relay(self.client, conn, self.b, self.config, self.closing, finish).await
+        relay(self.client, conn, self.b, self.config, self.closing, finish)
     }
 
     async fn reply(&mut self, reply: Reply) -> bool {
