@@ -221,30 +221,20 @@ pub async fn serve(
             }
         }
         let closing = b.head.close || ctx.stopping.load(Ordering::Relaxed);
-        let keep = match prepare(&shared, &active, &peer, &mut b, end) {
-            Next::Answer(reply) => {
-                write_reply(&mut b.out, &reply, closing);
-                send(&mut stream, &b.out, active.config.send_timeout)
-                    .await
-                    .is_ok()
-            }
-            Next::Forward(plan) => {
-                let raw = Raw {
-                    worker,
-                    workers: shared.workers,
-                    config: &active.config,
-                    to_head: b.head.method == Method::HEAD,
-                    client: &mut stream,
-                    b: &mut b,
-                    closing,
-                };
-                // Boxed: the request's state (an attempt, its upstream
-                // exchange and relay) lives only while there is a request,
-                // so ten thousand idle keep-alive clients do not each hold
-                // room for it.
-                Box::pin(forward::run(&shared, &active, raw, plan)).await
-            }
-        };
+        // Boxed: the request's state (an attempt, its upstream exchange and
+        // relay) lives only while there is a request, so ten thousand idle
+        // keep-alive clients do not each hold room for it.
+        let keep = Box::pin(forward_request(
+            &shared,
+            &active,
+            worker,
+            &peer,
+            &mut stream,
+            &mut b,
+            end,
+            closing,
+        ))
+        .await;
         b.input.advance(end);
         if !keep || closing {
             let _ = stream.shutdown().await;
@@ -299,6 +289,70 @@ impl std::fmt::Display for RawError {
         match self {
             RawError::Io(e) => e.fmt(f),
             RawError::Malformed(m) => m.fmt(f),
+        }
+    }
+}
+
+/// Proxies the request in `b` (its bytes are `b.input[..end]`); the
+/// future says whether the client connection may serve another request.
+/// The decisions are made before it is first polled ([`prepare`]); it
+/// holds only what answering or forwarding needs (it is boxed per
+/// request).
+#[allow(clippy::too_many_arguments)]
+fn forward_request<'a>(
+    shared: &'a Shared,
+    active: &'a super::state::Active,
+    worker: usize,
+    peer: &Peer,
+    client: &'a mut TcpStream,
+    b: &'a mut Buffers,
+    end: usize,
+    closing: bool,
+) -> impl Future<Output = bool> + 'a {
+    let config = &active.config;
+    match prepare(shared, active, peer, b, end) {
+        Next::Answer(reply) => {
+            write_reply(&mut b.out, &reply, closing);
+            Either::Left {
+                f: async move { send(client, &b.out, config.send_timeout).await.is_ok() },
+            }
+        }
+        Next::Forward(plan) => {
+            let raw = Raw {
+                worker,
+                workers: shared.workers,
+                config,
+                to_head: b.head.method == Method::HEAD,
+                client,
+                b,
+                closing,
+            };
+            Either::Right {
+                f: forward::run(shared, active, raw, plan),
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// One of two futures with the same output, without a box of its own.
+    #[project = EitherProj]
+    enum Either<A, B> {
+        Left { #[pin] f: A },
+        Right { #[pin] f: B },
+    }
+}
+
+impl<A: Future, B: Future<Output = A::Output>> Future for Either<A, B> {
+    type Output = A::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<A::Output> {
+        match self.project() {
+            EitherProj::Left { f } => f.poll(cx),
+            EitherProj::Right { f } => f.poll(cx),
         }
     }
 }
