@@ -187,70 +187,76 @@ pub async fn handle(
     peer: &Peer,
     req: Request<Incoming>,
 ) -> Response<RespBody> {
-    let start = Instant::now();
     let active = shared.current.load_full();
-    let config = &active.config;
-    let (mut parts, body) = req.into_parts();
-    let declared = content_length(&parts.headers);
-    let host_ok = host_is_valid(&parts.headers, parts.version);
-    if let Some(refused) = forward::refusal(&parts.method, host_ok, declared, config) {
-        return reply(forward::local(shared, refused));
-    }
-    if !config.underscores_in_headers {
-        drop_underscored(&mut parts.headers);
-    }
-    let is_buy = idempotency::is_purchase(parts.uri.path());
-    let edge = forward::edge::answer(
-        shared,
-        config,
-        is_buy,
-        &parts.method,
-        parts.headers.contains_key(IDEMPOTENCY_KEY),
-        |limited| protocol::buyer_in(&parts.uri, &parts.headers, limited),
-    );
-    if let Some(edge) = edge {
-        return reply(edge.into());
-    }
-    let client = client_ip(peer.ip, &parts.headers, &config.trusted_proxies);
-    prepare_request_headers(&mut parts.headers, peer, client);
-    // A purchase with a key may be sent twice: the node decides a key once.
-    let keyed = idempotency::ensure_key(&parts.method, parts.uri.path(), &mut parts.headers);
-    let plan = Plan::new(start, is_buy, client, &parts.method, keyed);
-    let path = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-
-    let outgoing = if body.is_end_stream() {
-        Outgoing::Replay(Bytes::new())
-    } else if declared.is_some_and(|n| n <= REPLAY_LIMIT) {
-        match read_small_body(body, config.body_timeout).await {
-            Some(bytes) => Outgoing::Replay(bytes),
-            None => return reply(forward::local(shared, LocalAnswer::BadRequest)),
+    // In a block of its own, so that what the request was read into is
+    // not kept beside the attempts (this future is the connection's, per
+    // request).
+    {
+        let start = Instant::now();
+        let config = &active.config;
+        let (mut parts, body) = req.into_parts();
+        let declared = content_length(&parts.headers);
+        let host_ok = host_is_valid(&parts.headers, parts.version);
+        if let Some(refused) = forward::refusal(&parts.method, host_ok, declared, config) {
+            return reply(forward::local(shared, refused));
         }
-    } else {
-        let state = Arc::new(BodyState::default());
-        let body = ClientBody {
-            inner: body,
-            state: state.clone(),
-            read: 0,
-            max_body: config.max_body,
-            body_timeout: config.body_timeout,
-            stall: StallTimer::default(),
+        if !config.underscores_in_headers {
+            drop_underscored(&mut parts.headers);
+        }
+        let is_buy = idempotency::is_purchase(parts.uri.path());
+        let edge = forward::edge::answer(
+            shared,
+            config,
+            is_buy,
+            &parts.method,
+            parts.headers.contains_key(IDEMPOTENCY_KEY),
+            |limited| protocol::buyer_in(&parts.uri, &parts.headers, limited),
+        );
+        if let Some(edge) = edge {
+            return reply(edge.into());
+        }
+        let client = client_ip(peer.ip, &parts.headers, &config.trusted_proxies);
+        prepare_request_headers(&mut parts.headers, peer, client);
+        // A purchase with a key may be sent twice: the node decides a key once.
+        let keyed = idempotency::ensure_key(&parts.method, parts.uri.path(), &mut parts.headers);
+        let plan = Plan::new(start, is_buy, client, &parts.method, keyed);
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+
+        let outgoing = if body.is_end_stream() {
+            Outgoing::Replay(Bytes::new())
+        } else if declared.is_some_and(|n| n <= REPLAY_LIMIT) {
+            match read_small_body(body, config.body_timeout).await {
+                Some(bytes) => Outgoing::Replay(bytes),
+                None => return reply(forward::local(shared, LocalAnswer::BadRequest)),
+            }
+        } else {
+            let state = Arc::new(BodyState::default());
+            let body = ClientBody {
+                inner: body,
+                state: state.clone(),
+                read: 0,
+                max_body: config.max_body,
+                body_timeout: config.body_timeout,
+                stall: StallTimer::default(),
+            };
+            Outgoing::Stream(Some(body), state)
         };
-        Outgoing::Stream(Some(body), state)
-    };
-    let t = Hyper {
-        worker,
-        workers: shared.workers,
-        config,
-        method: parts.method,
-        path,
-        headers: parts.headers,
-        outgoing,
-    };
-    forward::run(shared, &active, t, plan).await
+        let t = Hyper {
+            worker,
+            workers: shared.workers,
+            config,
+            method: parts.method,
+            path,
+            headers: parts.headers,
+            outgoing,
+        };
+        forward::run(shared, &active, t, plan)
+    }
+    .await
 }
 
 /// One request on hyper's path, as the policy's [`Transport`].
