@@ -1,0 +1,153 @@
+//! Every default of `config.toml`, named once.
+//!
+//! A section whose keys all have defaults is `Default`; one with required
+//! keys has a constructor that takes just those. Validation starts each
+//! section from here and overwrites what the file sets, and tests build
+//! their configs from here, so a default changes in one place (and in the
+//! README's table, which quotes them).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::sections::{
+    BalancerConfig, HealthCheck, NodeConfig, RedisConfig, SaleConfig, ServerConfig, Strategy,
+    UpstreamConfig,
+};
+
+impl Default for ServerConfig {
+    /// `[server]` left out.
+    fn default() -> Self {
+        ServerConfig {
+            max_connections: 20_000,
+            header_read_timeout: Duration::from_secs(5),
+            keepalive_timeout: Duration::from_secs(75),
+            grace_period: Duration::from_secs(10),
+            max_body: 4096,
+        }
+    }
+}
+
+impl SaleConfig {
+    /// A sale of `total` tickets of `event` over `nodes` nodes, every other
+    /// key at its default (the lease depends on both counts: see
+    /// [`default_lease`]).
+    pub fn new(event: String, total: u64, nodes: usize) -> Self {
+        SaleConfig {
+            event,
+            total,
+            per_user_limit: 1,
+            lease: default_lease(total, nodes),
+            lease_ttl: Duration::from_secs(10),
+            pay_within: None,
+            events_max: 100_000,
+            stream: false,
+        }
+    }
+}
+
+/// A node's lease when the file sets none: a tenth of a node's even share,
+/// between 1 and 100. Small enough that the last tickets are spread over
+/// the nodes that have buyers, large enough that a lease call is rare next
+/// to the purchases it covers.
+pub fn default_lease(total: u64, nodes: usize) -> u64 {
+    (total / (10 * nodes.max(1) as u64)).clamp(1, 100)
+}
+
+impl RedisConfig {
+    /// Redis at `url`, set at `origin` (`FILE:LINE`), every other key at
+    /// its default (no TLS files: a TLS URL trusts the system's roots).
+    pub fn new(url: String, origin: String) -> Self {
+        RedisConfig {
+            url,
+            origin,
+            tls: None,
+            timeout: Duration::from_millis(1000),
+            pool_size: 2,
+            max_clock_offset: Duration::from_secs(1),
+            replicas: 0,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// The node `name` on `listen`, with a weight of 1 and a thread per CPU.
+    pub fn new(name: String, listen: SocketAddr) -> Self {
+        NodeConfig {
+            name,
+            listen,
+            weight: 1,
+            threads: None,
+        }
+    }
+}
+
+impl Default for BalancerConfig {
+    /// `[balancer]` with no keys and no upstreams yet: a file with only
+    /// `[[node]]`s gets this with its nodes as the upstreams.
+    fn default() -> Self {
+        BalancerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 8001)),
+            strategy: Strategy::WeightedRoundRobin,
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(10),
+            keepalive: 64,
+            keepalive_timeout: Duration::from_secs(60),
+            read_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(60),
+            max_body: 1024 * 1024,
+            underscores_in_headers: false,
+            fast_path: true,
+            trusted_proxies: Vec::new(),
+            sold_out_at_edge: true,
+            queue: 0,
+            queue_timeout: Duration::from_secs(10),
+            health: None,
+            slow_start: Duration::ZERO,
+            upstreams: Vec::new(),
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// The upstream at `addr`, every other key at its default. (In a file,
+    /// an upstream that sets no `max_conns` takes the `[balancer]`'s, when
+    /// that sets one.)
+    pub fn new(addr: SocketAddr) -> Self {
+        UpstreamConfig {
+            addr,
+            weight: 1,
+            max_fails: 1,
+            fail_timeout: Duration::from_secs(10),
+            max_conns: 0,
+            backup: false,
+            down: false,
+        }
+    }
+
+    /// The upstream a `[[node]]` becomes when the balancer lists none: its
+    /// address and weight.
+    pub fn from_node(node: &NodeConfig) -> Self {
+        UpstreamConfig {
+            weight: node.weight,
+            ..UpstreamConfig::new(node.listen)
+        }
+    }
+}
+
+impl HealthCheck {
+    /// A check of `path`, every other key at its default: once a second,
+    /// and one answer either way takes an upstream out or brings it back.
+    pub fn new(path: String) -> Self {
+        HealthCheck {
+            path,
+            interval: Duration::from_secs(1),
+            // A node's /healthz asks its store: give it a second, as
+            // HAProxy's `timeout check` would be at the default interval.
+            timeout: Duration::from_secs(1),
+            fails: 1,
+            passes: 1,
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! `config.toml` as written: serde structs that only read the file.
+//!
+//! Nothing here checks a value: [`super::validate`] does that once, into the
+//! typed [`super::Config`]. Values are `Spanned` where a later check must
+//! say which line they stand on, and every struct denies unknown keys, so a
+//! typo is an error with a line rather than a setting silently ignored.
+//! (The field order is the order serde lists in "expected one of" messages.)
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The whole file: every section optional here, because which ones a
+/// command needs is the command's business (see [`super::Config::require_sale`]).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileConfig {
+    pub(super) sale: Option<Spanned<SaleFile>>,
+    pub(super) redis: Option<Spanned<RedisFile>>,
+    #[serde(default)]
+    pub(super) node: Vec<Spanned<NodeFile>>,
+    pub(super) balancer: Option<Spanned<BalancerFile>>,
+    pub(super) server: Option<Spanned<ServerFile>>,
+}
+
+/// `[sale]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SaleFile {
+    pub(super) event: Spanned<String>,
+    pub(super) total: Spanned<i64>,
+    #[serde(default)]
+    pub(super) per_user_limit: Option<Spanned<i64>>,
+    /// Read so that old files still load; it no longer does anything.
+    pub(super) buffer: Option<Spanned<i64>>,
+    pub(super) lease: Option<Spanned<i64>>,
+    pub(super) lease_ttl: Option<Spanned<String>>,
+    pub(super) pay_within: Option<Spanned<String>>,
+    pub(super) events_max: Option<Spanned<i64>>,
+    pub(super) stream: Option<Spanned<bool>>,
+}
+
+/// `[redis]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RedisFile {
+    pub(super) url: Spanned<String>,
+    pub(super) timeout: Option<Spanned<String>>,
+    pub(super) pool_size: Option<Spanned<i64>>,
+    pub(super) max_clock_offset: Option<Spanned<String>>,
+    pub(super) replicas: Option<Spanned<i64>>,
+    pub(super) tls_ca_file: Option<Spanned<String>>,
+    pub(super) tls_cert_file: Option<Spanned<String>>,
+    pub(super) tls_key_file: Option<Spanned<String>>,
+}
+
+/// One `[[node]]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct NodeFile {
+    pub(super) name: Spanned<String>,
+    pub(super) listen: Spanned<String>,
+    pub(super) weight: Option<Spanned<i64>>,
+    /// Read so that old files still load; it no longer does anything.
+    pub(super) stock: Option<Spanned<i64>>,
+    pub(super) threads: Option<Spanned<i64>>,
+}
+
+/// `[balancer]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct BalancerFile {
+    pub(super) listen: Option<Spanned<String>>,
+    pub(super) strategy: Option<Spanned<String>>,
+    pub(super) admin: Option<Spanned<String>>,
+    pub(super) connect_timeout: Option<Spanned<String>>,
+    pub(super) response_timeout: Option<Spanned<String>>,
+    pub(super) keepalive: Option<Spanned<i64>>,
+    pub(super) keepalive_timeout: Option<Spanned<String>>,
+    pub(super) read_timeout: Option<Spanned<String>>,
+    pub(super) send_timeout: Option<Spanned<String>>,
+    pub(super) body_timeout: Option<Spanned<String>>,
+    pub(super) max_body: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub(super) underscores_in_headers: bool,
+    pub(super) fast_path: Option<bool>,
+    #[serde(default)]
+    pub(super) trusted_proxies: Vec<Spanned<String>>,
+    pub(super) sold_out_at_edge: Option<bool>,
+    pub(super) max_conns: Option<Spanned<i64>>,
+    pub(super) queue: Option<Spanned<i64>>,
+    pub(super) queue_timeout: Option<Spanned<String>>,
+    pub(super) health_check: Option<Spanned<String>>,
+    pub(super) health_interval: Option<Spanned<String>>,
+    pub(super) health_timeout: Option<Spanned<String>>,
+    pub(super) health_fails: Option<Spanned<i64>>,
+    pub(super) health_passes: Option<Spanned<i64>>,
+    pub(super) slow_start: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) upstream: Vec<Spanned<UpstreamFile>>,
+}
+
+/// One `[[balancer.upstream]]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct UpstreamFile {
+    pub(super) addr: Spanned<String>,
+    pub(super) weight: Option<Spanned<i64>>,
+    pub(super) max_fails: Option<Spanned<i64>>,
+    pub(super) fail_timeout: Option<Spanned<String>>,
+    pub(super) max_conns: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub(super) backup: bool,
+    #[serde(default)]
+    pub(super) down: bool,
+}
+
+/// `[server]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ServerFile {
+    pub(super) max_connections: Option<Spanned<i64>>,
+    pub(super) header_read_timeout: Option<Spanned<String>>,
+    pub(super) keepalive_timeout: Option<Spanned<String>>,
+    pub(super) grace_period: Option<Spanned<String>>,
+    pub(super) max_body: Option<Spanned<i64>>,
+}

@@ -1,0 +1,229 @@
+//! The validated sections of a [`super::Config`]: typed values (addresses,
+//! durations, counts) that the rest of spike reads without parsing anything.
+//!
+//! Their defaults are in [`super::defaults`], their checks in
+//! [`super::validate`]: these are only the shapes.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+/// What is on sale and under which rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SaleConfig {
+    /// The event name; every Redis key of the sale is hash-tagged with it.
+    pub event: String,
+    /// Tickets on sale.
+    pub total: u64,
+    /// Tickets one buyer may hold; 0 means anonymous buyers are allowed.
+    /// Written into the store by `stock init`; nodes enforce the stored one.
+    pub per_user_limit: u64,
+    /// Units a node asks for when its lease runs low: a node sends at most
+    /// this many purchases before it asks the store again.
+    pub lease: u64,
+    /// How long a lease lives unless its node calls the store again, so the
+    /// units of a node that died come back by themselves.
+    pub lease_ttl: Duration,
+    /// With it, a purchase is a reservation the buyer must pay within this
+    /// long, or its ticket goes back on sale; without it, purchases are
+    /// final. Written into the store by `stock init`, like the limit.
+    pub pay_within: Option<Duration>,
+    /// About how many events the sale's stream keeps (`MAXLEN ~`): the
+    /// hand-off to an order service must not grow without bound.
+    pub events_max: u64,
+    /// Final sales are appended to the event stream too (a `sold` event per
+    /// order), for an order service that must hear of every order; off by
+    /// default because the append costs Redis time on every sale. A sale
+    /// with a payment window always streams. Stored with the sale by
+    /// `stock init`, so every node agrees.
+    pub stream: bool,
+}
+
+/// How to reach Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// A `redis://` (or `rediss://`) URL, or fred's `redis-cluster://` and
+    /// `redis-sentinel://` forms (`rediss-cluster://`, `rediss-sentinel://`
+    /// over TLS).
+    pub url: String,
+    /// Where `url` is set (`FILE:LINE`), so that a Redis that cannot be
+    /// reached is reported with the line to fix.
+    pub origin: String,
+    /// The CA and client certificate of a TLS URL, when the file names
+    /// them (`tls_ca_file`, `tls_cert_file`, `tls_key_file`); `None` with a
+    /// TLS URL trusts the system's roots.
+    pub tls: Option<crate::redis_client::RedisTls>,
+    /// Bound on one command, so a stalled Redis becomes a 503, not a hang.
+    pub timeout: Duration,
+    /// Connections per node process, and deduction calls in flight at once
+    /// (default 2: one on the wire while the last one's answers go out;
+    /// more slots make smaller batches, and more work for Redis per sale).
+    pub pool_size: usize,
+    /// A node whose wall clock is further than this from Redis's reports
+    /// itself unhealthy (deadlines are safe either way: they are kept in
+    /// Redis's clock).
+    pub max_clock_offset: Duration,
+    /// Replicas that must acknowledge a sale (`WAIT`) before its buyer
+    /// hears 200, so that a failover cannot lose an answered order; 0
+    /// answers as soon as the primary has it.
+    pub replicas: u64,
+}
+
+/// One ticket-selling node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Unique name; goes into every order it sells.
+    pub name: String,
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// Its share of the traffic (the balancer's weight for it).
+    pub weight: u32,
+    /// Runtime threads of a `spike node` process; `None` is one per CPU.
+    /// Several nodes sharing a few CPUs (a benchmark on one machine) run
+    /// cheaper with one each: every hand-off between threads of a process
+    /// is a wake-up and a context switch.
+    pub threads: Option<usize>,
+}
+
+/// How the balancer picks an upstream; the names are Nginx's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// Every upstream in turn, weights taken as 1.
+    RoundRobin,
+    /// Nginx's smooth weighted round-robin.
+    WeightedRoundRobin,
+    /// Nginx's ip_hash over the client's /24 (IPv4) or whole address (IPv6).
+    IpHash,
+    /// Fewest active requests relative to weight.
+    LeastConn,
+}
+
+impl Strategy {
+    /// The name used in the file and in `/status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::RoundRobin => "round_robin",
+            Strategy::WeightedRoundRobin => "weighted_round_robin",
+            Strategy::IpHash => "ip_hash",
+            Strategy::LeastConn => "least_conn",
+        }
+    }
+}
+
+/// One upstream, as Nginx's `server` line describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    /// Resolved address.
+    pub addr: SocketAddr,
+    /// Weight, at least 1.
+    pub weight: u32,
+    /// Failures within `fail_timeout` that mark it failed; 0 disables marking.
+    pub max_fails: u32,
+    /// The window for counting failures, and how long a failed peer rests.
+    pub fail_timeout: Duration,
+    /// Requests in flight to it at most (Nginx's `max_conns`, HAProxy's
+    /// `maxconn`); 0: no limit. More wait in the balancer's queue.
+    pub max_conns: u32,
+    /// Takes traffic only when no primary can.
+    pub backup: bool,
+    /// Never takes traffic.
+    pub down: bool,
+}
+
+/// The balancer's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BalancerConfig {
+    /// Where clients connect.
+    pub listen: SocketAddr,
+    /// Where `/healthz`, `/status`, `/metrics` are served.
+    pub admin: SocketAddr,
+    /// How upstreams are picked.
+    pub strategy: Strategy,
+    /// Bound on connecting to an upstream.
+    pub connect_timeout: Duration,
+    /// Bound on waiting for an upstream's response head.
+    pub response_timeout: Duration,
+    /// Idle keep-alive connections kept per upstream and worker thread (as
+    /// Nginx's `keepalive`, which counts per upstream block and worker).
+    pub keepalive: usize,
+    /// How long an idle upstream connection is kept.
+    pub keepalive_timeout: Duration,
+    /// Longest silence between two reads of an upstream's response body
+    /// (Nginx's `proxy_read_timeout` once the head is in): a backend that
+    /// stalls mid-body must not hold its client forever.
+    pub read_timeout: Duration,
+    /// Longest wait for a client to take more of a response (Nginx's
+    /// `send_timeout`): a client that stops reading must not hold a
+    /// connection and an upstream forever. Read at start.
+    pub send_timeout: Duration,
+    /// Longest silence of a client between two reads of its request body
+    /// (Nginx's `client_body_timeout`): slow is fine, stalled is not.
+    pub body_timeout: Duration,
+    /// Largest request body in bytes, 0 for no limit (Nginx's
+    /// `client_max_body_size`): more is a 413, so no client can stream
+    /// without end through the balancer.
+    pub max_body: u64,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Whether request headers with `_` in their name are forwarded. Off
+    /// (Nginx's `underscores_in_headers off`): CGI-style backends read
+    /// `X_Real_IP` as `X-Real-IP`, so a client could spoof the headers the
+    /// balancer sets.
+    pub underscores_in_headers: bool,
+    /// Whether ordinary requests take the balancer's own HTTP/1 path
+    /// (`crate::balancer::h1`); off, hyper's server and client carry
+    /// every request, as before that path existed.
+    pub fast_path: bool,
+    /// With a `[sale]` in the file: answer `sold_out` (and `already_bought`
+    /// for holders) here once the nodes say the sale is sold out, instead
+    /// of sending the flood to them (see `crate::balancer::edge`).
+    pub sold_out_at_edge: bool,
+    /// Requests that may wait for an upstream below its `max_conns` (Nginx
+    /// Plus's `queue`); 0: none wait, they get 503 at once.
+    pub queue: usize,
+    /// How long a request waits in that queue before its 503.
+    pub queue_timeout: Duration,
+    /// Active health checks, when configured.
+    pub health: Option<HealthCheck>,
+    /// After an upstream comes back (its health check passes again, or its
+    /// `fail_timeout` ends), its share of the traffic grows from a tenth to
+    /// all of it over this long (Nginx Plus's `slow_start`); zero: at once.
+    pub slow_start: Duration,
+    /// The upstreams, in file order (order matters to Nginx's algorithms).
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+/// An active health check (Nginx Plus's `health_check`, HAProxy's `check`):
+/// a `GET` of `path` on every upstream every `interval`; an upstream that
+/// fails `fails` in a row is taken out before buyers hit it, and one that
+/// passes `passes` in a row comes back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// The path asked (a node's is `/healthz`).
+    pub path: String,
+    /// Between two checks of one upstream.
+    pub interval: Duration,
+    /// A check that has no 2xx answer by then fails.
+    pub timeout: Duration,
+    /// Failed checks in a row that take an upstream out.
+    pub fails: u32,
+    /// Passed checks in a row that bring it back.
+    pub passes: u32,
+}
+
+/// Limits shared by the node and balancer HTTP servers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Open client connections at most; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// A client that has not sent its request head by then is closed.
+    pub header_read_timeout: Duration,
+    /// A keep-alive client that sends no next request by then is closed
+    /// (Nginx's `keepalive_timeout`, whose default this is).
+    pub keepalive_timeout: Duration,
+    /// On SIGTERM, how long in-flight requests may take to finish.
+    pub grace_period: Duration,
+    /// Largest request body accepted on `/buy`.
+    pub max_body: u64,
+}

@@ -1,0 +1,310 @@
+//! The checks of every section, through [`Config::parse`] as a file would
+//! go. (The listeners' clash check has its own, in `validate::listeners`.)
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(Path::new("test.toml"), text)
+}
+
+const FOUR: &str = r#"
+[sale]
+event = "G1"
+total = 1000
+
+[[node]]
+name = "n1"
+listen = "127.0.0.1:3001"
+weight = 1
+[[node]]
+name = "n2"
+listen = "127.0.0.1:3002"
+weight = 2
+[[node]]
+name = "n3"
+listen = "127.0.0.1:3003"
+weight = 3
+[[node]]
+name = "n4"
+listen = "127.0.0.1:3004"
+weight = 4
+"#;
+
+#[test]
+fn leases_default_to_a_tenth_of_an_even_share_and_old_keys_only_warn() {
+    let c = parse(FOUR).expect("valid");
+    let sale = c.sale.as_ref().expect("sale");
+    // 1,000 tickets over 4 nodes: a tenth of 250.
+    assert_eq!((sale.lease, sale.lease_ttl), (25, Duration::from_secs(10)));
+    assert!(c.warnings.is_empty());
+    assert_eq!(default_lease(10_000_000, 4), 100);
+    assert_eq!(default_lease(3, 4), 1);
+
+    let old = FOUR
+        .replace("total = 1000\n", "total = 1000\nbuffer = 134\n")
+        .replace("weight = 2\n", "weight = 2\nstock = 500\n");
+    let c = parse(&old).expect("an old file still loads");
+    assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+    assert!(c.warnings[0].contains("test.toml:") && c.warnings[0].contains("stock"));
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.contains("`sale.buffer` no longer does anything"))
+    );
+
+    let tuned = FOUR.replace(
+        "total = 1000\n",
+        "total = 1000\nlease = 7\nlease_ttl = \"3s\"\n",
+    );
+    let c = parse(&tuned).expect("valid");
+    let sale = c.sale.as_ref().expect("sale");
+    assert_eq!((sale.lease, sale.lease_ttl), (7, Duration::from_secs(3)));
+}
+
+#[test]
+fn a_payment_window_is_read_and_a_bad_one_named() {
+    let with = |extra: &str| FOUR.replace("total = 1000\n", &format!("total = 1000\n{extra}\n"));
+    let c = parse(&with("pay_within = \"15m\"\nevents_max = 5000")).expect("valid");
+    let sale = c.sale.as_ref().expect("sale");
+    assert_eq!(sale.pay_within, Some(Duration::from_secs(900)));
+    assert_eq!(sale.events_max, 5000);
+    let c = parse(FOUR).expect("valid");
+    let sale = c.sale.as_ref().expect("sale");
+    assert_eq!((sale.pay_within, sale.events_max), (None, 100_000));
+    for bad in ["\"500ms\"", "\"0s\"", "\"soon\"", "15"] {
+        let e = parse(&with(&format!("pay_within = {bad}"))).expect_err(bad);
+        assert_eq!(e.key(), Some("sale.pay_within"), "{bad}: {e}");
+        assert!(e.to_string().starts_with("test.toml:"), "{e}");
+    }
+    let e = parse(&with("events_max = 10")).expect_err("too small a stream");
+    assert_eq!(e.key(), Some("sale.events_max"));
+}
+
+#[test]
+fn a_stream_of_final_sales_is_read_and_said_useless_without_redis() {
+    let with = |extra: &str| FOUR.replace("total = 1000\n", &format!("total = 1000\n{extra}\n"));
+    let c = parse(FOUR).expect("valid");
+    assert!(!c.sale.as_ref().expect("sale").stream);
+    let c = parse(&with("stream = true")).expect("valid");
+    assert!(c.sale.as_ref().expect("sale").stream);
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.starts_with("test.toml:") && w.contains("`sale.stream` does nothing")),
+        "{:?}",
+        c.warnings
+    );
+    let redis = format!(
+        "{}\n[redis]\nurl = \"redis://127.0.0.1:6379\"\n",
+        with("stream = true")
+    );
+    let c = parse(&redis).expect("valid");
+    assert!(c.sale.as_ref().expect("sale").stream && c.warnings.is_empty());
+    let e = parse(&with("stream = 1")).expect_err("not a boolean");
+    assert_eq!(e.key(), Some("sale.stream"), "{e}");
+}
+
+#[test]
+fn redis_urls_of_every_deployment_are_read_and_bad_ones_named() {
+    let with = |url: &str| format!("{FOUR}[redis]\nurl = \"{url}\"\nreplicas = 1\n");
+    for url in [
+        "redis://127.0.0.1:6379",
+        "redis-cluster://127.0.0.1:7000?node=127.0.0.1:7001&node=127.0.0.1:7002",
+        "redis-sentinel://127.0.0.1:26379/0?sentinelServiceName=sale&node=127.0.0.1:26380",
+        "rediss://127.0.0.1:6380",
+        "rediss-cluster://127.0.0.1:7000?node=127.0.0.1:7001",
+        "rediss-sentinel://127.0.0.1:26379/0?sentinelServiceName=sale",
+    ] {
+        let c = parse(&with(url)).unwrap_or_else(|e| panic!("{url}: {e}"));
+        let r = c.redis.as_ref().expect("redis");
+        assert_eq!(r.replicas, 1);
+        assert_eq!(r.origin, "test.toml:23");
+        // TLS by the URL alone: fred's defaults, no files of spike's.
+        assert!(r.tls.is_none());
+    }
+    let e = parse(&with("redis://u:hunter2@127.0.0.1:6379/x")).expect_err("bad db");
+    assert!(!e.to_string().contains("hunter2"), "the password: {e}");
+    let e = parse(&with("http://127.0.0.1:6379")).expect_err("not redis");
+    assert_eq!(e.key(), Some("redis.url"));
+    let e = parse(&with("redis-sentinel://127.0.0.1:26379/0")).expect_err("no service name");
+    assert_eq!(e.key(), Some("redis.url"));
+    assert!(e.to_string().contains(":23:"), "the line: {e}");
+}
+
+#[test]
+fn a_too_short_store_timeout_or_lease_is_refused() {
+    let with = |extra: &str| format!("{FOUR}[redis]\nurl = \"redis://127.0.0.1:6379\"\n{extra}");
+    let e = parse(&with("timeout = \"500us\"\n")).expect_err("refused");
+    assert_eq!(e.key(), Some("redis.timeout"));
+    assert!(e.to_string().contains("at least 10ms"), "{e}");
+    parse(&with("timeout = \"5ms\"\n")).expect_err("5ms is too short");
+    parse(&with("timeout = \"10ms\"\n")).expect("10ms is enough");
+    let e = parse(&FOUR.replace("total = 1000\n", "total = 1000\nlease_ttl = \"2s\"\n"))
+        .expect_err("refused");
+    assert_eq!(e.key(), Some("sale.lease_ttl"));
+    let e =
+        parse(&FOUR.replace("total = 1000\n", "total = 1000\nlease = 0\n")).expect_err("refused");
+    assert_eq!(e.key(), Some("sale.lease"));
+}
+
+#[test]
+fn redis_and_node_threads_defaults_and_overrides() {
+    let with_redis = format!("{FOUR}[redis]\nurl = \"redis://127.0.0.1:6379\"\n");
+    let c = parse(&with_redis).expect("valid");
+    let r = c.redis.as_ref().expect("redis");
+    // Two call slots: bigger batches than more slots would make.
+    assert_eq!((r.pool_size, r.timeout), (2, Duration::from_secs(1)));
+    assert!(c.nodes.iter().all(|n| n.threads.is_none()));
+    let tuned = with_redis
+        .replace("weight = 1\n", "weight = 1\nthreads = 1\n")
+        .replace("6379\"\n", "6379\"\npool_size = 5\n");
+    let c = parse(&tuned).expect("valid");
+    assert_eq!(c.redis.as_ref().expect("redis").pool_size, 5);
+    assert_eq!(c.nodes[0].threads, Some(1));
+    assert_eq!(c.nodes[1].threads, None);
+}
+
+#[test]
+fn nodes_become_upstreams_when_the_balancer_lists_none() {
+    let c = parse(FOUR).expect("valid");
+    let b = c.balancer.expect("balancer");
+    assert_eq!(b.upstreams.len(), 4);
+    assert_eq!(b.upstreams[3].weight, 4);
+    assert_eq!(b.strategy, Strategy::WeightedRoundRobin);
+}
+
+fn expect_err(text: &str, key: &str, line: usize) -> String {
+    let e = parse(text).expect_err("must be refused");
+    let msg = e.to_string();
+    assert_eq!(e.key(), Some(key), "{msg}");
+    assert_eq!(e.line(), Some(line), "{msg}");
+    assert!(msg.starts_with(&format!("test.toml:{line}:")), "{msg}");
+    msg
+}
+
+#[test]
+fn unknown_key_names_key_and_line() {
+    let m = expect_err(
+        "[sale]\nevent = \"e\"\ntotal = 5\ncolour = 1\n",
+        "sale.colour",
+        4,
+    );
+    assert!(m.contains("unknown field"), "{m}");
+}
+
+#[test]
+fn zero_weight_is_refused() {
+    expect_err(
+        "[[node]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\nweight = 0\n",
+        "node[0].weight",
+        4,
+    );
+}
+
+#[test]
+fn duplicate_name_is_refused() {
+    let m = expect_err(
+        "[[node]]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\n[[node]]\nname = \"a\"\nlisten = \"127.0.0.1:2\"\n",
+        "node[1].name",
+        5,
+    );
+    assert!(m.contains("duplicate"), "{m}");
+}
+
+#[test]
+fn bad_address_is_refused() {
+    expect_err(
+        "[[node]]\nname = \"a\"\nlisten = \"nowhere\"\n",
+        "node[0].listen",
+        3,
+    );
+}
+
+#[test]
+fn total_below_one_is_refused() {
+    expect_err("[sale]\nevent = \"e\"\ntotal = 0\n", "sale.total", 3);
+}
+
+#[test]
+fn ip_hash_with_backup_is_refused() {
+    let m = expect_err(
+        "[balancer]\nstrategy = \"ip_hash\"\n[[balancer.upstream]]\naddr = \"127.0.0.1:1\"\n[[balancer.upstream]]\naddr = \"127.0.0.1:2\"\nbackup = true\n",
+        "balancer.upstream[1].backup",
+        5,
+    );
+    assert!(m.contains("ip_hash"), "{m}");
+}
+
+#[test]
+fn balancer_alone_is_a_valid_file() {
+    let c = parse(
+        "[balancer]\nlisten = \"127.0.0.1:0\"\nstrategy = \"round_robin\"\nadmin = \"127.0.0.1:0\"\n[[balancer.upstream]]\naddr = \"127.0.0.1:9\"\nfail_timeout = \"3s\"\n",
+    )
+    .expect("valid");
+    assert!(c.sale.is_none());
+    let b = c.balancer.expect("balancer");
+    assert_eq!(b.upstreams[0].fail_timeout, Duration::from_secs(3));
+    assert_eq!(b.upstreams[0].max_fails, 1);
+}
+
+#[test]
+fn bad_duration_is_refused() {
+    expect_err(
+        "[balancer]\n[[balancer.upstream]]\naddr = \"127.0.0.1:1\"\nfail_timeout = \"soon\"\n",
+        "balancer.upstream[0].fail_timeout",
+        4,
+    );
+}
+
+#[test]
+fn balancer_request_limits_parse_and_are_checked() {
+    const UP: &str = "[[balancer.upstream]]\naddr = \"127.0.0.1:9\"\n";
+    let b = parse(&format!("[balancer]\n{UP}"))
+        .expect("valid")
+        .balancer
+        .expect("balancer");
+    assert!(!b.underscores_in_headers);
+    assert_eq!(b.read_timeout, Duration::from_secs(60));
+    assert_eq!(b.send_timeout, Duration::from_secs(60));
+    assert_eq!(b.body_timeout, Duration::from_secs(60));
+    assert_eq!(b.max_body, 1024 * 1024);
+    let b = parse(&format!(
+        "[balancer]\nmax_body = 0\nbody_timeout = \"5s\"\n{UP}"
+    ))
+    .expect("valid")
+    .balancer
+    .expect("balancer");
+    assert_eq!(b.max_body, 0);
+    assert_eq!(b.body_timeout, Duration::from_secs(5));
+    expect_err(
+        &format!("[balancer]\nmax_body = -1\n{UP}"),
+        "balancer.max_body",
+        2,
+    );
+    let b = parse(&format!(
+        "[balancer]\nread_timeout = \"2s\"\nsend_timeout = \"300ms\"\n{UP}"
+    ))
+    .expect("valid")
+    .balancer
+    .expect("balancer");
+    assert_eq!(b.read_timeout, Duration::from_secs(2));
+    assert_eq!(b.send_timeout, Duration::from_millis(300));
+    expect_err(
+        &format!("[balancer]\nlisten = \"127.0.0.1:0\"\nsend_timeout = \"never\"\n{UP}"),
+        "balancer.send_timeout",
+        3,
+    );
+    let b = parse(&format!("[balancer]\nunderscores_in_headers = true\n{UP}"))
+        .expect("valid")
+        .balancer
+        .expect("balancer");
+    assert!(b.underscores_in_headers);
+    expect_err(
+        &format!("[balancer]\nunderscores_in_headers = \"yes\"\n{UP}"),
+        "balancer.underscores_in_headers",
+        2,
+    );
+}

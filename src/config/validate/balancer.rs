@@ -1,0 +1,265 @@
+//! `[balancer]` and its `[[balancer.upstream]]`s, with Nginx's names and
+//! Nginx's refusals.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use toml::Spanned;
+
+use super::cx::{Cx, optional};
+use crate::config::error::ConfigError;
+use crate::config::file::{BalancerFile, UpstreamFile};
+use crate::config::sections::{BalancerConfig, HealthCheck, NodeConfig, Strategy, UpstreamConfig};
+
+/// `[balancer]`; without one, the defaults in front of the `[[node]]`s, or
+/// `None` when there are no nodes either.
+pub(super) fn validate(
+    cx: &Cx,
+    file: Option<&Spanned<BalancerFile>>,
+    nodes: &[NodeConfig],
+) -> Result<Option<BalancerConfig>, ConfigError> {
+    let d = BalancerConfig::default();
+    let Some(b) = file else {
+        if nodes.is_empty() {
+            return Ok(None);
+        }
+        return Ok(Some(BalancerConfig {
+            upstreams: nodes.iter().map(UpstreamConfig::from_node).collect(),
+            ..d
+        }));
+    };
+    let (span, b) = (b.span(), b.get_ref());
+    let listen = optional(&b.listen, d.listen, |v| {
+        cx.socket_addr("balancer.listen", v)
+    })?;
+    let admin = optional(&b.admin, d.admin, |v| cx.socket_addr("balancer.admin", v))?;
+    let strategy = optional(&b.strategy, d.strategy, |v| strategy(cx, v))?;
+    let trusted_proxies = trusted_proxies(cx, &b.trusted_proxies)?;
+    // Every upstream's that sets none; unset, each keeps its own default.
+    let max_conns = optional(&b.max_conns, None, |v| {
+        Ok(Some(
+            cx.count("balancer.max_conns", v, 0)?.min(u32::MAX as u64) as u32,
+        ))
+    })?;
+    let mut upstreams = upstreams(cx, &b.upstream, strategy, max_conns)?;
+    if upstreams.is_empty() {
+        upstreams = nodes
+            .iter()
+            .map(|n| {
+                let u = UpstreamConfig::from_node(n);
+                UpstreamConfig {
+                    max_conns: max_conns.unwrap_or(u.max_conns),
+                    ..u
+                }
+            })
+            .collect();
+    }
+    if upstreams.is_empty() {
+        return Err(cx.err(
+            "balancer.upstream",
+            span,
+            "the balancer has no upstreams: add [[balancer.upstream]] entries or [[node]] entries",
+        ));
+    }
+    if upstreams.iter().all(|u| u.backup) {
+        return Err(cx.err(
+            "balancer.upstream",
+            span,
+            "every upstream is a backup: at least one must be a primary",
+        ));
+    }
+    Ok(Some(BalancerConfig {
+        listen,
+        admin,
+        strategy,
+        connect_timeout: optional(&b.connect_timeout, d.connect_timeout, |v| {
+            cx.duration("balancer.connect_timeout", v)
+        })?,
+        response_timeout: optional(&b.response_timeout, d.response_timeout, |v| {
+            cx.duration("balancer.response_timeout", v)
+        })?,
+        keepalive: optional(&b.keepalive, d.keepalive, |v| {
+            Ok(cx.count("balancer.keepalive", v, 0)? as usize)
+        })?,
+        keepalive_timeout: optional(&b.keepalive_timeout, d.keepalive_timeout, |v| {
+            cx.duration("balancer.keepalive_timeout", v)
+        })?,
+        read_timeout: optional(&b.read_timeout, d.read_timeout, |v| {
+            cx.duration("balancer.read_timeout", v)
+        })?,
+        send_timeout: optional(&b.send_timeout, d.send_timeout, |v| {
+            cx.duration("balancer.send_timeout", v)
+        })?,
+        body_timeout: optional(&b.body_timeout, d.body_timeout, |v| {
+            cx.duration("balancer.body_timeout", v)
+        })?,
+        max_body: optional(&b.max_body, d.max_body, |v| {
+            cx.count("balancer.max_body", v, 0)
+        })?,
+        underscores_in_headers: b.underscores_in_headers,
+        fast_path: b.fast_path.unwrap_or(d.fast_path),
+        trusted_proxies,
+        sold_out_at_edge: b.sold_out_at_edge.unwrap_or(d.sold_out_at_edge),
+        queue: optional(&b.queue, d.queue, |v| {
+            Ok(cx.count("balancer.queue", v, 0)? as usize)
+        })?,
+        queue_timeout: optional(&b.queue_timeout, d.queue_timeout, |v| {
+            cx.duration("balancer.queue_timeout", v)
+        })?,
+        health: health_check(cx, b)?,
+        // Zero is a setting here (no slow start), where every other
+        // duration refuses it.
+        slow_start: optional(&b.slow_start, d.slow_start, |v| {
+            if v.get_ref().trim() == "0s" {
+                return Ok(Duration::ZERO);
+            }
+            cx.duration("balancer.slow_start", v)
+        })?,
+        upstreams,
+    }))
+}
+
+/// `strategy`, by Nginx's names.
+fn strategy(cx: &Cx, v: &Spanned<String>) -> Result<Strategy, ConfigError> {
+    Ok(match v.get_ref().trim() {
+        "round_robin" => Strategy::RoundRobin,
+        "weighted_round_robin" => Strategy::WeightedRoundRobin,
+        "ip_hash" => Strategy::IpHash,
+        "least_conn" => Strategy::LeastConn,
+        other => {
+            return Err(cx.err(
+                "balancer.strategy",
+                v.span(),
+                format!(
+                    "{other:?} is not one of round_robin, weighted_round_robin, ip_hash, least_conn"
+                ),
+            ));
+        }
+    })
+}
+
+/// `trusted_proxies`: networks, or single addresses taken as /32 or /128.
+fn trusted_proxies(cx: &Cx, list: &[Spanned<String>]) -> Result<Vec<IpNet>, ConfigError> {
+    list.iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let s = t.get_ref().trim();
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    cx.err(
+                        format!("balancer.trusted_proxies[{i}]"),
+                        t.span(),
+                        format!("{s:?} is not an IP address or CIDR like \"10.0.0.0/8\""),
+                    )
+                })
+        })
+        .collect()
+}
+
+/// Every `[[balancer.upstream]]`, in file order; one that sets no
+/// `max_conns` takes the balancer's, when that sets one.
+fn upstreams(
+    cx: &Cx,
+    file: &[Spanned<UpstreamFile>],
+    strategy: Strategy,
+    max_conns: Option<u32>,
+) -> Result<Vec<UpstreamConfig>, ConfigError> {
+    let mut upstreams = Vec::with_capacity(file.len());
+    let mut seen = HashSet::new();
+    for (i, u) in file.iter().enumerate() {
+        let (uspan, u) = (u.span(), u.get_ref());
+        let key = |k: &str| format!("balancer.upstream[{i}].{k}");
+        let addr = cx.socket_addr(&key("addr"), &u.addr)?;
+        if !seen.insert(addr) {
+            return Err(cx.err(
+                key("addr"),
+                u.addr.span(),
+                format!("{addr} is listed twice"),
+            ));
+        }
+        if u.backup && strategy == Strategy::IpHash {
+            return Err(cx.err(
+                key("backup"),
+                uspan,
+                "ip_hash cannot have backup upstreams (Nginx refuses this too): remove `backup` or pick another strategy",
+            ));
+        }
+        let d = UpstreamConfig::new(addr);
+        upstreams.push(UpstreamConfig {
+            weight: optional(&u.weight, d.weight, |w| cx.weight(&key("weight"), w))?,
+            max_fails: optional(&u.max_fails, d.max_fails, |v| {
+                Ok(cx.count(&key("max_fails"), v, 0)?.min(u32::MAX as u64) as u32)
+            })?,
+            fail_timeout: optional(&u.fail_timeout, d.fail_timeout, |v| {
+                cx.duration(&key("fail_timeout"), v)
+            })?,
+            max_conns: optional(&u.max_conns, max_conns.unwrap_or(d.max_conns), |v| {
+                Ok(cx.count(&key("max_conns"), v, 0)?.min(u32::MAX as u64) as u32)
+            })?,
+            backup: u.backup,
+            down: u.down,
+            ..d
+        });
+    }
+    Ok(upstreams)
+}
+
+/// The active health check: `None` without `health_check`, and then any
+/// other `health_*` key is refused, as it would do nothing.
+fn health_check(cx: &Cx, b: &BalancerFile) -> Result<Option<HealthCheck>, ConfigError> {
+    let Some(path) = &b.health_check else {
+        let stray = [
+            (
+                "balancer.health_interval",
+                b.health_interval.as_ref().map(|v| v.span()),
+            ),
+            (
+                "balancer.health_timeout",
+                b.health_timeout.as_ref().map(|v| v.span()),
+            ),
+            (
+                "balancer.health_fails",
+                b.health_fails.as_ref().map(|v| v.span()),
+            ),
+            (
+                "balancer.health_passes",
+                b.health_passes.as_ref().map(|v| v.span()),
+            ),
+        ];
+        if let Some((key, Some(span))) = stray.into_iter().find(|(_, s)| s.is_some()) {
+            return Err(cx.err(
+                key,
+                span,
+                "has no effect without `health_check` (the path to ask, e.g. \"/healthz\")",
+            ));
+        }
+        return Ok(None);
+    };
+    let p = path.get_ref().trim();
+    if !p.starts_with('/') || p.len() > 1024 || !p.bytes().all(|c| c.is_ascii_graphic()) {
+        return Err(cx.err(
+            "balancer.health_check",
+            path.span(),
+            format!("{p:?} is not a path like \"/healthz\""),
+        ));
+    }
+    let d = HealthCheck::new(p.to_string());
+    Ok(Some(HealthCheck {
+        interval: optional(&b.health_interval, d.interval, |v| {
+            cx.duration("balancer.health_interval", v)
+        })?,
+        timeout: optional(&b.health_timeout, d.timeout, |v| {
+            cx.duration("balancer.health_timeout", v)
+        })?,
+        fails: optional(&b.health_fails, d.fails, |v| {
+            Ok(cx.count("balancer.health_fails", v, 1)?.min(1000) as u32)
+        })?,
+        passes: optional(&b.health_passes, d.passes, |v| {
+            Ok(cx.count("balancer.health_passes", v, 1)?.min(1000) as u32)
+        })?,
+        ..d
+    }))
+}

@@ -1,0 +1,74 @@
+//! From the file as written to a [`Config`]: each section checked by its
+//! own module, in one pass, so every later reader gets typed values.
+//!
+//! The order of the checks is part of the behaviour: with several mistakes
+//! in a file, the first one found is the one reported.
+
+mod balancer;
+mod cx;
+mod listeners;
+mod node;
+mod redis;
+mod sale;
+mod server;
+mod toml_key;
+
+use std::path::Path;
+
+use cx::Cx;
+
+use crate::config::Config;
+use crate::config::error::ConfigError;
+use crate::config::file::FileConfig;
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates `text` as if read from `path` (tests and fuzzing use this).
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let cx = Cx { path, text };
+        let file: FileConfig = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| cx.line(s.start)).unwrap_or(1);
+            ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: toml_key::key_from_toml_error(text, &e),
+                line,
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        validate(&cx, file)
+    }
+}
+
+/// Every section, then what spans sections (the listeners' addresses).
+fn validate(cx: &Cx, file: FileConfig) -> Result<Config, ConfigError> {
+    let mut warnings = Vec::new();
+    let server = server::validate(cx, file.server.as_ref())?;
+    let redis = redis::validate(cx, file.redis.as_ref())?;
+    let nodes = node::validate(cx, &file.node, &mut warnings)?;
+    let sale = sale::validate(
+        cx,
+        file.sale.as_ref(),
+        nodes.len(),
+        file.redis.is_some(),
+        &mut warnings,
+    )?;
+    let balancer = balancer::validate(cx, file.balancer.as_ref(), &nodes)?;
+    listeners::check(cx, &file, &nodes, balancer.as_ref())?;
+    Ok(Config {
+        path: cx.path.to_path_buf(),
+        sale,
+        redis,
+        nodes,
+        balancer,
+        server,
+        warnings,
+    })
+}

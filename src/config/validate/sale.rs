@@ -1,0 +1,91 @@
+//! `[sale]`: what is on sale and under which rules.
+
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::cx::{Cx, optional};
+use crate::config::error::ConfigError;
+use crate::config::file::SaleFile;
+use crate::config::sections::SaleConfig;
+
+/// The shortest `lease_ttl`: a live node renews its lease at least every
+/// 2 s, and must not lose it between two renewals.
+const MIN_LEASE_TTL: Duration = Duration::from_secs(3);
+
+/// The shortest `pay_within`: expiry runs about every half second.
+const MIN_PAY_WITHIN: Duration = Duration::from_secs(1);
+
+/// `[sale]`, or `None` when the file has none (a balancer alone needs
+/// none). `nodes` is how many `[[node]]`s share it (the default lease
+/// depends on it), `redis` whether the file has a `[redis]`; `warnings`
+/// gets one line per key that does nothing.
+pub(super) fn validate(
+    cx: &Cx,
+    file: Option<&Spanned<SaleFile>>,
+    nodes: usize,
+    redis: bool,
+    warnings: &mut Vec<String>,
+) -> Result<Option<SaleConfig>, ConfigError> {
+    let Some(s) = file else {
+        return Ok(None);
+    };
+    let s = s.get_ref();
+    let event = cx.name(
+        "sale.event",
+        &s.event,
+        64,
+        " (it becomes part of every Redis key)",
+    )?;
+    let total = cx.count("sale.total", &s.total, 1)?;
+    let d = SaleConfig::new(event, total, nodes);
+    let per_user_limit = optional(&s.per_user_limit, d.per_user_limit, |v| {
+        cx.count("sale.per_user_limit", v, 0)
+    })?;
+    if let Some(b) = &s.buffer {
+        warnings.push(cx.warning(
+            "sale.buffer",
+            b.span(),
+            "no longer does anything: nodes lease stock from the store as they sell, and a dead node's lease comes back by itself (see [sale] lease and lease_ttl); remove it",
+        ));
+    }
+    let stream = optional(&s.stream, d.stream, |v| Ok(*v.get_ref()))?;
+    if let Some(v) = s.stream.as_ref().filter(|v| *v.get_ref())
+        && !redis
+    {
+        // Not refused: the same file may run with and without [redis] (a
+        // rehearsal under `spike up`), and nothing sold is at risk; but the
+        // operator must not believe orders are handed off.
+        warnings.push(cx.warning(
+            "sale.stream",
+            v.span(),
+            "does nothing without [redis]: the embedded store has no event stream (read orders at GET /orders/ID)",
+        ));
+    }
+    Ok(Some(SaleConfig {
+        per_user_limit,
+        stream,
+        lease: optional(&s.lease, d.lease, |v| cx.count("sale.lease", v, 1))?,
+        lease_ttl: optional(&s.lease_ttl, d.lease_ttl, |v| {
+            cx.duration_at_least(
+                "sale.lease_ttl",
+                v,
+                MIN_LEASE_TTL,
+                "a live node renews its lease at least every 2 s",
+            )
+        })?,
+        pay_within: optional(&s.pay_within, d.pay_within, |v| {
+            cx.duration_at_least(
+                "sale.pay_within",
+                v,
+                MIN_PAY_WITHIN,
+                "expiry runs about every half second",
+            )
+            .map(Some)
+        })?,
+        events_max: optional(&s.events_max, d.events_max, |v| {
+            cx.count("sale.events_max", v, 1000)
+        })?,
+        ..d
+    }))
+}
