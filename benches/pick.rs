@@ -24,13 +24,8 @@ fn selector(strategy: Strategy, n: usize) -> Selector {
         .map(|i| {
             let addr = SocketAddr::from(([10, (i >> 8) as u8, i as u8, 1], 8080));
             let config = UpstreamConfig {
-                addr,
                 weight: 1 + (i % 5) as u32,
-                max_fails: 1,
-                fail_timeout: Duration::from_secs(10),
-                max_conns: 0,
-                backup: false,
-                down: false,
+                ..UpstreamConfig::new(addr)
             };
             Upstream::new(config, Arc::new(LiveState::new(addr)))
         })

@@ -301,33 +301,22 @@ mod tests {
     use crate::config::UpstreamConfig;
 
     fn balancer(strategy: Strategy, weights: &[u32]) -> BalancerConfig {
-        let text = "[balancer]\nlisten = \"127.0.0.1:8000\"\n[[balancer.upstream]]\naddr = \"127.0.0.1:3001\"\n";
-        let mut b = Config::parse(Path::new("t.toml"), text)
-            .expect("valid")
-            .balancer
-            .expect("balancer");
-        b.strategy = strategy;
-        b.upstreams = weights
-            .iter()
-            .enumerate()
-            .map(|(i, &weight)| UpstreamConfig {
-                addr: SocketAddr::from(([127, 0, 0, 1], 3001 + i as u16)),
-                weight,
-                max_fails: 1,
-                fail_timeout: Duration::from_secs(10),
-                max_conns: 0,
-                backup: false,
-                down: false,
-            })
-            .collect();
-        b
+        BalancerConfig {
+            strategy,
+            upstreams: weights
+                .iter()
+                .enumerate()
+                .map(|(i, &weight)| UpstreamConfig {
+                    weight,
+                    ..UpstreamConfig::new(SocketAddr::from(([127, 0, 0, 1], 3001 + i as u16)))
+                })
+                .collect(),
+            ..BalancerConfig::default()
+        }
     }
 
     fn render_default(b: &BalancerConfig) -> String {
-        let server = Config::parse(Path::new("t.toml"), "")
-            .expect("empty file")
-            .server;
-        render(b, &server, b.listen, 2)
+        render(b, &ServerConfig::default(), b.listen, 2)
     }
 
     #[test]

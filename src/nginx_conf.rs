@@ -323,38 +323,16 @@ mod tests {
 
     fn upstream(addr: &str, weight: u32) -> UpstreamConfig {
         UpstreamConfig {
-            addr: addr.parse().expect("test address"),
             weight,
-            max_fails: 1,
-            fail_timeout: Duration::from_secs(10),
-            max_conns: 0,
-            backup: false,
-            down: false,
+            ..UpstreamConfig::new(addr.parse().expect("test address"))
         }
     }
 
     fn balancer(strategy: Strategy) -> BalancerConfig {
         BalancerConfig {
-            listen: "127.0.0.1:8000".parse().expect("addr"),
-            admin: "127.0.0.1:8001".parse().expect("addr"),
             strategy,
-            connect_timeout: Duration::from_secs(2),
-            response_timeout: Duration::from_secs(10),
-            keepalive: 64,
-            keepalive_timeout: Duration::from_secs(60),
-            read_timeout: Duration::from_secs(60),
-            send_timeout: Duration::from_secs(60),
-            body_timeout: Duration::from_secs(60),
-            max_body: 1024 * 1024,
-            underscores_in_headers: false,
-            fast_path: true,
-            trusted_proxies: Vec::new(),
-            sold_out_at_edge: true,
-            queue: 0,
-            queue_timeout: Duration::from_secs(10),
-            health: None,
-            slow_start: Duration::ZERO,
             upstreams: vec![upstream("127.0.0.1:3001", 1), upstream("127.0.0.1:3002", 3)],
+            ..BalancerConfig::default()
         }
     }
 

@@ -37,8 +37,9 @@ weight = 4
 fn leases_default_to_a_tenth_of_an_even_share_and_old_keys_only_warn() {
     let c = parse(FOUR).expect("valid");
     let sale = c.sale.as_ref().expect("sale");
-    // 1,000 tickets over 4 nodes: a tenth of 250.
-    assert_eq!((sale.lease, sale.lease_ttl), (25, Duration::from_secs(10)));
+    // 1,000 tickets over 4 nodes: a tenth of 250; every other key at its default.
+    assert_eq!(sale.lease, 25);
+    assert_eq!(*sale, SaleConfig::new("G1".into(), 1000, 4));
     assert!(c.warnings.is_empty());
     assert_eq!(default_lease(10_000_000, 4), 100);
     assert_eq!(default_lease(3, 4), 1);
@@ -73,7 +74,11 @@ fn a_payment_window_is_read_and_a_bad_one_named() {
     assert_eq!(sale.events_max, 5000);
     let c = parse(FOUR).expect("valid");
     let sale = c.sale.as_ref().expect("sale");
-    assert_eq!((sale.pay_within, sale.events_max), (None, 100_000));
+    let d = SaleConfig::new("G1".into(), 1000, 4);
+    assert_eq!(
+        (sale.pay_within, sale.events_max),
+        (d.pay_within, d.events_max)
+    );
     for bad in ["\"500ms\"", "\"0s\"", "\"soon\"", "15"] {
         let e = parse(&with(&format!("pay_within = {bad}"))).expect_err(bad);
         assert_eq!(e.key(), Some("sale.pay_within"), "{bad}: {e}");
@@ -155,8 +160,10 @@ fn redis_and_node_threads_defaults_and_overrides() {
     let with_redis = format!("{FOUR}[redis]\nurl = \"redis://127.0.0.1:6379\"\n");
     let c = parse(&with_redis).expect("valid");
     let r = c.redis.as_ref().expect("redis");
-    // Two call slots: bigger batches than more slots would make.
-    assert_eq!((r.pool_size, r.timeout), (2, Duration::from_secs(1)));
+    assert_eq!(
+        *r,
+        RedisConfig::new("redis://127.0.0.1:6379".into(), "test.toml:23".into())
+    );
     assert!(c.nodes.iter().all(|n| n.threads.is_none()));
     let tuned = with_redis
         .replace("weight = 1\n", "weight = 1\nthreads = 1\n")
@@ -173,7 +180,7 @@ fn nodes_become_upstreams_when_the_balancer_lists_none() {
     let b = c.balancer.expect("balancer");
     assert_eq!(b.upstreams.len(), 4);
     assert_eq!(b.upstreams[3].weight, 4);
-    assert_eq!(b.strategy, Strategy::WeightedRoundRobin);
+    assert_eq!(b.strategy, BalancerConfig::default().strategy);
 }
 
 fn expect_err(text: &str, key: &str, line: usize) -> String {
@@ -246,8 +253,14 @@ fn balancer_alone_is_a_valid_file() {
     .expect("valid");
     assert!(c.sale.is_none());
     let b = c.balancer.expect("balancer");
-    assert_eq!(b.upstreams[0].fail_timeout, Duration::from_secs(3));
-    assert_eq!(b.upstreams[0].max_fails, 1);
+    let up = UpstreamConfig::new(b.upstreams[0].addr);
+    assert_eq!(
+        b.upstreams[0],
+        UpstreamConfig {
+            fail_timeout: Duration::from_secs(3),
+            ..up
+        }
+    );
 }
 
 #[test]
@@ -266,11 +279,12 @@ fn balancer_request_limits_parse_and_are_checked() {
         .expect("valid")
         .balancer
         .expect("balancer");
+    let d = BalancerConfig::default();
     assert!(!b.underscores_in_headers);
-    assert_eq!(b.read_timeout, Duration::from_secs(60));
-    assert_eq!(b.send_timeout, Duration::from_secs(60));
-    assert_eq!(b.body_timeout, Duration::from_secs(60));
-    assert_eq!(b.max_body, 1024 * 1024);
+    assert_eq!(
+        (b.read_timeout, b.send_timeout, b.body_timeout, b.max_body),
+        (d.read_timeout, d.send_timeout, d.body_timeout, d.max_body)
+    );
     let b = parse(&format!(
         "[balancer]\nmax_body = 0\nbody_timeout = \"5s\"\n{UP}"
     ))
@@ -307,4 +321,43 @@ fn balancer_request_limits_parse_and_are_checked() {
         "balancer.underscores_in_headers",
         2,
     );
+}
+
+/// A file that sets only what it must gets every other key at the default
+/// `defaults` names, section by section.
+#[test]
+fn unset_keys_take_the_named_defaults() {
+    let c = parse(
+        "[sale]\nevent = \"e\"\ntotal = 50\n[redis]\nurl = \"redis://127.0.0.1:6379\"\n[[node]]\nname = \"n\"\nlisten = \"127.0.0.1:3001\"\n[server]\n[balancer]\n[[balancer.upstream]]\naddr = \"127.0.0.1:9\"\n",
+    )
+    .expect("valid");
+    let node = NodeConfig::new("n".into(), "127.0.0.1:3001".parse().expect("addr"));
+    assert_eq!(c.sale, Some(SaleConfig::new("e".into(), 50, 1)));
+    assert_eq!(
+        c.redis,
+        Some(RedisConfig::new(
+            "redis://127.0.0.1:6379".into(),
+            "test.toml:5".into()
+        ))
+    );
+    assert_eq!(c.nodes, vec![node.clone()]);
+    assert_eq!(c.server, ServerConfig::default());
+    let upstream = UpstreamConfig::new("127.0.0.1:9".parse().expect("addr"));
+    assert_eq!(
+        c.balancer,
+        Some(BalancerConfig {
+            upstreams: vec![upstream],
+            ..BalancerConfig::default()
+        })
+    );
+    // Without [balancer], the nodes are the upstreams.
+    let c = parse("[[node]]\nname = \"n\"\nlisten = \"127.0.0.1:3001\"\n").expect("valid");
+    assert_eq!(
+        c.balancer,
+        Some(BalancerConfig {
+            upstreams: vec![UpstreamConfig::from_node(&node)],
+            ..BalancerConfig::default()
+        })
+    );
+    assert_eq!(c.server, ServerConfig::default());
 }
