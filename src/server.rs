@@ -58,18 +58,42 @@ pub async fn serve<F, S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
     serve_with(
         listener,
         limits,
-        permits,
-        None,
-        None,
-        None,
+        ServeOptions::new(limits),
         make_service,
         shutdown,
     )
     .await;
+}
+
+/// What an accept loop of [`serve_with`] has beyond [`serve`]'s: named
+/// fields, because four optional arguments in a row were easy to swap.
+pub struct ServeOptions {
+    /// The connection cap, shared by every loop on the port.
+    pub permits: Arc<Semaphore>,
+    /// `Some((share, me))`: new connections are shared evenly among the
+    /// loops, as [`AcceptShare`] says, this one being loop `me`.
+    pub share: Option<(Arc<AcceptShare>, usize)>,
+    /// A connection whose client takes no byte of a response for this
+    /// long is closed (Nginx's `send_timeout`).
+    pub send_timeout: Option<Duration>,
+    /// Where every connection goes first, before hyper's server.
+    pub front: Option<Arc<dyn Front>>,
+}
+
+impl ServeOptions {
+    /// One loop alone on its port, with its own connection cap: what
+    /// [`serve`] runs.
+    pub fn new(limits: &ServerConfig) -> ServeOptions {
+        ServeOptions {
+            permits: Arc::new(Semaphore::new(limits.max_connections)),
+            share: None,
+            send_timeout: None,
+            front: None,
+        }
+    }
 }
 
 /// How several accept loops on one port (the balancer's worker threads)
@@ -217,19 +241,12 @@ pub trait Front: Send + Sync + 'static {
 }
 
 /// [`serve`] for one of several accept loops on one port (the balancer's
-/// worker threads): they share the connection cap's `permits`, and with
-/// `share = Some((share, me))` new connections are shared evenly as
-/// [`AcceptShare`] says. With `send_timeout`, a connection whose client
-/// takes no byte of a response for that long is closed (Nginx's
-/// `send_timeout`). With a `front`, every connection goes to it first.
-#[allow(clippy::too_many_arguments)]
+/// worker threads): they share the connection cap's permits and, with
+/// `options.share`, new connections; see [`ServeOptions`] for the rest.
 pub async fn serve_with<F, S, B>(
     listener: TcpListener,
     limits: &ServerConfig,
-    permits: Arc<Semaphore>,
-    share: Option<(Arc<AcceptShare>, usize)>,
-    send_timeout: Option<Duration>,
-    front: Option<Arc<dyn Front>>,
+    options: ServeOptions,
     make_service: F,
     shutdown: impl Future<Output = ()>,
 ) where
@@ -240,6 +257,12 @@ pub async fn serve_with<F, S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let ServeOptions {
+        permits,
+        share,
+        send_timeout,
+        front,
+    } = options;
     let stopping = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
     // Every connection task holds a sender; when all are gone, so are they.

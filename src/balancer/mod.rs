@@ -180,13 +180,15 @@ impl Balancer {
             crate::server::serve_with(
                 listener,
                 &limits,
-                permits,
-                Some((shared.accept_share.clone(), 0)),
-                Some(send_timeout),
-                Some(Arc::new(h1::FastPath {
-                    shared: shared.clone(),
-                    worker: 0,
-                }) as Arc<dyn crate::server::Front>),
+                crate::server::ServeOptions {
+                    permits,
+                    share: Some((shared.accept_share.clone(), 0)),
+                    send_timeout: Some(send_timeout),
+                    front: Some(Arc::new(h1::FastPath {
+                        shared: shared.clone(),
+                        worker: 0,
+                    }) as Arc<dyn crate::server::Front>),
+                },
                 move |peer| proxy_connection(&proxy_shared, 0, peer),
                 stopped(stop_rx.clone())
             ),
@@ -295,13 +297,15 @@ fn run_worker(
         crate::server::serve_with(
             listener,
             &limits,
-            permits,
-            share,
-            Some(send_timeout),
-            Some(Arc::new(h1::FastPath {
-                shared: shared.clone(),
-                worker,
-            }) as Arc<dyn crate::server::Front>),
+            crate::server::ServeOptions {
+                permits,
+                share,
+                send_timeout: Some(send_timeout),
+                front: Some(Arc::new(h1::FastPath {
+                    shared: shared.clone(),
+                    worker,
+                }) as Arc<dyn crate::server::Front>),
+            },
             move |peer| proxy_connection(&shared, worker, peer),
             stopped(stop),
         )
