@@ -1158,29 +1158,20 @@ fn unavailable() -> Response<Full<Bytes>> {
 /// The 503 while Redis refuses writes for want of replicas
 /// (`min-replicas-to-write`): unlike [`not_replicated`], nothing was sold.
 fn no_replicas() -> Response<Full<Bytes>> {
-    let mut res = json(
-        StatusCode::SERVICE_UNAVAILABLE,
-        Bytes::from_static(
-            b"{\"status\":\"unavailable\",\"reason\":\"too few Redis replicas are connected to acknowledge a sale; nothing was sold: try again shortly\"}",
-        ),
-    );
-    res.headers_mut().insert(
-        hyper::header::RETRY_AFTER,
-        hyper::header::HeaderValue::from_static("1"),
-    );
-    res
+    retry_shortly(b"{\"status\":\"unavailable\",\"reason\":\"too few Redis replicas are connected to acknowledge a sale; nothing was sold: try again shortly\"}")
 }
 
 /// The 503 for a sale the replicas did not acknowledge in time: unlike
 /// the other 503s, the ticket may be the buyer's, and the retry with the
 /// same key (or the per-user limit) says so.
 fn not_replicated() -> Response<Full<Bytes>> {
-    let mut res = json(
-        StatusCode::SERVICE_UNAVAILABLE,
-        Bytes::from_static(
-            b"{\"status\":\"unavailable\",\"reason\":\"the sale may have been made but was not replicated in time: retry with the same Idempotency-Key to learn its order\"}",
-        ),
-    );
+    retry_shortly(b"{\"status\":\"unavailable\",\"reason\":\"the sale may have been made but was not replicated in time: retry with the same Idempotency-Key to learn its order\"}")
+}
+
+/// A 503 with `body` and `Retry-After: 1`: the replicas may be back in a
+/// moment.
+fn retry_shortly(body: &'static [u8]) -> Response<Full<Bytes>> {
+    let mut res = json(StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(body));
     res.headers_mut().insert(
         hyper::header::RETRY_AFTER,
         hyper::header::HeaderValue::from_static("1"),
