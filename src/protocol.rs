@@ -57,7 +57,7 @@ pub const MAX_KEY_LEN: usize = 64;
 
 /// The body of a `sold_out` answer (409, with [`SOLD_OUT_HEADER`]), from a
 /// node or from the balancer's edge.
-pub const SOLD_OUT_BODY: &[u8] = br#"{"status":"sold_out"}"#;
+pub const SOLD_OUT_BODY: &[u8] = b"{\"status\":\"sold_out\"}\n";
 
 /// The body of an `already_bought` answer (409) for a buyer at the limit,
 /// with their last order.
@@ -65,7 +65,7 @@ pub fn already_bought_body(order: &str) -> String {
     let mut body = String::with_capacity(48 + order.len());
     body.push_str("{\"status\":\"already_bought\",\"order\":\"");
     body.push_str(order);
-    body.push_str("\"}");
+    body.push_str("\"}\n");
     body
 }
 

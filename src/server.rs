@@ -695,14 +695,63 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
 
 /// A complete JSON answer with the right content type; static bodies cost no
 /// allocation.
-pub fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut res = Response::new(Full::new(body.into()));
+pub fn json(status: StatusCode, body: impl JsonBody) -> Response<Full<Bytes>> {
+    let mut res = Response::new(Full::new(body.into_line()));
     *res.status_mut() = status;
     res.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("application/json"),
     );
     res
+}
+
+/// A JSON document as [`json`] sends it: ending with a newline, so that
+/// `curl` output, logs and line-oriented tools (`jq -c`, `while read`) see
+/// one document per line, the same from a node and from the balancer.
+/// Owned bodies get the newline pushed in place; a static body should end
+/// with one already (it is then sent without a copy).
+pub trait JsonBody {
+    /// The body's bytes, with exactly one trailing newline.
+    fn into_line(self) -> Bytes;
+}
+
+impl JsonBody for String {
+    fn into_line(self) -> Bytes {
+        self.into_bytes().into_line()
+    }
+}
+
+impl JsonBody for Vec<u8> {
+    fn into_line(mut self) -> Bytes {
+        if self.last() != Some(&b'\n') {
+            self.push(b'\n');
+        }
+        Bytes::from(self)
+    }
+}
+
+impl JsonBody for &'static str {
+    fn into_line(self) -> Bytes {
+        self.as_bytes().into_line()
+    }
+}
+
+impl JsonBody for &'static [u8] {
+    fn into_line(self) -> Bytes {
+        Bytes::from_static(self).into_line()
+    }
+}
+
+impl JsonBody for Bytes {
+    fn into_line(self) -> Bytes {
+        if self.last() == Some(&b'\n') {
+            return self;
+        }
+        let mut line = Vec::with_capacity(self.len() + 1);
+        line.extend_from_slice(&self);
+        line.push(b'\n');
+        Bytes::from(line)
+    }
 }
 
 #[cfg(test)]

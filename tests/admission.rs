@@ -250,7 +250,17 @@ async fn a_node_failing_its_healthz_is_taken_out_and_comes_back_ramped() {
     );
     let path = write_config(&text);
     let cfg = path.to_str().expect("path").to_string();
-    assert!(run(&["stock", "init", "--config", &cfg]).status.success());
+    assert!(
+        run(&[
+            "stock",
+            "init",
+            "--trust-client-buyer-ids",
+            "--config",
+            &cfg
+        ])
+        .status
+        .success()
+    );
     let _n1 = SpikeProcess::start(&["node", "--config", &cfg, "--name", "n1"]);
     let shift = path.with_extension("faketime");
     std::fs::write(&shift, "+0").expect("faketime file");
@@ -349,4 +359,140 @@ async fn a_node_failing_its_healthz_is_taken_out_and_comes_back_ramped() {
     );
     let _ = std::fs::remove_file(&shift);
     common::spike::remove_config(&path);
+}
+
+/// Issue 22, point 4: once health checks have taken every upstream out (a
+/// Redis outage fails every node's `/healthz`), a buyer is told 503 with
+/// `Retry-After` and a `reason`, not a 502, on both forwarding paths; and
+/// the body is JSON ending with a newline, like every answer of both roles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_usable_upstream_is_a_503_with_retry_after_on_both_paths() {
+    for fast in [true, false] {
+        let a = Backend::start("a").await;
+        let b = Backend::start("b").await;
+        let text = config_text(
+            "round_robin",
+            "127.0.0.1:0",
+            "127.0.0.1:0",
+            &[up(a.addr, 1), up(b.addr, 1)],
+        );
+        let lb = Running::start(&with_balancer_keys(
+            text,
+            &format!(
+                "fast_path = {fast}\nhealth_check = \"/healthz\"\nhealth_interval = \"100ms\"\nhealth_fails = 1\nhealth_passes = 2"
+            ),
+        ))
+        .await;
+        a.healthy.store(false, Ordering::Relaxed);
+        b.healthy.store(false, Ordering::Relaxed);
+        common::wait_for("both out", Duration::from_secs(5), async || {
+            let s = status(&lb).await;
+            s["upstreams"][0]["state"] == "unhealthy" && s["upstreams"][1]["state"] == "unhealthy"
+        })
+        .await;
+        let served = a.served.load(Ordering::Relaxed) + b.served.load(Ordering::Relaxed);
+        let res = raw(
+            None,
+            lb.addr,
+            b"POST /buy/ticket?user=u HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(res.starts_with("HTTP/1.1 503"), "fast_path = {fast}: {res}");
+        assert!(
+            res.to_ascii_lowercase().contains("\r\nretry-after: "),
+            "fast_path = {fast}: {res}"
+        );
+        let body = body_of(&res);
+        assert!(body.ends_with('\n'), "fast_path = {fast}: {body:?}");
+        let v: serde_json::Value = serde_json::from_str(body).expect("JSON body");
+        assert_eq!(v["status"], "unavailable", "fast_path = {fast}: {v}");
+        assert!(
+            v["reason"].as_str().is_some_and(|r| !r.is_empty()),
+            "fast_path = {fast}: {v}"
+        );
+        assert!(v.get("error").is_none(), "fast_path = {fast}: {v}");
+        assert_eq!(
+            a.served.load(Ordering::Relaxed) + b.served.load(Ordering::Relaxed),
+            served,
+            "fast_path = {fast}: an unhealthy upstream was sent the buyer"
+        );
+        lb.shutdown().await;
+    }
+}
+
+/// Issue 22, point 4, as reported: real processes, `health_check =
+/// "/healthz"` as the README advises, and Redis goes away. Every node's
+/// check fails, and a buyer is told 503 with `Retry-After` and a `reason`
+/// (not a 502), which is the same answer a node gives when Redis is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_is_a_503_with_retry_after_through_the_balancer() {
+    use common::spike::{SpikeProcess, run, wait_listening, write_config};
+    let mut redis = common::redis::RedisServer::start();
+    let addrs: Vec<std::net::SocketAddr> = (0..4).map(|_| common::free_addr()).collect();
+    let text = format!(
+        "[sale]\nevent = \"outage\"\ntotal = 1000\nper_user_limit = 1\n\n\
+         [redis]\nurl = \"{}\"\ntimeout = \"300ms\"\n\n\
+         [balancer]\nlisten = \"{}\"\nadmin = \"{}\"\nstrategy = \"round_robin\"\n\
+         health_check = \"/healthz\"\nhealth_interval = \"100ms\"\nhealth_fails = 1\nhealth_passes = 2\n\n\
+         [[node]]\nname = \"n1\"\nlisten = \"{}\"\n\n[[node]]\nname = \"n2\"\nlisten = \"{}\"\n",
+        redis.url(),
+        addrs[0],
+        addrs[1],
+        addrs[2],
+        addrs[3]
+    );
+    let path = write_config(&text);
+    let cfg = path.to_str().expect("path").to_string();
+    assert!(
+        run(&[
+            "stock",
+            "init",
+            "--trust-client-buyer-ids",
+            "--config",
+            &cfg
+        ])
+        .status
+        .success()
+    );
+    let _n1 = SpikeProcess::start(&["node", "--config", &cfg, "--name", "n1"]);
+    let _n2 = SpikeProcess::start(&["node", "--config", &cfg, "--name", "n2"]);
+    let _balancer = SpikeProcess::start(&["balancer", "--config", &cfg]);
+    for a in &addrs {
+        wait_listening(&a.to_string(), Duration::from_secs(10));
+    }
+    let buy = |user: &'static str| {
+        let to = addrs[0];
+        async move {
+            let request = format!(
+                "POST /buy/ticket?user={user} HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            raw(None, to, request.as_bytes()).await
+        }
+    };
+    common::wait_for(
+        "a sale through the balancer",
+        Duration::from_secs(10),
+        async || buy("before").await.starts_with("HTTP/1.1 200"),
+    )
+    .await;
+
+    redis.kill();
+    let admin = addrs[1];
+    common::wait_for("both nodes out", Duration::from_secs(10), async || {
+        let Ok((_, body)) = get(&http(), &format!("http://{admin}/status")).await else {
+            return false;
+        };
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        v["upstreams"][0]["state"] == "unhealthy" && v["upstreams"][1]["state"] == "unhealthy"
+    })
+    .await;
+    let res = buy("during").await;
+    assert!(res.starts_with("HTTP/1.1 503"), "{res}");
+    assert!(
+        res.to_ascii_lowercase().contains("\r\nretry-after: "),
+        "{res}"
+    );
+    let v: serde_json::Value = serde_json::from_str(body_of(&res)).expect("JSON body");
+    assert_eq!(v["status"], "unavailable", "{v}");
+    assert!(v["reason"].is_string(), "{v}");
 }

@@ -34,10 +34,13 @@ pub async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<By
             let (status, body) = super::sale::sale(shared).await;
             crate::server::json(status, body)
         }
-        (true, "/healthz") => crate::server::json(StatusCode::OK, r#"{"status":"ok"}"#),
+        (true, "/healthz") => crate::server::json(StatusCode::OK, "{\"status\":\"ok\"}\n"),
         (true, "/status") => crate::server::json(StatusCode::OK, status(shared)),
         (true, "/metrics") => crate::prometheus::response(metrics(shared)),
-        _ => crate::server::json(StatusCode::NOT_FOUND, r#"{"status":"not_found"}"#),
+        _ => crate::server::json(
+            StatusCode::NOT_FOUND,
+            "{\"status\":\"not_found\",\"reason\":\"the admin listener serves /status, /sale, /healthz, /metrics and the status page at /\"}\n",
+        ),
     }
 }
 
@@ -75,10 +78,10 @@ fn status(shared: &Shared) -> String {
         .local_counts()
         .map(|(code, n)| (code.to_string(), n.load(Ordering::Relaxed).into()))
         .collect();
-    local.insert(
-        "503".into(),
-        (q.full.load(Ordering::Relaxed) + q.timed_out.load(Ordering::Relaxed)).into(),
-    );
+    // The queue's 503s join the no-upstream ones under one status.
+    let busy = q.full.load(Ordering::Relaxed) + q.timed_out.load(Ordering::Relaxed);
+    let no_upstream = local.get("503").and_then(|v| v.as_u64()).unwrap_or(0);
+    local.insert("503".into(), (busy + no_upstream).into());
     serde_json::json!({
         "strategy": active.selector.strategy().as_str(),
         "version": active.version,

@@ -19,8 +19,13 @@ pub enum LocalAnswer {
     MethodNotAllowed,
     /// A body over `max_body`, declared or streamed.
     PayloadTooLarge,
-    /// No upstream could answer.
+    /// Every upstream tried failed (refused, reset, or a malformed answer).
     BadGateway,
+    /// No upstream is usable: each is out (its health check fails, or it is
+    /// marked failed for `fail_timeout`), so nothing was tried. Unlike a
+    /// 502 this is the service being down for a while, and it says when to
+    /// come back.
+    NoUpstream,
     /// The last upstream tried did not answer in time.
     GatewayTimeout,
     /// Every upstream is at its `max_conns` and the queue is full.
@@ -31,7 +36,7 @@ pub enum LocalAnswer {
 
 /// The values of `spike_balancer_local_responses_total`'s `code` label, in
 /// the order of [`LocalAnswer::slot`].
-pub const LOCAL_LABELS: [&str; 5] = ["400", "405", "413", "502", "504"];
+pub const LOCAL_LABELS: [&str; 6] = ["400", "405", "413", "502", "503", "504"];
 
 impl LocalAnswer {
     /// The status.
@@ -44,7 +49,9 @@ impl LocalAnswer {
             LocalAnswer::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             LocalAnswer::BadGateway => StatusCode::BAD_GATEWAY,
             LocalAnswer::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
-            LocalAnswer::QueueFull | LocalAnswer::QueueTimeout => StatusCode::SERVICE_UNAVAILABLE,
+            LocalAnswer::NoUpstream | LocalAnswer::QueueFull | LocalAnswer::QueueTimeout => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -57,31 +64,34 @@ impl LocalAnswer {
     pub const fn body(self) -> &'static [u8] {
         match self {
             LocalAnswer::BadRequest => {
-                br#"{"status":"bad_request","error":"the request could not be read"}"#
+                b"{\"status\":\"bad_request\",\"reason\":\"the request could not be read\"}\n"
             }
             LocalAnswer::BadHost => {
-                br#"{"status":"bad_request","error":"the request needs exactly one valid Host header"}"#
+                b"{\"status\":\"bad_request\",\"reason\":\"the request needs exactly one valid Host header\"}\n"
             }
             LocalAnswer::BadChunk => {
-                br#"{"status":"bad_request","error":"the chunked request body is malformed or a chunk size is too large"}"#
+                b"{\"status\":\"bad_request\",\"reason\":\"the chunked request body is malformed or a chunk size is too large\"}\n"
             }
             LocalAnswer::MethodNotAllowed => {
-                br#"{"status":"method_not_allowed","error":"CONNECT and TRACE are not proxied"}"#
+                b"{\"status\":\"method_not_allowed\",\"reason\":\"CONNECT and TRACE are not proxied\"}\n"
             }
             LocalAnswer::PayloadTooLarge => {
-                br#"{"status":"payload_too_large","error":"the request body is larger than max_body"}"#
+                b"{\"status\":\"payload_too_large\",\"reason\":\"the request body is larger than max_body\"}\n"
             }
             LocalAnswer::BadGateway => {
-                br#"{"status":"bad_gateway","error":"no upstream could answer"}"#
+                b"{\"status\":\"bad_gateway\",\"reason\":\"no upstream could answer\"}\n"
+            }
+            LocalAnswer::NoUpstream => {
+                b"{\"status\":\"unavailable\",\"reason\":\"no upstream is available (each fails its health check or was marked failed); retry after a second\"}\n"
             }
             LocalAnswer::GatewayTimeout => {
-                br#"{"status":"gateway_timeout","error":"the upstream did not answer in time"}"#
+                b"{\"status\":\"gateway_timeout\",\"reason\":\"the upstream did not answer in time\"}\n"
             }
             LocalAnswer::QueueFull => {
-                br#"{"status":"busy","reason":"every upstream is at its max_conns and the queue is full; retry after a second"}"#
+                b"{\"status\":\"busy\",\"reason\":\"every upstream is at its max_conns and the queue is full; retry after a second\"}\n"
             }
             LocalAnswer::QueueTimeout => {
-                br#"{"status":"busy","reason":"every upstream stayed at its max_conns for queue_timeout; retry after a second"}"#
+                b"{\"status\":\"busy\",\"reason\":\"every upstream stayed at its max_conns for queue_timeout; retry after a second\"}\n"
             }
         }
     }
@@ -93,7 +103,9 @@ impl LocalAnswer {
             LocalAnswer::MethodNotAllowed => {
                 Some(("allow", "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH"))
             }
-            LocalAnswer::QueueFull | LocalAnswer::QueueTimeout => Some(("retry-after", "1")),
+            LocalAnswer::NoUpstream | LocalAnswer::QueueFull | LocalAnswer::QueueTimeout => {
+                Some(("retry-after", "1"))
+            }
             _ => None,
         }
     }
@@ -107,7 +119,8 @@ impl LocalAnswer {
             LocalAnswer::MethodNotAllowed => Some(1),
             LocalAnswer::PayloadTooLarge => Some(2),
             LocalAnswer::BadGateway => Some(3),
-            LocalAnswer::GatewayTimeout => Some(4),
+            LocalAnswer::NoUpstream => Some(4),
+            LocalAnswer::GatewayTimeout => Some(5),
             LocalAnswer::QueueFull | LocalAnswer::QueueTimeout => None,
         }
     }
@@ -117,7 +130,7 @@ impl LocalAnswer {
 mod tests {
     use super::*;
 
-    const ALL: [LocalAnswer; 9] = [
+    const ALL: [LocalAnswer; 10] = [
         LocalAnswer::BadRequest,
         LocalAnswer::BadHost,
         LocalAnswer::BadChunk,
@@ -125,6 +138,7 @@ mod tests {
         LocalAnswer::PayloadTooLarge,
         LocalAnswer::BadGateway,
         LocalAnswer::GatewayTimeout,
+        LocalAnswer::NoUpstream,
         LocalAnswer::QueueFull,
         LocalAnswer::QueueTimeout,
     ];
@@ -136,10 +150,9 @@ mod tests {
                 Some(i) => assert_eq!(LOCAL_LABELS[i], a.status().as_str(), "{a:?}"),
                 None => assert_eq!(a.status(), StatusCode::SERVICE_UNAVAILABLE, "{a:?}"),
             }
-            assert!(
-                serde_json::from_slice::<serde_json::Value>(a.body()).is_ok(),
-                "{a:?}"
-            );
+            let v: serde_json::Value = serde_json::from_slice(a.body()).expect("JSON");
+            assert!(v["status"].is_string() && v["reason"].is_string(), "{a:?}");
+            assert!(a.body().ends_with(b"\n"), "{a:?}");
         }
     }
 }

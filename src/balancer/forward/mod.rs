@@ -263,7 +263,8 @@ pub trait Transport {
 
 /// The attempt loop: picks upstreams (waiting for a free slot when all are
 /// at their `max_conns`), sends the request through `t`, retries as the
-/// policy allows, and hands on the first response or answers 502/504.
+/// policy allows, and hands on the first response or answers 502/504
+/// (503 when no upstream was usable at all).
 ///
 /// A plain `fn` returning an `async` block, which holds its captures once:
 /// an `async fn` would keep its arguments twice, and the fast path boxes
@@ -348,7 +349,12 @@ pub fn run<'a, T: Transport + 'a>(
             shared.metrics.latency.observe(plan.start.elapsed());
             return t.deliver(response, pick).await;
         }
-        let answer = if timed_out {
+        // Nothing tried means nothing was usable: the service is down for
+        // a while (a 503 that says when to come back), not an upstream
+        // that failed this request (502, as in Nginx).
+        let answer = if !sent {
+            LocalAnswer::NoUpstream
+        } else if timed_out {
             LocalAnswer::GatewayTimeout
         } else {
             LocalAnswer::BadGateway
