@@ -361,3 +361,47 @@ fn unset_keys_take_the_named_defaults() {
     );
     assert_eq!(c.server, ServerConfig::default());
 }
+
+/// Issue 22, point 10: toml's own errors name the entry of an array of
+/// tables by its index, as the validation's errors do.
+#[test]
+fn a_toml_type_error_in_an_array_of_tables_names_its_index() {
+    let entry =
+        |i: usize, listen: &str| format!("[[node]]\nname = \"n{i}\"\nlisten = {listen}\n\n");
+    let text = format!(
+        "{}{}{}",
+        entry(0, "\"127.0.0.1:9001\""),
+        entry(1, "\"127.0.0.1:9002\""),
+        entry(2, "5")
+    );
+    let m = expect_err(&text, "node[2].listen", 11);
+    assert!(m.contains("expected a string"), "{m}");
+    let upstreams = "[balancer]\nlisten = \"127.0.0.1:8000\"\n[[balancer.upstream]]\naddr = \"127.0.0.1:1\"\n[[balancer.upstream]]\naddr = \"127.0.0.1:2\"\nweight = \"x\"\n";
+    expect_err(upstreams, "balancer.upstream[1].weight", 7);
+}
+
+/// `[node]` written for `[[node]]` says how to write it.
+#[test]
+fn a_single_bracket_node_table_says_to_use_two() {
+    let m = expect_err(
+        "[node]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\n\n[node]\nname = \"b\"\nlisten = \"127.0.0.1:2\"\n",
+        "node",
+        5,
+    );
+    assert!(m.contains("duplicate key"), "{m}");
+    assert!(m.contains("`[[node]]`"), "{m}");
+}
+
+/// A duration written as a bare number gets an example with a unit.
+#[test]
+fn an_integer_duration_gets_an_example() {
+    let m = expect_err(
+        "[sale]\nevent = \"e\"\ntotal = 5\npay_within = 900\n",
+        "sale.pay_within",
+        4,
+    );
+    assert!(m.contains("pay_within = \"900s\""), "{m}");
+    // A count written as a string is not a duration: no such hint.
+    let m = expect_err("[sale]\nevent = \"e\"\ntotal = \"5\"\n", "sale.total", 3);
+    assert!(!m.contains("a duration"), "{m}");
+}

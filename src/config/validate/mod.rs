@@ -36,11 +36,17 @@ impl Config {
         let cx = Cx { path, text };
         let file: FileConfig = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|s| cx.line(s.start)).unwrap_or(1);
+            let key = toml_key::key_from_toml_error(text, &e);
+            let mut message = e.message().trim().to_string();
+            if let Some(hint) = toml_key::hint(&key, &message) {
+                message.push_str("; ");
+                message.push_str(&hint);
+            }
             ConfigError::Invalid {
                 path: path.to_path_buf(),
-                key: toml_key::key_from_toml_error(text, &e),
+                key,
                 line,
-                message: e.message().trim().to_string(),
+                message,
             }
         })?;
         validate(&cx, file)
