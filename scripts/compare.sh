@@ -499,7 +499,7 @@ sale_rounds() { # SCENARIO DIRECT_SCENARIO EXPECT FRESH
       if [ "$side" = direct ]; then port=${NODE_PORTS[0]} pid=""; else port=${PORT[$side]} pid=${PID[$side]}; fi
       if [ "$4" = 1 ]; then
         rcli FLUSHALL >/dev/null
-        "$SPIKE" stock init --config "$cfg" >/dev/null
+        "$SPIKE" stock init --trust-client-buyer-ids --config "$cfg" >/dev/null
       fi
       buyers "$port"
       if [ "$side" = direct ]; then
@@ -518,7 +518,7 @@ if wants success; then
   pick_ports
   cfg=$WORK/sale-success.toml
   write_sale_config "$cfg" bench-success 100000000 1 "${PORT[spike]}" "$ADMIN"
-  "$SPIKE" stock init --config "$cfg" --force >/dev/null
+  "$SPIKE" stock init --trust-client-buyer-ids --config "$cfg" --force >/dev/null
   start_nodes "$cfg"
   start_proxies "$cfg"
   sale_rounds sale/success direct/node_success 200 1
@@ -535,7 +535,7 @@ if wants soldout; then
   # but the once-a-second poll of an idle node).
   write_sale_config "$cfg" bench-soldout 1000 1 "${PORT[spike]}" "$ADMIN"
   rcli FLUSHALL >/dev/null
-  "$SPIKE" stock init --config "$cfg" >/dev/null
+  "$SPIKE" stock init --trust-client-buyer-ids --config "$cfg" >/dev/null
   start_nodes "$cfg"
   # Sell everything, then keep asking every node until Redis has told each of
   # them the sale is over: from then on they answer 409 from memory.
@@ -564,7 +564,7 @@ if wants ab; then
       cfg=$WORK/sale-ab.toml
       write_sale_config "$cfg" bench-ab "$AB_TOTAL" 0 "${PORT[spike]}" "$ADMIN"
       rcli FLUSHALL >/dev/null
-      "$SPIKE" stock init --config "$cfg" >/dev/null
+      "$SPIKE" stock init --trust-client-buyer-ids --config "$cfg" >/dev/null
       start_nodes "$cfg"
       start_proxy "$side" "$cfg"
       file=$OUT/raw/ab-$side-$round.txt
@@ -608,7 +608,7 @@ if wants payments; then
   sed -i 's/^per_user_limit = 1$/per_user_limit = 1\npay_within = "15m"/' "$cfg"
   grep -q '^pay_within' "$cfg" || die "could not add pay_within to $cfg"
   rcli FLUSHALL >/dev/null
-  "$SPIKE" stock init --config "$cfg" >/dev/null
+  "$SPIKE" stock init --trust-client-buyer-ids --config "$cfg" >/dev/null
   start_nodes "$cfg"
   start_proxies "$cfg"
   payments_run() { # SIDE ROUND
@@ -617,7 +617,7 @@ if wants payments; then
     pay=raw/payments-pay-$side-$round.json
     urls=$WORK/pay-urls-$side-$round.txt
     rcli FLUSHALL >/dev/null
-    "$SPIKE" stock init --config "$cfg" >/dev/null
+    "$SPIKE" stock init --trust-client-buyer-ids --config "$cfg" >/dev/null
     sleep 1.5 # every node hears of the new sale (its poll is once a second)
     rcli CONFIG RESETSTAT >/dev/null
     buyers "$port"

@@ -174,6 +174,34 @@ pub enum Command {
         #[command(subcommand)]
         action: OrdersAction,
     },
+    /// Print a buyer token (a JWT) for --buyer, signed with the first
+    /// hs256 key of [auth] buyer_keys: for tests, demos and load tests.
+    #[command(after_help = TOKEN_HELP)]
+    Token {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The buyer id the token names (its `sub`).
+        #[arg(long)]
+        buyer: String,
+        /// How long the token is valid ("1h", "15m").
+        #[arg(long, default_value = "1h", value_parser = duration)]
+        ttl: std::time::Duration,
+        /// Valid only from this long from now on (its `nbf`).
+        #[arg(long, value_parser = duration)]
+        not_before: Option<std::time::Duration>,
+    },
+    /// Print the payment service's Spike-Signature header that pays
+    /// --order, signed now with [auth] payment_key (valid for 5 minutes).
+    PaySign {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The order to pay.
+        #[arg(long)]
+        order: String,
+        /// The payment's reference, sent as ?ref= and kept with the order.
+        #[arg(long = "ref")]
+        reference: Option<String>,
+    },
     /// Print the nginx.conf equivalent to the [balancer] section.
     NginxConf {
         #[command(flatten)]
@@ -215,11 +243,20 @@ Exit codes: 1 when the sale was never initialised, when it writes no stream
 reached at start; 0 on SIGTERM/SIGINT. Once running, a Redis that goes away
 is waited for.";
 
-/// `--claim-after`: a humantime duration ("30s", "2m"); "0s" turns claiming
-/// off.
-fn claim_after(s: &str) -> Result<std::time::Duration, String> {
+/// A humantime duration on the command line ("30s", "2m", "1h"); for
+/// `--claim-after`, "0s" turns claiming off.
+fn duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s.trim()).map_err(|e| format!("{e} (a duration such as 30s)"))
 }
+
+/// What `spike token --help` adds.
+const TOKEN_HELP: &str = "\
+Send it as `Authorization: Bearer TOKEN` or as the cookie spike_token=TOKEN:
+  curl -X POST -H \"Authorization: Bearer $(spike token --buyer alice)\" \\
+       http://127.0.0.1:8000/buy/ticket
+Its claims: sub = the buyer, aud = [sale] event, exp, and nbf with
+--not-before. In production an identity provider issues the tokens, with a
+key of its own listed in [auth] buyer_keys.";
 
 /// What `spike orders` can do.
 #[derive(Debug, Subcommand)]
@@ -243,7 +280,7 @@ pub enum OrdersAction {
         /// Take over (and print) events another consumer of the group read
         /// but has not acknowledged for this long: that consumer died, or
         /// stalls. "0s": never.
-        #[arg(long, default_value = "30s", value_parser = claim_after)]
+        #[arg(long, default_value = "30s", value_parser = duration)]
         claim_after: std::time::Duration,
     },
 }
@@ -263,6 +300,11 @@ pub enum StockAction {
         /// sale's keys): for a throwaway test only.
         #[arg(long)]
         allow_volatile: bool,
+        /// Start a sale with a per-user limit and no [auth]: the limit is
+        /// then per buyer id as the client states it, which anyone can
+        /// vary; for a sale among trusted clients only.
+        #[arg(long)]
+        trust_client_buyer_ids: bool,
     },
     /// Print the sale's state as one JSON object.
     Show {

@@ -3,6 +3,7 @@
 //! line and dispatches here, so tests drive the same code the binary runs.
 
 pub mod auth;
+pub mod auth_commands;
 pub mod balancer;
 pub mod check;
 pub mod cli;

@@ -38,7 +38,13 @@ fn main() -> ExitCode {
                 config,
                 force,
                 allow_volatile,
-            } => spike::stock::init(&config.config, force, allow_volatile),
+                trust_client_buyer_ids,
+            } => spike::stock::init(
+                &config.config,
+                force,
+                allow_volatile,
+                trust_client_buyer_ids,
+            ),
             StockAction::Show { config } => spike::stock::show(&config.config),
             StockAction::Audit { config } => spike::stock::audit(&config.config),
         },
@@ -51,6 +57,17 @@ fn main() -> ExitCode {
                     claim_after,
                 },
         } => spike::orders_tail::main(&config.config, &group, &consumer, claim_after),
+        Command::Token {
+            config,
+            buyer,
+            ttl,
+            not_before,
+        } => spike::auth_commands::token(&config.config, &buyer, ttl, not_before),
+        Command::PaySign {
+            config,
+            order,
+            reference,
+        } => spike::auth_commands::pay_sign(&config.config, &order, reference.as_deref()),
         Command::NginxConf {
             config,
             listen,

@@ -130,9 +130,21 @@ pub fn sale_differs(file: &SaleConfig, stored: &Snapshot) -> Option<String> {
 
 /// `spike stock init`: refuses to touch a started sale unless `force`, and
 /// a Redis that may forget answered orders unless `allow_volatile`.
-pub fn init(config_path: &Path, force: bool, allow_volatile: bool) -> anyhow::Result<ExitCode> {
+pub fn init(
+    config_path: &Path,
+    force: bool,
+    allow_volatile: bool,
+    trust_client_buyer_ids: bool,
+) -> anyhow::Result<ExitCode> {
     with_store(config_path, async |config, store| {
         let sale = config.require_sale()?;
+        if let Some(why) = unverified_buyers(config) {
+            if !trust_client_buyer_ids {
+                eprintln!("spike: {why}; pass --trust-client-buyer-ids to start it anyway");
+                return Ok(ExitCode::FAILURE);
+            }
+            eprintln!("spike: warning: {why}");
+        }
         match start_gate(&store, &sale.event, allow_volatile).await {
             Ok(()) => {}
             Err(e @ StartRefused::Volatile { .. }) => {
@@ -163,6 +175,23 @@ pub fn init(config_path: &Path, force: bool, allow_volatile: bool) -> anyhow::Re
             );
             Ok(ExitCode::FAILURE)
         }
+    })
+}
+
+/// Why the sale's per-user limit holds only for honest clients, when it
+/// does: a limit with no `[auth]` counts buyer ids as the client states
+/// them (`?user=`, `X-User-Id`), and a bot that varies them buys without
+/// limit. `None` for an anonymous sale or one with `[auth]`. The gate is
+/// `stock init` (as `--allow-volatile` is for a Redis that forgets);
+/// `spike up` and every node warn with the same words.
+pub fn unverified_buyers(config: &crate::config::Config) -> Option<String> {
+    let sale = config.sale.as_ref()?;
+    (sale.per_user_limit > 0 && config.auth.is_none()).then(|| {
+        format!(
+            "{}: the sale limits each buyer to {} but has no [auth]: buyers are who the client says they are (?user=, X-User-Id), so anyone can buy as anyone and a bot that changes its id is not limited",
+            config.path.display(),
+            sale.per_user_limit
+        )
     })
 }
 

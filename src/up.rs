@@ -332,19 +332,55 @@ pub fn banner(config: &Config, stored: &Snapshot) -> String {
             cfg.name, cfg.listen, cfg.weight, sale.lease
         );
     }
-    let _ = writeln!(
-        s,
-        "\nbuy one:   curl -s 'http://{}/buy/ticket?user=alice'",
-        b.listen
-    );
+    // With [auth] a buyer is a token: mint one for the line to paste (an
+    // hour is long enough for a first look; `spike token` makes more).
+    let token = config.auth.as_ref().and_then(|auth| {
+        crate::auth::mint(
+            auth,
+            "alice",
+            &sale.event,
+            std::time::Duration::from_secs(3600),
+        )
+        .ok()
+    });
+    match &token {
+        Some(t) => {
+            let _ = writeln!(
+                s,
+                "\nbuy one:   curl -s -X POST -H 'Authorization: Bearer {t}' http://{}/buy/ticket",
+                b.listen
+            );
+            let _ = writeln!(
+                s,
+                "           (a token for buyer alice, valid 1h; more: spike token --config {} --buyer NAME)",
+                config.path.display()
+            );
+        }
+        None => {
+            let _ = writeln!(
+                s,
+                "\nbuy one:   curl -s 'http://{}/buy/ticket?user=alice'",
+                b.listen
+            );
+        }
+    }
     if stored.pay_within_ms > 0 {
         let window = std::time::Duration::from_millis(stored.pay_within_ms);
-        let _ = writeln!(
-            s,
-            "pay it:    curl -s -X POST 'http://{}/orders/ORDER/pay?user=alice'   (ORDER from the answer; unpaid, it goes back on sale after {})",
-            b.listen,
-            humantime::format_duration(window)
-        );
+        if config.auth.is_some() {
+            let _ = writeln!(
+                s,
+                "pay it:    spike pay-sign --config {} --order ORDER --ref R   (prints the payment service's signed curl; ORDER from the answer; unpaid, it goes back on sale after {})",
+                config.path.display(),
+                humantime::format_duration(window)
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "pay it:    curl -s -X POST 'http://{}/orders/ORDER/pay?user=alice'   (ORDER from the answer; unpaid, it goes back on sale after {})",
+                b.listen,
+                humantime::format_duration(window)
+            );
+        }
     }
     let _ = writeln!(
         s,
@@ -378,6 +414,11 @@ pub fn main(config_path: &Path, allow_volatile: bool) -> anyhow::Result<ExitCode
         let shutdown = crate::server::shutdown_signal();
         for w in &config.warnings {
             tracing::warn!("{w}");
+        }
+        // Not refused as `stock init` refuses it: `spike up` is the first
+        // look, and the store is often the embedded one.
+        if let Some(why) = crate::stock::unverified_buyers(&config) {
+            tracing::warn!("{why}");
         }
         let listeners = Listeners::bind(&config)?;
         run(

@@ -88,7 +88,11 @@ fn a_stored_sale_that_differs_from_the_file_is_reported() {
     let node = common::free_addr();
     let path = write_config(&sale_file(Some(&redis.url()), node));
     let cfg = path.to_str().expect("path");
-    assert!(run(&["stock", "init", "--config", cfg]).status.success());
+    assert!(
+        run(&["stock", "init", "--trust-client-buyer-ids", "--config", cfg])
+            .status
+            .success()
+    );
     std::fs::write(
         &path,
         sale_file(Some(&redis.url()), node).replace("total = 10\n", "total = 99\n"),

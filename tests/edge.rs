@@ -188,6 +188,7 @@ async fn returned_stock_and_a_reset_reopen_the_edge_within_a_second() {
     let out = run(&[
         "stock",
         "init",
+        "--trust-client-buyer-ids",
         "--force",
         "--config",
         path.to_str().expect("path"),

@@ -139,7 +139,13 @@ async fn every_strategy_and_a_weight_reload_sell_the_whole_total_before_any_sold
     };
     let path = write_config(&file(rounds[0].0, &rounds[0].1));
     let cfg = path.to_str().expect("path").to_string();
-    let mut epoch = stdout_json(&run(&["stock", "init", "--config", &cfg]))["epoch"]
+    let mut epoch = stdout_json(&run(&[
+        "stock",
+        "init",
+        "--trust-client-buyer-ids",
+        "--config",
+        &cfg,
+    ]))["epoch"]
         .as_u64()
         .expect("epoch");
     let _nodes: Vec<SpikeProcess> = (0..4).map(|i| start_node(&cfg, i)).collect();
@@ -161,7 +167,14 @@ async fn every_strategy_and_a_weight_reload_sell_the_whole_total_before_any_sold
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             // A reset while every node runs, sold out from memory.
-            let init = run(&["stock", "init", "--force", "--config", &cfg]);
+            let init = run(&[
+                "stock",
+                "init",
+                "--trust-client-buyer-ids",
+                "--force",
+                "--config",
+                &cfg,
+            ]);
             let next = stdout_json(&init)["epoch"].as_u64().expect("epoch");
             assert!(next > epoch, "the epoch must grow: {epoch} then {next}");
             epoch = next;
@@ -233,6 +246,7 @@ async fn a_node_whose_file_says_another_limit_enforces_the_sales() {
     let init = stdout_json(&run(&[
         "stock",
         "init",
+        "--trust-client-buyer-ids",
         "--config",
         init_path.to_str().expect("path"),
     ]));
@@ -337,7 +351,13 @@ async fn a_node_with_a_skewed_clock_never_turns_a_503_into_a_sale() {
             "",
         ));
         let cfg = path.to_str().expect("path");
-        stdout_json(&run(&["stock", "init", "--config", cfg]));
+        stdout_json(&run(&[
+            "stock",
+            "init",
+            "--trust-client-buyer-ids",
+            "--config",
+            cfg,
+        ]));
         let mut node = start_skewed_node(cfg, shift);
         wait_listening(&ports.nodes[0].to_string(), Duration::from_secs(10));
         let c = client();
@@ -394,7 +414,13 @@ async fn a_sale_flood_does_not_starve_purchases() {
         "",
     ));
     let cfg = path.to_str().expect("path").to_string();
-    stdout_json(&run(&["stock", "init", "--config", &cfg]));
+    stdout_json(&run(&[
+        "stock",
+        "init",
+        "--trust-client-buyer-ids",
+        "--config",
+        &cfg,
+    ]));
     // A big sale's buyers, written straight into its hash.
     let mut conn = redis.connection().expect("redis");
     for chunk in 0..300 {
@@ -492,7 +518,13 @@ async fn a_reset_from_a_slow_clock_never_reuses_order_ids() {
         "",
     ));
     let cfg = path.to_str().expect("path").to_string();
-    let first = stdout_json(&run(&["stock", "init", "--config", &cfg]))["epoch"]
+    let first = stdout_json(&run(&[
+        "stock",
+        "init",
+        "--trust-client-buyer-ids",
+        "--config",
+        &cfg,
+    ]))["epoch"]
         .as_u64()
         .expect("epoch");
     let slow = Command::new("faketime")
@@ -502,6 +534,7 @@ async fn a_reset_from_a_slow_clock_never_reuses_order_ids() {
             bin(),
             "stock",
             "init",
+            "--trust-client-buyer-ids",
             "--force",
             "--config",
             &cfg,
@@ -511,10 +544,24 @@ async fn a_reset_from_a_slow_clock_never_reuses_order_ids() {
     let second = stdout_json(&slow)["epoch"].as_u64().expect("epoch");
     assert!(second > first, "epoch went from {first} to {second}");
     // Two resets in a row, faster than a millisecond apart or not.
-    let third = stdout_json(&run(&["stock", "init", "--force", "--config", &cfg]))["epoch"]
+    let third = stdout_json(&run(&[
+        "stock",
+        "init",
+        "--trust-client-buyer-ids",
+        "--force",
+        "--config",
+        &cfg,
+    ]))["epoch"]
         .as_u64()
         .expect("epoch");
-    let fourth = stdout_json(&run(&["stock", "init", "--force", "--config", &cfg]))["epoch"]
+    let fourth = stdout_json(&run(&[
+        "stock",
+        "init",
+        "--trust-client-buyer-ids",
+        "--force",
+        "--config",
+        &cfg,
+    ]))["epoch"]
         .as_u64()
         .expect("epoch");
     assert!(
@@ -544,7 +591,13 @@ async fn a_lease_of_a_killed_node_comes_back_and_sells() {
         "lease = 30\nlease_ttl = \"3s\"",
     ));
     let cfg = path.to_str().expect("path").to_string();
-    stdout_json(&run(&["stock", "init", "--config", &cfg]));
+    stdout_json(&run(&[
+        "stock",
+        "init",
+        "--trust-client-buyer-ids",
+        "--config",
+        &cfg,
+    ]));
     let mut doomed = start_node(&cfg, 0);
     let _survivor = start_node(&cfg, 1);
     for a in &ports.nodes {
@@ -602,7 +655,13 @@ async fn a_sold_out_node_reopens_when_stock_comes_back() {
         "",
     ));
     let cfg = path.to_str().expect("path").to_string();
-    stdout_json(&run(&["stock", "init", "--config", &cfg]));
+    stdout_json(&run(&[
+        "stock",
+        "init",
+        "--trust-client-buyer-ids",
+        "--config",
+        &cfg,
+    ]));
     let _node = start_node(&cfg, 0);
     wait_listening(&ports.nodes[0].to_string(), Duration::from_secs(10));
     let c = client();

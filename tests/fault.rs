@@ -94,7 +94,17 @@ async fn a_sale_survives_node_death_redis_stalls_restarts_and_reloads() {
     };
     let path = write_config(&config_text(&redis.url(), &ports, &[0, 1, 2, 3]));
     let cfg = path.to_str().expect("path").to_string();
-    assert!(run(&["stock", "init", "--config", &cfg]).status.success());
+    assert!(
+        run(&[
+            "stock",
+            "init",
+            "--trust-client-buyer-ids",
+            "--config",
+            &cfg
+        ])
+        .status
+        .success()
+    );
     let mut nodes: Vec<Option<SpikeProcess>> = (0..4).map(|i| Some(start_node(&cfg, i))).collect();
     for a in &ports.nodes {
         wait_listening(&a.to_string(), Duration::from_secs(10));

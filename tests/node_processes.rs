@@ -42,7 +42,7 @@ async fn four_node_processes_sell_exactly_the_total() {
     let path = write_config(&text);
     let c = cfg(&path);
 
-    let init = run(&["stock", "init", "--config", c]);
+    let init = run(&["stock", "init", "--trust-client-buyer-ids", "--config", c]);
     assert!(init.status.success(), "{init:?}");
     let addrs = node_addrs(&text);
     let _nodes: Vec<SpikeProcess> = (1..=4)
@@ -104,14 +104,21 @@ async fn four_node_processes_sell_exactly_the_total() {
     assert_eq!(stdout_json(&audit)["ok"], true);
 
     // A started sale is not overwritten by accident...
-    let again = run(&["stock", "init", "--config", c]);
+    let again = run(&["stock", "init", "--trust-client-buyer-ids", "--config", c]);
     assert!(!again.status.success());
     assert!(
         String::from_utf8_lossy(&again.stderr).contains("--force"),
         "{again:?}"
     );
     // ...but is reset on purpose.
-    let forced = run(&["stock", "init", "--config", c, "--force"]);
+    let forced = run(&[
+        "stock",
+        "init",
+        "--trust-client-buyer-ids",
+        "--config",
+        c,
+        "--force",
+    ]);
     assert!(forced.status.success(), "{forced:?}");
     let snap = stdout_json(&run(&["stock", "show", "--config", c]));
     assert_eq!(snap["sold"], 0);
@@ -126,7 +133,11 @@ fn audit_fails_on_a_broken_sale() {
     let text = sale_config("broken", 5, 1, &[1], Some(&redis.url()), "");
     let path = write_config(&text);
     let c = cfg(&path);
-    assert!(run(&["stock", "init", "--config", c]).status.success());
+    assert!(
+        run(&["stock", "init", "--trust-client-buyer-ids", "--config", c])
+            .status
+            .success()
+    );
     assert!(run(&["stock", "audit", "--config", c]).status.success());
     // Something outside spike sells a ticket without an order record.
     let mut conn = redis.connection().expect("redis");
@@ -152,7 +163,11 @@ fn a_node_stops_cleanly_on_sigterm() {
     let text = sale_config("term", 5, 1, &[1], Some(&redis.url()), "");
     let path = write_config(&text);
     let c = cfg(&path);
-    assert!(run(&["stock", "init", "--config", c]).status.success());
+    assert!(
+        run(&["stock", "init", "--trust-client-buyer-ids", "--config", c])
+            .status
+            .success()
+    );
     let mut node = SpikeProcess::start(&["node", "--config", c, "--name", "n1"]);
     wait_listening(&node_addrs(&text)[0].to_string(), Duration::from_secs(10));
     node.stop("TERM", Duration::from_secs(10));
@@ -257,7 +272,7 @@ fn every_command_has_help() {
         vec!["balancer", "--help"],
         vec!["up", "--help"],
         vec!["stock", "--help"],
-        vec!["stock", "init", "--help"],
+        vec!["stock", "init", "--trust-client-buyer-ids", "--help"],
         vec!["stock", "show", "--help"],
         vec!["stock", "audit", "--help"],
         vec!["nginx-conf", "--help"],
@@ -279,7 +294,11 @@ async fn sigterm_lets_an_in_flight_purchase_finish() {
         .replace("timeout = \"1s\"", "timeout = \"3s\"");
     let path = write_config(&text);
     let c = cfg(&path);
-    assert!(run(&["stock", "init", "--config", c]).status.success());
+    assert!(
+        run(&["stock", "init", "--trust-client-buyer-ids", "--config", c])
+            .status
+            .success()
+    );
     let mut node = SpikeProcess::start(&["node", "--config", c, "--name", "n1"]);
     let addr = node_addrs(&text)[0];
     wait_listening(&addr.to_string(), Duration::from_secs(10));

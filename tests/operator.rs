@@ -184,7 +184,11 @@ async fn healthz_says_why_a_node_cannot_sell() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(reason(&body).contains("not initialised"), "{body}");
 
-    assert!(run(&["stock", "init", "--config", cfg]).status.success());
+    assert!(
+        run(&["stock", "init", "--trust-client-buyer-ids", "--config", cfg])
+            .status
+            .success()
+    );
     let (status, body) = get(&c, addr, "/healthz").await.expect("healthz");
     assert_eq!(status, StatusCode::OK, "{body}");
 

@@ -33,7 +33,13 @@ fn p(path: &Path) -> &str {
 }
 
 fn stock_init(path: &Path, force: bool) {
-    let mut args = vec!["stock", "init", "--config", p(path)];
+    let mut args = vec![
+        "stock",
+        "init",
+        "--trust-client-buyer-ids",
+        "--config",
+        p(path),
+    ];
     if force {
         args.push("--force");
     }
@@ -404,7 +410,14 @@ fn a_redis_that_lost_the_sale_ends_the_tail() {
         &redis.url(),
         common::free_addr(),
     ));
-    let out = run(&["stock", "init", "--allow-volatile", "--config", p(&path)]);
+    let out = run(&[
+        "stock",
+        "init",
+        "--trust-client-buyer-ids",
+        "--allow-volatile",
+        "--config",
+        p(&path),
+    ]);
     assert!(out.status.success(), "{out:?}");
     let mut tail = Tail::start(&path, &[], false);
     std::thread::sleep(Duration::from_millis(500));

@@ -87,7 +87,13 @@ async fn a_balancer_and_two_nodes_sell_exactly_the_total_on_a_cluster() {
     );
     let path = write_config(&text);
     let cfg = path.to_str().expect("path").to_string();
-    let init = run(&["stock", "init", "--config", &cfg]);
+    let init = run(&[
+        "stock",
+        "init",
+        "--trust-client-buyer-ids",
+        "--config",
+        &cfg,
+    ]);
     assert!(
         init.status.success(),
         "{}",

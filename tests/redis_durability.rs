@@ -51,7 +51,13 @@ fn initialised(cfg: &str) -> bool {
 fn stock_init_refuses_a_redis_without_an_append_only_file_unless_allowed() {
     let volatile = RedisServer::start_volatile();
     let cfg = sale_file("volatile", 10, &volatile, common::free_addr());
-    let refused = run(&["stock", "init", "--config", &cfg]);
+    let refused = run(&[
+        "stock",
+        "init",
+        "--trust-client-buyer-ids",
+        "--config",
+        &cfg,
+    ]);
     assert!(!refused.status.success(), "a volatile redis was accepted");
     let said = stderr(&refused);
     assert!(said.contains("appendonly is off"), "{said}");
@@ -59,7 +65,14 @@ fn stock_init_refuses_a_redis_without_an_append_only_file_unless_allowed() {
     assert!(said.contains("--allow-volatile"), "{said}");
     assert!(!initialised(&cfg), "a refused init wrote the sale");
 
-    let allowed = run(&["stock", "init", "--allow-volatile", "--config", &cfg]);
+    let allowed = run(&[
+        "stock",
+        "init",
+        "--trust-client-buyer-ids",
+        "--allow-volatile",
+        "--config",
+        &cfg,
+    ]);
     assert!(allowed.status.success(), "{}", stderr(&allowed));
     assert!(stderr(&allowed).contains("appendonly is off"));
     assert!(initialised(&cfg));
@@ -82,7 +95,13 @@ fn stock_init_refuses_a_redis_without_an_append_only_file_unless_allowed() {
 fn stock_init_accepts_a_redis_with_an_append_only_file() {
     let durable = RedisServer::start();
     let cfg = sale_file("durable", 10, &durable, common::free_addr());
-    let init = run(&["stock", "init", "--config", &cfg]);
+    let init = run(&[
+        "stock",
+        "init",
+        "--trust-client-buyer-ids",
+        "--config",
+        &cfg,
+    ]);
     assert!(init.status.success(), "{}", stderr(&init));
     assert_eq!(stderr(&init), "", "no warning for a durable redis");
     let audit = run(&["stock", "audit", "--config", &cfg]);
@@ -103,7 +122,13 @@ fn stock_init_refuses_an_eviction_policy_that_can_drop_the_sale() {
         "allkeys-lru",
     ]);
     let cfg = sale_file("evicting", 10, &evicting, common::free_addr());
-    let refused = run(&["stock", "init", "--config", &cfg]);
+    let refused = run(&[
+        "stock",
+        "init",
+        "--trust-client-buyer-ids",
+        "--config",
+        &cfg,
+    ]);
     assert!(!refused.status.success());
     let said = stderr(&refused);
     assert!(said.contains("maxmemory-policy is allkeys-lru"), "{said}");
@@ -125,7 +150,13 @@ fn a_renamed_config_command_still_gives_the_policy_from_info() {
         "",
     ]);
     let cfg = sale_file("managed", 10, &managed, common::free_addr());
-    let init = run(&["stock", "init", "--config", &cfg]);
+    let init = run(&[
+        "stock",
+        "init",
+        "--trust-client-buyer-ids",
+        "--config",
+        &cfg,
+    ]);
     assert!(init.status.success(), "{}", stderr(&init));
     let audit = run(&["stock", "audit", "--config", &cfg]);
     let report = json(&String::from_utf8_lossy(&audit.stdout));
@@ -142,9 +173,16 @@ async fn a_node_reports_a_volatile_redis_in_healthz() {
     let addr = common::free_addr();
     let cfg = sale_file("healthz-volatile", 10, &volatile, addr);
     assert!(
-        run(&["stock", "init", "--allow-volatile", "--config", &cfg])
-            .status
-            .success()
+        run(&[
+            "stock",
+            "init",
+            "--trust-client-buyer-ids",
+            "--allow-volatile",
+            "--config",
+            &cfg
+        ])
+        .status
+        .success()
     );
     let _node = SpikeProcess::start(&["node", "--config", &cfg, "--name", "n1"]);
     wait_listening(&addr.to_string(), Duration::from_secs(10));
@@ -171,7 +209,17 @@ async fn redis_restarted_from_its_append_only_file_keeps_every_answered_order() 
     let addr = common::free_addr();
     let event = "aof-restart";
     let cfg = sale_file(event, TOTAL, &redis, addr);
-    assert!(run(&["stock", "init", "--config", &cfg]).status.success());
+    assert!(
+        run(&[
+            "stock",
+            "init",
+            "--trust-client-buyer-ids",
+            "--config",
+            &cfg
+        ])
+        .status
+        .success()
+    );
     let _node = SpikeProcess::start(&["node", "--config", &cfg, "--name", "n1"]);
     wait_listening(&addr.to_string(), Duration::from_secs(10));
 
@@ -267,7 +315,17 @@ async fn with_replicas_a_200_is_on_the_replica_and_an_unacknowledged_sale_is_a_5
         addr,
         "replicas = 1\ntimeout = \"2s\"\n",
     );
-    assert!(run(&["stock", "init", "--config", &cfg]).status.success());
+    assert!(
+        run(&[
+            "stock",
+            "init",
+            "--trust-client-buyer-ids",
+            "--config",
+            &cfg
+        ])
+        .status
+        .success()
+    );
     let _node = SpikeProcess::start(&["node", "--config", &cfg, "--name", "n1"]);
     wait_listening(&addr.to_string(), Duration::from_secs(10));
     let c = client();

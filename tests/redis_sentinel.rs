@@ -48,7 +48,13 @@ async fn a_sale_survives_a_sentinel_failover_with_every_answered_order() {
     );
     let path = write_config(&text);
     let cfg = path.to_str().expect("path").to_string();
-    let init = run(&["stock", "init", "--config", &cfg]);
+    let init = run(&[
+        "stock",
+        "init",
+        "--trust-client-buyer-ids",
+        "--config",
+        &cfg,
+    ]);
     assert!(
         init.status.success(),
         "{}",
@@ -210,7 +216,13 @@ async fn buyers_through_a_failover(replicas: usize, after: Duration) -> (usize, 
     );
     let path = write_config(&text);
     let cfg = path.to_str().expect("path").to_string();
-    let init = run(&["stock", "init", "--config", &cfg]);
+    let init = run(&[
+        "stock",
+        "init",
+        "--trust-client-buyer-ids",
+        "--config",
+        &cfg,
+    ]);
     assert!(
         init.status.success(),
         "{}",

@@ -43,7 +43,10 @@ fn stderr(out: &Output) -> String {
 
 /// `stock init`, a node, one purchase and `stock show`, all over TLS.
 async fn sell_one(cfg: &str, node: std::net::SocketAddr, env: &[(&str, &str)]) {
-    let init = run_env(&["stock", "init", "--config", cfg], env);
+    let init = run_env(
+        &["stock", "init", "--trust-client-buyer-ids", "--config", cfg],
+        env,
+    );
     assert!(init.status.success(), "stock init: {}", stderr(&init));
     let child = Command::new(bin())
         .args(["node", "--config", cfg, "--name", "n1"])
@@ -180,7 +183,16 @@ fn a_wrong_ca_and_a_plaintext_port_are_refused_clearly() {
         &format!("tls_ca_file = \"{}\"\n", other.file("ca.crt")),
         common::free_addr(),
     );
-    let out = run_env(&["stock", "init", "--config", &wrong], &[]);
+    let out = run_env(
+        &[
+            "stock",
+            "init",
+            "--trust-client-buyer-ids",
+            "--config",
+            &wrong,
+        ],
+        &[],
+    );
     assert!(
         !out.status.success(),
         "a certificate of the wrong CA was accepted"
@@ -199,7 +211,16 @@ fn a_wrong_ca_and_a_plaintext_port_are_refused_clearly() {
         &format!("tls_ca_file = \"{}\"\n", pki.file("ca.crt")),
         common::free_addr(),
     );
-    let out = run_env(&["stock", "init", "--config", &plain], &[]);
+    let out = run_env(
+        &[
+            "stock",
+            "init",
+            "--trust-client-buyer-ids",
+            "--config",
+            &plain,
+        ],
+        &[],
+    );
     assert!(
         !out.status.success(),
         "rediss:// worked on a plaintext port"
@@ -356,7 +377,16 @@ fn a_sale_through_sentinel_over_tls() {
         &format!("tls_ca_file = \"{}\"\n", pki.file("ca.crt")),
         common::free_addr(),
     );
-    let init = run_env(&["stock", "init", "--config", &cfg], &[]);
+    let init = run_env(
+        &[
+            "stock",
+            "init",
+            "--trust-client-buyer-ids",
+            "--config",
+            &cfg,
+        ],
+        &[],
+    );
     assert!(init.status.success(), "stock init: {}", stderr(&init));
     let show = run_env(&["stock", "show", "--config", &cfg], &[]);
     assert!(show.status.success(), "stock show: {}", stderr(&show));
@@ -516,7 +546,16 @@ fn a_sale_on_a_cluster_over_tls() {
         &format!("tls_ca_file = \"{ca}\"\n"),
         common::free_addr(),
     );
-    let init = run_env(&["stock", "init", "--config", &cfg], &[]);
+    let init = run_env(
+        &[
+            "stock",
+            "init",
+            "--trust-client-buyer-ids",
+            "--config",
+            &cfg,
+        ],
+        &[],
+    );
     assert!(init.status.success(), "stock init: {}", stderr(&init));
     let show = run_env(&["stock", "show", "--config", &cfg], &[]);
     assert!(show.status.success(), "stock show: {}", stderr(&show));

@@ -51,7 +51,7 @@ fn says_refused(said: &str, cfg: &str, port: u16) {
 fn stock_commands_and_check_say_the_connection_was_refused_with_url_and_file() {
     let (cfg, port) = refused_config();
     for command in [
-        &["stock", "init"][..],
+        &["stock", "init", "--trust-client-buyer-ids"][..],
         &["stock", "show"],
         &["stock", "audit"],
         &["check"],
@@ -118,7 +118,13 @@ fn a_redis_that_starts_a_moment_later_is_waited_for() {
     );
     let cfg = write_config(&text).to_str().expect("path").to_string();
     let init = Command::new(bin())
-        .args(["stock", "init", "--config", &cfg])
+        .args([
+            "stock",
+            "init",
+            "--trust-client-buyer-ids",
+            "--config",
+            &cfg,
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -32,7 +32,7 @@ fn two_node_sale(event: &str, total: u64, url: &str, n1: SocketAddr, n2: SocketA
 }
 
 fn start_nodes(cfg: &str, n1: SocketAddr, n2: SocketAddr) -> (SpikeProcess, SpikeProcess) {
-    let init = run(&["stock", "init", "--config", cfg]);
+    let init = run(&["stock", "init", "--trust-client-buyer-ids", "--config", cfg]);
     assert!(
         init.status.success(),
         "{}",

@@ -518,9 +518,15 @@ async fn expiry_catches_up_after_redis_and_every_node_were_down() {
     let at = common::free_addr();
     let path = write_config(&node_file("outage", 3, &redis.url(), &[at]));
     assert!(
-        run(&["stock", "init", "--config", path.to_str().expect("path")])
-            .status
-            .success()
+        run(&[
+            "stock",
+            "init",
+            "--trust-client-buyer-ids",
+            "--config",
+            path.to_str().expect("path")
+        ])
+        .status
+        .success()
     );
     let mut node = start_node(&path, "n1", at);
     let c = client();
@@ -581,9 +587,15 @@ async fn a_node_killed_mid_sweep_leaves_nothing_half_done() {
     let addrs = [common::free_addr(), common::free_addr()];
     let path = write_config(&node_file("midsweep", N as u64, &redis.url(), &addrs));
     assert!(
-        run(&["stock", "init", "--config", path.to_str().expect("path")])
-            .status
-            .success()
+        run(&[
+            "stock",
+            "init",
+            "--trust-client-buyer-ids",
+            "--config",
+            path.to_str().expect("path")
+        ])
+        .status
+        .success()
     );
     let mut n1 = start_node(&path, "n1", addrs[0]);
     let n2 = start_node(&path, "n2", addrs[1]);

@@ -294,7 +294,11 @@ fn up_over_a_stored_sale_prints_the_stored_figures_and_says_sale_is_the_stores()
     let (stored_text, _ports) = up_config(50, 2, Some(&redis.url()));
     let path = write_config(&stored_text);
     let cfg = path.to_str().expect("path");
-    assert!(run(&["stock", "init", "--config", cfg]).status.success());
+    assert!(
+        run(&["stock", "init", "--trust-client-buyer-ids", "--config", cfg])
+            .status
+            .success()
+    );
     let file_text = stored_text
         .replace("total = 50\n", "total = 20000\n")
         .replace("per_user_limit = 1\n", "per_user_limit = 3\n");

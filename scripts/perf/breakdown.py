@@ -113,7 +113,7 @@ try:
                     f'[balancer]\nlisten = "127.0.0.1:{listen}"\nadmin = "127.0.0.1:{admin}"\n')
             for i, p in enumerate(nports):
                 f.write(f'[[node]]\nname = "n{i + 1}"\nlisten = "127.0.0.1:{p}"\nthreads = 1\n')
-        subprocess.run([SPIKE, "stock", "init", "--config", path, "--force"], check=True, capture_output=True)
+        subprocess.run([SPIKE, "stock", "init", "--trust-client-buyer-ids", "--config", path, "--force"], check=True, capture_output=True)
         nodes = [spawn([SPIKE, "node", "--config", path, "--name", f"n{i + 1}"]) for i in range(4)]
         for p in nports:
             wait_port(p)
@@ -134,7 +134,7 @@ try:
         run("proxy", f"http://127.0.0.1:{plisten}/", {"balancer": [proxy], "backends": [backends]})
         run("sold-out", f"http://127.0.0.1:{sold_listen}{buyers}", {"balancer": [sold_bal], "nodes": sold_nodes},
             rport)
-        subprocess.run([SPIKE, "stock", "init", "--config", succ_cfg, "--force"], check=True, capture_output=True)
+        subprocess.run([SPIKE, "stock", "init", "--trust-client-buyer-ids", "--config", succ_cfg, "--force"], check=True, capture_output=True)
         run("success", f"http://127.0.0.1:{succ_listen}{buyers}",
             {"balancer": [succ_bal], "nodes": succ_nodes, "redis": [redis]}, rport)
 finally:

@@ -14,6 +14,10 @@ use super::sections::{
     UpstreamConfig,
 };
 
+/// `[auth] clock_skew` left out: the leeway on a token's `exp` and `nbf`,
+/// since the clocks of an identity provider and a node disagree a little.
+pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(30);
+
 impl Default for ServerConfig {
     /// `[server]` left out.
     fn default() -> Self {

@@ -20,6 +20,17 @@ pub(super) struct FileConfig {
     pub(super) node: Vec<Spanned<NodeFile>>,
     pub(super) balancer: Option<Spanned<BalancerFile>>,
     pub(super) server: Option<Spanned<ServerFile>>,
+    pub(super) auth: Option<Spanned<AuthFile>>,
+}
+
+/// `[auth]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AuthFile {
+    #[serde(default)]
+    pub(super) buyer_keys: Vec<Spanned<String>>,
+    pub(super) payment_key: Option<Spanned<String>>,
+    pub(super) clock_skew: Option<Spanned<String>>,
 }
 
 /// `[sale]` as written.

@@ -41,6 +41,9 @@ pub struct Config {
     pub balancer: Option<BalancerConfig>,
     /// Limits of the HTTP servers (both modes).
     pub server: ServerConfig,
+    /// Who a buyer is and who may pay, when the file has `[auth]`;
+    /// without it buyers are who the client says they are.
+    pub auth: Option<crate::auth::AuthConfig>,
     /// Keys the file sets that no longer do anything, each with what to
     /// do instead: logged at start, so an old file still runs.
     pub warnings: Vec<String>,

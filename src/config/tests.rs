@@ -405,3 +405,66 @@ fn an_integer_duration_gets_an_example() {
     let m = expect_err("[sale]\nevent = \"e\"\ntotal = \"5\"\n", "sale.total", 3);
     assert!(!m.contains("a duration"), "{m}");
 }
+
+/// 32 bytes of `b` in standard base64: a test key.
+fn key_b64(b: u8) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode([b; 32])
+}
+
+/// `[auth]` is read into keys by kid, with the default skew; each bad
+/// value is named by key and line.
+#[test]
+fn auth_keys_are_read_and_bad_ones_named() {
+    let sale = "[sale]\nevent = \"e\"\ntotal = 5\npay_within = \"15m\"\n";
+    let good = format!(
+        "{sale}[auth]\nbuyer_keys = [\"k1:hs256:{}\", \"k2:hs256:{}\"]\npayment_key = \"{}\"\n",
+        key_b64(1),
+        key_b64(2),
+        key_b64(9)
+    );
+    let c = parse(&good).expect("valid");
+    let auth = c.auth.expect("[auth]");
+    assert_eq!(auth.buyer_keys.len(), 2);
+    assert_eq!(auth.buyer_keys[1].kid, "k2");
+    assert!(auth.payment_key.is_some());
+    assert_eq!(auth.clock_skew, crate::config::defaults::DEFAULT_CLOCK_SKEW);
+
+    let m = expect_err(
+        &format!(
+            "{sale}[auth]\nbuyer_keys = [\"k1:hs256:c2hvcnQ=\"]\npayment_key = \"{}\"\n",
+            key_b64(9)
+        ),
+        "auth.buyer_keys[0]",
+        6,
+    );
+    assert!(m.contains("at least 32 bytes"), "{m}");
+    let m = expect_err(
+        &format!(
+            "{sale}[auth]\nbuyer_keys = [\"k1:hs256:{}\",\n  \"k1:hs256:{}\"]\npayment_key = \"{}\"\n",
+            key_b64(1),
+            key_b64(2),
+            key_b64(9)
+        ),
+        "auth.buyer_keys[1]",
+        7,
+    );
+    assert!(m.contains("twice"), "{m}");
+    // A payment window with nobody able to pay is refused.
+    let m = expect_err(
+        &format!("{sale}[auth]\nbuyer_keys = [\"k1:hs256:{}\"]\n", key_b64(1)),
+        "auth.payment_key",
+        5,
+    );
+    assert!(m.contains("payment service"), "{m}");
+    expect_err(
+        &format!(
+            "{sale}[auth]\nbuyer_keys = [\"k1:hs256:{}\"]\npayment_key = \"{}\"\nclock_skew = \"soon\"\n",
+            key_b64(1),
+            key_b64(9)
+        ),
+        "auth.clock_skew",
+        8,
+    );
+    assert!(parse("[auth]\n").is_err(), "no buyer keys");
+}

@@ -4,6 +4,7 @@
 //! The order of the checks is part of the behaviour: with several mistakes
 //! in a file, the first one found is the one reported.
 
+mod auth;
 mod balancer;
 mod cx;
 mod listeners;
@@ -67,6 +68,7 @@ fn validate(cx: &Cx, file: FileConfig) -> Result<Config, ConfigError> {
         &mut warnings,
     )?;
     let balancer = balancer::validate(cx, file.balancer.as_ref(), &nodes)?;
+    let auth = auth::validate(cx, file.auth.as_ref(), sale.as_ref())?;
     listeners::check(cx, &file, &nodes, balancer.as_ref())?;
     Ok(Config {
         path: cx.path.to_path_buf(),
@@ -75,6 +77,7 @@ fn validate(cx: &Cx, file: FileConfig) -> Result<Config, ConfigError> {
         nodes,
         balancer,
         server,
+        auth,
         warnings,
     })
 }

@@ -1,0 +1,90 @@
+//! `spike token` and `spike pay-sign`: the two halves of `[auth]` an
+//! operator needs by hand: a buyer token for a test, a demo or a load
+//! test, and the payment service's signature for a payment made by hand.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::auth;
+use crate::config::Config;
+
+/// The `[auth]` section of `config`, or an error that says how to add one.
+fn auth_of(config: &Config) -> anyhow::Result<&auth::AuthConfig> {
+    config.auth.as_ref().with_context(|| {
+        format!(
+            "{}: the file has no [auth] section (buyer_keys, payment_key): see docs/configuration.md",
+            config.path.display()
+        )
+    })
+}
+
+/// Prints a buyer token for `buyer` in the file's sale, valid for `ttl`
+/// (from `not_before` on, when given), signed with the first HS256 key.
+pub fn token(
+    path: &Path,
+    buyer: &str,
+    ttl: Duration,
+    not_before: Option<Duration>,
+) -> anyhow::Result<ExitCode> {
+    let config = Config::load(path)?;
+    let sale = config.require_sale()?;
+    let auth = auth_of(&config)?;
+    crate::protocol::check_buyer(buyer).with_context(|| format!("--buyer {buyer:?}"))?;
+    let key = auth
+        .buyer_keys
+        .iter()
+        .find(|k| k.alg == auth::KeyAlg::Hs256)
+        .ok_or(auth::KeyError::NoSigningKey)
+        .with_context(|| format!("{}: [auth] buyer_keys", config.path.display()))?;
+    let now = auth::unix_now();
+    let nbf = not_before.map(|d| now + d.as_secs());
+    let exp = nbf.unwrap_or(now) + ttl.as_secs();
+    let token = auth::mint_with(key, buyer, &sale.event, exp, nbf)?;
+    println!("{token}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the `Spike-Signature` header that pays `order` (with payment
+/// reference `reference`), signed now with the file's `payment_key`, and
+/// a `curl` line that sends it to the balancer.
+pub fn pay_sign(path: &Path, order: &str, reference: Option<&str>) -> anyhow::Result<ExitCode> {
+    let config = Config::load(path)?;
+    let auth = auth_of(&config)?;
+    let key = auth.payment_key.as_ref().with_context(|| {
+        format!(
+            "{}: [auth] has no payment_key: nobody can pay",
+            config.path.display()
+        )
+    })?;
+    if order.is_empty() || !order.bytes().all(crate::protocol::is_id_byte) {
+        anyhow::bail!(
+            "--order {order:?}: an order id is letters, digits, '_', '.', ':', '@' or '-'"
+        );
+    }
+    if let Some(r) = reference
+        && !r
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.:@-".contains(&b))
+    {
+        anyhow::bail!(
+            "--ref {r:?}: a payment reference is letters, digits, '_', '.', ':', '@' or '-'"
+        );
+    }
+    let path_and_query = match reference {
+        Some(r) => format!("/orders/{order}/pay?ref={r}"),
+        None => format!("/orders/{order}/pay"),
+    };
+    let signature = auth::sign_payment(key, auth::unix_now(), &format!("POST {path_and_query}"));
+    println!("Spike-Signature: {signature}");
+    if let Some(b) = &config.balancer {
+        println!(
+            "# valid for {} s: curl -X POST -H 'Spike-Signature: {signature}' 'http://{}{path_and_query}'",
+            auth::PAYMENT_WINDOW.as_secs(),
+            b.listen
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
