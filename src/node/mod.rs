@@ -1,11 +1,15 @@
 //! The ticket-selling node: local pre-deduction, then one atomic Lua script
 //! in Redis (or the embedded store), then the answer.
 
-pub mod handler;
+pub mod buy;
 pub mod lease;
-pub mod metrics;
-pub mod orders;
+pub mod routes;
+pub mod sale;
+pub mod snapshot;
+pub mod state;
+pub mod stats;
 pub mod store;
+pub mod sweep;
 
 use std::future::Future;
 use std::path::Path;
@@ -15,7 +19,7 @@ use std::sync::Arc;
 use hyper::service::service_fn;
 use tokio::net::TcpListener;
 
-pub use handler::{Node, NodeSettings};
+pub use state::{Node, NodeSettings};
 pub use store::{Store, StoreError};
 
 use crate::config::{Config, ConfigError, ServerConfig};
@@ -80,13 +84,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) {
     let watch = tokio::spawn(node.clone().watch());
-    let sweep = tokio::spawn(orders::sweep(Arc::downgrade(&node)));
+    let sweep = tokio::spawn(sweep::sweep(Arc::downgrade(&node)));
     crate::server::serve(
         listener,
         limits,
         move |_peer| {
             let node = node.clone();
-            service_fn(move |req| node.clone().handle(req))
+            service_fn(move |req| routes::handle(node.clone(), req))
         },
         shutdown,
     )

@@ -1,15 +1,13 @@
 //! An order's life after its purchase, when the sale has a payment window:
-//! `POST /orders/{id}/pay`, `POST /orders/{id}/cancel`, `GET /orders/{id}`,
-//! and the sweep that expires unpaid reservations.
+//! `POST /orders/{id}/pay`, `POST /orders/{id}/cancel`, `GET /orders/{id}`
+//! (the sweep that expires unpaid reservations is `crate::node::sweep`).
 //!
 //! Every node serves these for every order (the store is shared), so they
 //! work through the balancer whatever the strategy. Each is one store call
 //! that checks the order's state and changes it atomically; the node keeps
 //! no state of its own about orders.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -18,13 +16,10 @@ use hyper::header::{ALLOW, CONTENT_LENGTH, HeaderValue, RETRY_AFTER, TRANSFER_EN
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{Map, Value, json};
 
-use super::handler::{Node, rfc3339};
-use super::store::{OrderAnswer, OrderOp, OrderRecord, OrderState, StoreError};
+use super::reply::rfc3339;
+use crate::node::state::Node;
+use crate::node::store::{OrderAnswer, OrderOp, OrderRecord, OrderState, StoreError};
 use crate::protocol::{BuyerError, buyer_of};
-
-/// Reservations one sweep call expires at most: the call holds Redis's one
-/// thread for that many small updates, no more.
-pub const SWEEP_BATCH: u64 = 100;
 
 /// Longest payment reference accepted (it is stored with the order).
 pub const MAX_REF_LEN: usize = 64;
@@ -273,53 +268,6 @@ fn view(status: &str, o: &OrderRecord) -> Value {
 
 fn answer(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
     crate::server::json(status, Bytes::from(body.to_string()))
-}
-
-/// Expires unpaid reservations whose deadline has passed, every 250 to
-/// 500 ms (jittered, so the nodes of a sale do not all call at once), in
-/// batches of [`SWEEP_BATCH`] until none is due. Every node runs it; the
-/// store makes each expiry happen once, so any live node is enough, and
-/// after an outage the sweeps catch up batch by batch. Idle while the sale
-/// has no payment window.
-pub async fn sweep(node: std::sync::Weak<Node>) {
-    let mut jitter = super::handler::random_u64();
-    loop {
-        jitter = jitter.rotate_left(7) ^ 0x9e37_79b9_7f4a_7c15;
-        tokio::time::sleep(Duration::from_millis(250 + jitter % 250)).await;
-        let Some(node) = node.upgrade() else {
-            return;
-        };
-        if node.pay_within().is_none() {
-            continue;
-        }
-        sweep_now(&node).await;
-    }
-}
-
-/// Sweeps until nothing more is due (or the store fails: the next round
-/// tries again).
-pub async fn sweep_now(node: &Arc<Node>) {
-    loop {
-        match node.store().sweep(SWEEP_BATCH).await {
-            Ok(reply) => {
-                node.heard(&reply.sale);
-                if reply.answer.expired > 0 {
-                    node.stats
-                        .expired
-                        .fetch_add(reply.answer.expired, Ordering::Relaxed);
-                    tracing::info!(node = %node.name(), expired = reply.answer.expired, "unpaid reservations expired; their tickets are on sale again");
-                }
-                if !reply.answer.more {
-                    return;
-                }
-            }
-            Err(StoreError::NoSale) => return,
-            Err(e) => {
-                tracing::debug!(node = %node.name(), error = %e, "sweep failed");
-                return;
-            }
-        }
-    }
 }
 
 #[cfg(test)]

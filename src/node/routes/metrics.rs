@@ -1,16 +1,30 @@
-//! The node's `GET /metrics` (Prometheus text format 0.0.4): what `/stats`
-//! counts, in the form a scraper wants, plus the store's latency. Written
-//! off the hot path; the hot path only bumps the atomics of [`Stats`].
+//! A node's `/healthz`, `/stats` and `/metrics`. `GET /metrics`
+//! (Prometheus text format 0.0.4) is what `/stats` counts, in the form a
+//! scraper wants, plus the store's latency. Written off the hot path; the
+//! hot path only bumps the atomics of [`Stats`].
 //!
-//! [`Stats`]: super::handler::Stats
+//! [`Stats`]: crate::node::stats::Stats
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 
 use hyper::StatusCode;
 
-use super::Node;
+use super::reply::{Answer, written};
+use crate::node::state::Node;
 use crate::prometheus::{header, single};
+
+/// `GET /healthz`: whether the node can sell: the store answers and holds
+/// an initialised sale, and its clock is near this host's. A 503 says why.
+pub async fn healthz(node: &Node) -> Answer {
+    let (status, body) = health(node).await;
+    written(status, body)
+}
+
+/// `GET /stats`.
+pub fn stats_json(node: &Node) -> Answer {
+    written(StatusCode::OK, stats(node))
+}
 
 /// The node's metrics as Prometheus text.
 pub fn render(node: &Node) -> String {

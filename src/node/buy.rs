@@ -1,0 +1,346 @@
+//! The purchase logic, apart from HTTP: a checked buyer and key in, a
+//! [`BuyAnswer`] out. The hot path touches only atomics until its one store
+//! call (shared with the purchases queued beside it), and answers from
+//! memory once the store has said the sale is over. `routes::buy` turns the
+//! answer into HTTP, in one place.
+
+use std::sync::atomic::Ordering;
+
+use tokio::time::Instant;
+
+use super::lease::Unit;
+use super::state::{Node, REFILL_FAILED, REFILL_NO_SALE, REFILL_NONE};
+use super::stats::Stats;
+use super::store::{OrderState, Outcome, Purchase, StoreError};
+
+/// What a purchase came to, before it is HTTP: the purchase logic (and the
+/// route's checks of the request) decide it, [`BuyAnswer::count`] counts
+/// it, and `routes::buy::render` writes it, each in one place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BuyAnswer<'a> {
+    /// A ticket sold (or reserved) now, or, `replayed`, the first answer
+    /// to the same key given again (a 409 when its order went back on sale).
+    Sold {
+        /// The order id.
+        order: String,
+        /// The buyer, as the request named them (`""` when anonymous).
+        buyer: &'a str,
+        /// The ticket's number.
+        sold: u64,
+        /// The answer repeats the key's first one.
+        replayed: bool,
+        /// Where the order stands.
+        state: OrderState,
+        /// Unix ms by which a reservation must be paid.
+        pay_by: Option<u64>,
+    },
+    /// The sale is sold out (409, `Spike-Sold-Out: 1`).
+    SoldOut,
+    /// The buyer holds the limit; `order` is their last.
+    AlreadyBought {
+        /// The buyer's last order.
+        order: String,
+    },
+    /// The sale has a limit and the request named no buyer (400); also the
+    /// store's answer when its limit says so.
+    BuyerMissing,
+    /// The buyer id is malformed (400).
+    BuyerMalformed,
+    /// The Idempotency-Key is malformed (400).
+    KeyMalformed,
+    /// A body declared over `[server] max_body`, or a chunked one (413).
+    TooLarge,
+    /// The Idempotency-Key bought for another buyer (422).
+    KeyReused,
+    /// Every unit left is held by purchases in flight (503, retry).
+    Busy,
+    /// The store failed or did not answer in time (503).
+    StoreFailed,
+    /// The store holds no sale (503: run `spike stock init`).
+    NotInitialised,
+    /// A sale (or replay) the replicas did not acknowledge in time (503:
+    /// the order may exist).
+    NotReplicated,
+    /// Redis refused the write for want of replicas (503: nothing sold).
+    NoReplicas,
+}
+
+impl BuyAnswer<'_> {
+    /// Counts the answer in `stats`: each kind of answer in one counter.
+    pub fn count(&self, stats: &Stats) {
+        let counter = match self {
+            BuyAnswer::Sold {
+                replayed: false, ..
+            } => &stats.sold,
+            BuyAnswer::Sold { replayed: true, .. } => &stats.replayed,
+            BuyAnswer::SoldOut => &stats.sold_out,
+            BuyAnswer::AlreadyBought { .. } => &stats.already_bought,
+            BuyAnswer::BuyerMissing
+            | BuyAnswer::BuyerMalformed
+            | BuyAnswer::KeyMalformed
+            | BuyAnswer::TooLarge
+            | BuyAnswer::KeyReused => &stats.bad_requests,
+            BuyAnswer::Busy => &stats.busy,
+            BuyAnswer::StoreFailed => &stats.store_errors,
+            BuyAnswer::NotInitialised => &stats.not_initialised,
+            BuyAnswer::NotReplicated | BuyAnswer::NoReplicas => &stats.not_replicated,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Node {
+    /// Sells to `buyer` (checked; `""` when anonymous) under `key` (`""`
+    /// for none): a unit of the lease, then the store, or the answer from
+    /// memory once sold out, within `[redis] timeout`.
+    pub async fn buy<'a>(&self, buyer: &'a str, key: &str) -> BuyAnswer<'a> {
+        let give_up = Instant::now() + self.timeout;
+        loop {
+            if self.is_sold_out() {
+                return self.sold_out_answer(buyer, key, give_up).await;
+            }
+            if let Some(unit) = self.lease.take() {
+                if self.lease.left() < self.lease_chunk.div_ceil(4) {
+                    // Ask for more before the lease is empty, so that
+                    // buyers seldom wait for it.
+                    self.refill();
+                }
+                return self.purchase(buyer, key, Some(unit), give_up).await;
+            }
+            // No unit: one lease request for all the buyers here (the
+            // first starts it), then look again.
+            self.refill();
+            let woke = self
+                .lease
+                .changed(give_up, || {
+                    self.lease.left() > 0
+                        || self.is_sold_out()
+                        || !self.refilling.load(Ordering::Acquire)
+                })
+                .await;
+            if !woke {
+                return self.gave_up_waiting();
+            }
+            if self.lease.left() == 0
+                && !self.is_sold_out()
+                && !self.refilling.load(Ordering::Acquire)
+            {
+                match self.refill_result.load(Ordering::Acquire) {
+                    REFILL_FAILED => return BuyAnswer::StoreFailed,
+                    REFILL_NO_SALE => return BuyAnswer::NotInitialised,
+                    _ => {}
+                }
+            }
+            if self.lease.left() == 0
+                && !self.is_sold_out()
+                && self.refill_result.load(Ordering::Acquire) == REFILL_NONE
+            {
+                // Every unit left is out with purchases in flight (this
+                // node's or others'): wait for one of them to end, then ask
+                // again.
+                if !self
+                    .lease
+                    .changed(give_up, || self.lease.left() > 0 || self.is_sold_out())
+                    .await
+                {
+                    return self.gave_up_waiting();
+                }
+            }
+        }
+    }
+
+    /// A buyer waited for a unit until its deadline: "busy" when the store
+    /// said every unit left is out with purchases in flight, "unavailable"
+    /// when the store did not answer (slow, down, or failed).
+    fn gave_up_waiting(&self) -> BuyAnswer<'static> {
+        if !self.refilling.load(Ordering::Acquire)
+            && self.refill_result.load(Ordering::Acquire) == REFILL_NONE
+        {
+            return BuyAnswer::Busy;
+        }
+        if !self.refilling.load(Ordering::Acquire)
+            && self.refill_result.load(Ordering::Acquire) == REFILL_NO_SALE
+        {
+            return BuyAnswer::NotInitialised;
+        }
+        BuyAnswer::StoreFailed
+    }
+
+    /// One purchase at the store, with a unit of the lease (or none, for a
+    /// buyer who may hold a ticket when the node is sold out).
+    async fn purchase<'a>(
+        &self,
+        buyer: &'a str,
+        key: &str,
+        unit: Option<Unit<'_>>,
+        give_up: Instant,
+    ) -> BuyAnswer<'a> {
+        self.stats.store_calls.fetch_add(1, Ordering::Relaxed);
+        let asked = Instant::now();
+        // `unit` goes back to the lease on every path but a sale,
+        // including this future being dropped because the client left.
+        let result = self
+            .store
+            .deduct(Purchase {
+                holder: &self.holder,
+                node: &self.name,
+                buyer,
+                key,
+                give_up,
+            })
+            .await;
+        self.stats.store_latency.observe(asked.elapsed());
+        let reply = match result {
+            Ok(reply) => reply,
+            Err(StoreError::NotReplicated {
+                wanted,
+                acked,
+                sold,
+            }) => {
+                // A sale spent its unit; a replay of an earlier order
+                // took none, so its unit goes back.
+                match unit {
+                    Some(u) if sold => u.keep(),
+                    other => drop(other),
+                }
+                tracing::warn!(node = %self.name, wanted, acked, sold, "a purchase's answer was not replicated in time; answered 503");
+                return BuyAnswer::NotReplicated;
+            }
+            Err(e) => {
+                drop(unit);
+                if matches!(e, StoreError::NoSale) {
+                    return BuyAnswer::NotInitialised;
+                }
+                if matches!(e, StoreError::NoReplicas) {
+                    tracing::warn!(node = %self.name, "Redis refused the sale: too few replicas connected; answered 503, nothing sold");
+                    return BuyAnswer::NoReplicas;
+                }
+                tracing::warn!(error = %e, node = %self.name, "store call failed; unit returned");
+                return BuyAnswer::StoreFailed;
+            }
+        };
+        self.observe(&reply.sale);
+        let answer = self.answer(reply.answer, unit, buyer);
+        if reply.sale.sold_out() && self.is_sold_out() {
+            // A unit that came back just now (its purchase heard "sold
+            // out") is no unit: no lease holds anything after sold out.
+            self.lease.clamp(self.lease.generation(), 0);
+        }
+        answer
+    }
+
+    /// The answer to a purchase the store decided; `unit` is kept on a sale
+    /// and goes back on anything else.
+    fn answer<'a>(
+        &self,
+        outcome: Outcome,
+        unit: Option<Unit<'_>>,
+        buyer: &'a str,
+    ) -> BuyAnswer<'a> {
+        match outcome {
+            Outcome::Sold {
+                order,
+                sold,
+                pay_by,
+            } => {
+                if let Some(u) = unit {
+                    u.keep();
+                }
+                self.view.renewed();
+                let state = if pay_by.is_some() {
+                    OrderState::Reserved
+                } else {
+                    OrderState::Final
+                };
+                BuyAnswer::Sold {
+                    order,
+                    buyer,
+                    sold,
+                    replayed: false,
+                    state,
+                    pay_by,
+                }
+            }
+            Outcome::Replayed {
+                order,
+                sold,
+                state,
+                pay_by,
+            } => {
+                drop(unit);
+                BuyAnswer::Sold {
+                    order,
+                    buyer,
+                    sold,
+                    replayed: true,
+                    state,
+                    pay_by,
+                }
+            }
+            Outcome::SoldOut => {
+                drop(unit);
+                BuyAnswer::SoldOut
+            }
+            Outcome::AlreadyBought { order } => {
+                drop(unit);
+                BuyAnswer::AlreadyBought { order }
+            }
+            Outcome::BuyerRequired => {
+                drop(unit);
+                BuyAnswer::BuyerMissing
+            }
+            Outcome::KeyConflict => {
+                drop(unit);
+                BuyAnswer::KeyReused
+            }
+        }
+    }
+
+    /// The answer once the store said the sale is sold out: from memory
+    /// when the holders are known; before that, a buyer who may hold a
+    /// ticket (a key, or a named buyer under a limit) asks the store, which
+    /// sells nothing more but knows.
+    async fn sold_out_answer<'a>(
+        &self,
+        buyer: &'a str,
+        key: &str,
+        give_up: Instant,
+    ) -> BuyAnswer<'a> {
+        let known = self.view.holders();
+        match known.as_deref() {
+            Some(k) if k.epoch == self.epoch() => {
+                if !key.is_empty()
+                    && let Some(order) = k.holders.keys.get(key)
+                {
+                    if order.state == OrderState::Reserved {
+                        // Paid or expired since it was read, maybe: the
+                        // store knows (a retry of a reservation is rare).
+                        return self.purchase(buyer, key, None, give_up).await;
+                    }
+                    if order.buyer != buyer {
+                        return BuyAnswer::KeyReused;
+                    }
+                    return BuyAnswer::Sold {
+                        order: order.order.clone(),
+                        buyer,
+                        sold: super::store::embedded::ticket_number(&order.order),
+                        replayed: true,
+                        state: order.state,
+                        pay_by: order.pay_by,
+                    };
+                }
+                if let Some(order) = k.holders.buyers.get(buyer) {
+                    return BuyAnswer::AlreadyBought {
+                        order: order.clone(),
+                    };
+                }
+            }
+            _ if !key.is_empty() || (self.per_user_limit() > 0 && !buyer.is_empty()) => {
+                self.learn_holders(self.epoch());
+                return self.purchase(buyer, key, None, give_up).await;
+            }
+            _ => {}
+        }
+        BuyAnswer::SoldOut
+    }
+}

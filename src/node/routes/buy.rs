@@ -1,0 +1,181 @@
+//! `GET` or `POST /buy/ticket`: the request's checks, then the purchase
+//! ([`Node::buy`]), then [`render`]: the one place a [`BuyAnswer`] becomes
+//! HTTP.
+
+use std::fmt::Write as _;
+
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_LENGTH, HeaderName, HeaderValue, RETRY_AFTER, TRANSFER_ENCODING};
+use hyper::{Request, StatusCode};
+
+use super::reply::{Answer, fixed, rfc3339, written};
+use crate::node::buy::BuyAnswer;
+use crate::node::state::Node;
+use crate::node::store::OrderState;
+use crate::protocol::{self, BuyerError, KeyError, SOLD_OUT_HEADER, buyer_of};
+
+/// On an answer that repeats the first answer to the same key.
+const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// Serves a purchase on `node`.
+pub async fn serve(node: &Node, req: &Request<Incoming>) -> Answer {
+    let answer = match checked(node, req) {
+        Ok((buyer, key)) => node.buy(buyer, key).await,
+        Err(refused) => refused,
+    };
+    answer.count(&node.stats);
+    render(node.name(), answer)
+}
+
+/// The buyer and the key of a purchase, or why it is refused before any
+/// work.
+fn checked<'a>(
+    node: &Node,
+    req: &'a Request<Incoming>,
+) -> Result<(&'a str, &'a str), BuyAnswer<'a>> {
+    // The body is never needed: refuse big ones by their declared size,
+    // and chunked ones outright, before any work.
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > node.max_body) || req.headers().contains_key(TRANSFER_ENCODING)
+    {
+        return Err(BuyAnswer::TooLarge);
+    }
+    let buyer = match buyer_of(req, node.per_user_limit() > 0) {
+        Ok(b) => b,
+        Err(BuyerError::Missing) => return Err(BuyAnswer::BuyerMissing),
+        Err(BuyerError::Malformed) => return Err(BuyAnswer::BuyerMalformed),
+    };
+    let key = match protocol::key_in(req.headers()) {
+        Ok(k) => k,
+        Err(KeyError::Malformed) => return Err(BuyAnswer::KeyMalformed),
+    };
+    Ok((buyer, key))
+}
+
+/// The HTTP answer to a purchase; `node` is the node's name, recorded with
+/// the order.
+pub fn render(node: &str, answer: BuyAnswer<'_>) -> Answer {
+    match answer {
+        BuyAnswer::Sold {
+            order,
+            buyer,
+            sold,
+            replayed,
+            state,
+            pay_by,
+        } => sold_answer(&order, node, buyer, sold, replayed, state, pay_by),
+        BuyAnswer::SoldOut => {
+            let mut res = fixed(StatusCode::CONFLICT, protocol::SOLD_OUT_BODY);
+            res.headers_mut()
+                .insert(SOLD_OUT_HEADER, HeaderValue::from_static("1"));
+            res
+        }
+        BuyAnswer::AlreadyBought { order } => {
+            written(StatusCode::CONFLICT, protocol::already_bought_body(&order))
+        }
+        BuyAnswer::BuyerMissing => fixed(
+            StatusCode::BAD_REQUEST,
+            b"{\"status\":\"bad_request\",\"reason\":\"a buyer id is required: ?user=ID or X-User-Id\"}",
+        ),
+        BuyAnswer::BuyerMalformed => fixed(
+            StatusCode::BAD_REQUEST,
+            b"{\"status\":\"bad_request\",\"reason\":\"a buyer id is 1 to 64 characters of [A-Za-z0-9_.:@-]\"}",
+        ),
+        BuyAnswer::KeyMalformed => fixed(
+            StatusCode::BAD_REQUEST,
+            b"{\"status\":\"bad_request\",\"reason\":\"an Idempotency-Key is one header of 1 to 64 characters of [A-Za-z0-9_.:@-], optionally in double quotes\"}",
+        ),
+        BuyAnswer::TooLarge => fixed(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            b"{\"status\":\"payload_too_large\"}",
+        ),
+        BuyAnswer::KeyReused => fixed(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            b"{\"status\":\"idempotency_key_reused\",\"reason\":\"this Idempotency-Key was used by another buyer\"}",
+        ),
+        BuyAnswer::Busy => retry_shortly(
+            b"{\"status\":\"busy\",\"reason\":\"every ticket left is held by purchases in flight; retry\"}",
+        ),
+        BuyAnswer::StoreFailed => fixed(
+            StatusCode::SERVICE_UNAVAILABLE,
+            b"{\"status\":\"unavailable\",\"reason\":\"the store did not answer in time; if a ticket was sold, the same purchase sent again (same Idempotency-Key) gets its order\"}",
+        ),
+        BuyAnswer::NotInitialised => fixed(
+            StatusCode::SERVICE_UNAVAILABLE,
+            b"{\"status\":\"unavailable\",\"reason\":\"the sale is not initialised: run spike stock init\"}",
+        ),
+        // Unlike the other 503s, the ticket may be the buyer's, and the
+        // retry with the same key (or the per-user limit) says so.
+        BuyAnswer::NotReplicated => retry_shortly(
+            b"{\"status\":\"unavailable\",\"reason\":\"the sale may have been made but was not replicated in time: retry with the same Idempotency-Key to learn its order\"}",
+        ),
+        // While Redis refuses writes for want of replicas
+        // (`min-replicas-to-write`): unlike the above, nothing was sold.
+        BuyAnswer::NoReplicas => retry_shortly(
+            b"{\"status\":\"unavailable\",\"reason\":\"too few Redis replicas are connected to acknowledge a sale; nothing was sold: try again shortly\"}",
+        ),
+    }
+}
+
+/// The 200 of a purchase (or its replay). With a payment window it is a
+/// reservation, and says until when it must be paid. A replay whose order
+/// went back on sale is a 409 naming the order: the key bought it, and the
+/// buyer holds nothing now.
+fn sold_answer(
+    order: &str,
+    node: &str,
+    buyer: &str,
+    sold: u64,
+    replayed: bool,
+    state: OrderState,
+    pay_by: Option<u64>,
+) -> Answer {
+    if state.released() {
+        let mut body = String::with_capacity(40 + order.len());
+        body.push_str("{\"status\":\"");
+        body.push_str(state.as_str());
+        body.push_str("\",\"order\":\"");
+        body.push_str(order);
+        body.push_str("\"}");
+        let mut res = written(StatusCode::CONFLICT, body);
+        res.headers_mut()
+            .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+        return res;
+    }
+    let mut body = String::with_capacity(150 + buyer.len() + order.len());
+    body.push_str("{\"status\":\"sold\",\"order\":\"");
+    body.push_str(order);
+    body.push_str("\",\"node\":\"");
+    body.push_str(node);
+    body.push_str("\",\"buyer\":\"");
+    body.push_str(buyer);
+    let _ = write!(body, "\",\"sold\":{sold}");
+    if state != OrderState::Final {
+        body.push_str(",\"state\":\"");
+        body.push_str(state.as_str());
+        body.push('"');
+    }
+    if let Some(ms) = pay_by {
+        let _ = write!(body, ",\"pay_by\":\"{}\"", rfc3339(ms));
+    }
+    body.push('}');
+    let mut res = written(StatusCode::OK, body);
+    if replayed {
+        res.headers_mut()
+            .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    }
+    res
+}
+
+/// A 503 with `body` and `Retry-After: 1`: what it waits for (a unit, the
+/// replicas) may be there in a moment.
+fn retry_shortly(body: &'static [u8]) -> Answer {
+    let mut res = fixed(StatusCode::SERVICE_UNAVAILABLE, body);
+    res.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    res
+}

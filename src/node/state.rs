@@ -1,0 +1,362 @@
+//! `Node`: one node's selling state, shared by all its connections, apart
+//! from HTTP; and the background work that keeps it current: lease requests
+//! (refills), the once-a-second poll ([`Node::watch`]), and reading the
+//! holders into memory once sold out.
+//!
+//! What a node holds is never the truth, only a lease on it: units it may
+//! send without asking (taken from the store in chunks, coalesced), and the
+//! sale as the last store answer gave it ([`SaleView`]). Every store answer
+//! carries the sale's state, and a poll refreshes it once a second when no
+//! purchase does, so a reset or returned stock reaches a node within about
+//! a second.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::lease::Lease;
+use super::sale::{POLL_EVERY, SaleView};
+use super::snapshot::SnapshotCache;
+use super::stats::Stats;
+use super::store::{Reply, SaleState, Store, StoreError};
+
+/// How often a node asks instead, while it answers `sold_out` from memory
+/// and reservations may come back (the sale has a payment window).
+pub const POLL_SOLD_OUT_EVERY: Duration = Duration::from_millis(250);
+
+/// How the last lease request ended, for the buyers waiting on it.
+pub(super) const REFILL_GRANTED: u8 = 0;
+pub(super) const REFILL_NONE: u8 = 1;
+pub(super) const REFILL_FAILED: u8 = 2;
+/// The store holds no sale: the buyers are told so, not "the store is slow".
+pub(super) const REFILL_NO_SALE: u8 = 3;
+
+/// What a node needs to sell, beside its store.
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    /// The node's name, recorded with every order it sells.
+    pub name: String,
+    /// The per-user limit of the file: used until the store's is known.
+    pub per_user_limit: u64,
+    /// Units asked for per lease request.
+    pub lease: u64,
+    /// How long a buyer may wait for the store.
+    pub timeout: Duration,
+    /// Largest body accepted on `/buy/ticket`.
+    pub max_body: u64,
+    /// `/healthz` fails past this clock offset to Redis.
+    pub max_clock_offset: Option<Duration>,
+}
+
+/// One node's selling state, shared by all its connections.
+pub struct Node {
+    /// Itself, for the background tasks it starts.
+    me: std::sync::Weak<Node>,
+    pub(super) name: String,
+    /// This process's lease name in the store: the node's name and a
+    /// random part, so a restarted node never inherits the lease of its
+    /// previous life (that one runs out by itself).
+    pub(super) holder: String,
+    pub(super) store: Store,
+    pub(super) lease: Lease,
+    pub(super) lease_chunk: u64,
+    /// A lease request is in flight (buyers who find no unit wait for it).
+    pub(super) refilling: AtomicBool,
+    pub(super) refill_result: AtomicU8,
+    /// The sale as last heard from the store.
+    pub(super) view: SaleView,
+    pub(super) timeout: Duration,
+    pub(super) max_body: u64,
+    max_clock_offset: Option<Duration>,
+    /// `/sale`'s snapshot, cached.
+    pub(super) snapshot: SnapshotCache,
+    /// What the node has done, for `/stats`.
+    pub stats: Stats,
+}
+
+/// A random 64-bit value from the standard library's per-process hasher
+/// keys (seeded by the OS), without a random-number dependency.
+pub(crate) fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish()
+}
+
+impl Node {
+    /// A node selling from `store` under `settings`.
+    pub fn new(settings: NodeSettings, store: Store) -> Arc<Node> {
+        Arc::new_cyclic(|me| Node {
+            me: me.clone(),
+            holder: format!("{}/{:016x}", settings.name, random_u64()),
+            name: settings.name,
+            store,
+            lease: Lease::new(),
+            lease_chunk: settings.lease.max(1),
+            refilling: AtomicBool::new(false),
+            refill_result: AtomicU8::new(REFILL_GRANTED),
+            view: SaleView::new(settings.per_user_limit),
+            timeout: settings.timeout,
+            max_body: settings.max_body,
+            max_clock_offset: settings.max_clock_offset,
+            snapshot: SnapshotCache::new(),
+            stats: Stats::default(),
+        })
+    }
+
+    /// The store this node sells from.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Units of the node's lease not yet sent.
+    pub fn lease_left(&self) -> u64 {
+        self.lease.left()
+    }
+
+    /// The sale's epoch as this node last heard it (0 before any answer).
+    pub fn epoch(&self) -> u64 {
+        self.view.epoch()
+    }
+
+    /// The per-user limit this node enforces (the store's once heard).
+    pub fn per_user_limit(&self) -> u64 {
+        self.view.per_user_limit()
+    }
+
+    /// The node's name in the file.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// This process's lease name in the store.
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    /// The sale's payment window as last heard (None: purchases are final).
+    pub fn pay_within(&self) -> Option<Duration> {
+        self.view.pay_within()
+    }
+
+    /// The store has said this epoch of the sale is sold out.
+    pub fn is_sold_out(&self) -> bool {
+        self.view.is_sold_out()
+    }
+
+    /// The buyers and keys read into memory once sold out, when read.
+    pub fn holders_known(&self) -> Option<(usize, usize)> {
+        self.view.holders_known()
+    }
+
+    /// `/healthz` fails past this clock offset to Redis.
+    pub fn max_clock_offset(&self) -> Option<Duration> {
+        self.max_clock_offset
+    }
+
+    /// Takes in what a store answer says about the sale (see
+    /// [`SaleView::observe`]); a reset also drops `/sale`'s cached
+    /// snapshot, and a new sold out starts reading the holders.
+    pub(super) fn observe(&self, sale: &SaleState) {
+        self.view.observe(
+            sale,
+            &self.lease,
+            &self.name,
+            || self.snapshot.clear(),
+            |epoch| self.learn_holders(epoch),
+        );
+    }
+
+    /// Takes in a store answer's view of the sale (for the order routes
+    /// and the sweep).
+    pub(super) fn heard(&self, sale: &SaleState) {
+        self.observe(sale);
+    }
+
+    /// Once a second, when the lease was not renewed in that second (by a
+    /// sale or a lease request), asks the store for the sale's state,
+    /// renewing the lease: how a node that answers from memory learns of a
+    /// reset, and how a quiet node keeps its lease.
+    ///
+    /// While the node answers `sold_out` from memory and the sale has a
+    /// payment window, reservations may come back at any moment, so it
+    /// asks four times as often: returned stock is on sale again within
+    /// about a quarter of a second on every node.
+    pub async fn watch(self: Arc<Self>) {
+        let mut every = tokio::time::interval(POLL_SOLD_OUT_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let pause = if self.is_sold_out() && self.pay_within().is_some() {
+                POLL_SOLD_OUT_EVERY
+            } else {
+                POLL_EVERY
+            };
+            if self.view.renewed_within(pause) {
+                continue;
+            }
+            self.stats.lease_calls.fetch_add(1, Ordering::Relaxed);
+            match self
+                .store
+                .lease(&self.holder, 0, Instant::now() + self.timeout)
+                .await
+            {
+                Ok(reply) => {
+                    self.observe(&reply.sale);
+                    self.view.renewed();
+                }
+                Err(StoreError::NoSale) => {}
+                Err(e) => tracing::debug!(node = %self.name, error = %e, "sale poll failed"),
+            }
+        }
+    }
+
+    /// Starts a lease request unless one is in flight.
+    pub(super) fn refill(&self) {
+        if self.refilling.load(Ordering::Relaxed) || self.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let store = self.store.clone();
+        let holder = self.holder.clone();
+        let (chunk, timeout) = (self.lease_chunk, self.timeout);
+        let generation = self.lease.generation();
+        // Counted when sent, as the poll is: a call whose answer is still
+        // on its way has reached the store all the same.
+        self.stats.lease_calls.fetch_add(1, Ordering::Relaxed);
+        // A task of its own: the buyer who started it may leave, the
+        // others still wait for it.
+        let node = NodeRef::of(self);
+        tokio::spawn(async move {
+            // Should this task end without an answer (cancelled when the
+            // runtime stops), the flag must not stay set: buyers would wait
+            // for a request that never ends.
+            let mut guard = RefillGuard(Some(NodeRef(node.0.clone())));
+            let asked = Instant::now();
+            let result = store.lease(&holder, chunk, asked + timeout).await;
+            guard.0 = None;
+            node.with(|n| n.stats.store_latency.observe(asked.elapsed()));
+            node.with(|n| n.refilled(generation, result));
+        });
+    }
+
+    fn refilled(&self, generation: u64, result: Result<Reply<u64>, StoreError>) {
+        let outcome = match result {
+            Ok(reply) => {
+                self.observe(&reply.sale);
+                self.view.renewed();
+                // Units granted in the epoch the node now knows count; a
+                // reset in between made a new generation.
+                let now = self.lease.generation();
+                let generation = if reply.sale.epoch == self.epoch() {
+                    now
+                } else {
+                    generation
+                };
+                let mut granted = reply.answer;
+                if granted == 0 && reply.sale.epoch == self.epoch() {
+                    // Units the store holds for this node that it does not
+                    // know of (a grant whose answer was lost) would be
+                    // stranded: nobody else asks for them while this node
+                    // renews its lease. Taken back here. (Answers handled
+                    // out of order can only make the count too high, which
+                    // costs nothing: the store decides every sale.)
+                    let known = self.lease.left() + self.lease.in_flight();
+                    granted = reply.lease.saturating_sub(known);
+                }
+                if !reply.sale.sold_out() && !self.is_sold_out() {
+                    self.lease.add(generation, granted);
+                }
+                if granted > 0 {
+                    REFILL_GRANTED
+                } else {
+                    REFILL_NONE
+                }
+            }
+            Err(StoreError::NoSale) => REFILL_NO_SALE,
+            Err(e) => {
+                tracing::warn!(node = %self.name, error = %e, "lease request failed");
+                REFILL_FAILED
+            }
+        };
+        self.refill_result.store(outcome, Ordering::Release);
+        self.refilling.store(false, Ordering::Release);
+        self.lease.wake();
+    }
+
+    /// Reads the holders of `epoch` once, in the background, retrying with
+    /// backoff until it lands (a buyer at the limit stays there, a key
+    /// that bought keeps its order) or the sale is reset.
+    pub(super) fn learn_holders(&self, epoch: u64) {
+        let Some(generation) = self.view.start_learning(epoch) else {
+            return;
+        };
+        let node = NodeRef::of(self);
+        let store = self.store.clone();
+        let name = self.name.clone();
+        let current = move |n: &Node| n.view.learning(epoch, generation);
+        tokio::spawn(async move {
+            let mut pause = Duration::from_millis(100);
+            loop {
+                let Some(limit) = node
+                    .with(|n| current(n).then(|| n.per_user_limit()))
+                    .flatten()
+                else {
+                    return;
+                };
+                match store.holders(limit).await {
+                    Ok(found) => {
+                        tracing::info!(node = %name, buyers = found.buyers.len(), keys = found.keys.len(), "holders read into memory");
+                        node.with(|n| {
+                            if n.epoch() == epoch && current(n) {
+                                n.view.learned(epoch, found);
+                            }
+                        });
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = %name, error = %e, retry_in = ?pause, "reading the holders failed; retrying");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Clears the lease-request flag (and wakes the buyers waiting on it) if
+/// the request's task ends without handing its answer over.
+struct RefillGuard(Option<NodeRef>);
+
+impl Drop for RefillGuard {
+    fn drop(&mut self) {
+        if let Some(node) = self.0.take() {
+            node.with(|n| {
+                n.refill_result.store(REFILL_FAILED, Ordering::Release);
+                n.refilling.store(false, Ordering::Release);
+                n.lease.wake();
+            });
+        }
+    }
+}
+
+/// A weak reference for background tasks: they must not keep a stopped
+/// node alive.
+struct NodeRef(std::sync::Weak<Node>);
+
+impl NodeRef {
+    fn of(node: &Node) -> NodeRef {
+        NodeRef(node.me.clone())
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Node) -> T) -> Option<T> {
+        self.0.upgrade().map(|n| f(&n))
+    }
+}
