@@ -2,13 +2,11 @@
 //! ([`Node::buy`]), then [`render`]: the one place a [`BuyAnswer`] becomes
 //! HTTP.
 
-use std::fmt::Write as _;
-
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, HeaderName, HeaderValue, RETRY_AFTER, TRANSFER_ENCODING};
 use hyper::{Request, StatusCode};
 
-use super::reply::{Answer, fixed, rfc3339, written};
+use super::reply::{Answer, Rfc3339, fixed, json, written};
 use crate::node::buy::BuyAnswer;
 use crate::node::state::Node;
 use crate::node::store::OrderState;
@@ -135,40 +133,53 @@ fn sold_answer(
     pay_by: Option<u64>,
 ) -> Answer {
     if state.released() {
-        let mut body = String::with_capacity(40 + order.len());
-        body.push_str("{\"status\":\"");
-        body.push_str(state.as_str());
-        body.push_str("\",\"order\":\"");
-        body.push_str(order);
-        body.push_str("\"}");
-        let mut res = written(StatusCode::CONFLICT, body);
+        let mut res = json(
+            StatusCode::CONFLICT,
+            &Released {
+                status: state.as_str(),
+                order,
+            },
+        );
         res.headers_mut()
             .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
         return res;
     }
-    let mut body = String::with_capacity(150 + buyer.len() + order.len());
-    body.push_str("{\"status\":\"sold\",\"order\":\"");
-    body.push_str(order);
-    body.push_str("\",\"node\":\"");
-    body.push_str(node);
-    body.push_str("\",\"buyer\":\"");
-    body.push_str(buyer);
-    let _ = write!(body, "\",\"sold\":{sold}");
-    if state != OrderState::Final {
-        body.push_str(",\"state\":\"");
-        body.push_str(state.as_str());
-        body.push('"');
-    }
-    if let Some(ms) = pay_by {
-        let _ = write!(body, ",\"pay_by\":\"{}\"", rfc3339(ms));
-    }
-    body.push('}');
-    let mut res = written(StatusCode::OK, body);
+    let body = Sold {
+        status: "sold",
+        order,
+        node,
+        buyer,
+        sold,
+        state: (state != OrderState::Final).then(|| state.as_str()),
+        pay_by: pay_by.map(Rfc3339),
+    };
+    let mut res = json(StatusCode::OK, &body);
     if replayed {
         res.headers_mut()
             .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     }
     res
+}
+
+/// The body of a 200 to a purchase.
+#[derive(serde::Serialize)]
+struct Sold<'a> {
+    status: &'static str,
+    order: &'a str,
+    node: &'a str,
+    buyer: &'a str,
+    sold: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pay_by: Option<Rfc3339>,
+}
+
+/// The body of the 409 to a replay whose order went back on sale.
+#[derive(serde::Serialize)]
+struct Released<'a> {
+    status: &'static str,
+    order: &'a str,
 }
 
 /// A 503 with `body` and `Retry-After: 1`: what it waits for (a unit, the
@@ -178,4 +189,54 @@ fn retry_shortly(body: &'static [u8]) -> Answer {
     res.headers_mut()
         .insert(RETRY_AFTER, HeaderValue::from_static("1"));
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(res: Answer) -> String {
+        use http_body_util::BodyExt;
+        let bytes = futures_body(res.into_body().collect());
+        String::from_utf8(bytes).unwrap()
+    }
+
+    fn futures_body(
+        f: impl std::future::Future<
+            Output = Result<http_body_util::Collected<bytes::Bytes>, std::convert::Infallible>,
+        >,
+    ) -> Vec<u8> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(f).unwrap().to_bytes().to_vec()
+    }
+
+    /// The bytes the purchase answers were written as, by hand, before
+    /// they became structs.
+    #[test]
+    fn sold_bodies_keep_their_bytes() {
+        let res = sold_answer("17-3", "n1", "al", 3, false, OrderState::Final, None);
+        assert_eq!(
+            body(res),
+            r#"{"status":"sold","order":"17-3","node":"n1","buyer":"al","sold":3}"#
+        );
+        let res = sold_answer(
+            "17-3",
+            "n1",
+            "",
+            3,
+            true,
+            OrderState::Reserved,
+            Some(1732838500123),
+        );
+        assert_eq!(res.headers()[&IDEMPOTENT_REPLAYED], "true");
+        assert_eq!(
+            body(res),
+            r#"{"status":"sold","order":"17-3","node":"n1","buyer":"","sold":3,"state":"reserved","pay_by":"2024-11-29T00:01:40.123Z"}"#
+        );
+        let res = sold_answer("17-3", "n1", "al", 3, true, OrderState::Cancelled, None);
+        assert_eq!(res.status(), StatusCode::CONFLICT);
+        assert_eq!(body(res), r#"{"status":"cancelled","order":"17-3"}"#);
+    }
 }

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 
 use hyper::StatusCode;
 
-use super::reply::{Answer, written};
+use super::reply::{Answer, json};
 use crate::node::state::Node;
 use crate::prometheus::{header, single};
 
@@ -18,12 +18,12 @@ use crate::prometheus::{header, single};
 /// an initialised sale, and its clock is near this host's. A 503 says why.
 pub async fn healthz(node: &Node) -> Answer {
     let (status, body) = health(node).await;
-    written(status, body)
+    json(status, &body)
 }
 
 /// `GET /stats`.
 pub fn stats_json(node: &Node) -> Answer {
-    written(StatusCode::OK, stats(node))
+    json(StatusCode::OK, &stats(node))
 }
 
 /// The node's metrics as Prometheus text.
@@ -164,12 +164,12 @@ struct StatsBody<'a> {
     clock_offset_ms: Option<i64>,
 }
 
-/// The JSON body of `GET /stats`.
-pub fn stats(node: &Node) -> String {
+/// The body of `GET /stats`.
+fn stats(node: &Node) -> StatsBody<'_> {
     let s = &node.stats;
     let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     let known = node.holders_known();
-    let body = StatsBody {
+    StatsBody {
         node: node.name(),
         epoch: node.epoch(),
         per_user_limit: node.per_user_limit(),
@@ -192,20 +192,44 @@ pub fn stats(node: &Node) -> String {
         expired: load(&s.expired),
         order_calls: load(&s.order_calls),
         clock_offset_ms: node.store().clock_offset_ms(),
-    };
-    serde_json::to_string(&body).unwrap_or_default()
+    }
+}
+
+/// The body of `GET /healthz`, fields in alphabetical order (as they were
+/// when written through `serde_json::Value`, so the bytes stay the same).
+#[derive(serde::Serialize)]
+struct Health {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    clock_offset_ms: Option<i64>,
+    /// A `Value`, not the struct, so that its fields keep `Value`'s
+    /// (alphabetical) order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    durability: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    durability_problems: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replicas: Option<String>,
+    status: &'static str,
 }
 
 /// `GET /healthz`: 200 when the node can sell; otherwise 503 and the
 /// reason (the store unreachable, the sale not initialised, Redis's clock
 /// too far from this host's).
-pub async fn health(node: &Node) -> (StatusCode, String) {
-    let unavailable = |reason: String, offset: Option<i64>| {
-        let mut body = serde_json::json!({"status": "unavailable", "reason": reason});
-        if let Some(off) = offset {
-            body["clock_offset_ms"] = off.into();
-        }
-        (StatusCode::SERVICE_UNAVAILABLE, body.to_string())
+async fn health(node: &Node) -> (StatusCode, Health) {
+    let unavailable = |reason: String, clock_offset_ms: Option<i64>| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Health {
+                clock_offset_ms,
+                durability: None,
+                durability_problems: None,
+                reason: Some(reason),
+                replicas: None,
+                status: "unavailable",
+            },
+        )
     };
     // A snapshot, not a bare ping: it proves the store answers and says
     // whether there is a sale to sell from, in one constant-time call.
@@ -230,10 +254,14 @@ pub async fn health(node: &Node) -> (StatusCode, String) {
             Some(off),
         );
     }
-    let mut body = serde_json::json!({"status": "ok"});
-    if let Some(off) = offset {
-        body["clock_offset_ms"] = off.into();
-    }
+    let mut body = Health {
+        clock_offset_ms: offset,
+        durability: None,
+        durability_problems: None,
+        reason: None,
+        replicas: None,
+        status: "ok",
+    };
     // Reported, not failed: a Redis that may forget is the operator's to
     // fix, and failing every node's health would stop the sale outright.
     // Too few replicas is another matter: no sale can be acknowledged, so
@@ -245,18 +273,17 @@ pub async fn health(node: &Node) -> (StatusCode, String) {
                 .replicas_good
                 .or(durability.replicas_connected)
                 .unwrap_or(0);
-            body["replicas"] = format!("{able} of {}", durability.replicas_wanted).into();
+            body.replicas = Some(format!("{able} of {}", durability.replicas_wanted));
         }
         if let Some((able, wanted)) = durability.replicas_short() {
             status = StatusCode::SERVICE_UNAVAILABLE;
-            body["status"] = "degraded".into();
-            body["reason"] = format!(
+            body.status = "degraded";
+            body.reason = Some(format!(
                 "{able} of the {wanted} Redis replica(s) that must acknowledge a sale are connected: no sale can be answered 200"
-            )
-            .into();
+            ));
         }
-        body["durability_problems"] = durability.problems().into();
-        body["durability"] = serde_json::json!(durability);
+        body.durability_problems = Some(durability.problems());
+        body.durability = serde_json::to_value(&durability).ok();
     }
-    (status, body.to_string())
+    (status, body)
 }

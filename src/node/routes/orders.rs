@@ -9,14 +9,11 @@
 
 use std::sync::atomic::Ordering;
 
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{ALLOW, CONTENT_LENGTH, HeaderValue, RETRY_AFTER, TRANSFER_ENCODING};
-use hyper::{Method, Request, Response, StatusCode};
-use serde_json::{Map, Value, json};
+use hyper::header::{CONTENT_LENGTH, HeaderValue, RETRY_AFTER, TRANSFER_ENCODING};
+use hyper::{Method, Request, StatusCode};
 
-use super::reply::rfc3339;
+use super::reply::{Answer, Rfc3339, fixed, json, not_allowed};
 use crate::node::state::Node;
 use crate::node::store::{OrderAnswer, OrderOp, OrderRecord, OrderState, StoreError};
 use crate::protocol::{BuyerError, buyer_of};
@@ -95,36 +92,31 @@ fn payment_ref(req: &Request<Incoming>) -> Result<&str, OrderRequestError> {
 }
 
 /// Serves `/orders/...` on `node`.
-pub async fn handle(node: &Node, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+pub async fn handle(node: &Node, req: &Request<Incoming>) -> Answer {
     let rest = req.uri().path().trim_start_matches("/orders/");
     let (id, op) = match rest.split_once('/') {
         None => (rest, OrderOp::Get),
         Some((id, "pay")) => (id, OrderOp::Pay),
         Some((id, "cancel")) => (id, OrderOp::Cancel),
-        Some(_) => return answer(StatusCode::NOT_FOUND, json!({"status": "not_found"})),
+        Some(_) => return fixed(StatusCode::NOT_FOUND, b"{\"status\":\"not_found\"}"),
     };
     let allowed = match op {
         OrderOp::Get => Method::GET,
         _ => Method::POST,
     };
     if req.method() != allowed {
-        let mut res = answer(
-            StatusCode::METHOD_NOT_ALLOWED,
-            json!({"status": "method_not_allowed"}),
-        );
-        res.headers_mut().insert(
-            ALLOW,
-            HeaderValue::from_static(if op == OrderOp::Get { "GET" } else { "POST" }),
-        );
-        return res;
+        return not_allowed(if op == OrderOp::Get { "GET" } else { "POST" });
     }
     match checked(req, id) {
         Ok((buyer, reference)) => call(node, op, id, buyer, reference).await,
         Err(e) => {
             node.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
-            answer(
+            json(
                 e.status(),
-                json!({"status": e.label(), "reason": e.to_string()}),
+                &Refusal {
+                    reason: &e.to_string(),
+                    status: e.label(),
+                },
             )
         }
     }
@@ -154,28 +146,22 @@ fn checked<'a>(
     Ok((buyer, payment_ref(req)?))
 }
 
-async fn call(
-    node: &Node,
-    op: OrderOp,
-    id: &str,
-    buyer: &str,
-    reference: &str,
-) -> Response<Full<Bytes>> {
+async fn call(node: &Node, op: OrderOp, id: &str, buyer: &str, reference: &str) -> Answer {
     node.stats.order_calls.fetch_add(1, Ordering::Relaxed);
     let reply = match node.store().order(op, id, buyer, reference).await {
         Ok(r) => r,
         Err(StoreError::NoSale) => {
-            return answer(
+            return fixed(
                 StatusCode::SERVICE_UNAVAILABLE,
-                json!({"status": "unavailable", "reason": "the sale is not initialised: run spike stock init"}),
+                b"{\"reason\":\"the sale is not initialised: run spike stock init\",\"status\":\"unavailable\"}",
             );
         }
         Err(e @ StoreError::NotReplicated { .. }) => {
             node.stats.not_replicated.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(node = %node.name(), error = %e, "an order answer was not replicated in time; answered 503");
-            let mut res = answer(
+            let mut res = fixed(
                 StatusCode::SERVICE_UNAVAILABLE,
-                json!({"status": "unavailable", "reason": "the order, as it stands, was not replicated in time (a change asked for may have been made): send the same request again to learn where it stands"}),
+                b"{\"reason\":\"the order, as it stands, was not replicated in time (a change asked for may have been made): send the same request again to learn where it stands\",\"status\":\"unavailable\"}",
             );
             res.headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from_static("1"));
@@ -183,9 +169,9 @@ async fn call(
         }
         Err(StoreError::NoReplicas) => {
             node.stats.not_replicated.fetch_add(1, Ordering::Relaxed);
-            let mut res = answer(
+            let mut res = fixed(
                 StatusCode::SERVICE_UNAVAILABLE,
-                json!({"status": "unavailable", "reason": "too few Redis replicas are connected to acknowledge a change; nothing was changed: try again shortly"}),
+                b"{\"reason\":\"too few Redis replicas are connected to acknowledge a change; nothing was changed: try again shortly\",\"status\":\"unavailable\"}",
             );
             res.headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from_static("1"));
@@ -194,9 +180,9 @@ async fn call(
         Err(e) => {
             node.stats.store_errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(node = %node.name(), error = %e, "order call failed");
-            let mut res = answer(
+            let mut res = fixed(
                 StatusCode::SERVICE_UNAVAILABLE,
-                json!({"status": "unavailable", "reason": "the store did not answer in time; the same request sent again is safe"}),
+                b"{\"reason\":\"the store did not answer in time; the same request sent again is safe\",\"status\":\"unavailable\"}",
             );
             res.headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from_static("1"));
@@ -213,61 +199,82 @@ async fn call(
                 OrderOp::Pay => "paid",
                 OrderOp::Cancel => "cancelled",
             };
-            answer(StatusCode::OK, view(status, &o))
+            json(StatusCode::OK, &view(status, &o))
         }
-        OrderAnswer::Conflict(o) => answer(StatusCode::CONFLICT, view(o.state().as_str(), &o)),
-        OrderAnswer::Final(o) if op == OrderOp::Get => answer(StatusCode::OK, view("sold", &o)),
+        OrderAnswer::Conflict(o) => json(StatusCode::CONFLICT, &view(o.state().as_str(), &o)),
+        OrderAnswer::Final(o) if op == OrderOp::Get => json(StatusCode::OK, &view("sold", &o)),
         OrderAnswer::Final(o) => {
             let mut v = view("final", &o);
-            v["reason"] = Value::from("the sale has no payment window: the order is final");
-            answer(StatusCode::CONFLICT, v)
+            v.reason = Some("the sale has no payment window: the order is final");
+            json(StatusCode::CONFLICT, &v)
         }
-        OrderAnswer::NotFound => answer(StatusCode::NOT_FOUND, json!({"status": "not_found"})),
-        OrderAnswer::NotTheBuyer if buyer.is_empty() => answer(
+        OrderAnswer::NotFound => fixed(StatusCode::NOT_FOUND, b"{\"status\":\"not_found\"}"),
+        OrderAnswer::NotTheBuyer if buyer.is_empty() => fixed(
             StatusCode::FORBIDDEN,
-            json!({"status": "forbidden", "reason": "the order has a buyer: name them with ?user= or X-User-Id"}),
+            b"{\"reason\":\"the order has a buyer: name them with ?user= or X-User-Id\",\"status\":\"forbidden\"}",
         ),
-        OrderAnswer::NotTheBuyer => answer(
+        OrderAnswer::NotTheBuyer => fixed(
             StatusCode::FORBIDDEN,
-            json!({"status": "forbidden", "reason": "the order is another buyer's"}),
+            b"{\"reason\":\"the order is another buyer's\",\"status\":\"forbidden\"}",
         ),
     }
 }
 
-/// An order as the routes show it: times in RFC 3339.
-fn view(status: &str, o: &OrderRecord) -> Value {
-    let mut m = Map::new();
-    m.insert("status".into(), status.into());
-    m.insert("order".into(), o.id.clone().into());
-    m.insert("state".into(), o.state().as_str().into());
-    m.insert("buyer".into(), o.buyer.clone().into());
-    m.insert("node".into(), o.node.clone().into());
-    let at = |ms: u64| Value::from(rfc3339(ms).to_string());
-    let created = if o.state() == OrderState::Final {
-        "sold_at"
-    } else {
-        "reserved_at"
-    };
-    m.insert(created.into(), at(o.time));
-    let times = [
-        ("pay_by", o.pay_by),
-        ("paid_at", o.paid_at),
-        ("cancelled_at", o.cancelled_at),
-        ("expired_at", o.expired_at),
-    ];
-    for (name, ms) in times {
-        if let Some(ms) = ms {
-            m.insert(name.into(), at(ms));
-        }
-    }
-    if let Some(r) = &o.payment_ref {
-        m.insert("payment_ref".into(), r.clone().into());
-    }
-    Value::Object(m)
+/// A refusal before the store: its reason and its `status`. (The fields of
+/// the order routes' bodies are in alphabetical order, as they were when
+/// written through `serde_json::Value`, so the bytes stay the same.)
+#[derive(serde::Serialize)]
+struct Refusal<'a> {
+    reason: &'a str,
+    status: &'a str,
 }
 
-fn answer(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
-    crate::server::json(status, Bytes::from(body.to_string()))
+/// An order as the routes show it: times in RFC 3339, fields in
+/// alphabetical order (see [`Refusal`]).
+#[derive(serde::Serialize)]
+struct OrderView<'a> {
+    buyer: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cancelled_at: Option<Rfc3339>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expired_at: Option<Rfc3339>,
+    node: &'a str,
+    order: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    paid_at: Option<Rfc3339>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pay_by: Option<Rfc3339>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payment_ref: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reserved_at: Option<Rfc3339>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sold_at: Option<Rfc3339>,
+    state: &'static str,
+    status: &'a str,
+}
+
+/// `o` as the routes show it, with `status`.
+fn view<'a>(status: &'a str, o: &'a OrderRecord) -> OrderView<'a> {
+    let created = Some(Rfc3339(o.time));
+    let is_final = o.state() == OrderState::Final;
+    OrderView {
+        buyer: &o.buyer,
+        cancelled_at: o.cancelled_at.map(Rfc3339),
+        expired_at: o.expired_at.map(Rfc3339),
+        node: &o.node,
+        order: &o.id,
+        paid_at: o.paid_at.map(Rfc3339),
+        pay_by: o.pay_by.map(Rfc3339),
+        payment_ref: o.payment_ref.as_deref(),
+        reason: None,
+        reserved_at: created.filter(|_| !is_final),
+        sold_at: created.filter(|_| is_final),
+        state: o.state().as_str(),
+        status,
+    }
 }
 
 #[cfg(test)]
@@ -292,5 +299,45 @@ mod tests {
         ] {
             assert!(!valid_id(bad), "{bad}");
         }
+    }
+}
+
+#[cfg(test)]
+mod body_tests {
+    use super::*;
+
+    /// The bytes the routes wrote through `serde_json::Value` before the
+    /// bodies became structs: the same fields, in the same order.
+    #[test]
+    fn order_bodies_keep_their_bytes() {
+        let mut o: OrderRecord = serde_json::from_str(
+            r#"{"id":"17-3","buyer":"al","node":"n1","time":1732838400123,"state":"paid","pay_by":1732838500123,"paid_at":1732838450000,"cancelled_at":1,"expired_at":2,"payment_ref":"r-1"}"#,
+        )
+        .unwrap();
+        let mut v = view("final", &o);
+        v.reason = Some("the sale has no payment window: the order is final");
+        assert_eq!(
+            serde_json::to_string(&v).unwrap(),
+            r#"{"buyer":"al","cancelled_at":"1970-01-01T00:00:00.001Z","expired_at":"1970-01-01T00:00:00.002Z","node":"n1","order":"17-3","paid_at":"2024-11-29T00:00:50.000Z","pay_by":"2024-11-29T00:01:40.123Z","payment_ref":"r-1","reason":"the sale has no payment window: the order is final","reserved_at":"2024-11-29T00:00:00.123Z","state":"paid","status":"final"}"#
+        );
+        o.state = None;
+        o.pay_by = None;
+        o.paid_at = None;
+        o.cancelled_at = None;
+        o.expired_at = None;
+        o.payment_ref = None;
+        assert_eq!(
+            serde_json::to_string(&view("sold", &o)).unwrap(),
+            r#"{"buyer":"al","node":"n1","order":"17-3","sold_at":"2024-11-29T00:00:00.123Z","state":"sold","status":"sold"}"#
+        );
+        let e = OrderRequestError::BadRef;
+        let refusal = Refusal {
+            reason: &e.to_string(),
+            status: e.label(),
+        };
+        assert_eq!(
+            serde_json::to_string(&refusal).unwrap(),
+            format!(r#"{{"reason":"{e}","status":"bad_request"}}"#)
+        );
     }
 }

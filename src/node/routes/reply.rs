@@ -19,12 +19,18 @@ pub fn written(status: StatusCode, body: impl Into<Bytes>) -> Answer {
     crate::server::json(status, body)
 }
 
-/// A 200 with `body` (a contract type, see [`crate::protocol`]) as JSON.
-pub fn json_of(body: &impl serde::Serialize) -> Answer {
+/// An answer whose body is `body` written as JSON (a 500 if it cannot be):
+/// every body built at run time goes through here.
+pub fn json(status: StatusCode, body: &impl serde::Serialize) -> Answer {
     match serde_json::to_vec(body) {
-        Ok(body) => written(StatusCode::OK, body),
+        Ok(body) => written(status, body),
         Err(_) => fixed(StatusCode::INTERNAL_SERVER_ERROR, b"{\"status\":\"error\"}"),
     }
+}
+
+/// A 200 with `body` (a contract type, see [`crate::protocol`]) as JSON.
+pub fn json_of(body: &impl serde::Serialize) -> Answer {
+    json(StatusCode::OK, body)
 }
 
 /// The 405 naming the methods the route takes.
@@ -41,4 +47,14 @@ pub fn not_allowed(allow: &'static str) -> Answer {
 /// Unix milliseconds as RFC 3339 (UTC, to the millisecond).
 pub fn rfc3339(ms: u64) -> humantime::Rfc3339Timestamp {
     humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+}
+
+/// Unix milliseconds that a body shows as RFC 3339 (see [`rfc3339`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Rfc3339(pub u64);
+
+impl serde::Serialize for Rfc3339 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&rfc3339(self.0))
+    }
 }
