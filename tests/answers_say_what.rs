@@ -80,3 +80,86 @@ async fn order_routes_say_what_they_refuse_and_the_epoch_is_one_type() {
     assert_eq!(stats["epoch"], snap["epoch"]);
     sale.stop().await;
 }
+
+/// Every JSON body a node writes ends with a newline (one document per
+/// line for curl, logs and `jq`), and every refusal says `status` and
+/// `reason` (issue 22, points 4 and 10): a sale, its replay, a refusal of
+/// each kind, the internal routes and, once sold out, `sold_out` and
+/// `already_bought` (the bytes the balancer's edge sends too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_body_ends_with_a_newline_and_every_refusal_says_why() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let text = sale_config("lines", 1, 1, &[1], None, "pay_within = \"15m\"\n");
+    let sale = InProcessSale::start(&text).await;
+    let node = sale.addrs()[0];
+    let c = client();
+    let raw = async |request: String| {
+        let mut stream = tokio::net::TcpStream::connect(node).await.expect("connect");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.expect("read");
+        let (head, body) = answer.split_once("\r\n\r\n").expect("a head");
+        let status: u16 = head[9..12].parse().expect("status");
+        (status, body.to_string())
+    };
+    let get_raw =
+        |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+
+    let (status, body) = get(&c, node, "/buy/ticket?user=alice").await.expect("buy");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let order = json(&body)["order"].as_str().expect("order").to_string();
+    let mut answers = vec![("a sale", status.as_u16(), body)];
+    for (what, path) in [
+        ("already_bought", "/buy/ticket?user=alice".to_string()),
+        ("sold_out", "/buy/ticket?user=bob".to_string()),
+        ("a malformed buyer", "/buy/ticket?user=a%20b".to_string()),
+        ("an unknown route", "/nowhere".to_string()),
+        ("an unknown order route", format!("/orders/{order}/refund")),
+        ("an unknown order", "/orders/1-999?user=alice".to_string()),
+        ("another buyer's order", format!("/orders/{order}?user=bob")),
+        ("the order", format!("/orders/{order}?user=alice")),
+        ("stats", "/stats".to_string()),
+        ("sale", "/sale".to_string()),
+        ("healthz", "/healthz".to_string()),
+        ("holders", "/holders".to_string()),
+        (
+            "a too long target",
+            format!("/buy/ticket?user={}", "u".repeat(9000)),
+        ),
+    ] {
+        let (status, body) = raw(get_raw(&path)).await;
+        answers.push((what, status, body));
+    }
+    let (status, body) = raw(
+        "DELETE /buy/ticket?user=carol HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into(),
+    )
+    .await;
+    answers.push(("a method not allowed", status, body));
+    let (status, body) = raw(
+        "POST /buy/ticket?user=carol HTTP/1.1\r\nHost: x\r\nContent-Length: 999999\r\nConnection: close\r\n\r\n".into(),
+    )
+    .await;
+    answers.push(("a body too large", status, body));
+
+    for (what, status, body) in &answers {
+        assert!(body.ends_with('\n'), "{what} ({status}): {body:?}");
+        assert_eq!(body.matches('\n').count(), 1, "{what}: one line: {body:?}");
+        let v = json(body);
+        // 409s are a sale's outcomes (sold_out, already_bought), not errors.
+        if *status >= 400 && *status != 409 {
+            assert!(v["status"].is_string(), "{what} ({status}): {v}");
+            assert!(
+                v["reason"].as_str().is_some_and(|r| !r.is_empty()),
+                "{what} ({status}): {v}"
+            );
+        }
+    }
+    let statuses: Vec<u16> = answers.iter().map(|a| a.1).collect();
+    for expected in [200, 400, 403, 404, 405, 409, 413, 414] {
+        assert!(
+            statuses.contains(&expected),
+            "no {expected} in {statuses:?}"
+        );
+    }
+    sale.stop().await;
+}

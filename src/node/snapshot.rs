@@ -91,7 +91,9 @@ impl SnapshotCache {
         let result = store.snapshot().await;
         match result.map(|snap: Snapshot| serde_json::to_vec(&snap)) {
             Ok(Ok(body)) => {
-                let body = Bytes::from(body);
+                // Newline-terminated once here, as every JSON body is, so
+                // that the cached bytes go out without a copy.
+                let body: Bytes = crate::server::JsonBody::into_line(body);
                 *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some(CachedSale {
                     at: now,
                     body: body.clone(),

@@ -77,44 +77,44 @@ pub fn render(node: &str, answer: BuyAnswer<'_>) -> Answer {
         }
         BuyAnswer::BuyerMissing => fixed(
             StatusCode::BAD_REQUEST,
-            b"{\"status\":\"bad_request\",\"reason\":\"a buyer id is required: ?user=ID or X-User-Id\"}",
+            b"{\"status\":\"bad_request\",\"reason\":\"a buyer id is required: ?user=ID or X-User-Id\"}\n",
         ),
         BuyAnswer::BuyerMalformed => fixed(
             StatusCode::BAD_REQUEST,
-            b"{\"status\":\"bad_request\",\"reason\":\"a buyer id is 1 to 64 characters of [A-Za-z0-9_.:@-]\"}",
+            b"{\"status\":\"bad_request\",\"reason\":\"a buyer id is 1 to 64 characters of [A-Za-z0-9_.:@-]\"}\n",
         ),
         BuyAnswer::KeyMalformed => fixed(
             StatusCode::BAD_REQUEST,
-            b"{\"status\":\"bad_request\",\"reason\":\"an Idempotency-Key is one header of 1 to 64 characters of [A-Za-z0-9_.:@-], optionally in double quotes\"}",
+            b"{\"status\":\"bad_request\",\"reason\":\"an Idempotency-Key is one header of 1 to 64 characters of [A-Za-z0-9_.:@-], optionally in double quotes\"}\n",
         ),
         BuyAnswer::TooLarge => fixed(
             StatusCode::PAYLOAD_TOO_LARGE,
-            b"{\"status\":\"payload_too_large\"}",
+            b"{\"status\":\"payload_too_large\",\"reason\":\"a purchase has no body: a declared one over max_body, or a chunked one, is refused\"}\n",
         ),
         BuyAnswer::KeyReused => fixed(
             StatusCode::UNPROCESSABLE_ENTITY,
-            b"{\"status\":\"idempotency_key_reused\",\"reason\":\"this Idempotency-Key was used by another buyer\"}",
+            b"{\"status\":\"idempotency_key_reused\",\"reason\":\"this Idempotency-Key was used by another buyer\"}\n",
         ),
         BuyAnswer::Busy => retry_shortly(
-            b"{\"status\":\"busy\",\"reason\":\"every ticket left is held by purchases in flight; retry\"}",
+            b"{\"status\":\"busy\",\"reason\":\"every ticket left is held by purchases in flight; retry\"}\n",
         ),
         BuyAnswer::StoreFailed => fixed(
             StatusCode::SERVICE_UNAVAILABLE,
-            b"{\"status\":\"unavailable\",\"reason\":\"the store did not answer in time; if a ticket was sold, the same purchase sent again (same Idempotency-Key) gets its order\"}",
+            b"{\"status\":\"unavailable\",\"reason\":\"the store did not answer in time; if a ticket was sold, the same purchase sent again (same Idempotency-Key) gets its order\"}\n",
         ),
         BuyAnswer::NotInitialised => fixed(
             StatusCode::SERVICE_UNAVAILABLE,
-            b"{\"status\":\"unavailable\",\"reason\":\"the sale is not initialised: run spike stock init\"}",
+            b"{\"status\":\"unavailable\",\"reason\":\"the sale is not initialised: run spike stock init\"}\n",
         ),
         // Unlike the other 503s, the ticket may be the buyer's, and the
         // retry with the same key (or the per-user limit) says so.
         BuyAnswer::NotReplicated => retry_shortly(
-            b"{\"status\":\"unavailable\",\"reason\":\"the sale may have been made but was not replicated in time: retry with the same Idempotency-Key to learn its order\"}",
+            b"{\"status\":\"unavailable\",\"reason\":\"the sale may have been made but was not replicated in time: retry with the same Idempotency-Key to learn its order\"}\n",
         ),
         // While Redis refuses writes for want of replicas
         // (`min-replicas-to-write`): unlike the above, nothing was sold.
         BuyAnswer::NoReplicas => retry_shortly(
-            b"{\"status\":\"unavailable\",\"reason\":\"too few Redis replicas are connected to acknowledge a sale; nothing was sold: try again shortly\"}",
+            b"{\"status\":\"unavailable\",\"reason\":\"too few Redis replicas are connected to acknowledge a sale; nothing was sold: try again shortly\"}\n",
         ),
     }
 }

@@ -42,13 +42,13 @@ pub async fn sold_out(node: &Node, req: &Request<Incoming>) -> Answer {
 /// while the sale is open; 503 while the node is still reading them.
 pub fn holders(node: &Node) -> Answer {
     if !node.is_sold_out() {
-        return fixed(StatusCode::CONFLICT, b"{\"status\":\"open\"}");
+        return fixed(StatusCode::CONFLICT, b"{\"status\":\"open\",\"reason\":\"the holders are listed once the sale is sold out\"}\n");
     }
     let known = node.view.holders();
     let Some(k) = known.as_deref().filter(|k| k.epoch == node.epoch()) else {
         return fixed(
             StatusCode::SERVICE_UNAVAILABLE,
-            b"{\"status\":\"learning\",\"reason\":\"the node is still reading the holders\"}",
+            b"{\"status\":\"learning\",\"reason\":\"the node is still reading the holders\"}\n",
         );
     };
     json_of(&HoldersView {
@@ -64,14 +64,15 @@ pub fn holders(node: &Node) -> Answer {
 pub async fn sale(node: &Node) -> Answer {
     match node.snapshot.get(&node.store, node.timeout).await {
         Ok(body) => written(StatusCode::OK, body),
-        Err(SnapshotError::Encode) => {
-            fixed(StatusCode::INTERNAL_SERVER_ERROR, b"{\"status\":\"error\"}")
-        }
+        Err(SnapshotError::Encode) => fixed(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            b"{\"status\":\"error\",\"reason\":\"the answer could not be written\"}\n",
+        ),
         // Not the purchase's 503, whose reason is about retrying a
         // purchase.
         Err(SnapshotError::Unavailable) => fixed(
             StatusCode::SERVICE_UNAVAILABLE,
-            b"{\"status\":\"unavailable\",\"reason\":\"the store did not answer in time\"}",
+            b"{\"status\":\"unavailable\",\"reason\":\"the store did not answer in time\"}\n",
         ),
     }
 }

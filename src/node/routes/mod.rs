@@ -35,7 +35,7 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Result<Answer, I
         node.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
         return Ok(fixed(
             StatusCode::URI_TOO_LONG,
-            b"{\"status\":\"uri_too_long\"}",
+            b"{\"status\":\"uri_too_long\",\"reason\":\"the request target is longer than 8 KiB\"}\n",
         ));
     }
     Ok(match req.uri().path() {
@@ -55,6 +55,6 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Result<Answer, I
             not_allowed("GET")
         }
         path if path.starts_with("/orders/") => orders::handle(&node, &req).await,
-        _ => fixed(StatusCode::NOT_FOUND, b"{\"status\":\"not_found\"}"),
+        _ => fixed(StatusCode::NOT_FOUND, b"{\"status\":\"not_found\",\"reason\":\"no such route: purchases are at /buy/ticket, orders at /orders/{id}\"}\n"),
     })
 }

@@ -98,7 +98,12 @@ pub async fn handle(node: &Node, req: &Request<Incoming>) -> Answer {
         None => (rest, OrderOp::Get),
         Some((id, "pay")) => (id, OrderOp::Pay),
         Some((id, "cancel")) => (id, OrderOp::Cancel),
-        Some(_) => return fixed(StatusCode::NOT_FOUND, b"{\"status\":\"not_found\"}"),
+        Some(_) => {
+            return fixed(
+                StatusCode::NOT_FOUND,
+                b"{\"status\":\"not_found\",\"reason\":\"an order's routes are /orders/{id}, /orders/{id}/pay and /orders/{id}/cancel\"}\n",
+            );
+        }
     };
     let allowed = match op {
         OrderOp::Get => Method::GET,
@@ -153,7 +158,7 @@ async fn call(node: &Node, op: OrderOp, id: &str, buyer: &str, reference: &str) 
         Err(StoreError::NoSale) => {
             return fixed(
                 StatusCode::SERVICE_UNAVAILABLE,
-                b"{\"reason\":\"the sale is not initialised: run spike stock init\",\"status\":\"unavailable\"}",
+                b"{\"reason\":\"the sale is not initialised: run spike stock init\",\"status\":\"unavailable\"}\n",
             );
         }
         Err(e @ StoreError::NotReplicated { .. }) => {
@@ -161,7 +166,7 @@ async fn call(node: &Node, op: OrderOp, id: &str, buyer: &str, reference: &str) 
             tracing::warn!(node = %node.name(), error = %e, "an order answer was not replicated in time; answered 503");
             let mut res = fixed(
                 StatusCode::SERVICE_UNAVAILABLE,
-                b"{\"reason\":\"the order, as it stands, was not replicated in time (a change asked for may have been made): send the same request again to learn where it stands\",\"status\":\"unavailable\"}",
+                b"{\"reason\":\"the order, as it stands, was not replicated in time (a change asked for may have been made): send the same request again to learn where it stands\",\"status\":\"unavailable\"}\n",
             );
             res.headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from_static("1"));
@@ -171,7 +176,7 @@ async fn call(node: &Node, op: OrderOp, id: &str, buyer: &str, reference: &str) 
             node.stats.not_replicated.fetch_add(1, Ordering::Relaxed);
             let mut res = fixed(
                 StatusCode::SERVICE_UNAVAILABLE,
-                b"{\"reason\":\"too few Redis replicas are connected to acknowledge a change; nothing was changed: try again shortly\",\"status\":\"unavailable\"}",
+                b"{\"reason\":\"too few Redis replicas are connected to acknowledge a change; nothing was changed: try again shortly\",\"status\":\"unavailable\"}\n",
             );
             res.headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from_static("1"));
@@ -182,7 +187,7 @@ async fn call(node: &Node, op: OrderOp, id: &str, buyer: &str, reference: &str) 
             tracing::warn!(node = %node.name(), error = %e, "order call failed");
             let mut res = fixed(
                 StatusCode::SERVICE_UNAVAILABLE,
-                b"{\"reason\":\"the store did not answer in time; the same request sent again is safe\",\"status\":\"unavailable\"}",
+                b"{\"reason\":\"the store did not answer in time; the same request sent again is safe\",\"status\":\"unavailable\"}\n",
             );
             res.headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from_static("1"));
@@ -208,14 +213,14 @@ async fn call(node: &Node, op: OrderOp, id: &str, buyer: &str, reference: &str) 
             v.reason = Some("the sale has no payment window: the order is final");
             json(StatusCode::CONFLICT, &v)
         }
-        OrderAnswer::NotFound => fixed(StatusCode::NOT_FOUND, b"{\"status\":\"not_found\"}"),
+        OrderAnswer::NotFound => fixed(StatusCode::NOT_FOUND, b"{\"status\":\"not_found\",\"reason\":\"no such order in this sale\"}\n"),
         OrderAnswer::NotTheBuyer if buyer.is_empty() => fixed(
             StatusCode::FORBIDDEN,
-            b"{\"reason\":\"the order has a buyer: name them with ?user= or X-User-Id\",\"status\":\"forbidden\"}",
+            b"{\"reason\":\"the order has a buyer: name them with ?user= or X-User-Id\",\"status\":\"forbidden\"}\n",
         ),
         OrderAnswer::NotTheBuyer => fixed(
             StatusCode::FORBIDDEN,
-            b"{\"reason\":\"the order is another buyer's\",\"status\":\"forbidden\"}",
+            b"{\"reason\":\"the order is another buyer's\",\"status\":\"forbidden\"}\n",
         ),
     }
 }

@@ -11,11 +11,11 @@ pub type Answer = Response<Full<Bytes>>;
 
 /// An answer whose body is fixed (the hot path's and the refusals').
 pub fn fixed(status: StatusCode, body: &'static [u8]) -> Answer {
-    crate::server::json(status, Bytes::from_static(body))
+    crate::server::json(status, body)
 }
 
 /// An answer whose body was written already (a cached one).
-pub fn written(status: StatusCode, body: impl Into<Bytes>) -> Answer {
+pub fn written(status: StatusCode, body: impl crate::server::JsonBody) -> Answer {
     crate::server::json(status, body)
 }
 
@@ -24,7 +24,10 @@ pub fn written(status: StatusCode, body: impl Into<Bytes>) -> Answer {
 pub fn json(status: StatusCode, body: &impl serde::Serialize) -> Answer {
     match serde_json::to_vec(body) {
         Ok(body) => written(status, body),
-        Err(_) => fixed(StatusCode::INTERNAL_SERVER_ERROR, b"{\"status\":\"error\"}"),
+        Err(_) => fixed(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            b"{\"status\":\"error\",\"reason\":\"the answer could not be written\"}\n",
+        ),
     }
 }
 
@@ -37,7 +40,7 @@ pub fn json_of(body: &impl serde::Serialize) -> Answer {
 pub fn not_allowed(allow: &'static str) -> Answer {
     let mut res = fixed(
         StatusCode::METHOD_NOT_ALLOWED,
-        b"{\"status\":\"method_not_allowed\"}",
+        b"{\"status\":\"method_not_allowed\",\"reason\":\"the Allow header lists the methods this route takes\"}\n",
     );
     res.headers_mut()
         .insert(ALLOW, HeaderValue::from_static(allow));
