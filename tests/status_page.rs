@@ -350,22 +350,23 @@ async fn with_every_node_down_the_page_says_why_and_draws_them_red() {
         },
     )
     .await;
+    // No node usable: the balancer's 503 (issue 22, point 4), not a 502.
     let (status, _) = get(&c, listen, "/buy/ticket?user=u").await.expect("buy");
-    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     let trace = common::http::send(&c, hyper::Method::TRACE, listen, "/", &[])
         .await
         .expect("trace");
     assert_eq!(trace.status, StatusCode::METHOD_NOT_ALLOWED);
     let (_, metrics) = get(&c, admin, "/metrics").await.expect("metrics");
     assert!(!metrics.contains("\nspike_sale_remaining "), "{metrics}");
-    // The 405 counted as itself, not as a 502.
+    // The 405 counted as itself, not as the 503.
     let local = "spike_balancer_local_responses_total";
     assert_eq!(
         common::up::sample(&metrics, &format!("{local}{{code=\"405\"}}")),
         1
     );
     assert_eq!(
-        common::up::sample(&metrics, &format!("{local}{{code=\"502\"}}")),
+        common::up::sample(&metrics, &format!("{local}{{code=\"503\"}}")),
         1
     );
 
