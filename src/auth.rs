@@ -346,20 +346,119 @@ impl Verifier {
     }
 }
 
+/// What a node (or the balancer's edge) needs of `[auth]` for one sale:
+/// the buyer tokens' verifier and the payment service's key, built once
+/// from the file and swapped whole when the keys change.
+#[derive(Debug)]
+pub struct Authority {
+    verifier: Verifier,
+    payment_key: Option<PaymentKey>,
+}
+
+/// Who is asking about an order: a buyer (by their verified id) or the
+/// payment service (by its signature).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Asker {
+    /// A buyer whose token verified.
+    Buyer(String),
+    /// The payment service: its `Spike-Signature` verified.
+    PaymentService,
+}
+
+impl Authority {
+    /// The authority of `auth` over the sale `event`.
+    pub fn new(auth: &AuthConfig, event: &str) -> Result<Authority, KeyError> {
+        Ok(Authority {
+            verifier: Verifier::new(auth, event)?,
+            payment_key: auth.payment_key.clone(),
+        })
+    }
+
+    /// The buyer a request's token names, or why there is none.
+    pub fn buyer(&self, headers: &HeaderMap) -> Result<VerifiedBuyer, AuthError> {
+        let token = token_of(headers).ok_or(AuthError::Missing)?;
+        if token.is_empty() {
+            return Err(AuthError::Missing);
+        }
+        self.verifier.verify(token)
+    }
+
+    /// [`Authority::buyer`] from a token already taken out of a request.
+    pub fn verify(&self, token: &str) -> Result<VerifiedBuyer, AuthError> {
+        self.verifier.verify(token)
+    }
+
+    /// Whether a request to `target` (`METHOD PATH[?QUERY]`) carries the
+    /// payment service's valid signature.
+    pub fn payment(&self, headers: &HeaderMap, target: &str) -> Result<(), AuthError> {
+        let Some(key) = &self.payment_key else {
+            return Err(AuthError::Payment(
+                "this sale has no payment_key: nobody can pay",
+            ));
+        };
+        let header = headers
+            .get(PAYMENT_SIGNATURE_HEADER)
+            .and_then(|v| v.to_str().ok());
+        verify_payment(key, header, target, unix_now())
+    }
+
+    /// Who asks about an order: the payment service when the request is
+    /// signed, else the buyer of its token. `pay` is whether the request
+    /// pays, which only the payment service may do.
+    pub fn asker(&self, headers: &HeaderMap, target: &str, pay: bool) -> Result<Asker, AuthError> {
+        if pay || headers.contains_key(PAYMENT_SIGNATURE_HEADER) {
+            return self
+                .payment(headers, target)
+                .map(|()| Asker::PaymentService);
+        }
+        self.buyer(headers).map(|b| Asker::Buyer(b.id))
+    }
+}
+
+/// The `sub` a token claims, read without checking anything: only to
+/// look it up cheaply (the edge checks whether a sold-out buyer holds a
+/// ticket) before [`Verifier::verify`] decides whether to believe it.
+pub fn unverified_subject(token: &str) -> Option<String> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    #[derive(Deserialize)]
+    struct Sub {
+        sub: String,
+    }
+    serde_json::from_slice::<Sub>(&bytes).ok().map(|s| s.sub)
+}
+
 /// The buyer token a request carries: `Authorization: Bearer TOKEN`, else
 /// the `spike_token` cookie; `None` when it carries neither.
 pub fn token_of(headers: &HeaderMap) -> Option<&str> {
-    if let Some(v) = headers.get(hyper::header::AUTHORIZATION)
-        && let Ok(v) = v.to_str()
+    token_in(
+        headers
+            .get(hyper::header::AUTHORIZATION)
+            .map(|v| v.as_bytes()),
+        headers
+            .get_all(hyper::header::COOKIE)
+            .iter()
+            .map(|v| v.as_bytes()),
+    )
+}
+
+/// [`token_of`] from header values as they came (the balancer's own
+/// HTTP/1 path reads them without building hyper's types): the
+/// `Authorization` value, and every `Cookie` value.
+pub fn token_in<'a>(
+    authorization: Option<&'a [u8]>,
+    cookies: impl Iterator<Item = &'a [u8]>,
+) -> Option<&'a str> {
+    if let Some(v) = authorization.and_then(|v| std::str::from_utf8(v).ok())
         && let Some((scheme, token)) = v.split_once(' ')
         && scheme.eq_ignore_ascii_case("bearer")
     {
         return Some(token.trim());
     }
-    headers
-        .get_all(hyper::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+    cookies
+        .filter_map(|v| std::str::from_utf8(v).ok())
         .flat_map(|v| v.split(';'))
         .find_map(|pair| {
             let (name, value) = pair.trim().split_once('=')?;

@@ -138,12 +138,13 @@ pub fn init(
 ) -> anyhow::Result<ExitCode> {
     with_store(config_path, async |config, store| {
         let sale = config.require_sale()?;
-        if let Some(why) = unverified_buyers(config) {
-            if !trust_client_buyer_ids {
-                eprintln!("spike: {why}; pass --trust-client-buyer-ids to start it anyway");
-                return Ok(ExitCode::FAILURE);
-            }
-            eprintln!("spike: warning: {why}");
+        // Said once, here; with the flag the operator has read it (every
+        // node still logs it, and /healthz shows "buyers": "unverified").
+        if let Some(why) = unverified_buyers(config)
+            && !trust_client_buyer_ids
+        {
+            eprintln!("spike: {why}; pass --trust-client-buyer-ids to start it anyway");
+            return Ok(ExitCode::FAILURE);
         }
         match start_gate(&store, &sale.event, allow_volatile).await {
             Ok(()) => {}
@@ -191,6 +192,19 @@ pub fn unverified_buyers(config: &crate::config::Config) -> Option<String> {
             "{}: the sale limits each buyer to {} but has no [auth]: buyers are who the client says they are (?user=, X-User-Id), so anyone can buy as anyone and a bot that changes its id is not limited",
             config.path.display(),
             sale.per_user_limit
+        )
+    })
+}
+
+/// A warning when `[auth]` still has the committed `config.toml`'s
+/// development key (kid `dev`): it is public, so anyone can sign a token
+/// for any buyer with it.
+pub fn development_keys(config: &crate::config::Config) -> Option<String> {
+    let auth = config.auth.as_ref()?;
+    auth.buyer_keys.iter().any(|k| k.kid == "dev").then(|| {
+        format!(
+            "{}: [auth] buyer_keys has the development key `dev` of the committed config.toml, which is public: anyone can sign a token for any buyer with it; put your own key(s) there before a real sale",
+            config.path.display()
         )
     })
 }

@@ -159,6 +159,8 @@ pub async fn run(
 struct Running {
     stop: watch::Sender<()>,
     task: tokio::task::JoinHandle<()>,
+    /// The node, for what a reload changes in place (its `[auth]` keys).
+    node: Arc<Node>,
 }
 
 /// The nodes `spike up` runs, by listen address: what a reload of the file
@@ -194,7 +196,14 @@ impl Fleet {
         let addr = config.node(name)?.listen;
         let (stop, rx) = watch::channel(());
         let task = crate::node::spawn(listener, node.clone(), config.server.clone(), rx);
-        self.lock().insert(addr, Running { stop, task });
+        self.lock().insert(
+            addr,
+            Running {
+                stop,
+                task,
+                node: node.clone(),
+            },
+        );
         Ok(node)
     }
 }
@@ -210,6 +219,7 @@ struct FleetHook {
 
 impl crate::balancer::state::ReloadHook for FleetHook {
     fn before(&self, config: &Config) -> Result<(), String> {
+        crate::node::authority(config).map_err(|e| e.to_string())?;
         if config.nodes.is_empty() {
             return Err(format!(
                 "{}: `spike up` runs the file's [[node]] entries and there are none",
@@ -247,6 +257,16 @@ impl crate::balancer::state::ReloadHook for FleetHook {
     }
 
     fn after(&self, config: &Config, gone: Vec<Arc<crate::balancer::upstream::LiveState>>) {
+        // The keys in force on every node that stays (the added ones were
+        // built with them). `before` accepted the file, so they load.
+        match crate::node::authority(config) {
+            Ok(auth) => {
+                for r in self.fleet.lock().values() {
+                    r.node.set_auth(auth.clone());
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "the nodes keep their [auth] keys"),
+        }
         let removed: Vec<(SocketAddr, Running)> = {
             let mut running = self.fleet.lock();
             let stale: Vec<SocketAddr> = running
@@ -418,6 +438,9 @@ pub fn main(config_path: &Path, allow_volatile: bool) -> anyhow::Result<ExitCode
         // Not refused as `stock init` refuses it: `spike up` is the first
         // look, and the store is often the embedded one.
         if let Some(why) = crate::stock::unverified_buyers(&config) {
+            tracing::warn!("{why}");
+        }
+        if let Some(why) = crate::stock::development_keys(&config) {
             tracing::warn!("{why}");
         }
         let listeners = Listeners::bind(&config)?;

@@ -206,11 +206,12 @@ pub async fn handle(
         let is_buy = idempotency::is_purchase(parts.uri.path());
         let edge = forward::edge::answer(
             shared,
-            config,
+            &active,
             is_buy,
             &parts.method,
             parts.headers.contains_key(IDEMPOTENCY_KEY),
             |limited| protocol::buyer_in(&parts.uri, &parts.headers, limited),
+            || crate::auth::token_of(&parts.headers),
         );
         if let Some(edge) = edge {
             return reply(edge.into());

@@ -353,9 +353,19 @@ pub fn sale(shared: &Shared) -> serde_json::Value {
         .last
         .as_ref()
         .filter(|(at, _)| sale.why.is_none() && at.elapsed() <= SALE_FRESH);
+    // The stored limit when a node told it, else the file's.
+    let limit = fresh
+        .and_then(|(_, v)| v["per_user_limit"].as_u64())
+        .or_else(|| shared.sale_limit());
+    let buyers = match (limit, shared.current.load().config.auth.is_some()) {
+        (Some(0), _) => "anonymous",
+        (_, true) => "verified",
+        _ => "unverified",
+    };
     match fresh {
         Some((at, v)) => serde_json::json!({
             "configured": true,
+            "buyers": buyers,
             "snapshot": v,
             "read_ms_ago": at.elapsed().as_millis() as u64,
         }),
@@ -380,7 +390,7 @@ pub fn sale(shared: &Shared) -> serde_json::Value {
                 ),
                 (None, None) => String::from("not read from a node yet"),
             };
-            serde_json::json!({ "configured": true, "reason": reason })
+            serde_json::json!({ "configured": true, "buyers": buyers, "reason": reason })
         }
     }
 }

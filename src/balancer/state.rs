@@ -35,6 +35,10 @@ pub struct Active {
     pub config: BalancerConfig,
     /// The upstreams and their picking state.
     pub selector: Selector,
+    /// `[auth]` for the edge: a sold-out buyer is told they hold an order
+    /// only once their token verifies. Built with the version, so a reload
+    /// puts new keys in force for every request after it.
+    pub auth: Option<Arc<crate::auth::Authority>>,
 }
 
 impl Active {
@@ -72,10 +76,20 @@ impl Active {
                     .store(true, std::sync::atomic::Ordering::Relaxed);
             }
         }
+        // Validation tried these keys on this sale: an error here is a
+        // key the JWT library refused after all, and the edge then sends
+        // every sold-out buyer to a node, which answers for them.
+        let auth = config.auth.as_ref().and_then(|e| {
+            crate::auth::Authority::new(&e.auth, &e.event)
+                .map_err(|error| tracing::error!(%error, "[auth] keys refused; the edge answers no already_bought"))
+                .ok()
+                .map(Arc::new)
+        });
         Active {
             version,
             selector: Selector::new(config.strategy, upstreams).gated(gate),
             config,
+            auth,
         }
     }
 }
@@ -322,6 +336,16 @@ impl Shared {
         );
         kept.clone_from(&config.sale);
         Some(text)
+    }
+
+    /// The file's per-user limit, when it has a sale (the stored one is
+    /// the sale's: `/status` prefers what a node reports).
+    pub fn sale_limit(&self) -> Option<u64> {
+        self.sale
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|s| s.per_user_limit)
     }
 
     fn set_has_sale(&self, config: &Config) {

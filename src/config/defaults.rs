@@ -110,6 +110,7 @@ impl Default for BalancerConfig {
             health: None,
             slow_start: Duration::ZERO,
             upstreams: Vec::new(),
+            auth: None,
         }
     }
 }

@@ -192,6 +192,11 @@ pub struct BalancerConfig {
     pub slow_start: Duration,
     /// The upstreams, in file order (order matters to Nginx's algorithms).
     pub upstreams: Vec<UpstreamConfig>,
+    /// With `[auth]` and a sale: the keys the edge checks a token with
+    /// before it tells a sold-out buyer they hold an order. Part of the
+    /// balancer's config so that a reload that changes only the keys
+    /// makes a new version (and reaches `spike up`'s nodes).
+    pub auth: Option<EdgeAuth>,
 }
 
 /// An active health check (Nginx Plus's `health_check`, HAProxy's `check`):
@@ -226,4 +231,14 @@ pub struct ServerConfig {
     pub grace_period: Duration,
     /// Largest request body accepted on `/buy`.
     pub max_body: u64,
+}
+
+/// `[auth]` as the balancer's edge needs it: the keys, and the sale whose
+/// tokens they check (a token's `aud`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdgeAuth {
+    /// The file's `[auth]`.
+    pub auth: crate::auth::AuthConfig,
+    /// The sale's event.
+    pub event: String,
 }

@@ -63,6 +63,9 @@ pub enum BuyAnswer<'a> {
     NotReplicated,
     /// Redis refused the write for want of replicas (503: nothing sold).
     NoReplicas,
+    /// With `[auth]`: no buyer token, or one that does not verify (401);
+    /// nothing is sold and nothing is counted against anyone.
+    Unauthorized(crate::auth::AuthError),
 }
 
 impl BuyAnswer<'_> {
@@ -84,6 +87,7 @@ impl BuyAnswer<'_> {
             BuyAnswer::StoreFailed => &stats.store_errors,
             BuyAnswer::NotInitialised => &stats.not_initialised,
             BuyAnswer::NotReplicated | BuyAnswer::NoReplicas => &stats.not_replicated,
+            BuyAnswer::Unauthorized(_) => &stats.unauthorized,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }

@@ -69,9 +69,51 @@ pub fn build(config: &Config, name: &str, store: Store) -> Result<Arc<Node>, Con
                 .map_or(std::time::Duration::from_secs(1), |r| r.timeout),
             max_body: config.server.max_body,
             max_clock_offset: config.redis.as_ref().map(|r| r.max_clock_offset),
+            auth: authority(config)?,
         },
         store,
     ))
+}
+
+/// The file's `[auth]` for its sale, ready to check requests; `None`
+/// without `[auth]`. (Validation tried the keys already: an error here
+/// means they changed under it.)
+pub fn authority(config: &Config) -> Result<Option<Arc<crate::auth::Authority>>, ConfigError> {
+    let (Some(auth), Some(sale)) = (&config.auth, &config.sale) else {
+        return Ok(None);
+    };
+    crate::auth::Authority::new(auth, &sale.event)
+        .map(|a| Some(Arc::new(a)))
+        .map_err(|e| ConfigError::Lacks {
+            path: config.path.clone(),
+            message: format!("[auth]: {e}"),
+        })
+}
+
+/// Reads the file again on every SIGHUP and puts its `[auth]` keys in
+/// force on `node`: a rotated key works, a removed `kid` is refused from
+/// then on, without a restart and without dropping a request. (The rest
+/// of a node's settings need a restart; a bad file changes nothing.)
+async fn reload_keys_on_hangup(path: std::path::PathBuf, node: std::sync::Weak<Node>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let Some(node) = node.upgrade() else {
+            return;
+        };
+        match Config::load(&path).and_then(|c| authority(&c)) {
+            Ok(auth) => {
+                let on = auth.is_some();
+                node.set_auth(auth);
+                tracing::info!(node = %node.name(), auth = on, "SIGHUP: [auth] keys reloaded");
+            }
+            Err(e) => {
+                tracing::warn!(node = %node.name(), error = %e, "SIGHUP: the file was not reloaded; the keys in force stay");
+            }
+        }
+    }
 }
 
 /// Serves `node` on `listener` until `shutdown`; in-flight purchases finish
@@ -171,6 +213,16 @@ pub fn main(config_path: &Path, name: &str) -> anyhow::Result<ExitCode> {
             source,
         })?;
         let node = build(&config, name, store)?;
+        if let Some(why) = crate::stock::unverified_buyers(&config) {
+            tracing::warn!(node = %node_cfg.name, "{why}");
+        }
+        if let Some(why) = crate::stock::development_keys(&config) {
+            tracing::warn!(node = %node_cfg.name, "{why}");
+        }
+        let hangup = tokio::spawn(reload_keys_on_hangup(
+            config.path.clone(),
+            Arc::downgrade(&node),
+        ));
         tracing::info!(
             node = %node_cfg.name,
             listen = %node_cfg.listen,
@@ -180,6 +232,7 @@ pub fn main(config_path: &Path, name: &str) -> anyhow::Result<ExitCode> {
             "node selling"
         );
         run(listener, node, &config.server, shutdown).await;
+        hangup.abort();
         tracing::info!(node = %node_cfg.name, "node stopped");
         Ok(ExitCode::SUCCESS)
     })

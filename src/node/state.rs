@@ -48,6 +48,10 @@ pub struct NodeSettings {
     pub max_body: u64,
     /// `/healthz` fails past this clock offset to Redis.
     pub max_clock_offset: Option<Duration>,
+    /// With `[auth]`: who a buyer is (their token) and who may pay (the
+    /// payment service's signature). `None`: buyers are who the client
+    /// says they are.
+    pub auth: Option<Arc<crate::auth::Authority>>,
 }
 
 /// One node's selling state, shared by all its connections.
@@ -72,6 +76,9 @@ pub struct Node {
     max_clock_offset: Option<Duration>,
     /// `/sale`'s snapshot, cached.
     pub(super) snapshot: SnapshotCache,
+    /// `[auth]` as last loaded: swapped whole when the keys change (a
+    /// reload), so a request sees one set of keys.
+    auth: arc_swap::ArcSwapOption<crate::auth::Authority>,
     /// What the node has done, for `/stats`.
     pub stats: Stats,
 }
@@ -107,8 +114,20 @@ impl Node {
             max_body: settings.max_body,
             max_clock_offset: settings.max_clock_offset,
             snapshot: SnapshotCache::new(),
+            auth: arc_swap::ArcSwapOption::new(settings.auth),
             stats: Stats::default(),
         })
+    }
+
+    /// `[auth]` as it stands: `None` when buyers are unverified.
+    pub fn auth(&self) -> Option<Arc<crate::auth::Authority>> {
+        self.auth.load_full()
+    }
+
+    /// Puts new keys in force (a reload of the file): requests from now on
+    /// are checked with them, and a removed key id is refused.
+    pub fn set_auth(&self, auth: Option<Arc<crate::auth::Authority>>) {
+        self.auth.store(auth);
     }
 
     /// The store this node sells from.

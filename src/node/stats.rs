@@ -37,4 +37,7 @@ pub struct Stats {
     pub expired: AtomicU64,
     /// Order calls (pay, cancel, read) this node answered from the store.
     pub order_calls: AtomicU64,
+    /// 401 answers: with `[auth]`, a purchase or an order call without a
+    /// valid buyer token or payment signature.
+    pub unauthorized: AtomicU64,
 }

@@ -383,7 +383,7 @@ fn prepare(
     let is_buy = &input[head.target.start..head.path_end] == protocol::PURCHASE_PATH.as_bytes();
     let edge = forward::edge::answer(
         shared,
-        config,
+        active,
         is_buy,
         &head.method,
         head.keys > 0,
@@ -393,6 +393,17 @@ fn prepare(
                 .and_then(|q| std::str::from_utf8(q).ok());
             let user_id = head.user_at.map(|i| &input[head.headers[i].value.clone()]);
             buyer_from(query, user_id, limited)
+        },
+        || {
+            // Asked only with [auth], of a sold-out purchase: a scan of
+            // the few header lines is cheaper than indexing them always.
+            let named = |name: &'static [u8]| {
+                head.headers
+                    .iter()
+                    .filter(move |h| input[h.name.clone()].eq_ignore_ascii_case(name))
+                    .map(|h| &input[h.value.clone()])
+            };
+            crate::auth::token_in(named(b"authorization").next(), named(b"cookie"))
         },
     );
     if let Some(edge) = edge {

@@ -118,6 +118,8 @@ pub(super) fn validate(
             cx.duration("balancer.slow_start", v)
         })?,
         upstreams,
+        // Set from [auth] once it is validated (see `super::validate`).
+        auth: None,
     }))
 }
 

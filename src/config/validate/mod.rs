@@ -67,8 +67,14 @@ fn validate(cx: &Cx, file: FileConfig) -> Result<Config, ConfigError> {
         file.redis.is_some(),
         &mut warnings,
     )?;
-    let balancer = balancer::validate(cx, file.balancer.as_ref(), &nodes)?;
+    let mut balancer = balancer::validate(cx, file.balancer.as_ref(), &nodes)?;
     let auth = auth::validate(cx, file.auth.as_ref(), sale.as_ref())?;
+    if let (Some(b), Some(a), Some(s)) = (balancer.as_mut(), auth.as_ref(), sale.as_ref()) {
+        b.auth = Some(crate::config::EdgeAuth {
+            auth: a.clone(),
+            event: s.event.clone(),
+        });
+    }
     listeners::check(cx, &file, &nodes, balancer.as_ref())?;
     Ok(Config {
         path: cx.path.to_path_buf(),

@@ -6,7 +6,8 @@ use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, HeaderName, HeaderValue, RETRY_AFTER, TRANSFER_ENCODING};
 use hyper::{Request, StatusCode};
 
-use super::reply::{Answer, Rfc3339, fixed, json, written};
+use super::reply::{Answer, Rfc3339, fixed, json, unauthorized, written};
+use crate::auth::{Authority, VerifiedBuyer};
 use crate::node::buy::BuyAnswer;
 use crate::node::state::Node;
 use crate::node::store::OrderState;
@@ -17,7 +18,9 @@ const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-repl
 
 /// Serves a purchase on `node`.
 pub async fn serve(node: &Node, req: &Request<Incoming>) -> Answer {
-    let answer = match checked(node, req) {
+    let auth = node.auth();
+    let mut verified = None;
+    let answer = match checked(node, req, auth.as_deref(), &mut verified) {
         Ok((buyer, key)) => node.buy(buyer, key).await,
         Err(refused) => refused,
     };
@@ -27,9 +30,14 @@ pub async fn serve(node: &Node, req: &Request<Incoming>) -> Answer {
 
 /// The buyer and the key of a purchase, or why it is refused before any
 /// work.
+///
+/// With `[auth]` (`auth`), the buyer is the one the token names (kept in
+/// `verified`), whatever `?user=` or `X-User-Id` say.
 fn checked<'a>(
     node: &Node,
     req: &'a Request<Incoming>,
+    auth: Option<&Authority>,
+    verified: &'a mut Option<VerifiedBuyer>,
 ) -> Result<(&'a str, &'a str), BuyAnswer<'a>> {
     // The body is never needed: refuse big ones by their declared size,
     // and chunked ones outright, before any work.
@@ -42,10 +50,16 @@ fn checked<'a>(
     {
         return Err(BuyAnswer::TooLarge);
     }
-    let buyer = match buyer_of(req, node.per_user_limit() > 0) {
-        Ok(b) => b,
-        Err(BuyerError::Missing) => return Err(BuyAnswer::BuyerMissing),
-        Err(BuyerError::Malformed) => return Err(BuyAnswer::BuyerMalformed),
+    let buyer = match auth {
+        Some(auth) => match auth.buyer(req.headers()) {
+            Ok(b) => verified.insert(b).id.as_str(),
+            Err(e) => return Err(BuyAnswer::Unauthorized(e)),
+        },
+        None => match buyer_of(req, node.per_user_limit() > 0) {
+            Ok(b) => b,
+            Err(BuyerError::Missing) => return Err(BuyAnswer::BuyerMissing),
+            Err(BuyerError::Malformed) => return Err(BuyAnswer::BuyerMalformed),
+        },
     };
     let key = match protocol::key_in(req.headers()) {
         Ok(k) => k,
@@ -116,6 +130,7 @@ pub fn render(node: &str, answer: BuyAnswer<'_>) -> Answer {
         BuyAnswer::NoReplicas => retry_shortly(
             b"{\"status\":\"unavailable\",\"reason\":\"too few Redis replicas are connected to acknowledge a sale; nothing was sold: try again shortly\"}\n",
         ),
+        BuyAnswer::Unauthorized(e) => unauthorized(&e),
     }
 }
 
@@ -213,13 +228,13 @@ mod tests {
     }
 
     /// The bytes the purchase answers were written as, by hand, before
-    /// they became structs.
+    /// they became structs (and a newline, as every JSON body ends).
     #[test]
     fn sold_bodies_keep_their_bytes() {
         let res = sold_answer("17-3", "n1", "al", 3, false, OrderState::Final, None);
         assert_eq!(
             body(res),
-            r#"{"status":"sold","order":"17-3","node":"n1","buyer":"al","sold":3}"#
+            "{\"status\":\"sold\",\"order\":\"17-3\",\"node\":\"n1\",\"buyer\":\"al\",\"sold\":3}\n"
         );
         let res = sold_answer(
             "17-3",
@@ -233,10 +248,13 @@ mod tests {
         assert_eq!(res.headers()[&IDEMPOTENT_REPLAYED], "true");
         assert_eq!(
             body(res),
-            r#"{"status":"sold","order":"17-3","node":"n1","buyer":"","sold":3,"state":"reserved","pay_by":"2024-11-29T00:01:40.123Z"}"#
+            concat!(
+                r#"{"status":"sold","order":"17-3","node":"n1","buyer":"","sold":3,"state":"reserved","pay_by":"2024-11-29T00:01:40.123Z"}"#,
+                "\n"
+            )
         );
         let res = sold_answer("17-3", "n1", "al", 3, true, OrderState::Cancelled, None);
         assert_eq!(res.status(), StatusCode::CONFLICT);
-        assert_eq!(body(res), r#"{"status":"cancelled","order":"17-3"}"#);
+        assert_eq!(body(res), "{\"status\":\"cancelled\",\"order\":\"17-3\"}\n");
     }
 }

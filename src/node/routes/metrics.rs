@@ -78,6 +78,11 @@ pub fn render(node: &Node) -> String {
             load(&s.order_calls),
         ),
         (
+            "spike_node_unauthorized_total",
+            "401 answers: with [auth], no valid buyer token or payment signature.",
+            load(&s.unauthorized),
+        ),
+        (
             "spike_node_store_errors_total",
             "Store calls that failed or did not answer in time (each a 503).",
             load(&s.store_errors),
@@ -160,6 +165,8 @@ struct StatsBody<'a> {
     not_replicated: u64,
     expired: u64,
     order_calls: u64,
+    unauthorized: u64,
+    buyers: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     clock_offset_ms: Option<i64>,
 }
@@ -191,6 +198,8 @@ fn stats(node: &Node) -> StatsBody<'_> {
         not_replicated: load(&s.not_replicated),
         expired: load(&s.expired),
         order_calls: load(&s.order_calls),
+        unauthorized: load(&s.unauthorized),
+        buyers: buyers(node),
         clock_offset_ms: node.store().clock_offset_ms(),
     }
 }
@@ -199,6 +208,9 @@ fn stats(node: &Node) -> StatsBody<'_> {
 /// when written through `serde_json::Value`, so the bytes stay the same).
 #[derive(serde::Serialize)]
 struct Health {
+    /// Who the buyers are: `verified` (a token with `[auth]`),
+    /// `unverified` (a limit on ids the client states), `anonymous`.
+    buyers: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     clock_offset_ms: Option<i64>,
     /// A `Value`, not the struct, so that its fields keep `Value`'s
@@ -214,14 +226,29 @@ struct Health {
     status: &'static str,
 }
 
+/// Who the node's buyers are, for `/healthz` and `/stats`: a per-user
+/// limit without `[auth]` holds only for honest clients, and an operator
+/// must see that on the dashboard, not only in a start-up warning.
+pub fn buyers(node: &Node) -> &'static str {
+    if node.per_user_limit() == 0 {
+        "anonymous"
+    } else if node.auth().is_some() {
+        "verified"
+    } else {
+        "unverified"
+    }
+}
+
 /// `GET /healthz`: 200 when the node can sell; otherwise 503 and the
 /// reason (the store unreachable, the sale not initialised, Redis's clock
 /// too far from this host's).
 async fn health(node: &Node) -> (StatusCode, Health) {
+    let buyers = buyers(node);
     let unavailable = |reason: String, clock_offset_ms: Option<i64>| {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             Health {
+                buyers,
                 clock_offset_ms,
                 durability: None,
                 durability_problems: None,
@@ -255,6 +282,7 @@ async fn health(node: &Node) -> (StatusCode, Health) {
         );
     }
     let mut body = Health {
+        buyers,
         clock_offset_ms: offset,
         durability: None,
         durability_problems: None,

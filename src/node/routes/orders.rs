@@ -13,9 +13,10 @@ use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, HeaderValue, RETRY_AFTER, TRANSFER_ENCODING};
 use hyper::{Method, Request, StatusCode};
 
-use super::reply::{Answer, Rfc3339, fixed, json, not_allowed};
+use super::reply::{Answer, Rfc3339, fixed, json, not_allowed, unauthorized};
+use crate::auth::{Asker, AuthError, Authority};
 use crate::node::state::Node;
-use crate::node::store::{OrderAnswer, OrderOp, OrderRecord, OrderState, StoreError};
+use crate::node::store::{ANY_BUYER, OrderAnswer, OrderOp, OrderRecord, OrderState, StoreError};
 use crate::protocol::{BuyerError, buyer_of};
 
 /// Longest payment reference accepted (it is stored with the order).
@@ -112,8 +113,14 @@ pub async fn handle(node: &Node, req: &Request<Incoming>) -> Answer {
     if req.method() != allowed {
         return not_allowed(if op == OrderOp::Get { "GET" } else { "POST" });
     }
-    match checked(req, id) {
-        Ok((buyer, reference)) => call(node, op, id, buyer, reference).await,
+    let auth = node.auth();
+    let mut asker = None;
+    match checked(req, id, op, auth.as_deref(), &mut asker) {
+        Ok(Ok((buyer, reference))) => call(node, op, id, buyer, reference).await,
+        Ok(Err(e)) => {
+            node.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+            unauthorized(&e)
+        }
         Err(e) => {
             node.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
             json(
@@ -127,10 +134,18 @@ pub async fn handle(node: &Node, req: &Request<Incoming>) -> Answer {
     }
 }
 
+/// The asker and the payment reference of an order request, or why it is
+/// refused: malformed (the outer error), or, with `[auth]`, not signed by
+/// the payment service (to pay) nor carrying a buyer token (to read or
+/// cancel) that verifies (the inner one). The payment service asks as
+/// [`ANY_BUYER`]; `asker` keeps a verified buyer's id.
 fn checked<'a>(
     req: &'a Request<Incoming>,
     id: &str,
-) -> Result<(&'a str, &'a str), OrderRequestError> {
+    op: OrderOp,
+    auth: Option<&Authority>,
+    asker: &'a mut Option<String>,
+) -> Result<Result<(&'a str, &'a str), AuthError>, OrderRequestError> {
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
@@ -142,13 +157,30 @@ fn checked<'a>(
     if !valid_id(id) {
         return Err(OrderRequestError::BadId);
     }
-    let buyer = match buyer_of(req, false) {
-        Ok(b) => b,
-        Err(BuyerError::Missing | BuyerError::Malformed) => {
-            return Err(OrderRequestError::BadBuyer);
-        }
+    let reference = payment_ref(req)?;
+    let Some(auth) = auth else {
+        let buyer = match buyer_of(req, false) {
+            Ok(b) => b,
+            Err(BuyerError::Missing | BuyerError::Malformed) => {
+                return Err(OrderRequestError::BadBuyer);
+            }
+        };
+        return Ok(Ok((buyer, reference)));
     };
-    Ok((buyer, payment_ref(req)?))
+    // What the payment service signed: the request line's method and
+    // target, as sent (the balancer passes the target unchanged).
+    let target = format!(
+        "{} {}",
+        req.method(),
+        req.uri().path_and_query().map_or("", |p| p.as_str())
+    );
+    Ok(
+        match auth.asker(req.headers(), &target, op == OrderOp::Pay) {
+            Ok(Asker::PaymentService) => Ok((ANY_BUYER, reference)),
+            Ok(Asker::Buyer(id)) => Ok((asker.insert(id).as_str(), reference)),
+            Err(e) => Err(e),
+        },
+    )
 }
 
 async fn call(node: &Node, op: OrderOp, id: &str, buyer: &str, reference: &str) -> Answer {

@@ -47,6 +47,33 @@ pub fn not_allowed(allow: &'static str) -> Answer {
     res
 }
 
+/// The 401 of a request `[auth]` refuses: the challenge RFC 6750 asks for
+/// (`error="invalid_token"` when a token or signature was sent and did not
+/// verify), and the reason in JSON.
+pub fn unauthorized(e: &crate::auth::AuthError) -> Answer {
+    #[derive(serde::Serialize)]
+    struct Refused<'a> {
+        status: &'a str,
+        reason: &'a str,
+    }
+    let mut res = json(
+        StatusCode::UNAUTHORIZED,
+        &Refused {
+            status: e.label(),
+            reason: &e.to_string(),
+        },
+    );
+    let challenge = match e {
+        crate::auth::AuthError::Missing => "Bearer realm=\"spike\"",
+        _ => "Bearer realm=\"spike\", error=\"invalid_token\"",
+    };
+    res.headers_mut().insert(
+        hyper::header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(challenge),
+    );
+    res
+}
+
 /// Unix milliseconds as RFC 3339 (UTC, to the millisecond).
 pub fn rfc3339(ms: u64) -> humantime::Rfc3339Timestamp {
     humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))

@@ -307,7 +307,9 @@ impl EmbeddedStore {
         }
         let answer = match s.orders.get(id) {
             None => OrderAnswer::NotFound,
-            Some(o) if !o.buyer.is_empty() && o.buyer != buyer => OrderAnswer::NotTheBuyer,
+            Some(o) if !o.buyer.is_empty() && o.buyer != buyer && buyer != super::ANY_BUYER => {
+                OrderAnswer::NotTheBuyer
+            }
             Some(o) if o.state.is_none() => OrderAnswer::Final(o.clone()),
             Some(_) => {
                 s.expire_if_due(id, now);

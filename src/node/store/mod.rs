@@ -180,6 +180,11 @@ impl OrderRecord {
     }
 }
 
+/// The asker of an order call who may act on any buyer's order: the
+/// payment service, once its signature verified (`[auth]`). `*` is no
+/// buyer id (see [`crate::protocol::is_id_byte`]), so no buyer can be it.
+pub const ANY_BUYER: &str = "*";
+
 /// What can be done to an order after its purchase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OrderOp {
