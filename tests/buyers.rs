@@ -615,3 +615,214 @@ async fn a_removed_key_is_refused_after_a_reload() {
     up.stop("TERM", Duration::from_secs(15));
     remove_config(&path);
 }
+
+/// Exactness with `[auth]` under every strategy, on Redis, with many more
+/// buyers than tickets: 300 buyers with their own tokens (minted with the
+/// sale's key, as an identity provider would) each send two purchases at
+/// once, each with its own `Idempotency-Key`, for 60 tickets with a limit
+/// of 1. Exactly 60 are sold, to 60 different buyers, with 60 different
+/// orders; the audit holds; and an `Idempotency-Key` is its buyer's: the
+/// same key under another buyer's token is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_strategy_sells_exactly_the_total_to_verified_buyers() {
+    const TOTAL: u64 = 60;
+    const BUYERS: usize = 300;
+    for strategy in [
+        "round_robin",
+        "weighted_round_robin",
+        "ip_hash",
+        "least_conn",
+    ] {
+        let redis = common::redis::RedisServer::start();
+        let (text, ports) = common::up::up_config(TOTAL, 3, Some(&redis.url()));
+        let text = text
+            .replace(
+                "strategy = \"weighted_round_robin\"",
+                &format!("strategy = \"{strategy}\""),
+            )
+            .replace(
+                "\n[balancer]",
+                &format!(
+                    "\n[auth]\nbuyer_keys = [\"k1:hs256:{}\"]\npayment_key = \"{}\"\n\n[balancer]",
+                    key(1),
+                    key(9)
+                ),
+            );
+        let (mut up, path) = common::up::start_up(&text, &ports);
+        let cfg = path.to_str().expect("path").to_string();
+        let config = spike::config::Config::load(&path).expect("config");
+        let auth = config.auth.clone().expect("[auth]");
+        let exp = spike::auth::unix_now() + 3600;
+        let tokens: Vec<(String, String)> = (0..BUYERS)
+            .map(|i| {
+                let buyer = format!("b{i}");
+                let t = spike::auth::mint_with(&auth.buyer_keys[0], &buyer, "up", exp, None)
+                    .expect("mint");
+                (buyer, t)
+            })
+            .collect();
+        let c = client();
+        // An Idempotency-Key is its buyer's: b0's key under b1's token is
+        // refused, and buys nothing.
+        let bearer = |t: &str| format!("Bearer {t}");
+        let (b0, b1) = (bearer(&tokens[0].1), bearer(&tokens[1].1));
+        let first = send(
+            &c,
+            Method::POST,
+            ports.balancer,
+            "/buy/ticket",
+            &[
+                ("Authorization", b0.as_str()),
+                ("Idempotency-Key", "shared-key"),
+            ],
+        )
+        .await
+        .expect("answer");
+        assert_eq!(first.status, StatusCode::OK, "{strategy}: {}", first.body);
+        let reused = send(
+            &c,
+            Method::POST,
+            ports.balancer,
+            "/buy/ticket",
+            &[
+                ("Authorization", b1.as_str()),
+                ("Idempotency-Key", "shared-key"),
+            ],
+        )
+        .await
+        .expect("answer");
+        assert_eq!(
+            reused.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{strategy}: {}",
+            reused.body
+        );
+        let mut sold = std::collections::HashMap::new();
+        let mut orders = std::collections::HashSet::new();
+        sold.insert(tokens[0].0.clone(), ());
+        orders.insert(
+            json(&first.body)["order"]
+                .as_str()
+                .expect("order")
+                .to_string(),
+        );
+        let mut tasks = Vec::new();
+        for (i, (buyer, t)) in tokens.iter().enumerate() {
+            for attempt in 0..2 {
+                let (c, t, buyer, lb) = (c.clone(), t.clone(), buyer.clone(), ports.balancer);
+                let key = format!("k-{i}-{attempt}");
+                tasks.push(tokio::spawn(async move {
+                    let bearer = format!("Bearer {t}");
+                    let r = send(
+                        &c,
+                        Method::POST,
+                        lb,
+                        // A name in the query changes nothing.
+                        &format!("/buy/ticket?user=someone{attempt}"),
+                        &[
+                            ("Authorization", bearer.as_str()),
+                            ("Idempotency-Key", key.as_str()),
+                        ],
+                    )
+                    .await
+                    .expect("answer");
+                    (buyer, r.status, r.body)
+                }));
+            }
+        }
+        for task in tasks {
+            let (buyer, status, body) = task.await.expect("task");
+            match status {
+                StatusCode::OK => {
+                    let v = json(&body);
+                    assert_eq!(v["buyer"], buyer.as_str(), "{strategy}: {body}");
+                    let order = v["order"].as_str().expect("order").to_string();
+                    assert!(orders.insert(order), "{strategy}: an order twice: {body}");
+                    assert!(
+                        sold.insert(buyer, ()).is_none(),
+                        "{strategy}: a buyer over the limit: {body}"
+                    );
+                }
+                StatusCode::CONFLICT => {
+                    let s = json(&body)["status"].as_str().unwrap_or("").to_string();
+                    assert!(
+                        s == "sold_out" || s == "already_bought",
+                        "{strategy}: {body}"
+                    );
+                }
+                other => panic!("{strategy}: {other}: {body}"),
+            }
+        }
+        assert_eq!(sold.len() as u64, TOTAL, "{strategy}");
+        let show = json(&String::from_utf8_lossy(
+            &run(&["stock", "show", "--config", &cfg]).stdout,
+        ));
+        assert_eq!(show["sold"], TOTAL, "{strategy}: {show}");
+        let audit = run(&["stock", "audit", "--config", &cfg]);
+        assert!(audit.status.success(), "{strategy}: {audit:?}");
+
+        up.stop("TERM", Duration::from_secs(15));
+        remove_config(&path);
+    }
+}
+
+/// `spike node` on its own (with Redis) puts new `[auth]` keys in force on
+/// SIGHUP, without a restart: a token of the removed `kid` is refused from
+/// then on, and the node keeps serving (SIGHUP used to end the process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reloads_its_keys_on_sighup() {
+    let redis = common::redis::RedisServer::start();
+    let (text, ports) = common::up::up_config(10, 1, Some(&redis.url()));
+    let text = text.replace(
+        "\n[balancer]",
+        &format!(
+            "\n[auth]\nbuyer_keys = [\"k1:hs256:{}\", \"k2:hs256:{}\"]\n\n[balancer]",
+            key(1),
+            key(2)
+        ),
+    );
+    let path = write_config(&text);
+    let cfg = path.to_str().expect("path").to_string();
+    let init = run(&["stock", "init", "--config", &cfg]);
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let node = SpikeProcess::start(&["node", "--config", &cfg, "--name", "n1"]);
+    common::spike::wait_listening(&ports.nodes[0].to_string(), Duration::from_secs(10));
+    let c = client();
+    let buy = async |t: &str| {
+        let bearer = format!("Bearer {t}");
+        send(
+            &c,
+            Method::POST,
+            ports.nodes[0],
+            "/buy/ticket",
+            &[("Authorization", bearer.as_str())],
+        )
+        .await
+        .expect("answer")
+    };
+    let old = token(&cfg, "alice");
+    assert_eq!(buy(&old).await.status, StatusCode::OK);
+
+    std::fs::write(
+        &path,
+        text.replace(
+            &format!("[\"k1:hs256:{}\", \"k2:hs256:{}\"]", key(1), key(2)),
+            &format!("[\"k2:hs256:{}\"]", key(2)),
+        ),
+    )
+    .expect("write");
+    node.signal("HUP");
+    let new = token(&cfg, "bob");
+    common::wait_for("k1 refused", Duration::from_secs(10), async || {
+        buy(&old).await.status == StatusCode::UNAUTHORIZED
+    })
+    .await;
+    assert_eq!(buy(&new).await.status, StatusCode::OK);
+    let mut node = node;
+    node.stop("TERM", Duration::from_secs(15));
+    remove_config(&path);
+}

@@ -382,8 +382,9 @@ async fn with_every_node_down_the_page_says_why_and_draws_them_red() {
     }
     // `bad` is red on the page.
     assert!(dom.contains(".bad { color: #c00"), "{dom}");
-    // The balancer's own 502 is on the page, and counted as a 5xx.
-    assert_eq!(element(&dom, "id=\"local-502\""), "1");
+    // The balancer's own 503 (no node usable) is on the page, and counted
+    // as a 5xx.
+    assert_eq!(element(&dom, "id=\"local-503\""), "1");
     assert_eq!(element(&dom, "id=\"local-405\""), "1");
     let errors = element(&dom, "id=\"rate-errors\"");
     assert!(number(errors) > 0.0, "{errors}");
