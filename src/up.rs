@@ -402,11 +402,21 @@ pub fn banner(config: &Config, stored: &Snapshot) -> String {
             );
         }
     }
-    let _ = writeln!(
-        s,
-        "load test: oha -n 20000 -c 100 --rand-regex-url 'http://{}/buy/ticket\\?user=u[0-9]{{6}}'",
-        b.listen
-    );
+    if config.auth.is_some() {
+        // oha sends one set of headers: one token, one buyer.
+        let _ = writeln!(
+            s,
+            "load test: oha -n 20000 -c 100 -m POST -H \"Authorization: Bearer $(spike token --config {} --buyer load)\" http://{}/buy/ticket   (one buyer: 1 sale, then already_bought)",
+            config.path.display(),
+            b.listen
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "load test: oha -n 20000 -c 100 --rand-regex-url 'http://{}/buy/ticket\\?user=u[0-9]{{6}}'",
+            b.listen
+        );
+    }
     let _ = writeln!(
         s,
         "state:     curl -s http://{}/sale    status: curl -s http://{}/status",
