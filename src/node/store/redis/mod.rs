@@ -1,0 +1,536 @@
+//! The sale in Redis: one Lua script per batch of purchases, through a fred
+//! pool.
+//!
+//! Purchases queue on the store; a batch task sends whatever has queued as
+//! one `EVALSHA` as soon as one of `pool_size` call slots is free. Under a
+//! rush, calls carry many purchases each and Redis's single thread pays the
+//! call, the parsing and the sale's key lookups once per batch; one lone
+//! buyer still goes out at once, alone. Each purchase is still decided by
+//! one call, and the batch is atomic: the script runs every purchase in
+//! arrival order, each against its own deadline, and a batch that fails or
+//! times out is a 503 for each of its buyers, who get their local unit back.
+//!
+//! The script is loaded once and called by SHA (`EVALSHA`), reloaded when
+//! Redis answers NOSCRIPT (after a restart or `SCRIPT FLUSH`).
+
+//!
+//! The parts: [`batch`] (the queue and the task that sends it), [`link`]
+//! (the pool, how a script is called, Redis's clock), [`replicas`] (`WAIT`
+//! and the barrier), [`read`] (the `HSCAN` and `XRANGE` readers), [`reach`]
+//! (why Redis is out of reach, in words), [`parse`] (replies into the
+//! store's types).
+
+mod batch;
+mod link;
+mod parse;
+mod reach;
+mod read;
+mod replicas;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
+
+use fred::prelude::*;
+use fred::types::scripts::Script;
+use fred::types::{ClusterHash, CustomCommand};
+
+pub use self::batch::MAX_BATCH;
+use self::batch::{Entry, Pending, send_batches};
+use self::link::{Link, keep_clock};
+use self::parse::{Raw, array, header, int, map_error, text};
+use self::reach::Reach;
+use self::read::Reader;
+use self::replicas::{NOT_REPLICATED, NOT_REPLICATED_EARLIER};
+use super::clock::StoreClock;
+use super::embedded::ticket_number;
+use super::{
+    BuyerTally, Holders, OrderAnswer, OrderOp, OrderRecord, OrderState, Outcome, Purchase, Reply,
+    SaleKeys, Snapshot, StoreError, Swept,
+};
+use crate::config::{RedisConfig, SaleConfig};
+
+const DEDUCT: &str = include_str!("../../deduct.lua");
+const SHOW: &str = include_str!("../../show.lua");
+const INIT: &str = include_str!("../../init.lua");
+const ORDERS: &str = include_str!("../../orders.lua");
+
+/// A fred pool plus the sale's keys and scripts, built once per process.
+#[derive(Clone)]
+pub struct RedisStore {
+    /// Entries waiting for the batch task. Unbounded on purpose: a live
+    /// purchase in it holds a unit of a node's lease, so the leases bound
+    /// it; one whose buyer gave up (its unit went back) stays until the
+    /// batch task drops it, unsent, at its next call.
+    queue: mpsc::UnboundedSender<Pending>,
+    link: Link,
+    event: String,
+    total: u64,
+    per_user_limit: u64,
+    /// `[sale] pay_within` in ms (0: final sales), written by `init`.
+    pay_within_ms: u64,
+    events_max: u64,
+    /// `[sale] stream`, written by `init`.
+    stream: bool,
+    show: Script,
+    init: Script,
+    orders: Script,
+    timeout: Duration,
+    /// For `/healthz`: fail fast while disconnected, one attempt.
+    ping: Options,
+}
+
+impl RedisStore {
+    /// Builds the pool and starts connecting. A Redis that is down at start
+    /// is not fatal: the node answers 503 until it comes back.
+    pub async fn connect(sale: &SaleConfig, cfg: &RedisConfig) -> Result<RedisStore, StoreError> {
+        let mut config = crate::redis_client::fred_config(cfg)
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        // Keep reconnecting in the background instead of failing the node.
+        config.fail_fast = false;
+        let timeout = cfg.timeout;
+        let pool = Builder::from_config(config)
+            .with_connection_config(|c| {
+                c.connection_timeout = timeout;
+                c.internal_command_timeout = timeout;
+                // A deduction whose connection broke may already have run.
+                // fred would silently send it again; one attempt means the
+                // buyer gets a 503 and retries, and the script's key and
+                // per-buyer checks turn that retry into the same order.
+                c.max_command_attempts = 1;
+                c.tcp = TcpConfig {
+                    nodelay: Some(true),
+                    ..Default::default()
+                };
+            })
+            .with_performance_config(|p| {
+                p.default_command_timeout = timeout;
+            })
+            .set_policy(ReconnectPolicy::new_constant(0, 100))
+            .build_pool(cfg.pool_size)
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let reach = Reach::watch(&pool, cfg);
+        let _connections = pool.connect_pool();
+        // A Redis still starting gets the whole wait, not just its first
+        // refusal; the wait is longer than fred's own connection timeout
+        // (the same `timeout`), so that one that times out is reported
+        // with fred's reason.
+        match tokio::time::timeout(timeout + timeout / 2, pool.wait_for_connect()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(
+                    "{}; answering 503 until it can",
+                    reach.unreachable(e.to_string())
+                );
+            }
+            Err(_) => match reach.cause() {
+                Some(cause) => {
+                    tracing::warn!("{}; answering 503 until it can", reach.unreachable(cause));
+                }
+                None => tracing::warn!(
+                    "Redis at {} (`redis.url` in {}) did not answer in time; answering 503 until it does",
+                    reach.url,
+                    reach.origin
+                ),
+            },
+        }
+        let keys = SaleKeys::new(&sale.event);
+        let ping = Options {
+            // While disconnected, fail now instead of queueing.
+            fail_fast: true,
+            timeout: Some(timeout),
+            max_attempts: Some(1),
+            ..Options::default()
+        };
+        let clock = Arc::new(StoreClock::new());
+        let link = Link {
+            calls: Arc::new(AtomicU64::new(0)),
+            pool,
+            slot: fred::util::redis_keyslot(keys.stock.as_bytes()),
+            keys: keys.all().map(Key::from).to_vec(),
+            lease_ttl: Value::from(sale.lease_ttl.as_millis() as i64),
+            deduct: Script::from_lua(DEDUCT),
+            clock,
+            replicas: cfg.replicas,
+            reach,
+        };
+        // The first reading before any purchase, then one a second.
+        link.sample_clock(&ping).await;
+        tokio::spawn(keep_clock(
+            link.pool.clone(),
+            link.slot,
+            Arc::downgrade(&link.clock),
+            ping.clone(),
+        ));
+        let (queue, pending) = mpsc::unbounded_channel();
+        // The task holds no sender: it ends when the last clone of the
+        // store (and so of `queue`) is dropped.
+        tokio::spawn(send_batches(
+            link.clone(),
+            pending,
+            Arc::new(Semaphore::new(cfg.pool_size)),
+        ));
+        Ok(RedisStore {
+            queue,
+            link,
+            event: sale.event.clone(),
+            total: sale.total,
+            per_user_limit: sale.per_user_limit,
+            pay_within_ms: sale.pay_within.map_or(0, |d| d.as_millis() as u64),
+            events_max: sale.events_max,
+            stream: sale.stream,
+            show: Script::from_lua(SHOW),
+            init: Script::from_lua(INIT),
+            orders: Script::from_lua(ORDERS),
+            timeout,
+            ping,
+        })
+    }
+
+    /// Deduction calls sent to Redis so far (each carries one or more
+    /// purchases or lease requests).
+    pub fn calls(&self) -> u64 {
+        self.link.calls.load(Ordering::Relaxed)
+    }
+
+    /// Redis's clock minus this host's, in milliseconds.
+    pub fn clock_offset_ms(&self) -> Option<i64> {
+        self.link.clock.offset_ms()
+    }
+
+    async fn eval(&self, script: &Script, args: Vec<Value>) -> Result<Value, StoreError> {
+        self.link.eval(script, args, self.timeout).await
+    }
+
+    /// Queues one entry and waits for its answer until `give_up`.
+    async fn queued(
+        &self,
+        entry: Entry,
+        holder: &str,
+        node: &str,
+        give_up: Instant,
+    ) -> Result<Reply<Raw>, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending {
+            entry,
+            holder: Value::from(holder),
+            node: Value::from(node),
+            give_up,
+            reply,
+        };
+        if self.queue.send(pending).is_err() {
+            return Err(StoreError::Unavailable("the batch task has stopped".into()));
+        }
+        match tokio::time::timeout_at(give_up, answer).await {
+            Ok(Ok(raw)) => raw,
+            Ok(Err(_)) => Err(StoreError::Unavailable(
+                "the batch task dropped the request".into(),
+            )),
+            Err(_) => Err(self.link.explain(StoreError::Timeout)),
+        }
+    }
+
+    /// One purchase, decided with the others of its batch (see `deduct.lua`).
+    /// A purchase that reaches Redis at or after `give_up` (in Redis's clock)
+    /// does nothing.
+    pub async fn deduct(&self, p: Purchase<'_>) -> Result<Reply<Outcome>, StoreError> {
+        let entry = Entry::Purchase {
+            buyer: Value::from(p.buyer),
+            key: Value::from(p.key),
+        };
+        let r = self.queued(entry, p.holder, p.node, p.give_up).await?;
+        let pay_by = (r.answer.pay_by > 0).then_some(r.answer.pay_by);
+        let answer = match r.answer.code {
+            1 => Outcome::Sold {
+                order: r.answer.order,
+                sold: r.answer.count,
+                pay_by,
+            },
+            2 => Outcome::SoldOut,
+            3 => Outcome::AlreadyBought {
+                order: r.answer.order,
+            },
+            5 => return Err(StoreError::TooLate),
+            6 => Outcome::Replayed {
+                sold: ticket_number(&r.answer.order),
+                order: r.answer.order,
+                state: OrderState::parse(&r.answer.state).ok_or_else(|| {
+                    StoreError::Protocol(format!("an order in state {:?}", r.answer.state))
+                })?,
+                pay_by,
+            },
+            7 => Outcome::KeyConflict,
+            9 => Outcome::BuyerRequired,
+            NOT_REPLICATED | NOT_REPLICATED_EARLIER => {
+                return Err(StoreError::NotReplicated {
+                    wanted: self.link.replicas,
+                    acked: r.answer.count,
+                    sold: r.answer.code == NOT_REPLICATED,
+                });
+            }
+            other => {
+                return Err(StoreError::Protocol(format!(
+                    "deduct returned code {other} for a purchase"
+                )));
+            }
+        };
+        Ok(Reply {
+            answer,
+            sale: r.sale,
+            lease: r.lease,
+        })
+    }
+
+    /// A lease request (see `deduct.lua`), batched with the purchases.
+    pub async fn lease(
+        &self,
+        holder: &str,
+        want: u64,
+        give_up: Instant,
+    ) -> Result<Reply<u64>, StoreError> {
+        let r = self
+            .queued(Entry::Lease { want }, holder, "", give_up)
+            .await?;
+        match r.answer.code {
+            8 => Ok(Reply {
+                answer: r.answer.count,
+                sale: r.sale,
+                lease: r.lease,
+            }),
+            5 => Err(StoreError::TooLate),
+            other => Err(StoreError::Protocol(format!(
+                "deduct returned code {other} for a lease"
+            ))),
+        }
+    }
+
+    /// See `init.lua`.
+    pub async fn init(&self, force: bool) -> Result<Option<u64>, StoreError> {
+        let args = vec![
+            Value::from(self.total as i64),
+            Value::from(self.per_user_limit as i64),
+            Value::from(if force { "1" } else { "0" }),
+            Value::from(self.pay_within_ms as i64),
+            Value::from(self.events_max as i64),
+            Value::from(if self.stream { "1" } else { "0" }),
+        ];
+        let reply = self.eval(&self.init, args).await?;
+        let Value::Array(fields) = reply else {
+            return Err(StoreError::Protocol(format!(
+                "init returned {reply:?}, not an array"
+            )));
+        };
+        let mut f = fields.into_iter();
+        match int(f.next())? {
+            1 => Ok(Some(int(f.next())?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// See `show.lua`.
+    pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        let reply = self.eval(&self.show, Vec::new()).await?;
+        let mut f = array(reply, 20)?.into_iter();
+        let initialised = int(f.next())? == 1;
+        let total = int(f.next())?;
+        let sold = int(f.next())?;
+        let mut snap = Snapshot {
+            event: self.event.clone(),
+            initialised,
+            total,
+            sold,
+            remaining: total.saturating_sub(sold),
+            orders: int(f.next())?,
+            buyers: int(f.next())?,
+            tickets_held: int(f.next())?,
+            most_by_one_buyer: int(f.next())?,
+            // A number, as in `/stats` and `stock init`'s answer; '' (no
+            // sale yet) is 0.
+            epoch: {
+                let e = text(f.next())?;
+                if e.is_empty() {
+                    0
+                } else {
+                    e.parse()
+                        .map_err(|_| StoreError::Protocol(format!("the sale's epoch is {e:?}")))?
+                }
+            },
+            per_user_limit: int(f.next())?,
+            leased: int(f.next())?,
+            keys: int(f.next())?,
+            seq: int(f.next())?,
+            pay_within_ms: int(f.next())?,
+            reserved: int(f.next())?,
+            paid: int(f.next())?,
+            released: int(f.next())?,
+            due: int(f.next())?,
+            events: Some(int(f.next())?),
+            events_max: int(f.next())?,
+            stream: int(f.next())? == 1,
+            finished: false,
+        };
+        snap.finished = snap.initialised && snap.sold >= snap.total && snap.reserved == 0;
+        Ok(snap)
+    }
+
+    /// See `orders.lua`.
+    pub async fn order(
+        &self,
+        op: OrderOp,
+        id: &str,
+        buyer: &str,
+        payment_ref: &str,
+    ) -> Result<Reply<OrderAnswer>, StoreError> {
+        let args = vec![
+            Value::from_static_str(op.as_str()),
+            Value::from(id),
+            Value::from(buyer),
+            Value::from(payment_ref),
+        ];
+        let client = self.link.pool.next();
+        let reply = self
+            .link
+            .eval_on(client, &self.orders, args, self.timeout)
+            .await?;
+        let (sale, mut rest) = header(reply, 2)?;
+        let code = int(rest.next())?;
+        let record = text(rest.next())?;
+        // An answer about an order is given only once the replicas have
+        // the order as it says, as a sale is: a failover must not turn a
+        // paid order back into a reservation that expires, nor take back
+        // an order that `GET` (or a second payment, which writes nothing)
+        // described. The barrier's write makes the `WAIT` cover the
+        // order's state whichever connection wrote it.
+        if matches!(code, 1..=3) && self.link.replicas > 0 {
+            let acked = replicas::barrier(&self.link, client, Instant::now() + self.timeout).await;
+            if acked < self.link.replicas {
+                return Err(StoreError::NotReplicated {
+                    wanted: self.link.replicas,
+                    acked,
+                    sold: false,
+                });
+            }
+        }
+        let parsed = || {
+            serde_json::from_str::<OrderRecord>(&record)
+                .map_err(|e| StoreError::Protocol(format!("an order record {record:?}: {e}")))
+        };
+        let answer = match code {
+            0 => OrderAnswer::NotFound,
+            5 => OrderAnswer::NotTheBuyer,
+            1 => OrderAnswer::Done(parsed()?),
+            2 => OrderAnswer::Conflict(parsed()?),
+            3 => OrderAnswer::Final(parsed()?),
+            other => {
+                return Err(StoreError::Protocol(format!(
+                    "orders.lua returned code {other}"
+                )));
+            }
+        };
+        Ok(Reply {
+            answer,
+            sale,
+            lease: 0,
+        })
+    }
+
+    /// See the sweep of `orders.lua`.
+    pub async fn sweep(&self, most: u64) -> Result<Reply<Swept>, StoreError> {
+        let args = vec![Value::from_static_str("sweep"), Value::from(most as i64)];
+        let reply = self.eval(&self.orders, args).await?;
+        let (sale, mut rest) = header(reply, 2)?;
+        let expired = int(rest.next())?;
+        let more = int(rest.next())? == 1;
+        Ok(Reply {
+            answer: Swept { expired, more },
+            sale,
+            lease: 0,
+        })
+    }
+
+    fn read(&self) -> Reader<'_> {
+        Reader {
+            link: &self.link,
+            timeout: self.timeout,
+        }
+    }
+
+    /// The events of this sale in its stream, oldest first, in pages (for
+    /// `stock audit`): each event's type and order id.
+    pub async fn events(&self) -> Result<Vec<(String, String)>, StoreError> {
+        self.read().events().await
+    }
+
+    /// How many events this sale appended to its stream, trimmed ones
+    /// included (see [`Reader::events_added`]).
+    pub async fn events_added(&self) -> Result<Option<u64>, StoreError> {
+        self.read().events_added().await
+    }
+
+    /// Every buyer's tickets, read in `HSCAN` pages so that a big sale never
+    /// holds Redis (for `stock audit`).
+    pub async fn tally_buyers(&self) -> Result<BuyerTally, StoreError> {
+        self.read().tally_buyers().await
+    }
+
+    /// See [`Store::holders`](super::Store::holders) and
+    /// [`Reader::holders`].
+    pub async fn holders(&self, per_user_limit: u64) -> Result<Holders, StoreError> {
+        self.read().holders(per_user_limit).await
+    }
+
+    /// What Redis says about its own durability: `INFO persistence`,
+    /// `memory` and `replication` (sent to the node that holds the sale's
+    /// slot), and `CONFIG GET appendfsync` where `CONFIG` is allowed; where
+    /// it is renamed or refused, that field stays unknown and the policy
+    /// comes from `INFO memory` alone.
+    pub async fn durability(&self) -> Result<super::Durability, StoreError> {
+        let client = self.link.pool.next().with_options(&self.ping);
+        let info = CustomCommand::new_static("INFO", ClusterHash::Custom(self.link.slot), false);
+        let text: String = client
+            .custom(info, vec!["persistence", "memory", "replication"])
+            .await
+            .map_err(|e| self.link.explain(map_error(e)))?;
+        let mut durability = super::Durability::from_info(&text);
+        let config =
+            CustomCommand::new_static("CONFIG", ClusterHash::Custom(self.link.slot), false);
+        let fsync: Result<Vec<String>, _> = client
+            .custom(config.clone(), vec!["GET", "appendfsync"])
+            .await;
+        if let Ok(pair) = fsync {
+            durability.appendfsync = pair.get(1).cloned();
+        }
+        durability.replicas_wanted = self.link.replicas;
+        if self.link.replicas > 0 {
+            let min: Result<Vec<String>, _> = client
+                .custom(config.clone(), vec!["GET", "min-replicas-to-write"])
+                .await;
+            if let Ok(pair) = min {
+                durability.min_replicas_to_write = pair.get(1).and_then(|v| v.parse().ok());
+            }
+        }
+        if durability.maxmemory_policy.is_none() {
+            let policy: Result<Vec<String>, _> =
+                client.custom(config, vec!["GET", "maxmemory-policy"]).await;
+            if let Ok(pair) = policy {
+                durability.maxmemory_policy = pair.get(1).cloned();
+            }
+        }
+        Ok(durability)
+    }
+
+    /// PING within the timeout.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.link
+            .pool
+            .next()
+            .with_options(&self.ping)
+            .ping::<Value>(None)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.link.explain(map_error(e)))
+    }
+}

@@ -1,0 +1,262 @@
+//! The store's bulk readers, for `stock audit` and a node's holders once
+//! sold out: hashes in `HSCAN` pages and the event stream in `XRANGE`
+//! pages, on clients that retry (they only read), so that a big sale never
+//! holds Redis's single thread.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use fred::prelude::*;
+use fred::types::{ClusterHash, CustomCommand};
+use tokio::time::Instant;
+
+use super::link::Link;
+use super::parse::{array, map_error, text};
+use super::replicas;
+use crate::node::store::{BuyerTally, Holders, KeyHolder, StoreError};
+
+/// The sale's keys and pool, read with patience: what the readers need of
+/// the store.
+pub(super) struct Reader<'a> {
+    pub(super) link: &'a Link,
+    /// `[redis] timeout` (a reader waits at least 5 s).
+    pub(super) timeout: Duration,
+}
+
+impl Reader<'_> {
+    /// Where this sale's events begin in the stream, as `init.lua` wrote
+    /// it: the last id before them, and how many events had been appended
+    /// by then (None when a Redis before 7 did not say). A sale written
+    /// before the stream outlived resets has neither: its stream began
+    /// with it (`0-0`, 0).
+    async fn events_start(&self) -> Result<(String, Option<u64>), StoreError> {
+        let hmget = CustomCommand::new_static("HMGET", ClusterHash::FirstKey, false);
+        let args: Vec<Value> = vec![
+            self.link.keys[0].clone().into(),
+            "events_from".into(),
+            "events_base".into(),
+        ];
+        let reply: Value = self.reader().custom(hmget, args).await.map_err(map_error)?;
+        let mut f = match reply {
+            Value::Array(f) => f.into_iter(),
+            other => {
+                return Err(StoreError::Protocol(format!(
+                    "HMGET returned {other:?}, not an array"
+                )));
+            }
+        };
+        let from = f.next().and_then(|v| v.into_string());
+        let base = f.next().and_then(|v| v.into_string());
+        Ok(match (from, base) {
+            (Some(from), Some(base)) => (from, base.parse().ok()),
+            (Some(from), None) => (from, None),
+            (None, _) => ("0-0".to_string(), Some(0)),
+        })
+    }
+
+    /// The events of this sale in its stream, oldest first, in pages (for
+    /// `stock audit`): each event's type and order id.
+    pub(super) async fn events(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let client = self.reader();
+        let xrange = CustomCommand::new_static("XRANGE", ClusterHash::FirstKey, false);
+        let mut out = Vec::new();
+        let (from, _) = self.events_start().await?;
+        // Exclusive: the entry at `from` is the last of an older sale.
+        let mut start = format!("({from}");
+        loop {
+            let args: Vec<Value> = vec![
+                self.link.keys[7].clone().into(),
+                start.as_str().into(),
+                "+".into(),
+                "COUNT".into(),
+                SCAN_PAGE.into(),
+            ];
+            let reply: Value = client
+                .custom(xrange.clone(), args)
+                .await
+                .map_err(|e| self.link.explain(map_error(e)))?;
+            let Value::Array(entries) = reply else {
+                return Ok(out);
+            };
+            let page = entries.len();
+            let mut last = None;
+            for entry in entries {
+                let mut e = array(entry, 2)?.into_iter();
+                let id = text(e.next())?;
+                let Some(Value::Array(fields)) = e.next() else {
+                    return Err(StoreError::Protocol("a stream entry without fields".into()));
+                };
+                let mut fields = fields.into_iter();
+                let (mut kind, mut order) = (String::new(), String::new());
+                while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+                    match text(Some(name))?.as_str() {
+                        "type" => kind = text(Some(value))?,
+                        "order" => order = text(Some(value))?,
+                        _ => {}
+                    }
+                }
+                out.push((kind, order));
+                last = Some(id);
+            }
+            match last {
+                // Exclusive start: the next page begins after this id.
+                Some(id) if page == SCAN_PAGE as usize => start = format!("({id}"),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// How many events this sale appended to its stream, trimmed ones
+    /// included (`XINFO STREAM`'s `entries-added` less what older sales
+    /// appended, Redis 7 and later; None before, or when the stream does
+    /// not exist).
+    pub(super) async fn events_added(&self) -> Result<Option<u64>, StoreError> {
+        let (_, base) = self.events_start().await?;
+        let Some(base) = base else {
+            return Ok(None);
+        };
+        Ok(self
+            .stream_entries_added()
+            .await?
+            .map(|added| added.saturating_sub(base)))
+    }
+
+    /// `XINFO STREAM`'s `entries-added` (Redis 7 and later).
+    async fn stream_entries_added(&self) -> Result<Option<u64>, StoreError> {
+        let xinfo = CustomCommand::new_static("XINFO", ClusterHash::Custom(self.link.slot), false);
+        let args: Vec<Value> = vec!["STREAM".into(), self.link.keys[7].clone().into()];
+        let reply: Result<Value, _> = self.reader().custom(xinfo, args).await;
+        let Ok(Value::Array(fields)) = reply else {
+            return Ok(None);
+        };
+        let mut fields = fields.into_iter();
+        while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+            if name.as_str().is_some_and(|n| n == "entries-added") {
+                return Ok(value.as_u64());
+            }
+        }
+        Ok(None)
+    }
+
+    fn reader(&self) -> fred::clients::WithOptions<Client> {
+        let options = Options {
+            timeout: Some(self.timeout.max(Duration::from_secs(5))),
+            max_attempts: Some(3),
+            ..Options::default()
+        };
+        self.link.pool.next().with_options(&options)
+    }
+
+    /// Every buyer's tickets, read in `HSCAN` pages so that a big sale never
+    /// holds Redis (for `stock audit`).
+    pub(super) async fn tally_buyers(&self) -> Result<BuyerTally, StoreError> {
+        let held = scan_hash(&self.reader(), &self.link.keys[1])
+            .await
+            .map_err(|e| self.link.explain(e))?;
+        let mut tally = BuyerTally::default();
+        for v in held.values() {
+            let n: u64 = v
+                .parse()
+                .map_err(|_| StoreError::Protocol(format!("a buyer holds {v:?} tickets")))?;
+            tally.tickets_held += n;
+            tally.most_by_one_buyer = tally.most_by_one_buyer.max(n);
+        }
+        Ok(tally)
+    }
+
+    /// See [`Store::holders`](crate::node::store::Store::holders). Hashes read in
+    /// `HSCAN` pages, not one script nor `HGETALL`: after sold out they do
+    /// not change, and a bulk read of a field per buyer must not hold
+    /// Redis's single thread (other sales on the same Redis would time
+    /// out meanwhile). Retried, unlike a deduction: it only reads.
+    ///
+    /// With `[redis] replicas`, the holders are kept only once a barrier
+    /// after the read is acknowledged: a node answers `already_bought` (or
+    /// a replay) from them, and hands them to the balancer's edge, so they
+    /// must hold nothing a failover can take back.
+    pub(super) async fn holders(&self, per_user_limit: u64) -> Result<Holders, StoreError> {
+        let client = self.reader();
+        let holders = self
+            .read_holders(&client, per_user_limit)
+            .await
+            .map_err(|e| self.link.explain(e))?;
+        if self.link.replicas > 0 {
+            let acked = replicas::barrier(self.link, &client, Instant::now() + self.timeout).await;
+            if acked < self.link.replicas {
+                return Err(StoreError::NotReplicated {
+                    wanted: self.link.replicas,
+                    acked,
+                    sold: false,
+                });
+            }
+        }
+        Ok(holders)
+    }
+
+    async fn read_holders<C: ClientLike>(
+        &self,
+        client: &C,
+        per_user_limit: u64,
+    ) -> Result<Holders, StoreError> {
+        let keys = scan_hash(client, &self.link.keys[5])
+            .await?
+            .into_iter()
+            .map(|(key, v)| (key, KeyHolder::parse(&v)))
+            .collect();
+        if per_user_limit == 0 {
+            return Ok(Holders {
+                buyers: HashMap::new(),
+                keys,
+            });
+        }
+        let held = scan_hash(client, &self.link.keys[1]).await?;
+        let orders = scan_hash(client, &self.link.keys[3]).await?;
+        let buyers = orders
+            .into_iter()
+            .filter(|(buyer, _)| {
+                held.get(buyer)
+                    .and_then(|h| h.parse::<u64>().ok())
+                    .is_some_and(|h| h >= per_user_limit)
+            })
+            .collect();
+        Ok(Holders { buyers, keys })
+    }
+}
+
+/// Fields per `HSCAN` page: Redis's work per call stays small.
+pub(super) const SCAN_PAGE: u32 = 1000;
+
+/// A whole hash, read one `HSCAN` page per call. (A field that `HSCAN`
+/// returns twice, as it may while Redis rehashes, is kept once.)
+async fn scan_hash<C: ClientLike>(
+    client: &C,
+    key: &Key,
+) -> Result<HashMap<String, String>, StoreError> {
+    let hscan = CustomCommand::new_static("HSCAN", ClusterHash::FirstKey, false);
+    let mut fields = HashMap::new();
+    let mut cursor = String::from("0");
+    loop {
+        let args: Vec<Value> = vec![
+            key.clone().into(),
+            cursor.as_str().into(),
+            "COUNT".into(),
+            SCAN_PAGE.into(),
+        ];
+        let reply: Value = client
+            .custom(hscan.clone(), args)
+            .await
+            .map_err(map_error)?;
+        let mut page = array(reply, 2)?.into_iter();
+        cursor = text(page.next())?;
+        let Some(Value::Array(pairs)) = page.next() else {
+            return Err(StoreError::Protocol("HSCAN page without fields".into()));
+        };
+        let mut pairs = pairs.into_iter();
+        while let (Some(field), Some(value)) = (pairs.next(), pairs.next()) {
+            fields.insert(text(Some(field))?, text(Some(value))?);
+        }
+        if cursor == "0" {
+            return Ok(fields);
+        }
+    }
+}
