@@ -40,6 +40,7 @@ pub mod select;
 pub mod state;
 
 pub mod upstream;
+pub mod window;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -144,7 +144,7 @@ pub struct Shared {
     pub edge: super::edge::Edge,
     /// Rates, p99 and the sale's figures of the last seconds, for the
     /// status page (see [`super::recent`]).
-    pub recent: super::recent::Recent,
+    pub recent: super::window::Recent,
     /// How the workers share new client connections.
     pub accept_share: Arc<AcceptShare>,
     /// Server limits, fixed at start (a reload cannot rebind sockets).
@@ -195,7 +195,7 @@ impl Shared {
             current: ArcSwap::from_pointee(Active::build(1, balancer, None)),
             metrics: Metrics::default(),
             edge: super::edge::Edge::default(),
-            recent: super::recent::Recent::default(),
+            recent: super::window::Recent::default(),
             accept_share: Arc::new(AcceptShare::new(workers)),
             server: config.server.clone(),
             workers,
