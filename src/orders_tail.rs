@@ -142,11 +142,14 @@ pub fn main(
     runtime.block_on(async move {
         // The store's own client config: the same URL forms and the same
         // TLS files (`[redis] tls_*`) as every other command.
-        let parsed = crate::redis_client::fred_config(&redis).map_err(|e| TailError::BadUrl {
-            path: path.clone(),
-            url: url.clone(),
-            cause: cause(&e),
-        })?;
+        let parsed =
+            crate::redis_client::fred_config(&redis.url, redis.tls.as_ref()).map_err(|e| {
+                TailError::BadUrl {
+                    path: path.clone(),
+                    url: url.clone(),
+                    cause: cause(&e),
+                }
+            })?;
         let timeout = redis.timeout.max(Duration::from_secs(1));
         let connect = |e: fred::error::Error| TailError::Connect {
             path: path.clone(),

@@ -18,8 +18,6 @@ use fred::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use fred::rustls::{ClientConfig, RootCertStore};
 use fred::types::config::{Config as FredConfig, TlsConfig, TlsConnector, TlsHostMapping};
 
-use crate::config::RedisConfig;
-
 /// Why a TLS file of `[redis]` was refused; the config adds the key and
 /// the line.
 #[derive(Debug, thiserror::Error)]
@@ -314,12 +312,14 @@ pub fn tls_files(
     })
 }
 
-/// fred's config for `[redis]`: the URL's (a `rediss` scheme alone
-/// trusts the system's roots), with `tls_*` files when the file has them.
-/// Every fred client of spike starts from this.
-pub fn fred_config(redis: &RedisConfig) -> Result<FredConfig, fred::error::Error> {
-    let mut config = FredConfig::from_url(&redis.url)?;
-    if let Some(tls) = &redis.tls {
+/// fred's config for `[redis]` (`url` and `tls`, the `tls_*` files): the
+/// URL's (a `rediss` scheme alone trusts the system's roots), with the
+/// files when the section has them. Every fred client of spike starts
+/// from this. Given the two fields, not the section, so that this module
+/// imports nothing of `config` (which imports it).
+pub fn fred_config(url: &str, tls: Option<&RedisTls>) -> Result<FredConfig, fred::error::Error> {
+    let mut config = FredConfig::from_url(url)?;
+    if let Some(tls) = tls {
         config.tls = Some(TlsConfig {
             connector: TlsConnector::from((*tls.config).clone()),
             hostnames: TlsHostMapping::None,

@@ -87,7 +87,7 @@ impl RedisStore {
     /// Builds the pool and starts connecting. A Redis that is down at start
     /// is not fatal: the node answers 503 until it comes back.
     pub async fn connect(sale: &SaleConfig, cfg: &RedisConfig) -> Result<RedisStore, StoreError> {
-        let mut config = crate::redis_client::fred_config(cfg)
+        let mut config = crate::redis_client::fred_config(&cfg.url, cfg.tls.as_ref())
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         // Keep reconnecting in the background instead of failing the node.
         config.fail_fast = false;
