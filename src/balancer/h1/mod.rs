@@ -40,7 +40,7 @@ use hyper::Method;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::protocol::{self, SOLD_OUT_HEADER_NAME, buyer_from};
+use crate::protocol::{self, buyer_from};
 use crate::server::{ConnContext, Handed};
 
 use super::answer::LocalAnswer;
@@ -48,16 +48,20 @@ use super::forward::client::{Peer, client_ip_from};
 use super::forward::headers::{write_forwarded_for, write_real_ip};
 use super::forward::{self, Conn, Failure, Plan, REPLAY_LIMIT, Reply, Transport};
 use super::idempotency::{self, KeyPlan};
-use super::pool::{self, RawConn};
+use super::pool::RawConn;
 use super::select::Pick;
 use super::state::Shared;
 use super::upstream::{Upstream, now_ms};
 use crate::http1::date;
 use crate::http1::request::{self, Kind, Parsed, RequestHead};
-use crate::http1::response::{self, ChunkedScan, Framing, Malformed, ParsedResponse, ResponseHead};
+use crate::http1::response::{ChunkedScan, Malformed};
 
+mod buffers;
+mod exchange;
 mod socket;
 
+use buffers::Buffers;
+use exchange::{RawError, exchange, has_sold_out_mark, lowercase_into, relay};
 use socket::{READ_CHUNK, read_some, send, try_read_some};
 
 /// The balancer's fast path as the accept loop sees it.
@@ -76,33 +80,6 @@ impl crate::server::Front for FastPath {
         ctx: ConnContext,
     ) -> crate::server::Handover {
         Box::pin(serve(self.shared.clone(), self.worker, stream, peer, ctx))
-    }
-}
-
-/// One client connection's reusable buffers.
-#[derive(Default)]
-struct Buffers {
-    /// Bytes from the client not yet used.
-    input: BytesMut,
-    /// What is written next, to the upstream or the client.
-    out: Vec<u8>,
-    /// Bytes from the upstream.
-    resp: BytesMut,
-    head: RequestHead,
-    rhead: ResponseHead,
-}
-
-impl Buffers {
-    /// Gives the memory back between requests when many connections are
-    /// open (ten thousand idle clients must not hold 20 KiB each).
-    fn shrink(&mut self) {
-        if self.input.is_empty() {
-            self.input = BytesMut::new();
-        }
-        self.out = Vec::new();
-        self.resp = BytesMut::new();
-        self.head.headers = Vec::new();
-        self.rhead.headers = Vec::new();
     }
 }
 
@@ -272,23 +249,6 @@ async fn check_chunks(
             Ok(Ok(n)) if n > 0 => {}
             // Cut off or paused: hyper answers as it always has.
             _ => return Ok(()),
-        }
-    }
-}
-
-/// How an exchange with an upstream broke: its socket, or a response
-/// that cannot be framed one way.
-#[derive(Debug)]
-enum RawError {
-    Io(io::Error),
-    Malformed(Malformed),
-}
-
-impl std::fmt::Display for RawError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RawError::Io(e) => e.fmt(f),
-            RawError::Malformed(m) => m.fmt(f),
         }
     }
 }
@@ -515,233 +475,6 @@ impl Transport for Raw<'_> {
             .await
             .is_ok()
     }
-}
-
-/// One attempt: the request in `b.out` to `upstream` (on an idle
-/// connection when `pooled`, else a new one), and its response head into
-/// `b.rhead`, all within `response_timeout`.
-async fn exchange(
-    upstream: &Upstream,
-    worker: usize,
-    workers: usize,
-    config: &crate::config::BalancerConfig,
-    b: &mut Buffers,
-    pooled: bool,
-    to_head: bool,
-) -> Result<RawConn, Failure<RawError>> {
-    let attempt = async {
-        let reused = if pooled {
-            upstream
-                .live
-                .raw_idle
-                .take(worker, workers, now_ms(), config.keepalive_timeout)
-        } else {
-            None
-        };
-        let stale_possible = reused.is_some();
-        let mut conn = match reused {
-            Some(conn) => conn,
-            None => pool::connect_raw(upstream.config.addr, config.connect_timeout)
-                .await
-                .map_err(Failure::Connect)?,
-        };
-        let broken = |error: io::Error, got: bool| Failure::Broken {
-            stale: stale_possible && !got,
-            error: RawError::Io(error),
-        };
-        if let Err(e) = conn.stream.write_all(&b.out).await {
-            return Err(broken(e, false));
-        }
-        b.resp.clear();
-        // Whether any byte of a response came (an informational one
-        // included, though it is dropped from the buffer): only a
-        // connection that said nothing may have merely gone stale.
-        let mut got = false;
-        loop {
-            if b.resp.capacity() - b.resp.len() < 1024 {
-                b.resp.reserve(READ_CHUNK);
-            }
-            match read_some(&conn.stream, &mut b.resp).await {
-                Ok(0) => {
-                    return Err(broken(
-                        io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "the upstream closed before a response",
-                        ),
-                        got,
-                    ));
-                }
-                Ok(_) => got = true,
-                Err(e) => return Err(broken(e, got)),
-            }
-            loop {
-                match response::parse(&b.resp, &mut b.rhead, to_head) {
-                    Ok(ParsedResponse::Complete) => return Ok(conn),
-                    Ok(ParsedResponse::Informational(n)) => b.resp.advance(n),
-                    Ok(ParsedResponse::Partial) => break,
-                    Err(m) => {
-                        return Err(Failure::Broken {
-                            stale: false,
-                            error: RawError::Malformed(m),
-                        });
-                    }
-                }
-            }
-        }
-    };
-    tokio::time::timeout(config.response_timeout, attempt)
-        .await
-        .unwrap_or(Err(Failure::Timeout))
-}
-
-/// Writes the response in `b.rhead`/`b.resp` to the client and relays its
-/// body; returns whether the client connection may go on. Once the last
-/// byte has come from the upstream, and before the client is sent the end
-/// of the response, `finish` gets the connection if it may be used again
-/// (so a client's next request finds it idle, and least_conn sees the
-/// request over); a relay that fails drops `finish` uncalled.
-async fn relay(
-    client: &mut TcpStream,
-    conn: RawConn,
-    b: &mut Buffers,
-    config: &crate::config::BalancerConfig,
-    closing: bool,
-    finish: impl FnOnce(Option<RawConn>),
-) -> bool {
-    let rh = &b.rhead;
-    let framing = rh.framing;
-    let close_client = closing || framing == Framing::Close;
-    let out = &mut b.out;
-    out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    let mut code = itoa::Buffer::new();
-    out.extend_from_slice(code.format(rh.status).as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(&b.resp[rh.reason.clone()]);
-    out.extend_from_slice(b"\r\n");
-    for (name, value) in &rh.headers {
-        lowercase_into(out, &b.resp[name.clone()]);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(&b.resp[value.clone()]);
-        out.extend_from_slice(b"\r\n");
-    }
-    if framing == Framing::Chunked {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-    }
-    if !rh.has_date {
-        date::write_header(out);
-    }
-    if close_client {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    let mut reusable = rh.keep_alive;
-    b.resp.advance(rh.len);
-    // How much of the body is still to come, and where it ends in what
-    // was read.
-    let mut left = match framing {
-        Framing::Length(n) => n,
-        _ => 0,
-    };
-    let mut chunks = ChunkedScan::default();
-    let mut done = framing == Framing::Empty;
-    let mut first = true;
-    loop {
-        let take = if done {
-            0
-        } else {
-            match framing {
-                Framing::Empty => 0,
-                Framing::Length(_) => {
-                    let n = (b.resp.len() as u64).min(left) as usize;
-                    left -= n as u64;
-                    done = left == 0;
-                    n
-                }
-                Framing::Chunked => match chunks.scan(&b.resp) {
-                    Ok(Some(n)) => {
-                        done = true;
-                        n
-                    }
-                    Ok(None) => b.resp.len(),
-                    Err(error) => {
-                        tracing::warn!(upstream = %peer_of(&conn), %error, "upstream body cut off");
-                        if first {
-                            // The head is good: the client learns of the
-                            // failure from a body that ends too soon.
-                            let _ = send(client, out, config.send_timeout).await;
-                        }
-                        return false;
-                    }
-                },
-                Framing::Close => b.resp.len(),
-            }
-        };
-        if done {
-            // Bytes after the response: the upstream is out of step.
-            reusable &= take == b.resp.len();
-            let conn = reusable.then_some(conn);
-            finish(conn);
-            let sent = if first {
-                out.extend_from_slice(&b.resp[..take]);
-                send(client, out, config.send_timeout).await
-            } else {
-                send(client, &b.resp[..take], config.send_timeout).await
-            };
-            b.resp.clear();
-            return sent.is_ok() && !close_client;
-        }
-        let sent = if first {
-            first = false;
-            out.extend_from_slice(&b.resp[..take]);
-            send(client, out, config.send_timeout).await
-        } else if take > 0 {
-            send(client, &b.resp[..take], config.send_timeout).await
-        } else {
-            Ok(())
-        };
-        if sent.is_err() {
-            return false;
-        }
-        b.resp.clear();
-        b.resp.reserve(READ_CHUNK);
-        match tokio::time::timeout(config.read_timeout, read_some(&conn.stream, &mut b.resp)).await
-        {
-            Ok(Ok(0)) if framing == Framing::Close => {
-                finish(None);
-                return false;
-            }
-            Ok(Ok(n)) if n > 0 => {}
-            Ok(_) => {
-                tracing::warn!(upstream = %peer_of(&conn), "upstream closed in the middle of a response");
-                return false;
-            }
-            Err(_) => {
-                tracing::warn!(upstream = %peer_of(&conn), timeout = ?config.read_timeout, "the upstream sent nothing in the middle of a response");
-                return false;
-            }
-        }
-    }
-}
-
-fn peer_of(conn: &RawConn) -> String {
-    conn.stream
-        .peer_addr()
-        .map_or_else(|_| "?".to_owned(), |a| a.to_string())
-}
-
-/// Appends a header name in lower case: how hyper writes names, so that
-/// an upstream sees the same bytes from either path.
-fn lowercase_into(out: &mut Vec<u8>, name: &[u8]) {
-    out.extend(name.iter().map(u8::to_ascii_lowercase));
-}
-
-/// Whether the response head carries the node's sold-out mark.
-fn has_sold_out_mark(rh: &ResponseHead, resp: &[u8]) -> bool {
-    let mark = SOLD_OUT_HEADER_NAME.as_bytes();
-    rh.headers
-        .iter()
-        .any(|(name, _)| resp[name.clone()].eq_ignore_ascii_case(mark))
 }
 
 /// The request as the upstream gets it, into `out`: the request line with
