@@ -9,10 +9,11 @@ use std::sync::Mutex;
 
 use tokio::time::Instant;
 
-use super::{
-    BuyerTally, Holders, KeyHolder, OrderAnswer, OrderOp, OrderRecord, OrderState, Outcome,
-    Purchase, Reply, SaleState, Snapshot, StoreError, Swept, now_millis,
+use super::model::{
+    ANY_BUYER, Holders, KeyHolder, OrderAnswer, OrderOp, OrderRecord, OrderState, Outcome,
+    Purchase, Reply, SaleState, StoreError, Swept,
 };
+use super::snapshot::{BuyerTally, Snapshot};
 use crate::config::SaleConfig;
 
 #[derive(Default)]
@@ -307,7 +308,7 @@ impl EmbeddedStore {
         }
         let answer = match s.orders.get(id) {
             None => OrderAnswer::NotFound,
-            Some(o) if !o.buyer.is_empty() && o.buyer != buyer && buyer != super::ANY_BUYER => {
+            Some(o) if !o.buyer.is_empty() && o.buyer != buyer && buyer != ANY_BUYER => {
                 OrderAnswer::NotTheBuyer
             }
             Some(o) if o.state.is_none() => OrderAnswer::Final(o.clone()),
@@ -488,5 +489,13 @@ pub fn ticket_number(order: &str) -> u64 {
         .rsplit('-')
         .next()
         .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Milliseconds since the Unix epoch, for the embedded store's clock.
+pub fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }

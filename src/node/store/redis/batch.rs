@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use super::link::Link;
 use super::parse::{Raw, answers};
 use super::replicas;
-use crate::node::store::{Reply, StoreError};
+use crate::node::store::model::{Reply, StoreError};
 
 /// Most entries in one call: the script holds Redis's single thread
 /// for the whole batch (a few microseconds a purchase), so other clients of

@@ -14,8 +14,8 @@ use tokio::time::Instant;
 
 use super::parse::map_error;
 use super::reach::Reach;
-use crate::node::store::StoreError;
 use crate::node::store::clock::StoreClock;
+use crate::node::store::model::StoreError;
 
 /// How often a node reads Redis's `TIME` to keep its deadlines in Redis's
 /// clock.

@@ -46,11 +46,13 @@ use self::reach::Reach;
 use self::read::Reader;
 use self::replicas::{NOT_REPLICATED, NOT_REPLICATED_EARLIER};
 use super::clock::StoreClock;
+use super::durability::Durability;
 use super::embedded::ticket_number;
-use super::{
-    BuyerTally, Holders, OrderAnswer, OrderOp, OrderRecord, OrderState, Outcome, Purchase, Reply,
-    SaleKeys, Snapshot, StoreError, Swept,
+use super::model::{
+    Holders, OrderAnswer, OrderOp, OrderRecord, OrderState, Outcome, Purchase, Reply, SaleKeys,
+    StoreError, Swept,
 };
+use super::snapshot::{BuyerTally, Snapshot};
 use crate::config::{RedisConfig, SaleConfig};
 
 const DEDUCT: &str = include_str!("../../deduct.lua");
@@ -487,14 +489,14 @@ impl RedisStore {
     /// slot), and `CONFIG GET appendfsync` where `CONFIG` is allowed; where
     /// it is renamed or refused, that field stays unknown and the policy
     /// comes from `INFO memory` alone.
-    pub async fn durability(&self) -> Result<super::Durability, StoreError> {
+    pub async fn durability(&self) -> Result<Durability, StoreError> {
         let client = self.link.pool.next().with_options(&self.ping);
         let info = CustomCommand::new_static("INFO", ClusterHash::Custom(self.link.slot), false);
         let text: String = client
             .custom(info, vec!["persistence", "memory", "replication"])
             .await
             .map_err(|e| self.link.explain(map_error(e)))?;
-        let mut durability = super::Durability::from_info(&text);
+        let mut durability = Durability::from_info(&text);
         let config =
             CustomCommand::new_static("CONFIG", ClusterHash::Custom(self.link.slot), false);
         let fsync: Result<Vec<String>, _> = client

@@ -4,7 +4,7 @@
 
 use fred::prelude::*;
 
-use crate::node::store::{Reply, SaleState, StoreError};
+use crate::node::store::model::{Reply, SaleState, StoreError};
 
 /// One answer of the script, before it is read as a purchase's or a lease's.
 pub(super) struct Raw {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use fred::prelude::*;
 
 use crate::config::RedisConfig;
-use crate::node::store::StoreError;
+use crate::node::store::model::StoreError;
 
 /// Where the pool connects and why its last try failed, so that an error
 /// while disconnected says "connection refused" (or the TLS handshake's

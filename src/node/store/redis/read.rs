@@ -13,7 +13,8 @@ use tokio::time::Instant;
 use super::link::Link;
 use super::parse::{array, map_error, text};
 use super::replicas;
-use crate::node::store::{BuyerTally, Holders, KeyHolder, StoreError};
+use crate::node::store::model::{Holders, KeyHolder, StoreError};
+use crate::node::store::snapshot::BuyerTally;
 
 /// The sale's keys and pool, read with patience: what the readers need of
 /// the store.

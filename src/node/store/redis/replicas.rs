@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::link::Link;
 use super::parse::Raw;
-use crate::node::store::Reply;
+use crate::node::store::model::Reply;
 
 /// `deduct.lua`'s code for a sale.
 const SOLD: u64 = 1;

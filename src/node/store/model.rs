@@ -1,0 +1,410 @@
+//! What the store's calls take and answer, whichever store answers: a
+//! purchase and its outcome, the sale's state every answer carries, orders
+//! and their life, the holders a sold-out node keeps, the sale's Redis
+//! keys, and the store's errors. Imports neither store, so both (and the
+//! `Store` enum over them) build on it without a circle.
+
+use tokio::time::Instant;
+
+/// Where an order is in its life. Without a payment window every order is
+/// [`OrderState::Final`]; with one it starts `Reserved` and ends in one of
+/// the other three, for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OrderState {
+    /// Sold for good: the sale has no payment window.
+    #[serde(rename = "sold")]
+    Final,
+    /// Held for the buyer until its `pay_by`.
+    Reserved,
+    /// Paid in time: the buyer's for good.
+    Paid,
+    /// Given back by the buyer; the ticket went back on sale.
+    Cancelled,
+    /// Not paid in time; the ticket went back on sale.
+    Expired,
+}
+
+impl OrderState {
+    /// The name in answers, the store and the event stream.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderState::Final => "sold",
+            OrderState::Reserved => "reserved",
+            OrderState::Paid => "paid",
+            OrderState::Cancelled => "cancelled",
+            OrderState::Expired => "expired",
+        }
+    }
+
+    /// Reads the scripts' spelling ('' for a final order).
+    pub fn parse(s: &str) -> Option<OrderState> {
+        Some(match s {
+            "" | "sold" => OrderState::Final,
+            "reserved" => OrderState::Reserved,
+            "paid" => OrderState::Paid,
+            "cancelled" => OrderState::Cancelled,
+            "expired" => OrderState::Expired,
+            _ => return None,
+        })
+    }
+
+    /// The ticket went back on sale (the order holds nothing).
+    pub fn released(self) -> bool {
+        matches!(self, OrderState::Cancelled | OrderState::Expired)
+    }
+}
+
+/// What the store decided for one purchase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A ticket was sold (or, with a payment window, reserved) and its
+    /// order recorded.
+    Sold {
+        /// The order id, unique for the life of the sale.
+        order: String,
+        /// The ticket's number (order ids handed out when it was sold).
+        sold: u64,
+        /// With a payment window: the deadline, Unix ms in Redis's clock.
+        pay_by: Option<u64>,
+    },
+    /// The purchase's `Idempotency-Key` had already bought this order: the
+    /// same order again, in its state now, and no second ticket.
+    Replayed {
+        /// The order the key bought.
+        order: String,
+        /// That ticket's number.
+        sold: u64,
+        /// Where the order is now (a released one is not the buyer's).
+        state: OrderState,
+        /// With a payment window: the deadline, Unix ms.
+        pay_by: Option<u64>,
+    },
+    /// Every ticket is gone.
+    SoldOut,
+    /// The buyer already holds `per_user_limit` tickets.
+    AlreadyBought {
+        /// The buyer's last order id, so a retry after a lost answer finds it.
+        order: String,
+    },
+    /// The `Idempotency-Key` was used by another buyer: the request is not
+    /// the retry it claims to be.
+    KeyConflict,
+    /// The sale's limit needs a named buyer and the purchase had none.
+    BuyerRequired,
+}
+
+/// What every answer of the store says about the sale as a whole, so that a
+/// node keeps up with it (a reset, the stored limit, sold out) without
+/// asking separately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SaleState {
+    /// Which incarnation of the sale this is; grows at every `stock init`.
+    pub epoch: u64,
+    /// The per-user limit stored with the sale (the one enforced).
+    pub limit: u64,
+    /// Tickets taken (with a payment window: reserved or paid).
+    pub sold: u64,
+    /// Tickets on sale.
+    pub total: u64,
+    /// Tickets that came back (cancelled or expired reservations), ever:
+    /// when it grows, what a node learned about holders is stale.
+    pub released: u64,
+    /// The payment window stored with the sale, in ms (0: final sales).
+    pub pay_within_ms: u64,
+}
+
+impl SaleState {
+    /// No ticket is free right now. With a payment window that may change:
+    /// a reservation that is cancelled or expires comes back.
+    pub fn sold_out(&self) -> bool {
+        self.sold >= self.total
+    }
+}
+
+/// One order as the store records it: the JSON the scripts write, read by
+/// both stores and rendered by the order endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OrderRecord {
+    /// The order id.
+    pub id: String,
+    /// Who bought (`""` when anonymous).
+    #[serde(default)]
+    pub buyer: String,
+    /// The node that sold it.
+    #[serde(default)]
+    pub node: String,
+    /// When it was sold or reserved, Unix ms in the store's clock.
+    pub time: u64,
+    /// The purchase's Idempotency-Key, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Absent for a final sale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<OrderState>,
+    /// The payment deadline, Unix ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pay_by: Option<u64>,
+    /// When it was paid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paid_at: Option<u64>,
+    /// When it was cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancelled_at: Option<u64>,
+    /// When it expired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expired_at: Option<u64>,
+    /// The payment's reference, as the payer sent it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment_ref: Option<String>,
+}
+
+impl OrderRecord {
+    /// Where the order is now.
+    pub fn state(&self) -> OrderState {
+        self.state.unwrap_or(OrderState::Final)
+    }
+}
+
+/// The asker of an order call who may act on any buyer's order: the
+/// payment service, once its signature verified (`[auth]`). `*` is no
+/// buyer id (see [`crate::protocol::is_id_byte`]), so no buyer can be it.
+pub const ANY_BUYER: &str = "*";
+
+/// What can be done to an order after its purchase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderOp {
+    /// Pay a reservation (again: the same answer).
+    Pay,
+    /// Give a reservation back.
+    Cancel,
+    /// Read it (expiring it first when its deadline has passed).
+    Get,
+}
+
+impl OrderOp {
+    /// The name `orders.lua` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderOp::Pay => "pay",
+            OrderOp::Cancel => "cancel",
+            OrderOp::Get => "get",
+        }
+    }
+}
+
+/// What the store did with an [`OrderOp`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrderAnswer {
+    /// Done, or already so (paying twice is one payment): the order now.
+    Done(OrderRecord),
+    /// Its state does not allow it (paying an expired order): the order.
+    Conflict(OrderRecord),
+    /// A final sale: there is nothing to pay or cancel.
+    Final(OrderRecord),
+    /// No order has this id.
+    NotFound,
+    /// The order is another buyer's.
+    NotTheBuyer,
+}
+
+/// What one sweep did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Swept {
+    /// Reservations expired (their tickets went back on sale).
+    pub expired: u64,
+    /// More were due than one sweep takes: sweep again now.
+    pub more: bool,
+}
+
+/// One answer of the store: what it decided, the sale's state, and how many
+/// units the asking node's lease holds now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply<T> {
+    /// The decision for this request.
+    pub answer: T,
+    /// The sale as the store saw it.
+    pub sale: SaleState,
+    /// Units left in the asking holder's lease (purchases of its still in
+    /// flight included).
+    pub lease: u64,
+}
+
+/// One purchase as a node sends it.
+#[derive(Debug, Clone, Copy)]
+pub struct Purchase<'a> {
+    /// The node process's lease name (see [`crate::node::Node`]).
+    pub holder: &'a str,
+    /// The node's name, recorded with the order.
+    pub node: &'a str,
+    /// The buyer, `""` when anonymous.
+    pub buyer: &'a str,
+    /// The `Idempotency-Key`, `""` when none.
+    pub key: &'a str,
+    /// When the node tells the buyer 503: from then on the purchase must
+    /// do nothing.
+    pub give_up: Instant,
+}
+
+/// Why the store could not answer; each becomes a 503 and the local unit goes back.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// Redis did not answer within the configured timeout.
+    #[error("the store did not answer in time")]
+    Timeout,
+    /// Redis could not be reached or the connection broke.
+    #[error("the store is unreachable: {0}")]
+    Unavailable(String),
+    /// Redis is disconnected and the last try to connect failed: what an
+    /// operator needs to fix it (where, which line names it, and why),
+    /// rather than a timeout that hides a refused connection or a TLS
+    /// handshake that failed.
+    #[error("cannot connect to Redis at {url} (`redis.url` in {origin}): {cause}")]
+    Unreachable {
+        /// The URL, its password hidden.
+        url: String,
+        /// Where the config file sets it (`FILE:LINE`).
+        origin: String,
+        /// Why the last try failed, as fred reports it.
+        cause: String,
+    },
+    /// The request reached Redis at or after its deadline (in Redis's own
+    /// clock) and did nothing.
+    #[error("the request reached the store after its deadline and did nothing")]
+    TooLate,
+    /// The node has not yet measured its clock against Redis's, so it
+    /// cannot give a purchase a deadline Redis understands.
+    #[error("the store's clock is not known yet")]
+    NoClock,
+    /// The sale was never initialised (`spike stock init`).
+    #[error("the sale is not initialised: run spike stock init")]
+    NoSale,
+    /// An answer that would tell a buyer they hold a ticket (a sale made
+    /// on the primary, or an earlier order: a replayed key, `already_bought`,
+    /// an order's state) was acknowledged by fewer than `[redis] replicas`
+    /// replicas in time: a failover now could lose it, so the buyer is not
+    /// told. The outcome is ambiguous (the order exists on the primary); a
+    /// retry with the same `Idempotency-Key`, or the per-user limit, finds
+    /// it once the replicas have it.
+    #[error(
+        "the answer was not replicated to {wanted} replica(s) in time ({acked} acknowledged); the order may exist: retry with the same Idempotency-Key"
+    )]
+    NotReplicated {
+        /// Replicas the answer needed.
+        wanted: u64,
+        /// Replicas that acknowledged it.
+        acked: u64,
+        /// Whether this call sold (its lease unit is spent), rather than
+        /// naming an order sold before.
+        sold: bool,
+    },
+    /// Redis refused to write (`NOREPLICAS`): fewer replicas than its
+    /// `min-replicas-to-write` are in reach, so nothing was sold or
+    /// changed. How `[redis] replicas` keeps a primary without replicas
+    /// (after a failover) from selling what it cannot acknowledge.
+    #[error(
+        "Redis refused the write: fewer replicas than its min-replicas-to-write are connected; nothing was sold"
+    )]
+    NoReplicas,
+    /// Redis answered something this version of spike does not understand.
+    #[error("unexpected answer from the store: {0}")]
+    Protocol(String),
+}
+
+/// The Redis keys of one sale, built once: every key carries the event as a
+/// hash tag so the script's keys land in one Cluster slot.
+#[derive(Debug, Clone)]
+pub struct SaleKeys {
+    /// `total`, `sold`, `epoch`, `limit`, `held`, `most`.
+    pub stock: String,
+    /// buyer → tickets held.
+    pub buyers: String,
+    /// order id → order JSON.
+    pub orders: String,
+    /// buyer → last order id.
+    pub buyer_order: String,
+    /// lease holder → `units:expires_ms`.
+    pub leases: String,
+    /// Idempotency-Key → `order id` and `buyer`, space-separated (with a
+    /// payment window, then the order's state and `pay_by`).
+    pub keys: String,
+    /// Reserved order id → its deadline (sorted set, Unix ms).
+    pub due: String,
+    /// Every order's creation and state change (stream), for an order or
+    /// payment service.
+    pub events: String,
+}
+
+impl SaleKeys {
+    /// The keys for `event`.
+    pub fn new(event: &str) -> SaleKeys {
+        SaleKeys {
+            stock: format!("spike:{{{event}}}:stock"),
+            buyers: format!("spike:{{{event}}}:buyers"),
+            orders: format!("spike:{{{event}}}:orders"),
+            buyer_order: format!("spike:{{{event}}}:buyer_order"),
+            leases: format!("spike:{{{event}}}:leases"),
+            keys: format!("spike:{{{event}}}:keys"),
+            due: format!("spike:{{{event}}}:due"),
+            events: format!("spike:{{{event}}}:events"),
+        }
+    }
+
+    /// In the order every script takes them.
+    pub fn all(&self) -> [&str; 8] {
+        [
+            &self.stock,
+            &self.buyers,
+            &self.orders,
+            &self.buyer_order,
+            &self.leases,
+            &self.keys,
+            &self.due,
+            &self.events,
+        ]
+    }
+}
+
+/// What a node that no longer asks the store must know to answer as the
+/// store would (see [`Store::holders`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Holders {
+    /// Buyer id → last order id, of the buyers at the limit.
+    pub buyers: std::collections::HashMap<String, String>,
+    /// Idempotency-Key → what it bought, of every key that bought.
+    pub keys: std::collections::HashMap<String, KeyHolder>,
+}
+
+/// What an Idempotency-Key bought, as a node remembers it once sold out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyHolder {
+    /// The order id.
+    pub order: String,
+    /// Its buyer (`""` when anonymous).
+    pub buyer: String,
+    /// The order's state when read.
+    pub state: OrderState,
+    /// Its payment deadline, with a window.
+    pub pay_by: Option<u64>,
+}
+
+impl KeyHolder {
+    /// Reads the keys hash's value: `order buyer` and, with a payment
+    /// window, ` state pay_by` after it.
+    pub fn parse(value: &str) -> KeyHolder {
+        let mut parts = value.split(' ');
+        let order = parts.next().unwrap_or_default().to_string();
+        let buyer = parts.next().unwrap_or_default().to_string();
+        let state = parts
+            .next()
+            .and_then(OrderState::parse)
+            .unwrap_or(OrderState::Final);
+        let pay_by = parts.next().and_then(|p| p.parse().ok());
+        KeyHolder {
+            order,
+            buyer,
+            state,
+            pay_by,
+        }
+    }
+}
