@@ -12,6 +12,18 @@
 //! thread has its own (no contention; a connection's task lives on the
 //! runtime that opened it), and a connection goes back on the stack when
 //! its response body has been read to the end. The HTTP itself is hyper's.
+//!
+//! Each upstream has two such stacks per worker, one per path:
+//! `LiveState::idle` holds hyper's connections ([`UpstreamConn`]: a
+//! `SendRequest` whose connection task owns the socket) and
+//! `LiveState::raw_idle` the fast path's bare sockets ([`RawConn`]). They
+//! stay apart because a connection cannot cross paths for free: a bare
+//! socket on hyper's path needs a handshake (a spawned connection task and
+//! hyper's buffers, per checkout: the cost this module exists to avoid),
+//! and a hyper connection goes back to being a bare socket only once its
+//! task has ended and handed the socket back with nothing read ahead. So
+//! under mixed traffic an upstream may hold up to `keepalive` idle
+//! connections per worker on each path.
 
 use std::collections::VecDeque;
 use std::io;
