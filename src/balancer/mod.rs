@@ -9,7 +9,8 @@
 //! so that any of them can be read (and changed) knowing only what it stands
 //! on:
 //! 1. [`error`], [`answer`] (the balancer's own answers), [`pool`] (idle
-//!    upstream connections), [`metrics`];
+//!    upstream connections), [`metrics`], [`window`] (the last seconds'
+//!    samples, which [`recent`] takes);
 //! 2. [`upstream`]: an upstream's config and the live state that survives
 //!    reloads (with its idle connections);
 //! 3. [`select`]: picking among the upstreams;
