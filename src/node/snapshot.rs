@@ -58,7 +58,7 @@ impl SnapshotCache {
             .map(|c| (c.at, c.body.clone()))
     }
 
-    /// The sale's snapshot as JSON, at most [`SALE_CACHE`] old; a caller
+    /// The sale's snapshot as JSON, at most `SALE_CACHE` (half a second) old; a caller
     /// that finds another reading it takes the last one, or, with none yet,
     /// waits up to `timeout` for the one being read.
     pub async fn get(&self, store: &Store, timeout: Duration) -> Result<Bytes, SnapshotError> {

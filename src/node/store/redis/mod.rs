@@ -14,11 +14,10 @@
 //! Redis answers NOSCRIPT (after a restart or `SCRIPT FLUSH`).
 
 //!
-//! The parts: [`batch`] (the queue and the task that sends it), [`link`]
-//! (the pool, how a script is called, Redis's clock), [`replicas`] (`WAIT`
-//! and the barrier), [`read`] (the `HSCAN` and `XRANGE` readers), [`reach`]
-//! (why Redis is out of reach, in words), [`parse`] (replies into the
-//! store's types).
+//! The parts: `batch` (the queue and the task that sends it), `link` (the
+//! pool, how a script is called, Redis's clock), `replicas` (`WAIT` and the
+//! barrier), `read` (the `HSCAN` and `XRANGE` readers), `reach` (why Redis
+//! is out of reach, in words), `parse` (replies into the store's types).
 
 mod batch;
 mod link;
@@ -467,7 +466,7 @@ impl RedisStore {
     }
 
     /// How many events this sale appended to its stream, trimmed ones
-    /// included (see [`Reader::events_added`]).
+    /// included (see `Reader::events_added`).
     pub async fn events_added(&self) -> Result<Option<u64>, StoreError> {
         self.read().events_added().await
     }
@@ -478,8 +477,8 @@ impl RedisStore {
         self.read().tally_buyers().await
     }
 
-    /// See [`Store::holders`](super::Store::holders) and
-    /// [`Reader::holders`].
+    /// See [`Store::holders`](super::Store::holders) and `Reader::holders`
+    /// (in `read.rs`).
     pub async fn holders(&self, per_user_limit: u64) -> Result<Holders, StoreError> {
         self.read().holders(per_user_limit).await
     }

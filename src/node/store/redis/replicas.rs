@@ -28,13 +28,13 @@ fn names_an_earlier_order(raw: &Raw) -> bool {
     raw.code == REPLAYED || (raw.code == ALREADY_BOUGHT && !raw.order.is_empty())
 }
 
-/// With `[redis] replicas`, holds every answer of a batch that tells
-/// a buyer they hold a ticket until that many replicas acknowledge it:
-/// a sale by its own write, an earlier order through a
-/// [barrier](barrier). Those not acknowledged in time become
-/// [`StoreError::NotReplicated`](crate::node::store::StoreError::NotReplicated):
-/// never an answer a failover can take
-/// back.
+/// With `[redis] replicas`, holds every answer of a batch that tells a
+/// buyer they hold a ticket until that many replicas acknowledge it: a sale
+/// by its own write, an earlier order through a [`barrier`]. Those
+/// not acknowledged in time become [`StoreError::NotReplicated`]: never an
+/// answer a failover can take back.
+///
+/// [`StoreError::NotReplicated`]: crate::node::store::StoreError::NotReplicated
 pub(super) async fn hold(
     link: &Link,
     client: &Client,
