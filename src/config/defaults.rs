@@ -10,8 +10,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::sections::{
-    BalancerConfig, HealthCheck, NodeConfig, RedisConfig, SaleConfig, ServerConfig, Strategy,
-    UpstreamConfig,
+    BalancerConfig, ClientLimits, HealthCheck, NodeConfig, RedisConfig, SaleConfig, ServerConfig,
+    Strategy, UpstreamConfig,
 };
 
 /// `[auth] clock_skew` left out: the leeway on a token's `exp` and `nbf`,
@@ -85,6 +85,14 @@ impl NodeConfig {
     }
 }
 
+/// `[balancer] limit_burst` left out with a `limit_rate`: no burst, as
+/// Nginx's `limit_req` without `burst=`.
+pub const DEFAULT_LIMIT_BURST: u32 = 0;
+
+/// `[balancer] limit_nodelay` left out: requests within the burst are
+/// delayed to the rate, as Nginx's `limit_req` without `nodelay`.
+pub const DEFAULT_LIMIT_NODELAY: bool = false;
+
 impl Default for BalancerConfig {
     /// `[balancer]` with no keys and no upstreams yet: a file with only
     /// `[[node]]`s gets this with its nodes as the upstreams.
@@ -109,6 +117,7 @@ impl Default for BalancerConfig {
             queue_timeout: Duration::from_secs(10),
             health: None,
             slow_start: Duration::ZERO,
+            limits: ClientLimits::default(),
             upstreams: Vec::new(),
             auth: None,
         }

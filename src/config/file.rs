@@ -106,6 +106,10 @@ pub(super) struct BalancerFile {
     pub(super) health_fails: Option<Spanned<i64>>,
     pub(super) health_passes: Option<Spanned<i64>>,
     pub(super) slow_start: Option<Spanned<String>>,
+    pub(super) limit_rate: Option<Spanned<String>>,
+    pub(super) limit_burst: Option<Spanned<i64>>,
+    pub(super) limit_nodelay: Option<Spanned<bool>>,
+    pub(super) limit_conns: Option<Spanned<i64>>,
     #[serde(default)]
     pub(super) upstream: Vec<Spanned<UpstreamFile>>,
 }

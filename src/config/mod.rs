@@ -21,8 +21,8 @@ use std::path::PathBuf;
 pub use defaults::default_lease;
 pub use error::ConfigError;
 pub use sections::{
-    BalancerConfig, EdgeAuth, HealthCheck, NodeConfig, RedisConfig, SaleConfig, ServerConfig,
-    Strategy, UpstreamConfig,
+    BalancerConfig, ClientLimits, EdgeAuth, HealthCheck, NodeConfig, RateLimit, RedisConfig,
+    SaleConfig, ServerConfig, Strategy, UpstreamConfig,
 };
 
 /// A config that has passed every check; what the rest of spike runs on.

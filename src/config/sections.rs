@@ -190,6 +190,10 @@ pub struct BalancerConfig {
     /// `fail_timeout` ends), its share of the traffic grows from a tenth to
     /// all of it over this long (Nginx Plus's `slow_start`); zero: at once.
     pub slow_start: Duration,
+    /// Per-client limits (Nginx's `limit_req` and `limit_conn`), keyed on
+    /// the client's address, so that one client cannot take the sale's
+    /// capacity; none by default.
+    pub limits: ClientLimits,
     /// The upstreams, in file order (order matters to Nginx's algorithms).
     pub upstreams: Vec<UpstreamConfig>,
     /// With `[auth]` and a sale: the keys the edge checks a token with
@@ -197,6 +201,53 @@ pub struct BalancerConfig {
     /// balancer's config so that a reload that changes only the keys
     /// makes a new version (and reaches `spike up`'s nodes).
     pub auth: Option<EdgeAuth>,
+}
+
+/// `limit_rate`, `limit_burst`, `limit_nodelay` and `limit_conns`: what one
+/// client (one address, after `trusted_proxies`) may ask of the balancer.
+/// Kept apart from the rest of [`BalancerConfig`] so the limiter reads
+/// only this.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// Nginx's `limit_req`: a request rate with a burst; `None` without
+    /// `limit_rate`.
+    pub rate: Option<RateLimit>,
+    /// Nginx's `limit_conn`: requests one client may have in flight at
+    /// once; 0 for no limit.
+    pub conns: u32,
+}
+
+/// A request rate and its burst, as Nginx's `limit_req_zone ... rate=`
+/// and `limit_req burst= [nodelay]` say them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Requests per [`RateLimit::per_minute`] second or minute (Nginx's
+    /// whole numbers: "20r/s", "30r/m").
+    pub requests: u32,
+    /// The rate is per minute ("r/m") rather than per second ("r/s").
+    pub per_minute: bool,
+    /// Requests over the rate taken at once (or, without `nodelay`,
+    /// delayed) before the next is refused.
+    pub burst: u32,
+    /// Requests within the burst go on at once instead of being spaced
+    /// out at the rate.
+    pub nodelay: bool,
+}
+
+impl RateLimit {
+    /// The rate in thousandths of a request per second, truncated as
+    /// Nginx truncates it (`rate * 1000 / scale`): the leaky bucket's
+    /// drain, in the same unit as its excess.
+    pub fn milli_per_second(&self) -> u64 {
+        let scale = if self.per_minute { 60 } else { 1 };
+        u64::from(self.requests) * 1000 / scale
+    }
+
+    /// The rate as Nginx writes it ("20r/s").
+    pub fn as_nginx(&self) -> String {
+        let unit = if self.per_minute { "m" } else { "s" };
+        format!("{}r/{unit}", self.requests)
+    }
 }
 
 /// An active health check (Nginx Plus's `health_check`, HAProxy's `check`):

@@ -468,3 +468,92 @@ fn auth_keys_are_read_and_bad_ones_named() {
     );
     assert!(parse("[auth]\n").is_err(), "no buyer keys");
 }
+
+#[test]
+fn per_client_limits_read_as_nginx_writes_them_and_a_bad_one_is_named() {
+    const UP: &str = "[[balancer.upstream]]\naddr = \"127.0.0.1:9\"\n";
+    let b = parse(&format!("[balancer]\n{UP}"))
+        .expect("valid")
+        .balancer
+        .expect("balancer");
+    assert_eq!(b.limits, ClientLimits::default());
+    assert_eq!((b.limits.rate, b.limits.conns), (None, 0));
+
+    let b = parse(&format!(
+        "[balancer]\nlimit_rate = \"20r/s\"\nlimit_burst = 40\nlimit_nodelay = true\nlimit_conns = 50\n{UP}"
+    ))
+    .expect("valid")
+    .balancer
+    .expect("balancer");
+    let rate = b.limits.rate.expect("a rate");
+    assert_eq!(
+        rate,
+        RateLimit {
+            requests: 20,
+            per_minute: false,
+            burst: 40,
+            nodelay: true
+        }
+    );
+    assert_eq!(
+        (rate.milli_per_second(), rate.as_nginx()),
+        (20_000, "20r/s".into())
+    );
+    assert_eq!(b.limits.conns, 50);
+
+    // Per minute, truncated as Nginx truncates it; burst and nodelay at
+    // their defaults (Nginx's: none, and delayed).
+    let b = parse(&format!("[balancer]\nlimit_rate = \"20r/m\"\n{UP}"))
+        .expect("valid")
+        .balancer
+        .expect("balancer");
+    let rate = b.limits.rate.expect("a rate");
+    assert_eq!(rate.milli_per_second(), 333);
+    assert_eq!(
+        (rate.burst, rate.nodelay),
+        (
+            crate::config::defaults::DEFAULT_LIMIT_BURST,
+            crate::config::defaults::DEFAULT_LIMIT_NODELAY
+        )
+    );
+
+    for bad in [
+        "20",
+        "20r/h",
+        "0r/s",
+        "-1r/s",
+        "r/s",
+        "2.5r/s",
+        "1000001r/s",
+        "20 r/s",
+    ] {
+        let m = expect_err(
+            &format!("[balancer]\nlimit_rate = \"{bad}\"\n{UP}"),
+            "balancer.limit_rate",
+            2,
+        );
+        assert!(m.contains("\"20r/s\""), "{m}");
+    }
+    expect_err(
+        &format!("[balancer]\nlimit_rate = \"1r/s\"\nlimit_burst = -1\n{UP}"),
+        "balancer.limit_burst",
+        3,
+    );
+    expect_err(
+        &format!("[balancer]\nlimit_conns = -5\n{UP}"),
+        "balancer.limit_conns",
+        2,
+    );
+    // A burst or nodelay without a rate would do nothing: refused.
+    let m = expect_err(
+        &format!("[balancer]\nlimit_conns = 5\nlimit_burst = 10\n{UP}"),
+        "balancer.limit_burst",
+        3,
+    );
+    assert!(m.contains("limit_rate"), "{m}");
+    expect_err(
+        &format!("[balancer]\n\nlimit_nodelay = true\n{UP}"),
+        "balancer.limit_nodelay",
+        3,
+    );
+}

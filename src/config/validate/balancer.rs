@@ -9,9 +9,12 @@ use ipnet::IpNet;
 use toml::Spanned;
 
 use super::cx::{Cx, optional};
+use crate::config::defaults::{DEFAULT_LIMIT_BURST, DEFAULT_LIMIT_NODELAY};
 use crate::config::error::ConfigError;
 use crate::config::file::{BalancerFile, UpstreamFile};
-use crate::config::sections::{BalancerConfig, HealthCheck, NodeConfig, Strategy, UpstreamConfig};
+use crate::config::sections::{
+    BalancerConfig, ClientLimits, HealthCheck, NodeConfig, RateLimit, Strategy, UpstreamConfig,
+};
 
 /// `[balancer]`; without one, the defaults in front of the `[[node]]`s, or
 /// `None` when there are no nodes either.
@@ -117,10 +120,100 @@ pub(super) fn validate(
             }
             cx.duration("balancer.slow_start", v)
         })?,
+        limits: limits(cx, b)?,
         upstreams,
         // Set from [auth] once it is validated (see `super::validate`).
         auth: None,
     }))
+}
+
+/// `limit_rate` (with `limit_burst` and `limit_nodelay`, which do nothing
+/// without it) and `limit_conns`, as Nginx's `limit_req` and `limit_conn`
+/// take them.
+fn limits(cx: &Cx, b: &BalancerFile) -> Result<ClientLimits, ConfigError> {
+    let conns = optional(&b.limit_conns, ClientLimits::default().conns, |v| {
+        Ok(cx.count("balancer.limit_conns", v, 0)?.min(u32::MAX as u64) as u32)
+    })?;
+    let Some(rate) = &b.limit_rate else {
+        let stray = [
+            (
+                "balancer.limit_burst",
+                b.limit_burst.as_ref().map(|v| v.span()),
+            ),
+            (
+                "balancer.limit_nodelay",
+                b.limit_nodelay.as_ref().map(|v| v.span()),
+            ),
+        ];
+        if let Some((key, Some(span))) = stray.into_iter().find(|(_, s)| s.is_some()) {
+            return Err(cx.err(
+                key,
+                span,
+                "has no effect without `limit_rate` (requests per client, e.g. \"20r/s\")",
+            ));
+        }
+        return Ok(ClientLimits { rate: None, conns });
+    };
+    let (requests, per_minute) = limit_rate(cx, rate)?;
+    let burst = optional(&b.limit_burst, DEFAULT_LIMIT_BURST, |v| {
+        let n = *v.get_ref();
+        if !(0..=MAX_LIMIT).contains(&n) {
+            return Err(cx.err(
+                "balancer.limit_burst",
+                v.span(),
+                format!("must be a whole number from 0 to {MAX_LIMIT}, not {n}"),
+            ));
+        }
+        Ok(n as u32)
+    })?;
+    let nodelay = b
+        .limit_nodelay
+        .as_ref()
+        .map_or(DEFAULT_LIMIT_NODELAY, |v| *v.get_ref());
+    Ok(ClientLimits {
+        rate: Some(RateLimit {
+            requests,
+            per_minute,
+            burst,
+            nodelay,
+        }),
+        conns,
+    })
+}
+
+/// The largest rate and burst taken: a million requests a second is no
+/// limit for one client, and it keeps the bucket's arithmetic (thousandths
+/// of a request, in 64 bits) far from overflowing.
+const MAX_LIMIT: i64 = 1_000_000;
+
+/// `limit_rate`: "Nr/s" or "Nr/m" with N a whole number from 1, as Nginx's
+/// `rate=` (a rate Nginx would truncate to zero, under 1r/m, cannot be
+/// written).
+fn limit_rate(cx: &Cx, v: &Spanned<String>) -> Result<(u32, bool), ConfigError> {
+    let s = v.get_ref().trim();
+    let bad = || {
+        cx.err(
+            "balancer.limit_rate",
+            v.span(),
+            format!(
+                "{s:?} is not a rate like \"20r/s\" or \"30r/m\" (a whole number of requests from 1 to {MAX_LIMIT}, per second or per minute)"
+            ),
+        )
+    };
+    let (n, per_minute) = if let Some(n) = s.strip_suffix("r/s") {
+        (n, false)
+    } else if let Some(n) = s.strip_suffix("r/m") {
+        (n, true)
+    } else {
+        return Err(bad());
+    };
+    if n.is_empty() || !n.bytes().all(|c| c.is_ascii_digit()) {
+        return Err(bad());
+    }
+    match n.parse::<i64>() {
+        Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok((n as u32, per_minute)),
+        _ => Err(bad()),
+    }
 }
 
 /// `strategy`, by Nginx's names.
