@@ -119,6 +119,7 @@ fn status(shared: &Shared) -> String {
             "already_bought_answers": shared.edge.already_bought_answers.load(Ordering::Relaxed),
         },
         "local": local,
+        "limits": limits_status(shared, &active.config.limits),
         "rates": super::recent::rates(shared),
         "sale": super::recent::sale(shared),
         "upstreams": upstreams,
@@ -269,6 +270,35 @@ fn metrics(shared: &Shared) -> String {
             crate::prometheus::single(&mut out, name, help, "gauge", value);
         }
     }
+    let l = &shared.limits;
+    counters(
+        &mut out,
+        "spike_balancer_limited_total",
+        "429s for a client over a per-client limit: limit_rate (with limit_burst) or limit_conns.",
+        "limit",
+        &[("rate", &l.rate_rejected), ("conns", &l.conns_rejected)],
+    );
+    crate::prometheus::single(
+        &mut out,
+        "spike_balancer_limit_delayed_total",
+        "Requests delayed to limit_rate (without limit_nodelay).",
+        "counter",
+        l.delayed.load(Ordering::Relaxed),
+    );
+    crate::prometheus::single(
+        &mut out,
+        "spike_balancer_limit_clients",
+        "Client addresses limit_rate keeps a bucket for.",
+        "gauge",
+        l.rate.len() as u64,
+    );
+    crate::prometheus::single(
+        &mut out,
+        "spike_balancer_limit_evicted_total",
+        "Client buckets dropped to make room before they drained (the table was full).",
+        "counter",
+        l.rate.evicted.load(Ordering::Relaxed),
+    );
     crate::prometheus::single(
         &mut out,
         "spike_balancer_config_version",
@@ -310,4 +340,22 @@ fn per_upstream<V: std::fmt::Display>(
     for u in active.selector.upstreams() {
         let _ = writeln!(out, "{name}{{upstream=\"{}\"}} {}", u.config.addr, value(u));
     }
+}
+
+/// `/status`'s `limits`: the per-client limits in force (`null` where a
+/// limit is off) and what they refused, delayed and keep.
+fn limits_status(shared: &Shared, limits: &crate::config::ClientLimits) -> serde_json::Value {
+    let l = &shared.limits;
+    serde_json::json!({
+        "rate": limits.rate.map(|r| r.as_nginx()),
+        "burst": limits.rate.map(|r| r.burst),
+        "nodelay": limits.rate.map(|r| r.nodelay),
+        "conns": (limits.conns > 0).then_some(limits.conns),
+        "rate_rejected": l.rate_rejected.load(Ordering::Relaxed),
+        "conns_rejected": l.conns_rejected.load(Ordering::Relaxed),
+        "delayed": l.delayed.load(Ordering::Relaxed),
+        "clients": l.rate.len(),
+        "clients_in_flight": l.conns.len(),
+        "evicted": l.rate.evicted.load(Ordering::Relaxed),
+    })
 }

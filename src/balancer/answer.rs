@@ -32,11 +32,31 @@ pub enum LocalAnswer {
     QueueFull,
     /// Every upstream stayed at its `max_conns` for `queue_timeout`.
     QueueTimeout,
+    /// The client is over `limit_rate` and its `limit_burst` (Nginx's
+    /// `limit_req`); `retry_after`: whole seconds until a request of it
+    /// would pass (at least 1, at most [`MAX_RETRY_AFTER`]).
+    RateLimited { retry_after: u8 },
+    /// The client has `limit_conns` requests in flight already (Nginx's
+    /// `limit_conn`).
+    ConnLimited,
 }
+
+/// The longest `Retry-After` of a [`LocalAnswer::RateLimited`], in
+/// seconds: the slowest rate, 1r/m (drained at 16 thousandths of a request
+/// a second, as Nginx truncates it), frees a request within 63 s.
+pub const MAX_RETRY_AFTER: u8 = 64;
+
+/// `Retry-After` values, so that an answer's header stays a `&'static str`.
+const SECONDS: [&str; MAX_RETRY_AFTER as usize + 1] = [
+    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    "17", "18", "19", "20", "21", "22", "23", "24", "25", "26", "27", "28", "29", "30", "31", "32",
+    "33", "34", "35", "36", "37", "38", "39", "40", "41", "42", "43", "44", "45", "46", "47", "48",
+    "49", "50", "51", "52", "53", "54", "55", "56", "57", "58", "59", "60", "61", "62", "63", "64",
+];
 
 /// The values of `spike_balancer_local_responses_total`'s `code` label, in
 /// the order of [`LocalAnswer::slot`].
-pub const LOCAL_LABELS: [&str; 6] = ["400", "405", "413", "502", "503", "504"];
+pub const LOCAL_LABELS: [&str; 7] = ["400", "405", "413", "429", "502", "503", "504"];
 
 impl LocalAnswer {
     /// The status.
@@ -47,6 +67,9 @@ impl LocalAnswer {
             }
             LocalAnswer::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             LocalAnswer::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            LocalAnswer::RateLimited { .. } | LocalAnswer::ConnLimited => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             LocalAnswer::BadGateway => StatusCode::BAD_GATEWAY,
             LocalAnswer::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
             LocalAnswer::NoUpstream | LocalAnswer::QueueFull | LocalAnswer::QueueTimeout => {
@@ -93,6 +116,12 @@ impl LocalAnswer {
             LocalAnswer::QueueTimeout => {
                 b"{\"status\":\"busy\",\"reason\":\"every upstream stayed at its max_conns for queue_timeout; retry after a second\"}\n"
             }
+            LocalAnswer::RateLimited { .. } => {
+                b"{\"status\":\"too_many_requests\",\"reason\":\"this client sent more requests than limit_rate and limit_burst allow; retry after Retry-After seconds\"}\n"
+            }
+            LocalAnswer::ConnLimited => {
+                b"{\"status\":\"too_many_requests\",\"reason\":\"this client has limit_conns requests in flight already; retry when one has ended\"}\n"
+            }
         }
     }
 
@@ -103,8 +132,19 @@ impl LocalAnswer {
             LocalAnswer::MethodNotAllowed => {
                 Some(("allow", "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH"))
             }
-            LocalAnswer::NoUpstream | LocalAnswer::QueueFull | LocalAnswer::QueueTimeout => {
-                Some(("retry-after", "1"))
+            LocalAnswer::NoUpstream
+            | LocalAnswer::QueueFull
+            | LocalAnswer::QueueTimeout
+            | LocalAnswer::ConnLimited => Some(("retry-after", "1")),
+            LocalAnswer::RateLimited { retry_after } => {
+                let s = if retry_after > MAX_RETRY_AFTER {
+                    MAX_RETRY_AFTER
+                } else if retry_after == 0 {
+                    1
+                } else {
+                    retry_after
+                };
+                Some(("retry-after", SECONDS[s as usize]))
             }
             _ => None,
         }
@@ -118,9 +158,10 @@ impl LocalAnswer {
             LocalAnswer::BadRequest | LocalAnswer::BadHost | LocalAnswer::BadChunk => Some(0),
             LocalAnswer::MethodNotAllowed => Some(1),
             LocalAnswer::PayloadTooLarge => Some(2),
-            LocalAnswer::BadGateway => Some(3),
-            LocalAnswer::NoUpstream => Some(4),
-            LocalAnswer::GatewayTimeout => Some(5),
+            LocalAnswer::RateLimited { .. } | LocalAnswer::ConnLimited => Some(3),
+            LocalAnswer::BadGateway => Some(4),
+            LocalAnswer::NoUpstream => Some(5),
+            LocalAnswer::GatewayTimeout => Some(6),
             LocalAnswer::QueueFull | LocalAnswer::QueueTimeout => None,
         }
     }
@@ -130,7 +171,7 @@ impl LocalAnswer {
 mod tests {
     use super::*;
 
-    const ALL: [LocalAnswer; 10] = [
+    const ALL: [LocalAnswer; 12] = [
         LocalAnswer::BadRequest,
         LocalAnswer::BadHost,
         LocalAnswer::BadChunk,
@@ -141,6 +182,8 @@ mod tests {
         LocalAnswer::NoUpstream,
         LocalAnswer::QueueFull,
         LocalAnswer::QueueTimeout,
+        LocalAnswer::RateLimited { retry_after: 3 },
+        LocalAnswer::ConnLimited,
     ];
 
     #[test]
@@ -153,6 +196,21 @@ mod tests {
             let v: serde_json::Value = serde_json::from_slice(a.body()).expect("JSON");
             assert!(v["status"].is_string() && v["reason"].is_string(), "{a:?}");
             assert!(a.body().ends_with(b"\n"), "{a:?}");
+        }
+    }
+
+    #[test]
+    fn a_rate_limited_answer_says_when_to_come_back() {
+        let after = |s| LocalAnswer::RateLimited { retry_after: s }.header();
+        assert_eq!(after(3), Some(("retry-after", "3")));
+        assert_eq!(after(0), Some(("retry-after", "1")));
+        assert_eq!(after(200), Some(("retry-after", "64")));
+        assert_eq!(
+            LocalAnswer::ConnLimited.header(),
+            Some(("retry-after", "1"))
+        );
+        for (i, s) in SECONDS.iter().enumerate() {
+            assert_eq!(s.parse::<usize>().ok(), Some(i));
         }
     }
 }

@@ -10,7 +10,8 @@
 //! on:
 //! 1. [`error`], [`answer`] (the balancer's own answers), [`pool`] (idle
 //!    upstream connections), [`metrics`], [`window`] (the last seconds'
-//!    samples, which [`recent`] takes);
+//!    samples, which [`recent`] takes), [`limit`] (the per-client limits'
+//!    tables);
 //! 2. [`upstream`]: an upstream's config and the live state that survives
 //!    reloads (with its idle connections);
 //! 3. [`select`]: picking among the upstreams;
@@ -31,6 +32,7 @@ pub mod forward;
 pub mod h1;
 pub mod health;
 pub mod idempotency;
+pub mod limit;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
@@ -245,7 +247,8 @@ fn proxy_connection(
 
 /// Closes worker `worker`'s upstream connections that stayed idle for longer
 /// than `keepalive_timeout`, as Nginx's keepalive cache does, also when no
-/// request comes along to find them expired.
+/// request comes along to find them expired; worker 0 also sweeps
+/// `limit_rate`'s table of the clients that left (see [`limit`]).
 async fn expire_idle(shared: Arc<state::Shared>, worker: usize) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -260,6 +263,10 @@ async fn expire_idle(shared: Arc<state::Shared>, worker: usize) {
             u.live
                 .raw_idle
                 .expire(worker, now, active.config.keepalive_timeout);
+        }
+        if worker == 0 {
+            let bucket = active.config.limits.rate.as_ref().map(limit::Bucket::of);
+            shared.limits.rate.sweep(bucket, now);
         }
     }
 }

@@ -43,6 +43,7 @@ use super::forward::client::{Peer, client_ip};
 use super::forward::headers::{
     drop_underscored, host_is_valid, prepare_request_headers, strip_hop_by_hop,
 };
+use super::forward::limit::Held;
 use super::forward::{self, Conn, Failure, Plan, REPLAY_LIMIT, Reply, Transport};
 use super::idempotency;
 use super::pool::{self, UpstreamConn};
@@ -63,6 +64,8 @@ pub type RespBody = Either<Tracked, Full<Bytes>>;
 pub struct Tracked {
     inner: Incoming,
     pick: Pick,
+    /// The request's place in `limit_conns`, until its body is done.
+    _held: Held,
     homeward: Option<Homeward>,
     /// Longest silence of the upstream between two frames.
     read_timeout: Duration,
@@ -204,6 +207,11 @@ pub async fn handle(
             drop_underscored(&mut parts.headers);
         }
         let is_buy = idempotency::is_purchase(parts.uri.path());
+        let client = client_ip(peer.ip, &parts.headers, &config.trusted_proxies);
+        let admitted = match forward::limit::check(shared, config, client) {
+            Ok(admitted) => admitted,
+            Err(limited) => return reply(forward::local(shared, limited)),
+        };
         let edge = forward::edge::answer(
             shared,
             &active,
@@ -216,7 +224,6 @@ pub async fn handle(
         if let Some(edge) = edge {
             return reply(edge.into());
         }
-        let client = client_ip(peer.ip, &parts.headers, &config.trusted_proxies);
         prepare_request_headers(&mut parts.headers, peer, client);
         // A purchase with a key may be sent twice: the node decides a key once.
         let keyed = idempotency::ensure_key(&parts.method, parts.uri.path(), &mut parts.headers);
@@ -255,7 +262,7 @@ pub async fn handle(
             headers: parts.headers,
             outgoing,
         };
-        forward::run(shared, &active, t, plan)
+        forward::run(shared, &active, t, plan, admitted)
     }
     .await
 }
@@ -327,14 +334,19 @@ impl Transport for Hyper<'_> {
         resp.headers().contains_key(SOLD_OUT_HEADER)
     }
 
-    async fn deliver(&mut self, (resp, conn): Self::Response, pick: Pick) -> Response<RespBody> {
+    async fn deliver(
+        &mut self,
+        (resp, conn): Self::Response,
+        pick: Pick,
+        held: Held,
+    ) -> Response<RespBody> {
         let homeward = Homeward {
             conn,
             worker: self.worker,
             workers: self.workers,
             max_idle: self.config.keepalive,
         };
-        respond(resp, pick, homeward, self.config.read_timeout)
+        respond(resp, pick, held, homeward, self.config.read_timeout)
     }
 
     async fn reply(&mut self, r: Reply) -> Response<RespBody> {
@@ -499,6 +511,7 @@ async fn send(
 fn respond(
     resp: Response<Incoming>,
     pick: Pick,
+    held: Held,
     homeward: Homeward,
     read_timeout: Duration,
 ) -> Response<RespBody> {
@@ -518,6 +531,7 @@ fn respond(
         Either::Left(Tracked {
             inner: body,
             pick,
+            _held: held,
             homeward: Some(homeward),
             read_timeout,
             stall: StallTimer::default(),

@@ -142,6 +142,9 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Sold out at the edge (see [`super::edge`]).
     pub edge: super::edge::Edge,
+    /// The per-client limits' tables and counters (see [`super::limit`]),
+    /// kept across reloads.
+    pub limits: super::limit::Limits,
     /// Rates, p99 and the sale's figures of the last seconds, for the
     /// status page (see [`super::recent`]).
     pub recent: super::window::Recent,
@@ -195,6 +198,7 @@ impl Shared {
             current: ArcSwap::from_pointee(Active::build(1, balancer, None)),
             metrics: Metrics::default(),
             edge: super::edge::Edge::default(),
+            limits: super::limit::Limits::default(),
             recent: super::window::Recent::default(),
             accept_share: Arc::new(AcceptShare::new(workers)),
             server: config.server.clone(),

@@ -38,12 +38,16 @@
 //!   marked failed: a client must not be able to take healthy upstreams
 //!   out of the rotation.
 //! - admission ([`admission`]): while every upstream is at its
-//!   `max_conns`, a request waits for a slot, or gets a 503.
+//!   `max_conns`, a request waits for a slot, or gets a 503;
+//! - the per-client limits ([`limit`]): `limit_rate` is asked by each
+//!   transport once the request is read ([`limit::check`], before the
+//!   edge), its delay and `limit_conns` here at the start of [`run`].
 
 pub mod admission;
 pub mod client;
 pub mod edge;
 pub mod headers;
+pub mod limit;
 
 /// The policy through a scripted transport.
 #[cfg(test)]
@@ -64,6 +68,7 @@ use super::select::{Attempt, Pick};
 use super::state::{Active, Shared};
 use super::upstream::{Upstream, now_ms};
 use edge::EdgeAnswer;
+use limit::{Admitted, Held};
 
 /// Largest request body kept in memory so that it can be sent again to
 /// another upstream; bigger bodies are streamed and not retried.
@@ -253,18 +258,21 @@ pub trait Transport {
     fn status(&self, response: &Self::Response) -> u16;
     fn sold_out_mark(&self, response: &Self::Response) -> bool;
 
-    /// Passes the response on to the client; `pick` must live until the
-    /// upstream's body is done (least_conn counts it until then).
-    async fn deliver(&mut self, response: Self::Response, pick: Pick) -> Self::Output;
+    /// Passes the response on to the client; `pick` and `held` must live
+    /// until the upstream's body is done (least_conn counts the pick until
+    /// then, `limit_conns` the request).
+    async fn deliver(&mut self, response: Self::Response, pick: Pick, held: Held) -> Self::Output;
 
     /// Answers the client itself.
     async fn reply(&mut self, reply: Reply) -> Self::Output;
 }
 
-/// The attempt loop: picks upstreams (waiting for a free slot when all are
-/// at their `max_conns`), sends the request through `t`, retries as the
-/// policy allows, and hands on the first response or answers 502/504
-/// (503 when no upstream was usable at all).
+/// The attempt loop: first the per-client limits' delay and `limit_conns`
+/// for a request `limit_rate` `admitted` (see [`limit::enter`]); then picks
+/// upstreams (waiting for a free slot when all are at their `max_conns`),
+/// sends the request through `t`, retries as the policy allows, and hands
+/// on the first response or answers 502/504 (503 when no upstream was
+/// usable at all).
 ///
 /// A plain `fn` returning an `async` block, which holds its captures once:
 /// an `async fn` would keep its arguments twice, and the fast path boxes
@@ -274,9 +282,25 @@ pub fn run<'a, T: Transport + 'a>(
     shared: &'a Shared,
     active: &'a Active,
     mut t: T,
-    plan: Plan,
+    mut plan: Plan,
+    admitted: Admitted,
 ) -> impl Future<Output = T::Output> + 'a {
     async move {
+        let held = if admitted == Admitted::FREE {
+            Held::default()
+        } else {
+            let delayed = admitted.delays();
+            match limit::enter(shared, &active.config, admitted).await {
+                Ok(held) => {
+                    if delayed {
+                        // The latency measured is the upstream's.
+                        plan.start = Instant::now();
+                    }
+                    held
+                }
+                Err(why) => return t.reply(local(shared, why)).await,
+            }
+        };
         let mut attempt = Attempt::new(plan.client);
         let mut timed_out = false;
         let mut sent = false;
@@ -347,7 +371,7 @@ pub fn run<'a, T: Transport + 'a>(
             }
             pick.live().count_response(status);
             shared.metrics.latency.observe(plan.start.elapsed());
-            return t.deliver(response, pick).await;
+            return t.deliver(response, pick, held).await;
         }
         // Nothing tried means nothing was usable: the service is down for
         // a while (a 503 that says when to come back), not an upstream

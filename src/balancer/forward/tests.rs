@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use hyper::Method;
 
+use super::limit::{self, Admitted, Held};
 use super::{Conn, Failure, Plan, Reply, Transport, run};
 use crate::balancer::answer::LocalAnswer;
 use crate::balancer::pool::ConnectError;
@@ -91,7 +92,7 @@ impl Transport for &mut Script {
         false
     }
 
-    async fn deliver(&mut self, status: u16, _pick: Pick) -> Result<u16, u16> {
+    async fn deliver(&mut self, status: u16, _pick: Pick, _held: Held) -> Result<u16, u16> {
         Ok(status)
     }
 
@@ -103,8 +104,15 @@ impl Transport for &mut Script {
 /// A balancer's state over upstreams on ports 1 and 2 (never connected
 /// to), round-robin.
 fn shared() -> Shared {
-    let text = "[balancer]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nstrategy = \"round_robin\"\n\
-        [[balancer.upstream]]\naddr = \"127.0.0.1:1\"\n[[balancer.upstream]]\naddr = \"127.0.0.1:2\"\n";
+    shared_with("")
+}
+
+/// [`shared`] with `extra` lines in its `[balancer]`.
+fn shared_with(extra: &str) -> Shared {
+    let text = &format!(
+        "[balancer]\n{extra}\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nstrategy = \"round_robin\"\n\
+        [[balancer.upstream]]\naddr = \"127.0.0.1:1\"\n[[balancer.upstream]]\naddr = \"127.0.0.1:2\"\n"
+    );
     let config = Config::parse(Path::new("forward-test.toml"), text).expect("config");
     Shared::new(config, 1).expect("shared")
 }
@@ -113,7 +121,7 @@ async fn forward(shared: &Shared, method: Method, t: &mut Script) -> Result<u16,
     let client = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let plan = Plan::new(Instant::now(), false, client, &method, false);
     let active = shared.current.load_full();
-    run(shared, &active, t, plan).await
+    run(shared, &active, t, plan, Admitted::FREE).await
 }
 
 fn failures(shared: &Shared, port: u16) -> u64 {
@@ -202,4 +210,58 @@ async fn the_client_s_own_fault_is_its_4xx_and_marks_no_upstream() {
     let mut t = Script::new(&[Outcome::Broken { stale: false }]);
     assert_eq!(forward(&s, Method::POST, &mut t).await, Err(502));
     assert_eq!(failures(&s, 1), 1);
+}
+
+/// The per-client limits through the policy: `limit_rate` refuses a
+/// client over its burst (and no other client), the delay is waited out
+/// in `run`, and `limit_conns` refuses a request while the client has
+/// that many in flight; each refusal is a counted 429.
+#[tokio::test]
+async fn per_client_limits_refuse_delay_and_count() {
+    let shared = shared_with("limit_rate = \"10r/s\"\nlimit_burst = 1\nlimit_conns = 1");
+    let active = shared.current.load_full();
+    let one = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+    let two = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2));
+    let first = limit::check(&shared, &active.config, one).expect("the first is free");
+    assert!(!first.delays());
+    let second = limit::check(&shared, &active.config, one).expect("within the burst");
+    assert!(second.delays(), "no nodelay: spaced at the rate");
+    assert_eq!(
+        limit::check(&shared, &active.config, one),
+        Err(LocalAnswer::RateLimited { retry_after: 1 })
+    );
+    assert!(limit::check(&shared, &active.config, two).is_ok());
+
+    // One in flight for `one`: the next of its requests is refused.
+    let held = limit::enter(&shared, &active.config, first)
+        .await
+        .expect("a slot");
+    let started = Instant::now();
+    let mut t = Script::new(&[Outcome::Answer(200)]);
+    let plan = Plan::new(Instant::now(), false, one, &Method::GET, false);
+    assert_eq!(
+        run(&shared, &active, &mut t, plan, second.clone()).await,
+        Err(429)
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(100),
+        "the delay first"
+    );
+    drop(held);
+    let mut t = Script::new(&[Outcome::Answer(200)]);
+    assert_eq!(run(&shared, &active, &mut t, plan, second).await, Ok(200));
+    assert_eq!(shared.limits.rate_rejected.load(Ordering::Relaxed), 1);
+    assert_eq!(shared.limits.conns_rejected.load(Ordering::Relaxed), 1);
+    assert_eq!(shared.limits.delayed.load(Ordering::Relaxed), 2);
+    assert!(shared.limits.conns.is_empty(), "every slot given back");
+    let counted: u64 = shared
+        .metrics
+        .local_counts()
+        .filter(|(code, _)| *code == "429")
+        .map(|(_, n)| n.load(Ordering::Relaxed))
+        .sum();
+    assert_eq!(
+        counted, 1,
+        "the conns 429 went through run; the rate one is counted by its transport"
+    );
 }

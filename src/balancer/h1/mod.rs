@@ -46,6 +46,7 @@ use crate::server::{ConnContext, Handed};
 use super::answer::LocalAnswer;
 use super::forward::client::{Peer, client_ip_from};
 use super::forward::headers::{write_forwarded_for, write_real_ip};
+use super::forward::limit::{Admitted, Held};
 use super::forward::{self, Conn, Failure, Plan, REPLAY_LIMIT, Reply, Transport};
 use super::idempotency::{self, KeyPlan};
 use super::pool::RawConn;
@@ -277,7 +278,7 @@ fn forward_request<'a>(
                 f: async move { send(client, &b.out, config.send_timeout).await.is_ok() },
             }
         }
-        Next::Forward(plan) => {
+        Next::Forward(plan, admitted) => {
             let raw = Raw {
                 worker,
                 workers: shared.workers,
@@ -288,7 +289,7 @@ fn forward_request<'a>(
                 closing,
             };
             Either::Right {
-                f: forward::run(shared, active, raw, plan),
+                f: forward::run(shared, active, raw, plan, admitted),
             }
         }
     }
@@ -319,16 +320,17 @@ impl<A: Future, B: Future<Output = A::Output>> Future for Either<A, B> {
 
 /// What becomes of the request in `b` once it has been read.
 enum Next {
-    /// The edge answers it.
+    /// The edge, or a per-client limit, answers it.
     Answer(Reply),
     /// It goes to upstreams: written into `b.out`, as every attempt sends
-    /// it.
-    Forward(Plan),
+    /// it, once the limits have let it (see [`forward::limit`]).
+    Forward(Plan, Admitted),
 }
 
 /// The policy's decisions for the request in `b` (its bytes are
 /// `b.input[..end]`), all made before anything is sent or awaited: the
-/// edge's answer, or the request as the upstreams get it, written once.
+/// client's address, `limit_rate`'s 429, the edge's answer, or the request
+/// as the upstreams get it, written once.
 fn prepare(
     shared: &Shared,
     active: &super::state::Active,
@@ -341,6 +343,18 @@ fn prepare(
     let head = &b.head;
     let input = &b.input[..end];
     let is_buy = &input[head.target.start..head.path_end] == protocol::PURCHASE_PATH.as_bytes();
+    let client_addr = client_ip_from(
+        peer.ip,
+        head.headers
+            .iter()
+            .filter(|h| h.kind == Kind::ForwardedFor)
+            .map(|h| &input[h.value.clone()]),
+        &config.trusted_proxies,
+    );
+    let admitted = match forward::limit::check(shared, config, client_addr) {
+        Ok(admitted) => admitted,
+        Err(limited) => return Next::Answer(forward::local(shared, limited)),
+    };
     let edge = forward::edge::answer(
         shared,
         active,
@@ -369,14 +383,6 @@ fn prepare(
     if let Some(edge) = edge {
         return Next::Answer(edge.into());
     }
-    let client_addr = client_ip_from(
-        peer.ip,
-        head.headers
-            .iter()
-            .filter(|h| h.kind == Kind::ForwardedFor)
-            .map(|h| &input[h.value.clone()]),
-        &config.trusted_proxies,
-    );
     // A purchase with a key may be sent twice: the node decides a key once.
     let key = idempotency::plan(is_buy, &head.method, head.keys, || {
         idempotency::is_valid_bytes(&input[head.headers[head.key_at].value.clone()])
@@ -390,13 +396,10 @@ fn prepare(
         client_addr,
         generated.as_ref().map(|v| v.as_bytes()),
     );
-    Next::Forward(Plan::new(
-        start,
-        is_buy,
-        client_addr,
-        &head.method,
-        key.keyed(),
-    ))
+    Next::Forward(
+        Plan::new(start, is_buy, client_addr, &head.method, key.keyed()),
+        admitted,
+    )
 }
 
 /// One request on the fast path, as the policy's [`Transport`]: the
@@ -454,7 +457,7 @@ impl Transport for Raw<'_> {
         has_sold_out_mark(&self.b.rhead, &self.b.resp)
     }
 
-    fn deliver(&mut self, conn: RawConn, pick: Pick) -> impl Future<Output = bool> {
+    fn deliver(&mut self, conn: RawConn, pick: Pick, held: Held) -> impl Future<Output = bool> {
         let (worker, workers, keepalive) = (self.worker, self.workers, self.config.keepalive);
         // The pick (least_conn's count) ends with the upstream's body, and
         // the connection goes back idle then.
@@ -465,6 +468,7 @@ impl Transport for Raw<'_> {
                     .put(worker, workers, conn, now_ms(), keepalive);
             }
             drop(pick);
+            drop(held);
         };
         relay(self.client, conn, self.b, self.config, self.closing, finish)
     }
