@@ -117,6 +117,7 @@ frontend spike
         "    # max_body: spike answers 413 past {} bytes, counted as they stream;\n    # HAProxy checks the declared Content-Length only.\n    http-request deny deny_status 413 if {{ req.hdr_val(content-length) gt {} }}",
         balancer.max_body, balancer.max_body
     );
+    limit_rules(&mut o, balancer);
     line(&mut o, 1, "default_backend spike_upstreams");
     o.push('\n');
     line(&mut o, 0, "backend spike_upstreams");
@@ -295,6 +296,101 @@ pub fn haproxy_time(d: Duration) -> String {
     format!("{ms}ms")
 }
 
+/// The nearest stick-table rules to spike's per-client limits (Nginx's
+/// `limit_req` and `limit_conn`), with what differs in comments.
+fn limit_rules(o: &mut String, balancer: &BalancerConfig) {
+    let limits = &balancer.limits;
+    if limits.rate.is_none() && limits.conns == 0 {
+        return;
+    }
+    let mut store = Vec::new();
+    if let Some(rate) = &limits.rate {
+        store.push(if rate.per_minute {
+            "http_req_rate(60s)"
+        } else {
+            "http_req_rate(1s)"
+        });
+    }
+    if limits.conns > 0 {
+        store.push("conn_cur");
+    }
+    line(
+        o,
+        1,
+        "# Per-client limits, by source address (the TCP peer: HAProxy does",
+    );
+    line(
+        o,
+        1,
+        "# not read X-Forwarded-For here, spike does behind trusted_proxies).",
+    );
+    line(
+        o,
+        1,
+        &format!(
+            "stick-table type ipv6 size 256k expire 60s store {}",
+            store.join(",")
+        ),
+    );
+    line(o, 1, "http-request track-sc0 src");
+    // In double quotes, so that HAProxy reads the `\n` as the body's newline.
+    let answer = r#"deny_status 429 content-type application/json string "{\"status\":\"too_many_requests\",\"reason\":\"this client is over its per-client request limit; retry after Retry-After seconds\"}\n" hdr Retry-After 1"#;
+    if let Some(rate) = &limits.rate {
+        let window = if rate.per_minute { "minute" } else { "second" };
+        let most = rate.requests.max(rate.burst.saturating_add(1));
+        line(
+            o,
+            1,
+            &format!(
+                "# Not exact: limit_rate = \"{}\" with limit_burst = {} is Nginx's leaky bucket",
+                rate.as_nginx(),
+                rate.burst
+            ),
+        );
+        line(
+            o,
+            1,
+            &format!(
+                "# ({} at once, then {} a {window}); HAProxy counts a sliding window, so here",
+                u64::from(rate.burst) + 1,
+                rate.requests
+            ),
+        );
+        line(
+            o,
+            1,
+            &format!(
+                "# at most {most} in any {window}. Refused requests count too, and none is delayed."
+            ),
+        );
+        line(
+            o,
+            1,
+            &format!("http-request deny {answer} if {{ sc_http_req_rate(0) gt {most} }}"),
+        );
+    }
+    if limits.conns > 0 {
+        line(
+            o,
+            1,
+            "# Not exact: limit_conns counts requests in flight; HAProxy the client's",
+        );
+        line(
+            o,
+            1,
+            "# open connections (the same for HTTP/1.1 clients that send one at a time).",
+        );
+        line(
+            o,
+            1,
+            &format!(
+                "http-request deny {answer} if {{ sc_conn_cur(0) gt {} }}",
+                limits.conns
+            ),
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -317,6 +413,43 @@ mod tests {
 
     fn render_default(b: &BalancerConfig) -> String {
         render(b, &ServerConfig::default(), b.listen, 2)
+    }
+
+    #[test]
+    fn per_client_limits_become_stick_table_rules() {
+        let mut b = balancer(Strategy::LeastConn, &[1]);
+        assert!(!render_default(&b).contains("stick-table"));
+        b.limits = crate::config::ClientLimits {
+            rate: Some(crate::config::RateLimit {
+                requests: 20,
+                per_minute: false,
+                burst: 40,
+                nodelay: true,
+            }),
+            conns: 50,
+        };
+        let c = render_default(&b);
+        for d in [
+            "stick-table type ipv6 size 256k expire 60s store http_req_rate(1s),conn_cur",
+            "http-request track-sc0 src",
+            "if { sc_http_req_rate(0) gt 41 }",
+            "if { sc_conn_cur(0) gt 50 }",
+            "deny_status 429",
+            "hdr Retry-After 1",
+        ] {
+            assert!(c.contains(d), "missing {d}:\n{c}");
+        }
+        b.limits.conns = 0;
+        b.limits.rate = Some(crate::config::RateLimit {
+            requests: 30,
+            per_minute: true,
+            burst: 0,
+            nodelay: false,
+        });
+        let c = render_default(&b);
+        assert!(c.contains("store http_req_rate(60s)\n"), "{c}");
+        assert!(c.contains("sc_http_req_rate(0) gt 30 }"), "{c}");
+        assert!(!c.contains("conn_cur"), "{c}");
     }
 
     #[test]

@@ -137,6 +137,8 @@ http {{
         );
     }
 
+    limit_zones(&mut o, balancer);
+
     o.push('\n');
     line(&mut o, 1, &format!("upstream {UPSTREAM_NAME} {{"));
     line(
@@ -228,6 +230,7 @@ http {{
     let send_timeout = nginx_time(balancer.send_timeout);
     let connect_timeout = nginx_time(balancer.connect_timeout);
     let read_timeout = nginx_time(balancer.response_timeout);
+    let limits = limit_lines(balancer);
     let _ = write!(
         o,
         "
@@ -238,6 +241,7 @@ http {{
         client_body_timeout {body_timeout};
         send_timeout {send_timeout};
 
+{limits}
         location / {{
             proxy_pass http://{UPSTREAM_NAME};
             proxy_http_version 1.1;
@@ -263,6 +267,96 @@ http {{
 }}
 "
     );
+    o
+}
+
+/// The zone of `limit_rate` (Nginx's `limit_req_zone`) and of
+/// `limit_conns` (`limit_conn_zone`).
+pub const LIMIT_REQ_ZONE: &str = "spike_limit_req";
+/// See [`LIMIT_REQ_ZONE`].
+pub const LIMIT_CONN_ZONE: &str = "spike_limit_conn";
+
+/// The `http` block's zones for the per-client limits, keyed on the client
+/// address (`$binary_remote_addr`, which realip has made the last untrusted
+/// `X-Forwarded-For` address behind trusted_proxies, as spike's key is).
+fn limit_zones(o: &mut String, balancer: &BalancerConfig) {
+    let limits = &balancer.limits;
+    if limits.rate.is_none() && limits.conns == 0 {
+        return;
+    }
+    o.push_str(
+        "
+    # Per-client limits, by client address: 16m holds about as many clients
+    # (~260,000) as spike's table; the oldest are dropped when it is full.
+",
+    );
+    if let Some(rate) = &limits.rate {
+        line(
+            o,
+            1,
+            &format!(
+                "limit_req_zone $binary_remote_addr zone={LIMIT_REQ_ZONE}:16m rate={};",
+                rate.as_nginx()
+            ),
+        );
+        line(o, 1, "limit_req_status 429;");
+    }
+    if limits.conns > 0 {
+        line(
+            o,
+            1,
+            &format!("limit_conn_zone $binary_remote_addr zone={LIMIT_CONN_ZONE}:16m;"),
+        );
+        line(o, 1, "limit_conn_status 429;");
+    }
+}
+
+/// The `server` block's `limit_req`/`limit_conn` lines, and the 429's JSON
+/// body as spike writes it (empty without limits).
+fn limit_lines(balancer: &BalancerConfig) -> String {
+    let limits = &balancer.limits;
+    if limits.rate.is_none() && limits.conns == 0 {
+        return String::new();
+    }
+    let mut o = String::new();
+    if let Some(rate) = &limits.rate {
+        let mut l = format!("limit_req zone={LIMIT_REQ_ZONE}");
+        if rate.burst > 0 {
+            let _ = write!(l, " burst={}", rate.burst);
+        }
+        if rate.nodelay {
+            l.push_str(" nodelay");
+        }
+        l.push(';');
+        line(&mut o, 2, &l);
+    }
+    if limits.conns > 0 {
+        line(
+            &mut o,
+            2,
+            &format!("limit_conn {LIMIT_CONN_ZONE} {};", limits.conns),
+        );
+    }
+    line(
+        &mut o,
+        2,
+        "# spike's 429 body; its Retry-After is the seconds until the client's",
+    );
+    line(
+        &mut o,
+        2,
+        "# next request would pass (1 at any rate in r/s), here always 1.",
+    );
+    line(&mut o, 2, "error_page 429 = @spike_too_many;");
+    line(&mut o, 2, "location @spike_too_many {");
+    line(&mut o, 3, "default_type application/json;");
+    line(&mut o, 3, "add_header Retry-After 1 always;");
+    line(
+        &mut o,
+        3,
+        "return 429 '{\"status\":\"too_many_requests\",\"reason\":\"this client is over its per-client request limit; retry after Retry-After seconds\"}\\n';",
+    );
+    line(&mut o, 2, "}");
     o
 }
 
@@ -530,6 +624,48 @@ mod tests {
             ),
             "{c}"
         );
+    }
+
+    #[test]
+    fn per_client_limits_become_limit_req_and_limit_conn() {
+        let mut b = balancer(Strategy::WeightedRoundRobin);
+        let c = render_default(&b);
+        assert!(
+            !c.contains("limit_req") && !c.contains("limit_conn"),
+            "no limits, no lines: {c}"
+        );
+        b.limits = crate::config::ClientLimits {
+            rate: Some(crate::config::RateLimit {
+                requests: 20,
+                per_minute: false,
+                burst: 40,
+                nodelay: true,
+            }),
+            conns: 50,
+        };
+        let c = render_default(&b);
+        for d in [
+            "limit_req_zone $binary_remote_addr zone=spike_limit_req:16m rate=20r/s;",
+            "limit_req_status 429;",
+            "limit_conn_zone $binary_remote_addr zone=spike_limit_conn:16m;",
+            "limit_conn_status 429;",
+            "limit_req zone=spike_limit_req burst=40 nodelay;",
+            "limit_conn spike_limit_conn 50;",
+            "error_page 429 = @spike_too_many;",
+        ] {
+            assert!(has(&c, d), "missing {d}:\n{c}");
+        }
+        b.limits.rate = Some(crate::config::RateLimit {
+            requests: 30,
+            per_minute: true,
+            burst: 0,
+            nodelay: false,
+        });
+        b.limits.conns = 0;
+        let c = render_default(&b);
+        assert!(has(&c, "limit_req zone=spike_limit_req;"), "{c}");
+        assert!(c.contains("rate=30r/m;"), "{c}");
+        assert!(!c.contains("limit_conn"), "{c}");
     }
 
     #[test]
