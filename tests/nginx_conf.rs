@@ -8,6 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -335,4 +336,217 @@ fn admission_and_health_checks_are_mapped_or_named() {
         assert!(c.contains(named), "{named} not named: {c}");
     }
     remove_config(&config);
+}
+
+/// What one wave of requests got: 200s, 429s, and how long the slowest
+/// 200 took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Wave {
+    accepted: usize,
+    limited: usize,
+    slowest: Duration,
+}
+
+/// `n` requests at once from this machine's 127.0.0.1, each on its own
+/// connection: every connection is opened first, then every request is
+/// written at the same moment.
+async fn wave(addr: &str, n: usize) -> Wave {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.set_nodelay(true).expect("nodelay");
+        conns.push(s);
+    }
+    let go = Arc::new(tokio::sync::Barrier::new(n));
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|mut s| {
+            let go = go.clone();
+            tokio::spawn(async move {
+                go.wait().await;
+                let start = Instant::now();
+                s.write_all(b"GET /limited HTTP/1.1\r\nHost: spike\r\nConnection: close\r\n\r\n")
+                    .await
+                    .expect("write");
+                let mut out = Vec::new();
+                tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+                    .await
+                    .expect("an answer within 10 s")
+                    .expect("read");
+                let text = String::from_utf8_lossy(&out).into_owned();
+                (text, start.elapsed())
+            })
+        })
+        .collect();
+    let mut w = Wave {
+        accepted: 0,
+        limited: 0,
+        slowest: Duration::ZERO,
+    };
+    for t in tasks {
+        let (text, took) = t.await.expect("request task");
+        if text.starts_with("HTTP/1.1 200") {
+            w.accepted += 1;
+            w.slowest = w.slowest.max(took);
+        } else if text.starts_with("HTTP/1.1 429") {
+            assert!(
+                text.to_ascii_lowercase().contains("\r\nretry-after: 1\r\n"),
+                "{text}"
+            );
+            let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+            assert!(body.ends_with("}\n"), "{text:?}");
+            let v: serde_json::Value = serde_json::from_str(body).expect("a JSON 429");
+            assert_eq!(v["status"], "too_many_requests", "{text}");
+            assert!(v["reason"].is_string(), "{text}");
+        } else {
+            panic!("neither a 200 nor a 429: {text:?}");
+        }
+    }
+    w.limited = n - w.accepted;
+    w
+}
+
+/// The issue's arrival pattern through whatever listens on `addr`: 100
+/// requests at once from one client, then 20 more a second later (1.08 s
+/// after the first wave began, so that no timing of a busy machine puts
+/// the second wave across a boundary of a tenth of a second, where one
+/// more request drains at 10r/s).
+async fn the_pattern(addr: &str) -> (Wave, Wave) {
+    let start = tokio::time::Instant::now();
+    let first = wave(addr, 100).await;
+    tokio::time::sleep_until(start + Duration::from_millis(1080)).await;
+    let second = wave(addr, 20).await;
+    (first, second)
+}
+
+/// Runs `[balancer]` `limits` (over `backends`) through a spike balancer
+/// process and then through Nginx with the file `spike nginx-conf`
+/// prints for it, each with the same arrival pattern; returns spike's
+/// waves and Nginx's.
+async fn spike_and_nginx(limits: &str, backends: &[&Backend]) -> ((Wave, Wave), (Wave, Wave)) {
+    let port = common::free_port();
+    let ups: String = backends
+        .iter()
+        .map(|b| format!("[[balancer.upstream]]\naddr = \"{}\"\n", b.addr))
+        .collect();
+    let text = balancer_config("round_robin", port, &ups).replacen(
+        "[[balancer.upstream]]",
+        &format!("{limits}\n[[balancer.upstream]]"),
+        1,
+    );
+    let config = write_config(&text);
+    let addr = format!("127.0.0.1:{port}");
+    let path = config.to_str().expect("utf-8 temp path").to_string();
+
+    let spike = common::spike::SpikeProcess::start(&["balancer", "--config", &path]);
+    tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || wait_listening(&addr, Duration::from_secs(10))
+    })
+    .await
+    .expect("wait for spike");
+    let through_spike = the_pattern(&addr).await;
+    drop(spike);
+    tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || {
+            let start = Instant::now();
+            while std::net::TcpStream::connect(&addr).is_ok() {
+                assert!(
+                    start.elapsed() < Duration::from_secs(5),
+                    "spike still listening"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    })
+    .await
+    .expect("spike gone");
+
+    let dir = generate(&config, &["--workers", "2"]);
+    nginx_t(&dir);
+    let nginx = Nginx::start(&dir);
+    tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || wait_listening(&addr, Duration::from_secs(10))
+    })
+    .await
+    .expect("wait for nginx");
+    let through_nginx = the_pattern(&addr).await;
+    drop(nginx);
+    remove_config(&config);
+    (through_spike, through_nginx)
+}
+
+/// Issue 24, point 3: the per-client limits are Nginx's, request for
+/// request. The same arrival pattern (100 requests at once from one
+/// client, 20 more a second later) goes through spike and through a real
+/// Nginx running the printed `limit_req`/`limit_conn` lines, over the same
+/// backends, and each wave gets the same number of 200s from both: with
+/// `nodelay` (the first request is free, then the burst), without it
+/// (the burst is delayed to the rate, not refused), and for `limit_conns`
+/// against slow backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_client_limits_accept_what_nginx_accepts() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+
+    let (spike, nginx) = spike_and_nginx(
+        "limit_rate = \"10r/s\"\nlimit_burst = 20\nlimit_nodelay = true",
+        &[&a, &b],
+    )
+    .await;
+    eprintln!("10r/s burst 20 nodelay: spike {spike:?}, nginx {nginx:?}");
+    let counts = |(x, y): (Wave, Wave)| (x.accepted, y.accepted);
+    assert_eq!(
+        counts(spike),
+        counts(nginx),
+        "spike {spike:?}\nnginx {nginx:?}"
+    );
+    // 1 free + 20 of burst; 1.08 s later ~10 have drained.
+    assert_eq!(counts(spike), (21, 10));
+
+    // The issue's own settings.
+    let (spike, nginx) = spike_and_nginx(
+        "limit_rate = \"20r/s\"\nlimit_burst = 40\nlimit_nodelay = true\nlimit_conns = 50",
+        &[&a, &b],
+    )
+    .await;
+    eprintln!("20r/s burst 40 nodelay, 50 conns: spike {spike:?}, nginx {nginx:?}");
+    assert_eq!(
+        counts(spike),
+        counts(nginx),
+        "spike {spike:?}\nnginx {nginx:?}"
+    );
+    assert_eq!(counts(spike), (41, 20));
+
+    let (spike, nginx) =
+        spike_and_nginx("limit_rate = \"10r/s\"\nlimit_burst = 5", &[&a, &b]).await;
+    eprintln!("10r/s burst 5, delayed: spike {spike:?}, nginx {nginx:?}");
+    assert_eq!(
+        counts(spike),
+        counts(nginx),
+        "spike {spike:?}\nnginx {nginx:?}"
+    );
+    assert_eq!(counts(spike), (6, 6));
+    // The fifth of the burst waited 5 × 100 ms, in both.
+    for w in [spike.0, nginx.0] {
+        assert!(
+            w.slowest >= Duration::from_millis(450) && w.slowest < Duration::from_secs(2),
+            "{w:?}"
+        );
+    }
+
+    // Every answer takes 300 ms: 100 at once are 100 in flight.
+    a.delay_ms.store(300, std::sync::atomic::Ordering::Relaxed);
+    b.delay_ms.store(300, std::sync::atomic::Ordering::Relaxed);
+    let (spike, nginx) = spike_and_nginx("limit_conns = 10", &[&a, &b]).await;
+    eprintln!("limit_conns 10: spike {spike:?}, nginx {nginx:?}");
+    assert_eq!(
+        counts(spike),
+        counts(nginx),
+        "spike {spike:?}\nnginx {nginx:?}"
+    );
+    assert_eq!(counts(spike), (10, 10));
 }
