@@ -162,3 +162,106 @@ async fn real_haproxy_honours_the_weights() {
     let _ = std::fs::remove_file(&cfg);
     remove_config(&config);
 }
+
+/// The per-client limits become a stick table that `haproxy -c` takes,
+/// per second and per minute; and a real HAProxy running it, sent the
+/// issue's settings' first wave (100 requests at once from one client),
+/// lets through what Nginx does (1 + the burst of 40) and answers the rest
+/// with spike's 429: `Retry-After` and the JSON reason. (Its later waves
+/// differ: a sliding window, not a leaky bucket; the file says so.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_client_limits_pass_haproxy_c_and_refuse_as_spike_does() {
+    let backend = Backend::start("b").await;
+    let per_minute = balancer_file(
+        "round_robin",
+        common::free_port(),
+        "limit_rate = \"30r/m\"\n[[balancer.upstream]]\naddr = \"127.0.0.1:3001\"\n",
+    );
+    let cfg = generate(&per_minute, &[]);
+    let text = checked(&cfg, "limit_rate per minute");
+    assert!(text.contains("store http_req_rate(60s)\n"), "{text}");
+    let _ = std::fs::remove_file(&cfg);
+    remove_config(&per_minute);
+
+    let port = common::free_port();
+    let config = balancer_file(
+        "round_robin",
+        port,
+        &format!(
+            "limit_rate = \"20r/s\"\nlimit_burst = 40\nlimit_nodelay = true\nlimit_conns = 50\n\
+             [[balancer.upstream]]\naddr = \"{}\"\n",
+            backend.addr
+        ),
+    );
+    let cfg = generate(&config, &["--threads", "1"]);
+    let text = checked(&cfg, "the issue's limits");
+    assert!(text.contains("sc_http_req_rate(0) gt 41"), "{text}");
+    let _haproxy = HaProxy(
+        Command::new(haproxy())
+            .arg("-f")
+            .arg(&cfg)
+            .arg("-db")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start haproxy"),
+    );
+    let addr = format!("127.0.0.1:{port}");
+    tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || wait_listening(&addr, Duration::from_secs(10))
+    })
+    .await
+    .expect("wait for haproxy");
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conns = Vec::new();
+    for _ in 0..100 {
+        conns.push(
+            tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    let go = std::sync::Arc::new(tokio::sync::Barrier::new(conns.len()));
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|mut s| {
+            let go = go.clone();
+            tokio::spawn(async move {
+                go.wait().await;
+                s.write_all(b"GET / HTTP/1.1\r\nHost: spike\r\nConnection: close\r\n\r\n")
+                    .await
+                    .expect("write");
+                let mut out = Vec::new();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+                String::from_utf8_lossy(&out).into_owned()
+            })
+        })
+        .collect();
+    let (mut accepted, mut limited) = (0, 0);
+    for t in tasks {
+        let answer = t.await.expect("task");
+        if answer.starts_with("HTTP/1.1 200") {
+            accepted += 1;
+        } else if answer.starts_with("HTTP/1.1 429") {
+            limited += 1;
+            assert!(
+                answer
+                    .to_ascii_lowercase()
+                    .contains("\r\nretry-after: 1\r\n"),
+                "{answer}"
+            );
+            let body = answer.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+            assert!(body.ends_with("}\n"), "{body:?}");
+            let v: serde_json::Value = serde_json::from_str(body).expect("JSON");
+            assert_eq!(v["status"], "too_many_requests", "{body}");
+        } else {
+            panic!("neither 200 nor 429: {answer:?}");
+        }
+    }
+    assert_eq!((accepted, limited), (41, 59));
+    let _ = std::fs::remove_file(&cfg);
+    remove_config(&config);
+}
