@@ -33,6 +33,63 @@ pub const HOLDERS_PATH: &str = "/holders";
 /// The sale's snapshot (the store's `Snapshot`, as JSON).
 pub const SALE_PATH: &str = "/sale";
 
+/// The prefix of the order routes (`GET /orders/{id}`, `POST
+/// /orders/{id}/pay`, `POST /orders/{id}/cancel`), which buyers call.
+pub const ORDERS_PREFIX: &str = "/orders/";
+
+/// The routes a node serves for its balancer, its health checks and
+/// Prometheus, never for buyers: on `[[node]] internal` only when that is
+/// set, and never forwarded by a balancer in front of a sale (see
+/// [`is_public_path`]).
+pub const INTERNAL_PATHS: [&str; 6] = [
+    HOLDERS_PATH,
+    "/stats",
+    "/metrics",
+    SALE_PATH,
+    SOLD_OUT_PATH,
+    "/healthz",
+];
+
+/// Whether `path` (a request's path, without its query, exactly as it
+/// came) is one of [`INTERNAL_PATHS`]: what a node with an internal
+/// listener serves there, and only there.
+pub fn is_internal_path(path: &str) -> bool {
+    INTERNAL_PATHS.contains(&path)
+}
+
+/// Whether `path` (a request's path, without its query, exactly as it
+/// came: nothing decoded or normalised) is the nodes' public API, the one
+/// part of them a balancer in front of a sale forwards: the purchase
+/// ([`PURCHASE_PATH`]) and the order routes, `/orders/{id}`,
+/// `/orders/{id}/pay` and `/orders/{id}/cancel`, with an id of
+/// `[A-Za-z0-9_.:@-]` that is not `.` or `..`.
+///
+/// Exact, byte for byte, as the node routes: `/buy/ticket/../holders`,
+/// `//holders` or `/%68olders` are not public, so no spelling of an
+/// internal route passes, even through something behind the balancer that
+/// would normalise it. A later public route is added here, and both the
+/// balancer and `spike nginx-conf`/`haproxy-conf` follow.
+pub fn is_public_path(path: &[u8]) -> bool {
+    if path == PURCHASE_PATH.as_bytes() {
+        return true;
+    }
+    let Some(rest) = path.strip_prefix(ORDERS_PREFIX.as_bytes()) else {
+        return false;
+    };
+    let id = match rest.iter().position(|&b| b == b'/') {
+        None => rest,
+        Some(i) => match &rest[i..] {
+            b"/pay" | b"/cancel" => &rest[..i],
+            _ => return false,
+        },
+    };
+    is_id(id, MAX_ORDER_ID_LEN) && id != b"." && id != b".."
+}
+
+/// Longest order id a balancer passes on (an order id is two numbers of at
+/// most 20 digits and a dash; the node says what is wrong with one).
+pub const MAX_ORDER_ID_LEN: usize = 64;
+
 /// On every `sold_out` answer of a node: how a balancer in front learns,
 /// from the traffic it already carries, that it may ask for the holders and
 /// answer the sold-out flood itself.
@@ -293,6 +350,57 @@ mod tests {
         assert_eq!(key_in(&h), Ok("abc"));
         h.append(IDEMPOTENCY_KEY, HeaderValue::from_static("abc"));
         assert_eq!(key_in(&h), Err(KeyError::Malformed));
+    }
+
+    #[test]
+    fn only_the_public_api_is_public() {
+        for public in [
+            "/buy/ticket",
+            "/orders/17-3",
+            "/orders/17-3/pay",
+            "/orders/17-3/cancel",
+            "/orders/bad.id",
+        ] {
+            assert!(is_public_path(public.as_bytes()), "{public}");
+        }
+        for closed in [
+            "/",
+            "",
+            "*",
+            "/holders",
+            "/stats",
+            "/metrics",
+            "/sale",
+            "/sold_out",
+            "/healthz",
+            "/buy/ticket/",
+            "/buy/ticket/../holders",
+            "//buy/ticket",
+            "/BUY/ticket",
+            "/buy/ticke%74",
+            "/buy/ticket?x",
+            "/orders/",
+            "/orders",
+            "/orders/1-1/",
+            "/orders/1-1/pay/",
+            "/orders/1-1/refund",
+            "/orders/1-1/../../holders",
+            "/orders/../holders",
+            "/orders/..",
+            "/orders/.",
+            "/orders/%2E%2E",
+            "/orders//pay",
+            "http://a/buy/ticket",
+        ] {
+            assert!(!is_public_path(closed.as_bytes()), "{closed}");
+        }
+        assert!(!is_public_path(
+            format!("/orders/{}", "9".repeat(65)).as_bytes()
+        ));
+        for p in INTERNAL_PATHS {
+            assert!(is_internal_path(p) && !is_public_path(p.as_bytes()), "{p}");
+        }
+        assert!(!is_internal_path("/holders/") && !is_internal_path("/buy/ticket"));
     }
 
     #[test]

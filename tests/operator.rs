@@ -68,7 +68,17 @@ async fn metrics_count_what_the_buyers_were_told() {
         "{metrics}"
     );
     assert_eq!(by_code(&metrics, &ports, 400), 1, "{metrics}");
-    assert_eq!(by_code(&metrics, &ports, 404), 1, "{metrics}");
+    // A path that is not the nodes' public API is the balancer's own 404
+    // (issue 29): no node saw it.
+    assert_eq!(by_code(&metrics, &ports, 404), 0, "{metrics}");
+    assert_eq!(
+        sample(
+            &metrics,
+            "spike_balancer_local_responses_total{code=\"404\"}"
+        ),
+        1,
+        "{metrics}"
+    );
     assert!(!metrics.contains("class="), "{metrics}");
 
     let mut scraped = Vec::new();

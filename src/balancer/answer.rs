@@ -15,6 +15,9 @@ pub enum LocalAnswer {
     BadHost,
     /// A malformed chunked body, or a chunk size past 2^63 - 1.
     BadChunk,
+    /// In front of a sale, a path that is not the nodes' public API (nor
+    /// listed in `pass_paths`): the nodes' internal routes stay inside.
+    NotFound,
     /// CONNECT or TRACE, which are not proxied (as in Nginx).
     MethodNotAllowed,
     /// A body over `max_body`, declared or streamed.
@@ -56,7 +59,7 @@ const SECONDS: [&str; MAX_RETRY_AFTER as usize + 1] = [
 
 /// The values of `spike_balancer_local_responses_total`'s `code` label, in
 /// the order of [`LocalAnswer::slot`].
-pub const LOCAL_LABELS: [&str; 7] = ["400", "405", "413", "429", "502", "503", "504"];
+pub const LOCAL_LABELS: [&str; 8] = ["400", "404", "405", "413", "429", "502", "503", "504"];
 
 impl LocalAnswer {
     /// The status.
@@ -65,6 +68,7 @@ impl LocalAnswer {
             LocalAnswer::BadRequest | LocalAnswer::BadHost | LocalAnswer::BadChunk => {
                 StatusCode::BAD_REQUEST
             }
+            LocalAnswer::NotFound => StatusCode::NOT_FOUND,
             LocalAnswer::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             LocalAnswer::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             LocalAnswer::RateLimited { .. } | LocalAnswer::ConnLimited => {
@@ -95,6 +99,7 @@ impl LocalAnswer {
             LocalAnswer::BadChunk => {
                 b"{\"status\":\"bad_request\",\"reason\":\"the chunked request body is malformed or a chunk size is too large\"}\n"
             }
+            LocalAnswer::NotFound => b"{\"status\":\"not_found\",\"reason\":\"no such route\"}\n",
             LocalAnswer::MethodNotAllowed => {
                 b"{\"status\":\"method_not_allowed\",\"reason\":\"CONNECT and TRACE are not proxied\"}\n"
             }
@@ -156,12 +161,13 @@ impl LocalAnswer {
     pub const fn slot(self) -> Option<usize> {
         match self {
             LocalAnswer::BadRequest | LocalAnswer::BadHost | LocalAnswer::BadChunk => Some(0),
-            LocalAnswer::MethodNotAllowed => Some(1),
-            LocalAnswer::PayloadTooLarge => Some(2),
-            LocalAnswer::RateLimited { .. } | LocalAnswer::ConnLimited => Some(3),
-            LocalAnswer::BadGateway => Some(4),
-            LocalAnswer::NoUpstream => Some(5),
-            LocalAnswer::GatewayTimeout => Some(6),
+            LocalAnswer::NotFound => Some(1),
+            LocalAnswer::MethodNotAllowed => Some(2),
+            LocalAnswer::PayloadTooLarge => Some(3),
+            LocalAnswer::RateLimited { .. } | LocalAnswer::ConnLimited => Some(4),
+            LocalAnswer::BadGateway => Some(5),
+            LocalAnswer::NoUpstream => Some(6),
+            LocalAnswer::GatewayTimeout => Some(7),
             LocalAnswer::QueueFull | LocalAnswer::QueueTimeout => None,
         }
     }
@@ -171,10 +177,11 @@ impl LocalAnswer {
 mod tests {
     use super::*;
 
-    const ALL: [LocalAnswer; 12] = [
+    const ALL: [LocalAnswer; 13] = [
         LocalAnswer::BadRequest,
         LocalAnswer::BadHost,
         LocalAnswer::BadChunk,
+        LocalAnswer::NotFound,
         LocalAnswer::MethodNotAllowed,
         LocalAnswer::PayloadTooLarge,
         LocalAnswer::BadGateway,

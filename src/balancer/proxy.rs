@@ -203,6 +203,9 @@ pub async fn handle(
         if let Some(refused) = forward::refusal(&parts.method, host_ok, declared, config) {
             return reply(forward::local(shared, refused));
         }
+        if let Some(closed) = forward::closed(parts.uri.path().as_bytes(), config) {
+            return reply(forward::local(shared, closed));
+        }
         if !config.underscores_in_headers {
             drop_underscored(&mut parts.headers);
         }

@@ -79,6 +79,7 @@ impl NodeConfig {
         NodeConfig {
             name,
             listen,
+            internal: None,
             weight: 1,
             threads: None,
         }
@@ -113,6 +114,8 @@ impl Default for BalancerConfig {
             fast_path: true,
             trusted_proxies: Vec::new(),
             sold_out_at_edge: true,
+            public_only: false,
+            pass_paths: Vec::new(),
             queue: 0,
             queue_timeout: Duration::from_secs(10),
             health: None,
@@ -137,14 +140,16 @@ impl UpstreamConfig {
             max_conns: 0,
             backup: false,
             down: false,
+            internal: None,
         }
     }
 
     /// The upstream a `[[node]]` becomes when the balancer lists none: its
-    /// address and weight.
+    /// address, weight and internal address.
     pub fn from_node(node: &NodeConfig) -> Self {
         UpstreamConfig {
             weight: node.weight,
+            internal: node.internal,
             ..UpstreamConfig::new(node.listen)
         }
     }

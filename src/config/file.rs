@@ -70,6 +70,7 @@ pub(super) struct RedisFile {
 pub(super) struct NodeFile {
     pub(super) name: Spanned<String>,
     pub(super) listen: Spanned<String>,
+    pub(super) internal: Option<Spanned<String>>,
     pub(super) weight: Option<Spanned<i64>>,
     /// Read so that old files still load; it no longer does anything.
     pub(super) stock: Option<Spanned<i64>>,
@@ -97,6 +98,8 @@ pub(super) struct BalancerFile {
     #[serde(default)]
     pub(super) trusted_proxies: Vec<Spanned<String>>,
     pub(super) sold_out_at_edge: Option<bool>,
+    #[serde(default)]
+    pub(super) pass_paths: Vec<Spanned<String>>,
     pub(super) max_conns: Option<Spanned<i64>>,
     pub(super) queue: Option<Spanned<i64>>,
     pub(super) queue_timeout: Option<Spanned<String>>,
@@ -119,6 +122,7 @@ pub(super) struct BalancerFile {
 #[serde(deny_unknown_fields)]
 pub(super) struct UpstreamFile {
     pub(super) addr: Spanned<String>,
+    pub(super) internal: Option<Spanned<String>>,
     pub(super) weight: Option<Spanned<i64>>,
     pub(super) max_fails: Option<Spanned<i64>>,
     pub(super) fail_timeout: Option<Spanned<String>>,

@@ -77,6 +77,10 @@ pub struct NodeConfig {
     pub name: String,
     /// Where it listens.
     pub listen: SocketAddr,
+    /// Where it serves its internal routes (`/holders`, `/stats`,
+    /// `/metrics`, `/sale`, `/sold_out`, `/healthz`) instead of on
+    /// `listen`, so that they can be firewalled; `None`: on `listen`.
+    pub internal: Option<SocketAddr>,
     /// Its share of the traffic (the balancer's weight for it).
     pub weight: u32,
     /// Runtime threads of a `spike node` process; `None` is one per CPU.
@@ -129,6 +133,18 @@ pub struct UpstreamConfig {
     pub backup: bool,
     /// Never takes traffic.
     pub down: bool,
+    /// Where it serves its internal routes (a node's `[[node]] internal`),
+    /// when not on `addr`: the edge's reads of the sale and the health
+    /// checks go there.
+    pub internal: Option<SocketAddr>,
+}
+
+impl UpstreamConfig {
+    /// Where the balancer asks for the upstream's internal routes (the
+    /// sale, the holders, the health check): `internal`, else `addr`.
+    pub fn internal_addr(&self) -> SocketAddr {
+        self.internal.unwrap_or(self.addr)
+    }
 }
 
 /// The balancer's settings.
@@ -179,6 +195,16 @@ pub struct BalancerConfig {
     /// for holders) here once the nodes say the sale is sold out, instead
     /// of sending the flood to them (see `crate::balancer::edge`).
     pub sold_out_at_edge: bool,
+    /// The file has a `[sale]`, so the upstreams are spike nodes: only
+    /// their public API ([`crate::protocol::is_public_path`]) and
+    /// `pass_paths` are forwarded, every other path is the balancer's 404,
+    /// so the nodes' internal routes (the holders, the stats) stay inside.
+    /// Off (no `[sale]`, in front of other backends): every path passes.
+    pub public_only: bool,
+    /// With `public_only`, more paths to forward (each a prefix of the
+    /// path, starting with `/`): for other routes the upstreams serve
+    /// beside a sale.
+    pub pass_paths: Vec<String>,
     /// Requests that may wait for an upstream below its `max_conns` (Nginx
     /// Plus's `queue`); 0: none wait, they get 503 at once.
     pub queue: usize,

@@ -347,6 +347,8 @@ fn unset_keys_take_the_named_defaults() {
         c.balancer,
         Some(BalancerConfig {
             upstreams: vec![upstream],
+            // A [sale]: the upstreams are nodes, and only their public API passes.
+            public_only: true,
             ..BalancerConfig::default()
         })
     );
@@ -556,4 +558,68 @@ fn per_client_limits_read_as_nginx_writes_them_and_a_bad_one_is_named() {
         "balancer.limit_nodelay",
         3,
     );
+}
+
+#[test]
+fn a_sale_forwards_only_the_public_api_and_pass_paths() {
+    let c = parse(FOUR).expect("valid");
+    let b = c.balancer.as_ref().expect("balancer");
+    assert!(b.public_only && b.pass_paths.is_empty());
+    let text = format!("{FOUR}\n[balancer]\npass_paths = [\"/api/\", \"/static\"]\n");
+    let c = parse(&text).expect("valid");
+    let b = c.balancer.as_ref().expect("balancer");
+    assert!(b.public_only);
+    assert_eq!(b.pass_paths, ["/api/", "/static"]);
+    let alone = "[balancer]\n[[balancer.upstream]]\naddr = \"127.0.0.1:9\"\n";
+    assert!(
+        !parse(alone)
+            .expect("valid")
+            .balancer
+            .expect("b")
+            .public_only
+    );
+    for bad in ["api", "/a?b", "/a/../b", "/a/./", "/%68", "/a b", ""] {
+        let text = format!("{FOUR}\n[balancer]\npass_paths = [\"/ok\", \"{bad}\"]\n");
+        let msg = expect_err(&text, "balancer.pass_paths[1]", 24);
+        assert!(msg.contains("is not a path prefix"), "{msg}");
+    }
+    let text =
+        "[balancer]\npass_paths = [\"/api/\"]\n[[balancer.upstream]]\naddr = \"127.0.0.1:9\"\n";
+    let msg = expect_err(text, "balancer.pass_paths", 2);
+    assert!(msg.contains("without a [sale]"), "{msg}");
+}
+
+#[test]
+fn internal_addresses_go_from_nodes_to_upstreams() {
+    let text = FOUR.replacen(
+        "listen = \"127.0.0.1:3001\"",
+        "listen = \"127.0.0.1:3001\"\ninternal = \"127.0.0.1:4001\"",
+        1,
+    );
+    let c = parse(&text).expect("valid");
+    assert_eq!(
+        c.nodes[0].internal,
+        Some("127.0.0.1:4001".parse().expect("addr"))
+    );
+    assert_eq!(c.nodes[1].internal, None);
+    let b = c.balancer.as_ref().expect("balancer");
+    assert_eq!(
+        b.upstreams[0].internal_addr(),
+        "127.0.0.1:4001".parse().expect("addr")
+    );
+    assert_eq!(
+        b.upstreams[1].internal_addr(),
+        "127.0.0.1:3002".parse().expect("addr")
+    );
+    let ups =
+        "[balancer]\n[[balancer.upstream]]\naddr = \"127.0.0.1:9\"\ninternal = \"127.0.0.1:10\"\n";
+    let c = parse(ups).expect("valid");
+    assert_eq!(
+        c.balancer.expect("b").upstreams[0].internal,
+        Some("127.0.0.1:10".parse().expect("addr"))
+    );
+    let bad = FOUR.replacen("weight = 2", "weight = 2\ninternal = \"nowhere\"", 1);
+    expect_err(&bad, "node[1].internal", 14);
+    let bad = "[balancer]\n[[balancer.upstream]]\naddr = \"127.0.0.1:9\"\ninternal = \"x\"\n";
+    expect_err(bad, "balancer.upstream[0].internal", 4);
 }

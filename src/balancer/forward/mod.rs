@@ -60,6 +60,7 @@ use std::time::Instant;
 use hyper::{Method, StatusCode};
 
 use crate::config::BalancerConfig;
+use crate::protocol;
 
 use super::answer::LocalAnswer;
 
@@ -104,6 +105,55 @@ pub fn refusal(
         return Some(LocalAnswer::PayloadTooLarge);
     }
     None
+}
+
+/// In front of a sale (`public_only`), what is not for buyers: a request
+/// whose path (as it came, without its query) is neither the nodes' public
+/// API ([`protocol::is_public_path`], exact) nor under one of `pass_paths`
+/// is the balancer's 404, and reaches no node, so the nodes' internal
+/// routes (every buyer's order in `/holders`, the stats) never answer on
+/// the public port. Both paths ask here first, before the edge. A path
+/// with a `.` or `..` segment (plain or percent-encoded) or an empty one
+/// (`//`) never passes by `pass_paths`: something behind the balancer that
+/// normalises it could read it as another route. Without a `[sale]`,
+/// every path passes, as in Nginx.
+pub fn closed(path: &[u8], config: &BalancerConfig) -> Option<LocalAnswer> {
+    if !config.public_only || protocol::is_public_path(path) {
+        return None;
+    }
+    let passed = !config.pass_paths.is_empty()
+        && is_plain_path(path)
+        && config
+            .pass_paths
+            .iter()
+            .any(|prefix| path.starts_with(prefix.as_bytes()));
+    (!passed).then_some(LocalAnswer::NotFound)
+}
+
+/// Starts with `/`, and no segment after it is empty (but the last) or a
+/// dot segment ([`is_dot_segment`]).
+fn is_plain_path(path: &[u8]) -> bool {
+    let Some(rest) = path.strip_prefix(b"/") else {
+        return false;
+    };
+    let last = rest.split(|&b| b == b'/').count() - 1;
+    rest.split(|&b| b == b'/')
+        .enumerate()
+        .all(|(i, seg)| (i == last || !seg.is_empty()) && !is_dot_segment(seg))
+}
+
+/// `.` or `..`, each dot plain or percent-encoded (`%2e`, `%2E`).
+fn is_dot_segment(mut seg: &[u8]) -> bool {
+    let mut dots = 0;
+    while !seg.is_empty() {
+        seg = match seg {
+            [b'.', rest @ ..] => rest,
+            [b'%', b'2', e, rest @ ..] if e.eq_ignore_ascii_case(&b'e') => rest,
+            _ => return false,
+        };
+        dots += 1;
+    }
+    (1..=2).contains(&dots)
 }
 
 /// What the policy knows of one request once its transport has read it.

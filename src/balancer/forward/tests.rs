@@ -265,3 +265,62 @@ async fn per_client_limits_refuse_delay_and_count() {
         "the conns 429 went through run; the rate one is counted by its transport"
     );
 }
+
+/// In front of a sale only the public API and `pass_paths` pass; without
+/// a sale every path does.
+#[test]
+fn closed_paths_are_the_balancers_404() {
+    use super::closed;
+    use crate::config::BalancerConfig;
+    let open = BalancerConfig::default();
+    let sale = BalancerConfig {
+        public_only: true,
+        ..BalancerConfig::default()
+    };
+    let extra = BalancerConfig {
+        public_only: true,
+        pass_paths: vec!["/api/".to_string(), "/static".to_string()],
+        ..BalancerConfig::default()
+    };
+    for path in ["/holders", "/anything", "/api/x", "*", ""] {
+        assert_eq!(closed(path.as_bytes(), &open), None, "{path}");
+    }
+    for path in ["/buy/ticket", "/orders/1-2", "/orders/1-2/pay"] {
+        assert_eq!(closed(path.as_bytes(), &sale), None, "{path}");
+        assert_eq!(closed(path.as_bytes(), &extra), None, "{path}");
+    }
+    for path in ["/holders", "/healthz", "/api/x", "//holders", "/"] {
+        assert_eq!(
+            closed(path.as_bytes(), &sale),
+            Some(LocalAnswer::NotFound),
+            "{path}"
+        );
+    }
+    for path in [
+        "/api/",
+        "/api/v1/x",
+        "/static",
+        "/static.css",
+        "/staticx/a/",
+    ] {
+        assert_eq!(closed(path.as_bytes(), &extra), None, "{path}");
+    }
+    for path in [
+        "/holders",
+        "/api",
+        "/api/../holders",
+        "/api/..",
+        "/api/%2e%2E/holders",
+        "/api/.%2e/holders",
+        "/api/./x",
+        "/api//holders",
+        "/static/../holders",
+        "/static/%2E",
+    ] {
+        assert_eq!(
+            closed(path.as_bytes(), &extra),
+            Some(LocalAnswer::NotFound),
+            "{path}"
+        );
+    }
+}

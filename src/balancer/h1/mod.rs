@@ -320,7 +320,8 @@ impl<A: Future, B: Future<Output = A::Output>> Future for Either<A, B> {
 
 /// What becomes of the request in `b` once it has been read.
 enum Next {
-    /// The edge, or a per-client limit, answers it.
+    /// The balancer answers it: a closed path, a per-client limit, or the
+    /// edge.
     Answer(Reply),
     /// It goes to upstreams: written into `b.out`, as every attempt sends
     /// it, once the limits have let it (see [`forward::limit`]).
@@ -328,9 +329,10 @@ enum Next {
 }
 
 /// The policy's decisions for the request in `b` (its bytes are
-/// `b.input[..end]`), all made before anything is sent or awaited: the
-/// client's address, `limit_rate`'s 429, the edge's answer, or the request
-/// as the upstreams get it, written once.
+/// `b.input[..end]`), all made before anything is sent or awaited: a path
+/// that is not forwarded ([`forward::closed`]), the client's address,
+/// `limit_rate`'s 429, the edge's answer, or the request as the upstreams
+/// get it, written once.
 fn prepare(
     shared: &Shared,
     active: &super::state::Active,
@@ -342,7 +344,11 @@ fn prepare(
     let config = &active.config;
     let head = &b.head;
     let input = &b.input[..end];
-    let is_buy = &input[head.target.start..head.path_end] == protocol::PURCHASE_PATH.as_bytes();
+    let path = &input[head.target.start..head.path_end];
+    if let Some(closed) = forward::closed(path, config) {
+        return Next::Answer(forward::local(shared, closed));
+    }
+    let is_buy = path == protocol::PURCHASE_PATH.as_bytes();
     let client_addr = client_ip_from(
         peer.ip,
         head.headers

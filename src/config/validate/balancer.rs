@@ -17,11 +17,14 @@ use crate::config::sections::{
 };
 
 /// `[balancer]`; without one, the defaults in front of the `[[node]]`s, or
-/// `None` when there are no nodes either.
+/// `None` when there are no nodes either. `has_sale`: the file has a
+/// `[sale]`, so the upstreams are spike nodes and only their public API
+/// passes (`public_only`).
 pub(super) fn validate(
     cx: &Cx,
     file: Option<&Spanned<BalancerFile>>,
     nodes: &[NodeConfig],
+    has_sale: bool,
 ) -> Result<Option<BalancerConfig>, ConfigError> {
     let d = BalancerConfig::default();
     let Some(b) = file else {
@@ -30,6 +33,7 @@ pub(super) fn validate(
         }
         return Ok(Some(BalancerConfig {
             upstreams: nodes.iter().map(UpstreamConfig::from_node).collect(),
+            public_only: has_sale,
             ..d
         }));
     };
@@ -105,6 +109,8 @@ pub(super) fn validate(
         fast_path: b.fast_path.unwrap_or(d.fast_path),
         trusted_proxies,
         sold_out_at_edge: b.sold_out_at_edge.unwrap_or(d.sold_out_at_edge),
+        public_only: has_sale,
+        pass_paths: pass_paths(cx, &b.pass_paths, has_sale)?,
         queue: optional(&b.queue, d.queue, |v| {
             Ok(cx.count("balancer.queue", v, 0)? as usize)
         })?,
@@ -254,6 +260,43 @@ fn trusted_proxies(cx: &Cx, list: &[Spanned<String>]) -> Result<Vec<IpNet>, Conf
         .collect()
 }
 
+/// `pass_paths`: each a path prefix like `"/api/"`: it starts with `/`, and
+/// has no query, no percent-encoding and no dot segment (a request path is
+/// matched as it came, so a prefix must have one spelling);
+/// refused without a `[sale]`, where every path passes anyway.
+fn pass_paths(
+    cx: &Cx,
+    list: &[Spanned<String>],
+    has_sale: bool,
+) -> Result<Vec<String>, ConfigError> {
+    if let (false, Some(first)) = (has_sale, list.first()) {
+        return Err(cx.err(
+            "balancer.pass_paths",
+            first.span(),
+            "has no effect without a [sale]: a balancer in front of other backends passes every path",
+        ));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let s = p.get_ref().trim();
+            let plain = s.bytes().all(|c| {
+                c.is_ascii_alphanumeric() || b"/-._~!$&'()*+,;=:@".contains(&c)
+            });
+            let dotted = s.split('/').any(|seg| seg == "." || seg == "..");
+            if !s.starts_with('/') || s.len() > 1024 || !plain || dotted
+            {
+                return Err(cx.err(
+                    format!("balancer.pass_paths[{i}]"),
+                    p.span(),
+                    format!("{s:?} is not a path prefix like \"/api/\": it starts with '/' and has no query, no percent-encoding and no '.' or '..' segment"),
+                ));
+            }
+            Ok(s.to_string())
+        })
+        .collect()
+}
+
 /// Every `[[balancer.upstream]]`, in file order; one that sets no
 /// `max_conns` takes the balancer's, when that sets one.
 fn upstreams(
@@ -296,6 +339,9 @@ fn upstreams(
             })?,
             backup: u.backup,
             down: u.down,
+            internal: optional(&u.internal, None, |v| {
+                Ok(Some(cx.socket_addr(&key("internal"), v)?))
+            })?,
             ..d
         });
     }

@@ -67,7 +67,7 @@ fn validate(cx: &Cx, file: FileConfig) -> Result<Config, ConfigError> {
         file.redis.is_some(),
         &mut warnings,
     )?;
-    let mut balancer = balancer::validate(cx, file.balancer.as_ref(), &nodes)?;
+    let mut balancer = balancer::validate(cx, file.balancer.as_ref(), &nodes, sale.is_some())?;
     let auth = auth::validate(cx, file.auth.as_ref(), sale.as_ref())?;
     if let (Some(b), Some(a), Some(s)) = (balancer.as_mut(), auth.as_ref(), sale.as_ref()) {
         b.auth = Some(crate::config::EdgeAuth {

@@ -30,6 +30,9 @@ pub(super) fn validate(
         }
         let d = NodeConfig::new(name, cx.socket_addr(&key("listen"), &n.listen)?);
         let weight = optional(&n.weight, d.weight, |w| cx.weight(&key("weight"), w))?;
+        let internal = optional(&n.internal, None, |v| {
+            Ok(Some(cx.socket_addr(&key("internal"), v)?))
+        })?;
         if let Some(s) = &n.stock {
             warnings.push(cx.warning(
                 &key("stock"),
@@ -42,6 +45,7 @@ pub(super) fn validate(
         })?;
         nodes.push(NodeConfig {
             weight,
+            internal,
             threads,
             ..d
         });

@@ -9,7 +9,6 @@ mod smooth;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::balancer::upstream::{LiveState, Upstream};
 use crate::config::{Strategy, UpstreamConfig};
@@ -38,13 +37,8 @@ pub(super) fn with_least_conn<R>(s: &Selector, f: impl FnOnce(&LeastConnState) -
 
 pub(super) fn up(port: u16, weight: u32) -> UpstreamConfig {
     UpstreamConfig {
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
         weight,
-        max_fails: 1,
-        fail_timeout: Duration::from_secs(10),
-        max_conns: 0,
-        backup: false,
-        down: false,
+        ..UpstreamConfig::new(SocketAddr::from(([127, 0, 0, 1], port)))
     }
 }
 

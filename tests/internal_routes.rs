@@ -1,0 +1,249 @@
+//! Issue 29: the nodes' internal routes (`/holders`, `/stats`, `/metrics`,
+//! `/sale`, `/sold_out`, `/healthz`) are not public through the balancer.
+//! Real `spike node` and `spike balancer` processes over a real Redis,
+//! under every strategy and on both of the balancer's paths: those routes
+//! answer 404 on the public port before and after the sale sells out (and
+//! every odd spelling of them too, answered by the balancer itself), while
+//! the edge still answers the sold-out flood from memory and the health
+//! checks still take a dead node out.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::http::{TestClient, client, get, json};
+use common::redis::RedisServer;
+use common::spike::{SpikeProcess, remove_config, run, wait_listening, write_config};
+use hyper::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The nodes' routes that are not for buyers.
+const INTERNAL: [&str; 6] = [
+    "/holders",
+    "/stats",
+    "/metrics",
+    "/sale",
+    "/sold_out",
+    "/healthz",
+];
+
+/// Requests that spell an internal route some other way: a query, doubled
+/// or dotted segments, case, percent-encoding, the absolute form, HTTP/1.0
+/// (hyper's path even with the fast path on), other methods.
+const TRICKY: [&str; 20] = [
+    "GET /holders?x HTTP/1.1",
+    "GET /holders?user=a HTTP/1.1",
+    "GET /sold_out?epoch=1&released=0 HTTP/1.1",
+    "GET //holders HTTP/1.1",
+    "GET /HOLDERS HTTP/1.1",
+    "GET /holders/ HTTP/1.1",
+    "GET /./holders HTTP/1.1",
+    "GET /buy/ticket/../holders HTTP/1.1",
+    "GET /buy/ticket/..%2Fholders HTTP/1.1",
+    "GET /buy/ticket%2F..%2Fholders HTTP/1.1",
+    "GET /%68olders HTTP/1.1",
+    "GET /orders/../holders HTTP/1.1",
+    "GET /orders/.. HTTP/1.1",
+    "GET /orders/1-1/../../holders HTTP/1.1",
+    "GET /orders/%2E%2E%2Fholders HTTP/1.1",
+    "GET http://spike/holders HTTP/1.1",
+    "GET /holders HTTP/1.0",
+    "HEAD /stats HTTP/1.1",
+    "POST /sale HTTP/1.1",
+    "DELETE /healthz HTTP/1.1",
+];
+
+/// One request on a new connection, as written; the status code.
+async fn raw_status(to: SocketAddr, line: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(to).await.expect("connect");
+    let req = format!("{line}\r\nHost: spike\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("the balancer closes the connection")
+        .expect("read");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    text.get(9..12).unwrap_or(&text).to_string()
+}
+
+/// `spike_balancer_local_responses_total{code="404"}` on the admin port.
+async fn local_404s(c: &TestClient, admin: SocketAddr) -> u64 {
+    let (_, metrics) = get(c, admin, "/metrics").await.expect("metrics");
+    common::up::sample(
+        &metrics,
+        "spike_balancer_local_responses_total{code=\"404\"}",
+    )
+}
+
+/// Every internal route and every tricky spelling of one answers 404 on
+/// `balancer`, each the balancer's own (none reached a node).
+async fn all_closed(c: &TestClient, balancer: SocketAddr, admin: SocketAddr, when: &str) {
+    let before = local_404s(c, admin).await;
+    for path in INTERNAL {
+        let (status, body) = get(c, balancer, path).await.expect("get");
+        assert_eq!(status, StatusCode::NOT_FOUND, "{when}: {path}: {body}");
+        assert!(!body.contains("buyers"), "{when}: {path}: {body}");
+    }
+    for line in TRICKY {
+        assert_eq!(raw_status(balancer, line).await, "404", "{when}: {line}");
+    }
+    let after = local_404s(c, admin).await;
+    assert_eq!(
+        after - before,
+        (INTERNAL.len() + TRICKY.len()) as u64,
+        "{when}: every 404 is the balancer's own"
+    );
+}
+
+/// What `/status` says of the upstream at `addr`.
+async fn state_of(c: &TestClient, admin: SocketAddr, addr: SocketAddr) -> String {
+    let (_, body) = get(c, admin, "/status").await.expect("status");
+    json(&body)["upstreams"]
+        .as_array()
+        .expect("upstreams")
+        .iter()
+        .find(|u| u["address"] == addr.to_string())
+        .and_then(|u| u["state"].as_str())
+        .unwrap_or("absent")
+        .to_string()
+}
+
+/// The sold-out answers the nodes gave, from their `/stats` (asked where
+/// each node serves it).
+async fn node_sold_out_answers(c: &TestClient, stats: &[SocketAddr]) -> u64 {
+    let mut n = 0;
+    for a in stats {
+        let (_, body) = get(c, *a, "/stats").await.expect("stats");
+        n += json(&body)["sold_out_answers"].as_u64().expect("count");
+    }
+    n
+}
+
+/// The whole story under `strategy`, on the fast path or hyper's.
+async fn internal_routes_stay_inside(strategy: &str, fast_path: bool) {
+    let redis = RedisServer::start();
+    let (listen, admin) = (common::free_addr(), common::free_addr());
+    let nodes: Vec<SocketAddr> = (0..3).map(|_| common::free_addr()).collect();
+    let mut text = format!(
+        "[sale]\nevent = \"internal-{strategy}-{fast_path}\"\ntotal = 6\nper_user_limit = 1\n\n\
+         [redis]\nurl = \"{}\"\n\n\
+         [balancer]\nlisten = \"{listen}\"\nadmin = \"{admin}\"\nstrategy = \"{strategy}\"\n\
+         fast_path = {fast_path}\nhealth_check = \"/healthz\"\nhealth_interval = \"200ms\"\n\
+         health_timeout = \"500ms\"\n",
+        redis.url()
+    );
+    for (i, a) in nodes.iter().enumerate() {
+        text.push_str(&format!(
+            "\n[[node]]\nname = \"n{}\"\nlisten = \"{a}\"\nweight = {}\nthreads = 1\n",
+            i + 1,
+            i + 1
+        ));
+    }
+    let path = write_config(&text);
+    let cfg = path.to_str().expect("utf-8 path");
+    let init = run(&["stock", "init", "--trust-client-buyer-ids", "--config", cfg]);
+    assert!(init.status.success(), "{init:?}");
+    let mut procs: Vec<SpikeProcess> = (1..=3)
+        .map(|i| SpikeProcess::start(&["node", "--config", cfg, "--name", &format!("n{i}")]))
+        .collect();
+    for a in &nodes {
+        wait_listening(&a.to_string(), Duration::from_secs(10));
+    }
+    let _balancer = SpikeProcess::start(&["balancer", "--config", cfg]);
+    wait_listening(&listen.to_string(), Duration::from_secs(10));
+    wait_listening(&admin.to_string(), Duration::from_secs(10));
+    let c = client();
+    common::wait_for(
+        "every node to pass its health check",
+        Duration::from_secs(5),
+        async || {
+            for n in &nodes {
+                if state_of(&c, admin, *n).await != "up" {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+
+    all_closed(&c, listen, admin, "on sale").await;
+
+    // The public API still passes: purchases, and an order's own route.
+    let mut order = String::new();
+    for i in 0..6 {
+        let (status, body) = get(&c, listen, &format!("/buy/ticket?user=u{i}"))
+            .await
+            .expect("buy");
+        assert_eq!(status, StatusCode::OK, "{body}");
+        order = json(&body)["order"].as_str().expect("order").to_string();
+    }
+    let (status, body) = get(&c, listen, &format!("/orders/{order}?user=u5"))
+        .await
+        .expect("order");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, _) = get(&c, listen, "/buy/ticket?user=late").await.expect("buy");
+    assert_eq!(status, StatusCode::CONFLICT);
+    common::wait_for("the edge to answer", Duration::from_secs(5), async || {
+        let (_, body) = get(&c, admin, "/status").await.expect("status");
+        json(&body)["edge"]["answering"] == true
+    })
+    .await;
+
+    all_closed(&c, listen, admin, "sold out").await;
+
+    // The flood is answered from the edge's memory.
+    let before = node_sold_out_answers(&c, &nodes).await;
+    let answers = common::sale::storm(&c, &[listen], 300, 300, 10, "flood").await;
+    for a in &answers {
+        assert_eq!(a.status, Some(StatusCode::CONFLICT), "{}", a.body);
+        assert_eq!(json(&a.body)["status"], "sold_out", "{}", a.body);
+    }
+    let reached = node_sold_out_answers(&c, &nodes).await - before;
+    assert!(
+        reached <= 3,
+        "{reached} of 300 sold-out answers came from a node"
+    );
+
+    // A dead node is taken out by its health check; the others stay in.
+    procs[0].signal("KILL");
+    let _ = procs[0].wait_exit(Duration::from_secs(5));
+    common::wait_for(
+        "the dead node to be taken out",
+        Duration::from_secs(5),
+        async || state_of(&c, admin, nodes[0]).await == "unhealthy",
+    )
+    .await;
+    for n in &nodes[1..] {
+        assert_eq!(state_of(&c, admin, *n).await, "up", "{n}");
+    }
+    all_closed(&c, listen, admin, "a node dead").await;
+    let (status, body) = get(&c, listen, "/buy/ticket?user=later")
+        .await
+        .expect("buy");
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    drop(procs);
+    remove_config(&path);
+}
+
+macro_rules! every_strategy_and_path {
+    ($($name:ident: $strategy:literal, $fast:literal;)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            internal_routes_stay_inside($strategy, $fast).await;
+        }
+    )*};
+}
+
+every_strategy_and_path! {
+    round_robin_fast_path: "round_robin", true;
+    round_robin_hyper_path: "round_robin", false;
+    weighted_fast_path: "weighted_round_robin", true;
+    weighted_hyper_path: "weighted_round_robin", false;
+    ip_hash_fast_path: "ip_hash", true;
+    ip_hash_hyper_path: "ip_hash", false;
+    least_conn_fast_path: "least_conn", true;
+    least_conn_hyper_path: "least_conn", false;
+}
