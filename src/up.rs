@@ -57,8 +57,9 @@ pub struct Listeners {
     pub balancer: TcpListener,
     /// The balancer's admin listener.
     pub admin: TcpListener,
-    /// One per node, in file order.
-    pub nodes: Vec<TcpListener>,
+    /// One per node, in file order (with its internal one, when the node
+    /// has `internal`).
+    pub nodes: Vec<crate::node::Listeners>,
 }
 
 impl Listeners {
@@ -78,8 +79,16 @@ impl Listeners {
             nodes: config
                 .nodes
                 .iter()
-                .map(|n| bind(n.listen, &format!("node {}", n.name)))
-                .collect::<Result<_, _>>()?,
+                .map(|n| {
+                    Ok(crate::node::Listeners {
+                        public: bind(n.listen, &format!("node {}", n.name))?,
+                        internal: n
+                            .internal
+                            .map(|a| bind(a, &format!("node {} internal", n.name)))
+                            .transpose()?,
+                    })
+                })
+                .collect::<Result<_, UpError>>()?,
         })
     }
 }
@@ -157,6 +166,9 @@ pub async fn run(
 
 /// One node serving in this process.
 struct Running {
+    /// Where it serves its internal routes (`None`: on its listen
+    /// address), which a reload cannot move.
+    internal: Option<SocketAddr>,
     stop: watch::Sender<()>,
     task: tokio::task::JoinHandle<()>,
     /// The node, for what a reload changes in place (its `[auth]` keys).
@@ -177,12 +189,12 @@ impl Fleet {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts node `name` of `config` on `listener`.
+    /// Starts node `name` of `config` on `listeners`.
     async fn start(
         &self,
         config: &Config,
         name: &str,
-        listener: TcpListener,
+        listeners: crate::node::Listeners,
     ) -> Result<Arc<Node>, UpError> {
         // With Redis, each node its own connection and batch queue, as
         // separate `spike node` processes would have: its `redis_calls`
@@ -193,12 +205,14 @@ impl Fleet {
         };
         let node = crate::node::build(config, name, store)?;
         // Keyed by the file's address, which the reload compares against.
-        let addr = config.node(name)?.listen;
+        let cfg = config.node(name)?;
+        let (addr, internal) = (cfg.listen, cfg.internal);
         let (stop, rx) = watch::channel(());
-        let task = crate::node::spawn(listener, node.clone(), config.server.clone(), rx);
+        let task = crate::node::spawn(listeners, node.clone(), config.server.clone(), rx);
         self.lock().insert(
             addr,
             Running {
+                internal,
                 stop,
                 task,
                 node: node.clone(),
@@ -228,6 +242,16 @@ impl crate::balancer::state::ReloadHook for FleetHook {
         }
         let added: Vec<_> = {
             let running = self.fleet.lock();
+            if let Some(n) = config.nodes.iter().find(|n| {
+                running
+                    .get(&n.listen)
+                    .is_some_and(|r| r.internal != n.internal)
+            }) {
+                return Err(format!(
+                    "node {}: `internal` changes only with a restart of `spike up` (the node keeps serving where it does); the file is refused",
+                    n.name
+                ));
+            }
             config
                 .nodes
                 .iter()
@@ -239,13 +263,19 @@ impl crate::balancer::state::ReloadHook for FleetHook {
         let _in_runtime = self.runtime.enter();
         let mut bound = Vec::with_capacity(added.len());
         for n in added {
-            let listener = crate::server::bind(n.listen).map_err(|e| {
-                format!(
-                    "node {} cannot listen on {}: {e}; the file is refused",
-                    n.name, n.listen
-                )
-            })?;
-            bound.push((n.name.clone(), listener));
+            let bind = |addr: SocketAddr| {
+                crate::server::bind(addr).map_err(|e| {
+                    format!(
+                        "node {} cannot listen on {addr}: {e}; the file is refused",
+                        n.name
+                    )
+                })
+            };
+            let listeners = crate::node::Listeners {
+                public: bind(n.listen)?,
+                internal: n.internal.map(bind).transpose()?,
+            };
+            bound.push((n.name.clone(), listeners));
         }
         for (name, listener) in bound {
             self.runtime
@@ -346,11 +376,17 @@ pub fn banner(config: &Config, stored: &Snapshot) -> String {
         b.admin
     );
     for cfg in &config.nodes {
-        let _ = writeln!(
+        let _ = write!(
             s,
             "  node {:<4}  http://{}  weight {}, leases {} tickets at a time",
             cfg.name, cfg.listen, cfg.weight, sale.lease
         );
+        match cfg.internal {
+            Some(a) => {
+                let _ = writeln!(s, "; internal routes on http://{a}");
+            }
+            None => s.push('\n'),
+        }
     }
     // With [auth] a buyer is a token: mint one for the line to paste (an
     // hour is long enough for a first look; `spike token` makes more).
@@ -420,7 +456,8 @@ pub fn banner(config: &Config, stored: &Snapshot) -> String {
     let _ = writeln!(
         s,
         "state:     curl -s http://{}/sale    status: curl -s http://{}/status",
-        config.nodes[0].listen, b.admin
+        config.nodes[0].internal.unwrap_or(config.nodes[0].listen),
+        b.admin
     );
     s.push_str("Ctrl-C stops everything.\n");
     s

@@ -5,7 +5,9 @@
 //! answer 404 on the public port before and after the sale sells out (and
 //! every odd spelling of them too, answered by the balancer itself), while
 //! the edge still answers the sold-out flood from memory and the health
-//! checks still take a dead node out.
+//! checks still take a dead node out. The nodes serve their internal
+//! routes on `[[node]] internal`, where the balancer's health checks and
+//! edge ask for them; their public port answers 404 for them.
 
 mod common;
 
@@ -126,6 +128,7 @@ async fn internal_routes_stay_inside(strategy: &str, fast_path: bool) {
     let redis = RedisServer::start();
     let (listen, admin) = (common::free_addr(), common::free_addr());
     let nodes: Vec<SocketAddr> = (0..3).map(|_| common::free_addr()).collect();
+    let internal: Vec<SocketAddr> = (0..3).map(|_| common::free_addr()).collect();
     let mut text = format!(
         "[sale]\nevent = \"internal-{strategy}-{fast_path}\"\ntotal = 6\nper_user_limit = 1\n\n\
          [redis]\nurl = \"{}\"\n\n\
@@ -134,9 +137,9 @@ async fn internal_routes_stay_inside(strategy: &str, fast_path: bool) {
          health_timeout = \"500ms\"\n",
         redis.url()
     );
-    for (i, a) in nodes.iter().enumerate() {
+    for (i, (a, inside)) in nodes.iter().zip(&internal).enumerate() {
         text.push_str(&format!(
-            "\n[[node]]\nname = \"n{}\"\nlisten = \"{a}\"\nweight = {}\nthreads = 1\n",
+            "\n[[node]]\nname = \"n{}\"\nlisten = \"{a}\"\ninternal = \"{inside}\"\nweight = {}\nthreads = 1\n",
             i + 1,
             i + 1
         ));
@@ -148,7 +151,7 @@ async fn internal_routes_stay_inside(strategy: &str, fast_path: bool) {
     let mut procs: Vec<SpikeProcess> = (1..=3)
         .map(|i| SpikeProcess::start(&["node", "--config", cfg, "--name", &format!("n{i}")]))
         .collect();
-    for a in &nodes {
+    for a in nodes.iter().chain(&internal) {
         wait_listening(&a.to_string(), Duration::from_secs(10));
     }
     let _balancer = SpikeProcess::start(&["balancer", "--config", cfg]);
@@ -170,6 +173,25 @@ async fn internal_routes_stay_inside(strategy: &str, fast_path: bool) {
     .await;
 
     all_closed(&c, listen, admin, "on sale").await;
+    // Each node: its internal routes on its internal listener only, and
+    // its public API on its public listener only.
+    for (public, inside) in nodes.iter().zip(&internal) {
+        for path in INTERNAL {
+            let (status, _) = get(&c, *public, path).await.expect("public");
+            assert_eq!(status, StatusCode::NOT_FOUND, "{public}{path}");
+            let (status, body) = get(&c, *inside, path).await.expect("internal");
+            let expected = if path == "/holders" {
+                StatusCode::CONFLICT // not sold out yet
+            } else {
+                StatusCode::OK
+            };
+            assert_eq!(status, expected, "{inside}{path}: {body}");
+        }
+        let (status, _) = get(&c, *inside, "/buy/ticket?user=inside")
+            .await
+            .expect("internal");
+        assert_eq!(status, StatusCode::NOT_FOUND, "{inside}");
+    }
 
     // The public API still passes: purchases, and an order's own route.
     let mut order = String::new();
@@ -195,13 +217,13 @@ async fn internal_routes_stay_inside(strategy: &str, fast_path: bool) {
     all_closed(&c, listen, admin, "sold out").await;
 
     // The flood is answered from the edge's memory.
-    let before = node_sold_out_answers(&c, &nodes).await;
+    let before = node_sold_out_answers(&c, &internal).await;
     let answers = common::sale::storm(&c, &[listen], 300, 300, 10, "flood").await;
     for a in &answers {
         assert_eq!(a.status, Some(StatusCode::CONFLICT), "{}", a.body);
         assert_eq!(json(&a.body)["status"], "sold_out", "{}", a.body);
     }
-    let reached = node_sold_out_answers(&c, &nodes).await - before;
+    let reached = node_sold_out_answers(&c, &internal).await - before;
     assert!(
         reached <= 3,
         "{reached} of 300 sold-out answers came from a node"
@@ -246,4 +268,80 @@ every_strategy_and_path! {
     ip_hash_hyper_path: "ip_hash", false;
     least_conn_fast_path: "least_conn", true;
     least_conn_hyper_path: "least_conn", false;
+}
+
+/// `spike up` with `[[node]] internal`: each node's internal routes are on
+/// its internal listener only, the balancer's health checks, edge and
+/// admin `/sale` read them there, and the banner points there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spike_up_serves_the_internal_routes_apart() {
+    let (listen, admin) = (common::free_addr(), common::free_addr());
+    let nodes: Vec<SocketAddr> = (0..2).map(|_| common::free_addr()).collect();
+    let internal: Vec<SocketAddr> = (0..2).map(|_| common::free_addr()).collect();
+    let mut text = format!(
+        "[sale]\nevent = \"up-internal\"\ntotal = 4\nper_user_limit = 1\n\n\
+         [balancer]\nlisten = \"{listen}\"\nadmin = \"{admin}\"\n\
+         health_check = \"/healthz\"\nhealth_interval = \"200ms\"\n"
+    );
+    for (i, (a, inside)) in nodes.iter().zip(&internal).enumerate() {
+        text.push_str(&format!(
+            "\n[[node]]\nname = \"n{}\"\nlisten = \"{a}\"\ninternal = \"{inside}\"\n",
+            i + 1
+        ));
+    }
+    let path = write_config(&text);
+    let (_up, out) =
+        SpikeProcess::start_captured(&["up", "--config", path.to_str().expect("path")]);
+    for a in [listen, admin].iter().chain(&nodes).chain(&internal) {
+        wait_listening(&a.to_string(), Duration::from_secs(15));
+    }
+    out.wait_for(
+        &format!("state:     curl -s http://{}/sale", internal[0]),
+        Duration::from_secs(5),
+    );
+    out.wait_for(
+        &format!("internal routes on http://{}", internal[1]),
+        Duration::from_secs(5),
+    );
+    let c = client();
+    common::wait_for(
+        "every node to pass its health check",
+        Duration::from_secs(5),
+        async || {
+            for n in &nodes {
+                if state_of(&c, admin, *n).await != "up" {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    for (public, inside) in nodes.iter().zip(&internal) {
+        let (status, _) = get(&c, *public, "/sale").await.expect("public");
+        assert_eq!(status, StatusCode::NOT_FOUND, "{public}");
+        let (status, body) = get(&c, *inside, "/sale").await.expect("internal");
+        assert_eq!(status, StatusCode::OK, "{inside}: {body}");
+    }
+    let (status, body) = get(&c, admin, "/sale").await.expect("admin sale");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(json(&body)["total"], 4, "{body}");
+    for i in 0..4 {
+        let (status, body) = get(&c, listen, &format!("/buy/ticket?user=u{i}"))
+            .await
+            .expect("buy");
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let _ = get(&c, listen, "/buy/ticket?user=late").await;
+    common::wait_for("the edge to answer", Duration::from_secs(5), async || {
+        let (_, body) = get(&c, admin, "/status").await.expect("status");
+        json(&body)["edge"]["answering"] == true
+    })
+    .await;
+    let (status, body) = get(&c, listen, "/holders").await.expect("holders");
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, body) = get(&c, listen, "/buy/ticket?user=u0").await.expect("buy");
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(json(&body)["status"], "already_bought", "{body}");
+    remove_config(&path);
 }

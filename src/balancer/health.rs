@@ -8,7 +8,7 @@
 //!
 //! For a spike node the path is `/healthz`, which fails when the node
 //! cannot sell: its store unreachable, the sale not initialised, its clock
-//! too far from Redis's.
+//! too far from Redis's. A node with `internal` is checked there.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -52,10 +52,11 @@ pub async fn run(shared: Arc<Shared>) {
     }
 }
 
-/// One check: connect, `GET path`, a 2xx within `timeout`.
+/// One check: connect (to the upstream's internal address, where a node
+/// with `internal` serves `/healthz`), `GET path`, a 2xx within `timeout`.
 async fn probe(u: &Upstream, check: &HealthCheck) -> bool {
     let asked = async {
-        let stream = TcpStream::connect(u.config.addr).await.ok()?;
+        let stream = TcpStream::connect(u.config.internal_addr()).await.ok()?;
         let _ = stream.set_nodelay(true);
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await

@@ -107,7 +107,12 @@ async fn read_sale(shared: &Shared) -> Result<serde_json::Value, String> {
             Some(name) => format!("{name} ({})", u.config.addr),
             None => u.config.addr.to_string(),
         };
-        match tokio::time::timeout(ASK_TIMEOUT, super::sale::ask(u.config.addr, "/sale")).await {
+        match tokio::time::timeout(
+            ASK_TIMEOUT,
+            super::sale::ask(u.config.internal_addr(), "/sale"),
+        )
+        .await
+        {
             Ok(Ok(body)) => match serde_json::from_slice::<serde_json::Value>(&body) {
                 Ok(v) if v.is_object() => return Ok(v),
                 _ => errors.push(format!("{who}: not a sale snapshot")),

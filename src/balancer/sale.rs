@@ -61,8 +61,9 @@ pub async fn sale(shared: &Shared) -> (StatusCode, Bytes) {
     )
 }
 
-/// `GET path` of the first upstream that answers 200: live ones first (a
-/// failed one may still answer), each within [`ASK_TIMEOUT`].
+/// `GET path` of the first upstream that answers 200 (on its internal
+/// address, where a node serves these routes): live ones first (a failed
+/// one may still answer), each within [`ASK_TIMEOUT`].
 async fn ask_any(shared: &Shared, path: &str) -> Result<Bytes, String> {
     let active = shared.current.load_full();
     let now = now_ms();
@@ -80,10 +81,11 @@ async fn ask_any(shared: &Shared, path: &str) -> Result<Bytes, String> {
     });
     let mut last_error = String::from("no upstream to ask");
     for u in order {
-        match tokio::time::timeout(ASK_TIMEOUT, ask(u.config.addr, path)).await {
+        let addr = u.config.internal_addr();
+        match tokio::time::timeout(ASK_TIMEOUT, ask(addr, path)).await {
             Ok(Ok(body)) => return Ok(body),
-            Ok(Err(e)) => last_error = format!("{}: {e}", u.config.addr),
-            Err(_) => last_error = format!("{}: no answer in {ASK_TIMEOUT:?}", u.config.addr),
+            Ok(Err(e)) => last_error = format!("{addr}: {e}"),
+            Err(_) => last_error = format!("{addr}: no answer in {ASK_TIMEOUT:?}"),
         }
     }
     Err(last_error)

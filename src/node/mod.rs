@@ -16,7 +16,9 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use hyper::body::Incoming;
 use hyper::service::service_fn;
+use hyper::{Request, StatusCode};
 use tokio::net::TcpListener;
 
 pub use state::{Node, NodeSettings};
@@ -116,42 +118,151 @@ async fn reload_keys_on_hangup(path: std::path::PathBuf, node: std::sync::Weak<N
     }
 }
 
-/// Serves `node` on `listener` until `shutdown`; in-flight purchases finish
-/// within the grace period. Beside it, the node keeps up with the sale
-/// (see [`Node::watch`]).
+/// Where a node serves: its public listener (`[[node]] listen`) and, with
+/// `[[node]] internal`, the one its internal routes move to, so that an
+/// operator can firewall them.
+#[derive(Debug)]
+pub struct Listeners {
+    /// Buyers' requests (and every route, without `internal`).
+    pub public: TcpListener,
+    /// The internal routes ([`crate::protocol::INTERNAL_PATHS`]) only.
+    pub internal: Option<TcpListener>,
+}
+
+impl From<TcpListener> for Listeners {
+    /// One listener for every route, as without `[[node]] internal`.
+    fn from(public: TcpListener) -> Listeners {
+        Listeners {
+            public,
+            internal: None,
+        }
+    }
+}
+
+/// Which of a node's routes one of its listeners serves; the others are
+/// its 404.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Served {
+    /// Every route: the node has no internal listener.
+    All,
+    /// All but the internal routes, which are on the internal listener.
+    Public,
+    /// The internal routes only.
+    Internal,
+}
+
+impl Served {
+    /// Whether a request for `path` is served on this listener.
+    fn serves(self, path: &str) -> bool {
+        match self {
+            Served::All => true,
+            Served::Public => !crate::protocol::is_internal_path(path),
+            Served::Internal => crate::protocol::is_internal_path(path),
+        }
+    }
+
+    /// The answer for a path this listener does not serve.
+    fn not_found(self) -> routes::reply::Answer {
+        match self {
+            Served::All | Served::Public => routes::not_found(),
+            Served::Internal => routes::reply::fixed(
+                StatusCode::NOT_FOUND,
+                b"{\"status\":\"not_found\",\"reason\":\"this is the node's internal listener: only /healthz, /stats, /metrics, /sale, /sold_out and /holders are here\"}\n",
+            ),
+        }
+    }
+}
+
+/// Serves `node` on `listeners` until `shutdown`; in-flight purchases
+/// finish within the grace period. Beside it, the node keeps up with the
+/// sale (see [`Node::watch`]).
 pub async fn run(
-    listener: TcpListener,
+    listeners: impl Into<Listeners>,
     node: Arc<Node>,
     limits: &ServerConfig,
     shutdown: impl Future<Output = ()>,
 ) {
+    let listeners = listeners.into();
     let watch = tokio::spawn(node.clone().watch());
     let sweep = tokio::spawn(sweep::sweep(Arc::downgrade(&node)));
+    let (stop_internal, stopped) = tokio::sync::watch::channel(());
+    let internal = listeners.internal.map(|listener| {
+        let (node, limits, mut stopped) = (node.clone(), limits.clone(), stopped.clone());
+        tokio::spawn(async move {
+            serve(listener, node, &limits, Served::Internal, async move {
+                let _ = stopped.changed().await;
+            })
+            .await;
+        })
+    });
+    let public = if internal.is_some() {
+        Served::Public
+    } else {
+        Served::All
+    };
+    serve(listeners.public, node, limits, public, shutdown).await;
+    let _ = stop_internal.send(());
+    if let Some(task) = internal {
+        let _ = task.await;
+    }
+    watch.abort();
+    sweep.abort();
+}
+
+/// Serves what `served` says of `node`'s routes on `listener` until
+/// `shutdown`.
+async fn serve(
+    listener: TcpListener,
+    node: Arc<Node>,
+    limits: &ServerConfig,
+    served: Served,
+    shutdown: impl Future<Output = ()>,
+) {
+    if served == Served::All {
+        // As before there were internal listeners: no check per request.
+        return crate::server::serve(
+            listener,
+            limits,
+            move |_peer| {
+                let node = node.clone();
+                service_fn(move |req| routes::handle(node.clone(), req))
+            },
+            shutdown,
+        )
+        .await;
+    }
     crate::server::serve(
         listener,
         limits,
         move |_peer| {
             let node = node.clone();
-            service_fn(move |req| routes::handle(node.clone(), req))
+            service_fn(move |req: Request<Incoming>| {
+                let node = node.clone();
+                async move {
+                    if !served.serves(req.uri().path()) {
+                        return Ok(served.not_found());
+                    }
+                    routes::handle(node, req).await
+                }
+            })
         },
         shutdown,
     )
-    .await;
-    watch.abort();
-    sweep.abort();
+    .await
 }
 
-/// Serves `node` on `listener` in a task of its own until `stop` fires (or
-/// its sender is dropped): how `spike up` and in-process tests run several
-/// nodes side by side.
+/// Serves `node` on `listeners` in a task of its own until `stop` fires
+/// (or its sender is dropped): how `spike up` and in-process tests run
+/// several nodes side by side.
 pub fn spawn(
-    listener: TcpListener,
+    listeners: impl Into<Listeners>,
     node: Arc<Node>,
     limits: ServerConfig,
     mut stop: tokio::sync::watch::Receiver<()>,
 ) -> tokio::task::JoinHandle<()> {
+    let listeners = listeners.into();
     tokio::spawn(async move {
-        run(listener, node, &limits, async move {
+        run(listeners, node, &limits, async move {
             let _ = stop.changed().await;
         })
         .await;
@@ -208,10 +319,11 @@ pub fn main(config_path: &Path, name: &str) -> anyhow::Result<ExitCode> {
                 tracing::warn!(event = %sale.event, "redis may lose answered orders: {problem}");
             }
         }
-        let listener = crate::server::bind(node_cfg.listen).map_err(|source| NodeError::Bind {
-            addr: node_cfg.listen,
-            source,
-        })?;
+        let bind = |addr| crate::server::bind(addr).map_err(|source| NodeError::Bind { addr, source });
+        let listeners = Listeners {
+            public: bind(node_cfg.listen)?,
+            internal: node_cfg.internal.map(bind).transpose()?,
+        };
         let node = build(&config, name, store)?;
         if let Some(why) = crate::stock::unverified_buyers(&config) {
             tracing::warn!(node = %node_cfg.name, "{why}");
@@ -226,12 +338,13 @@ pub fn main(config_path: &Path, name: &str) -> anyhow::Result<ExitCode> {
         tracing::info!(
             node = %node_cfg.name,
             listen = %node_cfg.listen,
+            internal = %node_cfg.internal.map_or_else(|| "on listen".to_string(), |a| a.to_string()),
             lease = sale.lease,
             threads = %node_cfg.threads.map_or_else(|| "one per CPU".to_string(), |t| t.to_string()),
             store = if config.redis.is_some() { "redis" } else { "embedded" },
             "node selling"
         );
-        run(listener, node, &config.server, shutdown).await;
+        run(listeners, node, &config.server, shutdown).await;
         hangup.abort();
         tracing::info!(node = %node_cfg.name, "node stopped");
         Ok(ExitCode::SUCCESS)

@@ -10,7 +10,7 @@ use crate::config::file::FileConfig;
 use crate::config::sections::{BalancerConfig, NodeConfig};
 
 /// Refuses two listeners on one address (the balancer's `listen` and
-/// `admin`, every node's `listen`): under `spike up` the second could not
+/// `admin`, every node's `listen` and `internal`): under `spike up` the second could not
 /// bind, and a node on the balancer's address would have the balancer
 /// proxy to itself. Addresses clash when their ports are equal (and not
 /// 0, which the OS picks) and their IPs are equal, or one is the
@@ -52,6 +52,13 @@ pub(super) fn check(
             addr: node.listen,
             span: Some(nf.get_ref().listen.span()),
         });
+        if let (Some(addr), Some(v)) = (node.internal, &nf.get_ref().internal) {
+            bound.push(Bound {
+                key: format!("node[{i}].internal"),
+                addr,
+                span: Some(v.span()),
+            });
+        }
     }
     let clash = |a: SocketAddr, b: SocketAddr| {
         let near =
@@ -172,6 +179,16 @@ mod tests {
         );
         let other = "[balancer]\nlisten = \"0.0.0.0:9000\"\n[[node]]\nname = \"a\"\nlisten = \"10.0.0.5:9000\"\n";
         Config::parse(Path::new("test.toml"), other).expect("another machine's port is its own");
+    }
+
+    #[test]
+    fn a_node_internal_address_on_its_own_listen() {
+        let msg = refused(
+            "[[node]]\nname = \"a\"\nlisten = \"127.0.0.1:3001\"\ninternal = \"127.0.0.1:3001\"\n",
+            "node[0].internal",
+            4,
+        );
+        assert!(msg.contains("`node[0].listen` (line 3)"), "{msg}");
     }
 
     #[test]

@@ -55,6 +55,15 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Result<Answer, I
             not_allowed("GET")
         }
         path if path.starts_with("/orders/") => orders::handle(&node, &req).await,
-        _ => fixed(StatusCode::NOT_FOUND, b"{\"status\":\"not_found\",\"reason\":\"no such route: purchases are at /buy/ticket, orders at /orders/{id}\"}\n"),
+        _ => not_found(),
     })
+}
+
+/// The answer for a path that is no route of the node's (or, with
+/// `[[node]] internal`, one of the internal routes on the public listener).
+pub fn not_found() -> Answer {
+    fixed(
+        StatusCode::NOT_FOUND,
+        b"{\"status\":\"not_found\",\"reason\":\"no such route: purchases are at /buy/ticket, orders at /orders/{id}\"}\n",
+    )
 }
