@@ -112,6 +112,9 @@ frontend spike
         );
         line(&mut o, 1, "# HAProxy passes them on.");
     }
+    if balancer.public_only {
+        public_only(&mut o, balancer);
+    }
     let _ = writeln!(
         o,
         "    # max_body: spike answers 413 past {} bytes, counted as they stream;\n    # HAProxy checks the declared Content-Length only.\n    http-request deny deny_status 413 if {{ req.hdr_val(content-length) gt {} }}",
@@ -244,6 +247,10 @@ frontend spike
                     h.fails,
                     h.passes
                 );
+                if let Some(internal) = u.internal {
+                    // A node with `internal` serves its health check there.
+                    let _ = write!(s, " addr {} port {}", internal.ip(), internal.port());
+                }
                 if passive {
                     let _ = write!(
                         s,
@@ -277,6 +284,59 @@ frontend spike
         line(&mut o, 1, &s);
     }
     o
+}
+
+/// In front of a sale (`public_only`): only the nodes' public API and
+/// `pass_paths` are forwarded, the rest is a 404, as spike's balancer
+/// answers. HAProxy's `path` is the path as it came, so the rule is
+/// spike's exactly: no decoding, no normalising.
+fn public_only(o: &mut String, balancer: &BalancerConfig) {
+    for comment in [
+        "# In front of a sale only the nodes' public API is forwarded, as spike",
+        "# does; their internal routes (/holders, /stats, /metrics, /sale,",
+        "# /sold_out, /healthz) and every other path are a 404 here.",
+    ] {
+        line(o, 1, comment);
+    }
+    line(
+        o,
+        1,
+        &format!("acl spike_public path {}", crate::protocol::PURCHASE_PATH),
+    );
+    line(
+        o,
+        1,
+        &format!(
+            "acl spike_public path_reg '{}'",
+            crate::protocol::ORDER_PATH_PATTERN
+        ),
+    );
+    let body = crate::nginx_conf::not_found_body();
+    let deny =
+        format!("http-request deny deny_status 404 content-type application/json string '{body}'");
+    if balancer.pass_paths.is_empty() {
+        line(o, 1, &format!("{deny} if !spike_public"));
+        return;
+    }
+    line(
+        o,
+        1,
+        "# pass_paths, as prefixes; never a path with an empty or dot segment.",
+    );
+    for prefix in &balancer.pass_paths {
+        line(o, 1, &format!("acl spike_pass path_beg {prefix}"));
+    }
+    line(
+        o,
+        1,
+        "acl spike_odd path_reg -- '(^|/)([.]|%2[eE]){1,2}(/|$)'",
+    );
+    line(o, 1, "acl spike_odd path_sub //");
+    line(
+        o,
+        1,
+        &format!("{deny} if !spike_public !spike_pass || !spike_public spike_odd"),
+    );
 }
 
 /// `weight` on HAProxy's scale when the largest weight is `most`: kept when
@@ -477,6 +537,39 @@ mod tests {
             "{conf}"
         );
         assert!(conf.contains("largest here 1000"), "{conf}");
+    }
+
+    #[test]
+    fn a_sale_passes_only_its_public_api() {
+        let open = render_default(&balancer(Strategy::RoundRobin, &[1]));
+        assert!(!open.contains("deny_status 404"), "{open}");
+        let mut b = balancer(Strategy::RoundRobin, &[1]);
+        b.public_only = true;
+        let c = render_default(&b);
+        assert!(
+            c.contains("\n    acl spike_public path /buy/ticket\n"),
+            "{c}"
+        );
+        assert!(
+            c.contains(&format!(
+                "\n    acl spike_public path_reg '{}'\n",
+                crate::protocol::ORDER_PATH_PATTERN
+            )),
+            "{c}"
+        );
+        assert!(
+            c.contains(
+                "string '{\"status\":\"not_found\",\"error\":\"no such route\"}' if !spike_public\n"
+            ),
+            "{c}"
+        );
+        b.pass_paths = vec!["/api/".into()];
+        let c = render_default(&b);
+        assert!(c.contains("\n    acl spike_pass path_beg /api/\n"), "{c}");
+        assert!(
+            c.contains(" if !spike_public !spike_pass || !spike_public spike_odd\n"),
+            "{c}"
+        );
     }
 
     #[test]

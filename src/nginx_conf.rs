@@ -242,31 +242,30 @@ http {{
         send_timeout {send_timeout};
 
 {limits}
-        location / {{
-            proxy_pass http://{UPSTREAM_NAME};
-            proxy_http_version 1.1;
-            {connection}
-            # spike keeps the client's Host header as it came (port included).
-            proxy_set_header Host $http_host;
-            proxy_set_header X-Forwarded-For {forwarded_for};
-            proxy_set_header X-Real-IP $remote_addr;
-            # spike's failover: the next upstream on a connect error or timeout;
-            # non-idempotent requests are not retried once sent (Nginx's default).
-            # Not equivalent: spike adds an Idempotency-Key to /buy/ticket
-            # purchases and retries those (POST too); Nginx adds no key, so it
-            # must not retry them.
-            proxy_next_upstream error timeout;
-            proxy_connect_timeout {connect_timeout};
-            # spike bounds the wait for the response head; Nginx each read.
-            proxy_read_timeout {read_timeout};
-            # spike streams bodies both ways instead of buffering them.
-            proxy_buffering off;
-            proxy_request_buffering off;
-        }}
-    }}
-}}
+        # How every location below proxies (each inherits these).
+        proxy_http_version 1.1;
+        {connection}
+        # spike keeps the client's Host header as it came (port included).
+        proxy_set_header Host $http_host;
+        proxy_set_header X-Forwarded-For {forwarded_for};
+        proxy_set_header X-Real-IP $remote_addr;
+        # spike's failover: the next upstream on a connect error or timeout;
+        # non-idempotent requests are not retried once sent (Nginx's default).
+        # Not equivalent: spike adds an Idempotency-Key to /buy/ticket
+        # purchases and retries those (POST too); Nginx adds no key, so it
+        # must not retry them.
+        proxy_next_upstream error timeout;
+        proxy_connect_timeout {connect_timeout};
+        # spike bounds the wait for the response head; Nginx each read.
+        proxy_read_timeout {read_timeout};
+        # spike streams bodies both ways instead of buffering them.
+        proxy_buffering off;
+        proxy_request_buffering off;
+
 "
     );
+    locations(&mut o, balancer);
+    o.push_str("    }\n}\n");
     o
 }
 
@@ -358,6 +357,66 @@ fn limit_lines(balancer: &BalancerConfig) -> String {
     );
     line(&mut o, 2, "}");
     o
+}
+
+/// The server's locations: everything to the upstreams, or, in front of a
+/// sale (`public_only`), only the nodes' public API and `pass_paths`, and
+/// a 404 for the rest, as spike's balancer answers.
+fn locations(o: &mut String, balancer: &BalancerConfig) {
+    let pass = format!("proxy_pass http://{UPSTREAM_NAME};");
+    if !balancer.public_only {
+        line(o, 2, "location / {");
+        line(o, 3, &pass);
+        line(o, 2, "}");
+        return;
+    }
+    for comment in [
+        "# In front of a sale only the nodes' public API is forwarded, as spike",
+        "# does; their internal routes (/holders, /stats, /metrics, /sale,",
+        "# /sold_out, /healthz) and every other path are a 404 here. Nginx",
+        "# matches the decoded, normalised path and sends the path as it came.",
+    ] {
+        line(o, 2, comment);
+    }
+    line(
+        o,
+        2,
+        &format!("location = {} {{", crate::protocol::PURCHASE_PATH),
+    );
+    line(o, 3, &pass);
+    line(o, 2, "}");
+    line(
+        o,
+        2,
+        &format!("location ~ \"{}\" {{", crate::protocol::ORDER_PATH_PATTERN),
+    );
+    line(o, 3, &pass);
+    line(o, 2, "}");
+    if !balancer.pass_paths.is_empty() {
+        line(o, 2, "# pass_paths: forwarded as well.");
+    }
+    let not_found = format!("return 404 '{}';", not_found_body());
+    for prefix in &balancer.pass_paths {
+        line(o, 2, &format!("location ^~ {prefix} {{"));
+        line(o, 3, &pass);
+        line(o, 2, "}");
+        if let Some(bare) = prefix.strip_suffix('/').filter(|b| !b.is_empty()) {
+            // Else Nginx answers the prefix without its slash with a 301.
+            line(o, 2, &format!("location = {bare} {{"));
+            line(o, 3, "default_type application/json;");
+            line(o, 3, &not_found);
+            line(o, 2, "}");
+        }
+    }
+    line(o, 2, "location / {");
+    line(o, 3, "default_type application/json;");
+    line(o, 3, &not_found);
+    line(o, 2, "}");
+}
+
+/// The body of spike's own 404, for the generated files' answer.
+pub(crate) fn not_found_body() -> &'static str {
+    std::str::from_utf8(crate::balancer::answer::LocalAnswer::NotFound.body()).unwrap_or("")
 }
 
 /// Appends `text` as one line, indented by `indent` levels of 4 spaces
@@ -666,6 +725,37 @@ mod tests {
         assert!(has(&c, "limit_req zone=spike_limit_req;"), "{c}");
         assert!(c.contains("rate=30r/m;"), "{c}");
         assert!(!c.contains("limit_conn"), "{c}");
+    }
+
+    #[test]
+    fn a_sale_passes_only_its_public_api() {
+        let c = render_default(&balancer(Strategy::RoundRobin));
+        assert!(has(&c, "location / {"), "{c}");
+        assert!(!c.contains("return 404"), "{c}");
+        let mut b = balancer(Strategy::RoundRobin);
+        b.public_only = true;
+        b.pass_paths = vec!["/api/".into(), "/static".into()];
+        let c = render_default(&b);
+        let ds = directives(&c);
+        for d in [
+            "location = /buy/ticket {",
+            "location ^~ /api/ {",
+            "location = /api {",
+            "location ^~ /static {",
+            "return 404 '{\"status\":\"not_found\",\"error\":\"no such route\"}';",
+        ] {
+            assert!(ds.contains(&d), "missing {d}:\n{c}");
+        }
+        let order = format!("location ~ \"{}\" {{", crate::protocol::ORDER_PATH_PATTERN);
+        assert!(ds.contains(&order.as_str()), "{c}");
+        assert!(!ds.contains(&"location = /static {"), "{c}");
+        // The 404 is the last location: everything else.
+        let last = ds
+            .iter()
+            .rposition(|l| l.starts_with("location"))
+            .expect("a location");
+        assert_eq!(ds[last], "location / {");
+        assert_eq!(c.matches("proxy_pass ").count(), 4, "{c}");
     }
 
     #[test]

@@ -86,6 +86,14 @@ pub fn is_public_path(path: &[u8]) -> bool {
     is_id(id, MAX_ORDER_ID_LEN) && id != b"." && id != b".."
 }
 
+/// The order routes of [`is_public_path`] as one anchored PCRE, for the
+/// files `spike nginx-conf` and `spike haproxy-conf` print (both take
+/// PCRE): Nginx and HAProxy forward what spike's balancer forwards. No
+/// backslash, no quote and no space, so it reads the same quoted in
+/// either file.
+pub const ORDER_PATH_PATTERN: &str =
+    "^/orders/(?![.][.]?(/|$))[A-Za-z0-9_.:@-]{1,64}(/pay|/cancel)?$";
+
 /// Longest order id a balancer passes on (an order id is two numbers of at
 /// most 20 digits and a dash; the node says what is wrong with one).
 pub const MAX_ORDER_ID_LEN: usize = 64;
@@ -401,6 +409,9 @@ mod tests {
             assert!(is_internal_path(p) && !is_public_path(p.as_bytes()), "{p}");
         }
         assert!(!is_internal_path("/holders/") && !is_internal_path("/buy/ticket"));
+        // The pattern the generated nginx.conf and haproxy.cfg use.
+        assert!(ORDER_PATH_PATTERN.contains(&format!("{{1,{MAX_ORDER_ID_LEN}}}")));
+        assert!(ORDER_PATH_PATTERN.starts_with(&format!("^{ORDERS_PREFIX}")));
     }
 
     #[test]

@@ -265,3 +265,78 @@ async fn per_client_limits_pass_haproxy_c_and_refuse_as_spike_does() {
     let _ = std::fs::remove_file(&cfg);
     remove_config(&config);
 }
+
+/// Issue 29: in front of a sale the generated HAProxy forwards only the
+/// nodes' public API and `pass_paths`, as spike does: every internal route
+/// and every odd spelling of one is a 404 that reaches no backend. A node's
+/// internal address is where its health check goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_haproxy_passes_only_the_public_api_of_a_sale() {
+    use common::routes::{INTERNAL, PUBLIC, TRICKY, raw};
+    let backend = Backend::start("node").await;
+    let health = Backend::start("health").await;
+    let port = common::free_port();
+    let config = write_config(&format!(
+        "[sale]\nevent = \"e\"\ntotal = 10\n\n\
+         [balancer]\nlisten = \"127.0.0.1:{port}\"\nadmin = \"127.0.0.1:{}\"\n\
+         health_check = \"/healthz\"\npass_paths = [\"/extra/\"]\n\
+         [[balancer.upstream]]\naddr = \"{}\"\ninternal = \"{}\"\n",
+        common::free_port(),
+        backend.addr,
+        health.addr
+    ));
+    let cfg = generate(&config, &["--threads", "1"]);
+    let text = checked(&cfg, "a sale");
+    assert!(
+        text.contains(&format!(
+            "check inter 1000ms fall 1 rise 1 addr 127.0.0.1 port {}",
+            health.addr.port()
+        )),
+        "{text}"
+    );
+    let _haproxy = HaProxy(
+        Command::new(haproxy())
+            .arg("-f")
+            .arg(&cfg)
+            .arg("-db")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start haproxy"),
+    );
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    tokio::task::spawn_blocking(move || wait_listening(&addr.to_string(), Duration::from_secs(10)))
+        .await
+        .expect("wait for haproxy");
+    // Its health check asks the internal address.
+    common::wait_for("a health check", Duration::from_secs(5), async || {
+        health.hits() > 0
+    })
+    .await;
+    let mut passed = 0;
+    for line in PUBLIC.iter().chain(&["GET /extra/x HTTP/1.1"]) {
+        let (status, body) = raw(addr, line).await;
+        assert_eq!((status.as_str(), body.as_str()), ("200", "node"), "{line}");
+        passed += 1;
+    }
+    let internal: Vec<String> = INTERNAL
+        .iter()
+        .map(|p| format!("GET {p} HTTP/1.1"))
+        .collect();
+    for line in internal.iter().map(String::as_str).chain(TRICKY).chain([
+        "GET /extra/../holders HTTP/1.1",
+        "GET /extra//holders HTTP/1.1",
+        "GET /extra/%2e%2E/holders HTTP/1.1",
+        "GET /extra HTTP/1.1",
+    ]) {
+        let (status, body) = raw(addr, line).await;
+        assert_eq!(status, "404", "{line}: {body}");
+    }
+    // The backend's own health checks are not requests through HAProxy.
+    assert_eq!(
+        backend.served.load(std::sync::atomic::Ordering::Relaxed),
+        passed
+    );
+    let _ = std::fs::remove_file(&cfg);
+    remove_config(&config);
+}

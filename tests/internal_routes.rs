@@ -16,59 +16,9 @@ use std::time::Duration;
 
 use common::http::{TestClient, client, get, json};
 use common::redis::RedisServer;
+use common::routes::{INTERNAL, TRICKY};
 use common::spike::{SpikeProcess, remove_config, run, wait_listening, write_config};
 use hyper::StatusCode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// The nodes' routes that are not for buyers.
-const INTERNAL: [&str; 6] = [
-    "/holders",
-    "/stats",
-    "/metrics",
-    "/sale",
-    "/sold_out",
-    "/healthz",
-];
-
-/// Requests that spell an internal route some other way: a query, doubled
-/// or dotted segments, case, percent-encoding, the absolute form, HTTP/1.0
-/// (hyper's path even with the fast path on), other methods.
-const TRICKY: [&str; 20] = [
-    "GET /holders?x HTTP/1.1",
-    "GET /holders?user=a HTTP/1.1",
-    "GET /sold_out?epoch=1&released=0 HTTP/1.1",
-    "GET //holders HTTP/1.1",
-    "GET /HOLDERS HTTP/1.1",
-    "GET /holders/ HTTP/1.1",
-    "GET /./holders HTTP/1.1",
-    "GET /buy/ticket/../holders HTTP/1.1",
-    "GET /buy/ticket/..%2Fholders HTTP/1.1",
-    "GET /buy/ticket%2F..%2Fholders HTTP/1.1",
-    "GET /%68olders HTTP/1.1",
-    "GET /orders/../holders HTTP/1.1",
-    "GET /orders/.. HTTP/1.1",
-    "GET /orders/1-1/../../holders HTTP/1.1",
-    "GET /orders/%2E%2E%2Fholders HTTP/1.1",
-    "GET http://spike/holders HTTP/1.1",
-    "GET /holders HTTP/1.0",
-    "HEAD /stats HTTP/1.1",
-    "POST /sale HTTP/1.1",
-    "DELETE /healthz HTTP/1.1",
-];
-
-/// One request on a new connection, as written; the status code.
-async fn raw_status(to: SocketAddr, line: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(to).await.expect("connect");
-    let req = format!("{line}\r\nHost: spike\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
-        .await
-        .expect("the balancer closes the connection")
-        .expect("read");
-    let text = String::from_utf8_lossy(&out).into_owned();
-    text.get(9..12).unwrap_or(&text).to_string()
-}
 
 /// `spike_balancer_local_responses_total{code="404"}` on the admin port.
 async fn local_404s(c: &TestClient, admin: SocketAddr) -> u64 {
@@ -89,7 +39,8 @@ async fn all_closed(c: &TestClient, balancer: SocketAddr, admin: SocketAddr, whe
         assert!(!body.contains("buyers"), "{when}: {path}: {body}");
     }
     for line in TRICKY {
-        assert_eq!(raw_status(balancer, line).await, "404", "{when}: {line}");
+        let (status, body) = common::routes::raw(balancer, line).await;
+        assert_eq!(status, "404", "{when}: {line}: {body}");
     }
     let after = local_404s(c, admin).await;
     assert_eq!(

@@ -550,3 +550,63 @@ async fn per_client_limits_accept_what_nginx_accepts() {
     );
     assert_eq!(counts(spike), (10, 10));
 }
+
+/// Issue 29: in front of a sale the generated Nginx forwards only the
+/// nodes' public API and `pass_paths`, as spike does: every internal route
+/// and every odd spelling of one is a 404 that reaches no backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_nginx_passes_only_the_public_api_of_a_sale() {
+    use common::routes::{INTERNAL, PUBLIC, TRICKY, raw};
+    let backend = Backend::start("node").await;
+    let port = common::free_port();
+    let text = format!(
+        "[sale]\nevent = \"e\"\ntotal = 10\n\n{}",
+        balancer_config(
+            "round_robin",
+            port,
+            &format!(
+                "pass_paths = [\"/extra/\"]\n[[balancer.upstream]]\naddr = \"{}\"\n",
+                backend.addr
+            ),
+        )
+    );
+    let config = write_config(&text);
+    let dir = generate(&config, &["--workers", "1"]);
+    nginx_t(&dir);
+    let nginx = Nginx::start(&dir);
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    tokio::task::spawn_blocking(move || wait_listening(&addr.to_string(), Duration::from_secs(10)))
+        .await
+        .expect("wait for nginx");
+    let mut passed = 0;
+    for line in PUBLIC.iter().chain(&["GET /extra/x HTTP/1.1"]) {
+        let (status, body) = raw(addr, line).await;
+        assert_eq!(
+            (status.as_str(), body.as_str()),
+            ("200", "node"),
+            "{line}\n{}",
+            nginx.log()
+        );
+        passed += 1;
+    }
+    let internal: Vec<String> = INTERNAL
+        .iter()
+        .map(|p| format!("GET {p} HTTP/1.1"))
+        .collect();
+    for line in internal
+        .iter()
+        .map(String::as_str)
+        .chain(TRICKY)
+        .chain(["GET /extra/../holders HTTP/1.1", "GET /extra HTTP/1.1"])
+    {
+        let (status, body) = raw(addr, line).await;
+        assert_eq!(status, "404", "{line}: {body}\n{}", nginx.log());
+    }
+    assert_eq!(
+        backend.hits(),
+        passed,
+        "only the public API reached the backend"
+    );
+    drop(nginx);
+    remove_config(&config);
+}

@@ -7,6 +7,7 @@ pub mod backend;
 pub mod cut_proxy;
 pub mod http;
 pub mod redis;
+pub mod routes;
 pub mod sale;
 pub mod sentinel;
 pub mod spike;

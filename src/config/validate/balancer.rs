@@ -261,8 +261,8 @@ fn trusted_proxies(cx: &Cx, list: &[Spanned<String>]) -> Result<Vec<IpNet>, Conf
 }
 
 /// `pass_paths`: each a path prefix like `"/api/"`: it starts with `/`, and
-/// has no query, no percent-encoding and no dot segment (a request path is
-/// matched as it came, so a prefix must have one spelling);
+/// has only letters, digits and `/-._~:@` and no dot segment (a request
+/// path is matched as it came, so a prefix must have one spelling);
 /// refused without a `[sale]`, where every path passes anyway.
 fn pass_paths(
     cx: &Cx,
@@ -280,16 +280,17 @@ fn pass_paths(
         .enumerate()
         .map(|(i, p)| {
             let s = p.get_ref().trim();
-            let plain = s.bytes().all(|c| {
-                c.is_ascii_alphanumeric() || b"/-._~!$&'()*+,;=:@".contains(&c)
-            });
+            // Plain enough to write as it is in nginx.conf and haproxy.cfg.
+            let plain = s
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b"/-._~:@".contains(&c));
             let dotted = s.split('/').any(|seg| seg == "." || seg == "..");
             if !s.starts_with('/') || s.len() > 1024 || !plain || dotted
             {
                 return Err(cx.err(
                     format!("balancer.pass_paths[{i}]"),
                     p.span(),
-                    format!("{s:?} is not a path prefix like \"/api/\": it starts with '/' and has no query, no percent-encoding and no '.' or '..' segment"),
+                    format!("{s:?} is not a path prefix like \"/api/\": it starts with '/', has only letters, digits and '/-._~:@', and no '.' or '..' segment"),
                 ));
             }
             Ok(s.to_string())
