@@ -46,6 +46,9 @@ last 10 s, edge, sale, upstreams by node name), GET /sale
 (a node's /sale, when the file has [sale]), GET /metrics (Prometheus text,
 answers counted by status code).
 
+With [sale] in the file, only the nodes' public API (/buy/ticket, /orders/...)
+and [balancer] pass_paths are forwarded; any other path is a 404 here.
+
 SIGTERM/SIGINT: stop accepting, let requests in flight finish for [server]
 grace_period, then exit 0. Exit code 1 when the file is invalid or an
 address cannot be bound.";
@@ -57,7 +60,9 @@ with a payment window GET /orders/ID?user=ID, POST
 /orders/ID/pay?user=ID[&ref=R] and POST /orders/ID/cancel?user=ID; GET
 /healthz (503 with the reason when the store is unreachable, the sale not
 initialised, or too few Redis replicas connected), GET /stats, GET /sale,
-GET /sold_out, GET /holders, GET /metrics (Prometheus text).
+GET /sold_out, GET /holders, GET /metrics (Prometheus text). With
+[[node]] internal = \"ADDR\", those last six (the internal routes) are served
+on ADDR only, and are 404 on the listen address.
 
 SIGTERM/SIGINT: stop accepting, let purchases in flight finish for [server]
 grace_period, then exit 0. Exit code 1 when the file is invalid, --name is
