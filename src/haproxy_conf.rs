@@ -559,7 +559,7 @@ mod tests {
         );
         assert!(
             c.contains(
-                "string '{\"status\":\"not_found\",\"error\":\"no such route\"}' if !spike_public\n"
+                "string '{\"status\":\"not_found\",\"reason\":\"no such route: purchases are at /buy/ticket, orders at /orders/{id}\"}' if !spike_public\n"
             ),
             "{c}"
         );

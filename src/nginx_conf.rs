@@ -414,9 +414,12 @@ fn locations(o: &mut String, balancer: &BalancerConfig) {
     line(o, 2, "}");
 }
 
-/// The body of spike's own 404, for the generated files' answer.
+/// The body of spike's own 404, for the generated files' answer (one
+/// line: without its newline, which a quoted string there cannot hold).
 pub(crate) fn not_found_body() -> &'static str {
-    std::str::from_utf8(crate::balancer::answer::LocalAnswer::NotFound.body()).unwrap_or("")
+    std::str::from_utf8(crate::balancer::answer::LocalAnswer::NotFound.body())
+        .unwrap_or("")
+        .trim_end()
 }
 
 /// Appends `text` as one line, indented by `indent` levels of 4 spaces
@@ -742,7 +745,7 @@ mod tests {
             "location ^~ /api/ {",
             "location = /api {",
             "location ^~ /static {",
-            "return 404 '{\"status\":\"not_found\",\"error\":\"no such route\"}';",
+            "return 404 '{\"status\":\"not_found\",\"reason\":\"no such route: purchases are at /buy/ticket, orders at /orders/{id}\"}';",
         ] {
             assert!(ds.contains(&d), "missing {d}:\n{c}");
         }

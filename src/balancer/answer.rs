@@ -99,7 +99,9 @@ impl LocalAnswer {
             LocalAnswer::BadChunk => {
                 b"{\"status\":\"bad_request\",\"reason\":\"the chunked request body is malformed or a chunk size is too large\"}\n"
             }
-            LocalAnswer::NotFound => b"{\"status\":\"not_found\",\"reason\":\"no such route\"}\n",
+            LocalAnswer::NotFound => {
+                b"{\"status\":\"not_found\",\"reason\":\"no such route: purchases are at /buy/ticket, orders at /orders/{id}\"}\n"
+            }
             LocalAnswer::MethodNotAllowed => {
                 b"{\"status\":\"method_not_allowed\",\"reason\":\"CONNECT and TRACE are not proxied\"}\n"
             }
