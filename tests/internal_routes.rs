@@ -296,3 +296,49 @@ async fn spike_up_serves_the_internal_routes_apart() {
     assert_eq!(json(&body)["status"], "already_bought", "{body}");
     remove_config(&path);
 }
+
+/// Under `spike up`, a reload that adds a node with `internal` starts it
+/// there, and one that moves a running node's `internal` is refused with
+/// the reason (the node keeps serving where it does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spike_up_reload_starts_internal_listeners_and_refuses_moving_one() {
+    let (text, ports) = common::up::up_config(100, 1, None);
+    let (up, path) = common::up::start_up(&text, &ports);
+    let c = client();
+    let status = async |c: &TestClient| {
+        let (_, body) = get(c, ports.admin, "/status").await.expect("status");
+        json(&body)
+    };
+    let (n2, inside) = (common::free_addr(), common::free_addr());
+    let with_n2 =
+        format!("{text}\n[[node]]\nname = \"n2\"\nlisten = \"{n2}\"\ninternal = \"{inside}\"\n");
+    std::fs::write(&path, &with_n2).expect("write");
+    up.signal("HUP");
+    common::wait_for("version 2", Duration::from_secs(10), async || {
+        status(&c).await["version"] == 2
+    })
+    .await;
+    let (code, _) = get(&c, inside, "/healthz").await.expect("internal");
+    assert_eq!(code, StatusCode::OK);
+    let (code, _) = get(&c, n2, "/healthz").await.expect("public");
+    assert_eq!(code, StatusCode::NOT_FOUND);
+
+    let moved = with_n2.replace(&inside.to_string(), &common::free_addr().to_string());
+    std::fs::write(&path, &moved).expect("write");
+    up.signal("HUP");
+    common::wait_for("the refusal", Duration::from_secs(10), async || {
+        status(&c).await["last_reload"]["ok"] == false
+    })
+    .await;
+    let v = status(&c).await;
+    assert_eq!(v["version"], 2, "{v}");
+    let error = v["last_reload"]["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("node n2: `internal` changes only with a restart"),
+        "{v}"
+    );
+    let (code, _) = get(&c, inside, "/sale").await.expect("still there");
+    assert_eq!(code, StatusCode::OK);
+    drop(up);
+    remove_config(&path);
+}
