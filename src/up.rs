@@ -479,6 +479,7 @@ pub fn main(config_path: &Path, allow_volatile: bool) -> anyhow::Result<ExitCode
         .build()?;
     runtime.block_on(async move {
         let shutdown = crate::server::shutdown_signal();
+        crate::server::catch_hangup();
         for w in &config.warnings {
             tracing::warn!("{w}");
         }

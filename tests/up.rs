@@ -336,3 +336,32 @@ fn up_over_a_stored_sale_prints_the_stored_figures_and_says_sale_is_the_stores()
     up.stop("TERM", Duration::from_secs(15));
     remove_config(&path);
 }
+
+/// A SIGHUP sent the moment the ports answer reloads; it does not end the
+/// process. (Before, `spike up`, `spike balancer` and `spike node` bound
+/// their ports before they caught SIGHUP, whose default action is to end
+/// the process: a supervisor's or a test's early reload could kill them.)
+#[test]
+fn a_sighup_as_soon_as_the_ports_answer_does_not_end_the_process() {
+    for round in 0..5 {
+        let (text, ports) = up_config(10, 1, None);
+        let path = write_config(&text);
+        let mut up = SpikeProcess::start(&["up", "--config", path.to_str().expect("path")]);
+        // Poll the admin port as fast as it can be polled, then signal.
+        let start = std::time::Instant::now();
+        while std::net::TcpStream::connect(ports.admin).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "up never listened"
+            );
+        }
+        up.signal("HUP");
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            up.wait_exit(Duration::from_millis(10)).is_none(),
+            "round {round}: spike up ended on an early SIGHUP"
+        );
+        up.stop("TERM", Duration::from_secs(15));
+        remove_config(&path);
+    }
+}

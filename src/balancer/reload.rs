@@ -53,13 +53,9 @@ pub async fn reload_logged(shared: &Arc<Shared>, why: &'static str) {
 pub async fn watch_sighup(shared: Arc<Shared>) {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut hup = match signal(SignalKind::hangup()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("cannot listen for SIGHUP, reload by editing the file: {e}");
-                return;
-            }
+        let Some(mut hup) = crate::server::take_hangup() else {
+            tracing::warn!("cannot listen for SIGHUP, reload by editing the file");
+            return;
         };
         while hup.recv().await.is_some() {
             reload_logged(&shared, "SIGHUP").await;
