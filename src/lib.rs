@@ -17,5 +17,6 @@ pub mod prometheus;
 pub mod protocol;
 pub mod redis_client;
 pub mod server;
+pub mod signals;
 pub mod stock;
 pub mod up;

@@ -180,7 +180,7 @@ pub fn main(
         };
         tokio::select! {
             r = tail.run() => r?,
-            () = crate::server::shutdown_signal() => {}
+            () = crate::signals::shutdown_signal() => {}
         }
         Ok(ExitCode::SUCCESS)
     })

@@ -478,8 +478,8 @@ pub fn main(config_path: &Path, allow_volatile: bool) -> anyhow::Result<ExitCode
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let shutdown = crate::server::shutdown_signal();
-        crate::server::catch_hangup();
+        let shutdown = crate::signals::shutdown_signal();
+        crate::signals::catch_hangup();
         for w in &config.warnings {
             tracing::warn!("{w}");
         }

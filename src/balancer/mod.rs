@@ -346,8 +346,8 @@ pub fn main(config_path: &Path) -> anyhow::Result<ExitCode> {
         .build()
         .map_err(BalancerError::Io)?;
     runtime.block_on(async {
-        let shutdown = crate::server::shutdown_signal();
-        crate::server::catch_hangup();
+        let shutdown = crate::signals::shutdown_signal();
+        crate::signals::catch_hangup();
         let listener = crate::server::bind(b.listen).map_err(|source| BalancerError::Bind {
             what: "clients",
             addr: b.listen,

@@ -53,7 +53,7 @@ pub async fn reload_logged(shared: &Arc<Shared>, why: &'static str) {
 pub async fn watch_sighup(shared: Arc<Shared>) {
     #[cfg(unix)]
     {
-        let Some(mut hup) = crate::server::take_hangup() else {
+        let Some(mut hup) = crate::signals::take_hangup() else {
             tracing::warn!("cannot listen for SIGHUP, reload by editing the file");
             return;
         };

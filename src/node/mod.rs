@@ -97,7 +97,7 @@ pub fn authority(config: &Config) -> Result<Option<Arc<crate::auth::Authority>>,
 /// then on, without a restart and without dropping a request. (The rest
 /// of a node's settings need a restart; a bad file changes nothing.)
 async fn reload_keys_on_hangup(path: std::path::PathBuf, node: std::sync::Weak<Node>) {
-    let Some(mut hup) = crate::server::take_hangup() else {
+    let Some(mut hup) = crate::signals::take_hangup() else {
         return;
     };
     while hup.recv().await.is_some() {
@@ -286,8 +286,8 @@ pub fn main(config_path: &Path, name: &str) -> anyhow::Result<ExitCode> {
     }
     let runtime = runtime.enable_all().build()?;
     runtime.block_on(async move {
-        let shutdown = crate::server::shutdown_signal();
-        crate::server::catch_hangup();
+        let shutdown = crate::signals::shutdown_signal();
+        crate::signals::catch_hangup();
         let store = Store::open(&sale, config.redis.as_ref()).await?;
         for w in &config.warnings {
             tracing::warn!("{w}");
