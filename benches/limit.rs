@@ -31,7 +31,7 @@ fn limits(c: &mut Criterion) {
     let active = s.current.load_full();
     let one = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
     c.bench_function("limit_rate decision, one client", |b| {
-        b.iter(|| black_box(limit::check(&s, &active.config, black_box(one))))
+        b.iter(|| black_box(limit::check(&s, &active, black_box(one), || None)))
     });
 
     let clients: Vec<IpAddr> = (0..100_000u32)
@@ -41,14 +41,14 @@ fn limits(c: &mut Criterion) {
     c.bench_function("limit_rate decision, 100,000 clients in turn", |b| {
         b.iter(|| {
             i = (i + 1) % clients.len();
-            black_box(limit::check(&s, &active.config, black_box(clients[i])))
+            black_box(limit::check(&s, &active, black_box(clients[i]), || None))
         })
     });
 
     let none = shared("");
     let none_active = none.current.load_full();
     c.bench_function("no limit set", |b| {
-        b.iter(|| limit::check(&none, &none_active.config, black_box(one)).expect("passes"))
+        b.iter(|| limit::check(&none, &none_active, black_box(one), || None).expect("passes"))
     });
 
     let conns = ConnTable::default();

@@ -266,3 +266,61 @@ async fn without_nodelay_a_burst_is_delayed_to_the_rate() {
         assert_eq!(status["limits"]["nodelay"], false, "{status}");
     }
 }
+
+/// With `[auth]` the rate also counts by the verified buyer: one buyer's
+/// token sent from a second address is refused once the buyer's bucket is
+/// spent, while another buyer from a third address passes; a token that
+/// does not verify limits nobody by name (its address's bucket only). On
+/// both forwarding paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_auth_one_buyer_from_two_addresses_is_one_bucket() {
+    use base64::Engine as _;
+    const THREE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 4));
+    const FOUR: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 5));
+    let secret = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+    let key = spike::auth::BuyerKey::parse(&format!("k1:hs256:{secret}")).expect("key");
+    let exp = spike::auth::unix_now() + 3600;
+    let token = |buyer: &str| spike::auth::mint_with(&key, buyer, "lim", exp, None).expect("mint");
+    let (alice, bob) = (token("alice"), token("bob"));
+    for fast_path in [true, false] {
+        let backend = Backend::start("b").await;
+        let text = config_text(
+            "round_robin",
+            "127.0.0.1:0",
+            "127.0.0.1:0",
+            &[up(backend.addr, 1)],
+        )
+        .replacen(
+            "[balancer]\n",
+            &format!(
+                "[sale]\nevent = \"lim\"\ntotal = 10\n\n[auth]\nbuyer_keys = [\"k1:hs256:{secret}\"]\n\n\
+                 [balancer]\nfast_path = {fast_path}\nlimit_rate = \"1r/m\"\n"
+            ),
+            1,
+        );
+        let lb = Running::start(&text).await;
+        let buy = async |source: IpAddr, token: &str| {
+            let request = format!(
+                "GET /buy/ticket HTTP/1.1\r\nHost: spike\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+            );
+            raw(Some(source), lb.addr, request.as_bytes()).await
+        };
+        let what = format!("fast_path = {fast_path}");
+        assert!(buy(ONE, &alice).await.starts_with("HTTP/1.1 200"), "{what}");
+        // A new address, but alice's bucket is spent.
+        let again = buy(TWO, &alice).await;
+        assert!(again.starts_with("HTTP/1.1 429 "), "{what}: {again}");
+        assert!(again.contains("\"too_many_requests\""), "{what}: {again}");
+        // Bob from a third address: his own bucket, and the address's.
+        assert!(buy(THREE, &bob).await.starts_with("HTTP/1.1 200"), "{what}");
+        // A forged token that claims alice counts only against its address.
+        let forged = format!("{}x", &alice[..alice.len() - 1]);
+        assert!(
+            buy(FOUR, &forged).await.starts_with("HTTP/1.1 200"),
+            "{what}"
+        );
+        // (The backend's own count also has the balancer's reads of the
+        // sale, which go to it here: not compared.)
+        lb.shutdown().await;
+    }
+}

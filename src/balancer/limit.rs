@@ -52,13 +52,18 @@ pub const SWEEP_EVERY_MS: u64 = 10_000;
 /// How long a key stays after its bucket drains (Nginx's 60 s).
 pub const IDLE_MS: u64 = 60_000;
 
-/// What a limit counts by: the client's address today; a verified buyer is
-/// the variant a later change adds (with a table of its own).
+/// What a limit counts by: the client's address, and with `[auth]` also
+/// the verified buyer (the two share the tables; a key of one kind never
+/// equals a key of the other).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum LimitKey {
     /// The client's address, after `trusted_proxies` (Nginx's
     /// `$binary_remote_addr` behind realip).
     Addr(IpAddr),
+    /// The buyer a verified token names: one buyer spread over many
+    /// addresses (a botnet, a carrier's NAT pool the other way round) is
+    /// still one bucket.
+    Buyer(Box<str>),
 }
 
 /// A rate limit's parameters, in the bucket's units (thousandths of a

@@ -211,7 +211,9 @@ pub async fn handle(
         }
         let is_buy = idempotency::is_purchase(parts.uri.path());
         let client = client_ip(peer.ip, &parts.headers, &config.trusted_proxies);
-        let admitted = match forward::limit::check(shared, config, client) {
+        let admitted = match forward::limit::check(shared, &active, client, || {
+            crate::auth::token_of(&parts.headers)
+        }) {
             Ok(admitted) => admitted,
             Err(limited) => return reply(forward::local(shared, limited)),
         };

@@ -7,7 +7,10 @@
 //!
 //! Both are keyed on the client's address, after `trusted_proxies` (the
 //! address [`super::client`] finds, as Nginx's realip runs before both
-//! modules). A request the edge answers (sold out) is counted against the
+//! modules), and with `[auth]` also on the buyer a verified token names,
+//! checked after the address as Nginx checks a second zone (unlike Nginx,
+//! a request the buyer's bucket refuses has already counted against its
+//! address's). A token is verified for this only when a limit is set. A request the edge answers (sold out) is counted against the
 //! rate like any other, but neither waits nor holds a slot: its answer is
 //! made at once from memory and holds nothing.
 
@@ -17,9 +20,8 @@ use std::time::Duration;
 
 use crate::balancer::answer::{LocalAnswer, MAX_RETRY_AFTER};
 use crate::balancer::limit::{Bucket, ConnSlot, LimitKey, RateVerdict};
-use crate::balancer::state::Shared;
+use crate::balancer::state::{Active, Shared};
 use crate::balancer::upstream::now_ms;
-use crate::config::BalancerConfig;
 
 /// A request the rate let through: whose it is, and how long it must wait
 /// before it goes to an upstream (0 with `limit_nodelay`, or within the
@@ -27,6 +29,7 @@ use crate::config::BalancerConfig;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admitted {
     key: Option<LimitKey>,
+    buyer: Option<LimitKey>,
     delay_ms: u64,
 }
 
@@ -35,6 +38,7 @@ impl Admitted {
     /// with no limit set).
     pub const FREE: Admitted = Admitted {
         key: None,
+        buyer: None,
         delay_ms: 0,
     };
 
@@ -51,39 +55,50 @@ impl Admitted {
 #[derive(Debug, Default)]
 pub struct Held {
     _slot: Option<ConnSlot>,
+    _buyer_slot: Option<ConnSlot>,
 }
 
 /// `limit_rate`'s verdict on a request from `client`: `Err` with the 429
-/// (counted) when it is over the rate and the burst.
-pub fn check(
+/// (counted) when it is over the rate and the burst, for its address or
+/// (with `[auth]`) for the buyer of its token; `token` reads the token,
+/// asked only when a limit is set.
+pub fn check<'a>(
     shared: &Shared,
-    config: &BalancerConfig,
+    active: &Active,
     client: IpAddr,
+    token: impl FnOnce() -> Option<&'a str>,
 ) -> Result<Admitted, LocalAnswer> {
-    let limits = &config.limits;
+    let limits = &active.config.limits;
     if limits.rate.is_none() && limits.conns == 0 {
         return Ok(Admitted::FREE);
     }
     let key = LimitKey::Addr(client);
-    let Some(rate) = &limits.rate else {
-        return Ok(Admitted {
-            key: Some(key),
-            delay_ms: 0,
-        });
-    };
-    let delay_ms = match shared.limits.rate.check(&key, Bucket::of(rate), now_ms()) {
-        RateVerdict::Pass => 0,
-        RateVerdict::Delay(ms) => ms,
-        RateVerdict::Reject(ms) => {
-            shared.limits.rate_rejected.fetch_add(1, Ordering::Relaxed);
-            let secs = ms.div_ceil(1000).clamp(1, u64::from(MAX_RETRY_AFTER));
-            return Err(LocalAnswer::RateLimited {
-                retry_after: secs as u8,
-            });
+    // A token that does not verify limits nobody by name: its request is
+    // the address's, and the node answers it 401.
+    let buyer = active.auth.as_deref().and_then(|auth| {
+        let verified = auth.verify(token()?).ok()?;
+        Some(LimitKey::Buyer(verified.id.into_boxed_str()))
+    });
+    let mut delay_ms = 0;
+    if let Some(rate) = &limits.rate {
+        let now = now_ms();
+        for k in std::iter::once(&key).chain(buyer.as_ref()) {
+            match shared.limits.rate.check(k, Bucket::of(rate), now) {
+                RateVerdict::Pass => {}
+                RateVerdict::Delay(ms) => delay_ms = delay_ms.max(ms),
+                RateVerdict::Reject(ms) => {
+                    shared.limits.rate_rejected.fetch_add(1, Ordering::Relaxed);
+                    let secs = ms.div_ceil(1000).clamp(1, u64::from(MAX_RETRY_AFTER));
+                    return Err(LocalAnswer::RateLimited {
+                        retry_after: secs as u8,
+                    });
+                }
+            }
         }
-    };
+    }
     Ok(Admitted {
         key: Some(key),
+        buyer,
         delay_ms,
     })
 }
@@ -93,7 +108,7 @@ pub fn check(
 /// client has that many in flight). Holds no lock while it waits.
 pub async fn enter(
     shared: &Shared,
-    config: &BalancerConfig,
+    config: &crate::config::BalancerConfig,
     admitted: Admitted,
 ) -> Result<Held, LocalAnswer> {
     let Some(key) = admitted.key else {
@@ -107,11 +122,23 @@ pub async fn enter(
     if max == 0 {
         return Ok(Held::default());
     }
-    match shared.limits.conns.acquire(&key, max) {
-        Some(slot) => Ok(Held { _slot: Some(slot) }),
-        None => {
-            shared.limits.conns_rejected.fetch_add(1, Ordering::Relaxed);
-            Err(LocalAnswer::ConnLimited)
-        }
-    }
+    let refused = || {
+        shared.limits.conns_rejected.fetch_add(1, Ordering::Relaxed);
+        Err(LocalAnswer::ConnLimited)
+    };
+    let Some(slot) = shared.limits.conns.acquire(&key, max) else {
+        return refused();
+    };
+    // The buyer's place too; refused, the address's goes back on drop.
+    let buyer_slot = match &admitted.buyer {
+        Some(buyer) => match shared.limits.conns.acquire(buyer, max) {
+            Some(s) => Some(s),
+            None => return refused(),
+        },
+        None => None,
+    };
+    Ok(Held {
+        _slot: Some(slot),
+        _buyer_slot: buyer_slot,
+    })
 }

@@ -222,15 +222,15 @@ async fn per_client_limits_refuse_delay_and_count() {
     let active = shared.current.load_full();
     let one = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
     let two = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2));
-    let first = limit::check(&shared, &active.config, one).expect("the first is free");
+    let first = limit::check(&shared, &active, one, || None).expect("the first is free");
     assert!(!first.delays());
-    let second = limit::check(&shared, &active.config, one).expect("within the burst");
+    let second = limit::check(&shared, &active, one, || None).expect("within the burst");
     assert!(second.delays(), "no nodelay: spaced at the rate");
     assert_eq!(
-        limit::check(&shared, &active.config, one),
+        limit::check(&shared, &active, one, || None),
         Err(LocalAnswer::RateLimited { retry_after: 1 })
     );
-    assert!(limit::check(&shared, &active.config, two).is_ok());
+    assert!(limit::check(&shared, &active, two, || None).is_ok());
 
     // One in flight for `one`: the next of its requests is refused.
     let held = limit::enter(&shared, &active.config, first)

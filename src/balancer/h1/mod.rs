@@ -357,7 +357,18 @@ fn prepare(
             .map(|h| &input[h.value.clone()]),
         &config.trusted_proxies,
     );
-    let admitted = match forward::limit::check(shared, config, client_addr) {
+    // The buyer token, asked only by a limit or the edge that needs it: a
+    // scan of the few header lines is cheaper than indexing them always.
+    let token = || {
+        let named = |name: &'static [u8]| {
+            head.headers
+                .iter()
+                .filter(move |h| input[h.name.clone()].eq_ignore_ascii_case(name))
+                .map(|h| &input[h.value.clone()])
+        };
+        crate::auth::token_in(named(b"authorization").next(), named(b"cookie"))
+    };
+    let admitted = match forward::limit::check(shared, active, client_addr, token) {
         Ok(admitted) => admitted,
         Err(limited) => return Next::Answer(forward::local(shared, limited)),
     };
@@ -374,17 +385,7 @@ fn prepare(
             let user_id = head.user_at.map(|i| &input[head.headers[i].value.clone()]);
             buyer_from(query, user_id, limited)
         },
-        || {
-            // Asked only with [auth], of a sold-out purchase: a scan of
-            // the few header lines is cheaper than indexing them always.
-            let named = |name: &'static [u8]| {
-                head.headers
-                    .iter()
-                    .filter(move |h| input[h.name.clone()].eq_ignore_ascii_case(name))
-                    .map(|h| &input[h.value.clone()])
-            };
-            crate::auth::token_in(named(b"authorization").next(), named(b"cookie"))
-        },
+        token,
     );
     if let Some(edge) = edge {
         return Next::Answer(edge.into());
