@@ -334,12 +334,9 @@ impl Verifier {
             }
         })?;
         let sub = data.claims.sub;
-        let ok = !sub.is_empty()
-            && sub.len() <= 64
-            && sub.bytes().all(|b| {
-                b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'-')
-            });
-        if !ok {
+        // A buyer id by the same rule as everywhere (it becomes a Redis
+        // hash field and goes into JSON unescaped).
+        if crate::protocol::check_buyer(&sub).is_err() {
             return Err(AuthError::BadSubject);
         }
         Ok(VerifiedBuyer { id: sub })
@@ -428,6 +425,18 @@ pub fn unverified_subject(token: &str) -> Option<String> {
         sub: String,
     }
     serde_json::from_slice::<Sub>(&bytes).ok().map(|s| s.sub)
+}
+
+/// Who a sale's buyers are, as `/healthz`, `/stats` and `/status` say it:
+/// `anonymous` (no per-user limit), `verified` (a limit, and `[auth]`
+/// checks tokens), `unverified` (a limit on ids the client states, which
+/// holds only for honest clients). One rule for the node and the balancer.
+pub fn buyers_kind(per_user_limit: u64, auth: bool) -> &'static str {
+    match (per_user_limit, auth) {
+        (0, _) => "anonymous",
+        (_, true) => "verified",
+        _ => "unverified",
+    }
 }
 
 /// The buyer token a request carries: `Authorization: Bearer TOKEN`, else

@@ -65,9 +65,7 @@ pub fn pay_sign(path: &Path, order: &str, reference: Option<&str>) -> anyhow::Re
         );
     }
     if let Some(r) = reference
-        && !r
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.:@-".contains(&b))
+        && !r.bytes().all(crate::protocol::is_id_byte)
     {
         anyhow::bail!(
             "--ref {r:?}: a payment reference is letters, digits, '_', '.', ':', '@' or '-'"

@@ -206,11 +206,12 @@ pub fn sale(shared: &Shared) -> serde_json::Value {
     let limit = fresh
         .and_then(|(_, v)| v["per_user_limit"].as_u64())
         .or_else(|| shared.sale_limit());
-    let buyers = match (limit, shared.current.load().config.auth.is_some()) {
-        (Some(0), _) => "anonymous",
-        (_, true) => "verified",
-        _ => "unverified",
-    };
+    // A sale whose limit is not known yet counts as limited: better
+    // "unverified" for a moment than "anonymous" by mistake.
+    let buyers = crate::auth::buyers_kind(
+        limit.unwrap_or(1),
+        shared.current.load().config.auth.is_some(),
+    );
     match fresh {
         Some((at, v)) => serde_json::json!({
             "configured": true,

@@ -230,13 +230,7 @@ struct Health {
 /// limit without `[auth]` holds only for honest clients, and an operator
 /// must see that on the dashboard, not only in a start-up warning.
 pub fn buyers(node: &Node) -> &'static str {
-    if node.per_user_limit() == 0 {
-        "anonymous"
-    } else if node.auth().is_some() {
-        "verified"
-    } else {
-        "unverified"
-    }
+    crate::auth::buyers_kind(node.per_user_limit(), node.auth().is_some())
 }
 
 /// `GET /healthz`: 200 when the node can sell; otherwise 503 and the

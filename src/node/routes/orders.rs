@@ -82,9 +82,7 @@ fn payment_ref(req: &Request<Incoming>) -> Result<&str, OrderRequestError> {
         Some(r)
             if !r.is_empty()
                 && r.len() <= MAX_REF_LEN
-                && r.bytes().all(|b| {
-                    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'-')
-                }) =>
+                && r.bytes().all(crate::protocol::is_id_byte) =>
         {
             Ok(r)
         }
