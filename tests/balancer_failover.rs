@@ -100,7 +100,7 @@ async fn backups_take_over_and_hand_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_left_is_a_json_502() {
-    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+    let (_held, dead) = common::refusing_addr();
     let lb = Running::start(&config_text(
         "round_robin",
         "127.0.0.1:0",
@@ -129,7 +129,7 @@ async fn nothing_left_is_a_json_502() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_goes_to_the_next_upstream_when_connect_fails() {
-    let dead = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+    let (_held, dead) = common::refusing_addr();
     let live = Backend::start("live").await;
     let lb = Running::start(&config_text(
         "round_robin",

@@ -35,6 +35,19 @@ pub fn free_addr() -> std::net::SocketAddr {
     std::net::SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
+/// An address that refuses connections for as long as the returned socket
+/// lives: bound, never listening, so the kernel answers a connect with a
+/// reset. A dead upstream for a test; unlike a port from [`free_port`],
+/// no test running beside it can start listening there meanwhile.
+pub fn refusing_addr() -> (tokio::net::TcpSocket, std::net::SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket
+        .bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind an ephemeral port");
+    let addr = socket.local_addr().expect("local addr");
+    (socket, addr)
+}
+
 /// A port nobody is listening on right now (the OS picks it).
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
