@@ -8,34 +8,11 @@ mod common;
 
 use std::time::Duration;
 
+use common::auth::test_key as key;
 use common::http::{Reply, TestClient, client, json, send};
 use common::spike::{SpikeProcess, remove_config, run, write_config};
 use common::up::{Ports, up_config};
 use hyper::{Method, StatusCode};
-
-/// 32 bytes of `byte`, in base64: a test key.
-fn key(byte: u8) -> String {
-    use std::fmt::Write as _;
-    // Standard base64 of 32 equal bytes, without a base64 crate here.
-    let bytes = [byte; 32];
-    const ABC: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
-        let chars = chunk.len() + 1;
-        for i in 0..4 {
-            if i < chars {
-                let _ = write!(out, "{}", ABC[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
 
 /// A `spike up` sale of `total` with a payment window and `[auth]`.
 fn sale_with_auth(total: u64, limit: u64) -> (String, Ports) {

@@ -3,7 +3,8 @@
 //! while a node is SIGKILLed (and later restarted), Redis is stopped for
 //! longer than the command timeout, Redis is restarted, and the balancer is
 //! reloaded with a changed upstream list. Afterwards every promise is checked
-//! from Redis and from every answer the buyers got.
+//! from Redis and from every answer the buyers got. With `[auth]` on, as
+//! in production: every buyer buys with their own token.
 
 mod common;
 
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::auth::TestAuth;
 use common::http::{client, get, json, send};
 use common::redis::RedisServer;
 use common::spike::{SpikeProcess, remove_config, run, wait_listening, write_config};
@@ -35,11 +37,13 @@ struct Ports {
 
 fn config_text(redis: &str, ports: &Ports, upstreams: &[usize]) -> String {
     let mut t = format!(
-        "[sale]\nevent = \"fault\"\ntotal = {TOTAL}\nper_user_limit = 1\n\n\
+        "[sale]\nevent = \"fault\"\ntotal = {TOTAL}\nper_user_limit = 1\n\n{}\
          [redis]\nurl = \"{redis}\"\ntimeout = \"300ms\"\n\n\
          [balancer]\nlisten = \"{}\"\nadmin = \"{}\"\nstrategy = \"weighted_round_robin\"\n\
          connect_timeout = \"500ms\"\nresponse_timeout = \"2s\"\n",
-        ports.balancer, ports.admin
+        TestAuth::new("fault").section(),
+        ports.balancer,
+        ports.admin
     );
     for &i in upstreams {
         t.push_str(&format!(
@@ -94,17 +98,7 @@ async fn a_sale_survives_node_death_redis_stalls_restarts_and_reloads() {
     };
     let path = write_config(&config_text(&redis.url(), &ports, &[0, 1, 2, 3]));
     let cfg = path.to_str().expect("path").to_string();
-    assert!(
-        run(&[
-            "stock",
-            "init",
-            "--trust-client-buyer-ids",
-            "--config",
-            &cfg
-        ])
-        .status
-        .success()
-    );
+    assert!(run(&["stock", "init", "--config", &cfg]).status.success());
     let mut nodes: Vec<Option<SpikeProcess>> = (0..4).map(|i| Some(start_node(&cfg, i))).collect();
     for a in &ports.nodes {
         wait_listening(&a.to_string(), Duration::from_secs(10));
@@ -113,14 +107,16 @@ async fn a_sale_survives_node_death_redis_stalls_restarts_and_reloads() {
     wait_listening(&ports.balancer.to_string(), Duration::from_secs(10));
 
     let c = client();
+    let auth = Arc::new(TestAuth::new("fault"));
     let sold = Arc::new(AtomicUsize::new(0));
     let next_buyer = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let answers = Arc::new(Mutex::new(Vec::<Answer>::new()));
     let mut workers = Vec::new();
     for _ in 0..WORKERS {
-        let (c, sold, next_buyer, stop, answers) = (
+        let (c, auth, sold, next_buyer, stop, answers) = (
             c.clone(),
+            auth.clone(),
             sold.clone(),
             next_buyer.clone(),
             stop.clone(),
@@ -134,9 +130,10 @@ async fn a_sale_survives_node_death_redis_stalls_restarts_and_reloads() {
                     break;
                 }
                 // A real buyer retries a 502/503 a few times, then gives up.
+                let bearer = auth.bearer(&format!("f{buyer}"));
+                let headers = [("Authorization", bearer.as_str())];
                 for _attempt in 0..4 {
                     let start = Instant::now();
-                    let path = format!("/buy/ticket?user=f{buyer}");
                     // Half the buyers POST, as a browser form would: the
                     // balancer keys every purchase, so a POST that dies
                     // with a node is retried on another like a GET.
@@ -145,7 +142,7 @@ async fn a_sale_survives_node_death_redis_stalls_restarts_and_reloads() {
                     } else {
                         Method::POST
                     };
-                    let sent = send(&c, method, target, &path, &[]);
+                    let sent = send(&c, method, target, "/buy/ticket", &headers);
                     let answer = match tokio::time::timeout(HANG, sent).await {
                         Ok(Ok(common::http::Reply { status, body, .. })) => Answer {
                             buyer,
@@ -276,9 +273,16 @@ async fn a_sale_survives_node_death_redis_stalls_restarts_and_reloads() {
     faults.push("balancer reloaded with n2 back".into());
     let mut late = HashMap::new();
     for i in 0..200 {
-        let (status, body) = get(&c, ports.balancer, &format!("/buy/ticket?user=late{i}"))
-            .await
-            .expect("late buyer");
+        let bearer = auth.bearer(&format!("late{i}"));
+        let common::http::Reply { status, body, .. } = send(
+            &c,
+            Method::GET,
+            ports.balancer,
+            "/buy/ticket",
+            &[("Authorization", bearer.as_str())],
+        )
+        .await
+        .expect("late buyer");
         *late
             .entry((
                 status.as_u16(),
@@ -363,9 +367,16 @@ async fn a_sale_survives_node_death_redis_stalls_restarts_and_reloads() {
             "{buyer} holds {order} with answers {theirs:?}"
         );
         assert!(orders.contains(order));
-        let (status, body) = get(&c, ports.balancer, &format!("/buy/ticket?user={buyer}"))
-            .await
-            .expect("the holder asks again");
+        let bearer = auth.bearer(buyer);
+        let common::http::Reply { status, body, .. } = send(
+            &c,
+            Method::GET,
+            ports.balancer,
+            "/buy/ticket",
+            &[("Authorization", bearer.as_str())],
+        )
+        .await
+        .expect("the holder asks again");
         let v = json(&body);
         assert_eq!(status, StatusCode::CONFLICT, "{buyer}: {body}");
         assert_eq!(v["status"], "already_bought", "{buyer}: {body}");

@@ -3,7 +3,8 @@
 //! promotes the replica, and every buyer who heard 200 still holds that
 //! exact order on the new primary; the sale goes on (once the old primary
 //! is back, as the new one's replica, sales are acknowledged again) and
-//! never sells past the total.
+//! never sells past the total. With `[auth]` on, as in production: every
+//! buyer buys with their own token.
 
 mod common;
 
@@ -11,11 +12,29 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::http::{client, get, json};
+use common::auth::TestAuth;
+use common::http::{Reply, TestClient, client, get, json, send};
 use common::redis::RedisServer;
 use common::sentinel::{Sentinel, wait_until};
 use common::spike::{SpikeProcess, run, wait_listening, write_config};
 use hyper::StatusCode;
+
+/// `buyer`'s purchase with their own token (and an `Idempotency-Key`
+/// when given), sent straight to the node.
+async fn buy(
+    c: &TestClient,
+    node: std::net::SocketAddr,
+    auth: &TestAuth,
+    buyer: &str,
+    key: Option<&str>,
+) -> Result<Reply, String> {
+    let bearer = auth.bearer(buyer);
+    let mut headers = vec![("Authorization", bearer.as_str())];
+    if let Some(k) = key {
+        headers.push(("Idempotency-Key", k));
+    }
+    send(c, hyper::Method::POST, node, "/buy/ticket", &headers).await
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sale_survives_a_sentinel_failover_with_every_answered_order() {
@@ -41,20 +60,16 @@ async fn a_sale_survives_a_sentinel_failover_with_every_answered_order() {
         "redis-sentinel://127.0.0.1:{}/0?sentinelServiceName={SERVICE}&node=127.0.0.1:{}&node=127.0.0.1:{}",
         sentinels[0].port, sentinels[1].port, sentinels[2].port
     );
+    let auth = Arc::new(TestAuth::new("failover"));
     let text = format!(
-        "[sale]\nevent = \"failover\"\ntotal = {TOTAL}\nper_user_limit = 1\n\n\
+        "[sale]\nevent = \"failover\"\ntotal = {TOTAL}\nper_user_limit = 1\n\n{}\
          [redis]\nurl = \"{url}\"\ntimeout = \"500ms\"\nreplicas = 1\n\n\
-         [[node]]\nname = \"n1\"\nlisten = \"{node}\"\n"
+         [[node]]\nname = \"n1\"\nlisten = \"{node}\"\n",
+        auth.section()
     );
     let path = write_config(&text);
     let cfg = path.to_str().expect("path").to_string();
-    let init = run(&[
-        "stock",
-        "init",
-        "--trust-client-buyer-ids",
-        "--config",
-        &cfg,
-    ]);
+    let init = run(&["stock", "init", "--config", &cfg]);
     assert!(
         init.status.success(),
         "{}",
@@ -72,8 +87,9 @@ async fn a_sale_survives_a_sentinel_failover_with_every_answered_order() {
     let sold_after = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut lanes = Vec::new();
     for lane in 0..8u64 {
-        let (c, answered, after, sold_after) = (
+        let (c, auth, answered, after, sold_after) = (
             c.clone(),
+            auth.clone(),
             answered.clone(),
             after_failover.clone(),
             sold_after.clone(),
@@ -87,8 +103,7 @@ async fn a_sale_survives_a_sentinel_failover_with_every_answered_order() {
                         started.elapsed() < Duration::from_secs(90),
                         "the sale did not end"
                     );
-                    let Ok((status, body)) =
-                        get(&c, node, &format!("/buy/ticket?user={buyer}")).await
+                    let Ok(Reply { status, body, .. }) = buy(&c, node, &auth, &buyer, None).await
                     else {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
@@ -151,9 +166,8 @@ async fn a_sale_survives_a_sentinel_failover_with_every_answered_order() {
     // exact order on the new primary.
     let answered = answered.lock().expect("answered").clone();
     for (buyer, order) in &answered {
-        let (status, body) = get(&c, node, &format!("/buy/ticket?user={buyer}"))
-            .await
-            .expect("ask again");
+        let Reply { status, body, .. } =
+            buy(&c, node, &auth, buyer, None).await.expect("ask again");
         assert_eq!(status, StatusCode::CONFLICT, "{buyer}: {body}");
         let v = json(&body);
         assert_eq!(v["status"], "already_bought", "{buyer}: {body}");
@@ -209,20 +223,16 @@ async fn buyers_through_a_failover(replicas: usize, after: Duration) -> (usize, 
         sentinels[0].port, sentinels[1].port, sentinels[2].port
     );
     let event = format!("held-{replicas}");
+    let auth = TestAuth::new(&event);
     let text = format!(
-        "[sale]\nevent = \"{event}\"\ntotal = 1000\nper_user_limit = 1\n\n\
+        "[sale]\nevent = \"{event}\"\ntotal = 1000\nper_user_limit = 1\n\n{}\
          [redis]\nurl = \"{url}\"\ntimeout = \"1s\"\nreplicas = 1\n\n\
-         [[node]]\nname = \"n1\"\nlisten = \"{node}\"\n"
+         [[node]]\nname = \"n1\"\nlisten = \"{node}\"\n",
+        auth.section()
     );
     let path = write_config(&text);
     let cfg = path.to_str().expect("path").to_string();
-    let init = run(&[
-        "stock",
-        "init",
-        "--trust-client-buyer-ids",
-        "--config",
-        &cfg,
-    ]);
+    let init = run(&["stock", "init", "--config", &cfg]);
     assert!(
         init.status.success(),
         "{}",
@@ -243,14 +253,7 @@ async fn buyers_through_a_failover(replicas: usize, after: Duration) -> (usize, 
         next += 1;
         let buyer = format!("h{next}");
         let key = format!("key-{next}");
-        let reply = common::http::send(
-            &c,
-            hyper::Method::POST,
-            node,
-            &format!("/buy/ticket?user={buyer}"),
-            &[("Idempotency-Key", &key)],
-        )
-        .await;
+        let reply = buy(&c, node, &auth, &buyer, Some(&key)).await;
         (buyer, reply.map(|r| (r.status, r.body)))
     };
     for _ in 0..10 {

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+use common::auth::TestAuth;
 use common::http::{Reply, TestClient, client, json, send};
 use common::redis::RedisServer;
 use common::sale::{InProcessSale, sale_config};
@@ -44,6 +45,76 @@ fn order_id(r: &Reply) -> String {
         .as_str()
         .unwrap_or_else(|| panic!("no order in {}", r.body))
         .to_string()
+}
+
+/// The balancer's front door as a buyer (and the payment service) meet
+/// it: without `[auth]` a buyer is `?user=`; with it, their token, and a
+/// payment is the payment service's signature.
+struct Door<'a> {
+    c: &'a TestClient,
+    at: SocketAddr,
+    auth: Option<&'a TestAuth>,
+}
+
+impl Door<'_> {
+    async fn buy(&self, user: &str) -> Reply {
+        let Some(auth) = self.auth else {
+            return buy(self.c, self.at, user).await;
+        };
+        let bearer = auth.bearer(user);
+        send(
+            self.c,
+            Method::GET,
+            self.at,
+            "/buy/ticket",
+            &[("Authorization", bearer.as_str())],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("buy for {user}: {e}"))
+    }
+
+    /// `op` as for [`order`]; `user` is the buyer asking (or, for a
+    /// payment without `[auth]`, the one paying).
+    async fn order(&self, id: &str, op: &str, user: &str, reference: Option<&str>) -> Reply {
+        let Some(auth) = self.auth else {
+            let query = match reference {
+                Some(r) => format!("user={user}&ref={r}"),
+                None => format!("user={user}"),
+            };
+            return order(self.c, self.at, id, op, &query).await;
+        };
+        let (method, path) = match (op, reference) {
+            ("", _) => (Method::GET, format!("/orders/{id}")),
+            (op, Some(r)) => (Method::POST, format!("/orders/{id}/{op}?ref={r}")),
+            (op, None) => (Method::POST, format!("/orders/{id}/{op}")),
+        };
+        let header = if op == "pay" {
+            ("Spike-Signature", auth.pay_signature(&path))
+        } else {
+            ("Authorization", auth.bearer(user))
+        };
+        send(
+            self.c,
+            method,
+            self.at,
+            &path,
+            &[(header.0, header.1.as_str())],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{op} {id}: {e}"))
+    }
+
+    async fn buy_until_sold(&self, user: &str, limit: Duration) -> Reply {
+        let start = Instant::now();
+        loop {
+            let r = self.buy(user).await;
+            if r.status == StatusCode::OK || start.elapsed() > limit {
+                return r;
+            }
+            assert_eq!(json(&r.body)["status"], "sold_out", "{}", r.body);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 /// Buys for `user` until a 200, for at most `limit` (a node that said
@@ -105,19 +176,24 @@ fn up_file(
 /// reservations; two paid (one twice); one cancelled, whose ticket sells
 /// again at once; two unpaid, which expire and sell again; then sold out,
 /// and paying an expired order is 409.
-async fn sale_of_five(redis: Option<&RedisServer>) {
+async fn sale_of_five(redis: Option<&RedisServer>, auth: Option<&TestAuth>) {
     let url = redis.map(|r| r.url());
     let (text, addrs) = up_file("five", 5, "2s", url.as_deref());
+    let text = match auth {
+        Some(auth) => text.replace("\n[balancer]", &format!("\n{}[balancer]", auth.section())),
+        None => text,
+    };
     let path = write_config(&text);
     let _up = SpikeProcess::start(&["up", "--config", path.to_str().expect("path")]);
     for a in &addrs {
         wait_listening(&a.to_string(), Duration::from_secs(15));
     }
     let (b, c) = (addrs[0], client());
+    let door = Door { c: &c, at: b, auth };
 
     let mut ids = Vec::new();
     for i in 1..=5 {
-        let r = buy(&c, b, &format!("b{i}")).await;
+        let r = door.buy(&format!("b{i}")).await;
         let v = json(&r.body);
         assert_eq!(
             (r.status, &v["state"]),
@@ -134,21 +210,21 @@ async fn sale_of_five(redis: Option<&RedisServer>) {
         );
         ids.push(order_id(&r));
     }
-    let r = buy(&c, b, "b6").await;
+    let r = door.buy("b6").await;
     assert_eq!(
         (r.status, json(&r.body)["status"].clone()),
         (StatusCode::CONFLICT, "sold_out".into())
     );
 
     // Paid, and paid again: one payment, the same answer.
-    let first = order(&c, b, &ids[0], "pay", "user=b1&ref=tx-1").await;
+    let first = door.order(&ids[0], "pay", "b1", Some("tx-1")).await;
     assert_eq!(first.status, StatusCode::OK, "{}", first.body);
     let v = json(&first.body);
     assert_eq!(
         (v["status"].as_str(), v["payment_ref"].as_str()),
         (Some("paid"), Some("tx-1"))
     );
-    let again = order(&c, b, &ids[0], "pay", "user=b1&ref=tx-2").await;
+    let again = door.order(&ids[0], "pay", "b1", Some("tx-2")).await;
     assert_eq!(again.status, StatusCode::OK, "{}", again.body);
     assert_eq!(json(&again.body)["paid_at"], v["paid_at"], "{}", again.body);
     assert_eq!(
@@ -157,21 +233,21 @@ async fn sale_of_five(redis: Option<&RedisServer>) {
         "the first payment stands"
     );
     assert_eq!(
-        order(&c, b, &ids[1], "pay", "user=b2").await.status,
+        door.order(&ids[1], "pay", "b2", None).await.status,
         StatusCode::OK
     );
     // Someone else's order is not theirs to pay or cancel.
     assert_eq!(
-        order(&c, b, &ids[2], "cancel", "user=b1").await.status,
+        door.order(&ids[2], "cancel", "b1", None).await.status,
         StatusCode::FORBIDDEN
     );
 
     // Cancelled: the ticket sells again at once.
-    let cancelled = order(&c, b, &ids[2], "cancel", "user=b3").await;
+    let cancelled = door.order(&ids[2], "cancel", "b3", None).await;
     assert_eq!(cancelled.status, StatusCode::OK, "{}", cancelled.body);
     assert_eq!(json(&cancelled.body)["status"], "cancelled");
     let asked = Instant::now();
-    let r = buy_until_sold(&c, b, "b6", Duration::from_millis(1500)).await;
+    let r = door.buy_until_sold("b6", Duration::from_millis(1500)).await;
     assert_eq!(
         r.status,
         StatusCode::OK,
@@ -181,15 +257,15 @@ async fn sale_of_five(redis: Option<&RedisServer>) {
     eprintln!("a cancelled ticket sold again after {:?}", asked.elapsed());
     let b6 = order_id(&r);
     assert_eq!(
-        order(&c, b, &b6, "pay", "user=b6").await.status,
+        door.order(&b6, "pay", "b6", None).await.status,
         StatusCode::OK
     );
-    let r = order(&c, b, &ids[2], "pay", "user=b3").await;
+    let r = door.order(&ids[2], "pay", "b3", None).await;
     assert_eq!(
         (r.status, json(&r.body)["status"].clone()),
         (StatusCode::CONFLICT, "cancelled".into())
     );
-    let r = order(&c, b, &ids[0], "cancel", "user=b1").await;
+    let r = door.order(&ids[0], "cancel", "b1", None).await;
     assert_eq!(
         (r.status, json(&r.body)["status"].clone()),
         (StatusCode::CONFLICT, "paid".into())
@@ -198,11 +274,11 @@ async fn sale_of_five(redis: Option<&RedisServer>) {
     // b4 and b5 never pay: they expire, by the sweep, within a second or
     // two of their deadline, without anyone asking about them.
     for (i, id) in ids.iter().enumerate().skip(3) {
-        let user = format!("user=b{}", i + 1);
+        let user = format!("b{}", i + 1);
         let start = Instant::now();
         loop {
             // Read through a node's /sale would do too; the order shows it.
-            let v = json(&order(&c, b, id, "", &user).await.body);
+            let v = json(&door.order(id, "", &user, None).await.body);
             if v["state"] == "expired" {
                 let late = millis(v["expired_at"].as_str().expect("expired_at"))
                     .saturating_sub(millis(v["pay_by"].as_str().expect("pay_by")));
@@ -218,7 +294,7 @@ async fn sale_of_five(redis: Option<&RedisServer>) {
         }
     }
     for user in ["b7", "b8"] {
-        let r = buy_until_sold(&c, b, user, Duration::from_millis(1500)).await;
+        let r = door.buy_until_sold(user, Duration::from_millis(1500)).await;
         assert_eq!(
             r.status,
             StatusCode::OK,
@@ -226,17 +302,17 @@ async fn sale_of_five(redis: Option<&RedisServer>) {
             r.body
         );
     }
-    let r = buy(&c, b, "b9").await;
+    let r = door.buy("b9").await;
     assert_eq!(
         (r.status, json(&r.body)["status"].clone()),
         (StatusCode::CONFLICT, "sold_out".into())
     );
-    let r = order(&c, b, &ids[3], "pay", "user=b4").await;
+    let r = door.order(&ids[3], "pay", "b4", None).await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
     assert_eq!(json(&r.body)["status"], "expired");
     // A buyer whose reservation expired may buy again (and here finds it
     // sold out).
-    let r = buy(&c, b, "b4").await;
+    let r = door.buy("b4").await;
     assert_eq!(json(&r.body)["status"], "sold_out", "{}", r.body);
 
     // A node's /sale may be up to 500 ms old (its cache, which the
@@ -281,13 +357,22 @@ async fn sale_of_five(redis: Option<&RedisServer>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sale_of_five_with_payments_through_the_balancer_embedded() {
-    sale_of_five(None).await;
+    sale_of_five(None, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sale_of_five_with_payments_through_the_balancer_redis() {
     let redis = RedisServer::start();
-    sale_of_five(Some(&redis)).await;
+    sale_of_five(Some(&redis), None).await;
+}
+
+/// The same sale with `[auth]` on, as in production: buyers buy, read and
+/// cancel with their own tokens, and the payment service pays with its
+/// signature.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sale_of_five_with_tokens_and_signed_payments_redis() {
+    let redis = RedisServer::start();
+    sale_of_five(Some(&redis), Some(&TestAuth::new("five"))).await;
 }
 
 /// Orders paid concurrently right at their deadline: each ends paid (and

@@ -3,6 +3,7 @@
 //! processes. Every fixture cleans up on drop so tests can run in parallel.
 #![allow(dead_code)]
 
+pub mod auth;
 pub mod backend;
 pub mod cut_proxy;
 pub mod http;
