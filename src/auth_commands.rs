@@ -2,6 +2,7 @@
 //! operator needs by hand: a buyer token for a test, a demo or a load
 //! test, and the payment service's signature for a payment made by hand.
 
+use std::io::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -22,12 +23,15 @@ fn auth_of(config: &Config) -> anyhow::Result<&auth::AuthConfig> {
 }
 
 /// Prints a buyer token for `buyer` in the file's sale, valid for `ttl`
-/// (from `not_before` on, when given), signed with the first HS256 key.
+/// (from `not_before` on, when given), signed with the first HS256 key;
+/// with `count`, one `BUYER-i TOKEN` line for each of `count` buyers (the
+/// crowd of a load test, where every request is another buyer).
 pub fn token(
     path: &Path,
     buyer: &str,
     ttl: Duration,
     not_before: Option<Duration>,
+    count: Option<u64>,
 ) -> anyhow::Result<ExitCode> {
     let config = Config::load(path)?;
     let sale = config.require_sale()?;
@@ -42,8 +46,24 @@ pub fn token(
     let now = auth::unix_now();
     let nbf = not_before.map(|d| now + d.as_secs());
     let exp = nbf.unwrap_or(now) + ttl.as_secs();
-    let token = auth::mint_with(key, buyer, &sale.event, exp, nbf)?;
-    println!("{token}");
+    let Some(count) = count else {
+        let token = auth::mint_with(key, buyer, &sale.event, exp, nbf)?;
+        println!("{token}");
+        return Ok(ExitCode::SUCCESS);
+    };
+    // A million lines: write through one buffer, not a lock per line.
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut name = String::with_capacity(buyer.len() + 12);
+    for i in 1..=count {
+        name.clear();
+        name.push_str(buyer);
+        name.push('-');
+        name.push_str(itoa::Buffer::new().format(i));
+        crate::protocol::check_buyer(&name).with_context(|| format!("--buyer {name:?}"))?;
+        let token = auth::mint_with(key, &name, &sale.event, exp, nbf)?;
+        writeln!(out, "{name} {token}")?;
+    }
+    out.flush()?;
     Ok(ExitCode::SUCCESS)
 }
 

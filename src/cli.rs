@@ -194,6 +194,10 @@ pub enum Command {
         /// Valid only from this long from now on (its `nbf`).
         #[arg(long, value_parser = duration)]
         not_before: Option<std::time::Duration>,
+        /// Mint tokens for N buyers, `BUYER-1` to `BUYER-N`, one
+        /// `BUYER-i TOKEN` line each: a crowd for a load test.
+        #[arg(long)]
+        count: Option<u64>,
     },
     /// Print the payment service's Spike-Signature header that pays
     /// --order, signed now with [auth] payment_key (valid for 5 minutes).

@@ -62,7 +62,8 @@ fn main() -> ExitCode {
             buyer,
             ttl,
             not_before,
-        } => spike::auth_commands::token(&config.config, &buyer, ttl, not_before),
+            count,
+        } => spike::auth_commands::token(&config.config, &buyer, ttl, not_before, count),
         Command::PaySign {
             config,
             order,

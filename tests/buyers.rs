@@ -803,3 +803,28 @@ async fn a_node_reloads_its_keys_on_sighup() {
     node.stop("TERM", Duration::from_secs(15));
     remove_config(&path);
 }
+
+/// `spike token --count N`: a crowd for a load test, one `BUYER-i TOKEN`
+/// line per buyer, each token the sale's and naming its own buyer.
+#[test]
+fn token_count_mints_one_token_per_buyer() {
+    let (text, _ports) = sale_with_auth(10, 1);
+    let path = write_config(&text);
+    let cfg = path.to_str().expect("path");
+    let out = run(&["token", "--config", cfg, "--buyer", "crowd", "--count", "5"]);
+    assert!(out.status.success(), "{out:?}");
+    let config = spike::config::Config::load(&path).expect("config");
+    let verifier =
+        spike::auth::Verifier::new(config.auth.as_ref().expect("[auth]"), "up").expect("verifier");
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(lines.len(), 5, "{lines:?}");
+    for (i, line) in lines.iter().enumerate() {
+        let (buyer, token) = line.split_once(' ').expect("BUYER TOKEN");
+        assert_eq!(buyer, format!("crowd-{}", i + 1));
+        assert_eq!(verifier.verify(token).expect("valid").id, buyer);
+    }
+    remove_config(&path);
+}
