@@ -20,7 +20,7 @@
 # -z, 5s), CONC (100), IDLE_CONNS (10000), WORKERS (nginx workers and HAProxy
 # threads; default nproc = spike's worker threads), PROXIES (default "spike
 # nginx haproxy"; spike is always one), SCENARIOS (default "proxy success
-# soldout ab memory payments"), STRATEGIES (default "round_robin
+# soldout ab memory payments tokens"), STRATEGIES (default "round_robin
 # weighted_round_robin ip_hash least_conn", for the proxy-only scenario),
 # PAY_TOTAL (2000).
 #
@@ -46,7 +46,7 @@ fi
 CONC=${CONC:-100}
 AB_N=10000 # the article's command: ab -n 10000 -c 100
 AB_TOTAL=5000
-SCENARIOS=${SCENARIOS:-proxy success soldout ab memory payments}
+SCENARIOS=${SCENARIOS:-proxy success soldout ab memory payments tokens}
 PAY_TOTAL=${PAY_TOTAL:-2000} # tickets of the sale with payments
 read -r -a SIDES <<<"${PROXIES:-spike nginx haproxy}"
 read -r -a STRATEGIES <<<"${STRATEGIES:-round_robin weighted_round_robin ip_hash least_conn}"
@@ -364,25 +364,36 @@ print(n)
 EOF
 }
 
-cpu_ticks() { python3 "$ROOT/scripts/perf/procstat.py" cpu "$1"; } # PID -> "USER SYS HZ"
+cpu_ticks() { python3 "$ROOT/scripts/perf/procstat.py" cpu "$@"; } # PID... -> "USER SYS HZ"
 
 # One oha run, checked and recorded. PID is the proxy's (its CPU, and its
 # workers', is read from /proc right before and right after the run), or ""
 # when no proxy is in the path. With SALE_CFG set, also Redis's call counters
-# (reset before the run) and the tickets sold in the run, of that sale.
+# (reset before the run) and the tickets sold in the run, of that sale. With
+# CROWD_SEND set (token or query), the client is examples/crowd.rs instead of
+# oha, every request the next buyer of CROWD_BUYERS, and the nodes' CPU is
+# recorded too.
 oha_run() { # SCENARIO SIDE ROUND EXPECT PID URL [oha args...]
   local scen=$1 side=$2 round=$3 expect=$4 pid=$5 url=$6
   shift 6
   local file=raw/${scen//\//_}-$side-$round.json rec=() extra="" cpu=()
-  local before sold evalsha all u0 s0 u1 s1 hz answered0 answered
+  local before sold evalsha all u0 s0 u1 s1 hz answered0 answered nu0 ns0 nu1 ns1
   if [ -n "${SALE_CFG:-}" ]; then
     before=$(stock_field "$SALE_CFG" sold)
     answered0=$(node_sold_out_answers)
     rcli CONFIG RESETSTAT >/dev/null
   fi
   [ -z "$pid" ] || read -r u0 s0 hz <<<"$(cpu_ticks "$pid")"
-  oha --no-tui --output-format json -z "$DUR" -c "$CONC" "${OHA_WAIT[@]+"${OHA_WAIT[@]}"}" "$@" "$url" \
-    >"$OUT/$file" 2>"$OUT/logs/oha.log" || true
+  if [ -n "${CROWD_SEND:-}" ]; then
+    read -r nu0 ns0 hz <<<"$(cpu_ticks "${NODE_PIDS[@]}")"
+    "$CROWD" --buyers "$CROWD_BUYERS" --send "$CROWD_SEND" -z "$DUR" -c "$CONC" "$@" "$url" \
+      >"$OUT/$file" 2>"$OUT/logs/crowd.log" || true
+    read -r nu1 ns1 hz <<<"$(cpu_ticks "${NODE_PIDS[@]}")"
+    rec+=(node_cpu_user_ticks="$((nu1 - nu0))" node_cpu_sys_ticks="$((ns1 - ns0))")
+  else
+    oha --no-tui --output-format json -z "$DUR" -c "$CONC" "${OHA_WAIT[@]+"${OHA_WAIT[@]}"}" "$@" "$url" \
+      >"$OUT/$file" 2>"$OUT/logs/oha.log" || true
+  fi
   if [ -n "${SALE_CFG:-}" ]; then
     # Redis's counters before anything else talks to it.
     read -r evalsha all <<<"$(redis_calls)"
@@ -473,7 +484,7 @@ fi
 # ---------------------------------------------------------------------------
 # 2. The sale through the balancer (and 4. direct to one node).
 # ---------------------------------------------------------------------------
-if wants success || wants soldout || wants ab || wants payments; then
+if wants success || wants soldout || wants ab || wants payments || wants tokens; then
   start_redis
 fi
 
@@ -644,6 +655,84 @@ if wants payments; then
   stop "${NODE_PIDS[@]}"
 fi
 
+# ---------------------------------------------------------------------------
+# 6. Buyers with tokens (`[auth]`): the same sale with and without it, the
+#    same crowd client (examples/crowd.rs; oha sends one set of headers for
+#    every request, so it cannot play buyers who each hold a token), every
+#    request another buyer: `?user=NAME` without [auth], that buyer's own
+#    token (minted by `spike token --count`) with it. The success path (a
+#    fresh sale before every run) and the sold-out path (a sold-out sale,
+#    answered at spike's edge), through spike and Nginx in front of the
+#    same nodes, restarted for each mode. The balancer's and the nodes' CPU
+#    are both recorded: with [auth] the node verifies every purchase.
+# ---------------------------------------------------------------------------
+if wants tokens; then
+  say "compare.sh: building examples/crowd.rs (release)"
+  cargo build --release --example crowd >&2
+  CROWD=${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/crowd
+  read -r -a NODE_PORTS <<<"$(free_ports 4)"
+  pick_ports
+  TOKEN_SIDES=()
+  for side in spike nginx; do runs "$side" && TOKEN_SIDES+=("$side"); done
+  for path in success soldout; do
+    total=100000000
+    [ "$path" = soldout ] && total=1000
+    write_sale_config "$WORK/tokens-$path-query.toml" "bench-tokens-$path" "$total" 1 "${PORT[spike]}" "$ADMIN"
+    # The same file with [auth] (a fresh HS256 key for this run).
+    python3 - "$WORK/tokens-$path-query.toml" "$WORK/tokens-$path-token.toml" <<'EOF'
+import base64, os, sys
+text = open(sys.argv[1]).read()
+key = lambda: base64.b64encode(os.urandom(32)).decode()
+auth = f'[auth]\nbuyer_keys = ["bench:hs256:{key()}"]\npayment_key = "{key()}"\n'
+open(sys.argv[2], "w").write(text.replace("[redis]\n", auth + "[redis]\n", 1))
+EOF
+  done
+  # Enough buyers for the fastest run (each request is a new one), and a
+  # separate crowd that drains the sold-out sale, so that nobody in the
+  # flood holds a ticket.
+  n=${TOKEN_BUYERS:-400000}
+  "$SPIKE" token --config "$WORK/tokens-success-token.toml" --buyer b --count "$n" >"$WORK/buyers-success.txt"
+  "$SPIKE" token --config "$WORK/tokens-soldout-token.toml" --buyer b --count "$n" >"$WORK/buyers-soldout.txt"
+  "$SPIKE" token --config "$WORK/tokens-soldout-token.toml" --buyer drain --count 20000 >"$WORK/buyers-drain.txt"
+  tokens_mode() { # PATH SEND ROUND
+    local path=$1 send=$2 round=$3 cfg=$WORK/tokens-$1-$2.toml side trust=() i expect=200 sold
+    [ "$send" = query ] && trust=(--trust-client-buyer-ids)
+    [ "$path" = soldout ] && expect=409
+    rcli FLUSHALL >/dev/null
+    "$SPIKE" stock init "${trust[@]}" --config "$cfg" >/dev/null
+    start_nodes "$cfg"
+    for side in "${TOKEN_SIDES[@]}"; do start_proxy "$side" "$cfg"; done
+    if [ "$path" = soldout ]; then
+      # Sell everything, then keep asking every node until each has heard
+      # from Redis that the sale is over: from then on they answer from
+      # memory, and spike's edge answers before them.
+      for i in 0 1 2 3; do
+        "$CROWD" --buyers "$WORK/buyers-drain.txt" --send "$send" -z 1s -c 20 \
+          "http://127.0.0.1:${NODE_PORTS[$i]}/buy/ticket" >/dev/null 2>>"$OUT/logs/crowd.log" || true
+      done
+      sold=$(stock_field "$cfg" sold)
+      [ "$sold" = 1000 ] || die "the sold-out sale sold $sold of 1000 after draining"
+    fi
+    for side in "${TOKEN_SIDES[@]}"; do
+      if [ "$path" = success ]; then
+        rcli FLUSHALL >/dev/null
+        "$SPIKE" stock init "${trust[@]}" --config "$cfg" >/dev/null
+      fi
+      SALE_CFG=$cfg CROWD_SEND=$send CROWD_BUYERS=$WORK/buyers-$path.txt \
+        oha_run "tokens/$path/$send" "$side" "$round" "$expect" "${PID[$side]}" "http://127.0.0.1:${PORT[$side]}/buy/ticket"
+    done
+    for side in "${TOKEN_SIDES[@]}"; do stop "${PID[$side]}"; done
+    stop "${NODE_PIDS[@]}"
+  }
+  for ((round = 0; round <= ROUNDS; round++)); do
+    for path in success soldout; do
+      # Which mode runs first alternates from round to round.
+      if ((round % 2)); then modes=(token query); else modes=(query token); fi
+      for send in "${modes[@]}"; do tokens_mode "$path" "$send" "$round"; done
+    done
+  done
+fi
+
 [ -n "${REDIS_PID:-}" ] && stop "$REDIS_PID"
 
 # ---------------------------------------------------------------------------
@@ -651,4 +740,5 @@ fi
 # ---------------------------------------------------------------------------
 python3 "$HERE/report.py" summarize "$OUT"
 wants payments && python3 "$HERE/payments.py" summarize "$OUT"
+wants tokens && python3 "$HERE/tokens.py" summarize "$OUT"
 say "compare.sh: raw oha JSON, runs.jsonl, summary.json, summary.md and chart.svg in $OUT"

@@ -1,8 +1,8 @@
 """What the perf scripts share: free loopback ports, and the CPU a process
 tree has used, from /proc (in clock ticks; HZ of them a second).
 
-    procstat.py cpu PID    prints "USER SYS HZ": the clock ticks PID and its
-                           descendants have spent in user and system mode
+    procstat.py cpu PID... prints "USER SYS HZ": the clock ticks the PIDs and
+                           their descendants have spent in user and system mode
 
 (scripts/compare.sh reads it before and after each run of a proxy.)
 """
@@ -51,6 +51,6 @@ def cpu(pids):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "cpu":
+    if len(sys.argv) < 3 or sys.argv[1] != "cpu":
         sys.exit(__doc__)
-    print(*cpu(tree(int(sys.argv[2]))), HZ)
+    print(*cpu([p for arg in sys.argv[2:] for p in tree(int(arg))]), HZ)
