@@ -424,3 +424,67 @@ async fn a_reload_that_changes_the_sale_says_so_on_the_page() {
     assert!(reload.contains("total 50 -&gt; 60"), "{reload}");
     remove_config(&path);
 }
+
+/// `[balancer] limit_rate` and `limit_conns` on the page: the limits in
+/// force and what they refused, the same numbers as `/status`; a balancer
+/// without them says that one client may take the sale's capacity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_the_per_client_limits_and_their_refusals() {
+    let backend = common::backend::Backend::start("b1").await;
+    let listen = common::free_addr();
+    let admin = common::free_addr();
+    let text = format!(
+        "[balancer]\nlisten = \"{listen}\"\nadmin = \"{admin}\"\n\
+         limit_rate = \"1r/s\"\nlimit_burst = 2\nlimit_nodelay = true\nlimit_conns = 7\n\n\
+         [[balancer.upstream]]\naddr = \"{}\"\n",
+        backend.addr
+    );
+    let path = common::spike::write_config(&text);
+    let _lb = common::spike::SpikeProcess::start(&[
+        "balancer",
+        "--config",
+        path.to_str().expect("utf-8 path"),
+    ]);
+    common::spike::wait_listening(&listen.to_string(), std::time::Duration::from_secs(10));
+    let c = client();
+    // One client, ten requests at once: the first 3 (1 + a burst of 2)
+    // pass, the rest are refused.
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        statuses.push(get(&c, listen, "/").await.expect("answer").0);
+    }
+    let refused = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert!(refused >= 5, "{statuses:?}");
+    let (_, status) = get(&c, admin, "/status").await.expect("status");
+    let limits = json(&status)["limits"].clone();
+    assert_eq!(limits["rate_rejected"], refused as u64, "{limits}");
+    let dom = rendered(&format!("http://{admin}/"));
+    assert_eq!(
+        element(&dom, "id=\"limits-rate\""),
+        "1r/s, burst 2, nodelay"
+    );
+    assert_eq!(element(&dom, "id=\"limits-conns\""), "7");
+    assert_eq!(
+        element(&dom, "id=\"limits-rate_rejected\""),
+        refused.to_string()
+    );
+    assert_eq!(element(&dom, "id=\"limits-conns_rejected\""), "0");
+    assert_eq!(element(&dom, "id=\"limits-clients\""), "1");
+    assert!(
+        dom.contains("id=\"limits-reason\" class=\"why\" hidden"),
+        "{dom}"
+    );
+    remove_config(&path);
+
+    // Without limits, the page says what that means.
+    let (text, ports) = up_config(5, 1, None);
+    let (_up, path) = start_up(&text, &ports);
+    let dom = rendered(&format!("http://{}/", ports.admin));
+    assert_eq!(element(&dom, "id=\"limits-rate\""), "off");
+    let reason = element(&dom, "id=\"limits-reason\"");
+    assert!(reason.contains("one client may take"), "{reason}");
+    remove_config(&path);
+}
