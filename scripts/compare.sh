@@ -222,12 +222,15 @@ start_redis() {
   wait_port "$REDIS_PORT" "$REDIS_PID" redis
 }
 rcli() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@"; }
-redis_calls() { # "EVALSHA ALL" calls since the last CONFIG RESETSTAT (ALL excludes INFO/CONFIG)
+# "EVALSHA ALL USEC" since the last CONFIG RESETSTAT: EVALSHA calls, all
+# calls, and the microseconds Redis's one thread spent in them (ALL and
+# USEC exclude INFO/CONFIG, which are this script's own).
+redis_calls() {
   rcli INFO commandstats | tr -d '\r' | awk -F'[:=,]' '
     /^cmdstat_/ { n = $0; sub(/^cmdstat_/, "", n); sub(/:.*/, "", n)
                   if (n == "evalsha") e = $3
-                  if (n != "info" && n != "config") a += $3 }
-    END { printf "%d %d\n", e, a }'
+                  if (n != "info" && n != "config") { a += $3; u += $5 } }
+    END { printf "%d %d %d\n", e, a, u }'
 }
 stock_field() { # CONFIG FIELD: one field of `spike stock show`
   "$SPIKE" stock show --config "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])' "$2"
@@ -377,7 +380,7 @@ oha_run() { # SCENARIO SIDE ROUND EXPECT PID URL [oha args...]
   local scen=$1 side=$2 round=$3 expect=$4 pid=$5 url=$6
   shift 6
   local file=raw/${scen//\//_}-$side-$round.json rec=() extra="" cpu=()
-  local before sold evalsha all u0 s0 u1 s1 hz answered0 answered nu0 ns0 nu1 ns1
+  local before sold evalsha all usec u0 s0 u1 s1 hz answered0 answered nu0 ns0 nu1 ns1
   if [ -n "${SALE_CFG:-}" ]; then
     before=$(stock_field "$SALE_CFG" sold)
     answered0=$(node_sold_out_answers)
@@ -396,10 +399,10 @@ oha_run() { # SCENARIO SIDE ROUND EXPECT PID URL [oha args...]
   fi
   if [ -n "${SALE_CFG:-}" ]; then
     # Redis's counters before anything else talks to it.
-    read -r evalsha all <<<"$(redis_calls)"
+    read -r evalsha all usec <<<"$(redis_calls)"
     sold=$(($(stock_field "$SALE_CFG" sold) - before))
     answered=$(($(node_sold_out_answers) - answered0))
-    rec+=(redis_evalsha="$evalsha" redis_all="$all" sold_delta="$sold" node_sold_out="$answered")
+    rec+=(redis_evalsha="$evalsha" redis_all="$all" redis_usec="$usec" sold_delta="$sold" node_sold_out="$answered")
     extra="  redis evalsha $evalsha, sold $sold, nodes' sold_out answers $answered in the run"
   fi
   if [ -n "$pid" ]; then
@@ -623,7 +626,7 @@ if wants payments; then
   start_nodes "$cfg"
   start_proxies "$cfg"
   payments_run() { # SIDE ROUND
-    local side=$1 round=$2 port=${PORT[$1]} rush pay urls evalsha all paid reserved
+    local side=$1 round=$2 port=${PORT[$1]} rush pay urls evalsha all usec paid reserved
     rush=raw/payments-rush-$side-$round.json
     pay=raw/payments-pay-$side-$round.json
     urls=$WORK/pay-urls-$side-$round.txt
@@ -638,7 +641,7 @@ if wants payments; then
     [ -s "$urls" ] || die "no reservation to pay after the rush through $side"
     oha --no-tui --output-format json -m POST -n $(($(wc -l <"$urls") * 3)) -c "$CONC" \
       --urls-from-file "$urls" >"$OUT/$pay" 2>>"$OUT/logs/oha.log" || true
-    read -r evalsha all <<<"$(redis_calls)"
+    read -r evalsha all usec <<<"$(redis_calls)"
     paid=$(stock_field "$cfg" paid)
     reserved=$(stock_field "$cfg" reserved)
     local label=round$round
@@ -646,7 +649,7 @@ if wants payments; then
     printf '  %-26s %-7s %-8s paid %s of %s (reserved %s), redis evalsha %s\n' \
       "sale/payments" "$side" "$label" "$paid" "$PAY_TOTAL" "$reserved" "$evalsha" >&2
     record kind=payments scenario=sale/payments side="$side" round="$round" rush="$rush" pay="$pay" \
-      paid="$paid" reserved="$reserved" total="$PAY_TOTAL" redis_evalsha="$evalsha" redis_all="$all"
+      paid="$paid" reserved="$reserved" total="$PAY_TOTAL" redis_evalsha="$evalsha" redis_all="$all" redis_usec="$usec"
   }
   for ((round = 0; round <= ROUNDS; round++)); do
     for side in $(in_turn "$round"); do payments_run "$side" "$round"; done

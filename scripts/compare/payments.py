@@ -42,6 +42,7 @@ def summarize(out):
             "paid": paid,
             "total": int(r["total"]),
             "calls_per_paid": int(r["redis_evalsha"]) / paid if paid else None,
+            "us_per_paid": int(r["redis_usec"]) / paid if paid and "redis_usec" in r else None,
         })
     def med(side, k):
         xs = [x[k] for x in sides.get(side, []) if x[k] is not None]
@@ -65,6 +66,7 @@ def summarize(out):
         ("rush, requests/s", "rush", "{:,.0f}"),
         ("payments, requests/s", "pay", "{:,.0f}"),
         ("Redis calls per paid ticket", "calls_per_paid", "{:.2f}"),
+        ("Redis µs per paid ticket (rush and payment)", "us_per_paid", "{:.1f}"),
         ("paid (of the total)", "paid", "{:,.0f}"),
     ]:
         s = med("spike", k)

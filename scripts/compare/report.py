@@ -147,13 +147,16 @@ def load_runs(d):
             if r["ok"] and "redis_evalsha" in r and r.get("requests"):
                 sold = r.get("sold_delta", 0)
                 r["redis_per_sale"] = (r["redis_evalsha"] / sold) if sold else None
+                if "redis_usec" in r:
+                    # Redis's one thread: the time a sale costs it.
+                    r["redis_us_per_sale"] = (r["redis_usec"] / sold) if sold else None
     return runs
 
 
 SUBJECT = "spike"  # the proxy every ratio is about: spike ÷ each of the others
 NAMES = {"spike": "spike", "nginx": "Nginx", "haproxy": "HAProxy", "direct": "direct, no proxy"}
 # Medians kept per proxy, and the ratios taken round by round (name, run key).
-PER_SIDE = ("rps", "p99", "cpu_us", "user_us", "sys_us", "redis_per_sale", "redis_evalsha")
+PER_SIDE = ("rps", "p99", "cpu_us", "user_us", "sys_us", "redis_per_sale", "redis_us_per_sale", "redis_evalsha")
 RATIO_KEYS = (("cpu", "cpu_us"), ("user", "user_us"), ("sys", "sys_us"), ("rps", "rps"), ("p99", "p99"))
 
 
@@ -486,7 +489,10 @@ def render_md(s):
             "Redis calls per sale (EVALSHA ÷ tickets sold, success path): "
             + ", ".join(f"{NAMES.get(x, x)} {fmt(v.get('redis_per_sale'), '.3f')}" for x, v in su["sides"].items())
             + " (the nodes make the calls; the proxy only passes them through; spike's balancer "
-            "adds an Idempotency-Key to each purchase, the others do not)."
+            "adds an Idempotency-Key to each purchase, the others do not). Redis time per sale "
+            "(µs of its one thread, every command, ÷ tickets sold): "
+            + ", ".join(f"{NAMES.get(x, x)} {fmt(v.get('redis_us_per_sale'), '.1f')}" for x, v in su["sides"].items())
+            + "."
         )
     so = s.get("sale_sold_out")
     if so:

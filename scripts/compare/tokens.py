@@ -51,6 +51,8 @@ def load(out):
         r["node_us"] = per_request(r, "node_")
         if r["balancer_us"] is not None and r["node_us"] is not None:
             r["total_us"] = r["balancer_us"] + r["node_us"]
+        sold = r.get("sold_delta")
+        r["redis_us_per_sale"] = r["redis_usec"] / sold if sold and "redis_usec" in r else None
         rows.append(r)
     return rows
 
@@ -65,7 +67,7 @@ def summarize(out):
     if not rows:
         print("tokens: no run", file=sys.stderr)
         return
-    keys = ["rps", "balancer_us", "node_us", "total_us", "p99"]
+    keys = ["rps", "balancer_us", "node_us", "total_us", "p99", "redis_us_per_sale"]
     result = {"failed": [f"{r['scenario']} {r['side']} round {r['round']}: {r['codes']} {r['errors']}"
                          for r in rows if not r["ok"]]}
     lines = [
@@ -77,8 +79,8 @@ def summarize(out):
         "request, of the proxy and of the four nodes; ratios are with [auth] / without, same proxy, same",
         "round, median over the rounds.",
         "",
-        "| path | proxy | req/s without | req/s with | req/s ratio | proxy CPU ratio | node CPU µs without → with | total CPU ratio |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| path | proxy | req/s without | req/s with | req/s ratio | proxy CPU ratio | node CPU µs without → with | total CPU ratio | Redis µs per sale without → with |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for path in ("success", "soldout"):
         for side in ("spike", "nginx"):
@@ -102,7 +104,8 @@ def summarize(out):
                 f"| {path} | {side} | {f(sides['query']['rps'], ',.0f')} | {f(sides['token']['rps'], ',.0f')}"
                 f" | {f(ratio['rps'], '.3f')} | {f(ratio['balancer_us'], '.3f')}"
                 f" | {f(sides['query']['node_us'], '.1f')} → {f(sides['token']['node_us'], '.1f')}"
-                f" | {f(ratio['total_us'], '.3f')} |"
+                f" | {f(ratio['total_us'], '.3f')}"
+                f" | {f(sides['query']['redis_us_per_sale'], '.1f')} → {f(sides['token']['redis_us_per_sale'], '.1f')} |"
             )
     if result["failed"]:
         lines += ["", "Failed runs: " + "; ".join(result["failed"])]
