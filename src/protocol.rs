@@ -14,9 +14,6 @@
 //! (The sale's snapshot, `GET /sale`, is the store's `Snapshot`: the
 //! balancer passes its bytes on without reading them.)
 
-use std::borrow::Cow;
-use std::collections::HashMap;
-
 use hyper::header::{HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 
@@ -282,17 +279,39 @@ pub fn sold_out_poll_params(query: Option<&str>) -> Option<(u64, u64)> {
 }
 
 /// `GET /holders` (200, once the node answers `sold_out` from memory and
-/// has read them): the buyers at the limit and their last orders.
+/// its holders are current): the buyers at the limit and their last
+/// orders, compactly (a buyer is a keyed hash, an order its sequence in
+/// the epoch; about 40 bytes of JSON per holder instead of the names), so
+/// that a balancer answers `already_bought` for them without a node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HoldersView<'a> {
-    /// The epoch the holders belong to.
+pub struct HoldersView {
+    /// The epoch the holders belong to (order ids are `epoch-seq`).
     pub epoch: u64,
     /// Tickets that had come back when the node last heard from the store.
     pub released: u64,
     /// The stored per-user limit (0: no buyer is ever at a limit).
     pub per_user_limit: u64,
-    /// Buyer id → last order id.
-    pub buyers: Cow<'a, HashMap<String, String>>,
+    /// The keys of the buyers' hashes (SipHash-2-4 of the buyer id).
+    pub seed: [u64; 2],
+    /// `[buyer hash, order sequence]` of every buyer at the limit.
+    pub buyers: Vec<[u64; 2]>,
+    /// Buyer hashes two holders share: only a node answers for them.
+    pub ask: Vec<u64>,
+}
+
+impl HoldersView {
+    /// `buyer`'s last order when the view lists them at the limit (for a
+    /// reader holding names, e.g. a test; the balancer keeps the hashes).
+    pub fn order_of(&self, buyer: &str) -> Option<String> {
+        let h = crate::node::store::HolderSeed(self.seed[0], self.seed[1]).hash(buyer);
+        if self.ask.contains(&h) {
+            return None;
+        }
+        self.buyers
+            .iter()
+            .find(|[b, _]| *b == h)
+            .map(|[_, seq]| format!("{}-{seq}", self.epoch))
+    }
 }
 
 #[cfg(test)]
@@ -432,15 +451,20 @@ mod tests {
         );
         assert_eq!(sold_out_poll_params(None), None);
 
-        let buyers = HashMap::from([("b1".to_owned(), "o1".to_owned())]);
+        let seed = crate::node::store::HolderSeed(5, 6);
         let holders = HoldersView {
             epoch: 3,
             released: 2,
             per_user_limit: 1,
-            buyers: Cow::Borrowed(&buyers),
+            seed: [5, 6],
+            buyers: vec![[seed.hash("b1"), 9]],
+            ask: vec![seed.hash("b2")],
         };
         let text = serde_json::to_string(&holders).expect("json");
-        let back: HoldersView<'static> = serde_json::from_str(&text).expect("read");
+        let back: HoldersView = serde_json::from_str(&text).expect("read");
+        assert_eq!(back.order_of("b1").as_deref(), Some("3-9"));
+        assert_eq!(back.order_of("b2"), None);
+        assert_eq!(back.order_of("b3"), None);
         assert_eq!(back, holders);
     }
 }

@@ -17,12 +17,17 @@
 //!
 //! This module holds the state only; the polling is in [`super::sale`].
 
-use std::collections::HashMap;
+use std::collections::HashSet;
+use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use arc_swap::ArcSwapOption;
 use tokio::sync::Notify;
+
+use crate::node::store::holders::{HashKeyed, IdHasher};
+use crate::node::store::{HolderSeed, Lookup};
+use crate::protocol::HoldersView;
 
 /// What the balancer knows of a sold-out sale.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,8 +38,55 @@ pub struct SoldOut {
     pub released: u64,
     /// The stored per-user limit (0: no buyer is ever at a limit).
     pub per_user_limit: u64,
-    /// Buyer → last order, of the buyers at the limit.
-    pub buyers: HashMap<String, String>,
+    /// The keys of the buyer hashes, the node's that listed them.
+    pub seed: HolderSeed,
+    /// Buyer hash → last order's sequence, of the buyers at the limit:
+    /// about 20 bytes a holder, where names and order ids took about 500.
+    pub buyers: HashKeyed<u64>,
+    /// Buyer hashes two holders share: a node answers for them.
+    pub ask: HashSet<u64, BuildHasherDefault<IdHasher>>,
+}
+
+impl SoldOut {
+    /// What the edge knows of `buyer`: their last order's sequence when
+    /// at the limit.
+    pub fn holder(&self, buyer: &str) -> Lookup<u64> {
+        let h = self.seed.hash(buyer);
+        if self.ask.contains(&h) {
+            return Lookup::AskStore;
+        }
+        match self.buyers.get(&h) {
+            Some(&seq) => Lookup::Found(seq),
+            None => Lookup::Absent,
+        }
+    }
+
+    /// The order id of sequence `seq` in this sale.
+    pub fn order_id(&self, seq: u64) -> String {
+        let mut e = itoa::Buffer::new();
+        let mut n = itoa::Buffer::new();
+        let (e, n) = (e.format(self.epoch), n.format(seq));
+        let mut id = String::with_capacity(e.len() + 1 + n.len());
+        id.push_str(e);
+        id.push('-');
+        id.push_str(n);
+        id
+    }
+
+    /// The edge's view from a node's `/holders`.
+    pub fn from_view(v: HoldersView) -> SoldOut {
+        let mut buyers = HashKeyed::default();
+        buyers.reserve(v.buyers.len());
+        buyers.extend(v.buyers.into_iter().map(|[h, seq]| (h, seq)));
+        SoldOut {
+            epoch: v.epoch,
+            released: v.released,
+            per_user_limit: v.per_user_limit,
+            seed: HolderSeed(v.seed[0], v.seed[1]),
+            buyers,
+            ask: v.ask.into_iter().collect(),
+        }
+    }
 }
 
 /// The edge's state, shared by every worker.

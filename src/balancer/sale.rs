@@ -160,13 +160,8 @@ async fn learn(shared: &Shared) {
     }
     let read = async {
         let body = ask_any(shared, protocol::HOLDERS_PATH).await.ok()?;
-        let v: HoldersView<'static> = serde_json::from_slice(&body).ok()?;
-        Some(SoldOut {
-            epoch: v.epoch,
-            released: v.released,
-            per_user_limit: v.per_user_limit,
-            buyers: v.buyers.into_owned(),
-        })
+        let v: HoldersView = serde_json::from_slice(&body).ok()?;
+        Some(SoldOut::from_view(v))
     };
     if let Some(sold_out) = read.await {
         shared.edge.set(sold_out);

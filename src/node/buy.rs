@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::lease::Unit;
 use super::state::{Node, REFILL_FAILED, REFILL_NO_SALE, REFILL_NONE};
 use super::stats::Stats;
-use super::store::{OrderState, Outcome, Purchase, StoreError};
+use super::store::{Holders, Lookup, OrderState, Outcome, Purchase, StoreError};
 
 /// What a purchase came to, before it is HTTP: the purchase logic (and the
 /// route's checks of the request) decide it, [`BuyAnswer::count`] counts
@@ -301,50 +301,76 @@ impl Node {
     }
 
     /// The answer once the store said the sale is sold out: from memory
-    /// when the holders are known; before that, a buyer who may hold a
-    /// ticket (a key, or a named buyer under a limit) asks the store, which
-    /// sells nothing more but knows.
+    /// when the holders are known and current (no ticket came back or was
+    /// sold since they were last read); otherwise, or where memory cannot
+    /// tell (a hash two holders share), a buyer who may hold a ticket (a
+    /// key, or a named buyer under a limit) asks the store, which sells
+    /// nothing more but knows.
     async fn sold_out_answer<'a>(
         &self,
         buyer: &'a str,
         key: &str,
         give_up: Instant,
     ) -> BuyAnswer<'a> {
-        let known = self.view.holders();
-        match known.as_deref() {
-            Some(k) if k.epoch == self.epoch() => {
-                if !key.is_empty()
-                    && let Some(order) = k.holders.keys.get(key)
-                {
-                    if order.state == OrderState::Reserved {
-                        // Paid or expired since it was read, maybe: the
-                        // store knows (a retry of a reservation is rare).
-                        return self.purchase(buyer, key, None, give_up).await;
+        let may_hold = !key.is_empty() || (self.per_user_limit() > 0 && !buyer.is_empty());
+        // Decided under the holders' read lock, acted on after it.
+        let verdict = {
+            let known = self.view.holders();
+            match known.as_deref().filter(|k| k.epoch == self.epoch()) {
+                Some(k) => {
+                    let h = k.read();
+                    if self.view.is_current(&h) {
+                        from_memory(&h, buyer, key)
+                    } else {
+                        Memory::Stale
                     }
-                    if order.buyer != buyer {
-                        return BuyAnswer::KeyReused;
-                    }
-                    return BuyAnswer::Sold {
-                        order: order.order.clone(),
-                        buyer,
-                        sold: super::store::embedded::ticket_number(&order.order),
-                        replayed: true,
-                        state: order.state,
-                        pay_by: order.pay_by,
-                    };
                 }
-                if let Some(order) = k.holders.buyers.get(buyer) {
-                    return BuyAnswer::AlreadyBought {
-                        order: order.clone(),
-                    };
-                }
+                None => Memory::Stale,
             }
-            _ if !key.is_empty() || (self.per_user_limit() > 0 && !buyer.is_empty()) => {
+        };
+        match verdict {
+            Memory::Answer(Remembered::AlreadyBought(order)) => BuyAnswer::AlreadyBought { order },
+            Memory::Answer(Remembered::SoldOut) => BuyAnswer::SoldOut,
+            Memory::AskStore => self.purchase(buyer, key, None, give_up).await,
+            Memory::Stale if may_hold => {
                 self.learn_holders(self.epoch());
-                return self.purchase(buyer, key, None, give_up).await;
+                self.purchase(buyer, key, None, give_up).await
             }
-            _ => {}
+            Memory::Stale => BuyAnswer::SoldOut,
         }
-        BuyAnswer::SoldOut
+    }
+}
+
+/// What memory says of a purchase once sold out.
+enum Memory {
+    /// The answer, from memory.
+    Answer(Remembered),
+    /// Only the store can tell.
+    AskStore,
+    /// The holders are not read, or not current.
+    Stale,
+}
+
+/// An answer memory can give.
+enum Remembered {
+    AlreadyBought(String),
+    SoldOut,
+}
+
+/// The answer current holders give for `buyer` and `key`, as the script
+/// would give it.
+fn from_memory(h: &Holders, buyer: &str, key: &str) -> Memory {
+    // A key that bought is the store's to replay (or to refuse to another
+    // buyer) exactly; one that never did says nothing.
+    if !key.is_empty() && h.key_bought(key) {
+        return Memory::AskStore;
+    }
+    if buyer.is_empty() || h.per_user_limit == 0 {
+        return Memory::Answer(Remembered::SoldOut);
+    }
+    match h.buyer(buyer) {
+        Lookup::Found(seq) => Memory::Answer(Remembered::AlreadyBought(h.order_id(seq))),
+        Lookup::AskStore => Memory::AskStore,
+        Lookup::Absent => Memory::Answer(Remembered::SoldOut),
     }
 }

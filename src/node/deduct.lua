@@ -237,13 +237,27 @@ for i = 2, #ARGV, 6 do
       end
       redis.call('HSET', KEYS[3], id, cjson.encode(order))
       -- The hand-off to an order or payment service, in the same step.
+      -- The key goes too (when there is one): a sold-out node learns from
+      -- the stream which keys bought, without a lookup per order.
       if state ~= '' then
-        redis.call('XADD', KEYS[8], 'MAXLEN', '~', stream_max, '*', 'type', state,
-          'order', id, 'buyer', buyer, 'node', node, 'at', string.format('%d', now),
-          'pay_by', string.format('%d', pay_by))
+        if key ~= '' then
+          redis.call('XADD', KEYS[8], 'MAXLEN', '~', stream_max, '*', 'type', state,
+            'order', id, 'buyer', buyer, 'node', node, 'at', string.format('%d', now),
+            'pay_by', string.format('%d', pay_by), 'key', key)
+        else
+          redis.call('XADD', KEYS[8], 'MAXLEN', '~', stream_max, '*', 'type', state,
+            'order', id, 'buyer', buyer, 'node', node, 'at', string.format('%d', now),
+            'pay_by', string.format('%d', pay_by))
+        end
       elseif stream_final then
-        redis.call('XADD', KEYS[8], 'MAXLEN', '~', stream_max, '*', 'type', 'sold',
-          'order', id, 'buyer', buyer, 'node', node, 'at', string.format('%d', now))
+        if key ~= '' then
+          redis.call('XADD', KEYS[8], 'MAXLEN', '~', stream_max, '*', 'type', 'sold',
+            'order', id, 'buyer', buyer, 'node', node, 'at', string.format('%d', now),
+            'key', key)
+        else
+          redis.call('XADD', KEYS[8], 'MAXLEN', '~', stream_max, '*', 'type', 'sold',
+            'order', id, 'buyer', buyer, 'node', node, 'at', string.format('%d', now))
+        end
       end
       answer(1, id, seq, holder, pay_by, state)
     end

@@ -7,15 +7,15 @@
 //! answer carries the sale's state ([`SaleView::observe`] takes it in), and
 //! the node's poll refreshes it once a second when no purchase does.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 use arc_swap::{ArcSwapOption, Guard};
 use tokio::time::Instant;
 
 use super::lease::Lease;
-use super::store::{Holders, SaleState};
+use super::store::{HolderChanges, HolderSeed, Holders, SaleState};
 use crate::protocol::SoldOutView;
 
 /// How often a node that has not heard from the store asks for the sale's
@@ -26,8 +26,30 @@ pub const POLL_EVERY: Duration = Duration::from_secs(1);
 pub struct KnownHolders {
     /// The epoch they were read for.
     pub epoch: u64,
-    /// The buyers at the limit and the keys that bought.
-    pub holders: Holders,
+    /// The buyers at the limit and the keys that bought; changed in place
+    /// as tickets come back and resell (a write lock for the few changes
+    /// of one store call, never held across an `.await`).
+    holders: RwLock<Holders>,
+}
+
+impl KnownHolders {
+    /// The holders, to look up (a read lock: drop it before awaiting).
+    pub fn read(&self) -> RwLockReadGuard<'_, Holders> {
+        self.holders.read().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What the task that keeps a node's holders current does next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HolderStep {
+    /// Read them in full, with this per-user limit.
+    Full(u64),
+    /// Read what changed since this cursor, for this per-user limit.
+    Changes(String, u64),
+    /// They are current, or not needed now (the sale is open).
+    Done,
+    /// The sale was reset since the task began: stop.
+    Abandon,
 }
 
 /// The sale as this node last heard it from the store, shared by its
@@ -42,8 +64,11 @@ pub struct SaleView {
     /// The epoch the store said is sold out (0: none).
     sold_out_epoch: AtomicU64,
     /// Tickets that came back so far, as last heard: when it grows, the
-    /// holders read into memory are stale.
+    /// holders read into memory are stale until the change is read.
     released: AtomicU64,
+    /// Orders created so far (sold + released), as last heard: when it
+    /// grows, a buyer may be at the limit whom memory does not know yet.
+    created: AtomicU64,
     /// The sale's payment window in ms as last heard (0: final sales, and
     /// no sweep).
     pay_within: AtomicU64,
@@ -53,9 +78,11 @@ pub struct SaleView {
     holders: ArcSwapOption<KnownHolders>,
     /// The epoch whose holders are being read (0: none).
     learning: AtomicU64,
-    /// Grows every time the holders are forgotten: a read that started
-    /// before is stale and must not land.
+    /// Grows every time the holders are forgotten (a reset): a read that
+    /// started before is stale, stops at its next page and does not land.
     holders_gen: AtomicU64,
+    /// The keys of the holders' hashes, chosen once per node.
+    seed: HolderSeed,
     /// Rung when what `/sold_out` says changes for the worse for a
     /// balancer answering from it (a reset, returned stock, open again):
     /// its long poll answers at once.
@@ -75,10 +102,12 @@ impl SaleView {
             limit: AtomicU64::new(per_user_limit),
             sold_out_epoch: AtomicU64::new(0),
             released: AtomicU64::new(0),
+            created: AtomicU64::new(0),
             pay_within: AtomicU64::new(0),
             holders: ArcSwapOption::empty(),
             learning: AtomicU64::new(0),
             holders_gen: AtomicU64::new(0),
+            seed: HolderSeed::random(),
             changed: tokio::sync::Notify::new(),
             last_renewed: AtomicU64::new(0),
             born: Instant::now(),
@@ -100,6 +129,17 @@ impl SaleView {
         self.released.load(Ordering::Acquire)
     }
 
+    /// Orders created (sold + released) when the node last heard from the
+    /// store.
+    pub fn created(&self) -> u64 {
+        self.created.load(Ordering::Acquire)
+    }
+
+    /// The keys of this node's holder hashes.
+    pub fn seed(&self) -> HolderSeed {
+        self.seed
+    }
+
     /// The sale's payment window as last heard (None: purchases are final).
     pub fn pay_within(&self) -> Option<Duration> {
         match self.pay_within.load(Ordering::Acquire) {
@@ -117,9 +157,11 @@ impl SaleView {
     /// Takes in what a store answer says about the sale: a new epoch drops
     /// everything the node knew of the old sale (`reset` drops what the node
     /// keeps beside this view); the limit is the stored one; sold out or not
-    /// is the store's word (`sold_out` starts reading the holders of the
-    /// epoch). An answer about an older epoch than the node knows changes
-    /// nothing (answers can be handled out of the store's order).
+    /// is the store's word. `sold_out` is called with the epoch when the
+    /// holders are wanted and may not be current: the sale just sold out,
+    /// or, sold out, tickets came back or were sold since. An answer about
+    /// an older epoch than the node knows changes nothing (answers can be
+    /// handled out of the store's order).
     pub fn observe(
         &self,
         sale: &SaleState,
@@ -145,6 +187,7 @@ impl SaleView {
             // waiters: none of them may see the old sale's flag.
             self.forget_holders();
             self.released.store(0, Ordering::Release);
+            self.created.store(0, Ordering::Release);
             reset();
             lease.reset();
         }
@@ -159,13 +202,17 @@ impl SaleView {
             self.pay_within.store(sale.pay_within_ms, Ordering::Release);
         }
         // A ticket came back: a buyer may be under the limit again, a key's
-        // order released. What memory says of them is stale; it is read
-        // again at the next sold out.
-        if self.released.load(Ordering::Acquire) < sale.released
-            && self.released.fetch_max(sale.released, Ordering::AcqRel) < sale.released
-        {
-            self.forget_holders();
+        // order released. Memory is not answered from until the change is
+        // read (`HolderStep::Changes`), and a balancer answering from
+        // `/sold_out` hears of it at once.
+        let released = self.released.load(Ordering::Acquire) < sale.released
+            && self.released.fetch_max(sale.released, Ordering::AcqRel) < sale.released;
+        if released {
+            self.changed.notify_waiters();
         }
+        let created = sale.sold + sale.released;
+        let sold = self.created.load(Ordering::Acquire) < created
+            && self.created.fetch_max(created, Ordering::AcqRel) < created;
         // The flag carries the epoch it is about. A store answer with stock
         // free again (a ticket went back on sale) clears it, so the idle
         // poll reopens a node that answers `sold_out` from memory within
@@ -177,18 +224,20 @@ impl SaleView {
                 .compare_exchange(sale.epoch, 0, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
-                self.forget_holders();
+                self.changed.notify_waiters();
             }
         } else if self.sold_out_epoch.swap(sale.epoch, Ordering::AcqRel) != sale.epoch {
             // No lease holds a unit any more (`sold + leased <= total`).
             lease.clamp(lease.generation(), 0);
             sold_out(sale.epoch);
             lease.wake();
+        } else if released || sold {
+            sold_out(sale.epoch);
         }
     }
 
-    /// Drops the holders read into memory (and any read in flight), so the
-    /// next sold out reads them again.
+    /// Drops the holders read into memory (and any read in flight): the
+    /// sale was reset.
     fn forget_holders(&self) {
         self.holders_gen.fetch_add(1, Ordering::AcqRel);
         self.holders.store(None);
@@ -197,24 +246,30 @@ impl SaleView {
     }
 
     /// The holders read into memory, of whatever epoch (the caller checks
-    /// it against [`SaleView::epoch`]); a guard, not a clone, as the
-    /// sold-out flood reads it on every request.
+    /// it against [`SaleView::epoch`] and [`SaleView::is_current`]); a
+    /// guard, not a clone, as the sold-out flood reads it on every request.
     pub fn holders(&self) -> Guard<Option<Arc<KnownHolders>>> {
         self.holders.load()
     }
 
-    /// The buyers and keys read into memory once sold out, when read.
-    pub fn holders_known(&self) -> Option<(usize, usize)> {
-        let holders = self.holders.load();
-        holders
-            .as_deref()
-            .filter(|h| h.epoch == self.epoch())
-            .map(|h| (h.holders.buyers.len(), h.holders.keys.len()))
+    /// Whether `holders` say what the store said in the last answer the
+    /// node heard: no ticket came back, and none was sold, since.
+    pub fn is_current(&self, holders: &Holders) -> bool {
+        holders.epoch == self.epoch() && holders.current_for(self.released(), self.created())
     }
 
-    /// Marks the holders of `epoch` as being read; `None` when they already
-    /// are (or another caller just started), else the generation the read
-    /// must still be current in to land (see [`SaleView::learning`]).
+    /// The buyers and keys read into memory once sold out, when read.
+    pub fn holders_known(&self) -> Option<(usize, usize)> {
+        let known = self.holders.load();
+        let k = known.as_deref().filter(|k| k.epoch == self.epoch())?;
+        let h = k.read();
+        Some((h.buyer_count(), h.key_count()))
+    }
+
+    /// Marks the holders of `epoch` as being kept current; `None` when a
+    /// task already does (or another caller just started one), else the
+    /// generation it must still be in to go on (see
+    /// [`SaleView::learning`]).
     pub fn start_learning(&self, epoch: u64) -> Option<u64> {
         let learning = self.learning.load(Ordering::Acquire);
         if learning == epoch
@@ -228,17 +283,91 @@ impl SaleView {
         Some(self.holders_gen.load(Ordering::Acquire))
     }
 
-    /// Whether a read of the holders of `epoch` started in `generation` is
-    /// still wanted (no reset, no returned ticket since).
+    /// The task for `epoch` ends (it found the holders current, or not
+    /// needed).
+    pub fn done_learning(&self, epoch: u64) {
+        let _ = self
+            .learning
+            .compare_exchange(epoch, 0, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// Whether a task keeping the holders of `epoch` current, started in
+    /// `generation`, is still wanted (no reset since).
     pub fn learning(&self, epoch: u64, generation: u64) -> bool {
         self.learning.load(Ordering::Acquire) == epoch
             && self.holders_gen.load(Ordering::Acquire) == generation
     }
 
-    /// Keeps the holders read for `epoch`.
-    pub fn learned(&self, epoch: u64, holders: Holders) {
-        self.holders
-            .store(Some(Arc::new(KnownHolders { epoch, holders })));
+    /// What the task keeping the holders of `epoch` current (started in
+    /// `generation`) does next.
+    pub fn holder_step(&self, epoch: u64, generation: u64) -> HolderStep {
+        if !self.learning(epoch, generation) || self.epoch() != epoch {
+            return HolderStep::Abandon;
+        }
+        if !self.is_sold_out() {
+            // Not answered from while the sale is open; the next sold out
+            // takes the changes in.
+            return HolderStep::Done;
+        }
+        let known = self.holders.load();
+        match known.as_deref().filter(|k| k.epoch == epoch) {
+            None => HolderStep::Full(self.per_user_limit()),
+            Some(k) => {
+                let h = k.read();
+                if self.is_current(&h) {
+                    HolderStep::Done
+                } else if h.cursor.is_empty() {
+                    // A store without a stream: read them again.
+                    HolderStep::Full(self.per_user_limit())
+                } else {
+                    HolderStep::Changes(h.cursor.clone(), h.per_user_limit)
+                }
+            }
+        }
+    }
+
+    /// Whether the holders of `epoch` are wanted and not current (a task
+    /// should keep them so).
+    pub fn needs_holders(&self, epoch: u64) -> bool {
+        if self.epoch() != epoch || !self.is_sold_out() {
+            return false;
+        }
+        let known = self.holders.load();
+        known
+            .as_deref()
+            .filter(|k| k.epoch == epoch)
+            .is_none_or(|k| !self.is_current(&k.read()))
+    }
+
+    /// Keeps the holders read in full for `epoch`, if the task that read
+    /// them (started in `generation`) is still wanted.
+    pub fn learned(&self, epoch: u64, generation: u64, holders: Holders) {
+        if self.learning(epoch, generation) && self.epoch() == epoch {
+            self.holders.store(Some(Arc::new(KnownHolders {
+                epoch,
+                holders: RwLock::new(holders),
+            })));
+        }
+    }
+
+    /// Takes in what changed among the holders of `epoch`.
+    pub fn apply(&self, epoch: u64, changes: &HolderChanges) {
+        let known = self.holders.load();
+        if let Some(k) = known.as_deref().filter(|k| k.epoch == epoch) {
+            k.holders
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .apply(changes);
+        }
+    }
+
+    /// Drops the holders of `epoch` so that they are read in full again
+    /// (the events since their cursor are gone).
+    pub fn drop_holders(&self, epoch: u64) {
+        let known = self.holders.load();
+        if known.as_deref().is_some_and(|k| k.epoch == epoch) {
+            self.holders.store(None);
+        }
     }
 
     /// Notes that the store renewed this node's lease just now.

@@ -17,10 +17,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::lease::Lease;
-use super::sale::{POLL_EVERY, SaleView};
+use super::sale::{HolderStep, POLL_EVERY, SaleView};
 use super::snapshot::SnapshotCache;
 use super::stats::Stats;
-use super::store::{Reply, SaleState, Store, StoreError};
+use super::store::{NoChanges, Reply, SaleState, Store, StoreError};
 
 /// How often a node asks instead, while it answers `sold_out` from memory
 /// and reservations may come back (the sale has a payment window).
@@ -309,9 +309,13 @@ impl Node {
         self.lease.wake();
     }
 
-    /// Reads the holders of `epoch` once, in the background, retrying with
-    /// backoff until it lands (a buyer at the limit stays there, a key
-    /// that bought keeps its order) or the sale is reset.
+    /// Keeps the holders of `epoch` current, in the background, while the
+    /// sale is sold out: read in full once (retrying with backoff until it
+    /// lands: a buyer at the limit stays there, a key that bought keeps its
+    /// order), then, each time a ticket comes back or is sold, only what
+    /// changed since (`Store::holder_changes`), not every holder again. One
+    /// task per node at a time; a reset stops it, a full read included, at
+    /// its next page.
     pub(super) fn learn_holders(&self, epoch: u64) {
         let Some(generation) = self.view.start_learning(epoch) else {
             return;
@@ -319,27 +323,88 @@ impl Node {
         let node = NodeRef::of(self);
         let store = self.store.clone();
         let name = self.name.clone();
-        let current = move |n: &Node| n.view.learning(epoch, generation);
+        let seed = self.view.seed();
         tokio::spawn(async move {
             let mut pause = Duration::from_millis(100);
+            let wanted_by = NodeRef(node.0.clone());
+            let wanted = move || {
+                wanted_by
+                    .with(|n| n.view.learning(epoch, generation))
+                    .unwrap_or(false)
+            };
             loop {
-                let Some(limit) = node
-                    .with(|n| current(n).then(|| n.per_user_limit()))
-                    .flatten()
-                else {
+                let Some(step) = node.with(|n| n.view.holder_step(epoch, generation)) else {
                     return;
                 };
-                match store.holders(limit).await {
-                    Ok(found) => {
-                        tracing::info!(node = %name, buyers = found.buyers.len(), keys = found.keys.len(), "holders read into memory");
+                let failed = match step {
+                    HolderStep::Abandon => return,
+                    HolderStep::Done => {
+                        // A change heard between the last step and now
+                        // found this task running: look once more.
                         node.with(|n| {
-                            if n.epoch() == epoch && current(n) {
-                                n.view.learned(epoch, found);
+                            n.view.done_learning(epoch);
+                            if n.view.needs_holders(epoch) {
+                                n.learn_holders(epoch);
                             }
                         });
                         return;
                     }
-                    Err(e) => {
+                    HolderStep::Full(limit) => {
+                        match store.holders(epoch, limit, seed, &wanted).await {
+                            Ok(Some(mut found)) => {
+                                tracing::info!(node = %name, buyers = found.buyer_count(), keys = found.key_count(), "holders read into memory");
+                                node.with(|n| {
+                                    // Final sales never change once sold
+                                    // out (no ticket comes back): what was
+                                    // read is current, no events needed.
+                                    if n.view.pay_within().is_none() {
+                                        found.released = n.view.released();
+                                        found.created = n.view.created();
+                                    }
+                                    n.view.learned(epoch, generation, found);
+                                });
+                                None
+                            }
+                            Ok(None) => return,
+                            Err(e) => Some(e),
+                        }
+                    }
+                    HolderStep::Changes(cursor, limit) => {
+                        match store.holder_changes(&cursor, limit).await {
+                            Ok(Ok(changes)) => {
+                                if changes.sale.epoch != epoch {
+                                    // Reset meanwhile: the answer says so.
+                                    node.with(|n| n.observe(&changes.sale));
+                                    return;
+                                }
+                                let behind = node
+                                    .with(|n| {
+                                        n.view.apply(epoch, &changes);
+                                        n.observe(&changes.sale);
+                                        !changes.more && n.view.needs_holders(epoch)
+                                    })
+                                    .unwrap_or(false);
+                                if behind {
+                                    // Heard of a change the store's answer did
+                                    // not show yet (answers cross): give the
+                                    // store a moment rather than asking in a
+                                    // tight loop.
+                                    tokio::time::sleep(Duration::from_millis(20)).await;
+                                }
+                                None
+                            }
+                            Ok(Err(NoChanges::Gone)) => {
+                                tracing::info!(node = %name, "the holders' changes are gone from the stream; reading them in full");
+                                node.with(|n| n.view.drop_holders(epoch));
+                                None
+                            }
+                            Err(e) => Some(e),
+                        }
+                    }
+                };
+                match failed {
+                    None => pause = Duration::from_millis(100),
+                    Some(e) => {
                         tracing::warn!(node = %name, error = %e, retry_in = ?pause, "reading the holders failed; retrying");
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(Duration::from_secs(5));

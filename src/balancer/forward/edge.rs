@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use hyper::Method;
 
 use crate::balancer::state::{Active, Shared};
+use crate::node::store::Lookup;
 use crate::protocol::{self, BuyerError};
 
 /// The edge's answer to a late buyer.
@@ -58,31 +59,40 @@ pub fn answer<'a>(
             // `active.auth` is `None` only if the keys failed to load:
             // then nobody is believed to hold anything here.
             match (limited, active.auth.as_deref(), token()) {
-                (true, Some(auth), Some(token)) => {
-                    crate::auth::unverified_subject(token).and_then(|claimed| {
-                        let order = sale.buyers.get(claimed.as_str())?;
-                        auth.verify(token)
-                            .is_ok_and(|b| b.id == claimed)
-                            .then_some(order)
-                    })
-                }
-                _ => None,
+                (true, Some(auth), Some(token)) => match crate::auth::unverified_subject(token) {
+                    Some(claimed) => match sale.holder(claimed.as_str()) {
+                        Lookup::Found(seq) => {
+                            if auth.verify(token).is_ok_and(|b| b.id == claimed) {
+                                Lookup::Found(seq)
+                            } else {
+                                Lookup::Absent
+                            }
+                        }
+                        other => other,
+                    },
+                    None => Lookup::Absent,
+                },
+                _ => Lookup::Absent,
             }
         } else {
             let buyer = buyer(limited).ok()?;
             if limited {
-                sale.buyers.get(buyer)
+                sale.holder(buyer)
             } else {
-                None
+                Lookup::Absent
             }
         };
-        if let Some(order) = holder {
+        // Two holders share this buyer's hash: a node asks the store.
+        if holder == Lookup::AskStore {
+            return None;
+        }
+        if let Lookup::Found(seq) = holder {
             shared
                 .edge
                 .already_bought_answers
                 .fetch_add(1, Ordering::Relaxed);
             return Some(EdgeAnswer::AlreadyBought(protocol::already_bought_body(
-                order,
+                &sale.order_id(seq),
             )));
         }
         shared.edge.sold_out_answers.fetch_add(1, Ordering::Relaxed);

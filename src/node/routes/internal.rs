@@ -37,26 +37,41 @@ pub async fn sold_out(node: &Node, req: &Request<Incoming>) -> Answer {
 }
 
 /// `GET /holders`: once the node answers `sold_out` from memory, the
-/// buyers at the limit and their last orders, as it knows them, so a
-/// balancer can answer `already_bought` for them without a node. 409
-/// while the sale is open; 503 while the node is still reading them.
+/// buyers at the limit and their last orders, as it knows them (compactly,
+/// see [`HoldersView`]), so a balancer can answer `already_bought` for
+/// them without a node. 409 while the sale is open; 503 while the node is
+/// still reading them or taking in a change (a ticket came back).
 pub fn holders(node: &Node) -> Answer {
     if !node.is_sold_out() {
         return fixed(StatusCode::CONFLICT, b"{\"status\":\"open\",\"reason\":\"the holders are listed once the sale is sold out\"}\n");
     }
-    let known = node.view.holders();
-    let Some(k) = known.as_deref().filter(|k| k.epoch == node.epoch()) else {
-        return fixed(
+    let view = {
+        let known = node.view.holders();
+        known
+            .as_deref()
+            .filter(|k| k.epoch == node.epoch())
+            .and_then(|k| {
+                let h = k.read();
+                node.view.is_current(&h).then(|| {
+                    let (buyers, ask) = h.buyer_entries();
+                    HoldersView {
+                        epoch: k.epoch,
+                        released: h.released,
+                        per_user_limit: h.per_user_limit,
+                        seed: [h.seed.0, h.seed.1],
+                        buyers,
+                        ask,
+                    }
+                })
+            })
+    };
+    match view {
+        Some(view) => json_of(&view),
+        None => fixed(
             StatusCode::SERVICE_UNAVAILABLE,
             b"{\"status\":\"learning\",\"reason\":\"the node is still reading the holders\"}\n",
-        );
-    };
-    json_of(&HoldersView {
-        epoch: k.epoch,
-        released: node.view.released(),
-        per_user_limit: node.per_user_limit(),
-        buyers: std::borrow::Cow::Borrowed(&k.holders.buyers),
-    })
+        ),
+    }
 }
 
 /// `GET /sale`: the sale's snapshot, at most half a second old (see

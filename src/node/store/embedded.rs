@@ -9,9 +9,10 @@ use std::sync::Mutex;
 
 use tokio::time::Instant;
 
+use super::holders::{HolderSeed, Holders};
 use super::model::{
-    ANY_BUYER, Holders, KeyHolder, OrderAnswer, OrderOp, OrderRecord, OrderState, Outcome,
-    Purchase, Reply, SaleState, StoreError, Swept,
+    ANY_BUYER, OrderAnswer, OrderOp, OrderRecord, OrderState, Outcome, Purchase, Reply, SaleState,
+    StoreError, Swept,
 };
 use super::snapshot::{BuyerTally, Snapshot};
 use crate::config::SaleConfig;
@@ -398,33 +399,25 @@ impl EmbeddedStore {
         Some(epoch)
     }
 
-    /// See [`Store::holders`](super::Store::holders).
-    pub fn holders(&self, per_user_limit: u64) -> Holders {
+    /// See [`Store::holders`](super::Store::holders): read in one step,
+    /// so current as of the sale's state then.
+    pub fn holders(&self, epoch: u64, per_user_limit: u64, seed: HolderSeed) -> Holders {
         let s = self.lock();
-        Holders {
-            buyers: s
-                .buyers
-                .iter()
-                .filter(|&(_, &held)| per_user_limit > 0 && held >= per_user_limit)
-                .filter_map(|(b, _)| Some((b.clone(), s.buyer_order.get(b)?.clone())))
-                .collect(),
-            keys: s
-                .keys
-                .iter()
-                .filter_map(|(k, id)| {
-                    let o = s.orders.get(id)?;
-                    Some((
-                        k.clone(),
-                        KeyHolder {
-                            order: id.clone(),
-                            buyer: o.buyer.clone(),
-                            state: o.state(),
-                            pay_by: o.pay_by,
-                        },
-                    ))
-                })
-                .collect(),
+        let mut holders = Holders::new(epoch, per_user_limit, seed);
+        for key in s.keys.keys() {
+            holders.put_key(key);
         }
+        if per_user_limit > 0 {
+            for (buyer, &held) in &s.buyers {
+                if held >= per_user_limit
+                    && let Some(order) = s.buyer_order.get(buyer)
+                {
+                    holders.put_buyer(buyer, order);
+                }
+            }
+        }
+        holders.current_as_of(&s.state());
+        holders
     }
 
     /// See `show.lua`.

@@ -8,6 +8,7 @@
 pub mod clock;
 pub mod durability;
 pub mod embedded;
+pub mod holders;
 pub mod model;
 pub mod redis;
 pub mod snapshot;
@@ -20,9 +21,10 @@ use crate::config::SaleConfig;
 
 pub use durability::Durability;
 pub use embedded::{EmbeddedStore, now_millis};
+pub use holders::{HolderChanges, HolderSeed, Holders, Lookup, NoChanges};
 pub use model::{
-    ANY_BUYER, Holders, KeyHolder, OrderAnswer, OrderOp, OrderRecord, OrderState, Outcome,
-    Purchase, Reply, SaleKeys, SaleState, StoreError, Swept,
+    ANY_BUYER, KeyHolder, OrderAnswer, OrderOp, OrderRecord, OrderState, Outcome, Purchase, Reply,
+    SaleKeys, SaleState, StoreError, Swept,
 };
 pub use redis::RedisStore;
 pub use snapshot::{BuyerTally, EventTally, Snapshot};
@@ -131,14 +133,39 @@ impl Store {
     }
 
     /// The buyers holding `per_user_limit` tickets or more, each with their
-    /// last order id, and every idempotency key that bought. Read once a
-    /// node knows the sale is sold out: neither changes after that, so the
-    /// node can answer "already bought" and replay keys from memory as the
-    /// script would.
-    pub async fn holders(&self, per_user_limit: u64) -> Result<Holders, StoreError> {
+    /// last order, and every idempotency key that bought, in the compact
+    /// form of [`Holders`]: read once a node knows the sale is sold out, so
+    /// that it answers "already bought" and replays keys from memory as
+    /// the script would. `Ok(None)`: `wanted` said the read was no longer
+    /// wanted (the sale was reset) and it stopped. From Redis they are
+    /// current only once [`Store::holder_changes`] since their cursor are
+    /// applied (the embedded store reads them in one step: current).
+    pub async fn holders(
+        &self,
+        epoch: u64,
+        per_user_limit: u64,
+        seed: HolderSeed,
+        wanted: &(dyn Fn() -> bool + Send + Sync),
+    ) -> Result<Option<Holders>, StoreError> {
         match self {
-            Store::Redis(r) => r.holders(per_user_limit).await,
-            Store::Embedded(e) => Ok(e.holders(per_user_limit)),
+            Store::Redis(r) => r.holders(epoch, per_user_limit, seed, wanted).await,
+            Store::Embedded(e) => Ok(Some(e.holders(epoch, per_user_limit, seed))),
+        }
+    }
+
+    /// What changed among the holders since `cursor` (see `holders.lua`):
+    /// how a node keeps its holders current while tickets come back and
+    /// resell, at the cost of the changes rather than of every holder.
+    /// `Ok(Err(NoChanges::Gone))`: the events are gone (or the store keeps
+    /// none): read them in full.
+    pub async fn holder_changes(
+        &self,
+        cursor: &str,
+        per_user_limit: u64,
+    ) -> Result<Result<HolderChanges, NoChanges>, StoreError> {
+        match self {
+            Store::Redis(r) => r.holder_changes(cursor, per_user_limit).await,
+            Store::Embedded(_) => Ok(Err(NoChanges::Gone)),
         }
     }
 

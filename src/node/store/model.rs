@@ -97,7 +97,7 @@ pub enum Outcome {
 /// What every answer of the store says about the sale as a whole, so that a
 /// node keeps up with it (a reset, the stored limit, sold out) without
 /// asking separately.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SaleState {
     /// Which incarnation of the sale this is; grows at every `stock init`.
     pub epoch: u64,
@@ -363,16 +363,6 @@ impl SaleKeys {
             &self.events,
         ]
     }
-}
-
-/// What a node that no longer asks the store must know to answer as the
-/// store would (see [`Store::holders`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Holders {
-    /// Buyer id → last order id, of the buyers at the limit.
-    pub buyers: std::collections::HashMap<String, String>,
-    /// Idempotency-Key → what it bought, of every key that bought.
-    pub keys: std::collections::HashMap<String, KeyHolder>,
 }
 
 /// What an Idempotency-Key bought, as a node remembers it once sold out.

@@ -47,9 +47,10 @@ use self::replicas::{NOT_REPLICATED, NOT_REPLICATED_EARLIER};
 use super::clock::StoreClock;
 use super::durability::Durability;
 use super::embedded::ticket_number;
+use super::holders::{HolderChanges, HolderSeed, Holders, NoChanges};
 use super::model::{
-    Holders, OrderAnswer, OrderOp, OrderRecord, OrderState, Outcome, Purchase, Reply, SaleKeys,
-    StoreError, Swept,
+    OrderAnswer, OrderOp, OrderRecord, OrderState, Outcome, Purchase, Reply, SaleKeys, StoreError,
+    Swept,
 };
 use super::snapshot::{BuyerTally, Snapshot};
 use crate::config::{RedisConfig, SaleConfig};
@@ -58,6 +59,11 @@ const DEDUCT: &str = include_str!("../../deduct.lua");
 const SHOW: &str = include_str!("../../show.lua");
 const INIT: &str = include_str!("../../init.lua");
 const ORDERS: &str = include_str!("../../orders.lua");
+const HOLDERS: &str = include_str!("../../holders.lua");
+
+/// Events one `holders.lua` call reads at most: the call holds Redis's one
+/// thread for that many small lookups, no more.
+const CHANGES_PAGE: u64 = 500;
 
 /// A fred pool plus the sale's keys and scripts, built once per process.
 #[derive(Clone)]
@@ -79,6 +85,7 @@ pub struct RedisStore {
     show: Script,
     init: Script,
     orders: Script,
+    holders: Script,
     timeout: Duration,
     /// For `/healthz`: fail fast while disconnected, one attempt.
     ping: Options,
@@ -186,6 +193,7 @@ impl RedisStore {
             show: Script::from_lua(SHOW),
             init: Script::from_lua(INIT),
             orders: Script::from_lua(ORDERS),
+            holders: Script::from_lua(HOLDERS),
             timeout,
             ping,
         })
@@ -479,8 +487,56 @@ impl RedisStore {
 
     /// See [`Store::holders`](super::Store::holders) and `Reader::holders`
     /// (in `read.rs`).
-    pub async fn holders(&self, per_user_limit: u64) -> Result<Holders, StoreError> {
-        self.read().holders(per_user_limit).await
+    pub async fn holders(
+        &self,
+        epoch: u64,
+        per_user_limit: u64,
+        seed: HolderSeed,
+        wanted: &(dyn Fn() -> bool + Send + Sync),
+    ) -> Result<Option<Holders>, StoreError> {
+        self.read()
+            .holders(epoch, per_user_limit, seed, wanted)
+            .await
+    }
+
+    /// See [`Store::holder_changes`](super::Store::holder_changes) and
+    /// `holders.lua`.
+    pub async fn holder_changes(
+        &self,
+        cursor: &str,
+        per_user_limit: u64,
+    ) -> Result<Result<HolderChanges, NoChanges>, StoreError> {
+        let args = vec![
+            Value::from(cursor),
+            Value::from(CHANGES_PAGE as i64),
+            Value::from(per_user_limit as i64),
+        ];
+        let reply = self.eval(&self.holders, args).await?;
+        let (sale, mut rest) = header(reply, usize::MAX)?;
+        if int(rest.next())? == 1 {
+            return Ok(Err(NoChanges::Gone));
+        }
+        let cursor = text(rest.next())?;
+        let more = int(rest.next())? == 1;
+        let named = int(rest.next())?;
+        let mut buyers = Vec::with_capacity(named as usize);
+        for _ in 0..named {
+            let buyer = text(rest.next())?;
+            let order = text(rest.next())?;
+            buyers.push((buyer, order));
+        }
+        let keys = rest.map(|k| text(Some(k))).collect::<Result<Vec<_>, _>>()?;
+        // What the changes say is answered from, as the full read's is:
+        // it must be on the replicas first.
+        let read = self.read();
+        read.acknowledged(&read.patient()).await?;
+        Ok(Ok(HolderChanges {
+            sale,
+            buyers,
+            keys,
+            cursor,
+            more,
+        }))
     }
 
     /// What Redis says about its own durability: `INFO persistence`,

@@ -23,7 +23,8 @@ const HEADER_FIELDS: usize = 7;
 const ANSWER_FIELDS: usize = 6;
 
 /// The header every script answer starts with (the sale's state), and the
-/// `rest` fields after it; `{4}` is [`StoreError::NoSale`].
+/// `rest` fields after it (`usize::MAX`: any number); `{4}` is
+/// [`StoreError::NoSale`].
 pub(super) fn header(
     reply: Value,
     rest: usize,
@@ -44,11 +45,12 @@ pub(super) fn header(
             ))),
         };
     }
-    if fields.len() != HEADER_FIELDS + rest {
+    // `usize::MAX`: an answer of any length after the header.
+    if rest != usize::MAX && fields.len() != HEADER_FIELDS + rest || fields.len() < HEADER_FIELDS {
         return Err(StoreError::Protocol(format!(
             "a script returned {} fields, not {}",
             fields.len(),
-            HEADER_FIELDS + rest
+            HEADER_FIELDS.saturating_add(rest)
         )));
     }
     let mut fields = fields.into_iter();

@@ -13,7 +13,8 @@ use tokio::time::Instant;
 use super::link::Link;
 use super::parse::{array, map_error, text};
 use super::replicas;
-use crate::node::store::model::{Holders, KeyHolder, StoreError};
+use crate::node::store::holders::{HolderSeed, Holders};
+use crate::node::store::model::StoreError;
 use crate::node::store::snapshot::BuyerTally;
 
 /// The sale's keys and pool, read with patience: what the readers need of
@@ -166,23 +167,49 @@ impl Reader<'_> {
     }
 
     /// See [`Store::holders`](crate::node::store::Store::holders). Hashes read in
-    /// `HSCAN` pages, not one script nor `HGETALL`: after sold out they do
-    /// not change, and a bulk read of a field per buyer must not hold
-    /// Redis's single thread (other sales on the same Redis would time
-    /// out meanwhile). Retried, unlike a deduction: it only reads.
+    /// `HSCAN` pages, not one script nor `HGETALL`: a bulk read of a field
+    /// per buyer must not hold Redis's single thread (other sales on the
+    /// same Redis would time out meanwhile). Each page goes into the
+    /// compact form at once, so no copy of every holder as strings is ever
+    /// built; `wanted` is asked between pages, and a read no longer wanted
+    /// (the sale was reset) stops there: `Ok(None)`. Retried, unlike a
+    /// deduction: it only reads.
+    ///
+    /// The read starts at the stream's last event (its cursor): what
+    /// changes while it runs is taken in after it from the events since
+    /// (`holders.lua`), so the holders it returns are current only once
+    /// those are applied.
     ///
     /// With `[redis] replicas`, the holders are kept only once a barrier
     /// after the read is acknowledged: a node answers `already_bought` (or
     /// a replay) from them, and hands them to the balancer's edge, so they
     /// must hold nothing a failover can take back.
-    pub(super) async fn holders(&self, per_user_limit: u64) -> Result<Holders, StoreError> {
+    pub(super) async fn holders(
+        &self,
+        epoch: u64,
+        per_user_limit: u64,
+        seed: HolderSeed,
+        wanted: &(dyn Fn() -> bool + Send + Sync),
+    ) -> Result<Option<Holders>, StoreError> {
         let client = self.reader();
         let holders = self
-            .read_holders(&client, per_user_limit)
+            .read_holders(&client, epoch, per_user_limit, seed, wanted)
             .await
             .map_err(|e| self.link.explain(e))?;
+        if holders.is_some() {
+            self.acknowledged(&client).await?;
+        }
+        Ok(holders)
+    }
+
+    /// With `[redis] replicas`: waits until what was read is on the
+    /// replicas (a barrier write and `WAIT`).
+    pub(super) async fn acknowledged(
+        &self,
+        client: &fred::clients::WithOptions<Client>,
+    ) -> Result<(), StoreError> {
         if self.link.replicas > 0 {
-            let acked = replicas::barrier(self.link, &client, Instant::now() + self.timeout).await;
+            let acked = replicas::barrier(self.link, client, Instant::now() + self.timeout).await;
             if acked < self.link.replicas {
                 return Err(StoreError::NotReplicated {
                     wanted: self.link.replicas,
@@ -191,41 +218,139 @@ impl Reader<'_> {
                 });
             }
         }
-        Ok(holders)
+        Ok(())
+    }
+
+    /// A client that retries, for reads.
+    pub(super) fn patient(&self) -> fred::clients::WithOptions<Client> {
+        self.reader()
+    }
+
+    /// The id of the stream's last event (`0-0` when it has none).
+    async fn last_event<C: ClientLike>(&self, client: &C) -> Result<String, StoreError> {
+        let xrevrange = CustomCommand::new_static("XREVRANGE", ClusterHash::FirstKey, false);
+        let args: Vec<Value> = vec![
+            self.link.keys[7].clone().into(),
+            "+".into(),
+            "-".into(),
+            "COUNT".into(),
+            1.into(),
+        ];
+        let reply: Value = client.custom(xrevrange, args).await.map_err(map_error)?;
+        match reply {
+            Value::Array(entries) => match entries.into_iter().next() {
+                Some(Value::Array(entry)) => text(entry.into_iter().next()),
+                _ => Ok("0-0".to_string()),
+            },
+            _ => Ok("0-0".to_string()),
+        }
     }
 
     async fn read_holders<C: ClientLike>(
         &self,
         client: &C,
+        epoch: u64,
         per_user_limit: u64,
-    ) -> Result<Holders, StoreError> {
-        let keys = scan_hash(client, &self.link.keys[5])
-            .await?
-            .into_iter()
-            .map(|(key, v)| (key, KeyHolder::parse(&v)))
-            .collect();
-        if per_user_limit == 0 {
-            return Ok(Holders {
-                buyers: HashMap::new(),
-                keys,
-            });
+        seed: HolderSeed,
+        wanted: &(dyn Fn() -> bool + Send + Sync),
+    ) -> Result<Option<Holders>, StoreError> {
+        let mut holders = Holders::new(epoch, per_user_limit, seed);
+        // Not current until the events since the cursor are applied.
+        holders.released = u64::MAX;
+        holders.cursor = self.last_event(client).await?;
+        let mut pages = HashPages::of(&self.link.keys[5]);
+        while let Some(page) = pages.next(client).await? {
+            if !wanted() {
+                return Ok(None);
+            }
+            for (key, _) in page {
+                holders.put_key(&key);
+            }
         }
-        let held = scan_hash(client, &self.link.keys[1]).await?;
-        let orders = scan_hash(client, &self.link.keys[3]).await?;
-        let buyers = orders
-            .into_iter()
-            .filter(|(buyer, _)| {
-                held.get(buyer)
-                    .and_then(|h| h.parse::<u64>().ok())
-                    .is_some_and(|h| h >= per_user_limit)
-            })
-            .collect();
-        Ok(Holders { buyers, keys })
+        if per_user_limit == 0 {
+            return Ok(Some(holders));
+        }
+        // buyer → last order, page by page; each page's counts in one
+        // HMGET: only those at the limit are kept.
+        let mut pages = HashPages::of(&self.link.keys[3]);
+        while let Some(page) = pages.next(client).await? {
+            if !wanted() {
+                return Ok(None);
+            }
+            if page.is_empty() {
+                continue;
+            }
+            let hmget = CustomCommand::new_static("HMGET", ClusterHash::FirstKey, false);
+            let mut args: Vec<Value> = Vec::with_capacity(page.len() + 1);
+            args.push(self.link.keys[1].clone().into());
+            args.extend(page.iter().map(|(buyer, _)| Value::from(buyer.as_str())));
+            let reply: Value = client.custom(hmget, args).await.map_err(map_error)?;
+            let held = array(reply, page.len())?;
+            for ((buyer, order), held) in page.iter().zip(held) {
+                let held: u64 = match held {
+                    Value::Null => 0,
+                    v => text(Some(v))?.parse().unwrap_or(0),
+                };
+                if held >= per_user_limit {
+                    holders.put_buyer(buyer, order);
+                }
+            }
+        }
+        Ok(Some(holders))
     }
 }
 
 /// Fields per `HSCAN` page: Redis's work per call stays small.
 pub(super) const SCAN_PAGE: u32 = 1000;
+
+/// A hash read one `HSCAN` page per call: [`HashPages::next`] until `None`.
+/// (A field that `HSCAN` returns twice, as it may while Redis rehashes, is
+/// in two pages.)
+struct HashPages<'a> {
+    key: &'a Key,
+    cursor: Option<String>,
+}
+
+impl<'a> HashPages<'a> {
+    fn of(key: &'a Key) -> HashPages<'a> {
+        HashPages {
+            key,
+            cursor: Some(String::from("0")),
+        }
+    }
+
+    /// The next page; `None` once the scan is done.
+    async fn next<C: ClientLike>(
+        &mut self,
+        client: &C,
+    ) -> Result<Option<Vec<(String, String)>>, StoreError> {
+        let Some(cursor) = self.cursor.take() else {
+            return Ok(None);
+        };
+        let hscan = CustomCommand::new_static("HSCAN", ClusterHash::FirstKey, false);
+        let args: Vec<Value> = vec![
+            self.key.clone().into(),
+            cursor.as_str().into(),
+            "COUNT".into(),
+            SCAN_PAGE.into(),
+        ];
+        let reply: Value = client.custom(hscan, args).await.map_err(map_error)?;
+        let mut parts = array(reply, 2)?.into_iter();
+        let next = text(parts.next())?;
+        let Some(Value::Array(pairs)) = parts.next() else {
+            return Err(StoreError::Protocol("HSCAN page without fields".into()));
+        };
+        let mut fields = Vec::with_capacity(pairs.len() / 2);
+        let mut pairs = pairs.into_iter();
+        while let (Some(field), Some(value)) = (pairs.next(), pairs.next()) {
+            fields.push((text(Some(field))?, text(Some(value))?));
+        }
+        if next != "0" {
+            self.cursor = Some(next);
+        }
+        Ok(Some(fields))
+    }
+}
 
 /// A whole hash, read one `HSCAN` page per call. (A field that `HSCAN`
 /// returns twice, as it may while Redis rehashes, is kept once.)
@@ -233,31 +358,10 @@ async fn scan_hash<C: ClientLike>(
     client: &C,
     key: &Key,
 ) -> Result<HashMap<String, String>, StoreError> {
-    let hscan = CustomCommand::new_static("HSCAN", ClusterHash::FirstKey, false);
     let mut fields = HashMap::new();
-    let mut cursor = String::from("0");
-    loop {
-        let args: Vec<Value> = vec![
-            key.clone().into(),
-            cursor.as_str().into(),
-            "COUNT".into(),
-            SCAN_PAGE.into(),
-        ];
-        let reply: Value = client
-            .custom(hscan.clone(), args)
-            .await
-            .map_err(map_error)?;
-        let mut page = array(reply, 2)?.into_iter();
-        cursor = text(page.next())?;
-        let Some(Value::Array(pairs)) = page.next() else {
-            return Err(StoreError::Protocol("HSCAN page without fields".into()));
-        };
-        let mut pairs = pairs.into_iter();
-        while let (Some(field), Some(value)) = (pairs.next(), pairs.next()) {
-            fields.insert(text(Some(field))?, text(Some(value))?);
-        }
-        if cursor == "0" {
-            return Ok(fields);
-        }
+    let mut pages = HashPages::of(key);
+    while let Some(page) = pages.next(client).await? {
+        fields.extend(page);
     }
+    Ok(fields)
 }
