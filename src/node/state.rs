@@ -361,6 +361,7 @@ impl Node {
                                         found.released = n.view.released();
                                         found.created = n.view.created();
                                     }
+                                    n.stats.holder_reads.fetch_add(1, Ordering::Relaxed);
                                     n.view.learned(epoch, generation, found);
                                 });
                                 None
@@ -379,6 +380,7 @@ impl Node {
                                 }
                                 let behind = node
                                     .with(|n| {
+                                        n.stats.holder_changes.fetch_add(1, Ordering::Relaxed);
                                         n.view.apply(epoch, &changes);
                                         n.observe(&changes.sale);
                                         !changes.more && n.view.needs_holders(epoch)

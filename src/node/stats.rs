@@ -40,4 +40,11 @@ pub struct Stats {
     /// 401 answers: with `[auth]`, a purchase or an order call without a
     /// valid buyer token or payment signature.
     pub unauthorized: AtomicU64,
+    /// Full reads of the holders that landed: one per sold-out epoch, plus
+    /// one each time the events since the last were gone. What issue 26
+    /// watches: it grew with every returned ticket.
+    pub holder_reads: AtomicU64,
+    /// Reads of what changed among the holders since the last (a returned
+    /// ticket or a sale costs one of these, not a full read).
+    pub holder_changes: AtomicU64,
 }

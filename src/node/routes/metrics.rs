@@ -166,6 +166,8 @@ struct StatsBody<'a> {
     expired: u64,
     order_calls: u64,
     unauthorized: u64,
+    holder_reads: u64,
+    holder_changes: u64,
     buyers: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     clock_offset_ms: Option<i64>,
@@ -198,6 +200,8 @@ fn stats(node: &Node) -> StatsBody<'_> {
         not_replicated: load(&s.not_replicated),
         expired: load(&s.expired),
         order_calls: load(&s.order_calls),
+        holder_reads: load(&s.holder_reads),
+        holder_changes: load(&s.holder_changes),
         unauthorized: load(&s.unauthorized),
         buyers: buyers(node),
         clock_offset_ms: node.store().clock_offset_ms(),
