@@ -95,7 +95,8 @@ async fn all_released(c: &TestClient, sale: &InProcessSale, released: u64) {
 /// answering from memory: every winner of the round is `already_bought`
 /// with their order, every earlier winner (released) is `sold_out`, and no
 /// store call is made for them. Redis: the holders are read in full once
-/// per node, every later round is taken in from the events (no `HSCAN`).
+/// (the nodes share them), every later round is taken in from the events
+/// (no `HSCAN`).
 async fn releases_are_taken_in_from_the_events(redis: Option<&RedisServer>) {
     let url = redis.map(|r| r.url());
     let text = sale_config(
@@ -173,11 +174,19 @@ async fn releases_are_taken_in_from_the_events(redis: Option<&RedisServer>) {
             first,
             "a release made a node read every holder again"
         );
+        // The two nodes share one store in this process, so one copy of
+        // the holders: read in full once, by one of them.
+        let (mut reads, mut changes) = (0, 0);
         for n in &nodes {
             let s = stats(&c, *n).await;
-            assert_eq!(s["holder_reads"], 1, "{s}");
-            assert!(s["holder_changes"].as_u64() >= Some(2), "{s}");
+            reads += s["holder_reads"].as_u64().expect("holder_reads");
+            changes += s["holder_changes"].as_u64().expect("holder_changes");
         }
+        assert_eq!(reads, 1, "full reads of the holders");
+        assert!(
+            changes >= 2,
+            "{changes} reads of the changes for two rounds"
+        );
     }
     sale.stop().await;
 }

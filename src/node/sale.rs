@@ -7,37 +7,21 @@
 //! answer carries the sale's state ([`SaleView::observe`] takes it in), and
 //! the node's poll refreshes it once a second when no purchase does.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
-use arc_swap::{ArcSwapOption, Guard};
+use arc_swap::Guard;
 use tokio::time::Instant;
 
 use super::lease::Lease;
+use super::store::holders::{HolderCell, KnownHolders};
 use super::store::{HolderChanges, HolderSeed, Holders, SaleState};
 use crate::protocol::SoldOutView;
 
 /// How often a node that has not heard from the store asks for the sale's
 /// state (and so renews its lease).
 pub const POLL_EVERY: Duration = Duration::from_secs(1);
-
-/// The holders of one epoch of the sale.
-pub struct KnownHolders {
-    /// The epoch they were read for.
-    pub epoch: u64,
-    /// The buyers at the limit and the keys that bought; changed in place
-    /// as tickets come back and resell (a write lock for the few changes
-    /// of one store call, never held across an `.await`).
-    holders: RwLock<Holders>,
-}
-
-impl KnownHolders {
-    /// The holders, to look up (a read lock: drop it before awaiting).
-    pub fn read(&self) -> RwLockReadGuard<'_, Holders> {
-        self.holders.read().unwrap_or_else(|p| p.into_inner())
-    }
-}
 
 /// What the task that keeps a node's holders current does next.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,15 +58,9 @@ pub struct SaleView {
     pay_within: AtomicU64,
     /// Once sold out: the buyers at their limit and the keys that bought,
     /// read from the store, so that they are answered from memory as the
-    /// script would answer them.
-    holders: ArcSwapOption<KnownHolders>,
-    /// The epoch whose holders are being read (0: none).
-    learning: AtomicU64,
-    /// Grows every time the holders are forgotten (a reset): a read that
-    /// started before is stale, stops at its next page and does not land.
-    holders_gen: AtomicU64,
-    /// The keys of the holders' hashes, chosen once per node.
-    seed: HolderSeed,
+    /// script would answer them; shared with the other nodes of the
+    /// process that sell from the same store.
+    cell: Arc<HolderCell>,
     /// Rung when what `/sold_out` says changes for the worse for a
     /// balancer answering from it (a reset, returned stock, open again):
     /// its long poll answers at once.
@@ -95,8 +73,9 @@ pub struct SaleView {
 
 impl SaleView {
     /// Nothing heard yet; `per_user_limit` (the file's) holds until the
-    /// store's is known.
-    pub fn new(per_user_limit: u64) -> SaleView {
+    /// store's is known; the holders are kept in `cell` (the store's, see
+    /// [`HolderCell`]).
+    pub fn new(per_user_limit: u64, cell: Arc<HolderCell>) -> SaleView {
         SaleView {
             epoch: AtomicU64::new(0),
             limit: AtomicU64::new(per_user_limit),
@@ -104,10 +83,7 @@ impl SaleView {
             released: AtomicU64::new(0),
             created: AtomicU64::new(0),
             pay_within: AtomicU64::new(0),
-            holders: ArcSwapOption::empty(),
-            learning: AtomicU64::new(0),
-            holders_gen: AtomicU64::new(0),
-            seed: HolderSeed::random(),
+            cell,
             changed: tokio::sync::Notify::new(),
             last_renewed: AtomicU64::new(0),
             born: Instant::now(),
@@ -137,7 +113,7 @@ impl SaleView {
 
     /// The keys of this node's holder hashes.
     pub fn seed(&self) -> HolderSeed {
-        self.seed
+        self.cell.seed
     }
 
     /// The sale's payment window as last heard (None: purchases are final).
@@ -185,7 +161,8 @@ impl SaleView {
             }
             // What the node knew goes first, then the lease wakes its
             // waiters: none of them may see the old sale's flag.
-            self.forget_holders();
+            self.cell.forget_before(sale.epoch);
+            self.changed.notify_waiters();
             self.released.store(0, Ordering::Release);
             self.created.store(0, Ordering::Release);
             reset();
@@ -236,20 +213,11 @@ impl SaleView {
         }
     }
 
-    /// Drops the holders read into memory (and any read in flight): the
-    /// sale was reset.
-    fn forget_holders(&self) {
-        self.holders_gen.fetch_add(1, Ordering::AcqRel);
-        self.holders.store(None);
-        self.learning.store(0, Ordering::Release);
-        self.changed.notify_waiters();
-    }
-
     /// The holders read into memory, of whatever epoch (the caller checks
     /// it against [`SaleView::epoch`] and [`SaleView::is_current`]); a
     /// guard, not a clone, as the sold-out flood reads it on every request.
     pub fn holders(&self) -> Guard<Option<Arc<KnownHolders>>> {
-        self.holders.load()
+        self.cell.holders.load()
     }
 
     /// Whether `holders` say what the store said in the last answer the
@@ -260,42 +228,29 @@ impl SaleView {
 
     /// The buyers and keys read into memory once sold out, when read.
     pub fn holders_known(&self) -> Option<(usize, usize)> {
-        let known = self.holders.load();
+        let known = self.cell.holders.load();
         let k = known.as_deref().filter(|k| k.epoch == self.epoch())?;
         let h = k.read();
         Some((h.buyer_count(), h.key_count()))
     }
 
     /// Marks the holders of `epoch` as being kept current; `None` when a
-    /// task already does (or another caller just started one), else the
-    /// generation it must still be in to go on (see
-    /// [`SaleView::learning`]).
+    /// task already does (this node's or another's of the process), else
+    /// the generation it must still be in to go on.
     pub fn start_learning(&self, epoch: u64) -> Option<u64> {
-        let learning = self.learning.load(Ordering::Acquire);
-        if learning == epoch
-            || self
-                .learning
-                .compare_exchange(learning, epoch, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-        {
-            return None;
-        }
-        Some(self.holders_gen.load(Ordering::Acquire))
+        self.cell.start_learning(epoch)
     }
 
     /// The task for `epoch` ends (it found the holders current, or not
-    /// needed).
+    /// needed, or stopped).
     pub fn done_learning(&self, epoch: u64) {
-        let _ = self
-            .learning
-            .compare_exchange(epoch, 0, Ordering::AcqRel, Ordering::Acquire);
+        self.cell.done_learning(epoch);
     }
 
     /// Whether a task keeping the holders of `epoch` current, started in
     /// `generation`, is still wanted (no reset since).
     pub fn learning(&self, epoch: u64, generation: u64) -> bool {
-        self.learning.load(Ordering::Acquire) == epoch
-            && self.holders_gen.load(Ordering::Acquire) == generation
+        self.cell.learning(epoch, generation)
     }
 
     /// What the task keeping the holders of `epoch` current (started in
@@ -309,7 +264,7 @@ impl SaleView {
             // takes the changes in.
             return HolderStep::Done;
         }
-        let known = self.holders.load();
+        let known = self.cell.holders.load();
         match known.as_deref().filter(|k| k.epoch == epoch) {
             None => HolderStep::Full(self.per_user_limit()),
             Some(k) => {
@@ -332,7 +287,7 @@ impl SaleView {
         if self.epoch() != epoch || !self.is_sold_out() {
             return false;
         }
-        let known = self.holders.load();
+        let known = self.cell.holders.load();
         known
             .as_deref()
             .filter(|k| k.epoch == epoch)
@@ -343,30 +298,26 @@ impl SaleView {
     /// them (started in `generation`) is still wanted.
     pub fn learned(&self, epoch: u64, generation: u64, holders: Holders) {
         if self.learning(epoch, generation) && self.epoch() == epoch {
-            self.holders.store(Some(Arc::new(KnownHolders {
-                epoch,
-                holders: RwLock::new(holders),
-            })));
+            self.cell
+                .holders
+                .store(Some(Arc::new(KnownHolders::new(epoch, holders))));
         }
     }
 
     /// Takes in what changed among the holders of `epoch`.
     pub fn apply(&self, epoch: u64, changes: &HolderChanges) {
-        let known = self.holders.load();
+        let known = self.cell.holders.load();
         if let Some(k) = known.as_deref().filter(|k| k.epoch == epoch) {
-            k.holders
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .apply(changes);
+            k.apply(changes);
         }
     }
 
     /// Drops the holders of `epoch` so that they are read in full again
     /// (the events since their cursor are gone).
     pub fn drop_holders(&self, epoch: u64) {
-        let known = self.holders.load();
+        let known = self.cell.holders.load();
         if known.as_deref().is_some_and(|k| k.epoch == epoch) {
-            self.holders.store(None);
+            self.cell.holders.store(None);
         }
     }
 

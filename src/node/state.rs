@@ -100,6 +100,7 @@ pub(crate) fn random_u64() -> u64 {
 impl Node {
     /// A node selling from `store` under `settings`.
     pub fn new(settings: NodeSettings, store: Store) -> Arc<Node> {
+        let cell = store.holder_cell();
         Arc::new_cyclic(|me| Node {
             me: me.clone(),
             holder: format!("{}/{:016x}", settings.name, random_u64()),
@@ -109,7 +110,7 @@ impl Node {
             lease_chunk: settings.lease.max(1),
             refilling: AtomicBool::new(false),
             refill_result: AtomicU8::new(REFILL_GRANTED),
-            view: SaleView::new(settings.per_user_limit),
+            view: SaleView::new(settings.per_user_limit, cell),
             timeout: settings.timeout,
             max_body: settings.max_body,
             max_clock_offset: settings.max_clock_offset,
@@ -314,8 +315,9 @@ impl Node {
     /// lands: a buyer at the limit stays there, a key that bought keeps its
     /// order), then, each time a ticket comes back or is sold, only what
     /// changed since (`Store::holder_changes`), not every holder again. One
-    /// task per node at a time; a reset stops it, a full read included, at
-    /// its next page.
+    /// task at a time for all the nodes of the process that sell from the
+    /// same store (they share the holders, see `HolderCell`); a reset stops
+    /// it, a full read included, at its next page.
     pub(super) fn learn_holders(&self, epoch: u64) {
         let Some(generation) = self.view.start_learning(epoch) else {
             return;
@@ -324,7 +326,14 @@ impl Node {
         let store = self.store.clone();
         let name = self.name.clone();
         let seed = self.view.seed();
+        let running = Running {
+            cell: self.store.holder_cell(),
+            epoch,
+            armed: true,
+        };
         tokio::spawn(async move {
+            // The whole guard moves into the task (not just a field).
+            let mut running = running;
             let mut pause = Duration::from_millis(100);
             let wanted_by = NodeRef(node.0.clone());
             let wanted = move || {
@@ -341,6 +350,7 @@ impl Node {
                     HolderStep::Done => {
                         // A change heard between the last step and now
                         // found this task running: look once more.
+                        running.disarm();
                         node.with(|n| {
                             n.view.done_learning(epoch);
                             if n.view.needs_holders(epoch) {
@@ -414,6 +424,29 @@ impl Node {
                 }
             }
         });
+    }
+}
+
+/// Marks the holders' task as ended however it ends (its node stopped, the
+/// runtime stopped): the other nodes sharing the holders may start one.
+struct Running {
+    cell: Arc<super::store::holders::HolderCell>,
+    epoch: u64,
+    armed: bool,
+}
+
+impl Running {
+    /// The task clears the flag itself (and may start the next one).
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.armed {
+            self.cell.done_learning(self.epoch);
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use tokio::time::Instant;
 
-use super::holders::{HolderSeed, Holders};
+use super::holders::{HolderCell, HolderSeed, Holders};
 use super::model::{
     ANY_BUYER, OrderAnswer, OrderOp, OrderRecord, OrderState, Outcome, Purchase, Reply, SaleState,
     StoreError, Swept,
@@ -167,6 +167,8 @@ pub struct EmbeddedStore {
     pay_within: u64,
     lease_ttl: u64,
     sale: Mutex<Sale>,
+    /// The holders its nodes keep (one copy for the process).
+    cell: std::sync::Arc<HolderCell>,
 }
 
 impl EmbeddedStore {
@@ -179,7 +181,13 @@ impl EmbeddedStore {
             pay_within: sale.pay_within.map_or(0, |d| d.as_millis() as u64),
             lease_ttl: sale.lease_ttl.as_millis() as u64,
             sale: Mutex::new(Sale::default()),
+            cell: HolderCell::new(),
         }
+    }
+
+    /// See [`Store::holder_cell`](super::Store::holder_cell).
+    pub fn holder_cell(&self) -> std::sync::Arc<HolderCell> {
+        self.cell.clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Sale> {

@@ -24,6 +24,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, RwLock, RwLockReadGuard, Weak};
+
+use arc_swap::ArcSwapOption;
 
 use super::model::SaleState;
 
@@ -247,6 +251,129 @@ impl Holders {
             self.buyers.iter().map(|(&h, &s)| [h, s]).collect(),
             self.ask_buyers.iter().copied().collect(),
         )
+    }
+}
+
+/// The holders of one epoch of the sale, as kept in memory.
+pub struct KnownHolders {
+    /// The epoch they were read for.
+    pub epoch: u64,
+    /// The buyers at the limit and the keys that bought; changed in place
+    /// as tickets come back and resell (a write lock for the few changes
+    /// of one store call, never held across an `.await`).
+    holders: RwLock<Holders>,
+}
+
+impl KnownHolders {
+    /// Holders read for `epoch`.
+    pub fn new(epoch: u64, holders: Holders) -> KnownHolders {
+        KnownHolders {
+            epoch,
+            holders: RwLock::new(holders),
+        }
+    }
+
+    /// The holders, to look up (a read lock: drop it before awaiting).
+    pub fn read(&self) -> RwLockReadGuard<'_, Holders> {
+        self.holders.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes in what changed.
+    pub fn apply(&self, changes: &HolderChanges) {
+        self.holders
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .apply(changes);
+    }
+}
+
+/// The holders of one sale's store, shared by every node of a process that
+/// sells from it (`spike up`'s nodes): one copy in memory and one task
+/// reading the store's changes per process, not one per node. A node's own
+/// view of the sale (`SaleView`) says whether they are current for it.
+pub struct HolderCell {
+    /// The holders read, of whatever epoch (readers check it).
+    pub holders: ArcSwapOption<KnownHolders>,
+    /// The epoch whose holders a task keeps current (0: none).
+    pub learning: AtomicU64,
+    /// Grows when a reset drops the holders: a task started before stops.
+    pub generation: AtomicU64,
+    /// The keys of the holders' hashes.
+    pub seed: HolderSeed,
+}
+
+/// The cells of this process, by store (Redis URL and event).
+static CELLS: LazyLock<Mutex<HashMap<String, Weak<HolderCell>>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+impl HolderCell {
+    /// A cell of its own (the embedded store's, shared through the store).
+    pub fn new() -> Arc<HolderCell> {
+        Arc::new(HolderCell {
+            holders: ArcSwapOption::empty(),
+            learning: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
+            seed: HolderSeed::random(),
+        })
+    }
+
+    /// The cell of the store named `key` in this process: the same one for
+    /// every node that connects to the same Redis for the same sale.
+    pub fn shared(key: &str) -> Arc<HolderCell> {
+        let mut cells = CELLS.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(cell) = cells.get(key).and_then(Weak::upgrade) {
+            return cell;
+        }
+        cells.retain(|_, c| c.strong_count() > 0);
+        let cell = HolderCell::new();
+        cells.insert(key.to_string(), Arc::downgrade(&cell));
+        cell
+    }
+
+    /// Marks the holders of `epoch` as kept current by a task; `None` when
+    /// a task already does, else the generation it must stay in.
+    pub fn start_learning(&self, epoch: u64) -> Option<u64> {
+        let learning = self.learning.load(Ordering::Acquire);
+        if learning == epoch
+            || self
+                .learning
+                .compare_exchange(learning, epoch, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return None;
+        }
+        Some(self.generation.load(Ordering::Acquire))
+    }
+
+    /// The task for `epoch` ended (whichever way).
+    pub fn done_learning(&self, epoch: u64) {
+        let _ = self
+            .learning
+            .compare_exchange(epoch, 0, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// Whether a task for `epoch` started in `generation` is still wanted.
+    pub fn learning(&self, epoch: u64, generation: u64) -> bool {
+        self.learning.load(Ordering::Acquire) == epoch
+            && self.generation.load(Ordering::Acquire) == generation
+    }
+
+    /// The sale is at `epoch` now: holders of an earlier one go, and a task
+    /// for an earlier one stops (at its next page). Each node of the
+    /// process says so when it hears of the reset; only the first changes
+    /// anything.
+    pub fn forget_before(&self, epoch: u64) {
+        let learning = self.learning.load(Ordering::Acquire);
+        if learning != 0 && learning < epoch {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            let _ =
+                self.learning
+                    .compare_exchange(learning, 0, Ordering::AcqRel, Ordering::Acquire);
+        }
+        let old = self.holders.load();
+        if old.as_deref().is_some_and(|k| k.epoch < epoch) {
+            self.holders.store(None);
+        }
     }
 }
 

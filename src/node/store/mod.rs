@@ -203,6 +203,15 @@ impl Store {
         }
     }
 
+    /// Where the nodes of this process that sell from this store keep its
+    /// holders: one copy per process (see [`holders::HolderCell`]).
+    pub fn holder_cell(&self) -> std::sync::Arc<holders::HolderCell> {
+        match self {
+            Store::Redis(r) => r.holder_cell(),
+            Store::Embedded(e) => e.holder_cell(),
+        }
+    }
+
     /// Whether the store answers at all (for `/healthz`).
     pub async fn ping(&self) -> Result<(), StoreError> {
         match self {

@@ -47,7 +47,7 @@ use self::replicas::{NOT_REPLICATED, NOT_REPLICATED_EARLIER};
 use super::clock::StoreClock;
 use super::durability::Durability;
 use super::embedded::ticket_number;
-use super::holders::{HolderChanges, HolderSeed, Holders, NoChanges};
+use super::holders::{HolderCell, HolderChanges, HolderSeed, Holders, NoChanges};
 use super::model::{
     OrderAnswer, OrderOp, OrderRecord, OrderState, Outcome, Purchase, Reply, SaleKeys, StoreError,
     Swept,
@@ -86,6 +86,8 @@ pub struct RedisStore {
     init: Script,
     orders: Script,
     holders: Script,
+    /// The holders this process's nodes keep for this Redis and sale.
+    holder_cell: Arc<HolderCell>,
     timeout: Duration,
     /// For `/healthz`: fail fast while disconnected, one attempt.
     ping: Options,
@@ -194,6 +196,7 @@ impl RedisStore {
             init: Script::from_lua(INIT),
             orders: Script::from_lua(ORDERS),
             holders: Script::from_lua(HOLDERS),
+            holder_cell: HolderCell::shared(&format!("{}\u{1f}{}", cfg.url, sale.event)),
             timeout,
             ping,
         })
@@ -497,6 +500,11 @@ impl RedisStore {
         self.read()
             .holders(epoch, per_user_limit, seed, wanted)
             .await
+    }
+
+    /// See [`Store::holder_cell`](super::Store::holder_cell).
+    pub fn holder_cell(&self) -> Arc<HolderCell> {
+        self.holder_cell.clone()
     }
 
     /// See [`Store::holder_changes`](super::Store::holder_changes) and
