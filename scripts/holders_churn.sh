@@ -11,7 +11,9 @@
 #      tickets, per_user_limit 1, pay_within PAY_WITHIN; `spike up` with four
 #      nodes and the balancer (its edge on);
 #   2. HOLDERS distinct buyers buy one ticket each, every purchase with an
-#      Idempotency-Key of its own (a small Python client, 64 connections);
+#      Idempotency-Key of its own (a small Python client, 64 connections),
+#      spread evenly over FILL_SECS (buyers arrive over a while, so their
+#      reservations expire over as long, as in a real sale; 0: at once);
 #      a few more purchases make every node and the edge read the holders;
 #      then the RSS and PSS of the spike process and of redis-server;
 #   3. a flood of random buyers (oha, CHURN_SECS, many more buyers than
@@ -26,6 +28,7 @@ set -euo pipefail
 
 HOLDERS=${HOLDERS:-50000}
 PAY_WITHIN=${PAY_WITHIN:-30s}
+FILL_SECS=${FILL_SECS:-20}
 CHURN_SECS=${CHURN_SECS:-45}
 HERE=$(cd "$(dirname "$0")" && pwd)
 [ $# -gt 0 ] || set -- "$HERE/../target/release/spike"
@@ -84,13 +87,17 @@ edge_answers() { # ADMIN: sold_out + already_bought answers so far
 
 # HOLDERS distinct buyers, one purchase each with its own Idempotency-Key.
 fill() { # PORT
-  python3 - "$1" "$HOLDERS" <<'EOF'
-import asyncio, sys
-port, n = int(sys.argv[1]), int(sys.argv[2])
+  python3 - "$1" "$HOLDERS" "$FILL_SECS" <<'EOF'
+import asyncio, sys, time
+port, n, secs = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 codes = {}
+start = time.monotonic()
 async def worker(first, step):
     r, w = await asyncio.open_connection("127.0.0.1", port)
     for i in range(first, n, step):
+        due = start + secs * i / n
+        if due > time.monotonic():
+            await asyncio.sleep(due - time.monotonic())
         w.write((f"POST /buy/ticket?user=holder{i:07d} HTTP/1.1\r\nHost: x\r\n"
                  f"Idempotency-Key: key-{i:07d}-churn\r\nContent-Length: 0\r\n\r\n").encode())
         head = await r.readuntil(b"\r\n\r\n")
@@ -193,8 +200,8 @@ run() { # SPIKE
   local expired
   expired=$(grep -o 'expired=[0-9]*' "$d/up.log" | awk -F= '{s += $2} END {print s + 0}')
   echo "binary=$spike"
-  echo "holders=$HOLDERS pay_within=$PAY_WITHIN churn_secs=$CHURN_SECS"
-  echo "fill_answers=$filled fill_secs=$(echo "$t1 - $t0" | bc)"
+  echo "holders=$HOLDERS pay_within=$PAY_WITHIN fill_secs=$FILL_SECS churn_secs=$CHURN_SECS"
+  echo "fill_answers=$filled fill_took_secs=$(echo "$t1 - $t0" | bc)"
   echo "spike_rss_kb_idle=$rss0 spike_pss_kb_idle=$pss0"
   echo "spike_rss_kb_holders=$rss1 spike_pss_kb_holders=$pss1"
   echo "holders_mb=$(echo "scale=1; ($rss1 - $rss0) / 1024" | bc) bytes_per_holder=$(((rss1 - rss0) * 1024 / HOLDERS))"
