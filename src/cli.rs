@@ -326,6 +326,30 @@ pub enum StockAction {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Stop selling now, until `stock resume` (every node within a
+    /// second: the store refuses each purchase meanwhile).
+    Pause {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Sell again after `stock pause`.
+    Resume {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Close the sale for good, now (`stock init --force` starts another).
+    Close {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Put N more tickets on sale in a running sale, without a reset (a
+    /// staged release); a sold-out sale sells again.
+    Add {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Tickets to add.
+        tickets: u64,
+    },
 }
 
 /// An error and its causes on one line, each said once. Library errors

@@ -47,6 +47,18 @@ fn main() -> ExitCode {
             ),
             StockAction::Show { config } => spike::stock::show(&config.config),
             StockAction::Audit { config } => spike::stock::audit(&config.config),
+            StockAction::Pause { config } => {
+                spike::stock::control(&config.config, spike::node::store::Control::Pause)
+            }
+            StockAction::Resume { config } => {
+                spike::stock::control(&config.config, spike::node::store::Control::Resume)
+            }
+            StockAction::Close { config } => {
+                spike::stock::control(&config.config, spike::node::store::Control::Close)
+            }
+            StockAction::Add { config, tickets } => {
+                spike::stock::control(&config.config, spike::node::store::Control::Add(tickets))
+            }
         },
         Command::Orders {
             action:

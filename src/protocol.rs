@@ -121,6 +121,205 @@ pub const MAX_KEY_LEN: usize = 64;
 /// node or from the balancer's edge.
 pub const SOLD_OUT_BODY: &[u8] = b"{\"status\":\"sold_out\"}\n";
 
+/// Why a sale that exists sells nothing now: the moments of `[sale]
+/// opens_at` and `closes_at`, and the operator's `spike stock pause` and
+/// `close`. A state of the sale, so it is answered with what to do next
+/// (come back at the opening; the sale is over), never as a 503 that
+/// invites a retry every second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shut {
+    /// Before the opening, at `opens_at_ms` (Unix ms).
+    NotOpen {
+        /// When the sale opens, Unix ms in the store's clock.
+        opens_at_ms: u64,
+    },
+    /// Closed for good, at `closed_at_ms`.
+    Closed {
+        /// When it closed, Unix ms.
+        closed_at_ms: u64,
+    },
+    /// Paused by the operator until `spike stock resume`.
+    Paused,
+}
+
+impl Shut {
+    /// The `status` of the answer: `not_open`, `closed` or `paused`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Shut::NotOpen { .. } => "not_open",
+            Shut::Closed { .. } => "closed",
+            Shut::Paused => "paused",
+        }
+    }
+
+    /// Reads the scripts' answer: the kind, and the moment it names.
+    pub fn parse(kind: &str, at_ms: u64) -> Option<Shut> {
+        Some(match kind {
+            "not_open" => Shut::NotOpen { opens_at_ms: at_ms },
+            "closed" => Shut::Closed {
+                closed_at_ms: at_ms,
+            },
+            "paused" => Shut::Paused,
+            _ => return None,
+        })
+    }
+}
+
+/// When a sale sells, as the store keeps it (and as a node and the
+/// balancer last heard it): its opening and closing, and the operator's
+/// pause and close. Part of every store answer, so a node's memory answers
+/// follow the stored sale, not its own file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Moments {
+    /// When the sale opens, Unix ms (0: open since `stock init`).
+    #[serde(default)]
+    pub opens_at_ms: u64,
+    /// When it closes or closed, Unix ms (0: no closing).
+    #[serde(default)]
+    pub closes_at_ms: u64,
+    /// Paused by the operator (`spike stock pause`).
+    #[serde(default)]
+    pub paused: bool,
+    /// Closed by the operator (`spike stock close`): closed whatever a
+    /// clock says, so a clock that steps back cannot open it again.
+    #[serde(default)]
+    pub closed: bool,
+}
+
+/// [`Moments`] as last heard, read by every purchase without a lock (a
+/// node's view of its store, the balancer's edge's view of a node's).
+#[derive(Debug, Default)]
+pub struct MomentsCell {
+    opens_at: std::sync::atomic::AtomicU64,
+    closes_at: std::sync::atomic::AtomicU64,
+    /// [`Self::PAUSED`], [`Self::CLOSED`], [`Self::KNOWN`].
+    flags: std::sync::atomic::AtomicU8,
+}
+
+impl MomentsCell {
+    const PAUSED: u8 = 1;
+    const CLOSED: u8 = 2;
+    /// Something was heard (until then the file's moments hold).
+    const KNOWN: u8 = 4;
+
+    /// The moments last set; `None` before any.
+    pub fn get(&self) -> Option<Moments> {
+        use std::sync::atomic::Ordering;
+        let flags = self.flags.load(Ordering::Acquire);
+        (flags & Self::KNOWN != 0).then(|| Moments {
+            opens_at_ms: self.opens_at.load(Ordering::Relaxed),
+            closes_at_ms: self.closes_at.load(Ordering::Relaxed),
+            paused: flags & Self::PAUSED != 0,
+            closed: flags & Self::CLOSED != 0,
+        })
+    }
+
+    /// Keeps `m` (a reader between two fields may see old and new mixed
+    /// for an instant; the store decides every sale, so a memory answer
+    /// off by one read is no sale made or lost).
+    pub fn set(&self, m: &Moments) {
+        use std::sync::atomic::Ordering;
+        if self.get() == Some(*m) {
+            return;
+        }
+        self.opens_at.store(m.opens_at_ms, Ordering::Relaxed);
+        self.closes_at.store(m.closes_at_ms, Ordering::Relaxed);
+        let flags = Self::KNOWN
+            | if m.paused { Self::PAUSED } else { 0 }
+            | if m.closed { Self::CLOSED } else { 0 };
+        self.flags.store(flags, Ordering::Release);
+    }
+}
+
+impl Moments {
+    /// Why the sale sells nothing at `now_ms` (Unix ms), if so: the one
+    /// rule both stores and the memory answers of the node and the
+    /// balancer follow. A closing comes first: a sale closed before its
+    /// opening is closed, not "not open yet".
+    pub fn shut_at(&self, now_ms: u64) -> Option<Shut> {
+        if self.closed || (self.closes_at_ms > 0 && now_ms >= self.closes_at_ms) {
+            Some(Shut::Closed {
+                closed_at_ms: self.closes_at_ms,
+            })
+        } else if now_ms < self.opens_at_ms {
+            Some(Shut::NotOpen {
+                opens_at_ms: self.opens_at_ms,
+            })
+        } else if self.paused {
+            Some(Shut::Paused)
+        } else {
+            None
+        }
+    }
+
+    /// Whether any moment or flag is set (a sale without them sells from
+    /// `stock init` on, and nobody needs the clock to answer for it).
+    pub fn any(&self) -> bool {
+        *self != Moments::default()
+    }
+}
+
+impl std::fmt::Display for Shut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The answer to a purchase while the sale does not sell (409, from the
+/// node, the store's word, or the balancer's edge, from memory): the body,
+/// and `Retry-After` in seconds where coming back makes sense (the
+/// opening; a pause), given the time now (Unix ms). One rule, so that
+/// every door says it alike.
+pub fn not_selling_answer(shut: Shut, now_ms: u64) -> (String, Option<u64>) {
+    let at = rfc3339_ms;
+    match shut {
+        Shut::NotOpen { opens_at_ms } => {
+            let when = at(opens_at_ms);
+            (
+                format!(
+                    "{{\"status\":\"not_open\",\"reason\":\"the sale opens at {when}; come back then\",\"opens_at\":\"{when}\"}}\n"
+                ),
+                Some(
+                    opens_at_ms
+                        .saturating_sub(now_ms)
+                        .div_ceil(1000)
+                        .clamp(1, MAX_NOT_OPEN_RETRY_AFTER_S),
+                ),
+            )
+        }
+        Shut::Closed { closed_at_ms } => {
+            let when = at(closed_at_ms);
+            (
+                format!(
+                    "{{\"status\":\"closed\",\"reason\":\"the sale closed at {when}\",\"closed_at\":\"{when}\"}}\n"
+                ),
+                None,
+            )
+        }
+        Shut::Paused => (
+            "{\"status\":\"paused\",\"reason\":\"the sale is paused by its operator; it goes on when resumed\"}\n"
+                .to_string(),
+            Some(PAUSED_RETRY_AFTER_S),
+        ),
+    }
+}
+
+/// Unix ms in RFC 3339 (UTC, milliseconds), as answers give moments.
+pub fn rfc3339_ms(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
+}
+
+/// The longest `Retry-After` before an opening: a client told to come back
+/// later asks again then, and learns the time left (a clock that jumps
+/// meanwhile, or a postponed opening, is caught up with).
+pub const MAX_NOT_OPEN_RETRY_AFTER_S: u64 = 64;
+
+/// `Retry-After` on a paused sale's answer: a pause is the operator's, of
+/// unknown length; asking every few seconds finds the sale resumed soon
+/// enough without a flood.
+pub const PAUSED_RETRY_AFTER_S: u64 = 5;
+
 /// The body of an `already_bought` answer (409) for a buyer at the limit,
 /// with their last order.
 pub fn already_bought_body(order: &str) -> String {
@@ -259,6 +458,12 @@ pub struct SoldOutView {
     pub epoch: u64,
     /// Tickets that came back (cancels, expiries), ever, in this epoch.
     pub released: u64,
+    /// The sale's moments as the node last heard them from its store
+    /// (absent before its first answer, and from an older node), so that a
+    /// balancer answers before the opening and after the closing by the
+    /// stored sale, not by its own file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moments: Option<Moments>,
 }
 
 /// The long poll of `GET /sold_out`: answered once the node's view is no
@@ -434,11 +639,73 @@ mod tests {
     }
 
     #[test]
+    fn a_closing_comes_before_the_opening_and_a_pause() {
+        let m = |opens, closes, paused, closed| Moments {
+            opens_at_ms: opens,
+            closes_at_ms: closes,
+            paused,
+            closed,
+        };
+        assert_eq!(m(0, 0, false, false).shut_at(5), None);
+        assert_eq!(
+            m(10, 0, true, false).shut_at(5),
+            Some(Shut::NotOpen { opens_at_ms: 10 })
+        );
+        assert_eq!(m(10, 0, true, false).shut_at(10), Some(Shut::Paused));
+        // Closed by hand before the opening: closed, not "not open".
+        assert_eq!(
+            m(10, 3, false, true).shut_at(5),
+            Some(Shut::Closed { closed_at_ms: 3 })
+        );
+        // Closed by hand, and the clock stepped back before the moment.
+        assert_eq!(
+            m(0, 30, false, true).shut_at(20),
+            Some(Shut::Closed { closed_at_ms: 30 })
+        );
+        assert_eq!(
+            m(0, 30, true, false).shut_at(30),
+            Some(Shut::Closed { closed_at_ms: 30 })
+        );
+        // Retry-After before an opening: at least 1 s, at most 64.
+        assert_eq!(
+            not_selling_answer(
+                Shut::NotOpen {
+                    opens_at_ms: 10_000
+                },
+                9_999
+            )
+            .1,
+            Some(1)
+        );
+        assert_eq!(
+            not_selling_answer(
+                Shut::NotOpen {
+                    opens_at_ms: 1_000_000
+                },
+                0
+            )
+            .1,
+            Some(MAX_NOT_OPEN_RETRY_AFTER_S)
+        );
+        let (body, after) = not_selling_answer(Shut::Closed { closed_at_ms: 0 }, 5);
+        assert!(after.is_none() && body.ends_with("}\n"), "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(v["status"], "closed");
+        assert!(v["reason"].is_string());
+    }
+
+    #[test]
     fn the_views_read_back_what_was_written() {
         let view = SoldOutView {
             sold_out: true,
             epoch: 3,
             released: 2,
+            moments: Some(Moments {
+                opens_at_ms: 10,
+                closes_at_ms: 20,
+                paused: true,
+                closed: false,
+            }),
         };
         let text = serde_json::to_string(&view).expect("json");
         assert_eq!(
@@ -450,6 +717,10 @@ mod tests {
             Some((3, 2))
         );
         assert_eq!(sold_out_poll_params(None), None);
+        // An older node's view, without moments, still reads.
+        let old: SoldOutView =
+            serde_json::from_str(r#"{"sold_out":false,"epoch":1,"released":0}"#).expect("read");
+        assert_eq!(old.moments, None);
 
         let seed = crate::node::store::HolderSeed(5, 6);
         let holders = HoldersView {

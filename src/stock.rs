@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 use crate::config::{Config, SaleConfig};
-use crate::node::store::{Snapshot, Store, StoreError};
+use crate::node::store::{Control, ControlAnswer, Snapshot, Store, StoreError};
 
 fn with_store<T>(
     config_path: &Path,
@@ -88,7 +88,16 @@ pub fn sale_differs(file: &SaleConfig, stored: &Snapshot) -> Option<String> {
     let file_window = file.pay_within.map_or(0, |d| d.as_millis() as u64);
     let mut diffs = Vec::new();
     if file.total != stored.total {
-        diffs.push(format!("total {} (stored: {})", file.total, stored.total));
+        // `stock add` grows a running sale on purpose.
+        let added = if stored.controls > 0 && stored.total > file.total {
+            ", grown by `spike stock add`"
+        } else {
+            ""
+        };
+        diffs.push(format!(
+            "total {} (stored: {}{added})",
+            file.total, stored.total
+        ));
     }
     if file.per_user_limit != stored.per_user_limit {
         diffs.push(format!(
@@ -117,6 +126,28 @@ pub fn sale_differs(file: &SaleConfig, stored: &Snapshot) -> Option<String> {
         diffs.push(format!(
             "stream = {} (stored: {})",
             file.stream, stored.stream
+        ));
+    }
+    // The moments: a closing moved by `stock close` is the operator's, not
+    // a difference to report.
+    let moment = |ms: u64| match ms {
+        0 => "none".to_string(),
+        ms => crate::protocol::rfc3339_ms(ms),
+    };
+    let file_opens = file.opens_at_ms.unwrap_or(0);
+    if stored.initialised && file_opens != stored.opens_at_ms {
+        diffs.push(format!(
+            "opens_at {} (stored: {})",
+            moment(file_opens),
+            moment(stored.opens_at_ms)
+        ));
+    }
+    let file_closes = file.closes_at_ms.unwrap_or(0);
+    if stored.initialised && !stored.closed && file_closes != stored.closes_at_ms {
+        diffs.push(format!(
+            "closes_at {} (stored: {})",
+            moment(file_closes),
+            moment(stored.closes_at_ms)
         ));
     }
     (!diffs.is_empty()).then(|| {
@@ -206,6 +237,72 @@ pub fn development_keys(config: &crate::config::Config) -> Option<String> {
             "{}: [auth] buyer_keys has the development key `dev` of the committed config.toml, which is public: anyone can sign a token for any buyer with it; put your own key(s) there before a real sale",
             config.path.display()
         )
+    })
+}
+
+/// `spike stock pause|resume|close|add N`: the change, then the sale as
+/// it is now (one JSON object); a change that makes no sense (adding to a
+/// closed sale, resuming one that is not paused) is refused with why, and
+/// exits non-zero.
+pub fn control(config_path: &Path, change: Control) -> anyhow::Result<ExitCode> {
+    if let Control::Add(n) = change
+        && !(1..=crate::config::MAX_COUNT).contains(&n)
+    {
+        anyhow::bail!(
+            "stock add: add from 1 to {} tickets, not {n}",
+            crate::config::MAX_COUNT
+        );
+    }
+    with_store(config_path, async |config, store| {
+        let what = match change {
+            Control::Pause => "stock pause",
+            Control::Resume => "stock resume",
+            Control::Close => "stock close",
+            Control::Add(_) => "stock add",
+        };
+        match store.control(change).await {
+            Ok(ControlAnswer::Done {
+                total,
+                paused,
+                closes_at_ms,
+            }) => {
+                // Said first, whatever comes next: the change is made, and
+                // must not be made twice by an operator who saw an error.
+                eprintln!(
+                    "spike: {what}: done: total {total}, paused {paused}, closes at {}",
+                    if closes_at_ms == 0 {
+                        "never".to_string()
+                    } else {
+                        crate::protocol::rfc3339_ms(closes_at_ms)
+                    }
+                );
+                match store.snapshot().await {
+                    Ok(snap) => println!("{}", serde_json::to_string(&snap)?),
+                    Err(e) => eprintln!(
+                        "spike: {what}: done, but the sale could not be read after it: {e}"
+                    ),
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e @ StoreError::NotReplicated { .. }) => anyhow::bail!(
+                "{what}: made on the primary, but not acknowledged by [redis] replicas in time ({e}): a failover now could undo it; read `spike stock show` and send it again if it is gone"
+            ),
+            Err(e @ (StoreError::Timeout | StoreError::Unavailable(_))) => anyhow::bail!(
+                "{what}: {e}: the change may have been made; read `spike stock show` before sending it again"
+            ),
+            Ok(ControlAnswer::Refused(why)) => {
+                eprintln!(
+                    "spike: {what}: refused for {}: {why}",
+                    config.path.display()
+                );
+                Ok(ExitCode::FAILURE)
+            }
+            Err(StoreError::NoSale) => anyhow::bail!(
+                "{what}: {}: the sale is not initialised: run spike stock init",
+                config.path.display()
+            ),
+            Err(e) => Err(e).context(what),
+        }
     })
 }
 

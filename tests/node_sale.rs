@@ -831,11 +831,11 @@ async fn a_purchase_past_its_deadline_does_nothing_and_spares_its_batch() {
             other => format!("{other:?}"),
         })
         .collect();
-    // The sale's state (7 fields), then 6 per entry.
-    assert_eq!(codes.len(), 7 + 12, "{codes:?}");
-    assert_eq!(codes[7..10], ["5", "", "0"], "the late one does nothing");
-    assert_eq!(codes[13], "1", "the one on time sells: {codes:?}");
-    assert!(codes[14].ends_with("-1"), "{codes:?}");
+    // The sale's state (11 fields), then 6 per entry.
+    assert_eq!(codes.len(), 11 + 12, "{codes:?}");
+    assert_eq!(codes[11..14], ["5", "", "0"], "the late one does nothing");
+    assert_eq!(codes[17], "1", "the one on time sells: {codes:?}");
+    assert!(codes[18].ends_with("-1"), "{codes:?}");
     let snap = sale.store.snapshot().await.expect("snapshot");
     assert_eq!((snap.sold, snap.orders, snap.buyers), (1, 1, 1), "{snap:?}");
     let held: Option<u64> = redis::cmd("HGET")

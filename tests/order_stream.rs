@@ -655,8 +655,8 @@ fn stream_cost() {
                             .arg(deadline);
                     }
                     let answer: Vec<redis::Value> = call.invoke(&mut c).expect("deduct");
-                    assert_eq!(answer.len(), 7 + 6 * (first + batch).min(N) - 6 * first);
-                    assert_eq!(answer[7], redis::Value::Int(1), "sold: {answer:?}");
+                    assert_eq!(answer.len(), 11 + 6 * (first + batch).min(N) - 6 * first);
+                    assert_eq!(answer[11], redis::Value::Int(1), "sold: {answer:?}");
                 }
                 let info: String = redis::cmd("INFO")
                     .arg("commandstats")

@@ -117,6 +117,7 @@ fn status(shared: &Shared) -> String {
             "answering": shared.edge.active(),
             "sold_out_answers": shared.edge.sold_out_answers.load(Ordering::Relaxed),
             "already_bought_answers": shared.edge.already_bought_answers.load(Ordering::Relaxed),
+            "not_selling_answers": shared.edge.not_selling_answers.load(Ordering::Relaxed),
         },
         "local": local,
         "limits": limits_status(shared, &active.config.limits),
@@ -233,11 +234,12 @@ fn metrics(shared: &Shared) -> String {
     counters(
         &mut out,
         "spike_balancer_edge_answers_total",
-        "Purchases answered by the balancer itself once the sale was sold out.",
+        "Purchases answered by the balancer itself: once the sale was sold out, and before its opening or after its closing (not_selling).",
         "status",
         &[
             ("sold_out", &shared.edge.sold_out_answers),
             ("already_bought", &shared.edge.already_bought_answers),
+            ("not_selling", &shared.edge.not_selling_answers),
         ],
     );
     crate::prometheus::single(

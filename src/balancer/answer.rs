@@ -57,6 +57,14 @@ const SECONDS: [&str; MAX_RETRY_AFTER as usize + 1] = [
     "49", "50", "51", "52", "53", "54", "55", "56", "57", "58", "59", "60", "61", "62", "63", "64",
 ];
 
+/// `Retry-After: S` as a static header, S between 1 and
+/// [`MAX_RETRY_AFTER`] (a client told to come back later than that asks
+/// again then, and is told again).
+pub fn retry_after(seconds: u64) -> (&'static str, &'static str) {
+    let s = seconds.clamp(1, u64::from(MAX_RETRY_AFTER)) as usize;
+    ("retry-after", SECONDS[s])
+}
+
 /// The values of `spike_balancer_local_responses_total`'s `code` label, in
 /// the order of [`LocalAnswer::slot`].
 pub const LOCAL_LABELS: [&str; 8] = ["400", "404", "405", "413", "429", "502", "503", "504"];

@@ -99,6 +99,12 @@ pub struct Edge {
     pub sold_out_answers: AtomicU64,
     /// `already_bought` answers made here.
     pub already_bought_answers: AtomicU64,
+    /// `not_open` and `closed` answers made here (before the opening,
+    /// after the closing).
+    pub not_selling_answers: AtomicU64,
+    /// The sale's moments as a node last gave them (its store's), which
+    /// the edge answers by; the file's until a node has answered.
+    pub moments: crate::protocol::MomentsCell,
     /// A node just said `sold_out`: the watcher should read the holders now
     /// rather than at its next poll.
     hint: Notify,

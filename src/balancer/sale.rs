@@ -122,6 +122,9 @@ pub async fn watch_edge(shared: Arc<Shared>) {
             shared.edge.clear("no node answered /sold_out");
             continue;
         };
+        if let Some(m) = &now.moments {
+            shared.edge.moments.set(m);
+        }
         match known {
             Some(known) => {
                 if !now.sold_out {

@@ -45,6 +45,8 @@ impl SaleConfig {
             pay_within: None,
             events_max: 100_000,
             stream: false,
+            opens_at_ms: None,
+            closes_at_ms: None,
         }
     }
 }
@@ -123,6 +125,8 @@ impl Default for BalancerConfig {
             limits: ClientLimits::default(),
             upstreams: Vec::new(),
             auth: None,
+            sale_opens_at_ms: 0,
+            sale_closes_at_ms: 0,
         }
     }
 }

@@ -48,6 +48,8 @@ pub(super) struct SaleFile {
     pub(super) pay_within: Option<Spanned<String>>,
     pub(super) events_max: Option<Spanned<i64>>,
     pub(super) stream: Option<Spanned<bool>>,
+    pub(super) opens_at: Option<Spanned<String>>,
+    pub(super) closes_at: Option<Spanned<String>>,
 }
 
 /// `[redis]` as written.

@@ -18,6 +18,10 @@ mod tests;
 
 use std::path::PathBuf;
 
+/// The largest count a file (or `spike stock add`) may give: 2^53, the
+/// largest whole number every JSON reader and Lua's numbers keep exactly.
+pub const MAX_COUNT: u64 = 1 << 53;
+
 pub use defaults::default_lease;
 pub use error::ConfigError;
 pub use sections::{

@@ -38,6 +38,14 @@ pub struct SaleConfig {
     /// with a payment window always streams. Stored with the sale by
     /// `stock init`, so every node agrees.
     pub stream: bool,
+    /// When the sale opens, Unix ms (`opens_at`, RFC 3339): before it
+    /// every purchase is answered `not_open` (from memory, and by the store
+    /// in Redis's clock at the edge of the moment). Stored with the sale by
+    /// `stock init`, so that `stock init` can come well before the opening.
+    pub opens_at_ms: Option<u64>,
+    /// When the sale closes for good, Unix ms (`closes_at`); `spike stock
+    /// close` closes it at once.
+    pub closes_at_ms: Option<u64>,
 }
 
 /// How to reach Redis.
@@ -227,6 +235,13 @@ pub struct BalancerConfig {
     /// balancer's config so that a reload that changes only the keys
     /// makes a new version (and reaches `spike up`'s nodes).
     pub auth: Option<EdgeAuth>,
+    /// The sale's `opens_at` and `closes_at`, Unix ms (0: none): before
+    /// the opening and after the closing the edge answers every purchase
+    /// from memory, whatever the strategy, so a crowd that comes early
+    /// never reaches a node.
+    pub sale_opens_at_ms: u64,
+    /// See `sale_opens_at_ms`.
+    pub sale_closes_at_ms: u64,
 }
 
 /// `limit_rate`, `limit_burst`, `limit_nodelay` and `limit_conns`: what one

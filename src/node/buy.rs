@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use tokio::time::Instant;
 
 use super::lease::Unit;
-use super::state::{Node, REFILL_FAILED, REFILL_NO_SALE, REFILL_NONE};
+use super::state::{Node, REFILL_FAILED, REFILL_NO_SALE, REFILL_NONE, REFILL_NOT_SELLING};
 use super::stats::Stats;
 use super::store::{Holders, Lookup, OrderState, Outcome, Purchase, StoreError};
 
@@ -66,6 +66,8 @@ pub enum BuyAnswer<'a> {
     /// With `[auth]`: no buyer token, or one that does not verify (401);
     /// nothing is sold and nothing is counted against anyone.
     Unauthorized(crate::auth::AuthError),
+    /// The sale does not sell now: not open yet, closed, or paused (409).
+    NotSelling(crate::protocol::Shut),
 }
 
 impl BuyAnswer<'_> {
@@ -88,6 +90,7 @@ impl BuyAnswer<'_> {
             BuyAnswer::NotInitialised => &stats.not_initialised,
             BuyAnswer::NotReplicated | BuyAnswer::NoReplicas => &stats.not_replicated,
             BuyAnswer::Unauthorized(_) => &stats.unauthorized,
+            BuyAnswer::NotSelling(_) => &stats.not_selling,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -99,6 +102,23 @@ impl Node {
     /// memory once sold out, within `[redis] timeout`.
     pub async fn buy<'a>(&self, buyer: &'a str, key: &str) -> BuyAnswer<'a> {
         let give_up = Instant::now() + self.timeout;
+        if let Some(shut) = self.shut_now() {
+            if key.is_empty() || !matches!(shut, crate::protocol::Shut::Closed { .. }) {
+                return BuyAnswer::NotSelling(shut);
+            }
+            // After the closing, a purchase with a key may be the retry of
+            // one that got an order. Once the store has said "closed",
+            // nothing sells any more and the holders read then are all of
+            // them: answered from them. Before that (this host's clock may
+            // run a little ahead) the store decides.
+            if !self.closed_confirmed() {
+                return self.purchase(buyer, key, None, give_up).await;
+            }
+            return match self.sold_out_answer(buyer, key, give_up).await {
+                BuyAnswer::SoldOut => BuyAnswer::NotSelling(shut),
+                other => other,
+            };
+        }
         loop {
             if self.is_sold_out() {
                 return self.sold_out_answer(buyer, key, give_up).await;
@@ -132,6 +152,7 @@ impl Node {
                 match self.refill_result.load(Ordering::Acquire) {
                     REFILL_FAILED => return BuyAnswer::StoreFailed,
                     REFILL_NO_SALE => return BuyAnswer::NotInitialised,
+                    REFILL_NOT_SELLING => return BuyAnswer::NotSelling(self.last_shut()),
                     _ => {}
                 }
             }
@@ -166,6 +187,11 @@ impl Node {
             && self.refill_result.load(Ordering::Acquire) == REFILL_NO_SALE
         {
             return BuyAnswer::NotInitialised;
+        }
+        if !self.refilling.load(Ordering::Acquire)
+            && self.refill_result.load(Ordering::Acquire) == REFILL_NOT_SELLING
+        {
+            return BuyAnswer::NotSelling(self.last_shut());
         }
         BuyAnswer::StoreFailed
     }
@@ -214,6 +240,10 @@ impl Node {
                 drop(unit);
                 if matches!(e, StoreError::NoSale) {
                     return BuyAnswer::NotInitialised;
+                }
+                if let StoreError::NotSelling(shut, sale) = e {
+                    self.heard_shut(shut, &sale);
+                    return BuyAnswer::NotSelling(shut);
                 }
                 if matches!(e, StoreError::NoReplicas) {
                     tracing::warn!(node = %self.name, "Redis refused the sale: too few replicas connected; answered 503, nothing sold");

@@ -22,7 +22,8 @@
 -- ('' when none), and for 'p' the deadline (Redis milliseconds: from then on
 -- the buyer has been told 503) or for 'l' "units wanted:deadline".
 --
--- Returns {0, epoch, limit, sold, total, released, pay_within} then, per
+-- Returns {0, epoch, limit, sold, total, released, pay_within, opens_at,
+-- closes_at, paused (0/1), closed (0/1)} then, per
 -- entry, {code, order id, count, units the holder's lease has left, pay_by
 -- (0 when the sale is final), order state ('' when final)}:
 --   1 sold (count = the ticket's number)      2 sold out
@@ -31,6 +32,10 @@
 --   7 this key belongs to another buyer
 --   8 lease answer (count = units granted)
 --   9 no buyer named, and the sale's limit needs one (nothing done)
+--  10 the sale does not sell now (order = why: 'not_open', 'closed' or
+--     'paused'; count = when it opens or closed, Unix ms); also for a
+--     lease request. A key's replay and a holder's `already bought` are
+--     still answered: they sell nothing.
 -- or {4} for the whole batch when there is no sale.
 --
 -- The sale's rule is `sold <= total`, and leases never promise more than is
@@ -49,7 +54,7 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local stock = redis.call('HMGET', KEYS[1], 'total', 'sold', 'epoch', 'limit', 'seq',
-  'pay_within', 'released', 'stream_max', 'stream')
+  'pay_within', 'released', 'stream_max', 'stream', 'opens_at', 'closes_at', 'paused', 'closed')
 local total = tonumber(stock[1])
 if not total then
   return {4}
@@ -67,6 +72,20 @@ local stream_max = stock[8] or '100000'
 -- every order, at the price of one XADD per sale.
 local stream_final = stock[9] == '1'
 local ttl = tonumber(ARGV[1])
+-- Why nothing sells now, in Redis's clock: after the closing (`stock
+-- close` sets `closed`, which no clock undoes), before the opening, or
+-- paused by the operator (`spike stock pause`). A closing comes first: a
+-- sale closed before it opened is closed. (`Moments::shut_at` in Rust.)
+local opens_at, closes_at = tonumber(stock[10] or '0'), tonumber(stock[11] or '0')
+local paused, closed = stock[12] == '1', stock[13] == '1'
+local shut, shut_at = nil, 0
+if closed or (closes_at > 0 and now >= closes_at) then
+  shut, shut_at = 'closed', closes_at
+elseif now < opens_at then
+  shut, shut_at = 'not_open', opens_at
+elseif paused then
+  shut = 'paused'
+end
 
 -- Leases, read once: a handful of fields, one per live node process.
 local leases, expiry, leased = {}, {}, 0
@@ -141,7 +160,8 @@ local function grant(holder, want)
   return g
 end
 
-local out = {0, epoch, limit, 0, total, released, pay_within}
+local out = {0, epoch, limit, 0, total, released, pay_within, opens_at, closes_at,
+  paused and 1 or 0, closed and 1 or 0}
 local function answer(code, id, count, holder, pay_by, state)
   out[#out + 1] = code
   out[#out + 1] = id
@@ -158,6 +178,8 @@ for i = 2, #ARGV, 6 do
     local want, deadline = string.match(ARGV[i + 5], '^(%d+):(%d+)$')
     if now >= tonumber(deadline) then
       answer(5, '', 0, holder)
+    elseif shut then
+      answer(10, shut, shut_at, holder)
     else
       answer(8, '', grant(holder, tonumber(want)), holder)
     end
@@ -191,6 +213,8 @@ for i = 2, #ARGV, 6 do
       end
     elseif limited and tonumber(redis.call('HGET', KEYS[2], buyer) or '0') >= limit then
       answer(3, redis.call('HGET', KEYS[4], buyer) or '', 0, holder)
+    elseif shut then
+      answer(10, shut, shut_at, holder)
     elseif sold + 1 > total then
       -- The reference design's bug was a `>=` that let sale N+1 through;
       -- the test is "one more would exceed the total".

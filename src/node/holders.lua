@@ -12,7 +12,7 @@
 --   was empty or absent when the holders were first read).
 -- ARGV[2] most events to read.  ARGV[3] the per-user limit the node keeps.
 -- Returns the header (as deduct.lua's: {0, epoch, limit, sold, total,
--- released, pay_within}) then
+-- released, pay_within, opens_at, closes_at, paused, closed}) then
 --   {1} when events after the cursor may have been trimmed (read the
 --   holders in full), else
 --   {0, last event read, 1 when more events wait else 0, buyers named,
@@ -20,12 +20,13 @@
 --    then the keys of the orders created}.
 -- {4} when there is no sale.
 local s = redis.call('HMGET', KEYS[1], 'total', 'sold', 'epoch', 'limit', 'released',
-  'pay_within', 'stream_max')
+  'pay_within', 'stream_max', 'opens_at', 'closes_at', 'paused', 'closed')
 if not s[1] then
   return {4}
 end
 local out = {0, s[3] or '0', tonumber(s[4] or '0'), tonumber(s[2] or '0'), tonumber(s[1]),
-  tonumber(s[5] or '0'), tonumber(s[6] or '0')}
+  tonumber(s[5] or '0'), tonumber(s[6] or '0'), tonumber(s[8] or '0'), tonumber(s[9] or '0'),
+  s[10] == '1' and 1 or 0, s[11] == '1' and 1 or 0}
 
 local cursor, most = ARGV[1], tonumber(ARGV[2])
 local trimmed

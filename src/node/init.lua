@@ -4,7 +4,8 @@
 -- KEYS as in deduct.lua. ARGV[1] total, ARGV[2] per-user limit, ARGV[3]
 -- force, ARGV[4] payment window in ms (0: purchases are final), ARGV[5]
 -- the event stream's approximate length bound, ARGV[6] '1' when final
--- sales are streamed too (`[sale] stream`).
+-- sales are streamed too (`[sale] stream`), ARGV[7] when the sale opens
+-- and ARGV[8] when it closes (Unix ms in Redis's clock; 0: no such moment).
 -- Returns {1, epoch}.
 --
 -- The epoch (the first part of every order id, and how running nodes learn
@@ -65,7 +66,8 @@ end
 redis.call('HSET', KEYS[1], 'total', ARGV[1], 'sold', 0, 'epoch', string.format('%d', epoch),
   'limit', ARGV[2], 'held', 0, 'most', 0, 'seq', 0, 'pay_within', ARGV[4], 'reserved', 0,
   'paid', 0, 'released', 0, 'stream_max', ARGV[5], 'stream', ARGV[6] == '1' and 1 or 0,
-  'events_from', events_from)
+  'events_from', events_from, 'opens_at', ARGV[7] or '0', 'closes_at', ARGV[8] or '0',
+  'controls', 0)
 if events_base ~= '' then
   redis.call('HSET', KEYS[1], 'events_base', events_base)
 end

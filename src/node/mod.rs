@@ -72,6 +72,8 @@ pub fn build(config: &Config, name: &str, store: Store) -> Result<Arc<Node>, Con
             max_body: config.server.max_body,
             max_clock_offset: config.redis.as_ref().map(|r| r.max_clock_offset),
             auth: authority(config)?,
+            opens_at_ms: sale.opens_at_ms.unwrap_or(0),
+            closes_at_ms: sale.closes_at_ms.unwrap_or(0),
         },
         store,
     ))

@@ -16,7 +16,8 @@
 --   checked: it acts on any buyer's order), ARGV[4] a payment reference
 --   ('' when none).
 --   Returns the header (as deduct.lua's: {0, epoch, limit, sold, total,
---   released, pay_within}) then {code, order JSON}:
+--   released, pay_within, opens_at, closes_at, paused, closed}) then
+--   {code, order JSON}:
 --   1 done (or already so: paying twice is one payment)
 --   2 not possible from the order's state (the JSON says which)
 --   3 the order is final: the sale has no payment window
@@ -83,9 +84,10 @@ end
 
 local function header()
   local s = redis.call('HMGET', KEYS[1], 'total', 'sold', 'epoch', 'limit', 'released',
-    'pay_within')
+    'pay_within', 'opens_at', 'closes_at', 'paused', 'closed')
   return {0, s[3] or '0', tonumber(s[4] or '0'), tonumber(s[2] or '0'), tonumber(s[1]),
-    tonumber(s[5] or '0'), tonumber(s[6] or '0')}
+    tonumber(s[5] or '0'), tonumber(s[6] or '0'), tonumber(s[7] or '0'), tonumber(s[8] or '0'),
+    s[9] == '1' and 1 or 0, s[10] == '1' and 1 or 0}
 end
 
 local op = ARGV[1]

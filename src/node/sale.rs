@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use super::lease::Lease;
 use super::store::holders::{HolderCell, KnownHolders};
 use super::store::{HolderChanges, HolderSeed, Holders, SaleState};
-use crate::protocol::SoldOutView;
+use crate::protocol::{Moments, SoldOutView};
 
 /// How often a node that has not heard from the store asks for the sale's
 /// state (and so renews its lease).
@@ -69,6 +69,8 @@ pub struct SaleView {
     /// this node's lease (a sale, a lease request or a poll).
     last_renewed: AtomicU64,
     born: Instant,
+    /// The sale's moments as last heard.
+    moments: crate::protocol::MomentsCell,
 }
 
 impl SaleView {
@@ -87,7 +89,14 @@ impl SaleView {
             changed: tokio::sync::Notify::new(),
             last_renewed: AtomicU64::new(0),
             born: Instant::now(),
+            moments: crate::protocol::MomentsCell::default(),
         }
+    }
+
+    /// The sale's moments as the store last gave them; `None` before any
+    /// store answer.
+    pub fn moments(&self) -> Option<Moments> {
+        self.moments.get()
     }
 
     /// The sale's epoch as this node last heard it (0 before any answer).
@@ -178,6 +187,7 @@ impl SaleView {
         if self.pay_within.load(Ordering::Relaxed) != sale.pay_within_ms {
             self.pay_within.store(sale.pay_within_ms, Ordering::Release);
         }
+        self.moments.set(&sale.moments);
         // A ticket came back: a buyer may be under the limit again, a key's
         // order released. Memory is not answered from until the change is
         // read (`HolderStep::Changes`), and a balancer answering from
@@ -341,12 +351,15 @@ impl SaleView {
         self.renewed_within(3 * POLL_EVERY)
     }
 
-    /// What `/sold_out` says now: sold out only while the store is heard.
-    pub fn sold_out_view(&self) -> SoldOutView {
+    /// What `/sold_out` says now: sold out only while the store is heard,
+    /// and not once the sale is `closed` (the node answers that itself,
+    /// and a balancer that answered `sold_out` must let go).
+    pub fn sold_out_view(&self, closed: bool) -> SoldOutView {
         SoldOutView {
-            sold_out: self.is_sold_out() && self.heard_lately(),
+            sold_out: self.is_sold_out() && self.heard_lately() && !closed,
             epoch: self.epoch(),
             released: self.released(),
+            moments: self.moments(),
         }
     }
 

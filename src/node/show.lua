@@ -5,9 +5,13 @@
 -- the most any one buyer holds, epoch, limit, units leased, keys recorded,
 -- order ids handed out (seq), payment window ms, reserved, paid, released,
 -- deadline entries, events in the stream now, the stream's bound (0: a sale
--- written before the stream existed), 1 when final sales are streamed}.
+-- written before the stream existed), 1 when final sales are streamed,
+-- when it opens and closes (Unix ms, 0: no such moment), 1 when paused,
+-- the operator's changes so far (pause, resume, close, add), 1 when closed
+-- by the operator}.
 local s = redis.call('HMGET', KEYS[1], 'total', 'sold', 'held', 'most', 'epoch', 'limit',
-  'seq', 'pay_within', 'reserved', 'paid', 'released', 'stream_max', 'stream')
+  'seq', 'pay_within', 'reserved', 'paid', 'released', 'stream_max', 'stream', 'opens_at',
+  'closes_at', 'paused', 'controls', 'closed')
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local leased = 0
@@ -21,4 +25,6 @@ return {s[1] and 1 or 0, tonumber(s[1] or '0'), tonumber(s[2] or '0'),
   tonumber(s[4] or '0'), s[5] or '', tonumber(s[6] or '0'), leased, redis.call('HLEN', KEYS[6]),
   math.max(tonumber(s[7] or '0'), tonumber(s[2] or '0')), tonumber(s[8] or '0'), tonumber(s[9] or '0'),
   tonumber(s[10] or '0'), tonumber(s[11] or '0'), redis.call('ZCARD', KEYS[7]),
-  redis.call('XLEN', KEYS[8]), tonumber(s[12] or '0'), tonumber(s[13] or '0')}
+  redis.call('XLEN', KEYS[8]), tonumber(s[12] or '0'), tonumber(s[13] or '0'),
+  tonumber(s[14] or '0'), tonumber(s[15] or '0'), tonumber(s[16] or '0'), tonumber(s[17] or '0'),
+  tonumber(s[18] or '0')}

@@ -32,6 +32,8 @@ pub(super) const REFILL_NONE: u8 = 1;
 pub(super) const REFILL_FAILED: u8 = 2;
 /// The store holds no sale: the buyers are told so, not "the store is slow".
 pub(super) const REFILL_NO_SALE: u8 = 3;
+/// The sale does not sell now (see [`Node::last_shut`]).
+pub(super) const REFILL_NOT_SELLING: u8 = 4;
 
 /// What a node needs to sell, beside its store.
 #[derive(Debug, Clone)]
@@ -52,6 +54,13 @@ pub struct NodeSettings {
     /// payment service's signature). `None`: buyers are who the client
     /// says they are.
     pub auth: Option<Arc<crate::auth::Authority>>,
+    /// `[sale] opens_at` and `closes_at`, Unix ms (0: none): before the
+    /// opening and after the closing the node answers from memory, so the
+    /// crowd that comes early costs the store nothing. The store decides
+    /// at the moment itself, in its own clock.
+    pub opens_at_ms: u64,
+    /// See `opens_at_ms`.
+    pub closes_at_ms: u64,
 }
 
 /// One node's selling state, shared by all its connections.
@@ -81,6 +90,14 @@ pub struct Node {
     auth: arc_swap::ArcSwapOption<crate::auth::Authority>,
     /// What the node has done, for `/stats`.
     pub stats: Stats,
+    /// Why the store last said the sale does not sell (a lease request's
+    /// answer, for the buyers that waited on it).
+    last_shut: std::sync::Mutex<Option<crate::protocol::Shut>>,
+    /// The epoch of a sale the store said is closed (0: none): a new
+    /// epoch, a reset, is another sale.
+    closed_epoch: std::sync::atomic::AtomicU64,
+    /// The file's moments, until the store gives its own.
+    file_moments: crate::protocol::Moments,
 }
 
 /// A random 64-bit value from the standard library's per-process hasher
@@ -117,7 +134,61 @@ impl Node {
             snapshot: SnapshotCache::new(),
             auth: arc_swap::ArcSwapOption::new(settings.auth),
             stats: Stats::default(),
+            last_shut: std::sync::Mutex::new(None),
+            closed_epoch: std::sync::atomic::AtomicU64::new(0),
+            file_moments: crate::protocol::Moments {
+                opens_at_ms: settings.opens_at_ms,
+                closes_at_ms: settings.closes_at_ms,
+                paused: false,
+                closed: false,
+            },
         })
+    }
+
+    /// Takes in a store answer that the sale does not sell now: the sale's
+    /// state it carries (its moments among it), why, and a closing the
+    /// store confirmed: from then on nothing more sells in this epoch, so
+    /// the holders read now are all of them, and a key's retry is answered
+    /// from them.
+    pub(super) fn heard_shut(&self, shut: crate::protocol::Shut, sale: &SaleState) {
+        self.observe(sale);
+        self.view.renewed();
+        *self.last_shut.lock().unwrap_or_else(|p| p.into_inner()) = Some(shut);
+        if matches!(shut, crate::protocol::Shut::Closed { .. })
+            && sale.epoch == self.epoch()
+            && self.closed_epoch.swap(sale.epoch, Ordering::AcqRel) != sale.epoch
+        {
+            self.learn_holders(sale.epoch);
+        }
+    }
+
+    /// The store said the sale of the epoch the node knows is closed.
+    pub(super) fn closed_confirmed(&self) -> bool {
+        let e = self.closed_epoch.load(Ordering::Acquire);
+        e != 0 && e == self.epoch()
+    }
+
+    /// Why the sale does not sell now, from memory, if so: the stored
+    /// moments as the store last gave them (the file's until its first
+    /// answer), and this host's clock set to the store's (its measured
+    /// offset). Before the opening and while paused nothing can sell; after
+    /// the closing, see [`Node::buy`] for a key's retry.
+    pub(super) fn shut_now(&self) -> Option<crate::protocol::Shut> {
+        let moments = self.view.moments().unwrap_or(self.file_moments);
+        if !moments.any() {
+            return None;
+        }
+        let offset = self.store.clock_offset_ms().unwrap_or(0);
+        let now = super::store::now_millis().saturating_add_signed(offset);
+        moments.shut_at(now)
+    }
+
+    /// Why the store last said the sale does not sell.
+    pub(super) fn last_shut(&self) -> crate::protocol::Shut {
+        self.last_shut
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or(crate::protocol::Shut::Paused)
     }
 
     /// `[auth]` as it stands: `None` when buyers are unverified.
@@ -233,6 +304,7 @@ impl Node {
                     self.view.renewed();
                 }
                 Err(StoreError::NoSale) => {}
+                Err(StoreError::NotSelling(shut, sale)) => self.heard_shut(shut, &sale),
                 Err(e) => tracing::debug!(node = %self.name, error = %e, "sale poll failed"),
             }
         }
@@ -300,6 +372,10 @@ impl Node {
                 }
             }
             Err(StoreError::NoSale) => REFILL_NO_SALE,
+            Err(StoreError::NotSelling(shut, sale)) => {
+                self.heard_shut(shut, &sale);
+                REFILL_NOT_SELLING
+            }
             Err(e) => {
                 tracing::warn!(node = %self.name, error = %e, "lease request failed");
                 REFILL_FAILED

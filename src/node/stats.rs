@@ -28,6 +28,9 @@ pub struct Stats {
     /// 503 answers because the sale was never initialised (not a store
     /// error: the store answered).
     pub not_initialised: AtomicU64,
+    /// 409 answers while the sale does not sell: not open yet, closed, or
+    /// paused (from memory before the opening, else the store's word).
+    pub not_selling: AtomicU64,
     /// 503 answers for sales made on the primary that fewer than
     /// `[redis] replicas` acknowledged in time (ambiguous: the order exists).
     pub not_replicated: AtomicU64,

@@ -17,6 +17,10 @@ pub enum EdgeAnswer {
     /// `409 already_bought` for a buyer at the limit: the body, with their
     /// last order.
     AlreadyBought(String),
+    /// `409 not_open` before the sale's opening, `409 closed` after its
+    /// closing (the file's moments, this host's clock): the body, and
+    /// `Retry-After` in seconds.
+    NotSelling(String, Option<u64>),
 }
 
 /// The answer the edge gives for a sold-out sale: `already_bought` with
@@ -44,6 +48,40 @@ pub fn answer<'a>(
     token: impl FnOnce() -> Option<&'a str>,
 ) -> Option<EdgeAnswer> {
     let config = &active.config;
+    let moments = shared
+        .edge
+        .moments
+        .get()
+        .unwrap_or(crate::protocol::Moments {
+            opens_at_ms: config.sale_opens_at_ms,
+            closes_at_ms: config.sale_closes_at_ms,
+            paused: false,
+            closed: false,
+        });
+    if is_buy
+        && (*method == Method::GET || *method == Method::POST)
+        && config.sold_out_at_edge
+        && moments.any()
+    {
+        // Before the opening the whole crowd is answered here, from
+        // memory: nothing to look up, nobody to identify; so is a paused
+        // or closed sale. (The store decides at the moment itself, in its
+        // own clock; a node that gets a purchase a little early asks it.)
+        let now = crate::node::store::now_millis();
+        // After the closing, a purchase with its own key may be the retry
+        // of one that got an order: the node (the store) answers that.
+        if let Some(shut) = moments
+            .shut_at(now)
+            .filter(|s| !matches!(s, crate::protocol::Shut::Closed { .. }) || !client_key)
+        {
+            shared
+                .edge
+                .not_selling_answers
+                .fetch_add(1, Ordering::Relaxed);
+            let (body, retry_after) = crate::protocol::not_selling_answer(shut, now);
+            return Some(EdgeAnswer::NotSelling(body, retry_after));
+        }
+    }
     if !(is_buy && shared.edge.active() && config.sold_out_at_edge) {
         return None;
     }

@@ -257,6 +257,11 @@ impl From<EdgeAnswer> for Reply {
                 body: ReplyBody::Owned(body),
                 header: None,
             },
+            EdgeAnswer::NotSelling(body, retry_after) => Reply {
+                status: StatusCode::CONFLICT,
+                body: ReplyBody::Owned(body),
+                header: retry_after.map(crate::balancer::answer::retry_after),
+            },
         }
     }
 }

@@ -130,6 +130,8 @@ pub(super) fn validate(
         upstreams,
         // Set from [auth] once it is validated (see `super::validate`).
         auth: None,
+        sale_opens_at_ms: 0,
+        sale_closes_at_ms: 0,
     }))
 }
 

@@ -14,7 +14,7 @@ use crate::config::error::ConfigError;
 
 /// The largest a toml integer may be for a count of tickets (keeps Lua's
 /// doubles exact: 2^53).
-const MAX_COUNT: i64 = 1 << 53;
+const MAX_COUNT: i64 = crate::config::MAX_COUNT as i64;
 
 /// The file being validated: errors need its path, and its text to turn a
 /// span into a line.
@@ -113,6 +113,27 @@ impl Cx<'_> {
             return Err(self.err(key, v.span(), "must be longer than zero"));
         }
         Ok(d)
+    }
+
+    /// A moment in RFC 3339, in UTC (`"2026-02-10T10:00:00Z"`), as Unix
+    /// ms. UTC only: a sale's opening is one moment for every node and
+    /// balancer, whatever zone each host is set to.
+    pub(super) fn instant(&self, key: &str, v: &Spanned<String>) -> Result<u64, ConfigError> {
+        let at = humantime::parse_rfc3339(v.get_ref().trim()).map_err(|e| {
+            self.err(
+                key,
+                v.span(),
+                format!(
+                    "{:?} is not a moment in RFC 3339, UTC, like \"2026-02-10T10:00:00Z\": {e}",
+                    v.get_ref()
+                ),
+            )
+        })?;
+        let ms = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|_| self.err(key, v.span(), "must be after 1970"))?
+            .as_millis();
+        Ok(u64::try_from(ms).unwrap_or(u64::MAX))
     }
 
     /// A duration of at least `min`, for keys where a shorter one would

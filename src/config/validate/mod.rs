@@ -69,6 +69,10 @@ fn validate(cx: &Cx, file: FileConfig) -> Result<Config, ConfigError> {
     )?;
     let mut balancer = balancer::validate(cx, file.balancer.as_ref(), &nodes, sale.is_some())?;
     let auth = auth::validate(cx, file.auth.as_ref(), sale.as_ref())?;
+    if let (Some(b), Some(s)) = (balancer.as_mut(), sale.as_ref()) {
+        b.sale_opens_at_ms = s.opens_at_ms.unwrap_or(0);
+        b.sale_closes_at_ms = s.closes_at_ms.unwrap_or(0);
+    }
     if let (Some(b), Some(a), Some(s)) = (balancer.as_mut(), auth.as_ref(), sale.as_ref()) {
         b.auth = Some(crate::config::EdgeAuth {
             auth: a.clone(),

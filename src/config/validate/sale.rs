@@ -62,9 +62,26 @@ pub(super) fn validate(
             "does nothing without [redis]: the embedded store has no event stream (read orders at GET /orders/ID)",
         ));
     }
+    let opens_at_ms = optional(&s.opens_at, None, |v| {
+        cx.instant("sale.opens_at", v).map(Some)
+    })?;
+    let closes_at_ms = optional(&s.closes_at, None, |v| {
+        cx.instant("sale.closes_at", v).map(Some)
+    })?;
+    if let (Some(open), Some(close), Some(v)) = (opens_at_ms, closes_at_ms, &s.closes_at)
+        && close <= open
+    {
+        return Err(cx.err(
+            "sale.closes_at",
+            v.span(),
+            "must be after sale.opens_at: the sale would never be open",
+        ));
+    }
     Ok(Some(SaleConfig {
         per_user_limit,
         stream,
+        opens_at_ms,
+        closes_at_ms,
         lease: optional(&s.lease, d.lease, |v| cx.count("sale.lease", v, 1))?,
         lease_ttl: optional(&s.lease_ttl, d.lease_ttl, |v| {
             cx.duration_at_least(

@@ -131,6 +131,17 @@ pub fn render(node: &str, answer: BuyAnswer<'_>) -> Answer {
             b"{\"status\":\"unavailable\",\"reason\":\"too few Redis replicas are connected to acknowledge a sale; nothing was sold: try again shortly\"}\n",
         ),
         BuyAnswer::Unauthorized(e) => unauthorized(&e),
+        BuyAnswer::NotSelling(shut) => {
+            let (body, retry_after) =
+                protocol::not_selling_answer(shut, crate::node::store::now_millis());
+            let mut res = written(StatusCode::CONFLICT, body);
+            if let Some(s) = retry_after
+                && let Ok(v) = HeaderValue::from_str(itoa::Buffer::new().format(s))
+            {
+                res.headers_mut().insert(RETRY_AFTER, v);
+            }
+            res
+        }
     }
 }
 

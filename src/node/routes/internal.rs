@@ -29,11 +29,11 @@ pub async fn sold_out(node: &Node, req: &Request<Incoming>) -> Answer {
         let changed = node.view.changed();
         tokio::pin!(changed);
         changed.as_mut().enable();
-        if node.view.still(epoch, released) {
+        if node.view.still(epoch, released) && !node.closed_confirmed() {
             let _ = tokio::time::timeout(VIEW_WAIT, changed).await;
         }
     }
-    json_of(&node.view.sold_out_view())
+    json_of(&node.view.sold_out_view(node.closed_confirmed()))
 }
 
 /// `GET /holders`: once the node answers `sold_out` from memory, the

@@ -117,6 +117,13 @@ pub fn render(node: &Node) -> String {
     }
     single(
         &mut out,
+        "spike_node_not_selling_total",
+        "409 answers to purchases while the sale does not sell (not open yet, closed, paused).",
+        "counter",
+        load(&s.not_selling),
+    );
+    single(
+        &mut out,
         "spike_node_lease_units",
         "Units of this node's lease not yet sent to the store.",
         "gauge",
@@ -162,6 +169,7 @@ struct StatsBody<'a> {
     bad_requests: u64,
     busy: u64,
     not_initialised: u64,
+    not_selling: u64,
     not_replicated: u64,
     expired: u64,
     order_calls: u64,
@@ -197,6 +205,7 @@ fn stats(node: &Node) -> StatsBody<'_> {
         bad_requests: load(&s.bad_requests),
         busy: load(&s.busy),
         not_initialised: load(&s.not_initialised),
+        not_selling: load(&s.not_selling),
         not_replicated: load(&s.not_replicated),
         expired: load(&s.expired),
         order_calls: load(&s.order_calls),

@@ -39,9 +39,25 @@ struct Sample {
 }
 
 /// Recent `TIME` samples of one Redis.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct StoreClock {
     samples: Mutex<VecDeque<Sample>>,
+    /// [`StoreClock::offset_ms`] as of the last sample ([`NO_OFFSET`]
+    /// before any): read by every purchase while a sale is not open, so
+    /// kept where a read takes no lock.
+    offset: std::sync::atomic::AtomicI64,
+}
+
+/// No sample yet.
+const NO_OFFSET: i64 = i64::MIN;
+
+impl Default for StoreClock {
+    fn default() -> Self {
+        StoreClock {
+            samples: Mutex::default(),
+            offset: std::sync::atomic::AtomicI64::new(NO_OFFSET),
+        }
+    }
 }
 
 impl StoreClock {
@@ -72,6 +88,10 @@ impl StoreClock {
             s.pop_front();
         }
         s.push_back(sample);
+        if let Some(best) = s.iter().min_by_key(|s| s.rtt) {
+            self.offset
+                .store(best.wall_offset_ms, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Sample>> {
@@ -96,7 +116,10 @@ impl StoreClock {
     /// Redis's clock minus this host's wall clock, in milliseconds, from the
     /// most precise recent sample.
     pub fn offset_ms(&self) -> Option<i64> {
-        self.best().map(|s| s.wall_offset_ms)
+        match self.offset.load(std::sync::atomic::Ordering::Relaxed) {
+            NO_OFFSET => None,
+            ms => Some(ms),
+        }
     }
 
     /// The round trip of the sample in use.

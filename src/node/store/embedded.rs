@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::holders::{HolderCell, HolderSeed, Holders};
 use super::model::{
     ANY_BUYER, OrderAnswer, OrderOp, OrderRecord, OrderState, Outcome, Purchase, Reply, SaleState,
-    StoreError, Swept,
+    Shut, StoreError, Swept,
 };
 use super::snapshot::{BuyerTally, Snapshot};
 use crate::config::SaleConfig;
@@ -39,6 +39,11 @@ struct Sale {
     keys: HashMap<String, String>,
     /// (pay_by, order id) of every reservation.
     due: BTreeSet<(u64, String)>,
+    /// When the sale opens and closes, Unix ms (0: no such moment). (No
+    /// `spike stock` reaches this store, so it is never paused or closed
+    /// by hand.)
+    opens_at: u64,
+    closes_at: u64,
 }
 
 impl Sale {
@@ -50,6 +55,7 @@ impl Sale {
             total: self.total,
             released: self.released,
             pay_within_ms: self.pay_within,
+            moments: self.moments(),
         }
     }
 
@@ -87,6 +93,20 @@ impl Sale {
         if due {
             self.release(id, OrderState::Expired, now);
         }
+    }
+
+    fn moments(&self) -> crate::protocol::Moments {
+        crate::protocol::Moments {
+            opens_at_ms: self.opens_at,
+            closes_at_ms: self.closes_at,
+            paused: false,
+            closed: false,
+        }
+    }
+
+    /// See `shut` in `deduct.lua`.
+    fn shut(&self, now: u64) -> Option<Shut> {
+        self.moments().shut_at(now)
     }
 
     fn drop_expired(&mut self, now: u64) {
@@ -165,6 +185,9 @@ pub struct EmbeddedStore {
     configured_limit: u64,
     /// `[sale] pay_within` in ms (0: final sales).
     pay_within: u64,
+    /// `[sale] opens_at` and `closes_at`, Unix ms (0: none).
+    opens_at: u64,
+    closes_at: u64,
     lease_ttl: u64,
     sale: Mutex<Sale>,
     /// The holders its nodes keep (one copy for the process).
@@ -179,6 +202,8 @@ impl EmbeddedStore {
             configured_total: sale.total,
             configured_limit: sale.per_user_limit,
             pay_within: sale.pay_within.map_or(0, |d| d.as_millis() as u64),
+            opens_at: sale.opens_at_ms.unwrap_or(0),
+            closes_at: sale.closes_at_ms.unwrap_or(0),
             lease_ttl: sale.lease_ttl.as_millis() as u64,
             sale: Mutex::new(Sale::default()),
             cell: HolderCell::new(),
@@ -231,6 +256,8 @@ impl EmbeddedStore {
             Outcome::AlreadyBought {
                 order: s.buyer_order.get(p.buyer).cloned().unwrap_or_default(),
             }
+        } else if let Some(shut) = s.shut(now) {
+            return Err(StoreError::NotSelling(shut, s.state()));
         } else if s.sold + 1 > s.total {
             Outcome::SoldOut
         } else {
@@ -294,6 +321,9 @@ impl EmbeddedStore {
             return Err(StoreError::NoSale);
         }
         s.drop_expired(now);
+        if let Some(shut) = s.shut(now) {
+            return Err(StoreError::NotSelling(shut, s.state()));
+        }
         let granted = s.grant(holder, want, now, self.lease_ttl);
         Ok(Reply {
             answer: granted,
@@ -401,6 +431,8 @@ impl EmbeddedStore {
             total: self.configured_total,
             limit: self.configured_limit,
             pay_within: self.pay_within,
+            opens_at: self.opens_at,
+            closes_at: self.closes_at,
             epoch,
             ..Sale::default()
         };
@@ -457,6 +489,11 @@ impl EmbeddedStore {
             events_max: 0,
             // No stream here, whatever the file says (config warns).
             stream: false,
+            opens_at_ms: s.opens_at,
+            closes_at_ms: s.closes_at,
+            paused: false,
+            controls: 0,
+            closed: false,
             finished: s.initialised && s.sold >= s.total && s.reserved == 0,
         }
     }

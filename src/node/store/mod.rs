@@ -23,8 +23,8 @@ pub use durability::Durability;
 pub use embedded::{EmbeddedStore, now_millis};
 pub use holders::{HolderChanges, HolderSeed, Holders, Lookup, NoChanges};
 pub use model::{
-    ANY_BUYER, KeyHolder, OrderAnswer, OrderOp, OrderRecord, OrderState, Outcome, Purchase, Reply,
-    SaleKeys, SaleState, StoreError, Swept,
+    ANY_BUYER, Control, ControlAnswer, KeyHolder, OrderAnswer, OrderOp, OrderRecord, OrderState,
+    Outcome, Purchase, Reply, SaleKeys, SaleState, Shut, StoreError, Swept,
 };
 pub use redis::RedisStore;
 pub use snapshot::{BuyerTally, EventTally, Snapshot};
@@ -92,6 +92,19 @@ impl Store {
         }
     }
 
+    /// An operator's change to the running sale (`spike stock pause`,
+    /// `resume`, `close`, `add`): Redis only, since `spike stock` cannot
+    /// reach a `spike up`'s embedded store.
+    pub async fn control(&self, change: Control) -> Result<ControlAnswer, StoreError> {
+        match self {
+            Store::Redis(r) => r.control(change).await,
+            Store::Embedded(_) => Ok(ControlAnswer::Refused(
+                "the embedded store lives inside `spike up`: pause, resume, close and add need [redis]"
+                    .into(),
+            )),
+        }
+    }
+
     /// Reads the sale in one consistent step, in constant time.
     pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
         match self {
@@ -118,6 +131,7 @@ impl Store {
                 "sold" | "reserved" => tally.created += 1,
                 "paid" => tally.paid += 1,
                 "cancelled" | "expired" => tally.released += 1,
+                "paused" | "resumed" | "closed" | "added" => tally.controls += 1,
                 _ => {}
             }
         }

@@ -55,6 +55,39 @@ impl OrderState {
     }
 }
 
+pub use crate::protocol::Shut;
+
+/// An operator's change to a running sale (`spike stock pause`, `resume`,
+/// `close`, `add N`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Stop selling until `Resume`; nothing sells meanwhile.
+    Pause,
+    /// Sell again after a `Pause`.
+    Resume,
+    /// Close the sale for good, now.
+    Close,
+    /// Put this many more tickets on sale (a staged release).
+    Add(u64),
+}
+
+/// What a [`Control`] came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlAnswer {
+    /// Done: the sale now.
+    Done {
+        /// Tickets on sale now.
+        total: u64,
+        /// Paused now.
+        paused: bool,
+        /// When it closes (Unix ms; 0: no closing).
+        closes_at_ms: u64,
+    },
+    /// The change makes no sense for this sale (it is closed, paused
+    /// already, not paused): why, and nothing changed.
+    Refused(String),
+}
+
 /// What the store decided for one purchase.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -112,6 +145,8 @@ pub struct SaleState {
     pub released: u64,
     /// The payment window stored with the sale, in ms (0: final sales).
     pub pay_within_ms: u64,
+    /// When the sale sells: its opening and closing, paused, closed.
+    pub moments: crate::protocol::Moments,
 }
 
 impl SaleState {
@@ -306,6 +341,11 @@ pub enum StoreError {
         "Redis refused the write: fewer replicas than its min-replicas-to-write are connected; nothing was sold"
     )]
     NoReplicas,
+    /// The sale does not sell now: not open yet, closed, or paused (in
+    /// the store's clock), and the sale's state with it. Nothing was sold;
+    /// the answer is the sale's state, not a failure (409).
+    #[error("the sale does not sell now: {0}")]
+    NotSelling(Shut, SaleState),
     /// Redis answered something this version of spike does not understand.
     #[error("unexpected answer from the store: {0}")]
     Protocol(String),

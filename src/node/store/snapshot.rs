@@ -55,6 +55,17 @@ pub struct Snapshot {
     /// Final sales are streamed too (`[sale] stream`, stored by `stock
     /// init`); a sale with a payment window streams either way.
     pub stream: bool,
+    /// When the sale opens, Unix ms (0: open since `stock init`).
+    pub opens_at_ms: u64,
+    /// When it closes or closed, Unix ms (0: no closing).
+    pub closes_at_ms: u64,
+    /// Paused by the operator (`spike stock pause`).
+    pub paused: bool,
+    /// The operator's changes so far (pause, resume, close, add), each an
+    /// event in the stream.
+    pub controls: u64,
+    /// Closed by the operator (`spike stock close`).
+    pub closed: bool,
     /// Sold out for good: nothing free and nothing reserved that could come
     /// back.
     pub finished: bool,
@@ -86,6 +97,8 @@ pub struct EventTally {
     pub paid: u64,
     /// Cancels and expiries among them.
     pub released: u64,
+    /// The operator's changes among them (paused, resumed, closed, added).
+    pub controls: u64,
 }
 
 impl Snapshot {
@@ -100,8 +113,9 @@ impl Snapshot {
         if let Some(e) =
             events.filter(|_| self.events_max > 0 && (self.pay_within_ms > 0 || self.stream))
         {
-            // One event per order created, per payment, per release.
-            let changes = self.seq + self.paid + self.released;
+            // One event per order created, per payment, per release, and
+            // per change of the operator's.
+            let changes = self.seq + self.paid + self.released + self.controls;
             if e.added.is_some_and(|a| a != changes) {
                 problems.push(format!(
                     "the event stream had {} events appended for {changes} order changes",
@@ -120,6 +134,7 @@ impl Snapshot {
                     ("creations", e.created, self.seq),
                     ("payments", e.paid, self.paid),
                     ("releases", e.released, self.released),
+                    ("operator's changes", e.controls, self.controls),
                 ];
                 for (what, streamed, kept) in counted {
                     if streamed != kept {

@@ -49,8 +49,8 @@ use super::durability::Durability;
 use super::embedded::ticket_number;
 use super::holders::{HolderCell, HolderChanges, HolderSeed, Holders, NoChanges};
 use super::model::{
-    OrderAnswer, OrderOp, OrderRecord, OrderState, Outcome, Purchase, Reply, SaleKeys, StoreError,
-    Swept,
+    Control, ControlAnswer, OrderAnswer, OrderOp, OrderRecord, OrderState, Outcome, Purchase,
+    Reply, SaleKeys, SaleState, Shut, StoreError, Swept,
 };
 use super::snapshot::{BuyerTally, Snapshot};
 use crate::config::{RedisConfig, SaleConfig};
@@ -64,6 +64,16 @@ const HOLDERS: &str = include_str!("../../holders.lua");
 /// Events one `holders.lua` call reads at most: the call holds Redis's one
 /// thread for that many small lookups, no more.
 const CHANGES_PAGE: u64 = 500;
+
+const CONTROL: &str = include_str!("../../control.lua");
+
+/// A `deduct.lua` answer of code 10 (the sale does not sell now), with
+/// the sale's state of the batch.
+fn shut(kind: &str, at_ms: u64, sale: SaleState) -> Result<StoreError, StoreError> {
+    Shut::parse(kind, at_ms)
+        .map(|s| StoreError::NotSelling(s, sale))
+        .ok_or_else(|| StoreError::Protocol(format!("deduct says the sale is {kind:?}")))
+}
 
 /// A fred pool plus the sale's keys and scripts, built once per process.
 #[derive(Clone)]
@@ -82,12 +92,17 @@ pub struct RedisStore {
     events_max: u64,
     /// `[sale] stream`, written by `init`.
     stream: bool,
+    /// `[sale] opens_at` and `closes_at`, Unix ms (0: none), written by
+    /// `init`.
+    opens_at_ms: u64,
+    closes_at_ms: u64,
     show: Script,
     init: Script,
     orders: Script,
     holders: Script,
     /// The holders this process's nodes keep for this Redis and sale.
     holder_cell: Arc<HolderCell>,
+    control: Script,
     timeout: Duration,
     /// For `/healthz`: fail fast while disconnected, one attempt.
     ping: Options,
@@ -192,11 +207,14 @@ impl RedisStore {
             pay_within_ms: sale.pay_within.map_or(0, |d| d.as_millis() as u64),
             events_max: sale.events_max,
             stream: sale.stream,
+            opens_at_ms: sale.opens_at_ms.unwrap_or(0),
+            closes_at_ms: sale.closes_at_ms.unwrap_or(0),
             show: Script::from_lua(SHOW),
             init: Script::from_lua(INIT),
             orders: Script::from_lua(ORDERS),
             holders: Script::from_lua(HOLDERS),
             holder_cell: HolderCell::shared(&format!("{}\u{1f}{}", cfg.url, sale.event)),
+            control: Script::from_lua(CONTROL),
             timeout,
             ping,
         })
@@ -276,6 +294,7 @@ impl RedisStore {
             },
             7 => Outcome::KeyConflict,
             9 => Outcome::BuyerRequired,
+            10 => return Err(shut(&r.answer.order, r.answer.count, r.sale)?),
             NOT_REPLICATED | NOT_REPLICATED_EARLIER => {
                 return Err(StoreError::NotReplicated {
                     wanted: self.link.replicas,
@@ -313,6 +332,7 @@ impl RedisStore {
                 lease: r.lease,
             }),
             5 => Err(StoreError::TooLate),
+            10 => Err(shut(&r.answer.order, r.answer.count, r.sale)?),
             other => Err(StoreError::Protocol(format!(
                 "deduct returned code {other} for a lease"
             ))),
@@ -328,6 +348,8 @@ impl RedisStore {
             Value::from(self.pay_within_ms as i64),
             Value::from(self.events_max as i64),
             Value::from(if self.stream { "1" } else { "0" }),
+            Value::from(self.opens_at_ms as i64),
+            Value::from(self.closes_at_ms as i64),
         ];
         let reply = self.eval(&self.init, args).await?;
         let Value::Array(fields) = reply else {
@@ -342,10 +364,55 @@ impl RedisStore {
         }
     }
 
+    /// Changes the running sale (see `control.lua`): what it is now, or
+    /// why the change makes no sense.
+    pub async fn control(&self, change: Control) -> Result<ControlAnswer, StoreError> {
+        let (op, tickets) = match change {
+            Control::Pause => ("pause", 0),
+            Control::Resume => ("resume", 0),
+            Control::Close => ("close", 0),
+            Control::Add(n) => ("add", n),
+        };
+        let args = vec![Value::from(op), Value::from(tickets as i64)];
+        let client = self.link.pool.next();
+        let reply = self
+            .link
+            .eval_on(client, &self.control, args, self.timeout)
+            .await?;
+        let Value::Array(fields) = reply else {
+            return Err(StoreError::Protocol(format!(
+                "control returned {reply:?}, not an array"
+            )));
+        };
+        let mut f = fields.into_iter();
+        match int(f.next())? {
+            // Done only once the replicas have it, as a sale is: a
+            // failover must not bring back a primary where the sale still
+            // sells after the operator was told it is paused or closed.
+            1 if self.link.replicas > 0
+                && replicas::barrier(&self.link, client, Instant::now() + self.timeout).await
+                    < self.link.replicas =>
+            {
+                Err(StoreError::NotReplicated {
+                    wanted: self.link.replicas,
+                    acked: 0,
+                    sold: false,
+                })
+            }
+            1 => Ok(ControlAnswer::Done {
+                total: int(f.next())?,
+                paused: int(f.next())? == 1,
+                closes_at_ms: int(f.next())?,
+            }),
+            4 => Err(StoreError::NoSale),
+            _ => Ok(ControlAnswer::Refused(text(f.next())?)),
+        }
+    }
+
     /// See `show.lua`.
     pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
         let reply = self.eval(&self.show, Vec::new()).await?;
-        let mut f = array(reply, 20)?.into_iter();
+        let mut f = array(reply, 25)?.into_iter();
         let initialised = int(f.next())? == 1;
         let total = int(f.next())?;
         let sold = int(f.next())?;
@@ -382,6 +449,11 @@ impl RedisStore {
             events: Some(int(f.next())?),
             events_max: int(f.next())?,
             stream: int(f.next())? == 1,
+            opens_at_ms: int(f.next())?,
+            closes_at_ms: int(f.next())?,
+            paused: int(f.next())? == 1,
+            controls: int(f.next())?,
+            closed: int(f.next())? == 1,
             finished: false,
         };
         snap.finished = snap.initialised && snap.sold >= snap.total && snap.reserved == 0;

@@ -18,7 +18,7 @@ pub(super) struct Raw {
 }
 
 /// Fields of the sale's state that every script answer starts with.
-const HEADER_FIELDS: usize = 7;
+const HEADER_FIELDS: usize = 11;
 /// Fields per entry in `deduct.lua`'s answer.
 const ANSWER_FIELDS: usize = 6;
 
@@ -65,6 +65,12 @@ pub(super) fn header(
         total: int(fields.next())?,
         released: int(fields.next())?,
         pay_within_ms: int(fields.next())?,
+        moments: crate::protocol::Moments {
+            opens_at_ms: int(fields.next())?,
+            closes_at_ms: int(fields.next())?,
+            paused: int(fields.next())? == 1,
+            closed: int(fields.next())? == 1,
+        },
     };
     Ok((sale, fields))
 }
