@@ -62,6 +62,23 @@ struct Args {
     /// Runtime threads (oha uses every CPU).
     #[arg(long)]
     threads: Option<usize>,
+    /// Play each buyer's whole visit instead of one request: wait while
+    /// the sale is not open or paused (as `Retry-After` says), buy once,
+    /// and pay a share of the reservations (as the payment service, with
+    /// the config's `payment_key`); one outcome per buyer, in `outcomes`.
+    #[arg(long)]
+    flow: bool,
+    /// With --flow: the config file whose `[auth] payment_key` signs the
+    /// payments.
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
+    /// With --flow: the share of reservations paid (0 to 1); the rest
+    /// expire unpaid.
+    #[arg(long, default_value_t = 1.0)]
+    pay_share: f64,
+    /// With --flow: how long one buyer keeps trying before giving up.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    patience: Duration,
 }
 
 /// One connection's record.
@@ -70,6 +87,11 @@ struct Tally {
     latencies_us: Vec<u32>,
     codes: BTreeMap<u16, u64>,
     errors: BTreeMap<String, u64>,
+    /// With --flow: how each buyer's visit ended.
+    outcomes: BTreeMap<&'static str, u64>,
+    /// With --flow: requests that were told to come back (not open,
+    /// paused, busy, limited).
+    waits: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -79,6 +101,25 @@ fn main() -> anyhow::Result<()> {
         rt.worker_threads(n.max(1));
     }
     rt.enable_all().build()?.block_on(run(args))
+}
+
+/// What every lane shares.
+struct Crowd {
+    addr: SocketAddr,
+    host: String,
+    method: hyper::Method,
+    /// Per buyer: the purchase's path and its `Authorization`, if any.
+    requests: Vec<(String, Option<String>)>,
+    next: AtomicUsize,
+    deadline: Instant,
+    /// With --flow: the payment service's key, the share paid, patience.
+    flow: Option<Flow>,
+}
+
+struct Flow {
+    payment_key: Option<spike::auth::PaymentKey>,
+    pay_share: f64,
+    patience: Duration,
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -106,22 +147,38 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if requests.is_empty() {
         bail!("{}: no `BUYER TOKEN` line", args.buyers.display());
     }
-    let requests = Arc::new(requests);
-    let next = Arc::new(AtomicUsize::new(0));
-    let host_header = format!("{host}:{port}");
+    let flow = if args.flow {
+        let payment_key = match &args.config {
+            Some(path) => spike::config::Config::load(path)?
+                .auth
+                .and_then(|a| a.payment_key),
+            None => None,
+        };
+        if args.pay_share > 0.0 && payment_key.is_none() {
+            bail!("--flow with --pay-share above 0 needs --config FILE with [auth] payment_key");
+        }
+        Some(Flow {
+            payment_key,
+            pay_share: args.pay_share.clamp(0.0, 1.0),
+            patience: args.patience,
+        })
+    } else {
+        None
+    };
     let start = Instant::now();
-    let deadline = start + args.duration;
+    let crowd = Arc::new(Crowd {
+        addr,
+        host: format!("{host}:{port}"),
+        method: args.method.clone(),
+        requests,
+        next: AtomicUsize::new(0),
+        deadline: start + args.duration,
+        flow,
+    });
     let mut lanes = Vec::new();
     for _ in 0..args.concurrency.max(1) {
-        let (requests, next, method, host) = (
-            requests.clone(),
-            next.clone(),
-            args.method.clone(),
-            host_header.clone(),
-        );
-        lanes.push(tokio::spawn(async move {
-            lane(addr, &host, method, &requests, &next, deadline).await
-        }));
+        let crowd = crowd.clone();
+        lanes.push(tokio::spawn(async move { lane(&crowd).await }));
     }
     let mut all = Tally::default();
     for l in lanes {
@@ -133,6 +190,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         for (k, v) in t.errors {
             *all.errors.entry(k).or_default() += v;
         }
+        for (k, v) in t.outcomes {
+            *all.outcomes.entry(k).or_default() += v;
+        }
+        all.waits += t.waits;
     }
     let took = start.elapsed().as_secs_f64();
     all.latencies_us.sort_unstable();
@@ -144,85 +205,232 @@ async fn run(args: Args) -> anyhow::Result<()> {
         })
     };
     let answered = all.latencies_us.len();
-    let report = serde_json::json!({
+    let listed = crowd.requests.len();
+    let mut report = serde_json::json!({
         "summary": {
             "requestsPerSec": answered as f64 / took,
             "total": took,
-            "buyersUsed": next.load(Ordering::Relaxed).min(requests.len()),
-            "buyersListed": requests.len(),
+            "buyersUsed": crowd.next.load(Ordering::Relaxed).min(listed),
+            "buyersListed": listed,
         },
         "latencyPercentiles": { "p50": pct(0.50), "p90": pct(0.90), "p99": pct(0.99) },
         "statusCodeDistribution": all.codes.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<_, _>>(),
         "errorDistribution": all.errors,
     });
+    if crowd.flow.is_some() {
+        report["outcomes"] = serde_json::json!(all.outcomes);
+        report["waits"] = serde_json::json!(all.waits);
+    }
     println!("{report}");
     Ok(())
 }
 
-/// One keep-alive connection's requests until the deadline or the end of
-/// the list; a connection that fails is opened again.
-async fn lane(
+/// A keep-alive connection to the server, opened again when it breaks.
+struct Conn {
     addr: SocketAddr,
-    host: &str,
-    method: hyper::Method,
-    requests: &[(String, Option<String>)],
-    next: &AtomicUsize,
-    deadline: Instant,
-) -> Tally {
-    let mut tally = Tally::default();
-    let mut conn: Option<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> = None;
-    while Instant::now() < deadline {
-        let i = next.fetch_add(1, Ordering::Relaxed);
-        let Some((path, bearer)) = requests.get(i) else {
-            break;
-        };
-        let sender = match conn.as_mut() {
+    sender: Option<hyper::client::conn::http1::SendRequest<Empty<Bytes>>>,
+}
+
+/// One answer: status, `Retry-After` (seconds) and body.
+struct Answer {
+    status: u16,
+    retry_after: Option<u64>,
+    body: Bytes,
+}
+
+impl Conn {
+    async fn send(
+        &mut self,
+        method: hyper::Method,
+        host: &str,
+        path: &str,
+        header: Option<(&str, &str)>,
+        left: Duration,
+    ) -> Result<Answer, String> {
+        let sender = match self.sender.as_mut() {
             Some(s) if !s.is_closed() => s,
-            _ => match connect(addr).await {
-                Ok(s) => conn.insert(s),
-                Err(e) => {
-                    *tally.errors.entry(e).or_default() += 1;
-                    continue;
-                }
-            },
+            _ => self.sender.insert(connect(self.addr).await?),
         };
         let mut req = Request::builder()
-            .method(method.clone())
-            .uri(path.as_str())
+            .method(method)
+            .uri(path)
             .header(hyper::header::HOST, host);
-        if let Some(b) = bearer {
-            req = req.header(hyper::header::AUTHORIZATION, b.as_str());
+        if let Some((name, value)) = header {
+            req = req.header(name, value);
         }
-        let Ok(req) = req.body(Empty::<Bytes>::new()) else {
-            *tally.errors.entry("bad request".into()).or_default() += 1;
-            continue;
-        };
-        let sent = Instant::now();
-        let left = deadline.saturating_duration_since(sent) + Duration::from_secs(5);
+        let req = req
+            .body(Empty::<Bytes>::new())
+            .map_err(|_| "bad request".to_string())?;
         let answer = tokio::time::timeout(left, async {
             let resp = sender.send_request(req).await?;
             let status = resp.status().as_u16();
-            resp.into_body().collect().await?;
-            Ok::<u16, hyper::Error>(status)
+            let retry_after = resp
+                .headers()
+                .get(hyper::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+            let body = resp.into_body().collect().await?.to_bytes();
+            Ok::<Answer, hyper::Error>(Answer {
+                status,
+                retry_after,
+                body,
+            })
         })
         .await;
         match answer {
-            Ok(Ok(status)) => {
-                let us = sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
-                tally.latencies_us.push(us);
-                *tally.codes.entry(status).or_default() += 1;
-            }
+            Ok(Ok(a)) => Ok(a),
             Ok(Err(e)) => {
-                *tally.errors.entry(e.to_string()).or_default() += 1;
-                conn = None;
+                self.sender = None;
+                Err(e.to_string())
             }
             Err(_) => {
-                *tally.errors.entry("timeout".into()).or_default() += 1;
-                conn = None;
+                self.sender = None;
+                Err("timeout".into())
+            }
+        }
+    }
+}
+
+/// One lane: a connection, and the next buyer's request (or visit) after
+/// another until the deadline or the end of the list.
+async fn lane(crowd: &Crowd) -> Tally {
+    let mut tally = Tally::default();
+    let mut conn = Conn {
+        addr: crowd.addr,
+        sender: None,
+    };
+    while Instant::now() < crowd.deadline {
+        let i = crowd.next.fetch_add(1, Ordering::Relaxed);
+        let Some((path, bearer)) = crowd.requests.get(i) else {
+            break;
+        };
+        let auth = bearer.as_deref().map(|b| ("authorization", b));
+        match &crowd.flow {
+            None => {
+                let left = crowd.deadline.saturating_duration_since(Instant::now())
+                    + Duration::from_secs(5);
+                let sent = Instant::now();
+                let r = conn
+                    .send(crowd.method.clone(), &crowd.host, path, auth, left)
+                    .await;
+                record(&mut tally, sent, r.map(|a| a.status));
+            }
+            Some(flow) => {
+                let outcome = visit(crowd, flow, &mut conn, &mut tally, i, path, auth).await;
+                *tally.outcomes.entry(outcome).or_default() += 1;
             }
         }
     }
     tally
+}
+
+fn record(tally: &mut Tally, sent: Instant, answer: Result<u16, String>) {
+    match answer {
+        Ok(status) => {
+            let us = sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+            tally.latencies_us.push(us);
+            *tally.codes.entry(status).or_default() += 1;
+        }
+        Err(e) => *tally.errors.entry(e).or_default() += 1,
+    }
+}
+
+/// One buyer's visit, as a person with a browser plays it: buy; while told
+/// to come back (the sale is not open, paused; busy; limited), wait as
+/// `Retry-After` says and ask again; with a reservation, pay it (a share
+/// of buyers) as the payment service would. Returns how it ended.
+async fn visit(
+    crowd: &Crowd,
+    flow: &Flow,
+    conn: &mut Conn,
+    tally: &mut Tally,
+    i: usize,
+    path: &str,
+    auth: Option<(&str, &str)>,
+) -> &'static str {
+    let give_up = Instant::now() + flow.patience;
+    loop {
+        if Instant::now() >= give_up {
+            return "gave_up";
+        }
+        let sent = Instant::now();
+        let answer = conn
+            .send(
+                hyper::Method::POST,
+                &crowd.host,
+                path,
+                auth,
+                Duration::from_secs(10),
+            )
+            .await;
+        record(
+            tally,
+            sent,
+            answer.as_ref().map(|a| a.status).map_err(Clone::clone),
+        );
+        let Ok(a) = answer else {
+            tally.waits += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap_or_default();
+        let status = v["status"].as_str().unwrap_or("");
+        match (a.status, status) {
+            (200, _) => {
+                let reserved = v["state"] == "reserved";
+                if !reserved {
+                    return "sold";
+                }
+                // The payment service pays a share of the reservations,
+                // spread evenly over the buyers.
+                let pays =
+                    (i as f64 * flow.pay_share).floor() < ((i + 1) as f64 * flow.pay_share).floor();
+                let (Some(key), Some(order), true) = (&flow.payment_key, v["order"].as_str(), pays)
+                else {
+                    return "reserved_unpaid";
+                };
+                let target = format!("/orders/{order}/pay?ref=crowd-{i}");
+                let signature = spike::auth::sign_payment(
+                    key,
+                    spike::auth::unix_now(),
+                    &format!("POST {target}"),
+                );
+                let sent = Instant::now();
+                let paid = conn
+                    .send(
+                        hyper::Method::POST,
+                        &crowd.host,
+                        &target,
+                        Some(("spike-signature", signature.as_str())),
+                        Duration::from_secs(10),
+                    )
+                    .await;
+                record(
+                    tally,
+                    sent,
+                    paid.as_ref().map(|a| a.status).map_err(Clone::clone),
+                );
+                return match paid {
+                    Ok(p) if p.status == 200 => "paid",
+                    _ => "payment_failed",
+                };
+            }
+            (409, "sold_out") => return "sold_out",
+            (409, "already_bought") => return "already_bought",
+            (409, "closed") => return "closed",
+            // Not open yet, paused, a waiting room's line (202), busy or
+            // limited: come back when told.
+            (409, "not_open" | "paused") | (202, _) | (429, _) | (503, _) => {
+                tally.waits += 1;
+                let secs = a.retry_after.unwrap_or(1).max(1);
+                // Not all at once: a crowd told "come back in 5 s" spreads
+                // over the next second, as real clocks and clicks do.
+                let jitter = Duration::from_millis((i as u64).wrapping_mul(7919) % 1000);
+                tokio::time::sleep(Duration::from_secs(secs) + jitter).await;
+            }
+            _ => return "refused",
+        }
+    }
 }
 
 async fn connect(

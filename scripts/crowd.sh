@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# scripts/crowd.sh: a crowd of buyers at a sale that opens on time, played
+# by examples/crowd.rs --flow (oha cannot wait for an opening, hold a token
+# or pay): every buyer gets their own token (`spike token --count`), comes
+# before the opening, waits as Retry-After says, buys once, and pays (a
+# share of them, as the payment service) or lets the reservation expire.
+# Then it checks what must hold: one outcome per buyer, no more tickets than
+# the total, and `stock audit`.
+#
+#   scripts/crowd.sh                       # 20,000 buyers, 1,000 tickets
+#   BUYERS=100000 TOTAL=5000 scripts/crowd.sh
+#
+# Knobs (environment): BUYERS (20000), TOTAL (1000), CONC (200 lanes, each
+# one buyer at a time), PAY_SHARE (0.8), PAY_WITHIN (10s), OPENS_IN (5 s
+# after start), NODES (2). Uses real Redis (installed with apt-get when
+# missing) and a `spike up` from the release build.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+BUYERS=${BUYERS:-20000}
+TOTAL=${TOTAL:-1000}
+CONC=${CONC:-200}
+PAY_SHARE=${PAY_SHARE:-0.8}
+PAY_WITHIN=${PAY_WITHIN:-10s}
+OPENS_IN=${OPENS_IN:-5}
+NODES=${NODES:-2}
+say() { printf 'crowd.sh: %s\n' "$*" >&2; }
+
+if ! command -v redis-server >/dev/null; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends redis-server
+fi
+say "building spike and examples/crowd.rs (release)"
+cargo build --release --bin spike --example crowd >&2
+SPIKE=${CARGO_TARGET_DIR:-$ROOT/target}/release/spike
+CROWD=${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/crowd
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/spike-crowd.XXXXXX")
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]+"${PIDS[@]}"}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+read -r -a P <<<"$(python3 -c '
+import socket
+s = [socket.socket() for _ in range(8)]
+for x in s: x.bind(("127.0.0.1", 0))
+print(" ".join(str(x.getsockname()[1]) for x in s))')"
+REDIS_PORT=${P[0]} LB=${P[1]} ADMIN=${P[2]}
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly yes --dir "$WORK" >"$WORK/redis.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+
+opens=$(python3 -c "import datetime as d; print((d.datetime.now(d.timezone.utc) + d.timedelta(seconds=$OPENS_IN)).strftime('%Y-%m-%dT%H:%M:%S.%f')[:-3] + 'Z')")
+key() { python3 -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())'; }
+cfg=$WORK/crowd.toml
+{
+  echo "[sale]"
+  echo "event = \"crowd\""
+  echo "total = $TOTAL"
+  echo "per_user_limit = 1"
+  echo "pay_within = \"$PAY_WITHIN\""
+  echo "opens_at = \"$opens\""
+  echo "[auth]"
+  echo "buyer_keys = [\"crowd:hs256:$(key)\"]"
+  echo "payment_key = \"$(key)\""
+  echo "[redis]"
+  echo "url = \"redis://127.0.0.1:$REDIS_PORT\""
+  echo "[balancer]"
+  echo "listen = \"127.0.0.1:$LB\""
+  echo "admin = \"127.0.0.1:$ADMIN\""
+  for ((i = 1; i <= NODES; i++)); do
+    echo "[[node]]"
+    echo "name = \"n$i\""
+    echo "listen = \"127.0.0.1:${P[$((2 + i))]}\""
+  done
+} >"$cfg"
+"$SPIKE" token --config "$cfg" --buyer b --count "$BUYERS" >"$WORK/buyers.txt"
+RUST_LOG=warn "$SPIKE" up --config "$cfg" >"$WORK/up.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$LB") 2>/dev/null && break; sleep 0.1; done
+say "$BUYERS buyers, $TOTAL tickets, the sale opens at $opens; $CONC lanes; ${PAY_SHARE} of reservations paid within $PAY_WITHIN"
+start=$(date +%s.%N)
+"$CROWD" --flow --config "$cfg" --buyers "$WORK/buyers.txt" --send token --pay-share "$PAY_SHARE" \
+  -c "$CONC" -z 10m --patience 5m "http://127.0.0.1:$LB/buy/ticket" >"$WORK/crowd.json"
+took=$(python3 -c "import time; print(f'{time.time() - $start:.1f}')")
+# Unpaid reservations expire (PAY_WITHIN), then the audit reads a quiet sale.
+sleep "$(python3 -c "import re; v='$PAY_WITHIN'; print(int(re.sub(r'[^0-9]', '', v)) + 2)")"
+"$SPIKE" stock show --config "$cfg" >"$WORK/show.json"
+audit_rc=0
+"$SPIKE" stock audit --config "$cfg" >"$WORK/audit.json" || audit_rc=$?
+python3 - "$WORK/crowd.json" "$WORK/show.json" "$BUYERS" "$TOTAL" "$took" "$audit_rc" <<'EOF'
+import json, sys
+crowd, show = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
+buyers, total, took, audit_rc = int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
+o = crowd["outcomes"]
+print(json.dumps({"outcomes": o, "waits": crowd["waits"], "requests": crowd["statusCodeDistribution"],
+                  "errors": crowd["errorDistribution"], "seconds": float(took),
+                  "store": {k: show[k] for k in ("total", "sold", "paid", "reserved", "released")}}, indent=1))
+problems = []
+if sum(o.values()) != buyers:
+    problems.append(f"{sum(o.values())} outcomes for {buyers} buyers")
+tickets = o.get("paid", 0) + o.get("reserved_unpaid", 0) + o.get("payment_failed", 0)
+if tickets > total:
+    problems.append(f"{tickets} buyers were told they hold a ticket, of {total}")
+if show["paid"] != o.get("paid", 0):
+    problems.append(f"the store has {show['paid']} paid, the buyers {o.get('paid', 0)}")
+if show["sold"] > total:
+    problems.append(f"oversold: {show['sold']} of {total}")
+if o.get("gave_up", 0) or o.get("refused", 0):
+    problems.append(f"buyers without an answer: gave_up {o.get('gave_up', 0)}, refused {o.get('refused', 0)}")
+if audit_rc != 0:
+    problems.append("stock audit failed")
+for p in problems:
+    print("crowd.sh: FAILED:", p, file=sys.stderr)
+sys.exit(1 if problems else 0)
+EOF
