@@ -454,6 +454,7 @@ mod tests {
             total: 1,
             released: 1,
             pay_within_ms: 1000,
+            moments: crate::protocol::Moments::default(),
         };
         let mut changes = HolderChanges {
             sale,
