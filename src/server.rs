@@ -5,6 +5,9 @@
 //! clients.
 
 mod recycle;
+pub mod reuse;
+
+pub use reuse::{Idle, Reusable};
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -22,7 +25,7 @@ use hyper::service::Service;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, watch};
 
 use crate::config::ServerConfig;
 
@@ -73,6 +76,9 @@ pub async fn serve<F, S, B>(
 pub struct ServeOptions {
     /// The connection cap, shared by every loop on the port.
     pub permits: Arc<Semaphore>,
+    /// The idle keep-alive connections of every loop on the port, closed
+    /// (oldest first) when the cap is reached and a new client comes.
+    pub reusable: Arc<Reusable>,
     /// `Some((share, me))`: new connections are shared evenly among the
     /// loops, as [`AcceptShare`] says, this one being loop `me`.
     pub share: Option<(Arc<AcceptShare>, usize)>,
@@ -89,6 +95,7 @@ impl ServeOptions {
     pub fn new(limits: &ServerConfig) -> ServeOptions {
         ServeOptions {
             permits: Arc::new(Semaphore::new(limits.max_connections)),
+            reusable: Reusable::new(limits.max_connections),
             share: None,
             send_timeout: None,
             front: None,
@@ -203,6 +210,9 @@ pub struct ConnContext {
     pub first_head_deadline: tokio::time::Instant,
     /// A keep-alive client that sends no next request by then is closed.
     pub keepalive_timeout: Duration,
+    /// Says when the connection waits for a next request, and hears when
+    /// it is closed to make room for a new client ([`reuse`]).
+    pub idle: Option<Idle>,
     permits: Arc<Semaphore>,
     most: usize,
 }
@@ -259,6 +269,7 @@ pub async fn serve_with<F, S, B>(
 {
     let ServeOptions {
         permits,
+        reusable,
         share,
         send_timeout,
         front,
@@ -292,15 +303,28 @@ pub async fn serve_with<F, S, B>(
         send_timeout,
     });
     tokio::pin!(shutdown);
-    loop {
+    'accept: loop {
         // Take a permit before accepting: over the cap, clients wait in the
-        // kernel's backlog instead of costing us memory.
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            () = &mut shutdown => break,
+        // kernel's backlog instead of costing us memory; unless some
+        // connection is idle between requests, which gives its place up to
+        // the next client (below).
+        let permit = loop {
+            match permits.clone().try_acquire_owned() {
+                Ok(p) => break Some(p),
+                Err(TryAcquireError::Closed) => break 'accept,
+                Err(TryAcquireError::NoPermits) => {}
+            }
+            if reusable.any_idle() {
+                break None;
+            }
+            tokio::select! {
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => break Some(p),
+                    Err(_) => break 'accept,
+                },
+                () = reusable.idle_appeared() => {}
+                () = &mut shutdown => break 'accept,
+            }
         };
         if let Some((share, me)) = &share {
             tokio::select! {
@@ -320,6 +344,24 @@ pub async fn serve_with<F, S, B>(
             },
             () = &mut shutdown => break,
         };
+        let permit = match permit {
+            Some(p) => p,
+            None => {
+                // Over the cap with a client in hand: the connection idle
+                // the longest closes to make room (Nginx's reusable
+                // connections).
+                let made = tokio::select! {
+                    p = make_room(&permits, &reusable) => p,
+                    () = &mut shutdown => None,
+                };
+                match made {
+                    Some(p) => p,
+                    None => break,
+                }
+            }
+        };
+        let place = reusable.place();
+        let idle = place.as_ref().map(reuse::Place::idle);
         let on_loop = share
             .as_ref()
             .map(|(share, me)| OpenOnLoop::new(share, *me));
@@ -334,6 +376,7 @@ pub async fn serve_with<F, S, B>(
             header_read_timeout: limits.header_read_timeout,
             first_head_deadline,
             keepalive_timeout: limits.keepalive_timeout,
+            idle: idle.clone(),
             permits: permits.clone(),
             most: limits.max_connections,
         });
@@ -344,6 +387,7 @@ pub async fn serve_with<F, S, B>(
                     Some(handed) => handed,
                     None => {
                         drop(on_loop);
+                        drop(place);
                         drop(permit);
                         drop(open);
                         return;
@@ -358,11 +402,12 @@ pub async fn serve_with<F, S, B>(
             // hyper's side of the connection (its service, the turn it
             // takes requests by) is made only now: behind a front, most
             // connections never get here.
-            let (connection, service) = hyper_side.connection(peer);
+            let (connection, service) = hyper_side.connection(peer, idle);
             // Boxed: behind a front it is the rare case, and a connection
             // the front keeps should not carry room for it.
             Box::pin(connection.run(handed, service)).await;
             drop(on_loop);
+            drop(place);
             drop(permit);
             drop(open);
         });
@@ -375,6 +420,33 @@ pub async fn serve_with<F, S, B>(
         _ = open_rx.recv() => {}
         () = tokio::time::sleep(limits.grace_period) => {
             tracing::warn!("grace period over with requests still in flight");
+        }
+    }
+}
+
+/// A permit of the cap for a client accepted over it: the connection idle
+/// the longest is claimed and closes, and its permit is the new client's.
+/// With none idle (they all began requests), the client waits for the
+/// first permit back, or for a connection to turn idle. `None` once the
+/// cap is closed.
+async fn make_room(permits: &Arc<Semaphore>, reusable: &Reusable) -> Option<OwnedSemaphorePermit> {
+    let mut claimed = false;
+    loop {
+        match permits.clone().try_acquire_owned() {
+            Ok(p) => return Some(p),
+            Err(TryAcquireError::Closed) => return None,
+            Err(TryAcquireError::NoPermits) => {}
+        }
+        if !claimed {
+            claimed = reusable.reclaim_oldest();
+        }
+        if claimed {
+            // The claimed connection closes as soon as it is woken.
+            return permits.clone().acquire_owned().await.ok();
+        }
+        tokio::select! {
+            p = permits.clone().acquire_owned() => return p.ok(),
+            () = reusable.idle_appeared() => {}
         }
     }
 }
@@ -400,7 +472,11 @@ where
 {
     /// hyper's side of the connection from `peer`: its service, behind the
     /// turn it takes requests by.
-    fn connection(&self, peer: SocketAddr) -> (Connection, recycle::Turnstile<S>) {
+    fn connection(
+        &self,
+        peer: SocketAddr,
+        idle: Option<Idle>,
+    ) -> (Connection, recycle::Turnstile<S>) {
         let turn = Arc::new(recycle::Turn::new(self.stopping.clone()));
         let service = recycle::Turnstile::new((self.make_service)(peer), turn.clone());
         let connection = Connection {
@@ -413,6 +489,7 @@ where
             permits: self.permits.clone(),
             most: self.most,
             send_timeout: self.send_timeout,
+            idle,
         };
         (connection, service)
     }
@@ -430,6 +507,8 @@ struct Connection {
     permits: Arc<Semaphore>,
     most: usize,
     send_timeout: Option<Duration>,
+    /// Its slot among the connections that may be closed to make room.
+    idle: Option<Idle>,
 }
 
 impl Connection {
@@ -492,12 +571,16 @@ impl Connection {
                 // for the next byte (or the client's close, which the next
                 // read reports).
                 let since = quiet_since;
+                if let Some(idle) = &self.idle {
+                    idle.idle();
+                }
                 loop {
                     tokio::select! {
                         ready = stream.readable() => match ready {
                             Ok(()) => break,
                             Err(_) => return,
                         },
+                        () = reuse::claimed(self.idle.as_ref()) => return,
                         () = &mut idle_limit => {
                             let deadline = since + self.keepalive_timeout;
                             if tokio::time::Instant::now() >= deadline {
@@ -507,6 +590,10 @@ impl Connection {
                         }
                         _ = self.stop.wait_for(|stop| *stop) => return,
                     }
+                }
+                if self.idle.as_ref().is_some_and(|idle| !idle.busy()) {
+                    // Claimed for a new client just as this one spoke.
+                    return;
                 }
             }
             self.turn.reset();

@@ -132,6 +132,7 @@ impl Balancer {
         let limits = shared.server.clone();
         let send_timeout = shared.current.load().config.send_timeout;
         let permits = Arc::new(Semaphore::new(limits.max_connections));
+        let reusable = crate::server::Reusable::new(limits.max_connections);
         let (listener, others) = if shared.workers > 1 {
             // Every worker accepts on its own descriptor of the one listening
             // socket (not SO_REUSEPORT: that would let a second balancer
@@ -153,11 +154,12 @@ impl Balancer {
             let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
             let shared = shared.clone();
             let permits = permits.clone();
+            let reusable = reusable.clone();
             let stop = stop_rx.clone();
             let started = std::thread::Builder::new()
                 .name(format!("spike-worker-{worker}"))
                 .spawn(move || {
-                    run_worker(shared, worker, other, permits, stop);
+                    run_worker(shared, worker, other, (permits, reusable), stop);
                     let _ = done_tx.send(());
                 });
             match started {
@@ -186,6 +188,7 @@ impl Balancer {
                 &limits,
                 crate::server::ServeOptions {
                     permits,
+                    reusable,
                     share: Some((shared.accept_share.clone(), 0)),
                     send_timeout: Some(send_timeout),
                     front: Some(Arc::new(h1::FastPath {
@@ -277,7 +280,7 @@ fn run_worker(
     shared: Arc<state::Shared>,
     worker: usize,
     listener: std::net::TcpListener,
-    permits: Arc<Semaphore>,
+    (permits, reusable): (Arc<Semaphore>, Arc<crate::server::Reusable>),
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -308,6 +311,7 @@ fn run_worker(
             &limits,
             crate::server::ServeOptions {
                 permits,
+                reusable,
                 share,
                 send_timeout: Some(send_timeout),
                 front: Some(Arc::new(h1::FastPath {

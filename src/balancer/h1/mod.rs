@@ -117,12 +117,23 @@ pub async fn serve(
             } else {
                 tokio::time::Instant::now() + ctx.keepalive_timeout
             };
+            // Between requests, the connection may be closed to make room
+            // for a new client (the first request is not waited for yet).
+            let idle = if first { None } else { ctx.idle.as_ref() };
+            if let Some(idle) = idle {
+                idle.idle();
+            }
             tokio::select! {
                 ready = tokio::time::timeout_at(until, stream.readable()) => match ready {
                     Ok(Ok(())) => {}
                     _ => return None,
                 },
                 _ = ctx.stop.wait_for(|stop| *stop) => return None,
+                () = crate::server::reuse::claimed(idle) => return None,
+            }
+            if idle.is_some_and(|idle| !idle.busy()) {
+                // Claimed for a new client just as this one spoke.
+                return None;
             }
             b.input.reserve(READ_CHUNK);
             match try_read_some(&stream, &mut b.input) {

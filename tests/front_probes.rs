@@ -1,0 +1,121 @@
+//! The findings of probing the balancer as a front door (issue 25, "Found
+//! by probing"), each with the bytes that showed it, on both forwarding
+//! paths: the fast one and hyper's (`fast_path = false`).
+
+mod balancer_support;
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use balancer_support::recorder::{Recorder, Then};
+use balancer_support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn one_upstream(addr: SocketAddr, extra: &str) -> String {
+    config_text("round_robin", "127.0.0.1:0", "127.0.0.1:0", &[up(addr, 1)])
+        .replace("[balancer]\n", &format!("[balancer]\n{extra}\n"))
+}
+
+/// Reads one response with a Content-Length body (at most 10 s).
+async fn read_response(s: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&out[..end]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if out.len() >= end + 4 + length {
+                    return;
+                }
+            }
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether the balancer closed `s` within `limit` (end of file or a reset).
+async fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(limit, s.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+/// Finding 1: with `max_connections` keep-alive clients idle after one
+/// request each, a new client's request waited until the idle ones reached
+/// `keepalive_timeout` (75 s). Nginx, out of connections, closes idle
+/// keep-alive connections, oldest first, and answers at once; so does the
+/// balancer now, and only as many as it needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_clients_make_room_for_a_new_one_oldest_first() {
+    let node = Recorder::start("n", Then::Answer).await;
+    for fast in [true, false] {
+        let text = format!(
+            "{}\n[server]\nmax_connections = 4\n",
+            one_upstream(node.addr, &format!("fast_path = {fast}"))
+        );
+        let lb = Running::start(&text).await;
+        let mut idle = Vec::new();
+        for i in 0..4 {
+            let mut s = TcpStream::connect(lb.addr).await.expect("connect");
+            s.write_all(b"GET /idle HTTP/1.1\r\nHost: a\r\n\r\n")
+                .await
+                .expect("write");
+            let answer = read_response(&mut s).await;
+            assert!(
+                answer.starts_with("HTTP/1.1 200"),
+                "fast_path = {fast}, client {i}: {answer}"
+            );
+            idle.push(s);
+            // Each idle for a different time (and hyper's side past its
+            // hand-back, at most 250 ms).
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        let started = tokio::time::Instant::now();
+        let mut new = TcpStream::connect(lb.addr).await.expect("connect");
+        new.write_all(b"GET /new HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let answer = read_response(&mut new).await;
+        let waited = started.elapsed();
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "fast_path = {fast}: the new client got {answer:?} after {waited:?}"
+        );
+        assert!(
+            waited < Duration::from_secs(3),
+            "fast_path = {fast}: the new client waited {waited:?}"
+        );
+        // The oldest idle client made the room, and only it.
+        assert!(
+            closed_within(&mut idle[0], Duration::from_secs(2)).await,
+            "fast_path = {fast}: the oldest idle client is still open"
+        );
+        for (i, s) in idle.iter_mut().enumerate().skip(1) {
+            s.write_all(b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n")
+                .await
+                .expect("write");
+            let again = read_response(s).await;
+            assert!(
+                again.starts_with("HTTP/1.1 200"),
+                "fast_path = {fast}: idle client {i} was closed too: {again:?}"
+            );
+        }
+        drop(idle);
+        drop(new);
+        lb.shutdown().await;
+    }
+}
