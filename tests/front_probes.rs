@@ -119,3 +119,51 @@ async fn idle_keep_alive_clients_make_room_for_a_new_one_oldest_first() {
         lb.shutdown().await;
     }
 }
+
+/// Finding 4: `Transfer-Encoding: gzip, chunked` was accepted and the
+/// coding silently dropped (the backend got gzip bytes as a plain body).
+/// A balancer that does not decode a coding refuses it, as Nginx does
+/// (501), and nothing reaches a backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_coding_other_than_chunked_is_501() {
+    let node = Recorder::start("n", Then::Answer).await;
+    for fast in [true, false] {
+        let lb = Running::start(&one_upstream(node.addr, &format!("fast_path = {fast}"))).await;
+        for te in ["gzip, chunked", "deflate,chunked", "chunked, chunked"] {
+            let mut s = TcpStream::connect(lb.addr).await.expect("connect");
+            let request = format!(
+                "POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: {te}\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+            );
+            s.write_all(request.as_bytes()).await.expect("write");
+            let answer = read_response(&mut s).await;
+            assert!(
+                answer.starts_with("HTTP/1.1 501"),
+                "fast_path = {fast}, {te}: {answer}"
+            );
+            let v: serde_json::Value = serde_json::from_str(body_of(&answer)).expect("JSON");
+            assert_eq!(v["status"], "not_implemented", "{answer}");
+            assert!(v["reason"].is_string(), "{answer}");
+            assert!(body_of(&answer).ends_with('\n'), "{answer}");
+        }
+        // Plain chunked still passes.
+        let mut s = TcpStream::connect(lb.addr).await.expect("connect");
+        s.write_all(
+            b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        )
+        .await
+        .expect("write");
+        let answer = read_response(&mut s).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "fast_path = {fast}: {answer}"
+        );
+        lb.shutdown().await;
+    }
+    // Only the two plain chunked uploads reached the backend.
+    let seen = node.seen();
+    let uploads = seen
+        .iter()
+        .filter(|s| s.request_line.starts_with("POST /up "))
+        .count();
+    assert_eq!(uploads, 2, "{seen:?}");
+}

@@ -22,6 +22,11 @@ pub enum LocalAnswer {
     MethodNotAllowed,
     /// A body over `max_body`, declared or streamed.
     PayloadTooLarge,
+    /// A transfer coding other than one `chunked` (`gzip, chunked`): the
+    /// balancer does not decode it, and forwarding it without its coding
+    /// would hand the backend bytes it reads as something else (Nginx's
+    /// 501 too).
+    NotImplemented,
     /// Every upstream tried failed (refused, reset, or a malformed answer).
     BadGateway,
     /// No upstream is usable: each is out (its health check fails, or it is
@@ -67,7 +72,9 @@ pub fn retry_after(seconds: u64) -> (&'static str, &'static str) {
 
 /// The values of `spike_balancer_local_responses_total`'s `code` label, in
 /// the order of [`LocalAnswer::slot`].
-pub const LOCAL_LABELS: [&str; 8] = ["400", "404", "405", "413", "429", "502", "503", "504"];
+pub const LOCAL_LABELS: [&str; 9] = [
+    "400", "404", "405", "413", "429", "501", "502", "503", "504",
+];
 
 impl LocalAnswer {
     /// The status.
@@ -82,6 +89,7 @@ impl LocalAnswer {
             LocalAnswer::RateLimited { .. } | LocalAnswer::ConnLimited => {
                 StatusCode::TOO_MANY_REQUESTS
             }
+            LocalAnswer::NotImplemented => StatusCode::NOT_IMPLEMENTED,
             LocalAnswer::BadGateway => StatusCode::BAD_GATEWAY,
             LocalAnswer::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
             LocalAnswer::NoUpstream | LocalAnswer::QueueFull | LocalAnswer::QueueTimeout => {
@@ -115,6 +123,9 @@ impl LocalAnswer {
             }
             LocalAnswer::PayloadTooLarge => {
                 b"{\"status\":\"payload_too_large\",\"reason\":\"the request body is larger than max_body\"}\n"
+            }
+            LocalAnswer::NotImplemented => {
+                b"{\"status\":\"not_implemented\",\"reason\":\"the only transfer coding accepted is one chunked: a body in another coding is not forwarded\"}\n"
             }
             LocalAnswer::BadGateway => {
                 b"{\"status\":\"bad_gateway\",\"reason\":\"no upstream could answer\"}\n"
@@ -175,9 +186,10 @@ impl LocalAnswer {
             LocalAnswer::MethodNotAllowed => Some(2),
             LocalAnswer::PayloadTooLarge => Some(3),
             LocalAnswer::RateLimited { .. } | LocalAnswer::ConnLimited => Some(4),
-            LocalAnswer::BadGateway => Some(5),
-            LocalAnswer::NoUpstream => Some(6),
-            LocalAnswer::GatewayTimeout => Some(7),
+            LocalAnswer::NotImplemented => Some(5),
+            LocalAnswer::BadGateway => Some(6),
+            LocalAnswer::NoUpstream => Some(7),
+            LocalAnswer::GatewayTimeout => Some(8),
             LocalAnswer::QueueFull | LocalAnswer::QueueTimeout => None,
         }
     }
@@ -187,13 +199,14 @@ impl LocalAnswer {
 mod tests {
     use super::*;
 
-    const ALL: [LocalAnswer; 13] = [
+    const ALL: [LocalAnswer; 14] = [
         LocalAnswer::BadRequest,
         LocalAnswer::BadHost,
         LocalAnswer::BadChunk,
         LocalAnswer::NotFound,
         LocalAnswer::MethodNotAllowed,
         LocalAnswer::PayloadTooLarge,
+        LocalAnswer::NotImplemented,
         LocalAnswer::BadGateway,
         LocalAnswer::GatewayTimeout,
         LocalAnswer::NoUpstream,

@@ -200,7 +200,16 @@ pub async fn handle(
         let (mut parts, body) = req.into_parts();
         let declared = content_length(&parts.headers);
         let host_ok = host_is_valid(&parts.headers, parts.version);
-        if let Some(refused) = forward::refusal(&parts.method, host_ok, declared, config) {
+        let codings_ok = crate::http1::request::codings_are_chunked(
+            parts
+                .headers
+                .get_all(TRANSFER_ENCODING)
+                .iter()
+                .map(HeaderValue::as_bytes),
+        );
+        if let Some(refused) =
+            forward::refusal(&parts.method, host_ok, codings_ok, declared, config)
+        {
             return reply(forward::local(shared, refused));
         }
         if let Some(closed) = forward::closed(parts.uri.path().as_bytes(), config) {

@@ -213,6 +213,8 @@ pub fn parse(
         });
     }
     if codings > 0 {
+        // `codings == 1 && chunked` is `codings_are_chunked`, counted in
+        // the one pass.
         head.chunked_body = codings == 1 && chunked && lengths == 0;
         return Parsed::General;
     }
@@ -231,6 +233,20 @@ pub fn parse(
         head.keys = 0;
     }
     Parsed::Fast
+}
+
+/// Whether a request's `Transfer-Encoding` lines (`values`) say what the
+/// balancer can frame and forward: none, or exactly one line of exactly
+/// one `chunked`. Anything else (`gzip, chunked`, `chunked, chunked`, two
+/// lines) is a coding the balancer would have to decode or would forward
+/// without: Nginx answers 501, and so do both paths (the fast path hands
+/// every `Transfer-Encoding` to hyper's, which refuses by this rule).
+pub fn codings_are_chunked<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> bool {
+    match (values.next(), values.next()) {
+        (None, _) => true,
+        (Some(v), None) => v.trim_ascii().eq_ignore_ascii_case(b"chunked"),
+        (Some(_), Some(_)) => false,
+    }
 }
 
 /// Plain digits, at most 19 of them (so the sum cannot overflow).
@@ -396,6 +412,19 @@ mod tests {
             let (_, head) = parsed(raw);
             assert!(!head.chunked_body, "{}", String::from_utf8_lossy(raw));
         }
+    }
+
+    #[test]
+    fn only_one_plain_chunked_is_a_coding_the_balancer_frames() {
+        let ok = |v: &[&[u8]]| codings_are_chunked(v.iter().copied());
+        assert!(ok(&[]));
+        assert!(ok(&[b"chunked"]));
+        assert!(ok(&[b" Chunked "]));
+        assert!(!ok(&[b"gzip, chunked"]));
+        assert!(!ok(&[b"chunked, chunked"]));
+        assert!(!ok(&[b"chunked", b"chunked"]));
+        assert!(!ok(&[b"gzip"]));
+        assert!(!ok(&[b"identity"]));
     }
 
     #[test]

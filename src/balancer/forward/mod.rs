@@ -84,17 +84,23 @@ pub fn is_idempotent(m: &Method) -> bool {
 }
 
 /// What Nginx refuses before anything is sent, in its order: a missing,
-/// repeated or malformed `Host` (`host_ok` false), CONNECT and TRACE, and
+/// repeated or malformed `Host` (`host_ok` false), a transfer coding other
+/// than one `chunked` (`codings_ok` false, see
+/// [`crate::http1::request::codings_are_chunked`]), CONNECT and TRACE, and
 /// a declared body over `max_body`. (The fast path takes none of these: it
 /// hands them to hyper's path, which asks here.)
 pub fn refusal(
     method: &Method,
     host_ok: bool,
+    codings_ok: bool,
     declared: Option<u64>,
     config: &BalancerConfig,
 ) -> Option<LocalAnswer> {
     if !host_ok {
         return Some(LocalAnswer::BadHost);
+    }
+    if !codings_ok {
+        return Some(LocalAnswer::NotImplemented);
     }
     if *method == Method::CONNECT || *method == Method::TRACE {
         // Nginx's answer too: a tunnel or an echo of the request (with
