@@ -167,3 +167,54 @@ async fn a_transfer_coding_other_than_chunked_is_501() {
         .count();
     assert_eq!(uploads, 2, "{seen:?}");
 }
+
+/// Finding 3: a client that listed `Idempotency-Key` in `Connection` had
+/// its key dropped, and the balancer generated a new one per request (the
+/// same key bought two tickets); `Connection: X-User-Id` was read by the
+/// edge but stripped before the node; `Connection: X-Forwarded-For` from a
+/// trusted proxy gave `X-Real-IP` the client's address and the node an
+/// `X-Forwarded-For` without it. The headers the balancer and the node
+/// read are end-to-end whatever `Connection` says (as Nginx and HAProxy
+/// forward them), so what the balancer reads is what the node reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cannot_strip_a_header_spike_reads() {
+    let node = Recorder::start("n", Then::Answer).await;
+    for fast in [true, false] {
+        let lb = Running::start(&one_upstream(
+            node.addr,
+            &format!("fast_path = {fast}\ntrusted_proxies = [\"127.0.0.1\"]"),
+        ))
+        .await;
+        let before = node.seen().len();
+        let answer = raw(
+            None,
+            lb.addr,
+            b"POST /buy/ticket HTTP/1.1\r\nHost: a\r\nIdempotency-Key: k-1234567890\r\nX-User-Id: alice\r\nX-Forwarded-For: 203.0.113.9\r\nX-Secret: s\r\nContent-Length: 0\r\nConnection: close, Idempotency-Key, X-User-Id, X-Forwarded-For, X-Secret\r\n\r\n",
+        )
+        .await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "fast_path = {fast}: {answer}"
+        );
+        let seen = node.seen();
+        assert_eq!(seen.len(), before + 1, "{seen:?}");
+        let got = &seen[before];
+        let head = got.head.to_ascii_lowercase();
+        assert_eq!(got.keys, ["k-1234567890"], "fast_path = {fast}: {head}");
+        assert!(
+            head.contains("x-user-id: alice\r\n"),
+            "fast_path = {fast}: {head}"
+        );
+        assert!(
+            head.contains("x-forwarded-for: 203.0.113.9, 127.0.0.1\r\n"),
+            "fast_path = {fast}: {head}"
+        );
+        assert!(
+            head.contains("x-real-ip: 203.0.113.9\r\n"),
+            "fast_path = {fast}: {head}"
+        );
+        // Any other listed header is still hop-by-hop.
+        assert!(!head.contains("x-secret"), "fast_path = {fast}: {head}");
+        lb.shutdown().await;
+    }
+}

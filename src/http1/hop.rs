@@ -31,6 +31,36 @@ pub fn hop_by_hop_index(name: &[u8]) -> Option<usize> {
     }
 }
 
+/// End-to-end headers a `Connection` token never removes: the ones the
+/// balancer or a node reads (the purchase's key, the buyer, the client's
+/// address, the buyer's token, `Host` and the body's length). RFC 9110
+/// 7.6.1 lets a sender make any header hop-by-hop by listing it; honoured
+/// for these, it split one request into two readings: the balancer read
+/// the key, the buyer or `X-Forwarded-For` before removing them and the
+/// node then saw none (a listed `Idempotency-Key` bought twice, a listed
+/// `X-User-Id` was `already_bought` at the edge and a 400 at the node),
+/// and any client could switch off its own key. Removing them before the
+/// balancer reads them would make the same double purchase on purpose.
+/// Nginx and HAProxy forward listed headers; spike forwards these and
+/// still drops any other listed one.
+pub const NEVER_HOP_BY_HOP: [&str; 7] = [
+    "host",
+    "content-length",
+    "idempotency-key",
+    "x-user-id",
+    "x-forwarded-for",
+    "authorization",
+    "cookie",
+];
+
+/// Whether a `Connection` token names a header in [`NEVER_HOP_BY_HOP`]
+/// (any case).
+pub fn is_never_hop_by_hop(token: &[u8]) -> bool {
+    NEVER_HOP_BY_HOP
+        .iter()
+        .any(|name| token.eq_ignore_ascii_case(name.as_bytes()))
+}
+
 /// The tokens of a `Connection` value: split at commas, spaces around
 /// them trimmed, empty ones skipped.
 pub fn connection_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
@@ -55,6 +85,22 @@ mod tests {
         }
         for other in ["host", "connectio", "x-upgrade", "", "t", "trailers"] {
             assert_eq!(hop_by_hop_index(other.as_bytes()), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn what_spike_reads_is_never_made_hop_by_hop() {
+        for name in [
+            "Idempotency-Key",
+            "X-USER-ID",
+            "x-forwarded-for",
+            "Host",
+            "Cookie",
+        ] {
+            assert!(is_never_hop_by_hop(name.as_bytes()), "{name}");
+        }
+        for name in ["x-secret", "keep-alive", "x-user", ""] {
+            assert!(!is_never_hop_by_hop(name.as_bytes()), "{name}");
         }
     }
 

@@ -66,7 +66,10 @@ pub fn drop_underscored(h: &mut HeaderMap) {
     }
 }
 
-/// Removes hop-by-hop headers, including those named in `Connection`.
+/// Removes hop-by-hop headers, including those named in `Connection`,
+/// except the end-to-end ones spike reads ([`hop::NEVER_HOP_BY_HOP`]): the
+/// balancer reads them before this runs, and the node after, so both must
+/// see the same.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     // One pass over the (few) names present first: most messages carry at
     // most `Connection`, and a removal of an absent name still hashes it.
@@ -91,12 +94,11 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
                 if token.eq_ignore_ascii_case(b"close")
                     || token.eq_ignore_ascii_case(b"keep-alive")
                     || token.eq_ignore_ascii_case(b"upgrade")
+                    || hop::is_never_hop_by_hop(token)
                 {
                     continue;
                 }
-                if let Ok(name) = HeaderName::from_bytes(token)
-                    && name != HOST
-                {
+                if let Ok(name) = HeaderName::from_bytes(token) {
                     listed.push(name);
                 }
             }
@@ -194,6 +196,24 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["x-keep"]);
+
+        // What spike reads stays, listed or not.
+        let mut h = HeaderMap::new();
+        h.insert(
+            CONNECTION,
+            HeaderValue::from_static("Idempotency-Key, x-user-id, X-Forwarded-For, x-secret"),
+        );
+        h.insert("idempotency-key", HeaderValue::from_static("k"));
+        h.insert("x-user-id", HeaderValue::from_static("alice"));
+        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            vec!["idempotency-key", "x-forwarded-for", "x-user-id"]
+        );
     }
 
     #[test]
