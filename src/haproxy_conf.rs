@@ -53,7 +53,15 @@ pub fn render(
     threads: usize,
 ) -> String {
     let threads = threads.max(1);
-    let maxconn = server.max_connections;
+    // Left out, spike sizes its cap from the open-files limit, at most the
+    // default; HAProxy's global maxconn (not set) is sized from the same
+    // limit, and bounds this one.
+    let maxconn = format!(
+        "maxconn {}",
+        server
+            .max_connections
+            .unwrap_or(crate::config::DEFAULT_MAX_CONNECTIONS)
+    );
     let connect = haproxy_time(balancer.connect_timeout);
     let response = haproxy_time(balancer.response_timeout);
     let client = haproxy_time(balancer.send_timeout.max(balancer.body_timeout));
@@ -90,7 +98,7 @@ defaults
 
 frontend spike
     bind {listen}
-    maxconn {maxconn}
+    {maxconn}
     # spike answers CONNECT and TRACE with 405, as Nginx does.
     http-request deny deny_status 405 if METH_CONNECT or METH_TRACE
     # X-Forwarded-For appended and X-Real-IP set to the client, as spike.

@@ -27,7 +27,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, watch};
 
-use crate::config::ServerConfig;
+use crate::config::{DEFAULT_MAX_CONNECTIONS, ServerConfig};
 
 /// Binds a listener with `SO_REUSEADDR` and a deep backlog, because a flash
 /// sale opens thousands of connections in the same second.
@@ -74,6 +74,8 @@ pub async fn serve<F, S, B>(
 /// What an accept loop of [`serve_with`] has beyond [`serve`]'s: named
 /// fields, because four optional arguments in a row were easy to swap.
 pub struct ServeOptions {
+    /// The connection cap in force (the permits there are in all).
+    pub most: usize,
     /// The connection cap, shared by every loop on the port.
     pub permits: Arc<Semaphore>,
     /// The idle keep-alive connections of every loop on the port, closed
@@ -90,17 +92,85 @@ pub struct ServeOptions {
 }
 
 impl ServeOptions {
-    /// One loop alone on its port, with its own connection cap: what
-    /// [`serve`] runs.
+    /// One loop alone on its port, with its own connection cap (one
+    /// descriptor per client: [`connection_cap`]): what [`serve`] runs.
     pub fn new(limits: &ServerConfig) -> ServeOptions {
+        ServeOptions::with_cap(connection_cap(limits, 1))
+    }
+
+    /// A loop with a cap of `most` connections of its own, and nothing else.
+    pub fn with_cap(most: usize) -> ServeOptions {
         ServeOptions {
-            permits: Arc::new(Semaphore::new(limits.max_connections)),
-            reusable: Reusable::new(limits.max_connections),
+            most,
+            permits: Arc::new(Semaphore::new(most)),
+            reusable: Reusable::new(most),
             share: None,
             send_timeout: None,
             front: None,
         }
     }
+}
+
+/// Descriptors kept free of clients by a cap sized from the open-files
+/// limit: listeners, the admin port, Redis, logs, health checks and the
+/// few files a process opens.
+const RESERVED_FILES: u64 = 64;
+
+/// The connection cap in force for a server whose clients each take
+/// `files_per_client` descriptors (the balancer's 2: the client's and an
+/// upstream connection; a node's 1): `[server] max_connections` as the
+/// file sets it, or, left out, what the open-files limit leaves room for
+/// after [`RESERVED_FILES`], at most [`DEFAULT_MAX_CONNECTIONS`], as
+/// HAProxy sizes its `maxconn`. Without it, under `ulimit -n 256` a flood
+/// took every descriptor: upstream connects failed (502s) and every
+/// accept failed with EMFILE. The first sizing is said once in the log; a
+/// set value the limit cannot hold is warned about.
+pub fn connection_cap(limits: &ServerConfig, files_per_client: u64) -> usize {
+    static SAID: AtomicBool = AtomicBool::new(false);
+    let files = open_files_limit();
+    let room = files.map(|n| {
+        usize::try_from(n.saturating_sub(RESERVED_FILES) / files_per_client.max(1))
+            .unwrap_or(usize::MAX)
+            .max(1)
+    });
+    let said = SAID.swap(true, Ordering::Relaxed);
+    match (limits.max_connections, room) {
+        (Some(set), Some(room)) if set > room => {
+            if !said {
+                tracing::warn!(
+                    max_connections = set,
+                    open_files_limit = files,
+                    "max_connections is more than the open-files limit leaves room for ({room}): past that, accepts and upstream connects fail with EMFILE; raise the limit (ulimit -n, LimitNOFILE) or lower max_connections"
+                );
+            }
+            set
+        }
+        (Some(set), _) => set,
+        (None, Some(room)) => {
+            let cap = room.min(DEFAULT_MAX_CONNECTIONS);
+            if !said {
+                tracing::info!(
+                    max_connections = cap,
+                    open_files_limit = files,
+                    "max_connections not set: sized from the open-files limit ({RESERVED_FILES} kept for listeners, Redis and upstreams' spare, {files_per_client} per client), at most {DEFAULT_MAX_CONNECTIONS}"
+                );
+            }
+            cap
+        }
+        (None, None) => DEFAULT_MAX_CONNECTIONS,
+    }
+}
+
+/// The soft open-files limit (`RLIMIT_NOFILE`), read from
+/// `/proc/self/limits` (no unsafe call for one number); `None` where there
+/// is no such file or it says "unlimited".
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|soft| soft.parse().ok())
 }
 
 /// How several accept loops on one port (the balancer's worker threads)
@@ -268,6 +338,7 @@ pub async fn serve_with<F, S, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let ServeOptions {
+        most,
         permits,
         reusable,
         share,
@@ -299,9 +370,10 @@ pub async fn serve_with<F, S, B>(
         permits: permits.clone(),
         header_read_timeout: limits.header_read_timeout,
         keepalive_timeout: limits.keepalive_timeout,
-        most: limits.max_connections,
+        most,
         send_timeout,
     });
+    let mut accept_errors = AcceptErrors::default();
     tokio::pin!(shutdown);
     'accept: loop {
         // Take a permit before accepting: over the cap, clients wait in the
@@ -337,7 +409,7 @@ pub async fn serve_with<F, S, B>(
                 Ok(a) => a,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
+                    accept_errors.failed(&e);
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
@@ -378,7 +450,7 @@ pub async fn serve_with<F, S, B>(
             keepalive_timeout: limits.keepalive_timeout,
             idle: idle.clone(),
             permits: permits.clone(),
-            most: limits.max_connections,
+            most,
         });
         let front = front.clone();
         tokio::spawn(async move {
@@ -421,6 +493,38 @@ pub async fn serve_with<F, S, B>(
         () = tokio::time::sleep(limits.grace_period) => {
             tracing::warn!("grace period over with requests still in flight");
         }
+    }
+}
+
+/// How often a failing accept is said in the log.
+const ACCEPT_ERROR_PERIOD: Duration = Duration::from_secs(5);
+
+/// Failed accepts, said once per [`ACCEPT_ERROR_PERIOD`] with how many
+/// there were, not once per accept: out of descriptors, a loop fails fifty
+/// accepts a second, and a warning for each buried everything else.
+#[derive(Default)]
+struct AcceptErrors {
+    said_at: Option<tokio::time::Instant>,
+    unsaid: u64,
+}
+
+impl AcceptErrors {
+    fn failed(&mut self, e: &std::io::Error) {
+        let now = tokio::time::Instant::now();
+        if self
+            .said_at
+            .is_some_and(|at| now.duration_since(at) < ACCEPT_ERROR_PERIOD)
+        {
+            self.unsaid += 1;
+            return;
+        }
+        tracing::warn!(
+            error = %e,
+            failed_since_last_said = self.unsaid,
+            "accept failed (said at most once every {ACCEPT_ERROR_PERIOD:?}, with the failures since)"
+        );
+        self.said_at = Some(now);
+        self.unsaid = 0;
     }
 }
 

@@ -218,3 +218,58 @@ async fn connection_cannot_strip_a_header_spike_reads() {
         lb.shutdown().await;
     }
 }
+
+/// Finding 2: the connection cap ignored the open-files limit. Under
+/// `prlimit --nofile=256`, a flood of clients took every descriptor:
+/// upstream connects failed (502s) and the log had a warning per failed
+/// accept. Left out, `max_connections` is now sized from the limit (two
+/// descriptors per client, some kept back), said at start; the flood waits
+/// its turn in the backlog and every client is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_cap_fits_the_open_files_limit() {
+    let backend = common::backend::Backend::start("b").await;
+    let listen = common::free_addr();
+    let admin = common::free_addr();
+    let path = common::spike::write_config(&config_text(
+        "round_robin",
+        &listen.to_string(),
+        &admin.to_string(),
+        &[up(backend.addr, 1)],
+    ));
+    let (mut lb, out) = common::spike::SpikeProcess::start_captured_under(
+        &["prlimit", "--nofile=256", "--"],
+        &["balancer", "--config", path.to_str().expect("path")],
+    );
+    common::spike::wait_listening(&listen.to_string(), Duration::from_secs(15));
+    out.wait_for("max_connections=96", Duration::from_secs(5));
+    let clients: Vec<_> = (0..400)
+        .map(|_| {
+            tokio::spawn(async move {
+                let Ok(mut s) = TcpStream::connect(listen).await else {
+                    return "no connect".to_string();
+                };
+                if s.write_all(b"GET /flood HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                    .await
+                    .is_err()
+                {
+                    return "no write".to_string();
+                }
+                let answer = read_response(&mut s).await;
+                answer.lines().next().unwrap_or("nothing").to_string()
+            })
+        })
+        .collect();
+    let mut statuses = std::collections::BTreeMap::<String, usize>::new();
+    for c in clients {
+        *statuses.entry(c.await.expect("client")).or_default() += 1;
+    }
+    assert_eq!(
+        statuses.get("HTTP/1.1 200 OK").copied(),
+        Some(400),
+        "{statuses:?}\n{}",
+        out.stderr()
+    );
+    let failed_accepts = out.stderr().matches("accept failed").count();
+    assert!(failed_accepts <= 2, "{}", out.stderr());
+    lb.stop("TERM", Duration::from_secs(15));
+}

@@ -131,8 +131,10 @@ impl Balancer {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let limits = shared.server.clone();
         let send_timeout = shared.current.load().config.send_timeout;
-        let permits = Arc::new(Semaphore::new(limits.max_connections));
-        let reusable = crate::server::Reusable::new(limits.max_connections);
+        // Two descriptors per client: its own and an upstream connection.
+        let most = crate::server::connection_cap(&limits, 2);
+        let permits = Arc::new(Semaphore::new(most));
+        let reusable = crate::server::Reusable::new(most);
         let (listener, others) = if shared.workers > 1 {
             // Every worker accepts on its own descriptor of the one listening
             // socket (not SO_REUSEPORT: that would let a second balancer
@@ -159,7 +161,7 @@ impl Balancer {
             let started = std::thread::Builder::new()
                 .name(format!("spike-worker-{worker}"))
                 .spawn(move || {
-                    run_worker(shared, worker, other, (permits, reusable), stop);
+                    run_worker(shared, worker, other, (most, permits, reusable), stop);
                     let _ = done_tx.send(());
                 });
             match started {
@@ -187,6 +189,7 @@ impl Balancer {
                 listener,
                 &limits,
                 crate::server::ServeOptions {
+                    most,
                     permits,
                     reusable,
                     share: Some((shared.accept_share.clone(), 0)),
@@ -280,7 +283,7 @@ fn run_worker(
     shared: Arc<state::Shared>,
     worker: usize,
     listener: std::net::TcpListener,
-    (permits, reusable): (Arc<Semaphore>, Arc<crate::server::Reusable>),
+    (most, permits, reusable): (usize, Arc<Semaphore>, Arc<crate::server::Reusable>),
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -310,6 +313,7 @@ fn run_worker(
             listener,
             &limits,
             crate::server::ServeOptions {
+                most,
                 permits,
                 reusable,
                 share,

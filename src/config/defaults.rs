@@ -18,11 +18,15 @@ use super::sections::{
 /// since the clocks of an identity provider and a node disagree a little.
 pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(30);
 
+/// `[server] max_connections` left out, on a machine whose open-files
+/// limit leaves room for more (see [`crate::server::connection_cap`]).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
+
 impl Default for ServerConfig {
     /// `[server]` left out.
     fn default() -> Self {
         ServerConfig {
-            max_connections: 20_000,
+            max_connections: None,
             header_read_timeout: Duration::from_secs(5),
             keepalive_timeout: Duration::from_secs(75),
             grace_period: Duration::from_secs(10),

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 /// largest whole number every JSON reader and Lua's numbers keep exactly.
 pub const MAX_COUNT: u64 = 1 << 53;
 
-pub use defaults::default_lease;
+pub use defaults::{DEFAULT_MAX_CONNECTIONS, default_lease};
 pub use error::ConfigError;
 pub use sections::{
     BalancerConfig, ClientLimits, EdgeAuth, HealthCheck, NodeConfig, RateLimit, RedisConfig,

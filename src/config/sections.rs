@@ -312,8 +312,11 @@ pub struct HealthCheck {
 /// Limits shared by the node and balancer HTTP servers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
-    /// Open client connections at most; more wait in the kernel's backlog.
-    pub max_connections: usize,
+    /// Open client connections at most, as the file sets it; `None` (left
+    /// out): what the open-files limit leaves room for, at most
+    /// [`crate::config::DEFAULT_MAX_CONNECTIONS`] (see
+    /// [`crate::server::connection_cap`]), as HAProxy sizes its `maxconn`.
+    pub max_connections: Option<usize>,
     /// A client that has not sent its request head by then is closed.
     pub header_read_timeout: Duration,
     /// A keep-alive client that sends no next request by then is closed

@@ -80,6 +80,12 @@ impl SpikeProcess {
     /// Starts `spike ARGS` with its standard output and error written to
     /// files, for tests about what it prints ([`SpikeProcess::output`]).
     pub fn start_captured(args: &[&str]) -> (SpikeProcess, Captured) {
+        SpikeProcess::start_captured_under(&[], args)
+    }
+
+    /// [`SpikeProcess::start_captured`], run by `wrapper` (a command and its
+    /// arguments, such as `prlimit --nofile=256 --`) when not empty.
+    pub fn start_captured_under(wrapper: &[&str], args: &[&str]) -> (SpikeProcess, Captured) {
         let dir = std::env::temp_dir().join(format!(
             "spike-out-{}-{}",
             std::process::id(),
@@ -89,7 +95,15 @@ impl SpikeProcess {
         let captured = Captured { dir };
         let out = std::fs::File::create(captured.dir.join("stdout")).expect("stdout file");
         let err = std::fs::File::create(captured.dir.join("stderr")).expect("stderr file");
-        let child = Command::new(bin())
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
+        let child = command
             .args(args)
             .stdout(out)
             .stderr(err)

@@ -19,7 +19,7 @@ pub(super) fn validate(
     let s = s.get_ref();
     Ok(ServerConfig {
         max_connections: optional(&s.max_connections, d.max_connections, |v| {
-            Ok(cx.count("server.max_connections", v, 1)? as usize)
+            Ok(Some(cx.count("server.max_connections", v, 1)? as usize))
         })?,
         header_read_timeout: optional(&s.header_read_timeout, d.header_read_timeout, |v| {
             cx.duration("server.header_read_timeout", v)
