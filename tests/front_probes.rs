@@ -273,3 +273,38 @@ async fn the_connection_cap_fits_the_open_files_limit() {
     assert!(failed_accepts <= 2, "{}", out.stderr());
     lb.stop("TERM", Duration::from_secs(15));
 }
+
+/// Finding 6a: an upstream's `Content-Length: 5, 5` (or two equal lines)
+/// was relayed as it came; the client gets one `Content-Length: 5`, as
+/// HAProxy normalises it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_s_repeated_length_goes_on_as_one() {
+    for answer in [
+        &b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello"[..],
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+    ] {
+        let node = Recorder::start("n", Then::Raw(answer)).await;
+        for fast in [true, false] {
+            let lb = Running::start(&one_upstream(node.addr, &format!("fast_path = {fast}"))).await;
+            let got = raw(
+                None,
+                lb.addr,
+                b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            )
+            .await;
+            let lower = got.to_ascii_lowercase();
+            assert!(got.starts_with("HTTP/1.1 200"), "fast_path = {fast}: {got}");
+            assert_eq!(
+                lower.matches("content-length").count(),
+                1,
+                "fast_path = {fast}: {got}"
+            );
+            assert!(
+                lower.contains("content-length: 5\r\n"),
+                "fast_path = {fast}: {got}"
+            );
+            assert_eq!(body_of(&got), "hello");
+            lb.shutdown().await;
+        }
+    }
+}

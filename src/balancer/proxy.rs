@@ -538,6 +538,12 @@ fn respond(
         // overrides a Content-Length), and the client gets it re-framed by
         // hyper; a length left in would cut the body short.
         parts.headers.remove(CONTENT_LENGTH);
+    } else if !is_one_plain_length(&parts.headers)
+        && let Some(n) = body.size_hint().exact()
+    {
+        // `Content-Length: 5, 5` or two equal lines, which hyper took as
+        // 5: passed on as one number, as the fast path does.
+        parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
     }
     strip_hop_by_hop(&mut parts.headers);
     Response::from_parts(
@@ -551,6 +557,16 @@ fn respond(
             stall: StallTimer::default(),
         }),
     )
+}
+
+/// No `Content-Length`, or one line of plain digits.
+fn is_one_plain_length(h: &HeaderMap) -> bool {
+    let mut lengths = h.get_all(CONTENT_LENGTH).iter();
+    match (lengths.next(), lengths.next()) {
+        (None, _) => true,
+        (Some(v), None) => v.as_bytes().iter().all(u8::is_ascii_digit),
+        (Some(_), Some(_)) => false,
+    }
 }
 
 fn content_length(h: &HeaderMap) -> Option<u64> {

@@ -148,6 +148,8 @@ pub fn parse(
     let mut coding: Option<&[u8]> = None;
     let mut codings = false;
     let mut length: Option<u64> = None;
+    // The first length's digits, the one `Content-Length` passed on.
+    let mut length_at: Option<Range<usize>> = None;
     // Names listed in `Connection` are hop-by-hop too; rare, so looked
     // for only when some `Connection` lists more than close/keep-alive.
     let mut listed = false;
@@ -189,6 +191,9 @@ pub fn parse(
                         return Err(Malformed::Length);
                     }
                     length = Some(n);
+                    if length_at.is_none() {
+                        length_at = Some(offset(part));
+                    }
                 }
                 continue;
             }
@@ -208,14 +213,17 @@ pub fn parse(
     let chunked = codings.then(|| coding.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")));
     if chunked.is_none() && length.is_some() {
         // The length goes on (RFC 9112 6.1: beside Transfer-Encoding it is
-        // dropped, since the coding decides).
-        let (name, value) = res
+        // dropped, since the coding decides), once and as one number:
+        // `Content-Length: 5, 5` or two equal lines are `5` (RFC 9110
+        // 8.6 lets a recipient take them so; HAProxy passes them on so).
+        let name = res
             .headers
             .iter()
             .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-            .map(|h| (offset(h.name.as_bytes()), offset(h.value)))
+            .map(|h| offset(h.name.as_bytes()))
             .ok_or(Malformed::Length)?;
-        head.headers.push((name, value));
+        head.headers
+            .push((name, length_at.ok_or(Malformed::Length)?));
     }
     head.framing = if to_head || status == 204 || status == 304 {
         Framing::Empty
@@ -254,6 +262,7 @@ fn drop_listed(buf: &[u8], res: &httparse::Response<'_, '_>, head: &mut Response
             for token in super::hop::connection_tokens(h.value) {
                 if !token.eq_ignore_ascii_case(b"close")
                     && !token.eq_ignore_ascii_case(b"keep-alive")
+                    && !super::hop::is_never_hop_by_hop(token)
                 {
                     names.push(token);
                 }
@@ -501,6 +510,20 @@ mod tests {
         }
         let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n";
         assert_eq!(head_of(raw, false).expect("ok").framing, Framing::Length(2));
+        // Equal lengths go on as one.
+        for raw in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\ncontent-length: 2,2\r\n\r\n",
+        ] {
+            let head = head_of(raw, false).expect("ok");
+            let lengths: Vec<&[u8]> = head
+                .headers
+                .iter()
+                .filter(|(n, _)| raw[n.clone()].eq_ignore_ascii_case(b"content-length"))
+                .map(|(_, v)| &raw[v.clone()])
+                .collect();
+            assert_eq!(lengths, [&b"2"[..]], "{}", String::from_utf8_lossy(raw));
+        }
         let raw = b"HTTP/1.1 101 Switching Protocols\r\n\r\n";
         assert_eq!(head_of(raw, false).err(), Some(Malformed::Switched));
     }
