@@ -89,6 +89,10 @@ pub struct ServeOptions {
     pub send_timeout: Option<Duration>,
     /// Where every connection goes first, before hyper's server.
     pub front: Option<Arc<dyn Front>>,
+    /// Set by the caller to make every answer ask its client to close
+    /// before the stop itself (a balancer draining); set by the loop at
+    /// the stop either way.
+    pub closing: Option<Arc<AtomicBool>>,
 }
 
 impl ServeOptions {
@@ -107,6 +111,7 @@ impl ServeOptions {
             share: None,
             send_timeout: None,
             front: None,
+            closing: None,
         }
     }
 }
@@ -344,8 +349,9 @@ pub async fn serve_with<F, S, B>(
         share,
         send_timeout,
         front,
+        closing,
     } = options;
-    let stopping = Arc::new(AtomicBool::new(false));
+    let stopping = closing.unwrap_or_else(|| Arc::new(AtomicBool::new(false)));
     let (stop_tx, stop_rx) = watch::channel(false);
     // Every connection task holds a sender; when all are gone, so are they.
     let (open_tx, mut open_rx) = mpsc::channel::<()>(1);

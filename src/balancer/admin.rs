@@ -1,5 +1,6 @@
-//! The admin listener: `GET /` (the live status page), `GET /healthz`,
-//! `GET /status` (JSON), `GET /sale` (a node's snapshot), `GET /metrics`
+//! The admin listener: `GET /` (the live status page), `GET /healthz`
+//! (the process is alive), `GET /ready` (it should get traffic: what an L4
+//! balancer's health check asks), `GET /status` (JSON), `GET /sale` (a node's snapshot), `GET /metrics`
 //! (Prometheus text). Off the hot path, so it formats freely.
 
 use std::fmt::Write as _;
@@ -35,13 +36,56 @@ pub async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<By
             crate::server::json(status, body)
         }
         (true, "/healthz") => crate::server::json(StatusCode::OK, "{\"status\":\"ok\"}\n"),
+        (true, "/ready") => {
+            let (status, body) = ready(shared);
+            crate::server::json(status, body)
+        }
         (true, "/status") => crate::server::json(StatusCode::OK, status(shared)),
         (true, "/metrics") => crate::prometheus::response(metrics(shared)),
         _ => crate::server::json(
             StatusCode::NOT_FOUND,
-            "{\"status\":\"not_found\",\"reason\":\"the admin listener serves /status, /sale, /healthz, /metrics and the status page at /\"}\n",
+            "{\"status\":\"not_found\",\"reason\":\"the admin listener serves /status, /sale, /healthz, /ready, /metrics and the status page at /\"}\n",
         ),
     }
+}
+
+/// `/ready`: whether this balancer should get traffic, for the health
+/// check of what is in front of it (an L4 balancer, HAProxy's `option
+/// httpchk`, a Kubernetes readiness probe). 503 while it drains after
+/// SIGTERM, and while no upstream can be picked (each `down`, failed or
+/// failing its health check: every request would be a 502 or 503 here, and
+/// another balancer may have a way through); 200 otherwise. `/healthz`
+/// stays "the process is alive", which a restart cannot fix.
+fn ready(shared: &Shared) -> (StatusCode, String) {
+    if shared.draining.load(Ordering::SeqCst) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{\"status\":\"draining\",\"reason\":\"the balancer is stopping: it serves on for drain_delay, then accepts no new connections\"}\n".to_string(),
+        );
+    }
+    let active = shared.current.load();
+    let now = now_ms();
+    let (mut usable, mut all) = (0usize, 0usize);
+    for u in active.selector.upstreams() {
+        all += 1;
+        if matches!(u.state_name(now), "up" | "backup") {
+            usable += 1;
+        }
+    }
+    if usable == 0 {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "{{\"status\":\"unavailable\",\"reason\":\"no upstream can be picked: each of the {all} is down, marked failed or failing its health check\",\"upstreams\":{all},\"usable\":0}}\n"
+            ),
+        );
+    }
+    (
+        StatusCode::OK,
+        format!(
+            "{{\"status\":\"ready\",\"reason\":\"{usable} of {all} upstreams can be picked\",\"upstreams\":{all},\"usable\":{usable}}}\n"
+        ),
+    )
 }
 
 fn status(shared: &Shared) -> String {
@@ -108,6 +152,7 @@ fn status(shared: &Shared) -> String {
             "full": shared.metrics.queue.full.load(Ordering::Relaxed),
             "timed_out": shared.metrics.queue.timed_out.load(Ordering::Relaxed),
         },
+        "draining": shared.draining.load(Ordering::Relaxed),
         "fast_path": {
             "on": active.config.fast_path,
             "general_connections": shared.metrics.general_connections.load(Ordering::Relaxed),

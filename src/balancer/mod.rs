@@ -96,6 +96,31 @@ impl Balancer {
         self.shared.set_reload_hook(hook);
     }
 
+    /// Resolves `drain_delay` after `signal`: from the signal on, `/ready`
+    /// answers 503 `draining` and every answer asks its client to close,
+    /// while the balancer goes on serving and accepting, so that an L4
+    /// balancer's health check takes it out before it stops accepting.
+    /// Give it to [`Balancer::run`] as its shutdown (`spike balancer` does;
+    /// `spike up`, one machine with nothing in front, stops at once).
+    pub fn drained(
+        &self,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let shared = self.shared.clone();
+        async move {
+            signal.await;
+            shared
+                .draining
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            let delay = shared.current.load().config.drain_delay;
+            tracing::info!(
+                drain_delay = ?delay,
+                "stopping: /ready fails; serving on for drain_delay, then no new connections and grace_period for those in flight"
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
+
     /// A handle to reload from the config file while running.
     pub fn reloader(&self) -> Reloader {
         Reloader {
@@ -198,6 +223,7 @@ impl Balancer {
                         shared: shared.clone(),
                         worker: 0,
                     }) as Arc<dyn crate::server::Front>),
+                    closing: Some(shared.draining.clone()),
                 },
                 move |peer| proxy_connection(&proxy_shared, 0, peer),
                 stopped(stop_rx.clone())
@@ -322,6 +348,7 @@ fn run_worker(
                     shared: shared.clone(),
                     worker,
                 }) as Arc<dyn crate::server::Front>),
+                closing: Some(shared.draining.clone()),
             },
             move |peer| proxy_connection(&shared, worker, peer),
             stopped(stop),
@@ -374,9 +401,9 @@ pub fn main(config_path: &Path) -> anyhow::Result<ExitCode> {
             workers,
             "balancer listening"
         );
-        Balancer::with_workers(config, workers)?
-            .run(listener, admin, shutdown)
-            .await
+        let balancer = Balancer::with_workers(config, workers)?;
+        let shutdown = balancer.drained(shutdown);
+        balancer.run(listener, admin, shutdown).await
     })?;
     Ok(ExitCode::SUCCESS)
 }

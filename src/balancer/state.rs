@@ -155,6 +155,10 @@ pub struct Shared {
     /// Worker threads serving clients, fixed at start; each has its own
     /// idle upstream connections (see [`super::pool`]).
     pub workers: usize,
+    /// Set when the balancer begins to stop (SIGTERM): `/ready` fails and
+    /// every answer asks its client to close, while it goes on serving for
+    /// `drain_delay` (see [`super::Balancer::drained`]).
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
     /// Called around every reload that makes a new version.
     hook: std::sync::OnceLock<Hook>,
     /// The file in force has a `[sale]` (the status page shows it).
@@ -203,6 +207,7 @@ impl Shared {
             accept_share: Arc::new(AcceptShare::new(workers)),
             server: config.server.clone(),
             workers,
+            draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             seen: Mutex::new(stamp(&config.path)),
             has_sale: std::sync::atomic::AtomicBool::new(config.sale.is_some()),
             sale: Mutex::new(config.sale.clone()),

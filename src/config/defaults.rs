@@ -114,6 +114,7 @@ impl Default for BalancerConfig {
             keepalive_timeout: Duration::from_secs(60),
             read_timeout: Duration::from_secs(60),
             send_timeout: Duration::from_secs(60),
+            drain_delay: Duration::from_secs(5),
             body_timeout: Duration::from_secs(60),
             max_body: 1024 * 1024,
             underscores_in_headers: false,

@@ -92,6 +92,7 @@ pub(super) struct BalancerFile {
     pub(super) keepalive_timeout: Option<Spanned<String>>,
     pub(super) read_timeout: Option<Spanned<String>>,
     pub(super) send_timeout: Option<Spanned<String>>,
+    pub(super) drain_delay: Option<Spanned<String>>,
     pub(super) body_timeout: Option<Spanned<String>>,
     pub(super) max_body: Option<Spanned<i64>>,
     #[serde(default)]

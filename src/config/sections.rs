@@ -181,6 +181,11 @@ pub struct BalancerConfig {
     /// `send_timeout`): a client that stops reading must not hold a
     /// connection and an upstream forever. Read at start.
     pub send_timeout: Duration,
+    /// On SIGTERM, how long the balancer goes on serving (and accepting)
+    /// with `/ready` failing before it stops accepting: an L4 balancer or a
+    /// load balancer's health check in front needs a few checks to take it
+    /// out, and keeps sending until then. Then `[server] grace_period`.
+    pub drain_delay: Duration,
     /// Longest silence of a client between two reads of its request body
     /// (Nginx's `client_body_timeout`): slow is fine, stalled is not.
     pub body_timeout: Duration,

@@ -311,6 +311,21 @@ fn balancer_request_limits_parse_and_are_checked() {
         "balancer.send_timeout",
         3,
     );
+    let b = parse(&format!("[balancer]\ndrain_delay = \"0s\"\n{UP}"))
+        .expect("valid")
+        .balancer
+        .expect("balancer");
+    assert_eq!(b.drain_delay, Duration::ZERO);
+    let b = parse(&format!("[balancer]\n{UP}"))
+        .expect("valid")
+        .balancer
+        .expect("balancer");
+    assert_eq!(b.drain_delay, Duration::from_secs(5));
+    expect_err(
+        &format!("[balancer]\nlisten = \"127.0.0.1:0\"\ndrain_delay = \"soon\"\n{UP}"),
+        "balancer.drain_delay",
+        3,
+    );
     let b = parse(&format!("[balancer]\nunderscores_in_headers = true\n{UP}"))
         .expect("valid")
         .balancer

@@ -99,6 +99,9 @@ pub(super) fn validate(
         send_timeout: optional(&b.send_timeout, d.send_timeout, |v| {
             cx.duration("balancer.send_timeout", v)
         })?,
+        drain_delay: optional(&b.drain_delay, d.drain_delay, |v| {
+            cx.duration_or_zero("balancer.drain_delay", v)
+        })?,
         body_timeout: optional(&b.body_timeout, d.body_timeout, |v| {
             cx.duration("balancer.body_timeout", v)
         })?,

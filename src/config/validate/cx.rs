@@ -136,6 +136,19 @@ impl Cx<'_> {
         Ok(u64::try_from(ms).unwrap_or(u64::MAX))
     }
 
+    /// A duration that may be zero (`"0s"`), for keys where zero means
+    /// "not at all" (a drain delay).
+    pub(super) fn duration_or_zero(
+        &self,
+        key: &str,
+        v: &Spanned<String>,
+    ) -> Result<Duration, ConfigError> {
+        if humantime::parse_duration(v.get_ref().trim()).is_ok_and(|d| d.is_zero()) {
+            return Ok(Duration::ZERO);
+        }
+        self.duration(key, v)
+    }
+
     /// A duration of at least `min`, for keys where a shorter one would
     /// break what they time; `why` says what, in the message.
     pub(super) fn duration_at_least(
