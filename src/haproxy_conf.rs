@@ -99,6 +99,9 @@ defaults
 frontend spike
     bind {listen}
     {maxconn}
+    # spike answers a request line over max_header_line with 414, a header
+    # line over it or a head over max_head with 431 (Nginx's
+    # large_client_header_buffers); HAProxy's limit is tune.bufsize.
     # spike answers CONNECT and TRACE with 405, as Nginx does.
     http-request deny deny_status 405 if METH_CONNECT or METH_TRACE
     # X-Forwarded-For appended and X-Real-IP set to the client, as spike.

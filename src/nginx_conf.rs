@@ -226,6 +226,13 @@ http {{
         "# spike drops request headers with `_` in the name, as Nginx does."
     };
     let max_body = balancer.max_body;
+    // Nginx's head limit is a count of buffers of one size, a line at most
+    // one buffer: spike's max_head in buffers of max_header_line.
+    let header_buffers = format!(
+        "large_client_header_buffers {} {};",
+        balancer.max_head.div_ceil(balancer.max_header_line.max(1)),
+        nginx_size(balancer.max_header_line)
+    );
     let body_timeout = nginx_time(balancer.body_timeout);
     let send_timeout = nginx_time(balancer.send_timeout);
     let connect_timeout = nginx_time(balancer.connect_timeout);
@@ -238,6 +245,7 @@ http {{
         listen {listen};
         {underscores}
         client_max_body_size {max_body};
+        {header_buffers}
         client_body_timeout {body_timeout};
         send_timeout {send_timeout};
 
@@ -472,6 +480,15 @@ fn whole_seconds(d: Duration) -> (u64, bool) {
     (secs, Duration::from_secs(secs) != d)
 }
 
+/// A size in bytes as Nginx writes it: in k when whole kilobytes.
+fn nginx_size(bytes: usize) -> String {
+    if bytes.is_multiple_of(1024) {
+        format!("{}k", bytes / 1024)
+    } else {
+        bytes.to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -603,6 +620,7 @@ mod tests {
         assert!(has(&c, "proxy_connect_timeout 250ms;"), "{c}");
         assert!(has(&c, "proxy_read_timeout 30s;"), "{c}");
         assert!(has(&c, "client_max_body_size 1048576;"), "{c}");
+        assert!(has(&c, "large_client_header_buffers 4 8k;"), "{c}");
         assert!(has(&c, "client_body_timeout 60s;"), "{c}");
         assert!(has(&c, "send_timeout 60s;"), "{c}");
         assert!(!has(&c, "underscores_in_headers on;"), "{c}");

@@ -308,3 +308,79 @@ async fn an_upstream_s_repeated_length_goes_on_as_one() {
         }
     }
 }
+
+/// Finding 6d: a 64 KiB request header was forwarded (Nginx and HAProxy
+/// answer 400 above 8–16 KiB). Nginx's `large_client_header_buffers 4 8k`
+/// is the default now, on both paths: a request line over
+/// `max_header_line` is 414, a header line over it or a head over
+/// `max_head` 431; below them a request passes, and both are settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_heads_have_nginx_s_limits() {
+    let node = Recorder::start("n", Then::Answer).await;
+    let line = |n: usize| "a".repeat(n);
+    for fast in [true, false] {
+        let lb = Running::start(&one_upstream(node.addr, &format!("fast_path = {fast}"))).await;
+        let cases = [
+            (
+                format!(
+                    "GET /x HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n",
+                    line(64 * 1024)
+                ),
+                "431",
+            ),
+            (
+                format!("GET /x HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n", line(9000)),
+                "431",
+            ),
+            (
+                format!("GET /x HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n", line(8000)),
+                "200",
+            ),
+            (
+                format!("GET /{} HTTP/1.1\r\nHost: a\r\n", line(9000)),
+                "414",
+            ),
+            (
+                format!(
+                    "GET /x HTTP/1.1\r\nHost: a\r\n{}",
+                    (0..5)
+                        .map(|i| format!("X-{i}: {}\r\n", line(7000)))
+                        .collect::<String>()
+                ),
+                "431",
+            ),
+        ];
+        for (head, want) in &cases {
+            let request = format!("{head}Connection: close\r\n\r\n");
+            let got = raw(None, lb.addr, request.as_bytes()).await;
+            assert!(
+                got.starts_with(&format!("HTTP/1.1 {want}")),
+                "fast_path = {fast}, {} bytes, want {want}: {}",
+                head.len(),
+                got.lines().next().unwrap_or("")
+            );
+            if *want != "200" {
+                let v: serde_json::Value = serde_json::from_str(body_of(&got)).expect("JSON");
+                assert!(v["status"].is_string() && v["reason"].is_string(), "{got}");
+            }
+        }
+        lb.shutdown().await;
+        // Raised, a longer line passes.
+        let lb = Running::start(&one_upstream(
+            node.addr,
+            &format!("fast_path = {fast}\nmax_header_line = 16384"),
+        ))
+        .await;
+        let request = format!(
+            "GET /x HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+            line(9000)
+        );
+        let got = raw(None, lb.addr, request.as_bytes()).await;
+        assert!(got.starts_with("HTTP/1.1 200"), "fast_path = {fast}: {got}");
+        lb.shutdown().await;
+    }
+    assert!(
+        node.seen().iter().all(|s| s.head.len() < 17 * 1024),
+        "an oversized head reached the backend"
+    );
+}

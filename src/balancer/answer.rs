@@ -22,6 +22,12 @@ pub enum LocalAnswer {
     MethodNotAllowed,
     /// A body over `max_body`, declared or streamed.
     PayloadTooLarge,
+    /// A request line over `max_header_line` (Nginx's 414).
+    UriTooLong,
+    /// A header line over `max_header_line`, or a head over `max_head`
+    /// (Nginx's "Request Header Or Cookie Too Large"; 431 is RFC 6585's
+    /// status for it).
+    HeaderTooLarge,
     /// A transfer coding other than one `chunked` (`gzip, chunked`): the
     /// balancer does not decode it, and forwarding it without its coding
     /// would hand the backend bytes it reads as something else (Nginx's
@@ -72,8 +78,8 @@ pub fn retry_after(seconds: u64) -> (&'static str, &'static str) {
 
 /// The values of `spike_balancer_local_responses_total`'s `code` label, in
 /// the order of [`LocalAnswer::slot`].
-pub const LOCAL_LABELS: [&str; 9] = [
-    "400", "404", "405", "413", "429", "501", "502", "503", "504",
+pub const LOCAL_LABELS: [&str; 11] = [
+    "400", "404", "405", "413", "414", "429", "431", "501", "502", "503", "504",
 ];
 
 impl LocalAnswer {
@@ -89,6 +95,8 @@ impl LocalAnswer {
             LocalAnswer::RateLimited { .. } | LocalAnswer::ConnLimited => {
                 StatusCode::TOO_MANY_REQUESTS
             }
+            LocalAnswer::UriTooLong => StatusCode::URI_TOO_LONG,
+            LocalAnswer::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             LocalAnswer::NotImplemented => StatusCode::NOT_IMPLEMENTED,
             LocalAnswer::BadGateway => StatusCode::BAD_GATEWAY,
             LocalAnswer::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -123,6 +131,12 @@ impl LocalAnswer {
             }
             LocalAnswer::PayloadTooLarge => {
                 b"{\"status\":\"payload_too_large\",\"reason\":\"the request body is larger than max_body\"}\n"
+            }
+            LocalAnswer::UriTooLong => {
+                b"{\"status\":\"uri_too_long\",\"reason\":\"the request line is longer than max_header_line\"}\n"
+            }
+            LocalAnswer::HeaderTooLarge => {
+                b"{\"status\":\"header_too_large\",\"reason\":\"a header line is longer than max_header_line, or the request head longer than max_head\"}\n"
             }
             LocalAnswer::NotImplemented => {
                 b"{\"status\":\"not_implemented\",\"reason\":\"the only transfer coding accepted is one chunked: a body in another coding is not forwarded\"}\n"
@@ -185,11 +199,13 @@ impl LocalAnswer {
             LocalAnswer::NotFound => Some(1),
             LocalAnswer::MethodNotAllowed => Some(2),
             LocalAnswer::PayloadTooLarge => Some(3),
-            LocalAnswer::RateLimited { .. } | LocalAnswer::ConnLimited => Some(4),
-            LocalAnswer::NotImplemented => Some(5),
-            LocalAnswer::BadGateway => Some(6),
-            LocalAnswer::NoUpstream => Some(7),
-            LocalAnswer::GatewayTimeout => Some(8),
+            LocalAnswer::UriTooLong => Some(4),
+            LocalAnswer::RateLimited { .. } | LocalAnswer::ConnLimited => Some(5),
+            LocalAnswer::HeaderTooLarge => Some(6),
+            LocalAnswer::NotImplemented => Some(7),
+            LocalAnswer::BadGateway => Some(8),
+            LocalAnswer::NoUpstream => Some(9),
+            LocalAnswer::GatewayTimeout => Some(10),
             LocalAnswer::QueueFull | LocalAnswer::QueueTimeout => None,
         }
     }
@@ -199,13 +215,15 @@ impl LocalAnswer {
 mod tests {
     use super::*;
 
-    const ALL: [LocalAnswer; 14] = [
+    const ALL: [LocalAnswer; 16] = [
         LocalAnswer::BadRequest,
         LocalAnswer::BadHost,
         LocalAnswer::BadChunk,
         LocalAnswer::NotFound,
         LocalAnswer::MethodNotAllowed,
         LocalAnswer::PayloadTooLarge,
+        LocalAnswer::UriTooLong,
+        LocalAnswer::HeaderTooLarge,
         LocalAnswer::NotImplemented,
         LocalAnswer::BadGateway,
         LocalAnswer::GatewayTimeout,

@@ -207,8 +207,8 @@ pub async fn handle(
                 .iter()
                 .map(HeaderValue::as_bytes),
         );
-        if let Some(refused) =
-            forward::refusal(&parts.method, host_ok, codings_ok, declared, config)
+        if let Some(refused) = forward::head_refusal(head_size(&parts), config)
+            .or_else(|| forward::refusal(&parts.method, host_ok, codings_ok, declared, config))
         {
             return reply(forward::local(shared, refused));
         }
@@ -557,6 +557,25 @@ fn respond(
             stall: StallTimer::default(),
         }),
     )
+}
+
+/// The sizes [`forward::head_refusal`] limits, as the head would be
+/// written: `METHOD target HTTP/1.1`, and `name: value` per header.
+fn head_size(parts: &hyper::http::request::Parts) -> forward::HeadSize {
+    let target = parts.uri.path_and_query().map_or(1, |p| p.as_str().len());
+    let request_line = parts.method.as_str().len() + 1 + target + 9;
+    let mut longest_header = 0;
+    let mut total = request_line + 2 + 2;
+    for (name, value) in &parts.headers {
+        let line = name.as_str().len() + 2 + value.len();
+        longest_header = longest_header.max(line);
+        total += line + 2;
+    }
+    forward::HeadSize {
+        request_line,
+        longest_header,
+        total,
+    }
 }
 
 /// No `Content-Length`, or one line of plain digits.

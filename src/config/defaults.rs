@@ -115,6 +115,8 @@ impl Default for BalancerConfig {
             read_timeout: Duration::from_secs(60),
             send_timeout: Duration::from_secs(60),
             drain_delay: Duration::from_secs(5),
+            max_header_line: 8 * 1024,
+            max_head: 32 * 1024,
             body_timeout: Duration::from_secs(60),
             max_body: 1024 * 1024,
             underscores_in_headers: false,

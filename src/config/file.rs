@@ -93,6 +93,8 @@ pub(super) struct BalancerFile {
     pub(super) read_timeout: Option<Spanned<String>>,
     pub(super) send_timeout: Option<Spanned<String>>,
     pub(super) drain_delay: Option<Spanned<String>>,
+    pub(super) max_header_line: Option<Spanned<i64>>,
+    pub(super) max_head: Option<Spanned<i64>>,
     pub(super) body_timeout: Option<Spanned<String>>,
     pub(super) max_body: Option<Spanned<i64>>,
     #[serde(default)]

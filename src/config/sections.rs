@@ -186,6 +186,14 @@ pub struct BalancerConfig {
     /// load balancer's health check in front needs a few checks to take it
     /// out, and keeps sending until then. Then `[server] grace_period`.
     pub drain_delay: Duration,
+    /// Longest request line and longest header line in bytes (Nginx's
+    /// `large_client_header_buffers` size, 8k): a longer request line is a
+    /// 414, a longer header line a 431, so that no client can push a 64 KiB
+    /// header through to the nodes.
+    pub max_header_line: usize,
+    /// Longest request head in bytes (Nginx's `large_client_header_buffers`
+    /// count times its size, 4 × 8k): more is a 431.
+    pub max_head: usize,
     /// Longest silence of a client between two reads of its request body
     /// (Nginx's `client_body_timeout`): slow is fine, stalled is not.
     pub body_timeout: Duration,

@@ -70,6 +70,11 @@ pub struct RequestHead {
     pub key_at: usize,
     /// Index of the `X-User-Id` line, if there is one.
     pub user_at: Option<usize>,
+    /// Length of the request line, without its line end.
+    pub request_line: usize,
+    /// Length of the longest header line (name, colon, value as sent),
+    /// without its line end.
+    pub longest_header: usize,
     /// For a request handed to hyper: its body is framed by exactly one
     /// `Transfer-Encoding: chunked` and no `Content-Length`, so its chunk
     /// sizes can be checked before hyper reads them (see
@@ -145,6 +150,14 @@ pub fn parse(
     head.keys = 0;
     head.key_at = 0;
     head.user_at = None;
+    // The request line ends where the first header (or the blank line)
+    // begins.
+    head.request_line = req
+        .headers
+        .first()
+        .map_or(len.saturating_sub(2), |h| h.name.as_ptr() as usize - base)
+        .saturating_sub(2);
+    head.longest_header = 0;
     let mut hosts = 0;
     let mut lengths = 0;
     // `Transfer-Encoding` lines, and whether the one there is says just
@@ -154,6 +167,10 @@ pub fn parse(
     let mut general = false;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
+        // From the name's start to the value's end: the line as sent.
+        let line =
+            (h.value.as_ptr() as usize + h.value.len()).saturating_sub(name.as_ptr() as usize);
+        head.longest_header = head.longest_header.max(line);
         let mut kind = Kind::Plain;
         match name.len() {
             4 if name.eq_ignore_ascii_case(b"host") => {

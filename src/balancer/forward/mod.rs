@@ -113,6 +113,34 @@ pub fn refusal(
     None
 }
 
+/// A request head's sizes, as the limits of [`head_refusal`] count them:
+/// the request line, the longest header line (name, `: `, value) and the
+/// whole head, in bytes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HeadSize {
+    /// The request line, without its line end.
+    pub request_line: usize,
+    /// The longest header line, without its line end.
+    pub longest_header: usize,
+    /// The head, blank line included.
+    pub total: usize,
+}
+
+/// Nginx's `large_client_header_buffers` (4 8k by default), once for both
+/// paths: a request line over `max_header_line` is a 414, a header line
+/// over it or a head over `max_head` a 431 (Nginx: 400 "Request Header Or
+/// Cookie Too Large"). The fast path hands a head over either limit to
+/// hyper's path, which asks here.
+pub fn head_refusal(size: HeadSize, config: &BalancerConfig) -> Option<LocalAnswer> {
+    if size.request_line > config.max_header_line {
+        return Some(LocalAnswer::UriTooLong);
+    }
+    if size.longest_header > config.max_header_line || size.total > config.max_head {
+        return Some(LocalAnswer::HeaderTooLarge);
+    }
+    None
+}
+
 /// In front of a sale (`public_only`), what is not for buyers: a request
 /// whose path (as it came, without its query) is neither the nodes' public
 /// API ([`protocol::is_public_path`], exact) nor under one of `pass_paths`

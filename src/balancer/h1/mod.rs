@@ -153,13 +153,22 @@ pub async fn serve(
         };
         first = false;
         loop {
-            match request::parse(
+            let parsed = request::parse(
                 &b.input,
                 &mut b.head,
                 REPLAY_LIMIT,
                 config.max_body,
                 config.underscores_in_headers,
-            ) {
+            );
+            // A head over Nginx's `large_client_header_buffers` limits is
+            // refused on hyper's path, by the same rule.
+            let parsed = match parsed {
+                Parsed::Fast if forward::head_refusal(head_size(&b.head), config).is_some() => {
+                    Parsed::General
+                }
+                other => other,
+            };
+            match parsed {
                 Parsed::Fast => break,
                 Parsed::General => {
                     if b.head.chunked_body
@@ -229,6 +238,15 @@ pub async fn serve(
             let _ = stream.shutdown().await;
             return None;
         }
+    }
+}
+
+/// The sizes [`forward::head_refusal`] limits, of a head parsed in place.
+fn head_size(head: &RequestHead) -> forward::HeadSize {
+    forward::HeadSize {
+        request_line: head.request_line,
+        longest_header: head.longest_header,
+        total: head.len,
     }
 }
 

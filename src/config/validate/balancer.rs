@@ -44,6 +44,7 @@ pub(super) fn validate(
     let admin = optional(&b.admin, d.admin, |v| cx.socket_addr("balancer.admin", v))?;
     let strategy = optional(&b.strategy, d.strategy, |v| strategy(cx, v))?;
     let trusted_proxies = trusted_proxies(cx, &b.trusted_proxies)?;
+    let (max_header_line, max_head) = head_limits(cx, b, &d)?;
     // Every upstream's that sets none; unset, each keeps its own default.
     let max_conns = optional(&b.max_conns, None, |v| {
         Ok(Some(
@@ -102,6 +103,8 @@ pub(super) fn validate(
         drain_delay: optional(&b.drain_delay, d.drain_delay, |v| {
             cx.duration_or_zero("balancer.drain_delay", v)
         })?,
+        max_header_line,
+        max_head,
         body_timeout: optional(&b.body_timeout, d.body_timeout, |v| {
             cx.duration("balancer.body_timeout", v)
         })?,
@@ -409,4 +412,36 @@ fn health_check(cx: &Cx, b: &BalancerFile) -> Result<Option<HealthCheck>, Config
         })?,
         ..d
     }))
+}
+
+/// Largest request head the balancer can be told to take: hyper's path
+/// reads at most 96 KiB of head, and answers 431 beyond it itself.
+const MOST_HEAD: i64 = 64 * 1024;
+
+/// `max_header_line` (1 KiB to 64 KiB) and `max_head` (from
+/// `max_header_line` to 64 KiB).
+fn head_limits(
+    cx: &Cx,
+    b: &BalancerFile,
+    d: &BalancerConfig,
+) -> Result<(usize, usize), ConfigError> {
+    let in_range = |key: &str, v: &Spanned<i64>, min: i64| {
+        let n = *v.get_ref();
+        if (min..=MOST_HEAD).contains(&n) {
+            Ok(n as usize)
+        } else {
+            Err(cx.err(
+                key,
+                v.span(),
+                format!("must be a number of bytes from {min} to {MOST_HEAD}, not {n}"),
+            ))
+        }
+    };
+    let line = optional(&b.max_header_line, d.max_header_line, |v| {
+        in_range("balancer.max_header_line", v, 1024)
+    })?;
+    let head = optional(&b.max_head, d.max_head.max(line), |v| {
+        in_range("balancer.max_head", v, line as i64)
+    })?;
+    Ok((line, head))
 }
