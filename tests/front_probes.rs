@@ -384,3 +384,68 @@ async fn request_heads_have_nginx_s_limits() {
         "an oversized head reached the backend"
     );
 }
+
+/// A backend that answers the head and part of a body, then resets the
+/// connection (SO_LINGER 0), for every connection.
+async fn resetting_backend() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello")
+                    .await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let _ = s.set_zero_linger();
+                drop(s);
+            });
+        }
+    });
+    addr
+}
+
+/// Finding 6f: after an upstream reset its connection mid-body, the log
+/// said `upstream=?` (the address was asked of the reset socket). Both
+/// paths now name the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_mid_body_names_its_upstream_in_the_log() {
+    let backend = resetting_backend().await;
+    for fast in [true, false] {
+        let listen = common::free_addr();
+        let text = config_text(
+            "round_robin",
+            &listen.to_string(),
+            &common::free_addr().to_string(),
+            &[up(backend, 1)],
+        )
+        .replace(
+            "[balancer]\n",
+            &format!("[balancer]\nfast_path = {fast}\ndrain_delay = \"0s\"\n"),
+        );
+        let path = common::spike::write_config(&text);
+        let (mut lb, out) = common::spike::SpikeProcess::start_captured(&[
+            "balancer",
+            "--config",
+            path.to_str().expect("path"),
+        ]);
+        common::spike::wait_listening(&listen.to_string(), Duration::from_secs(15));
+        let mut s = TcpStream::connect(listen).await.expect("connect");
+        s.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let got = read_response(&mut s).await;
+        assert!(got.starts_with("HTTP/1.1 200"), "fast_path = {fast}: {got}");
+        assert!(
+            !got.ends_with(&"x".repeat(95)),
+            "fast_path = {fast}: the body was complete"
+        );
+        out.wait_for(&format!("upstream={backend}"), Duration::from_secs(5));
+        assert!(!out.stderr().contains("upstream=?"), "{}", out.stderr());
+        lb.stop("TERM", Duration::from_secs(15));
+    }
+}

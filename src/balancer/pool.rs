@@ -177,6 +177,9 @@ impl Reusable for UpstreamConn {
 pub struct RawConn {
     /// The socket, `TCP_NODELAY` set.
     pub stream: TcpStream,
+    /// The upstream it goes to, for the logs: asked of the socket after a
+    /// reset, the address is gone.
+    pub addr: SocketAddr,
 }
 
 impl Reusable for RawConn {
@@ -195,7 +198,7 @@ pub async fn connect_raw(addr: SocketAddr, timeout: Duration) -> Result<RawConn,
         .await
         .map_err(|_| ConnectError::Timeout(timeout))??;
     stream.set_nodelay(true)?;
-    Ok(RawConn { stream })
+    Ok(RawConn { stream, addr })
 }
 
 struct Idle<C> {

@@ -112,6 +112,8 @@ impl Body for Tracked {
             }
             Poll::Ready(Some(Err(e))) => {
                 self.homeward = None;
+                // Said as the fast path says it, with the upstream.
+                tracing::warn!(upstream = %self.pick.live().addr, error = %e, "upstream connection broke in the middle of a response");
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(Some(Ok(frame))) => {
@@ -123,6 +125,7 @@ impl Body for Tracked {
                 if this.stall.expired(this.read_timeout, cx) {
                     // The connection is mid-response: it cannot be reused.
                     this.homeward = None;
+                    tracing::warn!(upstream = %this.pick.live().addr, timeout = ?this.read_timeout, "the upstream sent nothing in the middle of a response");
                     return Poll::Ready(Some(Err(Box::new(ReadTimeout(this.read_timeout)))));
                 }
                 Poll::Pending

@@ -185,7 +185,7 @@ pub(super) async fn relay(
                     }
                     Ok(None) => b.resp.len(),
                     Err(error) => {
-                        tracing::warn!(upstream = %peer_of(&conn), %error, "upstream body cut off");
+                        tracing::warn!(upstream = %conn.addr, %error, "upstream body cut off");
                         if first {
                             // The head is good: the client learns of the
                             // failure from a body that ends too soon.
@@ -232,23 +232,20 @@ pub(super) async fn relay(
                 return false;
             }
             Ok(Ok(n)) if n > 0 => {}
-            Ok(_) => {
-                tracing::warn!(upstream = %peer_of(&conn), "upstream closed in the middle of a response");
+            Ok(Ok(_)) => {
+                tracing::warn!(upstream = %conn.addr, "upstream closed in the middle of a response");
+                return false;
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(upstream = %conn.addr, %error, "upstream connection broke in the middle of a response");
                 return false;
             }
             Err(_) => {
-                tracing::warn!(upstream = %peer_of(&conn), timeout = ?config.read_timeout, "the upstream sent nothing in the middle of a response");
+                tracing::warn!(upstream = %conn.addr, timeout = ?config.read_timeout, "the upstream sent nothing in the middle of a response");
                 return false;
             }
         }
     }
-}
-
-/// The upstream's address, for the logs.
-fn peer_of(conn: &RawConn) -> String {
-    conn.stream
-        .peer_addr()
-        .map_or_else(|_| "?".to_owned(), |a| a.to_string())
 }
 
 /// Appends a header name in lower case: how hyper writes names, so that
