@@ -259,6 +259,14 @@ pub async fn handle(
                 None => return reply(forward::local(shared, LocalAnswer::BadRequest)),
             }
         } else {
+            if declared.is_none() {
+                // A body of unknown length goes on chunked, whatever the
+                // method: hyper's client sends none for a GET, HEAD or
+                // DELETE unless told (Nginx and HAProxy forward it).
+                parts
+                    .headers
+                    .insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+            }
             let state = Arc::new(BodyState::default());
             let body = ClientBody {
                 inner: body,
