@@ -508,3 +508,36 @@ async fn a_get_s_chunked_body_is_forwarded() {
         lb.shutdown().await;
     }
 }
+
+/// Finding 6b: a chunk size past 2^63 - 1 in the bytes that came with the
+/// head was answered `200` and a chunked body, then a close; it is the
+/// upstream's malformed response, a 502, on both paths. Good chunked
+/// responses pass whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_first_chunk_is_a_502() {
+    let bad = Recorder::start(
+        "n",
+        Then::Raw(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffffff\r\nx\r\n",
+        ),
+    )
+    .await;
+    let good = Recorder::start(
+        "g",
+        Then::Raw(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+    )
+    .await;
+    for fast in [true, false] {
+        let request =
+            b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+        let lb = Running::start(&one_upstream(bad.addr, &format!("fast_path = {fast}"))).await;
+        let got = raw(None, lb.addr, request).await;
+        assert!(got.starts_with("HTTP/1.1 502"), "fast_path = {fast}: {got}");
+        lb.shutdown().await;
+        let lb = Running::start(&one_upstream(good.addr, &format!("fast_path = {fast}"))).await;
+        let got = raw(None, lb.addr, request).await;
+        assert!(got.starts_with("HTTP/1.1 200"), "fast_path = {fast}: {got}");
+        assert!(body_of(&got).contains("hello"), "fast_path = {fast}: {got}");
+        lb.shutdown().await;
+    }
+}

@@ -96,7 +96,22 @@ pub(super) async fn exchange(
             }
             loop {
                 match response::parse(&b.resp, &mut b.rhead, to_head) {
-                    Ok(ParsedResponse::Complete) => return Ok(conn),
+                    Ok(ParsedResponse::Complete) => {
+                        // A chunked body's first size line, when it came
+                        // with the head, is checked before anything goes
+                        // to the client: malformed (a size past 2^63 - 1,
+                        // junk), it is the upstream's 502, not a 200 cut
+                        // off; as hyper's path decides on its first frame.
+                        if b.rhead.framing == Framing::Chunked
+                            && let Err(m) = first_size_line(&b.resp[b.rhead.len..])
+                        {
+                            return Err(Failure::Broken {
+                                stale: false,
+                                error: RawError::Malformed(m),
+                            });
+                        }
+                        return Ok(conn);
+                    }
                     Ok(ParsedResponse::Informational(n)) => b.resp.advance(n),
                     Ok(ParsedResponse::Partial) => break,
                     Err(m) => {
@@ -112,6 +127,15 @@ pub(super) async fn exchange(
     tokio::time::timeout(config.response_timeout, attempt)
         .await
         .unwrap_or(Err(Failure::Timeout))
+}
+
+/// Checks a chunked body's first size line, if `body` holds all of it.
+fn first_size_line(body: &[u8]) -> Result<(), Malformed> {
+    let Some(end) = body.windows(2).position(|w| w == b"\r\n") else {
+        // Not all here (or junk without a line end, which the relay finds).
+        return Ok(());
+    };
+    ChunkedScan::default().scan(&body[..end + 2]).map(|_| ())
 }
 
 /// Writes the response in `b.rhead`/`b.resp` to the client and relays its
