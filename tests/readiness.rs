@@ -193,3 +193,33 @@ async fn ready_fails_while_no_upstream_can_be_picked() {
     .await;
     lb.shutdown().await;
 }
+
+/// A second SIGTERM during the drain ends it at once (an operator who
+/// means "now" says it twice): the port closes and the process exits
+/// long before `drain_delay`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_ends_the_drain() {
+    let backend = Backend::start("b").await;
+    let listen = common::free_addr();
+    let admin = common::free_addr();
+    let text = config_text(
+        "round_robin",
+        &listen.to_string(),
+        &admin.to_string(),
+        &[up(backend.addr, 1)],
+    )
+    .replace("[balancer]\n", "[balancer]\ndrain_delay = \"60s\"\n");
+    let path = write_config(&text);
+    let mut lb = SpikeProcess::start(&["balancer", "--config", path.to_str().expect("path")]);
+    wait_listening(&listen.to_string(), Duration::from_secs(15));
+    wait_listening(&admin.to_string(), Duration::from_secs(5));
+    lb.signal("TERM");
+    common::wait_for("/ready to fail", Duration::from_secs(2), async || {
+        admin_get(admin, "/ready").await.0 == 503
+    })
+    .await;
+    let started = Instant::now();
+    lb.signal("TERM");
+    lb.expect_clean_exit(Duration::from_secs(10));
+    assert!(started.elapsed() < Duration::from_secs(10));
+}

@@ -101,7 +101,9 @@ impl Balancer {
     /// while the balancer goes on serving and accepting, so that an L4
     /// balancer's health check takes it out before it stops accepting.
     /// Give it to [`Balancer::run`] as its shutdown (`spike balancer` does;
-    /// `spike up`, one machine with nothing in front, stops at once).
+    /// `spike up`, one machine with nothing in front, stops at once). A
+    /// second SIGTERM or Ctrl-C during the delay ends it at once: an
+    /// operator who means "now" says it twice.
     pub fn drained(
         &self,
         signal: impl Future<Output = ()> + Send + 'static,
@@ -109,6 +111,8 @@ impl Balancer {
         let shared = self.shared.clone();
         async move {
             signal.await;
+            // Caught from here on: the second signal.
+            let again = crate::signals::shutdown_signal();
             shared
                 .draining
                 .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -117,7 +121,10 @@ impl Balancer {
                 drain_delay = ?delay,
                 "stopping: /ready fails; serving on for drain_delay, then no new connections and grace_period for those in flight"
             );
-            tokio::time::sleep(delay).await;
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = again => tracing::info!("stopping now: a second signal ended the drain"),
+            }
         }
     }
 
