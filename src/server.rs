@@ -392,7 +392,7 @@ pub async fn serve_with<F, S, B>(
                 Err(TryAcquireError::Closed) => break 'accept,
                 Err(TryAcquireError::NoPermits) => {}
             }
-            if reusable.any_idle() {
+            if reusable.room_to_make() {
                 break None;
             }
             tokio::select! {
@@ -404,6 +404,9 @@ pub async fn serve_with<F, S, B>(
                 () = &mut shutdown => break 'accept,
             }
         };
+        // While this loop waits for a client with a permit in hand, no other
+        // loop closes an idle connection for one.
+        let spare = permit.as_ref().map(|_| reusable.spare());
         if let Some((share, me)) = &share {
             tokio::select! {
                 () = share.turn(*me) => {}
@@ -422,6 +425,7 @@ pub async fn serve_with<F, S, B>(
             },
             () = &mut shutdown => break,
         };
+        drop(spare);
         let permit = match permit {
             Some(p) => p,
             None => {
@@ -534,6 +538,10 @@ impl AcceptErrors {
     }
 }
 
+/// How long a loop waits for the permit of the connection it claimed
+/// before it claims another (see [`make_room`]).
+const RECLAIM_WAIT: Duration = Duration::from_millis(100);
+
 /// A permit of the cap for a client accepted over it: the connection idle
 /// the longest is claimed and closes, and its permit is the new client's.
 /// With none idle (they all began requests), the client waits for the
@@ -551,8 +559,17 @@ async fn make_room(permits: &Arc<Semaphore>, reusable: &Reusable) -> Option<Owne
             claimed = reusable.reclaim_oldest();
         }
         if claimed {
-            // The claimed connection closes as soon as it is woken.
-            return permits.clone().acquire_owned().await.ok();
+            // The claimed connection closes as soon as it is woken, and its
+            // permit comes here, unless a loop waiting for one since before
+            // (the semaphore serves them in turn) takes it: then, after a
+            // while, the next idle connection is claimed.
+            match tokio::time::timeout(RECLAIM_WAIT, permits.clone().acquire_owned()).await {
+                Ok(p) => return p.ok(),
+                Err(_) => {
+                    claimed = false;
+                    continue;
+                }
+            }
         }
         tokio::select! {
             p = permits.clone().acquire_owned() => return p.ok(),

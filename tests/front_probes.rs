@@ -62,12 +62,13 @@ async fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_clients_make_room_for_a_new_one_oldest_first() {
     let node = Recorder::start("n", Then::Answer).await;
-    for fast in [true, false] {
+    // Two workers too: the idle connections of both share one table.
+    for (fast, workers) in [(true, 1), (false, 1), (true, 2), (false, 2)] {
         let text = format!(
             "{}\n[server]\nmax_connections = 4\n",
             one_upstream(node.addr, &format!("fast_path = {fast}"))
         );
-        let lb = Running::start(&text).await;
+        let lb = Running::start_workers(&text, workers).await;
         let mut idle = Vec::new();
         for i in 0..4 {
             let mut s = TcpStream::connect(lb.addr).await.expect("connect");
@@ -102,7 +103,7 @@ async fn idle_keep_alive_clients_make_room_for_a_new_one_oldest_first() {
         // The oldest idle client made the room, and only it.
         assert!(
             closed_within(&mut idle[0], Duration::from_secs(2)).await,
-            "fast_path = {fast}: the oldest idle client is still open"
+            "fast_path = {fast}, {workers} workers: the oldest idle client is still open"
         );
         for (i, s) in idle.iter_mut().enumerate().skip(1) {
             s.write_all(b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -111,7 +112,7 @@ async fn idle_keep_alive_clients_make_room_for_a_new_one_oldest_first() {
             let again = read_response(s).await;
             assert!(
                 again.starts_with("HTTP/1.1 200"),
-                "fast_path = {fast}: idle client {i} was closed too: {again:?}"
+                "fast_path = {fast}, {workers} workers: idle client {i} was closed too: {again:?}"
             );
         }
         drop(idle);

@@ -21,6 +21,14 @@
 //! the instant it is claimed is not served: the client sees its idle
 //! keep-alive connection closed, which every HTTP client retries (the same
 //! race as a server's own idle timeout).
+//!
+//! With several accept loops (the balancer's workers), a loop holding a
+//! permit while it waits for a client is counted ([`Reusable::spare`]):
+//! while one is, the others do not accept over the cap, since the next
+//! client is that loop's and closing a connection for it would be for
+//! nothing (two connections were closed for one client before). A loop
+//! whose claimed connection's permit went to another waiting loop claims
+//! the next one after a short wait.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -55,8 +63,12 @@ pub struct Reusable {
     /// Accept loops waiting for a connection to turn idle (see
     /// [`Reusable::idle_appeared`]).
     starved: AtomicUsize,
-    /// Woken when a connection turns idle while a loop is starved.
+    /// Woken when a connection turns idle while a loop is starved, or
+    /// when a loop that held a permit in hand took its client.
     appeared: Notify,
+    /// Loops waiting for a client with a permit in hand: while one is, a
+    /// new client is its, and no idle connection needs to be closed.
+    spare: AtomicUsize,
 }
 
 impl Reusable {
@@ -68,6 +80,7 @@ impl Reusable {
             free: Mutex::new((0..most as u32).rev().collect()),
             starved: AtomicUsize::new(0),
             appeared: Notify::new(),
+            spare: AtomicUsize::new(0),
         })
     }
 
@@ -88,6 +101,21 @@ impl Reusable {
         self.slots
             .iter()
             .any(|s| is_idle(s.word.load(Ordering::SeqCst)))
+    }
+
+    /// Whether a loop with no permit should accept the next client and
+    /// close an idle connection for it: some connection is idle, and no
+    /// other loop waits for a client with a permit in hand (that one takes
+    /// it, and closing a connection would be for nothing).
+    pub(super) fn room_to_make(&self) -> bool {
+        self.spare.load(Ordering::SeqCst) == 0 && self.any_idle()
+    }
+
+    /// Counts a loop as waiting for a client with a permit in hand until
+    /// the returned guard is dropped.
+    pub(super) fn spare(&self) -> Spare<'_> {
+        self.spare.fetch_add(1, Ordering::SeqCst);
+        Spare(self)
     }
 
     /// Claims the connection idle the longest and wakes it to close;
@@ -119,7 +147,8 @@ impl Reusable {
         }
     }
 
-    /// Resolves once some connection is idle (at once if one is).
+    /// Resolves once [`Reusable::room_to_make`] may have become true (at
+    /// once if it is).
     pub(super) async fn idle_appeared(&self) {
         self.starved.fetch_add(1, Ordering::SeqCst);
         let _starved = Starved(&self.starved);
@@ -128,10 +157,23 @@ impl Reusable {
         // Registered before the look: a connection that turns idle after it
         // sees `starved` and wakes us.
         appeared.as_mut().enable();
-        if self.any_idle() {
+        if self.room_to_make() {
             return;
         }
         appeared.await;
+    }
+}
+
+/// A loop waiting for a client with a permit in hand (see
+/// [`Reusable::spare`]).
+pub(super) struct Spare<'a>(&'a Reusable);
+
+impl Drop for Spare<'_> {
+    fn drop(&mut self) {
+        self.0.spare.fetch_sub(1, Ordering::SeqCst);
+        if self.0.starved.load(Ordering::SeqCst) > 0 {
+            self.0.appeared.notify_waiters();
+        }
     }
 }
 

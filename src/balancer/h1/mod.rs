@@ -131,13 +131,15 @@ pub async fn serve(
                 _ = ctx.stop.wait_for(|stop| *stop) => return None,
                 () = crate::server::reuse::claimed(idle) => return None,
             }
-            if idle.is_some_and(|idle| !idle.busy()) {
-                // Claimed for a new client just as this one spoke.
-                return None;
-            }
             b.input.reserve(READ_CHUNK);
             match try_read_some(&stream, &mut b.input) {
                 Ok(0) => return None,
+                // Busy only once bytes came: a wake with nothing to read
+                // leaves the connection idle since when it was.
+                Ok(_) if idle.is_some_and(|idle| !idle.busy()) => {
+                    // Claimed for a new client just as this one spoke.
+                    return None;
+                }
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(_) => return None,
