@@ -29,4 +29,7 @@ fi
 # not `-- --test-threads`, because criterion's bench harness refuses that flag;
 # --all-targets runs each benchmark once as a smoke test.)
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}"
+# The load client the crowd test drives as a separate process (cargo test
+# builds examples only as test harnesses).
+cargo build --example crowd
 cargo test --all-targets

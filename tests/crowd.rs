@@ -17,17 +17,18 @@ use common::redis::RedisServer;
 use common::spike::{bin, remove_config, run};
 use common::up::{start_up, up_config};
 
-/// `examples/crowd.rs`, beside the `spike` binary under test.
+/// `examples/crowd.rs` as `cargo build --example crowd` leaves it beside
+/// the `spike` binary under test (`scripts/test.sh` builds it first: `cargo
+/// test --all-targets` builds an example only as a test harness).
 fn crowd_bin() -> PathBuf {
-    let spike = PathBuf::from(bin());
-    let path = spike
+    let path = PathBuf::from(bin())
         .parent()
         .expect("target dir")
         .join("examples")
         .join("crowd");
     assert!(
         path.exists(),
-        "{} is missing: `cargo test --all-targets` (scripts/test.sh) builds the examples",
+        "{} is missing: run `cargo build --example crowd` first (scripts/test.sh does)",
         path.display()
     );
     path
