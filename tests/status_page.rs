@@ -418,6 +418,25 @@ async fn a_reload_that_changes_the_sale_says_so_on_the_page() {
         },
     )
     .await;
+    // Reloading the same file again (a second SIGHUP, or the file watcher
+    // and a SIGHUP both seeing one save) finds nothing new, and the note
+    // still holds: it stays.
+    let (_, body) = get(&c, ports.admin, "/status").await.expect("status");
+    let first_at = json(&body)["last_reload"]["at"].clone();
+    // `at` is in whole seconds.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    up.signal("HUP");
+    common::wait_for(
+        "the second reload",
+        std::time::Duration::from_secs(10),
+        async || {
+            let (_, body) = get(&c, ports.admin, "/status").await.expect("status");
+            json(&body)["last_reload"]["at"] != first_at
+        },
+    )
+    .await;
+    let (_, body) = get(&c, ports.admin, "/status").await.expect("status");
+    assert!(json(&body)["last_reload"]["note"].is_string(), "{body}");
     let dom = rendered(&format!("http://{}/", ports.admin));
     assert!(dom.contains("id=\"reload\" class=\"warn\""), "{dom}");
     let reload = element(&dom, "id=\"reload\"");

@@ -231,6 +231,12 @@ impl Shared {
         let before = self.current.load().version;
         let mut note = None;
         let result = self.reload_locked(&mut note);
+        if note.is_none() && matches!(result, Ok(v) if v == before) {
+            // Nothing new since the last reload (the file watcher and a
+            // SIGHUP may both reload one save): what that one said of the
+            // file's [sale] still holds, and must not be lost.
+            note = self.last_reload().and_then(|r| r.note);
+        }
         let outcome = LastReload {
             at,
             error: result.as_ref().err().map(|e| e.to_string()),
