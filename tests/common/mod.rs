@@ -49,10 +49,22 @@ pub fn refusing_addr() -> (tokio::net::TcpSocket, std::net::SocketAddr) {
     (socket, addr)
 }
 
-/// A port nobody is listening on right now (the OS picks it).
+/// A port nobody is listening on right now (the OS picks it), and never
+/// one this test process was given before: the OS may hand a port that was
+/// just let go to the next caller, and two nodes of one test (or two tests
+/// running beside each other) would then be given the same port before
+/// either listens.
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
+    static GIVEN: std::sync::Mutex<Option<std::collections::HashSet<u16>>> =
+        std::sync::Mutex::new(None);
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+        let port = l.local_addr().expect("local addr").port();
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if given.get_or_insert_with(Default::default).insert(port) {
+            return port;
+        }
+    }
 }
 
 /// Resident memory of process `pid` in KiB (`VmRSS`), for the memory tests.
