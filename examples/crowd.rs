@@ -289,6 +289,26 @@ impl Conn {
             }
         }
     }
+
+    /// [`Conn::send`], its answer (or error) and latency counted in `tally`.
+    async fn send_counted(
+        &mut self,
+        tally: &mut Tally,
+        method: hyper::Method,
+        host: &str,
+        path: &str,
+        header: Option<(&str, &str)>,
+        left: Duration,
+    ) -> Result<Answer, String> {
+        let sent = Instant::now();
+        let answer = self.send(method, host, path, header, left).await;
+        record(
+            tally,
+            sent,
+            answer.as_ref().map(|a| a.status).map_err(Clone::clone),
+        );
+        answer
+    }
 }
 
 /// One lane: a connection, and the next buyer's request (or visit) after
@@ -309,11 +329,16 @@ async fn lane(crowd: &Crowd) -> Tally {
             None => {
                 let left = crowd.deadline.saturating_duration_since(Instant::now())
                     + Duration::from_secs(5);
-                let sent = Instant::now();
-                let r = conn
-                    .send(crowd.method.clone(), &crowd.host, path, auth, left)
+                let _ = conn
+                    .send_counted(
+                        &mut tally,
+                        crowd.method.clone(),
+                        &crowd.host,
+                        path,
+                        auth,
+                        left,
+                    )
                     .await;
-                record(&mut tally, sent, r.map(|a| a.status));
             }
             Some(flow) => {
                 let outcome = visit(crowd, flow, &mut conn, &mut tally, i, path, auth).await;
@@ -353,9 +378,9 @@ async fn visit(
         if Instant::now() >= give_up {
             return "gave_up";
         }
-        let sent = Instant::now();
         let answer = conn
-            .send(
+            .send_counted(
+                tally,
                 hyper::Method::POST,
                 &crowd.host,
                 path,
@@ -363,11 +388,6 @@ async fn visit(
                 Duration::from_secs(10),
             )
             .await;
-        record(
-            tally,
-            sent,
-            answer.as_ref().map(|a| a.status).map_err(Clone::clone),
-        );
         let Ok(a) = answer else {
             tally.waits += 1;
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -395,9 +415,9 @@ async fn visit(
                     spike::auth::unix_now(),
                     &format!("POST {target}"),
                 );
-                let sent = Instant::now();
                 let paid = conn
-                    .send(
+                    .send_counted(
+                        tally,
                         hyper::Method::POST,
                         &crowd.host,
                         &target,
@@ -405,11 +425,6 @@ async fn visit(
                         Duration::from_secs(10),
                     )
                     .await;
-                record(
-                    tally,
-                    sent,
-                    paid.as_ref().map(|a| a.status).map_err(Clone::clone),
-                );
                 return match paid {
                     Ok(p) if p.status == 200 => "paid",
                     _ => "payment_failed",

@@ -273,16 +273,10 @@ async fn a_sale_survives_node_death_redis_stalls_restarts_and_reloads() {
     faults.push("balancer reloaded with n2 back".into());
     let mut late = HashMap::new();
     for i in 0..200 {
-        let bearer = auth.bearer(&format!("late{i}"));
-        let common::http::Reply { status, body, .. } = send(
-            &c,
-            Method::GET,
-            ports.balancer,
-            "/buy/ticket",
-            &[("Authorization", bearer.as_str())],
-        )
-        .await
-        .expect("late buyer");
+        let common::http::Reply { status, body, .. } = auth
+            .buy(&c, Method::GET, ports.balancer, &format!("late{i}"), None)
+            .await
+            .expect("late buyer");
         *late
             .entry((
                 status.as_u16(),
@@ -367,16 +361,10 @@ async fn a_sale_survives_node_death_redis_stalls_restarts_and_reloads() {
             "{buyer} holds {order} with answers {theirs:?}"
         );
         assert!(orders.contains(order));
-        let bearer = auth.bearer(buyer);
-        let common::http::Reply { status, body, .. } = send(
-            &c,
-            Method::GET,
-            ports.balancer,
-            "/buy/ticket",
-            &[("Authorization", bearer.as_str())],
-        )
-        .await
-        .expect("the holder asks again");
+        let common::http::Reply { status, body, .. } = auth
+            .buy(&c, Method::GET, ports.balancer, buyer, None)
+            .await
+            .expect("the holder asks again");
         let v = json(&body);
         assert_eq!(status, StatusCode::CONFLICT, "{buyer}: {body}");
         assert_eq!(v["status"], "already_bought", "{buyer}: {body}");

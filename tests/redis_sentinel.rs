@@ -13,28 +13,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::auth::TestAuth;
-use common::http::{Reply, TestClient, client, get, json, send};
+use common::http::{Reply, client, get, json};
 use common::redis::RedisServer;
 use common::sentinel::{Sentinel, wait_until};
 use common::spike::{SpikeProcess, run, wait_listening, write_config};
+use hyper::Method;
 use hyper::StatusCode;
-
-/// `buyer`'s purchase with their own token (and an `Idempotency-Key`
-/// when given), sent straight to the node.
-async fn buy(
-    c: &TestClient,
-    node: std::net::SocketAddr,
-    auth: &TestAuth,
-    buyer: &str,
-    key: Option<&str>,
-) -> Result<Reply, String> {
-    let bearer = auth.bearer(buyer);
-    let mut headers = vec![("Authorization", bearer.as_str())];
-    if let Some(k) = key {
-        headers.push(("Idempotency-Key", k));
-    }
-    send(c, hyper::Method::POST, node, "/buy/ticket", &headers).await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sale_survives_a_sentinel_failover_with_every_answered_order() {
@@ -103,7 +87,8 @@ async fn a_sale_survives_a_sentinel_failover_with_every_answered_order() {
                         started.elapsed() < Duration::from_secs(90),
                         "the sale did not end"
                     );
-                    let Ok(Reply { status, body, .. }) = buy(&c, node, &auth, &buyer, None).await
+                    let Ok(Reply { status, body, .. }) =
+                        auth.buy(&c, Method::POST, node, &buyer, None).await
                     else {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
@@ -166,8 +151,10 @@ async fn a_sale_survives_a_sentinel_failover_with_every_answered_order() {
     // exact order on the new primary.
     let answered = answered.lock().expect("answered").clone();
     for (buyer, order) in &answered {
-        let Reply { status, body, .. } =
-            buy(&c, node, &auth, buyer, None).await.expect("ask again");
+        let Reply { status, body, .. } = auth
+            .buy(&c, Method::POST, node, buyer, None)
+            .await
+            .expect("ask again");
         assert_eq!(status, StatusCode::CONFLICT, "{buyer}: {body}");
         let v = json(&body);
         assert_eq!(v["status"], "already_bought", "{buyer}: {body}");
@@ -253,7 +240,7 @@ async fn buyers_through_a_failover(replicas: usize, after: Duration) -> (usize, 
         next += 1;
         let buyer = format!("h{next}");
         let key = format!("key-{next}");
-        let reply = buy(&c, node, &auth, &buyer, Some(&key)).await;
+        let reply = auth.buy(&c, Method::POST, node, &buyer, Some(&key)).await;
         (buyer, reply.map(|r| (r.status, r.body)))
     };
     for _ in 0..10 {

@@ -61,16 +61,9 @@ impl Door<'_> {
         let Some(auth) = self.auth else {
             return buy(self.c, self.at, user).await;
         };
-        let bearer = auth.bearer(user);
-        send(
-            self.c,
-            Method::GET,
-            self.at,
-            "/buy/ticket",
-            &[("Authorization", bearer.as_str())],
-        )
-        .await
-        .unwrap_or_else(|e| panic!("buy for {user}: {e}"))
+        auth.buy(self.c, Method::GET, self.at, user, None)
+            .await
+            .unwrap_or_else(|e| panic!("buy for {user}: {e}"))
     }
 
     /// `op` as for [`order`]; `user` is the buyer asking (or, for a

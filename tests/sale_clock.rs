@@ -47,12 +47,7 @@ async fn buy_with(
     buyer: &str,
     key: Option<&str>,
 ) -> Reply {
-    let bearer = auth.bearer(buyer);
-    let mut headers = vec![("Authorization", bearer.as_str())];
-    if let Some(k) = key {
-        headers.push(("Idempotency-Key", k));
-    }
-    send(c, Method::POST, at, "/buy/ticket", &headers)
+    auth.buy(c, Method::POST, at, buyer, key)
         .await
         .expect("an answer")
 }

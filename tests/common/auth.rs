@@ -52,6 +52,25 @@ impl TestAuth {
         format!("Bearer {token}")
     }
 
+    /// `buyer`'s purchase at `at` with their own token (and an
+    /// `Idempotency-Key` when given): the one way the tests with `[auth]`
+    /// buy.
+    pub async fn buy(
+        &self,
+        c: &super::http::TestClient,
+        method: hyper::Method,
+        at: std::net::SocketAddr,
+        buyer: &str,
+        key: Option<&str>,
+    ) -> Result<super::http::Reply, String> {
+        let bearer = self.bearer(buyer);
+        let mut headers = vec![("Authorization", bearer.as_str())];
+        if let Some(k) = key {
+            headers.push(("Idempotency-Key", k));
+        }
+        super::http::send(c, method, at, "/buy/ticket", &headers).await
+    }
+
     /// The `Spike-Signature` value that pays with `POST path_and_query`,
     /// signed now.
     pub fn pay_signature(&self, path_and_query: &str) -> String {
