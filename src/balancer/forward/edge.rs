@@ -48,6 +48,10 @@ pub fn answer<'a>(
     token: impl FnOnce() -> Option<&'a str>,
 ) -> Option<EdgeAnswer> {
     let config = &active.config;
+    if !is_buy {
+        return None;
+    }
+    // Read only for a purchase: every other request passes by untouched.
     let moments = shared
         .edge
         .moments
@@ -58,8 +62,7 @@ pub fn answer<'a>(
             paused: false,
             closed: false,
         });
-    if is_buy
-        && (*method == Method::GET || *method == Method::POST)
+    if (*method == Method::GET || *method == Method::POST)
         && config.sold_out_at_edge
         && moments.any()
     {
