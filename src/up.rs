@@ -133,6 +133,10 @@ pub async fn run(
         nodes.push(fleet.start(&config, &cfg.name, listener).await?);
     }
     let balancer = crate::balancer::Balancer::new(config.clone())?;
+    // The waiting room's line lives with the sale: in its Redis, or in
+    // the embedded store the nodes sell from. Always handed over, so that
+    // a reload that adds a `[waiting_room]` opens the line.
+    balancer.attach_line_store(store.clone());
     balancer.set_reload_hook(Box::new(FleetHook {
         fleet: fleet.clone(),
         runtime: tokio::runtime::Handle::current(),

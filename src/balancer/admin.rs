@@ -64,6 +64,16 @@ fn ready(shared: &Shared) -> (StatusCode, String) {
         );
     }
     let active = shared.current.load();
+    if active.config.waiting_room.is_some()
+        && shared.waiting_room.attached()
+        && shared.waiting_room.view.load().is_none()
+    {
+        // Every purchase here would be a 503 until the line is heard.
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{\"status\":\"unavailable\",\"reason\":\"the waiting room has not heard its line from the sale's store yet\"}\n".to_string(),
+        );
+    }
     let now = now_ms();
     let (mut usable, mut all) = (0usize, 0usize);
     for u in active.selector.upstreams() {
@@ -166,6 +176,7 @@ fn status(shared: &Shared) -> String {
         },
         "local": local,
         "limits": limits_status(shared, &active.config.limits),
+        "waiting_room": super::waiting_room::status(shared),
         "rates": super::recent::rates(shared),
         "sale": super::recent::sale(shared),
         "upstreams": upstreams,
@@ -346,6 +357,79 @@ fn metrics(shared: &Shared) -> String {
         "counter",
         l.rate.evicted.load(Ordering::Relaxed),
     );
+    let w = super::waiting_room::status(shared);
+    if w.on {
+        for (name, help, kind, value) in [
+            (
+                "spike_waiting_room_waiting",
+                "Buyers in the waiting room's line not admitted yet (every balancer's line: it is one).",
+                "gauge",
+                w.waiting,
+            ),
+            (
+                "spike_waiting_room_joined",
+                "Buyers who joined the line, pre-queue included.",
+                "gauge",
+                w.joined,
+            ),
+            (
+                "spike_waiting_room_serving",
+                "The serving mark: positions up to it are admitted.",
+                "gauge",
+                w.serving,
+            ),
+            (
+                "spike_waiting_room_oldest_wait_milliseconds",
+                "How long the first buyer not admitted has waited.",
+                "gauge",
+                (w.oldest_wait_s * 1000.0) as u64,
+            ),
+            (
+                "spike_waiting_room_admit_rate_milli",
+                "Positions admitted a second lately, in thousandths.",
+                "gauge",
+                (w.admit_rate * 1000.0) as u64,
+            ),
+            (
+                "spike_waiting_room_waiting_answers_total",
+                "202 waiting answers this balancer gave, each from memory.",
+                "counter",
+                w.waiting_answers,
+            ),
+            (
+                "spike_waiting_room_passes_issued_total",
+                "Passes this balancer handed out.",
+                "counter",
+                w.passes_issued,
+            ),
+            (
+                "spike_waiting_room_passes_accepted_total",
+                "Purchases this balancer let through on a valid pass.",
+                "counter",
+                w.passes_accepted,
+            ),
+            (
+                "spike_waiting_room_passes_refused_total",
+                "Passes refused: forged, expired, or another buyer's.",
+                "counter",
+                w.passes_refused,
+            ),
+            (
+                "spike_waiting_room_store_calls_total",
+                "Store calls for buyers joining the line (the few a second that move it are apart).",
+                "counter",
+                w.join_calls,
+            ),
+            (
+                "spike_waiting_room_tick_calls_total",
+                "Store calls that move and read the line.",
+                "counter",
+                w.tick_calls,
+            ),
+        ] {
+            crate::prometheus::single(&mut out, name, help, kind, value);
+        }
+    }
     crate::prometheus::single(
         &mut out,
         "spike_balancer_config_version",

@@ -43,6 +43,7 @@ pub mod select;
 pub mod state;
 
 pub mod upstream;
+pub mod waiting_room;
 pub mod window;
 
 use std::convert::Infallible;
@@ -59,7 +60,7 @@ use hyper::{Request, Response};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 
 pub use error::BalancerError;
 pub use reload::Reloader;
@@ -128,6 +129,13 @@ impl Balancer {
         }
     }
 
+    /// Keeps the waiting room's line in `store` (the sale's): `spike
+    /// balancer` opens the sale's Redis, `spike up` hands over the store
+    /// its nodes sell from.
+    pub fn attach_line_store(&self, store: crate::node::store::Store) {
+        self.shared.waiting_room.attach(store);
+    }
+
     /// A handle to reload from the config file while running.
     pub fn reloader(&self) -> Reloader {
         Reloader {
@@ -159,6 +167,7 @@ impl Balancer {
         let edge = tokio::spawn(sale::watch_edge(shared.clone()));
         let recent = tokio::spawn(recent::run(shared.clone()));
         let health = tokio::spawn(health::run(shared.clone()));
+        let line = tokio::spawn(waiting_room::run(shared.clone()));
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let limits = shared.server.clone();
@@ -247,6 +256,7 @@ impl Balancer {
         edge.abort();
         recent.abort();
         health.abort();
+        line.abort();
         Ok(())
     }
 }
@@ -375,6 +385,30 @@ pub async fn run(
     Balancer::new(config)?.run(listener, admin, shutdown).await
 }
 
+/// The sale's store for the waiting room's line, when the file has a
+/// `[waiting_room]`: its Redis (a line every balancer shares), which
+/// `spike balancer` cannot do without.
+async fn line_store(config: &Config) -> Result<Option<crate::node::store::Store>, BalancerError> {
+    let wants_line = config
+        .balancer
+        .as_ref()
+        .is_some_and(|b| b.waiting_room.is_some());
+    if !wants_line {
+        return Ok(None);
+    }
+    let Some(redis) = config.redis.as_ref() else {
+        return Err(BalancerError::Config(ConfigError::Lacks {
+            path: config.path.clone(),
+            message: "[waiting_room] keeps its line in the sale's Redis, shared by every balancer: `spike balancer` needs a [redis] section (only `spike up` can keep it in memory)".into(),
+        }));
+    };
+    let sale = config.require_sale()?;
+    crate::node::store::Store::open(sale, Some(redis))
+        .await
+        .map(Some)
+        .map_err(|e| BalancerError::Refused(format!("the waiting room's store: {e}")))
+}
+
 /// Entry point of `spike balancer`: load, bind, serve until SIGTERM/Ctrl-C.
 pub fn main(config_path: &Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;
@@ -408,7 +442,11 @@ pub fn main(config_path: &Path) -> anyhow::Result<ExitCode> {
             workers,
             "balancer listening"
         );
+        let line = line_store(&config).await?;
         let balancer = Balancer::with_workers(config, workers)?;
+        if let Some(store) = line {
+            balancer.attach_line_store(store);
+        }
         let shutdown = balancer.drained(shutdown);
         balancer.run(listener, admin, shutdown).await
     })?;

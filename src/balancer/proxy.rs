@@ -50,6 +50,7 @@ use super::pool::{self, UpstreamConn};
 use super::select::Pick;
 use super::state::Shared;
 use super::upstream::{Upstream, now_ms};
+use super::waiting_room::{self, Gate};
 
 pub use super::pool::ReqBody;
 
@@ -234,17 +235,43 @@ pub async fn handle(
             Ok(admitted) => admitted,
             Err(limited) => return reply(forward::local(shared, limited)),
         };
+        let shut = match waiting_room::gate(
+            shared,
+            &active,
+            is_buy,
+            &parts.method,
+            || {
+                parts
+                    .headers
+                    .get_all(hyper::header::COOKIE)
+                    .iter()
+                    .map(HeaderValue::as_bytes)
+            },
+            || crate::auth::token_of(&parts.headers),
+            client,
+        ) {
+            Gate::Pass => None,
+            Gate::Answer(r) => return reply(r),
+            Gate::Join(joining) => {
+                return reply(waiting_room::join(shared, &active, joining).await);
+            }
+            Gate::Shut(r) => Some(r),
+        };
+        let client_key = parts.headers.contains_key(IDEMPOTENCY_KEY);
         let edge = forward::edge::answer(
             shared,
             &active,
             is_buy,
             &parts.method,
-            parts.headers.contains_key(IDEMPOTENCY_KEY),
+            client_key,
             |limited| protocol::buyer_in(&parts.uri, &parts.headers, limited),
             || crate::auth::token_of(&parts.headers),
         );
         if let Some(edge) = edge {
             return reply(edge.into());
+        }
+        if let Some(r) = shut.and_then(|r| waiting_room::after_edge(client_key, r)) {
+            return reply(r);
         }
         prepare_request_headers(&mut parts.headers, peer, client);
         // A purchase with a key may be sent twice: the node decides a key once.
@@ -423,6 +450,9 @@ fn reply(r: Reply) -> Response<RespBody> {
             HeaderName::from_static(name),
             HeaderValue::from_static(value),
         );
+    }
+    if let Some(cookie) = r.cookie.and_then(|c| HeaderValue::try_from(c).ok()) {
+        resp.headers_mut().insert(hyper::header::SET_COOKIE, cookie);
     }
     resp.map(Either::Right)
 }

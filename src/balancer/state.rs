@@ -142,6 +142,9 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Sold out at the edge (see [`super::edge`]).
     pub edge: super::edge::Edge,
+    /// The waiting room's line as last heard, and its counters (see
+    /// [`super::waiting_room`]).
+    pub waiting_room: super::waiting_room::WaitingRoom,
     /// The per-client limits' tables and counters (see [`super::limit`]),
     /// kept across reloads.
     pub limits: super::limit::Limits,
@@ -203,6 +206,7 @@ impl Shared {
             metrics: Metrics::default(),
             edge: super::edge::Edge::default(),
             limits: super::limit::Limits::default(),
+            waiting_room: Default::default(),
             recent: super::window::Recent::default(),
             accept_share: Arc::new(AcceptShare::new(workers)),
             server: config.server.clone(),

@@ -134,6 +134,7 @@ impl Default for BalancerConfig {
             auth: None,
             sale_opens_at_ms: 0,
             sale_closes_at_ms: 0,
+            waiting_room: None,
         }
     }
 }

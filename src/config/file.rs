@@ -21,6 +21,16 @@ pub(super) struct FileConfig {
     pub(super) balancer: Option<Spanned<BalancerFile>>,
     pub(super) server: Option<Spanned<ServerFile>>,
     pub(super) auth: Option<Spanned<AuthFile>>,
+    pub(super) waiting_room: Option<Spanned<WaitingRoomFile>>,
+}
+
+/// `[waiting_room]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct WaitingRoomFile {
+    pub(super) admit: Spanned<String>,
+    pub(super) pass_ttl: Option<Spanned<String>>,
+    pub(super) prequeue_from: Option<Spanned<String>>,
 }
 
 /// `[auth]` as written.

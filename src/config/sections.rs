@@ -255,6 +255,34 @@ pub struct BalancerConfig {
     pub sale_opens_at_ms: u64,
     /// See `sale_opens_at_ms`.
     pub sale_closes_at_ms: u64,
+    /// `[waiting_room]`: the line every buyer joins before a purchase
+    /// reaches a node; `None`: purchases go straight on.
+    pub waiting_room: Option<WaitingRoomConfig>,
+}
+
+/// `[waiting_room]`: how the line in front of `/buy/ticket` admits buyers.
+/// Part of the balancer's config, so a reload changes the pace of a line
+/// that keeps running (the line itself lives in the sale's store).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaitingRoomConfig {
+    /// How fast the serving mark moves.
+    pub admit: Admit,
+    /// How long an admitted buyer's pass lets them reach the nodes.
+    pub pass_ttl: Duration,
+    /// From when (Unix ms) arrivals before the opening join the shuffled
+    /// pre-queue; 0: at any time before the opening. Earlier arrivals are
+    /// told to come back then.
+    pub prequeue_from_ms: u64,
+}
+
+/// `admit`: the waiting room's admission rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// `"N/s"`: N buyers a second, while tickets are free.
+    Rate { per_second: u32 },
+    /// `"follow_stock"`: about as many buyers at once as there are tickets
+    /// free, plus a margin (see `crate::balancer::waiting_room`).
+    FollowStock,
 }
 
 /// `limit_rate`, `limit_burst`, `limit_nodelay` and `limit_conns`: what one

@@ -250,6 +250,8 @@ pub struct Reply {
     pub body: ReplyBody,
     /// Name (lower case) and value.
     pub header: Option<(&'static str, &'static str)>,
+    /// A `Set-Cookie` value (the waiting room's place or pass).
+    pub cookie: Option<String>,
 }
 
 /// A [`Reply`]'s body.
@@ -274,6 +276,7 @@ impl From<LocalAnswer> for Reply {
             status: a.status(),
             body: ReplyBody::Static(a.body()),
             header: a.header(),
+            cookie: None,
         }
     }
 }
@@ -285,16 +288,19 @@ impl From<EdgeAnswer> for Reply {
                 status: StatusCode::CONFLICT,
                 body: ReplyBody::Static(crate::protocol::SOLD_OUT_BODY),
                 header: Some((crate::protocol::SOLD_OUT_HEADER_NAME, "1")),
+                cookie: None,
             },
             EdgeAnswer::AlreadyBought(body) => Reply {
                 status: StatusCode::CONFLICT,
                 body: ReplyBody::Owned(body),
                 header: None,
+                cookie: None,
             },
             EdgeAnswer::NotSelling(body, retry_after) => Reply {
                 status: StatusCode::CONFLICT,
                 body: ReplyBody::Owned(body),
                 header: retry_after.map(crate::balancer::answer::retry_after),
+                cookie: None,
             },
         }
     }

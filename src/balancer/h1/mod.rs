@@ -53,6 +53,7 @@ use super::pool::RawConn;
 use super::select::Pick;
 use super::state::Shared;
 use super::upstream::{Upstream, now_ms};
+use super::waiting_room::{self, Gate};
 use crate::http1::date;
 use crate::http1::request::{self, Kind, Parsed, RequestHead};
 use crate::http1::response::{ChunkedScan, Malformed};
@@ -306,9 +307,21 @@ fn forward_request<'a>(
         Next::Answer(reply) => {
             write_reply(&mut b.out, &reply, closing);
             Either::Left {
-                f: async move { send(client, &b.out, config.send_timeout).await.is_ok() },
+                f: Either::Left {
+                    f: async move { send(client, &b.out, config.send_timeout).await.is_ok() },
+                },
             }
         }
+        Next::Join(joining) => Either::Left {
+            f: Either::Right {
+                f: async move {
+                    // The one store call a buyer makes to take a place.
+                    let reply = waiting_room::join(shared, active, joining).await;
+                    write_reply(&mut b.out, &reply, closing);
+                    send(client, &b.out, config.send_timeout).await.is_ok()
+                },
+            },
+        },
         Next::Forward(plan, admitted) => {
             let raw = Raw {
                 worker,
@@ -357,6 +370,8 @@ enum Next {
     /// It goes to upstreams: written into `b.out`, as every attempt sends
     /// it, once the limits have let it (see [`forward::limit`]).
     Forward(Plan, Admitted),
+    /// Its buyer takes a place in the waiting room's line.
+    Join(waiting_room::Joining),
 }
 
 /// The policy's decisions for the request in `b` (its bytes are
@@ -403,6 +418,26 @@ fn prepare(
         Ok(admitted) => admitted,
         Err(limited) => return Next::Answer(forward::local(shared, limited)),
     };
+    let cookies = || {
+        head.headers
+            .iter()
+            .filter(|h| input[h.name.clone()].eq_ignore_ascii_case(b"cookie"))
+            .map(|h| &input[h.value.clone()])
+    };
+    let shut = match waiting_room::gate(
+        shared,
+        active,
+        is_buy,
+        &head.method,
+        cookies,
+        token,
+        client_addr,
+    ) {
+        Gate::Pass => None,
+        Gate::Answer(reply) => return Next::Answer(reply),
+        Gate::Join(joining) => return Next::Join(joining),
+        Gate::Shut(reply) => Some(reply),
+    };
     let edge = forward::edge::answer(
         shared,
         active,
@@ -420,6 +455,9 @@ fn prepare(
     );
     if let Some(edge) = edge {
         return Next::Answer(edge.into());
+    }
+    if let Some(reply) = shut.and_then(|r| waiting_room::after_edge(head.keys > 0, r)) {
+        return Next::Answer(reply);
     }
     // A purchase with a key may be sent twice: the node decides a key once.
     let key = idempotency::plan(is_buy, &head.method, head.keys, || {
@@ -592,6 +630,11 @@ fn write_reply(out: &mut Vec<u8>, reply: &Reply, close: bool) {
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(cookie) = &reply.cookie {
+        out.extend_from_slice(b"set-cookie: ");
+        out.extend_from_slice(cookie.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"content-length: ");

@@ -138,6 +138,7 @@ pub(super) fn validate(
         auth: None,
         sale_opens_at_ms: 0,
         sale_closes_at_ms: 0,
+        waiting_room: None,
     }))
 }
 

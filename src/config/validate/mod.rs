@@ -13,6 +13,7 @@ mod redis;
 mod sale;
 mod server;
 mod toml_key;
+mod waiting_room;
 
 use std::path::Path;
 
@@ -72,6 +73,10 @@ fn validate(cx: &Cx, file: FileConfig) -> Result<Config, ConfigError> {
     if let (Some(b), Some(s)) = (balancer.as_mut(), sale.as_ref()) {
         b.sale_opens_at_ms = s.opens_at_ms.unwrap_or(0);
         b.sale_closes_at_ms = s.closes_at_ms.unwrap_or(0);
+    }
+    let room = waiting_room::validate(cx, file.waiting_room.as_ref(), sale.as_ref())?;
+    if let Some(b) = balancer.as_mut() {
+        b.waiting_room = room;
     }
     if let (Some(b), Some(a), Some(s)) = (balancer.as_mut(), auth.as_ref(), sale.as_ref()) {
         b.auth = Some(crate::config::EdgeAuth {

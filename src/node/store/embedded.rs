@@ -11,8 +11,8 @@ use tokio::time::Instant;
 
 use super::holders::{HolderCell, HolderSeed, Holders};
 use super::model::{
-    ANY_BUYER, OrderAnswer, OrderOp, OrderRecord, OrderState, Outcome, Purchase, Reply, SaleState,
-    Shut, StoreError, Swept,
+    ANY_BUYER, LineAdmit, LineState, OrderAnswer, OrderOp, OrderRecord, OrderState, Outcome,
+    Purchase, Reply, SaleState, Shut, StoreError, Swept,
 };
 use super::snapshot::{BuyerTally, Snapshot};
 use crate::config::SaleConfig;
@@ -44,9 +44,27 @@ struct Sale {
     /// by hand.)
     opens_at: u64,
     closes_at: u64,
+    /// The waiting room's line, which starts anew with the sale.
+    line: super::line::MemLine,
 }
 
 impl Sale {
+    fn numbers(&self) -> super::line::SaleNumbers {
+        super::line::SaleNumbers {
+            epoch: self.epoch,
+            total: self.total,
+            sold: self.sold,
+            released: self.released,
+            reserved: self.reserved,
+            opens_at_ms: self.opens_at,
+            shut: match self.shut(now_millis()) {
+                Some(Shut::Closed { .. }) => 2,
+                Some(Shut::Paused) => 1,
+                _ => 0,
+            },
+        }
+    }
+
     fn state(&self) -> SaleState {
         SaleState {
             epoch: self.epoch,
@@ -458,6 +476,28 @@ impl EmbeddedStore {
         }
         holders.current_as_of(&s.state());
         holders
+    }
+
+    /// See `line.lua`'s join; `None` before `stock init`.
+    pub fn line_join(&self, buyer: &str, lottery: u64, secret: &str) -> Option<LineState> {
+        let now = now_millis();
+        let mut s = self.lock();
+        if !s.initialised {
+            return None;
+        }
+        let numbers = s.numbers();
+        Some(s.line.join(&numbers, now, buyer, lottery, secret))
+    }
+
+    /// See `line.lua`'s advance; `None` before `stock init`.
+    pub fn line_advance(&self, admit: LineAdmit, secret: &str) -> Option<LineState> {
+        let now = now_millis();
+        let mut s = self.lock();
+        if !s.initialised {
+            return None;
+        }
+        let numbers = s.numbers();
+        Some(s.line.advance(&numbers, now, admit, secret))
     }
 
     /// See `show.lua`.

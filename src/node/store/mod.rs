@@ -9,6 +9,7 @@ pub mod clock;
 pub mod durability;
 pub mod embedded;
 pub mod holders;
+pub mod line;
 pub mod model;
 pub mod redis;
 pub mod snapshot;
@@ -23,8 +24,9 @@ pub use durability::Durability;
 pub use embedded::{EmbeddedStore, now_millis};
 pub use holders::{HolderChanges, HolderSeed, Holders, Lookup, NoChanges};
 pub use model::{
-    ANY_BUYER, Control, ControlAnswer, KeyHolder, OrderAnswer, OrderOp, OrderRecord, OrderState,
-    Outcome, Purchase, Reply, SaleKeys, SaleState, Shut, StoreError, Swept,
+    ANY_BUYER, Control, ControlAnswer, KeyHolder, LineAdmit, LineState, OrderAnswer, OrderOp,
+    OrderRecord, OrderState, Outcome, Purchase, Reply, SaleKeys, SaleState, Shut, StoreError,
+    Swept, line_keys,
 };
 pub use redis::RedisStore;
 pub use snapshot::{BuyerTally, EventTally, Snapshot};
@@ -56,6 +58,35 @@ impl Store {
         match self {
             Store::Redis(r) => r.deduct(p).await,
             Store::Embedded(e) => e.deduct(p),
+        }
+    }
+
+    /// Puts `buyer` in the sale's waiting-room line (see `line.lua`), or
+    /// tells their place; `lottery` ranks them if they join before the
+    /// opening, `secret` signs places if the line starts now. `None`:
+    /// there is no sale.
+    pub async fn line_join(
+        &self,
+        buyer: &str,
+        lottery: u64,
+        secret: &str,
+    ) -> Result<Option<LineState>, StoreError> {
+        match self {
+            Store::Redis(r) => r.line_join(buyer, lottery, secret).await,
+            Store::Embedded(e) => Ok(e.line_join(buyer, lottery, secret)),
+        }
+    }
+
+    /// Moves the waiting room's serving mark by the time since its last
+    /// move, and answers the line (see `line.lua`). `None`: no sale.
+    pub async fn line_advance(
+        &self,
+        admit: LineAdmit,
+        secret: &str,
+    ) -> Result<Option<LineState>, StoreError> {
+        match self {
+            Store::Redis(r) => r.line_advance(admit, secret).await,
+            Store::Embedded(e) => Ok(e.line_advance(admit, secret)),
         }
     }
 

@@ -438,3 +438,67 @@ impl KeyHolder {
         }
     }
 }
+
+/// The keys of a sale's waiting-room line (see `line.lua`), in the sale's
+/// hash slot.
+pub fn line_keys(event: &str) -> [String; 6] {
+    [
+        format!("spike:{{{event}}}:stock"),
+        format!("spike:{{{event}}}:line"),
+        format!("spike:{{{event}}}:line_pre"),
+        format!("spike:{{{event}}}:line_who"),
+        format!("spike:{{{event}}}:line_log"),
+        format!("spike:{{{event}}}:line_marks"),
+    ]
+}
+
+/// How the waiting room's serving mark moves (see `line.lua`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineAdmit {
+    /// This many buyers a second while tickets are free.
+    Rate(u32),
+    /// About as many buyers in flight as free tickets, plus a margin;
+    /// a buyer admitted longer than `pass_ttl_ms` ago is no longer in
+    /// flight.
+    FollowStock { pass_ttl_ms: u64 },
+}
+
+/// The line as the store last told it: what every balancer answers its
+/// waiting buyers from, without a store call per request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LineState {
+    /// The sale's epoch: a line belongs to one.
+    pub epoch: u64,
+    /// The secret every balancer signs places and passes with (the first
+    /// balancer's, kept with the line).
+    pub secret: String,
+    /// Buyers in the pre-queue (shuffled at the opening).
+    pub pre: u64,
+    /// Buyers who joined after the opening.
+    pub seq: u64,
+    /// Positions up to this one are admitted.
+    pub serving: u64,
+    /// The store's clock, Unix ms.
+    pub now_ms: u64,
+    /// The sale's opening, Unix ms (0: none).
+    pub opens_at_ms: u64,
+    /// Tickets neither sold nor reserved.
+    pub free: u64,
+    /// Tickets reserved and not paid yet.
+    pub reserved: u64,
+    /// 0 selling, 1 paused, 2 closed.
+    pub shut: u8,
+    /// For an advance: how long the first buyer not yet admitted has
+    /// waited, in ms (0: nobody waits).
+    pub oldest_wait_ms: u64,
+    /// For a join: the buyer's position (0: in the pre-queue, which is
+    /// ranked at the opening).
+    pub position: u64,
+}
+
+impl LineState {
+    /// Everyone who joined.
+    pub fn joined(&self) -> u64 {
+        self.pre + self.seq
+    }
+}

@@ -113,7 +113,21 @@ impl Link {
         args: Vec<Value>,
         limit: Duration,
     ) -> Result<Value, StoreError> {
-        let call = script.evalsha_with_reload::<Value, _, _>(client, self.keys.clone(), args);
+        self.eval_keys(client, script, self.keys.clone(), args, limit)
+            .await
+    }
+
+    /// [`Link::eval_on`] with keys other than the sale's own (the
+    /// waiting room's line).
+    pub(super) async fn eval_keys(
+        &self,
+        client: &Client,
+        script: &Script,
+        keys: Vec<Key>,
+        args: Vec<Value>,
+        limit: Duration,
+    ) -> Result<Value, StoreError> {
+        let call = script.evalsha_with_reload::<Value, _, _>(client, keys, args);
         match tokio::time::timeout(limit, call).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(self.explain(map_error(e))),

@@ -49,8 +49,8 @@ use super::durability::Durability;
 use super::embedded::ticket_number;
 use super::holders::{HolderCell, HolderChanges, HolderSeed, Holders, NoChanges};
 use super::model::{
-    Control, ControlAnswer, OrderAnswer, OrderOp, OrderRecord, OrderState, Outcome, Purchase,
-    Reply, SaleKeys, SaleState, Shut, StoreError, Swept,
+    Control, ControlAnswer, LineAdmit, LineState, OrderAnswer, OrderOp, OrderRecord, OrderState,
+    Outcome, Purchase, Reply, SaleKeys, SaleState, Shut, StoreError, Swept,
 };
 use super::snapshot::{BuyerTally, Snapshot};
 use crate::config::{RedisConfig, SaleConfig};
@@ -66,6 +66,7 @@ const HOLDERS: &str = include_str!("../../holders.lua");
 const CHANGES_PAGE: u64 = 500;
 
 const CONTROL: &str = include_str!("../../control.lua");
+const LINE: &str = include_str!("../../line.lua");
 
 /// A `deduct.lua` answer of code 10 (the sale does not sell now), with
 /// the sale's state of the batch.
@@ -103,6 +104,9 @@ pub struct RedisStore {
     /// The holders this process's nodes keep for this Redis and sale.
     holder_cell: Arc<HolderCell>,
     control: Script,
+    line: Script,
+    /// The waiting room's keys (see `line.lua`).
+    line_keys: Vec<Key>,
     timeout: Duration,
     /// For `/healthz`: fail fast while disconnected, one attempt.
     ping: Options,
@@ -215,6 +219,8 @@ impl RedisStore {
             holders: Script::from_lua(HOLDERS),
             holder_cell: HolderCell::shared(&format!("{}\u{1f}{}", cfg.url, sale.event)),
             control: Script::from_lua(CONTROL),
+            line: Script::from_lua(LINE),
+            line_keys: super::model::line_keys(&sale.event).map(Key::from).to_vec(),
             timeout,
             ping,
         })
@@ -407,6 +413,86 @@ impl RedisStore {
             4 => Err(StoreError::NoSale),
             _ => Ok(ControlAnswer::Refused(text(f.next())?)),
         }
+    }
+
+    /// See `line.lua`'s join.
+    pub async fn line_join(
+        &self,
+        buyer: &str,
+        lottery: u64,
+        secret: &str,
+    ) -> Result<Option<LineState>, StoreError> {
+        let args = vec![
+            Value::from("join"),
+            Value::from(secret),
+            Value::from(buyer),
+            Value::from((lottery & ((1 << 52) - 1)) as i64),
+        ];
+        self.line_call(args).await
+    }
+
+    /// See `line.lua`'s advance.
+    pub async fn line_advance(
+        &self,
+        admit: LineAdmit,
+        secret: &str,
+    ) -> Result<Option<LineState>, StoreError> {
+        let (mode, rate, ttl) = match admit {
+            LineAdmit::Rate(n) => ("rate", u64::from(n), 0),
+            LineAdmit::FollowStock { pass_ttl_ms } => ("follow", 0, pass_ttl_ms),
+        };
+        let args = vec![
+            Value::from("advance"),
+            Value::from(secret),
+            Value::from(mode),
+            Value::from(rate as i64),
+            Value::from(ttl as i64),
+        ];
+        self.line_call(args).await
+    }
+
+    async fn line_call(&self, args: Vec<Value>) -> Result<Option<LineState>, StoreError> {
+        let reply = self
+            .link
+            .eval_keys(
+                self.link.pool.next(),
+                &self.line,
+                self.line_keys.clone(),
+                args,
+                self.timeout,
+            )
+            .await?;
+        let Value::Array(fields) = reply else {
+            return Err(StoreError::Protocol(format!(
+                "line returned {reply:?}, not an array"
+            )));
+        };
+        let mut f = fields.into_iter();
+        if int(f.next())? != 1 {
+            return Ok(None);
+        }
+        let epoch = text(f.next())?
+            .parse()
+            .map_err(|_| StoreError::Protocol("line: the epoch is not a number".into()))?;
+        let secret = text(f.next())?;
+        let mut state = LineState {
+            epoch,
+            secret,
+            pre: int(f.next())?,
+            seq: int(f.next())?,
+            serving: int(f.next())?,
+            now_ms: int(f.next())?,
+            opens_at_ms: int(f.next())?,
+            free: int(f.next())?,
+            reserved: int(f.next())?,
+            shut: int(f.next())? as u8,
+            ..LineState::default()
+        };
+        let last = int(f.next())?;
+        // The last field is the join's position or the advance's wait.
+        state.position = last;
+        state.oldest_wait_ms = last;
+        Ok(Some(state))
     }
 
     /// See `show.lua`.

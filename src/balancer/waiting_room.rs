@@ -1,0 +1,656 @@
+//! The waiting room (`[waiting_room]`): one fair line in front of
+//! `/buy/ticket`, shared by every balancer of a sale.
+//!
+//! Why it is built this way:
+//! - **The line lives in the sale's store** (`line.lua`: positions, the
+//!   pre-queue, the serving mark, in the sale's hash slot), so it is one
+//!   line whichever balancer a buyer reaches, and a restarted or killed
+//!   balancer loses nobody's place.
+//! - **A waiting buyer costs no store call.** A buyer's place is in a
+//!   signed cookie (`spike_queue`); each balancer moves and reads the
+//!   serving mark a few times a second ([`run`], the edge's long poll is
+//!   the model) and answers every waiting request from memory. A buyer
+//!   costs one store call to join (and one more at the opening, to learn
+//!   where the shuffle put them).
+//! - **Early or fast gains nothing.** Before the opening (from
+//!   `prequeue_from`) every arrival gets the same standing: a random
+//!   lottery number, ranked at the opening; later arrivals queue in
+//!   arrival order. A place never changes once given, so polling faster
+//!   does not move anyone forward; `Retry-After` says when to ask again.
+//! - **Only a pass reaches a node.** A buyer whose position the serving
+//!   mark has passed gets `spike_pass`, signed and bound to that buyer (the
+//!   verified token's subject with `[auth]`, the client's address without)
+//!   for `pass_ttl`; a purchase without a valid pass never reaches a node.
+//! - **The secret** that signs places and passes is the first balancer's
+//!   random one, kept with the line: every balancer of the sale signs
+//!   alike, with nothing to configure, and a sale started anew starts a
+//!   new line with a new secret.
+
+use std::fmt::Write as _;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use base64::Engine as _;
+use hmac::{KeyInit, Mac};
+use hyper::{Method, StatusCode};
+use tokio::time::Instant;
+
+use super::forward::{Reply, ReplyBody};
+use super::state::{Active, Shared};
+use crate::config::{Admit, WaitingRoomConfig};
+use crate::node::store::{LineAdmit, LineState, Store};
+
+/// How often each balancer moves and reads the serving mark: the lag of a
+/// newly admitted buyer, and a few store calls a second per balancer
+/// whatever the crowd.
+pub const TICK: Duration = Duration::from_millis(200);
+
+/// The cookie that holds a buyer's place.
+pub const QUEUE_COOKIE: &str = "spike_queue";
+/// The cookie that lets a buyer's purchase through to the nodes.
+pub const PASS_COOKIE: &str = "spike_pass";
+
+/// The longest `Retry-After` a waiting buyer is given, in seconds: a
+/// buyer told to come back later than that would lose too much time once
+/// the line moves.
+const MAX_WAIT_RETRY_S: u64 = 20;
+
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+/// The line as this balancer last heard it from the store.
+pub struct LineView {
+    /// The store's answer.
+    pub state: LineState,
+    /// When it came, to read the store's clock in between.
+    pub at: Instant,
+    /// The serving mark's speed, positions a second (a moving average).
+    pub speed: f64,
+    /// The key places and passes are signed with (from the line's secret).
+    mac: HmacSha256,
+}
+
+impl LineView {
+    /// The store's clock now, Unix ms.
+    pub fn now_ms(&self) -> u64 {
+        self.state.now_ms + self.at.elapsed().as_millis() as u64
+    }
+
+    /// Buyers in line and not admitted yet.
+    pub fn waiting(&self) -> u64 {
+        self.state.joined().saturating_sub(self.state.serving)
+    }
+
+    fn sign(&self, what: &[u8]) -> [u8; 16] {
+        let mut mac = self.mac.clone();
+        mac.update(what);
+        let full = mac.finalize().into_bytes();
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&full[..16]);
+        out
+    }
+}
+
+/// The waiting room's state in a balancer: the store it keeps the line in,
+/// the line as last heard, and its counters.
+#[derive(Default)]
+pub struct WaitingRoom {
+    /// The sale's store, set at start when the file has a `[waiting_room]`.
+    store: OnceLock<Store>,
+    /// The line, once the store has answered.
+    pub view: ArcSwapOption<LineView>,
+    /// This process's candidate secret (kept only if it starts the line).
+    candidate: OnceLock<String>,
+    /// `202 waiting` answers.
+    pub waiting_answers: AtomicU64,
+    /// Passes handed out (`202 admitted`).
+    pub passes_issued: AtomicU64,
+    /// Purchases let through on a valid pass.
+    pub passes_accepted: AtomicU64,
+    /// Passes refused: forged, expired, another buyer's, another sale's.
+    pub passes_refused: AtomicU64,
+    /// Store calls made for requests (joins); the ticks are apart.
+    pub join_calls: AtomicU64,
+    /// Store calls of the ticks.
+    pub tick_calls: AtomicU64,
+    /// Store calls that failed (each a 503 for its buyer, or a missed tick).
+    pub store_errors: AtomicU64,
+}
+
+impl std::fmt::Debug for WaitingRoom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WaitingRoom")
+            .field("attached", &self.attached())
+            .field("view", &self.view.load().as_deref().map(|v| &v.state))
+            .finish_non_exhaustive()
+    }
+}
+
+impl WaitingRoom {
+    /// Keeps the line in `store` (once; later calls do nothing).
+    pub fn attach(&self, store: Store) {
+        let _ = self.store.set(store);
+    }
+
+    /// Whether a store is attached.
+    pub fn attached(&self) -> bool {
+        self.store.get().is_some()
+    }
+
+    fn candidate(&self) -> &str {
+        self.candidate.get_or_init(|| {
+            let s = std::collections::hash_map::RandomState::new();
+            let mut out = String::with_capacity(64);
+            for i in 0..4u8 {
+                let _ = write!(out, "{:016x}", s.hash_one((i, std::process::id())));
+            }
+            out
+        })
+    }
+
+    fn learn(&self, state: LineState) {
+        let old = self.view.load();
+        let speed = match old.as_deref() {
+            Some(v) if v.state.epoch == state.epoch => {
+                let dt = v.at.elapsed().as_secs_f64();
+                let moved = state.serving.saturating_sub(v.state.serving) as f64;
+                let now = if dt > 0.0 { moved / dt } else { v.speed };
+                v.speed * 0.8 + now * 0.2
+            }
+            _ => 0.0,
+        };
+        let mac = match old.as_deref() {
+            Some(v) if v.state.secret == state.secret => v.mac.clone(),
+            _ => match HmacSha256::new_from_slice(state.secret.as_bytes()) {
+                Ok(m) => m,
+                Err(_) => return,
+            },
+        };
+        self.view.store(Some(Arc::new(LineView {
+            state,
+            at: Instant::now(),
+            speed,
+            mac,
+        })));
+    }
+}
+
+/// Moves and reads the line every [`TICK`] while the file has a
+/// `[waiting_room]` and a store is attached.
+pub async fn run(shared: Arc<Shared>) {
+    let mut every = tokio::time::interval(TICK);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let room = &shared.waiting_room;
+        let Some(store) = room.store.get() else {
+            continue;
+        };
+        let Some(config) = shared.current.load().config.waiting_room.clone() else {
+            continue;
+        };
+        room.tick_calls.fetch_add(1, Ordering::Relaxed);
+        match store
+            .line_advance(admit_of(&config), room.candidate())
+            .await
+        {
+            Ok(Some(state)) => room.learn(state),
+            Ok(None) => {
+                // No sale yet: nobody is admitted to buy nothing.
+                room.view.store(None);
+            }
+            Err(e) => {
+                room.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "waiting room: the line could not be moved");
+            }
+        }
+    }
+}
+
+fn admit_of(config: &WaitingRoomConfig) -> LineAdmit {
+    match config.admit {
+        Admit::Rate { per_second } => LineAdmit::Rate(per_second),
+        Admit::FollowStock => LineAdmit::FollowStock {
+            pass_ttl_ms: config.pass_ttl.as_millis() as u64,
+        },
+    }
+}
+
+/// What the waiting room decides for a request.
+#[derive(Debug)]
+pub enum Gate {
+    /// Not its business (not a purchase, no waiting room), or a purchase
+    /// with a valid pass: on to the edge and the nodes.
+    Pass,
+    /// The waiting room answers.
+    Answer(Reply),
+    /// The sale does not sell now (sold out, paused, closed, or before the
+    /// pre-queue): the edge answers if it can (a holder hears
+    /// `already_bought`); if it cannot, a purchase with the client's own
+    /// `Idempotency-Key` goes on to a node (it may be the retry of one
+    /// that got an order), and anything else gets this answer.
+    Shut(Reply),
+    /// The buyer joins the line, or learns where the shuffle put them: one
+    /// store call ([`join`]).
+    Join(Joining),
+}
+
+/// A buyer about to join the line.
+#[derive(Debug)]
+pub struct Joining {
+    buyer: String,
+}
+
+/// Who a waiting-room buyer is: the verified token's subject with
+/// `[auth]` (a request without a valid token is the node's 401, answered
+/// here), the client's address without.
+fn buyer_of(
+    active: &Active,
+    client: std::net::IpAddr,
+    token: Option<&str>,
+) -> Result<String, Reply> {
+    if active.config.auth.is_none() {
+        let mut id = String::with_capacity(48);
+        let _ = write!(id, "ip:{client}");
+        return Ok(id);
+    }
+    let verified = match (active.auth.as_deref(), token) {
+        (Some(auth), Some(token)) => auth.verify(token),
+        (_, None) => Err(crate::auth::AuthError::Missing),
+        (None, Some(_)) => Err(crate::auth::AuthError::UnknownKey),
+    };
+    verified.map(|b| b.id).map_err(|e| unauthorized(&e))
+}
+
+fn unauthorized(e: &crate::auth::AuthError) -> Reply {
+    let body = serde_json::json!({"status": e.label(), "reason": e.to_string()}).to_string() + "\n";
+    Reply {
+        status: StatusCode::UNAUTHORIZED,
+        body: ReplyBody::Owned(body),
+        header: Some((
+            "www-authenticate",
+            match e {
+                crate::auth::AuthError::Missing => "Bearer realm=\"spike\"",
+                _ => "Bearer realm=\"spike\", error=\"invalid_token\"",
+            },
+        )),
+        cookie: None,
+    }
+}
+
+/// The waiting room's answer while the store has not answered yet (a
+/// balancer just started, or Redis is down): nobody can be placed.
+const UNREACHABLE_BODY: &[u8] = b"{\"status\":\"busy\",\"reason\":\"the waiting room cannot reach the sale's store; try again shortly\"}\n";
+
+fn unreachable() -> Reply {
+    Reply {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        body: ReplyBody::Static(UNREACHABLE_BODY),
+        header: Some(super::answer::retry_after(2)),
+        cookie: None,
+    }
+}
+
+/// The value of cookie `name` among the request's `Cookie` headers.
+pub fn cookie<'a>(headers: impl Iterator<Item = &'a [u8]>, name: &str) -> Option<&'a [u8]> {
+    for header in headers {
+        for part in header.split(|&b| b == b';') {
+            let part = part.trim_ascii();
+            if let Some(rest) = part.strip_prefix(name.as_bytes())
+                && let Some(value) = rest.strip_prefix(b"=")
+            {
+                return Some(value);
+            }
+        }
+    }
+    None
+}
+
+/// The waiting room's decision for a request (see [`Gate`]), made from
+/// memory: `cookies` are the request's `Cookie` header values, `token` its
+/// buyer token, `client` its address.
+pub fn gate<'a, I: Iterator<Item = &'a [u8]>>(
+    shared: &Shared,
+    active: &Active,
+    is_buy: bool,
+    method: &Method,
+    cookies: impl Fn() -> I,
+    token: impl FnOnce() -> Option<&'a str>,
+    client: std::net::IpAddr,
+) -> Gate {
+    let Some(config) = active.config.waiting_room.as_ref() else {
+        return Gate::Pass;
+    };
+    let room = &shared.waiting_room;
+    if !is_buy || !(*method == Method::GET || *method == Method::POST) || !room.attached() {
+        return Gate::Pass;
+    }
+    let Some(view) = room.view.load_full() else {
+        return Gate::Answer(unreachable());
+    };
+    let line = &view.state;
+    let now = view.now_ms();
+    let before_opening = line.opens_at_ms > 0 && now < line.opens_at_ms;
+    if line.shut != 0 || (!before_opening && (line.free == 0 || shared.edge.active())) {
+        return Gate::Shut(shut_answer(line, now));
+    }
+    if before_opening && config.prequeue_from_ms > 0 && now < config.prequeue_from_ms {
+        // The line is not open yet either: come back when it is.
+        let (body, _) = crate::protocol::not_selling_answer(
+            crate::protocol::Shut::NotOpen {
+                opens_at_ms: line.opens_at_ms,
+            },
+            now,
+        );
+        let wait = config.prequeue_from_ms.saturating_sub(now).div_ceil(1000);
+        return Gate::Shut(Reply {
+            status: StatusCode::CONFLICT,
+            body: ReplyBody::Owned(body),
+            header: Some(super::answer::retry_after(wait)),
+            cookie: None,
+        });
+    }
+    let buyer = match buyer_of(active, client, token()) {
+        Ok(b) => b,
+        Err(reply) => return Gate::Answer(reply),
+    };
+    if let Some(pass) = cookie(cookies(), PASS_COOKIE) {
+        if pass_is_valid(&view, &buyer, pass, now) {
+            room.passes_accepted.fetch_add(1, Ordering::Relaxed);
+            return Gate::Pass;
+        }
+        room.passes_refused.fetch_add(1, Ordering::Relaxed);
+    }
+    match cookie(cookies(), QUEUE_COOKIE).and_then(|c| place_of(&view, &buyer, c)) {
+        Some(0) if before_opening => Gate::Answer(waiting(shared, config, &view, &buyer, 0, false)),
+        Some(position) if position > 0 => {
+            Gate::Answer(waiting(shared, config, &view, &buyer, position, false))
+        }
+        _ => Gate::Join(Joining { buyer }),
+    }
+}
+
+/// The answer to a buyer in line while the sale does not sell.
+fn shut_answer(line: &LineState, now: u64) -> Reply {
+    let shut = match line.shut {
+        2 => crate::protocol::Shut::Closed { closed_at_ms: now },
+        1 => crate::protocol::Shut::Paused,
+        _ => {
+            return Reply {
+                status: StatusCode::CONFLICT,
+                body: ReplyBody::Static(crate::protocol::SOLD_OUT_BODY),
+                header: Some((crate::protocol::SOLD_OUT_HEADER_NAME, "1")),
+                cookie: None,
+            };
+        }
+    };
+    let (body, retry) = crate::protocol::not_selling_answer(shut, now);
+    Reply {
+        status: StatusCode::CONFLICT,
+        body: ReplyBody::Owned(body),
+        header: retry.map(super::answer::retry_after),
+        cookie: None,
+    }
+}
+
+/// One store call: `j`'s buyer joins the line (or is told their place),
+/// and is answered as a buyer with that place.
+pub async fn join(shared: &Shared, active: &Active, j: Joining) -> Reply {
+    let room = &shared.waiting_room;
+    let (Some(store), Some(config)) = (room.store.get(), active.config.waiting_room.as_ref())
+    else {
+        return unreachable();
+    };
+    room.join_calls.fetch_add(1, Ordering::Relaxed);
+    let lottery = lottery();
+    match store.line_join(&j.buyer, lottery, room.candidate()).await {
+        Ok(Some(state)) => {
+            let position = state.position;
+            let view = match room.view.load_full() {
+                Some(v) if v.state.epoch == state.epoch => v,
+                _ => {
+                    room.learn(state);
+                    match room.view.load_full() {
+                        Some(v) => v,
+                        None => return unreachable(),
+                    }
+                }
+            };
+            waiting(shared, config, &view, &j.buyer, position, true)
+        }
+        Ok(None) => unreachable(),
+        Err(e) => {
+            room.store_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(error = %e, "waiting room: a buyer could not join");
+            unreachable()
+        }
+    }
+}
+
+/// A random lottery number for a pre-queue arrival: unpredictable to the
+/// buyer (the process's random hash keys over a counter).
+fn lottery() -> u64 {
+    static SEED: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    SEED.get_or_init(Default::default).hash_one(n)
+}
+
+/// The answer to a buyer at `position` (0: in the unshuffled pre-queue):
+/// `202 admitted` with a pass once the serving mark has reached them,
+/// `202 waiting` otherwise; `new_place`: the place was just given, so the
+/// answer carries its cookie.
+fn waiting(
+    shared: &Shared,
+    config: &WaitingRoomConfig,
+    view: &LineView,
+    buyer: &str,
+    position: u64,
+    new_place: bool,
+) -> Reply {
+    let room = &shared.waiting_room;
+    let line = &view.state;
+    let now = view.now_ms();
+    if position > 0 && position <= line.serving {
+        room.passes_issued.fetch_add(1, Ordering::Relaxed);
+        let ttl = config.pass_ttl.as_secs().max(1);
+        let expires = now + config.pass_ttl.as_millis() as u64;
+        let mut cookie = pass_cookie(view, buyer, expires);
+        let _ = write!(cookie, "; Max-Age={ttl}; Path=/; HttpOnly; SameSite=Lax");
+        let mut body = String::with_capacity(96);
+        let _ = writeln!(
+            body,
+            "{{\"status\":\"admitted\",\"position\":{position},\"pass_ttl_s\":{ttl}}}"
+        );
+        return Reply {
+            status: StatusCode::ACCEPTED,
+            body: ReplyBody::Owned(body),
+            header: Some(("retry-after", "0")),
+            cookie: Some(cookie),
+        };
+    }
+    room.waiting_answers.fetch_add(1, Ordering::Relaxed);
+    let mut body = String::with_capacity(160);
+    let retry = if position == 0 {
+        // The pre-queue: nobody has a rank before the opening. Asked back
+        // around the opening, spread over two seconds so that the crowd's
+        // first requests after it do not all land at once.
+        let until = line.opens_at_ms.saturating_sub(now).div_ceil(1000);
+        let _ = writeln!(
+            body,
+            "{{\"status\":\"waiting\",\"position\":null,\"ahead\":null,\"eta_s\":{until},\"opens_at\":\"{}\",\"queued\":{}}}",
+            crate::protocol::rfc3339_ms(line.opens_at_ms),
+            line.pre
+        );
+        (until + lottery() % 3).max(1)
+    } else {
+        let ahead = position - line.serving - 1;
+        let speed = match config.admit {
+            Admit::Rate { per_second } => f64::from(per_second),
+            Admit::FollowStock => view.speed,
+        };
+        let eta = if speed > 0.0 {
+            ((ahead + 1) as f64 / speed).ceil() as u64
+        } else {
+            0
+        };
+        if speed > 0.0 {
+            let _ = writeln!(
+                body,
+                "{{\"status\":\"waiting\",\"position\":{position},\"ahead\":{ahead},\"eta_s\":{eta}}}"
+            );
+        } else {
+            let _ = writeln!(
+                body,
+                "{{\"status\":\"waiting\",\"position\":{position},\"ahead\":{ahead},\"eta_s\":null}}"
+            );
+        }
+        // Asked back at about half the wait: a buyer near the front asks
+        // every second, one far back rarely.
+        if speed > 0.0 {
+            (eta / 2).clamp(1, MAX_WAIT_RETRY_S)
+        } else {
+            5
+        }
+    };
+    let cookie = new_place.then(|| {
+        let mut c = place_cookie(view, buyer, position);
+        let _ = write!(c, "; Path=/; HttpOnly; SameSite=Lax");
+        c
+    });
+    Reply {
+        status: StatusCode::ACCEPTED,
+        body: ReplyBody::Owned(body),
+        header: Some(super::answer::retry_after(retry)),
+        cookie,
+    }
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// `spike_queue=EPOCH.POSITION.MAC`, the MAC over the buyer too, so a
+/// place copied to another buyer is no place.
+fn place_cookie(view: &LineView, buyer: &str, position: u64) -> String {
+    let mac = view.sign(&signed(b'q', view.state.epoch, buyer, position));
+    format!(
+        "{QUEUE_COOKIE}={}.{position}.{}",
+        view.state.epoch,
+        b64(&mac)
+    )
+}
+
+/// `spike_pass=EPOCH.EXPIRES.MAC`.
+fn pass_cookie(view: &LineView, buyer: &str, expires_ms: u64) -> String {
+    let mac = view.sign(&signed(b'p', view.state.epoch, buyer, expires_ms));
+    format!(
+        "{PASS_COOKIE}={}.{expires_ms}.{}",
+        view.state.epoch,
+        b64(&mac)
+    )
+}
+
+fn signed(kind: u8, epoch: u64, buyer: &str, n: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(buyer.len() + 24);
+    v.push(kind);
+    v.extend_from_slice(&epoch.to_be_bytes());
+    v.extend_from_slice(&n.to_be_bytes());
+    v.extend_from_slice(buyer.as_bytes());
+    v
+}
+
+/// `EPOCH.N.MAC` split and checked against this line's epoch and `buyer`:
+/// N, or `None` when it is not this buyer's for this sale.
+fn checked(view: &LineView, kind: u8, buyer: &str, value: &[u8]) -> Option<u64> {
+    let value = std::str::from_utf8(value).ok()?;
+    let mut parts = value.splitn(3, '.');
+    let epoch: u64 = parts.next()?.parse().ok()?;
+    let n: u64 = parts.next()?.parse().ok()?;
+    let mac = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(parts.next()?)
+        .ok()?;
+    if epoch != view.state.epoch || mac.len() != 16 {
+        return None;
+    }
+    let mut check = view.mac.clone();
+    check.update(&signed(kind, epoch, buyer, n));
+    check.verify_truncated_left(&mac).ok()?;
+    Some(n)
+}
+
+fn pass_is_valid(view: &LineView, buyer: &str, value: &[u8], now: u64) -> bool {
+    checked(view, b'p', buyer, value).is_some_and(|expires| now < expires)
+}
+
+fn place_of(view: &LineView, buyer: &str, value: &[u8]) -> Option<u64> {
+    checked(view, b'q', buyer, value)
+}
+
+/// The waiting room's figures, for `/status` and `/metrics`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RoomStatus {
+    /// A `[waiting_room]` is in force and has heard the line.
+    pub on: bool,
+    /// `"N/s"` or `"follow_stock"`.
+    pub admit: String,
+    /// Buyers in line and not admitted.
+    pub waiting: u64,
+    /// Everyone who joined (pre-queue included).
+    pub joined: u64,
+    /// Joined before the opening.
+    pub prequeue: u64,
+    /// The serving mark.
+    pub serving: u64,
+    /// Positions admitted a second, lately.
+    pub admit_rate: f64,
+    /// How long the first buyer not admitted has waited, seconds.
+    pub oldest_wait_s: f64,
+    pub waiting_answers: u64,
+    pub passes_issued: u64,
+    pub passes_accepted: u64,
+    pub passes_refused: u64,
+    pub join_calls: u64,
+    pub tick_calls: u64,
+    pub store_errors: u64,
+}
+
+/// The figures now.
+pub fn status(shared: &Shared) -> RoomStatus {
+    let room = &shared.waiting_room;
+    let config = shared.current.load().config.waiting_room.clone();
+    let view = room.view.load_full();
+    let mut s = RoomStatus {
+        on: config.is_some() && view.is_some(),
+        admit: match config.as_ref().map(|c| c.admit) {
+            Some(Admit::Rate { per_second }) => format!("{per_second}/s"),
+            Some(Admit::FollowStock) => "follow_stock".into(),
+            None => String::new(),
+        },
+        waiting_answers: room.waiting_answers.load(Ordering::Relaxed),
+        passes_issued: room.passes_issued.load(Ordering::Relaxed),
+        passes_accepted: room.passes_accepted.load(Ordering::Relaxed),
+        passes_refused: room.passes_refused.load(Ordering::Relaxed),
+        join_calls: room.join_calls.load(Ordering::Relaxed),
+        tick_calls: room.tick_calls.load(Ordering::Relaxed),
+        store_errors: room.store_errors.load(Ordering::Relaxed),
+        ..RoomStatus::default()
+    };
+    if let Some(v) = view {
+        s.waiting = v.waiting();
+        s.joined = v.state.joined();
+        s.prequeue = v.state.pre;
+        s.serving = v.state.serving;
+        s.admit_rate = (v.speed * 10.0).round() / 10.0;
+        s.oldest_wait_s = v.state.oldest_wait_ms as f64 / 1000.0;
+    }
+    s
+}
+
+/// Answers a `Gate::Shut` when the edge did not: a keyed purchase goes on
+/// to a node, anything else gets `fallback`.
+pub fn after_edge(client_key: bool, fallback: Reply) -> Option<Reply> {
+    (!client_key).then_some(fallback)
+}

@@ -1,0 +1,560 @@
+//! The waiting room (issue 27, point 2): one fair line in front of
+//! `/buy/ticket`, kept in the sale's store and shared by two balancer
+//! processes. A pre-queue shuffled at the opening, later arrivals in
+//! order, places that never move back, a pass bound to its buyer, nothing
+//! reaching a node without one, admission at the configured rate, sold
+//! out heard by the whole line, `stock add` selling exactly what it adds,
+//! and a balancer killed and restarted without losing anybody's place.
+//! Real `spike` processes and a real redis-server, with `[auth]` on.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+use common::auth::TestAuth;
+use common::http::{Reply, TestClient, client, json, send};
+use common::redis::RedisServer;
+use common::spike::{SpikeProcess, run, wait_listening, write_config};
+use common::up::{Ports, sample, start_up, up_config};
+use hyper::{Method, StatusCode};
+
+fn rfc3339(at: SystemTime) -> String {
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+/// One buyer as a browser would be: a token and the cookies it was given.
+#[derive(Default, Clone)]
+struct Buyer {
+    name: String,
+    place: Option<String>,
+    pass: Option<String>,
+    position: Option<u64>,
+}
+
+impl Buyer {
+    fn new(name: &str) -> Buyer {
+        Buyer {
+            name: name.to_string(),
+            ..Buyer::default()
+        }
+    }
+
+    /// `GET /buy/ticket` with the buyer's token and cookies; keeps any
+    /// cookie the answer sets.
+    async fn ask(&mut self, c: &TestClient, at: SocketAddr, auth: &TestAuth) -> Reply {
+        let bearer = auth.bearer(&self.name);
+        let cookies: Vec<String> = [&self.place, &self.pass]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        let cookie = cookies.join("; ");
+        let mut headers = vec![("Authorization", bearer.as_str())];
+        if !cookie.is_empty() {
+            headers.push(("Cookie", cookie.as_str()));
+        }
+        let r = send(c, Method::GET, at, "/buy/ticket", &headers)
+            .await
+            .expect("an answer");
+        for v in r.headers.get_all("set-cookie") {
+            let v = v.to_str().expect("ascii cookie");
+            let pair = v.split(';').next().expect("a pair").to_string();
+            if pair.starts_with("spike_queue=") {
+                self.place = Some(pair);
+            } else if pair.starts_with("spike_pass=") {
+                self.pass = Some(pair);
+            } else {
+                panic!("unexpected cookie {v}");
+            }
+        }
+        if r.status == StatusCode::ACCEPTED
+            && let Some(p) = json(&r.body)["position"].as_u64()
+        {
+            if let Some(old) = self.position {
+                assert!(
+                    p <= old,
+                    "{}'s place went back from {old} to {p}",
+                    self.name
+                );
+            }
+            self.position = Some(p);
+        }
+        r
+    }
+}
+
+fn status_of(r: &Reply) -> String {
+    json(&r.body)["status"].as_str().unwrap_or("").to_string()
+}
+
+/// The purchases the nodes have seen, whatever their answer.
+async fn purchases_at_nodes(c: &TestClient, nodes: &[SocketAddr]) -> u64 {
+    let mut total = 0;
+    for n in nodes {
+        let m = send(c, Method::GET, *n, "/metrics", &[])
+            .await
+            .expect("node metrics")
+            .body;
+        for name in [
+            "spike_node_sold_total",
+            "spike_node_sold_out_total",
+            "spike_node_already_bought_total",
+            "spike_node_replayed_total",
+            "spike_node_not_selling_total",
+            "spike_node_unauthorized_total",
+            "spike_node_unavailable_total",
+        ] {
+            total += sample(&m, name);
+        }
+    }
+    total
+}
+
+fn show(cfg: &str) -> serde_json::Value {
+    let out = run(&["stock", "show", "--config", cfg]);
+    assert!(out.status.success(), "{out:?}");
+    json(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Spearman's rank correlation of two rankings of the same n items
+/// (no ties).
+fn spearman(a: &[u64], b: &[u64]) -> f64 {
+    let n = a.len() as f64;
+    let rank = |v: &[u64]| {
+        let mut idx: Vec<usize> = (0..v.len()).collect();
+        idx.sort_by_key(|&i| v[i]);
+        let mut r = vec![0f64; v.len()];
+        for (k, i) in idx.into_iter().enumerate() {
+            r[i] = k as f64;
+        }
+        r
+    };
+    let (ra, rb) = (rank(a), rank(b));
+    let d2: f64 = ra.iter().zip(&rb).map(|(x, y)| (x - y) * (x - y)).sum();
+    1.0 - 6.0 * d2 / (n * (n * n - 1.0))
+}
+
+/// The second balancer: the same file but its own listeners.
+fn second_balancer(text: &str, ports: &Ports) -> (String, SocketAddr, SocketAddr) {
+    let (listen, admin) = (common::free_addr(), common::free_addr());
+    let text = text
+        .replace(
+            &format!("listen = \"{}\"", ports.balancer),
+            &format!("listen = \"{listen}\""),
+        )
+        .replace(
+            &format!("admin = \"{}\"", ports.admin),
+            &format!("admin = \"{admin}\""),
+        );
+    (text, listen, admin)
+}
+
+fn start_balancer(text: &str, listen: SocketAddr) -> (SpikeProcess, std::path::PathBuf) {
+    let path = write_config(text);
+    let b = SpikeProcess::start(&["balancer", "--config", path.to_str().expect("utf-8")]);
+    wait_listening(&listen.to_string(), Duration::from_secs(15));
+    (b, path)
+}
+
+const RATE: u64 = 4;
+const TOTAL: u64 = 12;
+const EARLY: usize = 100;
+const LATE: usize = 12;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_fair_line_over_two_balancers_redis() {
+    let redis = RedisServer::start();
+    let opens = SystemTime::now() + Duration::from_secs(5);
+    let (text, ports) = up_config(TOTAL, 2, Some(&redis.url()));
+    let auth = TestAuth::new("up");
+    let text = text
+        .replace(
+            "per_user_limit = 1\n",
+            &format!("per_user_limit = 1\nopens_at = \"{}\"\n", rfc3339(opens)),
+        )
+        .replace(
+            "\n[balancer]",
+            &format!(
+                "\n{}[waiting_room]\nadmit = \"{RATE}/s\"\npass_ttl = \"30s\"\n\n[balancer]",
+                auth.section()
+            ),
+        );
+    let (_up, path) = start_up(&text, &ports);
+    let cfg = path.to_str().expect("utf-8").to_string();
+    let (text2, listen2, admin2) = second_balancer(&text, &ports);
+    let (mut b2, path2) = start_balancer(&text2, listen2);
+    let doors = [ports.balancer, listen2];
+    let c = client();
+
+    // Before the opening: everyone joins the pre-queue with the same
+    // standing, at either door; nothing reaches a node.
+    let mut early: Vec<Buyer> = (0..EARLY).map(|i| Buyer::new(&format!("e{i}"))).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for (i, b) in early.iter_mut().enumerate() {
+        loop {
+            let r = b.ask(&c, doors[i % 2], &auth).await;
+            if r.status == StatusCode::SERVICE_UNAVAILABLE && Instant::now() < deadline {
+                // A balancer that has not heard the line yet.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+            let v = json(&r.body);
+            assert_eq!(v["status"], "waiting", "{v}");
+            assert!(v["position"].is_null(), "a rank before the opening: {v}");
+            assert!(r.headers.contains_key("retry-after"), "{:?}", r.headers);
+            assert!(b.place.is_some(), "no place cookie: {:?}", r.headers);
+            break;
+        }
+    }
+    assert!(
+        SystemTime::now() < opens,
+        "the pre-queue took past the opening"
+    );
+    assert_eq!(purchases_at_nodes(&c, &ports.nodes).await, 0);
+
+    // At the opening the pre-queue is ranked at random.
+    while SystemTime::now() < opens + Duration::from_millis(300) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut late: Vec<Buyer> = (0..LATE).map(|i| Buyer::new(&format!("l{i}"))).collect();
+    for (i, b) in late.iter_mut().enumerate() {
+        let r = b.ask(&c, doors[(i + 1) % 2], &auth).await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+        assert!(b.position.is_some(), "{}", r.body);
+    }
+    for (i, b) in early.iter_mut().enumerate() {
+        let r = b.ask(&c, doors[(i + 1) % 2], &auth).await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    }
+    let positions: Vec<u64> = early.iter().map(|b| b.position.expect("ranked")).collect();
+    let mut sorted = positions.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        (1..=EARLY as u64).collect::<Vec<_>>(),
+        "the pre-queue is not one line of 1..{EARLY}"
+    );
+    let arrival: Vec<u64> = (0..EARLY as u64).collect();
+    let rho = spearman(&arrival, &positions);
+    assert!(
+        rho.abs() < 0.4,
+        "arriving early bought a better place: rank correlation {rho}"
+    );
+    // After the opening, arrival order.
+    let late_positions: Vec<u64> = late.iter().map(|b| b.position.expect("placed")).collect();
+    assert_eq!(
+        late_positions,
+        (EARLY as u64 + 1..=(EARLY + LATE) as u64).collect::<Vec<_>>()
+    );
+
+    // A pass is its buyer's: handed to another buyer it lets nothing
+    // through.
+    let mut everyone: Vec<Buyer> = early.into_iter().chain(late).collect();
+    everyone.sort_by_key(|b| b.position);
+    let first = Instant::now();
+    let mut admitted_order = Vec::new();
+    let mut holders: HashMap<String, u64> = HashMap::new();
+    let mut thief_tried = false;
+    let mut sold_out_heard = 0;
+    while holders.len() < TOTAL as usize {
+        assert!(
+            first.elapsed() < Duration::from_secs(30),
+            "the line stopped: {} holders",
+            holders.len()
+        );
+        for (i, b) in everyone.iter_mut().enumerate() {
+            if holders.contains_key(&b.name) {
+                continue;
+            }
+            let door = doors[i % 2];
+            let r = b.ask(&c, door, &auth).await;
+            match (r.status, status_of(&r).as_str()) {
+                (StatusCode::ACCEPTED, "waiting") => {}
+                (StatusCode::ACCEPTED, "admitted") => {
+                    admitted_order.push(b.position.expect("a place"));
+                    if !thief_tried {
+                        // Someone else with this buyer's pass (and own
+                        // token) gets no purchase through.
+                        thief_tried = true;
+                        let before = purchases_at_nodes(&c, &ports.nodes).await;
+                        let mut thief = Buyer::new("thief");
+                        thief.pass = b.pass.clone();
+                        let t = thief.ask(&c, door, &auth).await;
+                        assert_eq!(t.status, StatusCode::ACCEPTED, "{}", t.body);
+                        assert_eq!(status_of(&t), "waiting", "{}", t.body);
+                        assert_eq!(purchases_at_nodes(&c, &ports.nodes).await, before);
+                    }
+                    let r = b.ask(&c, door, &auth).await;
+                    match r.status {
+                        StatusCode::OK => {
+                            holders.insert(b.name.clone(), b.position.expect("a place"));
+                        }
+                        StatusCode::CONFLICT => assert_eq!(status_of(&r), "sold_out", "{}", r.body),
+                        other => panic!("{other}: {}", r.body),
+                    }
+                }
+                (StatusCode::OK, _) => {
+                    holders.insert(b.name.clone(), b.position.expect("a place"));
+                }
+                (StatusCode::CONFLICT, "sold_out") => sold_out_heard += 1,
+                (status, _) => panic!("{status}: {}", r.body),
+            }
+        }
+        // The nodes never see more than the admit rate allows (plus a
+        // tick's worth and one thief's try).
+        let seen = purchases_at_nodes(&c, &ports.nodes).await;
+        let allowed = RATE * (first.elapsed().as_millis() as u64 + 1300) / 1000 + 2;
+        assert!(
+            seen <= allowed,
+            "{seen} purchases reached the nodes, {allowed} allowed"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(thief_tried);
+    // Admission followed the line (each balancer hears the serving mark
+    // on its own tick: they may differ by a tick's admissions).
+    let mut highest = 0;
+    for &p in &admitted_order {
+        assert!(
+            p + RATE >= highest,
+            "{p} admitted after {highest}: {admitted_order:?}"
+        );
+        highest = highest.max(p);
+    }
+    let s = show(&cfg);
+    assert_eq!(s["sold"], TOTAL, "{s}");
+
+    // Sold out: the whole line hears it, from memory.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let before = purchases_at_nodes(&c, &ports.nodes).await;
+    let mut waiting: Vec<Buyer> = everyone
+        .iter()
+        .filter(|b| !holders.contains_key(&b.name))
+        .cloned()
+        .collect();
+    for (i, b) in waiting.iter_mut().enumerate() {
+        let r = b.ask(&c, doors[i % 2], &auth).await;
+        assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+        assert_eq!(status_of(&r), "sold_out", "{}", r.body);
+    }
+    assert_eq!(purchases_at_nodes(&c, &ports.nodes).await, before);
+    assert!(sold_out_heard + waiting.len() > 0);
+
+    // A balancer killed and started again: the line is in the store, and
+    // every place still holds.
+    b2.signal("KILL");
+    assert!(b2.wait_exit(Duration::from_secs(5)).is_some());
+    let (_b2, _path2b) = start_balancer(&std::fs::read_to_string(&path2).expect("file"), listen2);
+    wait_listening(&admin2.to_string(), Duration::from_secs(5));
+    let back = Instant::now();
+    for (i, b) in waiting.iter_mut().enumerate().take(10) {
+        let before = b.position;
+        let mut r = b.ask(&c, listen2, &auth).await;
+        while r.status == StatusCode::SERVICE_UNAVAILABLE && back.elapsed() < Duration::from_secs(5)
+        {
+            // Started, not yet heard the line (its /ready says so too).
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            r = b.ask(&c, listen2, &auth).await;
+        }
+        assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+        assert_eq!(b.position, before, "buyer {i}");
+    }
+
+    // `stock add 3` to the sold-out sale: exactly 3 more, to the line.
+    let out = run(&["stock", "add", "3", "--config", &cfg]);
+    assert!(out.status.success(), "{out:?}");
+    let added = Instant::now();
+    let mut winners = Vec::new();
+    while winners.len() < 3 {
+        assert!(
+            added.elapsed() < Duration::from_secs(20),
+            "the added tickets were not sold: {winners:?}"
+        );
+        for b in waiting.iter_mut() {
+            if winners.iter().any(|(n, _)| n == &b.name) {
+                continue;
+            }
+            let r = b.ask(&c, listen2, &auth).await;
+            match (r.status, status_of(&r).as_str()) {
+                (StatusCode::ACCEPTED, "admitted") => {
+                    let r = b.ask(&c, listen2, &auth).await;
+                    if r.status == StatusCode::OK {
+                        winners.push((b.name.clone(), b.position.expect("a place")));
+                    }
+                }
+                (StatusCode::OK, _) => winners.push((b.name.clone(), b.position.expect("a place"))),
+                (StatusCode::ACCEPTED, "waiting") | (StatusCode::CONFLICT, _) => {}
+                (status, _) => panic!("{status}: {}", r.body),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let s = show(&cfg);
+    assert_eq!(s["sold"], TOTAL + 3, "{s}");
+    // The next in line: nobody who was still waiting had an earlier place
+    // than a winner, but the buyers admitted before the sell-out.
+    let last_admitted = *admitted_order.last().expect("admissions");
+    let still_waiting_min = waiting
+        .iter()
+        .filter(|b| !winners.iter().any(|(n, _)| n == &b.name))
+        .filter_map(|b| b.position)
+        .filter(|&p| p > last_admitted)
+        .min()
+        .unwrap_or(u64::MAX);
+    for (name, p) in &winners {
+        assert!(
+            *p < still_waiting_min,
+            "{name} at {p} was served before a buyer at {still_waiting_min}"
+        );
+    }
+
+    // The status page's figures.
+    let status = json(
+        &send(&c, Method::GET, ports.admin, "/status", &[])
+            .await
+            .expect("status")
+            .body,
+    );
+    let w = &status["waiting_room"];
+    assert_eq!(w["on"], true, "{w}");
+    assert_eq!(w["admit"], format!("{RATE}/s"), "{w}");
+    // Everyone, and the thief, who took a place of their own.
+    assert_eq!(w["joined"], (EARLY + LATE + 1) as u64, "{w}");
+    assert!(w["waiting_answers"].as_u64().unwrap_or(0) > 0, "{w}");
+    assert!(w["serving"].as_u64().unwrap_or(0) >= TOTAL + 3, "{w}");
+}
+
+/// `spike up` on the embedded store, `admit = "follow_stock"`, no opening
+/// time: buyers are placed in arrival order, about as many are admitted
+/// as there are tickets free (plus the margin), a purchase without a pass
+/// (even with its own key) never reaches a node, and the sale sells
+/// exactly its total.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_stock_admits_about_the_free_tickets_embedded() {
+    const TICKETS: u64 = 10;
+    const BUYERS: usize = 40;
+    let (text, ports) = up_config(TICKETS, 2, None);
+    let auth = TestAuth::new("up");
+    let text = text.replace(
+        "\n[balancer]",
+        &format!(
+            "\n{}[waiting_room]\nadmit = \"follow_stock\"\npass_ttl = \"20s\"\n\n[balancer]",
+            auth.section()
+        ),
+    );
+    let (_up, _path) = start_up(&text, &ports);
+    let c = client();
+    let mut buyers: Vec<Buyer> = (0..BUYERS).map(|i| Buyer::new(&format!("f{i}"))).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for (i, b) in buyers.iter_mut().enumerate() {
+        let mut r = b.ask(&c, ports.balancer, &auth).await;
+        while r.status == StatusCode::SERVICE_UNAVAILABLE && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            r = b.ask(&c, ports.balancer, &auth).await;
+        }
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+        assert_eq!(b.position, Some(i as u64 + 1), "{}", r.body);
+    }
+    // A key of one's own is no way around the line.
+    let bearer = auth.bearer("sneaky");
+    let r = send(
+        &c,
+        Method::POST,
+        ports.balancer,
+        "/buy/ticket",
+        &[("Authorization", &bearer), ("Idempotency-Key", "sneaky-1")],
+    )
+    .await
+    .expect("answer");
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    assert_eq!(purchases_at_nodes(&c, &ports.nodes).await, 0);
+
+    // A tick later the first TICKETS + margin (5) positions are admitted,
+    // and no more.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut admitted = Vec::new();
+    for b in buyers.iter_mut() {
+        let r = b.ask(&c, ports.balancer, &auth).await;
+        if status_of(&r) == "admitted" {
+            admitted.push(b.position.expect("placed"));
+        }
+    }
+    assert_eq!(
+        admitted,
+        (1..=TICKETS + 5).collect::<Vec<_>>(),
+        "follow_stock admitted other than the free tickets and the margin"
+    );
+    let mut sold = 0;
+    let mut sold_out = 0;
+    for b in buyers.iter_mut().take(admitted.len()) {
+        let r = b.ask(&c, ports.balancer, &auth).await;
+        match r.status {
+            StatusCode::OK => sold += 1,
+            StatusCode::CONFLICT => {
+                assert_eq!(status_of(&r), "sold_out", "{}", r.body);
+                sold_out += 1;
+            }
+            other => panic!("{other}: {}", r.body),
+        }
+    }
+    assert_eq!(sold, TICKETS);
+    assert_eq!(sold_out, 5);
+    // Everyone else hears sold_out, and reaches no node.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let seen = purchases_at_nodes(&c, &ports.nodes).await;
+    for b in buyers.iter_mut().skip(admitted.len()) {
+        let r = b.ask(&c, ports.balancer, &auth).await;
+        assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+        assert_eq!(status_of(&r), "sold_out", "{}", r.body);
+    }
+    assert_eq!(purchases_at_nodes(&c, &ports.nodes).await, seen);
+    // Only the admitted reached a node (the edge may have answered some
+    // of the late ones itself).
+    assert!((TICKETS..=TICKETS + 5).contains(&seen), "{seen}");
+}
+
+/// A file with a `[waiting_room]` that cannot work is refused with its
+/// file, key and line; `spike balancer` without Redis cannot share a line.
+#[test]
+fn a_waiting_room_that_cannot_work_is_refused() {
+    let (text, _ports) = up_config(5, 1, None);
+    for (room, key) in [
+        ("admit = \"fast\"\n", "waiting_room.admit"),
+        ("admit = \"0/s\"\n", "waiting_room.admit"),
+        (
+            "admit = \"10/s\"\nprequeue_from = \"2026-01-01T00:00:00Z\"\n",
+            "waiting_room.prequeue_from",
+        ),
+        (
+            "admit = \"10/s\"\npass_ttl = \"10ms\"\n",
+            "waiting_room.pass_ttl",
+        ),
+        ("admit = \"10/s\"\nlength = 5\n", "length"),
+    ] {
+        let file = format!("{text}\n[waiting_room]\n{room}");
+        let path = write_config(&file);
+        let out = run(&["check", "--config", path.to_str().expect("utf-8")]);
+        assert!(!out.status.success(), "{room}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        // file:line: `key`: why
+        let at = format!("{}:", path.to_str().expect("utf-8"));
+        let rest = err.split(&at).nth(1).unwrap_or_else(|| panic!("{err}"));
+        assert!(
+            rest.split(':')
+                .next()
+                .is_some_and(|l| l.parse::<u32>().is_ok()),
+            "no line: {err}"
+        );
+        assert!(err.contains(key), "{room}: {err}");
+    }
+    let file = format!("{text}\n[waiting_room]\nadmit = \"10/s\"\n");
+    let path = write_config(&file);
+    let out = run(&["balancer", "--config", path.to_str().expect("utf-8")]);
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("[redis]"), "{err}");
+}
