@@ -79,6 +79,12 @@ struct Args {
     /// With --flow: how long one buyer keeps trying before giving up.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     patience: Duration,
+    /// With --flow: every buyer is a visitor of their own, arriving in list
+    /// order spread evenly over this long, all of them waiting at once (a
+    /// waiting room's line) and sharing the `-c` connections; without it
+    /// each connection plays one buyer after another.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    arrive: Option<Duration>,
 }
 
 /// One connection's record.
@@ -92,6 +98,9 @@ struct Tally {
     /// With --flow: requests that were told to come back (not open,
     /// paused, busy, limited).
     waits: u64,
+    /// With --flow: (arrival index, place in the waiting room's line, in
+    /// the pre-queue) for every buyer who was given a place.
+    places: Vec<(usize, u64, bool)>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -176,9 +185,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         flow,
     });
     let mut lanes = Vec::new();
-    for _ in 0..args.concurrency.max(1) {
-        let crowd = crowd.clone();
-        lanes.push(tokio::spawn(async move { lane(&crowd).await }));
+    match args.arrive.filter(|_| crowd.flow.is_some()) {
+        Some(window) => {
+            let pool = Arc::new(Pool {
+                addr,
+                permits: tokio::sync::Semaphore::new(args.concurrency.max(1)),
+                idle: std::sync::Mutex::new(Vec::new()),
+            });
+            let n = crowd.requests.len();
+            for i in 0..n {
+                let at = start + window.mul_f64(i as f64 / n as f64);
+                lanes.push(tokio::spawn(arrival(crowd.clone(), pool.clone(), i, at)));
+            }
+        }
+        None => {
+            for _ in 0..args.concurrency.max(1) {
+                let crowd = crowd.clone();
+                lanes.push(tokio::spawn(async move { lane(&crowd).await }));
+            }
+        }
     }
     let mut all = Tally::default();
     for l in lanes {
@@ -194,6 +219,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             *all.outcomes.entry(k).or_default() += v;
         }
         all.waits += t.waits;
+        all.places.extend(t.places);
     }
     let took = start.elapsed().as_secs_f64();
     all.latencies_us.sort_unstable();
@@ -220,6 +246,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if crowd.flow.is_some() {
         report["outcomes"] = serde_json::json!(all.outcomes);
         report["waits"] = serde_json::json!(all.waits);
+        report["line"] = line_report(&mut all.places);
     }
     println!("{report}");
     Ok(())
@@ -231,10 +258,12 @@ struct Conn {
     sender: Option<hyper::client::conn::http1::SendRequest<Empty<Bytes>>>,
 }
 
-/// One answer: status, `Retry-After` (seconds) and body.
+/// One answer: status, `Retry-After` (seconds), the cookies it sets
+/// (`name=value`) and body.
 struct Answer {
     status: u16,
     retry_after: Option<u64>,
+    cookies: Vec<String>,
     body: Bytes,
 }
 
@@ -244,7 +273,7 @@ impl Conn {
         method: hyper::Method,
         host: &str,
         path: &str,
-        header: Option<(&str, &str)>,
+        headers: &[(&str, &str)],
         left: Duration,
     ) -> Result<Answer, String> {
         let sender = match self.sender.as_mut() {
@@ -255,8 +284,8 @@ impl Conn {
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, host);
-        if let Some((name, value)) = header {
-            req = req.header(name, value);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
         }
         let req = req
             .body(Empty::<Bytes>::new())
@@ -269,10 +298,19 @@ impl Conn {
                 .get(hyper::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok());
+            let cookies = resp
+                .headers()
+                .get_all(hyper::header::SET_COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .filter_map(|v| v.split(';').next())
+                .map(str::to_string)
+                .collect();
             let body = resp.into_body().collect().await?.to_bytes();
             Ok::<Answer, hyper::Error>(Answer {
                 status,
                 retry_after,
+                cookies,
                 body,
             })
         })
@@ -289,19 +327,56 @@ impl Conn {
             }
         }
     }
+}
 
-    /// [`Conn::send`], its answer (or error) and latency counted in `tally`.
+/// Where a visit's requests go: its lane's own connection, or one of the
+/// crowd's shared ones (`--arrive`).
+enum Via<'a> {
+    Own(&'a mut Conn),
+    Shared(&'a Pool),
+}
+
+/// The connections every arriving buyer shares (`--arrive`): at most `-c`
+/// requests in flight, each on an idle connection or a new one.
+struct Pool {
+    addr: SocketAddr,
+    permits: tokio::sync::Semaphore,
+    idle: std::sync::Mutex<Vec<Conn>>,
+}
+
+impl Via<'_> {
+    /// One request, its answer (or error) and latency counted in `tally`.
     async fn send_counted(
         &mut self,
         tally: &mut Tally,
         method: hyper::Method,
         host: &str,
         path: &str,
-        header: Option<(&str, &str)>,
+        headers: &[(&str, &str)],
         left: Duration,
     ) -> Result<Answer, String> {
-        let sent = Instant::now();
-        let answer = self.send(method, host, path, header, left).await;
+        let answer = match self {
+            Via::Own(conn) => {
+                let sent = Instant::now();
+                let a = conn.send(method, host, path, headers, left).await;
+                (sent, a)
+            }
+            Via::Shared(pool) => {
+                let _permit = pool.permits.acquire().await.map_err(|e| e.to_string())?;
+                let idle = pool.idle.lock().ok().and_then(|mut v| v.pop());
+                let mut conn = idle.unwrap_or(Conn {
+                    addr: pool.addr,
+                    sender: None,
+                });
+                let sent = Instant::now();
+                let a = conn.send(method, host, path, headers, left).await;
+                if let Ok(mut v) = pool.idle.lock() {
+                    v.push(conn);
+                }
+                (sent, a)
+            }
+        };
+        let (sent, answer) = answer;
         record(
             tally,
             sent,
@@ -329,23 +404,41 @@ async fn lane(crowd: &Crowd) -> Tally {
             None => {
                 let left = crowd.deadline.saturating_duration_since(Instant::now())
                     + Duration::from_secs(5);
-                let _ = conn
+                let headers: Vec<(&str, &str)> = auth.into_iter().collect();
+                let _ = Via::Own(&mut conn)
                     .send_counted(
                         &mut tally,
                         crowd.method.clone(),
                         &crowd.host,
                         path,
-                        auth,
+                        &headers,
                         left,
                     )
                     .await;
             }
             Some(flow) => {
-                let outcome = visit(crowd, flow, &mut conn, &mut tally, i, path, auth).await;
+                let outcome =
+                    visit(crowd, flow, Via::Own(&mut conn), &mut tally, i, path, auth).await;
                 *tally.outcomes.entry(outcome).or_default() += 1;
             }
         }
     }
+    tally
+}
+
+/// Buyer `i`'s visit as one arrival of a crowd that all waits at once
+/// (`--arrive`): it comes at its moment of the arrival window, on the
+/// shared connections.
+async fn arrival(crowd: Arc<Crowd>, pool: Arc<Pool>, i: usize, at: Instant) -> Tally {
+    let mut tally = Tally::default();
+    tokio::time::sleep_until(at.into()).await;
+    let (Some(flow), Some((path, bearer))) = (&crowd.flow, crowd.requests.get(i)) else {
+        return tally;
+    };
+    crowd.next.fetch_add(1, Ordering::Relaxed);
+    let auth = bearer.as_deref().map(|b| ("authorization", b));
+    let outcome = visit(&crowd, flow, Via::Shared(&pool), &mut tally, i, path, auth).await;
+    *tally.outcomes.entry(outcome).or_default() += 1;
     tally
 }
 
@@ -361,30 +454,40 @@ fn record(tally: &mut Tally, sent: Instant, answer: Result<u16, String>) {
 }
 
 /// One buyer's visit, as a person with a browser plays it: buy; while told
-/// to come back (the sale is not open, paused; busy; limited), wait as
-/// `Retry-After` says and ask again; with a reservation, pay it (a share
-/// of buyers) as the payment service would. Returns how it ended.
+/// to come back (the sale is not open, paused; a waiting room's line;
+/// busy; limited), wait as `Retry-After` says and ask again, with the
+/// cookies the answers set (a place in line, a pass); with a reservation,
+/// pay it (a share of buyers) as the payment service would. Returns how it
+/// ended; a place in line goes into `tally.places`.
 async fn visit(
     crowd: &Crowd,
     flow: &Flow,
-    conn: &mut Conn,
+    mut via: Via<'_>,
     tally: &mut Tally,
     i: usize,
     path: &str,
     auth: Option<(&str, &str)>,
 ) -> &'static str {
     let give_up = Instant::now() + flow.patience;
-    loop {
+    let mut jar: Vec<String> = Vec::new();
+    let mut place: Option<(u64, bool)> = None;
+    let mut prequeued = false;
+    let outcome = loop {
         if Instant::now() >= give_up {
-            return "gave_up";
+            break "gave_up";
         }
-        let answer = conn
+        let cookie = jar.join("; ");
+        let mut headers: Vec<(&str, &str)> = auth.into_iter().collect();
+        if !cookie.is_empty() {
+            headers.push(("cookie", cookie.as_str()));
+        }
+        let answer = via
             .send_counted(
                 tally,
                 hyper::Method::POST,
                 &crowd.host,
                 path,
-                auth,
+                &headers,
                 Duration::from_secs(10),
             )
             .await;
@@ -393,13 +496,28 @@ async fn visit(
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
+        for c in a.cookies {
+            let name = c.split('=').next().unwrap_or("").to_string();
+            jar.retain(|old| old.split('=').next() != Some(name.as_str()));
+            jar.push(c);
+        }
         let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap_or_default();
         let status = v["status"].as_str().unwrap_or("");
+        if a.status == 202 {
+            match v["position"].as_u64() {
+                Some(p) => {
+                    if place.is_none() {
+                        place = Some((p, prequeued));
+                    }
+                }
+                None => prequeued = true,
+            }
+        }
         match (a.status, status) {
             (200, _) => {
                 let reserved = v["state"] == "reserved";
                 if !reserved {
-                    return "sold";
+                    break "sold";
                 }
                 // The payment service pays a share of the reservations,
                 // spread evenly over the buyers.
@@ -407,7 +525,7 @@ async fn visit(
                     (i as f64 * flow.pay_share).floor() < ((i + 1) as f64 * flow.pay_share).floor();
                 let (Some(key), Some(order), true) = (&flow.payment_key, v["order"].as_str(), pays)
                 else {
-                    return "reserved_unpaid";
+                    break "reserved_unpaid";
                 };
                 let target = format!("/orders/{order}/pay?ref=crowd-{i}");
                 let signature = spike::auth::sign_payment(
@@ -415,24 +533,26 @@ async fn visit(
                     spike::auth::unix_now(),
                     &format!("POST {target}"),
                 );
-                let paid = conn
+                let paid = via
                     .send_counted(
                         tally,
                         hyper::Method::POST,
                         &crowd.host,
                         &target,
-                        Some(("spike-signature", signature.as_str())),
+                        &[("spike-signature", signature.as_str())],
                         Duration::from_secs(10),
                     )
                     .await;
-                return match paid {
+                break match paid {
                     Ok(p) if p.status == 200 => "paid",
                     _ => "payment_failed",
                 };
             }
-            (409, "sold_out") => return "sold_out",
-            (409, "already_bought") => return "already_bought",
-            (409, "closed") => return "closed",
+            (409, "sold_out") => break "sold_out",
+            (409, "already_bought") => break "already_bought",
+            (409, "closed") => break "closed",
+            // Admitted by the waiting room: buy now, with the pass.
+            (202, "admitted") => {}
             // Not open yet, paused, a waiting room's line (202), busy or
             // limited: come back when told.
             (409, "not_open" | "paused") | (202, _) | (429, _) | (503, _) => {
@@ -443,9 +563,50 @@ async fn visit(
                 let jitter = Duration::from_millis((i as u64).wrapping_mul(7919) % 1000);
                 tokio::time::sleep(Duration::from_secs(secs) + jitter).await;
             }
-            _ => return "refused",
+            _ => break "refused",
         }
+    };
+    if let Some((p, pre)) = place {
+        tally.places.push((i, p, pre));
     }
+    outcome
+}
+
+/// What the places in a waiting room's line say of its fairness: how many
+/// buyers were placed from the pre-queue and after the opening, and for
+/// each group the rank correlation (Spearman) of arrival order against
+/// place: near 0 for the shuffled pre-queue (arriving early bought
+/// nothing), near 1 after the opening (arrival order).
+fn line_report(places: &mut [(usize, u64, bool)]) -> serde_json::Value {
+    fn spearman(v: &[(usize, u64)]) -> Option<f64> {
+        let n = v.len() as f64;
+        if v.len() < 3 {
+            return None;
+        }
+        let mut by_place: Vec<usize> = (0..v.len()).collect();
+        by_place.sort_by_key(|&k| v[k].1);
+        let mut place_rank = vec![0f64; v.len()];
+        for (r, k) in by_place.into_iter().enumerate() {
+            place_rank[k] = r as f64;
+        }
+        // `v` is sorted by arrival: its index is the arrival rank.
+        let d2: f64 = place_rank
+            .iter()
+            .enumerate()
+            .map(|(a, p)| (a as f64 - p).powi(2))
+            .sum();
+        Some(1.0 - 6.0 * d2 / (n * (n * n - 1.0)))
+    }
+    places.sort_unstable();
+    let pre: Vec<(usize, u64)> = places.iter().filter(|p| p.2).map(|p| (p.0, p.1)).collect();
+    let after: Vec<(usize, u64)> = places.iter().filter(|p| !p.2).map(|p| (p.0, p.1)).collect();
+    serde_json::json!({
+        "placed": places.len(),
+        "prequeue": pre.len(),
+        "prequeue_rank_correlation": spearman(&pre),
+        "after_opening": after.len(),
+        "after_opening_rank_correlation": spearman(&after),
+    })
 }
 
 async fn connect(

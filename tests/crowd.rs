@@ -132,3 +132,175 @@ async fn a_crowd_waits_for_the_opening_buys_once_and_pays_or_lets_go() {
     let _ = std::fs::remove_file(&buyers);
     remove_config(&path);
 }
+
+/// The purchases `nodes` have seen, whatever their answer.
+async fn purchases_at_nodes(c: &common::http::TestClient, nodes: &[std::net::SocketAddr]) -> u64 {
+    let mut total = 0;
+    for n in nodes {
+        let Ok(m) = common::http::send(c, hyper::Method::GET, *n, "/metrics", &[]).await else {
+            continue;
+        };
+        for name in [
+            "spike_node_sold_total",
+            "spike_node_sold_out_total",
+            "spike_node_already_bought_total",
+            "spike_node_replayed_total",
+            "spike_node_not_selling_total",
+        ] {
+            total += common::up::sample(&m.body, name);
+        }
+    }
+    total
+}
+
+/// A crowd in a waiting room (issue 27's "what must hold", at the size a
+/// test can afford; `scripts/crowd.sh` runs 100,000): 3,000 buyers arrive
+/// over 5 s, the sale opening 3 s in, every one of them waiting at once on
+/// shared connections, polling as told and sending back their cookies.
+/// One outcome per buyer, exactly the total sold, the pre-queue's places
+/// uncorrelated with arrival, later arrivals placed in arrival order, and
+/// the nodes never seeing more purchases than the admit rate lets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_in_a_waiting_room_gets_one_answer_each_in_a_fair_order() {
+    const BUYERS: usize = 3000;
+    const TOTAL: u64 = 150;
+    const RATE: u64 = 100;
+    let redis = RedisServer::start();
+    let (text, ports) = up_config(TOTAL, 2, Some(&redis.url()));
+    let auth = TestAuth::new("up");
+    let opens = SystemTime::now() + Duration::from_secs(3);
+    let text = text
+        .replace(
+            "per_user_limit = 1\n",
+            &format!(
+                "per_user_limit = 1\nopens_at = \"{}\"\n",
+                humantime::format_rfc3339_millis(opens)
+            ),
+        )
+        .replace(
+            "\n[balancer]",
+            &format!(
+                "\n{}[waiting_room]\nadmit = \"{RATE}/s\"\n\n[balancer]",
+                auth.section()
+            ),
+        );
+    let (up, path) = start_up(&text, &ports);
+    let cfg = path.to_str().expect("path");
+    let tokens = run(&[
+        "token",
+        "--config",
+        cfg,
+        "--buyer",
+        "w",
+        "--count",
+        &BUYERS.to_string(),
+    ]);
+    assert!(tokens.status.success(), "{tokens:?}");
+    let buyers = path.with_file_name("buyers.txt");
+    std::fs::write(&buyers, &tokens.stdout).expect("write buyers");
+
+    // The nodes' purchases, sampled while the crowd runs.
+    let c = common::http::client();
+    let nodes = ports.nodes.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watch = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            // How far the nodes' purchases ever ran past what the admit
+            // rate allows (a tick's lag and a tick's admissions besides).
+            let mut worst = f64::MIN;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let seen = purchases_at_nodes(&c, &nodes).await;
+                let since = SystemTime::now()
+                    .duration_since(opens)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                let allowed = RATE as f64 * (since + 0.5) + 5.0;
+                worst = worst.max(seen as f64 - allowed);
+            }
+            worst
+        }
+    });
+    let out = tokio::task::spawn_blocking({
+        let cfg = cfg.to_string();
+        let buyers = buyers.clone();
+        let url = format!("http://{}/buy/ticket", ports.balancer);
+        move || {
+            Command::new(crowd_bin())
+                .args([
+                    "--flow",
+                    "--config",
+                    &cfg,
+                    "--buyers",
+                    buyers.to_str().expect("path"),
+                    "--pay-share",
+                    "0",
+                    "-c",
+                    "64",
+                    "--arrive",
+                    "5s",
+                    "-z",
+                    "90s",
+                    "--patience",
+                    "60s",
+                    &url,
+                ])
+                .output()
+                .expect("run the crowd")
+        }
+    })
+    .await
+    .expect("the crowd");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let worst = watch.await.expect("the watch");
+    assert!(
+        worst <= 0.0,
+        "the nodes saw {worst} purchases more than the admit rate allows"
+    );
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("the crowd's JSON report");
+    let o = &report["outcomes"];
+    let n = |k: &str| o[k].as_u64().unwrap_or(0);
+    let outcomes: u64 = o
+        .as_object()
+        .expect("outcomes")
+        .values()
+        .filter_map(serde_json::Value::as_u64)
+        .sum();
+    assert_eq!(outcomes, BUYERS as u64, "one outcome per buyer: {report}");
+    // Final sales (no payment window): a ticket each for TOTAL buyers,
+    // sold_out for everyone else; nobody without an answer.
+    assert_eq!(n("sold"), TOTAL, "{report}");
+    assert_eq!(n("sold_out"), BUYERS as u64 - TOTAL, "{report}");
+    // The balancer heard the line before its first client: no buyer was
+    // told the waiting room was out of reach.
+    assert_eq!(
+        report["statusCodeDistribution"]["503"],
+        serde_json::Value::Null,
+        "{report}"
+    );
+    let line = &report["line"];
+    let pre = line["prequeue_rank_correlation"]
+        .as_f64()
+        .expect("a pre-queue");
+    assert!(pre.abs() < 0.15, "arriving early bought a place: {line}");
+    // (A buyer who asks again only after the sell-out hears sold_out
+    // without learning a place.)
+    assert!(line["prequeue"].as_u64() > Some(500), "{line}");
+    // Those admitted after the opening: in arrival order.
+    if line["after_opening"].as_u64() > Some(10) {
+        let after = line["after_opening_rank_correlation"]
+            .as_f64()
+            .expect("after the opening");
+        assert!(after > 0.95, "{line}");
+    }
+    let show = run(&["stock", "show", "--config", cfg]);
+    let s = common::http::json(&String::from_utf8_lossy(&show.stdout));
+    assert_eq!(s["sold"].as_u64(), Some(TOTAL), "{s}");
+    let audit = run(&["stock", "audit", "--config", cfg]);
+    assert!(audit.status.success(), "{audit:?}");
+    drop(up);
+    let _ = std::fs::remove_file(&buyers);
+    remove_config(&path);
+}

@@ -167,6 +167,7 @@ impl Balancer {
         let edge = tokio::spawn(sale::watch_edge(shared.clone()));
         let recent = tokio::spawn(recent::run(shared.clone()));
         let health = tokio::spawn(health::run(shared.clone()));
+        waiting_room::first_read(&shared, std::time::Duration::from_secs(3)).await;
         let line = tokio::spawn(waiting_room::run(shared.clone()));
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

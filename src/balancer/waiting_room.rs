@@ -184,27 +184,41 @@ pub async fn run(shared: Arc<Shared>) {
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        let room = &shared.waiting_room;
-        let Some(store) = room.store.get() else {
-            continue;
-        };
-        let Some(config) = shared.current.load().config.waiting_room.clone() else {
-            continue;
-        };
-        room.tick_calls.fetch_add(1, Ordering::Relaxed);
-        match store
-            .line_advance(admit_of(&config), room.candidate())
-            .await
-        {
-            Ok(Some(state)) => room.learn(state),
-            Ok(None) => {
-                // No sale yet: nobody is admitted to buy nothing.
-                room.view.store(None);
-            }
-            Err(e) => {
-                room.store_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(error = %e, "waiting room: the line could not be moved");
-            }
+        tick(&shared).await;
+    }
+}
+
+/// Hears the line once before the balancer takes its first client, so a
+/// balancer that starts (or restarts) in a running sale answers its
+/// waiting buyers at once; bounded by `limit` (a store that does not
+/// answer leaves it to [`run`], and `/ready` fails until then).
+pub async fn first_read(shared: &Shared, limit: Duration) {
+    if shared.waiting_room.attached() {
+        let _ = tokio::time::timeout(limit, tick(shared)).await;
+    }
+}
+
+async fn tick(shared: &Shared) {
+    let room = &shared.waiting_room;
+    let Some(store) = room.store.get() else {
+        return;
+    };
+    let Some(config) = shared.current.load().config.waiting_room.clone() else {
+        return;
+    };
+    room.tick_calls.fetch_add(1, Ordering::Relaxed);
+    match store
+        .line_advance(admit_of(&config), room.candidate())
+        .await
+    {
+        Ok(Some(state)) => room.learn(state),
+        Ok(None) => {
+            // No sale yet: nobody is admitted to buy nothing.
+            room.view.store(None);
+        }
+        Err(e) => {
+            room.store_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(error = %e, "waiting room: the line could not be moved");
         }
     }
 }
