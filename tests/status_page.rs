@@ -507,3 +507,67 @@ async fn the_page_shows_the_per_client_limits_and_their_refusals() {
     assert!(reason.contains("one client may take"), "{reason}");
     remove_config(&path);
 }
+
+/// `[waiting_room]` on the page: the line's length, the serving mark, the
+/// admit rate, what it handed out; the same numbers as `/status`. Without
+/// one, the page says what that means.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_the_waiting_rooms_line() {
+    let (text, ports) = up_config(5, 1, None);
+    let text = text.replace(
+        "\n[balancer]",
+        "\n[waiting_room]\nadmit = \"1/s\"\n\n[balancer]",
+    );
+    let (_up, path) = start_up(&text, &ports);
+    let c = client();
+    // Three clients' first asks, from three loopback addresses: three
+    // places in line.
+    for ip in ["127.0.0.2", "127.0.0.3", "127.0.0.4"] {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.bind(format!("{ip}:0").parse().expect("addr"))
+            .expect("bind");
+        let mut s = sock.connect(ports.balancer).await.expect("connect");
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(b"GET /buy/ticket?user=u HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await.expect("read");
+        assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    }
+    let (_, status) = get(&c, ports.admin, "/status").await.expect("status");
+    let w = json(&status)["waiting_room"].clone();
+    assert_eq!(w["joined"], 3, "{w}");
+    let dom = rendered(&format!("http://{}/", ports.admin));
+    assert_eq!(element(&dom, "id=\"room-admit\""), "1/s");
+    assert_eq!(element(&dom, "id=\"room-joined\""), "3 (0)");
+    let serving: u64 = element(&dom, "id=\"room-serving\"")
+        .parse()
+        .expect("a number");
+    assert!(serving <= 3, "{serving}");
+    assert_eq!(
+        element(&dom, "id=\"room-answers\""),
+        format!("{} / {}", w["waiting_answers"], w["join_calls"])
+    );
+    assert_eq!(w["join_calls"], 3, "{w}");
+    assert_eq!(
+        element(&dom, "id=\"room-passes\""),
+        format!(
+            "{} / {} / {}",
+            w["passes_issued"], w["passes_accepted"], w["passes_refused"]
+        )
+    );
+    assert!(
+        dom.contains("id=\"room-reason\" class=\"why\" hidden"),
+        "{dom}"
+    );
+    remove_config(&path);
+
+    let (text, ports) = up_config(5, 1, None);
+    let (_up, path) = start_up(&text, &ports);
+    let dom = rendered(&format!("http://{}/", ports.admin));
+    assert_eq!(element(&dom, "id=\"room-admit\""), "off");
+    let reason = element(&dom, "id=\"room-reason\"");
+    assert!(reason.contains("no [waiting_room]"), "{reason}");
+    remove_config(&path);
+}

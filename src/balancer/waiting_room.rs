@@ -175,6 +175,29 @@ impl WaitingRoom {
             mac,
         })));
     }
+
+    /// Takes in the line's counts a join came back with, when they are
+    /// newer than the view's (so `/status` counts a buyer as soon as they
+    /// join); the speed and the oldest wait stay the ticks' to measure.
+    fn learn_join(&self, state: &LineState) {
+        let Some(old) = self.view.load_full() else {
+            return;
+        };
+        if old.state.epoch != state.epoch || state.joined() <= old.state.joined() {
+            return;
+        }
+        let mut fresh = old.state.clone();
+        fresh.pre = state.pre;
+        fresh.seq = state.seq;
+        fresh.serving = fresh.serving.max(state.serving);
+        fresh.now_ms = state.now_ms;
+        self.view.store(Some(Arc::new(LineView {
+            state: fresh,
+            at: Instant::now(),
+            speed: old.speed,
+            mac: old.mac.clone(),
+        })));
+    }
 }
 
 /// Moves and reads the line every [`TICK`] while the file has a
@@ -422,6 +445,7 @@ pub async fn join(shared: &Shared, active: &Active, j: Joining) -> Reply {
     match store.line_join(&j.buyer, lottery, room.candidate()).await {
         Ok(Some(state)) => {
             let position = state.position;
+            room.learn_join(&state);
             let view = match room.view.load_full() {
                 Some(v) if v.state.epoch == state.epoch => v,
                 _ => {
