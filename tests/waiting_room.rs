@@ -558,3 +558,147 @@ fn a_waiting_room_that_cannot_work_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("[redis]"), "{err}");
 }
+
+/// The line through faults, with every part its own process: two `spike
+/// node`s and two `spike balancer`s on one Redis. `stock pause` mid-sale
+/// stops every sale (checked in the store) and the line hears `paused`;
+/// after `resume` the sale goes on; a node SIGKILLed mid-sale and a
+/// balancer SIGKILLed and restarted lose nobody's place (each buyer's
+/// position is checked on every answer), and the sale sells exactly its
+/// total, one ticket per buyer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_line_holds_through_a_pause_a_dead_node_and_a_dead_balancer_redis() {
+    const TICKETS: u64 = 30;
+    const BUYERS: usize = 90;
+    let redis = RedisServer::start_durable();
+    let auth = TestAuth::new("wrf");
+    let p = common::free_addr;
+    let (lb1, admin1, lb2, admin2) = (p(), p(), p(), p());
+    let nodes = [p(), p()];
+    let file = |listen: SocketAddr, admin: SocketAddr| {
+        let mut t = format!(
+            "[sale]\nevent = \"wrf\"\ntotal = {TICKETS}\nper_user_limit = 1\n\n{}\
+             [redis]\nurl = \"{}\"\n\n[waiting_room]\nadmit = \"5/s\"\n\n\
+             [balancer]\nlisten = \"{listen}\"\nadmin = \"{admin}\"\n\
+             connect_timeout = \"300ms\"\nresponse_timeout = \"2s\"\n",
+            auth.section(),
+            redis.url()
+        );
+        for (i, a) in nodes.iter().enumerate() {
+            t.push_str(&format!(
+                "\n[[node]]\nname = \"n{}\"\nlisten = \"{a}\"\n",
+                i + 1
+            ));
+        }
+        t
+    };
+    let path1 = write_config(&file(lb1, admin1));
+    let path2 = write_config(&file(lb2, admin2));
+    let cfg = path1.to_str().expect("utf-8").to_string();
+    assert!(run(&["stock", "init", "--config", &cfg]).status.success());
+    let mut node_procs: Vec<Option<SpikeProcess>> = (0..2)
+        .map(|i| {
+            Some(SpikeProcess::start(&[
+                "node",
+                "--config",
+                &cfg,
+                "--name",
+                &format!("n{}", i + 1),
+            ]))
+        })
+        .collect();
+    for a in &nodes {
+        wait_listening(&a.to_string(), Duration::from_secs(10));
+    }
+    let (mut b1, _) = start_balancer(&file(lb1, admin1), lb1);
+    let (_b2, _) = start_balancer(&file(lb2, admin2), lb2);
+    let c = client();
+    let mut doors = [lb1, lb2];
+
+    let mut buyers: Vec<Buyer> = (0..BUYERS).map(|i| Buyer::new(&format!("x{i}"))).collect();
+    for (i, b) in buyers.iter_mut().enumerate() {
+        let r = b.ask(&c, doors[i % 2], &auth).await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    }
+    let mut positions: Vec<u64> = buyers.iter().map(|b| b.position.expect("placed")).collect();
+    positions.sort();
+    assert_eq!(positions, (1..=BUYERS as u64).collect::<Vec<_>>());
+
+    let mut holders: HashMap<String, u64> = HashMap::new();
+    let (mut paused, mut resumed, mut node_killed, mut balancer_killed) =
+        (false, false, false, false);
+    let start = Instant::now();
+    let mut pause_check: Option<(Instant, u64)> = None;
+    let mut paused_heard = 0;
+    while holders.len() < TICKETS as usize {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the sale stopped at {} holders",
+            holders.len()
+        );
+        let sold = show(&cfg)["sold"].as_u64().expect("sold");
+        if !paused && sold >= 8 {
+            let out = run(&["stock", "pause", "--config", &cfg]);
+            assert!(out.status.success(), "{out:?}");
+            paused = true;
+            // What the store has sold once the pause is in.
+            pause_check = Some((Instant::now(), show(&cfg)["sold"].as_u64().expect("sold")));
+        }
+        if let Some((at, sold_at_pause)) = pause_check
+            && !resumed
+            && at.elapsed() > Duration::from_millis(1500)
+        {
+            assert_eq!(sold, sold_at_pause, "sold while paused");
+            assert!(paused_heard > 0, "nobody in line heard the pause");
+            let out = run(&["stock", "resume", "--config", &cfg]);
+            assert!(out.status.success(), "{out:?}");
+            resumed = true;
+        }
+        if resumed && !node_killed && sold >= 14 {
+            if let Some(mut n) = node_procs[0].take() {
+                n.signal("KILL");
+                assert!(n.wait_exit(Duration::from_secs(5)).is_some());
+            }
+            node_killed = true;
+        }
+        if node_killed && !balancer_killed && sold >= 20 {
+            b1.signal("KILL");
+            assert!(b1.wait_exit(Duration::from_secs(5)).is_some());
+            // Everyone goes through the other door while it is down.
+            doors = [lb2, lb2];
+            let (restarted, _) = start_balancer(&file(lb1, admin1), lb1);
+            b1 = restarted;
+            doors = [lb1, lb2];
+            balancer_killed = true;
+        }
+        for (i, b) in buyers.iter_mut().enumerate() {
+            if holders.contains_key(&b.name) {
+                continue;
+            }
+            let r = b.ask(&c, doors[i % 2], &auth).await;
+            match (r.status, status_of(&r).as_str()) {
+                (StatusCode::ACCEPTED, _) => {}
+                (StatusCode::OK, _) | (StatusCode::CONFLICT, "already_bought") => {
+                    holders.insert(b.name.clone(), b.position.expect("a place"));
+                }
+                (StatusCode::CONFLICT, "paused") => paused_heard += 1,
+                (StatusCode::CONFLICT, "sold_out") => {}
+                // A purchase caught by the node's death, or a balancer
+                // that has not heard the line yet: asked again.
+                (StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE, _) => {}
+                (status, _) => panic!("{status}: {}", r.body),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        paused && resumed && node_killed && balancer_killed,
+        "paused {paused} resumed {resumed} node killed {node_killed} balancer killed {balancer_killed}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s = show(&cfg);
+    assert_eq!(s["sold"], TICKETS, "{s}");
+    assert_eq!(holders.len() as u64, TICKETS);
+    let audit = run(&["stock", "audit", "--config", &cfg]);
+    assert!(audit.status.success(), "{audit:?}");
+}
