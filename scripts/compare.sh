@@ -20,7 +20,7 @@
 # -z, 5s), CONC (100), IDLE_CONNS (10000), WORKERS (nginx workers and HAProxy
 # threads; default nproc = spike's worker threads), PROXIES (default "spike
 # nginx haproxy"; spike is always one), SCENARIOS (default "proxy success
-# soldout ab memory payments tokens"), STRATEGIES (default "round_robin
+# soldout ab memory payments tokens waiting"), STRATEGIES (default "round_robin
 # weighted_round_robin ip_hash least_conn", for the proxy-only scenario),
 # PAY_TOTAL (2000).
 #
@@ -46,7 +46,7 @@ fi
 CONC=${CONC:-100}
 AB_N=10000 # the article's command: ab -n 10000 -c 100
 AB_TOTAL=5000
-SCENARIOS=${SCENARIOS:-proxy success soldout ab memory payments tokens}
+SCENARIOS=${SCENARIOS:-proxy success soldout ab memory payments tokens waiting}
 PAY_TOTAL=${PAY_TOTAL:-2000} # tickets of the sale with payments
 read -r -a SIDES <<<"${PROXIES:-spike nginx haproxy}"
 read -r -a STRATEGIES <<<"${STRATEGIES:-round_robin weighted_round_robin ip_hash least_conn}"
@@ -487,7 +487,7 @@ fi
 # ---------------------------------------------------------------------------
 # 2. The sale through the balancer (and 4. direct to one node).
 # ---------------------------------------------------------------------------
-if wants success || wants soldout || wants ab || wants payments || wants tokens; then
+if wants success || wants soldout || wants ab || wants payments || wants tokens || wants waiting; then
   start_redis
 fi
 
@@ -736,6 +736,73 @@ EOF
   done
 fi
 
+# ---------------------------------------------------------------------------
+# 7. The waiting room (`[waiting_room]`): what a buyer in line costs. A sale
+#    that opens in a day, so every answer is "waiting": (a) a buyer asking
+#    again with their place (the `spike_queue` cookie), answered from memory;
+#    (b) a buyer asking without one, which joins the line (one Redis call).
+#    Against spike's sold-out edge answer in the same round (a sold-out
+#    sale without a waiting room, through the same nodes). spike only:
+#    neither Nginx nor HAProxy has a line to keep.
+# ---------------------------------------------------------------------------
+if wants waiting && runs spike; then
+  read -r -a NODE_PORTS <<<"$(free_ports 4)"
+  pick_ports
+  wcfg=$WORK/waiting.toml
+  scfg=$WORK/waiting-soldout.toml
+  write_sale_config "$scfg" bench-waiting-soldout 1000 1 "${PORT[spike]}" "$ADMIN"
+  write_sale_config "$wcfg" bench-waiting 1000 1 "${PORT[spike]}" "$ADMIN"
+  opens=$(python3 -c "import datetime as d; print((d.datetime.now(d.timezone.utc) + d.timedelta(days=1)).strftime('%Y-%m-%dT%H:%M:%SZ'))")
+  python3 - "$wcfg" "$opens" <<'EOF'
+import sys
+path, opens = sys.argv[1], sys.argv[2]
+text = open(path).read()
+text = text.replace("per_user_limit = 1\n", f'per_user_limit = 1\nopens_at = "{opens}"\n', 1)
+text = text.replace("[balancer]\n", '[waiting_room]\nadmit = "500/s"\n[balancer]\n', 1)
+open(path, "w").write(text)
+EOF
+  room_calls() { # the waiting room's store calls so far (joins + ticks)
+    curl -s "http://127.0.0.1:$ADMIN/metrics" | awk '
+      /^spike_waiting_room_(store|tick)_calls_total / { n += $2 } END { printf "%d\n", n }'
+  }
+  for ((round = 0; round <= ROUNDS; round++)); do
+    # The edge's sold-out answer: sell everything, drain every node.
+    rcli FLUSHALL >/dev/null
+    "$SPIKE" stock init --trust-client-buyer-ids --config "$scfg" >/dev/null
+    start_nodes "$scfg"
+    start_proxy spike "$scfg"
+    for i in 0 1 2 3; do
+      buyers "${NODE_PORTS[$i]}"
+      oha --no-tui --output-format json -n 3000 -c 20 --rand-regex-url "$BUYERS" \
+        >"$OUT/raw/waiting-drain-n$((i + 1)).json" 2>>"$OUT/logs/oha.log" || true
+    done
+    buyers "${PORT[spike]}"
+    oha --no-tui --output-format json -n 2000 -c 20 --rand-regex-url "$BUYERS" >/dev/null 2>>"$OUT/logs/oha.log" || true
+    SALE_CFG=$scfg oha_run waiting/soldout_edge spike "$round" 409 "${PID[spike]}" "$BUYERS" --rand-regex-url
+    stop "${PID[spike]}"
+    stop "${NODE_PIDS[@]}"
+    # The line: a sale that has not opened, with a waiting room.
+    rcli FLUSHALL >/dev/null
+    "$SPIKE" stock init --trust-client-buyer-ids --config "$wcfg" >/dev/null
+    start_nodes "$wcfg"
+    start_proxy spike "$wcfg"
+    place=$(curl -s -D - -o /dev/null "http://127.0.0.1:${PORT[spike]}/buy/ticket?user=w" |
+      tr -d '\r' | awk -F'[:;] *' 'tolower($1) == "set-cookie" { print $2; exit }')
+    [[ "$place" == spike_queue=* ]] || die "the waiting room gave no place: '$place'"
+    c0=$(room_calls)
+    SALE_CFG=$wcfg oha_run waiting/answer spike "$round" 202 "${PID[spike]}" \
+      "http://127.0.0.1:${PORT[spike]}/buy/ticket?user=w" -H "Cookie: $place"
+    c1=$(room_calls)
+    record kind=room scenario=waiting/answer round="$round" room_calls="$((c1 - c0))"
+    SALE_CFG=$wcfg oha_run waiting/join spike "$round" 202 "${PID[spike]}" \
+      "http://127.0.0.1:${PORT[spike]}/buy/ticket?user=w"
+    c2=$(room_calls)
+    record kind=room scenario=waiting/join round="$round" room_calls="$((c2 - c1))"
+    stop "${PID[spike]}"
+    stop "${NODE_PIDS[@]}"
+  done
+fi
+
 [ -n "${REDIS_PID:-}" ] && stop "$REDIS_PID"
 
 # ---------------------------------------------------------------------------
@@ -744,4 +811,5 @@ fi
 python3 "$HERE/report.py" summarize "$OUT"
 wants payments && python3 "$HERE/payments.py" summarize "$OUT"
 wants tokens && python3 "$HERE/tokens.py" summarize "$OUT"
+wants waiting && python3 "$HERE/waiting.py" summarize "$OUT"
 say "compare.sh: raw oha JSON, runs.jsonl, summary.json, summary.md and chart.svg in $OUT"

@@ -8,11 +8,21 @@
 # the total, and `stock audit`.
 #
 #   scripts/crowd.sh                       # 20,000 buyers, 1,000 tickets
-#   BUYERS=100000 TOTAL=5000 scripts/crowd.sh
+#   BUYERS=100000 TOTAL=5000 ROOM=500/s scripts/crowd.sh
+#
+# With ROOM (a `[waiting_room] admit`: "500/s" or "follow_stock"), the sale
+# has a waiting room and every buyer is a visitor of their own, all waiting
+# at once (crowd --arrive: arrivals spread over ARRIVE seconds, the opening
+# OPENS_IN seconds in), sharing CONC connections and sending back the
+# cookies they are given; the report adds the line's fairness (the rank
+# correlation of arrival against place: near 0 in the shuffled pre-queue,
+# near 1 after the opening) and the most purchases the nodes saw in any one
+# second, sampled from their /metrics, against the admit rate.
 #
 # Knobs (environment): BUYERS (20000), TOTAL (1000), CONC (200 lanes, each
-# one buyer at a time), PAY_SHARE (0.8), PAY_WITHIN (10s), OPENS_IN (5 s
-# after start), NODES (2). Uses real Redis (installed with apt-get when
+# one buyer at a time; with ROOM, shared connections), PAY_SHARE (0.8),
+# PAY_WITHIN (10s), OPENS_IN (5 s after start), NODES (2), ROOM (none),
+# ARRIVE (with ROOM: 10 s). Uses real Redis (installed with apt-get when
 # missing) and a `spike up` from the release build.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -24,6 +34,8 @@ PAY_SHARE=${PAY_SHARE:-0.8}
 PAY_WITHIN=${PAY_WITHIN:-10s}
 OPENS_IN=${OPENS_IN:-5}
 NODES=${NODES:-2}
+ROOM=${ROOM:-}
+ARRIVE=${ARRIVE:-10}
 say() { printf 'crowd.sh: %s\n' "$*" >&2; }
 
 if ! command -v redis-server >/dev/null; then
@@ -69,6 +81,10 @@ cfg=$WORK/crowd.toml
   echo "payment_key = \"$(key)\""
   echo "[redis]"
   echo "url = \"redis://127.0.0.1:$REDIS_PORT\""
+  if [ -n "$ROOM" ]; then
+    echo "[waiting_room]"
+    echo "admit = \"$ROOM\""
+  fi
   echo "[balancer]"
   echo "listen = \"127.0.0.1:$LB\""
   echo "admin = \"127.0.0.1:$ADMIN\""
@@ -84,21 +100,55 @@ PIDS+=($!)
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$LB") 2>/dev/null && break; sleep 0.1; done
 say "$BUYERS buyers, $TOTAL tickets, the sale opens at $opens; $CONC lanes; ${PAY_SHARE} of reservations paid within $PAY_WITHIN"
 start=$(date +%s.%N)
+arrive=()
+if [ -n "$ROOM" ]; then
+  arrive=(--arrive "${ARRIVE}s")
+  # The nodes' purchases, sampled once a second while the crowd runs.
+  python3 - "$WORK/rate.json" "${P[@]:3:$NODES}" <<'EOF' &
+import json, sys, time, urllib.request
+out, ports = sys.argv[1], sys.argv[2:]
+names = ("spike_node_sold_total", "spike_node_sold_out_total", "spike_node_already_bought_total",
+         "spike_node_replayed_total", "spike_node_not_selling_total")
+def seen():
+    n = 0
+    for p in ports:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics", timeout=2).read().decode()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            k, _, v = line.partition(" ")
+            if k in names:
+                n += float(v)
+    return n
+samples = []
+while True:
+    samples.append((time.time(), seen()))
+    most = max((b[1] - a[1] for a, b in zip(samples, samples[1:])), default=0)
+    json.dump({"most_in_a_second": most, "samples": len(samples)}, open(out, "w"))
+    time.sleep(1)
+EOF
+  PIDS+=($!)
+fi
 "$CROWD" --flow --config "$cfg" --buyers "$WORK/buyers.txt" --send token --pay-share "$PAY_SHARE" \
-  -c "$CONC" -z 10m --patience 5m "http://127.0.0.1:$LB/buy/ticket" >"$WORK/crowd.json"
+  -c "$CONC" -z 10m --patience 5m "${arrive[@]+"${arrive[@]}"}" "http://127.0.0.1:$LB/buy/ticket" >"$WORK/crowd.json"
 took=$(python3 -c "import time; print(f'{time.time() - $start:.1f}')")
+[ -f "$WORK/rate.json" ] || echo '{}' >"$WORK/rate.json"
 # Unpaid reservations expire (PAY_WITHIN), then the audit reads a quiet sale.
 sleep "$(python3 -c "import re; v='$PAY_WITHIN'; print(int(re.sub(r'[^0-9]', '', v)) + 2)")"
 "$SPIKE" stock show --config "$cfg" >"$WORK/show.json"
 audit_rc=0
 "$SPIKE" stock audit --config "$cfg" >"$WORK/audit.json" || audit_rc=$?
-python3 - "$WORK/crowd.json" "$WORK/show.json" "$BUYERS" "$TOTAL" "$took" "$audit_rc" <<'EOF'
+python3 - "$WORK/crowd.json" "$WORK/show.json" "$BUYERS" "$TOTAL" "$took" "$audit_rc" "$WORK/rate.json" "$ROOM" <<'EOF'
 import json, sys
 crowd, show = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
 buyers, total, took, audit_rc = int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
+rate, room = json.load(open(sys.argv[7])), sys.argv[8]
 o = crowd["outcomes"]
 print(json.dumps({"outcomes": o, "waits": crowd["waits"], "requests": crowd["statusCodeDistribution"],
                   "errors": crowd["errorDistribution"], "seconds": float(took),
+                  "line": crowd.get("line"), "nodes_most_purchases_in_a_second": rate.get("most_in_a_second"),
+                  "admit": room or None,
                   "store": {k: show[k] for k in ("total", "sold", "paid", "reserved", "released")}}, indent=1))
 problems = []
 if sum(o.values()) != buyers:
@@ -114,6 +164,19 @@ if o.get("gave_up", 0) or o.get("refused", 0):
     problems.append(f"buyers without an answer: gave_up {o.get('gave_up', 0)}, refused {o.get('refused', 0)}")
 if audit_rc != 0:
     problems.append("stock audit failed")
+line = crowd.get("line") or {}
+if room:
+    pre = line.get("prequeue_rank_correlation")
+    if pre is not None and abs(pre) > 0.1:
+        problems.append(f"the pre-queue's places follow arrival: rank correlation {pre:.3f}")
+    after = line.get("after_opening_rank_correlation")
+    if after is not None and line.get("after_opening", 0) > 100 and after < 0.9:
+        problems.append(f"places after the opening do not follow arrival: rank correlation {after:.3f}")
+    if room.endswith("/s") and rate.get("most_in_a_second") is not None:
+        # The sampler's second is not the line's: allow a tick's admissions.
+        allowed = int(room[:-2]) * 1.5 + 50
+        if rate["most_in_a_second"] > allowed:
+            problems.append(f"the nodes saw {rate['most_in_a_second']:.0f} purchases in a second, admit {room}")
 for p in problems:
     print("crowd.sh: FAILED:", p, file=sys.stderr)
 sys.exit(1 if problems else 0)

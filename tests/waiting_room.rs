@@ -435,9 +435,21 @@ async fn one_fair_line_over_two_balancers_redis() {
 /// exactly its total.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follow_stock_admits_about_the_free_tickets_embedded() {
+    follow_stock_admits_about_the_free_tickets(None).await;
+}
+
+/// The same on Redis (`line.lua`'s rules, where the embedded store runs
+/// `store/line.rs`'s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_stock_admits_about_the_free_tickets_redis() {
+    let redis = RedisServer::start();
+    follow_stock_admits_about_the_free_tickets(Some(&redis.url())).await;
+}
+
+async fn follow_stock_admits_about_the_free_tickets(redis: Option<&str>) {
     const TICKETS: u64 = 10;
     const BUYERS: usize = 40;
-    let (text, ports) = up_config(TICKETS, 2, None);
+    let (text, ports) = up_config(TICKETS, 2, redis);
     let auth = TestAuth::new("up");
     let text = text.replace(
         "\n[balancer]",
