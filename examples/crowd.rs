@@ -87,6 +87,19 @@ struct Args {
     arrive: Option<Duration>,
 }
 
+/// A buyer's place in a waiting room's line.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Place {
+    /// The buyer's arrival order (their line in the buyers' file).
+    arrival: usize,
+    /// Their place.
+    position: u64,
+    /// They joined before the opening (the shuffled pre-queue).
+    prequeue: bool,
+    /// The line admitted them.
+    admitted: bool,
+}
+
 /// One connection's record.
 #[derive(Default)]
 struct Tally {
@@ -98,9 +111,9 @@ struct Tally {
     /// With --flow: requests that were told to come back (not open,
     /// paused, busy, limited).
     waits: u64,
-    /// With --flow: (arrival index, place in the waiting room's line, in
-    /// the pre-queue) for every buyer who was given a place.
-    places: Vec<(usize, u64, bool)>,
+    /// With --flow: every buyer who was given a place in a waiting room's
+    /// line.
+    places: Vec<Place>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -470,7 +483,7 @@ async fn visit(
 ) -> &'static str {
     let give_up = Instant::now() + flow.patience;
     let mut jar: Vec<String> = Vec::new();
-    let mut place: Option<(u64, bool)> = None;
+    let mut place: Option<Place> = None;
     let mut prequeued = false;
     let outcome = loop {
         if Instant::now() >= give_up {
@@ -506,9 +519,13 @@ async fn visit(
         if a.status == 202 {
             match v["position"].as_u64() {
                 Some(p) => {
-                    if place.is_none() {
-                        place = Some((p, prequeued));
-                    }
+                    let place = place.get_or_insert(Place {
+                        arrival: i,
+                        position: p,
+                        prequeue: prequeued,
+                        admitted: false,
+                    });
+                    place.admitted |= status == "admitted";
                 }
                 None => prequeued = true,
             }
@@ -566,44 +583,54 @@ async fn visit(
             _ => break "refused",
         }
     };
-    if let Some((p, pre)) = place {
-        tally.places.push((i, p, pre));
+    if let Some(place) = place {
+        tally.places.push(place);
     }
     outcome
 }
 
-/// What the places in a waiting room's line say of its fairness: how many
-/// buyers were placed from the pre-queue and after the opening, and for
-/// each group the rank correlation (Spearman) of arrival order against
-/// place: near 0 for the shuffled pre-queue (arriving early bought
-/// nothing), near 1 after the opening (arrival order).
-fn line_report(places: &mut [(usize, u64, bool)]) -> serde_json::Value {
-    fn spearman(v: &[(usize, u64)]) -> Option<f64> {
+/// What the places in a waiting room's line say of its fairness: the rank
+/// correlation (Spearman) of arrival order against place, near 0 among
+/// the pre-queue's admitted buyers (the shuffle: arriving early bought
+/// nothing) and near 1 after the opening (arrival order). The pre-queue's
+/// is taken over the buyers the line admitted, every one of whom learned
+/// their place: over every buyer who learned one it would be skewed by
+/// who asked again before the sell-out, which depends on when they came.
+fn line_report(places: &mut [Place]) -> serde_json::Value {
+    fn spearman(v: &[Place]) -> Option<f64> {
         let n = v.len() as f64;
         if v.len() < 3 {
             return None;
         }
-        let mut by_place: Vec<usize> = (0..v.len()).collect();
-        by_place.sort_by_key(|&k| v[k].1);
-        let mut place_rank = vec![0f64; v.len()];
-        for (r, k) in by_place.into_iter().enumerate() {
-            place_rank[k] = r as f64;
-        }
-        // `v` is sorted by arrival: its index is the arrival rank.
-        let d2: f64 = place_rank
+        let rank = |key: &dyn Fn(&Place) -> u64| {
+            let mut order: Vec<usize> = (0..v.len()).collect();
+            order.sort_by_key(|&k| key(&v[k]));
+            let mut r = vec![0f64; v.len()];
+            for (rk, k) in order.into_iter().enumerate() {
+                r[k] = rk as f64;
+            }
+            r
+        };
+        let by_arrival = rank(&|p| p.arrival as u64);
+        let by_place = rank(&|p| p.position);
+        let d2: f64 = by_arrival
             .iter()
-            .enumerate()
-            .map(|(a, p)| (a as f64 - p).powi(2))
+            .zip(&by_place)
+            .map(|(a, p)| (a - p).powi(2))
             .sum();
         Some(1.0 - 6.0 * d2 / (n * (n * n - 1.0)))
     }
-    places.sort_unstable();
-    let pre: Vec<(usize, u64)> = places.iter().filter(|p| p.2).map(|p| (p.0, p.1)).collect();
-    let after: Vec<(usize, u64)> = places.iter().filter(|p| !p.2).map(|p| (p.0, p.1)).collect();
+    let admitted_pre: Vec<Place> = places
+        .iter()
+        .filter(|p| p.prequeue && p.admitted)
+        .copied()
+        .collect();
+    let after: Vec<Place> = places.iter().filter(|p| !p.prequeue).copied().collect();
     serde_json::json!({
         "placed": places.len(),
-        "prequeue": pre.len(),
-        "prequeue_rank_correlation": spearman(&pre),
+        "prequeue_placed": places.iter().filter(|p| p.prequeue).count(),
+        "prequeue_admitted": admitted_pre.len(),
+        "prequeue_rank_correlation": spearman(&admitted_pre),
         "after_opening": after.len(),
         "after_opening_rank_correlation": spearman(&after),
     })

@@ -15,8 +15,8 @@
 # at once (crowd --arrive: arrivals spread over ARRIVE seconds, the opening
 # OPENS_IN seconds in), sharing CONC connections and sending back the
 # cookies they are given; the report adds the line's fairness (the rank
-# correlation of arrival against place: near 0 in the shuffled pre-queue,
-# near 1 after the opening) and the most purchases the nodes saw in any one
+# correlation of arrival against place: near 0 among the pre-queue's
+# admitted buyers, near 1 after the opening) and the most purchases the nodes saw in any one
 # second, sampled from their /metrics, against the admit rate.
 #
 # Knobs (environment): BUYERS (20000), TOTAL (1000), CONC (200 lanes, each
@@ -104,9 +104,9 @@ arrive=()
 if [ -n "$ROOM" ]; then
   arrive=(--arrive "${ARRIVE}s")
   # The nodes' purchases, sampled once a second while the crowd runs.
-  python3 - "$WORK/rate.json" "${P[@]:3:$NODES}" <<'EOF' &
+  python3 - "$WORK/rate.json" "$ADMIN" "${P[@]:3:$NODES}" <<'EOF' &
 import json, sys, time, urllib.request
-out, ports = sys.argv[1], sys.argv[2:]
+out, admin, ports = sys.argv[1], sys.argv[2], sys.argv[3:]
 names = ("spike_node_sold_total", "spike_node_sold_out_total", "spike_node_already_bought_total",
          "spike_node_replayed_total", "spike_node_not_selling_total")
 def seen():
@@ -121,12 +121,34 @@ def seen():
             if k in names:
                 n += float(v)
     return n
+def admitted():
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=2).read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        k, _, v = line.partition(" ")
+        if k == "spike_waiting_room_serving":
+            return float(v)
+    return None
+def most(samples, i):
+    # The most a second over any two seconds or more between samples (a
+    # loaded machine reads the nodes unevenly: a shorter window measures
+    # the reads as much as the purchases).
+    best = 0.0
+    for j, a in enumerate(samples):
+        for b in samples[j + 1:]:
+            if b[0] - a[0] >= 2 and a[i] is not None and b[i] is not None:
+                best = max(best, (b[i] - a[i]) / (b[0] - a[0]))
+                break
+    return best
 samples = []
 while True:
-    samples.append((time.time(), seen()))
-    most = max((b[1] - a[1] for a, b in zip(samples, samples[1:])), default=0)
-    json.dump({"most_in_a_second": most, "samples": len(samples)}, open(out, "w"))
-    time.sleep(1)
+    samples.append((time.time(), seen(), admitted()))
+    json.dump({"most_in_a_second": most(samples, 1), "admitted_most_in_a_second": most(samples, 2),
+               "samples": len(samples), "seconds": samples[-1][0] - samples[0][0],
+               "trace": [[round(t - samples[0][0], 2), n, a] for t, n, a in samples]}, open(out, "w"))
+    time.sleep(0.5)
 EOF
   PIDS+=($!)
 fi
@@ -139,6 +161,7 @@ sleep "$(python3 -c "import re; v='$PAY_WITHIN'; print(int(re.sub(r'[^0-9]', '',
 "$SPIKE" stock show --config "$cfg" >"$WORK/show.json"
 audit_rc=0
 "$SPIKE" stock audit --config "$cfg" >"$WORK/audit.json" || audit_rc=$?
+cp "$WORK/rate.json" "${TMPDIR:-/tmp}/spike-crowd-rate.json" 2>/dev/null || true
 python3 - "$WORK/crowd.json" "$WORK/show.json" "$BUYERS" "$TOTAL" "$took" "$audit_rc" "$WORK/rate.json" "$ROOM" <<'EOF'
 import json, sys
 crowd, show = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
@@ -148,6 +171,7 @@ o = crowd["outcomes"]
 print(json.dumps({"outcomes": o, "waits": crowd["waits"], "requests": crowd["statusCodeDistribution"],
                   "errors": crowd["errorDistribution"], "seconds": float(took),
                   "line": crowd.get("line"), "nodes_most_purchases_in_a_second": rate.get("most_in_a_second"),
+                  "line_most_admitted_in_a_second": rate.get("admitted_most_in_a_second"),
                   "admit": room or None,
                   "store": {k: show[k] for k in ("total", "sold", "paid", "reserved", "released")}}, indent=1))
 problems = []
@@ -174,9 +198,9 @@ if room:
         problems.append(f"places after the opening do not follow arrival: rank correlation {after:.3f}")
     if room.endswith("/s") and rate.get("most_in_a_second") is not None:
         # The sampler's second is not the line's: allow a tick's admissions.
-        allowed = int(room[:-2]) * 1.5 + 50
+        allowed = int(room[:-2]) * 1.1 + 20
         if rate["most_in_a_second"] > allowed:
-            problems.append(f"the nodes saw {rate['most_in_a_second']:.0f} purchases in a second, admit {room}")
+            problems.append(f"the nodes saw {rate['most_in_a_second']:.0f} purchases a second, admit {room}")
 for p in problems:
     print("crowd.sh: FAILED:", p, file=sys.stderr)
 sys.exit(1 if problems else 0)

@@ -284,10 +284,10 @@ async fn a_crowd_in_a_waiting_room_gets_one_answer_each_in_a_fair_order() {
     let pre = line["prequeue_rank_correlation"]
         .as_f64()
         .expect("a pre-queue");
-    assert!(pre.abs() < 0.15, "arriving early bought a place: {line}");
-    // (A buyer who asks again only after the sell-out hears sold_out
-    // without learning a place.)
-    assert!(line["prequeue"].as_u64() > Some(500), "{line}");
+    // Over the pre-queue's admitted buyers (about 150 here: a standard
+    // deviation of about 0.08 for a fair shuffle).
+    assert!(pre.abs() < 0.3, "arriving early bought a place: {line}");
+    assert!(line["prequeue_admitted"].as_u64() >= Some(TOTAL), "{line}");
     // Those admitted after the opening: in arrival order.
     if line["after_opening"].as_u64() > Some(10) {
         let after = line["after_opening_rank_correlation"]

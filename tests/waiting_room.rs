@@ -426,6 +426,8 @@ async fn one_fair_line_over_two_balancers_redis() {
     assert_eq!(w["joined"], (EARLY + LATE + 1) as u64, "{w}");
     assert!(w["waiting_answers"].as_u64().unwrap_or(0) > 0, "{w}");
     assert!(w["serving"].as_u64().unwrap_or(0) >= TOTAL + 3, "{w}");
+    // Both balancers move the line, and each hands out half the rate.
+    assert_eq!(w["balancers"], 2, "{w}");
 }
 
 /// `spike up` on the embedded store, `admit = "follow_stock"`, no opening

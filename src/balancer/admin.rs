@@ -415,6 +415,18 @@ fn metrics(shared: &Shared) -> String {
                 w.passes_refused,
             ),
             (
+                "spike_waiting_room_passes_deferred_total",
+                "Admitted buyers told to ask again in a second: this balancer's share of the admit rate was spent.",
+                "counter",
+                w.passes_deferred,
+            ),
+            (
+                "spike_waiting_room_balancers",
+                "Balancers moving the line (each hands out its share of the admit rate).",
+                "gauge",
+                w.balancers,
+            ),
+            (
                 "spike_waiting_room_store_calls_total",
                 "Store calls for buyers joining the line (the few a second that move it are apart).",
                 "counter",

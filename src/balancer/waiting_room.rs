@@ -53,10 +53,10 @@ pub const QUEUE_COOKIE: &str = "spike_queue";
 /// The cookie that lets a buyer's purchase through to the nodes.
 pub const PASS_COOKIE: &str = "spike_pass";
 
-/// The longest `Retry-After` a waiting buyer is given, in seconds: a
-/// buyer told to come back later than that would lose too much time once
-/// the line moves.
-const MAX_WAIT_RETRY_S: u64 = 20;
+/// The longest `Retry-After` a waiting buyer is given, in seconds: the
+/// line's speed may change (tickets come back, the rate is reloaded), so
+/// a buyer far back is told again within a minute.
+const MAX_WAIT_RETRY_S: u64 = 60;
 
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
@@ -117,6 +117,40 @@ pub struct WaitingRoom {
     pub tick_calls: AtomicU64,
     /// Store calls that failed (each a 503 for its buyer, or a missed tick).
     pub store_errors: AtomicU64,
+    /// Passes this balancer may still hand out now (see [`PassBucket`]).
+    passes: std::sync::Mutex<PassBucket>,
+    /// Admitted buyers told to ask again in a second: the balancer's share
+    /// of the admit rate was spent.
+    pub passes_deferred: AtomicU64,
+}
+
+/// `admit = "N/s"` as a bound on what reaches the nodes, not only on the
+/// serving mark: buyers come back when they please, and a crowd of them
+/// admitted a while ago and returning together would reach the nodes in
+/// a burst. Each balancer hands out passes at its share of the rate (the
+/// rate ÷ the balancers moving the line), with a tick's worth of burst.
+#[derive(Debug, Default)]
+struct PassBucket {
+    tokens: f64,
+    at: Option<Instant>,
+}
+
+impl PassBucket {
+    fn take(&mut self, per_second: f64) -> bool {
+        let now = Instant::now();
+        let burst = (per_second * TICK.as_secs_f64()).max(1.0);
+        let elapsed = self.at.map_or(burst / per_second.max(1e-9), |at| {
+            now.duration_since(at).as_secs_f64()
+        });
+        self.at = Some(now);
+        self.tokens = (self.tokens + elapsed * per_second).min(burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl std::fmt::Debug for WaitingRoom {
@@ -441,7 +475,10 @@ pub async fn join(shared: &Shared, active: &Active, j: Joining) -> Reply {
         return unreachable();
     };
     room.join_calls.fetch_add(1, Ordering::Relaxed);
-    let lottery = lottery();
+    let lottery = match room.view.load().as_deref() {
+        Some(v) => lottery_of(v, &j.buyer),
+        None => lottery(),
+    };
     match store.line_join(&j.buyer, lottery, room.candidate()).await {
         Ok(Some(state)) => {
             let position = state.position;
@@ -467,8 +504,19 @@ pub async fn join(shared: &Shared, active: &Active, j: Joining) -> Reply {
     }
 }
 
-/// A random lottery number for a pre-queue arrival: unpredictable to the
-/// buyer (the process's random hash keys over a counter).
+/// A buyer's lottery number in the pre-queue (52 bits): the line's secret
+/// over the buyer, so every balancer gives a buyer the same number and no
+/// buyer can know or choose theirs.
+fn lottery_of(view: &LineView, buyer: &str) -> u64 {
+    let mac = view.sign(&signed(b'l', view.state.epoch, buyer, 0));
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&mac[..8]);
+    u64::from_be_bytes(first) >> 12
+}
+
+/// A random lottery number, for a join before this balancer has heard
+/// the line (unpredictable: the process's random hash keys over a
+/// counter).
 fn lottery() -> u64 {
     static SEED: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -491,6 +539,39 @@ fn waiting(
     let room = &shared.waiting_room;
     let line = &view.state;
     let now = view.now_ms();
+    let mut deferred = false;
+    if position > 0
+        && position <= line.serving
+        && let Admit::Rate { per_second } = config.admit
+    {
+        let share = f64::from(per_second) / line.balancers.max(1) as f64;
+        deferred = !room
+            .passes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(share);
+    }
+    if deferred {
+        // Admitted, but this balancer's share of the rate is spent for
+        // now: ask again in a second (the place is kept).
+        room.passes_deferred.fetch_add(1, Ordering::Relaxed);
+        room.waiting_answers.fetch_add(1, Ordering::Relaxed);
+        let mut body = String::with_capacity(96);
+        let _ = writeln!(
+            body,
+            "{{\"status\":\"waiting\",\"position\":{position},\"ahead\":0,\"eta_s\":1}}"
+        );
+        return Reply {
+            status: StatusCode::ACCEPTED,
+            body: ReplyBody::Owned(body),
+            header: Some(super::answer::retry_after(1)),
+            cookie: new_place.then(|| {
+                let mut c = place_cookie(view, buyer, position);
+                let _ = write!(c, "; Path=/; HttpOnly; SameSite=Lax");
+                c
+            }),
+        };
+    }
     if position > 0 && position <= line.serving {
         room.passes_issued.fetch_add(1, Ordering::Relaxed);
         let ttl = config.pass_ttl.as_secs().max(1);
@@ -522,7 +603,20 @@ fn waiting(
             crate::protocol::rfc3339_ms(line.opens_at_ms),
             line.pre
         );
-        (until + lottery() % 3).max(1)
+        // Asked back about when the mark should reach them: the lottery
+        // number, known to every balancer and not to the buyer, is their
+        // place's quantile in the shuffle to come. The crowd's first
+        // requests after the opening (each a store call to learn the
+        // place) spread over the line's first minute instead of landing
+        // at once, and each buyer comes back about when admitted.
+        let quantile = lottery_of(view, buyer) as f64 / (1u64 << 52) as f64;
+        let spread = match config.admit {
+            Admit::Rate { per_second } => {
+                (quantile * line.pre as f64 / f64::from(per_second)) as u64
+            }
+            Admit::FollowStock => (quantile * 2.0) as u64,
+        };
+        (until + spread).max(1)
     } else {
         let ahead = position - line.serving - 1;
         let speed = match config.admit {
@@ -545,10 +639,13 @@ fn waiting(
                 "{{\"status\":\"waiting\",\"position\":{position},\"ahead\":{ahead},\"eta_s\":null}}"
             );
         }
-        // Asked back at about half the wait: a buyer near the front asks
-        // every second, one far back rarely.
+        // Asked back when the mark should reach them (at most a minute
+        // ahead, then told again): each buyer comes back about when
+        // admitted, so the purchases reach the nodes at about the admit
+        // rate rather than in the clumps that buyers told to wait a
+        // fixed while would make.
         if speed > 0.0 {
-            (eta / 2).clamp(1, MAX_WAIT_RETRY_S)
+            eta.clamp(1, MAX_WAIT_RETRY_S)
         } else {
             5
         }
@@ -650,6 +747,9 @@ pub struct RoomStatus {
     pub passes_issued: u64,
     pub passes_accepted: u64,
     pub passes_refused: u64,
+    pub passes_deferred: u64,
+    /// Balancers moving the line (each hands out its share of the rate).
+    pub balancers: u64,
     pub join_calls: u64,
     pub tick_calls: u64,
     pub store_errors: u64,
@@ -671,6 +771,7 @@ pub fn status(shared: &Shared) -> RoomStatus {
         passes_issued: room.passes_issued.load(Ordering::Relaxed),
         passes_accepted: room.passes_accepted.load(Ordering::Relaxed),
         passes_refused: room.passes_refused.load(Ordering::Relaxed),
+        passes_deferred: room.passes_deferred.load(Ordering::Relaxed),
         join_calls: room.join_calls.load(Ordering::Relaxed),
         tick_calls: room.tick_calls.load(Ordering::Relaxed),
         store_errors: room.store_errors.load(Ordering::Relaxed),
@@ -683,6 +784,7 @@ pub fn status(shared: &Shared) -> RoomStatus {
         s.serving = v.state.serving;
         s.admit_rate = (v.speed * 10.0).round() / 10.0;
         s.oldest_wait_s = v.state.oldest_wait_ms as f64 / 1000.0;
+        s.balancers = v.state.balancers;
     }
     s
 }

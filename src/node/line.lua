@@ -6,17 +6,19 @@
 -- (sorted set: buyer → a random lottery number), KEYS[4] buyer → position
 -- (hash), KEYS[5] the admissions log for `follow_stock` (list of
 -- "at serving sales"), KEYS[6] when positions were handed out (list of
--- "seq at").
+-- "seq at"), KEYS[7] the balancers that move the line (hash: id → when
+-- last heard).
 -- ARGV[1] 'join' or 'advance'; ARGV[2] a fresh secret, kept only when the
 -- line starts (the first balancer's); then
 --   join:    ARGV[3] buyer, ARGV[4] lottery number (a random whole number
 --            below 2^52, the caller's);
 --   advance: ARGV[3] 'rate' or 'follow', ARGV[4] buyers a second (rate),
---            ARGV[5] pass_ttl in ms.
+--            ARGV[5] pass_ttl in ms, ARGV[6] the calling balancer's id.
 -- Returns {code, epoch, secret, pre-queue size, later arrivals (seq),
 -- serving mark, now, opens_at, free tickets, reserved tickets, shut (0
 -- selling, 1 paused, 2 closed), oldest waiter's wait in ms (advance) or the
--- buyer's position (join: 0 while in the unshuffled pre-queue)};
+-- buyer's position (join: 0 while in the unshuffled pre-queue), balancers
+-- heard from in the last 2 s (advance; 0 for a join)};
 -- code 1, or 4 when there is no sale.
 --
 -- A line belongs to one sale epoch: a sale started anew (`stock init
@@ -31,7 +33,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local l = redis.call('HMGET', KEYS[2], 'epoch', 'secret', 'seq', 'serving', 'carry', 'advanced_at')
 if l[1] ~= s[1] then
-  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
   redis.call('HSET', KEYS[2], 'epoch', s[1], 'secret', ARGV[2], 'seq', 0, 'serving', 0,
     'carry', '0', 'advanced_at', 0)
   l = {s[1], ARGV[2], '0', '0', '0', '0'}
@@ -49,9 +51,9 @@ local free = math.max(total - sold, 0)
 local seq, serving = tonumber(l[3]), tonumber(l[4])
 local before_opening = opens_at > 0 and now < opens_at
 
-local function answer(last)
+local function answer(last, balancers)
   return {1, s[1], l[2], redis.call('ZCARD', KEYS[3]), seq, serving, now, opens_at, free,
-    reserved, shut, last}
+    reserved, shut, last, balancers or 0}
 end
 
 if ARGV[1] == 'join' then
@@ -161,4 +163,16 @@ if serving < joined and not before_opening then
     end
   end
 end
-return answer(math.max(oldest, 0))
+-- The balancers moving the line, so each lets through its share of the
+-- admit rate.
+redis.call('HSET', KEYS[7], ARGV[6], now)
+local heard = redis.call('HGETALL', KEYS[7])
+local live = 0
+for i = 1, #heard, 2 do
+  if tonumber(heard[i + 1]) >= now - 2000 then
+    live = live + 1
+  else
+    redis.call('HDEL', KEYS[7], heard[i])
+  end
+end
+return answer(math.max(oldest, 0), live)

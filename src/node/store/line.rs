@@ -65,6 +65,8 @@ impl MemLine {
             shut: sale.shut,
             oldest_wait_ms: last,
             position: last,
+            // One process: one balancer.
+            balancers: 1,
         }
     }
 

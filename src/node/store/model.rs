@@ -441,7 +441,7 @@ impl KeyHolder {
 
 /// The keys of a sale's waiting-room line (see `line.lua`), in the sale's
 /// hash slot.
-pub fn line_keys(event: &str) -> [String; 6] {
+pub fn line_keys(event: &str) -> [String; 7] {
     [
         format!("spike:{{{event}}}:stock"),
         format!("spike:{{{event}}}:line"),
@@ -449,6 +449,7 @@ pub fn line_keys(event: &str) -> [String; 6] {
         format!("spike:{{{event}}}:line_who"),
         format!("spike:{{{event}}}:line_log"),
         format!("spike:{{{event}}}:line_marks"),
+        format!("spike:{{{event}}}:line_balancers"),
     ]
 }
 
@@ -494,6 +495,9 @@ pub struct LineState {
     /// For a join: the buyer's position (0: in the pre-queue, which is
     /// ranked at the opening).
     pub position: u64,
+    /// For an advance: the balancers heard moving the line in the last
+    /// two seconds (each lets through its share of the admit rate).
+    pub balancers: u64,
 }
 
 impl LineState {

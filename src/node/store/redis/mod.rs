@@ -447,6 +447,8 @@ impl RedisStore {
             Value::from(mode),
             Value::from(rate as i64),
             Value::from(ttl as i64),
+            // The secret candidate is this process's own random string.
+            Value::from(secret.get(..16).unwrap_or(secret)),
         ];
         self.line_call(args).await
     }
@@ -489,9 +491,10 @@ impl RedisStore {
             ..LineState::default()
         };
         let last = int(f.next())?;
-        // The last field is the join's position or the advance's wait.
+        // The field is the join's position or the advance's wait.
         state.position = last;
         state.oldest_wait_ms = last;
+        state.balancers = int(f.next())?;
         Ok(Some(state))
     }
 
