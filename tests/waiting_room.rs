@@ -529,6 +529,65 @@ async fn follow_stock_admits_about_the_free_tickets(redis: Option<&str>) {
     // Only the admitted reached a node (the edge may have answered some
     // of the late ones itself).
     assert!((TICKETS..=TICKETS + 5).contains(&seen), "{seen}");
+    // Nor is a key of one's own a way past a sold-out line: only a buyer
+    // who held a pass may send a keyed purchase on (the retry of one whose
+    // answer was lost).
+    let r = send(
+        &c,
+        Method::POST,
+        ports.balancer,
+        "/buy/ticket",
+        &[("Authorization", &bearer), ("Idempotency-Key", "sneaky-2")],
+    )
+    .await
+    .expect("answer");
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert_eq!(purchases_at_nodes(&c, &ports.nodes).await, seen);
+}
+
+/// `follow_stock` at an opening: the first tick after it admits the free
+/// tickets and the margin, and the next ticks count them in flight rather
+/// than admitting as many again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_stock_admits_once_at_the_opening_redis() {
+    const TICKETS: u64 = 10;
+    let redis = RedisServer::start();
+    let opens = SystemTime::now() + Duration::from_secs(3);
+    let (text, ports) = up_config(TICKETS, 1, Some(&redis.url()));
+    let auth = TestAuth::new("up");
+    let text = text
+        .replace(
+            "per_user_limit = 1\n",
+            &format!("per_user_limit = 1\nopens_at = \"{}\"\n", rfc3339(opens)),
+        )
+        .replace(
+            "\n[balancer]",
+            &format!(
+                "\n{}[waiting_room]\nadmit = \"follow_stock\"\n\n[balancer]",
+                auth.section()
+            ),
+        );
+    let (_up, _path) = start_up(&text, &ports);
+    let c = client();
+    let mut buyers: Vec<Buyer> = (0..40).map(|i| Buyer::new(&format!("o{i}"))).collect();
+    for b in buyers.iter_mut() {
+        let r = b.ask(&c, ports.balancer, &auth).await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    }
+    // Several ticks after the opening.
+    while SystemTime::now() < opens + Duration::from_millis(1200) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut admitted = Vec::new();
+    for b in buyers.iter_mut() {
+        let r = b.ask(&c, ports.balancer, &auth).await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+        if status_of(&r) == "admitted" {
+            admitted.push(b.position.expect("placed"));
+        }
+    }
+    admitted.sort();
+    assert_eq!(admitted, (1..=TICKETS + 5).collect::<Vec<_>>());
 }
 
 /// A file with a `[waiting_room]` that cannot work is refused with its

@@ -235,11 +235,13 @@ pub async fn handle(
             Ok(admitted) => admitted,
             Err(limited) => return reply(forward::local(shared, limited)),
         };
+        let client_key = parts.headers.contains_key(IDEMPOTENCY_KEY);
         let shut = match waiting_room::gate(
             shared,
             &active,
             is_buy,
             &parts.method,
+            client_key,
             || {
                 parts
                     .headers
@@ -255,9 +257,8 @@ pub async fn handle(
             Gate::Join(joining) => {
                 return reply(waiting_room::join(shared, &active, joining).await);
             }
-            Gate::Shut(r) => Some(r),
+            Gate::Shut { reply, retry } => Some((reply, retry)),
         };
-        let client_key = parts.headers.contains_key(IDEMPOTENCY_KEY);
         let edge = forward::edge::answer(
             shared,
             &active,
@@ -270,7 +271,7 @@ pub async fn handle(
         if let Some(edge) = edge {
             return reply(edge.into());
         }
-        if let Some(r) = shut.and_then(|r| waiting_room::after_edge(client_key, r)) {
+        if let Some(r) = shut.and_then(|(r, retry)| waiting_room::after_edge(retry, r)) {
             return reply(r);
         }
         prepare_request_headers(&mut parts.headers, peer, client);

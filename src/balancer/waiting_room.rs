@@ -117,7 +117,8 @@ pub struct WaitingRoom {
     pub tick_calls: AtomicU64,
     /// Store calls that failed (each a 503 for its buyer, or a missed tick).
     pub store_errors: AtomicU64,
-    /// Passes this balancer may still hand out now (see [`PassBucket`]).
+    /// Passes this balancer may still hand out now (see [`PassBucket`]),
+    /// and the buyers it handed one to lately.
     passes: std::sync::Mutex<PassBucket>,
     /// Admitted buyers told to ask again in a second: the balancer's share
     /// of the admit rate was spent.
@@ -133,9 +134,37 @@ pub struct WaitingRoom {
 struct PassBucket {
     tokens: f64,
     at: Option<Instant>,
+    /// (a buyer's hash, when their pass expires in the store's clock), in
+    /// a slot the hash picks: a buyer handed a pass who asks again (their
+    /// pass lost, or not sent) is handed it again without spending the
+    /// rate, so asking again and again cannot starve the others. Fixed
+    /// size: a collision costs no more than a token.
+    recent: Vec<(u64, u64)>,
 }
 
+/// Slots of [`PassBucket::recent`] (16 bytes each).
+const RECENT_PASSES: usize = 1 << 14;
+
 impl PassBucket {
+    /// Whether `buyer` may be handed a pass now (`expires`: when a pass
+    /// handed now would expire), spending the rate unless they were handed
+    /// one that has not expired yet.
+    fn admit(&mut self, buyer: u64, now_ms: u64, expires: u64, per_second: f64) -> bool {
+        if self.recent.is_empty() {
+            self.recent = vec![(0, 0); RECENT_PASSES];
+        }
+        let slot = (buyer % RECENT_PASSES as u64) as usize;
+        let (who, until) = self.recent[slot];
+        if who == buyer && now_ms < until {
+            return true;
+        }
+        if !self.take(per_second) {
+            return false;
+        }
+        self.recent[slot] = (buyer, expires);
+        true
+    }
+
     fn take(&mut self, per_second: f64) -> bool {
         let now = Instant::now();
         let burst = (per_second * TICK.as_secs_f64()).max(1.0);
@@ -214,23 +243,27 @@ impl WaitingRoom {
     /// newer than the view's (so `/status` counts a buyer as soon as they
     /// join); the speed and the oldest wait stay the ticks' to measure.
     fn learn_join(&self, state: &LineState) {
-        let Some(old) = self.view.load_full() else {
-            return;
-        };
-        if old.state.epoch != state.epoch || state.joined() <= old.state.joined() {
-            return;
-        }
-        let mut fresh = old.state.clone();
-        fresh.pre = state.pre;
-        fresh.seq = state.seq;
-        fresh.serving = fresh.serving.max(state.serving);
-        fresh.now_ms = state.now_ms;
-        self.view.store(Some(Arc::new(LineView {
-            state: fresh,
-            at: Instant::now(),
-            speed: old.speed,
-            mac: old.mac.clone(),
-        })));
+        // Read, change and swap in one step: a tick's newer view swapped
+        // in meanwhile is never rolled back.
+        self.view.rcu(|current| {
+            let Some(old) = current.as_deref() else {
+                return current.clone();
+            };
+            if old.state.epoch != state.epoch || state.joined() <= old.state.joined() {
+                return current.clone();
+            }
+            let mut fresh = old.state.clone();
+            fresh.pre = state.pre;
+            fresh.seq = state.seq;
+            fresh.serving = fresh.serving.max(state.serving);
+            fresh.now_ms = fresh.now_ms.max(state.now_ms);
+            Some(Arc::new(LineView {
+                state: fresh,
+                at: Instant::now(),
+                speed: old.speed,
+                mac: old.mac.clone(),
+            }))
+        });
     }
 }
 
@@ -299,10 +332,11 @@ pub enum Gate {
     Answer(Reply),
     /// The sale does not sell now (sold out, paused, closed, or before the
     /// pre-queue): the edge answers if it can (a holder hears
-    /// `already_bought`); if it cannot, a purchase with the client's own
-    /// `Idempotency-Key` goes on to a node (it may be the retry of one
-    /// that got an order), and anything else gets this answer.
-    Shut(Reply),
+    /// `already_bought`); if it cannot, `retry` (a purchase with its own
+    /// `Idempotency-Key` and a pass this buyer was given, expired or not:
+    /// it may be the retry of a purchase that got an order) goes on to a
+    /// node, and anything else gets `reply`.
+    Shut { reply: Reply, retry: bool },
     /// The buyer joins the line, or learns where the shuffle put them: one
     /// store call ([`join`]).
     Join(Joining),
@@ -324,7 +358,17 @@ fn buyer_of(
 ) -> Result<String, Reply> {
     if active.config.auth.is_none() {
         let mut id = String::with_capacity(48);
-        let _ = write!(id, "ip:{client}");
+        match client {
+            // An IPv6 client usually holds a whole /64: one place for it,
+            // not one per address.
+            std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+                let s = v6.segments();
+                let _ = write!(id, "ip:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3]);
+            }
+            _ => {
+                let _ = write!(id, "ip:{client}");
+            }
+        }
         return Ok(id);
     }
     let verified = match (active.auth.as_deref(), token) {
@@ -355,6 +399,19 @@ fn unauthorized(e: &crate::auth::AuthError) -> Reply {
 /// balancer just started, or Redis is down): nobody can be placed.
 const UNREACHABLE_BODY: &[u8] = b"{\"status\":\"busy\",\"reason\":\"the waiting room cannot reach the sale's store; try again shortly\"}\n";
 
+/// The answer while a reload has added a waiting room that this balancer
+/// opened no store for (`spike balancer` opens the sale's Redis at start).
+const UNATTACHED_BODY: &[u8] = b"{\"status\":\"busy\",\"reason\":\"a reload added [waiting_room]: this balancer opened no connection to the sale's store at start; restart it\"}\n";
+
+fn unattached() -> Reply {
+    Reply {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        body: ReplyBody::Static(UNATTACHED_BODY),
+        header: Some(super::answer::retry_after(5)),
+        cookie: None,
+    }
+}
+
 fn unreachable() -> Reply {
     Reply {
         status: StatusCode::SERVICE_UNAVAILABLE,
@@ -382,11 +439,13 @@ pub fn cookie<'a>(headers: impl Iterator<Item = &'a [u8]>, name: &str) -> Option
 /// The waiting room's decision for a request (see [`Gate`]), made from
 /// memory: `cookies` are the request's `Cookie` header values, `token` its
 /// buyer token, `client` its address.
+#[allow(clippy::too_many_arguments)]
 pub fn gate<'a, I: Iterator<Item = &'a [u8]>>(
     shared: &Shared,
     active: &Active,
     is_buy: bool,
     method: &Method,
+    client_key: bool,
     cookies: impl Fn() -> I,
     token: impl FnOnce() -> Option<&'a str>,
     client: std::net::IpAddr,
@@ -395,8 +454,13 @@ pub fn gate<'a, I: Iterator<Item = &'a [u8]>>(
         return Gate::Pass;
     };
     let room = &shared.waiting_room;
-    if !is_buy || !(*method == Method::GET || *method == Method::POST) || !room.attached() {
+    if !is_buy || !(*method == Method::GET || *method == Method::POST) {
         return Gate::Pass;
+    }
+    if !room.attached() {
+        // A reload added the waiting room to a balancer that opened no
+        // store at start: closed rather than open to everyone.
+        return Gate::Answer(unattached());
     }
     let Some(view) = room.view.load_full() else {
         return Gate::Answer(unreachable());
@@ -405,7 +469,18 @@ pub fn gate<'a, I: Iterator<Item = &'a [u8]>>(
     let now = view.now_ms();
     let before_opening = line.opens_at_ms > 0 && now < line.opens_at_ms;
     if line.shut != 0 || (!before_opening && (line.free == 0 || shared.edge.active())) {
-        return Gate::Shut(shut_answer(line, now));
+        // Only a buyer who was let through before may send a purchase
+        // again to a node now, and only with its key: the retry of a
+        // purchase whose answer was lost.
+        let retry = client_key
+            && buyer_of(active, client, token()).is_ok_and(|buyer| {
+                cookie(cookies(), PASS_COOKIE)
+                    .is_some_and(|pass| checked(&view, b'p', &buyer, pass).is_some())
+            });
+        return Gate::Shut {
+            reply: shut_answer(line, now),
+            retry,
+        };
     }
     if before_opening && config.prequeue_from_ms > 0 && now < config.prequeue_from_ms {
         // The line is not open yet either: come back when it is.
@@ -416,12 +491,15 @@ pub fn gate<'a, I: Iterator<Item = &'a [u8]>>(
             now,
         );
         let wait = config.prequeue_from_ms.saturating_sub(now).div_ceil(1000);
-        return Gate::Shut(Reply {
-            status: StatusCode::CONFLICT,
-            body: ReplyBody::Owned(body),
-            header: Some(super::answer::retry_after(wait)),
-            cookie: None,
-        });
+        return Gate::Shut {
+            reply: Reply {
+                status: StatusCode::CONFLICT,
+                body: ReplyBody::Owned(body),
+                header: Some(super::answer::retry_after(wait)),
+                cookie: None,
+            },
+            retry: false,
+        };
     }
     let buyer = match buyer_of(active, client, token()) {
         Ok(b) => b,
@@ -504,6 +582,12 @@ pub async fn join(shared: &Shared, active: &Active, j: Joining) -> Reply {
     }
 }
 
+/// A buyer's id hashed with this process's random keys.
+fn buyer_hash(buyer: &str) -> u64 {
+    static SEED: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
+    SEED.get_or_init(Default::default).hash_one(buyer)
+}
+
 /// A buyer's lottery number in the pre-queue (52 bits): the line's secret
 /// over the buyer, so every balancer gives a buyer the same number and no
 /// buyer can know or choose theirs.
@@ -545,11 +629,13 @@ fn waiting(
         && let Admit::Rate { per_second } = config.admit
     {
         let share = f64::from(per_second) / line.balancers.max(1) as f64;
+        let expires = now + config.pass_ttl.as_millis() as u64;
+        let who = buyer_hash(buyer);
         deferred = !room
             .passes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .take(share);
+            .admit(who, now, expires, share);
     }
     if deferred {
         // Admitted, but this balancer's share of the rate is spent for
@@ -789,8 +875,8 @@ pub fn status(shared: &Shared) -> RoomStatus {
     s
 }
 
-/// Answers a `Gate::Shut` when the edge did not: a keyed purchase goes on
-/// to a node, anything else gets `fallback`.
-pub fn after_edge(client_key: bool, fallback: Reply) -> Option<Reply> {
-    (!client_key).then_some(fallback)
+/// Answers a `Gate::Shut` when the edge did not: `None` (on to a node)
+/// for a buyer's keyed retry, `reply` for anyone else.
+pub fn after_edge(retry: bool, reply: Reply) -> Option<Reply> {
+    (!retry).then_some(reply)
 }

@@ -31,12 +31,13 @@ if not s[1] then
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local l = redis.call('HMGET', KEYS[2], 'epoch', 'secret', 'seq', 'serving', 'carry', 'advanced_at')
+local l = redis.call('HMGET', KEYS[2], 'epoch', 'secret', 'seq', 'serving', 'carry', 'advanced_at',
+  'opened')
 if l[1] ~= s[1] then
   redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
   redis.call('HSET', KEYS[2], 'epoch', s[1], 'secret', ARGV[2], 'seq', 0, 'serving', 0,
     'carry', '0', 'advanced_at', 0)
-  l = {s[1], ARGV[2], '0', '0', '0', '0'}
+  l = {s[1], ARGV[2], '0', '0', '0', '0', false}
 end
 local total, sold = tonumber(s[2]), tonumber(s[3])
 local released, reserved = tonumber(s[4] or '0'), tonumber(s[5] or '0')
@@ -49,7 +50,13 @@ elseif s[8] == '1' then
 end
 local free = math.max(total - sold, 0)
 local seq, serving = tonumber(l[3]), tonumber(l[4])
-local before_opening = opens_at > 0 and now < opens_at
+-- Once the line has opened it stays open: a clock that steps back past
+-- the opening (a failover to a replica whose clock is behind) must not
+-- add to a pre-queue whose places were handed out.
+local before_opening = opens_at > 0 and now < opens_at and l[7] ~= '1'
+if opens_at > 0 and not before_opening and l[7] ~= '1' then
+  redis.call('HSET', KEYS[2], 'opened', 1)
+end
 
 local function answer(last, balancers)
   return {1, s[1], l[2], redis.call('ZCARD', KEYS[3]), seq, serving, now, opens_at, free,
@@ -114,6 +121,10 @@ else
   -- a reservation (it is admitted for when it comes back).
   local ttl = tonumber(ARGV[5])
   local sales = sold + released
+  if redis.call('LLEN', KEYS[5]) == 0 then
+    -- The mark before any admission: the first ones count as in flight.
+    redis.call('RPUSH', KEYS[5], string.format('%d %d %d', now, serving, sales))
+  end
   local base_serving, base_sales = serving, sales
   local first = redis.call('LINDEX', KEYS[5], 0)
   while first do

@@ -429,6 +429,7 @@ fn prepare(
         active,
         is_buy,
         &head.method,
+        head.keys > 0,
         cookies,
         token,
         client_addr,
@@ -436,7 +437,7 @@ fn prepare(
         Gate::Pass => None,
         Gate::Answer(reply) => return Next::Answer(reply),
         Gate::Join(joining) => return Next::Join(joining),
-        Gate::Shut(reply) => Some(reply),
+        Gate::Shut { reply, retry } => Some((reply, retry)),
     };
     let edge = forward::edge::answer(
         shared,
@@ -456,7 +457,7 @@ fn prepare(
     if let Some(edge) = edge {
         return Next::Answer(edge.into());
     }
-    if let Some(reply) = shut.and_then(|r| waiting_room::after_edge(head.keys > 0, r)) {
+    if let Some(reply) = shut.and_then(|(r, retry)| waiting_room::after_edge(retry, r)) {
         return Next::Answer(reply);
     }
     // A purchase with a key may be sent twice: the node decides a key once.

@@ -21,9 +21,11 @@ pub struct SaleNumbers {
 }
 
 /// One sale's line (see `line.lua` for the rules).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct MemLine {
     epoch: u64,
+    /// The opening has passed: the pre-queue is closed for good.
+    opened: bool,
     secret: String,
     /// Buyer → lottery number, before the opening.
     pre: HashMap<String, u64>,
@@ -41,6 +43,16 @@ pub struct MemLine {
 }
 
 impl MemLine {
+    /// Before the opening, unless the line has opened already (a clock
+    /// that steps back does not reopen the pre-queue).
+    fn before_opening(&mut self, sale: &SaleNumbers, now: u64) -> bool {
+        let before = sale.opens_at_ms > 0 && now < sale.opens_at_ms && !self.opened;
+        if sale.opens_at_ms > 0 && !before {
+            self.opened = true;
+        }
+        before
+    }
+
     fn start(&mut self, sale: &SaleNumbers, secret: &str) {
         if self.epoch != sale.epoch || self.secret.is_empty() {
             *self = MemLine {
@@ -80,7 +92,7 @@ impl MemLine {
         secret: &str,
     ) -> LineState {
         self.start(sale, secret);
-        if sale.opens_at_ms > 0 && now < sale.opens_at_ms {
+        if self.before_opening(sale, now) {
             self.pre.entry(buyer.to_string()).or_insert(lottery);
             return self.answer(sale, now, 0);
         }
@@ -91,7 +103,11 @@ impl MemLine {
             Some(&rank) => rank,
             None => {
                 self.seq += 1;
-                if self.marks.back().is_none_or(|&(_, at)| now - at >= 100) {
+                if self
+                    .marks
+                    .back()
+                    .is_none_or(|&(_, at)| now.saturating_sub(at) >= 100)
+                {
                     self.marks.push_back((self.seq, now));
                 }
                 self.pre.len() as u64 + self.seq
@@ -123,7 +139,7 @@ impl MemLine {
         secret: &str,
     ) -> LineState {
         self.start(sale, secret);
-        let before_opening = sale.opens_at_ms > 0 && now < sale.opens_at_ms;
+        let before_opening = self.before_opening(sale, now);
         let free = sale.total.saturating_sub(sale.sold);
         let joined = self.pre.len() as u64 + self.seq;
         let from = if self.advanced_at > 0 {
@@ -145,6 +161,11 @@ impl MemLine {
                 }
                 LineAdmit::FollowStock { pass_ttl_ms } => {
                     let sales = sale.sold + sale.released;
+                    if self.log.is_empty() {
+                        // The mark before any admission: the first ones
+                        // count as in flight.
+                        self.log.push_back((now, self.serving, sales));
+                    }
                     while self.log.len() > 1 && self.log[1].0 <= now.saturating_sub(pass_ttl_ms) {
                         self.log.pop_front();
                     }
@@ -158,7 +179,10 @@ impl MemLine {
                     let add = (free + margin).saturating_sub(in_flight);
                     let next = (self.serving + add).min(joined);
                     if next != self.serving
-                        || self.log.back().is_none_or(|&(at, _, _)| now - at >= 1000)
+                        || self
+                            .log
+                            .back()
+                            .is_none_or(|&(at, _, _)| now.saturating_sub(at) >= 1000)
                     {
                         self.log.push_back((now, next, sales));
                     }

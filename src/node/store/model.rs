@@ -465,8 +465,9 @@ pub enum LineAdmit {
 }
 
 /// The line as the store last told it: what every balancer answers its
-/// waiting buyers from, without a store call per request.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// waiting buyers from, without a store call per request. (Its `Debug`
+/// leaves the secret out: it goes to logs.)
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct LineState {
     /// The sale's epoch: a line belongs to one.
     pub epoch: u64,
@@ -498,6 +499,26 @@ pub struct LineState {
     /// For an advance: the balancers heard moving the line in the last
     /// two seconds (each lets through its share of the admit rate).
     pub balancers: u64,
+}
+
+impl std::fmt::Debug for LineState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LineState")
+            .field("epoch", &self.epoch)
+            .field("secret", &"<hidden>")
+            .field("pre", &self.pre)
+            .field("seq", &self.seq)
+            .field("serving", &self.serving)
+            .field("now_ms", &self.now_ms)
+            .field("opens_at_ms", &self.opens_at_ms)
+            .field("free", &self.free)
+            .field("reserved", &self.reserved)
+            .field("shut", &self.shut)
+            .field("oldest_wait_ms", &self.oldest_wait_ms)
+            .field("position", &self.position)
+            .field("balancers", &self.balancers)
+            .finish()
+    }
 }
 
 impl LineState {
