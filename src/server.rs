@@ -4,6 +4,7 @@
 //! graceful shutdown. One loop, so both modes keep the same promises to
 //! clients.
 
+pub mod proxy_protocol;
 mod recycle;
 pub mod reuse;
 
@@ -93,6 +94,9 @@ pub struct ServeOptions {
     /// before the stop itself (a balancer draining); set by the loop at
     /// the stop either way.
     pub closing: Option<Arc<AtomicBool>>,
+    /// Which peers must open with a PROXY protocol header (read before
+    /// anything else reads the socket), and which are refused.
+    pub proxy_protocol: Option<Arc<dyn proxy_protocol::Gate>>,
 }
 
 impl ServeOptions {
@@ -112,6 +116,7 @@ impl ServeOptions {
             send_timeout: None,
             front: None,
             closing: None,
+            proxy_protocol: None,
         }
     }
 }
@@ -350,6 +355,7 @@ pub async fn serve_with<F, S, B>(
         send_timeout,
         front,
         closing,
+        proxy_protocol,
     } = options;
     let stopping = closing.unwrap_or_else(|| Arc::new(AtomicBool::new(false)));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -463,7 +469,19 @@ pub async fn serve_with<F, S, B>(
             most,
         });
         let front = front.clone();
+        let gate = proxy_protocol.clone();
         tokio::spawn(async move {
+            // The client's address from a PROXY header, before any other
+            // read of the socket; a refused peer or a bad header closes.
+            let Some((stream, peer)) =
+                proxy_protocol::accept(gate.as_deref(), stream, peer, first_head_deadline).await
+            else {
+                drop(on_loop);
+                drop(place);
+                drop(permit);
+                drop(open);
+                return;
+            };
             let handed = match (front, ctx) {
                 (Some(front), Some(ctx)) => match front.serve(stream, peer, ctx).await {
                     Some(handed) => handed,

@@ -241,6 +241,7 @@ impl Balancer {
                         worker: 0,
                     }) as Arc<dyn crate::server::Front>),
                     closing: Some(shared.draining.clone()),
+                    proxy_protocol: Some(Arc::new(forward::client::ProxyGate(shared.clone()))),
                 },
                 move |peer| proxy_connection(&proxy_shared, 0, peer),
                 stopped(stop_rx.clone())
@@ -367,6 +368,7 @@ fn run_worker(
                     worker,
                 }) as Arc<dyn crate::server::Front>),
                 closing: Some(shared.draining.clone()),
+                proxy_protocol: Some(Arc::new(forward::client::ProxyGate(shared.clone()))),
             },
             move |peer| proxy_connection(&shared, worker, peer),
             stopped(stop),

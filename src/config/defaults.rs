@@ -122,6 +122,8 @@ impl Default for BalancerConfig {
             underscores_in_headers: false,
             fast_path: true,
             trusted_proxies: Vec::new(),
+            proxy_protocol: false,
+            ready_before_open: true,
             sold_out_at_edge: true,
             public_only: false,
             pass_paths: Vec::new(),

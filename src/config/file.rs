@@ -112,6 +112,8 @@ pub(super) struct BalancerFile {
     pub(super) fast_path: Option<bool>,
     #[serde(default)]
     pub(super) trusted_proxies: Vec<Spanned<String>>,
+    pub(super) proxy_protocol: Option<Spanned<bool>>,
+    pub(super) ready_before_open: Option<bool>,
     pub(super) sold_out_at_edge: Option<bool>,
     #[serde(default)]
     pub(super) pass_paths: Vec<Spanned<String>>,

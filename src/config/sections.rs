@@ -201,8 +201,22 @@ pub struct BalancerConfig {
     /// `client_max_body_size`): more is a 413, so no client can stream
     /// without end through the balancer.
     pub max_body: u64,
-    /// Peers whose `X-Forwarded-For` is believed.
+    /// Peers whose `X-Forwarded-For` is believed, and with
+    /// `proxy_protocol` the only peers the listener accepts.
     pub trusted_proxies: Vec<IpNet>,
+    /// The listener speaks the PROXY protocol (v1 and v2): every
+    /// connection from a `trusted_proxies` address begins with a header
+    /// carrying the client's address, which stands for the peer's
+    /// everywhere (`ip_hash`, `X-Forwarded-For`, `X-Real-IP`, the limits,
+    /// the logs); a connection from any other address is closed. For a
+    /// balancer behind an L4 tier (HAProxy in TCP mode, an NLB), where
+    /// every peer is the tier. Reloadable.
+    pub proxy_protocol: bool,
+    /// Whether `/ready` is 200 before the sale opens (`[sale] opens_at`).
+    /// Off: 503 `not_open` until the opening, so an L4 tier sends nobody
+    /// here before the sale (the edge answers an early crowd from memory
+    /// either way).
+    pub ready_before_open: bool,
     /// Whether request headers with `_` in their name are forwarded. Off
     /// (Nginx's `underscores_in_headers off`): CGI-style backends read
     /// `X_Real_IP` as `X-Real-IP`, so a client could spoof the headers the

@@ -82,6 +82,26 @@ pub fn client_ip_from<'a>(
     client
 }
 
+/// The balancer listener's PROXY protocol gate: off unless
+/// `proxy_protocol`, then a header from `trusted_proxies` peers and a
+/// close for every other peer. Read from the config in force at each
+/// accept (one atomic load), so a reload changes it for new connections.
+pub struct ProxyGate(pub std::sync::Arc<crate::balancer::state::Shared>);
+
+impl crate::server::proxy_protocol::Gate for ProxyGate {
+    fn admit(&self, peer: IpAddr) -> crate::server::proxy_protocol::Admit {
+        use crate::server::proxy_protocol::Admit;
+        let active = self.0.current.load();
+        if !active.config.proxy_protocol {
+            Admit::Plain
+        } else if active.config.trusted_proxies.iter().any(|n| n.contains(&peer)) {
+            Admit::Header
+        } else {
+            Admit::Refuse
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -44,6 +44,14 @@ pub(super) fn validate(
     let admin = optional(&b.admin, d.admin, |v| cx.socket_addr("balancer.admin", v))?;
     let strategy = optional(&b.strategy, d.strategy, |v| strategy(cx, v))?;
     let trusted_proxies = trusted_proxies(cx, &b.trusted_proxies)?;
+    let proxy_protocol = b.proxy_protocol.as_ref().is_some_and(|p| *p.get_ref());
+    if let (Some(p), true) = (&b.proxy_protocol, proxy_protocol && trusted_proxies.is_empty()) {
+        return Err(cx.err(
+            "balancer.proxy_protocol",
+            p.span(),
+            "proxy_protocol = true needs trusted_proxies: only those addresses may say who the client is, every other connection is closed",
+        ));
+    }
     let (max_header_line, max_head) = head_limits(cx, b, &d)?;
     // Every upstream's that sets none; unset, each keeps its own default.
     let max_conns = optional(&b.max_conns, None, |v| {
@@ -114,6 +122,8 @@ pub(super) fn validate(
         underscores_in_headers: b.underscores_in_headers,
         fast_path: b.fast_path.unwrap_or(d.fast_path),
         trusted_proxies,
+        proxy_protocol,
+        ready_before_open: b.ready_before_open.unwrap_or(d.ready_before_open),
         sold_out_at_edge: b.sold_out_at_edge.unwrap_or(d.sold_out_at_edge),
         public_only: has_sale,
         pass_paths: pass_paths(cx, &b.pass_paths, has_sale)?,
