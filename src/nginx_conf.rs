@@ -115,7 +115,19 @@ http {{
     );
 
     let trusted = !balancer.trusted_proxies.is_empty();
-    if trusted {
+    if balancer.proxy_protocol {
+        o.push_str(
+            "
+    # proxy_protocol = true: the client is the PROXY header's address, believed
+    # only from trusted_proxies (spike also closes every other peer; Nginx
+    # keeps them, with their own address).
+",
+        );
+        for net in &balancer.trusted_proxies {
+            line(&mut o, 1, &format!("set_real_ip_from {net};"));
+        }
+        line(&mut o, 1, "real_ip_header proxy_protocol;");
+    } else if trusted {
         o.push_str(
             "
     # trusted_proxies: the client is the last untrusted X-Forwarded-For address
@@ -215,7 +227,7 @@ http {{
         "# keepalive = 0: no upstream connection pool.
             proxy_set_header Connection close;"
     };
-    let forwarded_for = if trusted {
+    let forwarded_for = if trusted && !balancer.proxy_protocol {
         "$spike_forwarded_for"
     } else {
         "$proxy_add_x_forwarded_for"
@@ -226,6 +238,11 @@ http {{
         "# spike drops request headers with `_` in the name, as Nginx does."
     };
     let max_body = balancer.max_body;
+    let proxy_protocol = if balancer.proxy_protocol {
+        " proxy_protocol"
+    } else {
+        ""
+    };
     // Nginx's head limit is a count of buffers of one size, a line at most
     // one buffer: spike's max_head in buffers of max_header_line.
     let header_buffers = format!(
@@ -242,7 +259,7 @@ http {{
         o,
         "
     server {{
-        listen {listen};
+        listen {listen}{proxy_protocol};
         {underscores}
         client_max_body_size {max_body};
         {header_buffers}

@@ -105,6 +105,25 @@ fn admission_and_health_checks_pass_haproxy_c() {
     remove_config(&config);
 }
 
+/// `proxy_protocol = true` becomes `bind … accept-proxy`, and only the
+/// trusted proxies may connect (`tcp-request connection` sees the real
+/// peer); the file passes `haproxy -c`.
+#[test]
+fn proxy_protocol_accepts_proxy_from_trusted_proxies_only() {
+    let upstreams = "proxy_protocol = true\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]\n\
+                     [[balancer.upstream]]\naddr = \"127.0.0.1:3001\"\n";
+    let config = balancer_file("ip_hash", common::free_port(), upstreams);
+    let cfg = generate(&config, &[]);
+    let text = checked(&cfg, "proxy_protocol");
+    assert!(text.contains(" accept-proxy\n"), "{text}");
+    assert!(
+        text.contains("tcp-request connection reject unless { src 10.0.0.0/8 ::1/128 }"),
+        "{text}"
+    );
+    let _ = std::fs::remove_file(&cfg);
+    remove_config(&config);
+}
+
 /// A HAProxy process in the foreground, killed on drop.
 struct HaProxy(Child);
 

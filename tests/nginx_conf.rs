@@ -194,6 +194,31 @@ weight = 4
     assert!(!c.contains("keepalive 0"), "{c}");
 }
 
+/// `proxy_protocol = true` becomes `listen … proxy_protocol` with the
+/// header's address as the client (realip from the trusted proxies), and
+/// the file passes `nginx -t`.
+#[test]
+fn proxy_protocol_listens_with_proxy_protocol_and_passes_nginx_t() {
+    let config = write_config(&balancer_config(
+        "ip_hash",
+        common::free_port(),
+        &format!("proxy_protocol = true\ntrusted_proxies = [\"10.0.0.0/8\"]\n{THREE}"),
+    ));
+    let dir = generate(&config, &[]);
+    nginx_t(&dir);
+    let c = conf_text(&dir);
+    remove_config(&config);
+    for expected in [
+        " proxy_protocol;",
+        "set_real_ip_from 10.0.0.0/8;",
+        "real_ip_header proxy_protocol;",
+        "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
+    ] {
+        assert!(c.contains(expected), "{expected} missing:\n{c}");
+    }
+    assert!(!c.contains("real_ip_header X-Forwarded-For"), "{c}");
+}
+
 #[test]
 fn bad_config_exits_non_zero_with_file_line_and_key() {
     let config = write_config(

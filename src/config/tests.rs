@@ -640,3 +640,22 @@ fn internal_addresses_go_from_nodes_to_upstreams() {
     let bad = "[balancer]\n[[balancer.upstream]]\naddr = \"127.0.0.1:9\"\ninternal = \"x\"\n";
     expect_err(bad, "balancer.upstream[0].internal", 4);
 }
+
+/// `proxy_protocol = true` without `trusted_proxies` would close every
+/// connection: refused, naming the key and its line; with them it loads.
+#[test]
+fn proxy_protocol_needs_trusted_proxies() {
+    let m = expect_err(
+        "[balancer]\nstrategy = \"ip_hash\"\nproxy_protocol = true\n[[balancer.upstream]]\naddr = \"127.0.0.1:1\"\n",
+        "balancer.proxy_protocol",
+        3,
+    );
+    assert!(m.contains("trusted_proxies"), "{m}");
+    let c = parse(
+        "[balancer]\nproxy_protocol = true\ntrusted_proxies = [\"10.0.0.1\"]\n[[balancer.upstream]]\naddr = \"127.0.0.1:1\"\n",
+    )
+    .expect("valid");
+    let b = c.balancer.expect("balancer");
+    assert!(b.proxy_protocol);
+    assert!(b.ready_before_open, "ready before the opening unless asked");
+}
