@@ -223,3 +223,61 @@ async fn a_second_sigterm_ends_the_drain() {
     lb.expect_clean_exit(Duration::from_secs(10));
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+/// With `ready_before_open = false` (issue 25, point 4: "before it opens if
+/// asked to"), `/ready` is 503 `not_open`, naming the opening, until the
+/// sale's `opens_at`, then 200; `/healthz` is 200 throughout. Left at its
+/// default, a balancer of the same sale is ready before the opening (its
+/// edge answers the early crowd from memory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_waits_for_the_opening_only_when_asked() {
+    let backend = Backend::start("b").await;
+    let opens = std::time::SystemTime::now() + Duration::from_secs(3);
+    let opens_text = humantime::format_rfc3339_millis(opens).to_string();
+    let start = |asked: bool| {
+        let listen = common::free_addr();
+        let admin = common::free_addr();
+        let text = format!(
+            "[sale]\nevent = \"ready-{}\"\ntotal = 10\nopens_at = \"{opens_text}\"\n\n{}",
+            listen.port(),
+            config_text(
+                "round_robin",
+                &listen.to_string(),
+                &admin.to_string(),
+                &[up(backend.addr, 1)],
+            )
+        );
+        let text = if asked {
+            text.replace("[balancer]\n", "[balancer]\nready_before_open = false\n")
+        } else {
+            text
+        };
+        let path = write_config(&text);
+        let lb = SpikeProcess::start(&["balancer", "--config", path.to_str().expect("path")]);
+        wait_listening(&admin.to_string(), Duration::from_secs(15));
+        (lb, admin)
+    };
+    let (_asked, admin) = start(true);
+    let (_default, default_admin) = start(false);
+
+    let (status, v) = admin_get(admin, "/ready").await;
+    assert_eq!((status, v["status"].as_str()), (503, Some("not_open")), "{v}");
+    assert!(
+        v["opens_at"].as_str().is_some_and(|s| s.starts_with(&opens_text[..19])),
+        "{v} (opens at {opens_text})"
+    );
+    assert_eq!(admin_get(admin, "/healthz").await.0, 200);
+    let (status, v) = admin_get(default_admin, "/ready").await;
+    assert_eq!((status, v["status"].as_str()), (200, Some("ready")), "{v}");
+
+    common::wait_for("ready at the opening", Duration::from_secs(8), async || {
+        admin_get(admin, "/ready").await.0 == 200
+    })
+    .await;
+    assert!(
+        std::time::SystemTime::now() >= opens,
+        "ready before the opening"
+    );
+    let (_, v) = admin_get(admin, "/ready").await;
+    assert_eq!(v["status"], "ready", "{v}");
+}

@@ -54,8 +54,11 @@ pub async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<By
 /// httpchk`, a Kubernetes readiness probe). 503 while it drains after
 /// SIGTERM, and while no upstream can be picked (each `down`, failed or
 /// failing its health check: every request would be a 502 or 503 here, and
-/// another balancer may have a way through); 200 otherwise. `/healthz`
-/// stays "the process is alive", which a restart cannot fix.
+/// another balancer may have a way through); with `ready_before_open =
+/// false`, 503 `not_open` until the sale's opening (the moments the edge
+/// answers by: the store's once a node gave them, else the file's), so
+/// that the tier in front sends nobody before the sale; 200 otherwise.
+/// `/healthz` stays "the process is alive", which a restart cannot fix.
 fn ready(shared: &Shared) -> (StatusCode, String) {
     if shared.draining.load(Ordering::SeqCst) {
         return (
@@ -72,6 +75,18 @@ fn ready(shared: &Shared) -> (StatusCode, String) {
             StatusCode::SERVICE_UNAVAILABLE,
             "{\"status\":\"unavailable\",\"reason\":\"the waiting room has not heard its line from the sale's store yet\"}\n".to_string(),
         );
+    }
+    if !active.config.ready_before_open {
+        let opens_at_ms = shared.edge.moments_or_file(&active.config).opens_at_ms;
+        if crate::node::store::now_millis() < opens_at_ms {
+            let when = crate::protocol::rfc3339_ms(opens_at_ms);
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "{{\"status\":\"not_open\",\"reason\":\"the sale opens at {when}, and ready_before_open = false\",\"opens_at\":\"{when}\"}}\n"
+                ),
+            );
+        }
     }
     let now = now_ms();
     let (mut usable, mut all) = (0usize, 0usize);

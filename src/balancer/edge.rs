@@ -112,6 +112,21 @@ pub struct Edge {
 }
 
 impl Edge {
+    /// The sale's moments: a node's (its store's) once one has answered,
+    /// the file's `[sale]` until then. What the edge answers purchases by,
+    /// and `/ready` waits for the opening by.
+    pub fn moments_or_file(
+        &self,
+        config: &crate::config::BalancerConfig,
+    ) -> crate::protocol::Moments {
+        self.moments.get().unwrap_or(crate::protocol::Moments {
+            opens_at_ms: config.sale_opens_at_ms,
+            closes_at_ms: config.sale_closes_at_ms,
+            paused: false,
+            closed: false,
+        })
+    }
+
     /// The sold-out sale, while the edge answers for it.
     pub fn current(&self) -> Option<Arc<SoldOut>> {
         self.sold_out.load_full()

@@ -52,16 +52,7 @@ pub fn answer<'a>(
         return None;
     }
     // Read only for a purchase: every other request passes by untouched.
-    let moments = shared
-        .edge
-        .moments
-        .get()
-        .unwrap_or(crate::protocol::Moments {
-            opens_at_ms: config.sale_opens_at_ms,
-            closes_at_ms: config.sale_closes_at_ms,
-            paused: false,
-            closed: false,
-        });
+    let moments = shared.edge.moments_or_file(config);
     if (*method == Method::GET || *method == Method::POST)
         && config.sold_out_at_edge
         && moments.any()
