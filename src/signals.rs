@@ -69,3 +69,19 @@ pub fn take_hangup() -> Option<tokio::signal::unix::Signal> {
     let kept = HANGUP.lock().unwrap_or_else(|p| p.into_inner()).take();
     kept.or_else(|| signal(SignalKind::hangup()).ok())
 }
+
+/// Starts catching SIGUSR1 now (call it before binding): from then on the
+/// signal never ends the process (its default action), even before the
+/// balancer listens for it to reopen its access log (logrotate's
+/// `postrotate` may send it at any time), and while no access log is set,
+/// when it does nothing (as Nginx's `USR1`). tokio keeps a signal's
+/// handler for the life of the process, so the stream can be dropped.
+pub fn catch_user1() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Err(e) = signal(SignalKind::user_defined1()) {
+            tracing::warn!("cannot catch SIGUSR1: {e}");
+        }
+    }
+}

@@ -136,14 +136,23 @@ async fn behind_haproxy_send_proxy_v2_every_node_sees_the_real_clients() {
     let port = common::free_port();
     let (_haproxy, cfg) = start_haproxy(port, &[&fast, &hyper]);
     let front = SocketAddr::from(([127, 0, 0, 1], port));
-    common::wait_for("both balancers up in HAProxy", Duration::from_secs(10), async || {
-        let mut seen = BTreeSet::new();
-        for _ in 0..4 {
-            let r = raw(None, front, b"GET /up HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await;
-            seen.insert(r.starts_with("HTTP/1.1 200"));
-        }
-        seen == BTreeSet::from([true])
-    })
+    common::wait_for(
+        "both balancers up in HAProxy",
+        Duration::from_secs(10),
+        async || {
+            let mut seen = BTreeSet::new();
+            for _ in 0..4 {
+                let r = raw(
+                    None,
+                    front,
+                    b"GET /up HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+                )
+                .await;
+                seen.insert(r.starts_with("HTTP/1.1 200"));
+            }
+            seen == BTreeSet::from([true])
+        },
+    )
     .await;
 
     let clients: Vec<Ipv4Addr> = (1..=24u8).map(|i| Ipv4Addr::new(127, i, i, 7)).collect();
@@ -164,14 +173,26 @@ async fn behind_haproxy_send_proxy_v2_every_node_sees_the_real_clients() {
             assert_eq!(body_of(&r), node, "{ip} went to the wrong node");
         }
     }
-    assert_eq!(expected.len(), 2, "the addresses all hash to one node: {expected:?}");
+    assert_eq!(
+        expected.len(),
+        2,
+        "the addresses all hash to one node: {expected:?}"
+    );
     for (name, node) in [("n1", &n1), ("n2", &n2)] {
         let mut real_ips = BTreeSet::new();
-        for seen in node.seen().iter().filter(|s| s.request_line.starts_with("GET /who")) {
+        for seen in node
+            .seen()
+            .iter()
+            .filter(|s| s.request_line.starts_with("GET /who"))
+        {
             let real = header(&seen.head, "x-real-ip");
             let forwarded = header(&seen.head, "x-forwarded-for");
             assert_eq!(real.len(), 1, "{}", seen.head);
-            assert_eq!(forwarded, real, "X-Forwarded-For is the client's alone: {}", seen.head);
+            assert_eq!(
+                forwarded, real,
+                "X-Forwarded-For is the client's alone: {}",
+                seen.head
+            );
             real_ips.insert(real[0].to_string());
         }
         assert_eq!(
@@ -185,7 +206,17 @@ async fn behind_haproxy_send_proxy_v2_every_node_sees_the_real_clients() {
     let url = format!("http://{front}/load");
     let oha = std::thread::spawn(move || {
         Command::new("oha")
-            .args(["-z", "6s", "-w", "-c", "8", "--no-tui", "--output-format", "json", &url])
+            .args([
+                "-z",
+                "6s",
+                "-w",
+                "-c",
+                "8",
+                "--no-tui",
+                "--output-format",
+                "json",
+                &url,
+            ])
             .output()
             .expect("run oha (cargo install oha; scripts/test.sh does)")
     });
@@ -195,16 +226,37 @@ async fn behind_haproxy_send_proxy_v2_every_node_sees_the_real_clients() {
     let out = tokio::task::spawn_blocking(move || oha.join().expect("oha thread"))
         .await
         .expect("join");
-    assert!(out.status.success(), "oha: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "oha: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("oha JSON");
-    let codes = report["statusCodeDistribution"].as_object().expect("codes").clone();
-    let errors = report["errorDistribution"].as_object().expect("errors").clone();
-    let ok = codes.get("200").and_then(serde_json::Value::as_u64).unwrap_or(0);
-    assert!(errors.is_empty(), "failed requests: {errors:?} (codes {codes:?})");
+    let codes = report["statusCodeDistribution"]
+        .as_object()
+        .expect("codes")
+        .clone();
+    let errors = report["errorDistribution"]
+        .as_object()
+        .expect("errors")
+        .clone();
+    let ok = codes
+        .get("200")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0);
+    assert!(
+        errors.is_empty(),
+        "failed requests: {errors:?} (codes {codes:?})"
+    );
     assert_eq!(codes.len(), 1, "non-200 answers: {codes:?}");
     assert!(ok > 500, "too little load to prove anything: {ok}");
     // After the stop, the load went on through the other balancer.
-    let r = raw(None, front, b"GET /after HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await;
+    let r = raw(
+        None,
+        front,
+        b"GET /after HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     drop(hyper);
     let _ = std::fs::remove_file(cfg);
@@ -217,7 +269,9 @@ async fn exchange(source: &str, to: SocketAddr, bytes: &[u8]) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     let source: IpAddr = source.parse().expect("ip");
-    socket.bind(SocketAddr::new(source, 0)).expect("bind source");
+    socket
+        .bind(SocketAddr::new(source, 0))
+        .expect("bind source");
     let mut stream = socket.connect(to).await.expect("connect");
     // The server may close before it all went out.
     let _ = stream.write_all(bytes).await;
@@ -260,33 +314,70 @@ async fn only_trusted_peers_may_send_a_header_and_a_bad_one_closes() {
         let lb = Balancer::start(&[node.addr], path);
         let get = b"GET /who HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
 
-        let v1 = [b"PROXY TCP4 203.0.113.9 127.0.0.1 5555 80\r\n".as_slice(), get].concat();
+        let v1 = [
+            b"PROXY TCP4 203.0.113.9 127.0.0.1 5555 80\r\n".as_slice(),
+            get,
+        ]
+        .concat();
         let r = exchange("127.0.0.1", lb.listen, &v1).await;
         assert!(r.starts_with("HTTP/1.1 200"), "{path}: {r}");
-        let r = exchange("127.0.0.1", lb.listen, &[v2(1, [198, 51, 100, 4], 7), get.to_vec()].concat()).await;
+        let r = exchange(
+            "127.0.0.1",
+            lb.listen,
+            &[v2(1, [198, 51, 100, 4], 7), get.to_vec()].concat(),
+        )
+        .await;
         assert!(r.starts_with("HTTP/1.1 200"), "{path}: {r}");
-        let r = exchange("127.0.0.1", lb.listen, &[v2(0, [198, 51, 100, 5], 7), get.to_vec()].concat()).await;
+        let r = exchange(
+            "127.0.0.1",
+            lb.listen,
+            &[v2(0, [198, 51, 100, 5], 7), get.to_vec()].concat(),
+        )
+        .await;
         assert!(r.starts_with("HTTP/1.1 200"), "{path}: {r}");
         // In two pieces, 50 ms apart.
-        let mut s = tokio::net::TcpStream::connect(lb.listen).await.expect("connect");
+        let mut s = tokio::net::TcpStream::connect(lb.listen)
+            .await
+            .expect("connect");
         let pieces = v2(1, [192, 0, 2, 77], 9);
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         s.write_all(&pieces[..10]).await.expect("write");
         tokio::time::sleep(Duration::from_millis(50)).await;
-        s.write_all(&[&pieces[10..], get.as_slice()].concat()).await.expect("write");
+        s.write_all(&[&pieces[10..], get.as_slice()].concat())
+            .await
+            .expect("write");
         let mut r = String::new();
         s.read_to_string(&mut r).await.expect("read");
         assert!(r.starts_with("HTTP/1.1 200"), "{path}: {r}");
 
         for (source, bytes) in [
             ("127.0.0.1", get.to_vec()),
-            ("127.0.0.1", [b"PROXY TCP4 1.2.3 4.5.6.7 1 2\r\n".as_slice(), get].concat()),
-            ("127.0.0.1", [&v2(1, [1, 2, 3, 4], 1)[..13], b"\x77\x00\x0cGARBAGE".as_slice(), get].concat()),
+            (
+                "127.0.0.1",
+                [b"PROXY TCP4 1.2.3 4.5.6.7 1 2\r\n".as_slice(), get].concat(),
+            ),
+            (
+                "127.0.0.1",
+                [
+                    &v2(1, [1, 2, 3, 4], 1)[..13],
+                    b"\x77\x00\x0cGARBAGE".as_slice(),
+                    get,
+                ]
+                .concat(),
+            ),
             ("127.0.0.2", v1.clone()),
-            ("127.0.0.2", [v2(1, [198, 51, 100, 4], 7), get.to_vec()].concat()),
+            (
+                "127.0.0.2",
+                [v2(1, [198, 51, 100, 4], 7), get.to_vec()].concat(),
+            ),
         ] {
             let r = exchange(source, lb.listen, &bytes).await;
-            assert_eq!(r, "", "{path}: from {source}, {:?} was answered", String::from_utf8_lossy(&bytes));
+            assert_eq!(
+                r,
+                "",
+                "{path}: from {source}, {:?} was answered",
+                String::from_utf8_lossy(&bytes)
+            );
         }
         let real: Vec<String> = node
             .seen()

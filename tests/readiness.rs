@@ -261,9 +261,15 @@ async fn ready_waits_for_the_opening_only_when_asked() {
     let (_default, default_admin) = start(false);
 
     let (status, v) = admin_get(admin, "/ready").await;
-    assert_eq!((status, v["status"].as_str()), (503, Some("not_open")), "{v}");
+    assert_eq!(
+        (status, v["status"].as_str()),
+        (503, Some("not_open")),
+        "{v}"
+    );
     assert!(
-        v["opens_at"].as_str().is_some_and(|s| s.starts_with(&opens_text[..19])),
+        v["opens_at"]
+            .as_str()
+            .is_some_and(|s| s.starts_with(&opens_text[..19])),
         "{v} (opens at {opens_text})"
     );
     assert_eq!(admin_get(admin, "/healthz").await.0, 200);

@@ -177,6 +177,11 @@ fn status(shared: &Shared) -> String {
             "timed_out": shared.metrics.queue.timed_out.load(Ordering::Relaxed),
         },
         "draining": shared.draining.load(Ordering::Relaxed),
+        "access_log": shared.access_log.as_ref().map(|l| serde_json::json!({
+            "path": l.path().display().to_string(),
+            "written": l.written.load(Ordering::Relaxed),
+            "dropped": l.dropped.load(Ordering::Relaxed),
+        })),
         "fast_path": {
             "on": active.config.fast_path,
             "general_connections": shared.metrics.general_connections.load(Ordering::Relaxed),
@@ -269,6 +274,15 @@ fn metrics(shared: &Shared) -> String {
         "counter",
         m.general_connections.load(Ordering::Relaxed),
     );
+    if let Some(log) = &shared.access_log {
+        crate::prometheus::single(
+            &mut out,
+            "spike_balancer_access_log_dropped_total",
+            "Access log lines dropped because the writer could not keep up (no request waits for the log).",
+            "counter",
+            log.dropped.load(Ordering::Relaxed),
+        );
+    }
     let q = &m.queue;
     crate::prometheus::single(
         &mut out,

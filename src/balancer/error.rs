@@ -25,6 +25,14 @@ pub enum BalancerError {
     /// the new file, so it was refused.
     #[error("{0}")]
     Refused(String),
+    /// The access log cannot be opened for appending.
+    #[error("cannot open the access log {}: {source}", path.display())]
+    AccessLog {
+        /// `[balancer] access_log`.
+        path: std::path::PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
     /// Any other I/O failure (runtime start, listener address).
     #[error("{0}")]
     Io(#[from] std::io::Error),

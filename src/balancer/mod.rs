@@ -22,6 +22,7 @@
 //!    the framing of `crate::http1`) and [`proxy`] (hyper's); [`admin`] and
 //!    [`reload`] (the triggers); and this module, which wires them to the
 //!    listeners.
+pub mod access_log;
 pub mod admin;
 pub mod answer;
 pub mod body;
@@ -169,6 +170,7 @@ impl Balancer {
         let health = tokio::spawn(health::run(shared.clone()));
         waiting_room::first_read(&shared, std::time::Duration::from_secs(3)).await;
         let line = tokio::spawn(waiting_room::run(shared.clone()));
+        let reopen = tokio::spawn(reopen_access_log(shared.clone()));
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let limits = shared.server.clone();
@@ -259,7 +261,48 @@ impl Balancer {
         recent.abort();
         health.abort();
         line.abort();
+        reopen.abort();
+        if let Some(log) = &shared.access_log {
+            // What is queued is written before the process ends.
+            let log_shared = shared.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Some(log) = &log_shared.access_log {
+                    log.finish();
+                }
+            })
+            .await;
+            tracing::debug!(path = %log.path().display(), "access log closed");
+        }
         Ok(())
+    }
+}
+
+/// Reopens the access log on every SIGUSR1 (logrotate: rename the file,
+/// send SIGUSR1, the next lines go to a new file at the path), as Nginx's
+/// `USR1`.
+async fn reopen_access_log(shared: Arc<state::Shared>) {
+    #[cfg(unix)]
+    {
+        if shared.access_log.is_none() {
+            return;
+        }
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut usr1 = match signal(SignalKind::user_defined1()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGUSR1, the access log cannot be reopened: {e}");
+                return;
+            }
+        };
+        while usr1.recv().await.is_some() {
+            if let Some(log) = &shared.access_log {
+                log.reopen();
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = shared;
     }
 }
 
@@ -427,6 +470,7 @@ pub fn main(config_path: &Path) -> anyhow::Result<ExitCode> {
     runtime.block_on(async {
         let shutdown = crate::signals::shutdown_signal();
         crate::signals::catch_hangup();
+        crate::signals::catch_user1();
         let listener = crate::server::bind(b.listen).map_err(|source| BalancerError::Bind {
             what: "clients",
             addr: b.listen,

@@ -219,10 +219,12 @@ pub async fn handle(
         if let Some(refused) = forward::head_refusal(head_size(&parts), config)
             .or_else(|| forward::refusal(&parts.method, host_ok, codings_ok, declared, config))
         {
-            return reply(forward::local(shared, refused));
+            let r = forward::local(shared, refused);
+            return early(shared, &active, &parts, peer.ip, start, r);
         }
         if let Some(closed) = forward::closed(parts.uri.path().as_bytes(), config) {
-            return reply(forward::local(shared, closed));
+            let r = forward::local(shared, closed);
+            return early(shared, &active, &parts, peer.ip, start, r);
         }
         if !config.underscores_in_headers {
             drop_underscored(&mut parts.headers);
@@ -233,7 +235,10 @@ pub async fn handle(
             crate::auth::token_of(&parts.headers)
         }) {
             Ok(admitted) => admitted,
-            Err(limited) => return reply(forward::local(shared, limited)),
+            Err(limited) => {
+                let r = forward::local(shared, limited);
+                return early(shared, &active, &parts, client, start, r);
+            }
         };
         let client_key = parts.headers.contains_key(IDEMPOTENCY_KEY);
         let shut = match waiting_room::gate(
@@ -253,9 +258,10 @@ pub async fn handle(
             client,
         ) {
             Gate::Pass => None,
-            Gate::Answer(r) => return reply(r),
+            Gate::Answer(r) => return early(shared, &active, &parts, client, start, r),
             Gate::Join(joining) => {
-                return reply(waiting_room::join(shared, &active, joining).await);
+                let r = waiting_room::join(shared, &active, joining).await;
+                return early(shared, &active, &parts, client, start, r);
             }
             Gate::Shut { reply, retry } => Some((reply, retry)),
         };
@@ -269,10 +275,10 @@ pub async fn handle(
             || crate::auth::token_of(&parts.headers),
         );
         if let Some(edge) = edge {
-            return reply(edge.into());
+            return early(shared, &active, &parts, client, start, edge.into());
         }
         if let Some(r) = shut.and_then(|(r, retry)| waiting_room::after_edge(retry, r)) {
-            return reply(r);
+            return early(shared, &active, &parts, client, start, r);
         }
         prepare_request_headers(&mut parts.headers, peer, client);
         // A purchase with a key may be sent twice: the node decides a key once.
@@ -289,7 +295,10 @@ pub async fn handle(
         } else if declared.is_some_and(|n| n <= REPLAY_LIMIT) {
             match read_small_body(body, config.body_timeout).await {
                 Some(bytes) => Outgoing::Replay(bytes),
-                None => return reply(forward::local(shared, LocalAnswer::BadRequest)),
+                None => {
+                    let r = forward::local(shared, LocalAnswer::BadRequest);
+                    return early(shared, &active, &parts, client, start, r);
+                }
             }
         } else {
             if declared.is_none() {
@@ -315,6 +324,7 @@ pub async fn handle(
             worker,
             workers: shared.workers,
             config,
+            version: version_text(parts.version),
             method: parts.method,
             path,
             headers: parts.headers,
@@ -330,6 +340,8 @@ struct Hyper<'a> {
     worker: usize,
     workers: usize,
     config: &'a BalancerConfig,
+    /// The client's HTTP version, for the access log.
+    version: &'static str,
     method: Method,
     path: PathAndQuery,
     /// The headers as they go to every upstream (see [`build`]).
@@ -393,6 +405,19 @@ impl Transport for Hyper<'_> {
         resp.headers().contains_key(SOLD_OUT_HEADER)
     }
 
+    fn logged(&self) -> (super::access_log::Request<'_>, Option<&str>) {
+        logged(
+            &self.method,
+            self.path.as_str().as_bytes(),
+            self.version,
+            &self.headers,
+        )
+    }
+
+    fn body_size(&self, (resp, _, _): &Self::Response) -> Option<u64> {
+        resp.body().size_hint().exact()
+    }
+
     async fn deliver(
         &mut self,
         (resp, conn, first): Self::Response,
@@ -440,6 +465,71 @@ async fn first_chunk(
 }
 
 /// An answer of the balancer's own.
+/// An answer of the balancer's own before any attempt, logged.
+fn early(
+    shared: &Shared,
+    active: &super::state::Active,
+    parts: &hyper::http::request::Parts,
+    client: std::net::IpAddr,
+    start: Instant,
+    r: Reply,
+) -> Response<RespBody> {
+    if shared.access_log.is_some() {
+        let bytes = Some(r.body.as_bytes().len() as u64);
+        forward::log_line(
+            shared,
+            active,
+            logged(
+                &parts.method,
+                parts
+                    .uri
+                    .path_and_query()
+                    .map_or(b"/".as_slice(), |p| p.as_str().as_bytes()),
+                version_text(parts.version),
+                &parts.headers,
+            ),
+            client,
+            start,
+            r.status.as_u16(),
+            bytes,
+            None,
+        );
+    }
+    reply(r)
+}
+
+/// `HTTP/1.0` or `HTTP/1.1`, as the access log writes the version.
+fn version_text(v: Version) -> &'static str {
+    if v == Version::HTTP_10 {
+        "HTTP/1.0"
+    } else {
+        "HTTP/1.1"
+    }
+}
+
+/// A request on hyper's path as the access log shows it, and its buyer
+/// token.
+fn logged<'a>(
+    method: &'a Method,
+    target: &'a [u8],
+    version: &'static str,
+    headers: &'a HeaderMap,
+) -> (super::access_log::Request<'a>, Option<&'a str>) {
+    let request = super::access_log::Request {
+        method: method.as_str().as_bytes(),
+        target,
+        version,
+        referer: headers
+            .get(hyper::header::REFERER)
+            .map(HeaderValue::as_bytes),
+        user_agent: headers
+            .get(hyper::header::USER_AGENT)
+            .map(HeaderValue::as_bytes),
+        buyer: None,
+    };
+    (request, crate::auth::token_of(headers))
+}
+
 fn reply(r: Reply) -> Response<RespBody> {
     let body = match r.body {
         forward::ReplyBody::Static(b) => Bytes::from_static(b),

@@ -162,6 +162,8 @@ pub struct Shared {
     /// every answer asks its client to close, while it goes on serving for
     /// `drain_delay` (see [`super::Balancer::drained`]).
     pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// The access log, when `access_log` is set (opened at start).
+    pub access_log: Option<super::access_log::AccessLog>,
     /// Called around every reload that makes a new version.
     hook: std::sync::OnceLock<Hook>,
     /// The file in force has a `[sale]` (the status page shows it).
@@ -201,7 +203,19 @@ impl Shared {
     pub fn new(config: Config, workers: usize) -> Result<Shared, BalancerError> {
         let balancer = config.require_balancer()?.clone();
         let workers = workers.max(1);
+        let access_log = match &balancer.access_log {
+            Some(path) => Some(
+                super::access_log::AccessLog::open(path, balancer.access_log_format).map_err(
+                    |source| BalancerError::AccessLog {
+                        path: path.clone(),
+                        source,
+                    },
+                )?,
+            ),
+            None => None,
+        };
         Ok(Shared {
+            access_log,
             current: ArcSwap::from_pointee(Active::build(1, balancer, None)),
             metrics: Metrics::default(),
             edge: super::edge::Edge::default(),

@@ -10,8 +10,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::sections::{
-    BalancerConfig, ClientLimits, HealthCheck, NodeConfig, RedisConfig, SaleConfig, ServerConfig,
-    Strategy, UpstreamConfig,
+    AccessLogFormat, BalancerConfig, ClientLimits, HealthCheck, NodeConfig, RedisConfig,
+    SaleConfig, ServerConfig, Strategy, UpstreamConfig,
 };
 
 /// `[auth] clock_skew` left out: the leeway on a token's `exp` and `nbf`,
@@ -124,6 +124,8 @@ impl Default for BalancerConfig {
             trusted_proxies: Vec::new(),
             proxy_protocol: false,
             ready_before_open: true,
+            access_log: None,
+            access_log_format: AccessLogFormat::Combined,
             sold_out_at_edge: true,
             public_only: false,
             pass_paths: Vec::new(),

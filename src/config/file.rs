@@ -114,6 +114,8 @@ pub(super) struct BalancerFile {
     pub(super) trusted_proxies: Vec<Spanned<String>>,
     pub(super) proxy_protocol: Option<Spanned<bool>>,
     pub(super) ready_before_open: Option<bool>,
+    pub(super) access_log: Option<Spanned<String>>,
+    pub(super) access_log_format: Option<Spanned<String>>,
     pub(super) sold_out_at_edge: Option<bool>,
     #[serde(default)]
     pub(super) pass_paths: Vec<Spanned<String>>,

@@ -25,8 +25,8 @@ pub const MAX_COUNT: u64 = 1 << 53;
 pub use defaults::{DEFAULT_MAX_CONNECTIONS, default_lease};
 pub use error::ConfigError;
 pub use sections::{
-    Admit, BalancerConfig, ClientLimits, EdgeAuth, HealthCheck, NodeConfig, RateLimit, RedisConfig,
-    SaleConfig, ServerConfig, Strategy, UpstreamConfig, WaitingRoomConfig,
+    AccessLogFormat, Admit, BalancerConfig, ClientLimits, EdgeAuth, HealthCheck, NodeConfig,
+    RateLimit, RedisConfig, SaleConfig, ServerConfig, Strategy, UpstreamConfig, WaitingRoomConfig,
 };
 
 /// A config that has passed every check; what the rest of spike runs on.

@@ -98,6 +98,17 @@ pub struct NodeConfig {
     pub threads: Option<usize>,
 }
 
+/// An access log line's format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AccessLogFormat {
+    /// Nginx's `combined`, then the upstream and the times: what log
+    /// tools read.
+    #[default]
+    Combined,
+    /// One JSON object a line: what log pipelines read.
+    Json,
+}
+
 /// How the balancer picks an upstream; the names are Nginx's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Strategy {
@@ -217,6 +228,13 @@ pub struct BalancerConfig {
     /// here before the sale (the edge answers an early crowd from memory
     /// either way).
     pub ready_before_open: bool,
+    /// Where the access log goes (one line per request, see
+    /// `crate::balancer::access_log`); `None`: no access log (the
+    /// default, as for benchmarks). Read at start: a change takes a
+    /// restart; the file is reopened on SIGUSR1.
+    pub access_log: Option<std::path::PathBuf>,
+    /// The access log's format.
+    pub access_log_format: AccessLogFormat,
     /// Whether request headers with `_` in their name are forwarded. Off
     /// (Nginx's `underscores_in_headers off`): CGI-style backends read
     /// `X_Real_IP` as `X-Real-IP`, so a client could spoof the headers the

@@ -157,7 +157,11 @@ fn parse_v1(buf: &[u8]) -> Result<Parsed, ProxyProtocolError> {
             port(dport)?;
             Some(SocketAddr::new(src, sport))
         }
-        _ => return Err(Malformed("a version 1 protocol other than TCP4, TCP6, UNKNOWN")),
+        _ => {
+            return Err(Malformed(
+                "a version 1 protocol other than TCP4, TCP6, UNKNOWN",
+            ));
+        }
     };
     Ok(Parsed::Header { len, source })
 }
@@ -174,7 +178,9 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, ProxyProtocolError> {
     let (family, transport) = (buf[13] >> 4, buf[13] & 0x0f);
     if family > 3 || transport > 2 {
         // The specification: other values must be rejected.
-        return Err(Malformed("an unknown version 2 address family or transport"));
+        return Err(Malformed(
+            "an unknown version 2 address family or transport",
+        ));
     }
     let body = usize::from(u16::from_be_bytes([buf[14], buf[15]]));
     let len = 16 + body;
@@ -195,10 +201,7 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, ProxyProtocolError> {
                     .and_then(|a| a.try_into().ok())
                     .ok_or(Malformed("a version 2 IPv4 block too short"))?;
                 let ip = Ipv4Addr::new(a[0], a[1], a[2], a[3]);
-                Some(SocketAddr::new(
-                    ip.into(),
-                    u16::from_be_bytes([a[8], a[9]]),
-                ))
+                Some(SocketAddr::new(ip.into(), u16::from_be_bytes([a[8], a[9]])))
             }
             (2, 1) => {
                 let a: &[u8; 36] = addresses
@@ -430,7 +433,11 @@ mod tests {
     fn version_2_truncated_oversized_and_garbage() {
         let h = v2_ipv4([198, 51, 100, 9], 40000, &[]);
         for cut in 1..h.len() {
-            assert_eq!(parse(&h[..cut]).expect("prefix"), Parsed::Incomplete, "{cut}");
+            assert_eq!(
+                parse(&h[..cut]).expect("prefix"),
+                Parsed::Incomplete,
+                "{cut}"
+            );
         }
         // An IPv4 block shorter than its family says.
         assert!(parse(&v2(1, 0x11, &[1, 2, 3, 4])).is_err());

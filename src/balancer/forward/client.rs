@@ -94,7 +94,12 @@ impl crate::server::proxy_protocol::Gate for ProxyGate {
         let active = self.0.current.load();
         if !active.config.proxy_protocol {
             Admit::Plain
-        } else if active.config.trusted_proxies.iter().any(|n| n.contains(&peer)) {
+        } else if active
+            .config
+            .trusted_proxies
+            .iter()
+            .any(|n| n.contains(&peer))
+        {
             Admit::Header
         } else {
             Admit::Refuse

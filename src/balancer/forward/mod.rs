@@ -62,6 +62,7 @@ use hyper::{Method, StatusCode};
 use crate::config::BalancerConfig;
 use crate::protocol;
 
+use super::access_log;
 use super::answer::LocalAnswer;
 
 use super::pool::ConnectError;
@@ -360,6 +361,72 @@ pub trait Transport {
 
     /// Answers the client itself.
     async fn reply(&mut self, reply: Reply) -> Self::Output;
+
+    /// The request as the access log shows it, and its buyer token (asked
+    /// only when there is an access log).
+    fn logged(&self) -> (access_log::Request<'_>, Option<&str>);
+
+    /// The response body's declared size, for the access log.
+    fn body_size(&self, response: &Self::Response) -> Option<u64>;
+}
+
+/// Writes the access log line of a request (when there is an access log):
+/// `request` and its buyer `token` as [`Transport::logged`] gives them,
+/// the client, and the answer.
+#[allow(clippy::too_many_arguments)]
+pub fn log_line(
+    shared: &Shared,
+    active: &Active,
+    (mut request, token): (access_log::Request<'_>, Option<&str>),
+    client: IpAddr,
+    start: Instant,
+    status: u16,
+    bytes: Option<u64>,
+    upstream: Option<(std::net::SocketAddr, std::time::Duration)>,
+) {
+    let Some(log) = &shared.access_log else {
+        return;
+    };
+    // The buyer only when the token verifies with the edge's keys.
+    let buyer = token
+        .zip(active.auth.as_ref())
+        .and_then(|(token, auth)| auth.verify(token).ok());
+    request.buyer = buyer.as_ref().map(|b| b.id.as_str());
+    log.log(
+        &request,
+        &access_log::Outcome {
+            client,
+            status,
+            bytes,
+            upstream: upstream.map(|u| u.0),
+            upstream_time: upstream.map(|u| u.1),
+            request_time: start.elapsed(),
+        },
+    );
+}
+
+/// The balancer's own answer `reply` to the request `t` carries, logged.
+async fn answer<T: Transport>(
+    shared: &Shared,
+    active: &Active,
+    t: &mut T,
+    plan: &Plan,
+    reply: Reply,
+) -> T::Output {
+    if shared.access_log.is_some() {
+        let bytes = Some(reply.body.as_bytes().len() as u64);
+        log_line(
+            shared,
+            active,
+            t.logged(),
+            plan.client,
+            plan.start,
+            reply.status.as_u16(),
+            bytes,
+            None,
+        );
+    }
+    t.reply(reply).await
 }
 
 /// The attempt loop: first the per-client limits' delay and `limit_conns`
@@ -393,19 +460,20 @@ pub fn run<'a, T: Transport + 'a>(
                     }
                     held
                 }
-                Err(why) => return t.reply(local(shared, why)).await,
+                Err(why) => return answer(shared, active, &mut t, &plan, local(shared, why)).await,
             }
         };
         let mut attempt = Attempt::new(plan.client);
         let mut timed_out = false;
         let mut sent = false;
         loop {
-            let pick =
-                match admission::next_pick(shared, active, &mut attempt, plan.client, sent).await {
-                    Ok(Some(pick)) => pick,
-                    Ok(None) => break,
-                    Err(why) => return t.reply(local(shared, why)).await,
-                };
+            let pick = match admission::next_pick(shared, active, &mut attempt, plan.client, sent)
+                .await
+            {
+                Ok(Some(pick)) => pick,
+                Ok(None) => break,
+                Err(why) => return answer(shared, active, &mut t, &plan, local(shared, why)).await,
+            };
             sent = true;
             let upstream = active.selector.upstream(&pick);
             let Some(request) = t.request(upstream) else {
@@ -425,12 +493,13 @@ pub fn run<'a, T: Transport + 'a>(
                 match result {
                     Ok(response) => response,
                     Err(failure) => {
-                        if let Some(answer) = t.client_fault() {
+                        if let Some(fault) = t.client_fault() {
                             // The client's body broke the attempt: a 4xx
                             // for the client, no mark on an upstream that
                             // did nothing wrong.
                             active.selector.release(&pick, false, now_ms());
-                            return t.reply(local(shared, answer)).await;
+                            return answer(shared, active, &mut t, &plan, local(shared, fault))
+                                .await;
                         }
                         active.selector.release(&pick, true, now_ms());
                         timed_out = matches!(failure, Failure::Timeout);
@@ -465,19 +534,36 @@ pub fn run<'a, T: Transport + 'a>(
                 shared.edge.poke();
             }
             pick.live().count_response(status);
-            shared.metrics.latency.observe(plan.start.elapsed());
-            return t.deliver(response, pick, held).await;
+            let upstream_time = plan.start.elapsed();
+            shared.metrics.latency.observe(upstream_time);
+            if shared.access_log.is_none() {
+                return t.deliver(response, pick, held).await;
+            }
+            let bytes = t.body_size(&response);
+            let addr = upstream.config.addr;
+            let out = t.deliver(response, pick, held).await;
+            log_line(
+                shared,
+                active,
+                t.logged(),
+                plan.client,
+                plan.start,
+                status,
+                bytes,
+                Some((addr, upstream_time)),
+            );
+            return out;
         }
         // Nothing tried means nothing was usable: the service is down for
         // a while (a 503 that says when to come back), not an upstream
         // that failed this request (502, as in Nginx).
-        let answer = if !sent {
+        let why = if !sent {
             LocalAnswer::NoUpstream
         } else if timed_out {
             LocalAnswer::GatewayTimeout
         } else {
             LocalAnswer::BadGateway
         };
-        t.reply(local(shared, answer)).await
+        answer(shared, active, &mut t, &plan, local(shared, why)).await
     }
 }

@@ -99,6 +99,14 @@ impl Transport for &mut Script {
     async fn reply(&mut self, reply: Reply) -> Result<u16, u16> {
         Err(reply.status.as_u16())
     }
+
+    fn logged(&self) -> (crate::balancer::access_log::Request<'_>, Option<&str>) {
+        (crate::balancer::access_log::Request::default(), None)
+    }
+
+    fn body_size(&self, _status: &u16) -> Option<u64> {
+        None
+    }
 }
 
 /// A balancer's state over upstreams on ports 1 and 2 (never connected

@@ -43,6 +43,7 @@ use tokio::net::TcpStream;
 use crate::protocol::{self, buyer_from};
 use crate::server::{ConnContext, Handed};
 
+use super::access_log;
 use super::answer::LocalAnswer;
 use super::forward::client::{Peer, client_ip_from};
 use super::forward::headers::{write_forwarded_for, write_real_ip};
@@ -56,7 +57,7 @@ use super::upstream::{Upstream, now_ms};
 use super::waiting_room::{self, Gate};
 use crate::http1::date;
 use crate::http1::request::{self, Kind, Parsed, RequestHead};
-use crate::http1::response::{ChunkedScan, Malformed};
+use crate::http1::response::{ChunkedScan, Framing, Malformed};
 
 mod buffers;
 mod exchange;
@@ -304,7 +305,19 @@ fn forward_request<'a>(
 ) -> impl Future<Output = bool> + 'a {
     let config = &active.config;
     match prepare(shared, active, peer, b, end) {
-        Next::Answer(reply) => {
+        Next::Answer(reply, client_addr, start) => {
+            if shared.access_log.is_some() {
+                forward::log_line(
+                    shared,
+                    active,
+                    logged(&b.head, &b.input[..end]),
+                    client_addr,
+                    start,
+                    reply.status.as_u16(),
+                    Some(reply.body.as_bytes().len() as u64),
+                    None,
+                );
+            }
             write_reply(&mut b.out, &reply, closing);
             Either::Left {
                 f: Either::Left {
@@ -312,11 +325,23 @@ fn forward_request<'a>(
                 },
             }
         }
-        Next::Join(joining) => Either::Left {
+        Next::Join(joining, client_addr, start) => Either::Left {
             f: Either::Right {
                 f: async move {
                     // The one store call a buyer makes to take a place.
                     let reply = waiting_room::join(shared, active, joining).await;
+                    if shared.access_log.is_some() {
+                        forward::log_line(
+                            shared,
+                            active,
+                            logged(&b.head, &b.input[..end]),
+                            client_addr,
+                            start,
+                            reply.status.as_u16(),
+                            Some(reply.body.as_bytes().len() as u64),
+                            None,
+                        );
+                    }
                     write_reply(&mut b.out, &reply, closing);
                     send(client, &b.out, config.send_timeout).await.is_ok()
                 },
@@ -365,13 +390,14 @@ impl<A: Future, B: Future<Output = A::Output>> Future for Either<A, B> {
 /// What becomes of the request in `b` once it has been read.
 enum Next {
     /// The balancer answers it: a closed path, a per-client limit, or the
-    /// edge.
-    Answer(Reply),
+    /// edge; to this client, for the request begun then.
+    Answer(Reply, IpAddr, Instant),
     /// It goes to upstreams: written into `b.out`, as every attempt sends
     /// it, once the limits have let it (see [`forward::limit`]).
     Forward(Plan, Admitted),
-    /// Its buyer takes a place in the waiting room's line.
-    Join(waiting_room::Joining),
+    /// Its buyer takes a place in the waiting room's line (this client, for
+    /// the request begun then).
+    Join(waiting_room::Joining, IpAddr, Instant),
 }
 
 /// The policy's decisions for the request in `b` (its bytes are
@@ -392,7 +418,7 @@ fn prepare(
     let input = &b.input[..end];
     let path = &input[head.target.start..head.path_end];
     if let Some(closed) = forward::closed(path, config) {
-        return Next::Answer(forward::local(shared, closed));
+        return Next::Answer(forward::local(shared, closed), peer.ip, start);
     }
     let is_buy = path == protocol::PURCHASE_PATH.as_bytes();
     let client_addr = client_ip_from(
@@ -416,7 +442,7 @@ fn prepare(
     };
     let admitted = match forward::limit::check(shared, active, client_addr, token) {
         Ok(admitted) => admitted,
-        Err(limited) => return Next::Answer(forward::local(shared, limited)),
+        Err(limited) => return Next::Answer(forward::local(shared, limited), client_addr, start),
     };
     let cookies = || {
         head.headers
@@ -435,8 +461,8 @@ fn prepare(
         client_addr,
     ) {
         Gate::Pass => None,
-        Gate::Answer(reply) => return Next::Answer(reply),
-        Gate::Join(joining) => return Next::Join(joining),
+        Gate::Answer(reply) => return Next::Answer(reply, client_addr, start),
+        Gate::Join(joining) => return Next::Join(joining, client_addr, start),
         Gate::Shut { reply, retry } => Some((reply, retry)),
     };
     let edge = forward::edge::answer(
@@ -455,10 +481,10 @@ fn prepare(
         token,
     );
     if let Some(edge) = edge {
-        return Next::Answer(edge.into());
+        return Next::Answer(edge.into(), client_addr, start);
     }
     if let Some(reply) = shut.and_then(|(r, retry)| waiting_room::after_edge(retry, r)) {
-        return Next::Answer(reply);
+        return Next::Answer(reply, client_addr, start);
     }
     // A purchase with a key may be sent twice: the node decides a key once.
     let key = idempotency::plan(is_buy, &head.method, head.keys, || {
@@ -556,6 +582,43 @@ impl Transport for Raw<'_> {
             .await
             .is_ok()
     }
+
+    fn logged(&self) -> (access_log::Request<'_>, Option<&str>) {
+        logged(&self.b.head, &self.b.input)
+    }
+
+    fn body_size(&self, _conn: &RawConn) -> Option<u64> {
+        match self.b.rhead.framing {
+            Framing::Empty => Some(0),
+            Framing::Length(n) => Some(n),
+            Framing::Chunked | Framing::Close => None,
+        }
+    }
+}
+
+/// The request parsed into `head` from `input`, as the access log shows
+/// it, and its buyer token.
+fn logged<'a>(
+    head: &'a RequestHead,
+    input: &'a [u8],
+) -> (access_log::Request<'a>, Option<&'a str>) {
+    let named = |name: &'static [u8]| {
+        head.headers
+            .iter()
+            .filter(move |h| input[h.name.clone()].eq_ignore_ascii_case(name))
+            .map(|h| &input[h.value.clone()])
+    };
+    let request = access_log::Request {
+        method: head.method.as_str().as_bytes(),
+        target: &input[head.target.clone()],
+        // The fast path takes HTTP/1.1 only.
+        version: "HTTP/1.1",
+        referer: named(b"referer").next(),
+        user_agent: named(b"user-agent").next(),
+        buyer: None,
+    };
+    let token = crate::auth::token_in(named(b"authorization").next(), named(b"cookie"));
+    (request, token)
 }
 
 /// The request as the upstream gets it, into `out`: the request line with

@@ -13,7 +13,8 @@ use crate::config::defaults::{DEFAULT_LIMIT_BURST, DEFAULT_LIMIT_NODELAY};
 use crate::config::error::ConfigError;
 use crate::config::file::{BalancerFile, UpstreamFile};
 use crate::config::sections::{
-    BalancerConfig, ClientLimits, HealthCheck, NodeConfig, RateLimit, Strategy, UpstreamConfig,
+    AccessLogFormat, BalancerConfig, ClientLimits, HealthCheck, NodeConfig, RateLimit, Strategy,
+    UpstreamConfig,
 };
 
 /// `[balancer]`; without one, the defaults in front of the `[[node]]`s, or
@@ -45,7 +46,10 @@ pub(super) fn validate(
     let strategy = optional(&b.strategy, d.strategy, |v| strategy(cx, v))?;
     let trusted_proxies = trusted_proxies(cx, &b.trusted_proxies)?;
     let proxy_protocol = b.proxy_protocol.as_ref().is_some_and(|p| *p.get_ref());
-    if let (Some(p), true) = (&b.proxy_protocol, proxy_protocol && trusted_proxies.is_empty()) {
+    if let (Some(p), true) = (
+        &b.proxy_protocol,
+        proxy_protocol && trusted_proxies.is_empty(),
+    ) {
         return Err(cx.err(
             "balancer.proxy_protocol",
             p.span(),
@@ -124,6 +128,28 @@ pub(super) fn validate(
         trusted_proxies,
         proxy_protocol,
         ready_before_open: b.ready_before_open.unwrap_or(d.ready_before_open),
+        access_log: optional(&b.access_log, None, |v| {
+            let p = v.get_ref().trim();
+            if p.is_empty() {
+                return Err(cx.err(
+                    "balancer.access_log",
+                    v.span(),
+                    "an empty path: leave access_log out for no access log",
+                ));
+            }
+            Ok(Some(std::path::PathBuf::from(p)))
+        })?,
+        access_log_format: optional(&b.access_log_format, d.access_log_format, |v| {
+            match v.get_ref().as_str() {
+                "combined" => Ok(AccessLogFormat::Combined),
+                "json" => Ok(AccessLogFormat::Json),
+                other => Err(cx.err(
+                    "balancer.access_log_format",
+                    v.span(),
+                    format!("{other:?} is not one of combined, json"),
+                )),
+            }
+        })?,
         sold_out_at_edge: b.sold_out_at_edge.unwrap_or(d.sold_out_at_edge),
         public_only: has_sale,
         pass_paths: pass_paths(cx, &b.pass_paths, has_sale)?,

@@ -1,0 +1,501 @@
+//! The access log: one line per request, in Nginx's `combined` format or
+//! as JSON, so that after a sale "I clicked at 10:00:00.1, why no ticket?"
+//! has an answer (the client, the buyer, the upstream, the status, and how
+//! long each took).
+//!
+//! Off the hot path: a request formats its line into one buffer (no
+//! clock formatting, no lock, no system call) and hands it to a bounded
+//! channel with `try_send`; a writer thread of its own wakes every
+//! [`WRITE_PERIOD`], takes what came, puts the time in, and writes it
+//! through a buffer. A request never waits for the disk: when the channel
+//! is full (the disk stalls, or the writer cannot keep up) the line is
+//! dropped and counted (`/status`, `/metrics`, and a warning at most once
+//! per [`DROP_WARN_PERIOD`]). The writer is never woken by a request, so a
+//! line costs no futex call either.
+//!
+//! SIGUSR1 reopens the file (logrotate's `postrotate`: rename the file,
+//! send SIGUSR1, and the new lines go to a new file at the old path), as
+//! Nginx's `USR1` does.
+//!
+//! Times are to the response head, not to its last byte: `upstream_time`
+//! is Nginx's `$upstream_header_time` and `request_time` from the
+//! request's head to its response head going out; the size is the
+//! response's `Content-Length` (`-` when it has none). A sale's answers
+//! are small: the head is nearly all of their time.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::config::AccessLogFormat;
+
+/// Lines the channel holds: at 50,000 requests a second, a little over a
+/// second of them, so a writer late by a few periods loses nothing.
+const CHANNEL_LINES: usize = 64 * 1024;
+
+/// How often the writer takes what came and writes it.
+const WRITE_PERIOD: Duration = Duration::from_millis(50);
+
+/// Dropped lines are warned about at most this often.
+const DROP_WARN_PERIOD: Duration = Duration::from_secs(5);
+
+/// One line on its way to the writer: the bytes before the time, the
+/// time (Unix ms) it goes in as, and the bytes after.
+struct Line {
+    at_ms: u64,
+    /// Where the time goes in `bytes`.
+    split: usize,
+    bytes: Vec<u8>,
+}
+
+/// The request side of a line: what the client asked.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Request<'a> {
+    /// The method as sent.
+    pub method: &'a [u8],
+    /// The request target as sent (path and query).
+    pub target: &'a [u8],
+    /// `HTTP/1.1` or `HTTP/1.0`.
+    pub version: &'static str,
+    /// `Referer`, if any.
+    pub referer: Option<&'a [u8]>,
+    /// `User-Agent`, if any.
+    pub user_agent: Option<&'a [u8]>,
+    /// The buyer, when a token verified (with `[auth]`).
+    pub buyer: Option<&'a str>,
+}
+
+/// The answer side of a line.
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome {
+    /// The client's address (after the PROXY protocol and
+    /// `trusted_proxies`).
+    pub client: IpAddr,
+    /// The status sent.
+    pub status: u16,
+    /// The response body's declared size.
+    pub bytes: Option<u64>,
+    /// The upstream that answered; `None` for the balancer's own answers.
+    pub upstream: Option<SocketAddr>,
+    /// From the request's head to the upstream's response head.
+    pub upstream_time: Option<Duration>,
+    /// From the request's head to its response head going out.
+    pub request_time: Duration,
+}
+
+/// An open access log: the channel to its writer thread.
+#[derive(Debug)]
+pub struct AccessLog {
+    tx: SyncSender<Line>,
+    format: AccessLogFormat,
+    path: PathBuf,
+    /// Lines the writer wrote.
+    pub written: Arc<AtomicU64>,
+    /// Lines dropped because the channel was full.
+    pub dropped: Arc<AtomicU64>,
+    reopen: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl AccessLog {
+    /// Opens (creates, appends to) `path` and starts its writer thread.
+    pub fn open(path: &Path, format: AccessLogFormat) -> std::io::Result<AccessLog> {
+        let file = open_file(path)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(CHANNEL_LINES);
+        let written = Arc::new(AtomicU64::new(0));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let reopen = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = Writer {
+            rx,
+            path: path.to_path_buf(),
+            format,
+            file: Some(file),
+            written: written.clone(),
+            dropped: dropped.clone(),
+            reopen: reopen.clone(),
+            stop: stop.clone(),
+            stamp: Stamp::default(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("spike-access-log".into())
+            .spawn(move || writer.run())?;
+        Ok(AccessLog {
+            tx,
+            format,
+            path: path.to_path_buf(),
+            written,
+            dropped,
+            reopen,
+            stop,
+            writer: Mutex::new(Some(handle)),
+        })
+    }
+
+    /// Where it writes.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Asks the writer to reopen the file (SIGUSR1), within a period.
+    pub fn reopen(&self) {
+        self.reopen.store(true, Ordering::SeqCst);
+    }
+
+    /// Writes what is queued, flushes, and ends the writer (at the stop).
+    pub fn finish(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+
+    /// Queues one line; never waits (a full channel drops it).
+    pub fn log(&self, r: &Request<'_>, o: &Outcome) {
+        let mut bytes = Vec::with_capacity(160 + r.target.len());
+        let split = match self.format {
+            AccessLogFormat::Combined => combined(&mut bytes, r, o),
+            AccessLogFormat::Json => json(&mut bytes, r, o),
+        };
+        let line = Line {
+            at_ms: crate::node::store::now_millis(),
+            split,
+            bytes,
+        };
+        match self.tx.try_send(line) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+fn open_file(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+}
+
+/// `$remote_addr - $remote_user [$time_local] "$request" $status
+/// $body_bytes_sent "$http_referer" "$http_user_agent"`, Nginx's
+/// `combined`, with the buyer as `$remote_user`, then `"$upstream_addr"
+/// $upstream_header_time $request_time`. Returns where the time goes.
+fn combined(out: &mut Vec<u8>, r: &Request<'_>, o: &Outcome) -> usize {
+    let mut s = String::with_capacity(64);
+    let _ = write!(s, "{} - ", o.client);
+    out.extend_from_slice(s.as_bytes());
+    match r.buyer {
+        Some(b) => escape_combined(out, b.as_bytes()),
+        None => out.push(b'-'),
+    }
+    out.extend_from_slice(b" [");
+    let split = out.len();
+    out.extend_from_slice(b"] \"");
+    escape_combined(out, r.method);
+    out.push(b' ');
+    escape_combined(out, r.target);
+    out.push(b' ');
+    out.extend_from_slice(r.version.as_bytes());
+    out.extend_from_slice(b"\" ");
+    out.extend_from_slice(itoa::Buffer::new().format(o.status).as_bytes());
+    out.push(b' ');
+    match o.bytes {
+        Some(n) => out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes()),
+        None => out.push(b'-'),
+    }
+    for v in [r.referer, r.user_agent] {
+        out.extend_from_slice(b" \"");
+        match v {
+            Some(v) => escape_combined(out, v),
+            None => out.push(b'-'),
+        }
+        out.push(b'"');
+    }
+    s.clear();
+    match o.upstream {
+        Some(u) => {
+            let _ = write!(s, " \"{u}\" ");
+        }
+        None => s.push_str(" \"-\" "),
+    }
+    match o.upstream_time {
+        Some(t) => seconds(&mut s, t),
+        None => s.push('-'),
+    }
+    s.push(' ');
+    seconds(&mut s, o.request_time);
+    s.push('\n');
+    out.extend_from_slice(s.as_bytes());
+    split
+}
+
+/// One JSON object a line; `"time"` first. Returns where the time goes.
+fn json(out: &mut Vec<u8>, r: &Request<'_>, o: &Outcome) -> usize {
+    out.extend_from_slice(b"{\"time\":\"");
+    let split = out.len();
+    let mut s = String::with_capacity(64);
+    let _ = write!(s, "\",\"client\":\"{}\",\"buyer\":", o.client);
+    out.extend_from_slice(s.as_bytes());
+    json_string(out, r.buyer.map(str::as_bytes));
+    out.extend_from_slice(b",\"method\":");
+    json_string(out, Some(r.method));
+    out.extend_from_slice(b",\"target\":");
+    json_string(out, Some(r.target));
+    out.extend_from_slice(b",\"protocol\":\"");
+    out.extend_from_slice(r.version.as_bytes());
+    out.extend_from_slice(b"\",\"status\":");
+    out.extend_from_slice(itoa::Buffer::new().format(o.status).as_bytes());
+    out.extend_from_slice(b",\"bytes\":");
+    match o.bytes {
+        Some(n) => out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes()),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"referer\":");
+    json_string(out, r.referer);
+    out.extend_from_slice(b",\"user_agent\":");
+    json_string(out, r.user_agent);
+    s.clear();
+    match o.upstream {
+        Some(u) => {
+            let _ = write!(s, ",\"upstream\":\"{u}\",\"upstream_time\":");
+        }
+        None => s.push_str(",\"upstream\":null,\"upstream_time\":"),
+    }
+    match o.upstream_time {
+        Some(t) => seconds(&mut s, t),
+        None => s.push_str("null"),
+    }
+    s.push_str(",\"request_time\":");
+    seconds(&mut s, o.request_time);
+    s.push_str("}\n");
+    out.extend_from_slice(s.as_bytes());
+    split
+}
+
+/// Seconds with milliseconds, as Nginx writes its times (`0.002`).
+fn seconds(s: &mut String, d: Duration) {
+    let ms = d.as_millis();
+    let _ = write!(s, "{}.{:03}", ms / 1000, ms % 1000);
+}
+
+/// Nginx's escaping of a logged value: `"`, `\`, and bytes outside
+/// printable ASCII as `\xXX`, so a client cannot forge a line or a field.
+fn escape_combined(out: &mut Vec<u8>, v: &[u8]) {
+    for &b in v {
+        if b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b) {
+            out.extend_from_slice(format!("\\x{b:02X}").as_bytes());
+        } else {
+            out.push(b);
+        }
+    }
+}
+
+/// A JSON string (or `null`); bytes outside printable ASCII as `\u00XX`,
+/// so every line is valid UTF-8 and valid JSON whatever the client sent.
+fn json_string(out: &mut Vec<u8>, v: Option<&[u8]>) {
+    let Some(v) = v else {
+        out.extend_from_slice(b"null");
+        return;
+    };
+    out.push(b'"');
+    for &b in v {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            0x20..0x7f => out.push(b),
+            _ => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
+        }
+    }
+    out.push(b'"');
+}
+
+/// The time as a line shows it, made once per second (combined) or per
+/// millisecond (JSON) by the writer.
+#[derive(Default)]
+struct Stamp {
+    at: Option<u64>,
+    text: String,
+}
+
+impl Stamp {
+    fn of(&mut self, format: AccessLogFormat, at_ms: u64) -> &str {
+        let key = match format {
+            AccessLogFormat::Combined => at_ms / 1000,
+            AccessLogFormat::Json => at_ms,
+        };
+        if self.at != Some(key) {
+            self.at = Some(key);
+            self.text = match format {
+                AccessLogFormat::Combined => time_local(at_ms / 1000),
+                AccessLogFormat::Json => crate::protocol::rfc3339_ms(at_ms),
+            };
+        }
+        &self.text
+    }
+}
+
+/// Nginx's `$time_local` in UTC: `06/Dec/2026:22:13:49 +0000`.
+fn time_local(unix_s: u64) -> String {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let rfc =
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(unix_s))
+            .to_string();
+    // "2026-12-06T22:13:49Z"
+    let (year, month, day, time) = (&rfc[0..4], &rfc[5..7], &rfc[8..10], &rfc[11..19]);
+    let month = month
+        .parse::<usize>()
+        .ok()
+        .and_then(|m| MONTHS.get(m.wrapping_sub(1)))
+        .copied()
+        .unwrap_or("Jan");
+    format!("{day}/{month}/{year}:{time} +0000")
+}
+
+/// The writer thread's side.
+struct Writer {
+    rx: Receiver<Line>,
+    path: PathBuf,
+    format: AccessLogFormat,
+    file: Option<std::fs::File>,
+    written: Arc<AtomicU64>,
+    dropped: Arc<AtomicU64>,
+    reopen: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    stamp: Stamp,
+}
+
+impl Writer {
+    fn run(mut self) {
+        let mut buf: Vec<u8> = Vec::with_capacity(256 * 1024);
+        let mut dropped_said = 0u64;
+        let mut warned_at: Option<std::time::Instant> = None;
+        loop {
+            let stopping = self.stop.load(Ordering::SeqCst);
+            let mut n = 0u64;
+            while let Ok(line) = self.rx.try_recv() {
+                let split = line.split.min(line.bytes.len());
+                buf.extend_from_slice(&line.bytes[..split]);
+                buf.extend_from_slice(self.stamp.of(self.format, line.at_ms).as_bytes());
+                buf.extend_from_slice(&line.bytes[split..]);
+                n += 1;
+                if buf.len() >= 128 * 1024 {
+                    self.write(&mut buf);
+                }
+            }
+            self.write(&mut buf);
+            self.written.fetch_add(n, Ordering::Relaxed);
+            if self.reopen.swap(false, Ordering::SeqCst) {
+                match open_file(&self.path) {
+                    Ok(f) => {
+                        self.file = Some(f);
+                        tracing::info!(path = %self.path.display(), "access log reopened");
+                    }
+                    Err(e) => {
+                        tracing::error!(path = %self.path.display(), error = %e, "cannot reopen the access log; lines are lost until the next SIGUSR1");
+                        self.file = None;
+                    }
+                }
+            }
+            let dropped = self.dropped.load(Ordering::Relaxed);
+            if dropped > dropped_said && warned_at.is_none_or(|at| at.elapsed() >= DROP_WARN_PERIOD)
+            {
+                tracing::warn!(
+                    dropped_since_last_said = dropped - dropped_said,
+                    "access log lines dropped: the writer could not keep up (the disk is slow or full); requests were not held up"
+                );
+                dropped_said = dropped;
+                warned_at = Some(std::time::Instant::now());
+            }
+            if stopping {
+                return;
+            }
+            std::thread::sleep(WRITE_PERIOD);
+        }
+    }
+
+    fn write(&mut self, buf: &mut Vec<u8>) {
+        if buf.is_empty() {
+            return;
+        }
+        if let Some(f) = &mut self.file
+            && let Err(e) = f.write_all(buf)
+        {
+            tracing::error!(path = %self.path.display(), error = %e, "cannot write the access log");
+        }
+        buf.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome() -> Outcome {
+        Outcome {
+            client: "203.0.113.9".parse().expect("ip"),
+            status: 200,
+            bytes: Some(12),
+            upstream: Some("127.0.0.1:3001".parse().expect("addr")),
+            upstream_time: Some(Duration::from_micros(2500)),
+            request_time: Duration::from_millis(1003),
+        }
+    }
+
+    fn request() -> Request<'static> {
+        Request {
+            method: b"GET",
+            target: b"/buy/ticket?u=\"x\"",
+            version: "HTTP/1.1",
+            referer: None,
+            user_agent: Some(b"curl/8 \xff"),
+            buyer: Some("alice"),
+        }
+    }
+
+    #[test]
+    fn combined_is_nginx_combined_with_the_upstream_and_times() {
+        let mut out = Vec::new();
+        let split = combined(&mut out, &request(), &outcome());
+        let mut line = out[..split].to_vec();
+        line.extend_from_slice(time_local(1_796_595_229).as_bytes());
+        line.extend_from_slice(&out[split..]);
+        assert_eq!(
+            String::from_utf8(line).expect("utf-8"),
+            "203.0.113.9 - alice [06/Dec/2026:22:13:49 +0000] \"GET /buy/ticket?u=\\x22x\\x22 HTTP/1.1\" 200 12 \"-\" \"curl/8 \\xFF\" \"127.0.0.1:3001\" 0.002 1.003\n"
+        );
+    }
+
+    #[test]
+    fn json_is_one_valid_object_whatever_the_client_sent() {
+        let mut out = Vec::new();
+        let mut o = outcome();
+        o.upstream = None;
+        o.upstream_time = None;
+        o.bytes = None;
+        let split = json(&mut out, &request(), &o);
+        let mut line = out[..split].to_vec();
+        line.extend_from_slice(b"2026-12-06T22:13:49.123Z");
+        line.extend_from_slice(&out[split..]);
+        let text = String::from_utf8(line).expect("utf-8");
+        assert!(text.ends_with("}\n"), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+        assert_eq!(v["client"], "203.0.113.9");
+        assert_eq!(v["buyer"], "alice");
+        assert_eq!(v["target"], "/buy/ticket?u=\"x\"");
+        assert_eq!(v["user_agent"], "curl/8 \u{ff}");
+        assert_eq!(v["status"], 200);
+        assert!(v["upstream"].is_null() && v["bytes"].is_null() && v["referer"].is_null());
+        assert_eq!(v["request_time"], 1.003);
+    }
+}
