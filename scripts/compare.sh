@@ -20,7 +20,7 @@
 # -z, 5s), CONC (100), IDLE_CONNS (10000), WORKERS (nginx workers and HAProxy
 # threads; default nproc = spike's worker threads), PROXIES (default "spike
 # nginx haproxy"; spike is always one), SCENARIOS (default "proxy success
-# soldout ab memory payments tokens waiting"), STRATEGIES (default "round_robin
+# soldout ab memory payments tokens waiting accesslog"), STRATEGIES (default "round_robin
 # weighted_round_robin ip_hash least_conn", for the proxy-only scenario),
 # PAY_TOTAL (2000).
 #
@@ -46,7 +46,7 @@ fi
 CONC=${CONC:-100}
 AB_N=10000 # the article's command: ab -n 10000 -c 100
 AB_TOTAL=5000
-SCENARIOS=${SCENARIOS:-proxy success soldout ab memory payments tokens waiting}
+SCENARIOS=${SCENARIOS:-proxy success soldout ab memory payments tokens waiting accesslog}
 PAY_TOTAL=${PAY_TOTAL:-2000} # tickets of the sale with payments
 read -r -a SIDES <<<"${PROXIES:-spike nginx haproxy}"
 read -r -a STRATEGIES <<<"${STRATEGIES:-round_robin weighted_round_robin ip_hash least_conn}"
@@ -806,10 +806,47 @@ fi
 [ -n "${REDIS_PID:-}" ] && stop "$REDIS_PID"
 
 # ---------------------------------------------------------------------------
+# 8. What the access log costs: spike alone, proxy only (round_robin), the
+# same file without and with `access_log` (combined, on this disk), the
+# order alternating from round to round; CPU per request of each, and the
+# lines written and dropped (from /status) after each run with the log.
+# ---------------------------------------------------------------------------
+if wants accesslog; then
+  start_backends
+  read -r LOG_PORT LOG_ADMIN <<<"$(free_ports 2)"
+  for mode in off on; do
+    write_proxy_config "$WORK/accesslog-$mode.toml" round_robin "$LOG_PORT" "$LOG_ADMIN"
+  done
+  sed -i "s|^\[balancer\]\$|[balancer]\naccess_log = \"$WORK/access.log\"|" "$WORK/accesslog-on.toml"
+  for ((round = 0; round <= ROUNDS; round++)); do
+    if ((round % 2)); then modes=(on off); else modes=(off on); fi
+    for mode in "${modes[@]}"; do
+      rm -f "$WORK/access.log"
+      spawn spike-accesslog env RUST_LOG=warn "$SPIKE" balancer --config "$WORK/accesslog-$mode.toml"
+      pid=$LAST_PID
+      wait_port "$LOG_PORT" "$pid" spike-accesslog
+      oha_run "accesslog/$mode" spike "$round" 200 "$pid" "http://127.0.0.1:$LOG_PORT/"
+      if [ "$mode" = on ]; then
+        sleep 0.3 # the writer's period: the last lines in
+        read -r written dropped <<<"$(python3 -c 'import json, sys, urllib.request
+s = json.load(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/status", timeout=5))["access_log"]
+print(s["written"], s["dropped"])' "$LOG_ADMIN")"
+        record kind=accesslog round="$round" written="$written" dropped="$dropped" \
+          lines="$(wc -l <"$WORK/access.log")"
+      fi
+      stop "$pid"
+    done
+  done
+  rm -f "$WORK/access.log"
+  stop "$BACKENDS_PID"
+fi
+
+# ---------------------------------------------------------------------------
 # The table.
 # ---------------------------------------------------------------------------
 python3 "$HERE/report.py" summarize "$OUT"
 wants payments && python3 "$HERE/payments.py" summarize "$OUT"
 wants tokens && python3 "$HERE/tokens.py" summarize "$OUT"
 wants waiting && python3 "$HERE/waiting.py" summarize "$OUT"
+wants accesslog && python3 "$HERE/accesslog.py" summarize "$OUT"
 say "compare.sh: raw oha JSON, runs.jsonl, summary.json, summary.md and chart.svg in $OUT"
