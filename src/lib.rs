@@ -16,6 +16,7 @@ pub mod orders_tail;
 pub mod prometheus;
 pub mod protocol;
 pub mod redis_client;
+pub mod resolve;
 pub mod server;
 pub mod signals;
 pub mod stock;

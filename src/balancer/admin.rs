@@ -123,6 +123,7 @@ fn status(shared: &Shared) -> String {
             serde_json::json!({
                 "name": names.get(&u.config.addr),
                 "address": u.config.addr.to_string(),
+                "resolve": u.config.name.as_ref().map(|n| resolve_status(shared, n)),
                 "weight": u.config.weight,
                 "state": u.state_name(now),
                 "active": u.live.active.load(Ordering::Relaxed),
@@ -201,6 +202,21 @@ fn status(shared: &Shared) -> String {
         "upstreams": upstreams,
     })
     .to_string()
+}
+
+/// An upstream host name's lookups (`resolve`), for `/status`: the name,
+/// how often, when it last resolved, and, while it does not, the error
+/// and since when (its upstream keeps its last address meanwhile).
+fn resolve_status(shared: &Shared, name: &crate::config::UpstreamName) -> serde_json::Value {
+    let state = shared.name_state(&name.host, name.port).unwrap_or_default();
+    let at = |t: std::time::SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+    serde_json::json!({
+        "host": format!("{}:{}", name.host, name.port),
+        "every_ms": name.every.as_millis() as u64,
+        "resolved_at": state.resolved_at.map(at),
+        "error": state.failing.as_ref().map(|(e, _)| e.clone()),
+        "failing_since": state.failing.as_ref().map(|(_, since)| at(*since)),
+    })
 }
 
 fn metrics(shared: &Shared) -> String {

@@ -39,6 +39,7 @@ pub mod pool;
 pub mod proxy;
 pub mod recent;
 pub mod reload;
+pub mod resolver;
 pub mod sale;
 pub mod select;
 pub mod state;
@@ -171,6 +172,7 @@ impl Balancer {
         waiting_room::first_read(&shared, std::time::Duration::from_secs(3)).await;
         let line = tokio::spawn(waiting_room::run(shared.clone()));
         let reopen = tokio::spawn(reopen_access_log(shared.clone()));
+        let names = tokio::spawn(resolver::run(shared.clone()));
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let limits = shared.server.clone();
@@ -262,6 +264,7 @@ impl Balancer {
         health.abort();
         line.abort();
         reopen.abort();
+        names.abort();
         if let Some(log) = &shared.access_log {
             // What is queued is written before the process ends.
             let log_shared = shared.clone();

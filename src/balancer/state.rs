@@ -162,6 +162,9 @@ pub struct Shared {
     /// every answer asks its client to close, while it goes on serving for
     /// `drain_delay` (see [`super::Balancer::drained`]).
     pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// What the last lookups of each upstream host name (`resolve`) said,
+    /// by name and port (see [`super::resolver`]).
+    names: Mutex<HashMap<(String, u16), NameState>>,
     /// The access log, when `access_log` is set (opened at start).
     pub access_log: Option<super::access_log::AccessLog>,
     /// Called around every reload that makes a new version.
@@ -178,6 +181,16 @@ pub struct Shared {
     reloading: Mutex<()>,
     seen: Mutex<Stamp>,
     last_reload: Mutex<Option<LastReload>>,
+}
+
+/// What the last lookups of an upstream host name said, for `/status`.
+#[derive(Debug, Clone, Default)]
+pub struct NameState {
+    /// When it last resolved.
+    pub resolved_at: Option<SystemTime>,
+    /// The last lookup's error, and since when lookups have failed;
+    /// `None` while it resolves.
+    pub failing: Option<(String, SystemTime)>,
 }
 
 /// How the last reload attempt ended, for `/status`: whoever saved the file
@@ -234,6 +247,7 @@ impl Shared {
             path: config.path,
             reloading: Mutex::new(()),
             last_reload: Mutex::new(None),
+            names: Mutex::new(HashMap::new()),
         })
     }
 
@@ -325,6 +339,75 @@ impl Shared {
             h.0.after(&config, gone);
         }
         Ok(version)
+    }
+
+    /// `host:port` resolved (again): any failure it had is over.
+    pub fn name_resolved(&self, host: &str, port: u16) {
+        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        let state = names.entry((host.to_string(), port)).or_default();
+        if let Some((error, since)) = state.failing.take() {
+            tracing::info!(host, port, %error, failing_since = %humantime::format_rfc3339_seconds(since), "upstream name resolves again");
+        }
+        state.resolved_at = Some(SystemTime::now());
+    }
+
+    /// `host:port` did not resolve: its upstream keeps `kept`, and
+    /// `/status` says so (the log says it once, when it begins).
+    pub fn name_failed(&self, host: &str, port: u16, kept: SocketAddr, error: &str) {
+        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        let state = names.entry((host.to_string(), port)).or_default();
+        match &mut state.failing {
+            Some((last, _)) => error.clone_into(last),
+            None => {
+                tracing::warn!(host, port, %kept, error, "upstream name does not resolve; keeping its last address");
+                state.failing = Some((error.to_string(), SystemTime::now()));
+            }
+        }
+    }
+
+    /// What the last lookups of `host:port` said (`None` before any).
+    pub fn name_state(&self, host: &str, port: u16) -> Option<NameState> {
+        self.names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(host.to_string(), port))
+            .cloned()
+    }
+
+    /// Puts the config in force again with each `(host, port, new)`'s
+    /// upstreams at their new address, as a new version (the way a
+    /// reload does, without reading the file). A new address that another
+    /// upstream already has is left out, with a warning.
+    pub fn readdress(&self, moved: &[(String, u16, SocketAddr)]) {
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.current.load_full();
+        let mut config = old.config.clone();
+        let mut changed = false;
+        for (host, port, new) in moved {
+            if config.upstreams.iter().any(|u| u.addr == *new) {
+                tracing::warn!(host, port, %new, "upstream name now resolves to another upstream's address; keeping its last one");
+                continue;
+            }
+            for u in &mut config.upstreams {
+                if u.name
+                    .as_ref()
+                    .is_some_and(|n| n.host == *host && n.port == *port)
+                {
+                    tracing::info!(host, port, from = %u.addr, to = %new, "upstream name resolves to a new address");
+                    u.addr = *new;
+                    changed = true;
+                }
+            }
+        }
+        if !changed {
+            return;
+        }
+        let next = Active::build(old.version + 1, config, Some(&old));
+        tracing::info!(
+            version = next.version,
+            "new version for the new upstream address"
+        );
+        self.current.store(Arc::new(next));
     }
 
     /// Sets the reload hook (once; a second is ignored).

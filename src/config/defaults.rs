@@ -126,6 +126,7 @@ impl Default for BalancerConfig {
             ready_before_open: true,
             access_log: None,
             access_log_format: AccessLogFormat::Combined,
+            hosts_file: None,
             sold_out_at_edge: true,
             public_only: false,
             pass_paths: Vec::new(),
@@ -157,6 +158,7 @@ impl UpstreamConfig {
             backup: false,
             down: false,
             internal: None,
+            name: None,
         }
     }
 

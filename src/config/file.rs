@@ -116,6 +116,7 @@ pub(super) struct BalancerFile {
     pub(super) ready_before_open: Option<bool>,
     pub(super) access_log: Option<Spanned<String>>,
     pub(super) access_log_format: Option<Spanned<String>>,
+    pub(super) hosts_file: Option<Spanned<String>>,
     pub(super) sold_out_at_edge: Option<bool>,
     #[serde(default)]
     pub(super) pass_paths: Vec<Spanned<String>>,
@@ -146,6 +147,7 @@ pub(super) struct UpstreamFile {
     pub(super) max_fails: Option<Spanned<i64>>,
     pub(super) fail_timeout: Option<Spanned<String>>,
     pub(super) max_conns: Option<Spanned<i64>>,
+    pub(super) resolve: Option<Spanned<String>>,
     #[serde(default)]
     pub(super) backup: bool,
     #[serde(default)]

@@ -26,7 +26,8 @@ pub use defaults::{DEFAULT_MAX_CONNECTIONS, default_lease};
 pub use error::ConfigError;
 pub use sections::{
     AccessLogFormat, Admit, BalancerConfig, ClientLimits, EdgeAuth, HealthCheck, NodeConfig,
-    RateLimit, RedisConfig, SaleConfig, ServerConfig, Strategy, UpstreamConfig, WaitingRoomConfig,
+    RateLimit, RedisConfig, SaleConfig, ServerConfig, Strategy, UpstreamConfig, UpstreamName,
+    WaitingRoomConfig,
 };
 
 /// A config that has passed every check; what the rest of spike runs on.

@@ -156,6 +156,21 @@ pub struct UpstreamConfig {
     /// when not on `addr`: the edge's reads of the sale and the health
     /// checks go there.
     pub internal: Option<SocketAddr>,
+    /// Given by host name with `resolve`: `addr` is that name's address,
+    /// looked up again every so often while the balancer runs.
+    pub name: Option<UpstreamName>,
+}
+
+/// An upstream's host name, resolved again every `every` (Nginx's `server
+/// … resolve`; see `crate::balancer::resolver`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamName {
+    /// The name, as written.
+    pub host: String,
+    /// The port, as written.
+    pub port: u16,
+    /// Between two lookups.
+    pub every: Duration,
 }
 
 impl UpstreamConfig {
@@ -235,6 +250,9 @@ pub struct BalancerConfig {
     pub access_log: Option<std::path::PathBuf>,
     /// The access log's format.
     pub access_log_format: AccessLogFormat,
+    /// A file in `/etc/hosts`'s format where upstream host names are
+    /// looked up before the system's resolver (see `crate::resolve`).
+    pub hosts_file: Option<std::path::PathBuf>,
     /// Whether request headers with `_` in their name are forwarded. Off
     /// (Nginx's `underscores_in_headers off`): CGI-style backends read
     /// `X_Real_IP` as `X-Real-IP`, so a client could spoof the headers the

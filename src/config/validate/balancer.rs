@@ -14,7 +14,7 @@ use crate::config::error::ConfigError;
 use crate::config::file::{BalancerFile, UpstreamFile};
 use crate::config::sections::{
     AccessLogFormat, BalancerConfig, ClientLimits, HealthCheck, NodeConfig, RateLimit, Strategy,
-    UpstreamConfig,
+    UpstreamConfig, UpstreamName,
 };
 
 /// `[balancer]`; without one, the defaults in front of the `[[node]]`s, or
@@ -63,7 +63,18 @@ pub(super) fn validate(
             cx.count("balancer.max_conns", v, 0)?.min(u32::MAX as u64) as u32,
         ))
     })?;
-    let mut upstreams = upstreams(cx, &b.upstream, strategy, max_conns)?;
+    let hosts_file = optional(&b.hosts_file, None, |v| {
+        let p = v.get_ref().trim();
+        if p.is_empty() {
+            return Err(cx.err(
+                "balancer.hosts_file",
+                v.span(),
+                "an empty path: leave hosts_file out to use the system's resolver only",
+            ));
+        }
+        Ok(Some(std::path::PathBuf::from(p)))
+    })?;
+    let mut upstreams = upstreams(cx, &b.upstream, strategy, max_conns, hosts_file.as_deref())?;
     if upstreams.is_empty() {
         upstreams = nodes
             .iter()
@@ -139,6 +150,7 @@ pub(super) fn validate(
             }
             Ok(Some(std::path::PathBuf::from(p)))
         })?,
+        hosts_file,
         access_log_format: optional(&b.access_log_format, d.access_log_format, |v| {
             match v.get_ref().as_str() {
                 "combined" => Ok(AccessLogFormat::Combined),
@@ -350,13 +362,14 @@ fn upstreams(
     file: &[Spanned<UpstreamFile>],
     strategy: Strategy,
     max_conns: Option<u32>,
+    hosts_file: Option<&std::path::Path>,
 ) -> Result<Vec<UpstreamConfig>, ConfigError> {
     let mut upstreams = Vec::with_capacity(file.len());
     let mut seen = HashSet::new();
     for (i, u) in file.iter().enumerate() {
         let (uspan, u) = (u.span(), u.get_ref());
         let key = |k: &str| format!("balancer.upstream[{i}].{k}");
-        let addr = cx.socket_addr(&key("addr"), &u.addr)?;
+        let (addr, name) = upstream_addr(cx, &key, u, hosts_file)?;
         if !seen.insert(addr) {
             return Err(cx.err(
                 key("addr"),
@@ -388,10 +401,55 @@ fn upstreams(
             internal: optional(&u.internal, None, |v| {
                 Ok(Some(cx.socket_addr(&key("internal"), v)?))
             })?,
+            name,
             ..d
         });
     }
     Ok(upstreams)
+}
+
+/// An upstream's `addr`: an address, or a host name looked up in
+/// `hosts_file` first, then by the system's resolver; with `resolve`
+/// (which needs a name), the name too, to be looked up again.
+fn upstream_addr(
+    cx: &Cx,
+    key: &dyn Fn(&str) -> String,
+    u: &UpstreamFile,
+    hosts_file: Option<&std::path::Path>,
+) -> Result<(std::net::SocketAddr, Option<UpstreamName>), ConfigError> {
+    let written = u.addr.get_ref().trim();
+    if let Ok(addr) = written.parse::<std::net::SocketAddr>() {
+        if let Some(r) = &u.resolve {
+            return Err(cx.err(
+                key("resolve"),
+                r.span(),
+                format!("{written} is an address, not a host name: there is nothing to resolve"),
+            ));
+        }
+        return Ok((addr, None));
+    }
+    let Some((host, port)) = crate::resolve::split_host_port(written) else {
+        return Err(cx.err(
+            key("addr"),
+            u.addr.span(),
+            format!("{written:?} is not an address like \"127.0.0.1:3001\": a port is required"),
+        ));
+    };
+    let addr = crate::resolve::resolve(host, port, hosts_file).map_err(|e| {
+        cx.err(
+            key("addr"),
+            u.addr.span(),
+            format!("{written:?} is not an address like \"127.0.0.1:3001\": {e}"),
+        )
+    })?;
+    let name = optional(&u.resolve, None, |v| {
+        Ok(Some(UpstreamName {
+            host: host.to_string(),
+            port,
+            every: cx.duration(&key("resolve"), v)?,
+        }))
+    })?;
+    Ok((addr, name))
 }
 
 /// The active health check: `None` without `health_check`, and then any
