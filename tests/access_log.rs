@@ -71,7 +71,7 @@ async fn combined_lines_on_both_paths_and_sigusr1_reopens() {
     let backend = Backend::start("b").await;
     let (mut lb, listen, log, path) = start(
         "",
-        "proxy_protocol = true\ntrusted_proxies = [\"127.0.0.1\"]",
+        "proxy_protocol = true\ntrusted_proxies = [\"127.0.0.1\"]\ndrain_delay = \"0s\"",
         backend.addr,
     );
     let send = async |client: &str, request: &str| {

@@ -564,7 +564,7 @@ async fn a_413_reaches_a_client_that_is_still_sending() {
         )
         .replace(
             "[balancer]\n",
-            &format!("[balancer]\nmax_body = 1000\n{path}\n"),
+            &format!("[balancer]\nmax_body = 1000\ndrain_delay = \"0s\"\n{path}\n"),
         );
         let config = common::spike::write_config(&text);
         let mut lb = common::spike::SpikeProcess::start(&[

@@ -42,7 +42,7 @@ async fn a_name_that_moves_is_followed_and_one_that_vanishes_is_kept() {
     std::fs::write(
         &path,
         format!(
-            "[balancer]\nlisten = \"{listen}\"\nadmin = \"{admin}\"\nhosts_file = \"{}\"\n\n\
+            "[balancer]\nlisten = \"{listen}\"\nadmin = \"{admin}\"\ndrain_delay = \"0s\"\nhosts_file = \"{}\"\n\n\
              [[balancer.upstream]]\naddr = \"{name}:{port}\"\nresolve = \"1s\"\n",
             hosts.display()
         ),
