@@ -183,6 +183,10 @@ fn status(shared: &Shared) -> String {
             "written": l.written.load(Ordering::Relaxed),
             "dropped": l.dropped.load(Ordering::Relaxed),
         })),
+        "tunnels": {
+            "open": shared.metrics.tunnels_open.load(Ordering::Relaxed),
+            "total": shared.metrics.tunnels.load(Ordering::Relaxed),
+        },
         "fast_path": {
             "on": active.config.fast_path,
             "general_connections": shared.metrics.general_connections.load(Ordering::Relaxed),
@@ -289,6 +293,20 @@ fn metrics(shared: &Shared) -> String {
         "Client connections handed from the fast path to hyper's server, for a request the fast path does not take.",
         "counter",
         m.general_connections.load(Ordering::Relaxed),
+    );
+    crate::prometheus::single(
+        &mut out,
+        "spike_balancer_tunnels_open",
+        "Upgraded connections (WebSockets) tunnelled to an upstream now.",
+        "gauge",
+        m.tunnels_open.load(Ordering::Relaxed),
+    );
+    crate::prometheus::single(
+        &mut out,
+        "spike_balancer_tunnels_total",
+        "Upgraded connections tunnelled to an upstream since start.",
+        "counter",
+        m.tunnels.load(Ordering::Relaxed),
     );
     if let Some(log) = &shared.access_log {
         crate::prometheus::single(

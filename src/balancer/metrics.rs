@@ -23,6 +23,10 @@ pub struct Metrics {
     /// Client connections the fast path ([`super::h1`]) handed to hyper's
     /// server for a request it does not take (they stay there).
     pub general_connections: AtomicU64,
+    /// Upgraded connections (WebSockets) tunnelled to an upstream now.
+    pub tunnels_open: AtomicU64,
+    /// Upgraded connections tunnelled since start.
+    pub tunnels: AtomicU64,
 }
 
 /// What the admission queue holds and has done.

@@ -127,6 +127,7 @@ impl Default for BalancerConfig {
             access_log: None,
             access_log_format: AccessLogFormat::Combined,
             hosts_file: None,
+            tunnel_timeout: Duration::from_secs(3600),
             sold_out_at_edge: true,
             public_only: false,
             pass_paths: Vec::new(),

@@ -117,6 +117,7 @@ pub(super) struct BalancerFile {
     pub(super) access_log: Option<Spanned<String>>,
     pub(super) access_log_format: Option<Spanned<String>>,
     pub(super) hosts_file: Option<Spanned<String>>,
+    pub(super) tunnel_timeout: Option<Spanned<String>>,
     pub(super) sold_out_at_edge: Option<bool>,
     #[serde(default)]
     pub(super) pass_paths: Vec<Spanned<String>>,

@@ -250,6 +250,10 @@ pub struct BalancerConfig {
     pub access_log: Option<std::path::PathBuf>,
     /// The access log's format.
     pub access_log_format: AccessLogFormat,
+    /// Longest silence both ways of an upgraded connection (a WebSocket)
+    /// tunnelled to an upstream (HAProxy's `timeout tunnel`), after which
+    /// both ends are closed.
+    pub tunnel_timeout: Duration,
     /// A file in `/etc/hosts`'s format where upstream host names are
     /// looked up before the system's resolver (see `crate::resolve`).
     pub hosts_file: Option<std::path::PathBuf>,

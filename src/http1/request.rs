@@ -80,6 +80,12 @@ pub struct RequestHead {
     /// sizes can be checked before hyper reads them (see
     /// [`super::response::ChunkedScan::with_limit`]).
     pub chunked_body: bool,
+    /// A GET without a body that asks to switch protocols (`Upgrade`, and
+    /// `upgrade` in `Connection`: a WebSocket's handshake): the index of
+    /// its `Upgrade` line. The fast path tunnels it
+    /// (`crate::balancer::h1::tunnel`); both lines are dropped from what
+    /// an ordinary request would send.
+    pub upgrade: Option<usize>,
 }
 
 /// What to do with the bytes read so far.
@@ -107,6 +113,7 @@ pub fn parse(
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     head.chunked_body = false;
+    head.upgrade = None;
     let len = match req.parse_with_uninit_headers(buf, &mut slots) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Parsed::Partial,
@@ -165,6 +172,9 @@ pub fn parse(
     let mut codings = 0;
     let mut chunked = false;
     let mut general = false;
+    // An `Upgrade` line, and `upgrade` among `Connection`'s tokens.
+    let mut upgrade_at = None;
+    let mut asks_upgrade = false;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         // From the name's start to the value's end: the line as sent.
@@ -188,7 +198,7 @@ pub fn parse(
             }
             10 if name.eq_ignore_ascii_case(b"connection") => {
                 kind = Kind::Dropped;
-                if !connection_is_plain(h.value, &mut head.close) {
+                if !connection_is_plain(h.value, &mut head.close, &mut asks_upgrade) {
                     return Parsed::General;
                 }
             }
@@ -197,7 +207,13 @@ pub fn parse(
                 chunked = h.value.trim_ascii().eq_ignore_ascii_case(b"chunked");
             }
             6 if name.eq_ignore_ascii_case(b"expect") => return Parsed::General,
-            7 if name.eq_ignore_ascii_case(b"upgrade") => return Parsed::General,
+            7 if name.eq_ignore_ascii_case(b"upgrade") => {
+                if upgrade_at.is_some() {
+                    return Parsed::General;
+                }
+                upgrade_at = Some(head.headers.len());
+                kind = Kind::Dropped;
+            }
             2 if name.eq_ignore_ascii_case(b"te") => kind = Kind::Dropped,
             7 if name.eq_ignore_ascii_case(b"trailer") => kind = Kind::Dropped,
             10 if name.eq_ignore_ascii_case(b"keep-alive") => kind = Kind::Dropped,
@@ -238,6 +254,14 @@ pub fn parse(
     if general || hosts != 1 || lengths > 1 {
         return Parsed::General;
     }
+    if upgrade_at.is_some() || asks_upgrade {
+        // Only a whole handshake is tunnelled: a GET, no body, both
+        // lines. Anything else goes to hyper's path, which drops both.
+        if !(upgrade_at.is_some() && asks_upgrade && head.method == Method::GET && lengths == 0) {
+            return Parsed::General;
+        }
+        head.upgrade = upgrade_at;
+    }
     if head
         .user_at
         .is_some_and(|i| head.headers[i].kind == Kind::Dropped)
@@ -274,16 +298,21 @@ fn digits(v: &[u8]) -> Option<u64> {
     Some(v.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')))
 }
 
-/// Whether `Connection` says only `close` and `keep-alive` (in any case,
-/// with optional spaces); `close` sets `close`. A header named there (or
-/// `upgrade`) sends the request to hyper's path, which removes the names.
-fn connection_is_plain(v: &[u8], close: &mut bool) -> bool {
+/// Whether `Connection` says only `close`, `keep-alive` and `upgrade` (in
+/// any case, with optional spaces); `close` sets `close`, `upgrade` sets
+/// `upgrade`. A header named there sends the request to hyper's path,
+/// which removes the names.
+fn connection_is_plain(v: &[u8], close: &mut bool, upgrade: &mut bool) -> bool {
     for token in super::hop::connection_tokens(v) {
         if token.eq_ignore_ascii_case(b"keep-alive") {
             continue;
         }
         if token.eq_ignore_ascii_case(b"close") {
             *close = true;
+            continue;
+        }
+        if token.eq_ignore_ascii_case(b"upgrade") {
+            *upgrade = true;
             continue;
         }
         return false;
@@ -391,7 +420,10 @@ mod tests {
             b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999\r\n\r\n",
             b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n",
-            b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\nContent-Length: 0\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: a\r\nUpgrade: b\r\nConnection: upgrade\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close, X-Secret\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: a\rX: b\r\n\r\n",
@@ -413,6 +445,18 @@ mod tests {
                 String::from_utf8_lossy(raw)
             );
         }
+    }
+
+    #[test]
+    fn a_websocket_handshake_is_marked_for_a_tunnel() {
+        let (p, head) = parsed(
+            b"GET /live HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: k\r\n\r\n",
+        );
+        assert_eq!(p, Parsed::Fast);
+        let at = head.upgrade.expect("an upgrade");
+        assert_eq!(head.headers[at].kind, Kind::Dropped);
+        let (p, head) = parsed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!((p, head.upgrade), (Parsed::Fast, None));
     }
 
     #[test]

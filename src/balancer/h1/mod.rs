@@ -62,6 +62,7 @@ use crate::http1::response::{ChunkedScan, Framing, Malformed};
 mod buffers;
 mod exchange;
 mod socket;
+mod tunnel;
 
 use buffers::Buffers;
 use exchange::{RawError, exchange, has_sold_out_mark, lowercase_into, relay};
@@ -221,6 +222,12 @@ pub async fn serve(
                     return None;
                 }
             }
+        }
+        if b.head.upgrade.is_some() {
+            // A WebSocket's handshake: the connection becomes a tunnel to
+            // an upstream, and is done after it. Boxed, as a request is.
+            Box::pin(tunnel::run(&shared, &active, &peer, stream, &mut b, end)).await;
+            return None;
         }
         let closing = b.head.close || ctx.stopping.load(Ordering::Relaxed);
         // Boxed: the request's state (an attempt, its upstream exchange and

@@ -151,6 +151,9 @@ pub(super) fn validate(
             Ok(Some(std::path::PathBuf::from(p)))
         })?,
         hosts_file,
+        tunnel_timeout: optional(&b.tunnel_timeout, d.tunnel_timeout, |v| {
+            cx.duration("balancer.tunnel_timeout", v)
+        })?,
         access_log_format: optional(&b.access_log_format, d.access_log_format, |v| {
             match v.get_ref().as_str() {
                 "combined" => Ok(AccessLogFormat::Combined),

@@ -1,0 +1,269 @@
+//! Upgraded connections (a WebSocket's handshake: `Upgrade` and
+//! `Connection: upgrade` on a GET without a body) tunnelled to an
+//! upstream, as Nginx does with its usual two `proxy_set_header` lines and
+//! HAProxy does on its own: a waiting room's live position and a sale's
+//! live counter are natural WebSocket users.
+//!
+//! The handshake goes to one picked upstream on a new connection (never a
+//! pooled one: it will not come back), with both lines; a connect failure
+//! moves on to the next upstream, as for any request. The upstream's `101`
+//! goes to the client as it came, and from then on bytes are copied both
+//! ways until both ends have closed, or neither has sent anything for
+//! `tunnel_timeout` (HAProxy's `timeout tunnel`). Any other answer is
+//! relayed as an ordinary response, and the client's connection closes
+//! after it. The pick is held while the tunnel lasts (`least_conn` counts
+//! it, and `/status`'s `tunnels` does).
+//!
+//! The per-client limits and the edge are for purchases, and do not apply
+//! here.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::buffers::Buffers;
+use super::socket::{READ_CHUNK, read_some, send};
+use super::{logged, write_reply, write_request};
+use crate::balancer::answer::LocalAnswer;
+use crate::balancer::forward::client::{Peer, client_ip_from};
+use crate::balancer::forward::{self, admission};
+use crate::balancer::pool;
+use crate::balancer::select::Attempt;
+use crate::balancer::state::{Active, Shared};
+use crate::balancer::upstream::now_ms;
+use crate::http1::request::Kind;
+use crate::http1::response::{self, ParsedResponse};
+
+/// The longest upstream answer head to a handshake.
+const MAX_HANDSHAKE_HEAD: usize = 16 * 1024;
+
+/// Tunnels the handshake in `b` (its bytes are `b.input[..end]`) from
+/// `client`, and whatever follows; the connection is done after it.
+pub(super) async fn run(
+    shared: &Shared,
+    active: &Active,
+    peer: &Peer,
+    mut client: TcpStream,
+    b: &mut Buffers,
+    end: usize,
+) {
+    let start = Instant::now();
+    let config = &active.config;
+    let head = &b.head;
+    let input = &b.input[..end];
+    let client_addr = client_ip_from(
+        peer.ip,
+        head.headers
+            .iter()
+            .filter(|h| h.kind == Kind::ForwardedFor)
+            .map(|h| &input[h.value.clone()]),
+        &config.trusted_proxies,
+    );
+    let answer = |b: &mut Buffers, why: LocalAnswer| {
+        let reply = forward::local(shared, why);
+        forward::log_line(
+            shared,
+            active,
+            logged(&b.head, &b.input[..end]),
+            client_addr,
+            start,
+            reply.status.as_u16(),
+            Some(reply.body.as_bytes().len() as u64),
+            None,
+        );
+        write_reply(&mut b.out, &reply, true);
+    };
+    if let Some(closed) = forward::closed(&input[head.target.start..head.path_end], config) {
+        answer(b, closed);
+        let _ = send(&mut client, &b.out, config.send_timeout).await;
+        return;
+    }
+    let Some(at) = head.upgrade else { return };
+    write_request(&mut b.out, head, input, peer, client_addr, None);
+    // The head ends with its blank line: the two lines go before it.
+    b.out.truncate(b.out.len().saturating_sub(2));
+    b.out.extend_from_slice(b"upgrade: ");
+    b.out
+        .extend_from_slice(&input[head.headers[at].value.clone()]);
+    b.out.extend_from_slice(b"\r\nconnection: upgrade\r\n\r\n");
+
+    let mut attempt = Attempt::new(client_addr);
+    let (pick, mut conn) = loop {
+        let pick =
+            match admission::next_pick(shared, active, &mut attempt, client_addr, false).await {
+                Ok(Some(pick)) => pick,
+                Ok(None) => {
+                    answer(b, LocalAnswer::BadGateway);
+                    let _ = send(&mut client, &b.out, config.send_timeout).await;
+                    return;
+                }
+                Err(why) => {
+                    answer(b, why);
+                    let _ = send(&mut client, &b.out, config.send_timeout).await;
+                    return;
+                }
+            };
+        let addr = active.selector.upstream(&pick).config.addr;
+        match pool::connect_raw(addr, config.connect_timeout).await {
+            Ok(conn) => break (pick, conn),
+            Err(error) => {
+                tracing::warn!(upstream = %addr, %error, "upstream connect failed (an upgrade)");
+                active.selector.release(&pick, true, now_ms());
+            }
+        }
+    };
+    let upstream = active.selector.upstream(&pick).config.addr;
+    let handshake = async {
+        conn.stream.write_all(&b.out).await?;
+        b.resp.clear();
+        loop {
+            if b.resp.capacity() - b.resp.len() < 1024 {
+                b.resp.reserve(READ_CHUNK);
+            }
+            if read_some(&conn.stream, &mut b.resp).await? == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the upstream closed before its answer",
+                ));
+            }
+            if b.resp.windows(4).any(|w| w == b"\r\n\r\n") {
+                return Ok(());
+            }
+            if b.resp.len() > MAX_HANDSHAKE_HEAD {
+                return Err(std::io::Error::other("an answer head over 16 KiB"));
+            }
+        }
+    };
+    match tokio::time::timeout(config.response_timeout, handshake).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::warn!(%upstream, %error, "upstream upgrade failed");
+            active.selector.release(&pick, true, now_ms());
+            answer(b, LocalAnswer::BadGateway);
+            let _ = send(&mut client, &b.out, config.send_timeout).await;
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%upstream, "upstream upgrade timed out");
+            active.selector.release(&pick, true, now_ms());
+            answer(b, LocalAnswer::GatewayTimeout);
+            let _ = send(&mut client, &b.out, config.send_timeout).await;
+            return;
+        }
+    }
+    active.selector.release(&pick, false, now_ms());
+    let upstream_time = start.elapsed();
+    let switched = b.resp.starts_with(b"HTTP/1.1 101 ") || b.resp.starts_with(b"HTTP/1.0 101 ");
+    let status = if switched {
+        101
+    } else {
+        match response::parse(&b.resp, &mut b.rhead, false) {
+            Ok(ParsedResponse::Complete) => b.rhead.status,
+            _ => {
+                tracing::warn!(%upstream, "upstream answered an upgrade with a head that cannot be relayed");
+                answer(b, LocalAnswer::BadGateway);
+                let _ = send(&mut client, &b.out, config.send_timeout).await;
+                return;
+            }
+        }
+    };
+    pick.live().count_response(status);
+    let bytes = if switched {
+        None
+    } else {
+        match b.rhead.framing {
+            response::Framing::Empty => Some(0),
+            response::Framing::Length(n) => Some(n),
+            _ => None,
+        }
+    };
+    forward::log_line(
+        shared,
+        active,
+        logged(&b.head, &b.input[..end]),
+        client_addr,
+        start,
+        status,
+        bytes,
+        Some((upstream, upstream_time)),
+    );
+    if !switched {
+        // Refused: an ordinary answer, then the connection closes (it was
+        // asked to change protocols, and did not).
+        super::relay(&mut client, conn, b, config, true, drop).await;
+        return;
+    }
+    shared
+        .metrics
+        .tunnels
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    shared
+        .metrics
+        .tunnels_open
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // The 101 and whatever the upstream sent with it; then what the client
+    // sent after its handshake.
+    let opened = async {
+        client.write_all(&b.resp).await?;
+        if b.input.len() > end {
+            conn.stream.write_all(&b.input[end..]).await?;
+        }
+        Ok::<(), std::io::Error>(())
+    };
+    if tokio::time::timeout(config.send_timeout, opened)
+        .await
+        .is_ok_and(|r| r.is_ok())
+    {
+        pipe(&mut client, &mut conn.stream, config.tunnel_timeout).await;
+    }
+    shared
+        .metrics
+        .tunnels_open
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    drop(pick);
+}
+
+/// Copies bytes both ways until both ends have closed (an end that closes
+/// has the other's writing side shut after it), either breaks, or nothing
+/// has moved for `idle`.
+async fn pipe(client: &mut TcpStream, upstream: &mut TcpStream, idle: Duration) {
+    let (mut cr, mut cw) = client.split();
+    let (mut ur, mut uw) = upstream.split();
+    let mut up = vec![0u8; 16 * 1024];
+    let mut down = vec![0u8; 16 * 1024];
+    let (mut client_open, mut upstream_open) = (true, true);
+    let quiet = tokio::time::sleep(idle);
+    tokio::pin!(quiet);
+    while client_open || upstream_open {
+        tokio::select! {
+            r = cr.read(&mut up), if client_open => match r {
+                Ok(0) => {
+                    client_open = false;
+                    let _ = uw.shutdown().await;
+                }
+                Ok(n) => {
+                    if uw.write_all(&up[..n]).await.is_err() {
+                        return;
+                    }
+                    quiet.as_mut().reset(tokio::time::Instant::now() + idle);
+                }
+                Err(_) => return,
+            },
+            r = ur.read(&mut down), if upstream_open => match r {
+                Ok(0) => {
+                    upstream_open = false;
+                    let _ = cw.shutdown().await;
+                }
+                Ok(n) => {
+                    if cw.write_all(&down[..n]).await.is_err() {
+                        return;
+                    }
+                    quiet.as_mut().reset(tokio::time::Instant::now() + idle);
+                }
+                Err(_) => return,
+            },
+            () = &mut quiet => return,
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! Upgrades (issue 25, finding 5): a WebSocket handshake through a real
+//! `spike balancer` reaches the upstream with its `Upgrade` and
+//! `Connection: upgrade`, the upstream's `101` comes back with them, and
+//! then bytes go both ways until either side closes (a waiting room's live
+//! position, a sale's live counter). It was: both lines stripped, the
+//! backend saw a plain GET, and a backend that answered 101 anyway got a
+//! bare 101 relayed and the connection closed.
+
+mod balancer_support;
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use balancer_support::{config_text, up};
+use common::spike::{SpikeProcess, remove_config, wait_listening, write_config};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A WebSocket-ish backend: to a request with `Upgrade: websocket` it
+/// answers 101, says `welcome` first, then echoes what it reads in upper
+/// case; to anything else, a 400. It records every request head.
+async fn websocket_backend() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let end = loop {
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                seen.lock().expect("lock").push(head.clone());
+                if !head
+                    .to_ascii_lowercase()
+                    .contains("\r\nupgrade: websocket\r\n")
+                {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 11\r\nConnection: close\r\n\r\nno upgrade\n")
+                        .await;
+                    return;
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\nwelcome")
+                    .await;
+                let mut rest = buf[end..].to_vec();
+                loop {
+                    if !rest.is_empty() {
+                        let upper = rest.to_ascii_uppercase();
+                        if s.write_all(&upper).await.is_err() {
+                            return;
+                        }
+                        rest.clear();
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => rest.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (addr, heads)
+}
+
+/// Reads from `s` until `want` has come (or 5 s), returning what came.
+async fn read_until(s: &mut TcpStream, want: &str) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while !String::from_utf8_lossy(&got).contains(want) {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_handshake_is_tunnelled_both_ways() {
+    let (backend, heads) = websocket_backend().await;
+    let listen = common::free_addr();
+    let admin = common::free_addr();
+    let text = config_text(
+        "round_robin",
+        &listen.to_string(),
+        &admin.to_string(),
+        &[up(backend, 1)],
+    )
+    .replace("[balancer]\n", "[balancer]\ndrain_delay = \"0s\"\n");
+    let path = write_config(&text);
+    let mut lb = SpikeProcess::start(&["balancer", "--config", path.to_str().expect("path")]);
+    wait_listening(&listen.to_string(), Duration::from_secs(15));
+
+    let mut s = TcpStream::connect(listen).await.expect("connect");
+    s.write_all(
+        b"GET /live HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let answer = read_until(&mut s, "welcome").await;
+    let lower = answer.to_ascii_lowercase();
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+    assert!(lower.contains("\r\nupgrade: websocket\r\n"), "{answer}");
+    assert!(lower.contains("\r\nconnection: upgrade\r\n"), "{answer}");
+    assert!(
+        lower.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{answer}"
+    );
+    assert!(
+        answer.ends_with("welcome"),
+        "the upstream's first bytes: {answer:?}"
+    );
+    // Both ways, several times, on the one connection.
+    for word in ["hello", "again"] {
+        s.write_all(word.as_bytes()).await.expect("write");
+        let back = read_until(&mut s, &word.to_ascii_uppercase()).await;
+        assert_eq!(back, word.to_ascii_uppercase());
+    }
+    let head = heads.lock().expect("lock")[0].to_ascii_lowercase();
+    assert!(head.contains("\r\nupgrade: websocket\r\n"), "{head}");
+    assert!(head.contains("\r\nconnection: upgrade\r\n"), "{head}");
+    assert!(
+        head.contains("sec-websocket-key: dghlihnhbxbszsbub25jzq=="),
+        "{head}"
+    );
+    assert!(head.contains("\r\nx-real-ip: 127.0.0.1\r\n"), "{head}");
+
+    // /status counts it while it is open.
+    let status = |admin: SocketAddr| async move {
+        let (_, body) =
+            balancer_support::get(&balancer_support::http(), &format!("http://{admin}/status"))
+                .await
+                .expect("/status");
+        serde_json::from_str::<serde_json::Value>(&body).expect("JSON")
+    };
+    let v = status(admin).await;
+    assert_eq!(v["tunnels"]["open"], 1, "{v}");
+    assert_eq!(v["tunnels"]["total"], 1, "{v}");
+    // The client closes: the tunnel ends.
+    drop(s);
+    common::wait_for("the tunnel to close", Duration::from_secs(5), async || {
+        status(admin).await["tunnels"]["open"] == 0
+    })
+    .await;
+    lb.signal("TERM");
+    lb.expect_clean_exit(Duration::from_secs(15));
+    remove_config(&path);
+}
+
+/// An upgrade the upstream refuses: its answer comes back as it is, and
+/// the connection closes after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upgrade_gets_the_upstream_s_answer() {
+    let (backend, _) = websocket_backend().await;
+    let listen = common::free_addr();
+    let text = config_text(
+        "round_robin",
+        &listen.to_string(),
+        &common::free_addr().to_string(),
+        &[up(backend, 1)],
+    )
+    .replace("[balancer]\n", "[balancer]\ndrain_delay = \"0s\"\n");
+    let path = write_config(&text);
+    let mut lb = SpikeProcess::start(&["balancer", "--config", path.to_str().expect("path")]);
+    wait_listening(&listen.to_string(), Duration::from_secs(15));
+    let mut s = TcpStream::connect(listen).await.expect("connect");
+    s.write_all(b"GET /live HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut answer))
+        .await
+        .expect("closed after the answer")
+        .expect("read");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.ends_with("no upgrade\n"), "{answer}");
+    lb.signal("TERM");
+    lb.expect_clean_exit(Duration::from_secs(15));
+    remove_config(&path);
+}
