@@ -96,6 +96,7 @@ async fn a_name_that_moves_is_followed_and_one_that_vanishes_is_kept() {
         async || status(admin).await["upstreams"][0]["resolve"]["error"].is_null(),
     )
     .await;
+    assert!(second.hits() >= 6, "{}", second.hits());
     lb.signal("TERM");
     lb.expect_clean_exit(Duration::from_secs(15));
     let _ = std::fs::remove_file(&hosts);
