@@ -5,21 +5,14 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::backend::Backend;
+use common::haproxy::{HaProxy, haproxy};
 use common::http::{client, get};
 use common::spike::{remove_config, run, wait_listening, write_config};
 use hyper::StatusCode;
-
-fn haproxy() -> PathBuf {
-    ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-        .expect("haproxy must be installed for these tests (run scripts/test.sh)")
-}
 
 fn balancer_file(strategy: &str, port: u16, upstreams: &str) -> PathBuf {
     write_config(&format!(
@@ -122,16 +115,6 @@ fn proxy_protocol_accepts_proxy_from_trusted_proxies_only() {
     );
     let _ = std::fs::remove_file(&cfg);
     remove_config(&config);
-}
-
-/// A HAProxy process in the foreground, killed on drop.
-struct HaProxy(Child);
-
-impl Drop for HaProxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

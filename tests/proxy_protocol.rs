@@ -12,30 +12,13 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use balancer_support::recorder::{Recorder, Then};
 use balancer_support::{body_of, nginx_ip_hash, raw};
+use common::haproxy::{HaProxy, haproxy};
 use common::spike::{SpikeProcess, remove_config, wait_listening, write_config};
-
-fn haproxy() -> PathBuf {
-    ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-        .expect("haproxy must be installed for these tests (run scripts/test.sh)")
-}
-
-/// A HAProxy process in the foreground, killed on drop.
-struct HaProxy(Child);
-
-impl Drop for HaProxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// One `spike balancer` process speaking the PROXY protocol to HAProxy
 /// (on 127.0.0.1), in front of `nodes` by `ip_hash`.

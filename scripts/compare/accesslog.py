@@ -12,7 +12,7 @@ The target (issue 25): CPU per proxied request with the log at most 1.1x.
 import json
 import sys
 
-from tokens import med, oha, per_request
+from tokens import append, med, oha, per_request
 
 
 def summarize(out):
@@ -64,17 +64,7 @@ def summarize(out):
         f" req/s ratio {f(ratio['rps'], '.3f')}, {len(both)} round(s); lines dropped: {dropped}"
         + ("" if not lines_short else f"; runs whose file has fewer lines than written: {len(lines_short)}"),
     ] + (["", "Failed runs: " + "; ".join(result["failed"])] if result["failed"] else [])) + "\n"
-    with open(f"{out}/summary.md", "a") as fh:
-        fh.write(text)
-    try:
-        with open(f"{out}/summary.json") as fh:
-            summary = json.load(fh)
-    except FileNotFoundError:
-        summary = {}
-    summary["access_log"] = result
-    with open(f"{out}/summary.json", "w") as fh:
-        json.dump(summary, fh, indent=2, sort_keys=True)
-    print(text)
+    append(out, "access_log", result, text)
 
 
 if __name__ == "__main__":

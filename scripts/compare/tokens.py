@@ -109,12 +109,20 @@ def summarize(out):
             )
     if result["failed"]:
         lines += ["", "Failed runs: " + "; ".join(result["failed"])]
-    text = "\n".join(lines) + "\n"
+    append(out, "tokens", result, "\n".join(lines) + "\n")
+
+
+def append(out, key, result, text):
+    """Appends `text` to summary.md and `result` as `key` to summary.json
+    (made if report.py wrote none), and prints the text."""
     with open(f"{out}/summary.md", "a") as fh:
         fh.write(text)
-    with open(f"{out}/summary.json") as fh:
-        summary = json.load(fh)
-    summary["tokens"] = result
+    try:
+        with open(f"{out}/summary.json") as fh:
+            summary = json.load(fh)
+    except FileNotFoundError:
+        summary = {}
+    summary[key] = result
     with open(f"{out}/summary.json", "w") as fh:
         json.dump(summary, fh, indent=2, sort_keys=True)
     print(text)

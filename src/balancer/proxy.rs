@@ -474,27 +474,16 @@ fn early(
     start: Instant,
     r: Reply,
 ) -> Response<RespBody> {
-    if shared.access_log.is_some() {
-        let bytes = Some(r.body.as_bytes().len() as u64);
-        forward::log_line(
-            shared,
-            active,
-            logged(
-                &parts.method,
-                parts
-                    .uri
-                    .path_and_query()
-                    .map_or(b"/".as_slice(), |p| p.as_str().as_bytes()),
-                version_text(parts.version),
-                &parts.headers,
-            ),
-            client,
-            start,
-            r.status.as_u16(),
-            bytes,
-            None,
-        );
-    }
+    let request = || {
+        let target = parts.uri.path_and_query();
+        logged(
+            &parts.method,
+            target.map_or(b"/".as_slice(), |p| p.as_str().as_bytes()),
+            version_text(parts.version),
+            &parts.headers,
+        )
+    };
+    forward::log_reply(shared, active, request, client, start, &r);
     reply(r)
 }
 

@@ -126,26 +126,16 @@ fn parse_v1(buf: &[u8]) -> Result<Parsed, ProxyProtocolError> {
             let [src, dst, sport, dport] = fields[..] else {
                 return Err(Malformed("version 1 needs two addresses and two ports"));
             };
-            // The destination is checked, not used.
-            let (src, _dst): (IpAddr, IpAddr) = if family == "TCP4" {
-                (
-                    src.parse::<Ipv4Addr>()
-                        .map_err(|_| Malformed("a bad TCP4 address"))?
-                        .into(),
-                    dst.parse::<Ipv4Addr>()
-                        .map_err(|_| Malformed("a bad TCP4 address"))?
-                        .into(),
-                )
-            } else {
-                (
-                    src.parse::<Ipv6Addr>()
-                        .map_err(|_| Malformed("a bad TCP6 address"))?
-                        .into(),
-                    dst.parse::<Ipv6Addr>()
-                        .map_err(|_| Malformed("a bad TCP6 address"))?
-                        .into(),
-                )
+            // Of the family named; the destination is checked, not used.
+            let ip = |s: &str| -> Result<IpAddr, ProxyProtocolError> {
+                if family == "TCP4" {
+                    s.parse::<Ipv4Addr>().map(IpAddr::from)
+                } else {
+                    s.parse::<Ipv6Addr>().map(IpAddr::from)
+                }
+                .map_err(|_| Malformed("an address not of the family named"))
             };
+            let (src, _dst) = (ip(src)?, ip(dst)?);
             let port = |p: &str| {
                 if p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()) {
                     return Err(Malformed("a bad port in version 1"));

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod backend;
 pub mod cut_proxy;
+pub mod haproxy;
 pub mod http;
 pub mod redis;
 pub mod routes;

@@ -405,6 +405,23 @@ pub fn log_line(
     );
 }
 
+/// Writes the access log line of the balancer's own answer `reply` (when
+/// there is an access log: `logged` is asked only then).
+pub fn log_reply<'a>(
+    shared: &Shared,
+    active: &Active,
+    logged: impl FnOnce() -> (access_log::Request<'a>, Option<&'a str>),
+    client: IpAddr,
+    start: Instant,
+    reply: &Reply,
+) {
+    if shared.access_log.is_some() {
+        let bytes = Some(reply.body.as_bytes().len() as u64);
+        let status = reply.status.as_u16();
+        log_line(shared, active, logged(), client, start, status, bytes, None);
+    }
+}
+
 /// The balancer's own answer `reply` to the request `t` carries, logged.
 async fn answer<T: Transport>(
     shared: &Shared,
@@ -413,19 +430,14 @@ async fn answer<T: Transport>(
     plan: &Plan,
     reply: Reply,
 ) -> T::Output {
-    if shared.access_log.is_some() {
-        let bytes = Some(reply.body.as_bytes().len() as u64);
-        log_line(
-            shared,
-            active,
-            t.logged(),
-            plan.client,
-            plan.start,
-            reply.status.as_u16(),
-            bytes,
-            None,
-        );
-    }
+    log_reply(
+        shared,
+        active,
+        || t.logged(),
+        plan.client,
+        plan.start,
+        &reply,
+    );
     t.reply(reply).await
 }
 

@@ -313,18 +313,8 @@ fn forward_request<'a>(
     let config = &active.config;
     match prepare(shared, active, peer, b, end) {
         Next::Answer(reply, client_addr, start) => {
-            if shared.access_log.is_some() {
-                forward::log_line(
-                    shared,
-                    active,
-                    logged(&b.head, &b.input[..end]),
-                    client_addr,
-                    start,
-                    reply.status.as_u16(),
-                    Some(reply.body.as_bytes().len() as u64),
-                    None,
-                );
-            }
+            let request = || logged(&b.head, &b.input[..end]);
+            forward::log_reply(shared, active, request, client_addr, start, &reply);
             write_reply(&mut b.out, &reply, closing);
             Either::Left {
                 f: Either::Left {
@@ -337,18 +327,8 @@ fn forward_request<'a>(
                 f: async move {
                     // The one store call a buyer makes to take a place.
                     let reply = waiting_room::join(shared, active, joining).await;
-                    if shared.access_log.is_some() {
-                        forward::log_line(
-                            shared,
-                            active,
-                            logged(&b.head, &b.input[..end]),
-                            client_addr,
-                            start,
-                            reply.status.as_u16(),
-                            Some(reply.body.as_bytes().len() as u64),
-                            None,
-                        );
-                    }
+                    let request = || logged(&b.head, &b.input[..end]);
+                    forward::log_reply(shared, active, request, client_addr, start, &reply);
                     write_reply(&mut b.out, &reply, closing);
                     send(client, &b.out, config.send_timeout).await.is_ok()
                 },
@@ -428,14 +408,7 @@ fn prepare(
         return Next::Answer(forward::local(shared, closed), peer.ip, start);
     }
     let is_buy = path == protocol::PURCHASE_PATH.as_bytes();
-    let client_addr = client_ip_from(
-        peer.ip,
-        head.headers
-            .iter()
-            .filter(|h| h.kind == Kind::ForwardedFor)
-            .map(|h| &input[h.value.clone()]),
-        &config.trusted_proxies,
-    );
+    let client_addr = client_of(head, input, peer, config);
     // The buyer token, asked only by a limit or the edge that needs it: a
     // scan of the few header lines is cheaper than indexing them always.
     let token = || {
@@ -601,6 +574,24 @@ impl Transport for Raw<'_> {
             Framing::Chunked | Framing::Close => None,
         }
     }
+}
+
+/// The client's address for the request parsed into `head` from `input`:
+/// the peer, or behind `trusted_proxies` what `X-Forwarded-For` says.
+fn client_of(
+    head: &RequestHead,
+    input: &[u8],
+    peer: &Peer,
+    config: &crate::config::BalancerConfig,
+) -> IpAddr {
+    client_ip_from(
+        peer.ip,
+        head.headers
+            .iter()
+            .filter(|h| h.kind == Kind::ForwardedFor)
+            .map(|h| &input[h.value.clone()]),
+        &config.trusted_proxies,
+    )
 }
 
 /// The request parsed into `head` from `input`, as the access log shows

@@ -24,15 +24,14 @@ use tokio::net::TcpStream;
 
 use super::buffers::Buffers;
 use super::socket::{READ_CHUNK, read_some, send};
-use super::{logged, write_reply, write_request};
+use super::{client_of, logged, write_reply, write_request};
 use crate::balancer::answer::LocalAnswer;
-use crate::balancer::forward::client::{Peer, client_ip_from};
+use crate::balancer::forward::client::Peer;
 use crate::balancer::forward::{self, admission};
 use crate::balancer::pool;
 use crate::balancer::select::Attempt;
 use crate::balancer::state::{Active, Shared};
 use crate::balancer::upstream::now_ms;
-use crate::http1::request::Kind;
 use crate::http1::response::{self, ParsedResponse};
 
 /// The longest upstream answer head to a handshake.
@@ -52,26 +51,11 @@ pub(super) async fn run(
     let config = &active.config;
     let head = &b.head;
     let input = &b.input[..end];
-    let client_addr = client_ip_from(
-        peer.ip,
-        head.headers
-            .iter()
-            .filter(|h| h.kind == Kind::ForwardedFor)
-            .map(|h| &input[h.value.clone()]),
-        &config.trusted_proxies,
-    );
+    let client_addr = client_of(head, input, peer, config);
     let answer = |b: &mut Buffers, why: LocalAnswer| {
         let reply = forward::local(shared, why);
-        forward::log_line(
-            shared,
-            active,
-            logged(&b.head, &b.input[..end]),
-            client_addr,
-            start,
-            reply.status.as_u16(),
-            Some(reply.body.as_bytes().len() as u64),
-            None,
-        );
+        let request = || logged(&b.head, &b.input[..end]);
+        forward::log_reply(shared, active, request, client_addr, start, &reply);
         write_reply(&mut b.out, &reply, true);
     };
     if let Some(closed) = forward::closed(&input[head.target.start..head.path_end], config) {
@@ -236,34 +220,36 @@ async fn pipe(client: &mut TcpStream, upstream: &mut TcpStream, idle: Duration) 
     let quiet = tokio::time::sleep(idle);
     tokio::pin!(quiet);
     while client_open || upstream_open {
-        tokio::select! {
-            r = cr.read(&mut up), if client_open => match r {
-                Ok(0) => {
-                    client_open = false;
-                    let _ = uw.shutdown().await;
-                }
-                Ok(n) => {
-                    if uw.write_all(&up[..n]).await.is_err() {
-                        return;
-                    }
-                    quiet.as_mut().reset(tokio::time::Instant::now() + idle);
-                }
-                Err(_) => return,
-            },
-            r = ur.read(&mut down), if upstream_open => match r {
-                Ok(0) => {
-                    upstream_open = false;
-                    let _ = cw.shutdown().await;
-                }
-                Ok(n) => {
-                    if cw.write_all(&down[..n]).await.is_err() {
-                        return;
-                    }
-                    quiet.as_mut().reset(tokio::time::Instant::now() + idle);
-                }
-                Err(_) => return,
-            },
+        let moved = tokio::select! {
+            r = cr.read(&mut up), if client_open => carry(r, &up, &mut uw, &mut client_open).await,
+            r = ur.read(&mut down), if upstream_open => carry(r, &down, &mut cw, &mut upstream_open).await,
             () = &mut quiet => return,
+        };
+        match moved {
+            Some(true) => quiet.as_mut().reset(tokio::time::Instant::now() + idle),
+            Some(false) => {}
+            None => return,
         }
+    }
+}
+
+/// One read of a tunnel's side (`read`, into `buf`) carried to the other
+/// side's `to`: `Some(true)` when bytes moved, `Some(false)` when the side
+/// closed (`open` is cleared and `to` shut for writing), `None` when
+/// either broke.
+async fn carry(
+    read: std::io::Result<usize>,
+    buf: &[u8],
+    to: &mut (impl tokio::io::AsyncWrite + Unpin),
+    open: &mut bool,
+) -> Option<bool> {
+    match read {
+        Ok(0) => {
+            *open = false;
+            let _ = to.shutdown().await;
+            Some(false)
+        }
+        Ok(n) => to.write_all(&buf[..n]).await.ok().map(|()| true),
+        Err(_) => None,
     }
 }
