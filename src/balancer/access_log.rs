@@ -23,7 +23,6 @@
 //! response's `Content-Length` (`-` when it has none). A sale's answers
 //! are small: the head is nearly all of their time.
 
-use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -190,9 +189,8 @@ fn open_file(path: &Path) -> std::io::Result<std::fs::File> {
 /// `combined`, with the buyer as `$remote_user`, then `"$upstream_addr"
 /// $upstream_header_time $request_time`. Returns where the time goes.
 fn combined(out: &mut Vec<u8>, r: &Request<'_>, o: &Outcome) -> usize {
-    let mut s = String::with_capacity(64);
-    let _ = write!(s, "{} - ", o.client);
-    out.extend_from_slice(s.as_bytes());
+    // Written straight into the line: no buffer of its own.
+    let _ = write!(out, "{} - ", o.client);
     match r.buyer {
         Some(b) => escape_combined(out, b.as_bytes()),
         None => out.push(b'-'),
@@ -220,21 +218,19 @@ fn combined(out: &mut Vec<u8>, r: &Request<'_>, o: &Outcome) -> usize {
         }
         out.push(b'"');
     }
-    s.clear();
     match o.upstream {
         Some(u) => {
-            let _ = write!(s, " \"{u}\" ");
+            let _ = write!(out, " \"{u}\" ");
         }
-        None => s.push_str(" \"-\" "),
+        None => out.extend_from_slice(b" \"-\" "),
     }
     match o.upstream_time {
-        Some(t) => seconds(&mut s, t),
-        None => s.push('-'),
+        Some(t) => seconds(out, t),
+        None => out.push(b'-'),
     }
-    s.push(' ');
-    seconds(&mut s, o.request_time);
-    s.push('\n');
-    out.extend_from_slice(s.as_bytes());
+    out.push(b' ');
+    seconds(out, o.request_time);
+    out.push(b'\n');
     split
 }
 
@@ -242,9 +238,7 @@ fn combined(out: &mut Vec<u8>, r: &Request<'_>, o: &Outcome) -> usize {
 fn json(out: &mut Vec<u8>, r: &Request<'_>, o: &Outcome) -> usize {
     out.extend_from_slice(b"{\"time\":\"");
     let split = out.len();
-    let mut s = String::with_capacity(64);
-    let _ = write!(s, "\",\"client\":\"{}\",\"buyer\":", o.client);
-    out.extend_from_slice(s.as_bytes());
+    let _ = write!(out, "\",\"client\":\"{}\",\"buyer\":", o.client);
     json_string(out, r.buyer.map(str::as_bytes));
     out.extend_from_slice(b",\"method\":");
     json_string(out, Some(r.method));
@@ -263,28 +257,26 @@ fn json(out: &mut Vec<u8>, r: &Request<'_>, o: &Outcome) -> usize {
     json_string(out, r.referer);
     out.extend_from_slice(b",\"user_agent\":");
     json_string(out, r.user_agent);
-    s.clear();
     match o.upstream {
         Some(u) => {
-            let _ = write!(s, ",\"upstream\":\"{u}\",\"upstream_time\":");
+            let _ = write!(out, ",\"upstream\":\"{u}\",\"upstream_time\":");
         }
-        None => s.push_str(",\"upstream\":null,\"upstream_time\":"),
+        None => out.extend_from_slice(b",\"upstream\":null,\"upstream_time\":"),
     }
     match o.upstream_time {
-        Some(t) => seconds(&mut s, t),
-        None => s.push_str("null"),
+        Some(t) => seconds(out, t),
+        None => out.extend_from_slice(b"null"),
     }
-    s.push_str(",\"request_time\":");
-    seconds(&mut s, o.request_time);
-    s.push_str("}\n");
-    out.extend_from_slice(s.as_bytes());
+    out.extend_from_slice(b",\"request_time\":");
+    seconds(out, o.request_time);
+    out.extend_from_slice(b"}\n");
     split
 }
 
 /// Seconds with milliseconds, as Nginx writes its times (`0.002`).
-fn seconds(s: &mut String, d: Duration) {
+fn seconds(out: &mut Vec<u8>, d: Duration) {
     let ms = d.as_millis();
-    let _ = write!(s, "{}.{:03}", ms / 1000, ms % 1000);
+    let _ = write!(out, "{}.{:03}", ms / 1000, ms % 1000);
 }
 
 /// Nginx's escaping of a logged value: `"`, `\`, and bytes outside
@@ -292,7 +284,7 @@ fn seconds(s: &mut String, d: Duration) {
 fn escape_combined(out: &mut Vec<u8>, v: &[u8]) {
     for &b in v {
         if b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b) {
-            out.extend_from_slice(format!("\\x{b:02X}").as_bytes());
+            let _ = write!(out, "\\x{b:02X}");
         } else {
             out.push(b);
         }
@@ -312,7 +304,9 @@ fn json_string(out: &mut Vec<u8>, v: Option<&[u8]>) {
             b'"' => out.extend_from_slice(b"\\\""),
             b'\\' => out.extend_from_slice(b"\\\\"),
             0x20..0x7f => out.push(b),
-            _ => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
+            _ => {
+                let _ = write!(out, "\\u{b:04x}");
+            }
         }
     }
     out.push(b'"');
