@@ -3,8 +3,7 @@
 # tests need when it is missing (redis-server, with redis-cli for the Cluster
 # test and Sentinel in the same binary; nginx; haproxy; faketime; chromium for the
 # status page test; and openssl, which makes the certificates of the TLS
-# tests; all from Debian's packages; and oha, with cargo), then runs the
-# whole suite.
+# tests; all from Debian's packages), then runs the whole suite.
 # CI calls this same script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,19 +24,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends "${missing[@]}"
 fi
 
-# oha, the load generator tests/proxy_protocol.rs drives through HAProxy
-# (not a Debian package; cargo installs it, as scripts/compare.sh does).
-if ! command -v oha >/dev/null 2>&1; then
-  echo "scripts/test.sh: installing oha with cargo install oha --locked"
-  cargo install oha --locked
-fi
-
 # Two test threads: the machine this runs on has two cores, and many tests
 # start their own redis-server and spike processes. (An environment variable,
 # not `-- --test-threads`, because criterion's bench harness refuses that flag;
 # --all-targets runs each benchmark once as a smoke test.)
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}"
-# The load client the crowd test drives as a separate process (cargo test
-# builds examples only as test harnesses).
+# The load client the crowd and PROXY protocol tests drive as a separate
+# process (cargo test builds examples only as test harnesses).
 cargo build --example crowd
 cargo test --all-targets

@@ -8,31 +8,13 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use common::auth::TestAuth;
 use common::redis::RedisServer;
-use common::spike::{bin, remove_config, run};
+use common::spike::{crowd_bin, remove_config, run};
 use common::up::{start_up, up_config};
-
-/// `examples/crowd.rs` as `cargo build --example crowd` leaves it beside
-/// the `spike` binary under test (`scripts/test.sh` builds it first: `cargo
-/// test --all-targets` builds an example only as a test harness).
-fn crowd_bin() -> PathBuf {
-    let path = PathBuf::from(bin())
-        .parent()
-        .expect("target dir")
-        .join("examples")
-        .join("crowd");
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --example crowd` first (scripts/test.sh does)",
-        path.display()
-    );
-    path
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crowd_waits_for_the_opening_buys_once_and_pays_or_lets_go() {

@@ -106,7 +106,7 @@ fn header<'a>(head: &'a str, name: &str) -> Vec<&'a str> {
 /// one of its clients' own addresses in `X-Real-IP` and `X-Forwarded-For`
 /// (never HAProxy's), each client lands on the node Nginx's `ip_hash`
 /// gives it whichever balancer carried it, and both nodes get clients.
-/// Then oha sends steady load through HAProxy while one balancer gets
+/// Then a load client (examples/crowd.rs) sends steady load through HAProxy while one balancer gets
 /// SIGTERM: HAProxy's check of `/ready` takes it out within the drain
 /// delay, and not one request fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,35 +186,35 @@ async fn behind_haproxy_send_proxy_v2_every_node_sees_the_real_clients() {
     }
 
     // Steady load through HAProxy; one balancer stopped in the middle.
+    // examples/crowd.rs, oha's shape and JSON (one request in flight on
+    // each of 8 keep-alive connections, for 6 s), already built by
+    // scripts/test.sh: every request a GET of /load?user=N.
     let url = format!("http://{front}/load");
-    let oha = std::thread::spawn(move || {
-        Command::new("oha")
-            .args([
-                "-z",
-                "6s",
-                "-w",
-                "-c",
-                "8",
-                "--no-tui",
-                "--output-format",
-                "json",
-                &url,
-            ])
+    let buyers = std::env::temp_dir().join(format!("spike-pp-load-{}", std::process::id()));
+    let lines: String = (0..300_000).map(|i| format!("b{i} -\n")).collect();
+    std::fs::write(&buyers, lines).expect("write the load's list");
+    let list = buyers.clone();
+    let load = std::thread::spawn(move || {
+        Command::new(common::spike::crowd_bin())
+            .args(["--send", "query", "-z", "6s", "-c", "8", "--buyers"])
+            .arg(&list)
+            .arg(&url)
             .output()
-            .expect("run oha (cargo install oha; scripts/test.sh does)")
+            .expect("run examples/crowd.rs")
     });
     tokio::time::sleep(Duration::from_millis(1500)).await;
     fast.process.signal("TERM");
     fast.process.expect_clean_exit(Duration::from_secs(15));
-    let out = tokio::task::spawn_blocking(move || oha.join().expect("oha thread"))
+    let out = tokio::task::spawn_blocking(move || load.join().expect("the load thread"))
         .await
         .expect("join");
+    let _ = std::fs::remove_file(&buyers);
     assert!(
         out.status.success(),
-        "oha: {}",
+        "the load: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("oha JSON");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the load's JSON");
     let codes = report["statusCodeDistribution"]
         .as_object()
         .expect("codes")

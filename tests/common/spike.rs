@@ -10,6 +10,24 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_spike")
 }
 
+/// `examples/crowd.rs` (the load client of the benchmarks and the crowd
+/// tests) as `cargo build --example crowd` leaves it beside the `spike`
+/// binary under test: `scripts/test.sh` builds it first (`cargo test
+/// --all-targets` builds an example only as a test harness).
+pub fn crowd_bin() -> PathBuf {
+    let path = PathBuf::from(bin())
+        .parent()
+        .expect("target dir")
+        .join("examples")
+        .join("crowd");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --example crowd` first (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
 /// Writes `text` to a fresh config file in a fresh temp dir.
 pub fn write_config(text: &str) -> PathBuf {
     // A counter, not only a free port: two tests that ask at once may be
