@@ -16,6 +16,25 @@ use common::redis::RedisServer;
 use common::spike::{crowd_bin, remove_config, run};
 use common::up::{start_up, up_config};
 
+/// `n` buyers named `prefix`N, each with a token of the sale in `config`
+/// (`spike token --count`), in a file beside it.
+fn buyers_file(config: &std::path::Path, prefix: &str, n: usize) -> std::path::PathBuf {
+    let cfg = config.to_str().expect("path");
+    let tokens = run(&[
+        "token",
+        "--config",
+        cfg,
+        "--buyer",
+        prefix,
+        "--count",
+        &n.to_string(),
+    ]);
+    assert!(tokens.status.success(), "{tokens:?}");
+    let buyers = config.with_file_name("buyers.txt");
+    std::fs::write(&buyers, &tokens.stdout).expect("write buyers");
+    buyers
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crowd_waits_for_the_opening_buys_once_and_pays_or_lets_go() {
     const BUYERS: usize = 600;
@@ -35,18 +54,7 @@ async fn a_crowd_waits_for_the_opening_buys_once_and_pays_or_lets_go() {
         .replace("\n[balancer]", &format!("\n{}[balancer]", auth.section()));
     let (up, path) = start_up(&text, &ports);
     let cfg = path.to_str().expect("path");
-    let tokens = run(&[
-        "token",
-        "--config",
-        cfg,
-        "--buyer",
-        "c",
-        "--count",
-        &BUYERS.to_string(),
-    ]);
-    assert!(tokens.status.success(), "{tokens:?}");
-    let buyers = path.with_file_name("buyers.txt");
-    std::fs::write(&buyers, &tokens.stdout).expect("write buyers");
+    let buyers = buyers_file(&path, "c", BUYERS);
 
     let out = Command::new(crowd_bin())
         .args([
@@ -168,18 +176,7 @@ async fn a_crowd_in_a_waiting_room_gets_one_answer_each_in_a_fair_order() {
         );
     let (up, path) = start_up(&text, &ports);
     let cfg = path.to_str().expect("path");
-    let tokens = run(&[
-        "token",
-        "--config",
-        cfg,
-        "--buyer",
-        "w",
-        "--count",
-        &BUYERS.to_string(),
-    ]);
-    assert!(tokens.status.success(), "{tokens:?}");
-    let buyers = path.with_file_name("buyers.txt");
-    std::fs::write(&buyers, &tokens.stdout).expect("write buyers");
+    let buyers = buyers_file(&path, "w", BUYERS);
 
     // The nodes' purchases, sampled while the crowd runs.
     let c = common::http::client();

@@ -158,6 +158,33 @@ fn start_balancer(text: &str, listen: SocketAddr) -> (SpikeProcess, std::path::P
     (b, path)
 }
 
+/// A `spike up` sale of `total` on `nodes` nodes (on `redis`, or the
+/// embedded store) with `[auth]`, a `[waiting_room]` of `room` (its lines)
+/// and, when given, an opening time.
+fn room_sale(
+    total: u64,
+    nodes: usize,
+    redis: Option<&str>,
+    opens: Option<SystemTime>,
+    room: &str,
+) -> (String, Ports, TestAuth) {
+    let (text, ports) = up_config(total, nodes, redis);
+    let auth = TestAuth::new("up");
+    let opening = opens.map_or(String::new(), |at| {
+        format!("opens_at = \"{}\"\n", rfc3339(at))
+    });
+    let text = text
+        .replace(
+            "per_user_limit = 1\n",
+            &format!("per_user_limit = 1\n{opening}"),
+        )
+        .replace(
+            "\n[balancer]",
+            &format!("\n{}[waiting_room]\n{room}\n[balancer]", auth.section()),
+        );
+    (text, ports, auth)
+}
+
 const RATE: u64 = 4;
 const TOTAL: u64 = 12;
 const EARLY: usize = 100;
@@ -167,20 +194,13 @@ const LATE: usize = 12;
 async fn one_fair_line_over_two_balancers_redis() {
     let redis = RedisServer::start();
     let opens = SystemTime::now() + Duration::from_secs(5);
-    let (text, ports) = up_config(TOTAL, 2, Some(&redis.url()));
-    let auth = TestAuth::new("up");
-    let text = text
-        .replace(
-            "per_user_limit = 1\n",
-            &format!("per_user_limit = 1\nopens_at = \"{}\"\n", rfc3339(opens)),
-        )
-        .replace(
-            "\n[balancer]",
-            &format!(
-                "\n{}[waiting_room]\nadmit = \"{RATE}/s\"\npass_ttl = \"30s\"\n\n[balancer]",
-                auth.section()
-            ),
-        );
+    let (text, ports, auth) = room_sale(
+        TOTAL,
+        2,
+        Some(&redis.url()),
+        Some(opens),
+        &format!("admit = \"{RATE}/s\"\npass_ttl = \"30s\"\n"),
+    );
     let (_up, path) = start_up(&text, &ports);
     let cfg = path.to_str().expect("utf-8").to_string();
     let (text2, listen2, admin2) = second_balancer(&text, &ports);
@@ -451,14 +471,12 @@ async fn follow_stock_admits_about_the_free_tickets_redis() {
 async fn follow_stock_admits_about_the_free_tickets(redis: Option<&str>) {
     const TICKETS: u64 = 10;
     const BUYERS: usize = 40;
-    let (text, ports) = up_config(TICKETS, 2, redis);
-    let auth = TestAuth::new("up");
-    let text = text.replace(
-        "\n[balancer]",
-        &format!(
-            "\n{}[waiting_room]\nadmit = \"follow_stock\"\npass_ttl = \"20s\"\n\n[balancer]",
-            auth.section()
-        ),
+    let (text, ports, auth) = room_sale(
+        TICKETS,
+        2,
+        redis,
+        None,
+        "admit = \"follow_stock\"\npass_ttl = \"20s\"\n",
     );
     let (_up, _path) = start_up(&text, &ports);
     let c = client();
@@ -553,20 +571,13 @@ async fn follow_stock_admits_once_at_the_opening_redis() {
     const TICKETS: u64 = 10;
     let redis = RedisServer::start();
     let opens = SystemTime::now() + Duration::from_secs(3);
-    let (text, ports) = up_config(TICKETS, 1, Some(&redis.url()));
-    let auth = TestAuth::new("up");
-    let text = text
-        .replace(
-            "per_user_limit = 1\n",
-            &format!("per_user_limit = 1\nopens_at = \"{}\"\n", rfc3339(opens)),
-        )
-        .replace(
-            "\n[balancer]",
-            &format!(
-                "\n{}[waiting_room]\nadmit = \"follow_stock\"\n\n[balancer]",
-                auth.section()
-            ),
-        );
+    let (text, ports, auth) = room_sale(
+        TICKETS,
+        1,
+        Some(&redis.url()),
+        Some(opens),
+        "admit = \"follow_stock\"\n",
+    );
     let (_up, _path) = start_up(&text, &ports);
     let c = client();
     let mut buyers: Vec<Buyer> = (0..40).map(|i| Buyer::new(&format!("o{i}"))).collect();

@@ -17,7 +17,7 @@ import statistics
 import sys
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from tokens import oha, per_request  # noqa: E402
+from tokens import append, oha, per_request  # noqa: E402
 
 
 def med(xs):
@@ -82,15 +82,7 @@ def summarize(out):
                      f" | {f(m['redis_per_answer'], '.5f')} | {f(m['room_calls_per_answer'], '.5f')} |")
     if result["failed"]:
         lines += ["", "Failed runs: " + "; ".join(result["failed"])]
-    text = "\n".join(lines) + "\n"
-    with open(f"{out}/summary.md", "a") as fh:
-        fh.write(text)
-    with open(f"{out}/summary.json") as fh:
-        summary = json.load(fh)
-    summary["waiting"] = result
-    with open(f"{out}/summary.json", "w") as fh:
-        json.dump(summary, fh, indent=2, sort_keys=True)
-    print(text)
+    append(out, "waiting", result, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -647,34 +647,21 @@ fn waiting(
             body,
             "{{\"status\":\"waiting\",\"position\":{position},\"ahead\":0,\"eta_s\":1}}"
         );
-        return Reply {
-            status: StatusCode::ACCEPTED,
-            body: ReplyBody::Owned(body),
-            header: Some(super::answer::retry_after(1)),
-            cookie: new_place.then(|| {
-                let mut c = place_cookie(view, buyer, position);
-                let _ = write!(c, "; Path=/; HttpOnly; SameSite=Lax");
-                c
-            }),
-        };
+        let cookie = new_place.then(|| place_cookie(view, buyer, position));
+        return accepted(body, super::answer::retry_after(1), cookie);
     }
     if position > 0 && position <= line.serving {
         room.passes_issued.fetch_add(1, Ordering::Relaxed);
         let ttl = config.pass_ttl.as_secs().max(1);
         let expires = now + config.pass_ttl.as_millis() as u64;
         let mut cookie = pass_cookie(view, buyer, expires);
-        let _ = write!(cookie, "; Max-Age={ttl}; Path=/; HttpOnly; SameSite=Lax");
+        let _ = write!(cookie, "; Max-Age={ttl}{COOKIE_ATTRIBUTES}");
         let mut body = String::with_capacity(96);
         let _ = writeln!(
             body,
             "{{\"status\":\"admitted\",\"position\":{position},\"pass_ttl_s\":{ttl}}}"
         );
-        return Reply {
-            status: StatusCode::ACCEPTED,
-            body: ReplyBody::Owned(body),
-            header: Some(("retry-after", "0")),
-            cookie: Some(cookie),
-        };
+        return accepted(body, ("retry-after", "0"), Some(cookie));
     }
     room.waiting_answers.fetch_add(1, Ordering::Relaxed);
     let mut body = String::with_capacity(160);
@@ -736,15 +723,20 @@ fn waiting(
             5
         }
     };
-    let cookie = new_place.then(|| {
-        let mut c = place_cookie(view, buyer, position);
-        let _ = write!(c, "; Path=/; HttpOnly; SameSite=Lax");
-        c
-    });
+    let cookie = new_place.then(|| place_cookie(view, buyer, position));
+    accepted(body, super::answer::retry_after(retry), cookie)
+}
+
+/// The attributes of both cookies: sent on every path (the purchase's
+/// and the order routes'), never to scripts, not on cross-site posts.
+const COOKIE_ATTRIBUTES: &str = "; Path=/; HttpOnly; SameSite=Lax";
+
+/// A `202` of the waiting room: `body`, `Retry-After` and maybe a cookie.
+fn accepted(body: String, retry: (&'static str, &'static str), cookie: Option<String>) -> Reply {
     Reply {
         status: StatusCode::ACCEPTED,
         body: ReplyBody::Owned(body),
-        header: Some(super::answer::retry_after(retry)),
+        header: Some(retry),
         cookie,
     }
 }
@@ -753,12 +745,12 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-/// `spike_queue=EPOCH.POSITION.MAC`, the MAC over the buyer too, so a
-/// place copied to another buyer is no place.
+/// `spike_queue=EPOCH.POSITION.MAC` with its attributes, the MAC over the
+/// buyer too, so a place copied to another buyer is no place.
 fn place_cookie(view: &LineView, buyer: &str, position: u64) -> String {
     let mac = view.sign(&signed(b'q', view.state.epoch, buyer, position));
     format!(
-        "{QUEUE_COOKIE}={}.{position}.{}",
+        "{QUEUE_COOKIE}={}.{position}.{}{COOKIE_ATTRIBUTES}",
         view.state.epoch,
         b64(&mac)
     )
