@@ -7,6 +7,7 @@
 pub mod proxy_protocol;
 mod recycle;
 pub mod reuse;
+pub mod tls;
 
 pub use reuse::{Idle, Reusable};
 
@@ -97,6 +98,9 @@ pub struct ServeOptions {
     /// Which peers must open with a PROXY protocol header (read before
     /// anything else reads the socket), and which are refused.
     pub proxy_protocol: Option<Arc<dyn proxy_protocol::Gate>>,
+    /// TLS on every connection, with the certificates in force at its
+    /// handshake; such connections go to hyper (see [`tls`]).
+    pub tls: Option<Arc<dyn tls::CurrentTls>>,
 }
 
 impl ServeOptions {
@@ -117,6 +121,7 @@ impl ServeOptions {
             front: None,
             closing: None,
             proxy_protocol: None,
+            tls: None,
         }
     }
 }
@@ -356,6 +361,7 @@ pub async fn serve_with<F, S, B>(
         front,
         closing,
         proxy_protocol,
+        tls,
     } = options;
     let stopping = closing.unwrap_or_else(|| Arc::new(AtomicBool::new(false)));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -458,40 +464,49 @@ pub async fn serve_with<F, S, B>(
         let first_head_deadline = tokio::time::Instant::now() + limits.header_read_timeout;
         let hyper_side = hyper_side.clone();
         let open = open_tx.clone();
-        let ctx = front.as_ref().map(|_| ConnContext {
-            stop: stop_rx.clone(),
-            stopping: stopping.clone(),
-            header_read_timeout: limits.header_read_timeout,
-            first_head_deadline,
-            keepalive_timeout: limits.keepalive_timeout,
-            idle: idle.clone(),
-            permits: permits.clone(),
-            most,
+        // After the accept, before serving: a TLS connection goes its own
+        // way to hyper (the front reads plain sockets only).
+        let tls = tls.as_ref().map(|t| {
+            (
+                t.current(),
+                hyper_side.tls_conn(first_head_deadline, idle.clone()),
+            )
         });
+        let ctx = front
+            .as_ref()
+            .filter(|_| tls.is_none())
+            .map(|_| ConnContext {
+                stop: stop_rx.clone(),
+                stopping: stopping.clone(),
+                header_read_timeout: limits.header_read_timeout,
+                first_head_deadline,
+                keepalive_timeout: limits.keepalive_timeout,
+                idle: idle.clone(),
+                permits: permits.clone(),
+                most,
+            });
         let front = front.clone();
         let gate = proxy_protocol.clone();
         tokio::spawn(async move {
+            // Dropped in this order when the connection is done.
+            let _held = (on_loop, place, permit, open);
             // The client's address from a PROXY header, before any other
-            // read of the socket; a refused peer or a bad header closes.
+            // read of the socket (the TLS handshake's included); a refused
+            // peer or a bad header closes.
             let Some((stream, peer)) =
                 proxy_protocol::accept(gate.as_deref(), stream, peer, first_head_deadline).await
             else {
-                drop(on_loop);
-                drop(place);
-                drop(permit);
-                drop(open);
                 return;
             };
+            if let Some((config, conn)) = tls {
+                let Some(config) = config else { return };
+                let service = (hyper_side.make_service)(peer);
+                return tls::serve(stream, peer, config, service, conn).await;
+            }
             let handed = match (front, ctx) {
                 (Some(front), Some(ctx)) => match front.serve(stream, peer, ctx).await {
                     Some(handed) => handed,
-                    None => {
-                        drop(on_loop);
-                        drop(place);
-                        drop(permit);
-                        drop(open);
-                        return;
-                    }
+                    None => return,
                 },
                 _ => Handed {
                     stream,
@@ -506,10 +521,6 @@ pub async fn serve_with<F, S, B>(
             // Boxed: behind a front it is the rare case, and a connection
             // the front keeps should not carry room for it.
             Box::pin(connection.run(handed, service)).await;
-            drop(on_loop);
-            drop(place);
-            drop(permit);
-            drop(open);
         });
     }
     drop(listener);
@@ -615,6 +626,24 @@ impl<F, S> HyperSide<F>
 where
     F: Fn(SocketAddr) -> S,
 {
+    /// What a TLS connection needs of the server (see [`tls::serve`]).
+    fn tls_conn(
+        &self,
+        first_head_deadline: tokio::time::Instant,
+        idle: Option<Idle>,
+    ) -> tls::TlsConn {
+        tls::TlsConn {
+            h1: self.builder.clone(),
+            stop: self.stop.clone(),
+            stopping: self.stopping.clone(),
+            header_read_timeout: self.header_read_timeout,
+            keepalive_timeout: self.keepalive_timeout,
+            first_head_deadline,
+            send_timeout: self.send_timeout,
+            idle,
+        }
+    }
+
     /// hyper's side of the connection from `peer`: its service, behind the
     /// turn it takes requests by.
     fn connection(

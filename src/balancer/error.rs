@@ -33,6 +33,10 @@ pub enum BalancerError {
         /// What the OS said.
         source: std::io::Error,
     },
+    /// rustls refused to build the listener's TLS from certificates that
+    /// passed validation.
+    #[error("TLS on the listener: {0}")]
+    Tls(#[from] rustls::Error),
     /// Any other I/O failure (runtime start, listener address).
     #[error("{0}")]
     Io(#[from] std::io::Error),

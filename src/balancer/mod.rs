@@ -246,6 +246,7 @@ impl Balancer {
                     }) as Arc<dyn crate::server::Front>),
                     closing: Some(shared.draining.clone()),
                     proxy_protocol: Some(Arc::new(forward::client::ProxyGate(shared.clone()))),
+                    tls: TlsInForce::of(&shared),
                 },
                 move |peer| proxy_connection(&proxy_shared, 0, peer),
                 stopped(stop_rx.clone())
@@ -306,6 +307,24 @@ async fn reopen_access_log(shared: Arc<state::Shared>) {
     #[cfg(not(unix))]
     {
         let _ = shared;
+    }
+}
+
+/// The listener's TLS as the config version in force has it, for each
+/// new connection's handshake.
+struct TlsInForce(Arc<state::Shared>);
+
+impl TlsInForce {
+    /// For the accept loops: `None` when the listener has no TLS.
+    fn of(shared: &Arc<state::Shared>) -> Option<Arc<dyn crate::server::tls::CurrentTls>> {
+        shared.current.load().tls.as_ref()?;
+        Some(Arc::new(TlsInForce(shared.clone())))
+    }
+}
+
+impl crate::server::tls::CurrentTls for TlsInForce {
+    fn current(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.0.current.load().tls.clone()
     }
 }
 
@@ -415,6 +434,7 @@ fn run_worker(
                 }) as Arc<dyn crate::server::Front>),
                 closing: Some(shared.draining.clone()),
                 proxy_protocol: Some(Arc::new(forward::client::ProxyGate(shared.clone()))),
+                tls: TlsInForce::of(&shared),
             },
             move |peer| proxy_connection(&shared, worker, peer),
             stopped(stop),

@@ -41,7 +41,7 @@ use super::answer::LocalAnswer;
 use super::body::{BODY_TOO_LARGE, BodyState, ClientBody, StallTimer};
 use super::forward::client::{Peer, client_ip};
 use super::forward::headers::{
-    drop_underscored, host_is_valid, prepare_request_headers, strip_hop_by_hop,
+    drop_underscored, from_h2, host_is_valid, prepare_request_headers, strip_hop_by_hop,
 };
 use super::forward::limit::Held;
 use super::forward::{self, Conn, Failure, Plan, REPLAY_LIMIT, Reply, Transport};
@@ -207,6 +207,9 @@ pub async fn handle(
         let start = Instant::now();
         let config = &active.config;
         let (mut parts, body) = req.into_parts();
+        if parts.version == Version::HTTP_2 {
+            from_h2(&mut parts.headers, &parts.uri);
+        }
         let declared = content_length(&parts.headers);
         let host_ok = host_is_valid(&parts.headers, parts.version);
         let codings_ok = crate::http1::request::codings_are_chunked(

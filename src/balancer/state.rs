@@ -39,10 +39,22 @@ pub struct Active {
     /// only once their token verifies. Built with the version, so a reload
     /// puts new keys in force for every request after it.
     pub auth: Option<Arc<crate::auth::Authority>>,
+    /// The listener's TLS for handshakes from this version on (open
+    /// connections keep the one they began with).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Active {
-    fn build(version: u64, config: BalancerConfig, old: Option<&Active>) -> Active {
+    fn build(
+        version: u64,
+        config: BalancerConfig,
+        old: Option<&Active>,
+        sessions: Option<&crate::server::tls::Sessions>,
+    ) -> Result<Active, BalancerError> {
+        let tls = match (&config.tls, sessions) {
+            (Some(t), Some(s)) => Some(t.server_config(s)?),
+            _ => None,
+        };
         let previous: HashMap<SocketAddr, Arc<LiveState>> = old
             .map(|o| {
                 o.selector
@@ -85,12 +97,13 @@ impl Active {
                 .ok()
                 .map(Arc::new)
         });
-        Active {
+        Ok(Active {
             version,
             selector: Selector::new(config.strategy, upstreams).gated(gate),
             config,
             auth,
-        }
+            tls,
+        })
     }
 }
 
@@ -118,6 +131,15 @@ impl std::fmt::Debug for Hook {
 
 /// What a file looked like last time: modification time and length.
 type Stamp = Option<(SystemTime, u64)>;
+
+/// The stamps of the config file and of the certificate files it names
+/// (a renewed certificate is a reason to reload, as Nginx needs a HUP for).
+fn stamps(path: &std::path::Path, config: &BalancerConfig) -> Vec<Stamp> {
+    std::iter::once(path)
+        .chain(config.tls.iter().flat_map(|t| t.files()))
+        .map(stamp)
+        .collect()
+}
 
 fn stamp(path: &std::path::Path) -> Stamp {
     let m = std::fs::metadata(path).ok()?;
@@ -167,6 +189,10 @@ pub struct Shared {
     names: Mutex<HashMap<(String, u16), NameState>>,
     /// The access log, when `access_log` is set (opened at start).
     pub access_log: Option<super::access_log::AccessLog>,
+    /// TLS session resumption (ticket keys, session cache), kept across
+    /// reloads; `Some` exactly when the listener has TLS, which only a
+    /// restart changes.
+    sessions: Option<crate::server::tls::Sessions>,
     /// Called around every reload that makes a new version.
     hook: std::sync::OnceLock<Hook>,
     /// The file in force has a `[sale]` (the status page shows it).
@@ -179,7 +205,7 @@ pub struct Shared {
     node_names: ArcSwap<HashMap<SocketAddr, String>>,
     path: PathBuf,
     reloading: Mutex<()>,
-    seen: Mutex<Stamp>,
+    seen: Mutex<Vec<Stamp>>,
     last_reload: Mutex<Option<LastReload>>,
 }
 
@@ -227,9 +253,15 @@ impl Shared {
             ),
             None => None,
         };
+        let sessions = match balancer.tls {
+            Some(_) => Some(crate::server::tls::Sessions::new()?),
+            None => None,
+        };
+        let seen = stamps(&config.path, &balancer);
         Ok(Shared {
             access_log,
-            current: ArcSwap::from_pointee(Active::build(1, balancer, None)),
+            current: ArcSwap::from_pointee(Active::build(1, balancer, None, sessions.as_ref())?),
+            sessions,
             metrics: Metrics::default(),
             edge: super::edge::Edge::default(),
             limits: super::limit::Limits::default(),
@@ -239,7 +271,7 @@ impl Shared {
             server: config.server.clone(),
             workers,
             draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-            seen: Mutex::new(stamp(&config.path)),
+            seen: Mutex::new(seen),
             has_sale: std::sync::atomic::AtomicBool::new(config.sale.is_some()),
             sale: Mutex::new(config.sale.clone()),
             node_names: ArcSwap::from_pointee(node_names(&config)),
@@ -289,14 +321,20 @@ impl Shared {
 
     /// [`Shared::reload`] under its lock.
     fn reload_locked(&self, note: &mut Option<String>) -> Result<u64, BalancerError> {
-        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = stamp(&self.path);
+        let old = self.current.load_full();
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = stamps(&self.path, &old.config);
         let config = Config::load(&self.path)?;
         let balancer = config.require_balancer()?.clone();
+        if balancer.tls.is_some() != self.sessions.is_some() {
+            return Err(BalancerError::Refused(
+                "TLS on balancer.listen (tls_cert, tls_key) is turned on or off only by a restart; a reload changes the certificates"
+                    .into(),
+            ));
+        }
         *note = self.sale_changed(&config);
         if let Some(n) = note {
             tracing::warn!("{n}");
         }
-        let old = self.current.load_full();
         if balancer == old.config {
             // Whether the page shows a sale is no part of the version.
             self.set_has_sale(&config);
@@ -314,7 +352,12 @@ impl Shared {
         if let Some(h) = hook {
             h.0.before(&config).map_err(BalancerError::Refused)?;
         }
-        let next = Active::build(old.version + 1, balancer, Some(&old));
+        let next = Active::build(
+            old.version + 1,
+            balancer,
+            Some(&old),
+            self.sessions.as_ref(),
+        )?;
         let version = next.version;
         tracing::info!(
             version,
@@ -333,6 +376,19 @@ impl Shared {
             })
             .map(|u| u.live.clone())
             .collect();
+        if next.config.tls != old.config.tls {
+            // The new certificates' files, as they were read.
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            let config_file = seen.first().copied().flatten();
+            *seen = stamps(&self.path, &next.config);
+            if let Some(first) = seen.first_mut() {
+                *first = config_file;
+            }
+            tracing::info!(
+                version = next.version,
+                "new TLS certificates in force for new connections"
+            );
+        }
         self.current.store(Arc::new(next));
         self.set_has_sale(&config);
         if let Some(h) = hook {
@@ -402,7 +458,14 @@ impl Shared {
         if !changed {
             return;
         }
-        let next = Active::build(old.version + 1, config, Some(&old));
+        let next = match Active::build(old.version + 1, config, Some(&old), self.sessions.as_ref())
+        {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::error!(error = %e, "no new version for the new upstream address: the TLS config could not be built");
+                return;
+            }
+        };
         tracing::info!(
             version = next.version,
             "new version for the new upstream address"
@@ -482,7 +545,8 @@ impl Shared {
 
     /// Whether the file changed since the last load or reload attempt.
     pub fn changed_on_disk(&self) -> bool {
-        let now = stamp(&self.path);
-        now.is_some() && now != *self.seen.lock().unwrap_or_else(|e| e.into_inner())
+        let now = stamps(&self.path, &self.current.load().config);
+        now.first().is_some_and(Option::is_some)
+            && now != *self.seen.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

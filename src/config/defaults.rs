@@ -107,6 +107,7 @@ impl Default for BalancerConfig {
         BalancerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
             admin: SocketAddr::from(([127, 0, 0, 1], 8001)),
+            tls: None,
             strategy: Strategy::WeightedRoundRobin,
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(10),

@@ -96,6 +96,10 @@ pub(super) struct BalancerFile {
     pub(super) listen: Option<Spanned<String>>,
     pub(super) strategy: Option<Spanned<String>>,
     pub(super) admin: Option<Spanned<String>>,
+    pub(super) tls_cert: Option<Spanned<String>>,
+    pub(super) tls_key: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) tls_sni: Vec<Spanned<SniFile>>,
     pub(super) connect_timeout: Option<Spanned<String>>,
     pub(super) response_timeout: Option<Spanned<String>>,
     pub(super) keepalive: Option<Spanned<i64>>,
@@ -136,6 +140,16 @@ pub(super) struct BalancerFile {
     pub(super) limit_conns: Option<Spanned<i64>>,
     #[serde(default)]
     pub(super) upstream: Vec<Spanned<UpstreamFile>>,
+}
+
+/// One `[[balancer.tls_sni]]` as written: a certificate and the names it
+/// is for.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SniFile {
+    pub(super) names: Spanned<Vec<Spanned<String>>>,
+    pub(super) cert: Spanned<String>,
+    pub(super) key: Spanned<String>,
 }
 
 /// One `[[balancer.upstream]]` as written.

@@ -188,6 +188,10 @@ pub struct BalancerConfig {
     pub listen: SocketAddr,
     /// Where `/healthz`, `/status`, `/metrics` are served.
     pub admin: SocketAddr,
+    /// TLS on `listen` (`tls_cert`, `tls_key` and `[[balancer.tls_sni]]`),
+    /// the files read and checked; `None`: plain HTTP. Whether there is
+    /// TLS is fixed at start; a reload changes the certificates.
+    pub tls: Option<crate::server::tls::ListenerTls>,
     /// How upstreams are picked.
     pub strategy: Strategy,
     /// Bound on connecting to an upstream.

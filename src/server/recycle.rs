@@ -166,6 +166,63 @@ impl Turn {
     }
 }
 
+/// Nginx's `send_timeout` on a client socket's writes: a connection whose
+/// client takes no byte for that long fails.
+pub(super) struct SendClock {
+    /// How long a write may wait for the client to take bytes.
+    limit: Option<std::time::Duration>,
+    /// The send deadline, made on the first write that had to wait (most
+    /// connections never wait) and moved for every later one.
+    stalled: Option<Pin<Box<Sleep>>>,
+    /// Whether `stalled` runs for the write waiting now.
+    waiting: bool,
+}
+
+impl SendClock {
+    /// A clock for `limit` (none: writes may wait for ever).
+    pub(super) fn new(limit: Option<std::time::Duration>) -> SendClock {
+        SendClock {
+            limit,
+            stalled: None,
+            waiting: false,
+        }
+    }
+
+    /// After a write: one that went through ends the wait; one that must
+    /// wait starts (or goes on with) the send deadline, and fails with
+    /// `TimedOut` once the client took nothing for the limit.
+    pub(super) fn check<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.waiting = false;
+            return polled;
+        }
+        let Some(limit) = self.limit else {
+            return polled;
+        };
+        if !self.waiting {
+            self.waiting = true;
+            let deadline = tokio::time::Instant::now() + limit;
+            match &mut self.stalled {
+                Some(s) => s.as_mut().reset(deadline),
+                None => self.stalled = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        if let Some(s) = &mut self.stalled
+            && s.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took no response byte within send_timeout",
+            )));
+        }
+        polled
+    }
+}
+
 /// The socket as hyper sees it: reads that find nothing while the connection
 /// is idle end the hyper connection instead of waiting.
 pub(super) struct HandBack {
@@ -178,13 +235,8 @@ pub(super) struct HandBack {
     permits: Arc<Semaphore>,
     /// The most connections the server allows.
     most: usize,
-    /// How long a write may wait for the client to take bytes.
-    send_timeout: Option<std::time::Duration>,
-    /// The send deadline, made on the first write that had to wait (most
-    /// connections never wait) and moved for every later one.
-    stalled: Option<Pin<Box<Sleep>>>,
-    /// Whether `stalled` runs for the write waiting now.
-    waiting: bool,
+    /// `send_timeout` on its writes.
+    send: SendClock,
     /// The last four bytes handed to hyper (a new hyper connection starts
     /// where a request head ended), for [`PARTIAL`].
     last4: u32,
@@ -205,9 +257,7 @@ impl HandBack {
             turn,
             permits,
             most,
-            send_timeout,
-            stalled: None,
-            waiting: false,
+            send: SendClock::new(send_timeout),
             last4: HEAD_END,
         }
     }
@@ -227,37 +277,16 @@ impl HandBack {
         }
     }
 
-    /// After a write: one that went through ends the wait; one that must
-    /// wait starts (or goes on with) the send deadline, and fails the
-    /// connection once the client took nothing for `send_timeout`.
-    fn send_deadline<T>(
+    /// A write under `send_timeout`; one that times out marks the
+    /// connection closed.
+    fn timed<T>(
         &mut self,
         cx: &mut Context<'_>,
         polled: Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>> {
-        if polled.is_ready() {
-            self.waiting = false;
-            return polled;
-        }
-        let Some(limit) = self.send_timeout else {
-            return polled;
-        };
-        if !self.waiting {
-            self.waiting = true;
-            let deadline = tokio::time::Instant::now() + limit;
-            match &mut self.stalled {
-                Some(s) => s.as_mut().reset(deadline),
-                None => self.stalled = Some(Box::pin(tokio::time::sleep_until(deadline))),
-            }
-        }
-        if let Some(s) = &mut self.stalled
-            && s.as_mut().poll(cx).is_ready()
-        {
+        let polled = self.send.check(cx, polled);
+        if matches!(&polled, Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::TimedOut) {
             self.turn.set(CLOSED);
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the client took no response byte within send_timeout",
-            )));
         }
         polled
     }
@@ -324,7 +353,7 @@ impl AsyncWrite for HandBack {
     ) -> Poll<io::Result<usize>> {
         self.turn.set(UNFLUSHED);
         let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
-        self.send_deadline(cx, polled)
+        self.timed(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -334,7 +363,7 @@ impl AsyncWrite for HandBack {
     ) -> Poll<io::Result<usize>> {
         self.turn.set(UNFLUSHED);
         let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
-        self.send_deadline(cx, polled)
+        self.timed(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {

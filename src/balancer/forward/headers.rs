@@ -47,6 +47,32 @@ pub fn host_is_valid(h: &HeaderMap, version: Version) -> bool {
     }
 }
 
+/// An HTTP/2 request's head as an HTTP/1.1 upstream must get it (RFC 9113
+/// 8.3.1 and 8.2.3): the `:authority` pseudo-header becomes `Host` when the
+/// client sent no `Host` (it is the same field in HTTP/2; one without
+/// either is then refused by [`host_is_valid`], as a Host-less HTTP/1.1
+/// request is), and `Cookie` fields split for HTTP/2's header compression
+/// are joined again with `; `, since an HTTP/1.1 server expects one line.
+pub fn from_h2(h: &mut HeaderMap, uri: &hyper::Uri) {
+    if !h.contains_key(HOST)
+        && let Some(authority) = uri.authority()
+        && let Ok(v) = HeaderValue::from_str(authority.as_str())
+    {
+        h.insert(HOST, v);
+    }
+    let mut cookies = h.get_all(hyper::header::COOKIE).iter();
+    if let (Some(first), Some(_)) = (cookies.next(), cookies.next()) {
+        let mut joined = first.as_bytes().to_vec();
+        for c in h.get_all(hyper::header::COOKIE).iter().skip(1) {
+            joined.extend_from_slice(b"; ");
+            joined.extend_from_slice(c.as_bytes());
+        }
+        if let Ok(v) = HeaderValue::from_bytes(&joined) {
+            h.insert(hyper::header::COOKIE, v);
+        }
+    }
+}
+
 /// Removes request headers whose name has an underscore (Nginx's
 /// `underscores_in_headers off`): CGI and WSGI backends turn `-` and `_`
 /// alike into `_`, so `X_Real_IP` would override the `X-Real-IP` the
@@ -235,6 +261,34 @@ mod tests {
         assert!(!host_is_valid(&two, Version::HTTP_11));
         assert!(!host_is_valid(&HeaderMap::new(), Version::HTTP_11));
         assert!(host_is_valid(&HeaderMap::new(), Version::HTTP_10));
+        assert!(!host_is_valid(&HeaderMap::new(), Version::HTTP_2));
+    }
+
+    #[test]
+    fn an_h2_head_gets_host_from_authority_and_one_cookie_line() {
+        let uri: hyper::Uri = "https://shop.example/buy/ticket".parse().expect("uri");
+        let mut h = HeaderMap::new();
+        h.append(hyper::header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(
+            hyper::header::COOKIE,
+            HeaderValue::from_static("spike_token=t"),
+        );
+        from_h2(&mut h, &uri);
+        assert_eq!(
+            h.get(HOST).map(HeaderValue::as_bytes),
+            Some(&b"shop.example"[..])
+        );
+        let cookies: Vec<_> = h.get_all(hyper::header::COOKIE).iter().collect();
+        assert_eq!(cookies, [HeaderValue::from_static("a=1; spike_token=t")]);
+        assert!(host_is_valid(&h, Version::HTTP_2));
+        // A Host the client sent stays.
+        let mut h = HeaderMap::new();
+        h.insert(HOST, HeaderValue::from_static("other.example"));
+        from_h2(&mut h, &uri);
+        assert_eq!(
+            h.get(HOST).map(HeaderValue::as_bytes),
+            Some(&b"other.example"[..])
+        );
     }
 
     #[test]

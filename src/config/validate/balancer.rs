@@ -16,6 +16,7 @@ use crate::config::sections::{
     AccessLogFormat, BalancerConfig, ClientLimits, HealthCheck, NodeConfig, RateLimit, Strategy,
     UpstreamConfig, UpstreamName,
 };
+use crate::server::tls::{CertPart, CertRefusal, ListenerTls, TlsCert};
 
 /// `[balancer]`; without one, the defaults in front of the `[[node]]`s, or
 /// `None` when there are no nodes either. `has_sale`: the file has a
@@ -43,6 +44,7 @@ pub(super) fn validate(
         cx.socket_addr("balancer.listen", v)
     })?;
     let admin = optional(&b.admin, d.admin, |v| cx.socket_addr("balancer.admin", v))?;
+    let tls = tls(cx, b)?;
     let strategy = optional(&b.strategy, d.strategy, |v| strategy(cx, v))?;
     let trusted_proxies = trusted_proxies(cx, &b.trusted_proxies)?;
     let proxy_protocol = b.proxy_protocol.as_ref().is_some_and(|p| *p.get_ref());
@@ -104,6 +106,7 @@ pub(super) fn validate(
     Ok(Some(BalancerConfig {
         listen,
         admin,
+        tls,
         strategy,
         connect_timeout: optional(&b.connect_timeout, d.connect_timeout, |v| {
             cx.duration("balancer.connect_timeout", v)
@@ -191,6 +194,118 @@ pub(super) fn validate(
         sale_closes_at_ms: 0,
         waiting_room: None,
     }))
+}
+
+/// `tls_cert` and `tls_key` (the default certificate) and the
+/// `[[balancer.tls_sni]]` certificates, each file read and checked now (a
+/// key that is not the certificate's, a name the certificate does not
+/// cover), so that a bad file is refused with its line, at start or by a
+/// reload, and never at a client's handshake.
+fn tls(cx: &Cx, b: &BalancerFile) -> Result<Option<ListenerTls>, ConfigError> {
+    let dir = cx.path.parent();
+    let (cert, key) = match (&b.tls_cert, &b.tls_key) {
+        (None, None) => {
+            if let Some(sni) = b.tls_sni.first() {
+                return Err(cx.err(
+                    "balancer.tls_sni",
+                    sni.span(),
+                    "needs `tls_cert` and `tls_key`: the default certificate, for clients that ask for no name or another",
+                ));
+            }
+            return Ok(None);
+        }
+        (Some(c), None) => {
+            return Err(cx.err(
+                "balancer.tls_cert",
+                c.span(),
+                "needs `tls_key`, the certificate's private key (PEM)",
+            ));
+        }
+        (None, Some(k)) => {
+            return Err(cx.err(
+                "balancer.tls_key",
+                k.span(),
+                "needs `tls_cert`, the certificate (PEM) of this key",
+            ));
+        }
+        (Some(c), Some(k)) => (c, k),
+    };
+    for (name, v) in [("balancer.tls_cert", cert), ("balancer.tls_key", key)] {
+        if v.get_ref().trim().is_empty() {
+            return Err(cx.err(name, v.span(), "must name a PEM file"));
+        }
+    }
+    let mut certs = vec![
+        TlsCert::load(dir, &[], cert.get_ref(), key.get_ref()).map_err(|e| {
+            cert_refused(
+                cx,
+                e,
+                ["balancer.tls_cert", "balancer.tls_key", ""],
+                [cert, key],
+                &[],
+            )
+        })?,
+    ];
+    let mut seen = HashSet::new();
+    for sni in &b.tls_sni {
+        let sni = sni.get_ref();
+        if sni.names.get_ref().is_empty() {
+            return Err(cx.err(
+                "balancer.tls_sni.names",
+                sni.names.span(),
+                "must list the names (SNI) this certificate is for",
+            ));
+        }
+        for n in sni.names.get_ref() {
+            if !seen.insert(n.get_ref().trim().to_ascii_lowercase()) {
+                return Err(cx.err(
+                    "balancer.tls_sni.names",
+                    n.span(),
+                    format!("{:?} is listed for two certificates", n.get_ref()),
+                ));
+            }
+        }
+        let names: Vec<String> = sni
+            .names
+            .get_ref()
+            .iter()
+            .map(|n| n.get_ref().clone())
+            .collect();
+        certs.push(
+            TlsCert::load(dir, &names, sni.cert.get_ref(), sni.key.get_ref()).map_err(|e| {
+                cert_refused(cx, e, SNI_KEYS, [&sni.cert, &sni.key], sni.names.get_ref())
+            })?,
+        );
+    }
+    Ok(Some(ListenerTls { certs }))
+}
+
+/// The keys of a `[[balancer.tls_sni]]`: certificate, key, names.
+const SNI_KEYS: [&str; 3] = [
+    "balancer.tls_sni.cert",
+    "balancer.tls_sni.key",
+    "balancer.tls_sni.names",
+];
+
+/// A refused certificate as the config error about its key and line:
+/// `keys` are the certificate's, the key's and the names' keys, `files`
+/// the certificate's and key's values.
+fn cert_refused(
+    cx: &Cx,
+    e: CertRefusal,
+    keys: [&str; 3],
+    [cert, key]: [&Spanned<String>; 2],
+    names: &[Spanned<String>],
+) -> ConfigError {
+    match e.part {
+        CertPart::Cert => cx.err(keys[0], cert.span(), e.message),
+        CertPart::Key => cx.err(keys[1], key.span(), e.message),
+        CertPart::Name(i) => cx.err(
+            keys[2],
+            names.get(i).map_or(cert.span(), |n| n.span()),
+            e.message,
+        ),
+    }
 }
 
 /// `limit_rate` (with `limit_burst` and `limit_nodelay`, which do nothing
