@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 use crate::common::spike::write_config;
 
 pub mod recorder;
+pub mod tls;
 
 /// One upstream line of a test config.
 pub struct Up {

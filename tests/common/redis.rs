@@ -279,6 +279,15 @@ pub struct TestPki {
     pub dir: PathBuf,
 }
 
+/// `openssl req`'s arguments for a new EC P-256 key without a passphrase.
+const EC_P256: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:P-256",
+    "-nodes",
+];
+
 impl TestPki {
     /// Makes the files (EC P-256 keys: quick to generate).
     pub fn new() -> TestPki {
@@ -287,67 +296,63 @@ impl TestPki {
         let dir = std::env::temp_dir().join(format!("spike-pki-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("create pki dir");
         let pki = TestPki { dir };
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-        ];
         pki.openssl(
             &[
                 &["req", "-x509"],
-                &ec[..],
+                &EC_P256[..],
                 &["-keyout", "ca.key", "-out", "ca.crt"],
             ]
             .concat(),
             "/CN=spike-test-ca",
         );
-        for (name, cn, ext) in [
-            (
-                "server",
-                "/CN=localhost",
-                "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-            ),
-            (
-                "client",
-                "/CN=spike-test-client",
-                "extendedKeyUsage=clientAuth\n",
-            ),
-        ] {
-            let (key, csr, crt, extfile) = (
-                format!("{name}.key"),
-                format!("{name}.csr"),
-                format!("{name}.crt"),
-                format!("{name}.ext"),
-            );
-            std::fs::write(pki.dir.join(&extfile), ext).expect("write ext");
-            pki.openssl(
-                &[&["req"], &ec[..], &["-keyout", &key, "-out", &csr]].concat(),
-                cn,
-            );
-            pki.openssl(
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    &csr,
-                    "-CA",
-                    "ca.crt",
-                    "-CAkey",
-                    "ca.key",
-                    "-CAcreateserial",
-                    "-days",
-                    "2",
-                    "-out",
-                    &crt,
-                    "-extfile",
-                    &extfile,
-                ],
-                "",
-            );
-        }
+        pki.issue(
+            "server",
+            "/CN=localhost",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        );
+        pki.issue(
+            "client",
+            "/CN=spike-test-client",
+            "extendedKeyUsage=clientAuth",
+        );
         pki
+    }
+
+    /// Makes `NAME.key` and `NAME.crt` (an EC P-256 key, a certificate
+    /// for `cn` signed by the CA, with the extension line `ext`, such as
+    /// `subjectAltName=DNS:shop.test`).
+    pub fn issue(&self, name: &str, cn: &str, ext: &str) {
+        let (key, csr, crt, extfile) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+            format!("{name}.ext"),
+        );
+        std::fs::write(self.dir.join(&extfile), format!("{ext}\n")).expect("write ext");
+        self.openssl(
+            &[&["req"], &EC_P256[..], &["-keyout", &key, "-out", &csr]].concat(),
+            cn,
+        );
+        self.openssl(
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                &crt,
+                "-extfile",
+                &extfile,
+            ],
+            "",
+        );
     }
 
     fn openssl(&self, args: &[&str], subject: &str) {
