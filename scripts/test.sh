@@ -2,7 +2,8 @@
 # The one command that passes the tests on a fresh machine: installs what the
 # tests need when it is missing (redis-server, with redis-cli for the Cluster
 # test and Sentinel in the same binary; nginx; haproxy; faketime; chromium for the
-# status page test; and openssl, which makes the certificates of the TLS
+# status page test; openssl, which makes the certificates of the TLS
+# tests and is their `s_client`; and curl, the HTTP/2 client of the HTTPS
 # tests; all from Debian's packages), then runs the whole suite.
 # CI calls this same script.
 set -euo pipefail
@@ -16,6 +17,7 @@ command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(hapr
 command -v faketime >/dev/null 2>&1 || missing+=(faketime)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
 if [ "${#missing[@]}" -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
