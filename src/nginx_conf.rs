@@ -255,12 +255,10 @@ http {{
     let connect_timeout = nginx_time(balancer.connect_timeout);
     let read_timeout = nginx_time(balancer.response_timeout);
     let limits = limit_lines(balancer);
+    let mut body = String::new();
     let _ = write!(
-        o,
-        "
-    server {{
-        listen {listen}{proxy_protocol};
-        {underscores}
+        body,
+        "        {underscores}
         client_max_body_size {max_body};
         {header_buffers}
         client_body_timeout {body_timeout};
@@ -289,9 +287,77 @@ http {{
 
 "
     );
-    locations(&mut o, balancer);
-    o.push_str("    }\n}\n");
+    locations(&mut body, balancer);
+    servers(&mut o, balancer, listen, proxy_protocol, &body);
+    o.push_str("}\n");
     o
+}
+
+/// The `server` blocks: one on plain HTTP; with TLS, one per certificate
+/// (the first, the default server, for clients that ask for no name or
+/// another; each other one for its `server_name`s, as spike picks by SNI),
+/// each with `body`, the proxying every block shares, and the listen
+/// line's `proxy_protocol` flag when the file has it.
+fn servers(
+    o: &mut String,
+    balancer: &BalancerConfig,
+    listen: SocketAddr,
+    proxy_protocol: &str,
+    body: &str,
+) {
+    let Some(tls) = &balancer.tls else {
+        let _ = write!(
+            o,
+            "\n    server {{\n        listen {listen}{proxy_protocol};\n{body}    }}\n"
+        );
+        return;
+    };
+    for (i, cert) in tls.certs.iter().enumerate() {
+        let _ = write!(o, "\n    server {{\n");
+        if i == 0 {
+            line(
+                o,
+                2,
+                "# TLS as spike's: TLS 1.2 and 1.3, ALPN h2 and http/1.1 (http2",
+            );
+            line(
+                o,
+                2,
+                "# on the listen line: Nginx 1.22 has no `http2 on`), session",
+            );
+            line(
+                o,
+                2,
+                "# tickets, and a session cache for resumption by id (spike keeps",
+            );
+            line(
+                o,
+                2,
+                "# 20,000 sessions by id; 10m holds about 40,000), tickets valid",
+            );
+            line(o, 2, "# as long as spike's ticket keys (6h).");
+        }
+        line(o, 2, &format!("listen {listen} ssl http2{proxy_protocol};"));
+        if !cert.names.is_empty() {
+            line(o, 2, &format!("server_name {};", cert.names.join(" ")));
+        }
+        line(
+            o,
+            2,
+            &format!("ssl_certificate {};", cert.cert_file.display()),
+        );
+        line(
+            o,
+            2,
+            &format!("ssl_certificate_key {};", cert.key_file.display()),
+        );
+        line(o, 2, "ssl_protocols TLSv1.2 TLSv1.3;");
+        line(o, 2, "ssl_session_cache shared:SSL:10m;");
+        line(o, 2, "ssl_session_tickets on;");
+        line(o, 2, "ssl_session_timeout 6h;");
+        o.push_str(body);
+        line(o, 1, "}");
+    }
 }
 
 /// The zone of `limit_rate` (Nginx's `limit_req_zone`) and of

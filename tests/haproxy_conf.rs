@@ -2,6 +2,7 @@
 //! package, installed by scripts/test.sh): every strategy's file passes
 //! `haproxy -c`, and one balances traffic over real backends by the weights.
 
+mod balancer_support;
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -339,6 +340,73 @@ async fn real_haproxy_passes_only_the_public_api_of_a_sale() {
         backend.served.load(std::sync::atomic::Ordering::Relaxed),
         passed
     );
+    let _ = std::fs::remove_file(&cfg);
+    remove_config(&config);
+}
+
+/// With TLS: the generated file passes `haproxy -c` (once the keys are
+/// where `spike haproxy-conf` says HAProxy looks for them), and the real
+/// HAProxy serves what spike serves: HTTP/2 by ALPN (`curl --http2`), the
+/// default certificate, and the other one for its name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_haproxy_serves_the_same_tls_h2_and_sni() {
+    use balancer_support::tls::{API, Certs, SHOP, curl_h2, served_certificate};
+    let certs = Certs::new();
+    let backend = Backend::start("b").await;
+    let port = common::free_port();
+    let config = balancer_file(
+        "round_robin",
+        port,
+        &format!(
+            "{}\n[[balancer.upstream]]\naddr = \"{}\"\n{}",
+            certs.balancer_lines(),
+            backend.addr,
+            certs.sni_table()
+        ),
+    );
+    let args = [
+        "haproxy-conf",
+        "--config",
+        config.to_str().expect("path"),
+        "--threads",
+        "1",
+    ];
+    let out = run(&args);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    // The keys are in files of their own: each note says how to link it.
+    let links: Vec<&str> = said
+        .lines()
+        .filter_map(|l| l.split_once(": ln -s ").map(|(_, l)| l))
+        .collect();
+    assert_eq!(links.len(), 2, "{said}");
+    for link in links {
+        let (key, name) = link.split_once(' ').expect("two paths");
+        std::os::unix::fs::symlink(key, name).expect("link");
+    }
+    let cfg = generate(&config, &["--threads", "1"]);
+    let text = checked(&cfg, "tls");
+    assert!(text.contains(" ssl crt "), "{text}");
+    assert!(text.contains("alpn h2,http/1.1"), "{text}");
+    let _haproxy = HaProxy(
+        Command::new(haproxy())
+            .arg("-f")
+            .arg(&cfg)
+            .arg("-db")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start haproxy"),
+    );
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    tokio::task::spawn_blocking(move || wait_listening(&addr.to_string(), Duration::from_secs(10)))
+        .await
+        .expect("wait for haproxy");
+    // Blocking calls in the test's task: the backend runs on the other
+    // worker thread.
+    let (status, body) = curl_h2(&certs, addr, "GET", "/");
+    assert_eq!((status.as_str(), body.as_str()), ("2 200", "b"));
+    assert!(served_certificate(addr, API).contains("CN = api.test"));
+    assert!(served_certificate(addr, SHOP).contains("CN = shop.test"));
     let _ = std::fs::remove_file(&cfg);
     remove_config(&config);
 }

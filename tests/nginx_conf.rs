@@ -4,6 +4,7 @@
 //! Nginx is a required test dependency (Debian's `nginx` package): a missing
 //! binary fails the test instead of skipping it.
 
+mod balancer_support;
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -632,6 +633,58 @@ async fn real_nginx_passes_only_the_public_api_of_a_sale() {
         passed,
         "only the public API reached the backend"
     );
+    drop(nginx);
+    remove_config(&config);
+}
+
+/// With TLS: the generated file passes `nginx -t`, and the real Nginx
+/// serves what spike serves: HTTP/2 by ALPN (`curl --http2`), the default
+/// certificate, and the `[[balancer.tls_sni]]` one for its name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_nginx_serves_the_same_tls_h2_and_sni() {
+    use balancer_support::tls::{API, Certs, SHOP, curl_h2, served_certificate};
+    let certs = Certs::new();
+    let backend = Backend::start("b").await;
+    let port = common::free_port();
+    let text = balancer_config(
+        "round_robin",
+        port,
+        &format!(
+            "{}\n[[balancer.upstream]]\naddr = \"{}\"\n{}",
+            certs.balancer_lines(),
+            backend.addr,
+            certs.sni_table()
+        ),
+    );
+    let config = write_config(&text);
+    let dir = generate(&config, &["--workers", "1"]);
+    nginx_t(&dir);
+    let conf = conf_text(&dir);
+    assert!(
+        conf.contains(&format!("listen 127.0.0.1:{port} ssl http2;")),
+        "{conf}"
+    );
+    assert!(conf.contains(&format!("server_name {API};")), "{conf}");
+    let nginx = Nginx::start(&dir);
+    let addr = format!("127.0.0.1:{port}");
+    tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || wait_listening(&addr, Duration::from_secs(10))
+    })
+    .await
+    .expect("wait for nginx");
+    let addr: std::net::SocketAddr = addr.parse().expect("addr");
+    // Blocking calls in the test's task: the backend runs on the other
+    // worker thread.
+    let (status, body) = curl_h2(&certs, addr, "GET", "/");
+    assert_eq!(
+        (status.as_str(), body.as_str()),
+        ("2 200", "b"),
+        "{}",
+        nginx.log()
+    );
+    assert!(served_certificate(addr, API).contains("CN = api.test"));
+    assert!(served_certificate(addr, SHOP).contains("CN = shop.test"));
     drop(nginx);
     remove_config(&config);
 }

@@ -9,71 +9,17 @@
 mod balancer_support;
 mod common;
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use balancer_support::tls::{API, Certs, SHOP, Transport, h2_send};
+use balancer_support::tls::{
+    API, Certs, SHOP, Transport, curl_h2, h2_send, s_client, served_certificate,
+};
 use balancer_support::{Running, Up, config_text, up};
 use common::backend::Backend;
 use common::spike::{SpikeProcess, wait_listening, write_config};
 use tokio::io::AsyncWriteExt;
-
-/// `openssl s_client` to `addr` with `args`, sending `input`; its output.
-fn s_client(addr: SocketAddr, args: &[&str], input: &str) -> String {
-    let mut child = Command::new("openssl")
-        .arg("s_client")
-        .arg("-connect")
-        .arg(addr.to_string())
-        .args(args)
-        // With a request to send: read the answer to the server's close,
-        // not only to the end of the input.
-        .args(if input.is_empty() {
-            &[][..]
-        } else {
-            &["-ign_eof"][..]
-        })
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("openssl must be installed (run scripts/test.sh)");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input.as_bytes())
-        .expect("write");
-    let out = child.wait_with_output().expect("s_client");
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// The subject's CN and serial of the certificate `name` gets from `addr`.
-fn served_certificate(addr: SocketAddr, name: &str) -> String {
-    let shown = s_client(addr, &["-servername", name, "-showcerts"], "");
-    let pem_start = shown
-        .find("-----BEGIN CERTIFICATE-----")
-        .expect("a certificate");
-    let pem_end = shown.find("-----END CERTIFICATE-----").expect("its end") + 25;
-    let mut x509 = Command::new("openssl")
-        .args(["x509", "-noout", "-subject", "-serial"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("openssl");
-    x509.stdin
-        .take()
-        .expect("stdin")
-        .write_all(shown[pem_start..pem_end].as_bytes())
-        .expect("write");
-    let out: Output = x509.wait_with_output().expect("x509");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// A `spike balancer` process with TLS in front of `backend`.
 fn tls_balancer(
@@ -280,20 +226,7 @@ fn curl_http2_buys_a_ticket_end_to_end_and_hears_sold_out_from_the_edge() {
     for a in &addrs {
         wait_listening(&a.to_string(), Duration::from_secs(20));
     }
-    let ca = certs.pki.file("ca.crt");
-    let curl = |method: &str, path: &str| -> (String, String) {
-        let out = Command::new("curl")
-            .args(["-s", "--http2", "--cacert", &ca, "-X", method])
-            .arg("--resolve")
-            .arg(format!("{SHOP}:{}:127.0.0.1", addrs[0].port()))
-            .args(["-w", "\n%{http_version} %{http_code}"])
-            .arg(format!("https://{SHOP}:{}{path}", addrs[0].port()))
-            .output()
-            .expect("curl must be installed (run scripts/test.sh)");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, status) = text.rsplit_once('\n').unwrap_or((&text, ""));
-        (status.to_string(), body.to_string())
-    };
+    let curl = |method: &str, path: &str| curl_h2(&certs, addrs[0], method, path);
     let (status, body) = curl("POST", "/buy/ticket?user=alice");
     assert_eq!(status, "2 200", "{body}");
     assert_eq!(common::http::json(&body)["status"], "sold", "{body}");

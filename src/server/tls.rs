@@ -175,10 +175,13 @@ impl TlsCert {
             })?;
             lowered.push(name);
         }
+        // Absolute, for the configs `nginx-conf` and `haproxy-conf` print
+        // (whose relative paths would be from another directory).
+        let absolute = |p: PathBuf| std::fs::canonicalize(&p).unwrap_or(p);
         Ok(TlsCert {
             names: lowered,
-            cert_file,
-            key_file,
+            cert_file: absolute(cert_file),
+            key_file: absolute(key_file),
             key: Arc::new(certified),
             digest: digest.finalize().into(),
         })

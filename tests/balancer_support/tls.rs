@@ -3,7 +3,9 @@
 //! and clients over rustls (HTTP/1.1 bytes, or hyper's HTTP/2) that trust
 //! that CA.
 
+use std::io::Write;
 use std::net::SocketAddr;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -274,4 +276,83 @@ impl Transport {
         }
         out
     }
+}
+
+/// `openssl s_client` to `addr` with `args`, sending `input`; its output.
+pub fn s_client(addr: SocketAddr, args: &[&str], input: &str) -> String {
+    let mut child = Command::new("openssl")
+        .arg("s_client")
+        .arg("-connect")
+        .arg(addr.to_string())
+        .args(args)
+        // With a request to send: read the answer to the server's close,
+        // not only to the end of the input.
+        .args(if input.is_empty() {
+            &[][..]
+        } else {
+            &["-ign_eof"][..]
+        })
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl must be installed (run scripts/test.sh)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("s_client");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The subject's CN and serial of the certificate `name` gets from `addr`.
+pub fn served_certificate(addr: SocketAddr, name: &str) -> String {
+    let shown = s_client(addr, &["-servername", name, "-showcerts"], "");
+    let pem_start = shown
+        .find("-----BEGIN CERTIFICATE-----")
+        .expect("a certificate");
+    let pem_end = shown.find("-----END CERTIFICATE-----").expect("its end") + 25;
+    let mut x509 = Command::new("openssl")
+        .args(["x509", "-noout", "-subject", "-serial"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("openssl");
+    x509.stdin
+        .take()
+        .expect("stdin")
+        .write_all(shown[pem_start..pem_end].as_bytes())
+        .expect("write");
+    let out = x509.wait_with_output().expect("x509");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `curl --http2` (HTTPS, trusting `certs`' CA, asking for [`SHOP`]) to
+/// `path` on `addr` with `method`: curl's `"HTTP-VERSION STATUS"` (`"2
+/// 200"`) and the body.
+pub fn curl_h2(certs: &Certs, addr: SocketAddr, method: &str, path: &str) -> (String, String) {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "--http2",
+            "--cacert",
+            &certs.pki.file("ca.crt"),
+            "-X",
+            method,
+        ])
+        .arg("--resolve")
+        .arg(format!("{SHOP}:{}:127.0.0.1", addr.port()))
+        .args(["-w", "\n%{http_version} %{http_code}"])
+        .arg(format!("https://{SHOP}:{}{path}", addr.port()))
+        .output()
+        .expect("curl must be installed (run scripts/test.sh)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or((&text, ""));
+    (status.to_string(), body.to_string())
 }
