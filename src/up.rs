@@ -372,10 +372,14 @@ pub fn banner(config: &Config, stored: &Snapshot) -> String {
     if let Some(differs) = crate::stock::sale_differs(sale, stored) {
         let _ = writeln!(s, "  note: {differs}");
     }
+    // The balancer's own address as clients reach it (HTTPS with TLS on).
+    let front = match b.tls {
+        Some(_) => format!("https://{}", b.listen),
+        None => format!("http://{}", b.listen),
+    };
     let _ = writeln!(
         s,
-        "  balancer  http://{}  ({}, admin on http://{})",
-        b.listen,
+        "  balancer  {front}  ({}, admin on http://{})",
         b.strategy.as_str(),
         b.admin
     );
@@ -407,8 +411,7 @@ pub fn banner(config: &Config, stored: &Snapshot) -> String {
         Some(t) => {
             let _ = writeln!(
                 s,
-                "\nbuy one:   curl -s -X POST -H 'Authorization: Bearer {t}' http://{}/buy/ticket",
-                b.listen
+                "\nbuy one:   curl -s -X POST -H 'Authorization: Bearer {t}' {front}/buy/ticket"
             );
             let _ = writeln!(
                 s,
@@ -419,8 +422,7 @@ pub fn banner(config: &Config, stored: &Snapshot) -> String {
         None => {
             let _ = writeln!(
                 s,
-                "\nbuy one:   curl -s 'http://{}/buy/ticket?user=alice'",
-                b.listen
+                "\nbuy one:   curl -s '{front}/buy/ticket?user=alice'"
             );
         }
     }
@@ -436,8 +438,7 @@ pub fn banner(config: &Config, stored: &Snapshot) -> String {
         } else {
             let _ = writeln!(
                 s,
-                "pay it:    curl -s -X POST 'http://{}/orders/ORDER/pay?user=alice'   (ORDER from the answer; unpaid, it goes back on sale after {})",
-                b.listen,
+                "pay it:    curl -s -X POST '{front}/orders/ORDER/pay?user=alice'   (ORDER from the answer; unpaid, it goes back on sale after {})",
                 humantime::format_duration(window)
             );
         }
@@ -446,15 +447,13 @@ pub fn banner(config: &Config, stored: &Snapshot) -> String {
         // oha sends one set of headers: one token, one buyer.
         let _ = writeln!(
             s,
-            "load test: oha -n 20000 -c 100 -m POST -H \"Authorization: Bearer $(spike token --config {} --buyer load)\" http://{}/buy/ticket   (one buyer: 1 sale, then already_bought)",
+            "load test: oha -n 20000 -c 100 -m POST -H \"Authorization: Bearer $(spike token --config {} --buyer load)\" {front}/buy/ticket   (one buyer: 1 sale, then already_bought)",
             config.path.display(),
-            b.listen
         );
     } else {
         let _ = writeln!(
             s,
-            "load test: oha -n 20000 -c 100 --rand-regex-url 'http://{}/buy/ticket\\?user=u[0-9]{{6}}'",
-            b.listen
+            "load test: oha -n 20000 -c 100 --rand-regex-url '{front}/buy/ticket\\?user=u[0-9]{{6}}'"
         );
     }
     let _ = writeln!(
