@@ -420,10 +420,7 @@ pub fn banner(config: &Config, stored: &Snapshot) -> String {
             );
         }
         None => {
-            let _ = writeln!(
-                s,
-                "\nbuy one:   curl -s '{front}/buy/ticket?user=alice'"
-            );
+            let _ = writeln!(s, "\nbuy one:   curl -s '{front}/buy/ticket?user=alice'");
         }
     }
     if stored.pay_within_ms > 0 {

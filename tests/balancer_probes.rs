@@ -591,33 +591,6 @@ async fn local_405_and_413_are_counted_under_their_own_codes(via: Transport) {
     lb.shutdown().await;
 }
 
-/// Reads one response with a Content-Length body (at most 10 s).
-async fn read_response(s: &mut (impl AsyncRead + Unpin)) -> String {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&out[..end]).to_ascii_lowercase();
-                let length: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse().ok())
-                    .unwrap_or(0);
-                if out.len() >= end + 4 + length {
-                    return;
-                }
-            }
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// Finding 5: with many connections open (here `max_connections = 16`, so
 /// more than one counts as crowded), a second pipelined request whose head
 /// came partly with the first was never answered: the idle connection was

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use balancer_support::recorder::{Recorder, Then};
+use balancer_support::tls::Transport;
 use balancer_support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -18,67 +19,44 @@ fn one_upstream(addr: SocketAddr, extra: &str) -> String {
         .replace("[balancer]\n", &format!("[balancer]\n{extra}\n"))
 }
 
-/// Reads one response with a Content-Length body (at most 10 s).
-async fn read_response(s: &mut TcpStream) -> String {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&out[..end]).to_ascii_lowercase();
-                let length: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse().ok())
-                    .unwrap_or(0);
-                if out.len() >= end + 4 + length {
-                    return;
-                }
-            }
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Whether the balancer closed `s` within `limit` (end of file or a reset).
-async fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
-    let mut buf = [0u8; 64];
-    matches!(
-        tokio::time::timeout(limit, s.read(&mut buf)).await,
-        Ok(Ok(0)) | Ok(Err(_))
-    )
-}
-
 /// Finding 1: with `max_connections` keep-alive clients idle after one
 /// request each, a new client's request waited until the idle ones reached
 /// `keepalive_timeout` (75 s). Nginx, out of connections, closes idle
 /// keep-alive connections, oldest first, and answers at once; so does the
-/// balancer now, and only as many as it needs.
+/// balancer now, and only as many as it needs: on both paths, and over TLS
+/// (where hyper serves every connection).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_clients_make_room_for_a_new_one_oldest_first() {
     let node = Recorder::start("n", Then::Answer).await;
+    let (plain, tls) = (Transport::Plain, Transport::tls());
     // Two workers too: the idle connections of both share one table.
-    for (fast, workers) in [(true, 1), (false, 1), (true, 2), (false, 2)] {
+    for (via, fast, workers) in [
+        (&plain, true, 1),
+        (&plain, false, 1),
+        (&plain, true, 2),
+        (&plain, false, 2),
+        (&tls, true, 1),
+        (&tls, true, 2),
+    ] {
+        let how = format!(
+            "{}, fast_path = {fast}, {workers} workers",
+            if via.on_hyper() { "TLS" } else { "plain" }
+        );
         let text = format!(
             "{}\n[server]\nmax_connections = 4\n",
-            one_upstream(node.addr, &format!("fast_path = {fast}"))
+            via.config(&one_upstream(node.addr, &format!("fast_path = {fast}")))
         );
         let lb = Running::start_workers(&text, workers).await;
         let mut idle = Vec::new();
         for i in 0..4 {
-            let mut s = TcpStream::connect(lb.addr).await.expect("connect");
+            let mut s = via.open(lb.addr).await;
             s.write_all(b"GET /idle HTTP/1.1\r\nHost: a\r\n\r\n")
                 .await
                 .expect("write");
             let answer = read_response(&mut s).await;
             assert!(
                 answer.starts_with("HTTP/1.1 200"),
-                "fast_path = {fast}, client {i}: {answer}"
+                "{how}, client {i}: {answer}"
             );
             idle.push(s);
             // Each idle for a different time (and hyper's side past its
@@ -86,7 +64,7 @@ async fn idle_keep_alive_clients_make_room_for_a_new_one_oldest_first() {
             tokio::time::sleep(Duration::from_millis(400)).await;
         }
         let started = tokio::time::Instant::now();
-        let mut new = TcpStream::connect(lb.addr).await.expect("connect");
+        let mut new = via.open(lb.addr).await;
         new.write_all(b"GET /new HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
             .await
             .expect("write");
@@ -94,16 +72,16 @@ async fn idle_keep_alive_clients_make_room_for_a_new_one_oldest_first() {
         let waited = started.elapsed();
         assert!(
             answer.starts_with("HTTP/1.1 200"),
-            "fast_path = {fast}: the new client got {answer:?} after {waited:?}"
+            "{how}: the new client got {answer:?} after {waited:?}"
         );
         assert!(
             waited < Duration::from_secs(3),
-            "fast_path = {fast}: the new client waited {waited:?}"
+            "{how}: the new client waited {waited:?}"
         );
         // The oldest idle client made the room, and only it.
         assert!(
             closed_within(&mut idle[0], Duration::from_secs(2)).await,
-            "fast_path = {fast}, {workers} workers: the oldest idle client is still open"
+            "{how}: the oldest idle client is still open"
         );
         for (i, s) in idle.iter_mut().enumerate().skip(1) {
             s.write_all(b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -112,7 +90,7 @@ async fn idle_keep_alive_clients_make_room_for_a_new_one_oldest_first() {
             let again = read_response(s).await;
             assert!(
                 again.starts_with("HTTP/1.1 200"),
-                "fast_path = {fast}, {workers} workers: idle client {i} was closed too: {again:?}"
+                "{how}: idle client {i} was closed too: {again:?}"
             );
         }
         drop(idle);

@@ -6,7 +6,7 @@ mod balancer_support;
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::backend::Backend;
@@ -132,16 +132,7 @@ async fn real_haproxy_honours_the_weights() {
         ),
     );
     let cfg = generate(&config, &["--threads", "1"]);
-    let _haproxy = HaProxy(
-        Command::new(haproxy())
-            .arg("-f")
-            .arg(&cfg)
-            .arg("-db")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start haproxy"),
-    );
+    let _haproxy = HaProxy::start(&cfg);
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     tokio::task::spawn_blocking(move || wait_listening(&addr.to_string(), Duration::from_secs(10)))
         .await
@@ -199,16 +190,7 @@ async fn per_client_limits_pass_haproxy_c_and_refuse_as_spike_does() {
     let cfg = generate(&config, &["--threads", "1"]);
     let text = checked(&cfg, "the issue's limits");
     assert!(text.contains("sc_http_req_rate(0) gt 41"), "{text}");
-    let _haproxy = HaProxy(
-        Command::new(haproxy())
-            .arg("-f")
-            .arg(&cfg)
-            .arg("-db")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start haproxy"),
-    );
+    let _haproxy = HaProxy::start(&cfg);
     let addr = format!("127.0.0.1:{port}");
     tokio::task::spawn_blocking({
         let addr = addr.clone();
@@ -297,16 +279,7 @@ async fn real_haproxy_passes_only_the_public_api_of_a_sale() {
         )),
         "{text}"
     );
-    let _haproxy = HaProxy(
-        Command::new(haproxy())
-            .arg("-f")
-            .arg(&cfg)
-            .arg("-db")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start haproxy"),
-    );
+    let _haproxy = HaProxy::start(&cfg);
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     tokio::task::spawn_blocking(move || wait_listening(&addr.to_string(), Duration::from_secs(10)))
         .await
@@ -350,7 +323,7 @@ async fn real_haproxy_passes_only_the_public_api_of_a_sale() {
 /// default certificate, and the other one for its name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_haproxy_serves_the_same_tls_h2_and_sni() {
-    use balancer_support::tls::{API, Certs, SHOP, curl_h2, served_certificate};
+    use balancer_support::tls::{Certs, serves_https_as_spike_does};
     let certs = Certs::new();
     let backend = Backend::start("b").await;
     let port = common::free_port();
@@ -387,26 +360,14 @@ async fn real_haproxy_serves_the_same_tls_h2_and_sni() {
     let text = checked(&cfg, "tls");
     assert!(text.contains(" ssl crt "), "{text}");
     assert!(text.contains("alpn h2,http/1.1"), "{text}");
-    let _haproxy = HaProxy(
-        Command::new(haproxy())
-            .arg("-f")
-            .arg(&cfg)
-            .arg("-db")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start haproxy"),
-    );
+    let _haproxy = HaProxy::start(&cfg);
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     tokio::task::spawn_blocking(move || wait_listening(&addr.to_string(), Duration::from_secs(10)))
         .await
         .expect("wait for haproxy");
     // Blocking calls in the test's task: the backend runs on the other
     // worker thread.
-    let (status, body) = curl_h2(&certs, addr, "GET", "/");
-    assert_eq!((status.as_str(), body.as_str()), ("2 200", "b"));
-    assert!(served_certificate(addr, API).contains("CN = api.test"));
-    assert!(served_certificate(addr, SHOP).contains("CN = shop.test"));
+    serves_https_as_spike_does(&certs, addr, "b");
     let _ = std::fs::remove_file(&cfg);
     remove_config(&config);
 }

@@ -642,7 +642,7 @@ async fn real_nginx_passes_only_the_public_api_of_a_sale() {
 /// certificate, and the `[[balancer.tls_sni]]` one for its name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_nginx_serves_the_same_tls_h2_and_sni() {
-    use balancer_support::tls::{API, Certs, SHOP, curl_h2, served_certificate};
+    use balancer_support::tls::{API, Certs, serves_https_as_spike_does};
     let certs = Certs::new();
     let backend = Backend::start("b").await;
     let port = common::free_port();
@@ -666,25 +666,13 @@ async fn real_nginx_serves_the_same_tls_h2_and_sni() {
     );
     assert!(conf.contains(&format!("server_name {API};")), "{conf}");
     let nginx = Nginx::start(&dir);
-    let addr = format!("127.0.0.1:{port}");
-    tokio::task::spawn_blocking({
-        let addr = addr.clone();
-        move || wait_listening(&addr, Duration::from_secs(10))
-    })
-    .await
-    .expect("wait for nginx");
-    let addr: std::net::SocketAddr = addr.parse().expect("addr");
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    tokio::task::spawn_blocking(move || wait_listening(&addr.to_string(), Duration::from_secs(10)))
+        .await
+        .expect("wait for nginx");
     // Blocking calls in the test's task: the backend runs on the other
     // worker thread.
-    let (status, body) = curl_h2(&certs, addr, "GET", "/");
-    assert_eq!(
-        (status.as_str(), body.as_str()),
-        ("2 200", "b"),
-        "{}",
-        nginx.log()
-    );
-    assert!(served_certificate(addr, API).contains("CN = api.test"));
-    assert!(served_certificate(addr, SHOP).contains("CN = shop.test"));
+    serves_https_as_spike_does(&certs, addr, "b");
     drop(nginx);
     remove_config(&config);
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 use balancer_support::tls::{
     API, Certs, SHOP, Transport, curl_h2, h2_send, s_client, served_certificate,
 };
-use balancer_support::{Running, Up, config_text, up};
+use balancer_support::{Running, Up, config_text, read_response, up};
 use common::backend::Backend;
 use common::spike::{SpikeProcess, wait_listening, write_config};
 use tokio::io::AsyncWriteExt;
@@ -122,7 +122,7 @@ async fn a_renewed_certificate_is_reloaded_for_new_handshakes_and_open_ones_stay
     let mut open = certs.connect(addr, SHOP, &[b"http/1.1"]).await;
     let req = b"GET /kept HTTP/1.1\r\nHost: shop.test\r\n\r\n";
     open.write_all(req).await.expect("write");
-    let first = read_one(&mut open).await;
+    let first = read_response(&mut open).await;
     assert!(first.starts_with("HTTP/1.1 200"), "{first}");
 
     // Renewed: a new key and certificate, written over the old files.
@@ -148,7 +148,7 @@ async fn a_renewed_certificate_is_reloaded_for_new_handshakes_and_open_ones_stay
     open.write_all(req)
         .await
         .expect("write on the connection opened before");
-    let second = read_one(&mut open).await;
+    let second = read_response(&mut open).await;
     assert!(second.starts_with("HTTP/1.1 200"), "{second}");
 
     // A key of another certificate: refused, the renewed one stays.
@@ -170,34 +170,6 @@ async fn a_renewed_certificate_is_reloaded_for_new_handshakes_and_open_ones_stay
     .await;
     assert_eq!(served_certificate(addr, SHOP), after);
     common::spike::remove_config(&path);
-}
-
-/// Reads one response with a Content-Length body.
-async fn read_one<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
-    use tokio::io::AsyncReadExt;
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&out[..end]).to_ascii_lowercase();
-                let length: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse().ok())
-                    .unwrap_or(0);
-                if out.len() >= end + 4 + length {
-                    return;
-                }
-            }
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `curl --http2` through `spike up` with TLS: a purchase (200, over
@@ -513,82 +485,6 @@ fn bad_certificates_are_refused_with_file_key_and_line() {
             "{at} ... {says}: {e}"
         );
         common::spike::remove_config(&path);
-    }
-}
-
-/// Whether the balancer closed `s` within `limit` (end of file, a reset or
-/// a TLS close).
-async fn closed_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, limit: Duration) -> bool {
-    use tokio::io::AsyncReadExt;
-    let mut buf = [0u8; 64];
-    matches!(
-        tokio::time::timeout(limit, s.read(&mut buf)).await,
-        Ok(Ok(0)) | Ok(Err(_))
-    )
-}
-
-/// As on plain connections (issue 25, finding 1): at `max_connections`,
-/// idle keep-alive TLS clients make room for a new one, oldest first and
-/// only as many as needed, with one worker and with two.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_tls_clients_make_room_for_a_new_one_oldest_first() {
-    let via = Transport::tls();
-    let Transport::Tls(certs) = &via else {
-        unreachable!()
-    };
-    let node = Backend::start("n").await;
-    for workers in [1, 2] {
-        let text = format!(
-            "{}\n[server]\nmax_connections = 4\n",
-            via.config(&config_text(
-                "round_robin",
-                "127.0.0.1:0",
-                "127.0.0.1:0",
-                &[up(node.addr, 1)]
-            ))
-        );
-        let lb = Running::start_workers(&text, workers).await;
-        let mut idle = Vec::new();
-        for i in 0..4 {
-            let mut s = certs.connect(lb.addr, SHOP, &[b"http/1.1"]).await;
-            s.write_all(b"GET /idle HTTP/1.1\r\nHost: a\r\n\r\n")
-                .await
-                .expect("write");
-            let answer = read_one(&mut s).await;
-            assert!(answer.starts_with("HTTP/1.1 200"), "client {i}: {answer}");
-            idle.push(s);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let started = tokio::time::Instant::now();
-        let mut new = certs.connect(lb.addr, SHOP, &[b"http/1.1"]).await;
-        new.write_all(b"GET /new HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-            .await
-            .expect("write");
-        let answer = read_one(&mut new).await;
-        let waited = started.elapsed();
-        assert!(
-            answer.starts_with("HTTP/1.1 200"),
-            "{answer:?} after {waited:?}"
-        );
-        assert!(
-            waited < Duration::from_secs(3),
-            "the new client waited {waited:?}"
-        );
-        assert!(
-            closed_within(&mut idle[0], Duration::from_secs(2)).await,
-            "{workers} workers: the oldest idle client is still open"
-        );
-        for (i, s) in idle.iter_mut().enumerate().skip(1) {
-            s.write_all(b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n")
-                .await
-                .expect("write");
-            let again = read_one(s).await;
-            assert!(
-                again.starts_with("HTTP/1.1 200"),
-                "{workers} workers: idle client {i} was closed too: {again:?}"
-            );
-        }
-        lb.shutdown().await;
     }
 }
 

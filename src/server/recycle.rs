@@ -455,34 +455,45 @@ where
                 .headers
                 .insert(CONNECTION, HeaderValue::from_static("close"));
         }
-        let body = Finished {
-            inner: body,
-            turn: this.turn.take(),
-        };
+        let body = Guarded::new(body, this.turn.take().map(Unbusy));
         Poll::Ready(Ok(Response::from_parts(parts, body)))
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A response body that marks its connection idle when hyper drops it,
-    /// which hyper does once the body is written (or never needed, as for
-    /// HEAD), before it reads again.
-    pub struct Finished<B> {
-        #[pin]
-        inner: B,
-        turn: Option<Arc<Turn>>,
-    }
+/// Marks its connection's request done (not busy) when dropped.
+pub(super) struct Unbusy(Arc<Turn>);
 
-    impl<B> PinnedDrop for Finished<B> {
-        fn drop(this: Pin<&mut Self>) {
-            if let Some(turn) = this.project().turn.take() {
-                turn.clear(BUSY);
-            }
-        }
+impl Drop for Unbusy {
+    fn drop(&mut self) {
+        self.0.clear(BUSY);
     }
 }
 
-impl<B: Body> Body for Finished<B> {
+/// A response body that marks its connection idle when hyper drops it,
+/// which hyper does once the body is written (or never needed, as for
+/// HEAD), before it reads again.
+pub type Finished<B> = Guarded<B, Option<Unbusy>>;
+
+pin_project_lite::pin_project! {
+    /// A response body that carries `guard` until hyper drops it (once the
+    /// body is written, or was never needed), so that the guard's drop
+    /// says when a response is done: how both the plain and the TLS
+    /// connections know they are idle.
+    pub struct Guarded<B, G> {
+        #[pin]
+        inner: B,
+        guard: G,
+    }
+}
+
+impl<B, G> Guarded<B, G> {
+    /// `inner`, carrying `guard`.
+    pub(super) fn new(inner: B, guard: G) -> Guarded<B, G> {
+        Guarded { inner, guard }
+    }
+}
+
+impl<B: Body, G> Body for Guarded<B, G> {
     type Data = B::Data;
     type Error = B::Error;
 

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Incoming};
 use hyper::server::conn::{http1, http2};
 use hyper::service::Service;
 use hyper::{Request, Response};
@@ -40,7 +40,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
 
-use super::recycle::{SendClock, now_ms};
+use super::recycle::{Guarded, SendClock, now_ms};
 use super::reuse::{self, Idle};
 
 /// One certificate of a listener, with the names it is chosen for.
@@ -598,37 +598,11 @@ where
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Ready(Ok(res)) => {
                 let done = this.done.take();
-                Poll::Ready(Ok(res.map(|inner| CountedBody { inner, _done: done })))
+                Poll::Ready(Ok(res.map(|inner| Guarded::new(inner, done))))
             }
         }
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A response body that ends its request's count when hyper drops it.
-    struct CountedBody<B> {
-        #[pin]
-        inner: B,
-        _done: Option<InFlight>,
-    }
-}
-
-impl<B: Body> Body for CountedBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        self.project().inner.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
+/// A response body that ends its request's count when hyper drops it.
+type CountedBody<B> = Guarded<B, Option<InFlight>>;

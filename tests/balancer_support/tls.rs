@@ -327,7 +327,7 @@ pub fn served_certificate(addr: SocketAddr, name: &str) -> String {
     x509.stdin
         .take()
         .expect("stdin")
-        .write_all(shown[pem_start..pem_end].as_bytes())
+        .write_all(&shown.as_bytes()[pem_start..pem_end])
         .expect("write");
     let out = x509.wait_with_output().expect("x509");
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -355,4 +355,17 @@ pub fn curl_h2(certs: &Certs, addr: SocketAddr, method: &str, path: &str) -> (St
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, status) = text.rsplit_once('\n').unwrap_or((&text, ""));
     (status.to_string(), body.to_string())
+}
+
+/// What a proxy in front of one backend named `backend`, given `certs` as
+/// spike's `tls_cert` and `tls_sni`, must serve on `addr`: HTTP/2 by ALPN
+/// (`curl --http2`), the [`API`] certificate for its name and the default
+/// one for [`SHOP`]. Blocking (it runs `curl` and `openssl`).
+pub fn serves_https_as_spike_does(certs: &Certs, addr: SocketAddr, backend: &str) {
+    let (status, body) = curl_h2(certs, addr, "GET", "/");
+    assert_eq!((status.as_str(), body.as_str()), ("2 200", backend));
+    let api = served_certificate(addr, API);
+    assert!(api.contains("CN = api.test"), "{api}");
+    let shop = served_certificate(addr, SHOP);
+    assert!(shop.contains("CN = shop.test"), "{shop}");
 }
