@@ -327,16 +327,7 @@ async fn real_haproxy_serves_the_same_tls_h2_and_sni() {
     let certs = Certs::new();
     let backend = Backend::start("b").await;
     let port = common::free_port();
-    let config = balancer_file(
-        "round_robin",
-        port,
-        &format!(
-            "{}\n[[balancer.upstream]]\naddr = \"{}\"\n{}",
-            certs.balancer_lines(),
-            backend.addr,
-            certs.sni_table()
-        ),
-    );
+    let config = balancer_file("round_robin", port, &certs.with_upstream(backend.addr));
     let args = [
         "haproxy-conf",
         "--config",

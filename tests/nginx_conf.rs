@@ -646,16 +646,7 @@ async fn real_nginx_serves_the_same_tls_h2_and_sni() {
     let certs = Certs::new();
     let backend = Backend::start("b").await;
     let port = common::free_port();
-    let text = balancer_config(
-        "round_robin",
-        port,
-        &format!(
-            "{}\n[[balancer.upstream]]\naddr = \"{}\"\n{}",
-            certs.balancer_lines(),
-            backend.addr,
-            certs.sni_table()
-        ),
-    );
+    let text = balancer_config("round_robin", port, &certs.with_upstream(backend.addr));
     let config = write_config(&text);
     let dir = generate(&config, &["--workers", "1"]);
     nginx_t(&dir);

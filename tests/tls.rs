@@ -28,9 +28,8 @@ fn tls_balancer(
 ) -> (SpikeProcess, SocketAddr, SocketAddr, std::path::PathBuf) {
     let (addr, admin) = (common::free_addr(), common::free_addr());
     let text = format!(
-        "[balancer]\nlisten = \"{addr}\"\nadmin = \"{admin}\"\n{}\n[[balancer.upstream]]\naddr = \"{backend}\"\n{}",
-        certs.balancer_lines(),
-        certs.sni_table()
+        "[balancer]\nlisten = \"{addr}\"\nadmin = \"{admin}\"\n{}",
+        certs.with_upstream(backend)
     );
     let path = write_config(&text);
     let p = SpikeProcess::start(&["balancer", "--config", path.to_str().expect("path")]);
@@ -469,6 +468,35 @@ fn bad_certificates_are_refused_with_file_key_and_line() {
             "balancer.tls_sni.names",
             10,
             "\"wrong.test\": not a DNS name the certificate",
+        ),
+        (
+            format!(
+                "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                f("shop.crt"),
+                f("shop.key")
+            ),
+            format!(
+                "[[balancer.tls_sni]]\nnames = [\"api.test\"]\ncert = \"{}\"\nkey = \"{}\"\n\n\
+                 [[balancer.tls_sni]]\nnames = [\"API.test\"]\ncert = \"{}\"\nkey = \"{}\"\n",
+                f("api.crt"),
+                f("api.key"),
+                f("api.crt"),
+                f("api.key")
+            ),
+            "balancer.tls_sni.names",
+            15,
+            "listed for two certificates",
+        ),
+        (
+            String::new(),
+            format!(
+                "[[balancer.tls_sni]]\nnames = [\"api.test\"]\ncert = \"{}\"\nkey = \"{}\"\n",
+                f("api.crt"),
+                f("api.key")
+            ),
+            "balancer.tls_sni",
+            7,
+            "needs `tls_cert` and `tls_key`",
         ),
     ];
     for (keys, tables, key, line, says) in cases {

@@ -408,11 +408,10 @@ async fn drive<C>(
             }
             () = &mut timer, if deadline.is_some() => {}
             () = activity.changed.notified() => {}
+            // Closed gracefully, not dropped: the last response's bytes may
+            // still be in hyper's buffer, or unflushed under TLS.
             () = reuse::claimed(tls.idle.as_ref()), if !closing => {
                 activity.claimed.store(true, Ordering::Relaxed);
-                if activity.open.load(Ordering::Acquire) == 0 {
-                    return;
-                }
             }
             _ = tls.stop.wait_for(|stop| *stop), if !closing => {}
         }

@@ -61,6 +61,16 @@ impl Certs {
         )
     }
 
+    /// What follows a `[balancer]`'s own keys for TLS in front of one
+    /// upstream: the TLS keys, the upstream, the SNI table.
+    pub fn with_upstream(&self, backend: SocketAddr) -> String {
+        format!(
+            "{}\n[[balancer.upstream]]\naddr = \"{backend}\"\n{}",
+            self.balancer_lines(),
+            self.sni_table()
+        )
+    }
+
     /// A rustls client that trusts the CA and offers `alpn`.
     pub fn client(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
