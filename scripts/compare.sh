@@ -19,8 +19,8 @@
 # Knobs (environment): QUICK=1, ROUNDS (3; PAIRS is its old name), DUR (oha
 # -z, 5s), CONC (100), IDLE_CONNS (10000), WORKERS (nginx workers and HAProxy
 # threads; default nproc = spike's worker threads), PROXIES (default "spike
-# nginx haproxy"; spike is always one), SCENARIOS (default "proxy success
-# soldout ab memory payments tokens waiting accesslog"), STRATEGIES (default "round_robin
+# nginx haproxy"; spike is always one), SCENARIOS (default "proxy https
+# success soldout ab memory payments tokens waiting accesslog"), STRATEGIES (default "round_robin
 # weighted_round_robin ip_hash least_conn", for the proxy-only scenario),
 # PAY_TOTAL (2000).
 #
@@ -46,7 +46,7 @@ fi
 CONC=${CONC:-100}
 AB_N=10000 # the article's command: ab -n 10000 -c 100
 AB_TOTAL=5000
-SCENARIOS=${SCENARIOS:-proxy success soldout ab memory payments tokens waiting accesslog}
+SCENARIOS=${SCENARIOS:-proxy https success soldout ab memory payments tokens waiting accesslog}
 PAY_TOTAL=${PAY_TOTAL:-2000} # tickets of the sale with payments
 read -r -a SIDES <<<"${PROXIES:-spike nginx haproxy}"
 read -r -a STRATEGIES <<<"${STRATEGIES:-round_robin weighted_round_robin ip_hash least_conn}"
@@ -78,6 +78,7 @@ have redis-server || missing+=(redis-server)
 have redis-cli || missing+=(redis-tools)
 have ab || missing+=(apache2-utils)
 have python3 || missing+=(python3)
+have openssl || missing+=(openssl)
 if [ "${#missing[@]}" -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -85,7 +86,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   $sudo apt-get update
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends "${missing[@]}"
 fi
-for tool in nginx redis-server redis-cli ab python3; do
+for tool in nginx redis-server redis-cli ab python3 openssl; do
   have "$tool" || die "$tool is still missing after apt-get"
 done
 if runs haproxy; then
@@ -481,6 +482,41 @@ if wants proxy || wants memory; then
     fi
     stop_proxies
   done
+  stop "$BACKENDS_PID"
+fi
+
+# ---------------------------------------------------------------------------
+# 5. HTTPS, proxy only (round_robin over the same backends): every proxy
+# given the same ECDSA P-256 certificate, TLS 1.2 and 1.3, ALPN h2 and
+# http/1.1, tickets and a session cache, as `spike nginx-conf` and `spike
+# haproxy-conf` print them. Keep-alive HTTPS over HTTP/1.1, then over HTTP/2
+# (-c connections, one stream each), then one new TLS connection per
+# request (oha --disable-keepalive: a full handshake each, oha's client
+# resumes no session).
+# ---------------------------------------------------------------------------
+if wants https; then
+  start_backends
+  tls=$WORK/tls
+  mkdir -p "$tls"
+  # The key beside the certificate as CERT.key: where HAProxy looks for it.
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+    -keyout "$tls/proxy.crt.key" -out "$tls/proxy.crt" -days 2 -subj /CN=localhost \
+    -addext subjectAltName=DNS:localhost,IP:127.0.0.1 2>>"$OUT/logs/openssl.log" ||
+    die "openssl could not make the certificate; see $OUT/logs/openssl.log"
+  pick_ports
+  cfg=$WORK/https-round_robin.toml
+  write_proxy_config "$cfg" round_robin "${PORT[spike]}" "$ADMIN"
+  sed -i "s|^\[balancer\]\$|[balancer]\ntls_cert = \"$tls/proxy.crt\"\ntls_key = \"$tls/proxy.crt.key\"|" "$cfg"
+  start_proxies "$cfg"
+  for ((round = 0; round <= ROUNDS; round++)); do
+    for side in $(in_turn "$round"); do
+      url=https://127.0.0.1:${PORT[$side]}/
+      oha_run https/h1_keepalive "$side" "$round" 200 "${PID[$side]}" "$url" --insecure
+      oha_run https/h2 "$side" "$round" 200 "${PID[$side]}" "$url" --insecure --http2
+      oha_run https/new_conn "$side" "$round" 200 "${PID[$side]}" "$url" --insecure --disable-keepalive
+    done
+  done
+  stop_proxies
   stop "$BACKENDS_PID"
 fi
 

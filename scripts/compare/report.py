@@ -357,6 +357,9 @@ def summarize(d):
         summary["sale_sold_out"] = summarize_rounds(runs, "sale/sold_out", sides)
     if any(r.get("kind") == "ab" for r in runs):
         summary["ab"] = summarize_ab(runs, sides)
+    summary["https"] = {}
+    for s in sorted(x for x in scen if x and x.startswith("https/")):
+        summary["https"][s.split("/", 1)[1]] = summarize_rounds(runs, s, sides)
     summary["direct"] = {}
     for s in sorted(x for x in scen if x and x.startswith("direct/")):
         summary["direct"][s.split("/", 1)[1]] = summarize_single(runs, s)
@@ -392,7 +395,19 @@ def scenarios(s):
         out.append((f"3. `ab -n 10000 -c 100`, sale of {total}", "ab -n 10000", ab))
     for name, d in s.get("direct", {}).items():
         out.append((f"4. direct, no proxy: {name}", f"direct {name}", d))
+    for name in HTTPS_ORDER:
+        if name in s.get("https", {}):
+            out.append((f"5. HTTPS, {HTTPS_LABELS[name]}", f"https {name}", s["https"][name]))
     return out
+
+
+# The HTTPS scenarios of compare.sh, in the order of the table.
+HTTPS_ORDER = ["h1_keepalive", "h2", "new_conn"]
+HTTPS_LABELS = {
+    "h1_keepalive": "keep-alive, HTTP/1.1",
+    "h2": "keep-alive, HTTP/2",
+    "new_conn": "a new TLS connection per request",
+}
 
 
 def render_md(s):
