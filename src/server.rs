@@ -466,11 +466,13 @@ pub async fn serve_with<F, S, B>(
         let open = open_tx.clone();
         // After the accept, before serving: a TLS connection goes its own
         // way to hyper (the front reads plain sockets only).
+        // Boxed, as hyper's side below: a plain connection's task must not
+        // carry room for what only a TLS one needs.
         let tls = tls.as_ref().map(|t| {
-            (
+            Box::new((
                 t.current(),
                 hyper_side.tls_conn(first_head_deadline, idle.clone()),
-            )
+            ))
         });
         let ctx = front
             .as_ref()
@@ -498,10 +500,10 @@ pub async fn serve_with<F, S, B>(
             else {
                 return;
             };
-            if let Some((config, conn)) = tls {
-                let Some(config) = config else { return };
+            if let Some(tls) = tls {
+                let (Some(config), conn) = *tls else { return };
                 let service = (hyper_side.make_service)(peer);
-                return tls::serve(stream, peer, config, service, conn).await;
+                return Box::pin(tls::serve(stream, peer, config, service, conn)).await;
             }
             let handed = match (front, ctx) {
                 (Some(front), Some(ctx)) => match front.serve(stream, peer, ctx).await {
