@@ -333,7 +333,7 @@ fn servers(
             line(
                 o,
                 2,
-                "# 20,000 sessions by id; 10m holds about 40,000), tickets valid",
+                "# 20,000 sessions by id; 5m holds about 20,000), tickets valid",
             );
             line(o, 2, "# as long as spike's ticket keys (6h).");
         }
@@ -352,7 +352,7 @@ fn servers(
             &format!("ssl_certificate_key {};", cert.key_file.display()),
         );
         line(o, 2, "ssl_protocols TLSv1.2 TLSv1.3;");
-        line(o, 2, "ssl_session_cache shared:SSL:10m;");
+        line(o, 2, "ssl_session_cache shared:SSL:5m;");
         line(o, 2, "ssl_session_tickets on;");
         line(o, 2, "ssl_session_timeout 6h;");
         o.push_str(body);

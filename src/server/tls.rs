@@ -255,8 +255,8 @@ pub struct Sessions {
     cache: Arc<dyn rustls::server::StoresServerSessions>,
 }
 
-/// Sessions kept by id for TLS 1.2 clients without tickets (Nginx's
-/// `ssl_session_cache shared:SSL:10m` holds about 40,000).
+/// Sessions kept by id for TLS 1.2 clients without tickets (about what
+/// `spike nginx-conf` prints for Nginx: `ssl_session_cache shared:SSL:5m`).
 const SESSION_CACHE: usize = 20_000;
 
 impl Sessions {
