@@ -272,6 +272,20 @@ def targets(summary):
                     "no valid round with HAProxy" if v is None else f"{v:.2f}×",
                 )
             )
+    # Issue 25: over HTTPS, spike's CPU per request at most Nginx's.
+    for name in HTTPS_ORDER:
+        p = summary.get("https", {}).get(name)
+        if not p:
+            continue
+        r = (p.get("ratios") or {}).get("nginx") or {}
+        v = r.get("cpu") if r.get("rounds") else None
+        t.append(
+            (
+                f"HTTPS, {HTTPS_LABELS[name]}: CPU per request ≤ Nginx's",
+                None if v is None else v <= 1.0,
+                "no valid round with Nginx" if v is None else f"{v:.2f}×",
+            )
+        )
     base_rps = spike(summary["proxy"].get(summary.get("sale_strategy", "round_robin")), "rps")
     so, su = summary.get("sale_sold_out"), summary.get("sale_success")
     if spike(so, "rps") and base_rps:
