@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use balancer_support::*;
 use common::backend::Backend;
 use common::spike::{SpikeProcess, wait_listening, write_config};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// Status and JSON body of `GET path` on `admin`.
@@ -37,29 +37,7 @@ async fn ask(s: &mut TcpStream, close: bool) -> String {
     if s.write_all(request.as_bytes()).await.is_err() {
         return String::new();
     }
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&out[..end]).to_ascii_lowercase();
-                let length: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse().ok())
-                    .unwrap_or(0);
-                if out.len() >= end + 4 + length {
-                    return;
-                }
-            }
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    String::from_utf8_lossy(&out).into_owned()
+    read_response(s).await
 }
 
 /// A real `spike balancer`: `/ready` is 200 while it serves; on SIGTERM it
