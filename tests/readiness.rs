@@ -40,13 +40,10 @@ async fn ask(s: &mut TcpStream, close: bool) -> String {
     read_response(s).await
 }
 
-/// A real `spike balancer`: `/ready` is 200 while it serves; on SIGTERM it
-/// is 503 `draining` at once while `/healthz` stays 200, clients (new ones
-/// and a keep-alive one from before) are still served for `drain_delay`,
-/// each answer asking to close; then the port refuses and the process
-/// exits cleanly.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_fails_ready_at_once_serves_for_drain_delay_then_stops() {
+/// A real `spike balancer` with `drain_delay = delay` in front of one
+/// backend (kept alive with it), once both its listeners accept: the
+/// backend, the process, its client and admin addresses.
+async fn draining_balancer(delay: &str) -> (Backend, SpikeProcess, SocketAddr, SocketAddr) {
     let backend = Backend::start("b").await;
     let listen = common::free_addr();
     let admin = common::free_addr();
@@ -56,11 +53,25 @@ async fn sigterm_fails_ready_at_once_serves_for_drain_delay_then_stops() {
         &admin.to_string(),
         &[up(backend.addr, 1)],
     )
-    .replace("[balancer]\n", "[balancer]\ndrain_delay = \"2s\"\n");
+    .replace(
+        "[balancer]\n",
+        &format!("[balancer]\ndrain_delay = \"{delay}\"\n"),
+    );
     let path = write_config(&text);
-    let mut lb = SpikeProcess::start(&["balancer", "--config", path.to_str().expect("path")]);
+    let lb = SpikeProcess::start(&["balancer", "--config", path.to_str().expect("path")]);
     wait_listening(&listen.to_string(), Duration::from_secs(15));
     wait_listening(&admin.to_string(), Duration::from_secs(5));
+    (backend, lb, listen, admin)
+}
+
+/// A real `spike balancer`: `/ready` is 200 while it serves; on SIGTERM it
+/// is 503 `draining` at once while `/healthz` stays 200, clients (new ones
+/// and a keep-alive one from before) are still served for `drain_delay`,
+/// each answer asking to close; then the port refuses and the process
+/// exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_fails_ready_at_once_serves_for_drain_delay_then_stops() {
+    let (backend, mut lb, listen, admin) = draining_balancer("2s").await;
 
     let (status, v) = admin_get(admin, "/ready").await;
     assert_eq!((status, v["status"].as_str()), (200, Some("ready")), "{v}");
@@ -177,20 +188,7 @@ async fn ready_fails_while_no_upstream_can_be_picked() {
 /// long before `drain_delay`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_sigterm_ends_the_drain() {
-    let backend = Backend::start("b").await;
-    let listen = common::free_addr();
-    let admin = common::free_addr();
-    let text = config_text(
-        "round_robin",
-        &listen.to_string(),
-        &admin.to_string(),
-        &[up(backend.addr, 1)],
-    )
-    .replace("[balancer]\n", "[balancer]\ndrain_delay = \"60s\"\n");
-    let path = write_config(&text);
-    let mut lb = SpikeProcess::start(&["balancer", "--config", path.to_str().expect("path")]);
-    wait_listening(&listen.to_string(), Duration::from_secs(15));
-    wait_listening(&admin.to_string(), Duration::from_secs(5));
+    let (_backend, mut lb, _listen, admin) = draining_balancer("60s").await;
     lb.signal("TERM");
     common::wait_for("/ready to fail", Duration::from_secs(2), async || {
         admin_get(admin, "/ready").await.0 == 503

@@ -404,19 +404,19 @@ const UNREACHABLE_BODY: &[u8] = b"{\"status\":\"busy\",\"reason\":\"the waiting 
 const UNATTACHED_BODY: &[u8] = b"{\"status\":\"busy\",\"reason\":\"a reload added [waiting_room]: this balancer opened no connection to the sale's store at start; restart it\"}\n";
 
 fn unattached() -> Reply {
-    Reply {
-        status: StatusCode::SERVICE_UNAVAILABLE,
-        body: ReplyBody::Static(UNATTACHED_BODY),
-        header: Some(super::answer::retry_after(5)),
-        cookie: None,
-    }
+    busy(UNATTACHED_BODY, 5)
 }
 
 fn unreachable() -> Reply {
+    busy(UNREACHABLE_BODY, 2)
+}
+
+/// A `503 busy` of the waiting room: `body`, asked back in `retry_s`.
+fn busy(body: &'static [u8], retry_s: u64) -> Reply {
     Reply {
         status: StatusCode::SERVICE_UNAVAILABLE,
-        body: ReplyBody::Static(UNREACHABLE_BODY),
-        header: Some(super::answer::retry_after(2)),
+        body: ReplyBody::Static(body),
+        header: Some(super::answer::retry_after(retry_s)),
         cookie: None,
     }
 }
