@@ -31,6 +31,9 @@ fi
 # not `-- --test-threads`, because criterion's bench harness refuses that flag;
 # --all-targets runs each benchmark once as a smoke test.)
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}"
+# No incremental cache: a one-off build gains nothing from it, and it cost
+# 4 GB of disk (Cargo.toml's [profile.dev] says why disk matters here).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 # The load client the crowd and PROXY protocol tests drive as a separate
 # process (cargo test builds examples only as test harnesses).
 cargo build --example crowd
