@@ -328,8 +328,24 @@ fn corpus() -> Vec<(&'static str, Vec<u8>, Path)> {
             b"POST /form HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhello".to_vec(),
             Fast,
         ),
+        // HTTP/1.0 as `ab` sends it: closed after the answer.
+        (
+            "http/1.0 with host",
+            b"GET /ab HTTP/1.0\r\nHost: a\r\nUser-Agent: ApacheBench/2.3\r\nAccept: */*\r\n\r\n".to_vec(),
+            Fast,
+        ),
+        (
+            "http/1.0 post",
+            b"POST /form HTTP/1.0\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello".to_vec(),
+            Fast,
+        ),
         // What the fast path leaves to hyper.
         ("http/1.0", b"GET / HTTP/1.0\r\n\r\n".to_vec(), General),
+        (
+            "http/1.0 upgrade",
+            b"GET / HTTP/1.0\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n".to_vec(),
+            General,
+        ),
         (
             "http/1.0 keep-alive",
             b"GET / HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\nGET /2 HTTP/1.0\r\n\r\n".to_vec(),
@@ -782,6 +798,96 @@ async fn responses_reach_the_client_alike_through_both_paths() {
     // The malformed ones did fail (502 or a cut body) on both.
     assert!(failures >= 5, "only {failures} failures");
     assert_eq!(general_connections(fast.admin).await, 0);
+    fast.shutdown().await;
+    general.shutdown().await;
+}
+
+/// What an HTTP/1.0 client reads on a connection: everything until the
+/// balancer closes it (it must), split into the status line and the body
+/// (by `Content-Length` when there is one, else all the rest); `None` for
+/// a connection left open after 5 s.
+async fn read_as_http10(to: SocketAddr, path: &str, method: &str) -> Option<(String, Vec<u8>)> {
+    let mut stream = TcpStream::connect(to).await.expect("connect");
+    let request =
+        format!("{method} {path} HTTP/1.0\r\nHost: a\r\nUser-Agent: ApacheBench/2.3\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut raw))
+        .await
+        .ok()?
+        .ok()?;
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+    let status = head.split("\r\n").next().unwrap_or("").to_owned();
+    let length = head.split("\r\n").find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse::<usize>().ok())
+            .flatten()
+    });
+    let mut body = raw[end..].to_vec();
+    if let Some(n) = length {
+        body.truncate(n);
+    }
+    if head.to_ascii_lowercase().contains("transfer-encoding") {
+        // An HTTP/1.0 client cannot read chunked framing: mark it so that
+        // the comparison fails.
+        body.splice(0..0, b"[chunked]".iter().copied());
+    }
+    Some((status, body))
+}
+
+/// The fast path takes `ab`'s requests (HTTP/1.0, no keep-alive): each
+/// answer must reach the client as through hyper's path, with the same
+/// status line, the connection closed after it, and a chunked body sent
+/// as its data alone (a 1.0 client cannot read chunks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http10_clients_get_what_hyper_gives_them() {
+    let responses: Vec<(&'static str, Vec<u8>, bool)> = vec![
+        ("length", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello".to_vec(), false),
+        (
+            "chunked, in pieces",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;a=b\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\n".to_vec(),
+            false,
+        ),
+        ("until close", b"HTTP/1.1 200 OK\r\n\r\nall of this".to_vec(), true),
+        ("no content", b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(), false),
+        ("status 500", b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\noops".to_vec(), false),
+    ];
+    let mut big_chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for i in 0..100u8 {
+        big_chunked.extend_from_slice(b"400\r\n");
+        big_chunked.extend(std::iter::repeat_n(b'a' + i % 26, 1024));
+        big_chunked.extend_from_slice(b"\r\n");
+    }
+    big_chunked.extend_from_slice(b"0\r\n\r\n");
+    let mut responses = responses;
+    responses.push(("big chunked", big_chunked, false));
+    let names: Vec<&'static str> = responses.iter().map(|r| r.0).collect();
+    let responses = Arc::new(responses);
+    let (fast_backend, _a) = canned_backend(responses.clone()).await;
+    let (general_backend, _b) = canned_backend(responses.clone()).await;
+    let text = |addr| config_text("round_robin", "127.0.0.1:0", "127.0.0.1:0", &[up(addr, 1)]);
+    let fast = Running::start(&text(fast_backend)).await;
+    let general = Running::start(
+        &text(general_backend).replace("[balancer]\n", "[balancer]\nfast_path = false\n"),
+    )
+    .await;
+    for (i, name) in names.iter().enumerate() {
+        for method in ["GET", "HEAD"] {
+            let path = format!("/r/{i}");
+            let through_fast = read_as_http10(fast.addr, &path, method).await;
+            let through_general = read_as_http10(general.addr, &path, method).await;
+            assert!(through_fast.is_some(), "{name} ({method}): not closed");
+            assert_eq!(through_fast, through_general, "{name} ({method})");
+        }
+    }
+    // The whole body of a chunked response came, as plain bytes.
+    let (_, body) = read_as_http10(fast.addr, "/r/5", "GET")
+        .await
+        .expect("closed");
+    assert_eq!(body.len(), 100 * 1024);
+    assert_eq!(general_connections(fast.admin).await, 0, "hyper took one");
     fast.shutdown().await;
     general.shutdown().await;
 }

@@ -1,7 +1,7 @@
 //! A client's request head, parsed in place with `httparse`, and the
 //! decision that matters most for safety: whether this path may forward it
 //! at all. The fast path takes only requests whose framing cannot be read
-//! two ways: HTTP/1.1, one plain `Host`, an origin-form target of plain
+//! two ways: HTTP/1.1 (or HTTP/1.0 that closes after it), one plain `Host`, an origin-form target of plain
 //! characters, no `Transfer-Encoding`, at most one `Content-Length` of
 //! plain digits within the replay limit, no `Expect`, no `Upgrade`, and a
 //! `Connection` that says no more than `close` or `keep-alive`. Anything
@@ -62,8 +62,13 @@ pub struct RequestHead {
     pub headers: Vec<HeaderLine>,
     /// The declared body length (0 without `Content-Length`).
     pub content_length: u64,
-    /// The client asked to close after this request.
+    /// The client asked to close after this request (an HTTP/1.0
+    /// request always does: the fast path takes one only without
+    /// `keep-alive`).
     pub close: bool,
+    /// An HTTP/1.0 request: answered with the connection closed after it,
+    /// and a chunked response's body sent as plain bytes up to the close.
+    pub http10: bool,
     /// Number of `Idempotency-Key` lines, and the index of the first.
     pub keys: usize,
     /// Index of the first `Idempotency-Key` line.
@@ -121,9 +126,11 @@ pub fn parse(
         // 400), with the same parser underneath.
         _ => return Parsed::General,
     };
-    if req.version != Some(1) {
-        return Parsed::General;
-    }
+    let http10 = match req.version {
+        Some(1) => false,
+        Some(0) => true,
+        _ => return Parsed::General,
+    };
     let (Some(method), Some(path)) = (req.method, req.path) else {
         return Parsed::General;
     };
@@ -153,7 +160,8 @@ pub fn parse(
     head.target = target;
     head.path_end = path_end;
     head.content_length = 0;
-    head.close = false;
+    head.close = http10;
+    head.http10 = http10;
     head.keys = 0;
     head.key_at = 0;
     head.user_at = None;
@@ -175,6 +183,8 @@ pub fn parse(
     // An `Upgrade` line, and `upgrade` among `Connection`'s tokens.
     let mut upgrade_at = None;
     let mut asks_upgrade = false;
+    // `keep-alive` among `Connection`'s tokens.
+    let mut asks_keep_alive = false;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         // From the name's start to the value's end: the line as sent.
@@ -198,7 +208,12 @@ pub fn parse(
             }
             10 if name.eq_ignore_ascii_case(b"connection") => {
                 kind = Kind::Dropped;
-                if !connection_is_plain(h.value, &mut head.close, &mut asks_upgrade) {
+                if !connection_is_plain(
+                    h.value,
+                    &mut head.close,
+                    &mut asks_keep_alive,
+                    &mut asks_upgrade,
+                ) {
                     return Parsed::General;
                 }
             }
@@ -254,6 +269,12 @@ pub fn parse(
     if general || hosts != 1 || lengths > 1 {
         return Parsed::General;
     }
+    // HTTP/1.0 with a connection kept open, or switching protocols, is
+    // hyper's: a kept-alive 1.0 client needs every answer framed by
+    // length and told `keep-alive`, which this path does not do.
+    if http10 && (asks_keep_alive || asks_upgrade || upgrade_at.is_some()) {
+        return Parsed::General;
+    }
     if upgrade_at.is_some() || asks_upgrade {
         // Only a whole handshake is tunnelled: a GET, no body, both
         // lines. Anything else goes to hyper's path, which drops both.
@@ -299,12 +320,17 @@ fn digits(v: &[u8]) -> Option<u64> {
 }
 
 /// Whether `Connection` says only `close`, `keep-alive` and `upgrade` (in
-/// any case, with optional spaces); `close` sets `close`, `upgrade` sets
-/// `upgrade`. A header named there sends the request to hyper's path,
-/// which removes the names.
-fn connection_is_plain(v: &[u8], close: &mut bool, upgrade: &mut bool) -> bool {
+/// any case, with optional spaces); each sets its flag. A header named
+/// there sends the request to hyper's path, which removes the names.
+fn connection_is_plain(
+    v: &[u8],
+    close: &mut bool,
+    keep_alive: &mut bool,
+    upgrade: &mut bool,
+) -> bool {
     for token in super::hop::connection_tokens(v) {
         if token.eq_ignore_ascii_case(b"keep-alive") {
+            *keep_alive = true;
             continue;
         }
         if token.eq_ignore_ascii_case(b"close") {
@@ -497,5 +523,28 @@ mod tests {
         assert_eq!(head.content_length, 5);
         assert_eq!(digits(b"18446744073709551615"), None);
         assert_eq!(digits(b"0012"), Some(12));
+    }
+
+    #[test]
+    fn http10_is_fast_only_when_it_closes() {
+        let (p, head) = parsed(b"GET /buy HTTP/1.0\r\nHost: a\r\nUser-Agent: ab\r\n\r\n");
+        assert_eq!(p, Parsed::Fast);
+        assert!(head.http10 && head.close);
+        let (p, head) = parsed(b"GET /buy HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(p, Parsed::Fast);
+        assert!(!head.http10 && !head.close);
+        for raw in [
+            &b"GET / HTTP/1.0\r\nHost: a\r\nConnection: Keep-Alive\r\n\r\n"[..],
+            b"GET / HTTP/1.0\r\nHost: a\r\nConnection: close, keep-alive\r\n\r\n",
+            b"GET / HTTP/1.0\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            b"GET / HTTP/1.0\r\n\r\n",
+        ] {
+            assert_eq!(
+                parsed(raw).0,
+                Parsed::General,
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
     }
 }

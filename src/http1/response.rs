@@ -328,6 +328,17 @@ impl ChunkedScan {
     /// when the body ends after the first `n` bytes of `buf`, `Ok(None)`
     /// when all of it belongs to the body and more is to come.
     pub fn scan(&mut self, buf: &[u8]) -> Result<Option<usize>, Malformed> {
+        self.scan_data(buf, |_| {})
+    }
+
+    /// [`ChunkedScan::scan`], also telling `on_data` where each run of
+    /// chunk data lies in `buf`: what an HTTP/1.0 client, which cannot
+    /// read chunked framing, is sent of the body.
+    pub fn scan_data(
+        &mut self,
+        buf: &[u8],
+        mut on_data: impl FnMut(Range<usize>),
+    ) -> Result<Option<usize>, Malformed> {
         use ChunkState::*;
         let mut i = 0;
         while i < buf.len() {
@@ -384,6 +395,7 @@ impl ChunkedScan {
                     let take =
                         (buf.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
                     self.size -= take as u64;
+                    on_data(i..i + take);
                     i += take;
                     if self.size == 0 {
                         self.state = DataCr;
@@ -589,5 +601,28 @@ mod tests {
         assert_eq!(scan.scan(b"1\r\n"), Err(Malformed::TooLarge));
         let mut scan = ChunkedScan::with_limit(10);
         assert_eq!(scan.scan(b"ffffffffffffffff\r\n"), Err(Malformed::Chunk));
+    }
+
+    #[test]
+    fn chunked_data_comes_out_whole_in_any_split() {
+        let body = b"5;a=b\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\n";
+        for split in 0..=body.len() {
+            let mut scan = ChunkedScan::default();
+            let mut data = Vec::new();
+            let (a, b) = body.split_at(split);
+            let end = match scan.scan_data(a, |r| data.extend_from_slice(&a[r])) {
+                Ok(Some(n)) => n,
+                Ok(None) => {
+                    let n = scan
+                        .scan_data(b, |r| data.extend_from_slice(&b[r]))
+                        .expect("valid")
+                        .expect("ends");
+                    split + n
+                }
+                Err(e) => panic!("{e:?}"),
+            };
+            assert_eq!(end, body.len(), "split at {split}");
+            assert_eq!(data, b"hello world", "split at {split}");
+        }
     }
 }

@@ -143,21 +143,25 @@ fn first_size_line(body: &[u8]) -> Result<(), Malformed> {
 /// byte has come from the upstream, and before the client is sent the end
 /// of the response, `finish` gets the connection if it may be used again
 /// (so a client's next request finds it idle, and least_conn sees the
-/// request over); a relay that fails drops `finish` uncalled.
+/// request over); a relay that fails drops `finish` uncalled. For an
+/// HTTP/1.0 client (`http10`), a chunked body goes as its data alone,
+/// ended by the close.
 pub(super) async fn relay(
     client: &mut TcpStream,
     conn: RawConn,
     b: &mut Buffers,
     config: &crate::config::BalancerConfig,
     closing: bool,
+    http10: bool,
     finish: impl FnOnce(Option<RawConn>),
 ) -> bool {
     let rh = &b.rhead;
     let framing = rh.framing;
-    let close_client = closing || framing == Framing::Close;
+    let dechunk = http10 && framing == Framing::Chunked;
+    let close_client = closing || framing == Framing::Close || dechunk;
     let out = &mut b.out;
     out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(super::version_of_answer(http10));
     let mut code = itoa::Buffer::new();
     out.extend_from_slice(code.format(rh.status).as_bytes());
     out.push(b' ');
@@ -169,7 +173,7 @@ pub(super) async fn relay(
         out.extend_from_slice(&b.resp[value.clone()]);
         out.extend_from_slice(b"\r\n");
     }
-    if framing == Framing::Chunked {
+    if framing == Framing::Chunked && !dechunk {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     if !rh.has_date {
@@ -181,6 +185,9 @@ pub(super) async fn relay(
     out.extend_from_slice(b"\r\n");
     let mut reusable = rh.keep_alive;
     b.resp.advance(rh.len);
+    if dechunk {
+        return relay_dechunked(client, conn, b, config, reusable, finish).await;
+    }
     // How much of the body is still to come, and where it ends in what
     // was read.
     let mut left = match framing {
@@ -266,6 +273,55 @@ pub(super) async fn relay(
             }
             Err(_) => {
                 tracing::warn!(upstream = %conn.addr, timeout = ?config.read_timeout, "the upstream sent nothing in the middle of a response");
+                return false;
+            }
+        }
+    }
+}
+
+/// The body of a chunked response, as its data alone, to an HTTP/1.0
+/// client (whose connection closes after it); the head is in `b.out`.
+/// Rare (the nodes' answers have a length), so the data is copied.
+async fn relay_dechunked(
+    client: &mut TcpStream,
+    conn: RawConn,
+    b: &mut Buffers,
+    config: &crate::config::BalancerConfig,
+    reusable: bool,
+    finish: impl FnOnce(Option<RawConn>),
+) -> bool {
+    let mut chunks = ChunkedScan::default();
+    loop {
+        let scanned = {
+            let (resp, out) = (&b.resp, &mut b.out);
+            chunks.scan_data(resp, |data| out.extend_from_slice(&resp[data]))
+        };
+        match scanned {
+            Ok(Some(end)) => {
+                // Bytes after the response: the upstream is out of step.
+                finish((reusable && end == b.resp.len()).then_some(conn));
+                let _ = send(client, &b.out, config.send_timeout).await;
+                b.resp.clear();
+                return false;
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(upstream = %conn.addr, %error, "upstream body cut off");
+                let _ = send(client, &b.out, config.send_timeout).await;
+                return false;
+            }
+        }
+        if !b.out.is_empty() && send(client, &b.out, config.send_timeout).await.is_err() {
+            return false;
+        }
+        b.out.clear();
+        b.resp.clear();
+        b.resp.reserve(READ_CHUNK);
+        match tokio::time::timeout(config.read_timeout, read_some(&conn.stream, &mut b.resp)).await
+        {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => {
+                tracing::warn!(upstream = %conn.addr, "upstream closed or stalled in the middle of a response");
                 return false;
             }
         }

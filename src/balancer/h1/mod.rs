@@ -10,7 +10,7 @@
 //!
 //! It takes only the requests whose framing has one reading (see
 //! [`crate::http1::request`]); the first request that is anything else
-//! (HTTP/1.0, a chunked or large body, `Expect`, an upgrade, an odd target
+//! (HTTP/1.0 kept alive, a chunked or large body, `Expect`, an upgrade, an odd target
 //! or `Host`, a head longer than 16 KiB, or anything `httparse` refuses)
 //! is handed, with every byte read so far, to hyper's server and the
 //! general path in [`super::proxy`], which keeps the connection from then
@@ -184,7 +184,7 @@ pub async fn serve(
                             Malformed::TooLarge => LocalAnswer::PayloadTooLarge,
                             _ => LocalAnswer::BadChunk,
                         };
-                        write_local(&shared, &mut b.out, answer, true);
+                        write_local(&shared, &mut b.out, answer, true, b.head.http10);
                         let _ = send(&mut stream, &b.out, config.send_timeout).await;
                         return None;
                     }
@@ -217,7 +217,13 @@ pub async fn serve(
             {
                 Ok(Ok(n)) if n > 0 => {}
                 _ => {
-                    write_local(&shared, &mut b.out, LocalAnswer::BadRequest, true);
+                    write_local(
+                        &shared,
+                        &mut b.out,
+                        LocalAnswer::BadRequest,
+                        true,
+                        b.head.http10,
+                    );
                     let _ = send(&mut stream, &b.out, config.send_timeout).await;
                     return None;
                 }
@@ -315,7 +321,7 @@ fn forward_request<'a>(
         Next::Answer(reply, client_addr, start) => {
             let request = || logged(&b.head, &b.input[..end]);
             forward::log_reply(shared, active, request, client_addr, start, &reply);
-            write_reply(&mut b.out, &reply, closing);
+            write_reply(&mut b.out, &reply, closing, b.head.http10);
             Either::Left {
                 f: Either::Left {
                     f: async move { send(client, &b.out, config.send_timeout).await.is_ok() },
@@ -329,7 +335,7 @@ fn forward_request<'a>(
                     let reply = waiting_room::join(shared, active, joining).await;
                     let request = || logged(&b.head, &b.input[..end]);
                     forward::log_reply(shared, active, request, client_addr, start, &reply);
-                    write_reply(&mut b.out, &reply, closing);
+                    write_reply(&mut b.out, &reply, closing, b.head.http10);
                     send(client, &b.out, config.send_timeout).await.is_ok()
                 },
             },
@@ -553,11 +559,20 @@ impl Transport for Raw<'_> {
             drop(pick);
             drop(held);
         };
-        relay(self.client, conn, self.b, self.config, self.closing, finish)
+        let http10 = self.b.head.http10;
+        relay(
+            self.client,
+            conn,
+            self.b,
+            self.config,
+            self.closing,
+            http10,
+            finish,
+        )
     }
 
     async fn reply(&mut self, reply: Reply) -> bool {
-        write_reply(&mut self.b.out, &reply, self.closing);
+        write_reply(&mut self.b.out, &reply, self.closing, self.b.head.http10);
         send(self.client, &self.b.out, self.config.send_timeout)
             .await
             .is_ok()
@@ -609,8 +624,7 @@ fn logged<'a>(
     let request = access_log::Request {
         method: head.method.as_str().as_bytes(),
         target: &input[head.target.clone()],
-        // The fast path takes HTTP/1.1 only.
-        version: "HTTP/1.1",
+        version: if head.http10 { "HTTP/1.0" } else { "HTTP/1.1" },
         referer: named(b"referer").next(),
         user_agent: named(b"user-agent").next(),
         buyer: None,
@@ -673,17 +687,24 @@ fn write_request(
     out.extend_from_slice(&input[head.len..]);
 }
 
+/// The status line's version, and its space: an HTTP/1.0 client is
+/// answered in HTTP/1.0, as hyper's server answers it, so that both paths
+/// say the same.
+pub(super) fn version_of_answer(http10: bool) -> &'static [u8] {
+    if http10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " }
+}
+
 /// An answer of the balancer's own, counted, into `out`.
-fn write_local(shared: &Shared, out: &mut Vec<u8>, answer: LocalAnswer, close: bool) {
-    write_reply(out, &forward::local(shared, answer), close);
+fn write_local(shared: &Shared, out: &mut Vec<u8>, answer: LocalAnswer, close: bool, http10: bool) {
+    write_reply(out, &forward::local(shared, answer), close, http10);
 }
 
 /// An answer of the balancer's own, a JSON body, into `out`.
-fn write_reply(out: &mut Vec<u8>, reply: &Reply, close: bool) {
+fn write_reply(out: &mut Vec<u8>, reply: &Reply, close: bool, http10: bool) {
     let status = reply.status;
     let body = reply.body.as_bytes();
     out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(version_of_answer(http10));
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());

@@ -56,7 +56,7 @@ pub(super) async fn run(
         let reply = forward::local(shared, why);
         let request = || logged(&b.head, &b.input[..end]);
         forward::log_reply(shared, active, request, client_addr, start, &reply);
-        write_reply(&mut b.out, &reply, true);
+        write_reply(&mut b.out, &reply, true, false);
     };
     if let Some(closed) = forward::closed(&input[head.target.start..head.path_end], config) {
         answer(b, closed);
@@ -175,7 +175,7 @@ pub(super) async fn run(
     if !switched {
         // Refused: an ordinary answer, then the connection closes (it was
         // asked to change protocols, and did not).
-        super::relay(&mut client, conn, b, config, true, drop).await;
+        super::relay(&mut client, conn, b, config, true, false, drop).await;
         return;
     }
     shared
