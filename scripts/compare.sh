@@ -22,7 +22,9 @@
 # nginx haproxy"; spike is always one), SCENARIOS (default "proxy https
 # success soldout ab memory payments tokens waiting accesslog"), STRATEGIES (default "round_robin
 # weighted_round_robin ip_hash least_conn", for the proxy-only scenario),
-# PAY_TOTAL (2000).
+# PAY_TOTAL (2000), BASE_SPIKE (another spike binary, e.g. main's before a
+# change: run as one more proxy, "base", with the same config on its own
+# ports, so that a change is measured before and after in one run).
 #
 # The client (oha/ab), the proxy under test, the backends and Redis all share
 # this machine's CPUs; the numbers compare the proxies under the same
@@ -49,6 +51,11 @@ AB_TOTAL=5000
 SCENARIOS=${SCENARIOS:-proxy https success soldout ab memory payments tokens waiting accesslog}
 PAY_TOTAL=${PAY_TOTAL:-2000} # tickets of the sale with payments
 read -r -a SIDES <<<"${PROXIES:-spike nginx haproxy}"
+BASE_SPIKE=${BASE_SPIKE:-}
+if [ -n "$BASE_SPIKE" ]; then
+  [ -x "$BASE_SPIKE" ] || { printf 'compare.sh: BASE_SPIKE=%s is not an executable\n' "$BASE_SPIKE" >&2; exit 1; }
+  SIDES+=(base)
+fi
 read -r -a STRATEGIES <<<"${STRATEGIES:-round_robin weighted_round_robin ip_hash least_conn}"
 SALE_STRATEGY=round_robin
 
@@ -62,7 +69,7 @@ wants() { [[ " $SCENARIOS " == *" $1 "* ]]; }
 runs() { [[ " ${SIDES[*]} " == *" $1 "* ]]; }
 
 for side in "${SIDES[@]}"; do
-  case $side in spike | nginx | haproxy) ;; *) die "PROXIES: unknown proxy '$side' (spike, nginx, haproxy)" ;; esac
+  case $side in spike | nginx | haproxy | base) ;; *) die "PROXIES: unknown proxy '$side' (spike, nginx, haproxy)" ;; esac
 done
 runs spike || die "PROXIES must include spike, the proxy the others are compared with"
 
@@ -305,12 +312,13 @@ start_nodes() { # CONFIG
 declare -A PORT PID
 pick_ports() { # sets PORT[side] for every proxy, and ADMIN (spike's admin port)
   local ports side i=0
-  read -r -a ports <<<"$(free_ports $((${#SIDES[@]} + 1)))"
+  read -r -a ports <<<"$(free_ports $((${#SIDES[@]} + 2)))"
   for side in "${SIDES[@]}"; do
     PORT[$side]=${ports[$i]}
     i=$((i + 1))
   done
   ADMIN=${ports[$i]}
+  BASE_ADMIN=${ports[$((i + 1))]}
 }
 start_proxy() { # SIDE CONFIG
   local side=$1 cfg=$2 port=${PORT[$1]} d=$WORK/$1-${PORT[$1]} log
@@ -319,6 +327,13 @@ start_proxy() { # SIDE CONFIG
     spike)
       log=spike-balancer
       spawn $log env RUST_LOG=warn "$SPIKE" balancer --config "$cfg"
+      ;;
+    base)
+      # The same file on the base's own listen and admin ports.
+      log=base-balancer
+      sed -e "s/^listen = \"127.0.0.1:${PORT[spike]}\"/listen = \"127.0.0.1:$port\"/" \
+        -e "s/^admin = \"127.0.0.1:$ADMIN\"/admin = \"127.0.0.1:$BASE_ADMIN\"/" "$cfg" >"$d/base.toml"
+      spawn $log env RUST_LOG=warn "$BASE_SPIKE" balancer --config "$d/base.toml"
       ;;
     nginx)
       log=nginx-proxy

@@ -454,6 +454,9 @@ pub async fn serve_with<F, S, B>(
                 }
             }
         };
+        if most.saturating_sub(permits.available_permits()) > recycle::crowd(most) {
+            reusable.crowd_formed();
+        }
         let place = reusable.place();
         let idle = place.as_ref().map(reuse::Place::idle);
         let on_loop = share

@@ -99,6 +99,75 @@ async fn idle_keep_alive_clients_make_room_for_a_new_one_oldest_first() {
     }
 }
 
+/// Ten thousand idle keep-alive clients (issue 26's memory row): an idle
+/// connection gives its buffers back only when many are open, and those
+/// that went idle while few were kept theirs for good (the first thousand
+/// of ten thousand held 16 KiB each, most of the balancer's memory). Now a
+/// crowd that forms later takes them back too, and the connections go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_clients_give_their_buffers_back_when_a_crowd_forms() {
+    let node = Recorder::start("n", Then::Answer).await;
+    for workers in [1, 2] {
+        // A crowd is more than a sixteenth of the cap: 4 of 64.
+        let text = format!(
+            "{}\n[server]\nmax_connections = 64\n",
+            one_upstream(node.addr, "")
+        );
+        let lb = Running::start_workers(&text, workers).await;
+        let given_back = async || {
+            let body = get_ok(&http(), &format!("http://{}/status", lb.admin)).await;
+            let v: serde_json::Value = serde_json::from_str(&body).expect("status json");
+            v["fast_path"]["buffers_given_back"]
+                .as_u64()
+                .expect("counter")
+        };
+        // Two, so that with the permits each accept loop holds while it
+        // waits (counted as open) they are still few.
+        let mut early = Vec::new();
+        for _ in 0..2 {
+            let mut s = TcpStream::connect(lb.addr).await.expect("connect");
+            s.write_all(b"GET /early HTTP/1.1\r\nHost: a\r\n\r\n")
+                .await
+                .expect("write");
+            let answer = read_response(&mut s).await;
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+            early.push(s);
+        }
+        assert_eq!(
+            given_back().await,
+            0,
+            "{workers} workers: few open, buffers kept"
+        );
+        // Six more connect (and say nothing): eight open, a crowd.
+        let mut crowd = Vec::new();
+        for _ in 0..6 {
+            crowd.push(TcpStream::connect(lb.addr).await.expect("connect"));
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while given_back().await < 2 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            given_back().await,
+            2,
+            "{workers} workers: the two early idle ones"
+        );
+        for (i, s) in early.iter_mut().enumerate() {
+            s.write_all(b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n")
+                .await
+                .expect("write");
+            let again = read_response(s).await;
+            assert!(
+                again.starts_with("HTTP/1.1 200"),
+                "{workers} workers: early client {i} after giving its buffers back: {again:?}"
+            );
+        }
+        drop(crowd);
+        drop(early);
+        lb.shutdown().await;
+    }
+}
+
 /// Finding 4: `Transfer-Encoding: gzip, chunked` was accepted and the
 /// coding silently dropped (the backend got gzip bytes as a plain body).
 /// A balancer that does not decode a coding refuses it, as Nginx does

@@ -154,7 +154,13 @@ def load_runs(d):
 
 
 SUBJECT = "spike"  # the proxy every ratio is about: spike ÷ each of the others
-NAMES = {"spike": "spike", "nginx": "Nginx", "haproxy": "HAProxy", "direct": "direct, no proxy"}
+NAMES = {
+    "spike": "spike",
+    "base": "spike (BASE_SPIKE)",
+    "nginx": "Nginx",
+    "haproxy": "HAProxy",
+    "direct": "direct, no proxy",
+}
 # Medians kept per proxy, and the ratios taken round by round (name, run key).
 PER_SIDE = ("rps", "p99", "cpu_us", "user_us", "sys_us", "redis_per_sale", "redis_us_per_sale", "redis_evalsha")
 RATIO_KEYS = (("cpu", "cpu_us"), ("user", "user_us"), ("sys", "sys_us"), ("rps", "rps"), ("p99", "p99"))
@@ -606,7 +612,7 @@ def tick_label(v, step):
     return f"{v:,.{decimals}f}"
 
 
-COLORS = {"spike": "#d9480f", "nginx": "#1c7ed6", "haproxy": "#2f9e44", "direct": "#868e96"}
+COLORS = {"spike": "#d9480f", "base": "#f59f00", "nginx": "#1c7ed6", "haproxy": "#2f9e44", "direct": "#868e96"}
 PANELS = (
     ("rps", "requests/s (higher is better)"),
     ("p99", "p99 latency, ms (lower is better)"),

@@ -190,6 +190,7 @@ fn status(shared: &Shared) -> String {
         "fast_path": {
             "on": active.config.fast_path,
             "general_connections": shared.metrics.general_connections.load(Ordering::Relaxed),
+            "buffers_given_back": shared.metrics.buffers_given_back.load(Ordering::Relaxed),
         },
         "edge": {
             "on": active.config.sold_out_at_edge,
@@ -293,6 +294,13 @@ fn metrics(shared: &Shared) -> String {
         "Client connections handed from the fast path to hyper's server, for a request the fast path does not take.",
         "counter",
         m.general_connections.load(Ordering::Relaxed),
+    );
+    crate::prometheus::single(
+        &mut out,
+        "spike_balancer_idle_buffers_given_back_total",
+        "Idle client connections that gave their buffers back when many connections opened after they went idle.",
+        "counter",
+        m.buffers_given_back.load(Ordering::Relaxed),
     );
     crate::prometheus::single(
         &mut out,

@@ -23,6 +23,9 @@ pub struct Metrics {
     /// Client connections the fast path ([`super::h1`]) handed to hyper's
     /// server for a request it does not take (they stay there).
     pub general_connections: AtomicU64,
+    /// Idle client connections that gave their buffers back when a crowd
+    /// formed after they went idle (see `server::reuse::crowd_formed`).
+    pub buffers_given_back: AtomicU64,
     /// Upgraded connections (WebSockets) tunnelled to an upstream now.
     pub tunnels_open: AtomicU64,
     /// Upgraded connections tunnelled since start.
