@@ -335,10 +335,20 @@ fn check_fast(buf: &[u8], head: &RequestHead, replay: u64, limit: u64, underscor
         head.len
     );
     ensure!(len <= buf.len(), buf, "head longer than the input");
+    // HTTP/1.1, or HTTP/1.0 that closes after it (checked with
+    // `Connection` below).
     ensure!(
-        req.version == Some(1),
+        matches!(req.version, Some(0 | 1)),
         buf,
         "Fast for version {:?}",
+        req.version
+    );
+    let http10 = req.version == Some(0);
+    ensure!(
+        head.http10 == http10,
+        buf,
+        "http10 {} for version {:?}",
+        head.http10,
         req.version
     );
 
@@ -420,6 +430,7 @@ fn check_fast(buf: &[u8], head: &RequestHead, replay: u64, limit: u64, underscor
     let mut hosts = 0;
     let mut lengths = Vec::new();
     let mut close = false;
+    let mut keep_alive = false;
     let mut keys = Vec::new();
     let mut users = Vec::new();
     for (i, (mine, theirs)) in head.headers.iter().zip(req.headers.iter()).enumerate() {
@@ -466,6 +477,7 @@ fn check_fast(buf: &[u8], head: &RequestHead, replay: u64, limit: u64, underscor
                     esc(value)
                 );
                 close |= is(token, "close");
+                keep_alive |= is(token, "keep-alive");
             }
         } else if [
             "keep-alive",
@@ -540,10 +552,11 @@ fn check_fast(buf: &[u8], head: &RequestHead, replay: u64, limit: u64, underscor
         buf,
         "Fast with a body of {declared} > max_body {limit}"
     );
+    ensure!(!(http10 && keep_alive), buf, "Fast for HTTP/1.0 kept alive");
     ensure!(
-        head.close == close,
+        head.close == (close || http10),
         buf,
-        "close {} but Connection says {close}",
+        "close {} but Connection says {close} (HTTP/1.0: {http10})",
         head.close
     );
     ensure!(
@@ -754,10 +767,15 @@ fn check_with_hyper(buf: &[u8], head: &RequestHead, _opts: Opts) {
         saw.method,
         head.method
     );
+    let version = if head.http10 {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
     ensure!(
-        saw.version == Version::HTTP_11,
+        saw.version == version,
         buf,
-        "hyper read version {:?}",
+        "hyper read version {:?}, the fast path {version:?}",
         saw.version
     );
     let target = &buf[head.target.clone()];
