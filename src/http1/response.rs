@@ -140,6 +140,7 @@ pub fn parse(
         _ => 0..0,
     };
     head.headers.clear();
+    head.headers.reserve(16);
     head.has_date = false;
     let (mut close, mut keep) = (false, false);
     // The last non-empty coding of all `Transfer-Encoding` lines together

@@ -10,7 +10,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::buffers::Buffers;
-use super::socket::{READ_CHUNK, read_some, send};
+use super::socket::{READ_CHUNK, make_room, read_some, send};
 use crate::balancer::forward::Failure;
 use crate::balancer::pool::{self, RawConn};
 use crate::balancer::upstream::{Upstream, now_ms};
@@ -78,9 +78,7 @@ pub(super) async fn exchange(
         // connection that said nothing may have merely gone stale.
         let mut got = false;
         loop {
-            if b.resp.capacity() - b.resp.len() < 1024 {
-                b.resp.reserve(READ_CHUNK);
-            }
+            make_room(&mut b.resp);
             match read_some(&conn.stream, &mut b.resp).await {
                 Ok(0) => {
                     return Err(broken(

@@ -66,7 +66,7 @@ mod tunnel;
 
 use buffers::Buffers;
 use exchange::{RawError, exchange, has_sold_out_mark, lowercase_into, relay};
-use socket::{READ_CHUNK, read_some, send, try_read_some};
+use socket::{READ_CHUNK, make_room, read_some, send, try_read_some};
 
 /// The balancer's fast path as the accept loop sees it.
 pub struct FastPath {
@@ -152,7 +152,7 @@ pub async fn serve(
                     }
                 }
             }
-            b.input.reserve(READ_CHUNK);
+            make_room(&mut b.input);
             match try_read_some(&stream, &mut b.input) {
                 Ok(0) => return None,
                 // Busy only once bytes came: a wake with nothing to read
@@ -664,6 +664,9 @@ fn write_request(
     generated_key: Option<&[u8]>,
 ) {
     out.clear();
+    // One allocation for the connection's first request, not a doubling
+    // from 8 bytes up.
+    out.reserve(1024);
     out.extend_from_slice(head.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(&input[head.target.clone()]);
@@ -722,6 +725,7 @@ fn write_reply(out: &mut Vec<u8>, reply: &Reply, close: bool, http10: bool) {
     let status = reply.status;
     let body = reply.body.as_bytes();
     out.clear();
+    out.reserve(512 + body.len());
     out.extend_from_slice(version_of_answer(http10));
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
