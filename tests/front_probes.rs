@@ -14,6 +14,14 @@ use balancer_support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// A next request on a kept-alive client connection, and its answer.
+async fn ask_again(s: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin)) -> String {
+    s.write_all(b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("write");
+    read_response(s).await
+}
+
 fn one_upstream(addr: SocketAddr, extra: &str) -> String {
     config_text("round_robin", "127.0.0.1:0", "127.0.0.1:0", &[up(addr, 1)])
         .replace("[balancer]\n", &format!("[balancer]\n{extra}\n"))
@@ -84,10 +92,7 @@ async fn idle_keep_alive_clients_make_room_for_a_new_one_oldest_first() {
             "{how}: the oldest idle client is still open"
         );
         for (i, s) in idle.iter_mut().enumerate().skip(1) {
-            s.write_all(b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n")
-                .await
-                .expect("write");
-            let again = read_response(s).await;
+            let again = ask_again(s).await;
             assert!(
                 again.starts_with("HTTP/1.1 200"),
                 "{how}: idle client {i} was closed too: {again:?}"
@@ -153,10 +158,7 @@ async fn idle_clients_give_their_buffers_back_when_a_crowd_forms() {
             "{workers} workers: the two early idle ones"
         );
         for (i, s) in early.iter_mut().enumerate() {
-            s.write_all(b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n")
-                .await
-                .expect("write");
-            let again = read_response(s).await;
+            let again = ask_again(s).await;
             assert!(
                 again.starts_with("HTTP/1.1 200"),
                 "{workers} workers: early client {i} after giving its buffers back: {again:?}"

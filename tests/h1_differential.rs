@@ -635,6 +635,35 @@ async fn canned_backend(
     (addr, task)
 }
 
+/// A 100 KiB chunked response, in 1 KiB chunks.
+fn big_chunked_response() -> Vec<u8> {
+    let mut big_chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for i in 0..100u8 {
+        big_chunked.extend_from_slice(b"400\r\n");
+        big_chunked.extend(std::iter::repeat_n(b'a' + i % 26, 1024));
+        big_chunked.extend_from_slice(b"\r\n");
+    }
+    big_chunked.extend_from_slice(b"0\r\n\r\n");
+    big_chunked
+}
+
+/// Two balancers, each over its own backend answering `responses`: one
+/// with the fast path, one with hyper's (`fast_path = false`).
+async fn fast_and_general(
+    responses: Vec<(&'static str, Vec<u8>, bool)>,
+) -> (Running, Running, [tokio::task::JoinHandle<()>; 2]) {
+    let responses = Arc::new(responses);
+    let (fast_backend, a) = canned_backend(responses.clone()).await;
+    let (general_backend, b) = canned_backend(responses).await;
+    let text = |addr| config_text("round_robin", "127.0.0.1:0", "127.0.0.1:0", &[up(addr, 1)]);
+    let fast = Running::start(&text(fast_backend)).await;
+    let general = Running::start(
+        &text(general_backend).replace("[balancer]\n", "[balancer]\nfast_path = false\n"),
+    )
+    .await;
+    (fast, general, [a, b])
+}
+
 /// What a client made of a response: status, the headers that are not
 /// about framing or the hop, and the decoded body; or how it failed.
 async fn fetch(
@@ -687,13 +716,7 @@ async fn fetch(
 /// re-encodes them, so the bodies' framing on the wire may differ.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn responses_reach_the_client_alike_through_both_paths() {
-    let mut big_chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
-    for i in 0..100u8 {
-        big_chunked.extend_from_slice(b"400\r\n");
-        big_chunked.extend(std::iter::repeat_n(b'a' + i % 26, 1024));
-        big_chunked.extend_from_slice(b"\r\n");
-    }
-    big_chunked.extend_from_slice(b"0\r\n\r\n");
+    let big_chunked = big_chunked_response();
     let mut big = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n".to_vec();
     big.extend((0..100_000u32).map(|i| b'a' + (i % 26) as u8));
     let responses: Vec<(&'static str, Vec<u8>, bool)> = vec![
@@ -754,15 +777,7 @@ async fn responses_reach_the_client_alike_through_both_paths() {
         ("length cut short", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello".to_vec(), true),
     ];
     let names: Vec<&'static str> = responses.iter().map(|r| r.0).collect();
-    let responses = Arc::new(responses);
-    let (fast_backend, _a) = canned_backend(responses.clone()).await;
-    let (general_backend, _b) = canned_backend(responses.clone()).await;
-    let text = |addr| config_text("round_robin", "127.0.0.1:0", "127.0.0.1:0", &[up(addr, 1)]);
-    let fast = Running::start(&text(fast_backend)).await;
-    let general = Running::start(
-        &text(general_backend).replace("[balancer]\n", "[balancer]\nfast_path = false\n"),
-    )
-    .await;
+    let (fast, general, _backends) = fast_and_general(responses).await;
     // One client each, keep-alive: every response also has to leave the
     // connection usable for the next (or closed where it must be).
     let (fast_client, general_client) = (http(), http());
@@ -854,25 +869,10 @@ async fn http10_clients_get_what_hyper_gives_them() {
         ("no content", b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(), false),
         ("status 500", b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\noops".to_vec(), false),
     ];
-    let mut big_chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
-    for i in 0..100u8 {
-        big_chunked.extend_from_slice(b"400\r\n");
-        big_chunked.extend(std::iter::repeat_n(b'a' + i % 26, 1024));
-        big_chunked.extend_from_slice(b"\r\n");
-    }
-    big_chunked.extend_from_slice(b"0\r\n\r\n");
     let mut responses = responses;
-    responses.push(("big chunked", big_chunked, false));
+    responses.push(("big chunked", big_chunked_response(), false));
     let names: Vec<&'static str> = responses.iter().map(|r| r.0).collect();
-    let responses = Arc::new(responses);
-    let (fast_backend, _a) = canned_backend(responses.clone()).await;
-    let (general_backend, _b) = canned_backend(responses.clone()).await;
-    let text = |addr| config_text("round_robin", "127.0.0.1:0", "127.0.0.1:0", &[up(addr, 1)]);
-    let fast = Running::start(&text(fast_backend)).await;
-    let general = Running::start(
-        &text(general_backend).replace("[balancer]\n", "[balancer]\nfast_path = false\n"),
-    )
-    .await;
+    let (fast, general, _backends) = fast_and_general(responses).await;
     for (i, name) in names.iter().enumerate() {
         for method in ["GET", "HEAD"] {
             let path = format!("/r/{i}");
