@@ -8,6 +8,7 @@ pub mod proxy_protocol;
 mod recycle;
 pub mod reuse;
 pub mod tls;
+pub mod upgrade;
 
 pub use reuse::{Idle, Reusable};
 
@@ -896,6 +897,15 @@ impl Connection {
                     return;
                 }
             };
+            if let Some(then) = self.turn.take_then() {
+                // A `101`: hyper is done with the socket, and it is the
+                // upgraded protocol's from here (bytes hyper read past the
+                // handshake first).
+                let (stream, rest) = parts.io.into_inner().into_parts();
+                let ahead = read_ahead(&parts.read_buf, rest);
+                then.run(upgrade::ClientIo::plain(stream, ahead)).await;
+                return;
+            }
             if expired || !self.turn.handed_back() || *self.stop.borrow() {
                 // The client closed, or hyper did (`Connection: close`, an
                 // HTTP/1.0 client): dropping the socket closes it.
@@ -910,19 +920,24 @@ impl Connection {
             service = parts.service;
             let (s, rest) = parts.io.into_inner().into_parts();
             stream = s;
-            // Copied, never kept as is: an empty `Bytes` cut from hyper's
-            // read buffer still holds all 8 KiB of it.
-            ahead = if parts.read_buf.is_empty() {
-                rest
-            } else {
-                let mut both = BytesMut::with_capacity(parts.read_buf.len() + rest.len());
-                both.extend_from_slice(&parts.read_buf);
-                both.extend_from_slice(&rest);
-                both.freeze()
-            };
+            ahead = read_ahead(&parts.read_buf, rest);
             waiting = ahead.is_empty();
         }
     }
+}
+
+/// What hyper had read past its last request (`read_buf`), then what it
+/// left unread of the bytes handed to it (`rest`): the next bytes of the
+/// connection. Copied, never kept as is: an empty `Bytes` cut from hyper's
+/// read buffer still holds all 8 KiB of it.
+fn read_ahead(read_buf: &Bytes, rest: Bytes) -> Bytes {
+    if read_buf.is_empty() {
+        return rest;
+    }
+    let mut both = BytesMut::with_capacity(read_buf.len() + rest.len());
+    both.extend_from_slice(read_buf);
+    both.extend_from_slice(&rest);
+    both.freeze()
 }
 
 /// A complete JSON answer with the right content type; static bodies cost no

@@ -13,10 +13,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use balancer_support::tls::{SHOP, Transport};
 use balancer_support::{config_text, up};
 use common::spike::{SpikeProcess, remove_config, wait_listening, write_config};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
 
 /// A WebSocket-ish backend: to a request with `Upgrade: websocket` it
 /// answers 101, says `welcome` first, then echoes what it reads in upper
@@ -76,7 +77,7 @@ async fn websocket_backend() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
 }
 
 /// Reads from `s` until `want` has come (or 5 s), returning what came.
-async fn read_until(s: &mut TcpStream, want: &str) -> String {
+async fn read_until(s: &mut (impl AsyncRead + Unpin), want: &str) -> String {
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
@@ -93,6 +94,29 @@ async fn read_until(s: &mut TcpStream, want: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_handshake_is_tunnelled_both_ways() {
+    tunnelled_both_ways(Transport::Plain, "").await;
+}
+
+/// The same over TLS (`wss://`, ALPN `http/1.1`): hyper's server serves
+/// the connection, and hands its socket to the tunnel after the `101`.
+/// It was: `Upgrade` dropped, the upstream's 400 to a plain GET.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_over_tls_is_tunnelled_both_ways() {
+    tunnelled_both_ways(Transport::tls(), "").await;
+}
+
+/// The same on plaintext with `fast_path = false`: hyper's server, with
+/// its connection handed back between requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_on_hyper_s_plain_path_is_tunnelled_both_ways() {
+    tunnelled_both_ways(Transport::Plain, "fast_path = false\n").await;
+}
+
+/// A WebSocket handshake through a `spike balancer` process reached over
+/// `transport`, with `extra` `[balancer]` keys: the `101` and the
+/// upstream's first bytes come back, bytes go both ways, `/status` counts
+/// the tunnel while it is open and not after the client closes.
+async fn tunnelled_both_ways(transport: Transport, extra: &str) {
     let (backend, heads) = websocket_backend().await;
     let listen = common::free_addr();
     let admin = common::free_addr();
@@ -102,12 +126,15 @@ async fn a_websocket_handshake_is_tunnelled_both_ways() {
         &admin.to_string(),
         &[up(backend, 1)],
     )
-    .replace("[balancer]\n", "[balancer]\ndrain_delay = \"0s\"\n");
-    let path = write_config(&text);
+    .replace(
+        "[balancer]\n",
+        &format!("[balancer]\ndrain_delay = \"0s\"\n{extra}"),
+    );
+    let path = write_config(&transport.config(&text));
     let mut lb = SpikeProcess::start(&["balancer", "--config", path.to_str().expect("path")]);
     wait_listening(&listen.to_string(), Duration::from_secs(15));
 
-    let mut s = TcpStream::connect(listen).await.expect("connect");
+    let mut s = transport.open(listen).await;
     s.write_all(
         b"GET /live HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
           Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
@@ -122,6 +149,10 @@ async fn a_websocket_handshake_is_tunnelled_both_ways() {
     assert!(
         lower.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
         "{answer}"
+    );
+    assert!(
+        !lower.contains("content-length"),
+        "a 101 has no body: {answer}"
     );
     assert!(
         answer.ends_with("welcome"),
@@ -168,6 +199,19 @@ async fn a_websocket_handshake_is_tunnelled_both_ways() {
 /// the connection closes after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_upgrade_gets_the_upstream_s_answer() {
+    refused(Transport::Plain, "").await;
+}
+
+/// The same on hyper's path: over TLS, and plaintext without the fast path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upgrade_gets_the_upstream_s_answer_on_hyper_s_path() {
+    refused(Transport::tls(), "").await;
+    refused(Transport::Plain, "fast_path = false\n").await;
+}
+
+/// An upgrade the backend answers with a 400, through a balancer reached
+/// over `transport` with `extra` `[balancer]` keys.
+async fn refused(transport: Transport, extra: &str) {
     let (backend, _) = websocket_backend().await;
     let listen = common::free_addr();
     let text = config_text(
@@ -176,11 +220,14 @@ async fn a_refused_upgrade_gets_the_upstream_s_answer() {
         &common::free_addr().to_string(),
         &[up(backend, 1)],
     )
-    .replace("[balancer]\n", "[balancer]\ndrain_delay = \"0s\"\n");
-    let path = write_config(&text);
+    .replace(
+        "[balancer]\n",
+        &format!("[balancer]\ndrain_delay = \"0s\"\n{extra}"),
+    );
+    let path = write_config(&transport.config(&text));
     let mut lb = SpikeProcess::start(&["balancer", "--config", path.to_str().expect("path")]);
     wait_listening(&listen.to_string(), Duration::from_secs(15));
-    let mut s = TcpStream::connect(listen).await.expect("connect");
+    let mut s = transport.open(listen).await;
     s.write_all(b"GET /live HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n")
         .await
         .expect("write");
@@ -191,6 +238,53 @@ async fn a_refused_upgrade_gets_the_upstream_s_answer() {
         .expect("read");
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.ends_with("no upgrade\n"), "{answer}");
+    lb.signal("TERM");
+    lb.expect_clean_exit(Duration::from_secs(15));
+    remove_config(&path);
+}
+
+/// Over HTTP/2 there is no `Upgrade` (RFC 9113 8.2.2: a connection-level
+/// header), and the balancer does not offer extended CONNECT (RFC 8441),
+/// so a browser opens its WebSocket on an HTTP/1.1 connection. A client
+/// that sends the two lines over h2 anyway (`curl --http2` does, then
+/// drops them) gets the upstream's answer to a plain GET at once: here the
+/// backend's 400, not a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_lines_over_h2_get_a_plain_answer_not_a_hang() {
+    let (backend, heads) = websocket_backend().await;
+    let listen = common::free_addr();
+    let text = config_text(
+        "round_robin",
+        &listen.to_string(),
+        &common::free_addr().to_string(),
+        &[up(backend, 1)],
+    )
+    .replace("[balancer]\n", "[balancer]\ndrain_delay = \"0s\"\n");
+    let transport = Transport::tls();
+    let Transport::Tls(certs) = &transport else {
+        unreachable!("a TLS transport")
+    };
+    let path = write_config(&transport.config(&text));
+    let mut lb = SpikeProcess::start(&["balancer", "--config", path.to_str().expect("path")]);
+    wait_listening(&listen.to_string(), Duration::from_secs(15));
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", "--http2", "--max-time", "10", "--cacert"])
+        .arg(certs.pki.file("ca.crt"))
+        .args(["-H", "Upgrade: websocket", "-H", "Connection: Upgrade"])
+        .args(["-H", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=="])
+        .arg("--resolve")
+        .arg(format!("{SHOP}:{}:127.0.0.1", listen.port()))
+        .args(["-w", "\n%{http_version} %{http_code}"])
+        .arg(format!("https://{SHOP}:{}/live", listen.port()))
+        .output()
+        .await
+        .expect("curl must be installed (run scripts/test.sh)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "curl: {:?} {text}", out.status);
+    assert_eq!(text, "no upgrade\n\n2 400", "{text}");
+    let head = heads.lock().expect("lock")[0].to_ascii_lowercase();
+    assert!(!head.contains("\r\nupgrade:"), "{head}");
+    assert!(head.contains("sec-websocket-key:"), "{head}");
     lb.signal("TERM");
     lb.expect_clean_exit(Duration::from_secs(15));
     remove_config(&path);

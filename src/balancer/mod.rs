@@ -44,6 +44,7 @@ pub mod sale;
 pub mod select;
 pub mod state;
 
+pub mod upgrade;
 pub mod upstream;
 pub mod waiting_room;
 pub mod window;

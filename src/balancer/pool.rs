@@ -158,6 +158,26 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<UpstreamConn
     Ok(UpstreamConn { sender, received })
 }
 
+/// A new connection to `addr` for one request that may switch protocols
+/// (a WebSocket's handshake on hyper's path): its task gives the socket up
+/// after a `101` (`hyper::upgrade::on` the response). Never pooled.
+pub async fn connect_upgradable(
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<SendRequest<ReqBody>, ConnectError> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| ConnectError::Timeout(timeout))??;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(upstream = %addr, error = %e, "upstream connection ended");
+        }
+    });
+    Ok(sender)
+}
+
 /// A connection that can sit on an idle stack: it must be able to tell,
 /// without waiting, that its upstream closed it meanwhile.
 pub trait Reusable {

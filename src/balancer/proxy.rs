@@ -194,7 +194,7 @@ fn before_response(e: &hyper::Error) -> bool {
 /// Proxies one client request on worker `worker`'s upstream clients. Never
 /// fails: errors become 502/504 answers.
 pub async fn handle(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     worker: usize,
     peer: &Peer,
     req: Request<Incoming>,
@@ -234,6 +234,12 @@ pub async fn handle(
         }
         let is_buy = idempotency::is_purchase(parts.uri.path());
         let client = client_ip(peer.ip, &parts.headers, &config.trusted_proxies);
+        if let Some(protocol) = super::upgrade::asked(&parts, &body) {
+            // A WebSocket's handshake: tunnelled, as on the fast path (the
+            // limits and the edge are for purchases).
+            return super::upgrade::run(shared, &active, peer, client, parts, protocol, start)
+                .await;
+        }
         let admitted = match forward::limit::check(shared, &active, client, || {
             crate::auth::token_of(&parts.headers)
         }) {
@@ -433,7 +439,14 @@ impl Transport for Hyper<'_> {
             workers: self.workers,
             max_idle: self.config.keepalive,
         };
-        respond(resp, first, pick, held, homeward, self.config.read_timeout)
+        respond(
+            resp,
+            first,
+            pick,
+            held,
+            Some(homeward),
+            self.config.read_timeout,
+        )
     }
 
     async fn reply(&mut self, r: Reply) -> Response<RespBody> {
@@ -467,9 +480,8 @@ async fn first_chunk(
     }
 }
 
-/// An answer of the balancer's own.
 /// An answer of the balancer's own before any attempt, logged.
-fn early(
+pub(super) fn early(
     shared: &Shared,
     active: &super::state::Active,
     parts: &hyper::http::request::Parts,
@@ -491,7 +503,7 @@ fn early(
 }
 
 /// `HTTP/1.0` or `HTTP/1.1`, as the access log writes the version.
-fn version_text(v: Version) -> &'static str {
+pub(super) fn version_text(v: Version) -> &'static str {
     if v == Version::HTTP_10 {
         "HTTP/1.0"
     } else {
@@ -501,7 +513,7 @@ fn version_text(v: Version) -> &'static str {
 
 /// A request on hyper's path as the access log shows it, and its buyer
 /// token.
-fn logged<'a>(
+pub(super) fn logged<'a>(
     method: &'a Method,
     target: &'a [u8],
     version: &'static str,
@@ -683,7 +695,7 @@ fn respond(
     first: Option<Frame<Bytes>>,
     pick: Pick,
     held: Held,
-    homeward: Homeward,
+    homeward: Option<Homeward>,
     read_timeout: Duration,
 ) -> Response<RespBody> {
     let (mut parts, body) = resp.into_parts();
@@ -710,11 +722,26 @@ fn respond(
             inner: body,
             pick,
             _held: held,
-            homeward: Some(homeward),
+            homeward,
             read_timeout,
             stall: StallTimer::default(),
         }),
     )
+}
+
+/// An upstream's answer other than `101` to a request to switch
+/// protocols, relayed as an ordinary response on a connection not kept:
+/// the client's closes after it (it asked to change protocols, and did
+/// not), as on the fast path.
+pub(super) fn refused_upgrade(
+    resp: Response<Incoming>,
+    pick: Pick,
+    read_timeout: Duration,
+) -> Response<RespBody> {
+    let mut resp = respond(resp, None, pick, Held::default(), None, read_timeout);
+    resp.headers_mut()
+        .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+    resp
 }
 
 /// The sizes [`forward::head_refusal`] limits, as the head would be

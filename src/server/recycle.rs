@@ -108,6 +108,9 @@ pub(super) struct Turn {
     begun_at: AtomicU64,
     /// The server is stopping: answers ask the client to close.
     stopping: Arc<AtomicBool>,
+    /// What a `101` asked to run on the socket once hyper is done (see
+    /// [`super::upgrade`]).
+    then: std::sync::Mutex<Option<super::upgrade::Then>>,
 }
 
 impl Turn {
@@ -117,7 +120,13 @@ impl Turn {
             state: AtomicU8::new(0),
             begun_at: AtomicU64::new(0),
             stopping,
+            then: std::sync::Mutex::new(None),
         }
+    }
+
+    /// What a `101` asked to run on the socket, taken.
+    pub(super) fn take_then(&self) -> Option<super::upgrade::Then> {
+        self.then.lock().map(|mut t| t.take()).unwrap_or(None)
     }
 
     fn set(&self, bits: u8) {
@@ -443,11 +452,21 @@ where
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Ready(Ok(res)) => res,
         };
+        let mut res = res;
+        if let Some(then) = super::upgrade::take_then(&mut res)
+            && let Some(turn) = this.turn.as_ref()
+            && let Ok(mut slot) = turn.then.lock()
+        {
+            // hyper ends the connection after the `101` and hands the
+            // socket back; the accept loop runs this on it.
+            *slot = Some(then);
+        }
         let (mut parts, body) = res.into_parts();
-        if this
-            .turn
-            .as_ref()
-            .is_some_and(|t| t.stopping.load(Ordering::Relaxed))
+        if parts.status != hyper::StatusCode::SWITCHING_PROTOCOLS
+            && this
+                .turn
+                .as_ref()
+                .is_some_and(|t| t.stopping.load(Ordering::Relaxed))
         {
             // hyper closes after a response that says so, and the client
             // knows not to send another request on it.

@@ -42,6 +42,8 @@ use tokio::sync::{Notify, watch};
 
 use super::recycle::{Guarded, SendClock, now_ms};
 use super::reuse::{self, Idle};
+use super::upgrade::Then;
+use hyper::upgrade::OnUpgrade;
 
 /// One certificate of a listener, with the names it is chosen for.
 #[derive(Clone)]
@@ -342,8 +344,26 @@ pub(super) async fn serve<S, B>(
         // hyper's would run over the keep-alive wait.
         let mut builder = conn.h1.clone();
         builder.header_read_timeout(None);
-        let c = builder.serve_connection(io, service);
+        let c = builder.serve_connection(io, service).with_upgrades();
         drive(c, &activity, &mut conn, true, |c| c.graceful_shutdown()).await;
+        // After a request that asked to upgrade, hyper gives the
+        // connection up whatever the answer: after a `101` with a `Then`,
+        // it is the upgraded protocol's (see [`super::upgrade`]; the place
+        // stays busy while it is used); else it is closed here, with TLS's
+        // close_notify after the last answer.
+        let (on, then) = activity.take_upgrade();
+        if let Some(on) = on
+            && let Ok(upgraded) = on.await
+        {
+            let io = super::upgrade::ClientIo::upgraded(upgraded);
+            match then {
+                Some(then) => then.run(io).await,
+                None => {
+                    let mut io = io;
+                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
+                }
+            }
+        }
     }
 }
 
@@ -435,6 +455,9 @@ struct Activity {
     idle: Option<Idle>,
     /// Wakes the driver: a request ended, or one began while stopping.
     changed: Notify,
+    /// The connection on its way from hyper after a request that asked
+    /// to upgrade, and what a `101` asked to run on it.
+    upgrade: std::sync::Mutex<(Option<OnUpgrade>, Option<Then>)>,
 }
 
 impl Activity {
@@ -448,6 +471,7 @@ impl Activity {
             stopping,
             idle,
             changed: Notify::new(),
+            upgrade: std::sync::Mutex::new((None, None)),
         }
     }
 
@@ -471,11 +495,21 @@ impl Activity {
         self.ended_at.store(now_ms(), Ordering::Release);
         self.fresh_at.store(0, Ordering::Release);
         if self.open.fetch_sub(1, Ordering::AcqRel) == 1 {
-            if let Some(idle) = &self.idle {
+            // Not idle after a `101`: the connection goes on upgraded.
+            let upgrading = self.upgrade.lock().is_ok_and(|u| u.1.is_some());
+            if let Some(idle) = self.idle.as_ref().filter(|_| !upgrading) {
                 idle.idle();
             }
             self.changed.notify_one();
         }
+    }
+
+    /// What hyper gives up after an upgrade request, and its `101`'s run.
+    fn take_upgrade(&self) -> (Option<OnUpgrade>, Option<Then>) {
+        self.upgrade
+            .lock()
+            .map(|mut u| std::mem::take(&mut *u))
+            .unwrap_or((None, None))
     }
 
     fn read_some(&self) {
@@ -557,8 +591,15 @@ where
     type Error = S::Error;
     type Future = Responding<S::Future>;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         self.activity.began();
+        // Kept by the connection, which gets the socket through it after
+        // the answer; the service never sees hyper's upgrade.
+        if req.extensions().get::<OnUpgrade>().is_some()
+            && let Ok(mut u) = self.activity.upgrade.lock()
+        {
+            u.0 = Some(hyper::upgrade::on(&mut req));
+        }
         Responding {
             inner: self.inner.call(req),
             done: Some(InFlight(self.activity.clone())),
@@ -595,7 +636,13 @@ where
         match this.inner.poll(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Ready(Ok(res)) => {
+            Poll::Ready(Ok(mut res)) => {
+                if let Some(then) = super::upgrade::take_then(&mut res)
+                    && let Some(InFlight(activity)) = this.done.as_ref()
+                    && let Ok(mut slot) = activity.upgrade.lock()
+                {
+                    slot.1 = Some(then);
+                }
                 let done = this.done.take();
                 Poll::Ready(Ok(res.map(|inner| Guarded::new(inner, done))))
             }

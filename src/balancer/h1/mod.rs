@@ -62,7 +62,7 @@ use crate::http1::response::{ChunkedScan, Framing, Malformed};
 mod buffers;
 mod exchange;
 mod socket;
-mod tunnel;
+pub(crate) mod tunnel;
 
 use buffers::Buffers;
 use exchange::{RawError, exchange, has_sold_out_mark, lowercase_into, relay};

@@ -19,7 +19,7 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::buffers::Buffers;
@@ -199,7 +199,7 @@ pub(super) async fn run(
         .await
         .is_ok_and(|r| r.is_ok())
     {
-        pipe(&mut client, &mut conn.stream, config.tunnel_timeout).await;
+        pipe(client.split(), conn.stream.split(), config.tunnel_timeout).await;
     }
     shared
         .metrics
@@ -208,12 +208,16 @@ pub(super) async fn run(
     drop(pick);
 }
 
-/// Copies bytes both ways until both ends have closed (an end that closes
-/// has the other's writing side shut after it), either breaks, or nothing
-/// has moved for `idle`.
-async fn pipe(client: &mut TcpStream, upstream: &mut TcpStream, idle: Duration) {
-    let (mut cr, mut cw) = client.split();
-    let (mut ur, mut uw) = upstream.split();
+/// Copies bytes both ways between a client's and an upstream's
+/// connection, each as its reading and writing halves, until both ends
+/// have closed (an end that closes has the other's writing side shut after
+/// it), either breaks, or nothing has moved for `idle`. Also hyper's
+/// path's tunnels ([`crate::balancer::upgrade`]).
+pub(crate) async fn pipe(
+    (mut cr, mut cw): (impl AsyncRead + Unpin, impl AsyncWrite + Unpin),
+    (mut ur, mut uw): (impl AsyncRead + Unpin, impl AsyncWrite + Unpin),
+    idle: Duration,
+) {
     let mut up = vec![0u8; 16 * 1024];
     let mut down = vec![0u8; 16 * 1024];
     let (mut client_open, mut upstream_open) = (true, true);
