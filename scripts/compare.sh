@@ -24,7 +24,9 @@
 # weighted_round_robin ip_hash least_conn", for the proxy-only scenario),
 # PAY_TOTAL (2000), BASE_SPIKE (another spike binary, e.g. main's before a
 # change: run as one more proxy, "base", with the same config on its own
-# ports, so that a change is measured before and after in one run).
+# ports, so that a change is measured before and after in one run),
+# HTTPS_FAST_PATH (true; false serves spike's HTTPS
+# HTTP/1.1 with hyper's server, as before its own path took it).
 #
 # The client (oha/ab), the proxy under test, the backends and Redis all share
 # this machine's CPUs; the numbers compare the proxies under the same
@@ -528,6 +530,12 @@ if wants https; then
   cfg=$WORK/https-round_robin.toml
   write_proxy_config "$cfg" round_robin "${PORT[spike]}" "$ADMIN"
   sed -i "s|^\[balancer\]\$|[balancer]\ntls_cert = \"$tls/proxy.crt\"\ntls_key = \"$tls/proxy.crt.key\"|" "$cfg"
+  # HTTPS_FAST_PATH=false: spike's TLS HTTP/1.1 connections on hyper's
+  # server, as before they went to its own HTTP/1 path (a before/after in
+  # one binary).
+  if [ "${HTTPS_FAST_PATH:-true}" = false ]; then
+    sed -i "s|^\[balancer\]\$|[balancer]\nfast_path = false|" "$cfg"
+  fi
   start_proxies "$cfg"
   for ((round = 0; round <= ROUNDS; round++)); do
     for side in $(in_turn "$round"); do

@@ -311,10 +311,11 @@ impl ConnContext {
     }
 }
 
-/// A connection a [`Front`] leaves to hyper's server.
-pub struct Handed {
-    /// The client's socket.
-    pub stream: TcpStream,
+/// A connection a [`Front`] leaves to hyper's server: a TCP socket, or
+/// TLS over one ([`tls::TlsClient`]).
+pub struct Handed<S = TcpStream> {
+    /// The client's connection.
+    pub stream: S,
     /// The bytes read ahead: the start of the request left to hyper.
     pub ahead: Bytes,
     /// When that request's head must be in: a head the front began to
@@ -326,6 +327,10 @@ pub struct Handed {
 /// connection for hyper's server.
 pub type Handover = std::pin::Pin<Box<dyn Future<Output = Option<Handed>> + Send>>;
 
+/// [`Handover`] for a TLS connection.
+pub type TlsHandover =
+    std::pin::Pin<Box<dyn Future<Output = Option<Handed<tls::TlsClient>>> + Send>>;
+
 /// A connection's first owner, before hyper's server: it serves what it
 /// can itself and hands the socket on, with the bytes it read ahead, for
 /// the request it leaves to hyper (the balancer's own HTTP/1 path).
@@ -334,6 +339,10 @@ pub trait Front: Send + Sync + 'static {
     /// hyper (`Some`: the socket, the bytes read that belong to it, and
     /// that request's head deadline).
     fn serve(&self, stream: TcpStream, peer: SocketAddr, ctx: ConnContext) -> Handover;
+
+    /// [`Front::serve`] for a TLS connection whose ALPN chose HTTP/1.1
+    /// (or nothing), after its handshake; HTTP/2 ones go to hyper.
+    fn serve_tls(&self, stream: tls::TlsClient, peer: SocketAddr, ctx: ConnContext) -> TlsHandover;
 }
 
 /// [`serve`] for one of several accept loops on one port (the balancer's
@@ -469,7 +478,7 @@ pub async fn serve_with<F, S, B>(
         let hyper_side = hyper_side.clone();
         let open = open_tx.clone();
         // After the accept, before serving: a TLS connection goes its own
-        // way to hyper (the front reads plain sockets only).
+        // way (its handshake, then the front for HTTP/1.1, hyper for h2).
         // Boxed, as hyper's side below: a plain connection's task must not
         // carry room for what only a TLS one needs.
         let tls = tls.as_ref().map(|t| {
@@ -478,19 +487,16 @@ pub async fn serve_with<F, S, B>(
                 hyper_side.tls_conn(first_head_deadline, idle.clone()),
             ))
         });
-        let ctx = front
-            .as_ref()
-            .filter(|_| tls.is_none())
-            .map(|_| ConnContext {
-                stop: stop_rx.clone(),
-                stopping: stopping.clone(),
-                header_read_timeout: limits.header_read_timeout,
-                first_head_deadline,
-                keepalive_timeout: limits.keepalive_timeout,
-                idle: idle.clone(),
-                permits: permits.clone(),
-                most,
-            });
+        let ctx = front.as_ref().map(|_| ConnContext {
+            stop: stop_rx.clone(),
+            stopping: stopping.clone(),
+            header_read_timeout: limits.header_read_timeout,
+            first_head_deadline,
+            keepalive_timeout: limits.keepalive_timeout,
+            idle: idle.clone(),
+            permits: permits.clone(),
+            most,
+        });
         let front = front.clone();
         let gate = proxy_protocol.clone();
         tokio::spawn(async move {
@@ -507,7 +513,8 @@ pub async fn serve_with<F, S, B>(
             if let Some(tls) = tls {
                 let (Some(config), conn) = *tls else { return };
                 let service = (hyper_side.make_service)(peer);
-                return Box::pin(tls::serve(stream, peer, config, service, conn)).await;
+                let front = front.zip(ctx);
+                return Box::pin(tls::serve(stream, peer, config, service, conn, front)).await;
             }
             let handed = match (front, ctx) {
                 (Some(front), Some(ctx)) => match front.serve(stream, peer, ctx).await {

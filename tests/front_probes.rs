@@ -32,7 +32,7 @@ fn one_upstream(addr: SocketAddr, extra: &str) -> String {
 /// `keepalive_timeout` (75 s). Nginx, out of connections, closes idle
 /// keep-alive connections, oldest first, and answers at once; so does the
 /// balancer now, and only as many as it needs: on both paths, and over TLS
-/// (where hyper serves every connection).
+/// (on the own path, and on hyper's with `fast_path = false`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_clients_make_room_for_a_new_one_oldest_first() {
     let node = Recorder::start("n", Then::Answer).await;
@@ -44,11 +44,12 @@ async fn idle_keep_alive_clients_make_room_for_a_new_one_oldest_first() {
         (&plain, true, 2),
         (&plain, false, 2),
         (&tls, true, 1),
+        (&tls, false, 1),
         (&tls, true, 2),
     ] {
         let how = format!(
             "{}, fast_path = {fast}, {workers} workers",
-            if via.on_hyper() { "TLS" } else { "plain" }
+            if via.is_tls() { "TLS" } else { "plain" }
         );
         let text = format!(
             "{}\n[server]\nmax_connections = 4\n",

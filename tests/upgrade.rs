@@ -97,12 +97,19 @@ async fn a_websocket_handshake_is_tunnelled_both_ways() {
     tunnelled_both_ways(Transport::Plain, "").await;
 }
 
-/// The same over TLS (`wss://`, ALPN `http/1.1`): hyper's server serves
-/// the connection, and hands its socket to the tunnel after the `101`.
-/// It was: `Upgrade` dropped, the upstream's 400 to a plain GET.
+/// The same over TLS (`wss://`, ALPN `http/1.1`). It was: `Upgrade`
+/// dropped by hyper's path, which served every TLS connection, and the
+/// upstream's 400 to a plain GET.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_over_tls_is_tunnelled_both_ways() {
     tunnelled_both_ways(Transport::tls(), "").await;
+}
+
+/// The same over TLS with `fast_path = false`: hyper's server hands the
+/// TLS connection over through its own upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_over_tls_on_hyper_s_path_is_tunnelled_both_ways() {
+    tunnelled_both_ways(Transport::tls(), "fast_path = false\n").await;
 }
 
 /// The same on plaintext with `fast_path = false`: hyper's server, with
@@ -206,6 +213,7 @@ async fn a_refused_upgrade_gets_the_upstream_s_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_upgrade_gets_the_upstream_s_answer_on_hyper_s_path() {
     refused(Transport::tls(), "").await;
+    refused(Transport::tls(), "fast_path = false\n").await;
     refused(Transport::Plain, "fast_path = false\n").await;
 }
 

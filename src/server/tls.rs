@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::{http1, http2};
 use hyper::service::Service;
@@ -292,14 +293,20 @@ pub(super) struct TlsConn {
     pub(super) idle: Option<Idle>,
 }
 
-/// Serves one accepted connection over TLS with `service`, until the
-/// client closes, a timeout closes it, or the server stops.
+/// A TLS connection as the balancer's own HTTP/1 path serves it.
+pub type TlsClient = tokio_rustls::server::TlsStream<Watched>;
+
+/// Serves one accepted connection over TLS, until the client closes, a
+/// timeout closes it, or the server stops: HTTP/2 with hyper's server and
+/// `service`; HTTP/1.1 with `front` first when there is one (as a plain
+/// connection is), and hyper's server with `service` for what it hands on.
 pub(super) async fn serve<S, B>(
     stream: TcpStream,
     peer: SocketAddr,
     config: Arc<ServerConfig>,
     service: S,
     mut conn: TlsConn,
+    front: Option<(Arc<dyn super::Front>, super::ConnContext)>,
 ) where
     S: Service<Request<Incoming>, Response = Response<B>, Error = std::convert::Infallible>
         + Send
@@ -333,13 +340,24 @@ pub(super) async fn serve<S, B>(
         inner: service,
         activity: activity.clone(),
     };
-    let io = TokioIo::new(tls);
     if h2 {
+        let io = TokioIo::new(tls);
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder.timer(TokioTimer::new());
         let c = builder.serve_connection(io, service);
         drive(c, &activity, &mut conn, false, |c| c.graceful_shutdown()).await;
     } else {
+        let (tls, ahead) = match front {
+            Some((front, ctx)) => match front.serve_tls(tls, peer, ctx).await {
+                Some(handed) => {
+                    conn.first_head_deadline = handed.head_deadline;
+                    (handed.stream, handed.ahead)
+                }
+                None => return,
+            },
+            None => (tls, Bytes::new()),
+        };
+        let io = TokioIo::new(Prefixed { ahead, inner: tls });
         // The head timeout is the driver's, from the head's first byte:
         // hyper's would run over the keep-alive wait.
         let mut builder = conn.h1.clone();
@@ -523,10 +541,17 @@ impl Activity {
 /// The client's socket under TLS: notes when bytes come while the
 /// connection is idle, and fails writes the client takes nothing of for
 /// `send_timeout`.
-struct Watched {
+pub struct Watched {
     stream: TcpStream,
     activity: Arc<Activity>,
     send: SendClock,
+}
+
+impl Watched {
+    /// Ready once the socket has something to read (or is closed).
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.stream.poll_read_ready(cx)
+    }
 }
 
 impl AsyncRead for Watched {
@@ -573,6 +598,59 @@ impl AsyncWrite for Watched {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// A connection whose first reads give `ahead`: the bytes a front read of
+/// the request it hands to hyper.
+struct Prefixed<S> {
+    ahead: Bytes,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.ahead.is_empty() {
+            let n = self.ahead.len().min(buf.remaining());
+            let ahead = self.ahead.split_to(n);
+            buf.put_slice(&ahead);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

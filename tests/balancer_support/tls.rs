@@ -237,13 +237,9 @@ impl Transport {
 }
 
 impl Transport {
-    /// Whether hyper's server serves these connections (TLS ones), not the
-    /// balancer's own HTTP/1 path: hyper's chunked decoder hands over data,
-    /// not size lines, so a chunk size over `max_body` is refused at the
-    /// first byte past the limit, and a size past 2^63 - 1 that hyper
-    /// still reads (up to 2^64 - 1) is a 413 there, where the own path says
-    /// 400 at the size line, as Nginx does.
-    pub fn on_hyper(&self) -> bool {
+    /// Whether these connections are TLS ones (served by the balancer's own
+    /// HTTP/1 path as plain ones are, since ALPN `http/1.1`).
+    pub fn is_tls(&self) -> bool {
         matches!(self, Transport::Tls(_))
     }
 
@@ -271,20 +267,6 @@ impl Transport {
             .map_err(|e| e.to_string())?
             .to_bytes();
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
-    }
-}
-
-impl Transport {
-    /// `req`, which ends with a chunk's size line of `size` bytes over
-    /// `max_body`, as it must be sent to be refused: as it is to the own
-    /// path, which refuses it at the size line; with the chunk's data too
-    /// to hyper, which sees only data (see [`Transport::on_hyper`]).
-    pub fn past_size_line(&self, req: &[u8], size: usize) -> Vec<u8> {
-        let mut out = req.to_vec();
-        if self.on_hyper() {
-            out.resize(out.len() + size, b'x');
-        }
-        out
     }
 }
 

@@ -7,10 +7,9 @@ use std::io;
 
 use bytes::Buf;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use super::buffers::Buffers;
-use super::socket::{READ_CHUNK, make_room, read_some, send};
+use super::socket::{Client, READ_CHUNK, make_room, read_some};
 use crate::balancer::forward::Failure;
 use crate::balancer::pool::{self, RawConn};
 use crate::balancer::upstream::{Upstream, now_ms};
@@ -145,7 +144,7 @@ fn first_size_line(body: &[u8]) -> Result<(), Malformed> {
 /// HTTP/1.0 client (`http10`), a chunked body goes as its data alone,
 /// ended by the close.
 pub(super) async fn relay(
-    client: &mut TcpStream,
+    client: &mut impl Client,
     conn: RawConn,
     b: &mut Buffers,
     config: &crate::config::BalancerConfig,
@@ -218,7 +217,7 @@ pub(super) async fn relay(
                         if first {
                             // The head is good: the client learns of the
                             // failure from a body that ends too soon.
-                            let _ = send(client, out, config.send_timeout).await;
+                            let _ = client.send(out, config.send_timeout).await;
                         }
                         return false;
                     }
@@ -233,9 +232,9 @@ pub(super) async fn relay(
             finish(conn);
             let sent = if first {
                 out.extend_from_slice(&b.resp[..take]);
-                send(client, out, config.send_timeout).await
+                client.send(out, config.send_timeout).await
             } else {
-                send(client, &b.resp[..take], config.send_timeout).await
+                client.send(&b.resp[..take], config.send_timeout).await
             };
             b.resp.clear();
             return sent.is_ok() && !close_client;
@@ -243,9 +242,9 @@ pub(super) async fn relay(
         let sent = if first {
             first = false;
             out.extend_from_slice(&b.resp[..take]);
-            send(client, out, config.send_timeout).await
+            client.send(out, config.send_timeout).await
         } else if take > 0 {
-            send(client, &b.resp[..take], config.send_timeout).await
+            client.send(&b.resp[..take], config.send_timeout).await
         } else {
             Ok(())
         };
@@ -281,7 +280,7 @@ pub(super) async fn relay(
 /// client (whose connection closes after it); the head is in `b.out`.
 /// Rare (the nodes' answers have a length), so the data is copied.
 async fn relay_dechunked(
-    client: &mut TcpStream,
+    client: &mut impl Client,
     conn: RawConn,
     b: &mut Buffers,
     config: &crate::config::BalancerConfig,
@@ -298,18 +297,18 @@ async fn relay_dechunked(
             Ok(Some(end)) => {
                 // Bytes after the response: the upstream is out of step.
                 finish((reusable && end == b.resp.len()).then_some(conn));
-                let _ = send(client, &b.out, config.send_timeout).await;
+                let _ = client.send(&b.out, config.send_timeout).await;
                 b.resp.clear();
                 return false;
             }
             Ok(None) => {}
             Err(error) => {
                 tracing::warn!(upstream = %conn.addr, %error, "upstream body cut off");
-                let _ = send(client, &b.out, config.send_timeout).await;
+                let _ = client.send(&b.out, config.send_timeout).await;
                 return false;
             }
         }
-        if !b.out.is_empty() && send(client, &b.out, config.send_timeout).await.is_err() {
+        if !b.out.is_empty() && client.send(&b.out, config.send_timeout).await.is_err() {
             return false;
         }
         b.out.clear();

@@ -37,7 +37,6 @@ use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
 use hyper::Method;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::protocol::{self, buyer_from};
@@ -66,7 +65,7 @@ pub(crate) mod tunnel;
 
 use buffers::Buffers;
 use exchange::{RawError, exchange, has_sold_out_mark, lowercase_into, relay};
-use socket::{READ_CHUNK, make_room, read_some, send, try_read_some};
+use socket::{Client, READ_CHUNK, make_room};
 
 /// The balancer's fast path as the accept loop sees it.
 pub struct FastPath {
@@ -85,17 +84,27 @@ impl crate::server::Front for FastPath {
     ) -> crate::server::Handover {
         Box::pin(serve(self.shared.clone(), self.worker, stream, peer, ctx))
     }
+
+    fn serve_tls(
+        &self,
+        stream: crate::server::tls::TlsClient,
+        peer: SocketAddr,
+        ctx: ConnContext,
+    ) -> crate::server::TlsHandover {
+        Box::pin(serve(self.shared.clone(), self.worker, stream, peer, ctx))
+    }
 }
 
-/// Serves `stream` until it closes (`None`) or a request needs the general
-/// path (`Some`: the socket and the bytes read ahead, that request's first).
-pub async fn serve(
+/// Serves `stream` (a TCP socket, or TLS over one) until it closes
+/// (`None`) or a request needs the general path (`Some`: the connection
+/// and the bytes read ahead, that request's first).
+pub async fn serve<S: Client>(
     shared: Arc<Shared>,
     worker: usize,
-    mut stream: TcpStream,
+    mut stream: S,
     peer: SocketAddr,
     mut ctx: ConnContext,
-) -> Option<Handed> {
+) -> Option<Handed<S>> {
     // The first head must be in within `header_read_timeout` of the
     // accept, as Nginx's `client_header_timeout`: a client that sends its
     // first byte late does not get a second full period for the rest.
@@ -153,7 +162,7 @@ pub async fn serve(
                 }
             }
             make_room(&mut b.input);
-            match try_read_some(&stream, &mut b.input) {
+            match stream.try_read_some(&mut b.input) {
                 Ok(0) => return None,
                 // Busy only once bytes came: a wake with nothing to read
                 // leaves the connection idle since when it was.
@@ -203,7 +212,8 @@ pub async fn serve(
                             _ => LocalAnswer::BadChunk,
                         };
                         write_local(&shared, &mut b.out, answer, true, b.head.http10);
-                        let _ = send(&mut stream, &b.out, config.send_timeout).await;
+                        let _ = stream.send(&b.out, config.send_timeout).await;
+                        stream.close(config.send_timeout).await;
                         return None;
                     }
                     shared
@@ -218,8 +228,7 @@ pub async fn serve(
                 }
                 Parsed::Partial => {
                     b.input.reserve(READ_CHUNK);
-                    match tokio::time::timeout_at(deadline, read_some(&stream, &mut b.input)).await
-                    {
+                    match tokio::time::timeout_at(deadline, stream.read_more(&mut b.input)).await {
                         Ok(Ok(n)) if n > 0 => {}
                         _ => return None,
                     }
@@ -231,8 +240,7 @@ pub async fn serve(
         let end = b.head.len + b.head.content_length as usize;
         while b.input.len() < end {
             b.input.reserve(end - b.input.len());
-            match tokio::time::timeout(config.body_timeout, read_some(&stream, &mut b.input)).await
-            {
+            match tokio::time::timeout(config.body_timeout, stream.read_more(&mut b.input)).await {
                 Ok(Ok(n)) if n > 0 => {}
                 _ => {
                     write_local(
@@ -242,7 +250,8 @@ pub async fn serve(
                         true,
                         b.head.http10,
                     );
-                    let _ = send(&mut stream, &b.out, config.send_timeout).await;
+                    let _ = stream.send(&b.out, config.send_timeout).await;
+                    stream.close(config.send_timeout).await;
                     return None;
                 }
             }
@@ -250,7 +259,16 @@ pub async fn serve(
         if b.head.upgrade.is_some() {
             // A WebSocket's handshake: the connection becomes a tunnel to
             // an upstream, and is done after it. Boxed, as a request is.
-            Box::pin(tunnel::run(&shared, &active, &peer, stream, &mut b, end)).await;
+            Box::pin(tunnel::run(
+                &shared,
+                &active,
+                &peer,
+                &mut stream,
+                &mut b,
+                end,
+            ))
+            .await;
+            stream.close(config.send_timeout).await;
             return None;
         }
         let closing = b.head.close || ctx.stopping.load(Ordering::Relaxed);
@@ -270,7 +288,7 @@ pub async fn serve(
         .await;
         b.input.advance(end);
         if !keep || closing {
-            let _ = stream.shutdown().await;
+            stream.close(config.send_timeout).await;
             return None;
         }
     }
@@ -294,7 +312,7 @@ fn head_size(head: &RequestHead) -> forward::HeadSize {
 /// anywhere: hyper takes any size up to 2^64 - 1 and would stream until
 /// `max_body` ran out.
 async fn check_chunks(
-    stream: &mut TcpStream,
+    stream: &mut impl Client,
     input: &mut BytesMut,
     head_len: usize,
     config: &crate::config::BalancerConfig,
@@ -310,7 +328,7 @@ async fn check_chunks(
             return Ok(());
         }
         input.reserve(READ_CHUNK);
-        match tokio::time::timeout(config.body_timeout, read_some(stream, input)).await {
+        match tokio::time::timeout(config.body_timeout, stream.read_more(input)).await {
             Ok(Ok(n)) if n > 0 => {}
             // Cut off or paused: hyper answers as it always has.
             _ => return Ok(()),
@@ -324,12 +342,12 @@ async fn check_chunks(
 /// holds only what answering or forwarding needs (it is boxed per
 /// request).
 #[allow(clippy::too_many_arguments)]
-fn forward_request<'a>(
+fn forward_request<'a, S: Client>(
     shared: &'a Shared,
     active: &'a super::state::Active,
     worker: usize,
     peer: &Peer,
-    client: &'a mut TcpStream,
+    client: &'a mut S,
     b: &'a mut Buffers,
     end: usize,
     closing: bool,
@@ -342,7 +360,7 @@ fn forward_request<'a>(
             write_reply(&mut b.out, &reply, closing, b.head.http10);
             Either::Left {
                 f: Either::Left {
-                    f: async move { send(client, &b.out, config.send_timeout).await.is_ok() },
+                    f: async move { client.send(&b.out, config.send_timeout).await.is_ok() },
                 },
             }
         }
@@ -354,7 +372,7 @@ fn forward_request<'a>(
                     let request = || logged(&b.head, &b.input[..end]);
                     forward::log_reply(shared, active, request, client_addr, start, &reply);
                     write_reply(&mut b.out, &reply, closing, b.head.http10);
-                    send(client, &b.out, config.send_timeout).await.is_ok()
+                    client.send(&b.out, config.send_timeout).await.is_ok()
                 },
             },
         },
@@ -512,11 +530,11 @@ fn prepare(
 /// One request on the fast path, as the policy's [`Transport`]: the
 /// request is written once into `b.out`, and each attempt sends those
 /// bytes.
-struct Raw<'a> {
+struct Raw<'a, S> {
     worker: usize,
     workers: usize,
     config: &'a crate::config::BalancerConfig,
-    client: &'a mut TcpStream,
+    client: &'a mut S,
     b: &'a mut Buffers,
     /// The client's connection closes after this request.
     closing: bool,
@@ -524,7 +542,7 @@ struct Raw<'a> {
     to_head: bool,
 }
 
-impl Transport for Raw<'_> {
+impl<S: Client> Transport for Raw<'_, S> {
     type Request = ();
     type Response = RawConn;
     type Error = RawError;
@@ -591,7 +609,8 @@ impl Transport for Raw<'_> {
 
     async fn reply(&mut self, reply: Reply) -> bool {
         write_reply(&mut self.b.out, &reply, self.closing, self.b.head.http10);
-        send(self.client, &self.b.out, self.config.send_timeout)
+        self.client
+            .send(&self.b.out, self.config.send_timeout)
             .await
             .is_ok()
     }

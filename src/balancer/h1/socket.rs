@@ -1,12 +1,116 @@
 //! The fast path's socket I/O: reads that do not cost a `recv` which only
-//! says `EAGAIN`, and writes with `send_timeout`.
+//! says `EAGAIN`, and writes with `send_timeout`; and [`Client`], what the
+//! path needs of a client connection, a TCP socket or TLS over one.
 
+use std::future::Future;
 use std::io;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// A client connection the fast path serves: a TCP socket, or TLS over one
+/// (HTTPS's HTTP/1.1 connections, see `crate::server::tls`).
+pub trait Client: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Ready once a read may find something (or the close): what an idle
+    /// connection waits for, holding no buffer and no waiter node.
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// Reads what is there into `buf`'s spare room without waiting
+    /// (`WouldBlock` when nothing is).
+    fn try_read_some(&mut self, buf: &mut BytesMut) -> io::Result<usize>;
+
+    /// Reads what comes next into `buf`'s spare room (reserved by the
+    /// caller), waiting for it.
+    fn read_more(&mut self, buf: &mut BytesMut) -> impl Future<Output = io::Result<usize>> + Send;
+
+    /// Writes all of `bytes` out to the client, failing once it took
+    /// nothing for `limit` (Nginx's `send_timeout`).
+    fn send(
+        &mut self,
+        bytes: &[u8],
+        limit: Duration,
+    ) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Ends the connection after an answer: TLS's `close_notify` (so the
+    /// client sees the end, not a cut), then the socket's half-close;
+    /// given up after `limit`.
+    fn close(&mut self, limit: Duration) -> impl Future<Output = ()> + Send {
+        async move {
+            let _ = tokio::time::timeout(limit, self.shutdown()).await;
+        }
+    }
+}
+
+impl Client for TcpStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
+    }
+
+    fn try_read_some(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        try_read_some(self, buf)
+    }
+
+    fn read_more(&mut self, buf: &mut BytesMut) -> impl Future<Output = io::Result<usize>> + Send {
+        read_some(self, buf)
+    }
+
+    fn send(
+        &mut self,
+        bytes: &[u8],
+        limit: Duration,
+    ) -> impl Future<Output = io::Result<()>> + Send {
+        send(self, bytes, limit)
+    }
+}
+
+/// TLS: reads and writes go through rustls's buffers (a record may hold
+/// several requests, or half of one), so a write is flushed to the socket
+/// before it counts as sent.
+impl Client for crate::server::tls::TlsClient {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let (socket, tls) = self.get_ref();
+        if !tls.wants_read() {
+            // Plaintext rustls decrypted and nobody read yet (a pipelined
+            // request), or the client's close_notify: a read finds it
+            // without the socket saying anything.
+            return Poll::Ready(Ok(()));
+        }
+        socket.poll_read_ready(cx)
+    }
+
+    fn try_read_some(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        if buf.capacity() == buf.len() {
+            buf.reserve(READ_CHUNK);
+        }
+        // One poll with a waker that does nothing: `Pending` is "nothing
+        // yet", and the next wait registers the real waker (a readiness
+        // that came meanwhile is not lost: tokio keeps it until a read
+        // sees `WouldBlock`).
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let read = std::pin::pin!(self.read_buf(buf));
+        match read.poll(&mut cx) {
+            Poll::Ready(result) => result,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
+    async fn read_more(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        self.read_buf(buf).await
+    }
+
+    async fn send(&mut self, bytes: &[u8], limit: Duration) -> io::Result<()> {
+        let sent = async {
+            self.write_all(bytes).await?;
+            self.flush().await
+        };
+        tokio::time::timeout(limit, sent)
+            .await
+            .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+    }
+}
 
 /// Room kept for reading: a request head, or a response's head and the
 /// first part of its body.

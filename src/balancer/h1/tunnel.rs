@@ -20,10 +20,9 @@
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use super::buffers::Buffers;
-use super::socket::{READ_CHUNK, read_some, send};
+use super::socket::{Client, READ_CHUNK, read_some};
 use super::{client_of, logged, write_reply, write_request};
 use crate::balancer::answer::LocalAnswer;
 use crate::balancer::forward::client::Peer;
@@ -43,7 +42,7 @@ pub(super) async fn run(
     shared: &Shared,
     active: &Active,
     peer: &Peer,
-    mut client: TcpStream,
+    client: &mut impl Client,
     b: &mut Buffers,
     end: usize,
 ) {
@@ -60,7 +59,7 @@ pub(super) async fn run(
     };
     if let Some(closed) = forward::closed(&input[head.target.start..head.path_end], config) {
         answer(b, closed);
-        let _ = send(&mut client, &b.out, config.send_timeout).await;
+        let _ = client.send(&b.out, config.send_timeout).await;
         return;
     }
     let Some(at) = head.upgrade else { return };
@@ -79,12 +78,12 @@ pub(super) async fn run(
                 Ok(Some(pick)) => pick,
                 Ok(None) => {
                     answer(b, LocalAnswer::BadGateway);
-                    let _ = send(&mut client, &b.out, config.send_timeout).await;
+                    let _ = client.send(&b.out, config.send_timeout).await;
                     return;
                 }
                 Err(why) => {
                     answer(b, why);
-                    let _ = send(&mut client, &b.out, config.send_timeout).await;
+                    let _ = client.send(&b.out, config.send_timeout).await;
                     return;
                 }
             };
@@ -125,14 +124,14 @@ pub(super) async fn run(
             tracing::warn!(%upstream, %error, "upstream upgrade failed");
             active.selector.release(&pick, true, now_ms());
             answer(b, LocalAnswer::BadGateway);
-            let _ = send(&mut client, &b.out, config.send_timeout).await;
+            let _ = client.send(&b.out, config.send_timeout).await;
             return;
         }
         Err(_) => {
             tracing::warn!(%upstream, "upstream upgrade timed out");
             active.selector.release(&pick, true, now_ms());
             answer(b, LocalAnswer::GatewayTimeout);
-            let _ = send(&mut client, &b.out, config.send_timeout).await;
+            let _ = client.send(&b.out, config.send_timeout).await;
             return;
         }
     }
@@ -147,7 +146,7 @@ pub(super) async fn run(
             _ => {
                 tracing::warn!(%upstream, "upstream answered an upgrade with a head that cannot be relayed");
                 answer(b, LocalAnswer::BadGateway);
-                let _ = send(&mut client, &b.out, config.send_timeout).await;
+                let _ = client.send(&b.out, config.send_timeout).await;
                 return;
             }
         }
@@ -175,7 +174,7 @@ pub(super) async fn run(
     if !switched {
         // Refused: an ordinary answer, then the connection closes (it was
         // asked to change protocols, and did not).
-        super::relay(&mut client, conn, b, config, true, false, drop).await;
+        super::relay(client, conn, b, config, true, false, drop).await;
         return;
     }
     shared
@@ -189,7 +188,7 @@ pub(super) async fn run(
     // The 101 and whatever the upstream sent with it; then what the client
     // sent after its handshake.
     let opened = async {
-        client.write_all(&b.resp).await?;
+        client.send(&b.resp, config.send_timeout).await?;
         if b.input.len() > end {
             conn.stream.write_all(&b.input[end..]).await?;
         }
@@ -199,7 +198,12 @@ pub(super) async fn run(
         .await
         .is_ok_and(|r| r.is_ok())
     {
-        pipe(client.split(), conn.stream.split(), config.tunnel_timeout).await;
+        pipe(
+            tokio::io::split(&mut *client),
+            conn.stream.split(),
+            config.tunnel_timeout,
+        )
+        .await;
     }
     shared
         .metrics
@@ -253,7 +257,11 @@ async fn carry(
             let _ = to.shutdown().await;
             Some(false)
         }
-        Ok(n) => to.write_all(&buf[..n]).await.ok().map(|()| true),
+        // Flushed: under TLS a write may stay in rustls's buffer.
+        Ok(n) => match to.write_all(&buf[..n]).await {
+            Ok(()) => to.flush().await.ok().map(|()| true),
+            Err(_) => None,
+        },
         Err(_) => None,
     }
 }
