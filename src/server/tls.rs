@@ -3,12 +3,14 @@
 //! validated; built into a rustls [`ServerConfig`] per config version (so a
 //! reload that brings new certificates serves them to the next handshake,
 //! while open connections keep the one they began with); and the serving of
-//! one TLS connection with hyper, HTTP/2 or HTTP/1.1 as ALPN chose.
+//! one TLS connection, HTTP/2 or HTTP/1.1 as ALPN chose.
 //!
-//! TLS connections go to hyper's server, not to the balancer's own HTTP/1
-//! path: that path reads and writes the socket itself (`try_read` without
-//! a wasted `recv`, see `balancer::h1::socket`), which a TLS stream cannot
-//! offer, and HTTP/2 needs hyper's framing anyway. What the accept loop
+//! After the handshake a connection whose ALPN chose `http/1.1` (or that
+//! offered none) goes to the server's [`super::Front`] (the balancer's own
+//! HTTP/1 path, generic over the stream) as a plain one does, and what it
+//! hands on to hyper's HTTP/1 server on the same stream, with the bytes it
+//! read ([`Prefixed`]); an `h2` one to hyper's HTTP/2 server. What the
+//! accept loop
 //! promises on plain connections holds here too: the first head within
 //! `header_read_timeout` of the accept (the handshake included), an idle
 //! keep-alive connection closed after `keepalive_timeout`, or at once when

@@ -20,7 +20,8 @@
 //! general path.
 //!
 //! Everything else is the policy's in [`super::forward`], the same for
-//! both paths: this module is its [`Transport`] over raw TCP (the sold-out
+//! both paths: this module is its [`Transport`] over raw bytes, on a TCP
+//! socket or TLS over one ([`socket::Client`]; the sold-out
 //! edge, the admission queue, failover and retries, the 502/504 choice are
 //! decided there), plus what only bytes on a socket need: the framing of
 //! [`crate::http1`], `response_timeout` for the head, `read_timeout` and
