@@ -25,7 +25,8 @@
 # PAY_TOTAL (2000), BASE_SPIKE (another spike binary, e.g. main's before a
 # change: run as one more proxy, "base", with the same config on its own
 # ports, so that a change is measured before and after in one run),
-# HTTPS_FAST_PATH (true; false serves spike's HTTPS
+# SPIKE_BIN (a spike binary to measure instead of building this tree's,
+# e.g. a copy of an earlier build), HTTPS_FAST_PATH (true; false serves spike's HTTPS
 # HTTP/1.1 with hyper's server, as before its own path took it).
 #
 # The client (oha/ab), the proxy under test, the backends and Redis all share
@@ -114,9 +115,13 @@ oha --help | grep -q -- '--output-format' || die "this oha has no --output-forma
 OHA_WAIT=()
 oha --help | grep -q -- '--wait-ongoing-requests-after-deadline' && OHA_WAIT=(--wait-ongoing-requests-after-deadline)
 
-say "compare.sh: building spike (release)"
-cargo build --release --bin spike >&2
-SPIKE=${CARGO_TARGET_DIR:-$ROOT/target}/release/spike
+if [ -n "${SPIKE_BIN:-}" ]; then
+  SPIKE=$SPIKE_BIN
+else
+  say "compare.sh: building spike (release)"
+  cargo build --release --bin spike >&2
+  SPIKE=${CARGO_TARGET_DIR:-$ROOT/target}/release/spike
+fi
 [ -x "$SPIKE" ] || die "no binary at $SPIKE"
 "$SPIKE" balancer --help >/dev/null 2>&1 || die "this spike has no balancer command yet"
 if runs haproxy; then
