@@ -1,5 +1,6 @@
-//! Upgrades (a WebSocket's handshake) on hyper's path: every TLS
-//! connection's HTTP/1.1 requests, and plaintext with `fast_path = false`.
+//! Upgrades (a WebSocket's handshake) on hyper's path: connections the
+//! fast path handed over, and every one with `fast_path = false`, plain or
+//! TLS.
 //! The same rules as the fast path's tunnel ([`super::h1::tunnel`]): a GET
 //! without a body with `Upgrade` and `upgrade` in `Connection` goes to one
 //! picked upstream on a new connection (never a pooled one) with both
