@@ -567,3 +567,46 @@ async fn h2_streams_in_flight_finish_at_a_stop_and_idle_h2_connections_expire() 
     );
     lb.shutdown().await;
 }
+
+/// HTTPS/1.1 on the own path, pipelined: 300 requests in one write, more
+/// than one read of the path takes (records of 16 KiB, reads of 8), each
+/// read ending where a request ends. Every one is answered, in order, on
+/// the one connection. (The idle wait also looks at rustls's unread
+/// plaintext before the socket; this test does not reach a state where
+/// only that matters: it passes without the look too.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_https_requests_beyond_one_read_are_all_answered() {
+    let certs = Certs::new();
+    let backend = Backend::start("b").await;
+    let (_lb, addr, _, path) = tls_balancer(&certs, backend.addr);
+    let mut s = certs.connect(addr, SHOP, &[b"http/1.1"]).await;
+    let mut batch = Vec::new();
+    for i in 0..300 {
+        // 64 bytes each, so that a read of 8 KiB ends where a request
+        // does, and the path waits with the rest still in rustls.
+        let mut one = format!("GET /p{i:03} HTTP/1.1\r\nHost: {SHOP}\r\nX-Pad: ");
+        let close = if i == 299 {
+            "\r\nConnection: close"
+        } else {
+            ""
+        };
+        while one.len() + close.len() + 4 < 64 {
+            one.push('x');
+        }
+        one.push_str(close);
+        one.push_str("\r\n\r\n");
+        if i < 299 {
+            assert_eq!(one.len(), 64);
+        }
+        batch.extend_from_slice(one.as_bytes());
+    }
+    assert!(batch.len() > 8 * 1024, "{}", batch.len());
+    let answers = balancer_support::tls::exchange(&mut s, &batch, false).await;
+    assert_eq!(
+        answers.matches("HTTP/1.1 200").count(),
+        300,
+        "{}",
+        &answers[answers.len().saturating_sub(300)..]
+    );
+    common::spike::remove_config(&path);
+}
