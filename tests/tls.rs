@@ -569,11 +569,11 @@ async fn h2_streams_in_flight_finish_at_a_stop_and_idle_h2_connections_expire() 
 }
 
 /// HTTPS/1.1 on the own path, pipelined: 300 requests in one write, more
-/// than one read of the path takes (records of 16 KiB, reads of 8), each
-/// read ending where a request ends. Every one is answered, in order, on
-/// the one connection. (The idle wait also looks at rustls's unread
-/// plaintext before the socket; this test does not reach a state where
-/// only that matters: it passes without the look too.)
+/// than one read of the path takes (records of 16 KiB, a first read of 1
+/// KiB), reads ending where a request ends. Every one is answered, in
+/// order, on the one connection: an idle wait looks at rustls's unread
+/// plaintext before the socket, which has nothing more to say (without
+/// that look, the connection waited for ever with requests in rustls).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_https_requests_beyond_one_read_are_all_answered() {
     let certs = Certs::new();
