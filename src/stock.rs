@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 use crate::config::{Config, SaleConfig};
-use crate::node::store::{Control, ControlAnswer, Snapshot, Store, StoreError};
+use crate::node::store::{Audit, Control, ControlAnswer, Snapshot, Store, StoreError};
 
 fn with_store<T>(
     config_path: &Path,
@@ -318,37 +318,14 @@ pub fn show(config_path: &Path) -> anyhow::Result<ExitCode> {
 /// `spike stock audit`: prints what it found; non-zero exit when anything is off.
 pub fn audit(config_path: &Path) -> anyhow::Result<ExitCode> {
     with_store(config_path, async |_, store| {
-        // The pass over the buyers is paged, so on a live sale it is
-        // compared with the counters only when no ticket sold while it ran
-        // (the snapshot before and after agree); a sale that never stands
-        // still for it gets the constant-time checks alone.
-        let mut snap: Snapshot = store.snapshot().await.context("stock audit")?;
-        let mut tally = None;
-        let mut events = None;
-        for _ in 0..5 {
-            let buyers = store.tally_buyers().await.context("stock audit")?;
-            let streamed = store.tally_events().await.context("stock audit")?;
-            let after = store.snapshot().await.context("stock audit")?;
-            let still = (
-                after.sold,
-                after.tickets_held,
-                after.seq,
-                after.paid,
-                after.released,
-            ) == (
-                snap.sold,
-                snap.tickets_held,
-                snap.seq,
-                snap.paid,
-                snap.released,
-            );
-            snap = after;
-            if still {
-                tally = Some(buyers);
-                events = streamed;
-                break;
-            }
-        }
+        // One pass over the stream and the buyers, counted inside Redis;
+        // the stream up to the snapshot's moment, the buyers only when the
+        // sale stood still while they were read (see `Store::audit`).
+        let Audit {
+            snapshot: snap,
+            buyers: tally,
+            events,
+        } = store.audit().await.context("stock audit")?;
         let problems = snap.audit(tally, events);
         let buyers = tally.unwrap_or_default();
         // Reported beside the sale's invariants, not counted among them:

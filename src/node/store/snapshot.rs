@@ -101,6 +101,25 @@ pub struct EventTally {
     pub controls: u64,
 }
 
+/// What `stock audit` read: the snapshot and the passes that agree with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Audit {
+    /// The sale's counters.
+    pub snapshot: Snapshot,
+    /// The pass over the buyers, when it ran while the sale stood still.
+    pub buyers: Option<BuyerTally>,
+    /// The stream counted up to the moment of `snapshot` (None: the
+    /// embedded store, which has no stream).
+    pub events: Option<EventTally>,
+}
+
+impl Audit {
+    /// The broken invariants, as [`Snapshot::audit`] says them.
+    pub fn problems(&self) -> Vec<String> {
+        self.snapshot.audit(self.buyers, self.events)
+    }
+}
+
 impl Snapshot {
     /// The invariants that must hold whatever happened during the sale; each
     /// broken one is a sentence in the result. `buyers`, when given, is the

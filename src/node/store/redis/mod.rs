@@ -19,6 +19,7 @@
 //! barrier), `read` (the `HSCAN` and `XRANGE` readers), `reach` (why Redis
 //! is out of reach, in words), `parse` (replies into the store's types).
 
+mod audit;
 mod batch;
 mod link;
 mod parse;
@@ -52,7 +53,7 @@ use super::model::{
     Control, ControlAnswer, LineAdmit, LineState, OrderAnswer, OrderOp, OrderRecord, OrderState,
     Outcome, Purchase, Reply, SaleKeys, SaleState, Shut, StoreError, Swept,
 };
-use super::snapshot::{BuyerTally, Snapshot};
+use super::snapshot::Snapshot;
 use crate::config::{RedisConfig, SaleConfig};
 
 const DEDUCT: &str = include_str!("../../deduct.lua");
@@ -60,6 +61,7 @@ const SHOW: &str = include_str!("../../show.lua");
 const INIT: &str = include_str!("../../init.lua");
 const ORDERS: &str = include_str!("../../orders.lua");
 const HOLDERS: &str = include_str!("../../holders.lua");
+const AUDIT: &str = include_str!("../../audit.lua");
 
 /// Events one `holders.lua` call reads at most: the call holds Redis's one
 /// thread for that many small lookups, no more.
@@ -101,6 +103,8 @@ pub struct RedisStore {
     init: Script,
     orders: Script,
     holders: Script,
+    /// `stock audit`'s pages (see `audit.lua`).
+    audit: Script,
     /// The holders this process's nodes keep for this Redis and sale.
     holder_cell: Arc<HolderCell>,
     control: Script,
@@ -217,6 +221,7 @@ impl RedisStore {
             init: Script::from_lua(INIT),
             orders: Script::from_lua(ORDERS),
             holders: Script::from_lua(HOLDERS),
+            audit: Script::from_lua(AUDIT),
             holder_cell: HolderCell::shared(&format!("{}\u{1f}{}", cfg.url, sale.event)),
             control: Script::from_lua(CONTROL),
             line: Script::from_lua(LINE),
@@ -501,7 +506,11 @@ impl RedisStore {
     /// See `show.lua`.
     pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
         let reply = self.eval(&self.show, Vec::new()).await?;
-        let mut f = array(reply, 25)?.into_iter();
+        self.parse_snapshot(&mut array(reply, 25)?.into_iter())
+    }
+
+    /// `show.lua`'s first 25 fields.
+    fn parse_snapshot(&self, f: &mut impl Iterator<Item = Value>) -> Result<Snapshot, StoreError> {
         let initialised = int(f.next())? == 1;
         let total = int(f.next())?;
         let sold = int(f.next())?;
@@ -635,18 +644,6 @@ impl RedisStore {
     /// `stock audit`): each event's type and order id.
     pub async fn events(&self) -> Result<Vec<(String, String)>, StoreError> {
         self.read().events().await
-    }
-
-    /// How many events this sale appended to its stream, trimmed ones
-    /// included (see `Reader::events_added`).
-    pub async fn events_added(&self) -> Result<Option<u64>, StoreError> {
-        self.read().events_added().await
-    }
-
-    /// Every buyer's tickets, read in `HSCAN` pages so that a big sale never
-    /// holds Redis (for `stock audit`).
-    pub async fn tally_buyers(&self) -> Result<BuyerTally, StoreError> {
-        self.read().tally_buyers().await
     }
 
     /// See [`Store::holders`](super::Store::holders) and `Reader::holders`

@@ -1,9 +1,8 @@
-//! The store's bulk readers, for `stock audit` and a node's holders once
+//! The store's bulk readers, for a node's holders once
 //! sold out: hashes in `HSCAN` pages and the event stream in `XRANGE`
 //! pages, on clients that retry (they only read), so that a big sale never
 //! holds Redis's single thread.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use fred::prelude::*;
@@ -15,7 +14,6 @@ use super::parse::{array, map_error, text};
 use super::replicas;
 use crate::node::store::holders::{HolderSeed, Holders};
 use crate::node::store::model::StoreError;
-use crate::node::store::snapshot::BuyerTally;
 
 /// The sale's keys and pool, read with patience: what the readers need of
 /// the store.
@@ -108,38 +106,6 @@ impl Reader<'_> {
         }
     }
 
-    /// How many events this sale appended to its stream, trimmed ones
-    /// included (`XINFO STREAM`'s `entries-added` less what older sales
-    /// appended, Redis 7 and later; None before, or when the stream does
-    /// not exist).
-    pub(super) async fn events_added(&self) -> Result<Option<u64>, StoreError> {
-        let (_, base) = self.events_start().await?;
-        let Some(base) = base else {
-            return Ok(None);
-        };
-        Ok(self
-            .stream_entries_added()
-            .await?
-            .map(|added| added.saturating_sub(base)))
-    }
-
-    /// `XINFO STREAM`'s `entries-added` (Redis 7 and later).
-    async fn stream_entries_added(&self) -> Result<Option<u64>, StoreError> {
-        let xinfo = CustomCommand::new_static("XINFO", ClusterHash::Custom(self.link.slot), false);
-        let args: Vec<Value> = vec!["STREAM".into(), self.link.keys[7].clone().into()];
-        let reply: Result<Value, _> = self.reader().custom(xinfo, args).await;
-        let Ok(Value::Array(fields)) = reply else {
-            return Ok(None);
-        };
-        let mut fields = fields.into_iter();
-        while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
-            if name.as_str().is_some_and(|n| n == "entries-added") {
-                return Ok(value.as_u64());
-            }
-        }
-        Ok(None)
-    }
-
     fn reader(&self) -> fred::clients::WithOptions<Client> {
         let options = Options {
             timeout: Some(self.timeout.max(Duration::from_secs(5))),
@@ -147,23 +113,6 @@ impl Reader<'_> {
             ..Options::default()
         };
         self.link.pool.next().with_options(&options)
-    }
-
-    /// Every buyer's tickets, read in `HSCAN` pages so that a big sale never
-    /// holds Redis (for `stock audit`).
-    pub(super) async fn tally_buyers(&self) -> Result<BuyerTally, StoreError> {
-        let held = scan_hash(&self.reader(), &self.link.keys[1])
-            .await
-            .map_err(|e| self.link.explain(e))?;
-        let mut tally = BuyerTally::default();
-        for v in held.values() {
-            let n: u64 = v
-                .parse()
-                .map_err(|_| StoreError::Protocol(format!("a buyer holds {v:?} tickets")))?;
-            tally.tickets_held += n;
-            tally.most_by_one_buyer = tally.most_by_one_buyer.max(n);
-        }
-        Ok(tally)
     }
 
     /// See [`Store::holders`](crate::node::store::Store::holders). Hashes read in
@@ -350,18 +299,4 @@ impl<'a> HashPages<'a> {
         }
         Ok(Some(fields))
     }
-}
-
-/// A whole hash, read one `HSCAN` page per call. (A field that `HSCAN`
-/// returns twice, as it may while Redis rehashes, is kept once.)
-async fn scan_hash<C: ClientLike>(
-    client: &C,
-    key: &Key,
-) -> Result<HashMap<String, String>, StoreError> {
-    let mut fields = HashMap::new();
-    let mut pages = HashPages::of(key);
-    while let Some(page) = pages.next(client).await? {
-        fields.extend(page);
-    }
-    Ok(fields)
 }

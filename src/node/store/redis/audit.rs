@@ -1,0 +1,224 @@
+//! `stock audit` on Redis in one pass over each of the stream and the
+//! buyers, counted inside Redis page by page (`audit.lua`): only counts
+//! cross the network. The stream is counted up to the last id read with
+//! the counters (`show.lua audit`), so it is conclusive even while the sale
+//! moves; when it moved, the next attempt counts on from that id instead of
+//! starting over. The buyers, a hash with no order in time, are conclusive
+//! only for a pass during which the sale stood still.
+
+use fred::prelude::*;
+
+use super::RedisStore;
+use super::parse::{array, int, text};
+use crate::node::store::model::StoreError;
+use crate::node::store::snapshot::{Audit, BuyerTally, EventTally, Snapshot};
+
+/// Stream entries one `audit.lua` call counts: about 5 ms of Redis's one
+/// thread (measured at 1,000,000 orders: see docs/benchmarks.md).
+const EVENTS_PAGE: u64 = 5000;
+/// Buyers one `audit.lua` call reads (an `HSCAN` COUNT: a hint, not a
+/// bound, but Redis keeps it near).
+const BUYERS_PAGE: u64 = 5000;
+/// Passes over the buyers before the audit settles for the constant-time
+/// checks on a sale that never stood still.
+const ATTEMPTS: usize = 5;
+
+/// The stream as read with a snapshot, in the same step.
+struct Mark {
+    snap: Snapshot,
+    /// The id of the stream's last entry then (`0-0`: none).
+    last: String,
+    /// Entries this sale appended by then, trimmed ones included (None:
+    /// Redis before 7, or a sale that did not record its base).
+    added: Option<u64>,
+    /// The id after which this sale's events begin.
+    from: String,
+}
+
+/// The stream counted so far: from `next` on.
+struct Counted {
+    next: String,
+    tally: EventTally,
+}
+
+/// A pass over the buyers: the tally, and how many fields it read.
+struct BuyerPass {
+    tally: BuyerTally,
+    fields: u64,
+}
+
+/// What must not change while the buyers are read, for their pass to be
+/// compared with the counters.
+fn still(a: &Mark, b: &Mark) -> bool {
+    let key = |m: &Mark| {
+        let s = &m.snap;
+        (
+            s.sold,
+            s.tickets_held,
+            s.seq,
+            s.paid,
+            s.released,
+            s.buyers,
+            s.controls,
+        )
+    };
+    key(a) == key(b) && a.last == b.last
+}
+
+impl RedisStore {
+    /// The snapshot and where the stream stands, in one step.
+    async fn mark(&self) -> Result<Mark, StoreError> {
+        let reply = self.eval(&self.show, vec!["audit".into()]).await?;
+        let mut f = array(reply, 29)?.into_iter();
+        let snap = self.parse_snapshot(&mut f)?;
+        let last = text(f.next())?;
+        let signed = |v: Option<Value>| match v {
+            Some(Value::Integer(i)) if i >= 0 => Ok(Some(i as u64)),
+            Some(Value::Integer(_)) => Ok(None),
+            other => Err(StoreError::Protocol(format!(
+                "show.lua audit: expected an integer, got {other:?}"
+            ))),
+        };
+        let total_added = signed(f.next())?;
+        let from = text(f.next())?;
+        let base = signed(f.next())?;
+        // As `init.lua` wrote it: a sale written before the stream
+        // outlived resets has neither, and its stream began with it.
+        let (from, base) = if from.is_empty() {
+            ("0-0".to_string(), Some(0))
+        } else {
+            (from, base)
+        };
+        let added = match (total_added, base) {
+            (Some(total), Some(base)) => Some(total.saturating_sub(base)),
+            _ => None,
+        };
+        Ok(Mark {
+            snap,
+            last,
+            added,
+            from,
+        })
+    }
+
+    /// Counts the stream from where `counted` stopped up to `last`
+    /// (inclusive), a page per call.
+    async fn count_events(&self, counted: &mut Counted, last: &str) -> Result<(), StoreError> {
+        loop {
+            let args: Vec<Value> = vec![
+                "events".into(),
+                counted.next.as_str().into(),
+                last.into(),
+                (EVENTS_PAGE as i64).into(),
+            ];
+            let reply = self.read_eval(args).await?;
+            let mut f = array(reply, 6)?.into_iter();
+            let read_to = text(f.next())?;
+            let n = int(f.next())?;
+            let t = &mut counted.tally;
+            t.length += n;
+            t.created += int(f.next())?;
+            t.paid += int(f.next())?;
+            t.released += int(f.next())?;
+            t.controls += int(f.next())?;
+            if n == 0 {
+                return Ok(());
+            }
+            // Exclusive: the next page begins after this id.
+            counted.next = format!("({read_to}");
+            if n < EVENTS_PAGE {
+                return Ok(());
+            }
+        }
+    }
+
+    /// One pass over the buyers, a page per call.
+    async fn pass_buyers(&self) -> Result<BuyerPass, StoreError> {
+        let mut pass = BuyerPass {
+            tally: BuyerTally::default(),
+            fields: 0,
+        };
+        let mut cursor = String::from("0");
+        loop {
+            let args: Vec<Value> = vec![
+                "buyers".into(),
+                cursor.as_str().into(),
+                (BUYERS_PAGE as i64).into(),
+            ];
+            let reply = self.read_eval(args).await?;
+            let mut f = array(reply, 4)?.into_iter();
+            cursor = text(f.next())?;
+            pass.fields += int(f.next())?;
+            pass.tally.tickets_held += int(f.next())?;
+            pass.tally.most_by_one_buyer = pass.tally.most_by_one_buyer.max(int(f.next())?);
+            if cursor == "0" {
+                return Ok(pass);
+            }
+        }
+    }
+
+    /// `audit.lua`, with a reader's patience (it only reads).
+    async fn read_eval(&self, args: Vec<Value>) -> Result<Value, StoreError> {
+        let limit = self.timeout.max(std::time::Duration::from_secs(5));
+        self.link.eval(&self.audit, args, limit).await
+    }
+
+    /// See [`Store::audit`](crate::node::store::Store::audit).
+    pub async fn audit(&self) -> Result<Audit, StoreError> {
+        let mut mark = self.mark().await?;
+        let mut counted = Counted {
+            next: format!("({}", mark.from),
+            tally: EventTally::default(),
+        };
+        let mut buyers = None;
+        for _ in 0..ATTEMPTS {
+            // The two passes at once: Redis runs one call at a time, but
+            // neither waits for the other's round trips.
+            let (events, pass) = tokio::join!(
+                self.count_events(&mut counted, &mark.last),
+                self.pass_buyers()
+            );
+            events?;
+            let pass = pass?;
+            let after = self.mark().await?;
+            // A pass that read a field twice (Redis resized the hash) or
+            // ran while the sale moved says nothing exact.
+            if still(&mark, &after) && pass.fields == mark.snap.buyers {
+                buyers = Some(pass.tally);
+                break;
+            }
+            mark = after;
+        }
+        // The stream up to the last mark, however the passes went.
+        self.count_events(&mut counted, &mark.last).await?;
+        let events = EventTally {
+            added: mark.added,
+            ..counted.tally
+        };
+        Ok(Audit {
+            snapshot: mark.snap,
+            buyers,
+            events: Some(events),
+        })
+    }
+
+    /// The stream counted up to now (see [`RedisStore::audit`]).
+    pub async fn tally_events(&self) -> Result<EventTally, StoreError> {
+        let mark = self.mark().await?;
+        let mut counted = Counted {
+            next: format!("({}", mark.from),
+            tally: EventTally::default(),
+        };
+        self.count_events(&mut counted, &mark.last).await?;
+        Ok(EventTally {
+            added: mark.added,
+            ..counted.tally
+        })
+    }
+
+    /// Every buyer's tickets added up, counted in Redis a page at a time
+    /// (for `stock audit`).
+    pub async fn tally_buyers(&self) -> Result<BuyerTally, StoreError> {
+        Ok(self.pass_buyers().await?.tally)
+    }
+}
