@@ -16,7 +16,7 @@ use common::spike::{remove_config, run, write_config};
 
 const DEDUCT: &str = include_str!("../src/node/deduct.lua");
 
-/// More than two pages of `audit.lua` (5,000 entries or buyers a call).
+/// Many pages of `audit.lua` (1,000 events or 2,000 buyers a call).
 const ORDERS: u64 = 12_000;
 
 fn keys(event: &str) -> Vec<String> {

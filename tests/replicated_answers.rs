@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::http::{Reply, TestClient, client, get, json, send};
+use common::http::{Reply, TestClient, client, get_bytes, json, send};
 use common::redis::RedisServer;
 use common::sentinel::{Sentinel, wait_until};
 use common::spike::{SpikeProcess, run, wait_listening, write_config};
@@ -139,15 +139,16 @@ async fn no_answer_names_an_order_the_replica_does_not_have() {
     assert_not_replicated(&from_memory, "already_bought from memory");
     let replay = buy(&c, n2, "b", Some("b-key")).await;
     assert_not_replicated(&replay, "the key replayed from memory");
-    let (_, holders) = get(&c, n2, "/holders").await.expect("holders");
+    let (_, holders) = get_bytes(&c, n2, "/holders").await.expect("holders");
     // Served only once current and acknowledged: not yet (a 503), or
     // without b.
-    let listed = serde_json::from_str::<spike::protocol::HoldersView>(&holders)
+    let listed = spike::protocol::HoldersView::decode(&holders)
         .ok()
         .and_then(|v| v.order_of("b"));
     assert!(
         listed.is_none(),
-        "holders not acknowledged were handed out: {holders}"
+        "holders not acknowledged were handed out: {}",
+        String::from_utf8_lossy(&holders)
     );
 
     // The replica catches up: every way of asking now names the order.
@@ -168,9 +169,8 @@ async fn no_answer_names_an_order_the_replica_does_not_have() {
         "n2 to read the acknowledged holders",
         Duration::from_secs(20),
         async || {
-            let (_, holders) = get(&c, n2, "/holders").await.expect("holders");
-            serde_json::from_str::<spike::protocol::HoldersView>(&holders)
-                .is_ok_and(|v| v.order_of("b").as_deref() == Some(order.as_str()))
+            let (_, holders) = get_bytes(&c, n2, "/holders").await.expect("holders");
+            spike::protocol::HoldersView::decode(&holders).is_ok_and(|v| v.order_of("b").as_deref() == Some(order.as_str()))
         },
     )
     .await;

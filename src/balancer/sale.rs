@@ -163,7 +163,7 @@ async fn learn(shared: &Shared) {
     }
     let read = async {
         let body = ask_any(shared, protocol::HOLDERS_PATH).await.ok()?;
-        let v: HoldersView = serde_json::from_slice(&body).ok()?;
+        let v = HoldersView::decode(&body).ok()?;
         Some(SoldOut::from_view(v))
     };
     if let Some(sold_out) = read.await {

@@ -41,6 +41,27 @@ pub async fn get(
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
+/// GET `path` on `addr`, the body as bytes (`/holders` answers bytes, not
+/// JSON); a transport error is `Err`.
+pub async fn get_bytes(
+    client: &TestClient,
+    addr: SocketAddr,
+    path: &str,
+) -> Result<(StatusCode, Vec<u8>), String> {
+    let uri: hyper::Uri = format!("http://{addr}{path}")
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let res = client.get(uri).await.map_err(|e| format!("{e:?}"))?;
+    let status = res.status();
+    let body = res
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("{e}"))?
+        .to_bytes();
+    Ok((status, body.to_vec()))
+}
+
 /// Parses a JSON body, failing the test with the body when it is not JSON.
 pub fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))

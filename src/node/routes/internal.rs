@@ -37,8 +37,8 @@ pub async fn sold_out(node: &Node, req: &Request<Incoming>) -> Answer {
 }
 
 /// `GET /holders`: once the node answers `sold_out` from memory, the
-/// buyers at the limit and their last orders, as it knows them (compactly,
-/// see [`HoldersView`]), so a balancer can answer `already_bought` for
+/// buyers at the limit and their last orders, as it knows them (in
+/// [`HoldersView::encode`]'s bytes, not JSON), so a balancer can answer `already_bought` for
 /// them without a node. 409 while the sale is open; 503 while the node is
 /// still reading them or taking in a change (a ticket came back).
 pub fn holders(node: &Node) -> Answer {
@@ -66,7 +66,7 @@ pub fn holders(node: &Node) -> Answer {
             })
     };
     match view {
-        Some(view) => json_of(&view),
+        Some(view) => super::reply::bytes(view.encode()),
         None => fixed(
             StatusCode::SERVICE_UNAVAILABLE,
             b"{\"status\":\"learning\",\"reason\":\"the node is still reading the holders\"}\n",

@@ -1,5 +1,6 @@
 //! How every route of a node writes its answer: JSON, with
-//! `Content-Type: application/json`, from a fixed body or a serde type.
+//! `Content-Type: application/json`, from a fixed body or a serde type
+//! (`/holders` alone answers bytes, see [`bytes`]).
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -34,6 +35,17 @@ pub fn json(status: StatusCode, body: &impl serde::Serialize) -> Answer {
 /// A 200 with `body` (a contract type, see [`crate::protocol`]) as JSON.
 pub fn json_of(body: &impl serde::Serialize) -> Answer {
     json(StatusCode::OK, body)
+}
+
+/// A 200 whose body is bytes, not JSON (`GET /holders`).
+pub fn bytes(body: Vec<u8>) -> Answer {
+    // Not through `written`: a JSON body gets a newline, bytes must not.
+    let mut res = Response::new(Full::new(Bytes::from(body)));
+    res.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    res
 }
 
 /// The 405 naming the methods the route takes.

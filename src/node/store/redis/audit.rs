@@ -13,12 +13,14 @@ use super::parse::{array, int, text};
 use crate::node::store::model::StoreError;
 use crate::node::store::snapshot::{Audit, BuyerTally, EventTally, Snapshot};
 
-/// Stream entries one `audit.lua` call counts: about 5 ms of Redis's one
-/// thread (measured at 1,000,000 orders: see docs/benchmarks.md).
-const EVENTS_PAGE: u64 = 5000;
-/// Buyers one `audit.lua` call reads (an `HSCAN` COUNT: a hint, not a
-/// bound, but Redis keeps it near).
-const BUYERS_PAGE: u64 = 5000;
+/// Stream entries one `audit.lua` call counts: about 3 ms of Redis's one
+/// thread (Lua pays ~2.8 us an entry to see its fields; measured on the
+/// 2-core machine of docs/benchmarks.md), so a sale's buyers wait no longer
+/// than for a big batch.
+const EVENTS_PAGE: u64 = 1000;
+/// Buyers one `audit.lua` call reads (an `HSCAN` COUNT: a hint Redis keeps
+/// near), about as long: ~1.2 us a buyer.
+const BUYERS_PAGE: u64 = 2000;
 /// Passes over the buyers before the audit settles for the constant-time
 /// checks on a sale that never stood still.
 const ATTEMPTS: usize = 5;
