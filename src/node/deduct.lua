@@ -11,8 +11,8 @@
 -- KEYS[3] orders hash (order id -> JSON)
 -- KEYS[4] buyer_order hash (buyer -> last order id)
 -- KEYS[5] leases hash (holder -> "units:expires_ms")
--- KEYS[6] keys hash (Idempotency-Key -> "order id buyer", and with a
---         payment window " state pay_by" after it)
+-- KEYS[6] keys hash (Idempotency-Key -> "order id buyer", written once
+--         with the order: a replay reads the order's state from the order)
 -- KEYS[7] due sorted set (reserved order id -> pay_by, Redis ms)
 -- KEYS[8] events stream (with a payment window, every order's creation and
 --         state change; with `stream` = 1, every final sale too)
@@ -189,8 +189,20 @@ for i = 2, #ARGV, 6 do
     local seen = now < deadline and key ~= '' and redis.call('HGET', KEYS[6], key)
     local seen_order, seen_buyer, seen_state, seen_pay_by
     if seen then
-      seen_order, seen_buyer, seen_state, seen_pay_by =
-        string.match(seen, '^(%S+) (%S*) ?(%a*) ?(%d*)$')
+      -- "order buyer" (a sale written before this version may have the
+      -- state and deadline after them: they are not read). With a
+      -- payment window the order's state and deadline are the order's
+      -- own, read only on a replay, so that neither a sale nor a
+      -- payment, cancel or expiry writes the key's entry a second time.
+      seen_order, seen_buyer = string.match(seen, '^(%S+) (%S*)')
+      seen_state, seen_pay_by = '', 0
+      if pay_within > 0 and seen_order then
+        local record = redis.call('HGET', KEYS[3], seen_order)
+        if record then
+          local o = cjson.decode(record)
+          seen_state, seen_pay_by = o.state or '', tonumber(o.pay_by) or 0
+        end
+      end
     end
     if now >= deadline then
       -- A client library can deliver a command late (queued across a
@@ -202,7 +214,7 @@ for i = 2, #ARGV, 6 do
       answer(9, '', 0, holder)
     elseif seen then
       if seen_buyer == buyer then
-        local pay_by = tonumber(seen_pay_by) or 0
+        local pay_by = seen_pay_by
         -- Past its deadline, a reservation is expired whether or not a
         -- sweep has run yet (as orders.lua treats it).
         if seen_state == 'reserved' and now >= pay_by then seen_state = 'expired' end
@@ -249,9 +261,7 @@ for i = 2, #ARGV, 6 do
         if held > most then most = held end
       end
       if key ~= '' then
-        local v = id .. ' ' .. buyer
-        if state ~= '' then v = v .. ' ' .. state .. ' ' .. string.format('%d', pay_by) end
-        redis.call('HSET', KEYS[6], key, v)
+        redis.call('HSET', KEYS[6], key, id .. ' ' .. buyer)
       end
       local order = {id = id, buyer = buyer, node = node, time = now}
       if key ~= '' then order.key = key end

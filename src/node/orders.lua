@@ -37,14 +37,10 @@ local function stream_max()
   return redis.call('HGET', KEYS[1], 'stream_max') or '100000'
 end
 
--- The order's record and its key's entry (what a replay and a node's
--- memory read) after a change.
+-- The order's record after a change (its key's entry names the order
+-- only: a replay reads the state from here, so it is not written again).
 local function save(id, o)
   redis.call('HSET', KEYS[3], id, cjson.encode(o))
-  if o.key and o.key ~= '' then
-    redis.call('HSET', KEYS[6], o.key, id .. ' ' .. (o.buyer or '') .. ' ' .. o.state .. ' '
-      .. string.format('%d', o.pay_by))
-  end
 end
 
 local function append(kind, id, o, extra)

@@ -405,40 +405,6 @@ impl SaleKeys {
     }
 }
 
-/// What an Idempotency-Key bought, as a node remembers it once sold out.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyHolder {
-    /// The order id.
-    pub order: String,
-    /// Its buyer (`""` when anonymous).
-    pub buyer: String,
-    /// The order's state when read.
-    pub state: OrderState,
-    /// Its payment deadline, with a window.
-    pub pay_by: Option<u64>,
-}
-
-impl KeyHolder {
-    /// Reads the keys hash's value: `order buyer` and, with a payment
-    /// window, ` state pay_by` after it.
-    pub fn parse(value: &str) -> KeyHolder {
-        let mut parts = value.split(' ');
-        let order = parts.next().unwrap_or_default().to_string();
-        let buyer = parts.next().unwrap_or_default().to_string();
-        let state = parts
-            .next()
-            .and_then(OrderState::parse)
-            .unwrap_or(OrderState::Final);
-        let pay_by = parts.next().and_then(|p| p.parse().ok());
-        KeyHolder {
-            order,
-            buyer,
-            state,
-            pay_by,
-        }
-    }
-}
-
 /// The keys of a sale's waiting-room line (see `line.lua`), in the sale's
 /// hash slot.
 pub fn line_keys(event: &str) -> [String; 7] {
