@@ -16,7 +16,7 @@ use common::spike::{remove_config, run, write_config};
 
 const DEDUCT: &str = include_str!("../src/node/deduct.lua");
 
-/// Many pages of `audit.lua` (1,000 events or 2,000 buyers a call).
+/// Many pages (2,000 events or buyers a call).
 const ORDERS: u64 = 12_000;
 
 fn keys(event: &str) -> Vec<String> {
