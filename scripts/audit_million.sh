@@ -23,7 +23,7 @@ set -euo pipefail
 ORDERS=${ORDERS:-1000000}
 REPEAT=${REPEAT:-3}
 MOVING=${MOVING:-1}
-MOVING_ORDERS=${MOVING_ORDERS:-200000}
+MOVING_ORDERS=${MOVING_ORDERS:-400000}
 HERE=$(cd "$(dirname "$0")" && pwd)
 [ $# -gt 0 ] || set -- "$HERE/../target/release/spike"
 command -v redis-server >/dev/null || { echo "needs redis-server" >&2; exit 1; }
