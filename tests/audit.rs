@@ -68,10 +68,13 @@ fn buy(conn: &mut redis::Connection, event: &str, from: u64, to: u64) {
 
 fn audit(cfg: &str) -> (bool, serde_json::Value) {
     let out = run(&["stock", "audit", "--config", cfg]);
-    (
-        out.status.success(),
-        json(String::from_utf8_lossy(&out.stdout).trim()),
-    )
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !stdout.trim().is_empty(),
+        "stock audit printed nothing: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), json(stdout.trim()))
 }
 
 fn sale(event: &str, redis: &RedisServer) -> std::path::PathBuf {

@@ -19,6 +19,8 @@ use crate::node::store::snapshot::{Audit, BuyerTally, EventTally, Snapshot};
 /// thread (measured on the 2-core machine of docs/benchmarks.md), so a
 /// sale's buyers wait no longer than for a big batch.
 const EVENTS_PAGE: u64 = 2000;
+/// Parts of the stream read at once (see `count_events`).
+const SLICES: u64 = 4;
 /// Buyers one `audit.lua` call adds up (an `HSCAN` COUNT: a hint Redis
 /// keeps near): ~2.5 ms of Redis's thread, ~1.2 us a buyer (an `HSCAN` page
 /// read here instead would cost Redis ~1.0 us a buyer and send every name).
@@ -54,6 +56,21 @@ struct Mark {
 struct Counted {
     next: String,
     tally: EventTally,
+}
+
+impl Counted {
+    fn add(&mut self, t: &EventTally) {
+        self.tally.length += t.length;
+        self.tally.created += t.created;
+        self.tally.paid += t.paid;
+        self.tally.released += t.released;
+        self.tally.controls += t.controls;
+    }
+}
+
+/// The milliseconds of a stream id (`ms-seq`).
+fn id_ms(id: &str) -> Option<u64> {
+    id.split('-').next()?.parse().ok()
 }
 
 /// A pass over the buyers: the tally, and how many fields it read.
@@ -117,17 +134,90 @@ impl RedisStore {
     }
 
     /// Counts the stream from where `counted` stopped up to `last`
-    /// (inclusive), an `XRANGE` page per call. Read here rather than
-    /// counted in Lua: Redis only writes the page out (~0.5 us an entry,
-    /// where Lua paid ~1.7 to see the fields), and nothing is kept but the
-    /// counts.
+    /// (inclusive), in `XRANGE` pages read here rather than counted in Lua:
+    /// Redis only writes the pages out (~0.5 us an entry, where Lua paid
+    /// ~1.7 to see the fields), and nothing is kept but the counts. The
+    /// range is cut into SLICES by time, read at once, so that Redis writes
+    /// one page while this process counts another.
     async fn count_events(&self, counted: &mut Counted, last: &str) -> Result<(), StoreError> {
+        let first = self.first_event(&counted.next, last).await?;
+        let (Some(from_ms), Some(to_ms)) = (first.as_deref().and_then(id_ms), id_ms(last)) else {
+            // Nothing to count (or ids not of Redis's form: one range).
+            if first.is_some() {
+                let t = self.count_range(counted.next.clone(), last).await?;
+                counted.add(&t);
+            }
+            counted.next = format!("({last}");
+            return Ok(());
+        };
+        // Slice i: from ms `cut(i)` (inclusive) to ms `cut(i + 1) - 1`;
+        // the first begins where the count stopped, the last ends at `last`.
+        let width = (to_ms.saturating_sub(from_ms) + 1).div_ceil(SLICES);
+        let cut = |i: u64| from_ms + i * width;
+        let range = |i: u64| {
+            let start = if i == 0 {
+                counted.next.clone()
+            } else {
+                cut(i).to_string()
+            };
+            let end = if i + 1 == SLICES {
+                last.to_string()
+            } else {
+                // An id of milliseconds alone ends at its last sequence.
+                (cut(i + 1) - 1).to_string()
+            };
+            (start, end)
+        };
+        let ((s0, e0), (s1, e1), (s2, e2), (s3, e3)) = (range(0), range(1), range(2), range(3));
+        let (a, b, c, d) = tokio::join!(
+            self.count_range(s0, &e0),
+            self.count_range(s1, &e1),
+            self.count_range(s2, &e2),
+            self.count_range(s3, &e3)
+        );
+        for t in [a?, b?, c?, d?] {
+            counted.add(&t);
+        }
+        counted.next = format!("({last}");
+        Ok(())
+    }
+
+    /// The id of the stream's first entry after `start` and up to `last`.
+    async fn first_event(&self, start: &str, last: &str) -> Result<Option<String>, StoreError> {
+        let xrange = CustomCommand::new_static("XRANGE", ClusterHash::FirstKey, false);
+        let args: Vec<Value> = vec![
+            self.link.keys[7].clone().into(),
+            start.into(),
+            last.into(),
+            "COUNT".into(),
+            1.into(),
+        ];
+        let reply: Value = self
+            .read()
+            .patient()
+            .custom(xrange, args)
+            .await
+            .map_err(|e| self.link.explain(map_error(e)))?;
+        match reply {
+            Value::Array(entries) => match entries.into_iter().next() {
+                Some(entry) => Ok(Some(text(array(entry, 2)?.into_iter().next())?)),
+                None => Ok(None),
+            },
+            _ => Ok(None),
+        }
+    }
+
+    /// Counts the stream from `start` (an `XRANGE` start) to `last`, a
+    /// page per call.
+    async fn count_range(&self, start: String, last: &str) -> Result<EventTally, StoreError> {
+        let mut next = start;
+        let mut tally = EventTally::default();
         let client = self.read().patient();
         let xrange = CustomCommand::new_static("XRANGE", ClusterHash::FirstKey, false);
         loop {
             let args: Vec<Value> = vec![
                 self.link.keys[7].clone().into(),
-                counted.next.as_str().into(),
+                next.as_str().into(),
                 last.into(),
                 "COUNT".into(),
                 (EVENTS_PAGE as i64).into(),
@@ -141,7 +231,7 @@ impl RedisStore {
                 .map_err(|e| self.link.explain(map_error(e)))?;
             let entries = match reply {
                 Resp3Frame::Array { data, .. } => data,
-                Resp3Frame::Null => Vec::new(),
+                Resp3Frame::Null => return Ok(tally),
                 other => {
                     return Err(StoreError::Protocol(format!(
                         "XRANGE returned {other:?}, not an array"
@@ -163,7 +253,7 @@ impl RedisStore {
                     .chunks(2)
                     .find(|f| frame_bytes(&f[0]) == Some(b"type"))
                     .and_then(|f| f.get(1).and_then(frame_bytes));
-                let t = &mut counted.tally;
+                let t = &mut tally;
                 match kind {
                     Some(b"sold" | b"reserved") => t.created += 1,
                     Some(b"paid") => t.paid += 1,
@@ -172,9 +262,9 @@ impl RedisStore {
                     _ => {}
                 }
             }
-            counted.tally.length += n;
+            tally.length += n;
             if read_to.is_none() {
-                return Ok(());
+                return Ok(tally);
             }
             // Exclusive: the next page begins after this id.
             let id = read_to
@@ -182,9 +272,9 @@ impl RedisStore {
                 .and_then(frame_bytes)
                 .and_then(|id| std::str::from_utf8(id).ok())
                 .ok_or_else(|| StoreError::Protocol("a stream entry without an id".into()))?;
-            counted.next = format!("({id}");
+            next = format!("({id}");
             if n < EVENTS_PAGE {
-                return Ok(());
+                return Ok(tally);
             }
         }
     }
@@ -214,10 +304,33 @@ impl RedisStore {
         }
     }
 
-    /// `audit.lua`, with a reader's patience (it only reads).
+    /// `audit.lua`, with a reader's patience (it only reads): its own
+    /// timeout and retries, not the pool's, since it queues behind the
+    /// stream's pages.
     async fn read_eval(&self, args: Vec<Value>) -> Result<Value, StoreError> {
         let limit = self.timeout.max(std::time::Duration::from_secs(5));
-        self.link.eval(&self.audit, args, limit).await
+        let options = Options {
+            timeout: Some(limit),
+            max_attempts: Some(3),
+            ..Options::default()
+        };
+        let client = self.link.pool.next();
+        let patient = client.with_options(&options);
+        let call = || {
+            patient.evalsha::<Value, _, _, _>(
+                self.audit.sha1().clone(),
+                self.link.keys.clone(),
+                args.clone(),
+            )
+        };
+        let reply = match call().await {
+            Err(e) if e.details().starts_with("NOSCRIPT") => {
+                self.audit.load(client).await.map_err(map_error)?;
+                call().await
+            }
+            other => other,
+        };
+        reply.map_err(|e| self.link.explain(map_error(e)))
     }
 
     /// See [`Store::audit`](crate::node::store::Store::audit).
