@@ -14,8 +14,9 @@
 # and resell. Prints RSS and PSS of every process (spike up, redis-server)
 # idle, at the flood's peak and after it; Redis's memory, CPU per second
 # and busiest commands; the nodes' full and partial reads of the holders;
-# the size and time of one node's `GET /holders`; then `spike stock audit`:
-# its time and verdict.
+# one node's `GET /holders` every 0.5 s of the flood when it answers 200
+# (sold out): the largest body and the median time; then `spike stock
+# audit`: its time and verdict.
 # The machine is shared and noisy: compare binaries within one run.
 set -euo pipefail
 
@@ -123,12 +124,18 @@ run() { # SPIKE
   t0=$(date +%s.%N)
   oha -n "$BUYERS" -c 64 -m POST --no-tui --output-format json --rand-regex-url \
     "http://127.0.0.1:$port/buy/ticket\?user=[a-z0-9]{16}" >"$d/flood.json" &
-  local flood=$! peak=0 rpeak=0 r
+  local flood=$! peak=0 rpeak=0 r code size t hsize=0 htimes=()
   while kill -0 "$flood" 2>/dev/null; do
     read -r r _ <<<"$(mem "$up")"
     [ "$r" -gt "$peak" ] && peak=$r
     read -r r _ <<<"$(mem "$redis")"
     [ "$r" -gt "$rpeak" ] && rpeak=$r
+    # One node's holders as the edge reads them, whenever it is sold out.
+    read -r code size t <<<"$(curl -s -o /dev/null -w '%{http_code} %{size_download} %{time_total}' "http://127.0.0.1:$i1/holders")"
+    if [ "$code" = 200 ]; then
+      [ "$size" -gt "$hsize" ] && hsize=$size
+      htimes+=("$t")
+    fi
     sleep 0.5
   done
   wait "$flood" || true
@@ -164,17 +171,9 @@ for line in open(sys.argv[1]):
 rows.sort(reverse=True)
 print("redis_commands=" + " ".join(f"{k}:{us // 1000}ms/{n}" for us, n, k in rows[:8]))
 PY
-  # One node's holders as a balancer reads them (a few buyers first, so
-  # that every node hears it is sold out).
-  oha -n 200 -c 4 -m POST --no-tui --rand-regex-url "http://127.0.0.1:$port/buy/ticket\?user=late[a-z0-9]{10}" >/dev/null || true
-  sleep 2
-  local sizes=() times=()
-  for ((i = 0; i < 5; i++)); do
-    read -r size t <<<"$(curl -s -o /dev/null -w '%{size_download} %{time_total}' "http://127.0.0.1:$i1/holders")"
-    sizes+=("$size")
-    times+=("$t")
-  done
-  echo "holders_get bytes=${sizes[*]} secs=${times[*]} holders_known=$(stat_sum "127.0.0.1:$i1" holders_known)"
+  local hmedian
+  hmedian=$(printf '%s\n' "${htimes[@]+"${htimes[@]}"}" | sort -n | awk '{a[NR] = $1} END {print (NR ? a[int((NR + 1) / 2)] : "none")}')
+  echo "holders_get_while_sold_out largest_bytes=$hsize answers=${#htimes[@]} median_secs=$hmedian"
   local a b
   a=$(date +%s.%N)
   "$spike" stock audit --config "$d/config.toml" >"$d/audit.json" || true

@@ -1,11 +1,12 @@
 //! `stock audit` on Redis in one pass over each of the stream and the
-//! buyers, page by page, both at once: the stream in `XRANGE` pages counted
-//! here as they arrive (nothing kept), the buyers added up inside Redis
-//! (`audit.lua`: only the sums cross the network). The stream is counted up to the last id read with
-//! the counters (`show.lua audit`), so it is conclusive even while the sale
-//! moves; when it moved, the next attempt counts on from that id instead of
-//! starting over. The buyers, a hash with no order in time, are conclusive
-//! only for a pass during which the sale stood still.
+//! buyers, page by page, both at once: the stream in `XRANGE` pages
+//! counted here as they arrive (nothing kept), the buyers added up inside
+//! Redis (`audit.lua`: only the sums cross the network). The stream is
+//! counted up to the last id read with the counters (`show.lua audit`), so
+//! it is conclusive even while the sale moves; when it moved, the next
+//! attempt counts on from that id instead of starting over. The buyers, a
+//! hash with no order in time, are conclusive only for a pass during which
+//! the sale stood still.
 
 use fred::prelude::*;
 use fred::types::{ClusterHash, CustomCommand, Resp3Frame};
