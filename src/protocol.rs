@@ -542,10 +542,7 @@ impl ViewBytes<'_> {
     fn varint(&mut self) -> Result<u64, HoldersDecodeError> {
         let mut v = 0u64;
         for shift in (0..64).step_by(7) {
-            let (&b, rest) = self
-                .0
-                .split_first()
-                .ok_or(HoldersDecodeError::Truncated)?;
+            let (&b, rest) = self.0.split_first().ok_or(HoldersDecodeError::Truncated)?;
             self.0 = rest;
             v |= u64::from(b & 0x7f) << shift;
             if b & 0x80 == 0 {
@@ -605,7 +602,11 @@ impl HoldersView {
         // Each buyer takes at least 9 bytes and each ask 8: a count the
         // bytes cannot hold is refused before anything is allocated.
         let room = b.0.len() as u64;
-        if buyers.saturating_mul(9).saturating_add(ask.saturating_mul(8)) > room {
+        if buyers
+            .saturating_mul(9)
+            .saturating_add(ask.saturating_mul(8))
+            > room
+        {
             return Err(HoldersDecodeError::Truncated);
         }
         let mut view = HoldersView {

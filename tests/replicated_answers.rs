@@ -170,7 +170,8 @@ async fn no_answer_names_an_order_the_replica_does_not_have() {
         Duration::from_secs(20),
         async || {
             let (_, holders) = get_bytes(&c, n2, "/holders").await.expect("holders");
-            spike::protocol::HoldersView::decode(&holders).is_ok_and(|v| v.order_of("b").as_deref() == Some(order.as_str()))
+            spike::protocol::HoldersView::decode(&holders)
+                .is_ok_and(|v| v.order_of("b").as_deref() == Some(order.as_str()))
         },
     )
     .await;

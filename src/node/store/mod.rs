@@ -24,9 +24,8 @@ pub use durability::Durability;
 pub use embedded::{EmbeddedStore, now_millis};
 pub use holders::{HolderChanges, HolderSeed, Holders, Lookup, NoChanges};
 pub use model::{
-    ANY_BUYER, Control, ControlAnswer, LineAdmit, LineState, OrderAnswer, OrderOp,
-    OrderRecord, OrderState, Outcome, Purchase, Reply, SaleKeys, SaleState, Shut, StoreError,
-    Swept, line_keys,
+    ANY_BUYER, Control, ControlAnswer, LineAdmit, LineState, OrderAnswer, OrderOp, OrderRecord,
+    OrderState, Outcome, Purchase, Reply, SaleKeys, SaleState, Shut, StoreError, Swept, line_keys,
 };
 pub use redis::RedisStore;
 pub use snapshot::{Audit, BuyerTally, EventTally, Snapshot};
