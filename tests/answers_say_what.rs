@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::http::{client, get, json};
+use common::http::{client, get, get_bytes, json};
 use common::sale::{InProcessSale, sale_config};
 use common::spike::run;
 use hyper::StatusCode;
@@ -84,8 +84,9 @@ async fn order_routes_say_what_they_refuse_and_the_epoch_is_one_type() {
 /// Every JSON body a node writes ends with a newline (one document per
 /// line for curl, logs and `jq`), and every refusal says `status` and
 /// `reason` (issue 22, points 4 and 10): a sale, its replay, a refusal of
-/// each kind, the internal routes and, once sold out, `sold_out` and
-/// `already_bought` (the bytes the balancer's edge sends too).
+/// each kind, the internal routes (but `/holders`, which answers bytes)
+/// and, once sold out, `sold_out` and `already_bought` (the bytes the
+/// balancer's edge sends too).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_body_ends_with_a_newline_and_every_refusal_says_why() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -121,7 +122,6 @@ async fn every_node_body_ends_with_a_newline_and_every_refusal_says_why() {
         ("stats", "/stats".to_string()),
         ("sale", "/sale".to_string()),
         ("healthz", "/healthz".to_string()),
-        ("holders", "/holders".to_string()),
         (
             "a too long target",
             format!("/buy/ticket?user={}", "u".repeat(9000)),
@@ -154,6 +154,21 @@ async fn every_node_body_ends_with_a_newline_and_every_refusal_says_why() {
             );
         }
     }
+    // `/holders` alone answers bytes, not JSON (issue 26): the buyers at
+    // the limit, compactly, for a balancer's edge.
+    common::wait_for(
+        "the node's holders",
+        std::time::Duration::from_secs(10),
+        async || {
+            get_bytes(&c, node, "/holders")
+                .await
+                .is_ok_and(|(status, _)| status == StatusCode::OK)
+        },
+    )
+    .await;
+    let (_, holders) = get_bytes(&c, node, "/holders").await.expect("holders");
+    let view = spike::protocol::HoldersView::decode(&holders).expect("a holders list");
+    assert_eq!(view.order_of("alice").as_deref(), Some(order.as_str()));
     let statuses: Vec<u16> = answers.iter().map(|a| a.1).collect();
     for expected in [200, 400, 403, 404, 405, 409, 413, 414] {
         assert!(
