@@ -168,7 +168,9 @@ impl Store {
     pub async fn audit(&self) -> Result<Audit, StoreError> {
         match self {
             Store::Redis(r) => r.audit().await,
-            // One step under its lock: always still.
+            // Two reads of the process's memory: they agree when nothing
+            // sells between them, as in the tests that call this (`stock
+            // audit` reaches only Redis).
             Store::Embedded(e) => Ok(Audit {
                 snapshot: e.snapshot(),
                 buyers: Some(e.tally_buyers()),
