@@ -610,3 +610,69 @@ async fn pipelined_https_requests_beyond_one_read_are_all_answered() {
     );
     common::spike::remove_config(&path);
 }
+
+/// How long an idle HTTPS/1.1 keep-alive connection stays open while its
+/// client dribbles a TLS record a byte every 500 ms after one request
+/// (`keepalive_timeout` and `header_read_timeout` 1 s); `None` if it is
+/// still open after 6 s.
+async fn dribbled_record_closed_after(fast_path: bool) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let certs = Certs::new();
+    let backend = Backend::start("b").await;
+    let (addr, admin) = (common::free_addr(), common::free_addr());
+    let text = format!(
+        "[balancer]\nlisten = \"{addr}\"\nadmin = \"{admin}\"\nfast_path = {fast_path}\n{}\n[server]\nkeepalive_timeout = \"1s\"\nheader_read_timeout = \"1s\"\n",
+        certs.with_upstream(backend.addr)
+    );
+    let path = write_config(&text);
+    let _p = SpikeProcess::start(&["balancer", "--config", path.to_str().expect("path")]);
+    wait_listening(&addr.to_string(), Duration::from_secs(15));
+    let mut s = certs.connect(addr, SHOP, &[b"http/1.1"]).await;
+    s.write_all(format!("GET /a HTTP/1.1\r\nHost: {SHOP}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    s.flush().await.expect("flush");
+    let answer = read_response(&mut s).await;
+    assert!(answer.contains(" 200 "), "{answer}");
+    // Under the TLS session: a record's header, then its body a byte at a
+    // time, so that no plaintext ever comes of it.
+    let tcp = &mut s.get_mut().0;
+    tcp.write_all(&[0x17, 0x03, 0x03, 0x00, 0x40])
+        .await
+        .expect("record header");
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    let closed = loop {
+        if started.elapsed() > Duration::from_secs(6) {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if tcp.write_all(&[0x41]).await.is_err() {
+            break Some(started.elapsed());
+        }
+        if let Ok(read) = tokio::time::timeout(Duration::from_millis(10), tcp.read(&mut buf)).await
+        {
+            // Whatever came (close_notify, an alert, the end): it is over.
+            let _ = read;
+            break Some(started.elapsed());
+        }
+    };
+    common::spike::remove_config(&path);
+    closed
+}
+
+/// A reviewer's finding on the HTTPS fast path: ciphertext that never
+/// becomes a whole record restarted the keep-alive wait at every byte, so
+/// a client dribbling one kept its connection (and looked freshly idle to
+/// the connection cap) as long as it liked; hyper's path closed it at the
+/// header timeout. Both close it within a few seconds now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dribbled_tls_record_does_not_keep_an_idle_connection() {
+    for fast_path in [true, false] {
+        let closed = dribbled_record_closed_after(fast_path).await;
+        assert!(
+            closed.is_some_and(|t| t < Duration::from_secs(4)),
+            "fast_path = {fast_path}: {closed:?}"
+        );
+    }
+}

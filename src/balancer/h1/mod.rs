@@ -141,39 +141,47 @@ pub async fn serve<S: Client>(
             if let Some(idle) = idle {
                 idle.idle();
             }
+            // A wake that brings no request byte (over TLS, ciphertext
+            // that is not yet a whole record) waits on with the same
+            // deadline and the same idle time: else a client that
+            // dribbles a record a byte at a time kept its connection, and
+            // looked freshly idle, for as long as it liked.
             loop {
-                tokio::select! {
-                    // `poll_read_ready` keeps its waker in the socket's
-                    // own registration: no waiter node in this future, which
-                    // every idle connection holds (`readable()` is 152 bytes).
-                    ready = tokio::time::timeout_at(
-                        until,
-                        std::future::poll_fn(|cx| stream.poll_read_ready(cx)),
-                    ) => match ready {
-                        Ok(Ok(())) => break,
-                        _ => return None,
-                    },
-                    _ = ctx.stop.wait_for(|stop| *stop) => return None,
-                    () = crate::server::reuse::claimed(idle) => return None,
-                    () = crate::server::reuse::crowd_formed(idle), if kept => {
-                        b.shrink();
-                        kept = false;
-                        shared.metrics.buffers_given_back.fetch_add(1, Ordering::Relaxed);
+                loop {
+                    tokio::select! {
+                        // `poll_read_ready` keeps its waker in the socket's
+                        // own registration: no waiter node in this future,
+                        // which every idle connection holds (`readable()`
+                        // is 152 bytes).
+                        ready = tokio::time::timeout_at(
+                            until,
+                            std::future::poll_fn(|cx| stream.poll_read_ready(cx)),
+                        ) => match ready {
+                            Ok(Ok(())) => break,
+                            _ => return None,
+                        },
+                        _ = ctx.stop.wait_for(|stop| *stop) => return None,
+                        () = crate::server::reuse::claimed(idle) => return None,
+                        () = crate::server::reuse::crowd_formed(idle), if kept => {
+                            b.shrink();
+                            kept = false;
+                            shared.metrics.buffers_given_back.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
-            }
-            make_room(&mut b.input);
-            match stream.try_read_some(&mut b.input) {
-                Ok(0) => return None,
-                // Busy only once bytes came: a wake with nothing to read
-                // leaves the connection idle since when it was.
-                Ok(_) if idle.is_some_and(|idle| !idle.busy()) => {
-                    // Claimed for a new client just as this one spoke.
-                    return None;
+                make_room(&mut b.input);
+                match stream.try_read_some(&mut b.input) {
+                    Ok(0) => return None,
+                    // Busy only once bytes came: a wake with nothing to
+                    // read leaves the connection idle since when it was.
+                    Ok(_) if idle.is_some_and(|idle| !idle.busy()) => {
+                        // Claimed for a new client just as this one spoke.
+                        return None;
+                    }
+                    Ok(_) => break,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(_) => return None,
                 }
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(_) => return None,
             }
         }
         let active = shared.current.load_full();
