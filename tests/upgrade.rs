@@ -297,3 +297,82 @@ async fn upgrade_lines_over_h2_get_a_plain_answer_not_a_hang() {
     lb.expect_clean_exit(Duration::from_secs(15));
     remove_config(&path);
 }
+
+/// A backend that answers any request 101 and then writes without end
+/// (until the balancer closes its side).
+async fn flooding_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = [0u8; 4096];
+                let _ = s.read(&mut head).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+                    .await;
+                let chunk = vec![b'x'; 64 * 1024];
+                while s.write_all(&chunk).await.is_ok() {}
+            });
+        }
+    });
+    addr
+}
+
+/// A reviewer's finding: a tunnel whose client stops reading while the
+/// upstream keeps writing waited in its write for good (the quiet timer
+/// is not polled while a write waits), holding its place under the
+/// connection cap. It now ends within `tunnel_timeout` of the write's
+/// start, on both paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_whose_client_stops_reading_ends_at_tunnel_timeout() {
+    let backend = flooding_backend().await;
+    for fast_path in [true, false] {
+        let listen = common::free_addr();
+        let admin = common::free_addr();
+        let text = config_text(
+            "round_robin",
+            &listen.to_string(),
+            &admin.to_string(),
+            &[up(backend, 1)],
+        )
+        .replace(
+            "[balancer]\n",
+            &format!(
+                "[balancer]\ndrain_delay = \"0s\"\nfast_path = {fast_path}\ntunnel_timeout = \"1s\"\n"
+            ),
+        );
+        let path = write_config(&text);
+        let mut lb = SpikeProcess::start(&["balancer", "--config", path.to_str().expect("path")]);
+        wait_listening(&listen.to_string(), Duration::from_secs(15));
+        let mut s = Transport::Plain.open(listen).await;
+        s.write_all(
+            b"GET /live HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        )
+        .await
+        .expect("write");
+        let answer = read_until(&mut s, "101").await;
+        assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+        let open = async || {
+            let (_, body) =
+                balancer_support::get(&balancer_support::http(), &format!("http://{admin}/status"))
+                    .await
+                    .expect("/status");
+            serde_json::from_str::<serde_json::Value>(&body).expect("JSON")["tunnels"]["open"]
+                .as_u64()
+                .expect("open")
+        };
+        assert_eq!(open().await, 1, "fast_path = {fast_path}");
+        // The client reads no more; the upstream fills every buffer.
+        common::wait_for(
+            "the stalled tunnel to end",
+            Duration::from_secs(10),
+            async || open().await == 0,
+        )
+        .await;
+        drop(s);
+        lb.signal("TERM");
+        lb.expect_clean_exit(Duration::from_secs(15));
+        remove_config(&path);
+    }
+}

@@ -229,8 +229,8 @@ pub(crate) async fn pipe(
     tokio::pin!(quiet);
     while client_open || upstream_open {
         let moved = tokio::select! {
-            r = cr.read(&mut up), if client_open => carry(r, &up, &mut uw, &mut client_open).await,
-            r = ur.read(&mut down), if upstream_open => carry(r, &down, &mut cw, &mut upstream_open).await,
+            r = cr.read(&mut up), if client_open => carry(r, &up, &mut uw, &mut client_open, idle).await,
+            r = ur.read(&mut down), if upstream_open => carry(r, &down, &mut cw, &mut upstream_open, idle).await,
             () = &mut quiet => return,
         };
         match moved {
@@ -244,12 +244,15 @@ pub(crate) async fn pipe(
 /// One read of a tunnel's side (`read`, into `buf`) carried to the other
 /// side's `to`: `Some(true)` when bytes moved, `Some(false)` when the side
 /// closed (`open` is cleared and `to` shut for writing), `None` when
-/// either broke.
+/// either broke, or the write did not finish within `idle` (a peer that
+/// stops reading: the quiet timer is not polled while a write waits, and
+/// the tunnel held its place under the connection cap for good).
 async fn carry(
     read: std::io::Result<usize>,
     buf: &[u8],
     to: &mut (impl tokio::io::AsyncWrite + Unpin),
     open: &mut bool,
+    idle: Duration,
 ) -> Option<bool> {
     match read {
         Ok(0) => {
@@ -258,10 +261,16 @@ async fn carry(
             Some(false)
         }
         // Flushed: under TLS a write may stay in rustls's buffer.
-        Ok(n) => match to.write_all(&buf[..n]).await {
-            Ok(()) => to.flush().await.ok().map(|()| true),
-            Err(_) => None,
-        },
+        Ok(n) => {
+            let written = async {
+                to.write_all(&buf[..n]).await?;
+                to.flush().await
+            };
+            match tokio::time::timeout(idle, written).await {
+                Ok(Ok(())) => Some(true),
+                _ => None,
+            }
+        }
         Err(_) => None,
     }
 }
