@@ -92,6 +92,57 @@ async fn read_until(s: &mut (impl AsyncRead + Unpin), want: &str) -> String {
     String::from_utf8_lossy(&got).into_owned()
 }
 
+/// A `spike balancer` process over `backend`, reached over `transport`,
+/// with `extra` `[balancer]` keys (and no drain delay, so that it stops at
+/// once).
+struct Balancer {
+    listen: SocketAddr,
+    admin: SocketAddr,
+    process: SpikeProcess,
+    path: std::path::PathBuf,
+}
+
+impl Balancer {
+    fn start(transport: &Transport, backend: SocketAddr, extra: &str) -> Balancer {
+        let (listen, admin) = (common::free_addr(), common::free_addr());
+        let text = config_text(
+            "round_robin",
+            &listen.to_string(),
+            &admin.to_string(),
+            &[up(backend, 1)],
+        )
+        .replace(
+            "[balancer]\n",
+            &format!("[balancer]\ndrain_delay = \"0s\"\n{extra}"),
+        );
+        let path = write_config(&transport.config(&text));
+        let process = SpikeProcess::start(&["balancer", "--config", path.to_str().expect("path")]);
+        wait_listening(&listen.to_string(), Duration::from_secs(15));
+        Balancer {
+            listen,
+            admin,
+            process,
+            path,
+        }
+    }
+
+    /// SIGTERM, a clean exit, the config file gone.
+    fn stop(mut self) {
+        self.process.signal("TERM");
+        self.process.expect_clean_exit(Duration::from_secs(15));
+        remove_config(&self.path);
+    }
+}
+
+/// `/status`'s `tunnels` (open now, and in all).
+async fn tunnels(admin: SocketAddr) -> serde_json::Value {
+    let (_, body) =
+        balancer_support::get(&balancer_support::http(), &format!("http://{admin}/status"))
+            .await
+            .expect("/status");
+    serde_json::from_str::<serde_json::Value>(&body).expect("JSON")["tunnels"].take()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_handshake_is_tunnelled_both_ways() {
     tunnelled_both_ways(Transport::Plain, "").await;
@@ -125,21 +176,8 @@ async fn a_websocket_on_hyper_s_plain_path_is_tunnelled_both_ways() {
 /// the tunnel while it is open and not after the client closes.
 async fn tunnelled_both_ways(transport: Transport, extra: &str) {
     let (backend, heads) = websocket_backend().await;
-    let listen = common::free_addr();
-    let admin = common::free_addr();
-    let text = config_text(
-        "round_robin",
-        &listen.to_string(),
-        &admin.to_string(),
-        &[up(backend, 1)],
-    )
-    .replace(
-        "[balancer]\n",
-        &format!("[balancer]\ndrain_delay = \"0s\"\n{extra}"),
-    );
-    let path = write_config(&transport.config(&text));
-    let mut lb = SpikeProcess::start(&["balancer", "--config", path.to_str().expect("path")]);
-    wait_listening(&listen.to_string(), Duration::from_secs(15));
+    let lb = Balancer::start(&transport, backend, extra);
+    let (listen, admin) = (lb.listen, lb.admin);
 
     let mut s = transport.open(listen).await;
     s.write_all(
@@ -181,25 +219,16 @@ async fn tunnelled_both_ways(transport: Transport, extra: &str) {
     assert!(head.contains("\r\nx-real-ip: 127.0.0.1\r\n"), "{head}");
 
     // /status counts it while it is open.
-    let status = |admin: SocketAddr| async move {
-        let (_, body) =
-            balancer_support::get(&balancer_support::http(), &format!("http://{admin}/status"))
-                .await
-                .expect("/status");
-        serde_json::from_str::<serde_json::Value>(&body).expect("JSON")
-    };
-    let v = status(admin).await;
-    assert_eq!(v["tunnels"]["open"], 1, "{v}");
-    assert_eq!(v["tunnels"]["total"], 1, "{v}");
+    let v = tunnels(admin).await;
+    assert_eq!(v["open"], 1, "{v}");
+    assert_eq!(v["total"], 1, "{v}");
     // The client closes: the tunnel ends.
     drop(s);
     common::wait_for("the tunnel to close", Duration::from_secs(5), async || {
-        status(admin).await["tunnels"]["open"] == 0
+        tunnels(admin).await["open"] == 0
     })
     .await;
-    lb.signal("TERM");
-    lb.expect_clean_exit(Duration::from_secs(15));
-    remove_config(&path);
+    lb.stop();
 }
 
 /// An upgrade the upstream refuses: its answer comes back as it is, and
@@ -221,21 +250,8 @@ async fn a_refused_upgrade_gets_the_upstream_s_answer_on_hyper_s_path() {
 /// over `transport` with `extra` `[balancer]` keys.
 async fn refused(transport: Transport, extra: &str) {
     let (backend, _) = websocket_backend().await;
-    let listen = common::free_addr();
-    let text = config_text(
-        "round_robin",
-        &listen.to_string(),
-        &common::free_addr().to_string(),
-        &[up(backend, 1)],
-    )
-    .replace(
-        "[balancer]\n",
-        &format!("[balancer]\ndrain_delay = \"0s\"\n{extra}"),
-    );
-    let path = write_config(&transport.config(&text));
-    let mut lb = SpikeProcess::start(&["balancer", "--config", path.to_str().expect("path")]);
-    wait_listening(&listen.to_string(), Duration::from_secs(15));
-    let mut s = transport.open(listen).await;
+    let lb = Balancer::start(&transport, backend, extra);
+    let mut s = transport.open(lb.listen).await;
     s.write_all(b"GET /live HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n")
         .await
         .expect("write");
@@ -246,9 +262,7 @@ async fn refused(transport: Transport, extra: &str) {
         .expect("read");
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.ends_with("no upgrade\n"), "{answer}");
-    lb.signal("TERM");
-    lb.expect_clean_exit(Duration::from_secs(15));
-    remove_config(&path);
+    lb.stop();
 }
 
 /// Over HTTP/2 there is no `Upgrade` (RFC 9113 8.2.2: a connection-level
@@ -328,23 +342,9 @@ async fn flooding_backend() -> SocketAddr {
 async fn a_tunnel_whose_client_stops_reading_ends_at_tunnel_timeout() {
     let backend = flooding_backend().await;
     for fast_path in [true, false] {
-        let listen = common::free_addr();
-        let admin = common::free_addr();
-        let text = config_text(
-            "round_robin",
-            &listen.to_string(),
-            &admin.to_string(),
-            &[up(backend, 1)],
-        )
-        .replace(
-            "[balancer]\n",
-            &format!(
-                "[balancer]\ndrain_delay = \"0s\"\nfast_path = {fast_path}\ntunnel_timeout = \"1s\"\n"
-            ),
-        );
-        let path = write_config(&text);
-        let mut lb = SpikeProcess::start(&["balancer", "--config", path.to_str().expect("path")]);
-        wait_listening(&listen.to_string(), Duration::from_secs(15));
+        let extra = format!("fast_path = {fast_path}\ntunnel_timeout = \"1s\"\n");
+        let lb = Balancer::start(&Transport::Plain, backend, &extra);
+        let (listen, admin) = (lb.listen, lb.admin);
         let mut s = Transport::Plain.open(listen).await;
         s.write_all(
             b"GET /live HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
@@ -353,15 +353,7 @@ async fn a_tunnel_whose_client_stops_reading_ends_at_tunnel_timeout() {
         .expect("write");
         let answer = read_until(&mut s, "101").await;
         assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
-        let open = async || {
-            let (_, body) =
-                balancer_support::get(&balancer_support::http(), &format!("http://{admin}/status"))
-                    .await
-                    .expect("/status");
-            serde_json::from_str::<serde_json::Value>(&body).expect("JSON")["tunnels"]["open"]
-                .as_u64()
-                .expect("open")
-        };
+        let open = async || tunnels(admin).await["open"].as_u64().expect("open");
         assert_eq!(open().await, 1, "fast_path = {fast_path}");
         // The client reads no more; the upstream fills every buffer.
         common::wait_for(
@@ -371,8 +363,6 @@ async fn a_tunnel_whose_client_stops_reading_ends_at_tunnel_timeout() {
         )
         .await;
         drop(s);
-        lb.signal("TERM");
-        lb.expect_clean_exit(Duration::from_secs(15));
-        remove_config(&path);
+        lb.stop();
     }
 }
