@@ -307,7 +307,7 @@ impl ConnContext {
     /// Whether so many connections are open that an idle one should give
     /// its buffers back (see [`recycle`]).
     pub fn crowded(&self) -> bool {
-        self.most.saturating_sub(self.permits.available_permits()) > recycle::crowd(self.most)
+        recycle::crowded(self.most, &self.permits)
     }
 }
 
@@ -464,7 +464,7 @@ pub async fn serve_with<F, S, B>(
                 }
             }
         };
-        if most.saturating_sub(permits.available_permits()) > recycle::crowd(most) {
+        if recycle::crowded(most, &permits) {
             reusable.crowd_formed();
         }
         let place = reusable.place();

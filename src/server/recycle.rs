@@ -86,8 +86,15 @@ const HEAD_END: u32 = u32::from_be_bytes(*b"\r\n\r\n");
 /// Open connections (across the server's workers) above which every idle
 /// connection gives its hyper connection and buffers back at once: 1,024,
 /// or a sixteenth of `max_connections` when that is less.
-pub(super) fn crowd(most: usize) -> usize {
+fn crowd(most: usize) -> usize {
     (most / 16).min(1024)
+}
+
+/// Whether more connections are open than [`crowd`] allows, for a cap of
+/// `most` held as `permits` (the permits an accept loop holds while it
+/// waits count as open).
+pub(super) fn crowded(most: usize, permits: &Semaphore) -> bool {
+    most.saturating_sub(permits.available_permits()) > crowd(most)
 }
 
 /// Milliseconds on a monotonic clock that starts with the process.
@@ -301,7 +308,7 @@ impl HandBack {
     }
 
     fn crowded(&self) -> bool {
-        self.most.saturating_sub(self.permits.available_permits()) > crowd(self.most)
+        crowded(self.most, &self.permits)
     }
 
     /// The socket and what was read ahead of hyper, for the next request.

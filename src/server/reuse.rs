@@ -69,8 +69,8 @@ pub struct Reusable {
     /// Loops waiting for a client with a permit in hand: while one is, a
     /// new client is its, and no idle connection needs to be closed.
     spare: AtomicUsize,
-    /// Woken by every accept while more connections are open than
-    /// [`super::recycle::crowd`]: idle connections that kept their buffers
+    /// Woken by every accept while the server is
+    /// [`super::recycle::crowded`]: idle connections that kept their buffers
     /// when there were fewer give them back then (ten thousand keep-alive
     /// clients, the first thousand of them holding 16 KiB each, were most
     /// of the balancer's memory).
