@@ -28,17 +28,9 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 [ $# -gt 0 ] || set -- "$HERE/../target/release/spike"
 command -v redis-server >/dev/null || { echo "needs redis-server" >&2; exit 1; }
 
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  local p
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+. "$HERE/lib/procs.sh"
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_ports 1)
 redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" >"$WORK/redis.log" 2>&1 &
 PIDS+=("$!")
 for ((i = 0; i < 200; i++)); do redis-cli -p "$port" PING >/dev/null 2>&1 && break; sleep 0.05; done

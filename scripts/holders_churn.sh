@@ -35,37 +35,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 command -v redis-server >/dev/null || { echo "needs redis-server" >&2; exit 1; }
 command -v oha >/dev/null || { echo "needs oha" >&2; exit 1; }
 
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  local p
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_ports() {
-  python3 - "$1" <<'EOF'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-EOF
-}
-wait_port() { # PORT PID
-  local i
-  for ((i = 0; i < 400; i++)); do
-    kill -0 "$2" 2>/dev/null || { echo "process $2 exited" >&2; exit 1; }
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    sleep 0.05
-  done
-  echo "nothing on port $1" >&2
-  exit 1
-}
+. "$HERE/lib/procs.sh"
 mem() { # PID: "RSS_KB PSS_KB"
   awk '/^Rss:/ {r = $2} /^Pss:/ {p = $2} END {print r, p}' "/proc/$1/smaps_rollup"
 }
