@@ -27,17 +27,7 @@ pub async fn get(
     addr: SocketAddr,
     path: &str,
 ) -> Result<(StatusCode, String), String> {
-    let uri: hyper::Uri = format!("http://{addr}{path}")
-        .parse()
-        .map_err(|e| format!("{e}"))?;
-    let res = client.get(uri).await.map_err(|e| format!("{e:?}"))?;
-    let status = res.status();
-    let body = res
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| format!("{e}"))?
-        .to_bytes();
+    let (status, body) = get_bytes(client, addr, path).await?;
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
