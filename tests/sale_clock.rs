@@ -69,7 +69,7 @@ fn show(cfg: &str) -> serde_json::Value {
 /// `closed`, but a purchase sent again with its key still gets its order.
 async fn opens_and_closes_on_time(redis: Option<&RedisServer>) {
     let url = redis.map(RedisServer::url);
-    let opens = SystemTime::now() + Duration::from_secs(4);
+    let opens = SystemTime::now() + Duration::from_secs(6);
     let closes = opens + Duration::from_secs(4);
     let (text, ports, auth) = sale(
         10,
@@ -80,6 +80,13 @@ async fn opens_and_closes_on_time(redis: Option<&RedisServer>) {
             rfc3339(closes)
         ),
     );
+    // The balancer checks its nodes' health as it would in production:
+    // a node that failed its check before the opening would be taken out.
+    let text = text.replace(
+        "[balancer]\nlisten",
+        "[balancer]\nhealth_check = \"/healthz\"\nhealth_interval = \"100ms\"\nlisten",
+    );
+    assert!(text.contains("health_check"), "{text}");
     let (up, path) = start_up(&text, &ports);
     let c = client();
 
@@ -99,7 +106,16 @@ async fn opens_and_closes_on_time(redis: Option<&RedisServer>) {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no Retry-After: {:?}", r.headers));
-        assert!((1..=5).contains(&after), "Retry-After {after}");
+        assert!((1..=7).contains(&after), "Retry-After {after}");
+        // With a key of its own too: nothing can have sold before the
+        // opening, so no key has an order to replay; answered from memory.
+        let keyed = buy_with(&c, at, &auth, &format!("early{i}"), Some(&format!("ek{i}"))).await;
+        assert_eq!(
+            (keyed.status, status_of(&keyed)),
+            (StatusCode::CONFLICT, "not_open".to_string()),
+            "{}",
+            keyed.body
+        );
     }
     for n in &ports.nodes {
         let h = send(&c, Method::GET, *n, "/healthz", &[])
@@ -111,7 +127,7 @@ async fn opens_and_closes_on_time(redis: Option<&RedisServer>) {
             .expect("stats");
         let s = json(&stats.body);
         assert_eq!(s["store_calls"], 0, "a purchase reached the store: {s}");
-        assert_eq!(s["not_selling"], 1, "{s}");
+        assert_eq!(s["not_selling"], 2, "{s}");
     }
     let status = json(
         &send(&c, Method::GET, ports.admin, "/status", &[])
@@ -119,10 +135,33 @@ async fn opens_and_closes_on_time(redis: Option<&RedisServer>) {
             .expect("status")
             .body,
     );
-    assert_eq!(status["edge"]["not_selling_answers"], 1, "{status}");
+    assert_eq!(status["edge"]["not_selling_answers"], 2, "{status}");
     for u in status["upstreams"].as_array().expect("upstreams") {
         assert_eq!(u["state"], "up", "{u}");
     }
+    // Many health checks later, still before the opening: every node
+    // passes them, and the balancer is ready.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        SystemTime::now() < opens,
+        "the checks took past the opening"
+    );
+    let status = json(
+        &send(&c, Method::GET, ports.admin, "/status", &[])
+            .await
+            .expect("status")
+            .body,
+    );
+    for u in status["upstreams"].as_array().expect("upstreams") {
+        assert_eq!(
+            u["state"], "up",
+            "a health check failed before the opening: {u}"
+        );
+    }
+    let ready = send(&c, Method::GET, ports.admin, "/ready", &[])
+        .await
+        .expect("ready");
+    assert_eq!(ready.status, StatusCode::OK, "{}", ready.body);
 
     // The opening: the sale sells, in the store's clock.
     while SystemTime::now() < opens + Duration::from_millis(50) {
@@ -396,6 +435,61 @@ async fn pause_resume_add_and_close_a_running_sale() {
         "{}",
         String::from_utf8_lossy(&audit.stdout)
     );
+    drop(up);
+    remove_config(&path);
+}
+
+/// A purchase sent again with its `Idempotency-Key` while the sale is
+/// paused gets its order's answer, as `deduct.lua` gives it (a key's
+/// replay sells nothing, so a pause does not stop it): through the
+/// balancer and straight to each node, before and after the nodes hear of
+/// the pause. A new purchase, keyed or not, hears `paused`, and the store
+/// sells nothing meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_replay_gets_its_order_while_paused_redis() {
+    let redis = RedisServer::start();
+    let (text, ports, auth) = sale(10, Some(&redis.url()), "");
+    let (up, path) = start_up(&text, &ports);
+    let cfg = path.to_str().expect("path").to_string();
+    let c = client();
+    let first = buy_with(&c, ports.balancer, &auth, "b1", Some("key-b1")).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    let order = json(&first.body)["order"].clone();
+
+    let out = run(&["stock", "pause", "--config", &cfg]);
+    assert!(out.status.success(), "{out:?}");
+    // Every door has heard of the pause (the nodes' poll, the edge's read).
+    common::wait_for("paused everywhere", Duration::from_secs(5), async || {
+        let mut all = true;
+        for at in [ports.balancer, ports.nodes[0], ports.nodes[1]] {
+            all &= status_of(&buy(&c, at, &auth, "late").await) == "paused";
+        }
+        all
+    })
+    .await;
+    for at in [ports.balancer, ports.nodes[0], ports.nodes[1]] {
+        let again = buy_with(&c, at, &auth, "b1", Some("key-b1")).await;
+        assert_eq!(again.status, StatusCode::OK, "{at}: {}", again.body);
+        assert_eq!(json(&again.body)["order"], order, "{at}: {}", again.body);
+        assert_eq!(
+            again
+                .headers
+                .get("idempotent-replayed")
+                .and_then(|v| v.to_str().ok()),
+            Some("true"),
+            "{at}: {:?}",
+            again.headers
+        );
+        // A new key is a new purchase: paused.
+        let fresh = buy_with(&c, at, &auth, "b2", Some("key-b2")).await;
+        assert_eq!(
+            (fresh.status, status_of(&fresh)),
+            (StatusCode::CONFLICT, "paused".to_string()),
+            "{at}: {}",
+            fresh.body
+        );
+    }
+    assert_eq!(show(&cfg)["sold"], 1, "sold while paused");
     drop(up);
     remove_config(&path);
 }

@@ -103,21 +103,7 @@ impl Node {
     pub async fn buy<'a>(&self, buyer: &'a str, key: &str) -> BuyAnswer<'a> {
         let give_up = Instant::now() + self.timeout;
         if let Some(shut) = self.shut_now() {
-            if key.is_empty() || !matches!(shut, crate::protocol::Shut::Closed { .. }) {
-                return BuyAnswer::NotSelling(shut);
-            }
-            // After the closing, a purchase with a key may be the retry of
-            // one that got an order. Once the store has said "closed",
-            // nothing sells any more and the holders read then are all of
-            // them: answered from them. Before that (this host's clock may
-            // run a little ahead) the store decides.
-            if !self.closed_confirmed() {
-                return self.purchase(buyer, key, None, give_up).await;
-            }
-            return match self.sold_out_answer(buyer, key, give_up).await {
-                BuyAnswer::SoldOut => BuyAnswer::NotSelling(shut),
-                other => other,
-            };
+            return self.shut_answer(shut, buyer, key, give_up).await;
         }
         loop {
             if self.is_sold_out() {
@@ -152,7 +138,14 @@ impl Node {
                 match self.refill_result.load(Ordering::Acquire) {
                     REFILL_FAILED => return BuyAnswer::StoreFailed,
                     REFILL_NO_SALE => return BuyAnswer::NotInitialised,
-                    REFILL_NOT_SELLING => return BuyAnswer::NotSelling(self.last_shut()),
+                    REFILL_NOT_SELLING => {
+                        // The store said it does not sell (a pause this
+                        // node had not heard of yet): a key may still be
+                        // the retry of a purchase that got an order.
+                        return self
+                            .shut_answer(self.last_shut(), buyer, key, give_up)
+                            .await;
+                    }
                     _ => {}
                 }
             }
@@ -171,6 +164,46 @@ impl Node {
                     return self.gave_up_waiting();
                 }
             }
+        }
+    }
+
+    /// The answer while the sale does not sell (`shut`). A purchase
+    /// without a key hears why, from memory. One with a key may be the
+    /// retry of a purchase that got an order, whose replay the store still
+    /// answers while the sale is shut (it sells nothing: `deduct.lua`).
+    async fn shut_answer<'a>(
+        &self,
+        shut: crate::protocol::Shut,
+        buyer: &'a str,
+        key: &str,
+        give_up: Instant,
+    ) -> BuyAnswer<'a> {
+        use crate::protocol::Shut;
+        if key.is_empty() {
+            return BuyAnswer::NotSelling(shut);
+        }
+        match shut {
+            // Only the store knows whether this key bought: it is asked,
+            // as while selling, without a unit (it sells nothing while
+            // paused, and a resume it heard first sells as usual).
+            Shut::Paused => self.purchase(buyer, key, None, give_up).await,
+            // Nothing sells before the opening, so no key has an order to
+            // replay: answered from memory, unless the store has said it
+            // sold in this epoch (it opened by its clock, which this
+            // host's may trail by a little).
+            Shut::NotOpen { .. } if self.view.created() == 0 => BuyAnswer::NotSelling(shut),
+            Shut::NotOpen { .. } => self.purchase(buyer, key, None, give_up).await,
+            // After the closing, once the store has said "closed", nothing
+            // sells any more and the holders read then are all of them:
+            // answered from them. Before that (this host's clock may run a
+            // little ahead) the store decides.
+            Shut::Closed { .. } if !self.closed_confirmed() => {
+                self.purchase(buyer, key, None, give_up).await
+            }
+            Shut::Closed { .. } => match self.sold_out_answer(buyer, key, give_up).await {
+                BuyAnswer::SoldOut => BuyAnswer::NotSelling(shut),
+                other => other,
+            },
         }
     }
 

@@ -17,7 +17,7 @@ pub enum EdgeAnswer {
     /// `409 already_bought` for a buyer at the limit: the body, with their
     /// last order.
     AlreadyBought(String),
-    /// `409 not_open` before the sale's opening, `409 closed` after its
+    /// `409 not_open` before the sale's opening, `409 paused`, `409 closed` after its
     /// closing (the file's moments, this host's clock): the body, and
     /// `Retry-After` in seconds.
     NotSelling(String, Option<u64>),
@@ -62,11 +62,13 @@ pub fn answer<'a>(
         // or closed sale. (The store decides at the moment itself, in its
         // own clock; a node that gets a purchase a little early asks it.)
         let now = crate::node::store::now_millis();
-        // After the closing, a purchase with its own key may be the retry
-        // of one that got an order: the node (the store) answers that.
+        // While paused or after the closing, a purchase with its own key
+        // may be the retry of one that got an order, which the store
+        // still replays: the node (the store) answers that. Before the
+        // opening nothing has sold, so no key has an order: answered here.
         if let Some(shut) = moments
             .shut_at(now)
-            .filter(|s| !matches!(s, crate::protocol::Shut::Closed { .. }) || !client_key)
+            .filter(|s| matches!(s, crate::protocol::Shut::NotOpen { .. }) || !client_key)
         {
             shared
                 .edge
