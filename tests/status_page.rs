@@ -515,11 +515,13 @@ async fn the_page_shows_the_per_client_limits_and_their_refusals() {
     remove_config(&path);
 }
 
-/// `[waiting_room]` on the page: the line's length, the serving mark, the
-/// admit rate, what it handed out; the same numbers as `/status`. Without
-/// one, the page says what that means.
+/// `[waiting_room]` on the page and in `/metrics`: the line's length, the
+/// serving mark, the admit rate, the oldest waiter's wait, what it handed
+/// out; the same numbers as `/status`. Without one, the page says what
+/// that means.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_shows_the_waiting_rooms_line() {
+    const BUYERS: u64 = 40;
     let (text, ports) = up_config(5, 1, None);
     let text = text.replace(
         "\n[balancer]",
@@ -527,9 +529,10 @@ async fn the_page_shows_the_waiting_rooms_line() {
     );
     let (_up, path) = start_up(&text, &ports);
     let c = client();
-    // Three clients' first asks, from three loopback addresses: three
-    // places in line.
-    for ip in ["127.0.0.2", "127.0.0.3", "127.0.0.4"] {
+    // Forty clients' first asks, from forty loopback addresses: forty
+    // places in line, admitted one a second, so the line stays long.
+    for i in 0..BUYERS {
+        let ip = format!("127.0.0.{}", i + 2);
         let sock = tokio::net::TcpSocket::new_v4().expect("socket");
         sock.bind(format!("{ip}:0").parse().expect("addr"))
             .expect("bind");
@@ -542,21 +545,45 @@ async fn the_page_shows_the_waiting_rooms_line() {
         s.read_to_string(&mut answer).await.expect("read");
         assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
     }
+    // A few ticks for the mark to move and its speed to show.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let (_, status) = get(&c, ports.admin, "/status").await.expect("status");
+    let before = json(&status)["waiting_room"].clone();
+    assert_eq!(before["joined"], BUYERS, "{before}");
+    let dom = rendered(&format!("http://{}/", ports.admin));
     let (_, status) = get(&c, ports.admin, "/status").await.expect("status");
     let w = json(&status)["waiting_room"].clone();
-    assert_eq!(w["joined"], 3, "{w}");
-    let dom = rendered(&format!("http://{}/", ports.admin));
+    let (_, metrics) = get(&c, ports.admin, "/metrics").await.expect("metrics");
+
+    // The line moves between the reads: the page's figures lie between
+    // the two /status reads around it.
+    let num = |v: &serde_json::Value| v.as_f64().unwrap_or_else(|| panic!("a number: {v}"));
     assert_eq!(element(&dom, "id=\"room-admit\""), "1/s");
-    assert_eq!(element(&dom, "id=\"room-joined\""), "3 (0)");
-    let serving: u64 = element(&dom, "id=\"room-serving\"")
-        .parse()
-        .expect("a number");
-    assert!(serving <= 3, "{serving}");
+    assert_eq!(element(&dom, "id=\"room-joined\""), format!("{BUYERS} (0)"));
+    let serving = number(element(&dom, "id=\"room-serving\""));
+    assert!(
+        (num(&before["serving"])..=num(&w["serving"])).contains(&serving),
+        "serving {serving}: {before} then {w}"
+    );
+    assert!(serving >= 1.0 && serving < BUYERS as f64, "{serving}");
+    let waiting = number(element(&dom, "id=\"room-waiting\""));
+    assert!(
+        (num(&w["waiting"])..=num(&before["waiting"])).contains(&waiting),
+        "waiting {waiting}: {before} then {w}"
+    );
+    assert_eq!(waiting + serving, BUYERS as f64, "the line's length");
+    let rate = number(element(&dom, "id=\"room-admit_rate\""));
+    assert!(rate > 0.0 && rate <= 2.0, "admitted a second: {rate}");
+    let oldest = number(element(&dom, "id=\"room-oldest_wait\""));
+    assert!(
+        oldest >= 1.0 && oldest <= num(&w["oldest_wait_s"]),
+        "oldest wait {oldest}: {w}"
+    );
     assert_eq!(
         element(&dom, "id=\"room-answers\""),
         format!("{} / {}", w["waiting_answers"], w["join_calls"])
     );
-    assert_eq!(w["join_calls"], 3, "{w}");
+    assert_eq!(w["join_calls"], BUYERS, "{w}");
     assert_eq!(
         element(&dom, "id=\"room-passes\""),
         format!(
@@ -567,6 +594,28 @@ async fn the_page_shows_the_waiting_rooms_line() {
     assert!(
         dom.contains("id=\"room-reason\" class=\"why\" hidden"),
         "{dom}"
+    );
+
+    // /metrics shows the line too: its length, the serving mark, the
+    // admit rate and the oldest waiter's wait, as /status (read just
+    // before) had them, give or take the ticks in between.
+    let m = |name: &str| common::up::sample(&metrics, name) as f64;
+    let (m_waiting, m_serving) = (
+        m("spike_waiting_room_waiting"),
+        m("spike_waiting_room_serving"),
+    );
+    assert_eq!(m("spike_waiting_room_joined"), BUYERS as f64, "{metrics}");
+    assert_eq!(m_waiting + m_serving, BUYERS as f64, "{metrics}");
+    assert!(
+        m_serving >= num(&w["serving"]) && m_serving <= num(&w["serving"]) + 1.0,
+        "{metrics} against {w}"
+    );
+    let m_rate = m("spike_waiting_room_admit_rate_milli") / 1000.0;
+    assert!(m_rate > 0.0 && m_rate <= 2.0, "{metrics}");
+    let m_oldest = m("spike_waiting_room_oldest_wait_milliseconds") / 1000.0;
+    assert!(
+        m_oldest >= 1.0 && m_oldest >= num(&w["oldest_wait_s"]) - 1.0,
+        "{metrics} against {w}"
     );
     remove_config(&path);
 
