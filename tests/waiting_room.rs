@@ -801,3 +801,154 @@ async fn the_line_holds_through_a_pause_a_dead_node_and_a_dead_balancer_redis() 
     let audit = run(&["stock", "audit", "--config", &cfg]);
     assert!(audit.status.success(), "{audit:?}");
 }
+
+/// `stock add 100` to a sold-out sale with a waiting room sells exactly
+/// 100 more, to the next in line: 132 buyers in line for 10 tickets
+/// (`follow_stock`, one node), the first 10 buy and the line hears
+/// `sold_out`; after the add the tickets go to positions 11 to 110 (each
+/// asking in line order), the back of the line is never admitted
+/// meanwhile, and everyone past 110 hears `sold_out` again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_add_100_sells_exactly_100_more_to_the_next_in_line_redis() {
+    const TICKETS: u64 = 10;
+    const ADD: u64 = 100;
+    const BUYERS: usize = 132;
+    let redis = RedisServer::start();
+    let (text, ports, auth) = room_sale(
+        TICKETS,
+        1,
+        Some(&redis.url()),
+        None,
+        "admit = \"follow_stock\"\npass_ttl = \"60s\"\n",
+    );
+    let (_up, path) = start_up(&text, &ports);
+    let cfg = path.to_str().expect("utf-8").to_string();
+    let c = client();
+    let mut buyers: Vec<Buyer> = (0..BUYERS).map(|i| Buyer::new(&format!("a{i}"))).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for (i, b) in buyers.iter_mut().enumerate() {
+        let mut r = b.ask(&c, ports.balancer, &auth).await;
+        while r.status == StatusCode::SERVICE_UNAVAILABLE && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            r = b.ask(&c, ports.balancer, &auth).await;
+        }
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+        assert_eq!(b.position, Some(i as u64 + 1), "{}", r.body);
+    }
+    // The front buys the first 10 tickets, in line order.
+    let mut holders: Vec<u64> = Vec::new();
+    let mut front = 0;
+    let started = Instant::now();
+    while holders.len() < TICKETS as usize {
+        assert!(started.elapsed() < Duration::from_secs(20), "{holders:?}");
+        let b = &mut buyers[front];
+        let mut r = b.ask(&c, ports.balancer, &auth).await;
+        if status_of(&r) == "admitted" {
+            r = b.ask(&c, ports.balancer, &auth).await;
+        }
+        if r.status == StatusCode::OK {
+            holders.push(b.position.expect("placed"));
+            front += 1;
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(show(&cfg)["sold"], TICKETS);
+    // Sold out: the whole line hears it (the admitted among them too).
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for b in buyers.iter_mut().skip(front) {
+        let mut r = b.ask(&c, ports.balancer, &auth).await;
+        if status_of(&r) == "admitted" {
+            r = b.ask(&c, ports.balancer, &auth).await;
+        }
+        assert_eq!(
+            (r.status, status_of(&r)),
+            (StatusCode::CONFLICT, "sold_out".to_string()),
+            "{}",
+            r.body
+        );
+    }
+
+    let out = run(&["stock", "add", &ADD.to_string(), "--config", &cfg]);
+    assert!(out.status.success(), "{out:?}");
+    // The node, the edge and the line hear of the stock within about a
+    // second.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let back = BUYERS - 12..BUYERS;
+    let mut winners: Vec<u64> = Vec::new();
+    let added = Instant::now();
+    while winners.len() < ADD as usize {
+        assert!(
+            added.elapsed() < Duration::from_secs(60),
+            "{} of the added tickets sold: {winners:?}",
+            winners.len()
+        );
+        // The back of the line is not admitted while the tickets go to
+        // those in front of it.
+        for b in &mut buyers[back.clone()] {
+            let r = b.ask(&c, ports.balancer, &auth).await;
+            assert_eq!(
+                (r.status, status_of(&r)),
+                (StatusCode::ACCEPTED, "waiting".to_string()),
+                "position {:?} with {} sold: {}",
+                b.position,
+                winners.len(),
+                r.body
+            );
+        }
+        // The next in line asks until they buy.
+        let b = &mut buyers[front];
+        let mut r = b.ask(&c, ports.balancer, &auth).await;
+        if status_of(&r) == "admitted" {
+            r = b.ask(&c, ports.balancer, &auth).await;
+        }
+        match (r.status, status_of(&r).as_str()) {
+            (StatusCode::OK, _) => {
+                winners.push(b.position.expect("placed"));
+                front += 1;
+            }
+            (StatusCode::ACCEPTED, "waiting") | (StatusCode::CONFLICT, "sold_out") => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (status, _) => panic!("{status}: {}", r.body),
+        }
+    }
+    assert_eq!(
+        winners,
+        (TICKETS + 1..=TICKETS + ADD).collect::<Vec<_>>(),
+        "the added tickets went to others than the next in line"
+    );
+    // Exactly 100 more: the store, and everyone behind hears sold_out.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for b in buyers.iter_mut().skip(front) {
+        let mut r = b.ask(&c, ports.balancer, &auth).await;
+        if status_of(&r) == "admitted" {
+            r = b.ask(&c, ports.balancer, &auth).await;
+        }
+        assert_eq!(
+            (r.status, status_of(&r)),
+            (StatusCode::CONFLICT, "sold_out".to_string()),
+            "position {:?}: {}",
+            b.position,
+            r.body
+        );
+    }
+    let s = show(&cfg);
+    assert_eq!(s["sold"], TICKETS + ADD, "{s}");
+    let audit = run(&["stock", "audit", "--config", &cfg]);
+    assert!(audit.status.success(), "{audit:?}");
+    // Hundreds of answers to buyers who kept their cookies, and one store
+    // call each to join: asking again costs the store nothing.
+    let status = json(
+        &send(&c, Method::GET, ports.admin, "/status", &[])
+            .await
+            .expect("status")
+            .body,
+    );
+    let w = &status["waiting_room"];
+    assert_eq!(w["join_calls"], BUYERS as u64, "{w}");
+    assert!(
+        w["waiting_answers"].as_u64() > Some(5 * BUYERS as u64),
+        "{w}"
+    );
+}
