@@ -31,6 +31,8 @@ struct Buyer {
     place: Option<String>,
     pass: Option<String>,
     position: Option<u64>,
+    /// An `Idempotency-Key` of the buyer's own, sent with every ask.
+    key: Option<String>,
 }
 
 impl Buyer {
@@ -54,6 +56,9 @@ impl Buyer {
         let mut headers = vec![("Authorization", bearer.as_str())];
         if !cookie.is_empty() {
             headers.push(("Cookie", cookie.as_str()));
+        }
+        if let Some(k) = &self.key {
+            headers.push(("Idempotency-Key", k.as_str()));
         }
         let r = send(c, Method::GET, at, "/buy/ticket", &headers)
             .await
@@ -951,4 +956,73 @@ async fn stock_add_100_sells_exactly_100_more_to_the_next_in_line_redis() {
         w["waiting_answers"].as_u64() > Some(5 * BUYERS as u64),
         "{w}"
     );
+}
+
+/// A purchase sent again with its `Idempotency-Key` and the pass it went
+/// through with, while the sale is paused, gets its order (the store
+/// replays a key while shut; it sells nothing); a keyed purchase without
+/// a pass hears `paused`, and nothing sells meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_replay_through_the_line_gets_its_order_while_paused_redis() {
+    let redis = RedisServer::start();
+    let (text, ports, auth) = room_sale(
+        10,
+        1,
+        Some(&redis.url()),
+        None,
+        "admit = \"50/s\"\npass_ttl = \"60s\"\n",
+    );
+    let (_up, path) = start_up(&text, &ports);
+    let cfg = path.to_str().expect("utf-8").to_string();
+    let c = client();
+    let mut b = Buyer::new("k1");
+    b.key = Some("replay-k1".into());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let first = loop {
+        assert!(Instant::now() < deadline, "never bought");
+        let r = b.ask(&c, ports.balancer, &auth).await;
+        if r.status == StatusCode::OK {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let order = json(&first.body)["order"].clone();
+    assert!(order.is_string(), "{}", first.body);
+
+    let out = run(&["stock", "pause", "--config", &cfg]);
+    assert!(out.status.success(), "{out:?}");
+    let mut other = Buyer::new("k2");
+    other.key = Some("replay-k2".into());
+    common::wait_for(
+        "the line hears the pause",
+        Duration::from_secs(5),
+        async || status_of(&other.clone().ask(&c, ports.balancer, &auth).await) == "paused",
+    )
+    .await;
+    // The node too (its poll), and the balancer's edge (its read of the
+    // node), which answer a pause from memory.
+    common::wait_for(
+        "the node hears the pause",
+        Duration::from_secs(5),
+        async || {
+            let r = auth
+                .buy(&c, Method::POST, ports.nodes[0], "k3", None)
+                .await
+                .expect("an answer");
+            status_of(&r) == "paused"
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let again = b.ask(&c, ports.balancer, &auth).await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.body);
+    assert_eq!(json(&again.body)["order"], order, "{}", again.body);
+    let r = other.ask(&c, ports.balancer, &auth).await;
+    assert_eq!(
+        (r.status, status_of(&r)),
+        (StatusCode::CONFLICT, "paused".to_string()),
+        "{}",
+        r.body
+    );
+    assert_eq!(show(&cfg)["sold"], 1);
 }
