@@ -1026,3 +1026,81 @@ async fn a_keyed_replay_through_the_line_gets_its_order_while_paused_redis() {
     );
     assert_eq!(show(&cfg)["sold"], 1);
 }
+
+/// `GET /buy/ticket` from loopback address `ip` with `cookie`: the status
+/// line, the `spike_pass` cookie set (if any) and the body.
+async fn ask_from(ip: &str, at: SocketAddr, cookie: &str) -> (String, Option<String>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind(format!("{ip}:0").parse().expect("addr"))
+        .expect("bind");
+    let mut s = sock.connect(at).await.expect("connect");
+    let cookie = if cookie.is_empty() {
+        String::new()
+    } else {
+        format!("Cookie: {cookie}\r\n")
+    };
+    s.write_all(
+        format!("GET /buy/ticket?user=u HTTP/1.1\r\nHost: x\r\n{cookie}Connection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.expect("read");
+    let status = answer.lines().next().unwrap_or("").to_string();
+    let pass = answer
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("set-cookie: ")
+                .or(l.strip_prefix("Set-Cookie: "))
+        })
+        .find(|v| v.starts_with("spike_pass="))
+        .map(|v| v.split(';').next().unwrap_or("").to_string());
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, pass, body)
+}
+
+/// Without `[auth]` a buyer is their client address: a pass copied to
+/// another client is refused (counted), that client takes a place of its
+/// own, and nothing reaches a node; the same pass from its own client buys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_copied_to_another_client_is_refused_embedded() {
+    let (text, ports) = up_config(5, 1, None);
+    let text = text.replace(
+        "\n[balancer]",
+        "\n[waiting_room]\nadmit = \"50/s\"\npass_ttl = \"60s\"\n\n[balancer]",
+    );
+    let (_up, _path) = start_up(&text, &ports);
+    let c = client();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let pass = loop {
+        assert!(Instant::now() < deadline, "never admitted");
+        let (status, pass, body) = ask_from("127.0.0.2", ports.balancer, "").await;
+        assert!(
+            status.contains(" 202 ") || status.contains(" 503 "),
+            "{status}: {body}"
+        );
+        if let Some(p) = pass {
+            break p;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (status, pass_again, body) = ask_from("127.0.0.3", ports.balancer, &pass).await;
+    assert!(status.contains(" 202 "), "{status}: {body}");
+    assert_eq!(json(&body)["status"], "waiting", "{body}");
+    assert!(pass_again.is_none(), "{body}");
+    assert_eq!(purchases_at_nodes(&c, &ports.nodes).await, 0);
+    let status_now = json(
+        &send(&c, Method::GET, ports.admin, "/status", &[])
+            .await
+            .expect("status")
+            .body,
+    );
+    let w = &status_now["waiting_room"];
+    assert_eq!(w["passes_refused"], 1, "{w}");
+    assert_eq!(w["joined"], 2, "{w}");
+    let (status, _, body) = ask_from("127.0.0.2", ports.balancer, &pass).await;
+    assert!(status.contains(" 200 "), "{status}: {body}");
+    assert_eq!(purchases_at_nodes(&c, &ports.nodes).await, 1);
+}
