@@ -44,6 +44,7 @@ impl SaleConfig {
             event,
             total,
             per_user_limit: 1,
+            max_per_purchase: 1,
             lease: default_lease(total, nodes),
             lease_ttl: Duration::from_secs(10),
             pay_within: None,
@@ -141,6 +142,7 @@ impl Default for BalancerConfig {
             auth: None,
             sale_opens_at_ms: 0,
             sale_closes_at_ms: 0,
+            sale_max_per_purchase: 1,
             waiting_room: None,
         }
     }

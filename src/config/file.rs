@@ -51,6 +51,7 @@ pub(super) struct SaleFile {
     pub(super) total: Spanned<i64>,
     #[serde(default)]
     pub(super) per_user_limit: Option<Spanned<i64>>,
+    pub(super) max_per_purchase: Option<Spanned<i64>>,
     /// Read so that old files still load; it no longer does anything.
     pub(super) buffer: Option<Spanned<i64>>,
     pub(super) lease: Option<Spanned<i64>>,

@@ -19,6 +19,11 @@ pub struct SaleConfig {
     /// Tickets one buyer may hold; 0 means anonymous buyers are allowed.
     /// Written into the store by `stock init`; nodes enforce the stored one.
     pub per_user_limit: u64,
+    /// Most tickets one purchase may ask for (`?quantity=N`, default 1):
+    /// a family buys its seats together, in one order, all or nothing.
+    /// Checked by the node that takes the request; within
+    /// `per_user_limit` when there is one.
+    pub max_per_purchase: u64,
     /// Units a node asks for when its lease runs low: a node sends at most
     /// this many purchases before it asks the store again.
     pub lease: u64,
@@ -313,6 +318,10 @@ pub struct BalancerConfig {
     pub sale_opens_at_ms: u64,
     /// See `sale_opens_at_ms`.
     pub sale_closes_at_ms: u64,
+    /// The sale's `max_per_purchase` (1 without a sale): a purchase whose
+    /// `quantity` a node would refuse goes to a node, never answered at
+    /// the edge.
+    pub sale_max_per_purchase: u64,
     /// `[waiting_room]`: the line every buyer joins before a purchase
     /// reaches a node; `None`: purchases go straight on.
     pub waiting_room: Option<WaitingRoomConfig>,

@@ -66,6 +66,34 @@ fn leases_default_to_a_tenth_of_an_even_share_and_old_keys_only_warn() {
 }
 
 #[test]
+fn max_per_purchase_defaults_to_one_and_a_bad_one_is_named() {
+    let with = |extra: &str| FOUR.replace("total = 1000\n", &format!("total = 1000\n{extra}\n"));
+    let c = parse(FOUR).expect("valid");
+    assert_eq!(c.sale.as_ref().expect("sale").max_per_purchase, 1);
+    let c = parse(&with("per_user_limit = 4\nmax_per_purchase = 4")).expect("valid");
+    assert_eq!(c.sale.as_ref().expect("sale").max_per_purchase, 4);
+    // Anonymous buyers (no limit): any size up to the bound.
+    let c = parse(&with("per_user_limit = 0\nmax_per_purchase = 10")).expect("valid");
+    assert_eq!(c.sale.as_ref().expect("sale").max_per_purchase, 10);
+    for (bad, why) in [
+        ("max_per_purchase = 0", "from 1 to 100"),
+        ("max_per_purchase = 101", "from 1 to 100"),
+        (
+            "per_user_limit = 2\nmax_per_purchase = 3",
+            "at most sale.per_user_limit (2)",
+        ),
+        ("max_per_purchase = 2", "at most sale.per_user_limit (1)"),
+    ] {
+        let e = parse(&with(bad)).expect_err(bad);
+        assert_eq!(e.key(), Some("sale.max_per_purchase"), "{bad}: {e}");
+        // The key's own line: the last of the lines added after `total`.
+        assert_eq!(e.line(), Some(4 + bad.lines().count()), "{bad}: {e}");
+        assert!(e.to_string().starts_with("test.toml:"), "{e}");
+        assert!(e.to_string().contains(why), "{bad}: {e}");
+    }
+}
+
+#[test]
 fn a_payment_window_is_read_and_a_bad_one_named() {
     let with = |extra: &str| FOUR.replace("total = 1000\n", &format!("total = 1000\n{extra}\n"));
     let c = parse(&with("pay_within = \"15m\"\nevents_max = 5000")).expect("valid");

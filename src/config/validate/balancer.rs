@@ -192,6 +192,7 @@ pub(super) fn validate(
         auth: None,
         sale_opens_at_ms: 0,
         sale_closes_at_ms: 0,
+        sale_max_per_purchase: 1,
         waiting_room: None,
     }))
 }

@@ -73,6 +73,7 @@ fn validate(cx: &Cx, file: FileConfig) -> Result<Config, ConfigError> {
     if let (Some(b), Some(s)) = (balancer.as_mut(), sale.as_ref()) {
         b.sale_opens_at_ms = s.opens_at_ms.unwrap_or(0);
         b.sale_closes_at_ms = s.closes_at_ms.unwrap_or(0);
+        b.sale_max_per_purchase = s.max_per_purchase;
     }
     let room = waiting_room::validate(cx, file.waiting_room.as_ref(), sale.as_ref())?;
     if let Some(b) = balancer.as_mut() {

@@ -13,6 +13,10 @@ use crate::config::sections::SaleConfig;
 /// 2 s, and must not lose it between two renewals.
 const MIN_LEASE_TTL: Duration = Duration::from_secs(3);
 
+/// The most tickets one purchase may ask for: an order's tickets are
+/// listed in its answer, and a purchase takes its units in one script step.
+const MAX_PER_PURCHASE: i64 = 100;
+
 /// The shortest `pay_within`: expiry runs about every half second.
 const MIN_PAY_WITHIN: Duration = Duration::from_secs(1);
 
@@ -41,6 +45,26 @@ pub(super) fn validate(
     let d = SaleConfig::new(event, total, nodes);
     let per_user_limit = optional(&s.per_user_limit, d.per_user_limit, |v| {
         cx.count("sale.per_user_limit", v, 0)
+    })?;
+    let max_per_purchase = optional(&s.max_per_purchase, d.max_per_purchase, |v| {
+        let n = *v.get_ref();
+        if !(1..=MAX_PER_PURCHASE).contains(&n) {
+            return Err(cx.err(
+                "sale.max_per_purchase",
+                v.span(),
+                format!("must be a whole number from 1 to {MAX_PER_PURCHASE}, not {n}"),
+            ));
+        }
+        if per_user_limit > 0 && n as u64 > per_user_limit {
+            return Err(cx.err(
+                "sale.max_per_purchase",
+                v.span(),
+                format!(
+                    "must be at most sale.per_user_limit ({per_user_limit}), not {n}: no buyer could make such a purchase"
+                ),
+            ));
+        }
+        Ok(n as u64)
     })?;
     if let Some(b) = &s.buffer {
         warnings.push(cx.warning(
@@ -79,6 +103,7 @@ pub(super) fn validate(
     }
     Ok(Some(SaleConfig {
         per_user_limit,
+        max_per_purchase,
         stream,
         opens_at_ms,
         closes_at_ms,
