@@ -492,7 +492,7 @@ fn line(id: &str, fields: Vec<(String, String)>) -> serde_json::Value {
     line.insert("id".into(), id.into());
     for (name, value) in fields {
         let v = match (name.as_str(), value.parse::<u64>()) {
-            ("at" | "pay_by" | "epoch" | "old_epoch" | "voided", Ok(n)) => {
+            ("at" | "pay_by" | "epoch" | "old_epoch" | "voided" | "quantity", Ok(n)) => {
                 serde_json::Value::from(n)
             }
             ("voided_orders", _) => value.split_whitespace().collect::<Vec<_>>().into(),

@@ -406,6 +406,46 @@ pub fn check_buyer(id: &str) -> Result<&str, BuyerError> {
     }
 }
 
+/// Why a purchase's `quantity` was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum QuantityError {
+    /// Not a whole number from 1 to the sale's `max_per_purchase`, or
+    /// given twice.
+    #[error("quantity is a whole number from 1 to {0} (the sale's max_per_purchase)")]
+    OutOfRange(u64),
+}
+
+/// How many tickets a purchase asks for: the `quantity` query parameter,
+/// 1 when absent; 1 to `max` digits-only (no sign, no spaces), once. The
+/// node and the balancer's edge read it this one way.
+pub fn quantity_from(query: Option<&str>, max: u64) -> Result<u64, QuantityError> {
+    let Some(q) = query else {
+        return Ok(1);
+    };
+    let mut found = None;
+    for pair in q.split('&') {
+        if let Some(v) = pair.strip_prefix("quantity=") {
+            if found.is_some() {
+                return Err(QuantityError::OutOfRange(max));
+            }
+            found = Some(v);
+        } else if pair == "quantity" {
+            return Err(QuantityError::OutOfRange(max));
+        }
+    }
+    let Some(v) = found else {
+        return Ok(1);
+    };
+    // At most 3 digits: `max_per_purchase` is at most 100.
+    if v.is_empty() || v.len() > 3 || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(QuantityError::OutOfRange(max));
+    }
+    match v.parse::<u64>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(QuantityError::OutOfRange(max)),
+    }
+}
+
 /// Why an `Idempotency-Key` was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {

@@ -18,15 +18,18 @@ use super::store::{Holders, Lookup, OrderState, Outcome, Purchase, StoreError};
 /// it, and `routes::buy::render` writes it, each in one place.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BuyAnswer<'a> {
-    /// A ticket sold (or reserved) now, or, `replayed`, the first answer
-    /// to the same key given again (a 409 when its order went back on sale).
+    /// The tickets sold (or reserved) now, all asked for, in one order,
+    /// or, `replayed`, the first answer to the same key given again (a 409
+    /// when its order went back on sale).
     Sold {
         /// The order id.
         order: String,
         /// The buyer, as the request named them (`""` when anonymous).
         buyer: &'a str,
-        /// The ticket's number.
+        /// The ticket's number (of several, the last's).
         sold: u64,
+        /// The tickets the order holds.
+        quantity: u64,
         /// The answer repeats the key's first one.
         replayed: bool,
         /// Where the order stands.
@@ -40,6 +43,27 @@ pub enum BuyAnswer<'a> {
     AlreadyBought {
         /// The buyer's last order.
         order: String,
+    },
+    /// Tickets remain, fewer than asked: nothing sold (409, not sold out).
+    TooFewLeft {
+        /// Tickets left when the store looked.
+        remaining: u64,
+    },
+    /// The purchase would take the buyer over the limit (409).
+    OverLimit {
+        /// Tickets they may still buy.
+        may_buy: u64,
+    },
+    /// `?quantity=` is not a whole number from 1 to the sale's
+    /// `max_per_purchase` (400).
+    QuantityInvalid {
+        /// The sale's `max_per_purchase`.
+        max: u64,
+    },
+    /// The Idempotency-Key bought an order of another quantity (422).
+    KeyOtherQuantity {
+        /// The tickets the key's order holds.
+        quantity: u64,
     },
     /// The sale has a limit and the request named no buyer (400); also the
     /// store's answer when its limit says so.
@@ -74,16 +98,25 @@ impl BuyAnswer<'_> {
     /// Counts the answer in `stats`: each kind of answer in one counter.
     pub fn count(&self, stats: &Stats) {
         let counter = match self {
+            // Tickets, not answers.
             BuyAnswer::Sold {
-                replayed: false, ..
-            } => &stats.sold,
+                replayed: false,
+                quantity,
+                ..
+            } => {
+                stats.sold.fetch_add(*quantity, Ordering::Relaxed);
+                return;
+            }
             BuyAnswer::Sold { replayed: true, .. } => &stats.replayed,
             BuyAnswer::SoldOut => &stats.sold_out,
-            BuyAnswer::AlreadyBought { .. } => &stats.already_bought,
+            BuyAnswer::AlreadyBought { .. } | BuyAnswer::OverLimit { .. } => &stats.already_bought,
+            BuyAnswer::TooFewLeft { .. } => &stats.too_few_left,
             BuyAnswer::BuyerMissing
             | BuyAnswer::BuyerMalformed
             | BuyAnswer::KeyMalformed
             | BuyAnswer::TooLarge
+            | BuyAnswer::QuantityInvalid { .. }
+            | BuyAnswer::KeyOtherQuantity { .. }
             | BuyAnswer::KeyReused => &stats.bad_requests,
             BuyAnswer::Busy => &stats.busy,
             BuyAnswer::StoreFailed => &stats.store_errors,
@@ -97,25 +130,31 @@ impl BuyAnswer<'_> {
 }
 
 impl Node {
-    /// Sells to `buyer` (checked; `""` when anonymous) under `key` (`""`
-    /// for none): a unit of the lease, then the store, or the answer from
-    /// memory once sold out, within `[redis] timeout`.
-    pub async fn buy<'a>(&self, buyer: &'a str, key: &str) -> BuyAnswer<'a> {
+    /// Sells `quantity` tickets (checked: 1 to `max_per_purchase`) to
+    /// `buyer` (checked; `""` when anonymous) under `key` (`""` for none),
+    /// all or nothing: units of the lease, then the store, or the answer
+    /// from memory once sold out, within `[redis] timeout`.
+    pub async fn buy<'a>(&self, buyer: &'a str, key: &str, quantity: u64) -> BuyAnswer<'a> {
         let give_up = Instant::now() + self.timeout;
         if let Some(shut) = self.shut_now() {
-            return self.shut_answer(shut, buyer, key, give_up).await;
+            return self.shut_answer(shut, buyer, key, quantity, give_up).await;
         }
         loop {
             if self.is_sold_out() {
-                return self.sold_out_answer(buyer, key, give_up).await;
+                return self.sold_out_answer(buyer, key, quantity, give_up).await;
             }
-            if let Some(unit) = self.lease.take() {
+            // A unit per ticket, all at once; when the lease has fewer,
+            // those it has, and the store takes the rest from the free
+            // stock or other leases (it decides the sale either way).
+            if let Some(unit) = self.lease.take(quantity) {
                 if self.lease.left() < self.lease_chunk.div_ceil(4) {
                     // Ask for more before the lease is empty, so that
                     // buyers seldom wait for it.
                     self.refill();
                 }
-                return self.purchase(buyer, key, Some(unit), give_up).await;
+                return self
+                    .purchase(buyer, key, quantity, Some(unit), give_up)
+                    .await;
             }
             // No unit: one lease request for all the buyers here (the
             // first starts it), then look again.
@@ -143,7 +182,7 @@ impl Node {
                         // node had not heard of yet): a key may still be
                         // the retry of a purchase that got an order.
                         return self
-                            .shut_answer(self.last_shut(), buyer, key, give_up)
+                            .shut_answer(self.last_shut(), buyer, key, quantity, give_up)
                             .await;
                     }
                     _ => {}
@@ -176,6 +215,7 @@ impl Node {
         shut: crate::protocol::Shut,
         buyer: &'a str,
         key: &str,
+        quantity: u64,
         give_up: Instant,
     ) -> BuyAnswer<'a> {
         use crate::protocol::Shut;
@@ -186,24 +226,26 @@ impl Node {
             // Only the store knows whether this key bought: it is asked,
             // as while selling, without a unit (it sells nothing while
             // paused, and a resume it heard first sells as usual).
-            Shut::Paused => self.purchase(buyer, key, None, give_up).await,
+            Shut::Paused => self.purchase(buyer, key, quantity, None, give_up).await,
             // Nothing sells before the opening, so no key has an order to
             // replay: answered from memory, unless the store has said it
             // sold in this epoch (it opened by its clock, which this
             // host's may trail by a little).
             Shut::NotOpen { .. } if self.view.created() == 0 => BuyAnswer::NotSelling(shut),
-            Shut::NotOpen { .. } => self.purchase(buyer, key, None, give_up).await,
+            Shut::NotOpen { .. } => self.purchase(buyer, key, quantity, None, give_up).await,
             // After the closing, once the store has said "closed", nothing
             // sells any more and the holders read then are all of them:
             // answered from them. Before that (this host's clock may run a
             // little ahead) the store decides.
             Shut::Closed { .. } if !self.closed_confirmed() => {
-                self.purchase(buyer, key, None, give_up).await
+                self.purchase(buyer, key, quantity, None, give_up).await
             }
-            Shut::Closed { .. } => match self.sold_out_answer(buyer, key, give_up).await {
-                BuyAnswer::SoldOut => BuyAnswer::NotSelling(shut),
-                other => other,
-            },
+            Shut::Closed { .. } => {
+                match self.sold_out_answer(buyer, key, quantity, give_up).await {
+                    BuyAnswer::SoldOut => BuyAnswer::NotSelling(shut),
+                    other => other,
+                }
+            }
         }
     }
 
@@ -229,12 +271,13 @@ impl Node {
         BuyAnswer::StoreFailed
     }
 
-    /// One purchase at the store, with a unit of the lease (or none, for a
+    /// One purchase at the store, with units of the lease (or none, for a
     /// buyer who may hold a ticket when the node is sold out).
     async fn purchase<'a>(
         &self,
         buyer: &'a str,
         key: &str,
+        quantity: u64,
         unit: Option<Unit<'_>>,
         give_up: Instant,
     ) -> BuyAnswer<'a> {
@@ -249,6 +292,8 @@ impl Node {
                 node: &self.name,
                 buyer,
                 key,
+                quantity,
+                units: unit.as_ref().map_or(0, Unit::count),
                 give_up,
             })
             .await;
@@ -287,7 +332,7 @@ impl Node {
             }
         };
         self.observe(&reply.sale);
-        let answer = self.answer(reply.answer, unit, buyer);
+        let answer = self.answer(reply.answer, unit, buyer, quantity);
         if reply.sale.sold_out() && self.is_sold_out() {
             // A unit that came back just now (its purchase heard "sold
             // out") is no unit: no lease holds anything after sold out.
@@ -303,6 +348,7 @@ impl Node {
         outcome: Outcome,
         unit: Option<Unit<'_>>,
         buyer: &'a str,
+        quantity: u64,
     ) -> BuyAnswer<'a> {
         match outcome {
             Outcome::Sold {
@@ -323,6 +369,7 @@ impl Node {
                     order,
                     buyer,
                     sold,
+                    quantity,
                     replayed: false,
                     state,
                     pay_by,
@@ -335,10 +382,12 @@ impl Node {
                 pay_by,
             } => {
                 drop(unit);
+                // The store replays a key only for the quantity it bought.
                 BuyAnswer::Sold {
                     order,
                     buyer,
                     sold,
+                    quantity,
                     replayed: true,
                     state,
                     pay_by,
@@ -360,6 +409,18 @@ impl Node {
                 drop(unit);
                 BuyAnswer::KeyReused
             }
+            Outcome::KeyOtherQuantity { quantity } => {
+                drop(unit);
+                BuyAnswer::KeyOtherQuantity { quantity }
+            }
+            Outcome::TooFewLeft { remaining } => {
+                drop(unit);
+                BuyAnswer::TooFewLeft { remaining }
+            }
+            Outcome::OverLimit { may_buy } => {
+                drop(unit);
+                BuyAnswer::OverLimit { may_buy }
+            }
         }
     }
 
@@ -373,6 +434,7 @@ impl Node {
         &self,
         buyer: &'a str,
         key: &str,
+        quantity: u64,
         give_up: Instant,
     ) -> BuyAnswer<'a> {
         let may_hold = !key.is_empty() || (self.per_user_limit() > 0 && !buyer.is_empty());
@@ -394,10 +456,10 @@ impl Node {
         match verdict {
             Memory::Answer(Remembered::AlreadyBought(order)) => BuyAnswer::AlreadyBought { order },
             Memory::Answer(Remembered::SoldOut) => BuyAnswer::SoldOut,
-            Memory::AskStore => self.purchase(buyer, key, None, give_up).await,
+            Memory::AskStore => self.purchase(buyer, key, quantity, None, give_up).await,
             Memory::Stale if may_hold => {
                 self.learn_holders(self.epoch());
-                self.purchase(buyer, key, None, give_up).await
+                self.purchase(buyer, key, quantity, None, give_up).await
             }
             Memory::Stale => BuyAnswer::SoldOut,
         }

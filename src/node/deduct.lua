@@ -20,13 +20,17 @@
 -- Then groups of 6: kind ('p' purchase, 'l' lease request), holder (a node
 -- process's lease name), node name, buyer ('' when anonymous), Idempotency-Key
 -- ('' when none), and for 'p' the deadline (Redis milliseconds: from then on
--- the buyer has been told 503) or for 'l' "units wanted:deadline".
+-- the buyer has been told 503), or "deadline:quantity:units" for a purchase
+-- of several tickets (units: how many the node took from its own lease for
+-- it), or for 'l' "units wanted:deadline".
 --
 -- Returns {0, epoch, limit, sold, total, released, pay_within, opens_at,
 -- closes_at, paused (0/1), closed (0/1)} then, per
 -- entry, {code, order id, count, units the holder's lease has left, pay_by
 -- (0 when the sale is final), order state ('' when final)}:
---   1 sold (count = the ticket's number)      2 sold out
+--   1 sold (count = the ticket's number; of several, the last's: the order
+--     holds that many tickets, numbered up to it, and its id ends with it)
+--   2 sold out
 --   3 already bought (order = the last one)   5 too late: nothing done
 --   6 this key already bought (order = its, with its state now)
 --   7 this key belongs to another buyer
@@ -36,6 +40,12 @@
 --     'paused'; count = when it opens or closed, Unix ms); also for a
 --     lease request. A key's replay and a holder's `already bought` are
 --     still answered: they sell nothing.
+--  11 the purchase would take the buyer over the limit (count = tickets
+--     they may still buy; nothing done)
+--  12 this key bought an order of another quantity (order = its, count =
+--     its quantity; nothing done)
+--  13 fewer tickets left than asked (count = how many are left; nothing
+--     done: a purchase is all or nothing)
 -- or {4} for the whole batch when there is no sale.
 --
 -- The sale's rule is `sold <= total`, and leases never promise more than is
@@ -51,6 +61,12 @@
 -- order is `reserved` until `pay_by`, and `orders.lua` pays, cancels or
 -- expires it. `sold` counts tickets taken (reserved + paid) and goes down
 -- when one comes back; `seq` only grows, so an order id is never reused.
+--
+-- An order may hold several tickets (`quantity`, numbered up to the one
+-- its id ends with): every counter (`sold`, `seq`, `reserved`, `paid`,
+-- `released`, a buyer's count) counts tickets, and `extra` (with
+-- `extra_paid` and `extra_released` in orders.lua) the tickets beyond
+-- the first of each order, so that the audit can count orders too.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local stock = redis.call('HMGET', KEYS[1], 'total', 'sold', 'epoch', 'limit', 'seq',
@@ -109,25 +125,40 @@ local function renew(holder)
   expiry[holder] = now + ttl
 end
 
--- One unit for `holder`'s sale: its own lease, else the free stock, else
--- the largest other lease. Only called while sold < total, and then some
--- unit exists (sold + leased <= total).
-local function take_unit(holder)
+-- `n` units for `holder`'s sale: the `brought` it took from its own lease,
+-- then the free stock, then the largest other leases, then the rest of
+-- its own (a node sends a purchase of several with what its lease had).
+-- Only called while sold + n <= total, and then `n` units exist (sold +
+-- leased <= total). For one unit: its own lease, else the free stock,
+-- else the largest other lease.
+local function take_units(holder, n, brought)
   local own = leases[holder] or 0
-  if own > 0 then
-    leases[holder] = own - 1
-    leased = leased - 1
-  elseif total - sold - leased <= 0 then
+  local k = math.min(own, brought, n)
+  local need = n - k
+  local free = total - sold - leased
+  own = own - k
+  leased = leased - k
+  if need > 0 and free > 0 then
+    need = need - math.min(free, need)
+  end
+  while need > 0 do
     local victim, most = nil, 0
     for h, u in pairs(leases) do
-      if u > most then victim, most = h, u end
+      if h ~= holder and u > most then victim, most = h, u end
     end
-    if victim then
-      leases[victim] = most - 1
-      leased = leased - 1
-      touched[victim] = true
-    end
+    if not victim then break end
+    local g = math.min(most, need)
+    leases[victim] = most - g
+    leased = leased - g
+    touched[victim] = true
+    need = need - g
   end
+  if need > 0 then
+    local g = math.min(own, need)
+    own = own - g
+    leased = leased - g
+  end
+  leases[holder] = own
   renew(holder)
 end
 
@@ -184,10 +215,15 @@ for i = 2, #ARGV, 6 do
       answer(8, '', grant(holder, tonumber(want)), holder)
     end
   else
-    local deadline = tonumber(ARGV[i + 5])
+    local deadline, quantity, brought = string.match(ARGV[i + 5], '^(%d+):(%d+):(%d+)$')
+    if deadline then
+      deadline, quantity, brought = tonumber(deadline), tonumber(quantity), tonumber(brought)
+    else
+      deadline, quantity, brought = tonumber(ARGV[i + 5]), 1, 1
+    end
     local limited = buyer ~= '' and limit > 0
     local seen = now < deadline and key ~= '' and redis.call('HGET', KEYS[6], key)
-    local seen_order, seen_buyer, seen_state, seen_pay_by
+    local seen_order, seen_buyer, seen_state, seen_pay_by, seen_quantity
     if seen then
       -- "order buyer" (a sale written before this version may have the
       -- state and deadline after them: they are not read). With a
@@ -195,6 +231,8 @@ for i = 2, #ARGV, 6 do
       -- own, read only on a replay, so that neither a sale nor a
       -- payment, cancel or expiry writes the key's entry a second time.
       seen_order, seen_buyer = string.match(seen, '^(%S+) (%S*)')
+      -- "order buyer quantity" for an order of several tickets.
+      seen_quantity = tonumber(string.match(seen, '^%S+ %S* (%d+)$') or '1')
       seen_state, seen_pay_by = '', 0
       if pay_within > 0 and seen_order then
         local record = redis.call('HGET', KEYS[3], seen_order)
@@ -213,7 +251,11 @@ for i = 2, #ARGV, 6 do
       -- file until the first answer) must not sell to nobody in particular.
       answer(9, '', 0, holder)
     elseif seen then
-      if seen_buyer == buyer then
+      if seen_buyer == buyer and seen_quantity ~= quantity then
+        -- A retry asks for what the first request asked: the key names
+        -- that purchase, which this one is not.
+        answer(12, seen_order, seen_quantity, holder)
+      elseif seen_buyer == buyer then
         local pay_by = seen_pay_by
         -- Past its deadline, a reservation is expired whether or not a
         -- sweep has run yet (as orders.lua treats it).
@@ -231,19 +273,30 @@ for i = 2, #ARGV, 6 do
       -- The reference design's bug was a `>=` that let sale N+1 through;
       -- the test is "one more would exceed the total".
       answer(2, '', sold, holder)
+    elseif limited and quantity > 1
+        and tonumber(redis.call('HGET', KEYS[2], buyer) or '0') + quantity > limit then
+      -- (After sold out: once nothing is left, a buyer under the limit
+      -- hears `sold_out`, as a sold-out node answers from memory.)
+      answer(11, '', limit - tonumber(redis.call('HGET', KEYS[2], buyer) or '0'), holder)
+    elseif sold + quantity > total then
+      -- All or nothing: tickets remain, fewer than asked. Not sold out.
+      answer(13, '', total - sold, holder)
     else
-      take_unit(holder)
+      take_units(holder, quantity, brought)
       -- `sold` is written first, sale by sale: Redis does not roll a script
       -- back, so if a later write fails, what was sold is still counted and
       -- no order id is handed out twice.
-      sold = redis.call('HINCRBY', KEYS[1], 'sold', 1)
+      sold = redis.call('HINCRBY', KEYS[1], 'sold', quantity)
+      if quantity > 1 then
+        redis.call('HINCRBY', KEYS[1], 'extra', quantity - 1)
+      end
       -- A final sale never gives a ticket back, so its count is its
       -- sequence (readers take max(seq, sold)); only a sale with a window,
       -- where `sold` goes down, keeps `seq` apart. The default path stays
       -- as cheap as before.
       local pay_by, state = 0, ''
       if pay_within > 0 then
-        seq = seq + 1
+        seq = seq + quantity
         redis.call('HSET', KEYS[1], 'seq', seq)
         pay_by, state = now + pay_within, 'reserved'
       else
@@ -252,19 +305,24 @@ for i = 2, #ARGV, 6 do
       local id = epoch .. '-' .. string.format('%d', seq)
       if state ~= '' then
         redis.call('ZADD', KEYS[7], pay_by, id)
-        redis.call('HINCRBY', KEYS[1], 'reserved', 1)
+        redis.call('HINCRBY', KEYS[1], 'reserved', quantity)
       end
       if buyer ~= '' then
-        local held = redis.call('HINCRBY', KEYS[2], buyer, 1)
+        local held = redis.call('HINCRBY', KEYS[2], buyer, quantity)
         redis.call('HSET', KEYS[4], buyer, id)
-        held_added = held_added + 1
+        held_added = held_added + quantity
         if held > most then most = held end
       end
       if key ~= '' then
-        redis.call('HSET', KEYS[6], key, id .. ' ' .. buyer)
+        if quantity > 1 then
+          redis.call('HSET', KEYS[6], key, id .. ' ' .. buyer .. ' ' .. string.format('%d', quantity))
+        else
+          redis.call('HSET', KEYS[6], key, id .. ' ' .. buyer)
+        end
       end
       local order = {id = id, buyer = buyer, node = node, time = now}
       if key ~= '' then order.key = key end
+      if quantity > 1 then order.quantity = quantity end
       if state ~= '' then
         order.state = state
         order.pay_by = pay_by
@@ -272,8 +330,24 @@ for i = 2, #ARGV, 6 do
       redis.call('HSET', KEYS[3], id, cjson.encode(order))
       -- The hand-off to an order or payment service, in the same step.
       -- The key goes too (when there is one): a sold-out node learns from
-      -- the stream which keys bought, without a lookup per order.
-      if state ~= '' then
+      -- the stream which keys bought, without a lookup per order. An order
+      -- of several tickets says how many (`quantity`, absent for one).
+      if quantity > 1 and (state ~= '' or stream_final) then
+        local args = {'XADD', KEYS[8], 'MAXLEN', '~', stream_max, '*',
+          'type', state ~= '' and state or 'sold', 'order', id, 'buyer', buyer, 'node', node,
+          'at', string.format('%d', now)}
+        if state ~= '' then
+          args[#args + 1] = 'pay_by'
+          args[#args + 1] = string.format('%d', pay_by)
+        end
+        if key ~= '' then
+          args[#args + 1] = 'key'
+          args[#args + 1] = key
+        end
+        args[#args + 1] = 'quantity'
+        args[#args + 1] = string.format('%d', quantity)
+        redis.call(unpack(args))
+      elseif state ~= '' then
         if key ~= '' then
           redis.call('XADD', KEYS[8], 'MAXLEN', '~', stream_max, '*', 'type', state,
             'order', id, 'buyer', buyer, 'node', node, 'at', string.format('%d', now),

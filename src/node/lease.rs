@@ -39,21 +39,28 @@ impl Lease {
         Lease::default()
     }
 
-    /// Takes one unit, or `None` when none is left. The unit goes back when
-    /// the returned [`Unit`] is dropped without [`Unit::keep`], so a failed or
-    /// abandoned purchase (store down, client gone) never leaks stock.
-    pub fn take(&self) -> Option<Unit<'_>> {
+    /// Takes `want` units at once (a purchase of several tickets), or as
+    /// many as are left when fewer are (the store takes the rest from the
+    /// free stock or other leases), or `None` when none is left. The units
+    /// go back when the returned [`Unit`] is dropped without
+    /// [`Unit::keep`], so a failed or abandoned purchase (store down,
+    /// client gone) never leaks stock.
+    pub fn take(&self, want: u64) -> Option<Unit<'_>> {
+        let want = want.max(1);
         self.word
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
                 let (g, left) = split(w);
-                left.checked_sub(1).map(|l| join(g, l))
+                (left > 0).then(|| join(g, left - left.min(want)))
             })
             .ok()
             .map(|w| {
-                self.in_flight.fetch_add(1, Ordering::AcqRel);
+                let (generation, left) = split(w);
+                let count = left.min(want);
+                self.in_flight.fetch_add(count, Ordering::AcqRel);
                 Unit {
                     lease: self,
-                    generation: split(w).0,
+                    generation,
+                    count,
                     kept: false,
                 }
             })
@@ -154,20 +161,28 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// One unit taken from a [`Lease`], returned on drop unless kept.
+/// Units taken from a [`Lease`] for one purchase (one per ticket),
+/// returned on drop unless kept.
 #[must_use = "a unit is returned as soon as it is dropped"]
 #[derive(Debug)]
 pub struct Unit<'a> {
     lease: &'a Lease,
     generation: u64,
+    /// How many (1 or more).
+    count: u64,
     kept: bool,
 }
 
 impl Unit<'_> {
-    /// The ticket was sold: the unit is spent.
+    /// The units taken (fewer than wanted when the lease had fewer).
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The tickets were sold: the units are spent.
     pub fn keep(mut self) {
         self.kept = true;
-        self.lease.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.lease.in_flight.fetch_sub(self.count, Ordering::AcqRel);
         self.lease.wake();
     }
 }
@@ -175,8 +190,9 @@ impl Unit<'_> {
 impl Drop for Unit<'_> {
     fn drop(&mut self) {
         if !self.kept {
-            self.lease.in_flight.fetch_sub(1, Ordering::AcqRel);
-            self.lease.update(self.generation, |left| left + 1);
+            let n = self.count;
+            self.lease.in_flight.fetch_sub(n, Ordering::AcqRel);
+            self.lease.update(self.generation, |left| left + n);
         }
     }
 }
@@ -196,7 +212,7 @@ mod tests {
                 let (l, kept) = (l.clone(), kept.clone());
                 std::thread::spawn(move || {
                     for _ in 0..500 {
-                        if let Some(u) = l.take() {
+                        if let Some(u) = l.take(1) {
                             u.keep();
                             kept.fetch_add(1, Ordering::Relaxed);
                         }
@@ -209,7 +225,7 @@ mod tests {
         }
         assert_eq!(kept.load(Ordering::Relaxed), 1000);
         assert_eq!(l.left(), 0);
-        assert!(l.take().is_none());
+        assert!(l.take(1).is_none());
     }
 
     #[test]
@@ -217,11 +233,11 @@ mod tests {
         let l = Lease::new();
         l.add(0, 2);
         {
-            let _u = l.take().expect("one unit");
+            let _u = l.take(1).expect("one unit");
             assert_eq!(l.left(), 1);
         }
         assert_eq!(l.left(), 2);
-        let before_reset = l.take().expect("unit");
+        let before_reset = l.take(1).expect("unit");
         l.reset();
         assert_eq!((l.left(), l.generation()), (0, 1));
         drop(before_reset);
@@ -230,6 +246,22 @@ mod tests {
         assert_eq!(l.left(), 0, "a grant of the old sale must not count");
         l.add(1, 3);
         assert_eq!(l.left(), 3);
+    }
+
+    #[test]
+    fn several_units_are_taken_at_once_and_all_come_back() {
+        let l = Lease::new();
+        l.add(0, 5);
+        let three = l.take(3).expect("three");
+        assert_eq!((three.count(), l.left(), l.in_flight()), (3, 2, 3));
+        // Fewer left than wanted: what is there.
+        let two = l.take(4).expect("the last two");
+        assert_eq!((two.count(), l.left(), l.in_flight()), (2, 0, 5));
+        assert!(l.take(2).is_none());
+        drop(three);
+        assert_eq!((l.left(), l.in_flight()), (3, 2));
+        two.keep();
+        assert_eq!((l.left(), l.in_flight()), (3, 0));
     }
 
     #[test]
@@ -248,7 +280,7 @@ mod tests {
     async fn a_waiter_wakes_when_units_come_back() {
         let l = Arc::new(Lease::new());
         l.add(0, 1);
-        let u = l.take().expect("unit");
+        let u = l.take(1).expect("unit");
         let waiter = {
             let l = l.clone();
             tokio::spawn(async move {

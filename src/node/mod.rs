@@ -64,6 +64,7 @@ pub fn build(config: &Config, name: &str, store: Store) -> Result<Arc<Node>, Con
         NodeSettings {
             name: node.name.clone(),
             per_user_limit: sale.per_user_limit,
+            max_per_purchase: sale.max_per_purchase,
             lease: sale.lease,
             timeout: config
                 .redis

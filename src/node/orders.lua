@@ -1,4 +1,6 @@
--- An order's life after its purchase, when the sale has a payment window:
+-- An order's life after its purchase, when the sale has a payment window
+-- (an order of several tickets lives as one: its tickets are paid,
+-- cancelled or expired together, and all come back):
 -- `reserved` -> `paid` | `cancelled` | `expired`, the three end states
 -- final. Every transition is a compare-and-set from `reserved` in this one
 -- script, together with what it implies: a ticket that comes back is
@@ -43,6 +45,11 @@ local function save(id, o)
   redis.call('HSET', KEYS[3], id, cjson.encode(o))
 end
 
+-- The tickets an order holds (`quantity`, absent for one).
+local function quantity(o)
+  return tonumber(o.quantity) or 1
+end
+
 local function append(kind, id, o, extra)
   local args = {'XADD', KEYS[8], 'MAXLEN', '~', stream_max(), '*', 'type', kind, 'order', id,
     'buyer', o.buyer or '', 'node', o.node or '', 'at', string.format('%d', now)}
@@ -50,24 +57,33 @@ local function append(kind, id, o, extra)
     args[#args + 1] = 'payment_ref'
     args[#args + 1] = extra
   end
+  if quantity(o) > 1 then
+    args[#args + 1] = 'quantity'
+    args[#args + 1] = string.format('%d', quantity(o))
+  end
   redis.call(unpack(args))
 end
 
--- The ticket goes back: one fewer taken, the buyer's count down, the
--- deadline entry gone.
+-- The order's tickets go back, all of them: that many fewer taken, the
+-- buyer's count down by as many, the deadline entry gone. (`extra_released`:
+-- the tickets beyond one per order, so the audit counts orders too.)
 local function release(id, o, state)
+  local n = quantity(o)
   o.state = state
   o[state .. '_at'] = now
   save(id, o)
   redis.call('ZREM', KEYS[7], id)
-  redis.call('HINCRBY', KEYS[1], 'sold', -1)
-  redis.call('HINCRBY', KEYS[1], 'reserved', -1)
-  redis.call('HINCRBY', KEYS[1], 'released', 1)
+  redis.call('HINCRBY', KEYS[1], 'sold', -n)
+  redis.call('HINCRBY', KEYS[1], 'reserved', -n)
+  redis.call('HINCRBY', KEYS[1], 'released', n)
+  if n > 1 then
+    redis.call('HINCRBY', KEYS[1], 'extra_released', n - 1)
+  end
   if o.buyer and o.buyer ~= '' then
-    if redis.call('HINCRBY', KEYS[2], o.buyer, -1) <= 0 then
+    if redis.call('HINCRBY', KEYS[2], o.buyer, -n) <= 0 then
       redis.call('HDEL', KEYS[2], o.buyer)
     end
-    redis.call('HINCRBY', KEYS[1], 'held', -1)
+    redis.call('HINCRBY', KEYS[1], 'held', -n)
   end
   append(state, id, o)
 end
@@ -133,8 +149,12 @@ else
       if ref ~= '' then o.payment_ref = ref end
       save(id, o)
       redis.call('ZREM', KEYS[7], id)
-      redis.call('HINCRBY', KEYS[1], 'reserved', -1)
-      redis.call('HINCRBY', KEYS[1], 'paid', 1)
+      local n = quantity(o)
+      redis.call('HINCRBY', KEYS[1], 'reserved', -n)
+      redis.call('HINCRBY', KEYS[1], 'paid', n)
+      if n > 1 then
+        redis.call('HINCRBY', KEYS[1], 'extra_paid', n - 1)
+      end
       append('paid', id, o, ref ~= '' and ref or nil)
     elseif o.state ~= 'paid' then
       code = 2

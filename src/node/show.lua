@@ -8,7 +8,9 @@
 -- written before the stream existed), 1 when final sales are streamed,
 -- when it opens and closes (Unix ms, 0: no such moment), 1 when paused,
 -- the operator's changes so far (pause, resume, close, add), 1 when closed
--- by the operator}.
+-- by the operator, and the tickets beyond the first of each order created,
+-- of each paid, of each released (`extra`, `extra_paid`, `extra_released`:
+-- orders of several tickets)}.
 --
 -- With ARGV[1] = 'audit', four more, read in the same step so that the
 -- counters and the stream agree: the id of the stream's last entry ('0-0'
@@ -20,7 +22,7 @@
 -- to that last id: on a moving sale it stays conclusive.
 local s = redis.call('HMGET', KEYS[1], 'total', 'sold', 'held', 'most', 'epoch', 'limit',
   'seq', 'pay_within', 'reserved', 'paid', 'released', 'stream_max', 'stream', 'opens_at',
-  'closes_at', 'paused', 'controls', 'closed')
+  'closes_at', 'paused', 'controls', 'closed', 'extra', 'extra_paid', 'extra_released')
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local leased = 0
@@ -36,7 +38,8 @@ local snap = {s[1] and 1 or 0, tonumber(s[1] or '0'), tonumber(s[2] or '0'),
   tonumber(s[10] or '0'), tonumber(s[11] or '0'), redis.call('ZCARD', KEYS[7]),
   redis.call('XLEN', KEYS[8]), tonumber(s[12] or '0'), tonumber(s[13] or '0'),
   tonumber(s[14] or '0'), tonumber(s[15] or '0'), tonumber(s[16] or '0'), tonumber(s[17] or '0'),
-  tonumber(s[18] or '0')}
+  tonumber(s[18] or '0'), tonumber(s[19] or '0'), tonumber(s[20] or '0'),
+  tonumber(s[21] or '0')}
 if ARGV[1] == 'audit' then
   local last = redis.call('XREVRANGE', KEYS[8], '+', '-', 'COUNT', 1)[1]
   snap[#snap + 1] = last and last[1] or '0-0'

@@ -42,6 +42,8 @@ pub struct NodeSettings {
     pub name: String,
     /// The per-user limit of the file: used until the store's is known.
     pub per_user_limit: u64,
+    /// Most tickets one purchase may ask for (`[sale] max_per_purchase`).
+    pub max_per_purchase: u64,
     /// Units asked for per lease request.
     pub lease: u64,
     /// How long a buyer may wait for the store.
@@ -82,6 +84,8 @@ pub struct Node {
     pub(super) view: SaleView,
     pub(super) timeout: Duration,
     pub(super) max_body: u64,
+    /// Most tickets one purchase may ask for.
+    pub(super) max_per_purchase: u64,
     max_clock_offset: Option<Duration>,
     /// `/sale`'s snapshot, cached.
     pub(super) snapshot: SnapshotCache,
@@ -130,6 +134,7 @@ impl Node {
             view: SaleView::new(settings.per_user_limit, cell),
             timeout: settings.timeout,
             max_body: settings.max_body,
+            max_per_purchase: settings.max_per_purchase.max(1),
             max_clock_offset: settings.max_clock_offset,
             snapshot: SnapshotCache::new(),
             auth: arc_swap::ArcSwapOption::new(settings.auth),

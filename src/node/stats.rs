@@ -10,8 +10,12 @@ pub struct Stats {
     pub sold: AtomicU64,
     /// Sold-out answers (from the store or from memory).
     pub sold_out: AtomicU64,
-    /// Answers to buyers at their limit.
+    /// Answers to buyers at their limit (or whom the purchase would take
+    /// over it).
     pub already_bought: AtomicU64,
+    /// 409 answers to purchases of more tickets than were left (nothing
+    /// sold; not sold out).
+    pub too_few_left: AtomicU64,
     /// Answers that repeated a key's first answer.
     pub replayed: AtomicU64,
     /// Store calls that failed (each a 503).

@@ -6,12 +6,12 @@ use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, HeaderName, HeaderValue, RETRY_AFTER, TRANSFER_ENCODING};
 use hyper::{Request, StatusCode};
 
-use super::reply::{Answer, Rfc3339, fixed, json, unauthorized, written};
+use super::reply::{Answer, Rfc3339, Tickets, fixed, json, unauthorized, written};
 use crate::auth::{Authority, VerifiedBuyer};
 use crate::node::buy::BuyAnswer;
 use crate::node::state::Node;
 use crate::node::store::OrderState;
-use crate::protocol::{self, BuyerError, KeyError, SOLD_OUT_HEADER, buyer_of};
+use crate::protocol::{self, BuyerError, KeyError, QuantityError, SOLD_OUT_HEADER, buyer_of};
 
 /// On an answer that repeats the first answer to the same key.
 const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
@@ -21,15 +21,15 @@ pub async fn serve(node: &Node, req: &Request<Incoming>) -> Answer {
     let auth = node.auth();
     let mut verified = None;
     let answer = match checked(node, req, auth.as_deref(), &mut verified) {
-        Ok((buyer, key)) => node.buy(buyer, key).await,
+        Ok((buyer, key, quantity)) => node.buy(buyer, key, quantity).await,
         Err(refused) => refused,
     };
     answer.count(&node.stats);
     render(node.name(), answer)
 }
 
-/// The buyer and the key of a purchase, or why it is refused before any
-/// work.
+/// The buyer, the key and the quantity of a purchase, or why it is
+/// refused before any work.
 ///
 /// With `[auth]` (`auth`), the buyer is the one the token names (kept in
 /// `verified`), whatever `?user=` or `X-User-Id` say.
@@ -38,7 +38,7 @@ fn checked<'a>(
     req: &'a Request<Incoming>,
     auth: Option<&Authority>,
     verified: &'a mut Option<VerifiedBuyer>,
-) -> Result<(&'a str, &'a str), BuyAnswer<'a>> {
+) -> Result<(&'a str, &'a str, u64), BuyAnswer<'a>> {
     // The body is never needed: refuse big ones by their declared size,
     // and chunked ones outright, before any work.
     let declared = req
@@ -65,7 +65,12 @@ fn checked<'a>(
         Ok(k) => k,
         Err(KeyError::Malformed) => return Err(BuyAnswer::KeyMalformed),
     };
-    Ok((buyer, key))
+    // Only in the query: a purchase has no body (see above).
+    let quantity = match protocol::quantity_from(req.uri().query(), node.max_per_purchase) {
+        Ok(q) => q,
+        Err(QuantityError::OutOfRange(max)) => return Err(BuyAnswer::QuantityInvalid { max }),
+    };
+    Ok((buyer, key, quantity))
 }
 
 /// The HTTP answer to a purchase; `node` is the node's name, recorded with
@@ -76,10 +81,19 @@ pub fn render(node: &str, answer: BuyAnswer<'_>) -> Answer {
             order,
             buyer,
             sold,
+            quantity,
             replayed,
             state,
             pay_by,
-        } => sold_answer(&order, node, buyer, sold, replayed, state, pay_by),
+        } => sold_answer(
+            &order,
+            node,
+            buyer,
+            (sold, quantity),
+            replayed,
+            state,
+            pay_by,
+        ),
         BuyAnswer::SoldOut => {
             let mut res = fixed(StatusCode::CONFLICT, protocol::SOLD_OUT_BODY);
             res.headers_mut()
@@ -89,6 +103,38 @@ pub fn render(node: &str, answer: BuyAnswer<'_>) -> Answer {
         BuyAnswer::AlreadyBought { order } => {
             written(StatusCode::CONFLICT, protocol::already_bought_body(&order))
         }
+        // Tickets remain: no sold-out mark, so neither the node nor the
+        // edge takes it for sold out.
+        BuyAnswer::TooFewLeft { remaining } => json(
+            StatusCode::CONFLICT,
+            &TooFewLeft {
+                status: "too_few_left",
+                remaining,
+            },
+        ),
+        BuyAnswer::OverLimit { may_buy } => json(
+            StatusCode::CONFLICT,
+            &OverLimit {
+                status: "over_limit",
+                may_buy,
+            },
+        ),
+        BuyAnswer::QuantityInvalid { max } => json(
+            StatusCode::BAD_REQUEST,
+            &Refused {
+                status: "bad_request",
+                reason: &QuantityError::OutOfRange(max).to_string(),
+                quantity: None,
+            },
+        ),
+        BuyAnswer::KeyOtherQuantity { quantity } => json(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &Refused {
+                status: "idempotency_key_reused",
+                reason: "this Idempotency-Key bought an order of another quantity: a retry asks for the quantity the first request asked",
+                quantity: Some(quantity),
+            },
+        ),
         BuyAnswer::BuyerMissing => fixed(
             StatusCode::BAD_REQUEST,
             b"{\"status\":\"bad_request\",\"reason\":\"a buyer id is required: ?user=ID or X-User-Id\"}\n",
@@ -153,7 +199,7 @@ fn sold_answer(
     order: &str,
     node: &str,
     buyer: &str,
-    sold: u64,
+    (sold, quantity): (u64, u64),
     replayed: bool,
     state: OrderState,
     pay_by: Option<u64>,
@@ -176,6 +222,8 @@ fn sold_answer(
         node,
         buyer,
         sold,
+        quantity,
+        tickets: Tickets(crate::node::store::tickets(sold, quantity)),
         state: (state != OrderState::Final).then(|| state.as_str()),
         pay_by: pay_by.map(Rfc3339),
     };
@@ -195,10 +243,37 @@ struct Sold<'a> {
     node: &'a str,
     buyer: &'a str,
     sold: u64,
+    quantity: u64,
+    tickets: Tickets,
     #[serde(skip_serializing_if = "Option::is_none")]
     state: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pay_by: Option<Rfc3339>,
+}
+
+/// The body of the 409 to a purchase of more tickets than are left.
+#[derive(serde::Serialize)]
+struct TooFewLeft {
+    status: &'static str,
+    remaining: u64,
+}
+
+/// The body of the 409 to a purchase that would take its buyer over the
+/// limit.
+#[derive(serde::Serialize)]
+struct OverLimit {
+    status: &'static str,
+    may_buy: u64,
+}
+
+/// A refusal with its reason (and, for a key's other quantity, the
+/// quantity it bought).
+#[derive(serde::Serialize)]
+struct Refused<'a> {
+    status: &'static str,
+    reason: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    quantity: Option<u64>,
 }
 
 /// The body of the 409 to a replay whose order went back on sale.
@@ -242,16 +317,21 @@ mod tests {
     /// they became structs (and a newline, as every JSON body ends).
     #[test]
     fn sold_bodies_keep_their_bytes() {
-        let res = sold_answer("17-3", "n1", "al", 3, false, OrderState::Final, None);
+        let res = sold_answer("17-3", "n1", "al", (3, 1), false, OrderState::Final, None);
         assert_eq!(
             body(res),
-            "{\"status\":\"sold\",\"order\":\"17-3\",\"node\":\"n1\",\"buyer\":\"al\",\"sold\":3}\n"
+            "{\"status\":\"sold\",\"order\":\"17-3\",\"node\":\"n1\",\"buyer\":\"al\",\"sold\":3,\"quantity\":1,\"tickets\":[3]}\n"
+        );
+        let res = sold_answer("17-7", "n1", "al", (7, 3), false, OrderState::Final, None);
+        assert_eq!(
+            body(res),
+            "{\"status\":\"sold\",\"order\":\"17-7\",\"node\":\"n1\",\"buyer\":\"al\",\"sold\":7,\"quantity\":3,\"tickets\":[5,6,7]}\n"
         );
         let res = sold_answer(
             "17-3",
             "n1",
             "",
-            3,
+            (3, 1),
             true,
             OrderState::Reserved,
             Some(1732838500123),
@@ -260,11 +340,19 @@ mod tests {
         assert_eq!(
             body(res),
             concat!(
-                r#"{"status":"sold","order":"17-3","node":"n1","buyer":"","sold":3,"state":"reserved","pay_by":"2024-11-29T00:01:40.123Z"}"#,
+                r#"{"status":"sold","order":"17-3","node":"n1","buyer":"","sold":3,"quantity":1,"tickets":[3],"state":"reserved","pay_by":"2024-11-29T00:01:40.123Z"}"#,
                 "\n"
             )
         );
-        let res = sold_answer("17-3", "n1", "al", 3, true, OrderState::Cancelled, None);
+        let res = sold_answer(
+            "17-3",
+            "n1",
+            "al",
+            (3, 1),
+            true,
+            OrderState::Cancelled,
+            None,
+        );
         assert_eq!(res.status(), StatusCode::CONFLICT);
         assert_eq!(body(res), "{\"status\":\"cancelled\",\"order\":\"17-3\"}\n");
     }

@@ -44,8 +44,13 @@ pub fn render(node: &Node) -> String {
         ),
         (
             "spike_node_already_bought_total",
-            "409 answers to buyers at their limit.",
+            "409 answers to buyers at their limit, or whom the purchase would take over it.",
             load(&s.already_bought),
+        ),
+        (
+            "spike_node_too_few_left_total",
+            "409 answers to purchases of more tickets than were left (nothing sold).",
+            load(&s.too_few_left),
         ),
         (
             "spike_node_replayed_total",
@@ -160,6 +165,7 @@ struct StatsBody<'a> {
     sold: u64,
     sold_out_answers: u64,
     already_bought: u64,
+    too_few_left: u64,
     replayed: u64,
     store_calls: u64,
     lease_calls: u64,
@@ -197,6 +203,7 @@ fn stats(node: &Node) -> StatsBody<'_> {
         sold: load(&s.sold),
         sold_out_answers: load(&s.sold_out),
         already_bought: load(&s.already_bought),
+        too_few_left: load(&s.too_few_left),
         replayed: load(&s.replayed),
         store_calls: load(&s.store_calls),
         lease_calls: load(&s.lease_calls),

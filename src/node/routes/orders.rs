@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, HeaderValue, RETRY_AFTER, TRANSFER_ENCODING};
 use hyper::{Method, Request, StatusCode};
 
-use super::reply::{Answer, Rfc3339, fixed, json, not_allowed, unauthorized};
+use super::reply::{Answer, Rfc3339, Tickets, fixed, json, not_allowed, unauthorized};
 use crate::auth::{Asker, AuthError, Authority};
 use crate::node::state::Node;
 use crate::node::store::{ANY_BUYER, OrderAnswer, OrderOp, OrderRecord, OrderState, StoreError};
@@ -281,6 +281,7 @@ struct OrderView<'a> {
     pay_by: Option<Rfc3339>,
     #[serde(skip_serializing_if = "Option::is_none")]
     payment_ref: Option<&'a str>,
+    quantity: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -289,6 +290,7 @@ struct OrderView<'a> {
     sold_at: Option<Rfc3339>,
     state: &'static str,
     status: &'a str,
+    tickets: Tickets,
 }
 
 /// `o` as the routes show it, with `status`.
@@ -304,11 +306,13 @@ fn view<'a>(status: &'a str, o: &'a OrderRecord) -> OrderView<'a> {
         paid_at: o.paid_at.map(Rfc3339),
         pay_by: o.pay_by.map(Rfc3339),
         payment_ref: o.payment_ref.as_deref(),
+        quantity: o.quantity(),
         reason: None,
         reserved_at: created.filter(|_| !is_final),
         sold_at: created.filter(|_| is_final),
         state: o.state().as_str(),
         status,
+        tickets: Tickets(o.tickets()),
     }
 }
 
@@ -353,7 +357,7 @@ mod body_tests {
         v.reason = Some("the sale has no payment window: the order is final");
         assert_eq!(
             serde_json::to_string(&v).unwrap(),
-            r#"{"buyer":"al","cancelled_at":"1970-01-01T00:00:00.001Z","expired_at":"1970-01-01T00:00:00.002Z","node":"n1","order":"17-3","paid_at":"2024-11-29T00:00:50.000Z","pay_by":"2024-11-29T00:01:40.123Z","payment_ref":"r-1","reason":"the sale has no payment window: the order is final","reserved_at":"2024-11-29T00:00:00.123Z","state":"paid","status":"final"}"#
+            r#"{"buyer":"al","cancelled_at":"1970-01-01T00:00:00.001Z","expired_at":"1970-01-01T00:00:00.002Z","node":"n1","order":"17-3","paid_at":"2024-11-29T00:00:50.000Z","pay_by":"2024-11-29T00:01:40.123Z","payment_ref":"r-1","quantity":1,"reason":"the sale has no payment window: the order is final","reserved_at":"2024-11-29T00:00:00.123Z","state":"paid","status":"final","tickets":[3]}"#
         );
         o.state = None;
         o.pay_by = None;
@@ -363,7 +367,7 @@ mod body_tests {
         o.payment_ref = None;
         assert_eq!(
             serde_json::to_string(&view("sold", &o)).unwrap(),
-            r#"{"buyer":"al","node":"n1","order":"17-3","sold_at":"2024-11-29T00:00:00.123Z","state":"sold","status":"sold"}"#
+            r#"{"buyer":"al","node":"n1","order":"17-3","quantity":1,"sold_at":"2024-11-29T00:00:00.123Z","state":"sold","status":"sold","tickets":[3]}"#
         );
         let e = OrderRequestError::BadRef;
         let refusal = Refusal {

@@ -100,3 +100,13 @@ impl serde::Serialize for Rfc3339 {
         s.collect_str(&rfc3339(self.0))
     }
 }
+
+/// An order's ticket numbers (`quantity` of them, up to the one its id
+/// ends with), written as a JSON list.
+pub struct Tickets(pub std::ops::RangeInclusive<u64>);
+
+impl serde::Serialize for Tickets {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.clone())
+    }
+}

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::holders::{HolderCell, HolderSeed, Holders};
 use super::model::{
     ANY_BUYER, LineAdmit, LineState, OrderAnswer, OrderOp, OrderRecord, OrderState, Outcome,
-    Purchase, Reply, SaleState, Shut, StoreError, Swept,
+    Purchase, Reply, SaleState, Shut, StoreError, Swept, ticket_number,
 };
 use super::snapshot::{BuyerTally, Snapshot};
 use crate::config::SaleConfig;
@@ -31,6 +31,11 @@ struct Sale {
     reserved: u64,
     paid: u64,
     released: u64,
+    /// Tickets beyond the first of each order created, paid, released
+    /// (see `deduct.lua`).
+    extra: u64,
+    extra_paid: u64,
+    extra_released: u64,
     buyers: HashMap<String, u64>,
     buyer_order: HashMap<String, String>,
     orders: HashMap<String, OrderRecord>,
@@ -87,19 +92,20 @@ impl Sale {
             OrderState::Cancelled => o.cancelled_at = Some(now),
             _ => o.expired_at = Some(now),
         }
-        let (buyer, pay_by) = (o.buyer.clone(), o.pay_by.unwrap_or(0));
+        let (buyer, pay_by, n) = (o.buyer.clone(), o.pay_by.unwrap_or(0), o.quantity());
         self.due.remove(&(pay_by, id.to_string()));
-        self.sold -= 1;
-        self.reserved -= 1;
-        self.released += 1;
+        self.sold -= n;
+        self.reserved -= n;
+        self.released += n;
+        self.extra_released += n - 1;
         if !buyer.is_empty() {
             if let Some(h) = self.buyers.get_mut(&buyer) {
-                *h -= 1;
+                *h = h.saturating_sub(n);
                 if *h == 0 {
                     self.buyers.remove(&buyer);
                 }
             }
-            self.held -= 1;
+            self.held -= n;
         }
     }
 
@@ -154,20 +160,29 @@ impl Sale {
             .map(|(h, l)| (h.clone(), l.0))
     }
 
-    /// See `take_unit` in `deduct.lua`.
-    fn take_unit(&mut self, holder: &str, now: u64, ttl: u64) {
-        let own = self.units(holder);
-        if own > 0 {
-            if let Some(l) = self.leases.get_mut(holder) {
-                l.0 -= 1;
+    /// See `take_units` in `deduct.lua`.
+    fn take_units(&mut self, holder: &str, n: u64, brought: u64, now: u64, ttl: u64) {
+        let mut own = self.units(holder);
+        let k = own.min(brought).min(n);
+        let mut need = n - k;
+        let free = self.total.saturating_sub(self.sold + self.leased());
+        own -= k;
+        need -= free.min(need);
+        while need > 0 {
+            let Some((victim, most)) = self.largest_other(holder) else {
+                break;
+            };
+            let g = most.min(need);
+            if let Some(l) = self.leases.get_mut(&victim) {
+                l.0 -= g;
             }
-        } else if self.total.saturating_sub(self.sold + self.leased()) == 0
-            && let Some((victim, _)) = self.largest_other(holder)
-            && let Some(l) = self.leases.get_mut(&victim)
-        {
-            l.0 -= 1;
+            need -= g;
         }
+        own -= own.min(need);
         self.renew(holder, now, ttl);
+        if let Some(l) = self.leases.get_mut(holder) {
+            l.0 = own;
+        }
     }
 
     /// See `grant` in `deduct.lua`.
@@ -250,10 +265,15 @@ impl EmbeddedStore {
             return Err(StoreError::TooLate);
         }
         s.drop_expired(now);
+        let quantity = p.quantity.max(1);
+        let held = |s: &Sale| s.buyers.get(p.buyer).copied().unwrap_or(0);
         let answer = if p.buyer.is_empty() && s.limit > 0 {
             Outcome::BuyerRequired
         } else if let Some(order) = (!p.key.is_empty()).then(|| s.keys.get(p.key)).flatten() {
             match s.orders.get(order).filter(|o| o.buyer == p.buyer) {
+                Some(o) if o.quantity() != quantity => Outcome::KeyOtherQuantity {
+                    quantity: o.quantity(),
+                },
                 Some(o) => Outcome::Replayed {
                     order: order.clone(),
                     sold: ticket_number(order),
@@ -267,10 +287,7 @@ impl EmbeddedStore {
                 },
                 None => Outcome::KeyConflict,
             }
-        } else if !p.buyer.is_empty()
-            && s.limit > 0
-            && s.buyers.get(p.buyer).copied().unwrap_or(0) >= s.limit
-        {
+        } else if !p.buyer.is_empty() && s.limit > 0 && held(&s) >= s.limit {
             Outcome::AlreadyBought {
                 order: s.buyer_order.get(p.buyer).cloned().unwrap_or_default(),
             }
@@ -278,25 +295,34 @@ impl EmbeddedStore {
             return Err(StoreError::NotSelling(shut, s.state()));
         } else if s.sold + 1 > s.total {
             Outcome::SoldOut
+        } else if !p.buyer.is_empty() && s.limit > 0 && held(&s) + quantity > s.limit {
+            Outcome::OverLimit {
+                may_buy: s.limit.saturating_sub(held(&s)),
+            }
+        } else if s.sold + quantity > s.total {
+            Outcome::TooFewLeft {
+                remaining: s.total - s.sold,
+            }
         } else {
-            s.take_unit(p.holder, now, self.lease_ttl);
-            s.sold += 1;
-            s.seq += 1;
+            s.take_units(p.holder, quantity, p.units, now, self.lease_ttl);
+            s.sold += quantity;
+            s.seq += quantity;
+            s.extra += quantity - 1;
             let seq = s.seq;
             let id = format!("{}-{}", s.epoch, seq);
             let pay_by = (s.pay_within > 0).then(|| now + s.pay_within);
             if let Some(pay_by) = pay_by {
                 s.due.insert((pay_by, id.clone()));
-                s.reserved += 1;
+                s.reserved += quantity;
             }
             if !p.buyer.is_empty() {
                 let held = {
                     let h = s.buyers.entry(p.buyer.to_string()).or_insert(0);
-                    *h += 1;
+                    *h += quantity;
                     *h
                 };
                 s.buyer_order.insert(p.buyer.to_string(), id.clone());
-                s.held += 1;
+                s.held += quantity;
                 s.most = s.most.max(held);
             }
             if !p.key.is_empty() {
@@ -310,6 +336,7 @@ impl EmbeddedStore {
                     node: p.node.to_string(),
                     time: now,
                     key: (!p.key.is_empty()).then(|| p.key.to_string()),
+                    quantity: (quantity > 1).then_some(quantity),
                     state: pay_by.map(|_| OrderState::Reserved),
                     pay_by,
                     paid_at: None,
@@ -374,10 +401,14 @@ impl EmbeddedStore {
                 let state = s.orders.get(id).map(OrderRecord::state);
                 let done = match (op, state) {
                     (OrderOp::Pay, Some(OrderState::Reserved)) => {
-                        let pay_by = s.orders.get(id).and_then(|o| o.pay_by).unwrap_or(0);
+                        let (pay_by, n) = s
+                            .orders
+                            .get(id)
+                            .map_or((0, 1), |o| (o.pay_by.unwrap_or(0), o.quantity()));
                         s.due.remove(&(pay_by, id.to_string()));
-                        s.reserved -= 1;
-                        s.paid += 1;
+                        s.reserved -= n;
+                        s.paid += n;
+                        s.extra_paid += n - 1;
                         if let Some(o) = s.orders.get_mut(id) {
                             o.state = Some(OrderState::Paid);
                             o.paid_at = Some(now);
@@ -535,6 +566,9 @@ impl EmbeddedStore {
             controls: 0,
             closed: false,
             finished: s.initialised && s.sold >= s.total && s.reserved == 0,
+            extra: s.extra,
+            extra_paid: s.extra_paid,
+            extra_released: s.extra_released,
         }
     }
 
@@ -559,15 +593,6 @@ impl EmbeddedStore {
         s.drop_expired(now_millis());
         s.units(holder)
     }
-}
-
-/// The ticket's number: the part of an order id after the epoch.
-pub fn ticket_number(order: &str) -> u64 {
-    order
-        .rsplit('-')
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Milliseconds since the Unix epoch, for the embedded store's clock.

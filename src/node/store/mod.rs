@@ -26,6 +26,7 @@ pub use holders::{HolderChanges, HolderSeed, Holders, Lookup, NoChanges};
 pub use model::{
     ANY_BUYER, Control, ControlAnswer, LineAdmit, LineState, OrderAnswer, OrderOp, OrderRecord,
     OrderState, Outcome, Purchase, Reply, SaleKeys, SaleState, Shut, StoreError, Swept, line_keys,
+    ticket_number, tickets,
 };
 pub use redis::RedisStore;
 pub use snapshot::{Audit, BuyerTally, EventTally, Snapshot};

@@ -91,12 +91,13 @@ pub enum ControlAnswer {
 /// What the store decided for one purchase.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// A ticket was sold (or, with a payment window, reserved) and its
-    /// order recorded.
+    /// The tickets asked for were sold (or, with a payment window,
+    /// reserved), all of them, and their one order recorded.
     Sold {
         /// The order id, unique for the life of the sale.
         order: String,
-        /// The ticket's number (order ids handed out when it was sold).
+        /// The ticket's number; of an order of several, the last's (its
+        /// tickets are numbered up to it).
         sold: u64,
         /// With a payment window: the deadline, Unix ms in Redis's clock.
         pay_by: Option<u64>,
@@ -106,7 +107,7 @@ pub enum Outcome {
     Replayed {
         /// The order the key bought.
         order: String,
-        /// That ticket's number.
+        /// That ticket's number (of several, the last's).
         sold: u64,
         /// Where the order is now (a released one is not the buyer's).
         state: OrderState,
@@ -123,6 +124,24 @@ pub enum Outcome {
     /// The `Idempotency-Key` was used by another buyer: the request is not
     /// the retry it claims to be.
     KeyConflict,
+    /// The `Idempotency-Key` bought an order of another quantity: a retry
+    /// asks for what the first request asked. Nothing done.
+    KeyOtherQuantity {
+        /// The tickets the key's order holds.
+        quantity: u64,
+    },
+    /// Tickets remain, fewer than asked: a purchase is all or nothing, so
+    /// nothing was sold (not sold out).
+    TooFewLeft {
+        /// Tickets left (`total - sold`) when the store looked.
+        remaining: u64,
+    },
+    /// The purchase would take the buyer over the sale's limit (they hold
+    /// some, under it). Nothing done.
+    OverLimit {
+        /// Tickets the buyer may still buy.
+        may_buy: u64,
+    },
     /// The sale's limit needs a named buyer and the purchase had none.
     BuyerRequired,
 }
@@ -174,6 +193,10 @@ pub struct OrderRecord {
     /// The purchase's Idempotency-Key, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// The tickets it holds, when more than one (absent: one): numbered
+    /// up to the one its id ends with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantity: Option<u64>,
     /// Absent for a final sale.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<OrderState>,
@@ -199,6 +222,32 @@ impl OrderRecord {
     pub fn state(&self) -> OrderState {
         self.state.unwrap_or(OrderState::Final)
     }
+
+    /// The tickets it holds (1 for a record without `quantity`).
+    pub fn quantity(&self) -> u64 {
+        self.quantity.unwrap_or(1).max(1)
+    }
+
+    /// Its ticket numbers: `quantity` of them, up to the one its id ends
+    /// with.
+    pub fn tickets(&self) -> std::ops::RangeInclusive<u64> {
+        tickets(ticket_number(&self.id), self.quantity())
+    }
+}
+
+/// The ticket's number: the part of an order id after the epoch (of an
+/// order of several tickets, its last's).
+pub fn ticket_number(order: &str) -> u64 {
+    order
+        .rsplit('-')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The numbers of `quantity` tickets up to `last`.
+pub fn tickets(last: u64, quantity: u64) -> std::ops::RangeInclusive<u64> {
+    (last + 1).saturating_sub(quantity.max(1))..=last
 }
 
 /// The asker of an order call who may act on any buyer's order: the
@@ -276,6 +325,11 @@ pub struct Purchase<'a> {
     pub buyer: &'a str,
     /// The `Idempotency-Key`, `""` when none.
     pub key: &'a str,
+    /// Tickets asked for, all or nothing (1 or more).
+    pub quantity: u64,
+    /// Units the node took from its own lease for it (up to `quantity`;
+    /// the store takes the rest from the free stock or other leases).
+    pub units: u64,
     /// When the node tells the buyer 503: from then on the purchase must
     /// do nothing.
     pub give_up: Instant,

@@ -16,7 +16,8 @@ pub struct Snapshot {
     pub sold: u64,
     /// `total - sold` (never negative in the output).
     pub remaining: u64,
-    /// Order records (every order id handed out, released ones included).
+    /// Order records (every order handed out, released ones included; an
+    /// order may hold several tickets).
     pub orders: u64,
     /// Distinct named buyers.
     pub buyers: u64,
@@ -33,15 +34,16 @@ pub struct Snapshot {
     pub leased: u64,
     /// Idempotency keys recorded (one per sale that carried one).
     pub keys: u64,
-    /// Order ids handed out (never goes down).
+    /// Ticket numbers handed out (never goes down; an order's id ends with
+    /// its last ticket's number).
     pub seq: u64,
     /// The payment window stored with the sale, in ms (0: sales are final).
     pub pay_within_ms: u64,
-    /// Orders waiting for payment.
+    /// Tickets reserved, waiting for payment.
     pub reserved: u64,
-    /// Orders paid.
+    /// Tickets paid.
     pub paid: u64,
-    /// Reservations cancelled or expired: their tickets went back on sale.
+    /// Tickets of reservations cancelled or expired: they went back on sale.
     pub released: u64,
     /// Deadline entries (one per reservation).
     pub due: u64,
@@ -69,6 +71,30 @@ pub struct Snapshot {
     /// Sold out for good: nothing free and nothing reserved that could come
     /// back.
     pub finished: bool,
+    /// Tickets beyond the first of every order created (orders of several
+    /// tickets): orders created = `seq - extra`.
+    pub extra: u64,
+    /// The same, of the orders paid: orders paid = `paid - extra_paid`.
+    pub extra_paid: u64,
+    /// The same, of the orders released: `released - extra_released`.
+    pub extra_released: u64,
+}
+
+impl Snapshot {
+    /// Orders created in this sale (an order may hold several tickets).
+    pub fn orders_created(&self) -> u64 {
+        self.seq.saturating_sub(self.extra)
+    }
+
+    /// Orders paid.
+    pub fn orders_paid(&self) -> u64 {
+        self.paid.saturating_sub(self.extra_paid)
+    }
+
+    /// Orders cancelled or expired.
+    pub fn orders_released(&self) -> u64 {
+        self.released.saturating_sub(self.extra_released)
+    }
 }
 
 /// What a full audit reads beyond the snapshot: a pass over every buyer, in
@@ -97,6 +123,12 @@ pub struct EventTally {
     pub paid: u64,
     /// Cancels and expiries among them.
     pub released: u64,
+    /// Tickets the creations hold (an event's `quantity`, 1 when absent).
+    pub created_tickets: u64,
+    /// Tickets the payments hold.
+    pub paid_tickets: u64,
+    /// Tickets the cancels and expiries gave back.
+    pub released_tickets: u64,
     /// The operator's changes among them (paused, resumed, closed, added).
     pub controls: u64,
 }
@@ -133,8 +165,9 @@ impl Snapshot {
             events.filter(|_| self.events_max > 0 && (self.pay_within_ms > 0 || self.stream))
         {
             // One event per order created, per payment, per release, and
-            // per change of the operator's.
-            let changes = self.seq + self.paid + self.released + self.controls;
+            // per change of the operator's (orders, whatever their tickets).
+            let changes =
+                self.orders_created() + self.orders_paid() + self.orders_released() + self.controls;
             if e.added.is_some_and(|a| a != changes) {
                 problems.push(format!(
                     "the event stream had {} events appended for {changes} order changes",
@@ -150,10 +183,13 @@ impl Snapshot {
             if untrimmed {
                 // Nothing trimmed: every change is there, once.
                 let counted = [
-                    ("creations", e.created, self.seq),
-                    ("payments", e.paid, self.paid),
-                    ("releases", e.released, self.released),
+                    ("creations", e.created, self.orders_created()),
+                    ("payments", e.paid, self.orders_paid()),
+                    ("releases", e.released, self.orders_released()),
                     ("operator's changes", e.controls, self.controls),
+                    ("tickets created", e.created_tickets, self.seq),
+                    ("tickets paid", e.paid_tickets, self.paid),
+                    ("tickets released", e.released_tickets, self.released),
                 ];
                 for (what, streamed, kept) in counted {
                     if streamed != kept {
@@ -176,16 +212,18 @@ impl Snapshot {
                 self.sold, self.leased, self.total
             ));
         }
-        if self.sold + self.released != self.orders {
+        // Tickets: every number handed out is taken or came back.
+        if self.sold + self.released != self.seq {
             problems.push(format!(
-                "sold {} and released {} but {} order records",
-                self.sold, self.released, self.orders
+                "sold {} and released {} tickets but {} ticket numbers handed out",
+                self.sold, self.released, self.seq
             ));
         }
-        if self.orders != self.seq {
+        if self.orders != self.orders_created() {
             problems.push(format!(
-                "{} order ids handed out but {} order records",
-                self.seq, self.orders
+                "{} orders handed out but {} order records",
+                self.orders_created(),
+                self.orders
             ));
         }
         if self.keys > self.orders {
@@ -201,10 +239,14 @@ impl Snapshot {
                     self.sold, self.reserved, self.paid
                 ));
             }
-            if self.due != self.reserved {
+            // One deadline entry per order still reserved.
+            let open = self
+                .orders_created()
+                .saturating_sub(self.orders_paid() + self.orders_released());
+            if self.due != open {
                 problems.push(format!(
-                    "{} reservations but {} deadline entries",
-                    self.reserved, self.due
+                    "{open} reservations but {} deadline entries",
+                    self.due
                 ));
             }
         } else if self.reserved + self.paid + self.released > 0 {

@@ -66,6 +66,9 @@ impl Counted {
         self.tally.paid += t.paid;
         self.tally.released += t.released;
         self.tally.controls += t.controls;
+        self.tally.created_tickets += t.created_tickets;
+        self.tally.paid_tickets += t.paid_tickets;
+        self.tally.released_tickets += t.released_tickets;
     }
 }
 
@@ -134,7 +137,7 @@ impl RedisStore {
     /// The snapshot and where the stream stands, in one step.
     async fn mark(&self) -> Result<Mark, StoreError> {
         let reply = self.eval(&self.show, vec!["audit".into()]).await?;
-        let mut f = array(reply, 29)?.into_iter();
+        let mut f = array(reply, 32)?.into_iter();
         let snap = self.parse_snapshot(&mut f)?;
         let last = text(f.next())?;
         let signed = |v: Option<Value>| match v {
@@ -271,15 +274,34 @@ impl RedisStore {
                 let Some(Resp3Frame::Array { data: fields, .. }) = e.next() else {
                     return Err(StoreError::Protocol("a stream entry without fields".into()));
                 };
-                let kind = fields
-                    .chunks(2)
-                    .find(|f| frame_bytes(&f[0]) == Some(b"type"))
-                    .and_then(|f| f.get(1).and_then(frame_bytes));
+                let field = |name: &[u8]| {
+                    fields
+                        .chunks(2)
+                        .find(|f| frame_bytes(&f[0]) == Some(name))
+                        .and_then(|f| f.get(1).and_then(frame_bytes))
+                };
+                let kind = field(b"type");
+                // An order of several tickets says how many; one holds one.
+                let tickets = || {
+                    field(b"quantity")
+                        .and_then(|q| std::str::from_utf8(q).ok())
+                        .and_then(|q| q.parse::<u64>().ok())
+                        .unwrap_or(1)
+                };
                 let t = &mut tally;
                 match kind {
-                    Some(b"sold" | b"reserved") => t.created += 1,
-                    Some(b"paid") => t.paid += 1,
-                    Some(b"cancelled" | b"expired") => t.released += 1,
+                    Some(b"sold" | b"reserved") => {
+                        t.created += 1;
+                        t.created_tickets += tickets();
+                    }
+                    Some(b"paid") => {
+                        t.paid += 1;
+                        t.paid_tickets += tickets();
+                    }
+                    Some(b"cancelled" | b"expired") => {
+                        t.released += 1;
+                        t.released_tickets += tickets();
+                    }
                     Some(b"paused" | b"resumed" | b"closed" | b"added") => t.controls += 1,
                     _ => {}
                 }

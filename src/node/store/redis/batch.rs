@@ -22,8 +22,14 @@ pub const MAX_BATCH: usize = 128;
 
 /// What an entry asks.
 pub(super) enum Entry {
-    /// A purchase by `buyer` (maybe anonymous), with its key (maybe '').
-    Purchase { buyer: Value, key: Value },
+    /// A purchase of `quantity` tickets by `buyer` (maybe anonymous), with
+    /// its key (maybe ''), and the `units` of the node's lease it brings.
+    Purchase {
+        buyer: Value,
+        key: Value,
+        quantity: u64,
+        units: u64,
+    },
     /// Up to `want` more units on the holder's lease.
     Lease { want: u64 },
 }
@@ -99,13 +105,24 @@ async fn send(link: &Link, batch: Vec<Pending>) {
         };
         latest = latest.max(p.give_up);
         match p.entry {
-            Entry::Purchase { buyer, key } => {
+            Entry::Purchase {
+                buyer,
+                key,
+                quantity,
+                units,
+            } => {
                 args.push(Value::from_static_str("p"));
                 args.push(p.holder);
                 args.push(p.node);
                 args.push(buyer);
                 args.push(key);
-                args.push(Value::from(deadline as i64));
+                // One ticket keeps the plain deadline (no formatting on
+                // the common path).
+                args.push(if quantity > 1 {
+                    Value::from(format!("{deadline}:{quantity}:{units}"))
+                } else {
+                    Value::from(deadline as i64)
+                });
             }
             Entry::Lease { want } => {
                 args.push(Value::from_static_str("l"));

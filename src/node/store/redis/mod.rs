@@ -47,8 +47,8 @@ use self::read::Reader;
 use self::replicas::{NOT_REPLICATED, NOT_REPLICATED_EARLIER};
 use super::clock::StoreClock;
 use super::durability::Durability;
-use super::embedded::ticket_number;
 use super::holders::{HolderCell, HolderChanges, HolderSeed, Holders, NoChanges};
+use super::model::ticket_number;
 use super::model::{
     Control, ControlAnswer, LineAdmit, LineState, OrderAnswer, OrderOp, OrderRecord, OrderState,
     Outcome, Purchase, Reply, SaleKeys, SaleState, Shut, StoreError, Swept,
@@ -281,6 +281,8 @@ impl RedisStore {
         let entry = Entry::Purchase {
             buyer: Value::from(p.buyer),
             key: Value::from(p.key),
+            quantity: p.quantity,
+            units: p.units,
         };
         let r = self.queued(entry, p.holder, p.node, p.give_up).await?;
         let pay_by = (r.answer.pay_by > 0).then_some(r.answer.pay_by);
@@ -305,6 +307,15 @@ impl RedisStore {
             },
             7 => Outcome::KeyConflict,
             9 => Outcome::BuyerRequired,
+            11 => Outcome::OverLimit {
+                may_buy: r.answer.count,
+            },
+            12 => Outcome::KeyOtherQuantity {
+                quantity: r.answer.count,
+            },
+            13 => Outcome::TooFewLeft {
+                remaining: r.answer.count,
+            },
             10 => return Err(shut(&r.answer.order, r.answer.count, r.sale)?),
             NOT_REPLICATED | NOT_REPLICATED_EARLIER => {
                 return Err(StoreError::NotReplicated {
@@ -506,10 +517,10 @@ impl RedisStore {
     /// See `show.lua`.
     pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
         let reply = self.eval(&self.show, Vec::new()).await?;
-        self.parse_snapshot(&mut array(reply, 25)?.into_iter())
+        self.parse_snapshot(&mut array(reply, 28)?.into_iter())
     }
 
-    /// `show.lua`'s first 25 fields.
+    /// `show.lua`'s first 28 fields.
     fn parse_snapshot(&self, f: &mut impl Iterator<Item = Value>) -> Result<Snapshot, StoreError> {
         let initialised = int(f.next())? == 1;
         let total = int(f.next())?;
@@ -553,6 +564,9 @@ impl RedisStore {
             controls: int(f.next())?,
             closed: int(f.next())? == 1,
             finished: false,
+            extra: int(f.next())?,
+            extra_paid: int(f.next())?,
+            extra_released: int(f.next())?,
         };
         snap.finished = snap.initialised && snap.sold >= snap.total && snap.reserved == 0;
         Ok(snap)
