@@ -281,6 +281,7 @@ pub async fn handle(
             &parts.method,
             client_key,
             |limited| protocol::buyer_in(&parts.uri, &parts.headers, limited),
+            || parts.uri.query(),
             || crate::auth::token_of(&parts.headers),
         );
         if let Some(edge) = edge {

@@ -29,15 +29,23 @@ pub enum EdgeAnswer {
 /// only a node may answer: a request that is not a `GET` or `POST`
 /// purchase, a purchase with the client's own `Idempotency-Key`
 /// (`client_key`: it may be the retry of a purchase that got an order), or
-/// a buyer id the node would refuse (the node says why). `buyer` reads the
-/// buyer id, required or not (see [`protocol::buyer_from`]); it is asked
-/// only while the edge answers. Counts the answer it gives.
+/// a buyer id or a `quantity` the node would refuse (the node says why).
+/// `buyer` reads the buyer id, required or not (see
+/// [`protocol::buyer_from`]), `query` the request's query (for its
+/// `quantity`, see [`protocol::quantity_from`]); both are asked only
+/// while the edge answers. Sold out is sold out whatever the quantity: the
+/// edge answers only once a node heard the store say nothing is left (a
+/// purchase of more than is left hears `too_few_left` from a node, which
+/// carries no sold-out mark). Counts the answer it gives.
 ///
 /// With `[auth]`, the buyer is the one a verified token names (`token`
 /// reads it, see [`crate::auth::token_in`]), never `?user=`: a sold-out
 /// request whose token names no holder (or has none) is `sold_out`, which
 /// needs no identity; only a holder's token is verified (about 3 µs for
 /// HS256), so the flood costs what it cost without `[auth]`.
+// Each part of the request the edge may read is a closure of its own, read
+// only when needed (the two paths read them from different shapes).
+#[allow(clippy::too_many_arguments)]
 pub fn answer<'a>(
     shared: &Shared,
     active: &Active,
@@ -45,6 +53,7 @@ pub fn answer<'a>(
     method: &Method,
     client_key: bool,
     buyer: impl FnOnce(bool) -> Result<&'a str, BuyerError>,
+    query: impl FnOnce() -> Option<&'a str>,
     token: impl FnOnce() -> Option<&'a str>,
 ) -> Option<EdgeAnswer> {
     let config = &active.config;
@@ -82,6 +91,9 @@ pub fn answer<'a>(
         return None;
     }
     if !(*method == Method::GET || *method == Method::POST) || client_key {
+        return None;
+    }
+    if protocol::quantity_from(query(), config.sale_max_per_purchase).is_err() {
         return None;
     }
     // Read without taking a reference count: on every worker at once

@@ -509,6 +509,11 @@ fn prepare(
             let user_id = head.user_at.map(|i| &input[head.headers[i].value.clone()]);
             buyer_from(query, user_id, limited)
         },
+        || {
+            (head.path_end < head.target.end)
+                .then(|| &input[head.path_end + 1..head.target.end])
+                .and_then(|q| std::str::from_utf8(q).ok())
+        },
         token,
     );
     if let Some(edge) = edge {
