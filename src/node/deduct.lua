@@ -125,42 +125,29 @@ local function renew(holder)
   expiry[holder] = now + ttl
 end
 
--- `n` units for `holder`'s sale: the `brought` it took from its own lease,
--- then the free stock, then the largest other leases, then the rest of
--- its own (a node sends a purchase of several with what its lease had).
--- Only called while sold + n <= total, and then `n` units exist (sold +
--- leased <= total). For one unit: its own lease, else the free stock,
--- else the largest other lease.
-local function take_units(holder, n, brought)
+-- One unit for `holder`'s sale: its own lease, else the free stock, else
+-- the largest other lease. Only called while sold < total, and then some
+-- unit exists (sold + leased <= total). (A purchase of several takes its
+-- units in the loop below.)
+local function take_unit(holder)
   local own = leases[holder] or 0
-  local k = math.min(own, brought, n)
-  local need = n - k
-  local free = total - sold - leased
-  own = own - k
-  leased = leased - k
-  if need > 0 and free > 0 then
-    need = need - math.min(free, need)
-  end
-  while need > 0 do
+  if own > 0 then
+    leases[holder] = own - 1
+    leased = leased - 1
+  elseif total - sold - leased <= 0 then
     local victim, most = nil, 0
     for h, u in pairs(leases) do
-      if h ~= holder and u > most then victim, most = h, u end
+      if u > most then victim, most = h, u end
     end
-    if not victim then break end
-    local g = math.min(most, need)
-    leases[victim] = most - g
-    leased = leased - g
-    touched[victim] = true
-    need = need - g
+    if victim then
+      leases[victim] = most - 1
+      leased = leased - 1
+      touched[victim] = true
+    end
   end
-  if need > 0 then
-    local g = math.min(own, need)
-    own = own - g
-    leased = leased - g
-  end
-  leases[holder] = own
   renew(holder)
 end
+
 
 -- Up to `want` units for `holder`: half of what is free at most, so that the
 -- last tickets are not all handed to one node; when nothing is free, half
@@ -215,11 +202,12 @@ for i = 2, #ARGV, 6 do
       answer(8, '', grant(holder, tonumber(want)), holder)
     end
   else
-    local deadline, quantity, brought = string.match(ARGV[i + 5], '^(%d+):(%d+):(%d+)$')
-    if deadline then
-      deadline, quantity, brought = tonumber(deadline), tonumber(quantity), tonumber(brought)
-    else
-      deadline, quantity, brought = tonumber(ARGV[i + 5]), 1, 1
+    -- A plain number for one ticket (the common path: nothing to parse).
+    local deadline, quantity, brought = tonumber(ARGV[i + 5]), 1, 0
+    if not deadline then
+      deadline, quantity, brought = string.match(ARGV[i + 5], '^(%d+):(%d+):(%d+)$')
+      deadline, quantity, brought = tonumber(deadline), math.max(1, tonumber(quantity)),
+        tonumber(brought)
     end
     local limited = buyer ~= '' and limit > 0
     local seen = now < deadline and key ~= '' and redis.call('HGET', KEYS[6], key)
@@ -282,7 +270,45 @@ for i = 2, #ARGV, 6 do
       -- All or nothing: tickets remain, fewer than asked. Not sold out.
       answer(13, '', total - sold, holder)
     else
-      take_units(holder, quantity, brought)
+      if quantity == 1 then
+        take_unit(holder)
+      else
+        -- `quantity` units: the `brought` the node took from its own lease,
+        -- then the free stock, then the largest other leases, then the rest
+        -- of its own (a node sends a purchase of several with what its
+        -- lease had). Here, not in a function: a closure made on every
+        -- call costs every batch, and few purchases take this path. Since
+        -- sold + quantity <= total and sold + leased <= total, the units
+        -- exist.
+        local own = leases[holder] or 0
+        local k = math.min(own, brought, quantity)
+        local need = quantity - k
+        local free = total - sold - leased
+        own = own - k
+        leased = leased - k
+        if need > 0 and free > 0 then
+          need = need - math.min(free, need)
+        end
+        while need > 0 do
+          local victim, most = nil, 0
+          for h, u in pairs(leases) do
+            if h ~= holder and u > most then victim, most = h, u end
+          end
+          if not victim then break end
+          local g = math.min(most, need)
+          leases[victim] = most - g
+          leased = leased - g
+          touched[victim] = true
+          need = need - g
+        end
+        if need > 0 then
+          local g = math.min(own, need)
+          own = own - g
+          leased = leased - g
+        end
+        leases[holder] = own
+        renew(holder)
+      end
       -- `sold` is written first, sale by sale: Redis does not roll a script
       -- back, so if a later write fails, what was sold is still counted and
       -- no order id is handed out twice.

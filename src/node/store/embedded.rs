@@ -160,7 +160,7 @@ impl Sale {
             .map(|(h, l)| (h.clone(), l.0))
     }
 
-    /// See `take_units` in `deduct.lua`.
+    /// See `take_unit` and the purchase of several in `deduct.lua`.
     fn take_units(&mut self, holder: &str, n: u64, brought: u64, now: u64, ttl: u64) {
         let mut own = self.units(holder);
         let k = own.min(brought).min(n);
@@ -304,7 +304,10 @@ impl EmbeddedStore {
                 remaining: s.total - s.sold,
             }
         } else {
-            s.take_units(p.holder, quantity, p.units, now, self.lease_ttl);
+            // One ticket takes the holder's own unit first whatever it
+            // brought (`take_unit` in `deduct.lua`).
+            let brought = if quantity == 1 { 1 } else { p.units };
+            s.take_units(p.holder, quantity, brought, now, self.lease_ttl);
             s.sold += quantity;
             s.seq += quantity;
             s.extra += quantity - 1;
