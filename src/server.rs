@@ -464,9 +464,7 @@ pub async fn serve_with<F, S, B>(
                 }
             }
         };
-        if recycle::crowded(most, &permits) {
-            reusable.crowd_formed();
-        }
+        reusable.crowd(recycle::crowded(most, &permits));
         let place = reusable.place();
         let idle = place.as_ref().map(reuse::Place::idle);
         let on_loop = share
@@ -497,48 +495,27 @@ pub async fn serve_with<F, S, B>(
             permits: permits.clone(),
             most,
         });
-        let front = front.clone();
-        let gate = proxy_protocol.clone();
-        tokio::spawn(async move {
-            // Dropped in this order when the connection is done.
-            let _held = (on_loop, place, permit, open);
-            // The client's address from a PROXY header, before any other
-            // read of the socket (the TLS handshake's included); a refused
-            // peer or a bad header closes.
-            let Some((stream, peer)) =
-                proxy_protocol::accept(gate.as_deref(), stream, peer, first_head_deadline).await
-            else {
-                return;
-            };
-            if let Some(tls) = tls {
-                let (Some(config), conn) = *tls else { return };
-                let service = (hyper_side.make_service)(peer);
-                let front = front.zip(ctx);
-                return Box::pin(tls::serve(stream, peer, config, service, conn, front)).await;
-            }
-            let handed = match (front, ctx) {
-                (Some(front), Some(ctx)) => match front.serve(stream, peer, ctx).await {
-                    Some(handed) => handed,
-                    None => return,
-                },
-                _ => Handed {
-                    stream,
-                    ahead: Bytes::new(),
-                    head_deadline: first_head_deadline,
-                },
-            };
-            // hyper's side of the connection (its service, the turn it
-            // takes requests by) is made only now: behind a front, most
-            // connections never get here.
-            let (connection, service) = hyper_side.connection(peer, idle);
-            // Boxed: behind a front it is the rare case, and a connection
-            // the front keeps should not carry room for it.
-            Box::pin(connection.run(handed, service)).await;
-        });
+        // Boxed into the task: what only starting the connection needs is
+        // on the heap until the connection is served, not room in a task
+        // that lives as long as the connection.
+        let task = serve_accepted(Box::new(Accepted {
+            held: (on_loop, place, permit, open),
+            stream,
+            peer,
+            first_head_deadline,
+            gate: proxy_protocol.clone(),
+            tls,
+            hyper_side,
+            front: front.clone(),
+            ctx,
+            idle,
+        }));
+        tokio::spawn(task);
     }
     drop(listener);
     stopping.store(true, Ordering::Relaxed);
     let _ = stop_tx.send(true);
+    reusable.stop_all();
     drop(open_tx);
     tokio::select! {
         _ = open_rx.recv() => {}
@@ -546,6 +523,152 @@ pub async fn serve_with<F, S, B>(
             tracing::warn!("grace period over with requests still in flight");
         }
     }
+}
+
+/// What a task needs to serve one accepted connection.
+struct Accepted<F> {
+    /// Dropped in this order when the connection is done: its place among
+    /// the open ones of its loop, its slot, its permit of the cap, and the
+    /// sender the server's end waits on.
+    held: (
+        Option<OpenOnLoop>,
+        Option<reuse::Place>,
+        OwnedSemaphorePermit,
+        mpsc::Sender<()>,
+    ),
+    stream: TcpStream,
+    peer: SocketAddr,
+    first_head_deadline: tokio::time::Instant,
+    gate: Option<Arc<dyn proxy_protocol::Gate>>,
+    tls: Option<Box<(Option<Arc<rustls::ServerConfig>>, tls::TlsConn)>>,
+    hyper_side: Arc<HyperSide<F>>,
+    front: Option<Arc<dyn Front>>,
+    ctx: Option<ConnContext>,
+    idle: Option<Idle>,
+}
+
+/// Serves one accepted connection to its end. A plain connection's task
+/// (what every open connection holds: an idle keep-alive client waits in
+/// it for as long as it likes, ten thousand of them at a time) holds only
+/// `held`, the shared side and the front's boxed future: reading a PROXY
+/// header and a TLS connection are boxed, as only some connections need
+/// them.
+async fn serve_accepted<F, S, B>(mut accepted: Box<Accepted<F>>)
+where
+    F: Fn(SocketAddr) -> S + Send + Sync + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    // The client's address from a PROXY header, before any other read of
+    // the socket (the TLS handshake's included); a refused peer or a bad
+    // header closes. (Every listener has a gate, which says `Plain` when
+    // the protocol is off: a reload may turn it on.)
+    if let Some(gate) = accepted.gate.take() {
+        match proxy_protocol::admit(&*gate, accepted.peer) {
+            proxy_protocol::Admit::Plain => {}
+            proxy_protocol::Admit::Refuse => return,
+            proxy_protocol::Admit::Header => {
+                let a = &mut *accepted;
+                let read = proxy_protocol::source(&mut a.stream, a.peer, a.first_head_deadline);
+                match Box::pin(read).await {
+                    Some(source) => a.peer = source,
+                    None => return,
+                }
+            }
+        }
+    }
+    if accepted.tls.is_some() {
+        return Box::pin(serve_tls(accepted)).await;
+    }
+    serve_plain(accepted).await
+}
+
+/// [`serve_accepted`] for a TLS connection: its handshake, then the front
+/// for HTTP/1.1 and hyper for h2 (see [`tls::serve`]).
+async fn serve_tls<F, S, B>(mut accepted: Box<Accepted<F>>)
+where
+    F: Fn(SocketAddr) -> S + Send + Sync + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let Some(tls) = accepted.tls.take() else {
+        return;
+    };
+    let Accepted {
+        held: _held,
+        stream,
+        peer,
+        hyper_side,
+        front,
+        ctx,
+        ..
+    } = unbox(accepted);
+    let (Some(config), conn) = *tls else { return };
+    let service = (hyper_side.make_service)(peer);
+    let front = front.zip(ctx);
+    tls::serve(stream, peer, config, service, conn, front).await;
+}
+
+/// The value out of its box, the box freed now: a value moved out of a box
+/// in place (`let .. = *boxed`) leaves the box allocated until the end of
+/// the scope, which for a connection's task is the connection's end.
+#[allow(clippy::boxed_local)] // the box is the point: it is freed here
+fn unbox<T>(boxed: Box<T>) -> T {
+    *boxed
+}
+
+/// [`serve_accepted`] for a plain connection: its front, then hyper's
+/// side for what the front hands on.
+async fn serve_plain<F, S, B>(accepted: Box<Accepted<F>>)
+where
+    F: Fn(SocketAddr) -> S + Send + Sync + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let Accepted {
+        held: _held,
+        stream,
+        peer,
+        first_head_deadline,
+        hyper_side,
+        front,
+        ctx,
+        idle,
+        ..
+    } = unbox(accepted);
+    // The front's future made before it is awaited: a match on the pair
+    // around the await kept the pair's room in every connection's task.
+    let fronted = match (front, ctx) {
+        (Some(front), Some(ctx)) => Ok(front.serve(stream, peer, ctx)),
+        _ => Err(stream),
+    };
+    let handed = match fronted {
+        Ok(serving) => match serving.await {
+            Some(handed) => handed,
+            None => return,
+        },
+        Err(stream) => Handed {
+            stream,
+            ahead: Bytes::new(),
+            head_deadline: first_head_deadline,
+        },
+    };
+    // hyper's side of the connection (its service, the turn it takes
+    // requests by) is made only now: behind a front, most connections
+    // never get here.
+    let (connection, service) = hyper_side.connection(peer, idle);
+    // Boxed: behind a front it is the rare case, and a connection the
+    // front keeps should not carry room for it.
+    Box::pin(connection.run(handed, service)).await;
 }
 
 /// How often a failing accept is said in the log.

@@ -228,21 +228,40 @@ pub async fn accept(
     let Some(gate) = gate else {
         return Some((stream, peer));
     };
-    match gate.admit(peer.ip().to_canonical()) {
+    match admit(gate, peer) {
         Admit::Plain => Some((stream, peer)),
-        Admit::Refuse => {
-            tracing::debug!(%peer, "refused: PROXY protocol is on and the peer is not in trusted_proxies");
+        Admit::Refuse => None,
+        Admit::Header => {
+            let source = Box::pin(source(&mut stream, peer, deadline)).await?;
+            Some((stream, source))
+        }
+    }
+}
+
+/// What a connection from `peer` must begin with, the refusal said in the
+/// log: [`accept`]'s first step, without waiting for anything.
+pub fn admit(gate: &dyn Gate, peer: SocketAddr) -> Admit {
+    let admit = gate.admit(peer.ip().to_canonical());
+    if let Admit::Refuse = admit {
+        tracing::debug!(%peer, "refused: PROXY protocol is on and the peer is not in trusted_proxies");
+    }
+    admit
+}
+
+/// [`accept`]'s second step, where [`admit`] said [`Admit::Header`]: the
+/// client's address the header gives (the peer's where it gives none), or
+/// `None` when the connection is to close.
+pub async fn source(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    deadline: tokio::time::Instant,
+) -> Option<SocketAddr> {
+    match read(stream, deadline).await {
+        Ok(source) => Some(source.unwrap_or(peer)),
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "closed before the first request");
             None
         }
-        // Boxed: its buffer is on the heap only while a header is read,
-        // not in every connection's task.
-        Admit::Header => match Box::pin(read(&mut stream, deadline)).await {
-            Ok(source) => Some((stream, source.unwrap_or(peer))),
-            Err(e) => {
-                tracing::debug!(%peer, error = %e, "closed before the first request");
-                None
-            }
-        },
     }
 }
 

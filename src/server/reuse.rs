@@ -30,7 +30,7 @@
 //! whose claimed connection's permit went to another waiting loop claims
 //! the next one after a short wait.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
@@ -50,7 +50,8 @@ const CLAIMED: u64 = u64::MAX;
 #[derive(Default)]
 struct Slot {
     word: AtomicU64,
-    /// Woken when the slot is claimed.
+    /// Woken when the slot is claimed, when the server stops and when a
+    /// crowd forms: one waiter in each idle connection for all three.
     claimed: Notify,
 }
 
@@ -69,12 +70,11 @@ pub struct Reusable {
     /// Loops waiting for a client with a permit in hand: while one is, a
     /// new client is its, and no idle connection needs to be closed.
     spare: AtomicUsize,
-    /// Woken by every accept while the server is
-    /// [`super::recycle::crowded`]: idle connections that kept their buffers
-    /// when there were fewer give them back then (ten thousand keep-alive
-    /// clients, the first thousand of them holding 16 KiB each, were most
-    /// of the balancer's memory).
-    crowd: Notify,
+    /// Whether idle connections were woken for the crowd now open (see
+    /// [`Reusable::crowd`]).
+    crowd_woken: AtomicBool,
+    /// The server stopped: its connections close.
+    stopped: AtomicBool,
 }
 
 impl Reusable {
@@ -87,14 +87,41 @@ impl Reusable {
             starved: AtomicUsize::new(0),
             appeared: Notify::new(),
             spare: AtomicUsize::new(0),
-            crowd: Notify::new(),
+            crowd_woken: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
         })
     }
 
-    /// A connection was accepted while the server is crowded: every idle
-    /// connection still holding buffers gives them back.
-    pub(super) fn crowd_formed(&self) {
-        self.crowd.notify_waiters();
+    /// Told at every accept whether the server is
+    /// [`super::recycle::crowded`]: when a crowd forms, every idle
+    /// connection is woken once to give its buffers back (ten thousand
+    /// keep-alive clients, the first thousand of them holding 16 KiB each
+    /// since they went idle before the crowd, were most of the balancer's
+    /// memory). Once per crowd, not per accept: the wake looks at every
+    /// slot. A connection that goes idle later looks at the crowd itself.
+    pub(super) fn crowd(&self, crowded: bool) {
+        if !crowded {
+            if self.crowd_woken.load(Ordering::Relaxed) {
+                self.crowd_woken.store(false, Ordering::Relaxed);
+            }
+            return;
+        }
+        if self.crowd_woken.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        for slot in &self.slots {
+            if is_idle(slot.word.load(Ordering::SeqCst)) {
+                slot.claimed.notify_waiters();
+            }
+        }
+    }
+
+    /// The server stops: every connection waiting for a request closes.
+    pub(super) fn stop_all(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        for slot in &self.slots {
+            slot.claimed.notify_waiters();
+        }
     }
 
     /// A slot for a connection that holds a permit of the cap (so there is
@@ -253,21 +280,35 @@ impl Idle {
     }
 }
 
+impl Idle {
+    /// Whether the connection is to close: claimed for a new client, or
+    /// its server stopped.
+    pub fn ends(&self) -> bool {
+        self.slot().word.load(Ordering::SeqCst) == CLAIMED
+            || self.reusable.stopped.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once the connection [`Idle::ends`] or `also` says true,
+    /// looked at after the wait is registered (so no wake between the
+    /// look and the wait is missed); it may also resolve for nothing (a
+    /// crowd's wake, a claim of the slot's earlier owner). One waiter for
+    /// every reason an idle connection wakes: each is a hundred bytes in
+    /// every idle connection.
+    pub async fn nudged(&self, also: impl Fn() -> bool) {
+        let woken = self.slot().claimed.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        if self.ends() || also() {
+            return;
+        }
+        woken.await;
+    }
+}
+
 /// Resolves once the connection of `idle` is claimed; never without a slot.
 pub async fn claimed(idle: Option<&Idle>) {
     match idle {
         Some(idle) => idle.claimed().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Resolves when a connection is accepted while the server is crowded
-/// ([`Reusable::crowd_formed`]); never without a slot. A wake that comes
-/// between the caller's own look at the crowd and this future's first
-/// poll is missed; the next accept wakes it again.
-pub async fn crowd_formed(idle: Option<&Idle>) {
-    match idle {
-        Some(idle) => idle.reusable.crowd.notified().await,
         None => std::future::pending().await,
     }
 }

@@ -17,17 +17,3 @@ pub(super) struct Buffers {
     pub(super) head: RequestHead,
     pub(super) rhead: ResponseHead,
 }
-
-impl Buffers {
-    /// Gives the memory back between requests when many connections are
-    /// open (ten thousand idle clients must not hold 20 KiB each).
-    pub(super) fn shrink(&mut self) {
-        if self.input.is_empty() {
-            self.input = BytesMut::new();
-        }
-        self.out = Vec::new();
-        self.resp = BytesMut::new();
-        self.head.headers = Vec::new();
-        self.rhead.headers = Vec::new();
-    }
-}

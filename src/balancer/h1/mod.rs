@@ -41,6 +41,7 @@ use hyper::Method;
 use tokio::net::TcpStream;
 
 use crate::protocol::{self, buyer_from};
+use crate::server::reuse::Idle;
 use crate::server::{ConnContext, Handed};
 
 use super::access_log;
@@ -99,208 +100,288 @@ impl crate::server::Front for FastPath {
 /// Serves `stream` (a TCP socket, or TLS over one) until it closes
 /// (`None`) or a request needs the general path (`Some`: the connection
 /// and the bytes read ahead, that request's first).
-pub async fn serve<S: Client>(
+///
+/// This future is what every open connection holds, and most of them are
+/// idle keep-alive clients: it holds the socket, a pointer to the rest of
+/// the connection ([`Kept`]) and the wait for a next request. A request's
+/// state (its head read, the upstream exchange, the relay) is boxed while
+/// there is a request, and the buffers are given back between requests
+/// when many connections are open.
+pub fn serve<S: Client>(
     shared: Arc<Shared>,
     worker: usize,
     mut stream: S,
     peer: SocketAddr,
-    mut ctx: ConnContext,
-) -> Option<Handed<S>> {
-    // The first head must be in within `header_read_timeout` of the
-    // accept, as Nginx's `client_header_timeout`: a client that sends its
-    // first byte late does not get a second full period for the rest.
-    let first_deadline = ctx.first_head_deadline;
-    if !shared.current.load().config.fast_path {
-        return Some(Handed {
-            stream,
-            ahead: bytes::Bytes::new(),
-            head_deadline: first_deadline,
-        });
-    }
-    let peer = Peer::new(peer);
-    let mut b = Buffers::default();
-    let mut first = true;
-    loop {
-        if b.input.is_empty() {
-            // Between requests, with many connections open, the buffers go
-            // back at once; with few, they are kept for the next request,
-            // until a crowd forms.
-            let mut kept = !first;
-            if kept && ctx.crowded() {
-                b.shrink();
-                kept = false;
-            }
-            let until = if first {
-                first_deadline
-            } else {
-                tokio::time::Instant::now() + ctx.keepalive_timeout
-            };
-            // Between requests, the connection may be closed to make room
-            // for a new client (the first request is not waited for yet).
-            let idle = if first { None } else { ctx.idle.as_ref() };
-            if let Some(idle) = idle {
-                idle.idle();
-            }
-            // A wake that brings no request byte (over TLS, ciphertext
-            // that is not yet a whole record) waits on with the same
-            // deadline and the same idle time: else a client that
-            // dribbles a record a byte at a time kept its connection, and
-            // looked freshly idle, for as long as it liked.
-            loop {
-                loop {
-                    tokio::select! {
-                        // `poll_read_ready` keeps its waker in the socket's
-                        // own registration: no waiter node in this future,
-                        // which every idle connection holds (`readable()`
-                        // is 152 bytes).
-                        ready = tokio::time::timeout_at(
-                            until,
-                            std::future::poll_fn(|cx| stream.poll_read_ready(cx)),
-                        ) => match ready {
-                            Ok(Ok(())) => break,
-                            _ => return None,
-                        },
-                        _ = ctx.stop.wait_for(|stop| *stop) => return None,
-                        () = crate::server::reuse::claimed(idle) => return None,
-                        () = crate::server::reuse::crowd_formed(idle), if kept => {
-                            b.shrink();
-                            kept = false;
-                            shared.metrics.buffers_given_back.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-                make_room(&mut b.input);
-                match stream.try_read_some(&mut b.input) {
-                    Ok(0) => return None,
-                    // Busy only once bytes came: a wake with nothing to
-                    // read leaves the connection idle since when it was.
-                    Ok(_) if idle.is_some_and(|idle| !idle.busy()) => {
-                        // Claimed for a new client just as this one spoke.
-                        return None;
-                    }
-                    Ok(_) => break,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(_) => return None,
-                }
-            }
+    ctx: ConnContext,
+) -> impl Future<Output = Option<Handed<S>>> {
+    // Not an `async fn`: its arguments would stay in the future for the
+    // connection's life, beside the box they are moved into.
+    let fast_path = shared.current.load().config.fast_path;
+    let mut conn = Box::new(Kept {
+        shared,
+        worker,
+        peer: Peer::new(peer),
+        ctx,
+        b: None,
+        first: true,
+    });
+    async move {
+        if !fast_path {
+            return Some(Handed {
+                stream,
+                ahead: bytes::Bytes::new(),
+                head_deadline: conn.ctx.first_head_deadline,
+            });
         }
-        let active = shared.current.load_full();
-        let config = &active.config;
-        // A later head, within `header_read_timeout` of its first byte.
-        let deadline = if first {
-            first_deadline
-        } else {
-            tokio::time::Instant::now() + ctx.header_read_timeout
-        };
-        first = false;
         loop {
-            let parsed = request::parse(
-                &b.input,
-                &mut b.head,
-                REPLAY_LIMIT,
-                config.max_body,
-                config.underscores_in_headers,
-            );
-            // A head over Nginx's `large_client_header_buffers` limits is
-            // refused on hyper's path, by the same rule.
-            let parsed = match parsed {
-                Parsed::Fast if forward::head_refusal(head_size(&b.head), config).is_some() => {
-                    Parsed::General
-                }
-                other => other,
-            };
-            match parsed {
-                Parsed::Fast => break,
-                Parsed::General => {
-                    if b.head.chunked_body
-                        && let Err(why) =
-                            check_chunks(&mut stream, &mut b.input, b.head.len, config).await
-                    {
-                        let answer = match why {
-                            Malformed::TooLarge => LocalAnswer::PayloadTooLarge,
-                            _ => LocalAnswer::BadChunk,
-                        };
-                        write_local(&shared, &mut b.out, answer, true, b.head.http10);
-                        let _ = stream.send(&b.out, config.send_timeout).await;
-                        stream.close(config.send_timeout).await;
-                        return None;
-                    }
-                    shared
-                        .metrics
-                        .general_connections
-                        .fetch_add(1, Ordering::Relaxed);
+            if conn.b.as_ref().is_none_or(|b| b.input.is_empty())
+                && !next_bytes(&mut conn, &mut stream).await
+            {
+                return None;
+            }
+            match Box::pin(request(&mut conn, &mut stream)).await {
+                Step::Again => {}
+                Step::Close => return None,
+                Step::General(head_deadline) => {
+                    let ahead = conn
+                        .b
+                        .take()
+                        .map(|mut b| std::mem::take(&mut b.input).freeze())
+                        .unwrap_or_default();
                     return Some(Handed {
                         stream,
-                        ahead: b.input.freeze(),
-                        head_deadline: deadline,
+                        ahead,
+                        head_deadline,
                     });
                 }
-                Parsed::Partial => {
-                    b.input.reserve(READ_CHUNK);
-                    match tokio::time::timeout_at(deadline, stream.read_more(&mut b.input)).await {
-                        Ok(Ok(n)) if n > 0 => {}
-                        _ => return None,
-                    }
-                }
             }
-        }
-        // A small declared body, read whole so that it can be sent again,
-        // with `body_timeout` between reads.
-        let end = b.head.len + b.head.content_length as usize;
-        while b.input.len() < end {
-            b.input.reserve(end - b.input.len());
-            match tokio::time::timeout(config.body_timeout, stream.read_more(&mut b.input)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                _ => {
-                    write_local(
-                        &shared,
-                        &mut b.out,
-                        LocalAnswer::BadRequest,
-                        true,
-                        b.head.http10,
-                    );
-                    let _ = stream.send(&b.out, config.send_timeout).await;
-                    stream.close(config.send_timeout).await;
-                    return None;
-                }
-            }
-        }
-        if b.head.upgrade.is_some() {
-            // A WebSocket's handshake: the connection becomes a tunnel to
-            // an upstream, and is done after it. Boxed, as a request is.
-            Box::pin(tunnel::run(
-                &shared,
-                &active,
-                &peer,
-                &mut stream,
-                &mut b,
-                end,
-            ))
-            .await;
-            stream.close(config.send_timeout).await;
-            return None;
-        }
-        let closing = b.head.close || ctx.stopping.load(Ordering::Relaxed);
-        // Boxed: the request's state (an attempt, its upstream exchange and
-        // relay) lives only while there is a request, so ten thousand idle
-        // keep-alive clients do not each hold room for it.
-        let keep = Box::pin(forward_request(
-            &shared,
-            &active,
-            worker,
-            &peer,
-            &mut stream,
-            &mut b,
-            end,
-            closing,
-        ))
-        .await;
-        b.input.advance(end);
-        if !keep || closing {
-            stream.close(config.send_timeout).await;
-            return None;
         }
     }
+}
+
+/// A fast-path connection, but for its socket: what it keeps from one
+/// request to the next (boxed, see [`serve`]).
+struct Kept {
+    shared: Arc<Shared>,
+    worker: usize,
+    peer: Peer,
+    ctx: ConnContext,
+    /// The buffers; none while an idle connection has given them back.
+    b: Option<Box<Buffers>>,
+    /// No request has begun yet.
+    first: bool,
+}
+
+/// What the connection does after a request.
+enum Step {
+    /// Waits for (or reads) the next one.
+    Again,
+    /// Closes.
+    Close,
+    /// Goes to the general path with the request read so far, whose head
+    /// must be in by then.
+    General(tokio::time::Instant),
+}
+
+/// Waits for the next request's first bytes and reads what has come into
+/// the buffers; `false` when the connection is to close instead (its
+/// deadline passed, the client closed, the server stops, or the connection
+/// was claimed for a new client).
+async fn next_bytes<S: Client>(c: &mut Kept, stream: &mut S) -> bool {
+    let first = c.first;
+    // Between requests, with many connections open, the buffers go back at
+    // once; with few, they are kept for the next request, until a crowd
+    // forms.
+    let mut kept = !first && c.b.is_some();
+    if kept && c.ctx.crowded() {
+        c.b = None;
+        kept = false;
+    }
+    let until = if first {
+        c.ctx.first_head_deadline
+    } else {
+        tokio::time::Instant::now() + c.ctx.keepalive_timeout
+    };
+    // Between requests, the connection may be closed to make room for a
+    // new client (the first request is not waited for yet).
+    let idle = if first { None } else { c.ctx.idle.as_ref() };
+    if let Some(idle) = idle {
+        idle.idle();
+    }
+    // A wake that brings no request byte (over TLS, ciphertext that is not
+    // yet a whole record) waits on with the same deadline and the same idle
+    // time: else a client that dribbles a record a byte at a time kept its
+    // connection, and looked freshly idle, for as long as it liked.
+    loop {
+        loop {
+            let crowd = |ctx: &ConnContext| kept && ctx.crowded();
+            tokio::select! {
+                // `poll_read_ready` keeps its waker in the socket's own
+                // registration: no waiter node in this future, which every
+                // idle connection holds (`readable()` is 152 bytes).
+                ready = tokio::time::timeout_at(
+                    until,
+                    std::future::poll_fn(|cx| stream.poll_read_ready(cx)),
+                ) => match ready {
+                    Ok(Ok(())) => break,
+                    _ => return false,
+                },
+                // One wake for the three reasons (a claim, the server's
+                // stop, a crowd that formed), each looked at below.
+                () = nudged(&c.ctx, crowd) => {}
+            }
+            if c.ctx.idle.as_ref().is_none_or(Idle::ends) {
+                return false;
+            }
+            if crowd(&c.ctx) {
+                c.b = None;
+                kept = false;
+                c.shared
+                    .metrics
+                    .buffers_given_back
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let b = c.b.get_or_insert_with(Box::default);
+        make_room(&mut b.input);
+        match stream.try_read_some(&mut b.input) {
+            Ok(0) => return false,
+            // Busy only once bytes came: a wake with nothing to read leaves
+            // the connection idle since when it was.
+            Ok(_) if idle.is_some_and(|idle| !idle.busy()) => {
+                // Claimed for a new client just as this one spoke.
+                return false;
+            }
+            Ok(_) => return true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Resolves when the connection is nudged ([`Idle::nudged`]: claimed,
+/// the server stopping, or `crowd` true); without a slot, when the server
+/// stops.
+async fn nudged(ctx: &ConnContext, crowd: impl Fn(&ConnContext) -> bool) {
+    match &ctx.idle {
+        Some(idle) => idle.nudged(|| crowd(ctx)).await,
+        // Boxed: no connection of a server lacks a slot in practice.
+        None => {
+            let mut stop = ctx.stop.clone();
+            let _ = Box::pin(stop.wait_for(|stop| *stop)).await;
+        }
+    }
+}
+
+/// Reads the rest of a request whose first bytes are in, and answers or
+/// forwards it. Its state is boxed by [`serve`]: it lives only while there
+/// is a request.
+async fn request<S: Client>(c: &mut Kept, stream: &mut S) -> Step {
+    let Kept {
+        shared,
+        worker,
+        peer,
+        ctx,
+        b,
+        first,
+    } = c;
+    let shared = &**shared;
+    let b = &mut **b.get_or_insert_with(Box::default);
+    let active = shared.current.load_full();
+    let config = &active.config;
+    // A later head, within `header_read_timeout` of its first byte; the
+    // first within `header_read_timeout` of the accept, as Nginx's
+    // `client_header_timeout`: a client that sends its first byte late does
+    // not get a second full period for the rest.
+    let deadline = if *first {
+        ctx.first_head_deadline
+    } else {
+        tokio::time::Instant::now() + ctx.header_read_timeout
+    };
+    *first = false;
+    loop {
+        let parsed = request::parse(
+            &b.input,
+            &mut b.head,
+            REPLAY_LIMIT,
+            config.max_body,
+            config.underscores_in_headers,
+        );
+        // A head over Nginx's `large_client_header_buffers` limits is
+        // refused on hyper's path, by the same rule.
+        let parsed = match parsed {
+            Parsed::Fast if forward::head_refusal(head_size(&b.head), config).is_some() => {
+                Parsed::General
+            }
+            other => other,
+        };
+        match parsed {
+            Parsed::Fast => break,
+            Parsed::General => {
+                if b.head.chunked_body
+                    && let Err(why) = check_chunks(stream, &mut b.input, b.head.len, config).await
+                {
+                    let answer = match why {
+                        Malformed::TooLarge => LocalAnswer::PayloadTooLarge,
+                        _ => LocalAnswer::BadChunk,
+                    };
+                    write_local(shared, &mut b.out, answer, true, b.head.http10);
+                    let _ = stream.send(&b.out, config.send_timeout).await;
+                    stream.close(config.send_timeout).await;
+                    return Step::Close;
+                }
+                shared
+                    .metrics
+                    .general_connections
+                    .fetch_add(1, Ordering::Relaxed);
+                return Step::General(deadline);
+            }
+            Parsed::Partial => {
+                b.input.reserve(READ_CHUNK);
+                match tokio::time::timeout_at(deadline, stream.read_more(&mut b.input)).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return Step::Close,
+                }
+            }
+        }
+    }
+    // A small declared body, read whole so that it can be sent again, with
+    // `body_timeout` between reads.
+    let end = b.head.len + b.head.content_length as usize;
+    while b.input.len() < end {
+        b.input.reserve(end - b.input.len());
+        match tokio::time::timeout(config.body_timeout, stream.read_more(&mut b.input)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => {
+                write_local(
+                    shared,
+                    &mut b.out,
+                    LocalAnswer::BadRequest,
+                    true,
+                    b.head.http10,
+                );
+                let _ = stream.send(&b.out, config.send_timeout).await;
+                stream.close(config.send_timeout).await;
+                return Step::Close;
+            }
+        }
+    }
+    if b.head.upgrade.is_some() {
+        // A WebSocket's handshake: the connection becomes a tunnel to an
+        // upstream, and is done after it. Boxed: rare, and far larger than
+        // a request.
+        Box::pin(tunnel::run(shared, &active, peer, stream, b, end)).await;
+        stream.close(config.send_timeout).await;
+        return Step::Close;
+    }
+    let closing = b.head.close || ctx.stopping.load(Ordering::Relaxed);
+    let keep = forward_request(shared, &active, *worker, peer, stream, b, end, closing).await;
+    b.input.advance(end);
+    if !keep || closing {
+        stream.close(config.send_timeout).await;
+        return Step::Close;
+    }
+    Step::Again
 }
 
 /// The sizes [`forward::head_refusal`] limits, of a head parsed in place.
