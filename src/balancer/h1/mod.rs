@@ -458,7 +458,9 @@ fn forward_request<'a, S: Client>(
             f: Either::Right {
                 f: async move {
                     // The one store call a buyer makes to take a place.
-                    let reply = waiting_room::join(shared, active, joining).await;
+                    // Boxed: its future is 7.5 KB, and every request's box
+                    // (see `request`) would otherwise be sized for it.
+                    let reply = Box::pin(waiting_room::join(shared, active, joining)).await;
                     let request = || logged(&b.head, &b.input[..end]);
                     forward::log_reply(shared, active, request, client_addr, start, &reply);
                     write_reply(&mut b.out, &reply, closing, b.head.http10);
