@@ -285,3 +285,69 @@ async fn a_replayed_purchase_is_not_answered_before_a_failover_can_lose_it() {
         assert_eq!(json(stored)["buyer"], buyer.as_str(), "{order}: {stored}");
     }
 }
+
+/// A key sent again with another quantity is answered with the order the
+/// key bought (422 `idempotency_key_reused`, its quantity): an answer about
+/// that order, held for the replicas as a replay is. It was sent at once,
+/// before any replica had the order (found in review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_quantity_of_an_unreplicated_key_waits_for_the_replicas() {
+    let primary = RedisServer::start_primary_for(1);
+    let replica = RedisServer::start_replica_of(&primary);
+    let text = format!(
+        "[sale]\nevent = \"rq\"\ntotal = 10\nper_user_limit = 4\nmax_per_purchase = 4\n\
+         [redis]\nurl = \"{}\"\ntimeout = \"2s\"\nreplicas = 1\n\
+         [[node]]\nname = \"n1\"\nlisten = \"127.0.0.1:{}\"\n",
+        primary.url(),
+        common::free_port()
+    );
+    let sale = common::sale::InProcessSale::start(&text).await;
+    let c = client();
+    let at = sale.addrs()[0];
+    let buy = async |quantity: &str| {
+        send(
+            &c,
+            Method::POST,
+            at,
+            &format!("/buy/ticket?user=v&quantity={quantity}"),
+            &[("Idempotency-Key", "vk")],
+        )
+        .await
+        .expect("buy")
+    };
+    replica.signal("STOP");
+    // Fill the replication link, so that nothing written now reaches the
+    // replica before it is continued.
+    let mut conn = primary.connection().expect("primary");
+    let junk = vec![b'x'; 1 << 20];
+    for i in 0..48 {
+        let _: () = redis::cmd("SET")
+            .arg(format!("junk:{i}"))
+            .arg(&junk)
+            .query(&mut conn)
+            .expect("SET");
+    }
+    let made = buy("2").await;
+    assert_eq!(
+        made.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        made.body
+    );
+    let replay = buy("2").await;
+    assert_eq!(
+        replay.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "same quantity: {}",
+        replay.body
+    );
+    let other = buy("1").await;
+    replica.signal("CONT");
+    assert_eq!(
+        other.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "an answer about the key's unreplicated order: {}",
+        other.body
+    );
+    sale.stop().await;
+}

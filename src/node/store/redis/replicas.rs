@@ -19,13 +19,19 @@ const SOLD: u64 = 1;
 const ALREADY_BOUGHT: u64 = 3;
 /// `deduct.lua`'s code for a key that already bought (with its order).
 const REPLAYED: u64 = 6;
+/// `deduct.lua`'s code for a key that bought another quantity (with its
+/// order's quantity).
+const OTHER_QUANTITY: u64 = 12;
 
 /// Whether `raw` tells its buyer they hold a ticket written by an earlier
-/// call, maybe on another connection: a replay of a key, or
-/// `already_bought` naming an order. Such an answer writes nothing, so the
-/// `WAIT` of its own connection would cover nothing.
+/// call, maybe on another connection: a replay of a key, the key's order
+/// of another quantity, or `already_bought` naming an order. Such an
+/// answer writes nothing, so the `WAIT` of its own connection would cover
+/// nothing.
 fn names_an_earlier_order(raw: &Raw) -> bool {
-    raw.code == REPLAYED || (raw.code == ALREADY_BOUGHT && !raw.order.is_empty())
+    raw.code == REPLAYED
+        || raw.code == OTHER_QUANTITY
+        || (raw.code == ALREADY_BOUGHT && !raw.order.is_empty())
 }
 
 /// With `[redis] replicas`, holds every answer of a batch that tells a
