@@ -436,8 +436,13 @@ pub fn quantity_from(query: Option<&str>, max: u64) -> Result<u64, QuantityError
     let Some(v) = found else {
         return Ok(1);
     };
-    // At most 3 digits: `max_per_purchase` is at most 100.
-    if v.is_empty() || v.len() > 3 || !v.bytes().all(|b| b.is_ascii_digit()) {
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(QuantityError::OutOfRange(max));
+    }
+    // At most 3 digits past leading zeros (`max_per_purchase` is at most
+    // 100): `002` and `0002` are both 2, and no length overflows the parse.
+    let v = v.trim_start_matches('0');
+    if v.len() > 3 {
         return Err(QuantityError::OutOfRange(max));
     }
     match v.parse::<u64>() {
@@ -942,5 +947,30 @@ mod tests {
         assert_eq!(back.order_of("b2"), None);
         assert_eq!(back.order_of("b3"), None);
         assert_eq!(back, holders);
+    }
+
+    #[test]
+    fn a_quantity_is_read_one_way() {
+        let q = |query: &str| quantity_from(Some(query), 4);
+        assert_eq!(quantity_from(None, 4), Ok(1));
+        assert_eq!(q("user=a"), Ok(1));
+        assert_eq!(q("quantity=3&user=a"), Ok(3));
+        // Leading zeros, however many, are the same number.
+        assert_eq!(q("quantity=002"), Ok(2));
+        assert_eq!(q("quantity=0000000002"), Ok(2));
+        for bad in [
+            "quantity=0",
+            "quantity=000",
+            "quantity=5",
+            "quantity=",
+            "quantity",
+            "quantity=-1",
+            "quantity=1.5",
+            "quantity=%31",
+            "quantity=1&quantity=1",
+            "quantity=99999999999999999999999",
+        ] {
+            assert_eq!(q(bad), Err(QuantityError::OutOfRange(4)), "{bad}");
+        }
     }
 }
