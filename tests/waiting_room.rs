@@ -1104,3 +1104,141 @@ async fn a_pass_copied_to_another_client_is_refused_embedded() {
     assert!(status.contains(" 200 "), "{status}: {body}");
     assert_eq!(purchases_at_nodes(&c, &ports.nodes).await, 1);
 }
+
+/// `admit = "N/s"` is a bound over any second, not an average: with two
+/// balancers moving one line far longer than the rate, the serving mark
+/// (the buyers admitted, every balancer's together) never moves more than
+/// N (+1 of rounding) within any one second. The mark is read straight
+/// from the store with the store's own clock (`TIME` and the mark in one
+/// script, so each sample is exact whenever the test process gets to
+/// run): two samples at most a second apart bound a second's advance
+/// from below, and a stalled test only takes fewer samples, never a wrong
+/// one. (It moved a tick's worth more: a move admitted the time since the
+/// previous move, which may have been before the window began; and the
+/// first move after the opening counted time from before it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_serving_mark_never_moves_more_than_the_rate_in_any_second_redis() {
+    const RATE: u64 = 100;
+    const LINE: usize = 400;
+    let redis = RedisServer::start();
+    let opens = SystemTime::now() + Duration::from_secs(8);
+    let (text, ports, auth) = room_sale(
+        10,
+        1,
+        Some(&redis.url()),
+        Some(opens),
+        &format!("admit = \"{RATE}/s\"\npass_ttl = \"30s\"\n"),
+    );
+    let (_up, _path) = start_up(&text, &ports);
+    let (text2, listen2, _admin2) = second_balancer(&text, &ports);
+    let (b2, _path2) = start_balancer(&text2, listen2);
+    let doors = [ports.balancer, listen2];
+
+    // A pre-queue four seconds long at the rate, joined at both doors.
+    let c = client();
+    let auth = std::sync::Arc::new(auth);
+    let mut joins = tokio::task::JoinSet::new();
+    for lane in 0..8 {
+        let (c, auth) = (c.clone(), auth.clone());
+        joins.spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            for i in (lane..LINE).step_by(8) {
+                let mut b = Buyer::new(&format!("m{i}"));
+                loop {
+                    let r = b.ask(&c, doors[i % 2], &auth).await;
+                    if r.status == StatusCode::SERVICE_UNAVAILABLE && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+                    break;
+                }
+            }
+        });
+    }
+    while let Some(j) = joins.join_next().await {
+        j.expect("a lane of joins");
+    }
+    assert!(
+        SystemTime::now() < opens,
+        "the pre-queue took past the opening"
+    );
+
+    // The mark, sampled with the store's clock until it reaches the end
+    // of the line, while the second balancer is stopped for 120 ms now and
+    // then, as a loaded machine delays a tick: ticks that do not come on
+    // time are what made a second's moves add up to more than the rate.
+    let url = redis.url();
+    let sampler = tokio::task::spawn_blocking(move || {
+        let mut conn = redis::Client::open(url)
+            .and_then(|c| c.get_connection())
+            .expect("redis");
+        let read = redis::Script::new(
+            "local t = redis.call('TIME') \
+             return {tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), \
+                     tonumber(redis.call('HGET', KEYS[1], 'serving') or '0')}",
+        );
+        let mut samples: Vec<(u64, u64)> = Vec::new();
+        let give_up = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (at, serving): (u64, u64) = read
+                .key("spike:{up}:line")
+                .invoke(&mut conn)
+                .expect("a sample");
+            samples.push((at, serving));
+            if serving >= LINE as u64 || Instant::now() > give_up {
+                return samples;
+            }
+            std::thread::sleep(Duration::from_millis(3));
+        }
+    });
+    while !sampler.is_finished() {
+        tokio::time::sleep(Duration::from_millis(230)).await;
+        b2.signal("STOP");
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        b2.signal("CONT");
+    }
+    let samples = sampler.await.expect("the sampler");
+    let (last_at, last) = *samples.last().expect("samples");
+    assert_eq!(last, LINE as u64, "the mark stopped short of the line");
+
+    // The most the mark moved between two samples less than a second
+    // apart (in whole milliseconds, as the store counts: two samples 999
+    // apart are less than a second apart, 1000 apart may be more).
+    let mut worst = (0, 0, 0);
+    let mut j = 0;
+    for (i, &(at, serving)) in samples.iter().enumerate() {
+        j = j.max(i);
+        while j + 1 < samples.len() && samples[j + 1].0 < at + 1000 {
+            j += 1;
+        }
+        let moved = samples[j].1 - serving;
+        if moved > worst.0 {
+            worst = (moved, at, samples[j].0);
+        }
+    }
+    assert!(
+        worst.0 <= RATE + 1,
+        "the mark moved {} within {} ms (from {} ms after the opening), admit {RATE}/s",
+        worst.0,
+        worst.2 - worst.1,
+        worst.1 as i64
+            - opens
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .expect("after 1970")
+                .as_millis() as i64
+    );
+    // And the line was not admitted in one lump either: it took at least
+    // as many whole seconds as the rate requires (not a timing of speed:
+    // a count bound, whatever the machine's load).
+    let first_move = samples
+        .iter()
+        .find(|s| s.1 > 0)
+        .map(|s| s.0)
+        .expect("the mark moved");
+    assert!(
+        last_at - first_move >= (LINE as u64 / (RATE + 1) - 1) * 1000,
+        "{LINE} admitted in {} ms at {RATE}/s",
+        last_at - first_move
+    );
+}

@@ -7,7 +7,8 @@
 -- (hash), KEYS[5] the admissions log for `follow_stock` (list of
 -- "at serving sales"), KEYS[6] when positions were handed out (list of
 -- "seq at"), KEYS[7] the balancers that move the line (hash: id → when
--- last heard).
+-- last heard), KEYS[8] the serving mark's moves under a rate, the last
+-- second's (list of "at serving", the first the mark a second ago).
 -- ARGV[1] 'join' or 'advance'; ARGV[2] a fresh secret, kept only when the
 -- line starts (the first balancer's); then
 --   join:    ARGV[3] buyer, ARGV[4] lottery number (a random whole number
@@ -34,7 +35,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local l = redis.call('HMGET', KEYS[2], 'epoch', 'secret', 'seq', 'serving', 'carry', 'advanced_at',
   'opened')
 if l[1] ~= s[1] then
-  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7])
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8])
   redis.call('HSET', KEYS[2], 'epoch', s[1], 'secret', ARGV[2], 'seq', 0, 'serving', 0,
     'carry', '0', 'advanced_at', 0)
   l = {s[1], ARGV[2], '0', '0', '0', '0', false}
@@ -98,21 +99,53 @@ end
 local pre = redis.call('ZCARD', KEYS[3])
 local joined = pre + seq
 local advanced_at = tonumber(l[6])
-local from = advanced_at > 0 and advanced_at or opens_at
+-- Time accrues from the opening, not from the last move before it.
+local from = math.max(advanced_at, opens_at)
 local elapsed = math.min(math.max(now - from, 0), 1000)
 if before_opening or shut ~= 0 or free == 0 then
   -- Nothing accrues while nothing can be sold: a line that waited through
   -- a pause or a sold-out spell does not rush in afterwards.
-  redis.call('HSET', KEYS[2], 'advanced_at', now)
+  redis.call('HSET', KEYS[2], 'advanced_at', now, 'carry', '0')
 elseif ARGV[3] == 'rate' then
-  local add = tonumber(l[5]) + tonumber(ARGV[4]) * elapsed / 1000
+  local rate = tonumber(ARGV[4])
+  local add = tonumber(l[5]) + rate * elapsed / 1000
   local whole = math.floor(add)
+  -- N a second over any second, not on average: a move admits the time
+  -- since the previous one, which may have begun before the second that
+  -- ends now, so the mark may move at most N past where it stood a second
+  -- ago (the first entry: the last move at least a second old, or the
+  -- mark before any move was logged).
+  if redis.call('LLEN', KEYS[8]) == 0 then
+    redis.call('RPUSH', KEYS[8], string.format('0 %d', serving))
+  end
+  local second = redis.call('LINDEX', KEYS[8], 1)
+  while second and tonumber(string.match(second, '^(%d+) ')) <= now - 1000 do
+    redis.call('LPOP', KEYS[8])
+    second = redis.call('LINDEX', KEYS[8], 1)
+  end
+  local base = tonumber(string.match(redis.call('LINDEX', KEYS[8], 0), ' (%d+)$'))
+  local room = math.max(base + rate - serving, 0)
+  local carry = add - whole
+  if whole > room then
+    -- Held back by the window: what accrued is kept for the next moves
+    -- (up to a fifth of a second's worth), so the line keeps to the rate
+    -- as closely as the window allows, and no more.
+    carry = math.min(add - room, math.max(rate / 5, 1))
+    whole = room
+  end
   local next_serving = math.min(serving + whole, joined)
-  local carry = next_serving == joined and 0 or add - whole
+  if next_serving == joined then
+    carry = 0
+  end
+  if next_serving ~= serving then
+    redis.call('RPUSH', KEYS[8], string.format('%d %d', now, next_serving))
+  end
   serving = next_serving
   redis.call('HSET', KEYS[2], 'serving', serving, 'carry', string.format('%.6f', carry),
     'advanced_at', now)
 else
+  -- The rate's window starts afresh if the admit rule turns to a rate.
+  redis.call('DEL', KEYS[8])
   -- follow_stock: buyers admitted within the last pass_ttl who have not
   -- bought yet are "in flight"; admit until they are about as many as the
   -- free tickets plus a margin (a tenth of the tickets free or reserved,

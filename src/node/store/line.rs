@@ -40,6 +40,9 @@ pub struct MemLine {
     log: VecDeque<(u64, u64, u64)>,
     /// (seq, at): when positions were handed out.
     marks: VecDeque<(u64, u64)>,
+    /// (at, serving): the mark's moves under a rate in the last second,
+    /// the first the mark a second ago (see `line.lua`).
+    window: VecDeque<(u64, u64)>,
 }
 
 impl MemLine {
@@ -142,24 +145,47 @@ impl MemLine {
         let before_opening = self.before_opening(sale, now);
         let free = sale.total.saturating_sub(sale.sold);
         let joined = self.pre.len() as u64 + self.seq;
-        let from = if self.advanced_at > 0 {
-            self.advanced_at
-        } else {
-            sale.opens_at_ms
-        };
+        // Time accrues from the opening, not from the last move before it.
+        let from = self.advanced_at.max(sale.opens_at_ms);
         let elapsed = now.saturating_sub(from).min(1000);
         if before_opening || sale.shut != 0 || free == 0 {
             self.advanced_at = now;
+            self.carry = 0.0;
         } else {
             match admit {
                 LineAdmit::Rate(per_second) => {
-                    let add = self.carry + f64::from(per_second) * elapsed as f64 / 1000.0;
-                    let whole = add.floor();
-                    let next = (self.serving + whole as u64).min(joined);
-                    self.carry = if next == joined { 0.0 } else { add - whole };
+                    let rate = u64::from(per_second);
+                    let add = self.carry + rate as f64 * elapsed as f64 / 1000.0;
+                    let mut whole = add.floor() as u64;
+                    // N over any second (see `line.lua`): at most N past
+                    // where the mark stood a second ago.
+                    if self.window.is_empty() {
+                        self.window.push_back((0, self.serving));
+                    }
+                    while self.window.len() > 1 && self.window[1].0 + 1000 <= now {
+                        self.window.pop_front();
+                    }
+                    let base = self.window.front().map_or(self.serving, |&(_, s)| s);
+                    let room = (base + rate).saturating_sub(self.serving);
+                    let mut carry = add - whole as f64;
+                    if whole > room {
+                        carry = (add - room as f64).min((rate as f64 / 5.0).max(1.0));
+                        whole = room;
+                    }
+                    let next = (self.serving + whole).min(joined);
+                    if next == joined {
+                        carry = 0.0;
+                    }
+                    if next != self.serving {
+                        self.window.push_back((now, next));
+                    }
+                    self.carry = carry;
                     self.serving = next;
                 }
                 LineAdmit::FollowStock { pass_ttl_ms } => {
+                    // The rate's window starts afresh if the rule turns
+                    // to a rate.
+                    self.window.clear();
                     let sales = sale.sold + sale.released;
                     if self.log.is_empty() {
                         // The mark before any admission: the first ones
@@ -207,5 +233,76 @@ impl MemLine {
             }
         }
         self.answer(sale, now, oldest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two balancers moving one line five times a second each, late by
+    /// up to 60 ms now and then: the mark never moves more than the rate
+    /// within any second (every window, to the millisecond), from the
+    /// opening on, and keeps close to the rate over the whole run.
+    #[test]
+    fn a_rate_bounds_every_second_of_the_mark() {
+        const RATE: u32 = 100;
+        let sale = SaleNumbers {
+            epoch: 1,
+            total: 10_000,
+            sold: 0,
+            released: 0,
+            reserved: 0,
+            opens_at_ms: 10_000,
+            shut: 0,
+        };
+        let mut line = MemLine::default();
+        for i in 0..5_000u64 {
+            line.join(
+                &sale,
+                5_000 + i / 10,
+                &format!("b{i}"),
+                i * 7_919 % 1_000_003,
+                "s",
+            );
+        }
+        let mut seed = 12_345u64;
+        let mut jitter = || {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let r = (seed >> 33) % 100;
+            if r < 70 { r % 4 } else { r - 40 }
+        };
+        let mut ticks: Vec<u64> = Vec::new();
+        for (phase, b) in [(9_003u64, 0), (9_071, 1)] {
+            let _ = b;
+            let mut t = phase;
+            while t < 30_000 {
+                ticks.push(t + jitter());
+                t += 200;
+            }
+        }
+        ticks.sort_unstable();
+        let mut moves = vec![(0u64, 0u64)];
+        for &t in &ticks {
+            let s = line.advance(&sale, t, LineAdmit::Rate(RATE), "s").serving;
+            if s != moves.last().map_or(0, |m| m.1) {
+                moves.push((t, s));
+            }
+        }
+        let mark = |at: u64| {
+            moves
+                .iter()
+                .take_while(|m| m.0 <= at)
+                .last()
+                .map_or(0, |m| m.1)
+        };
+        for a in 9_000..29_000 {
+            let moved = mark(a + 1_000) - mark(a);
+            assert!(moved <= u64::from(RATE), "{moved} in ({a}, {}]", a + 1_000);
+        }
+        // 20 s after the opening: at least nine tenths of the rate's worth.
+        let admitted = mark(30_000);
+        assert!(admitted >= 20 * u64::from(RATE) * 9 / 10, "{admitted}");
+        assert!(admitted <= 20 * u64::from(RATE) + 1, "{admitted}");
     }
 }

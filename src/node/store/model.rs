@@ -461,7 +461,7 @@ impl SaleKeys {
 
 /// The keys of a sale's waiting-room line (see `line.lua`), in the sale's
 /// hash slot.
-pub fn line_keys(event: &str) -> [String; 7] {
+pub fn line_keys(event: &str) -> [String; 8] {
     [
         format!("spike:{{{event}}}:stock"),
         format!("spike:{{{event}}}:line"),
@@ -470,6 +470,7 @@ pub fn line_keys(event: &str) -> [String; 7] {
         format!("spike:{{{event}}}:line_log"),
         format!("spike:{{{event}}}:line_marks"),
         format!("spike:{{{event}}}:line_balancers"),
+        format!("spike:{{{event}}}:line_window"),
     ]
 }
 
