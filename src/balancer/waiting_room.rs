@@ -125,15 +125,19 @@ pub struct WaitingRoom {
     pub passes_deferred: AtomicU64,
 }
 
-/// `admit = "N/s"` as a bound on what reaches the nodes, not only on the
+/// `admit = "N/s"` as a bound on the passes handed out, not only on the
 /// serving mark: buyers come back when they please, and a crowd of them
-/// admitted a while ago and returning together would reach the nodes in
+/// admitted a while ago and returning together would be handed passes in
 /// a burst. Each balancer hands out passes at its share of the rate (the
-/// rate ÷ the balancers moving the line), with a tick's worth of burst.
+/// rate ÷ the balancers moving the line), with a tick's worth of burst
+/// (smooth), and never more than its share rounded up within any second
+/// (strict: two balancers hand out at most N + 1 in any second).
 #[derive(Debug, Default)]
 struct PassBucket {
     tokens: f64,
     at: Option<Instant>,
+    /// When the passes of the last second were handed out.
+    handed: std::collections::VecDeque<Instant>,
     /// (a buyer's hash, when their pass expires in the store's clock), in
     /// a slot the hash picks: a buyer handed a pass who asks again (their
     /// pass lost, or not sent) is handed it again without spending the
@@ -173,8 +177,20 @@ impl PassBucket {
         });
         self.at = Some(now);
         self.tokens = (self.tokens + elapsed * per_second).min(burst);
-        if self.tokens >= 1.0 {
+        // The burst is over a second's share only if the second before it
+        // was quiet: the passes of any one second stay within the share
+        // (rounded up: a balancer with less than one a second hands one).
+        while self
+            .handed
+            .front()
+            .is_some_and(|&at| now.duration_since(at) >= Duration::from_secs(1))
+        {
+            self.handed.pop_front();
+        }
+        let most = per_second.ceil().max(1.0) as usize;
+        if self.tokens >= 1.0 && self.handed.len() < most {
             self.tokens -= 1.0;
+            self.handed.push_back(now);
             true
         } else {
             false
@@ -871,4 +887,38 @@ pub fn status(shared: &Shared) -> RoomStatus {
 /// for a buyer's keyed retry, `reply` for anyone else.
 pub fn after_edge(retry: bool, reply: Reply) -> Option<Reply> {
     (!retry).then_some(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A balancer's passes: never more than its share (rounded up) within
+    /// any second, however hard it is asked, and about its share over
+    /// two seconds. (Its tick's worth of burst on top of a second's
+    /// refill handed out 20% more.)
+    #[test]
+    fn a_balancer_hands_out_its_share_in_any_second() {
+        let share = 50.0;
+        let mut bucket = PassBucket::default();
+        let start = Instant::now();
+        let mut handed = Vec::new();
+        let mut buyer = 1u64;
+        while start.elapsed() < Duration::from_millis(2_200) {
+            buyer += 1;
+            if bucket.admit(buyer, 0, u64::MAX, share) {
+                // The time the bucket counted it at.
+                handed.push(*bucket.handed.back().expect("a pass"));
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        for (i, &at) in handed.iter().enumerate() {
+            let within = handed[i..]
+                .iter()
+                .take_while(|&&t| t.duration_since(at) < Duration::from_secs(1))
+                .count();
+            assert!(within <= 50, "{within} passes within a second");
+        }
+        assert!(handed.len() >= 60, "{} passes in 2.2 s", handed.len());
+    }
 }
