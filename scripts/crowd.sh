@@ -151,27 +151,64 @@ while True:
     time.sleep(0.5)
 EOF
   PIDS+=($!)
+  # The serving mark read with Redis's own clock (TIME and the mark in one
+  # script), every few milliseconds: the most it moved within any second,
+  # exactly (two samples less than a second apart bound a second's moves
+  # from below, whatever the sampler's own delays).
+  python3 - "$WORK/mark.json" "$REDIS_PORT" <<'EOF' &
+import collections, json, socket, sys, time
+out, port = sys.argv[1], int(sys.argv[2])
+script = ("local t = redis.call('TIME') return {tonumber(t[1]) * 1000 + "
+          "math.floor(tonumber(t[2]) / 1000), tonumber(redis.call('HGET', KEYS[1], 'serving') or '0')}")
+cmd = ["EVAL", script, "1", "spike:{crowd}:line"]
+req = (f"*{len(cmd)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in cmd)).encode()
+s = socket.create_connection(("127.0.0.1", port))
+f = s.makefile("rb")
+def sample():
+    s.sendall(req)
+    assert f.readline().startswith(b"*2")
+    return int(f.readline()[1:]), int(f.readline()[1:])
+kept, worst, samples, dumped = collections.deque(), (0, 0), 0, 0.0
+while True:
+    at, mark = sample()
+    samples += 1
+    # The samples less than a second before this one: the earliest of them
+    # bounds how far the mark moved within a second ending now.
+    while kept and kept[0][0] <= at - 1000:
+        kept.popleft()
+    kept.append((at, mark))
+    if mark - kept[0][1] > worst[0]:
+        worst = (mark - kept[0][1], kept[0][0])
+    if time.time() - dumped > 0.5:
+        json.dump({"most_in_any_second": worst[0], "from_ms": worst[1], "samples": samples}, open(out, "w"))
+        dumped = time.time()
+    time.sleep(0.005)
+EOF
+  PIDS+=($!)
 fi
 "$CROWD" --flow --config "$cfg" --buyers "$WORK/buyers.txt" --send token --pay-share "$PAY_SHARE" \
   -c "$CONC" -z 10m --patience 5m "${arrive[@]+"${arrive[@]}"}" "http://127.0.0.1:$LB/buy/ticket" >"$WORK/crowd.json"
 took=$(python3 -c "import time; print(f'{time.time() - $start:.1f}')")
 [ -f "$WORK/rate.json" ] || echo '{}' >"$WORK/rate.json"
+[ -f "$WORK/mark.json" ] || echo '{}' >"$WORK/mark.json"
 # Unpaid reservations expire (PAY_WITHIN), then the audit reads a quiet sale.
 sleep "$(python3 -c "import re; v='$PAY_WITHIN'; print(int(re.sub(r'[^0-9]', '', v)) + 2)")"
 "$SPIKE" stock show --config "$cfg" >"$WORK/show.json"
 audit_rc=0
 "$SPIKE" stock audit --config "$cfg" >"$WORK/audit.json" || audit_rc=$?
 cp "$WORK/rate.json" "${TMPDIR:-/tmp}/spike-crowd-rate.json" 2>/dev/null || true
-python3 - "$WORK/crowd.json" "$WORK/show.json" "$BUYERS" "$TOTAL" "$took" "$audit_rc" "$WORK/rate.json" "$ROOM" <<'EOF'
+cp "$WORK/mark.json" "${TMPDIR:-/tmp}/spike-crowd-mark.json" 2>/dev/null || true
+python3 - "$WORK/crowd.json" "$WORK/show.json" "$BUYERS" "$TOTAL" "$took" "$audit_rc" "$WORK/rate.json" "$ROOM" "$WORK/mark.json" <<'EOF'
 import json, sys
 crowd, show = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
 buyers, total, took, audit_rc = int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
-rate, room = json.load(open(sys.argv[7])), sys.argv[8]
+rate, room, mark = json.load(open(sys.argv[7])), sys.argv[8], json.load(open(sys.argv[9]))
 o = crowd["outcomes"]
 print(json.dumps({"outcomes": o, "waits": crowd["waits"], "requests": crowd["statusCodeDistribution"],
                   "errors": crowd["errorDistribution"], "seconds": float(took),
                   "line": crowd.get("line"), "nodes_most_purchases_in_a_second": rate.get("most_in_a_second"),
                   "line_most_admitted_in_a_second": rate.get("admitted_most_in_a_second"),
+                  "line_most_admitted_in_any_second": mark.get("most_in_any_second"),
                   "admit": room or None,
                   "store": {k: show[k] for k in ("total", "sold", "paid", "reserved", "released")}}, indent=1))
 problems = []
@@ -196,6 +233,10 @@ if room:
     after = line.get("after_opening_rank_correlation")
     if after is not None and line.get("after_opening", 0) > 100 and after < 0.9:
         problems.append(f"places after the opening do not follow arrival: rank correlation {after:.3f}")
+    if room.endswith("/s") and mark.get("most_in_any_second") is not None:
+        # The mark, exactly: the rate, and one of rounding.
+        if mark["most_in_any_second"] > int(room[:-2]) + 1:
+            problems.append(f"the line admitted {mark['most_in_any_second']} within a second, admit {room}")
     if room.endswith("/s") and rate.get("most_in_a_second") is not None:
         # The sampler's second is not the line's: allow a tick's admissions.
         allowed = int(room[:-2]) * 1.1 + 20
