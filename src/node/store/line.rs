@@ -240,10 +240,10 @@ impl MemLine {
 mod tests {
     use super::*;
 
-    /// Two balancers moving one line five times a second each, late by
-    /// up to 60 ms now and then: the mark never moves more than the rate
-    /// within any second (every window, to the millisecond), from the
-    /// opening on, and keeps close to the rate over the whole run.
+    /// Two balancers moving one line every 205 ms each (the balancer's
+    /// tick), late by up to 60 ms now and then: the mark never moves more
+    /// than the rate within any second (every window, to the millisecond),
+    /// from the opening on, and keeps close to the rate over the run.
     #[test]
     fn a_rate_bounds_every_second_of_the_mark() {
         const RATE: u32 = 100;
@@ -278,7 +278,7 @@ mod tests {
             let mut t = phase;
             while t < 30_000 {
                 ticks.push(t + jitter());
-                t += 200;
+                t += 205;
             }
         }
         ticks.sort_unstable();
