@@ -592,7 +592,8 @@ async fn visit(
 /// What the places in a waiting room's line say of its fairness: the rank
 /// correlation (Spearman) of arrival order against place, near 0 among
 /// the pre-queue's admitted buyers (the shuffle: arriving early bought
-/// nothing) and near 1 after the opening (arrival order). The pre-queue's
+/// nothing) and near 1 after the opening (arrival order: among those placed,
+/// and among those of them the line admitted). The pre-queue's
 /// is taken over the buyers the line admitted, every one of whom learned
 /// their place: over every buyer who learned one it would be skewed by
 /// who asked again before the sell-out, which depends on when they came.
@@ -626,6 +627,7 @@ fn line_report(places: &mut [Place]) -> serde_json::Value {
         .copied()
         .collect();
     let after: Vec<Place> = places.iter().filter(|p| !p.prequeue).copied().collect();
+    let admitted_after: Vec<Place> = after.iter().filter(|p| p.admitted).copied().collect();
     serde_json::json!({
         "placed": places.len(),
         "prequeue_placed": places.iter().filter(|p| p.prequeue).count(),
@@ -633,6 +635,8 @@ fn line_report(places: &mut [Place]) -> serde_json::Value {
         "prequeue_rank_correlation": spearman(&admitted_pre),
         "after_opening": after.len(),
         "after_opening_rank_correlation": spearman(&after),
+        "after_opening_admitted": admitted_after.len(),
+        "after_opening_admitted_rank_correlation": spearman(&admitted_after),
     })
 }
 
