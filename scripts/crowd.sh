@@ -169,9 +169,13 @@ def sample():
     assert f.readline().startswith(b"*2")
     return int(f.readline()[1:]), int(f.readline()[1:])
 kept, worst, samples, dumped = collections.deque(), (0, 0), 0, 0.0
+first, last = None, None
 while True:
     at, mark = sample()
     samples += 1
+    if mark > 0 and (last is None or mark > last[1]):
+        first = first or (at, mark)
+        last = (at, mark)
     # The samples less than a second before this one: the earliest of them
     # bounds how far the mark moved within a second ending now.
     while kept and kept[0][0] <= at - 1000:
@@ -180,7 +184,10 @@ while True:
     if mark - kept[0][1] > worst[0]:
         worst = (mark - kept[0][1], kept[0][0])
     if time.time() - dumped > 0.5:
-        json.dump({"most_in_any_second": worst[0], "from_ms": worst[1], "samples": samples}, open(out, "w"))
+        # The line's own pace, from its first move to its last.
+        pace = (last[1] - first[1]) * 1000 / (last[0] - first[0]) if last and last[0] > first[0] else None
+        json.dump({"most_in_any_second": worst[0], "from_ms": worst[1], "samples": samples,
+                   "mean_per_second": pace}, open(out, "w"))
         dumped = time.time()
     time.sleep(0.005)
 EOF
@@ -209,6 +216,7 @@ print(json.dumps({"outcomes": o, "waits": crowd["waits"], "requests": crowd["sta
                   "line": crowd.get("line"), "nodes_most_purchases_in_a_second": rate.get("most_in_a_second"),
                   "line_most_admitted_in_a_second": rate.get("admitted_most_in_a_second"),
                   "line_most_admitted_in_any_second": mark.get("most_in_any_second"),
+                  "line_admitted_per_second_while_moving": mark.get("mean_per_second"),
                   "admit": room or None,
                   "store": {k: show[k] for k in ("total", "sold", "paid", "reserved", "released")}}, indent=1))
 problems = []
