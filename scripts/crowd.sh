@@ -16,8 +16,10 @@
 # OPENS_IN seconds in), sharing CONC connections and sending back the
 # cookies they are given; the report adds the line's fairness (the rank
 # correlation of arrival against place: near 0 among the pre-queue's
-# admitted buyers, near 1 after the opening) and the most purchases the nodes saw in any one
-# second, sampled from their /metrics, against the admit rate.
+# admitted buyers, near 1 after the opening), the most the serving mark moved
+# within any second (read with Redis's clock: at most the rate + 1) and the
+# line's pace, and the most purchases the nodes saw in any one second,
+# sampled from their /metrics, against the admit rate.
 #
 # Knobs (environment): BUYERS (20000), TOTAL (1000), CONC (200 lanes, each
 # one buyer at a time; with ROOM, shared connections), PAY_SHARE (0.8),
