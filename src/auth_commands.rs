@@ -28,13 +28,14 @@ fn auth_of(config: &Config) -> anyhow::Result<&auth::AuthConfig> {
 /// crowd of a load test, where every request is another buyer).
 pub fn token(
     path: &Path,
+    event: Option<&str>,
     buyer: &str,
     ttl: Duration,
     not_before: Option<Duration>,
     count: Option<u64>,
 ) -> anyhow::Result<ExitCode> {
     let config = Config::load(path)?;
-    let sale = config.require_sale()?;
+    let sale = config.pick_sale(event)?;
     let auth = auth_of(&config)?;
     crate::protocol::check_buyer(buyer).with_context(|| format!("--buyer {buyer:?}"))?;
     let key = auth

@@ -27,7 +27,7 @@ pub fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
     for warning in &config.warnings {
         eprintln!("spike: warning: {warning}");
     }
-    let passed = match (config.sale.as_ref(), config.redis.as_ref()) {
+    let passed = match (config.sale(), config.redis.as_ref()) {
         (Some(sale), Some(redis)) => {
             let url = redacted(&redis.url);
             let runtime = tokio::runtime::Builder::new_current_thread()

@@ -133,6 +133,46 @@ pub struct ConfigArg {
     pub config: PathBuf,
 }
 
+/// Which sale of the file a `spike stock` command is about.
+#[derive(Debug, Args)]
+pub struct EventArg {
+    /// The sale's event (default: the file's only sale; a file of several
+    /// sales must name one).
+    #[arg(long)]
+    pub event: Option<String>,
+}
+
+/// Which sales `spike stock init|show|audit` are about: one, or `--all`.
+#[derive(Debug, Args)]
+pub struct EventsArg {
+    /// The sale's event (default: the file's only sale; a file of several
+    /// sales must name one, or pass --all).
+    #[arg(long, conflicts_with = "all")]
+    pub event: Option<String>,
+    /// Every sale of the file, one after another (one JSON line each);
+    /// exits non-zero if any fails.
+    #[arg(long)]
+    pub all: bool,
+}
+
+impl EventsArg {
+    /// What the library takes.
+    pub fn which(&self) -> crate::stock::Which<'_> {
+        if self.all {
+            crate::stock::Which::All
+        } else {
+            crate::stock::Which::Named(self.event.as_deref())
+        }
+    }
+}
+
+impl EventArg {
+    /// What the library takes.
+    pub fn which(&self) -> crate::stock::Which<'_> {
+        crate::stock::Which::Named(self.event.as_deref())
+    }
+}
+
 /// spike's commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -185,6 +225,8 @@ pub enum Command {
     Token {
         #[command(flatten)]
         config: ConfigArg,
+        #[command(flatten)]
+        sale: EventArg,
         /// The buyer id the token names (its `sub`).
         #[arg(long)]
         buyer: String,
@@ -278,6 +320,8 @@ pub enum OrdersAction {
     Tail {
         #[command(flatten)]
         config: ConfigArg,
+        #[command(flatten)]
+        sale: EventArg,
         /// The consumer group: tails of one group share the events, each
         /// group gets all of them.
         #[arg(long, default_value = "spike-orders")]
@@ -301,6 +345,8 @@ pub enum StockAction {
     Init {
         #[command(flatten)]
         config: ConfigArg,
+        #[command(flatten)]
+        sales: EventsArg,
         /// Reset a started sale: total, sold count, buyers and orders.
         #[arg(long)]
         force: bool,
@@ -319,34 +365,46 @@ pub enum StockAction {
     Show {
         #[command(flatten)]
         config: ConfigArg,
+        #[command(flatten)]
+        sales: EventsArg,
     },
     /// Check the sale's invariants; exits non-zero when any is broken.
     #[command(after_help = AUDIT_HELP)]
     Audit {
         #[command(flatten)]
         config: ConfigArg,
+        #[command(flatten)]
+        sales: EventsArg,
     },
     /// Stop selling now, until `stock resume` (every node within a
     /// second: the store refuses each purchase meanwhile).
     Pause {
         #[command(flatten)]
         config: ConfigArg,
+        #[command(flatten)]
+        sale: EventArg,
     },
     /// Sell again after `stock pause`.
     Resume {
         #[command(flatten)]
         config: ConfigArg,
+        #[command(flatten)]
+        sale: EventArg,
     },
     /// Close the sale for good, now (`stock init --force` starts another).
     Close {
         #[command(flatten)]
         config: ConfigArg,
+        #[command(flatten)]
+        sale: EventArg,
     },
     /// Put N more tickets on sale in a running sale, without a reset (a
     /// staged release); a sold-out sale sells again.
     Add {
         #[command(flatten)]
         config: ConfigArg,
+        #[command(flatten)]
+        sale: EventArg,
         /// Tickets to add.
         tickets: u64,
     },

@@ -36,46 +36,79 @@ fn main() -> ExitCode {
         Command::Stock { action } => match action {
             StockAction::Init {
                 config,
+                sales,
                 force,
                 allow_volatile,
                 trust_client_buyer_ids,
             } => spike::stock::init(
                 &config.config,
+                sales.which(),
                 force,
                 allow_volatile,
                 trust_client_buyer_ids,
             ),
-            StockAction::Show { config } => spike::stock::show(&config.config),
-            StockAction::Audit { config } => spike::stock::audit(&config.config),
-            StockAction::Pause { config } => {
-                spike::stock::control(&config.config, spike::node::store::Control::Pause)
+            StockAction::Show { config, sales } => {
+                spike::stock::show(&config.config, sales.which())
             }
-            StockAction::Resume { config } => {
-                spike::stock::control(&config.config, spike::node::store::Control::Resume)
+            StockAction::Audit { config, sales } => {
+                spike::stock::audit(&config.config, sales.which())
             }
-            StockAction::Close { config } => {
-                spike::stock::control(&config.config, spike::node::store::Control::Close)
-            }
-            StockAction::Add { config, tickets } => {
-                spike::stock::control(&config.config, spike::node::store::Control::Add(tickets))
-            }
+            StockAction::Pause { config, sale } => spike::stock::control(
+                &config.config,
+                sale.which(),
+                spike::node::store::Control::Pause,
+            ),
+            StockAction::Resume { config, sale } => spike::stock::control(
+                &config.config,
+                sale.which(),
+                spike::node::store::Control::Resume,
+            ),
+            StockAction::Close { config, sale } => spike::stock::control(
+                &config.config,
+                sale.which(),
+                spike::node::store::Control::Close,
+            ),
+            StockAction::Add {
+                config,
+                sale,
+                tickets,
+            } => spike::stock::control(
+                &config.config,
+                sale.which(),
+                spike::node::store::Control::Add(tickets),
+            ),
         },
         Command::Orders {
             action:
                 OrdersAction::Tail {
                     config,
+                    sale,
                     group,
                     consumer,
                     claim_after,
                 },
-        } => spike::orders_tail::main(&config.config, &group, &consumer, claim_after),
+        } => spike::orders_tail::main(
+            &config.config,
+            sale.event.as_deref(),
+            &group,
+            &consumer,
+            claim_after,
+        ),
         Command::Token {
             config,
+            sale,
             buyer,
             ttl,
             not_before,
             count,
-        } => spike::auth_commands::token(&config.config, &buyer, ttl, not_before, count),
+        } => spike::auth_commands::token(
+            &config.config,
+            sale.event.as_deref(),
+            &buyer,
+            ttl,
+            not_before,
+            count,
+        ),
         Command::PaySign {
             config,
             order,

@@ -55,7 +55,7 @@ pub fn run(
         None => default_workers(),
     };
     let text = render(balancer, listen.unwrap_or(balancer.listen), workers);
-    if config.sale.is_some() && balancer.sold_out_at_edge {
+    if config.sale().is_some() && balancer.sold_out_at_edge {
         println!("# Not in any Nginx: once the sale is sold out, spike's balancer answers");
         println!("# late buyers itself (sold_out_at_edge); this Nginx forwards every one");
         println!("# of them to a node.");

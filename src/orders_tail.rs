@@ -125,12 +125,13 @@ pub enum TailError {
 /// another consumer's events.
 pub fn main(
     config_path: &Path,
+    event: Option<&str>,
     group: &str,
     consumer: &str,
     claim_after: Duration,
 ) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;
-    let sale = config.require_sale()?.clone();
+    let sale = config.pick_sale(event)?.clone();
     let Some(redis) = config.redis.clone() else {
         return Err(TailError::NoRedis(config.path.clone()).into());
     };

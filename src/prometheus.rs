@@ -52,19 +52,38 @@ impl Histogram {
     /// `_count` samples).
     pub fn write(&self, out: &mut String, name: &str, help: &str) {
         header(out, name, help, "histogram");
+        self.write_samples(out, name, "");
+    }
+
+    /// The samples of [`Histogram::write`] without the header, each with
+    /// `labels` (`event="E"`, or empty) before `le`: one series of a
+    /// labelled family (a node's sales), the header written once before.
+    pub fn write_samples(&self, out: &mut String, name: &str, labels: &str) {
+        let (open, sep) = if labels.is_empty() {
+            ("", "")
+        } else {
+            ("{", ",")
+        };
+        let close = if labels.is_empty() { "" } else { "}" };
         let mut cumulative = 0;
         for (i, bound) in BUCKETS.iter().enumerate() {
             cumulative += self.counts[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
+            );
         }
         cumulative += self.counts[BUCKETS.len()].load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
         let _ = writeln!(
             out,
-            "{name}_sum {}",
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}"
+        );
+        let _ = writeln!(
+            out,
+            "{name}_sum{open}{labels}{close} {}",
             self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
         );
-        let _ = writeln!(out, "{name}_count {cumulative}");
+        let _ = writeln!(out, "{name}_count{open}{labels}{close} {cumulative}");
     }
 }
 

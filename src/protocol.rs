@@ -20,6 +20,35 @@ use serde::{Deserialize, Serialize};
 /// The one path on which a request is a purchase.
 pub const PURCHASE_PATH: &str = "/buy/ticket";
 
+/// The prefix of a purchase in a named sale, `/events/{event}/buy`
+/// (beside `/buy/ticket?event={event}`).
+pub const EVENTS_PREFIX: &str = "/events/";
+
+/// The event of a purchase path `/events/{event}/buy`, or `None` when
+/// `path` is not one: an event is 1 to 64 characters of letters, digits,
+/// '-', '_' or '.' (as `[sale] event` is), so the path is exact.
+pub fn event_purchase(path: &str) -> Option<&str> {
+    let event = path.strip_prefix(EVENTS_PREFIX)?.strip_suffix("/buy")?;
+    is_event(event).then_some(event)
+}
+
+/// Whether `e` is an event name as the file allows them.
+pub fn is_event(e: &str) -> bool {
+    !e.is_empty()
+        && e.len() <= 64
+        && e.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// The `event` query parameter, the sale a request names (`None`: it
+/// names none, which means a fleet's only sale). Taken as it stands: a
+/// name that is no event of the fleet is its 404.
+pub fn event_from(query: Option<&str>) -> Option<&str> {
+    query?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("event="))
+}
+
 /// A node's view of the sale from memory ([`SoldOutView`]); with
 /// `?epoch=E&released=R`, a long poll (see [`sold_out_poll`]).
 pub const SOLD_OUT_PATH: &str = "/sold_out";
@@ -89,11 +118,12 @@ pub fn is_public_path(path: &[u8]) -> bool {
 /// backslash, no quote and no space, so it reads the same quoted in
 /// either file.
 pub const ORDER_PATH_PATTERN: &str =
-    "^/orders/(?![.][.]?(/|$))[A-Za-z0-9_.:@-]{1,64}(/pay|/cancel)?$";
+    "^/orders/(?![.][.]?(/|$))[A-Za-z0-9_.:@-]{1,128}(/pay|/cancel)?$";
 
 /// Longest order id a balancer passes on (an order id is two numbers of at
-/// most 20 digits and a dash; the node says what is wrong with one).
-pub const MAX_ORDER_ID_LEN: usize = 64;
+/// most 20 digits and a dash, after `EVENT:` in a fleet of several sales;
+/// the node says what is wrong with one).
+pub const MAX_ORDER_ID_LEN: usize = 128;
 
 /// On every `sold_out` answer of a node: how a balancer in front learns,
 /// from the traffic it already carries, that it may ask for the holders and

@@ -10,12 +10,30 @@ use anyhow::Context;
 use crate::config::{Config, SaleConfig};
 use crate::node::store::{Audit, Control, ControlAnswer, Snapshot, Store, StoreError};
 
-fn with_store<T>(
+/// Which sales of the file a `spike stock` command is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which<'a> {
+    /// The sale of `--event`, or without it the file's only one (with
+    /// several, an error naming them).
+    Named(Option<&'a str>),
+    /// Every sale of the file, one after another (`--all`).
+    All,
+}
+
+/// Runs `f` on each sale `which` names, each with its store, over one
+/// connection to Redis; the exit code is the first failure's, else
+/// success (every sale is still run, so `--all` reports them all).
+fn with_store(
     config_path: &Path,
-    f: impl AsyncFnOnce(&Config, Store) -> anyhow::Result<T>,
-) -> anyhow::Result<T> {
+    which: Which<'_>,
+    mut f: impl AsyncFnMut(&Config, &SaleConfig, Store) -> anyhow::Result<ExitCode>,
+) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;
-    let sale = config.require_sale()?.clone();
+    let sales: Vec<SaleConfig> = match which {
+        Which::Named(event) => vec![config.pick_sale(event)?.clone()],
+        Which::All if config.sales.is_empty() => vec![config.require_sale()?.clone()],
+        Which::All => config.sales.clone(),
+    };
     let Some(redis) = config.redis.clone() else {
         anyhow::bail!(
             "{}: no [redis] section: the embedded store lives inside the running `spike up` process; read it at a node's GET /sale",
@@ -26,8 +44,20 @@ fn with_store<T>(
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let store = Store::open(&sale, Some(&redis)).await?;
-        f(&config, store).await
+        let conn = crate::node::store::RedisConn::connect(&redis).await?;
+        let mut code = ExitCode::SUCCESS;
+        for sale in &sales {
+            let store = Store::Redis(std::sync::Arc::new(
+                crate::node::store::RedisStore::on(&conn, sale).await,
+            ));
+            let this = f(&config, sale, store)
+                .await
+                .with_context(|| format!("the sale {}", sale.event))?;
+            if this != ExitCode::SUCCESS && code == ExitCode::SUCCESS {
+                code = this;
+            }
+        }
+        Ok(code)
     })
 }
 
@@ -163,12 +193,12 @@ pub fn sale_differs(file: &SaleConfig, stored: &Snapshot) -> Option<String> {
 /// a Redis that may forget answered orders unless `allow_volatile`.
 pub fn init(
     config_path: &Path,
+    which: Which<'_>,
     force: bool,
     allow_volatile: bool,
     trust_client_buyer_ids: bool,
 ) -> anyhow::Result<ExitCode> {
-    with_store(config_path, async |config, store| {
-        let sale = config.require_sale()?;
+    with_store(config_path, which, async |config, sale, store| {
         // Said once, here; with the flag the operator has read it (every
         // node still logs it, and /healthz shows "buyers": "unverified").
         if let Some(why) = unverified_buyers(config)
@@ -217,11 +247,12 @@ pub fn init(
 /// `stock init` (as `--allow-volatile` is for a Redis that forgets);
 /// `spike up` and every node warn with the same words.
 pub fn unverified_buyers(config: &crate::config::Config) -> Option<String> {
-    let sale = config.sale.as_ref()?;
+    let sale = config.sales.iter().find(|s| s.per_user_limit > 0)?;
     (sale.per_user_limit > 0 && config.auth.is_none()).then(|| {
         format!(
-            "{}: the sale limits each buyer to {} but has no [auth]: buyers are who the client says they are (?user=, X-User-Id), so anyone can buy as anyone and a bot that changes its id is not limited",
+            "{}: the sale {} limits each buyer to {} but has no [auth]: buyers are who the client says they are (?user=, X-User-Id), so anyone can buy as anyone and a bot that changes its id is not limited",
             config.path.display(),
+            sale.event,
             sale.per_user_limit
         )
     })
@@ -244,7 +275,7 @@ pub fn development_keys(config: &crate::config::Config) -> Option<String> {
 /// it is now (one JSON object); a change that makes no sense (adding to a
 /// closed sale, resuming one that is not paused) is refused with why, and
 /// exits non-zero.
-pub fn control(config_path: &Path, change: Control) -> anyhow::Result<ExitCode> {
+pub fn control(config_path: &Path, which: Which<'_>, change: Control) -> anyhow::Result<ExitCode> {
     if let Control::Add(n) = change
         && !(1..=crate::config::MAX_COUNT).contains(&n)
     {
@@ -253,7 +284,7 @@ pub fn control(config_path: &Path, change: Control) -> anyhow::Result<ExitCode> 
             crate::config::MAX_COUNT
         );
     }
-    with_store(config_path, async |config, store| {
+    with_store(config_path, which, async |config, _, store| {
         let what = match change {
             Control::Pause => "stock pause",
             Control::Resume => "stock resume",
@@ -307,8 +338,8 @@ pub fn control(config_path: &Path, change: Control) -> anyhow::Result<ExitCode> 
 }
 
 /// `spike stock show`: one JSON object.
-pub fn show(config_path: &Path) -> anyhow::Result<ExitCode> {
-    with_store(config_path, async |_, store| {
+pub fn show(config_path: &Path, which: Which<'_>) -> anyhow::Result<ExitCode> {
+    with_store(config_path, which, async |_, _, store| {
         let snap = store.snapshot().await.context("stock show")?;
         println!("{}", serde_json::to_string(&snap)?);
         Ok(ExitCode::SUCCESS)
@@ -316,8 +347,8 @@ pub fn show(config_path: &Path) -> anyhow::Result<ExitCode> {
 }
 
 /// `spike stock audit`: prints what it found; non-zero exit when anything is off.
-pub fn audit(config_path: &Path) -> anyhow::Result<ExitCode> {
-    with_store(config_path, async |_, store| {
+pub fn audit(config_path: &Path, which: Which<'_>) -> anyhow::Result<ExitCode> {
+    with_store(config_path, which, async |_, _, store| {
         // One pass over the stream and the buyers, counted inside Redis;
         // the stream up to the snapshot's moment, the buyers only when the
         // sale stood still while they were read (see `Store::audit`).

@@ -17,8 +17,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::node::store::Snapshot;
-use crate::node::{Node, NodeError, Store};
+use crate::node::store::{Snapshot, Stores};
+use crate::node::{NodeError, Sales};
 
 /// Why `spike up` could not start.
 #[derive(Debug, thiserror::Error)]
@@ -107,26 +107,48 @@ pub async fn run(
     listeners: Listeners,
     allow_volatile: bool,
     shutdown: impl Future<Output = ()>,
-    ready: impl FnOnce(&Config, &Snapshot, &[Arc<Node>]),
+    ready: impl FnOnce(&Config, &[Snapshot], &[Arc<Sales>]),
 ) -> Result<(), UpError> {
-    let sale = config.require_sale()?.clone();
-    let store = Store::open(&sale, config.redis.as_ref()).await?;
-    let snap = store.snapshot().await?;
-    let snap = if snap.initialised {
-        if let Ok(Some(durability)) = store.durability().await {
-            for problem in durability.problems() {
-                tracing::warn!(event = %sale.event, "redis may lose answered orders: {problem}");
+    if config.sales.is_empty() {
+        config.require_sale()?;
+    }
+    // Every sale of the file, started (or joined) before any node serves.
+    // The embedded stores are the sales themselves, shared by the nodes;
+    // with Redis these are for the start only (each node opens its own).
+    let stores = Stores::open(&config.sales, config.redis.as_ref()).await?;
+    let mut snaps = Vec::with_capacity(config.sales.len());
+    let mut warned = false;
+    for sale in &config.sales {
+        let Some(store) = stores.get(&sale.event).await else {
+            continue;
+        };
+        let snap = store.snapshot().await?;
+        let snap = if snap.initialised {
+            if !warned && let Ok(Some(durability)) = store.durability().await {
+                // One Redis for every sale: said once.
+                warned = true;
+                for problem in durability.problems() {
+                    tracing::warn!(event = %sale.event, "redis may lose answered orders: {problem}");
+                }
             }
-        }
-        snap
-    } else {
-        crate::stock::start_gate(&store, &sale.event, allow_volatile).await?;
-        store.init(false).await?;
-        store.snapshot().await?
+            snap
+        } else {
+            crate::stock::start_gate(&store, &sale.event, allow_volatile).await?;
+            store.init(false).await?;
+            store.snapshot().await?
+        };
+        snaps.push(snap);
+    }
+    let line_store = match config.sale() {
+        Some(sale) => stores.get(&sale.event).await,
+        None => None,
     };
     let mut nodes = Vec::with_capacity(config.nodes.len());
     let fleet = Arc::new(Fleet {
-        store: store.clone(),
+        stores: match config.redis {
+            Some(_) => None,
+            None => Some(stores.clone()),
+        },
         running: Mutex::new(HashMap::new()),
     });
     for (cfg, listener) in config.nodes.iter().zip(listeners.nodes) {
@@ -135,8 +157,11 @@ pub async fn run(
     let balancer = crate::balancer::Balancer::new(config.clone())?;
     // The waiting room's line lives with the sale: in its Redis, or in
     // the embedded store the nodes sell from. Always handed over, so that
-    // a reload that adds a `[waiting_room]` opens the line.
-    balancer.attach_line_store(store.clone());
+    // a reload that adds a `[waiting_room]` opens the line. (With several
+    // sales there is none: see docs/design/many-sales.md.)
+    if let Some(store) = line_store {
+        balancer.attach_line_store(store);
+    }
     balancer.set_reload_hook(Box::new(FleetHook {
         fleet: fleet.clone(),
         runtime: tokio::runtime::Handle::current(),
@@ -148,7 +173,7 @@ pub async fn run(
             let _ = rx.changed().await;
         }),
     );
-    ready(&config, &snap, &nodes);
+    ready(&config, &snaps, &nodes);
     shutdown.await;
     let _ = stop_balancer.send(());
     let balancer_result = balancer.await;
@@ -176,15 +201,15 @@ struct Running {
     stop: watch::Sender<()>,
     task: tokio::task::JoinHandle<()>,
     /// The node, for what a reload changes in place (its `[auth]` keys).
-    node: Arc<Node>,
+    node: Arc<Sales>,
 }
 
 /// The nodes `spike up` runs, by listen address: what a reload of the file
 /// starts and stops.
 struct Fleet {
-    /// The store the nodes sell from (each Redis node opens its own
-    /// connection to the same Redis).
-    store: Store,
+    /// The embedded stores the nodes sell from (`None` with Redis: each
+    /// node opens its own connection to the same Redis).
+    stores: Option<Arc<Stores>>,
     running: Mutex<HashMap<SocketAddr, Running>>,
 }
 
@@ -199,15 +224,15 @@ impl Fleet {
         config: &Config,
         name: &str,
         listeners: crate::node::Listeners,
-    ) -> Result<Arc<Node>, UpError> {
-        // With Redis, each node its own connection and batch queue, as
+    ) -> Result<Arc<Sales>, UpError> {
+        // With Redis, each node its own connection and batch queues, as
         // separate `spike node` processes would have: its `redis_calls`
-        // are its own. The embedded store lives once per process.
-        let store = match config.redis.as_ref() {
-            Some(r) => Store::open(config.require_sale()?, Some(r)).await?,
-            None => self.store.clone(),
+        // are its own. The embedded stores live once per process.
+        let stores = match (&self.stores, config.redis.as_ref()) {
+            (Some(embedded), _) => embedded.clone(),
+            (None, r) => Stores::open(&config.sales, r).await?,
         };
-        let node = crate::node::build(config, name, store)?;
+        let node = Sales::new(config, name, stores).await?;
         // Keyed by the file's address, which the reload compares against.
         let cfg = config.node(name)?;
         let (addr, internal) = (cfg.listen, cfg.internal);
@@ -237,7 +262,9 @@ struct FleetHook {
 
 impl crate::balancer::state::ReloadHook for FleetHook {
     fn before(&self, config: &Config) -> Result<(), String> {
-        crate::node::authority(config).map_err(|e| e.to_string())?;
+        for sale in &config.sales {
+            crate::node::authority_for(config, &sale.event).map_err(|e| e.to_string())?;
+        }
         if config.nodes.is_empty() {
             return Err(format!(
                 "{}: `spike up` runs the file's [[node]] entries and there are none",
@@ -293,13 +320,10 @@ impl crate::balancer::state::ReloadHook for FleetHook {
     fn after(&self, config: &Config, gone: Vec<Arc<crate::balancer::upstream::LiveState>>) {
         // The keys in force on every node that stays (the added ones were
         // built with them). `before` accepted the file, so they load.
-        match crate::node::authority(config) {
-            Ok(auth) => {
-                for r in self.fleet.lock().values() {
-                    r.node.set_auth(auth.clone());
-                }
+        for r in self.fleet.lock().values() {
+            if let Err(e) = r.node.set_auth(config) {
+                tracing::warn!(node = %r.node.name(), error = %e, "the node keeps its [auth] keys");
             }
-            Err(e) => tracing::warn!(error = %e, "the nodes keep their [auth] keys"),
         }
         let removed: Vec<(SocketAddr, Running)> = {
             let mut running = self.fleet.lock();
@@ -341,10 +365,15 @@ impl crate::balancer::state::ReloadHook for FleetHook {
 /// holds it, where things listen and lines to paste. When the file's
 /// `[sale]` differs from the stored sale it says so: the stored one is in
 /// force.
-pub fn banner(config: &Config, stored: &Snapshot) -> String {
+pub fn banner(config: &Config, stored: &[Snapshot]) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
-    let (Some(b), Some(sale)) = (config.balancer.as_ref(), config.sale.as_ref()) else {
+    if config.sales.len() > 1 {
+        return several_banner(config, stored);
+    }
+    let (Some(b), Some(sale), Some(stored)) =
+        (config.balancer.as_ref(), config.sale(), stored.first())
+    else {
         return s;
     };
     let store = match &config.redis {
@@ -463,10 +492,63 @@ pub fn banner(config: &Config, stored: &Snapshot) -> String {
     s
 }
 
+/// [`banner`] for a file of several sales: what is on sale, where
+/// things listen, how a purchase names its sale.
+fn several_banner(config: &Config, stored: &[Snapshot]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let Some(b) = config.balancer.as_ref() else {
+        return s;
+    };
+    let store = match &config.redis {
+        Some(r) => format!("redis at {}", r.url),
+        None => "the embedded in-process store".to_string(),
+    };
+    let tickets: u64 = stored.iter().map(|s| s.total).sum();
+    let sold: u64 = stored.iter().map(|s| s.sold).sum();
+    let _ = writeln!(
+        s,
+        "spike up: selling {} sales, {tickets} tickets in all ({sold} sold), from {store}: {}",
+        config.sales.len(),
+        config.events_listed()
+    );
+    let front = match b.tls {
+        Some(_) => format!("https://{}", b.listen),
+        None => format!("http://{}", b.listen),
+    };
+    let _ = writeln!(
+        s,
+        "  balancer  {front}  ({}, admin on http://{}; the sold-out edge is off with several sales)",
+        b.strategy.as_str(),
+        b.admin
+    );
+    for cfg in &config.nodes {
+        let _ = writeln!(
+            s,
+            "  node {:<4}  http://{}  weight {}",
+            cfg.name, cfg.listen, cfg.weight
+        );
+    }
+    let first = &config.sales[0].event;
+    let _ = writeln!(
+        s,
+        "\nbuy one:   curl -s '{front}/buy/ticket?event={first}&user=alice'   (a purchase names its sale; its order id is EVENT:ID)"
+    );
+    let _ = writeln!(
+        s,
+        "state:     curl -s 'http://{}/sale?event={first}'",
+        config.nodes[0].internal.unwrap_or(config.nodes[0].listen),
+    );
+    s.push_str("Ctrl-C stops everything.\n");
+    s
+}
+
 /// Entry point of `spike up`.
 pub fn main(config_path: &Path, allow_volatile: bool) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;
-    config.require_sale()?;
+    if config.sales.is_empty() {
+        config.require_sale()?;
+    }
     config.require_balancer()?;
     if config.nodes.is_empty() {
         anyhow::bail!(

@@ -60,8 +60,8 @@ async fn check_invariants(
     answers: &[Answer],
     redis: Option<&RedisServer>,
 ) -> Tally {
-    let total = sale.config.sale.as_ref().expect("sale").total;
-    let limit = sale.config.sale.as_ref().expect("sale").per_user_limit;
+    let total = sale.config.sale().expect("sale").total;
+    let limit = sale.config.sale().expect("sale").per_user_limit;
     let transport_errors: Vec<_> = answers.iter().filter(|a| a.status.is_none()).collect();
     assert!(
         transport_errors.is_empty(),
@@ -110,7 +110,7 @@ async fn check_invariants(
     match (&sale.store, redis) {
         (Store::Redis(_), Some(r)) => {
             let mut c = r.connection().expect("redis connection");
-            let event = &sale.config.sale.as_ref().expect("sale").event;
+            let event = &sale.config.sale().expect("sale").event;
             let stored: HashSet<String> = redis::cmd("HKEYS")
                 .arg(format!("spike:{{{event}}}:orders"))
                 .query(&mut c)
@@ -470,7 +470,7 @@ fn store_lease(sale: &InProcessSale, redis: Option<&RedisServer>, holder: &str) 
     match (&sale.store, redis) {
         (Store::Embedded(e), _) => e.lease_units(holder),
         (Store::Redis(_), Some(r)) => {
-            let event = &sale.config.sale.as_ref().expect("sale").event;
+            let event = &sale.config.sale().expect("sale").event;
             let leases: HashMap<String, String> = r.hash(&format!("spike:{{{event}}}:leases"));
             leases
                 .get(holder)

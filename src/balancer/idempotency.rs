@@ -57,9 +57,11 @@ pub fn is_valid_bytes(b: &[u8]) -> bool {
     crate::protocol::key_token(b).is_some()
 }
 
-/// Whether `path` (without the query) is the purchase endpoint.
+/// Whether `path` (without the query) is a purchase: `/buy/ticket`, or
+/// `/events/{event}/buy` (which passes a balancer only in front of
+/// several sales, see `forward::closed`).
 pub fn is_purchase(path: &str) -> bool {
-    path == PURCHASE_PATH
+    path == PURCHASE_PATH || crate::protocol::event_purchase(path).is_some()
 }
 
 /// What an `Idempotency-Key` makes of a request, on either path.

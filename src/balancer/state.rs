@@ -272,8 +272,8 @@ impl Shared {
             workers,
             draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             seen: Mutex::new(seen),
-            has_sale: std::sync::atomic::AtomicBool::new(config.sale.is_some()),
-            sale: Mutex::new(config.sale.clone()),
+            has_sale: std::sync::atomic::AtomicBool::new(config.sale().is_some()),
+            sale: Mutex::new(config.sale().cloned()),
             node_names: ArcSwap::from_pointee(node_names(&config)),
             hook: std::sync::OnceLock::new(),
             path: config.path,
@@ -483,8 +483,8 @@ impl Shared {
     /// store, so an edited total or limit in the file changes nothing.
     fn sale_changed(&self, config: &Config) -> Option<String> {
         let mut kept = self.sale.lock().unwrap_or_else(|e| e.into_inner());
-        let (Some(old), Some(new)) = (kept.as_ref(), config.sale.as_ref()) else {
-            kept.clone_from(&config.sale);
+        let (Some(old), Some(new)) = (kept.as_ref(), config.sale()) else {
+            *kept = config.sale().cloned();
             return None;
         };
         if old == new {
@@ -513,7 +513,7 @@ impl Shared {
             "the file's [sale] changed ({}), but a reload does not change the sale: [sale] is the store's, and the stored sale stays in force; use `spike stock init --force` to start a new sale with these figures",
             changed.join(", ")
         );
-        kept.clone_from(&config.sale);
+        *kept = config.sale().cloned();
         Some(text)
     }
 
@@ -528,8 +528,10 @@ impl Shared {
     }
 
     fn set_has_sale(&self, config: &Config) {
-        self.has_sale
-            .store(config.sale.is_some(), std::sync::atomic::Ordering::Relaxed);
+        self.has_sale.store(
+            config.sale().is_some(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.node_names.store(Arc::new(node_names(config)));
     }
 

@@ -143,6 +143,7 @@ impl Default for BalancerConfig {
             sale_opens_at_ms: 0,
             sale_closes_at_ms: 0,
             sale_max_per_purchase: 1,
+            several_sales: false,
             waiting_room: None,
         }
     }

@@ -14,7 +14,7 @@ use toml::Spanned;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileConfig {
-    pub(super) sale: Option<Spanned<SaleFile>>,
+    pub(super) sale: Option<Spanned<SaleSection>>,
     pub(super) redis: Option<Spanned<RedisFile>>,
     #[serde(default)]
     pub(super) node: Vec<Spanned<NodeFile>>,
@@ -43,7 +43,49 @@ pub(super) struct AuthFile {
     pub(super) clock_skew: Option<Spanned<String>>,
 }
 
-/// `[sale]` as written.
+/// `sale` as written: one `[sale]` table (today's files) or a list of
+/// `[[sale]]` tables (several sales in one fleet). toml itself refuses a
+/// file with both (the second header redefines `sale`).
+#[derive(Debug)]
+pub(super) enum SaleSection {
+    /// `[sale]`: the fleet's one sale.
+    One(SaleFile),
+    /// `[[sale]]`, each entry with its own span.
+    Many(Vec<Spanned<SaleFile>>),
+}
+
+impl<'de> Deserialize<'de> for SaleSection {
+    /// A table is one sale, an array of tables a list: decided by what
+    /// the file holds, with toml's own errors (and spans) inside either.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = SaleSection;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a [sale] table or a list of [[sale]] tables")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<SaleSection, A::Error> {
+                SaleFile::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(SaleSection::One)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<SaleSection, A::Error> {
+                Vec::<Spanned<SaleFile>>::deserialize(serde::de::value::SeqAccessDeserializer::new(
+                    seq,
+                ))
+                .map(SaleSection::Many)
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
+/// One sale as written (`[sale]`, or one `[[sale]]` entry).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct SaleFile {
@@ -123,7 +165,7 @@ pub(super) struct BalancerFile {
     pub(super) access_log_format: Option<Spanned<String>>,
     pub(super) hosts_file: Option<Spanned<String>>,
     pub(super) tunnel_timeout: Option<Spanned<String>>,
-    pub(super) sold_out_at_edge: Option<bool>,
+    pub(super) sold_out_at_edge: Option<Spanned<bool>>,
     #[serde(default)]
     pub(super) pass_paths: Vec<Spanned<String>>,
     pub(super) max_conns: Option<Spanned<i64>>,

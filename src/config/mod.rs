@@ -36,8 +36,9 @@ pub use sections::{
 pub struct Config {
     /// Where it was read from, for reloads and messages.
     pub path: PathBuf,
-    /// The sale, when the file has one (the balancer alone needs none).
-    pub sale: Option<SaleConfig>,
+    /// Every sale of the file, in file order: none (a balancer alone
+    /// needs none), the one `[sale]`, or each `[[sale]]`. Events differ.
+    pub sales: Vec<SaleConfig>,
     /// Redis, when configured; absent means the embedded store.
     pub redis: Option<RedisConfig>,
     /// The ticket-selling nodes, in file order.
@@ -55,12 +56,63 @@ pub struct Config {
 }
 
 impl Config {
-    /// The sale, or an error that says this mode needs one.
+    /// The fleet's one sale, when the file has exactly one: what a request
+    /// or a command that names no sale means, and what the balancer's
+    /// edge and waiting room serve (they know one sale).
+    pub fn sale(&self) -> Option<&SaleConfig> {
+        match self.sales.as_slice() {
+            [one] => Some(one),
+            _ => None,
+        }
+    }
+
+    /// The one sale, or an error that says this mode needs one (or, with
+    /// several, that it must be named).
     pub fn require_sale(&self) -> Result<&SaleConfig, ConfigError> {
-        self.sale.as_ref().ok_or_else(|| ConfigError::Lacks {
+        self.pick_sale(None)
+    }
+
+    /// The sale named `event`, or with `None` the only one; an error names
+    /// the choice (the events of the file) when there is none to take.
+    pub fn pick_sale(&self, event: Option<&str>) -> Result<&SaleConfig, ConfigError> {
+        let lacks = |message: String| ConfigError::Lacks {
             path: self.path.clone(),
-            message: "this command sells tickets and needs a [sale] section".into(),
-        })
+            message,
+        };
+        match (event, self.sales.as_slice()) {
+            (_, []) => Err(lacks(
+                "this command sells tickets and needs a [sale] section".into(),
+            )),
+            (None, [one]) => Ok(one),
+            (None, several) => Err(lacks(format!(
+                "the file has {} sales: name one with --event ({})",
+                several.len(),
+                self.events_listed()
+            ))),
+            (Some(e), sales) => sales.iter().find(|s| s.event == e).ok_or_else(|| {
+                lacks(format!(
+                    "--event {e}: the file has no sale of that event; it has: {}",
+                    self.events_listed()
+                ))
+            }),
+        }
+    }
+
+    /// The events of the file, comma-separated, the first 20 and a count
+    /// of the rest: for messages that name the choice.
+    pub fn events_listed(&self) -> String {
+        const SHOWN: usize = 20;
+        let mut s = self
+            .sales
+            .iter()
+            .take(SHOWN)
+            .map(|s| s.event.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        if self.sales.len() > SHOWN {
+            s.push_str(&format!(" and {} more", self.sales.len() - SHOWN));
+        }
+        s
     }
 
     /// The node named `name`, or an error listing the names there are.

@@ -322,6 +322,10 @@ pub struct BalancerConfig {
     /// `quantity` a node would refuse goes to a node, never answered at
     /// the edge.
     pub sale_max_per_purchase: u64,
+    /// The file has several sales (`[[sale]]`): a purchase names its own
+    /// (`/events/{event}/buy`, which then passes, or `?event=`), and the
+    /// edge, which knows one sale, is off.
+    pub several_sales: bool,
     /// `[waiting_room]`: the line every buyer joins before a purchase
     /// reaches a node; `None`: purchases go straight on.
     pub waiting_room: Option<WaitingRoomConfig>,

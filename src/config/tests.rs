@@ -36,7 +36,7 @@ weight = 4
 #[test]
 fn leases_default_to_a_tenth_of_an_even_share_and_old_keys_only_warn() {
     let c = parse(FOUR).expect("valid");
-    let sale = c.sale.as_ref().expect("sale");
+    let sale = c.sale().expect("sale");
     // 1,000 tickets over 4 nodes: a tenth of 250; every other key at its default.
     assert_eq!(sale.lease, 25);
     assert_eq!(*sale, SaleConfig::new("G1".into(), 1000, 4));
@@ -61,7 +61,7 @@ fn leases_default_to_a_tenth_of_an_even_share_and_old_keys_only_warn() {
         "total = 1000\nlease = 7\nlease_ttl = \"3s\"\n",
     );
     let c = parse(&tuned).expect("valid");
-    let sale = c.sale.as_ref().expect("sale");
+    let sale = c.sale().expect("sale");
     assert_eq!((sale.lease, sale.lease_ttl), (7, Duration::from_secs(3)));
 }
 
@@ -69,12 +69,12 @@ fn leases_default_to_a_tenth_of_an_even_share_and_old_keys_only_warn() {
 fn max_per_purchase_defaults_to_one_and_a_bad_one_is_named() {
     let with = |extra: &str| FOUR.replace("total = 1000\n", &format!("total = 1000\n{extra}\n"));
     let c = parse(FOUR).expect("valid");
-    assert_eq!(c.sale.as_ref().expect("sale").max_per_purchase, 1);
+    assert_eq!(c.sale().expect("sale").max_per_purchase, 1);
     let c = parse(&with("per_user_limit = 4\nmax_per_purchase = 4")).expect("valid");
-    assert_eq!(c.sale.as_ref().expect("sale").max_per_purchase, 4);
+    assert_eq!(c.sale().expect("sale").max_per_purchase, 4);
     // Anonymous buyers (no limit): any size up to the bound.
     let c = parse(&with("per_user_limit = 0\nmax_per_purchase = 10")).expect("valid");
-    assert_eq!(c.sale.as_ref().expect("sale").max_per_purchase, 10);
+    assert_eq!(c.sale().expect("sale").max_per_purchase, 10);
     for (bad, why) in [
         ("max_per_purchase = 0", "from 1 to 100"),
         ("max_per_purchase = 101", "from 1 to 100"),
@@ -97,11 +97,11 @@ fn max_per_purchase_defaults_to_one_and_a_bad_one_is_named() {
 fn a_payment_window_is_read_and_a_bad_one_named() {
     let with = |extra: &str| FOUR.replace("total = 1000\n", &format!("total = 1000\n{extra}\n"));
     let c = parse(&with("pay_within = \"15m\"\nevents_max = 5000")).expect("valid");
-    let sale = c.sale.as_ref().expect("sale");
+    let sale = c.sale().expect("sale");
     assert_eq!(sale.pay_within, Some(Duration::from_secs(900)));
     assert_eq!(sale.events_max, 5000);
     let c = parse(FOUR).expect("valid");
-    let sale = c.sale.as_ref().expect("sale");
+    let sale = c.sale().expect("sale");
     let d = SaleConfig::new("G1".into(), 1000, 4);
     assert_eq!(
         (sale.pay_within, sale.events_max),
@@ -120,9 +120,9 @@ fn a_payment_window_is_read_and_a_bad_one_named() {
 fn a_stream_of_final_sales_is_read_and_said_useless_without_redis() {
     let with = |extra: &str| FOUR.replace("total = 1000\n", &format!("total = 1000\n{extra}\n"));
     let c = parse(FOUR).expect("valid");
-    assert!(!c.sale.as_ref().expect("sale").stream);
+    assert!(!c.sale().expect("sale").stream);
     let c = parse(&with("stream = true")).expect("valid");
-    assert!(c.sale.as_ref().expect("sale").stream);
+    assert!(c.sale().expect("sale").stream);
     assert!(
         c.warnings
             .iter()
@@ -135,7 +135,7 @@ fn a_stream_of_final_sales_is_read_and_said_useless_without_redis() {
         with("stream = true")
     );
     let c = parse(&redis).expect("valid");
-    assert!(c.sale.as_ref().expect("sale").stream && c.warnings.is_empty());
+    assert!(c.sale().expect("sale").stream && c.warnings.is_empty());
     let e = parse(&with("stream = 1")).expect_err("not a boolean");
     assert_eq!(e.key(), Some("sale.stream"), "{e}");
 }
@@ -279,7 +279,7 @@ fn balancer_alone_is_a_valid_file() {
         "[balancer]\nlisten = \"127.0.0.1:0\"\nstrategy = \"round_robin\"\nadmin = \"127.0.0.1:0\"\n[[balancer.upstream]]\naddr = \"127.0.0.1:9\"\nfail_timeout = \"3s\"\n",
     )
     .expect("valid");
-    assert!(c.sale.is_none());
+    assert!(c.sale().is_none());
     let b = c.balancer.expect("balancer");
     let up = UpstreamConfig::new(b.upstreams[0].addr);
     assert_eq!(
@@ -375,7 +375,7 @@ fn unset_keys_take_the_named_defaults() {
     )
     .expect("valid");
     let node = NodeConfig::new("n".into(), "127.0.0.1:3001".parse().expect("addr"));
-    assert_eq!(c.sale, Some(SaleConfig::new("e".into(), 50, 1)));
+    assert_eq!(c.sale(), Some(&SaleConfig::new("e".into(), 50, 1)));
     assert_eq!(
         c.redis,
         Some(RedisConfig::new(
@@ -686,4 +686,114 @@ fn proxy_protocol_needs_trusted_proxies() {
     let b = c.balancer.expect("balancer");
     assert!(b.proxy_protocol);
     assert!(b.ready_before_open, "ready before the opening unless asked");
+}
+
+/// Two sales and two nodes, each sale its own rules (issue 28).
+const TWO_SALES: &str = r#"
+[[sale]]
+event = "IC-512"
+total = 300
+per_user_limit = 4
+max_per_purchase = 4
+pay_within = "10m"
+
+[[sale]]
+event = "ICE-77"
+total = 4000
+opens_at = "2026-02-10T10:00:00Z"
+
+[[node]]
+name = "n1"
+listen = "127.0.0.1:3001"
+[[node]]
+name = "n2"
+listen = "127.0.0.1:3002"
+"#;
+
+#[test]
+fn a_list_of_sales_is_read_each_with_its_own_rules() {
+    let c = parse(TWO_SALES).expect("valid");
+    assert_eq!(c.sales.len(), 2);
+    let (a, b) = (&c.sales[0], &c.sales[1]);
+    assert_eq!(
+        (a.event.as_str(), a.total, a.per_user_limit),
+        ("IC-512", 300, 4)
+    );
+    assert_eq!(
+        (a.max_per_purchase, a.pay_within),
+        (4, Some(Duration::from_secs(600)))
+    );
+    assert_eq!(
+        (b.event.as_str(), b.total, b.per_user_limit),
+        ("ICE-77", 4000, 1)
+    );
+    assert!(b.opens_at_ms.is_some() && b.pay_within.is_none());
+    // Each sale's default lease from its own total: a tenth of a node's share.
+    assert_eq!((a.lease, b.lease), (15, 100));
+    // No sale is *the* sale; a command names one, or is told the choice.
+    assert!(c.sale().is_none());
+    let e = c.require_sale().expect_err("several");
+    assert!(e.to_string().contains("IC-512, ICE-77"), "{e}");
+    assert_eq!(c.pick_sale(Some("ICE-77")).expect("named").total, 4000);
+    let e = c.pick_sale(Some("nope")).expect_err("unknown");
+    assert!(e.to_string().contains("IC-512, ICE-77"), "{e}");
+    // The balancer's edge, which knows one sale, is off; purchases name
+    // their sale.
+    let bal = c.balancer.as_ref().expect("balancer");
+    assert!(!bal.sold_out_at_edge && bal.several_sales && bal.public_only);
+    // A list of one is a fleet of one sale, as `[sale]` is.
+    let one = TWO_SALES
+        .split("[[sale]]\nevent = \"ICE-77\"")
+        .next()
+        .expect("first");
+    let c = parse(&format!(
+        "{one}[[node]]\nname = \"n1\"\nlisten = \"127.0.0.1:3001\"\n"
+    ))
+    .expect("one");
+    assert_eq!(c.sale().map(|s| s.event.as_str()), Some("IC-512"));
+    assert!(!c.balancer.as_ref().expect("balancer").several_sales);
+}
+
+#[test]
+fn a_sale_list_names_the_entry_key_and_line_of_a_mistake() {
+    let e = parse(&TWO_SALES.replace("total = 4000", "total = 0")).expect_err("zero");
+    assert_eq!(e.key(), Some("sale[1].total"), "{e}");
+    assert!(e.to_string().starts_with("test.toml:11:"), "{e}");
+    let e = parse(&TWO_SALES.replace("event = \"ICE-77\"", "event = \"IC-512\"")).expect_err("dup");
+    assert_eq!(e.key(), Some("sale[1].event"), "{e}");
+    assert!(e.to_string().starts_with("test.toml:10:"), "{e}");
+    assert!(e.to_string().contains("sale[0]"), "{e}");
+    let e = parse(&TWO_SALES.replace("total = 4000", "total = 4000\ntotl = 1")).expect_err("typo");
+    assert_eq!(e.key(), Some("sale[1].totl"), "{e}");
+    assert!(e.to_string().contains(":12:"), "{e}");
+    let e = parse(&TWO_SALES.replace("max_per_purchase = 4", "max_per_purchase = 5"))
+        .expect_err("over the limit");
+    assert!(e.to_string().contains("sale[0].per_user_limit (4)"), "{e}");
+}
+
+#[test]
+fn one_sale_and_a_list_of_sales_in_one_file_is_refused_with_its_line() {
+    let text = format!("[sale]\nevent = \"a\"\ntotal = 5\n{TWO_SALES}");
+    let e = parse(&text).expect_err("both");
+    let s = e.to_string();
+    assert!(s.starts_with("test.toml:"), "{s}");
+    assert!(s.contains("[sale]") && s.contains("[[sale]]"), "{s}");
+    // The other way round too.
+    let text = format!("{TWO_SALES}\n[sale]\nevent = \"a\"\ntotal = 5\n");
+    let e = parse(&text).expect_err("both");
+    assert!(e.to_string().contains("[[sale]]"), "{e}");
+}
+
+#[test]
+fn the_edge_and_the_waiting_room_are_refused_in_front_of_several_sales() {
+    let e = parse(&format!("{TWO_SALES}[balancer]\nsold_out_at_edge = true\n")).expect_err("edge");
+    assert_eq!(e.key(), Some("balancer.sold_out_at_edge"), "{e}");
+    assert!(e.to_string().contains(":21:"), "{e}");
+    let c = parse(&format!(
+        "{TWO_SALES}[balancer]\nsold_out_at_edge = false\n"
+    ))
+    .expect("off");
+    assert!(!c.balancer.expect("b").sold_out_at_edge);
+    let e = parse(&format!("{TWO_SALES}[waiting_room]\nadmit = \"100/s\"\n")).expect_err("room");
+    assert_eq!(e.key(), Some("waiting_room"), "{e}");
 }

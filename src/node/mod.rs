@@ -5,6 +5,7 @@ pub mod buy;
 pub mod lease;
 pub mod routes;
 pub mod sale;
+pub mod sales;
 pub mod snapshot;
 pub mod state;
 pub mod stats;
@@ -21,6 +22,7 @@ use hyper::service::service_fn;
 use hyper::{Request, StatusCode};
 use tokio::net::TcpListener;
 
+pub use sales::Sales;
 pub use state::{Node, NodeSettings};
 pub use store::{Store, StoreError};
 
@@ -56,13 +58,25 @@ pub enum NodeError {
     },
 }
 
-/// Builds node `name` of `config` over `store`.
+/// Builds node `name` of `config` over `store`, for the file's one sale.
 pub fn build(config: &Config, name: &str, store: Store) -> Result<Arc<Node>, ConfigError> {
     let sale = config.require_sale()?;
+    build_for(config, sale, name, store)
+}
+
+/// Builds node `name`'s state for `sale` of `config` over `store`.
+pub fn build_for(
+    config: &Config,
+    sale: &crate::config::SaleConfig,
+    name: &str,
+    store: Store,
+) -> Result<Arc<Node>, ConfigError> {
     let node = config.node(name)?;
     Ok(Node::new(
         NodeSettings {
             name: node.name.clone(),
+            event: sale.event.clone(),
+            names_sale: config.sales.len() > 1,
             per_user_limit: sale.per_user_limit,
             max_per_purchase: sale.max_per_purchase,
             lease: sale.lease,
@@ -72,7 +86,7 @@ pub fn build(config: &Config, name: &str, store: Store) -> Result<Arc<Node>, Con
                 .map_or(std::time::Duration::from_secs(1), |r| r.timeout),
             max_body: config.server.max_body,
             max_clock_offset: config.redis.as_ref().map(|r| r.max_clock_offset),
-            auth: authority(config)?,
+            auth: authority_for(config, &sale.event)?,
             opens_at_ms: sale.opens_at_ms.unwrap_or(0),
             closes_at_ms: sale.closes_at_ms.unwrap_or(0),
         },
@@ -84,10 +98,22 @@ pub fn build(config: &Config, name: &str, store: Store) -> Result<Arc<Node>, Con
 /// without `[auth]`. (Validation tried the keys already: an error here
 /// means they changed under it.)
 pub fn authority(config: &Config) -> Result<Option<Arc<crate::auth::Authority>>, ConfigError> {
-    let (Some(auth), Some(sale)) = (&config.auth, &config.sale) else {
+    match config.sale() {
+        Some(sale) => authority_for(config, &sale.event),
+        None => Ok(None),
+    }
+}
+
+/// The file's `[auth]` for the sale of `event` (tokens whose `aud` is
+/// that event); `None` without `[auth]`.
+pub fn authority_for(
+    config: &Config,
+    event: &str,
+) -> Result<Option<Arc<crate::auth::Authority>>, ConfigError> {
+    let Some(auth) = &config.auth else {
         return Ok(None);
     };
-    crate::auth::Authority::new(auth, &sale.event)
+    crate::auth::Authority::new(auth, event)
         .map(|a| Some(Arc::new(a)))
         .map_err(|e| ConfigError::Lacks {
             path: config.path.clone(),
@@ -99,7 +125,7 @@ pub fn authority(config: &Config) -> Result<Option<Arc<crate::auth::Authority>>,
 /// force on `node`: a rotated key works, a removed `kid` is refused from
 /// then on, without a restart and without dropping a request. (The rest
 /// of a node's settings need a restart; a bad file changes nothing.)
-async fn reload_keys_on_hangup(path: std::path::PathBuf, node: std::sync::Weak<Node>) {
+async fn reload_keys_on_hangup(path: std::path::PathBuf, node: std::sync::Weak<Sales>) {
     let Some(mut hup) = crate::signals::take_hangup() else {
         return;
     };
@@ -107,10 +133,8 @@ async fn reload_keys_on_hangup(path: std::path::PathBuf, node: std::sync::Weak<N
         let Some(node) = node.upgrade() else {
             return;
         };
-        match Config::load(&path).and_then(|c| authority(&c)) {
-            Ok(auth) => {
-                let on = auth.is_some();
-                node.set_auth(auth);
+        match Config::load(&path).and_then(|c| node.set_auth(&c).map(|()| c.auth.is_some())) {
+            Ok(on) => {
                 tracing::info!(node = %node.name(), auth = on, "SIGHUP: [auth] keys reloaded");
             }
             Err(e) => {
@@ -175,18 +199,37 @@ impl Served {
     }
 }
 
+/// What a node serves: one sale's state made by the caller
+/// ([`build`], as the tests and a single-sale `spike up` do), or every
+/// sale of the file ([`Sales`]).
+pub trait Sells {
+    /// The sales to serve.
+    fn into_sales(self) -> Arc<Sales>;
+}
+
+impl Sells for Arc<Node> {
+    fn into_sales(self) -> Arc<Sales> {
+        Sales::single(self)
+    }
+}
+
+impl Sells for Arc<Sales> {
+    fn into_sales(self) -> Arc<Sales> {
+        self
+    }
+}
+
 /// Serves `node` on `listeners` until `shutdown`; in-flight purchases
-/// finish within the grace period. Beside it, the node keeps up with the
-/// sale (see [`Node::watch`]).
+/// finish within the grace period. Beside it, each sale's state keeps up
+/// with its sale (see [`Node::watch`]) from its first request on.
 pub async fn run(
     listeners: impl Into<Listeners>,
-    node: Arc<Node>,
+    node: impl Sells,
     limits: &ServerConfig,
     shutdown: impl Future<Output = ()>,
 ) {
     let listeners = listeners.into();
-    let watch = tokio::spawn(node.clone().watch());
-    let sweep = tokio::spawn(sweep::sweep(Arc::downgrade(&node)));
+    let node = node.into_sales();
     let (stop_internal, stopped) = tokio::sync::watch::channel(());
     let internal = listeners.internal.map(|listener| {
         let (node, limits, mut stopped) = (node.clone(), limits.clone(), stopped.clone());
@@ -202,20 +245,19 @@ pub async fn run(
     } else {
         Served::All
     };
-    serve(listeners.public, node, limits, public, shutdown).await;
+    serve(listeners.public, node.clone(), limits, public, shutdown).await;
     let _ = stop_internal.send(());
     if let Some(task) = internal {
         let _ = task.await;
     }
-    watch.abort();
-    sweep.abort();
+    node.stop();
 }
 
 /// Serves what `served` says of `node`'s routes on `listener` until
 /// `shutdown`.
 async fn serve(
     listener: TcpListener,
-    node: Arc<Node>,
+    node: Arc<Sales>,
     limits: &ServerConfig,
     served: Served,
     shutdown: impl Future<Output = ()>,
@@ -258,11 +300,12 @@ async fn serve(
 /// several nodes side by side.
 pub fn spawn(
     listeners: impl Into<Listeners>,
-    node: Arc<Node>,
+    node: impl Sells,
     limits: ServerConfig,
     mut stop: tokio::sync::watch::Receiver<()>,
 ) -> tokio::task::JoinHandle<()> {
     let listeners = listeners.into();
+    let node = node.into_sales();
     tokio::spawn(async move {
         run(listeners, node, &limits, async move {
             let _ = stop.changed().await;
@@ -274,7 +317,9 @@ pub fn spawn(
 /// Entry point of `spike node`.
 pub fn main(config_path: &Path, name: &str) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;
-    let sale = config.require_sale()?.clone();
+    if config.sales.is_empty() {
+        config.require_sale()?;
+    }
     let node_cfg = config.node(name)?.clone();
     if config.redis.is_none() && config.nodes.len() > 1 {
         return Err(NodeError::EmbeddedNeedsOneProcess {
@@ -291,43 +336,24 @@ pub fn main(config_path: &Path, name: &str) -> anyhow::Result<ExitCode> {
     runtime.block_on(async move {
         let shutdown = crate::signals::shutdown_signal();
         crate::signals::catch_hangup();
-        let store = Store::open(&sale, config.redis.as_ref()).await?;
+        let stores = store::Stores::open(&config.sales, config.redis.as_ref()).await?;
         for w in &config.warnings {
             tracing::warn!("{w}");
         }
-        match &store {
-            Store::Embedded(e) => {
-                e.init(false);
-            }
-            Store::Redis(_) => match store.snapshot().await {
-                Ok(s) if !s.initialised => tracing::warn!(
-                    event = %sale.event,
-                    "the sale is not initialised in redis; buyers get 503 until `spike stock init`"
-                ),
-                Ok(s) if s.per_user_limit != sale.per_user_limit => tracing::warn!(
-                    event = %sale.event,
-                    stored = s.per_user_limit,
-                    file = sale.per_user_limit,
-                    "the sale in redis has per_user_limit {}, this file says {}: the stored limit is the sale's, and this node enforces it",
-                    s.per_user_limit,
-                    sale.per_user_limit
-                ),
-                _ => {}
-            },
-        }
-        // Not a refusal: `stock init` is the gate, and a node refusing a
-        // sale already under way would only take itself out of it.
-        if let Ok(Some(durability)) = store.durability().await {
-            for problem in durability.problems() {
-                tracing::warn!(event = %sale.event, "redis may lose answered orders: {problem}");
-            }
+        // With one sale, its store now (an embedded one starts its sale),
+        // and what the store says of it; with several, each sale's store
+        // is made on its first request (`stock show --event` tells one).
+        if let Some(sale) = config.sale()
+            && let Some(store) = stores.get(&sale.event).await
+        {
+            check_stored(sale, &store).await;
         }
         let bind = |addr| crate::server::bind(addr).map_err(|source| NodeError::Bind { addr, source });
         let listeners = Listeners {
             public: bind(node_cfg.listen)?,
             internal: node_cfg.internal.map(bind).transpose()?,
         };
-        let node = build(&config, name, store)?;
+        let node = Sales::new(&config, name, stores).await?;
         if let Some(why) = crate::stock::unverified_buyers(&config) {
             tracing::warn!(node = %node_cfg.name, "{why}");
         }
@@ -342,7 +368,7 @@ pub fn main(config_path: &Path, name: &str) -> anyhow::Result<ExitCode> {
             node = %node_cfg.name,
             listen = %node_cfg.listen,
             internal = %node_cfg.internal.map_or_else(|| "on listen".to_string(), |a| a.to_string()),
-            lease = sale.lease,
+            sales = config.sales.len(),
             threads = %node_cfg.threads.map_or_else(|| "one per CPU".to_string(), |t| t.to_string()),
             store = if config.redis.is_some() { "redis" } else { "embedded" },
             "node selling"
@@ -352,4 +378,33 @@ pub fn main(config_path: &Path, name: &str) -> anyhow::Result<ExitCode> {
         tracing::info!(node = %node_cfg.name, "node stopped");
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Warns of what the store says of a single sale at start: not
+/// initialised, a stored limit other than the file's, a Redis that may
+/// forget. Not a refusal: `stock init` is the gate, and a node refusing a
+/// sale already under way would only take itself out of it.
+async fn check_stored(sale: &crate::config::SaleConfig, store: &Store) {
+    if let Store::Redis(_) = store {
+        match store.snapshot().await {
+            Ok(s) if !s.initialised => tracing::warn!(
+                event = %sale.event,
+                "the sale is not initialised in redis; buyers get 503 until `spike stock init`"
+            ),
+            Ok(s) if s.per_user_limit != sale.per_user_limit => tracing::warn!(
+                event = %sale.event,
+                stored = s.per_user_limit,
+                file = sale.per_user_limit,
+                "the sale in redis has per_user_limit {}, this file says {}: the stored limit is the sale's, and this node enforces it",
+                s.per_user_limit,
+                sale.per_user_limit
+            ),
+            _ => {}
+        }
+    }
+    if let Ok(Some(durability)) = store.durability().await {
+        for problem in durability.problems() {
+            tracing::warn!(event = %sale.event, "redis may lose answered orders: {problem}");
+        }
+    }
 }

@@ -40,6 +40,12 @@ pub(super) const REFILL_NOT_SELLING: u8 = 4;
 pub struct NodeSettings {
     /// The node's name, recorded with every order it sells.
     pub name: String,
+    /// The sale's event.
+    pub event: String,
+    /// The fleet sells several sales: order ids are answered as
+    /// `EVENT:ID`, so that an order route finds the sale from the id
+    /// alone (with one sale, ids stay `EPOCH-SEQ`).
+    pub names_sale: bool,
     /// The per-user limit of the file: used until the store's is known.
     pub per_user_limit: u64,
     /// Most tickets one purchase may ask for (`[sale] max_per_purchase`).
@@ -70,6 +76,11 @@ pub struct Node {
     /// Itself, for the background tasks it starts.
     me: std::sync::Weak<Node>,
     pub(super) name: String,
+    /// The sale's event.
+    event: String,
+    /// `EVENT:` before every order id this node answers with, when the
+    /// fleet sells several sales; empty with one.
+    pub(super) order_prefix: String,
     /// This process's lease name in the store: the node's name and a
     /// random part, so a restarted node never inherits the lease of its
     /// previous life (that one runs out by itself).
@@ -126,6 +137,12 @@ impl Node {
             me: me.clone(),
             holder: format!("{}/{:016x}", settings.name, random_u64()),
             name: settings.name,
+            order_prefix: if settings.names_sale {
+                format!("{}:", settings.event)
+            } else {
+                String::new()
+            },
+            event: settings.event,
             store,
             lease: Lease::new(),
             lease_chunk: settings.lease.max(1),
@@ -230,6 +247,11 @@ impl Node {
     /// The node's name in the file.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The event of the sale this state sells.
+    pub fn event(&self) -> &str {
+        &self.event
     }
 
     /// This process's lease name in the store.

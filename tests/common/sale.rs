@@ -54,7 +54,7 @@ impl InProcessSale {
     /// Starts every node of `config_text` and initialises the stock.
     pub async fn start(config_text: &str) -> InProcessSale {
         let config = Config::parse(Path::new("test.toml"), config_text).expect("valid test config");
-        let sale = config.sale.clone().expect("sale");
+        let sale = config.sale().cloned().expect("sale");
         let store = Store::open(&sale, config.redis.as_ref())
             .await
             .expect("store");

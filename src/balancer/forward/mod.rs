@@ -156,6 +156,14 @@ pub fn closed(path: &[u8], config: &BalancerConfig) -> Option<LocalAnswer> {
     if !config.public_only || protocol::is_public_path(path) {
         return None;
     }
+    // With several sales a purchase names its sale in the path too. (With
+    // one, `/buy/ticket` is the one purchase path: the edge and the
+    // waiting room know it, and no other spelling passes them by.)
+    if config.several_sales
+        && std::str::from_utf8(path).is_ok_and(|p| protocol::event_purchase(p).is_some())
+    {
+        return None;
+    }
     let passed = !config.pass_paths.is_empty()
         && is_plain_path(path)
         && config

@@ -17,7 +17,7 @@ use crate::config::sections::SaleConfig;
 pub(super) fn validate(
     cx: &Cx,
     file: Option<&Spanned<AuthFile>>,
-    sale: Option<&SaleConfig>,
+    sales: &[SaleConfig],
 ) -> Result<Option<AuthConfig>, ConfigError> {
     let Some(a) = file else {
         return Ok(None);
@@ -64,16 +64,23 @@ pub(super) fn validate(
         payment_key,
         clock_skew,
     };
-    if let Some(sale) = sale {
+    // Each sale's tokens name it (`aud`); the keys are tried once, on
+    // the first, since they are the same for every sale.
+    if let Some(sale) = sales.first() {
         Verifier::new(&auth, &sale.event)
             .map_err(|e| cx.err("auth.buyer_keys", section.clone(), e.to_string()))?;
-        if sale.pay_within.is_some() && auth.payment_key.is_none() {
-            return Err(cx.err(
-                "auth.payment_key",
-                section,
-                "the sale has a payment window (sale.pay_within) and only the payment service may pay: give its key, payment_key = \"BASE64_SECRET\" (32 bytes or more)",
-            ));
-        }
+    }
+    if let Some(sale) = sales.iter().find(|s| s.pay_within.is_some())
+        && auth.payment_key.is_none()
+    {
+        return Err(cx.err(
+            "auth.payment_key",
+            section,
+            format!(
+                "the sale {:?} has a payment window (pay_within) and only the payment service may pay: give its key, payment_key = \"BASE64_SECRET\" (32 bytes or more)",
+                sale.event
+            ),
+        ));
     }
     Ok(Some(auth))
 }

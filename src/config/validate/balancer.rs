@@ -168,7 +168,10 @@ pub(super) fn validate(
                 )),
             }
         })?,
-        sold_out_at_edge: b.sold_out_at_edge.unwrap_or(d.sold_out_at_edge),
+        sold_out_at_edge: b
+            .sold_out_at_edge
+            .as_ref()
+            .map_or(d.sold_out_at_edge, |v| *v.get_ref()),
         public_only: has_sale,
         pass_paths: pass_paths(cx, &b.pass_paths, has_sale)?,
         queue: optional(&b.queue, d.queue, |v| {
@@ -193,6 +196,7 @@ pub(super) fn validate(
         sale_opens_at_ms: 0,
         sale_closes_at_ms: 0,
         sale_max_per_purchase: 1,
+        several_sales: false,
         waiting_room: None,
     }))
 }

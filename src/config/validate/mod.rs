@@ -61,25 +61,34 @@ fn validate(cx: &Cx, file: FileConfig) -> Result<Config, ConfigError> {
     let server = server::validate(cx, file.server.as_ref())?;
     let redis = redis::validate(cx, file.redis.as_ref())?;
     let nodes = node::validate(cx, &file.node, &mut warnings)?;
-    let sale = sale::validate(
+    let sales = sale::validate(
         cx,
         file.sale.as_ref(),
         nodes.len(),
         file.redis.is_some(),
         &mut warnings,
     )?;
-    let mut balancer = balancer::validate(cx, file.balancer.as_ref(), &nodes, sale.is_some())?;
-    let auth = auth::validate(cx, file.auth.as_ref(), sale.as_ref())?;
-    if let (Some(b), Some(s)) = (balancer.as_mut(), sale.as_ref()) {
+    // What the balancer's edge, waiting room and token checks know: one
+    // sale. With several they are off (see docs/design/many-sales.md).
+    let sale = match sales.as_slice() {
+        [one] => Some(one),
+        _ => None,
+    };
+    let mut balancer = balancer::validate(cx, file.balancer.as_ref(), &nodes, !sales.is_empty())?;
+    let auth = auth::validate(cx, file.auth.as_ref(), &sales)?;
+    if let (Some(b), Some(s)) = (balancer.as_mut(), sale) {
         b.sale_opens_at_ms = s.opens_at_ms.unwrap_or(0);
         b.sale_closes_at_ms = s.closes_at_ms.unwrap_or(0);
         b.sale_max_per_purchase = s.max_per_purchase;
     }
-    let room = waiting_room::validate(cx, file.waiting_room.as_ref(), sale.as_ref())?;
+    if sales.len() > 1 {
+        several_sales(cx, &file, balancer.as_mut())?;
+    }
+    let room = waiting_room::validate(cx, file.waiting_room.as_ref(), sale)?;
     if let Some(b) = balancer.as_mut() {
         b.waiting_room = room;
     }
-    if let (Some(b), Some(a), Some(s)) = (balancer.as_mut(), auth.as_ref(), sale.as_ref()) {
+    if let (Some(b), Some(a), Some(s)) = (balancer.as_mut(), auth.as_ref(), sale) {
         b.auth = Some(crate::config::EdgeAuth {
             auth: a.clone(),
             event: s.event.clone(),
@@ -88,7 +97,7 @@ fn validate(cx: &Cx, file: FileConfig) -> Result<Config, ConfigError> {
     listeners::check(cx, &file, &nodes, balancer.as_ref())?;
     Ok(Config {
         path: cx.path.to_path_buf(),
-        sale,
+        sales,
         redis,
         nodes,
         balancer,
@@ -96,4 +105,40 @@ fn validate(cx: &Cx, file: FileConfig) -> Result<Config, ConfigError> {
         auth,
         warnings,
     })
+}
+
+/// What several sales in one file change for the balancer, whose edge and
+/// waiting room know one sale: the edge is off (it must never answer
+/// `sold_out` for one sale because another sold out), and set on by hand
+/// it is refused, as is a `[waiting_room]`, each with its line; purchases
+/// name their sale (`several_sales`).
+fn several_sales(
+    cx: &Cx,
+    file: &FileConfig,
+    balancer: Option<&mut crate::config::BalancerConfig>,
+) -> Result<(), ConfigError> {
+    if let Some(w) = &file.waiting_room {
+        return Err(cx.err(
+            "waiting_room",
+            w.span(),
+            "a waiting room is the line in front of one sale, and this file has several [[sale]]s: a line per sale is not built yet; remove [waiting_room], or run each sale with a waiting room as a fleet of its own",
+        ));
+    }
+    if let Some(v) = file
+        .balancer
+        .as_ref()
+        .and_then(|b| b.get_ref().sold_out_at_edge.as_ref())
+        .filter(|v| *v.get_ref())
+    {
+        return Err(cx.err(
+            "balancer.sold_out_at_edge",
+            v.span(),
+            "the edge answers for one sale, and this file has several [[sale]]s: it would answer sold_out for one sale because another sold out; remove the key (it is off with several sales), the nodes answer each sale",
+        ));
+    }
+    if let Some(b) = balancer {
+        b.sold_out_at_edge = false;
+        b.several_sales = true;
+    }
+    Ok(())
 }

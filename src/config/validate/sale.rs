@@ -1,4 +1,4 @@
-//! `[sale]`: what is on sale and under which rules.
+//! `[sale]` or `[[sale]]`: what is on sale and under which rules.
 
 use std::time::Duration;
 
@@ -6,7 +6,7 @@ use toml::Spanned;
 
 use super::cx::{Cx, optional};
 use crate::config::error::ConfigError;
-use crate::config::file::SaleFile;
+use crate::config::file::{SaleFile, SaleSection};
 use crate::config::sections::SaleConfig;
 
 /// The shortest `lease_ttl`: a live node renews its lease at least every
@@ -20,47 +20,90 @@ const MAX_PER_PURCHASE: i64 = 100;
 /// The shortest `pay_within`: expiry runs about every half second.
 const MIN_PAY_WITHIN: Duration = Duration::from_secs(1);
 
-/// `[sale]`, or `None` when the file has none (a balancer alone needs
-/// none). `nodes` is how many `[[node]]`s share it (the default lease
-/// depends on it), `redis` whether the file has a `[redis]`; `warnings`
-/// gets one line per key that does nothing.
+/// Every sale of the file, in file order: none (a balancer alone needs
+/// none), today's one `[sale]`, or the `[[sale]]` list, whose events must
+/// differ (each is its own keys in the store). `nodes` is how many
+/// `[[node]]`s share them (the default lease depends on it), `redis`
+/// whether the file has a `[redis]`; `warnings` gets one line per key
+/// that does nothing.
 pub(super) fn validate(
     cx: &Cx,
-    file: Option<&Spanned<SaleFile>>,
+    file: Option<&Spanned<SaleSection>>,
     nodes: usize,
     redis: bool,
     warnings: &mut Vec<String>,
-) -> Result<Option<SaleConfig>, ConfigError> {
-    let Some(s) = file else {
-        return Ok(None);
+) -> Result<Vec<SaleConfig>, ConfigError> {
+    let Some(section) = file else {
+        return Ok(Vec::new());
     };
-    let s = s.get_ref();
+    match section.get_ref() {
+        SaleSection::One(s) => Ok(vec![one(cx, "sale", s, nodes, redis, warnings)?]),
+        SaleSection::Many(list) => {
+            if list.is_empty() {
+                return Err(cx.err(
+                    "sale",
+                    section.span(),
+                    "an empty list sells nothing: write one [[sale]] table per sale",
+                ));
+            }
+            let mut sales: Vec<SaleConfig> = Vec::with_capacity(list.len());
+            for (i, s) in list.iter().enumerate() {
+                let prefix = format!("sale[{i}]");
+                let sale = one(cx, &prefix, s.get_ref(), nodes, redis, warnings)?;
+                if let Some(j) = sales.iter().position(|o| o.event == sale.event) {
+                    return Err(cx.err(
+                        format!("{prefix}.event"),
+                        s.get_ref().event.span(),
+                        format!(
+                            "{:?} is the event of sale[{j}] too: each sale is its own keys in the store, so every event is named once",
+                            sale.event
+                        ),
+                    ));
+                }
+                sales.push(sale);
+            }
+            Ok(sales)
+        }
+    }
+}
+
+/// One sale, its keys named `{prefix}.key` in errors (`sale.total`, or
+/// `sale[2].total` in a list).
+fn one(
+    cx: &Cx,
+    prefix: &str,
+    s: &SaleFile,
+    nodes: usize,
+    redis: bool,
+    warnings: &mut Vec<String>,
+) -> Result<SaleConfig, ConfigError> {
+    let k = |key: &str| format!("{prefix}.{key}");
     let event = cx.name(
-        "sale.event",
+        &k("event"),
         &s.event,
         64,
         " (it becomes part of every Redis key)",
     )?;
-    let total = cx.count("sale.total", &s.total, 1)?;
+    let total = cx.count(&k("total"), &s.total, 1)?;
     let d = SaleConfig::new(event, total, nodes);
     let per_user_limit = optional(&s.per_user_limit, d.per_user_limit, |v| {
-        cx.count("sale.per_user_limit", v, 0)
+        cx.count(&k("per_user_limit"), v, 0)
     })?;
     let max_per_purchase = optional(&s.max_per_purchase, d.max_per_purchase, |v| {
         let n = *v.get_ref();
         if !(1..=MAX_PER_PURCHASE).contains(&n) {
             return Err(cx.err(
-                "sale.max_per_purchase",
+                &k("max_per_purchase"),
                 v.span(),
                 format!("must be a whole number from 1 to {MAX_PER_PURCHASE}, not {n}"),
             ));
         }
         if per_user_limit > 0 && n as u64 > per_user_limit {
             return Err(cx.err(
-                "sale.max_per_purchase",
+                &k("max_per_purchase"),
                 v.span(),
                 format!(
-                    "must be at most sale.per_user_limit ({per_user_limit}), not {n}: no buyer could make such a purchase"
+                    "must be at most {prefix}.per_user_limit ({per_user_limit}), not {n}: no buyer could make such a purchase"
                 ),
             ));
         }
@@ -68,7 +111,7 @@ pub(super) fn validate(
     })?;
     if let Some(b) = &s.buffer {
         warnings.push(cx.warning(
-            "sale.buffer",
+            &k("buffer"),
             b.span(),
             "no longer does anything: nodes lease stock from the store as they sell, and a dead node's lease comes back by itself (see [sale] lease and lease_ttl); remove it",
         ));
@@ -81,36 +124,36 @@ pub(super) fn validate(
         // rehearsal under `spike up`), and nothing sold is at risk; but the
         // operator must not believe orders are handed off.
         warnings.push(cx.warning(
-            "sale.stream",
+            &k("stream"),
             v.span(),
             "does nothing without [redis]: the embedded store has no event stream (read orders at GET /orders/ID)",
         ));
     }
     let opens_at_ms = optional(&s.opens_at, None, |v| {
-        cx.instant("sale.opens_at", v).map(Some)
+        cx.instant(&k("opens_at"), v).map(Some)
     })?;
     let closes_at_ms = optional(&s.closes_at, None, |v| {
-        cx.instant("sale.closes_at", v).map(Some)
+        cx.instant(&k("closes_at"), v).map(Some)
     })?;
     if let (Some(open), Some(close), Some(v)) = (opens_at_ms, closes_at_ms, &s.closes_at)
         && close <= open
     {
         return Err(cx.err(
-            "sale.closes_at",
+            &k("closes_at"),
             v.span(),
-            "must be after sale.opens_at: the sale would never be open",
+            format!("must be after {prefix}.opens_at: the sale would never be open"),
         ));
     }
-    Ok(Some(SaleConfig {
+    Ok(SaleConfig {
         per_user_limit,
         max_per_purchase,
         stream,
         opens_at_ms,
         closes_at_ms,
-        lease: optional(&s.lease, d.lease, |v| cx.count("sale.lease", v, 1))?,
+        lease: optional(&s.lease, d.lease, |v| cx.count(&k("lease"), v, 1))?,
         lease_ttl: optional(&s.lease_ttl, d.lease_ttl, |v| {
             cx.duration_at_least(
-                "sale.lease_ttl",
+                &k("lease_ttl"),
                 v,
                 MIN_LEASE_TTL,
                 "a live node renews its lease at least every 2 s",
@@ -118,7 +161,7 @@ pub(super) fn validate(
         })?,
         pay_within: optional(&s.pay_within, d.pay_within, |v| {
             cx.duration_at_least(
-                "sale.pay_within",
+                &k("pay_within"),
                 v,
                 MIN_PAY_WITHIN,
                 "expiry runs about every half second",
@@ -126,8 +169,8 @@ pub(super) fn validate(
             .map(Some)
         })?,
         events_max: optional(&s.events_max, d.events_max, |v| {
-            cx.count("sale.events_max", v, 1000)
+            cx.count(&k("events_max"), v, 1000)
         })?,
         ..d
-    }))
+    })
 }

@@ -93,6 +93,11 @@ const DURATION_KEYS: [&str; 17] = [
 /// written as a bare number ("expected a string").
 pub(super) fn hint(key: &str, message: &str) -> Option<String> {
     let table = key.split('[').next().unwrap_or(key);
+    if table == "sale" && message.contains("duplicate key") {
+        return Some(
+            "a file has one [sale] table or a list of [[sale]] tables, not both: write every sale as [[sale]]".into(),
+        );
+    }
     if message.contains("duplicate key")
         && let Some(array) = ARRAYS_OF_TABLES.iter().find(|a| **a == table)
     {

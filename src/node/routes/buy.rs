@@ -20,11 +20,18 @@ const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-repl
 pub async fn serve(node: &Node, req: &Request<Incoming>) -> Answer {
     let auth = node.auth();
     let mut verified = None;
-    let answer = match checked(node, req, auth.as_deref(), &mut verified) {
+    let mut answer = match checked(node, req, auth.as_deref(), &mut verified) {
         Ok((buyer, key, quantity)) => node.buy(buyer, key, quantity).await,
         Err(refused) => refused,
     };
     answer.count(&node.stats);
+    // In a fleet of several sales an order id names its sale, so that
+    // its routes find it (see `routes::orders`).
+    if !node.order_prefix.is_empty()
+        && let BuyAnswer::Sold { order, .. } | BuyAnswer::AlreadyBought { order } = &mut answer
+    {
+        order.insert_str(0, &node.order_prefix);
+    }
     render(node.name(), answer)
 }
 

@@ -11,7 +11,9 @@ use std::sync::atomic::Ordering;
 use hyper::StatusCode;
 
 use super::reply::{Answer, json};
+use crate::node::sales::Sales;
 use crate::node::state::Node;
+use crate::node::stats::Stats;
 use crate::prometheus::{header, single};
 
 /// `GET /healthz`: whether the node can sell: the store answers and holds
@@ -26,12 +28,10 @@ pub fn stats_json(node: &Node) -> Answer {
     json(StatusCode::OK, &stats(node))
 }
 
-/// The node's metrics as Prometheus text.
-pub fn render(node: &Node) -> String {
-    let s = &node.stats;
+/// A sale's counters as `/metrics` names them: name, help, value.
+fn counters(s: &Stats) -> [(&'static str, &'static str, u64); 12] {
     let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-    let mut out = String::with_capacity(3072);
-    let counters = [
+    [
         (
             "spike_node_sold_total",
             "Tickets this node sold.",
@@ -92,7 +92,15 @@ pub fn render(node: &Node) -> String {
             "Store calls that failed or did not answer in time (each a 503).",
             load(&s.store_errors),
         ),
-    ];
+    ]
+}
+
+/// The node's metrics as Prometheus text.
+pub fn render(node: &Node) -> String {
+    let s = &node.stats;
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let mut out = String::with_capacity(3072);
+    let counters = counters(s);
     for (name, help, value) in counters {
         single(&mut out, name, help, "counter", value);
     }
@@ -147,6 +155,170 @@ pub fn render(node: &Node) -> String {
         "Time a purchase or lease request waited for the store's answer.",
     );
     out
+}
+
+/// The gauges of a sale's state, with `/metrics`'s names and help.
+const GAUGES: [(&str, &str); 2] = [
+    (
+        "spike_node_lease_units",
+        "Units of this node's lease not yet sent to the store.",
+    ),
+    (
+        "spike_node_epoch",
+        "The sale's epoch as this node last heard it (0 before any answer).",
+    ),
+];
+
+/// `/metrics` of a node of several sales: every family of [`render`],
+/// each series labelled with its sale's `event`, for the sales this node
+/// holds state for (those it was asked about); and how many it sells
+/// and holds.
+pub fn render_all(sales: &Sales) -> String {
+    let mut nodes: Vec<&std::sync::Arc<Node>> = sales.made().collect();
+    nodes.sort_by(|a, b| a.event().cmp(b.event()));
+    let mut out = String::with_capacity(1024 + 2048 * nodes.len());
+    single(
+        &mut out,
+        "spike_node_sales",
+        "Sales this node sells (the file's).",
+        "gauge",
+        sales.len() as u64,
+    );
+    single(
+        &mut out,
+        "spike_node_sales_held",
+        "Sales whose state this node holds: those asked about since it started.",
+        "gauge",
+        nodes.len() as u64,
+    );
+    let all: Vec<_> = nodes
+        .iter()
+        .map(|n| (n.event(), counters(&n.stats)))
+        .collect();
+    for i in 0..12 {
+        let (name, help, _) = all
+            .first()
+            .map_or(counters(&Stats::default())[i], |c| c.1[i]);
+        header(&mut out, name, help, "counter");
+        for (event, c) in &all {
+            let _ = writeln!(out, "{name}{{event=\"{event}\"}} {}", c[i].2);
+        }
+    }
+    let name = "spike_node_redis_calls_total";
+    header(
+        &mut out,
+        name,
+        "Calls to Redis that carried purchases and lease requests.",
+        "counter",
+    );
+    for n in &nodes {
+        if let Some(calls) = n.store().deduct_calls() {
+            let _ = writeln!(out, "{name}{{event=\"{}\"}} {calls}", n.event());
+        }
+    }
+    let name = "spike_node_unavailable_total";
+    header(
+        &mut out,
+        name,
+        "503 answers to purchases, by reason.",
+        "counter",
+    );
+    for n in &nodes {
+        let s = &n.stats;
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        for (reason, v) in [
+            ("busy", load(&s.busy)),
+            ("store", load(&s.store_errors)),
+            ("not_initialised", load(&s.not_initialised)),
+            ("not_replicated", load(&s.not_replicated)),
+        ] {
+            let _ = writeln!(
+                out,
+                "{name}{{event=\"{}\",reason=\"{reason}\"}} {v}",
+                n.event()
+            );
+        }
+    }
+    let name = "spike_node_not_selling_total";
+    header(
+        &mut out,
+        name,
+        "409 answers to purchases while the sale does not sell (not open yet, closed, paused).",
+        "counter",
+    );
+    for n in &nodes {
+        let v = n.stats.not_selling.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}{{event=\"{}\"}} {v}", n.event());
+    }
+    for (i, (name, help)) in GAUGES.iter().enumerate() {
+        header(&mut out, name, help, "gauge");
+        for n in &nodes {
+            let v = if i == 0 { n.lease_left() } else { n.epoch() };
+            let _ = writeln!(out, "{name}{{event=\"{}\"}} {v}", n.event());
+        }
+    }
+    let name = "spike_node_store_latency_seconds";
+    header(
+        &mut out,
+        name,
+        "Time a purchase or lease request waited for the store's answer.",
+        "histogram",
+    );
+    for n in &nodes {
+        n.stats
+            .store_latency
+            .write_samples(&mut out, name, &format!("event=\"{}\"", n.event()));
+    }
+    out
+}
+
+/// `/stats` of a node of several sales: each sale it holds state for
+/// (those asked about since it started), by event, with the fields of a
+/// single sale's `/stats`.
+pub fn stats_all(sales: &Sales) -> Answer {
+    let by_event: std::collections::BTreeMap<&str, StatsBody<'_>> =
+        sales.made().map(|n| (n.event(), stats(n))).collect();
+    json(
+        StatusCode::OK,
+        &AllStats {
+            node: sales.name(),
+            sales: sales.len(),
+            sales_held: by_event.len(),
+            by_event,
+        },
+    )
+}
+
+/// The body of [`stats_all`].
+#[derive(serde::Serialize)]
+struct AllStats<'a> {
+    node: &'a str,
+    sales: usize,
+    sales_held: usize,
+    #[serde(rename = "by_event")]
+    by_event: std::collections::BTreeMap<&'a str, StatsBody<'a>>,
+}
+
+/// `/healthz` of a node of several sales: whether the store answers at
+/// all (each sale's own state is at its `/sale?event=`).
+pub async fn healthz_all(sales: &Sales) -> Answer {
+    let ping = match sales.stores() {
+        Some(stores) => stores.ping().await,
+        None => Ok(()),
+    };
+    match ping {
+        Ok(()) => json(
+            StatusCode::OK,
+            &serde_json::json!({"status": "ok", "sales": sales.len()}),
+        ),
+        Err(e) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({
+                "status": "unavailable",
+                "reason": format!("the store is unreachable: {e}"),
+            }),
+        ),
+    }
 }
 
 /// The node's `/stats`: every field always present with one meaning, except

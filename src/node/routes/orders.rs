@@ -15,6 +15,7 @@ use hyper::{Method, Request, StatusCode};
 
 use super::reply::{Answer, Rfc3339, Tickets, fixed, json, not_allowed, unauthorized};
 use crate::auth::{Asker, AuthError, Authority};
+use crate::node::sales::Sales;
 use crate::node::state::Node;
 use crate::node::store::{ANY_BUYER, OrderAnswer, OrderOp, OrderRecord, OrderState, StoreError};
 use crate::protocol::{BuyerError, buyer_of};
@@ -90,8 +91,10 @@ fn payment_ref(req: &Request<Incoming>) -> Result<&str, OrderRequestError> {
     }
 }
 
-/// Serves `/orders/...` on `node`.
-pub async fn handle(node: &Node, req: &Request<Incoming>) -> Answer {
+/// Serves `/orders/...` on the node's `sales`: the order's sale is the one
+/// its id names (`EVENT:EPOCH-SEQ`, as a fleet of several sales answers
+/// them), else the only one.
+pub async fn handle(sales: &Sales, req: &Request<Incoming>) -> Answer {
     let rest = req.uri().path().trim_start_matches("/orders/");
     let (id, op) = match rest.split_once('/') {
         None => (rest, OrderOp::Get),
@@ -111,6 +114,17 @@ pub async fn handle(node: &Node, req: &Request<Incoming>) -> Answer {
     if req.method() != allowed {
         return not_allowed(if op == OrderOp::Get { "GET" } else { "POST" });
     }
+    // The event is what stands before the id's last ':' (no event name
+    // has one).
+    let (node, id) = match id.rsplit_once(':') {
+        Some((event, bare)) => (sales.get(event).await, bare),
+        None => (sales.find(None).await, id),
+    };
+    let node = match node {
+        Ok(node) => node,
+        Err(m) => return super::missing(m),
+    };
+    let node = &*node;
     let auth = node.auth();
     let mut asker = None;
     match checked(req, id, op, auth.as_deref(), &mut asker) {
@@ -227,7 +241,13 @@ async fn call(node: &Node, op: OrderOp, id: &str, buyer: &str, reference: &str) 
     // A cancel (or an expiry found on the way) may have put a ticket back
     // on sale: this node reopens at once, the others at their next poll.
     node.heard(&reply.sale);
-    match reply.answer {
+    let mut answer = reply.answer;
+    if !node.order_prefix.is_empty()
+        && let OrderAnswer::Done(o) | OrderAnswer::Conflict(o) | OrderAnswer::Final(o) = &mut answer
+    {
+        o.id.insert_str(0, &node.order_prefix);
+    }
+    match answer {
         OrderAnswer::Done(o) => {
             let status = match op {
                 OrderOp::Get => o.state().as_str(),

@@ -28,7 +28,7 @@ pub use model::{
     OrderState, Outcome, Purchase, Reply, SaleKeys, SaleState, Shut, StoreError, Swept, line_keys,
     ticket_number, tickets,
 };
-pub use redis::RedisStore;
+pub use redis::{RedisConn, RedisStore};
 pub use snapshot::{Audit, BuyerTally, EventTally, Snapshot};
 
 /// The store a node sells from.
@@ -274,6 +274,120 @@ impl Store {
         match self {
             Store::Redis(r) => r.clock_offset_ms(),
             Store::Embedded(_) => None,
+        }
+    }
+}
+
+/// The stores of every sale one process sells, each made on its first use
+/// (see docs/design/many-sales.md): the configs of all the file's sales
+/// are here from the start, but a sale's store (its keys, batch queue and
+/// task, clock reading; or its embedded memory) exists only once something
+/// in the process asked for it, so a sale nobody asks about costs its
+/// config and nothing else. Shared by the nodes of one process that sell
+/// from the same store.
+pub struct Stores {
+    /// The shared Redis connection; `None`: the embedded store.
+    redis: Option<Arc<RedisConn>>,
+    slots: std::collections::HashMap<String, StoreSlot>,
+}
+
+/// One sale's config and, once made, its store.
+struct StoreSlot {
+    config: SaleConfig,
+    store: tokio::sync::OnceCell<Store>,
+}
+
+impl Stores {
+    /// The stores of `sales` over one connection to `redis` (made now, as
+    /// a single sale's store would), or embedded without it. No sale's
+    /// store is made yet.
+    pub async fn open(
+        sales: &[SaleConfig],
+        redis: Option<&crate::config::RedisConfig>,
+    ) -> Result<Arc<Stores>, StoreError> {
+        let redis = match redis {
+            Some(r) => Some(RedisConn::connect(r).await?),
+            None => None,
+        };
+        let slots = sales
+            .iter()
+            .map(|s| {
+                let slot = StoreSlot {
+                    config: s.clone(),
+                    store: tokio::sync::OnceCell::new(),
+                };
+                (s.event.clone(), slot)
+            })
+            .collect();
+        Ok(Arc::new(Stores { redis, slots }))
+    }
+
+    /// One sale whose store is made already (a single-sale process, the
+    /// tests).
+    pub fn of(sale: &SaleConfig, store: Store) -> Arc<Stores> {
+        let slot = StoreSlot {
+            config: sale.clone(),
+            store: tokio::sync::OnceCell::new_with(Some(store)),
+        };
+        Arc::new(Stores {
+            redis: None,
+            slots: std::iter::once((sale.event.clone(), slot)).collect(),
+        })
+    }
+
+    /// The config of the sale of `event`, if the process sells it.
+    pub fn config(&self, event: &str) -> Option<&SaleConfig> {
+        self.slots.get(event).map(|s| &s.config)
+    }
+
+    /// The store of the sale of `event`, made now if it is the first ask
+    /// (an embedded store starts its sale then, as `spike node` did at
+    /// start); `None` when the process does not sell it.
+    pub async fn get(&self, event: &str) -> Option<Store> {
+        let slot = self.slots.get(event)?;
+        if let Some(store) = slot.store.get() {
+            return Some(store.clone());
+        }
+        let made = slot
+            .store
+            .get_or_init(|| async {
+                match &self.redis {
+                    Some(conn) => Store::Redis(Arc::new(RedisStore::on(conn, &slot.config).await)),
+                    None => {
+                        let e = EmbeddedStore::new(&slot.config);
+                        e.init(false);
+                        Store::Embedded(Arc::new(e))
+                    }
+                }
+            })
+            .await;
+        Some(made.clone())
+    }
+
+    /// The stores made so far, with their events: what `/metrics` and
+    /// the process's counters read.
+    pub fn made(&self) -> impl Iterator<Item = (&str, &Store)> {
+        self.slots
+            .iter()
+            .filter_map(|(e, s)| s.store.get().map(|st| (e.as_str(), st)))
+    }
+
+    /// How many sales the process sells.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether it sells none.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Whether Redis answers (or, embedded, always): `/healthz` of a node
+    /// of several sales, which are not all made.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match &self.redis {
+            Some(conn) => conn.ping().await,
+            None => Ok(()),
         }
     }
 }

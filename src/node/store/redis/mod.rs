@@ -116,10 +116,27 @@ pub struct RedisStore {
     ping: Options,
 }
 
-impl RedisStore {
+/// One process's connection to Redis, shared by the stores of every sale
+/// it sells: the fred pool, what says why Redis is out of reach, and the
+/// settings every call of every sale uses. Each sale's [`RedisStore`] adds
+/// its keys, its batch queue and its clock reading on top, when first
+/// asked for (see [`super::Stores`]).
+pub struct RedisConn {
+    pool: Pool,
+    reach: Arc<Reach>,
+    timeout: Duration,
+    pool_size: usize,
+    replicas: u64,
+    /// `redis.url`, naming the holders' cell (one per Redis and sale).
+    url: String,
+    /// For `/healthz`: fail fast while disconnected, one attempt.
+    ping: Options,
+}
+
+impl RedisConn {
     /// Builds the pool and starts connecting. A Redis that is down at start
     /// is not fatal: the node answers 503 until it comes back.
-    pub async fn connect(sale: &SaleConfig, cfg: &RedisConfig) -> Result<RedisStore, StoreError> {
+    pub async fn connect(cfg: &RedisConfig) -> Result<Arc<RedisConn>, StoreError> {
         let mut config = crate::redis_client::fred_config(&cfg.url, cfg.tls.as_ref())
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         // Keep reconnecting in the background instead of failing the node.
@@ -170,7 +187,6 @@ impl RedisStore {
                 ),
             },
         }
-        let keys = SaleKeys::new(&sale.event);
         let ping = Options {
             // While disconnected, fail now instead of queueing.
             fail_fast: true,
@@ -178,6 +194,46 @@ impl RedisStore {
             max_attempts: Some(1),
             ..Options::default()
         };
+        Ok(Arc::new(RedisConn {
+            pool,
+            reach,
+            timeout,
+            pool_size: cfg.pool_size,
+            replicas: cfg.replicas,
+            url: cfg.url.clone(),
+            ping,
+        }))
+    }
+
+    /// PING within the timeout: whether Redis answers at all, whatever
+    /// the sale.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.pool
+            .next()
+            .with_options(&self.ping)
+            .ping::<Value>(None)
+            .await
+            .map(|_| ())
+            .map_err(|e| map_error(e))
+    }
+}
+
+impl RedisStore {
+    /// Connects to Redis for one sale (a process of one sale: `spike
+    /// stock`, `spike check`, a single-sale node).
+    pub async fn connect(sale: &SaleConfig, cfg: &RedisConfig) -> Result<RedisStore, StoreError> {
+        let conn = RedisConn::connect(cfg).await?;
+        Ok(RedisStore::on(&conn, sale).await)
+    }
+
+    /// The store of `sale` over `conn`: its keys and scripts, its batch
+    /// queue and task, and its reading of Redis's clock at its slot (read
+    /// once now, then once a second while the store lives).
+    pub async fn on(conn: &RedisConn, sale: &SaleConfig) -> RedisStore {
+        let (timeout, ping) = (conn.timeout, conn.ping.clone());
+        let pool = conn.pool.clone();
+        let reach = conn.reach.clone();
+        let keys = SaleKeys::new(&sale.event);
         let clock = Arc::new(StoreClock::new());
         let link = Link {
             calls: Arc::new(AtomicU64::new(0)),
@@ -187,7 +243,7 @@ impl RedisStore {
             lease_ttl: Value::from(sale.lease_ttl.as_millis() as i64),
             deduct: Script::from_lua(DEDUCT),
             clock,
-            replicas: cfg.replicas,
+            replicas: conn.replicas,
             reach,
         };
         // The first reading before any purchase, then one a second.
@@ -204,9 +260,9 @@ impl RedisStore {
         tokio::spawn(send_batches(
             link.clone(),
             pending,
-            Arc::new(Semaphore::new(cfg.pool_size)),
+            Arc::new(Semaphore::new(conn.pool_size)),
         ));
-        Ok(RedisStore {
+        RedisStore {
             queue,
             link,
             event: sale.event.clone(),
@@ -222,13 +278,13 @@ impl RedisStore {
             orders: Script::from_lua(ORDERS),
             holders: Script::from_lua(HOLDERS),
             audit: Script::from_lua(AUDIT),
-            holder_cell: HolderCell::shared(&format!("{}\u{1f}{}", cfg.url, sale.event)),
+            holder_cell: HolderCell::shared(&format!("{}\u{1f}{}", conn.url, sale.event)),
             control: Script::from_lua(CONTROL),
             line: Script::from_lua(LINE),
             line_keys: super::model::line_keys(&sale.event).map(Key::from).to_vec(),
             timeout,
             ping,
-        })
+        }
     }
 
     /// Deduction calls sent to Redis so far (each carries one or more
