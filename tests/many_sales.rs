@@ -1,0 +1,406 @@
+//! Many sales in one fleet (issue 28): 200 sales of 50 tickets each, 20×
+//! oversubscribed, buyers spread at random over the sales, through
+//! several `spike node` processes on one real Redis and through `spike
+//! up` on the embedded store: every sale sells exactly its total, no
+//! buyer over any sale's limit, `stock audit --all` passes; a sale's
+//! order routes work from its id; a purchase that names no sale, or one
+//! the fleet does not sell, is told so.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::http::{TestClient, client, get, json, send};
+use common::redis::RedisServer;
+use common::spike::{SpikeProcess, remove_config, run, wait_listening, write_config};
+use hyper::{Method, StatusCode};
+
+/// Sales in the fleet.
+const SALES: usize = 200;
+/// Tickets per sale.
+const TOTAL: u64 = 50;
+/// Purchases per ticket on sale.
+const OVERSUBSCRIBED: usize = 20;
+/// Tickets one buyer may hold in a sale.
+const LIMIT: u64 = 2;
+/// Buyers, each buying in any sale: few enough that the limit binds
+/// (about 2.5 attempts per buyer per sale).
+const BUYERS: u64 = 400;
+
+fn event(i: usize) -> String {
+    format!("train-{i:03}")
+}
+
+/// `[[sale]]` × [`SALES`], then `tail` (nodes, redis, balancer).
+fn fleet_config(tail: &str) -> String {
+    let mut text = String::new();
+    for i in 0..SALES {
+        text.push_str(&format!(
+            "[[sale]]\nevent = \"{}\"\ntotal = {TOTAL}\nper_user_limit = {LIMIT}\n\n",
+            event(i)
+        ));
+    }
+    text.push_str(tail);
+    text
+}
+
+/// xorshift64: buyers and sales at random, from a seed the test prints.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// One purchase's outcome: its sale, its buyer, its status and body.
+struct Bought {
+    sale: usize,
+    buyer: u64,
+    status: StatusCode,
+    body: String,
+}
+
+/// [`SALES`] × [`TOTAL`] × [`OVERSUBSCRIBED`] purchases by 64 workers,
+/// each a random buyer in a random sale at a random target; `path` makes
+/// the purchase's path from its sale's event and buyer (the two ways of
+/// naming a sale).
+async fn flood(targets: &[SocketAddr], seed: u64) -> Vec<Bought> {
+    const WORKERS: usize = 64;
+    let per_worker = SALES * TOTAL as usize * OVERSUBSCRIBED / WORKERS;
+    let client = client();
+    let targets = Arc::new(targets.to_vec());
+    let mut tasks = Vec::new();
+    for w in 0..WORKERS {
+        let (client, targets) = (client.clone(), targets.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng(seed ^ (w as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut out = Vec::with_capacity(per_worker);
+            for _ in 0..per_worker {
+                let sale = (rng.next() % SALES as u64) as usize;
+                let buyer = rng.next() % BUYERS;
+                let to = targets[(rng.next() % targets.len() as u64) as usize];
+                // Half name the sale in the path, half in the query.
+                let path = if rng.next() % 2 == 0 {
+                    format!("/events/{}/buy?user=b{buyer}", event(sale))
+                } else {
+                    format!("/buy/ticket?event={}&user=b{buyer}", event(sale))
+                };
+                let (status, body) = buy(&client, to, &path).await;
+                out.push(Bought {
+                    sale,
+                    buyer,
+                    status,
+                    body,
+                });
+            }
+            out
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("worker"));
+    }
+    all
+}
+
+/// A POST purchase, retried on a transport error (a purchase without a
+/// key is answered once; a connection that broke before it was sent sold
+/// nothing).
+async fn buy(client: &TestClient, to: SocketAddr, path: &str) -> (StatusCode, String) {
+    for _ in 0..5 {
+        if let Ok(r) = send(client, Method::POST, to, path, &[]).await {
+            return (r.status, r.body);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no answer to {path} at {to}");
+}
+
+/// Every sale sold exactly its total, in distinct tickets 1..=TOTAL; no
+/// buyer over the limit in any sale; every other answer a refusal that
+/// sells nothing. Returns an order of each sale (its id and buyer).
+fn check_exact(all: &[Bought]) -> Vec<(String, u64)> {
+    let mut tickets: Vec<HashSet<u64>> = vec![HashSet::new(); SALES];
+    let mut held: HashMap<(usize, u64), u64> = HashMap::new();
+    let mut order_of: Vec<Option<(String, u64)>> = vec![None; SALES];
+    let mut statuses: HashMap<u16, usize> = HashMap::new();
+    for b in all {
+        *statuses.entry(b.status.as_u16()).or_default() += 1;
+        match b.status {
+            StatusCode::OK => {
+                let v = json(&b.body);
+                let order = v["order"].as_str().expect("order id").to_string();
+                assert!(
+                    order.starts_with(&format!("{}:", event(b.sale))),
+                    "an order id names its sale: {}",
+                    b.body
+                );
+                for t in v["tickets"].as_array().expect("tickets") {
+                    let t = t.as_u64().expect("a ticket number");
+                    assert!((1..=TOTAL).contains(&t), "{}", b.body);
+                    assert!(
+                        tickets[b.sale].insert(t),
+                        "ticket {t} of {} sold twice",
+                        event(b.sale)
+                    );
+                }
+                *held.entry((b.sale, b.buyer)).or_default() += v["quantity"].as_u64().expect("q");
+                order_of[b.sale].get_or_insert((order, b.buyer));
+            }
+            StatusCode::CONFLICT => {
+                let v = json(&b.body);
+                let s = v["status"].as_str().unwrap_or_default();
+                assert!(matches!(s, "sold_out" | "already_bought"), "{}", b.body);
+            }
+            // Every unit left held by purchases in flight: sells nothing.
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert!(b.body.contains("busy"), "{}", b.body);
+            }
+            other => panic!("{other}: {}", b.body),
+        }
+    }
+    eprintln!("answers by status: {statuses:?}");
+    for (i, t) in tickets.iter().enumerate() {
+        assert_eq!(
+            t.len() as u64,
+            TOTAL,
+            "{} sold {} of {TOTAL}",
+            event(i),
+            t.len()
+        );
+    }
+    for ((sale, buyer), n) in &held {
+        assert!(*n <= LIMIT, "buyer b{buyer} holds {n} in {}", event(*sale));
+    }
+    order_of
+        .into_iter()
+        .enumerate()
+        .map(|(i, o)| o.unwrap_or_else(|| panic!("{} sold nothing", event(i))))
+        .collect()
+}
+
+fn seed() -> u64 {
+    let s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+        | 1;
+    eprintln!("seed {s}");
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_sales_sell_exactly_through_node_processes_on_redis() {
+    let redis = RedisServer::start();
+    let nodes: Vec<SocketAddr> = (0..3).map(|_| common::free_addr()).collect();
+    let mut tail = format!("[redis]\nurl = \"{}\"\n", redis.url());
+    for (i, a) in nodes.iter().enumerate() {
+        tail.push_str(&format!(
+            "\n[[node]]\nname = \"n{}\"\nlisten = \"{a}\"\nthreads = 1\n",
+            i + 1
+        ));
+    }
+    let path = write_config(&fleet_config(&tail));
+    let file = path.to_str().expect("utf-8 path");
+    let init = run(&[
+        "stock",
+        "init",
+        "--config",
+        file,
+        "--all",
+        "--trust-client-buyer-ids",
+    ]);
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let inits = String::from_utf8_lossy(&init.stdout);
+    assert_eq!(inits.lines().count(), SALES, "one line per sale: {inits}");
+    // Without --event or --all, a file of several sales names the choice.
+    let show = run(&["stock", "show", "--config", file]);
+    assert!(!show.status.success());
+    let said = String::from_utf8_lossy(&show.stderr);
+    assert!(
+        said.contains("--event") && said.contains("train-000"),
+        "{said}"
+    );
+    let show = run(&["stock", "show", "--config", file, "--event", "train-007"]);
+    assert!(
+        show.status.success(),
+        "{}",
+        String::from_utf8_lossy(&show.stderr)
+    );
+    let snap = json(&String::from_utf8_lossy(&show.stdout));
+    assert_eq!(
+        (snap["event"].as_str(), snap["total"].as_u64()),
+        (Some("train-007"), Some(TOTAL))
+    );
+
+    let _procs: Vec<SpikeProcess> = (1..=nodes.len())
+        .map(|i| SpikeProcess::start(&["node", "--config", file, "--name", &format!("n{i}")]))
+        .collect();
+    for a in &nodes {
+        wait_listening(&a.to_string(), Duration::from_secs(10));
+    }
+    let c = client();
+    // A purchase that names no sale, or one the fleet does not sell.
+    let (status, body) = get(&c, nodes[0], "/buy/ticket?user=x")
+        .await
+        .expect("answer");
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body.contains("several sales") && body.contains("train-000"),
+        "{body}"
+    );
+    let (status, body) = get(&c, nodes[0], "/events/nope/buy?user=x")
+        .await
+        .expect("answer");
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(json(&body)["status"], "no_such_sale");
+    // Nothing of a sale exists at a node before it is asked about it.
+    let (_, stats) = get(&c, nodes[1], "/stats").await.expect("stats");
+    let stats = json(&stats);
+    assert_eq!(
+        (stats["sales"].as_u64(), stats["sales_held"].as_u64()),
+        (Some(SALES as u64), Some(0)),
+        "{stats}"
+    );
+
+    let all = flood(&nodes, seed()).await;
+    let orders = check_exact(&all);
+
+    // Every sale, audited: exact, and its buyers within the limit.
+    let audit = run(&["stock", "audit", "--config", file, "--all"]);
+    let out = String::from_utf8_lossy(&audit.stdout);
+    assert!(
+        audit.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&audit.stderr)
+    );
+    let lines: Vec<serde_json::Value> = out.lines().map(json).collect();
+    assert_eq!(lines.len(), SALES);
+    for l in &lines {
+        assert_eq!(
+            (l["ok"].as_bool(), l["sold"].as_u64()),
+            (Some(true), Some(TOTAL)),
+            "{l}"
+        );
+        assert!(l["most_by_one_buyer"].as_u64() <= Some(LIMIT), "{l}");
+    }
+
+    // A sale's order routes, at any node, from the id alone.
+    let (id, buyer) = &orders[17];
+    let (status, body) = get(&c, nodes[2], &format!("/orders/{id}?user=b{buyer}"))
+        .await
+        .expect("order");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let v = json(&body);
+    assert_eq!(
+        (v["order"].as_str(), v["status"].as_str()),
+        (Some(id.as_str()), Some("sold"))
+    );
+    // Its bare id names no sale in a fleet of several.
+    let bare = id.rsplit_once(':').expect("EVENT:ID").1;
+    let (status, body) = get(&c, nodes[2], &format!("/orders/{bare}?user=b{buyer}"))
+        .await
+        .expect("order");
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    // The same id under another sale is that sale's (no such order there).
+    let other = format!("{}:{bare}", event(18));
+    let (status, _) = get(&c, nodes[2], &format!("/orders/{other}?user=b{buyer}"))
+        .await
+        .expect("order");
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Per sale in /stats and /metrics.
+    let (_, metrics) = get(&c, nodes[0], "/metrics").await.expect("metrics");
+    let sold: u64 = (0..SALES)
+        .map(|i| {
+            common::up::sample(
+                &metrics,
+                &format!("spike_node_sold_total{{event=\"{}\"}}", event(i)),
+            )
+        })
+        .sum();
+    assert!(
+        sold > 0 && sold < SALES as u64 * TOTAL,
+        "node 1's share: {sold}"
+    );
+    assert_eq!(
+        common::up::sample(&metrics, "spike_node_sales"),
+        SALES as u64
+    );
+    let (_, stats) = get(&c, nodes[0], "/stats").await.expect("stats");
+    let stats = json(&stats);
+    assert!(
+        stats["by_event"]["train-000"]["sold_out"].is_boolean(),
+        "{stats}"
+    );
+    let (status, sale) = get(&c, nodes[0], "/sale?event=train-042")
+        .await
+        .expect("sale");
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json(&sale)["sold"].as_u64(), Some(TOTAL));
+    remove_config(&path);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_sales_sell_exactly_through_spike_up_on_the_embedded_store() {
+    let (balancer, admin) = (common::free_addr(), common::free_addr());
+    let nodes: Vec<SocketAddr> = (0..3).map(|_| common::free_addr()).collect();
+    let mut tail = format!(
+        "[balancer]\nlisten = \"{balancer}\"\nadmin = \"{admin}\"\nstrategy = \"round_robin\"\n"
+    );
+    for (i, a) in nodes.iter().enumerate() {
+        tail.push_str(&common::up::node_entry(i + 1, *a));
+    }
+    let ports = common::up::Ports {
+        balancer,
+        admin,
+        nodes: nodes.clone(),
+    };
+    let (_up, path) = common::up::start_up(&fleet_config(&tail), &ports);
+    let c = client();
+    // Through the balancer: both ways of naming a sale pass; a purchase
+    // that names none is the nodes' 400, an internal route still the
+    // balancer's 404.
+    let (status, body) = get(&c, balancer, "/buy/ticket?user=x")
+        .await
+        .expect("answer");
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, _) = get(&c, balancer, "/stats").await.expect("answer");
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let all = flood(&[balancer], seed()).await;
+    let orders = check_exact(&all);
+
+    // The embedded stores agree: each sale sold out, exactly.
+    for i in 0..SALES {
+        let (status, sale) = get(
+            &c,
+            nodes[i % nodes.len()],
+            &format!("/sale?event={}", event(i)),
+        )
+        .await
+        .expect("sale");
+        assert_eq!(status, StatusCode::OK, "{sale}");
+        let sale = json(&sale);
+        assert_eq!(sale["sold"].as_u64(), Some(TOTAL), "{sale}");
+        assert!(sale["most_by_one_buyer"].as_u64() <= Some(LIMIT), "{sale}");
+    }
+    // An order, read back through the balancer by its id.
+    let (id, buyer) = &orders[123];
+    let (status, body) = get(&c, balancer, &format!("/orders/{id}?user=b{buyer}"))
+        .await
+        .expect("order");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(json(&body)["order"].as_str(), Some(id.as_str()));
+    remove_config(&path);
+}
