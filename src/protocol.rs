@@ -867,8 +867,27 @@ mod tests {
         ] {
             assert!(!is_public_path(closed.as_bytes()), "{closed}");
         }
+        // A purchase in a named sale: the path exact, the event as the
+        // file allows them.
+        assert_eq!(event_purchase("/events/IC-512.a_b/buy"), Some("IC-512.a_b"));
+        for bad in [
+            "/events//buy",
+            "/events/a/b/buy",
+            "/events/a/buy/",
+            "/events/%41/buy",
+            "/events/a",
+        ] {
+            assert_eq!(event_purchase(bad), None, "{bad}");
+        }
+        assert_eq!(event_from(Some("user=u&event=E1")), Some("E1"));
+        assert_eq!(event_from(Some("user=u")), None);
+        assert_eq!(event_from(None), None);
+        // An id of several sales' fleet: `EVENT:EPOCH-SEQ`, up to 128.
+        assert!(is_public_path(
+            format!("/orders/{}:1-1", "e".repeat(64)).as_bytes()
+        ));
         assert!(!is_public_path(
-            format!("/orders/{}", "9".repeat(65)).as_bytes()
+            format!("/orders/{}", "9".repeat(MAX_ORDER_ID_LEN + 1)).as_bytes()
         ));
         for p in INTERNAL_PATHS {
             assert!(is_internal_path(p) && !is_public_path(p.as_bytes()), "{p}");

@@ -87,7 +87,7 @@ async fn flood(targets: &[SocketAddr], seed: u64) -> Vec<Bought> {
                 let buyer = rng.next() % BUYERS;
                 let to = targets[(rng.next() % targets.len() as u64) as usize];
                 // Half name the sale in the path, half in the query.
-                let path = if rng.next() % 2 == 0 {
+                let path = if rng.next().is_multiple_of(2) {
                     format!("/events/{}/buy?user=b{buyer}", event(sale))
                 } else {
                     format!("/buy/ticket?event={}&user=b{buyer}", event(sale))
@@ -402,5 +402,75 @@ async fn two_hundred_sales_sell_exactly_through_spike_up_on_the_embedded_store()
         .expect("order");
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(json(&body)["order"].as_str(), Some(id.as_str()));
+    remove_config(&path);
+}
+
+/// Reservations in one sale of several: paid and cancelled by the id the
+/// purchase answered, and a cancel returns its ticket to its own sale only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_is_paid_and_cancelled_in_its_own_sale_by_its_id() {
+    let node = common::free_addr();
+    let mut text = String::new();
+    for e in ["a", "b", "c"] {
+        text.push_str(&format!(
+            "[[sale]]\nevent = \"{e}\"\ntotal = 1\nper_user_limit = 1\npay_within = \"1m\"\n\n"
+        ));
+    }
+    text.push_str(&format!("[[node]]\nname = \"n1\"\nlisten = \"{node}\"\n"));
+    let path = write_config(&text);
+    let _p = SpikeProcess::start(&[
+        "node",
+        "--config",
+        path.to_str().expect("path"),
+        "--name",
+        "n1",
+    ]);
+    wait_listening(&node.to_string(), Duration::from_secs(10));
+    let c = client();
+    let post = async |p: &str| {
+        let r = send(&c, Method::POST, node, p, &[]).await.expect("answer");
+        (r.status, json(&r.body))
+    };
+    let (s, b) = post("/events/b/buy?user=al").await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["state"], "reserved");
+    let paid = b["order"].as_str().expect("id").to_string();
+    assert!(paid.starts_with("b:"), "{paid}");
+    let (s, c_order) = post("/buy/ticket?event=c&user=al").await;
+    assert_eq!(s, StatusCode::OK, "{c_order}");
+    let cancelled = c_order["order"].as_str().expect("id").to_string();
+    // Both sold out now; `a` still has its ticket.
+    for e in ["b", "c"] {
+        let (s, v) = post(&format!("/events/{e}/buy?user=bo")).await;
+        assert_eq!(
+            (s, v["status"].as_str()),
+            (StatusCode::CONFLICT, Some("sold_out")),
+            "{e}"
+        );
+    }
+    let (s, v) = post(&format!("/orders/{paid}/pay?user=al")).await;
+    assert_eq!(
+        (s, v["status"].as_str()),
+        (StatusCode::OK, Some("paid")),
+        "{v}"
+    );
+    assert_eq!(v["order"].as_str(), Some(paid.as_str()));
+    let (s, v) = post(&format!("/orders/{cancelled}/cancel?user=al")).await;
+    assert_eq!(
+        (s, v["status"].as_str()),
+        (StatusCode::OK, Some("cancelled")),
+        "{v}"
+    );
+    // The cancelled ticket is `c`'s again, and only `c`'s.
+    let (s, v) = post("/events/c/buy?user=bo").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = post("/events/b/buy?user=bo").await;
+    assert_eq!(
+        (s, v["status"].as_str()),
+        (StatusCode::CONFLICT, Some("sold_out")),
+        "{v}"
+    );
+    let (s, v) = post("/events/a/buy?user=bo").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
     remove_config(&path);
 }

@@ -49,7 +49,7 @@ pub(super) struct AuthFile {
 #[derive(Debug)]
 pub(super) enum SaleSection {
     /// `[sale]`: the fleet's one sale.
-    One(SaleFile),
+    One(Box<SaleFile>),
     /// `[[sale]]`, each entry with its own span.
     Many(Vec<Spanned<SaleFile>>),
 }
@@ -69,7 +69,7 @@ impl<'de> Deserialize<'de> for SaleSection {
                 map: A,
             ) -> Result<SaleSection, A::Error> {
                 SaleFile::deserialize(serde::de::value::MapAccessDeserializer::new(map))
-                    .map(SaleSection::One)
+                    .map(|s| SaleSection::One(Box::new(s)))
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
                 self,

@@ -79,7 +79,7 @@ fn one(
 ) -> Result<SaleConfig, ConfigError> {
     let k = |key: &str| format!("{prefix}.{key}");
     let event = cx.name(
-        &k("event"),
+        k("event"),
         &s.event,
         64,
         " (it becomes part of every Redis key)",
@@ -93,14 +93,14 @@ fn one(
         let n = *v.get_ref();
         if !(1..=MAX_PER_PURCHASE).contains(&n) {
             return Err(cx.err(
-                &k("max_per_purchase"),
+                k("max_per_purchase"),
                 v.span(),
                 format!("must be a whole number from 1 to {MAX_PER_PURCHASE}, not {n}"),
             ));
         }
         if per_user_limit > 0 && n as u64 > per_user_limit {
             return Err(cx.err(
-                &k("max_per_purchase"),
+                k("max_per_purchase"),
                 v.span(),
                 format!(
                     "must be at most {prefix}.per_user_limit ({per_user_limit}), not {n}: no buyer could make such a purchase"
@@ -139,7 +139,7 @@ fn one(
         && close <= open
     {
         return Err(cx.err(
-            &k("closes_at"),
+            k("closes_at"),
             v.span(),
             format!("must be after {prefix}.opens_at: the sale would never be open"),
         ));

@@ -214,7 +214,7 @@ impl RedisConn {
             .ping::<Value>(None)
             .await
             .map(|_| ())
-            .map_err(|e| map_error(e))
+            .map_err(map_error)
     }
 }
 
