@@ -57,10 +57,10 @@ async fn run(seed: u64, total: u64, limit: u64, window: bool) {
     let redis = RedisServer::start();
     let rc = conf(Some(&redis), total, limit, window);
     let ec = conf(None, total, limit, window);
-    let r = Store::open(rc.sale.as_ref().unwrap(), rc.redis.as_ref())
+    let r = Store::open(rc.sale().unwrap(), rc.redis.as_ref())
         .await
         .unwrap();
-    let e = Store::open(ec.sale.as_ref().unwrap(), None).await.unwrap();
+    let e = Store::open(ec.sale().unwrap(), None).await.unwrap();
     r.init(true).await.unwrap().unwrap();
     e.init(true).await.unwrap().unwrap();
     let holders = ["h1", "h2"];
@@ -206,7 +206,7 @@ async fn limited_reservation_parity() {
 async fn old_format_entries_read_as_one() {
     let redis = RedisServer::start();
     let rc = conf(Some(&redis), 10, 4, true);
-    let r = Store::open(rc.sale.as_ref().unwrap(), rc.redis.as_ref())
+    let r = Store::open(rc.sale().unwrap(), rc.redis.as_ref())
         .await
         .unwrap();
     r.init(true).await.unwrap().unwrap();

@@ -14,7 +14,10 @@ fuzz_target!(|data: &[u8]| {
     match Config::parse(Path::new("fuzz.toml"), text) {
         Ok(config) => {
             // Validated configs keep their promises.
-            if let Some(sale) = &config.sale {
+            let events: std::collections::HashSet<_> =
+                config.sales.iter().map(|s| &s.event).collect();
+            assert_eq!(events.len(), config.sales.len(), "events are unique");
+            for sale in &config.sales {
                 assert!(sale.total >= 1);
                 // A lease asks for at least one unit and lives at least a second.
                 assert!(sale.lease >= 1);
