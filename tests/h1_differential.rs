@@ -278,6 +278,18 @@ fn corpus() -> Vec<(&'static str, Vec<u8>, Path)> {
             b"GET /buy/ticket?user=u3 HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(),
             Fast,
         ),
+        // A sale's own purchase path (several sales in one fleet): a key
+        // generated as for /buy/ticket, so that a retry sells once.
+        (
+            "event purchase gets a key",
+            b"GET /events/e1/buy?user=u4 HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(),
+            Fast,
+        ),
+        (
+            "event purchase by post gets a key",
+            b"POST /events/e-2/buy?user=u5 HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n".to_vec(),
+            Fast,
+        ),
         (
             "post with a body",
             b"POST /form HTTP/1.1\r\nHost: a\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello".to_vec(),

@@ -541,7 +541,12 @@ fn prepare(
     if let Some(closed) = forward::closed(path, config) {
         return Next::Answer(forward::local(shared, closed), peer.ip, start);
     }
-    let is_buy = path == protocol::PURCHASE_PATH.as_bytes();
+    // `/buy/ticket`, or a sale's own `/events/{event}/buy` (several sales):
+    // the same rule as hyper's path, so that both generate a key for it and
+    // a retry on another node sells once.
+    let is_buy = path == protocol::PURCHASE_PATH.as_bytes()
+        || (path.ends_with(b"/buy")
+            && std::str::from_utf8(path).is_ok_and(idempotency::is_purchase));
     let client_addr = client_of(head, input, peer, config);
     // The buyer token, asked only by a limit or the edge that needs it: a
     // scan of the few header lines is cheaper than indexing them always.
