@@ -46,16 +46,31 @@ fn with_store(
     runtime.block_on(async move {
         let conn = crate::node::store::RedisConn::connect(&redis).await?;
         let mut code = ExitCode::SUCCESS;
+        let mut failed = 0;
         for sale in &sales {
             let store = Store::Redis(std::sync::Arc::new(
                 crate::node::store::RedisStore::on(&conn, sale).await,
             ));
-            let this = f(&config, sale, store)
-                .await
-                .with_context(|| format!("the sale {}", sale.event))?;
-            if this != ExitCode::SUCCESS && code == ExitCode::SUCCESS {
-                code = this;
+            match f(&config, sale, store).await {
+                Ok(this) => {
+                    if this != ExitCode::SUCCESS && code == ExitCode::SUCCESS {
+                        code = this;
+                    }
+                }
+                // One sale alone: its error is the command's. Of several
+                // (`--all`), it is said and the others still run; the
+                // command fails at the end.
+                Err(e) if sales.len() == 1 => {
+                    return Err(e.context(format!("the sale {}", sale.event)));
+                }
+                Err(e) => {
+                    eprintln!("spike stock: the sale {}: {e:#}", sale.event);
+                    failed += 1;
+                }
             }
+        }
+        if failed > 0 {
+            anyhow::bail!("{failed} of {} sales failed (each said above)", sales.len());
         }
         Ok(code)
     })

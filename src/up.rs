@@ -151,6 +151,10 @@ pub async fn run(
         },
         running: Mutex::new(HashMap::new()),
     });
+    // With Redis the start's stores are done (each node opens its own, and
+    // the line keeps its sale's): each kept its clock's reading a second and
+    // a batch task, for every sale of the file, for the whole run.
+    drop(stores);
     for (cfg, listener) in config.nodes.iter().zip(listeners.nodes) {
         nodes.push(fleet.start(&config, &cfg.name, listener).await?);
     }

@@ -264,8 +264,9 @@ async fn two_hundred_sales_sell_exactly_through_node_processes_on_redis() {
         .expect("answer");
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     assert_eq!(json(&body)["status"], "no_such_sale");
-    // Nothing of a sale exists at a node before it is asked about it.
-    let (_, stats) = get(&c, nodes[1], "/stats").await.expect("stats");
+    // Nothing of a sale exists at a node before it is asked about it, and
+    // an unknown event or an unnamed sale makes none (the node asked both).
+    let (_, stats) = get(&c, nodes[0], "/stats").await.expect("stats");
     let stats = json(&stats);
     assert_eq!(
         (stats["sales"].as_u64(), stats["sales_held"].as_u64()),
@@ -292,7 +293,10 @@ async fn two_hundred_sales_sell_exactly_through_node_processes_on_redis() {
             (Some(true), Some(TOTAL)),
             "{l}"
         );
-        assert!(l["most_by_one_buyer"].as_u64() <= Some(LIMIT), "{l}");
+        assert!(
+            matches!(l["most_by_one_buyer"].as_u64(), Some(n) if n <= LIMIT),
+            "{l}"
+        );
     }
 
     // A sale's order routes, at any node, from the id alone.
@@ -393,7 +397,10 @@ async fn two_hundred_sales_sell_exactly_through_spike_up_on_the_embedded_store()
         assert_eq!(status, StatusCode::OK, "{sale}");
         let sale = json(&sale);
         assert_eq!(sale["sold"].as_u64(), Some(TOTAL), "{sale}");
-        assert!(sale["most_by_one_buyer"].as_u64() <= Some(LIMIT), "{sale}");
+        assert!(
+            matches!(sale["most_by_one_buyer"].as_u64(), Some(n) if n <= LIMIT),
+            "{sale}"
+        );
     }
     // An order, read back through the balancer by its id.
     let (id, buyer) = &orders[123];
