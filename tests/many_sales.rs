@@ -481,3 +481,31 @@ async fn a_reservation_is_paid_and_cancelled_in_its_own_sale_by_its_id() {
     assert_eq!(s, StatusCode::OK, "{v}");
     remove_config(&path);
 }
+
+/// A reload that changes the list of sales is refused, and the balancer's
+/// config in force stays: nodes take their sales at their start, so a list
+/// in force at the balancer but not at the nodes would be half a change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_the_list_of_sales_is_refused() {
+    let two = |third: &str| {
+        format!(
+            "[[sale]]\nevent = \"a\"\ntotal = 5\n\n[[sale]]\nevent = \"b\"\ntotal = 5\n\n{third}\
+             [balancer]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n\
+             [[node]]\nname = \"n1\"\nlisten = \"127.0.0.1:{}\"\n",
+            common::free_port()
+        )
+    };
+    let path = write_config(&two(""));
+    let config = spike::config::Config::load(&path).expect("config");
+    let balancer = spike::balancer::Balancer::new(config).expect("balancer");
+    let reloader = balancer.reloader();
+    std::fs::write(&path, two("[[sale]]\nevent = \"c\"\ntotal = 5\n\n")).expect("rewrite");
+    let r = reloader.clone();
+    let err = tokio::task::spawn_blocking(move || r.reload_now())
+        .await
+        .expect("join")
+        .expect_err("a third sale by reload");
+    assert!(err.to_string().contains("[[sale]]"), "{err}");
+    assert_eq!(reloader.version(), 1);
+    remove_config(&path);
+}

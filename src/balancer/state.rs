@@ -200,6 +200,10 @@ pub struct Shared {
     /// The file's `[sale]` as last read, to say when a reload changes it
     /// (which changes no sale: the stored one is in force).
     sale: Mutex<Option<crate::config::SaleConfig>>,
+    /// The events of a file of several sales (empty with one or none): a
+    /// reload that changes them is refused, as nodes take sales only at
+    /// their start for now (docs/design/many-sales.md).
+    several: Vec<String>,
     /// The file's `[[node]]` names by listen address: an operator knows
     /// the nodes by name, and `/status` names the upstreams that are nodes.
     node_names: ArcSwap<HashMap<SocketAddr, String>>,
@@ -274,6 +278,7 @@ impl Shared {
             seen: Mutex::new(seen),
             has_sale: std::sync::atomic::AtomicBool::new(config.sale().is_some()),
             sale: Mutex::new(config.sale().cloned()),
+            several: several_sales(&config),
             node_names: ArcSwap::from_pointee(node_names(&config)),
             hook: std::sync::OnceLock::new(),
             path: config.path,
@@ -328,6 +333,12 @@ impl Shared {
         if balancer.tls.is_some() != self.sessions.is_some() {
             return Err(BalancerError::Refused(
                 "TLS on balancer.listen (tls_cert, tls_key) is turned on or off only by a restart; a reload changes the certificates"
+                    .into(),
+            ));
+        }
+        if several_sales(&config) != self.several {
+            return Err(BalancerError::Refused(
+                "the list of sales ([[sale]]) changes only by a restart of the fleet for now: nodes take their sales at their start (docs/design/many-sales.md)"
                     .into(),
             ));
         }
@@ -551,4 +562,12 @@ impl Shared {
         now.first().is_some_and(Option::is_some)
             && now != *self.seen.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// The events of a file of several sales; empty with one or none.
+fn several_sales(config: &Config) -> Vec<String> {
+    if config.sales.len() < 2 {
+        return Vec::new();
+    }
+    config.sales.iter().map(|s| s.event.clone()).collect()
 }
