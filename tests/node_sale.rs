@@ -2,6 +2,7 @@
 //! against the embedded store: never more than the total, every 200 has its
 //! order, no buyer over the limit, no local stock leaked when Redis fails.
 
+#[macro_use]
 mod common;
 
 use std::collections::{HashMap, HashSet};
@@ -12,26 +13,6 @@ use common::redis::RedisServer;
 use common::sale::{Answer, InProcessSale, count, sale_config, storm};
 use hyper::StatusCode;
 use spike::node::Store;
-
-/// Runs one correctness check twice, as `<check>::redis` against a real
-/// redis-server and `<check>::embedded` against the embedded store, which
-/// must keep the same promises.
-macro_rules! against_both_stores {
-    ($check:ident) => {
-        mod $check {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn redis() {
-                let redis = super::RedisServer::start();
-                super::$check(Some(&redis)).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn embedded() {
-                super::$check(None).await;
-            }
-        }
-    };
-}
 
 /// What a finished sale's answers add up to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

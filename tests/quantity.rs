@@ -6,6 +6,7 @@
 //! remain and sells nothing. Real redis-server processes and the embedded
 //! store, nodes in this process; the edge through a real `spike up`.
 
+#[macro_use]
 mod common;
 
 use std::collections::{HashMap, HashSet};
@@ -18,26 +19,6 @@ use common::redis::RedisServer;
 use common::sale::InProcessSale;
 use hyper::{Method, StatusCode};
 use spike::node::Store;
-
-/// Runs one check as `<check>::redis` (a real redis-server) and
-/// `<check>::embedded` (the embedded store), which must keep the same
-/// promises.
-macro_rules! against_both_stores {
-    ($check:ident) => {
-        mod $check {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn redis() {
-                let redis = super::RedisServer::start();
-                super::$check(Some(&redis)).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn embedded() {
-                super::$check(None).await;
-            }
-        }
-    };
-}
 
 /// A sale over `nodes` nodes in this process.
 fn file(

@@ -3,6 +3,28 @@
 //! processes. Every fixture cleans up on drop so tests can run in parallel.
 #![allow(dead_code)]
 
+/// Runs one correctness check twice, as `<check>::redis` against a real
+/// redis-server and `<check>::embedded` against the embedded store, which
+/// must keep the same promises (`#[macro_use] mod common;`; the test file
+/// imports `RedisServer`).
+#[allow(unused_macros)]
+macro_rules! against_both_stores {
+    ($check:ident) => {
+        mod $check {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                let redis = super::RedisServer::start();
+                super::$check(Some(&redis)).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$check(None).await;
+            }
+        }
+    };
+}
+
 pub mod auth;
 pub mod backend;
 pub mod cut_proxy;
