@@ -402,6 +402,17 @@ fn public_only(o: &mut String, balancer: &BalancerConfig) {
             crate::protocol::ORDER_PATH_PATTERN
         ),
     );
+    if balancer.several_sales {
+        // Several sales: a purchase names its sale in the path as well.
+        line(
+            o,
+            1,
+            &format!(
+                "acl spike_public path_reg '{}'",
+                crate::protocol::EVENT_PURCHASE_PATTERN
+            ),
+        );
+    }
     let body = crate::nginx_conf::not_found_body();
     let deny =
         format!("http-request deny deny_status 404 content-type application/json string '{body}'");
@@ -628,6 +639,20 @@ mod tests {
             "{conf}"
         );
         assert!(conf.contains("largest here 1000"), "{conf}");
+    }
+
+    #[test]
+    fn several_sales_pass_their_purchase_paths() {
+        let mut b = balancer(Strategy::RoundRobin, &[1]);
+        b.public_only = true;
+        let acl = format!(
+            "\n    acl spike_public path_reg '{}'\n",
+            crate::protocol::EVENT_PURCHASE_PATTERN
+        );
+        assert!(!render_default(&b).contains(&acl));
+        b.several_sales = true;
+        let c = render_default(&b);
+        assert!(c.contains(&acl), "{c}");
     }
 
     #[test]

@@ -483,6 +483,19 @@ fn locations(o: &mut String, balancer: &BalancerConfig) {
     );
     line(o, 3, &pass);
     line(o, 2, "}");
+    if balancer.several_sales {
+        // Several sales: a purchase names its sale in the path as well.
+        line(
+            o,
+            2,
+            &format!(
+                "location ~ \"{}\" {{",
+                crate::protocol::EVENT_PURCHASE_PATTERN
+            ),
+        );
+        line(o, 3, &pass);
+        line(o, 2, "}");
+    }
     if !balancer.pass_paths.is_empty() {
         line(o, 2, "# pass_paths: forwarded as well.");
     }
@@ -860,6 +873,22 @@ mod tests {
             .expect("a location");
         assert_eq!(ds[last], "location / {");
         assert_eq!(c.matches("proxy_pass ").count(), 4, "{c}");
+    }
+
+    #[test]
+    fn several_sales_pass_their_purchase_paths() {
+        let mut b = balancer(Strategy::RoundRobin);
+        b.public_only = true;
+        let one = render_default(&b);
+        b.several_sales = true;
+        let several = render_default(&b);
+        let event = format!(
+            "location ~ \"{}\" {{",
+            crate::protocol::EVENT_PURCHASE_PATTERN
+        );
+        assert!(!directives(&one).contains(&event.as_str()), "{one}");
+        assert!(directives(&several).contains(&event.as_str()), "{several}");
+        assert_eq!(several.matches("proxy_pass ").count(), 3, "{several}");
     }
 
     #[test]

@@ -24,6 +24,10 @@ pub const PURCHASE_PATH: &str = "/buy/ticket";
 /// (beside `/buy/ticket?event={event}`).
 pub const EVENTS_PREFIX: &str = "/events/";
 
+/// [`event_purchase`]'s paths as a regular expression, for the Nginx and
+/// HAProxy files spike prints: they forward what the balancer forwards.
+pub const EVENT_PURCHASE_PATTERN: &str = "^/events/[A-Za-z0-9._-]{1,64}/buy$";
+
 /// The event of a purchase path `/events/{event}/buy`, or `None` when
 /// `path` is not one: an event is 1 to 64 characters of letters, digits,
 /// '-', '_' or '.' (as `[sale] event` is), so the path is exact.
