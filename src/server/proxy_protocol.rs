@@ -215,31 +215,9 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, ProxyProtocolError> {
     Ok(Parsed::Header { len, source })
 }
 
-/// The connection as the rest of the server sees it: `(stream, peer)`,
-/// with `peer` the client's address from a PROXY header where `gate` asks
-/// for one; `None` (the connection is dropped, so closed) for a refused
-/// peer or a bad header. Without a gate it is the accepted pair as is.
-pub async fn accept(
-    gate: Option<&dyn Gate>,
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    deadline: tokio::time::Instant,
-) -> Option<(TcpStream, SocketAddr)> {
-    let Some(gate) = gate else {
-        return Some((stream, peer));
-    };
-    match admit(gate, peer) {
-        Admit::Plain => Some((stream, peer)),
-        Admit::Refuse => None,
-        Admit::Header => {
-            let source = Box::pin(source(&mut stream, peer, deadline)).await?;
-            Some((stream, source))
-        }
-    }
-}
-
 /// What a connection from `peer` must begin with, the refusal said in the
-/// log: [`accept`]'s first step, without waiting for anything.
+/// log: the first step of a connection's start, without waiting for
+/// anything (the server then reads the header with [`source`]).
 pub fn admit(gate: &dyn Gate, peer: SocketAddr) -> Admit {
     let admit = gate.admit(peer.ip().to_canonical());
     if let Admit::Refuse = admit {
@@ -248,7 +226,7 @@ pub fn admit(gate: &dyn Gate, peer: SocketAddr) -> Admit {
     admit
 }
 
-/// [`accept`]'s second step, where [`admit`] said [`Admit::Header`]: the
+/// The second step, where [`admit`] said [`Admit::Header`]: the
 /// client's address the header gives (the peer's where it gives none), or
 /// `None` when the connection is to close.
 pub async fn source(
