@@ -44,14 +44,30 @@ pub fn is_event(e: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-/// The `event` query parameter, the sale a request names (`None`: it
+/// The `event` query parameter, the sale a request names (`Ok(None)`: it
 /// names none, which means a fleet's only sale). Taken as it stands: a
-/// name that is no event of the fleet is its 404.
-pub fn event_from(query: Option<&str>) -> Option<&str> {
-    query?
+/// name that is no event of the fleet is its 404. Given twice it is an
+/// error ([`EventTwice`]), even with the same value: a proxy in front may
+/// read the first and the node the last, and a purchase must not be in
+/// one sale for one of them and in another for the other.
+pub fn event_from(query: Option<&str>) -> Result<Option<&str>, EventTwice> {
+    let Some(query) = query else {
+        return Ok(None);
+    };
+    let mut named = query
         .split('&')
-        .find_map(|pair| pair.strip_prefix("event="))
+        .filter_map(|pair| pair.strip_prefix("event="));
+    let first = named.next();
+    match named.next() {
+        Some(_) => Err(EventTwice),
+        None => Ok(first),
+    }
 }
+
+/// A query that names `event=` more than once: the request's 400.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("`event` is given more than once in the query: name one sale")]
+pub struct EventTwice;
 
 /// A node's view of the sale from memory ([`SoldOutView`]); with
 /// `?epoch=E&released=R`, a long poll (see [`sold_out_poll`]).
@@ -883,9 +899,11 @@ mod tests {
         ] {
             assert_eq!(event_purchase(bad), None, "{bad}");
         }
-        assert_eq!(event_from(Some("user=u&event=E1")), Some("E1"));
-        assert_eq!(event_from(Some("user=u")), None);
-        assert_eq!(event_from(None), None);
+        assert_eq!(event_from(Some("user=u&event=E1")), Ok(Some("E1")));
+        assert_eq!(event_from(Some("user=u")), Ok(None));
+        assert_eq!(event_from(None), Ok(None));
+        assert_eq!(event_from(Some("event=a&user=u&event=b")), Err(EventTwice));
+        assert_eq!(event_from(Some("event=a&event=a")), Err(EventTwice));
         // An id of several sales' fleet: `EVENT:EPOCH-SEQ`, up to 128.
         assert!(is_public_path(
             format!("/orders/{}:1-1", "e".repeat(64)).as_bytes()

@@ -438,6 +438,27 @@ async fn a_reservation_is_paid_and_cancelled_in_its_own_sale_by_its_id() {
         let r = send(&c, Method::POST, node, p, &[]).await.expect("answer");
         (r.status, json(&r.body))
     };
+    // A sale named twice, or twice differently, is no purchase in either
+    // (issue 28): a 400 that sells nothing, not a pick of one.
+    for twice in [
+        "/buy/ticket?event=a&user=al&event=b",
+        "/buy/ticket?event=b&event=b&user=al",
+        "/events/b/buy?event=a&user=al",
+        "/events/b/buy?event=b&event=b&user=al",
+        "/sale?event=a&event=b",
+    ] {
+        let (s, v) = if twice.starts_with("/sale") {
+            let (s, b) = get(&c, node, twice).await.expect("answer");
+            (s, json(&b))
+        } else {
+            post(twice).await
+        };
+        assert_eq!(
+            (s, v["status"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("bad_request")),
+            "{twice}: {v}"
+        );
+    }
     let (s, b) = post("/events/b/buy?user=al").await;
     assert_eq!(s, StatusCode::OK, "{b}");
     assert_eq!(b["state"], "reserved");

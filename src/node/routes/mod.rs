@@ -45,9 +45,12 @@ pub async fn handle(sales: Arc<Sales>, req: Request<Incoming>) -> Result<Answer,
     let named = || crate::protocol::event_from(req.uri().query());
     Ok(match req.uri().path() {
         PURCHASE_PATH => match *req.method() {
-            Method::GET | Method::POST => match sales.find(named()).await {
-                Ok(node) => buy::serve(&node, &req).await,
-                Err(m) => missing(m),
+            Method::GET | Method::POST => match named() {
+                Ok(event) => match sales.find(event).await {
+                    Ok(node) => buy::serve(&node, &req).await,
+                    Err(m) => missing(m),
+                },
+                Err(twice) => event_twice(twice),
             },
             _ => not_allowed("GET, POST"),
         },
@@ -66,13 +69,16 @@ pub async fn handle(sales: Arc<Sales>, req: Request<Incoming>) -> Result<Answer,
             })
         }
         SALE_PATH | HOLDERS_PATH | SOLD_OUT_PATH if req.method() == Method::GET => {
-            match sales.find(named()).await {
-                Ok(node) => match req.uri().path() {
-                    SALE_PATH => internal::sale(&node).await,
-                    HOLDERS_PATH => internal::holders(&node),
-                    _ => internal::sold_out(&node, &req).await,
+            match named() {
+                Ok(event) => match sales.find(event).await {
+                    Ok(node) => match req.uri().path() {
+                        SALE_PATH => internal::sale(&node).await,
+                        HOLDERS_PATH => internal::holders(&node),
+                        _ => internal::sold_out(&node, &req).await,
+                    },
+                    Err(m) => missing(m),
                 },
-                Err(m) => missing(m),
+                Err(twice) => event_twice(twice),
             }
         }
         "/healthz" | "/stats" | SALE_PATH | "/metrics" | HOLDERS_PATH | SOLD_OUT_PATH => {
@@ -81,9 +87,18 @@ pub async fn handle(sales: Arc<Sales>, req: Request<Incoming>) -> Result<Answer,
         path if path.starts_with("/orders/") => orders::handle(&sales, &req).await,
         path => match crate::protocol::event_purchase(path) {
             Some(event) => match *req.method() {
-                Method::GET | Method::POST => match sales.get(event).await {
-                    Ok(node) => buy::serve(&node, &req).await,
-                    Err(m) => missing(m),
+                // The path names the sale; a query that names another (or
+                // names one twice) is no purchase in either.
+                Method::GET | Method::POST => match named() {
+                    Ok(also) if also.is_none_or(|a| a == event) => match sales.get(event).await {
+                        Ok(node) => buy::serve(&node, &req).await,
+                        Err(m) => missing(m),
+                    },
+                    Ok(_) => fixed(
+                        StatusCode::BAD_REQUEST,
+                        b"{\"status\":\"bad_request\",\"reason\":\"the path names one sale and `event` in the query another: name one\"}\n",
+                    ),
+                    Err(twice) => event_twice(twice),
                 },
                 _ => not_allowed("GET, POST"),
             },
@@ -118,6 +133,15 @@ pub fn missing(m: Missing) -> Answer {
             },
         ),
     }
+}
+
+/// The answer to a query that names `event` twice: a 400, never a pick
+/// of either (see [`crate::protocol::event_from`]).
+fn event_twice(_: crate::protocol::EventTwice) -> Answer {
+    fixed(
+        StatusCode::BAD_REQUEST,
+        b"{\"status\":\"bad_request\",\"reason\":\"`event` is given more than once in the query: name one sale\"}\n",
+    )
 }
 
 /// The body of [`missing`]'s answers.
