@@ -503,30 +503,56 @@ async fn a_reservation_is_paid_and_cancelled_in_its_own_sale_by_its_id() {
     remove_config(&path);
 }
 
-/// A reload that changes the list of sales is refused, and the balancer's
-/// config in force stays: nodes take their sales at their start, so a list
-/// in force at the balancer but not at the nodes would be half a change.
+/// A reload of a file of several sales may change its list (the balancer
+/// takes it, as a new version); one that makes several sales one, or one
+/// sale several, is refused with the reason, and the config in force
+/// stays: what `/buy/ticket` without `event` and an order id mean would
+/// change under the buyers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reload_that_changes_the_list_of_sales_is_refused() {
-    let two = |third: &str| {
+async fn a_reload_adds_sales_but_not_from_one_sale_to_several() {
+    let port = common::free_port();
+    let file = |sales: &[&str]| {
+        let mut text = String::new();
+        for e in sales {
+            text.push_str(&format!("[[sale]]\nevent = \"{e}\"\ntotal = 5\n\n"));
+        }
         format!(
-            "[[sale]]\nevent = \"a\"\ntotal = 5\n\n[[sale]]\nevent = \"b\"\ntotal = 5\n\n{third}\
-             [balancer]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n\
-             [[node]]\nname = \"n1\"\nlisten = \"127.0.0.1:{}\"\n",
-            common::free_port()
+            "{text}[balancer]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n\
+             [[node]]\nname = \"n1\"\nlisten = \"127.0.0.1:{port}\"\n"
         )
     };
-    let path = write_config(&two(""));
+    let path = write_config(&file(&["a", "b"]));
     let config = spike::config::Config::load(&path).expect("config");
     let balancer = spike::balancer::Balancer::new(config).expect("balancer");
     let reloader = balancer.reloader();
-    std::fs::write(&path, two("[[sale]]\nevent = \"c\"\ntotal = 5\n\n")).expect("rewrite");
-    let r = reloader.clone();
+    let reload = async |text: String| {
+        std::fs::write(&path, text).expect("rewrite");
+        let r = reloader.clone();
+        tokio::task::spawn_blocking(move || r.reload_now())
+            .await
+            .expect("join")
+    };
+    // A third sale: a new version, though the balancer's section is the
+    // same.
+    assert_eq!(reload(file(&["a", "b", "c"])).await.expect("added"), 2);
+    // And one removed.
+    assert_eq!(reload(file(&["a", "c"])).await.expect("removed"), 3);
+    let err = reload(file(&["a"])).await.expect_err("several to one");
+    assert!(err.to_string().contains("restart"), "{err}");
+    assert_eq!(reloader.version(), 3);
+    // From one sale to several: refused the same way.
+    let path_one = write_config(&file(&["a"]));
+    let one =
+        spike::balancer::Balancer::new(spike::config::Config::load(&path_one).expect("config"))
+            .expect("balancer");
+    std::fs::write(&path_one, file(&["a", "b"])).expect("rewrite");
+    let r = one.reloader();
     let err = tokio::task::spawn_blocking(move || r.reload_now())
         .await
         .expect("join")
-        .expect_err("a third sale by reload");
-    assert!(err.to_string().contains("[[sale]]"), "{err}");
-    assert_eq!(reloader.version(), 1);
+        .expect_err("one to several");
+    assert!(err.to_string().contains("several sales"), "{err}");
+    assert_eq!(one.reloader().version(), 1);
     remove_config(&path);
+    remove_config(&path_one);
 }

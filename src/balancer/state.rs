@@ -201,9 +201,11 @@ pub struct Shared {
     /// (which changes no sale: the stored one is in force).
     sale: Mutex<Option<crate::config::SaleConfig>>,
     /// The events of a file of several sales (empty with one or none): a
-    /// reload that changes them is refused, as nodes take sales only at
-    /// their start for now (docs/design/many-sales.md).
-    several: Vec<String>,
+    /// reload that changes them is a reload even when the balancer's
+    /// section is the same (the reload hook of `spike up` starts the
+    /// sales added); one that makes one sale several, or several one, is
+    /// refused (docs/design/many-sales.md).
+    several: Mutex<Vec<String>>,
     /// The file's `[[node]]` names by listen address: an operator knows
     /// the nodes by name, and `/status` names the upstreams that are nodes.
     node_names: ArcSwap<HashMap<SocketAddr, String>>,
@@ -278,7 +280,7 @@ impl Shared {
             seen: Mutex::new(seen),
             has_sale: std::sync::atomic::AtomicBool::new(config.sale().is_some()),
             sale: Mutex::new(config.sale().cloned()),
-            several: several_sales(&config),
+            several: Mutex::new(several_sales(&config)),
             node_names: ArcSwap::from_pointee(node_names(&config)),
             hook: std::sync::OnceLock::new(),
             path: config.path,
@@ -336,17 +338,23 @@ impl Shared {
                     .into(),
             ));
         }
-        if several_sales(&config) != self.several {
-            return Err(BalancerError::Refused(
-                "the list of sales ([[sale]]) changes only by a restart of the fleet for now: nodes take their sales at their start (docs/design/many-sales.md)"
-                    .into(),
-            ));
-        }
+        let several = several_sales(&config);
+        let sales_changed = {
+            let now = self.several.lock().unwrap_or_else(|e| e.into_inner());
+            if several.is_empty() != now.is_empty() {
+                return Err(BalancerError::Refused(if now.is_empty() {
+                    "the file now has several sales ([[sale]]) where the fleet sells one or none: what /buy/ticket without `event` and an order id mean changes with it, so it takes a restart of the fleet (a file of several sales adds sales by reload)".into()
+                } else {
+                    "the file now has one sale or none where the fleet sells several: what /buy/ticket without `event` and an order id mean changes with it, so it takes a restart of the fleet".into()
+                }));
+            }
+            several != *now
+        };
         *note = self.sale_changed(&config);
         if let Some(n) = note {
             tracing::warn!("{n}");
         }
-        if balancer == old.config {
+        if balancer == old.config && !sales_changed {
             // Whether the page shows a sale is no part of the version.
             self.set_has_sale(&config);
             if note.is_none() {
@@ -402,6 +410,7 @@ impl Shared {
         }
         self.current.store(Arc::new(next));
         self.set_has_sale(&config);
+        *self.several.lock().unwrap_or_else(|e| e.into_inner()) = several;
         if let Some(h) = hook {
             h.0.after(&config, gone);
         }
