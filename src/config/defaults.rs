@@ -47,6 +47,7 @@ impl SaleConfig {
             max_per_purchase: 1,
             lease: default_lease(total, nodes),
             lease_ttl: Duration::from_secs(10),
+            idle_after: DEFAULT_IDLE_AFTER,
             pay_within: None,
             events_max: 100_000,
             stream: false,
@@ -55,6 +56,10 @@ impl SaleConfig {
         }
     }
 }
+
+/// `[sale] idle_after` when the file sets none (and two `lease_ttl`s are
+/// less).
+pub const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(60);
 
 /// A node's lease when the file sets none: a tenth of a node's even share,
 /// between 1 and 100. Small enough that the last tickets are spread over

@@ -98,6 +98,7 @@ pub(super) struct SaleFile {
     pub(super) buffer: Option<Spanned<i64>>,
     pub(super) lease: Option<Spanned<i64>>,
     pub(super) lease_ttl: Option<Spanned<String>>,
+    pub(super) idle_after: Option<Spanned<String>>,
     pub(super) pay_within: Option<Spanned<String>>,
     pub(super) events_max: Option<Spanned<i64>>,
     pub(super) stream: Option<Spanned<bool>>,

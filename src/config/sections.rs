@@ -30,6 +30,13 @@ pub struct SaleConfig {
     /// How long a lease lives unless its node calls the store again, so the
     /// units of a node that died come back by themselves.
     pub lease_ttl: Duration,
+    /// In a fleet of several sales, a node drops its state of a sale (its
+    /// lease, given back; its poll and sweep; its store's batch queue and
+    /// clock once no node of the process holds the sale) after this long
+    /// without a request for it, and makes it again on the next: a node's
+    /// memory and polls follow the sales in use, not the file's list. At
+    /// least two `lease_ttl`s; default 60 s (or two `lease_ttl`s if more).
+    pub idle_after: Duration,
     /// With it, a purchase is a reservation the buyer must pay within this
     /// long, or its ticket goes back on sale; without it, purchases are
     /// final. Written into the store by `stock init`, like the limit.

@@ -797,3 +797,27 @@ fn the_edge_and_the_waiting_room_are_refused_in_front_of_several_sales() {
     let e = parse(&format!("{TWO_SALES}[waiting_room]\nadmit = \"100/s\"\n")).expect_err("room");
     assert_eq!(e.key(), Some("waiting_room"), "{e}");
 }
+
+/// `idle_after`: 60 s by default (two `lease_ttl`s when that is more), at
+/// least two `lease_ttl`s when set, a duration.
+#[test]
+fn idle_after_is_at_least_two_lease_ttls() {
+    let c = parse(FOUR).expect("default");
+    assert_eq!(c.sales[0].idle_after, Duration::from_secs(60));
+    let c = parse(&FOUR.replace("total = 1000\n", "total = 1000\nlease_ttl = \"40s\"\n"))
+        .expect("a long lease");
+    assert_eq!(c.sales[0].idle_after, Duration::from_secs(80));
+    let c = parse(&FOUR.replace(
+        "total = 1000\n",
+        "total = 1000\nlease_ttl = \"3s\"\nidle_after = \"6s\"\n",
+    ))
+    .expect("two lease_ttls");
+    assert_eq!(c.sales[0].idle_after, Duration::from_secs(6));
+    let e = parse(&FOUR.replace("total = 1000\n", "total = 1000\nidle_after = \"15s\"\n"))
+        .expect_err("less than two of the default lease_ttl");
+    assert_eq!(e.key(), Some("sale.idle_after"));
+    assert!(e.to_string().contains("lease_ttl"), "{e}");
+    let e = parse(&FOUR.replace("total = 1000\n", "total = 1000\nidle_after = 30\n"))
+        .expect_err("a bare number");
+    assert_eq!(e.key(), Some("sale.idle_after"));
+}

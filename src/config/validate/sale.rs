@@ -47,10 +47,13 @@ pub(super) fn validate(
                 ));
             }
             let mut sales: Vec<SaleConfig> = Vec::with_capacity(list.len());
+            // Events seen, to their index: a file of 10,000 sales is checked
+            // in one pass, not in pairs.
+            let mut seen = std::collections::HashMap::with_capacity(list.len());
             for (i, s) in list.iter().enumerate() {
                 let prefix = format!("sale[{i}]");
                 let sale = one(cx, &prefix, s.get_ref(), nodes, redis, warnings)?;
-                if let Some(j) = sales.iter().position(|o| o.event == sale.event) {
+                if let Some(j) = seen.insert(sale.event.clone(), i) {
                     return Err(cx.err(
                         format!("{prefix}.event"),
                         s.get_ref().event.span(),
@@ -144,6 +147,24 @@ fn one(
             format!("must be after {prefix}.opens_at: the sale would never be open"),
         ));
     }
+    let lease_ttl = optional(&s.lease_ttl, d.lease_ttl, |v| {
+        cx.duration_at_least(
+            &k("lease_ttl"),
+            v,
+            MIN_LEASE_TTL,
+            "a live node renews its lease at least every 2 s",
+        )
+    })?;
+    let idle_after = optional(&s.idle_after, d.idle_after.max(2 * lease_ttl), |v| {
+        cx.duration_at_least(
+            &k("idle_after"),
+            v,
+            2 * lease_ttl,
+            &format!(
+                "two of {prefix}.lease_ttl: a node that drops an idle sale's state gives its lease back, and one it could not give back must have run out in the store"
+            ),
+        )
+    })?;
     Ok(SaleConfig {
         per_user_limit,
         max_per_purchase,
@@ -151,14 +172,8 @@ fn one(
         opens_at_ms,
         closes_at_ms,
         lease: optional(&s.lease, d.lease, |v| cx.count(&k("lease"), v, 1))?,
-        lease_ttl: optional(&s.lease_ttl, d.lease_ttl, |v| {
-            cx.duration_at_least(
-                &k("lease_ttl"),
-                v,
-                MIN_LEASE_TTL,
-                "a live node renews its lease at least every 2 s",
-            )
-        })?,
+        lease_ttl,
+        idle_after,
         pay_within: optional(&s.pay_within, d.pay_within, |v| {
             cx.duration_at_least(
                 &k("pay_within"),

@@ -68,9 +68,10 @@ fn with_table(text: &str, span: Option<Range<usize>>, key: &str) -> String {
 const ARRAYS_OF_TABLES: [&str; 2] = ["node", "balancer.upstream"];
 
 /// The keys whose values are durations: strings with a unit.
-const DURATION_KEYS: [&str; 17] = [
+const DURATION_KEYS: [&str; 18] = [
     "pay_within",
     "lease_ttl",
+    "idle_after",
     "timeout",
     "max_clock_offset",
     "connect_timeout",
