@@ -150,6 +150,8 @@ pub async fn run(
             None => Some(stores.clone()),
         },
         running: Mutex::new(HashMap::new()),
+        events: Mutex::new(config.sales.iter().map(|s| s.event.clone()).collect()),
+        allow_volatile,
     });
     // With Redis the start's stores are done (each node opens its own, and
     // the line keeps its sale's): each kept its clock's reading a second and
@@ -215,11 +217,54 @@ struct Fleet {
     /// node opens its own connection to the same Redis).
     stores: Option<Arc<Stores>>,
     running: Mutex<HashMap<SocketAddr, Running>>,
+    /// The events of the sales in force: a reload starts those it adds.
+    events: Mutex<std::collections::HashSet<String>>,
+    /// `--allow-volatile`, for the sales a reload adds.
+    allow_volatile: bool,
 }
 
 impl Fleet {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Running>> {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts the sales of `config` that are not in force yet, as `spike
+    /// up` starts the file's sales at its start (through the same
+    /// durability gate; a sale already in the store is joined); the
+    /// embedded stores learn of them. Returns how many were added.
+    async fn start_added_sales(&self, config: &Config) -> Result<usize, UpError> {
+        let added: Vec<crate::config::SaleConfig> = {
+            let events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+            config
+                .sales
+                .iter()
+                .filter(|s| !events.contains(&s.event))
+                .cloned()
+                .collect()
+        };
+        if added.is_empty() {
+            return Ok(0);
+        }
+        // The embedded stores are the process's: the added sales' slots
+        // go there (each starts when first asked, below). With Redis, one
+        // connection for the start, as at `spike up`'s start.
+        let stores = match &self.stores {
+            Some(embedded) => {
+                embedded.set_sales(&config.sales);
+                embedded.clone()
+            }
+            None => Stores::open(&added, config.redis.as_ref()).await?,
+        };
+        for sale in &added {
+            let Some(store) = stores.get(&sale.event).await else {
+                continue;
+            };
+            if !store.snapshot().await?.initialised {
+                crate::stock::start_gate(&store, &sale.event, self.allow_volatile).await?;
+                store.init(false).await?;
+            }
+        }
+        Ok(added.len())
     }
 
     /// Starts node `name` of `config` on `listeners`.
@@ -268,6 +313,22 @@ impl crate::balancer::state::ReloadHook for FleetHook {
     fn before(&self, config: &Config) -> Result<(), String> {
         for sale in &config.sales {
             crate::node::authority_for(config, &sale.event).map_err(|e| e.to_string())?;
+        }
+        let one_now = self
+            .fleet
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+            == 1;
+        crate::node::sales::refuse_one_to_several(one_now, config).map_err(|e| e.to_string())?;
+        // Sales the file adds are started before any node sells them.
+        let added = self
+            .runtime
+            .block_on(self.fleet.start_added_sales(config))
+            .map_err(|e| format!("the sales added cannot start: {e}; the file is refused"))?;
+        if added > 0 {
+            tracing::info!(added, "sales added by the reload are started in the store");
         }
         if config.nodes.is_empty() {
             return Err(format!(
@@ -322,13 +383,17 @@ impl crate::balancer::state::ReloadHook for FleetHook {
     }
 
     fn after(&self, config: &Config, gone: Vec<Arc<crate::balancer::upstream::LiveState>>) {
-        // The keys in force on every node that stays (the added ones were
-        // built with them). `before` accepted the file, so they load.
+        // The keys and the sales in force on every node that stays (the
+        // added ones were built with them). `before` accepted the file,
+        // so they load.
+        let _in_runtime = self.runtime.enter();
         for r in self.fleet.lock().values() {
-            if let Err(e) = r.node.set_auth(config) {
-                tracing::warn!(node = %r.node.name(), error = %e, "the node keeps its [auth] keys");
+            if let Err(e) = r.node.reload(config) {
+                tracing::warn!(node = %r.node.name(), error = %e, "the node keeps its [auth] keys and sales");
             }
         }
+        *self.fleet.events.lock().unwrap_or_else(|p| p.into_inner()) =
+            config.sales.iter().map(|s| s.event.clone()).collect();
         let removed: Vec<(SocketAddr, Running)> = {
             let mut running = self.fleet.lock();
             let stale: Vec<SocketAddr> = running

@@ -36,8 +36,13 @@ fn event(i: usize) -> String {
 
 /// `[[sale]]` × [`SALES`], then `tail` (nodes, redis, balancer).
 fn fleet_config(tail: &str) -> String {
+    fleet_of(0..SALES, tail)
+}
+
+/// `[[sale]]` for each of `sales`, then `tail`.
+fn fleet_of(sales: std::ops::Range<usize>, tail: &str) -> String {
     let mut text = String::new();
-    for i in 0..SALES {
+    for i in sales {
         text.push_str(&format!(
             "[[sale]]\nevent = \"{}\"\ntotal = {TOTAL}\nper_user_limit = {LIMIT}\n\n",
             event(i)
@@ -68,12 +73,17 @@ struct Bought {
 }
 
 /// [`SALES`] × [`TOTAL`] × [`OVERSUBSCRIBED`] purchases by 64 workers,
-/// each a random buyer in a random sale at a random target; `path` makes
-/// the purchase's path from its sale's event and buyer (the two ways of
-/// naming a sale).
+/// each a random buyer in a random sale at a random target, naming the
+/// sale one of the two ways.
 async fn flood(targets: &[SocketAddr], seed: u64) -> Vec<Bought> {
+    flood_in(targets, seed, 0..SALES).await
+}
+
+/// [`flood`] over the sales `sales` only.
+async fn flood_in(targets: &[SocketAddr], seed: u64, sales: std::ops::Range<usize>) -> Vec<Bought> {
     const WORKERS: usize = 64;
-    let per_worker = SALES * TOTAL as usize * OVERSUBSCRIBED / WORKERS;
+    let per_worker = sales.len() * TOTAL as usize * OVERSUBSCRIBED / WORKERS;
+    let (first, count) = (sales.start, sales.len() as u64);
     let client = client();
     let targets = Arc::new(targets.to_vec());
     let mut tasks = Vec::new();
@@ -83,7 +93,7 @@ async fn flood(targets: &[SocketAddr], seed: u64) -> Vec<Bought> {
             let mut rng = Rng(seed ^ (w as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
             let mut out = Vec::with_capacity(per_worker);
             for _ in 0..per_worker {
-                let sale = (rng.next() % SALES as u64) as usize;
+                let sale = first + (rng.next() % count) as usize;
                 let buyer = rng.next() % BUYERS;
                 let to = targets[(rng.next() % targets.len() as u64) as usize];
                 // Half name the sale in the path, half in the query.
@@ -127,9 +137,14 @@ async fn buy(client: &TestClient, to: SocketAddr, path: &str) -> (StatusCode, St
 /// buyer over the limit in any sale; every other answer a refusal that
 /// sells nothing. Returns an order of each sale (its id and buyer).
 fn check_exact(all: &[Bought]) -> Vec<(String, u64)> {
-    let mut tickets: Vec<HashSet<u64>> = vec![HashSet::new(); SALES];
+    check_exact_in(all, 0..SALES)
+}
+
+/// [`check_exact`] of the sales `sales` (every answer is of one of them).
+fn check_exact_in(all: &[Bought], sales: std::ops::Range<usize>) -> Vec<(String, u64)> {
+    let mut tickets: Vec<HashSet<u64>> = vec![HashSet::new(); sales.end];
     let mut held: HashMap<(usize, u64), u64> = HashMap::new();
-    let mut order_of: Vec<Option<(String, u64)>> = vec![None; SALES];
+    let mut order_of: Vec<Option<(String, u64)>> = vec![None; sales.end];
     let mut statuses: HashMap<u16, usize> = HashMap::new();
     for b in all {
         *statuses.entry(b.status.as_u16()).or_default() += 1;
@@ -167,7 +182,7 @@ fn check_exact(all: &[Bought]) -> Vec<(String, u64)> {
         }
     }
     eprintln!("answers by status: {statuses:?}");
-    for (i, t) in tickets.iter().enumerate() {
+    for (i, t) in tickets.iter().enumerate().skip(sales.start) {
         assert_eq!(
             t.len() as u64,
             TOTAL,
@@ -182,6 +197,7 @@ fn check_exact(all: &[Bought]) -> Vec<(String, u64)> {
     order_of
         .into_iter()
         .enumerate()
+        .skip(sales.start)
         .map(|(i, o)| o.unwrap_or_else(|| panic!("{} sold nothing", event(i))))
         .collect()
 }
@@ -412,6 +428,101 @@ async fn two_hundred_sales_sell_exactly_through_spike_up_on_the_embedded_store()
     remove_config(&path);
 }
 
+/// Sales the reload of [`two_hundred_sales_through_spike_up_on_redis_and_a_reload_adds_fifty`]
+/// adds.
+const ADDED: usize = 50;
+
+/// The issue's run: 200 sales of 50 tickets, 20× oversubscribed, buyers at
+/// random over the sales, through `spike up` on real Redis; mid-run a
+/// reload (SIGHUP) adds 50 sales, which `spike up` starts in Redis and
+/// its nodes sell from their first request, exactly too, while the first
+/// 200 go on selling. `stock audit --all` passes for all 250; nobody is
+/// over a sale's limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_sales_through_spike_up_on_redis_and_a_reload_adds_fifty() {
+    let redis = RedisServer::start();
+    let (balancer, admin) = (common::free_addr(), common::free_addr());
+    let nodes: Vec<SocketAddr> = (0..3).map(|_| common::free_addr()).collect();
+    let mut tail = format!(
+        "[redis]\nurl = \"{}\"\n\n[balancer]\nlisten = \"{balancer}\"\nadmin = \"{admin}\"\nstrategy = \"round_robin\"\n",
+        redis.url()
+    );
+    for (i, a) in nodes.iter().enumerate() {
+        tail.push_str(&common::up::node_entry(i + 1, *a));
+    }
+    let ports = common::up::Ports {
+        balancer,
+        admin,
+        nodes: nodes.clone(),
+    };
+    let (up, path) = common::up::start_up(&fleet_of(0..SALES, &tail), &ports);
+    let c = client();
+    let seed = seed();
+    // Through the balancer and straight to `spike up`'s nodes (a quarter
+    // each): the balancer's own part is the embedded test's, and half the
+    // hops keep the run short.
+    let targets = [balancer, nodes[0], nodes[1], nodes[2]];
+    let first = tokio::spawn(async move { flood_in(&targets, seed, 0..SALES).await });
+
+    // Mid-run: the file gains 50 sales.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, body) = get(
+        &c,
+        balancer,
+        &format!("/events/{}/buy?user=b1", event(SALES)),
+    )
+    .await
+    .expect("answer");
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "not on sale before the reload: {body}"
+    );
+    std::fs::write(&path, fleet_of(0..SALES + ADDED, &tail)).expect("rewrite");
+    up.signal("HUP");
+    common::wait_for("the reload", Duration::from_secs(20), async || {
+        let (_, body) = get(&c, admin, "/status").await.expect("status");
+        json(&body)["version"] == 2
+    })
+    .await;
+    assert!(
+        !first.is_finished(),
+        "the first 200 sales still sell while the reload adds 50 (make them slower)"
+    );
+    let added = flood_in(&targets, seed ^ 0x5eed, SALES..SALES + ADDED).await;
+    let all = first.await.expect("the first flood");
+    check_exact_in(&all, 0..SALES);
+    check_exact_in(&added, SALES..SALES + ADDED);
+
+    let audit = run(&[
+        "stock",
+        "audit",
+        "--config",
+        path.to_str().expect("path"),
+        "--all",
+    ]);
+    let out = String::from_utf8_lossy(&audit.stdout);
+    assert!(
+        audit.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&audit.stderr)
+    );
+    let lines: Vec<serde_json::Value> = out.lines().map(json).collect();
+    assert_eq!(lines.len(), SALES + ADDED);
+    for l in &lines {
+        assert_eq!(
+            (l["ok"].as_bool(), l["sold"].as_u64()),
+            (Some(true), Some(TOTAL)),
+            "{l}"
+        );
+        assert!(
+            matches!(l["most_by_one_buyer"].as_u64(), Some(n) if n <= LIMIT),
+            "{l}"
+        );
+    }
+    remove_config(&path);
+}
+
 /// Reservations in one sale of several: paid and cancelled by the id the
 /// purchase answered, and a cancel returns its ticket to its own sale only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -555,4 +666,164 @@ async fn a_reload_adds_sales_but_not_from_one_sale_to_several() {
     assert_eq!(one.reloader().version(), 1);
     remove_config(&path);
     remove_config(&path_one);
+}
+
+/// A sale's state at a node is dropped after `idle_after` without a
+/// request, its lease given back to the store at once (not left to run
+/// out), and made again by the next request, selling exactly across the
+/// drop. A SIGHUP that adds a sale sells it once `stock init` started
+/// it; one that removes a sale makes it a 404 there, its state dropped,
+/// its orders still in the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_sale_is_dropped_and_made_again_and_a_sighup_adds_and_removes_sales() {
+    let redis = RedisServer::start();
+    let (n1, n2) = (common::free_addr(), common::free_addr());
+    let file = |events: &[&str]| {
+        let mut text = String::new();
+        for e in events {
+            text.push_str(&format!(
+                "[[sale]]\nevent = \"{e}\"\ntotal = 10\nper_user_limit = 0\nlease = 5\n\
+                 lease_ttl = \"3s\"\nidle_after = \"6s\"\n\n"
+            ));
+        }
+        format!(
+            "{text}[redis]\nurl = \"{}\"\n\n[[node]]\nname = \"n1\"\nlisten = \"{n1}\"\n\n\
+             [[node]]\nname = \"n2\"\nlisten = \"{n2}\"\n",
+            redis.url()
+        )
+    };
+    let path = write_config(&file(&["a", "b", "c"]));
+    let p = path.to_str().expect("path").to_string();
+    let init = run(&["stock", "init", "--config", &p, "--all"]);
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let node1 = SpikeProcess::start(&["node", "--config", &p, "--name", "n1"]);
+    let _node2 = SpikeProcess::start(&["node", "--config", &p, "--name", "n2"]);
+    wait_listening(&n1.to_string(), Duration::from_secs(10));
+    wait_listening(&n2.to_string(), Duration::from_secs(10));
+    let c = client();
+    let buy = async |at: SocketAddr, e: &str| {
+        let r = send(&c, Method::POST, at, &format!("/events/{e}/buy"), &[])
+            .await
+            .expect("answer");
+        (r.status, json(&r.body))
+    };
+    let held = async |at: SocketAddr| {
+        let (_, stats) = get(&c, at, "/stats").await.expect("stats");
+        let v = json(&stats);
+        let mut events: Vec<String> = v["by_event"]
+            .as_object()
+            .expect("by_event")
+            .keys()
+            .cloned()
+            .collect();
+        events.sort();
+        events
+    };
+    let leased = |e: &str| {
+        let show = run(&["stock", "show", "--config", &p, "--event", e]);
+        assert!(
+            show.status.success(),
+            "{}",
+            String::from_utf8_lossy(&show.stderr)
+        );
+        json(&String::from_utf8_lossy(&show.stdout))["leased"]
+            .as_u64()
+            .expect("leased")
+    };
+    for _ in 0..3 {
+        let (s, v) = buy(n1, "a").await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    let (s, v) = buy(n1, "c").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(held(n1).await, ["a", "c"]);
+    assert!(leased("a") > 0, "n1 holds a lease of a");
+
+    // Six seconds without a request: a and c go (their leases given back
+    // the moment they do: a lease the poll renewed a second ago would
+    // otherwise be in the store for two more).
+    common::wait_for(
+        "a's state dropped at n1",
+        Duration::from_secs(15),
+        async || held(n1).await.is_empty(),
+    )
+    .await;
+    assert_eq!(leased("a"), 0, "the lease of a dropped state is given back");
+
+    // Exactly 10 across the drop: 3 sold before, 7 now at n2, then none.
+    for i in 0..7 {
+        let (s, v) = buy(n2, "a").await;
+        assert_eq!(s, StatusCode::OK, "purchase {i}: {v}");
+    }
+    let (s, v) = buy(n2, "a").await;
+    assert_eq!(
+        (s, v["status"].as_str()),
+        (StatusCode::CONFLICT, Some("sold_out")),
+        "{v}"
+    );
+    // The next request at n1 makes a's state again, which knows.
+    let (s, v) = buy(n1, "a").await;
+    assert_eq!(
+        (s, v["status"].as_str()),
+        (StatusCode::CONFLICT, Some("sold_out")),
+        "{v}"
+    );
+    assert_eq!(held(n1).await, ["a"]);
+
+    // A SIGHUP: d added (started with `stock init`), c removed.
+    let old = write_config(&file(&["a", "b", "c"]));
+    std::fs::write(&path, file(&["a", "b", "d"])).expect("rewrite");
+    let init = run(&["stock", "init", "--config", &p, "--event", "d"]);
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let (s, _) = buy(n1, "d").await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "not before the reload");
+    node1.signal("HUP");
+    common::wait_for("d on sale at n1", Duration::from_secs(10), async || {
+        buy(n1, "d").await.0 == StatusCode::OK
+    })
+    .await;
+    let (s, v) = buy(n1, "c").await;
+    assert_eq!(
+        (s, v["status"].as_str()),
+        (StatusCode::NOT_FOUND, Some("no_such_sale")),
+        "{v}"
+    );
+    let (_, stats) = get(&c, n1, "/stats").await.expect("stats");
+    assert_eq!(json(&stats)["sales"].as_u64(), Some(3), "{stats}");
+    // c's order is still in the store, read with a file that lists it.
+    let show = run(&[
+        "stock",
+        "show",
+        "--config",
+        old.to_str().expect("path"),
+        "--event",
+        "c",
+    ]);
+    assert_eq!(
+        json(&String::from_utf8_lossy(&show.stdout))["sold"].as_u64(),
+        Some(1)
+    );
+    // Every sale of the old file is exact, c's order among them.
+    let audit = run(&[
+        "stock",
+        "audit",
+        "--config",
+        old.to_str().expect("path"),
+        "--all",
+    ]);
+    assert!(
+        audit.status.success(),
+        "{}",
+        String::from_utf8_lossy(&audit.stdout)
+    );
+    remove_config(&path);
+    remove_config(&old);
 }

@@ -17,12 +17,13 @@
 -- KEYS[8] events stream (with a payment window, every order's creation and
 --         state change; with `stream` = 1, every final sale too)
 -- ARGV[1] lease lifetime in milliseconds
--- Then groups of 6: kind ('p' purchase, 'l' lease request), holder (a node
+-- Then groups of 6: kind ('p' purchase, 'l' lease request, 'r' lease given
+-- back: a node that stops selling the sale), holder (a node
 -- process's lease name), node name, buyer ('' when anonymous), Idempotency-Key
 -- ('' when none), and for 'p' the deadline (Redis milliseconds: from then on
 -- the buyer has been told 503), or "deadline:quantity:units" for a purchase
 -- of several tickets (units: how many the node took from its own lease for
--- it), or for 'l' "units wanted:deadline".
+-- it), or for 'l' "units wanted:deadline" (for 'r': nothing read).
 --
 -- Returns {0, epoch, limit, sold, total, released, pay_within, opens_at,
 -- closes_at, paused (0/1), closed (0/1)} then, per
@@ -34,7 +35,7 @@
 --   3 already bought (order = the last one)   5 too late: nothing done
 --   6 this key already bought (order = its, with its state now)
 --   7 this key belongs to another buyer
---   8 lease answer (count = units granted)
+--   8 lease answer (count = units granted; 0 for a lease given back)
 --   9 no buyer named, and the sale's limit needs one (nothing done)
 --  10 the sale does not sell now (order = why: 'not_open', 'closed' or
 --     'paused'; count = when it opens or closed, Unix ms); also for a
@@ -192,7 +193,16 @@ end
 local held_added, most = 0, 0
 for i = 2, #ARGV, 6 do
   local kind, holder, node, buyer, key = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-  if kind == 'l' then
+  if kind == 'r' then
+    -- A node that drops its state of this sale (idle) gives its lease back:
+    -- the units are free now, not once the lease runs out. Whatever the
+    -- sale's moment: giving back sells nothing.
+    local units = leases[holder] or 0
+    leased = leased - units
+    leases[holder] = 0
+    touched[holder] = true
+    answer(8, '', 0, holder)
+  elseif kind == 'l' then
     local want, deadline = string.match(ARGV[i + 5], '^(%d+):(%d+)$')
     if now >= tonumber(deadline) then
       answer(5, '', 0, holder)

@@ -123,9 +123,12 @@ pub fn authority_for(
 
 /// Reads the file again on every SIGHUP and puts its `[auth]` keys in
 /// force on `node`: a rotated key works, a removed `kid` is refused from
-/// then on, without a restart and without dropping a request. (The rest
-/// of a node's settings need a restart; a bad file changes nothing.)
-async fn reload_keys_on_hangup(path: std::path::PathBuf, node: std::sync::Weak<Sales>) {
+/// then on, without a restart and without dropping a request; with
+/// several sales, its list of sales too (see [`Sales::reload`]: an added
+/// sale sells once `spike stock init --event` started it, a removed one
+/// stops). (The rest of a node's settings need a restart; a bad file
+/// changes nothing.)
+async fn reload_on_hangup(path: std::path::PathBuf, node: std::sync::Weak<Sales>) {
     let Some(mut hup) = crate::signals::take_hangup() else {
         return;
     };
@@ -133,9 +136,9 @@ async fn reload_keys_on_hangup(path: std::path::PathBuf, node: std::sync::Weak<S
         let Some(node) = node.upgrade() else {
             return;
         };
-        match Config::load(&path).and_then(|c| node.set_auth(&c).map(|()| c.auth.is_some())) {
-            Ok(on) => {
-                tracing::info!(node = %node.name(), auth = on, "SIGHUP: [auth] keys reloaded");
+        match Config::load(&path).and_then(|c| node.reload(&c).map(|added| (c, added))) {
+            Ok((c, added)) => {
+                tracing::info!(node = %node.name(), auth = c.auth.is_some(), sales = c.sales.len(), added = added.len(), "SIGHUP: file reloaded");
             }
             Err(e) => {
                 tracing::warn!(node = %node.name(), error = %e, "SIGHUP: the file was not reloaded; the keys in force stay");
@@ -360,7 +363,7 @@ pub fn main(config_path: &Path, name: &str) -> anyhow::Result<ExitCode> {
         if let Some(why) = crate::stock::development_keys(&config) {
             tracing::warn!(node = %node_cfg.name, "{why}");
         }
-        let hangup = tokio::spawn(reload_keys_on_hangup(
+        let hangup = tokio::spawn(reload_on_hangup(
             config.path.clone(),
             Arc::downgrade(&node),
         ));

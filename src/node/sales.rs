@@ -1,15 +1,22 @@
 //! [`Sales`]: every sale one node sells, each sale's [`Node`] state made on
-//! the first request for it (see docs/design/many-sales.md), so a node's
-//! memory and polls grow with the sales it is asked about, not with the
-//! sales of the file.
+//! the first request for it and dropped once the sale is idle (see
+//! docs/design/many-sales.md), so a node's memory and polls grow with the
+//! sales it is asked about, not with the sales of the file.
 //!
 //! With one sale the node is made at start, as it always was: its watch
-//! and sweep run from the start and every route means that sale.
+//! and sweep run from the start, every route means that sale, and it is
+//! never dropped.
+//!
+//! With several, a reload ([`Sales::reload`]) adds and removes sales: an
+//! added one is sold from its first request, one kept keeps its state, a
+//! removed one is a 404 from then on and its state is dropped (its orders
+//! stay in the store, readable with `spike stock` and `orders tail`).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
-use tokio::sync::OnceCell;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::task::AbortHandle;
 
 use super::state::Node;
@@ -19,22 +26,59 @@ use crate::config::{Config, ConfigError};
 /// Every sale one node sells, and the state of those it was asked about.
 pub struct Sales {
     name: String,
-    /// The file, for a sale's settings and `[auth]` when its state is made;
-    /// the keys of `[auth]` are replaced on a reload. (`None`: the one
-    /// sale's node was made by the caller, see [`Sales::single`].)
-    config: arc_swap::ArcSwapOption<Config>,
+    /// The file, for a node's settings and `[auth]` when a sale's state is
+    /// made; replaced by a reload. (`None`: the one sale's node was made
+    /// by the caller, see [`Sales::single`].)
+    config: ArcSwapOption<Config>,
     /// Where a sale's store comes from (`None` as `config`).
     stores: Option<Arc<Stores>>,
-    /// One cell per sale of the file, filled on the first request.
-    nodes: HashMap<String, OnceCell<Arc<Node>>>,
+    /// One slot per sale of the file, by event; swapped whole by a reload.
+    slots: ArcSwap<HashMap<String, Arc<Slot>>>,
     /// The event of the one sale, when the file has one: what a request
-    /// that names no sale means.
+    /// that names no sale means. Fixed at start: a reload that would make
+    /// one sale several (or several one) is refused, since it changes
+    /// what `/buy/ticket` and an order id mean.
     only: Option<String>,
     /// That one sale's state once made: the purchase that names no sale
     /// finds it without a lookup.
     only_node: std::sync::OnceLock<Arc<Node>>,
-    /// The made nodes' watch and sweep tasks, stopped with the node.
+    /// One reload at a time.
+    reloading: Mutex<()>,
+}
+
+/// One sale at one node: its state once made, and the tasks that keep it.
+struct Slot {
+    /// The state, `None` until the first request and after it is dropped.
+    node: ArcSwapOption<Node>,
+    /// Held while the state is made or dropped: one of each at a time.
+    making: tokio::sync::Mutex<()>,
+    /// The state's poll, sweep and idle check, stopped with it.
     tasks: Mutex<Vec<AbortHandle>>,
+    /// Dropped after this long without a request (`None`: never, a
+    /// single sale).
+    idle_after: Option<Duration>,
+}
+
+impl Slot {
+    fn new(idle_after: Option<Duration>) -> Arc<Slot> {
+        Arc::new(Slot {
+            node: ArcSwapOption::empty(),
+            making: tokio::sync::Mutex::new(()),
+            tasks: Mutex::new(Vec::new()),
+            idle_after,
+        })
+    }
+
+    fn stop_tasks(&self) {
+        for t in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+    }
 }
 
 /// Why a request's sale could not be found.
@@ -57,18 +101,21 @@ impl Sales {
         stores: Arc<Stores>,
     ) -> Result<Arc<Sales>, ConfigError> {
         config.node(name)?;
+        let several = config.sales.len() > 1;
         let sales = Arc::new(Sales {
             name: name.to_string(),
-            config: arc_swap::ArcSwapOption::from_pointee(config.clone()),
+            config: ArcSwapOption::from_pointee(config.clone()),
             stores: Some(stores),
-            nodes: config
-                .sales
-                .iter()
-                .map(|s| (s.event.clone(), OnceCell::new()))
-                .collect(),
+            slots: ArcSwap::from_pointee(
+                config
+                    .sales
+                    .iter()
+                    .map(|s| (s.event.clone(), Slot::new(several.then_some(s.idle_after))))
+                    .collect(),
+            ),
             only: config.sale().map(|s| s.event.clone()),
             only_node: std::sync::OnceLock::new(),
-            tasks: Mutex::new(Vec::new()),
+            reloading: Mutex::new(()),
         });
         if let Some(only) = sales.only.clone() {
             sales.get(&only).await.map_err(|m| ConfigError::Lacks {
@@ -83,17 +130,18 @@ impl Sales {
     /// and a single-sale `spike up` serve a node they hold.
     pub fn single(node: Arc<Node>) -> Arc<Sales> {
         let event = node.event().to_string();
+        let slot = Slot::new(None);
+        slot.node.store(Some(node.clone()));
         let sales = Arc::new(Sales {
             name: node.name().to_string(),
-            config: arc_swap::ArcSwapOption::empty(),
+            config: ArcSwapOption::empty(),
             stores: None,
-            nodes: std::iter::once((event.clone(), OnceCell::new_with(Some(node.clone()))))
-                .collect(),
+            slots: ArcSwap::from_pointee(std::iter::once((event.clone(), slot.clone())).collect()),
             only: Some(event),
             only_node: std::sync::OnceLock::new(),
-            tasks: Mutex::new(Vec::new()),
+            reloading: Mutex::new(()),
         });
-        sales.start(&node);
+        sales.start(&slot, &node);
         sales
     }
 
@@ -104,12 +152,12 @@ impl Sales {
 
     /// How many sales the node sells.
     pub fn len(&self) -> usize {
-        self.nodes.len()
+        self.slots.load().len()
     }
 
     /// Whether it sells none.
     pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
+        self.slots.load().is_empty()
     }
 
     /// The one sale's state, when the node sells one sale.
@@ -142,58 +190,81 @@ impl Sales {
         }
     }
 
-    /// The state of the sale of `event`, made if this is the first ask:
-    /// one lookup and an atomic load once made.
+    /// The state of the sale of `event`, made if this is the first ask
+    /// (or the first since it was dropped): one lookup and two atomic
+    /// loads once made.
     pub async fn get(&self, event: &str) -> Result<Arc<Node>, Missing> {
-        let cell = self.nodes.get(event).ok_or(Missing::Unknown)?;
-        if let Some(node) = cell.get() {
-            return Ok(node.clone());
+        let slot = {
+            let slots = self.slots.load();
+            let slot = slots.get(event).ok_or(Missing::Unknown)?;
+            if let Some(node) = &*slot.node.load() {
+                node.touch();
+                return Ok(node.clone());
+            }
+            slot.clone()
+        };
+        let _making = slot.making.lock().await;
+        if let Some(node) = slot.node.load_full() {
+            node.touch();
+            return Ok(node);
         }
-        let node = cell
-            .get_or_try_init(|| async {
-                let (Some(stores), Some(config)) = (&self.stores, self.config.load_full()) else {
-                    return Err(Missing::Unknown);
-                };
-                let store = stores.get(event).await.ok_or(Missing::Unknown)?;
-                let sale = config
-                    .pick_sale(Some(event))
-                    .map_err(|e| Missing::Broken(e.to_string()))?;
-                let node = super::build_for(&config, sale, &self.name, store)
-                    .map_err(|e| Missing::Broken(e.to_string()))?;
-                self.start(&node);
-                tracing::debug!(node = %self.name, event, "a sale's state made on its first request");
-                Ok(node)
-            })
-            .await?;
-        Ok(node.clone())
+        // A reload may have removed the sale while this waited.
+        if !self
+            .slots
+            .load()
+            .get(event)
+            .is_some_and(|s| Arc::ptr_eq(s, &slot))
+        {
+            return Err(Missing::Unknown);
+        }
+        let (Some(stores), Some(config)) = (&self.stores, self.config.load_full()) else {
+            return Err(Missing::Unknown);
+        };
+        let sale = stores.config(event).ok_or(Missing::Unknown)?;
+        let store = stores.get(event).await.ok_or(Missing::Unknown)?;
+        let node = super::build_for(&config, &sale, &self.name, store)
+            .map_err(|e| Missing::Broken(e.to_string()))?;
+        node.touch();
+        slot.node.store(Some(node.clone()));
+        self.start(&slot, &node);
+        tracing::debug!(node = %self.name, event, "a sale's state made on its request");
+        Ok(node)
     }
 
     /// The sales' states made so far, in no order.
-    pub fn made(&self) -> impl Iterator<Item = &Arc<Node>> {
-        self.nodes.values().filter_map(|c| c.get())
+    pub fn made(&self) -> Vec<Arc<Node>> {
+        self.slots
+            .load()
+            .values()
+            .filter_map(|s| s.node.load_full())
+            .collect()
     }
 
-    /// Starts `node`'s poll of its sale and its expiry sweep.
-    fn start(&self, node: &Arc<Node>) {
+    /// Starts `node`'s poll of its sale, its expiry sweep and (with
+    /// several sales) the check that drops it once idle.
+    fn start(&self, slot: &Arc<Slot>, node: &Arc<Node>) {
         if self.only.as_deref() == Some(node.event()) {
             let _ = self.only_node.set(node.clone());
         }
         let watch = tokio::spawn(node.clone().watch());
         let sweep = tokio::spawn(super::sweep::sweep(Arc::downgrade(node)));
-        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tasks = slot.tasks.lock().unwrap_or_else(|p| p.into_inner());
         tasks.push(watch.abort_handle());
         tasks.push(sweep.abort_handle());
+        if let Some(idle_after) = slot.idle_after {
+            let idle = tokio::spawn(drop_when_idle(
+                Arc::downgrade(slot),
+                Arc::downgrade(node),
+                idle_after,
+            ));
+            tasks.push(idle.abort_handle());
+        }
     }
 
     /// Stops every made sale's background work (the node stops).
     pub fn stop(&self) {
-        for t in self
-            .tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-        {
-            t.abort();
+        for slot in self.slots.load().values() {
+            slot.stop_tasks();
         }
     }
 
@@ -202,7 +273,8 @@ impl Sales {
     pub fn set_auth(&self, config: &Config) -> Result<(), ConfigError> {
         let mut fresh = Vec::new();
         for node in self.made() {
-            fresh.push((node, super::authority_for(config, node.event())?));
+            let auth = super::authority_for(config, node.event())?;
+            fresh.push((node, auth));
         }
         for (node, auth) in fresh {
             node.set_auth(auth);
@@ -213,5 +285,132 @@ impl Sales {
             self.config.store(Some(Arc::new(kept)));
         }
         Ok(())
+    }
+
+    /// Puts a reloaded file in force: its `[auth]` keys (see
+    /// [`Sales::set_auth`]) and, with several sales, its list of sales:
+    /// an added sale is sold from its first request (its store must be
+    /// started: `spike stock init --event`, which `spike up` runs), a kept
+    /// one keeps its state, a removed one answers 404 from now on and its
+    /// state is dropped (its lease given back). A file that makes one sale
+    /// several, or several one, is refused: that changes what a purchase
+    /// that names no sale and an order id mean, so it needs a restart of
+    /// the fleet. Returns the events added; an error changes nothing.
+    pub fn reload(&self, config: &Config) -> Result<Vec<String>, ConfigError> {
+        let _one = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
+        refuse_one_to_several(self.only.is_some(), config)?;
+        if self.only.is_some() || self.stores.is_none() {
+            // One sale: its state was made at start, from the file then.
+            self.set_auth(config)?;
+            return Ok(Vec::new());
+        }
+        config.node(&self.name)?;
+        for e in config.sales.iter().map(|s| s.event.as_str()) {
+            super::authority_for(config, e)?;
+        }
+        self.set_auth(config)?;
+        let old = self.slots.load_full();
+        let mut added = Vec::new();
+        let next: HashMap<String, Arc<Slot>> = config
+            .sales
+            .iter()
+            .map(|s| {
+                let slot = match old.get(&s.event) {
+                    Some(kept) => kept.clone(),
+                    None => {
+                        added.push(s.event.clone());
+                        Slot::new(Some(s.idle_after))
+                    }
+                };
+                (s.event.clone(), slot)
+            })
+            .collect();
+        let removed: Vec<Arc<Slot>> = old
+            .iter()
+            .filter(|(e, _)| !next.contains_key(*e))
+            .map(|(_, s)| s.clone())
+            .collect();
+        if let Some(stores) = &self.stores {
+            stores.set_sales(&config.sales);
+        }
+        self.config.store(Some(Arc::new(config.clone())));
+        self.slots.store(Arc::new(next));
+        for slot in removed {
+            slot.stop_tasks();
+            if let Some(node) = slot.node.swap(None) {
+                tracing::info!(node = %self.name, event = %node.event(), "sale removed by the reload: no longer sold here");
+                tokio::spawn(async move { node.retire().await });
+            }
+        }
+        if !added.is_empty() {
+            tracing::info!(node = %self.name, added = added.len(), "sales added by the reload are on sale from their first request");
+        }
+        Ok(added)
+    }
+}
+
+/// The refusal of a reload that would make a fleet of one sale a fleet of
+/// several, or the other way: what `/buy/ticket` without `event` and an
+/// order id mean changes with it, so it takes a restart of the fleet.
+pub fn refuse_one_to_several(one_now: bool, config: &Config) -> Result<(), ConfigError> {
+    let one_next = config.sales.len() == 1;
+    if one_now == one_next || config.sales.is_empty() {
+        return Ok(());
+    }
+    Err(ConfigError::Lacks {
+        path: config.path.clone(),
+        message: if one_now {
+            "the file now has several sales ([[sale]]) where the running fleet sells one: that changes what /buy/ticket without `event` and an order id mean (EPOCH-SEQ becomes EVENT:EPOCH-SEQ), so it takes a restart of the fleet; a file that has several already adds sales by reload".into()
+        } else {
+            "the file now has one sale where the running fleet sells several: that changes what /buy/ticket without `event` and an order id mean, so it takes a restart of the fleet (or keep a second [[sale]])".into()
+        },
+    })
+}
+
+/// Drops a sale's state at a node once nobody asked about the sale for
+/// `idle_after` (and, when it has a payment window, for that window more:
+/// reservations this node made have expired and been swept by then), and
+/// no purchase or lease request is under way: the slot forgets the state
+/// (the next request makes a new one), its poll and sweep stop, and its
+/// lease goes back to the store.
+async fn drop_when_idle(slot: Weak<Slot>, node: Weak<Node>, idle_after: Duration) {
+    let every = (idle_after / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        tokio::time::sleep(every).await;
+        let (Some(slot), Some(node)) = (slot.upgrade(), node.upgrade()) else {
+            return;
+        };
+        let quiet = idle_after + node.pay_within().unwrap_or_default();
+        if node.idle_for() < quiet || node.busy() {
+            continue;
+        }
+        {
+            let _making = slot.making.lock().await;
+            let current = slot.node.load();
+            if !current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &node)) {
+                return;
+            }
+            // A request that came in since the check keeps it.
+            if node.idle_for() < quiet {
+                continue;
+            }
+            slot.node.store(None);
+        }
+        // Every task of this state but this one, which ends here.
+        let tasks: Vec<AbortHandle> = slot
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect();
+        let me = tokio::task::try_id();
+        for t in tasks {
+            if Some(t.id()) != me {
+                t.abort();
+            }
+        }
+        node.retire().await;
+        tracing::debug!(node = %node.name(), event = %node.event(), idle = ?node.idle_for(), "an idle sale's state dropped");
+        return;
     }
 }

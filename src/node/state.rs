@@ -11,7 +11,7 @@
 //! a second.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -113,6 +113,15 @@ pub struct Node {
     closed_epoch: std::sync::atomic::AtomicU64,
     /// The file's moments, until the store gives its own.
     file_moments: crate::protocol::Moments,
+    /// When this state was made, the origin of `last_used`.
+    born: Instant,
+    /// Milliseconds since `born` of the last request for the sale (to
+    /// about a quarter of a second): a node of several sales drops the
+    /// state of a sale nobody asks about (see [`super::Sales`]).
+    last_used: AtomicU64,
+    /// The state is being dropped: no new lease request starts (its units
+    /// would be held by a node that no longer sells).
+    retired: AtomicBool,
 }
 
 /// A random 64-bit value from the standard library's per-process hasher
@@ -164,7 +173,59 @@ impl Node {
                 paused: false,
                 closed: false,
             },
+            born: Instant::now(),
+            last_used: AtomicU64::new(0),
+            retired: AtomicBool::new(false),
         })
+    }
+
+    /// A request for the sale came in now: the state is in use. A load
+    /// and, at most every quarter second, a store: a busy sale's cores do
+    /// not fight over the word.
+    pub fn touch(&self) {
+        let now = self.born.elapsed().as_millis() as u64;
+        if now >= self.last_used.load(Ordering::Relaxed) + 250 {
+            self.last_used.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// How long since the last request for the sale (since the state was
+    /// made, before any).
+    pub fn idle_for(&self) -> Duration {
+        self.born.elapsed().saturating_sub(Duration::from_millis(
+            self.last_used.load(Ordering::Relaxed),
+        ))
+    }
+
+    /// Whether purchases are under way here: units of the lease out with
+    /// them, or a lease request in flight.
+    pub fn busy(&self) -> bool {
+        self.lease.in_flight() > 0 || self.refilling.load(Ordering::Acquire)
+    }
+
+    /// Stops selling from this state for good (its sale's state is being
+    /// dropped): no lease request starts from now on, the units the node
+    /// holds are forgotten, and the lease is given back to the store, so
+    /// that its units are free at once for the other nodes (or for this
+    /// node's next state of the sale). Should the store not hear of it,
+    /// the lease runs out by itself within `lease_ttl`.
+    pub async fn retire(&self) {
+        self.retired.store(true, Ordering::SeqCst);
+        // A lease request already sent is answered (or times out) first:
+        // its grant must not land after the lease was given back.
+        let until = Instant::now() + self.timeout;
+        while self.refilling.load(Ordering::SeqCst) && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.lease.reset();
+        let give_up = Instant::now() + self.timeout;
+        match self.store.give_back(&self.holder, give_up).await {
+            Ok(()) => {}
+            Err(StoreError::NoSale) => {}
+            Err(e) => {
+                tracing::debug!(node = %self.name, event = %self.event, error = %e, "lease not given back; it runs out by itself")
+            }
+        }
     }
 
     /// Takes in a store answer that the sale does not sell now: the sale's
@@ -339,7 +400,15 @@ impl Node {
 
     /// Starts a lease request unless one is in flight.
     pub(super) fn refill(&self) {
-        if self.refilling.load(Ordering::Relaxed) || self.refilling.swap(true, Ordering::AcqRel) {
+        if self.refilling.load(Ordering::Relaxed) || self.refilling.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if self.retired.load(Ordering::SeqCst) {
+            // The state is dropped: the buyers waiting here are told no
+            // unit came (they are few: the sale was idle).
+            self.refill_result.store(REFILL_FAILED, Ordering::Release);
+            self.refilling.store(false, Ordering::Release);
+            self.lease.wake();
             return;
         }
         let store = self.store.clone();

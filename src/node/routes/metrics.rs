@@ -174,7 +174,7 @@ const GAUGES: [(&str, &str); 2] = [
 /// holds state for (those it was asked about); and how many it sells
 /// and holds.
 pub fn render_all(sales: &Sales) -> String {
-    let mut nodes: Vec<&std::sync::Arc<Node>> = sales.made().collect();
+    let mut nodes: Vec<std::sync::Arc<Node>> = sales.made();
     nodes.sort_by(|a, b| a.event().cmp(b.event()));
     let mut out = String::with_capacity(1024 + 2048 * nodes.len());
     single(
@@ -276,8 +276,9 @@ pub fn render_all(sales: &Sales) -> String {
 /// (those asked about since it started), by event, with the fields of a
 /// single sale's `/stats`.
 pub fn stats_all(sales: &Sales) -> Answer {
+    let made = sales.made();
     let by_event: std::collections::BTreeMap<&str, StatsBody<'_>> =
-        sales.made().map(|n| (n.event(), stats(n))).collect();
+        made.iter().map(|n| (n.event(), stats(n))).collect();
     json(
         StatusCode::OK,
         &AllStats {

@@ -380,6 +380,16 @@ impl EmbeddedStore {
         })
     }
 
+    /// See the lease given back (`'r'`) of `deduct.lua`.
+    pub fn give_back(&self, holder: &str) -> Result<(), StoreError> {
+        let mut s = self.lock();
+        if !s.initialised {
+            return Err(StoreError::NoSale);
+        }
+        s.leases.remove(holder);
+        Ok(())
+    }
+
     /// See `orders.lua`.
     pub fn order(
         &self,

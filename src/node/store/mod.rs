@@ -104,6 +104,16 @@ impl Store {
         }
     }
 
+    /// Gives `holder`'s lease back whole: a node that drops its state of
+    /// the sale (idle) frees its units at once rather than when the lease
+    /// runs out.
+    pub async fn give_back(&self, holder: &str, give_up: Instant) -> Result<(), StoreError> {
+        match self {
+            Store::Redis(r) => r.give_back(holder, give_up).await,
+            Store::Embedded(e) => e.give_back(holder),
+        }
+    }
+
     /// Deduction calls this process's Redis store has sent, each carrying
     /// one or more purchases (None for the embedded store, which has no
     /// calls). Shared by the nodes of one process (`spike up`).
@@ -285,16 +295,53 @@ impl Store {
 /// in the process asked for it, so a sale nobody asks about costs its
 /// config and nothing else. Shared by the nodes of one process that sell
 /// from the same store.
+///
+/// A Redis store lives while a node of the process holds it: once every
+/// node dropped its state of the sale (idle), the store goes too, and its
+/// batch task and clock reading with it; the next ask makes a new one.
+/// An embedded store is the sale itself and stays while the process runs.
+/// A reload adds sales ([`Stores::set_sales`]); those kept keep their
+/// stores.
 pub struct Stores {
     /// The shared Redis connection; `None`: the embedded store.
     redis: Option<Arc<RedisConn>>,
-    slots: std::collections::HashMap<String, StoreSlot>,
+    /// The sales by event, swapped whole by a reload.
+    slots: arc_swap::ArcSwap<std::collections::HashMap<String, Arc<StoreSlot>>>,
 }
 
 /// One sale's config and, once made, its store.
 struct StoreSlot {
     config: SaleConfig,
-    store: tokio::sync::OnceCell<Store>,
+    /// Taken while the store is made, so that two first asks make one.
+    store: tokio::sync::Mutex<Held>,
+}
+
+/// A sale's store as [`Stores`] keeps it.
+enum Held {
+    /// Not made yet.
+    None,
+    /// Redis: alive while a node holds it.
+    Redis(std::sync::Weak<RedisStore>),
+    /// Embedded: the sale itself.
+    Embedded(Arc<EmbeddedStore>),
+}
+
+impl StoreSlot {
+    fn new(config: &SaleConfig) -> Arc<StoreSlot> {
+        Arc::new(StoreSlot {
+            config: config.clone(),
+            store: tokio::sync::Mutex::new(Held::None),
+        })
+    }
+
+    /// The store if it is alive, without making it.
+    fn alive(&self) -> Option<Store> {
+        match &*self.store.try_lock().ok()? {
+            Held::None => None,
+            Held::Redis(weak) => weak.upgrade().map(Store::Redis),
+            Held::Embedded(e) => Some(Store::Embedded(e.clone())),
+        }
+    }
 }
 
 impl Stores {
@@ -311,75 +358,114 @@ impl Stores {
         };
         let slots = sales
             .iter()
-            .map(|s| {
-                let slot = StoreSlot {
-                    config: s.clone(),
-                    store: tokio::sync::OnceCell::new(),
-                };
-                (s.event.clone(), slot)
-            })
+            .map(|s| (s.event.clone(), StoreSlot::new(s)))
             .collect();
-        Ok(Arc::new(Stores { redis, slots }))
+        Ok(Arc::new(Stores {
+            redis,
+            slots: arc_swap::ArcSwap::from_pointee(slots),
+        }))
     }
 
     /// One sale whose store is made already (a single-sale process, the
     /// tests).
     pub fn of(sale: &SaleConfig, store: Store) -> Arc<Stores> {
-        let slot = StoreSlot {
-            config: sale.clone(),
-            store: tokio::sync::OnceCell::new_with(Some(store)),
+        let held = match store {
+            // Held by the caller's node as long as it serves.
+            Store::Redis(r) => Held::Redis(Arc::downgrade(&r)),
+            Store::Embedded(e) => Held::Embedded(e),
         };
+        let slot = Arc::new(StoreSlot {
+            config: sale.clone(),
+            store: tokio::sync::Mutex::new(held),
+        });
         Arc::new(Stores {
             redis: None,
-            slots: std::iter::once((sale.event.clone(), slot)).collect(),
+            slots: arc_swap::ArcSwap::from_pointee(
+                std::iter::once((sale.event.clone(), slot)).collect(),
+            ),
         })
     }
 
     /// The config of the sale of `event`, if the process sells it.
-    pub fn config(&self, event: &str) -> Option<&SaleConfig> {
-        self.slots.get(event).map(|s| &s.config)
+    pub fn config(&self, event: &str) -> Option<SaleConfig> {
+        self.slots.load().get(event).map(|s| s.config.clone())
+    }
+
+    /// Puts `sales` in force (a reload of the file): a sale added gets its
+    /// slot (its store is made on its first ask), one kept keeps its store
+    /// and its config as it was (a sale's settings are the store's once
+    /// started), one removed is forgotten here (its store goes with the
+    /// last node that holds it). Returns the events added.
+    pub fn set_sales(&self, sales: &[SaleConfig]) -> Vec<String> {
+        let old = self.slots.load_full();
+        let mut added = Vec::new();
+        let next = sales
+            .iter()
+            .map(|s| {
+                let slot = match old.get(&s.event) {
+                    Some(kept) => kept.clone(),
+                    None => {
+                        added.push(s.event.clone());
+                        StoreSlot::new(s)
+                    }
+                };
+                (s.event.clone(), slot)
+            })
+            .collect();
+        self.slots.store(Arc::new(next));
+        added
     }
 
     /// The store of the sale of `event`, made now if it is the first ask
     /// (an embedded store starts its sale then, as `spike node` did at
     /// start); `None` when the process does not sell it.
     pub async fn get(&self, event: &str) -> Option<Store> {
-        let slot = self.slots.get(event)?;
-        if let Some(store) = slot.store.get() {
-            return Some(store.clone());
-        }
-        let made = slot
-            .store
-            .get_or_init(|| async {
-                match &self.redis {
-                    Some(conn) => Store::Redis(Arc::new(RedisStore::on(conn, &slot.config).await)),
-                    None => {
-                        let e = EmbeddedStore::new(&slot.config);
-                        e.init(false);
-                        Store::Embedded(Arc::new(e))
-                    }
+        let slot = self.slots.load().get(event)?.clone();
+        let mut held = slot.store.lock().await;
+        match &*held {
+            Held::Redis(weak) => {
+                if let Some(r) = weak.upgrade() {
+                    return Some(Store::Redis(r));
                 }
-            })
-            .await;
-        Some(made.clone())
+            }
+            Held::Embedded(e) => return Some(Store::Embedded(e.clone())),
+            Held::None => {}
+        }
+        let store = match &self.redis {
+            Some(conn) => {
+                let r = Arc::new(RedisStore::on(conn, &slot.config).await);
+                *held = Held::Redis(Arc::downgrade(&r));
+                Store::Redis(r)
+            }
+            None => {
+                let e = EmbeddedStore::new(&slot.config);
+                e.init(false);
+                let e = Arc::new(e);
+                *held = Held::Embedded(e.clone());
+                Store::Embedded(e)
+            }
+        };
+        Some(store)
     }
 
-    /// The stores made so far, with their events: what `/metrics` and
-    /// the process's counters read.
-    pub fn made(&self) -> impl Iterator<Item = (&str, &Store)> {
+    /// The stores alive now, with their events: what `/metrics` and the
+    /// process's counters read.
+    pub fn made(&self) -> Vec<(String, Store)> {
         self.slots
+            .load()
             .iter()
-            .filter_map(|(e, s)| s.store.get().map(|st| (e.as_str(), st)))
+            .filter_map(|(e, s)| s.alive().map(|st| (e.clone(), st)))
+            .collect()
     }
 
     /// How many sales the process sells.
     pub fn len(&self) -> usize {
-        self.slots.len()
+        self.slots.load().len()
     }
 
     /// Whether it sells none.
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
+        self.slots.load().is_empty()
     }
 
     /// Whether Redis answers (or, embedded, always): `/healthz` of a node

@@ -32,6 +32,9 @@ pub(super) enum Entry {
     },
     /// Up to `want` more units on the holder's lease.
     Lease { want: u64 },
+    /// The holder's lease given back whole (its node drops the sale's
+    /// state).
+    GiveBack,
 }
 
 /// One entry waiting in the queue, its arguments already built.
@@ -131,6 +134,14 @@ async fn send(link: &Link, batch: Vec<Pending>) {
                 args.push(Value::from_static_str(""));
                 args.push(Value::from_static_str(""));
                 args.push(Value::from(format!("{want}:{deadline}")));
+            }
+            Entry::GiveBack => {
+                args.push(Value::from_static_str("r"));
+                args.push(p.holder);
+                args.push(p.node);
+                args.push(Value::from_static_str(""));
+                args.push(Value::from_static_str(""));
+                args.push(Value::from_static_str(""));
             }
         }
         replies.push(p.reply);

@@ -417,6 +417,18 @@ impl RedisStore {
         }
     }
 
+    /// Gives `holder`'s lease back whole (see `deduct.lua`): its units
+    /// are free at once.
+    pub async fn give_back(&self, holder: &str, give_up: Instant) -> Result<(), StoreError> {
+        let r = self.queued(Entry::GiveBack, holder, "", give_up).await?;
+        match r.answer.code {
+            8 => Ok(()),
+            other => Err(StoreError::Protocol(format!(
+                "deduct returned code {other} for a lease given back"
+            ))),
+        }
+    }
+
     /// See `init.lua`.
     pub async fn init(&self, force: bool) -> Result<Option<u64>, StoreError> {
         let args = vec![
