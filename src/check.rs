@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use crate::config::Config;
-use crate::node::store::{Store, StoreError};
+use crate::node::store::{StoreError, Stores};
 use crate::redis_client::redacted;
 
 /// Runs every check, printing one line each on stderr; exit 0 when all
@@ -27,74 +27,21 @@ pub fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
     for warning in &config.warnings {
         eprintln!("spike: warning: {warning}");
     }
-    let passed = match (config.sale(), config.redis.as_ref()) {
-        (Some(sale), Some(redis)) => {
+    let passed = match (config.sales.as_slice(), config.redis.as_ref()) {
+        ([], _) => true,
+        (sales, Some(redis)) => {
             let url = redacted(&redis.url);
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            runtime.block_on(async {
-                // An unreachable Redis's error names the URL and its line
-                // already.
-                let say = |e: &StoreError| match e {
-                    StoreError::Unreachable { .. } => eprintln!("spike: {e}"),
-                    _ => eprintln!("spike: redis at {url}: {e}"),
-                };
-                let store = match Store::open(sale, Some(redis)).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        say(&e);
-                        return false;
-                    }
-                };
-                let snap = match store.snapshot().await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        say(&e);
-                        return false;
-                    }
-                };
-                eprintln!("spike: redis at {url} answers");
-                if snap.initialised {
-                    eprintln!(
-                        "spike: the sale {} is stored: {} tickets, {} sold, at most {} per buyer (epoch {})",
-                        snap.event, snap.total, snap.sold, snap.per_user_limit, snap.epoch
-                    );
-                    if let Some(differs) = crate::stock::sale_differs(sale, &snap) {
-                        eprintln!("spike: warning: {differs}");
-                    }
-                } else {
-                    eprintln!(
-                        "spike: the sale {} is not initialised: `spike stock init` starts it",
-                        sale.event
-                    );
-                }
-                match store.durability().await {
-                    Ok(Some(d)) => {
-                        let problems = d.problems();
-                        for problem in &problems {
-                            eprintln!("spike: {problem}");
-                        }
-                        if problems.is_empty() {
-                            eprintln!("spike: redis keeps what it acknowledges (append-only file, no eviction of the sale's keys)");
-                        }
-                        problems.is_empty()
-                    }
-                    Ok(None) => true,
-                    Err(e) => {
-                        eprintln!("spike: reading redis's durability at {url}: {e}");
-                        false
-                    }
-                }
-            })
+            runtime.block_on(check_redis(sales, redis, &url))
         }
-        (Some(_), None) => {
+        (_, None) => {
             eprintln!(
                 "spike: no [redis]: the embedded store, inside the `spike up` process (nothing to reach; it ends with the process)"
             );
             true
         }
-        (None, _) => true,
     };
     if passed {
         eprintln!("spike: configuration file {file} test is successful");
@@ -102,5 +49,104 @@ pub fn run(config_path: &Path) -> anyhow::Result<ExitCode> {
     } else {
         eprintln!("spike: configuration file {file} test failed");
         Ok(ExitCode::FAILURE)
+    }
+}
+
+/// Sales of a file of several listed one line each; past this many only
+/// those to act on are, and a count of the rest.
+const LISTED: usize = 20;
+
+/// Redis answers, every sale of the file is compared with the one the
+/// store holds (one connection for all), and Redis keeps what it
+/// acknowledges (asked once: one Redis for every sale).
+async fn check_redis(
+    sales: &[crate::config::SaleConfig],
+    redis: &crate::config::RedisConfig,
+    url: &str,
+) -> bool {
+    // An unreachable Redis's error names the URL and its line already.
+    let say = |e: &StoreError| match e {
+        StoreError::Unreachable { .. } => eprintln!("spike: {e}"),
+        _ => eprintln!("spike: redis at {url}: {e}"),
+    };
+    let stores = match Stores::open(sales, Some(redis)).await {
+        Ok(s) => s,
+        Err(e) => {
+            say(&e);
+            return false;
+        }
+    };
+    let (mut stored, mut unstarted, mut answered) = (0usize, 0usize, false);
+    let mut durability_store = None;
+    for sale in sales {
+        let Some(store) = stores.get(&sale.event).await else {
+            continue;
+        };
+        let snap = match store.snapshot().await {
+            Ok(s) => s,
+            Err(e) => {
+                say(&e);
+                return false;
+            }
+        };
+        if !answered {
+            eprintln!("spike: redis at {url} answers");
+            answered = true;
+        }
+        let listed = sales.len() <= LISTED;
+        if snap.initialised {
+            stored += 1;
+            if listed {
+                eprintln!(
+                    "spike: the sale {} is stored: {} tickets, {} sold, at most {} per buyer (epoch {})",
+                    snap.event, snap.total, snap.sold, snap.per_user_limit, snap.epoch
+                );
+            }
+            if let Some(differs) = crate::stock::sale_differs(sale, &snap) {
+                eprintln!("spike: warning: {differs}");
+            }
+        } else {
+            unstarted += 1;
+            if listed || unstarted <= LISTED {
+                let how = if sales.len() > 1 {
+                    format!("`spike stock init --event {}`", sale.event)
+                } else {
+                    "`spike stock init`".to_string()
+                };
+                eprintln!(
+                    "spike: the sale {} is not initialised: {how} starts it",
+                    sale.event
+                );
+            }
+        }
+        durability_store.get_or_insert(store);
+    }
+    if sales.len() > 1 {
+        eprintln!(
+            "spike: {} sales: {stored} stored, {unstarted} not initialised",
+            sales.len()
+        );
+    }
+    let Some(store) = durability_store else {
+        return true;
+    };
+    match store.durability().await {
+        Ok(Some(d)) => {
+            let problems = d.problems();
+            for problem in &problems {
+                eprintln!("spike: {problem}");
+            }
+            if problems.is_empty() {
+                eprintln!(
+                    "spike: redis keeps what it acknowledges (append-only file, no eviction of the sale's keys)"
+                );
+            }
+            problems.is_empty()
+        }
+        Ok(None) => true,
+        Err(e) => {
+            eprintln!("spike: reading redis's durability at {url}: {e}");
+            false
+        }
     }
 }

@@ -105,3 +105,51 @@ fn a_stored_sale_that_differs_from_the_file_is_reported() {
     assert!(text.contains("10 tickets"), "the stored total: {text}");
     remove_config(&path);
 }
+
+/// A file of several sales is checked sale by sale over one connection
+/// (issue 28; it checked none): each stored sale with its figures, each
+/// one not started with the command that starts it, a count of both, and
+/// a stored sale whose file figures differ warned of.
+#[test]
+fn a_file_of_several_sales_checks_each_sale() {
+    let redis = RedisServer::start();
+    let node = common::free_addr();
+    let text = format!(
+        "[[sale]]\nevent = \"a\"\ntotal = 10\n\n[[sale]]\nevent = \"b\"\ntotal = 20\n\n\
+         [[sale]]\nevent = \"c\"\ntotal = 30\n\n[[node]]\nname = \"n1\"\nlisten = \"{node}\"\n\n\
+         [redis]\nurl = \"{}\"\n",
+        redis.url()
+    );
+    let path = write_config(&text);
+    let p = path.to_str().expect("path");
+    for e in ["a", "b"] {
+        let init = run(&[
+            "stock",
+            "init",
+            "--config",
+            p,
+            "--event",
+            e,
+            "--trust-client-buyer-ids",
+        ]);
+        assert!(init.status.success(), "{}", stdout_and_err(&init));
+    }
+    // The file now says 25 for b: the stored 20 is the sale's.
+    std::fs::write(&path, text.replace("total = 20", "total = 25")).expect("rewrite");
+    let out = run(&["check", "--config", p]);
+    let said = stdout_and_err(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("the sale a is stored: 10 tickets"), "{said}");
+    assert!(said.contains("the sale b is stored: 20 tickets"), "{said}");
+    assert!(said.contains("warning") && said.contains("25"), "{said}");
+    assert!(
+        said.contains("the sale c is not initialised: `spike stock init --event c`"),
+        "{said}"
+    );
+    assert!(
+        said.contains("3 sales: 2 stored, 1 not initialised"),
+        "{said}"
+    );
+    assert!(said.contains("test is successful"), "{said}");
+    remove_config(&path);
+}
