@@ -32,7 +32,7 @@ pub async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<By
             res
         }
         (true, "/sale") => {
-            let (status, body) = super::sale::sale(shared).await;
+            let (status, body) = super::sale::sale(shared, req.uri().query()).await;
             crate::server::json(status, body)
         }
         (true, "/healthz") => crate::server::json(StatusCode::OK, "{\"status\":\"ok\"}\n"),

@@ -39,8 +39,51 @@ const MAX_SALE_BODY: usize = 64 * 1024 * 1024;
 
 /// The answer to the admin's `GET /sale`: a node's snapshot as it sent it;
 /// 404 when the file has no `[sale]`; 503 with the reason when no live
-/// upstream answered.
-pub async fn sale(shared: &Shared) -> (StatusCode, Bytes) {
+/// upstream answered. With several sales, `?event=E` names the sale (a
+/// node's `/sale?event=E`): without it a 400 listing them, an event the
+/// file does not list a 404.
+pub async fn sale(shared: &Shared, query: Option<&str>) -> (StatusCode, Bytes) {
+    let several = shared.several_sales();
+    if !several.is_empty() {
+        let answer =
+            |status: StatusCode, body: serde_json::Value| (status, Bytes::from(body.to_string()));
+        let event = match protocol::event_from(query) {
+            Ok(Some(e)) => e,
+            Ok(None) => {
+                return answer(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({
+                        "status": "bad_request",
+                        "reason": "the file has several sales: name one, /sale?event=EVENT",
+                        "sales": several.len(),
+                        "events": &several[..several.len().min(20)],
+                    }),
+                );
+            }
+            Err(e) => {
+                return answer(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"status": "bad_request", "reason": e.to_string()}),
+                );
+            }
+        };
+        if !protocol::is_event(event) || !several.iter().any(|s| s == event) {
+            return answer(
+                StatusCode::NOT_FOUND,
+                serde_json::json!({"status": "no_such_sale", "reason": "the file has no sale of that event"}),
+            );
+        }
+        return match ask_any(shared, &format!("{}?event={event}", protocol::SALE_PATH)).await {
+            Ok(body) => (StatusCode::OK, body),
+            Err(e) => answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({
+                    "status": "unavailable",
+                    "reason": format!("no upstream answered /sale?event={event} ({e})"),
+                }),
+            ),
+        };
+    }
     if !shared.has_sale() {
         return (
             StatusCode::NOT_FOUND,

@@ -560,6 +560,16 @@ impl Shared {
         self.node_names.load_full()
     }
 
+    /// The events of the file in force when it has several sales (empty
+    /// with one or none): what the admin's `/sale?event=` and `/status`
+    /// go by.
+    pub fn several_sales(&self) -> Vec<String> {
+        self.several
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Whether the file in force has a `[sale]`.
     pub fn has_sale(&self) -> bool {
         self.has_sale.load(std::sync::atomic::Ordering::Relaxed)
