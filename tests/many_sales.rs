@@ -842,3 +842,74 @@ async fn an_idle_sale_is_dropped_and_made_again_and_a_sighup_adds_and_removes_sa
     remove_config(&path);
     remove_config(&old);
 }
+
+/// Redis's clock is read once a second per Redis server, not once per
+/// sale (issue 28): 50 sales in use at a node cost about one `TIME` a
+/// second, counted by Redis itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_clock_reading_a_second_per_redis_not_per_sale() {
+    let redis = RedisServer::start();
+    let node = common::free_addr();
+    let mut text = String::new();
+    for i in 0..50 {
+        text.push_str(&format!("[[sale]]\nevent = \"s{i}\"\ntotal = 5\n\n"));
+    }
+    text.push_str(&format!(
+        "[redis]\nurl = \"{}\"\n\n[[node]]\nname = \"n1\"\nlisten = \"{node}\"\n",
+        redis.url()
+    ));
+    let path = write_config(&text);
+    let _p = SpikeProcess::start(&[
+        "node",
+        "--config",
+        path.to_str().expect("path"),
+        "--name",
+        "n1",
+    ]);
+    wait_listening(&node.to_string(), Duration::from_secs(10));
+    let c = client();
+    // Every sale's state (and store) made: each answers its /sale.
+    for i in 0..50 {
+        let (status, body) = get(&c, node, &format!("/sale?event=s{i}"))
+            .await
+            .expect("sale");
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let (_, stats) = get(&c, node, "/stats").await.expect("stats");
+    assert_eq!(json(&stats)["sales_held"].as_u64(), Some(50), "{stats}");
+    // TIME as clients send it (MONITOR shows a script's calls as
+    // `[0 lua]`, a client's with its address), for 3 s.
+    let read = {
+        use std::io::{BufRead, Write};
+        let addr = redis
+            .url()
+            .trim_start_matches("redis://")
+            .trim_end_matches('/')
+            .to_string();
+        let mut monitor = std::net::TcpStream::connect(&addr).expect("monitor");
+        monitor.write_all(b"MONITOR\r\n").expect("MONITOR");
+        monitor
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let mut lines = std::io::BufReader::new(monitor);
+        let until = std::time::Instant::now() + Duration::from_secs(3);
+        let mut read = 0;
+        let mut line = String::new();
+        while std::time::Instant::now() < until {
+            line.clear();
+            match lines.read_line(&mut line) {
+                Ok(0) => break,
+                Ok(_) if line.contains("\"TIME\"") && !line.contains("lua]") => read += 1,
+                _ => {}
+            }
+        }
+        read
+    };
+    // One a second (3, a fourth at the edges), where one per sale would
+    // be 150.
+    assert!(
+        read >= 2 && read <= 5,
+        "{read} TIME calls in 3 s for 50 sales"
+    );
+    remove_config(&path);
+}

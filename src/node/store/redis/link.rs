@@ -55,7 +55,7 @@ pub(super) async fn keep_clock(pool: Pool, slot: u16, clock: Weak<StoreClock>, o
 }
 
 /// One `TIME` reading into `clock` (nothing when Redis does not answer).
-async fn sample(pool: &Pool, slot: u16, clock: &StoreClock, options: &Options) {
+pub(super) async fn sample(pool: &Pool, slot: u16, clock: &StoreClock, options: &Options) {
     let time = CustomCommand::new_static("TIME", ClusterHash::Custom(slot), false);
     let sent = Instant::now();
     let reply: Result<Value, _> = pool
@@ -133,9 +133,5 @@ impl Link {
             Ok(Err(e)) => Err(self.explain(map_error(e))),
             Err(_) => Err(self.explain(StoreError::Timeout)),
         }
-    }
-
-    pub(super) async fn sample_clock(&self, options: &Options) {
-        sample(&self.pool, self.slot, &self.clock, options).await;
     }
 }

@@ -131,6 +131,12 @@ pub struct RedisConn {
     url: String,
     /// For `/healthz`: fail fast while disconnected, one attempt.
     ping: Options,
+    /// With one Redis server (not a Cluster), the one reading of its
+    /// clock every sale's store shares while any lives: one `TIME` a
+    /// second per process, not one per sale. (A Cluster's stores read at
+    /// their own slot: the clock that matters is the one of the shard
+    /// that runs the sale's script, and a slot may move between shards.)
+    shared_clock: std::sync::Mutex<std::sync::Weak<StoreClock>>,
 }
 
 impl RedisConn {
@@ -202,7 +208,43 @@ impl RedisConn {
             replicas: cfg.replicas,
             url: cfg.url.clone(),
             ping,
+            shared_clock: std::sync::Mutex::new(std::sync::Weak::new()),
         }))
+    }
+
+    /// The clock reading a store of the sale at `slot` uses: the shared
+    /// one of a single server (made now if no store holds it), or, in a
+    /// Cluster, its own. Either is read once now (no deadline before the
+    /// first reading), then once a second while a store holds it.
+    async fn clock_for(&self, slot: u16) -> Arc<StoreClock> {
+        let shared = !self.pool.next().is_clustered();
+        if shared
+            && let Some(clock) = self
+                .shared_clock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .upgrade()
+        {
+            return clock;
+        }
+        let clock = Arc::new(StoreClock::new());
+        link::sample(&self.pool, slot, &clock, &self.ping).await;
+        if shared {
+            let mut kept = self.shared_clock.lock().unwrap_or_else(|p| p.into_inner());
+            // Two first stores at once: the one kept first is everyone's
+            // (this one's reading is dropped, its task never starts).
+            if let Some(first) = kept.upgrade() {
+                return first;
+            }
+            *kept = Arc::downgrade(&clock);
+        }
+        tokio::spawn(keep_clock(
+            self.pool.clone(),
+            slot,
+            Arc::downgrade(&clock),
+            self.ping.clone(),
+        ));
+        clock
     }
 
     /// PING within the timeout: whether Redis answers at all, whatever
@@ -234,11 +276,12 @@ impl RedisStore {
         let pool = conn.pool.clone();
         let reach = conn.reach.clone();
         let keys = SaleKeys::new(&sale.event);
-        let clock = Arc::new(StoreClock::new());
+        let slot = fred::util::redis_keyslot(keys.stock.as_bytes());
+        let clock = conn.clock_for(slot).await;
         let link = Link {
             calls: Arc::new(AtomicU64::new(0)),
             pool,
-            slot: fred::util::redis_keyslot(keys.stock.as_bytes()),
+            slot,
             keys: keys.all().map(Key::from).to_vec(),
             lease_ttl: Value::from(sale.lease_ttl.as_millis() as i64),
             deduct: Script::from_lua(DEDUCT),
@@ -246,14 +289,6 @@ impl RedisStore {
             replicas: conn.replicas,
             reach,
         };
-        // The first reading before any purchase, then one a second.
-        link.sample_clock(&ping).await;
-        tokio::spawn(keep_clock(
-            link.pool.clone(),
-            link.slot,
-            Arc::downgrade(&link.clock),
-            ping.clone(),
-        ));
         let (queue, pending) = mpsc::unbounded_channel();
         // The task holds no sender: it ends when the last clone of the
         // store (and so of `queue`) is dropped.
