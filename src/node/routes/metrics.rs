@@ -187,7 +187,7 @@ pub fn render_all(sales: &Sales) -> String {
     single(
         &mut out,
         "spike_node_sales_held",
-        "Sales whose state this node holds: those asked about since it started.",
+        "Sales whose state this node holds: those asked about within their idle_after.",
         "gauge",
         nodes.len() as u64,
     );
@@ -273,7 +273,7 @@ pub fn render_all(sales: &Sales) -> String {
 }
 
 /// `/stats` of a node of several sales: each sale it holds state for
-/// (those asked about since it started), by event, with the fields of a
+/// (those asked about within their `idle_after`), by event, with the fields of a
 /// single sale's `/stats`.
 pub fn stats_all(sales: &Sales) -> Answer {
     let made = sales.made();

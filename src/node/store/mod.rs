@@ -366,26 +366,6 @@ impl Stores {
         }))
     }
 
-    /// One sale whose store is made already (a single-sale process, the
-    /// tests).
-    pub fn of(sale: &SaleConfig, store: Store) -> Arc<Stores> {
-        let held = match store {
-            // Held by the caller's node as long as it serves.
-            Store::Redis(r) => Held::Redis(Arc::downgrade(&r)),
-            Store::Embedded(e) => Held::Embedded(e),
-        };
-        let slot = Arc::new(StoreSlot {
-            config: sale.clone(),
-            store: tokio::sync::Mutex::new(held),
-        });
-        Arc::new(Stores {
-            redis: None,
-            slots: arc_swap::ArcSwap::from_pointee(
-                std::iter::once((sale.event.clone(), slot)).collect(),
-            ),
-        })
-    }
-
     /// The config of the sale of `event`, if the process sells it.
     pub fn config(&self, event: &str) -> Option<SaleConfig> {
         self.slots.load().get(event).map(|s| s.config.clone())
