@@ -250,7 +250,7 @@ impl Fleet {
         // connection for the start, as at `spike up`'s start.
         let stores = match &self.stores {
             Some(embedded) => {
-                embedded.set_sales(&config.sales);
+                embedded.add_sales(&added);
                 embedded.clone()
             }
             None => Stores::open(&added, config.redis.as_ref()).await?,

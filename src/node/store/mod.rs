@@ -396,6 +396,21 @@ impl Stores {
         added
     }
 
+    /// Adds the sales of `sales` this process does not sell yet (their
+    /// stores made on their first ask), keeping every other: how a reload
+    /// starts its added sales before it is sure to go in force (a reload
+    /// refused later must not have taken a sale away).
+    pub fn add_sales(&self, sales: &[SaleConfig]) {
+        self.slots.rcu(|old| {
+            let mut next = std::collections::HashMap::clone(old);
+            for s in sales {
+                next.entry(s.event.clone())
+                    .or_insert_with(|| StoreSlot::new(s));
+            }
+            next
+        });
+    }
+
     /// The store of the sale of `event`, made now if it is the first ask
     /// (an embedded store starts its sale then, as `spike node` did at
     /// start); `None` when the process does not sell it.
