@@ -333,7 +333,24 @@ async fn two_hundred_sales_sell_exactly_through_node_processes_on_redis() {
         .expect("order");
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     // The same id under another sale is that sale's (no such order there).
-    let other = format!("{}:{bare}", event(18));
+    // An id is EPOCH-SEQ and an epoch is the init's millisecond: sales
+    // started in the same millisecond share ids, so the other sale is one
+    // of another epoch.
+    let epoch = bare.split_once('-').expect("EPOCH-SEQ").0.to_string();
+    let mut other_sale = None;
+    for i in 18..SALES {
+        let (_, sale) = get(&c, nodes[2], &format!("/sale?event={}", event(i)))
+            .await
+            .expect("sale");
+        if json(&sale)["epoch"].as_u64().map(|e| e.to_string()) != Some(epoch.clone()) {
+            other_sale = Some(i);
+            break;
+        }
+    }
+    let other = format!(
+        "{}:{bare}",
+        event(other_sale.expect("a sale of another epoch"))
+    );
     let (status, _) = get(&c, nodes[2], &format!("/orders/{other}?user=b{buyer}"))
         .await
         .expect("order");
@@ -768,6 +785,13 @@ async fn an_idle_sale_is_dropped_and_made_again_and_a_sighup_adds_and_removes_sa
     )
     .await;
     assert_eq!(leased("a"), 0, "the lease of a dropped state is given back");
+    // No sale held, so no store in the process: its clock reading has
+    // stopped with the last one (nobody else here reads TIME).
+    assert_eq!(
+        time_calls(&redis, Duration::from_millis(2500)),
+        0,
+        "a store outlived every node state of its sale"
+    );
 
     // Exactly 10 across the drop: 3 sold before, 7 now at n2, then none.
     for i in 0..7 {
@@ -877,34 +901,7 @@ async fn one_clock_reading_a_second_per_redis_not_per_sale() {
     }
     let (_, stats) = get(&c, node, "/stats").await.expect("stats");
     assert_eq!(json(&stats)["sales_held"].as_u64(), Some(50), "{stats}");
-    // TIME as clients send it (MONITOR shows a script's calls as
-    // `[0 lua]`, a client's with its address), for 3 s.
-    let read = {
-        use std::io::{BufRead, Write};
-        let addr = redis
-            .url()
-            .trim_start_matches("redis://")
-            .trim_end_matches('/')
-            .to_string();
-        let mut monitor = std::net::TcpStream::connect(&addr).expect("monitor");
-        monitor.write_all(b"MONITOR\r\n").expect("MONITOR");
-        monitor
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .expect("timeout");
-        let mut lines = std::io::BufReader::new(monitor);
-        let until = std::time::Instant::now() + Duration::from_secs(3);
-        let mut read = 0;
-        let mut line = String::new();
-        while std::time::Instant::now() < until {
-            line.clear();
-            match lines.read_line(&mut line) {
-                Ok(0) => break,
-                Ok(_) if line.contains("\"TIME\"") && !line.contains("lua]") => read += 1,
-                _ => {}
-            }
-        }
-        read
-    };
+    let read = time_calls(&redis, Duration::from_secs(3));
     // One a second (3, a fourth at the edges), where one per sale would
     // be 150.
     assert!(
@@ -912,4 +909,29 @@ async fn one_clock_reading_a_second_per_redis_not_per_sale() {
         "{read} TIME calls in 3 s for 50 sales"
     );
     remove_config(&path);
+}
+
+/// `TIME` as Redis's clients send it (not the scripts' own) for `window`,
+/// counted with `MONITOR` (which shows a script's calls as `[0 lua]`, a
+/// client's with its address).
+fn time_calls(redis: &RedisServer, window: Duration) -> usize {
+    use std::io::{BufRead, Write};
+    let addr = redis.url().trim_start_matches("redis://").to_string();
+    let mut monitor = std::net::TcpStream::connect(&addr).expect("monitor");
+    monitor.write_all(b"MONITOR\r\n").expect("MONITOR");
+    monitor
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let mut lines = std::io::BufReader::new(monitor);
+    let until = std::time::Instant::now() + window;
+    let (mut read, mut line) = (0, String::new());
+    while std::time::Instant::now() < until {
+        line.clear();
+        match lines.read_line(&mut line) {
+            Ok(0) => break,
+            Ok(_) if line.contains("\"TIME\"") && !line.contains("lua]") => read += 1,
+            _ => {}
+        }
+    }
+    read
 }
