@@ -292,6 +292,17 @@ impl std::fmt::Debug for Verifier {
 impl Verifier {
     /// Verifies tokens for `event` (their `aud`) with `auth`'s keys.
     pub fn new(auth: &AuthConfig, event: &str) -> Result<Verifier, KeyError> {
+        Verifier::build(auth, Some(event))
+    }
+
+    /// Verifies tokens for any sale, whose `aud` each request checks
+    /// against its own sale ([`Verifier::verify_for`]): the balancer in
+    /// front of several sales, which reads the sale from each request.
+    pub fn any_sale(auth: &AuthConfig) -> Result<Verifier, KeyError> {
+        Verifier::build(auth, None)
+    }
+
+    fn build(auth: &AuthConfig, event: Option<&str>) -> Result<Verifier, KeyError> {
         let keys = auth
             .buyer_keys
             .iter()
@@ -307,7 +318,11 @@ impl Verifier {
                 let mut v = Validation::new(k.alg.jwt());
                 v.leeway = auth.clock_skew.as_secs();
                 v.validate_nbf = true;
-                v.set_audience(&[event]);
+                match event {
+                    Some(event) => v.set_audience(&[event]),
+                    // Checked per request, against its sale.
+                    None => v.validate_aud = false,
+                }
                 v.set_required_spec_claims(&["exp", "sub", "aud"]);
                 Ok((k.kid.clone(), (decoding, v)))
             })
@@ -318,6 +333,22 @@ impl Verifier {
     /// The buyer `token` says, if its key, signature, times and sale
     /// check out.
     pub fn verify(&self, token: &str) -> Result<VerifiedBuyer, AuthError> {
+        self.claims(token).map(|(buyer, _)| buyer)
+    }
+
+    /// [`Verifier::verify`] for a request in the sale `event`: its `aud`,
+    /// one event or a list, must name it (what a verifier built for one
+    /// sale checks by itself).
+    pub fn verify_for(&self, token: &str, event: &str) -> Result<VerifiedBuyer, AuthError> {
+        let (buyer, aud) = self.claims(token)?;
+        if audience_names(aud.as_ref(), event) {
+            Ok(buyer)
+        } else {
+            Err(AuthError::WrongAudience)
+        }
+    }
+
+    fn claims(&self, token: &str) -> Result<(VerifiedBuyer, Option<serde_json::Value>), AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
         let kid = header.kid.as_deref().ok_or(AuthError::UnknownKey)?;
         let (key, validation) = self.keys.get(kid).ok_or(AuthError::UnknownKey)?;
@@ -339,7 +370,17 @@ impl Verifier {
         if crate::protocol::check_buyer(&sub).is_err() {
             return Err(AuthError::BadSubject);
         }
-        Ok(VerifiedBuyer { id: sub })
+        Ok((VerifiedBuyer { id: sub }, data.claims.aud))
+    }
+}
+
+/// Whether a token's `aud` (RFC 7519: one string, or a list of them)
+/// names `event`.
+fn audience_names(aud: Option<&serde_json::Value>, event: &str) -> bool {
+    match aud {
+        Some(serde_json::Value::String(one)) => one == event,
+        Some(serde_json::Value::Array(list)) => list.iter().any(|a| a.as_str() == Some(event)),
+        _ => false,
     }
 }
 
@@ -380,9 +421,24 @@ impl Authority {
         self.verifier.verify(token)
     }
 
+    /// The authority of `auth` over any of several sales: each request's
+    /// token is checked against its own sale ([`Authority::verify_for`]).
+    pub fn any_sale(auth: &AuthConfig) -> Result<Authority, KeyError> {
+        Ok(Authority {
+            verifier: Verifier::any_sale(auth)?,
+            payment_key: auth.payment_key.clone(),
+        })
+    }
+
     /// [`Authority::buyer`] from a token already taken out of a request.
     pub fn verify(&self, token: &str) -> Result<VerifiedBuyer, AuthError> {
         self.verifier.verify(token)
+    }
+
+    /// [`Authority::verify`] for a request in the sale `event` (see
+    /// [`Verifier::verify_for`]).
+    pub fn verify_for(&self, token: &str, event: &str) -> Result<VerifiedBuyer, AuthError> {
+        self.verifier.verify_for(token, event)
     }
 
     /// Whether a request to `target` (`METHOD PATH[?QUERY]`) carries the
