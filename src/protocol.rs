@@ -69,6 +69,12 @@ pub fn event_from(query: Option<&str>) -> Result<Option<&str>, EventTwice> {
 #[error("`event` is given more than once in the query: name one sale")]
 pub struct EventTwice;
 
+/// The sale a purchase names: `/events/{event}/buy`'s, else its
+/// `?event=` (what a node reads, in that order); `None`: it names none.
+pub fn purchase_event<'a>(path: &'a str, query: Option<&'a str>) -> Option<&'a str> {
+    event_purchase(path).or_else(|| event_from(query).ok().flatten())
+}
+
 /// A node's view of the sale from memory ([`SoldOutView`]); with
 /// `?epoch=E&released=R`, a long poll (see [`sold_out_poll`]).
 pub const SOLD_OUT_PATH: &str = "/sold_out";
@@ -153,6 +159,14 @@ pub const SOLD_OUT_HEADER: HeaderName = HeaderName::from_static(SOLD_OUT_HEADER_
 /// [`SOLD_OUT_HEADER`] as text (lower case), for a path that writes and
 /// reads header lines as bytes.
 pub const SOLD_OUT_HEADER_NAME: &str = "spike-sold-out";
+
+/// Beside [`SOLD_OUT_HEADER`] on a node's `sold_out` answer when the
+/// fleet sells several sales: the sale that sold out, so a balancer keeps
+/// its edge for that sale only.
+pub const SALE_EVENT_HEADER_NAME: &str = "spike-event";
+
+/// [`SALE_EVENT_HEADER_NAME`] as a header name.
+pub const SALE_EVENT_HEADER: HeaderName = HeaderName::from_static(SALE_EVENT_HEADER_NAME);
 
 /// The purchase's idempotency key (IETF httpapi draft; lower case, as
 /// hyper stores names).

@@ -45,6 +45,9 @@ pub struct SoldOut {
     pub buyers: HashKeyed<u64>,
     /// Buyer hashes two holders share: a node answers for them.
     pub ask: HashSet<u64, BuildHasherDefault<IdHasher>>,
+    /// `EVENT:` before the order ids, in a fleet of several sales (where
+    /// an order id names its sale); empty with one.
+    pub order_prefix: String,
 }
 
 impl SoldOut {
@@ -66,7 +69,8 @@ impl SoldOut {
         let mut e = itoa::Buffer::new();
         let mut n = itoa::Buffer::new();
         let (e, n) = (e.format(self.epoch), n.format(seq));
-        let mut id = String::with_capacity(e.len() + 1 + n.len());
+        let mut id = String::with_capacity(self.order_prefix.len() + e.len() + 1 + n.len());
+        id.push_str(&self.order_prefix);
         id.push_str(e);
         id.push('-');
         id.push_str(n);
@@ -85,6 +89,7 @@ impl SoldOut {
             seed: HolderSeed(v.seed[0], v.seed[1]),
             buyers,
             ask: v.ask.into_iter().collect(),
+            order_prefix: String::new(),
         }
     }
 }
@@ -109,6 +114,9 @@ pub struct Edge {
     /// rather than at its next poll.
     hint: Notify,
     hinted: AtomicBool,
+    /// In front of several sales, the edge of each sold-out sale (the
+    /// fields above but the counters are the single sale's).
+    pub sales: super::sale_edges::SaleEdges,
 }
 
 impl Edge {
@@ -140,9 +148,15 @@ impl Edge {
         f(guard.as_deref())
     }
 
-    /// Whether the edge answers now (cheaper than [`Edge::current`] on
-    /// the hot path's common, open case).
+    /// Whether the edge answers now, for the only sale or for any of
+    /// several (`/status`, `/metrics`).
     pub fn active(&self) -> bool {
+        self.one_active() || self.sales.answering()
+    }
+
+    /// Whether the edge answers for the only sale now (cheaper than
+    /// [`Edge::current`] on the hot path's common, open case).
+    pub fn one_active(&self) -> bool {
         self.sold_out.load().is_some()
     }
 

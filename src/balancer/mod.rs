@@ -41,6 +41,7 @@ pub mod recent;
 pub mod reload;
 pub mod resolver;
 pub mod sale;
+pub mod sale_edges;
 pub mod select;
 pub mod state;
 
@@ -172,6 +173,7 @@ impl Balancer {
         let poll = tokio::spawn(reload::watch_file(shared.clone()));
         let expiry = tokio::spawn(expire_idle(shared.clone(), 0));
         let edge = tokio::spawn(sale::watch_edge(shared.clone()));
+        let sale_edges = tokio::spawn(sale_edges::run(shared.clone()));
         let recent = tokio::spawn(recent::run(shared.clone()));
         let health = tokio::spawn(health::run(shared.clone()));
         waiting_room::first_read(&shared, std::time::Duration::from_secs(3)).await;
@@ -274,6 +276,7 @@ impl Balancer {
         poll.abort();
         expiry.abort();
         edge.abort();
+        sale_edges.abort();
         recent.abort();
         health.abort();
         line.abort();

@@ -283,6 +283,7 @@ pub async fn handle(
             |limited| protocol::buyer_in(&parts.uri, &parts.headers, limited),
             || parts.uri.query(),
             || crate::auth::token_of(&parts.headers),
+            || protocol::purchase_event(parts.uri.path(), parts.uri.query()),
         );
         if let Some(edge) = edge {
             return early(shared, &active, &parts, client, start, edge.into());
@@ -413,6 +414,12 @@ impl Transport for Hyper<'_> {
 
     fn sold_out_mark(&self, (resp, _, _): &Self::Response) -> bool {
         resp.headers().contains_key(SOLD_OUT_HEADER)
+    }
+
+    fn sold_out_event<'r>(&self, (resp, _, _): &'r Self::Response) -> Option<&'r str> {
+        resp.headers()
+            .get(protocol::SALE_EVENT_HEADER)
+            .and_then(|v| v.to_str().ok())
     }
 
     fn logged(&self) -> (super::access_log::Request<'_>, Option<&str>) {

@@ -107,7 +107,7 @@ pub async fn sale(shared: &Shared, query: Option<&str>) -> (StatusCode, Bytes) {
 /// `GET path` of the first upstream that answers 200 (on its internal
 /// address, where a node serves these routes): live ones first (a failed
 /// one may still answer), each within [`ASK_TIMEOUT`].
-async fn ask_any(shared: &Shared, path: &str) -> Result<Bytes, String> {
+pub(super) async fn ask_any(shared: &Shared, path: &str) -> Result<Bytes, String> {
     let active = shared.current.load_full();
     let now = now_ms();
     let mut order: Vec<_> = active

@@ -453,6 +453,7 @@ pub struct ServerConfig {
 pub struct EdgeAuth {
     /// The file's `[auth]`.
     pub auth: crate::auth::AuthConfig,
-    /// The sale's event.
-    pub event: String,
+    /// The sale's event; `None` in front of several sales, where each
+    /// request's token is checked against the sale it names.
+    pub event: Option<String>,
 }

@@ -737,10 +737,10 @@ fn a_list_of_sales_is_read_each_with_its_own_rules() {
     assert_eq!(c.pick_sale(Some("ICE-77")).expect("named").total, 4000);
     let e = c.pick_sale(Some("nope")).expect_err("unknown");
     assert!(e.to_string().contains("IC-512, ICE-77"), "{e}");
-    // The balancer's edge, which knows one sale, is off; purchases name
+    // The balancer's edge is per sale, on by default; purchases name
     // their sale.
     let bal = c.balancer.as_ref().expect("balancer");
-    assert!(!bal.sold_out_at_edge && bal.several_sales && bal.public_only);
+    assert!(bal.sold_out_at_edge && bal.several_sales && bal.public_only);
     // A list of one is a fleet of one sale, as `[sale]` is.
     let one = TWO_SALES
         .split("[[sale]]\nevent = \"ICE-77\"")
@@ -785,10 +785,9 @@ fn one_sale_and_a_list_of_sales_in_one_file_is_refused_with_its_line() {
 }
 
 #[test]
-fn the_edge_and_the_waiting_room_are_refused_in_front_of_several_sales() {
-    let e = parse(&format!("{TWO_SALES}[balancer]\nsold_out_at_edge = true\n")).expect_err("edge");
-    assert_eq!(e.key(), Some("balancer.sold_out_at_edge"), "{e}");
-    assert!(e.to_string().contains(":21:"), "{e}");
+fn the_waiting_room_is_refused_in_front_of_several_sales_and_the_edge_is_per_sale() {
+    let c = parse(&format!("{TWO_SALES}[balancer]\nsold_out_at_edge = true\n")).expect("edge");
+    assert!(c.balancer.expect("b").sold_out_at_edge);
     let c = parse(&format!(
         "{TWO_SALES}[balancer]\nsold_out_at_edge = false\n"
     ))

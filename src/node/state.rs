@@ -81,6 +81,10 @@ pub struct Node {
     /// `EVENT:` before every order id this node answers with, when the
     /// fleet sells several sales; empty with one.
     pub(super) order_prefix: String,
+    /// `Spike-Event: EVENT` on this node's `sold_out` answers when the
+    /// fleet sells several sales: a balancer in front keeps its edge per
+    /// sale, and learns from it which sale sold out (`None` with one).
+    pub(super) event_header: Option<hyper::header::HeaderValue>,
     /// This process's lease name in the store: the node's name and a
     /// random part, so a restarted node never inherits the lease of its
     /// previous life (that one runs out by itself).
@@ -151,6 +155,10 @@ impl Node {
             } else {
                 String::new()
             },
+            event_header: settings
+                .names_sale
+                .then(|| hyper::header::HeaderValue::from_str(&settings.event).ok())
+                .flatten(),
             event: settings.event,
             store,
             lease: Lease::new(),

@@ -43,6 +43,14 @@ pub enum EdgeAnswer {
 /// request whose token names no holder (or has none) is `sold_out`, which
 /// needs no identity; only a holder's token is verified (about 3 µs for
 /// HS256), so the flood costs what it cost without `[auth]`.
+///
+/// In front of several sales (`several_sales`), the edge is per sale
+/// ([`crate::balancer::sale_edges`]): `event` reads the sale the purchase
+/// names (its path or its `?event=`), asked only while some sale has an
+/// edge; a purchase that names none, or a sale with no edge, goes to a
+/// node. There only a purchase of one ticket is answered here (every
+/// sale's `max_per_purchase` allows it; a larger one goes to a node, which
+/// knows its sale's), and a token must name the sale in its `aud`.
 // Each part of the request the edge may read is a closure of its own, read
 // only when needed (the two paths read them from different shapes).
 #[allow(clippy::too_many_arguments)]
@@ -55,10 +63,25 @@ pub fn answer<'a>(
     buyer: impl FnOnce(bool) -> Result<&'a str, BuyerError>,
     query: impl FnOnce() -> Option<&'a str>,
     token: impl FnOnce() -> Option<&'a str>,
+    event: impl FnOnce() -> Option<&'a str>,
 ) -> Option<EdgeAnswer> {
     let config = &active.config;
     if !is_buy {
         return None;
+    }
+    if config.several_sales {
+        if shared.edge.sales.is_empty()
+            || !config.sold_out_at_edge
+            || !(*method == Method::GET || *method == Method::POST)
+            || client_key
+            || protocol::quantity_from(query(), 1).is_err()
+        {
+            return None;
+        }
+        let event = event()?;
+        return shared.edge.sales.with_sale(event, |sale| {
+            answer_for(shared, active, sale, Some(event), buyer, token)
+        });
     }
     // Read only for a purchase: every other request passes by untouched.
     let moments = shared.edge.moments_or_file(config);
@@ -87,7 +110,7 @@ pub fn answer<'a>(
             return Some(EdgeAnswer::NotSelling(body, retry_after));
         }
     }
-    if !(is_buy && shared.edge.active() && config.sold_out_at_edge) {
+    if !(is_buy && shared.edge.one_active() && config.sold_out_at_edge) {
         return None;
     }
     if !(*method == Method::GET || *method == Method::POST) || client_key {
@@ -98,50 +121,68 @@ pub fn answer<'a>(
     }
     // Read without taking a reference count: on every worker at once
     // under the flood, that would bounce one counter between cores.
-    shared.edge.with_current(|sale| {
-        let sale = sale?;
-        let limited = sale.per_user_limit > 0;
-        let holder = if config.auth.is_some() {
-            // `active.auth` is `None` only if the keys failed to load:
-            // then nobody is believed to hold anything here.
-            match (limited, active.auth.as_deref(), token()) {
-                (true, Some(auth), Some(token)) => match crate::auth::unverified_subject(token) {
-                    Some(claimed) => match sale.holder(claimed.as_str()) {
-                        Lookup::Found(seq) => {
-                            if auth.verify(token).is_ok_and(|b| b.id == claimed) {
-                                Lookup::Found(seq)
-                            } else {
-                                Lookup::Absent
-                            }
+    shared
+        .edge
+        .with_current(|sale| answer_for(shared, active, sale?, None, buyer, token))
+}
+
+/// The edge's answer for `sale`, sold out: `already_bought` for a holder,
+/// `sold_out` for anyone else, `None` when only a node may say (see
+/// [`answer`]); `event`: the sale's, in front of several (a token must
+/// name it).
+fn answer_for<'a>(
+    shared: &Shared,
+    active: &Active,
+    sale: &crate::balancer::edge::SoldOut,
+    event: Option<&str>,
+    buyer: impl FnOnce(bool) -> Result<&'a str, BuyerError>,
+    token: impl FnOnce() -> Option<&'a str>,
+) -> Option<EdgeAnswer> {
+    let limited = sale.per_user_limit > 0;
+    let holder = if active.config.auth.is_some() {
+        // `active.auth` is `None` only if the keys failed to load:
+        // then nobody is believed to hold anything here.
+        match (limited, active.auth.as_deref(), token()) {
+            (true, Some(auth), Some(token)) => match crate::auth::unverified_subject(token) {
+                Some(claimed) => match sale.holder(claimed.as_str()) {
+                    Lookup::Found(seq) => {
+                        let verified = match event {
+                            Some(event) => auth.verify_for(token, event),
+                            None => auth.verify(token),
+                        };
+                        if verified.is_ok_and(|b| b.id == claimed) {
+                            Lookup::Found(seq)
+                        } else {
+                            Lookup::Absent
                         }
-                        other => other,
-                    },
-                    None => Lookup::Absent,
+                    }
+                    other => other,
                 },
-                _ => Lookup::Absent,
-            }
+                None => Lookup::Absent,
+            },
+            _ => Lookup::Absent,
+        }
+    } else {
+        let buyer = buyer(limited).ok()?;
+        if limited {
+            sale.holder(buyer)
         } else {
-            let buyer = buyer(limited).ok()?;
-            if limited {
-                sale.holder(buyer)
-            } else {
-                Lookup::Absent
-            }
-        };
-        // Two holders share this buyer's hash: a node asks the store.
-        if holder == Lookup::AskStore {
-            return None;
+            Lookup::Absent
         }
-        if let Lookup::Found(seq) = holder {
-            shared
-                .edge
-                .already_bought_answers
-                .fetch_add(1, Ordering::Relaxed);
-            return Some(EdgeAnswer::AlreadyBought(protocol::already_bought_body(
-                &sale.order_id(seq),
-            )));
-        }
-        shared.edge.sold_out_answers.fetch_add(1, Ordering::Relaxed);
-        Some(EdgeAnswer::SoldOut)
-    })
+    };
+    // Two holders share this buyer's hash: a node asks the store.
+    if holder == Lookup::AskStore {
+        return None;
+    }
+    if let Lookup::Found(seq) = holder {
+        shared
+            .edge
+            .already_bought_answers
+            .fetch_add(1, Ordering::Relaxed);
+        return Some(EdgeAnswer::AlreadyBought(protocol::already_bought_body(
+            &sale.order_id(seq),
+        )));
+    }
+    shared.edge.sold_out_answers.fetch_add(1, Ordering::Relaxed);
+    Some(EdgeAnswer::SoldOut)
 }

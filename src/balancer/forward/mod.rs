@@ -362,6 +362,12 @@ pub trait Transport {
     fn status(&self, response: &Self::Response) -> u16;
     fn sold_out_mark(&self, response: &Self::Response) -> bool;
 
+    /// The sale a `sold_out` answer names (`Spike-Event`, from a node of
+    /// several sales); `None` when it names none.
+    fn sold_out_event<'r>(&'r self, _response: &'r Self::Response) -> Option<&'r str> {
+        None
+    }
+
     /// Passes the response on to the client; `pick` and `held` must live
     /// until the upstream's body is done (least_conn counts the pick until
     /// then, `limit_conns` the request).
@@ -551,7 +557,15 @@ pub fn run<'a, T: Transport + 'a>(
                 && status == StatusCode::CONFLICT.as_u16()
                 && t.sold_out_mark(&response)
             {
-                shared.edge.poke();
+                if active.config.several_sales {
+                    // The edge of the sale the node says sold out, and of
+                    // no other.
+                    if let Some(event) = t.sold_out_event(&response) {
+                        shared.edge.sales.poke(event);
+                    }
+                } else {
+                    shared.edge.poke();
+                }
             }
             pick.live().count_response(status);
             let upstream_time = plan.start.elapsed();

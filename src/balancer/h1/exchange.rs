@@ -331,6 +331,16 @@ pub(super) fn lowercase_into(out: &mut Vec<u8>, name: &[u8]) {
     out.extend(name.iter().map(u8::to_ascii_lowercase));
 }
 
+/// The sale a node's `sold_out` answer names (`Spike-Event`, in front
+/// of several sales).
+pub(super) fn sale_event<'a>(rh: &ResponseHead, resp: &'a [u8]) -> Option<&'a str> {
+    let name = crate::protocol::SALE_EVENT_HEADER_NAME.as_bytes();
+    rh.headers
+        .iter()
+        .find(|(n, _)| resp[n.clone()].eq_ignore_ascii_case(name))
+        .and_then(|(_, v)| std::str::from_utf8(&resp[v.clone()]).ok())
+}
+
 /// Whether the response head carries the node's sold-out mark.
 pub(super) fn has_sold_out_mark(rh: &ResponseHead, resp: &[u8]) -> bool {
     let mark = SOLD_OUT_HEADER_NAME.as_bytes();

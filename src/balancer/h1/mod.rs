@@ -66,7 +66,7 @@ mod socket;
 pub(crate) mod tunnel;
 
 use buffers::Buffers;
-use exchange::{RawError, exchange, has_sold_out_mark, lowercase_into, relay};
+use exchange::{RawError, exchange, has_sold_out_mark, lowercase_into, relay, sale_event};
 use socket::{Client, READ_CHUNK, make_room};
 
 /// The balancer's fast path as the accept loop sees it.
@@ -603,6 +603,12 @@ fn prepare(
                 .and_then(|q| std::str::from_utf8(q).ok())
         },
         token,
+        || {
+            let query = (head.path_end < head.target.end)
+                .then(|| &input[head.path_end + 1..head.target.end])
+                .and_then(|q| std::str::from_utf8(q).ok());
+            protocol::purchase_event(std::str::from_utf8(path).ok()?, query)
+        },
     );
     if let Some(edge) = edge {
         return Next::Answer(edge.into(), client_addr, start);
@@ -682,6 +688,10 @@ impl<S: Client> Transport for Raw<'_, S> {
 
     fn sold_out_mark(&self, _conn: &RawConn) -> bool {
         has_sold_out_mark(&self.b.rhead, &self.b.resp)
+    }
+
+    fn sold_out_event(&self, _conn: &RawConn) -> Option<&str> {
+        sale_event(&self.b.rhead, &self.b.resp)
     }
 
     fn deliver(&mut self, conn: RawConn, pick: Pick, held: Held) -> impl Future<Output = bool> {

@@ -68,8 +68,9 @@ fn validate(cx: &Cx, file: FileConfig) -> Result<Config, ConfigError> {
         file.redis.is_some(),
         &mut warnings,
     )?;
-    // What the balancer's edge, waiting room and token checks know: one
-    // sale. With several they are off (see docs/design/many-sales.md).
+    // The sale the balancer's edge, waiting room and token checks know
+    // when there is one; with several, each request names its own (see
+    // docs/design/many-sales.md).
     let sale = match sales.as_slice() {
         [one] => Some(one),
         _ => None,
@@ -88,10 +89,12 @@ fn validate(cx: &Cx, file: FileConfig) -> Result<Config, ConfigError> {
     if let Some(b) = balancer.as_mut() {
         b.waiting_room = room;
     }
-    if let (Some(b), Some(a), Some(s)) = (balancer.as_mut(), auth.as_ref(), sale) {
+    if let (Some(b), Some(a)) = (balancer.as_mut(), auth.as_ref())
+        && !sales.is_empty()
+    {
         b.auth = Some(crate::config::EdgeAuth {
             auth: a.clone(),
-            event: s.event.clone(),
+            event: sale.map(|s| s.event.clone()),
         });
     }
     listeners::check(cx, &file, &nodes, balancer.as_ref())?;
@@ -107,11 +110,10 @@ fn validate(cx: &Cx, file: FileConfig) -> Result<Config, ConfigError> {
     })
 }
 
-/// What several sales in one file change for the balancer, whose edge and
-/// waiting room know one sale: the edge is off (it must never answer
-/// `sold_out` for one sale because another sold out), and set on by hand
-/// it is refused, as is a `[waiting_room]`, each with its line; purchases
-/// name their sale (`several_sales`).
+/// What several sales in one file change for the balancer: purchases
+/// name their sale (`several_sales`), and the edge keeps each sale apart
+/// (`crate::balancer::sale_edges`); a `[waiting_room]` is refused with its
+/// line, as its line is one sale's.
 fn several_sales(
     cx: &Cx,
     file: &FileConfig,
@@ -124,20 +126,7 @@ fn several_sales(
             "a waiting room is the line in front of one sale, and this file has several [[sale]]s: a line per sale is not built yet; remove [waiting_room], or run each sale with a waiting room as a fleet of its own",
         ));
     }
-    if let Some(v) = file
-        .balancer
-        .as_ref()
-        .and_then(|b| b.get_ref().sold_out_at_edge.as_ref())
-        .filter(|v| *v.get_ref())
-    {
-        return Err(cx.err(
-            "balancer.sold_out_at_edge",
-            v.span(),
-            "the edge answers for one sale, and this file has several [[sale]]s: it would answer sold_out for one sale because another sold out; remove the key (it is off with several sales), the nodes answer each sale",
-        ));
-    }
     if let Some(b) = balancer {
-        b.sold_out_at_edge = false;
         b.several_sales = true;
     }
     Ok(())

@@ -32,7 +32,14 @@ pub async fn serve(node: &Node, req: &Request<Incoming>) -> Answer {
     {
         order.insert_str(0, &node.order_prefix);
     }
-    render(node.name(), answer)
+    let sold_out = matches!(answer, BuyAnswer::SoldOut);
+    let mut res = render(node.name(), answer);
+    // Which sale sold out, for a balancer's edge per sale.
+    if sold_out && let Some(event) = &node.event_header {
+        res.headers_mut()
+            .insert(protocol::SALE_EVENT_HEADER, event.clone());
+    }
+    res
 }
 
 /// The buyer, the key and the quantity of a purchase, or why it is

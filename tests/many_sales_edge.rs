@@ -1,0 +1,262 @@
+//! The edge per sale (issue 28, milestone 3): in front of several sales,
+//! the balancer answers the late buyers of a sold-out sale itself, and
+//! only that sale's: the other sales' buyers still buy, and a ticket that
+//! comes back (a cancel, an expiry) reopens its sale. On both forwarding
+//! paths (the fast path, and hyper's with `fast_path = false`), through
+//! `spike up` on a real Redis.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::http::{Reply, TestClient, client, get, json, send};
+use common::redis::RedisServer;
+use common::spike::remove_config;
+use hyper::{Method, StatusCode};
+
+/// Three sales behind a round-robin balancer with three nodes: `a` (3
+/// tickets, reservations a minute long), `b` (40), `c` (1, reservations
+/// that expire in 2 s).
+fn fleet(redis: &str, fast_path: bool) -> (String, common::up::Ports) {
+    let p = common::free_addr;
+    let ports = common::up::Ports {
+        balancer: p(),
+        admin: p(),
+        nodes: (0..3).map(|_| p()).collect(),
+    };
+    let mut text = String::new();
+    for (event, total, pay) in [("a", 3, "60s"), ("b", 40, ""), ("c", 1, "2s")] {
+        text.push_str(&format!(
+            "[[sale]]\nevent = \"{event}\"\ntotal = {total}\nper_user_limit = 1\n"
+        ));
+        if !pay.is_empty() {
+            text.push_str(&format!("pay_within = \"{pay}\"\n"));
+        }
+        text.push('\n');
+    }
+    text.push_str(&format!(
+        "[redis]\nurl = \"{redis}\"\n\n[balancer]\nlisten = \"{}\"\nadmin = \"{}\"\nstrategy = \"round_robin\"\nfast_path = {fast_path}\n",
+        ports.balancer, ports.admin
+    ));
+    for (i, a) in ports.nodes.iter().enumerate() {
+        text.push_str(&format!(
+            "\n[[node]]\nname = \"n{}\"\nlisten = \"{a}\"\n",
+            i + 1
+        ));
+    }
+    (text, ports)
+}
+
+async fn buy(c: &TestClient, b: SocketAddr, path: &str) -> Reply {
+    send(c, Method::GET, b, path, &[]).await.expect("answer")
+}
+
+/// A `sold_out` answer the balancer made itself: a node's names its sale
+/// (`Spike-Event`), the edge's does not.
+fn from_edge(r: &Reply) -> bool {
+    r.status == StatusCode::CONFLICT
+        && json(&r.body)["status"] == "sold_out"
+        && !r.headers.contains_key("spike-event")
+}
+
+fn from_node(r: &Reply, event: &str) -> bool {
+    r.status == StatusCode::CONFLICT
+        && json(&r.body)["status"] == "sold_out"
+        && r.headers.get("spike-event").and_then(|v| v.to_str().ok()) == Some(event)
+}
+
+async fn edge(c: &TestClient, admin: SocketAddr) -> serde_json::Value {
+    let (_, body) = get(c, admin, "/status").await.expect("status");
+    json(&body)["edge"].clone()
+}
+
+/// The nodes' `sold_out` answers in `event`, all nodes together.
+async fn node_sold_out(c: &TestClient, nodes: &[SocketAddr], event: &str) -> u64 {
+    let mut n = 0;
+    for a in nodes {
+        let (_, body) = get(c, *a, "/stats").await.expect("stats");
+        n += json(&body)["by_event"][event]["sold_out_answers"]
+            .as_u64()
+            .unwrap_or(0);
+    }
+    n
+}
+
+/// Buys `path` through the balancer until a 200, for at most `limit`.
+async fn buy_within(
+    c: &TestClient,
+    b: SocketAddr,
+    path: &str,
+    limit: Duration,
+) -> (Reply, Duration) {
+    let start = Instant::now();
+    loop {
+        let r = buy(c, b, path).await;
+        if r.status == StatusCode::OK || start.elapsed() > limit {
+            return (r, start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn one_sale_sold_out_is_answered_at_the_edge_and_only_it(fast_path: bool) {
+    let redis = RedisServer::start();
+    let (text, ports) = fleet(&redis.url(), fast_path);
+    let (_up, path) = common::up::start_up(&text, &ports);
+    let (b, admin, nodes) = (ports.balancer, ports.admin, &ports.nodes[..]);
+    let c = client();
+
+    // `a` sells out; its first late buyer hears it from a node, which
+    // names the sale.
+    let mut orders = Vec::new();
+    for i in 0..3 {
+        let r = buy(&c, b, &format!("/events/a/buy?user=a{i}")).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        orders.push(json(&r.body)["order"].as_str().expect("order").to_string());
+    }
+    let r = buy(&c, b, "/events/a/buy?user=late").await;
+    assert!(from_node(&r, "a"), "{:?} {}", r.headers, r.body);
+    common::wait_for(
+        "the edge to answer for a",
+        Duration::from_secs(5),
+        async || from_edge(&buy(&c, b, "/buy/ticket?event=a&user=late").await),
+    )
+    .await;
+
+    // The flood of `a`'s late buyers (both ways of naming the sale) is
+    // answered at the edge; `b`'s buyers buy meanwhile, at the nodes.
+    let before_nodes = node_sold_out(&c, nodes, "a").await;
+    let before_edge = edge(&c, admin).await["sold_out_answers"]
+        .as_u64()
+        .expect("count");
+    let c2 = Arc::new(c.clone());
+    let mut tasks = Vec::new();
+    for w in 0..10 {
+        let c = c2.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for i in 0..30 {
+                let late = if i % 2 == 0 {
+                    format!("/events/a/buy?user=l{w}-{i}")
+                } else {
+                    format!("/buy/ticket?user=l{w}-{i}&event=a")
+                };
+                out.push(("a", buy(&c, b, &late).await));
+                if i % 10 == 0 {
+                    let p = format!("/events/b/buy?user=b{w}-{i}");
+                    out.push(("b", buy(&c, b, &p).await));
+                }
+            }
+            out
+        }));
+    }
+    let mut bought_b = 0;
+    for t in tasks {
+        for (sale, r) in t.await.expect("buyers") {
+            match sale {
+                "a" => assert_eq!(json(&r.body)["status"], "sold_out", "{}", r.body),
+                _ => {
+                    assert_eq!(r.status, StatusCode::OK, "b: {}", r.body);
+                    bought_b += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(bought_b, 30);
+    let reached = node_sold_out(&c, nodes, "a").await - before_nodes;
+    let answered = edge(&c, admin).await["sold_out_answers"]
+        .as_u64()
+        .expect("count")
+        - before_edge;
+    eprintln!(
+        "of 300 late buyers of a, {reached} reached a node, {answered} were answered at the edge"
+    );
+    assert!(reached <= 6, "{reached} of 300 reached the nodes");
+    assert!(answered >= 294, "{answered}");
+
+    // A holder of `a` hears `already_bought` with their order, named by
+    // its sale, from the edge.
+    let r = buy(&c, b, "/events/a/buy?user=a1").await;
+    let v = json(&r.body);
+    assert_eq!(
+        (v["status"].as_str(), v["order"].as_str()),
+        (Some("already_bought"), Some(orders[1].as_str())),
+        "{}",
+        r.body
+    );
+    assert!(edge(&c, admin).await["already_bought_answers"].as_u64() >= Some(1));
+
+    // A cancel in `a` reopens it: the ticket sells through the balancer.
+    let r = send(
+        &c,
+        Method::POST,
+        b,
+        &format!("/orders/{}/cancel?user=a0", orders[0]),
+        &[],
+    )
+    .await
+    .expect("cancel");
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let (r, took) = buy_within(
+        &c,
+        b,
+        "/events/a/buy?user=after-cancel",
+        Duration::from_secs(3),
+    )
+    .await;
+    eprintln!("a's cancelled ticket sold through the balancer after {took:?}");
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+
+    // `c` sells out, the edge answers for it, and the expiry of its
+    // unpaid reservation reopens it.
+    let r = buy(&c, b, "/buy/ticket?event=c&user=c0").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let reserved_at = Instant::now();
+    common::wait_for(
+        "the edge to answer for c",
+        Duration::from_secs(3),
+        async || from_edge(&buy(&c, b, "/events/c/buy?user=c-late").await),
+    )
+    .await;
+    // Still open: `b` is never answered at the edge.
+    let r = buy(&c, b, "/events/b/buy?user=b-last").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let (r, took) = buy_within(
+        &c,
+        b,
+        "/events/c/buy?user=after-expiry",
+        Duration::from_secs(8),
+    )
+    .await;
+    eprintln!(
+        "c's expired ticket sold through the balancer {:?} after its reservation",
+        reserved_at.elapsed()
+    );
+    assert_eq!(r.status, StatusCode::OK, "{} after {took:?}", r.body);
+
+    let out = common::spike::run(&[
+        "stock",
+        "audit",
+        "--all",
+        "--config",
+        path.to_str().expect("path"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    remove_config(&path);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_answers_one_sold_out_sale_of_several_on_the_fast_path() {
+    one_sale_sold_out_is_answered_at_the_edge_and_only_it(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_answers_one_sold_out_sale_of_several_on_hypers_path() {
+    one_sale_sold_out_is_answered_at_the_edge_and_only_it(false).await;
+}
