@@ -160,3 +160,104 @@ async fn a_balancer_and_two_nodes_sell_exactly_the_total_on_a_cluster() {
     assert_eq!(report["buyers_checked"], true, "{report}");
     assert_eq!(report["durability"]["appendonly"], true, "{report}");
 }
+
+/// Many sales on the cluster (issue 28): 200 sales of 50 tickets, 20×
+/// oversubscribed, buyers spread at random over the sales, through `spike
+/// up` (a balancer and three nodes): every sale sells exactly its total
+/// within each buyer's limit, `stock audit --all` passes, and each sale's
+/// keys sit in its one slot while the sales spread over all three shards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_sales_sell_exactly_and_spread_over_the_shards() {
+    use common::fleet::{self, Shape};
+    let shape = Shape {
+        sales: 200,
+        total: 50,
+        oversubscribed: 20,
+        limit: 2,
+        buyers: 400,
+    };
+    let shards = cluster();
+    let url = format!(
+        "redis-cluster://127.0.0.1:{}?node=127.0.0.1:{}&node=127.0.0.1:{}",
+        shards[0].port, shards[1].port, shards[2].port
+    );
+    let ports = common::up::Ports {
+        balancer: common::free_addr(),
+        admin: common::free_addr(),
+        nodes: (0..3).map(|_| common::free_addr()).collect(),
+    };
+    let mut tail = format!(
+        "[redis]\nurl = \"{url}\"\ntimeout = \"2s\"\n\n\
+         [balancer]\nlisten = \"{}\"\nadmin = \"{}\"\nstrategy = \"round_robin\"\n",
+        ports.balancer, ports.admin
+    );
+    for (i, a) in ports.nodes.iter().enumerate() {
+        tail.push_str(&common::up::node_entry(i + 1, *a));
+    }
+    let (_up, path) = common::up::start_up(&fleet::config(shape, &tail), &ports);
+    let cfg = path.to_str().expect("path").to_string();
+
+    let started = Instant::now();
+    let all = fleet::flood(shape, &[ports.balancer], 64, fleet::seed()).await;
+    eprintln!("{} purchases in {:?}", all.len(), started.elapsed());
+    fleet::check_exact(shape, &all);
+
+    let audit = run(&["stock", "audit", "--all", "--config", &cfg]);
+    let out = String::from_utf8_lossy(&audit.stdout);
+    assert!(
+        audit.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&audit.stderr)
+    );
+    let lines: Vec<serde_json::Value> = out.lines().map(json).collect();
+    assert_eq!(lines.len(), shape.sales);
+    for l in &lines {
+        assert_eq!(
+            (l["ok"].as_bool(), l["sold"].as_u64()),
+            (Some(true), Some(shape.total)),
+            "{l}"
+        );
+    }
+
+    // Each sale's keys in one slot (its hash tag's), on the shard that
+    // owns it; and every shard holds some of the sales.
+    let mut sales_on = Vec::new();
+    let mut shard_of = std::collections::HashMap::new();
+    for (n, shard) in shards.iter().enumerate() {
+        let mut c = shard.connection().expect("shard connection");
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("spike:{train-*")
+            .query(&mut c)
+            .expect("KEYS");
+        let mut here = HashSet::new();
+        for k in &keys {
+            let event = k
+                .strip_prefix("spike:{")
+                .and_then(|r| r.split_once('}'))
+                .map(|(e, _)| e.to_string())
+                .expect("a sale's key");
+            let slot: u16 = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(k)
+                .query(&mut c)
+                .expect("KEYSLOT");
+            let tag: u16 = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(format!("{{{event}}}"))
+                .query(&mut c)
+                .expect("KEYSLOT");
+            assert_eq!(slot, tag, "{k} is outside its sale's slot");
+            let first = *shard_of.entry(event.clone()).or_insert(n);
+            assert_eq!(first, n, "{event}'s keys on two shards");
+            here.insert(event);
+        }
+        sales_on.push(here.len());
+    }
+    eprintln!("sales per shard: {sales_on:?}");
+    assert_eq!(shard_of.len(), shape.sales, "every sale's keys found");
+    assert!(
+        sales_on.iter().all(|&n| n > 0),
+        "sales on every shard: {sales_on:?}"
+    );
+    common::spike::remove_config(&path);
+}

@@ -28,6 +28,7 @@ macro_rules! against_both_stores {
 pub mod auth;
 pub mod backend;
 pub mod cut_proxy;
+pub mod fleet;
 pub mod haproxy;
 pub mod http;
 pub mod redis;
