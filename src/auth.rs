@@ -557,6 +557,19 @@ pub fn mint_with(
     exp: u64,
     nbf: Option<u64>,
 ) -> Result<String, KeyError> {
+    mint_for(key, buyer, &[event], exp, nbf)
+}
+
+/// [`mint_with`] for the sales `events`: its `aud` is the one event, or
+/// the list of them (RFC 7519 allows both), so one token buys in each of
+/// the sales it names and in no other.
+pub fn mint_for(
+    key: &BuyerKey,
+    buyer: &str,
+    events: &[&str],
+    exp: u64,
+    nbf: Option<u64>,
+) -> Result<String, KeyError> {
     if key.alg != KeyAlg::Hs256 {
         return Err(KeyError::NoSigningKey);
     }
@@ -564,7 +577,10 @@ pub fn mint_with(
     header.kid = Some(key.kid.clone());
     let claims = Claims {
         sub: buyer.to_string(),
-        aud: Some(serde_json::Value::from(event)),
+        aud: Some(match events {
+            [one] => serde_json::Value::from(*one),
+            many => serde_json::Value::from(many.to_vec()),
+        }),
         exp,
         nbf,
     };
@@ -724,6 +740,27 @@ mod tests {
         assert_eq!(v.verify("not a token"), Err(AuthError::Malformed));
         let bad_sub = mint_with(k2, "has space", "sale-1", now + 60, None).expect("mint");
         assert_eq!(v.verify(&bad_sub), Err(AuthError::BadSubject));
+    }
+
+    #[test]
+    fn a_token_of_several_sales_buys_in_each_it_names_and_no_other() {
+        let a = auth(&[&format!("k1:hs256:{}", secret(1))]);
+        let k = &a.buyer_keys[0];
+        let exp = unix_now() + 60;
+        let both = mint_for(k, "dora", &["a", "b"], exp, None).expect("mint");
+        for sale in ["a", "b"] {
+            let v = Verifier::new(&a, sale).expect("verifier");
+            assert_eq!(v.verify(&both), Ok(VerifiedBuyer { id: "dora".into() }));
+        }
+        let c = Verifier::new(&a, "c").expect("verifier");
+        assert_eq!(c.verify(&both), Err(AuthError::WrongAudience));
+        // One verifier for every sale, each request checked against its own.
+        let any = Verifier::any_sale(&a).expect("verifier");
+        assert!(any.verify_for(&both, "a").is_ok() && any.verify_for(&both, "b").is_ok());
+        assert_eq!(any.verify_for(&both, "c"), Err(AuthError::WrongAudience));
+        let one = mint_with(k, "dora", "c", exp, None).expect("mint");
+        assert!(any.verify_for(&one, "c").is_ok());
+        assert_eq!(any.verify_for(&one, "a"), Err(AuthError::WrongAudience));
     }
 
     #[test]

@@ -22,20 +22,29 @@ fn auth_of(config: &Config) -> anyhow::Result<&auth::AuthConfig> {
     })
 }
 
-/// Prints a buyer token for `buyer` in the file's sale, valid for `ttl`
+/// Prints a buyer token for `buyer` in the file's sale (or in each of
+/// `events`, an `aud` list when they are several), valid for `ttl`
 /// (from `not_before` on, when given), signed with the first HS256 key;
 /// with `count`, one `BUYER-i TOKEN` line for each of `count` buyers (the
 /// crowd of a load test, where every request is another buyer).
 pub fn token(
     path: &Path,
-    event: Option<&str>,
+    events: &[String],
     buyer: &str,
     ttl: Duration,
     not_before: Option<Duration>,
     count: Option<u64>,
 ) -> anyhow::Result<ExitCode> {
     let config = Config::load(path)?;
-    let sale = config.pick_sale(event)?;
+    // Each a sale of the file (the only one when none is named).
+    let aud: Vec<&str> = if events.is_empty() {
+        vec![config.pick_sale(None)?.event.as_str()]
+    } else {
+        events
+            .iter()
+            .map(|e| config.pick_sale(Some(e)).map(|s| s.event.as_str()))
+            .collect::<Result<_, _>>()?
+    };
     let auth = auth_of(&config)?;
     crate::protocol::check_buyer(buyer).with_context(|| format!("--buyer {buyer:?}"))?;
     let key = auth
@@ -48,7 +57,7 @@ pub fn token(
     let nbf = not_before.map(|d| now + d.as_secs());
     let exp = nbf.unwrap_or(now) + ttl.as_secs();
     let Some(count) = count else {
-        let token = auth::mint_with(key, buyer, &sale.event, exp, nbf)?;
+        let token = auth::mint_for(key, buyer, &aud, exp, nbf)?;
         println!("{token}");
         return Ok(ExitCode::SUCCESS);
     };
@@ -61,7 +70,7 @@ pub fn token(
         name.push('-');
         name.push_str(itoa::Buffer::new().format(i));
         crate::protocol::check_buyer(&name).with_context(|| format!("--buyer {name:?}"))?;
-        let token = auth::mint_with(key, &name, &sale.event, exp, nbf)?;
+        let token = auth::mint_for(key, &name, &aud, exp, nbf)?;
         writeln!(out, "{name} {token}")?;
     }
     out.flush()?;

@@ -225,8 +225,11 @@ pub enum Command {
     Token {
         #[command(flatten)]
         config: ConfigArg,
-        #[command(flatten)]
-        sale: EventArg,
+        /// The sale the token buys in (its `aud`; default: the file's only
+        /// sale). Several (`--event a --event b`, or `--event a,b`): one
+        /// token for each of them, its `aud` their list.
+        #[arg(long = "event", value_delimiter = ',')]
+        events: Vec<String>,
         /// The buyer id the token names (its `sub`).
         #[arg(long)]
         buyer: String,

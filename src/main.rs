@@ -96,19 +96,12 @@ fn main() -> ExitCode {
         ),
         Command::Token {
             config,
-            sale,
+            events,
             buyer,
             ttl,
             not_before,
             count,
-        } => spike::auth_commands::token(
-            &config.config,
-            sale.event.as_deref(),
-            &buyer,
-            ttl,
-            not_before,
-            count,
-        ),
+        } => spike::auth_commands::token(&config.config, &events, &buyer, ttl, not_before, count),
         Command::PaySign {
             config,
             order,

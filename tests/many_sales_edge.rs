@@ -260,3 +260,132 @@ async fn the_edge_answers_one_sold_out_sale_of_several_on_the_fast_path() {
 async fn the_edge_answers_one_sold_out_sale_of_several_on_hypers_path() {
     one_sale_sold_out_is_answered_at_the_edge_and_only_it(false).await;
 }
+
+/// `spike token` for one sale's buyer.
+fn token(path: &std::path::Path, buyer: &str, events: &[&str]) -> String {
+    let mut args = vec![
+        "token",
+        "--config",
+        path.to_str().expect("path"),
+        "--buyer",
+        buyer,
+    ];
+    for e in events {
+        args.extend(["--event", e]);
+    }
+    let out = common::spike::run(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+async fn buy_as(c: &TestClient, at: SocketAddr, path: &str, token: &str) -> Reply {
+    let bearer = format!("Bearer {token}");
+    send(c, Method::POST, at, path, &[("Authorization", &bearer)])
+        .await
+        .expect("answer")
+}
+
+/// A token's `aud` is one sale or a list (`spike token --event a --event
+/// b`, or `--event b,c`): it buys in each sale it names, at a node and
+/// through the balancer, and is refused in any other; the edge answers
+/// `already_bought` only to a token for the sale asked about.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_buys_in_the_sales_its_aud_lists_and_no_other() {
+    let p = common::free_addr;
+    let ports = common::up::Ports {
+        balancer: p(),
+        admin: p(),
+        nodes: vec![p(), p()],
+    };
+    let mut text = String::new();
+    for (event, total) in [("a", 1), ("b", 5), ("c", 5)] {
+        text.push_str(&format!(
+            "[[sale]]\nevent = \"{event}\"\ntotal = {total}\nper_user_limit = 1\n\n"
+        ));
+    }
+    text.push_str(&common::auth::TestAuth::new("unused").section());
+    text.push_str(&format!(
+        "[balancer]\nlisten = \"{}\"\nadmin = \"{}\"\nstrategy = \"round_robin\"\n",
+        ports.balancer, ports.admin
+    ));
+    for (i, a) in ports.nodes.iter().enumerate() {
+        text.push_str(&common::up::node_entry(i + 1, *a));
+    }
+    let (_up, path) = common::up::start_up(&text, &ports);
+    let (b, node) = (ports.balancer, ports.nodes[0]);
+    let c = client();
+
+    let dora_ab = token(&path, "dora", &["a", "b"]);
+    let eve_bc = token(&path, "eve", &["b,c"]);
+    let dora_c = token(&path, "dora", &["c"]);
+    // A sale the file does not have is no token.
+    let out = common::spike::run(&[
+        "token",
+        "--config",
+        path.to_str().expect("path"),
+        "--buyer",
+        "x",
+        "--event",
+        "a,nope",
+    ]);
+    assert!(!out.status.success());
+
+    // Through the balancer and at a node: each sale the token names.
+    let r = buy_as(&c, b, "/events/a/buy", &dora_ab).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let order_a = json(&r.body)["order"].as_str().expect("order").to_string();
+    let r = buy_as(&c, node, "/buy/ticket?event=b", &dora_ab).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = buy_as(&c, node, "/events/c/buy", &eve_bc).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = buy_as(&c, b, "/events/b/buy", &eve_bc).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    // And no other.
+    for (at, path, token) in [
+        (b, "/events/c/buy", &dora_ab),
+        (node, "/events/c/buy", &dora_ab),
+        (b, "/events/a/buy", &eve_bc),
+        (node, "/buy/ticket?event=a", &dora_c),
+    ] {
+        let r = buy_as(&c, at, path, token).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{path}: {}", r.body);
+        assert!(r.body.contains("another sale"), "{}", r.body);
+    }
+    let r = buy_as(&c, b, "/events/c/buy", &dora_c).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+
+    // `a` is sold out: the edge answers for it once a node said so.
+    let eve_a = token(&path, "eve", &["a"]);
+    let r = buy_as(&c, b, "/events/a/buy", &eve_a).await;
+    assert!(from_node(&r, "a"), "{:?} {}", r.headers, r.body);
+    common::wait_for(
+        "the edge to answer for a",
+        Duration::from_secs(5),
+        async || from_edge(&buy_as(&c, b, "/events/a/buy", &eve_a).await),
+    )
+    .await;
+    let before = edge(&c, ports.admin).await["already_bought_answers"]
+        .as_u64()
+        .expect("count");
+    // The holder, with a token for `a`, hears of their order from the edge.
+    let r = buy_as(&c, b, "/events/a/buy", &dora_ab).await;
+    let v = json(&r.body);
+    assert_eq!(
+        (v["status"].as_str(), v["order"].as_str()),
+        (Some("already_bought"), Some(order_a.as_str())),
+        "{}",
+        r.body
+    );
+    let after = edge(&c, ports.admin).await["already_bought_answers"]
+        .as_u64()
+        .expect("count");
+    assert_eq!(after, before + 1, "answered at the edge");
+    // The holder's id in a token for another sale learns nothing of it.
+    let r = buy_as(&c, b, "/events/a/buy", &dora_c).await;
+    assert_eq!(json(&r.body)["status"], "sold_out", "{}", r.body);
+    remove_config(&path);
+}
