@@ -143,6 +143,14 @@ pub async fn run(
         Some(sale) => stores.get(&sale.event).await,
         None => None,
     };
+    // Several sales' lines: in the embedded stores the nodes sell from,
+    // or in a store of the line's own over Redis, made on the line's first
+    // request (the start's stores keep a clock and a batch task per sale).
+    let line_stores = match (&config.redis, config.sales.len() > 1) {
+        (_, false) => None,
+        (None, true) => Some(stores.clone()),
+        (Some(redis), true) => Some(Stores::open(&config.sales, Some(redis)).await?),
+    };
     let mut nodes = Vec::with_capacity(config.nodes.len());
     let fleet = Arc::new(Fleet {
         stores: match config.redis {
@@ -163,10 +171,13 @@ pub async fn run(
     let balancer = crate::balancer::Balancer::new(config.clone())?;
     // The waiting room's line lives with the sale: in its Redis, or in
     // the embedded store the nodes sell from. Always handed over, so that
-    // a reload that adds a `[waiting_room]` opens the line. (With several
-    // sales there is none: see docs/design/many-sales.md.)
+    // a reload that adds a `[waiting_room]` opens the line (with several
+    // sales, each sale's line).
     if let Some(store) = line_store {
         balancer.attach_line_store(store);
+    }
+    if let Some(stores) = line_stores {
+        balancer.attach_line_stores(stores);
     }
     balancer.set_reload_hook(Box::new(FleetHook {
         fleet: fleet.clone(),

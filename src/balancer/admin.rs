@@ -67,9 +67,7 @@ fn ready(shared: &Shared) -> (StatusCode, String) {
         );
     }
     let active = shared.current.load();
-    if active.config.waiting_room.is_some()
-        && (!shared.waiting_room.attached() || shared.waiting_room.view.load().is_none())
-    {
+    if active.config.waiting_room.is_some() && !shared.waiting_room.ready() {
         // Every purchase here would be a 503 until the line is heard.
         return (
             StatusCode::SERVICE_UNAVAILABLE,

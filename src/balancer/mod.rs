@@ -144,6 +144,14 @@ impl Balancer {
         self.shared.waiting_room.attach(store);
     }
 
+    /// In front of several sales, keeps each sale's line in its store of
+    /// `stores` (made on the line's first request): `spike balancer` opens
+    /// the sales' Redis, `spike up` hands over the stores its nodes sell
+    /// from (embedded) or opens its own (Redis).
+    pub fn attach_line_stores(&self, stores: Arc<crate::node::store::Stores>) {
+        self.shared.waiting_room.attach_sales(stores);
+    }
+
     /// A handle to reload from the config file while running.
     pub fn reloader(&self) -> Reloader {
         Reloader {
@@ -480,7 +488,14 @@ pub async fn run(
 /// The sale's store for the waiting room's line, when the file has a
 /// `[waiting_room]`: its Redis (a line every balancer shares), which
 /// `spike balancer` cannot do without.
-async fn line_store(config: &Config) -> Result<Option<crate::node::store::Store>, BalancerError> {
+/// Where the waiting room keeps its lines: the only sale's store, or the
+/// stores of several sales (each made on its line's first request).
+enum LineStores {
+    One(crate::node::store::Store),
+    Several(Arc<crate::node::store::Stores>),
+}
+
+async fn line_store(config: &Config) -> Result<Option<LineStores>, BalancerError> {
     let wants_line = config
         .balancer
         .as_ref()
@@ -494,10 +509,16 @@ async fn line_store(config: &Config) -> Result<Option<crate::node::store::Store>
             message: "[waiting_room] keeps its line in the sale's Redis, shared by every balancer: `spike balancer` needs a [redis] section (only `spike up` can keep it in memory)".into(),
         }));
     };
+    if config.sales.len() > 1 {
+        return crate::node::store::Stores::open(&config.sales, Some(redis))
+            .await
+            .map(|s| Some(LineStores::Several(s)))
+            .map_err(|e| BalancerError::Refused(format!("the waiting room's store: {e}")));
+    }
     let sale = config.require_sale()?;
     crate::node::store::Store::open(sale, Some(redis))
         .await
-        .map(Some)
+        .map(|s| Some(LineStores::One(s)))
         .map_err(|e| BalancerError::Refused(format!("the waiting room's store: {e}")))
 }
 
@@ -537,8 +558,10 @@ pub fn main(config_path: &Path) -> anyhow::Result<ExitCode> {
         );
         let line = line_store(&config).await?;
         let balancer = Balancer::with_workers(config, workers)?;
-        if let Some(store) = line {
-            balancer.attach_line_store(store);
+        match line {
+            Some(LineStores::One(store)) => balancer.attach_line_store(store),
+            Some(LineStores::Several(stores)) => balancer.attach_line_stores(stores),
+            None => {}
         }
         let shutdown = balancer.drained(shutdown);
         balancer.run(listener, admin, shutdown).await

@@ -265,6 +265,7 @@ pub async fn handle(
             },
             || crate::auth::token_of(&parts.headers),
             client,
+            || protocol::purchase_event(parts.uri.path(), parts.uri.query()),
         ) {
             Gate::Pass => None,
             Gate::Answer(r) => return early(shared, &active, &parts, client, start, r),

@@ -98,14 +98,84 @@ impl LineView {
     }
 }
 
-/// The waiting room's state in a balancer: the store it keeps the line in,
-/// the line as last heard, and its counters.
+/// One sale's line in a balancer: the store it is kept in, the line as
+/// last heard, and the passes this balancer hands out.
 #[derive(Default)]
-pub struct WaitingRoom {
-    /// The sale's store, set at start when the file has a `[waiting_room]`.
+pub struct Line {
+    /// The sale's store: set at start for the only sale, on the first
+    /// request for one of several.
     store: OnceLock<Store>,
     /// The line, once the store has answered.
     pub view: ArcSwapOption<LineView>,
+    /// Passes this balancer may still hand out now (see [`PassBucket`]),
+    /// and the buyers it handed one to lately.
+    passes: std::sync::Mutex<PassBucket>,
+    /// The sale's event in front of several sales (its cookies' names and
+    /// its signatures carry it: a place or a pass is good for its sale
+    /// only); empty for the only sale.
+    event: Box<str>,
+    /// `spike_queue` and `spike_pass`, with `_EVENT` in front of several.
+    queue_cookie: Box<str>,
+    pass_cookie: Box<str>,
+    /// When a purchase last asked about it (several sales: the line's
+    /// loop ends once idle).
+    asked_ms: AtomicU64,
+    /// Its loop was started (several sales).
+    watched: std::sync::atomic::AtomicBool,
+}
+
+impl Line {
+    fn of(event: &str) -> Line {
+        Line {
+            event: event.into(),
+            queue_cookie: format!("{QUEUE_COOKIE}_{event}").into(),
+            pass_cookie: format!("{PASS_COOKIE}_{event}").into(),
+            asked_ms: AtomicU64::new(super::clock::now_ms()),
+            ..Line::default()
+        }
+    }
+
+    fn queue_name(&self) -> &str {
+        if self.event.is_empty() {
+            QUEUE_COOKIE
+        } else {
+            &self.queue_cookie
+        }
+    }
+
+    fn pass_name(&self) -> &str {
+        if self.event.is_empty() {
+            PASS_COOKIE
+        } else {
+            &self.pass_cookie
+        }
+    }
+
+    /// A purchase asked about the line now (written at most once a second).
+    fn asked(&self) {
+        let now = super::clock::now_ms();
+        if now.saturating_sub(self.asked_ms.load(Ordering::Relaxed)) >= 1000 {
+            self.asked_ms.store(now, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The waiting room's state in a balancer: the line of the only sale, or
+/// the lines of several (one per sale with buyers lately), and the
+/// counters of them all.
+#[derive(Default)]
+pub struct WaitingRoom {
+    /// The only sale's line.
+    pub one: Line,
+    /// In front of several sales, the line of each sale asked about lately,
+    /// by event: read without a lock, written when a line is made or ends.
+    lines: arc_swap::ArcSwap<std::collections::HashMap<Box<str>, Arc<Line>>>,
+    /// In front of several sales, their stores (made on demand).
+    stores: OnceLock<Arc<crate::node::store::Stores>>,
+    /// Writers of `lines`, one at a time.
+    changing: std::sync::Mutex<()>,
+    /// A line was made: its loop is to start.
+    added: tokio::sync::Notify,
     /// This process's candidate secret (kept only if it starts the line).
     candidate: OnceLock<String>,
     /// `202 waiting` answers.
@@ -122,9 +192,6 @@ pub struct WaitingRoom {
     pub tick_calls: AtomicU64,
     /// Store calls that failed (each a 503 for its buyer, or a missed tick).
     pub store_errors: AtomicU64,
-    /// Passes this balancer may still hand out now (see [`PassBucket`]),
-    /// and the buyers it handed one to lately.
-    passes: std::sync::Mutex<PassBucket>,
     /// Admitted buyers told to ask again in a second: the balancer's share
     /// of the admit rate was spent.
     pub passes_deferred: AtomicU64,
@@ -207,20 +274,77 @@ impl std::fmt::Debug for WaitingRoom {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WaitingRoom")
             .field("attached", &self.attached())
-            .field("view", &self.view.load().as_deref().map(|v| &v.state))
+            .field("view", &self.one.view.load().as_deref().map(|v| &v.state))
+            .field("lines", &self.lines.load().len())
             .finish_non_exhaustive()
     }
 }
 
 impl WaitingRoom {
-    /// Keeps the line in `store` (once; later calls do nothing).
+    /// Keeps the only sale's line in `store` (once; later calls do
+    /// nothing).
     pub fn attach(&self, store: Store) {
-        let _ = self.store.set(store);
+        let _ = self.one.store.set(store);
+    }
+
+    /// Keeps each of several sales' lines in its store of `stores` (once).
+    pub fn attach_sales(&self, stores: Arc<crate::node::store::Stores>) {
+        let _ = self.stores.set(stores);
     }
 
     /// Whether a store is attached.
     pub fn attached(&self) -> bool {
-        self.store.get().is_some()
+        self.one.store.get().is_some() || self.stores.get().is_some()
+    }
+
+    /// Whether purchases can be answered: the only sale's line was heard,
+    /// or, in front of several, their stores are attached (each line is
+    /// heard on its first request).
+    pub fn ready(&self) -> bool {
+        self.stores.get().is_some()
+            || (self.one.store.get().is_some() && self.one.view.load().is_some())
+    }
+
+    /// The line of the sale `event` (several sales), made on its first
+    /// request; `None` when the fleet does not sell it (a node answers).
+    fn line_for(&self, event: &str) -> Option<Arc<Line>> {
+        if let Some(line) = self.lines.load().get(event) {
+            line.asked();
+            return Some(line.clone());
+        }
+        self.stores.get()?.config(event)?;
+        let _one = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        let lines = self.lines.load();
+        if let Some(line) = lines.get(event) {
+            return Some(line.clone());
+        }
+        let line = Arc::new(Line::of(event));
+        let mut next = std::collections::HashMap::clone(&lines);
+        next.insert(event.into(), line.clone());
+        self.lines.store(Arc::new(next));
+        self.added.notify_one();
+        Some(line)
+    }
+
+    /// Drops `line` once idle (several sales).
+    fn remove(&self, line: &Arc<Line>) {
+        let _one = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        let lines = self.lines.load();
+        if lines.get(&line.event).is_some_and(|l| Arc::ptr_eq(l, line)) {
+            let mut next = std::collections::HashMap::clone(&lines);
+            next.remove(&line.event);
+            self.lines.store(Arc::new(next));
+        }
+    }
+
+    /// The store `line` is kept in, made on the first ask for one of
+    /// several sales.
+    async fn store_of(&self, line: &Line) -> Option<Store> {
+        if let Some(store) = line.store.get() {
+            return Some(store.clone());
+        }
+        let store = self.stores.get()?.get(&line.event).await?;
+        Some(line.store.get_or_init(|| store).clone())
     }
 
     fn candidate(&self) -> &str {
@@ -233,7 +357,9 @@ impl WaitingRoom {
             out
         })
     }
+}
 
+impl Line {
     fn learn(&self, state: LineState) {
         let old = self.view.load();
         let speed = match old.as_deref() {
@@ -288,15 +414,55 @@ impl WaitingRoom {
     }
 }
 
+/// How long a line of one of several sales keeps moving without a
+/// purchase asking about it: longer than the longest `Retry-After` a
+/// waiting buyer is given, so a line whose buyers come back keeps moving,
+/// and one nobody asks about costs nothing (its next request makes it
+/// again; the line itself is kept in the store).
+pub const LINE_IDLE: Duration = Duration::from_secs(2 * MAX_WAIT_RETRY_S);
+
 /// Moves and reads the line every [`TICK`] while the file has a
-/// `[waiting_room]` and a store is attached.
+/// `[waiting_room]` and a store is attached: the only sale's, or, in
+/// front of several, one loop per sale with buyers lately ([`watch_line`]).
 pub async fn run(shared: Arc<Shared>) {
+    if shared.waiting_room.stores.get().is_some() {
+        let room = &shared.waiting_room;
+        loop {
+            room.added.notified().await;
+            let lines: Vec<Arc<Line>> = room
+                .lines
+                .load()
+                .values()
+                .filter(|l| !l.watched.swap(true, Ordering::AcqRel))
+                .cloned()
+                .collect();
+            for line in lines {
+                tokio::spawn(watch_line(shared.clone(), line));
+            }
+        }
+    }
     let mut every = tokio::time::interval(TICK);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        tick(&shared).await;
+        tick(&shared, &shared.waiting_room.one).await;
     }
+}
+
+/// One sale's line, in front of several: moved and read every [`TICK`]
+/// until nobody has asked about it for [`LINE_IDLE`].
+async fn watch_line(shared: Arc<Shared>, line: Arc<Line>) {
+    let mut every = tokio::time::interval(TICK);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let idle = super::clock::now_ms().saturating_sub(line.asked_ms.load(Ordering::Relaxed));
+        if idle >= LINE_IDLE.as_millis() as u64 {
+            break;
+        }
+        tick(&shared, &line).await;
+    }
+    shared.waiting_room.remove(&line);
 }
 
 /// Hears the line once before the balancer takes its first client, so a
@@ -304,14 +470,14 @@ pub async fn run(shared: Arc<Shared>) {
 /// waiting buyers at once; bounded by `limit` (a store that does not
 /// answer leaves it to [`run`], and `/ready` fails until then).
 pub async fn first_read(shared: &Shared, limit: Duration) {
-    if shared.waiting_room.attached() {
-        let _ = tokio::time::timeout(limit, tick(shared)).await;
+    if shared.waiting_room.one.store.get().is_some() {
+        let _ = tokio::time::timeout(limit, tick(shared, &shared.waiting_room.one)).await;
     }
 }
 
-async fn tick(shared: &Shared) {
+async fn tick(shared: &Shared, line: &Line) {
     let room = &shared.waiting_room;
-    let Some(store) = room.store.get() else {
+    let Some(store) = room.store_of(line).await else {
         return;
     };
     let Some(config) = shared.current.load().config.waiting_room.clone() else {
@@ -322,10 +488,10 @@ async fn tick(shared: &Shared) {
         .line_advance(admit_of(&config), room.candidate())
         .await
     {
-        Ok(Some(state)) => room.learn(state),
+        Ok(Some(state)) => line.learn(state),
         Ok(None) => {
             // No sale yet: nobody is admitted to buy nothing.
-            room.view.store(None);
+            line.view.store(None);
         }
         Err(e) => {
             room.store_errors.fetch_add(1, Ordering::Relaxed);
@@ -367,6 +533,17 @@ pub enum Gate {
 #[derive(Debug)]
 pub struct Joining {
     buyer: String,
+    /// The line of one of several sales; `None`: the only sale's.
+    line: Option<Arc<Line>>,
+}
+
+impl std::fmt::Debug for Line {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Line")
+            .field("event", &self.event)
+            .field("view", &self.view.load().as_deref().map(|v| &v.state))
+            .finish_non_exhaustive()
+    }
 }
 
 /// Who a waiting-room buyer is: the verified token's subject with
@@ -376,6 +553,7 @@ fn buyer_of(
     active: &Active,
     client: std::net::IpAddr,
     token: Option<&str>,
+    event: &str,
 ) -> Result<String, Reply> {
     if active.config.auth.is_none() {
         let mut id = String::with_capacity(48);
@@ -393,6 +571,8 @@ fn buyer_of(
         return Ok(id);
     }
     let verified = match (active.auth.as_deref(), token) {
+        // In front of several sales, a token for this line's sale.
+        (Some(auth), Some(token)) if !event.is_empty() => auth.verify_for(token, event),
         (Some(auth), Some(token)) => auth.verify(token),
         (_, None) => Err(crate::auth::AuthError::Missing),
         (None, Some(_)) => Err(crate::auth::AuthError::UnknownKey),
@@ -457,9 +637,29 @@ pub fn cookie<'a>(headers: impl Iterator<Item = &'a [u8]>, name: &str) -> Option
     None
 }
 
+/// The line a request is about: the only sale's, or one of several's.
+enum LineRef<'a> {
+    One(&'a Line),
+    Of(Arc<Line>),
+}
+
+impl std::ops::Deref for LineRef<'_> {
+    type Target = Line;
+
+    fn deref(&self) -> &Line {
+        match self {
+            LineRef::One(l) => l,
+            LineRef::Of(l) => l,
+        }
+    }
+}
+
 /// The waiting room's decision for a request (see [`Gate`]), made from
 /// memory: `cookies` are the request's `Cookie` header values, `token` its
-/// buyer token, `client` its address.
+/// buyer token, `client` its address; `event` the sale a purchase names
+/// (read in front of several sales only: each has its own line, and a
+/// purchase that names none, or no sale of the fleet, goes to a node,
+/// which says so).
 #[allow(clippy::too_many_arguments)]
 pub fn gate<'a, I: Iterator<Item = &'a [u8]>>(
     shared: &Shared,
@@ -470,6 +670,7 @@ pub fn gate<'a, I: Iterator<Item = &'a [u8]>>(
     cookies: impl Fn() -> I,
     token: impl FnOnce() -> Option<&'a str>,
     client: std::net::IpAddr,
+    event: impl FnOnce() -> Option<&'a str>,
 ) -> Gate {
     let Some(config) = active.config.waiting_room.as_ref() else {
         return Gate::Pass;
@@ -483,23 +684,50 @@ pub fn gate<'a, I: Iterator<Item = &'a [u8]>>(
         // store at start: closed rather than open to everyone.
         return Gate::Answer(unattached());
     }
-    let Some(view) = room.view.load_full() else {
-        return Gate::Answer(unreachable());
+    let line = if active.config.several_sales {
+        match event().and_then(|e| room.line_for(e)) {
+            Some(line) => LineRef::Of(line),
+            None => return Gate::Pass,
+        }
+    } else {
+        LineRef::One(&room.one)
     };
-    let line = &view.state;
+    let Some(view) = line.view.load_full() else {
+        return match line {
+            // Heard on its first request: the join answers the line.
+            LineRef::Of(line) => match buyer_of(active, client, token(), &line.event) {
+                Ok(buyer) => Gate::Join(Joining {
+                    buyer,
+                    line: Some(line),
+                }),
+                Err(reply) => Gate::Answer(reply),
+            },
+            LineRef::One(_) => Gate::Answer(unreachable()),
+        };
+    };
+    let state = &view.state;
     let now = view.now_ms();
-    let before_opening = line.opens_at_ms > 0 && now < line.opens_at_ms;
-    if line.shut != 0 || (!before_opening && (line.free == 0 || shared.edge.active())) {
+    let before_opening = state.opens_at_ms > 0 && now < state.opens_at_ms;
+    let edge_answers = if line.event.is_empty() {
+        shared.edge.one_active()
+    } else {
+        shared
+            .edge
+            .sales
+            .with_sale(&line.event, |_| Some(()))
+            .is_some()
+    };
+    if state.shut != 0 || (!before_opening && (state.free == 0 || edge_answers)) {
         // Only a buyer who was let through before may send a purchase
         // again to a node now, and only with its key: the retry of a
         // purchase whose answer was lost.
         let retry = client_key
-            && buyer_of(active, client, token()).is_ok_and(|buyer| {
-                cookie(cookies(), PASS_COOKIE)
-                    .is_some_and(|pass| checked(&view, b'p', &buyer, pass).is_some())
+            && buyer_of(active, client, token(), &line.event).is_ok_and(|buyer| {
+                cookie(cookies(), line.pass_name())
+                    .is_some_and(|pass| checked(&line, &view, b'p', &buyer, pass).is_some())
             });
         return Gate::Shut {
-            reply: shut_answer(line, now),
+            reply: shut_answer(state, now),
             retry,
         };
     }
@@ -507,7 +735,7 @@ pub fn gate<'a, I: Iterator<Item = &'a [u8]>>(
         // The line is not open yet either: come back when it is.
         let (body, _) = crate::protocol::not_selling_answer(
             crate::protocol::Shut::NotOpen {
-                opens_at_ms: line.opens_at_ms,
+                opens_at_ms: state.opens_at_ms,
             },
             now,
         );
@@ -522,23 +750,31 @@ pub fn gate<'a, I: Iterator<Item = &'a [u8]>>(
             retry: false,
         };
     }
-    let buyer = match buyer_of(active, client, token()) {
+    let buyer = match buyer_of(active, client, token(), &line.event) {
         Ok(b) => b,
         Err(reply) => return Gate::Answer(reply),
     };
-    if let Some(pass) = cookie(cookies(), PASS_COOKIE) {
-        if pass_is_valid(&view, &buyer, pass, now) {
+    if let Some(pass) = cookie(cookies(), line.pass_name()) {
+        if pass_is_valid(&line, &view, &buyer, pass, now) {
             room.passes_accepted.fetch_add(1, Ordering::Relaxed);
             return Gate::Pass;
         }
         room.passes_refused.fetch_add(1, Ordering::Relaxed);
     }
-    match cookie(cookies(), QUEUE_COOKIE).and_then(|c| place_of(&view, &buyer, c)) {
-        Some(0) if before_opening => Gate::Answer(waiting(shared, config, &view, &buyer, 0, false)),
-        Some(position) if position > 0 => {
-            Gate::Answer(waiting(shared, config, &view, &buyer, position, false))
+    match cookie(cookies(), line.queue_name()).and_then(|c| place_of(&line, &view, &buyer, c)) {
+        Some(0) if before_opening => {
+            Gate::Answer(waiting(shared, config, &line, &view, &buyer, 0, false))
         }
-        _ => Gate::Join(Joining { buyer }),
+        Some(position) if position > 0 => Gate::Answer(waiting(
+            shared, config, &line, &view, &buyer, position, false,
+        )),
+        _ => Gate::Join(Joining {
+            buyer,
+            line: match line {
+                LineRef::One(_) => None,
+                LineRef::Of(l) => Some(l),
+            },
+        }),
     }
 }
 
@@ -569,30 +805,36 @@ fn shut_answer(line: &LineState, now: u64) -> Reply {
 /// and is answered as a buyer with that place.
 pub async fn join(shared: &Shared, active: &Active, j: Joining) -> Reply {
     let room = &shared.waiting_room;
-    let (Some(store), Some(config)) = (room.store.get(), active.config.waiting_room.as_ref())
-    else {
+    let line = match &j.line {
+        Some(l) => l,
+        None => &room.one,
+    };
+    let (Some(store), Some(config)) = (
+        room.store_of(line).await,
+        active.config.waiting_room.as_ref(),
+    ) else {
         return unreachable();
     };
     room.join_calls.fetch_add(1, Ordering::Relaxed);
-    let lottery = match room.view.load().as_deref() {
-        Some(v) => lottery_of(v, &j.buyer),
+    let lottery = match line.view.load().as_deref() {
+        Some(v) => lottery_of(line, v, &j.buyer),
         None => lottery(),
     };
     match store.line_join(&j.buyer, lottery, room.candidate()).await {
         Ok(Some(state)) => {
             let position = state.position;
-            room.learn_join(&state);
-            let view = match room.view.load_full() {
+            line.learn_join(&state);
+            let view = match line.view.load_full() {
                 Some(v) if v.state.epoch == state.epoch => v,
                 _ => {
-                    room.learn(state);
-                    match room.view.load_full() {
+                    line.learn(state);
+                    match line.view.load_full() {
                         Some(v) => v,
                         None => return unreachable(),
                     }
                 }
             };
-            waiting(shared, config, &view, &j.buyer, position, true)
+            waiting(shared, config, line, &view, &j.buyer, position, true)
         }
         Ok(None) => unreachable(),
         Err(e) => {
@@ -612,8 +854,8 @@ fn buyer_hash(buyer: &str) -> u64 {
 /// A buyer's lottery number in the pre-queue (52 bits): the line's secret
 /// over the buyer, so every balancer gives a buyer the same number and no
 /// buyer can know or choose theirs.
-fn lottery_of(view: &LineView, buyer: &str) -> u64 {
-    let mac = view.sign(&signed(b'l', view.state.epoch, buyer, 0));
+fn lottery_of(line: &Line, view: &LineView, buyer: &str) -> u64 {
+    let mac = view.sign(&signed(line, b'l', view.state.epoch, buyer, 0));
     let mut first = [0u8; 8];
     first.copy_from_slice(&mac[..8]);
     u64::from_be_bytes(first) >> 12
@@ -636,6 +878,7 @@ fn lottery() -> u64 {
 fn waiting(
     shared: &Shared,
     config: &WaitingRoomConfig,
+    line_of: &Line,
     view: &LineView,
     buyer: &str,
     position: u64,
@@ -652,7 +895,7 @@ fn waiting(
         let share = f64::from(per_second) / line.balancers.max(1) as f64;
         let expires = now + config.pass_ttl.as_millis() as u64;
         let who = buyer_hash(buyer);
-        deferred = !room
+        deferred = !line_of
             .passes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -668,14 +911,14 @@ fn waiting(
             body,
             "{{\"status\":\"waiting\",\"position\":{position},\"ahead\":0,\"eta_s\":1}}"
         );
-        let cookie = new_place.then(|| place_cookie(view, buyer, position));
+        let cookie = new_place.then(|| place_cookie(line_of, view, buyer, position));
         return accepted(body, super::answer::retry_after(1), cookie);
     }
     if position > 0 && position <= line.serving {
         room.passes_issued.fetch_add(1, Ordering::Relaxed);
         let ttl = config.pass_ttl.as_secs().max(1);
         let expires = now + config.pass_ttl.as_millis() as u64;
-        let mut cookie = pass_cookie(view, buyer, expires);
+        let mut cookie = pass_cookie(line_of, view, buyer, expires);
         let _ = write!(cookie, "; Max-Age={ttl}{COOKIE_ATTRIBUTES}");
         let mut body = String::with_capacity(96);
         let _ = writeln!(
@@ -703,7 +946,7 @@ fn waiting(
         // requests after the opening (each a store call to learn the
         // place) spread over the line's first minute instead of landing
         // at once, and each buyer comes back about when admitted.
-        let quantile = lottery_of(view, buyer) as f64 / (1u64 << 52) as f64;
+        let quantile = lottery_of(line_of, view, buyer) as f64 / (1u64 << 52) as f64;
         let spread = match config.admit {
             Admit::Rate { per_second } => {
                 (quantile * line.pre as f64 / f64::from(per_second)) as u64
@@ -744,7 +987,7 @@ fn waiting(
             5
         }
     };
-    let cookie = new_place.then(|| place_cookie(view, buyer, position));
+    let cookie = new_place.then(|| place_cookie(line_of, view, buyer, position));
     accepted(body, super::answer::retry_after(retry), cookie)
 }
 
@@ -768,37 +1011,47 @@ fn b64(bytes: &[u8]) -> String {
 
 /// `spike_queue=EPOCH.POSITION.MAC` with its attributes, the MAC over the
 /// buyer too, so a place copied to another buyer is no place.
-fn place_cookie(view: &LineView, buyer: &str, position: u64) -> String {
-    let mac = view.sign(&signed(b'q', view.state.epoch, buyer, position));
+fn place_cookie(line: &Line, view: &LineView, buyer: &str, position: u64) -> String {
+    let mac = view.sign(&signed(line, b'q', view.state.epoch, buyer, position));
     format!(
-        "{QUEUE_COOKIE}={}.{position}.{}{COOKIE_ATTRIBUTES}",
+        "{}={}.{position}.{}{COOKIE_ATTRIBUTES}",
+        line.queue_name(),
         view.state.epoch,
         b64(&mac)
     )
 }
 
 /// `spike_pass=EPOCH.EXPIRES.MAC`.
-fn pass_cookie(view: &LineView, buyer: &str, expires_ms: u64) -> String {
-    let mac = view.sign(&signed(b'p', view.state.epoch, buyer, expires_ms));
+fn pass_cookie(line: &Line, view: &LineView, buyer: &str, expires_ms: u64) -> String {
+    let mac = view.sign(&signed(line, b'p', view.state.epoch, buyer, expires_ms));
     format!(
-        "{PASS_COOKIE}={}.{expires_ms}.{}",
+        "{}={}.{expires_ms}.{}",
+        line.pass_name(),
         view.state.epoch,
         b64(&mac)
     )
 }
 
-fn signed(kind: u8, epoch: u64, buyer: &str, n: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(buyer.len() + 24);
+/// What a place, a pass or a lottery number signs: its kind, the line's
+/// epoch, its number, the buyer, and in front of several sales the sale
+/// (two sales' lines may share a secret and an epoch: a pass is its
+/// sale's only).
+fn signed(line: &Line, kind: u8, epoch: u64, buyer: &str, n: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(buyer.len() + line.event.len() + 25);
     v.push(kind);
     v.extend_from_slice(&epoch.to_be_bytes());
     v.extend_from_slice(&n.to_be_bytes());
     v.extend_from_slice(buyer.as_bytes());
+    if !line.event.is_empty() {
+        v.push(0);
+        v.extend_from_slice(line.event.as_bytes());
+    }
     v
 }
 
 /// `EPOCH.N.MAC` split and checked against this line's epoch and `buyer`:
 /// N, or `None` when it is not this buyer's for this sale.
-fn checked(view: &LineView, kind: u8, buyer: &str, value: &[u8]) -> Option<u64> {
+fn checked(line: &Line, view: &LineView, kind: u8, buyer: &str, value: &[u8]) -> Option<u64> {
     let value = std::str::from_utf8(value).ok()?;
     let mut parts = value.splitn(3, '.');
     let epoch: u64 = parts.next()?.parse().ok()?;
@@ -810,17 +1063,17 @@ fn checked(view: &LineView, kind: u8, buyer: &str, value: &[u8]) -> Option<u64> 
         return None;
     }
     let mut check = view.mac.clone();
-    check.update(&signed(kind, epoch, buyer, n));
+    check.update(&signed(line, kind, epoch, buyer, n));
     check.verify_truncated_left(&mac).ok()?;
     Some(n)
 }
 
-fn pass_is_valid(view: &LineView, buyer: &str, value: &[u8], now: u64) -> bool {
-    checked(view, b'p', buyer, value).is_some_and(|expires| now < expires)
+fn pass_is_valid(line: &Line, view: &LineView, buyer: &str, value: &[u8], now: u64) -> bool {
+    checked(line, view, b'p', buyer, value).is_some_and(|expires| now < expires)
 }
 
-fn place_of(view: &LineView, buyer: &str, value: &[u8]) -> Option<u64> {
-    checked(view, b'q', buyer, value)
+fn place_of(line: &Line, view: &LineView, buyer: &str, value: &[u8]) -> Option<u64> {
+    checked(line, view, b'q', buyer, value)
 }
 
 /// The waiting room's figures, for `/status` and `/metrics`.
@@ -858,9 +1111,10 @@ pub struct RoomStatus {
 pub fn status(shared: &Shared) -> RoomStatus {
     let room = &shared.waiting_room;
     let config = shared.current.load().config.waiting_room.clone();
-    let view = room.view.load_full();
+    let view = room.one.view.load_full();
+    let several = room.stores.get().is_some();
     let mut s = RoomStatus {
-        on: config.is_some() && view.is_some(),
+        on: config.is_some() && (view.is_some() || several),
         admit: match config.as_ref().map(|c| c.admit) {
             Some(Admit::Rate { per_second }) => format!("{per_second}/s"),
             Some(Admit::FollowStock) => "follow_stock".into(),
@@ -884,6 +1138,17 @@ pub fn status(shared: &Shared) -> RoomStatus {
         s.admit_rate = (v.speed * 10.0).round() / 10.0;
         s.oldest_wait_s = v.state.oldest_wait_ms as f64 / 1000.0;
         s.balancers = v.state.balancers;
+    }
+    if several {
+        // In front of several sales, the lines heard lately, together.
+        for line in room.lines.load().values() {
+            if let Some(v) = line.view.load().as_deref() {
+                s.waiting += v.waiting();
+                s.joined += v.state.joined();
+                s.prequeue += v.state.pre;
+                s.balancers = s.balancers.max(v.state.balancers);
+            }
+        }
     }
     s
 }

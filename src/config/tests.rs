@@ -785,7 +785,7 @@ fn one_sale_and_a_list_of_sales_in_one_file_is_refused_with_its_line() {
 }
 
 #[test]
-fn the_waiting_room_is_refused_in_front_of_several_sales_and_the_edge_is_per_sale() {
+fn the_edge_and_the_waiting_room_are_per_sale_in_front_of_several_sales() {
     let c = parse(&format!("{TWO_SALES}[balancer]\nsold_out_at_edge = true\n")).expect("edge");
     assert!(c.balancer.expect("b").sold_out_at_edge);
     let c = parse(&format!(
@@ -793,8 +793,16 @@ fn the_waiting_room_is_refused_in_front_of_several_sales_and_the_edge_is_per_sal
     ))
     .expect("off");
     assert!(!c.balancer.expect("b").sold_out_at_edge);
-    let e = parse(&format!("{TWO_SALES}[waiting_room]\nadmit = \"100/s\"\n")).expect_err("room");
-    assert_eq!(e.key(), Some("waiting_room"), "{e}");
+    let c = parse(&format!("{TWO_SALES}[waiting_room]\nadmit = \"100/s\"\n")).expect("room");
+    assert!(c.balancer.expect("b").waiting_room.is_some());
+    // A pre-queue comes before every sale's opening: the sale without one
+    // is named.
+    let e = parse(&format!(
+        "{TWO_SALES}[waiting_room]\nadmit = \"100/s\"\nprequeue_from = \"2026-02-10T09:00:00Z\"\n"
+    ))
+    .expect_err("IC-512 has no opens_at");
+    assert_eq!(e.key(), Some("waiting_room.prequeue_from"), "{e}");
+    assert!(e.to_string().contains("(sale IC-512)"), "{e}");
 }
 
 /// `idle_after`: 60 s by default (two `lease_ttl`s when that is more), at

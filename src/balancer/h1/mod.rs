@@ -569,6 +569,14 @@ fn prepare(
             .filter(|h| input[h.name.clone()].eq_ignore_ascii_case(b"cookie"))
             .map(|h| &input[h.value.clone()])
     };
+    // The sale a purchase names, read only in front of several sales
+    // (by the waiting room and the edge, each when it needs it).
+    let event = || {
+        let query = (head.path_end < head.target.end)
+            .then(|| &input[head.path_end + 1..head.target.end])
+            .and_then(|q| std::str::from_utf8(q).ok());
+        protocol::purchase_event(std::str::from_utf8(path).ok()?, query)
+    };
     let shut = match waiting_room::gate(
         shared,
         active,
@@ -578,6 +586,7 @@ fn prepare(
         cookies,
         token,
         client_addr,
+        event,
     ) {
         Gate::Pass => None,
         Gate::Answer(reply) => return Next::Answer(reply, client_addr, start),
@@ -603,12 +612,7 @@ fn prepare(
                 .and_then(|q| std::str::from_utf8(q).ok())
         },
         token,
-        || {
-            let query = (head.path_end < head.target.end)
-                .then(|| &input[head.path_end + 1..head.target.end])
-                .and_then(|q| std::str::from_utf8(q).ok());
-            protocol::purchase_event(std::str::from_utf8(path).ok()?, query)
-        },
+        event,
     );
     if let Some(edge) = edge {
         return Next::Answer(edge.into(), client_addr, start);

@@ -82,10 +82,14 @@ fn validate(cx: &Cx, file: FileConfig) -> Result<Config, ConfigError> {
         b.sale_closes_at_ms = s.closes_at_ms.unwrap_or(0);
         b.sale_max_per_purchase = s.max_per_purchase;
     }
-    if sales.len() > 1 {
-        several_sales(cx, &file, balancer.as_mut())?;
+    if sales.len() > 1
+        && let Some(b) = balancer.as_mut()
+    {
+        // A purchase names its sale (`/events/{event}/buy`, `?event=`);
+        // the edge and the waiting room keep each sale apart.
+        b.several_sales = true;
     }
-    let room = waiting_room::validate(cx, file.waiting_room.as_ref(), sale)?;
+    let room = waiting_room::validate(cx, file.waiting_room.as_ref(), &sales)?;
     if let Some(b) = balancer.as_mut() {
         b.waiting_room = room;
     }
@@ -108,26 +112,4 @@ fn validate(cx: &Cx, file: FileConfig) -> Result<Config, ConfigError> {
         auth,
         warnings,
     })
-}
-
-/// What several sales in one file change for the balancer: purchases
-/// name their sale (`several_sales`), and the edge keeps each sale apart
-/// (`crate::balancer::sale_edges`); a `[waiting_room]` is refused with its
-/// line, as its line is one sale's.
-fn several_sales(
-    cx: &Cx,
-    file: &FileConfig,
-    balancer: Option<&mut crate::config::BalancerConfig>,
-) -> Result<(), ConfigError> {
-    if let Some(w) = &file.waiting_room {
-        return Err(cx.err(
-            "waiting_room",
-            w.span(),
-            "a waiting room is the line in front of one sale, and this file has several [[sale]]s: a line per sale is not built yet; remove [waiting_room], or run each sale with a waiting room as a fleet of its own",
-        ));
-    }
-    if let Some(b) = balancer {
-        b.several_sales = true;
-    }
-    Ok(())
 }

@@ -19,18 +19,19 @@ const DEFAULT_PASS_TTL: Duration = Duration::from_secs(60);
 const MAX_ADMIT_RATE: i64 = 1_000_000;
 
 /// `[waiting_room]`, or `None` without one. It needs a `[sale]` (the line
-/// is the sale's, kept in its store).
+/// is the sale's, kept in its store); in front of several sales each has
+/// its own line, by these settings.
 pub(super) fn validate(
     cx: &Cx,
     file: Option<&Spanned<WaitingRoomFile>>,
-    sale: Option<&SaleConfig>,
+    sales: &[SaleConfig],
 ) -> Result<Option<WaitingRoomConfig>, ConfigError> {
     let Some(w) = file else {
         return Ok(None);
     };
     let span = w.span();
     let w = w.get_ref();
-    let Some(sale) = sale else {
+    if sales.is_empty() {
         return Err(cx.err(
             "waiting_room",
             span,
@@ -50,23 +51,30 @@ pub(super) fn validate(
     let prequeue_from_ms = match &w.prequeue_from {
         Some(v) => {
             let at = cx.instant("waiting_room.prequeue_from", v)?;
-            match sale.opens_at_ms {
-                None => {
-                    return Err(cx.err(
-                        "waiting_room.prequeue_from",
-                        v.span(),
-                        "a pre-queue comes before the opening: set `[sale] opens_at` too",
-                    ));
+            // Before every sale's opening (each sale's line has it).
+            for sale in sales {
+                match sale.opens_at_ms {
+                    None => {
+                        return Err(cx.err(
+                            "waiting_room.prequeue_from",
+                            v.span(),
+                            format!(
+                                "a pre-queue comes before the opening: set `[sale] opens_at` too{}",
+                                of_sale(sales, sale)
+                            ),
+                        ));
+                    }
+                    Some(opens) if at >= opens => {
+                        return Err(cx.err(
+                            "waiting_room.prequeue_from",
+                            v.span(),
+                            format!("must be before `[sale] opens_at`{}", of_sale(sales, sale)),
+                        ));
+                    }
+                    Some(_) => {}
                 }
-                Some(opens) if at >= opens => {
-                    return Err(cx.err(
-                        "waiting_room.prequeue_from",
-                        v.span(),
-                        "must be before `[sale] opens_at`",
-                    ));
-                }
-                Some(_) => at,
             }
+            at
         }
         None => 0,
     };
@@ -75,6 +83,15 @@ pub(super) fn validate(
         pass_ttl,
         prequeue_from_ms,
     }))
+}
+
+/// ` (sale EVENT)` in front of several sales, naming the one at fault.
+fn of_sale(sales: &[SaleConfig], sale: &SaleConfig) -> String {
+    if sales.len() > 1 {
+        format!(" (sale {})", sale.event)
+    } else {
+        String::new()
+    }
 }
 
 /// `admit`: `"N/s"` or `"follow_stock"`.

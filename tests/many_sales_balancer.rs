@@ -1,9 +1,13 @@
-//! The edge per sale (issue 28, milestone 3): in front of several sales,
-//! the balancer answers the late buyers of a sold-out sale itself, and
-//! only that sale's: the other sales' buyers still buy, and a ticket that
-//! comes back (a cancel, an expiry) reopens its sale. On both forwarding
-//! paths (the fast path, and hyper's with `fast_path = false`), through
-//! `spike up` on a real Redis.
+//! The balancer in front of several sales (issue 28, milestone 3), through
+//! `spike up`:
+//! - the edge per sale: the balancer answers the late buyers of a
+//!   sold-out sale itself, and only that sale's: the other sales' buyers
+//!   still buy, and a ticket that comes back (a cancel, an expiry) reopens
+//!   its sale; on both forwarding paths (the fast path, and hyper's with
+//!   `fast_path = false`), on a real Redis;
+//! - buyer tokens whose `aud` lists sales;
+//! - the waiting room per sale: a line per sale, each in order, and a
+//!   pass good for its own sale only.
 
 mod common;
 
@@ -387,5 +391,186 @@ async fn a_token_buys_in_the_sales_its_aud_lists_and_no_other() {
     // The holder's id in a token for another sale learns nothing of it.
     let r = buy_as(&c, b, "/events/a/buy", &dora_c).await;
     assert_eq!(json(&r.body)["status"], "sold_out", "{}", r.body);
+    remove_config(&path);
+}
+
+/// A buyer with a token for sales `a` and `b`, and a browser's cookie jar.
+struct RoomBuyer {
+    bearer: String,
+    jar: std::collections::BTreeMap<String, String>,
+}
+
+impl RoomBuyer {
+    fn new(name: &str, key: &spike::auth::BuyerKey) -> RoomBuyer {
+        let exp = spike::auth::unix_now() + 3600;
+        let token = spike::auth::mint_for(key, name, &["a", "b"], exp, None).expect("mint");
+        RoomBuyer {
+            bearer: format!("Bearer {token}"),
+            jar: Default::default(),
+        }
+    }
+
+    /// `GET /events/{event}/buy` with every cookie of the jar; keeps those
+    /// the answer sets.
+    async fn ask(&mut self, c: &TestClient, at: SocketAddr, event: &str) -> Reply {
+        let cookie: Vec<String> = self.jar.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let cookie = cookie.join("; ");
+        let mut headers = vec![("Authorization", self.bearer.as_str())];
+        if !cookie.is_empty() {
+            headers.push(("Cookie", cookie.as_str()));
+        }
+        let r = send(
+            c,
+            Method::GET,
+            at,
+            &format!("/events/{event}/buy"),
+            &headers,
+        )
+        .await
+        .expect("an answer");
+        for v in r.headers.get_all("set-cookie") {
+            let pair = v.to_str().expect("ascii").split(';').next().expect("pair");
+            let (k, v) = pair.split_once('=').expect("name=value");
+            self.jar.insert(k.to_string(), v.to_string());
+        }
+        r
+    }
+}
+
+/// `[waiting_room]` in front of two sales: each has its own line (places
+/// from 1 in each, admitted in order within each), a pass names its sale
+/// (`spike_pass_a`), and a pass of sale `a` is refused in sale `b`, where
+/// it buys nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_sale_has_its_own_line_and_a_pass_is_its_sales_only() {
+    let redis = RedisServer::start();
+    let auth = common::auth::TestAuth::new("unused");
+    let p = common::free_addr;
+    let ports = common::up::Ports {
+        balancer: p(),
+        admin: p(),
+        nodes: vec![p(), p()],
+    };
+    let mut text = String::new();
+    for event in ["a", "b"] {
+        text.push_str(&format!(
+            "[[sale]]\nevent = \"{event}\"\ntotal = 20\nper_user_limit = 1\n\n"
+        ));
+    }
+    text.push_str(&auth.section());
+    text.push_str(&format!(
+        "[redis]\nurl = \"{}\"\n\n[waiting_room]\nadmit = \"4/s\"\npass_ttl = \"60s\"\n\n\
+         [balancer]\nlisten = \"{}\"\nadmin = \"{}\"\nstrategy = \"round_robin\"\n",
+        redis.url(),
+        ports.balancer,
+        ports.admin
+    ));
+    for (i, a) in ports.nodes.iter().enumerate() {
+        text.push_str(&common::up::node_entry(i + 1, *a));
+    }
+    let (_up, path) = common::up::start_up(&text, &ports);
+    let b = ports.balancer;
+    let c = client();
+    let key = spike::auth::BuyerKey::parse(&format!("k1:hs256:{}", common::auth::test_key(1)))
+        .expect("key");
+
+    // Five buyers join `a`'s line in turn, five others `b`'s: each line
+    // gives places from 1.
+    let mut lines: Vec<(&str, Vec<RoomBuyer>)> = vec![
+        (
+            "a",
+            (1..=5)
+                .map(|i| RoomBuyer::new(&format!("pa{i}"), &key))
+                .collect(),
+        ),
+        (
+            "b",
+            (1..=5)
+                .map(|i| RoomBuyer::new(&format!("pb{i}"), &key))
+                .collect(),
+        ),
+    ];
+    for (event, buyers) in &mut lines {
+        for (i, buyer) in buyers.iter_mut().enumerate() {
+            let r = buyer.ask(&c, b, event).await;
+            assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+            let v = json(&r.body);
+            assert_eq!(
+                v["position"].as_u64(),
+                Some(i as u64 + 1),
+                "{event}: {}",
+                r.body
+            );
+            assert!(
+                buyer.jar.contains_key(&format!("spike_queue_{event}")),
+                "{:?}",
+                buyer.jar
+            );
+        }
+    }
+    // Everybody asks again, round after round, until admitted: within each
+    // line nobody is admitted in an earlier round than a buyer ahead.
+    let mut admitted_in: Vec<Vec<Option<usize>>> = vec![vec![None; 5]; 2];
+    let start = Instant::now();
+    let mut round = 0;
+    while admitted_in.iter().flatten().any(Option::is_none) {
+        assert!(start.elapsed() < Duration::from_secs(20), "{admitted_in:?}");
+        round += 1;
+        for (l, (event, buyers)) in lines.iter_mut().enumerate() {
+            for (i, buyer) in buyers.iter_mut().enumerate() {
+                if admitted_in[l][i].is_some() {
+                    continue;
+                }
+                let r = buyer.ask(&c, b, event).await;
+                assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+                if json(&r.body)["status"] == "admitted" {
+                    admitted_in[l][i] = Some(round);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("admitted in rounds: {admitted_in:?}");
+    for rounds in &admitted_in {
+        assert!(
+            rounds.windows(2).all(|w| w[0] <= w[1]),
+            "admitted out of order: {rounds:?}"
+        );
+    }
+
+    // `a`'s first buyer's pass, presented to sale `b` (under `b`'s name, and
+    // under its own), is no pass there: the buyer is put in `b`'s line.
+    let refused_before = json(&get(&c, ports.admin, "/status").await.expect("status").1)
+        ["waiting_room"]["passes_refused"]
+        .as_u64()
+        .expect("count");
+    let pass_a = lines[0].1[0].jar["spike_pass_a"].clone();
+    let mut copied = RoomBuyer::new("pa1", &key);
+    copied.jar.insert("spike_pass_b".into(), pass_a.clone());
+    let r = copied.ask(&c, b, "b").await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    assert_eq!(json(&r.body)["status"], "waiting", "{}", r.body);
+    let refused_after = json(&get(&c, ports.admin, "/status").await.expect("status").1)
+        ["waiting_room"]["passes_refused"]
+        .as_u64()
+        .expect("count");
+    assert_eq!(refused_after, refused_before + 1);
+    let mut own_name = RoomBuyer::new("pa1", &key);
+    own_name.jar.insert("spike_pass_a".into(), pass_a);
+    let r = own_name.ask(&c, b, "b").await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    let sale_b = json(
+        &get(&c, ports.nodes[0], "/sale?event=b")
+            .await
+            .expect("sale")
+            .1,
+    );
+    assert_eq!(sale_b["sold"].as_u64(), Some(0), "{sale_b}");
+
+    // In its own sale the pass buys.
+    let r = lines[0].1[0].ask(&c, b, "a").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = lines[1].1[0].ask(&c, b, "b").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     remove_config(&path);
 }
