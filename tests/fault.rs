@@ -412,3 +412,277 @@ async fn a_sale_survives_node_death_redis_stalls_restarts_and_reloads() {
     drop(nodes);
     remove_config(&path);
 }
+
+/// Sales in [`several_sales_survive_a_node_killed_mid_sale`].
+const FAULT_SALES: usize = 4;
+/// Tickets in each.
+const FAULT_TOTAL: usize = 250;
+
+/// Several sales under fire (issue 28): four sales sold through a `spike
+/// balancer` to three `spike node` processes on a durable Redis, buyers
+/// spread at random over the sales, each with one token whose `aud` lists
+/// them all; a node is SIGKILLed mid-sale (holding leases of every sale it
+/// sold in) and restarted later. Every sale sells exactly its total (the
+/// dead node's leases come back after `lease_ttl`), every 200 is an order
+/// in its sale, no buyer holds two tickets of one sale, a holder who heard
+/// no 200 gets their own order back, and `stock audit --all` passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_sales_survive_a_node_killed_mid_sale() {
+    const BUYERS: u64 = 3000;
+    let redis = RedisServer::start_durable();
+    let p = common::free_addr;
+    let ports = Ports {
+        balancer: p(),
+        admin: p(),
+        nodes: (0..3).map(|_| p()).collect(),
+    };
+    let auth = TestAuth::new("unused");
+    let mut text = String::new();
+    for s in 0..FAULT_SALES {
+        text.push_str(&format!(
+            "[[sale]]\nevent = \"s{s}\"\ntotal = {FAULT_TOTAL}\nper_user_limit = 1\nlease_ttl = \"3s\"\n\n"
+        ));
+    }
+    text.push_str(&auth.section());
+    text.push_str(&format!(
+        "[redis]\nurl = \"{}\"\ntimeout = \"300ms\"\n\n\
+         [balancer]\nlisten = \"{}\"\nadmin = \"{}\"\nstrategy = \"round_robin\"\n\
+         connect_timeout = \"500ms\"\nresponse_timeout = \"2s\"\n",
+        redis.url(),
+        ports.balancer,
+        ports.admin
+    ));
+    for a in &ports.nodes {
+        text.push_str(&format!(
+            "\n[[balancer.upstream]]\naddr = \"{a}\"\nmax_fails = 1\nfail_timeout = \"2s\"\n"
+        ));
+    }
+    for (i, a) in ports.nodes.iter().enumerate() {
+        text.push_str(&format!(
+            "\n[[node]]\nname = \"n{}\"\nlisten = \"{a}\"\n",
+            i + 1
+        ));
+    }
+    let path = write_config(&text);
+    let cfg = path.to_str().expect("path").to_string();
+    let init = run(&["stock", "init", "--all", "--config", &cfg]);
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let mut nodes: Vec<Option<SpikeProcess>> = (0..3).map(|i| Some(start_node(&cfg, i))).collect();
+    for a in &ports.nodes {
+        wait_listening(&a.to_string(), Duration::from_secs(10));
+    }
+    let _balancer = SpikeProcess::start(&["balancer", "--config", &cfg]);
+    wait_listening(&ports.balancer.to_string(), Duration::from_secs(10));
+
+    let key = spike::auth::BuyerKey::parse(&format!("k1:hs256:{}", common::auth::test_key(1)))
+        .expect("key");
+    let events: Vec<String> = (0..FAULT_SALES).map(|s| format!("s{s}")).collect();
+    let exp = spike::auth::unix_now() + 3600;
+    let bearers: Arc<Vec<String>> = Arc::new(
+        (0..BUYERS)
+            .map(|b| {
+                let aud: Vec<&str> = events.iter().map(String::as_str).collect();
+                let t =
+                    spike::auth::mint_for(&key, &format!("m{b}"), &aud, exp, None).expect("mint");
+                format!("Bearer {t}")
+            })
+            .collect(),
+    );
+    let c = client();
+    let sold = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    // (buyer, sale, status, body)
+    let answers = Arc::new(Mutex::new(
+        Vec::<(u64, usize, Option<StatusCode>, String)>::new(),
+    ));
+    let mut workers = Vec::new();
+    for w in 0..WORKERS as u64 {
+        let (c, bearers, sold, stop, answers) = (
+            c.clone(),
+            bearers.clone(),
+            sold.clone(),
+            stop.clone(),
+            answers.clone(),
+        );
+        let target = ports.balancer;
+        workers.push(tokio::spawn(async move {
+            let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (w + 1).wrapping_mul(0x2545_f491_4f6c_dd1d);
+            while !stop.load(Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let (buyer, sale) = (x % BUYERS, ((x >> 32) % FAULT_SALES as u64) as usize);
+                let headers = [("Authorization", bearers[buyer as usize].as_str())];
+                let path = format!("/events/s{sale}/buy");
+                // A real buyer retries a 502/503 a few times, then gives up.
+                for _ in 0..4 {
+                    let method = if x.is_multiple_of(2) {
+                        Method::GET
+                    } else {
+                        Method::POST
+                    };
+                    let sent = send(&c, method, target, &path, &headers);
+                    let (status, body) = match tokio::time::timeout(HANG, sent).await {
+                        Ok(Ok(r)) => (Some(r.status), r.body),
+                        Ok(Err(e)) => (None, e),
+                        Err(_) => (None, "hang".into()),
+                    };
+                    answers.lock().await.push((buyer, sale, status, body));
+                    match status {
+                        Some(StatusCode::OK) => {
+                            sold.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                        Some(StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE) => {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        _ => break,
+                    }
+                }
+                // Paced, so that the kill lands mid-sale.
+                tokio::time::sleep(Duration::from_millis(8)).await;
+            }
+        }));
+    }
+    let all = FAULT_SALES * FAULT_TOTAL;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sold.load(Ordering::Relaxed) < all * 3 / 10 {
+        assert!(Instant::now() < deadline, "the sale stalled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let killed_at = sold.load(Ordering::Relaxed);
+    if let Some(mut n) = nodes[1].take() {
+        n.signal("KILL");
+        n.wait_exit(Duration::from_secs(5));
+    }
+    while sold.load(Ordering::Relaxed) < all * 6 / 10 {
+        assert!(Instant::now() < deadline, "the sale stalled after the kill");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    nodes[1] = Some(start_node(&cfg, 1));
+    wait_listening(&ports.nodes[1].to_string(), Duration::from_secs(10));
+    // Until every sale has sold its total (the dead node's leases run
+    // out and their units sell again), as the store says.
+    let mut conn = redis.connection().expect("redis");
+    loop {
+        let sold_now: Vec<u64> = (0..FAULT_SALES)
+            .map(|s| {
+                let n: Option<u64> = redis::cmd("HLEN")
+                    .arg(format!("spike:{{s{s}}}:orders"))
+                    .query(&mut conn)
+                    .expect("HLEN");
+                n.unwrap_or(0)
+            })
+            .collect();
+        if sold_now.iter().all(|&n| n == FAULT_TOTAL as u64) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sales did not complete: {sold_now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.expect("worker");
+    }
+
+    let answers = answers.lock().await;
+    let mut by_status: HashMap<String, usize> = HashMap::new();
+    for (_, _, status, body) in answers.iter() {
+        let key = match status {
+            Some(s) => format!(
+                "{} {}",
+                s.as_u16(),
+                json(body)["status"].as_str().unwrap_or("?")
+            ),
+            None => format!("error: {body}"),
+        };
+        *by_status.entry(key).or_default() += 1;
+    }
+    eprintln!("killed n2 at {killed_at} sold; answers: {by_status:?}");
+    for (buyer, sale, status, body) in answers.iter() {
+        assert!(
+            matches!(status.map(|s| s.as_u16()), Some(200 | 409 | 503)),
+            "m{buyer} in s{sale}: {status:?} {body}"
+        );
+    }
+    let c = client();
+    for s in 0..FAULT_SALES {
+        let event = format!("s{s}");
+        let orders: HashSet<String> = redis::cmd("HKEYS")
+            .arg(format!("spike:{{{event}}}:orders"))
+            .query(&mut conn)
+            .expect("HKEYS");
+        assert_eq!(orders.len(), FAULT_TOTAL, "{event} sold exactly its total");
+        let holders: HashMap<String, String> =
+            redis.hash(&format!("spike:{{{event}}}:buyer_order"));
+        let mut ok_buyers = HashSet::new();
+        for (buyer, _, _, body) in answers
+            .iter()
+            .filter(|a| a.1 == s && a.2 == Some(StatusCode::OK))
+        {
+            let order = json(body)["order"].as_str().expect("order").to_string();
+            let bare = order
+                .strip_prefix(&format!("{event}:"))
+                .unwrap_or_else(|| panic!("{order} names its sale {event}"));
+            assert!(orders.contains(bare), "200 for {order}, missing in redis");
+            assert!(
+                ok_buyers.insert(*buyer),
+                "m{buyer} got two tickets of {event}"
+            );
+        }
+        // A holder without a 200 heard only 503s or 409s, and asking again
+        // gets their own order.
+        for (holder, order) in &holders {
+            let id: u64 = holder.trim_start_matches('m').parse().expect("buyer id");
+            if ok_buyers.contains(&id) {
+                continue;
+            }
+            let theirs: Vec<_> = answers
+                .iter()
+                .filter(|a| a.0 == id && a.1 == s)
+                .map(|a| a.2)
+                .collect();
+            assert!(
+                theirs.iter().all(|st| matches!(
+                    st,
+                    Some(StatusCode::SERVICE_UNAVAILABLE | StatusCode::CONFLICT)
+                )),
+                "{holder} holds {order} of {event} with answers {theirs:?}"
+            );
+            let r = send(
+                &c,
+                Method::GET,
+                ports.balancer,
+                &format!("/events/{event}/buy"),
+                &[("Authorization", bearers[id as usize].as_str())],
+            )
+            .await
+            .expect("the holder asks again");
+            let v = json(&r.body);
+            assert_eq!(
+                (v["status"].as_str(), v["order"].as_str()),
+                (
+                    Some("already_bought"),
+                    Some(format!("{event}:{order}").as_str())
+                ),
+                "{holder} in {event}: {}",
+                r.body
+            );
+        }
+    }
+    let audit = run(&["stock", "audit", "--all", "--config", &cfg]);
+    assert!(
+        audit.status.success(),
+        "audit: {}",
+        String::from_utf8_lossy(&audit.stdout)
+    );
+    drop(nodes);
+    remove_config(&path);
+}
