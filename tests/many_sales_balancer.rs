@@ -394,7 +394,8 @@ async fn a_token_buys_in_the_sales_its_aud_lists_and_no_other() {
     remove_config(&path);
 }
 
-/// A buyer with a token for sales `a` and `b`, and a browser's cookie jar.
+/// A buyer with a token for sales `a`, `b` and `c`, and a browser's
+/// cookie jar.
 struct RoomBuyer {
     bearer: String,
     jar: std::collections::BTreeMap<String, String>,
@@ -403,7 +404,7 @@ struct RoomBuyer {
 impl RoomBuyer {
     fn new(name: &str, key: &spike::auth::BuyerKey) -> RoomBuyer {
         let exp = spike::auth::unix_now() + 3600;
-        let token = spike::auth::mint_for(key, name, &["a", "b"], exp, None).expect("mint");
+        let token = spike::auth::mint_for(key, name, &["a", "b", "c"], exp, None).expect("mint");
         RoomBuyer {
             bearer: format!("Bearer {token}"),
             jar: Default::default(),
@@ -452,9 +453,9 @@ async fn each_sale_has_its_own_line_and_a_pass_is_its_sales_only() {
         nodes: vec![p(), p()],
     };
     let mut text = String::new();
-    for event in ["a", "b"] {
+    for (event, total) in [("a", 20), ("b", 20), ("c", 1)] {
         text.push_str(&format!(
-            "[[sale]]\nevent = \"{event}\"\ntotal = 20\nper_user_limit = 1\n\n"
+            "[[sale]]\nevent = \"{event}\"\ntotal = {total}\nper_user_limit = 1\n\n"
         ));
     }
     text.push_str(&auth.section());
@@ -566,6 +567,31 @@ async fn each_sale_has_its_own_line_and_a_pass_is_its_sales_only() {
             .1,
     );
     assert_eq!(sale_b["sold"].as_u64(), Some(0), "{sale_b}");
+
+    // `c` sold out before its line was ever heard here (its one ticket
+    // bought at a node): its first buyer through the balancer hears so,
+    // with no place in a line that admits nobody.
+    let mut early = RoomBuyer::new("pc1", &key);
+    let r = send(
+        &c,
+        Method::POST,
+        ports.nodes[0],
+        "/events/c/buy",
+        &[("Authorization", early.bearer.as_str())],
+    )
+    .await
+    .expect("answer");
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let mut late = RoomBuyer::new("pc2", &key);
+    let r = late.ask(&c, b, "c").await;
+    assert_eq!(
+        (r.status, json(&r.body)["status"].as_str()),
+        (StatusCode::CONFLICT, Some("sold_out")),
+        "{}",
+        r.body
+    );
+    let r = early.ask(&c, b, "c").await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
 
     // In its own sale the pass buys.
     let r = lines[0].1[0].ask(&c, b, "a").await;

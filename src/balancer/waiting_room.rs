@@ -834,6 +834,16 @@ pub async fn join(shared: &Shared, active: &Active, j: Joining) -> Reply {
                     }
                 }
             };
+            // A line of one of several sales may be heard first by this
+            // join (the gate had no view of it): what the gate checks
+            // before a join, checked on the join's answer.
+            let now = view.now_ms();
+            let before_opening = view.state.opens_at_ms > 0 && now < view.state.opens_at_ms;
+            if j.line.is_some()
+                && (view.state.shut != 0 || (!before_opening && view.state.free == 0))
+            {
+                return shut_answer(&view.state, now);
+            }
             waiting(shared, config, line, &view, &j.buyer, position, true)
         }
         Ok(None) => unreachable(),
