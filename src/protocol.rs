@@ -69,11 +69,36 @@ pub fn event_from(query: Option<&str>) -> Result<Option<&str>, EventTwice> {
 #[error("`event` is given more than once in the query: name one sale")]
 pub struct EventTwice;
 
-/// The sale a purchase names: `/events/{event}/buy`'s, else its
-/// `?event=` (what a node reads, in that order); `None`: it names none.
-pub fn purchase_event<'a>(path: &'a str, query: Option<&'a str>) -> Option<&'a str> {
-    event_purchase(path).or_else(|| event_from(query).ok().flatten())
+/// The one sale a purchase names, as the balancer's edge and waiting room
+/// read it: `/events/{event}/buy`'s or its `?event=` (`Ok(None)`: it
+/// names none); [`AmbiguousSale`] when it names more than one (`event=`
+/// twice, or a query that names another sale than the path), which
+/// neither the edge nor the waiting room may pick for a node.
+pub fn purchase_event<'a>(
+    path: &'a str,
+    query: Option<&'a str>,
+) -> Result<Option<&'a str>, AmbiguousSale> {
+    let mut named = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter_map(|pair| pair.strip_prefix("event="));
+    let in_query = named.next();
+    if named.next().is_some() {
+        return Err(AmbiguousSale);
+    }
+    match (event_purchase(path), in_query) {
+        (Some(p), Some(q)) if p != q => Err(AmbiguousSale),
+        (Some(p), _) => Ok(Some(p)),
+        (None, q) => Ok(q),
+    }
 }
+
+/// A purchase that names more than one sale (see [`purchase_event`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the purchase names more than one sale (`event` twice, or another in the query than in the path): name one"
+)]
+pub struct AmbiguousSale;
 
 /// A node's view of the sale from memory ([`SoldOutView`]); with
 /// `?epoch=E&released=R`, a long poll (see [`sold_out_poll`]).
@@ -918,6 +943,27 @@ mod tests {
         assert_eq!(event_from(None), Ok(None));
         assert_eq!(event_from(Some("event=a&user=u&event=b")), Err(EventTwice));
         assert_eq!(event_from(Some("event=a&event=a")), Err(EventTwice));
+        assert_eq!(
+            purchase_event("/events/a/buy", Some("user=u")),
+            Ok(Some("a"))
+        );
+        assert_eq!(
+            purchase_event("/buy/ticket", Some("event=b&user=u")),
+            Ok(Some("b"))
+        );
+        assert_eq!(
+            purchase_event("/events/a/buy", Some("event=a")),
+            Ok(Some("a"))
+        );
+        assert_eq!(
+            purchase_event("/events/a/buy", Some("event=b")),
+            Err(AmbiguousSale)
+        );
+        assert_eq!(
+            purchase_event("/buy/ticket", Some("event=b&event=b")),
+            Err(AmbiguousSale)
+        );
+        assert_eq!(purchase_event("/buy/ticket", Some("user=u")), Ok(None));
         // An id of several sales' fleet: `EVENT:EPOCH-SEQ`, up to 128.
         assert!(is_public_path(
             format!("/orders/{}:1-1", "e".repeat(64)).as_bytes()

@@ -491,7 +491,10 @@ async fn each_sale_has_its_own_line_and_a_pass_is_its_sales_only() {
                 .collect(),
         ),
     ];
-    for (event, buyers) in &mut lines {
+    // (A buyer the line has reached as they join is admitted at once, and
+    // given the sale's pass in place of a place: round 0 below.)
+    let mut admitted_in: Vec<Vec<Option<usize>>> = vec![vec![None; 5]; 2];
+    for (l, (event, buyers)) in lines.iter_mut().enumerate() {
         for (i, buyer) in buyers.iter_mut().enumerate() {
             let r = buyer.ask(&c, b, event).await;
             assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
@@ -502,16 +505,17 @@ async fn each_sale_has_its_own_line_and_a_pass_is_its_sales_only() {
                 "{event}: {}",
                 r.body
             );
-            assert!(
-                buyer.jar.contains_key(&format!("spike_queue_{event}")),
-                "{:?}",
-                buyer.jar
-            );
+            let cookie = if v["status"] == "admitted" {
+                admitted_in[l][i] = Some(0);
+                format!("spike_pass_{event}")
+            } else {
+                format!("spike_queue_{event}")
+            };
+            assert!(buyer.jar.contains_key(&cookie), "{:?}", buyer.jar);
         }
     }
     // Everybody asks again, round after round, until admitted: within each
     // line nobody is admitted in an earlier round than a buyer ahead.
-    let mut admitted_in: Vec<Vec<Option<usize>>> = vec![vec![None; 5]; 2];
     let start = Instant::now();
     let mut round = 0;
     while admitted_in.iter().flatten().any(Option::is_none) {
@@ -592,6 +596,24 @@ async fn each_sale_has_its_own_line_and_a_pass_is_its_sales_only() {
     );
     let r = early.ask(&c, b, "c").await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+
+    // A purchase naming no sale of the fleet, or two, passes no line.
+    let mut other = RoomBuyer::new("px", &key);
+    let r = other.ask(&c, b, "nope").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    let bearer = other.bearer.clone();
+    for path in ["/buy/ticket?event=a&event=b", "/events/a/buy?event=b"] {
+        let r = send(
+            &c,
+            Method::GET,
+            b,
+            path,
+            &[("Authorization", bearer.as_str())],
+        )
+        .await
+        .expect("answer");
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.body);
+    }
 
     // In its own sale the pass buys.
     let r = lines[0].1[0].ask(&c, b, "a").await;

@@ -604,6 +604,28 @@ const UNREACHABLE_BODY: &[u8] = b"{\"status\":\"busy\",\"reason\":\"the waiting 
 /// opened no store for (`spike balancer` opens the sale's Redis at start).
 const UNATTACHED_BODY: &[u8] = b"{\"status\":\"busy\",\"reason\":\"a reload added [waiting_room]: this balancer opened no connection to the sale's store at start; restart it\"}\n";
 
+/// A purchase that names a sale this balancer keeps no line for.
+fn no_line() -> Reply {
+    Reply {
+        status: StatusCode::NOT_FOUND,
+        body: ReplyBody::Static(b"{\"status\":\"no_such_sale\",\"reason\":\"this balancer's waiting room keeps no line for a sale of that event\"}\n"),
+        header: None,
+        cookie: None,
+    }
+}
+
+/// A purchase that names more than one sale.
+fn ambiguous(why: crate::protocol::AmbiguousSale) -> Reply {
+    let body =
+        serde_json::json!({"status": "bad_request", "reason": why.to_string()}).to_string() + "\n";
+    Reply {
+        status: StatusCode::BAD_REQUEST,
+        body: ReplyBody::Owned(body),
+        header: None,
+        cookie: None,
+    }
+}
+
 fn unattached() -> Reply {
     busy(UNATTACHED_BODY, 5)
 }
@@ -670,7 +692,7 @@ pub fn gate<'a, I: Iterator<Item = &'a [u8]>>(
     cookies: impl Fn() -> I,
     token: impl FnOnce() -> Option<&'a str>,
     client: std::net::IpAddr,
-    event: impl FnOnce() -> Option<&'a str>,
+    event: impl FnOnce() -> Result<Option<&'a str>, crate::protocol::AmbiguousSale>,
 ) -> Gate {
     let Some(config) = active.config.waiting_room.as_ref() else {
         return Gate::Pass;
@@ -685,9 +707,18 @@ pub fn gate<'a, I: Iterator<Item = &'a [u8]>>(
         return Gate::Answer(unattached());
     }
     let line = if active.config.several_sales {
-        match event().and_then(|e| room.line_for(e)) {
-            Some(line) => LineRef::Of(line),
-            None => return Gate::Pass,
+        match event() {
+            // No sale named: the node's 400, which sells nothing.
+            Ok(None) => return Gate::Pass,
+            Ok(Some(e)) => match room.line_for(e) {
+                Some(line) => LineRef::Of(line),
+                // No line here for that sale: not one of the file's (the
+                // node's 404), or one this balancer opened no store for.
+                // Refused here either way, so no purchase passes a line.
+                None => return Gate::Answer(no_line()),
+            },
+            // Two sales named: neither line may be picked for the node.
+            Err(why) => return Gate::Answer(ambiguous(why)),
         }
     } else {
         LineRef::One(&room.one)

@@ -63,7 +63,7 @@ pub fn answer<'a>(
     buyer: impl FnOnce(bool) -> Result<&'a str, BuyerError>,
     query: impl FnOnce() -> Option<&'a str>,
     token: impl FnOnce() -> Option<&'a str>,
-    event: impl FnOnce() -> Option<&'a str>,
+    event: impl FnOnce() -> Result<Option<&'a str>, protocol::AmbiguousSale>,
 ) -> Option<EdgeAnswer> {
     let config = &active.config;
     if !is_buy {
@@ -78,7 +78,9 @@ pub fn answer<'a>(
         {
             return None;
         }
-        let event = event()?;
+        // A purchase that names no sale, or more than one, is a node's to
+        // refuse.
+        let event = event().ok().flatten()?;
         return shared.edge.sales.with_sale(event, |sale| {
             answer_for(shared, active, sale, Some(event), buyer, token)
         });

@@ -575,7 +575,11 @@ fn prepare(
         let query = (head.path_end < head.target.end)
             .then(|| &input[head.path_end + 1..head.target.end])
             .and_then(|q| std::str::from_utf8(q).ok());
-        protocol::purchase_event(std::str::from_utf8(path).ok()?, query)
+        match std::str::from_utf8(path) {
+            Ok(path) => protocol::purchase_event(path, query),
+            // Not a purchase path (those are ASCII): names no sale.
+            Err(_) => Ok(None),
+        }
     };
     let shut = match waiting_room::gate(
         shared,
