@@ -213,6 +213,37 @@ async fn one_sale_sold_out_is_answered_at_the_edge_and_only_it(fast_path: bool) 
     eprintln!("a's cancelled ticket sold through the balancer after {took:?}");
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
 
+    // Sold out again; `stock add` for `a` reopens it, and only it.
+    common::wait_for(
+        "the edge to answer for a again",
+        Duration::from_secs(5),
+        async || from_edge(&buy(&c, b, "/events/a/buy?user=late-again").await),
+    )
+    .await;
+    let out = common::spike::run(&[
+        "stock",
+        "add",
+        "--event",
+        "a",
+        "1",
+        "--config",
+        path.to_str().expect("path"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (r, took) = buy_within(
+        &c,
+        b,
+        "/events/a/buy?user=after-add",
+        Duration::from_secs(3),
+    )
+    .await;
+    eprintln!("a's added ticket sold through the balancer after {took:?}");
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+
     // `c` sells out, the edge answers for it, and the expiry of its
     // unpaid reservation reopens it.
     let r = buy(&c, b, "/buy/ticket?event=c&user=c0").await;
