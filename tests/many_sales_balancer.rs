@@ -653,3 +653,70 @@ async fn each_sale_has_its_own_line_and_a_pass_is_its_sales_only() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     remove_config(&path);
 }
+
+/// A reload that adds a sale gives it a line in the waiting room: its
+/// buyers take places, and none passes without one (before, the room kept
+/// the sales of its start, and a sale added later was its 404).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sale_added_by_a_reload_gets_its_line() {
+    let redis = RedisServer::start();
+    let auth = common::auth::TestAuth::new("unused");
+    let p = common::free_addr;
+    let ports = common::up::Ports {
+        balancer: p(),
+        admin: p(),
+        nodes: vec![p()],
+    };
+    let file = |events: &[&str]| {
+        let mut text = String::new();
+        for event in events {
+            text.push_str(&format!(
+                "[[sale]]\nevent = \"{event}\"\ntotal = 5\nper_user_limit = 1\n\n"
+            ));
+        }
+        text.push_str(&auth.section());
+        text.push_str(&format!(
+            "[redis]\nurl = \"{}\"\n\n[waiting_room]\nadmit = \"100/s\"\n\n\
+             [balancer]\nlisten = \"{}\"\nadmin = \"{}\"\n",
+            redis.url(),
+            ports.balancer,
+            ports.admin
+        ));
+        text.push_str(&common::up::node_entry(1, ports.nodes[0]));
+        text
+    };
+    let (up, path) = common::up::start_up(&file(&["a", "b"]), &ports);
+    let c = client();
+    let key = spike::auth::BuyerKey::parse(&format!("k1:hs256:{}", common::auth::test_key(1)))
+        .expect("key");
+    let exp = spike::auth::unix_now() + 3600;
+    let token = spike::auth::mint_for(&key, "rd", &["a", "b", "d"], exp, None).expect("mint");
+    let bearer = format!("Bearer {token}");
+    let ask = async |event: &str| {
+        send(
+            &c,
+            Method::GET,
+            ports.balancer,
+            &format!("/events/{event}/buy"),
+            &[("Authorization", bearer.as_str())],
+        )
+        .await
+        .expect("answer")
+    };
+    let r = ask("d").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+
+    std::fs::write(&path, file(&["a", "b", "d"])).expect("rewrite");
+    up.signal("HUP");
+    common::wait_for("the node to sell d", Duration::from_secs(10), async || {
+        get(&c, ports.nodes[0], "/sale?event=d")
+            .await
+            .is_ok_and(|(s, _)| s == StatusCode::OK)
+    })
+    .await;
+    common::wait_for("d's line", Duration::from_secs(10), async || {
+        ask("d").await.status == StatusCode::ACCEPTED
+    })
+    .await;
+    remove_config(&path);
+}

@@ -414,6 +414,11 @@ impl Shared {
         self.current.store(Arc::new(next));
         self.set_has_sale(&config);
         *self.several.lock().unwrap_or_else(|e| e.into_inner()) = several;
+        if sales_changed {
+            // Each sale added gets its line (no purchase of it passes
+            // none); a sale removed has none made any more.
+            self.waiting_room.sales_in_force(&config.sales);
+        }
         if let Some(h) = hook {
             h.0.after(&config, gone);
         }

@@ -292,6 +292,14 @@ impl WaitingRoom {
         let _ = self.stores.set(stores);
     }
 
+    /// In front of several sales, puts a reload's list of sales in force
+    /// for the lines (a sale added is lined from its first request).
+    pub fn sales_in_force(&self, sales: &[crate::config::SaleConfig]) {
+        if let Some(stores) = self.stores.get() {
+            stores.set_sales(sales);
+        }
+    }
+
     /// Whether a store is attached.
     pub fn attached(&self) -> bool {
         self.one.store.get().is_some() || self.stores.get().is_some()
