@@ -65,7 +65,7 @@ mod exchange;
 mod socket;
 pub(crate) mod tunnel;
 
-use buffers::Buffers;
+use buffers::{Buffers, Lent};
 use exchange::{RawError, exchange, has_sold_out_mark, lowercase_into, relay, sale_event};
 use socket::{Client, READ_CHUNK, make_room};
 
@@ -167,7 +167,7 @@ struct Kept {
     peer: Peer,
     ctx: ConnContext,
     /// The buffers; none while an idle connection has given them back.
-    b: Option<Box<Buffers>>,
+    b: Option<Lent>,
     /// No request has begun yet.
     first: bool,
 }
@@ -242,7 +242,7 @@ async fn next_bytes<S: Client>(c: &mut Kept, stream: &mut S) -> bool {
                     .fetch_add(1, Ordering::Relaxed);
             }
         }
-        let b = c.b.get_or_insert_with(Box::default);
+        let b = c.b.get_or_insert_with(Lent::take);
         make_room(&mut b.input);
         match stream.try_read_some(&mut b.input) {
             Ok(0) => return false,
@@ -286,7 +286,7 @@ async fn request<S: Client>(c: &mut Kept, stream: &mut S) -> Step {
         first,
     } = c;
     let shared = &**shared;
-    let b = &mut **b.get_or_insert_with(Box::default);
+    let b = &mut **b.get_or_insert_with(Lent::take);
     let active = shared.current.load_full();
     let config = &active.config;
     // A later head, within `header_read_timeout` of its first byte; the
