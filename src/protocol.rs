@@ -422,8 +422,21 @@ pub fn already_bought_body(order: &str) -> String {
 /// Whether `b` may be in a buyer id or a key: `[A-Za-z0-9_.:@-]`, safe as
 /// a Redis hash field and in JSON without escaping.
 pub fn is_id_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'-')
+    ID_BYTE[b as usize]
 }
+
+/// [`is_id_byte`] as a table: every purchase checks its buyer and its key
+/// byte by byte.
+static ID_BYTE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        t[c] = b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'-');
+        c += 1;
+    }
+    t
+};
 
 /// Whether `id` is 1 to `max` bytes of [`is_id_byte`].
 fn is_id(id: &[u8], max: usize) -> bool {
@@ -572,9 +585,19 @@ pub fn key_in(headers: &hyper::HeaderMap) -> Result<&str, KeyError> {
     if values.next().is_some() {
         return Err(KeyError::Malformed);
     }
-    let v = v.to_str().map_err(|_| KeyError::Malformed)?.trim();
-    match key_token(v.as_bytes()) {
-        // The token is part of `v`, which is text.
+    // The spaces and tabs a header value may have around it; any other byte
+    // outside the key's alphabet is refused by `key_token`.
+    let v = v.as_bytes();
+    let start = v
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\t'))
+        .unwrap_or(v.len());
+    let end = v
+        .iter()
+        .rposition(|b| !matches!(b, b' ' | b'\t'))
+        .map_or(start, |i| i + 1);
+    match key_token(&v[start..end]) {
+        // The token is ASCII.
         Some(k) => std::str::from_utf8(k).map_err(|_| KeyError::Malformed),
         None => Err(KeyError::Malformed),
     }
@@ -882,6 +905,40 @@ mod tests {
         assert_eq!(key_in(&h), Ok("abc"));
         h.append(IDEMPOTENCY_KEY, HeaderValue::from_static("abc"));
         assert_eq!(key_in(&h), Err(KeyError::Malformed));
+    }
+
+    /// `key_in` on bytes is the rule it replaced (text of visible ASCII and
+    /// tabs, trimmed, then the token), for values around every byte, and the
+    /// table is the alphabet.
+    #[test]
+    fn key_in_is_the_text_rule() {
+        fn text_rule(v: &HeaderValue) -> Result<&str, KeyError> {
+            let v = v.to_str().map_err(|_| KeyError::Malformed)?.trim();
+            key_token(v.as_bytes())
+                .map(|k| std::str::from_utf8(k).expect("ascii"))
+                .ok_or(KeyError::Malformed)
+        }
+        for b in 0..=255u8 {
+            assert_eq!(
+                is_id_byte(b),
+                b.is_ascii_alphanumeric() || b"_.:@-".contains(&b),
+                "{b}"
+            );
+            for shape in [
+                vec![b],
+                vec![b, b'k'],
+                vec![b'k', b],
+                vec![b, b'"', b'k', b'"', b],
+                vec![b' ', b'k', b, b'k', b'\t'],
+            ] {
+                let Ok(v) = HeaderValue::from_bytes(&shape) else {
+                    continue;
+                };
+                let mut h = hyper::HeaderMap::new();
+                h.insert(IDEMPOTENCY_KEY, v.clone());
+                assert_eq!(key_in(&h), text_rule(&v), "{shape:?}");
+            }
+        }
     }
 
     #[test]
