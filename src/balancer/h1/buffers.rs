@@ -43,6 +43,9 @@ const SPARES: usize = 32;
 const KEPT_CAPACITY: usize = 16 * 1024;
 
 thread_local! {
+    // Boxed: a set moves between a connection (which holds a pointer, see
+    // `Kept`) and the spares without copying it.
+    #[allow(clippy::vec_box)]
     static SPARE: RefCell<Vec<Box<Buffers>>> = const { RefCell::new(Vec::new()) };
 }
 
