@@ -20,7 +20,8 @@
 # -z, 5s), CONC (100), IDLE_CONNS (10000), WORKERS (nginx workers and HAProxy
 # threads; default nproc = spike's worker threads), PROXIES (default "spike
 # nginx haproxy"; spike is always one), SCENARIOS (default "proxy https
-# success soldout ab memory payments tokens waiting accesslog"), STRATEGIES (default "round_robin
+# success soldout ab memory payments tokens waiting accesslog sales"), SALES_MANY
+# (10000, the sales scenario's big file), STRATEGIES (default "round_robin
 # weighted_round_robin ip_hash least_conn", for the proxy-only scenario),
 # PAY_TOTAL (2000), BASE_SPIKE (another spike binary, e.g. main's before a
 # change: run as one more proxy, "base", with the same config on its own
@@ -51,7 +52,8 @@ fi
 CONC=${CONC:-100}
 AB_N=10000 # the article's command: ab -n 10000 -c 100
 AB_TOTAL=5000
-SCENARIOS=${SCENARIOS:-proxy https success soldout ab memory payments tokens waiting accesslog}
+SCENARIOS=${SCENARIOS:-proxy https success soldout ab memory payments tokens waiting accesslog sales}
+SALES_MANY=${SALES_MANY:-10000}
 PAY_TOTAL=${PAY_TOTAL:-2000} # tickets of the sale with payments
 read -r -a SIDES <<<"${PROXIES:-spike nginx haproxy}"
 BASE_SPIKE=${BASE_SPIKE:-}
@@ -421,8 +423,13 @@ oha_run() { # SCENARIO SIDE ROUND EXPECT PID URL [oha args...]
     read -r nu1 ns1 hz <<<"$(cpu_ticks "${NODE_PIDS[@]}")"
     rec+=(node_cpu_user_ticks="$((nu1 - nu0))" node_cpu_sys_ticks="$((ns1 - ns0))")
   else
+    [ -z "${NODE_CPU:-}" ] || read -r nu0 ns0 hz <<<"$(cpu_ticks "${NODE_PIDS[@]}")"
     oha --no-tui --output-format json -z "$DUR" -c "$CONC" "${OHA_WAIT[@]+"${OHA_WAIT[@]}"}" "$@" "$url" \
       >"$OUT/$file" 2>"$OUT/logs/oha.log" || true
+    if [ -n "${NODE_CPU:-}" ]; then
+      read -r nu1 ns1 hz <<<"$(cpu_ticks "${NODE_PIDS[@]}")"
+      rec+=(node_cpu_user_ticks="$((nu1 - nu0))" node_cpu_sys_ticks="$((ns1 - ns0))")
+    fi
   fi
   if [ -n "${SALE_CFG:-}" ]; then
     # Redis's counters before anything else talks to it.
@@ -557,7 +564,7 @@ fi
 # ---------------------------------------------------------------------------
 # 2. The sale through the balancer (and 4. direct to one node).
 # ---------------------------------------------------------------------------
-if wants success || wants soldout || wants ab || wants payments || wants tokens || wants waiting; then
+if wants success || wants soldout || wants ab || wants payments || wants tokens || wants waiting || wants sales; then
   start_redis
 fi
 
@@ -674,6 +681,76 @@ if wants ab; then
         requests="$1" cpu_user_ticks="$((u1 - u0))" cpu_sys_ticks="$((s1 - s0))" hz="$hz"
       stop "${PID[$side]}" "${NODE_PIDS[@]}"
     done
+  done
+fi
+
+# ---------------------------------------------------------------------------
+# 6. Many sales in one fleet (issue 28): the success path through spike's
+#    balancer and four nodes, on a file of one sale and on a file of
+#    SALES_MANY sales (10,000) with every purchase in one of them
+#    (`/events/E/buy`): two fleets side by side on one Redis, each in turn
+#    every round; req/s, and the CPU per purchase of the balancer and of the
+#    nodes. What it shows: whether the sales a fleet is not asked about cost
+#    a purchase anything.
+# ---------------------------------------------------------------------------
+write_many_sales_config() { # FILE EVENT LISTEN ADMIN
+  {
+    local i
+    for ((i = 0; i < SALES_MANY - 1; i++)); do
+      # The sale under test sits in the middle of the list.
+      [ "$i" = $((SALES_MANY / 2)) ] && printf '[[sale]]\nevent = "%s"\ntotal = 100000000\nper_user_limit = 1\n\n' "$2"
+      printf '[[sale]]\nevent = "s%05d"\ntotal = 50\nper_user_limit = 1\n\n' "$i"
+    done
+    echo "[redis]"
+    echo "url = \"redis://127.0.0.1:$REDIS_PORT\""
+    echo "[balancer]"
+    echo "listen = \"127.0.0.1:$3\""
+    echo "admin = \"127.0.0.1:$4\""
+    echo "strategy = \"$SALE_STRATEGY\""
+    for i in 0 1 2 3; do
+      echo "[[node]]"
+      echo "name = \"n$((i + 1))\""
+      echo "listen = \"127.0.0.1:${NODE_PORTS[$i]}\""
+      echo "weight = 1"
+      echo "threads = 1"
+    done
+    echo "[server]"
+    echo "grace_period = \"1s\""
+  } >"$1"
+}
+if wants sales; then
+  declare -A FLEET_CFG FLEET_PORT FLEET_PID FLEET_NODES FLEET_PATH FLEET_EVENT
+  for fleet in one many; do
+    read -r -a NODE_PORTS <<<"$(free_ports 4)"
+    read -r port admin <<<"$(free_ports 2)"
+    cfg=$WORK/sales-$fleet.toml
+    if [ $fleet = one ]; then
+      write_sale_config "$cfg" bench-sales-one 100000000 1 "$port" "$admin"
+      FLEET_PATH[$fleet]=/buy/ticket
+      FLEET_EVENT[$fleet]=""
+    else
+      write_many_sales_config "$cfg" bench-sales-many "$port" "$admin"
+      FLEET_PATH[$fleet]=/events/bench-sales-many/buy
+      FLEET_EVENT[$fleet]="--event bench-sales-many"
+    fi
+    # shellcheck disable=SC2086
+    "$SPIKE" stock init --trust-client-buyer-ids --config "$cfg" ${FLEET_EVENT[$fleet]} --force >/dev/null
+    start_nodes "$cfg"
+    spawn "balancer-sales-$fleet" env RUST_LOG=warn "$SPIKE" balancer --config "$cfg"
+    wait_port "$port" "$LAST_PID" "balancer-sales-$fleet"
+    FLEET_CFG[$fleet]=$cfg FLEET_PORT[$fleet]=$port FLEET_PID[$fleet]=$LAST_PID
+    FLEET_NODES[$fleet]="${NODE_PIDS[*]}"
+  done
+  for ((round = 0; round <= ROUNDS; round++)); do
+    for fleet in $( ((round % 2)) && echo "many one" || echo "one many"); do
+      re=$(printf 'http://127.0.0.1:%s%s\\?user=[a-z0-9]{16}' "${FLEET_PORT[$fleet]}" "${FLEET_PATH[$fleet]}")
+      read -r -a NODE_PIDS <<<"${FLEET_NODES[$fleet]}"
+      NODE_CPU=1 oha_run "sales/$fleet" spike "$round" 200 "${FLEET_PID[$fleet]}" "$re" --rand-regex-url
+    done
+  done
+  for fleet in one many; do
+    read -r -a NODE_PIDS <<<"${FLEET_NODES[$fleet]}"
+    stop "${FLEET_PID[$fleet]}" "${NODE_PIDS[@]}"
   done
 fi
 
@@ -919,4 +996,5 @@ wants payments && python3 "$HERE/payments.py" summarize "$OUT"
 wants tokens && python3 "$HERE/tokens.py" summarize "$OUT"
 wants waiting && python3 "$HERE/waiting.py" summarize "$OUT"
 wants accesslog && python3 "$HERE/accesslog.py" summarize "$OUT"
+wants sales && python3 "$HERE/sales.py" summarize "$OUT"
 say "compare.sh: raw oha JSON, runs.jsonl, summary.json, summary.md and chart.svg in $OUT"
