@@ -288,23 +288,29 @@ write_sale_config() { # FILE EVENT TOTAL PER_USER LISTEN ADMIN
     echo "event = \"$2\""
     echo "total = $3"
     echo "per_user_limit = $4"
-    echo "[redis]"
-    echo "url = \"redis://127.0.0.1:$REDIS_PORT\""
-    echo "[balancer]"
-    echo "listen = \"127.0.0.1:$5\""
-    echo "admin = \"127.0.0.1:$6\""
-    echo "strategy = \"$SALE_STRATEGY\""
-    local i
-    for i in 0 1 2 3; do
-      echo "[[node]]"
-      echo "name = \"n$((i + 1))\""
-      echo "listen = \"127.0.0.1:${NODE_PORTS[$i]}\""
-      echo "weight = 1"
-      echo "threads = 1"
-    done
-    echo "[server]"
-    echo "grace_period = \"1s\""
+    write_fleet "$5" "$6"
   } >"$1"
+}
+
+# What every sale file has after its sales: Redis, the balancer on LISTEN
+# and ADMIN, the four nodes on NODE_PORTS.
+write_fleet() { # LISTEN ADMIN
+  echo "[redis]"
+  echo "url = \"redis://127.0.0.1:$REDIS_PORT\""
+  echo "[balancer]"
+  echo "listen = \"127.0.0.1:$1\""
+  echo "admin = \"127.0.0.1:$2\""
+  echo "strategy = \"$SALE_STRATEGY\""
+  local i
+  for i in 0 1 2 3; do
+    echo "[[node]]"
+    echo "name = \"n$((i + 1))\""
+    echo "listen = \"127.0.0.1:${NODE_PORTS[$i]}\""
+    echo "weight = 1"
+    echo "threads = 1"
+  done
+  echo "[server]"
+  echo "grace_period = \"1s\""
 }
 
 start_nodes() { # CONFIG
@@ -701,21 +707,7 @@ write_many_sales_config() { # FILE EVENT LISTEN ADMIN
       [ "$i" = $((SALES_MANY / 2)) ] && printf '[[sale]]\nevent = "%s"\ntotal = 100000000\nper_user_limit = 1\n\n' "$2"
       printf '[[sale]]\nevent = "s%05d"\ntotal = 50\nper_user_limit = 1\n\n' "$i"
     done
-    echo "[redis]"
-    echo "url = \"redis://127.0.0.1:$REDIS_PORT\""
-    echo "[balancer]"
-    echo "listen = \"127.0.0.1:$3\""
-    echo "admin = \"127.0.0.1:$4\""
-    echo "strategy = \"$SALE_STRATEGY\""
-    for i in 0 1 2 3; do
-      echo "[[node]]"
-      echo "name = \"n$((i + 1))\""
-      echo "listen = \"127.0.0.1:${NODE_PORTS[$i]}\""
-      echo "weight = 1"
-      echo "threads = 1"
-    done
-    echo "[server]"
-    echo "grace_period = \"1s\""
+    write_fleet "$3" "$4"
   } >"$1"
 }
 if wants sales; then

@@ -427,16 +427,7 @@ pub fn is_id_byte(b: u8) -> bool {
 
 /// [`is_id_byte`] as a table: every purchase checks its buyer and its key
 /// byte by byte.
-static ID_BYTE: [bool; 256] = {
-    let mut t = [false; 256];
-    let mut c = 0;
-    while c < 256 {
-        let b = c as u8;
-        t[c] = b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'-');
-        c += 1;
-    }
-    t
-};
+static ID_BYTE: [bool; 256] = crate::http1::alphanumeric_and(b"_.:@-");
 
 /// Whether `id` is 1 to `max` bytes of [`is_id_byte`].
 fn is_id(id: &[u8], max: usize) -> bool {

@@ -11,3 +11,22 @@ pub mod date;
 pub mod hop;
 pub mod request;
 pub mod response;
+
+/// A table of the bytes that are ASCII letters or digits or in `extra`:
+/// the character classes that every request checks byte by byte (a
+/// target's, a `Host`'s, a buyer id's), as one load per byte instead of a
+/// chain of comparisons.
+pub const fn alphanumeric_and(extra: &[u8]) -> [bool; 256] {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        t[c] = (c as u8).is_ascii_alphanumeric();
+        c += 1;
+    }
+    let mut i = 0;
+    while i < extra.len() {
+        t[extra[i] as usize] = true;
+        i += 1;
+    }
+    t
+}

@@ -382,35 +382,7 @@ fn is_plain_uri_char(c: u8) -> bool {
 /// [`is_plain_uri_char`] as a table: every request's target and `Host` go
 /// through it byte by byte, and a lookup is one load where the chain of
 /// comparisons was a dozen.
-static PLAIN: [bool; 256] = {
-    let mut t = [false; 256];
-    let mut c = 0;
-    while c < 256 {
-        let b = c as u8;
-        t[c] = b.is_ascii_alphanumeric()
-            || matches!(
-                b,
-                b'-' | b'.'
-                    | b'_'
-                    | b'~'
-                    | b'%'
-                    | b'!'
-                    | b'$'
-                    | b'&'
-                    | b'\''
-                    | b'('
-                    | b')'
-                    | b'*'
-                    | b'+'
-                    | b','
-                    | b';'
-                    | b'='
-                    | b':'
-            );
-        c += 1;
-    }
-    t
-};
+static PLAIN: [bool; 256] = super::alphanumeric_and(b"-._~%!$&'()*+,;=:");
 
 #[cfg(test)]
 mod tests {
