@@ -484,7 +484,7 @@ async fn each_sale_has_its_own_line_and_a_pass_is_its_sales_only() {
         nodes: vec![p(), p()],
     };
     let mut text = String::new();
-    for (event, total) in [("a", 20), ("b", 20), ("c", 1)] {
+    for (event, total) in [("a", 20), ("b", 20), ("c", 1), ("d", 5)] {
         text.push_str(&format!(
             "[[sale]]\nevent = \"{event}\"\ntotal = {total}\nper_user_limit = 1\n\n"
         ));
@@ -645,6 +645,50 @@ async fn each_sale_has_its_own_line_and_a_pass_is_its_sales_only() {
         .expect("answer");
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.body);
     }
+
+    // A token for `a` alone hears nothing of another sale at the gate: not
+    // `c`'s sold_out, not a place in `d`'s line, which is not even made
+    // (a line is a Redis loop for two minutes): the node's 401.
+    let exp = spike::auth::unix_now() + 3600;
+    let only_a = spike::auth::mint_for(&key, "pa9", &["a"], exp, None).expect("mint");
+    let only_a = format!("Bearer {only_a}");
+    for event in ["c", "d"] {
+        let r = send(
+            &c,
+            Method::GET,
+            b,
+            &format!("/events/{event}/buy"),
+            &[("Authorization", only_a.as_str())],
+        )
+        .await
+        .expect("answer");
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{event}: {}", r.body);
+    }
+    let mut redis_conn = redis.connection().expect("redis");
+    let d_line: i64 = redis::cmd("EXISTS")
+        .arg("spike:{d}:line")
+        .arg("spike:{d}:line_pre")
+        .arg("spike:{d}:line_marks")
+        .query(&mut redis_conn)
+        .expect("exists");
+    assert_eq!(d_line, 0, "a refused token made d's line");
+    // A purchase naming no sale is refused at the gate (before, it passed
+    // every line and relied on the node's own file listing several).
+    let r = send(
+        &c,
+        Method::GET,
+        b,
+        "/buy/ticket",
+        &[("Authorization", bearer.as_str())],
+    )
+    .await
+    .expect("answer");
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    assert!(
+        r.body.contains("name one") && !r.body.contains("order by its id"),
+        "not the gate's answer: {}",
+        r.body
+    );
 
     // In its own sale the pass buys.
     let r = lines[0].1[0].ask(&c, b, "a").await;

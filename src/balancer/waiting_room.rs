@@ -315,6 +315,13 @@ impl WaitingRoom {
 
     /// The line of the sale `event` (several sales), made on its first
     /// request; `None` when the fleet does not sell it (a node answers).
+    /// Whether a line may be kept for `event` here (one of the file's
+    /// sales, with a store), without making one.
+    fn keeps(&self, event: &str) -> bool {
+        self.lines.load().contains_key(event)
+            || self.stores.get().is_some_and(|s| s.config(event).is_some())
+    }
+
     fn line_for(&self, event: &str) -> Option<Arc<Line>> {
         if let Some(line) = self.lines.load().get(event) {
             line.asked();
@@ -622,6 +629,18 @@ fn no_line() -> Reply {
     }
 }
 
+/// A purchase that names no sale, in front of several: the node's 400,
+/// answered at the gate so that no purchase passes the lines by naming
+/// none (a node whose own file lists one sale would sell it).
+fn unnamed() -> Reply {
+    Reply {
+        status: StatusCode::BAD_REQUEST,
+        body: ReplyBody::Static(b"{\"status\":\"bad_request\",\"reason\":\"this fleet sells several sales: name one, /events/EVENT/buy or ?event=EVENT\"}\n"),
+        header: None,
+        cookie: None,
+    }
+}
+
 /// A purchase that names more than one sale.
 fn ambiguous(why: crate::protocol::AmbiguousSale) -> Reply {
     let body =
@@ -714,10 +733,32 @@ pub fn gate<'a, I: Iterator<Item = &'a [u8]>>(
         // store at start: closed rather than open to everyone.
         return Gate::Answer(unattached());
     }
+    let token = token();
+    // The buyer, once verified (in front of several sales with `[auth]`,
+    // before the line: see below); the checks further on take it from here.
+    let mut verified: Option<String> = None;
     let line = if active.config.several_sales {
         match event() {
-            // No sale named: the node's 400, which sells nothing.
-            Ok(None) => return Gate::Pass,
+            // No sale named: refused here as the node would (400), so that
+            // no purchase passes the lines by naming none.
+            Ok(None) => return Gate::Answer(unnamed()),
+            Ok(Some(e)) if active.config.auth.is_some() => {
+                // A token that does not buy in this sale makes no line (a
+                // line is a Redis loop for two minutes) and hears nothing of
+                // the sale's state: the node's 401. (A sale the file does
+                // not list is the node's 404 first, as without `[auth]`.)
+                if !room.keeps(e) {
+                    return Gate::Answer(no_line());
+                }
+                match buyer_of(active, client, token, e) {
+                    Ok(buyer) => verified = Some(buyer),
+                    Err(reply) => return Gate::Answer(reply),
+                }
+                match room.line_for(e) {
+                    Some(line) => LineRef::Of(line),
+                    None => return Gate::Answer(no_line()),
+                }
+            }
             Ok(Some(e)) => match room.line_for(e) {
                 Some(line) => LineRef::Of(line),
                 // No line here for that sale: not one of the file's (the
@@ -734,7 +775,10 @@ pub fn gate<'a, I: Iterator<Item = &'a [u8]>>(
     let Some(view) = line.view.load_full() else {
         return match line {
             // Heard on its first request: the join answers the line.
-            LineRef::Of(line) => match buyer_of(active, client, token(), &line.event) {
+            LineRef::Of(line) => match verified
+                .take()
+                .map_or_else(|| buyer_of(active, client, token, &line.event), Ok)
+            {
                 Ok(buyer) => Gate::Join(Joining {
                     buyer,
                     line: Some(line),
@@ -761,10 +805,13 @@ pub fn gate<'a, I: Iterator<Item = &'a [u8]>>(
         // again to a node now, and only with its key: the retry of a
         // purchase whose answer was lost.
         let retry = client_key
-            && buyer_of(active, client, token(), &line.event).is_ok_and(|buyer| {
-                cookie(cookies(), line.pass_name())
-                    .is_some_and(|pass| checked(&line, &view, b'p', &buyer, pass).is_some())
-            });
+            && verified
+                .take()
+                .map_or_else(|| buyer_of(active, client, token, &line.event), Ok)
+                .is_ok_and(|buyer| {
+                    cookie(cookies(), line.pass_name())
+                        .is_some_and(|pass| checked(&line, &view, b'p', &buyer, pass).is_some())
+                });
         return Gate::Shut {
             reply: shut_answer(state, now),
             retry,
@@ -789,7 +836,10 @@ pub fn gate<'a, I: Iterator<Item = &'a [u8]>>(
             retry: false,
         };
     }
-    let buyer = match buyer_of(active, client, token(), &line.event) {
+    let buyer = match verified
+        .take()
+        .map_or_else(|| buyer_of(active, client, token, &line.event), Ok)
+    {
         Ok(b) => b,
         Err(reply) => return Gate::Answer(reply),
     };
