@@ -4,7 +4,9 @@
 //! (cached there, so asking often costs the store little).
 //! Admin-only: nothing here runs on the proxy's path.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -215,26 +217,154 @@ async fn learn(shared: &Shared) {
     shared.edge.done_learning();
 }
 
-/// One `GET path` on a fresh connection to `addr` (also the status's read
-/// of the sale, [`super::recent`]).
-pub(super) async fn ask(addr: std::net::SocketAddr, path: &str) -> Result<Bytes, String> {
-    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
+/// One `GET path` to `addr` (also the status's read of the sale,
+/// [`super::recent`]), on a kept-alive connection when one is idle.
+pub(super) async fn ask(addr: SocketAddr, path: &str) -> Result<Bytes, String> {
+    let reused = match idle_asker(addr) {
+        // An idle connection the node has closed since fails at once: then
+        // a fresh one.
+        Some(sender) => ask_on(addr, sender, path).await.ok(),
+        None => None,
+    };
+    let (status, body) = match reused {
+        Some(answer) => answer,
+        None => {
+            let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+            let _ = stream.set_nodelay(true);
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            ask_on(addr, sender, path).await?
+        }
+    };
+    if status != StatusCode::OK {
+        return Err(format!("answered {status}"));
+    }
+    Ok(body)
+}
+
+/// A connection for [`ask`]: its sender, kept between asks.
+type Asker = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+/// Idle connections of [`ask`] by address, so that the edges' long polls
+/// (one per sold-out sale asked about, each coming back every 0.7 s) and
+/// the status page's reads reuse connections: a fresh one per poll was
+/// 1.4 connections a second per sold-out sale, each leaving a TIME_WAIT
+/// at the balancer (found in review: a thousand sold-out trains would use
+/// up its ports). The addresses are the file's nodes.
+static IDLE_ASKERS: LazyLock<Mutex<HashMap<SocketAddr, Vec<Asker>>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// Idle connections kept per address: more than the long polls one
+/// balancer keeps at once in a usual fleet; beyond, a connection closes
+/// after its answer.
+const IDLE_ASKERS_MOST: usize = 64;
+
+fn idle_asker(addr: SocketAddr) -> Option<Asker> {
+    let mut idle = IDLE_ASKERS.lock().unwrap_or_else(|e| e.into_inner());
+    let kept = idle.get_mut(&addr)?;
+    while let Some(sender) = kept.pop() {
+        if !sender.is_closed() {
+            return Some(sender);
+        }
+    }
+    None
+}
+
+fn keep_asker(addr: SocketAddr, sender: Asker) {
+    if sender.is_closed() {
+        return;
+    }
+    let mut idle = IDLE_ASKERS.lock().unwrap_or_else(|e| e.into_inner());
+    let kept = idle.entry(addr).or_default();
+    if kept.len() < IDLE_ASKERS_MOST {
+        kept.push(sender);
+    }
+}
+
+/// `GET path` on `sender`'s connection, which is kept for the next ask
+/// once the whole answer is read; `Err` when the connection failed.
+async fn ask_on(
+    addr: SocketAddr,
+    mut sender: Asker,
+    path: &str,
+) -> Result<(StatusCode, Bytes), String> {
+    sender.ready().await.map_err(|e| e.to_string())?;
     let req = hyper::Request::get(path)
         .header(hyper::header::HOST, addr.to_string())
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
     let res = sender.send_request(req).await.map_err(|e| e.to_string())?;
-    if res.status() != StatusCode::OK {
-        return Err(format!("answered {}", res.status()));
-    }
+    let status = res.status();
     let body = Limited::new(res.into_body(), MAX_SALE_BODY)
         .collect()
         .await
         .map_err(|e| e.to_string())?
         .to_bytes();
-    Ok(body)
+    keep_asker(addr, sender);
+    Ok((status, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Asks of one address reuse one connection (a fresh one per ask was a
+    /// TIME_WAIT per poll), and a connection the peer closed is replaced.
+    #[tokio::test]
+    async fn asks_reuse_a_kept_alive_connection() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut answered = 0;
+                    loop {
+                        let mut chunk = [0u8; 1024];
+                        let Ok(read) = s.read(&mut chunk).await else {
+                            return;
+                        };
+                        if read == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..read]);
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            let _ = s
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                                .await;
+                            answered += 1;
+                            // The first connection closes after two answers.
+                            if n == 0 && answered == 2 {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        for _ in 0..2 {
+            assert_eq!(
+                ask(addr, "/sale").await.expect("ask"),
+                Bytes::from_static(b"ok")
+            );
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for _ in 0..3 {
+            assert_eq!(
+                ask(addr, "/sale").await.expect("ask"),
+                Bytes::from_static(b"ok")
+            );
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
 }
