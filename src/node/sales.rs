@@ -13,11 +13,11 @@
 //! stay in the store, readable with `spike stock` and `orders tail`).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use tokio::task::AbortHandle;
 
 use super::state::Node;
 use super::store::Stores;
@@ -46,14 +46,14 @@ pub struct Sales {
     reloading: Mutex<()>,
 }
 
-/// One sale at one node: its state once made, and the tasks that keep it.
+/// One sale at one node: its state once made.
 struct Slot {
     /// The state, `None` until the first request and after it is dropped.
     node: ArcSwapOption<Node>,
     /// Held while the state is made or dropped: one of each at a time.
     making: tokio::sync::Mutex<()>,
-    /// The state's poll, sweep and idle check, stopped with it.
-    tasks: Mutex<Vec<AbortHandle>>,
+    /// A reload removed the sale: a state being made is not kept.
+    removed: AtomicBool,
     /// Dropped after this long without a request (`None`: never, a
     /// single sale).
     idle_after: Option<Duration>,
@@ -64,20 +64,9 @@ impl Slot {
         Arc::new(Slot {
             node: ArcSwapOption::empty(),
             making: tokio::sync::Mutex::new(()),
-            tasks: Mutex::new(Vec::new()),
+            removed: AtomicBool::new(false),
             idle_after,
         })
-    }
-
-    fn stop_tasks(&self) {
-        for t in self
-            .tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-        {
-            t.abort();
-        }
     }
 }
 
@@ -209,24 +198,35 @@ impl Sales {
             return Ok(node);
         }
         // A reload may have removed the sale while this waited.
-        if !self
-            .slots
-            .load()
-            .get(event)
-            .is_some_and(|s| Arc::ptr_eq(s, &slot))
-        {
+        if slot.removed.load(Ordering::SeqCst) {
             return Err(Missing::Unknown);
         }
-        let (Some(stores), Some(config)) = (&self.stores, self.config.load_full()) else {
+        let Some(stores) = &self.stores else {
             return Err(Missing::Unknown);
         };
         let sale = stores.config(event).ok_or(Missing::Unknown)?;
         let store = stores.get(event).await.ok_or(Missing::Unknown)?;
+        // The file as it is now, after the wait for the store.
+        let config = self.config.load_full().ok_or(Missing::Unknown)?;
         let node = super::build_for(&config, &sale, &self.name, store)
             .map_err(|e| Missing::Broken(e.to_string()))?;
+        pause::at("built", event).await;
+        // A reload that removed the sale meanwhile (it takes `making` to
+        // drop the state, so it cannot miss one stored after this).
+        if slot.removed.load(Ordering::SeqCst) {
+            return Err(Missing::Unknown);
+        }
         node.touch();
         slot.node.store(Some(node.clone()));
         self.start(&slot, &node);
+        // A reload that changed `[auth]` since the file was read put its
+        // keys on the states it saw: this one may not have been among them.
+        if let Some(now) = self.config.load_full()
+            && !Arc::ptr_eq(&now, &config)
+            && let Ok(auth) = super::authority_for(&now, event)
+        {
+            node.set_auth(auth);
+        }
         tracing::debug!(node = %self.name, event, "a sale's state made on its request");
         Ok(node)
     }
@@ -248,41 +248,45 @@ impl Sales {
         }
         let watch = tokio::spawn(node.clone().watch());
         let sweep = tokio::spawn(super::sweep::sweep(Arc::downgrade(node)));
-        let mut tasks = slot.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        tasks.push(watch.abort_handle());
-        tasks.push(sweep.abort_handle());
+        node.keep_task(watch.abort_handle());
+        node.keep_task(sweep.abort_handle());
         if let Some(idle_after) = slot.idle_after {
             let idle = tokio::spawn(drop_when_idle(
                 Arc::downgrade(slot),
                 Arc::downgrade(node),
                 idle_after,
             ));
-            tasks.push(idle.abort_handle());
+            node.keep_task(idle.abort_handle());
         }
     }
 
     /// Stops every made sale's background work (the node stops).
     pub fn stop(&self) {
         for slot in self.slots.load().values() {
-            slot.stop_tasks();
+            if let Some(node) = slot.node.load_full() {
+                node.stop_tasks();
+            }
         }
     }
 
     /// Puts `config`'s `[auth]` keys in force on every sale, made or not
     /// (a reload of the file); an error leaves the keys in force.
     pub fn set_auth(&self, config: &Config) -> Result<(), ConfigError> {
-        let mut fresh = Vec::new();
         for node in self.made() {
-            let auth = super::authority_for(config, node.event())?;
-            fresh.push((node, auth));
+            super::authority_for(config, node.event())?;
         }
-        for (node, auth) in fresh {
-            node.set_auth(auth);
-        }
+        // The keys go in the file first, then on the states made: a state
+        // made meanwhile either is among those or reads the file after it
+        // was stored (see [`Sales::get`]).
         if let Some(old) = self.config.load_full() {
             let mut kept = Config::clone(&old);
             kept.auth.clone_from(&config.auth);
             self.config.store(Some(Arc::new(kept)));
+        }
+        for node in self.made() {
+            if let Ok(auth) = super::authority_for(config, node.event()) {
+                node.set_auth(auth);
+            }
         }
         Ok(())
     }
@@ -330,17 +334,27 @@ impl Sales {
             .filter(|(e, _)| !next.contains_key(*e))
             .map(|(_, s)| s.clone())
             .collect();
+        for slot in &removed {
+            slot.removed.store(true, Ordering::SeqCst);
+        }
         if let Some(stores) = &self.stores {
             stores.set_sales(&config.sales);
         }
         self.config.store(Some(Arc::new(config.clone())));
         self.slots.store(Arc::new(next));
+        let name = self.name.clone();
         for slot in removed {
-            slot.stop_tasks();
-            if let Some(node) = slot.node.swap(None) {
-                tracing::info!(node = %self.name, event = %node.event(), "sale removed by the reload: no longer sold here");
-                tokio::spawn(async move { node.retire().await });
-            }
+            // Under `making`: a state a request is making now is stored
+            // before this looks, or not made at all (`removed` is set).
+            let name = name.clone();
+            tokio::spawn(async move {
+                let _making = slot.making.lock().await;
+                if let Some(node) = slot.node.swap(None) {
+                    tracing::info!(node = %name, event = %node.event(), "sale removed by the reload: no longer sold here");
+                    node.stop_tasks();
+                    node.retire().await;
+                }
+            });
         }
         if !added.is_empty() {
             tracing::info!(node = %self.name, added = added.len(), "sales added by the reload are on sale from their first request");
@@ -396,21 +410,186 @@ async fn drop_when_idle(slot: Weak<Slot>, node: Weak<Node>, idle_after: Duration
             }
             slot.node.store(None);
         }
-        // Every task of this state but this one, which ends here.
-        let tasks: Vec<AbortHandle> = slot
-            .tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-            .collect();
-        let me = tokio::task::try_id();
-        for t in tasks {
-            if Some(t.id()) != me {
-                t.abort();
-            }
-        }
+        pause::at("dropped", node.event()).await;
+        // Every task of this state but this one, which ends here; a state
+        // made since keeps its own.
+        node.stop_tasks();
         node.retire().await;
         tracing::debug!(node = %node.name(), event = %node.event(), idle = ?node.idle_for(), "an idle sale's state dropped");
         return;
+    }
+}
+
+/// Test-only pauses at the points where a request meets an idle drop or a
+/// reload, so that a test runs the one inside the other's window; nothing
+/// outside the lib tests.
+#[cfg(not(test))]
+mod pause {
+    #[inline(always)]
+    pub async fn at(_point: &'static str, _event: &str) {}
+}
+
+#[cfg(test)]
+mod pause {
+    use std::sync::{Arc, Mutex};
+    use tokio::sync::Semaphore;
+
+    /// One pause: `reached` gets a permit when the code is there, and it
+    /// goes on once `go` has one.
+    pub struct Gate {
+        pub reached: Semaphore,
+        pub go: Semaphore,
+    }
+
+    type Gates = Vec<(&'static str, String, Arc<Gate>)>;
+    static GATES: Mutex<Gates> = Mutex::new(Vec::new());
+
+    /// Pauses the next pass at `point` for the sale of `event` (once).
+    pub fn set(point: &'static str, event: &str) -> Arc<Gate> {
+        let gate = Arc::new(Gate {
+            reached: Semaphore::new(0),
+            go: Semaphore::new(0),
+        });
+        GATES.lock().unwrap_or_else(|p| p.into_inner()).push((
+            point,
+            event.to_string(),
+            gate.clone(),
+        ));
+        gate
+    }
+
+    pub async fn at(point: &'static str, event: &str) {
+        let gate = {
+            let mut gates = GATES.lock().unwrap_or_else(|p| p.into_inner());
+            let i = gates.iter().position(|(p, e, _)| *p == point && e == event);
+            i.map(|i| gates.remove(i).2)
+        };
+        if let Some(g) = gate {
+            g.reached.add_permits(1);
+            if let Ok(p) = g.go.acquire().await {
+                p.forget();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    /// A node `n1` of the sales `events` on the embedded store, idle after
+    /// 300 ms; `tail` ends the file (an `[auth]`).
+    fn file(events: &[&str], tail: &str) -> Config {
+        let mut text = String::new();
+        for e in events {
+            text.push_str(&format!("[[sale]]\nevent = \"{e}\"\ntotal = 10\n\n"));
+        }
+        text.push_str("[[node]]\nname = \"n1\"\nlisten = \"127.0.0.1:1\"\n\n");
+        text.push_str(tail);
+        let mut config = Config::parse(Path::new("test.toml"), &text).expect("valid file");
+        // Below what a file may say (two `lease_ttl`s), so that the test
+        // sees drops in a second, not in a minute.
+        for s in &mut config.sales {
+            s.idle_after = Duration::from_millis(300);
+        }
+        config
+    }
+
+    async fn sales_of(config: &Config) -> Arc<Sales> {
+        let stores = Stores::open(&config.sales, None).await.expect("stores");
+        Sales::new(config, "n1", stores).await.expect("sales")
+    }
+
+    async fn reached(gate: &pause::Gate) {
+        tokio::time::timeout(Duration::from_secs(10), gate.reached.acquire())
+            .await
+            .expect("the pause is reached")
+            .expect("open")
+            .forget();
+    }
+
+    /// B1: a request that makes a sale's state again while the idle drop
+    /// of the one before is under way (the slot emptied, the old state's
+    /// tasks not yet stopped) keeps its own tasks: its idle check still
+    /// runs, and drops it in its turn.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_state_made_during_an_idle_drop_keeps_its_tasks() {
+        let config = file(&["b1-a", "b1-b"], "");
+        let sales = sales_of(&config).await;
+        let gate = pause::set("dropped", "b1-a");
+        let first = sales.get("b1-a").await.expect("made");
+        reached(&gate).await;
+        let second = sales.get("b1-a").await.expect("made again");
+        assert!(!Arc::ptr_eq(&first, &second), "a new state");
+        drop(first);
+        gate.go.add_permits(1);
+        let (second, made) = (Arc::downgrade(&second), second);
+        drop(made);
+        let until = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !sales.made().is_empty() {
+            assert!(
+                tokio::time::Instant::now() < until,
+                "the new state's idle check was stopped with the old state's tasks"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Dropped, its tasks gone: nothing holds it.
+        let until = tokio::time::Instant::now() + Duration::from_secs(5);
+        while second.upgrade().is_some() {
+            assert!(
+                tokio::time::Instant::now() < until,
+                "the dropped state leaked"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// B2: a reload that removes a sale while a request is making its
+    /// state: the request finds no sale, and no state is left behind with
+    /// its tasks (polling, renewing a lease nobody gives back).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sale_removed_while_its_state_is_made_is_not_sold_or_kept() {
+        let config = file(&["b2-a", "b2-b"], "");
+        let sales = sales_of(&config).await;
+        let gate = pause::set("built", "b2-b");
+        let asking = sales.clone();
+        let asked =
+            tokio::spawn(async move { asking.get("b2-b").await.map(|n| Arc::downgrade(&n)) });
+        reached(&gate).await;
+        sales.reload(&file(&["b2-a", "b2-c"], "")).expect("reload");
+        gate.go.add_permits(1);
+        let answer = asked.await.expect("get");
+        let kept = answer.as_ref().ok().and_then(|w| w.upgrade()).is_some();
+        assert!(
+            matches!(answer, Err(Missing::Unknown)),
+            "a removed sale's state was made (and kept: {kept})"
+        );
+    }
+
+    /// B4: a reload that changes `[auth]` while a request is making a
+    /// sale's state: the state made checks buyers with the new keys.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_state_made_during_a_reload_has_the_reloaded_keys() {
+        use base64::Engine as _;
+        let config = file(&["b4-a", "b4-b"], "");
+        let sales = sales_of(&config).await;
+        let gate = pause::set("built", "b4-a");
+        let asking = sales.clone();
+        let asked = tokio::spawn(async move { asking.get("b4-a").await });
+        reached(&gate).await;
+        let key = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+        let keyed = file(
+            &["b4-a", "b4-b"],
+            &format!("[auth]\nbuyer_keys = [\"k1:hs256:{key}\"]\n"),
+        );
+        sales.reload(&keyed).expect("reload");
+        gate.go.add_permits(1);
+        let node = asked.await.expect("get").ok().expect("made");
+        assert!(
+            node.auth().is_some(),
+            "a state made during the reload checks buyers with the old keys (none)"
+        );
     }
 }

@@ -126,6 +126,10 @@ pub struct Node {
     /// The state is being dropped: no new lease request starts (its units
     /// would be held by a node that no longer sells).
     retired: AtomicBool,
+    /// This state's poll, sweep and idle check ([`super::Sales`] starts
+    /// them): kept here, not with the sale, so that stopping one state's
+    /// tasks can never stop those of the state made after it.
+    tasks: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 /// A random 64-bit value from the standard library's per-process hasher
@@ -184,6 +188,7 @@ impl Node {
             born: Instant::now(),
             last_used: AtomicU64::new(0),
             retired: AtomicBool::new(false),
+            tasks: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -209,6 +214,33 @@ impl Node {
     /// them, or a lease request in flight.
     pub fn busy(&self) -> bool {
         self.lease.in_flight() > 0 || self.refilling.load(Ordering::Acquire)
+    }
+
+    /// Keeps `task` (one of this state's background tasks) to be stopped
+    /// with the state.
+    pub(super) fn keep_task(&self, task: tokio::task::AbortHandle) {
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(task);
+    }
+
+    /// Stops this state's background tasks, but the one calling (an idle
+    /// check dropping its own state goes on to give the lease back).
+    pub(super) fn stop_tasks(&self) {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        let me = tokio::task::try_id();
+        for t in tasks {
+            if Some(t.id()) != me {
+                t.abort();
+            }
+        }
+    }
+
+    /// Whether this state was dropped ([`Node::retire`]): a request that
+    /// found it just before may ask for the sale's state again.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::SeqCst)
     }
 
     /// Stops selling from this state for good (its sale's state is being
