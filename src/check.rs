@@ -58,7 +58,8 @@ const LISTED: usize = 20;
 
 /// Redis answers, every sale of the file is compared with the one the
 /// store holds (one connection for all), and Redis keeps what it
-/// acknowledges (asked once: one Redis for every sale).
+/// acknowledges: asked once of one server, once of each Cluster primary
+/// that holds a sale of the file (each keeps its own).
 async fn check_redis(
     sales: &[crate::config::SaleConfig],
     redis: &crate::config::RedisConfig,
@@ -77,7 +78,8 @@ async fn check_redis(
         }
     };
     let (mut stored, mut unstarted, mut answered) = (0usize, 0usize, false);
-    let mut durability_store = None;
+    // One store per server to ask of durability (`None`: the one server).
+    let mut durability_stores: Vec<(Option<String>, _)> = Vec::new();
     for sale in sales {
         let Some(store) = stores.get(&sale.event).await else {
             continue;
@@ -119,7 +121,10 @@ async fn check_redis(
                 );
             }
         }
-        durability_store.get_or_insert(store);
+        let primary = store.primary();
+        if !durability_stores.iter().any(|(p, _)| *p == primary) {
+            durability_stores.push((primary, store));
+        }
     }
     if sales.len() > 1 {
         eprintln!(
@@ -127,26 +132,28 @@ async fn check_redis(
             sales.len()
         );
     }
-    let Some(store) = durability_store else {
-        return true;
-    };
-    match store.durability().await {
-        Ok(Some(d)) => {
-            let problems = d.problems();
-            for problem in &problems {
-                eprintln!("spike: {problem}");
+    let mut durable = true;
+    for (primary, store) in durability_stores {
+        let at = primary.map_or_else(String::new, |p| format!("redis primary {p}: "));
+        durable &= match store.durability().await {
+            Ok(Some(d)) => {
+                let problems = d.problems();
+                for problem in &problems {
+                    eprintln!("spike: {at}{problem}");
+                }
+                if problems.is_empty() {
+                    eprintln!(
+                        "spike: {at}redis keeps what it acknowledges (append-only file, no eviction of the sale's keys)"
+                    );
+                }
+                problems.is_empty()
             }
-            if problems.is_empty() {
-                eprintln!(
-                    "spike: redis keeps what it acknowledges (append-only file, no eviction of the sale's keys)"
-                );
+            Ok(None) => true,
+            Err(e) => {
+                eprintln!("spike: reading redis's durability at {url}: {at}{e}");
+                false
             }
-            problems.is_empty()
-        }
-        Ok(None) => true,
-        Err(e) => {
-            eprintln!("spike: reading redis's durability at {url}: {e}");
-            false
-        }
+        };
     }
+    durable
 }

@@ -261,3 +261,67 @@ async fn two_hundred_sales_sell_exactly_and_spread_over_the_shards() {
     );
     common::spike::remove_config(&path);
 }
+
+/// `spike check` on a Cluster asks every primary that holds a sale of the
+/// file whether it keeps what it acknowledges, not only the first sale's:
+/// a primary with `appendonly` off fails the check, named.
+#[test]
+fn check_asks_each_primary_of_a_cluster_of_its_durability() {
+    let shards = cluster();
+    let url = format!(
+        "redis-cluster://127.0.0.1:{}?node=127.0.0.1:{}&node=127.0.0.1:{}",
+        shards[0].port, shards[1].port, shards[2].port
+    );
+    let events: Vec<String> = (0..12).map(|i| format!("dur{i}")).collect();
+    // The shard that owns a sale's keys answers for it; the others send
+    // the client elsewhere (MOVED).
+    let owner = |event: &str| {
+        shards
+            .iter()
+            .position(|s| {
+                let mut c = s.connection().expect("shard connection");
+                redis::cmd("EXISTS")
+                    .arg(format!("spike:{{{event}}}:stock"))
+                    .query::<i64>(&mut c)
+                    .is_ok()
+            })
+            .expect("a shard owns every slot")
+    };
+    let first = owner(&events[0]);
+    let volatile = events
+        .iter()
+        .map(|e| owner(e))
+        .find(|o| *o != first)
+        .expect("the sales span two shards");
+    let mut c = shards[volatile].connection().expect("shard connection");
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("appendonly")
+        .arg("no")
+        .query(&mut c)
+        .expect("CONFIG SET");
+    let mut text = String::new();
+    for e in &events {
+        text.push_str(&format!("[[sale]]\nevent = \"{e}\"\ntotal = 5\n\n"));
+    }
+    text.push_str(&format!(
+        "[redis]\nurl = \"{url}\"\ntimeout = \"1s\"\n\n[[node]]\nname = \"n1\"\nlisten = \"{}\"\n",
+        common::free_addr()
+    ));
+    let path = write_config(&text);
+    let out = run(&["check", "--config", path.to_str().expect("path")]);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains(&format!(
+            "redis primary 127.0.0.1:{}: appendonly is off",
+            shards[volatile].port
+        )),
+        "{said}"
+    );
+    common::spike::remove_config(&path);
+}

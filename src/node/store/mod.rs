@@ -261,6 +261,15 @@ impl Store {
         }
     }
 
+    /// The Cluster primary that holds the sale (see
+    /// [`RedisStore::primary`]); `None` with one Redis server or embedded.
+    pub fn primary(&self) -> Option<String> {
+        match self {
+            Store::Redis(r) => r.primary(),
+            Store::Embedded(_) => None,
+        }
+    }
+
     /// Where the nodes of this process that sell from this store keep its
     /// holders: one copy per process (see [`holders::HolderCell`]).
     pub fn holder_cell(&self) -> std::sync::Arc<holders::HolderCell> {

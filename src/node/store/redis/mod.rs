@@ -34,6 +34,7 @@ use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
+use fred::interfaces::ClusterInterface as _;
 use fred::prelude::*;
 use fred::types::scripts::Script;
 use fred::types::{ClusterHash, CustomCommand};
@@ -860,6 +861,24 @@ impl RedisStore {
             }
         }
         Ok(durability)
+    }
+
+    /// The Redis server that answers [`RedisStore::durability`] for this
+    /// sale: `None` with one server (every sale's answer is the same),
+    /// else the Cluster primary that holds the sale's slot as the
+    /// connection last learned it (the slot itself when not known), so
+    /// that `spike check` asks each primary once.
+    pub fn primary(&self) -> Option<String> {
+        let client = self.link.pool.next();
+        if !client.is_clustered() {
+            return None;
+        }
+        Some(
+            client
+                .cached_cluster_state()
+                .and_then(|s| s.get_server(self.link.slot).map(|s| s.to_string()))
+                .unwrap_or_else(|| format!("slot {}", self.link.slot)),
+        )
     }
 
     /// PING within the timeout.
