@@ -333,14 +333,8 @@ impl crate::balancer::state::ReloadHook for FleetHook {
             .len()
             == 1;
         crate::node::sales::refuse_one_to_several(one_now, config).map_err(|e| e.to_string())?;
-        // Sales the file adds are started before any node sells them.
-        let added = self
-            .runtime
-            .block_on(self.fleet.start_added_sales(config))
-            .map_err(|e| format!("the sales added cannot start: {e}; the file is refused"))?;
-        if added > 0 {
-            tracing::info!(added, "sales added by the reload are started in the store");
-        }
+        // The refusals told at once first: a file refused must not have
+        // written its added sales' stock.
         if config.nodes.is_empty() {
             return Err(format!(
                 "{}: `spike up` runs the file's [[node]] entries and there are none",
@@ -383,6 +377,18 @@ impl crate::balancer::state::ReloadHook for FleetHook {
                 internal: n.internal.map(bind).transpose()?,
             };
             bound.push((n.name.clone(), listeners));
+        }
+        // Sales the file adds are started before any node sells them (and
+        // once nothing else can refuse the file but a node's start).
+        let started = self
+            .runtime
+            .block_on(self.fleet.start_added_sales(config))
+            .map_err(|e| format!("the sales added cannot start: {e}; the file is refused"))?;
+        if started > 0 {
+            tracing::info!(
+                added = started,
+                "sales added by the reload are started in the store"
+            );
         }
         for (name, listener) in bound {
             self.runtime

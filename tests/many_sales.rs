@@ -935,3 +935,56 @@ fn time_calls(redis: &RedisServer, window: Duration) -> usize {
     }
     read
 }
+
+/// A reload of `spike up` refused for a reason it can tell at once (a
+/// node's `internal` changed) starts none of the sales it adds in Redis:
+/// the cheap refusals come before the stock is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_refused_at_once_starts_no_added_sale() {
+    let redis = RedisServer::start();
+    let (balancer, admin, node) = (
+        common::free_addr(),
+        common::free_addr(),
+        common::free_addr(),
+    );
+    let file = |events: &[&str], node_tail: &str| {
+        let mut text = String::new();
+        for e in events {
+            text.push_str(&format!("[[sale]]\nevent = \"{e}\"\ntotal = 5\n\n"));
+        }
+        format!(
+            "{text}[redis]\nurl = \"{}\"\n\n[balancer]\nlisten = \"{balancer}\"\nadmin = \"{admin}\"\n{}{node_tail}",
+            redis.url(),
+            common::up::node_entry(1, node)
+        )
+    };
+    let ports = common::up::Ports {
+        balancer,
+        admin,
+        nodes: vec![node],
+    };
+    let (up, path) = common::up::start_up(&file(&["a", "b"], ""), &ports);
+    let internal = common::free_addr();
+    std::fs::write(
+        &path,
+        file(&["a", "b", "c"], &format!("internal = \"{internal}\"\n")),
+    )
+    .expect("rewrite");
+    up.signal("HUP");
+    let c = client();
+    common::wait_for("the refusal", Duration::from_secs(10), async || {
+        let (_, body) = get(&c, admin, "/status").await.expect("status");
+        json(&body)["last_reload"]["ok"] == false
+    })
+    .await;
+    let mut conn = redis.connection().expect("redis");
+    let started: i64 = redis::cmd("EXISTS")
+        .arg("spike:{c}:stock")
+        .query(&mut conn)
+        .expect("EXISTS");
+    assert_eq!(started, 0, "a refused reload started the sale it adds");
+    let (_, body) = get(&c, admin, "/status").await.expect("status");
+    let note = json(&body)["last_reload"].to_string();
+    assert!(note.contains("internal"), "{note}");
+    remove_config(&path);
+}
