@@ -812,6 +812,10 @@ async fn an_idle_sale_is_dropped_and_made_again_and_a_sighup_adds_and_removes_sa
         "{v}"
     );
     assert_eq!(held(n1).await, ["a"]);
+    // c's state held again at n1, with a lease, when the reload removes c.
+    let (s, v) = buy(n1, "c").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(leased("c") > 0, "n1 holds a lease of c");
 
     // A SIGHUP: d added (started with `stock init`), c removed.
     let old = write_config(&file(&["a", "b", "c"]));
@@ -837,6 +841,25 @@ async fn an_idle_sale_is_dropped_and_made_again_and_a_sighup_adds_and_removes_sa
     );
     let (_, stats) = get(&c, n1, "/stats").await.expect("stats");
     assert_eq!(json(&stats)["sales"].as_u64(), Some(3), "{stats}");
+    // The removed sale's lease is given back at once, not left to run
+    // out (`lease_ttl` is 3 s; the state's poll renewed it every second).
+    let leased_c = || {
+        let show = run(&[
+            "stock",
+            "show",
+            "--config",
+            old.to_str().expect("path"),
+            "--event",
+            "c",
+        ]);
+        json(&String::from_utf8_lossy(&show.stdout))["leased"]
+            .as_u64()
+            .expect("leased")
+    };
+    common::wait_for("c's lease given back", Duration::from_secs(1), async || {
+        leased_c() == 0
+    })
+    .await;
     // c's order is still in the store, read with a file that lists it.
     let show = run(&[
         "stock",
@@ -848,7 +871,7 @@ async fn an_idle_sale_is_dropped_and_made_again_and_a_sighup_adds_and_removes_sa
     ]);
     assert_eq!(
         json(&String::from_utf8_lossy(&show.stdout))["sold"].as_u64(),
-        Some(1)
+        Some(2)
     );
     // Every sale of the old file is exact, c's order among them.
     let audit = run(&[
