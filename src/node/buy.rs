@@ -9,7 +9,9 @@ use std::sync::atomic::Ordering;
 use tokio::time::Instant;
 
 use super::lease::Unit;
-use super::state::{Node, REFILL_FAILED, REFILL_NO_SALE, REFILL_NONE, REFILL_NOT_SELLING};
+use super::state::{
+    Node, REFILL_FAILED, REFILL_NO_SALE, REFILL_NONE, REFILL_NOT_SELLING, REFILL_RETIRED,
+};
 use super::stats::Stats;
 use super::store::{Holders, Lookup, OrderState, Outcome, Purchase, StoreError};
 
@@ -80,6 +82,10 @@ pub enum BuyAnswer<'a> {
     Busy,
     /// The store failed or did not answer in time (503).
     StoreFailed,
+    /// The sale's state was dropped (idle) under the purchase before it
+    /// asked the store for units: nothing sold (503, as `StoreFailed`;
+    /// the route asks for the sale's state again first).
+    Dropped,
     /// The store holds no sale (503: run `spike stock init`).
     NotInitialised,
     /// A sale (or replay) the replicas did not acknowledge in time (503:
@@ -119,7 +125,7 @@ impl BuyAnswer<'_> {
             | BuyAnswer::KeyOtherQuantity { .. }
             | BuyAnswer::KeyReused => &stats.bad_requests,
             BuyAnswer::Busy => &stats.busy,
-            BuyAnswer::StoreFailed => &stats.store_errors,
+            BuyAnswer::StoreFailed | BuyAnswer::Dropped => &stats.store_errors,
             BuyAnswer::NotInitialised => &stats.not_initialised,
             BuyAnswer::NotReplicated | BuyAnswer::NoReplicas => &stats.not_replicated,
             BuyAnswer::Unauthorized(_) => &stats.unauthorized,
@@ -176,6 +182,7 @@ impl Node {
             {
                 match self.refill_result.load(Ordering::Acquire) {
                     REFILL_FAILED => return BuyAnswer::StoreFailed,
+                    REFILL_RETIRED => return BuyAnswer::Dropped,
                     REFILL_NO_SALE => return BuyAnswer::NotInitialised,
                     REFILL_NOT_SELLING => {
                         // The store said it does not sell (a pause this

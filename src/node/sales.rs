@@ -424,13 +424,13 @@ async fn drop_when_idle(slot: Weak<Slot>, node: Weak<Node>, idle_after: Duration
 /// reload, so that a test runs the one inside the other's window; nothing
 /// outside the lib tests.
 #[cfg(not(test))]
-mod pause {
+pub(super) mod pause {
     #[inline(always)]
     pub async fn at(_point: &'static str, _event: &str) {}
 }
 
 #[cfg(test)]
-mod pause {
+pub(super) mod pause {
     use std::sync::{Arc, Mutex};
     use tokio::sync::Semaphore;
 

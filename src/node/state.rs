@@ -34,6 +34,8 @@ pub(super) const REFILL_FAILED: u8 = 2;
 pub(super) const REFILL_NO_SALE: u8 = 3;
 /// The sale does not sell now (see [`Node::last_shut`]).
 pub(super) const REFILL_NOT_SELLING: u8 = 4;
+/// The state is dropped (idle): no lease request is sent from it.
+pub(super) const REFILL_RETIRED: u8 = 5;
 
 /// What a node needs to sell, beside its store.
 #[derive(Debug, Clone)]
@@ -235,12 +237,6 @@ impl Node {
                 t.abort();
             }
         }
-    }
-
-    /// Whether this state was dropped ([`Node::retire`]): a request that
-    /// found it just before may ask for the sale's state again.
-    pub fn is_retired(&self) -> bool {
-        self.retired.load(Ordering::SeqCst)
     }
 
     /// Stops selling from this state for good (its sale's state is being
@@ -446,7 +442,7 @@ impl Node {
         if self.retired.load(Ordering::SeqCst) {
             // The state is dropped: the buyers waiting here are told no
             // unit came (they are few: the sale was idle).
-            self.refill_result.store(REFILL_FAILED, Ordering::Release);
+            self.refill_result.store(REFILL_RETIRED, Ordering::Release);
             self.refilling.store(false, Ordering::Release);
             self.lease.wake();
             return;

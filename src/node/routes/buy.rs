@@ -16,14 +16,23 @@ use crate::protocol::{self, BuyerError, KeyError, QuantityError, SOLD_OUT_HEADER
 /// On an answer that repeats the first answer to the same key.
 const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
+/// A purchase that found its sale's state dropped (idle) under it: its
+/// lease request was refused, nothing sold. The answer it would get, a
+/// 503, is for a second try that meets the same.
+pub struct Dropped(pub Answer);
+
 /// Serves a purchase on `node`.
-pub async fn serve(node: &Node, req: &Request<Incoming>) -> Answer {
+pub async fn serve(node: &Node, req: &Request<Incoming>) -> Result<Answer, Dropped> {
     let auth = node.auth();
     let mut verified = None;
     let mut answer = match checked(node, req, auth.as_deref(), &mut verified) {
         Ok((buyer, key, quantity)) => node.buy(buyer, key, quantity).await,
         Err(refused) => refused,
     };
+    if matches!(answer, BuyAnswer::Dropped) {
+        // Not counted: the state is gone with its counters.
+        return Err(Dropped(render(node.name(), answer)));
+    }
     answer.count(&node.stats);
     // In a fleet of several sales an order id names its sale, so that
     // its routes find it (see `routes::orders`).
@@ -39,7 +48,7 @@ pub async fn serve(node: &Node, req: &Request<Incoming>) -> Answer {
         res.headers_mut()
             .insert(protocol::SALE_EVENT_HEADER, event.clone());
     }
-    res
+    Ok(res)
 }
 
 /// The buyer, the key and the quantity of a purchase, or why it is
@@ -172,7 +181,7 @@ pub fn render(node: &str, answer: BuyAnswer<'_>) -> Answer {
         BuyAnswer::Busy => retry_shortly(
             b"{\"status\":\"busy\",\"reason\":\"every ticket left is held by purchases in flight; retry\"}\n",
         ),
-        BuyAnswer::StoreFailed => fixed(
+        BuyAnswer::StoreFailed | BuyAnswer::Dropped => fixed(
             StatusCode::SERVICE_UNAVAILABLE,
             b"{\"status\":\"unavailable\",\"reason\":\"the store did not answer in time; if a ticket was sold, the same purchase sent again (same Idempotency-Key) gets its order\"}\n",
         ),

@@ -46,10 +46,7 @@ pub async fn handle(sales: Arc<Sales>, req: Request<Incoming>) -> Result<Answer,
     Ok(match req.uri().path() {
         PURCHASE_PATH => match *req.method() {
             Method::GET | Method::POST => match named() {
-                Ok(event) => match sales.find(event).await {
-                    Ok(node) => buy::serve(&node, &req).await,
-                    Err(m) => missing(m),
-                },
+                Ok(event) => purchase(&sales, event, &req).await,
                 Err(twice) => event_twice(twice),
             },
             _ => not_allowed("GET, POST"),
@@ -90,10 +87,9 @@ pub async fn handle(sales: Arc<Sales>, req: Request<Incoming>) -> Result<Answer,
                 // The path names the sale; a query that names another (or
                 // names one twice) is no purchase in either.
                 Method::GET | Method::POST => match named() {
-                    Ok(also) if also.is_none_or(|a| a == event) => match sales.get(event).await {
-                        Ok(node) => buy::serve(&node, &req).await,
-                        Err(m) => missing(m),
-                    },
+                    Ok(also) if also.is_none_or(|a| a == event) => {
+                        purchase(&sales, Some(event), &req).await
+                    }
                     Ok(_) => fixed(
                         StatusCode::BAD_REQUEST,
                         b"{\"status\":\"bad_request\",\"reason\":\"the path names one sale and `event` in the query another: name one\"}\n",
@@ -105,6 +101,27 @@ pub async fn handle(sales: Arc<Sales>, req: Request<Incoming>) -> Result<Answer,
             None => not_found(),
         },
     })
+}
+
+/// A purchase in the sale of `event` (`None`: the only one). The state
+/// found may be dropped (idle) before the purchase asks the store for
+/// units, which it then refuses: the sale's state is asked for once more,
+/// so that a drop costs no buyer a 503.
+async fn purchase(sales: &Sales, event: Option<&str>, req: &Request<Incoming>) -> Answer {
+    let node = match sales.find(event).await {
+        Ok(node) => node,
+        Err(m) => return missing(m),
+    };
+    super::sales::pause::at("purchase", node.event()).await;
+    match buy::serve(&node, req).await {
+        Ok(answer) => answer,
+        Err(buy::Dropped(_)) => match sales.find(event).await {
+            Ok(node) => match buy::serve(&node, req).await {
+                Ok(answer) | Err(buy::Dropped(answer)) => answer,
+            },
+            Err(m) => missing(m),
+        },
+    }
 }
 
 /// The answer when a request's sale is not found: it named none and the
@@ -158,4 +175,65 @@ pub fn not_found() -> Answer {
         StatusCode::NOT_FOUND,
         b"{\"status\":\"not_found\",\"reason\":\"no such route: purchases are at /buy/ticket, orders at /orders/{id}\"}\n",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::path::Path;
+    use std::time::Duration;
+
+    use crate::config::Config;
+    use crate::node::Sales;
+    use crate::node::sales::pause;
+    use crate::node::store::Stores;
+
+    /// A purchase that found its sale's state just before the idle drop
+    /// took it (its lease request refused: the state is retired) asks for
+    /// the state again and buys there: a drop costs no buyer a 503.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_purchase_on_a_state_dropped_under_it_buys_on_the_next() {
+        let text = "[[sale]]\nevent = \"rd-a\"\ntotal = 10\nper_user_limit = 0\n\n\
+                    [[sale]]\nevent = \"rd-b\"\ntotal = 10\n\n\
+                    [[node]]\nname = \"n1\"\nlisten = \"127.0.0.1:1\"\n";
+        let mut config = Config::parse(Path::new("test.toml"), text).expect("valid");
+        for s in &mut config.sales {
+            s.idle_after = Duration::from_millis(300);
+        }
+        let stores = Stores::open(&config.sales, None).await.expect("stores");
+        let sales = Sales::new(&config, "n1", stores).await.expect("sales");
+        let listener = crate::server::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn({
+            let (sales, limits) = (sales.clone(), config.server.clone());
+            async move { crate::node::run(listener, sales, &limits, std::future::pending()).await }
+        });
+        let gate = pause::set("purchase", "rd-a");
+        let buyer = tokio::task::spawn_blocking(move || {
+            let mut c = std::net::TcpStream::connect(addr).expect("connect");
+            c.write_all(
+                b"POST /events/rd-a/buy HTTP/1.1\r\nHost: n1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            )
+            .expect("send");
+            let mut answer = String::new();
+            c.read_to_string(&mut answer).expect("answer");
+            answer
+        });
+        tokio::time::timeout(Duration::from_secs(10), gate.reached.acquire())
+            .await
+            .expect("the purchase found the state")
+            .expect("open")
+            .forget();
+        // The state the purchase holds is dropped (its drop done).
+        let until = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !sales.made().is_empty() {
+            assert!(tokio::time::Instant::now() < until, "not dropped");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        gate.go.add_permits(1);
+        let answer = buyer.await.expect("buyer");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        server.abort();
+    }
 }
