@@ -586,7 +586,7 @@ mod tests {
         );
         sales.reload(&keyed).expect("reload");
         gate.go.add_permits(1);
-        let node = asked.await.expect("get").ok().expect("made");
+        let node = asked.await.expect("get").expect("made");
         assert!(
             node.auth().is_some(),
             "a state made during the reload checks buyers with the old keys (none)"
