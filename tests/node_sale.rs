@@ -34,8 +34,9 @@ impl Tally {
 ///
 /// A 503 may come after Redis ran the script (its reply was later than the
 /// timeout, e.g. on a loaded machine). Such a buyer holds a ticket and its
-/// order exists, and every answer they got was a 503; nobody else holds a
-/// ticket without a 200.
+/// order exists, and every answer they got was a 503 or, later, the
+/// `already_bought` naming that order; nobody else holds a ticket without a
+/// 200.
 async fn check_invariants(
     sale: &InProcessSale,
     answers: &[Answer],
@@ -109,11 +110,20 @@ async fn check_invariants(
                     continue;
                 }
                 let theirs: Vec<_> = answers.iter().filter(|a| &a.buyer == buyer).collect();
+                // A later request of the same buyer hears that they hold it
+                // (`already_bought`, naming that order): the lost reply told
+                // again, not a second sale.
+                let unavailable = |a: &&Answer| {
+                    a.status == Some(StatusCode::SERVICE_UNAVAILABLE)
+                        && json(&a.body)["status"] == "unavailable"
+                };
                 assert!(
-                    !theirs.is_empty()
+                    theirs.iter().any(unavailable)
                         && theirs.iter().all(|a| {
-                            a.status == Some(StatusCode::SERVICE_UNAVAILABLE)
-                                && json(&a.body)["status"] == "unavailable"
+                            unavailable(a)
+                                || (a.status == Some(StatusCode::CONFLICT)
+                                    && json(&a.body)["status"] == "already_bought"
+                                    && json(&a.body)["order"] == order.as_str())
                         }),
                     "{buyer} holds {order} without a 200 and not after a 503: {theirs:?}"
                 );
