@@ -163,12 +163,15 @@ async fn a_balancer_and_two_nodes_sell_exactly_the_total_on_a_cluster() {
 
 /// Many sales on the cluster (issue 28): 200 sales of 50 tickets, 20×
 /// oversubscribed, buyers spread at random over the sales, through `spike
-/// up` (a balancer and three nodes): every sale sells exactly its total
-/// within each buyer's limit, `stock audit --all` passes, and each sale's
-/// keys sit in its one slot while the sales spread over all three shards.
+/// up` (a balancer and three nodes); mid-run a reload (SIGHUP) adds 50
+/// sales, bought while the first 200 still sell: every sale sells exactly
+/// its total within each buyer's limit (by the answers, and by the store's
+/// `most_by_one_buyer`), `stock audit --all` passes, and each sale's keys
+/// sit in its one slot while the sales spread over all three shards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_sales_sell_exactly_and_spread_over_the_shards() {
     use common::fleet::{self, Shape};
+    const ADDED: usize = 50;
     let shape = Shape {
         sales: 200,
         total: 50,
@@ -194,13 +197,59 @@ async fn two_hundred_sales_sell_exactly_and_spread_over_the_shards() {
     for (i, a) in ports.nodes.iter().enumerate() {
         tail.push_str(&common::up::node_entry(i + 1, *a));
     }
-    let (_up, path) = common::up::start_up(&fleet::config(shape, &tail), &ports);
+    let (up, path) = common::up::start_up(&fleet::config(shape, &tail), &ports);
     let cfg = path.to_str().expect("path").to_string();
 
+    // Through the balancer and straight to the nodes, a quarter each (as
+    // the Redis run does): the sales' keys and the cluster are what is
+    // under test, and fewer hops keep the run short.
+    let targets = [
+        ports.balancer,
+        ports.nodes[0],
+        ports.nodes[1],
+        ports.nodes[2],
+    ];
+    let seed = fleet::seed();
     let started = Instant::now();
-    let all = fleet::flood(shape, &[ports.balancer], 64, fleet::seed()).await;
-    eprintln!("{} purchases in {:?}", all.len(), started.elapsed());
+    let first = tokio::spawn(async move { fleet::flood(shape, &targets, 64, seed).await });
+
+    // Mid-run: the file gains 50 sales, which land on the shards that own
+    // their slots.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c = client();
+    let (status, body) = get(
+        &c,
+        ports.balancer,
+        &format!("/events/{}/buy?user=b1", fleet::event(shape.sales)),
+    )
+    .await
+    .expect("answer");
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "not on sale before the reload: {body}"
+    );
+    let grown = shape.sales..shape.sales + ADDED;
+    std::fs::write(&path, fleet::config_of(shape, 0..grown.end, &tail)).expect("rewrite");
+    up.signal("HUP");
+    common::wait_for("the reload", Duration::from_secs(20), async || {
+        let (_, body) = get(&c, ports.admin, "/status").await.expect("status");
+        json(&body)["version"] == 2
+    })
+    .await;
+    assert!(
+        !first.is_finished(),
+        "the first 200 sales still sell while the reload adds 50 (make them slower)"
+    );
+    let added = fleet::flood_in(shape, grown.clone(), &targets, 64, seed ^ 0x5eed).await;
+    let all = first.await.expect("the first flood");
+    eprintln!(
+        "{} purchases in {:?}",
+        all.len() + added.len(),
+        started.elapsed()
+    );
     fleet::check_exact(shape, &all);
+    fleet::check_exact_in(shape, grown.clone(), &added);
 
     let audit = run(&["stock", "audit", "--all", "--config", &cfg]);
     let out = String::from_utf8_lossy(&audit.stdout);
@@ -210,11 +259,15 @@ async fn two_hundred_sales_sell_exactly_and_spread_over_the_shards() {
         String::from_utf8_lossy(&audit.stderr)
     );
     let lines: Vec<serde_json::Value> = out.lines().map(json).collect();
-    assert_eq!(lines.len(), shape.sales);
+    assert_eq!(lines.len(), grown.end);
     for l in &lines {
         assert_eq!(
             (l["ok"].as_bool(), l["sold"].as_u64()),
             (Some(true), Some(shape.total)),
+            "{l}"
+        );
+        assert!(
+            matches!(l["most_by_one_buyer"].as_u64(), Some(n) if n <= shape.limit),
             "{l}"
         );
     }
@@ -254,7 +307,7 @@ async fn two_hundred_sales_sell_exactly_and_spread_over_the_shards() {
         sales_on.push(here.len());
     }
     eprintln!("sales per shard: {sales_on:?}");
-    assert_eq!(shard_of.len(), shape.sales, "every sale's keys found");
+    assert_eq!(shard_of.len(), grown.end, "every sale's keys found");
     assert!(
         sales_on.iter().all(|&n| n > 0),
         "sales on every shard: {sales_on:?}"

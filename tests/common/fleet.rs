@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,8 +34,13 @@ pub fn event(i: usize) -> String {
 
 /// `[[sale]]` × `shape.sales`, then `tail` (nodes, redis, balancer).
 pub fn config(shape: Shape, tail: &str) -> String {
+    config_of(shape, 0..shape.sales, tail)
+}
+
+/// `[[sale]]` for each of `sales` (a file that a reload grows), then `tail`.
+pub fn config_of(shape: Shape, sales: Range<usize>, tail: &str) -> String {
     let mut text = String::new();
-    for i in 0..shape.sales {
+    for i in sales {
         text.push_str(&format!(
             "[[sale]]\nevent = \"{}\"\ntotal = {}\nper_user_limit = {}\n\n",
             event(i),
@@ -46,11 +52,13 @@ pub fn config(shape: Shape, tail: &str) -> String {
     text
 }
 
-/// xorshift64: buyers and sales at random, from a seed the test prints.
-struct Rng(u64);
+/// xorshift64: buyers and sales at random, from a seed the test prints
+/// (never 0: xorshift stays at 0).
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    /// The next number.
+    pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -80,7 +88,19 @@ pub struct Bought {
 /// random buyer in a random sale at a random target, half naming the sale
 /// in the path and half in the query.
 pub async fn flood(shape: Shape, targets: &[SocketAddr], workers: usize, seed: u64) -> Vec<Bought> {
-    let per_worker = shape.sales * shape.total as usize * shape.oversubscribed / workers;
+    flood_in(shape, 0..shape.sales, targets, workers, seed).await
+}
+
+/// [`flood`] over the sales `sales` only (the ones a reload added).
+pub async fn flood_in(
+    shape: Shape,
+    sales: Range<usize>,
+    targets: &[SocketAddr],
+    workers: usize,
+    seed: u64,
+) -> Vec<Bought> {
+    let per_worker = sales.len() * shape.total as usize * shape.oversubscribed / workers;
+    let (first, count) = (sales.start, sales.len() as u64);
     let client = client();
     let targets = Arc::new(targets.to_vec());
     let mut tasks = Vec::new();
@@ -90,7 +110,7 @@ pub async fn flood(shape: Shape, targets: &[SocketAddr], workers: usize, seed: u
             let mut rng = Rng(seed ^ (w as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
             let mut out = Vec::with_capacity(per_worker);
             for _ in 0..per_worker {
-                let sale = (rng.next() % shape.sales as u64) as usize;
+                let sale = first + (rng.next() % count) as usize;
                 let buyer = rng.next() % shape.buyers;
                 let to = targets[(rng.next() % targets.len() as u64) as usize];
                 let path = if rng.next().is_multiple_of(2) {
@@ -133,10 +153,17 @@ async fn buy(client: &TestClient, to: SocketAddr, path: &str) -> (StatusCode, St
 /// buyer over the limit in any sale; every other answer a refusal that
 /// sells nothing.
 pub fn check_exact(shape: Shape, all: &[Bought]) {
-    let mut tickets: Vec<HashSet<u64>> = vec![HashSet::new(); shape.sales];
+    check_exact_in(shape, 0..shape.sales, all)
+}
+
+/// [`check_exact`] for the sales `sales`, which every purchase in `all`
+/// is in.
+pub fn check_exact_in(shape: Shape, sales: Range<usize>, all: &[Bought]) {
+    let mut tickets: Vec<HashSet<u64>> = vec![HashSet::new(); sales.end];
     let mut held: HashMap<(usize, u64), u64> = HashMap::new();
     let mut statuses: HashMap<u16, usize> = HashMap::new();
     for b in all {
+        assert!(sales.contains(&b.sale), "a purchase outside {sales:?}");
         *statuses.entry(b.status.as_u16()).or_default() += 1;
         match b.status {
             StatusCode::OK => {
@@ -171,7 +198,7 @@ pub fn check_exact(shape: Shape, all: &[Bought]) {
         }
     }
     eprintln!("answers by status: {statuses:?}");
-    for (i, t) in tickets.iter().enumerate() {
+    for (i, t) in tickets.iter().enumerate().skip(sales.start) {
         assert_eq!(
             t.len() as u64,
             shape.total,
