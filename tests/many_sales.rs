@@ -1011,3 +1011,95 @@ async fn a_reload_refused_at_once_starts_no_added_sale() {
     assert!(note.contains("internal"), "{note}");
     remove_config(&path);
 }
+
+/// A key that bought is its order at every node, at once (issue 28's
+/// "idempotency keys hold per sale", found by the many-sales run under
+/// every strategy): a cancelled reservation's ticket sells again under a
+/// key at one node, and the key sent again right away to a node that
+/// still remembers the sale sold out gets the order, not `sold_out`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_that_bought_a_returned_ticket_is_its_order_at_a_node_that_thinks_sold_out() {
+    let redis = RedisServer::start();
+    let nodes = [common::free_addr(), common::free_addr()];
+    let mut text = String::new();
+    for e in ["a", "b"] {
+        text.push_str(&format!(
+            "[[sale]]\nevent = \"{e}\"\ntotal = 1\nper_user_limit = 1\npay_within = \"1m\"\n\n"
+        ));
+    }
+    text.push_str(&format!("[redis]\nurl = \"{}\"\n", redis.url()));
+    for (i, a) in nodes.iter().enumerate() {
+        text.push_str(&format!(
+            "\n[[node]]\nname = \"n{}\"\nlisten = \"{a}\"\n",
+            i + 1
+        ));
+    }
+    let path = write_config(&text);
+    let cfg = path.to_str().expect("path").to_string();
+    let init = run(&[
+        "stock",
+        "init",
+        "--all",
+        "--trust-client-buyer-ids",
+        "--config",
+        &cfg,
+    ]);
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let _n1 = SpikeProcess::start(&["node", "--config", &cfg, "--name", "n1"]);
+    let _n2 = SpikeProcess::start(&["node", "--config", &cfg, "--name", "n2"]);
+    for n in &nodes {
+        wait_listening(&n.to_string(), Duration::from_secs(10));
+    }
+    let c = client();
+    let post = async |at: SocketAddr, p: &str, key: &str| {
+        let headers: &[(&str, &str)] = if key.is_empty() {
+            &[]
+        } else {
+            &[("Idempotency-Key", key)]
+        };
+        let r = send(&c, Method::POST, at, p, headers)
+            .await
+            .expect("answer");
+        (r.status, json(&r.body))
+    };
+    let (s, v) = post(nodes[0], "/events/b/buy?user=x0", "").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let mut held = v["order"].as_str().expect("order").to_string();
+    for round in 1..=5 {
+        // n2 learns the sale is sold out, and who holds it.
+        let (s, v) = post(nodes[1], &format!("/events/b/buy?user=w{round}"), "").await;
+        assert_eq!(
+            (s, v["status"].as_str()),
+            (StatusCode::CONFLICT, Some("sold_out")),
+            "{v}"
+        );
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let (s, v) = post(
+            nodes[0],
+            &format!("/orders/{held}/cancel?user=x{}", round - 1),
+            "",
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let key = format!("key-{round}");
+        let buy = format!("/events/b/buy?user=x{round}");
+        let (s, bought) = post(nodes[0], &buy, &key).await;
+        assert_eq!(
+            s,
+            StatusCode::OK,
+            "round {round}: the returned ticket sells: {bought}"
+        );
+        let (s, again) = post(nodes[1], &buy, &key).await;
+        assert_eq!(
+            (s, &again["order"]),
+            (StatusCode::OK, &bought["order"]),
+            "round {round}: the key bought {bought}, sent again to n2: {again}"
+        );
+        held = bought["order"].as_str().expect("order").to_string();
+    }
+    remove_config(&path);
+}

@@ -452,7 +452,7 @@ impl Node {
                 Some(k) => {
                     let h = k.read();
                     if self.view.is_current(&h) {
-                        from_memory(&h, buyer, key)
+                        from_memory(&h, buyer, key, self.pay_within().is_some())
                     } else {
                         Memory::Stale
                     }
@@ -490,11 +490,15 @@ enum Remembered {
 }
 
 /// The answer current holders give for `buyer` and `key`, as the script
-/// would give it.
-fn from_memory(h: &Holders, buyer: &str, key: &str) -> Memory {
+/// would give it; `returns`: tickets may come back (the sale has a payment
+/// window).
+fn from_memory(h: &Holders, buyer: &str, key: &str, returns: bool) -> Memory {
     // A key that bought is the store's to replay (or to refuse to another
-    // buyer) exactly; one that never did says nothing.
-    if !key.is_empty() && h.key_bought(key) {
+    // buyer) exactly. Where tickets come back, a key memory does not know
+    // may have bought one at another node since this one last heard (a
+    // cancel, then a purchase, within the quarter second the news takes):
+    // only the store can say that it did not.
+    if !key.is_empty() && (returns || h.key_bought(key)) {
         return Memory::AskStore;
     }
     if buyer.is_empty() || h.per_user_limit == 0 {
