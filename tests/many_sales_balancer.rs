@@ -867,35 +867,55 @@ async fn every_strategy_sells_each_sale_exactly_once_per_key_with_reservations()
                     let buyer = rng.next() % BUYERS;
                     let key = format!("{strategy}-{w}-{i}");
                     let e = event(sale);
-                    let first = buy_keyed(&c, lb, &format!("/events/{e}/buy?user=b{buyer}"), &key)
-                        .await;
                     let to = targets[(rng.next() % targets.len() as u64) as usize];
+                    let path = format!("/events/{e}/buy?user=b{buyer}");
                     let again = format!("/buy/ticket?event={e}&user=b{buyer}");
-                    let replay = buy_keyed(&c, to, &again, &key).await;
-                    let what = format!("{strategy} {key} {e} b{buyer}");
+                    // A quarter of the keys are sent twice at once (a client
+                    // that retried before its first answer): the store
+                    // decides them one after the other, never twice.
+                    let at_once = rng.next().is_multiple_of(4);
+                    let (first, replay) = if at_once {
+                        tokio::join!(
+                            buy_keyed(&c, lb, &path, &key),
+                            buy_keyed(&c, to, &again, &key)
+                        )
+                    } else {
+                        let first = buy_keyed(&c, lb, &path, &key).await;
+                        (first, buy_keyed(&c, to, &again, &key).await)
+                    };
+                    let what = format!("{strategy} {key} {e} b{buyer} (at once: {at_once})");
+                    let replayed = |r: &Reply| {
+                        r.headers
+                            .get("idempotent-replayed")
+                            .and_then(|v| v.to_str().ok())
+                            == Some("true")
+                    };
                     let (v1, v2) = (json(&first.body), json(&replay.body));
                     let bought = match (first.status, replay.status) {
                         (StatusCode::OK, s) => {
-                            assert_eq!(s, StatusCode::OK, "{what}: replay {}", replay.body);
+                            assert_eq!(s, StatusCode::OK, "{what}: {v1} then {v2}");
                             assert_eq!(v1["order"], v2["order"], "{what}: {}", replay.body);
                             assert_eq!(v1["tickets"], v2["tickets"], "{what}");
-                            assert_eq!(
-                                replay
-                                    .headers
-                                    .get("idempotent-replayed")
-                                    .and_then(|v| v.to_str().ok()),
-                                Some("true"),
-                                "{what}"
-                            );
+                            // One of the two decided, the other is its replay.
+                            let (r1, r2) = (replayed(&first), replayed(&replay));
+                            if at_once {
+                                assert!(r1 != r2, "{what}: replayed {r1} and {r2}");
+                            } else {
+                                assert!(!r1 && r2, "{what}: replayed {r1} and {r2}");
+                            }
                             Some(v1)
                         }
                         (StatusCode::CONFLICT, s) => {
                             let st = v1["status"].as_str().unwrap_or_default();
                             assert!(matches!(st, "sold_out" | "already_bought"), "{what}: {v1}");
                             // A key that did not buy is a new attempt when
-                            // sent again: a cancel may have freed a ticket.
+                            // sent again (a cancel may have freed a ticket);
+                            // but a refusal is never of the key's own order.
                             match s {
-                                StatusCode::OK => Some(v2),
+                                StatusCode::OK => {
+                                    assert_ne!(v1["order"], v2["order"], "{what}: {v1}");
+                                    Some(v2)
+                                }
                                 StatusCode::CONFLICT => {
                                     let st = v2["status"].as_str().unwrap_or_default();
                                     assert!(
@@ -1035,7 +1055,10 @@ async fn every_strategy_sells_each_sale_exactly_once_per_key_with_reservations()
         for k in &all {
             let Some(order) = &k.order else { continue };
             keys_bought += 1;
-            assert!(orders.insert(order.clone()), "{strategy}: {order} under two keys");
+            assert!(
+                orders.insert(order.clone()),
+                "{strategy}: {order} under two keys"
+            );
             if k.cancelled {
                 cancels += 1;
                 continue;
