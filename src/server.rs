@@ -42,7 +42,54 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
-    socket.listen(4096)
+    socket.listen(BACKLOG as u32)
+}
+
+/// The backlog of every listening socket: a flash sale opens thousands of
+/// connections in the same second.
+const BACKLOG: i32 = 4096;
+
+/// Listening sockets for `more` further accept loops on `listener`'s
+/// address, each its own socket in one `SO_REUSEPORT` group with
+/// `listener`: the kernel hands each new connection to one socket, so it
+/// wakes one loop. With one socket shared by every loop (its descriptor
+/// duplicated), each connection woke every loop and all but one found
+/// nothing to accept: under `ab` a third more `accept` calls than
+/// connections and twice Nginx's context switches, which spreads its
+/// listeners with `EPOLLEXCLUSIVE` (that flag cannot be given to tokio's
+/// epoll).
+///
+/// `listener` was bound without `SO_REUSEPORT` and is only now made part
+/// of a group, so another process that binds the port as usual still gets
+/// "address in use"; only one that sets `SO_REUSEPORT` itself, as the same
+/// user, could join. An error (a kernel without it) leaves `listener` as
+/// it was.
+pub fn listeners_for_loops(
+    listener: &TcpListener,
+    more: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let first = socket2::SockRef::from(listener);
+    let addr = listener.local_addr()?;
+    first.set_reuse_port(true)?;
+    let made = (0..more)
+        .map(|_| {
+            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            if addr.is_ipv6() {
+                socket.set_only_v6(first.only_v6()?)?;
+            }
+            socket.set_reuse_address(true)?;
+            socket.set_reuse_port(true)?;
+            socket.set_nonblocking(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(BACKLOG)?;
+            Ok(std::net::TcpListener::from(socket))
+        })
+        .collect::<std::io::Result<Vec<_>>>();
+    if made.is_err() {
+        let _ = first.set_reuse_port(false);
+    }
+    made
 }
 
 /// Sets `TCP_NODELAY` on the listening socket where the sockets it accepts
@@ -220,6 +267,11 @@ pub struct AcceptShare {
     /// Loops waiting for their turn; counts changes only notify when some.
     waiting: AtomicUsize,
     turn_changed: Notify,
+    /// Each loop has a socket of its own ([`listeners_for_loops`]) and
+    /// the kernel spreads new connections over them: a loop accepts what
+    /// its socket has (one that waited for its turn would leave its
+    /// socket's clients waiting while the others cannot take them).
+    by_kernel: AtomicBool,
 }
 
 impl AcceptShare {
@@ -229,7 +281,16 @@ impl AcceptShare {
             open: (0..loops.max(1)).map(|_| AtomicU64::new(0)).collect(),
             waiting: AtomicUsize::new(0),
             turn_changed: Notify::new(),
+            by_kernel: AtomicBool::new(false),
         }
+    }
+
+    /// From now on every loop has its own socket, spread over by the
+    /// kernel ([`listeners_for_loops`]): no loop waits for a turn; the
+    /// counts stay, for `/metrics`.
+    pub fn spread_by_kernel(&self) {
+        self.by_kernel.store(true, Ordering::SeqCst);
+        self.turn_changed.notify_waiters();
     }
 
     /// Open connections of each loop (for `/metrics`).
@@ -238,6 +299,9 @@ impl AcceptShare {
     }
 
     fn is_turn_of(&self, me: usize) -> bool {
+        if self.by_kernel.load(Ordering::Relaxed) {
+            return true;
+        }
         let Some(mine) = self.open.get(me) else {
             return true;
         };
@@ -1155,6 +1219,38 @@ impl JsonBody for Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The workers' sockets are one `SO_REUSEPORT` group: each takes a
+    /// share of new connections, and the port stays closed to a plain
+    /// bind (a second balancer still hears "address in use").
+    #[tokio::test]
+    async fn the_loops_sockets_share_the_port_and_keep_it_from_others() {
+        let listener = bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let others = listeners_for_loops(&listener, 1).expect("SO_REUSEPORT on Linux");
+        assert_eq!(others.len(), 1);
+        assert_eq!(others[0].local_addr().expect("addr"), addr);
+        let refused = std::net::TcpListener::bind(addr)
+            .map(|_| ())
+            .map_err(|e| e.kind());
+        assert_eq!(refused, Err(std::io::ErrorKind::AddrInUse));
+        let other = TcpListener::from_std(others.into_iter().next().expect("one")).expect("tokio");
+        let mut clients = Vec::new();
+        for _ in 0..64 {
+            clients.push(TcpStream::connect(addr).await.expect("connect"));
+        }
+        // Every connection is in exactly one of the two accept queues.
+        let mut taken = [0usize; 2];
+        for (i, l) in [&listener, &other].into_iter().enumerate() {
+            while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(200), l.accept()).await
+            {
+                taken[i] += 1;
+            }
+        }
+        assert_eq!(taken[0] + taken[1], 64, "{taken:?}");
+        // A hash of the addresses: all 64 on one socket is a 2^-63 chance.
+        assert!(taken[0] > 0 && taken[1] > 0, "{taken:?}");
+    }
 
     /// What lets the accept loop skip `setsockopt` per connection: on Linux
     /// a socket accepted from a listener with `TCP_NODELAY` has it too.

@@ -98,7 +98,11 @@ async fn worker_connections(lb: &Running) -> Vec<u64> {
 }
 
 /// A burst of connections (a load tester starting) is shared among the
-/// workers instead of going mostly to the one that woke first.
+/// workers instead of going mostly to the one that woke first (60 split
+/// 57/2/1 over three workers when they all waited on one socket). Each
+/// worker has a socket of its own in one `SO_REUSEPORT` group, and the
+/// kernel hands each connection to one of them by a hash of its
+/// addresses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_connections_is_shared_evenly_by_the_workers() {
     let a = Backend::start("a").await;
@@ -141,9 +145,10 @@ async fn a_burst_of_connections_is_shared_evenly_by_the_workers() {
             counts.iter().copied().min().unwrap_or(0),
             counts.iter().copied().max().unwrap_or(0),
         );
-        // A worker takes a connection only while it holds at most one more
-        // than the least loaded: at most two apart.
-        assert!(max - min <= 2, "round {round}: {counts:?}");
+        // Spread by a hash: each worker's share is Binomial(60, 1/3), and
+        // one with 4 or fewer is a chance below 10^-6; the old herd gave
+        // the first worker awake nearly all of them.
+        assert!(min >= 5 && max <= 40, "round {round}: {counts:?}");
         drop(held);
         let deadline = Instant::now() + Duration::from_secs(5);
         while worker_connections(&lb).await.iter().sum::<u64>() != 0 {

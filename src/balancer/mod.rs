@@ -197,17 +197,26 @@ impl Balancer {
         let permits = Arc::new(Semaphore::new(most));
         let reusable = crate::server::Reusable::new(most);
         let (listener, others) = if shared.workers > 1 {
-            // Every worker accepts on its own descriptor of the one listening
-            // socket (not SO_REUSEPORT: that would let a second balancer
-            // bind the same port without an error and take half the
-            // clients). Whichever worker is free first takes a new
-            // connection.
-            let std = listener.into_std()?;
-            let mut others = Vec::with_capacity(shared.workers - 1);
-            for _ in 1..shared.workers {
-                others.push(std.try_clone()?);
+            // Every worker accepts on a socket of its own, the kernel
+            // handing each new connection to one of them (SO_REUSEPORT, as
+            // Nginx's `reuseport`); see `listeners_for_loops`. Where that
+            // cannot be made, every worker accepts on its own descriptor of
+            // the one listening socket, taking turns (`AcceptShare`).
+            match crate::server::listeners_for_loops(&listener, shared.workers - 1) {
+                Ok(others) => {
+                    shared.accept_share.spread_by_kernel();
+                    (listener, others)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "no SO_REUSEPORT: the workers share one listening socket, taking turns");
+                    let std = listener.into_std()?;
+                    let mut others = Vec::with_capacity(shared.workers - 1);
+                    for _ in 1..shared.workers {
+                        others.push(std.try_clone()?);
+                    }
+                    (TcpListener::from_std(std)?, others)
+                }
             }
-            (TcpListener::from_std(std)?, others)
         } else {
             (listener, Vec::new())
         };
