@@ -5,6 +5,7 @@ pub mod buy;
 pub mod lease;
 pub mod routes;
 pub mod sale;
+pub mod sale_map;
 pub mod sales;
 pub mod snapshot;
 pub mod state;

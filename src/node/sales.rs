@@ -314,21 +314,8 @@ impl Sales {
         }
         self.set_auth(config)?;
         let old = self.slots.load_full();
-        let mut added = Vec::new();
-        let next: HashMap<String, Arc<Slot>> = config
-            .sales
-            .iter()
-            .map(|s| {
-                let slot = match old.get(&s.event) {
-                    Some(kept) => kept.clone(),
-                    None => {
-                        added.push(s.event.clone());
-                        Slot::new(Some(s.idle_after))
-                    }
-                };
-                (s.event.clone(), slot)
-            })
-            .collect();
+        let (next, added) =
+            super::sale_map::keep_or_make(&old, &config.sales, |s| Slot::new(Some(s.idle_after)));
         let removed: Vec<Arc<Slot>> = old
             .iter()
             .filter(|(e, _)| !next.contains_key(*e))

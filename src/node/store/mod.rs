@@ -387,20 +387,7 @@ impl Stores {
     /// last node that holds it). Returns the events added.
     pub fn set_sales(&self, sales: &[SaleConfig]) -> Vec<String> {
         let old = self.slots.load_full();
-        let mut added = Vec::new();
-        let next = sales
-            .iter()
-            .map(|s| {
-                let slot = match old.get(&s.event) {
-                    Some(kept) => kept.clone(),
-                    None => {
-                        added.push(s.event.clone());
-                        StoreSlot::new(s)
-                    }
-                };
-                (s.event.clone(), slot)
-            })
-            .collect();
+        let (next, added) = crate::node::sale_map::keep_or_make(&old, sales, StoreSlot::new);
         self.slots.store(Arc::new(next));
         added
     }
