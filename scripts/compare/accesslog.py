@@ -9,27 +9,18 @@ request costs. The ratio is taken round by round (with the log / without,
 same round), then the median over the rounds (the warm-up round excluded).
 The target (issue 25): CPU per proxied request with the log at most 1.1x.
 """
-import json
 import sys
 
-from tokens import append, med, oha, per_request
+from tokens import append, med, oha_rounds, per_request, read_runs
 
 
 def summarize(out):
-    runs = [json.loads(line) for line in open(f"{out}/runs.jsonl") if line.strip()]
-    rows, written = [], []
-    for r in runs:
-        if r.get("kind") == "accesslog" and int(r.get("round", 0)) > 0:
-            written.append(r)
-        scen = r.get("scenario", "")
-        if r.get("kind") != "oha" or not scen.startswith("accesslog/") or int(r.get("round", 0)) == 0:
-            continue
-        o = oha(f"{out}/{r['file']}")
-        r.update(o)
-        r["mode"] = scen.split("/")[1]
-        r["ok"] = o["requests"] > 0 and set(o["codes"]) == {"200"} and not o["errors"]
+    runs = read_runs(out)
+    written = [r for r in runs if r.get("kind") == "accesslog" and int(r.get("round", 0)) > 0]
+    rows = oha_rounds(out, "accesslog/", runs)
+    for r in rows:
+        r["mode"] = r["scenario"].split("/")[1]
         r["cpu_us"] = per_request(r, "")
-        rows.append(r)
     if not rows:
         print("accesslog: no run", file=sys.stderr)
         return

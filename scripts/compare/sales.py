@@ -11,30 +11,21 @@ round, then the median over the rounds (the warm-up round excluded). What
 issue 28 asks: a purchase's CPU with 10,000 sales configured within noise
 of a single-sale fleet.
 """
-import json
 import sys
 
-from tokens import append, med, oha, per_request
+from tokens import append, med, oha_rounds, per_request
 
 KEYS = ("rps", "balancer_us", "node_us", "total_us", "p99")
 
 
 def summarize(out):
-    runs = [json.loads(line) for line in open(f"{out}/runs.jsonl") if line.strip()]
-    rows = []
-    for r in runs:
-        scen = r.get("scenario", "")
-        if r.get("kind") != "oha" or not scen.startswith("sales/") or int(r.get("round", 0)) == 0:
-            continue
-        o = oha(f"{out}/{r['file']}")
-        r.update(o)
-        r["fleet"] = scen.split("/")[1]
-        r["ok"] = o["requests"] > 0 and set(o["codes"]) == {"200"} and not o["errors"]
+    rows = oha_rounds(out, "sales/")
+    for r in rows:
+        r["fleet"] = r["scenario"].split("/")[1]
         r["balancer_us"] = per_request(r, "")
         r["node_us"] = per_request(r, "node_")
         both = r["balancer_us"] is not None and r["node_us"] is not None
         r["total_us"] = r["balancer_us"] + r["node_us"] if both else None
-        rows.append(r)
     if not rows:
         print("sales: no run", file=sys.stderr)
         return

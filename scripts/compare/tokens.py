@@ -34,26 +34,43 @@ def per_request(r, prefix):
     return (u + s) * 1e6 / hz / n
 
 
-def load(out):
-    runs = [json.loads(line) for line in open(f"{out}/runs.jsonl") if line.strip()]
+def read_runs(out):
+    """The records compare.sh wrote to OUT/runs.jsonl (`record`), in order."""
+    with open(f"{out}/runs.jsonl") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def oha_rounds(out, prefix, runs=None):
+    """The oha runs of the scenarios under `prefix` (e.g. "sales/"), the
+    warm-up round (0) left out, in the file's order: each record with its oha
+    figures added (see `oha`) and `ok`: answered, every answer the status it
+    expects (its `expect`), no error. Why it exists: the parts of the table
+    (tokens.py, sales.py, accesslog.py) read their rounds this one way, so
+    a change to what runs.jsonl or oha writes is made once. `runs`: the
+    records if the caller has read them already."""
     rows = []
-    for r in runs:
+    for r in read_runs(out) if runs is None else runs:
         scen = r.get("scenario", "")
-        if r.get("kind") != "oha" or not scen.startswith("tokens/") or int(r.get("round", 0)) == 0:
+        if r.get("kind") != "oha" or not scen.startswith(prefix) or int(r.get("round", 0)) == 0:
             continue
-        _, path, send = scen.split("/")
         o = oha(f"{out}/{r['file']}")
-        expect = str(r["expect"])
-        ok = o["requests"] > 0 and set(o["codes"]) == {expect} and not o["errors"]
         r.update(o)
-        r.update(path=path, send=send, ok=ok)
+        r["ok"] = o["requests"] > 0 and set(o["codes"]) == {str(r["expect"])} and not o["errors"]
+        rows.append(r)
+    return rows
+
+
+def load(out):
+    rows = oha_rounds(out, "tokens/")
+    for r in rows:
+        _, path, send = r["scenario"].split("/")
+        r.update(path=path, send=send)
         r["balancer_us"] = per_request(r, "")
         r["node_us"] = per_request(r, "node_")
         if r["balancer_us"] is not None and r["node_us"] is not None:
             r["total_us"] = r["balancer_us"] + r["node_us"]
         sold = r.get("sold_delta")
         r["redis_us_per_sale"] = r["redis_usec"] / sold if sold and "redis_usec" in r else None
-        rows.append(r)
     return rows
 
 
