@@ -164,12 +164,17 @@ impl SaleEdges {
 
 /// Starts a watcher ([`watch_sale`]) for each sale's edge as it is made;
 /// runs for the balancer's life, on its main runtime (the workers' are
-/// for clients).
+/// for clients). The watchers are held in a set that this task owns, so
+/// they end with it when the balancer stops (`Balancer::run` aborts it)
+/// instead of polling nodes for up to a long poll more.
 pub async fn run(shared: Arc<Shared>) {
+    let mut watchers = tokio::task::JoinSet::new();
     loop {
         shared.edge.sales.added.notified().await;
+        // Those ended (their sale let go) are dropped from the set here.
+        while watchers.try_join_next().is_some() {}
         for sale in shared.edge.sales.unwatched() {
-            tokio::spawn(watch_sale(shared.clone(), sale));
+            watchers.spawn(watch_sale(shared.clone(), sale));
         }
     }
 }

@@ -442,8 +442,14 @@ pub const LINE_IDLE: Duration = Duration::from_secs(2 * MAX_WAIT_RETRY_S);
 pub async fn run(shared: Arc<Shared>) {
     if shared.waiting_room.stores.get().is_some() {
         let room = &shared.waiting_room;
+        // The lines' loops are held in a set this task owns, so they end
+        // with it when the balancer stops (`Balancer::run` aborts it)
+        // instead of moving their lines for up to `LINE_IDLE` more.
+        let mut watchers = tokio::task::JoinSet::new();
         loop {
             room.added.notified().await;
+            // Those ended (their line idle) are dropped from the set here.
+            while watchers.try_join_next().is_some() {}
             let lines: Vec<Arc<Line>> = room
                 .lines
                 .load()
@@ -452,7 +458,7 @@ pub async fn run(shared: Arc<Shared>) {
                 .cloned()
                 .collect();
             for line in lines {
-                tokio::spawn(watch_line(shared.clone(), line));
+                watchers.spawn(watch_line(shared.clone(), line));
             }
         }
     }
@@ -1289,5 +1295,73 @@ mod tests {
             assert!(within <= 50, "{within} passes within a second");
         }
         assert!(handed.len() >= 60, "{} passes in 2.2 s", handed.len());
+    }
+
+    /// In front of several sales, a line's loop ends with the balancer:
+    /// once `Balancer::run` has returned, nothing of the balancer runs on
+    /// (its state is dropped), where the loop used to move its line until
+    /// nobody had asked about it for `LINE_IDLE` (two minutes).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lines_loop_ends_with_the_balancer() {
+        let path = std::env::temp_dir().join(format!(
+            "spike-line-loop-{}-{:?}.toml",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::write(
+            &path,
+            "[[sale]]\nevent = \"a\"\ntotal = 5\n\n[[sale]]\nevent = \"b\"\ntotal = 5\n\n\
+             [balancer]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n\
+             [waiting_room]\nadmit = \"10/s\"\n\n\
+             [[node]]\nname = \"n1\"\nlisten = \"127.0.0.1:1\"\n",
+        )
+        .expect("config file");
+        let config = crate::config::Config::load(&path).expect("config");
+        let _ = std::fs::remove_file(&path);
+        let stores = crate::node::store::Stores::open(&config.sales, None)
+            .await
+            .expect("stores");
+        let balancer = super::super::Balancer::new(config).expect("balancer");
+        balancer.attach_line_stores(stores);
+        let shared = balancer.shared.clone();
+        let gone = Arc::downgrade(&shared);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(balancer.run(listener, admin, async move {
+            let _ = stopped.await;
+        }));
+        // A purchase of `a` makes its line; the balancer starts its loop.
+        let line = shared.waiting_room.line_for("a").expect("a's line");
+        line.asked_ms
+            .store(super::super::clock::now_ms(), Ordering::Relaxed);
+        for _ in 0..1000 {
+            if line.watched.load(Ordering::Acquire) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            line.watched.load(Ordering::Acquire),
+            "the line's loop started"
+        );
+        drop((line, shared));
+        let _ = stop.send(());
+        running.await.expect("join").expect("run");
+        // The aborted tasks are dropped by the runtime as it gets to them:
+        // a bound far below `LINE_IDLE`, only so that a failure ends.
+        let until = Instant::now() + LINE_IDLE / 4;
+        while gone.strong_count() > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            gone.strong_count(),
+            0,
+            "the balancer's state is still held once it stopped: a task runs on"
+        );
     }
 }
