@@ -252,3 +252,103 @@ async fn learn(shared: &Shared, event: &str) -> Option<SoldOut> {
     sold_out.order_prefix = format!("{event}:");
     Some(sold_out)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::node::Sales;
+    use crate::node::store::Stores;
+
+    /// A purchase of `event` straight at the node at `addr`: its status
+    /// line.
+    async fn buy(addr: std::net::SocketAddr, event: &str) -> String {
+        let request = format!(
+            "POST /events/{event}/buy HTTP/1.1\r\nHost: n1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        tokio::task::spawn_blocking(move || {
+            let mut c = std::net::TcpStream::connect(addr).expect("connect");
+            c.write_all(request.as_bytes()).expect("send");
+            let mut answer = String::new();
+            c.read_to_string(&mut answer).expect("answer");
+            answer.lines().next().unwrap_or_default().to_string()
+        })
+        .await
+        .expect("join")
+    }
+
+    /// A sold-out sale's edge watcher (long-polling a real node) ends with
+    /// the balancer: once `Balancer::run` has returned, nothing of the
+    /// balancer runs on (its state is dropped), where the watcher used to
+    /// poll until nobody had asked about the sale for `IDLE` (a minute).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sales_edge_watcher_ends_with_the_balancer() {
+        let node = crate::server::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let node_addr = node.local_addr().expect("addr");
+        let text = format!(
+            "[[sale]]\nevent = \"ew-a\"\ntotal = 1\nper_user_limit = 0\n\n\
+             [[sale]]\nevent = \"ew-b\"\ntotal = 1\n\n\
+             [balancer]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n\
+             [[node]]\nname = \"n1\"\nlisten = \"{node_addr}\"\n"
+        );
+        let config = Config::parse(Path::new("test.toml"), &text).expect("valid");
+        let stores = Stores::open(&config.sales, None).await.expect("stores");
+        let store = stores.get("ew-a").await.expect("ew-a's store");
+        store.init(false).await.expect("stock init");
+        let sales = Sales::new(&config, "n1", stores).await.expect("sales");
+        let server = tokio::spawn({
+            let limits = config.server.clone();
+            async move { crate::node::run(node, sales, &limits, std::future::pending()).await }
+        });
+        // The sale's one ticket sold: the next purchase is sold out.
+        let first = buy(node_addr, "ew-a").await;
+        assert!(first.contains(" 200 "), "{first}");
+        let second = buy(node_addr, "ew-a").await;
+        assert!(second.contains(" 409 "), "{second}");
+
+        let balancer = super::super::Balancer::new(config).expect("balancer");
+        let shared = balancer.shared.clone();
+        let gone = Arc::downgrade(&shared);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(balancer.run(listener, admin, async move {
+            let _ = stopped.await;
+        }));
+        // A node's sold-out answer passed through: the edge is made, and
+        // its watcher learns the holders, then long-polls the node.
+        shared.edge.sales.poke("ew-a");
+        let until = tokio::time::Instant::now() + Duration::from_secs(20);
+        while shared.edge.sales.with_sale("ew-a", |_| Some(())).is_none()
+            && tokio::time::Instant::now() < until
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            shared.edge.sales.with_sale("ew-a", |_| Some(())).is_some(),
+            "the edge learned the sold-out sale"
+        );
+        drop(shared);
+        let _ = stop.send(());
+        running.await.expect("join").expect("run");
+        // The aborted tasks are dropped by the runtime as it gets to them:
+        // a bound far below `IDLE`, only so that a failure ends.
+        let until = tokio::time::Instant::now() + IDLE / 2;
+        while gone.strong_count() > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            gone.strong_count(),
+            0,
+            "the balancer's state is still held once it stopped: a task runs on"
+        );
+        server.abort();
+    }
+}
