@@ -197,6 +197,15 @@ pub const SALE_EVENT_HEADER: HeaderName = HeaderName::from_static(SALE_EVENT_HEA
 /// hyper stores names).
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
+/// Sent by a balancer with an `Idempotency-Key` it made itself (the
+/// request came without one): such a key is unique and only the
+/// balancer's retry sends it again, so a store may keep it with the order
+/// alone (see `deduct.lua`). A client's copy is dropped by the balancer.
+pub const MADE_KEY: HeaderName = HeaderName::from_static(MADE_KEY_NAME);
+
+/// [`MADE_KEY`]'s name.
+pub const MADE_KEY_NAME: &str = "spike-made-key";
+
 /// The buyer's id when the query has no `user=`.
 pub const USER_ID: HeaderName = HeaderName::from_static("x-user-id");
 

@@ -44,7 +44,8 @@ async fn purchases_get_a_fresh_key_and_a_client_key_passes_unchanged() {
         let res = raw(None, lb.addr, req).await;
         assert!(res.starts_with("HTTP/1.1 200"), "{res}");
     }
-    let client_key = b"POST /buy/ticket HTTP/1.1\r\nHost: t\r\nIdempotency-Key: \"buyer-7:try_1@a.b\"\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}";
+    // A client's claim that the balancer made its key is not passed on.
+    let client_key = b"POST /buy/ticket HTTP/1.1\r\nHost: t\r\nIdempotency-Key: \"buyer-7:try_1@a.b\"\r\nSpike-Made-Key: 1\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}";
     let res = raw(None, lb.addr, client_key).await;
     assert!(res.starts_with("HTTP/1.1 200"), "{res}");
     // Not a purchase: no key added.
@@ -68,6 +69,18 @@ async fn purchases_get_a_fresh_key_and_a_client_key_passes_unchanged() {
     for k in &generated {
         assert!(is_generated_key(k), "{k:?}");
     }
+    // The balancer says which keys it made: the node may keep those with
+    // their order alone (`deduct.lua`).
+    let marked = |s: &balancer_support::recorder::Seen| {
+        s.head
+            .lines()
+            .filter(|l| l.to_ascii_lowercase().starts_with("spike-made-key:"))
+            .count()
+    };
+    for s in &seen[..3] {
+        assert_eq!(marked(s), 1, "{s:?}");
+    }
+    assert_eq!(marked(&seen[3]), 0, "{:?}", seen[3]);
     assert_ne!(generated[0], generated[1]);
     assert_ne!(generated[1], generated[2]);
     assert_ne!(generated[0], generated[2]);

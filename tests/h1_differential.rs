@@ -268,6 +268,18 @@ fn corpus() -> Vec<(&'static str, Vec<u8>, Path)> {
             b"POST /buy/ticket HTTP/1.1\r\nHost: a\r\nX-User-Id: u2\r\nIdempotency-Key: \"k-1\"\r\n\r\n".to_vec(),
             Fast,
         ),
+        // Only a balancer says it made a key: a client's mark is dropped,
+        // with its own key or with the one the balancer makes (and marks).
+        (
+            "purchase with its key and a forged mark",
+            b"POST /buy/ticket HTTP/1.1\r\nHost: a\r\nX-User-Id: u2\r\nIdempotency-Key: k-2\r\nSpike-Made-Key: 1\r\n\r\n".to_vec(),
+            Fast,
+        ),
+        (
+            "purchase with a forged mark",
+            b"GET /buy/ticket?user=u6 HTTP/1.1\r\nHost: a\r\nspike-made-key: yes\r\n\r\n".to_vec(),
+            Fast,
+        ),
         (
             "purchase with two keys",
             b"POST /buy/ticket HTTP/1.1\r\nHost: a\r\nIdempotency-Key: k1\r\nIdempotency-Key: k2\r\n\r\n".to_vec(),

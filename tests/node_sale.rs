@@ -953,6 +953,109 @@ async fn a_key_buys_once_whatever_the_limit(redis: Option<&RedisServer>) {
 
 against_both_stores!(a_key_buys_once_whatever_the_limit);
 
+/// Issue 26: a key a balancer made (`Spike-Made-Key`), in a final sale of
+/// one ticket a buyer, is kept with its buyer's order alone: no entry of its
+/// own (one write and one entry fewer a sale). It still decides its
+/// purchase once: the balancer's retry, at the same node or another, at
+/// once or many times together, and once the sale is sold out, gets the
+/// order again; another of the buyer's purchases hears `already_bought`; a
+/// client's own key keeps its entry.
+async fn a_balancers_key_is_kept_with_its_order_and_decides_once(redis: Option<&RedisServer>) {
+    use common::http::send;
+    use hyper::Method;
+    let url = redis.map(|r| r.url());
+    let text = sale_config("made", 4, 1, &[1, 1], url.as_deref(), "");
+    let sale = InProcessSale::start(&text).await;
+    let c = client();
+    let [a, b] = [sale.addrs()[0], sale.addrs()[1]];
+    let made = |node, who: &'static str, key: &'static str| {
+        let c = c.clone();
+        async move {
+            let path = format!("/buy/ticket?user={who}");
+            let headers = [("Idempotency-Key", key), ("Spike-Made-Key", "1")];
+            send(&c, Method::GET, node, &path, &headers)
+                .await
+                .expect("answer")
+        }
+    };
+    let first = made(a, "alice", "m-1").await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    assert!(first.headers.get("idempotent-replayed").is_none());
+    let order = json(&first.body)["order"].clone();
+    let snap = sale.store.snapshot().await.expect("snapshot");
+    assert_eq!((snap.sold, snap.keys), (1, 0), "{snap:?}");
+    // The retry (its reply lost with its node), here and at the other node.
+    for node in [b, a] {
+        let again = made(node, "alice", "m-1").await;
+        assert_eq!(again.status, StatusCode::OK, "{}", again.body);
+        assert_eq!(json(&again.body)["order"], order, "{}", again.body);
+        assert_eq!(again.headers["idempotent-replayed"], "true");
+    }
+    // Another purchase of hers, with a key of its own: she holds one.
+    let other = made(b, "alice", "m-2").await;
+    assert_eq!(other.status, StatusCode::CONFLICT, "{}", other.body);
+    assert_eq!(json(&other.body)["status"], "already_bought");
+    assert_eq!(json(&other.body)["order"], order, "{}", other.body);
+    // A first attempt and its retries all at once: one order.
+    let sends: Vec<_> = (0..20)
+        .map(|i| tokio::spawn(made(if i % 2 == 0 { a } else { b }, "bob", "m-3")))
+        .collect();
+    let mut orders = HashSet::new();
+    for s in sends {
+        let r = s.await.expect("send");
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        orders.insert(json(&r.body)["order"].as_str().expect("order").to_string());
+    }
+    assert_eq!(orders.len(), 1, "one key, one order: {orders:?}");
+    // A client's own key keeps its entry (a key of another buyer is
+    // refused by it).
+    let own = send(
+        &c,
+        Method::GET,
+        a,
+        "/buy/ticket?user=carol",
+        &[("Idempotency-Key", "c-1")],
+    )
+    .await
+    .expect("answer");
+    assert_eq!(own.status, StatusCode::OK, "{}", own.body);
+    let snap = sale.store.snapshot().await.expect("snapshot");
+    assert_eq!((snap.sold, snap.keys), (3, 1), "{snap:?}");
+    // Sell the last ticket; once node a answers sold out from memory, the
+    // retry still gets its order (memory does not hold such keys: the
+    // store is asked), and her other key still hears already_bought.
+    let rest = storm(&c, &sale.addrs(), 20, 20, 4, "rest").await;
+    assert_eq!(count(&rest, StatusCode::OK), 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, stats) = get(&c, a, "/stats").await.expect("stats");
+        if json(&stats)["holders_known"]
+            .as_u64()
+            .is_some_and(|n| n >= 3)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "holders never read: {stats}"
+        );
+        let _ = get(&c, a, "/buy/ticket?user=nudge").await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let late = made(a, "alice", "m-1").await;
+    assert_eq!(late.status, StatusCode::OK, "{}", late.body);
+    assert_eq!(json(&late.body)["order"], order, "{}", late.body);
+    let other = made(a, "alice", "m-4").await;
+    assert_eq!(other.status, StatusCode::CONFLICT, "{}", other.body);
+    assert_eq!(json(&other.body)["order"], order, "{}", other.body);
+    let snap = sale.store.snapshot().await.expect("snapshot");
+    assert_eq!(snap.sold, 4);
+    assert_eq!(snap.audit(None, None), Vec::<String>::new());
+    sale.stop().await;
+}
+
+against_both_stores!(a_balancers_key_is_kept_with_its_order_and_decides_once);
+
 /// A lease granted in the store whose answer never reached the node (the
 /// reply lost on the way back) leaves units in the store that the node does
 /// not know of, and since the node renews its lease they would never

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use hyper::header::HeaderValue;
 use hyper::{HeaderMap, Method};
 
-use crate::protocol::{IDEMPOTENCY_KEY, PURCHASE_PATH};
+use crate::protocol::{IDEMPOTENCY_KEY, MADE_KEY, PURCHASE_PATH};
 
 /// A fresh key: 32 lowercase hex digits, never the same twice in a process
 /// and unpredictable across processes.
@@ -118,6 +118,7 @@ pub fn ensure_key(method: &Method, path: &str, headers: &mut HeaderMap) -> bool 
     let plan = plan(true, method, keys, || first.is_some_and(is_valid));
     if plan == KeyPlan::Generate {
         headers.insert(IDEMPOTENCY_KEY, generate());
+        headers.insert(MADE_KEY, HeaderValue::from_static("1"));
     }
     plan.keyed()
 }

@@ -236,6 +236,10 @@ pub fn parse(
             10 if name.eq_ignore_ascii_case(b"keep-alive") => kind = Kind::Dropped,
             16 if name.eq_ignore_ascii_case(b"proxy-connection") => kind = Kind::Dropped,
             9 if name.eq_ignore_ascii_case(b"x-real-ip") => kind = Kind::Dropped,
+            // Only a balancer says it made a key (`protocol::MADE_KEY`).
+            14 if name.eq_ignore_ascii_case(crate::protocol::MADE_KEY_NAME.as_bytes()) => {
+                kind = Kind::Dropped
+            }
             15 if name.eq_ignore_ascii_case(b"x-forwarded-for") => kind = Kind::ForwardedFor,
             15 if name.eq_ignore_ascii_case(b"idempotency-key") => {
                 if head.keys == 0 {

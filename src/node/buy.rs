@@ -135,12 +135,35 @@ impl BuyAnswer<'_> {
     }
 }
 
+/// A purchase's `Idempotency-Key` (`text`, `""` for none), and whether a
+/// balancer made it ([`crate::protocol::MADE_KEY`]): unique, sent again
+/// only by that balancer's retry.
+#[derive(Debug, Clone, Copy)]
+pub struct Key<'k> {
+    /// The key as the request carried it (without quotes).
+    pub text: &'k str,
+    /// Made by a balancer for a request that came without one.
+    pub made: bool,
+}
+
+impl Key<'_> {
+    /// No key.
+    pub const NONE: Key<'static> = Key {
+        text: "",
+        made: false,
+    };
+
+    fn is_empty(&self) -> bool {
+        self.text.is_empty()
+    }
+}
+
 impl Node {
     /// Sells `quantity` tickets (checked: 1 to `max_per_purchase`) to
     /// `buyer` (checked; `""` when anonymous) under `key` (`""` for none),
     /// all or nothing: units of the lease, then the store, or the answer
     /// from memory once sold out, within `[redis] timeout`.
-    pub async fn buy<'a>(&self, buyer: &'a str, key: &str, quantity: u64) -> BuyAnswer<'a> {
+    pub async fn buy<'a>(&self, buyer: &'a str, key: Key<'_>, quantity: u64) -> BuyAnswer<'a> {
         let give_up = Instant::now() + self.timeout;
         if let Some(shut) = self.shut_now() {
             return self.shut_answer(shut, buyer, key, quantity, give_up).await;
@@ -221,7 +244,7 @@ impl Node {
         &self,
         shut: crate::protocol::Shut,
         buyer: &'a str,
-        key: &str,
+        key: Key<'_>,
         quantity: u64,
         give_up: Instant,
     ) -> BuyAnswer<'a> {
@@ -283,7 +306,7 @@ impl Node {
     async fn purchase<'a>(
         &self,
         buyer: &'a str,
-        key: &str,
+        key: Key<'_>,
         quantity: u64,
         unit: Option<Unit<'_>>,
         give_up: Instant,
@@ -298,7 +321,8 @@ impl Node {
                 holder: &self.holder,
                 node: &self.name,
                 buyer,
-                key,
+                key: key.text,
+                made_key: key.made,
                 quantity,
                 units: unit.as_ref().map_or(0, Unit::count),
                 give_up,
@@ -440,7 +464,7 @@ impl Node {
     async fn sold_out_answer<'a>(
         &self,
         buyer: &'a str,
-        key: &str,
+        key: Key<'_>,
         quantity: u64,
         give_up: Instant,
     ) -> BuyAnswer<'a> {
@@ -492,19 +516,23 @@ enum Remembered {
 /// The answer current holders give for `buyer` and `key`, as the script
 /// would give it; `returns`: tickets may come back (the sale has a payment
 /// window).
-fn from_memory(h: &Holders, buyer: &str, key: &str, returns: bool) -> Memory {
+fn from_memory(h: &Holders, buyer: &str, key: Key<'_>, returns: bool) -> Memory {
     // A key that bought is the store's to replay (or to refuse to another
     // buyer) exactly. Where tickets come back, a key memory does not know
     // may have bought one at another node since this one last heard (a
     // cancel, then a purchase, within the quarter second the news takes):
     // only the store can say that it did not.
-    if !key.is_empty() && (returns || h.key_bought(key)) {
+    if !key.is_empty() && (returns || h.key_bought(key.text)) {
         return Memory::AskStore;
     }
     if buyer.is_empty() || h.per_user_limit == 0 {
         return Memory::Answer(Remembered::SoldOut);
     }
     match h.buyer(buyer) {
+        // A balancer's own key may be kept with its order alone, which
+        // memory does not read: the holder's order may be this key's, to
+        // replay (a retry after a reply lost with its node).
+        Lookup::Found(_) if key.made => Memory::AskStore,
         Lookup::Found(seq) => Memory::Answer(Remembered::AlreadyBought(h.order_id(seq))),
         Lookup::AskStore => Memory::AskStore,
         Lookup::Absent => Memory::Answer(Remembered::SoldOut),

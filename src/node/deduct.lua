@@ -12,12 +12,14 @@
 -- KEYS[4] buyer_order hash (buyer -> last order id)
 -- KEYS[5] leases hash (holder -> "units:expires_ms")
 -- KEYS[6] keys hash (Idempotency-Key -> "order id buyer", written once
---         with the order: a replay reads the order's state from the order)
+--         with the order: a replay reads the order's state from the order;
+--         not for a balancer's key that its buyer's one order keeps, below)
 -- KEYS[7] due sorted set (reserved order id -> pay_by, Redis ms)
 -- KEYS[8] events stream (with a payment window, every order's creation and
 --         state change; with `stream` = 1, every final sale too)
 -- ARGV[1] lease lifetime in milliseconds
--- Then groups of 6: kind ('p' purchase, 'l' lease request, 'r' lease given
+-- Then groups of 6: kind ('p' purchase, 'm' purchase whose key a balancer
+-- made, 'l' lease request, 'r' lease given
 -- back: a node that stops selling the sale), holder (a node
 -- process's lease name), node name, buyer ('' when anonymous), Idempotency-Key
 -- ('' when none), and for 'p' the deadline (Redis milliseconds: from then on
@@ -220,7 +222,27 @@ for i = 2, #ARGV, 6 do
         tonumber(brought)
     end
     local limited = buyer ~= '' and limit > 0
-    local seen = now < deadline and key ~= '' and redis.call('HGET', KEYS[6], key)
+    -- A key a balancer made ('m') is unique and sent again only by that
+    -- balancer's retry. In a final sale with a limit of one, its buyer's
+    -- one order (never given back, and naming its key) is the key's whole
+    -- record: the key gets no entry of its own in KEYS[6], one write and
+    -- one entry fewer a sale, and a retry finds its order through the
+    -- buyer. Where orders come back or a buyer may hold several, the
+    -- buyer's last order need not be the key's: those keep their entry.
+    local by_buyer = kind == 'm' and limit == 1 and pay_within == 0 and buyer ~= ''
+      and quantity == 1
+    local seen = false
+    if now < deadline and key ~= '' then
+      if by_buyer then
+        local last = redis.call('HGET', KEYS[4], buyer)
+        local record = last and redis.call('HGET', KEYS[3], last)
+        if record and cjson.decode(record).key == key then
+          seen = last .. ' ' .. buyer
+        end
+      else
+        seen = redis.call('HGET', KEYS[6], key)
+      end
+    end
     local seen_order, seen_buyer, seen_state, seen_pay_by, seen_quantity
     if seen then
       -- "order buyer" (a sale written before this version may have the
@@ -349,7 +371,7 @@ for i = 2, #ARGV, 6 do
         held_added = held_added + quantity
         if held > most then most = held end
       end
-      if key ~= '' then
+      if key ~= '' and not by_buyer then
         if quantity > 1 then
           redis.call('HSET', KEYS[6], key, id .. ' ' .. buyer .. ' ' .. string.format('%d', quantity))
         else

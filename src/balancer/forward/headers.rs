@@ -14,6 +14,7 @@ use hyper::header::{CONNECTION, HOST, HeaderName, HeaderValue};
 use hyper::{HeaderMap, Version};
 
 use crate::http1::hop;
+use crate::protocol::MADE_KEY;
 
 use super::client::{Peer, X_FORWARDED_FOR, ip_value};
 
@@ -140,10 +141,12 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-/// Hop-by-hop headers out, `X-Forwarded-For` appended, `X-Real-IP` set;
+/// Hop-by-hop headers out, `X-Forwarded-For` appended, `X-Real-IP` set,
+/// a client's [`MADE_KEY`] dropped (only a balancer says it made a key);
 /// `Host` is left as the client sent it.
 pub fn prepare_request_headers(h: &mut HeaderMap, peer: &Peer, client: IpAddr) {
     strip_hop_by_hop(h);
+    h.remove(MADE_KEY);
     let xff = if h.contains_key(X_FORWARDED_FOR) {
         let mut xff = BytesMut::with_capacity(64);
         for v in h.get_all(X_FORWARDED_FOR) {

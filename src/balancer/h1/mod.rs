@@ -841,7 +841,9 @@ fn write_request(
     if let Some(key) = generated_key {
         out.extend_from_slice(b"idempotency-key: ");
         out.extend_from_slice(key);
-        out.extend_from_slice(b"\r\n");
+        // The node may keep a key of ours with its order alone
+        // (`protocol::MADE_KEY`); a client's such line was dropped.
+        out.extend_from_slice(b"\r\nspike-made-key: 1\r\n");
     }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(&input[head.len..]);

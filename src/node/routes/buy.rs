@@ -8,7 +8,7 @@ use hyper::{Request, StatusCode};
 
 use super::reply::{Answer, Rfc3339, Tickets, fixed, json, unauthorized, written};
 use crate::auth::{Authority, VerifiedBuyer};
-use crate::node::buy::BuyAnswer;
+use crate::node::buy::{BuyAnswer, Key};
 use crate::node::state::Node;
 use crate::node::store::OrderState;
 use crate::protocol::{self, BuyerError, KeyError, QuantityError, SOLD_OUT_HEADER, buyer_of};
@@ -61,7 +61,7 @@ fn checked<'a>(
     req: &'a Request<Incoming>,
     auth: Option<&Authority>,
     verified: &'a mut Option<VerifiedBuyer>,
-) -> Result<(&'a str, &'a str, u64), BuyAnswer<'a>> {
+) -> Result<(&'a str, Key<'a>, u64), BuyAnswer<'a>> {
     // The body is never needed: refuse big ones by their declared size,
     // and chunked ones outright, before any work.
     let declared = req
@@ -85,7 +85,10 @@ fn checked<'a>(
         },
     };
     let key = match protocol::key_in(req.headers()) {
-        Ok(k) => k,
+        Ok(k) => Key {
+            text: k,
+            made: !k.is_empty() && req.headers().contains_key(protocol::MADE_KEY),
+        },
         Err(KeyError::Malformed) => return Err(BuyAnswer::KeyMalformed),
     };
     // Only in the query: a purchase has no body (see above).

@@ -267,9 +267,22 @@ impl EmbeddedStore {
         s.drop_expired(now);
         let quantity = p.quantity.max(1);
         let held = |s: &Sale| s.buyers.get(p.buyer).copied().unwrap_or(0);
+        // A balancer's key kept with its order alone, as `deduct.lua`
+        // keeps it: found through its buyer's one order.
+        let by_buyer =
+            p.made_key && s.limit == 1 && s.pay_within == 0 && !p.buyer.is_empty() && quantity == 1;
+        let seen = if p.key.is_empty() {
+            None
+        } else if by_buyer {
+            s.buyer_order
+                .get(p.buyer)
+                .filter(|id| s.orders.get(*id).and_then(|o| o.key.as_deref()) == Some(p.key))
+        } else {
+            s.keys.get(p.key)
+        };
         let answer = if p.buyer.is_empty() && s.limit > 0 {
             Outcome::BuyerRequired
-        } else if let Some(order) = (!p.key.is_empty()).then(|| s.keys.get(p.key)).flatten() {
+        } else if let Some(order) = seen {
             match s.orders.get(order).filter(|o| o.buyer == p.buyer) {
                 Some(o) if o.quantity() != quantity => Outcome::KeyOtherQuantity {
                     quantity: o.quantity(),
@@ -328,7 +341,7 @@ impl EmbeddedStore {
                 s.held += quantity;
                 s.most = s.most.max(held);
             }
-            if !p.key.is_empty() {
+            if !p.key.is_empty() && !by_buyer {
                 s.keys.insert(p.key.to_string(), id.clone());
             }
             s.orders.insert(

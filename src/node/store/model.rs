@@ -325,6 +325,8 @@ pub struct Purchase<'a> {
     pub buyer: &'a str,
     /// The `Idempotency-Key`, `""` when none.
     pub key: &'a str,
+    /// `key` was made by a balancer ([`crate::protocol::MADE_KEY`]).
+    pub made_key: bool,
     /// Tickets asked for, all or nothing (1 or more).
     pub quantity: u64,
     /// Units the node took from its own lease for it (up to `quantity`;

@@ -23,10 +23,12 @@ pub const MAX_BATCH: usize = 128;
 /// What an entry asks.
 pub(super) enum Entry {
     /// A purchase of `quantity` tickets by `buyer` (maybe anonymous), with
-    /// its key (maybe ''), and the `units` of the node's lease it brings.
+    /// its key (maybe ''; `made_key`: a balancer's), and the `units` of the
+    /// node's lease it brings.
     Purchase {
         buyer: Value,
         key: Value,
+        made_key: bool,
         quantity: u64,
         units: u64,
     },
@@ -111,10 +113,12 @@ async fn send(link: &Link, batch: Vec<Pending>) {
             Entry::Purchase {
                 buyer,
                 key,
+                made_key,
                 quantity,
                 units,
             } => {
-                args.push(Value::from_static_str("p"));
+                // 'm': the key is a balancer's (see deduct.lua).
+                args.push(Value::from_static_str(if made_key { "m" } else { "p" }));
                 args.push(p.holder);
                 args.push(p.node);
                 args.push(buyer);

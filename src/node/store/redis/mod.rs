@@ -373,6 +373,7 @@ impl RedisStore {
         let entry = Entry::Purchase {
             buyer: Value::from(p.buyer),
             key: Value::from(p.key),
+            made_key: p.made_key,
             quantity: p.quantity,
             units: p.units,
         };
