@@ -231,6 +231,8 @@ for i = 2, #ARGV, 6 do
     -- buyer's last order need not be the key's: those keep their entry.
     local by_buyer = kind == 'm' and limit == 1 and pay_within == 0 and buyer ~= ''
       and quantity == 1
+    -- The buyer's tickets where already known (else read when needed).
+    local holds
     local seen = false
     if now < deadline and key ~= '' then
       if by_buyer then
@@ -239,6 +241,10 @@ for i = 2, #ARGV, 6 do
         if record and cjson.decode(record).key == key then
           seen = last .. ' ' .. buyer
         end
+        -- In a final sale a buyer with an order holds it for good: one
+        -- ticket (the limit) if they have a last order, none if not. The
+        -- lookup above is the limit's too: no second read.
+        holds = last and 1 or 0
       else
         seen = redis.call('HGET', KEYS[6], key)
       end
@@ -285,7 +291,7 @@ for i = 2, #ARGV, 6 do
       else
         answer(7, '', 0, holder)
       end
-    elseif limited and tonumber(redis.call('HGET', KEYS[2], buyer) or '0') >= limit then
+    elseif limited and (holds or tonumber(redis.call('HGET', KEYS[2], buyer) or '0')) >= limit then
       answer(3, redis.call('HGET', KEYS[4], buyer) or '', 0, holder)
     elseif shut then
       answer(10, shut, shut_at, holder)
