@@ -67,8 +67,10 @@ def load(out):
         r.update(path=path, send=send)
         r["balancer_us"] = per_request(r, "")
         r["node_us"] = per_request(r, "node_")
-        if r["balancer_us"] is not None and r["node_us"] is not None:
-            r["total_us"] = r["balancer_us"] + r["node_us"]
+        both = r["balancer_us"] is not None and r["node_us"] is not None
+        # A round without one of the figures has no total (not a KeyError
+        # in the summary).
+        r["total_us"] = r["balancer_us"] + r["node_us"] if both else None
         sold = r.get("sold_delta")
         r["redis_us_per_sale"] = r["redis_usec"] / sold if sold and "redis_usec" in r else None
     return rows
