@@ -298,6 +298,12 @@ impl AcceptShare {
         self.open.iter().map(|c| c.load(Ordering::SeqCst))
     }
 
+    /// Whether each loop has a socket of its own
+    /// ([`AcceptShare::spread_by_kernel`]).
+    pub fn by_kernel(&self) -> bool {
+        self.by_kernel.load(Ordering::Relaxed)
+    }
+
     fn is_turn_of(&self, me: usize) -> bool {
         if self.by_kernel.load(Ordering::Relaxed) {
             return true;
@@ -484,23 +490,33 @@ pub async fn serve_with<F, S, B>(
         // Take a permit before accepting: over the cap, clients wait in the
         // kernel's backlog instead of costing us memory; unless some
         // connection is idle between requests, which gives its place up to
-        // the next client (below).
-        let permit = loop {
-            match permits.clone().try_acquire_owned() {
-                Ok(p) => break Some(p),
-                Err(TryAcquireError::Closed) => break 'accept,
-                Err(TryAcquireError::NoPermits) => {}
-            }
-            if reusable.room_to_make() {
-                break None;
-            }
-            tokio::select! {
-                p = permits.clone().acquire_owned() => match p {
+        // the next client (below). Not with a socket of its own
+        // (`SO_REUSEPORT`): the clients in its queue are this loop's alone,
+        // and a permit held in hand while none comes would make another
+        // loop close an idle connection for its client below the cap. It
+        // takes the permit after the accept (one client per loop waits
+        // accepted when the cap is reached and nothing is idle).
+        let own_socket = share.as_ref().is_some_and(|(s, _)| s.by_kernel());
+        let permit = if own_socket {
+            None
+        } else {
+            loop {
+                match permits.clone().try_acquire_owned() {
                     Ok(p) => break Some(p),
-                    Err(_) => break 'accept,
-                },
-                () = reusable.idle_appeared() => {}
-                () = &mut shutdown => break 'accept,
+                    Err(TryAcquireError::Closed) => break 'accept,
+                    Err(TryAcquireError::NoPermits) => {}
+                }
+                if reusable.room_to_make() {
+                    break None;
+                }
+                tokio::select! {
+                    p = permits.clone().acquire_owned() => match p {
+                        Ok(p) => break Some(p),
+                        Err(_) => break 'accept,
+                    },
+                    () = reusable.idle_appeared() => {}
+                    () = &mut shutdown => break 'accept,
+                }
             }
         };
         // While this loop waits for a client with a permit in hand, no other
@@ -528,9 +544,9 @@ pub async fn serve_with<F, S, B>(
         let permit = match permit {
             Some(p) => p,
             None => {
-                // Over the cap with a client in hand: the connection idle
-                // the longest closes to make room (Nginx's reusable
-                // connections).
+                // A free permit; or, over the cap with a client in hand,
+                // the connection idle the longest closes to make room
+                // (Nginx's reusable connections).
                 let made = tokio::select! {
                     p = make_room(&permits, &reusable) => p,
                     () = &mut shutdown => None,

@@ -116,6 +116,9 @@ async fn a_burst_of_connections_is_shared_evenly_by_the_workers() {
         3,
     )
     .await;
+    // The admin answers once the balancer runs, its workers' sockets made:
+    // clients that came before would all be in the first socket's queue.
+    assert_eq!(worker_connections(&lb).await.len(), 3);
     for round in 0..3 {
         // 60 connections opened at once, each kept open after its request.
         let mut held = Vec::new();

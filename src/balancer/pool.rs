@@ -48,6 +48,17 @@ use http_body_util::{Either, Full};
 /// nothing from the proxy above it.
 pub type ReqBody = Either<Full<Bytes>, ClientBody>;
 
+/// Whether a connect failed because the process (`EMFILE`) or the system
+/// (`ENFILE`) has no descriptor left: then idle keep-alive connections are
+/// worth closing to make one (see
+/// [`LiveState::shed_idle`](super::upstream::LiveState::shed_idle)).
+pub fn out_of_files(e: &ConnectError) -> bool {
+    // Linux's numbers (no libc in the library for two constants).
+    const ENFILE: i32 = 23;
+    const EMFILE: i32 = 24;
+    matches!(e, ConnectError::Io(io) if matches!(io.raw_os_error(), Some(EMFILE | ENFILE)))
+}
+
 /// Why no connection to an upstream could be made: the request was not
 /// sent, so any method may go on to the next upstream.
 #[derive(Debug, thiserror::Error)]
@@ -311,6 +322,19 @@ impl<C: Reusable> IdleConns<C> {
             .is_some_and(|i| now.saturating_sub(i.since) > limit)
         {
             stack.pop_front();
+        }
+    }
+
+    /// Closes every worker's idle connections (a worker out of descriptors
+    /// takes back those another worker keeps idle: see
+    /// [`LiveState::shed_idle`](super::upstream::LiveState::shed_idle)).
+    pub fn close_all(&self) {
+        if let Some(stacks) = self.stacks.get() {
+            for stack in stacks.iter() {
+                // Dropped outside the lock: closing takes system calls.
+                let gone = std::mem::take(&mut *lock(stack));
+                drop(gone);
+            }
         }
     }
 

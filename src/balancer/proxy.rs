@@ -667,9 +667,16 @@ async fn send(
                 }
             }
         }
-        let mut conn = pool::connect(upstream.config.addr, config.connect_timeout)
-            .await
-            .map_err(Failure::Connect)?;
+        let mut conn = match pool::connect(upstream.config.addr, config.connect_timeout).await {
+            Err(e) if pool::out_of_files(&e) => {
+                // Idle connections must not cost a request its answer.
+                upstream.live.shed_idle();
+                pool::connect(upstream.config.addr, config.connect_timeout)
+                    .await
+                    .map_err(Failure::Connect)?
+            }
+            connected => connected.map_err(Failure::Connect)?,
+        };
         match conn.sender.try_send_request(req).await {
             Ok(resp) => Ok((resp, conn)),
             Err(e) => Err(Failure::Broken {

@@ -68,6 +68,20 @@ pub struct LiveState {
 pub static FREED: Notify = Notify::const_new();
 
 impl LiveState {
+    /// Closes this upstream's idle keep-alive connections, every worker's
+    /// and both paths', for a connect that found no descriptor left. Each
+    /// worker keeps its own idle connections, and with a listening socket
+    /// per worker the kernel does not spread clients evenly: the
+    /// connections one worker keeps idle from its busiest moment held the
+    /// descriptors another needed (under `prlimit --nofile=256`, 1 to 12
+    /// of 400 flooding clients got 502s). The cap on clients
+    /// ([`crate::server::connection_cap`]) counts one upstream connection
+    /// per client, not idle ones besides.
+    pub fn shed_idle(&self) {
+        self.raw_idle.close_all();
+        self.idle.close_all();
+    }
+
     /// Fresh state for an upstream never seen before.
     pub fn new(addr: SocketAddr) -> LiveState {
         LiveState {
