@@ -165,6 +165,8 @@ frontend spike
     # X-Forwarded-For appended and X-Real-IP set to the client, as spike.
     option forwardfor
     http-request set-header X-Real-IP %[src]
+    # Only spike's balancer says it made a purchase's key.
+    http-request del-header Spike-Made-Key
 "
     );
     if balancer.proxy_protocol {

@@ -272,6 +272,9 @@ http {{
         proxy_set_header Host $http_host;
         proxy_set_header X-Forwarded-For {forwarded_for};
         proxy_set_header X-Real-IP $remote_addr;
+        # Only spike's balancer says it made a purchase's key: a client's
+        # claim goes (an empty value is not sent).
+        proxy_set_header Spike-Made-Key \"\";
         # spike's failover: the next upstream on a connect error or timeout;
         # non-idempotent requests are not retried once sent (Nginx's default).
         # Not equivalent: spike adds an Idempotency-Key to /buy/ticket

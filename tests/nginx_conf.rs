@@ -338,6 +338,47 @@ async fn real_nginx_honours_the_weights() {
     remove_config(&config);
 }
 
+/// Only spike's balancer says it made a purchase's key (`Spike-Made-Key`,
+/// issue 26): behind the Nginx `spike nginx-conf` writes, a client's claim
+/// does not reach the node either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_nginx_drops_a_clients_made_key_mark() {
+    use balancer_support::recorder::{Recorder, Then};
+    let node = Recorder::start("n", Then::Answer).await;
+    let port = common::free_port();
+    let config = write_config(&balancer_config(
+        "round_robin",
+        port,
+        &format!("[[balancer.upstream]]\naddr = \"{}\"\n", node.addr),
+    ));
+    let dir = generate(&config, &["--workers", "1"]);
+    let nginx = Nginx::start(&dir);
+    let addr = format!("127.0.0.1:{port}");
+    tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || wait_listening(&addr, Duration::from_secs(10))
+    })
+    .await
+    .expect("wait for nginx");
+    let res = balancer_support::raw(
+        None,
+        addr.parse().expect("addr"),
+        b"GET /buy/ticket?user=u1 HTTP/1.1\r\nHost: t\r\nIdempotency-Key: k-1\r\nSpike-Made-Key: 1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}\n{}", nginx.log());
+    let seen = node.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].keys, vec!["k-1".to_string()], "{seen:?}");
+    assert!(
+        !seen[0].head.to_ascii_lowercase().contains("spike-made-key"),
+        "{}",
+        seen[0].head
+    );
+    drop(nginx);
+    remove_config(&config);
+}
+
 /// Admission and health checks: `max_conns` is Nginx OSS's own (on each
 /// server line, and `nginx -t` takes it); the queue, active health checks,
 /// slow start and the sold-out edge are not, and the file says so.

@@ -467,6 +467,11 @@ impl Transport for Hyper<'_> {
 /// goes to the client: bytes that came with the head are decoded by then.
 const FIRST_CHUNK_WAIT: Duration = Duration::from_millis(2);
 
+/// How long a connect out of descriptors waits, after closing an
+/// upstream's idle connections, for their tasks to close the sockets
+/// before it tries once more (see [`super::upstream::LiveState::shed_idle`]).
+const SHED_WAIT: Duration = Duration::from_millis(20);
+
 /// For a chunked response, its first frame if it comes within
 /// [`FIRST_CHUNK_WAIT`] (kept, to go first), so that a chunk size past
 /// 2^63 - 1 or junk in the framing of the bytes that came with the head is
@@ -669,8 +674,11 @@ async fn send(
         }
         let mut conn = match pool::connect(upstream.config.addr, config.connect_timeout).await {
             Err(e) if pool::out_of_files(&e) => {
-                // Idle connections must not cost a request its answer.
+                // Idle connections must not cost a request its answer. A
+                // hyper connection's socket is its task's, closed when that
+                // task next runs (on its own worker): a moment first.
                 upstream.live.shed_idle();
+                tokio::time::sleep(SHED_WAIT).await;
                 pool::connect(upstream.config.addr, config.connect_timeout)
                     .await
                     .map_err(Failure::Connect)?

@@ -532,7 +532,7 @@ fn from_memory(h: &Holders, buyer: &str, key: Key<'_>, returns: bool) -> Memory 
         // A balancer's own key may be kept with its order alone, which
         // memory does not read: the holder's order may be this key's, to
         // replay (a retry after a reply lost with its node).
-        Lookup::Found(_) if key.made => Memory::AskStore,
+        Lookup::Found(_) if key.made && h.per_user_limit == 1 => Memory::AskStore,
         Lookup::Found(seq) => Memory::Answer(Remembered::AlreadyBought(h.order_id(seq))),
         Lookup::AskStore => Memory::AskStore,
         Lookup::Absent => Memory::Answer(Remembered::SoldOut),
