@@ -293,6 +293,21 @@ impl Drop for Nginx {
     }
 }
 
+/// A one-worker Nginx from `spike nginx-conf` of `config`, listening on
+/// `port`: it and its address, once it accepts.
+async fn one_worker_nginx(config: &Path, port: u16) -> (Nginx, String) {
+    let dir = generate(config, &["--workers", "1"]);
+    let nginx = Nginx::start(&dir);
+    let addr = format!("127.0.0.1:{port}");
+    tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || wait_listening(&addr, Duration::from_secs(10))
+    })
+    .await
+    .expect("wait for nginx");
+    (nginx, addr)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_nginx_honours_the_weights() {
     let light = Backend::start("light").await;
@@ -306,15 +321,7 @@ async fn real_nginx_honours_the_weights() {
             light.addr, heavy.addr
         ),
     ));
-    let dir = generate(&config, &["--workers", "1"]);
-    let nginx = Nginx::start(&dir);
-    let addr = format!("127.0.0.1:{port}");
-    tokio::task::spawn_blocking({
-        let addr = addr.clone();
-        move || wait_listening(&addr, Duration::from_secs(10))
-    })
-    .await
-    .expect("wait for nginx");
+    let (nginx, addr) = one_worker_nginx(&config, port).await;
 
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
     let uri: hyper::Uri = format!("http://{addr}/").parse().expect("uri");
@@ -351,15 +358,7 @@ async fn real_nginx_drops_a_clients_made_key_mark() {
         port,
         &format!("[[balancer.upstream]]\naddr = \"{}\"\n", node.addr),
     ));
-    let dir = generate(&config, &["--workers", "1"]);
-    let nginx = Nginx::start(&dir);
-    let addr = format!("127.0.0.1:{port}");
-    tokio::task::spawn_blocking({
-        let addr = addr.clone();
-        move || wait_listening(&addr, Duration::from_secs(10))
-    })
-    .await
-    .expect("wait for nginx");
+    let (nginx, addr) = one_worker_nginx(&config, port).await;
     let res = balancer_support::raw(
         None,
         addr.parse().expect("addr"),

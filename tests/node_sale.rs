@@ -920,20 +920,8 @@ async fn a_key_buys_once_whatever_the_limit(redis: Option<&RedisServer>) {
         // Sell the rest, then the first key, answered from memory.
         let rest = storm(&c, &sale.addrs(), 20, 20, 4, "rest").await;
         assert_eq!(count(&rest, StatusCode::OK), 4);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let (_, stats) = get(&c, a, "/stats").await.expect("stats");
-            if json(&stats)["keys_known"] == 2 {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "keys never read: {stats}"
-            );
-            // A purchase that finds the sale sold out starts the read.
-            let _ = get(&c, a, "/buy/ticket?user=nudge").await;
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        // A purchase that finds the sale sold out starts the read.
+        until_read(&c, a, "keys_known", 2).await;
         let late = buy(a, alice, "k-1", Method::GET).await;
         assert_eq!(late.status, StatusCode::OK, "{}", late.body);
         assert_eq!(json(&late.body)["order"], order);
@@ -952,6 +940,30 @@ async fn a_key_buys_once_whatever_the_limit(redis: Option<&RedisServer>) {
 }
 
 against_both_stores!(a_key_buys_once_whatever_the_limit);
+
+/// Waits until `node`'s `/stats` says at least `least` in `field` (the
+/// holders or keys it read once sold out), each look a purchase that finds
+/// the sale sold out (which starts the read).
+async fn until_read(
+    c: &common::http::TestClient,
+    node: std::net::SocketAddr,
+    field: &str,
+    least: u64,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, stats) = get(c, node, "/stats").await.expect("stats");
+        if json(&stats)[field].as_u64().is_some_and(|n| n >= least) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{field} never read: {stats}"
+        );
+        let _ = get(c, node, "/buy/ticket?user=nudge").await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
 
 /// Issue 26: a key a balancer made (`Spike-Made-Key`), in a final sale of
 /// one ticket a buyer, is kept with its buyer's order alone: no entry of its
@@ -1026,22 +1038,7 @@ async fn a_balancers_key_is_kept_with_its_order_and_decides_once(redis: Option<&
     // store is asked), and her other key still hears already_bought.
     let rest = storm(&c, &sale.addrs(), 20, 20, 4, "rest").await;
     assert_eq!(count(&rest, StatusCode::OK), 1);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, stats) = get(&c, a, "/stats").await.expect("stats");
-        if json(&stats)["holders_known"]
-            .as_u64()
-            .is_some_and(|n| n >= 3)
-        {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "holders never read: {stats}"
-        );
-        let _ = get(&c, a, "/buy/ticket?user=nudge").await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_read(&c, a, "holders_known", 3).await;
     let late = made(a, "alice", "m-1").await;
     assert_eq!(late.status, StatusCode::OK, "{}", late.body);
     assert_eq!(json(&late.body)["order"], order, "{}", late.body);

@@ -577,3 +577,69 @@ pub fn main(config_path: &Path) -> anyhow::Result<ExitCode> {
     })?;
     Ok(ExitCode::SUCCESS)
 }
+
+/// A balancer run in the test's process, for tests that look at what it
+/// leaves running once it stops.
+#[cfg(test)]
+pub(crate) mod in_process {
+    use std::sync::{Arc, Weak};
+    use std::time::Duration;
+
+    use super::{Balancer, state::Shared};
+
+    /// A running balancer on `127.0.0.1:0`: its state, and the way to stop it.
+    pub(crate) struct Running {
+        pub(crate) shared: Arc<Shared>,
+        gone: Weak<Shared>,
+        stop: tokio::sync::oneshot::Sender<()>,
+        task: tokio::task::JoinHandle<Result<(), super::BalancerError>>,
+    }
+
+    impl Running {
+        /// Runs `balancer` until [`Running::stop_and_forget`].
+        pub(crate) async fn start(balancer: Balancer) -> Running {
+            let shared = balancer.shared.clone();
+            let gone = Arc::downgrade(&shared);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(balancer.run(listener, admin, async move {
+                let _ = stopped.await;
+            }));
+            Running {
+                shared,
+                gone,
+                stop,
+                task,
+            }
+        }
+
+        /// Stops the balancer and asserts that nothing of it runs on: its
+        /// state is dropped within `bound` (the aborted tasks go as the
+        /// runtime gets to them; the bound only makes a failure end).
+        pub(crate) async fn stop_and_forget(self, bound: Duration) {
+            let Running {
+                shared,
+                gone,
+                stop,
+                task,
+            } = self;
+            drop(shared);
+            let _ = stop.send(());
+            task.await.expect("join").expect("run");
+            let until = tokio::time::Instant::now() + bound;
+            while gone.strong_count() > 0 && tokio::time::Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(
+                gone.strong_count(),
+                0,
+                "the balancer's state is still held once it stopped: a task runs on"
+            );
+        }
+    }
+}

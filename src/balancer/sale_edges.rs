@@ -310,18 +310,8 @@ mod tests {
         assert!(second.contains(" 409 "), "{second}");
 
         let balancer = super::super::Balancer::new(config).expect("balancer");
-        let shared = balancer.shared.clone();
-        let gone = Arc::downgrade(&shared);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let running = tokio::spawn(balancer.run(listener, admin, async move {
-            let _ = stopped.await;
-        }));
+        let running = super::super::in_process::Running::start(balancer).await;
+        let shared = running.shared.clone();
         // A node's sold-out answer passed through: the edge is made, and
         // its watcher learns the holders, then long-polls the node.
         shared.edge.sales.poke("ew-a");
@@ -336,19 +326,8 @@ mod tests {
             "the edge learned the sold-out sale"
         );
         drop(shared);
-        let _ = stop.send(());
-        running.await.expect("join").expect("run");
-        // The aborted tasks are dropped by the runtime as it gets to them:
-        // a bound far below `IDLE`, only so that a failure ends.
-        let until = tokio::time::Instant::now() + IDLE / 2;
-        while gone.strong_count() > 0 && tokio::time::Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(
-            gone.strong_count(),
-            0,
-            "the balancer's state is still held once it stopped: a task runs on"
-        );
+        // A bound far below `IDLE`.
+        running.stop_and_forget(IDLE / 2).await;
         server.abort();
     }
 }

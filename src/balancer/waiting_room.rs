@@ -1323,18 +1323,8 @@ mod tests {
             .expect("stores");
         let balancer = super::super::Balancer::new(config).expect("balancer");
         balancer.attach_line_stores(stores);
-        let shared = balancer.shared.clone();
-        let gone = Arc::downgrade(&shared);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let running = tokio::spawn(balancer.run(listener, admin, async move {
-            let _ = stopped.await;
-        }));
+        let running = super::super::in_process::Running::start(balancer).await;
+        let shared = running.shared.clone();
         // A purchase of `a` makes its line; the balancer starts its loop.
         let line = shared.waiting_room.line_for("a").expect("a's line");
         line.asked_ms
@@ -1350,18 +1340,7 @@ mod tests {
             "the line's loop started"
         );
         drop((line, shared));
-        let _ = stop.send(());
-        running.await.expect("join").expect("run");
-        // The aborted tasks are dropped by the runtime as it gets to them:
-        // a bound far below `LINE_IDLE`, only so that a failure ends.
-        let until = Instant::now() + LINE_IDLE / 4;
-        while gone.strong_count() > 0 && Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(
-            gone.strong_count(),
-            0,
-            "the balancer's state is still held once it stopped: a task runs on"
-        );
+        // A bound far below `LINE_IDLE`.
+        running.stop_and_forget(LINE_IDLE / 4).await;
     }
 }
