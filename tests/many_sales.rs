@@ -8,12 +8,11 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::http::{TestClient, client, get, json, send};
+use common::fleet::{self, Shape, event, seed};
+use common::http::{client, get, json, send};
 use common::redis::RedisServer;
 use common::spike::{SpikeProcess, remove_config, run, wait_listening, write_config};
 use hyper::{Method, StatusCode};
@@ -30,186 +29,17 @@ const LIMIT: u64 = 2;
 /// (about 2.5 attempts per buyer per sale).
 const BUYERS: u64 = 400;
 
-fn event(i: usize) -> String {
-    format!("train-{i:03}")
-}
+/// The fleet's sales and crowd, for the shared flood and check.
+const SHAPE: Shape = Shape {
+    sales: SALES,
+    total: TOTAL,
+    oversubscribed: OVERSUBSCRIBED,
+    limit: LIMIT,
+    buyers: BUYERS,
+};
 
-/// `[[sale]]` × [`SALES`], then `tail` (nodes, redis, balancer).
-fn fleet_config(tail: &str) -> String {
-    fleet_of(0..SALES, tail)
-}
-
-/// `[[sale]]` for each of `sales`, then `tail`.
-fn fleet_of(sales: std::ops::Range<usize>, tail: &str) -> String {
-    let mut text = String::new();
-    for i in sales {
-        text.push_str(&format!(
-            "[[sale]]\nevent = \"{}\"\ntotal = {TOTAL}\nper_user_limit = {LIMIT}\n\n",
-            event(i)
-        ));
-    }
-    text.push_str(tail);
-    text
-}
-
-/// xorshift64: buyers and sales at random, from a seed the test prints.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-/// One purchase's outcome: its sale, its buyer, its status and body.
-struct Bought {
-    sale: usize,
-    buyer: u64,
-    status: StatusCode,
-    body: String,
-}
-
-/// [`SALES`] × [`TOTAL`] × [`OVERSUBSCRIBED`] purchases by 64 workers,
-/// each a random buyer in a random sale at a random target, naming the
-/// sale one of the two ways.
-async fn flood(targets: &[SocketAddr], seed: u64) -> Vec<Bought> {
-    flood_in(targets, seed, 0..SALES).await
-}
-
-/// [`flood`] over the sales `sales` only.
-async fn flood_in(targets: &[SocketAddr], seed: u64, sales: std::ops::Range<usize>) -> Vec<Bought> {
-    const WORKERS: usize = 64;
-    let per_worker = sales.len() * TOTAL as usize * OVERSUBSCRIBED / WORKERS;
-    let (first, count) = (sales.start, sales.len() as u64);
-    let client = client();
-    let targets = Arc::new(targets.to_vec());
-    let mut tasks = Vec::new();
-    for w in 0..WORKERS {
-        let (client, targets) = (client.clone(), targets.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut rng = Rng(seed ^ (w as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-            let mut out = Vec::with_capacity(per_worker);
-            for _ in 0..per_worker {
-                let sale = first + (rng.next() % count) as usize;
-                let buyer = rng.next() % BUYERS;
-                let to = targets[(rng.next() % targets.len() as u64) as usize];
-                // Half name the sale in the path, half in the query.
-                let path = if rng.next().is_multiple_of(2) {
-                    format!("/events/{}/buy?user=b{buyer}", event(sale))
-                } else {
-                    format!("/buy/ticket?event={}&user=b{buyer}", event(sale))
-                };
-                let (status, body) = buy(&client, to, &path).await;
-                out.push(Bought {
-                    sale,
-                    buyer,
-                    status,
-                    body,
-                });
-            }
-            out
-        }));
-    }
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.expect("worker"));
-    }
-    all
-}
-
-/// A POST purchase, retried on a transport error (a purchase without a
-/// key is answered once; a connection that broke before it was sent sold
-/// nothing).
-async fn buy(client: &TestClient, to: SocketAddr, path: &str) -> (StatusCode, String) {
-    for _ in 0..5 {
-        if let Ok(r) = send(client, Method::POST, to, path, &[]).await {
-            return (r.status, r.body);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("no answer to {path} at {to}");
-}
-
-/// Every sale sold exactly its total, in distinct tickets 1..=TOTAL; no
-/// buyer over the limit in any sale; every other answer a refusal that
-/// sells nothing. Returns an order of each sale (its id and buyer).
-fn check_exact(all: &[Bought]) -> Vec<(String, u64)> {
-    check_exact_in(all, 0..SALES)
-}
-
-/// [`check_exact`] of the sales `sales` (every answer is of one of them).
-fn check_exact_in(all: &[Bought], sales: std::ops::Range<usize>) -> Vec<(String, u64)> {
-    let mut tickets: Vec<HashSet<u64>> = vec![HashSet::new(); sales.end];
-    let mut held: HashMap<(usize, u64), u64> = HashMap::new();
-    let mut order_of: Vec<Option<(String, u64)>> = vec![None; sales.end];
-    let mut statuses: HashMap<u16, usize> = HashMap::new();
-    for b in all {
-        *statuses.entry(b.status.as_u16()).or_default() += 1;
-        match b.status {
-            StatusCode::OK => {
-                let v = json(&b.body);
-                let order = v["order"].as_str().expect("order id").to_string();
-                assert!(
-                    order.starts_with(&format!("{}:", event(b.sale))),
-                    "an order id names its sale: {}",
-                    b.body
-                );
-                for t in v["tickets"].as_array().expect("tickets") {
-                    let t = t.as_u64().expect("a ticket number");
-                    assert!((1..=TOTAL).contains(&t), "{}", b.body);
-                    assert!(
-                        tickets[b.sale].insert(t),
-                        "ticket {t} of {} sold twice",
-                        event(b.sale)
-                    );
-                }
-                *held.entry((b.sale, b.buyer)).or_default() += v["quantity"].as_u64().expect("q");
-                order_of[b.sale].get_or_insert((order, b.buyer));
-            }
-            StatusCode::CONFLICT => {
-                let v = json(&b.body);
-                let s = v["status"].as_str().unwrap_or_default();
-                assert!(matches!(s, "sold_out" | "already_bought"), "{}", b.body);
-            }
-            // Every unit left held by purchases in flight: sells nothing.
-            StatusCode::SERVICE_UNAVAILABLE => {
-                assert!(b.body.contains("busy"), "{}", b.body);
-            }
-            other => panic!("{other}: {}", b.body),
-        }
-    }
-    eprintln!("answers by status: {statuses:?}");
-    for (i, t) in tickets.iter().enumerate().skip(sales.start) {
-        assert_eq!(
-            t.len() as u64,
-            TOTAL,
-            "{} sold {} of {TOTAL}",
-            event(i),
-            t.len()
-        );
-    }
-    for ((sale, buyer), n) in &held {
-        assert!(*n <= LIMIT, "buyer b{buyer} holds {n} in {}", event(*sale));
-    }
-    order_of
-        .into_iter()
-        .enumerate()
-        .skip(sales.start)
-        .map(|(i, o)| o.unwrap_or_else(|| panic!("{} sold nothing", event(i))))
-        .collect()
-}
-
-fn seed() -> u64 {
-    let s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_nanos() as u64)
-        | 1;
-    eprintln!("seed {s}");
-    s
-}
+/// Tasks sending the flood.
+const WORKERS: usize = 64;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_sales_sell_exactly_through_node_processes_on_redis() {
@@ -222,7 +52,7 @@ async fn two_hundred_sales_sell_exactly_through_node_processes_on_redis() {
             i + 1
         ));
     }
-    let path = write_config(&fleet_config(&tail));
+    let path = write_config(&fleet::config(SHAPE, &tail));
     let file = path.to_str().expect("utf-8 path");
     let init = run(&[
         "stock",
@@ -290,8 +120,8 @@ async fn two_hundred_sales_sell_exactly_through_node_processes_on_redis() {
         "{stats}"
     );
 
-    let all = flood(&nodes, seed()).await;
-    let orders = check_exact(&all);
+    let all = fleet::flood(SHAPE, &nodes, WORKERS, seed()).await;
+    let orders = fleet::check_exact(SHAPE, &all);
 
     // Every sale, audited: exact, and its buyers within the limit.
     let audit = run(&["stock", "audit", "--config", file, "--all"]);
@@ -403,7 +233,7 @@ async fn two_hundred_sales_sell_exactly_through_spike_up_on_the_embedded_store()
         admin,
         nodes: nodes.clone(),
     };
-    let (_up, path) = common::up::start_up(&fleet_config(&tail), &ports);
+    let (_up, path) = common::up::start_up(&fleet::config(SHAPE, &tail), &ports);
     let c = client();
     // Through the balancer: both ways of naming a sale pass; a purchase
     // that names none is the nodes' 400, an internal route still the
@@ -427,8 +257,8 @@ async fn two_hundred_sales_sell_exactly_through_spike_up_on_the_embedded_store()
     let v = json(&body);
     assert_eq!(v["sale"]["sales"].as_u64(), Some(SALES as u64), "{v}");
 
-    let all = flood(&[balancer], seed()).await;
-    let orders = check_exact(&all);
+    let all = fleet::flood(SHAPE, &[balancer], WORKERS, seed()).await;
+    let orders = fleet::check_exact(SHAPE, &all);
 
     // The embedded stores agree: each sale sold out, exactly.
     for i in 0..SALES {
@@ -487,14 +317,17 @@ async fn two_hundred_sales_through_spike_up_on_redis_and_a_reload_adds_fifty() {
         admin,
         nodes: nodes.clone(),
     };
-    let (up, path) = common::up::start_up(&fleet_of(0..SALES, &tail), &ports);
+    let (up, path) = common::up::start_up(&fleet::config_of(SHAPE, 0..SALES, &tail), &ports);
     let c = client();
     let seed = seed();
     // Through the balancer and straight to `spike up`'s nodes (a quarter
     // each): the balancer's own part is the embedded test's, and half the
     // hops keep the run short.
     let targets = [balancer, nodes[0], nodes[1], nodes[2]];
-    let first = tokio::spawn(async move { flood_in(&targets, seed, 0..SALES).await });
+    let first =
+        tokio::spawn(
+            async move { fleet::flood_in(SHAPE, 0..SALES, &targets, WORKERS, seed).await },
+        );
 
     // Mid-run: the file gains 50 sales.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -510,7 +343,7 @@ async fn two_hundred_sales_through_spike_up_on_redis_and_a_reload_adds_fifty() {
         StatusCode::NOT_FOUND,
         "not on sale before the reload: {body}"
     );
-    std::fs::write(&path, fleet_of(0..SALES + ADDED, &tail)).expect("rewrite");
+    std::fs::write(&path, fleet::config_of(SHAPE, 0..SALES + ADDED, &tail)).expect("rewrite");
     up.signal("HUP");
     common::wait_for("the reload", Duration::from_secs(20), async || {
         let (_, body) = get(&c, admin, "/status").await.expect("status");
@@ -521,10 +354,17 @@ async fn two_hundred_sales_through_spike_up_on_redis_and_a_reload_adds_fifty() {
         !first.is_finished(),
         "the first 200 sales still sell while the reload adds 50 (make them slower)"
     );
-    let added = flood_in(&targets, seed ^ 0x5eed, SALES..SALES + ADDED).await;
+    let added = fleet::flood_in(
+        SHAPE,
+        SALES..SALES + ADDED,
+        &targets,
+        WORKERS,
+        seed ^ 0x5eed,
+    )
+    .await;
     let all = first.await.expect("the first flood");
-    check_exact_in(&all, 0..SALES);
-    check_exact_in(&added, SALES..SALES + ADDED);
+    fleet::check_exact_in(SHAPE, 0..SALES, &all);
+    fleet::check_exact_in(SHAPE, SALES..SALES + ADDED, &added);
 
     let audit = run(&[
         "stock",

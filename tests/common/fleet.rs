@@ -151,16 +151,17 @@ async fn buy(client: &TestClient, to: SocketAddr, path: &str) -> (StatusCode, St
 
 /// Every sale sold exactly its total, in distinct tickets 1..=total; no
 /// buyer over the limit in any sale; every other answer a refusal that
-/// sells nothing.
-pub fn check_exact(shape: Shape, all: &[Bought]) {
+/// sells nothing. Returns an order of each sale (its id and buyer).
+pub fn check_exact(shape: Shape, all: &[Bought]) -> Vec<(String, u64)> {
     check_exact_in(shape, 0..shape.sales, all)
 }
 
 /// [`check_exact`] for the sales `sales`, which every purchase in `all`
-/// is in.
-pub fn check_exact_in(shape: Shape, sales: Range<usize>, all: &[Bought]) {
+/// is in. Returns an order of each sale (its id and buyer).
+pub fn check_exact_in(shape: Shape, sales: Range<usize>, all: &[Bought]) -> Vec<(String, u64)> {
     let mut tickets: Vec<HashSet<u64>> = vec![HashSet::new(); sales.end];
     let mut held: HashMap<(usize, u64), u64> = HashMap::new();
+    let mut order_of: Vec<Option<(String, u64)>> = vec![None; sales.end];
     let mut statuses: HashMap<u16, usize> = HashMap::new();
     for b in all {
         assert!(sales.contains(&b.sale), "a purchase outside {sales:?}");
@@ -168,7 +169,7 @@ pub fn check_exact_in(shape: Shape, sales: Range<usize>, all: &[Bought]) {
         match b.status {
             StatusCode::OK => {
                 let v = json(&b.body);
-                let order = v["order"].as_str().expect("order id");
+                let order = v["order"].as_str().expect("order id").to_string();
                 assert!(
                     order.starts_with(&format!("{}:", event(b.sale))),
                     "an order id names its sale: {}",
@@ -184,6 +185,7 @@ pub fn check_exact_in(shape: Shape, sales: Range<usize>, all: &[Bought]) {
                     );
                 }
                 *held.entry((b.sale, b.buyer)).or_default() += v["quantity"].as_u64().expect("q");
+                order_of[b.sale].get_or_insert((order, b.buyer));
             }
             StatusCode::CONFLICT => {
                 let v = json(&b.body);
@@ -215,4 +217,10 @@ pub fn check_exact_in(shape: Shape, sales: Range<usize>, all: &[Bought]) {
             event(*sale)
         );
     }
+    order_of
+        .into_iter()
+        .enumerate()
+        .skip(sales.start)
+        .map(|(i, o)| o.unwrap_or_else(|| panic!("{} sold nothing", event(i))))
+        .collect()
 }
