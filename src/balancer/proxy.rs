@@ -672,19 +672,15 @@ async fn send(
                 }
             }
         }
-        let mut conn = match pool::connect(upstream.config.addr, config.connect_timeout).await {
-            Err(e) if pool::out_of_files(&e) => {
-                // Idle connections must not cost a request its answer. A
-                // hyper connection's socket is its task's, closed when that
-                // task next runs (on its own worker): a moment first.
-                upstream.live.shed_idle();
-                tokio::time::sleep(SHED_WAIT).await;
+        // A hyper connection's socket is its task's, closed when that task
+        // next runs (on its own worker): a moment before the retry.
+        let mut conn = upstream
+            .live
+            .connect_or_shed(SHED_WAIT, || {
                 pool::connect(upstream.config.addr, config.connect_timeout)
-                    .await
-                    .map_err(Failure::Connect)?
-            }
-            connected => connected.map_err(Failure::Connect)?,
-        };
+            })
+            .await
+            .map_err(Failure::Connect)?;
         match conn.sender.try_send_request(req).await {
             Ok(resp) => Ok((resp, conn)),
             Err(e) => Err(Failure::Broken {

@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 
 use crate::config::UpstreamConfig;
 
-use super::pool::{IdleConns, RawConn};
+use super::pool::{ConnectError, IdleConns, RawConn, out_of_files};
 
 pub use super::clock::now_ms;
 
@@ -80,6 +80,30 @@ impl LiveState {
     pub fn shed_idle(&self) {
         self.raw_idle.close_all();
         self.idle.close_all();
+    }
+
+    /// `connect`, and once more after [`LiveState::shed_idle`] if it found
+    /// no descriptor left (and `settle` for the shed sockets to close):
+    /// idle connections must not cost a request its answer. Both paths'
+    /// connects go through here.
+    pub async fn connect_or_shed<C, F>(
+        &self,
+        settle: std::time::Duration,
+        connect: impl Fn() -> F,
+    ) -> Result<C, ConnectError>
+    where
+        F: std::future::Future<Output = Result<C, ConnectError>>,
+    {
+        match connect().await {
+            Err(e) if out_of_files(&e) => {
+                self.shed_idle();
+                if !settle.is_zero() {
+                    tokio::time::sleep(settle).await;
+                }
+                connect().await
+            }
+            connected => connected,
+        }
     }
 
     /// Fresh state for an upstream never seen before.

@@ -60,16 +60,14 @@ pub(super) async fn exchange(
         let stale_possible = reused.is_some();
         let mut conn = match reused {
             Some(conn) => conn,
-            None => match pool::connect_raw(upstream.config.addr, config.connect_timeout).await {
-                Err(e) if pool::out_of_files(&e) => {
-                    // Idle connections must not cost a request its answer.
-                    upstream.live.shed_idle();
+            // A bare socket closes as it is shed: no wait before the retry.
+            None => upstream
+                .live
+                .connect_or_shed(std::time::Duration::ZERO, || {
                     pool::connect_raw(upstream.config.addr, config.connect_timeout)
-                        .await
-                        .map_err(Failure::Connect)?
-                }
-                connected => connected.map_err(Failure::Connect)?,
-            },
+                })
+                .await
+                .map_err(Failure::Connect)?,
         };
         let broken = |error: io::Error, got: bool| Failure::Broken {
             stale: stale_possible && !got,
