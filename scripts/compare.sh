@@ -239,6 +239,30 @@ start_redis() {
   wait_port "$REDIS_PORT" "$REDIS_PID" redis
 }
 rcli() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@"; }
+# Empties Redis for a fresh sale and rewrites its append-only file while it
+# is empty. A rewrite forks Redis and dumps the whole dataset; left to
+# Redis's own trigger (the file doubled since the last rewrite), when it
+# comes depends on every run before, so it landed in one proxy's run and
+# not the other's at random and moved a round by 10%. From an empty file
+# every run meets the same trigger after the same sales.
+flush_store() {
+  rcli FLUSHALL >/dev/null
+  aof_settled
+  rcli BGREWRITEAOF >/dev/null
+  aof_settled
+}
+aof_rewrites() { # AOF rewrites Redis has made since it started
+  rcli INFO persistence | tr -d '\r' | awk -F: '/^aof_rewrites:/ { print $2 }'
+}
+aof_settled() { # waits until no AOF rewrite runs or is scheduled
+  local i
+  for ((i = 0; i < 600; i++)); do
+    rcli INFO persistence | tr -d '\r' |
+      awk -F: '/^aof_rewrite_(in_progress|scheduled):/ { n += $2 } END { exit n > 0 }' && return 0
+    sleep 0.05
+  done
+  die "Redis's AOF rewrite did not end in 30 s"
+}
 # "EVALSHA ALL USEC" since the last CONFIG RESETSTAT: EVALSHA calls, all
 # calls, and the microseconds Redis's one thread spent in them (ALL and
 # USEC exclude INFO/CONFIG, which are this script's own).
@@ -415,11 +439,12 @@ oha_run() { # SCENARIO SIDE ROUND EXPECT PID URL [oha args...]
   local scen=$1 side=$2 round=$3 expect=$4 pid=$5 url=$6
   shift 6
   local file=raw/${scen//\//_}-$side-$round.json rec=() extra="" cpu=()
-  local before sold evalsha all usec u0 s0 u1 s1 hz answered0 answered nu0 ns0 nu1 ns1
+  local before sold evalsha all usec u0 s0 u1 s1 hz answered0 answered nu0 ns0 nu1 ns1 rw0
   if [ -n "${SALE_CFG:-}" ]; then
     before=$(stock_field "$SALE_CFG" sold)
     answered0=$(node_sold_out_answers)
     rcli CONFIG RESETSTAT >/dev/null
+    rw0=$(aof_rewrites) # after the reset, which clears it
   fi
   [ -z "$pid" ] || read -r u0 s0 hz <<<"$(cpu_ticks "$pid")"
   if [ -n "${CROWD_SEND:-}" ]; then
@@ -442,8 +467,9 @@ oha_run() { # SCENARIO SIDE ROUND EXPECT PID URL [oha args...]
     read -r evalsha all usec <<<"$(redis_calls)"
     sold=$(($(stock_field "$SALE_CFG" sold) - before))
     answered=$(($(node_sold_out_answers) - answered0))
-    rec+=(redis_evalsha="$evalsha" redis_all="$all" redis_usec="$usec" sold_delta="$sold" node_sold_out="$answered")
-    extra="  redis evalsha $evalsha, sold $sold, nodes' sold_out answers $answered in the run"
+    rw0=$(($(aof_rewrites) - rw0))
+    rec+=(redis_evalsha="$evalsha" redis_all="$all" redis_usec="$usec" sold_delta="$sold" node_sold_out="$answered" aof_rewrites="$rw0")
+    extra="  redis evalsha $evalsha, sold $sold, nodes' sold_out answers $answered, AOF rewrites $rw0 in the run"
   fi
   if [ -n "$pid" ]; then
     read -r u1 s1 hz <<<"$(cpu_ticks "$pid")"
@@ -595,7 +621,7 @@ sale_rounds() { # SCENARIO DIRECT_SCENARIO EXPECT FRESH
     for side in $(in_turn "$round") direct; do
       if [ "$side" = direct ]; then port=${NODE_PORTS[0]} pid=""; else port=${PORT[$side]} pid=${PID[$side]}; fi
       if [ "$4" = 1 ]; then
-        rcli FLUSHALL >/dev/null
+        flush_store
         "$SPIKE" stock init --trust-client-buyer-ids --config "$cfg" >/dev/null
       fi
       buyers "$port"
@@ -631,7 +657,7 @@ if wants soldout; then
   # and from then on answers from memory: the sold-out path (no Redis call
   # but the once-a-second poll of an idle node).
   write_sale_config "$cfg" bench-soldout 1000 1 "${PORT[spike]}" "$ADMIN"
-  rcli FLUSHALL >/dev/null
+  flush_store
   "$SPIKE" stock init --trust-client-buyer-ids --config "$cfg" >/dev/null
   start_nodes "$cfg"
   # Sell everything, then keep asking every node until Redis has told each of
@@ -660,7 +686,7 @@ if wants ab; then
       pick_ports
       cfg=$WORK/sale-ab.toml
       write_sale_config "$cfg" bench-ab "$AB_TOTAL" 0 "${PORT[spike]}" "$ADMIN"
-      rcli FLUSHALL >/dev/null
+      flush_store
       "$SPIKE" stock init --trust-client-buyer-ids --config "$cfg" >/dev/null
       start_nodes "$cfg"
       start_proxy "$side" "$cfg"
@@ -760,7 +786,7 @@ if wants payments; then
   write_sale_config "$cfg" bench-payments "$PAY_TOTAL" 1 "${PORT[spike]}" "$ADMIN"
   sed -i 's/^per_user_limit = 1$/per_user_limit = 1\npay_within = "15m"/' "$cfg"
   grep -q '^pay_within' "$cfg" || die "could not add pay_within to $cfg"
-  rcli FLUSHALL >/dev/null
+  flush_store
   "$SPIKE" stock init --trust-client-buyer-ids --config "$cfg" >/dev/null
   start_nodes "$cfg"
   start_proxies "$cfg"
@@ -769,7 +795,7 @@ if wants payments; then
     rush=raw/payments-rush-$side-$round.json
     pay=raw/payments-pay-$side-$round.json
     urls=$WORK/pay-urls-$side-$round.txt
-    rcli FLUSHALL >/dev/null
+    flush_store
     "$SPIKE" stock init --trust-client-buyer-ids --config "$cfg" >/dev/null
     sleep 1.5 # every node hears of the new sale (its poll is once a second)
     rcli CONFIG RESETSTAT >/dev/null
@@ -840,7 +866,7 @@ EOF
     local path=$1 send=$2 round=$3 cfg=$WORK/tokens-$1-$2.toml side trust=() i expect=200 sold
     [ "$send" = query ] && trust=(--trust-client-buyer-ids)
     [ "$path" = soldout ] && expect=409
-    rcli FLUSHALL >/dev/null
+    flush_store
     "$SPIKE" stock init "${trust[@]}" --config "$cfg" >/dev/null
     start_nodes "$cfg"
     for side in "${TOKEN_SIDES[@]}"; do start_proxy "$side" "$cfg"; done
@@ -857,7 +883,7 @@ EOF
     fi
     for side in "${TOKEN_SIDES[@]}"; do
       if [ "$path" = success ]; then
-        rcli FLUSHALL >/dev/null
+        flush_store
         "$SPIKE" stock init "${trust[@]}" --config "$cfg" >/dev/null
       fi
       SALE_CFG=$cfg CROWD_SEND=$send CROWD_BUYERS=$WORK/buyers-$path.txt \
@@ -906,7 +932,7 @@ EOF
   }
   for ((round = 0; round <= ROUNDS; round++)); do
     # The edge's sold-out answer: sell everything, drain every node.
-    rcli FLUSHALL >/dev/null
+    flush_store
     "$SPIKE" stock init --trust-client-buyer-ids --config "$scfg" >/dev/null
     start_nodes "$scfg"
     start_proxy spike "$scfg"
@@ -921,7 +947,7 @@ EOF
     stop "${PID[spike]}"
     stop "${NODE_PIDS[@]}"
     # The line: a sale that has not opened, with a waiting room.
-    rcli FLUSHALL >/dev/null
+    flush_store
     "$SPIKE" stock init --trust-client-buyer-ids --config "$wcfg" >/dev/null
     start_nodes "$wcfg"
     start_proxy spike "$wcfg"
