@@ -264,6 +264,9 @@ fn open_files_limit() -> Option<u64> {
 #[derive(Debug)]
 pub struct AcceptShare {
     open: Box<[AtomicU64]>,
+    /// Loops that never started or have stopped serving: their count of
+    /// 0 must not hold the others to one connection each.
+    gone: Box<[AtomicBool]>,
     /// Loops waiting for their turn; counts changes only notify when some.
     waiting: AtomicUsize,
     turn_changed: Notify,
@@ -279,6 +282,7 @@ impl AcceptShare {
     pub fn new(loops: usize) -> AcceptShare {
         AcceptShare {
             open: (0..loops.max(1)).map(|_| AtomicU64::new(0)).collect(),
+            gone: (0..loops.max(1)).map(|_| AtomicBool::new(false)).collect(),
             waiting: AtomicUsize::new(0),
             turn_changed: Notify::new(),
             by_kernel: AtomicBool::new(false),
@@ -290,6 +294,16 @@ impl AcceptShare {
     /// counts stay, for `/metrics`.
     pub fn spread_by_kernel(&self) {
         self.by_kernel.store(true, Ordering::SeqCst);
+        self.turn_changed.notify_waiters();
+    }
+
+    /// Loop `me` will not accept (its thread or runtime could not start):
+    /// the others stop comparing themselves with it, and any waiting for
+    /// their turn look again.
+    pub fn leave(&self, me: usize) {
+        if let Some(g) = self.gone.get(me) {
+            g.store(true, Ordering::SeqCst);
+        }
         self.turn_changed.notify_waiters();
     }
 
@@ -315,7 +329,10 @@ impl AcceptShare {
         self.open
             .iter()
             .enumerate()
-            .all(|(w, c)| w == me || mine <= c.load(Ordering::SeqCst) + 1)
+            .zip(self.gone.iter())
+            .all(|((w, c), gone)| {
+                w == me || gone.load(Ordering::SeqCst) || mine <= c.load(Ordering::SeqCst) + 1
+            })
     }
 
     /// Resolves once loop `me` may take the next connection.
@@ -1323,5 +1340,36 @@ mod tests {
         let _d = OpenOnLoop::new(&share, 1);
         assert!(woken.0.load(Ordering::SeqCst), "not woken by the accept");
         assert!(turn.as_mut().poll(&mut cx).is_ready());
+    }
+
+    /// A loop whose thread never started keeps a count of 0; once it has
+    /// left, the others take turns among themselves and are not held to
+    /// one connection each (a loop waiting when it leaves is woken).
+    #[test]
+    fn a_loop_that_left_does_not_hold_the_others_back() {
+        let share = Arc::new(AcceptShare::new(3));
+        let _held: Vec<_> = (0..2).map(|_| OpenOnLoop::new(&share, 0)).collect();
+        let woken = Arc::new(Woken::default());
+        let waker = Waker::from(woken.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut turn = pin!(share.turn(0));
+        assert!(
+            turn.as_mut().poll(&mut cx).is_pending(),
+            "2 against loop 2's 0"
+        );
+        share.leave(2);
+        assert!(woken.0.load(Ordering::SeqCst), "not woken by the leave");
+        // Loop 1 holds 0 as well, so loop 0 still waits for it...
+        assert!(turn.as_mut().poll(&mut cx).is_pending());
+        let _one = OpenOnLoop::new(&share, 1);
+        // ...and with 2 against loop 1's 1 it is loop 0's turn, loop 2's 0 aside.
+        assert!(turn.as_mut().poll(&mut cx).is_ready());
+        let more: Vec<_> = (0..3).map(|_| OpenOnLoop::new(&share, 1)).collect();
+        assert!(pin!(share.turn(0)).poll(&mut cx).is_ready(), "2 against 4");
+        assert!(
+            pin!(share.turn(1)).poll(&mut cx).is_pending(),
+            "4 against 2"
+        );
+        drop(more);
     }
 }

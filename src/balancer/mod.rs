@@ -228,6 +228,7 @@ impl Balancer {
             let permits = permits.clone();
             let reusable = reusable.clone();
             let stop = stop_rx.clone();
+            let accept_share = shared.accept_share.clone();
             let started = std::thread::Builder::new()
                 .name(format!("spike-worker-{worker}"))
                 .spawn(move || {
@@ -237,6 +238,7 @@ impl Balancer {
             match started {
                 Ok(_) => finished.push(done_rx),
                 Err(e) => {
+                    accept_share.leave(worker);
                     tracing::error!(worker, error = %e, "cannot start a worker thread; serving with fewer")
                 }
             }
@@ -442,6 +444,7 @@ fn run_worker(
     {
         Ok(r) => r,
         Err(e) => {
+            shared.accept_share.leave(worker);
             tracing::error!(worker, error = %e, "cannot start a worker's runtime; serving with fewer");
             return;
         }
@@ -450,6 +453,7 @@ fn run_worker(
         let listener = match TcpListener::from_std(listener) {
             Ok(l) => l,
             Err(e) => {
+                shared.accept_share.leave(worker);
                 tracing::error!(worker, error = %e, "a worker cannot use the listener; serving with fewer");
                 return;
             }
