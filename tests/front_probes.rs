@@ -325,6 +325,82 @@ async fn the_connection_cap_fits_the_open_files_limit() {
     lb.stop("TERM", Duration::from_secs(15));
 }
 
+/// Out of descriptors, an upstream connect fails with EMFILE even after the
+/// idle upstream connections are closed. That is the balancer's shortage,
+/// not the upstream's fault: it was counted as the upstream failing
+/// (`max_fails`), so the client got a 502 and the only upstream was out
+/// for `fail_timeout`, every client in that second a 503 "no upstream".
+/// Now the client gets a 503 with `Retry-After` and the upstream stays in:
+/// once descriptors are free again the next request is served. On both
+/// paths (the shared policy decides it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_descriptors_does_not_mark_the_upstream_failed() {
+    let backend = common::backend::Backend::start("b").await;
+    for fast_path in [true, false] {
+        let listen = common::free_addr();
+        let admin = common::free_addr();
+        // A cap far above what 64 descriptors hold: the descriptors run out
+        // before the cap is reached.
+        let text = config_text(
+            "round_robin",
+            &listen.to_string(),
+            &admin.to_string(),
+            &[up(backend.addr, 1)],
+        )
+        .replace(
+            "[balancer]\n",
+            &format!("[balancer]\nfast_path = {fast_path}\ndrain_delay = \"0s\"\n"),
+        ) + "\n[server]\nmax_connections = 1000\n";
+        let path = common::spike::write_config(&text);
+        let (mut lb, out) = common::spike::SpikeProcess::start_captured_under(
+            &["prlimit", "--nofile=64", "--"],
+            &["balancer", "--config", path.to_str().expect("path")],
+        );
+        common::spike::wait_listening(&listen.to_string(), Duration::from_secs(15));
+        // Clients that say nothing take every descriptor left (the rest
+        // wait in the backlog).
+        let mut idle = Vec::new();
+        for _ in 0..100 {
+            idle.push(TcpStream::connect(listen).await.expect("connect"));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let first = &mut idle[0];
+        first
+            .write_all(b"GET /short HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let answer = read_response(first).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 503"),
+            "fast_path={fast_path}: {answer}\n{}",
+            out.stderr()
+        );
+        let lower = answer.to_ascii_lowercase();
+        assert!(lower.contains("retry-after: 1"), "{answer}");
+        assert!(answer.contains("no connection to spare"), "{answer}");
+        // Descriptors free again: the upstream was never marked, so the
+        // next request is served at once (well within its 1 s fail_timeout).
+        drop(idle);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut s = TcpStream::connect(listen).await.expect("connect");
+        s.write_all(b"GET /after HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let after = read_response(&mut s).await;
+        assert!(
+            after.starts_with("HTTP/1.1 200"),
+            "fast_path={fast_path}: {after}\n{}",
+            out.stderr()
+        );
+        assert!(
+            out.stderr().contains("no file descriptor left"),
+            "{}",
+            out.stderr()
+        );
+        lb.stop("TERM", Duration::from_secs(15));
+    }
+}
+
 /// Finding 6a: an upstream's `Content-Length: 5, 5` (or two equal lines)
 /// was relayed as it came; the client gets one `Content-Length: 5`, as
 /// HAProxy normalises it.

@@ -42,6 +42,12 @@ pub enum LocalAnswer {
     NoUpstream,
     /// The last upstream tried did not answer in time.
     GatewayTimeout,
+    /// The balancer had no file descriptor left for an upstream connection
+    /// (EMFILE/ENFILE, even after closing its idle ones): its own
+    /// shortage, not the upstream's fault, so the upstream is not marked
+    /// failed and the client is told to come back (Nginx answers 500
+    /// there and does not mark the peer either).
+    OutOfFiles,
     /// Every upstream is at its `max_conns` and the queue is full.
     QueueFull,
     /// Every upstream stayed at its `max_conns` for `queue_timeout`.
@@ -100,9 +106,10 @@ impl LocalAnswer {
             LocalAnswer::NotImplemented => StatusCode::NOT_IMPLEMENTED,
             LocalAnswer::BadGateway => StatusCode::BAD_GATEWAY,
             LocalAnswer::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
-            LocalAnswer::NoUpstream | LocalAnswer::QueueFull | LocalAnswer::QueueTimeout => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            LocalAnswer::NoUpstream
+            | LocalAnswer::OutOfFiles
+            | LocalAnswer::QueueFull
+            | LocalAnswer::QueueTimeout => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -150,6 +157,9 @@ impl LocalAnswer {
             LocalAnswer::GatewayTimeout => {
                 b"{\"status\":\"gateway_timeout\",\"reason\":\"the upstream did not answer in time\"}\n"
             }
+            LocalAnswer::OutOfFiles => {
+                b"{\"status\":\"unavailable\",\"reason\":\"the balancer has no connection to spare for this request; retry after a second\"}\n"
+            }
             LocalAnswer::QueueFull => {
                 b"{\"status\":\"busy\",\"reason\":\"every upstream is at its max_conns and the queue is full; retry after a second\"}\n"
             }
@@ -173,6 +183,7 @@ impl LocalAnswer {
                 Some(("allow", "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH"))
             }
             LocalAnswer::NoUpstream
+            | LocalAnswer::OutOfFiles
             | LocalAnswer::QueueFull
             | LocalAnswer::QueueTimeout
             | LocalAnswer::ConnLimited => Some(("retry-after", "1")),
@@ -204,7 +215,7 @@ impl LocalAnswer {
             LocalAnswer::HeaderTooLarge => Some(6),
             LocalAnswer::NotImplemented => Some(7),
             LocalAnswer::BadGateway => Some(8),
-            LocalAnswer::NoUpstream => Some(9),
+            LocalAnswer::NoUpstream | LocalAnswer::OutOfFiles => Some(9),
             LocalAnswer::GatewayTimeout => Some(10),
             LocalAnswer::QueueFull | LocalAnswer::QueueTimeout => None,
         }
@@ -215,7 +226,7 @@ impl LocalAnswer {
 mod tests {
     use super::*;
 
-    const ALL: [LocalAnswer; 16] = [
+    const ALL: [LocalAnswer; 17] = [
         LocalAnswer::BadRequest,
         LocalAnswer::BadHost,
         LocalAnswer::BadChunk,
@@ -228,6 +239,7 @@ mod tests {
         LocalAnswer::BadGateway,
         LocalAnswer::GatewayTimeout,
         LocalAnswer::NoUpstream,
+        LocalAnswer::OutOfFiles,
         LocalAnswer::QueueFull,
         LocalAnswer::QueueTimeout,
         LocalAnswer::RateLimited { retry_after: 3 },

@@ -527,6 +527,23 @@ pub fn run<'a, T: Transport + 'a>(
                             return answer(shared, active, &mut t, &plan, local(shared, fault))
                                 .await;
                         }
+                        if let Failure::Connect(error) = &failure
+                            && super::pool::out_of_files(error)
+                        {
+                            // The balancer's own shortage: no mark on the
+                            // upstream, and no other upstream would fare
+                            // better.
+                            active.selector.release(&pick, false, now_ms());
+                            tracing::warn!(upstream = %upstream.config.addr, %error, "no file descriptor left for an upstream connection, even after closing the idle ones");
+                            return answer(
+                                shared,
+                                active,
+                                &mut t,
+                                &plan,
+                                local(shared, LocalAnswer::OutOfFiles),
+                            )
+                            .await;
+                        }
                         active.selector.release(&pick, true, now_ms());
                         timed_out = matches!(failure, Failure::Timeout);
                         let retry = match &failure {
