@@ -23,7 +23,13 @@ async fn ask_again(s: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + 
 }
 
 fn one_upstream(addr: SocketAddr, extra: &str) -> String {
-    config_text("round_robin", "127.0.0.1:0", "127.0.0.1:0", &[up(addr, 1)])
+    one_upstream_at("127.0.0.1:0", "127.0.0.1:0", addr, extra)
+}
+
+/// [`one_upstream`] on given addresses: for a `spike balancer` process,
+/// whose addresses the test must know before it starts.
+fn one_upstream_at(listen: &str, admin: &str, addr: SocketAddr, extra: &str) -> String {
+    config_text("round_robin", listen, admin, &[up(addr, 1)])
         .replace("[balancer]\n", &format!("[balancer]\n{extra}\n"))
 }
 
@@ -341,15 +347,11 @@ async fn running_out_of_descriptors_does_not_mark_the_upstream_failed() {
         let admin = common::free_addr();
         // A cap far above what 64 descriptors hold: the descriptors run out
         // before the cap is reached.
-        let text = config_text(
-            "round_robin",
+        let text = one_upstream_at(
             &listen.to_string(),
             &admin.to_string(),
-            &[up(backend.addr, 1)],
-        )
-        .replace(
-            "[balancer]\n",
-            &format!("[balancer]\nfast_path = {fast_path}\ndrain_delay = \"0s\"\n"),
+            backend.addr,
+            &format!("fast_path = {fast_path}\ndrain_delay = \"0s\""),
         ) + "\n[server]\nmax_connections = 1000\n";
         let path = common::spike::write_config(&text);
         let (mut lb, out) = common::spike::SpikeProcess::start_captured_under(
@@ -682,15 +684,11 @@ async fn a_413_reaches_a_client_that_is_still_sending() {
     for path in ["", "fast_path = false"] {
         let listen = common::free_addr();
         let admin = common::free_addr();
-        let text = config_text(
-            "round_robin",
+        let text = one_upstream_at(
             &listen.to_string(),
             &admin.to_string(),
-            &[up(node.addr, 1)],
-        )
-        .replace(
-            "[balancer]\n",
-            &format!("[balancer]\nmax_body = 1000\ndrain_delay = \"0s\"\n{path}\n"),
+            node.addr,
+            &format!("max_body = 1000\ndrain_delay = \"0s\"\n{path}"),
         );
         let config = common::spike::write_config(&text);
         let mut lb = common::spike::SpikeProcess::start(&[
