@@ -251,12 +251,12 @@ flush_store() {
   rcli BGREWRITEAOF >/dev/null
   aof_settled
 }
-aof_rewrites() { # AOF rewrites Redis has made since it started
+aof_rewrites() { # AOF rewrites Redis has made since the last CONFIG RESETSTAT
   rcli INFO persistence | tr -d '\r' | awk -F: '/^aof_rewrites:/ { print $2 }'
 }
 aof_settled() { # waits until no AOF rewrite runs or is scheduled
-  local i
-  for ((i = 0; i < 600; i++)); do
+  local until=$((SECONDS + 30))
+  while ((SECONDS < until)); do
     rcli INFO persistence | tr -d '\r' |
       awk -F: '/^aof_rewrite_(in_progress|scheduled):/ { n += $2 } END { exit n > 0 }' && return 0
     sleep 0.05
