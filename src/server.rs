@@ -264,8 +264,8 @@ fn open_files_limit() -> Option<u64> {
 #[derive(Debug)]
 pub struct AcceptShare {
     open: Box<[AtomicU64]>,
-    /// Loops that never started or have stopped serving: their count of
-    /// 0 must not hold the others to one connection each.
+    /// Loops that never started (no thread, runtime or listener): their
+    /// count of 0 must not hold the others to one connection each.
     gone: Box<[AtomicBool]>,
     /// Loops waiting for their turn; counts changes only notify when some.
     waiting: AtomicUsize,

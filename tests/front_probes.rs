@@ -333,39 +333,56 @@ async fn the_connection_cap_fits_the_open_files_limit() {
 
 /// Out of descriptors, an upstream connect fails with EMFILE even after the
 /// idle upstream connections are closed. That is the balancer's shortage,
-/// not the upstream's fault: it was counted as the upstream failing
-/// (`max_fails`), so the client got a 502 and the only upstream was out
-/// for `fail_timeout`, every client in that second a 503 "no upstream".
-/// Now the client gets a 503 with `Retry-After` and the upstream stays in:
-/// once descriptors are free again the next request is served. On both
-/// paths (the shared policy decides it).
+/// not the upstream's fault, but it was counted as the upstream failing
+/// (`max_fails`): with two upstreams both were marked failed and the
+/// client got a 502, and every client for `fail_timeout` a 503 "no
+/// upstream". Now the client gets a 503 with `Retry-After`, neither
+/// upstream is marked (nor taken out by a health check that could not
+/// connect), and once descriptors are free the next request is served. On
+/// both paths (the shared policy decides it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_out_of_descriptors_does_not_mark_the_upstream_failed() {
-    let backend = common::backend::Backend::start("b").await;
+    let a = common::backend::Backend::start("a").await;
+    let b = common::backend::Backend::start("b").await;
+    // One worker whatever the machine: each more worker takes descriptors
+    // of its own, and many would take all 64 before any client came.
+    let cpu = first_allowed_cpu();
+    let client = common::http::client();
     for fast_path in [true, false] {
         let listen = common::free_addr();
         let admin = common::free_addr();
         // A cap far above what 64 descriptors hold: the descriptors run out
         // before the cap is reached.
-        let text = one_upstream_at(
+        let text = config_text(
+            "round_robin",
             &listen.to_string(),
             &admin.to_string(),
-            backend.addr,
-            &format!("fast_path = {fast_path}\ndrain_delay = \"0s\""),
+            &[up(a.addr, 1), up(b.addr, 1)],
+        )
+        .replace(
+            "[balancer]\n",
+            &format!(
+                "[balancer]\nfast_path = {fast_path}\ndrain_delay = \"0s\"\n\
+                 health_check = \"/healthz\"\nhealth_interval = \"50ms\"\nhealth_fails = 1\n"
+            ),
         ) + "\n[server]\nmax_connections = 1000\n";
         let path = common::spike::write_config(&text);
         let (mut lb, out) = common::spike::SpikeProcess::start_captured_under(
-            &["prlimit", "--nofile=64", "--"],
+            &["prlimit", "--nofile=64", "--", "taskset", "-c", &cpu],
             &["balancer", "--config", path.to_str().expect("path")],
         );
         common::spike::wait_listening(&listen.to_string(), Duration::from_secs(15));
-        // Clients that say nothing take every descriptor left (the rest
-        // wait in the backlog).
+        // Clients that say nothing take every descriptor left; the
+        // balancer says so when the next accept fails (the rest wait in
+        // the backlog). The first of them was accepted first.
         let mut idle = Vec::new();
         for _ in 0..100 {
             idle.push(TcpStream::connect(listen).await.expect("connect"));
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        out.wait_for("accept failed", Duration::from_secs(10));
+        // A health check that cannot get a descriptor says nothing of the
+        // upstream: skipped, not a failed check that takes it out.
+        out.wait_for("for a health check: skipped", Duration::from_secs(10));
         let first = &mut idle[0];
         first
             .write_all(b"GET /short HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
@@ -380,27 +397,61 @@ async fn running_out_of_descriptors_does_not_mark_the_upstream_failed() {
         let lower = answer.to_ascii_lowercase();
         assert!(lower.contains("retry-after: 1"), "{answer}");
         assert!(answer.contains("no connection to spare"), "{answer}");
-        // Descriptors free again: the upstream was never marked, so the
-        // next request is served at once (well within its 1 s fail_timeout).
-        drop(idle);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let mut s = TcpStream::connect(listen).await.expect("connect");
-        s.write_all(b"GET /after HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-            .await
-            .expect("write");
-        let after = read_response(&mut s).await;
-        assert!(
-            after.starts_with("HTTP/1.1 200"),
-            "fast_path={fast_path}: {after}\n{}",
-            out.stderr()
-        );
         assert!(
             out.stderr().contains("no file descriptor left"),
             "{}",
             out.stderr()
         );
+        // Descriptors free again (as soon as the balancer has closed the
+        // idle clients): served, by an upstream never marked failed.
+        drop(idle);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let after = loop {
+            let mut s = TcpStream::connect(listen).await.expect("connect");
+            s.write_all(b"GET /after HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                .await
+                .expect("write");
+            let after = read_response(&mut s).await;
+            if !after.contains("no connection to spare") || std::time::Instant::now() > deadline {
+                break after;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(
+            after.starts_with("HTTP/1.1 200"),
+            "fast_path={fast_path}: {after}\n{}",
+            out.stderr()
+        );
+        let (code, body) = common::http::get(&client, admin, "/status")
+            .await
+            .expect("status");
+        assert_eq!(code, 200);
+        let v = common::http::json(&body);
+        for u in 0..2 {
+            assert_eq!(v["upstreams"][u]["failures"], 0, "{body}");
+            assert_eq!(v["upstreams"][u]["state"], "up", "{body}");
+        }
         lb.stop("TERM", Duration::from_secs(15));
     }
+}
+
+/// The first CPU this process may run on (`Cpus_allowed_list`), for
+/// `taskset`: "0" where it cannot be read.
+fn first_allowed_cpu() -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|v| {
+                    v.trim()
+                        .chars()
+                        .take_while(char::is_ascii_digit)
+                        .collect::<String>()
+                })
+        })
+        .filter(|c| !c.is_empty())
+        .unwrap_or_else(|| "0".to_string())
 }
 
 /// Finding 6a: an upstream's `Content-Length: 5, 5` (or two equal lines)

@@ -38,7 +38,11 @@ pub async fn run(shared: Arc<Shared>) {
         for u in active.selector.upstreams().filter(|u| !u.config.down) {
             let (u, check, shared) = (u.clone(), check.clone(), shared.clone());
             probes.spawn(async move {
-                let passed = probe(&u, &check).await;
+                // None: no descriptor to ask with, which says nothing of
+                // the upstream (it is neither a pass nor a fail).
+                let Some(passed) = probe(&u, &check).await else {
+                    return;
+                };
                 // A reload that removed (or changed) the check while this
                 // one ran has reset what the checks said: this one is moot.
                 if shared.current.load().config.health.as_ref() == Some(&check) {
@@ -53,10 +57,21 @@ pub async fn run(shared: Arc<Shared>) {
 }
 
 /// One check: connect (to the upstream's internal address, where a node
-/// with `internal` serves `/healthz`), `GET path`, a 2xx within `timeout`.
-async fn probe(u: &Upstream, check: &HealthCheck) -> bool {
+/// with `internal` serves `/healthz`), `GET path`, a 2xx within `timeout`;
+/// `None` when the balancer had no file descriptor to connect with.
+async fn probe(u: &Upstream, check: &HealthCheck) -> Option<bool> {
+    // One deadline for the connect and the answer together.
+    let deadline = tokio::time::Instant::now() + check.timeout;
+    let connect = tokio::time::timeout_at(deadline, TcpStream::connect(u.config.internal_addr()));
+    let stream = match connect.await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) if super::pool::io_out_of_files(&e) => {
+            tracing::warn!(upstream = %u.config.addr, "no file descriptor left for a health check: skipped");
+            return None;
+        }
+        _ => return Some(false),
+    };
     let asked = async {
-        let stream = TcpStream::connect(u.config.internal_addr()).await.ok()?;
         let _ = stream.set_nodelay(true);
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
@@ -70,10 +85,10 @@ async fn probe(u: &Upstream, check: &HealthCheck) -> bool {
         let res = sender.send_request(req).await.ok()?;
         Some(res.status().is_success())
     };
-    matches!(
-        tokio::time::timeout(check.timeout, asked).await,
+    Some(matches!(
+        tokio::time::timeout_at(deadline, asked).await,
         Ok(Some(true))
-    )
+    ))
 }
 
 /// Counts the result in a row, and moves the upstream out or back in.

@@ -13,7 +13,8 @@ pub struct Metrics {
     /// Upstream latency.
     pub latency: Histogram,
     /// Answers the balancer made itself, by status code (see
-    /// [`LocalAnswer::slot`]): 400, 404, 405, 413, 429, 502, 503 (no upstream),
+    /// [`LocalAnswer::slot`]): 400, 404, 405, 413, 429, 502, 503 (no upstream,
+    /// or no descriptor for an upstream connection),
     /// 504 (the queue's 503s
     /// are in [`QueueCounters`], the edge's 409s in [`super::edge::Edge`]).
     pub(super) local: [AtomicU64; LOCAL_LABELS.len()],

@@ -53,10 +53,16 @@ pub type ReqBody = Either<Full<Bytes>, ClientBody>;
 /// worth closing to make one (see
 /// [`LiveState::shed_idle`](super::upstream::LiveState::shed_idle)).
 pub fn out_of_files(e: &ConnectError) -> bool {
+    matches!(e, ConnectError::Io(io) if io_out_of_files(io))
+}
+
+/// Whether an I/O error is the process (EMFILE) or the system (ENFILE)
+/// out of file descriptors: a shortage here, never the peer's doing.
+pub fn io_out_of_files(e: &std::io::Error) -> bool {
     // Linux's numbers (no libc in the library for two constants).
     const ENFILE: i32 = 23;
     const EMFILE: i32 = 24;
-    matches!(e, ConnectError::Io(io) if matches!(io.raw_os_error(), Some(EMFILE | ENFILE)))
+    matches!(e.raw_os_error(), Some(EMFILE | ENFILE))
 }
 
 /// Why no connection to an upstream could be made: the request was not

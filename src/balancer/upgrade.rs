@@ -98,9 +98,11 @@ pub(super) async fn run(
         .to_owned();
 
     let mut attempt = Attempt::new(client);
+    let mut short_of_files = false;
     let (pick, mut sender) = loop {
         let pick = match admission::next_pick(shared, active, &mut attempt, client, false).await {
             Ok(Some(pick)) => pick,
+            Ok(None) if short_of_files => return local(&parts, LocalAnswer::OutOfFiles),
             Ok(None) => return local(&parts, LocalAnswer::BadGateway),
             Err(why) => return local(&parts, why),
         };
@@ -109,7 +111,10 @@ pub(super) async fn run(
             Ok(sender) => break (pick, sender),
             Err(error) => {
                 tracing::warn!(upstream = %addr, %error, "upstream connect failed (an upgrade)");
-                active.selector.release(&pick, true, now_ms());
+                // Out of descriptors is the balancer's shortage, not the
+                // upstream's failure (as on the forwarding paths).
+                short_of_files = pool::out_of_files(&error);
+                active.selector.release(&pick, !short_of_files, now_ms());
             }
         }
     };

@@ -491,6 +491,7 @@ pub fn run<'a, T: Transport + 'a>(
         };
         let mut attempt = Attempt::new(plan.client);
         let mut timed_out = false;
+        let mut short_of_files = false;
         let mut sent = false;
         loop {
             let pick = match admission::next_pick(shared, active, &mut attempt, plan.client, sent)
@@ -527,22 +528,15 @@ pub fn run<'a, T: Transport + 'a>(
                             return answer(shared, active, &mut t, &plan, local(shared, fault))
                                 .await;
                         }
-                        if let Failure::Connect(error) = &failure
-                            && super::pool::out_of_files(error)
-                        {
+                        short_of_files =
+                            matches!(&failure, Failure::Connect(e) if super::pool::out_of_files(e));
+                        if short_of_files {
                             // The balancer's own shortage: no mark on the
-                            // upstream, and no other upstream would fare
-                            // better.
+                            // upstream. The next may still have an idle
+                            // connection, which needs no new descriptor.
                             active.selector.release(&pick, false, now_ms());
-                            tracing::warn!(upstream = %upstream.config.addr, %error, "no file descriptor left for an upstream connection, even after closing the idle ones");
-                            return answer(
-                                shared,
-                                active,
-                                &mut t,
-                                &plan,
-                                local(shared, LocalAnswer::OutOfFiles),
-                            )
-                            .await;
+                            tracing::warn!(upstream = %upstream.config.addr, "no file descriptor left for an upstream connection, even after closing its idle ones");
+                            continue;
                         }
                         active.selector.release(&pick, true, now_ms());
                         timed_out = matches!(failure, Failure::Timeout);
@@ -610,6 +604,8 @@ pub fn run<'a, T: Transport + 'a>(
         // that failed this request (502, as in Nginx).
         let why = if !sent {
             LocalAnswer::NoUpstream
+        } else if short_of_files {
+            LocalAnswer::OutOfFiles
         } else if timed_out {
             LocalAnswer::GatewayTimeout
         } else {
