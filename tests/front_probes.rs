@@ -29,8 +29,7 @@ fn one_upstream(addr: SocketAddr, extra: &str) -> String {
 /// [`one_upstream`] on given addresses: for a `spike balancer` process,
 /// whose addresses the test must know before it starts.
 fn one_upstream_at(listen: &str, admin: &str, addr: SocketAddr, extra: &str) -> String {
-    config_text("round_robin", listen, admin, &[up(addr, 1)])
-        .replace("[balancer]\n", &format!("[balancer]\n{extra}\n"))
+    config_text_with("round_robin", listen, admin, &[up(addr, 1)], extra)
 }
 
 /// Finding 1: with `max_connections` keep-alive clients idle after one
@@ -353,17 +352,14 @@ async fn running_out_of_descriptors_does_not_mark_the_upstream_failed() {
         let admin = common::free_addr();
         // A cap far above what 64 descriptors hold: the descriptors run out
         // before the cap is reached.
-        let text = config_text(
+        let text = config_text_with(
             "round_robin",
             &listen.to_string(),
             &admin.to_string(),
             &[up(a.addr, 1), up(b.addr, 1)],
-        )
-        .replace(
-            "[balancer]\n",
             &format!(
-                "[balancer]\nfast_path = {fast_path}\ndrain_delay = \"0s\"\n\
-                 health_check = \"/healthz\"\nhealth_interval = \"50ms\"\nhealth_fails = 1\n"
+                "fast_path = {fast_path}\ndrain_delay = \"0s\"\n\
+                 health_check = \"/healthz\"\nhealth_interval = \"50ms\"\nhealth_fails = 1"
             ),
         ) + "\n[server]\nmax_connections = 1000\n";
         let path = common::spike::write_config(&text);

@@ -47,15 +47,12 @@ async fn draining_balancer(delay: &str) -> (Backend, SpikeProcess, SocketAddr, S
     let backend = Backend::start("b").await;
     let listen = common::free_addr();
     let admin = common::free_addr();
-    let text = config_text(
+    let text = config_text_with(
         "round_robin",
         &listen.to_string(),
         &admin.to_string(),
         &[up(backend.addr, 1)],
-    )
-    .replace(
-        "[balancer]\n",
-        &format!("[balancer]\ndrain_delay = \"{delay}\"\n"),
+        &format!("drain_delay = \"{delay}\""),
     );
     let path = write_config(&text);
     let lb = SpikeProcess::start(&["balancer", "--config", path.to_str().expect("path")]);

@@ -45,6 +45,19 @@ pub fn up(addr: SocketAddr, weight: u32) -> Up {
     }
 }
 
+/// [`config_text`] with `extra` lines at the top of `[balancer]` (the
+/// settings a test is about).
+pub fn config_text_with(
+    strategy: &str,
+    listen: &str,
+    admin: &str,
+    ups: &[Up],
+    extra: &str,
+) -> String {
+    config_text(strategy, listen, admin, ups)
+        .replace("[balancer]\n", &format!("[balancer]\n{extra}\n"))
+}
+
 /// The text of a balancer-only config.
 pub fn config_text(strategy: &str, listen: &str, admin: &str, ups: &[Up]) -> String {
     let mut s = format!(
