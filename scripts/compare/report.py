@@ -358,7 +358,7 @@ def targets(summary):
                 f"{a['pss_kib'] / 1024.0:.1f} MiB against {b['pss_kib'] / 1024.0:.1f}",
             )
         )
-    m = summary.get("memory", {}).get(SUBJECT)
+    m = mem.get(SUBJECT)
     if m:
         ok = m.get("connections", 0) >= m.get("wanted", 0)
         t.append(
