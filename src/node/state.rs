@@ -289,16 +289,18 @@ impl Node {
 
     /// Why the sale does not sell now, from memory, if so: the stored
     /// moments as the store last gave them (the file's until its first
-    /// answer), and this host's clock set to the store's (its measured
-    /// offset). Before the opening and while paused nothing can sell; after
+    /// answer), and the store's clock now as this host measures it (its
+    /// own wall clock only before the first measurement). Before the opening and while paused nothing can sell; after
     /// the closing, see [`Node::buy`] for a key's retry.
     pub(super) fn shut_now(&self) -> Option<crate::protocol::Shut> {
         let moments = self.view.moments().unwrap_or(self.file_moments);
         if !moments.any() {
             return None;
         }
-        let offset = self.store.clock_offset_ms().unwrap_or(0);
-        let now = super::store::now_millis().saturating_add_signed(offset);
+        let now = self
+            .store
+            .clock_now_ms()
+            .unwrap_or_else(super::store::now_millis);
         moments.shut_at(now)
     }
 

@@ -9,6 +9,11 @@
 //! moment it will give up onto Redis's clock from the sample with the
 //! shortest round trip (the tightest bound). The mapping takes the earliest
 //! Redis time the moment can be, so a deadline errs towards refusing.
+//!
+//! The offset shown to people (and `/healthz`'s `max_clock_offset`) is the
+//! same mapping read against this host's wall clock *now*, not a difference
+//! taken when a sample came in: a wall clock stepped by NTP or `date` shows
+//! at once, instead of after every older sample has left the window.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -34,30 +39,48 @@ struct Sample {
     redis_us: u64,
     /// From sending `TIME` to its answer.
     rtt: Duration,
-    /// Redis's time minus this host's wall clock, in milliseconds.
-    wall_offset_ms: i64,
 }
 
 /// Recent `TIME` samples of one Redis.
 #[derive(Debug)]
 pub struct StoreClock {
     samples: Mutex<VecDeque<Sample>>,
-    /// [`StoreClock::offset_ms`] as of the last sample ([`NO_OFFSET`]
-    /// before any): read by every purchase while a sale is not open, so
-    /// kept where a read takes no lock.
-    offset: std::sync::atomic::AtomicI64,
+    /// The local monotonic moment [`StoreClock::origin_us`] is pinned to.
+    epoch: Instant,
+    /// Redis's time at `epoch`, in microseconds, from the tightest sample
+    /// (its middle; [`NO_SAMPLE`] before any): read by every purchase
+    /// while a sale is not open, so kept where a read takes no lock.
+    origin_us: std::sync::atomic::AtomicI64,
 }
 
 /// No sample yet.
-const NO_OFFSET: i64 = i64::MIN;
+const NO_SAMPLE: i64 = i64::MIN;
 
 impl Default for StoreClock {
     fn default() -> Self {
         StoreClock {
             samples: Mutex::default(),
-            offset: std::sync::atomic::AtomicI64::new(NO_OFFSET),
+            epoch: Instant::now(),
+            origin_us: std::sync::atomic::AtomicI64::new(NO_SAMPLE),
         }
     }
+}
+
+/// `later - earlier` in microseconds, negative when `later` is earlier.
+fn signed_micros(later: Instant, earlier: Instant) -> i64 {
+    if later >= earlier {
+        (later - earlier).as_micros() as i64
+    } else {
+        -((earlier - later).as_micros() as i64)
+    }
+}
+
+/// This host's wall clock, in microseconds since the Unix epoch.
+fn wall_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }
 
 impl StoreClock {
@@ -70,18 +93,10 @@ impl StoreClock {
     /// answered at `received`.
     pub fn record(&self, sent: Instant, redis_us: u64, received: Instant) {
         let rtt = received.saturating_duration_since(sent);
-        let wall_us = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_micros() as i64)
-            .unwrap_or(0);
-        // Redis read its clock somewhere within the round trip; its middle
-        // is the best guess for a figure shown to people.
-        let mid = redis_us as i64 + (rtt.as_micros() / 2) as i64;
         let sample = Sample {
             received,
             redis_us,
             rtt,
-            wall_offset_ms: (mid - wall_us) / 1000,
         };
         let mut s = self.lock();
         if s.len() == WINDOW {
@@ -89,9 +104,31 @@ impl StoreClock {
         }
         s.push_back(sample);
         if let Some(best) = s.iter().min_by_key(|s| s.rtt) {
-            self.offset
-                .store(best.wall_offset_ms, std::sync::atomic::Ordering::Relaxed);
+            // Redis read its clock somewhere within the round trip; its
+            // middle is the best guess for a figure shown to people.
+            let at_received = best.redis_us as i64 + (best.rtt.as_micros() / 2) as i64;
+            let origin = at_received - signed_micros(best.received, self.epoch);
+            self.origin_us
+                .store(origin, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+
+    /// Redis's time at local moment `when`, in microseconds since the Unix
+    /// epoch: the best guess (not the earliest it can be), or None before
+    /// the first sample.
+    fn redis_micros_at(&self, when: Instant) -> Option<i64> {
+        match self.origin_us.load(std::sync::atomic::Ordering::Relaxed) {
+            NO_SAMPLE => None,
+            origin => Some(origin + signed_micros(when, self.epoch)),
+        }
+    }
+
+    /// Redis's time now, in Unix milliseconds (the best guess, for the
+    /// moments a sale opens and closes), or None before the first sample.
+    /// This host's wall clock plays no part.
+    pub fn now_ms(&self) -> Option<u64> {
+        let us = self.redis_micros_at(Instant::now())?;
+        Some(us.max(0) as u64 / 1000)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Sample>> {
@@ -113,13 +150,17 @@ impl StoreClock {
         self.best().map(Reading)
     }
 
-    /// Redis's clock minus this host's wall clock, in milliseconds, from the
-    /// most precise recent sample.
+    /// Redis's clock minus this host's wall clock, in milliseconds: Redis's
+    /// time now from the most precise recent sample, against the wall
+    /// clock as it reads now.
     pub fn offset_ms(&self) -> Option<i64> {
-        match self.offset.load(std::sync::atomic::Ordering::Relaxed) {
-            NO_OFFSET => None,
-            ms => Some(ms),
-        }
+        self.offset_ms_against(Instant::now(), wall_micros())
+    }
+
+    /// [`StoreClock::offset_ms`] at local moment `when`, when the wall clock
+    /// reads `wall_us`.
+    fn offset_ms_against(&self, when: Instant, wall_us: i64) -> Option<i64> {
+        Some((self.redis_micros_at(when)? - wall_us) / 1000)
     }
 
     /// The round trip of the sample in use.
@@ -181,6 +222,22 @@ mod tests {
         assert!(ms <= 1_001_000, "{ms}");
         assert!(ms >= 1_000_998, "{ms}");
         assert_eq!(c.rtt(), Some(Duration::from_millis(1)));
+    }
+
+    /// A wall clock stepped after the last sample shows in the offset at
+    /// once; Redis's time, read through the monotonic clock, does not move.
+    #[test]
+    fn a_wall_clock_step_shows_at_once_and_moves_nothing_else() {
+        let c = StoreClock::new();
+        let base = Instant::now();
+        c.record(base, 1_000_000_000, base + Duration::from_millis(2));
+        let at = base + Duration::from_millis(502);
+        // Redis at 1,000.5 s (1 ms into the round trip, 500 ms later).
+        let wall_then = 1_000_501_000;
+        assert_eq!(c.offset_ms_against(at, wall_then), Some(0));
+        // The host's clock jumps 5 s ahead: Redis is now 5 s behind it.
+        assert_eq!(c.offset_ms_against(at, wall_then + 5_000_000), Some(-5000));
+        assert_eq!(c.redis_micros_at(at), Some(1_000_501_000));
     }
 
     #[test]

@@ -287,6 +287,16 @@ impl Store {
         }
     }
 
+    /// The store's clock now, in Unix milliseconds, as this host measures
+    /// it (None for the embedded store, whose clock is this host's, or
+    /// before the first measurement).
+    pub fn clock_now_ms(&self) -> Option<u64> {
+        match self {
+            Store::Redis(r) => r.clock_now_ms(),
+            Store::Embedded(_) => None,
+        }
+    }
+
     /// How far the store's clock is ahead of this host's, in milliseconds
     /// (None for the embedded store, or before the first measurement).
     pub fn clock_offset_ms(&self) -> Option<i64> {

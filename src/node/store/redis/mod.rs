@@ -329,6 +329,11 @@ impl RedisStore {
         self.link.calls.load(Ordering::Relaxed)
     }
 
+    /// Redis's clock now, in Unix milliseconds, as this node measures it.
+    pub fn clock_now_ms(&self) -> Option<u64> {
+        self.link.clock.now_ms()
+    }
+
     /// Redis's clock minus this host's, in milliseconds.
     pub fn clock_offset_ms(&self) -> Option<i64> {
         self.link.clock.offset_ms()
