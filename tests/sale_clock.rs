@@ -568,3 +568,87 @@ fn a_bad_opening_names_the_key_and_the_line() {
         remove_config(&path);
     }
 }
+
+/// A node's wall clock stepped mid-sale (NTP, `date`; libfaketime here)
+/// changes nothing: the opening and the closing are read in Redis's clock,
+/// carried on the node's monotonic clock. Before, the node added an offset
+/// to Redis measured before the step to its stepped wall clock, and for up
+/// to ten seconds (until every older `TIME` sample left its window) a node
+/// two hours ahead answered `closed` from memory, and one two hours behind
+/// `not_open`, in the middle of a sale open to everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stepped_node_clock_neither_opens_nor_closes_the_sale() {
+    let redis = RedisServer::start();
+    let node = common::free_addr();
+    let hour = Duration::from_secs(3600);
+    let text = format!(
+        "[sale]\nevent = \"stepped\"\ntotal = 10\nper_user_limit = 1\n\
+         opens_at = \"{}\"\ncloses_at = \"{}\"\n\n\
+         [redis]\nurl = \"{}\"\n\n[[node]]\nname = \"n1\"\nlisten = \"{node}\"\n",
+        rfc3339(SystemTime::now() - hour),
+        rfc3339(SystemTime::now() + hour),
+        redis.url(),
+    );
+    let path = common::spike::write_config(&text);
+    let cfg = path.to_str().expect("path");
+    let init = run(&["stock", "init", "--trust-client-buyer-ids", "--config", cfg]);
+    assert!(init.status.success(), "{init:?}");
+    let shift = path.with_extension("faketime");
+    std::fs::write(&shift, "+0").expect("faketime file");
+    let child = std::process::Command::new(common::spike::bin())
+        .args(["node", "--config", cfg, "--name", "n1"])
+        .env("LD_PRELOAD", common::spike::faketime_library())
+        .env("FAKETIME_TIMESTAMP_FILE", &shift)
+        // The file is read on every reading of the wall clock: a step is in
+        // force once written. The monotonic clock is the machine's.
+        .env("FAKETIME_NO_CACHE", "1")
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn the node");
+    let _node = common::spike::SpikeProcess { child };
+    common::spike::wait_listening(&node.to_string(), Duration::from_secs(10));
+    let c = client();
+    let buy = async |buyer: &str| {
+        send(
+            &c,
+            Method::GET,
+            node,
+            &format!("/buy/ticket?user={buyer}"),
+            &[],
+        )
+        .await
+        .expect("an answer")
+    };
+    // Open, with the node's clock right: it sells (and has read Redis's
+    // clock, which `/healthz` shows).
+    let r = buy("before").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let health = send(&c, Method::GET, node, "/healthz", &[])
+        .await
+        .expect("healthz");
+    assert!(
+        json(&health.body)["clock_offset_ms"].as_i64().is_some(),
+        "{}",
+        health.body
+    );
+    for (step, buyer) in [("+7200", "ahead"), ("-7200", "behind")] {
+        std::fs::write(&shift, step).expect("faketime file");
+        // The step shows in the offset at once.
+        common::wait_for("the step seen", Duration::from_secs(1), async || {
+            let health = send(&c, Method::GET, node, "/healthz", &[])
+                .await
+                .expect("healthz");
+            let offset = json(&health.body)["clock_offset_ms"].as_i64().unwrap_or(0);
+            (7_100_000..7_300_000).contains(&offset.abs())
+        })
+        .await;
+        let r = buy(buyer).await;
+        assert_eq!(r.status, StatusCode::OK, "{step}: {}", r.body);
+        assert_eq!(status_of(&r), "sold", "{step}: {}", r.body);
+    }
+    assert_eq!(show(cfg)["sold"], 3);
+    let _ = std::fs::remove_file(&shift);
+    remove_config(&path);
+}

@@ -297,11 +297,17 @@ impl Node {
         if !moments.any() {
             return None;
         }
-        let now = self
-            .store
+        moments.shut_at(self.store_now_ms())
+    }
+
+    /// The store's clock now (Unix milliseconds) as this node measures it:
+    /// what the sale's opening and closing are read against. This host's
+    /// wall clock only before the first measurement, or with the embedded
+    /// store, whose clock it is.
+    pub fn store_now_ms(&self) -> u64 {
+        self.store
             .clock_now_ms()
-            .unwrap_or_else(super::store::now_millis);
-        moments.shut_at(now)
+            .unwrap_or_else(super::store::now_millis)
     }
 
     /// Why the store last said the sale does not sell.

@@ -31,7 +31,7 @@ pub async fn serve(node: &Node, req: &Request<Incoming>) -> Result<Answer, Dropp
     };
     if matches!(answer, BuyAnswer::Dropped) {
         // Not counted: the state is gone with its counters.
-        return Err(Dropped(render(node.name(), answer)));
+        return Err(Dropped(render(node, answer)));
     }
     answer.count(&node.stats);
     // In a fleet of several sales an order id names its sale, so that
@@ -42,7 +42,7 @@ pub async fn serve(node: &Node, req: &Request<Incoming>) -> Result<Answer, Dropp
         order.insert_str(0, &node.order_prefix);
     }
     let sold_out = matches!(answer, BuyAnswer::SoldOut);
-    let mut res = render(node.name(), answer);
+    let mut res = render(node, answer);
     // Which sale sold out, for a balancer's edge per sale.
     if sold_out && let Some(event) = &node.event_header {
         res.headers_mut()
@@ -99,9 +99,10 @@ fn checked<'a>(
     Ok((buyer, key, quantity))
 }
 
-/// The HTTP answer to a purchase; `node` is the node's name, recorded with
-/// the order.
-pub fn render(node: &str, answer: BuyAnswer<'_>) -> Answer {
+/// The HTTP answer to a purchase by `node` (its name is recorded with the
+/// order; a `Retry-After` until the opening is counted in its store's clock).
+pub fn render(node: &Node, answer: BuyAnswer<'_>) -> Answer {
+    let name = node.name();
     match answer {
         BuyAnswer::Sold {
             order,
@@ -113,7 +114,7 @@ pub fn render(node: &str, answer: BuyAnswer<'_>) -> Answer {
             pay_by,
         } => sold_answer(
             &order,
-            node,
+            name,
             buyer,
             (sold, quantity),
             replayed,
@@ -205,7 +206,7 @@ pub fn render(node: &str, answer: BuyAnswer<'_>) -> Answer {
         BuyAnswer::Unauthorized(e) => unauthorized(&e),
         BuyAnswer::NotSelling(shut) => {
             let (body, retry_after) =
-                protocol::not_selling_answer(shut, crate::node::store::now_millis());
+                protocol::not_selling_answer(shut, node.store_now_ms());
             let mut res = written(StatusCode::CONFLICT, body);
             if let Some(s) = retry_after
                 && let Ok(v) = HeaderValue::from_str(itoa::Buffer::new().format(s))
