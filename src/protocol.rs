@@ -621,6 +621,11 @@ pub struct SoldOutView {
     /// stored sale, not by its own file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moments: Option<Moments>,
+    /// The store's clock as the node measured it when it answered (Unix
+    /// ms; absent from an older node), so that a balancer reads those
+    /// moments in the store's clock, not in its own host's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_now_ms: Option<u64>,
 }
 
 /// The long poll of `GET /sold_out`: answered once the node's view is no
@@ -1105,6 +1110,7 @@ mod tests {
                 paused: true,
                 closed: false,
             }),
+            store_now_ms: Some(30),
         };
         let text = serde_json::to_string(&view).expect("json");
         assert_eq!(

@@ -569,6 +569,64 @@ fn a_bad_opening_names_the_key_and_the_line() {
     }
 }
 
+/// A sale open from an hour ago to an hour from now, on `redis`, sold by
+/// node n1 at `node` (and, with `balancer`, through a balancer at its
+/// listen and admin addresses); `stock init` done.
+fn open_sale(
+    redis: &RedisServer,
+    event: &str,
+    node: std::net::SocketAddr,
+    balancer: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
+) -> std::path::PathBuf {
+    let hour = Duration::from_secs(3600);
+    let front = balancer.map_or(String::new(), |(listen, admin)| {
+        format!(
+            "[balancer]\nlisten = \"{listen}\"\nadmin = \"{admin}\"\nready_before_open = false\n\n"
+        )
+    });
+    let text = format!(
+        "[sale]\nevent = \"{event}\"\ntotal = 10\nper_user_limit = 1\n\
+         opens_at = \"{}\"\ncloses_at = \"{}\"\n\n\
+         [redis]\nurl = \"{}\"\n\n{front}[[node]]\nname = \"n1\"\nlisten = \"{node}\"\n",
+        rfc3339(SystemTime::now() - hour),
+        rfc3339(SystemTime::now() + hour),
+        redis.url(),
+    );
+    let path = common::spike::write_config(&text);
+    let init = run(&[
+        "stock",
+        "init",
+        "--trust-client-buyer-ids",
+        "--config",
+        path.to_str().expect("path"),
+    ]);
+    assert!(init.status.success(), "{init:?}");
+    path
+}
+
+/// `spike` with `args`, its wall clock shifted by what `shift` says
+/// (libfaketime; written "+0" first), its monotonic clock the machine's.
+fn start_with_clock_file(args: &[&str], shift: &std::path::Path) -> common::spike::SpikeProcess {
+    std::fs::write(shift, "+0").expect("faketime file");
+    let child = std::process::Command::new(common::spike::bin())
+        .args(args)
+        .env("LD_PRELOAD", common::spike::faketime_library())
+        .env("FAKETIME_TIMESTAMP_FILE", shift)
+        // The file is read on every reading of the wall clock: a step is in
+        // force once written.
+        .env("FAKETIME_NO_CACHE", "1")
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn spike");
+    common::spike::SpikeProcess { child }
+}
+
+/// The steps a host's clock takes in these tests: two hours either way,
+/// past the closing and before the opening.
+const STEPS: [(&str, &str); 2] = [("+7200", "ahead"), ("-7200", "behind")];
+
 /// A node's wall clock stepped mid-sale (NTP, `date`; libfaketime here)
 /// changes nothing: the opening and the closing are read in Redis's clock,
 /// carried on the node's monotonic clock. Before, the node added an offset
@@ -580,34 +638,10 @@ fn a_bad_opening_names_the_key_and_the_line() {
 async fn a_stepped_node_clock_neither_opens_nor_closes_the_sale() {
     let redis = RedisServer::start();
     let node = common::free_addr();
-    let hour = Duration::from_secs(3600);
-    let text = format!(
-        "[sale]\nevent = \"stepped\"\ntotal = 10\nper_user_limit = 1\n\
-         opens_at = \"{}\"\ncloses_at = \"{}\"\n\n\
-         [redis]\nurl = \"{}\"\n\n[[node]]\nname = \"n1\"\nlisten = \"{node}\"\n",
-        rfc3339(SystemTime::now() - hour),
-        rfc3339(SystemTime::now() + hour),
-        redis.url(),
-    );
-    let path = common::spike::write_config(&text);
+    let path = open_sale(&redis, "stepped", node, None);
     let cfg = path.to_str().expect("path");
-    let init = run(&["stock", "init", "--trust-client-buyer-ids", "--config", cfg]);
-    assert!(init.status.success(), "{init:?}");
     let shift = path.with_extension("faketime");
-    std::fs::write(&shift, "+0").expect("faketime file");
-    let child = std::process::Command::new(common::spike::bin())
-        .args(["node", "--config", cfg, "--name", "n1"])
-        .env("LD_PRELOAD", common::spike::faketime_library())
-        .env("FAKETIME_TIMESTAMP_FILE", &shift)
-        // The file is read on every reading of the wall clock: a step is in
-        // force once written. The monotonic clock is the machine's.
-        .env("FAKETIME_NO_CACHE", "1")
-        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn the node");
-    let _node = common::spike::SpikeProcess { child };
+    let _node = start_with_clock_file(&["node", "--config", cfg, "--name", "n1"], &shift);
     common::spike::wait_listening(&node.to_string(), Duration::from_secs(10));
     let c = client();
     let buy = async |buyer: &str| {
@@ -625,15 +659,7 @@ async fn a_stepped_node_clock_neither_opens_nor_closes_the_sale() {
     // clock, which `/healthz` shows).
     let r = buy("before").await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-    let health = send(&c, Method::GET, node, "/healthz", &[])
-        .await
-        .expect("healthz");
-    assert!(
-        json(&health.body)["clock_offset_ms"].as_i64().is_some(),
-        "{}",
-        health.body
-    );
-    for (step, buyer) in [("+7200", "ahead"), ("-7200", "behind")] {
+    for (step, buyer) in STEPS {
         std::fs::write(&shift, step).expect("faketime file");
         // The step shows in the offset at once.
         common::wait_for("the step seen", Duration::from_secs(1), async || {
@@ -647,6 +673,86 @@ async fn a_stepped_node_clock_neither_opens_nor_closes_the_sale() {
         let r = buy(buyer).await;
         assert_eq!(r.status, StatusCode::OK, "{step}: {}", r.body);
         assert_eq!(status_of(&r), "sold", "{step}: {}", r.body);
+    }
+    assert_eq!(show(cfg)["sold"], 3);
+    let _ = std::fs::remove_file(&shift);
+    remove_config(&path);
+}
+
+/// The same for a balancer: its edge answers `not_open` and `closed` from
+/// memory, by the sale's moments as a node gave them, but it read them
+/// against its own host's wall clock. A balancer stepped two hours ahead
+/// answered `closed` to every buyer of an open sale, and `/ready` was 503
+/// `not_open` on one stepped two hours behind. Now it reads them in the
+/// store's clock as the node gives it (`/sold_out`'s `store_now_ms`),
+/// carried on its own monotonic clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stepped_balancer_clock_neither_opens_nor_closes_the_sale() {
+    let redis = RedisServer::start();
+    let (node, listen, admin) = (
+        common::free_addr(),
+        common::free_addr(),
+        common::free_addr(),
+    );
+    let path = open_sale(&redis, "stepped-lb", node, Some((listen, admin)));
+    let cfg = path.to_str().expect("path");
+    let _node = common::spike::SpikeProcess::start(&["node", "--config", cfg, "--name", "n1"]);
+    let shift = path.with_extension("faketime");
+    let _balancer = start_with_clock_file(&["balancer", "--config", cfg], &shift);
+    for a in [node, listen, admin] {
+        common::spike::wait_listening(&a.to_string(), Duration::from_secs(10));
+    }
+    let c = client();
+    let buy = async |buyer: &str| {
+        send(
+            &c,
+            Method::GET,
+            listen,
+            &format!("/buy/ticket?user={buyer}"),
+            &[],
+        )
+        .await
+        .expect("an answer")
+    };
+    let ready = async || {
+        send(&c, Method::GET, admin, "/ready", &[])
+            .await
+            .expect("ready")
+    };
+    let r = buy("before").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    // The edge has heard the store's clock from the node (it asks every
+    // second while the sale is open).
+    common::wait_for(
+        "the balancer to hear a node",
+        Duration::from_secs(5),
+        async || {
+            let status = send(&c, Method::GET, admin, "/status", &[])
+                .await
+                .expect("status");
+            json(&status.body)["edge"]["store_clock_offset_ms"].is_i64()
+        },
+    )
+    .await;
+    for (step, buyer) in STEPS {
+        std::fs::write(&shift, step).expect("faketime file");
+        // The operator sees the balancer's clock off the store's.
+        let status = send(&c, Method::GET, admin, "/status", &[])
+            .await
+            .expect("status");
+        let offset = json(&status.body)["edge"]["store_clock_offset_ms"]
+            .as_i64()
+            .unwrap_or(0);
+        assert!(
+            (7_100_000..7_300_000).contains(&offset.abs()),
+            "{step}: {}",
+            status.body
+        );
+        let r = buy(buyer).await;
+        assert_eq!(r.status, StatusCode::OK, "{step}: {}", r.body);
+        assert_eq!(status_of(&r), "sold", "{step}: {}", r.body);
+        let r = ready().await;
+        assert_eq!(r.status, StatusCode::OK, "{step}: {}", r.body);
     }
     assert_eq!(show(cfg)["sold"], 3);
     let _ = std::fs::remove_file(&shift);

@@ -76,7 +76,7 @@ fn ready(shared: &Shared) -> (StatusCode, String) {
     }
     if !active.config.ready_before_open {
         let opens_at_ms = shared.edge.moments_or_file(&active.config).opens_at_ms;
-        if crate::node::store::now_millis() < opens_at_ms {
+        if shared.edge.store_time.now_ms() < opens_at_ms {
             let when = crate::protocol::rfc3339_ms(opens_at_ms);
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -196,6 +196,7 @@ fn status(shared: &Shared) -> String {
             "sold_out_answers": shared.edge.sold_out_answers.load(Ordering::Relaxed),
             "already_bought_answers": shared.edge.already_bought_answers.load(Ordering::Relaxed),
             "not_selling_answers": shared.edge.not_selling_answers.load(Ordering::Relaxed),
+            "store_clock_offset_ms": shared.edge.store_time.offset_ms(),
         },
         "local": local,
         "limits": limits_status(shared, &active.config.limits),

@@ -20,7 +20,7 @@
 use std::collections::HashSet;
 use std::hash::BuildHasherDefault;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 use arc_swap::ArcSwapOption;
 use tokio::sync::Notify;
@@ -110,6 +110,9 @@ pub struct Edge {
     /// The sale's moments as a node last gave them (its store's), which
     /// the edge answers by; the file's until a node has answered.
     pub moments: crate::protocol::MomentsCell,
+    /// The store's clock as a node last gave it: what those moments are
+    /// read against.
+    pub store_time: StoreTime,
     /// A node just said `sold_out`: the watcher should read the holders now
     /// rather than at its next poll.
     hint: Notify,
@@ -117,6 +120,68 @@ pub struct Edge {
     /// In front of several sales, the edge of each sold-out sale (the
     /// fields above but the counters are the single sale's).
     pub sales: super::sale_edges::SaleEdges,
+}
+
+/// The store's clock as the nodes last told it (`/sold_out`), carried on
+/// this host's monotonic clock: what the edge reads the sale's moments
+/// against. A balancer host whose wall clock is wrong, or is stepped (NTP,
+/// `date`), then neither answers `closed` to a crowd in the middle of the
+/// sale nor `not_open` after the opening. This host's wall clock only
+/// until a node has answered. Read without a lock by every purchase the
+/// edge answers before the opening.
+#[derive(Debug)]
+pub struct StoreTime {
+    /// The local moment `origin_ms` is pinned to.
+    epoch: std::time::Instant,
+    /// The store's time at `epoch`, Unix ms ([`StoreTime::UNHEARD`]
+    /// before a node's answer).
+    origin_ms: AtomicI64,
+}
+
+impl Default for StoreTime {
+    fn default() -> Self {
+        StoreTime {
+            epoch: std::time::Instant::now(),
+            origin_ms: AtomicI64::new(StoreTime::UNHEARD),
+        }
+    }
+}
+
+impl StoreTime {
+    const UNHEARD: i64 = i64::MIN;
+
+    /// A node said the store's clock read `store_now_ms` as it answered,
+    /// and the answer came in at `at`.
+    pub fn heard(&self, store_now_ms: u64, at: std::time::Instant) {
+        let since = at.saturating_duration_since(self.epoch).as_millis() as i64;
+        let origin = i64::try_from(store_now_ms).unwrap_or(i64::MAX) - since;
+        self.origin_ms.store(origin, Ordering::Relaxed);
+    }
+
+    /// The store's clock now, Unix ms: as last heard, moved on by this
+    /// host's monotonic clock; this host's wall clock before any answer.
+    pub fn now_ms(&self) -> u64 {
+        self.heard_now_ms()
+            .unwrap_or_else(crate::node::store::now_millis)
+    }
+
+    fn heard_now_ms(&self) -> Option<u64> {
+        match self.origin_ms.load(Ordering::Relaxed) {
+            StoreTime::UNHEARD => None,
+            origin => {
+                let since = self.epoch.elapsed().as_millis() as i64;
+                Some(origin.saturating_add(since).max(0) as u64)
+            }
+        }
+    }
+
+    /// The store's clock minus this host's wall clock, in ms (None before
+    /// a node's answer): for `/status`, where an operator sees a balancer
+    /// host whose clock is off.
+    pub fn offset_ms(&self) -> Option<i64> {
+        let store = self.heard_now_ms()? as i64;
+        Some(store - crate::node::store::now_millis() as i64)
+    }
 }
 
 impl Edge {
@@ -200,5 +265,28 @@ impl Edge {
     /// The read of the holders ended (either way).
     pub fn done_learning(&self) {
         self.learning.store(false, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StoreTime;
+
+    /// This host's clock until a node speaks; then the node's reading of
+    /// the store's, moved on by the monotonic clock, whatever this host's
+    /// wall clock says.
+    #[test]
+    fn store_time_is_what_a_node_said_moved_on() {
+        let t = StoreTime::default();
+        let wall = crate::node::store::now_millis();
+        assert!(t.now_ms() >= wall);
+        assert_eq!(t.offset_ms(), None);
+        let at = std::time::Instant::now();
+        t.heard(1_000_000, at);
+        let now = t.now_ms();
+        let since = at.elapsed().as_millis() as u64;
+        assert!((1_000_000..=1_000_001 + since).contains(&now), "{now}");
+        let offset = t.offset_ms().expect("heard");
+        assert!(offset < -(wall as i64) + 1_000_000 + 1_000, "{offset}");
     }
 }

@@ -196,7 +196,11 @@ async fn read_sold_out(shared: &Shared, known: Option<&SoldOut>) -> Option<SoldO
         None => String::from(protocol::SOLD_OUT_PATH),
     };
     let body = ask_any(shared, &path).await.ok()?;
-    serde_json::from_slice(&body).ok()
+    let view: SoldOutView = serde_json::from_slice(&body).ok()?;
+    if let Some(ms) = view.store_now_ms {
+        shared.edge.store_time.heard(ms, std::time::Instant::now());
+    }
+    Some(view)
 }
 
 /// Reads the holders from a node that answers from memory, and starts

@@ -353,13 +353,15 @@ impl SaleView {
 
     /// What `/sold_out` says now: sold out only while the store is heard,
     /// and not once the sale is `closed` (the node answers that itself,
-    /// and a balancer that answered `sold_out` must let go).
+    /// and a balancer that answered `sold_out` must let go). Without the
+    /// store's time, which the route adds from the node's clock reading.
     pub fn sold_out_view(&self, closed: bool) -> SoldOutView {
         SoldOutView {
             sold_out: self.is_sold_out() && self.heard_lately() && !closed,
             epoch: self.epoch(),
             released: self.released(),
             moments: self.moments(),
+            store_now_ms: None,
         }
     }
 

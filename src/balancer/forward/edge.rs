@@ -18,7 +18,8 @@ pub enum EdgeAnswer {
     /// last order.
     AlreadyBought(String),
     /// `409 not_open` before the sale's opening, `409 paused`, `409 closed` after its
-    /// closing (the file's moments, this host's clock): the body, and
+    /// closing (the store's moments and clock as a node last gave them;
+    /// the file's moments and this host's clock before): the body, and
     /// `Retry-After` in seconds.
     NotSelling(String, Option<u64>),
 }
@@ -95,7 +96,8 @@ pub fn answer<'a>(
         // memory: nothing to look up, nobody to identify; so is a paused
         // or closed sale. (The store decides at the moment itself, in its
         // own clock; a node that gets a purchase a little early asks it.)
-        let now = crate::node::store::now_millis();
+        // Read in the store's clock as the nodes last gave it.
+        let now = shared.edge.store_time.now_ms();
         // While paused or after the closing, a purchase with its own key
         // may be the retry of one that got an order, which the store
         // still replays: the node (the store) answers that. Before the

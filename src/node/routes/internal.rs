@@ -33,7 +33,9 @@ pub async fn sold_out(node: &Node, req: &Request<Incoming>) -> Answer {
             let _ = tokio::time::timeout(VIEW_WAIT, changed).await;
         }
     }
-    json_of(&node.view.sold_out_view(node.closed_confirmed()))
+    let mut view = node.view.sold_out_view(node.closed_confirmed());
+    view.store_now_ms = Some(node.store_now_ms());
+    json_of(&view)
 }
 
 /// `GET /holders`: once the node answers `sold_out` from memory, the
