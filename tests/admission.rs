@@ -233,7 +233,7 @@ async fn node_sold(node: std::net::SocketAddr) -> u64 {
 /// and resumed, it comes back with a ramped share of the buyers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_failing_its_healthz_is_taken_out_and_comes_back_ramped() {
-    use common::spike::{SpikeProcess, bin, run, wait_listening, write_config};
+    use common::spike::{SpikeProcess, run, wait_listening, write_config};
     let redis = common::redis::RedisServer::start();
     let addrs: Vec<std::net::SocketAddr> = (0..4).map(|_| common::free_addr()).collect();
     let text = format!(
@@ -263,18 +263,8 @@ async fn a_node_failing_its_healthz_is_taken_out_and_comes_back_ramped() {
     );
     let _n1 = SpikeProcess::start(&["node", "--config", &cfg, "--name", "n1"]);
     let shift = path.with_extension("faketime");
-    std::fs::write(&shift, "+0").expect("faketime file");
-    let n2 = std::process::Command::new(bin())
-        .args(["node", "--config", &cfg, "--name", "n2"])
-        .env("LD_PRELOAD", common::spike::faketime_library())
-        .env("FAKETIME_TIMESTAMP_FILE", &shift)
-        .env("FAKETIME_CACHE_DURATION", "0")
-        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn n2");
-    let n2 = SpikeProcess { child: n2 };
+    let n2 =
+        common::spike::start_with_clock_file(&["node", "--config", &cfg, "--name", "n2"], &shift);
     let _balancer = SpikeProcess::start(&["balancer", "--config", &cfg]);
     for a in &addrs {
         wait_listening(&a.to_string(), Duration::from_secs(10));
@@ -359,7 +349,6 @@ async fn a_node_failing_its_healthz_is_taken_out_and_comes_back_ramped() {
         late > 0.4,
         "never ramped up: n2 took {late:.2} after slow_start"
     );
-    let _ = std::fs::remove_file(&shift);
     common::spike::remove_config(&path);
 }
 

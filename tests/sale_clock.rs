@@ -604,28 +604,19 @@ fn open_sale(
     path
 }
 
-/// `spike` with `args`, its wall clock shifted by what `shift` says
-/// (libfaketime; written "+0" first), its monotonic clock the machine's.
-fn start_with_clock_file(args: &[&str], shift: &std::path::Path) -> common::spike::SpikeProcess {
-    std::fs::write(shift, "+0").expect("faketime file");
-    let child = std::process::Command::new(common::spike::bin())
-        .args(args)
-        .env("LD_PRELOAD", common::spike::faketime_library())
-        .env("FAKETIME_TIMESTAMP_FILE", shift)
-        // The file is read on every reading of the wall clock: a step is in
-        // force once written.
-        .env("FAKETIME_NO_CACHE", "1")
-        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn spike");
-    common::spike::SpikeProcess { child }
-}
-
 /// The steps a host's clock takes in these tests: two hours either way,
-/// past the closing and before the opening.
-const STEPS: [(&str, &str); 2] = [("+7200", "ahead"), ("-7200", "behind")];
+/// past the closing and before the opening; the buyer for each, and the
+/// store's clock minus the host's then (ms).
+const STEPS: [(&str, &str, i64); 2] = [
+    ("+7200", "ahead", -7_200_000),
+    ("-7200", "behind", 7_200_000),
+];
+
+/// Whether `offset` (ms) is `expected` to within 100 s (the steps are two
+/// hours; the clocks agree to a few ms).
+fn near(offset: Option<i64>, expected: i64) -> bool {
+    offset.is_some_and(|o| (o - expected).abs() < 100_000)
+}
 
 /// A node's wall clock stepped mid-sale (NTP, `date`; libfaketime here)
 /// changes nothing: the opening and the closing are read in Redis's clock,
@@ -641,7 +632,8 @@ async fn a_stepped_node_clock_neither_opens_nor_closes_the_sale() {
     let path = open_sale(&redis, "stepped", node, None);
     let cfg = path.to_str().expect("path");
     let shift = path.with_extension("faketime");
-    let _node = start_with_clock_file(&["node", "--config", cfg, "--name", "n1"], &shift);
+    let _node =
+        common::spike::start_with_clock_file(&["node", "--config", cfg, "--name", "n1"], &shift);
     common::spike::wait_listening(&node.to_string(), Duration::from_secs(10));
     let c = client();
     let buy = async |buyer: &str| {
@@ -659,23 +651,22 @@ async fn a_stepped_node_clock_neither_opens_nor_closes_the_sale() {
     // clock, which `/healthz` shows).
     let r = buy("before").await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-    for (step, buyer) in STEPS {
+    for (step, buyer, offset) in STEPS {
         std::fs::write(&shift, step).expect("faketime file");
         // The step shows in the offset at once.
-        common::wait_for("the step seen", Duration::from_secs(1), async || {
-            let health = send(&c, Method::GET, node, "/healthz", &[])
-                .await
-                .expect("healthz");
-            let offset = json(&health.body)["clock_offset_ms"].as_i64().unwrap_or(0);
-            (7_100_000..7_300_000).contains(&offset.abs())
-        })
-        .await;
+        let health = send(&c, Method::GET, node, "/healthz", &[])
+            .await
+            .expect("healthz");
+        assert!(
+            near(json(&health.body)["clock_offset_ms"].as_i64(), offset),
+            "{step}: {}",
+            health.body
+        );
         let r = buy(buyer).await;
         assert_eq!(r.status, StatusCode::OK, "{step}: {}", r.body);
         assert_eq!(status_of(&r), "sold", "{step}: {}", r.body);
     }
     assert_eq!(show(cfg)["sold"], 3);
-    let _ = std::fs::remove_file(&shift);
     remove_config(&path);
 }
 
@@ -688,73 +679,94 @@ async fn a_stepped_node_clock_neither_opens_nor_closes_the_sale() {
 /// carried on its own monotonic clock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stepped_balancer_clock_neither_opens_nor_closes_the_sale() {
-    let redis = RedisServer::start();
-    let (node, listen, admin) = (
-        common::free_addr(),
-        common::free_addr(),
-        common::free_addr(),
-    );
-    let path = open_sale(&redis, "stepped-lb", node, Some((listen, admin)));
-    let cfg = path.to_str().expect("path");
-    let _node = common::spike::SpikeProcess::start(&["node", "--config", cfg, "--name", "n1"]);
-    let shift = path.with_extension("faketime");
-    let _balancer = start_with_clock_file(&["balancer", "--config", cfg], &shift);
-    for a in [node, listen, admin] {
-        common::spike::wait_listening(&a.to_string(), Duration::from_secs(10));
-    }
-    let c = client();
-    let buy = async |buyer: &str| {
-        send(
-            &c,
-            Method::GET,
-            listen,
-            &format!("/buy/ticket?user={buyer}"),
-            &[],
-        )
-        .await
-        .expect("an answer")
-    };
-    let ready = async || {
-        send(&c, Method::GET, admin, "/ready", &[])
+    // With the edge on, and off (then only `/ready` reads the moments).
+    for at_edge in [true, false] {
+        let redis = RedisServer::start();
+        let (node, listen, admin) = (
+            common::free_addr(),
+            common::free_addr(),
+            common::free_addr(),
+        );
+        let path = open_sale(&redis, "stepped-lb", node, Some((listen, admin)));
+        let text = std::fs::read_to_string(&path).expect("config");
+        let text = text.replace(
+            "ready_before_open = false\n",
+            &format!("ready_before_open = false\nsold_out_at_edge = {at_edge}\n"),
+        );
+        std::fs::write(&path, text).expect("config");
+        let cfg = path.to_str().expect("path");
+        let _node = common::spike::SpikeProcess::start(&["node", "--config", cfg, "--name", "n1"]);
+        let shift = path.with_extension("faketime");
+        let _balancer =
+            common::spike::start_with_clock_file(&["balancer", "--config", cfg], &shift);
+        for a in [node, listen, admin] {
+            common::spike::wait_listening(&a.to_string(), Duration::from_secs(10));
+        }
+        let c = client();
+        let buy = async |buyer: &str| {
+            send(
+                &c,
+                Method::GET,
+                listen,
+                &format!("/buy/ticket?user={buyer}"),
+                &[],
+            )
             .await
-            .expect("ready")
-    };
-    let r = buy("before").await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-    // The edge has heard the store's clock from the node (it asks every
-    // second while the sale is open).
-    common::wait_for(
-        "the balancer to hear a node",
-        Duration::from_secs(5),
-        async || {
+            .expect("an answer")
+        };
+        let r = buy("before").await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        // The balancer has heard the store's clock from the node (it asks
+        // as it starts, then every second while the sale is open).
+        common::wait_for(
+            "the balancer to hear a node",
+            Duration::from_secs(5),
+            async || {
+                let status = send(&c, Method::GET, admin, "/status", &[])
+                    .await
+                    .expect("status");
+                json(&status.body)["edge"]["store_clock_offset_ms"].is_i64()
+            },
+        )
+        .await;
+        for (step, buyer, offset) in STEPS {
+            std::fs::write(&shift, step).expect("faketime file");
+            // The operator sees the balancer's clock off the store's.
             let status = send(&c, Method::GET, admin, "/status", &[])
                 .await
                 .expect("status");
-            json(&status.body)["edge"]["store_clock_offset_ms"].is_i64()
-        },
-    )
-    .await;
-    for (step, buyer) in STEPS {
-        std::fs::write(&shift, step).expect("faketime file");
-        // The operator sees the balancer's clock off the store's.
-        let status = send(&c, Method::GET, admin, "/status", &[])
-            .await
-            .expect("status");
-        let offset = json(&status.body)["edge"]["store_clock_offset_ms"]
-            .as_i64()
-            .unwrap_or(0);
-        assert!(
-            (7_100_000..7_300_000).contains(&offset.abs()),
-            "{step}: {}",
-            status.body
-        );
-        let r = buy(buyer).await;
-        assert_eq!(r.status, StatusCode::OK, "{step}: {}", r.body);
-        assert_eq!(status_of(&r), "sold", "{step}: {}", r.body);
-        let r = ready().await;
-        assert_eq!(r.status, StatusCode::OK, "{step}: {}", r.body);
+            assert!(
+                near(
+                    json(&status.body)["edge"]["store_clock_offset_ms"].as_i64(),
+                    offset
+                ),
+                "at_edge {at_edge}, {step}: {}",
+                status.body
+            );
+            let r = buy(buyer).await;
+            assert_eq!(
+                r.status,
+                StatusCode::OK,
+                "at_edge {at_edge}, {step}: {}",
+                r.body
+            );
+            assert_eq!(
+                status_of(&r),
+                "sold",
+                "at_edge {at_edge}, {step}: {}",
+                r.body
+            );
+            let r = send(&c, Method::GET, admin, "/ready", &[])
+                .await
+                .expect("ready");
+            assert_eq!(
+                r.status,
+                StatusCode::OK,
+                "at_edge {at_edge}, {step}: {}",
+                r.body
+            );
+        }
+        assert_eq!(show(cfg)["sold"], 3);
+        remove_config(&path);
     }
-    assert_eq!(show(cfg)["sold"], 3);
-    let _ = std::fs::remove_file(&shift);
-    remove_config(&path);
 }

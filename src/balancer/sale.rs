@@ -146,9 +146,13 @@ pub(super) async fn ask_any(shared: &Shared, path: &str) -> Result<Bytes, String
 /// own poll of the store (a second, a quarter of one with a payment
 /// window), and the node is what the buyers would otherwise hear.
 pub async fn watch_edge(shared: Arc<Shared>) {
+    // The first look is at once: until a node has answered, the sale's
+    // moments are the file's and the clock this host's.
+    let mut first = true;
     loop {
         let known = shared.edge.current();
         match &known {
+            _ if std::mem::take(&mut first) => {}
             // Then a long poll: the node answers as soon as its view changes.
             Some(_) => tokio::time::sleep(EDGE_RECHECK).await,
             None => tokio::select! {
@@ -156,11 +160,27 @@ pub async fn watch_edge(shared: Arc<Shared>) {
                 () = shared.edge.poked() => {}
             },
         }
-        let enabled = shared.has_sale() && shared.current.load().config.sold_out_at_edge;
+        let (at_edge, ready_before_open) = {
+            let active = shared.current.load();
+            (
+                active.config.sold_out_at_edge,
+                active.config.ready_before_open,
+            )
+        };
+        let enabled = shared.has_sale() && at_edge;
         if !enabled {
             shared
                 .edge
                 .clear("sold_out_at_edge is off or the file has no [sale]");
+            // `/ready` still waits for the opening by the store's moments
+            // and clock.
+            if shared.has_sale()
+                && !ready_before_open
+                && let Some(now) = read_sold_out(&shared, None).await
+                && let Some(m) = &now.moments
+            {
+                shared.edge.moments.set(m);
+            }
             continue;
         }
         let Some(now) = read_sold_out(&shared, known.as_deref()).await else {
@@ -196,7 +216,13 @@ async fn read_sold_out(shared: &Shared, known: Option<&SoldOut>) -> Option<SoldO
         None => String::from(protocol::SOLD_OUT_PATH),
     };
     let body = ask_any(shared, &path).await.ok()?;
-    let view: SoldOutView = serde_json::from_slice(&body).ok()?;
+    heard(shared, &body)
+}
+
+/// A node's `/sold_out` answer, read; the store's clock in it kept for the
+/// edge (see [`super::edge::StoreTime`]).
+pub(super) fn heard(shared: &Shared, body: &[u8]) -> Option<SoldOutView> {
+    let view: SoldOutView = serde_json::from_slice(body).ok()?;
     if let Some(ms) = view.store_now_ms {
         shared.edge.store_time.heard(ms, std::time::Instant::now());
     }

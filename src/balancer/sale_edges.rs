@@ -238,11 +238,7 @@ async fn read_sold_out(
         None => format!("{}?event={event}", protocol::SOLD_OUT_PATH),
     };
     let body = super::sale::ask_any(shared, &path).await.ok()?;
-    let view: SoldOutView = serde_json::from_slice(&body).ok()?;
-    if let Some(ms) = view.store_now_ms {
-        shared.edge.store_time.heard(ms, std::time::Instant::now());
-    }
-    Some(view)
+    super::sale::heard(shared, &body)
 }
 
 /// The sale's holders from a node that answers from memory; `None` while

@@ -290,8 +290,9 @@ impl Node {
     /// Why the sale does not sell now, from memory, if so: the stored
     /// moments as the store last gave them (the file's until its first
     /// answer), and the store's clock now as this host measures it (its
-    /// own wall clock only before the first measurement). Before the opening and while paused nothing can sell; after
-    /// the closing, see [`Node::buy`] for a key's retry.
+    /// own wall clock only before the first measurement). Before the
+    /// opening and while paused nothing can sell; after the closing, see
+    /// [`Node::buy`] for a key's retry.
     pub(super) fn shut_now(&self) -> Option<crate::protocol::Shut> {
         let moments = self.view.moments().unwrap_or(self.file_moments);
         if !moments.any() {
@@ -305,9 +306,19 @@ impl Node {
     /// wall clock only before the first measurement, or with the embedded
     /// store, whose clock it is.
     pub fn store_now_ms(&self) -> u64 {
-        self.store
-            .clock_now_ms()
+        self.measured_store_now_ms()
             .unwrap_or_else(super::store::now_millis)
+    }
+
+    /// The store's clock now, only once known: measured (Redis), or this
+    /// host's (the embedded store's own). What `/sold_out` tells a
+    /// balancer, which must not take a node's unmeasured wall clock for
+    /// the store's.
+    pub fn measured_store_now_ms(&self) -> Option<u64> {
+        match &self.store {
+            Store::Embedded(_) => Some(super::store::now_millis()),
+            redis => redis.clock_now_ms(),
+        }
     }
 
     /// Why the store last said the sale does not sell.

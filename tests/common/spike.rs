@@ -275,3 +275,22 @@ pub fn faketime_library() -> std::path::PathBuf {
         .find(|p| p.exists())
         .expect("libfaketime must be installed (run scripts/test.sh)")
 }
+
+/// `spike` with `args`, its wall clock shifted by what the file `shift`
+/// says (libfaketime; written "+0" first, then whatever a test steps it
+/// to), its monotonic clock the machine's. The file is read on every
+/// reading of the wall clock, so a step is in force once written.
+pub fn start_with_clock_file(args: &[&str], shift: &Path) -> SpikeProcess {
+    std::fs::write(shift, "+0").expect("faketime file");
+    let child = Command::new(bin())
+        .args(args)
+        .env("LD_PRELOAD", faketime_library())
+        .env("FAKETIME_TIMESTAMP_FILE", shift)
+        .env("FAKETIME_NO_CACHE", "1")
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn spike");
+    SpikeProcess { child }
+}
