@@ -114,18 +114,62 @@ pub const SALE_PATH: &str = "/sale";
 /// /orders/{id}/pay`, `POST /orders/{id}/cancel`), which buyers call.
 pub const ORDERS_PREFIX: &str = "/orders/";
 
+/// Several purchases in one request, from a balancer to a node (`POST`,
+/// the body in [`batch`]'s frames): one message each way for what would
+/// otherwise be one per buyer.
+pub const PURCHASES_PATH: &str = "/purchases";
+
 /// The routes a node serves for its balancer, its health checks and
 /// Prometheus, never for buyers: on `[[node]] internal` only when that is
 /// set, and never forwarded by a balancer in front of a sale (see
 /// [`is_public_path`]).
-pub const INTERNAL_PATHS: [&str; 6] = [
+pub const INTERNAL_PATHS: [&str; 7] = [
     HOLDERS_PATH,
     "/stats",
     "/metrics",
     SALE_PATH,
     SOLD_OUT_PATH,
     "/healthz",
+    PURCHASES_PATH,
 ];
+
+/// The body of a [`PURCHASES_PATH`] request and of its answer: items one
+/// after another, each a 4-byte big-endian length and that many bytes,
+/// an HTTP/1.1 request exactly as the balancer would send it alone, and
+/// the node's HTTP/1.1 response to it, in the same order. Written and
+/// read here only, so both ends agree.
+pub mod batch {
+    /// Purchases in one batch at most: a bound on the node's work for one
+    /// request and on the wait of the last buyer in it.
+    pub const MAX_ITEMS: usize = 64;
+
+    /// Bytes in one batch's body at most (the node refuses more, 413).
+    pub const MAX_BYTES: usize = 4 << 20;
+
+    /// Appends `item` as one frame.
+    pub fn push(out: &mut Vec<u8>, item: &[u8]) {
+        let len = u32::try_from(item.len()).unwrap_or(u32::MAX);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&item[..len as usize]);
+    }
+
+    /// The frames in `body`, or None if it does not end at a frame's end.
+    pub fn items(body: &[u8]) -> Option<Vec<&[u8]>> {
+        let mut items = Vec::new();
+        let mut rest = body;
+        while !rest.is_empty() {
+            let (len, after) = rest.split_first_chunk::<4>()?;
+            let len = u32::from_be_bytes(*len) as usize;
+            if after.len() < len {
+                return None;
+            }
+            let (item, after) = after.split_at(len);
+            items.push(item);
+            rest = after;
+        }
+        Some(items)
+    }
+}
 
 /// Whether `path` (a request's path, without its query, exactly as it
 /// came) is one of [`INTERNAL_PATHS`]: what a node with an internal

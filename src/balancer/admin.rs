@@ -130,6 +130,11 @@ fn status(shared: &Shared) -> String {
                 "idle_connections": u.live.idle.len() + u.live.raw_idle.len(),
                 "max_conns": u.config.max_conns,
                 "share_permille": u.ramp_permille(now, active.config.slow_start.as_millis() as u64),
+                "batches": {
+                    "sent": u.live.batches.sent.load(Ordering::Relaxed),
+                    "purchases": u.live.batches.purchases.load(Ordering::Relaxed),
+                    "refused": u.live.batches.refused.load(Ordering::Relaxed),
+                },
                 "responses": u
                     .live
                     .responses_by_code()

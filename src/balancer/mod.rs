@@ -25,6 +25,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod answer;
+pub mod batch;
 pub mod body;
 pub mod clock;
 pub mod edge;

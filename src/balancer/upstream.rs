@@ -59,6 +59,8 @@ pub struct LiveState {
     /// When it last came back (its check passed again, or its failure
     /// window ended), in [`now_ms`]; 0: never. `slow_start` ramps from here.
     pub back_since: AtomicU64,
+    /// Purchases to it in batches (a node; see [`super::batch`]).
+    pub batches: super::batch::Batches,
 }
 
 /// Rung whenever a request to an upstream with `max_conns` ends: the
@@ -123,6 +125,7 @@ impl LiveState {
             check_fails: AtomicU32::new(0),
             check_passes: AtomicU32::new(0),
             back_since: AtomicU64::new(0),
+            batches: super::batch::Batches::default(),
         }
     }
 

@@ -136,6 +136,7 @@ impl Default for BalancerConfig {
             hosts_file: None,
             tunnel_timeout: Duration::from_secs(3600),
             sold_out_at_edge: true,
+            batch_purchases: true,
             public_only: false,
             pass_paths: Vec::new(),
             queue: 0,

@@ -167,6 +167,7 @@ pub(super) struct BalancerFile {
     pub(super) hosts_file: Option<Spanned<String>>,
     pub(super) tunnel_timeout: Option<Spanned<String>>,
     pub(super) sold_out_at_edge: Option<Spanned<bool>>,
+    pub(super) batch_purchases: Option<bool>,
     #[serde(default)]
     pub(super) pass_paths: Vec<Spanned<String>>,
     pub(super) max_conns: Option<Spanned<i64>>,

@@ -10,6 +10,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::buffers::Buffers;
 use super::socket::{Client, READ_CHUNK, make_room, read_some};
+use crate::balancer::batch::{self, BatchError};
 use crate::balancer::forward::Failure;
 use crate::balancer::pool::{self, RawConn};
 use crate::balancer::upstream::{Upstream, now_ms};
@@ -36,9 +37,45 @@ impl std::fmt::Display for RawError {
     }
 }
 
-/// One attempt: the request in `b.out` to `upstream` (on an idle
-/// connection when `pooled`, else a new one), and its response head into
-/// `b.rhead`, all within `response_timeout`.
+/// Where a response came from: the connection the rest of its body comes
+/// on, or a batch, which brought all of it.
+pub(super) enum Upstreamed {
+    /// A connection of this request's own.
+    Conn(RawConn),
+    /// A batch's answer, whole in the buffer; the node's address.
+    Whole(std::net::SocketAddr),
+}
+
+impl Upstreamed {
+    fn addr(&self) -> std::net::SocketAddr {
+        match self {
+            Upstreamed::Conn(c) => c.addr,
+            Upstreamed::Whole(addr) => *addr,
+        }
+    }
+
+    fn into_conn(self) -> Option<RawConn> {
+        match self {
+            Upstreamed::Conn(c) => Some(c),
+            Upstreamed::Whole(_) => None,
+        }
+    }
+
+    /// Reads more of the response, if it has a connection to read from.
+    async fn read_more(&self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
+        match self {
+            Upstreamed::Conn(c) => read_some(&c.stream, buf).await,
+            // A batch's answer is whole: nothing more comes.
+            Upstreamed::Whole(_) => Ok(0),
+        }
+    }
+}
+
+/// One attempt: the request in `b.out` to `upstream` (in a batch when
+/// `batched` and the node takes batches; else on an idle connection when
+/// `pooled`, else a new one), and its response head into `b.rhead`, all
+/// within `response_timeout`.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn exchange(
     upstream: &Upstream,
     worker: usize,
@@ -47,8 +84,53 @@ pub(super) async fn exchange(
     b: &mut Buffers,
     pooled: bool,
     to_head: bool,
-) -> Result<RawConn, Failure<RawError>> {
+    batched: bool,
+) -> Result<Upstreamed, Failure<RawError>> {
     let attempt = async {
+        if batched
+            && !upstream
+                .live
+                .batches
+                .refused
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            let target = batch::Target {
+                addr: upstream.config.internal_addr(),
+                connect_timeout: config.connect_timeout,
+                response_timeout: config.response_timeout,
+            };
+            let malformed = |m| Failure::Broken {
+                stale: false,
+                error: RawError::Malformed(m),
+            };
+            match batch::submit(&upstream.live, worker, target, &b.out).await {
+                Ok(answer) => {
+                    b.resp.clear();
+                    b.resp.extend_from_slice(&answer);
+                    loop {
+                        match response::parse(&b.resp, &mut b.rhead, to_head) {
+                            Ok(ParsedResponse::Complete) => {
+                                return Ok(Upstreamed::Whole(upstream.config.addr));
+                            }
+                            Ok(ParsedResponse::Informational(n)) => b.resp.advance(n),
+                            Ok(ParsedResponse::Partial) => return Err(malformed(Malformed::Head)),
+                            Err(m) => return Err(malformed(m)),
+                        }
+                    }
+                }
+                // An older node: this purchase (and every later one to it)
+                // goes alone.
+                Err(BatchError::Refused) => {}
+                Err(BatchError::NotSent(e)) => return Err(Failure::Connect(e)),
+                Err(BatchError::Broken(e)) => {
+                    return Err(Failure::Broken {
+                        stale: false,
+                        error: RawError::Io(e),
+                    });
+                }
+                Err(BatchError::Malformed) => return Err(malformed(Malformed::Head)),
+            }
+        }
         let reused = if pooled {
             upstream
                 .live
@@ -112,7 +194,7 @@ pub(super) async fn exchange(
                                 error: RawError::Malformed(m),
                             });
                         }
-                        return Ok(conn);
+                        return Ok(Upstreamed::Conn(conn));
                     }
                     Ok(ParsedResponse::Informational(n)) => b.resp.advance(n),
                     Ok(ParsedResponse::Partial) => break,
@@ -150,7 +232,7 @@ fn first_size_line(body: &[u8]) -> Result<(), Malformed> {
 /// ended by the close.
 pub(super) async fn relay(
     client: &mut impl Client,
-    conn: RawConn,
+    conn: Upstreamed,
     b: &mut Buffers,
     config: &crate::config::BalancerConfig,
     closing: bool,
@@ -218,7 +300,7 @@ pub(super) async fn relay(
                     }
                     Ok(None) => b.resp.len(),
                     Err(error) => {
-                        tracing::warn!(upstream = %conn.addr, %error, "upstream body cut off");
+                        tracing::warn!(upstream = %conn.addr(), %error, "upstream body cut off");
                         if first {
                             // The head is good: the client learns of the
                             // failure from a body that ends too soon.
@@ -233,7 +315,7 @@ pub(super) async fn relay(
         if done {
             // Bytes after the response: the upstream is out of step.
             reusable &= take == b.resp.len();
-            let conn = reusable.then_some(conn);
+            let conn = conn.into_conn().filter(|_| reusable);
             finish(conn);
             let sent = if first {
                 out.extend_from_slice(&b.resp[..take]);
@@ -258,23 +340,22 @@ pub(super) async fn relay(
         }
         b.resp.clear();
         b.resp.reserve(READ_CHUNK);
-        match tokio::time::timeout(config.read_timeout, read_some(&conn.stream, &mut b.resp)).await
-        {
+        match tokio::time::timeout(config.read_timeout, conn.read_more(&mut b.resp)).await {
             Ok(Ok(0)) if framing == Framing::Close => {
                 finish(None);
                 return false;
             }
             Ok(Ok(n)) if n > 0 => {}
             Ok(Ok(_)) => {
-                tracing::warn!(upstream = %conn.addr, "upstream closed in the middle of a response");
+                tracing::warn!(upstream = %conn.addr(), "upstream closed in the middle of a response");
                 return false;
             }
             Ok(Err(error)) => {
-                tracing::warn!(upstream = %conn.addr, %error, "upstream connection broke in the middle of a response");
+                tracing::warn!(upstream = %conn.addr(), %error, "upstream connection broke in the middle of a response");
                 return false;
             }
             Err(_) => {
-                tracing::warn!(upstream = %conn.addr, timeout = ?config.read_timeout, "the upstream sent nothing in the middle of a response");
+                tracing::warn!(upstream = %conn.addr(), timeout = ?config.read_timeout, "the upstream sent nothing in the middle of a response");
                 return false;
             }
         }
@@ -286,7 +367,7 @@ pub(super) async fn relay(
 /// Rare (the nodes' answers have a length), so the data is copied.
 async fn relay_dechunked(
     client: &mut impl Client,
-    conn: RawConn,
+    conn: Upstreamed,
     b: &mut Buffers,
     config: &crate::config::BalancerConfig,
     reusable: bool,
@@ -301,14 +382,14 @@ async fn relay_dechunked(
         match scanned {
             Ok(Some(end)) => {
                 // Bytes after the response: the upstream is out of step.
-                finish((reusable && end == b.resp.len()).then_some(conn));
+                finish(conn.into_conn().filter(|_| reusable && end == b.resp.len()));
                 let _ = client.send(&b.out, config.send_timeout).await;
                 b.resp.clear();
                 return false;
             }
             Ok(None) => {}
             Err(error) => {
-                tracing::warn!(upstream = %conn.addr, %error, "upstream body cut off");
+                tracing::warn!(upstream = %conn.addr(), %error, "upstream body cut off");
                 let _ = client.send(&b.out, config.send_timeout).await;
                 return false;
             }
@@ -319,11 +400,10 @@ async fn relay_dechunked(
         b.out.clear();
         b.resp.clear();
         b.resp.reserve(READ_CHUNK);
-        match tokio::time::timeout(config.read_timeout, read_some(&conn.stream, &mut b.resp)).await
-        {
+        match tokio::time::timeout(config.read_timeout, conn.read_more(&mut b.resp)).await {
             Ok(Ok(n)) if n > 0 => {}
             _ => {
-                tracing::warn!(upstream = %conn.addr, "upstream closed or stalled in the middle of a response");
+                tracing::warn!(upstream = %conn.addr(), "upstream closed or stalled in the middle of a response");
                 return false;
             }
         }

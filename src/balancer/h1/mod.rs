@@ -66,7 +66,9 @@ mod socket;
 pub(crate) mod tunnel;
 
 use buffers::{Buffers, Lent};
-use exchange::{RawError, exchange, has_sold_out_mark, lowercase_into, relay, sale_event};
+use exchange::{
+    RawError, Upstreamed, exchange, has_sold_out_mark, lowercase_into, relay, sale_event,
+};
 use socket::{Client, READ_CHUNK, make_room};
 
 /// The balancer's fast path as the accept loop sees it.
@@ -469,10 +471,17 @@ fn forward_request<'a, S: Client>(
             },
         },
         Next::Forward(plan, admitted) => {
+            // A purchase to spike nodes goes in a batch (see
+            // `crate::balancer::batch`).
+            let batched = plan.is_buy
+                && config.batch_purchases
+                && config.public_only
+                && (b.head.method == Method::GET || b.head.method == Method::POST);
             let raw = Raw {
                 worker,
                 workers: shared.workers,
                 config,
+                batched,
                 to_head: b.head.method == Method::HEAD,
                 client,
                 b,
@@ -656,11 +665,13 @@ struct Raw<'a, S> {
     closing: bool,
     /// The request is a HEAD: its response has no body.
     to_head: bool,
+    /// A purchase that goes in a batch to a node.
+    batched: bool,
 }
 
 impl<S: Client> Transport for Raw<'_, S> {
     type Request = ();
-    type Response = RawConn;
+    type Response = Upstreamed;
     type Error = RawError;
     type Output = bool;
 
@@ -673,7 +684,7 @@ impl<S: Client> Transport for Raw<'_, S> {
         upstream: &Upstream,
         (): (),
         conn: Conn,
-    ) -> impl Future<Output = Result<RawConn, Failure<RawError>>> {
+    ) -> impl Future<Output = Result<Upstreamed, Failure<RawError>>> {
         exchange(
             upstream,
             self.worker,
@@ -682,6 +693,7 @@ impl<S: Client> Transport for Raw<'_, S> {
             self.b,
             conn == Conn::Pooled,
             self.to_head,
+            self.batched,
         )
     }
 
@@ -690,19 +702,19 @@ impl<S: Client> Transport for Raw<'_, S> {
         None
     }
 
-    fn status(&self, _conn: &RawConn) -> u16 {
+    fn status(&self, _conn: &Upstreamed) -> u16 {
         self.b.rhead.status
     }
 
-    fn sold_out_mark(&self, _conn: &RawConn) -> bool {
+    fn sold_out_mark(&self, _conn: &Upstreamed) -> bool {
         has_sold_out_mark(&self.b.rhead, &self.b.resp)
     }
 
-    fn sold_out_event(&self, _conn: &RawConn) -> Option<&str> {
+    fn sold_out_event(&self, _conn: &Upstreamed) -> Option<&str> {
         sale_event(&self.b.rhead, &self.b.resp)
     }
 
-    fn deliver(&mut self, conn: RawConn, pick: Pick, held: Held) -> impl Future<Output = bool> {
+    fn deliver(&mut self, conn: Upstreamed, pick: Pick, held: Held) -> impl Future<Output = bool> {
         let (worker, workers, keepalive) = (self.worker, self.workers, self.config.keepalive);
         // The pick (least_conn's count) ends with the upstream's body, and
         // the connection goes back idle then.
@@ -739,7 +751,7 @@ impl<S: Client> Transport for Raw<'_, S> {
         logged(&self.b.head, &self.b.input)
     }
 
-    fn body_size(&self, _conn: &RawConn) -> Option<u64> {
+    fn body_size(&self, _conn: &Upstreamed) -> Option<u64> {
         match self.b.rhead.framing {
             Framing::Empty => Some(0),
             Framing::Length(n) => Some(n),

@@ -174,7 +174,16 @@ pub(super) async fn run(
     if !switched {
         // Refused: an ordinary answer, then the connection closes (it was
         // asked to change protocols, and did not).
-        super::relay(client, conn, b, config, true, false, drop).await;
+        super::relay(
+            client,
+            super::Upstreamed::Conn(conn),
+            b,
+            config,
+            true,
+            false,
+            drop,
+        )
+        .await;
         return;
     }
     shared

@@ -172,6 +172,7 @@ pub(super) fn validate(
             .sold_out_at_edge
             .as_ref()
             .map_or(d.sold_out_at_edge, |v| *v.get_ref()),
+        batch_purchases: b.batch_purchases.unwrap_or(d.batch_purchases),
         public_only: has_sale,
         pass_paths: pass_paths(cx, &b.pass_paths, has_sale)?,
         queue: optional(&b.queue, d.queue, |v| {

@@ -2,7 +2,6 @@
 //! ([`Node::buy`]), then [`render`]: the one place a [`BuyAnswer`] becomes
 //! HTTP.
 
-use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, HeaderName, HeaderValue, RETRY_AFTER, TRANSFER_ENCODING};
 use hyper::{Request, StatusCode};
 
@@ -22,7 +21,7 @@ const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-repl
 pub struct Dropped(pub Answer);
 
 /// Serves a purchase on `node`.
-pub async fn serve(node: &Node, req: &Request<Incoming>) -> Result<Answer, Dropped> {
+pub async fn serve<B>(node: &Node, req: &Request<B>) -> Result<Answer, Dropped> {
     let auth = node.auth();
     let mut verified = None;
     let mut answer = match checked(node, req, auth.as_deref(), &mut verified) {
@@ -56,9 +55,9 @@ pub async fn serve(node: &Node, req: &Request<Incoming>) -> Result<Answer, Dropp
 ///
 /// With `[auth]` (`auth`), the buyer is the one the token names (kept in
 /// `verified`), whatever `?user=` or `X-User-Id` say.
-fn checked<'a>(
+fn checked<'a, B>(
     node: &Node,
-    req: &'a Request<Incoming>,
+    req: &'a Request<B>,
     auth: Option<&Authority>,
     verified: &'a mut Option<VerifiedBuyer>,
 ) -> Result<(&'a str, Key<'a>, u64), BuyAnswer<'a>> {

@@ -3,6 +3,7 @@
 //! the answer through [`reply`].
 //!
 //! - [`buy`]: `/buy/ticket`, the purchase (the hot path)
+//! - [`purchases`]: `/purchases`, several purchases from a balancer in one
 //! - [`orders`]: `/orders/{id}`, `/orders/{id}/pay`, `/orders/{id}/cancel`
 //! - [`internal`]: `/sold_out`, `/holders`, `/sale`, what the balancer reads
 //! - [`metrics`]: `/healthz`, `/stats`, `/metrics`
@@ -11,6 +12,7 @@ pub mod buy;
 pub mod internal;
 pub mod metrics;
 pub mod orders;
+pub mod purchases;
 pub mod reply;
 
 use std::convert::Infallible;
@@ -22,7 +24,7 @@ use hyper::{Method, Request, StatusCode};
 
 use self::reply::{Answer, fixed, json, not_allowed};
 use super::sales::{Missing, Sales};
-use crate::protocol::{HOLDERS_PATH, PURCHASE_PATH, SALE_PATH, SOLD_OUT_PATH};
+use crate::protocol::{HOLDERS_PATH, PURCHASE_PATH, PURCHASES_PATH, SALE_PATH, SOLD_OUT_PATH};
 
 /// Longest request target accepted (Nginx's default header buffer is 8k);
 /// nothing legitimate on a node comes near it.
@@ -42,14 +44,14 @@ pub async fn handle(sales: Arc<Sales>, req: Request<Incoming>) -> Result<Answer,
             b"{\"status\":\"uri_too_long\",\"reason\":\"the request target is longer than 8 KiB\"}\n",
         ));
     }
+    if let Some(answer) = purchase_route(&sales, &req).await {
+        return Ok(answer);
+    }
     let named = || crate::protocol::event_from(req.uri().query());
     Ok(match req.uri().path() {
-        PURCHASE_PATH => match *req.method() {
-            Method::GET | Method::POST => match named() {
-                Ok(event) => purchase(&sales, event, &req).await,
-                Err(twice) => event_twice(twice),
-            },
-            _ => not_allowed("GET, POST"),
+        PURCHASES_PATH => match *req.method() {
+            Method::POST => purchases::serve(&sales, req).await,
+            _ => not_allowed("POST"),
         },
         "/healthz" if req.method() == Method::GET => match sales.only() {
             Some(node) => metrics::healthz(&node).await,
@@ -65,41 +67,52 @@ pub async fn handle(sales: Arc<Sales>, req: Request<Incoming>) -> Result<Answer,
                 None => metrics::render_all(&sales),
             })
         }
-        SALE_PATH | HOLDERS_PATH | SOLD_OUT_PATH if req.method() == Method::GET => {
-            match named() {
-                Ok(event) => match sales.find(event).await {
-                    Ok(node) => match req.uri().path() {
-                        SALE_PATH => internal::sale(&node).await,
-                        HOLDERS_PATH => internal::holders(&node),
-                        _ => internal::sold_out(&node, &req).await,
-                    },
-                    Err(m) => missing(m),
+        SALE_PATH | HOLDERS_PATH | SOLD_OUT_PATH if req.method() == Method::GET => match named() {
+            Ok(event) => match sales.find(event).await {
+                Ok(node) => match req.uri().path() {
+                    SALE_PATH => internal::sale(&node).await,
+                    HOLDERS_PATH => internal::holders(&node),
+                    _ => internal::sold_out(&node, &req).await,
                 },
-                Err(twice) => event_twice(twice),
-            }
-        }
+                Err(m) => missing(m),
+            },
+            Err(twice) => event_twice(twice),
+        },
         "/healthz" | "/stats" | SALE_PATH | "/metrics" | HOLDERS_PATH | SOLD_OUT_PATH => {
             not_allowed("GET")
         }
         path if path.starts_with("/orders/") => orders::handle(&sales, &req).await,
-        path => match crate::protocol::event_purchase(path) {
-            Some(event) => match *req.method() {
-                // The path names the sale; a query that names another (or
-                // names one twice) is no purchase in either.
-                Method::GET | Method::POST => match named() {
-                    Ok(also) if also.is_none_or(|a| a == event) => {
-                        purchase(&sales, Some(event), &req).await
-                    }
-                    Ok(_) => fixed(
-                        StatusCode::BAD_REQUEST,
-                        b"{\"status\":\"bad_request\",\"reason\":\"the path names one sale and `event` in the query another: name one\"}\n",
-                    ),
-                    Err(twice) => event_twice(twice),
-                },
-                _ => not_allowed("GET, POST"),
-            },
-            None => not_found(),
+        _ => not_found(),
+    })
+}
+
+/// A purchase's route (`/buy/ticket`, or a sale's `/events/{event}/buy`)
+/// and its answer; `None` for any other path. Its own function so that a
+/// purchase in a batch ([`purchases`]) goes the one way a purchase alone
+/// does.
+pub(super) async fn purchase_route<B>(sales: &Sales, req: &Request<B>) -> Option<Answer> {
+    let named = || crate::protocol::event_from(req.uri().query());
+    let path = req.uri().path();
+    let event = if path == PURCHASE_PATH {
+        None
+    } else {
+        Some(crate::protocol::event_purchase(path)?)
+    };
+    Some(match *req.method() {
+        Method::GET | Method::POST => match (event, named()) {
+            (None, Ok(named)) => purchase(sales, named, req).await,
+            // The path names the sale; a query that names another (or
+            // names one twice) is no purchase in either.
+            (Some(event), Ok(also)) if also.is_none_or(|a| a == event) => {
+                purchase(sales, Some(event), req).await
+            }
+            (Some(_), Ok(_)) => fixed(
+                StatusCode::BAD_REQUEST,
+                b"{\"status\":\"bad_request\",\"reason\":\"the path names one sale and `event` in the query another: name one\"}\n",
+            ),
+            (_, Err(twice)) => event_twice(twice),
         },
+        _ => not_allowed("GET, POST"),
     })
 }
 
@@ -107,7 +120,7 @@ pub async fn handle(sales: Arc<Sales>, req: Request<Incoming>) -> Result<Answer,
 /// found may be dropped (idle) before the purchase asks the store for
 /// units, which it then refuses: the sale's state is asked for once more,
 /// so that a drop costs no buyer a 503.
-async fn purchase(sales: &Sales, event: Option<&str>, req: &Request<Incoming>) -> Answer {
+async fn purchase<B>(sales: &Sales, event: Option<&str>, req: &Request<B>) -> Answer {
     let node = match sales.find(event).await {
         Ok(node) => node,
         Err(m) => return missing(m),
