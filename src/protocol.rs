@@ -1142,6 +1142,24 @@ mod tests {
         assert!(v["reason"].is_string());
     }
 
+    /// A batch's frames read back as written; a body that stops inside a
+    /// frame is no batch.
+    #[test]
+    fn batch_frames_read_back_and_a_cut_one_is_refused() {
+        let mut body = Vec::new();
+        batch::push(&mut body, b"GET /buy/ticket?user=a HTTP/1.1\r\n\r\n");
+        batch::push(&mut body, b"");
+        batch::push(&mut body, b"x");
+        let items = batch::items(&body).expect("frames");
+        assert_eq!(
+            items,
+            [&b"GET /buy/ticket?user=a HTTP/1.1\r\n\r\n"[..], b"", b"x"]
+        );
+        assert_eq!(batch::items(&[]), Some(vec![]));
+        assert_eq!(batch::items(&body[..body.len() - 1]), None);
+        assert_eq!(batch::items(&body[..2]), None);
+    }
+
     #[test]
     fn the_views_read_back_what_was_written() {
         let view = SoldOutView {

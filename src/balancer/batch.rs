@@ -57,6 +57,11 @@ pub enum BatchError {
     /// purchase goes alone, and so does every later one to that node.
     #[error("the node takes no batches")]
     Refused,
+    /// The node refused this batch as a whole (another status than 200:
+    /// busy, too large), before any purchase in it ran: each goes alone,
+    /// and its buyer hears what the node says to it.
+    #[error("the node refused the batch")]
+    Declined,
 }
 
 /// The batches of one upstream: a batcher per worker, and what `/status`
@@ -227,6 +232,7 @@ fn same(e: &BatchError) -> BatchError {
         BatchError::Broken(e) => BatchError::Broken(io_again(e)),
         BatchError::Malformed => BatchError::Malformed,
         BatchError::Refused => BatchError::Refused,
+        BatchError::Declined => BatchError::Declined,
     }
 }
 
@@ -289,7 +295,7 @@ async fn once(
     }
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut got = false;
-    let (head_len, status, length, keep) = loop {
+    let (head_len, status, length, keep, frames) = loop {
         match read(&conn, &mut buf).await {
             Ok(0) | Err(_) if !got => return Err(Once::Stale),
             Ok(0) => {
@@ -314,16 +320,22 @@ async fn once(
                 let length = header("content-length")
                     .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<usize>().ok());
                 let keep = !header("connection").is_some_and(|v| v.eq_ignore_ascii_case(b"close"));
-                break (n, resp.code.unwrap_or(0), length, keep);
+                // A 200 that is not frames is no spike node's batch answer.
+                let frames = header("content-type")
+                    .is_some_and(|v| v.eq_ignore_ascii_case(b"application/octet-stream"));
+                break (n, resp.code.unwrap_or(0), length, keep, frames);
             }
             Ok(httparse::Status::Partial) if buf.len() < 64 * 1024 => {}
             _ => return Err(Once::Failed(BatchError::Malformed)),
         }
     };
-    if status == 404 || status == 405 {
-        return Err(Once::Failed(BatchError::Refused));
+    match status {
+        200 if frames => {}
+        200 | 404 | 405 => return Err(Once::Failed(BatchError::Refused)),
+        100..=599 => return Err(Once::Failed(BatchError::Declined)),
+        _ => return Err(Once::Failed(BatchError::Malformed)),
     }
-    let Some(length) = length.filter(|&n| status == 200 && n <= batch::MAX_BYTES) else {
+    let Some(length) = length.filter(|&n| n <= batch::MAX_BYTES) else {
         return Err(Once::Failed(BatchError::Malformed));
     };
     while buf.len() < head_len + length {

@@ -170,6 +170,7 @@ impl UpstreamConfig {
             down: false,
             internal: None,
             name: None,
+            node: false,
         }
     }
 
@@ -179,6 +180,7 @@ impl UpstreamConfig {
         UpstreamConfig {
             weight: node.weight,
             internal: node.internal,
+            node: true,
             ..UpstreamConfig::new(node.listen)
         }
     }

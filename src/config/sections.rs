@@ -171,6 +171,9 @@ pub struct UpstreamConfig {
     /// Given by host name with `resolve`: `addr` is that name's address,
     /// looked up again every so often while the balancer runs.
     pub name: Option<UpstreamName>,
+    /// A `[[node]]` of the file (a spike node, which takes purchases in
+    /// batches), not another backend that a `[[balancer.upstream]]` names.
+    pub node: bool,
 }
 
 /// An upstream's host name, resolved again every `every` (Nginx's `server
@@ -286,10 +289,10 @@ pub struct BalancerConfig {
     /// for holders) here once the nodes say the sale is sold out, instead
     /// of sending the flood to them (see `crate::balancer::edge`).
     pub sold_out_at_edge: bool,
-    /// With a `[sale]` in the file (the upstreams are spike nodes): send
-    /// the purchases for one node that arrive while a batch to it is out
-    /// as the next batch (`POST /purchases`), on the balancer's own
-    /// HTTP/1 path (see `crate::balancer::batch`). Off: each alone.
+    /// With a `[sale]` in the file: send the purchases for one `[[node]]`
+    /// that arrive while a batch to it is out as the next batch (`POST
+    /// /purchases`), on the balancer's own HTTP/1 path (see
+    /// `crate::balancer::batch`). Off: each alone.
     pub batch_purchases: bool,
     /// The file has a `[sale]`, so the upstreams are spike nodes: only
     /// their public API ([`crate::protocol::is_public_path`]) and

@@ -828,3 +828,28 @@ fn idle_after_is_at_least_two_lease_ttls() {
         .expect_err("a bare number");
     assert_eq!(e.key(), Some("sale.idle_after"));
 }
+
+/// Purchases go in batches to spike nodes only: a `[[node]]`, or an
+/// upstream at a node's address, is one; another backend is not.
+#[test]
+fn upstreams_know_which_are_nodes() {
+    let c = parse(
+        "[[node]]\nname = \"n1\"\nlisten = \"127.0.0.1:7001\"\n\n\
+         [[node]]\nname = \"n2\"\nlisten = \"127.0.0.1:7002\"\n",
+    )
+    .expect("nodes");
+    let b = c.balancer.expect("balancer");
+    assert!(b.upstreams.iter().all(|u| u.node), "{:?}", b.upstreams);
+    assert!(b.batch_purchases);
+    let c = parse(
+        "[[node]]\nname = \"n1\"\nlisten = \"127.0.0.1:7001\"\n\n\
+         [balancer]\nbatch_purchases = false\n\
+         [[balancer.upstream]]\naddr = \"127.0.0.1:7001\"\n\
+         [[balancer.upstream]]\naddr = \"127.0.0.1:7009\"\n",
+    )
+    .expect("upstreams");
+    let b = c.balancer.expect("balancer");
+    let nodes: Vec<bool> = b.upstreams.iter().map(|u| u.node).collect();
+    assert_eq!(nodes, [true, false]);
+    assert!(!b.batch_purchases);
+}

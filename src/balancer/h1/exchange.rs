@@ -88,6 +88,7 @@ pub(super) async fn exchange(
 ) -> Result<Upstreamed, Failure<RawError>> {
     let attempt = async {
         if batched
+            && upstream.config.node
             && !upstream
                 .live
                 .batches
@@ -118,9 +119,10 @@ pub(super) async fn exchange(
                         }
                     }
                 }
-                // An older node: this purchase (and every later one to it)
-                // goes alone.
-                Err(BatchError::Refused) => {}
+                // An older node (this purchase, and every later one to it,
+                // goes alone), or a batch refused whole before any of it
+                // ran (this one goes alone, to hear the node's answer).
+                Err(BatchError::Refused | BatchError::Declined) => {}
                 Err(BatchError::NotSent(e)) => return Err(Failure::Connect(e)),
                 Err(BatchError::Broken(e)) => {
                     return Err(Failure::Broken {

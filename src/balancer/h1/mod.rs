@@ -471,11 +471,10 @@ fn forward_request<'a, S: Client>(
             },
         },
         Next::Forward(plan, admitted) => {
-            // A purchase to spike nodes goes in a batch (see
-            // `crate::balancer::batch`).
+            // A purchase goes in a batch to a spike node (see
+            // `crate::balancer::batch`; `exchange` asks the upstream).
             let batched = plan.is_buy
                 && config.batch_purchases
-                && config.public_only
                 && (b.head.method == Method::GET || b.head.method == Method::POST);
             let raw = Raw {
                 worker,

@@ -77,6 +77,10 @@ pub(super) fn validate(
         Ok(Some(std::path::PathBuf::from(p)))
     })?;
     let mut upstreams = upstreams(cx, &b.upstream, strategy, max_conns, hosts_file.as_deref())?;
+    // An upstream at a `[[node]]`'s address is that node.
+    for u in &mut upstreams {
+        u.node = nodes.iter().any(|n| n.listen == u.addr);
+    }
     if upstreams.is_empty() {
         upstreams = nodes
             .iter()
