@@ -146,6 +146,14 @@ pub mod batch {
     /// Bytes in one batch's body at most (the node refuses more, 413).
     pub const MAX_BYTES: usize = 4 << 20;
 
+    /// Bytes in one item at most: what hyper takes of a request alone
+    /// (the node answers a bigger item 431).
+    pub const MAX_ITEM_BYTES: usize = 96 * 1024;
+
+    /// Bytes of a request a balancer puts in a batch at most (a bigger one
+    /// goes alone), so that a full batch stays far below [`MAX_BYTES`].
+    pub const BATCHED_REQUEST_BYTES: usize = 16 * 1024;
+
     /// Appends `item` as one frame.
     pub fn push(out: &mut Vec<u8>, item: &[u8]) {
         let len = u32::try_from(item.len()).unwrap_or(u32::MAX);
@@ -153,11 +161,15 @@ pub mod batch {
         out.extend_from_slice(&item[..len as usize]);
     }
 
-    /// The frames in `body`, or None if it does not end at a frame's end.
-    pub fn items(body: &[u8]) -> Option<Vec<&[u8]>> {
+    /// The frames in `body`, or None if it does not end at a frame's end
+    /// or holds more than `most`.
+    pub fn items(body: &[u8], most: usize) -> Option<Vec<&[u8]>> {
         let mut items = Vec::new();
         let mut rest = body;
         while !rest.is_empty() {
+            if items.len() == most {
+                return None;
+            }
             let (len, after) = rest.split_first_chunk::<4>()?;
             let len = u32::from_be_bytes(*len) as usize;
             if after.len() < len {
@@ -1150,14 +1162,15 @@ mod tests {
         batch::push(&mut body, b"GET /buy/ticket?user=a HTTP/1.1\r\n\r\n");
         batch::push(&mut body, b"");
         batch::push(&mut body, b"x");
-        let items = batch::items(&body).expect("frames");
+        let items = batch::items(&body, 3).expect("frames");
+        assert_eq!(batch::items(&body, 2), None);
         assert_eq!(
             items,
             [&b"GET /buy/ticket?user=a HTTP/1.1\r\n\r\n"[..], b"", b"x"]
         );
-        assert_eq!(batch::items(&[]), Some(vec![]));
-        assert_eq!(batch::items(&body[..body.len() - 1]), None);
-        assert_eq!(batch::items(&body[..2]), None);
+        assert_eq!(batch::items(&[], 1), Some(vec![]));
+        assert_eq!(batch::items(&body[..body.len() - 1], 3), None);
+        assert_eq!(batch::items(&body[..2], 3), None);
     }
 
     #[test]

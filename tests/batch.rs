@@ -187,7 +187,7 @@ async fn older_node() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Strin
 /// A balancer of this version in front of an older node, which answers
 /// `/purchases` 404: the purchase goes alone, and so does every later one;
 /// the buyers get the node's answers and `/status` says the node refused
-/// batches.
+/// batches. A client's `POST /purchases` is the balancer's 404.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_node_gets_each_purchase_alone() {
     let (node, mut seen) = older_node().await;
@@ -200,6 +200,18 @@ async fn an_older_node_gets_each_purchase_alone() {
         common::spike::SpikeProcess::start(&["balancer", "--config", path.to_str().expect("path")]);
     common::spike::wait_listening(&listen.to_string(), Duration::from_secs(10));
     let c = client();
+    // A client's batch never passes the balancer: it would pass its
+    // per-request limits (and, in front of a sale, the edge) by.
+    let r = send(
+        &c,
+        Method::POST,
+        listen,
+        "/purchases",
+        &[("content-length", "0")],
+    )
+    .await
+    .expect("answer");
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
     for i in 0..3 {
         let r = send(
             &c,

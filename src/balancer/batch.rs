@@ -37,8 +37,13 @@ use super::pool::{self, ConnectError};
 use super::upstream::LiveState;
 use crate::protocol::batch;
 
-/// Workers with a batcher of their own; more share them (a lock each).
-const SLOTS: usize = 16;
+/// Workers with a batcher of their own (one worker per CPU: machines
+/// with more CPUs share them, a lock each).
+const SLOTS: usize = 64;
+
+/// Purchases waiting for a batch at most, per batcher: past it a purchase
+/// goes alone rather than wait behind several batches.
+const MOST_WAITING: usize = 4 * batch::MAX_ITEMS;
 
 /// How a purchase in a batch got no answer.
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +133,9 @@ pub async fn submit(
     target: Target,
     request: &[u8],
 ) -> Result<Vec<u8>, BatchError> {
+    if request.len() > batch::BATCHED_REQUEST_BYTES {
+        return Err(BatchError::Declined);
+    }
     let slot = worker % SLOTS;
     let (tx, rx) = oneshot::channel();
     let start = {
@@ -135,6 +143,9 @@ pub async fn submit(
             .queue
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        if q.items.len() >= MOST_WAITING {
+            return Err(BatchError::Declined);
+        }
         q.items.push(Item {
             request: request.to_vec(),
             answer: tx,
@@ -154,14 +165,41 @@ pub async fn submit(
     })
 }
 
+/// Clears a batcher's `sending` if its task ends without doing so (a
+/// panic, or its runtime shutting down), so that the next purchase starts
+/// another instead of waiting for none.
+struct Sending<'a> {
+    batcher: &'a Batcher,
+    done: bool,
+}
+
+impl Drop for Sending<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let mut q = self.batcher.queue.lock().unwrap_or_else(|p| p.into_inner());
+            q.sending = false;
+            // Their buyers hear it at once (`rx` closed), not at the timeout.
+            q.items.clear();
+        }
+    }
+}
+
 /// Sends the queue of `slot` as batches until it is empty.
 async fn send_all(live: &LiveState, slot: usize, target: Target) {
     let batcher = &live.batches.slots[slot];
+    let mut sending = Sending {
+        batcher,
+        done: false,
+    };
     loop {
         let (items, conn) = {
             let mut q = batcher.queue.lock().unwrap_or_else(|p| p.into_inner());
+            // A purchase whose buyer has had an answer (its wait ran out)
+            // is not sent: no sale may follow a 504.
+            q.items.retain(|i| !i.answer.is_closed());
             if q.items.is_empty() {
                 q.sending = false;
+                sending.done = true;
                 return;
             }
             let take = q.items.len().min(batch::MAX_ITEMS);
@@ -252,9 +290,13 @@ async fn exchange(
     head.extend_from_slice(b" HTTP/1.1\r\nhost: spike-balancer\r\ncontent-length: ");
     head.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
     head.extend_from_slice(b"\r\n\r\n");
+    // Whether the batch went out once already: its purchases may have run
+    // (a node that died after them looks like an idle connection closed),
+    // so a failure from here on is not "not sent".
+    let mut went = false;
     if let Some(conn) = conn {
         match once(conn, &head, body).await {
-            Err(Once::Stale) => {}
+            Err(Once::Stale) => went = true,
             Err(Once::Failed(e)) => return Err(e),
             Ok(done) => return Ok(done),
         }
@@ -264,7 +306,15 @@ async fn exchange(
             pool::connect_raw(target.addr, target.connect_timeout)
         })
         .await
-        .map_err(BatchError::NotSent)?;
+        .map_err(|e| {
+            if went {
+                BatchError::Broken(io::Error::other(format!(
+                    "the batch's connection closed, and then: {e}"
+                )))
+            } else {
+                BatchError::NotSent(e)
+            }
+        })?;
     match once(conn.stream, &head, body).await {
         Ok(done) => Ok(done),
         Err(Once::Stale) => Err(BatchError::Broken(io::Error::new(
@@ -351,7 +401,7 @@ async fn once(
         }
     }
     let body = &buf[head_len..head_len + length];
-    let Some(items) = batch::items(body) else {
+    let Some(items) = batch::items(body, batch::MAX_ITEMS) else {
         return Err(Once::Failed(BatchError::Malformed));
     };
     let answers = items.into_iter().map(<[u8]>::to_vec).collect();
@@ -371,5 +421,97 @@ async fn read(conn: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// A node that takes batches and never answers: how many came.
+    async fn silent_node() -> (SocketAddr, Arc<AtomicU64>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let seen = Arc::new(AtomicU64::new(0));
+        let counted = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let mut all = Vec::new();
+                    let mut here = 0;
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 {
+                            return;
+                        }
+                        all.extend_from_slice(&buf[..n]);
+                        let heads = all.windows(5).filter(|w| w == b"POST ").count() as u64;
+                        counted.fetch_add(heads - here, Ordering::Relaxed);
+                        here = heads;
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    /// A purchase queued behind a batch whose buyer leaves (or whose wait
+    /// ran out) is not sent when that batch ends: no sale may follow the
+    /// buyer's answer. One that still waits is.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_purchase_whose_buyer_left_is_not_sent() {
+        let (addr, seen) = silent_node().await;
+        let live = Arc::new(LiveState::new(addr));
+        let target = Target {
+            addr,
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_millis(300),
+        };
+        let first = {
+            let live = live.clone();
+            tokio::spawn(async move {
+                submit(&live, 0, target, b"GET /buy/ticket?user=a HTTP/1.1\r\n\r\n").await
+            })
+        };
+        // The first batch is out (and will get no answer).
+        while seen.load(Ordering::Relaxed) < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let left = {
+            let live = live.clone();
+            tokio::spawn(async move {
+                submit(&live, 0, target, b"GET /buy/ticket?user=b HTTP/1.1\r\n\r\n").await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        left.abort();
+        let outcome = first.await.expect("first");
+        assert!(
+            matches!(&outcome, Err(BatchError::Broken(e)) if e.kind() == io::ErrorKind::TimedOut),
+            "{outcome:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            seen.load(Ordering::Relaxed),
+            1,
+            "the left buyer's purchase was sent"
+        );
+        assert_eq!(live.batches.sent.load(Ordering::Relaxed), 1);
+
+        // A buyer still waiting behind a batch is sent next.
+        let again = {
+            let live = live.clone();
+            tokio::spawn(async move {
+                submit(&live, 0, target, b"GET /buy/ticket?user=c HTTP/1.1\r\n\r\n").await
+            })
+        };
+        while seen.load(Ordering::Relaxed) < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let _ = again.await;
     }
 }

@@ -289,10 +289,9 @@ pub struct BalancerConfig {
     /// for holders) here once the nodes say the sale is sold out, instead
     /// of sending the flood to them (see `crate::balancer::edge`).
     pub sold_out_at_edge: bool,
-    /// With a `[sale]` in the file: send the purchases for one `[[node]]`
-    /// that arrive while a batch to it is out as the next batch (`POST
-    /// /purchases`), on the balancer's own HTTP/1 path (see
-    /// `crate::balancer::batch`). Off: each alone.
+    /// Send the purchases for one `[[node]]` that arrive while a batch to
+    /// it is out as the next batch (`POST /purchases`), on the balancer's
+    /// own HTTP/1 path (see `crate::balancer::batch`). Off: each alone.
     pub batch_purchases: bool,
     /// The file has a `[sale]`, so the upstreams are spike nodes: only
     /// their public API ([`crate::protocol::is_public_path`]) and

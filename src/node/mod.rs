@@ -197,7 +197,7 @@ impl Served {
             Served::All | Served::Public => routes::not_found(),
             Served::Internal => routes::reply::fixed(
                 StatusCode::NOT_FOUND,
-                b"{\"status\":\"not_found\",\"reason\":\"this is the node's internal listener: only /healthz, /stats, /metrics, /sale, /sold_out and /holders are here\"}\n",
+                b"{\"status\":\"not_found\",\"reason\":\"this is the node's internal listener: only /healthz, /stats, /metrics, /sale, /sold_out, /holders and /purchases are here\"}\n",
             ),
         }
     }

@@ -153,6 +153,12 @@ pub fn head_refusal(size: HeadSize, config: &BalancerConfig) -> Option<LocalAnsw
 /// normalises it could read it as another route. Without a `[sale]`,
 /// every path passes, as in Nginx.
 pub fn closed(path: &[u8], config: &BalancerConfig) -> Option<LocalAnswer> {
+    // A node's batch of purchases comes from a balancer, never through
+    // one: a client's would pass the edge, the waiting room and the
+    // per-request limits by, whatever else passes.
+    if path == protocol::PURCHASES_PATH.as_bytes() {
+        return Some(LocalAnswer::NotFound);
+    }
     if !config.public_only || protocol::is_public_path(path) {
         return None;
     }
@@ -211,6 +217,10 @@ pub struct Plan {
     /// Whether it may be sent twice: an idempotent method, or a purchase
     /// with one well-formed key.
     pub retryable: bool,
+    /// A purchase with one well-formed key (the client's or made here):
+    /// the node sells once for it however often it is sent, which is what
+    /// lets it go in a batch (see `crate::balancer::batch`).
+    pub keyed: bool,
 }
 
 impl Plan {
@@ -223,6 +233,7 @@ impl Plan {
             is_buy,
             client,
             retryable: keyed || is_idempotent(method),
+            keyed,
         }
     }
 }

@@ -111,6 +111,15 @@ pub(super) async fn exchange(
                     loop {
                         match response::parse(&b.resp, &mut b.rhead, to_head) {
                             Ok(ParsedResponse::Complete) => {
+                                // Whole, or the node's answer was cut.
+                                let whole = match b.rhead.framing {
+                                    Framing::Empty => true,
+                                    Framing::Length(n) => (b.resp.len() - b.rhead.len) as u64 == n,
+                                    Framing::Chunked | Framing::Close => false,
+                                };
+                                if !whole {
+                                    return Err(malformed(Malformed::Head));
+                                }
                                 return Ok(Upstreamed::Whole(upstream.config.addr));
                             }
                             Ok(ParsedResponse::Informational(n)) => b.resp.advance(n),
@@ -124,6 +133,10 @@ pub(super) async fn exchange(
                 // ran (this one goes alone, to hear the node's answer).
                 Err(BatchError::Refused | BatchError::Declined) => {}
                 Err(BatchError::NotSent(e)) => return Err(Failure::Connect(e)),
+                // No answer within `response_timeout`: a 504, as alone.
+                Err(BatchError::Broken(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                    return Err(Failure::Timeout);
+                }
                 Err(BatchError::Broken(e)) => {
                     return Err(Failure::Broken {
                         stale: false,

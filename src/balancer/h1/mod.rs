@@ -474,6 +474,7 @@ fn forward_request<'a, S: Client>(
             // A purchase goes in a batch to a spike node (see
             // `crate::balancer::batch`; `exchange` asks the upstream).
             let batched = plan.is_buy
+                && plan.keyed
                 && config.batch_purchases
                 && (b.head.method == Method::GET || b.head.method == Method::POST);
             let raw = Raw {

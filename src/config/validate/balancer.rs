@@ -77,9 +77,13 @@ pub(super) fn validate(
         Ok(Some(std::path::PathBuf::from(p)))
     })?;
     let mut upstreams = upstreams(cx, &b.upstream, strategy, max_conns, hosts_file.as_deref())?;
-    // An upstream at a `[[node]]`'s address is that node.
+    // An upstream at a `[[node]]`'s address is that node (and serves its
+    // internal routes, batches among them, where the node does).
     for u in &mut upstreams {
-        u.node = nodes.iter().any(|n| n.listen == u.addr);
+        if let Some(n) = nodes.iter().find(|n| n.listen == u.addr) {
+            u.node = true;
+            u.internal = u.internal.or(n.internal);
+        }
     }
     if upstreams.is_empty() {
         upstreams = nodes

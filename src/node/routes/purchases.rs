@@ -46,7 +46,7 @@ pub async fn serve(sales: &Sales, req: Request<Incoming>) -> Answer {
             b"{\"status\":\"bad_request\",\"reason\":\"the batch's body was cut off\"}\n",
         );
     };
-    let Some(frames) = batch::items(&body).filter(|f| f.len() <= batch::MAX_ITEMS) else {
+    let Some(frames) = batch::items(&body, batch::MAX_ITEMS) else {
         return fixed(
             StatusCode::BAD_REQUEST,
             b"{\"status\":\"bad_request\",\"reason\":\"not a batch: frames of a 4-byte length and an HTTP/1.1 request, at most 64\"}\n",
@@ -100,6 +100,12 @@ fn item(frame: &[u8]) -> Result<Request<()>, Refusal> {
             &b"{\"status\":\"bad_request\",\"reason\":\"a malformed request in a batch\"}\n"[..],
         )
     };
+    if frame.len() > batch::MAX_ITEM_BYTES {
+        return Err((
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            b"{\"status\":\"header_too_large\",\"reason\":\"a request in a batch is over 96 KiB\"}\n",
+        ));
+    }
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut head = httparse::Request::new(&mut headers);
     match head.parse(frame) {
