@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::http::json;
 use common::redis::RedisServer;
 use common::sale::sale_config;
-use common::spike::{remove_config, run, write_config};
+use common::spike::{remove_config, run};
 
 const DEDUCT: &str = include_str!("../src/node/deduct.lua");
 
@@ -86,16 +86,7 @@ fn sale(event: &str, redis: &RedisServer) -> std::path::PathBuf {
         Some(&redis.url()),
         "pay_within = \"1h\"\nevents_max = 100000\n",
     );
-    let path = write_config(&text);
-    let init = run(&[
-        "stock",
-        "init",
-        "--trust-client-buyer-ids",
-        "--config",
-        path.to_str().expect("path"),
-    ]);
-    assert!(init.status.success(), "{init:?}");
-    path
+    common::spike::write_and_init(&text)
 }
 
 #[test]

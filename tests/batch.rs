@@ -54,11 +54,7 @@ async fn purchases_go_in_batches_and_sell_exactly() {
             "strategy = \"weighted_round_robin\"\n",
             &format!("strategy = \"weighted_round_robin\"\nbatch_purchases = {batched}\n"),
         );
-        let path = common::spike::write_config(&text);
-        let cfg = path.to_str().expect("path");
-        let init = run(&["stock", "init", "--trust-client-buyer-ids", "--config", cfg]);
-        assert!(init.status.success(), "{init:?}");
-        remove_config(&path);
+        remove_config(&common::spike::write_and_init(&text));
         let (up, path) = start_up(&text, &ports);
         let c = client();
         let answers = storm(&c, &[ports.balancer], 800, 600, 64, "b").await;
@@ -297,16 +293,7 @@ async fn a_node_answers_a_batch_item_by_item() {
         &format!("listen = \"{}\"\n", ports.nodes[0]),
         &format!("listen = \"{}\"\ninternal = \"{inside}\"\n", ports.nodes[0]),
     );
-    let path = common::spike::write_config(&text);
-    let init = run(&[
-        "stock",
-        "init",
-        "--trust-client-buyer-ids",
-        "--config",
-        path.to_str().expect("path"),
-    ]);
-    assert!(init.status.success(), "{init:?}");
-    remove_config(&path);
+    remove_config(&common::spike::write_and_init(&text));
     let (up, path) = start_up(&text, &ports);
     common::spike::wait_listening(&inside.to_string(), Duration::from_secs(5));
 

@@ -592,16 +592,7 @@ fn open_sale(
         rfc3339(SystemTime::now() + hour),
         redis.url(),
     );
-    let path = common::spike::write_config(&text);
-    let init = run(&[
-        "stock",
-        "init",
-        "--trust-client-buyer-ids",
-        "--config",
-        path.to_str().expect("path"),
-    ]);
-    assert!(init.status.success(), "{init:?}");
-    path
+    common::spike::write_and_init(&text)
 }
 
 /// The steps a host's clock takes in these tests: two hours either way,
@@ -611,6 +602,20 @@ const STEPS: [(&str, &str, i64); 2] = [
     ("+7200", "ahead", -7_200_000),
     ("-7200", "behind", 7_200_000),
 ];
+
+/// `GET /buy/ticket?user={buyer}` at `at`, with no token (the tests below
+/// run sales whose buyers the client names).
+async fn buy_as(c: &TestClient, at: std::net::SocketAddr, buyer: &str) -> Reply {
+    send(
+        c,
+        Method::GET,
+        at,
+        &format!("/buy/ticket?user={buyer}"),
+        &[],
+    )
+    .await
+    .expect("an answer")
+}
 
 /// Whether `offset` (ms) is `expected` to within 100 s (the steps are two
 /// hours; the clocks agree to a few ms).
@@ -636,17 +641,7 @@ async fn a_stepped_node_clock_neither_opens_nor_closes_the_sale() {
         common::spike::start_with_clock_file(&["node", "--config", cfg, "--name", "n1"], &shift);
     common::spike::wait_listening(&node.to_string(), Duration::from_secs(10));
     let c = client();
-    let buy = async |buyer: &str| {
-        send(
-            &c,
-            Method::GET,
-            node,
-            &format!("/buy/ticket?user={buyer}"),
-            &[],
-        )
-        .await
-        .expect("an answer")
-    };
+    let buy = async |buyer: &str| buy_as(&c, node, buyer).await;
     // Open, with the node's clock right: it sells (and has read Redis's
     // clock, which `/healthz` shows).
     let r = buy("before").await;
@@ -703,17 +698,7 @@ async fn a_stepped_balancer_clock_neither_opens_nor_closes_the_sale() {
             common::spike::wait_listening(&a.to_string(), Duration::from_secs(10));
         }
         let c = client();
-        let buy = async |buyer: &str| {
-            send(
-                &c,
-                Method::GET,
-                listen,
-                &format!("/buy/ticket?user={buyer}"),
-                &[],
-            )
-            .await
-            .expect("an answer")
-        };
+        let buy = async |buyer: &str| buy_as(&c, listen, buyer).await;
         let r = buy("before").await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.body);
         // The balancer has heard the store's clock from the node (it asks

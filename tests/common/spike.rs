@@ -294,3 +294,19 @@ pub fn start_with_clock_file(args: &[&str], shift: &Path) -> SpikeProcess {
         .expect("spawn spike");
     SpikeProcess { child }
 }
+
+/// Writes `text` and runs `spike stock init --trust-client-buyer-ids` on it
+/// (a sale whose buyers the client names), failing the test if that fails:
+/// the file's path.
+pub fn write_and_init(text: &str) -> PathBuf {
+    let path = write_config(text);
+    let init = run(&[
+        "stock",
+        "init",
+        "--trust-client-buyer-ids",
+        "--config",
+        path.to_str().expect("path"),
+    ]);
+    assert!(init.status.success(), "{init:?}");
+    path
+}
