@@ -503,6 +503,10 @@ pub fn run<'a, T: Transport + 'a>(
         let mut attempt = Attempt::new(plan.client);
         let mut timed_out = false;
         let mut short_of_files = false;
+        // Some attempt went out and got no answer: the upstream may have
+        // acted on it, so the answer cannot be the 503 that says nothing
+        // was done.
+        let mut delivered = false;
         let mut sent = false;
         loop {
             let pick = match admission::next_pick(shared, active, &mut attempt, plan.client, sent)
@@ -551,6 +555,7 @@ pub fn run<'a, T: Transport + 'a>(
                         }
                         active.selector.release(&pick, true, now_ms());
                         timed_out = matches!(failure, Failure::Timeout);
+                        delivered |= !matches!(failure, Failure::Connect(_));
                         let retry = match &failure {
                             Failure::Connect(error) => {
                                 tracing::warn!(upstream = %upstream.config.addr, %error, "upstream connect failed");
@@ -615,7 +620,7 @@ pub fn run<'a, T: Transport + 'a>(
         // that failed this request (502, as in Nginx).
         let why = if !sent {
             LocalAnswer::NoUpstream
-        } else if short_of_files {
+        } else if short_of_files && !delivered {
             LocalAnswer::OutOfFiles
         } else if timed_out {
             LocalAnswer::GatewayTimeout

@@ -24,8 +24,12 @@ use crate::config::Config;
 enum Outcome {
     Answer(u16),
     Connect,
+    /// The connect found no file descriptor left.
+    OutOfFiles,
     Timeout,
-    Broken { stale: bool },
+    Broken {
+        stale: bool,
+    },
 }
 
 /// A transport that plays a script and records where each attempt went.
@@ -71,6 +75,9 @@ impl Transport for &mut Script {
             Outcome::Answer(status) => Ok(status),
             Outcome::Connect => Err(Failure::Connect(ConnectError::Timeout(
                 Duration::from_secs(1),
+            ))),
+            Outcome::OutOfFiles => Err(Failure::Connect(ConnectError::Io(
+                std::io::Error::from_raw_os_error(24),
             ))),
             Outcome::Timeout => Err(Failure::Timeout),
             Outcome::Broken { stale } => Err(Failure::Broken {
@@ -204,6 +211,26 @@ async fn the_last_failure_decides_502_or_504_and_each_is_counted() {
     assert_eq!(counted(&s, "504"), Some(1));
     assert_eq!(counted(&s, "502"), Some(0));
     assert_eq!(counted(&s2, "502"), Some(1));
+}
+
+/// Out of descriptors on every try is the balancer's 503 (nothing was
+/// sent); after an attempt that went out and got no answer, which the
+/// upstream may have acted on, it is that attempt's 502 or 504, never
+/// the 503 that says nothing was done.
+#[tokio::test]
+async fn out_of_files_is_a_503_only_when_nothing_went_out() {
+    let s = shared();
+    let mut t = Script::new(&[Outcome::OutOfFiles, Outcome::OutOfFiles]);
+    assert_eq!(forward(&s, Method::GET, &mut t).await, Err(503));
+    let s = shared();
+    let mut t = Script::new(&[Outcome::Timeout, Outcome::OutOfFiles]);
+    assert_eq!(forward(&s, Method::GET, &mut t).await, Err(504));
+    let s = shared();
+    let mut t = Script::new(&[Outcome::Broken { stale: false }, Outcome::OutOfFiles]);
+    assert_eq!(forward(&s, Method::GET, &mut t).await, Err(502));
+    let s = shared();
+    let mut t = Script::new(&[Outcome::Connect, Outcome::OutOfFiles]);
+    assert_eq!(forward(&s, Method::GET, &mut t).await, Err(503));
 }
 
 #[tokio::test]
