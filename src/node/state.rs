@@ -306,19 +306,9 @@ impl Node {
     /// wall clock only before the first measurement, or with the embedded
     /// store, whose clock it is.
     pub fn store_now_ms(&self) -> u64 {
-        self.measured_store_now_ms()
+        self.store
+            .clock_now_ms()
             .unwrap_or_else(super::store::now_millis)
-    }
-
-    /// The store's clock now, only once known: measured (Redis), or this
-    /// host's (the embedded store's own). What `/sold_out` tells a
-    /// balancer, which must not take a node's unmeasured wall clock for
-    /// the store's.
-    pub fn measured_store_now_ms(&self) -> Option<u64> {
-        match &self.store {
-            Store::Embedded(_) => Some(super::store::now_millis()),
-            redis => redis.clock_now_ms(),
-        }
     }
 
     /// Why the store last said the sale does not sell.

@@ -34,7 +34,7 @@ pub async fn sold_out(node: &Node, req: &Request<Incoming>) -> Answer {
         }
     }
     let mut view = node.view.sold_out_view(node.closed_confirmed());
-    view.store_now_ms = node.measured_store_now_ms();
+    view.store_now_ms = node.store().clock_now_ms();
     json_of(&view)
 }
 

@@ -287,13 +287,15 @@ impl Store {
         }
     }
 
-    /// The store's clock now, in Unix milliseconds, as this host measures
-    /// it (None for the embedded store, whose clock is this host's, or
-    /// before the first measurement).
+    /// The store's clock now, in Unix milliseconds, once known: Redis's
+    /// as this host measures it (None before the first measurement), the
+    /// embedded store's, which is this host's. What `/sold_out` tells a
+    /// balancer, which must not take a node's unmeasured wall clock for
+    /// the store's.
     pub fn clock_now_ms(&self) -> Option<u64> {
         match self {
             Store::Redis(r) => r.clock_now_ms(),
-            Store::Embedded(_) => None,
+            Store::Embedded(_) => Some(now_millis()),
         }
     }
 
